@@ -1,0 +1,128 @@
+//! Lifecycle events and exit statuses.
+//!
+//! The core decides *which* event happens ([`EventKind`]); the daemon stamps it with a
+//! monotonic id and a wall-clock time ([`Event`]) and publishes it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::InstanceId;
+use crate::signal::Signal;
+
+/// How a process ended, exactly as the kernel said: an exit code, or a signal and whether
+/// it dumped core. Never collapsed into one number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ExitStatus {
+    Exited { code: i32 },
+    Signaled { signal: i32, core_dumped: bool },
+}
+
+impl ExitStatus {
+    pub fn success(self) -> bool {
+        matches!(self, ExitStatus::Exited { code: 0 })
+    }
+
+    pub fn code(self) -> Option<i32> {
+        match self {
+            ExitStatus::Exited { code } => Some(code),
+            ExitStatus::Signaled { .. } => None,
+        }
+    }
+
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            ExitStatus::Signaled { signal, .. } => Some(signal),
+            ExitStatus::Exited { .. } => None,
+        }
+    }
+
+    pub fn core_dumped(self) -> bool {
+        matches!(self, ExitStatus::Signaled { core_dumped: true, .. })
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitStatus::Exited { code } => write!(f, "exit code {code}"),
+            ExitStatus::Signaled {
+                signal,
+                core_dumped,
+            } => {
+                let name = Signal::from_number(signal)
+                    .map(Signal::name)
+                    .unwrap_or_else(|| signal.to_string());
+                write!(f, "signal {name}")?;
+                if core_dumped {
+                    f.write_str(" (core dumped)")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What happened to an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum EventKind {
+    /// A launch created the instance.
+    Launched,
+    /// The driver started its process.
+    Started { pid: Option<u32> },
+    /// Every readiness signal passed.
+    Ready,
+    /// The launch failed: spawn error, exit during start-up, readiness timeout.
+    LaunchFailed { reason: String },
+    /// The process exited by itself with a code.
+    Exited { exit_code: i32 },
+    /// The process was killed by a signal it did not get from a termination.
+    Crashed { signal: i32, core_dumped: bool },
+    /// A termination began: `signal` to the process group, SIGKILL after `grace_ms`.
+    Terminating { signal: i32, grace_ms: u64 },
+    /// Every process of the instance is gone after a termination.
+    Terminated { status: ExitStatus },
+}
+
+impl EventKind {
+    /// The kind's name as shown in the API, JSON and the CLI.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Launched => "launched",
+            EventKind::Started { .. } => "started",
+            EventKind::Ready => "ready",
+            EventKind::LaunchFailed { .. } => "launch_failed",
+            EventKind::Exited { .. } => "exited",
+            EventKind::Crashed { .. } => "crashed",
+            EventKind::Terminating { .. } => "terminating",
+            EventKind::Terminated { .. } => "terminated",
+        }
+    }
+
+    /// The event for a process that ended by itself.
+    pub fn for_exit(status: ExitStatus) -> EventKind {
+        match status {
+            ExitStatus::Exited { code } => EventKind::Exited { exit_code: code },
+            ExitStatus::Signaled {
+                signal,
+                core_dumped,
+            } => EventKind::Crashed {
+                signal,
+                core_dumped,
+            },
+        }
+    }
+}
+
+/// A published event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Strictly increasing, starting at 1, without gaps.
+    pub id: u64,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    pub instance: InstanceId,
+    pub kind: EventKind,
+}

@@ -1,0 +1,34 @@
+//! bulkhead's pure core.
+//!
+//! Everything here is data and decisions, nothing here touches the kernel, the file system,
+//! the network or a clock: **invariant — the core never does I/O.** The daemon feeds it
+//! inputs (a process was spawned, it exited, readiness passed, a timer fired, a user asked
+//! to terminate) and carries out the effects it returns (spawn, stop, start readiness,
+//! emit an event). That keeps every race in the shell, where it is commented, and lets the
+//! lifecycle be tested exhaustively and fast.
+//!
+//! - [`name`]: validated workload, namespace and session names.
+//! - [`key`]: isolation levels, isolation keys and the instance ids derived from them.
+//! - [`spec`]: manifests (YAML) parsed and validated into [`spec::WorkloadSpec`].
+//! - [`instance`]: the instance lifecycle state machine.
+//! - [`event`]: lifecycle events and exit statuses.
+//! - [`expand`]: `${VAR}` expansion of a command line.
+//!
+//! ```
+//! use bulkhead_core::spec::parse_manifest;
+//! use bulkhead_core::key::{Isolation, Key};
+//!
+//! let spec = parse_manifest("web/manifest.yaml", "web", "name: web\ncommand: [./server]\n").unwrap();
+//! assert_eq!(spec.isolation, Isolation::Namespace);
+//! let key = Key::new(&spec.name, spec.isolation, Some("team-a"), None).unwrap();
+//! assert_eq!(key.instance_id().as_str(), "ns:team-a:web");
+//! ```
+
+pub mod duration;
+pub mod event;
+pub mod expand;
+pub mod instance;
+pub mod key;
+pub mod name;
+pub mod signal;
+pub mod spec;

@@ -1,0 +1,730 @@
+//! Workload manifests: `<workloads>/<name>/manifest.yaml`, parsed and validated.
+//!
+//! Parsing is two steps. serde (through serde-saphyr, a maintained YAML parser with
+//! built-in limits against alias bombs) checks the shape: types, unknown fields (every
+//! struct denies them), enums, durations and signals. Then [`WorkloadSpec::validate`] checks
+//! what serde cannot: names, non-empty commands, ports, thresholds, and fields that only
+//! make sense together. Every error names the file, the field and the reason.
+//!
+//! The spec is data only; the daemon decides which drivers it has and resolves paths.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer, Serialize};
+
+use crate::duration::serde_duration;
+use crate::key::Isolation;
+use crate::name::{self, NameKind};
+use crate::signal::Signal;
+
+/// The largest manifest accepted, in bytes.
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+
+/// Which driver runs a workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// A plain child process in its own process group.
+    #[default]
+    Process,
+    /// Linux namespaces and cgroup limits.
+    Sandbox,
+    /// A Docker container through the Engine API.
+    Docker,
+}
+
+impl DriverKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Process => "process",
+            DriverKind::Sandbox => "sandbox",
+            DriverKind::Docker => "docker",
+        }
+    }
+}
+
+impl fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated workload: what a manifest says, and what an instance is launched with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Must equal the name of the manifest's folder.
+    pub name: String,
+    /// A human description, shown by `bulkhead workloads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// argv; `${VAR}` is expanded from the instance environment. A relative program path
+    /// resolves against the manifest's folder, which is also the working directory.
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default, deserialize_with = "env_map")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub driver: DriverKind,
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// When an instance counts as ready. Absent: ready as soon as it is started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<Readiness>,
+    #[serde(default)]
+    pub shutdown: Shutdown,
+    /// Parsed and validated now; carried out by the supervision work.
+    #[serde(default)]
+    pub restart: Restart,
+    /// `bulkhead up` launches it.
+    #[serde(default)]
+    pub autostart: bool,
+}
+
+/// Readiness: every configured signal must pass (notify AND each probe).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Readiness {
+    /// Wait for `READY=1` on `$NOTIFY_SOCKET` (the sd_notify protocol).
+    #[serde(default)]
+    pub notify: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecProbe>,
+    /// The backstop: a launch that is not ready after this long fails and is stopped.
+    #[serde(default = "default_ready_timeout", with = "serde_duration")]
+    pub timeout: Duration,
+}
+
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Probe timing, in the Kubernetes vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeTiming {
+    /// Wait this long after start before the first attempt.
+    #[serde(default, with = "serde_duration")]
+    pub initial_delay: Duration,
+    /// Time between the starts of two attempts.
+    #[serde(default = "default_period", with = "serde_duration")]
+    pub period: Duration,
+    /// One attempt fails if it takes longer than this.
+    #[serde(default = "default_probe_timeout", with = "serde_duration")]
+    pub timeout: Duration,
+    /// Consecutive successes needed to pass.
+    #[serde(default = "one")]
+    pub success_threshold: u32,
+    /// Consecutive failures that count as failing (reported after readiness; before it,
+    /// only the readiness `timeout` ends a launch).
+    #[serde(default = "three")]
+    pub failure_threshold: u32,
+}
+
+impl Default for ProbeTiming {
+    fn default() -> Self {
+        ProbeTiming {
+            initial_delay: Duration::ZERO,
+            period: default_period(),
+            timeout: default_probe_timeout(),
+            success_threshold: 1,
+            failure_threshold: 3,
+        }
+    }
+}
+
+fn default_period() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn one() -> u32 {
+    1
+}
+fn three() -> u32 {
+    3
+}
+
+/// `GET http://127.0.0.1:<port><path>`; a status from 200 to 399 passes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbe {
+    #[serde(default = "root_path")]
+    pub path: String,
+    /// Default: the instance's `PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default = "default_period", with = "serde_duration")]
+    pub period: Duration,
+    #[serde(default, with = "serde_duration")]
+    pub initial_delay: Duration,
+    #[serde(default = "default_probe_timeout", with = "serde_duration")]
+    pub timeout: Duration,
+    #[serde(default = "one")]
+    pub success_threshold: u32,
+    #[serde(default = "three")]
+    pub failure_threshold: u32,
+}
+
+fn root_path() -> String {
+    "/".to_owned()
+}
+
+/// A TCP connect to `127.0.0.1:<port>` passes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProbe {
+    /// Default: the instance's `PORT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default = "default_period", with = "serde_duration")]
+    pub period: Duration,
+    #[serde(default, with = "serde_duration")]
+    pub initial_delay: Duration,
+    #[serde(default = "default_probe_timeout", with = "serde_duration")]
+    pub timeout: Duration,
+    #[serde(default = "one")]
+    pub success_threshold: u32,
+    #[serde(default = "three")]
+    pub failure_threshold: u32,
+}
+
+/// Runs a command with the instance's environment in its folder; exit 0 passes.
+/// Written either as an argv list (`exec: [./check.sh]`) or as a map with `command:`
+/// and timing fields.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExecProbe {
+    pub command: Vec<String>,
+    #[serde(flatten)]
+    pub timing: ProbeTiming,
+}
+
+impl<'de> Deserialize<'de> for ExecProbe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ExecProbe, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Long {
+            command: Vec<String>,
+            #[serde(default, with = "serde_duration")]
+            initial_delay: Duration,
+            #[serde(default = "default_period", with = "serde_duration")]
+            period: Duration,
+            #[serde(default = "default_probe_timeout", with = "serde_duration")]
+            timeout: Duration,
+            #[serde(default = "one")]
+            success_threshold: u32,
+            #[serde(default = "three")]
+            failure_threshold: u32,
+        }
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = ExecProbe;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an argv list, or a map with `command` and probe timing")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<ExecProbe, A::Error> {
+                let command = Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(ExecProbe {
+                    command,
+                    timing: ProbeTiming::default(),
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<ExecProbe, A::Error> {
+                let l = Long::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(ExecProbe {
+                    command: l.command,
+                    timing: ProbeTiming {
+                        initial_delay: l.initial_delay,
+                        period: l.period,
+                        timeout: l.timeout,
+                        success_threshold: l.success_threshold,
+                        failure_threshold: l.failure_threshold,
+                    },
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl HttpProbe {
+    pub fn timing(&self) -> ProbeTiming {
+        ProbeTiming {
+            initial_delay: self.initial_delay,
+            period: self.period,
+            timeout: self.timeout,
+            success_threshold: self.success_threshold,
+            failure_threshold: self.failure_threshold,
+        }
+    }
+}
+
+impl TcpProbe {
+    pub fn timing(&self) -> ProbeTiming {
+        ProbeTiming {
+            initial_delay: self.initial_delay,
+            period: self.period,
+            timeout: self.timeout,
+            success_threshold: self.success_threshold,
+            failure_threshold: self.failure_threshold,
+        }
+    }
+}
+
+/// How an instance is stopped: `signal` to its whole process group, then after `grace`
+/// SIGKILL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shutdown {
+    #[serde(default = "term")]
+    pub signal: Signal,
+    #[serde(default = "default_grace", with = "serde_duration")]
+    pub grace: Duration,
+}
+
+fn term() -> Signal {
+    Signal::TERM
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            signal: Signal::TERM,
+            grace: default_grace(),
+        }
+    }
+}
+
+/// When a stopped instance is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    #[default]
+    Never,
+    OnFailure,
+    Always,
+}
+
+/// Restart policy, backoff and circuit breaker (see the supervision docs).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restart {
+    #[serde(default)]
+    pub policy: RestartPolicy,
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// An instance up this long resets the backoff and failure count.
+    #[serde(default = "default_reset_after", with = "serde_duration")]
+    pub reset_after: Duration,
+    /// Consecutive failed runs that open the circuit breaker.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// How long an open breaker waits before one trial run.
+    #[serde(default = "default_cooldown", with = "serde_duration")]
+    pub cooldown: Duration,
+}
+
+impl Default for Restart {
+    fn default() -> Self {
+        Restart {
+            policy: RestartPolicy::Never,
+            backoff: Backoff::default(),
+            reset_after: default_reset_after(),
+            max_failures: default_max_failures(),
+            cooldown: default_cooldown(),
+        }
+    }
+}
+
+fn default_reset_after() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_failures() -> u32 {
+    5
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Exponential backoff with jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(default = "default_initial", with = "serde_duration")]
+    pub initial: Duration,
+    #[serde(default = "default_max_backoff", with = "serde_duration")]
+    pub max: Duration,
+    #[serde(default = "default_factor")]
+    pub factor: f64,
+    /// Fraction of the delay drawn at random, 0 to 1.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: default_initial(),
+            max: default_max_backoff(),
+            factor: default_factor(),
+            jitter: default_jitter(),
+        }
+    }
+}
+
+fn default_initial() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_factor() -> f64 {
+    2.0
+}
+fn default_jitter() -> f64 {
+    0.2
+}
+
+/// Environment values may be written as strings, numbers or booleans.
+fn env_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    struct Scalar(String);
+    impl<'de> Deserialize<'de> for Scalar {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Scalar, D::Error> {
+            struct V;
+            impl de::Visitor<'_> for V {
+                type Value = Scalar;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string, number or boolean")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_owned()))
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+                fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                    Ok(Scalar(v.to_string()))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+    let m = BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(m.into_iter().map(|(k, v)| (k, v.0)).collect())
+}
+
+/// A manifest is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {}{reason}", field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default())]
+pub struct ManifestError {
+    /// The manifest's path as the daemon found it.
+    pub file: String,
+    /// The field, as a dotted path, when the error is about one field.
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+/// Variables bulkhead sets itself; a manifest may not override them.
+pub const RESERVED_ENV: &[&str] = &[
+    "PORT",
+    "NOTIFY_SOCKET",
+    "BULKHEAD_INSTANCE",
+    "BULKHEAD_WORKLOAD",
+    "BULKHEAD_NAMESPACE",
+    "BULKHEAD_SESSION",
+];
+
+/// Parses and validates a manifest. `file` is used in errors; `folder` is the name of the
+/// directory the manifest sits in, which the workload's `name` must equal.
+pub fn parse_manifest(file: &str, folder: &str, text: &str) -> Result<WorkloadSpec, ManifestError> {
+    let err = |field: Option<&str>, reason: String| ManifestError {
+        file: file.to_owned(),
+        field: field.map(str::to_owned),
+        reason,
+    };
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(err(
+            None,
+            format!("is {} bytes, more than the limit of {MAX_MANIFEST_BYTES}", text.len()),
+        ));
+    }
+    let spec: WorkloadSpec = serde_saphyr::from_str(text).map_err(|e| {
+        // serde-saphyr renders the location and a snippet; keep the message on few lines.
+        err(None, e.to_string().trim_end().to_owned())
+    })?;
+    spec.validate()
+        .map_err(|(field, reason)| err(Some(&field), reason))?;
+    if spec.name != folder {
+        return Err(err(
+            Some("name"),
+            format!(
+                "is {} but the manifest is in folder {}: they must match",
+                name::show(&spec.name),
+                name::show(folder)
+            ),
+        ));
+    }
+    Ok(spec)
+}
+
+impl WorkloadSpec {
+    /// Checks what serde cannot. On error returns the field path and the reason.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |field: &str, reason: String| Err((field.to_owned(), reason));
+        if let Err(e) = name::validate(NameKind::Workload, &self.name) {
+            return fail("name", e.reason.to_owned());
+        }
+        if self.command.is_empty() {
+            return fail("command", "must name a program (an argv list, not empty)".into());
+        }
+        for (i, arg) in self.command.iter().enumerate() {
+            if arg.contains('\0') {
+                return fail(&format!("command[{i}]"), "contains a NUL byte".into());
+            }
+        }
+        if self.command[0].is_empty() {
+            return fail("command[0]", "program must not be empty".into());
+        }
+        for (k, v) in &self.env {
+            let field = format!("env.{k}");
+            if k.is_empty()
+                || k.contains('=')
+                || k.contains('\0')
+                || k.as_bytes()[0].is_ascii_digit()
+                || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return fail(
+                    &field,
+                    "variable names may only contain ASCII letters, digits and '_', not starting with a digit".into(),
+                );
+            }
+            if v.contains('\0') {
+                return fail(&field, "value contains a NUL byte".into());
+            }
+            if RESERVED_ENV.contains(&k.as_str()) {
+                return fail(&field, format!("{k} is set by bulkhead and cannot be overridden"));
+            }
+        }
+        if let Some(r) = &self.readiness {
+            if !r.notify && r.http.is_none() && r.tcp.is_none() && r.exec.is_none() {
+                return fail(
+                    "readiness",
+                    "names no signal: set notify: true and/or an http, tcp or exec probe".into(),
+                );
+            }
+            if r.timeout.is_zero() {
+                return fail("readiness.timeout", "must be greater than zero".into());
+            }
+            if let Some(h) = &r.http {
+                if !h.path.starts_with('/') {
+                    return fail("readiness.http.path", "must start with '/'".into());
+                }
+                if h.path.chars().any(|c| c.is_control() || c == ' ') {
+                    return fail(
+                        "readiness.http.path",
+                        "must not contain spaces or control characters".into(),
+                    );
+                }
+                check_port("readiness.http.port", h.port)?;
+                check_timing("readiness.http", &h.timing())?;
+            }
+            if let Some(t) = &r.tcp {
+                check_port("readiness.tcp.port", t.port)?;
+                check_timing("readiness.tcp", &t.timing())?;
+            }
+            if let Some(e) = &r.exec {
+                if e.command.first().is_none_or(|p| p.is_empty()) {
+                    return fail("readiness.exec.command", "must name a program".into());
+                }
+                check_timing("readiness.exec", &e.timing)?;
+            }
+        }
+        let b = &self.restart.backoff;
+        if !(b.factor.is_finite() && b.factor >= 1.0 && b.factor <= 100.0) {
+            return fail("restart.backoff.factor", "must be between 1 and 100".into());
+        }
+        if !(b.jitter.is_finite() && (0.0..=1.0).contains(&b.jitter)) {
+            return fail("restart.backoff.jitter", "must be between 0 and 1".into());
+        }
+        if b.initial > b.max {
+            return fail("restart.backoff.initial", "must not be greater than restart.backoff.max".into());
+        }
+        if self.restart.max_failures == 0 {
+            return fail("restart.max_failures", "must be at least 1".into());
+        }
+        if self.autostart && self.isolation == Isolation::Session {
+            return fail(
+                "autostart",
+                "a session-isolated workload cannot be autostarted (there is no session at start-up)".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn check_port(field: &str, port: Option<u16>) -> Result<(), (String, String)> {
+    if port == Some(0) {
+        return Err((field.to_owned(), "must be between 1 and 65535".into()));
+    }
+    Ok(())
+}
+
+fn check_timing(prefix: &str, t: &ProbeTiming) -> Result<(), (String, String)> {
+    let fail = |f: &str, reason: &str| Err((format!("{prefix}.{f}"), reason.to_owned()));
+    if t.period < Duration::from_millis(1) {
+        return fail("period", "must be at least 1ms");
+    }
+    if t.timeout.is_zero() {
+        return fail("timeout", "must be greater than zero");
+    }
+    if t.success_threshold == 0 {
+        return fail("success_threshold", "must be at least 1");
+    }
+    if t.failure_threshold == 0 {
+        return fail("failure_threshold", "must be at least 1");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<WorkloadSpec, ManifestError> {
+        parse_manifest("w/web/manifest.yaml", "web", text)
+    }
+
+    #[test]
+    fn minimal_manifest_gets_defaults() {
+        let s = parse("name: web\ncommand: [./server, --port, \"${PORT}\"]\n").unwrap();
+        assert_eq!(s.driver, DriverKind::Process);
+        assert_eq!(s.isolation, Isolation::Namespace);
+        assert_eq!(s.shutdown, Shutdown::default());
+        assert!(s.readiness.is_none());
+        assert!(!s.autostart);
+    }
+
+    #[test]
+    fn full_manifest() {
+        let s = parse(
+            r#"
+name: web
+description: a web service
+command: ["python3", "server.py"]
+env: {GREETING: hi, WORKERS: 4, DEBUG: true}
+driver: process
+isolation: session
+readiness:
+  notify: true
+  http: {path: /healthz, period: 50ms, success_threshold: 2}
+  tcp: {port: 9000}
+  exec: [./check.sh, --quick]
+  timeout: 5s
+shutdown: {signal: SIGINT, grace: 2s}
+restart:
+  policy: on-failure
+  backoff: {initial: 200ms, max: 10s, factor: 3, jitter: 0.1}
+  max_failures: 4
+  cooldown: 1m
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.env["WORKERS"], "4");
+        assert_eq!(s.env["DEBUG"], "true");
+        let r = s.readiness.unwrap();
+        assert!(r.notify);
+        assert_eq!(r.timeout, Duration::from_secs(5));
+        let h = r.http.unwrap();
+        assert_eq!(h.period, Duration::from_millis(50));
+        assert_eq!(h.success_threshold, 2);
+        assert_eq!(r.tcp.unwrap().port, Some(9000));
+        assert_eq!(r.exec.unwrap().command, vec!["./check.sh", "--quick"]);
+        assert_eq!(s.shutdown.signal, Signal::INT);
+        assert_eq!(s.restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(s.restart.cooldown, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn exec_probe_long_form() {
+        let s = parse("name: web\ncommand: [x]\nreadiness:\n  exec: {command: [./check], period: 1s}\n").unwrap();
+        let e = s.readiness.unwrap().exec.unwrap();
+        assert_eq!(e.command, vec!["./check"]);
+        assert_eq!(e.timing.period, Duration::from_secs(1));
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_field_and_reason() {
+        let e = error_of("name: web\ncommand: [x]\nbogus: 1\n");
+        assert!(e.starts_with("w/web/manifest.yaml: "), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+
+        let e = error_of("name: web\ncommand: []\n");
+        assert_eq!(e, "w/web/manifest.yaml: field `command`: must name a program (an argv list, not empty)");
+
+        let e = error_of("name: other\ncommand: [x]\n");
+        assert!(e.contains("field `name`") && e.contains("folder"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\nshutdown: {grace: -1s}\n");
+        assert!(e.contains("must not be negative"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\nshutdown: {signal: SIGBOGUS}\n");
+        assert!(e.contains("unknown signal"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\ndriver: vm\n");
+        assert!(e.contains("vm"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\nenv: {PORT: 1}\n");
+        assert!(e.contains("field `env.PORT`"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\nreadiness: {}\n");
+        assert!(e.contains("field `readiness`"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\nreadiness: {http: {path: healthz}}\n");
+        assert!(e.contains("field `readiness.http.path`"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\nreadiness: {tcp: {period: 0s}}\n");
+        assert!(e.contains("field `readiness.tcp.period`"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\nreadiness: {tcp: {port: 70000}}\n");
+        assert!(e.contains("70000"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\nisolation: session\nautostart: true\n");
+        assert!(e.contains("field `autostart`"), "{e}");
+
+        let e = error_of("name: web\ncommand: [x]\nrestart: {backoff: {factor: 0.5}}\n");
+        assert!(e.contains("restart.backoff.factor"), "{e}");
+
+        let e = error_of(": : :\n  - [");
+        assert!(e.starts_with("w/web/manifest.yaml: "), "{e}");
+    }
+
+    #[test]
+    fn hostile_manifests_are_rejected_not_panicked_on() {
+        let big = format!("name: web\ncommand: [x]\ndescription: {}\n", "a".repeat(MAX_MANIFEST_BYTES));
+        assert!(error_of(&big).contains("limit"));
+        let bomb = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n";
+        assert!(parse(bomb).is_err());
+        assert!(parse("name: \"a\\0b\"\ncommand: [x]\n").is_err());
+        assert!(parse("name: web\ncommand: [\"a\\0b\"]\n").is_err());
+    }
+}
