@@ -1,1 +1,152 @@
+//! Drivers: how an instance's processes are started, signalled, watched and measured.
+//!
+//! Every driver implements [`Driver`] (spawn) and hands back an [`InstanceHandle`]
+//! (signal, wait, stop, stats). The daemon never knows which driver it talks to; the
+//! [`conformance`] suite states the behaviour every driver must have (exit-status fidelity,
+//! kill escalation, whole-tree teardown, crash detection) and is run against each one.
+//!
+//! This crate brings the `process` driver ([`process::ProcessDriver`]): a plain child in its
+//! own process group, watched through a pidfd. Linux system calls sit behind [`sys`].
+//!
+//! **Invariant — a handle's `wait` resolves only when every process of the instance is
+//! gone**, never merely when the main process is: the daemon reports `terminated` and
+//! frees the key on that signal, so a straggler must not outlive it.
 
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::key::InstanceId;
+use bulkhead_core::signal::Signal;
+use bulkhead_core::spec::{DriverKind, WorkloadSpec};
+
+pub mod conformance;
+pub mod process;
+pub mod sys;
+
+/// Everything a driver needs to start one instance. The daemon has already resolved the
+/// program path and expanded `${VAR}`s.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    pub instance: InstanceId,
+    /// argv; `argv[0]` is the program (absolute, or a bare name looked up in `PATH`).
+    pub argv: Vec<String>,
+    /// The complete environment: nothing else is inherited from the daemon.
+    pub env: Vec<(String, String)>,
+    /// The working directory (the manifest's folder).
+    pub cwd: PathBuf,
+    /// The workload as launched, for driver-specific sections.
+    pub spec: Arc<WorkloadSpec>,
+}
+
+/// A started instance.
+pub struct Spawned {
+    pub handle: Arc<dyn InstanceHandle>,
+    /// Read ends of the instance's stdout and stderr, when the driver captures them
+    /// through pipes. The daemon drains them into the instance's log.
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// A driver could not start an instance.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start {program}: {source}")]
+    Exec {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot watch pid {pid} ({source}); the process was killed")]
+    Watch {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A signal could not be delivered.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot send {signal} to instance {instance}: {source}")]
+pub struct SignalError {
+    pub instance: String,
+    pub signal: Signal,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Resource usage of an instance right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    /// User + system CPU time of the main process and its reaped children.
+    pub cpu_seconds: f64,
+    /// Resident memory of the instance's processes.
+    pub memory_bytes: u64,
+    /// Number of live processes in the instance.
+    pub pids: u32,
+}
+
+/// Usage could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read usage of instance {instance}: {source}")]
+pub struct StatsError {
+    pub instance: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Starts instances of one kind.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    fn kind(&self) -> DriverKind;
+
+    /// Starts the instance. On success its first process exists; on error nothing of it
+    /// is left running.
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError>;
+}
+
+/// One running (or finished) instance.
+#[async_trait]
+pub trait InstanceHandle: Send + Sync + 'static {
+    /// The main process id as the host sees it, if the driver has one.
+    fn pid(&self) -> Option<u32>;
+
+    /// Sends `signal` to every process of the instance. Succeeds when it is already gone.
+    fn signal(&self, signal: Signal) -> Result<(), SignalError>;
+
+    /// Resolves when every process of the instance is gone, with the main process's exit
+    /// status. Concurrent and repeated calls all get the same status; cancel-safe.
+    async fn wait(&self) -> ExitStatus;
+
+    /// The status, if the instance is already gone.
+    fn try_status(&self) -> Option<ExitStatus>;
+
+    /// The escalation ladder: `signal` to every process, then after `grace` SIGKILL to every
+    /// process; resolves when all are gone. Drivers whose engine does this itself (Docker's
+    /// stop) override it.
+    async fn stop(&self, signal: Signal, grace: Duration) -> ExitStatus {
+        if let Some(st) = self.try_status() {
+            return st;
+        }
+        if let Err(e) = self.signal(signal) {
+            tracing::warn!("{e}");
+        }
+        match tokio::time::timeout(grace, self.wait()).await {
+            Ok(st) => st,
+            Err(_) => {
+                if let Err(e) = self.signal(Signal::KILL) {
+                    tracing::warn!("{e}");
+                }
+                self.wait().await
+            }
+        }
+    }
+
+    /// Current resource usage.
+    fn stats(&self) -> Result<Stats, StatsError>;
+}
