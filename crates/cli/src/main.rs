@@ -1,1 +1,47 @@
-fn main() {}
+//! `bulkhead`: the daemon (`serve`, `up`) and its command-line client.
+//!
+//! `main` only parses, dispatches and maps errors to exit codes (see [`exit`]).
+
+mod cli;
+mod client;
+mod exit;
+mod output;
+mod serve;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bulkhead: cannot start the async runtime: {e}");
+            return exit::ERROR.into();
+        }
+    };
+    let result = rt.block_on(run(args));
+    // Do not wait for lingering blocking tasks (a stdin read, a follow stream).
+    rt.shutdown_background();
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => exit::report(e),
+    }
+}
+
+async fn run(args: cli::Cli) -> anyhow::Result<()> {
+    use cli::Command::*;
+    let socket = args.socket;
+    match args.command {
+        Serve(a) => serve::serve(a).await,
+        Up(a) => serve::up(a).await,
+        Launch(a) => client::launch(&socket, a).await,
+        Get(a) => client::get(&socket, a).await,
+        List(a) => client::list(&socket, a).await,
+        Terminate(a) => client::terminate(&socket, a).await,
+        Events(a) => client::events(&socket, a).await,
+        Logs(a) => client::logs(&socket, a).await,
+        Health(a) => client::health(&socket, a).await,
+        Workloads(a) => client::workloads(&socket, a).await,
+        Reload => client::reload(&socket).await,
+    }
+}

@@ -1,7 +1,7 @@
 //! `${VAR}` expansion of command lines from an instance's environment.
 //!
-//! Only the braced form is recognised; `$$` writes a literal `$`, and any other `$` is kept
-//! as it is. A reference to a variable the environment does not have is an error rather
+//! Only the braced form is recognised; `$${` writes a literal `${`, and any other `$` is
+//! kept as it is (so shell code such as `kill $$` or `$1` passes through untouched). A reference to a variable the environment does not have is an error rather
 //! than an empty string: a silently empty argument is a classic source of "works on my
 //! machine".
 
@@ -25,8 +25,8 @@ pub fn expand<'a>(
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
         let after = &rest[pos + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
+        if let Some(tail) = after.strip_prefix("${") {
+            out.push_str("${");
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
             let end = body.find('}').ok_or(ExpandError::Unterminated { index })?;
@@ -73,10 +73,16 @@ mod tests {
 
     #[test]
     fn expands_braced_variables() {
-        let argv = vec!["--port=${PORT}".into(), "${NAME}-${PORT}".into(), "$$HOME".into(), "$x".into()];
+        let argv = vec![
+            "--port=${PORT}".into(),
+            "${NAME}-${PORT}".into(),
+            "$${HOME}".into(),
+            "$x".into(),
+            "kill $$ $1".into(),
+        ];
         assert_eq!(
             expand_argv(&argv, &env()).unwrap(),
-            vec!["--port=8080", "web-8080", "$HOME", "$x"]
+            vec!["--port=8080", "web-8080", "${HOME}", "$x", "kill $$ $1"]
         );
     }
 

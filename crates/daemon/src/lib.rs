@@ -1,1 +1,329 @@
+//! The bulkhead daemon.
+//!
+//! [`Daemon::start`] binds the API socket first (so early clients queue instead of being
+//! refused), loads the workload catalog, and serves the gRPC API. Launches go through the
+//! registry ([`Shared::launch`]), which holds one slot per instance id (= isolation key);
+//! each slot runs an actor ([`instance`]) around the core state machine. Events go to the
+//! [`events::EventLog`].
+//!
+//! **Invariant — at most one live instance per key.** The registry map is the only place
+//! instances are created, under its lock, and a key's slot is replaced only once its
+//! instance is terminal. The lock is never held across an await: the spawn, readiness and
+//! waits all happen outside it, so launches of different keys never wait on each other.
 
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bulkhead_core::instance::State;
+use bulkhead_core::key::{InstanceId, Key, KeyError};
+use bulkhead_core::spec::DriverKind;
+use bulkhead_driver::Driver;
+
+pub mod catalog;
+pub mod events;
+pub mod instance;
+pub mod logs;
+pub mod readiness;
+mod server;
+mod service;
+
+pub use instance::{Slot, View};
+pub use server::{Config, Daemon, StartError};
+pub use service::{event_proto, instance_proto};
+
+/// What a launch waits for before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitFor {
+    Nothing,
+    Started,
+    Ready,
+}
+
+/// A launch request, already out of its protocol form.
+#[derive(Debug, Clone)]
+pub struct LaunchArgs {
+    pub workload: String,
+    pub namespace: Option<String>,
+    pub session: Option<String>,
+    pub wait: WaitFor,
+    /// `None`: bounded only by the instance's own readiness timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// A launch did not give a usable instance.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("unknown workload {0:?} (see `bulkhead workloads`)")]
+    UnknownWorkload(String),
+    #[error("workload {name} is invalid: {error}")]
+    InvalidWorkload { name: String, error: String },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("launch of {id} failed: {reason}")]
+    Failed { id: InstanceId, reason: String },
+    #[error("{id} is not {what} after {waited:?} (state {state}); it goes on starting in the background")]
+    Timeout {
+        id: InstanceId,
+        what: &'static str,
+        waited: Duration,
+        state: &'static str,
+    },
+}
+
+/// State shared by the server, the actors and the API.
+pub struct Shared {
+    pub(crate) cfg: Config,
+    catalog: RwLock<Arc<catalog::Catalog>>,
+    registry: Mutex<HashMap<InstanceId, Arc<Slot>>>,
+    pub events: events::EventLog,
+    pub(crate) drivers: HashMap<DriverKind, Arc<dyn Driver>>,
+    pub(crate) ports: Ports,
+    seq: AtomicU64,
+    started: Instant,
+    shutting_down: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: Config) -> Shared {
+        let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
+        drivers.insert(DriverKind::Process, Arc::new(bulkhead_driver::process::ProcessDriver::new()));
+        Shared {
+            cfg,
+            catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
+            registry: Mutex::new(HashMap::new()),
+            events: events::EventLog::new(),
+            drivers,
+            ports: Ports::default(),
+            seq: AtomicU64::new(1),
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn logs_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("logs")
+    }
+
+    pub(crate) fn notify_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("notify")
+    }
+
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn drivers(&self) -> Vec<DriverKind> {
+        let mut d: Vec<DriverKind> = self.drivers.keys().copied().collect();
+        d.sort_by_key(|k| k.as_str());
+        d
+    }
+
+    pub fn catalog(&self) -> Arc<catalog::Catalog> {
+        self.catalog.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Rescans the workloads directory and swaps the catalog in.
+    pub fn reload(&self) -> Arc<catalog::Catalog> {
+        let cat = Arc::new(catalog::Catalog::scan(&self.cfg.workloads_dir, &self.drivers()));
+        if let Some(e) = &cat.error {
+            tracing::warn!("{e}");
+        }
+        for e in cat.entries.values() {
+            if let Err(err) = &e.spec {
+                tracing::warn!("invalid workload: {err}");
+            }
+        }
+        *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = cat.clone();
+        cat
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn get(&self, id: &InstanceId) -> Option<Arc<Slot>> {
+        self.lock_registry().get(id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Slot>> {
+        let mut v: Vec<Arc<Slot>> = self.lock_registry().values().cloned().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    fn lock_registry(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, Arc<Slot>>> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Launches the instance of a key, or returns the live one. Returns the instance once
+    /// `wait` is met, and whether this call created it.
+    pub async fn launch(self: &Arc<Self>, args: LaunchArgs) -> Result<(View, bool), LaunchError> {
+        let catalog = self.catalog();
+        let entry = catalog
+            .get(&args.workload)
+            .ok_or_else(|| LaunchError::UnknownWorkload(args.workload.clone()))?;
+        let spec = entry.spec.clone().map_err(|error| LaunchError::InvalidWorkload {
+            name: entry.name.clone(),
+            error,
+        })?;
+        let key = Key::new(&args.workload, spec.isolation, args.namespace.as_deref(), args.session.as_deref())?;
+        let id = key.instance_id();
+        let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
+        let (slot, created) = loop {
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return Err(LaunchError::ShuttingDown);
+            }
+            let stopping = {
+                let mut reg = self.lock_registry();
+                match reg.get(&id) {
+                    Some(s) if s.view.borrow().state == State::Stopping => s.subscribe(),
+                    Some(s) if !s.view.borrow().state.is_terminal() => break (s.clone(), false),
+                    _ => {
+                        let slot = instance::start(self, key.clone(), spec.clone(), entry.dir.clone());
+                        reg.insert(id.clone(), slot.clone());
+                        break (slot, true);
+                    }
+                }
+            };
+            // The key's instance is being stopped: wait until it is gone, then start anew.
+            let mut rx = stopping;
+            let gone = rx.wait_for(|v| v.state.is_terminal());
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, gone).await.is_err() {
+                        return Err(LaunchError::Timeout {
+                            id,
+                            what: "startable",
+                            waited: args.timeout.unwrap_or_default(),
+                            state: "stopping",
+                        });
+                    }
+                }
+                None => {
+                    let _ = gone.await;
+                }
+            }
+        };
+        let view = wait_for(&slot, args.wait, deadline, args.timeout.unwrap_or_default()).await?;
+        Ok((view, created))
+    }
+
+    /// Terminates an instance and returns it once every process is gone.
+    pub async fn terminate(&self, id: &InstanceId, grace: Option<Duration>) -> Option<View> {
+        let slot = self.get(id)?;
+        let mut rx = slot.subscribe();
+        slot.terminate(grace);
+        let v = rx.wait_for(|v| v.state.is_terminal()).await.map(|v| v.clone());
+        Some(v.unwrap_or_else(|_| slot.view()))
+    }
+
+    /// Stops accepting launches and terminates every live instance, concurrently.
+    pub async fn terminate_all(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let mut set = tokio::task::JoinSet::new();
+        for slot in self.list() {
+            if slot.view.borrow().state.is_terminal() {
+                continue;
+            }
+            let mut rx = slot.subscribe();
+            slot.terminate(None);
+            set.spawn(async move {
+                let _ = rx.wait_for(|v| v.state.is_terminal()).await;
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.lock_registry()
+            .values()
+            .filter(|s| !s.view.borrow().state.is_terminal())
+            .count()
+    }
+}
+
+async fn wait_for(
+    slot: &Slot,
+    wait: WaitFor,
+    deadline: Option<tokio::time::Instant>,
+    timeout: Duration,
+) -> Result<View, LaunchError> {
+    // Some(Ok) = done, Some(Err) = failed, None = keep waiting.
+    let judge = |v: &View| -> Option<Result<(), String>> {
+        let failed = || {
+            Err(v.failure.clone().unwrap_or_else(|| match v.last_exit {
+                Some(st) => format!("instance ended ({}, {st}) before it was ready", v.state.as_str()),
+                None => format!("instance is {} and will not become ready", v.state.as_str()),
+            }))
+        };
+        match wait {
+            WaitFor::Nothing => Some(Ok(())),
+            WaitFor::Started if v.started => Some(Ok(())),
+            WaitFor::Started if v.failure.is_some() || v.state.is_terminal() => Some(failed()),
+            WaitFor::Started => None,
+            WaitFor::Ready if v.ready => Some(Ok(())),
+            WaitFor::Ready if v.failure.is_some() || v.state.is_terminal() || v.state == State::Stopping => {
+                Some(failed())
+            }
+            WaitFor::Ready => None,
+        }
+    };
+    let mut rx = slot.subscribe();
+    let fut = rx.wait_for(|v| judge(v).is_some());
+    let result = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, fut).await {
+            Ok(r) => r.map(|v| v.clone()),
+            Err(_) => {
+                let v = slot.view();
+                return Err(LaunchError::Timeout {
+                    id: slot.id.clone(),
+                    what: if wait == WaitFor::Ready { "ready" } else { "started" },
+                    waited: timeout,
+                    state: v.state.as_str(),
+                });
+            }
+        },
+        None => fut.await.map(|v| v.clone()),
+    };
+    let view = result.unwrap_or_else(|_| slot.view());
+    match judge(&view) {
+        Some(Err(reason)) => Err(LaunchError::Failed {
+            id: slot.id.clone(),
+            reason,
+        }),
+        _ => Ok(view),
+    }
+}
+
+/// Ports handed to instances. The kernel picks a free port (bind to port 0); the set
+/// keeps two live instances from being handed the same one between its release by the
+/// probe socket and the instance's own bind. Another program can still take it in that
+/// window; the instance then fails to bind and reports it.
+#[derive(Default)]
+pub(crate) struct Ports {
+    used: Mutex<HashSet<u16>>,
+}
+
+impl Ports {
+    pub(crate) fn allocate(&self) -> std::io::Result<u16> {
+        for _ in 0..64 {
+            let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+            let port = l.local_addr()?.port();
+            if self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::other("no free port after 64 tries"))
+    }
+
+    pub(crate) fn release(&self, port: u16) {
+        if port != 0 {
+            self.used.lock().unwrap_or_else(|e| e.into_inner()).remove(&port);
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Command-line definitions (what the user typed; validated later).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// An on-demand, isolating process launcher and supervisor.
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead", version, about)]
+pub struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "BULKHEAD_SOCKET", default_value = ".bulkhead/bulkhead.sock")]
+    pub socket: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Serve a workloads directory in the foreground, launch its autostart workloads and
+    /// print events; Ctrl-C tears everything down.
+    Up(UpArgs),
+    /// Launch a workload (or reuse the running instance of its key).
+    Launch(LaunchArgs),
+    /// Show one instance.
+    Get(GetArgs),
+    /// List instances.
+    List(OutputArgs),
+    /// Stop an instance: its shutdown signal to every process, SIGKILL after the grace.
+    Terminate(TerminateArgs),
+    /// Print lifecycle events.
+    Events(EventsArgs),
+    /// Print an instance's stdout and stderr.
+    Logs(LogsArgs),
+    /// Show the daemon's health.
+    Health(OutputArgs),
+    /// List workloads, valid and invalid.
+    Workloads(OutputArgs),
+    /// Rescan the workloads directory.
+    Reload,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The workloads directory: <dir>/<name>/manifest.yaml.
+    #[arg(long)]
+    pub workloads: PathBuf,
+    /// State directory (logs, notify sockets, lock).
+    #[arg(long, default_value = ".bulkhead")]
+    pub state: PathBuf,
+    /// Log size in bytes at which an instance log rotates.
+    #[arg(long, default_value_t = bulkhead_daemon::logs::DEFAULT_MAX_BYTES)]
+    pub log_max_bytes: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The workloads directory (default: the repository's examples/workloads).
+    pub dir: Option<PathBuf>,
+    /// State directory.
+    #[arg(long, default_value = ".bulkhead")]
+    pub state: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Wait {
+    None,
+    Started,
+    Ready,
+}
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    pub workload: String,
+    #[arg(long)]
+    pub namespace: Option<String>,
+    #[arg(long)]
+    pub session: Option<String>,
+    /// What to wait for before returning.
+    #[arg(long, value_enum, default_value = "ready")]
+    pub wait: Wait,
+    /// Give up waiting after this long (e.g. 5s, 500ms); the instance goes on starting.
+    #[arg(long)]
+    pub timeout: Option<String>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    pub id: String,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct TerminateArgs {
+    pub id: String,
+    /// Override the manifest's grace period (e.g. 2s).
+    #[arg(long)]
+    pub grace: Option<String>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep streaming new events.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only events with an id greater than N.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub id: String,
+    /// Keep streaming new output.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only the last N bytes.
+    #[arg(long, default_value_t = 0)]
+    pub tail: u64,
+}

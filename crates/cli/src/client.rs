@@ -1,0 +1,270 @@
+//! The client verbs: one function per subcommand, talking gRPC over the Unix socket.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use bulkhead_api::{v1, BulkheadClient};
+use bulkhead_core::key::InstanceId;
+use tonic::transport::Channel;
+
+use crate::cli::{self, Format};
+use crate::exit::{self, fail, from_status};
+use crate::output;
+
+pub async fn connect(socket: &Path) -> anyhow::Result<BulkheadClient<Channel>> {
+    bulkhead_api::connect(socket).await.map_err(|e| {
+        let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+        fail(
+            exit::UNAVAILABLE,
+            format!(
+                "cannot reach the bulkhead daemon at {}: {cause} (is `bulkhead serve` running? set --socket or BULKHEAD_SOCKET)",
+                socket.display()
+            ),
+        )
+    })
+}
+
+fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
+    bulkhead_core::duration::parse(s).map_err(|e| fail(exit::INVALID, format!("{what}: {e}")))
+}
+
+/// Validates an id locally so that a typo gets a clear error without a round trip.
+fn check_id(id: &str) -> anyhow::Result<()> {
+    InstanceId::parse(id).map(drop).map_err(|e| fail(exit::INVALID, e.to_string()))
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+pub async fn launch(socket: &Path, a: cli::LaunchArgs) -> anyhow::Result<()> {
+    let timeout = a.timeout.as_deref().map(|t| parse_duration("--timeout", t)).transpose()?;
+    let wait = match a.wait {
+        cli::Wait::None => v1::WaitFor::None,
+        cli::Wait::Started => v1::WaitFor::Started,
+        cli::Wait::Ready => v1::WaitFor::Ready,
+    };
+    let mut c = connect(socket).await?;
+    let resp = c
+        .launch(v1::LaunchRequest {
+            workload: a.workload,
+            namespace: a.namespace,
+            session: a.session,
+            wait: wait as i32,
+            timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+        })
+        .await
+        .map_err(from_status)?
+        .into_inner();
+    let inst = resp.instance.context("daemon sent no instance")?;
+    match a.output {
+        Format::Json => {
+            let mut v = output::instance_json(&inst);
+            v["created"] = serde_json::json!(resp.created);
+            print_json(&v)
+        }
+        Format::Text => {
+            println!(
+                "{} ({})",
+                output::instance_line(&inst),
+                if resp.created { "created" } else { "reused" }
+            );
+            Ok(())
+        }
+    }
+}
+
+pub async fn get(socket: &Path, a: cli::GetArgs) -> anyhow::Result<()> {
+    check_id(&a.id)?;
+    let mut c = connect(socket).await?;
+    let inst = c
+        .get(v1::GetRequest { id: a.id })
+        .await
+        .map_err(from_status)?
+        .into_inner();
+    match a.output {
+        Format::Json => print_json(&output::instance_json(&inst)),
+        Format::Text => {
+            println!("{}", output::instance_line(&inst));
+            Ok(())
+        }
+    }
+}
+
+pub async fn list(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let list = c.list(v1::ListRequest {}).await.map_err(from_status)?.into_inner().instances;
+    match a.output {
+        Format::Json => print_json(&serde_json::Value::Array(list.iter().map(output::instance_json).collect())),
+        Format::Text => {
+            print!("{}", output::instance_table(&list));
+            Ok(())
+        }
+    }
+}
+
+pub async fn terminate(socket: &Path, a: cli::TerminateArgs) -> anyhow::Result<()> {
+    check_id(&a.id)?;
+    let grace = a.grace.as_deref().map(|g| parse_duration("--grace", g)).transpose()?;
+    let mut c = connect(socket).await?;
+    let inst = c
+        .terminate(v1::TerminateRequest {
+            id: a.id,
+            grace_ms: grace.map(|g| g.as_millis() as u64),
+        })
+        .await
+        .map_err(from_status)?
+        .into_inner();
+    match a.output {
+        Format::Json => print_json(&output::instance_json(&inst)),
+        Format::Text => {
+            println!("{}", output::instance_line(&inst));
+            Ok(())
+        }
+    }
+}
+
+pub async fn events(socket: &Path, a: cli::EventsArgs) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let mut stream = c
+        .watch(v1::WatchRequest {
+            since_id: a.since,
+            history_only: !a.follow,
+        })
+        .await
+        .map_err(from_status)?
+        .into_inner();
+    while let Some(e) = stream.message().await.map_err(from_status)? {
+        let mut out = std::io::stdout().lock();
+        match a.output {
+            Format::Json => {
+                serde_json::to_writer(&mut out, &output::event_json(&e))?;
+                writeln!(out)?;
+            }
+            Format::Text => writeln!(out, "{}", output::event_line(&e))?,
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+pub async fn logs(socket: &Path, a: cli::LogsArgs) -> anyhow::Result<()> {
+    check_id(&a.id)?;
+    let mut c = connect(socket).await?;
+    let mut stream = c
+        .logs(v1::LogsRequest {
+            id: a.id,
+            follow: a.follow,
+            tail_bytes: a.tail,
+        })
+        .await
+        .map_err(from_status)?
+        .into_inner();
+    while let Some(chunk) = stream.message().await.map_err(from_status)? {
+        let mut out = std::io::stdout().lock();
+        out.write_all(&chunk.data)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let h = c.health(v1::HealthRequest {}).await.map_err(from_status)?.into_inner();
+    match a.output {
+        Format::Json => print_json(&serde_json::json!({
+            "status": h.status,
+            "version": h.version,
+            "pid": h.pid,
+            "uptime_ms": h.uptime_ms,
+            "instances_live": h.instances_live,
+            "workloads_valid": h.workloads_valid,
+            "workloads_invalid": h.workloads_invalid,
+            "last_event_id": h.last_event_id,
+            "drivers": h.drivers,
+            "state_dir": h.state_dir,
+            "workloads_dir": h.workloads_dir,
+        })),
+        Format::Text => {
+            println!(
+                "{} (bulkhead {}, pid {}, up {:.1}s)\ninstances live: {}\nworkloads: {} valid, {} invalid ({})\ndrivers: {}\nstate: {}\nlast event: {}",
+                h.status,
+                h.version,
+                h.pid,
+                h.uptime_ms as f64 / 1000.0,
+                h.instances_live,
+                h.workloads_valid,
+                h.workloads_invalid,
+                h.workloads_dir,
+                h.drivers.join(", "),
+                h.state_dir,
+                h.last_event_id
+            );
+            Ok(())
+        }
+    }
+}
+
+fn print_workloads(list: &[v1::Workload], format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => print_json(&serde_json::Value::Array(
+            list.iter()
+                .map(|w| {
+                    serde_json::json!({
+                        "name": w.name,
+                        "path": w.path,
+                        "valid": w.valid,
+                        "error": w.error,
+                        "driver": if w.valid { Some(&w.driver) } else { None },
+                        "isolation": if w.valid { Some(&w.isolation) } else { None },
+                        "autostart": w.autostart,
+                        "description": w.description,
+                        "spec": w.spec_json.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
+                    })
+                })
+                .collect(),
+        )),
+        Format::Text => {
+            let rows: Vec<[String; 5]> = list
+                .iter()
+                .map(|w| {
+                    if w.valid {
+                        [
+                            w.name.clone(),
+                            "valid".into(),
+                            w.driver.clone(),
+                            w.isolation.clone(),
+                            if w.autostart { "autostart".into() } else { w.description.clone().unwrap_or_default() },
+                        ]
+                    } else {
+                        [w.name.clone(), "INVALID".into(), "-".into(), "-".into(), w.error.clone().unwrap_or_default()]
+                    }
+                })
+                .collect();
+            print!("{}", output::table(&["NAME", "STATUS", "DRIVER", "ISOLATION", "NOTES"], &rows));
+            Ok(())
+        }
+    }
+}
+
+pub async fn workloads(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let list = c
+        .list_workloads(v1::ListWorkloadsRequest {})
+        .await
+        .map_err(from_status)?
+        .into_inner()
+        .workloads;
+    print_workloads(&list, a.output)
+}
+
+pub async fn reload(socket: &Path) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let list = c.reload(v1::ReloadRequest {}).await.map_err(from_status)?.into_inner().workloads;
+    print_workloads(&list, Format::Text)
+}

@@ -1,0 +1,77 @@
+//! Exit codes, and the mapping from errors to them.
+//!
+//! | code | meaning                                             |
+//! |------|-----------------------------------------------------|
+//! | 0    | success                                             |
+//! | 1    | any other error                                     |
+//! | 2    | bad command line (clap)                             |
+//! | 3    | not found (workload or instance)                    |
+//! | 4    | invalid request (name, id, duration, bad manifest)  |
+//! | 5    | daemon unavailable                                  |
+//! | 6    | timeout                                             |
+//! | 7    | launch failed                                       |
+
+use std::fmt;
+
+pub const ERROR: u8 = 1;
+pub const NOT_FOUND: u8 = 3;
+pub const INVALID: u8 = 4;
+pub const UNAVAILABLE: u8 = 5;
+pub const TIMEOUT: u8 = 6;
+pub const LAUNCH_FAILED: u8 = 7;
+
+/// An error with a chosen exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+pub fn fail(code: u8, message: impl Into<String>) -> anyhow::Error {
+    Failure {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// Maps an API status to a failure with the documented exit code.
+pub fn from_status(s: tonic::Status) -> anyhow::Error {
+    use tonic::Code;
+    let code = match s.code() {
+        Code::NotFound => NOT_FOUND,
+        Code::InvalidArgument | Code::FailedPrecondition => INVALID,
+        Code::Unavailable => UNAVAILABLE,
+        Code::DeadlineExceeded => TIMEOUT,
+        Code::Aborted => LAUNCH_FAILED,
+        _ => ERROR,
+    };
+    let msg = if s.message().is_empty() {
+        format!("{:?}", s.code())
+    } else {
+        s.message().to_owned()
+    };
+    fail(code, msg)
+}
+
+/// Prints the error and returns its exit code. A closed stdout (`| head`) is success.
+pub fn report(e: anyhow::Error) -> std::process::ExitCode {
+    for cause in e.chain() {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::BrokenPipe {
+                return std::process::ExitCode::SUCCESS;
+            }
+        }
+    }
+    let code = e.downcast_ref::<Failure>().map(|f| f.code).unwrap_or(ERROR);
+    eprintln!("bulkhead: {e:#}");
+    code.into()
+}

@@ -1,0 +1,188 @@
+//! Rendering: a readable table or line by default, JSON (`-o json`) for scripts.
+
+use bulkhead_api::v1;
+use serde_json::{json, Value};
+
+/// RFC 3339 UTC from Unix milliseconds (civil-from-days, no time-zone database needed).
+pub fn rfc3339(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        ms % 1000
+    )
+}
+
+pub fn instance_json(i: &v1::Instance) -> Value {
+    json!({
+        "id": i.id,
+        "workload": i.workload,
+        "isolation": i.isolation,
+        "namespace": i.namespace,
+        "session": i.session,
+        "driver": i.driver,
+        "state": i.state,
+        "pid": i.pid,
+        "address": if i.address.is_empty() { Value::Null } else { json!(i.address) },
+        "port": if i.port == 0 { Value::Null } else { json!(i.port) },
+        "ready": i.ready,
+        "restarts": i.restarts,
+        "started_at": if i.started_at_ms == 0 { Value::Null } else { json!(rfc3339(i.started_at_ms)) },
+        "started_at_ms": if i.started_at_ms == 0 { Value::Null } else { json!(i.started_at_ms) },
+        "last_exit": i.last_exit.as_ref().map(|e| json!({
+            "code": e.code,
+            "signal": e.signal,
+            "core_dumped": e.core_dumped,
+        })),
+        "failure": i.failure,
+        "status_text": i.status_text,
+    })
+}
+
+pub fn exit_text(e: &v1::ExitStatus) -> String {
+    match (e.code, e.signal) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}{}", if e.core_dumped { " (core dumped)" } else { "" }),
+        _ => "-".into(),
+    }
+}
+
+pub fn instance_line(i: &v1::Instance) -> String {
+    let mut s = format!("{} {}", i.id, i.state);
+    if let Some(pid) = i.pid {
+        s.push_str(&format!(" pid={pid}"));
+    }
+    if !i.address.is_empty() {
+        s.push_str(&format!(" address={}", i.address));
+    }
+    if let Some(e) = &i.last_exit {
+        s.push_str(&format!(" last_exit=\"{}\"", exit_text(e)));
+    }
+    if let Some(f) = &i.failure {
+        s.push_str(&format!(" failure=\"{f}\""));
+    }
+    if let Some(st) = &i.status_text {
+        s.push_str(&format!(" status=\"{st}\""));
+    }
+    s
+}
+
+pub fn instance_table(list: &[v1::Instance]) -> String {
+    let rows: Vec<[String; 7]> = list
+        .iter()
+        .map(|i| {
+            [
+                i.id.clone(),
+                i.state.clone(),
+                i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                if i.address.is_empty() { "-".into() } else { i.address.clone() },
+                if i.ready { "yes".into() } else { "no".into() },
+                i.restarts.to_string(),
+                i.last_exit.as_ref().map(exit_text).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(&["ID", "STATE", "PID", "ADDRESS", "READY", "RESTARTS", "LAST EXIT"], &rows)
+}
+
+pub fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let parts: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(head.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+pub fn event_json(e: &v1::Event) -> Value {
+    let mut v = json!({
+        "id": e.id,
+        "time": rfc3339(e.time_ms),
+        "time_ms": e.time_ms,
+        "instance": e.instance,
+        "kind": e.kind,
+    });
+    let m = v.as_object_mut().expect("object");
+    if let Some(p) = e.pid {
+        m.insert("pid".into(), json!(p));
+    }
+    if let Some(c) = e.exit_code {
+        m.insert("exit_code".into(), json!(c));
+    }
+    if let Some(s) = e.signal {
+        m.insert("signal".into(), json!(s));
+    }
+    if let Some(c) = e.core_dumped {
+        m.insert("core_dumped".into(), json!(c));
+    }
+    if let Some(r) = &e.reason {
+        m.insert("reason".into(), json!(r));
+    }
+    if let Some(g) = e.grace_ms {
+        m.insert("grace_ms".into(), json!(g));
+    }
+    v
+}
+
+pub fn event_line(e: &v1::Event) -> String {
+    let mut s = format!("#{} {} {} {}", e.id, rfc3339(e.time_ms), e.instance, e.kind);
+    if let Some(p) = e.pid {
+        s.push_str(&format!(" pid={p}"));
+    }
+    if let Some(c) = e.exit_code {
+        s.push_str(&format!(" exit_code={c}"));
+    }
+    if let Some(sig) = e.signal {
+        s.push_str(&format!(" signal={sig}"));
+    }
+    if e.core_dumped == Some(true) {
+        s.push_str(" core_dumped=true");
+    }
+    if let Some(g) = e.grace_ms {
+        s.push_str(&format!(" grace_ms={g}"));
+    }
+    if let Some(r) = &e.reason {
+        s.push_str(&format!(" reason=\"{r}\""));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_795_312_245_000), "2026-11-22T01:50:45.000Z");
+    }
+}

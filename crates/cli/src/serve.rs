@@ -1,0 +1,121 @@
+//! `bulkhead serve` and `bulkhead up`: the daemon in this process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bulkhead_daemon::{Config, Daemon, LaunchArgs, WaitFor};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::cli::{ServeArgs, UpArgs};
+use crate::output;
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let mut cfg = Config::new(a.workloads, Some(a.state), None);
+    cfg.log_max_bytes = a.log_max_bytes;
+    // --socket is global; serve honours it too.
+    cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
+    let daemon = Daemon::start(cfg).await?;
+    daemon.run_until_signalled().await.context("signal handling")?;
+    Ok(())
+}
+
+/// `--socket`/`BULKHEAD_SOCKET` when given, else `<state>/bulkhead.sock`.
+fn socket_for_serve(cfg: &Config) -> PathBuf {
+    match std::env::args_os().position(|a| a == "--socket") {
+        Some(i) => std::env::args_os().nth(i + 1).map(PathBuf::from).unwrap_or_else(|| cfg.socket.clone()),
+        None => std::env::var_os("BULKHEAD_SOCKET").map(PathBuf::from).unwrap_or_else(|| cfg.socket.clone()),
+    }
+}
+
+/// The default workloads directory for `up`: `./examples/workloads`, else the one in the
+/// source tree this binary was built from.
+fn default_examples() -> anyhow::Result<PathBuf> {
+    let here = PathBuf::from("examples/workloads");
+    if here.is_dir() {
+        return Ok(here);
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/workloads");
+    if built.is_dir() {
+        return Ok(built);
+    }
+    anyhow::bail!("no workloads directory given and no examples/workloads here; run `bulkhead up DIR`")
+}
+
+pub async fn up(a: UpArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let dir = match a.dir {
+        Some(d) => d,
+        None => default_examples()?,
+    };
+    let mut cfg = Config::new(dir, Some(a.state), None);
+    cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
+    let socket = cfg.socket.clone();
+    let daemon = Daemon::start(cfg).await?;
+    let shared = daemon.shared().clone();
+
+    // Print events as they happen (history first: none yet).
+    let (history, mut live) = shared.events.subscribe(0);
+    let printer = tokio::spawn(async move {
+        for e in history {
+            println!("{}", output::event_line(&bulkhead_api_event(&e)));
+        }
+        loop {
+            match live.recv().await {
+                Ok(e) => println!("{}", output::event_line(&bulkhead_api_event(&e))),
+                Err(RecvError::Lagged(n)) => println!("({n} events skipped)"),
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+
+    let cat = shared.catalog();
+    for e in cat.entries.values() {
+        if let Err(err) = &e.spec {
+            eprintln!("invalid workload {}: {err}", e.name);
+        }
+    }
+    let autostart: Vec<String> = cat.valid().filter(|(_, s)| s.autostart).map(|(_, s)| s.name.clone()).collect();
+    eprintln!(
+        "bulkhead up: {} workloads, autostarting {:?}; API on {} (try: bulkhead --socket {} list); Ctrl-C to stop",
+        cat.entries.len(),
+        autostart,
+        socket.display(),
+        socket.display()
+    );
+    for name in autostart {
+        let sh = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let args = LaunchArgs {
+                workload: name.clone(),
+                namespace: None,
+                session: None,
+                wait: WaitFor::Ready,
+                timeout: None,
+            };
+            if let Err(e) = sh.launch(args).await {
+                eprintln!("autostart of {name} failed: {e}");
+            }
+        });
+    }
+    daemon.run_until_signalled().await.context("signal handling")?;
+    // Let the printer show the last events (terminated).
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    printer.abort();
+    Ok(())
+}
+
+fn bulkhead_api_event(e: &bulkhead_core::event::Event) -> bulkhead_api::v1::Event {
+    bulkhead_daemon::event_proto(e)
+}

@@ -1,0 +1,203 @@
+//! Test support: a real `bulkhead serve` on a temporary workloads dir, state dir and
+//! socket, and helpers that drive it through the real CLI. Every wait has a generous
+//! deadline and fails the test rather than hanging; nothing asserts a maximum runtime.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub workloads: PathBuf,
+    pub state: PathBuf,
+}
+
+/// Writes `<workloads>/<name>/manifest.yaml` (and extra files) for a test.
+pub fn write_workload(workloads: &Path, name: &str, manifest: &str, files: &[(&str, &str)]) {
+    let d = workloads.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("manifest.yaml"), manifest).unwrap();
+    for (f, text) in files {
+        std::fs::write(d.join(f), text).unwrap();
+    }
+}
+
+impl Daemon {
+    /// Starts a daemon serving the given workloads: (name, manifest, extra files).
+    pub fn start(workloads: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let wl = dir.path().join("workloads");
+        std::fs::create_dir_all(&wl).unwrap();
+        for (name, manifest) in workloads {
+            write_workload(&wl, name, manifest, &[]);
+        }
+        let mut d = Daemon {
+            child: None,
+            socket: dir.path().join("api.sock"),
+            state: dir.path().join("state"),
+            workloads: wl,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--workloads"])
+            .arg(&self.workloads)
+            .arg("--state")
+            .arg(&self.state)
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("BULKHEAD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if self.socket.exists() && self.cli(&["health"]).status.success() {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited at start-up with {st}:\n{}", self.daemon_log());
+            }
+            assert!(start.elapsed() < DEADLINE, "daemon did not come up:\n{}", self.daemon_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI, asserts success, parses stdout as JSON.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "bulkhead {args:?} failed ({}): {}\n--- daemon log ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("bulkhead {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// All events so far.
+    pub fn events(&self) -> Vec<Value> {
+        let out = self.cli(&["events", "-o", "json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits until an event matching `pred` exists; returns it.
+    pub fn wait_event(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(start.elapsed() < DEADLINE, "no event {what}; events: {:#?}", self.events());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGTERM to the daemon; returns its exit status.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(start.elapsed() < DEADLINE, "daemon did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let start = Instant::now();
+            while c.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(15) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).flatten();
+            state != Some('Z') && state != Some('X')
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone (a reparented orphan may take a moment to be reaped by init).
+pub fn wait_gone(pid: u32) -> bool {
+    let start = Instant::now();
+    while alive(pid) {
+        if start.elapsed() > Duration::from_secs(10) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn python3() -> Option<&'static str> {
+    let ok = Command::new("python3").arg("-c").arg("pass").status().map(|s| s.success()).unwrap_or(false);
+    if ok {
+        Some("python3")
+    } else {
+        eprintln!("skipping: python3 is not installed");
+        None
+    }
+}

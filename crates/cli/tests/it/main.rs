@@ -1,0 +1,8 @@
+//! Integration tests: the real daemon binary, real child processes, driven through the
+//! real CLI (which speaks gRPC over the Unix socket).
+
+mod harness;
+mod launch;
+mod lifecycle;
+mod readiness;
+mod surface;

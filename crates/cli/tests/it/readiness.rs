@@ -1,0 +1,134 @@
+//! Readiness: sd_notify, probes, and readiness bounded by liveness.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+fn notify_program(py: &str, before_ready: &str) -> String {
+    // An unmodified program using the sd_notify wire protocol from its own process.
+    format!(
+        "[{py}, -c, 'import os,socket,time; {before_ready}; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b\"STATUS=up\\nREADY=1\", os.environ[\"NOTIFY_SOCKET\"]); time.sleep(1000)']"
+    )
+}
+
+#[test]
+fn notify_readiness_from_an_sd_notify_program() {
+    let Some(py) = python3() else { return };
+    let m = format!(
+        "name: notifier\ncommand: {}\nreadiness: {{notify: true, timeout: 30s}}\n",
+        notify_program(py, "time.sleep(0.2)")
+    );
+    let d = Daemon::start(&[("notifier", &m)]);
+    let v = d.json(&["launch", "notifier", "-o", "json"]);
+    assert_eq!(v["state"], "ready");
+    assert_eq!(v["ready"], true);
+    assert_eq!(v["status_text"], "up");
+    let kinds: Vec<String> = d
+        .events()
+        .iter()
+        .filter(|e| e["instance"] == "ns:default:notifier")
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, vec!["launched", "started", "ready"]);
+}
+
+#[test]
+fn systemd_notify_binary_with_pid_is_accepted() {
+    if !std::path::Path::new("/usr/bin/systemd-notify").exists() {
+        eprintln!("skipping: systemd-notify is not installed");
+        return;
+    }
+    let m = "name: sdn\ncommand: [/bin/sh, -c, 'systemd-notify --pid=$$ --ready; exec sleep 1000']\nreadiness: {notify: true, timeout: 30s}\n";
+    let d = Daemon::start(&[("sdn", m)]);
+    let v = d.json(&["launch", "sdn", "-o", "json"]);
+    assert_eq!(v["state"], "ready");
+}
+
+#[test]
+fn notify_from_another_instance_is_rejected() {
+    let Some(py) = python3() else { return };
+    // `victim` never signals readiness itself; `intruder` finds victim's socket through
+    // the state dir and tries to mark it ready.
+    let d = Daemon::start(&[]);
+    let victim = "name: victim\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nreadiness: {notify: true, timeout: 3s}\n";
+    let intruder = format!(
+        "name: intruder\ncommand: [{py}, -c, 'import glob,socket,time\\nfor p in glob.glob(\"{}/notify/*.sock\"):\\n  socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b\"READY=1\", p)\\ntime.sleep(1000)']\n",
+        d.state.display()
+    );
+    write_workload(&d.workloads, "victim", victim, &[]);
+    write_workload(&d.workloads, "intruder", &intruder, &[]);
+    assert!(d.cli(&["reload"]).status.success());
+    std::thread::scope(|s| {
+        let v = s.spawn(|| d.cli(&["launch", "victim", "-o", "json"]));
+        d.wait_event("victim started", |e| e["kind"] == "started" && e["instance"] == "ns:default:victim");
+        d.json(&["launch", "intruder", "-o", "json"]);
+        let out = v.join().unwrap();
+        assert_eq!(out.status.code(), Some(7), "victim must not become ready: {}", stderr(&out));
+        assert!(stderr(&out).contains("readiness timeout"), "{}", stderr(&out));
+    });
+}
+
+#[test]
+fn http_and_tcp_probes() {
+    let Some(py) = python3() else { return };
+    let http = format!(
+        "name: httpd\ncommand: [{py}, -c, 'import time,os,http.server; time.sleep(0.3); http.server.HTTPServer((\"127.0.0.1\", int(os.environ[\"PORT\"])), http.server.SimpleHTTPRequestHandler).serve_forever()']\nreadiness: {{http: {{path: /, period: 20ms}}, timeout: 30s}}\n"
+    );
+    let tcp = format!(
+        "name: tcpd\ncommand: [{py}, -c, 'import time,os,socket; time.sleep(0.3); s=socket.socket(); s.bind((\"127.0.0.1\", int(os.environ[\"PORT\"]))); s.listen(); time.sleep(1000)']\nreadiness: {{tcp: {{period: 20ms}}, timeout: 30s}}\n"
+    );
+    let failing = format!(
+        "name: http500\ncommand: [{py}, -c, 'import os,http.server\\nclass H(http.server.BaseHTTPRequestHandler):\\n  def do_GET(self): self.send_response(500); self.end_headers()\\nhttp.server.HTTPServer((\"127.0.0.1\", int(os.environ[\"PORT\"])), H).serve_forever()']\nreadiness: {{http: {{path: /healthz, period: 20ms}}, timeout: 1s}}\nshutdown: {{grace: 1s}}\n"
+    );
+    let d = Daemon::start(&[("httpd", &http), ("tcpd", &tcp), ("http500", &failing)]);
+    let h = d.json(&["launch", "httpd", "-o", "json"]);
+    assert_eq!(h["state"], "ready");
+    let t = d.json(&["launch", "tcpd", "-o", "json"]);
+    assert_eq!(t["state"], "ready");
+    let out = d.cli(&["launch", "http500"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(stderr(&out).contains("readiness timeout of 1s"), "{}", stderr(&out));
+    let f = d.json(&["get", "ns:default:http500", "-o", "json"]);
+    assert_eq!(f["state"], "failed");
+    assert!(!alive(f["pid"].as_u64().unwrap() as u32), "a failed launch leaves no process");
+}
+
+#[test]
+fn readiness_wait_ends_at_once_when_the_process_exits() {
+    // Readiness would allow 10 minutes; the process exits after 0.2 s with code 3.
+    let m = "name: dies\ncommand: [/bin/sh, -c, 'sleep 0.2; exit 3']\nreadiness: {notify: true, timeout: 10m}\n";
+    let d = Daemon::start(&[("dies", m)]);
+    let t = Instant::now();
+    let out = d.cli(&["launch", "dies"]);
+    let took = t.elapsed();
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("exited during start-up with exit code 3"),
+        "{}",
+        stderr(&out)
+    );
+    // Bounded by liveness, not by the 10-minute readiness timeout.
+    assert!(took < Duration::from_secs(300), "{took:?}");
+    let v = d.json(&["get", "ns:default:dies", "-o", "json"]);
+    assert_eq!(v["state"], "failed");
+    assert_eq!(v["last_exit"]["code"], 3);
+    let kinds: Vec<String> = d
+        .events()
+        .iter()
+        .filter(|e| e["instance"] == "ns:default:dies")
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, vec!["launched", "started", "exited", "launch_failed"]);
+}
+
+#[test]
+fn wait_started_returns_before_ready_and_timeout_is_exit_6() {
+    let m = "name: never\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nreadiness: {notify: true, timeout: 10m}\n";
+    let d = Daemon::start(&[("never", m)]);
+    let v = d.json(&["launch", "never", "--wait", "started", "-o", "json"]);
+    assert_eq!(v["state"], "starting");
+    assert!(v["pid"].is_u64());
+    let out = d.cli(&["launch", "never", "--timeout", "300ms"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not ready"), "{}", stderr(&out));
+}

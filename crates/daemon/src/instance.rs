@@ -1,0 +1,406 @@
+//! The instance actor: the async shell around one [`bulkhead_core::instance::Instance`].
+//!
+//! One task per instance owns the state machine. It carries out the effects the core
+//! returns (spawn through the driver, start or stop readiness, stop with the escalation
+//! ladder, publish events) and feeds back what happens (the process exited, notify or a
+//! probe passed, the readiness backstop fired, a user asked to terminate). Nothing else
+//! mutates an instance, so there are no locks around its state; readers see a [`View`]
+//! published through a `watch` channel after every step.
+//!
+//! Ordering: the events of a step are published before the view changes, so a client that
+//! sees a state in the view finds the matching event in the log.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::expand::expand_argv;
+use bulkhead_core::instance::{Effect, Input, Instance, State};
+use bulkhead_core::key::{InstanceId, Isolation, Key};
+use bulkhead_core::spec::{DriverKind, WorkloadSpec};
+use bulkhead_driver::{InstanceHandle, SpawnSpec};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Sleep;
+
+use crate::logs::LogFile;
+use crate::readiness::{self, Check, NotifyMsg, NotifySocket};
+use crate::Shared;
+
+/// What clients see of an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct View {
+    pub id: InstanceId,
+    pub workload: String,
+    pub isolation: Isolation,
+    pub namespace: Option<String>,
+    pub session: Option<String>,
+    pub driver: DriverKind,
+    pub state: State,
+    /// The process was started (it may have ended since).
+    pub started: bool,
+    pub pid: Option<u32>,
+    pub port: u16,
+    pub ready: bool,
+    pub restarts: u32,
+    pub started_at_ms: u64,
+    pub last_exit: Option<ExitStatus>,
+    pub failure: Option<String>,
+    pub status_text: Option<String>,
+}
+
+impl View {
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+pub(crate) enum Msg {
+    Terminate { grace: Option<Duration> },
+}
+
+/// A live or finished instance in the registry.
+pub struct Slot {
+    pub id: InstanceId,
+    pub key: Key,
+    pub spec: Arc<WorkloadSpec>,
+    pub dir: PathBuf,
+    pub log: Arc<LogFile>,
+    pub(crate) view: watch::Sender<View>,
+    tx: mpsc::UnboundedSender<Msg>,
+    handle: Mutex<Option<Arc<dyn InstanceHandle>>>,
+}
+
+impl Slot {
+    pub fn view(&self) -> View {
+        self.view.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<View> {
+        self.view.subscribe()
+    }
+
+    pub(crate) fn terminate(&self, grace: Option<Duration>) {
+        // The actor owns the receiver until the instance is terminal; after that there is
+        // nothing to terminate and the send failing is fine.
+        let _ = self.tx.send(Msg::Terminate { grace });
+    }
+
+    pub fn stats(&self) -> Option<bulkhead_driver::Stats> {
+        let h = self.handle.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        h.stats().ok()
+    }
+}
+
+/// Creates the slot and starts its actor. Called with the registry lock held, so it must
+/// not block: the port, the notify socket and the spawn all happen in the actor.
+pub(crate) fn start(sh: &Arc<Shared>, key: Key, spec: Arc<WorkloadSpec>, dir: PathBuf) -> Arc<Slot> {
+    let id = key.instance_id();
+    let view = View {
+        id: id.clone(),
+        workload: key.workload().to_owned(),
+        isolation: key.isolation(),
+        namespace: key.namespace().map(str::to_owned),
+        session: key.session().map(str::to_owned),
+        driver: spec.driver,
+        state: State::Starting,
+        started: false,
+        pid: None,
+        port: 0,
+        ready: false,
+        restarts: 0,
+        started_at_ms: 0,
+        last_exit: None,
+        failure: None,
+        status_text: None,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let slot = Arc::new(Slot {
+        log: Arc::new(LogFile::new(&sh.logs_dir(), id.file_stem(), sh.cfg.log_max_bytes)),
+        id,
+        key,
+        spec,
+        dir,
+        view: watch::Sender::new(view),
+        tx,
+        handle: Mutex::new(None),
+    });
+    tokio::spawn(run(slot.clone(), sh.clone(), rx));
+    slot
+}
+
+/// Readiness bookkeeping while `Starting`.
+#[derive(Default)]
+struct Readiness {
+    /// Signals still to pass.
+    pending: Vec<&'static str>,
+    probes: Vec<JoinHandle<()>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+    active: bool,
+}
+
+impl Readiness {
+    fn stop(&mut self) {
+        for p in self.probes.drain(..) {
+            p.abort();
+        }
+        self.deadline = None;
+        self.active = false;
+    }
+}
+
+async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let spec = slot.spec.clone();
+    let (mut inst, first) = Instance::launch(spec.readiness.as_ref().map(|r| r.timeout), spec.shutdown);
+    let mut queue: VecDeque<Effect> = first.into();
+    let mut handle: Option<Arc<dyn InstanceHandle>> = None;
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut port = 0u16;
+    let mut status_text = None;
+    let mut started_at_ms = 0;
+    let (ntx, mut nrx) = mpsc::unbounded_channel::<NotifyMsg>();
+    let (ptx, mut prx) = mpsc::unbounded_channel::<&'static str>();
+    let mut notify_task: Option<JoinHandle<()>> = None;
+    let mut ready = Readiness::default();
+
+    loop {
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Emit(kind) => {
+                    sh.events.publish(&slot.id, kind);
+                }
+                Effect::Spawn => {
+                    let result = spawn(&sh, &slot, &mut port, &mut env).await;
+                    let input = match result {
+                        Ok((spawned, notify)) => {
+                            let pid = spawned.handle.pid();
+                            slot.log.attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
+                            if let (Some(sock), Some(main)) = (notify, pid) {
+                                let tx = ntx.clone();
+                                notify_task = Some(tokio::spawn(
+                                    sock.run(move |p| readiness::pid_in_group(p, main), tx),
+                                ));
+                            }
+                            *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(spawned.handle.clone());
+                            handle = Some(spawned.handle);
+                            started_at_ms = crate::events::now_ms();
+                            Input::Spawned { pid }
+                        }
+                        Err(reason) => Input::SpawnFailed { reason },
+                    };
+                    queue.extend(inst.handle(input));
+                }
+                Effect::StartReadiness { timeout } => {
+                    ready.active = true;
+                    ready.deadline = Some(Box::pin(tokio::time::sleep(timeout)));
+                    let r = spec.readiness.as_ref().expect("readiness effect implies a readiness section");
+                    if r.notify {
+                        ready.pending.push("notify");
+                    }
+                    for (check, timing) in probes(&slot, r, port, &env) {
+                        let name = check.name();
+                        ready.pending.push(name);
+                        let tx = ptx.clone();
+                        ready.probes.push(tokio::spawn(async move {
+                            readiness::run_until_passed(check, timing).await;
+                            let _ = tx.send(name);
+                        }));
+                    }
+                    if r.exec.is_some() && !ready.pending.contains(&"exec") {
+                        // The exec probe could not be built (logged); it never passes, so
+                        // the readiness timeout reports the launch as failed.
+                        ready.pending.push("exec");
+                    }
+                }
+                Effect::StopReadiness => ready.stop(),
+                Effect::Stop { signal, grace } => {
+                    if let Some(h) = handle.clone() {
+                        // The ladder runs beside the actor; its end shows up as the exit below.
+                        tokio::spawn(async move {
+                            h.stop(signal, grace).await;
+                        });
+                    }
+                }
+            }
+        }
+
+        let state = inst.state();
+        slot.view.send_modify(|v| {
+            v.state = state;
+            v.started = handle.is_some();
+            v.pid = inst.pid();
+            v.port = port;
+            v.ready = inst.ready();
+            v.started_at_ms = started_at_ms;
+            v.last_exit = inst.last_exit();
+            v.failure = inst.failure().map(str::to_owned);
+            v.status_text = status_text.clone();
+        });
+        if state.is_terminal() {
+            break;
+        }
+
+        tokio::select! {
+            status = wait_exit(&handle) => queue.extend(inst.handle(Input::Exited(status))),
+            Some(msg) = nrx.recv() => {
+                if let Some(s) = msg.status {
+                    status_text = Some(s);
+                }
+                if msg.stopping {
+                    tracing::info!("{}: instance reports it is stopping", slot.id);
+                }
+                if msg.ready {
+                    ready.pending.retain(|p| *p != "notify");
+                    if ready.active && ready.pending.is_empty() {
+                        queue.extend(inst.handle(Input::ReadinessPassed));
+                    }
+                }
+            }
+            Some(name) = prx.recv() => {
+                ready.pending.retain(|p| *p != name);
+                if ready.active && ready.pending.is_empty() {
+                    queue.extend(inst.handle(Input::ReadinessPassed));
+                }
+            }
+            _ = deadline(&mut ready.deadline) => queue.extend(inst.handle(Input::ReadinessTimedOut)),
+            Some(msg) = rx.recv() => match msg {
+                Msg::Terminate { grace } => queue.extend(inst.handle(Input::Terminate { grace })),
+            },
+        }
+    }
+
+    ready.stop();
+    if let Some(t) = notify_task {
+        // Aborting drops the socket, which removes its file.
+        t.abort();
+    }
+    sh.ports.release(port);
+}
+
+async fn wait_exit(handle: &Option<Arc<dyn InstanceHandle>>) -> ExitStatus {
+    match handle {
+        Some(h) => h.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn deadline(d: &mut Option<Pin<Box<Sleep>>>) {
+    match d {
+        Some(s) => s.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Builds the environment and argv, binds the notify socket, spawns through the driver.
+async fn spawn(
+    sh: &Arc<Shared>,
+    slot: &Slot,
+    port: &mut u16,
+    env: &mut Vec<(String, String)>,
+) -> Result<(bulkhead_driver::Spawned, Option<NotifySocket>), String> {
+    let spec = &slot.spec;
+    let driver = sh
+        .drivers
+        .get(&spec.driver)
+        .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))?
+        .clone();
+    *port = sh.ports.allocate().map_err(|e| format!("cannot allocate a port: {e}"))?;
+    let notify = match &spec.readiness {
+        Some(r) if r.notify => {
+            let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));
+            Some(NotifySocket::bind(&path).map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))?)
+        }
+        _ => None,
+    };
+    *env = instance_env(sh, slot, *port, notify.as_ref().map(|n| n.path().display().to_string()));
+    let argv = resolve_argv(slot, env)?;
+    let spawned = driver
+        .spawn(SpawnSpec {
+            instance: slot.id.clone(),
+            argv,
+            env: env.clone(),
+            cwd: slot.dir.clone(),
+            spec: spec.clone(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((spawned, notify))
+}
+
+/// Variables passed through from the daemon's own environment.
+const PASS_THROUGH: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+
+/// The instance environment: a few variables from the daemon, the manifest's `env`, then
+/// bulkhead's own (which a manifest cannot override).
+fn instance_env(sh: &Shared, slot: &Slot, port: u16, notify: Option<String>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = PASS_THROUGH
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+    }
+    let _ = sh;
+    env.extend(slot.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.push(("PORT".into(), port.to_string()));
+    env.push(("BULKHEAD_INSTANCE".into(), slot.id.to_string()));
+    env.push(("BULKHEAD_WORKLOAD".into(), slot.key.workload().to_owned()));
+    env.push(("BULKHEAD_NAMESPACE".into(), slot.key.namespace().unwrap_or("").to_owned()));
+    env.push(("BULKHEAD_SESSION".into(), slot.key.session().unwrap_or("").to_owned()));
+    if let Some(n) = notify {
+        env.push(("NOTIFY_SOCKET".into(), n));
+    }
+    env
+}
+
+/// Expands `${VAR}`s and resolves a relative program path against the workload folder.
+fn resolve_argv(slot: &Slot, env: &[(String, String)]) -> Result<Vec<String>, String> {
+    resolve_command(slot, &slot.spec.command, env)
+}
+
+fn resolve_command(slot: &Slot, command: &[String], env: &[(String, String)]) -> Result<Vec<String>, String> {
+    let mut argv = expand_argv(command, env).map_err(|e| e.to_string())?;
+    if argv[0].contains('/') && !argv[0].starts_with('/') {
+        argv[0] = slot.dir.join(&argv[0]).display().to_string();
+    }
+    Ok(argv)
+}
+
+fn probes(
+    slot: &Slot,
+    r: &bulkhead_core::spec::Readiness,
+    port: u16,
+    env: &[(String, String)],
+) -> Vec<(Check, bulkhead_core::spec::ProbeTiming)> {
+    let mut out = Vec::new();
+    if let Some(h) = &r.http {
+        out.push((
+            Check::Http {
+                port: h.port.unwrap_or(port),
+                path: h.path.clone(),
+            },
+            h.timing(),
+        ));
+    }
+    if let Some(t) = &r.tcp {
+        out.push((Check::Tcp { port: t.port.unwrap_or(port) }, t.timing()));
+    }
+    if let Some(e) = &r.exec {
+        match resolve_command(slot, &e.command, env) {
+            Ok(argv) => out.push((
+                Check::Exec {
+                    argv,
+                    env: env.to_vec(),
+                    cwd: slot.dir.clone(),
+                },
+                e.timing,
+            )),
+            // Never passes; the readiness timeout reports the launch as failed.
+            Err(err) => tracing::warn!("{}: exec probe: {err}", slot.id),
+        }
+    }
+    out
+}

@@ -1,0 +1,215 @@
+//! Start-up and shutdown of the daemon.
+//!
+//! Start-up order matters: the state directory is locked (one daemon per state dir), the
+//! API socket is bound *before* anything slow, so a client that connects early waits in
+//! the listen backlog instead of being refused; then the catalog is loaded and the server
+//! starts accepting. Shutdown stops new launches, terminates every instance (each with
+//! its own signal and grace, concurrently), then stops the server and removes the socket.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bulkhead_api::BulkheadServer;
+use tokio::net::UnixListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::service::Service;
+use crate::Shared;
+
+/// Daemon configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub workloads_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Size at which an instance log rotates.
+    pub log_max_bytes: u64,
+}
+
+impl Config {
+    /// Defaults: state in `./.bulkhead`, socket `<state>/bulkhead.sock`.
+    pub fn new(workloads_dir: PathBuf, state_dir: Option<PathBuf>, socket: Option<PathBuf>) -> Config {
+        // Absolute: instances run in their own folders and get paths under the state dir
+        // (the notify socket) in their environment.
+        let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        let state_dir = abs(state_dir.unwrap_or_else(|| PathBuf::from(".bulkhead")));
+        let socket = abs(socket.unwrap_or_else(|| state_dir.join("bulkhead.sock")));
+        let workloads_dir = abs(workloads_dir);
+        Config {
+            workloads_dir,
+            state_dir,
+            socket,
+            log_max_bytes: crate::logs::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// The daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another bulkhead daemon uses state directory {path} (lock {lock} is held)")]
+    Locked { path: PathBuf, lock: PathBuf },
+    #[error("another bulkhead daemon is listening on {0}")]
+    SocketInUse(PathBuf),
+    #[error("cannot bind API socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running daemon.
+pub struct Daemon {
+    shared: Arc<Shared>,
+    stop_server: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+    socket: PathBuf,
+    _lock: File,
+}
+
+impl Daemon {
+    /// Starts the daemon: lock, bind, load, serve.
+    pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
+        let state_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StartError::StateDir { path, source }
+        };
+        for dir in [cfg.state_dir.clone(), cfg.state_dir.join("logs"), cfg.state_dir.join("notify")] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(state_err(&dir))?;
+        }
+        let lock_path = cfg.state_dir.join("daemon.lock");
+        let mut lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(state_err(&lock_path))?;
+        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            return Err(StartError::Locked {
+                path: cfg.state_dir.clone(),
+                lock: lock_path,
+            });
+        }
+        let _ = lock.set_len(0);
+        let _ = writeln!(lock, "{}", std::process::id());
+
+        let listener = bind(&cfg.socket)?;
+        // Stale notify sockets from an earlier run: nobody listens on them.
+        if let Ok(rd) = std::fs::read_dir(cfg.state_dir.join("notify")) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+
+        let shared = Arc::new(Shared::new(cfg.clone()));
+        // Everything after the bind may be slow; clients queue in the backlog meanwhile.
+        let cat = shared.reload();
+        tracing::info!(
+            "serving {} workloads from {} on {}",
+            cat.entries.len(),
+            cfg.workloads_dir.display(),
+            cfg.socket.display()
+        );
+
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let svc = Service { sh: shared.clone() };
+        let server = tokio::spawn(async move {
+            let res = tonic::transport::Server::builder()
+                .add_service(BulkheadServer::new(svc))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!("API server failed: {e}");
+            }
+        });
+        Ok(Daemon {
+            shared,
+            stop_server: Some(stop_tx),
+            server: Some(server),
+            socket: cfg.socket,
+            _lock: lock,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Terminates every instance, stops the API server and removes the socket.
+    pub async fn shutdown(mut self) {
+        self.shared.terminate_all().await;
+        if let Some(tx) = self.stop_server.take() {
+            let _ = tx.send(());
+        }
+        if let Some(s) = self.server.take() {
+            // Streams (watch --follow, logs --follow) would keep a graceful shutdown open
+            // forever; give them a moment, then stop.
+            if tokio::time::timeout(std::time::Duration::from_secs(2), s).await.is_err() {
+                tracing::debug!("API server did not drain in time");
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Serves until SIGTERM or SIGINT (then shuts down); SIGHUP rescans the workloads.
+    pub async fn run_until_signalled(self) -> std::io::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    let cat = self.shared.reload();
+                    tracing::info!("SIGHUP: rescanned, {} workloads", cat.entries.len());
+                }
+            }
+        }
+        tracing::info!("shutting down: terminating {} instances", self.shared.live_count());
+        self.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Binds the API socket with mode 0600, replacing a stale socket file but never a live
+/// daemon's.
+fn bind(path: &Path) -> Result<UnixListener, StartError> {
+    let bind_err = |source| StartError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(bind_err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(StartError::SocketInUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    // Between bind and chmod the socket has the umask's mode (0755 with the usual 022):
+    // connecting needs write permission, so nobody but the owner can connect meanwhile.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}

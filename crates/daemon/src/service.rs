@@ -1,0 +1,324 @@
+//! The gRPC service: protocol types in, core/daemon calls, protocol types out.
+//!
+//! Error mapping (documented for users in the README):
+//!
+//! | error                                   | gRPC status          | CLI exit |
+//! |-----------------------------------------|----------------------|----------|
+//! | unknown workload or instance            | NOT_FOUND            | 3        |
+//! | invalid name, id, key or request        | INVALID_ARGUMENT     | 4        |
+//! | workload whose manifest is invalid      | FAILED_PRECONDITION  | 4        |
+//! | daemon shutting down / not reachable    | UNAVAILABLE          | 5        |
+//! | wait timed out                          | DEADLINE_EXCEEDED    | 6        |
+//! | launch failed (spawn, exit, readiness)  | ABORTED              | 7        |
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_api::v1;
+use bulkhead_core::event::{Event, EventKind};
+use bulkhead_core::key::InstanceId;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::logs::LogFile;
+use crate::{LaunchArgs, LaunchError, Shared, View, WaitFor};
+
+pub(crate) struct Service {
+    pub(crate) sh: Arc<Shared>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn launch_status(e: LaunchError) -> Status {
+    let msg = e.to_string();
+    match e {
+        LaunchError::UnknownWorkload(_) => Status::not_found(msg),
+        LaunchError::InvalidWorkload { .. } => Status::failed_precondition(msg),
+        LaunchError::Key(_) => Status::invalid_argument(msg),
+        LaunchError::ShuttingDown => Status::unavailable(msg),
+        LaunchError::Failed { .. } => Status::aborted(msg),
+        LaunchError::Timeout { .. } => Status::deadline_exceeded(msg),
+    }
+}
+
+fn parse_id(id: &str) -> Result<InstanceId, Status> {
+    InstanceId::parse(id)
+        .map(|(id, _)| id)
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn opt(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.is_empty())
+}
+
+pub fn instance_proto(v: &View) -> v1::Instance {
+    v1::Instance {
+        id: v.id.to_string(),
+        workload: v.workload.clone(),
+        isolation: v.isolation.as_str().to_owned(),
+        namespace: v.namespace.clone(),
+        session: v.session.clone(),
+        driver: v.driver.as_str().to_owned(),
+        state: v.state.as_str().to_owned(),
+        pid: v.pid,
+        address: if v.port == 0 { String::new() } else { v.address() },
+        ready: v.ready,
+        restarts: v.restarts,
+        started_at_ms: v.started_at_ms,
+        last_exit: v.last_exit.map(|st| v1::ExitStatus {
+            code: st.code(),
+            signal: st.signal(),
+            core_dumped: st.core_dumped(),
+        }),
+        failure: v.failure.clone(),
+        status_text: v.status_text.clone(),
+        port: u32::from(v.port),
+    }
+}
+
+pub fn event_proto(e: &Event) -> v1::Event {
+    let mut p = v1::Event {
+        id: e.id,
+        time_ms: e.time_ms,
+        instance: e.instance.to_string(),
+        kind: e.kind.name().to_owned(),
+        ..Default::default()
+    };
+    match &e.kind {
+        EventKind::Launched | EventKind::Ready => {}
+        EventKind::Started { pid } => p.pid = *pid,
+        EventKind::LaunchFailed { reason } => p.reason = Some(reason.clone()),
+        EventKind::Exited { exit_code } => p.exit_code = Some(*exit_code),
+        EventKind::Crashed { signal, core_dumped } => {
+            p.signal = Some(*signal);
+            p.core_dumped = Some(*core_dumped);
+        }
+        EventKind::Terminating { signal, grace_ms } => {
+            p.signal = Some(*signal);
+            p.grace_ms = Some(*grace_ms);
+        }
+        EventKind::Terminated { status } => {
+            p.exit_code = status.code();
+            p.signal = status.signal();
+            p.core_dumped = Some(status.core_dumped());
+        }
+    }
+    p
+}
+
+pub(crate) fn workloads_proto(sh: &Shared) -> v1::ListWorkloadsResponse {
+    let cat = sh.catalog();
+    let workloads = cat
+        .entries
+        .values()
+        .map(|e| match &e.spec {
+            Ok(s) => v1::Workload {
+                name: e.name.clone(),
+                path: e.manifest.display().to_string(),
+                valid: true,
+                error: None,
+                driver: s.driver.as_str().to_owned(),
+                isolation: s.isolation.as_str().to_owned(),
+                autostart: s.autostart,
+                description: s.description.clone(),
+                spec_json: serde_json::to_string(&**s).ok(),
+            },
+            Err(err) => v1::Workload {
+                name: e.name.clone(),
+                path: e.manifest.display().to_string(),
+                valid: false,
+                error: Some(err.clone()),
+                ..Default::default()
+            },
+        })
+        .collect();
+    v1::ListWorkloadsResponse { workloads }
+}
+
+#[tonic::async_trait]
+impl bulkhead_api::Bulkhead for Service {
+    async fn launch(&self, req: Request<v1::LaunchRequest>) -> Result<Response<v1::LaunchResponse>, Status> {
+        let r = req.into_inner();
+        let wait = match v1::WaitFor::try_from(r.wait) {
+            Ok(v1::WaitFor::None) => WaitFor::Nothing,
+            Ok(v1::WaitFor::Started) => WaitFor::Started,
+            Ok(v1::WaitFor::Ready) => WaitFor::Ready,
+            Err(_) => return Err(Status::invalid_argument(format!("unknown wait value {}", r.wait))),
+        };
+        if r.workload.is_empty() {
+            return Err(Status::invalid_argument("a workload name is required"));
+        }
+        let args = LaunchArgs {
+            workload: r.workload,
+            namespace: opt(r.namespace),
+            session: opt(r.session),
+            wait,
+            timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.min(7 * 24 * 3600 * 1000))),
+        };
+        let (view, created) = self.sh.launch(args).await.map_err(launch_status)?;
+        Ok(Response::new(v1::LaunchResponse {
+            instance: Some(instance_proto(&view)),
+            created,
+        }))
+    }
+
+    async fn get(&self, req: Request<v1::GetRequest>) -> Result<Response<v1::Instance>, Status> {
+        let id = parse_id(&req.into_inner().id)?;
+        let slot = self
+            .sh
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
+        Ok(Response::new(instance_proto(&slot.view())))
+    }
+
+    async fn list(&self, _req: Request<v1::ListRequest>) -> Result<Response<v1::ListResponse>, Status> {
+        let instances = self.sh.list().iter().map(|s| instance_proto(&s.view())).collect();
+        Ok(Response::new(v1::ListResponse { instances }))
+    }
+
+    async fn terminate(&self, req: Request<v1::TerminateRequest>) -> Result<Response<v1::Instance>, Status> {
+        let r = req.into_inner();
+        let id = parse_id(&r.id)?;
+        let grace = r.grace_ms.map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
+        let view = self
+            .sh
+            .terminate(&id, grace)
+            .await
+            .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
+        Ok(Response::new(instance_proto(&view)))
+    }
+
+    async fn health(&self, _req: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
+        let cat = self.sh.catalog();
+        let valid = cat.entries.values().filter(|e| e.spec.is_ok()).count();
+        Ok(Response::new(v1::HealthResponse {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_ms: self.sh.uptime().as_millis() as u64,
+            instances_live: self.sh.live_count() as u32,
+            workloads_valid: valid as u32,
+            workloads_invalid: (cat.entries.len() - valid) as u32,
+            last_event_id: self.sh.events.last_id(),
+            drivers: self.sh.drivers().iter().map(|d| d.as_str().to_owned()).collect(),
+            state_dir: self.sh.cfg.state_dir.display().to_string(),
+            workloads_dir: self.sh.cfg.workloads_dir.display().to_string(),
+        }))
+    }
+
+    type WatchStream = BoxStream<v1::Event>;
+
+    async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let r = req.into_inner();
+        let (history, mut live) = self.sh.events.subscribe(r.since_id);
+        let (tx, rx) = mpsc::channel(256);
+        let sh = self.sh.clone();
+        tokio::spawn(async move {
+            let mut last = r.since_id;
+            for e in history {
+                last = e.id;
+                if tx.send(Ok(event_proto(&e))).await.is_err() {
+                    return;
+                }
+            }
+            if r.history_only {
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) if e.id <= last => {}
+                    Ok(e) => {
+                        last = e.id;
+                        if tx.send(Ok(event_proto(&e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        // Fell behind the live channel: catch up from the kept history.
+                        match sh.events.since(last) {
+                            Ok(missed) => {
+                                for e in missed {
+                                    last = e.id;
+                                    if tx.send(Ok(event_proto(&e))).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(lost) => {
+                                let _ = tx.send(Err(Status::data_loss(lost.to_string()))).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_workloads(
+        &self,
+        _req: Request<v1::ListWorkloadsRequest>,
+    ) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
+        Ok(Response::new(workloads_proto(&self.sh)))
+    }
+
+    async fn reload(&self, _req: Request<v1::ReloadRequest>) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
+        self.sh.reload();
+        Ok(Response::new(workloads_proto(&self.sh)))
+    }
+
+    type LogsStream = BoxStream<v1::LogChunk>;
+
+    async fn logs(&self, req: Request<v1::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let r = req.into_inner();
+        let id = parse_id(&r.id)?;
+        let log = match self.sh.get(&id) {
+            Some(slot) => slot.log.clone(),
+            None => {
+                // An instance from before a daemon restart: its file may still be there.
+                let log = Arc::new(LogFile::new(&self.sh.logs_dir(), id.file_stem(), self.sh.cfg.log_max_bytes));
+                if !log.path().exists() {
+                    return Err(Status::not_found(format!("no instance {id} and no log for it")));
+                }
+                log
+            }
+        };
+        let snap = log
+            .snapshot(r.tail_bytes)
+            .map_err(|e| Status::internal(format!("cannot read log {}: {e}", log.path().display())))?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            for chunk in snap.data.chunks(64 * 1024) {
+                if tx.send(Ok(v1::LogChunk { data: chunk.to_vec() })).await.is_err() {
+                    return;
+                }
+            }
+            let (true, Some(mut live)) = (r.follow, snap.live) else {
+                return;
+            };
+            loop {
+                match live.recv().await {
+                    Ok(data) => {
+                        if tx.send(Ok(v1::LogChunk { data })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        let note = format!("\n[bulkhead: {n} log chunks skipped: reader too slow]\n");
+                        if tx.send(Ok(v1::LogChunk { data: note.into_bytes() })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

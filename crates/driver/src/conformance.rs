@@ -1,0 +1,583 @@
+//! The driver conformance suite: the behaviour every [`Driver`] must have, written once.
+//!
+//! Each check is a plain `async fn` taking the driver under test and a [`Fixture`] (how to
+//! run a shell script in that driver, and a scratch directory the instance and the test
+//! both see). A check panics with a message naming what went wrong; a driver's test file
+//! runs each check as its own test so that a failure names the check, and [`run_all`] runs
+//! them in sequence.
+//!
+//! Rules the checks follow:
+//!
+//! - **Every wait is bounded** by [`DEADLINE`] (generous: 20 s), so a broken driver fails
+//!   instead of hanging. No check asserts a maximum run time; the only time assertion is a
+//!   minimum (escalation does not happen before the grace period).
+//! - **Nothing leaks on failure**: every started instance sits in a guard that sends it
+//!   SIGKILL when the check ends, passing or not.
+//! - **Processes are recognised by a token, not only by pid.** Each spawn gets a unique
+//!   `BULKHEAD_CONFORMANCE_TOKEN` in its environment, inherited by everything it forks;
+//!   "no process of the instance is left" means no live process on the host has that token
+//!   in `/proc/<pid>/environ`. That works for drivers whose processes live in their own PID
+//!   namespace (where `$!` is not a host pid) and is immune to pid reuse. Reading other
+//!   processes' environment needs the same user or root, which is how tests run.
+//! - Zombies count as gone: a swept grandchild is re-parented to a subreaper or PID 1, and
+//!   whether that reaps it is not the driver's business.
+//!
+//! Requirements on the instance's world: a POSIX shell (`Fixture::shell`) with `sleep`,
+//! `kill`, `trap`, `ulimit`, `echo` and `:`; the instance's working directory is
+//! [`Fixture::workdir`] and what the instance writes there (by relative paths) the test
+//! reads at the same path.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::key::InstanceId;
+use bulkhead_core::signal::Signal;
+use bulkhead_core::spec::parse_manifest;
+use tokio::io::AsyncReadExt;
+
+use crate::{sys, Driver, InstanceHandle, SpawnSpec, Spawned};
+
+/// How long any single wait in a check may take before the check fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The environment variable that marks every process of one spawn.
+pub const TOKEN_VAR: &str = "BULKHEAD_CONFORMANCE_TOKEN";
+
+/// The `PATH` given to conformance instances.
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How to run test instances in one driver.
+pub struct Fixture {
+    /// The argv prefix that runs a shell script given as one more argument, e.g.
+    /// `["/bin/sh", "-c"]`.
+    pub shell: Vec<String>,
+    /// A scratch directory: the instances' working directory, also read by the checks.
+    pub workdir: PathBuf,
+    /// Removes the directory when the fixture drops, if the fixture made it.
+    _tempdir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    /// A fixture with the given shell and an existing working directory.
+    pub fn new(shell: Vec<String>, workdir: PathBuf) -> Fixture {
+        Fixture {
+            shell,
+            workdir,
+            _tempdir: None,
+        }
+    }
+
+    /// `/bin/sh -c` in a fresh temporary directory, removed when the fixture drops.
+    pub fn temp() -> Fixture {
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-conformance-")
+            .tempdir()
+            .expect("cannot create a temporary directory for the conformance fixture");
+        Fixture {
+            shell: vec!["/bin/sh".to_owned(), "-c".to_owned()],
+            workdir: dir.path().to_owned(),
+            _tempdir: Some(dir),
+        }
+    }
+
+    /// A path in the working directory.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.workdir.join(file)
+    }
+
+    /// A spawn spec that runs `script` in the shell: instance `ns:conformance:<name>`,
+    /// environment `PATH`, `HOME` (the working directory) and a fresh [`TOKEN_VAR`],
+    /// working directory [`Fixture::workdir`]. `name` must be a valid workload name.
+    pub fn spawn_spec(&self, name: &str, script: &str) -> SpawnSpec {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let token = format!(
+            "{}-{}-{nanos}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let (instance, _) = InstanceId::parse(&format!("ns:conformance:{name}"))
+            .unwrap_or_else(|e| panic!("conformance fixture: bad instance name {name:?}: {e}"));
+        let mut workload = parse_manifest(
+            &format!("conformance/{name}/manifest.yaml"),
+            name,
+            &format!("name: {name}\ncommand: [sh]\n"),
+        )
+        .unwrap_or_else(|e| panic!("conformance fixture: {e}"));
+        let mut argv = self.shell.clone();
+        argv.push(script.to_owned());
+        workload.command = argv.clone();
+        SpawnSpec {
+            instance,
+            argv,
+            env: vec![
+                ("PATH".to_owned(), PATH.to_owned()),
+                ("HOME".to_owned(), self.workdir.display().to_string()),
+                (TOKEN_VAR.to_owned(), token),
+            ],
+            cwd: self.workdir.clone(),
+            spec: Arc::new(workload),
+        }
+    }
+}
+
+/// The token of a spec made by [`Fixture::spawn_spec`].
+pub fn token_of(spec: &SpawnSpec) -> String {
+    spec.env
+        .iter()
+        .find(|(k, _)| k == TOKEN_VAR)
+        .map(|(_, v)| v.clone())
+        .expect("the spec was not made by Fixture::spawn_spec")
+}
+
+/// Awaits `fut`, failing the check if it takes longer than [`DEADLINE`].
+pub async fn within<F: Future>(what: impl Display, fut: F) -> F::Output {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {} s waiting for {what}", DEADLINE.as_secs()),
+    }
+}
+
+/// A started instance that is sent SIGKILL when the guard drops, so that a failing check
+/// leaves nothing running.
+pub struct Running {
+    pub spawned: Spawned,
+    pub token: String,
+    pub what: String,
+}
+
+impl Running {
+    pub fn handle(&self) -> &dyn InstanceHandle {
+        &*self.spawned.handle
+    }
+
+    /// `wait()`, bounded by the deadline.
+    pub async fn wait(&self) -> ExitStatus {
+        within(format!("{} to end", self.what), self.handle().wait()).await
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.spawned.handle.try_status().is_none() {
+            let _ = self.spawned.handle.signal(Signal::KILL);
+        }
+    }
+}
+
+/// Spawns `script` under `name`, failing the check if the driver refuses.
+pub async fn start(driver: &dyn Driver, fx: &Fixture, name: &str, script: &str) -> Running {
+    let spec = fx.spawn_spec(name, script);
+    let token = token_of(&spec);
+    let what = format!("instance {name} ({script:?})");
+    match within(format!("spawn of {what}"), driver.spawn(spec)).await {
+        Ok(spawned) => Running {
+            spawned,
+            token,
+            what,
+        },
+        Err(e) => panic!("spawn of {what} failed: {e}"),
+    }
+}
+
+/// Waits until the instance has created `file` in the working directory (polling; this is
+/// test code). Fails early if the instance ends first.
+pub async fn wait_for_file(run: &Running, file: &Path) {
+    let poll = async {
+        loop {
+            if file.exists() {
+                return;
+            }
+            if let Some(st) = run.handle().try_status() {
+                panic!(
+                    "{} ended with {st} before creating {}",
+                    run.what,
+                    file.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    within(format!("{} to create {}", run.what, file.display()), poll).await;
+}
+
+/// Live (non-zombie) host processes whose environment carries `TOKEN_VAR=token`.
+pub fn processes_with_token(token: &str) -> Vec<u32> {
+    let needle = format!("{TOKEN_VAR}={token}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        has_token(pid, &needle).then_some(pid)
+    })
+    .collect()
+}
+
+/// Whether `pid` is a live process whose environment contains `needle` (`VAR=value`).
+fn has_token(pid: u32, needle: &str) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let live = sys::read_stat(pid).is_ok_and(|st| !st.is_zombie());
+    live && environ
+        .split(|&b| b == 0)
+        .any(|var| var == needle.as_bytes())
+}
+
+/// Whether a recorded host pid no longer runs a process of the instance: `kill(pid, 0)`
+/// fails with `ESRCH`, or it is a zombie, or the pid now belongs to an unrelated process
+/// (the recorded one died and the number was reused).
+fn pid_is_gone(pid: u32, token: &str) -> bool {
+    let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+        return true;
+    };
+    if rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH) {
+        return true;
+    }
+    !has_token(pid, &format!("{TOKEN_VAR}={token}"))
+}
+
+fn read_pids(file: &Path) -> Vec<u32> {
+    let text = std::fs::read_to_string(file)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+    text.lines()
+        .map(|l| {
+            l.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("bad pid {l:?} in {}", file.display()))
+        })
+        .collect()
+}
+
+/// Fails unless no process of the instance is left on the host. Leftovers are killed
+/// first, so that a failing driver does not leak them.
+fn assert_nothing_left(run: &Running, recorded: &[u32]) {
+    let recorded_left: Vec<u32> = recorded
+        .iter()
+        .copied()
+        .filter(|&pid| !pid_is_gone(pid, &run.token))
+        .collect();
+    let left = processes_with_token(&run.token);
+    kill_leftovers(&left, &run.token);
+    assert!(
+        recorded_left.is_empty(),
+        "{}: recorded processes {recorded_left:?} still run after wait() resolved",
+        run.what
+    );
+    assert!(
+        left.is_empty(),
+        "{}: processes {left:?} of the instance still run after wait() resolved",
+        run.what
+    );
+}
+
+/// SIGKILLs the given processes, each through a pidfd opened and then checked to still
+/// carry the token (so a reused pid is never hit).
+fn kill_leftovers(pids: &[u32], token: &str) {
+    let needle = format!("{TOKEN_VAR}={token}");
+    for &pid in pids {
+        if let Ok(fd) = sys::pidfd_open(pid) {
+            if has_token(pid, &needle) {
+                let _ = sys::pidfd_send_signal(&fd, Signal::KILL);
+            }
+        }
+    }
+}
+
+fn signaled(signal: Signal) -> ExitStatus {
+    ExitStatus::Signaled {
+        signal: signal.number(),
+        core_dumped: false,
+    }
+}
+
+/// Exit codes 0, 1, 3 and 255 are reported exactly as `Exited { code }`.
+pub async fn exit_code_fidelity(driver: &dyn Driver, fx: &Fixture) {
+    for code in [0, 1, 3, 255] {
+        let run = start(driver, fx, "exit-code", &format!("exit {code}")).await;
+        let st = run.wait().await;
+        assert_eq!(
+            st,
+            ExitStatus::Exited { code },
+            "{}: wrong status",
+            run.what
+        );
+        assert_eq!(
+            run.handle().try_status(),
+            Some(st),
+            "{}: try_status after wait",
+            run.what
+        );
+    }
+}
+
+/// A process killed by a signal is reported as `Signaled` with that signal, and not as an
+/// exit code; with `ulimit -c 0` no core is dumped.
+pub async fn signal_fidelity(driver: &dyn Driver, fx: &Fixture) {
+    // A core_pattern that pipes to a program ignores RLIMIT_CORE 0 (core(5)).
+    let pipes_cores = std::fs::read_to_string("/proc/sys/kernel/core_pattern")
+        .is_ok_and(|p| p.starts_with('|'));
+    for (name, sig) in [
+        ("SEGV", 11),
+        ("KILL", 9),
+        ("TERM", 15),
+        ("USR1", 10),
+    ] {
+        let script = format!("ulimit -c 0; kill -{name} $$; exit 0");
+        let run = start(driver, fx, "signal", &script).await;
+        let st = run.wait().await;
+        match st {
+            ExitStatus::Signaled {
+                signal,
+                core_dumped,
+            } if signal == sig && (!core_dumped || (pipes_cores && sig == 11)) => {}
+            other => panic!(
+                "{}: expected Signaled {{ signal: {sig}, core_dumped: false }}, got {other:?}",
+                run.what
+            ),
+        }
+    }
+}
+
+/// An instance killed from outside (SIGKILL to its main pid) is reported as signal 9.
+pub async fn crash_detection(driver: &dyn Driver, fx: &Fixture) {
+    let run = start(driver, fx, "crash", "exec sleep 1000").await;
+    let Some(pid) = run.handle().pid() else {
+        eprintln!("crash_detection: skipped, the driver reports no pid");
+        return;
+    };
+    assert_eq!(
+        run.handle().try_status(),
+        None,
+        "{}: try_status while running",
+        run.what
+    );
+    let p = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .unwrap_or_else(|| panic!("{}: invalid pid {pid}", run.what));
+    rustix::process::kill_process(p, rustix::process::Signal::KILL)
+        .unwrap_or_else(|e| panic!("{}: cannot kill pid {pid}: {e}", run.what));
+    assert_eq!(run.wait().await, signaled(Signal::KILL), "{}", run.what);
+}
+
+/// A well-behaved instance ends on the stop signal, before the grace period runs out.
+pub async fn stop_graceful(driver: &dyn Driver, fx: &Fixture) {
+    let run = start(driver, fx, "stop-graceful", "exec sleep 1000").await;
+    assert_eq!(
+        run.handle().try_status(),
+        None,
+        "{}: try_status while running",
+        run.what
+    );
+    let grace = DEADLINE / 2;
+    let st = within(
+        format!("stop of {}", run.what),
+        run.handle().stop(Signal::TERM, grace),
+    )
+    .await;
+    assert_eq!(
+        st,
+        signaled(Signal::TERM),
+        "{}: a graceful stop must end with SIGTERM, not by escalation",
+        run.what
+    );
+    assert_eq!(run.handle().try_status(), Some(st), "{}", run.what);
+}
+
+/// An instance that ignores the stop signal is killed with SIGKILL after the grace period,
+/// and not before.
+pub async fn stop_escalates_after_grace(driver: &dyn Driver, fx: &Fixture) {
+    // The shell must not exec into sleep, and the sleeps inherit the ignored TERM. The
+    // ready file tells that the trap is in place.
+    let script = "trap '' TERM; : > stop-escalates.ready; while :; do sleep 0.05; done";
+    let run = start(driver, fx, "stop-escalates", script).await;
+    wait_for_file(&run, &fx.path("stop-escalates.ready")).await;
+    let grace = Duration::from_millis(300);
+    let t0 = Instant::now();
+    let st = within(
+        format!("stop of {}", run.what),
+        run.handle().stop(Signal::TERM, grace),
+    )
+    .await;
+    let took = t0.elapsed();
+    assert_eq!(
+        st,
+        signaled(Signal::KILL),
+        "{}: ignoring SIGTERM must end in SIGKILL",
+        run.what
+    );
+    assert!(
+        took >= grace,
+        "{}: escalated after {took:?}, before the grace of {grace:?}",
+        run.what
+    );
+    assert_nothing_left(&run, &[]);
+}
+
+/// Grandchildren die with the instance: after a stop, and after the main process exits by
+/// itself. One grandchild is a plain `sleep`, the other ignores SIGTERM.
+pub async fn grandchildren_die_with_group(driver: &dyn Driver, fx: &Fixture) {
+    for (case, tail) in [("stop", "wait"), ("exit", "exit 7")] {
+        let pids = format!("grandchildren-{case}.pids");
+        let ready = format!("grandchildren-{case}.ready");
+        let script = format!(
+            "sleep 1000 & echo $! >> {pids}; \
+             (trap '' TERM; exec sleep 1000) & echo $! >> {pids}; \
+             : > {ready}; {tail}"
+        );
+        let (pids, ready) = (fx.path(&pids), fx.path(&ready));
+        let run = start(driver, fx, &format!("grandchildren-{case}"), &script).await;
+        let st = if case == "stop" {
+            wait_for_file(&run, &ready).await;
+            within(
+                format!("stop of {}", run.what),
+                run.handle().stop(Signal::TERM, Duration::from_secs(5)),
+            )
+            .await
+        } else {
+            let st = run.wait().await;
+            assert_eq!(st, ExitStatus::Exited { code: 7 }, "{}", run.what);
+            st
+        };
+        let recorded = read_pids(&pids);
+        assert_eq!(recorded.len(), 2, "{}: expected 2 recorded pids", run.what);
+        assert_nothing_left(&run, &recorded);
+        assert_eq!(run.handle().try_status(), Some(st), "{}", run.what);
+    }
+}
+
+/// Concurrent and repeated waits, `try_status`, and a stop after the end all report the
+/// same status; an abandoned wait does not disturb the next one.
+pub async fn wait_is_shared(driver: &dyn Driver, fx: &Fixture) {
+    let run = start(driver, fx, "wait-shared", "sleep 0.2; exit 4").await;
+    // Cancel-safety: a wait dropped half-way.
+    let _ = tokio::time::timeout(Duration::from_millis(10), run.handle().wait()).await;
+    let (a, b) = within(
+        format!("two waits on {}", run.what),
+        async { tokio::join!(run.handle().wait(), run.handle().wait()) },
+    )
+    .await;
+    let want = ExitStatus::Exited { code: 4 };
+    assert_eq!(a, want, "{}: first wait", run.what);
+    assert_eq!(b, want, "{}: second wait", run.what);
+    assert_eq!(run.handle().try_status(), Some(want), "{}", run.what);
+    assert_eq!(run.wait().await, want, "{}: wait after the end", run.what);
+    let st = within(
+        format!("stop of ended {}", run.what),
+        run.handle().stop(Signal::TERM, Duration::from_secs(1)),
+    )
+    .await;
+    assert_eq!(st, want, "{}: stop after the end", run.what);
+}
+
+/// Signalling an instance that has ended succeeds and changes nothing.
+pub async fn signal_after_exit_is_ok(driver: &dyn Driver, fx: &Fixture) {
+    let run = start(driver, fx, "signal-after-exit", "exit 0").await;
+    let st = run.wait().await;
+    for sig in [Signal::TERM, Signal::KILL] {
+        if let Err(e) = run.handle().signal(sig) {
+            panic!("{}: signal after the end failed: {e}", run.what);
+        }
+    }
+    assert_eq!(run.handle().try_status(), Some(st), "{}", run.what);
+}
+
+/// A program that does not exist, or a working directory that does not, is an error from
+/// `spawn` (not a panic, not an instance that exits 127), and leaves nothing running.
+pub async fn spawn_error_is_reported(driver: &dyn Driver, fx: &Fixture) {
+    let mut cases = Vec::new();
+    let mut spec = fx.spawn_spec("spawn-error", "exit 0");
+    spec.argv = vec!["/nonexistent/bulkhead-conformance-no-such-program".to_owned()];
+    cases.push(("an absolute path that does not exist", spec));
+    let mut spec = fx.spawn_spec("spawn-error", "exit 0");
+    spec.argv = vec!["bulkhead-conformance-no-such-program".to_owned()];
+    cases.push(("a bare name not in PATH", spec));
+    let mut spec = fx.spawn_spec("spawn-error", "exit 0");
+    spec.cwd = fx.path("no-such-directory");
+    cases.push(("a working directory that does not exist", spec));
+    for (what, spec) in cases {
+        let token = token_of(&spec);
+        let program = spec.argv[0].clone();
+        match within(format!("spawn of {what}"), driver.spawn(spec)).await {
+            Ok(spawned) => {
+                let st = within(format!("{what} to end"), spawned.handle.wait()).await;
+                panic!("spawn of {what} ({program}) succeeded; the instance ended with {st}");
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(!msg.is_empty(), "spawn of {what}: empty error message");
+            }
+        }
+        let left = processes_with_token(&token);
+        kill_leftovers(&left, &token);
+        assert!(
+            left.is_empty(),
+            "spawn of {what} failed but left {left:?} running"
+        );
+    }
+}
+
+/// What the instance writes to stdout and stderr comes out of the returned pipes.
+pub async fn stdout_is_captured(driver: &dyn Driver, fx: &Fixture) {
+    let mut run = start(driver, fx, "stdout", "echo hello; echo oops >&2").await;
+    let what = run.what.clone();
+    let out = run
+        .spawned
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("{what}: the driver returned no stdout pipe"));
+    let err = run
+        .spawned
+        .stderr
+        .take()
+        .unwrap_or_else(|| panic!("{what}: the driver returned no stderr pipe"));
+    let (out, err) = within(format!("{what} output"), async {
+        tokio::join!(read_all(out), read_all(err))
+    })
+    .await;
+    assert_eq!(out, "hello\n", "{what}: stdout");
+    assert_eq!(err, "oops\n", "{what}: stderr");
+    assert_eq!(run.wait().await, ExitStatus::Exited { code: 0 }, "{what}");
+}
+
+/// Reads a pipe to its end.
+pub async fn read_all(fd: std::os::fd::OwnedFd) -> String {
+    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+        .unwrap_or_else(|e| panic!("the output descriptor is not a readable pipe: {e}"));
+    let mut buf = Vec::new();
+    rx.read_to_end(&mut buf)
+        .await
+        .unwrap_or_else(|e| panic!("cannot read the output pipe: {e}"));
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Runs every check in sequence, printing each name.
+pub async fn run_all(driver: &dyn Driver, fx: &Fixture) {
+    macro_rules! run {
+        ($($check:ident),* $(,)?) => {$(
+            eprintln!("conformance: {}", stringify!($check));
+            $check(driver, fx).await;
+        )*};
+    }
+    run!(
+        exit_code_fidelity,
+        signal_fidelity,
+        crash_detection,
+        stop_graceful,
+        stop_escalates_after_grace,
+        grandchildren_die_with_group,
+        wait_is_shared,
+        signal_after_exit_is_ok,
+        spawn_error_is_reported,
+        stdout_is_captured,
+    );
+}

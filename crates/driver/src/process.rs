@@ -1,0 +1,556 @@
+//! The `process` driver: a plain child in its own process group, watched through a pidfd.
+//!
+//! # Design
+//!
+//! [`ProcessDriver::spawn`] starts the program with [`std::process::Command`], keeping the
+//! standard library's `posix_spawn` fast path (no `pre_exec` hook; a bare program name is
+//! looked up in the instance's own `PATH` by the driver, because std falls back to
+//! fork + exec when it must search a `PATH` that differs from the daemon's). The child:
+//!
+//! - gets exactly the environment of the [`SpawnSpec`] and its working directory;
+//! - leads a new process group (`process_group(0)`: pgid == pid) in the daemon's session;
+//! - reads `/dev/null` and writes stdout and stderr into pipes whose read ends are returned
+//!   in [`Spawned`];
+//! - gets **no** parent-death signal: an instance survives a daemon crash, to be adopted by
+//!   the next daemon (a later issue).
+//!
+//! Right after the spawn the driver opens a pidfd for the child and hands it to a watcher
+//! task registered with tokio's reactor: no thread per instance, no `SIGCHLD` handler, no
+//! polling. The standard library's `Child` is dropped without being waited (std never
+//! reaps on drop); the watcher reaps through the pidfd.
+//!
+//! # Lifecycle of a handle
+//!
+//! | phase      | entered when                                   | `signal`            | `try_status` |
+//! |------------|------------------------------------------------|---------------------|--------------|
+//! | running    | spawn returned                                 | to the group (*)    | `None`       |
+//! | sweeping   | the main process was reaped                    | no-op, `Ok`         | `None`       |
+//! | done       | no live process of the group is left           | no-op, `Ok`         | `Some`       |
+//!
+//! (*) `kill(-pgid)`; and if the main process moved itself to another process group
+//! (`setpgid`), also to the main process through its pidfd.
+//!
+//! - running -> sweeping: the pidfd polls readable, `waitid(P_PIDFD, WEXITED)` reaps the
+//!   main process and keeps its status exactly (exit code, or signal and core dump).
+//! - sweeping -> done: if `kill(-pgid, 0)` says the group is empty (one system call; the
+//!   common case), at once. Otherwise the live members are found in `/proc`, each is opened
+//!   as a pidfd, checked to still be in the group, sent SIGKILL through its pidfd, and
+//!   awaited until its pidfd polls readable; then `/proc` is scanned again, since a member
+//!   may have forked in between, until no live member is found. Should that take
+//!   64 rounds (a fork bomb), the group is also killed as a whole with
+//!   `kill(-pgid, SIGKILL)`, which a racing `fork` cannot escape.
+//! - done: the main process's status is published on a `watch` channel; every `wait`
+//!   resolves with it.
+//!
+//! Signals are refused once the main process is reaped: from then on its pid (the pgid)
+//! could in principle be reused, and the sweep is killing every process anyway. The
+//! reap and `signal` take the same lock, so a signal never reaches a reused pgid.
+//!
+//! # Policy: the group dies with its main process
+//!
+//! When the main process exits, by itself or by a signal, every remaining process of its
+//! process group is killed with SIGKILL, like systemd's `KillMode=control-group`. A
+//! workload that wants a helper to outlive its main process must not run under this
+//! driver.
+//!
+//! # Limits
+//!
+//! - **A process that leaves the process group escapes.** A process that calls `setsid`
+//!   or `setpgid` (double-fork daemonization, a shell's job control) is neither signalled
+//!   nor swept, and `wait` does not wait for it. The sandbox driver's cgroup closes that
+//!   hole (a later issue). The main process itself is still signalled through its pidfd if
+//!   it moves.
+//! - **Orphans become zombies of someone else.** Swept processes are re-parented to the
+//!   nearest subreaper or PID 1; whether they are reaped is up to that process. Zombies
+//!   hold their pid but run nothing and are not counted as live.
+//! - **A process in uninterruptible sleep** (`D`, e.g. on a dead NFS server) does not die
+//!   on SIGKILL until the kernel lets it; `wait` keeps waiting and a warning is logged every
+//!   few seconds.
+//! - **A stolen exit status.** If other code in the daemon reaps our child (for example a
+//!   `waitpid(-1)`), the status is lost: it is reported as [`LOST_STATUS`] and an error is
+//!   logged.
+//! - `stats` reads `/proc` and costs one file read per host process; once the main process
+//!   is reaped its CPU time is no longer counted.
+//! - The watcher needs a tokio runtime with the I/O driver (and, for the slow sweep, the
+//!   time driver) enabled. If the runtime shuts down first, the watcher is dropped and the
+//!   instance keeps running unwatched, as after a daemon crash.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::signal::Signal;
+use bulkhead_core::spec::DriverKind;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::watch;
+
+use crate::{
+    sys, Driver, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError,
+};
+
+/// The status reported when the main process's exit status could not be collected because
+/// something else reaped it. Real exit codes are 0..=255, so this one cannot be mistaken
+/// for a genuine exit.
+pub const LOST_STATUS: ExitStatus = ExitStatus::Exited { code: -1 };
+
+/// The `PATH` searched for a bare program name when the instance environment has none
+/// (what glibc's `execvp` uses).
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
+
+/// After how many rounds of "scan /proc, kill what is found, await it" the sweep also kills
+/// the whole group at once with `kill(-pgid, SIGKILL)`. Each round only has to catch
+/// processes forked during the previous one, so reaching this takes a fork bomb.
+const MAX_SWEEP_ROUNDS: usize = 64;
+
+/// How long a swept process may take to die before a warning is logged.
+const SLOW_DEATH_WARNING: Duration = Duration::from_secs(5);
+
+/// Starts plain child processes. See the [module documentation](self).
+#[derive(Debug, Default, Clone)]
+pub struct ProcessDriver {
+    _private: (),
+}
+
+impl ProcessDriver {
+    pub fn new() -> ProcessDriver {
+        ProcessDriver::default()
+    }
+}
+
+#[async_trait]
+impl Driver for ProcessDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Process
+    }
+
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+        // No await point in here: the spawn cannot be cancelled half-way.
+        spawn_now(&spec)
+    }
+}
+
+fn spawn_now(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
+    let Some(arg0) = spec.argv.first() else {
+        return Err(SpawnError::Other(format!(
+            "cannot start instance {}: the command line is empty",
+            spec.instance
+        )));
+    };
+    let exec_err = |source| SpawnError::Exec {
+        program: arg0.clone(),
+        source,
+    };
+    let program = resolve_program(arg0, &spec.env, &spec.cwd).map_err(exec_err)?;
+
+    let mut cmd = Command::new(&program);
+    cmd.arg0(arg0)
+        .args(&spec.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(exec_err)?;
+    let pid = child.id();
+    let stdout = child.stdout.take().map(OwnedFd::from);
+    let stderr = child.stderr.take().map(OwnedFd::from);
+    // Dropping a std Child neither kills nor reaps it: the watcher reaps through the pidfd.
+    // Never call `child.wait()`: it would reap behind the watcher's back.
+    drop(child);
+
+    // RACE: the child may already have exited, but it is our unreaped child, so its pid
+    // cannot be reused before we wait it: the pidfd names exactly the process we started
+    // (a zombie at worst, which pidfd_open accepts and which then polls readable at once).
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => Arc::new(fd),
+        Err(source) => {
+            abandon(pid);
+            return Err(SpawnError::Watch { pid, source });
+        }
+    };
+    // SAFETY: the AsyncFd owns a clone of the Arc<OwnedFd>; the descriptor is closed only
+    // when the last clone drops, which is after the AsyncFd drops, and `as_raw_fd` on it
+    // always returns that same descriptor.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(Arc::clone(&pidfd), Interest::READABLE) };
+    let afd = match registered {
+        Ok(afd) => afd,
+        Err(e) => {
+            let source = e.into_parts().1;
+            abandon(pid);
+            return Err(SpawnError::Watch { pid, source });
+        }
+    };
+
+    let shared = Arc::new(Shared {
+        pid,
+        pgid: pid,
+        phase: Mutex::new(Phase::Running),
+    });
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(watch_instance(afd, Arc::clone(&shared), tx));
+    tracing::debug!(instance = %spec.instance, pid, program = %program.display(), "spawned");
+
+    Ok(Spawned {
+        handle: Arc::new(ProcessHandle {
+            instance: spec.instance.to_string(),
+            shared,
+            pidfd,
+            status: rx,
+        }),
+        stdout,
+        stderr,
+    })
+}
+
+/// The error path of a spawn that cannot be watched: kill what may already run and reap
+/// the child, so that nothing of the instance is left.
+fn abandon(pid: u32) {
+    if let Err(e) = sys::kill_group(pid, Signal::KILL) {
+        tracing::error!("cannot kill process group {pid} of an unwatchable child: {e}");
+    }
+    if let Err(e) = sys::reap_blocking(pid) {
+        tracing::error!("cannot reap unwatchable child {pid}: {e}");
+    }
+}
+
+/// Finds the file to execute for `arg0`, like `execvp` but in the instance's `PATH`.
+///
+/// A name containing `/` is used as it is (relative ones resolve against the working
+/// directory in the child). A bare name is searched in the `PATH` of `env` (relative
+/// entries against `cwd`), falling back to [`DEFAULT_PATH`]; the first regular file with an
+/// execute bit wins.
+fn resolve_program(arg0: &str, env: &[(String, String)], cwd: &Path) -> io::Result<PathBuf> {
+    if arg0.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the program name is empty",
+        ));
+    }
+    if arg0.contains('/') {
+        return Ok(PathBuf::from(arg0));
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    for dir in path.split(':') {
+        // An empty entry means the working directory, as in execvp.
+        let dir = if dir.is_empty() { OsStr::new(".") } else { OsStr::new(dir) };
+        let candidate = cwd.join(dir).join(arg0);
+        if let Ok(meta) = candidate.metadata() {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("not found in PATH {path}"),
+    ))
+}
+
+/// Where a handle is in its life; see the table in the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Sweeping,
+    Done,
+}
+
+/// What the handle and its watcher share.
+#[derive(Debug)]
+struct Shared {
+    pid: u32,
+    pgid: u32,
+    /// Taken around the reap and around every signal: while the phase is `Running` the
+    /// main process is unreaped, so its pid and the pgid still name our processes.
+    phase: Mutex<Phase>,
+}
+
+impl Shared {
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        // The critical sections cannot leave the phase inconsistent: ignore poisoning.
+        self.phase.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The watcher task of one instance: reap the main process, sweep the group, publish.
+async fn watch_instance(
+    afd: AsyncFd<Arc<OwnedFd>>,
+    shared: Arc<Shared>,
+    tx: watch::Sender<Option<ExitStatus>>,
+) {
+    let status = reap_main(&afd, &shared).await;
+    drop(afd);
+    tracing::debug!(pid = shared.pid, %status, "main process exited");
+    sweep_group(shared.pgid).await;
+    *shared.phase() = Phase::Done;
+    tx.send_replace(Some(status));
+}
+
+/// Waits for the main process to exit and reaps it; moves the phase to `Sweeping`.
+async fn reap_main(afd: &AsyncFd<Arc<OwnedFd>>, shared: &Shared) -> ExitStatus {
+    loop {
+        let mut ready = match afd.readable().await {
+            Ok(ready) => ready,
+            Err(e) => {
+                // Only when the reactor is gone (runtime shutdown): nobody is left to tell.
+                tracing::error!(pid = shared.pid, "cannot poll the pidfd: {e}");
+                return std::future::pending().await;
+            }
+        };
+        let mut phase = shared.phase();
+        match sys::waitid_pidfd(afd.get_ref()) {
+            Ok(Some(status)) => {
+                *phase = Phase::Sweeping;
+                return status;
+            }
+            // Spurious readiness: wait for the next edge.
+            Ok(None) => {
+                drop(phase);
+                ready.clear_ready();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!(
+                    pid = shared.pid,
+                    "cannot reap the main process (did other code reap it?): {e}; \
+                     reporting {LOST_STATUS}"
+                );
+                *phase = Phase::Sweeping;
+                return LOST_STATUS;
+            }
+        }
+    }
+}
+
+/// Kills every live process left in the group and waits until they are gone.
+async fn sweep_group(pgid: u32) {
+    // Fast path, one system call: the group died with its main process.
+    if !sys::group_has_members(pgid) {
+        return;
+    }
+    let mut round = 0;
+    loop {
+        let members = sys::group_members(pgid);
+        if members.is_empty() {
+            return;
+        }
+        round += 1;
+        if round == MAX_SWEEP_ROUNDS {
+            // A fork racing a group-wide signal either gets the signal too or fails, so
+            // after this nothing in the group can fork any more and the rounds below
+            // only await the dying. The group has members (we just saw some), so its
+            // number is still ours.
+            tracing::warn!(
+                pgid,
+                "process group {pgid} keeps forking after {MAX_SWEEP_ROUNDS} sweeps; \
+                 killing it as a whole"
+            );
+            if let Err(e) = sys::kill_group(pgid, Signal::KILL) {
+                tracing::error!("cannot kill process group {pgid}: {e}");
+            }
+        }
+        tracing::debug!(pgid, ?members, "killing the rest of the process group");
+        let mut dying = Vec::with_capacity(members.len());
+        for pid in members {
+            // RACE: `pid` came from a /proc scan and may have exited and been reused
+            // since. Open first, then check that the process is still in our group: from
+            // then on the pidfd pins it, and a signal through it cannot reach anyone else.
+            let Ok(fd) = sys::pidfd_open(pid) else {
+                continue; // gone already
+            };
+            if sys::getpgid(pid).ok() != Some(pgid) {
+                continue;
+            }
+            if let Err(e) = sys::pidfd_send_signal(&fd, Signal::KILL) {
+                tracing::warn!("cannot kill pid {pid} of process group {pgid}: {e}");
+                continue;
+            }
+            dying.push((pid, fd));
+        }
+        for (pid, fd) in dying {
+            await_exit(pid, fd).await;
+        }
+    }
+}
+
+/// Waits until the process a pidfd names has exited (the pidfd polls readable).
+async fn await_exit(pid: u32, fd: OwnedFd) {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd: the descriptor stays open and
+    // the same until the AsyncFd drops.
+    let afd = match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+        Ok(afd) => afd,
+        Err(e) => {
+            tracing::warn!("cannot watch pid {pid}: {}", e.into_parts().1);
+            return;
+        }
+    };
+    loop {
+        match tokio::time::timeout(SLOW_DEATH_WARNING, afd.readable()).await {
+            // Readable never goes back for an exited process: no need to clear it.
+            Ok(Ok(_ready)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!("cannot poll the pidfd of pid {pid}: {e}");
+                return;
+            }
+            Err(_) => tracing::warn!(
+                "pid {pid} is still alive {} s after SIGKILL (uninterruptible sleep?); \
+                 still waiting",
+                SLOW_DEATH_WARNING.as_secs()
+            ),
+        }
+    }
+}
+
+/// The handle of one process-driver instance.
+struct ProcessHandle {
+    instance: String,
+    shared: Arc<Shared>,
+    /// Kept open for as long as the handle lives; the watcher holds a clone.
+    pidfd: Arc<OwnedFd>,
+    status: watch::Receiver<Option<ExitStatus>>,
+}
+
+#[async_trait]
+impl InstanceHandle for ProcessHandle {
+    fn pid(&self) -> Option<u32> {
+        Some(self.shared.pid)
+    }
+
+    fn signal(&self, signal: Signal) -> Result<(), SignalError> {
+        let err = |source| SignalError {
+            instance: self.instance.clone(),
+            signal,
+            source,
+        };
+        // Held across the kills: the main process cannot be reaped meanwhile, so the pgid
+        // (its pid) cannot have been reused.
+        let phase = self.shared.phase();
+        if *phase != Phase::Running {
+            return Ok(());
+        }
+        sys::kill_group(self.shared.pgid, signal).map_err(err)?;
+        // The main process may have left its group; it still gets the signal.
+        match sys::getpgid(self.shared.pid) {
+            Ok(pgid) if pgid != pgid => {
+                sys::pidfd_send_signal(&self.pidfd, signal).map_err(err)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn wait(&self) -> ExitStatus {
+        let mut rx = self.status.clone();
+        let published = rx.wait_for(Option::is_some).await.map(|status| *status);
+        match published {
+            Ok(Some(status)) => status,
+            Ok(None) | Err(_) => {
+                // The watcher was dropped without publishing: the runtime is shutting down.
+                tracing::error!(
+                    instance = %self.instance,
+                    "the watcher of pid {} is gone; the status will never be known",
+                    self.shared.pid
+                );
+                std::future::pending().await
+            }
+        }
+    }
+
+    fn try_status(&self) -> Option<ExitStatus> {
+        *self.status.borrow()
+    }
+
+    fn stats(&self) -> Result<Stats, StatsError> {
+        if *self.shared.phase() == Phase::Done {
+            return Ok(Stats::default());
+        }
+        let err = |source| StatsError {
+            instance: self.instance.clone(),
+            source,
+        };
+        let members = sys::group_members(self.shared.pgid);
+        let mut stats = Stats::default();
+        // The main process, whether or not it is still in the group.
+        match sys::proc_stats(self.shared.pid) {
+            Ok(main) => {
+                stats.cpu_seconds = main.cpu_seconds + main.children_cpu_seconds;
+                if !members.contains(&self.shared.pid) {
+                    stats.memory_bytes += main.rss_bytes;
+                    stats.pids += 1;
+                }
+            }
+            // Reaped meanwhile: the sweep is under way.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+        for pid in members {
+            // Members that exit during the scan are simply not counted.
+            if let Ok(p) = sys::proc_stats(pid) {
+                stats.memory_bytes += p.rss_bytes;
+                stats.pids += 1;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(path: &str) -> Vec<(String, String)> {
+        vec![("PATH".to_owned(), path.to_owned())]
+    }
+
+    #[test]
+    fn bare_names_are_found_in_the_instance_path() {
+        let p = resolve_program("sh", &env("/nonexistent:/bin:/usr/bin"), Path::new("/")).unwrap();
+        assert!(p.ends_with("sh") && p.is_absolute(), "{}", p.display());
+        let e = resolve_program("sh", &env("/nonexistent"), Path::new("/")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        // Without PATH, execvp's default.
+        assert!(resolve_program("sh", &[], Path::new("/")).is_ok());
+    }
+
+    #[test]
+    fn names_with_a_slash_are_used_as_they_are() {
+        assert_eq!(
+            resolve_program("./server", &env("/bin"), Path::new("/")).unwrap(),
+            PathBuf::from("./server")
+        );
+        assert!(resolve_program("", &env("/bin"), Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn directories_and_non_executables_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("prog")).unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("prog"), "").unwrap();
+        let path = format!("{}:sub", dir.path().display());
+        assert!(resolve_program("prog", &env(&path), dir.path()).is_err());
+        std::fs::set_permissions(sub.join("prog"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        // Relative entries resolve against the working directory.
+        assert_eq!(
+            resolve_program("prog", &env(&path), dir.path()).unwrap(),
+            dir.path().join("sub").join("prog")
+        );
+    }
+}

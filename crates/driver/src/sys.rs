@@ -1,0 +1,370 @@
+//! The Linux system calls the drivers use, behind one small seam.
+//!
+//! Every function here is a thin, documented wrapper: [`rustix`] where it has the call,
+//! `libc` only for `sysconf`, and a few lines of `/proc` parsing. Nothing keeps state except
+//! two cached `sysconf` values.
+//!
+//! Requirements: Linux 5.4 or later (`pidfd_open` 5.3, `waitid(P_PIDFD)` 5.4), and `/proc`
+//! mounted for the daemon's own PID namespace (pids read from it are fed back to `kill` and
+//! `pidfd_open`).
+//!
+//! About pids: a pid number names a process only until that process is reaped; after that
+//! the number may be reused. The functions taking a `pid` say which guarantee the caller
+//! must bring. A pidfd never has that problem, which is why signals to one chosen process
+//! go through [`pidfd_send_signal`].
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
+
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::signal::Signal;
+use rustix::process::{self as rp, Pid, PidfdFlags, WaitId, WaitIdOptions, WaitOptions};
+
+/// Converts a host pid into rustix's [`Pid`], rejecting 0 and numbers above `i32::MAX`.
+fn to_pid(pid: u32) -> io::Result<Pid> {
+    i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid pid {pid}")))
+}
+
+/// Converts a signal into rustix's type.
+///
+/// Named signals convert directly; real-time signals only within libc's
+/// `SIGRTMIN()..=SIGRTMAX()`. The two or three numbers below `SIGRTMIN()` (32 and 33 with
+/// glibc) are used by the C library itself and are refused with `EINVAL`-like
+/// `InvalidInput`.
+fn to_rustix_signal(signal: Signal) -> io::Result<rp::Signal> {
+    let n = signal.number();
+    if let Some(s) = rp::Signal::from_named_raw(n) {
+        return Ok(s);
+    }
+    if (libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&n) {
+        // SAFETY: `n` lies within libc's SIGRTMIN()..=SIGRTMAX() (so it is non-zero and a
+        // valid signal number), the range libc leaves to applications: it is not one of the
+        // numbers libc reserves for itself, which is the condition of `from_raw_unchecked`.
+        return Ok(unsafe { rp::Signal::from_raw_unchecked(n) });
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{signal} is reserved by the C library and cannot be sent"),
+    ))
+}
+
+/// `pidfd_open(pid, 0)`: a file descriptor that names exactly one process (close-on-exec).
+///
+/// The caller must know that `pid` still names the intended process: either it is the
+/// caller's own unreaped child (its number cannot be reused before the caller waits it),
+/// or the caller checks the process's identity after opening (for example its process
+/// group with [`getpgid`]). Opening a zombie succeeds.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    Ok(rp::pidfd_open(to_pid(pid)?, PidfdFlags::empty())?)
+}
+
+/// `pidfd_send_signal(fd, signal, NULL, 0)`: signals exactly the process the pidfd names.
+/// A process that has already exited (`ESRCH`) counts as success.
+pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: Signal) -> io::Result<()> {
+    match rp::pidfd_send_signal(pidfd.as_fd(), to_rustix_signal(signal)?) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `waitid(P_PIDFD, fd, WEXITED | WNOHANG)`: reaps the child the pidfd names if it has
+/// exited, and returns how it ended; `None` if it is still running.
+///
+/// The status is kept exactly as the kernel reports it in `si_code`: `CLD_EXITED` gives
+/// [`ExitStatus::Exited`] with the exit code, `CLD_KILLED` and `CLD_DUMPED` give
+/// [`ExitStatus::Signaled`] with the signal and whether a core was dumped.
+///
+/// Only works for the caller's own children (`ECHILD` otherwise, or when somebody else
+/// already reaped it).
+pub fn waitid_pidfd(pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
+    let Some(st) = rp::waitid(
+        WaitId::PidFd(pidfd.as_fd()),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+    )?
+    else {
+        return Ok(None);
+    };
+    if let Some(code) = st.exit_status() {
+        // CLD_EXITED
+        return Ok(Some(ExitStatus::Exited { code }));
+    }
+    if let Some(signal) = st.terminating_signal() {
+        // CLD_KILLED or CLD_DUMPED
+        return Ok(Some(ExitStatus::Signaled {
+            signal,
+            core_dumped: st.dumped(),
+        }));
+    }
+    Err(io::Error::other(format!(
+        "waitid returned unexpected si_code {} for an exited child",
+        st.raw_code()
+    )))
+}
+
+/// `waitpid(pid, 0)`: blocks until the child `pid` exits and reaps it, discarding the
+/// status. Only for error paths where no pidfd could be had (a child just killed).
+pub fn reap_blocking(pid: u32) -> io::Result<()> {
+    loop {
+        match rp::waitpid(Some(to_pid(pid)?), WaitOptions::empty()) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `kill(-pgid, signal)`: signals every process of the process group. A group that no
+/// longer exists (`ESRCH`) counts as success.
+///
+/// The caller must know that `pgid` still names the intended group: a group's number stays
+/// taken while any member (zombies included) exists, and the leader's own number while the
+/// leader is unreaped.
+pub fn kill_group(pgid: u32, signal: Signal) -> io::Result<()> {
+    match rp::kill_process_group(to_pid(pgid)?, to_rustix_signal(signal)?) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `kill(-pgid, 0)`: whether the process group still has any member, zombies included.
+///
+/// One system call: this is the fast path after a main process exits. `EPERM` (a member
+/// exists that we may not signal) counts as a member; so does any other unexpected error,
+/// to stay on the safe side.
+pub fn group_has_members(pgid: u32) -> bool {
+    let Ok(pgid) = to_pid(pgid) else {
+        return false;
+    };
+    !matches!(
+        rp::test_kill_process_group(pgid),
+        Err(rustix::io::Errno::SRCH)
+    )
+}
+
+/// `getpgid(pid)`: the process group of a process.
+pub fn getpgid(pid: u32) -> io::Result<u32> {
+    let pgid = rp::getpgid(Some(to_pid(pid)?))?;
+    Ok(pgid.as_raw_pid().unsigned_abs())
+}
+
+/// The fields bulkhead uses from one `/proc/<pid>/stat` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatLine {
+    /// The state letter (`R`, `S`, `D`, `Z`, ...).
+    pub state: char,
+    pub ppid: u32,
+    pub pgrp: u32,
+    /// User and system time, in clock ticks.
+    pub utime: u64,
+    pub stime: u64,
+    /// User and system time of reaped children, in clock ticks.
+    pub cutime: u64,
+    pub cstime: u64,
+    pub num_threads: u64,
+    /// Resident set size, in pages.
+    pub rss_pages: u64,
+}
+
+impl StatLine {
+    /// Whether the process has finished: a zombie with no live thread left. A thread-group
+    /// leader that exited while other threads still run also shows `Z`, but its process is
+    /// alive; the thread count tells them apart.
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X') && self.num_threads <= 1
+    }
+}
+
+/// Parses one `/proc/<pid>/stat` line.
+///
+/// The second field is the command name in parentheses and may itself contain spaces and
+/// `)` (it is whatever the process put in `comm`), so the line is split at the *last* `)`;
+/// everything after it is space-separated numbers. Returns `None` on any malformed line.
+pub fn parse_stat(line: &str) -> Option<StatLine> {
+    let (_, rest) = line.rsplit_once(')')?;
+    // Fields after the comm, numbered from 0: 0 state, 1 ppid, 2 pgrp, 3 session, ...,
+    // 11 utime, 12 stime, 13 cutime, 14 cstime, 17 num_threads, 21 rss (proc(5) numbers
+    // these 3.. from 1).
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+    // cutime and cstime are signed in the kernel's format; never negative in practice.
+    let signed = |i: usize| {
+        f.get(i)?
+            .parse::<i64>()
+            .ok()
+            .map(|v| v.max(0).unsigned_abs())
+    };
+    let mut state = f.first()?.chars();
+    let state_char = state.next()?;
+    if state.next().is_some() {
+        return None;
+    }
+    Some(StatLine {
+        state: state_char,
+        ppid: u32::try_from(num(1)?).ok()?,
+        pgrp: u32::try_from(signed(2)?).ok()?,
+        utime: num(11)?,
+        stime: num(12)?,
+        cutime: signed(13)?,
+        cstime: signed(14)?,
+        num_threads: signed(17)?,
+        rss_pages: signed(21)?,
+    })
+}
+
+/// Reads and parses `/proc/<pid>/stat`. `NotFound` when the process is gone (reaped).
+pub fn read_stat(pid: u32) -> io::Result<StatLine> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("cannot parse /proc/{pid}/stat"),
+        )
+    })
+}
+
+/// The live (non-zombie) members of a process group, by scanning `/proc/*/stat`.
+///
+/// Costs one file read per process on the host; use [`group_has_members`] first. The
+/// answer is a snapshot: a member may fork or exit right after. Processes whose stat cannot
+/// be read (they exited during the scan) are skipped. Threads are not listed (only
+/// thread-group leaders appear in `/proc`).
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let name = entry.ok()?.file_name();
+        let pid: u32 = name.to_str()?.parse().ok()?;
+        let st = read_stat(pid).ok()?;
+        (st.pgrp == pgid && !st.is_zombie()).then_some(pid)
+    })
+    .collect()
+}
+
+/// CPU and memory use of one process, from `/proc/<pid>/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ProcStats {
+    /// User + system CPU time of the process itself.
+    pub cpu_seconds: f64,
+    /// User + system CPU time of its children it has reaped.
+    pub children_cpu_seconds: f64,
+    /// Resident set size.
+    pub rss_bytes: u64,
+}
+
+/// `sysconf(_SC_CLK_TCK)`, cached: the unit of the times in `/proc/<pid>/stat`.
+fn clock_ticks() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        // SAFETY: sysconf only reads a configuration value; any name is allowed and an
+        // unknown one returns -1, which is handled below.
+        let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        u64::try_from(v).ok().filter(|&v| v > 0).unwrap_or(100)
+    })
+}
+
+/// `sysconf(_SC_PAGESIZE)`, cached: the unit of `rss` in `/proc/<pid>/stat`.
+fn page_size() -> u64 {
+    static PAGE: OnceLock<u64> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: as in `clock_ticks`: a read of a configuration value, -1 handled below.
+        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        u64::try_from(v).ok().filter(|&v| v > 0).unwrap_or(4096)
+    })
+}
+
+/// CPU time (utime + stime, and the same for reaped children) and resident memory
+/// (rss pages x page size) of one process. `NotFound` when the process is gone.
+pub fn proc_stats(pid: u32) -> io::Result<ProcStats> {
+    let st = read_stat(pid)?;
+    let ticks = clock_ticks() as f64;
+    Ok(ProcStats {
+        cpu_seconds: (st.utime + st.stime) as f64 / ticks,
+        children_cpu_seconds: (st.cutime + st.cstime) as f64 / ticks,
+        rss_bytes: st.rss_pages.saturating_mul(page_size()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A real line from a kernel 6.x /proc/<pid>/stat, comm `sleep`.
+    const SLEEP: &str = "4242 (sleep) S 4241 4241 4000 34816 4241 4194304 95 0 0 0 \
+        7 3 2 1 20 0 1 0 123456 5726208 201 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 \
+        17 1 0 0 0 0 0 0 0 0 0 0 0 0 0";
+
+    #[test]
+    fn parses_a_plain_line() {
+        let st = parse_stat(SLEEP).unwrap();
+        assert_eq!(st.state, 'S');
+        assert_eq!(st.ppid, 4241);
+        assert_eq!(st.pgrp, 4241);
+        assert_eq!((st.utime, st.stime, st.cutime, st.cstime), (7, 3, 2, 1));
+        assert_eq!(st.num_threads, 1);
+        assert_eq!(st.rss_pages, 201);
+        assert!(!st.is_zombie());
+    }
+
+    #[test]
+    fn comm_with_spaces_and_parens_splits_at_the_last_paren() {
+        let line = SLEEP.replace("(sleep) S", "(a) Z 1 2 (x) ) S");
+        let st = parse_stat(&line).unwrap();
+        assert_eq!(st.state, 'S');
+        assert_eq!(st.pgrp, 4241);
+    }
+
+    #[test]
+    fn zombies_are_recognised_unless_threads_live_on() {
+        let z = parse_stat(&SLEEP.replace("(sleep) S", "(sleep) Z")).unwrap();
+        assert!(z.is_zombie());
+        // A zombie leader whose other threads still run: the process is alive.
+        let line = SLEEP.replace(" 20 0 1 0 123456", " 20 0 3 0 123456");
+        let leader = parse_stat(&line.replace("(sleep) S", "(sleep) Z")).unwrap();
+        assert_eq!(leader.num_threads, 3);
+        assert!(!leader.is_zombie());
+    }
+
+    #[test]
+    fn malformed_lines_are_rejected() {
+        assert_eq!(parse_stat(""), None);
+        assert_eq!(parse_stat("12 (x"), None);
+        assert_eq!(parse_stat("12 (x) S 1 2"), None);
+        assert_eq!(parse_stat(&SLEEP.replace("(sleep) S", "(sleep) SS")), None);
+    }
+
+    #[test]
+    fn reads_our_own_stat() {
+        let me = std::process::id();
+        let st = read_stat(me).unwrap();
+        assert_eq!(st.pgrp, getpgid(me).unwrap());
+        assert!(!st.is_zombie());
+        let ps = proc_stats(me).unwrap();
+        assert!(ps.rss_bytes > 0);
+    }
+
+    #[test]
+    fn signals_convert() {
+        assert_eq!(to_rustix_signal(Signal::KILL).unwrap(), rp::Signal::KILL);
+        let rt = Signal::from_number(libc::SIGRTMIN() + 1).unwrap();
+        assert_eq!(to_rustix_signal(rt).unwrap().as_raw(), libc::SIGRTMIN() + 1);
+        if libc::SIGRTMIN() > 32 {
+            assert!(to_rustix_signal(Signal::from_number(32).unwrap()).is_err());
+        }
+    }
+
+    #[test]
+    fn missing_groups_and_pids() {
+        assert!(to_pid(0).is_err());
+        assert!(to_pid(u32::MAX).is_err());
+        // pid_max is at most 2^22, so this group cannot exist.
+        assert!(!group_has_members(i32::MAX.unsigned_abs()));
+        assert!(kill_group(i32::MAX.unsigned_abs(), Signal::TERM).is_ok());
+        assert!(group_members(i32::MAX.unsigned_abs()).is_empty());
+    }
+}
