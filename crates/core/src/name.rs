@@ -60,11 +60,11 @@ pub fn validate(kind: NameKind, name: &str) -> Result<(), NameError> {
     if name.chars().any(char::is_control) {
         return fail("contains a control character");
     }
-    if name.contains('/') {
-        return fail("contains '/'");
-    }
     if name.contains("..") {
         return fail("contains '..'");
+    }
+    if name.contains('/') {
+        return fail("contains '/'");
     }
     if !name
         .chars()

@@ -446,7 +446,7 @@ impl InstanceHandle for ProcessHandle {
         sys::kill_group(self.shared.pgid, signal).map_err(err)?;
         // The main process may have left its group; it still gets the signal.
         match sys::getpgid(self.shared.pid) {
-            Ok(pgid) if pgid != pgid => {
+            Ok(pgid) if pgid != self.shared.pgid => {
                 sys::pidfd_send_signal(&self.pidfd, signal).map_err(err)?;
             }
             _ => {}

@@ -47,21 +47,35 @@ fn systemd_notify_binary_with_pid_is_accepted() {
 #[test]
 fn notify_from_another_instance_is_rejected() {
     let Some(py) = python3() else { return };
-    // `victim` never signals readiness itself; `intruder` finds victim's socket through
-    // the state dir and tries to mark it ready.
+    // `victim` never signals readiness itself; `intruder` finds every notify socket in the
+    // state dir and tries to mark it ready.
     let d = Daemon::start(&[]);
     let victim = "name: victim\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nreadiness: {notify: true, timeout: 3s}\n";
-    let intruder = format!(
-        "name: intruder\ncommand: [{py}, -c, 'import glob,socket,time\\nfor p in glob.glob(\"{}/notify/*.sock\"):\\n  socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b\"READY=1\", p)\\ntime.sleep(1000)']\n",
+    let intruder_py = format!(
+        "import glob, socket, sys, time\nsent = 0\nfor p in glob.glob('{}/notify/*.sock'):\n    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', p)\n    sent += 1\nprint('sent', sent, flush=True)\ntime.sleep(1000)\n",
         d.state.display()
     );
     write_workload(&d.workloads, "victim", victim, &[]);
-    write_workload(&d.workloads, "intruder", &intruder, &[]);
+    write_workload(
+        &d.workloads,
+        "intruder",
+        &format!("name: intruder\ncommand: [{py}, intruder.py]\n"),
+        &[("intruder.py", &intruder_py)],
+    );
     assert!(d.cli(&["reload"]).status.success());
     std::thread::scope(|s| {
         let v = s.spawn(|| d.cli(&["launch", "victim", "-o", "json"]));
         d.wait_event("victim started", |e| e["kind"] == "started" && e["instance"] == "ns:default:victim");
         d.json(&["launch", "intruder", "-o", "json"]);
+        let start = Instant::now();
+        loop {
+            let log = String::from_utf8_lossy(&d.cli(&["logs", "ns:default:intruder"]).stdout).into_owned();
+            if log.contains("sent 1") {
+                break;
+            }
+            assert!(start.elapsed() < DEADLINE, "intruder never sent its message: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let out = v.join().unwrap();
         assert_eq!(out.status.code(), Some(7), "victim must not become ready: {}", stderr(&out));
         assert!(stderr(&out).contains("readiness timeout"), "{}", stderr(&out));
@@ -77,10 +91,15 @@ fn http_and_tcp_probes() {
     let tcp = format!(
         "name: tcpd\ncommand: [{py}, -c, 'import time,os,socket; time.sleep(0.3); s=socket.socket(); s.bind((\"127.0.0.1\", int(os.environ[\"PORT\"]))); s.listen(); time.sleep(1000)']\nreadiness: {{tcp: {{period: 20ms}}, timeout: 30s}}\n"
     );
-    let failing = format!(
-        "name: http500\ncommand: [{py}, -c, 'import os,http.server\\nclass H(http.server.BaseHTTPRequestHandler):\\n  def do_GET(self): self.send_response(500); self.end_headers()\\nhttp.server.HTTPServer((\"127.0.0.1\", int(os.environ[\"PORT\"])), H).serve_forever()']\nreadiness: {{http: {{path: /healthz, period: 20ms}}, timeout: 1s}}\nshutdown: {{grace: 1s}}\n"
+    let h500 = "import os, http.server\n\nclass H(http.server.BaseHTTPRequestHandler):\n    def do_GET(self):\n        self.send_response(500)\n        self.end_headers()\n\nhttp.server.HTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()\n";
+    let d = Daemon::start(&[("httpd", &http), ("tcpd", &tcp)]);
+    write_workload(
+        &d.workloads,
+        "http500",
+        &format!("name: http500\ncommand: [{py}, h500.py]\nreadiness: {{http: {{path: /healthz, period: 20ms}}, timeout: 1s}}\nshutdown: {{grace: 1s}}\n"),
+        &[("h500.py", h500)],
     );
-    let d = Daemon::start(&[("httpd", &http), ("tcpd", &tcp), ("http500", &failing)]);
+    assert!(d.cli(&["reload"]).status.success());
     let h = d.json(&["launch", "httpd", "-o", "json"]);
     assert_eq!(h["state"], "ready");
     let t = d.json(&["launch", "tcpd", "-o", "json"]);
@@ -91,6 +110,8 @@ fn http_and_tcp_probes() {
     let f = d.json(&["get", "ns:default:http500", "-o", "json"]);
     assert_eq!(f["state"], "failed");
     assert!(!alive(f["pid"].as_u64().unwrap() as u32), "a failed launch leaves no process");
+    let log = String::from_utf8_lossy(&d.cli(&["logs", "ns:default:http500"]).stdout).into_owned();
+    assert!(log.contains("\"GET /healthz HTTP/1.1\" 500"), "the probe really reached the server: {log}");
 }
 
 #[test]
