@@ -29,6 +29,5 @@ pub async fn connect(socket: &Path) -> Result<BulkheadClient<Channel>, tonic::tr
             }
         }))
         .await?;
-    Ok(BulkheadClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024))
+    Ok(BulkheadClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }

@@ -9,7 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "bulkhead", version, about)]
 pub struct Cli {
     /// The daemon's API socket.
-    #[arg(long, global = true, env = "BULKHEAD_SOCKET", default_value = ".bulkhead/bulkhead.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "BULKHEAD_SOCKET",
+        default_value = ".bulkhead/bulkhead.sock"
+    )]
     pub socket: PathBuf,
 
     #[command(subcommand)]

@@ -32,7 +32,9 @@ fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
 
 /// Validates an id locally so that a typo gets a clear error without a round trip.
 fn check_id(id: &str) -> anyhow::Result<()> {
-    InstanceId::parse(id).map(drop).map_err(|e| fail(exit::INVALID, e.to_string()))
+    InstanceId::parse(id)
+        .map(drop)
+        .map_err(|e| fail(exit::INVALID, e.to_string()))
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
@@ -43,7 +45,11 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
 }
 
 pub async fn launch(socket: &Path, a: cli::LaunchArgs) -> anyhow::Result<()> {
-    let timeout = a.timeout.as_deref().map(|t| parse_duration("--timeout", t)).transpose()?;
+    let timeout = a
+        .timeout
+        .as_deref()
+        .map(|t| parse_duration("--timeout", t))
+        .transpose()?;
     let wait = match a.wait {
         cli::Wait::None => v1::WaitFor::None,
         cli::Wait::Started => v1::WaitFor::Started,
@@ -98,9 +104,16 @@ pub async fn get(socket: &Path, a: cli::GetArgs) -> anyhow::Result<()> {
 
 pub async fn list(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
-    let list = c.list(v1::ListRequest {}).await.map_err(from_status)?.into_inner().instances;
+    let list = c
+        .list(v1::ListRequest {})
+        .await
+        .map_err(from_status)?
+        .into_inner()
+        .instances;
     match a.output {
-        Format::Json => print_json(&serde_json::Value::Array(list.iter().map(output::instance_json).collect())),
+        Format::Json => print_json(&serde_json::Value::Array(
+            list.iter().map(output::instance_json).collect(),
+        )),
         Format::Text => {
             print!("{}", output::instance_table(&list));
             Ok(())
@@ -110,7 +123,11 @@ pub async fn list(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
 
 pub async fn terminate(socket: &Path, a: cli::TerminateArgs) -> anyhow::Result<()> {
     check_id(&a.id)?;
-    let grace = a.grace.as_deref().map(|g| parse_duration("--grace", g)).transpose()?;
+    let grace = a
+        .grace
+        .as_deref()
+        .map(|g| parse_duration("--grace", g))
+        .transpose()?;
     let mut c = connect(socket).await?;
     let inst = c
         .terminate(v1::TerminateRequest {
@@ -175,7 +192,11 @@ pub async fn logs(socket: &Path, a: cli::LogsArgs) -> anyhow::Result<()> {
 
 pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
-    let h = c.health(v1::HealthRequest {}).await.map_err(from_status)?.into_inner();
+    let h = c
+        .health(v1::HealthRequest {})
+        .await
+        .map_err(from_status)?
+        .into_inner();
     match a.output {
         Format::Json => print_json(&serde_json::json!({
             "status": h.status,
@@ -265,6 +286,11 @@ pub async fn workloads(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> 
 
 pub async fn reload(socket: &Path) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
-    let list = c.reload(v1::ReloadRequest {}).await.map_err(from_status)?.into_inner().workloads;
+    let list = c
+        .reload(v1::ReloadRequest {})
+        .await
+        .map_err(from_status)?
+        .into_inner()
+        .workloads;
     print_workloads(&list, Format::Text)
 }

@@ -55,7 +55,10 @@ pub fn instance_json(i: &v1::Instance) -> Value {
 pub fn exit_text(e: &v1::ExitStatus) -> String {
     match (e.code, e.signal) {
         (Some(c), _) => format!("exit {c}"),
-        (None, Some(s)) => format!("signal {s}{}", if e.core_dumped { " (core dumped)" } else { "" }),
+        (None, Some(s)) => format!(
+            "signal {s}{}",
+            if e.core_dumped { " (core dumped)" } else { "" }
+        ),
         _ => "-".into(),
     }
 }
@@ -88,14 +91,32 @@ pub fn instance_table(list: &[v1::Instance]) -> String {
                 i.id.clone(),
                 i.state.clone(),
                 i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                if i.address.is_empty() { "-".into() } else { i.address.clone() },
+                if i.address.is_empty() {
+                    "-".into()
+                } else {
+                    i.address.clone()
+                },
                 if i.ready { "yes".into() } else { "no".into() },
                 i.restarts.to_string(),
-                i.last_exit.as_ref().map(exit_text).unwrap_or_else(|| "-".into()),
+                i.last_exit
+                    .as_ref()
+                    .map(exit_text)
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    table(&["ID", "STATE", "PID", "ADDRESS", "READY", "RESTARTS", "LAST EXIT"], &rows)
+    table(
+        &[
+            "ID",
+            "STATE",
+            "PID",
+            "ADDRESS",
+            "READY",
+            "RESTARTS",
+            "LAST EXIT",
+        ],
+        &rows,
+    )
 }
 
 pub fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {

@@ -27,15 +27,23 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     // --socket is global; serve honours it too.
     cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
     let daemon = Daemon::start(cfg).await?;
-    daemon.run_until_signalled().await.context("signal handling")?;
+    daemon
+        .run_until_signalled()
+        .await
+        .context("signal handling")?;
     Ok(())
 }
 
 /// `--socket`/`BULKHEAD_SOCKET` when given, else `<state>/bulkhead.sock`.
 fn socket_for_serve(cfg: &Config) -> PathBuf {
     match std::env::args_os().position(|a| a == "--socket") {
-        Some(i) => std::env::args_os().nth(i + 1).map(PathBuf::from).unwrap_or_else(|| cfg.socket.clone()),
-        None => std::env::var_os("BULKHEAD_SOCKET").map(PathBuf::from).unwrap_or_else(|| cfg.socket.clone()),
+        Some(i) => std::env::args_os()
+            .nth(i + 1)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cfg.socket.clone()),
+        None => std::env::var_os("BULKHEAD_SOCKET")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cfg.socket.clone()),
     }
 }
 
@@ -50,7 +58,9 @@ fn default_examples() -> anyhow::Result<PathBuf> {
     if built.is_dir() {
         return Ok(built);
     }
-    anyhow::bail!("no workloads directory given and no examples/workloads here; run `bulkhead up DIR`")
+    anyhow::bail!(
+        "no workloads directory given and no examples/workloads here; run `bulkhead up DIR`"
+    )
 }
 
 pub async fn up(a: UpArgs) -> anyhow::Result<()> {
@@ -86,7 +96,11 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
             eprintln!("invalid workload {}: {err}", e.name);
         }
     }
-    let autostart: Vec<String> = cat.valid().filter(|(_, s)| s.autostart).map(|(_, s)| s.name.clone()).collect();
+    let autostart: Vec<String> = cat
+        .valid()
+        .filter(|(_, s)| s.autostart)
+        .map(|(_, s)| s.name.clone())
+        .collect();
     eprintln!(
         "bulkhead up: {} workloads, autostarting {:?}; API on {} (try: bulkhead --socket {} list); Ctrl-C to stop",
         cat.entries.len(),
@@ -109,7 +123,10 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
             }
         });
     }
-    daemon.run_until_signalled().await.context("signal handling")?;
+    daemon
+        .run_until_signalled()
+        .await
+        .context("signal handling")?;
     // Let the printer show the last events (terminated).
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     printer.abort();

@@ -39,7 +39,13 @@ impl ExitStatus {
     }
 
     pub fn core_dumped(self) -> bool {
-        matches!(self, ExitStatus::Signaled { core_dumped: true, .. })
+        matches!(
+            self,
+            ExitStatus::Signaled {
+                core_dumped: true,
+                ..
+            }
+        )
     }
 }
 

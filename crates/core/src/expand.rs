@@ -90,7 +90,10 @@ mod tests {
     fn unset_and_unterminated_are_errors() {
         assert_eq!(
             expand_argv(&["a".into(), "${NOPE}".into()], &env()),
-            Err(ExpandError::Unset { index: 1, var: "NOPE".into() })
+            Err(ExpandError::Unset {
+                index: 1,
+                var: "NOPE".into()
+            })
         );
         assert_eq!(
             expand_argv(&["${PORT".into()], &env()),

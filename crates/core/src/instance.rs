@@ -145,7 +145,10 @@ pub struct Instance {
 impl Instance {
     /// A new instance. `readiness_timeout` is `None` when the workload has no readiness
     /// checks. Returns the first effects: emit `launched`, spawn.
-    pub fn launch(readiness_timeout: Option<Duration>, shutdown: Shutdown) -> (Instance, Vec<Effect>) {
+    pub fn launch(
+        readiness_timeout: Option<Duration>,
+        shutdown: Shutdown,
+    ) -> (Instance, Vec<Effect>) {
         let inst = Instance {
             state: State::Starting,
             pid: None,
@@ -298,7 +301,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn launch(readiness: bool) -> (Instance, Vec<Effect>) {
-        Instance::launch(readiness.then_some(Duration::from_secs(5)), Shutdown::default())
+        Instance::launch(
+            readiness.then_some(Duration::from_secs(5)),
+            Shutdown::default(),
+        )
     }
 
     fn events(fx: &[Effect]) -> Vec<&'static str> {
@@ -319,8 +325,14 @@ mod tests {
         assert_eq!(i.state(), State::Ready);
         let fx = i.handle(Input::Terminate { grace: None });
         assert_eq!(i.state(), State::Stopping);
-        assert!(fx.contains(&Effect::Stop { signal: Signal::TERM, grace: Duration::from_secs(10) }));
-        let st = ExitStatus::Signaled { signal: 15, core_dumped: false };
+        assert!(fx.contains(&Effect::Stop {
+            signal: Signal::TERM,
+            grace: Duration::from_secs(10)
+        }));
+        let st = ExitStatus::Signaled {
+            signal: 15,
+            core_dumped: false,
+        };
         let fx = i.handle(Input::Exited(st));
         assert_eq!(fx, vec![Effect::Emit(EventKind::Terminated { status: st })]);
         assert_eq!(i.state(), State::Terminated);
@@ -331,13 +343,27 @@ mod tests {
     fn readiness_then_crash_keeps_signal_and_core() {
         let (mut i, _) = launch(true);
         let fx = i.handle(Input::Spawned { pid: Some(7) });
-        assert_eq!(fx[1], Effect::StartReadiness { timeout: Duration::from_secs(5) });
+        assert_eq!(
+            fx[1],
+            Effect::StartReadiness {
+                timeout: Duration::from_secs(5)
+            }
+        );
         assert_eq!(i.state(), State::Starting);
         i.handle(Input::ReadinessPassed);
         assert_eq!(i.state(), State::Ready);
-        let st = ExitStatus::Signaled { signal: 11, core_dumped: true };
+        let st = ExitStatus::Signaled {
+            signal: 11,
+            core_dumped: true,
+        };
         let fx = i.handle(Input::Exited(st));
-        assert_eq!(fx, vec![Effect::Emit(EventKind::Crashed { signal: 11, core_dumped: true })]);
+        assert_eq!(
+            fx,
+            vec![Effect::Emit(EventKind::Crashed {
+                signal: 11,
+                core_dumped: true
+            })]
+        );
         assert_eq!(i.state(), State::Crashed);
     }
 
@@ -358,7 +384,10 @@ mod tests {
         let fx = i.handle(Input::ReadinessTimedOut);
         assert_eq!(events(&fx), vec!["launch_failed", "terminating"]);
         assert_eq!(i.state(), State::Stopping);
-        i.handle(Input::Exited(ExitStatus::Signaled { signal: 15, core_dumped: false }));
+        i.handle(Input::Exited(ExitStatus::Signaled {
+            signal: 15,
+            core_dumped: false,
+        }));
         assert_eq!(i.state(), State::Failed);
         assert!(i.failure().unwrap().contains("readiness timeout of 5s"));
     }
@@ -366,16 +395,25 @@ mod tests {
     #[test]
     fn terminate_during_spawn_is_carried_out_after_it() {
         let (mut i, _) = launch(true);
-        assert!(i.handle(Input::Terminate { grace: Some(Duration::from_millis(5)) }).is_empty());
+        assert!(i
+            .handle(Input::Terminate {
+                grace: Some(Duration::from_millis(5))
+            })
+            .is_empty());
         let fx = i.handle(Input::Spawned { pid: Some(9) });
         assert_eq!(events(&fx), vec!["started", "terminating"]);
-        assert!(fx.contains(&Effect::Stop { signal: Signal::TERM, grace: Duration::from_millis(5) }));
+        assert!(fx.contains(&Effect::Stop {
+            signal: Signal::TERM,
+            grace: Duration::from_millis(5)
+        }));
     }
 
     #[test]
     fn spawn_failure() {
         let (mut i, _) = launch(false);
-        let fx = i.handle(Input::SpawnFailed { reason: "no such file".into() });
+        let fx = i.handle(Input::SpawnFailed {
+            reason: "no such file".into(),
+        });
         assert_eq!(events(&fx), vec!["launch_failed"]);
         assert_eq!(i.state(), State::Failed);
         assert_eq!(i.failure(), Some("spawn failed: no such file"));
@@ -391,7 +429,10 @@ mod tests {
     fn any_status() -> impl Strategy<Value = ExitStatus> {
         prop_oneof![
             (-1i32..256).prop_map(|code| ExitStatus::Exited { code }),
-            (1i32..65, any::<bool>()).prop_map(|(signal, core_dumped)| ExitStatus::Signaled { signal, core_dumped }),
+            (1i32..65, any::<bool>()).prop_map(|(signal, core_dumped)| ExitStatus::Signaled {
+                signal,
+                core_dumped
+            }),
         ]
     }
 
@@ -402,7 +443,9 @@ mod tests {
             Just(Input::ReadinessPassed),
             Just(Input::ReadinessTimedOut),
             any_status().prop_map(Input::Exited),
-            proptest::option::of(0u64..10_000).prop_map(|g| Input::Terminate { grace: g.map(Duration::from_millis) }),
+            proptest::option::of(0u64..10_000).prop_map(|g| Input::Terminate {
+                grace: g.map(Duration::from_millis)
+            }),
         ]
     }
 

@@ -253,11 +253,17 @@ mod tests {
         ));
         assert!(matches!(
             Key::new("w", Isolation::None, None, Some("s")),
-            Err(KeyError::NotApplicable { given: "session", .. })
+            Err(KeyError::NotApplicable {
+                given: "session",
+                ..
+            })
         ));
         assert!(matches!(
             Key::new("w", Isolation::Namespace, None, Some("s")),
-            Err(KeyError::NotApplicable { given: "session", .. })
+            Err(KeyError::NotApplicable {
+                given: "session",
+                ..
+            })
         ));
         assert!(matches!(
             Key::new("w", Isolation::Namespace, Some("../x"), None),
@@ -267,7 +273,16 @@ mod tests {
 
     #[test]
     fn parse_rejects_garbage() {
-        for s in ["", "web", "shared:", "shared:a:b", "ns:a", "pod:a:b", "ns:a/b:c", "ns:..:c"] {
+        for s in [
+            "",
+            "web",
+            "shared:",
+            "shared:a:b",
+            "ns:a",
+            "pod:a:b",
+            "ns:a/b:c",
+            "ns:..:c",
+        ] {
             assert!(InstanceId::parse(s).is_err(), "{s:?}");
         }
     }

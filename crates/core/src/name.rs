@@ -81,7 +81,12 @@ pub fn validate(kind: NameKind, name: &str) -> Result<(), NameError> {
 /// A short, escaped rendering of untrusted input for error messages.
 pub fn show(s: &str) -> String {
     const LIMIT: usize = 64;
-    let mut out: String = s.chars().take(LIMIT).collect::<String>().escape_debug().collect();
+    let mut out: String = s
+        .chars()
+        .take(LIMIT)
+        .collect::<String>()
+        .escape_debug()
+        .collect();
     if s.chars().count() > LIMIT {
         out.push_str("...");
     }
@@ -120,7 +125,10 @@ mod tests {
         }
         let long = "a".repeat(4096);
         let err = validate(NameKind::Namespace, &long).unwrap_err();
-        assert!(err.to_string().len() < 200, "error message stays short: {err}");
+        assert!(
+            err.to_string().len() < 200,
+            "error message stays short: {err}"
+        );
     }
 
     #[test]

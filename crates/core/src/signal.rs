@@ -50,7 +50,10 @@ impl Signal {
         }
         let up = s.to_ascii_uppercase();
         let bare = up.strip_prefix("SIG").unwrap_or(&up);
-        TABLE.iter().find(|(n, _)| *n == bare).map(|(_, v)| Signal(*v))
+        TABLE
+            .iter()
+            .find(|(n, _)| *n == bare)
+            .map(|(_, v)| Signal(*v))
     }
 
     pub fn number(self) -> i32 {
@@ -81,9 +84,8 @@ impl<'de> Deserialize<'de> for Signal {
                 f.write_str("a signal name like SIGTERM or a number from 1 to 64")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Signal, E> {
-                Signal::parse(v).ok_or_else(|| {
-                    E::custom(format!("unknown signal {}", crate::name::show(v)))
-                })
+                Signal::parse(v)
+                    .ok_or_else(|| E::custom(format!("unknown signal {}", crate::name::show(v))))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Signal, E> {
                 i32::try_from(v)

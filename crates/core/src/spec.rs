@@ -230,7 +230,8 @@ impl<'de> Deserialize<'de> for ExecProbe {
                 f.write_str("an argv list, or a map with `command` and probe timing")
             }
             fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<ExecProbe, A::Error> {
-                let command = Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+                let command =
+                    Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
                 Ok(ExecProbe {
                     command,
                     timing: ProbeTiming::default(),
@@ -461,7 +462,10 @@ pub fn parse_manifest(file: &str, folder: &str, text: &str) -> Result<WorkloadSp
     if text.len() > MAX_MANIFEST_BYTES {
         return Err(err(
             None,
-            format!("is {} bytes, more than the limit of {MAX_MANIFEST_BYTES}", text.len()),
+            format!(
+                "is {} bytes, more than the limit of {MAX_MANIFEST_BYTES}",
+                text.len()
+            ),
         ));
     }
     let spec: WorkloadSpec = serde_saphyr::from_str(text).map_err(|e| {
@@ -491,7 +495,10 @@ impl WorkloadSpec {
             return fail("name", e.reason.to_owned());
         }
         if self.command.is_empty() {
-            return fail("command", "must name a program (an argv list, not empty)".into());
+            return fail(
+                "command",
+                "must name a program (an argv list, not empty)".into(),
+            );
         }
         for (i, arg) in self.command.iter().enumerate() {
             if arg.contains('\0') {
@@ -518,7 +525,10 @@ impl WorkloadSpec {
                 return fail(&field, "value contains a NUL byte".into());
             }
             if RESERVED_ENV.contains(&k.as_str()) {
-                return fail(&field, format!("{k} is set by bulkhead and cannot be overridden"));
+                return fail(
+                    &field,
+                    format!("{k} is set by bulkhead and cannot be overridden"),
+                );
             }
         }
         if let Some(r) = &self.readiness {
@@ -563,7 +573,10 @@ impl WorkloadSpec {
             return fail("restart.backoff.jitter", "must be between 0 and 1".into());
         }
         if b.initial > b.max {
-            return fail("restart.backoff.initial", "must not be greater than restart.backoff.max".into());
+            return fail(
+                "restart.backoff.initial",
+                "must not be greater than restart.backoff.max".into(),
+            );
         }
         if self.restart.max_failures == 0 {
             return fail("restart.max_failures", "must be at least 1".into());
@@ -662,7 +675,10 @@ restart:
 
     #[test]
     fn exec_probe_long_form() {
-        let s = parse("name: web\ncommand: [x]\nreadiness:\n  exec: {command: [./check], period: 1s}\n").unwrap();
+        let s = parse(
+            "name: web\ncommand: [x]\nreadiness:\n  exec: {command: [./check], period: 1s}\n",
+        )
+        .unwrap();
         let e = s.readiness.unwrap().exec.unwrap();
         assert_eq!(e.command, vec!["./check"]);
         assert_eq!(e.timing.period, Duration::from_secs(1));
@@ -679,7 +695,10 @@ restart:
         assert!(e.contains("bogus"), "{e}");
 
         let e = error_of("name: web\ncommand: []\n");
-        assert_eq!(e, "w/web/manifest.yaml: field `command`: must name a program (an argv list, not empty)");
+        assert_eq!(
+            e,
+            "w/web/manifest.yaml: field `command`: must name a program (an argv list, not empty)"
+        );
 
         let e = error_of("name: other\ncommand: [x]\n");
         assert!(e.contains("field `name`") && e.contains("folder"), "{e}");
@@ -720,7 +739,10 @@ restart:
 
     #[test]
     fn hostile_manifests_are_rejected_not_panicked_on() {
-        let big = format!("name: web\ncommand: [x]\ndescription: {}\n", "a".repeat(MAX_MANIFEST_BYTES));
+        let big = format!(
+            "name: web\ncommand: [x]\ndescription: {}\n",
+            "a".repeat(MAX_MANIFEST_BYTES)
+        );
         assert!(error_of(&big).contains("limit"));
         let bomb = "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: [*e,*e,*e,*e,*e,*e,*e,*e,*e]\n";
         assert!(parse(bomb).is_err());

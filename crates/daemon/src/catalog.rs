@@ -42,7 +42,10 @@ impl Catalog {
         let rd = match std::fs::read_dir(dir) {
             Ok(rd) => rd,
             Err(e) => {
-                cat.error = Some(format!("cannot read workloads directory {}: {e}", dir.display()));
+                cat.error = Some(format!(
+                    "cannot read workloads directory {}: {e}",
+                    dir.display()
+                ));
                 return cat;
             }
         };
@@ -81,10 +84,16 @@ impl Catalog {
     }
 }
 
-fn load(manifest: &Path, folder: &str, drivers: &[DriverKind]) -> Result<Arc<WorkloadSpec>, String> {
+fn load(
+    manifest: &Path,
+    folder: &str,
+    drivers: &[DriverKind],
+) -> Result<Arc<WorkloadSpec>, String> {
     let shown = manifest.display().to_string();
     if let Err(e) = name::validate(NameKind::Workload, folder) {
-        return Err(format!("{shown}: the folder name is not a valid workload name: {e}"));
+        return Err(format!(
+            "{shown}: the folder name is not a valid workload name: {e}"
+        ));
     }
     let mut text = String::new();
     let f = std::fs::File::open(manifest).map_err(|e| format!("{shown}: cannot open: {e}"))?;
@@ -131,6 +140,9 @@ mod tests {
     #[test]
     fn missing_directory_is_reported() {
         let cat = Catalog::scan(Path::new("/nonexistent/bulkhead"), &[DriverKind::Process]);
-        assert!(cat.error.unwrap().contains("cannot read workloads directory"));
+        assert!(cat
+            .error
+            .unwrap()
+            .contains("cannot read workloads directory"));
     }
 }

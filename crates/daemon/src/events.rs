@@ -79,7 +79,12 @@ impl EventLog {
     /// History after `since` and a receiver for everything newer, with no gap between.
     pub fn subscribe(&self, since: u64) -> (Vec<Event>, broadcast::Receiver<Event>) {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let history = inner.ring.iter().filter(|e| e.id > since).cloned().collect();
+        let history = inner
+            .ring
+            .iter()
+            .filter(|e| e.id > since)
+            .cloned()
+            .collect();
         // Subscribing while holding the lock: no event can be published in between.
         (history, self.tx.subscribe())
     }
@@ -89,7 +94,12 @@ impl EventLog {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match inner.ring.front() {
             Some(first) if first.id > since + 1 => Err(Lost { after: since }),
-            _ => Ok(inner.ring.iter().filter(|e| e.id > since).cloned().collect()),
+            _ => Ok(inner
+                .ring
+                .iter()
+                .filter(|e| e.id > since)
+                .cloned()
+                .collect()),
         }
     }
 }

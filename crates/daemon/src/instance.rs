@@ -90,14 +90,23 @@ impl Slot {
     }
 
     pub fn stats(&self) -> Option<bulkhead_driver::Stats> {
-        let h = self.handle.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let h = self
+            .handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
         h.stats().ok()
     }
 }
 
 /// Creates the slot and starts its actor. Called with the registry lock held, so it must
 /// not block: the port, the notify socket and the spawn all happen in the actor.
-pub(crate) fn start(sh: &Arc<Shared>, key: Key, spec: Arc<WorkloadSpec>, dir: PathBuf) -> Arc<Slot> {
+pub(crate) fn start(
+    sh: &Arc<Shared>,
+    key: Key,
+    spec: Arc<WorkloadSpec>,
+    dir: PathBuf,
+) -> Arc<Slot> {
     let id = key.instance_id();
     let view = View {
         id: id.clone(),
@@ -119,7 +128,11 @@ pub(crate) fn start(sh: &Arc<Shared>, key: Key, spec: Arc<WorkloadSpec>, dir: Pa
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let slot = Arc::new(Slot {
-        log: Arc::new(LogFile::new(&sh.logs_dir(), id.file_stem(), sh.cfg.log_max_bytes)),
+        log: Arc::new(LogFile::new(
+            &sh.logs_dir(),
+            id.file_stem(),
+            sh.cfg.log_max_bytes,
+        )),
         id,
         key,
         spec,
@@ -154,7 +167,8 @@ impl Readiness {
 
 async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let spec = slot.spec.clone();
-    let (mut inst, first) = Instance::launch(spec.readiness.as_ref().map(|r| r.timeout), spec.shutdown);
+    let (mut inst, first) =
+        Instance::launch(spec.readiness.as_ref().map(|r| r.timeout), spec.shutdown);
     let mut queue: VecDeque<Effect> = first.into();
     let mut handle: Option<Arc<dyn InstanceHandle>> = None;
     let mut env: Vec<(String, String)> = Vec::new();
@@ -177,14 +191,16 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
                     let input = match result {
                         Ok((spawned, notify)) => {
                             let pid = spawned.handle.pid();
-                            slot.log.attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
+                            slot.log
+                                .attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
                             if let (Some(sock), Some(main)) = (notify, pid) {
                                 let tx = ntx.clone();
                                 notify_task = Some(tokio::spawn(
                                     sock.run(move |p| readiness::pid_in_group(p, main), tx),
                                 ));
                             }
-                            *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(spawned.handle.clone());
+                            *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(spawned.handle.clone());
                             handle = Some(spawned.handle);
                             started_at_ms = crate::events::now_ms();
                             Input::Spawned { pid }
@@ -196,7 +212,10 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
                 Effect::StartReadiness { timeout } => {
                     ready.active = true;
                     ready.deadline = Some(Box::pin(tokio::time::sleep(timeout)));
-                    let r = spec.readiness.as_ref().expect("readiness effect implies a readiness section");
+                    let r = spec
+                        .readiness
+                        .as_ref()
+                        .expect("readiness effect implies a readiness section");
                     if r.notify {
                         ready.pending.push("notify");
                     }
@@ -307,15 +326,26 @@ async fn spawn(
         .get(&spec.driver)
         .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))?
         .clone();
-    *port = sh.ports.allocate().map_err(|e| format!("cannot allocate a port: {e}"))?;
+    *port = sh
+        .ports
+        .allocate()
+        .map_err(|e| format!("cannot allocate a port: {e}"))?;
     let notify = match &spec.readiness {
         Some(r) if r.notify => {
             let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));
-            Some(NotifySocket::bind(&path).map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))?)
+            Some(
+                NotifySocket::bind(&path)
+                    .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))?,
+            )
         }
         _ => None,
     };
-    *env = instance_env(sh, slot, *port, notify.as_ref().map(|n| n.path().display().to_string()));
+    *env = instance_env(
+        sh,
+        slot,
+        *port,
+        notify.as_ref().map(|n| n.path().display().to_string()),
+    );
     let argv = resolve_argv(slot, env)?;
     let spawned = driver
         .spawn(SpawnSpec {
@@ -331,11 +361,18 @@ async fn spawn(
 }
 
 /// Variables passed through from the daemon's own environment.
-const PASS_THROUGH: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR"];
+const PASS_THROUGH: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
+];
 
 /// The instance environment: a few variables from the daemon, the manifest's `env`, then
 /// bulkhead's own (which a manifest cannot override).
-fn instance_env(sh: &Shared, slot: &Slot, port: u16, notify: Option<String>) -> Vec<(String, String)> {
+fn instance_env(
+    sh: &Shared,
+    slot: &Slot,
+    port: u16,
+    notify: Option<String>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = PASS_THROUGH
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
@@ -348,8 +385,14 @@ fn instance_env(sh: &Shared, slot: &Slot, port: u16, notify: Option<String>) -> 
     env.push(("PORT".into(), port.to_string()));
     env.push(("BULKHEAD_INSTANCE".into(), slot.id.to_string()));
     env.push(("BULKHEAD_WORKLOAD".into(), slot.key.workload().to_owned()));
-    env.push(("BULKHEAD_NAMESPACE".into(), slot.key.namespace().unwrap_or("").to_owned()));
-    env.push(("BULKHEAD_SESSION".into(), slot.key.session().unwrap_or("").to_owned()));
+    env.push((
+        "BULKHEAD_NAMESPACE".into(),
+        slot.key.namespace().unwrap_or("").to_owned(),
+    ));
+    env.push((
+        "BULKHEAD_SESSION".into(),
+        slot.key.session().unwrap_or("").to_owned(),
+    ));
     if let Some(n) = notify {
         env.push(("NOTIFY_SOCKET".into(), n));
     }
@@ -361,7 +404,11 @@ fn resolve_argv(slot: &Slot, env: &[(String, String)]) -> Result<Vec<String>, St
     resolve_command(slot, &slot.spec.command, env)
 }
 
-fn resolve_command(slot: &Slot, command: &[String], env: &[(String, String)]) -> Result<Vec<String>, String> {
+fn resolve_command(
+    slot: &Slot,
+    command: &[String],
+    env: &[(String, String)],
+) -> Result<Vec<String>, String> {
     let mut argv = expand_argv(command, env).map_err(|e| e.to_string())?;
     if argv[0].contains('/') && !argv[0].starts_with('/') {
         argv[0] = slot.dir.join(&argv[0]).display().to_string();
@@ -386,7 +433,12 @@ fn probes(
         ));
     }
     if let Some(t) = &r.tcp {
-        out.push((Check::Tcp { port: t.port.unwrap_or(port) }, t.timing()));
+        out.push((
+            Check::Tcp {
+                port: t.port.unwrap_or(port),
+            },
+            t.timing(),
+        ));
     }
     if let Some(e) = &r.exec {
         match resolve_command(slot, &e.command, env) {

@@ -91,7 +91,10 @@ pub struct Shared {
 impl Shared {
     pub(crate) fn new(cfg: Config) -> Shared {
         let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
-        drivers.insert(DriverKind::Process, Arc::new(bulkhead_driver::process::ProcessDriver::new()));
+        drivers.insert(
+            DriverKind::Process,
+            Arc::new(bulkhead_driver::process::ProcessDriver::new()),
+        );
         Shared {
             cfg,
             catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
@@ -124,12 +127,18 @@ impl Shared {
     }
 
     pub fn catalog(&self) -> Arc<catalog::Catalog> {
-        self.catalog.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Rescans the workloads directory and swaps the catalog in.
     pub fn reload(&self) -> Arc<catalog::Catalog> {
-        let cat = Arc::new(catalog::Catalog::scan(&self.cfg.workloads_dir, &self.drivers()));
+        let cat = Arc::new(catalog::Catalog::scan(
+            &self.cfg.workloads_dir,
+            &self.drivers(),
+        ));
         if let Some(e) = &cat.error {
             tracing::warn!("{e}");
         }
@@ -163,15 +172,26 @@ impl Shared {
     /// Launches the instance of a key, or returns the live one. Returns the instance once
     /// `wait` is met, and whether this call created it.
     pub async fn launch(self: &Arc<Self>, args: LaunchArgs) -> Result<(View, bool), LaunchError> {
+        // A hostile name is an invalid request, not a missing workload.
+        bulkhead_core::name::validate(bulkhead_core::name::NameKind::Workload, &args.workload)
+            .map_err(KeyError::from)?;
         let catalog = self.catalog();
         let entry = catalog
             .get(&args.workload)
             .ok_or_else(|| LaunchError::UnknownWorkload(args.workload.clone()))?;
-        let spec = entry.spec.clone().map_err(|error| LaunchError::InvalidWorkload {
-            name: entry.name.clone(),
-            error,
-        })?;
-        let key = Key::new(&args.workload, spec.isolation, args.namespace.as_deref(), args.session.as_deref())?;
+        let spec = entry
+            .spec
+            .clone()
+            .map_err(|error| LaunchError::InvalidWorkload {
+                name: entry.name.clone(),
+                error,
+            })?;
+        let key = Key::new(
+            &args.workload,
+            spec.isolation,
+            args.namespace.as_deref(),
+            args.session.as_deref(),
+        )?;
         let id = key.instance_id();
         let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
         let (slot, created) = loop {
@@ -184,7 +204,8 @@ impl Shared {
                     Some(s) if s.view.borrow().state == State::Stopping => s.subscribe(),
                     Some(s) if !s.view.borrow().state.is_terminal() => break (s.clone(), false),
                     _ => {
-                        let slot = instance::start(self, key.clone(), spec.clone(), entry.dir.clone());
+                        let slot =
+                            instance::start(self, key.clone(), spec.clone(), entry.dir.clone());
                         reg.insert(id.clone(), slot.clone());
                         break (slot, true);
                     }
@@ -218,7 +239,10 @@ impl Shared {
         let slot = self.get(id)?;
         let mut rx = slot.subscribe();
         slot.terminate(grace);
-        let v = rx.wait_for(|v| v.state.is_terminal()).await.map(|v| v.clone());
+        let v = rx
+            .wait_for(|v| v.state.is_terminal())
+            .await
+            .map(|v| v.clone());
         Some(v.unwrap_or_else(|_| slot.view()))
     }
 
@@ -257,7 +281,10 @@ async fn wait_for(
     let judge = |v: &View| -> Option<Result<(), String>> {
         let failed = || {
             Err(v.failure.clone().unwrap_or_else(|| match v.last_exit {
-                Some(st) => format!("instance ended ({}, {st}) before it was ready", v.state.as_str()),
+                Some(st) => format!(
+                    "instance ended ({}, {st}) before it was ready",
+                    v.state.as_str()
+                ),
                 None => format!("instance is {} and will not become ready", v.state.as_str()),
             }))
         };
@@ -267,7 +294,9 @@ async fn wait_for(
             WaitFor::Started if v.failure.is_some() || v.state.is_terminal() => Some(failed()),
             WaitFor::Started => None,
             WaitFor::Ready if v.ready => Some(Ok(())),
-            WaitFor::Ready if v.failure.is_some() || v.state.is_terminal() || v.state == State::Stopping => {
+            WaitFor::Ready
+                if v.failure.is_some() || v.state.is_terminal() || v.state == State::Stopping =>
+            {
                 Some(failed())
             }
             WaitFor::Ready => None,
@@ -282,7 +311,11 @@ async fn wait_for(
                 let v = slot.view();
                 return Err(LaunchError::Timeout {
                     id: slot.id.clone(),
-                    what: if wait == WaitFor::Ready { "ready" } else { "started" },
+                    what: if wait == WaitFor::Ready {
+                        "ready"
+                    } else {
+                        "started"
+                    },
                     waited: timeout,
                     state: v.state.as_str(),
                 });
@@ -314,7 +347,12 @@ impl Ports {
         for _ in 0..64 {
             let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
             let port = l.local_addr()?.port();
-            if self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            if self
+                .used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(port)
+            {
                 return Ok(port);
             }
         }
@@ -323,7 +361,10 @@ impl Ports {
 
     pub(crate) fn release(&self, port: u16) {
         if port != 0 {
-            self.used.lock().unwrap_or_else(|e| e.into_inner()).remove(&port);
+            self.used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&port);
         }
     }
 }

@@ -110,13 +110,21 @@ impl LogFile {
     pub fn write(&self, chunk: &[u8]) -> io::Result<()> {
         let mut inner = self.lock();
         if inner.file.is_none() {
-            let f = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
             inner.size = f.metadata()?.len();
             inner.file = Some(f);
         }
         if inner.size > 0 && inner.size + chunk.len() as u64 > self.max_bytes {
             std::fs::rename(&self.path, self.rotated())?;
-            inner.file = Some(OpenOptions::new().create(true).append(true).open(&self.path)?);
+            inner.file = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
             inner.size = 0;
         }
         // Small appends to the page cache; fast enough to do inline.
@@ -140,7 +148,11 @@ impl LogFile {
             let want_prev = if tail == 0 { u64::MAX } else { tail - cur_len };
             read_tail(&self.rotated(), want_prev, &mut data)?;
         }
-        read_tail(&self.path, if tail == 0 { u64::MAX } else { tail }, &mut data)?;
+        read_tail(
+            &self.path,
+            if tail == 0 { u64::MAX } else { tail },
+            &mut data,
+        )?;
         Ok(Snapshot {
             data,
             live: inner.tx.as_ref().map(|tx| tx.subscribe()),
@@ -178,7 +190,11 @@ mod tests {
         assert!(cur <= 4096);
         assert!(log.rotated().exists());
         let all = log.snapshot(0).unwrap().data;
-        assert!(all.len() as u64 <= 8192 && all.len() >= 4096, "{}", all.len());
+        assert!(
+            all.len() as u64 <= 8192 && all.len() >= 4096,
+            "{}",
+            all.len()
+        );
         assert_eq!(log.snapshot(1500).unwrap().data.len(), 1500);
         assert!(log.snapshot(0).unwrap().live.is_none());
     }

@@ -84,8 +84,13 @@ impl NotifySocket {
                     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
                     let mut control = RecvAncillaryBuffer::new(&mut space);
                     let mut iov = [IoSliceMut::new(&mut data)];
-                    let msg = rustix::net::recvmsg(&self.sock, &mut iov, &mut control, RecvFlags::DONTWAIT)
-                        .map_err(std::io::Error::from)?;
+                    let msg = rustix::net::recvmsg(
+                        &self.sock,
+                        &mut iov,
+                        &mut control,
+                        RecvFlags::DONTWAIT,
+                    )
+                    .map_err(std::io::Error::from)?;
                     let mut pid = None;
                     for c in control.drain() {
                         if let RecvAncillaryMessage::ScmCredentials(cred) = c {
@@ -103,7 +108,10 @@ impl NotifySocket {
                 }
             };
             let Some(pid) = pid else {
-                tracing::warn!("notify socket {}: message without credentials dropped", self.path.display());
+                tracing::warn!(
+                    "notify socket {}: message without credentials dropped",
+                    self.path.display()
+                );
                 continue;
             };
             if !owns(pid) {
@@ -116,7 +124,10 @@ impl NotifySocket {
             let msg = NotifyMsg::parse(&data[..n.min(data.len())]);
             if let Some(mp) = msg.main_pid {
                 if !owns(mp) {
-                    tracing::warn!("notify socket {}: MAINPID={mp} is not part of the instance, ignored", self.path.display());
+                    tracing::warn!(
+                        "notify socket {}: MAINPID={mp} is not part of the instance, ignored",
+                        self.path.display()
+                    );
                 }
             }
             if tx.send(msg).is_err() {
@@ -147,9 +158,18 @@ pub fn pid_in_group(pid: u32, main: u32) -> bool {
 /// One probe check.
 #[derive(Debug, Clone)]
 pub enum Check {
-    Http { port: u16, path: String },
-    Tcp { port: u16 },
-    Exec { argv: Vec<String>, env: Vec<(String, String)>, cwd: PathBuf },
+    Http {
+        port: u16,
+        path: String,
+    },
+    Tcp {
+        port: u16,
+    },
+    Exec {
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: PathBuf,
+    },
 }
 
 impl Check {
@@ -195,7 +215,9 @@ impl Check {
 /// `GET` over HTTP/1.1; a status from 200 to 399 passes (as in Kubernetes).
 async fn http_get(port: u16, path: &str) -> Result<(), String> {
     let fail = |e: &dyn std::fmt::Display| format!("http 127.0.0.1:{port}{path}: {e}");
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| fail(&e))?;
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| fail(&e))?;
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: bulkhead-probe\r\nConnection: close\r\n\r\n"
     );
@@ -285,7 +307,10 @@ mod tests {
         let task = tokio::spawn(sock.run(move |pid| pid == me, tx));
         let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
         client.send_to(b"READY=1", &path).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(got.ready);
         task.abort();
         let _ = task.await;
@@ -301,7 +326,9 @@ mod tests {
         let task = tokio::spawn(sock.run(|pid| pid == 1, tx));
         let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
         client.send_to(b"READY=1", &path).unwrap();
-        assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv()).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err());
         task.abort();
     }
 

@@ -33,7 +33,11 @@ pub struct Config {
 
 impl Config {
     /// Defaults: state in `./.bulkhead`, socket `<state>/bulkhead.sock`.
-    pub fn new(workloads_dir: PathBuf, state_dir: Option<PathBuf>, socket: Option<PathBuf>) -> Config {
+    pub fn new(
+        workloads_dir: PathBuf,
+        state_dir: Option<PathBuf>,
+        socket: Option<PathBuf>,
+    ) -> Config {
         // Absolute: instances run in their own folders and get paths under the state dir
         // (the notify socket) in their environment.
         let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
@@ -86,7 +90,11 @@ impl Daemon {
             let path = path.to_owned();
             move |source| StartError::StateDir { path, source }
         };
-        for dir in [cfg.state_dir.clone(), cfg.state_dir.join("logs"), cfg.state_dir.join("notify")] {
+        for dir in [
+            cfg.state_dir.clone(),
+            cfg.state_dir.join("logs"),
+            cfg.state_dir.join("notify"),
+        ] {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -162,7 +170,10 @@ impl Daemon {
         if let Some(s) = self.server.take() {
             // Streams (watch --follow, logs --follow) would keep a graceful shutdown open
             // forever; give them a moment, then stop.
-            if tokio::time::timeout(std::time::Duration::from_secs(2), s).await.is_err() {
+            if tokio::time::timeout(std::time::Duration::from_secs(2), s)
+                .await
+                .is_err()
+            {
                 tracing::debug!("API server did not drain in time");
             }
         }
@@ -185,7 +196,10 @@ impl Daemon {
                 }
             }
         }
-        tracing::info!("shutting down: terminating {} instances", self.shared.live_count());
+        tracing::info!(
+            "shutting down: terminating {} instances",
+            self.shared.live_count()
+        );
         self.shutdown().await;
         Ok(())
     }

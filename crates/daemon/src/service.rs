@@ -65,7 +65,11 @@ pub fn instance_proto(v: &View) -> v1::Instance {
         driver: v.driver.as_str().to_owned(),
         state: v.state.as_str().to_owned(),
         pid: v.pid,
-        address: if v.port == 0 { String::new() } else { v.address() },
+        address: if v.port == 0 {
+            String::new()
+        } else {
+            v.address()
+        },
         ready: v.ready,
         restarts: v.restarts,
         started_at_ms: v.started_at_ms,
@@ -93,7 +97,10 @@ pub fn event_proto(e: &Event) -> v1::Event {
         EventKind::Started { pid } => p.pid = *pid,
         EventKind::LaunchFailed { reason } => p.reason = Some(reason.clone()),
         EventKind::Exited { exit_code } => p.exit_code = Some(*exit_code),
-        EventKind::Crashed { signal, core_dumped } => {
+        EventKind::Crashed {
+            signal,
+            core_dumped,
+        } => {
             p.signal = Some(*signal);
             p.core_dumped = Some(*core_dumped);
         }
@@ -141,13 +148,21 @@ pub(crate) fn workloads_proto(sh: &Shared) -> v1::ListWorkloadsResponse {
 
 #[tonic::async_trait]
 impl bulkhead_api::Bulkhead for Service {
-    async fn launch(&self, req: Request<v1::LaunchRequest>) -> Result<Response<v1::LaunchResponse>, Status> {
+    async fn launch(
+        &self,
+        req: Request<v1::LaunchRequest>,
+    ) -> Result<Response<v1::LaunchResponse>, Status> {
         let r = req.into_inner();
         let wait = match v1::WaitFor::try_from(r.wait) {
             Ok(v1::WaitFor::None) => WaitFor::Nothing,
             Ok(v1::WaitFor::Started) => WaitFor::Started,
             Ok(v1::WaitFor::Ready) => WaitFor::Ready,
-            Err(_) => return Err(Status::invalid_argument(format!("unknown wait value {}", r.wait))),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown wait value {}",
+                    r.wait
+                )))
+            }
         };
         if r.workload.is_empty() {
             return Err(Status::invalid_argument("a workload name is required"));
@@ -157,7 +172,8 @@ impl bulkhead_api::Bulkhead for Service {
             namespace: opt(r.namespace),
             session: opt(r.session),
             wait,
-            timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.min(7 * 24 * 3600 * 1000))),
+            timeout: (r.timeout_ms > 0)
+                .then(|| Duration::from_millis(r.timeout_ms.min(7 * 24 * 3600 * 1000))),
         };
         let (view, created) = self.sh.launch(args).await.map_err(launch_status)?;
         Ok(Response::new(v1::LaunchResponse {
@@ -175,15 +191,28 @@ impl bulkhead_api::Bulkhead for Service {
         Ok(Response::new(instance_proto(&slot.view())))
     }
 
-    async fn list(&self, _req: Request<v1::ListRequest>) -> Result<Response<v1::ListResponse>, Status> {
-        let instances = self.sh.list().iter().map(|s| instance_proto(&s.view())).collect();
+    async fn list(
+        &self,
+        _req: Request<v1::ListRequest>,
+    ) -> Result<Response<v1::ListResponse>, Status> {
+        let instances = self
+            .sh
+            .list()
+            .iter()
+            .map(|s| instance_proto(&s.view()))
+            .collect();
         Ok(Response::new(v1::ListResponse { instances }))
     }
 
-    async fn terminate(&self, req: Request<v1::TerminateRequest>) -> Result<Response<v1::Instance>, Status> {
+    async fn terminate(
+        &self,
+        req: Request<v1::TerminateRequest>,
+    ) -> Result<Response<v1::Instance>, Status> {
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
-        let grace = r.grace_ms.map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
+        let grace = r
+            .grace_ms
+            .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
         let view = self
             .sh
             .terminate(&id, grace)
@@ -192,7 +221,10 @@ impl bulkhead_api::Bulkhead for Service {
         Ok(Response::new(instance_proto(&view)))
     }
 
-    async fn health(&self, _req: Request<v1::HealthRequest>) -> Result<Response<v1::HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _req: Request<v1::HealthRequest>,
+    ) -> Result<Response<v1::HealthResponse>, Status> {
         let cat = self.sh.catalog();
         let valid = cat.entries.values().filter(|e| e.spec.is_ok()).count();
         Ok(Response::new(v1::HealthResponse {
@@ -204,7 +236,12 @@ impl bulkhead_api::Bulkhead for Service {
             workloads_valid: valid as u32,
             workloads_invalid: (cat.entries.len() - valid) as u32,
             last_event_id: self.sh.events.last_id(),
-            drivers: self.sh.drivers().iter().map(|d| d.as_str().to_owned()).collect(),
+            drivers: self
+                .sh
+                .drivers()
+                .iter()
+                .map(|d| d.as_str().to_owned())
+                .collect(),
             state_dir: self.sh.cfg.state_dir.display().to_string(),
             workloads_dir: self.sh.cfg.workloads_dir.display().to_string(),
         }))
@@ -212,7 +249,10 @@ impl bulkhead_api::Bulkhead for Service {
 
     type WatchStream = BoxStream<v1::Event>;
 
-    async fn watch(&self, req: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let r = req.into_inner();
         let (history, mut live) = self.sh.events.subscribe(r.since_id);
         let (tx, rx) = mpsc::channel(256);
@@ -268,34 +308,52 @@ impl bulkhead_api::Bulkhead for Service {
         Ok(Response::new(workloads_proto(&self.sh)))
     }
 
-    async fn reload(&self, _req: Request<v1::ReloadRequest>) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
+    async fn reload(
+        &self,
+        _req: Request<v1::ReloadRequest>,
+    ) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
         self.sh.reload();
         Ok(Response::new(workloads_proto(&self.sh)))
     }
 
     type LogsStream = BoxStream<v1::LogChunk>;
 
-    async fn logs(&self, req: Request<v1::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+    async fn logs(
+        &self,
+        req: Request<v1::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
         let log = match self.sh.get(&id) {
             Some(slot) => slot.log.clone(),
             None => {
                 // An instance from before a daemon restart: its file may still be there.
-                let log = Arc::new(LogFile::new(&self.sh.logs_dir(), id.file_stem(), self.sh.cfg.log_max_bytes));
+                let log = Arc::new(LogFile::new(
+                    &self.sh.logs_dir(),
+                    id.file_stem(),
+                    self.sh.cfg.log_max_bytes,
+                ));
                 if !log.path().exists() {
-                    return Err(Status::not_found(format!("no instance {id} and no log for it")));
+                    return Err(Status::not_found(format!(
+                        "no instance {id} and no log for it"
+                    )));
                 }
                 log
             }
         };
-        let snap = log
-            .snapshot(r.tail_bytes)
-            .map_err(|e| Status::internal(format!("cannot read log {}: {e}", log.path().display())))?;
+        let snap = log.snapshot(r.tail_bytes).map_err(|e| {
+            Status::internal(format!("cannot read log {}: {e}", log.path().display()))
+        })?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             for chunk in snap.data.chunks(64 * 1024) {
-                if tx.send(Ok(v1::LogChunk { data: chunk.to_vec() })).await.is_err() {
+                if tx
+                    .send(Ok(v1::LogChunk {
+                        data: chunk.to_vec(),
+                    }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -310,8 +368,15 @@ impl bulkhead_api::Bulkhead for Service {
                         }
                     }
                     Err(RecvError::Lagged(n)) => {
-                        let note = format!("\n[bulkhead: {n} log chunks skipped: reader too slow]\n");
-                        if tx.send(Ok(v1::LogChunk { data: note.into_bytes() })).await.is_err() {
+                        let note =
+                            format!("\n[bulkhead: {n} log chunks skipped: reader too slow]\n");
+                        if tx
+                            .send(Ok(v1::LogChunk {
+                                data: note.into_bytes(),
+                            }))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }

@@ -141,7 +141,10 @@ pub fn token_of(spec: &SpawnSpec) -> String {
 pub async fn within<F: Future>(what: impl Display, fut: F) -> F::Output {
     match tokio::time::timeout(DEADLINE, fut).await {
         Ok(v) => v,
-        Err(_) => panic!("timed out after {} s waiting for {what}", DEADLINE.as_secs()),
+        Err(_) => panic!(
+            "timed out after {} s waiting for {what}",
+            DEADLINE.as_secs()
+        ),
     }
 }
 
@@ -236,7 +239,10 @@ fn has_token(pid: u32, needle: &str) -> bool {
 /// fails with `ESRCH`, or it is a zombie, or the pid now belongs to an unrelated process
 /// (the recorded one died and the number was reused).
 fn pid_is_gone(pid: u32, token: &str) -> bool {
-    let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+    let Some(p) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
         return true;
     };
     if rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH) {
@@ -323,14 +329,9 @@ pub async fn exit_code_fidelity(driver: &dyn Driver, fx: &Fixture) {
 /// exit code; with `ulimit -c 0` no core is dumped.
 pub async fn signal_fidelity(driver: &dyn Driver, fx: &Fixture) {
     // A core_pattern that pipes to a program ignores RLIMIT_CORE 0 (core(5)).
-    let pipes_cores = std::fs::read_to_string("/proc/sys/kernel/core_pattern")
-        .is_ok_and(|p| p.starts_with('|'));
-    for (name, sig) in [
-        ("SEGV", 11),
-        ("KILL", 9),
-        ("TERM", 15),
-        ("USR1", 10),
-    ] {
+    let pipes_cores =
+        std::fs::read_to_string("/proc/sys/kernel/core_pattern").is_ok_and(|p| p.starts_with('|'));
+    for (name, sig) in [("SEGV", 11), ("KILL", 9), ("TERM", 15), ("USR1", 10)] {
         let script = format!("ulimit -c 0; kill -{name} $$; exit 0");
         let run = start(driver, fx, "signal", &script).await;
         let st = run.wait().await;
@@ -461,10 +462,9 @@ pub async fn wait_is_shared(driver: &dyn Driver, fx: &Fixture) {
     let run = start(driver, fx, "wait-shared", "sleep 0.2; exit 4").await;
     // Cancel-safety: a wait dropped half-way.
     let _ = tokio::time::timeout(Duration::from_millis(10), run.handle().wait()).await;
-    let (a, b) = within(
-        format!("two waits on {}", run.what),
-        async { tokio::join!(run.handle().wait(), run.handle().wait()) },
-    )
+    let (a, b) = within(format!("two waits on {}", run.what), async {
+        tokio::join!(run.handle().wait(), run.handle().wait())
+    })
     .await;
     let want = ExitStatus::Exited { code: 4 };
     assert_eq!(a, want, "{}: first wait", run.what);

@@ -42,9 +42,10 @@
 //! - done: the main process's status is published on a `watch` channel; every `wait`
 //!   resolves with it.
 //!
-//! Signals are refused once the main process is reaped: from then on its pid (the pgid)
-//! could in principle be reused, and the sweep is killing every process anyway. The
-//! reap and `signal` take the same lock, so a signal never reaches a reused pgid.
+//! Once the main process is reaped, `signal` does nothing and returns `Ok`: from then on
+//! its pid (the pgid) could in principle be reused, and the sweep is killing every process
+//! anyway. The reap and `signal` take the same lock, so a signal never reaches a reused
+//! pgid.
 //!
 //! # Policy: the group dies with its main process
 //!
@@ -248,7 +249,11 @@ fn resolve_program(arg0: &str, env: &[(String, String)], cwd: &Path) -> io::Resu
         .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     for dir in path.split(':') {
         // An empty entry means the working directory, as in execvp.
-        let dir = if dir.is_empty() { OsStr::new(".") } else { OsStr::new(dir) };
+        let dir = if dir.is_empty() {
+            OsStr::new(".")
+        } else {
+            OsStr::new(dir)
+        };
         let candidate = cwd.join(dir).join(arg0);
         if let Ok(meta) = candidate.metadata() {
             if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
@@ -545,8 +550,7 @@ mod tests {
         std::fs::write(sub.join("prog"), "").unwrap();
         let path = format!("{}:sub", dir.path().display());
         assert!(resolve_program("prog", &env(&path), dir.path()).is_err());
-        std::fs::set_permissions(sub.join("prog"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(sub.join("prog"), std::fs::Permissions::from_mode(0o755)).unwrap();
         // Relative entries resolve against the working directory.
         assert_eq!(
             resolve_program("prog", &env(&path), dir.path()).unwrap(),

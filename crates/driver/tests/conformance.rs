@@ -49,7 +49,10 @@ async fn kind_is_process() {
 async fn child_leads_its_own_process_group() {
     let fx = Fixture::temp();
     let run = start(&ProcessDriver::new(), &fx, "pgroup", "exec sleep 1000").await;
-    let pid = run.handle().pid().expect("the process driver reports a pid");
+    let pid = run
+        .handle()
+        .pid()
+        .expect("the process driver reports a pid");
     assert_eq!(sys::getpgid(pid).unwrap(), pid, "pgid of the child");
     assert_ne!(sys::getpgid(std::process::id()).unwrap(), pid);
     let sid = |p: u32| {

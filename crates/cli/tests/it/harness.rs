@@ -71,9 +71,16 @@ impl Daemon {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited at start-up with {st}:\n{}", self.daemon_log());
+                panic!(
+                    "daemon exited at start-up with {st}:\n{}",
+                    self.daemon_log()
+                );
             }
-            assert!(start.elapsed() < DEADLINE, "daemon did not come up:\n{}", self.daemon_log());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "daemon did not come up:\n{}",
+                self.daemon_log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -104,14 +111,21 @@ impl Daemon {
             self.daemon_log()
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("bulkhead {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "bulkhead {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 
     /// All events so far.
     pub fn events(&self) -> Vec<Value> {
         let out = self.cli(&["events", "-o", "json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -125,7 +139,11 @@ impl Daemon {
             if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
                 return e;
             }
-            assert!(start.elapsed() < DEADLINE, "no event {what}; events: {:#?}", self.events());
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no event {what}; events: {:#?}",
+                self.events()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -142,7 +160,10 @@ impl Daemon {
             if let Some(st) = child.try_wait().unwrap() {
                 return st;
             }
-            assert!(start.elapsed() < DEADLINE, "daemon did not exit after SIGTERM");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "daemon did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -156,7 +177,8 @@ impl Drop for Daemon {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
             let start = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(15) {
+            while c.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(15)
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = c.kill();
@@ -169,7 +191,9 @@ impl Drop for Daemon {
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
-            let state = s.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).flatten();
+            let state = s
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next());
             state != Some('Z') && state != Some('X')
         }
         Err(_) => false,
@@ -193,7 +217,12 @@ pub fn stderr(o: &Output) -> String {
 }
 
 pub fn python3() -> Option<&'static str> {
-    let ok = Command::new("python3").arg("-c").arg("pass").status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if ok {
         Some("python3")
     } else {

@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use crate::harness::*;
 
-const SLEEPER: &str = "name: sleeper\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: namespace\n";
+const SLEEPER: &str =
+    "name: sleeper\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: namespace\n";
 
 #[test]
 fn same_key_reuses_the_instance_and_other_keys_do_not() {
@@ -19,7 +20,10 @@ fn same_key_reuses_the_instance_and_other_keys_do_not() {
     let b = d.json(&["launch", "sleeper", "--namespace", "b", "-o", "json"]);
     assert_eq!(b["created"], true);
     assert_ne!(b["pid"], a["pid"]);
-    assert_ne!(b["address"], a["address"], "each instance gets its own port");
+    assert_ne!(
+        b["address"], a["address"],
+        "each instance gets its own port"
+    );
     let started = d
         .events()
         .into_iter()
@@ -39,7 +43,10 @@ fn twenty_concurrent_launches_of_one_key_start_one_process() {
     });
     let pid = &outs[0]["pid"];
     assert!(pid.is_u64());
-    assert!(outs.iter().all(|o| &o["pid"] == pid), "all callers get the same instance");
+    assert!(
+        outs.iter().all(|o| &o["pid"] == pid),
+        "all callers get the same instance"
+    );
     assert_eq!(outs.iter().filter(|o| o["created"] == true).count(), 1);
     let started = d
         .events()
@@ -63,17 +70,25 @@ fn a_slow_ready_workload_does_not_delay_another_key() {
             (v, t.elapsed())
         });
         // Wait until the slow instance is really starting, then launch another key.
-        d.wait_event("slow started", |e| e["kind"] == "started" && e["instance"] == "ns:x:slow");
+        d.wait_event("slow started", |e| {
+            e["kind"] == "started" && e["instance"] == "ns:x:slow"
+        });
         let t = Instant::now();
         let fast = d.json(&["launch", "sleeper", "--namespace", "y", "-o", "json"]);
         let fast_took = t.elapsed();
         assert_eq!(fast["state"], "ready");
         // Ordering, not timing: the other key was ready while the slow one still was not.
         let slow_now = d.json(&["get", "ns:x:slow", "-o", "json"]);
-        assert_eq!(slow_now["state"], "starting", "fast launch returned before slow became ready");
+        assert_eq!(
+            slow_now["state"], "starting",
+            "fast launch returned before slow became ready"
+        );
         let (slow_v, slow_took) = slow_launch.join().unwrap();
         assert_eq!(slow_v["state"], "ready");
-        assert!(fast_took < slow_took, "fast {fast_took:?} vs slow {slow_took:?}");
+        assert!(
+            fast_took < slow_took,
+            "fast {fast_took:?} vs slow {slow_took:?}"
+        );
     });
 }
 
@@ -100,13 +115,22 @@ fn session_isolation_and_environment() {
     let env = std::fs::read_to_string(&file).unwrap();
     let port = v["port"].as_u64().unwrap();
     assert!(env.contains(&format!("PORT={port}\n")), "{env}");
-    assert!(env.contains("BULKHEAD_INSTANCE=session:s1:envdump\n"), "{env}");
+    assert!(
+        env.contains("BULKHEAD_INSTANCE=session:s1:envdump\n"),
+        "{env}"
+    );
     assert!(env.contains("BULKHEAD_WORKLOAD=envdump\n"), "{env}");
     assert!(env.contains("BULKHEAD_SESSION=s1\n"), "{env}");
     assert!(env.contains("BULKHEAD_NAMESPACE=\n"), "{env}");
     assert!(env.contains("GREETING=hi\n"), "{env}");
-    assert!(!env.contains("NOTIFY_SOCKET"), "no notify socket without notify readiness");
-    assert!(!env.contains("CARGO"), "the daemon's environment is not inherited wholesale");
+    assert!(
+        !env.contains("NOTIFY_SOCKET"),
+        "no notify socket without notify readiness"
+    );
+    assert!(
+        !env.contains("CARGO"),
+        "the daemon's environment is not inherited wholesale"
+    );
     // A session is required for a session-isolated workload.
     let o = d.cli(&["launch", "envdump"]);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));

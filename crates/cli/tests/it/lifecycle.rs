@@ -7,15 +7,25 @@ use crate::harness::*;
 #[test]
 fn crash_and_exit_are_reported_with_full_fidelity() {
     let d = Daemon::start(&[
-        ("segv", "name: segv\ncommand: [/bin/sh, -c, 'sleep 0.1; kill -SEGV $$']\n"),
-        ("exit42", "name: exit42\ncommand: [/bin/sh, -c, 'sleep 0.1; exit 42']\n"),
+        (
+            "segv",
+            "name: segv\ncommand: [/bin/sh, -c, 'sleep 0.1; kill -SEGV $$']\n",
+        ),
+        (
+            "exit42",
+            "name: exit42\ncommand: [/bin/sh, -c, 'sleep 0.1; exit 42']\n",
+        ),
     ]);
     d.json(&["launch", "segv", "-o", "json"]);
     d.json(&["launch", "exit42", "-o", "json"]);
-    let c = d.wait_event("segv crashed", |e| e["kind"] == "crashed" && e["instance"] == "ns:default:segv");
+    let c = d.wait_event("segv crashed", |e| {
+        e["kind"] == "crashed" && e["instance"] == "ns:default:segv"
+    });
     assert_eq!(c["signal"], 11);
-    assert_eq!(c["core_dumped"].is_boolean(), true);
-    let x = d.wait_event("exit42 exited", |e| e["kind"] == "exited" && e["instance"] == "ns:default:exit42");
+    assert!(c["core_dumped"].is_boolean());
+    let x = d.wait_event("exit42 exited", |e| {
+        e["kind"] == "exited" && e["instance"] == "ns:default:exit42"
+    });
     assert_eq!(x["exit_code"], 42);
     let s = d.json(&["get", "ns:default:segv", "-o", "json"]);
     assert_eq!(s["state"], "crashed");
@@ -31,7 +41,10 @@ fn crash_and_exit_are_reported_with_full_fidelity() {
 
 #[test]
 fn external_kill_is_seen_as_a_crash() {
-    let d = Daemon::start(&[("sleeper", "name: sleeper\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n")]);
+    let d = Daemon::start(&[(
+        "sleeper",
+        "name: sleeper\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+    )]);
     let v = d.json(&["launch", "sleeper", "-o", "json"]);
     let pid = v["pid"].as_u64().unwrap() as i32;
     // SAFETY: kill(2) on a pid the daemon just reported as its live instance.
@@ -54,15 +67,25 @@ fn terminate_escalates_to_sigkill_after_the_grace_and_kills_the_tree() {
     let pid = v["pid"].as_u64().unwrap() as u32;
     let gc_file = d.workloads.join("stubborn/gc.pid");
     let start = Instant::now();
-    while std::fs::read_to_string(&gc_file).map(|s| s.trim().is_empty()).unwrap_or(true) {
+    while std::fs::read_to_string(&gc_file)
+        .map(|s| s.trim().is_empty())
+        .unwrap_or(true)
+    {
         assert!(start.elapsed() < DEADLINE);
         std::thread::sleep(Duration::from_millis(10));
     }
-    let gc: u32 = std::fs::read_to_string(&gc_file).unwrap().trim().parse().unwrap();
+    let gc: u32 = std::fs::read_to_string(&gc_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(alive(gc));
     let t = Instant::now();
     let out = d.json(&["terminate", "ns:default:stubborn", "-o", "json"]);
-    assert!(t.elapsed() >= Duration::from_millis(500), "SIGKILL only after the grace");
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "SIGKILL only after the grace"
+    );
     assert_eq!(out["state"], "terminated");
     assert_eq!(out["last_exit"]["signal"], 9);
     assert!(!alive(pid), "main process gone when terminate returns");
@@ -73,10 +96,20 @@ fn terminate_escalates_to_sigkill_after_the_grace_and_kills_the_tree() {
         .filter(|e| e["instance"] == "ns:default:stubborn")
         .map(|e| e["kind"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(kinds, vec!["launched", "started", "ready", "terminating", "terminated"]);
+    assert_eq!(
+        kinds,
+        vec!["launched", "started", "ready", "terminating", "terminated"]
+    );
     // --grace overrides the manifest.
     d.json(&["launch", "stubborn", "-o", "json"]);
-    let out = d.json(&["terminate", "ns:default:stubborn", "--grace", "0s", "-o", "json"]);
+    let out = d.json(&[
+        "terminate",
+        "ns:default:stubborn",
+        "--grace",
+        "0s",
+        "-o",
+        "json",
+    ]);
     assert_eq!(out["last_exit"]["signal"], 9);
 }
 
@@ -96,9 +129,14 @@ fn sigterm_to_the_daemon_leaves_no_child_behind() {
     // The whole process groups: every process whose pgid is one of the instances.
     std::thread::sleep(Duration::from_millis(100));
     let members = group_members(&pids);
-    assert!(members.len() >= 3 * 3 + 1, "{members:?}");
+    assert!(members.len() > 3 * 3, "{members:?}");
     let st = d.sigterm();
-    assert_eq!(st.code(), Some(0), "daemon exits 0 after SIGTERM:\n{}", d.daemon_log());
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "daemon exits 0 after SIGTERM:\n{}",
+        d.daemon_log()
+    );
     for p in members {
         assert!(wait_gone(p), "process {p} survived the daemon's shutdown");
     }
@@ -108,9 +146,15 @@ fn sigterm_to_the_daemon_leaves_no_child_behind() {
 fn group_members(pgids: &[u32]) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
         let f: Vec<&str> = rest.split_whitespace().collect();
         if let Some(pgrp) = f.get(2).and_then(|s| s.parse::<u32>().ok()) {
             if pgids.contains(&pgrp) && f[0] != "Z" {

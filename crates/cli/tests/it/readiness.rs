@@ -65,20 +65,35 @@ fn notify_from_another_instance_is_rejected() {
     assert!(d.cli(&["reload"]).status.success());
     std::thread::scope(|s| {
         let v = s.spawn(|| d.cli(&["launch", "victim", "-o", "json"]));
-        d.wait_event("victim started", |e| e["kind"] == "started" && e["instance"] == "ns:default:victim");
+        d.wait_event("victim started", |e| {
+            e["kind"] == "started" && e["instance"] == "ns:default:victim"
+        });
         d.json(&["launch", "intruder", "-o", "json"]);
         let start = Instant::now();
         loop {
-            let log = String::from_utf8_lossy(&d.cli(&["logs", "ns:default:intruder"]).stdout).into_owned();
+            let log = String::from_utf8_lossy(&d.cli(&["logs", "ns:default:intruder"]).stdout)
+                .into_owned();
             if log.contains("sent 1") {
                 break;
             }
-            assert!(start.elapsed() < DEADLINE, "intruder never sent its message: {log}");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "intruder never sent its message: {log}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let out = v.join().unwrap();
-        assert_eq!(out.status.code(), Some(7), "victim must not become ready: {}", stderr(&out));
-        assert!(stderr(&out).contains("readiness timeout"), "{}", stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(7),
+            "victim must not become ready: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("readiness timeout"),
+            "{}",
+            stderr(&out)
+        );
     });
 }
 
@@ -106,12 +121,22 @@ fn http_and_tcp_probes() {
     assert_eq!(t["state"], "ready");
     let out = d.cli(&["launch", "http500"]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
-    assert!(stderr(&out).contains("readiness timeout of 1s"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("readiness timeout of 1s"),
+        "{}",
+        stderr(&out)
+    );
     let f = d.json(&["get", "ns:default:http500", "-o", "json"]);
     assert_eq!(f["state"], "failed");
-    assert!(!alive(f["pid"].as_u64().unwrap() as u32), "a failed launch leaves no process");
+    assert!(
+        !alive(f["pid"].as_u64().unwrap() as u32),
+        "a failed launch leaves no process"
+    );
     let log = String::from_utf8_lossy(&d.cli(&["logs", "ns:default:http500"]).stdout).into_owned();
-    assert!(log.contains("\"GET /healthz HTTP/1.1\" 500"), "the probe really reached the server: {log}");
+    assert!(
+        log.contains("\"GET /healthz HTTP/1.1\" 500"),
+        "the probe really reached the server: {log}"
+    );
 }
 
 #[test]
@@ -139,7 +164,10 @@ fn readiness_wait_ends_at_once_when_the_process_exits() {
         .filter(|e| e["instance"] == "ns:default:dies")
         .map(|e| e["kind"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(kinds, vec!["launched", "started", "exited", "launch_failed"]);
+    assert_eq!(
+        kinds,
+        vec!["launched", "started", "exited", "launch_failed"]
+    );
 }
 
 #[test]

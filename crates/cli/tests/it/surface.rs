@@ -7,9 +7,18 @@ use crate::harness::*;
 #[test]
 fn bad_manifests_and_hostile_names_get_clear_errors_and_the_daemon_stays_up() {
     let d = Daemon::start(&[
-        ("good", "name: good\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n"),
-        ("unknown-field", "name: unknown-field\ncommand: [x]\nbogus: 1\n"),
-        ("bad-duration", "name: bad-duration\ncommand: [x]\nshutdown: {grace: -5s}\n"),
+        (
+            "good",
+            "name: good\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+        ),
+        (
+            "unknown-field",
+            "name: unknown-field\ncommand: [x]\nbogus: 1\n",
+        ),
+        (
+            "bad-duration",
+            "name: bad-duration\ncommand: [x]\nshutdown: {grace: -5s}\n",
+        ),
         ("wrong-name", "name: other\ncommand: [x]\n"),
         ("broken-yaml", "name: [unclosed\n"),
     ]);
@@ -26,7 +35,10 @@ fn bad_manifests_and_hostile_names_get_clear_errors_and_the_daemon_stays_up() {
         let w = find(name);
         assert_eq!(w["valid"], false, "{name}");
         let err = w["error"].as_str().unwrap();
-        assert!(err.contains(&format!("{name}/manifest.yaml")), "error names the file: {err}");
+        assert!(
+            err.contains(&format!("{name}/manifest.yaml")),
+            "error names the file: {err}"
+        );
         assert!(err.contains(needle), "{name}: {err}");
     }
     // Launching an invalid workload: invalid request, with the manifest error.
@@ -39,19 +51,35 @@ fn bad_manifests_and_hostile_names_get_clear_errors_and_the_daemon_stays_up() {
     // Hostile names.
     let long = "a".repeat(4096);
     for (args, needle) in [
-        (vec!["launch", "good", "--namespace", "../etc"], "contains '..'"),
+        (
+            vec!["launch", "good", "--namespace", "../etc"],
+            "contains '..'",
+        ),
         (vec!["launch", "good", "--namespace", "a/b"], "contains '/'"),
-        (vec!["launch", "good", "--namespace", "a\u{1}b"], "control character"),
-        (vec!["launch", "good", "--namespace", long.as_str()], "longer than 63"),
-        (vec!["launch", "../good"], "invalid"),
+        (
+            vec!["launch", "good", "--namespace", "a\u{1}b"],
+            "control character",
+        ),
+        (
+            vec!["launch", "good", "--namespace", long.as_str()],
+            "longer than 63",
+        ),
+        (vec!["launch", "../good"], "invalid workload name"),
         (vec!["get", "ns:../x:good"], "contains '..'"),
         (vec!["get", "garbage"], "invalid instance id"),
         (vec!["terminate", "ns:a:good", "--grace", "-1s"], "negative"),
-        (vec!["launch", "good", "--timeout", "forever"], "invalid duration"),
+        (
+            vec!["launch", "good", "--timeout", "forever"],
+            "invalid duration",
+        ),
     ] {
         let o = d.cli(&args);
         let code = o.status.code();
-        assert!(code == Some(4) || (code == Some(3) && args[1] == "../good"), "{args:?}: {code:?} {}", stderr(&o));
+        assert!(
+            code == Some(4) || (code == Some(3) && args[1] == "../good"),
+            "{args:?}: {code:?} {}",
+            stderr(&o)
+        );
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).len() < 600, "error stays short: {}", stderr(&o));
     }
@@ -73,7 +101,11 @@ fn exit_codes_for_missing_things() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
-    assert!(stderr(&o).contains("cannot reach the bulkhead daemon"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot reach the bulkhead daemon"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -83,7 +115,11 @@ fn events_are_monotonic_resumable_and_followable() {
     d.wait_event("exited", |e| e["kind"] == "exited");
     let all = d.events();
     let ids: Vec<u64> = all.iter().map(|e| e["id"].as_u64().unwrap()).collect();
-    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "ids start at 1 without gaps");
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "ids start at 1 without gaps"
+    );
     for e in &all {
         for f in ["id", "time", "instance", "kind"] {
             assert!(!e[f].is_null(), "{f} in {e}");
@@ -121,7 +157,10 @@ fn events_are_monotonic_resumable_and_followable() {
     d.json(&["launch", "t", "--wait", "started", "-o", "json"]);
     let start = Instant::now();
     while !reader.is_finished() {
-        assert!(start.elapsed() < DEADLINE, "follow did not see the live events");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "follow did not see the live events"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = follow.kill();
@@ -129,7 +168,11 @@ fn events_are_monotonic_resumable_and_followable() {
     let got = reader.join().unwrap();
     assert_eq!(got[0]["id"], 1, "history first");
     let ids: Vec<u64> = got.iter().map(|e| e["id"].as_u64().unwrap()).collect();
-    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "no gap between history and live");
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "no gap between history and live"
+    );
 }
 
 #[test]
@@ -158,10 +201,23 @@ fn logs_capture_stdout_and_stderr() {
 
 #[test]
 fn reload_adds_workloads_and_running_instances_keep_their_spec() {
-    let d = Daemon::start(&[("w", "name: w\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nshutdown: {grace: 7s}\n")]);
+    let d = Daemon::start(&[(
+        "w",
+        "name: w\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nshutdown: {grace: 7s}\n",
+    )]);
     let v = d.json(&["launch", "w", "-o", "json"]);
-    write_workload(&d.workloads, "w", "name: w\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nshutdown: {grace: 1s}\n", &[]);
-    write_workload(&d.workloads, "new", "name: new\ncommand: [/bin/true]\n", &[]);
+    write_workload(
+        &d.workloads,
+        "w",
+        "name: w\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nshutdown: {grace: 1s}\n",
+        &[],
+    );
+    write_workload(
+        &d.workloads,
+        "new",
+        "name: new\ncommand: [/bin/true]\n",
+        &[],
+    );
     let o = d.cli(&["reload"]);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("new"));
@@ -169,10 +225,19 @@ fn reload_adds_workloads_and_running_instances_keep_their_spec() {
     let again = d.json(&["launch", "w", "-o", "json"]);
     assert_eq!(again["pid"], v["pid"]);
     d.cli(&["terminate", "ns:default:w"]);
-    let t = d.events().into_iter().find(|e| e["kind"] == "terminating").unwrap();
+    let t = d
+        .events()
+        .into_iter()
+        .find(|e| e["kind"] == "terminating")
+        .unwrap();
     assert_eq!(t["grace_ms"], 7000);
     // SIGHUP also rescans.
-    write_workload(&d.workloads, "later", "name: later\ncommand: [/bin/true]\n", &[]);
+    write_workload(
+        &d.workloads,
+        "later",
+        "name: later\ncommand: [/bin/true]\n",
+        &[],
+    );
     // SAFETY: kill(2) on our own child, the daemon.
     unsafe {
         libc::kill(d.child.as_ref().unwrap().id() as i32, libc::SIGHUP);
@@ -190,7 +255,10 @@ fn reload_adds_workloads_and_running_instances_keep_their_spec() {
 
 #[test]
 fn health_and_list() {
-    let d = Daemon::start(&[("w", "name: w\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: none\n")]);
+    let d = Daemon::start(&[(
+        "w",
+        "name: w\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: none\n",
+    )]);
     d.json(&["launch", "w", "-o", "json"]);
     let h = d.json(&["health", "-o", "json"]);
     assert_eq!(h["instances_live"], 1);
@@ -198,8 +266,19 @@ fn health_and_list() {
     let l = d.json(&["list", "-o", "json"]);
     let inst = &l.as_array().unwrap()[0];
     for f in [
-        "id", "workload", "isolation", "namespace", "session", "driver", "state", "pid", "address", "ready",
-        "restarts", "started_at", "last_exit",
+        "id",
+        "workload",
+        "isolation",
+        "namespace",
+        "session",
+        "driver",
+        "state",
+        "pid",
+        "address",
+        "ready",
+        "restarts",
+        "started_at",
+        "last_exit",
     ] {
         assert!(inst.get(f).is_some(), "field {f} in {inst}");
     }
@@ -218,5 +297,9 @@ fn health_and_list() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("another bulkhead daemon"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("another bulkhead daemon"),
+        "{}",
+        stderr(&o)
+    );
 }

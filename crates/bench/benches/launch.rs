@@ -1,0 +1,250 @@
+//! `cargo bench -p bulkhead-bench`: launch -> ready, reuse, kill -> event.
+//!
+//! Measured in one run, on one machine:
+//! - **floor**: posix_spawn (std `Command`, no pre_exec) of this very binary in its
+//!   `notify-child` mode + the same sd_notify handshake (a datagram socket bound before the
+//!   spawn, waiting for `READY=1`), no daemon.
+//! - **launch -> ready**: gRPC Launch(wait=ready) over the Unix socket of a real daemon
+//!   for a notify workload running the same binary, one new session per iteration.
+//! - **reuse**: gRPC Launch of a key that is already running.
+//! - **kill -> event**: SIGKILL to an instance's pid until a Watch subscriber receives its
+//!   `crashed` event.
+//!
+//! The daemon runs in this process on its own runtime; the client uses another one, so
+//! they talk through the socket as separate processes would. Options:
+//! `--iterations N` (default 200), `--write PATH` (also write the markdown report).
+
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bulkhead_api::v1;
+use bulkhead_bench::{ms, ratio, Samples};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("notify-child") {
+        notify_child();
+    }
+    let iterations: usize = flag(&args, "--iterations")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(200);
+    let write: Option<PathBuf> = flag(&args, "--write").map(PathBuf::from);
+    let exe = std::env::current_exe()?;
+    let dir = tempfile::tempdir()?;
+
+    let wl = dir.path().join("workloads");
+    for (name, isolation) in [("notify", "session"), ("victim", "session")] {
+        std::fs::create_dir_all(wl.join(name))?;
+        std::fs::write(
+            wl.join(name).join("manifest.yaml"),
+            format!(
+                "name: {name}\ncommand: [{}, notify-child]\nisolation: {isolation}\nreadiness: {{notify: true, timeout: 30s}}\nshutdown: {{grace: 2s}}\n",
+                exe.display()
+            ),
+        )?;
+    }
+    let daemon_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            std::env::var("BH_WORKERS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(2),
+        )
+        .enable_all()
+        .build()?;
+    let cfg = bulkhead_daemon::Config::new(wl, Some(dir.path().join("state")), None);
+    let socket = cfg.socket.clone();
+    let daemon = daemon_rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
+
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let floor_dir = dir.path().to_owned();
+    let (floor, launch, reuse, kill) = client_rt.block_on(async {
+        let mut c = bulkhead_api::connect(&socket).await?;
+        // Warm up: the first launches pay for page faults in both processes.
+        for i in 0..5 {
+            launch_ready(&mut c, "notify", &format!("warm{i}")).await?;
+            terminate(&mut c, &format!("session:warm{i}:notify")).await?;
+        }
+        eprintln!(
+            "launch -> ready through the API, interleaved with the floor, {iterations} iterations"
+        );
+        let mut floor = Samples::new("floor: posix_spawn + sd_notify handshake, no daemon");
+        let mut launch = Samples::new("API launch -> ready (notify workload)");
+        for i in 0..iterations {
+            // Interleaved so that both see the same machine state.
+            floor.values.push(floor_once(&exe, &floor_dir, i)?);
+            let t = Instant::now();
+            launch_ready(&mut c, "notify", &format!("s{i}")).await?;
+            launch.values.push(t.elapsed());
+            terminate(&mut c, &format!("session:s{i}:notify")).await?;
+        }
+        eprintln!(
+            "reuse launch of a running key, {} iterations",
+            iterations * 5
+        );
+        launch_ready(&mut c, "notify", "reuse").await?;
+        let mut reuse = Samples::new("API reuse launch of a running key");
+        for _ in 0..iterations * 5 {
+            let t = Instant::now();
+            let r = launch_ready(&mut c, "notify", "reuse").await?;
+            reuse.values.push(t.elapsed());
+            anyhow::ensure!(!r.created, "reuse created a new instance");
+        }
+        eprintln!("kill -> crashed event at a Watch subscriber, {iterations} iterations");
+        let mut kill = Samples::new("kill -> `crashed` event at a Watch subscriber");
+        let since = c
+            .health(v1::HealthRequest {})
+            .await?
+            .into_inner()
+            .last_event_id;
+        let mut watch = c
+            .watch(v1::WatchRequest {
+                since_id: since,
+                history_only: false,
+            })
+            .await?
+            .into_inner();
+        for i in 0..iterations {
+            let session = format!("k{i}");
+            let inst = launch_ready(&mut c, "victim", &session)
+                .await?
+                .instance
+                .unwrap();
+            let pid = inst.pid.unwrap() as i32;
+            let t = Instant::now();
+            // SAFETY: kill(2) on the pid the daemon reported for its live instance.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            loop {
+                let e = watch
+                    .message()
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+                if e.kind == "crashed" && e.instance == inst.id {
+                    kill.values.push(t.elapsed());
+                    break;
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>((floor, launch, reuse, kill))
+    })?;
+    daemon_rt.block_on(daemon.shutdown());
+
+    let mut report = String::new();
+    report.push_str(&format!(
+        "| measurement | p50 ms | p99 ms | p50 vs floor | p99 vs floor |\n|---|---|---|---|---|\n| {} | {} | {} | 1.00x | 1.00x |\n",
+        floor.name,
+        ms(floor.p50()),
+        ms(floor.p99())
+    ));
+    report.push_str(&format!(
+        "| {} | {} | {} | {} | {} |\n",
+        launch.name,
+        ms(launch.p50()),
+        ms(launch.p99()),
+        ratio(launch.p50(), floor.p50()),
+        ratio(launch.p99(), floor.p99())
+    ));
+    for s in [&reuse, &kill] {
+        report.push_str(&format!(
+            "| {} | {} | {} | - | - |\n",
+            s.name,
+            ms(s.p50()),
+            ms(s.p99())
+        ));
+    }
+    report.push_str(&format!(
+        "\nTargets: launch -> ready p50 <= 1.3x floor (measured {}), reuse p99 <= 0.2 ms (measured {} ms), kill -> event p99 <= 1 ms (measured {} ms). {iterations} iterations ({} for reuse).\n",
+        ratio(launch.p50(), floor.p50()),
+        ms(reuse.p99()),
+        ms(kill.p99()),
+        iterations * 5
+    ));
+    println!("{report}");
+    if let Some(path) = write {
+        std::fs::write(&path, &report)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// The workload: send READY=1 to $NOTIFY_SOCKET, then wait to be killed. Only std, no
+/// runtime, so that start-up is what any small native program costs.
+fn notify_child() -> ! {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let s = UnixDatagram::unbound().expect("socket");
+        s.send_to(b"READY=1", path).expect("notify");
+    }
+    loop {
+        // SAFETY: pause(2) has no preconditions; it returns only when a signal is caught.
+        unsafe {
+            libc::pause();
+        }
+    }
+}
+
+/// One floor sample: bind, posix_spawn, wait for READY=1. No daemon involved.
+fn floor_once(exe: &Path, dir: &Path, i: usize) -> anyhow::Result<Duration> {
+    let path = dir.join(format!("floor-{i}.sock"));
+    let t = Instant::now();
+    let sock = UnixDatagram::bind(&path)?;
+    let mut child = Command::new(exe)
+        .arg("notify-child")
+        .env_clear()
+        .env("NOTIFY_SOCKET", &path)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut buf = [0u8; 64];
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let n_read = sock.recv(&mut buf)?;
+    let took = t.elapsed();
+    anyhow::ensure!(&buf[..n_read] == b"READY=1", "unexpected handshake");
+    child.kill()?;
+    child.wait()?;
+    let _ = std::fs::remove_file(&path);
+    Ok(took)
+}
+
+async fn launch_ready(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    workload: &str,
+    session: &str,
+) -> anyhow::Result<v1::LaunchResponse> {
+    Ok(c.launch(v1::LaunchRequest {
+        workload: workload.into(),
+        namespace: None,
+        session: Some(session.into()),
+        wait: v1::WaitFor::Ready as i32,
+        timeout_ms: 30_000,
+    })
+    .await?
+    .into_inner())
+}
+
+async fn terminate(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    id: &str,
+) -> anyhow::Result<()> {
+    c.terminate(v1::TerminateRequest {
+        id: id.into(),
+        grace_ms: None,
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Helpers for bulkhead's benchmarks: percentiles and report tables.
+//!
+//! Every benchmark measures its baseline in the same run and reports ratios, because
+//! absolute timings on a shared 2-core machine are noisy.
+
+use std::time::Duration;
+
+/// Latency samples of one measurement.
+#[derive(Debug, Clone)]
+pub struct Samples {
+    pub name: String,
+    pub values: Vec<Duration>,
+}
+
+impl Samples {
+    pub fn new(name: impl Into<String>) -> Samples {
+        Samples {
+            name: name.into(),
+            values: Vec::new(),
+        }
+    }
+
+    /// The `p`-th percentile (0..=100), nearest-rank.
+    pub fn percentile(&self, p: f64) -> Duration {
+        let mut v = self.values.clone();
+        v.sort();
+        if v.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    }
+
+    pub fn p50(&self) -> Duration {
+        self.percentile(50.0)
+    }
+
+    pub fn p99(&self) -> Duration {
+        self.percentile(99.0)
+    }
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+pub fn ratio(a: Duration, b: Duration) -> String {
+    if b.is_zero() {
+        return "-".into();
+    }
+    format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let mut s = Samples::new("x");
+        s.values = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(s.p50(), Duration::from_millis(50));
+        assert_eq!(s.p99(), Duration::from_millis(99));
+        assert_eq!(s.percentile(100.0), Duration::from_millis(100));
+    }
+}
