@@ -102,7 +102,7 @@ pub struct LaunchArgs {
     #[arg(long, value_enum, default_value = "ready")]
     pub wait: Wait,
     /// Give up waiting after this long (e.g. 5s, 500ms); the instance goes on starting.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub timeout: Option<String>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
@@ -119,7 +119,7 @@ pub struct GetArgs {
 pub struct TerminateArgs {
     pub id: String,
     /// Override the manifest's grace period (e.g. 2s).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub grace: Option<String>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
