@@ -90,6 +90,19 @@ pub enum EventKind {
     Terminating { signal: i32, grace_ms: u64 },
     /// Every process of the instance is gone after a termination.
     Terminated { status: ExitStatus },
+    /// The restart policy starts the instance again after `delay_ms`.
+    Restarting { attempt: u32, delay_ms: u64 },
+    /// Too many consecutive failed runs: no more restarts, launches of the key fail fast.
+    BreakerOpen { failures: u32, reason: String },
+    /// The cooldown passed: one trial run is allowed.
+    BreakerHalfOpen,
+    /// A healthy run closed the breaker.
+    BreakerClosed,
+    /// A ready instance's readiness probe failed `failure_threshold` times (not killed).
+    Unhealthy { reason: String },
+    /// The liveness probe failed `failure_threshold` times; the instance is stopped and
+    /// its restart policy applies.
+    LivenessFailed { reason: String },
 }
 
 impl EventKind {
@@ -104,6 +117,12 @@ impl EventKind {
             EventKind::Crashed { .. } => "crashed",
             EventKind::Terminating { .. } => "terminating",
             EventKind::Terminated { .. } => "terminated",
+            EventKind::Restarting { .. } => "restarting",
+            EventKind::BreakerOpen { .. } => "breaker_open",
+            EventKind::BreakerHalfOpen => "breaker_half_open",
+            EventKind::BreakerClosed => "breaker_closed",
+            EventKind::Unhealthy { .. } => "unhealthy",
+            EventKind::LivenessFailed { .. } => "liveness_failed",
         }
     }
 

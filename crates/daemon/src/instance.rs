@@ -179,12 +179,14 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
     let (ptx, mut prx) = mpsc::unbounded_channel::<&'static str>();
     let mut notify_task: Option<JoinHandle<()>> = None;
     let mut ready = Readiness::default();
+    // The newest event this actor published: the View changes only once it is durable.
+    let mut last_event = 0u64;
 
     loop {
         while let Some(effect) = queue.pop_front() {
             match effect {
                 Effect::Emit(kind) => {
-                    sh.events.publish(&slot.id, kind);
+                    last_event = sh.events.publish(&slot.id, kind).id;
                 }
                 Effect::Spawn => {
                     let result = spawn(&sh, &slot, &mut port, &mut env).await;
@@ -246,6 +248,8 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
             }
         }
 
+        // An event is durable before any client can see its effect in the View.
+        sh.events.wait_durable(last_event).await;
         let state = inst.state();
         slot.view.send_modify(|v| {
             v.state = state;

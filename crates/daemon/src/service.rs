@@ -113,6 +113,18 @@ pub fn event_proto(e: &Event) -> v1::Event {
             p.signal = status.signal();
             p.core_dumped = Some(status.core_dumped());
         }
+        EventKind::Restarting { attempt, delay_ms } => {
+            p.attempt = Some(*attempt);
+            p.delay_ms = Some(*delay_ms);
+        }
+        EventKind::BreakerOpen { failures, reason } => {
+            p.failures = Some(*failures);
+            p.reason = Some(reason.clone());
+        }
+        EventKind::BreakerHalfOpen | EventKind::BreakerClosed => {}
+        EventKind::Unhealthy { reason } | EventKind::LivenessFailed { reason } => {
+            p.reason = Some(reason.clone());
+        }
     }
     p
 }
