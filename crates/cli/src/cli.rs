@@ -104,6 +104,9 @@ pub struct LaunchArgs {
     /// Give up waiting after this long (e.g. 5s, 500ms); the instance goes on starting.
     #[arg(long, allow_hyphen_values = true)]
     pub timeout: Option<String>,
+    /// Take a lease for HOLDER: the instance stays while any lease holds it.
+    #[arg(long, value_name = "HOLDER")]
+    pub lease: Option<String>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
 }

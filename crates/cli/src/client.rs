@@ -63,6 +63,7 @@ pub async fn launch(socket: &Path, a: cli::LaunchArgs) -> anyhow::Result<()> {
             session: a.session,
             wait: wait as i32,
             timeout_ms: timeout.map(|t| t.as_millis() as u64).unwrap_or(0),
+            lease: a.lease,
         })
         .await
         .map_err(from_status)?

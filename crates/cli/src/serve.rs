@@ -117,6 +117,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
                 session: None,
                 wait: WaitFor::Ready,
                 timeout: None,
+                lease: None,
             };
             if let Err(e) = sh.launch(args).await {
                 eprintln!("autostart of {name} failed: {e}");

@@ -30,5 +30,6 @@ pub mod expand;
 pub mod instance;
 pub mod key;
 pub mod name;
+pub mod restart;
 pub mod signal;
 pub mod spec;

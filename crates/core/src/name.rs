@@ -17,6 +17,8 @@ pub enum NameKind {
     Workload,
     Namespace,
     Session,
+    /// A lease holder.
+    Lease,
 }
 
 impl fmt::Display for NameKind {
@@ -25,6 +27,7 @@ impl fmt::Display for NameKind {
             NameKind::Workload => "workload name",
             NameKind::Namespace => "namespace name",
             NameKind::Session => "session name",
+            NameKind::Lease => "lease holder name",
         })
     }
 }

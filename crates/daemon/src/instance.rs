@@ -50,6 +50,10 @@ pub struct View {
     pub last_exit: Option<ExitStatus>,
     pub failure: Option<String>,
     pub status_text: Option<String>,
+    /// Lease holders.
+    pub leases: Vec<String>,
+    pub breaker: bulkhead_core::restart::BreakerState,
+    pub consecutive_failures: u32,
 }
 
 impl View {
@@ -60,6 +64,8 @@ impl View {
 
 pub(crate) enum Msg {
     Terminate { grace: Option<Duration> },
+    /// The set of lease holders changed; `held` says whether any lease is left.
+    Leases { held: bool },
 }
 
 /// A live or finished instance in the registry.
@@ -72,6 +78,7 @@ pub struct Slot {
     pub(crate) view: watch::Sender<View>,
     tx: mpsc::UnboundedSender<Msg>,
     handle: Mutex<Option<Arc<dyn InstanceHandle>>>,
+    leases: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Slot {
@@ -87,6 +94,24 @@ impl Slot {
         // The actor owns the receiver until the instance is terminal; after that there is
         // nothing to terminate and the send failing is fine.
         let _ = self.tx.send(Msg::Terminate { grace });
+    }
+
+    /// Adds a lease holder. Returns whether it was new.
+    pub(crate) fn take_lease(&self, holder: &str) -> bool {
+        let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let added = l.insert(holder.to_owned());
+        let _ = self.tx.send(Msg::Leases { held: !l.is_empty() });
+        self.view.send_modify(|v| v.leases = l.iter().cloned().collect());
+        added
+    }
+
+    /// Drops a lease holder. Returns whether it held a lease.
+    pub(crate) fn release(&self, holder: &str) -> bool {
+        let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let removed = l.remove(holder);
+        let _ = self.tx.send(Msg::Leases { held: !l.is_empty() });
+        self.view.send_modify(|v| v.leases = l.iter().cloned().collect());
+        removed
     }
 
     pub fn stats(&self) -> Option<bulkhead_driver::Stats> {
@@ -125,6 +150,9 @@ pub(crate) fn start(
         last_exit: None,
         failure: None,
         status_text: None,
+        leases: Vec::new(),
+        breaker: bulkhead_core::restart::BreakerState::Closed,
+        consecutive_failures: 0,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let slot = Arc::new(Slot {
@@ -140,6 +168,7 @@ pub(crate) fn start(
         view: watch::Sender::new(view),
         tx,
         handle: Mutex::new(None),
+        leases: Mutex::new(Default::default()),
     });
     tokio::spawn(run(slot.clone(), sh.clone(), rx));
     slot
@@ -291,6 +320,7 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
             _ = deadline(&mut ready.deadline) => queue.extend(inst.handle(Input::ReadinessTimedOut)),
             Some(msg) = rx.recv() => match msg {
                 Msg::Terminate { grace } => queue.extend(inst.handle(Input::Terminate { grace })),
+                Msg::Leases { .. } => {}
             },
         }
     }

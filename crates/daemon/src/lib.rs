@@ -51,6 +51,8 @@ pub struct LaunchArgs {
     pub wait: WaitFor,
     /// `None`: bounded only by the instance's own readiness timeout.
     pub timeout: Option<Duration>,
+    /// Take a lease for this holder.
+    pub lease: Option<String>,
 }
 
 /// A launch did not give a usable instance.
@@ -230,6 +232,9 @@ impl Shared {
                 }
             }
         };
+        if let Some(holder) = &args.lease {
+            slot.take_lease(holder);
+        }
         let view = wait_for(&slot, args.wait, deadline, args.timeout.unwrap_or_default()).await?;
         Ok((view, created))
     }
@@ -244,6 +249,48 @@ impl Shared {
             .await
             .map(|v| v.clone());
         Some(v.unwrap_or_else(|_| slot.view()))
+    }
+
+    /// Terminates, concurrently, every live instance for which `pick` is true; returns
+    /// them once all are gone.
+    pub async fn terminate_where(&self, grace: Option<Duration>, pick: impl Fn(&Slot) -> bool) -> Vec<View> {
+        let mut set = tokio::task::JoinSet::new();
+        for slot in self.list() {
+            if slot.view.borrow().state.is_terminal() || !pick(&slot) {
+                continue;
+            }
+            let mut rx = slot.subscribe();
+            slot.terminate(grace);
+            set.spawn(async move {
+                let v = rx.wait_for(|v| v.state.is_terminal()).await.map(|v| v.clone());
+                v.unwrap_or_else(|_| slot.view())
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(v) = r {
+                out.push(v);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Ends a session: terminates every instance launched for it.
+    pub async fn end_session(&self, session: &str, grace: Option<Duration>) -> Vec<View> {
+        self.terminate_where(grace, |s| s.key.session() == Some(session)).await
+    }
+
+    /// Ends a namespace: terminates every instance launched for it.
+    pub async fn end_namespace(&self, namespace: &str, grace: Option<Duration>) -> Vec<View> {
+        self.terminate_where(grace, |s| s.key.namespace() == Some(namespace)).await
+    }
+
+    /// Drops `holder`'s lease on an instance. `None` when there is no such instance.
+    pub fn release(&self, id: &InstanceId, holder: &str) -> Option<(View, bool)> {
+        let slot = self.get(id)?;
+        let had = slot.release(holder);
+        Some((slot.view(), had))
     }
 
     /// Stops accepting launches and terminates every live instance, concurrently.

@@ -81,6 +81,9 @@ pub fn instance_proto(v: &View) -> v1::Instance {
         failure: v.failure.clone(),
         status_text: v.status_text.clone(),
         port: u32::from(v.port),
+        breaker: v.breaker.as_str().to_owned(),
+        consecutive_failures: v.consecutive_failures,
+        leases: v.leases.clone(),
     }
 }
 
@@ -186,6 +189,7 @@ impl bulkhead_api::Bulkhead for Service {
             wait,
             timeout: (r.timeout_ms > 0)
                 .then(|| Duration::from_millis(r.timeout_ms.min(7 * 24 * 3600 * 1000))),
+            lease: opt(r.lease),
         };
         let (view, created) = self.sh.launch(args).await.map_err(launch_status)?;
         Ok(Response::new(v1::LaunchResponse {
@@ -326,6 +330,40 @@ impl bulkhead_api::Bulkhead for Service {
     ) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
         self.sh.reload();
         Ok(Response::new(workloads_proto(&self.sh)))
+    }
+
+    async fn release(&self, req: Request<v1::ReleaseRequest>) -> Result<Response<v1::Instance>, Status> {
+        let r = req.into_inner();
+        let id = parse_id(&r.id)?;
+        bulkhead_core::name::validate(bulkhead_core::name::NameKind::Lease, &r.holder)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        match self.sh.release(&id, &r.holder) {
+            None => Err(Status::not_found(format!("no instance {id}"))),
+            Some((_, false)) => Err(Status::not_found(format!("{} holds no lease on {id}", r.holder))),
+            Some((view, true)) => Ok(Response::new(instance_proto(&view))),
+        }
+    }
+
+    async fn end_session(&self, req: Request<v1::EndScopeRequest>) -> Result<Response<v1::EndScopeResponse>, Status> {
+        let r = req.into_inner();
+        bulkhead_core::name::validate(bulkhead_core::name::NameKind::Session, &r.name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let grace = r.grace_ms.map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
+        let views = self.sh.end_session(&r.name, grace).await;
+        Ok(Response::new(v1::EndScopeResponse {
+            terminated: views.iter().map(instance_proto).collect(),
+        }))
+    }
+
+    async fn end_namespace(&self, req: Request<v1::EndScopeRequest>) -> Result<Response<v1::EndScopeResponse>, Status> {
+        let r = req.into_inner();
+        bulkhead_core::name::validate(bulkhead_core::name::NameKind::Namespace, &r.name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let grace = r.grace_ms.map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
+        let views = self.sh.end_namespace(&r.name, grace).await;
+        Ok(Response::new(v1::EndScopeResponse {
+            terminated: views.iter().map(instance_proto).collect(),
+        }))
     }
 
     type LogsStream = BoxStream<v1::LogChunk>;
