@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// Log size in bytes at which an instance log rotates.
     #[arg(long, default_value_t = bulkhead_daemon::logs::DEFAULT_MAX_BYTES)]
     pub log_max_bytes: u64,
+    /// Serve Prometheus metrics (/metrics), /health and /ready over HTTP on this address,
+    /// e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -24,6 +24,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     init_tracing();
     let mut cfg = Config::new(a.workloads, Some(a.state), None);
     cfg.log_max_bytes = a.log_max_bytes;
+    cfg.metrics_addr = a.metrics;
     // --socket is global; serve honours it too.
     cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
     let daemon = Daemon::start(cfg).await?;

@@ -88,8 +88,9 @@ pub enum EventKind {
     Crashed { signal: i32, core_dumped: bool },
     /// A termination began: `signal` to the process group, SIGKILL after `grace_ms`.
     Terminating { signal: i32, grace_ms: u64 },
-    /// Every process of the instance is gone after a termination.
-    Terminated { status: ExitStatus },
+    /// Every process of the instance is gone after a stop bulkhead started (`status` is
+    /// absent when no process was running, e.g. during a restart backoff).
+    Terminated { status: Option<ExitStatus> },
     /// The restart policy starts the instance again after `delay_ms`.
     Restarting { attempt: u32, delay_ms: u64 },
     /// Too many consecutive failed runs: no more restarts, launches of the key fail fast.

@@ -1,68 +1,90 @@
 //! The instance lifecycle state machine: inputs in, effects out.
 //!
 //! ```text
-//!             Spawned (readiness configured)         ReadinessPassed
-//!  Starting ────────────────────────────────────▶ Starting(pid) ───────────────▶ Ready
-//!     │ SpawnFailed         │ Exited: Failed            │ ReadinessTimedOut        │ Exited
-//!     ▼                     ▼                           ▼                          ▼
-//!   Failed               Failed                Stopping(then Failed)     Exited | Crashed
-//!                                                       │ Exited
-//!  Starting | Ready ── Terminate ──▶ Stopping ──────────┴── Exited ──▶ Terminated (or Failed)
+//!                 Spawned            ReadinessPassed
+//!   Starting ───────────────▶ Starting(pid) ─────────────▶ Ready ◀──┐ Healthy
+//!     ▲  │ SpawnFailed             │ Exited / ReadinessTimedOut │ └───┘ Unhealthy (ready=false)
+//!     │  ▼                         ▼                           │ Exited / LivenessFailed
+//!     │  run ended ◀───────────────┴───────────────────────────┘
+//!     │     │ policy says restart, breaker closed   ──▶ Restarting ── RestartDue ──┐
+//!     │     │ max_failures consecutive failed runs  ──▶ Restarting (breaker open)  │
+//!     │     │                                            └─ CooldownOver (half-open)┤
+//!     │     └ no restart ──▶ Exited | Crashed | Failed                             │
+//!     └────────────────────────────────────────────────────────────────────────────┘
+//!   Starting | Ready | Restarting ── Terminate ──▶ Stopping ── Exited ──▶ Terminated
 //! ```
 //!
 //! One sentence per transition:
-//! - **Launch** ([`Instance::launch`]): a new instance is `Starting`; it emits `launched` and
-//!   asks for a spawn, exactly once.
-//! - **Spawned**: the process exists; emit `started`. Without readiness the instance is
-//!   `Ready` at once; with readiness the shell starts the readiness checks and its timeout.
-//! - **SpawnFailed**: the process never existed; `Failed` with `launch_failed`.
-//! - **ReadinessPassed** (while `Starting` with a process): `Ready`, emit `ready`.
-//! - **ReadinessTimedOut** (while `Starting`): emit `launch_failed`, stop the process with the
-//!   manifest's signal and grace, and end `Failed` once it is gone.
-//! - **Exited** while `Starting`: the launch failed; emit the exit (`exited`/`crashed`) and
-//!   `launch_failed` with the status. Readiness is bounded by liveness this way: a death ends
-//!   the wait at once.
-//! - **Exited** while `Ready`: `Exited` (an exit code) or `Crashed` (a signal).
-//! - **Terminate** while `Starting` or `Ready`: `Stopping`, emit `terminating`, stop the
-//!   process group. A terminate that arrives before the spawn reported back is remembered
-//!   and carried out on `Spawned`.
-//! - **Exited** while `Stopping`: emit `terminated` with the status, end `Terminated`
-//!   (`Failed` if the stop was caused by a failed launch).
+//! - **Launch** ([`Instance::launch`]): `Starting`; emit `launched`; spawn.
+//! - **Spawned**: emit `started`. Without readiness the instance is `Ready` at once; with
+//!   readiness the shell starts the checks and the backstop.
+//! - **ReadinessPassed** (while `Starting`): `Ready`, emit `ready`, start the monitors
+//!   (liveness, and readiness probes that keep watching). A half-open breaker closes here.
+//! - **Unhealthy** / **Healthy** (while `Ready`): readiness flapping after start is reported
+//!   (`unhealthy`, `ready`) and clears/sets `ready`; the process is not touched.
+//! - **LivenessFailed** (while `Ready`): emit `liveness_failed`, stop the process; the run
+//!   counts as failed.
+//! - **ReadinessTimedOut** (while `Starting`): emit `launch_failed`, stop the process; the
+//!   run counts as failed.
+//! - **SpawnFailed**, or **Exited** while `Starting`: emit the exit and `launch_failed`; the
+//!   run failed. Readiness is bounded by liveness this way: a death ends the wait at once.
+//! - **Run ended** (any exit that was not asked for by Terminate): a run that was ready for
+//!   at least `reset_after` first resets the attempt and failure counts. A failed run (a
+//!   crash, a non-zero exit, readiness never reached, liveness failed) adds one
+//!   consecutive failure. Then, if the policy restarts (`always`; `on-failure` and the run
+//!   failed): at `max_failures` consecutive failures the breaker opens (emit
+//!   `breaker_open`, wait `cooldown`); otherwise emit `restarting {attempt, delay}` and wait
+//!   the backoff. Both wait in `Restarting`. Without a restart the instance ends `Exited`
+//!   (an exit code), `Crashed` (a signal) or `Failed` (the launch never succeeded, or
+//!   liveness failed).
+//! - **RestartDue** (while `Restarting`, breaker closed): spawn again; `restarts` counts.
+//! - **CooldownOver** (while `Restarting`, breaker open): half-open, emit
+//!   `breaker_half_open`, one trial run. Its readiness closes the breaker (`breaker_closed`);
+//!   its failure opens it again.
+//! - **Terminate** while `Starting`, `Ready` or `Restarting`: `Stopping`, emit
+//!   `terminating`, stop the process group; with no process (restart pending, or spawn in
+//!   flight) the instance is `Terminated` at once (in flight: once the spawn reports back).
+//!   **Exited** while `Stopping` for a Terminate: emit `terminated`; `Terminated`.
 //! - Terminal states (`Exited`, `Crashed`, `Failed`, `Terminated`) absorb every input.
 //!
-//! Restarts (the supervision work) will add a transition out of `Exited`/`Crashed`; until
-//! then the registry replaces a terminal instance with a new one on the next launch.
+//! The core has no clock: the shell passes the time (`now_ms`, any monotonic millisecond
+//! count) with each input, and the jitter comes from a seeded [`Jitter`].
 
 use std::time::Duration;
 
 use crate::event::{EventKind, ExitStatus};
+use crate::restart::{backoff_delay, BreakerState, Jitter};
 use crate::signal::Signal;
-use crate::spec::Shutdown;
+use crate::spec::{Restart, RestartPolicy, Shutdown};
 
 /// Where an instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
     /// Launched; spawning, or spawned and waiting for readiness.
     Starting,
-    /// Running and ready.
+    /// Running; `ready` tells whether its readiness currently holds.
     Ready,
     /// Being stopped: signal sent, waiting for every process to be gone.
     Stopping,
-    /// Exited by itself with an exit code (0 or not) after it was ready.
+    /// Between runs: waiting for the backoff delay, or for the breaker's cooldown.
+    Restarting,
+    /// Exited by itself with an exit code, and will not be restarted.
     Exited,
-    /// Killed by a signal it did not get from bulkhead, after it was ready.
+    /// Killed by a signal bulkhead did not send, and will not be restarted.
     Crashed,
-    /// The launch failed (spawn error, exit before ready, readiness timeout).
+    /// The launch failed (spawn error, exit before ready, readiness timeout) or liveness
+    /// failed, and it will not be restarted.
     Failed,
     /// Stopped on request; every process is gone.
     Terminated,
 }
 
 impl State {
-    pub const ALL: [State; 7] = [
+    pub const ALL: [State; 8] = [
         State::Starting,
         State::Ready,
         State::Stopping,
+        State::Restarting,
         State::Exited,
         State::Crashed,
         State::Failed,
@@ -74,6 +96,7 @@ impl State {
             State::Starting => "starting",
             State::Ready => "ready",
             State::Stopping => "stopping",
+            State::Restarting => "restarting",
             State::Exited => "exited",
             State::Crashed => "crashed",
             State::Failed => "failed",
@@ -107,8 +130,18 @@ pub enum Input {
     ReadinessTimedOut,
     /// Every process of the instance is gone; this is the main process's status.
     Exited(ExitStatus),
-    /// Stop it; `grace` overrides the manifest's.
+    /// Stop it for good; `grace` overrides the manifest's.
     Terminate { grace: Option<Duration> },
+    /// A readiness probe of a ready instance failed `failure_threshold` times.
+    Unhealthy { reason: String },
+    /// The readiness probes pass again.
+    Healthy,
+    /// A liveness probe failed `failure_threshold` times.
+    LivenessFailed { reason: String },
+    /// The backoff delay asked for by [`Effect::ScheduleRestart`] passed.
+    RestartDue,
+    /// The cooldown asked for by [`Effect::ScheduleCooldown`] passed.
+    CooldownOver,
 }
 
 /// What the state machine asks the shell to do, in order.
@@ -121,44 +154,101 @@ pub enum Effect {
     StartReadiness { timeout: Duration },
     /// Stop the readiness checks and the backstop.
     StopReadiness,
+    /// Start watching a ready instance: liveness probes (answer `LivenessFailed`) and the
+    /// readiness probes (answer `Unhealthy` / `Healthy`).
+    StartMonitors,
+    StopMonitors,
     /// Send `signal` to the whole instance, SIGKILL after `grace`; answer with `Exited`.
     Stop { signal: Signal, grace: Duration },
+    /// Answer with `RestartDue` after `delay` (replaces any pending timer).
+    ScheduleRestart { delay: Duration },
+    /// Answer with `CooldownOver` after `after` (replaces any pending timer).
+    ScheduleCooldown { after: Duration },
+    /// Drop a pending restart or cooldown timer.
+    CancelTimer,
     /// Publish an event.
     Emit(EventKind),
 }
 
-/// The lifecycle of one instance. Identity (key, spec) lives with the shell; this holds
-/// just what the transitions need.
+/// Everything the state machine needs to know about a workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `None` when the workload has no readiness checks.
+    pub readiness_timeout: Option<Duration>,
+    pub shutdown: Shutdown,
+    pub restart: Restart,
+    /// Seed for the backoff jitter.
+    pub seed: u64,
+}
+
+impl Config {
+    /// A config with no readiness, the default shutdown and no restarts.
+    pub fn simple() -> Config {
+        Config {
+            readiness_timeout: None,
+            shutdown: Shutdown::default(),
+            restart: Restart::default(),
+            seed: 0,
+        }
+    }
+}
+
+/// Why the current stop was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopCause {
+    /// A Terminate: the instance ends `Terminated`.
+    Terminate,
+    /// Liveness failed or readiness timed out: the run failed; the policy decides.
+    Failure,
+}
+
+/// The lifecycle of one instance. Identity (key, spec) lives with the shell.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Instance {
+    cfg: Config,
     state: State,
     pid: Option<u32>,
+    /// The current run has a process (or had one until it exited).
     spawned: bool,
+    /// A spawn was asked for and has not reported back.
+    spawn_pending: bool,
     ready: bool,
+    /// When the current run became ready.
+    ready_at_ms: Option<u64>,
     last_exit: Option<ExitStatus>,
+    /// Why the current run (or launch) failed; cleared when a new run starts.
     failure: Option<String>,
-    pending_stop: Option<Duration>,
-    readiness_timeout: Option<Duration>,
-    shutdown: Shutdown,
+    stop_cause: Option<StopCause>,
+    pending_terminate: Option<Duration>,
+    restarts: u32,
+    /// Restart attempts since the last healthy run (drives the backoff).
+    attempt: u32,
+    consecutive_failures: u32,
+    breaker: BreakerState,
+    jitter: Jitter,
 }
 
 impl Instance {
-    /// A new instance. `readiness_timeout` is `None` when the workload has no readiness
-    /// checks. Returns the first effects: emit `launched`, spawn.
-    pub fn launch(
-        readiness_timeout: Option<Duration>,
-        shutdown: Shutdown,
-    ) -> (Instance, Vec<Effect>) {
+    /// A new instance. Returns the first effects: emit `launched`, spawn.
+    pub fn launch(cfg: Config) -> (Instance, Vec<Effect>) {
+        let jitter = Jitter::new(cfg.seed);
         let inst = Instance {
+            cfg,
             state: State::Starting,
             pid: None,
             spawned: false,
+            spawn_pending: true,
             ready: false,
+            ready_at_ms: None,
             last_exit: None,
             failure: None,
-            pending_stop: None,
-            readiness_timeout,
-            shutdown,
+            stop_cause: None,
+            pending_terminate: None,
+            restarts: 0,
+            attempt: 0,
+            consecutive_failures: 0,
+            breaker: BreakerState::Closed,
+            jitter,
         };
         (inst, vec![Effect::Emit(EventKind::Launched), Effect::Spawn])
     }
@@ -175,95 +265,155 @@ impl Instance {
     pub fn last_exit(&self) -> Option<ExitStatus> {
         self.last_exit
     }
-    /// Why the launch failed, once it has.
+    /// Why the current run failed, or why launches fail fast (breaker open).
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
     }
-    /// A process was spawned and has not been seen to exit.
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+    pub fn breaker(&self) -> BreakerState {
+        self.breaker
+    }
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+    /// A process was spawned for the current run and has not been seen to exit.
     pub fn has_live_process(&self) -> bool {
-        self.spawned && self.last_exit.is_none() && !self.state.is_terminal()
+        self.spawned && matches!(self.state, State::Starting | State::Ready | State::Stopping)
+    }
+    /// A spawn was asked for and has not reported back.
+    pub fn spawn_pending(&self) -> bool {
+        self.spawn_pending
     }
 
-    /// Applies one input and returns the effects to carry out, in order.
-    pub fn handle(&mut self, input: Input) -> Vec<Effect> {
+    /// Applies one input at time `now_ms` and returns the effects to carry out, in order.
+    pub fn handle(&mut self, input: Input, now_ms: u64) -> Vec<Effect> {
         use State::*;
         let mut fx = Vec::new();
         if self.state.is_terminal() {
             return fx;
         }
         match (self.state, input) {
-            (Starting, Input::Spawned { pid }) if !self.spawned => {
+            (Starting, Input::Spawned { pid }) if self.spawn_pending => {
+                self.spawn_pending = false;
                 self.spawned = true;
                 self.pid = pid;
                 fx.push(Effect::Emit(EventKind::Started { pid }));
-                if let Some(grace) = self.pending_stop.take() {
-                    self.begin_stop(grace, &mut fx);
-                } else if let Some(timeout) = self.readiness_timeout {
+                if let Some(grace) = self.pending_terminate.take() {
+                    self.begin_stop(grace, StopCause::Terminate, &mut fx);
+                } else if let Some(timeout) = self.cfg.readiness_timeout {
                     fx.push(Effect::StartReadiness { timeout });
                 } else {
-                    self.become_ready(&mut fx);
+                    self.become_ready(now_ms, &mut fx);
                 }
             }
-            (Starting, Input::SpawnFailed { reason }) if !self.spawned() => {
+            (Starting, Input::SpawnFailed { reason }) if self.spawn_pending => {
+                self.spawn_pending = false;
                 let reason = format!("spawn failed: {reason}");
-                self.failure = Some(reason.clone());
-                self.state = Failed;
-                fx.push(Effect::Emit(EventKind::LaunchFailed { reason }));
+                fx.push(Effect::Emit(EventKind::LaunchFailed {
+                    reason: reason.clone(),
+                }));
+                self.failure = Some(reason);
+                if self.pending_terminate.take().is_some() {
+                    self.state = Terminated;
+                } else {
+                    self.run_ended(true, now_ms, &mut fx);
+                }
             }
-            (Starting, Input::ReadinessPassed) if self.spawned() => {
+            (Starting, Input::ReadinessPassed) if self.spawned => {
                 fx.push(Effect::StopReadiness);
-                self.become_ready(&mut fx);
+                self.become_ready(now_ms, &mut fx);
             }
-            (Starting, Input::ReadinessTimedOut) if self.spawned() => {
-                let timeout = self.readiness_timeout.unwrap_or_default();
+            (Starting, Input::ReadinessTimedOut) if self.spawned => {
+                let timeout = self.cfg.readiness_timeout.unwrap_or_default();
                 let reason = format!(
                     "not ready within the readiness timeout of {}",
                     crate::duration::format(timeout)
                 );
-                self.failure = Some(reason.clone());
                 fx.push(Effect::StopReadiness);
-                fx.push(Effect::Emit(EventKind::LaunchFailed { reason }));
-                self.begin_stop(self.shutdown.grace, &mut fx);
+                fx.push(Effect::Emit(EventKind::LaunchFailed {
+                    reason: reason.clone(),
+                }));
+                self.failure = Some(reason);
+                self.begin_stop(self.cfg.shutdown.grace, StopCause::Failure, &mut fx);
             }
-            (Starting, Input::Exited(status)) if self.spawned() => {
+            (Starting, Input::Exited(status)) if self.spawned => {
                 self.last_exit = Some(status);
                 let reason = format!("exited during start-up with {status}");
-                self.failure = Some(reason.clone());
-                self.state = Failed;
                 fx.push(Effect::StopReadiness);
                 fx.push(Effect::Emit(EventKind::for_exit(status)));
-                fx.push(Effect::Emit(EventKind::LaunchFailed { reason }));
+                fx.push(Effect::Emit(EventKind::LaunchFailed {
+                    reason: reason.clone(),
+                }));
+                self.failure = Some(reason);
+                self.run_ended(true, now_ms, &mut fx);
             }
             (Starting, Input::Terminate { grace }) => {
-                let grace = grace.unwrap_or(self.shutdown.grace);
-                if self.spawned() {
+                let grace = grace.unwrap_or(self.cfg.shutdown.grace);
+                if self.spawned {
                     fx.push(Effect::StopReadiness);
-                    self.begin_stop(grace, &mut fx);
+                    self.begin_stop(grace, StopCause::Terminate, &mut fx);
                 } else {
                     // The spawn is in flight: stop as soon as it reports back.
-                    self.pending_stop = Some(grace);
+                    self.pending_terminate = Some(grace);
                 }
+            }
+            (Ready, Input::Unhealthy { reason }) if self.ready => {
+                self.ready = false;
+                fx.push(Effect::Emit(EventKind::Unhealthy { reason }));
+            }
+            (Ready, Input::Healthy) if !self.ready => {
+                self.ready = true;
+                fx.push(Effect::Emit(EventKind::Ready));
+            }
+            (Ready, Input::LivenessFailed { reason }) => {
+                let reason = format!("liveness probe failed: {reason}");
+                fx.push(Effect::Emit(EventKind::LivenessFailed {
+                    reason: reason.clone(),
+                }));
+                self.failure = Some(reason);
+                self.begin_stop(self.cfg.shutdown.grace, StopCause::Failure, &mut fx);
             }
             (Ready, Input::Exited(status)) => {
                 self.last_exit = Some(status);
-                self.ready = false;
-                self.state = match status {
-                    ExitStatus::Exited { .. } => Exited,
-                    ExitStatus::Signaled { .. } => Crashed,
-                };
+                fx.push(Effect::StopMonitors);
                 fx.push(Effect::Emit(EventKind::for_exit(status)));
+                self.run_ended(!status.success(), now_ms, &mut fx);
             }
             (Ready, Input::Terminate { grace }) => {
-                self.begin_stop(grace.unwrap_or(self.shutdown.grace), &mut fx);
+                let grace = grace.unwrap_or(self.cfg.shutdown.grace);
+                self.begin_stop(grace, StopCause::Terminate, &mut fx);
             }
             (Stopping, Input::Exited(status)) => {
                 self.last_exit = Some(status);
-                self.state = if self.failure.is_some() {
-                    Failed
+                fx.push(Effect::Emit(EventKind::Terminated {
+                    status: Some(status),
+                }));
+                if self.stop_cause == Some(StopCause::Terminate) {
+                    self.state = Terminated;
                 } else {
-                    Terminated
-                };
-                fx.push(Effect::Emit(EventKind::Terminated { status }));
+                    self.run_ended(true, now_ms, &mut fx);
+                }
+            }
+            (Stopping, Input::Terminate { .. }) => {
+                // A failure stop becomes a terminate: no restart after it.
+                self.stop_cause = Some(StopCause::Terminate);
+            }
+            (Restarting, Input::RestartDue) if self.breaker == BreakerState::Closed => {
+                self.restarts += 1;
+                self.start_run(&mut fx);
+            }
+            (Restarting, Input::CooldownOver) if self.breaker == BreakerState::Open => {
+                self.breaker = BreakerState::HalfOpen;
+                self.restarts += 1;
+                fx.push(Effect::Emit(EventKind::BreakerHalfOpen));
+                self.start_run(&mut fx);
+            }
+            (Restarting, Input::Terminate { .. }) => {
+                fx.push(Effect::CancelTimer);
+                fx.push(Effect::Emit(EventKind::Terminated { status: None }));
+                self.state = Terminated;
             }
             // Everything else is a duplicate or out-of-order report: ignore it. In
             // particular a second Spawned never creates a second process, and a
@@ -273,25 +423,109 @@ impl Instance {
         fx
     }
 
-    fn spawned(&self) -> bool {
-        self.spawned
+    fn start_run(&mut self, fx: &mut Vec<Effect>) {
+        self.state = State::Starting;
+        self.spawned = false;
+        self.spawn_pending = true;
+        self.pid = None;
+        self.ready = false;
+        self.ready_at_ms = None;
+        self.failure = None;
+        self.stop_cause = None;
+        fx.push(Effect::Spawn);
     }
 
-    fn become_ready(&mut self, fx: &mut Vec<Effect>) {
+    fn become_ready(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
         self.state = State::Ready;
         self.ready = true;
+        self.ready_at_ms = Some(now_ms);
         fx.push(Effect::Emit(EventKind::Ready));
+        if self.breaker == BreakerState::HalfOpen {
+            self.breaker = BreakerState::Closed;
+            self.consecutive_failures = 0;
+            self.attempt = 0;
+            fx.push(Effect::Emit(EventKind::BreakerClosed));
+        }
+        fx.push(Effect::StartMonitors);
     }
 
-    fn begin_stop(&mut self, grace: Duration, fx: &mut Vec<Effect>) {
+    fn begin_stop(&mut self, grace: Duration, cause: StopCause, fx: &mut Vec<Effect>) {
+        if self.state == State::Ready {
+            fx.push(Effect::StopMonitors);
+        }
         self.state = State::Stopping;
         self.ready = false;
-        let signal = self.shutdown.signal;
+        self.stop_cause = Some(cause);
+        let signal = self.cfg.shutdown.signal;
         fx.push(Effect::Emit(EventKind::Terminating {
             signal: signal.number(),
             grace_ms: grace.as_millis() as u64,
         }));
         fx.push(Effect::Stop { signal, grace });
+    }
+
+    /// A run is over without a Terminate: decide between restarting, opening the breaker
+    /// and ending.
+    fn run_ended(&mut self, failed: bool, now_ms: u64, fx: &mut Vec<Effect>) {
+        let r = self.cfg.restart;
+        self.ready = false;
+        let healthy_uptime = self
+            .ready_at_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) >= r.reset_after.as_millis() as u64);
+        if healthy_uptime {
+            self.attempt = 0;
+            self.consecutive_failures = 0;
+        }
+        if failed {
+            self.consecutive_failures += 1;
+        }
+        let restart = match r.policy {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => failed,
+            RestartPolicy::Always => true,
+        };
+        let trial_failed = self.breaker == BreakerState::HalfOpen && failed;
+        if restart && (trial_failed || (failed && self.consecutive_failures >= r.max_failures)) {
+            self.breaker = BreakerState::Open;
+            let last = self
+                .failure
+                .clone()
+                .or_else(|| self.last_exit.map(|s| format!("exited with {s}")))
+                .unwrap_or_else(|| "failed".into());
+            fx.push(Effect::Emit(EventKind::BreakerOpen {
+                failures: self.consecutive_failures,
+                reason: last.clone(),
+            }));
+            self.failure = Some(format!(
+                "circuit breaker open after {} consecutive failed runs (last: {last}); next trial in {}",
+                self.consecutive_failures,
+                crate::duration::format(r.cooldown)
+            ));
+            self.state = State::Restarting;
+            fx.push(Effect::ScheduleCooldown { after: r.cooldown });
+        } else if restart {
+            if self.breaker == BreakerState::HalfOpen {
+                // The trial ended without failing (an exit 0 under `always`): closed.
+                self.breaker = BreakerState::Closed;
+                self.consecutive_failures = 0;
+                fx.push(Effect::Emit(EventKind::BreakerClosed));
+            }
+            self.attempt = self.attempt.saturating_add(1);
+            let delay = backoff_delay(&r.backoff, self.attempt, self.jitter.next_unit());
+            fx.push(Effect::Emit(EventKind::Restarting {
+                attempt: self.attempt,
+                delay_ms: delay.as_millis() as u64,
+            }));
+            self.state = State::Restarting;
+            fx.push(Effect::ScheduleRestart { delay });
+        } else {
+            self.state = match self.last_exit {
+                _ if self.failure.is_some() => State::Failed,
+                Some(ExitStatus::Signaled { .. }) => State::Crashed,
+                Some(ExitStatus::Exited { .. }) => State::Exited,
+                None => State::Failed,
+            };
+        }
     }
 }
 
@@ -300,11 +534,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn cfg(readiness: bool, policy: RestartPolicy) -> Config {
+        Config {
+            readiness_timeout: readiness.then_some(Duration::from_secs(5)),
+            restart: Restart {
+                policy,
+                max_failures: 3,
+                ..Restart::default()
+            },
+            ..Config::simple()
+        }
+    }
+
     fn launch(readiness: bool) -> (Instance, Vec<Effect>) {
-        Instance::launch(
-            readiness.then_some(Duration::from_secs(5)),
-            Shutdown::default(),
-        )
+        Instance::launch(cfg(readiness, RestartPolicy::Never))
     }
 
     fn events(fx: &[Effect]) -> Vec<&'static str> {
@@ -316,14 +559,20 @@ mod tests {
             .collect()
     }
 
+    const SEGV: ExitStatus = ExitStatus::Signaled {
+        signal: 11,
+        core_dumped: false,
+    };
+
     #[test]
     fn happy_path_without_readiness() {
         let (mut i, fx) = launch(false);
         assert_eq!(fx, vec![Effect::Emit(EventKind::Launched), Effect::Spawn]);
-        let fx = i.handle(Input::Spawned { pid: Some(42) });
+        let fx = i.handle(Input::Spawned { pid: Some(42) }, 0);
         assert_eq!(events(&fx), vec!["started", "ready"]);
+        assert!(fx.contains(&Effect::StartMonitors));
         assert_eq!(i.state(), State::Ready);
-        let fx = i.handle(Input::Terminate { grace: None });
+        let fx = i.handle(Input::Terminate { grace: None }, 1);
         assert_eq!(i.state(), State::Stopping);
         assert!(fx.contains(&Effect::Stop {
             signal: Signal::TERM,
@@ -333,8 +582,11 @@ mod tests {
             signal: 15,
             core_dumped: false,
         };
-        let fx = i.handle(Input::Exited(st));
-        assert_eq!(fx, vec![Effect::Emit(EventKind::Terminated { status: st })]);
+        let fx = i.handle(Input::Exited(st), 2);
+        assert_eq!(
+            fx,
+            vec![Effect::Emit(EventKind::Terminated { status: Some(st) })]
+        );
         assert_eq!(i.state(), State::Terminated);
         assert_eq!(i.last_exit(), Some(st));
     }
@@ -342,7 +594,7 @@ mod tests {
     #[test]
     fn readiness_then_crash_keeps_signal_and_core() {
         let (mut i, _) = launch(true);
-        let fx = i.handle(Input::Spawned { pid: Some(7) });
+        let fx = i.handle(Input::Spawned { pid: Some(7) }, 0);
         assert_eq!(
             fx[1],
             Effect::StartReadiness {
@@ -350,44 +602,47 @@ mod tests {
             }
         );
         assert_eq!(i.state(), State::Starting);
-        i.handle(Input::ReadinessPassed);
+        i.handle(Input::ReadinessPassed, 1);
         assert_eq!(i.state(), State::Ready);
         let st = ExitStatus::Signaled {
             signal: 11,
             core_dumped: true,
         };
-        let fx = i.handle(Input::Exited(st));
-        assert_eq!(
-            fx,
-            vec![Effect::Emit(EventKind::Crashed {
-                signal: 11,
-                core_dumped: true
-            })]
-        );
+        let fx = i.handle(Input::Exited(st), 2);
+        assert!(fx.contains(&Effect::Emit(EventKind::Crashed {
+            signal: 11,
+            core_dumped: true
+        })));
         assert_eq!(i.state(), State::Crashed);
     }
 
     #[test]
     fn exit_during_startup_fails_the_launch_with_the_status() {
         let (mut i, _) = launch(true);
-        i.handle(Input::Spawned { pid: Some(7) });
-        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 3 }));
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 3 }), 1);
         assert_eq!(events(&fx), vec!["exited", "launch_failed"]);
         assert_eq!(i.state(), State::Failed);
-        assert_eq!(i.failure(), Some("exited during start-up with exit code 3"));
+        assert_eq!(
+            i.failure(),
+            Some("exited during start-up with exit code 3")
+        );
     }
 
     #[test]
     fn readiness_timeout_stops_then_fails() {
         let (mut i, _) = launch(true);
-        i.handle(Input::Spawned { pid: Some(7) });
-        let fx = i.handle(Input::ReadinessTimedOut);
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        let fx = i.handle(Input::ReadinessTimedOut, 1);
         assert_eq!(events(&fx), vec!["launch_failed", "terminating"]);
         assert_eq!(i.state(), State::Stopping);
-        i.handle(Input::Exited(ExitStatus::Signaled {
-            signal: 15,
-            core_dumped: false,
-        }));
+        i.handle(
+            Input::Exited(ExitStatus::Signaled {
+                signal: 15,
+                core_dumped: false,
+            }),
+            2,
+        );
         assert_eq!(i.state(), State::Failed);
         assert!(i.failure().unwrap().contains("readiness timeout of 5s"));
     }
@@ -396,11 +651,14 @@ mod tests {
     fn terminate_during_spawn_is_carried_out_after_it() {
         let (mut i, _) = launch(true);
         assert!(i
-            .handle(Input::Terminate {
-                grace: Some(Duration::from_millis(5))
-            })
+            .handle(
+                Input::Terminate {
+                    grace: Some(Duration::from_millis(5))
+                },
+                0
+            )
             .is_empty());
-        let fx = i.handle(Input::Spawned { pid: Some(9) });
+        let fx = i.handle(Input::Spawned { pid: Some(9) }, 1);
         assert_eq!(events(&fx), vec!["started", "terminating"]);
         assert!(fx.contains(&Effect::Stop {
             signal: Signal::TERM,
@@ -411,12 +669,164 @@ mod tests {
     #[test]
     fn spawn_failure() {
         let (mut i, _) = launch(false);
-        let fx = i.handle(Input::SpawnFailed {
-            reason: "no such file".into(),
-        });
+        let fx = i.handle(
+            Input::SpawnFailed {
+                reason: "no such file".into(),
+            },
+            0,
+        );
         assert_eq!(events(&fx), vec!["launch_failed"]);
         assert_eq!(i.state(), State::Failed);
         assert_eq!(i.failure(), Some("spawn failed: no such file"));
+    }
+
+    #[test]
+    fn on_failure_restarts_with_growing_backoff_then_opens_the_breaker() {
+        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::OnFailure));
+        let mut delays = Vec::new();
+        let mut t = 0;
+        for run in 1..=3u32 {
+            i.handle(Input::Spawned { pid: Some(run) }, t);
+            let fx = i.handle(Input::Exited(SEGV), t + 1);
+            t += 10;
+            if run < 3 {
+                assert_eq!(i.state(), State::Restarting);
+                let delay = fx
+                    .iter()
+                    .find_map(|e| match e {
+                        Effect::ScheduleRestart { delay } => Some(*delay),
+                        _ => None,
+                    })
+                    .unwrap();
+                delays.push(delay);
+                assert!(fx.contains(&Effect::Emit(EventKind::Restarting {
+                    attempt: run,
+                    delay_ms: delay.as_millis() as u64
+                })));
+                assert_eq!(i.handle(Input::RestartDue, t), vec![Effect::Spawn]);
+                assert_eq!(i.restarts(), run);
+            } else {
+                assert_eq!(events(&fx), vec!["crashed", "launch_failed", "breaker_open"]);
+                assert!(fx.contains(&Effect::ScheduleCooldown {
+                    after: Duration::from_secs(60)
+                }));
+                assert_eq!(i.breaker(), BreakerState::Open);
+                assert!(i.failure().unwrap().starts_with("circuit breaker open after 3"));
+            }
+        }
+        assert!(delays[1] > delays[0], "{delays:?}");
+        // A restart timer firing while open does nothing; the cooldown gives one trial.
+        assert!(i.handle(Input::RestartDue, t).is_empty());
+        let fx = i.handle(Input::CooldownOver, t);
+        assert_eq!(events(&fx), vec!["breaker_half_open"]);
+        assert!(fx.contains(&Effect::Spawn));
+        // The trial fails: open again at once.
+        i.handle(Input::Spawned { pid: Some(9) }, t);
+        let fx = i.handle(Input::Exited(SEGV), t + 1);
+        assert_eq!(events(&fx), vec!["crashed", "launch_failed", "breaker_open"]);
+        // The next trial becomes ready: closed.
+        i.handle(Input::CooldownOver, t + 2);
+        i.handle(Input::Spawned { pid: Some(10) }, t + 3);
+        let fx = i.handle(Input::ReadinessPassed, t + 4);
+        assert_eq!(events(&fx), vec!["ready", "breaker_closed"]);
+        assert_eq!(i.breaker(), BreakerState::Closed);
+        assert_eq!(i.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn on_failure_does_not_restart_a_clean_exit_but_always_does() {
+        let (mut i, _) = Instance::launch(cfg(false, RestartPolicy::OnFailure));
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        i.handle(Input::Exited(ExitStatus::Exited { code: 0 }), 1);
+        assert_eq!(i.state(), State::Exited);
+        let (mut i, _) = Instance::launch(cfg(false, RestartPolicy::Always));
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 0 }), 1);
+        assert_eq!(i.state(), State::Restarting);
+        assert_eq!(events(&fx), vec!["exited", "restarting"]);
+        assert_eq!(i.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn healthy_uptime_resets_the_backoff() {
+        let mut c = cfg(false, RestartPolicy::Always);
+        c.restart.reset_after = Duration::from_secs(1);
+        c.restart.backoff.jitter = 0.0;
+        let (mut i, _) = Instance::launch(c);
+        let delay_of = |fx: &[Effect]| {
+            fx.iter()
+                .find_map(|e| match e {
+                    Effect::ScheduleRestart { delay } => Some(*delay),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        let d1 = delay_of(&i.handle(Input::Exited(SEGV), 10));
+        i.handle(Input::RestartDue, 200);
+        i.handle(Input::Spawned { pid: Some(2) }, 200);
+        let d2 = delay_of(&i.handle(Input::Exited(SEGV), 210));
+        assert_eq!(d2, d1 * 2);
+        i.handle(Input::RestartDue, 500);
+        i.handle(Input::Spawned { pid: Some(3) }, 500);
+        // Up for 5 s >= reset_after: the backoff starts over.
+        let d3 = delay_of(&i.handle(Input::Exited(SEGV), 5_500));
+        assert_eq!(d3, d1);
+        assert_eq!(i.consecutive_failures(), 1);
+    }
+
+    #[test]
+    fn liveness_failure_stops_and_restarts() {
+        let (mut i, _) = Instance::launch(cfg(false, RestartPolicy::OnFailure));
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        let fx = i.handle(
+            Input::LivenessFailed {
+                reason: "tcp refused".into(),
+            },
+            5,
+        );
+        assert_eq!(events(&fx), vec!["liveness_failed", "terminating"]);
+        assert!(fx.contains(&Effect::StopMonitors));
+        let fx = i.handle(
+            Input::Exited(ExitStatus::Signaled {
+                signal: 15,
+                core_dumped: false,
+            }),
+            6,
+        );
+        assert_eq!(events(&fx), vec!["terminated", "restarting"]);
+        assert_eq!(i.state(), State::Restarting);
+    }
+
+    #[test]
+    fn readiness_flapping_is_reported_without_killing() {
+        let (mut i, _) = launch(true);
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        i.handle(Input::ReadinessPassed, 1);
+        let fx = i.handle(Input::Unhealthy { reason: "503".into() }, 2);
+        assert_eq!(events(&fx), vec!["unhealthy"]);
+        assert!(!i.ready());
+        assert_eq!(i.state(), State::Ready);
+        assert!(i.handle(Input::Unhealthy { reason: "503".into() }, 3).is_empty());
+        assert_eq!(events(&i.handle(Input::Healthy, 4)), vec!["ready"]);
+        assert!(i.ready());
+    }
+
+    #[test]
+    fn terminate_while_restarting_ends_at_once() {
+        let (mut i, _) = Instance::launch(cfg(false, RestartPolicy::Always));
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        i.handle(Input::Exited(SEGV), 1);
+        let fx = i.handle(Input::Terminate { grace: None }, 2);
+        assert_eq!(
+            fx,
+            vec![
+                Effect::CancelTimer,
+                Effect::Emit(EventKind::Terminated { status: None })
+            ]
+        );
+        assert_eq!(i.state(), State::Terminated);
+        assert!(i.handle(Input::RestartDue, 3).is_empty());
     }
 
     #[test]
@@ -443,26 +853,69 @@ mod tests {
             Just(Input::ReadinessPassed),
             Just(Input::ReadinessTimedOut),
             any_status().prop_map(Input::Exited),
+            any_status().prop_map(Input::Exited),
             proptest::option::of(0u64..10_000).prop_map(|g| Input::Terminate {
                 grace: g.map(Duration::from_millis)
             }),
+            "[a-z]{0,5}".prop_map(|reason| Input::Unhealthy { reason }),
+            Just(Input::Healthy),
+            "[a-z]{0,5}".prop_map(|reason| Input::LivenessFailed { reason }),
+            Just(Input::RestartDue),
+            Just(Input::CooldownOver),
+        ]
+    }
+
+    fn any_policy() -> impl Strategy<Value = RestartPolicy> {
+        prop_oneof![
+            Just(RestartPolicy::Never),
+            Just(RestartPolicy::OnFailure),
+            Just(RestartPolicy::Always)
         ]
     }
 
     proptest! {
         /// Any order of inputs keeps the invariants.
         #[test]
-        fn invariants_hold_for_any_input_order(readiness in any::<bool>(), inputs in proptest::collection::vec(any_input(), 0..40)) {
-            let (mut inst, first) = launch(readiness);
+        fn invariants_hold_for_any_input_order(
+            readiness in any::<bool>(),
+            policy in any_policy(),
+            seed in any::<u64>(),
+            inputs in proptest::collection::vec((any_input(), 0u64..100_000), 0..60),
+        ) {
+            let mut c = cfg(readiness, policy);
+            c.seed = seed;
+            let (mut inst, first) = Instance::launch(c);
             let mut all: Vec<Effect> = first;
-            let mut first_exit_while_live: Option<ExitStatus> = None;
+            // A spawn may only be asked for when no process of this instance is live and
+            // no other spawn is pending.
+            let mut live_or_pending = true;
             let mut seen_terminal: Option<State> = None;
-            for input in inputs {
-                let live_before = inst.has_live_process();
-                if let (Input::Exited(st), true) = (&input, live_before) {
-                    first_exit_while_live.get_or_insert(*st);
+            let mut now = 0;
+            for (input, dt) in inputs {
+                now += dt;
+                let exit_while_live = match &input {
+                    Input::Exited(st) if inst.has_live_process() => Some(*st),
+                    _ => None,
+                };
+                let fx = inst.handle(input.clone(), now);
+                if matches!(input, Input::SpawnFailed { .. }) && !inst.spawn_pending() && !inst.has_live_process() {
+                    live_or_pending = false;
                 }
-                let fx = inst.handle(input);
+                if let Some(st) = exit_while_live {
+                    live_or_pending = false;
+                    // The exit status is preserved exactly.
+                    prop_assert_eq!(inst.last_exit(), Some(st));
+                }
+                for e in &fx {
+                    match e {
+                        Effect::Spawn => {
+                            prop_assert!(!live_or_pending, "a second process for one key");
+                            live_or_pending = true;
+                        }
+                        Effect::Stop { .. } => prop_assert!(inst.has_live_process()),
+                        _ => {}
+                    }
+                }
                 // Terminal states stay terminal and absorb everything.
                 if let Some(t) = seen_terminal {
                     prop_assert_eq!(inst.state(), t);
@@ -472,40 +925,25 @@ mod tests {
                     seen_terminal = Some(inst.state());
                     prop_assert!(!inst.has_live_process());
                 }
-                // Stop only while a process exists.
-                for e in &fx {
-                    if matches!(e, Effect::Stop { .. }) {
-                        prop_assert!(inst.has_live_process());
-                    }
-                }
                 // Ready implies the state is Ready.
-                prop_assert_eq!(inst.ready(), inst.state() == State::Ready);
+                prop_assert!(!inst.ready() || inst.state() == State::Ready);
+                // The breaker is open only while waiting in Restarting.
+                if inst.breaker() == BreakerState::Open {
+                    prop_assert!(matches!(inst.state(), State::Restarting | State::Terminated));
+                }
+                // Never restarts under `never`.
+                if policy == RestartPolicy::Never {
+                    prop_assert_eq!(inst.restarts(), 0);
+                    prop_assert!(inst.state() != State::Restarting);
+                }
                 all.extend(fx);
             }
-            // At most one process per instance, hence per key: one spawn request ever.
-            prop_assert_eq!(all.iter().filter(|e| **e == Effect::Spawn).count(), 1);
-            // Events: launched first, at most one started, ready only after started,
-            // at most one exit-like event.
             let names: Vec<&str> = events(&all);
             prop_assert_eq!(names[0], "launched");
-            prop_assert!(names.iter().filter(|n| **n == "started").count() <= 1);
+            prop_assert_eq!(names.iter().filter(|n| **n == "launched").count(), 1);
+            // Every `ready` follows a `started` of some run.
             if let Some(r) = names.iter().position(|n| *n == "ready") {
                 prop_assert!(names[..r].contains(&"started"));
-            }
-            prop_assert!(names.iter().filter(|n| matches!(**n, "exited" | "crashed" | "terminated")).count() <= 1);
-            // The exit status is preserved exactly.
-            prop_assert_eq!(inst.last_exit(), first_exit_while_live);
-            if let Some(st) = first_exit_while_live {
-                let reported = all.iter().find_map(|e| match e {
-                    Effect::Emit(EventKind::Terminated { status }) => Some(*status),
-                    Effect::Emit(k @ (EventKind::Exited { .. } | EventKind::Crashed { .. })) => Some(match k {
-                        EventKind::Exited { exit_code } => ExitStatus::Exited { code: *exit_code },
-                        EventKind::Crashed { signal, core_dumped } => ExitStatus::Signaled { signal: *signal, core_dumped: *core_dumped },
-                        _ => unreachable!(),
-                    }),
-                    _ => None,
-                });
-                prop_assert_eq!(reported, Some(st));
             }
         }
     }

@@ -73,11 +73,21 @@ pub struct WorkloadSpec {
     /// When an instance counts as ready. Absent: ready as soon as it is started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness: Option<Readiness>,
+    /// Probes that, failing, restart the instance per its policy. Run once it is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Liveness>,
     #[serde(default)]
     pub shutdown: Shutdown,
-    /// Parsed and validated now; carried out by the supervision work.
+    /// When a stopped instance is started again, with backoff and a circuit breaker.
     #[serde(default)]
     pub restart: Restart,
+    /// Terminate an instance that no lease has held for this long.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_timeout: Option<Duration>,
     /// `bulkhead up` launches it.
     #[serde(default)]
     pub autostart: bool,
@@ -99,6 +109,37 @@ pub struct Readiness {
     /// The backstop: a launch that is not ready after this long fails and is stopped.
     #[serde(default = "default_ready_timeout", with = "serde_duration")]
     pub timeout: Duration,
+}
+
+/// Liveness: any probe failing `failure_threshold` times in a row stops the instance,
+/// and its restart policy applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Liveness {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecProbe>,
+}
+
+/// serde for an optional duration field.
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        crate::duration::serde_duration::deserialize(d).map(Some)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => crate::duration::serde_duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 fn default_ready_timeout() -> Duration {
@@ -565,6 +606,31 @@ impl WorkloadSpec {
                 check_timing("readiness.exec", &e.timing)?;
             }
         }
+        if let Some(l) = &self.liveness {
+            if l.http.is_none() && l.tcp.is_none() && l.exec.is_none() {
+                return fail("liveness", "names no probe: set an http, tcp or exec probe".into());
+            }
+            if let Some(h) = &l.http {
+                if !h.path.starts_with('/') {
+                    return fail("liveness.http.path", "must start with '/'".into());
+                }
+                check_port("liveness.http.port", h.port)?;
+                check_timing("liveness.http", &h.timing())?;
+            }
+            if let Some(t) = &l.tcp {
+                check_port("liveness.tcp.port", t.port)?;
+                check_timing("liveness.tcp", &t.timing())?;
+            }
+            if let Some(e) = &l.exec {
+                if e.command.first().is_none_or(|p| p.is_empty()) {
+                    return fail("liveness.exec.command", "must name a program".into());
+                }
+                check_timing("liveness.exec", &e.timing)?;
+            }
+        }
+        if self.idle_timeout == Some(Duration::ZERO) {
+            return fail("idle_timeout", "must be greater than zero (leave it out for no idle timeout)".into());
+        }
         let b = &self.restart.backoff;
         if !(b.factor.is_finite() && b.factor >= 1.0 && b.factor <= 100.0) {
             return fail("restart.backoff.factor", "must be between 1 and 100".into());
@@ -671,6 +737,17 @@ restart:
         assert_eq!(s.shutdown.signal, Signal::INT);
         assert_eq!(s.restart.policy, RestartPolicy::OnFailure);
         assert_eq!(s.restart.cooldown, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn liveness_and_idle_timeout() {
+        let s = parse("name: web\ncommand: [x]\nliveness: {tcp: {period: 1s, failure_threshold: 2}}\nidle_timeout: 5m\n").unwrap();
+        assert_eq!(s.liveness.unwrap().tcp.unwrap().failure_threshold, 2);
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(300)));
+        let e = error_of("name: web\ncommand: [x]\nliveness: {}\n");
+        assert!(e.contains("field `liveness`"), "{e}");
+        let e = error_of("name: web\ncommand: [x]\nidle_timeout: 0s\n");
+        assert!(e.contains("field `idle_timeout`"), "{e}");
     }
 
     #[test]

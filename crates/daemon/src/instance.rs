@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bulkhead_core::event::ExitStatus;
 use bulkhead_core::expand::expand_argv;
-use bulkhead_core::instance::{Effect, Input, Instance, State};
+use bulkhead_core::instance::{self as core_instance, Effect, Input, Instance, State};
 use bulkhead_core::key::{InstanceId, Isolation, Key};
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 use bulkhead_driver::{InstanceHandle, SpawnSpec};
@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 
 use crate::logs::LogFile;
-use crate::readiness::{self, Check, NotifyMsg, NotifySocket};
+use crate::readiness::{self, Check, Health, NotifyMsg, NotifySocket};
 use crate::Shared;
 
 /// What clients see of an instance.
@@ -189,15 +189,40 @@ impl Readiness {
         for p in self.probes.drain(..) {
             p.abort();
         }
+        self.pending.clear();
         self.deadline = None;
         self.active = false;
     }
 }
 
+/// Tasks watching a ready instance (liveness, readiness flapping).
+#[derive(Default)]
+struct Monitors(Vec<JoinHandle<()>>);
+
+impl Monitors {
+    fn stop(&mut self) {
+        for m in self.0.drain(..) {
+            m.abort();
+        }
+    }
+}
+
+fn abort_all(tasks: &mut Vec<JoinHandle<()>>) {
+    for t in tasks.drain(..) {
+        t.abort();
+    }
+}
+
 async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let spec = slot.spec.clone();
-    let (mut inst, first) =
-        Instance::launch(spec.readiness.as_ref().map(|r| r.timeout), spec.shutdown);
+    let t0 = tokio::time::Instant::now();
+    let now = || t0.elapsed().as_millis() as u64;
+    let (mut inst, first) = Instance::launch(core_instance::Config {
+        readiness_timeout: spec.readiness.as_ref().map(|r| r.timeout),
+        shutdown: spec.shutdown,
+        restart: spec.restart,
+        seed: rand::random(),
+    });
     let mut queue: VecDeque<Effect> = first.into();
     let mut handle: Option<Arc<dyn InstanceHandle>> = None;
     let mut env: Vec<(String, String)> = Vec::new();
@@ -206,8 +231,15 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
     let mut started_at_ms = 0;
     let (ntx, mut nrx) = mpsc::unbounded_channel::<NotifyMsg>();
     let (ptx, mut prx) = mpsc::unbounded_channel::<&'static str>();
-    let mut notify_task: Option<JoinHandle<()>> = None;
+    let (mtx, mut mrx) = mpsc::unbounded_channel::<Health>();
+    let mut run_tasks: Vec<JoinHandle<()>> = Vec::new();
     let mut ready = Readiness::default();
+    let mut monitors = Monitors::default();
+    // The restart backoff or the breaker cooldown.
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    // The idle timeout: armed while no lease holds the instance.
+    let idle_after = spec.idle_timeout;
+    let mut idle: Option<Pin<Box<Sleep>>> = idle_after.map(|d| Box::pin(tokio::time::sleep(d)));
     // The newest event this actor published: the View changes only once it is durable.
     let mut last_event = 0u64;
 
@@ -218,39 +250,38 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
                     last_event = sh.events.publish(&slot.id, kind).id;
                 }
                 Effect::Spawn => {
+                    // A new run: what the previous one left behind goes first.
+                    abort_all(&mut run_tasks);
+                    handle = None;
                     let result = spawn(&sh, &slot, &mut port, &mut env).await;
                     let input = match result {
                         Ok((spawned, notify)) => {
                             let pid = spawned.handle.pid();
-                            slot.log
-                                .attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
+                            slot.log.attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
                             if let (Some(sock), Some(main)) = (notify, pid) {
                                 let tx = ntx.clone();
-                                notify_task = Some(tokio::spawn(
+                                run_tasks.push(tokio::spawn(
                                     sock.run(move |p| readiness::pid_in_group(p, main), tx),
                                 ));
                             }
-                            *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(spawned.handle.clone());
+                            *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(spawned.handle.clone());
                             handle = Some(spawned.handle);
                             started_at_ms = crate::events::now_ms();
                             Input::Spawned { pid }
                         }
                         Err(reason) => Input::SpawnFailed { reason },
                     };
-                    queue.extend(inst.handle(input));
+                    queue.extend(inst.handle(input, now()));
                 }
                 Effect::StartReadiness { timeout } => {
+                    ready.stop();
                     ready.active = true;
                     ready.deadline = Some(Box::pin(tokio::time::sleep(timeout)));
-                    let r = spec
-                        .readiness
-                        .as_ref()
-                        .expect("readiness effect implies a readiness section");
+                    let r = spec.readiness.as_ref().expect("readiness effect implies a readiness section");
                     if r.notify {
                         ready.pending.push("notify");
                     }
-                    for (check, timing) in probes(&slot, r, port, &env) {
+                    for (check, timing) in probes(&slot, r.http.as_ref(), r.tcp.as_ref(), r.exec.as_ref(), port, &env) {
                         let name = check.name();
                         ready.pending.push(name);
                         let tx = ptx.clone();
@@ -266,6 +297,20 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
                     }
                 }
                 Effect::StopReadiness => ready.stop(),
+                Effect::StartMonitors => {
+                    monitors.stop();
+                    if let Some(r) = &spec.readiness {
+                        for (check, timing) in probes(&slot, r.http.as_ref(), r.tcp.as_ref(), r.exec.as_ref(), port, &env) {
+                            monitors.0.push(tokio::spawn(readiness::monitor(check, timing, false, mtx.clone())));
+                        }
+                    }
+                    if let Some(l) = &spec.liveness {
+                        for (check, timing) in probes(&slot, l.http.as_ref(), l.tcp.as_ref(), l.exec.as_ref(), port, &env) {
+                            monitors.0.push(tokio::spawn(readiness::monitor(check, timing, true, mtx.clone())));
+                        }
+                    }
+                }
+                Effect::StopMonitors => monitors.stop(),
                 Effect::Stop { signal, grace } => {
                     if let Some(h) = handle.clone() {
                         // The ladder runs beside the actor; its end shows up as the exit below.
@@ -274,6 +319,9 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
                         });
                     }
                 }
+                Effect::ScheduleRestart { delay } => timer = Some(Box::pin(tokio::time::sleep(delay))),
+                Effect::ScheduleCooldown { after } => timer = Some(Box::pin(tokio::time::sleep(after))),
+                Effect::CancelTimer => timer = None,
             }
         }
 
@@ -290,13 +338,17 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
             v.last_exit = inst.last_exit();
             v.failure = inst.failure().map(str::to_owned);
             v.status_text = status_text.clone();
+            v.restarts = inst.restarts();
+            v.breaker = inst.breaker();
+            v.consecutive_failures = inst.consecutive_failures();
         });
         if state.is_terminal() {
             break;
         }
 
+        let live = inst.has_live_process();
         tokio::select! {
-            status = wait_exit(&handle) => queue.extend(inst.handle(Input::Exited(status))),
+            status = wait_exit(&handle), if live => queue.extend(inst.handle(Input::Exited(status), now())),
             Some(msg) = nrx.recv() => {
                 if let Some(s) = msg.status {
                     status_text = Some(s);
@@ -307,29 +359,56 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
                 if msg.ready {
                     ready.pending.retain(|p| *p != "notify");
                     if ready.active && ready.pending.is_empty() {
-                        queue.extend(inst.handle(Input::ReadinessPassed));
+                        queue.extend(inst.handle(Input::ReadinessPassed, now()));
                     }
                 }
             }
             Some(name) = prx.recv() => {
                 ready.pending.retain(|p| *p != name);
                 if ready.active && ready.pending.is_empty() {
-                    queue.extend(inst.handle(Input::ReadinessPassed));
+                    queue.extend(inst.handle(Input::ReadinessPassed, now()));
                 }
             }
-            _ = deadline(&mut ready.deadline) => queue.extend(inst.handle(Input::ReadinessTimedOut)),
+            Some(h) = mrx.recv() => {
+                let input = match h {
+                    Health::Unhealthy(reason) => Input::Unhealthy { reason },
+                    Health::Healthy => Input::Healthy,
+                    Health::LivenessFailed(reason) => Input::LivenessFailed { reason },
+                };
+                queue.extend(inst.handle(input, now()));
+            }
+            _ = deadline(&mut ready.deadline) => queue.extend(inst.handle(Input::ReadinessTimedOut, now())),
+            _ = deadline(&mut timer) => {
+                timer = None;
+                let input = if inst.breaker() == bulkhead_core::restart::BreakerState::Open {
+                    Input::CooldownOver
+                } else {
+                    Input::RestartDue
+                };
+                queue.extend(inst.handle(input, now()));
+            }
+            _ = deadline(&mut idle) => {
+                idle = None;
+                tracing::info!("{}: no lease for {:?}, terminating (idle_timeout)", slot.id, idle_after.unwrap_or_default());
+                queue.extend(inst.handle(Input::Terminate { grace: None }, now()));
+            }
             Some(msg) = rx.recv() => match msg {
-                Msg::Terminate { grace } => queue.extend(inst.handle(Input::Terminate { grace })),
-                Msg::Leases { .. } => {}
+                Msg::Terminate { grace } => queue.extend(inst.handle(Input::Terminate { grace }, now())),
+                Msg::Leases { held } => {
+                    // Held: no idle clock. Released by the last holder: the clock starts.
+                    idle = match (held, idle_after) {
+                        (false, Some(d)) => Some(Box::pin(tokio::time::sleep(d))),
+                        _ => None,
+                    };
+                }
             },
         }
     }
 
     ready.stop();
-    if let Some(t) = notify_task {
-        // Aborting drops the socket, which removes its file.
-        t.abort();
-    }
+    monitors.stop();
+    // Aborting the notify task drops the socket, which removes its file.
+    abort_all(&mut run_tasks);
     sh.ports.release(port);
 }
 
@@ -452,12 +531,14 @@ fn resolve_command(
 
 fn probes(
     slot: &Slot,
-    r: &bulkhead_core::spec::Readiness,
+    http: Option<&bulkhead_core::spec::HttpProbe>,
+    tcp: Option<&bulkhead_core::spec::TcpProbe>,
+    exec: Option<&bulkhead_core::spec::ExecProbe>,
     port: u16,
     env: &[(String, String)],
 ) -> Vec<(Check, bulkhead_core::spec::ProbeTiming)> {
     let mut out = Vec::new();
-    if let Some(h) = &r.http {
+    if let Some(h) = http {
         out.push((
             Check::Http {
                 port: h.port.unwrap_or(port),
@@ -466,15 +547,10 @@ fn probes(
             h.timing(),
         ));
     }
-    if let Some(t) = &r.tcp {
-        out.push((
-            Check::Tcp {
-                port: t.port.unwrap_or(port),
-            },
-            t.timing(),
-        ));
+    if let Some(t) = tcp {
+        out.push((Check::Tcp { port: t.port.unwrap_or(port) }, t.timing()));
     }
-    if let Some(e) = &r.exec {
+    if let Some(e) = exec {
         match resolve_command(slot, &e.command, env) {
             Ok(argv) => out.push((
                 Check::Exec {

@@ -24,11 +24,14 @@ use bulkhead_driver::Driver;
 
 pub mod catalog;
 pub mod events;
+mod http;
 pub mod instance;
 pub mod logs;
+pub mod metrics; // metrics + HTTP health (observability)
 pub mod readiness;
 mod server;
 mod service;
+pub mod store;
 
 pub use instance::{Slot, View};
 pub use server::{Config, Daemon, StartError};
@@ -88,10 +91,13 @@ pub struct Shared {
     seq: AtomicU64,
     started: Instant,
     shutting_down: AtomicBool,
+    /// Prometheus metrics; launches are counted in [`Shared::launch`].
+    pub metrics: metrics::Metrics,
 }
 
 impl Shared {
-    pub(crate) fn new(cfg: Config) -> Shared {
+    /// `events`: the durable log opened on the state dir, or [`events::EventLog::new`].
+    pub(crate) fn new(cfg: Config, events: events::EventLog) -> Shared {
         let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
         drivers.insert(
             DriverKind::Process,
@@ -101,12 +107,13 @@ impl Shared {
             cfg,
             catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
             registry: Mutex::new(HashMap::new()),
-            events: events::EventLog::new(),
+            events,
             drivers,
             ports: Ports::default(),
             seq: AtomicU64::new(1),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
+            metrics: metrics::Metrics::new(),
         }
     }
 
@@ -174,6 +181,19 @@ impl Shared {
     /// Launches the instance of a key, or returns the live one. Returns the instance once
     /// `wait` is met, and whether this call created it.
     pub async fn launch(self: &Arc<Self>, args: LaunchArgs) -> Result<(View, bool), LaunchError> {
+        let res = self.launch_unmetered(args).await;
+        self.metrics.record_launch(match &res {
+            Ok((_, true)) => "created",
+            Ok((_, false)) => "reused",
+            Err(_) => "failed",
+        });
+        res
+    }
+
+    async fn launch_unmetered(
+        self: &Arc<Self>,
+        args: LaunchArgs,
+    ) -> Result<(View, bool), LaunchError> {
         // A hostile name is an invalid request, not a missing workload.
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Workload, &args.workload)
             .map_err(KeyError::from)?;
@@ -335,6 +355,14 @@ async fn wait_for(
                 None => format!("instance is {} and will not become ready", v.state.as_str()),
             }))
         };
+        // Between runs: an open breaker fails fast; a pending restart is waited for.
+        if v.state == State::Restarting {
+            return match (wait, v.breaker) {
+                (WaitFor::Nothing, _) => Some(Ok(())),
+                (_, bulkhead_core::restart::BreakerState::Open) => Some(failed()),
+                _ => None,
+            };
+        }
         match wait {
             WaitFor::Nothing => Some(Ok(())),
             WaitFor::Started if v.started => Some(Ok(())),

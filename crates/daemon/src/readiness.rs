@@ -350,3 +350,60 @@ mod tests {
         http_get(port, "/healthz").await.unwrap();
     }
 }
+
+/// What a monitor reports about a ready instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// A readiness probe failed `failure_threshold` times in a row.
+    Unhealthy(String),
+    /// The readiness probe passed `success_threshold` times in a row again.
+    Healthy,
+    /// A liveness probe failed `failure_threshold` times in a row.
+    LivenessFailed(String),
+}
+
+/// Watches a ready instance with one probe until aborted. A readiness probe reports
+/// `Unhealthy` / `Healthy` transitions; a liveness probe reports `LivenessFailed` once and
+/// ends.
+pub async fn monitor(check: Check, timing: ProbeTiming, liveness: bool, tx: mpsc::UnboundedSender<Health>) {
+    tokio::time::sleep(timing.initial_delay).await;
+    let mut interval = tokio::time::interval(timing.period.max(MIN_PERIOD));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The instance just became ready: start healthy.
+    interval.tick().await;
+    let (mut healthy, mut successes, mut failures) = (true, 0u32, 0u32);
+    loop {
+        interval.tick().await;
+        let result = match tokio::time::timeout(timing.timeout, check.attempt()).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("{} probe timed out after {:?}", check.name(), timing.timeout)),
+        };
+        match result {
+            Ok(()) => {
+                failures = 0;
+                successes += 1;
+                if !healthy && successes >= timing.success_threshold {
+                    healthy = true;
+                    if tx.send(Health::Healthy).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(reason) => {
+                successes = 0;
+                failures += 1;
+                if healthy && failures >= timing.failure_threshold {
+                    healthy = false;
+                    let msg = if liveness {
+                        Health::LivenessFailed(reason)
+                    } else {
+                        Health::Unhealthy(reason)
+                    };
+                    if tx.send(msg).is_err() || liveness {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnixListenerStream;
 
+use crate::http::HttpServer;
 use crate::service::Service;
 use crate::Shared;
 
@@ -29,6 +31,13 @@ pub struct Config {
     pub socket: PathBuf,
     /// Size at which an instance log rotates.
     pub log_max_bytes: u64,
+    /// Events kept in the state database (`<state>/bulkhead.db`).
+    pub event_retention: usize,
+    /// Whether events go to the state database (committed before clients see them);
+    /// `false` keeps them in memory only (benchmarks compare the two).
+    pub durable_events: bool,
+    /// Where to serve `/metrics`, `/health` and `/ready` over HTTP; `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -49,6 +58,9 @@ impl Config {
             state_dir,
             socket,
             log_max_bytes: crate::logs::DEFAULT_MAX_BYTES,
+            event_retention: crate::store::DEFAULT_RETENTION,
+            durable_events: true,
+            metrics_addr: None,
         }
     }
 }
@@ -56,6 +68,9 @@ impl Config {
 /// The daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The state database (`<state>/bulkhead.db`) could not be opened; names the file.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("cannot create state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -72,6 +87,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    MetricsBind(#[from] crate::http::BindError),
 }
 
 /// A running daemon.
@@ -79,6 +96,8 @@ pub struct Daemon {
     shared: Arc<Shared>,
     stop_server: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
+    /// The monitoring listener and the metrics task following the events.
+    http: Option<(HttpServer, JoinHandle<()>)>,
     socket: PathBuf,
     _lock: File,
 }
@@ -117,6 +136,11 @@ impl Daemon {
         let _ = lock.set_len(0);
         let _ = writeln!(lock, "{}", std::process::id());
 
+        // Bound before the API socket so that a bad address leaves no socket behind.
+        let metrics_listener = match cfg.metrics_addr {
+            Some(addr) => Some(crate::http::bind(addr).await?),
+            None => None,
+        };
         let listener = bind(&cfg.socket)?;
         // Stale notify sockets from an earlier run: nobody listens on them.
         if let Ok(rd) = std::fs::read_dir(cfg.state_dir.join("notify")) {
@@ -125,7 +149,19 @@ impl Daemon {
             }
         }
 
-        let shared = Arc::new(Shared::new(cfg.clone()));
+        // After the bind: opening the database loads the newest events (may be slow).
+        let events = if cfg.durable_events {
+            let db = cfg.state_dir.join("bulkhead.db");
+            crate::events::EventLog::open(&db, cfg.event_retention)?
+        } else {
+            crate::events::EventLog::new()
+        };
+        let shared = Arc::new(Shared::new(cfg.clone(), events));
+        // Before the catalog and the API: the metrics follow the events from the first one.
+        let http = metrics_listener.map(|l| {
+            let follower = shared.metrics.start(&shared);
+            (HttpServer::start(l, shared.clone()), follower)
+        });
         // Everything after the bind may be slow; clients queue in the backlog meanwhile.
         let cat = shared.reload();
         tracing::info!(
@@ -152,6 +188,7 @@ impl Daemon {
             shared,
             stop_server: Some(stop_tx),
             server: Some(server),
+            http,
             socket: cfg.socket,
             _lock: lock,
         })
@@ -159,6 +196,11 @@ impl Daemon {
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The address `/metrics` is served on (the actual port when configured with port 0).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(h, _)| h.addr)
     }
 
     /// Terminates every instance, stops the API server and removes the socket.
@@ -177,6 +219,14 @@ impl Daemon {
                 tracing::debug!("API server did not drain in time");
             }
         }
+        // Last: `/ready` answers 503 while the instances are being terminated.
+        if let Some((http, follower)) = self.http.take() {
+            http.stop().await;
+            follower.abort();
+        }
+        // Commit whatever events are still queued and stop the writer thread.
+        let sh = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || sh.events.close()).await;
         let _ = std::fs::remove_file(&self.socket);
     }
 

@@ -112,9 +112,11 @@ pub fn event_proto(e: &Event) -> v1::Event {
             p.grace_ms = Some(*grace_ms);
         }
         EventKind::Terminated { status } => {
-            p.exit_code = status.code();
-            p.signal = status.signal();
-            p.core_dumped = Some(status.core_dumped());
+            if let Some(status) = status {
+                p.exit_code = status.code();
+                p.signal = status.signal();
+                p.core_dumped = Some(status.core_dumped());
+            }
         }
         EventKind::Restarting { attempt, delay_ms } => {
             p.attempt = Some(*attempt);

@@ -82,28 +82,91 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: Signal) -> io::Result<()> {
 /// Only works for the caller's own children (`ECHILD` otherwise, or when somebody else
 /// already reaped it).
 pub fn waitid_pidfd(pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
-    let Some(st) = rp::waitid(
+    rp::waitid(
         WaitId::PidFd(pidfd.as_fd()),
         WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
     )?
-    else {
-        return Ok(None);
-    };
+    .map(exit_status)
+    .transpose()
+}
+
+/// `waitid(P_PID, pid, WEXITED | WNOHANG)`: reaps the child `pid` if it has exited, and
+/// returns how it ended (as [`waitid_pidfd`] does); `None` if it is still running.
+///
+/// The caller must know that nobody else waits for this child (see [`crate::reaper`]):
+/// reaping it takes its status away from anyone who does. `ECHILD` when `pid` is not our
+/// child (any more).
+pub fn waitid_pid(pid: u32) -> io::Result<Option<ExitStatus>> {
+    rp::waitid(
+        WaitId::Pid(to_pid(pid)?),
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+    )?
+    .map(exit_status)
+    .transpose()
+}
+
+/// `waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)`: whether any child of this process has
+/// exited and waits to be reaped. Reaps nothing (`WNOWAIT`); `false` when there are no
+/// children at all (`ECHILD`).
+///
+/// The kernel reports one zombie, always the same first one while it stays unreaped, so
+/// this only says *whether* there is one; [`zombie_children`] says which.
+pub fn any_child_exited() -> io::Result<bool> {
+    match rp::waitid(
+        WaitId::All,
+        WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+    ) {
+        Ok(st) => Ok(st.is_some()),
+        Err(rustix::io::Errno::CHILD) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Keeps the status of an exited child exactly as the kernel reports it in `si_code`.
+fn exit_status(st: rp::WaitIdStatus) -> io::Result<ExitStatus> {
     if let Some(code) = st.exit_status() {
         // CLD_EXITED
-        return Ok(Some(ExitStatus::Exited { code }));
+        return Ok(ExitStatus::Exited { code });
     }
     if let Some(signal) = st.terminating_signal() {
         // CLD_KILLED or CLD_DUMPED
-        return Ok(Some(ExitStatus::Signaled {
+        return Ok(ExitStatus::Signaled {
             signal,
             core_dumped: st.dumped(),
-        }));
+        });
     }
     Err(io::Error::other(format!(
         "waitid returned unexpected si_code {} for an exited child",
         st.raw_code()
     )))
+}
+
+/// `prctl(PR_SET_CHILD_SUBREAPER, 1)`: orphaned descendants of this process are
+/// re-parented to it instead of to PID 1, so it must reap them (see [`crate::reaper`]).
+/// Not inherited by children; kept across `execve`.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // rustix passes the pid's number as the prctl argument; any non-zero value turns the
+    // attribute on, and `Pid::INIT` is 1.
+    Ok(rp::set_child_subreaper(Some(Pid::INIT))?)
+}
+
+/// The children of `parent` that have exited and wait to be reaped (zombies whose
+/// `ppid` is `parent`), by scanning `/proc/*/stat`.
+///
+/// A snapshot, at the cost of one file read per process on the host. (The cheaper
+/// `/proc/<pid>/task/<tid>/children` needs `CONFIG_PROC_CHILDREN`, which kernels often
+/// lack.)
+pub fn zombie_children(parent: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let name = entry.ok()?.file_name();
+        let pid: u32 = name.to_str()?.parse().ok()?;
+        let st = read_stat(pid).ok()?;
+        (st.ppid == parent && st.is_zombie()).then_some(pid)
+    })
+    .collect()
 }
 
 /// `waitpid(pid, 0)`: blocks until the child `pid` exits and reaps it, discarding the

@@ -17,6 +17,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub workloads: PathBuf,
     pub state: PathBuf,
+    /// Extra arguments for `bulkhead serve` (see [`Daemon::start_with_args`]).
+    pub extra_args: Vec<String>,
 }
 
 /// Writes `<workloads>/<name>/manifest.yaml` (and extra files) for a test.
@@ -32,6 +34,11 @@ pub fn write_workload(workloads: &Path, name: &str, manifest: &str, files: &[(&s
 impl Daemon {
     /// Starts a daemon serving the given workloads: (name, manifest, extra files).
     pub fn start(workloads: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with_args(workloads, &[])
+    }
+
+    /// [`Daemon::start`] with extra `bulkhead serve` arguments (e.g. `--metrics ADDR`).
+    pub fn start_with_args(workloads: &[(&str, &str)], extra_args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let wl = dir.path().join("workloads");
         std::fs::create_dir_all(&wl).unwrap();
@@ -44,6 +51,7 @@ impl Daemon {
             state: dir.path().join("state"),
             workloads: wl,
             dir,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         d.spawn();
         d
@@ -58,6 +66,7 @@ impl Daemon {
             .arg(&self.state)
             .arg("--socket")
             .arg(&self.socket)
+            .args(&self.extra_args)
             .env("BULKHEAD_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

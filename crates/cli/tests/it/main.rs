@@ -4,5 +4,6 @@
 mod harness;
 mod launch;
 mod lifecycle;
+mod metrics;
 mod readiness;
 mod surface;

@@ -1,0 +1,510 @@
+//! The daemon's SQLite database (`<state>/bulkhead.db`): durable state that survives a
+//! daemon restart. Today it holds the event log; instances, leases and breaker state go
+//! here next (add a [`MIGRATIONS`] entry, never edit a released one).
+//!
+//! Only one thread touches a [`Store`]: the event log's writer (see [`crate::events`]).
+//! The database runs in WAL mode; [`Synchronous::Full`] (the default) fsyncs the WAL on
+//! every commit, so a committed transaction survives a power loss. [`Synchronous::Normal`]
+//! only fsyncs at checkpoints: it survives a crash of the daemon but the last
+//! transactions may roll back on a power loss (see `docs/benchmarks.md` for what it buys).
+//!
+//! Retention: at most `retention` events are kept. The oldest are deleted inside a batch's
+//! own transaction (no extra fsync) once every `retention / 16` inserted events or so;
+//! freed pages are reused, so the file stays bounded without a VACUUM. The newest event is
+//! never deleted, which is what lets ids continue after a restart.
+
+use std::path::{Path, PathBuf};
+
+use bulkhead_core::event::{Event, EventKind};
+use bulkhead_core::key::InstanceId;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+/// Events kept in the database by default.
+pub const DEFAULT_RETENTION: usize = 100_000;
+
+/// The schema, one step per version. A database at version N gets every step after N, in
+/// order, each in its own transaction together with the new version number.
+pub const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        time_ms INTEGER NOT NULL,
+        instance TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL
+    );",
+)];
+
+/// The newest schema version this build knows.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// How hard a commit goes to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// fsync the WAL at every commit: a committed event survives a power loss.
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a daemon crash, not a power loss.
+    Normal,
+}
+
+/// The database could not be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open state database {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open state database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state database {path} has schema version {found}, newer than this bulkhead knows ({known}); run a newer bulkhead or use another state directory")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("cannot migrate state database {path} to schema version {version}: {source}")]
+    Migrate {
+        path: PathBuf,
+        version: i64,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot read events from state database {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot write events to state database {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot start the event writer thread for {path}: {source}")]
+    Thread {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where committed events go. [`Store`] is the real one; tests use one that blocks.
+pub(crate) trait Sink: Send + 'static {
+    /// Makes `events` (ids increasing) durable, all or none.
+    fn append(&mut self, events: &[Event]) -> Result<(), StoreError>;
+    /// The file, for messages.
+    fn describe(&self) -> String;
+}
+
+/// An open state database.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    retention: usize,
+    /// Events inserted since the last trim.
+    since_trim: usize,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// `retention` is clamped to at least 1.
+    pub fn open(path: &Path, retention: usize, sync: Synchronous) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        // SQLite says only "unable to open database file"; the OS says why.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| StoreError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        // The first statement that reads the file: a corrupt or foreign file fails here
+        // ("file is not a database").
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(
+                "state database {} is in journal mode {mode}, not wal",
+                path.display()
+            );
+        }
+        let sync_sql = match sync {
+            Synchronous::Full => "PRAGMA synchronous = FULL",
+            Synchronous::Normal => "PRAGMA synchronous = NORMAL",
+        };
+        conn.execute_batch(&format!(
+            "{sync_sql}; PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = 8388608;"
+        ))
+        .map_err(open_err)?;
+        let mut store = Store {
+            conn,
+            path: path.to_owned(),
+            retention: retention.max(1),
+            since_trim: 0,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let known = schema_version();
+        let err = |version| {
+            let path = path.clone();
+            move |source| StoreError::Migrate {
+                path,
+                version,
+                source,
+            }
+        };
+        self.conn
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+            )
+            .map_err(err(0))?;
+        let found = self.version().map_err(err(0))?;
+        if found > known {
+            return Err(StoreError::TooNew {
+                path: path.clone(),
+                found,
+                known,
+            });
+        }
+        for &(version, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+            let tx = self.conn.transaction().map_err(err(version))?;
+            tx.execute_batch(sql).map_err(err(version))?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [version],
+            )
+            .map_err(err(version))?;
+            tx.commit().map_err(err(version))?;
+            tracing::debug!(
+                "state database {}: schema version {version}",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The schema version recorded in the database (0: none yet).
+    pub fn version(&self) -> rusqlite::Result<i64> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The id of the newest stored event, 0 if none.
+    pub fn last_id(&self) -> Result<u64, StoreError> {
+        let id: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(id) FROM events", [], |r| r.get(0))
+            .map_err(|source| self.read_err(source))?;
+        Ok(id.unwrap_or(0).max(0) as u64)
+    }
+
+    /// How many events are stored.
+    pub fn count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .map_err(|source| self.read_err(source))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// The newest `n` events, oldest first. A row that does not parse (written by a
+    /// buggy or foreign writer) is skipped with a warning rather than failing the start.
+    pub fn tail(&self, n: usize) -> Result<Vec<Event>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, time_ms, instance, data FROM events ORDER BY id DESC LIMIT ?1")
+            .map_err(|source| self.read_err(source))?;
+        let rows = stmt
+            .query_map([n as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(|source| self.read_err(source))?;
+        let mut out = Vec::with_capacity(n.min(16_384));
+        for row in rows {
+            let (id, time_ms, instance, data) = row.map_err(|source| self.read_err(source))?;
+            let instance = match InstanceId::parse(&instance) {
+                Ok((i, _)) => i,
+                Err(e) => {
+                    tracing::warn!("{}: event {id} skipped: {e}", self.path.display());
+                    continue;
+                }
+            };
+            let kind = match serde_json::from_str::<EventKind>(&data) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!("{}: event {id} skipped: {e}", self.path.display());
+                    continue;
+                }
+            };
+            out.push(Event {
+                id: id.max(0) as u64,
+                time_ms: time_ms.max(0) as u64,
+                instance,
+                kind,
+            });
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Inserts `events` in one transaction (one fsync), deleting the oldest beyond the
+    /// retention in the same transaction when a trim is due.
+    pub fn append(&mut self, events: &[Event]) -> Result<(), StoreError> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        let trim_every = (self.retention / 16).clamp(1, 4096);
+        let trim = self.since_trim + events.len() >= trim_every;
+        let path = &self.path;
+        let werr = |source| StoreError::Write {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(werr)?;
+        {
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT INTO events (id, time_ms, instance, kind, data)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(werr)?;
+            for e in events {
+                // EventKind is plain data: serializing it cannot fail.
+                let data = serde_json::to_string(&e.kind).unwrap_or_else(|_| "{}".into());
+                ins.execute(params![
+                    e.id as i64,
+                    e.time_ms as i64,
+                    e.instance.as_str(),
+                    e.kind.name(),
+                    data
+                ])
+                .map_err(werr)?;
+            }
+        }
+        if trim {
+            let keep_after = last.id.saturating_sub(self.retention as u64);
+            if keep_after > 0 {
+                tx.execute("DELETE FROM events WHERE id <= ?1", [keep_after as i64])
+                    .map_err(werr)?;
+            }
+        }
+        tx.commit().map_err(werr)?;
+        self.since_trim = if trim {
+            0
+        } else {
+            self.since_trim + events.len()
+        };
+        Ok(())
+    }
+
+    fn read_err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Read {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+impl Sink for Store {
+    fn append(&mut self, events: &[Event]) -> Result<(), StoreError> {
+        Store::append(self, events)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_core::event::ExitStatus;
+
+    fn ev(id: u64, kind: EventKind) -> Event {
+        Event {
+            id,
+            time_ms: 1_700_000_000_000 + id,
+            instance: InstanceId::parse("ns:a:web").unwrap().0,
+            kind,
+        }
+    }
+
+    #[test]
+    fn round_trips_events_and_records_the_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        let kinds = [
+            EventKind::Launched,
+            EventKind::Started { pid: Some(42) },
+            EventKind::Terminated {
+                status: ExitStatus::Signaled {
+                    signal: 9,
+                    core_dumped: true,
+                },
+            },
+        ];
+        {
+            let mut s = Store::open(&path, 100, Synchronous::Full).unwrap();
+            assert_eq!(s.version().unwrap(), schema_version());
+            let evs: Vec<Event> = kinds
+                .iter()
+                .enumerate()
+                .map(|(i, k)| ev(i as u64 + 1, k.clone()))
+                .collect();
+            s.append(&evs).unwrap();
+        }
+        let s = Store::open(&path, 100, Synchronous::Full).unwrap();
+        assert_eq!(s.last_id().unwrap(), 3);
+        let back = s.tail(10).unwrap();
+        assert_eq!(
+            back.iter().map(|e| e.kind.clone()).collect::<Vec<_>>(),
+            kinds
+        );
+        assert_eq!(back[1].time_ms, 1_700_000_000_002);
+        assert_eq!(s.tail(2).unwrap()[0].id, 2);
+        let kind: String = s
+            .conn
+            .query_row("SELECT kind FROM events WHERE id = 3", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kind, "terminated");
+    }
+
+    #[test]
+    fn retention_trims_the_oldest_and_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        let mut s = Store::open(&path, 50, Synchronous::Normal).unwrap();
+        for batch in 0..100u64 {
+            let evs: Vec<Event> = (1..=7)
+                .map(|i| ev(batch * 7 + i, EventKind::Ready))
+                .collect();
+            s.append(&evs).unwrap();
+            // Trims are amortised: never far above the retention.
+            assert!(s.count().unwrap() <= 50 + 7 + 50 / 16, "batch {batch}");
+        }
+        assert_eq!(s.last_id().unwrap(), 700);
+        let tail = s.tail(1000).unwrap();
+        assert!(tail.len() >= 50);
+        assert_eq!(tail.last().unwrap().id, 700);
+        assert!(tail[0].id > 700 - 60);
+    }
+
+    #[test]
+    fn retention_one_keeps_the_last_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        let mut s = Store::open(&path, 0, Synchronous::Full).unwrap();
+        s.append(&[ev(1, EventKind::Ready), ev(2, EventKind::Ready)])
+            .unwrap();
+        assert_eq!(s.count().unwrap(), 1);
+        assert_eq!(s.last_id().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let err = Store::open(&path, 100, Synchronous::Full)
+            .err()
+            .expect("garbage must not open");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("not a database"), "{msg}");
+    }
+
+    #[test]
+    fn an_unopenable_path_names_the_file_and_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be.
+        let path = dir.path().join("bulkhead.db");
+        std::fs::create_dir(&path).unwrap();
+        let msg = Store::open(&path, 100, Synchronous::Full)
+            .err()
+            .expect("a directory is not a database")
+            .to_string();
+        assert!(msg.starts_with("cannot open state database "), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.to_lowercase().contains("is a directory"), "{msg}");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        drop(Store::open(&path, 100, Synchronous::Full).unwrap());
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                [schema_version() + 1],
+            )
+            .unwrap();
+        }
+        let err = Store::open(&path, 100, Synchronous::Full).err().unwrap();
+        assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_bad_row_is_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        let mut s = Store::open(&path, 100, Synchronous::Full).unwrap();
+        s.append(&[ev(1, EventKind::Launched)]).unwrap();
+        s.conn
+            .execute(
+                "INSERT INTO events VALUES (2, 0, 'ns:a:web', 'what', '{\"kind\":\"nope\"}')",
+                [],
+            )
+            .unwrap();
+        s.append(&[ev(3, EventKind::Ready)]).unwrap();
+        let ids: Vec<u64> = s.tail(10).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(s.last_id().unwrap(), 3);
+    }
+}
