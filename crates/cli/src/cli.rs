@@ -46,6 +46,15 @@ pub enum Command {
     Workloads(OutputArgs),
     /// Rescan the workloads directory.
     Reload,
+    /// Drop HOLDER's lease on an instance.
+    Release(ReleaseArgs),
+    /// Terminate every instance of a session.
+    EndSession(EndScopeArgs),
+    /// Terminate every instance of a namespace.
+    EndNamespace(EndScopeArgs),
+    /// Run a command in a running instance's environment and working directory; exits
+    /// with the command's exit code (128+N if killed by signal N).
+    Exec(ExecArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -153,4 +162,32 @@ pub struct LogsArgs {
     /// Only the last N bytes.
     #[arg(long, default_value_t = 0)]
     pub tail: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    pub id: String,
+    pub holder: String,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct EndScopeArgs {
+    /// The session or namespace name.
+    pub name: String,
+    /// Override each instance's grace period (e.g. 2s).
+    #[arg(long, allow_hyphen_values = true)]
+    pub grace: Option<String>,
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The instance (e.g. ns:default:web).
+    pub id: String,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }

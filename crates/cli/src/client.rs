@@ -295,3 +295,50 @@ pub async fn reload(socket: &Path) -> anyhow::Result<()> {
         .workloads;
     print_workloads(&list, Format::Text)
 }
+
+pub async fn release(socket: &Path, a: cli::ReleaseArgs) -> anyhow::Result<()> {
+    check_id(&a.id)?;
+    let mut c = connect(socket).await?;
+    let inst = c
+        .release(v1::ReleaseRequest {
+            id: a.id,
+            holder: a.holder,
+        })
+        .await
+        .map_err(from_status)?
+        .into_inner();
+    match a.output {
+        Format::Json => print_json(&output::instance_json(&inst)),
+        Format::Text => {
+            println!("{}", output::instance_line(&inst));
+            Ok(())
+        }
+    }
+}
+
+pub async fn end_scope(socket: &Path, a: cli::EndScopeArgs, session: bool) -> anyhow::Result<()> {
+    let grace = a.grace.as_deref().map(|g| parse_duration("--grace", g)).transpose()?;
+    let req = v1::EndScopeRequest {
+        name: a.name,
+        grace_ms: grace.map(|g| g.as_millis() as u64),
+    };
+    let mut c = connect(socket).await?;
+    let resp = if session {
+        c.end_session(req).await
+    } else {
+        c.end_namespace(req).await
+    }
+    .map_err(from_status)?
+    .into_inner();
+    match a.output {
+        Format::Json => print_json(&serde_json::Value::Array(
+            resp.terminated.iter().map(output::instance_json).collect(),
+        )),
+        Format::Text => {
+            for i in &resp.terminated {
+                println!("{}", output::instance_line(i));
+            }
+            Ok(())
+        }
+    }
+}

@@ -35,6 +35,15 @@ impl fmt::Display for Failure {
 
 impl std::error::Error for Failure {}
 
+/// Exits with `code` and prints nothing (the command of `exec` has said what it had to).
+pub fn silent(code: u8) -> anyhow::Error {
+    Failure {
+        code,
+        message: String::new(),
+    }
+    .into()
+}
+
 pub fn fail(code: u8, message: impl Into<String>) -> anyhow::Error {
     Failure {
         code,
@@ -69,6 +78,12 @@ pub fn report(e: anyhow::Error) -> std::process::ExitCode {
             if io.kind() == std::io::ErrorKind::BrokenPipe {
                 return std::process::ExitCode::SUCCESS;
             }
+        }
+    }
+    if let Some(f) = e.downcast_ref::<Failure>() {
+        // An exit code passed through without a message (`exec`: the command's own).
+        if f.message.is_empty() {
+            return f.code.into();
         }
     }
     let code = e.downcast_ref::<Failure>().map(|f| f.code).unwrap_or(ERROR);

@@ -4,6 +4,7 @@
 
 mod cli;
 mod client;
+mod exec;
 mod exit;
 mod output;
 mod serve;
@@ -46,5 +47,9 @@ async fn run(args: cli::Cli) -> anyhow::Result<()> {
         Health(a) => client::health(&socket, a).await,
         Workloads(a) => client::workloads(&socket, a).await,
         Reload => client::reload(&socket).await,
+        Release(a) => client::release(&socket, a).await,
+        EndSession(a) => client::end_scope(&socket, a, true).await,
+        EndNamespace(a) => client::end_scope(&socket, a, false).await,
+        Exec(a) => exec::exec(&socket, a).await,
     }
 }

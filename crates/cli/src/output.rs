@@ -49,6 +49,9 @@ pub fn instance_json(i: &v1::Instance) -> Value {
         })),
         "failure": i.failure,
         "status_text": i.status_text,
+        "breaker": i.breaker,
+        "consecutive_failures": i.consecutive_failures,
+        "leases": i.leases,
     })
 }
 
@@ -79,6 +82,15 @@ pub fn instance_line(i: &v1::Instance) -> String {
     }
     if let Some(st) = &i.status_text {
         s.push_str(&format!(" status=\"{st}\""));
+    }
+    if i.restarts > 0 {
+        s.push_str(&format!(" restarts={}", i.restarts));
+    }
+    if !i.breaker.is_empty() && i.breaker != "closed" {
+        s.push_str(&format!(" breaker={}", i.breaker));
+    }
+    if !i.leases.is_empty() {
+        s.push_str(&format!(" leases={}", i.leases.join(",")));
     }
     s
 }
@@ -170,6 +182,15 @@ pub fn event_json(e: &v1::Event) -> Value {
     if let Some(g) = e.grace_ms {
         m.insert("grace_ms".into(), json!(g));
     }
+    if let Some(a) = e.attempt {
+        m.insert("attempt".into(), json!(a));
+    }
+    if let Some(d) = e.delay_ms {
+        m.insert("delay_ms".into(), json!(d));
+    }
+    if let Some(f) = e.failures {
+        m.insert("failures".into(), json!(f));
+    }
     v
 }
 
@@ -189,6 +210,15 @@ pub fn event_line(e: &v1::Event) -> String {
     }
     if let Some(g) = e.grace_ms {
         s.push_str(&format!(" grace_ms={g}"));
+    }
+    if let Some(a) = e.attempt {
+        s.push_str(&format!(" attempt={a}"));
+    }
+    if let Some(d) = e.delay_ms {
+        s.push_str(&format!(" delay_ms={d}"));
+    }
+    if let Some(f) = e.failures {
+        s.push_str(&format!(" failures={f}"));
     }
     if let Some(r) = &e.reason {
         s.push_str(&format!(" reason=\"{r}\""));

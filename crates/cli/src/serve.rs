@@ -25,6 +25,8 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = Config::new(a.workloads, Some(a.state), None);
     cfg.log_max_bytes = a.log_max_bytes;
     cfg.metrics_addr = a.metrics;
+    // The daemon process parents the instances: it reaps their orphans (and works as PID 1).
+    cfg.reap_orphans = true;
     // --socket is global; serve honours it too.
     cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
     let daemon = Daemon::start(cfg).await?;
@@ -71,6 +73,7 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
         None => default_examples()?,
     };
     let mut cfg = Config::new(dir, Some(a.state), None);
+    cfg.reap_orphans = true;
     cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
     let socket = cfg.socket.clone();
     let daemon = Daemon::start(cfg).await?;

@@ -79,6 +79,8 @@ pub struct Slot {
     tx: mpsc::UnboundedSender<Msg>,
     handle: Mutex<Option<Arc<dyn InstanceHandle>>>,
     leases: Mutex<std::collections::BTreeSet<String>>,
+    /// The environment of the current run, for `bulkhead exec` (set at each spawn).
+    exec_env: Mutex<Option<Vec<(String, String)>>>,
 }
 
 impl Slot {
@@ -114,6 +116,16 @@ impl Slot {
         removed
     }
 
+    /// SIGKILL to every process of the instance, now.
+    pub(crate) fn kill(&self) {
+        let h = self.handle.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(h) = h {
+            if let Err(e) = h.signal(bulkhead_core::signal::Signal::KILL) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
     pub fn stats(&self) -> Option<bulkhead_driver::Stats> {
         let h = self
             .handle
@@ -121,6 +133,14 @@ impl Slot {
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
         h.stats().ok()
+    }
+
+    /// The environment the current run was spawned with and its working directory, for
+    /// commands run in the instance's context (`bulkhead exec`). `None` before the first
+    /// spawn.
+    pub fn exec_env(&self) -> Option<(Vec<(String, String)>, PathBuf)> {
+        let env = self.exec_env.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        Some((env, self.dir.clone()))
     }
 }
 
@@ -169,6 +189,7 @@ pub(crate) fn start(
         tx,
         handle: Mutex::new(None),
         leases: Mutex::new(Default::default()),
+        exec_env: Mutex::new(None),
     });
     tokio::spawn(run(slot.clone(), sh.clone(), rx));
     slot
@@ -265,6 +286,7 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
                                 ));
                             }
                             *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(spawned.handle.clone());
+                            *slot.exec_env.lock().unwrap_or_else(|e| e.into_inner()) = Some(env.clone());
                             handle = Some(spawned.handle);
                             started_at_ms = crate::events::now_ms();
                             Input::Spawned { pid }

@@ -24,6 +24,7 @@ use bulkhead_driver::Driver;
 
 pub mod catalog;
 pub mod events;
+pub mod exec;
 mod http;
 pub mod instance;
 pub mod logs;
@@ -328,6 +329,13 @@ impl Shared {
             });
         }
         while set.join_next().await.is_some() {}
+    }
+
+    /// SIGKILL to every process of every live instance (the end of the shutdown ladder).
+    pub fn kill_all(&self) {
+        for slot in self.list() {
+            slot.kill();
+        }
     }
 
     pub fn live_count(&self) -> usize {

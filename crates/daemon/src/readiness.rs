@@ -190,19 +190,24 @@ impl Check {
                 .map_err(|e| format!("tcp 127.0.0.1:{port}: {e}")),
             Check::Http { port, path } => http_get(*port, path).await,
             Check::Exec { argv, env, cwd } => {
-                let status = tokio::process::Command::new(&argv[0])
-                    .args(&argv[1..])
+                let mut cmd = std::process::Command::new(&argv[0]);
+                cmd.args(&argv[1..])
                     .env_clear()
                     .envs(env.iter().map(|(k, v)| (k, v)))
                     .current_dir(cwd)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .kill_on_drop(true)
-                    .status()
+                    .stderr(std::process::Stdio::null());
+                // Registered with the orphan reaper, so it never takes this status; its
+                // own process group, killed if the attempt is dropped (probe timeout).
+                let mut child = bulkhead_driver::reaper::spawn(&mut cmd)
+                    .map_err(|e| format!("exec {}: {e}", argv[0]))?
+                    .child;
+                let status = child
+                    .wait()
                     .await
                     .map_err(|e| format!("exec {}: {e}", argv[0]))?;
-                if status.success() {
+                if matches!(status, bulkhead_core::event::ExitStatus::Exited { code: 0 }) {
                     Ok(())
                 } else {
                     Err(format!("exec {}: {status}", argv[0]))

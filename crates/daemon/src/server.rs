@@ -38,6 +38,11 @@ pub struct Config {
     pub durable_events: bool,
     /// Where to serve `/metrics`, `/health` and `/ready` over HTTP; `None`: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// Make this process a child subreaper and reap orphaned descendants of the instances
+    /// (see `bulkhead_driver::reaper`). Off by default: a process embedding the daemon
+    /// must then spawn every child it waits for through the reaper registry, or the
+    /// reaper may take its status. `bulkhead serve` and `up` turn it on.
+    pub reap_orphans: bool,
 }
 
 impl Config {
@@ -61,6 +66,7 @@ impl Config {
             event_retention: crate::store::DEFAULT_RETENTION,
             durable_events: true,
             metrics_addr: None,
+            reap_orphans: false,
         }
     }
 }
@@ -100,6 +106,8 @@ pub struct Daemon {
     http: Option<(HttpServer, JoinHandle<()>)>,
     socket: PathBuf,
     _lock: File,
+    /// The orphan reaper, when `Config::reap_orphans`; stops when the daemon is dropped.
+    _reaper: Option<bulkhead_driver::reaper::ReaperTask>,
 }
 
 impl Daemon {
@@ -156,6 +164,19 @@ impl Daemon {
         } else {
             crate::events::EventLog::new()
         };
+        // Before anything can spawn: from here on orphaned descendants of the instances
+        // come to this process, and the reaper collects those nobody waits for.
+        let reaper = if cfg.reap_orphans {
+            match bulkhead_driver::reaper::start() {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    tracing::warn!("cannot become a child subreaper ({e}); orphans of instances go to PID 1");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let shared = Arc::new(Shared::new(cfg.clone(), events));
         // Before the catalog and the API: the metrics follow the events from the first one.
         let http = metrics_listener.map(|l| {
@@ -191,6 +212,7 @@ impl Daemon {
             http,
             socket: cfg.socket,
             _lock: lock,
+            _reaper: reaper,
         })
     }
 
@@ -247,11 +269,25 @@ impl Daemon {
             }
         }
         tracing::info!(
-            "shutting down: terminating {} instances",
+            "shutting down: terminating {} instances (send SIGTERM again to kill them at once)",
             self.shared.live_count()
         );
-        self.shutdown().await;
-        Ok(())
+        // The ladder: the first signal terminates gracefully (each instance's signal and
+        // grace, in parallel); a second one SIGKILLs every instance at once, and the
+        // graceful shutdown then completes as their exits arrive.
+        let shared = self.shared.clone();
+        let shutdown = self.shutdown();
+        tokio::pin!(shutdown);
+        let mut killed = false;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = term.recv(), if !killed => killed = true,
+                _ = int.recv(), if !killed => killed = true,
+            }
+            tracing::warn!("second signal: killing every instance now");
+            shared.kill_all();
+        }
     }
 }
 

@@ -438,4 +438,14 @@ impl bulkhead_api::Bulkhead for Service {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    type ExecStream = BoxStream<v1::ExecResponse>;
+
+    async fn exec(
+        &self,
+        req: Request<tonic::Streaming<v1::ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let stream = crate::exec::exec(self.sh.clone(), req.into_inner()).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
 }

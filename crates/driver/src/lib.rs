@@ -25,6 +25,7 @@ use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 
 pub mod conformance;
 pub mod process;
+pub mod reaper;
 pub mod sys;
 
 /// Everything a driver needs to start one instance. The daemon has already resolved the

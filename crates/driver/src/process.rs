@@ -62,8 +62,12 @@
 //!   hole (a later issue). The main process itself is still signalled through its pidfd if
 //!   it moves.
 //! - **Orphans become zombies of someone else.** Swept processes are re-parented to the
-//!   nearest subreaper or PID 1; whether they are reaped is up to that process. Zombies
-//!   hold their pid but run nothing and are not counted as live.
+//!   nearest subreaper or PID 1; whether they are reaped is up to that process (the
+//!   daemon is a subreaper and reaps them: [`crate::reaper`]). Zombies hold their pid but
+//!   run nothing and are not counted as live.
+//! - **Spawns are registered** with [`crate::reaper::Registry`] under its lock, and the
+//!   watcher unregisters the main process after reaping it, so a subreaper in the same
+//!   process never takes its exit status.
 //! - **A process in uninterruptible sleep** (`D`, e.g. on a dead NFS server) does not die
 //!   on SIGKILL until the kernel lets it; `wait` keeps waiting and a warning is logged every
 //!   few seconds.
@@ -95,7 +99,7 @@ use tokio::io::Interest;
 use tokio::sync::watch;
 
 use crate::{
-    sys, Driver, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError,
+    reaper, sys, Driver, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError,
 };
 
 /// The status reported when the main process's exit status could not be collected because
@@ -162,8 +166,15 @@ fn spawn_now(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let registry = reaper::Registry::global();
+    let mut lock = registry.lock();
+    // RACE: the reaper lock is held from before the spawn until the pid is registered: a
+    // child that exits at once must not be reaped as an orphan (its status is the
+    // instance's). The watcher unregisters it after reaping it.
     let mut child = cmd.spawn().map_err(exec_err)?;
     let pid = child.id();
+    lock.register(pid);
+    drop(lock);
     let stdout = child.stdout.take().map(OwnedFd::from);
     let stderr = child.stderr.take().map(OwnedFd::from);
     // Dropping a std Child neither kills nor reaps it: the watcher reaps through the pidfd.
@@ -224,6 +235,7 @@ fn abandon(pid: u32) {
     if let Err(e) = sys::reap_blocking(pid) {
         tracing::error!("cannot reap unwatchable child {pid}: {e}");
     }
+    reaper::Registry::global().unregister(pid);
 }
 
 /// Finds the file to execute for `arg0`, like `execvp` but in the instance's `PATH`.
@@ -299,6 +311,8 @@ async fn watch_instance(
     tx: watch::Sender<Option<ExitStatus>>,
 ) {
     let status = reap_main(&afd, &shared).await;
+    // Reaped (or lost): the reaper may take this pid from now on.
+    reaper::Registry::global().unregister(shared.pid);
     drop(afd);
     tracing::debug!(pid = shared.pid, %status, "main process exited");
     sweep_group(shared.pgid).await;

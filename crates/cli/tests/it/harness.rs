@@ -239,3 +239,11 @@ pub fn python3() -> Option<&'static str> {
         None
     }
 }
+
+/// Wall-clock milliseconds since the Unix epoch (the clock event `time_ms` uses).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}

@@ -164,3 +164,36 @@ fn group_members(pgids: &[u32]) -> Vec<u32> {
     }
     out
 }
+
+#[test]
+fn a_second_sigterm_kills_everything_at_once() {
+    let mut d = Daemon::start(&[(
+        "stubborn",
+        "name: stubborn\ncommand: [/bin/sh, -c, 'trap \"\" TERM; while :; do sleep 0.05; done']\nshutdown: {grace: 1h}\n",
+    )]);
+    let v = d.json(&["launch", "stubborn", "-o", "json"]);
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    let mut child = d.child.take().unwrap();
+    let signal = |c: &std::process::Child| {
+        // SAFETY: kill(2) on our own unreaped child, the daemon.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+    };
+    signal(&child);
+    // The first SIGTERM waits out the instance's grace (an hour): still running a while later.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "daemon must wait for the grace");
+    assert!(alive(pid));
+    signal(&child);
+    let start = Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(start.elapsed() < DEADLINE, "daemon did not exit after the second SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(st.code(), Some(0));
+    assert!(wait_gone(pid));
+}

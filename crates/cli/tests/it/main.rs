@@ -6,4 +6,5 @@ mod launch;
 mod lifecycle;
 mod metrics;
 mod readiness;
+mod supervision;
 mod surface;
