@@ -149,8 +149,14 @@ pub(crate) async fn exec(
     let pipes = (|| {
         Ok::<_, std::io::Error>((
             spawned.stdin.map(pipe::Sender::from_owned_fd).transpose()?,
-            spawned.stdout.map(pipe::Receiver::from_owned_fd).transpose()?,
-            spawned.stderr.map(pipe::Receiver::from_owned_fd).transpose()?,
+            spawned
+                .stdout
+                .map(pipe::Receiver::from_owned_fd)
+                .transpose()?,
+            spawned
+                .stderr
+                .map(pipe::Receiver::from_owned_fd)
+                .transpose()?,
         ))
     })();
     let child = spawned.child;
@@ -204,7 +210,10 @@ async fn supervise(
         let _ = out_task.await;
         let _ = err_task.await;
     };
-    if tokio::time::timeout(DRAIN_AFTER_EXIT, drained).await.is_err() {
+    if tokio::time::timeout(DRAIN_AFTER_EXIT, drained)
+        .await
+        .is_err()
+    {
         tracing::warn!(
             "{id}: exec {pid} exited but its output stayed open for {DRAIN_AFTER_EXIT:?} \
              (a process outside its group holds it); closing the stream"

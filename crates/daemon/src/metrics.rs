@@ -274,23 +274,28 @@ impl Metrics {
             .inc();
     }
 
-    /// Starts the task that follows the event log, from its first kept event. The task
-    /// ends when the log is dropped; abort the handle to stop it sooner.
+    /// Starts the task that follows the event log. Events published from now on are
+    /// counted; the history the log already holds (a durable log keeps earlier runs')
+    /// only sets the state it implies (breakers), so counters start at zero with the
+    /// process, as Prometheus expects. The task ends when the log is dropped; abort the
+    /// handle to stop it sooner.
     pub fn start(&self, sh: &Arc<Shared>) -> JoinHandle<()> {
         let since = self.state().last_id;
         let (history, rx) = sh.events.subscribe(since);
+        self.seed(&history);
         let me = self.clone();
         let weak = Arc::downgrade(sh);
-        tokio::spawn(me.follow(history, rx, weak))
+        tokio::spawn(me.follow(rx, weak))
     }
 
-    async fn follow(
-        self,
-        history: Vec<Event>,
-        mut rx: tokio::sync::broadcast::Receiver<Event>,
-        sh: Weak<Shared>,
-    ) {
-        self.observe_all(&history);
+    /// Takes in events from before [`Metrics::start`]: state only, no counts.
+    pub fn seed(&self, history: &[Event]) {
+        for e in history {
+            self.apply(e, 0, false);
+        }
+    }
+
+    async fn follow(self, mut rx: tokio::sync::broadcast::Receiver<Event>, sh: Weak<Shared>) {
         loop {
             match rx.recv().await {
                 Ok(e) => self.observe(&e, crate::events::now_ms()),
@@ -319,15 +324,27 @@ impl Metrics {
     /// Accounts for one event, received at `now_ms`. Events at or before the last id seen
     /// are ignored, so a replay counts nothing twice.
     pub fn observe(&self, e: &Event, now_ms: u64) {
+        self.apply(e, now_ms, true);
+    }
+
+    /// Updates the state an event implies and, if `count`, the counters.
+    fn apply(&self, e: &Event, now_ms: u64, count: bool) {
         let mut st = self.state();
         if e.id <= st.last_id {
             return;
         }
-        if st.last_id != 0 && e.id > st.last_id + 1 {
-            self.inner.events_missed.inc_by(e.id - st.last_id - 1);
-        }
+        let gap = e.id - st.last_id - 1;
+        let first = st.last_id == 0;
         st.last_id = e.id;
-        let i = &self.inner;
+        // Only the state below is kept when not counting.
+        let i = if count {
+            &self.inner
+        } else {
+            &*DISCARD
+        };
+        if !first && gap > 0 {
+            i.events_missed.inc_by(gap);
+        }
         i.delivery_lag
             .observe(now_ms.saturating_sub(e.time_ms) as f64 / 1000.0);
         i.events

@@ -389,7 +389,10 @@ mod tests {
     fn until_zombie(pid: u32) {
         let start = std::time::Instant::now();
         while !sys::read_stat(pid).map(|s| s.is_zombie()).unwrap_or(false) {
-            assert!(start.elapsed() < Duration::from_secs(30), "{pid} never exited");
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{pid} never exited"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -421,7 +424,10 @@ mod tests {
             r2.lock().register(1);
         });
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!t.is_finished(), "a second spawner got in while the lock was held");
+        assert!(
+            !t.is_finished(),
+            "a second spawner got in while the lock was held"
+        );
         drop(lock);
         t.join().unwrap();
         assert!(r.is_owned(1));
