@@ -17,14 +17,42 @@ pub struct Cli {
     )]
     pub socket: PathBuf,
 
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Reaching a daemon over TCP (instead of the socket), and the TLS files of `serve
+/// --listen`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RemoteArgs {
+    /// Talk to a remote daemon's TCP listener (HOST:PORT, mutual TLS) instead of the socket.
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub tcp: Option<String>,
+    /// With --tcp: the CA that signed the daemon's certificate (PEM).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+    /// This side's certificate (PEM): the client's with --tcp, the server's with `serve
+    /// --listen`.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// With --tcp: the bearer token sent with every request.
+    #[arg(long, global = true, env = "BULKHEAD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon.
     Serve(ServeArgs),
+    /// The keeper process that parents the instances (started by the daemon).
+    #[command(hide = true)]
+    Keeper(KeeperArgs),
     /// Serve a workloads directory in the foreground, launch its autostart workloads and
     /// print events; Ctrl-C tears everything down.
     Up(UpArgs),
@@ -86,6 +114,32 @@ pub struct ServeArgs {
     /// e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Also serve the API on this TCP address (e.g. 0.0.0.0:7443), with mutual TLS and
+    /// tokens: needs --tls-cert, --tls-key, --client-ca and --tokens.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// With --listen: the CA whose certificates clients must present (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub client_ca: Option<PathBuf>,
+    /// With --listen: the token file (YAML, or TOML if it ends in .toml).
+    #[arg(long, value_name = "PATH")]
+    pub tokens: Option<PathBuf>,
+    /// The server certificate and key of --listen: the global --tls-cert and --tls-key.
+    #[arg(skip)]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(skip)]
+    pub tls_key: Option<PathBuf>,
+    /// Be the instances' parent instead of spawning them through the keeper: instances
+    /// then cannot be adopted after a daemon crash.
+    #[arg(long)]
+    pub no_keeper: bool,
+}
+
+/// Arguments of the internal `keeper` command (started by the daemon).
+#[derive(Debug, Args)]
+pub struct KeeperArgs {
+    #[arg(long)]
+    pub state: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +149,9 @@ pub struct UpArgs {
     /// State directory.
     #[arg(long, default_value = ".bulkhead")]
     pub state: PathBuf,
+    /// Be the instances' parent instead of spawning them through the keeper.
+    #[arg(long)]
+    pub no_keeper: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -187,6 +244,10 @@ pub struct EndScopeArgs {
 pub struct ExecArgs {
     /// The instance (e.g. ns:default:web).
     pub id: String,
+    /// Run the command on a pseudo-terminal (for interactive programs); this terminal is
+    /// put in raw mode meanwhile and its size follows.
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -5,16 +5,60 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use bulkhead_api::{v1, BulkheadClient};
+use bulkhead_api::v1;
 use bulkhead_core::key::InstanceId;
-use tonic::transport::Channel;
 
 use crate::cli::{self, Format};
 use crate::exit::{self, fail, from_status};
 use crate::output;
 
-pub async fn connect(socket: &Path) -> anyhow::Result<BulkheadClient<Channel>> {
-    bulkhead_api::connect(socket).await.map_err(|e| {
+/// The remote daemon of `--tcp`, when given (set once by `main`).
+static REMOTE: std::sync::OnceLock<bulkhead_api::TcpOptions> = std::sync::OnceLock::new();
+
+/// Reads the TLS files of `--tcp`; from then on [`connect`] dials the TCP listener.
+pub fn use_remote(r: &cli::RemoteArgs) -> anyhow::Result<()> {
+    let Some(addr) = &r.tcp else {
+        return Ok(());
+    };
+    let read = |flag: &str, p: &Path| {
+        std::fs::read(p).map_err(|e| fail(exit::INVALID, format!("cannot read {flag} {}: {e}", p.display())))
+    };
+    let Some(ca) = &r.tls_ca else {
+        return Err(fail(exit::USAGE, "--tcp needs --tls-ca (the CA that signed the daemon's certificate)"));
+    };
+    let client_identity = match (&r.tls_cert, &r.tls_key) {
+        (Some(c), Some(k)) => Some((read("--tls-cert", c)?, read("--tls-key", k)?)),
+        (None, None) => None,
+        _ => return Err(fail(exit::USAGE, "--tls-cert and --tls-key go together")),
+    };
+    let opts = bulkhead_api::TcpOptions {
+        addr: addr.clone(),
+        ca_pem: read("--tls-ca", ca)?,
+        client_identity,
+        token: r.token.clone(),
+    };
+    let _ = REMOTE.set(opts);
+    Ok(())
+}
+
+/// Whether the client talks to a daemon over TCP (`--tcp`).
+pub fn is_remote() -> bool {
+    REMOTE.get().is_some()
+}
+
+pub async fn connect(socket: &Path) -> anyhow::Result<bulkhead_api::Client> {
+    if let Some(opts) = REMOTE.get() {
+        return bulkhead_api::connect_tcp(opts.clone()).await.map_err(|e| {
+            let mut msg = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                msg = format!("{msg}: {c}");
+                cur = c.source();
+            }
+            fail(exit::UNAVAILABLE, format!("cannot reach the bulkhead daemon over TCP: {msg}"))
+        });
+    }
+    bulkhead_api::connect_unix(socket).await.map_err(|e| {
         let cause = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
         fail(
             exit::UNAVAILABLE,

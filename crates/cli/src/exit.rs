@@ -10,6 +10,7 @@
 //! | 5    | daemon unavailable                                  |
 //! | 6    | timeout                                             |
 //! | 7    | launch failed                                       |
+//! | 8    | permission denied (no valid token, scope not granted) |
 
 use std::fmt;
 
@@ -19,6 +20,8 @@ pub const INVALID: u8 = 4;
 pub const UNAVAILABLE: u8 = 5;
 pub const TIMEOUT: u8 = 6;
 pub const LAUNCH_FAILED: u8 = 7;
+pub const USAGE: u8 = 2;
+pub const PERMISSION_DENIED: u8 = 8;
 
 /// An error with a chosen exit code.
 #[derive(Debug)]
@@ -61,13 +64,29 @@ pub fn from_status(s: tonic::Status) -> anyhow::Error {
         Code::Unavailable => UNAVAILABLE,
         Code::DeadlineExceeded => TIMEOUT,
         Code::Aborted => LAUNCH_FAILED,
+        Code::Unauthenticated | Code::PermissionDenied => PERMISSION_DENIED,
         _ => ERROR,
     };
-    let msg = if s.message().is_empty() {
+    let mut msg = if s.message().is_empty() {
         format!("{:?}", s.code())
     } else {
         s.message().to_owned()
     };
+    // The connection failed under the call (over TCP: typically the TLS handshake, which
+    // refuses a client without a certificate signed by the daemon's client CA).
+    if s.code() == Code::Unknown && s.message() == "transport error" {
+        let mut cause = String::new();
+        let mut cur = std::error::Error::source(&s);
+        while let Some(c) = cur {
+            cause = c.to_string();
+            cur = c.source();
+        }
+        msg = format!("the connection to the daemon failed: {cause}");
+        if crate::client::is_remote() {
+            msg.push_str(" (over --tcp the daemon requires a client certificate signed by its client CA: --tls-cert, --tls-key)");
+        }
+        return fail(UNAVAILABLE, msg);
+    }
     fail(code, msg)
 }
 

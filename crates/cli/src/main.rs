@@ -13,6 +13,17 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
+    if let cli::Command::Keeper(k) = &args.command {
+        // The keeper runs no async runtime: a plain poll loop, single-threaded (the
+        // instances' parent-death signal is tied to the thread that spawned them).
+        return match bulkhead_driver::keeper::server::run(&k.state) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bulkhead keeper: {e}");
+                exit::ERROR.into()
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -35,8 +46,13 @@ fn main() -> std::process::ExitCode {
 async fn run(args: cli::Cli) -> anyhow::Result<()> {
     use cli::Command::*;
     let socket = args.socket;
+    client::use_remote(&args.remote)?;
     match args.command {
-        Serve(a) => serve::serve(a).await,
+        Serve(mut a) => {
+            (a.tls_cert, a.tls_key) = (args.remote.tls_cert, args.remote.tls_key);
+            serve::serve(a).await
+        }
+        Keeper(_) => unreachable!("handled before the runtime starts"),
         Up(a) => serve::up(a).await,
         Launch(a) => client::launch(&socket, a).await,
         Get(a) => client::get(&socket, a).await,

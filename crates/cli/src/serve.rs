@@ -21,12 +21,18 @@ fn init_tracing() {
 }
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let tcp = listen_config(&a)?;
     init_tracing();
     let mut cfg = Config::new(a.workloads, Some(a.state), None);
     cfg.log_max_bytes = a.log_max_bytes;
     cfg.metrics_addr = a.metrics;
+    cfg.tcp = tcp;
     // The daemon process parents the instances: it reaps their orphans (and works as PID 1).
     cfg.reap_orphans = true;
+    // Instances are spawned through the keeper so that they survive a daemon crash.
+    if !a.no_keeper {
+        cfg.keeper = Some(std::env::current_exe().context("cannot find this program for the keeper")?);
+    }
     // --socket is global; serve honours it too.
     cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
     let daemon = Daemon::start(cfg).await?;
@@ -35,6 +41,48 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .await
         .context("signal handling")?;
     Ok(())
+}
+
+/// `--listen` and its files: TCP is served only with mutual TLS and a token file.
+fn listen_config(a: &ServeArgs) -> anyhow::Result<Option<bulkhead_daemon::auth::TcpListen>> {
+    let Some(addr) = a.listen else {
+        if a.client_ca.is_some() || a.tokens.is_some() {
+            return Err(crate::exit::fail(
+                crate::exit::USAGE,
+                "--client-ca and --tokens only apply with --listen ADDR",
+            ));
+        }
+        return Ok(None);
+    };
+    match (&a.tls_cert, &a.tls_key, &a.client_ca, &a.tokens) {
+        (Some(cert), Some(key), Some(ca), Some(tokens)) => {
+            Ok(Some(bulkhead_daemon::auth::TcpListen {
+                addr,
+                tls_cert: std::path::absolute(cert)?,
+                tls_key: std::path::absolute(key)?,
+                client_ca: std::path::absolute(ca)?,
+                tokens: std::path::absolute(tokens)?,
+            }))
+        }
+        _ => {
+            let missing: Vec<&str> = [
+                ("--tls-cert", a.tls_cert.is_none()),
+                ("--tls-key", a.tls_key.is_none()),
+                ("--client-ca", a.client_ca.is_none()),
+                ("--tokens", a.tokens.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(flag, absent)| absent.then_some(flag))
+            .collect();
+            Err(crate::exit::fail(
+                crate::exit::USAGE,
+                format!(
+                    "--listen {addr} requires mutual TLS and tokens: missing {}",
+                    missing.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
 /// `--socket`/`BULKHEAD_SOCKET` when given, else `<state>/bulkhead.sock`.
@@ -74,6 +122,9 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     };
     let mut cfg = Config::new(dir, Some(a.state), None);
     cfg.reap_orphans = true;
+    if !a.no_keeper {
+        cfg.keeper = Some(std::env::current_exe().context("cannot find this program for the keeper")?);
+    }
     cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
     let socket = cfg.socket.clone();
     let daemon = Daemon::start(cfg).await?;

@@ -104,6 +104,8 @@ pub enum EventKind {
     /// The liveness probe failed `failure_threshold` times; the instance is stopped and
     /// its restart policy applies.
     LivenessFailed { reason: String },
+    /// A restarted daemon took a running instance back under supervision.
+    Adopted { pid: Option<u32> },
 }
 
 impl EventKind {
@@ -124,6 +126,7 @@ impl EventKind {
             EventKind::BreakerClosed => "breaker_closed",
             EventKind::Unhealthy { .. } => "unhealthy",
             EventKind::LivenessFailed { .. } => "liveness_failed",
+            EventKind::Adopted { .. } => "adopted",
         }
     }
 

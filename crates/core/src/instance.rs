@@ -253,6 +253,23 @@ impl Instance {
         (inst, vec![Effect::Emit(EventKind::Launched), Effect::Spawn])
     }
 
+    /// An instance that was already running when this daemon started (found at the
+    /// keeper): `Ready`, with its process; emits `adopted` and starts the monitors. If it
+    /// exited meanwhile, the shell feeds `Exited` next and the restart policy applies.
+    pub fn adopt(cfg: Config, pid: Option<u32>, now_ms: u64) -> (Instance, Vec<Effect>) {
+        let (mut inst, _) = Instance::launch(cfg);
+        inst.spawn_pending = false;
+        inst.spawned = true;
+        inst.pid = pid;
+        inst.state = State::Ready;
+        inst.ready = true;
+        inst.ready_at_ms = Some(now_ms);
+        (
+            inst,
+            vec![Effect::Emit(EventKind::Adopted { pid }), Effect::StartMonitors],
+        )
+    }
+
     pub fn state(&self) -> State {
         self.state
     }
@@ -827,6 +844,17 @@ mod tests {
         );
         assert_eq!(i.state(), State::Terminated);
         assert!(i.handle(Input::RestartDue, 3).is_empty());
+    }
+
+    #[test]
+    fn an_adopted_instance_is_ready_and_its_exit_applies_the_policy() {
+        let (mut i, fx) = Instance::adopt(cfg(true, RestartPolicy::OnFailure), Some(42), 0);
+        assert_eq!(events(&fx), vec!["adopted"]);
+        assert_eq!(i.state(), State::Ready);
+        assert!(i.has_live_process());
+        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 3 }), 10);
+        assert_eq!(events(&fx), vec!["exited", "restarting"]);
+        assert_eq!(i.last_exit(), Some(ExitStatus::Exited { code: 3 }));
     }
 
     #[test]

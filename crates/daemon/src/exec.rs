@@ -23,6 +23,8 @@
 //! A process that leaves the group (`setsid`) escapes both, as with the process driver;
 //! if it keeps the output pipes open, the drain gives up after [`DRAIN_AFTER_EXIT`].
 
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +35,8 @@ use bulkhead_core::instance::State;
 use bulkhead_core::key::InstanceId;
 use bulkhead_core::signal::Signal;
 use bulkhead_driver::reaper;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -60,8 +63,6 @@ pub enum ExecError {
     EmptyCommand,
     #[error("exec command line is longer than {MAX_ARGV_BYTES} bytes")]
     CommandTooLong,
-    #[error("exec with a terminal (tty) is not supported yet")]
-    Tty,
     #[error("invalid instance id {id:?}: {reason}")]
     InvalidId { id: String, reason: String },
     #[error("no instance {0}")]
@@ -85,7 +86,6 @@ impl From<ExecError> for Status {
             | ExecError::EmptyCommand
             | ExecError::CommandTooLong
             | ExecError::InvalidId { .. } => Status::invalid_argument(msg),
-            ExecError::Tty => Status::unimplemented(msg),
             ExecError::NotFound(_) => Status::not_found(msg),
             ExecError::NotRunning { .. } | ExecError::Spawn { .. } => {
                 Status::failed_precondition(msg)
@@ -95,29 +95,29 @@ impl From<ExecError> for Status {
 }
 
 /// Starts the command of the first request and returns the response stream; the rest
-/// runs in a task.
+/// runs in a task. `authorize` is called with the instance id (which only arrives in the
+/// stream) before anything else is done with it.
 pub(crate) async fn exec(
     sh: Arc<Shared>,
     mut inbound: Streaming<v1::ExecRequest>,
+    authorize: impl FnOnce(&InstanceId) -> Result<(), Status> + Send,
 ) -> Result<ExecStream, Status> {
     let first = inbound.message().await?.ok_or(ExecError::NoStart)?;
     let Some(v1::exec_request::Msg::Start(start)) = first.msg else {
         return Err(ExecError::NoStart.into());
     };
-    if start.tty {
-        return Err(ExecError::Tty.into());
-    }
     let id = InstanceId::parse(&start.id)
         .map(|(id, _)| id)
         .map_err(|e| ExecError::InvalidId {
             id: start.id.clone(),
             reason: e.to_string(),
         })?;
+    authorize(&id)?;
     let argv = start.argv;
     if argv.first().is_none_or(|a| a.is_empty()) {
         return Err(ExecError::EmptyCommand.into());
     }
-    if argv.iter().map(|a| a.len() + 1).sum::<usize>() > MAX_ARGV_BYTES {
+    if argv.iter().map(|a| a.len() + 1).sum::<usize>() + start.term.len() > MAX_ARGV_BYTES {
         return Err(ExecError::CommandTooLong.into());
     }
     let slot = sh.get(&id).ok_or_else(|| ExecError::NotFound(id.clone()))?;
@@ -131,42 +131,129 @@ pub(crate) async fn exec(
     }
     let (mut env, cwd) = slot.exec_env().ok_or_else(not_running)?;
     env.retain(|(k, _)| k != "NOTIFY_SOCKET");
+    if start.tty {
+        let term = if !start.term.is_empty() {
+            start.term
+        } else {
+            let inherited = env.iter().rev().find(|(k, _)| k == "TERM");
+            inherited.map_or_else(|| "xterm".to_owned(), |(_, v)| v.clone())
+        };
+        env.retain(|(k, _)| k != "TERM");
+        env.push(("TERM".to_owned(), term));
+    }
 
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .current_dir(&cwd);
     let spawn_err = |source| ExecError::Spawn {
         program: argv[0].clone(),
         id: id.clone(),
         source,
     };
-    let spawned = reaper::spawn(&mut cmd).map_err(spawn_err)?;
-    let pipes = (|| {
-        Ok::<_, std::io::Error>((
-            spawned.stdin.map(pipe::Sender::from_owned_fd).transpose()?,
-            spawned
-                .stdout
-                .map(pipe::Receiver::from_owned_fd)
-                .transpose()?,
-            spawned
-                .stderr
-                .map(pipe::Receiver::from_owned_fd)
-                .transpose()?,
-        ))
-    })();
-    let child = spawned.child;
-    // On error `child` drops here: its group is killed and it is reaped.
-    let (stdin, stdout, stderr) = pipes.map_err(spawn_err)?;
-    tracing::debug!(instance = %id, pid = child.pid(), argv = ?argv, "exec started");
+    let (child, io) = if start.tty {
+        spawn_tty(cmd, start.size.unwrap_or(DEFAULT_SIZE))
+    } else {
+        spawn_piped(cmd)
+    }
+    .map_err(spawn_err)?;
+    tracing::debug!(instance = %id, pid = child.pid(), argv = ?argv, tty = start.tty, "exec started");
 
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(supervise(id, child, inbound, stdin, stdout, stderr, tx));
+    tokio::spawn(supervise(id, child, inbound, io, tx));
     Ok(ReceiverStream::new(rx))
+}
+
+/// The terminal size when the client gives none.
+const DEFAULT_SIZE: v1::TerminalSize = v1::TerminalSize { rows: 24, cols: 80 };
+
+/// How the command's standard streams reach the daemon.
+enum Io {
+    Pipes {
+        stdin: Option<pipe::Sender>,
+        stdout: Option<pipe::Receiver>,
+        stderr: Option<pipe::Receiver>,
+    },
+    /// The master side of the command's pseudo-terminal (non-blocking).
+    Tty(Arc<AsyncFd<OwnedFd>>),
+}
+
+/// Spawns with stdin, stdout and stderr on pipes, in a new process group.
+fn spawn_piped(mut cmd: Command) -> std::io::Result<(reaper::Child, Io)> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawned = reaper::spawn(&mut cmd)?;
+    // On error below `spawned.child` drops: its group is killed and it is reaped.
+    let io = Io::Pipes {
+        stdin: spawned.stdin.map(pipe::Sender::from_owned_fd).transpose()?,
+        stdout: spawned
+            .stdout
+            .map(pipe::Receiver::from_owned_fd)
+            .transpose()?,
+        stderr: spawned
+            .stderr
+            .map(pipe::Receiver::from_owned_fd)
+            .transpose()?,
+    };
+    Ok((spawned.child, io))
+}
+
+/// Spawns on a new pseudo-terminal: the child starts a session (so it leads its process
+/// group) and takes the terminal as its controlling terminal.
+fn spawn_tty(mut cmd: Command, size: v1::TerminalSize) -> std::io::Result<(reaper::Child, Io)> {
+    use rustix::fs::{Mode, OFlags};
+    use rustix::pty::OpenptFlags;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    rustix::pty::grantpt(&master)?;
+    rustix::pty::unlockpt(&master)?;
+    set_size(&master, &size)?;
+    let name = rustix::pty::ptsname(&master, Vec::new())?;
+    let slave = rustix::fs::open(
+        name.as_c_str(),
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    cmd.stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave));
+    // SAFETY: the closure runs in the child between fork and exec, after std has set up
+    // fds 0-2 (the terminal's slave side). It makes two system calls through rustix and
+    // allocates nothing (an errno converts into io::Error without allocating); fd 0 is
+    // open for the closure's whole run, so borrowing it is sound.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::setsid()?;
+            rustix::process::ioctl_tiocsctty(std::os::fd::BorrowedFd::borrow_raw(0))?;
+            Ok(())
+        });
+    }
+    let spawned = reaper::spawn_leader(&mut cmd)?;
+    // The daemon's copies of the slave side go with `cmd`: reads of the master end (EIO)
+    // once every process holding the terminal has closed it.
+    drop(cmd);
+    rustix::io::ioctl_fionbio(&master, true)?;
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd: the descriptor stays open and
+    // the same until the AsyncFd drops.
+    let master =
+        unsafe { AsyncFd::register_with_interest(master, Interest::READABLE | Interest::WRITABLE) }
+            .map_err(|e| e.into_parts().1)?;
+    Ok((spawned.child, Io::Tty(Arc::new(master))))
+}
+
+fn set_size(master: &OwnedFd, size: &v1::TerminalSize) -> std::io::Result<()> {
+    let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+    Ok(rustix::termios::tcsetwinsize(
+        master,
+        rustix::termios::Winsize {
+            ws_row: clamp(size.rows),
+            ws_col: clamp(size.cols),
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        },
+    )?)
 }
 
 type Tx = mpsc::Sender<Result<v1::ExecResponse, Status>>;
@@ -177,16 +264,41 @@ async fn supervise(
     id: InstanceId,
     mut child: reaper::Child,
     inbound: Streaming<v1::ExecRequest>,
-    stdin: Option<pipe::Sender>,
-    stdout: Option<pipe::Receiver>,
-    stderr: Option<pipe::Receiver>,
+    io: Io,
     tx: Tx,
 ) {
     let pid = child.pid();
     let (gone_tx, mut gone_rx) = mpsc::channel::<()>(1);
-    let stdin_task = tokio::spawn(forward_stdin(inbound, stdin, gone_tx));
-    let out_task = tokio::spawn(forward_output(stdout, tx.clone(), Stream::Stdout));
-    let err_task = tokio::spawn(forward_output(stderr, tx.clone(), Stream::Stderr));
+    let (sink, outputs) = match io {
+        Io::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => (
+            stdin.map(Sink::Pipe),
+            vec![
+                tokio::spawn(forward_output(
+                    stdout.map(Source::Pipe),
+                    tx.clone(),
+                    Stream::Stdout,
+                )),
+                tokio::spawn(forward_output(
+                    stderr.map(Source::Pipe),
+                    tx.clone(),
+                    Stream::Stderr,
+                )),
+            ],
+        ),
+        Io::Tty(master) => (
+            Some(Sink::Tty(master.clone())),
+            vec![tokio::spawn(forward_output(
+                Some(Source::Tty(master)),
+                tx.clone(),
+                Stream::Stdout,
+            ))],
+        ),
+    };
+    let stdin_task = tokio::spawn(forward_stdin(inbound, sink, gone_tx));
 
     let client_gone = tokio::select! {
         () = child.exited() => false,
@@ -201,14 +313,16 @@ async fn supervise(
     let status = child.wait().await;
     stdin_task.abort();
     if client_gone {
-        out_task.abort();
-        err_task.abort();
+        for t in outputs {
+            t.abort();
+        }
         tracing::debug!(instance = %id, pid, "exec killed: the client went away");
         return;
     }
     let drained = async {
-        let _ = out_task.await;
-        let _ = err_task.await;
+        for t in outputs {
+            let _ = t.await;
+        }
     };
     if tokio::time::timeout(DRAIN_AFTER_EXIT, drained)
         .await
@@ -241,40 +355,95 @@ fn exit_proto(st: ExitStatus) -> v1::ExitStatus {
     }
 }
 
-/// Writes the client's stdin into the command's; closes it at `stdin_eof` or at the end of
-/// the request stream. A broken request stream means the client is gone.
-async fn forward_stdin(
-    mut inbound: Streaming<v1::ExecRequest>,
-    mut stdin: Option<pipe::Sender>,
-    gone: mpsc::Sender<()>,
-) {
-    loop {
-        match inbound.message().await {
-            Ok(Some(v1::ExecRequest {
-                msg: Some(v1::exec_request::Msg::Stdin(data)),
-            })) => {
-                if let Some(w) = stdin.as_mut() {
-                    // The command closed its stdin or exited: drop the rest.
-                    if w.write_all(&data).await.is_err() {
-                        stdin = None;
+/// Where the client's stdin goes.
+enum Sink {
+    Pipe(pipe::Sender),
+    Tty(Arc<AsyncFd<OwnedFd>>),
+}
+
+impl Sink {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Pipe(w) => w.write_all(data).await,
+            Sink::Tty(fd) => {
+                let mut data = data;
+                while !data.is_empty() {
+                    let mut guard = fd.writable().await?;
+                    match guard.try_io(|f| Ok(rustix::io::write(f.get_ref(), data)?)) {
+                        Ok(Ok(n)) => data = &data[n..],
+                        Ok(Err(e)) => return Err(e),
+                        Err(_would_block) => {}
                     }
                 }
+                Ok(())
             }
-            Ok(Some(v1::ExecRequest {
-                msg: Some(v1::exec_request::Msg::StdinEof(_)),
-            })) => stdin = None,
-            // A second start, or an empty message: ignored.
-            Ok(Some(_)) => {}
+        }
+    }
+}
+
+/// Writes the client's stdin into the command's; at `stdin_eof` or at the end of the
+/// request stream closes the pipe (or, on a terminal, types the EOF character ^D). Goes
+/// on reading the request stream after that, for resizes and to notice that the client
+/// is gone (a broken request stream).
+async fn forward_stdin(
+    mut inbound: Streaming<v1::ExecRequest>,
+    mut sink: Option<Sink>,
+    gone: mpsc::Sender<()>,
+) {
+    use v1::exec_request::Msg;
+    let mut open = sink.is_some();
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(req)) => req.msg,
             // Half-close: no more stdin, but the client still reads.
             Ok(None) => {
-                drop(stdin);
+                if open {
+                    end_of_input(&mut sink).await;
+                }
                 return;
             }
             Err(_) => {
                 let _ = gone.send(()).await;
                 return;
             }
+        };
+        match msg {
+            Some(Msg::Stdin(data)) if open => {
+                if let Some(w) = sink.as_mut() {
+                    // The command closed its stdin or exited: drop the rest.
+                    if w.write_all(&data).await.is_err() {
+                        open = false;
+                    }
+                }
+            }
+            Some(Msg::StdinEof(_)) if open => {
+                open = false;
+                end_of_input(&mut sink).await;
+            }
+            Some(Msg::Resize(size)) => {
+                if let Some(Sink::Tty(fd)) = &sink {
+                    // The kernel sends SIGWINCH to the terminal's foreground group.
+                    if let Err(e) = set_size(fd.get_ref(), &size) {
+                        tracing::debug!("cannot resize an exec terminal: {e}");
+                    }
+                }
+            }
+            // Input after its end, a second start, or an empty message: ignored.
+            _ => {}
         }
+    }
+}
+
+/// The end of the client's input: a pipe is closed, a terminal gets ^D (VEOF, which ends
+/// input at the start of a line in canonical mode).
+async fn end_of_input(sink: &mut Option<Sink>) {
+    match sink {
+        Some(Sink::Tty(_)) => {
+            if let Some(w) = sink.as_mut() {
+                let _ = w.write_all(b"\x04").await;
+            }
+        }
+        _ => *sink = None,
     }
 }
 
@@ -284,8 +453,33 @@ enum Stream {
     Stderr,
 }
 
+/// Where the command's output comes from.
+enum Source {
+    Pipe(pipe::Receiver),
+    Tty(Arc<AsyncFd<OwnedFd>>),
+}
+
+impl Source {
+    /// `Ok(0)` at the end: EOF on a pipe, EIO on a terminal whose slave side every
+    /// process has closed.
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Source::Pipe(r) => r.read(buf).await,
+            Source::Tty(fd) => loop {
+                let mut guard = fd.readable().await?;
+                match guard.try_io(|f| Ok(rustix::io::read(f.get_ref(), &mut *buf)?)) {
+                    Ok(Ok(n)) => return Ok(n),
+                    Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_would_block) => {}
+                }
+            },
+        }
+    }
+}
+
 /// Sends what the command writes, as it comes, until EOF.
-async fn forward_output(r: Option<pipe::Receiver>, tx: Tx, which: Stream) {
+async fn forward_output(r: Option<Source>, tx: Tx, which: Stream) {
     let Some(mut r) = r else {
         return;
     };

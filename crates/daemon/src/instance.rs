@@ -152,6 +152,27 @@ pub(crate) fn start(
     spec: Arc<WorkloadSpec>,
     dir: PathBuf,
 ) -> Arc<Slot> {
+    start_with(sh, key, spec, dir, None)
+}
+
+/// Creates the slot of an instance found running at the keeper and starts its actor.
+pub(crate) fn start_adopted(
+    sh: &Arc<Shared>,
+    key: Key,
+    a: bulkhead_driver::keeper::client::Adoptable,
+) -> Arc<Slot> {
+    let spec = Arc::new(a.record.spec.clone());
+    let dir = a.record.cwd.clone();
+    start_with(sh, key, spec, dir, Some(a))
+}
+
+fn start_with(
+    sh: &Arc<Shared>,
+    key: Key,
+    spec: Arc<WorkloadSpec>,
+    dir: PathBuf,
+    adopt: Option<bulkhead_driver::keeper::client::Adoptable>,
+) -> Arc<Slot> {
     let id = key.instance_id();
     let view = View {
         id: id.clone(),
@@ -191,7 +212,7 @@ pub(crate) fn start(
         leases: Mutex::new(Default::default()),
         exec_env: Mutex::new(None),
     });
-    tokio::spawn(run(slot.clone(), sh.clone(), rx));
+    tokio::spawn(run(slot.clone(), sh.clone(), rx, adopt));
     slot
 }
 
@@ -234,16 +255,25 @@ fn abort_all(tasks: &mut Vec<JoinHandle<()>>) {
     }
 }
 
-async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+async fn run(
+    slot: Arc<Slot>,
+    sh: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    adopt: Option<bulkhead_driver::keeper::client::Adoptable>,
+) {
     let spec = slot.spec.clone();
     let t0 = tokio::time::Instant::now();
     let now = || t0.elapsed().as_millis() as u64;
-    let (mut inst, first) = Instance::launch(core_instance::Config {
+    let cfg = core_instance::Config {
         readiness_timeout: spec.readiness.as_ref().map(|r| r.timeout),
         shutdown: spec.shutdown,
         restart: spec.restart,
         seed: rand::random(),
-    });
+    };
+    let (mut inst, first) = match &adopt {
+        None => Instance::launch(cfg),
+        Some(a) => Instance::adopt(cfg, Some(a.pid), now()),
+    };
     let mut queue: VecDeque<Effect> = first.into();
     let mut handle: Option<Arc<dyn InstanceHandle>> = None;
     let mut env: Vec<(String, String)> = Vec::new();
@@ -263,6 +293,20 @@ async fn run(slot: Arc<Slot>, sh: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<M
     let mut idle: Option<Pin<Box<Sleep>>> = idle_after.map(|d| Box::pin(tokio::time::sleep(d)));
     // The newest event this actor published: the View changes only once it is durable.
     let mut last_event = 0u64;
+    if let Some(a) = adopt {
+        // Back under supervision: its output, its environment (and so its port), its exit.
+        env = a.record.env;
+        port = env
+            .iter()
+            .find(|(k, _)| k == "PORT")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        sh.ports.reserve(port);
+        slot.log.attach(a.spawned.stdout.into_iter().chain(a.spawned.stderr).collect());
+        *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.spawned.handle.clone());
+        handle = Some(a.spawned.handle);
+        started_at_ms = crate::events::now_ms();
+    }
 
     loop {
         while let Some(effect) = queue.pop_front() {

@@ -22,6 +22,7 @@ use bulkhead_core::key::{InstanceId, Key, KeyError};
 use bulkhead_core::spec::DriverKind;
 use bulkhead_driver::Driver;
 
+pub mod auth;
 pub mod catalog;
 pub mod events;
 pub mod exec;
@@ -92,18 +93,25 @@ pub struct Shared {
     seq: AtomicU64,
     started: Instant,
     shutting_down: AtomicBool,
+    /// The keeper the process driver spawns through, when there is one.
+    pub(crate) keeper: Option<Arc<bulkhead_driver::keeper::client::KeeperDriver>>,
     /// Prometheus metrics; launches are counted in [`Shared::launch`].
     pub metrics: metrics::Metrics,
 }
 
 impl Shared {
     /// `events`: the durable log opened on the state dir, or [`events::EventLog::new`].
-    pub(crate) fn new(cfg: Config, events: events::EventLog) -> Shared {
+    pub(crate) fn new(
+        cfg: Config,
+        events: events::EventLog,
+        keeper: Option<Arc<bulkhead_driver::keeper::client::KeeperDriver>>,
+    ) -> Shared {
         let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
-        drivers.insert(
-            DriverKind::Process,
-            Arc::new(bulkhead_driver::process::ProcessDriver::new()),
-        );
+        let process: Arc<dyn Driver> = match &keeper {
+            Some(k) => k.clone(),
+            None => Arc::new(bulkhead_driver::process::ProcessDriver::new()),
+        };
+        drivers.insert(DriverKind::Process, process);
         Shared {
             cfg,
             catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
@@ -115,7 +123,24 @@ impl Shared {
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
             metrics: metrics::Metrics::new(),
+            keeper,
         }
+    }
+
+    /// Puts an instance found at the keeper back under supervision.
+    pub(crate) fn adopt(self: &Arc<Self>, a: bulkhead_driver::keeper::client::Adoptable) {
+        let Ok((id, key)) = InstanceId::parse(a.instance.as_str()) else {
+            return;
+        };
+        let mut reg = self.lock_registry();
+        if reg.get(&id).is_some_and(|s| !s.view.borrow().state.is_terminal()) {
+            // Two processes for one key at the keeper: keep the first, stop this one.
+            tracing::error!("keeper holds a second process (pid {}) for {id}; killing it", a.pid);
+            let _ = a.spawned.handle.signal(bulkhead_core::signal::Signal::KILL);
+            return;
+        }
+        let slot = instance::start_adopted(self, key, a);
+        reg.insert(id, slot);
     }
 
     pub(crate) fn logs_dir(&self) -> PathBuf {
@@ -440,6 +465,13 @@ impl Ports {
             }
         }
         Err(std::io::Error::other("no free port after 64 tries"))
+    }
+
+    /// Marks a port as in use (an adopted instance keeps its port).
+    pub(crate) fn reserve(&self, port: u16) {
+        if port != 0 {
+            self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(port);
+        }
     }
 
     pub(crate) fn release(&self, port: u16) {

@@ -3,8 +3,10 @@
 //! Two sources, on purpose:
 //!
 //! - **Counters and histograms follow the event log.** [`Metrics::start`] runs one task
-//!   subscribed to [`crate::events::EventLog`] (history first, so nothing since the daemon
-//!   started is missed) and [`Metrics::observe`] turns each event into counter increments:
+//!   subscribed to [`crate::events::EventLog`] and [`Metrics::observe`] turns each event
+//!   published from then on into counter increments (the daemon starts it before anything
+//!   can publish; the history a durable log keeps from earlier runs only sets the breaker
+//!   state, so counters start at zero with the process, as Prometheus expects):
 //!   starts, exits by class, crashes by signal, restarts, events by kind, the breaker
 //!   state of each instance, the launch -> ready histogram (`launched` to `ready` of the
 //!   same instance, from the events' own timestamps) and the delivery lag (now minus the
@@ -333,59 +335,29 @@ impl Metrics {
         if e.id <= st.last_id {
             return;
         }
-        let gap = e.id - st.last_id - 1;
-        let first = st.last_id == 0;
-        st.last_id = e.id;
-        // Only the state below is kept when not counting.
-        let i = if count {
-            &self.inner
+        let missed = if st.last_id == 0 {
+            0
         } else {
-            &*DISCARD
+            e.id - st.last_id - 1
         };
-        if !first && gap > 0 {
-            i.events_missed.inc_by(gap);
-        }
-        i.delivery_lag
-            .observe(now_ms.saturating_sub(e.time_ms) as f64 / 1000.0);
-        i.events
-            .get_or_create(&KindLabel {
-                kind: e.kind.name(),
-            })
-            .inc();
+        st.last_id = e.id;
+        // The state first: kept also for events that are not counted.
+        let mut launch_ready_ms = None;
         match &e.kind {
             EventKind::Launched => {
                 st.launched_ms.insert(e.instance.clone(), e.time_ms);
             }
-            EventKind::Started { .. } => {
-                i.starts.inc();
-            }
             EventKind::Ready => {
-                if let Some(t) = st.launched_ms.remove(&e.instance) {
-                    i.launch_ready
-                        .observe(e.time_ms.saturating_sub(t) as f64 / 1000.0);
-                }
+                launch_ready_ms = st
+                    .launched_ms
+                    .remove(&e.instance)
+                    .map(|t| e.time_ms.saturating_sub(t));
             }
-            EventKind::Exited { exit_code } => {
-                st.launched_ms.remove(&e.instance);
-                i.exits
-                    .get_or_create(&ReasonLabel {
-                        reason: exit_class(*exit_code),
-                    })
-                    .inc();
-            }
-            EventKind::Crashed { signal, .. } => {
-                st.launched_ms.remove(&e.instance);
-                i.crashes
-                    .get_or_create(&SignalLabel {
-                        signal: signal_name(*signal),
-                    })
-                    .inc();
-            }
-            EventKind::Restarting { .. } => {
-                st.launched_ms.remove(&e.instance);
-                i.restarts.inc();
-            }
-            EventKind::LaunchFailed { .. } | EventKind::Terminated { .. } => {
+            EventKind::Exited { .. }
+            | EventKind::Crashed { .. }
+            | EventKind::Restarting { .. }
+            | EventKind::LaunchFailed { .. }
+            | EventKind::Terminated { .. } => {
                 st.launched_ms.remove(&e.instance);
             }
             EventKind::BreakerOpen { .. } => {
@@ -398,10 +370,54 @@ impl Metrics {
             EventKind::BreakerClosed => {
                 st.breakers.insert(e.instance.clone(), BreakerState::Closed);
             }
-            EventKind::Terminating { .. }
+            EventKind::Started { .. }
+            | EventKind::Adopted { .. }
+            | EventKind::Terminating { .. }
             | EventKind::Unhealthy { .. }
             | EventKind::LivenessFailed { .. } => {}
         }
+        if !count {
+            return;
+        }
+        // Counted under the state lock, so a reader that sees `last_id` sees its counts.
+        let i = &self.inner;
+        if missed > 0 {
+            i.events_missed.inc_by(missed);
+        }
+        i.delivery_lag
+            .observe(now_ms.saturating_sub(e.time_ms) as f64 / 1000.0);
+        i.events
+            .get_or_create(&KindLabel {
+                kind: e.kind.name(),
+            })
+            .inc();
+        if let Some(ms) = launch_ready_ms {
+            i.launch_ready.observe(ms as f64 / 1000.0);
+        }
+        match &e.kind {
+            EventKind::Started { .. } => {
+                i.starts.inc();
+            }
+            EventKind::Exited { exit_code } => {
+                i.exits
+                    .get_or_create(&ReasonLabel {
+                        reason: exit_class(*exit_code),
+                    })
+                    .inc();
+            }
+            EventKind::Crashed { signal, .. } => {
+                i.crashes
+                    .get_or_create(&SignalLabel {
+                        signal: signal_name(*signal),
+                    })
+                    .inc();
+            }
+            EventKind::Restarting { .. } => {
+                i.restarts.inc();
+            }
+            _ => {}
+        }
+        drop(st);
     }
 
     /// Breaker states seen in events, by instance.
@@ -500,7 +516,7 @@ impl Metrics {
         reg.register("instances", "Instances in the registry by state", by_state);
         reg.register(
             "instances_running",
-            "Live instances (starting, ready or stopping) by workload and isolation",
+            "Live instances (in a state that is not terminal) by workload and isolation",
             running,
         );
         reg.register(
@@ -783,7 +799,14 @@ mod tests {
         );
         let sh = Arc::new(Shared::new(cfg, crate::events::EventLog::new()));
         let w = id("shared:w");
-        sh.events.publish(&w, EventKind::Launched);
+        // Before the start (a durable log's earlier runs): state, but no counts.
+        sh.events.publish(
+            &w,
+            EventKind::BreakerOpen {
+                failures: 3,
+                reason: "x".into(),
+            },
+        );
         let m = Metrics::new();
         let task = m.start(&sh);
         // More than the broadcast channel holds, without yielding: the task lags.
@@ -801,7 +824,9 @@ mod tests {
         }
         task.abort();
         let s = samples(&m.encode_with(&[]).unwrap());
-        assert_eq!(s["bulkhead_events_total{kind=\"launched\"}"], 1.0);
+        assert_eq!(m.breakers(), vec![(w, BreakerState::Open)]);
+        assert!(!s.contains_key("bulkhead_events_total{kind=\"breaker_open\"}"));
+        assert_eq!(s["bulkhead_events_total{kind=\"started\"}"], 6000.0);
         assert_eq!(s["bulkhead_starts_total"], 6000.0);
         assert_eq!(s["bulkhead_events_missed_total"], 0.0);
     }

@@ -10,6 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -43,6 +44,13 @@ pub struct Config {
     /// must then spawn every child it waits for through the reaper registry, or the
     /// reaper may take its status. `bulkhead serve` and `up` turn it on.
     pub reap_orphans: bool,
+    /// Also serve the API on TCP, behind mutual TLS and tokens (see `auth`); `None`: the
+    /// Unix socket only.
+    pub tcp: Option<crate::auth::TcpListen>,
+    /// Spawn instances through a keeper process (this program, run as
+    /// `<program> keeper --state <state_dir>`), so that they survive a daemon crash and are
+    /// adopted by the next daemon. `None`: the daemon is the instances' parent.
+    pub keeper: Option<PathBuf>,
 }
 
 impl Config {
@@ -67,6 +75,8 @@ impl Config {
             durable_events: true,
             metrics_addr: None,
             reap_orphans: false,
+            tcp: None,
+            keeper: None,
         }
     }
 }
@@ -74,6 +84,12 @@ impl Config {
 /// The daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("cannot reach the keeper at {path}: {source}")]
+    Keeper {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The state database (`<state>/bulkhead.db`) could not be opened; names the file.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -95,6 +111,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     MetricsBind(#[from] crate::http::BindError),
+    #[error(transparent)]
+    Tcp(#[from] crate::auth::TcpSetupError),
 }
 
 /// A running daemon.
@@ -108,6 +126,9 @@ pub struct Daemon {
     _lock: File,
     /// The orphan reaper, when `Config::reap_orphans`; stops when the daemon is dropped.
     _reaper: Option<bulkhead_driver::reaper::ReaperTask>,
+    /// The TCP API server (`Config::tcp`) and the audit log of both servers.
+    tcp: Option<crate::auth::TcpServer>,
+    audit: crate::auth::AuditLog,
 }
 
 impl Daemon {
@@ -149,6 +170,13 @@ impl Daemon {
             Some(addr) => Some(crate::http::bind(addr).await?),
             None => None,
         };
+        // Like the metrics listener: a bad token file, TLS file or address binds nothing.
+        let tcp = match &cfg.tcp {
+            Some(t) => Some(crate::auth::TcpSetup::prepare(t).await?),
+            None => None,
+        };
+        let audit = crate::auth::AuditLog::start(&cfg.state_dir, cfg.log_max_bytes)
+            .map_err(state_err(&cfg.state_dir.join("audit.log")))?;
         let listener = bind(&cfg.socket)?;
         // Stale notify sockets from an earlier run: nobody listens on them.
         if let Ok(rd) = std::fs::read_dir(cfg.state_dir.join("notify")) {
@@ -170,14 +198,22 @@ impl Daemon {
             match bulkhead_driver::reaper::start() {
                 Ok(task) => Some(task),
                 Err(e) => {
-                    tracing::warn!("cannot become a child subreaper ({e}); orphans of instances go to PID 1");
+                    tracing::warn!(
+                        "cannot become a child subreaper ({e}); orphans of instances go to PID 1"
+                    );
                     None
                 }
             }
         } else {
             None
         };
-        let shared = Arc::new(Shared::new(cfg.clone(), events));
+        let keeper = match &cfg.keeper {
+            Some(program) => Some(Arc::new(bulkhead_driver::keeper::client::KeeperDriver::new(
+                connect_keeper(program, &cfg.state_dir).await?,
+            ))),
+            None => None,
+        };
+        let shared = Arc::new(Shared::new(cfg.clone(), events, keeper.clone()));
         // Before the catalog and the API: the metrics follow the events from the first one.
         let http = metrics_listener.map(|l| {
             let follower = shared.metrics.start(&shared);
@@ -185,6 +221,21 @@ impl Daemon {
         });
         // Everything after the bind may be slow; clients queue in the backlog meanwhile.
         let cat = shared.reload();
+        // Before the API serves a launch: every instance the keeper holds is back under
+        // supervision, so no key can get a second instance.
+        if let Some(k) = &keeper {
+            let adopted = k.adopt_all().await.map_err(|source| StartError::Keeper {
+                path: bulkhead_driver::keeper::server::socket_path(&cfg.state_dir),
+                source,
+            })?;
+            let n = adopted.len();
+            for a in adopted {
+                shared.adopt(a);
+            }
+            if n > 0 {
+                tracing::info!("adopted {n} instances from the keeper");
+            }
+        }
         tracing::info!(
             "serving {} workloads from {} on {}",
             cat.entries.len(),
@@ -194,8 +245,11 @@ impl Daemon {
 
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let svc = Service { sh: shared.clone() };
+        let unix_audit = audit.clone();
+        let tcp = tcp.map(|t| crate::auth::TcpServer::start(t, shared.clone(), audit.clone()));
         let server = tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
+                .layer(crate::auth::AuthLayer::unix(unix_audit))
                 .add_service(BulkheadServer::new(svc))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
                     let _ = stop_rx.await;
@@ -213,11 +267,18 @@ impl Daemon {
             socket: cfg.socket,
             _lock: lock,
             _reaper: reaper,
+            tcp,
+            audit,
         })
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// The address the TCP API is served on (the actual port when configured with port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().map(|t| t.addr)
     }
 
     /// The address `/metrics` is served on (the actual port when configured with port 0).
@@ -228,6 +289,10 @@ impl Daemon {
     /// Terminates every instance, stops the API server and removes the socket.
     pub async fn shutdown(mut self) {
         self.shared.terminate_all().await;
+        if let Some(k) = &self.shared.keeper {
+            // Every instance is gone: the keeper may exit.
+            k.client().shutdown().await;
+        }
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());
         }
@@ -246,6 +311,11 @@ impl Daemon {
             http.stop().await;
             follower.abort();
         }
+        if let Some(tcp) = self.tcp.take() {
+            tcp.stop().await;
+        }
+        // Both servers are stopped: every audit entry is queued; write them out.
+        self.audit.flush().await;
         // Commit whatever events are still queued and stop the writer thread.
         let sh = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || sh.events.close()).await;
@@ -312,4 +382,51 @@ fn bind(path: &Path) -> Result<UnixListener, StartError> {
     // connecting needs write permission, so nobody but the owner can connect meanwhile.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)
+}
+
+/// Connects to the state directory's keeper, starting one first if none answers.
+async fn connect_keeper(
+    program: &Path,
+    state_dir: &Path,
+) -> Result<Arc<bulkhead_driver::keeper::client::KeeperClient>, StartError> {
+    use bulkhead_driver::keeper::client::KeeperClient;
+    let path = bulkhead_driver::keeper::server::socket_path(state_dir);
+    let err = |source| StartError::Keeper {
+        path: path.clone(),
+        source,
+    };
+    if let Ok(c) = KeeperClient::connect(&path).await {
+        tracing::info!("connected to the running keeper at {}", path.display());
+        return Ok(c);
+    }
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join("keeper.log"))
+        .map_err(err)?;
+    // Its own process group: a terminal's Ctrl-C to the daemon's group must not reach it.
+    // Started once per state directory; it outlives this daemon on purpose.
+    let _child = std::process::Command::new(program)
+        .arg("keeper")
+        .arg("--state")
+        .arg(state_dir)
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(err)?;
+    // The keeper binds its socket within milliseconds; retry briefly with a growing pause.
+    let mut pause = std::time::Duration::from_millis(1);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match KeeperClient::connect(&path).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(err(e)),
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+        }
+    }
 }

@@ -10,6 +10,8 @@
 //! | daemon shutting down / not reachable    | UNAVAILABLE          | 5        |
 //! | wait timed out                          | DEADLINE_EXCEEDED    | 6        |
 //! | launch failed (spawn, exit, readiness)  | ABORTED              | 7        |
+//! | no valid token over TCP                 | UNAUTHENTICATED      | 8        |
+//! | token does not grant the scope          | PERMISSION_DENIED    | 8        |
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Scope, Visibility};
 use crate::logs::LogFile;
 use crate::{LaunchArgs, LaunchError, Shared, View, WaitFor};
 
@@ -32,6 +35,13 @@ pub(crate) struct Service {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+impl Service {
+    /// Access control (`auth`): `PERMISSION_DENIED` unless the caller may act on `scope`.
+    fn authorize<T>(&self, req: &Request<T>, scope: Scope) -> Result<(), Status> {
+        auth::authorize(req, scope)
+    }
+}
 
 fn launch_status(e: LaunchError) -> Status {
     let msg = e.to_string();
@@ -97,7 +107,7 @@ pub fn event_proto(e: &Event) -> v1::Event {
     };
     match &e.kind {
         EventKind::Launched | EventKind::Ready => {}
-        EventKind::Started { pid } => p.pid = *pid,
+        EventKind::Started { pid } | EventKind::Adopted { pid } => p.pid = *pid,
         EventKind::LaunchFailed { reason } => p.reason = Some(reason.clone()),
         EventKind::Exited { exit_code } => p.exit_code = Some(*exit_code),
         EventKind::Crashed {
@@ -169,6 +179,8 @@ impl bulkhead_api::Bulkhead for Service {
         &self,
         req: Request<v1::LaunchRequest>,
     ) -> Result<Response<v1::LaunchResponse>, Status> {
+        let q = req.get_ref();
+        self.authorize(&req, Scope::launch(&self.sh.catalog(), &q.workload, q.namespace.as_deref(), q.session.as_deref()))?;
         let r = req.into_inner();
         let wait = match v1::WaitFor::try_from(r.wait) {
             Ok(v1::WaitFor::None) => WaitFor::Nothing,
@@ -201,7 +213,8 @@ impl bulkhead_api::Bulkhead for Service {
     }
 
     async fn get(&self, req: Request<v1::GetRequest>) -> Result<Response<v1::Instance>, Status> {
-        let id = parse_id(&req.into_inner().id)?;
+        let id = parse_id(&req.get_ref().id)?;
+        self.authorize(&req, Scope::read(&id))?;
         let slot = self
             .sh
             .get(&id)
@@ -211,12 +224,14 @@ impl bulkhead_api::Bulkhead for Service {
 
     async fn list(
         &self,
-        _req: Request<v1::ListRequest>,
+        req: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListResponse>, Status> {
+        let vis = Visibility::of(&req);
         let instances = self
             .sh
             .list()
             .iter()
+            .filter(|s| vis.sees(s.id.as_str()))
             .map(|s| instance_proto(&s.view()))
             .collect();
         Ok(Response::new(v1::ListResponse { instances }))
@@ -226,6 +241,7 @@ impl bulkhead_api::Bulkhead for Service {
         &self,
         req: Request<v1::TerminateRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
+        self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
         let grace = r
@@ -241,8 +257,9 @@ impl bulkhead_api::Bulkhead for Service {
 
     async fn health(
         &self,
-        _req: Request<v1::HealthRequest>,
+        req: Request<v1::HealthRequest>,
     ) -> Result<Response<v1::HealthResponse>, Status> {
+        self.authorize(&req, Scope::daemon())?;
         let cat = self.sh.catalog();
         let valid = cat.entries.values().filter(|e| e.spec.is_ok()).count();
         Ok(Response::new(v1::HealthResponse {
@@ -271,6 +288,7 @@ impl bulkhead_api::Bulkhead for Service {
         &self,
         req: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let vis = Visibility::of(&req);
         let r = req.into_inner();
         let (history, mut live) = self.sh.events.subscribe(r.since_id);
         let (tx, rx) = mpsc::channel(256);
@@ -316,25 +334,29 @@ impl bulkhead_api::Bulkhead for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let visible = move |e: &Result<v1::Event, Status>| e.as_ref().map_or(true, |e| vis.sees(&e.instance));
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::filter(ReceiverStream::new(rx), visible))))
     }
 
     async fn list_workloads(
         &self,
-        _req: Request<v1::ListWorkloadsRequest>,
+        req: Request<v1::ListWorkloadsRequest>,
     ) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
+        self.authorize(&req, Scope::daemon())?;
         Ok(Response::new(workloads_proto(&self.sh)))
     }
 
     async fn reload(
         &self,
-        _req: Request<v1::ReloadRequest>,
+        req: Request<v1::ReloadRequest>,
     ) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
+        self.authorize(&req, Scope::admin())?;
         self.sh.reload();
         Ok(Response::new(workloads_proto(&self.sh)))
     }
 
     async fn release(&self, req: Request<v1::ReleaseRequest>) -> Result<Response<v1::Instance>, Status> {
+        self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Lease, &r.holder)
@@ -347,9 +369,11 @@ impl bulkhead_api::Bulkhead for Service {
     }
 
     async fn end_session(&self, req: Request<v1::EndScopeRequest>) -> Result<Response<v1::EndScopeResponse>, Status> {
-        let r = req.into_inner();
+        let r = req.get_ref();
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Session, &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.authorize(&req, Scope::session(&r.name))?;
+        let r = req.into_inner();
         let grace = r.grace_ms.map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
         let views = self.sh.end_session(&r.name, grace).await;
         Ok(Response::new(v1::EndScopeResponse {
@@ -358,9 +382,11 @@ impl bulkhead_api::Bulkhead for Service {
     }
 
     async fn end_namespace(&self, req: Request<v1::EndScopeRequest>) -> Result<Response<v1::EndScopeResponse>, Status> {
-        let r = req.into_inner();
+        let r = req.get_ref();
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Namespace, &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.authorize(&req, Scope::namespace(&r.name))?;
+        let r = req.into_inner();
         let grace = r.grace_ms.map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
         let views = self.sh.end_namespace(&r.name, grace).await;
         Ok(Response::new(v1::EndScopeResponse {
@@ -374,6 +400,7 @@ impl bulkhead_api::Bulkhead for Service {
         &self,
         req: Request<v1::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
         let log = match self.sh.get(&id) {
@@ -445,7 +472,8 @@ impl bulkhead_api::Bulkhead for Service {
         &self,
         req: Request<tonic::Streaming<v1::ExecRequest>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        let stream = crate::exec::exec(self.sh.clone(), req.into_inner()).await?;
+        let check = auth::exec_check(&req);
+        let stream = crate::exec::exec(self.sh.clone(), req.into_inner(), check).await?;
         Ok(Response::new(Box::pin(stream)))
     }
 }

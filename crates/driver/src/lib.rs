@@ -24,6 +24,7 @@ use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 
 pub mod conformance;
+pub mod keeper;
 pub mod process;
 pub mod reaper;
 pub mod sys;

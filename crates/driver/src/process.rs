@@ -99,7 +99,8 @@ use tokio::io::Interest;
 use tokio::sync::watch;
 
 use crate::{
-    reaper, sys, Driver, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError,
+    reaper, sys, Driver, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned, Stats,
+    StatsError,
 };
 
 /// The status reported when the main process's exit status could not be collected because
@@ -244,7 +245,7 @@ fn abandon(pid: u32) {
 /// directory in the child). A bare name is searched in the `PATH` of `env` (relative
 /// entries against `cwd`), falling back to [`DEFAULT_PATH`]; the first regular file with an
 /// execute bit wins.
-fn resolve_program(arg0: &str, env: &[(String, String)], cwd: &Path) -> io::Result<PathBuf> {
+pub(crate) fn resolve_program(arg0: &str, env: &[(String, String)], cwd: &Path) -> io::Result<PathBuf> {
     if arg0.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -433,6 +434,44 @@ async fn await_exit(pid: u32, fd: OwnedFd) {
             ),
         }
     }
+}
+
+/// A handle for an instance whose main process another process reaps (the keeper):
+/// `exit` resolves with its status, then the group is swept as for a direct child, and
+/// `after` runs once the status is published.
+///
+/// The phase lock cannot keep the pid from being reused here (the keeper reaps on its
+/// own schedule), but a group is only signalled while its main process has not been
+/// reported gone, and a group id stays reserved while any member lives.
+pub(crate) fn foreign_handle(
+    instance: String,
+    pid: u32,
+    pidfd: OwnedFd,
+    exit: impl std::future::Future<Output = ExitStatus> + Send + 'static,
+    after: impl FnOnce() + Send + 'static,
+) -> Arc<dyn InstanceHandle> {
+    let shared = Arc::new(Shared {
+        pid,
+        pgid: pid,
+        phase: Mutex::new(Phase::Running),
+    });
+    let (tx, rx) = watch::channel(None);
+    let sh = Arc::clone(&shared);
+    tokio::spawn(async move {
+        let status = exit.await;
+        *sh.phase() = Phase::Sweeping;
+        tracing::debug!(pid = sh.pid, %status, "main process exited (reaped by the keeper)");
+        sweep_group(sh.pgid).await;
+        *sh.phase() = Phase::Done;
+        tx.send_replace(Some(status));
+        after();
+    });
+    Arc::new(ProcessHandle {
+        instance,
+        shared,
+        pidfd: Arc::new(pidfd),
+        status: rx,
+    })
 }
 
 /// The handle of one process-driver instance.

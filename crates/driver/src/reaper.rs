@@ -222,6 +222,13 @@ impl Drop for ReaperTask {
 /// for (`Stdio::piped()`) come back as [`SpawnedChild::stdin`], `stdout` and `stderr`.
 pub fn spawn(cmd: &mut Command) -> io::Result<SpawnedChild> {
     cmd.process_group(0);
+    spawn_leader(cmd)
+}
+
+/// Like [`spawn`], but leaves the process group to `cmd`, which must make the child lead
+/// one (for example `setsid()` in a `pre_exec` hook, for a child that needs its own
+/// session and controlling terminal): [`Child`] signals the group named by its pid.
+pub fn spawn_leader(cmd: &mut Command) -> io::Result<SpawnedChild> {
     let registry = Registry::global();
     let mut lock = registry.lock();
     // RACE: the lock is held from before the spawn until the pid is registered. A child
@@ -379,6 +386,14 @@ mod tests {
         SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Tests that reap hold [`SERIAL`]; the async ones run on their own runtime inside it.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     fn sh(script: &str) -> Command {
         let mut c = Command::new("/bin/sh");
         c.args(["-c", script]).stdin(Stdio::null());
@@ -471,61 +486,65 @@ mod tests {
         assert!(Registry::global().reap_orphans().is_empty());
     }
 
-    #[tokio::test]
-    async fn owned_children_keep_their_status_while_the_reaper_runs() {
+    #[test]
+    fn owned_children_keep_their_status_while_the_reaper_runs() {
         let _g = serial();
-        let reaper = tokio::spawn(run(Registry::global()));
-        for i in 0..20 {
-            let code = i % 7;
-            let spawned = spawn(&mut sh(&format!("exit {code}"))).unwrap();
-            let mut child = spawned.child;
-            assert!(Registry::global().is_owned(child.pid()));
-            // Let the reaper see the zombie before we reap it.
-            child.exited().await;
-            tokio::task::yield_now().await;
-            assert_eq!(child.wait().await.unwrap(), ExitStatus::Exited { code });
-            assert!(!Registry::global().is_owned(child.pid()));
-        }
-        let spawned = spawn(&mut sh("kill -9 $$")).unwrap();
-        let mut child = spawned.child;
-        assert_eq!(
-            child.wait().await.unwrap(),
-            ExitStatus::Signaled {
-                signal: 9,
-                core_dumped: false
+        runtime().block_on(async {
+            let reaper = tokio::spawn(run(Registry::global()));
+            for i in 0..20 {
+                let code = i % 7;
+                let spawned = spawn(&mut sh(&format!("exit {code}"))).unwrap();
+                let mut child = spawned.child;
+                assert!(Registry::global().is_owned(child.pid()));
+                // Let the reaper see the zombie before we reap it.
+                child.exited().await;
+                tokio::task::yield_now().await;
+                assert_eq!(child.wait().await.unwrap(), ExitStatus::Exited { code });
+                assert!(!Registry::global().is_owned(child.pid()));
             }
-        );
-        reaper.abort();
+            let spawned = spawn(&mut sh("kill -9 $$")).unwrap();
+            let mut child = spawned.child;
+            assert_eq!(
+                child.wait().await.unwrap(),
+                ExitStatus::Signaled {
+                    signal: 9,
+                    core_dumped: false
+                }
+            );
+            reaper.abort();
+        });
     }
 
-    #[tokio::test]
-    async fn a_dropped_child_is_killed_with_its_group_and_reaped() {
+    #[test]
+    fn a_dropped_child_is_killed_with_its_group_and_reaped() {
         let _g = serial();
-        let mut cmd = sh("sleep 1000 & echo $!; wait");
-        cmd.stdout(Stdio::piped());
-        let spawned = spawn(&mut cmd).unwrap();
-        let pid = spawned.child.pid();
-        // Wait for the grandchild so that the group has two members.
-        let out = spawned.stdout.unwrap();
-        let mut line = String::new();
-        {
-            use std::io::BufRead;
-            let mut r = std::io::BufReader::new(std::fs::File::from(out));
-            r.read_line(&mut line).unwrap();
-        }
-        let grandchild: u32 = line.trim().parse().unwrap();
-        drop(spawned.child);
-        let start = std::time::Instant::now();
-        loop {
-            let leader_gone = sys::read_stat(pid).is_err();
-            let gc_dead = sys::read_stat(grandchild)
-                .map(|s| s.is_zombie())
-                .unwrap_or(true);
-            if leader_gone && gc_dead && !Registry::global().is_owned(pid) {
-                break;
+        runtime().block_on(async {
+            let mut cmd = sh("sleep 1000 & echo $!; wait");
+            cmd.stdout(Stdio::piped());
+            let spawned = spawn(&mut cmd).unwrap();
+            let pid = spawned.child.pid();
+            // Wait for the grandchild so that the group has two members.
+            let out = spawned.stdout.unwrap();
+            let mut line = String::new();
+            {
+                use std::io::BufRead;
+                let mut r = std::io::BufReader::new(std::fs::File::from(out));
+                r.read_line(&mut line).unwrap();
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "not cleaned up");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            let grandchild: u32 = line.trim().parse().unwrap();
+            drop(spawned.child);
+            let start = std::time::Instant::now();
+            loop {
+                let leader_gone = sys::read_stat(pid).is_err();
+                let gc_dead = sys::read_stat(grandchild)
+                    .map(|s| s.is_zombie())
+                    .unwrap_or(true);
+                if leader_gone && gc_dead && !Registry::global().is_owned(pid) {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(30), "not cleaned up");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
     }
 }

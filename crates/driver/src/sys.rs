@@ -105,6 +105,36 @@ pub fn waitid_pid(pid: u32) -> io::Result<Option<ExitStatus>> {
     .transpose()
 }
 
+/// `waitpid(-1, WNOHANG)`: reaps any exited child and returns its pid and status.
+///
+/// Only for a process that owns every one of its children (the keeper): anywhere else it
+/// steals exit statuses that other code waits for (see [`crate::reaper`]).
+pub fn wait_any_nohang() -> io::Result<Option<(u32, ExitStatus)>> {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into a local integer; no other memory is touched.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        return Ok(None);
+    }
+    let st = if libc::WIFEXITED(status) {
+        ExitStatus::Exited {
+            code: libc::WEXITSTATUS(status),
+        }
+    } else if libc::WIFSIGNALED(status) {
+        ExitStatus::Signaled {
+            signal: libc::WTERMSIG(status),
+            core_dumped: libc::WCOREDUMP(status),
+        }
+    } else {
+        // Stopped or continued children are not reported without WUNTRACED/WCONTINUED.
+        return Ok(None);
+    };
+    Ok(Some((pid as u32, st)))
+}
+
 /// `waitid(P_ALL, WEXITED | WNOHANG | WNOWAIT)`: whether any child of this process has
 /// exited and waits to be reaped. Reaps nothing (`WNOWAIT`); `false` when there are no
 /// children at all (`ECHILD`).
@@ -231,6 +261,9 @@ pub struct StatLine {
     pub num_threads: u64,
     /// Resident set size, in pages.
     pub rss_pages: u64,
+    /// When the process started, in clock ticks after boot: with the pid, it names one
+    /// process (a reused pid has a later start time).
+    pub starttime: u64,
 }
 
 impl StatLine {
@@ -276,6 +309,7 @@ pub fn parse_stat(line: &str) -> Option<StatLine> {
         cstime: signed(14)?,
         num_threads: signed(17)?,
         rss_pages: signed(21)?,
+        starttime: num(19)?,
     })
 }
 

@@ -178,6 +178,22 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// SIGKILL to the daemon (its keeper and instances live on); waits until it is gone.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// The pid of the state directory's keeper, if one runs.
+    pub fn keeper_pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.state.join("keeper.lock")).ok()?.trim().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        (alive(pid) && String::from_utf8_lossy(&cmdline).contains("keeper")).then_some(pid)
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -192,6 +208,14 @@ impl Drop for Daemon {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // A keeper left behind (a test killed the daemon with SIGKILL): its instances die
+        // with it (parent-death signal).
+        if let Some(k) = self.keeper_pid() {
+            // SAFETY: kill(2) on the keeper pid read from this test's own state directory.
+            unsafe {
+                libc::kill(k as i32, libc::SIGKILL);
+            }
         }
     }
 }

@@ -1,10 +1,13 @@
 //! Integration tests: the real daemon binary, real child processes, driven through the
 //! real CLI (which speaks gRPC over the Unix socket).
 
+mod access;
+mod exec;
 mod harness;
 mod launch;
 mod lifecycle;
 mod metrics;
 mod readiness;
+mod recovery;
 mod supervision;
 mod surface;

@@ -1,0 +1,400 @@
+//! Access control: the TCP listener (mutual TLS + tokens), scope rules, the audit log.
+//!
+//! Certificates are made at test time with rcgen: a CA, a server certificate for
+//! 127.0.0.1 and a client certificate, all signed by that CA.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use serde_json::Value;
+
+use crate::harness::*;
+
+const SLEEPER: &str =
+    "name: sleeper\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: namespace\n";
+
+const TEAM_A_TOKEN: &str = "team-a-secret-token";
+const ADMIN_TOKEN: &str = "ops-secret-token";
+
+/// The exit code of UNAUTHENTICATED and PERMISSION_DENIED.
+const PERMISSION_DENIED: i32 = 8;
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "bulkhead test CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().unwrap();
+    let mut sp = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    sp.distinguished_name.push(DnType::CommonName, "bulkhead");
+    sp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = sp.signed_by(&server_key, &issuer).unwrap();
+
+    let client_key = KeyPair::generate().unwrap();
+    let mut cp = CertificateParams::new(Vec::<String>::new()).unwrap();
+    cp.distinguished_name
+        .push(DnType::CommonName, "team-a client");
+    cp.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = cp.signed_by(&client_key, &issuer).unwrap();
+
+    Pki {
+        ca: write(dir, "ca.pem", &ca_cert.pem()),
+        server_cert: write(dir, "server.pem", &server_cert.pem()),
+        server_key: write(dir, "server.key", &server_key.serialize_pem()),
+        client_cert: write(dir, "client.pem", &client_cert.pem()),
+        client_key: write(dir, "client.key", &client_key.serialize_pem()),
+    }
+}
+
+/// SHA-256 as lowercase hex, as `sha256sum` prints it (via the daemon crate's helper).
+fn sha256_hex(token: &str) -> String {
+    bulkhead_daemon::auth::token_sha256_hex(token)
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+struct Remote<'a> {
+    d: &'a Daemon,
+    pki: &'a Pki,
+    addr: String,
+}
+
+impl Remote<'_> {
+    /// Runs the CLI over TCP: `cert` sends the client certificate, `token` the bearer token.
+    fn cli(&self, cert: bool, token: Option<&str>, args: &[&str]) -> Output {
+        let mut c = Command::new(BIN);
+        // A socket that does not exist: nothing may silently go over the Unix socket.
+        c.arg("--socket")
+            .arg(self.d.dir.path().join("no-such.sock"))
+            .arg("--tcp")
+            .arg(&self.addr)
+            .arg("--tls-ca")
+            .arg(&self.pki.ca);
+        if cert {
+            c.arg("--tls-cert")
+                .arg(&self.pki.client_cert)
+                .arg("--tls-key")
+                .arg(&self.pki.client_key);
+        }
+        c.env_remove("BULKHEAD_TOKEN");
+        if let Some(t) = token {
+            c.env("BULKHEAD_TOKEN", t);
+        }
+        c.args(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// Waits until the TCP listener answers `health` for the admin token.
+    fn wait_up(&self) {
+        let start = Instant::now();
+        loop {
+            let out = self.cli(true, Some(ADMIN_TOKEN), &["health"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "TCP listener did not come up: {}\n--- daemon log ---\n{}",
+                stderr(&out),
+                self.d.daemon_log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+fn start(dir: &Path, pki: &Pki) -> (Daemon, String) {
+    let tokens = write(
+        dir,
+        "tokens.yaml",
+        &format!(
+            "tokens:\n\
+             - name: team-a\n  token_sha256: {}\n  namespaces: [team-a]\n  sessions: []\n\
+             - name: ops\n  token_sha256: {}\n  admin: true\n",
+            sha256_hex(TEAM_A_TOKEN),
+            sha256_hex(ADMIN_TOKEN)
+        ),
+    );
+    let addr = format!("127.0.0.1:{}", free_port());
+    let p = |p: &Path| p.to_str().unwrap().to_owned();
+    let args = [
+        "--listen".to_owned(),
+        addr.clone(),
+        "--tls-cert".to_owned(),
+        p(&pki.server_cert),
+        "--tls-key".to_owned(),
+        p(&pki.server_key),
+        "--client-ca".to_owned(),
+        p(&pki.ca),
+        "--tokens".to_owned(),
+        p(&tokens),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (
+        Daemon::start_with_args(&[("sleeper", SLEEPER)], &args),
+        addr,
+    )
+}
+
+fn audit_lines(d: &Daemon) -> Vec<Value> {
+    std::fs::read_to_string(d.state.join("audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
+        .collect()
+}
+
+/// Waits until the audit log has a line matching `pred` (lines are written off the
+/// request path, just after the answer).
+fn wait_audit(d: &Daemon, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        if let Some(l) = audit_lines(d).into_iter().find(|l| pred(l)) {
+            return l;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no audit line {what}; audit log: {:#?}",
+            audit_lines(d)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}
+
+#[test]
+fn tcp_needs_a_client_certificate_and_a_token_and_tokens_are_scoped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    let (d, addr) = start(tmp.path(), &pki);
+    let r = Remote {
+        d: &d,
+        pki: &pki,
+        addr,
+    };
+    r.wait_up();
+
+    // No client certificate: refused at the TLS handshake.
+    let out = r.cli(false, Some(TEAM_A_TOKEN), &["health"]);
+    assert!(
+        !out.status.success(),
+        "a client without a certificate got in"
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("client certificate"), "{}", stderr(&out));
+
+    // A certificate but no token: unauthenticated.
+    let out = r.cli(true, None, &["health"]);
+    assert_eq!(
+        out.status.code(),
+        Some(PERMISSION_DENIED),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("token"), "{}", stderr(&out));
+    // A wrong token: the same.
+    let out = r.cli(true, Some("not-a-token"), &["list"]);
+    assert_eq!(
+        out.status.code(),
+        Some(PERMISSION_DENIED),
+        "{}",
+        stderr(&out)
+    );
+
+    // team-a may launch in team-a...
+    let out = r.cli(
+        true,
+        Some(TEAM_A_TOKEN),
+        &["launch", "sleeper", "--namespace", "team-a", "-o", "json"],
+    );
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.daemon_log());
+    let inst: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(inst["id"], "ns:team-a:sleeper");
+    assert_eq!(inst["state"], "ready");
+
+    // ...and is denied in team-b, which is not launched.
+    let out = r.cli(
+        true,
+        Some(TEAM_A_TOKEN),
+        &["launch", "sleeper", "--namespace", "team-b"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(PERMISSION_DENIED),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("namespace team-b"),
+        "{}",
+        stderr(&out)
+    );
+    let all = d.json(&["list", "-o", "json"]);
+    let ids: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["ns:team-a:sleeper"], "team-b was launched anyway");
+
+    // The admin launches in team-b; team-a does not see it, nor may terminate it.
+    let out = r.cli(
+        true,
+        Some(ADMIN_TOKEN),
+        &["launch", "sleeper", "--namespace", "team-b"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = r.cli(true, Some(TEAM_A_TOKEN), &["list", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen: Vec<&str> = seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    assert_eq!(seen, ["ns:team-a:sleeper"]);
+    let out = r.cli(
+        true,
+        Some(TEAM_A_TOKEN),
+        &["terminate", "ns:team-b:sleeper"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(PERMISSION_DENIED),
+        "{}",
+        stderr(&out)
+    );
+    let out = r.cli(true, Some(TEAM_A_TOKEN), &["reload"]);
+    assert_eq!(
+        out.status.code(),
+        Some(PERMISSION_DENIED),
+        "{}",
+        stderr(&out)
+    );
+
+    // The audit log: the allowed and the denied launch, with identity and key.
+    let ok = wait_audit(&d, "allowed launch", |l| {
+        l["action"] == "launch" && l["key"] == "ns:team-a:sleeper"
+    });
+    assert_eq!(ok["identity"], "team-a");
+    assert_eq!(ok["transport"], "tcp");
+    assert_eq!(ok["result"], "ok");
+    assert!(ok["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    let denied = wait_audit(&d, "denied launch", |l| {
+        l["action"] == "launch" && l["key"] == "ns:team-b:sleeper" && l["identity"] == "team-a"
+    });
+    assert_eq!(denied["result"], "error");
+    assert_eq!(denied["code"], "permission_denied");
+    let term = wait_audit(&d, "denied terminate", |l| l["action"] == "terminate");
+    assert_eq!(term["identity"], "team-a");
+    assert_eq!(term["key"], "ns:team-b:sleeper");
+    assert_eq!(term["code"], "permission_denied");
+    let anon = wait_audit(&d, "unauthenticated", |l| l["code"] == "unauthenticated");
+    assert_eq!(anon["identity"], "anonymous");
+    assert_eq!(anon["action"], "health");
+
+    // The Unix socket is trusted: its requests are audited with the peer's uid.
+    let out = d.cli(&["terminate", "ns:team-b:sleeper"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // SAFETY: getuid(2) has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let local = wait_audit(&d, "unix terminate", |l| {
+        l["action"] == "terminate" && l["result"] == "ok"
+    });
+    assert_eq!(local["identity"], format!("uid:{uid}"));
+    assert_eq!(local["transport"], "unix");
+}
+
+#[test]
+fn listen_without_tls_files_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--workloads"])
+        .arg(tmp.path())
+        .arg("--state")
+        .arg(tmp.path().join("state"))
+        .arg("--socket")
+        .arg(tmp.path().join("api.sock"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("--listen 127.0.0.1:0 requires mutual TLS")
+            && err.contains("--tls-cert")
+            && err.contains("--tokens"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("api.sock").exists(), "nothing is served");
+}
+
+#[test]
+fn a_bad_token_file_fails_start_up_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    let tokens = write(
+        tmp.path(),
+        "tokens.yaml",
+        "tokens: [{name: a, token_sha256: nothex}]\n",
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "--workloads"])
+        .arg(tmp.path())
+        .arg("--state")
+        .arg(tmp.path().join("state"))
+        .arg("--socket")
+        .arg(tmp.path().join("api.sock"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--tls-cert")
+        .arg(&pki.server_cert)
+        .arg("--tls-key")
+        .arg(&pki.server_key)
+        .arg("--client-ca")
+        .arg(&pki.ca)
+        .arg("--tokens")
+        .arg(&tokens)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("invalid token file {}", tokens.display())) && err.contains("64 hex"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("api.sock").exists(), "nothing is served");
+}

@@ -1,0 +1,102 @@
+//! The keeper and recovery after a daemon crash: instances outlive `kill -9` of the
+//! daemon, are adopted by the next one with their real exit statuses, and die with the
+//! keeper.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_9_of_the_daemon_then_restart_adopts_the_same_processes() {
+    let mut d = Daemon::start(&[(
+        "svc",
+        "name: svc\ncommand: [/bin/sh, -c, 'while :; do echo tick; sleep 0.1; done']\nisolation: namespace\n",
+    )]);
+    let a = d.json(&["launch", "svc", "--namespace", "a", "-o", "json"]);
+    let b = d.json(&["launch", "svc", "--namespace", "b", "-o", "json"]);
+    let keeper = d.keeper_pid().expect("a keeper runs");
+    d.kill9();
+    let (pa, pb) = (a["pid"].as_u64().unwrap() as u32, b["pid"].as_u64().unwrap() as u32);
+    assert!(alive(pa) && alive(pb), "instances outlive the daemon");
+    d.spawn();
+    assert_eq!(d.keeper_pid(), Some(keeper), "the restarted daemon found the same keeper");
+    let a2 = d.json(&["get", "ns:a:svc", "-o", "json"]);
+    assert_eq!(a2["pid"], a["pid"], "adopted, not restarted");
+    assert_eq!(a2["state"], "ready");
+    assert_eq!(a2["address"], a["address"], "keeps its port");
+    // No key gets a second instance: a launch returns the adopted one.
+    let again = d.json(&["launch", "svc", "--namespace", "b", "-o", "json"]);
+    assert_eq!(again["pid"], b["pid"]);
+    assert_eq!(again["created"], false);
+    let adopted = d.events().into_iter().filter(|e| e["kind"] == "adopted").count();
+    assert_eq!(adopted, 2);
+    // Its logs resume.
+    let before = d.cli(&["logs", "ns:a:svc"]).stdout.len();
+    wait_until("new log output after adoption", || d.cli(&["logs", "ns:a:svc"]).stdout.len() > before);
+    // And it is still fully supervised: terminate works and leaves nothing behind.
+    let t = d.json(&["terminate", "ns:a:svc", "-o", "json"]);
+    assert_eq!(t["state"], "terminated");
+    assert!(wait_gone(pa));
+}
+
+#[test]
+fn exit_codes_survive_the_daemon_being_down_and_the_policy_applies() {
+    let mut d = Daemon::start(&[]);
+    let gate = d.dir.path().join("gate");
+    let m = format!(
+        "name: job\ncommand: [/bin/sh, -c, 'while [ ! -e {g}.$BULKHEAD_NAMESPACE ]; do sleep 0.02; done; exit 3']\nrestart: {{policy: on-failure, max_failures: 100, backoff: {{initial: 10ms}}}}\n",
+        g = gate.display()
+    );
+    write_workload(&d.workloads, "job", &m, &[]);
+    assert!(d.cli(&["reload"]).status.success());
+    let down = d.json(&["launch", "job", "--namespace", "down", "-o", "json"]);
+    let after = d.json(&["launch", "job", "--namespace", "after", "-o", "json"]);
+    d.kill9();
+    // One exits while no daemon runs: the keeper keeps its status.
+    std::fs::write(format!("{}.down", gate.display()), "").unwrap();
+    assert!(wait_gone(down["pid"].as_u64().unwrap() as u32));
+    d.spawn();
+    // The other exits after the restart.
+    std::fs::write(format!("{}.after", gate.display()), "").unwrap();
+    for ns in ["down", "after"] {
+        let id = format!("ns:{ns}:job");
+        let e = d.wait_event("exit of an adopted instance", |e| e["instance"] == id.as_str() && e["kind"] == "exited");
+        assert_eq!(e["exit_code"], 3, "{id}: the real exit code, not a guess");
+        // The restart policy applies to it.
+        d.wait_event("restart", |e| e["instance"] == id.as_str() && e["kind"] == "restarting");
+    }
+    let _ = after;
+}
+
+#[test]
+fn instances_die_with_the_keeper() {
+    let d = Daemon::start(&[("svc", "name: svc\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n")]);
+    let v = d.json(&["launch", "svc", "-o", "json"]);
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    let keeper = d.keeper_pid().expect("a keeper runs");
+    // SAFETY: kill(2) on the keeper of this test's own state directory.
+    unsafe {
+        libc::kill(keeper as i32, libc::SIGKILL);
+    }
+    assert!(wait_gone(pid), "parent-death signal: nothing runs unseen");
+    let e = d.wait_event("crash", |e| e["kind"] == "crashed");
+    assert_eq!(e["signal"], 9);
+}
+
+#[test]
+fn a_clean_shutdown_stops_the_keeper_too() {
+    let mut d = Daemon::start(&[("svc", "name: svc\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n")]);
+    let v = d.json(&["launch", "svc", "-o", "json"]);
+    let keeper = d.keeper_pid().expect("a keeper runs");
+    assert_eq!(d.sigterm().code(), Some(0));
+    assert!(wait_gone(v["pid"].as_u64().unwrap() as u32));
+    assert!(wait_gone(keeper), "the keeper exits after a clean daemon shutdown");
+}

@@ -1,0 +1,364 @@
+//! The daemon's side of the keeper: a client over the keeper socket and the driver that
+//! spawns through it.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::key::InstanceId;
+use bulkhead_core::spec::{DriverKind, WorkloadSpec};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Reply, Request, MAX_MESSAGE};
+use crate::{Driver, SpawnError, SpawnSpec, Spawned};
+
+/// The status reported for instances of a keeper that died: they were killed by its
+/// parent-death signal.
+pub const KEEPER_DIED: ExitStatus = ExitStatus::Signaled {
+    signal: 9,
+    core_dumped: false,
+};
+
+type Packet = (Reply, Vec<OwnedFd>);
+
+#[derive(Default)]
+struct State {
+    next_req: u64,
+    pending: HashMap<u64, oneshot::Sender<Packet>>,
+    lists: HashMap<u64, mpsc::UnboundedSender<Packet>>,
+    exits: HashMap<u32, watch::Sender<Option<ExitStatus>>>,
+    closed: bool,
+}
+
+/// A connection to the keeper.
+pub struct KeeperClient {
+    sock: AsyncFd<OwnedFd>,
+    send_lock: tokio::sync::Mutex<()>,
+    st: Mutex<State>,
+}
+
+impl KeeperClient {
+    /// Connects to the keeper at `path` and starts reading its messages.
+    pub async fn connect(path: &Path) -> io::Result<Arc<KeeperClient>> {
+        let fd = super::seqpacket(true)?;
+        let addr = rustix::net::SocketAddrUnix::new(path)?;
+        rustix::net::connect(&fd, &addr)?;
+        super::grow_buffers(&fd);
+        // SAFETY: the AsyncFd owns the descriptor; it is closed only when the AsyncFd
+        // drops, which deregisters it first.
+        let sock = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        let client = Arc::new(KeeperClient {
+            sock,
+            send_lock: tokio::sync::Mutex::new(()),
+            st: Mutex::new(State::default()),
+        });
+        tokio::spawn(read_loop(Arc::downgrade(&client)));
+        Ok(client)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn send(&self, req: &Request) -> io::Result<()> {
+        let _order = self.send_lock.lock().await;
+        loop {
+            let mut guard = self.sock.writable().await?;
+            match guard.try_io(|fd| super::send(fd.get_ref().as_fd(), req, &[])) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn next_req(&self) -> u64 {
+        let mut st = self.state();
+        st.next_req += 1;
+        st.next_req
+    }
+
+    /// The exit status of `pid` once the keeper reaped it.
+    pub fn exit_watch(&self, pid: u32) -> watch::Receiver<Option<ExitStatus>> {
+        let mut st = self.state();
+        let closed = st.closed;
+        st.exits
+            .entry(pid)
+            .or_insert_with(|| watch::Sender::new(closed.then_some(KEEPER_DIED)))
+            .subscribe()
+    }
+
+    /// Spawns through the keeper. Returns pid, start time, pidfd, stdout, stderr.
+    pub async fn spawn(
+        &self,
+        instance: &str,
+        record: String,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: PathBuf,
+    ) -> Result<(u32, u64, OwnedFd, OwnedFd, OwnedFd), SpawnError> {
+        let req = self.next_req();
+        let (tx, rx) = oneshot::channel();
+        self.state().pending.insert(req, tx);
+        let program = argv.first().cloned().unwrap_or_default();
+        let msg = Request::Spawn {
+            req,
+            instance: instance.to_owned(),
+            record,
+            argv,
+            env,
+            cwd,
+        };
+        let lost = |source: io::Error| SpawnError::Exec {
+            program: program.clone(),
+            source,
+        };
+        if let Err(e) = self.send(&msg).await {
+            self.state().pending.remove(&req);
+            return Err(lost(io::Error::other(format!("cannot reach the keeper: {e}"))));
+        }
+        match rx.await {
+            Ok((Reply::Spawned { pid, start_time, .. }, fds)) => {
+                let mut fds = fds.into_iter();
+                match (fds.next(), fds.next(), fds.next()) {
+                    (Some(pidfd), Some(out), Some(err)) => Ok((pid, start_time, pidfd, out, err)),
+                    _ => Err(SpawnError::Other(format!("the keeper sent no descriptors for pid {pid}"))),
+                }
+            }
+            Ok((Reply::SpawnFailed { error, .. }, _)) => Err(SpawnError::Other(error)),
+            Ok((other, _)) => Err(SpawnError::Other(format!("unexpected keeper reply {other:?}"))),
+            Err(_) => Err(lost(io::Error::other("the keeper went away"))),
+        }
+    }
+
+    /// Every instance the keeper holds, with its descriptors.
+    pub async fn list(&self) -> io::Result<Vec<(Reply, Vec<OwnedFd>)>> {
+        let req = self.next_req();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.state().lists.insert(req, tx);
+        self.send(&Request::List { req }).await?;
+        let mut out = Vec::new();
+        while let Some(p) = rx.recv().await {
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Tells the keeper the daemon has `pid`'s exit status.
+    pub async fn ack(&self, pid: u32) {
+        self.state().exits.remove(&pid);
+        let _ = self.send(&Request::Ack { pid }).await;
+    }
+
+    /// Replaces the record the keeper holds for `pid`.
+    pub async fn update(&self, pid: u32, record: String) {
+        let _ = self.send(&Request::Update { pid, record }).await;
+    }
+
+    /// Asks the keeper to exit once it holds no running instance.
+    pub async fn shutdown(&self) {
+        let _ = self.send(&Request::Shutdown).await;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state().closed
+    }
+}
+
+async fn read_loop(client: std::sync::Weak<KeeperClient>) {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let Some(c) = client.upgrade() else { return };
+        let got = async {
+            loop {
+                let mut guard = c.sock.readable().await?;
+                match guard.try_io(|fd| super::recv::<Reply>(fd.get_ref().as_fd(), &mut buf)) {
+                    Ok(r) => return r,
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+        .await;
+        match got {
+            Ok(Some((reply, fds))) => dispatch(&c, reply, fds),
+            Ok(None) | Err(_) => {
+                // The keeper is gone, and with it (parent-death signal) every instance.
+                tracing::error!("the keeper connection closed; its instances were killed with it");
+                let mut st = c.state();
+                st.closed = true;
+                st.pending.clear();
+                st.lists.clear();
+                for tx in st.exits.values() {
+                    tx.send_if_modified(|s| {
+                        if s.is_none() {
+                            *s = Some(KEEPER_DIED);
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn dispatch(c: &KeeperClient, reply: Reply, fds: Vec<OwnedFd>) {
+    let mut st = c.state();
+    match &reply {
+        Reply::Spawned { req, pid, .. } => {
+            // Registered before the spawner sees the pid, so an exit that follows at once
+            // is not lost.
+            st.exits.entry(*pid).or_insert_with(|| watch::Sender::new(None));
+            if let Some(tx) = st.pending.remove(req) {
+                let _ = tx.send((reply, fds));
+            }
+        }
+        Reply::SpawnFailed { req, .. } => {
+            if let Some(tx) = st.pending.remove(req) {
+                let _ = tx.send((reply, fds));
+            }
+        }
+        Reply::Exited { pid, status } => {
+            let tx = st.exits.entry(*pid).or_insert_with(|| watch::Sender::new(None));
+            tx.send_replace(Some(*status));
+        }
+        Reply::Instance { req, pid, exit, .. } => {
+            let tx = st.exits.entry(*pid).or_insert_with(|| watch::Sender::new(None));
+            if let Some(s) = exit {
+                tx.send_replace(Some(*s));
+            }
+            if let Some(tx) = st.lists.get(req) {
+                let _ = tx.send((reply, fds));
+            }
+        }
+        Reply::ListEnd { req } => {
+            st.lists.remove(req);
+        }
+    }
+}
+
+/// What the keeper keeps for each instance: enough to adopt it after a daemon restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub spec: WorkloadSpec,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+}
+
+/// An instance found at the keeper by a (re)started daemon.
+pub struct Adoptable {
+    pub instance: InstanceId,
+    pub pid: u32,
+    pub start_time: u64,
+    pub record: Record,
+    /// Set when the instance exited while no daemon was connected.
+    pub exit: Option<ExitStatus>,
+    pub spawned: Spawned,
+}
+
+/// The process driver, spawning through the keeper so that instances survive the daemon.
+pub struct KeeperDriver {
+    client: Arc<KeeperClient>,
+}
+
+impl KeeperDriver {
+    pub fn new(client: Arc<KeeperClient>) -> KeeperDriver {
+        KeeperDriver { client }
+    }
+
+    pub fn client(&self) -> &Arc<KeeperClient> {
+        &self.client
+    }
+
+    fn spawned(&self, instance: String, pid: u32, pidfd: OwnedFd, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) -> Spawned {
+        let mut exit = self.client.exit_watch(pid);
+        let ack = self.client.clone();
+        let handle = crate::process::foreign_handle(
+            instance,
+            pid,
+            pidfd,
+            async move {
+                match exit.wait_for(Option::is_some).await {
+                    Ok(s) => s.unwrap_or(KEEPER_DIED),
+                    Err(_) => KEEPER_DIED,
+                }
+            },
+            move || {
+                tokio::spawn(async move { ack.ack(pid).await });
+            },
+        );
+        Spawned { handle, stdout, stderr }
+    }
+
+    /// Every instance the keeper holds, ready to be put back under supervision.
+    /// Records that cannot be read are reported and skipped; their instances are
+    /// killed, since nothing may run unseen.
+    pub async fn adopt_all(&self) -> io::Result<Vec<Adoptable>> {
+        let mut out = Vec::new();
+        for (reply, fds) in self.client.list().await? {
+            let Reply::Instance {
+                instance,
+                record,
+                pid,
+                start_time,
+                exit,
+                ..
+            } = reply
+            else {
+                continue;
+            };
+            let mut fds = fds.into_iter();
+            let (Some(pidfd), out_fd, err_fd) = (fds.next(), fds.next(), fds.next()) else {
+                continue;
+            };
+            let parsed = InstanceId::parse(&instance)
+                .ok()
+                .zip(serde_json::from_str::<Record>(&record).ok());
+            let Some(((id, _), record)) = parsed else {
+                tracing::error!("keeper holds instance {instance:?} (pid {pid}) with an unreadable record; killing it");
+                let _ = crate::sys::pidfd_send_signal(&pidfd, bulkhead_core::signal::Signal::KILL);
+                continue;
+            };
+            let spawned = self.spawned(instance, pid, pidfd, out_fd, err_fd);
+            out.push(Adoptable {
+                instance: id,
+                pid,
+                start_time,
+                record,
+                exit,
+                spawned,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Driver for KeeperDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Process
+    }
+
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+        let record = Record {
+            spec: (*spec.spec).clone(),
+            env: spec.env.clone(),
+            cwd: spec.cwd.clone(),
+        };
+        let record = serde_json::to_string(&record).map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
+        let (pid, _start, pidfd, out, err) = self
+            .client
+            .spawn(spec.instance.as_str(), record, spec.argv, spec.env, spec.cwd)
+            .await?;
+        Ok(self.spawned(spec.instance.to_string(), pid, pidfd, Some(out), Some(err)))
+    }
+}
