@@ -28,6 +28,12 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("notify-child") {
         notify_child();
     }
+    if args.get(1).map(String::as_str) == Some("keeper") {
+        // This binary is also the keeper program of the keeper-backed daemon below.
+        let state = flag(&args, "--state").ok_or_else(|| anyhow::anyhow!("keeper: --state"))?;
+        bulkhead_driver::keeper::server::run(std::path::Path::new(&state))?;
+        return Ok(());
+    }
     let iterations: usize = flag(&args, "--iterations")
         .map(|s| s.parse())
         .transpose()?
@@ -56,16 +62,26 @@ fn main() -> anyhow::Result<()> {
         )
         .enable_all()
         .build()?;
-    let cfg = bulkhead_daemon::Config::new(wl, Some(dir.path().join("state")), None);
+    let cfg = bulkhead_daemon::Config::new(wl.clone(), Some(dir.path().join("state")), None);
     let socket = cfg.socket.clone();
     let daemon = daemon_rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
+    // The same daemon, spawning through a keeper (what `bulkhead serve` does by default).
+    let mut kcfg = bulkhead_daemon::Config::new(wl, Some(dir.path().join("kstate")), None);
+    kcfg.keeper = Some(exe.clone());
+    let ksocket = kcfg.socket.clone();
+    let kdaemon = daemon_rt.block_on(bulkhead_daemon::Daemon::start(kcfg))?;
 
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let floor_dir = dir.path().to_owned();
-    let (floor, launch, reuse, kill) = client_rt.block_on(async {
+    let (floor, launch, klaunch, reuse, kill) = client_rt.block_on(async {
         let mut c = bulkhead_api::connect(&socket).await?;
+        let mut kc = bulkhead_api::connect(&ksocket).await?;
+        for i in 0..5 {
+            launch_ready(&mut kc, "notify", &format!("warm{i}")).await?;
+            terminate(&mut kc, &format!("session:warm{i}:notify")).await?;
+        }
         // Warm up: the first launches pay for page faults in both processes.
         for i in 0..5 {
             launch_ready(&mut c, "notify", &format!("warm{i}")).await?;
@@ -76,6 +92,7 @@ fn main() -> anyhow::Result<()> {
         );
         let mut floor = Samples::new("floor: posix_spawn + sd_notify handshake, no daemon");
         let mut launch = Samples::new("API launch -> ready (notify workload)");
+        let mut klaunch = Samples::new("API launch -> ready, spawned through the keeper");
         for i in 0..iterations {
             // Interleaved so that both see the same machine state.
             floor.values.push(floor_once(&exe, &floor_dir, i)?);
@@ -83,6 +100,10 @@ fn main() -> anyhow::Result<()> {
             launch_ready(&mut c, "notify", &format!("s{i}")).await?;
             launch.values.push(t.elapsed());
             terminate(&mut c, &format!("session:s{i}:notify")).await?;
+            let t = Instant::now();
+            launch_ready(&mut kc, "notify", &format!("s{i}")).await?;
+            klaunch.values.push(t.elapsed());
+            terminate(&mut kc, &format!("session:s{i}:notify")).await?;
         }
         eprintln!(
             "reuse launch of a running key, {} iterations",
@@ -133,9 +154,10 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Ok::<_, anyhow::Error>((floor, launch, reuse, kill))
+        Ok::<_, anyhow::Error>((floor, launch, klaunch, reuse, kill))
     })?;
     daemon_rt.block_on(daemon.shutdown());
+    daemon_rt.block_on(kdaemon.shutdown());
 
     let mut report = String::new();
     report.push_str(&format!(
@@ -144,14 +166,16 @@ fn main() -> anyhow::Result<()> {
         ms(floor.p50()),
         ms(floor.p99())
     ));
-    report.push_str(&format!(
-        "| {} | {} | {} | {} | {} |\n",
-        launch.name,
-        ms(launch.p50()),
-        ms(launch.p99()),
-        ratio(launch.p50(), floor.p50()),
-        ratio(launch.p99(), floor.p99())
-    ));
+    for l in [&launch, &klaunch] {
+        report.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            l.name,
+            ms(l.p50()),
+            ms(l.p99()),
+            ratio(l.p50(), floor.p50()),
+            ratio(l.p99(), floor.p99())
+        ));
+    }
     for s in [&reuse, &kill] {
         report.push_str(&format!(
             "| {} | {} | {} | - | - |\n",
@@ -160,6 +184,11 @@ fn main() -> anyhow::Result<()> {
             ms(s.p99())
         ));
     }
+    report.push_str(&format!(
+        "\nThe keeper hop costs {} at p50 ({} vs the direct spawn).\n",
+        ms(klaunch.p50().saturating_sub(launch.p50())),
+        ratio(klaunch.p50(), launch.p50())
+    ));
     report.push_str(&format!(
         "\nTargets: launch -> ready p50 <= 1.3x floor (measured {}), reuse p99 <= 0.2 ms (measured {} ms), kill -> event p99 <= 1 ms (measured {} ms). {iterations} iterations ({} for reuse).\n",
         ratio(launch.p50(), floor.p50()),
@@ -232,6 +261,7 @@ async fn launch_ready(
         session: Some(session.into()),
         wait: v1::WaitFor::Ready as i32,
         timeout_ms: 30_000,
+        lease: None,
     })
     .await?
     .into_inner())

@@ -110,6 +110,10 @@ pub struct ServeArgs {
     /// Log size in bytes at which an instance log rotates.
     #[arg(long, default_value_t = bulkhead_daemon::logs::DEFAULT_MAX_BYTES)]
     pub log_max_bytes: u64,
+    /// Events kept in the state database (<state>/bulkhead.db); older ones are deleted.
+    #[arg(long, value_name = "N", default_value_t = bulkhead_daemon::store::DEFAULT_RETENTION,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub event_retention: usize,
     /// Serve Prometheus metrics (/metrics), /health and /ready over HTTP on this address,
     /// e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]

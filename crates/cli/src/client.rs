@@ -21,10 +21,18 @@ pub fn use_remote(r: &cli::RemoteArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     let read = |flag: &str, p: &Path| {
-        std::fs::read(p).map_err(|e| fail(exit::INVALID, format!("cannot read {flag} {}: {e}", p.display())))
+        std::fs::read(p).map_err(|e| {
+            fail(
+                exit::INVALID,
+                format!("cannot read {flag} {}: {e}", p.display()),
+            )
+        })
     };
     let Some(ca) = &r.tls_ca else {
-        return Err(fail(exit::USAGE, "--tcp needs --tls-ca (the CA that signed the daemon's certificate)"));
+        return Err(fail(
+            exit::USAGE,
+            "--tcp needs --tls-ca (the CA that signed the daemon's certificate)",
+        ));
     };
     let client_identity = match (&r.tls_cert, &r.tls_key) {
         (Some(c), Some(k)) => Some((read("--tls-cert", c)?, read("--tls-key", k)?)),
@@ -55,7 +63,13 @@ pub async fn connect(socket: &Path) -> anyhow::Result<bulkhead_api::Client> {
                 msg = format!("{msg}: {c}");
                 cur = c.source();
             }
-            fail(exit::UNAVAILABLE, format!("cannot reach the bulkhead daemon over TCP: {msg}"))
+            if opts.client_identity.is_none() {
+                msg.push_str(" (no client certificate given: the daemon requires one, --tls-cert and --tls-key)");
+            }
+            fail(
+                exit::UNAVAILABLE,
+                format!("cannot reach the bulkhead daemon over TCP: {msg}"),
+            )
         });
     }
     bulkhead_api::connect_unix(socket).await.map_err(|e| {

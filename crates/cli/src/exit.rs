@@ -74,8 +74,16 @@ pub fn from_status(s: tonic::Status) -> anyhow::Error {
     };
     // The connection failed under the call (over TCP: typically the TLS handshake, which
     // refuses a client without a certificate signed by the daemon's client CA).
-    if s.code() == Code::Unknown && s.message() == "transport error" {
-        let mut cause = String::new();
+    // (A status the daemon sent has no source; one made from a transport error has. The
+    // daemon never sends CANCELLED.)
+    let transport = std::error::Error::source(&s).is_some();
+    let broken = match s.code() {
+        Code::Cancelled => true,
+        Code::Unknown | Code::Unavailable => transport,
+        _ => false,
+    };
+    if broken {
+        let mut cause = s.message().to_owned();
         let mut cur = std::error::Error::source(&s);
         while let Some(c) = cur {
             cause = c.to_string();

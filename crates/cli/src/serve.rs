@@ -25,6 +25,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     init_tracing();
     let mut cfg = Config::new(a.workloads, Some(a.state), None);
     cfg.log_max_bytes = a.log_max_bytes;
+    cfg.event_retention = a.event_retention;
     cfg.metrics_addr = a.metrics;
     cfg.tcp = tcp;
     // The daemon process parents the instances: it reaps their orphans (and works as PID 1).
@@ -130,8 +131,9 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     let daemon = Daemon::start(cfg).await?;
     let shared = daemon.shared().clone();
 
-    // Print events as they happen (history first: none yet).
-    let (history, mut live) = shared.events.subscribe(0);
+    // Print events as they happen, from this run on (earlier runs' events are kept in the
+    // state database and shown by `bulkhead events`).
+    let (history, mut live) = shared.events.subscribe(shared.events.last_id());
     let printer = tokio::spawn(async move {
         for e in history {
             println!("{}", output::event_line(&bulkhead_api_event(&e)));

@@ -1051,6 +1051,7 @@ impl TcpServer {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let n = tokens.len();
         let (stop, stopped) = oneshot::channel::<()>();
         let svc = crate::service::Service { sh };
         let task = tokio::spawn(async move {
@@ -1068,7 +1069,7 @@ impl TcpServer {
                 tracing::error!("TCP API server on {addr} failed: {e}");
             }
         });
-        tracing::info!("serving the API on {addr} (mutual TLS, tokens)");
+        tracing::info!("serving the API on {addr} (mutual TLS, {n} tokens)");
         TcpServer {
             addr,
             stop: Some(stop),
@@ -1135,7 +1136,7 @@ mod tests {
 
     #[test]
     fn sha256_hex_is_sha256sum() {
-        // printf %s secret-a | sha256sum
+        // printf %s abc | sha256sum
         assert_eq!(
             token_sha256_hex("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

@@ -326,19 +326,18 @@ fn write_loop(
     // order, all below the new ones).
     let mut unsaved: Vec<Event> = Vec::new();
     let mut batch: Vec<Event> = Vec::new();
-    loop {
-        // Block for the first event, then take whatever else is queued: the events that
-        // arrived during the previous commit share this one.
-        match rx.recv() {
-            Ok(e) => batch.push(e),
-            Err(_) => break,
-        }
+    // Block for the first event, then take whatever else is queued: the events that
+    // arrived during the previous commit share this one. Ends when the queue's sender is
+    // dropped (close) and the queue is empty.
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(e) => batch.push(e),
                 Err(_) => break,
             }
         }
+        let last = batch.last().map_or(0, |e| e.id);
         let committed = commit(&core, sink.as_mut(), &mut unsaved, &batch);
         {
             let mut inner = core.lock();
@@ -357,7 +356,6 @@ fn write_loop(
                 unsaved.drain(..drop);
             }
         }
-        let last = batch.last().map_or(0, |e| e.id).max(*durable.borrow());
         // After the release: whoever sees the watermark finds the events in the ring.
         durable.send_replace(last);
         batch.clear();
@@ -530,23 +528,26 @@ mod tests {
         assert_eq!(reopened.last_id(), 200);
     }
 
-    /// A sink whose commits wait for the test to allow them.
+    /// A sink whose commits wait for the test to allow them, and fail the first `fail`
+    /// times.
     struct Gated {
         allow: std::sync::mpsc::Receiver<()>,
         commits: Arc<AtomicUsize>,
-        fail: bool,
+        fail: usize,
+        saved: Arc<Mutex<Vec<u64>>>,
     }
 
     impl Sink for Gated {
-        fn append(&mut self, _events: &[Event]) -> Result<(), StoreError> {
+        fn append(&mut self, events: &[Event]) -> Result<(), StoreError> {
             let _ = self.allow.recv();
-            self.commits.fetch_add(1, Ordering::SeqCst);
-            if self.fail {
+            if self.commits.fetch_add(1, Ordering::SeqCst) < self.fail {
                 return Err(StoreError::Write {
                     path: "gated".into(),
                     source: rusqlite::Error::InvalidQuery,
                 });
             }
+            let mut saved = self.saved.lock().unwrap();
+            saved.extend(events.iter().map(|e| e.id));
             Ok(())
         }
 
@@ -555,21 +556,40 @@ mod tests {
         }
     }
 
-    fn gated(fail: bool) -> (EventLog, std::sync::mpsc::Sender<()>, Arc<AtomicUsize>) {
+    struct Harness {
+        log: EventLog,
+        allow: std::sync::mpsc::Sender<()>,
+        commits: Arc<AtomicUsize>,
+        saved: Arc<Mutex<Vec<u64>>>,
+    }
+
+    fn gated(fail: usize) -> Harness {
         let (allow_tx, allow) = std::sync::mpsc::channel();
         let commits = Arc::new(AtomicUsize::new(0));
+        let saved = Arc::new(Mutex::new(Vec::new()));
         let sink = Gated {
             allow,
             commits: commits.clone(),
             fail,
+            saved: saved.clone(),
         };
         let log = EventLog::start(Box::new(sink), 0, Vec::new()).unwrap();
-        (log, allow_tx, commits)
+        Harness {
+            log,
+            allow: allow_tx,
+            commits,
+            saved,
+        }
     }
 
     #[tokio::test]
     async fn nothing_is_visible_or_durable_before_its_commit() {
-        let (log, allow, commits) = gated(false);
+        let Harness {
+            log,
+            allow,
+            commits,
+            ..
+        } = gated(0);
         let (_, mut rx) = log.subscribe(0);
         let e = log.publish(&id(), EventKind::Launched);
         assert_eq!(e.id, 1);
@@ -600,16 +620,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failing_store_does_not_freeze_the_log() {
-        let (log, allow, commits) = gated(true);
-        for _ in 0..(ATTEMPTS as usize * 2) {
-            allow.send(()).unwrap();
+    async fn a_failing_store_does_not_freeze_the_log_and_retries_with_the_next_batch() {
+        let h = gated(ATTEMPTS as usize);
+        for _ in 0..(ATTEMPTS as usize + 1) {
+            h.allow.send(()).unwrap();
         }
-        let e = log.publish(&id(), EventKind::Launched);
-        log.wait_durable(e.id).await;
-        assert_eq!(commits.load(Ordering::SeqCst), ATTEMPTS as usize);
-        assert_eq!(log.last_id(), 1);
-        assert!(log.store_error().is_some());
-        drop(allow);
+        let e = h.log.publish(&id(), EventKind::Launched);
+        // Every attempt fails: let through (visible, not durable), error reported.
+        h.log.wait_durable(e.id).await;
+        assert_eq!(h.commits.load(Ordering::SeqCst), ATTEMPTS as usize);
+        assert_eq!(h.log.last_id(), 1);
+        assert!(h.log.store_error().is_some());
+        // The next commit succeeds and carries the failed event with it.
+        let e = h.log.publish(&id(), EventKind::Ready);
+        h.log.wait_durable(e.id).await;
+        assert_eq!(*h.saved.lock().unwrap(), vec![1, 2]);
+        assert!(h.log.store_error().is_none());
+    }
+
+    #[tokio::test]
+    async fn events_published_while_closing_come_after_the_drained_ones() {
+        let h = gated(0);
+        let log = Arc::new(h.log);
+        let (_, mut rx) = log.subscribe(0);
+        log.publish(&id(), EventKind::Launched);
+        // The writer is stuck committing event 1; close waits for it on another thread.
+        let closer = {
+            let log = log.clone();
+            std::thread::spawn(move || log.close())
+        };
+        while log.core.lock().queue.is_some() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Closed, still draining: event 2 must not overtake event 1.
+        log.publish(&id(), EventKind::Ready);
+        assert!(rx.try_recv().is_err());
+        h.allow.send(()).unwrap();
+        closer.join().unwrap();
+        assert_eq!(rx.recv().await.unwrap().id, 1);
+        assert_eq!(rx.recv().await.unwrap().id, 2);
+        assert_eq!(*h.saved.lock().unwrap(), vec![1]);
+        assert_eq!(log.last_id(), 2);
     }
 }

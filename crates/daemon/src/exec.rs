@@ -10,8 +10,14 @@
 //!
 //! The protocol is one bidirectional stream: the first request starts the command, later
 //! ones carry stdin (forwarded as it comes; `stdin_eof` or the end of the request stream
-//! closes the command's stdin). stdout and stderr go back as they are read, then one exit
-//! status.
+//! closes the command's stdin). stdout and stderr go back as they are read (each in
+//! order; their interleaving is not kept), then one exit status.
+//!
+//! With `tty` the command gets a new pseudo-terminal instead of pipes: it starts a new
+//! session (so it leads its process group) with the terminal as its controlling terminal,
+//! `TERM` is the client's (else the instance's, else `xterm`), the size is the client's
+//! (else 24x80) and follows `resize` messages. Output then comes back as stdout only, and
+//! the end of input is typed as ^D.
 //!
 //! Lifecycle:
 //!

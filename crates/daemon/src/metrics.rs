@@ -797,7 +797,7 @@ mod tests {
             Some(std::path::PathBuf::from("/nonexistent/state")),
             None,
         );
-        let sh = Arc::new(Shared::new(cfg, crate::events::EventLog::new()));
+        let sh = Arc::new(Shared::new(cfg, crate::events::EventLog::new(), None));
         let w = id("shared:w");
         // Before the start (a durable log's earlier runs): state, but no counts.
         sh.events.publish(

@@ -37,6 +37,8 @@ pub struct Config {
     /// Whether events go to the state database (committed before clients see them);
     /// `false` keeps them in memory only (benchmarks compare the two).
     pub durable_events: bool,
+    /// How hard event commits go to the disk (`Full`: survive a power loss).
+    pub event_sync: crate::store::Synchronous,
     /// Where to serve `/metrics`, `/health` and `/ready` over HTTP; `None`: not served.
     pub metrics_addr: Option<SocketAddr>,
     /// Make this process a child subreaper and reap orphaned descendants of the instances
@@ -73,6 +75,7 @@ impl Config {
             log_max_bytes: crate::logs::DEFAULT_MAX_BYTES,
             event_retention: crate::store::DEFAULT_RETENTION,
             durable_events: true,
+            event_sync: crate::store::Synchronous::Full,
             metrics_addr: None,
             reap_orphans: false,
             tcp: None,
@@ -188,7 +191,7 @@ impl Daemon {
         // After the bind: opening the database loads the newest events (may be slow).
         let events = if cfg.durable_events {
             let db = cfg.state_dir.join("bulkhead.db");
-            crate::events::EventLog::open(&db, cfg.event_retention)?
+            crate::events::EventLog::open_with(&db, cfg.event_retention, cfg.event_sync)?
         } else {
             crate::events::EventLog::new()
         };

@@ -7,6 +7,7 @@
 //! | unknown workload or instance            | NOT_FOUND            | 3        |
 //! | invalid name, id, key or request        | INVALID_ARGUMENT     | 4        |
 //! | workload whose manifest is invalid      | FAILED_PRECONDITION  | 4        |
+//! | exec: not running / command cannot run  | FAILED_PRECONDITION  | 4        |
 //! | daemon shutting down / not reachable    | UNAVAILABLE          | 5        |
 //! | wait timed out                          | DEADLINE_EXCEEDED    | 6        |
 //! | launch failed (spawn, exit, readiness)  | ABORTED              | 7        |
@@ -180,7 +181,9 @@ impl bulkhead_api::Bulkhead for Service {
         req: Request<v1::LaunchRequest>,
     ) -> Result<Response<v1::LaunchResponse>, Status> {
         let q = req.get_ref();
-        self.authorize(&req, Scope::launch(&self.sh.catalog(), &q.workload, q.namespace.as_deref(), q.session.as_deref()))?;
+        let (ns, sid) = (q.namespace.as_deref(), q.session.as_deref());
+        let scope = Scope::launch(&self.sh.catalog(), &q.workload, ns, sid);
+        self.authorize(&req, scope)?;
         let r = req.into_inner();
         let wait = match v1::WaitFor::try_from(r.wait) {
             Ok(v1::WaitFor::None) => WaitFor::Nothing,
@@ -334,8 +337,11 @@ impl bulkhead_api::Bulkhead for Service {
                 }
             }
         });
-        let visible = move |e: &Result<v1::Event, Status>| e.as_ref().map_or(true, |e| vis.sees(&e.instance));
-        Ok(Response::new(Box::pin(tokio_stream::StreamExt::filter(ReceiverStream::new(rx), visible))))
+        // Only the events of instances the caller may see (`auth`: everything on the socket).
+        let visible =
+            move |e: &Result<v1::Event, Status>| e.as_ref().map_or(true, |e| vis.sees(&e.instance));
+        let stream = tokio_stream::StreamExt::filter(ReceiverStream::new(rx), visible);
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_workloads(

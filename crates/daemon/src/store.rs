@@ -382,10 +382,10 @@ mod tests {
             EventKind::Launched,
             EventKind::Started { pid: Some(42) },
             EventKind::Terminated {
-                status: ExitStatus::Signaled {
+                status: Some(ExitStatus::Signaled {
                     signal: 9,
                     core_dumped: true,
-                },
+                }),
             },
         ];
         {

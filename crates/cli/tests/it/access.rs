@@ -211,7 +211,11 @@ fn tcp_needs_a_client_certificate_and_a_token_and_tokens_are_scoped() {
         "a client without a certificate got in"
     );
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
-    assert!(stderr(&out).contains("client certificate"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("client certificate"),
+        "{}",
+        stderr(&out)
+    );
 
     // A certificate but no token: unauthenticated.
     let out = r.cli(true, None, &["health"]);
@@ -296,6 +300,29 @@ fn tcp_needs_a_client_certificate_and_a_token_and_tokens_are_scoped() {
         "{}",
         stderr(&out)
     );
+    for args in [
+        &["get", "ns:team-b:sleeper"][..],
+        &["logs", "ns:team-b:sleeper"],
+        &["exec", "ns:team-b:sleeper", "--", "true"],
+        &["end-namespace", "team-b"],
+    ] {
+        let out = r.cli(true, Some(TEAM_A_TOKEN), args);
+        assert_eq!(
+            out.status.code(),
+            Some(PERMISSION_DENIED),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    wait_audit(&d, "denied exec", |l| {
+        l["action"] == "exec" && l["key"] == "ns:team-b:sleeper" && l["code"] == "permission_denied"
+    });
+    let out = r.cli(
+        true,
+        Some(TEAM_A_TOKEN),
+        &["exec", "ns:team-a:sleeper", "--", "true"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
     let out = r.cli(true, Some(TEAM_A_TOKEN), &["reload"]);
     assert_eq!(
         out.status.code(),

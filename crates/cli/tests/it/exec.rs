@@ -320,7 +320,11 @@ fn orphans_of_exec_commands_are_reaped_by_the_daemon() {
     let daemon_pid = d.json(&["health", "-o", "json"])["pid"].as_u64().unwrap() as u32;
     d.json(&["launch", "sleeper", "-o", "json"]);
     let pidfile = d.dir.path().join("orphan.pid");
-    let script = format!("setsid sleep 1 & echo $! > {}", pidfile.display());
+    // Its output goes elsewhere, or the exec would wait for it (up to its drain limit).
+    let script = format!(
+        "setsid sleep 1 </dev/null >/dev/null 2>&1 & echo $! > {}",
+        pidfile.display()
+    );
     let out = d.cli(&["exec", "ns:default:sleeper", "--", "sh", "-c", &script]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     let orphan = read_pid_file(&pidfile);
@@ -549,4 +553,44 @@ fn exec_with_a_terminal() {
         "{}",
         stderr(&killed)
     );
+}
+
+#[test]
+fn exec_probes_work_with_the_reaper_and_timed_out_ones_leave_nothing() {
+    let d = Daemon::start(&[
+        (
+            "probed",
+            "name: probed\ncommand: [/bin/sh, -c, 'sleep 0.3; touch ready.flag; exec sleep 1000']\n\
+             readiness:\n  exec: {command: [/bin/sh, -c, 'test -f ready.flag'], period: 20ms}\n  timeout: 30s\n",
+        ),
+        (
+            "hangs",
+            "name: hangs\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n\
+             readiness:\n  exec: {command: [/bin/sh, -c, 'echo $$ >> probe.pids; exec sleep 1000'], period: 50ms, timeout: 100ms}\n  timeout: 1s\n",
+        ),
+    ]);
+    let daemon_pid = d.json(&["health", "-o", "json"])["pid"].as_u64().unwrap() as u32;
+    // Failing attempts (exit 1) until the flag exists, then a pass.
+    let v = d.json(&["launch", "probed", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    // Every attempt times out: each is killed with its group and reaped.
+    let out = d.cli(&["launch", "hangs", "-o", "json"]);
+    assert_eq!(code(&out), Some(7), "{}", stderr(&out));
+    let pids: Vec<u32> = std::fs::read_to_string(d.workloads.join("hangs/probe.pids"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert!(!pids.is_empty());
+    for pid in pids {
+        let start = Instant::now();
+        while std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "probe {pid} was not killed and reaped"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_no_zombies_of(daemon_pid, &d);
 }

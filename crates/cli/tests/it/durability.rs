@@ -1,0 +1,123 @@
+//! The event log is durable: events survive a daemon restart (SIGTERM or SIGKILL), ids go
+//! on after the last one without a gap or a duplicate, and the retention bounds what is
+//! kept.
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+const SLEEPER: &str = "name: sleeper\ncommand: [/bin/sleep, '1000']\nisolation: namespace\n";
+
+fn ids(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["id"].as_u64().unwrap()).collect()
+}
+
+/// Ids are 1..=n with nothing missing or repeated.
+fn assert_gapless(events: &[Value]) {
+    let got = ids(events);
+    let want: Vec<u64> = (1..=got.len() as u64).collect();
+    assert_eq!(got, want, "ids have a gap or a duplicate: {events:#?}");
+}
+
+fn launch_and_terminate(d: &Daemon, ns: &str) {
+    d.json(&["launch", "sleeper", "--namespace", ns, "-o", "json"]);
+    let t = d.json(&["terminate", &format!("ns:{ns}:sleeper"), "-o", "json"]);
+    assert_eq!(t["state"], "terminated");
+}
+
+#[test]
+fn events_survive_sigterm_and_sigkill_and_ids_continue() {
+    let mut d = Daemon::start(&[("sleeper", SLEEPER)]);
+    launch_and_terminate(&d, "a");
+    let first = d.events();
+    assert!(
+        first.iter().any(|e| e["kind"] == "terminated"),
+        "{first:#?}"
+    );
+    assert_gapless(&first);
+
+    // A clean stop, then a restart on the same state directory.
+    assert!(d.sigterm().success());
+    d.spawn();
+    let after_term = d.events();
+    assert_eq!(
+        &after_term[..first.len()],
+        &first[..],
+        "the history is back, unchanged"
+    );
+    launch_and_terminate(&d, "b");
+    let second = d.events();
+    assert_gapless(&second);
+    assert!(second.len() > first.len());
+    let health = d.json(&["health", "-o", "json"]);
+    assert_eq!(
+        health["last_event_id"].as_u64(),
+        Some(second.len() as u64),
+        "{health}"
+    );
+
+    // A crash: every event a client saw was committed before it saw it.
+    d.kill9();
+    d.spawn();
+    let after_kill = d.events();
+    assert_eq!(
+        &after_kill[..second.len()],
+        &second[..],
+        "nothing a client saw is lost in a crash"
+    );
+    launch_and_terminate(&d, "c");
+    let third = d.events();
+    assert_gapless(&third);
+    assert!(third.len() > second.len());
+    assert!(third
+        .iter()
+        .any(|e| e["kind"] == "terminated" && e["instance"] == "ns:c:sleeper"));
+}
+
+#[test]
+fn event_retention_bounds_what_is_kept_across_restarts() {
+    let mut d = Daemon::start_with_args(&[("sleeper", SLEEPER)], &["--event-retention", "3"]);
+    launch_and_terminate(&d, "a");
+    launch_and_terminate(&d, "b");
+    let all = d.events();
+    assert!(all.len() > 3);
+    assert!(d.sigterm().success());
+    d.spawn();
+    let kept = d.events();
+    assert_eq!(kept.len(), 3, "{kept:#?}");
+    assert_eq!(&kept[..], &all[all.len() - 3..]);
+    launch_and_terminate(&d, "c");
+    let ids = ids(&d.events());
+    assert_eq!(
+        ids[3],
+        all.len() as u64 + 1,
+        "ids continue after the kept ones"
+    );
+}
+
+#[test]
+fn a_state_database_that_is_not_a_database_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let db = state.join("bulkhead.db");
+    std::fs::write(&db, vec![0x42u8; 4096]).unwrap();
+    let wl = dir.path().join("workloads");
+    std::fs::create_dir_all(&wl).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--no-keeper", "--workloads"])
+        .arg(&wl)
+        .arg("--state")
+        .arg(&state)
+        .arg("--socket")
+        .arg(dir.path().join("api.sock"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&db.display().to_string()) && err.contains("not a database"),
+        "{err}"
+    );
+}
