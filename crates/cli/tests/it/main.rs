@@ -5,6 +5,7 @@ mod access;
 mod durability;
 mod exec;
 mod harness;
+mod keeper_conformance;
 mod launch;
 mod lifecycle;
 mod metrics;
