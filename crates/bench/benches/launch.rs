@@ -62,11 +62,22 @@ fn main() -> anyhow::Result<()> {
         )
         .enable_all()
         .build()?;
-    let cfg = bulkhead_daemon::Config::new(wl.clone(), Some(dir.path().join("state")), None);
+    let mut cfg = bulkhead_daemon::Config::new(wl.clone(), Some(dir.path().join("state")), None);
+    // BH_EVENTS=memory|normal|full (default: the daemon's default) to compare durability.
+    let events_mode = std::env::var("BH_EVENTS").unwrap_or_default();
+    match events_mode.as_str() {
+        "memory" => cfg.durable_events = false,
+        "normal" => cfg.event_sync = bulkhead_daemon::store::Synchronous::Normal,
+        "full" => cfg.event_sync = bulkhead_daemon::store::Synchronous::Full,
+        _ => {}
+    }
     let socket = cfg.socket.clone();
+    let (durable, sync) = (cfg.durable_events, cfg.event_sync);
     let daemon = daemon_rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
     // The same daemon, spawning through a keeper (what `bulkhead serve` does by default).
     let mut kcfg = bulkhead_daemon::Config::new(wl, Some(dir.path().join("kstate")), None);
+    kcfg.durable_events = durable;
+    kcfg.event_sync = sync;
     kcfg.keeper = Some(exe.clone());
     let ksocket = kcfg.socket.clone();
     let kdaemon = daemon_rt.block_on(bulkhead_daemon::Daemon::start(kcfg))?;

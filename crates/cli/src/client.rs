@@ -375,7 +375,11 @@ pub async fn release(socket: &Path, a: cli::ReleaseArgs) -> anyhow::Result<()> {
 }
 
 pub async fn end_scope(socket: &Path, a: cli::EndScopeArgs, session: bool) -> anyhow::Result<()> {
-    let grace = a.grace.as_deref().map(|g| parse_duration("--grace", g)).transpose()?;
+    let grace = a
+        .grace
+        .as_deref()
+        .map(|g| parse_duration("--grace", g))
+        .transpose()?;
     let req = v1::EndScopeRequest {
         name: a.name,
         grace_ms: grace.map(|g| g.as_millis() as u64),

@@ -26,13 +26,18 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = Config::new(a.workloads, Some(a.state), None);
     cfg.log_max_bytes = a.log_max_bytes;
     cfg.event_retention = a.event_retention;
+    cfg.event_sync = match a.event_sync {
+        crate::cli::EventSync::Normal => bulkhead_daemon::store::Synchronous::Normal,
+        crate::cli::EventSync::Full => bulkhead_daemon::store::Synchronous::Full,
+    };
     cfg.metrics_addr = a.metrics;
     cfg.tcp = tcp;
     // The daemon process parents the instances: it reaps their orphans (and works as PID 1).
     cfg.reap_orphans = true;
     // Instances are spawned through the keeper so that they survive a daemon crash.
     if !a.no_keeper {
-        cfg.keeper = Some(std::env::current_exe().context("cannot find this program for the keeper")?);
+        cfg.keeper =
+            Some(std::env::current_exe().context("cannot find this program for the keeper")?);
     }
     // --socket is global; serve honours it too.
     cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
@@ -124,7 +129,8 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     let mut cfg = Config::new(dir, Some(a.state), None);
     cfg.reap_orphans = true;
     if !a.no_keeper {
-        cfg.keeper = Some(std::env::current_exe().context("cannot find this program for the keeper")?);
+        cfg.keeper =
+            Some(std::env::current_exe().context("cannot find this program for the keeper")?);
     }
     cfg.socket = std::path::absolute(socket_for_serve(&cfg))?;
     let socket = cfg.socket.clone();

@@ -151,7 +151,9 @@ pub enum Effect {
     Spawn,
     /// Start the readiness checks and the backstop; answer with `ReadinessPassed` or
     /// `ReadinessTimedOut`.
-    StartReadiness { timeout: Duration },
+    StartReadiness {
+        timeout: Duration,
+    },
     /// Stop the readiness checks and the backstop.
     StopReadiness,
     /// Start watching a ready instance: liveness probes (answer `LivenessFailed`) and the
@@ -159,11 +161,18 @@ pub enum Effect {
     StartMonitors,
     StopMonitors,
     /// Send `signal` to the whole instance, SIGKILL after `grace`; answer with `Exited`.
-    Stop { signal: Signal, grace: Duration },
+    Stop {
+        signal: Signal,
+        grace: Duration,
+    },
     /// Answer with `RestartDue` after `delay` (replaces any pending timer).
-    ScheduleRestart { delay: Duration },
+    ScheduleRestart {
+        delay: Duration,
+    },
     /// Answer with `CooldownOver` after `after` (replaces any pending timer).
-    ScheduleCooldown { after: Duration },
+    ScheduleCooldown {
+        after: Duration,
+    },
     /// Drop a pending restart or cooldown timer.
     CancelTimer,
     /// Publish an event.
@@ -266,7 +275,10 @@ impl Instance {
         inst.ready_at_ms = Some(now_ms);
         (
             inst,
-            vec![Effect::Emit(EventKind::Adopted { pid }), Effect::StartMonitors],
+            vec![
+                Effect::Emit(EventKind::Adopted { pid }),
+                Effect::StartMonitors,
+            ],
         )
     }
 
@@ -640,10 +652,7 @@ mod tests {
         let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 3 }), 1);
         assert_eq!(events(&fx), vec!["exited", "launch_failed"]);
         assert_eq!(i.state(), State::Failed);
-        assert_eq!(
-            i.failure(),
-            Some("exited during start-up with exit code 3")
-        );
+        assert_eq!(i.failure(), Some("exited during start-up with exit code 3"));
     }
 
     #[test]
@@ -723,12 +732,18 @@ mod tests {
                 assert_eq!(i.handle(Input::RestartDue, t), vec![Effect::Spawn]);
                 assert_eq!(i.restarts(), run);
             } else {
-                assert_eq!(events(&fx), vec!["crashed", "launch_failed", "breaker_open"]);
+                assert_eq!(
+                    events(&fx),
+                    vec!["crashed", "launch_failed", "breaker_open"]
+                );
                 assert!(fx.contains(&Effect::ScheduleCooldown {
                     after: Duration::from_secs(60)
                 }));
                 assert_eq!(i.breaker(), BreakerState::Open);
-                assert!(i.failure().unwrap().starts_with("circuit breaker open after 3"));
+                assert!(i
+                    .failure()
+                    .unwrap()
+                    .starts_with("circuit breaker open after 3"));
             }
         }
         assert!(delays[1] > delays[0], "{delays:?}");
@@ -740,7 +755,10 @@ mod tests {
         // The trial fails: open again at once.
         i.handle(Input::Spawned { pid: Some(9) }, t);
         let fx = i.handle(Input::Exited(SEGV), t + 1);
-        assert_eq!(events(&fx), vec!["crashed", "launch_failed", "breaker_open"]);
+        assert_eq!(
+            events(&fx),
+            vec!["crashed", "launch_failed", "breaker_open"]
+        );
         // The next trial becomes ready: closed.
         i.handle(Input::CooldownOver, t + 2);
         i.handle(Input::Spawned { pid: Some(10) }, t + 3);
@@ -820,11 +838,23 @@ mod tests {
         let (mut i, _) = launch(true);
         i.handle(Input::Spawned { pid: Some(1) }, 0);
         i.handle(Input::ReadinessPassed, 1);
-        let fx = i.handle(Input::Unhealthy { reason: "503".into() }, 2);
+        let fx = i.handle(
+            Input::Unhealthy {
+                reason: "503".into(),
+            },
+            2,
+        );
         assert_eq!(events(&fx), vec!["unhealthy"]);
         assert!(!i.ready());
         assert_eq!(i.state(), State::Ready);
-        assert!(i.handle(Input::Unhealthy { reason: "503".into() }, 3).is_empty());
+        assert!(i
+            .handle(
+                Input::Unhealthy {
+                    reason: "503".into()
+                },
+                3
+            )
+            .is_empty());
         assert_eq!(events(&i.handle(Input::Healthy, 4)), vec!["ready"]);
         assert!(i.ready());
     }

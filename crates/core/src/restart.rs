@@ -41,7 +41,11 @@ use crate::spec::Backoff;
 pub fn backoff_delay(b: &Backoff, attempt: u32, r: f64) -> Duration {
     let exp = attempt.saturating_sub(1).min(1000) as i32;
     let base = (b.initial.as_secs_f64() * b.factor.powi(exp)).min(b.max.as_secs_f64());
-    let r = if r.is_finite() { r.clamp(0.0, 1.0) } else { 0.0 };
+    let r = if r.is_finite() {
+        r.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let delay = base * (1.0 - b.jitter * r);
     Duration::from_secs_f64(delay.max(0.0))
 }

@@ -608,7 +608,10 @@ impl WorkloadSpec {
         }
         if let Some(l) = &self.liveness {
             if l.http.is_none() && l.tcp.is_none() && l.exec.is_none() {
-                return fail("liveness", "names no probe: set an http, tcp or exec probe".into());
+                return fail(
+                    "liveness",
+                    "names no probe: set an http, tcp or exec probe".into(),
+                );
             }
             if let Some(h) = &l.http {
                 if !h.path.starts_with('/') {
@@ -629,7 +632,10 @@ impl WorkloadSpec {
             }
         }
         if self.idle_timeout == Some(Duration::ZERO) {
-            return fail("idle_timeout", "must be greater than zero (leave it out for no idle timeout)".into());
+            return fail(
+                "idle_timeout",
+                "must be greater than zero (leave it out for no idle timeout)".into(),
+            );
         }
         let b = &self.restart.backoff;
         if !(b.factor.is_finite() && b.factor >= 1.0 && b.factor <= 100.0) {

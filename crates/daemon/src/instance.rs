@@ -63,9 +63,13 @@ impl View {
 }
 
 pub(crate) enum Msg {
-    Terminate { grace: Option<Duration> },
+    Terminate {
+        grace: Option<Duration>,
+    },
     /// The set of lease holders changed; `held` says whether any lease is left.
-    Leases { held: bool },
+    Leases {
+        held: bool,
+    },
 }
 
 /// A live or finished instance in the registry.
@@ -102,8 +106,11 @@ impl Slot {
     pub(crate) fn take_lease(&self, holder: &str) -> bool {
         let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         let added = l.insert(holder.to_owned());
-        let _ = self.tx.send(Msg::Leases { held: !l.is_empty() });
-        self.view.send_modify(|v| v.leases = l.iter().cloned().collect());
+        let _ = self.tx.send(Msg::Leases {
+            held: !l.is_empty(),
+        });
+        self.view
+            .send_modify(|v| v.leases = l.iter().cloned().collect());
         added
     }
 
@@ -111,14 +118,21 @@ impl Slot {
     pub(crate) fn release(&self, holder: &str) -> bool {
         let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         let removed = l.remove(holder);
-        let _ = self.tx.send(Msg::Leases { held: !l.is_empty() });
-        self.view.send_modify(|v| v.leases = l.iter().cloned().collect());
+        let _ = self.tx.send(Msg::Leases {
+            held: !l.is_empty(),
+        });
+        self.view
+            .send_modify(|v| v.leases = l.iter().cloned().collect());
         removed
     }
 
     /// SIGKILL to every process of the instance, now.
     pub(crate) fn kill(&self) {
-        let h = self.handle.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let h = self
+            .handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if let Some(h) = h {
             if let Err(e) = h.signal(bulkhead_core::signal::Signal::KILL) {
                 tracing::warn!("{e}");
@@ -139,7 +153,11 @@ impl Slot {
     /// commands run in the instance's context (`bulkhead exec`). `None` before the first
     /// spawn.
     pub fn exec_env(&self) -> Option<(Vec<(String, String)>, PathBuf)> {
-        let env = self.exec_env.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let env = self
+            .exec_env
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
         Some((env, self.dir.clone()))
     }
 }
@@ -302,7 +320,13 @@ async fn run(
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(0);
         sh.ports.reserve(port);
-        slot.log.attach(a.spawned.stdout.into_iter().chain(a.spawned.stderr).collect());
+        slot.log.attach(
+            a.spawned
+                .stdout
+                .into_iter()
+                .chain(a.spawned.stderr)
+                .collect(),
+        );
         *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.spawned.handle.clone());
         handle = Some(a.spawned.handle);
         started_at_ms = crate::events::now_ms();
@@ -322,15 +346,18 @@ async fn run(
                     let input = match result {
                         Ok((spawned, notify)) => {
                             let pid = spawned.handle.pid();
-                            slot.log.attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
+                            slot.log
+                                .attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
                             if let (Some(sock), Some(main)) = (notify, pid) {
                                 let tx = ntx.clone();
                                 run_tasks.push(tokio::spawn(
                                     sock.run(move |p| readiness::pid_in_group(p, main), tx),
                                 ));
                             }
-                            *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(spawned.handle.clone());
-                            *slot.exec_env.lock().unwrap_or_else(|e| e.into_inner()) = Some(env.clone());
+                            *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(spawned.handle.clone());
+                            *slot.exec_env.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(env.clone());
                             handle = Some(spawned.handle);
                             started_at_ms = crate::events::now_ms();
                             Input::Spawned { pid }
@@ -343,11 +370,21 @@ async fn run(
                     ready.stop();
                     ready.active = true;
                     ready.deadline = Some(Box::pin(tokio::time::sleep(timeout)));
-                    let r = spec.readiness.as_ref().expect("readiness effect implies a readiness section");
+                    let r = spec
+                        .readiness
+                        .as_ref()
+                        .expect("readiness effect implies a readiness section");
                     if r.notify {
                         ready.pending.push("notify");
                     }
-                    for (check, timing) in probes(&slot, r.http.as_ref(), r.tcp.as_ref(), r.exec.as_ref(), port, &env) {
+                    for (check, timing) in probes(
+                        &slot,
+                        r.http.as_ref(),
+                        r.tcp.as_ref(),
+                        r.exec.as_ref(),
+                        port,
+                        &env,
+                    ) {
                         let name = check.name();
                         ready.pending.push(name);
                         let tx = ptx.clone();
@@ -366,13 +403,37 @@ async fn run(
                 Effect::StartMonitors => {
                     monitors.stop();
                     if let Some(r) = &spec.readiness {
-                        for (check, timing) in probes(&slot, r.http.as_ref(), r.tcp.as_ref(), r.exec.as_ref(), port, &env) {
-                            monitors.0.push(tokio::spawn(readiness::monitor(check, timing, false, mtx.clone())));
+                        for (check, timing) in probes(
+                            &slot,
+                            r.http.as_ref(),
+                            r.tcp.as_ref(),
+                            r.exec.as_ref(),
+                            port,
+                            &env,
+                        ) {
+                            monitors.0.push(tokio::spawn(readiness::monitor(
+                                check,
+                                timing,
+                                false,
+                                mtx.clone(),
+                            )));
                         }
                     }
                     if let Some(l) = &spec.liveness {
-                        for (check, timing) in probes(&slot, l.http.as_ref(), l.tcp.as_ref(), l.exec.as_ref(), port, &env) {
-                            monitors.0.push(tokio::spawn(readiness::monitor(check, timing, true, mtx.clone())));
+                        for (check, timing) in probes(
+                            &slot,
+                            l.http.as_ref(),
+                            l.tcp.as_ref(),
+                            l.exec.as_ref(),
+                            port,
+                            &env,
+                        ) {
+                            monitors.0.push(tokio::spawn(readiness::monitor(
+                                check,
+                                timing,
+                                true,
+                                mtx.clone(),
+                            )));
                         }
                     }
                 }
@@ -385,8 +446,12 @@ async fn run(
                         });
                     }
                 }
-                Effect::ScheduleRestart { delay } => timer = Some(Box::pin(tokio::time::sleep(delay))),
-                Effect::ScheduleCooldown { after } => timer = Some(Box::pin(tokio::time::sleep(after))),
+                Effect::ScheduleRestart { delay } => {
+                    timer = Some(Box::pin(tokio::time::sleep(delay)))
+                }
+                Effect::ScheduleCooldown { after } => {
+                    timer = Some(Box::pin(tokio::time::sleep(after)))
+                }
                 Effect::CancelTimer => timer = None,
             }
         }
@@ -614,7 +679,12 @@ fn probes(
         ));
     }
     if let Some(t) = tcp {
-        out.push((Check::Tcp { port: t.port.unwrap_or(port) }, t.timing()));
+        out.push((
+            Check::Tcp {
+                port: t.port.unwrap_or(port),
+            },
+            t.timing(),
+        ));
     }
     if let Some(e) = exec {
         match resolve_command(slot, &e.command, env) {

@@ -133,9 +133,15 @@ impl Shared {
             return;
         };
         let mut reg = self.lock_registry();
-        if reg.get(&id).is_some_and(|s| !s.view.borrow().state.is_terminal()) {
+        if reg
+            .get(&id)
+            .is_some_and(|s| !s.view.borrow().state.is_terminal())
+        {
             // Two processes for one key at the keeper: keep the first, stop this one.
-            tracing::error!("keeper holds a second process (pid {}) for {id}; killing it", a.pid);
+            tracing::error!(
+                "keeper holds a second process (pid {}) for {id}; killing it",
+                a.pid
+            );
             let _ = a.spawned.handle.signal(bulkhead_core::signal::Signal::KILL);
             return;
         }
@@ -299,7 +305,11 @@ impl Shared {
 
     /// Terminates, concurrently, every live instance for which `pick` is true; returns
     /// them once all are gone.
-    pub async fn terminate_where(&self, grace: Option<Duration>, pick: impl Fn(&Slot) -> bool) -> Vec<View> {
+    pub async fn terminate_where(
+        &self,
+        grace: Option<Duration>,
+        pick: impl Fn(&Slot) -> bool,
+    ) -> Vec<View> {
         let mut set = tokio::task::JoinSet::new();
         for slot in self.list() {
             if slot.view.borrow().state.is_terminal() || !pick(&slot) {
@@ -308,7 +318,10 @@ impl Shared {
             let mut rx = slot.subscribe();
             slot.terminate(grace);
             set.spawn(async move {
-                let v = rx.wait_for(|v| v.state.is_terminal()).await.map(|v| v.clone());
+                let v = rx
+                    .wait_for(|v| v.state.is_terminal())
+                    .await
+                    .map(|v| v.clone());
                 v.unwrap_or_else(|_| slot.view())
             });
         }
@@ -324,12 +337,14 @@ impl Shared {
 
     /// Ends a session: terminates every instance launched for it.
     pub async fn end_session(&self, session: &str, grace: Option<Duration>) -> Vec<View> {
-        self.terminate_where(grace, |s| s.key.session() == Some(session)).await
+        self.terminate_where(grace, |s| s.key.session() == Some(session))
+            .await
     }
 
     /// Ends a namespace: terminates every instance launched for it.
     pub async fn end_namespace(&self, namespace: &str, grace: Option<Duration>) -> Vec<View> {
-        self.terminate_where(grace, |s| s.key.namespace() == Some(namespace)).await
+        self.terminate_where(grace, |s| s.key.namespace() == Some(namespace))
+            .await
     }
 
     /// Drops `holder`'s lease on an instance. `None` when there is no such instance.
@@ -470,7 +485,10 @@ impl Ports {
     /// Marks a port as in use (an adopted instance keeps its port).
     pub(crate) fn reserve(&self, port: u16) {
         if port != 0 {
-            self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(port);
+            self.used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(port);
         }
     }
 

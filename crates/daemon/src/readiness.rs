@@ -370,7 +370,12 @@ pub enum Health {
 /// Watches a ready instance with one probe until aborted. A readiness probe reports
 /// `Unhealthy` / `Healthy` transitions; a liveness probe reports `LivenessFailed` once and
 /// ends.
-pub async fn monitor(check: Check, timing: ProbeTiming, liveness: bool, tx: mpsc::UnboundedSender<Health>) {
+pub async fn monitor(
+    check: Check,
+    timing: ProbeTiming,
+    liveness: bool,
+    tx: mpsc::UnboundedSender<Health>,
+) {
     tokio::time::sleep(timing.initial_delay).await;
     let mut interval = tokio::time::interval(timing.period.max(MIN_PERIOD));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -381,7 +386,11 @@ pub async fn monitor(check: Check, timing: ProbeTiming, liveness: bool, tx: mpsc
         interval.tick().await;
         let result = match tokio::time::timeout(timing.timeout, check.attempt()).await {
             Ok(r) => r,
-            Err(_) => Err(format!("{} probe timed out after {:?}", check.name(), timing.timeout)),
+            Err(_) => Err(format!(
+                "{} probe timed out after {:?}",
+                check.name(),
+                timing.timeout
+            )),
         };
         match result {
             Ok(()) => {

@@ -75,7 +75,7 @@ impl Config {
             log_max_bytes: crate::logs::DEFAULT_MAX_BYTES,
             event_retention: crate::store::DEFAULT_RETENTION,
             durable_events: true,
-            event_sync: crate::store::Synchronous::Full,
+            event_sync: crate::store::Synchronous::Normal,
             metrics_addr: None,
             reap_orphans: false,
             tcp: None,
@@ -211,9 +211,11 @@ impl Daemon {
             None
         };
         let keeper = match &cfg.keeper {
-            Some(program) => Some(Arc::new(bulkhead_driver::keeper::client::KeeperDriver::new(
-                connect_keeper(program, &cfg.state_dir).await?,
-            ))),
+            Some(program) => Some(Arc::new(
+                bulkhead_driver::keeper::client::KeeperDriver::new(
+                    connect_keeper(program, &cfg.state_dir).await?,
+                ),
+            )),
             None => None,
         };
         let shared = Arc::new(Shared::new(cfg.clone(), events, keeper.clone()));

@@ -361,7 +361,10 @@ impl bulkhead_api::Bulkhead for Service {
         Ok(Response::new(workloads_proto(&self.sh)))
     }
 
-    async fn release(&self, req: Request<v1::ReleaseRequest>) -> Result<Response<v1::Instance>, Status> {
+    async fn release(
+        &self,
+        req: Request<v1::ReleaseRequest>,
+    ) -> Result<Response<v1::Instance>, Status> {
         self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
@@ -369,31 +372,44 @@ impl bulkhead_api::Bulkhead for Service {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         match self.sh.release(&id, &r.holder) {
             None => Err(Status::not_found(format!("no instance {id}"))),
-            Some((_, false)) => Err(Status::not_found(format!("{} holds no lease on {id}", r.holder))),
+            Some((_, false)) => Err(Status::not_found(format!(
+                "{} holds no lease on {id}",
+                r.holder
+            ))),
             Some((view, true)) => Ok(Response::new(instance_proto(&view))),
         }
     }
 
-    async fn end_session(&self, req: Request<v1::EndScopeRequest>) -> Result<Response<v1::EndScopeResponse>, Status> {
+    async fn end_session(
+        &self,
+        req: Request<v1::EndScopeRequest>,
+    ) -> Result<Response<v1::EndScopeResponse>, Status> {
         let r = req.get_ref();
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Session, &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.authorize(&req, Scope::session(&r.name))?;
         let r = req.into_inner();
-        let grace = r.grace_ms.map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
+        let grace = r
+            .grace_ms
+            .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
         let views = self.sh.end_session(&r.name, grace).await;
         Ok(Response::new(v1::EndScopeResponse {
             terminated: views.iter().map(instance_proto).collect(),
         }))
     }
 
-    async fn end_namespace(&self, req: Request<v1::EndScopeRequest>) -> Result<Response<v1::EndScopeResponse>, Status> {
+    async fn end_namespace(
+        &self,
+        req: Request<v1::EndScopeRequest>,
+    ) -> Result<Response<v1::EndScopeResponse>, Status> {
         let r = req.get_ref();
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Namespace, &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.authorize(&req, Scope::namespace(&r.name))?;
         let r = req.into_inner();
-        let grace = r.grace_ms.map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
+        let grace = r
+            .grace_ms
+            .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
         let views = self.sh.end_namespace(&r.name, grace).await;
         Ok(Response::new(v1::EndScopeResponse {
             terminated: views.iter().map(instance_proto).collect(),

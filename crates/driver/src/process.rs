@@ -245,7 +245,11 @@ fn abandon(pid: u32) {
 /// directory in the child). A bare name is searched in the `PATH` of `env` (relative
 /// entries against `cwd`), falling back to [`DEFAULT_PATH`]; the first regular file with an
 /// execute bit wins.
-pub(crate) fn resolve_program(arg0: &str, env: &[(String, String)], cwd: &Path) -> io::Result<PathBuf> {
+pub(crate) fn resolve_program(
+    arg0: &str,
+    env: &[(String, String)],
+    cwd: &Path,
+) -> io::Result<PathBuf> {
     if arg0.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

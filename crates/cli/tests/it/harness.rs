@@ -188,7 +188,11 @@ impl Daemon {
 
     /// The pid of the state directory's keeper, if one runs.
     pub fn keeper_pid(&self) -> Option<u32> {
-        let pid: u32 = std::fs::read_to_string(self.state.join("keeper.lock")).ok()?.trim().parse().ok()?;
+        let pid: u32 = std::fs::read_to_string(self.state.join("keeper.lock"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         (alive(pid) && String::from_utf8_lossy(&cmdline).contains("keeper")).then_some(pid)
     }

@@ -37,7 +37,10 @@ async fn keeper() -> Keeper {
         if let Ok(c) = KeeperClient::connect(&sock).await {
             break c;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "keeper did not come up");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "keeper did not come up"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     Keeper {

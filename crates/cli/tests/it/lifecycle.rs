@@ -183,7 +183,10 @@ fn a_second_sigterm_kills_everything_at_once() {
     signal(&child);
     // The first SIGTERM waits out the instance's grace (an hour): still running a while later.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(child.try_wait().unwrap().is_none(), "daemon must wait for the grace");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "daemon must wait for the grace"
+    );
     assert!(alive(pid));
     signal(&child);
     let start = Instant::now();
@@ -191,7 +194,10 @@ fn a_second_sigterm_kills_everything_at_once() {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(start.elapsed() < DEADLINE, "daemon did not exit after the second SIGTERM");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "daemon did not exit after the second SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(st.code(), Some(0));

@@ -24,10 +24,17 @@ fn kill_9_of_the_daemon_then_restart_adopts_the_same_processes() {
     let b = d.json(&["launch", "svc", "--namespace", "b", "-o", "json"]);
     let keeper = d.keeper_pid().expect("a keeper runs");
     d.kill9();
-    let (pa, pb) = (a["pid"].as_u64().unwrap() as u32, b["pid"].as_u64().unwrap() as u32);
+    let (pa, pb) = (
+        a["pid"].as_u64().unwrap() as u32,
+        b["pid"].as_u64().unwrap() as u32,
+    );
     assert!(alive(pa) && alive(pb), "instances outlive the daemon");
     d.spawn();
-    assert_eq!(d.keeper_pid(), Some(keeper), "the restarted daemon found the same keeper");
+    assert_eq!(
+        d.keeper_pid(),
+        Some(keeper),
+        "the restarted daemon found the same keeper"
+    );
     let a2 = d.json(&["get", "ns:a:svc", "-o", "json"]);
     assert_eq!(a2["pid"], a["pid"], "adopted, not restarted");
     assert_eq!(a2["state"], "ready");
@@ -36,11 +43,17 @@ fn kill_9_of_the_daemon_then_restart_adopts_the_same_processes() {
     let again = d.json(&["launch", "svc", "--namespace", "b", "-o", "json"]);
     assert_eq!(again["pid"], b["pid"]);
     assert_eq!(again["created"], false);
-    let adopted = d.events().into_iter().filter(|e| e["kind"] == "adopted").count();
+    let adopted = d
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "adopted")
+        .count();
     assert_eq!(adopted, 2);
     // Its logs resume.
     let before = d.cli(&["logs", "ns:a:svc"]).stdout.len();
-    wait_until("new log output after adoption", || d.cli(&["logs", "ns:a:svc"]).stdout.len() > before);
+    wait_until("new log output after adoption", || {
+        d.cli(&["logs", "ns:a:svc"]).stdout.len() > before
+    });
     // And it is still fully supervised: terminate works and leaves nothing behind.
     let t = d.json(&["terminate", "ns:a:svc", "-o", "json"]);
     assert_eq!(t["state"], "terminated");
@@ -68,17 +81,24 @@ fn exit_codes_survive_the_daemon_being_down_and_the_policy_applies() {
     std::fs::write(format!("{}.after", gate.display()), "").unwrap();
     for ns in ["down", "after"] {
         let id = format!("ns:{ns}:job");
-        let e = d.wait_event("exit of an adopted instance", |e| e["instance"] == id.as_str() && e["kind"] == "exited");
+        let e = d.wait_event("exit of an adopted instance", |e| {
+            e["instance"] == id.as_str() && e["kind"] == "exited"
+        });
         assert_eq!(e["exit_code"], 3, "{id}: the real exit code, not a guess");
         // The restart policy applies to it.
-        d.wait_event("restart", |e| e["instance"] == id.as_str() && e["kind"] == "restarting");
+        d.wait_event("restart", |e| {
+            e["instance"] == id.as_str() && e["kind"] == "restarting"
+        });
     }
     let _ = after;
 }
 
 #[test]
 fn instances_die_with_the_keeper() {
-    let d = Daemon::start(&[("svc", "name: svc\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n")]);
+    let d = Daemon::start(&[(
+        "svc",
+        "name: svc\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+    )]);
     let v = d.json(&["launch", "svc", "-o", "json"]);
     let pid = v["pid"].as_u64().unwrap() as u32;
     let keeper = d.keeper_pid().expect("a keeper runs");
@@ -93,10 +113,16 @@ fn instances_die_with_the_keeper() {
 
 #[test]
 fn a_clean_shutdown_stops_the_keeper_too() {
-    let mut d = Daemon::start(&[("svc", "name: svc\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n")]);
+    let mut d = Daemon::start(&[(
+        "svc",
+        "name: svc\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+    )]);
     let v = d.json(&["launch", "svc", "-o", "json"]);
     let keeper = d.keeper_pid().expect("a keeper runs");
     assert_eq!(d.sigterm().code(), Some(0));
     assert!(wait_gone(v["pid"].as_u64().unwrap() as u32));
-    assert!(wait_gone(keeper), "the keeper exits after a clean daemon shutdown");
+    assert!(
+        wait_gone(keeper),
+        "the keeper exits after a clean daemon shutdown"
+    );
 }

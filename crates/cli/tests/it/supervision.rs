@@ -9,7 +9,10 @@ use serde_json::Value;
 use crate::harness::*;
 
 fn of(d: &Daemon, id: &str) -> Vec<Value> {
-    d.events().into_iter().filter(|e| e["instance"] == id).collect()
+    d.events()
+        .into_iter()
+        .filter(|e| e["instance"] == id)
+        .collect()
 }
 
 fn wait_count(d: &Daemon, id: &str, kind: &str, n: usize) -> Vec<Value> {
@@ -19,7 +22,10 @@ fn wait_count(d: &Daemon, id: &str, kind: &str, n: usize) -> Vec<Value> {
         if evs.iter().filter(|e| e["kind"] == kind).count() >= n {
             return evs;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "fewer than {n} {kind} events for {id}: {evs:#?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "fewer than {n} {kind} events for {id}: {evs:#?}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -48,11 +54,17 @@ fn on_failure_restarts_with_exponential_backoff() {
         let delay = e["delay_ms"].as_u64().unwrap();
         let floor = (100.0 * 2f64.powi(attempt - 1) * 0.8) as u64;
         let cap = (100.0 * 2f64.powi(attempt - 1)) as u64;
-        assert!(delay >= floor && delay <= cap, "attempt {attempt}: delay {delay} not in [{floor}, {cap}]");
+        assert!(
+            delay >= floor && delay <= cap,
+            "attempt {attempt}: delay {delay} not in [{floor}, {cap}]"
+        );
         assert_eq!(evs[i - 1]["kind"], "exited");
         assert_eq!(evs[i - 1]["exit_code"], 3);
         if let Some(next) = evs[i + 1..].iter().find(|e| e["kind"] == "started") {
-            assert!(t(next) >= t(&evs[i - 1]) + delay, "restart came before its backoff: {evs:#?}");
+            assert!(
+                t(next) >= t(&evs[i - 1]) + delay,
+                "restart came before its backoff: {evs:#?}"
+            );
         }
     }
     assert!(attempt >= 3, "{evs:#?}");
@@ -71,21 +83,36 @@ fn the_breaker_opens_fails_launches_fast_and_half_opens_after_the_cooldown() {
     )]);
     d.cli(&["launch", "crashy", "--wait", "started"]);
     let evs = wait_count(&d, "ns:default:crashy", "breaker_open", 1);
-    let open = evs.iter().find(|e| e["kind"] == "breaker_open").unwrap().clone();
+    let open = evs
+        .iter()
+        .find(|e| e["kind"] == "breaker_open")
+        .unwrap()
+        .clone();
     assert_eq!(open["failures"], 3);
     assert_eq!(evs.iter().filter(|e| e["kind"] == "crashed").count(), 3);
     // While open: launches fail fast with the reason.
     let o = d.cli(&["launch", "crashy"]);
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
-    assert!(stderr(&o).contains("circuit breaker open after 3"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("circuit breaker open after 3"),
+        "{}",
+        stderr(&o)
+    );
     let v = d.json(&["get", "ns:default:crashy", "-o", "json"]);
     assert_eq!(v["breaker"], "open");
     assert_eq!(v["state"], "restarting");
     // After the cooldown: half-open, one trial, which crashes: open again.
     let evs = wait_count(&d, "ns:default:crashy", "breaker_open", 2);
-    let half = evs.iter().find(|e| e["kind"] == "breaker_half_open").unwrap();
+    let half = evs
+        .iter()
+        .find(|e| e["kind"] == "breaker_half_open")
+        .unwrap();
     assert!(t(half) >= t(&open) + 1000, "half-open before the cooldown");
-    let second_open = evs.iter().filter(|e| e["kind"] == "breaker_open").nth(1).unwrap();
+    let second_open = evs
+        .iter()
+        .filter(|e| e["kind"] == "breaker_open")
+        .nth(1)
+        .unwrap();
     assert!(t(second_open) > t(half));
     // Terminate ends it for good; a new launch starts with a closed breaker.
     let v = d.json(&["terminate", "ns:default:crashy", "-o", "json"]);
@@ -106,7 +133,10 @@ fn a_successful_trial_closes_the_breaker() {
     let evs = wait_count(&d, "ns:default:heals", "breaker_closed", 1);
     let kinds: Vec<&str> = evs.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     let open = kinds.iter().position(|k| *k == "breaker_open").unwrap();
-    let half = kinds.iter().position(|k| *k == "breaker_half_open").unwrap();
+    let half = kinds
+        .iter()
+        .position(|k| *k == "breaker_half_open")
+        .unwrap();
     let closed = kinds.iter().position(|k| *k == "breaker_closed").unwrap();
     assert!(open < half && half < closed, "{kinds:?}");
     let v = d.json(&["launch", "heals", "-o", "json"]);
@@ -125,9 +155,19 @@ fn a_liveness_failure_restarts_the_instance() {
     let first = d.json(&["launch", "zombie", "-o", "json"]);
     let evs = wait_count(&d, "ns:default:zombie", "started", 2);
     let kinds: Vec<&str> = evs.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    let lf = kinds.iter().position(|k| *k == "liveness_failed").expect("liveness_failed");
-    assert_eq!(&kinds[lf..lf + 4], &["liveness_failed", "terminating", "terminated", "restarting"]);
-    assert!(evs[lf]["reason"].as_str().unwrap().contains("tcp"), "{:?}", evs[lf]);
+    let lf = kinds
+        .iter()
+        .position(|k| *k == "liveness_failed")
+        .expect("liveness_failed");
+    assert_eq!(
+        &kinds[lf..lf + 4],
+        &["liveness_failed", "terminating", "terminated", "restarting"]
+    );
+    assert!(
+        evs[lf]["reason"].as_str().unwrap().contains("tcp"),
+        "{:?}",
+        evs[lf]
+    );
     let old_pid = first["pid"].as_u64().unwrap() as u32;
     assert!(wait_gone(old_pid), "the failed process was stopped");
 }
@@ -175,7 +215,10 @@ fn leases_hold_an_instance_and_idle_timeout_ends_it() {
     assert_eq!(r["leases"], serde_json::json!(["bob"]));
     // Still held by bob: no idle clock runs.
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(d.json(&["get", "ns:default:leased", "-o", "json"])["state"], "ready");
+    assert_eq!(
+        d.json(&["get", "ns:default:leased", "-o", "json"])["state"],
+        "ready"
+    );
     // Unknown holder: not found.
     let o = d.cli(&["release", "ns:default:leased", "carol"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
@@ -183,15 +226,27 @@ fn leases_hold_an_instance_and_idle_timeout_ends_it() {
     d.json(&["release", "ns:default:leased", "bob", "-o", "json"]);
     let evs = wait_count(&d, "ns:default:leased", "terminated", 1);
     let term = evs.iter().find(|e| e["kind"] == "terminating").unwrap();
-    assert!(t(term) >= released_at + 300, "idle timeout ran from the last release");
+    assert!(
+        t(term) >= released_at + 300,
+        "idle timeout ran from the last release"
+    );
 }
 
 #[test]
 fn end_session_and_end_namespace_terminate_their_scope() {
     let d = Daemon::start(&[
-        ("a", "name: a\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n"),
-        ("b", "name: b\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n"),
-        ("n", "name: n\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: namespace\n"),
+        (
+            "a",
+            "name: a\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n",
+        ),
+        (
+            "b",
+            "name: b\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n",
+        ),
+        (
+            "n",
+            "name: n\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: namespace\n",
+        ),
     ]);
     let mut pids = Vec::new();
     for (w, s) in [("a", "s1"), ("b", "s1"), ("a", "s2")] {
@@ -199,15 +254,26 @@ fn end_session_and_end_namespace_terminate_their_scope() {
         pids.push(v["pid"].as_u64().unwrap() as u32);
     }
     let gone = d.json(&["end-session", "s1", "-o", "json"]);
-    let ids: Vec<&str> = gone.as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = gone
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["session:s1:a", "session:s1:b"]);
     assert!(!alive(pids[0]) && !alive(pids[1]));
-    assert_eq!(d.json(&["get", "session:s2:a", "-o", "json"])["state"], "ready");
+    assert_eq!(
+        d.json(&["get", "session:s2:a", "-o", "json"])["state"],
+        "ready"
+    );
     d.json(&["launch", "n", "--namespace", "t1", "-o", "json"]);
     d.json(&["launch", "n", "--namespace", "t2", "-o", "json"]);
     let gone = d.json(&["end-namespace", "t1", "-o", "json"]);
     assert_eq!(gone.as_array().unwrap().len(), 1);
-    assert_eq!(d.json(&["get", "ns:t1:n", "-o", "json"])["state"], "terminated");
+    assert_eq!(
+        d.json(&["get", "ns:t1:n", "-o", "json"])["state"],
+        "terminated"
+    );
     assert_eq!(d.json(&["get", "ns:t2:n", "-o", "json"])["state"], "ready");
     let o = d.cli(&["end-session", "../x"]);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));

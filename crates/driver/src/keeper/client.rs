@@ -53,8 +53,9 @@ impl KeeperClient {
         super::grow_buffers(&fd);
         // SAFETY: the AsyncFd owns the descriptor; it is closed only when the AsyncFd
         // drops, which deregisters it first.
-        let sock = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let sock =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+                .map_err(|e| e.into_parts().1)?;
         let client = Arc::new(KeeperClient {
             sock,
             send_lock: tokio::sync::Mutex::new(()),
@@ -122,18 +123,29 @@ impl KeeperClient {
         };
         if let Err(e) = self.send(&msg).await {
             self.state().pending.remove(&req);
-            return Err(lost(io::Error::other(format!("cannot reach the keeper: {e}"))));
+            return Err(lost(io::Error::other(format!(
+                "cannot reach the keeper: {e}"
+            ))));
         }
         match rx.await {
-            Ok((Reply::Spawned { pid, start_time, .. }, fds)) => {
+            Ok((
+                Reply::Spawned {
+                    pid, start_time, ..
+                },
+                fds,
+            )) => {
                 let mut fds = fds.into_iter();
                 match (fds.next(), fds.next(), fds.next()) {
                     (Some(pidfd), Some(out), Some(err)) => Ok((pid, start_time, pidfd, out, err)),
-                    _ => Err(SpawnError::Other(format!("the keeper sent no descriptors for pid {pid}"))),
+                    _ => Err(SpawnError::Other(format!(
+                        "the keeper sent no descriptors for pid {pid}"
+                    ))),
                 }
             }
             Ok((Reply::SpawnFailed { error, .. }, _)) => Err(SpawnError::Other(error)),
-            Ok((other, _)) => Err(SpawnError::Other(format!("unexpected keeper reply {other:?}"))),
+            Ok((other, _)) => Err(SpawnError::Other(format!(
+                "unexpected keeper reply {other:?}"
+            ))),
             Err(_) => Err(lost(io::Error::other("the keeper went away"))),
         }
     }
@@ -217,7 +229,9 @@ fn dispatch(c: &KeeperClient, reply: Reply, fds: Vec<OwnedFd>) {
         Reply::Spawned { req, pid, .. } => {
             // Registered before the spawner sees the pid, so an exit that follows at once
             // is not lost.
-            st.exits.entry(*pid).or_insert_with(|| watch::Sender::new(None));
+            st.exits
+                .entry(*pid)
+                .or_insert_with(|| watch::Sender::new(None));
             if let Some(tx) = st.pending.remove(req) {
                 let _ = tx.send((reply, fds));
             }
@@ -228,11 +242,17 @@ fn dispatch(c: &KeeperClient, reply: Reply, fds: Vec<OwnedFd>) {
             }
         }
         Reply::Exited { pid, status } => {
-            let tx = st.exits.entry(*pid).or_insert_with(|| watch::Sender::new(None));
+            let tx = st
+                .exits
+                .entry(*pid)
+                .or_insert_with(|| watch::Sender::new(None));
             tx.send_replace(Some(*status));
         }
         Reply::Instance { req, pid, exit, .. } => {
-            let tx = st.exits.entry(*pid).or_insert_with(|| watch::Sender::new(None));
+            let tx = st
+                .exits
+                .entry(*pid)
+                .or_insert_with(|| watch::Sender::new(None));
             if let Some(s) = exit {
                 tx.send_replace(Some(*s));
             }
@@ -279,7 +299,14 @@ impl KeeperDriver {
         &self.client
     }
 
-    fn spawned(&self, instance: String, pid: u32, pidfd: OwnedFd, stdout: Option<OwnedFd>, stderr: Option<OwnedFd>) -> Spawned {
+    fn spawned(
+        &self,
+        instance: String,
+        pid: u32,
+        pidfd: OwnedFd,
+        stdout: Option<OwnedFd>,
+        stderr: Option<OwnedFd>,
+    ) -> Spawned {
         let mut exit = self.client.exit_watch(pid);
         let ack = self.client.clone();
         let handle = crate::process::foreign_handle(
@@ -296,7 +323,11 @@ impl KeeperDriver {
                 tokio::spawn(async move { ack.ack(pid).await });
             },
         );
-        Spawned { handle, stdout, stderr }
+        Spawned {
+            handle,
+            stdout,
+            stderr,
+        }
     }
 
     /// Every instance the keeper holds, ready to be put back under supervision.
@@ -354,10 +385,17 @@ impl Driver for KeeperDriver {
             env: spec.env.clone(),
             cwd: spec.cwd.clone(),
         };
-        let record = serde_json::to_string(&record).map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
+        let record = serde_json::to_string(&record)
+            .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
         let (pid, _start, pidfd, out, err) = self
             .client
-            .spawn(spec.instance.as_str(), record, spec.argv, spec.env, spec.cwd)
+            .spawn(
+                spec.instance.as_str(),
+                record,
+                spec.argv,
+                spec.env,
+                spec.cwd,
+            )
             .await?;
         Ok(self.spawned(spec.instance.to_string(), pid, pidfd, Some(out), Some(err)))
     }

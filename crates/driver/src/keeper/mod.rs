@@ -28,7 +28,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
 use bulkhead_core::event::ExitStatus;
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 use serde::{Deserialize, Serialize};
 
 pub mod client;
@@ -65,10 +68,20 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Reply {
-    Spawned { req: u64, pid: u32, start_time: u64 },
-    SpawnFailed { req: u64, error: String },
+    Spawned {
+        req: u64,
+        pid: u32,
+        start_time: u64,
+    },
+    SpawnFailed {
+        req: u64,
+        error: String,
+    },
     /// The keeper reaped an instance's main process.
-    Exited { pid: u32, status: ExitStatus },
+    Exited {
+        pid: u32,
+        status: ExitStatus,
+    },
     /// One held instance (fds: pidfd, stdout, stderr).
     Instance {
         req: u64,
@@ -78,7 +91,9 @@ pub enum Reply {
         start_time: u64,
         exit: Option<ExitStatus>,
     },
-    ListEnd { req: u64 },
+    ListEnd {
+        req: u64,
+    },
 }
 
 /// Sends one message with `fds` attached. The socket may be non-blocking: `WouldBlock`
@@ -86,14 +101,24 @@ pub enum Reply {
 pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     let data = serde_json::to_vec(msg).map_err(io::Error::other)?;
     if data.len() > MAX_MESSAGE {
-        return Err(io::Error::other(format!("keeper message of {} bytes is too large", data.len())));
+        return Err(io::Error::other(format!(
+            "keeper message of {} bytes is too large",
+            data.len()
+        )));
     }
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other("too many file descriptors for one keeper message"));
+        return Err(io::Error::other(
+            "too many file descriptors for one keeper message",
+        ));
     }
-    let n = rustix::net::sendmsg(sock, &[IoSlice::new(&data)], &mut control, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?;
+    let n = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(&data)],
+        &mut control,
+        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+    )?;
     if n != data.len() {
         return Err(io::Error::other("short write on the keeper socket"));
     }
@@ -101,11 +126,19 @@ pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>])
 }
 
 /// Receives one message and its fds. `Ok(None)` at end of stream.
-pub fn recv<T: for<'de> Deserialize<'de>>(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC)?;
+    let msg = rustix::net::recvmsg(
+        sock,
+        &mut iov,
+        &mut control,
+        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+    )?;
     let mut fds = Vec::new();
     for c in control.drain() {
         if let RecvAncillaryMessage::ScmRights(rights) = c {
@@ -118,7 +151,8 @@ pub fn recv<T: for<'de> Deserialize<'de>>(sock: BorrowedFd<'_>, buf: &mut [u8]) 
     if msg.flags.contains(rustix::net::ReturnFlags::TRUNC) {
         return Err(io::Error::other("keeper message truncated"));
     }
-    let value = serde_json::from_slice(&buf[..msg.bytes]).map_err(|e| io::Error::other(format!("bad keeper message: {e}")))?;
+    let value = serde_json::from_slice(&buf[..msg.bytes])
+        .map_err(|e| io::Error::other(format!("bad keeper message: {e}")))?;
     Ok(Some((value, fds)))
 }
 

@@ -72,7 +72,10 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
         .truncate(false)
         .write(true)
         .open(&lock_file)
-        .map_err(|source| KeeperError::Lock { path: lock_file.clone(), source })?;
+        .map_err(|source| KeeperError::Lock {
+            path: lock_file.clone(),
+            source,
+        })?;
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         // Another keeper serves this state directory.
         return Ok(());
@@ -84,12 +87,16 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
     let sigfd = sigchld_fd().map_err(sys_err("cannot watch SIGCHLD"))?;
 
     let path = socket_path(state_dir);
-    let listen_err = |source| KeeperError::Listen { path: path.clone(), source };
+    let listen_err = |source| KeeperError::Listen {
+        path: path.clone(),
+        source,
+    };
     let _ = std::fs::remove_file(&path);
     let listener = super::seqpacket(true).map_err(listen_err)?;
     let addr = rustix::net::SocketAddrUnix::new(&path).map_err(|e| listen_err(e.into()))?;
     rustix::net::bind(&listener, &addr).map_err(|e| listen_err(e.into()))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(listen_err)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(listen_err)?;
     rustix::net::listen(&listener, 16).map_err(|e| listen_err(e.into()))?;
 
     let mut k = Keeper {
@@ -114,7 +121,12 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
             match rustix::event::poll(&mut fds, None) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(KeeperError::Sys { what: "poll", source: e.into() }),
+                Err(e) => {
+                    return Err(KeeperError::Sys {
+                        what: "poll",
+                        source: e.into(),
+                    })
+                }
             }
             (
                 !fds[0].revents().is_empty(),
@@ -127,7 +139,10 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
             k.reap();
         }
         if listen_ready {
-            if let Ok(c) = rustix::net::accept_with(&listener, rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK) {
+            if let Ok(c) = rustix::net::accept_with(
+                &listener,
+                rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+            ) {
                 super::grow_buffers(&c);
                 // A new daemon replaces the old connection.
                 k.client = Some(c);
@@ -182,7 +197,11 @@ impl Keeper {
             } => match spawn(&argv, &env, &cwd) {
                 Ok((pid, pidfd, stdout, stderr)) => {
                     let start_time = sys::read_stat(pid).map(|s| s.starttime).unwrap_or(0);
-                    let reply = Reply::Spawned { req, pid, start_time };
+                    let reply = Reply::Spawned {
+                        req,
+                        pid,
+                        start_time,
+                    };
                     {
                         let fds = [pidfd.as_fd(), stdout.as_fd(), stderr.as_fd()];
                         let Some(c) = &self.client else { return };
@@ -205,7 +224,12 @@ impl Keeper {
                     );
                 }
                 Err(e) => {
-                    let error = format!("cannot start {}: {e}", argv.first().map(String::as_str).unwrap_or("(empty command)"));
+                    let error = format!(
+                        "cannot start {}: {e}",
+                        argv.first()
+                            .map(String::as_str)
+                            .unwrap_or("(empty command)")
+                    );
                     self.reply(&Reply::SpawnFailed { req, error }, &[]);
                 }
             },
@@ -222,7 +246,9 @@ impl Keeper {
             Request::List { req } => {
                 let pids: Vec<u32> = self.held.keys().copied().collect();
                 for pid in pids {
-                    let Some(h) = self.held.get(&pid) else { continue };
+                    let Some(h) = self.held.get(&pid) else {
+                        continue;
+                    };
                     let msg = Reply::Instance {
                         req,
                         instance: h.instance.clone(),
@@ -267,8 +293,14 @@ impl Keeper {
 
 /// Starts one instance: own process group, parent-death signal, pipes for its output.
 /// Returns the pid, a pidfd opened before the keeper can reap it, and the pipe read ends.
-fn spawn(argv: &[String], env: &[(String, String)], cwd: &Path) -> io::Result<(u32, OwnedFd, OwnedFd, OwnedFd)> {
-    let (program, args) = argv.split_first().ok_or_else(|| io::Error::other("empty command"))?;
+fn spawn(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: &Path,
+) -> io::Result<(u32, OwnedFd, OwnedFd, OwnedFd)> {
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| io::Error::other("empty command"))?;
     let program = crate::process::resolve_program(program, env, cwd)?;
     let keeper = rustix::process::getpid();
     let mut cmd = Command::new(&program);
@@ -300,8 +332,16 @@ fn spawn(argv: &[String], env: &[(String, String)], cwd: &Path) -> io::Result<(u
     // The keeper reaps only in its SIGCHLD step of the same loop, after this returns: the
     // child's pid cannot be reused before the pidfd is open.
     let pidfd = sys::pidfd_open(pid)?;
-    let stdout = child.stdout.take().map(OwnedFd::from).ok_or_else(|| io::Error::other("no stdout pipe"))?;
-    let stderr = child.stderr.take().map(OwnedFd::from).ok_or_else(|| io::Error::other("no stderr pipe"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .map(OwnedFd::from)
+        .ok_or_else(|| io::Error::other("no stdout pipe"))?;
+    let stderr = child
+        .stderr
+        .take()
+        .map(OwnedFd::from)
+        .ok_or_else(|| io::Error::other("no stderr pipe"))?;
     Ok((pid, pidfd, stdout, stderr))
 }
 
