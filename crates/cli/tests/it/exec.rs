@@ -321,9 +321,12 @@ fn orphans_of_exec_commands_are_reaped_by_the_daemon() {
     d.json(&["launch", "sleeper", "-o", "json"]);
     let pidfile = d.dir.path().join("orphan.pid");
     // Its output goes elsewhere, or the exec would wait for it (up to its drain limit).
+    // The orphan records its own pid once it has left the command's process group
+    // (`$!` would name `setsid`, which forks when it leads its group), and the command
+    // waits for that: when it exits, what is left in its group is killed.
     let script = format!(
-        "setsid sleep 1 </dev/null >/dev/null 2>&1 & echo $! > {}",
-        pidfile.display()
+        "setsid sh -c 'echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 1' </dev/null >/dev/null 2>&1 & while [ ! -s {p} ]; do sleep 0.01; done",
+        p = pidfile.display()
     );
     let out = d.cli(&["exec", "ns:default:sleeper", "--", "sh", "-c", &script]);
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
