@@ -52,7 +52,7 @@ use bulkhead_core::key::{self, InstanceId, Isolation, Key, DEFAULT_NAMESPACE};
 use bulkhead_core::name::{self, NameKind};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::codegen::http;
 use tonic::{Code, Request, Status};
 
@@ -854,45 +854,24 @@ impl AuditEntry {
     }
 }
 
-enum AuditMsg {
-    Line(String),
-    Flush(oneshot::Sender<()>),
-}
-
-/// The audit log: `<state>/audit.log`, one JSON object per line, appended by one writer
-/// thread and rotated like the instance logs (to `audit.log.1`).
+/// The audit log: `<state>/audit.log`, one JSON object per line, rotated like the
+/// instance logs (to `audit.log.1`).
 ///
-/// Lines are queued (bounded, 4,096) by the request's task once its response is known and
-/// written in queue order, so the file's order is the order in which requests were
-/// answered (not the order they arrived; `time_ms` is the answer's time). A full queue
-/// makes requests wait: an entry is never dropped. A line may reach the file just after
-/// the client got its answer; [`AuditLog::flush`] waits for everything queued, and the
-/// daemon flushes at shutdown. A write error is logged with the line (tracing, error).
+/// Each line is appended by the request's task once its response is known and before it
+/// is sent, so the file's order is the order in which requests were answered (not the
+/// order they arrived; `time_ms` is the answer's time), and a client never gets an answer
+/// whose line is not in the file. A write error is logged with the line (tracing, error).
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<AuditMsg>,
     file: Arc<LogFile>,
 }
 
 impl AuditLog {
-    /// Starts the writer thread for `<dir>/audit.log`.
+    /// The audit log in `<dir>/audit.log`.
     pub fn start(dir: &Path, max_bytes: u64) -> std::io::Result<AuditLog> {
-        let file = Arc::new(LogFile::new(dir, "audit", max_bytes));
-        let (tx, mut rx) = mpsc::channel::<AuditMsg>(4096);
-        let writer = file.clone();
-        std::thread::Builder::new()
-            .name("bulkhead-audit".into())
-            .spawn(move || {
-                while let Some(msg) = rx.blocking_recv() {
-                    match msg {
-                        AuditMsg::Line(line) => write_line(&writer, &line),
-                        AuditMsg::Flush(ack) => {
-                            let _ = ack.send(());
-                        }
-                    }
-                }
-            })?;
-        Ok(AuditLog { tx, file })
+        Ok(AuditLog {
+            file: Arc::new(LogFile::new(dir, "audit", max_bytes)),
+        })
     }
 
     /// The file written to.
@@ -900,23 +879,14 @@ impl AuditLog {
         self.file.path()
     }
 
-    /// Queues an entry (waits while the queue is full).
+    /// Appends an entry before the response goes out.
+    ///
+    /// Written inline, under the file's lock, like the instance logs: one small append to
+    /// the page cache costs a few microseconds, while handing the line to the writer
+    /// thread cost about 0.1 ms per request on the reference machine (a thread wake-up on
+    /// every launch, measured with the launch benchmark's reuse figure).
     pub async fn record(&self, entry: AuditEntry) {
-        let line = entry.to_json();
-        if let Err(mpsc::error::SendError(AuditMsg::Line(line))) =
-            self.tx.send(AuditMsg::Line(line)).await
-        {
-            // The writer is gone (cannot happen while a sender exists): write it here.
-            write_line(&self.file, &line);
-        }
-    }
-
-    /// Waits until every entry queued before this call is written.
-    pub async fn flush(&self) {
-        let (ack, done) = oneshot::channel();
-        if self.tx.send(AuditMsg::Flush(ack)).await.is_ok() {
-            let _ = done.await;
-        }
+        write_line(&self.file, &entry.to_json());
     }
 }
 
@@ -1317,7 +1287,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn audit_lines_are_json_and_flushed() {
+    async fn audit_lines_are_json_and_written_before_the_answer() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::start(dir.path(), 4096).unwrap();
         for i in 0..3 {
@@ -1337,7 +1307,6 @@ mod tests {
             })
             .await;
         }
-        log.flush().await;
         let text = std::fs::read_to_string(log.path()).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()

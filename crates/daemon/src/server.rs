@@ -129,9 +129,8 @@ pub struct Daemon {
     _lock: File,
     /// The orphan reaper, when `Config::reap_orphans`; stops when the daemon is dropped.
     _reaper: Option<bulkhead_driver::reaper::ReaperTask>,
-    /// The TCP API server (`Config::tcp`) and the audit log of both servers.
+    /// The TCP API server (`Config::tcp`).
     tcp: Option<crate::auth::TcpServer>,
-    audit: crate::auth::AuditLog,
 }
 
 impl Daemon {
@@ -251,7 +250,7 @@ impl Daemon {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let svc = Service { sh: shared.clone() };
         let unix_audit = audit.clone();
-        let tcp = tcp.map(|t| crate::auth::TcpServer::start(t, shared.clone(), audit.clone()));
+        let tcp = tcp.map(|t| crate::auth::TcpServer::start(t, shared.clone(), audit));
         let server = tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .layer(crate::auth::AuthLayer::unix(unix_audit))
@@ -273,7 +272,6 @@ impl Daemon {
             _lock: lock,
             _reaper: reaper,
             tcp,
-            audit,
         })
     }
 
@@ -319,8 +317,6 @@ impl Daemon {
         if let Some(tcp) = self.tcp.take() {
             tcp.stop().await;
         }
-        // Both servers are stopped: every audit entry is queued; write them out.
-        self.audit.flush().await;
         // Commit whatever events are still queued and stop the writer thread.
         let sh = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || sh.events.close()).await;
