@@ -37,8 +37,8 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Memory => "in-memory log (baseline)",
-            Kind::Full => "SQLite, WAL, synchronous=FULL (default)",
-            Kind::Normal => "SQLite, WAL, synchronous=NORMAL",
+            Kind::Full => "SQLite, WAL, synchronous=FULL",
+            Kind::Normal => "SQLite, WAL, synchronous=NORMAL (default)",
         }
     }
 
@@ -211,8 +211,8 @@ fn launches(dir: &Path, iterations: usize) -> anyhow::Result<[Samples; 3]> {
         let mut on_c = bulkhead_api::connect(&sockets[0]).await?;
         let mut normal_c = bulkhead_api::connect(&sockets[1]).await?;
         let mut off_c = bulkhead_api::connect(&sockets[2]).await?;
-        let mut on = Samples::new("durable events (SQLite, synchronous=FULL, the default)");
-        let mut normal = Samples::new("durable events (SQLite, synchronous=NORMAL)");
+        let mut on = Samples::new("durable events (SQLite, synchronous=FULL)");
+        let mut normal = Samples::new("durable events (SQLite, synchronous=NORMAL, the default)");
         let mut off = Samples::new("in-memory events");
         for i in 0..iterations + 5 {
             for (c, s) in [
