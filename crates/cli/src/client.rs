@@ -95,6 +95,16 @@ fn check_id(id: &str) -> anyhow::Result<()> {
         .map_err(|e| fail(exit::INVALID, e.to_string()))
 }
 
+fn print_instance(inst: &v1::Instance, format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Json => print_json(&output::instance_json(inst)),
+        Format::Text => {
+            println!("{}", output::instance_line(inst));
+            Ok(())
+        }
+    }
+}
+
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v)?;
@@ -152,13 +162,7 @@ pub async fn get(socket: &Path, a: cli::GetArgs) -> anyhow::Result<()> {
         .await
         .map_err(from_status)?
         .into_inner();
-    match a.output {
-        Format::Json => print_json(&output::instance_json(&inst)),
-        Format::Text => {
-            println!("{}", output::instance_line(&inst));
-            Ok(())
-        }
-    }
+    print_instance(&inst, a.output)
 }
 
 pub async fn list(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
@@ -196,13 +200,7 @@ pub async fn terminate(socket: &Path, a: cli::TerminateArgs) -> anyhow::Result<(
         .await
         .map_err(from_status)?
         .into_inner();
-    match a.output {
-        Format::Json => print_json(&output::instance_json(&inst)),
-        Format::Text => {
-            println!("{}", output::instance_line(&inst));
-            Ok(())
-        }
-    }
+    print_instance(&inst, a.output)
 }
 
 pub async fn events(socket: &Path, a: cli::EventsArgs) -> anyhow::Result<()> {
@@ -365,13 +363,7 @@ pub async fn release(socket: &Path, a: cli::ReleaseArgs) -> anyhow::Result<()> {
         .await
         .map_err(from_status)?
         .into_inner();
-    match a.output {
-        Format::Json => print_json(&output::instance_json(&inst)),
-        Format::Text => {
-            println!("{}", output::instance_line(&inst));
-            Ok(())
-        }
-    }
+    print_instance(&inst, a.output)
 }
 
 pub async fn end_scope(socket: &Path, a: cli::EndScopeArgs, session: bool) -> anyhow::Result<()> {

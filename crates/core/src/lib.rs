@@ -33,3 +33,4 @@ pub mod name;
 pub mod restart;
 pub mod signal;
 pub mod spec;
+pub mod time;

@@ -582,29 +582,12 @@ impl WorkloadSpec {
             if r.timeout.is_zero() {
                 return fail("readiness.timeout", "must be greater than zero".into());
             }
-            if let Some(h) = &r.http {
-                if !h.path.starts_with('/') {
-                    return fail("readiness.http.path", "must start with '/'".into());
-                }
-                if h.path.chars().any(|c| c.is_control() || c == ' ') {
-                    return fail(
-                        "readiness.http.path",
-                        "must not contain spaces or control characters".into(),
-                    );
-                }
-                check_port("readiness.http.port", h.port)?;
-                check_timing("readiness.http", &h.timing())?;
-            }
-            if let Some(t) = &r.tcp {
-                check_port("readiness.tcp.port", t.port)?;
-                check_timing("readiness.tcp", &t.timing())?;
-            }
-            if let Some(e) = &r.exec {
-                if e.command.first().is_none_or(|p| p.is_empty()) {
-                    return fail("readiness.exec.command", "must name a program".into());
-                }
-                check_timing("readiness.exec", &e.timing)?;
-            }
+            check_probes(
+                "readiness",
+                r.http.as_ref(),
+                r.tcp.as_ref(),
+                r.exec.as_ref(),
+            )?;
         }
         if let Some(l) = &self.liveness {
             if l.http.is_none() && l.tcp.is_none() && l.exec.is_none() {
@@ -613,23 +596,7 @@ impl WorkloadSpec {
                     "names no probe: set an http, tcp or exec probe".into(),
                 );
             }
-            if let Some(h) = &l.http {
-                if !h.path.starts_with('/') {
-                    return fail("liveness.http.path", "must start with '/'".into());
-                }
-                check_port("liveness.http.port", h.port)?;
-                check_timing("liveness.http", &h.timing())?;
-            }
-            if let Some(t) = &l.tcp {
-                check_port("liveness.tcp.port", t.port)?;
-                check_timing("liveness.tcp", &t.timing())?;
-            }
-            if let Some(e) = &l.exec {
-                if e.command.first().is_none_or(|p| p.is_empty()) {
-                    return fail("liveness.exec.command", "must name a program".into());
-                }
-                check_timing("liveness.exec", &e.timing)?;
-            }
+            check_probes("liveness", l.http.as_ref(), l.tcp.as_ref(), l.exec.as_ref())?;
         }
         if self.idle_timeout == Some(Duration::ZERO) {
             return fail(
@@ -661,6 +628,37 @@ impl WorkloadSpec {
         }
         Ok(())
     }
+}
+
+/// Checks the probes of a `readiness` or `liveness` section (`section` is its name).
+fn check_probes(
+    section: &str,
+    http: Option<&HttpProbe>,
+    tcp: Option<&TcpProbe>,
+    exec: Option<&ExecProbe>,
+) -> Result<(), (String, String)> {
+    let fail = |field: &str, reason: &str| Err((format!("{section}.{field}"), reason.to_owned()));
+    if let Some(h) = http {
+        if !h.path.starts_with('/') {
+            return fail("http.path", "must start with '/'");
+        }
+        if h.path.chars().any(|c| c.is_control() || c == ' ') {
+            return fail("http.path", "must not contain spaces or control characters");
+        }
+        check_port(&format!("{section}.http.port"), h.port)?;
+        check_timing(&format!("{section}.http"), &h.timing())?;
+    }
+    if let Some(t) = tcp {
+        check_port(&format!("{section}.tcp.port"), t.port)?;
+        check_timing(&format!("{section}.tcp"), &t.timing())?;
+    }
+    if let Some(e) = exec {
+        if e.command.first().is_none_or(|p| p.is_empty()) {
+            return fail("exec.command", "must name a program");
+        }
+        check_timing(&format!("{section}.exec"), &e.timing)?;
+    }
+    Ok(())
 }
 
 fn check_port(field: &str, port: Option<u16>) -> Result<(), (String, String)> {

@@ -560,24 +560,68 @@ pub async fn read_all(fd: std::os::fd::OwnedFd) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// What a conformance test runs against: a driver, or a guard that owns one (and whatever
+/// it needs, such as a keeper process).
+pub trait DriverUnderTest {
+    fn driver(&self) -> &dyn Driver;
+}
+
+impl<T: Driver> DriverUnderTest for T {
+    fn driver(&self) -> &dyn Driver {
+        self
+    }
+}
+
+/// Calls `$m!(<args> ; <every check name>)`, so the list of checks lives in one place.
+#[macro_export]
+macro_rules! for_each_conformance_check {
+    ($m:path $(, $arg:tt)*) => {
+        $m!(
+            $($arg)* ;
+            exit_code_fidelity,
+            signal_fidelity,
+            crash_detection,
+            stop_graceful,
+            stop_escalates_after_grace,
+            grandchildren_die_with_group,
+            wait_is_shared,
+            signal_after_exit_is_ok,
+            spawn_error_is_reported,
+            stdout_is_captured,
+        );
+    };
+}
+
+/// Declares one `#[tokio::test]` per conformance check, each running against what the async
+/// function `$make` returns (a [`DriverUnderTest`]), so that a failure names its check.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:ident) => {
+        $crate::for_each_conformance_check!($crate::__conformance_test_fns, $make);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_test_fns {
+    ($make:ident ; $($check:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $check() {
+            use $crate::conformance::DriverUnderTest as _;
+            let held = $make().await;
+            let fixture = $crate::conformance::Fixture::temp();
+            $crate::conformance::$check(held.driver(), &fixture).await;
+        }
+    )*};
+}
+
 /// Runs every check in sequence, printing each name.
 pub async fn run_all(driver: &dyn Driver, fx: &Fixture) {
     macro_rules! run {
-        ($($check:ident),* $(,)?) => {$(
+        (; $($check:ident),* $(,)?) => {$(
             eprintln!("conformance: {}", stringify!($check));
             $check(driver, fx).await;
         )*};
     }
-    run!(
-        exit_code_fidelity,
-        signal_fidelity,
-        crash_detection,
-        stop_graceful,
-        stop_escalates_after_grace,
-        grandchildren_die_with_group,
-        wait_is_shared,
-        signal_after_exit_is_ok,
-        spawn_error_is_reported,
-        stdout_is_captured,
-    );
+    crate::for_each_conformance_check!(run);
 }

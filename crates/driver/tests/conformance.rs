@@ -10,29 +10,16 @@ use bulkhead_driver::conformance::{self, read_all, start, wait_for_file, within,
 use bulkhead_driver::process::ProcessDriver;
 use bulkhead_driver::{sys, Driver, SpawnError};
 
-macro_rules! conformance_tests {
-    ($($check:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread")]
-        async fn $check() {
-            let fixture = Fixture::temp();
-            conformance::$check(&ProcessDriver::new(), &fixture).await;
-        }
-    )*};
+async fn process_driver() -> ProcessDriver {
+    ProcessDriver::new()
 }
 
-conformance_tests!(
-    exit_code_fidelity,
-    signal_fidelity,
-    crash_detection,
-    stop_graceful,
-    stop_escalates_after_grace,
-    grandchildren_die_with_group,
-    wait_is_shared,
-    signal_after_exit_is_ok,
-    spawn_error_is_reported,
-    stdout_is_captured,
-    run_all,
-);
+bulkhead_driver::conformance_tests!(process_driver);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_all() {
+    conformance::run_all(&ProcessDriver::new(), &Fixture::temp()).await;
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kind_is_process() {

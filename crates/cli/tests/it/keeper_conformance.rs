@@ -5,7 +5,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bulkhead_driver::conformance::{self, Fixture};
 use bulkhead_driver::keeper::client::{KeeperClient, KeeperDriver};
 
 use crate::harness::BIN;
@@ -14,6 +13,12 @@ struct Keeper {
     child: Child,
     _dir: tempfile::TempDir,
     driver: KeeperDriver,
+}
+
+impl bulkhead_driver::conformance::DriverUnderTest for Keeper {
+    fn driver(&self) -> &dyn bulkhead_driver::Driver {
+        &self.driver
+    }
 }
 
 impl Drop for Keeper {
@@ -50,26 +55,4 @@ async fn keeper() -> Keeper {
     }
 }
 
-macro_rules! keeper_conformance {
-    ($($check:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread")]
-        async fn $check() {
-            let k = keeper().await;
-            let fixture = Fixture::temp();
-            conformance::$check(&k.driver, &fixture).await;
-        }
-    )*};
-}
-
-keeper_conformance!(
-    exit_code_fidelity,
-    signal_fidelity,
-    crash_detection,
-    stop_graceful,
-    stop_escalates_after_grace,
-    grandchildren_die_with_group,
-    wait_is_shared,
-    signal_after_exit_is_ok,
-    spawn_error_is_reported,
-    stdout_is_captured,
-);
+bulkhead_driver::conformance_tests!(keeper);
