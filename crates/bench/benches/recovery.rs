@@ -16,7 +16,11 @@ use bulkhead_api::v1;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned());
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
     match args.get(1).map(String::as_str) {
         Some("keeper") => {
             let state = flag("--state").ok_or_else(|| anyhow::anyhow!("keeper: --state"))?;
@@ -31,7 +35,10 @@ fn main() -> anyhow::Result<()> {
         },
         _ => {}
     }
-    let n: usize = flag("--instances").map(|s| s.parse()).transpose()?.unwrap_or(1000);
+    let n: usize = flag("--instances")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1000);
     let write = flag("--write").map(PathBuf::from);
     let exe = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
@@ -39,7 +46,10 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(wl.join("idle"))?;
     std::fs::write(
         wl.join("idle").join("manifest.yaml"),
-        format!("name: idle\ncommand: [{}, idle-child]\nisolation: session\nshutdown: {{grace: 2s}}\n", exe.display()),
+        format!(
+            "name: idle\ncommand: [{}, idle-child]\nisolation: session\nshutdown: {{grace: 2s}}\n",
+            exe.display()
+        ),
     )?;
     let config = || {
         let mut c = bulkhead_daemon::Config::new(wl.clone(), Some(dir.path().join("state")), None);
@@ -49,7 +59,10 @@ fn main() -> anyhow::Result<()> {
     let socket = config().socket;
 
     // 1. Launch N instances through the first daemon.
-    let rt1 = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt1 = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let daemon1 = rt1.block_on(bulkhead_daemon::Daemon::start(config()))?;
     eprintln!("launching {n} instances");
     let launch_time = rt1.block_on(async {
@@ -85,14 +98,22 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(200));
 
     // 3. A new daemon adopts them all.
-    let rt2 = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt2 = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     eprintln!("restarting the daemon");
     let t = Instant::now();
     let daemon2 = rt2.block_on(bulkhead_daemon::Daemon::start(config()))?;
     let recovery = t.elapsed();
     let live = rt2.block_on(async {
         let mut c = bulkhead_api::connect(&socket).await?;
-        Ok::<_, anyhow::Error>(c.health(v1::HealthRequest {}).await?.into_inner().instances_live)
+        Ok::<_, anyhow::Error>(
+            c.health(v1::HealthRequest {})
+                .await?
+                .into_inner()
+                .instances_live,
+        )
     })?;
     rt2.block_on(daemon2.shutdown());
     anyhow::ensure!(live as usize == n, "adopted {live} of {n} instances");

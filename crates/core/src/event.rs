@@ -106,6 +106,9 @@ pub enum EventKind {
     LivenessFailed { reason: String },
     /// A restarted daemon took a running instance back under supervision.
     Adopted { pid: Option<u32> },
+    /// A restarted daemon found the instance's process gone without an exit status (it
+    /// died unseen, e.g. with its keeper); its restart policy applies.
+    Lost { reason: String },
 }
 
 impl EventKind {
@@ -127,6 +130,7 @@ impl EventKind {
             EventKind::Unhealthy { .. } => "unhealthy",
             EventKind::LivenessFailed { .. } => "liveness_failed",
             EventKind::Adopted { .. } => "adopted",
+            EventKind::Lost { .. } => "lost",
         }
     }
 

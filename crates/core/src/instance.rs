@@ -202,6 +202,14 @@ impl Config {
     }
 }
 
+/// Counters kept across a daemon restart (the instance table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Restored {
+    pub restarts: u32,
+    pub consecutive_failures: u32,
+    pub breaker: BreakerState,
+}
+
 /// Why the current stop was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopCause {
@@ -265,8 +273,15 @@ impl Instance {
     /// An instance that was already running when this daemon started (found at the
     /// keeper): `Ready`, with its process; emits `adopted` and starts the monitors. If it
     /// exited meanwhile, the shell feeds `Exited` next and the restart policy applies.
-    pub fn adopt(cfg: Config, pid: Option<u32>, now_ms: u64) -> (Instance, Vec<Effect>) {
+    /// `restored` carries the counters the instance table kept.
+    pub fn adopt(
+        cfg: Config,
+        pid: Option<u32>,
+        now_ms: u64,
+        restored: Restored,
+    ) -> (Instance, Vec<Effect>) {
         let (mut inst, _) = Instance::launch(cfg);
+        inst.restore(restored);
         inst.spawn_pending = false;
         inst.spawned = true;
         inst.pid = pid;
@@ -280,6 +295,57 @@ impl Instance {
                 Effect::StartMonitors,
             ],
         )
+    }
+
+    /// An instance the instance table knew but whose process is gone after a daemon
+    /// restart. With `lost` (it had a process): emits `lost` and the run counts as failed,
+    /// so the restart policy decides. Without (it was between runs): it waits in
+    /// `Restarting` again, for the backoff or, with an open breaker, the cooldown.
+    pub fn resume(
+        cfg: Config,
+        restored: Restored,
+        lost: Option<String>,
+        now_ms: u64,
+    ) -> (Instance, Vec<Effect>) {
+        let (mut inst, _) = Instance::launch(cfg);
+        inst.restore(restored);
+        inst.spawn_pending = false;
+        let mut fx = Vec::new();
+        match lost {
+            Some(reason) => {
+                fx.push(Effect::Emit(EventKind::Lost {
+                    reason: reason.clone(),
+                }));
+                inst.failure = Some(reason);
+                inst.run_ended(true, now_ms, &mut fx);
+            }
+            None => {
+                inst.state = State::Restarting;
+                if inst.breaker == BreakerState::Open {
+                    fx.push(Effect::ScheduleCooldown {
+                        after: inst.cfg.restart.cooldown,
+                    });
+                } else {
+                    inst.breaker = BreakerState::Closed;
+                    let delay = backoff_delay(
+                        &inst.cfg.restart.backoff,
+                        inst.attempt.max(1),
+                        inst.jitter.next_unit(),
+                    );
+                    fx.push(Effect::ScheduleRestart { delay });
+                }
+            }
+        }
+        (inst, fx)
+    }
+
+    fn restore(&mut self, r: Restored) {
+        self.restarts = r.restarts;
+        self.consecutive_failures = r.consecutive_failures;
+        // The backoff continues from the failures in a row (the attempt count itself is
+        // not kept).
+        self.attempt = r.consecutive_failures;
+        self.breaker = r.breaker;
     }
 
     pub fn state(&self) -> State {
@@ -878,13 +944,56 @@ mod tests {
 
     #[test]
     fn an_adopted_instance_is_ready_and_its_exit_applies_the_policy() {
-        let (mut i, fx) = Instance::adopt(cfg(true, RestartPolicy::OnFailure), Some(42), 0);
+        let (mut i, fx) = Instance::adopt(
+            cfg(true, RestartPolicy::OnFailure),
+            Some(42),
+            0,
+            Restored::default(),
+        );
         assert_eq!(events(&fx), vec!["adopted"]);
         assert_eq!(i.state(), State::Ready);
         assert!(i.has_live_process());
         let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 3 }), 10);
         assert_eq!(events(&fx), vec!["exited", "restarting"]);
         assert_eq!(i.last_exit(), Some(ExitStatus::Exited { code: 3 }));
+    }
+
+    #[test]
+    fn a_lost_instance_counts_as_a_failed_run() {
+        let restored = Restored {
+            restarts: 4,
+            consecutive_failures: 1,
+            breaker: BreakerState::Closed,
+        };
+        let (i, fx) = Instance::resume(
+            cfg(false, RestartPolicy::OnFailure),
+            restored,
+            Some("gone".into()),
+            0,
+        );
+        assert_eq!(events(&fx), vec!["lost", "restarting"]);
+        assert_eq!(i.state(), State::Restarting);
+        assert_eq!(i.restarts(), 4);
+        assert_eq!(i.consecutive_failures(), 2);
+        let (i, fx) = Instance::resume(
+            cfg(false, RestartPolicy::Never),
+            restored,
+            Some("gone".into()),
+            0,
+        );
+        assert_eq!(events(&fx), vec!["lost"]);
+        assert_eq!(i.state(), State::Failed);
+        // Between runs with an open breaker: the cooldown again.
+        let open = Restored {
+            breaker: BreakerState::Open,
+            ..restored
+        };
+        let (mut i, fx) = Instance::resume(cfg(false, RestartPolicy::Always), open, None, 0);
+        assert!(matches!(fx[..], [Effect::ScheduleCooldown { .. }]));
+        assert_eq!(
+            events(&i.handle(Input::CooldownOver, 1)),
+            vec!["breaker_half_open"]
+        );
     }
 
     #[test]

@@ -252,7 +252,7 @@ mod tests {
     fn shared() -> Arc<Shared> {
         let dir = std::path::PathBuf::from("/nonexistent");
         let cfg = crate::Config::new(dir.join("workloads"), Some(dir.join("state")), None);
-        Arc::new(Shared::new(cfg, crate::events::EventLog::new(), None))
+        Arc::new(Shared::new(cfg, crate::events::EventLog::new(), None, None))
     }
 
     #[tokio::test]

@@ -170,26 +170,41 @@ pub(crate) fn start(
     spec: Arc<WorkloadSpec>,
     dir: PathBuf,
 ) -> Arc<Slot> {
-    start_with(sh, key, spec, dir, None)
+    start_with(sh, key, spec, dir, Origin::Launched, Vec::new())
 }
 
-/// Creates the slot of an instance found running at the keeper and starts its actor.
-pub(crate) fn start_adopted(
-    sh: &Arc<Shared>,
-    key: Key,
-    a: bulkhead_driver::keeper::client::Adoptable,
-) -> Arc<Slot> {
-    let spec = Arc::new(a.record.spec.clone());
-    let dir = a.record.cwd.clone();
-    start_with(sh, key, spec, dir, Some(a))
+/// What the instance table was last told about an instance: state, pid, restarts,
+/// consecutive failures, breaker, leases.
+type Stored = (
+    State,
+    Option<u32>,
+    u32,
+    u32,
+    bulkhead_core::restart::BreakerState,
+    Vec<String>,
+);
+
+/// How an instance came to be under this daemon.
+pub(crate) enum Origin {
+    /// A launch.
+    Launched,
+    /// Found running at the keeper after a daemon restart.
+    Adopted(
+        Box<bulkhead_driver::keeper::client::Adoptable>,
+        core_instance::Restored,
+    ),
+    /// Known to the instance table, but no process: lost (with the reason) or between runs.
+    Resumed(core_instance::Restored, Option<String>),
 }
 
-fn start_with(
+/// Creates the slot and starts its actor (see [`start`]).
+pub(crate) fn start_with(
     sh: &Arc<Shared>,
     key: Key,
     spec: Arc<WorkloadSpec>,
     dir: PathBuf,
-    adopt: Option<bulkhead_driver::keeper::client::Adoptable>,
+    origin: Origin,
+    leases: Vec<String>,
 ) -> Arc<Slot> {
     let id = key.instance_id();
     let view = View {
@@ -209,7 +224,7 @@ fn start_with(
         last_exit: None,
         failure: None,
         status_text: None,
-        leases: Vec::new(),
+        leases: leases.clone(),
         breaker: bulkhead_core::restart::BreakerState::Closed,
         consecutive_failures: 0,
     };
@@ -227,10 +242,10 @@ fn start_with(
         view: watch::Sender::new(view),
         tx,
         handle: Mutex::new(None),
-        leases: Mutex::new(Default::default()),
+        leases: Mutex::new(leases.into_iter().collect()),
         exec_env: Mutex::new(None),
     });
-    tokio::spawn(run(slot.clone(), sh.clone(), rx, adopt));
+    tokio::spawn(run(slot.clone(), sh.clone(), rx, origin));
     slot
 }
 
@@ -277,7 +292,7 @@ async fn run(
     slot: Arc<Slot>,
     sh: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Msg>,
-    adopt: Option<bulkhead_driver::keeper::client::Adoptable>,
+    origin: Origin,
 ) {
     let spec = slot.spec.clone();
     let t0 = tokio::time::Instant::now();
@@ -288,10 +303,15 @@ async fn run(
         restart: spec.restart,
         seed: rand::random(),
     };
-    let (mut inst, first) = match &adopt {
-        None => Instance::launch(cfg),
-        Some(a) => Instance::adopt(cfg, Some(a.pid), now()),
+    let (mut inst, first) = match &origin {
+        Origin::Launched => Instance::launch(cfg),
+        Origin::Adopted(a, restored) => Instance::adopt(cfg, Some(a.pid), now(), *restored),
+        Origin::Resumed(restored, lost) => Instance::resume(cfg, *restored, lost.clone(), now()),
     };
+    // What the instance table was last told, to write only on a change.
+    let spec_json = serde_json::to_string(&*spec).unwrap_or_default();
+    let mut stored: Option<Stored> = None;
+    let mut start_time: Option<u64> = None;
     let mut queue: VecDeque<Effect> = first.into();
     let mut handle: Option<Arc<dyn InstanceHandle>> = None;
     let mut env: Vec<(String, String)> = Vec::new();
@@ -311,7 +331,8 @@ async fn run(
     let mut idle: Option<Pin<Box<Sleep>>> = idle_after.map(|d| Box::pin(tokio::time::sleep(d)));
     // The newest event this actor published: the View changes only once it is durable.
     let mut last_event = 0u64;
-    if let Some(a) = adopt {
+    if let Origin::Adopted(a, _) = origin {
+        start_time = Some(a.start_time);
         // Back under supervision: its output, its environment (and so its port), its exit.
         env = a.record.env;
         port = env
@@ -473,6 +494,45 @@ async fn run(
             v.breaker = inst.breaker();
             v.consecutive_failures = inst.consecutive_failures();
         });
+        if let Some(table) = &sh.instances {
+            let leases = slot.view.borrow().leases.clone();
+            let now_stored = (
+                state,
+                inst.pid(),
+                inst.restarts(),
+                inst.consecutive_failures(),
+                inst.breaker(),
+                leases,
+            );
+            if stored.as_ref() != Some(&now_stored) {
+                if state.is_terminal() {
+                    table.remove(slot.id.as_str());
+                } else {
+                    if now_stored.1 != stored.as_ref().and_then(|s| s.1) {
+                        // A new process: its start time tells it apart from a reused pid.
+                        start_time = inst
+                            .pid()
+                            .and_then(|p| bulkhead_driver::sys::read_stat(p).ok())
+                            .map(|s| s.starttime)
+                            .or(start_time.filter(|_| stored.is_none()));
+                    }
+                    table.put(crate::instances::InstanceRow {
+                        id: slot.id.to_string(),
+                        spec: spec_json.clone(),
+                        dir: slot.dir.clone(),
+                        pid: inst.pid(),
+                        start_time,
+                        state: state.as_str().to_owned(),
+                        restarts: inst.restarts(),
+                        breaker: inst.breaker().as_str().to_owned(),
+                        consecutive_failures: inst.consecutive_failures(),
+                        leases: now_stored.5.clone(),
+                        updated_ms: crate::events::now_ms(),
+                    });
+                }
+                stored = Some(now_stored);
+            }
+        }
         if state.is_terminal() {
             break;
         }

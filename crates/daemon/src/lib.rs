@@ -28,6 +28,7 @@ pub mod events;
 pub mod exec;
 mod http;
 pub mod instance;
+pub mod instances;
 pub mod logs;
 pub mod metrics; // metrics + HTTP health (observability)
 pub mod readiness;
@@ -95,6 +96,8 @@ pub struct Shared {
     shutting_down: AtomicBool,
     /// The keeper the process driver spawns through, when there is one.
     pub(crate) keeper: Option<Arc<bulkhead_driver::keeper::client::KeeperDriver>>,
+    /// The instance table (with durable events).
+    pub(crate) instances: Option<instances::InstanceTable>,
     /// Prometheus metrics; launches are counted in [`Shared::launch`].
     pub metrics: metrics::Metrics,
 }
@@ -105,6 +108,7 @@ impl Shared {
         cfg: Config,
         events: events::EventLog,
         keeper: Option<Arc<bulkhead_driver::keeper::client::KeeperDriver>>,
+        instances: Option<instances::InstanceTable>,
     ) -> Shared {
         let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
         let process: Arc<dyn Driver> = match &keeper {
@@ -124,11 +128,18 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             metrics: metrics::Metrics::new(),
             keeper,
+            instances,
         }
     }
 
-    /// Puts an instance found at the keeper back under supervision.
-    pub(crate) fn adopt(self: &Arc<Self>, a: bulkhead_driver::keeper::client::Adoptable) {
+    /// Puts an instance found at the keeper back under supervision, with what the
+    /// instance table kept of it.
+    pub(crate) fn adopt(
+        self: &Arc<Self>,
+        a: bulkhead_driver::keeper::client::Adoptable,
+        restored: bulkhead_core::instance::Restored,
+        leases: Vec<String>,
+    ) {
         let Ok((id, key)) = InstanceId::parse(a.instance.as_str()) else {
             return;
         };
@@ -145,7 +156,43 @@ impl Shared {
             let _ = a.spawned.handle.signal(bulkhead_core::signal::Signal::KILL);
             return;
         }
-        let slot = instance::start_adopted(self, key, a);
+        let spec = Arc::new(a.record.spec.clone());
+        let dir = a.record.cwd.clone();
+        let slot = instance::start_with(
+            self,
+            key,
+            spec,
+            dir,
+            instance::Origin::Adopted(Box::new(a), restored),
+            leases,
+        );
+        reg.insert(id, slot);
+    }
+
+    /// Brings back an instance the table knew but whose process is gone (or which was
+    /// between runs): its restart policy decides what happens next.
+    pub(crate) fn resume(
+        self: &Arc<Self>,
+        key: Key,
+        spec: Arc<bulkhead_core::spec::WorkloadSpec>,
+        dir: PathBuf,
+        restored: bulkhead_core::instance::Restored,
+        lost: Option<String>,
+        leases: Vec<String>,
+    ) {
+        let id = key.instance_id();
+        let mut reg = self.lock_registry();
+        if reg.contains_key(&id) {
+            return;
+        }
+        let slot = instance::start_with(
+            self,
+            key,
+            spec,
+            dir,
+            instance::Origin::Resumed(restored, lost),
+            leases,
+        );
         reg.insert(id, slot);
     }
 

@@ -372,6 +372,7 @@ impl Metrics {
             }
             EventKind::Started { .. }
             | EventKind::Adopted { .. }
+            | EventKind::Lost { .. }
             | EventKind::Terminating { .. }
             | EventKind::Unhealthy { .. }
             | EventKind::LivenessFailed { .. } => {}
@@ -797,7 +798,7 @@ mod tests {
             Some(std::path::PathBuf::from("/nonexistent/state")),
             None,
         );
-        let sh = Arc::new(Shared::new(cfg, crate::events::EventLog::new(), None));
+        let sh = Arc::new(Shared::new(cfg, crate::events::EventLog::new(), None, None));
         let w = id("shared:w");
         // Before the start (a durable log's earlier runs): state, but no counts.
         sh.events.publish(

@@ -87,6 +87,8 @@ impl Config {
 /// The daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error(transparent)]
+    Instances(crate::instances::TableError),
     #[error("cannot reach the keeper at {path}: {source}")]
     Keeper {
         path: PathBuf,
@@ -217,7 +219,18 @@ impl Daemon {
             )),
             None => None,
         };
-        let shared = Arc::new(Shared::new(cfg.clone(), events, keeper.clone()));
+        // The instance table (with the durable events): what the last daemon knew.
+        let (rows, table) = if cfg.durable_events {
+            let db = cfg.state_dir.join("bulkhead.db");
+            let rows = crate::instances::load(&db).map_err(StartError::Instances)?;
+            (
+                rows,
+                Some(crate::instances::InstanceTable::open(&db).map_err(StartError::Instances)?),
+            )
+        } else {
+            (Vec::new(), None)
+        };
+        let shared = Arc::new(Shared::new(cfg.clone(), events, keeper.clone(), table));
         // Before the catalog and the API: the metrics follow the events from the first one.
         let http = metrics_listener.map(|l| {
             let follower = shared.metrics.start(&shared);
@@ -227,6 +240,17 @@ impl Daemon {
         let cat = shared.reload();
         // Before the API serves a launch: every instance the keeper holds is back under
         // supervision, so no key can get a second instance.
+        let mut rows: std::collections::HashMap<String, crate::instances::InstanceRow> =
+            rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let restored_of = |r: &crate::instances::InstanceRow| bulkhead_core::instance::Restored {
+            restarts: r.restarts,
+            consecutive_failures: r.consecutive_failures,
+            breaker: match r.breaker.as_str() {
+                "open" => bulkhead_core::restart::BreakerState::Open,
+                "half_open" => bulkhead_core::restart::BreakerState::HalfOpen,
+                _ => bulkhead_core::restart::BreakerState::Closed,
+            },
+        };
         if let Some(k) = &keeper {
             let adopted = k.adopt_all().await.map_err(|source| StartError::Keeper {
                 path: bulkhead_driver::keeper::server::socket_path(&cfg.state_dir),
@@ -234,11 +258,62 @@ impl Daemon {
             })?;
             let n = adopted.len();
             for a in adopted {
-                shared.adopt(a);
+                // The row is this process's only if pid and start time agree.
+                let row = rows.remove(a.instance.as_str()).filter(|r| {
+                    r.pid == Some(a.pid) && r.start_time.is_none_or(|t| t == a.start_time)
+                });
+                let (restored, leases) =
+                    row.map(|r| (restored_of(&r), r.leases)).unwrap_or_default();
+                shared.adopt(a, restored, leases);
             }
             if n > 0 {
                 tracing::info!("adopted {n} instances from the keeper");
             }
+        }
+        // What the table knew and nobody holds any more: a process that died unseen (its
+        // keeper ended, or it was the direct child of a daemon started with --no-keeper),
+        // or an instance that was between runs. Its restart policy decides.
+        for (_, row) in rows {
+            let Ok((_, key)) = bulkhead_core::key::InstanceId::parse(&row.id) else {
+                continue;
+            };
+            let Ok(spec) = serde_json::from_str::<bulkhead_core::spec::WorkloadSpec>(&row.spec)
+            else {
+                tracing::error!(
+                    "instance table: unreadable spec for {}; forgetting it",
+                    row.id
+                );
+                continue;
+            };
+            let lost = match (row.state.as_str(), row.pid) {
+                ("restarting", _) | (_, None) => None,
+                (_, Some(pid)) => {
+                    // Without a keeper the process may still run as an orphan; it cannot be
+                    // supervised (no exit status), so it must not run unseen.
+                    if let (Some(t), Ok(stat)) =
+                        (row.start_time, bulkhead_driver::sys::read_stat(pid))
+                    {
+                        if stat.starttime == t && !stat.is_zombie() {
+                            tracing::warn!("{}: pid {pid} outlived a daemon without a keeper; killing its group", row.id);
+                            let _ = bulkhead_driver::sys::kill_group(
+                                pid,
+                                bulkhead_core::signal::Signal::KILL,
+                            );
+                        }
+                    }
+                    Some(format!(
+                        "its process (pid {pid}) was gone when the daemon restarted"
+                    ))
+                }
+            };
+            shared.resume(
+                key,
+                Arc::new(spec),
+                row.dir.clone(),
+                restored_of(&row),
+                lost,
+                row.leases,
+            );
         }
         tracing::info!(
             "serving {} workloads from {} on {}",
@@ -319,7 +394,13 @@ impl Daemon {
         }
         // Commit whatever events are still queued and stop the writer thread.
         let sh = self.shared.clone();
-        let _ = tokio::task::spawn_blocking(move || sh.events.close()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            sh.events.close();
+            if let Some(t) = &sh.instances {
+                t.close();
+            }
+        })
+        .await;
         let _ = std::fs::remove_file(&self.socket);
     }
 

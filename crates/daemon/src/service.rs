@@ -138,7 +138,9 @@ pub fn event_proto(e: &Event) -> v1::Event {
             p.reason = Some(reason.clone());
         }
         EventKind::BreakerHalfOpen | EventKind::BreakerClosed => {}
-        EventKind::Unhealthy { reason } | EventKind::LivenessFailed { reason } => {
+        EventKind::Unhealthy { reason }
+        | EventKind::LivenessFailed { reason }
+        | EventKind::Lost { reason } => {
             p.reason = Some(reason.clone());
         }
     }

@@ -24,16 +24,35 @@ pub const DEFAULT_RETENTION: usize = 100_000;
 
 /// The schema, one step per version. A database at version N gets every step after N, in
 /// order, each in its own transaction together with the new version number.
-pub const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE events (
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE events (
         id INTEGER PRIMARY KEY,
         time_ms INTEGER NOT NULL,
         instance TEXT NOT NULL,
         kind TEXT NOT NULL,
         data TEXT NOT NULL
     );",
-)];
+    ),
+    (
+        2,
+        // One row per instance that is not final (see crate::instances).
+        "CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        dir TEXT NOT NULL,
+        pid INTEGER,
+        start_time INTEGER,
+        state TEXT NOT NULL,
+        restarts INTEGER NOT NULL,
+        breaker TEXT NOT NULL,
+        consecutive_failures INTEGER NOT NULL,
+        leases TEXT NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );",
+    ),
+];
 
 /// The newest schema version this build knows.
 pub fn schema_version() -> i64 {

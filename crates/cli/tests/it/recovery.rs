@@ -126,3 +126,86 @@ fn a_clean_shutdown_stops_the_keeper_too() {
         "the keeper exits after a clean daemon shutdown"
     );
 }
+
+#[test]
+fn restart_counts_breaker_and_leases_survive_a_daemon_crash() {
+    let mut d = Daemon::start(&[
+        (
+            "flaky",
+            "name: flaky\ncommand: [/bin/sh, -c, 'sleep 0.05; exit 1']\nrestart: {policy: on-failure, max_failures: 1000, backoff: {initial: 20ms, max: 50ms}}\n",
+        ),
+        ("held", "name: held\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n"),
+    ]);
+    d.json(&["launch", "held", "--lease", "alice", "-o", "json"]);
+    d.json(&["launch", "flaky", "--wait", "started", "-o", "json"]);
+    wait_until("three restarts", || {
+        d.json(&["get", "ns:default:flaky", "-o", "json"])["restarts"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    });
+    // Let the instance table catch up (it is written off the launch path).
+    std::thread::sleep(Duration::from_millis(200));
+    let before = d.json(&["get", "ns:default:flaky", "-o", "json"])["restarts"]
+        .as_u64()
+        .unwrap();
+    d.kill9();
+    d.spawn();
+    let after = d.json(&["get", "ns:default:flaky", "-o", "json"]);
+    assert!(
+        after["restarts"].as_u64().unwrap() >= before,
+        "restart count continues: {before} -> {after}"
+    );
+    let held = d.json(&["get", "ns:default:held", "-o", "json"]);
+    assert_eq!(
+        held["leases"],
+        serde_json::json!(["alice"]),
+        "leases survive"
+    );
+    assert_eq!(held["state"], "ready");
+}
+
+#[test]
+fn instances_that_died_with_their_keeper_are_lost_and_restarted_by_policy() {
+    let mut d = Daemon::start(&[
+        (
+            "phoenix",
+            "name: phoenix\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nrestart: {policy: on-failure, backoff: {initial: 10ms}}\n",
+        ),
+        ("mortal", "name: mortal\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n"),
+    ]);
+    let p = d.json(&["launch", "phoenix", "-o", "json"]);
+    let m = d.json(&["launch", "mortal", "-o", "json"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let keeper = d.keeper_pid().expect("a keeper runs");
+    d.kill9();
+    // The keeper dies while no daemon runs: its instances die with it, unseen.
+    // SAFETY: kill(2) on the keeper of this test's own state directory.
+    unsafe {
+        libc::kill(keeper as i32, libc::SIGKILL);
+    }
+    assert!(wait_gone(p["pid"].as_u64().unwrap() as u32));
+    assert!(wait_gone(m["pid"].as_u64().unwrap() as u32));
+    d.spawn();
+    let lost = d.wait_event("phoenix lost", |e| {
+        e["instance"] == "ns:default:phoenix" && e["kind"] == "lost"
+    });
+    assert!(
+        lost["reason"].as_str().unwrap().contains("was gone"),
+        "{lost}"
+    );
+    // on-failure: restarted as a new process.
+    let started = d.wait_event("phoenix restarted", |e| {
+        e["instance"] == "ns:default:phoenix"
+            && e["kind"] == "started"
+            && e["id"].as_u64() > lost["id"].as_u64()
+    });
+    assert_ne!(started["pid"], p["pid"]);
+    // never: reported failed, not restarted.
+    d.wait_event("mortal lost", |e| {
+        e["instance"] == "ns:default:mortal" && e["kind"] == "lost"
+    });
+    let mortal = d.json(&["get", "ns:default:mortal", "-o", "json"]);
+    assert_eq!(mortal["state"], "failed");
+    assert!(mortal["failure"].as_str().unwrap().contains("was gone"));
+}
