@@ -423,36 +423,22 @@ async fn run(
                 Effect::StopReadiness => ready.stop(),
                 Effect::StartMonitors => {
                     monitors.stop();
-                    if let Some(r) = &spec.readiness {
-                        for (check, timing) in probes(
-                            &slot,
-                            r.http.as_ref(),
-                            r.tcp.as_ref(),
-                            r.exec.as_ref(),
-                            port,
-                            &env,
-                        ) {
+                    // Readiness probes keep watching (flapping is reported); liveness
+                    // probes stop the instance when they fail.
+                    let sections = [
+                        spec.readiness
+                            .as_ref()
+                            .map(|r| (r.http.as_ref(), r.tcp.as_ref(), r.exec.as_ref(), false)),
+                        spec.liveness
+                            .as_ref()
+                            .map(|l| (l.http.as_ref(), l.tcp.as_ref(), l.exec.as_ref(), true)),
+                    ];
+                    for (http, tcp, exec, liveness) in sections.into_iter().flatten() {
+                        for (check, timing) in probes(&slot, http, tcp, exec, port, &env) {
                             monitors.0.push(tokio::spawn(readiness::monitor(
                                 check,
                                 timing,
-                                false,
-                                mtx.clone(),
-                            )));
-                        }
-                    }
-                    if let Some(l) = &spec.liveness {
-                        for (check, timing) in probes(
-                            &slot,
-                            l.http.as_ref(),
-                            l.tcp.as_ref(),
-                            l.exec.as_ref(),
-                            port,
-                            &env,
-                        ) {
-                            monitors.0.push(tokio::spawn(readiness::monitor(
-                                check,
-                                timing,
-                                true,
+                                liveness,
                                 mtx.clone(),
                             )));
                         }
