@@ -631,7 +631,6 @@ async fn spawn(
         _ => None,
     };
     *env = instance_env(
-        sh,
         slot,
         *port,
         notify.as_ref().map(|n| n.path().display().to_string()),
@@ -657,12 +656,7 @@ const PASS_THROUGH: &[&str] = &[
 
 /// The instance environment: a few variables from the daemon, the manifest's `env`, then
 /// bulkhead's own (which a manifest cannot override).
-fn instance_env(
-    sh: &Shared,
-    slot: &Slot,
-    port: u16,
-    notify: Option<String>,
-) -> Vec<(String, String)> {
+fn instance_env(slot: &Slot, port: u16, notify: Option<String>) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = PASS_THROUGH
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
@@ -670,7 +664,6 @@ fn instance_env(
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
-    let _ = sh;
     env.extend(slot.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.push(("PORT".into(), port.to_string()));
     env.push(("BULKHEAD_INSTANCE".into(), slot.id.to_string()));

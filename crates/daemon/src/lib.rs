@@ -404,18 +404,7 @@ impl Shared {
     /// Stops accepting launches and terminates every live instance, concurrently.
     pub async fn terminate_all(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
-        let mut set = tokio::task::JoinSet::new();
-        for slot in self.list() {
-            if slot.view.borrow().state.is_terminal() {
-                continue;
-            }
-            let mut rx = slot.subscribe();
-            slot.terminate(None);
-            set.spawn(async move {
-                let _ = rx.wait_for(|v| v.state.is_terminal()).await;
-            });
-        }
-        while set.join_next().await.is_some() {}
+        self.terminate_where(None, |_| true).await;
     }
 
     /// SIGKILL to every process of every live instance (the end of the shutdown ladder).

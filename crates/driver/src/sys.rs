@@ -187,16 +187,7 @@ pub fn set_child_subreaper() -> io::Result<()> {
 /// `/proc/<pid>/task/<tid>/children` needs `CONFIG_PROC_CHILDREN`, which kernels often
 /// lack.)
 pub fn zombie_children(parent: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|entry| {
-        let name = entry.ok()?.file_name();
-        let pid: u32 = name.to_str()?.parse().ok()?;
-        let st = read_stat(pid).ok()?;
-        (st.ppid == parent && st.is_zombie()).then_some(pid)
-    })
-    .collect()
+    scan_proc(|st| st.ppid == parent && st.is_zombie())
 }
 
 /// `waitpid(pid, 0)`: blocks until the child `pid` exits and reaps it, discarding the
@@ -313,6 +304,21 @@ pub fn parse_stat(line: &str) -> Option<StatLine> {
     })
 }
 
+/// The pids in `/proc` whose stat line satisfies `pick` (processes that exit during the
+/// scan are skipped).
+fn scan_proc(pick: impl Fn(&StatLine) -> bool) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let name = entry.ok()?.file_name();
+        let pid: u32 = name.to_str()?.parse().ok()?;
+        let st = read_stat(pid).ok()?;
+        pick(&st).then_some(pid)
+    })
+    .collect()
+}
+
 /// Reads and parses `/proc/<pid>/stat`. `NotFound` when the process is gone (reaped).
 pub fn read_stat(pid: u32) -> io::Result<StatLine> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -331,16 +337,7 @@ pub fn read_stat(pid: u32) -> io::Result<StatLine> {
 /// be read (they exited during the scan) are skipped. Threads are not listed (only
 /// thread-group leaders appear in `/proc`).
 pub fn group_members(pgid: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|entry| {
-        let name = entry.ok()?.file_name();
-        let pid: u32 = name.to_str()?.parse().ok()?;
-        let st = read_stat(pid).ok()?;
-        (st.pgrp == pgid && !st.is_zombie()).then_some(pid)
-    })
-    .collect()
+    scan_proc(|st| st.pgrp == pgid && !st.is_zombie())
 }
 
 /// CPU and memory use of one process, from `/proc/<pid>/stat`.

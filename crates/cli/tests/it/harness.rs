@@ -226,15 +226,7 @@ impl Drop for Daemon {
 
 /// Whether a process exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let state = s
-                .rsplit_once(')')
-                .and_then(|(_, r)| r.trim_start().chars().next());
-            state != Some('Z') && state != Some('X')
-        }
-        Err(_) => false,
-    }
+    bulkhead_driver::sys::read_stat(pid).is_ok_and(|s| !s.is_zombie())
 }
 
 /// Waits until `pid` is gone (a reparented orphan may take a moment to be reaped by init).

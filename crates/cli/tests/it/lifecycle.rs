@@ -144,25 +144,10 @@ fn sigterm_to_the_daemon_leaves_no_child_behind() {
 }
 
 fn group_members(pgids: &[u32]) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if let Some(pgrp) = f.get(2).and_then(|s| s.parse::<u32>().ok()) {
-            if pgids.contains(&pgrp) && f[0] != "Z" {
-                out.push(pid);
-            }
-        }
-    }
-    out
+    pgids
+        .iter()
+        .flat_map(|&g| bulkhead_driver::sys::group_members(g))
+        .collect()
 }
 
 #[test]

@@ -169,11 +169,6 @@ impl KeeperClient {
         let _ = self.send(&Request::Ack { pid }).await;
     }
 
-    /// Replaces the record the keeper holds for `pid`.
-    pub async fn update(&self, pid: u32, record: String) {
-        let _ = self.send(&Request::Update { pid, record }).await;
-    }
-
     /// Asks the keeper to exit once it holds no running instance.
     pub async fn shutdown(&self) {
         let _ = self.send(&Request::Shutdown).await;

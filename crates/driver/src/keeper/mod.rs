@@ -54,8 +54,6 @@ pub enum Request {
         env: Vec<(String, String)>,
         cwd: PathBuf,
     },
-    /// Replace an instance's record.
-    Update { pid: u32, record: String },
     /// The daemon has the exit status of `pid`: forget the instance.
     Ack { pid: u32 },
     /// Every instance the keeper holds: one `Instance` each, then `ListEnd`.

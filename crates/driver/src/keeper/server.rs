@@ -233,11 +233,6 @@ impl Keeper {
                     self.reply(&Reply::SpawnFailed { req, error }, &[]);
                 }
             },
-            Request::Update { pid, record } => {
-                if let Some(h) = self.held.get_mut(&pid) {
-                    h.record = record;
-                }
-            }
             Request::Ack { pid } => {
                 if self.held.get(&pid).is_some_and(|h| h.exit.is_some()) {
                     self.held.remove(&pid);
