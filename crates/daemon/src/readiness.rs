@@ -149,10 +149,7 @@ pub fn pid_in_group(pid: u32, main: u32) -> bool {
     if pid == main {
         return true;
     }
-    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
-        return false;
-    };
-    matches!(rustix::process::getpgid(Some(p)), Ok(g) if g.as_raw_nonzero().get() as u32 == main)
+    matches!(bulkhead_driver::sys::getpgid(pid), Ok(g) if g == main)
 }
 
 /// One probe check.

@@ -230,10 +230,19 @@ pub fn group_has_members(pgid: u32) -> bool {
     )
 }
 
-/// `getpgid(pid)`: the process group of a process.
+/// `getpgid(pid)`: the process group of a process; 0 when the group's leader lives outside
+/// our PID namespace.
+///
+/// Calls libc rather than rustix: rustix's `getpgid` asserts a non-zero answer and would
+/// panic on that (legal) 0.
 pub fn getpgid(pid: u32) -> io::Result<u32> {
-    let pgid = rp::getpgid(Some(to_pid(pid)?))?;
-    Ok(pgid.as_raw_pid().unsigned_abs())
+    let pid = to_pid(pid)?;
+    // SAFETY: getpgid takes a plain integer and touches no memory of ours.
+    let pgid = unsafe { libc::getpgid(pid.as_raw_nonzero().get()) };
+    if pgid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pgid.unsigned_abs())
 }
 
 /// The fields bulkhead uses from one `/proc/<pid>/stat` line.
@@ -243,6 +252,8 @@ pub struct StatLine {
     pub state: char,
     pub ppid: u32,
     pub pgrp: u32,
+    /// The session id; 0 when the session leader lives outside the reader's PID namespace.
+    pub session: u32,
     /// User and system time, in clock ticks.
     pub utime: u64,
     pub stime: u64,
@@ -294,6 +305,7 @@ pub fn parse_stat(line: &str) -> Option<StatLine> {
         state: state_char,
         ppid: u32::try_from(num(1)?).ok()?,
         pgrp: u32::try_from(signed(2)?).ok()?,
+        session: u32::try_from(signed(3)?).ok()?,
         utime: num(11)?,
         stime: num(12)?,
         cutime: signed(13)?,
