@@ -170,6 +170,9 @@ pub fn event_json(e: &v1::Event) -> Value {
     if let Some(f) = e.failures {
         m.insert("failures".into(), json!(f));
     }
+    if let Some(l) = e.limit_bytes {
+        m.insert("limit_bytes".into(), json!(l));
+    }
     v
 }
 
@@ -198,6 +201,9 @@ pub fn event_line(e: &v1::Event) -> String {
     }
     if let Some(f) = e.failures {
         s.push_str(&format!(" failures={f}"));
+    }
+    if let Some(l) = e.limit_bytes {
+        s.push_str(&format!(" limit={}", bulkhead_core::size::format(l)));
     }
     if let Some(r) = &e.reason {
         s.push_str(&format!(" reason=\"{r}\""));

@@ -86,6 +86,12 @@ pub enum EventKind {
     Exited { exit_code: i32 },
     /// The process was killed by a signal it did not get from a termination.
     Crashed { signal: i32, core_dumped: bool },
+    /// The kernel's OOM killer ended the instance at its memory limit (`limit_bytes`,
+    /// when one was set); `signal` is what the main process died of.
+    OomKilled {
+        limit_bytes: Option<u64>,
+        signal: i32,
+    },
     /// A termination began: `signal` to the process group, SIGKILL after `grace_ms`.
     Terminating { signal: i32, grace_ms: u64 },
     /// Every process of the instance is gone after a stop bulkhead started (`status` is
@@ -121,6 +127,7 @@ impl EventKind {
             EventKind::LaunchFailed { .. } => "launch_failed",
             EventKind::Exited { .. } => "exited",
             EventKind::Crashed { .. } => "crashed",
+            EventKind::OomKilled { .. } => "oom_killed",
             EventKind::Terminating { .. } => "terminating",
             EventKind::Terminated { .. } => "terminated",
             EventKind::Restarting { .. } => "restarting",

@@ -130,6 +130,9 @@ pub enum Input {
     ReadinessTimedOut,
     /// Every process of the instance is gone; this is the main process's status.
     Exited(ExitStatus),
+    /// The driver saw the OOM killer act on the instance at its memory limit. Sent just
+    /// before the `Exited` it explains: that exit is reported as `oom_killed`.
+    OomKilled { limit_bytes: Option<u64> },
     /// Stop it for good; `grace` overrides the manifest's.
     Terminate { grace: Option<Duration> },
     /// A readiness probe of a ready instance failed `failure_threshold` times.
@@ -243,6 +246,8 @@ pub struct Instance {
     consecutive_failures: u32,
     breaker: BreakerState,
     jitter: Jitter,
+    /// The OOM killer acted on the current run (the limit, if any): its exit is an OOM kill.
+    oom: Option<Option<u64>>,
 }
 
 impl Instance {
@@ -266,6 +271,7 @@ impl Instance {
             consecutive_failures: 0,
             breaker: BreakerState::Closed,
             jitter,
+            oom: None,
         };
         (inst, vec![Effect::Emit(EventKind::Launched), Effect::Spawn])
     }
@@ -433,11 +439,20 @@ impl Instance {
                 self.failure = Some(reason);
                 self.begin_stop(self.cfg.shutdown.grace, StopCause::Failure, &mut fx);
             }
+            (_, Input::OomKilled { limit_bytes }) => {
+                self.oom = Some(limit_bytes);
+            }
             (Starting, Input::Exited(status)) if self.spawned => {
                 self.last_exit = Some(status);
-                let reason = format!("exited during start-up with {status}");
+                let reason = match self.oom {
+                    Some(limit) => format!(
+                        "killed by the OOM killer during start-up{}",
+                        limit_phrase(limit)
+                    ),
+                    None => format!("exited during start-up with {status}"),
+                };
                 fx.push(Effect::StopReadiness);
-                fx.push(Effect::Emit(EventKind::for_exit(status)));
+                fx.push(Effect::Emit(self.exit_event(status)));
                 fx.push(Effect::Emit(EventKind::LaunchFailed {
                     reason: reason.clone(),
                 }));
@@ -473,7 +488,10 @@ impl Instance {
             (Ready, Input::Exited(status)) => {
                 self.last_exit = Some(status);
                 fx.push(Effect::StopMonitors);
-                fx.push(Effect::Emit(EventKind::for_exit(status)));
+                if let Some(limit) = self.oom {
+                    self.failure = Some(format!("killed by the OOM killer{}", limit_phrase(limit)));
+                }
+                fx.push(Effect::Emit(self.exit_event(status)));
                 self.run_ended(!status.success(), now_ms, &mut fx);
             }
             (Ready, Input::Terminate { grace }) => {
@@ -527,7 +545,19 @@ impl Instance {
         self.ready_at_ms = None;
         self.failure = None;
         self.stop_cause = None;
+        self.oom = None;
         fx.push(Effect::Spawn);
+    }
+
+    /// The event for a run that ended by itself: `oom_killed` when the OOM killer did it.
+    fn exit_event(&self, status: ExitStatus) -> EventKind {
+        match (self.oom, status) {
+            (Some(limit_bytes), ExitStatus::Signaled { signal, .. }) => EventKind::OomKilled {
+                limit_bytes,
+                signal,
+            },
+            _ => EventKind::for_exit(status),
+        }
     }
 
     fn become_ready(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
@@ -622,6 +652,13 @@ impl Instance {
             };
         }
     }
+}
+
+/// ` at its memory limit of 512Mi`, or nothing when no limit is known.
+fn limit_phrase(limit: Option<u64>) -> String {
+    limit
+        .map(|l| format!(" at its memory limit of {}", crate::size::format(l)))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -1113,5 +1150,37 @@ mod tests {
                 prop_assert!(names[..r].contains(&"started"));
             }
         }
+    }
+
+    #[test]
+    fn oom_kill_is_reported_as_such_and_counts_as_a_failure() {
+        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::OnFailure));
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        i.handle(Input::ReadinessPassed, 1);
+        assert!(i
+            .handle(
+                Input::OomKilled {
+                    limit_bytes: Some(64 << 20)
+                },
+                2
+            )
+            .is_empty());
+        let fx = i.handle(
+            Input::Exited(ExitStatus::Signaled {
+                signal: 9,
+                core_dumped: false,
+            }),
+            3,
+        );
+        assert!(
+            fx.contains(&Effect::Emit(EventKind::OomKilled {
+                limit_bytes: Some(64 << 20),
+                signal: 9
+            })),
+            "{fx:?}"
+        );
+        assert!(!fx
+            .iter()
+            .any(|e| matches!(e, Effect::Emit(EventKind::Crashed { .. }))));
     }
 }

@@ -13,6 +13,8 @@
 //! - [`instance`]: the instance lifecycle state machine.
 //! - [`event`]: lifecycle events and exit statuses.
 //! - [`expand`]: `${VAR}` expansion of a command line.
+//! - [`size`]: byte sizes (`512Mi`); [`sandbox`] and [`docker`]: the driver sections of a
+//!   manifest.
 //!
 //! ```
 //! use bulkhead_core::spec::parse_manifest;
@@ -24,6 +26,7 @@
 //! assert_eq!(key.instance_id().as_str(), "ns:team-a:web");
 //! ```
 
+pub mod docker;
 pub mod duration;
 pub mod event;
 pub mod expand;
@@ -31,6 +34,8 @@ pub mod instance;
 pub mod key;
 pub mod name;
 pub mod restart;
+pub mod sandbox;
 pub mod signal;
+pub mod size;
 pub mod spec;
 pub mod time;

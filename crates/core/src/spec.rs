@@ -91,6 +91,84 @@ pub struct WorkloadSpec {
     /// `bulkhead up` launches it.
     #[serde(default)]
     pub autostart: bool,
+    /// Limits enforced by the driver (cgroups for `sandbox`, the engine for `docker`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// The `sandbox` driver's walls; only with `driver: sandbox`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<crate::sandbox::SandboxSpec>,
+    /// The `docker` driver's container; required with `driver: docker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<crate::docker::DockerSpec>,
+}
+
+/// Resource limits of one instance.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU time in cores (`0.5` is half of one core), enforced as a quota per period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    /// Memory limit (`512Mi`); swap is not allowed on top of it.
+    #[serde(
+        default,
+        with = "crate::size::opt_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory: Option<u64>,
+    /// The most processes (and threads) the instance may have at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+    /// CPUs the instance may run on, in the kernel's list syntax (`0-1,3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpuset: Option<String>,
+}
+
+/// The smallest memory limit accepted: below it nothing starts.
+pub const MIN_MEMORY: u64 = 1 << 20;
+
+impl Resources {
+    /// Checks the limits. On error returns the field path (under `resources`) and reason.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let fail =
+            |field: &str, reason: &str| Err((format!("resources.{field}"), reason.to_owned()));
+        if let Some(c) = self.cpu {
+            if !(c.is_finite() && (0.01..=1024.0).contains(&c)) {
+                return fail("cpu", "must be a number of cores between 0.01 and 1024");
+            }
+        }
+        if let Some(m) = self.memory {
+            if m < MIN_MEMORY {
+                return fail("memory", "must be at least 1Mi");
+            }
+        }
+        if self.pids == Some(0) {
+            return fail("pids", "must be at least 1");
+        }
+        if let Some(set) = &self.cpuset {
+            if !valid_cpu_list(set) {
+                return fail(
+                    "cpuset",
+                    "must be a list of CPU numbers and ranges, like 0-1,3",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `s` is a kernel CPU list: comma-separated numbers and ascending ranges.
+fn valid_cpu_list(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.split(',').all(|part| {
+            let num =
+                |n: &str| !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit());
+            match part.split_once('-') {
+                Some((a, b)) => num(a) && num(b) && a.parse::<u32>().ok() <= b.parse::<u32>().ok(),
+                None => num(part),
+            }
+        })
 }
 
 /// Readiness: every configured signal must pass (notify AND each probe).
@@ -597,6 +675,39 @@ impl WorkloadSpec {
                 );
             }
             check_probes("liveness", l.http.as_ref(), l.tcp.as_ref(), l.exec.as_ref())?;
+        }
+        if let Some(r) = &self.resources {
+            r.validate()?;
+        }
+        match (&self.sandbox, self.driver) {
+            (Some(_), d) if d != DriverKind::Sandbox => {
+                return fail(
+                    "sandbox",
+                    format!(
+                        "is only allowed with driver: sandbox (this workload uses driver: {d})"
+                    ),
+                );
+            }
+            (Some(sb), _) => sb
+                .validate()
+                .map_err(|(f, r)| (format!("sandbox.{f}"), r))?,
+            (None, _) => {}
+        }
+        match (&self.docker, self.driver) {
+            (Some(_), d) if d != DriverKind::Docker => {
+                return fail(
+                    "docker",
+                    format!("is only allowed with driver: docker (this workload uses driver: {d})"),
+                );
+            }
+            (Some(dk), _) => dk.validate().map_err(|(f, r)| (format!("docker.{f}"), r))?,
+            (None, DriverKind::Docker) => {
+                return fail(
+                    "docker",
+                    "is required with driver: docker (set docker.image or docker.build)".into(),
+                );
+            }
+            (None, _) => {}
         }
         if self.idle_timeout == Some(Duration::ZERO) {
             return fail(

@@ -21,7 +21,7 @@ use bulkhead_core::expand::expand_argv;
 use bulkhead_core::instance::{self as core_instance, Effect, Input, Instance, State};
 use bulkhead_core::key::{InstanceId, Isolation, Key};
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
-use bulkhead_driver::{InstanceHandle, SpawnSpec};
+use bulkhead_driver::{ExitCause, InstanceHandle, SpawnSpec};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
@@ -525,7 +525,15 @@ async fn run(
 
         let live = inst.has_live_process();
         tokio::select! {
-            status = wait_exit(&handle), if live => queue.extend(inst.handle(Input::Exited(status), now())),
+            status = wait_exit(&handle), if live => {
+                // The driver knows whether the OOM killer ended the run (memory.events, the
+                // v1 OOM counter, the engine's oom event); it is read once every process is
+                // gone, so the counter is final.
+                if let Some(ExitCause::OomKilled { limit_bytes }) = handle.as_ref().and_then(|h| h.exit_cause()) {
+                    queue.extend(inst.handle(Input::OomKilled { limit_bytes }, now()));
+                }
+                queue.extend(inst.handle(Input::Exited(status), now()));
+            }
             Some(msg) = nrx.recv() => {
                 if let Some(s) = msg.status {
                     status_text = Some(s);

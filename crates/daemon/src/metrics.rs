@@ -355,6 +355,7 @@ impl Metrics {
             }
             EventKind::Exited { .. }
             | EventKind::Crashed { .. }
+            | EventKind::OomKilled { .. }
             | EventKind::Restarting { .. }
             | EventKind::LaunchFailed { .. }
             | EventKind::Terminated { .. } => {
@@ -750,6 +751,7 @@ mod tests {
             cpu_seconds: 1.5,
             memory_bytes: 4096,
             pids: 1,
+            ..Stats::default()
         };
         let instances = vec![
             sample("ns:a:web", State::Ready, Some(stats)),

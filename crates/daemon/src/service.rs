@@ -118,6 +118,13 @@ pub fn event_proto(e: &Event) -> v1::Event {
             p.signal = Some(*signal);
             p.core_dumped = Some(*core_dumped);
         }
+        EventKind::OomKilled {
+            limit_bytes,
+            signal,
+        } => {
+            p.signal = Some(*signal);
+            p.limit_bytes = *limit_bytes;
+        }
         EventKind::Terminating { signal, grace_ms } => {
             p.signal = Some(*signal);
             p.grace_ms = Some(*grace_ms);

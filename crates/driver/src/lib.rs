@@ -91,6 +91,23 @@ pub struct Stats {
     pub memory_bytes: u64,
     /// Number of live processes in the instance.
     pub pids: u32,
+    /// The most memory the instance has used, where the driver can tell (a cgroup's
+    /// `memory.peak` / `memory.max_usage_in_bytes`, the engine's stats).
+    pub memory_peak_bytes: Option<u64>,
+    /// Time the instance was held back by its CPU limit (cgroup `cpu.stat`).
+    pub cpu_throttled_seconds: Option<f64>,
+    /// How many times a fork failed at the pids limit (`pids.events` max).
+    pub pids_limit_hits: Option<u64>,
+    /// The limits in force, for showing usage against them.
+    pub memory_limit_bytes: Option<u64>,
+    pub pids_limit: Option<u32>,
+}
+
+/// Why an instance ended, beyond its exit status, when the driver can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCause {
+    /// The kernel's OOM killer acted on the instance at its memory limit.
+    OomKilled { limit_bytes: Option<u64> },
 }
 
 /// Usage could not be read.
@@ -151,4 +168,11 @@ pub trait InstanceHandle: Send + Sync + 'static {
 
     /// Current resource usage.
     fn stats(&self) -> Result<Stats, StatsError>;
+
+    /// Why the instance ended, asked once [`wait`](Self::wait) has resolved. Drivers
+    /// that enforce limits report an OOM kill here, so that it is not shown as a bare
+    /// SIGKILL.
+    fn exit_cause(&self) -> Option<ExitCause> {
+        None
+    }
 }
