@@ -126,7 +126,7 @@ mod tests {
         };
         w("good", "name: good\ncommand: [/bin/true]\n");
         w("bad", "name: bad\ncommand: [x]\nnope: 1\n");
-        w("dock", "name: dock\ncommand: [x]\ndriver: docker\n");
+        w("dock", "name: dock\ncommand: [x]\ndriver: sandbox\n");
         std::fs::create_dir_all(dir.path().join("empty")).unwrap();
         let cat = Catalog::scan(dir.path(), &[DriverKind::Process]);
         assert_eq!(cat.entries.len(), 3);
