@@ -651,6 +651,7 @@ async fn spawn(
             env: env.clone(),
             cwd: slot.dir.clone(),
             spec: spec.clone(),
+            binds: notify.iter().map(|n| n.path().to_path_buf()).collect(),
         })
         .await
         .map_err(|e| e.to_string())?;

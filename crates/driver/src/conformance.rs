@@ -124,6 +124,7 @@ impl Fixture {
             ],
             cwd: self.workdir.clone(),
             spec: Arc::new(workload),
+            binds: Vec::new(),
         }
     }
 }

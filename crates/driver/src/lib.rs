@@ -42,6 +42,10 @@ pub struct SpawnSpec {
     pub cwd: PathBuf,
     /// The workload as launched, for driver-specific sections.
     pub spec: Arc<WorkloadSpec>,
+    /// Host paths the instance must reach at the same path whatever its walls: its notify
+    /// socket, the data plane's shared-memory directories. Drivers that hide the host's
+    /// file system (sandbox, docker) bind each one in, read-write.
+    pub binds: Vec<PathBuf>,
 }
 
 /// A started instance.
