@@ -595,6 +595,11 @@ async fn run(
     // Aborting the notify task drops the socket, which removes its file.
     abort_all(&mut run_tasks);
     sh.ports.release(port);
+    // The finished slot stays listed for `get` a while (see `Shared::retire`) but must not
+    // keep the driver's handle (a pidfd, a cgroup, a container reference) alive with it.
+    drop(handle);
+    *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    sh.retire(&slot);
 }
 
 async fn wait_exit(handle: &Option<Arc<dyn InstanceHandle>>) -> ExitStatus {

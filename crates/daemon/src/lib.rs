@@ -88,6 +88,10 @@ pub struct Shared {
     pub(crate) cfg: Config,
     catalog: RwLock<Arc<catalog::Catalog>>,
     registry: Mutex<HashMap<InstanceId, Arc<Slot>>>,
+    /// Finished instances still in `registry` (for `get` and `list`), oldest first: at most
+    /// [`FINISHED_KEPT`] stay, so a daemon that serves a new session per request does not
+    /// grow without bound.
+    finished: Mutex<std::collections::VecDeque<(InstanceId, std::sync::Weak<Slot>)>>,
     pub events: events::EventLog,
     pub(crate) drivers: HashMap<DriverKind, Arc<dyn Driver>>,
     pub(crate) ports: Ports,
@@ -101,6 +105,9 @@ pub struct Shared {
     /// Prometheus metrics; launches are counted in [`Shared::launch`].
     pub metrics: metrics::Metrics,
 }
+
+/// How many finished instances stay visible to `get` and `list`.
+pub const FINISHED_KEPT: usize = 1024;
 
 impl Shared {
     /// `events`: the durable log opened on the state dir, or [`events::EventLog::new`].
@@ -120,6 +127,7 @@ impl Shared {
             cfg,
             catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
             registry: Mutex::new(HashMap::new()),
+            finished: Mutex::new(std::collections::VecDeque::new()),
             events,
             drivers,
             ports: Ports::default(),
@@ -194,6 +202,35 @@ impl Shared {
             leases,
         );
         reg.insert(id, slot);
+    }
+
+    /// Records that `slot` reached a final state, and forgets the oldest finished
+    /// instances beyond [`FINISHED_KEPT`]. An entry is removed only if the registry still
+    /// holds that very slot in a final state: a key launched again since has a new slot.
+    pub(crate) fn retire(&self, slot: &Arc<Slot>) {
+        let mut fin = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        fin.push_back((slot.id.clone(), Arc::downgrade(slot)));
+        if fin.len() <= FINISHED_KEPT {
+            return;
+        }
+        // Lock order: `finished`, then `registry` (nowhere is it taken the other way).
+        let mut reg = self.lock_registry();
+        while fin.len() > FINISHED_KEPT {
+            let Some((id, weak)) = fin.pop_front() else {
+                break;
+            };
+            let same = match (reg.get(&id), weak.upgrade()) {
+                (Some(cur), Some(old)) => Arc::ptr_eq(cur, &old),
+                _ => false,
+            };
+            if same
+                && reg
+                    .get(&id)
+                    .is_some_and(|s| s.view.borrow().state.is_terminal())
+            {
+                reg.remove(&id);
+            }
+        }
     }
 
     pub(crate) fn logs_dir(&self) -> PathBuf {

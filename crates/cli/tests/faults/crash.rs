@@ -1,0 +1,119 @@
+//! `kill -9` of the daemon in the middle of launches, restarts and terminations.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::support::*;
+
+fn workloads(mark: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "svc",
+            format!(
+                "name: svc\ncommand: [/bin/sleep, '1000']\nenv: {{FAULT_MARK: {mark}}}\nshutdown: {{grace: 2s}}\n"
+            ),
+        ),
+        (
+            "flaky",
+            format!(
+                "name: flaky\ncommand: [/bin/sh, -c, 'sleep 0.03; exit 1']\nenv: {{FAULT_MARK: {mark}}}\nrestart: {{policy: on-failure, max_failures: 100000, backoff: {{initial: 5ms, max: 20ms}}}}\n"
+            ),
+        ),
+    ]
+}
+
+/// Checks the invariants that must hold after any crash and restart.
+fn check(d: &Daemon, mark: &str, round: usize) {
+    let listed = listed(d);
+    // Every key has at most one instance: at most one main process per instance id.
+    for (id, pids) in per_instance(mark) {
+        assert!(
+            pids.len() <= 1,
+            "round {round}: {id} has {} processes: {pids:?}",
+            pids.len()
+        );
+        // Every process of ours belongs to an instance the daemon knows and supervises.
+        if id.ends_with(":svc") {
+            let inst = listed.get(&id).unwrap_or_else(|| {
+                panic!("round {round}: process {pids:?} of {id} is not listed: {listed:#?}")
+            });
+            assert_eq!(
+                inst["pid"].as_u64(),
+                Some(u64::from(pids[0])),
+                "round {round}: {id} is listed with another pid"
+            );
+        }
+    }
+    // Every recorded instance that claims a live process really has one.
+    for (id, inst) in &listed {
+        if inst["state"] == "ready" && id.ends_with(":svc") {
+            let pid = inst["pid"].as_u64().expect("a ready instance has a pid") as u32;
+            assert!(
+                alive(pid),
+                "round {round}: {id} is ready but pid {pid} is gone"
+            );
+        }
+    }
+    assert_gapless(&d.events());
+}
+
+#[test]
+fn kill_9_during_launches_restarts_and_terminations_keeps_every_invariant() {
+    let mark = marker("crash");
+    let wl = workloads(&mark);
+    let wl: Vec<(&str, &str)> = wl.iter().map(|(n, m)| (*n, m.as_str())).collect();
+    let mut d = Daemon::start(&wl);
+    let rounds = scale(6, 100);
+    for round in 0..rounds {
+        // Requests in flight when the daemon dies: launches of new keys, a termination, a
+        // workload that keeps restarting.
+        let mut kids = Vec::new();
+        let mut cli = |args: Vec<String>| {
+            kids.push(
+                Command::new(BIN)
+                    .arg("--socket")
+                    .arg(&d.socket)
+                    .args(&args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+        };
+        for i in 0..3 {
+            cli(vec![
+                "launch".into(),
+                "svc".into(),
+                "--namespace".into(),
+                format!("r{round}-{i}"),
+            ]);
+        }
+        if round > 0 {
+            cli(vec!["terminate".into(), format!("ns:r{}-0:svc", round - 1)]);
+        }
+        cli(vec![
+            "launch".into(),
+            "flaky".into(),
+            "--namespace".into(),
+            format!("f{}", round % 2),
+            "--wait".into(),
+            "none".into(),
+        ]);
+        // A different moment each round: before, during and after the requests land.
+        std::thread::sleep(Duration::from_millis(((round * 7919) % 45) as u64));
+        d.kill9();
+        for mut k in kids {
+            let _ = k.wait();
+        }
+        d.spawn();
+        check(&d, &mark, round);
+    }
+    // Everything stops cleanly afterwards and leaves no process behind.
+    for id in listed(&d).keys() {
+        let _ = d.cli(&["terminate", id]);
+    }
+    assert!(d.sigterm().success(), "{}", d.daemon_log());
+    drop(d);
+    wait_until("no process of the test left", || marked(&mark).is_empty());
+}

@@ -1,0 +1,28 @@
+//! Fault suites: bulkhead broken on purpose, through the real daemon and real processes.
+//!
+//! The bounded form runs with `cargo test` (and so in CI); `BULKHEAD_FAULTS_LONG=1` runs the
+//! long form (100 crash rounds, 10,000 launch/terminate cycles, 60 s of load). Nothing here
+//! asserts a timing: latencies are printed, invariants are asserted.
+//!
+//! - [`crash`]: `kill -9` of the daemon in the middle of launches, restarts and
+//!   terminations; afterwards every key has at most one instance, every recorded instance
+//!   is adopted or cleaned up, the event log has no gap, and nothing is orphaned.
+//! - [`workload`]: workloads that misbehave (signal storms, readiness that never comes,
+//!   liveness that flaps, SIGTERM ignored, double forks) are contained and reported for what
+//!   they are.
+//! - [`leaks`]: launch/terminate cycles leave the daemon's fds, memory, zombies and state
+//!   database bounded.
+//! - [`load`]: mixed launch/reuse/terminate/list requests from concurrent clients: no errors.
+//! - [`hostile`]: hostile names and manifests get clear errors and create nothing outside
+//!   the state directory.
+
+#[allow(dead_code)]
+#[path = "../it/harness.rs"]
+mod harness;
+
+mod crash;
+mod hostile;
+mod leaks;
+mod load;
+mod support;
+mod workload;
