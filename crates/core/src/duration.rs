@@ -92,7 +92,10 @@ fn parse_decimal(num: &str, scale: u128) -> Option<u128> {
 /// Formats a duration the way [`parse`] reads it back.
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis();
-    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+    if !d.subsec_nanos().is_multiple_of(1_000) {
+        // Found by the `request` fuzz target: `5.00511011s` came back as `5.00511s`.
+        format!("{}ns", d.as_nanos())
+    } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
         format!("{}us", d.as_micros())
     } else if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
@@ -175,6 +178,12 @@ mod tests {
         #[test]
         fn format_round_trips(ms in 0u64..(7 * 24 * 3600 * 1000)) {
             let d = Duration::from_millis(ms);
+            prop_assert_eq!(parse(&format(d)).unwrap(), d);
+        }
+
+        #[test]
+        fn format_round_trips_to_the_nanosecond(ns in 0u64..(7 * 24 * 3600 * 1_000_000_000)) {
+            let d = Duration::from_nanos(ns);
             prop_assert_eq!(parse(&format(d)).unwrap(), d);
         }
 
