@@ -138,6 +138,8 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon: lock, bind, load, serve.
     pub async fn start(cfg: Config) -> Result<Daemon, StartError> {
+        let nofile = bulkhead_driver::sys::raise_nofile_limit();
+        tracing::debug!("open-file limit: {nofile}");
         let state_err = |path: &Path| {
             let path = path.to_owned();
             move |source| StartError::StateDir { path, source }

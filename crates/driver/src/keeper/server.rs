@@ -66,6 +66,7 @@ struct Keeper {
 /// Runs the keeper for `state_dir` until it is told to shut down and holds no instance.
 /// Returns at once if another keeper already holds the state directory.
 pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
+    crate::sys::raise_nofile_limit();
     let lock_file = lock_path(state_dir);
     let lock = OpenOptions::new()
         .create(true)
