@@ -207,6 +207,24 @@ pub(crate) fn start_with(
     leases: Vec<String>,
 ) -> Arc<Slot> {
     let id = key.instance_id();
+    // What `get` and `list` show before the actor's first turn. An adopted or resumed
+    // instance must not look like a fresh launch while the API already serves (the actor
+    // may run only after many others): it shows the state it was found in, as recorded.
+    let (state, pid, port, restored) = match &origin {
+        Origin::Launched => (State::Starting, None, 0, None),
+        Origin::Adopted(a, restored) => {
+            let port = a
+                .record
+                .env
+                .iter()
+                .find(|(k, _)| k == "PORT")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            (State::Ready, Some(a.pid), port, Some(*restored))
+        }
+        Origin::Resumed(restored, _) => (State::Restarting, None, 0, Some(*restored)),
+    };
+    let adopted = pid.is_some();
     let view = View {
         id: id.clone(),
         workload: key.workload().to_owned(),
@@ -214,19 +232,19 @@ pub(crate) fn start_with(
         namespace: key.namespace().map(str::to_owned),
         session: key.session().map(str::to_owned),
         driver: spec.driver,
-        state: State::Starting,
-        started: false,
-        pid: None,
-        port: 0,
-        ready: false,
-        restarts: 0,
-        started_at_ms: 0,
+        state,
+        started: adopted,
+        pid,
+        port,
+        ready: adopted,
+        restarts: restored.map_or(0, |r| r.restarts),
+        started_at_ms: if adopted { crate::events::now_ms() } else { 0 },
         last_exit: None,
         failure: None,
         status_text: None,
         leases: leases.clone(),
-        breaker: bulkhead_core::restart::BreakerState::Closed,
-        consecutive_failures: 0,
+        breaker: restored.map_or(bulkhead_core::restart::BreakerState::Closed, |r| r.breaker),
+        consecutive_failures: restored.map_or(0, |r| r.consecutive_failures),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let slot = Arc::new(Slot {

@@ -28,21 +28,43 @@ fn check(d: &Daemon, mark: &str, round: usize) {
     let listed = listed(d);
     // Every key has at most one instance: at most one main process per instance id.
     for (id, pids) in per_instance(mark) {
-        assert!(
-            pids.len() <= 1,
-            "round {round}: {id} has {} processes: {pids:?}",
-            pids.len()
-        );
+        if pids.len() > 1 {
+            let cmds: Vec<String> = pids
+                .iter()
+                .map(|p| {
+                    let st = bulkhead_driver::sys::read_stat(*p);
+                    let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                    format!("{p}: {:?} {st:?}", String::from_utf8_lossy(&cmd))
+                })
+                .collect();
+            let log = d.daemon_log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            panic!(
+                "round {round}: {id} has {} processes:\n{}\n--- daemon log (last lines, newest first) ---\n{}",
+                pids.len(),
+                cmds.join("\n"),
+                tail.join("\n")
+            );
+        }
         // Every process of ours belongs to an instance the daemon knows and supervises.
         if id.ends_with(":svc") {
             let inst = listed.get(&id).unwrap_or_else(|| {
                 panic!("round {round}: process {pids:?} of {id} is not listed: {listed:#?}")
             });
-            assert_eq!(
-                inst["pid"].as_u64(),
-                Some(u64::from(pids[0])),
-                "round {round}: {id} is listed with another pid"
-            );
+            if inst["pid"].as_u64() != Some(u64::from(pids[0])) {
+                let log = d.daemon_log();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .filter(|l| {
+                        l.contains(id.as_str()) || l.contains("keeper") || l.contains("adopt")
+                    })
+                    .collect();
+                panic!(
+                    "round {round}: {id} runs as {pids:?} but is listed as {inst:#}\nevents: {:#?}\n--- daemon log ---\n{}",
+                    d.events().into_iter().filter(|e| e["instance"] == id.as_str()).collect::<Vec<_>>(),
+                    tail.join("\n")
+                );
+            }
         }
     }
     // Every recorded instance that claims a live process really has one.

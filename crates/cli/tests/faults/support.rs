@@ -77,6 +77,13 @@ pub fn per_instance(mark: &str) -> HashMap<String, Vec<u32>> {
             m.entry(inst).or_default().push(pid);
         }
     }
+    // The scan is not a snapshot: a run that exited early in it and its successor found
+    // later would look like two processes at once. Those still alive after the scan were
+    // alive together (a process cannot come back), so keep only them.
+    for pids in m.values_mut() {
+        pids.retain(|p| crate::harness::alive(*p));
+    }
+    m.retain(|_, pids| !pids.is_empty());
     m
 }
 
