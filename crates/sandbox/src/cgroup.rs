@@ -236,9 +236,9 @@ impl Cgroups {
         let mut v1 = Vec::new();
         if choice != ModeChoice::Unified && !unified_controllers {
             for c in V1::ALL {
-                let mount = mounts.iter().find(|(_, t, opts)| {
-                    t == "cgroup" && opts.split(',').any(|o| o == c.name())
-                });
+                let mount = mounts
+                    .iter()
+                    .find(|(_, t, opts)| t == "cgroup" && opts.split(',').any(|o| o == c.name()));
                 let (Some((mount, _, _)), Some(own)) = (mount, own_path(&own, c.name())) else {
                     continue;
                 };
@@ -320,7 +320,13 @@ impl Cgroups {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let name: String = instance
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let name = format!("{name}-{seq}");
         let mut cg = InstanceCgroup {
@@ -380,7 +386,7 @@ fn enable_controllers(mount: &Path, base: &Path) -> bool {
         return false;
     }
     // Every level from the mount down to `base`'s parent delegates the controllers.
-    let mut levels: Vec<&Path> = base.ancestors().skip(0).take_while(|p| *p != mount).collect();
+    let mut levels: Vec<&Path> = base.ancestors().take_while(|p| *p != mount).collect();
     levels.push(mount);
     levels.reverse();
     for dir in levels {
@@ -561,9 +567,7 @@ impl InstanceCgroup {
         };
         let fd = rustix::fs::open(
             d,
-            rustix::fs::OFlags::PATH
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )?;
         Ok(Some(fd))

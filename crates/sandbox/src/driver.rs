@@ -323,7 +323,9 @@ impl Driver for SandboxDriver {
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
-        let other = |what: String| SpawnError::Other(format!("cannot start instance {}: {what}", spec.instance));
+        let other = |what: String| {
+            SpawnError::Other(format!("cannot start instance {}: {what}", spec.instance))
+        };
         if self.min_available_memory > 0 {
             if let Some(avail) = cgroup::mem_available() {
                 if avail < self.min_available_memory {
@@ -342,9 +344,7 @@ impl Driver for SandboxDriver {
             .cgroups
             .create(spec.instance.as_str(), spec.spec.resources.as_ref())
             .map_err(|e| other(e.to_string()))?;
-        let fds = cg
-            .open_unified()
-            .and_then(|u| Ok((u, cg.open_v1_procs()?)));
+        let fds = cg.open_unified().and_then(|u| Ok((u, cg.open_v1_procs()?)));
         match fds {
             Ok((u, v1)) => {
                 prepared.cgroup_fd = u;
@@ -383,10 +383,8 @@ impl Driver for SandboxDriver {
             drop((out_w, err_w, prepared));
             if let Err(Ok(child)) = tx.send(res) {
                 // The caller went away: nothing will watch this instance.
-                let _ = rustix::process::pidfd_send_signal(
-                    &child.pidfd,
-                    rustix::process::Signal::KILL,
-                );
+                let _ =
+                    rustix::process::pidfd_send_signal(&child.pidfd, rustix::process::Signal::KILL);
                 let _ = sys::reap_blocking(child.pid);
                 reaper::Registry::global().unregister(child.pid);
             }
@@ -512,7 +510,10 @@ async fn watch_instance(
             waited += delay;
             delay = (delay * 2).min(Duration::from_millis(50));
             if waited > Duration::from_secs(5) {
-                tracing::warn!(pid = sh.pid, "sandbox processes still alive 5 s after SIGKILL; still waiting");
+                tracing::warn!(
+                    pid = sh.pid,
+                    "sandbox processes still alive 5 s after SIGKILL; still waiting"
+                );
                 waited = Duration::ZERO;
             }
         }

@@ -53,8 +53,8 @@ pub struct SeccompError(String);
 
 /// Compiles the deny-list for the running architecture.
 pub fn deny_list() -> Result<BpfProgram, SeccompError> {
-    let arch = TargetArch::try_from(std::env::consts::ARCH)
-        .map_err(|e| SeccompError(e.to_string()))?;
+    let arch =
+        TargetArch::try_from(std::env::consts::ARCH).map_err(|e| SeccompError(e.to_string()))?;
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         DENIED.iter().map(|(_, nr)| (*nr, Vec::new())).collect();
     let filter = SeccompFilter::new(

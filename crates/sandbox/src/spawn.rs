@@ -99,7 +99,10 @@ pub(crate) enum MountOp {
     /// `/` and everything below: private propagation (nothing leaks back to the host).
     MakePrivate,
     /// Clones the tree at `path` (detached) into fd slot `slot`, before anything hides it.
-    OpenTree { path: CString, slot: usize },
+    OpenTree {
+        path: CString,
+        slot: usize,
+    },
     /// Everything below `/` read-only (`mount_setattr` with `AT_RECURSIVE`).
     ReadOnlyRoot,
     Tmpfs {
@@ -111,18 +114,30 @@ pub(crate) enum MountOp {
     Devpts,
     /// `mkdir`, errors ignored (the target may exist, or sit on a read-only mount; the
     /// move that follows reports a missing target).
-    Mkdir { path: CString },
+    Mkdir {
+        path: CString,
+    },
     /// Creates an empty file as a bind target, errors ignored likewise.
-    Touch { path: CString },
+    Touch {
+        path: CString,
+    },
     Mknod {
         path: CString,
         dev: libc::dev_t,
     },
-    Symlink { target: CString, path: CString },
+    Symlink {
+        target: CString,
+        path: CString,
+    },
     /// Attaches the tree of `slot` at `target`.
-    Move { slot: usize, target: CString },
+    Move {
+        slot: usize,
+        target: CString,
+    },
     /// Makes the mount at `path` (and below) read-only.
-    ReadOnly { path: CString },
+    ReadOnly {
+        path: CString,
+    },
 }
 
 impl MountOp {
@@ -388,8 +403,7 @@ pub(crate) fn spawn(
     };
 
     let mut flags = CLONE_PIDFD
-        | (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)
-            as u64;
+        | (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as u64;
     if p.net {
         flags |= libc::CLONE_NEWNET as u64;
     }
@@ -536,10 +550,17 @@ unsafe fn fail(ctx: &Ctx<'_>, stage: u32) -> ! {
 /// Only right after clone3, in the child. No allocation, no locks.
 unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
     let p = ctx.p;
-    // SAFETY (whole function): raw system calls on pointers into `ctx` (valid in our copy
+    // SAFETY: for the whole block, raw system calls on pointers into `ctx` (valid in our copy
     // of the address space) and on stack buffers.
     unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
             fail(ctx, STAGE_PDEATHSIG);
         }
         for fd in &p.v1_procs {
@@ -590,7 +611,7 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
 /// # Safety
 /// Only in the child, after the fork of the workload.
 unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, all: &libc::sigset_t) -> ! {
-    // SAFETY (whole function): raw system calls on our own fds and stack buffers.
+    // SAFETY: for the whole block, raw system calls on our own fds and stack buffers.
     unsafe {
         // Keep only the status pipe (as fd 0): the init must not hold the daemon's
         // descriptors (other instances' pipes, sockets) for the instance's lifetime.
@@ -635,7 +656,7 @@ unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, all: &libc::sigset_t) -> !
 /// Only in the child (or the init's fork).
 unsafe fn workload(ctx: &Ctx<'_>) -> ! {
     let p = ctx.p;
-    // SAFETY (whole function): raw system calls on pointers into `ctx` and stack values.
+    // SAFETY: for the whole block, raw system calls on pointers into `ctx` and stack values.
     unsafe {
         // Default dispositions (Rust ignores SIGPIPE; ignored signals survive exec).
         for sig in 1..32 {
@@ -666,8 +687,7 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
             // Raw calls: glibc's setuid family signals every thread of the process it
             // thinks it is, which we are not.
             if (p.keep_caps != 0 && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0)
-                || libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>())
-                    != 0
+                || libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
                 || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
                 || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
             {
@@ -701,7 +721,13 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
             // ambient capabilities.
             for cap in 0..=p.cap_last.min(63) {
                 if p.keep_caps & (1 << cap) != 0 {
-                    libc::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap as libc::c_ulong, 0, 0);
+                    libc::prctl(
+                        PR_CAP_AMBIENT,
+                        PR_CAP_AMBIENT_RAISE,
+                        cap as libc::c_ulong,
+                        0,
+                        0,
+                    );
                 }
             }
         }
@@ -729,7 +755,7 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
 /// Only in the child; `slots` has room for every slot the program names.
 unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
     let null = std::ptr::null::<libc::c_char>();
-    // SAFETY (whole function): raw system calls with NUL-terminated strings prepared
+    // SAFETY: for the whole block, raw system calls with NUL-terminated strings prepared
     // before the clone, and slot indices below the slot count (built together).
     unsafe {
         match op {
@@ -800,9 +826,7 @@ unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
                 libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, *dev) == 0
                     && libc::chmod(path.as_ptr(), 0o666) == 0
             }
-            MountOp::Symlink { target, path } => {
-                libc::symlink(target.as_ptr(), path.as_ptr()) == 0
-            }
+            MountOp::Symlink { target, path } => libc::symlink(target.as_ptr(), path.as_ptr()) == 0,
             MountOp::Move { slot, target } => {
                 let fd = *slots.add(*slot);
                 let ok = libc::syscall(

@@ -57,7 +57,6 @@ impl bulkhead_driver::conformance::DriverUnderTest for MaybeDriver {
     }
 }
 
-
 mod auto {
     use super::*;
     async fn sandbox_driver() -> MaybeDriver {
