@@ -42,8 +42,8 @@ use bulkhead_core::sandbox::SandboxSpec;
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::DriverKind;
 use bulkhead_driver::{
-    reaper, sys, Driver, ExitCause, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned,
-    Stats, StatsError,
+    reaper, sys, Driver, ExecTarget, ExitCause, InstanceHandle, SignalError, SpawnError, SpawnSpec,
+    Spawned, Stats, StatsError,
 };
 use seccompiler::BpfProgram;
 use tokio::io::unix::AsyncFd;
@@ -429,8 +429,19 @@ impl Driver for SandboxDriver {
                 });
             }
         };
+        let mut namespaces =
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        if sb.network.isolated() {
+            namespaces |= libc::CLONE_NEWNET;
+        }
+        let keep_caps = sb
+            .capability_numbers()
+            .iter()
+            .fold(0u64, |m, c| m | (1 << c));
         let shared = Arc::new(Shared {
             pid,
+            namespaces,
+            keep_caps,
             phase: Mutex::new(Phase::Running),
             cause: Mutex::new(None),
             cgroup: cg,
@@ -460,6 +471,8 @@ enum Phase {
 
 struct Shared {
     pid: u32,
+    namespaces: i32,
+    keep_caps: u64,
     /// Taken around the reap and around every signal (see the table).
     phase: Mutex<Phase>,
     cause: Mutex<Option<ExitCause>>,
@@ -626,5 +639,23 @@ impl InstanceHandle for SandboxHandle {
 
     fn exit_cause(&self) -> Option<ExitCause> {
         *lock(&self.shared.cause)
+    }
+
+    fn exec_target(&self) -> Option<ExecTarget> {
+        if *lock(&self.shared.phase) != Phase::Running {
+            return None;
+        }
+        let cg = &self.shared.cgroup;
+        Some(ExecTarget {
+            pidfd: Arc::clone(&self.pidfd),
+            namespaces: self.shared.namespaces,
+            cgroup_procs: cg
+                .unified
+                .iter()
+                .chain(cg.v1.iter().map(|(_, d)| d))
+                .map(|d| d.join("cgroup.procs"))
+                .collect(),
+            keep_caps: self.shared.keep_caps,
+        })
     }
 }
