@@ -531,6 +531,7 @@ async fn watch_instance(
             }
         }
         let usage = cg.usage();
+        tracing::debug!(pid = sh.pid, ?usage, "final cgroup usage");
         if usage.oom_kills > 0 {
             *lock(&sh.cause) = Some(ExitCause::OomKilled {
                 limit_bytes: cg.memory_limit,
