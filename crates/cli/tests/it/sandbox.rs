@@ -144,3 +144,24 @@ fn a_memory_hog_is_reported_oom_killed() {
         "the limit is named: {e}"
     );
 }
+
+/// A daemon killed with SIGKILL takes its sandboxed instances with it (parent-death
+/// signal); the next daemon removes the stale cgroups and reports the instance `lost`.
+#[test]
+fn sandboxed_instances_die_with_the_daemon_and_are_reported_lost() {
+    let m = "name: sl\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n";
+    let mut d = Daemon::start(&[("sl", m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let v = d.json(&["launch", "sl", "-o", "json"]);
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    assert!(alive(pid));
+    d.kill9();
+    assert!(wait_gone(pid), "the sandbox init outlived the daemon");
+    d.spawn();
+    d.wait_event("lost", |e| {
+        e["instance"] == "ns:default:sl" && e["kind"] == "lost"
+    });
+    assert_eq!(instance_cgroups(&scope(&d.state)), Vec::<PathBuf>::new());
+}
