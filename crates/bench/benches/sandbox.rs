@@ -166,10 +166,11 @@ fn main() -> anyhow::Result<()> {
 
     let mut report = String::new();
     report.push_str(&format!(
-        "cgroups: {} (limits: {}; born in its cgroup: {}); {iterations} interleaved rounds\n\n",
+        "cgroups: {} (limits: {}; born in its cgroup: {}; favordynmods: {}); {iterations} interleaved rounds\n\n",
         caps.cgroup_mode,
         caps.controllers.join(", "),
-        caps.clone_into_cgroup
+        caps.clone_into_cgroup,
+        caps.favordynmods
     ));
     report.push_str("| measurement | p50 ms | p99 ms | p50 vs clone3 floor | p50 vs bulkhead driver |\n|---|---|---|---|---|\n");
     for s in [&floor, &drv, &api, &bw, &un] {

@@ -149,6 +149,10 @@ pub struct ServeArgs {
     /// Do not start the sandbox driver.
     #[arg(long)]
     pub no_sandbox: bool,
+    /// Remount the cgroup2 mount with `favordynmods`: moving a process between cgroups
+    /// (the sandbox's v1 attach) then skips an RCU grace period. System-wide.
+    #[arg(long)]
+    pub cgroup_favordynmods: bool,
 }
 
 /// Arguments of the internal `keeper` command (started by the daemon).

@@ -272,6 +272,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 "cgroup_mode": s.cgroup_mode,
                 "controllers": s.controllers,
                 "clone_into_cgroup": s.clone_into_cgroup,
+                "favordynmods": s.favordynmods,
                 "error": if s.error.is_empty() { None } else { Some(&s.error) },
             })),
         })),
@@ -293,7 +294,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             if let Some(s) = &h.sandbox {
                 if s.available {
                     println!(
-                        "sandbox: cgroups {} (limits: {}; born in its cgroup: {})",
+                        "sandbox: cgroups {} (limits: {}; born in its cgroup: {}; favordynmods: {})",
                         s.cgroup_mode,
                         if s.controllers.is_empty() {
                             "none".to_owned()
@@ -304,7 +305,8 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                             "yes"
                         } else {
                             "no, attached before exec"
-                        }
+                        },
+                        if s.favordynmods { "on" } else { "off" }
                     );
                 } else {
                     println!("sandbox: unavailable ({})", s.error);

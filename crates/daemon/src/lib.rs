@@ -128,6 +128,7 @@ fn start_sandbox(
         mode: bulkhead_sandbox::cgroup::ModeChoice::Auto,
         scope: sandbox_scope(&cfg.state_dir),
         min_available_memory: cfg.min_available_memory,
+        favor_dynmods: cfg.cgroup_favordynmods,
     };
     Some(match bulkhead_sandbox::SandboxDriver::new(sc) {
         Ok(d) => {

@@ -58,6 +58,8 @@ pub struct Config {
     pub min_available_memory: u64,
     /// Try to start the sandbox driver (it needs root and cgroups; `health` says why not).
     pub sandbox: bool,
+    /// Remount the cgroup2 mount with `favordynmods` (system-wide; see the README).
+    pub cgroup_favordynmods: bool,
 }
 
 impl Config {
@@ -87,6 +89,7 @@ impl Config {
             keeper: None,
             min_available_memory: bulkhead_sandbox::driver::DEFAULT_MIN_AVAILABLE_MEMORY,
             sandbox: true,
+            cgroup_favordynmods: false,
         }
     }
 }

@@ -316,6 +316,7 @@ impl bulkhead_api::Bulkhead for Service {
                     cgroup_mode: c.cgroup_mode.clone(),
                     controllers: c.controllers.clone(),
                     clone_into_cgroup: c.clone_into_cgroup,
+                    favordynmods: c.favordynmods,
                     error: String::new(),
                 },
                 Err(e) => v1::SandboxHealth {

@@ -34,6 +34,7 @@ fn driver(mode: ModeChoice, scope: &str) -> Option<WithWorkdir> {
         mode,
         scope: format!("conformance-{scope}-{}-{seq}", std::process::id()),
         min_available_memory: 0,
+        favor_dynmods: false,
     }) {
         Ok(d) => Some(WithWorkdir(d)),
         Err(e) => {

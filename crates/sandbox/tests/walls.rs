@@ -31,6 +31,7 @@ fn driver(mode: ModeChoice) -> Option<(SandboxDriver, String)> {
         mode,
         scope: scope.clone(),
         min_available_memory: 0,
+        favor_dynmods: false,
     }) {
         Ok(d) => Some((d, scope)),
         Err(e) => {
