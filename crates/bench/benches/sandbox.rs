@@ -39,6 +39,14 @@ fn main() -> anyhow::Result<()> {
             let s = UnixDatagram::unbound().expect("socket");
             s.send_to(b"READY=1", path).expect("notify");
         }
+        // Through the API the instance must outlive its READY (an exit during start-up
+        // fails the launch); elsewhere it ends so that the untimed teardown is short.
+        if std::env::var_os("BENCH_EXIT_AFTER_READY").is_none() {
+            loop {
+                // SAFETY: pause(2) has no preconditions.
+                unsafe { libc::pause() };
+            }
+        }
         std::process::exit(0);
     }
     let flag = |name: &str| {
@@ -67,10 +75,15 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let caps = driver.capabilities();
+    // BENCH_RESOURCES / BENCH_SANDBOX replace the sections (to see what each wall costs).
+    let resources = std::env::var("BENCH_RESOURCES")
+        .unwrap_or_else(|_| "{memory: 256Mi, pids: 64, cpu: 1}".into());
+    let sandbox = std::env::var("BENCH_SANDBOX").unwrap_or_else(|_| "{}".into());
     let manifest = format!(
-        "name: notify\ndriver: sandbox\ncommand: [{}, notify-child]\nreadiness: {{notify: true, timeout: 30s}}\nresources: {{memory: 256Mi, pids: 64, cpu: 1}}\nisolation: session\n",
+        "name: notify\ndriver: sandbox\ncommand: [{}, notify-child]\nreadiness: {{notify: true, timeout: 30s}}\nresources: {resources}\nsandbox: {sandbox}\nisolation: session\n",
         exe.display()
     );
+    eprintln!("resources: {resources}; sandbox: {sandbox}");
     let workload = Arc::new(bulkhead_core::spec::parse_manifest(
         "notify/manifest.yaml",
         "notify",
@@ -238,8 +251,9 @@ fn floor_once(exe: &Path, path: &Path) -> anyhow::Result<Duration> {
     let prog = CString::new(exe.as_os_str().as_bytes())?;
     let arg1 = CString::new("notify-child")?;
     let env = CString::new([b"NOTIFY_SOCKET=".as_slice(), path.as_os_str().as_bytes()].concat())?;
+    let exit = CString::new("BENCH_EXIT_AFTER_READY=1")?;
     let argv = [prog.as_ptr(), arg1.as_ptr(), std::ptr::null()];
-    let envp = [env.as_ptr(), std::ptr::null()];
+    let envp = [env.as_ptr(), exit.as_ptr(), std::ptr::null()];
     let t = Instant::now();
     let sock = UnixDatagram::bind(path)?;
     let mut args = CloneArgs {
@@ -287,7 +301,10 @@ async fn driver_once(
     let spec = bulkhead_driver::SpawnSpec {
         instance,
         argv: vec![exe.display().to_string(), "notify-child".into()],
-        env: vec![("NOTIFY_SOCKET".into(), path.display().to_string())],
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            ("BENCH_EXIT_AFTER_READY".into(), "1".into()),
+        ],
         cwd: PathBuf::from("/"),
         spec: Arc::clone(workload),
         binds: vec![path.to_owned()],
@@ -338,6 +355,7 @@ fn command_once(argv: &[String], path: &Path) -> anyhow::Result<Duration> {
         .args(&argv[1..])
         .env_clear()
         .env("NOTIFY_SOCKET", path)
+        .env("BENCH_EXIT_AFTER_READY", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
