@@ -141,6 +141,18 @@ pub struct ServeArgs {
     /// then cannot be adopted after a daemon crash.
     #[arg(long)]
     pub no_keeper: bool,
+    /// A sandbox launch fails at once when the machine's available memory (MemAvailable)
+    /// is below this size (`0`: never), rather than push it into the OOM killer.
+    #[arg(long, value_name = "SIZE", default_value = "64Mi",
+          value_parser = |s: &str| bulkhead_core::size::parse(s).map_err(|e| e.to_string()))]
+    pub min_available_memory: u64,
+    /// Do not start the sandbox driver.
+    #[arg(long)]
+    pub no_sandbox: bool,
+    /// Remount the cgroup2 mount with `favordynmods`: moving a process between cgroups
+    /// (the sandbox's v1 attach) then skips an RCU grace period. System-wide.
+    #[arg(long)]
+    pub cgroup_favordynmods: bool,
 }
 
 /// Arguments of the internal `keeper` command (started by the daemon).

@@ -267,6 +267,14 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             "drivers": h.drivers,
             "state_dir": h.state_dir,
             "workloads_dir": h.workloads_dir,
+            "sandbox": h.sandbox.as_ref().map(|s| serde_json::json!({
+                "available": s.available,
+                "cgroup_mode": s.cgroup_mode,
+                "controllers": s.controllers,
+                "clone_into_cgroup": s.clone_into_cgroup,
+                "favordynmods": s.favordynmods,
+                "error": if s.error.is_empty() { None } else { Some(&s.error) },
+            })),
         })),
         Format::Text => {
             println!(
@@ -283,6 +291,27 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 h.state_dir,
                 h.last_event_id
             );
+            if let Some(s) = &h.sandbox {
+                if s.available {
+                    println!(
+                        "sandbox: cgroups {} (limits: {}; born in its cgroup: {}; favordynmods: {})",
+                        s.cgroup_mode,
+                        if s.controllers.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            s.controllers.join(", ")
+                        },
+                        if s.clone_into_cgroup {
+                            "yes"
+                        } else {
+                            "no, attached before exec"
+                        },
+                        if s.favordynmods { "on" } else { "off" }
+                    );
+                } else {
+                    println!("sandbox: unavailable ({})", s.error);
+                }
+            }
             Ok(())
         }
     }

@@ -31,6 +31,16 @@ pub fn instance_json(i: &v1::Instance) -> Value {
         "breaker": i.breaker,
         "consecutive_failures": i.consecutive_failures,
         "leases": i.leases,
+        "usage": i.usage.as_ref().map(|u| json!({
+            "cpu_seconds": u.cpu_seconds,
+            "memory_bytes": u.memory_bytes,
+            "memory_peak_bytes": u.memory_peak_bytes,
+            "memory_limit_bytes": u.memory_limit_bytes,
+            "cpu_throttled_seconds": u.cpu_throttled_seconds,
+            "pids": u.pids,
+            "pids_limit": u.pids_limit,
+            "pids_limit_hits": u.pids_limit_hits,
+        })),
     })
 }
 
@@ -70,6 +80,28 @@ pub fn instance_line(i: &v1::Instance) -> String {
     }
     if !i.leases.is_empty() {
         s.push_str(&format!(" leases={}", i.leases.join(",")));
+    }
+    if let Some(u) = &i.usage {
+        s.push_str(&format!(
+            " cpu={:.2}s mem={}",
+            u.cpu_seconds, u.memory_bytes
+        ));
+        if let Some(p) = u.memory_peak_bytes {
+            s.push_str(&format!(" mem_peak={p}"));
+        }
+        if let Some(l) = u.memory_limit_bytes {
+            s.push_str(&format!(" mem_limit={l}"));
+        }
+        if let Some(t) = u.cpu_throttled_seconds {
+            s.push_str(&format!(" throttled={t:.2}s"));
+        }
+        s.push_str(&format!(" pids={}", u.pids));
+        if let Some(l) = u.pids_limit {
+            s.push_str(&format!("/{l}"));
+        }
+        if let Some(h) = u.pids_limit_hits.filter(|h| *h > 0) {
+            s.push_str(&format!(" pids_limit_hits={h}"));
+        }
     }
     s
 }

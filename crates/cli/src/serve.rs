@@ -32,6 +32,9 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     cfg.metrics_addr = a.metrics;
     cfg.tcp = tcp;
+    cfg.min_available_memory = a.min_available_memory;
+    cfg.sandbox = !a.no_sandbox;
+    cfg.cgroup_favordynmods = a.cgroup_favordynmods;
     // The daemon process parents the instances: it reaps their orphans (and works as PID 1).
     cfg.reap_orphans = true;
     // Instances are spawned through the keeper so that they survive a daemon crash.

@@ -5,8 +5,8 @@
 //! `NOTIFY_SOCKET`, which only the main process may use) and the instance's working
 //! directory. It is a child of the daemon, spawned through the reaper registry
 //! ([`bulkhead_driver::reaper::spawn`]) so that the orphan reaper never takes its status,
-//! and it leads its own process group. (The sandbox driver will add the instance's
-//! namespaces and cgroup.)
+//! and it leads its own process group. In a sandboxed instance ([`enter`]) it also
+//! enters the instance's namespaces and cgroups and keeps only its capabilities.
 //!
 //! The protocol is one bidirectional stream: the first request starts the command, later
 //! ones carry stdin (forwarded as it comes; `stdin_eof` or the end of the request stream
@@ -158,6 +158,9 @@ pub(crate) async fn exec(
         id: id.clone(),
         source,
     };
+    if let Some(target) = slot.exec_target() {
+        enter(&mut cmd, target, &cwd).map_err(spawn_err)?;
+    }
     let (child, io) = if start.tty {
         spawn_tty(cmd, start.size.unwrap_or(DEFAULT_SIZE))
     } else {
@@ -169,6 +172,92 @@ pub(crate) async fn exec(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(supervise(id, child, inbound, io, tx));
     Ok(ReceiverStream::new(rx))
+}
+
+/// Makes `cmd` run inside a walled-off instance: the spawned child (the daemon's, in its
+/// own process group) enters the instance's namespaces through its pidfd and joins its
+/// cgroups, then forks: `setns(CLONE_NEWPID)` only moves the children of the caller. The
+/// fork runs the command (bounding set reduced to the instance's, `no_new_privs`); the
+/// first process closes every descriptor (so the spawn's exec-status pipe and the output
+/// pipes see their ends), waits for it and ends the same way: same exit code, or the
+/// same signal re-raised. The instance's seccomp filter is not applied to exec'd
+/// commands.
+fn enter(
+    cmd: &mut Command,
+    t: bulkhead_driver::ExecTarget,
+    cwd: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let procs = t
+        .cgroup_procs
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map(OwnedFd::from)
+        })
+        .collect::<std::io::Result<Vec<OwnedFd>>>()?;
+    let cwd = std::ffi::CString::new(cwd.as_os_str().as_encoded_bytes().to_vec())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let cap_last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    let hook = move || -> std::io::Result<()> {
+        // SAFETY: runs in the forked child before exec; raw system calls only, on fds and
+        // a CString prepared before the fork; no allocation (io::Error::last_os_error
+        // does not allocate).
+        unsafe {
+            if libc::setns(t.pidfd.as_raw_fd(), t.namespaces) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for fd in &procs {
+                if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Entering a mount namespace moves the working directory to its root.
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let pid = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0);
+            if pid < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if pid == 0 {
+                for cap in 0..=cap_last.min(63) {
+                    if t.keep_caps & (1 << cap) == 0 {
+                        libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+                    }
+                }
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                return Ok(());
+            }
+            libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+            let mut st: libc::c_int = 0;
+            while libc::waitpid(pid as libc::pid_t, &mut st, 0) < 0 {
+                if *libc::__errno_location() != libc::EINTR {
+                    libc::_exit(127);
+                }
+            }
+            if libc::WIFEXITED(st) {
+                libc::_exit(libc::WEXITSTATUS(st));
+            }
+            let sig = libc::WTERMSIG(st);
+            libc::signal(sig, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig)
+        }
+    };
+    // SAFETY: the hook only makes async-signal-safe system calls (see above).
+    unsafe { cmd.pre_exec(hook) };
+    Ok(())
 }
 
 /// The terminal size when the client gives none.

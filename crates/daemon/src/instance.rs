@@ -140,6 +140,16 @@ impl Slot {
         }
     }
 
+    /// Where `bulkhead exec` enters, for a driver that walls the instance off.
+    pub fn exec_target(&self) -> Option<bulkhead_driver::ExecTarget> {
+        let h = self
+            .handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        h.exec_target()
+    }
+
     pub fn stats(&self) -> Option<bulkhead_driver::Stats> {
         let h = self
             .handle

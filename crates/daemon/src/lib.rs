@@ -104,6 +104,53 @@ pub struct Shared {
     pub(crate) instances: Option<instances::InstanceTable>,
     /// Prometheus metrics; launches are counted in [`Shared::launch`].
     pub metrics: metrics::Metrics,
+    /// What the sandbox driver found at start-up, or why it is unavailable; `None`:
+    /// not tried.
+    pub(crate) sandbox: Option<Result<bulkhead_sandbox::Capabilities, String>>,
+}
+
+/// The sandbox driver's cgroup subtree name for a state directory: daemons with different
+/// state directories never touch each other's instance cgroups (FNV-1a of the path).
+fn sandbox_scope(state_dir: &std::path::Path) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in state_dir.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("d{h:016x}")
+}
+
+/// Starts the sandbox driver when this machine allows it.
+fn start_sandbox(
+    cfg: &Config,
+    drivers: &mut HashMap<DriverKind, Arc<dyn Driver>>,
+) -> Option<Result<bulkhead_sandbox::Capabilities, String>> {
+    if !cfg.sandbox {
+        return None;
+    }
+    let sc = bulkhead_sandbox::SandboxConfig {
+        mode: bulkhead_sandbox::cgroup::ModeChoice::Auto,
+        scope: sandbox_scope(&cfg.state_dir),
+        min_available_memory: cfg.min_available_memory,
+        favor_dynmods: cfg.cgroup_favordynmods,
+    };
+    Some(match bulkhead_sandbox::SandboxDriver::new(sc) {
+        Ok(d) => {
+            let caps = d.capabilities();
+            tracing::info!(
+                mode = %caps.cgroup_mode,
+                controllers = ?caps.controllers,
+                clone_into_cgroup = caps.clone_into_cgroup,
+                "sandbox driver ready"
+            );
+            drivers.insert(DriverKind::Sandbox, Arc::new(d));
+            Ok(caps)
+        }
+        Err(e) => {
+            tracing::info!("sandbox driver unavailable: {e}");
+            Err(e.to_string())
+        }
+    })
 }
 
 /// How many finished instances stay visible to `get` and `list`.
@@ -123,6 +170,7 @@ impl Shared {
             None => Arc::new(bulkhead_driver::process::ProcessDriver::new()),
         };
         drivers.insert(DriverKind::Process, process);
+        let sandbox = start_sandbox(&cfg, &mut drivers);
         Shared {
             cfg,
             catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
@@ -137,6 +185,7 @@ impl Shared {
             metrics: metrics::Metrics::new(),
             keeper,
             instances,
+            sandbox,
         }
     }
 

@@ -477,6 +477,11 @@ impl Metrics {
         let running = Family::<WorkloadIsolation, Gauge>::default();
         let cpu = Family::<InstanceLabels, Counter<f64>>::default();
         let rss = Family::<InstanceLabels, Gauge>::default();
+        // From a sandbox instance's cgroup (absent for drivers that cannot tell).
+        let peak = Family::<InstanceLabels, Gauge>::default();
+        let throttled = Family::<InstanceLabels, Counter<f64>>::default();
+        let pids = Family::<InstanceLabels, Gauge>::default();
+        let pids_hits = Family::<InstanceLabels, Counter>::default();
         for v in instances {
             by_state
                 .get_or_create(&StateLabel {
@@ -500,6 +505,17 @@ impl Metrics {
                 cpu.get_or_create(&labels).inc_by(s.cpu_seconds);
                 rss.get_or_create(&labels)
                     .set(i64::try_from(s.memory_bytes).unwrap_or(i64::MAX));
+                pids.get_or_create(&labels).set(i64::from(s.pids));
+                if let Some(p) = s.memory_peak_bytes {
+                    peak.get_or_create(&labels)
+                        .set(i64::try_from(p).unwrap_or(i64::MAX));
+                }
+                if let Some(t) = s.cpu_throttled_seconds {
+                    throttled.get_or_create(&labels).inc_by(t);
+                }
+                if let Some(h) = s.pids_limit_hits {
+                    pids_hits.get_or_create(&labels).inc_by(h);
+                }
             }
         }
         let breaker = Family::<InstanceLabels, Gauge>::default();
@@ -537,6 +553,28 @@ impl Metrics {
             "Resident memory of a live instance's processes",
             Unit::Bytes,
             rss,
+        );
+        reg.register_with_unit(
+            "instance_memory_peak",
+            "The most memory a live instance has used (its cgroup's peak)",
+            Unit::Bytes,
+            peak,
+        );
+        reg.register_with_unit(
+            "instance_cpu_throttled",
+            "Time a live instance was held back by its CPU limit (cgroup cpu.stat)",
+            Unit::Seconds,
+            throttled,
+        );
+        reg.register(
+            "instance_pids",
+            "Live processes (and threads, for cgroups) of a live instance",
+            pids,
+        );
+        reg.register(
+            "instance_pids_limit_hits",
+            "Forks a live instance was refused at its pids limit (pids.events max)",
+            pids_hits,
         );
         reg
     }

@@ -53,6 +53,13 @@ pub struct Config {
     /// `<program> keeper --state <state_dir>`), so that they survive a daemon crash and are
     /// adopted by the next daemon. `None`: the daemon is the instances' parent.
     pub keeper: Option<PathBuf>,
+    /// A sandbox launch fails at once when `MemAvailable` is below this many bytes
+    /// (0: no check).
+    pub min_available_memory: u64,
+    /// Try to start the sandbox driver (it needs root and cgroups; `health` says why not).
+    pub sandbox: bool,
+    /// Remount the cgroup2 mount with `favordynmods` (system-wide; see the README).
+    pub cgroup_favordynmods: bool,
 }
 
 impl Config {
@@ -80,6 +87,9 @@ impl Config {
             reap_orphans: false,
             tcp: None,
             keeper: None,
+            min_available_memory: bulkhead_sandbox::driver::DEFAULT_MIN_AVAILABLE_MEMORY,
+            sandbox: true,
+            cgroup_favordynmods: false,
         }
     }
 }

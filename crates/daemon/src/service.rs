@@ -66,6 +66,24 @@ fn opt(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.is_empty())
 }
 
+/// The instance with its resource usage now (when it runs and the driver can tell).
+fn instance_with_usage(slot: &crate::instance::Slot) -> v1::Instance {
+    let mut i = instance_proto(&slot.view());
+    if matches!(i.state.as_str(), "starting" | "ready" | "stopping") {
+        i.usage = slot.stats().map(|s| v1::Usage {
+            cpu_seconds: s.cpu_seconds,
+            memory_bytes: s.memory_bytes,
+            pids: s.pids,
+            memory_peak_bytes: s.memory_peak_bytes,
+            cpu_throttled_seconds: s.cpu_throttled_seconds,
+            pids_limit_hits: s.pids_limit_hits,
+            memory_limit_bytes: s.memory_limit_bytes,
+            pids_limit: s.pids_limit,
+        });
+    }
+    i
+}
+
 pub fn instance_proto(v: &View) -> v1::Instance {
     v1::Instance {
         id: v.id.to_string(),
@@ -95,6 +113,7 @@ pub fn instance_proto(v: &View) -> v1::Instance {
         breaker: v.breaker.as_str().to_owned(),
         consecutive_failures: v.consecutive_failures,
         leases: v.leases.clone(),
+        usage: None,
     }
 }
 
@@ -231,7 +250,7 @@ impl bulkhead_api::Bulkhead for Service {
             .sh
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
-        Ok(Response::new(instance_proto(&slot.view())))
+        Ok(Response::new(instance_with_usage(&slot)))
     }
 
     async fn list(
@@ -244,7 +263,7 @@ impl bulkhead_api::Bulkhead for Service {
             .list()
             .iter()
             .filter(|s| vis.sees(s.id.as_str()))
-            .map(|s| instance_proto(&s.view()))
+            .map(|s| instance_with_usage(s))
             .collect();
         Ok(Response::new(v1::ListResponse { instances }))
     }
@@ -291,6 +310,21 @@ impl bulkhead_api::Bulkhead for Service {
                 .collect(),
             state_dir: self.sh.cfg.state_dir.display().to_string(),
             workloads_dir: self.sh.cfg.workloads_dir.display().to_string(),
+            sandbox: self.sh.sandbox.as_ref().map(|r| match r {
+                Ok(c) => v1::SandboxHealth {
+                    available: true,
+                    cgroup_mode: c.cgroup_mode.clone(),
+                    controllers: c.controllers.clone(),
+                    clone_into_cgroup: c.clone_into_cgroup,
+                    favordynmods: c.favordynmods,
+                    error: String::new(),
+                },
+                Err(e) => v1::SandboxHealth {
+                    available: false,
+                    error: e.clone(),
+                    ..Default::default()
+                },
+            }),
         }))
     }
 

@@ -114,6 +114,22 @@ pub enum ExitCause {
     OomKilled { limit_bytes: Option<u64> },
 }
 
+/// How `bulkhead exec` runs a command inside an instance that a driver walls off: enter
+/// the namespaces of a process of the instance (`setns` through its pidfd; a new PID
+/// namespace applies to children only, so the entering process forks once more), join its
+/// cgroups, keep only its capabilities.
+#[derive(Debug, Clone)]
+pub struct ExecTarget {
+    /// A pidfd of a process inside the instance.
+    pub pidfd: Arc<OwnedFd>,
+    /// The `CLONE_NEW*` flags of the namespaces to enter.
+    pub namespaces: i32,
+    /// `cgroup.procs` files to join before the command runs.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Capabilities kept in the bounding set (bit n: capability n); the rest are dropped.
+    pub keep_caps: u64,
+}
+
 /// Usage could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read usage of instance {instance}: {source}")]
@@ -177,6 +193,12 @@ pub trait InstanceHandle: Send + Sync + 'static {
     /// that enforce limits report an OOM kill here, so that it is not shown as a bare
     /// SIGKILL.
     fn exit_cause(&self) -> Option<ExitCause> {
+        None
+    }
+
+    /// Where `bulkhead exec` must enter to run a command inside the instance, while it
+    /// runs. `None` (the default): the command runs beside the instance, on the host.
+    fn exec_target(&self) -> Option<ExecTarget> {
         None
     }
 }

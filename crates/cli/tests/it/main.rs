@@ -11,5 +11,6 @@ mod lifecycle;
 mod metrics;
 mod readiness;
 mod recovery;
+mod sandbox;
 mod supervision;
 mod surface;

@@ -1,0 +1,368 @@
+//! `cargo bench -p bulkhead-bench --bench sandbox`: launch -> ready of a sandboxed notify
+//! workload, against the tools people use and the raw clone3 floor, in one run.
+//!
+//! The workload is this binary in `notify-child` mode: it sends `READY=1` to
+//! `NOTIFY_SOCKET` and exits. Every sample binds a fresh datagram socket, starts the
+//! workload, and stops the clock when `READY=1` arrives; the teardown that follows is not
+//! timed. Samples of the peers are interleaved (one of each per round) so that they all
+//! see the same machine state.
+//!
+//! - **clone3 floor**: `clone3(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)`
+//!   then `execve`, nothing else: what any tool with these walls must at least pay.
+//! - **bulkhead driver**: `SandboxDriver::spawn` (PID, mount, IPC, UTS namespaces; cgroups
+//!   with memory, pids and cpu limits; read-only root, private /tmp, fresh /proc, minimal
+//!   /dev; no capabilities, seccomp deny-list, our init) until READY.
+//! - **bulkhead API**: gRPC Launch(wait=ready) to a daemon (in this process) for the same
+//!   workload with `driver: sandbox`, durable event log, one new session per sample.
+//! - **bwrap**: `bwrap --unshare-all --ro-bind / / --proc /proc --dev /dev --tmpfs /tmp
+//!   --bind DIR DIR` (Debian's bubblewrap; skipped if missing).
+//! - **unshare**: `unshare -p -f -m` (util-linux).
+//!
+//! Options: `--iterations N` (default 200), `--write PATH` (also write the markdown).
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulkhead_api::v1;
+use bulkhead_bench::{ms, ratio, Samples};
+use bulkhead_driver::Driver;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("notify-child") {
+        if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+            let s = UnixDatagram::unbound().expect("socket");
+            s.send_to(b"READY=1", path).expect("notify");
+        }
+        // Through the API the instance must outlive its READY (an exit during start-up
+        // fails the launch); elsewhere it ends so that the untimed teardown is short.
+        if std::env::var_os("BENCH_EXIT_AFTER_READY").is_none() {
+            loop {
+                // SAFETY: pause(2) has no preconditions.
+                unsafe { libc::pause() };
+            }
+        }
+        std::process::exit(0);
+    }
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let iterations: usize = flag("--iterations")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(200);
+    let write = flag("--write").map(PathBuf::from);
+    let exe = std::env::current_exe()?;
+    let dir = tempfile::tempdir()?;
+    let sock_dir = dir.path().join("sockets");
+    std::fs::create_dir_all(&sock_dir)?;
+
+    let driver = match bulkhead_sandbox::SandboxDriver::new(bulkhead_sandbox::SandboxConfig {
+        scope: format!("bench-{}", std::process::id()),
+        ..Default::default()
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("skipped: {e}");
+            return Ok(());
+        }
+    };
+    let caps = driver.capabilities();
+    // BENCH_RESOURCES / BENCH_SANDBOX replace the sections (to see what each wall costs).
+    let resources = std::env::var("BENCH_RESOURCES")
+        .unwrap_or_else(|_| "{memory: 256Mi, pids: 64, cpu: 1}".into());
+    let sandbox = std::env::var("BENCH_SANDBOX").unwrap_or_else(|_| "{}".into());
+    let manifest = format!(
+        "name: notify\ndriver: sandbox\ncommand: [{}, notify-child]\nreadiness: {{notify: true, timeout: 30s}}\nresources: {resources}\nsandbox: {sandbox}\nisolation: session\n",
+        exe.display()
+    );
+    eprintln!("resources: {resources}; sandbox: {sandbox}");
+    let workload = Arc::new(bulkhead_core::spec::parse_manifest(
+        "notify/manifest.yaml",
+        "notify",
+        &manifest,
+    )?);
+    let wl = dir.path().join("workloads");
+    std::fs::create_dir_all(wl.join("notify"))?;
+    std::fs::write(wl.join("notify").join("manifest.yaml"), &manifest)?;
+
+    let bwrap = Path::new("/usr/bin/bwrap").exists();
+    if !bwrap {
+        eprintln!("bwrap skipped: /usr/bin/bwrap is missing (apt-get install -y bubblewrap)");
+    }
+    let unshare = Path::new("/usr/bin/unshare").exists();
+    if !unshare {
+        eprintln!("unshare skipped: /usr/bin/unshare is missing");
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let cfg = bulkhead_daemon::Config::new(wl, Some(dir.path().join("state")), None);
+    let socket = cfg.socket.clone();
+    let daemon = rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut client = client_rt.block_on(bulkhead_api::connect(&socket))?;
+
+    let mut floor = Samples::new("clone3 floor: PID+mount+IPC+UTS namespaces, exec, READY");
+    let mut drv = Samples::new("bulkhead sandbox driver: spawn -> READY");
+    let mut api = Samples::new("bulkhead API launch -> ready (driver: sandbox)");
+    let mut bw = Samples::new("bwrap --unshare-all -> READY");
+    let mut un = Samples::new("unshare -p -f -m -> READY");
+
+    let mut seq = 0usize;
+    let mut next_sock = || {
+        seq += 1;
+        sock_dir.join(format!("n{seq}.sock"))
+    };
+    let notify_argv = |prefix: &[&str]| -> Vec<String> {
+        prefix
+            .iter()
+            .map(|s| s.to_string())
+            .chain([exe.display().to_string(), "notify-child".into()])
+            .collect()
+    };
+    let sd = sock_dir.display().to_string();
+    let bwrap_prefix = [
+        "/usr/bin/bwrap",
+        "--unshare-all",
+        "--ro-bind",
+        "/",
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "--bind",
+        &sd,
+        &sd,
+        "--",
+    ];
+    let unshare_prefix = ["/usr/bin/unshare", "-p", "-f", "-m", "--"];
+
+    eprintln!("warming up");
+    for _ in 0..5 {
+        floor_once(&exe, &next_sock())?;
+        rt.block_on(driver_once(&driver, &workload, &exe, &next_sock()))?;
+        client_rt.block_on(api_once(&mut client, "warm"))?;
+    }
+    eprintln!("{iterations} rounds, interleaved");
+    for i in 0..iterations {
+        floor.values.push(floor_once(&exe, &next_sock())?);
+        drv.values
+            .push(rt.block_on(driver_once(&driver, &workload, &exe, &next_sock()))?);
+        api.values
+            .push(client_rt.block_on(api_once(&mut client, &format!("s{i}")))?);
+        if bwrap {
+            bw.values
+                .push(command_once(&notify_argv(&bwrap_prefix), &next_sock())?);
+        }
+        if unshare {
+            un.values
+                .push(command_once(&notify_argv(&unshare_prefix), &next_sock())?);
+        }
+    }
+    drop(client);
+    rt.block_on(daemon.shutdown());
+
+    let mut report = String::new();
+    report.push_str(&format!(
+        "cgroups: {} (limits: {}; born in its cgroup: {}; favordynmods: {}); {iterations} interleaved rounds\n\n",
+        caps.cgroup_mode,
+        caps.controllers.join(", "),
+        caps.clone_into_cgroup,
+        caps.favordynmods
+    ));
+    report.push_str("| measurement | p50 ms | p99 ms | p50 vs clone3 floor | p50 vs bulkhead driver |\n|---|---|---|---|---|\n");
+    for s in [&floor, &drv, &api, &bw, &un] {
+        if s.values.is_empty() {
+            continue;
+        }
+        report.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            s.name,
+            ms(s.p50()),
+            ms(s.p99()),
+            ratio(s.p50(), floor.p50()),
+            ratio(s.p50(), drv.p50()),
+        ));
+    }
+    if !bw.values.is_empty() {
+        report.push_str(&format!(
+            "\nbwrap / bulkhead API launch -> ready: {}; bwrap / bulkhead driver: {}\n",
+            ratio(bw.p50(), api.p50()),
+            ratio(bw.p50(), drv.p50())
+        ));
+    }
+    if !un.values.is_empty() {
+        report.push_str(&format!(
+            "unshare / bulkhead API launch -> ready: {}; unshare / bulkhead driver: {}\n",
+            ratio(un.p50(), api.p50()),
+            ratio(un.p50(), drv.p50())
+        ));
+    }
+    println!("{report}");
+    if let Some(path) = write {
+        std::fs::write(path, &report)?;
+    }
+    Ok(())
+}
+
+/// Waits for READY=1 on `sock` (bounded).
+fn await_ready(sock: &UnixDatagram) -> anyhow::Result<()> {
+    let mut buf = [0u8; 64];
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let n = sock.recv(&mut buf)?;
+    anyhow::ensure!(&buf[..n] == b"READY=1", "unexpected handshake");
+    Ok(())
+}
+
+/// `struct clone_args` up to `cgroup` (unused here).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// The floor: clone3 with the namespaces, execve, READY.
+fn floor_once(exe: &Path, path: &Path) -> anyhow::Result<Duration> {
+    let prog = CString::new(exe.as_os_str().as_bytes())?;
+    let arg1 = CString::new("notify-child")?;
+    let env = CString::new([b"NOTIFY_SOCKET=".as_slice(), path.as_os_str().as_bytes()].concat())?;
+    let exit = CString::new("BENCH_EXIT_AFTER_READY=1")?;
+    let argv = [prog.as_ptr(), arg1.as_ptr(), std::ptr::null()];
+    let envp = [env.as_ptr(), exit.as_ptr(), std::ptr::null()];
+    let t = Instant::now();
+    let sock = UnixDatagram::bind(path)?;
+    let mut args = CloneArgs {
+        flags: (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)
+            as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM or a stack behaves like fork; the child only calls
+    // execve on buffers prepared above and _exit.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid == 0 {
+        // SAFETY: in the child: execve, or _exit if it fails.
+        unsafe {
+            libc::execve(prog.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    anyhow::ensure!(pid > 0, "clone3: {}", std::io::Error::last_os_error());
+    await_ready(&sock)?;
+    let took = t.elapsed();
+    let mut st = 0;
+    // SAFETY: waitpid on our own child.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut st, 0) };
+    let _ = std::fs::remove_file(path);
+    Ok(took)
+}
+
+/// The sandbox driver alone: spawn, READY; then wait for the end (not timed).
+async fn driver_once(
+    d: &bulkhead_sandbox::SandboxDriver,
+    workload: &Arc<bulkhead_core::spec::WorkloadSpec>,
+    exe: &Path,
+    path: &Path,
+) -> anyhow::Result<Duration> {
+    let (instance, _) = bulkhead_core::key::InstanceId::parse("ns:bench:notify")?;
+    let t = Instant::now();
+    let sock = UnixDatagram::bind(path)?;
+    let spec = bulkhead_driver::SpawnSpec {
+        instance,
+        argv: vec![exe.display().to_string(), "notify-child".into()],
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            ("BENCH_EXIT_AFTER_READY".into(), "1".into()),
+        ],
+        cwd: PathBuf::from("/"),
+        spec: Arc::clone(workload),
+        binds: vec![path.to_owned()],
+    };
+    let spawned = d.spawn(spec).await?;
+    let sock = tokio::net::UnixDatagram::from_std({
+        sock.set_nonblocking(true)?;
+        sock
+    })?;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(30), sock.recv(&mut buf)).await??;
+    let took = t.elapsed();
+    anyhow::ensure!(&buf[..n] == b"READY=1", "unexpected handshake");
+    spawned.handle.wait().await;
+    let _ = std::fs::remove_file(path);
+    Ok(took)
+}
+
+/// Through the daemon's API: Launch(wait=ready), then terminate (not timed).
+async fn api_once(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    session: &str,
+) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let r = c
+        .launch(v1::LaunchRequest {
+            workload: "notify".into(),
+            namespace: None,
+            session: Some(session.into()),
+            wait: v1::WaitFor::Ready as i32,
+            timeout_ms: 30_000,
+            lease: None,
+        })
+        .await?
+        .into_inner();
+    let took = t.elapsed();
+    let id = r.instance.map(|i| i.id).unwrap_or_default();
+    c.terminate(v1::TerminateRequest { id, grace_ms: None })
+        .await?;
+    Ok(took)
+}
+
+/// A peer tool: spawn it, READY; then wait for it to end (not timed).
+fn command_once(argv: &[String], path: &Path) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let sock = UnixDatagram::bind(path)?;
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .env("NOTIFY_SOCKET", path)
+        .env("BENCH_EXIT_AFTER_READY", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    await_ready(&sock)?;
+    let took = t.elapsed();
+    child.wait()?;
+    let _ = std::fs::remove_file(path);
+    Ok(took)
+}

@@ -1,0 +1,167 @@
+//! The sandbox driver through the real daemon: health, a notify workload behind the walls,
+//! usage in get, exec into the namespaces, an OOM kill reported as `oom_killed`, and no
+//! cgroup left after teardown. Skipped (with the reason) where the daemon reports the
+//! sandbox unavailable.
+
+use std::path::{Path, PathBuf};
+
+use crate::harness::*;
+
+/// The daemon's health says the sandbox works; otherwise prints why and returns false.
+fn sandbox_available(d: &Daemon) -> bool {
+    let h = d.json(&["health", "-o", "json"]);
+    let sb = &h["sandbox"];
+    if sb["available"] != true {
+        eprintln!(
+            "skipped: the sandbox driver is unavailable: {}",
+            sb["error"]
+        );
+        return false;
+    }
+    assert!(
+        h["drivers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d == "sandbox"),
+        "{h}"
+    );
+    true
+}
+
+/// The cgroup scope of a daemon's state directory (as `bulkhead_daemon` computes it).
+fn scope(state: &Path) -> String {
+    let abs = std::path::absolute(state).unwrap();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in abs.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("d{h:016x}")
+}
+
+/// Instance cgroup directories under the scope, in every hierarchy.
+fn instance_cgroups(scope: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, scope: &str, out: &mut Vec<PathBuf>, depth: u32) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !p.is_dir() || depth > 6 {
+                continue;
+            }
+            if p.file_name().is_some_and(|n| n == scope) {
+                if let Ok(inner) = std::fs::read_dir(&p) {
+                    out.extend(inner.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+                }
+            } else {
+                walk(&p, scope, out, depth + 1);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), scope, &mut out, 0);
+    out
+}
+
+#[test]
+fn a_notify_workload_runs_behind_the_walls() {
+    let Some(py) = python3() else { return };
+    let m = format!(
+        "name: walled\ndriver: sandbox\ncommand: [{py}, -c, 'import os,socket,time; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b\"READY=1\", os.environ[\"NOTIFY_SOCKET\"]); time.sleep(1000)']\nreadiness: {{notify: true, timeout: 30s}}\nresources: {{memory: 128Mi, pids: 64}}\nsandbox: {{network: none}}\n"
+    );
+    let d = Daemon::start(&[("walled", &m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let h = d.json(&["health", "-o", "json"]);
+    assert!(
+        h["sandbox"]["cgroup_mode"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{h}"
+    );
+
+    let v = d.json(&["launch", "walled", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let g = d.json(&["get", &id, "-o", "json"]);
+    let usage = &g["usage"];
+    assert_eq!(usage["memory_limit_bytes"], 128 << 20, "{g}");
+    assert_eq!(usage["pids_limit"], 64, "{g}");
+    assert!(usage["pids"].as_u64().unwrap() >= 2, "{g}");
+    assert!(usage["memory_peak_bytes"].as_u64().is_some(), "{g}");
+    assert!(!instance_cgroups(&scope(&d.state)).is_empty());
+
+    // exec enters the namespaces: the instance's hostname, its PID namespace, no network;
+    // and returns the real exit code.
+    let o = d.cli(&["exec", &id, "--", "cat", "/proc/sys/kernel/hostname"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        id,
+        "{}",
+        stderr(&o)
+    );
+    let o = d.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/1/comm; tail -n +3 /proc/net/dev | wc -l",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out} {}", stderr(&o));
+    assert_eq!(lines[1].trim(), "1", "only lo: {out}");
+    let o = d.cli(&["exec", &id, "--", "sh", "-c", "exit 7"]);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+
+    let t = d.cli(&["terminate", &id]);
+    assert!(t.status.success(), "{}", stderr(&t));
+    d.wait_event("terminated", |e| {
+        e["instance"] == id.as_str() && e["kind"] == "terminated"
+    });
+    assert_eq!(instance_cgroups(&scope(&d.state)), Vec::<PathBuf>::new());
+}
+
+/// The main process (tail keeps the newline-free /dev/zero in memory) is OOM-killed: the
+/// event is `oom_killed` with the limit, not a bare SIGKILL.
+#[test]
+fn a_memory_hog_is_reported_oom_killed() {
+    let m = "name: hog\ndriver: sandbox\ncommand: [tail, -n, '1', /dev/zero]\nresources: {memory: 32Mi}\nrestart: {policy: never}\n";
+    let d = Daemon::start(&[("hog", m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let _ = d.cli(&["launch", "hog", "-o", "json"]);
+    let e = d.wait_event("oom_killed", |e| e["kind"] == "oom_killed");
+    assert_eq!(e["instance"], "ns:default:hog", "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&(32u64 << 20).to_string()),
+        "the limit is named: {e}"
+    );
+}
+
+/// A daemon killed with SIGKILL takes its sandboxed instances with it (parent-death
+/// signal); the next daemon removes the stale cgroups and reports the instance `lost`.
+#[test]
+fn sandboxed_instances_die_with_the_daemon_and_are_reported_lost() {
+    let m = "name: sl\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n";
+    let mut d = Daemon::start(&[("sl", m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let v = d.json(&["launch", "sl", "-o", "json"]);
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    assert!(alive(pid));
+    d.kill9();
+    assert!(wait_gone(pid), "the sandbox init outlived the daemon");
+    d.spawn();
+    d.wait_event("lost", |e| {
+        e["instance"] == "ns:default:sl" && e["kind"] == "lost"
+    });
+    assert_eq!(instance_cgroups(&scope(&d.state)), Vec::<PathBuf>::new());
+}

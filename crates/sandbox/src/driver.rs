@@ -1,0 +1,669 @@
+//! The [`Driver`] implementation: admission, cgroup creation, the spawner thread, the
+//! watcher that reaps, sweeps the cgroup and removes it.
+//!
+//! # Lifecycle of a handle
+//!
+//! | phase    | entered when                          | `signal`                  | `try_status` |
+//! |----------|---------------------------------------|---------------------------|--------------|
+//! | running  | spawn returned                        | to the init via its pidfd | `None`       |
+//! | sweeping | the init (PID 1) was reaped           | no-op, `Ok`               | `None`       |
+//! | done     | the cgroup is empty and removed       | no-op, `Ok`               | `Some`       |
+//!
+//! - running -> sweeping: the pidfd polls readable; `waitid(P_PIDFD)` reaps the init under
+//!   the phase lock (so a signal never reaches a reused pid). The instance's status is the
+//!   workload's, read from the init's status pipe (or the init's own if it was killed).
+//! - sweeping -> done: the PID namespace died with its init, so the cgroup is normally
+//!   empty at once; if not (a v1-only process that escaped, a slow death), `cgroup.kill`
+//!   (or SIGKILL to each listed pid in v1) and poll until empty. The OOM-kill counter is
+//!   read, then every cgroup directory is removed, then the status is published: `wait`
+//!   means no process and no cgroup is left.
+//!
+//! # Daemon crashes
+//!
+//! Instances are children of the daemon's spawner thread and carry
+//! `PR_SET_PDEATHSIG(SIGKILL)`: they die with the daemon (the PID namespace with its
+//! init). The next daemon's driver removes whatever is left under its cgroup subtree at
+//! start-up (kill + rmdir), and the daemon reports those instances `lost`, applying their
+//! restart policy. There is no keeper for sandboxed instances.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::sandbox::SandboxSpec;
+use bulkhead_core::signal::Signal;
+use bulkhead_core::spec::DriverKind;
+use bulkhead_driver::{
+    reaper, sys, Driver, ExecTarget, ExitCause, InstanceHandle, SignalError, SpawnError, SpawnSpec,
+    Spawned, Stats, StatsError,
+};
+use seccompiler::BpfProgram;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{oneshot, watch};
+
+use crate::cgroup::{self, Cgroups, InstanceCgroup, ModeChoice};
+use crate::spawn::{self, BindPlan, ChildError, Prepared};
+
+/// The default spawn-admission floor: 64 MiB of `MemAvailable`.
+pub const DEFAULT_MIN_AVAILABLE_MEMORY: u64 = 64 << 20;
+
+/// How the driver is set up.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Which cgroup hierarchies to use (tests force each).
+    pub mode: ModeChoice,
+    /// Names this daemon's subtree: `<own cgroup>/bulkhead/<scope>`.
+    pub scope: String,
+    /// A launch fails at once when `MemAvailable` is below this (0: no check).
+    pub min_available_memory: u64,
+    /// Remount the cgroup2 mount with `favordynmods` (see [`Cgroups::detect`]): makes the
+    /// v1 attach of hybrid and v1 modes ~25x cheaper. Off by default: it is system-wide.
+    pub favor_dynmods: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> SandboxConfig {
+        SandboxConfig {
+            mode: ModeChoice::Auto,
+            scope: "default".to_owned(),
+            min_available_memory: DEFAULT_MIN_AVAILABLE_MEMORY,
+            favor_dynmods: false,
+        }
+    }
+}
+
+/// The driver cannot work on this machine.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the sandbox driver needs cgroups: {0}")]
+    Cgroups(#[from] cgroup::DetectError),
+    #[error("the sandbox driver cannot create namespaces here: {0}")]
+    Namespaces(io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+}
+
+/// What the driver found at start-up, for `health`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// `v2`, `hybrid`, `v1` or `unified-only`.
+    pub cgroup_mode: String,
+    /// The controllers that enforce limits.
+    pub controllers: Vec<String>,
+    /// Whether instances are born in their cgroup (`CLONE_INTO_CGROUP`).
+    pub clone_into_cgroup: bool,
+    /// Whether cgroup migrations are cheap (`favordynmods`).
+    pub favordynmods: bool,
+}
+
+/// Runs instances behind namespaces and cgroup limits. See the crate docs.
+pub struct SandboxDriver {
+    cgroups: Arc<Cgroups>,
+    seccomp: BpfProgram,
+    cap_last: u32,
+    min_available_memory: u64,
+}
+
+impl std::fmt::Debug for SandboxDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxDriver")
+            .field("cgroups", &self.cgroups)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A job for the spawner thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The one long-lived thread every sandbox spawn runs on: `PR_SET_PDEATHSIG` fires when
+/// the spawning *thread* exits, so it must live as long as the daemon (tokio's blocking
+/// threads retire after 10 s idle). It never exits.
+fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("bulkhead-sandbox-spawner".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("cannot start the sandbox spawner thread");
+        Mutex::new(tx)
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether this process may create the namespaces (tried with `unshare` in a throwaway
+/// child thread? No: a forked probe would cost; `CAP_SYS_ADMIN` in our user namespace is
+/// what clone3 checks).
+fn can_create_namespaces() -> io::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    if eff & (1 << 21) == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "CAP_SYS_ADMIN is missing (run the daemon as root)",
+        ));
+    }
+    Ok(())
+}
+
+impl SandboxDriver {
+    /// Detects cgroups (by creating and removing a probe cgroup), removes stale instance
+    /// cgroups of this scope, compiles the seccomp filter.
+    pub fn new(cfg: SandboxConfig) -> Result<SandboxDriver, StartError> {
+        can_create_namespaces().map_err(StartError::Namespaces)?;
+        let cgroups = Cgroups::detect(cfg.mode, &cfg.scope, cfg.favor_dynmods)?;
+        let cap_last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40);
+        Ok(SandboxDriver {
+            cgroups: Arc::new(cgroups),
+            seccomp: crate::seccomp::deny_list()?,
+            cap_last,
+            min_available_memory: cfg.min_available_memory,
+        })
+    }
+
+    /// What was detected.
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            cgroup_mode: self.cgroups.mode.as_str().to_owned(),
+            controllers: self.cgroups.controllers(),
+            clone_into_cgroup: self.cgroups.uses_unified(),
+            favordynmods: self.cgroups.favordynmods,
+        }
+    }
+
+    fn prepare(&self, spec: &SpawnSpec, sb: &SandboxSpec) -> Result<Prepared, SpawnError> {
+        let arg0 = spec.argv.first().ok_or_else(|| {
+            SpawnError::Other(format!(
+                "cannot start instance {}: the command line is empty",
+                spec.instance
+            ))
+        })?;
+        let exec_err = |source| SpawnError::Exec {
+            program: arg0.clone(),
+            source,
+        };
+        let program = resolve_program(arg0, &spec.env, &spec.cwd).map_err(exec_err)?;
+        let bad = |what: &str| {
+            SpawnError::Other(format!(
+                "cannot start instance {}: {what} contains a NUL byte",
+                spec.instance
+            ))
+        };
+        let cs = |s: &[u8], what: &str| CString::new(s.to_vec()).map_err(|_| bad(what));
+        let argv = spec
+            .argv
+            .iter()
+            .map(|a| cs(a.as_bytes(), "an argument"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let env = spec
+            .env
+            .iter()
+            .map(|(k, v)| cs(format!("{k}={v}").as_bytes(), "the environment"))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // The spawn's own paths (notify socket, data plane), read-write; the working
+        // directory if a fresh mount hides it, read-only; then the manifest's binds.
+        let masks: Vec<PathBuf> = ["/tmp", "/dev", "/proc"]
+            .iter()
+            .map(PathBuf::from)
+            .chain(sb.tmpfs.iter().map(PathBuf::from))
+            .collect();
+        let mut binds: Vec<BindPlan> = spec
+            .binds
+            .iter()
+            .map(|p| BindPlan {
+                source: p.clone(),
+                target: p.clone(),
+                readonly: false,
+            })
+            .collect();
+        let cwd = spec.cwd.canonicalize().unwrap_or_else(|_| spec.cwd.clone());
+        let cwd_covered = binds.iter().any(|b| cwd.starts_with(&b.target));
+        if !cwd_covered && masks.iter().any(|m| cwd.starts_with(m)) {
+            binds.push(BindPlan {
+                source: cwd.clone(),
+                target: cwd.clone(),
+                readonly: true,
+            });
+        }
+        for b in &sb.binds {
+            binds.push(BindPlan {
+                source: PathBuf::from(&b.source),
+                target: PathBuf::from(b.target()),
+                readonly: b.readonly,
+            });
+        }
+        let (mounts, slots) = spawn::mount_program(sb, &binds).map_err(|e| {
+            SpawnError::Other(format!(
+                "cannot start instance {}: bad mount path: {e}",
+                spec.instance
+            ))
+        })?;
+        let hostname = sb
+            .hostname
+            .clone()
+            .unwrap_or_else(|| spec.instance.to_string())
+            .into_bytes();
+        let mut keep_caps = 0u64;
+        for c in sb.capability_numbers() {
+            keep_caps |= 1 << c;
+        }
+        Ok(Prepared {
+            program: cs(program.as_os_str().as_bytes(), "the program path")?,
+            argv,
+            env,
+            cwd: cs(cwd.as_os_str().as_bytes(), "the working directory")?,
+            hostname: hostname[..hostname.len().min(64)].to_vec(),
+            net: sb.network.isolated(),
+            init: sb.init,
+            mounts,
+            slots,
+            keep_caps,
+            cap_last: self.cap_last,
+            user: sb.user.map(|u| (u.uid, u.gid())),
+            seccomp: (sb.seccomp == bulkhead_core::sandbox::Seccomp::Default)
+                .then(|| self.seccomp.clone()),
+            cgroup_fd: None,
+            v1_procs: Vec::new(),
+        })
+    }
+}
+
+/// Finds the program like `execvp`, in the instance's `PATH` (as the process driver).
+fn resolve_program(arg0: &str, env: &[(String, String)], cwd: &Path) -> io::Result<PathBuf> {
+    if arg0.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the program name is empty",
+        ));
+    }
+    if arg0.contains('/') {
+        return Ok(cwd.join(arg0));
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map_or("/bin:/usr/bin", |(_, v)| v.as_str());
+    for dir in path.split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let candidate = cwd.join(dir).join(arg0);
+        if let Ok(meta) = candidate.metadata() {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("not found in PATH {path}"),
+    ))
+}
+
+#[async_trait]
+impl Driver for SandboxDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Sandbox
+    }
+
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+        let other = |what: String| {
+            SpawnError::Other(format!("cannot start instance {}: {what}", spec.instance))
+        };
+        if self.min_available_memory > 0 {
+            if let Some(avail) = cgroup::mem_available() {
+                if avail < self.min_available_memory {
+                    return Err(other(format!(
+                        "only {} MiB of memory is available, below the floor of {} MiB \
+                         (--min-available-memory)",
+                        avail >> 20,
+                        self.min_available_memory >> 20
+                    )));
+                }
+            }
+        }
+        let sb = spec.spec.sandbox.clone().unwrap_or_default();
+        let mut prepared = self.prepare(&spec, &sb)?;
+        let cg = self
+            .cgroups
+            .create(spec.instance.as_str(), spec.spec.resources.as_ref())
+            .map_err(|e| other(e.to_string()))?;
+        let fds = cg.open_unified().and_then(|u| Ok((u, cg.open_v1_procs()?)));
+        match fds {
+            Ok((u, v1)) => {
+                prepared.cgroup_fd = u;
+                prepared.v1_procs = v1;
+            }
+            Err(e) => {
+                cg.remove();
+                return Err(other(format!("cannot open its cgroup: {e}")));
+            }
+        }
+        let pipes = (|| -> io::Result<_> {
+            let (out_r, out_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            Ok((out_r, out_w, err_r, err_w))
+        })();
+        let (out_r, out_w, err_r, err_w) = match pipes {
+            Ok(p) => p,
+            Err(e) => {
+                cg.remove();
+                return Err(other(format!("cannot create output pipes: {e}")));
+            }
+        };
+
+        // The clone happens on the spawner thread; no await point between the result and
+        // the watcher start below, so a cancelled spawn cannot lose the child... except
+        // here: if this future is dropped while waiting, the job still runs and its
+        // result is dropped; the child then dies at once (see `Job` result handling).
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let registry = reaper::Registry::global();
+            let mut lock = registry.lock();
+            // RACE: the reaper lock is held from before the clone until the pid is
+            // registered, so that the daemon's orphan reaper never takes the status.
+            let res = spawn::spawn(&prepared, &out_w, &err_w, |pid| lock.register(pid));
+            drop(lock);
+            drop((out_w, err_w, prepared));
+            if let Err(Ok(child)) = tx.send(res) {
+                // The caller went away: nothing will watch this instance.
+                let _ =
+                    rustix::process::pidfd_send_signal(&child.pidfd, rustix::process::Signal::KILL);
+                let _ = sys::reap_blocking(child.pid);
+                reaper::Registry::global().unregister(child.pid);
+            }
+        });
+        if lock(spawner()).send(job).is_err() {
+            cg.remove();
+            return Err(other("the spawner thread is gone".into()));
+        }
+        let child = match rx.await {
+            Ok(Ok(child)) => child,
+            Ok(Err(e)) => {
+                cg.remove();
+                return Err(match e {
+                    ChildError::Exec { source, .. } => SpawnError::Exec {
+                        program: spec.argv[0].clone(),
+                        source,
+                    },
+                    e => other(e.to_string()),
+                });
+            }
+            Err(_) => {
+                cg.remove();
+                return Err(other("the spawner thread dropped the request".into()));
+            }
+        };
+        let pid = child.pid;
+        let pidfd = Arc::new(child.pidfd);
+        // SAFETY: the AsyncFd owns a clone of the Arc<OwnedFd>; the descriptor is closed
+        // only when the last clone drops, after the AsyncFd.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(Arc::clone(&pidfd), Interest::READABLE) };
+        let afd = match registered {
+            Ok(afd) => afd,
+            Err(e) => {
+                let _ = sys::pidfd_send_signal(&pidfd, Signal::KILL);
+                let _ = sys::reap_blocking(pid);
+                reaper::Registry::global().unregister(pid);
+                cg.remove();
+                return Err(SpawnError::Watch {
+                    pid,
+                    source: e.into_parts().1,
+                });
+            }
+        };
+        let mut namespaces =
+            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+        if sb.network.isolated() {
+            namespaces |= libc::CLONE_NEWNET;
+        }
+        let keep_caps = sb
+            .capability_numbers()
+            .iter()
+            .fold(0u64, |m, c| m | (1 << c));
+        let shared = Arc::new(Shared {
+            pid,
+            namespaces,
+            keep_caps,
+            phase: Mutex::new(Phase::Running),
+            cause: Mutex::new(None),
+            cgroup: cg,
+        });
+        let (stx, srx) = watch::channel(None);
+        tokio::spawn(watch_instance(afd, child.status, Arc::clone(&shared), stx));
+        tracing::debug!(instance = %spec.instance, pid, "sandbox spawned");
+        Ok(Spawned {
+            handle: Arc::new(SandboxHandle {
+                instance: spec.instance.to_string(),
+                shared,
+                pidfd,
+                status: srx,
+            }),
+            stdout: Some(out_r),
+            stderr: Some(err_r),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Sweeping,
+    Done,
+}
+
+struct Shared {
+    pid: u32,
+    namespaces: i32,
+    keep_caps: u64,
+    /// Taken around the reap and around every signal (see the table).
+    phase: Mutex<Phase>,
+    cause: Mutex<Option<ExitCause>>,
+    cgroup: InstanceCgroup,
+}
+
+/// Decodes a raw wait status as the init wrote it.
+fn decode(st: i32) -> ExitStatus {
+    if libc::WIFEXITED(st) {
+        ExitStatus::Exited {
+            code: libc::WEXITSTATUS(st),
+        }
+    } else {
+        ExitStatus::Signaled {
+            signal: libc::WTERMSIG(st),
+            core_dumped: libc::WCOREDUMP(st),
+        }
+    }
+}
+
+async fn watch_instance(
+    afd: AsyncFd<Arc<OwnedFd>>,
+    status_pipe: Option<OwnedFd>,
+    shared: Arc<Shared>,
+    tx: watch::Sender<Option<ExitStatus>>,
+) {
+    let init_status = reap_main(&afd, &shared).await;
+    reaper::Registry::global().unregister(shared.pid);
+    drop(afd);
+    // The init wrote the workload's status before exiting; a killed init wrote nothing.
+    let status = status_pipe
+        .and_then(|fd| {
+            let mut b = [0u8; 4];
+            match rustix::io::read(&fd, &mut b) {
+                Ok(4) => Some(decode(i32::from_ne_bytes(b))),
+                _ => None,
+            }
+        })
+        .unwrap_or(init_status);
+    let sh = Arc::clone(&shared);
+    let swept = tokio::task::spawn_blocking(move || {
+        let cg = &sh.cgroup;
+        let mut delay = Duration::from_micros(500);
+        let mut waited = Duration::ZERO;
+        while !cg.is_empty() {
+            cg.kill_all();
+            std::thread::sleep(delay);
+            waited += delay;
+            delay = (delay * 2).min(Duration::from_millis(50));
+            if waited > Duration::from_secs(5) {
+                tracing::warn!(
+                    pid = sh.pid,
+                    "sandbox processes still alive 5 s after SIGKILL; still waiting"
+                );
+                waited = Duration::ZERO;
+            }
+        }
+        let usage = cg.usage();
+        tracing::debug!(pid = sh.pid, ?usage, "final cgroup usage");
+        if usage.oom_kills > 0 {
+            *lock(&sh.cause) = Some(ExitCause::OomKilled {
+                limit_bytes: cg.memory_limit,
+            });
+        }
+        cg.remove();
+    })
+    .await;
+    if let Err(e) = swept {
+        tracing::error!(pid = shared.pid, "sandbox sweep failed: {e}");
+    }
+    *lock(&shared.phase) = Phase::Done;
+    tracing::debug!(pid = shared.pid, %status, "sandbox instance ended");
+    tx.send_replace(Some(status));
+}
+
+async fn reap_main(afd: &AsyncFd<Arc<OwnedFd>>, shared: &Shared) -> ExitStatus {
+    loop {
+        let mut ready = match afd.readable().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(pid = shared.pid, "cannot poll the pidfd: {e}");
+                return std::future::pending().await;
+            }
+        };
+        let mut phase = lock(&shared.phase);
+        match sys::waitid_pidfd(afd.get_ref()) {
+            Ok(Some(st)) => {
+                *phase = Phase::Sweeping;
+                return st;
+            }
+            Ok(None) => {
+                drop(phase);
+                ready.clear_ready();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!(pid = shared.pid, "cannot reap the sandbox init: {e}");
+                *phase = Phase::Sweeping;
+                return bulkhead_driver::process::LOST_STATUS;
+            }
+        }
+    }
+}
+
+/// The handle of one sandboxed instance.
+struct SandboxHandle {
+    instance: String,
+    shared: Arc<Shared>,
+    pidfd: Arc<OwnedFd>,
+    status: watch::Receiver<Option<ExitStatus>>,
+}
+
+#[async_trait]
+impl InstanceHandle for SandboxHandle {
+    fn pid(&self) -> Option<u32> {
+        Some(self.shared.pid)
+    }
+
+    fn signal(&self, signal: Signal) -> Result<(), SignalError> {
+        let phase = lock(&self.shared.phase);
+        if *phase != Phase::Running {
+            return Ok(());
+        }
+        // To the init, which forwards it to every process of the namespace; SIGKILL kills
+        // the init and with it the whole namespace.
+        sys::pidfd_send_signal(&self.pidfd, signal).map_err(|source| SignalError {
+            instance: self.instance.clone(),
+            signal,
+            source,
+        })
+    }
+
+    async fn wait(&self) -> ExitStatus {
+        let mut rx = self.status.clone();
+        match rx.wait_for(Option::is_some).await.map(|s| *s) {
+            Ok(Some(st)) => st,
+            _ => {
+                tracing::error!(instance = %self.instance, "the sandbox watcher is gone");
+                std::future::pending().await
+            }
+        }
+    }
+
+    fn try_status(&self) -> Option<ExitStatus> {
+        *self.status.borrow()
+    }
+
+    fn stats(&self) -> Result<Stats, StatsError> {
+        if *lock(&self.shared.phase) == Phase::Done {
+            return Ok(Stats::default());
+        }
+        let cg = &self.shared.cgroup;
+        let u = cg.usage();
+        Ok(Stats {
+            cpu_seconds: u.cpu_seconds,
+            memory_bytes: u.memory_bytes,
+            pids: u.pids,
+            memory_peak_bytes: u.memory_peak_bytes,
+            cpu_throttled_seconds: u.cpu_throttled_seconds,
+            pids_limit_hits: u.pids_limit_hits,
+            memory_limit_bytes: cg.memory_limit,
+            pids_limit: cg.pids_limit,
+        })
+    }
+
+    fn exit_cause(&self) -> Option<ExitCause> {
+        *lock(&self.shared.cause)
+    }
+
+    fn exec_target(&self) -> Option<ExecTarget> {
+        if *lock(&self.shared.phase) != Phase::Running {
+            return None;
+        }
+        let cg = &self.shared.cgroup;
+        Some(ExecTarget {
+            pidfd: Arc::clone(&self.pidfd),
+            namespaces: self.shared.namespaces,
+            cgroup_procs: cg
+                .unified
+                .iter()
+                .chain(cg.v1.iter().map(|(_, d)| d))
+                .map(|d| d.join("cgroup.procs"))
+                .collect(),
+            keep_caps: self.shared.keep_caps,
+        })
+    }
+}

@@ -1,0 +1,897 @@
+//! The clone3 spawn: everything is prepared before the clone, the child only makes raw
+//! system calls, and our init (PID 1 of the new PID namespace) reaps and forwards signals.
+//!
+//! # Sequence in the child (`C`, PID 1 of its namespace)
+//!
+//! 1. `PR_SET_PDEATHSIG(SIGKILL)`: the child dies with the spawner thread (a long-lived
+//!    thread of the daemon, see [`crate::driver`]). The window between clone3 and this
+//!    call is not covered (a daemon crash in those microseconds leaves an instance that the
+//!    next daemon's stale-cgroup sweep kills).
+//! 2. v1 cgroups: write `0` into every v1 `cgroup.procs` opened before the clone. The
+//!    cgroup2 membership came with the clone itself (`CLONE_INTO_CGROUP`): no window.
+//!    The v1 window is our own code before exec, never the workload.
+//! 3. `setsid()`: the instance leads its own session and process group (the notify socket
+//!    accepts messages from the group).
+//! 4. hostname, `lo` up (new network namespace), the mount program ([`MountOp`]).
+//! 5. With init: block every signal, `clone(SIGCHLD)` (raw: glibc's `fork` runs atfork
+//!    handlers that take malloc locks another thread of the daemon may have held at the
+//!    clone), the new process (`W`, PID 2) continues below, `C` becomes the init loop.
+//! 6. `W`: default signal dispositions and an empty mask, stdio, `chdir`, the capability
+//!    bounding set, uid/gid, capability sets, `no_new_privs`, seccomp, `execve`.
+//!
+//! Any failure before exec writes `(stage, errno)` into the error pipe (close-on-exec)
+//! and exits 127: the parent reads either that record or end-of-file (exec succeeded).
+//!
+//! # The init
+//!
+//! Signals stay blocked and are taken with `sigwaitinfo` (a blocked signal is never
+//! discarded, even for a namespace's init, which the kernel otherwise protects from
+//! signals it has no handler for). `SIGCHLD`: reap everything with `wait4(-1, WNOHANG)`
+//! (we are PID 1: every orphan of the namespace is ours). Anything else is forwarded to
+//! every process of the namespace (`kill(-1, sig)`). When `W` ends, the init writes
+//! `W`'s raw wait status into the status pipe and exits (the kernel then kills what is
+//! left of the namespace); the driver reports the status from the pipe, so exit codes and
+//! signals (with core dump) come through unchanged. An init killed before that (SIGKILL,
+//! OOM) reports its own status.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use bulkhead_core::sandbox::SandboxSpec;
+use seccompiler::BpfProgram;
+
+const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOUNT_ATTR_RDONLY: u64 = 1;
+const CAP_VERSION_3: u32 = 0x2008_0522;
+const PR_CAP_AMBIENT: libc::c_int = 47;
+const PR_CAP_AMBIENT_RAISE: libc::c_ulong = 2;
+const PR_CAP_AMBIENT_CLEAR_ALL: libc::c_ulong = 4;
+
+/// `struct clone_args` (version 2, with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// One step of the mount program, run in order in the child's new mount namespace.
+#[derive(Debug)]
+pub(crate) enum MountOp {
+    /// `/` and everything below: private propagation (nothing leaks back to the host).
+    MakePrivate,
+    /// Clones the tree at `path` (detached) into fd slot `slot`, before anything hides it.
+    OpenTree {
+        path: CString,
+        slot: usize,
+    },
+    /// Everything below `/` read-only (`mount_setattr` with `AT_RECURSIVE`).
+    ReadOnlyRoot,
+    Tmpfs {
+        path: CString,
+        flags: libc::c_ulong,
+        data: CString,
+    },
+    Proc,
+    Devpts,
+    /// `mkdir`, errors ignored (the target may exist, or sit on a read-only mount; the
+    /// move that follows reports a missing target).
+    Mkdir {
+        path: CString,
+    },
+    /// Creates an empty file as a bind target, errors ignored likewise.
+    Touch {
+        path: CString,
+    },
+    Mknod {
+        path: CString,
+        dev: libc::dev_t,
+    },
+    Symlink {
+        target: CString,
+        path: CString,
+    },
+    /// Attaches the tree of `slot` at `target`.
+    Move {
+        slot: usize,
+        target: CString,
+    },
+    /// Makes the mount at `path` (and below) read-only.
+    ReadOnly {
+        path: CString,
+    },
+}
+
+impl MountOp {
+    fn describe(&self) -> String {
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        match self {
+            MountOp::MakePrivate => "make / private".into(),
+            MountOp::OpenTree { path, .. } => format!("open bind source {}", s(path)),
+            MountOp::ReadOnlyRoot => "make / read-only".into(),
+            MountOp::Tmpfs { path, .. } => format!("mount tmpfs on {}", s(path)),
+            MountOp::Proc => "mount /proc".into(),
+            MountOp::Devpts => "mount /dev/pts".into(),
+            MountOp::Mkdir { path } => format!("create {}", s(path)),
+            MountOp::Touch { path } => format!("create {}", s(path)),
+            MountOp::Mknod { path, .. } => format!("create device {}", s(path)),
+            MountOp::Symlink { path, .. } => format!("create symlink {}", s(path)),
+            MountOp::Move { target, .. } => format!("bind on {}", s(target)),
+            MountOp::ReadOnly { path } => format!("make {} read-only", s(path)),
+        }
+    }
+}
+
+fn cstr(s: impl AsRef<[u8]>) -> io::Result<CString> {
+    CString::new(s.as_ref().to_vec())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"))
+}
+
+fn cpath(p: &Path) -> io::Result<CString> {
+    cstr(p.as_os_str().as_bytes())
+}
+
+/// One bind to set up: host `source` at `target`.
+#[derive(Debug, Clone)]
+pub(crate) struct BindPlan {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub readonly: bool,
+}
+
+/// Paths the fresh mounts hide: a bind target under one of them needs its parents made.
+fn hidden_by(target: &Path, masks: &[PathBuf]) -> bool {
+    masks.iter().any(|m| target.starts_with(m))
+}
+
+/// Builds the mount program for `sb`. `binds` come first from the spawn (notify socket,
+/// data plane; read-write), then the manifest's.
+pub(crate) fn mount_program(
+    sb: &SandboxSpec,
+    binds: &[BindPlan],
+) -> io::Result<(Vec<MountOp>, usize)> {
+    let mut ops = vec![MountOp::MakePrivate];
+    for (slot, b) in binds.iter().enumerate() {
+        ops.push(MountOp::OpenTree {
+            path: cpath(&b.source)?,
+            slot,
+        });
+    }
+    if sb.readonly_root {
+        ops.push(MountOp::ReadOnlyRoot);
+    }
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    let mut masks: Vec<PathBuf> = vec!["/tmp".into(), "/dev".into(), "/proc".into()];
+    ops.push(MountOp::Tmpfs {
+        path: cstr("/tmp")?,
+        flags: nosuid_nodev,
+        data: cstr("mode=1777")?,
+    });
+    for t in &sb.tmpfs {
+        masks.push(PathBuf::from(t));
+        ops.push(MountOp::Mkdir { path: cstr(t)? });
+        ops.push(MountOp::Tmpfs {
+            path: cstr(t)?,
+            flags: nosuid_nodev,
+            data: cstr("mode=1777")?,
+        });
+    }
+    ops.push(MountOp::Proc);
+    // A minimal /dev: device nodes on a tmpfs (not nodev, or they would not open).
+    ops.push(MountOp::Tmpfs {
+        path: cstr("/dev")?,
+        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+        data: cstr("mode=755")?,
+    });
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        ops.push(MountOp::Mknod {
+            path: cstr(format!("/dev/{name}"))?,
+            dev: libc::makedev(major, minor),
+        });
+    }
+    ops.push(MountOp::Mkdir {
+        path: cstr("/dev/pts")?,
+    });
+    ops.push(MountOp::Devpts);
+    ops.push(MountOp::Mkdir {
+        path: cstr("/dev/shm")?,
+    });
+    ops.push(MountOp::Tmpfs {
+        path: cstr("/dev/shm")?,
+        flags: nosuid_nodev,
+        data: cstr("mode=1777")?,
+    });
+    for (target, path) in [
+        ("pts/ptmx", "/dev/ptmx"),
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
+        ops.push(MountOp::Symlink {
+            target: cstr(target)?,
+            path: cstr(path)?,
+        });
+    }
+    for (slot, b) in binds.iter().enumerate() {
+        if hidden_by(&b.target, &masks) {
+            // Parents from the top down, then the target itself.
+            let mut parents: Vec<&Path> = b.target.ancestors().skip(1).collect();
+            parents.reverse();
+            for p in parents.into_iter().filter(|p| hidden_by(p, &masks)) {
+                ops.push(MountOp::Mkdir { path: cpath(p)? });
+            }
+            if b.source.is_dir() {
+                ops.push(MountOp::Mkdir {
+                    path: cpath(&b.target)?,
+                });
+            } else {
+                ops.push(MountOp::Touch {
+                    path: cpath(&b.target)?,
+                });
+            }
+        }
+        ops.push(MountOp::Move {
+            slot,
+            target: cpath(&b.target)?,
+        });
+        if b.readonly {
+            ops.push(MountOp::ReadOnly {
+                path: cpath(&b.target)?,
+            });
+        }
+    }
+    Ok((ops, binds.len()))
+}
+
+/// Everything the child needs, allocated before the clone.
+pub(crate) struct Prepared {
+    pub program: CString,
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+    pub cwd: CString,
+    pub hostname: Vec<u8>,
+    pub net: bool,
+    pub init: bool,
+    pub mounts: Vec<MountOp>,
+    pub slots: usize,
+    /// Bit n set: capability n stays in the bounding set.
+    pub keep_caps: u64,
+    pub cap_last: u32,
+    pub user: Option<(u32, u32)>,
+    pub seccomp: Option<BpfProgram>,
+    pub cgroup_fd: Option<OwnedFd>,
+    pub v1_procs: Vec<OwnedFd>,
+}
+
+/// What clone3 gave back.
+pub(crate) struct Child {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    /// Read end of the init's status pipe (only with init).
+    pub status: Option<OwnedFd>,
+}
+
+/// A failure before exec, as reported by the child.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChildError {
+    #[error("cannot create the instance's process: {0}")]
+    Clone(#[source] io::Error),
+    #[error("cannot {what} in the sandbox: {source}")]
+    Setup {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start {program}: {source}")]
+    Exec {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+// Stages reported through the error pipe; mount op `i` is `STAGE_MOUNT + i`.
+const STAGE_CGROUP: u32 = 1;
+const STAGE_SETSID: u32 = 2;
+const STAGE_HOSTNAME: u32 = 3;
+const STAGE_NET: u32 = 4;
+const STAGE_FORK: u32 = 5;
+const STAGE_STDIO: u32 = 6;
+const STAGE_CHDIR: u32 = 7;
+const STAGE_BSET: u32 = 8;
+const STAGE_USER: u32 = 9;
+const STAGE_CAPS: u32 = 10;
+const STAGE_NNP: u32 = 11;
+const STAGE_SECCOMP: u32 = 12;
+const STAGE_EXEC: u32 = 13;
+const STAGE_PDEATHSIG: u32 = 14;
+const STAGE_MOUNT: u32 = 1000;
+
+fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
+}
+
+/// Clones and sets up the instance; returns once it has exec'd (or failed, in which case
+/// the child is killed and reaped, and nothing of it is left).
+///
+/// Must run on the long-lived spawner thread (parent-death signal) while the caller holds
+/// the reaper lock, registering the pid right after.
+pub(crate) fn spawn(
+    p: &Prepared,
+    stdout: &OwnedFd,
+    stderr: &OwnedFd,
+    on_pid: impl FnOnce(u32),
+) -> Result<Child, ChildError> {
+    let (err_r, err_w) = pipe_cloexec().map_err(ChildError::Clone)?;
+    let (status_r, status_w) = pipe_cloexec().map_err(ChildError::Clone)?;
+    let devnull = rustix::fs::open(
+        "/dev/null",
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| ChildError::Clone(e.into()))?;
+    let ptr_list = |v: &[CString]| -> Vec<*const libc::c_char> {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect()
+    };
+    let argv = ptr_list(&p.argv);
+    let envp = ptr_list(&p.env);
+    let mut slots: Vec<RawFd> = vec![-1; p.slots];
+    let fprog = p.seccomp.as_ref().map(|prog| libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    });
+    let ctx = Ctx {
+        p,
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        slots: slots.as_mut_ptr(),
+        fprog: fprog.as_ref().map_or(std::ptr::null(), |f| f as *const _),
+        err_w: err_w.as_raw_fd(),
+        status_w: status_w.as_raw_fd(),
+        devnull: devnull.as_raw_fd(),
+        stdout: stdout.as_raw_fd(),
+        stderr: stderr.as_raw_fd(),
+    };
+
+    let mut flags = CLONE_PIDFD
+        | (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as u64;
+    if p.net {
+        flags |= libc::CLONE_NEWNET as u64;
+    }
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    if let Some(fd) = &p.cgroup_fd {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd.as_raw_fd() as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM and without a stack behaves like fork: the child gets
+    // a copy of this thread's stack and of the address space. In the child, `child_main`
+    // only reads `ctx` (all allocated above, alive in the copy) and makes raw system
+    // calls until exec or _exit; it never returns, never allocates, never takes a lock.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: see above; we are the child.
+        unsafe { child_main(&ctx) }
+    }
+    if ret < 0 {
+        return Err(ChildError::Clone(io::Error::last_os_error()));
+    }
+    let pid = ret as u32;
+    on_pid(pid);
+    // SAFETY: CLONE_PIDFD stored a new descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // The parent's copies of the child's ends: the error pipe reads EOF once the child
+    // exec'd (or died), the status pipe once the init wrote and exited.
+    drop(err_w);
+    drop(status_w);
+    drop(devnull);
+    drop(slots);
+
+    let mut rec = [0u8; 8];
+    let mut got = 0;
+    while got < rec.len() {
+        match rustix::io::read(&err_r, &mut rec[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                abandon(pid, &pidfd);
+                return Err(ChildError::Clone(e.into()));
+            }
+        }
+    }
+    if got == rec.len() {
+        let stage = u32::from_ne_bytes(rec[..4].try_into().unwrap_or_default());
+        let errno = i32::from_ne_bytes(rec[4..].try_into().unwrap_or_default());
+        abandon(pid, &pidfd);
+        let source = io::Error::from_raw_os_error(errno);
+        return Err(match stage {
+            STAGE_EXEC => ChildError::Exec {
+                program: p.program.to_string_lossy().into_owned(),
+                source,
+            },
+            s => ChildError::Setup {
+                what: describe_stage(s, &p.mounts),
+                source,
+            },
+        });
+    }
+    Ok(Child {
+        pid,
+        pidfd,
+        status: p.init.then_some(status_r),
+    })
+}
+
+fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
+    match stage {
+        STAGE_CGROUP => "join the v1 cgroups".into(),
+        STAGE_SETSID => "start a session".into(),
+        STAGE_HOSTNAME => "set the hostname".into(),
+        STAGE_NET => "bring lo up".into(),
+        STAGE_FORK => "fork the workload from the init".into(),
+        STAGE_STDIO => "set up stdin, stdout and stderr".into(),
+        STAGE_CHDIR => "enter the working directory".into(),
+        STAGE_BSET => "drop capabilities from the bounding set".into(),
+        STAGE_USER => "switch uid/gid".into(),
+        STAGE_CAPS => "set capabilities".into(),
+        STAGE_NNP => "set no_new_privs".into(),
+        STAGE_SECCOMP => "install the seccomp filter".into(),
+        STAGE_PDEATHSIG => "set the parent-death signal".into(),
+        s if s >= STAGE_MOUNT => mounts
+            .get((s - STAGE_MOUNT) as usize)
+            .map_or_else(|| format!("run mount step {s}"), MountOp::describe),
+        s => format!("run setup stage {s}"),
+    }
+}
+
+/// Kills and reaps a child that failed before exec.
+fn abandon(pid: u32, pidfd: &OwnedFd) {
+    let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL);
+    if let Err(e) = bulkhead_driver::sys::reap_blocking(pid) {
+        tracing::error!("cannot reap failed sandbox child {pid}: {e}");
+    }
+}
+
+/// Raw pointers into [`Prepared`] and the fds the child uses.
+struct Ctx<'a> {
+    p: &'a Prepared,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    slots: *mut RawFd,
+    fprog: *const libc::sock_fprog,
+    err_w: RawFd,
+    status_w: RawFd,
+    devnull: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+}
+
+/// Reports `(stage, errno)` and exits 127. Async-signal-safe.
+///
+/// # Safety
+/// Only in the child.
+unsafe fn fail(ctx: &Ctx<'_>, stage: u32) -> ! {
+    // SAFETY: errno location of this (only) thread.
+    let errno = unsafe { *libc::__errno_location() };
+    let mut rec = [0u8; 8];
+    rec[..4].copy_from_slice(&stage.to_ne_bytes());
+    rec[4..].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: writing a stack buffer to our fd; _exit never returns.
+    unsafe {
+        libc::write(ctx.err_w, rec.as_ptr().cast(), rec.len());
+        libc::_exit(127)
+    }
+}
+
+/// The child: see the module docs for the sequence.
+///
+/// # Safety
+/// Only right after clone3, in the child. No allocation, no locks.
+unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
+    let p = ctx.p;
+    // SAFETY: for the whole block, raw system calls on pointers into `ctx` (valid in our copy
+    // of the address space) and on stack buffers.
+    unsafe {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            fail(ctx, STAGE_PDEATHSIG);
+        }
+        for fd in &p.v1_procs {
+            if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                fail(ctx, STAGE_CGROUP);
+            }
+        }
+        if libc::setsid() < 0 {
+            fail(ctx, STAGE_SETSID);
+        }
+        if libc::sethostname(p.hostname.as_ptr().cast(), p.hostname.len()) != 0 {
+            fail(ctx, STAGE_HOSTNAME);
+        }
+        if p.net && lo_up().is_err() {
+            fail(ctx, STAGE_NET);
+        }
+        for (i, op) in p.mounts.iter().enumerate() {
+            if !run_mount(op, ctx.slots) {
+                fail(ctx, STAGE_MOUNT + i as u32);
+            }
+        }
+        if p.init {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            // Blocked before the fork: no signal is lost between it and the loop.
+            libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+            let pid = libc::syscall(
+                libc::SYS_clone,
+                libc::SIGCHLD as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            );
+            if pid < 0 {
+                fail(ctx, STAGE_FORK);
+            }
+            if pid > 0 {
+                init_loop(ctx, pid as libc::pid_t, &all);
+            }
+        }
+        workload(ctx)
+    }
+}
+
+/// The init: reap, forward, report the workload's status. Never returns.
+///
+/// # Safety
+/// Only in the child, after the fork of the workload.
+unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, all: &libc::sigset_t) -> ! {
+    // SAFETY: for the whole block, raw system calls on our own fds and stack buffers.
+    unsafe {
+        // Keep only the status pipe (as fd 0): the init must not hold the daemon's
+        // descriptors (other instances' pipes, sockets) for the instance's lifetime.
+        libc::dup2(ctx.status_w, 0);
+        libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32);
+        loop {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let sig = libc::sigwaitinfo(all, &mut info);
+            if sig < 0 {
+                continue;
+            }
+            if sig != libc::SIGCHLD {
+                // To every process of the namespace but us.
+                libc::kill(-1, sig);
+                continue;
+            }
+            loop {
+                let mut st: libc::c_int = 0;
+                let r = libc::wait4(-1, &mut st, libc::WNOHANG, std::ptr::null_mut());
+                if r <= 0 {
+                    break;
+                }
+                if r == main {
+                    let b = st.to_ne_bytes();
+                    libc::write(0, b.as_ptr().cast(), b.len());
+                    let code = if libc::WIFEXITED(st) {
+                        libc::WEXITSTATUS(st)
+                    } else {
+                        128 + libc::WTERMSIG(st)
+                    };
+                    // Exiting kills the rest of the namespace.
+                    libc::_exit(code);
+                }
+            }
+        }
+    }
+}
+
+/// The workload's last steps before exec. Never returns.
+///
+/// # Safety
+/// Only in the child (or the init's fork).
+unsafe fn workload(ctx: &Ctx<'_>) -> ! {
+    let p = ctx.p;
+    // SAFETY: for the whole block, raw system calls on pointers into `ctx` and stack values.
+    unsafe {
+        // Default dispositions (Rust ignores SIGPIPE; ignored signals survive exec).
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if libc::dup2(ctx.devnull, 0) < 0
+            || libc::dup2(ctx.stdout, 1) < 0
+            || libc::dup2(ctx.stderr, 2) < 0
+        {
+            fail(ctx, STAGE_STDIO);
+        }
+        if libc::chdir(p.cwd.as_ptr()) != 0 {
+            fail(ctx, STAGE_CHDIR);
+        }
+        for cap in 0..=p.cap_last.min(63) {
+            if p.keep_caps & (1 << cap) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+            {
+                fail(ctx, STAGE_BSET);
+            }
+        }
+        if let Some((uid, gid)) = p.user {
+            // Raw calls: glibc's setuid family signals every thread of the process it
+            // thinks it is, which we are not.
+            if (p.keep_caps != 0 && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0)
+                || libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+            {
+                fail(ctx, STAGE_USER);
+            }
+        }
+        let lo = (p.keep_caps & 0xffff_ffff) as u32;
+        let hi = (p.keep_caps >> 32) as u32;
+        let mut hdr = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let data = [
+            CapData {
+                effective: lo,
+                permitted: lo,
+                inheritable: lo,
+            },
+            CapData {
+                effective: hi,
+                permitted: hi,
+                inheritable: hi,
+            },
+        ];
+        if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) != 0 {
+            fail(ctx, STAGE_CAPS);
+        }
+        libc::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        if p.user.is_some() {
+            // A non-root workload keeps its listed capabilities across exec only as
+            // ambient capabilities.
+            for cap in 0..=p.cap_last.min(63) {
+                if p.keep_caps & (1 << cap) != 0 {
+                    libc::prctl(
+                        PR_CAP_AMBIENT,
+                        PR_CAP_AMBIENT_RAISE,
+                        cap as libc::c_ulong,
+                        0,
+                        0,
+                    );
+                }
+            }
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(ctx, STAGE_NNP);
+        }
+        if !ctx.fprog.is_null()
+            && libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0usize,
+                ctx.fprog,
+            ) != 0
+        {
+            fail(ctx, STAGE_SECCOMP);
+        }
+        libc::execve(p.program.as_ptr(), ctx.argv, ctx.envp);
+        fail(ctx, STAGE_EXEC)
+    }
+}
+
+/// One mount step; false on failure (errno set).
+///
+/// # Safety
+/// Only in the child; `slots` has room for every slot the program names.
+unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
+    let null = std::ptr::null::<libc::c_char>();
+    // SAFETY: for the whole block, raw system calls with NUL-terminated strings prepared
+    // before the clone, and slot indices below the slot count (built together).
+    unsafe {
+        match op {
+            MountOp::MakePrivate => {
+                libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+            }
+            MountOp::OpenTree { path, slot } => {
+                let fd = libc::syscall(
+                    libc::SYS_open_tree,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE,
+                );
+                *slots.add(*slot) = fd as RawFd;
+                fd >= 0
+            }
+            MountOp::ReadOnlyRoot => set_readonly(c"/".as_ptr()),
+            MountOp::ReadOnly { path } => set_readonly(path.as_ptr()),
+            MountOp::Tmpfs { path, flags, data } => {
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    path.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    *flags,
+                    data.as_ptr().cast(),
+                ) == 0
+            }
+            MountOp::Proc => {
+                libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) == 0
+            }
+            MountOp::Devpts => {
+                libc::mount(
+                    c"devpts".as_ptr(),
+                    c"/dev/pts".as_ptr(),
+                    c"devpts".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NOEXEC,
+                    c"newinstance,ptmxmode=0666,mode=0620".as_ptr().cast(),
+                ) == 0
+            }
+            MountOp::Mkdir { path } => {
+                libc::mkdir(path.as_ptr(), 0o755);
+                true
+            }
+            MountOp::Touch { path } => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o644,
+                );
+                if fd >= 0 {
+                    libc::close(fd);
+                }
+                true
+            }
+            MountOp::Mknod { path, dev } => {
+                libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o666, *dev) == 0
+                    && libc::chmod(path.as_ptr(), 0o666) == 0
+            }
+            MountOp::Symlink { target, path } => libc::symlink(target.as_ptr(), path.as_ptr()) == 0,
+            MountOp::Move { slot, target } => {
+                let fd = *slots.add(*slot);
+                let ok = libc::syscall(
+                    libc::SYS_move_mount,
+                    fd,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    target.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                ) == 0;
+                libc::close(fd);
+                ok
+            }
+        }
+    }
+}
+
+/// `mount_setattr(path, AT_RECURSIVE, +RDONLY)`.
+///
+/// # Safety
+/// `path` is NUL-terminated.
+unsafe fn set_readonly(path: *const libc::c_char) -> bool {
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a valid path and a properly sized attribute struct on the stack.
+    unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path,
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) == 0
+    }
+}
+
+/// Brings `lo` up in the new network namespace: one socket, two ioctls.
+///
+/// # Safety
+/// Raw system calls only.
+unsafe fn lo_up() -> Result<(), ()> {
+    // SAFETY: a stack ifreq with a NUL-terminated name; the socket is closed on all paths.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        let mut ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) == 0;
+        if ok {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            ok = libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) == 0;
+        }
+        libc::close(s);
+        if ok {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The driver conformance suite against the sandbox driver, in each cgroup mode.
+//!
+//! The fixture's working directory lives under `/tmp`, which is private inside a sandbox:
+//! the driver under test binds it in read-write (as the daemon does with an instance's
+//! notify socket), so that the checks see what the instance writes.
+
+use async_trait::async_trait;
+use bulkhead_core::spec::DriverKind;
+use bulkhead_driver::{Driver, SpawnError, SpawnSpec, Spawned};
+use bulkhead_sandbox::cgroup::ModeChoice;
+use bulkhead_sandbox::{SandboxConfig, SandboxDriver};
+
+/// The sandbox driver, with the spawn's working directory bound in read-write.
+pub struct WithWorkdir(SandboxDriver);
+
+#[async_trait]
+impl Driver for WithWorkdir {
+    fn kind(&self) -> DriverKind {
+        self.0.kind()
+    }
+
+    async fn spawn(&self, mut spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+        spec.binds.push(spec.cwd.clone());
+        self.0.spawn(spec).await
+    }
+}
+
+/// A driver with a scope of its own: a new driver removes what its scope holds, and the
+/// tests run in parallel in one process.
+fn driver(mode: ModeChoice, scope: &str) -> Option<WithWorkdir> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match SandboxDriver::new(SandboxConfig {
+        mode,
+        scope: format!("conformance-{scope}-{}-{seq}", std::process::id()),
+        min_available_memory: 0,
+        favor_dynmods: false,
+    }) {
+        Ok(d) => Some(WithWorkdir(d)),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+/// Where the sandbox cannot work here (no root, no cgroups) the reason is printed and the
+/// checks run against the process driver instead, so that they neither fail nor
+/// pretend: the output says "skipped".
+pub struct MaybeDriver(Option<WithWorkdir>, bulkhead_driver::process::ProcessDriver);
+
+impl bulkhead_driver::conformance::DriverUnderTest for MaybeDriver {
+    fn driver(&self) -> &dyn Driver {
+        match &self.0 {
+            Some(d) => d,
+            None => &self.1,
+        }
+    }
+}
+
+mod auto {
+    use super::*;
+    async fn sandbox_driver() -> MaybeDriver {
+        MaybeDriver(driver(ModeChoice::Auto, "auto"), Default::default())
+    }
+    bulkhead_driver::conformance_tests!(sandbox_driver);
+}
+
+mod v1 {
+    use super::*;
+    async fn sandbox_driver() -> MaybeDriver {
+        MaybeDriver(driver(ModeChoice::V1, "v1"), Default::default())
+    }
+    bulkhead_driver::conformance_tests!(sandbox_driver);
+}
+
+mod unified {
+    use super::*;
+    async fn sandbox_driver() -> MaybeDriver {
+        MaybeDriver(driver(ModeChoice::Unified, "unified"), Default::default())
+    }
+    bulkhead_driver::conformance_tests!(sandbox_driver);
+}

@@ -1,0 +1,429 @@
+//! The walls and limits of the sandbox driver, each against the real kernel: PID 1, the
+//! hostname, the read-only root and binds, `network: none`, pids.max, the OOM killer,
+//! teardown, dropped capabilities, and both cgroup paths.
+//!
+//! Every test skips with a printed reason where the driver cannot start (no root, no
+//! cgroups).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::signal::Signal;
+use bulkhead_core::spec::parse_manifest;
+use bulkhead_driver::conformance::{
+    processes_with_token, read_all, token_of, wait_for_file, within, Fixture, Running,
+};
+use bulkhead_driver::{Driver, ExitCause, SpawnSpec};
+use bulkhead_sandbox::cgroup::ModeChoice;
+use bulkhead_sandbox::{SandboxConfig, SandboxDriver};
+
+fn driver(mode: ModeChoice) -> Option<(SandboxDriver, String)> {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let scope = format!(
+        "walls-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    match SandboxDriver::new(SandboxConfig {
+        mode,
+        scope: scope.clone(),
+        min_available_memory: 0,
+        favor_dynmods: false,
+    }) {
+        Ok(d) => Some((d, scope)),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+/// A spawn spec for `script` with the given extra manifest text (`sandbox:`,
+/// `resources:` sections); the fixture's directory is bound in read-write.
+fn spec(fx: &Fixture, name: &str, script: &str, extra: &str) -> SpawnSpec {
+    let mut s = fx.spawn_spec(name, script);
+    let text = format!("name: {name}\ncommand: [sh]\ndriver: sandbox\n{extra}");
+    let mut w = parse_manifest(&format!("{name}/manifest.yaml"), name, &text)
+        .unwrap_or_else(|e| panic!("{e}"));
+    w.command = s.argv.clone();
+    s.spec = Arc::new(w);
+    s.binds.push(fx.workdir.clone());
+    s
+}
+
+async fn start(d: &SandboxDriver, s: SpawnSpec) -> Running {
+    let token = token_of(&s);
+    let what = format!("instance {}", s.instance);
+    let spawned = within("spawn", d.spawn(s))
+        .await
+        .unwrap_or_else(|e| panic!("spawn failed: {e}"));
+    Running {
+        spawned,
+        token,
+        what,
+    }
+}
+
+/// Runs to the end; returns the status and stdout.
+async fn run(d: &SandboxDriver, s: SpawnSpec) -> (ExitStatus, String) {
+    let mut r = start(d, s).await;
+    let out = r.spawned.stdout.take().unwrap();
+    let out = within("stdout", read_all(out)).await;
+    (r.wait().await, out)
+}
+
+const OK: ExitStatus = ExitStatus::Exited { code: 0 };
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_instance_is_pid_1_and_sees_no_host_process() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    // Our init is PID 1 and the workload PID 2.
+    let script = "echo $$; ls /proc | grep -c '^[0-9]'; cat /proc/1/comm";
+    let (st, out) = run(&d, spec(&fx, "pid-one", script, "")).await;
+    assert_eq!(st, OK, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "2", "{out}");
+    let visible: u32 = lines[1].parse().unwrap();
+    assert!(visible <= 4, "processes visible inside: {out}");
+    // Without init the workload itself is PID 1.
+    let (st, out) = run(
+        &d,
+        spec(
+            &fx,
+            "pid-one-noinit",
+            "echo $$",
+            "sandbox: { init: false }\n",
+        ),
+    )
+    .await;
+    assert_eq!(st, OK);
+    assert_eq!(out.trim(), "1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hostname_is_the_instance_id_unless_set() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let (st, out) = run(&d, spec(&fx, "host", "cat /proc/sys/kernel/hostname", "")).await;
+    assert_eq!(st, OK);
+    assert_eq!(out.trim(), "ns:conformance:host");
+    let (_, out) = run(
+        &d,
+        spec(
+            &fx,
+            "host2",
+            "cat /proc/sys/kernel/hostname",
+            "sandbox: { hostname: web-1 }\n",
+        ),
+    )
+    .await;
+    assert_eq!(out.trim(), "web-1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_root_rejects_writes_while_binds_work() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let ro = tempfile::tempdir().unwrap();
+    let rw = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "sandbox:\n  binds:\n    - {{ source: {}, target: /var/tmp/ro, readonly: true }}\n    - {{ source: {} }}\n  tmpfs: [/var/tmp]\n",
+        ro.path().display(),
+        rw.path().display()
+    );
+    let script = format!(
+        "touch /usr/bulkhead-test 2>/dev/null && echo root-writable; \
+         touch /var/tmp/ro/x 2>/dev/null && echo ro-writable; \
+         echo in > {rw}/from-inside || echo rw-failed; \
+         echo t > /tmp/t && echo tmp-ok; echo v > /var/tmp/v && echo tmpfs-ok; \
+         echo w > in-workdir && echo workdir-ok; ls /dev",
+        rw = rw.path().display()
+    );
+    let (st, out) = run(&d, spec(&fx, "readonly", &script, &extra)).await;
+    assert_eq!(st, OK, "{out}");
+    assert!(!out.contains("root-writable"), "{out}");
+    assert!(!out.contains("ro-writable"), "{out}");
+    assert!(!out.contains("rw-failed"), "{out}");
+    for ok in [
+        "tmp-ok",
+        "tmpfs-ok",
+        "workdir-ok",
+        "null",
+        "urandom",
+        "pts",
+        "shm",
+    ] {
+        assert!(out.contains(ok), "missing {ok}: {out}");
+    }
+    assert!(!Path::new("/usr/bulkhead-test").exists());
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("from-inside")).unwrap(),
+        "in\n"
+    );
+    // The private /tmp did not leak to the host.
+    assert!(!Path::new("/tmp/t").exists() || std::fs::read_to_string("/tmp/t").unwrap() != "t\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn network_none_has_no_route_out() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let script = "tail -n +2 /proc/net/route | wc -l; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; cat /sys/class/net/lo/operstate 2>/dev/null; ip -o link show lo 2>/dev/null | grep -c UP";
+    let (st, out) = run(
+        &d,
+        spec(&fx, "net-none", script, "sandbox: { network: none }\n"),
+    )
+    .await;
+    assert_eq!(st, OK, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0].trim(), "0", "routes: {out}");
+    assert_eq!(lines[1], "lo", "interfaces: {out}");
+    assert_ne!(lines.get(2).copied(), Some("lo"), "only one lo: {out}");
+    let host_ifaces = std::fs::read_to_string("/proc/net/dev").unwrap();
+    for l in host_ifaces.lines().skip(2) {
+        let name = l.split(':').next().unwrap().trim();
+        if name != "lo" {
+            assert!(
+                !lines.contains(&name),
+                "host interface {name} visible: {out}"
+            );
+        }
+    }
+    assert!(out.lines().last() == Some("1"), "lo is up: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fork_bomb_stops_at_pids_max() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    if !Path::new("/usr/bin/perl").exists() {
+        eprintln!("skipped: needs /usr/bin/perl");
+        return;
+    }
+    let fx = Fixture::temp();
+    // perl's fork returns undef at the limit where a shell would give up.
+    let script = "exec perl -e 'my $n = 0; for (1..64) { my $p = fork; if (!defined $p) { $n++; next } if ($p == 0) { sleep 1000; exit 0 } } open(my $f, \">\", \"bomb.ready\") or die; print $f $n; close $f; sleep 1000'";
+    let r = start(&d, spec(&fx, "bomb", script, "resources: { pids: 16 }\n")).await;
+    wait_for_file(&r, &fx.path("bomb.ready")).await;
+    // Written after the loop: the file may still be empty for a moment.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let failed: u32 = std::fs::read_to_string(fx.path("bomb.ready"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(failed > 0, "every fork succeeded");
+    let stats = r.handle().stats().unwrap();
+    assert!(stats.pids <= 16, "{stats:?}");
+    assert_eq!(stats.pids_limit, Some(16));
+    assert!(stats.pids_limit_hits.unwrap_or(0) > 0, "{stats:?}");
+    // The host still forks.
+    assert!(std::process::Command::new("true")
+        .status()
+        .unwrap()
+        .success());
+    within(
+        "stop",
+        r.handle().stop(Signal::TERM, Duration::from_secs(2)),
+    )
+    .await;
+    assert!(processes_with_token(&r.token).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_hog_is_reported_oom_killed() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    // tail keeps the whole (newline-free) last line in memory.
+    let script = "exec tail -n 1 /dev/zero";
+    let r = start(
+        &d,
+        spec(&fx, "hog", script, "resources: { memory: 32Mi }\n"),
+    )
+    .await;
+    let st = r.wait().await;
+    assert_eq!(
+        st,
+        ExitStatus::Signaled {
+            signal: 9,
+            core_dumped: false
+        }
+    );
+    assert_eq!(
+        r.handle().exit_cause(),
+        Some(ExitCause::OomKilled {
+            limit_bytes: Some(32 << 20)
+        }),
+        "{st}"
+    );
+}
+
+/// Instance cgroup directories left under the driver's scope in every hierarchy.
+fn leftover_cgroups(scope: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(roots) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return out;
+    };
+    fn walk(dir: &Path, scope: &str, out: &mut Vec<String>, depth: u32) {
+        if depth > 6 {
+            return;
+        }
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !p.is_dir() {
+                continue;
+            }
+            if p.file_name().is_some_and(|n| n == scope) {
+                if let Ok(inner) = std::fs::read_dir(&p) {
+                    out.extend(
+                        inner
+                            .flatten()
+                            .filter(|e| e.path().is_dir())
+                            .map(|e| e.path().display().to_string()),
+                    );
+                }
+            } else {
+                walk(&p, scope, out, depth + 1);
+            }
+        }
+    }
+    for r in roots.flatten() {
+        walk(&r.path(), scope, &mut out, 0);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn teardown_leaves_no_cgroup_and_no_process() {
+    for mode in [ModeChoice::Auto, ModeChoice::V1, ModeChoice::Unified] {
+        let Some((d, scope)) = driver(mode) else {
+            return;
+        };
+        let fx = Fixture::temp();
+        // Limits need controllers: none on this machine's cgroup2 mount.
+        let limits = if d.capabilities().controllers.is_empty() {
+            ""
+        } else {
+            "resources: { memory: 64Mi, pids: 32, cpu: 0.5 }\n"
+        };
+        let r = start(
+            &d,
+            spec(
+                &fx,
+                "teardown",
+                "sleep 1000 & sleep 1000 & : > td.ready; wait",
+                limits,
+            ),
+        )
+        .await;
+        wait_for_file(&r, &fx.path("td.ready")).await;
+        assert!(!leftover_cgroups(&scope).is_empty(), "{mode:?}: no cgroup");
+        let stats = r.handle().stats().unwrap();
+        assert!(stats.pids >= 3, "{mode:?}: {stats:?}");
+        within(
+            "stop",
+            r.handle().stop(Signal::TERM, Duration::from_secs(2)),
+        )
+        .await;
+        assert_eq!(leftover_cgroups(&scope), Vec::<String>::new(), "{mode:?}");
+        assert_eq!(
+            processes_with_token(&r.token),
+            Vec::<u32>::new(),
+            "{mode:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_capabilities_hold() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let script =
+        "mount -t tmpfs none /mnt 2>/dev/null && echo mounted; grep CapBnd /proc/self/status";
+    // Default: no capabilities, and the seccomp filter; also without the filter.
+    for extra in ["", "sandbox: { seccomp: none }\n"] {
+        let (st, out) = run(&d, spec(&fx, "caps", script, extra)).await;
+        assert_eq!(st, OK, "{out}");
+        assert!(!out.contains("mounted"), "{extra}: {out}");
+        assert!(out.contains("CapBnd:\t0000000000000000"), "{out}");
+    }
+    // With CAP_SYS_ADMIN kept and no filter, the same mount works: the wall was the
+    // capability set.
+    let (st, out) = run(
+        &d,
+        spec(
+            &fx,
+            "caps-admin",
+            script,
+            "sandbox: { seccomp: none, capabilities: [CAP_SYS_ADMIN] }\n",
+        ),
+    )
+    .await;
+    assert_eq!(st, OK, "{out}");
+    assert!(out.contains("mounted"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_instance_is_born_in_its_cgroups_in_each_mode() {
+    for mode in [ModeChoice::Auto, ModeChoice::V1, ModeChoice::Unified] {
+        let Some((d, scope)) = driver(mode) else {
+            return;
+        };
+        let caps = d.capabilities();
+        let fx = Fixture::temp();
+        let (st, out) = run(&d, spec(&fx, "born", "cat /proc/self/cgroup", "")).await;
+        assert_eq!(st, OK, "{out}");
+        let unified = out.lines().find(|l| l.starts_with("0::"));
+        let memory = out.lines().find(|l| l.contains(":memory:"));
+        if caps.clone_into_cgroup {
+            assert!(unified.unwrap().contains(&scope), "{mode:?}: {out}");
+        }
+        if caps.controllers.iter().any(|c| c == "memory") && caps.cgroup_mode != "v2" {
+            assert!(memory.unwrap().contains(&scope), "{mode:?}: {out}");
+        }
+        match mode {
+            ModeChoice::V1 => assert_eq!(caps.cgroup_mode, "v1"),
+            ModeChoice::Unified => assert!(caps.clone_into_cgroup),
+            ModeChoice::Auto => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spawn_admission_refuses_below_the_floor() {
+    let Ok(d) = SandboxDriver::new(SandboxConfig {
+        min_available_memory: u64::MAX / 2,
+        scope: format!("admission-{}", std::process::id()),
+        ..SandboxConfig::default()
+    }) else {
+        eprintln!("skipped: the sandbox driver cannot start here");
+        return;
+    };
+    let fx = Fixture::temp();
+    let e = d
+        .spawn(spec(&fx, "admission", "exit 0", ""))
+        .await
+        .err()
+        .expect("a launch below the memory floor must fail");
+    assert!(e.to_string().contains("min-available-memory"), "{e}");
+}
