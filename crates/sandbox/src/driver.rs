@@ -147,9 +147,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Whether this process may create the namespaces (tried with `unshare` in a throwaway
-/// child thread? No: a forked probe would cost; `CAP_SYS_ADMIN` in our user namespace is
-/// what clone3 checks).
+/// Whether this process may create the namespaces: clone3 checks `CAP_SYS_ADMIN` in our
+/// user namespace, read from `/proc/self/status` (no probe process is forked). A kernel
+/// that still refuses fails the first spawn with the step that failed.
 fn can_create_namespaces() -> io::Result<()> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let eff = status

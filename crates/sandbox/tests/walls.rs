@@ -427,3 +427,25 @@ async fn spawn_admission_refuses_below_the_floor() {
         .expect("a launch below the memory floor must fail");
     assert!(e.to_string().contains("min-available-memory"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workload_runs_as_the_configured_user() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let (st, out) = run(
+        &d,
+        spec(
+            &fx,
+            "user",
+            "id -u; id -g; id -G; grep CapEff /proc/self/status",
+            "sandbox: { user: { uid: 65534, gid: 65533 } }\n",
+        ),
+    )
+    .await;
+    assert_eq!(st, OK, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..3], ["65534", "65533", "65533"], "{out}");
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+}

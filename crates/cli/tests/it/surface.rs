@@ -262,7 +262,14 @@ fn health_and_list() {
     d.json(&["launch", "w", "-o", "json"]);
     let h = d.json(&["health", "-o", "json"]);
     assert_eq!(h["instances_live"], 1);
-    assert_eq!(h["drivers"], serde_json::json!(["process"]));
+    let drivers = h["drivers"].as_array().unwrap();
+    assert_eq!(drivers[0], "process", "{h}");
+    // The sandbox driver is there exactly when this machine allows it (health says so).
+    assert_eq!(
+        drivers.iter().any(|d| d == "sandbox"),
+        h["sandbox"]["available"] == true,
+        "{h}"
+    );
     let l = d.json(&["list", "-o", "json"]);
     let inst = &l.as_array().unwrap()[0];
     for f in [
