@@ -327,8 +327,9 @@ async fn run(
     // The restart backoff or the breaker cooldown.
     let mut timer: Option<Pin<Box<Sleep>>> = None;
     // The idle timeout: armed while no lease holds the instance.
-    let idle_after = spec.idle_timeout;
-    let mut idle: Option<Pin<Box<Sleep>>> = idle_after.map(|d| Box::pin(tokio::time::sleep(d)));
+    let idle_after = crate::docker::effective_idle_timeout(&spec);
+    let mut idle: Option<Pin<Box<Sleep>>> =
+        crate::docker::initial_idle(&spec).map(|d| Box::pin(tokio::time::sleep(d)));
     // The newest event this actor published: the View changes only once it is durable.
     let mut last_event = 0u64;
     if let Origin::Adopted(a, _) = origin {
@@ -702,7 +703,9 @@ fn resolve_command(
     env: &[(String, String)],
 ) -> Result<Vec<String>, String> {
     let mut argv = expand_argv(command, env).map_err(|e| e.to_string())?;
-    if argv[0].contains('/') && !argv[0].starts_with('/') {
+    // A container's program is a path inside its image, not in the workload folder.
+    let in_container = slot.spec.driver == bulkhead_core::spec::DriverKind::Docker;
+    if !in_container && argv[0].contains('/') && !argv[0].starts_with('/') {
         argv[0] = slot.dir.join(&argv[0]).display().to_string();
     }
     Ok(argv)

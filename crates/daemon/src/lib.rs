@@ -24,6 +24,7 @@ use bulkhead_driver::Driver;
 
 pub mod auth;
 pub mod catalog;
+pub mod docker;
 pub mod events;
 pub mod exec;
 mod http;
@@ -100,6 +101,9 @@ pub struct Shared {
     pub(crate) instances: Option<instances::InstanceTable>,
     /// Prometheus metrics; launches are counted in [`Shared::launch`].
     pub metrics: metrics::Metrics,
+    /// The docker driver (always registered, so docker manifests validate; launches fail
+    /// clearly while the engine is unreachable) and its image cache.
+    pub(crate) docker: docker::DockerState,
 }
 
 impl Shared {
@@ -116,7 +120,10 @@ impl Shared {
             None => Arc::new(bulkhead_driver::process::ProcessDriver::new()),
         };
         drivers.insert(DriverKind::Process, process);
+        let docker = docker::DockerState::new(&cfg);
+        drivers.insert(DriverKind::Docker, docker.driver.clone());
         Shared {
+            docker,
             cfg,
             catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
             registry: Mutex::new(HashMap::new()),
@@ -289,7 +296,7 @@ impl Shared {
             })?;
         let key = Key::new(
             &args.workload,
-            spec.isolation,
+            docker::effective_isolation(&spec),
             args.namespace.as_deref(),
             args.session.as_deref(),
         )?;

@@ -53,6 +53,10 @@ pub struct Config {
     /// `<program> keeper --state <state_dir>`), so that they survive a daemon crash and are
     /// adopted by the next daemon. `None`: the daemon is the instances' parent.
     pub keeper: Option<PathBuf>,
+    /// The docker driver's image cache is evicted (LRU, never an image in use) down to
+    /// this many images / bytes after each build; `None`: unbounded.
+    pub image_cache_max_count: Option<usize>,
+    pub image_cache_max_bytes: Option<u64>,
 }
 
 impl Config {
@@ -80,6 +84,8 @@ impl Config {
             reap_orphans: false,
             tcp: None,
             keeper: None,
+            image_cache_max_count: None,
+            image_cache_max_bytes: None,
         }
     }
 }
@@ -270,6 +276,10 @@ impl Daemon {
                 tracing::info!("adopted {n} instances from the keeper");
             }
         }
+        // Docker containers of this daemon (by label): a running one whose instance the
+        // table knows is adopted; any other is removed. An unreachable engine is only
+        // logged: its containers are then resumed (restarted) by their policy below.
+        crate::docker::recover(&shared, &mut rows, &restored_of).await;
         // What the table knew and nobody holds any more: a process that died unseen (its
         // keeper ended, or it was the direct child of a daemon started with --no-keeper),
         // or an instance that was between runs. Its restart policy decides.

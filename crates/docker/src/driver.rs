@@ -309,6 +309,7 @@ impl Driver for DockerDriver {
             oom: AtomicBool::new(false),
             memory_limit: spec.spec.resources.as_ref().and_then(|r| r.memory),
             pids_limit: spec.spec.resources.as_ref().and_then(|r| r.pids),
+            env: spec.env.clone(),
         });
         let sink: Arc<dyn EventSink> = container.clone();
         self.engine.watch(&id, Arc::downgrade(&sink));
@@ -402,28 +403,40 @@ pub struct Container {
     oom: AtomicBool,
     memory_limit: Option<u64>,
     pids_limit: Option<u32>,
+    env: Vec<(String, String)>,
 }
 
 impl Container {
     /// A handle on an existing container of this daemon (recovery after a restart): it is
-    /// watched from now on, and reported as ended at once if it is no longer running.
-    pub async fn adopt(engine: Arc<Engine>, id: &str) -> Result<Arc<Container>, String> {
+    /// watched from now on (and reported as ended at once if it no longer runs); its new
+    /// output comes out of the returned pipes.
+    #[allow(clippy::type_complexity)]
+    pub async fn adopt(
+        engine: Arc<Engine>,
+        id: &str,
+    ) -> Result<(Arc<Container>, (Option<OwnedFd>, Option<OwnedFd>)), String> {
         let client = engine.ensure().await.map_err(|e| e.to_string())?.clone();
         let info = client
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
             .map_err(|e| format!("cannot inspect container {id}: {e}"))?;
-        let labels = info
-            .config
-            .as_ref()
-            .and_then(|c| c.labels.clone())
-            .unwrap_or_default();
+        let config = info.config.clone().unwrap_or_default();
+        let labels = config.labels.clone().unwrap_or_default();
+        let env = config
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_owned(), v.to_owned()))
+            })
+            .collect();
         let host = info.host_config.clone().unwrap_or_default();
         let (status_tx, _) = watch::channel(None);
         let c = Arc::new(Container {
             id: id.to_owned(),
             instance: labels.get(LABEL_INSTANCE).cloned().unwrap_or_default(),
-            client,
+            client: client.clone(),
             engine: engine.clone(),
             main: Mutex::new(None),
             status: status_tx,
@@ -431,11 +444,36 @@ impl Container {
             oom: AtomicBool::new(false),
             memory_limit: host.memory.filter(|&m| m > 0).map(|m| m as u64),
             pids_limit: host.pids_limit.filter(|&p| p > 0).map(|p| p as u32),
+            env,
         });
         let sink: Arc<dyn EventSink> = c.clone();
         engine.watch(id, Arc::downgrade(&sink));
+        let opts = AttachContainerOptions {
+            stream: true,
+            stdout: true,
+            stderr: true,
+            logs: false,
+            ..Default::default()
+        };
+        let pipes = match (client.attach_container(id, Some(opts)).await, Pipes::new()) {
+            (Ok(a), Ok(p)) => {
+                tokio::spawn(copy_output(a.output, p.out_tx, p.err_tx));
+                (Some(p.out_rx), Some(p.err_rx))
+            }
+            _ => (None, None),
+        };
         c.inspect_main().await;
-        Ok(c)
+        Ok((c, pipes))
+    }
+
+    /// The main pid, or 0 when the container is not running.
+    pub fn pid_or_zero(&self) -> u32 {
+        self.pid().unwrap_or(0)
+    }
+
+    /// The container's environment (adopted containers: as the engine reports it).
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.env.clone()
     }
 
     /// The container id.
