@@ -79,14 +79,14 @@ pub fn daemon_id(state_dir: &Path) -> String {
     id
 }
 
-/// Whether the workload is a shared docker container.
-fn shared_container(spec: &WorkloadSpec) -> bool {
+/// Whether the workload is a shared docker container (`docker.share: true`).
+pub fn is_shared_container(spec: &WorkloadSpec) -> bool {
     spec.driver == DriverKind::Docker && spec.docker.as_ref().is_some_and(|d| d.share)
 }
 
 /// The isolation the key is built with: a shared container is one instance for all.
 pub fn effective_isolation(spec: &WorkloadSpec) -> Isolation {
-    if shared_container(spec) {
+    if is_shared_container(spec) {
         Isolation::None
     } else {
         spec.isolation
@@ -95,7 +95,7 @@ pub fn effective_isolation(spec: &WorkloadSpec) -> Isolation {
 
 /// The idle timeout after the last lease is released.
 pub fn effective_idle_timeout(spec: &WorkloadSpec) -> Option<Duration> {
-    if shared_container(spec) {
+    if is_shared_container(spec) {
         let dk = spec.docker.as_ref().and_then(|d| d.idle_timeout);
         Some(spec.idle_timeout.or(dk).unwrap_or(Duration::ZERO))
     } else {
@@ -106,7 +106,7 @@ pub fn effective_idle_timeout(spec: &WorkloadSpec) -> Option<Duration> {
 /// The idle clock armed when the instance starts, before any lease.
 pub fn initial_idle(spec: &WorkloadSpec) -> Option<Duration> {
     let d = effective_idle_timeout(spec)?;
-    Some(if shared_container(spec) {
+    Some(if is_shared_container(spec) {
         d.max(FIRST_LEASE_GRACE)
     } else {
         d

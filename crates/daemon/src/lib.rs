@@ -294,12 +294,23 @@ impl Shared {
                 name: entry.name.clone(),
                 error,
             })?;
-        let key = Key::new(
-            &args.workload,
-            docker::effective_isolation(&spec),
-            args.namespace.as_deref(),
-            args.session.as_deref(),
-        )?;
+        // A shared docker container is one instance whatever the namespace or session;
+        // the session (unless a holder is named) holds a lease on it.
+        let shared_container = docker::is_shared_container(&spec);
+        let mut args = args;
+        if shared_container && args.lease.is_none() {
+            args.lease = args.session.clone();
+        }
+        let key = if shared_container {
+            Key::new(&args.workload, docker::effective_isolation(&spec), None, None)?
+        } else {
+            Key::new(
+                &args.workload,
+                spec.isolation,
+                args.namespace.as_deref(),
+                args.session.as_deref(),
+            )?
+        };
         let id = key.instance_id();
         let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
         let (slot, created) = loop {
