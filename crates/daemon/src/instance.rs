@@ -81,7 +81,7 @@ pub struct Slot {
     pub log: Arc<LogFile>,
     pub(crate) view: watch::Sender<View>,
     tx: mpsc::UnboundedSender<Msg>,
-    handle: Mutex<Option<Arc<dyn InstanceHandle>>>,
+    pub(crate) handle: Mutex<Option<Arc<dyn InstanceHandle>>>,
     leases: Mutex<std::collections::BTreeSet<String>>,
     /// The environment of the current run, for `bulkhead exec` (set at each spawn).
     exec_env: Mutex<Option<Vec<(String, String)>>>,

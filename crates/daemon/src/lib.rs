@@ -302,7 +302,12 @@ impl Shared {
             args.lease = args.session.clone();
         }
         let key = if shared_container {
-            Key::new(&args.workload, docker::effective_isolation(&spec), None, None)?
+            Key::new(
+                &args.workload,
+                docker::effective_isolation(&spec),
+                None,
+                None,
+            )?
         } else {
             Key::new(
                 &args.workload,

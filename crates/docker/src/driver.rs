@@ -721,6 +721,18 @@ impl InstanceHandle for Container {
         Ok(cg.read(self.memory_limit, self.pids_limit))
     }
 
+    /// `docker exec` (the CLI, through the engine's exec API): its exit code is the
+    /// command's, and `-t` gives the command the terminal the daemon made.
+    fn exec_argv(&self, argv: &[String], tty: bool) -> Option<Vec<String>> {
+        let mut out = vec!["docker".to_owned(), "exec".to_owned(), "-i".to_owned()];
+        if tty {
+            out.push("-t".to_owned());
+        }
+        out.push(self.id.clone());
+        out.extend(argv.iter().cloned());
+        Some(out)
+    }
+
     fn exit_cause(&self) -> Option<ExitCause> {
         self.oom
             .load(Ordering::SeqCst)

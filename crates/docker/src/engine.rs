@@ -63,6 +63,8 @@ pub trait EventSink: Send + Sync + 'static {
 /// The engine connection and the event dispatcher.
 pub struct Engine {
     daemon_id: String,
+    /// `None`: bollard's defaults (`DOCKER_HOST`, else the local socket).
+    host: Option<String>,
     client: OnceCell<Docker>,
     sinks: Mutex<HashMap<String, Weak<dyn EventSink>>>,
     dispatcher: OnceLock<()>,
@@ -78,6 +80,18 @@ impl Engine {
     pub fn new(daemon_id: impl Into<String>) -> Arc<Engine> {
         Arc::new(Engine {
             daemon_id: daemon_id.into(),
+            host: None,
+            client: OnceCell::new(),
+            sinks: Mutex::new(HashMap::new()),
+            dispatcher: OnceLock::new(),
+        })
+    }
+
+    /// An engine at an explicit address (`unix:///path`, `tcp://host:port`).
+    pub fn with_host(daemon_id: impl Into<String>, host: impl Into<String>) -> Arc<Engine> {
+        Arc::new(Engine {
+            daemon_id: daemon_id.into(),
+            host: Some(host.into()),
             client: OnceCell::new(),
             sinks: Mutex::new(HashMap::new()),
             dispatcher: OnceLock::new(),
@@ -91,11 +105,15 @@ impl Engine {
     /// The client, connected and version-negotiated; pings first (bounded by
     /// [`PING_TIMEOUT`]) and starts the event dispatcher.
     pub async fn ensure(self: &Arc<Self>) -> Result<&Docker, EngineError> {
-        let host = host_name();
+        let host = self.host.clone().unwrap_or_else(host_name);
         let client = self
             .client
             .get_or_try_init(|| async {
-                let docker = Docker::connect_with_defaults().map_err(|e| classify(&host, &e))?;
+                let docker = match &self.host {
+                    Some(h) => Docker::connect_with_host(h),
+                    None => Docker::connect_with_defaults(),
+                }
+                .map_err(|e| classify(&host, &e))?;
                 match tokio::time::timeout(PING_TIMEOUT, docker.negotiate_version()).await {
                     Ok(Ok(d)) => Ok(d),
                     Ok(Err(e)) => Err(classify(&host, &e)),

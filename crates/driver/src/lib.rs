@@ -179,4 +179,13 @@ pub trait InstanceHandle: Send + Sync + 'static {
     fn exit_cause(&self) -> Option<ExitCause> {
         None
     }
+
+    /// How the daemon's `exec` runs `argv` for this instance, when the instance lives in a
+    /// world of its own: the host command that runs it inside (and returns its real exit
+    /// code), e.g. `docker exec -i <container> argv...`. `None` (the default): `argv` runs
+    /// on the host in the instance's environment and working directory.
+    fn exec_argv(&self, argv: &[String], tty: bool) -> Option<Vec<String>> {
+        let _ = (argv, tty);
+        None
+    }
 }

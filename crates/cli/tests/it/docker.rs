@@ -10,7 +10,10 @@ const IMAGE: &str = "bulkhead-test/busybox:latest";
 
 /// Why docker tests cannot run here, if they cannot.
 fn skip() -> Option<String> {
-    match Command::new("docker").args(["image", "inspect", IMAGE]).output() {
+    match Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .output()
+    {
         Ok(o) if o.status.success() => None,
         Ok(o) => Some(format!(
             "docker engine or {IMAGE} unavailable ({}); run .ci/setup-docker.sh",
@@ -81,19 +84,38 @@ fn docker_instance_runs_logs_and_leaves_no_container() {
     assert_eq!(v["state"], "ready", "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
     let label = format!("bulkhead.instance={id}");
-    assert_eq!(containers(&label).len(), 1, "one container for the instance");
+    assert_eq!(
+        containers(&label).len(),
+        1,
+        "one container for the instance"
+    );
     let start = Instant::now();
     loop {
         let logs = d.cli(&["logs", &id]);
         if String::from_utf8_lossy(&logs.stdout).contains("hello-from-container") {
             break;
         }
-        assert!(start.elapsed() < DEADLINE, "no container output in the logs");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no container output in the logs"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // exec runs inside the container (its busybox, its file system) with the real code.
+    let seven = d.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "test -x /bin/busybox && exit 7",
+    ]);
+    assert_eq!(seven.status.code(), Some(7), "{}", stderr(&seven));
     let out = d.cli(&["terminate", &id]);
     assert!(out.status.success(), "{}", stderr(&out));
-    d.wait_event("terminated", |e| e["kind"] == "terminated" && e["instance"] == id);
+    d.wait_event("terminated", |e| {
+        e["kind"] == "terminated" && e["instance"] == id
+    });
     wait_no_containers(&d);
 }
 
@@ -106,9 +128,20 @@ fn oom_kill_is_an_oom_killed_event_naming_the_limit() {
         "resources:\n  memory: 16Mi\nrestart: {policy: never}\n",
     );
     let d = Daemon::start(&[("hog", &m)]);
-    let v = d.json(&["launch", "hog", "--namespace", "t", "--wait", "started", "-o", "json"]);
+    let v = d.json(&[
+        "launch",
+        "hog",
+        "--namespace",
+        "t",
+        "--wait",
+        "started",
+        "-o",
+        "json",
+    ]);
     let id = v["id"].as_str().unwrap().to_owned();
-    let ev = d.wait_event("oom_killed", |e| e["kind"] == "oom_killed" && e["instance"] == id);
+    let ev = d.wait_event("oom_killed", |e| {
+        e["kind"] == "oom_killed" && e["instance"] == id
+    });
     assert!(
         ev.to_string().contains(&(16u64 << 20).to_string()) || ev.to_string().contains("16"),
         "the event names the limit: {ev}"
@@ -126,7 +159,10 @@ fn a_crash_is_detected_from_the_event_stream() {
     let c = containers(&format!("bulkhead.instance={id}"));
     assert_eq!(c.len(), 1);
     // Killed behind bulkhead's back, through the engine.
-    let out = Command::new("docker").args(["kill", &c[0]]).output().unwrap();
+    let out = Command::new("docker")
+        .args(["kill", &c[0]])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let ev = d.wait_event("crashed", |e| {
         e["instance"] == id && (e["kind"] == "crashed" || e["kind"] == "exited")
@@ -148,22 +184,42 @@ fn five_sessions_share_one_container_and_the_last_release_removes_it() {
                 let d = &d;
                 s.spawn(move || {
                     let sess = format!("s{i}");
-                    d.json(&["launch", "shared", "--session", &sess, "--lease", &sess, "-o", "json"])
+                    d.json(&[
+                        "launch",
+                        "shared",
+                        "--session",
+                        &sess,
+                        "--lease",
+                        &sess,
+                        "-o",
+                        "json",
+                    ])
                 })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let id = outs[0]["id"].as_str().unwrap().to_owned();
-    assert!(outs.iter().all(|o| o["id"] == id.as_str()), "one instance: {outs:?}");
+    assert!(
+        outs.iter().all(|o| o["id"] == id.as_str()),
+        "one instance: {outs:?}"
+    );
     let label = format!("bulkhead.daemon={}", daemon_id(&d));
-    assert_eq!(containers(&label).len(), 1, "one container for five sessions");
+    assert_eq!(
+        containers(&label).len(),
+        1,
+        "one container for five sessions"
+    );
     for i in 0..4 {
         let out = d.cli(&["release", &id, &format!("s{i}")]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(containers(&label).len(), 1, "still held by the fifth session");
+    assert_eq!(
+        containers(&label).len(),
+        1,
+        "still held by the fifth session"
+    );
     let out = d.cli(&["release", &id, "s4"]);
     assert!(out.status.success(), "{}", stderr(&out));
     wait_no_containers(&d);
@@ -181,7 +237,14 @@ fn a_restarted_daemon_adopts_its_containers_and_removes_stale_ones() {
     // A stale container with this daemon's label and an unknown instance.
     let dl = format!("bulkhead.daemon={}", daemon_id(&d));
     let stale = Command::new("docker")
-        .args(["run", "-d", "--label", &dl, "--label", "bulkhead.instance=ns:t:gone"])
+        .args([
+            "run",
+            "-d",
+            "--label",
+            &dl,
+            "--label",
+            "bulkhead.instance=ns:t:gone",
+        ])
         .args([IMAGE, "sleep", "1000"])
         .output()
         .unwrap();
@@ -189,7 +252,15 @@ fn a_restarted_daemon_adopts_its_containers_and_removes_stale_ones() {
     let stale = String::from_utf8_lossy(&stale.stdout).trim().to_owned();
     // A container of someone else: never touched.
     let other = Command::new("docker")
-        .args(["run", "-d", "--label", "bulkhead.daemon=someone-else", IMAGE, "sleep", "1000"])
+        .args([
+            "run",
+            "-d",
+            "--label",
+            "bulkhead.daemon=someone-else",
+            IMAGE,
+            "sleep",
+            "1000",
+        ])
         .output()
         .unwrap();
     let other = String::from_utf8_lossy(&other.stdout).trim().to_owned();
@@ -201,10 +272,16 @@ fn a_restarted_daemon_adopts_its_containers_and_removes_stale_ones() {
         before,
         "the same container, adopted: {v2}"
     );
-    assert!(d.events().iter().any(|e| e["kind"] == "adopted" && e["instance"] == id));
+    assert!(d
+        .events()
+        .iter()
+        .any(|e| e["kind"] == "adopted" && e["instance"] == id));
     let start = Instant::now();
     while containers(&dl).contains(&stale[..12].to_owned()) {
-        assert!(start.elapsed() < DEADLINE, "the stale container was not removed");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the stale container was not removed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let still = containers("bulkhead.daemon=someone-else");
