@@ -372,9 +372,18 @@ async fn run(
                                 .attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
                             if let (Some(sock), Some(main)) = (notify, pid) {
                                 let tx = ntx.clone();
-                                run_tasks.push(tokio::spawn(
-                                    sock.run(move |p| readiness::pid_in_group(p, main), tx),
-                                ));
+                                run_tasks.push(tokio::spawn(sock.run(
+                                    // A driver that knows its processes (docker: by
+                                    // cgroup) decides; else the main pid's group.
+                                    {
+                                        let h = spawned.handle.clone();
+                                        move |p| {
+                                            h.owns_pid(p)
+                                                .unwrap_or_else(|| readiness::pid_in_group(p, main))
+                                        }
+                                    },
+                                    tx,
+                                )));
                             }
                             *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(spawned.handle.clone());

@@ -160,7 +160,27 @@ pub(crate) fn container_config(
         None => None,
     };
     let res = spec.spec.resources.clone().unwrap_or_default();
+    // The instance's $PORT is published on the host's loopback at the same number, so
+    // that its address (127.0.0.1:$PORT) and the readiness probes work as for a process.
+    let port = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PORT")
+        .and_then(|(_, v)| v.parse::<u16>().ok())
+        .filter(|&p| p > 0);
+    let own_network = !matches!(dk.network.as_deref(), Some("host") | Some("none"));
+    let published = port.filter(|_| own_network).map(|p| {
+        let key = format!("{p}/tcp");
+        let binding = bollard::models::PortBinding {
+            host_ip: Some("127.0.0.1".to_owned()),
+            host_port: Some(p.to_string()),
+        };
+        (key, binding)
+    });
     let host = HostConfig {
+        port_bindings: published
+            .clone()
+            .map(|(k, b)| HashMap::from([(k, Some(vec![b]))])),
         binds: Some(binds),
         init: Some(dk.init),
         memory: res.memory.map(|m| m as i64),
@@ -183,6 +203,7 @@ pub(crate) fn container_config(
         env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
         working_dir: workdir,
         user: dk.user.clone(),
+        exposed_ports: published.map(|(k, _)| vec![k]),
         labels: Some(labels),
         attach_stdout: Some(true),
         attach_stderr: Some(true),
@@ -719,6 +740,17 @@ impl InstanceHandle for Container {
             return Ok(Stats::default());
         };
         Ok(cg.read(self.memory_limit, self.pids_limit))
+    }
+
+    /// A process is the container's when its cgroup names the container (the init's
+    /// children sit in process groups of their own, so the group check does not apply).
+    fn owns_pid(&self, pid: u32) -> Option<bool> {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        Some(cg.lines().any(|l| {
+            l.ends_with(&self.id)
+                || l.contains(&format!("{}/", self.id))
+                || l.contains(&format!("docker-{}.scope", self.id))
+        }))
     }
 
     /// `docker exec` (the CLI, through the engine's exec API): its exit code is the

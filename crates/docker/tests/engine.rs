@@ -117,6 +117,10 @@ async fn limits_reach_the_container_and_stats_read_them() {
     })
     .await;
     assert_eq!(stats.memory_limit_bytes, Some(64 << 20), "{stats:?}");
+    // The notify socket's sender check: the container's processes, nobody else's.
+    let pid = spawned.handle.pid().unwrap();
+    assert_eq!(spawned.handle.owns_pid(pid), Some(true));
+    assert_eq!(spawned.handle.owns_pid(std::process::id()), Some(false));
     assert_eq!(stats.pids_limit, Some(50), "{stats:?}");
     assert!(stats.memory_bytes > 0, "{stats:?}");
     let st = within(

@@ -320,3 +320,24 @@ fn a_hundred_sequential_sessions_leave_no_container() {
         "networks beyond the engine's defaults"
     );
 }
+
+#[test]
+fn an_http_probe_reaches_the_container_at_the_instance_address() {
+    require_docker!();
+    let m = format!(
+        "name: web\ndriver: docker\ncommand: [/bin/sh, -c, 'echo ok > /tmp/index.html; exec httpd -f -p $PORT -h /tmp']\nreadiness: {{http: {{path: /index.html}}, timeout: 20s}}\ndocker:\n  image: {IMAGE}\n"
+    );
+    let d = Daemon::start(&[("web", &m)]);
+    let v = d.json(&["launch", "web", "--namespace", "t", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let addr = v["address"].as_str().unwrap().to_owned();
+    let mut s = std::net::TcpStream::connect(&addr).expect("the instance address answers");
+    use std::io::{Read, Write};
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains("ok"), "{body}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert!(d.cli(&["terminate", &id]).status.success());
+    wait_no_containers(&d);
+}
