@@ -190,3 +190,67 @@ pub(crate) async fn recover(
         tracing::info!("adopted {adopted} docker containers");
     }
 }
+
+/// An image-cache request could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ImagesError {
+    #[error(
+        "the image cache is not available (it could not be opened at start-up; see the daemon log)"
+    )]
+    NoCache,
+    #[error(transparent)]
+    Engine(#[from] bulkhead_docker::EngineError),
+    #[error(transparent)]
+    Cache(#[from] bulkhead_docker::images::CacheError),
+}
+
+impl From<ImagesError> for tonic::Status {
+    fn from(e: ImagesError) -> tonic::Status {
+        match e {
+            ImagesError::NoCache | ImagesError::Engine(_) => {
+                tonic::Status::unavailable(e.to_string())
+            }
+            ImagesError::Cache(_) => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+fn image_proto(r: bulkhead_docker::ImageRecord) -> bulkhead_api::v1::CachedImage {
+    bulkhead_api::v1::CachedImage {
+        hash: r.hash,
+        tag: r.tag,
+        workload: r.workload,
+        size_bytes: r.size_bytes,
+        created_s: r.created,
+        last_used_s: r.last_used,
+        in_use: r.in_use,
+    }
+}
+
+/// The cached images, most recently used first.
+pub(crate) async fn list_images(
+    sh: &Shared,
+) -> Result<Vec<bulkhead_api::v1::CachedImage>, ImagesError> {
+    let cache = sh.docker.images.as_ref().ok_or(ImagesError::NoCache)?;
+    let client = sh.docker.engine.ensure().await?;
+    Ok(cache
+        .list(client)
+        .await?
+        .into_iter()
+        .map(image_proto)
+        .collect())
+}
+
+/// Removes every cached image no container uses.
+pub(crate) async fn prune_images(
+    sh: &Shared,
+) -> Result<Vec<bulkhead_api::v1::CachedImage>, ImagesError> {
+    let cache = sh.docker.images.as_ref().ok_or(ImagesError::NoCache)?;
+    let client = sh.docker.engine.ensure().await?;
+    Ok(cache
+        .prune(client)
+        .await?
+        .into_iter()
+        .map(image_proto)
+        .collect())
+}

@@ -97,14 +97,8 @@ impl DockerDriver {
                 "docker.build needs the image cache, which this driver was made without".into(),
             ));
         };
-        let workload = spec
-            .instance
-            .as_str()
-            .split(':')
-            .nth(1)
-            .unwrap_or("workload");
         let built = images
-            .ensure(client, workload, dk, &spec.cwd)
+            .ensure(client, &spec.spec.name, dk, &spec.cwd)
             .await
             .map_err(|e| SpawnError::Other(e.to_string()))?;
         Ok((built.tag, Some(built.hash)))

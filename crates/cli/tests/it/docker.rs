@@ -341,3 +341,66 @@ fn an_http_probe_reaches_the_container_at_the_instance_address() {
     assert!(d.cli(&["terminate", &id]).status.success());
     wait_no_containers(&d);
 }
+
+#[test]
+fn built_images_are_cached_listed_and_pruned() {
+    require_docker!();
+    let unique = std::process::id();
+    let m = format!(
+        "name: built\ndriver: docker\ncommand: [/bin/sh, -c, 'cat /greeting; exec sleep 1000']\ndocker:\n  build:\n    base: {IMAGE}\n    files: {{greeting.txt: /greeting}}\n    run: ['echo built-{unique}']\n"
+    );
+    let broken = format!(
+        "name: broken\ndriver: docker\ncommand: [sleep, '1']\ndocker:\n  build:\n    base: {IMAGE}\n    run: ['echo the-build-says-{unique}; exit 3']\n"
+    );
+    let d = Daemon::start(&[("broken", &broken)]);
+    write_workload(
+        &d.workloads,
+        "built",
+        &m,
+        &[("greeting.txt", "hello-built\n")],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let v = d.json(&["launch", "built", "--namespace", "t", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let imgs = d.json(&["images", "-o", "json"]);
+    let list = imgs.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{imgs}");
+    assert_eq!(list[0]["in_use"], true);
+    assert!(
+        list[0]["tag"]
+            .as_str()
+            .unwrap()
+            .starts_with("bulkhead/built:"),
+        "{imgs}"
+    );
+    // Pruning keeps an image in use.
+    let pruned = d.json(&["images", "prune", "-o", "json"]);
+    assert_eq!(pruned.as_array().unwrap().len(), 0, "{pruned}");
+    // A second session of the same configuration reuses the image.
+    let v2 = d.json(&["launch", "built", "--namespace", "u", "-o", "json"]);
+    assert_eq!(
+        d.json(&["images", "-o", "json"]).as_array().unwrap().len(),
+        1
+    );
+    for i in [&id, v2["id"].as_str().unwrap()] {
+        assert!(d.cli(&["terminate", i]).status.success());
+    }
+    wait_no_containers(&d);
+    let pruned = d.json(&["images", "prune", "-o", "json"]);
+    assert_eq!(pruned.as_array().unwrap().len(), 1, "{pruned}");
+    assert!(d
+        .json(&["images", "-o", "json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // A failed build shows the tail of its log.
+    let out = d.cli(&["launch", "broken", "--namespace", "t"]);
+    assert!(!out.status.success());
+    let msg = format!("{}{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+    let events = serde_json::to_string(&d.events()).unwrap();
+    assert!(
+        msg.contains(&format!("the-build-says-{unique}"))
+            || events.contains(&format!("the-build-says-{unique}")),
+        "{msg}\n{events}"
+    );
+}
