@@ -340,6 +340,9 @@ impl Driver for DockerDriver {
             )));
         }
         container.inspect_main().await;
+        if dk.init {
+            container.wait_init_forked().await;
+        }
         Ok(Spawned {
             handle: container,
             stdout: Some(pipes.out_rx),
@@ -494,6 +497,24 @@ impl Container {
     /// The container id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Waits (up to 2 s) until `docker-init` has forked the command. Before that, the init
+    /// has not yet blocked the signals it forwards, and a SIGTERM sent to a PID 1 without
+    /// a handler is dropped by the kernel: a stop right after the start would then
+    /// escalate to SIGKILL. The init forks at once, so this costs well under a millisecond.
+    async fn wait_init_forked(&self) {
+        let Some(pid) = self.pid() else { return };
+        let children = format!("/proc/{pid}/task/{pid}/children");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            match std::fs::read_to_string(&children) {
+                Ok(c) if c.trim().is_empty() => {}
+                // Forked, or the init is gone (its die event is on its way).
+                _ => return,
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Reads the init's host pid, opens a pidfd on it and finds its cgroup. A container
