@@ -407,6 +407,15 @@ impl Shared {
 
     /// Ends a session: terminates every instance launched for it.
     pub async fn end_session(&self, session: &str, grace: Option<Duration>) -> Vec<View> {
+        // Shared docker containers are not the session's instances, but the session holds
+        // a lease on those it launched: it goes with the session.
+        for slot in self.list() {
+            if docker::is_shared_container(&slot.spec)
+                && slot.view().leases.iter().any(|l| l == session)
+            {
+                slot.release(session);
+            }
+        }
         self.terminate_where(grace, |s| s.key.session() == Some(session))
             .await
     }
