@@ -50,7 +50,10 @@ fn main() -> anyhow::Result<()> {
     let cfg = bulkhead_daemon::Config::new(wl, Some(dir.path().join("state")), None);
     let socket = cfg.socket.clone();
     let _daemon = rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
-    let (cli, running, ready) = rt.block_on(async {
+    let (cli, running, ready, create, start) = rt.block_on(async {
+        let engine = bollard::Docker::connect_with_defaults()?
+            .negotiate_version()
+            .await?;
         let mut c = bulkhead_api::connect(&socket).await?;
         for i in 0..3 {
             launch(&mut c, &format!("warm{i}"), v1::WaitFor::Ready).await?;
@@ -60,6 +63,9 @@ fn main() -> anyhow::Result<()> {
         let mut cli = Samples::new("docker run -d (CLI) until it returns");
         let mut running = Samples::new("bulkhead launch -> running");
         let mut ready = Samples::new("bulkhead launch -> ready");
+        let mut create = Samples::new("engine API create only");
+        let mut start =
+            Samples::new("engine API start of a pre-created container (warm pool bound)");
         for i in 0..iterations {
             cli.values.push(docker_run_once()?);
             let t = Instant::now();
@@ -70,12 +76,15 @@ fn main() -> anyhow::Result<()> {
             launch(&mut c, &format!("y{i}"), v1::WaitFor::Ready).await?;
             ready.values.push(t.elapsed());
             terminate(&mut c, &format!("session:y{i}:dk")).await?;
+            let (cr, st) = api_create_start(&engine).await?;
+            create.values.push(cr);
+            start.values.push(st);
         }
-        anyhow::Ok((cli, running, ready))
+        anyhow::Ok((cli, running, ready, create, start))
     })?;
     println!("| measurement | p50 ms | p99 ms | p50 vs CLI |");
     println!("|---|---|---|---|");
-    for s in [&cli, &running, &ready] {
+    for s in [&cli, &running, &ready, &create, &start] {
         println!(
             "| {} | {} | {} | {} |",
             s.name,
@@ -86,6 +95,50 @@ fn main() -> anyhow::Result<()> {
     }
     println!("\n{iterations} iterations, interleaved.");
     Ok(())
+}
+
+/// Create, then start, through the Engine API directly: what a warm pool of pre-created
+/// containers could save (the create) and what it could not (the start).
+async fn api_create_start(
+    engine: &bollard::Docker,
+) -> anyhow::Result<(std::time::Duration, std::time::Duration)> {
+    use bollard::models::{ContainerCreateBody, HostConfig};
+    let body = ContainerCreateBody {
+        image: Some(IMAGE.into()),
+        cmd: Some(vec!["sleep".into(), "1000".into()]),
+        host_config: Some(HostConfig {
+            init: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let id = engine
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            body,
+        )
+        .await?
+        .id;
+    let create = t.elapsed();
+    let t = Instant::now();
+    engine
+        .start_container(
+            &id,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
+        .await?;
+    let start = t.elapsed();
+    engine
+        .remove_container(
+            &id,
+            Some(bollard::query_parameters::RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await?;
+    Ok((create, start))
 }
 
 /// `docker run -d`, timed until the CLI returns; the container is removed afterwards.
