@@ -308,14 +308,6 @@ fn a_hundred_sequential_sessions_leave_no_container() {
         "name: seq\ndriver: docker\ncommand: [sleep, '1000']\nisolation: session\ndocker:\n  image: {IMAGE}\n"
     );
     let d = Daemon::start(&[("seq", &m)]);
-    let images = || {
-        let out = Command::new("docker")
-            .args(["images", "-q"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().count()
-    };
-    let images_before = images();
     for i in 0..100 {
         let sess = format!("q{i}");
         let v = d.json(&["launch", "seq", "--session", &sess, "-o", "json"]);
