@@ -83,6 +83,29 @@ pub enum Command {
     /// Run a command in a running instance's environment and working directory; exits
     /// with the command's exit code (128+N if killed by signal N).
     Exec(ExecArgs),
+    /// List the docker driver's cached images (`images prune`: remove the unused ones).
+    Images(ImagesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    #[command(subcommand)]
+    pub action: Option<ImagesAction>,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
+    pub output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesAction {
+    /// Remove every cached image that no container uses.
+    Prune,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -153,6 +176,17 @@ pub struct ServeArgs {
     /// (the sandbox's v1 attach) then skips an RCU grace period. System-wide.
     #[arg(long)]
     pub cgroup_favordynmods: bool,
+    /// The docker driver's image cache keeps at most this many built images (least
+    /// recently used evicted first; images in use are never evicted).
+    #[arg(long, value_name = "N")]
+    pub image_cache_max_count: Option<usize>,
+    /// ... and at most this many bytes of them (e.g. 10Gi).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub image_cache_max_bytes: Option<u64>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    bulkhead_core::size::parse(s).map_err(|e| e.to_string())
 }
 
 /// Arguments of the internal `keeper` command (started by the daemon).

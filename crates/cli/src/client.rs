@@ -425,3 +425,51 @@ pub async fn end_scope(socket: &Path, a: cli::EndScopeArgs, session: bool) -> an
         }
     }
 }
+
+/// `bulkhead images [prune] [-o json]`.
+pub async fn images(socket: &Path, a: cli::ImagesArgs) -> anyhow::Result<()> {
+    let mut c = connect(socket).await?;
+    let resp = match a.action {
+        None => c.list_images(v1::ListImagesRequest {}).await,
+        Some(cli::ImagesAction::Prune) => c.prune_images(v1::PruneImagesRequest {}).await,
+    }
+    .map_err(from_status)?
+    .into_inner();
+    match a.output {
+        Format::Json => print_json(&serde_json::Value::Array(
+            resp.images
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "hash": i.hash,
+                        "tag": i.tag,
+                        "workload": i.workload,
+                        "size_bytes": i.size_bytes,
+                        "created_s": i.created_s,
+                        "last_used_s": i.last_used_s,
+                        "in_use": i.in_use,
+                    })
+                })
+                .collect(),
+        )),
+        Format::Text => {
+            if a.action.is_some() {
+                println!("removed {} images", resp.images.len());
+            }
+            println!(
+                "{:<40} {:>10} {:<6} {:<20}",
+                "TAG", "SIZE", "IN USE", "WORKLOAD"
+            );
+            for i in &resp.images {
+                println!(
+                    "{:<40} {:>10} {:<6} {:<20}",
+                    i.tag,
+                    bulkhead_core::size::format(i.size_bytes),
+                    if i.in_use { "yes" } else { "no" },
+                    i.workload
+                );
+            }
+            Ok(())
+        }
+    }
+}

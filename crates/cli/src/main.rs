@@ -67,5 +67,6 @@ async fn run(args: cli::Cli) -> anyhow::Result<()> {
         EndSession(a) => client::end_scope(&socket, a, true).await,
         EndNamespace(a) => client::end_scope(&socket, a, false).await,
         Exec(a) => exec::exec(&socket, a).await,
+        Images(a) => client::images(&socket, a).await,
     }
 }

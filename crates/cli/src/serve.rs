@@ -25,6 +25,8 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     init_tracing();
     let mut cfg = Config::new(a.workloads, Some(a.state), None);
     cfg.log_max_bytes = a.log_max_bytes;
+    cfg.image_cache_max_count = a.image_cache_max_count;
+    cfg.image_cache_max_bytes = a.image_cache_max_bytes;
     cfg.event_retention = a.event_retention;
     cfg.event_sync = match a.event_sync {
         crate::cli::EventSync::Normal => bulkhead_daemon::store::Synchronous::Normal,

@@ -203,7 +203,7 @@ pub struct Liveness {
 }
 
 /// serde for an optional duration field.
-mod opt_duration {
+pub(crate) mod opt_duration {
     use std::time::Duration;
 
     use serde::{Deserializer, Serializer};

@@ -148,6 +148,18 @@ pub(crate) async fn exec(
         env.push(("TERM".to_owned(), term));
     }
 
+    // Drivers with a world of their own (docker) say how to run the command inside it;
+    // the host-side command (e.g. `docker exec`) then gets the daemon's environment.
+    let inside = slot
+        .handle
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|h| h.exec_argv(&argv, start.tty));
+    let (argv, env) = match inside {
+        Some(host_argv) => (host_argv, std::env::vars().collect()),
+        None => (argv, env),
+    };
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()

@@ -81,7 +81,7 @@ pub struct Slot {
     pub log: Arc<LogFile>,
     pub(crate) view: watch::Sender<View>,
     tx: mpsc::UnboundedSender<Msg>,
-    handle: Mutex<Option<Arc<dyn InstanceHandle>>>,
+    pub(crate) handle: Mutex<Option<Arc<dyn InstanceHandle>>>,
     leases: Mutex<std::collections::BTreeSet<String>>,
     /// The environment of the current run, for `bulkhead exec` (set at each spawn).
     exec_env: Mutex<Option<Vec<(String, String)>>>,
@@ -355,8 +355,9 @@ async fn run(
     // The restart backoff or the breaker cooldown.
     let mut timer: Option<Pin<Box<Sleep>>> = None;
     // The idle timeout: armed while no lease holds the instance.
-    let idle_after = spec.idle_timeout;
-    let mut idle: Option<Pin<Box<Sleep>>> = idle_after.map(|d| Box::pin(tokio::time::sleep(d)));
+    let idle_after = crate::docker::effective_idle_timeout(&spec);
+    let mut idle: Option<Pin<Box<Sleep>>> =
+        crate::docker::initial_idle(&spec).map(|d| Box::pin(tokio::time::sleep(d)));
     // The newest event this actor published: the View changes only once it is durable.
     let mut last_event = 0u64;
     if let Origin::Adopted(a, _) = origin {
@@ -399,9 +400,18 @@ async fn run(
                                 .attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
                             if let (Some(sock), Some(main)) = (notify, pid) {
                                 let tx = ntx.clone();
-                                run_tasks.push(tokio::spawn(
-                                    sock.run(move |p| readiness::pid_in_group(p, main), tx),
-                                ));
+                                run_tasks.push(tokio::spawn(sock.run(
+                                    // A driver that knows its processes (docker: by
+                                    // cgroup) decides; else the main pid's group.
+                                    {
+                                        let h = spawned.handle.clone();
+                                        move |p| {
+                                            h.owns_pid(p)
+                                                .unwrap_or_else(|| readiness::pid_in_group(p, main))
+                                        }
+                                    },
+                                    tx,
+                                )));
                             }
                             *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(spawned.handle.clone());
@@ -735,7 +745,9 @@ fn resolve_command(
     env: &[(String, String)],
 ) -> Result<Vec<String>, String> {
     let mut argv = expand_argv(command, env).map_err(|e| e.to_string())?;
-    if argv[0].contains('/') && !argv[0].starts_with('/') {
+    // A container's program is a path inside its image, not in the workload folder.
+    let in_container = slot.spec.driver == bulkhead_core::spec::DriverKind::Docker;
+    if !in_container && argv[0].contains('/') && !argv[0].starts_with('/') {
         argv[0] = slot.dir.join(&argv[0]).display().to_string();
     }
     Ok(argv)

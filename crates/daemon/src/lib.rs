@@ -24,6 +24,7 @@ use bulkhead_driver::Driver;
 
 pub mod auth;
 pub mod catalog;
+pub mod docker;
 pub mod events;
 pub mod exec;
 mod http;
@@ -107,6 +108,9 @@ pub struct Shared {
     /// What the sandbox driver found at start-up, or why it is unavailable; `None`:
     /// not tried.
     pub(crate) sandbox: Option<Result<bulkhead_sandbox::Capabilities, String>>,
+    /// The docker driver (always registered, so docker manifests validate; launches fail
+    /// clearly while the engine is unreachable) and its image cache.
+    pub(crate) docker: docker::DockerState,
 }
 
 /// The sandbox driver's cgroup subtree name for a state directory: daemons with different
@@ -171,7 +175,10 @@ impl Shared {
         };
         drivers.insert(DriverKind::Process, process);
         let sandbox = start_sandbox(&cfg, &mut drivers);
+        let docker = docker::DockerState::new(&cfg);
+        drivers.insert(DriverKind::Docker, docker.driver.clone());
         Shared {
+            docker,
             cfg,
             catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
             registry: Mutex::new(HashMap::new()),
@@ -373,12 +380,28 @@ impl Shared {
                 name: entry.name.clone(),
                 error,
             })?;
-        let key = Key::new(
-            &args.workload,
-            spec.isolation,
-            args.namespace.as_deref(),
-            args.session.as_deref(),
-        )?;
+        // A shared docker container is one instance whatever the namespace or session;
+        // the session (unless a holder is named) holds a lease on it.
+        let shared_container = docker::is_shared_container(&spec);
+        let mut args = args;
+        if shared_container && args.lease.is_none() {
+            args.lease = args.session.clone();
+        }
+        let key = if shared_container {
+            Key::new(
+                &args.workload,
+                docker::effective_isolation(&spec),
+                None,
+                None,
+            )?
+        } else {
+            Key::new(
+                &args.workload,
+                spec.isolation,
+                args.namespace.as_deref(),
+                args.session.as_deref(),
+            )?
+        };
         let id = key.instance_id();
         let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
         let (slot, created) = loop {
@@ -470,6 +493,15 @@ impl Shared {
 
     /// Ends a session: terminates every instance launched for it.
     pub async fn end_session(&self, session: &str, grace: Option<Duration>) -> Vec<View> {
+        // Shared docker containers are not the session's instances, but the session holds
+        // a lease on those it launched: it goes with the session.
+        for slot in self.list() {
+            if docker::is_shared_container(&slot.spec)
+                && slot.view().leases.iter().any(|l| l == session)
+            {
+                slot.release(session);
+            }
+        }
         self.terminate_where(grace, |s| s.key.session() == Some(session))
             .await
     }

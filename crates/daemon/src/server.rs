@@ -60,6 +60,10 @@ pub struct Config {
     pub sandbox: bool,
     /// Remount the cgroup2 mount with `favordynmods` (system-wide; see the README).
     pub cgroup_favordynmods: bool,
+    /// The docker driver's image cache is evicted (LRU, never an image in use) down to
+    /// this many images / bytes after each build; `None`: unbounded.
+    pub image_cache_max_count: Option<usize>,
+    pub image_cache_max_bytes: Option<u64>,
 }
 
 impl Config {
@@ -90,6 +94,8 @@ impl Config {
             min_available_memory: bulkhead_sandbox::driver::DEFAULT_MIN_AVAILABLE_MEMORY,
             sandbox: true,
             cgroup_favordynmods: false,
+            image_cache_max_count: None,
+            image_cache_max_bytes: None,
         }
     }
 }
@@ -282,6 +288,10 @@ impl Daemon {
                 tracing::info!("adopted {n} instances from the keeper");
             }
         }
+        // Docker containers of this daemon (by label): a running one whose instance the
+        // table knows is adopted; any other is removed. An unreachable engine is only
+        // logged: its containers are then resumed (restarted) by their policy below.
+        crate::docker::recover(&shared, &mut rows, &restored_of).await;
         // What the table knew and nobody holds any more: a process that died unseen (its
         // keeper ended, or it was the direct child of a daemon started with --no-keeper),
         // or an instance that was between runs. Its restart policy decides.

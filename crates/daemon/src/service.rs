@@ -395,6 +395,24 @@ impl bulkhead_api::Bulkhead for Service {
         Ok(Response::new(workloads_proto(&self.sh)))
     }
 
+    async fn list_images(
+        &self,
+        req: Request<v1::ListImagesRequest>,
+    ) -> Result<Response<v1::ListImagesResponse>, Status> {
+        self.authorize(&req, Scope::daemon())?;
+        let images = crate::docker::list_images(&self.sh).await?;
+        Ok(Response::new(v1::ListImagesResponse { images }))
+    }
+
+    async fn prune_images(
+        &self,
+        req: Request<v1::PruneImagesRequest>,
+    ) -> Result<Response<v1::ListImagesResponse>, Status> {
+        self.authorize(&req, Scope::admin())?;
+        let images = crate::docker::prune_images(&self.sh).await?;
+        Ok(Response::new(v1::ListImagesResponse { images }))
+    }
+
     async fn reload(
         &self,
         req: Request<v1::ReloadRequest>,

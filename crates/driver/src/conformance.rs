@@ -58,6 +58,12 @@ pub struct Fixture {
     pub shell: Vec<String>,
     /// A scratch directory: the instances' working directory, also read by the checks.
     pub workdir: PathBuf,
+    /// YAML appended to every test manifest (`name` and `command` come first): where a
+    /// driver's section goes, e.g. `driver: docker` and its `docker:` image.
+    pub manifest_extra: String,
+    /// Whether the working directory is passed in [`SpawnSpec::binds`], for drivers whose
+    /// instances do not see the host's file system.
+    pub bind_workdir: bool,
     /// Removes the directory when the fixture drops, if the fixture made it.
     _tempdir: Option<tempfile::TempDir>,
 }
@@ -68,6 +74,8 @@ impl Fixture {
         Fixture {
             shell,
             workdir,
+            manifest_extra: String::new(),
+            bind_workdir: false,
             _tempdir: None,
         }
     }
@@ -81,6 +89,8 @@ impl Fixture {
         Fixture {
             shell: vec!["/bin/sh".to_owned(), "-c".to_owned()],
             workdir: dir.path().to_owned(),
+            manifest_extra: String::new(),
+            bind_workdir: false,
             _tempdir: Some(dir),
         }
     }
@@ -108,7 +118,7 @@ impl Fixture {
         let mut workload = parse_manifest(
             &format!("conformance/{name}/manifest.yaml"),
             name,
-            &format!("name: {name}\ncommand: [sh]\n"),
+            &format!("name: {name}\ncommand: [sh]\n{}", self.manifest_extra),
         )
         .unwrap_or_else(|e| panic!("conformance fixture: {e}"));
         let mut argv = self.shell.clone();
@@ -124,7 +134,11 @@ impl Fixture {
             ],
             cwd: self.workdir.clone(),
             spec: Arc::new(workload),
-            binds: Vec::new(),
+            binds: if self.bind_workdir {
+                vec![self.workdir.clone()]
+            } else {
+                Vec::new()
+            },
         }
     }
 }
@@ -565,6 +579,17 @@ pub async fn read_all(fd: std::os::fd::OwnedFd) -> String {
 /// it needs, such as a keeper process).
 pub trait DriverUnderTest {
     fn driver(&self) -> &dyn Driver;
+
+    /// The fixture the checks run with.
+    fn fixture(&self) -> Fixture {
+        Fixture::temp()
+    }
+
+    /// Why the checks cannot run here (printed, and the test passes), e.g. an engine that is
+    /// not reachable.
+    fn skip_reason(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<T: Driver> DriverUnderTest for T {
@@ -610,7 +635,11 @@ macro_rules! __conformance_test_fns {
         async fn $check() {
             use $crate::conformance::DriverUnderTest as _;
             let held = $make().await;
-            let fixture = $crate::conformance::Fixture::temp();
+            if let Some(why) = held.skip_reason() {
+                eprintln!("skipped: {why}");
+                return;
+            }
+            let fixture = held.fixture();
             $crate::conformance::$check(held.driver(), &fixture).await;
         }
     )*};

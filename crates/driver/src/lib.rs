@@ -201,4 +201,21 @@ pub trait InstanceHandle: Send + Sync + 'static {
     fn exec_target(&self) -> Option<ExecTarget> {
         None
     }
+
+    /// Whether host process `pid` belongs to the instance, when the driver can tell
+    /// better than "the main pid or its process group" (the default check, `None`): the
+    /// notify socket accepts readiness only from the instance's own processes.
+    fn owns_pid(&self, pid: u32) -> Option<bool> {
+        let _ = pid;
+        None
+    }
+
+    /// How the daemon's `exec` runs `argv` for this instance, when the instance lives in a
+    /// world of its own: the host command that runs it inside (and returns its real exit
+    /// code), e.g. `docker exec -i <container> argv...`. `None` (the default): `argv` runs
+    /// on the host in the instance's environment and working directory.
+    fn exec_argv(&self, argv: &[String], tty: bool) -> Option<Vec<String>> {
+        let _ = (argv, tty);
+        None
+    }
 }

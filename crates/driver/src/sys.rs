@@ -396,6 +396,23 @@ pub fn proc_stats(pid: u32) -> io::Result<ProcStats> {
     })
 }
 
+/// Raises the soft limit on open files to the hard limit and returns the new soft limit.
+///
+/// A supervisor holds several descriptors per instance (pidfd, output pipes, notify
+/// socket); the common default soft limit of 1024 would cap it at a few hundred
+/// instances. Children inherit the raised limit.
+pub fn raise_nofile_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!("cannot raise the open-file limit: {e}");
+        }
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,21 +490,4 @@ mod tests {
         assert!(kill_group(i32::MAX.unsigned_abs(), Signal::TERM).is_ok());
         assert!(group_members(i32::MAX.unsigned_abs()).is_empty());
     }
-}
-
-/// Raises the soft limit on open files to the hard limit and returns the new soft limit.
-///
-/// A supervisor holds several descriptors per instance (pidfd, output pipes, notify
-/// socket); the common default soft limit of 1024 would cap it at a few hundred
-/// instances. Children inherit the raised limit.
-pub fn raise_nofile_limit() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut lim = getrlimit(Resource::Nofile);
-    if lim.current != lim.maximum {
-        lim.current = lim.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, lim) {
-            tracing::warn!("cannot raise the open-file limit: {e}");
-        }
-    }
-    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }

@@ -1,0 +1,184 @@
+//! The docker driver's launch latency against `docker run` through the Docker CLI, for the
+//! same image, interleaved in one run.
+//!
+//! - baseline: `docker run -d --init IMAGE sleep 1000` until the CLI returns (the container
+//!   is started), removal outside the timing;
+//! - bulkhead launch -> running (`wait: started`) and launch -> ready (`wait: ready`; the
+//!   workload declares no probe, so ready follows the start) through the API of an
+//!   embedded daemon, terminate outside the timing.
+//!
+//! Needs the engine and `bulkhead-test/busybox:latest` (`.ci/setup-docker.sh`).
+//! `cargo bench -p bulkhead-bench --bench docker -- --iterations 30`
+
+use std::process::Command;
+use std::time::Instant;
+
+use bulkhead_api::v1;
+use bulkhead_bench::{ms, ratio, Samples};
+
+const IMAGE: &str = "bulkhead-test/busybox:latest";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let iterations: usize = args
+        .iter()
+        .position(|a| a == "--iterations")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(30);
+    let inspect = Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .output();
+    if !inspect.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: no docker engine or no {IMAGE}; run .ci/setup-docker.sh");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let wl = dir.path().join("workloads");
+    std::fs::create_dir_all(wl.join("dk"))?;
+    std::fs::write(
+        wl.join("dk").join("manifest.yaml"),
+        format!(
+            "name: dk\ndriver: docker\ncommand: [sleep, '1000']\nisolation: session\ndocker:\n  image: {IMAGE}\n"
+        ),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let cfg = bulkhead_daemon::Config::new(wl, Some(dir.path().join("state")), None);
+    let socket = cfg.socket.clone();
+    let _daemon = rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
+    let (cli, running, ready, create, start) = rt.block_on(async {
+        let engine = bollard::Docker::connect_with_defaults()?
+            .negotiate_version()
+            .await?;
+        let mut c = bulkhead_api::connect(&socket).await?;
+        for i in 0..3 {
+            launch(&mut c, &format!("warm{i}"), v1::WaitFor::Ready).await?;
+            terminate(&mut c, &format!("session:warm{i}:dk")).await?;
+            docker_run_once()?;
+        }
+        let mut cli = Samples::new("docker run -d (CLI) until it returns");
+        let mut running = Samples::new("bulkhead launch -> running");
+        let mut ready = Samples::new("bulkhead launch -> ready");
+        let mut create = Samples::new("engine API create only");
+        let mut start =
+            Samples::new("engine API start of a pre-created container (warm pool bound)");
+        for i in 0..iterations {
+            cli.values.push(docker_run_once()?);
+            let t = Instant::now();
+            launch(&mut c, &format!("r{i}"), v1::WaitFor::Started).await?;
+            running.values.push(t.elapsed());
+            terminate(&mut c, &format!("session:r{i}:dk")).await?;
+            let t = Instant::now();
+            launch(&mut c, &format!("y{i}"), v1::WaitFor::Ready).await?;
+            ready.values.push(t.elapsed());
+            terminate(&mut c, &format!("session:y{i}:dk")).await?;
+            let (cr, st) = api_create_start(&engine).await?;
+            create.values.push(cr);
+            start.values.push(st);
+        }
+        anyhow::Ok((cli, running, ready, create, start))
+    })?;
+    println!("| measurement | p50 ms | p99 ms | p50 vs CLI |");
+    println!("|---|---|---|---|");
+    for s in [&cli, &running, &ready, &create, &start] {
+        println!(
+            "| {} | {} | {} | {} |",
+            s.name,
+            ms(s.p50()),
+            ms(s.p99()),
+            ratio(s.p50(), cli.p50())
+        );
+    }
+    println!("\n{iterations} iterations, interleaved.");
+    Ok(())
+}
+
+/// Create, then start, through the Engine API directly: what a warm pool of pre-created
+/// containers could save (the create) and what it could not (the start).
+async fn api_create_start(
+    engine: &bollard::Docker,
+) -> anyhow::Result<(std::time::Duration, std::time::Duration)> {
+    use bollard::models::{ContainerCreateBody, HostConfig};
+    let body = ContainerCreateBody {
+        image: Some(IMAGE.into()),
+        cmd: Some(vec!["sleep".into(), "1000".into()]),
+        host_config: Some(HostConfig {
+            init: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let id = engine
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            body,
+        )
+        .await?
+        .id;
+    let create = t.elapsed();
+    let t = Instant::now();
+    engine
+        .start_container(
+            &id,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        )
+        .await?;
+    let start = t.elapsed();
+    engine
+        .remove_container(
+            &id,
+            Some(bollard::query_parameters::RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await?;
+    Ok((create, start))
+}
+
+/// `docker run -d`, timed until the CLI returns; the container is removed afterwards.
+fn docker_run_once() -> anyhow::Result<std::time::Duration> {
+    let t = Instant::now();
+    let out = Command::new("docker")
+        .args(["run", "-d", "--init", IMAGE, "sleep", "1000"])
+        .output()?;
+    let took = t.elapsed();
+    anyhow::ensure!(out.status.success(), "docker run failed");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Command::new("docker").args(["rm", "-f", &id]).output()?;
+    Ok(took)
+}
+
+async fn launch(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    session: &str,
+    wait: v1::WaitFor,
+) -> anyhow::Result<v1::LaunchResponse> {
+    Ok(c.launch(v1::LaunchRequest {
+        workload: "dk".into(),
+        namespace: None,
+        session: Some(session.into()),
+        wait: wait as i32,
+        timeout_ms: 30_000,
+        lease: None,
+    })
+    .await?
+    .into_inner())
+}
+
+async fn terminate(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    id: &str,
+) -> anyhow::Result<()> {
+    c.terminate(v1::TerminateRequest {
+        id: id.into(),
+        grace_ms: None,
+    })
+    .await?;
+    Ok(())
+}

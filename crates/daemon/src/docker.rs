@@ -1,0 +1,256 @@
+//! The daemon's side of the docker driver: registration, the daemon id its containers are
+//! labelled with, the image cache, shared containers and recovery after a restart.
+//!
+//! **Shared containers.** `docker.share: true` makes the workload's isolation key ignore
+//! namespace and session (as `isolation: none`): every launch of the workload reaches one
+//! instance, i.e. one container, and each launch with a holder takes a lease on it. When
+//! the last lease is released (`release`, `end-session`), the instance's idle clock starts:
+//! `docker.idle_timeout` (or the workload's `idle_timeout`), by default zero, after which
+//! the container is stopped and removed. Before the first lease arrives the clock is
+//! [`FIRST_LEASE_GRACE`], so that the launch creating the instance gets to take its lease.
+//!
+//! **Recovery.** At start-up every container labelled with this daemon's id is listed: a
+//! running one whose instance is in the instance table is adopted (its handle goes through
+//! the same adoption path as a keeper's process); every other one is removed.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_core::instance::Restored;
+use bulkhead_core::key::{InstanceId, Isolation};
+use bulkhead_core::spec::{DriverKind, WorkloadSpec};
+use bulkhead_docker::{DockerDriver, Engine, ImageCache};
+use bulkhead_driver::keeper::client::{Adoptable, Record};
+use bulkhead_driver::{Driver, Spawned};
+
+use crate::instances::InstanceRow;
+use crate::server::Config;
+use crate::Shared;
+
+/// How long a shared container with no lease waits for the first one.
+pub const FIRST_LEASE_GRACE: Duration = Duration::from_secs(5);
+
+/// The docker driver and what it needs.
+pub struct DockerState {
+    pub driver: Arc<dyn Driver>,
+    pub engine: Arc<Engine>,
+    pub images: Option<Arc<ImageCache>>,
+}
+
+impl DockerState {
+    pub fn new(cfg: &Config) -> DockerState {
+        let engine = Engine::new(daemon_id(&cfg.state_dir));
+        let limits = bulkhead_docker::Limits {
+            max_count: cfg.image_cache_max_count,
+            max_bytes: cfg.image_cache_max_bytes,
+        };
+        let images = match ImageCache::open(&cfg.state_dir.join("images.db"), limits) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::error!("{e}; docker.build workloads cannot launch");
+                None
+            }
+        };
+        DockerState {
+            driver: Arc::new(DockerDriver::new(engine.clone(), images.clone())),
+            engine,
+            images,
+        }
+    }
+}
+
+/// The daemon's stable id (`<state>/daemon-id`), made on first use: the value of the
+/// `bulkhead.daemon` label on its containers, so that two daemons on one engine never
+/// touch each other's containers.
+pub fn daemon_id(state_dir: &Path) -> String {
+    let path = state_dir.join("daemon-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return id.to_owned();
+        }
+    }
+    let id = format!("{:016x}", rand::random::<u64>());
+    if let Err(e) = std::fs::create_dir_all(state_dir).and_then(|()| std::fs::write(&path, &id)) {
+        tracing::warn!("cannot write {}: {e}", path.display());
+    }
+    id
+}
+
+/// Whether the workload is a shared docker container (`docker.share: true`).
+pub fn is_shared_container(spec: &WorkloadSpec) -> bool {
+    spec.driver == DriverKind::Docker && spec.docker.as_ref().is_some_and(|d| d.share)
+}
+
+/// The isolation the key is built with: a shared container is one instance for all.
+pub fn effective_isolation(spec: &WorkloadSpec) -> Isolation {
+    if is_shared_container(spec) {
+        Isolation::None
+    } else {
+        spec.isolation
+    }
+}
+
+/// The idle timeout after the last lease is released.
+pub fn effective_idle_timeout(spec: &WorkloadSpec) -> Option<Duration> {
+    if is_shared_container(spec) {
+        let dk = spec.docker.as_ref().and_then(|d| d.idle_timeout);
+        Some(spec.idle_timeout.or(dk).unwrap_or(Duration::ZERO))
+    } else {
+        spec.idle_timeout
+    }
+}
+
+/// The idle clock armed when the instance starts, before any lease.
+pub fn initial_idle(spec: &WorkloadSpec) -> Option<Duration> {
+    let d = effective_idle_timeout(spec)?;
+    Some(if is_shared_container(spec) {
+        d.max(FIRST_LEASE_GRACE)
+    } else {
+        d
+    })
+}
+
+/// Adopts this daemon's running containers whose instance `rows` knows (removing them
+/// from `rows`), and removes every other container of this daemon.
+pub(crate) async fn recover(
+    shared: &Arc<Shared>,
+    rows: &mut HashMap<String, InstanceRow>,
+    restored_of: &dyn Fn(&InstanceRow) -> Restored,
+) {
+    let engine = &shared.docker.engine;
+    let has_docker_rows = rows
+        .values()
+        .any(|r| r.spec.contains("\"driver\":\"docker\""));
+    let found = match tokio::time::timeout(
+        Duration::from_secs(10),
+        bulkhead_docker::recovery::list(engine),
+    )
+    .await
+    {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            if has_docker_rows {
+                tracing::warn!("docker recovery skipped: {e}");
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("docker recovery skipped: listing containers timed out");
+            return;
+        }
+    };
+    let mut adopted = 0;
+    for f in found {
+        let row = rows.get(&f.instance).filter(|_| f.running);
+        let spec = row.and_then(|r| serde_json::from_str::<WorkloadSpec>(&r.spec).ok());
+        let (Some(_), Some(spec), true) = (row, spec, f.running) else {
+            tracing::info!("removing stale container {} of {}", f.id, f.instance);
+            if let Err(e) = bulkhead_docker::recovery::remove(engine, &f.id).await {
+                tracing::warn!("{e}");
+            }
+            continue;
+        };
+        let Ok((instance, _)) = InstanceId::parse(&f.instance) else {
+            continue;
+        };
+        let adopted_handle = bulkhead_docker::Container::adopt(engine.clone(), &f.id).await;
+        let (handle, logs) = match adopted_handle {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("cannot adopt container {}: {e}; removing it", f.id);
+                let _ = bulkhead_docker::recovery::remove(engine, &f.id).await;
+                continue;
+            }
+        };
+        let row = rows.remove(&f.instance).expect("checked above");
+        let a = Adoptable {
+            instance,
+            pid: handle.pid_or_zero(),
+            start_time: row.start_time.unwrap_or(0),
+            record: Record {
+                spec,
+                env: handle.env(),
+                cwd: row.dir.clone(),
+            },
+            exit: None,
+            spawned: Spawned {
+                handle: handle.clone(),
+                stdout: logs.0,
+                stderr: logs.1,
+            },
+        };
+        let restored = restored_of(&row);
+        shared.adopt(a, restored, row.leases.clone());
+        adopted += 1;
+    }
+    if adopted > 0 {
+        tracing::info!("adopted {adopted} docker containers");
+    }
+}
+
+/// An image-cache request could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ImagesError {
+    #[error(
+        "the image cache is not available (it could not be opened at start-up; see the daemon log)"
+    )]
+    NoCache,
+    #[error(transparent)]
+    Engine(#[from] bulkhead_docker::EngineError),
+    #[error(transparent)]
+    Cache(#[from] bulkhead_docker::images::CacheError),
+}
+
+impl From<ImagesError> for tonic::Status {
+    fn from(e: ImagesError) -> tonic::Status {
+        match e {
+            ImagesError::NoCache | ImagesError::Engine(_) => {
+                tonic::Status::unavailable(e.to_string())
+            }
+            ImagesError::Cache(_) => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+fn image_proto(r: bulkhead_docker::ImageRecord) -> bulkhead_api::v1::CachedImage {
+    bulkhead_api::v1::CachedImage {
+        hash: r.hash,
+        tag: r.tag,
+        workload: r.workload,
+        size_bytes: r.size_bytes,
+        created_s: r.created,
+        last_used_s: r.last_used,
+        in_use: r.in_use,
+    }
+}
+
+/// The cached images, most recently used first.
+pub(crate) async fn list_images(
+    sh: &Shared,
+) -> Result<Vec<bulkhead_api::v1::CachedImage>, ImagesError> {
+    let cache = sh.docker.images.as_ref().ok_or(ImagesError::NoCache)?;
+    let client = sh.docker.engine.ensure().await?;
+    Ok(cache
+        .list(client)
+        .await?
+        .into_iter()
+        .map(image_proto)
+        .collect())
+}
+
+/// Removes every cached image no container uses.
+pub(crate) async fn prune_images(
+    sh: &Shared,
+) -> Result<Vec<bulkhead_api::v1::CachedImage>, ImagesError> {
+    let cache = sh.docker.images.as_ref().ok_or(ImagesError::NoCache)?;
+    let client = sh.docker.engine.ensure().await?;
+    Ok(cache
+        .prune(client)
+        .await?
+        .into_iter()
+        .map(image_proto)
+        .collect())
+}

@@ -1,0 +1,904 @@
+//! The `docker` driver: one container per instance, created and started through the
+//! Engine API.
+//!
+//! Spawn: reachability check ([`Engine::ensure`]) → image (as is, or built and cached by
+//! [`ImageCache`]) → create (labels, limits, binds) → the program is looked up in the
+//! container's file system (so that a missing program is a spawn error, not an instance
+//! that exits 127) → attach stdout/stderr (before start: nothing is lost) → watch the
+//! container's events → start → inspect for the main pid.
+//!
+//! Exit: the engine's `die` event (and `oom` before it) reaches the handle through the
+//! engine's single event subscription; the container is then removed, and only then does
+//! [`InstanceHandle::wait`] resolve. Exit codes above 128 that name a signal are reported
+//! as that signal (the engine reports a signal death as `128 + n`, so `exit 137` is
+//! indistinguishable from SIGKILL: documented limit).
+//!
+//! Signals go to the container's init through a pidfd on its host pid (`State.Pid`); with
+//! `init: true` (the default) that is `docker-init`, which forwards them to the command.
+//! Stop sends the manifest's signal through the engine, waits `grace`, then SIGKILL.
+//!
+//! Usage is read from the container's cgroup (the files the engine's own stats read), so
+//! that [`InstanceHandle::stats`] stays synchronous and cheap.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, InspectContainerOptions, KillContainerOptions,
+    RemoveContainerOptions, StartContainerOptions,
+};
+use bollard::Docker;
+use bulkhead_core::docker::DockerSpec;
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::signal::Signal;
+use bulkhead_core::spec::DriverKind;
+use bulkhead_driver::{
+    sys, Driver, ExitCause, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned, Stats,
+    StatsError,
+};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use crate::engine::{
+    ContainerEvent, Engine, EventSink, LABEL_CONFIG, LABEL_DAEMON, LABEL_INSTANCE, LABEL_WORKLOAD,
+};
+use crate::images::ImageCache;
+
+/// How long removing a dead container may take before the handle reports the exit anyway.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `docker` driver.
+pub struct DockerDriver {
+    engine: Arc<Engine>,
+    images: Option<Arc<ImageCache>>,
+}
+
+impl DockerDriver {
+    /// A driver on `engine`; `images` builds `docker.build` images (without it such
+    /// workloads fail to spawn with a clear error).
+    pub fn new(engine: Arc<Engine>, images: Option<Arc<ImageCache>>) -> DockerDriver {
+        DockerDriver { engine, images }
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    async fn resolve_image(
+        &self,
+        client: &Docker,
+        dk: &DockerSpec,
+        spec: &SpawnSpec,
+    ) -> Result<(String, Option<String>), SpawnError> {
+        if let Some(image) = &dk.image {
+            return match client.inspect_image(image).await {
+                Ok(_) => Ok((image.clone(), None)),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Err(SpawnError::Other(format!(
+                    "docker image {image} is not in the engine; bulkhead pulls from no \
+                     registry: load it (docker load, docker import) or describe it under \
+                     docker.build"
+                ))),
+                Err(e) => Err(SpawnError::Other(format!(
+                    "cannot inspect docker image {image}: {e}"
+                ))),
+            };
+        }
+        let Some(images) = &self.images else {
+            return Err(SpawnError::Other(
+                "docker.build needs the image cache, which this driver was made without".into(),
+            ));
+        };
+        let built = images
+            .ensure(client, &spec.spec.name, dk, &spec.cwd)
+            .await
+            .map_err(|e| SpawnError::Other(e.to_string()))?;
+        Ok((built.tag, Some(built.hash)))
+    }
+}
+
+/// Whether `path` is `base` or under it.
+fn under(path: &Path, base: &Path) -> bool {
+    path.starts_with(base)
+}
+
+/// The container configuration for `spec`.
+pub(crate) fn container_config(
+    spec: &SpawnSpec,
+    dk: &DockerSpec,
+    image: &str,
+    daemon_id: &str,
+    config_hash: Option<&str>,
+) -> Result<ContainerCreateBody, SpawnError> {
+    let mut labels = HashMap::from([
+        (LABEL_DAEMON.to_owned(), daemon_id.to_owned()),
+        (LABEL_INSTANCE.to_owned(), spec.instance.as_str().to_owned()),
+        (LABEL_WORKLOAD.to_owned(), spec.spec.name.clone()),
+    ]);
+    if let Some(h) = config_hash {
+        labels.insert(LABEL_CONFIG.to_owned(), h.to_owned());
+    }
+    let mut binds: Vec<String> = spec
+        .binds
+        .iter()
+        .map(|p| format!("{}:{}", p.display(), p.display()))
+        .collect();
+    for m in &dk.mounts {
+        let src = if Path::new(&m.source).is_absolute() {
+            PathBuf::from(&m.source)
+        } else {
+            spec.cwd.join(&m.source)
+        };
+        let ro = if m.read_only { ":ro" } else { "" };
+        binds.push(format!("{}:{}{ro}", src.display(), m.target));
+    }
+    let workdir = match &dk.workdir {
+        Some(w) => Some(w.clone()),
+        None if spec.binds.iter().any(|b| under(&spec.cwd, b)) => {
+            if !spec.cwd.is_dir() {
+                return Err(SpawnError::Other(format!(
+                    "cannot start in {}: no such directory",
+                    spec.cwd.display()
+                )));
+            }
+            Some(spec.cwd.display().to_string())
+        }
+        None => None,
+    };
+    let res = spec.spec.resources.clone().unwrap_or_default();
+    // The instance's $PORT is published on the host's loopback at the same number, so
+    // that its address (127.0.0.1:$PORT) and the readiness probes work as for a process.
+    let port = spec
+        .env
+        .iter()
+        .find(|(k, _)| k == "PORT")
+        .and_then(|(_, v)| v.parse::<u16>().ok())
+        .filter(|&p| p > 0);
+    let own_network = !matches!(dk.network.as_deref(), Some("host") | Some("none"));
+    let published = port.filter(|_| own_network).map(|p| {
+        let key = format!("{p}/tcp");
+        let binding = bollard::models::PortBinding {
+            host_ip: Some("127.0.0.1".to_owned()),
+            host_port: Some(p.to_string()),
+        };
+        (key, binding)
+    });
+    let host = HostConfig {
+        port_bindings: published
+            .clone()
+            .map(|(k, b)| HashMap::from([(k, Some(vec![b]))])),
+        binds: Some(binds),
+        init: Some(dk.init),
+        memory: res.memory.map(|m| m as i64),
+        // No swap on top of the memory limit.
+        memory_swap: res.memory.map(|m| m as i64),
+        nano_cpus: res.cpu.map(|c| (c * 1e9) as i64),
+        pids_limit: res.pids.map(i64::from),
+        cpuset_cpus: res.cpuset.clone(),
+        shm_size: dk.shm_size.map(|s| s as i64),
+        readonly_rootfs: Some(dk.read_only),
+        network_mode: dk.network.clone(),
+        cap_drop: (!dk.cap_drop.is_empty()).then(|| dk.cap_drop.clone()),
+        ..Default::default()
+    };
+    Ok(ContainerCreateBody {
+        image: Some(image.to_owned()),
+        // The command replaces the image's entrypoint and command.
+        entrypoint: Some(Vec::new()),
+        cmd: Some(spec.argv.clone()),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        working_dir: workdir,
+        user: dk.user.clone(),
+        exposed_ports: published.map(|(k, _)| vec![k]),
+        labels: Some(labels),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        host_config: Some(host),
+        ..Default::default()
+    })
+}
+
+/// Whether the program exists in the created container: an absolute path as is, a bare
+/// name in one of the `PATH` directories (all looked up at once).
+async fn program_exists(client: &Docker, id: &str, argv0: &str, path: &str) -> bool {
+    let candidates: Vec<String> = if argv0.contains('/') {
+        vec![argv0.to_owned()]
+    } else {
+        path.split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| format!("{}/{argv0}", d.trim_end_matches('/')))
+            .collect()
+    };
+    let checks = candidates.iter().map(|c| {
+        client.get_container_archive_info(
+            id,
+            Some(bollard::query_parameters::ContainerArchiveInfoOptions { path: c.clone() }),
+        )
+    });
+    futures_util::future::join_all(checks)
+        .await
+        .iter()
+        .any(Result::is_ok)
+}
+
+#[async_trait]
+impl Driver for DockerDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Docker
+    }
+
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+        let client = self
+            .engine
+            .ensure()
+            .await
+            .map_err(|e| SpawnError::Other(e.to_string()))?
+            .clone();
+        let Some(dk) = spec.spec.docker.clone() else {
+            return Err(SpawnError::Other(
+                "a docker workload needs a docker: section (docker.image or docker.build)".into(),
+            ));
+        };
+        if spec.argv.is_empty() {
+            return Err(SpawnError::Other("the command is empty".into()));
+        }
+        let (image, hash) = self.resolve_image(&client, &dk, &spec).await?;
+        let body = container_config(&spec, &dk, &image, self.engine.daemon_id(), hash.as_deref())?;
+        let created = client
+            .create_container(None::<CreateContainerOptions>, body)
+            .await
+            .map_err(|e| SpawnError::Other(format!("cannot create a container of {image}: {e}")))?;
+        let id = created.id;
+        let cleanup = |client: Docker, id: String| async move {
+            let _ = client
+                .remove_container(
+                    &id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        v: true,
+                        link: false,
+                    }),
+                )
+                .await;
+        };
+        let path = spec.env.iter().find(|(k, _)| k == "PATH").map_or(
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            |(_, v)| v.as_str(),
+        );
+        let attach_opts = AttachContainerOptions {
+            stream: true,
+            stdout: true,
+            stderr: true,
+            logs: true,
+            ..Default::default()
+        };
+        let (exists, attached) = tokio::join!(
+            program_exists(&client, &id, &spec.argv[0], path),
+            client.attach_container(&id, Some(attach_opts))
+        );
+        if !exists {
+            cleanup(client, id.clone()).await;
+            return Err(SpawnError::Exec {
+                program: spec.argv[0].clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("not found in image {image}"),
+                ),
+            });
+        }
+        let attached = match attached {
+            Ok(a) => a,
+            Err(e) => {
+                cleanup(client, id.clone()).await;
+                return Err(SpawnError::Other(format!(
+                    "cannot attach to container {id}: {e}"
+                )));
+            }
+        };
+        let pipes = match Pipes::new() {
+            Ok(p) => p,
+            Err(e) => {
+                cleanup(client, id).await;
+                return Err(SpawnError::Other(format!(
+                    "cannot create output pipes: {e}"
+                )));
+            }
+        };
+        let (status_tx, _) = watch::channel(None);
+        let container = Arc::new(Container {
+            id: id.clone(),
+            instance: spec.instance.as_str().to_owned(),
+            client: client.clone(),
+            engine: self.engine.clone(),
+            main: Mutex::new(None),
+            status: status_tx,
+            died: AtomicBool::new(false),
+            oom: AtomicBool::new(false),
+            memory_limit: spec.spec.resources.as_ref().and_then(|r| r.memory),
+            pids_limit: spec.spec.resources.as_ref().and_then(|r| r.pids),
+            env: spec.env.clone(),
+        });
+        let sink: Arc<dyn EventSink> = container.clone();
+        self.engine.watch(&id, Arc::downgrade(&sink));
+        tokio::spawn(copy_output(attached.output, pipes.out_tx, pipes.err_tx));
+        if let Err(e) = client
+            .start_container(&id, None::<StartContainerOptions>)
+            .await
+        {
+            self.engine.unwatch(&id);
+            cleanup(client, id).await;
+            return Err(SpawnError::Other(format!(
+                "cannot start a container of {image}: {e}"
+            )));
+        }
+        container.inspect_main().await;
+        if dk.init {
+            container.wait_init_forked().await;
+        }
+        Ok(Spawned {
+            handle: container,
+            stdout: Some(pipes.out_rx),
+            stderr: Some(pipes.err_rx),
+        })
+    }
+}
+
+/// The two output pipes: the daemon reads the `rx` ends, the attach task writes the others.
+struct Pipes {
+    out_rx: OwnedFd,
+    err_rx: OwnedFd,
+    out_tx: tokio::net::unix::pipe::Sender,
+    err_tx: tokio::net::unix::pipe::Sender,
+}
+
+impl Pipes {
+    fn new() -> std::io::Result<Pipes> {
+        let flags = rustix::pipe::PipeFlags::CLOEXEC;
+        let (out_rx, out_w) = rustix::pipe::pipe_with(flags)?;
+        let (err_rx, err_w) = rustix::pipe::pipe_with(flags)?;
+        Ok(Pipes {
+            out_rx,
+            err_rx,
+            out_tx: tokio::net::unix::pipe::Sender::from_owned_fd(out_w)?,
+            err_tx: tokio::net::unix::pipe::Sender::from_owned_fd(err_w)?,
+        })
+    }
+}
+
+/// Copies the attach stream into the pipes until the container's output ends (or the
+/// reader went away).
+async fn copy_output(
+    mut output: std::pin::Pin<
+        Box<
+            dyn futures_util::Stream<
+                    Item = Result<bollard::container::LogOutput, bollard::errors::Error>,
+                > + Send,
+        >,
+    >,
+    mut out: tokio::net::unix::pipe::Sender,
+    mut err: tokio::net::unix::pipe::Sender,
+) {
+    use bollard::container::LogOutput;
+    let (mut out_ok, mut err_ok) = (true, true);
+    while let Some(item) = output.next().await {
+        match item {
+            Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) if out_ok => {
+                out_ok = out.write_all(&message).await.is_ok();
+            }
+            Ok(LogOutput::StdErr { message }) if err_ok => {
+                err_ok = err.write_all(&message).await.is_ok();
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+}
+
+/// The container's init on the host: its pid and a pidfd on it.
+struct Main {
+    pid: u32,
+    pidfd: OwnedFd,
+    cgroup: Option<Cgroup>,
+}
+
+/// One container: the [`InstanceHandle`] and the receiver of its engine events.
+pub struct Container {
+    id: String,
+    instance: String,
+    client: Docker,
+    engine: Arc<Engine>,
+    main: Mutex<Option<Main>>,
+    status: watch::Sender<Option<ExitStatus>>,
+    died: AtomicBool,
+    oom: AtomicBool,
+    memory_limit: Option<u64>,
+    pids_limit: Option<u32>,
+    env: Vec<(String, String)>,
+}
+
+impl Container {
+    /// A handle on an existing container of this daemon (recovery after a restart): it is
+    /// watched from now on (and reported as ended at once if it no longer runs); its new
+    /// output comes out of the returned pipes.
+    #[allow(clippy::type_complexity)]
+    pub async fn adopt(
+        engine: Arc<Engine>,
+        id: &str,
+    ) -> Result<(Arc<Container>, (Option<OwnedFd>, Option<OwnedFd>)), String> {
+        let client = engine.ensure().await.map_err(|e| e.to_string())?.clone();
+        let info = client
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| format!("cannot inspect container {id}: {e}"))?;
+        let config = info.config.clone().unwrap_or_default();
+        let labels = config.labels.clone().unwrap_or_default();
+        let env = config
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_owned(), v.to_owned()))
+            })
+            .collect();
+        let host = info.host_config.clone().unwrap_or_default();
+        let (status_tx, _) = watch::channel(None);
+        let c = Arc::new(Container {
+            id: id.to_owned(),
+            instance: labels.get(LABEL_INSTANCE).cloned().unwrap_or_default(),
+            client: client.clone(),
+            engine: engine.clone(),
+            main: Mutex::new(None),
+            status: status_tx,
+            died: AtomicBool::new(false),
+            oom: AtomicBool::new(false),
+            memory_limit: host.memory.filter(|&m| m > 0).map(|m| m as u64),
+            pids_limit: host.pids_limit.filter(|&p| p > 0).map(|p| p as u32),
+            env,
+        });
+        let sink: Arc<dyn EventSink> = c.clone();
+        engine.watch(id, Arc::downgrade(&sink));
+        let opts = AttachContainerOptions {
+            stream: true,
+            stdout: true,
+            stderr: true,
+            logs: false,
+            ..Default::default()
+        };
+        let pipes = match (client.attach_container(id, Some(opts)).await, Pipes::new()) {
+            (Ok(a), Ok(p)) => {
+                tokio::spawn(copy_output(a.output, p.out_tx, p.err_tx));
+                (Some(p.out_rx), Some(p.err_rx))
+            }
+            _ => (None, None),
+        };
+        c.inspect_main().await;
+        Ok((c, pipes))
+    }
+
+    /// The main pid, or 0 when the container is not running.
+    pub fn pid_or_zero(&self) -> u32 {
+        self.pid().unwrap_or(0)
+    }
+
+    /// The container's environment (adopted containers: as the engine reports it).
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.env.clone()
+    }
+
+    /// The container id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Waits (up to 2 s) until `docker-init` has forked the command. Before that, the init
+    /// has not yet blocked the signals it forwards, and a SIGTERM sent to a PID 1 without
+    /// a handler is dropped by the kernel: a stop right after the start would then
+    /// escalate to SIGKILL. The init forks at once, so this costs well under a millisecond.
+    async fn wait_init_forked(&self) {
+        let Some(pid) = self.pid() else { return };
+        let children = format!("/proc/{pid}/task/{pid}/children");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            match std::fs::read_to_string(&children) {
+                Ok(c) if c.trim().is_empty() => {}
+                // Forked, or the init is gone (its die event is on its way).
+                _ => return,
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Reads the init's host pid, opens a pidfd on it and finds its cgroup. A container
+    /// that already ended has no pid (its `die` event is on its way).
+    async fn inspect_main(&self) {
+        let Ok(info) = self
+            .client
+            .inspect_container(&self.id, None::<InspectContainerOptions>)
+            .await
+        else {
+            return;
+        };
+        let st = info.state.unwrap_or_default();
+        if st.running != Some(true) {
+            // Ended before we looked, or while the daemon was away: report it.
+            if st.oom_killed == Some(true) {
+                self.event(ContainerEvent::Oom);
+            }
+            if !matches!(
+                st.status,
+                Some(bollard::models::ContainerStateStatusEnum::CREATED)
+            ) {
+                self.event(ContainerEvent::Die {
+                    exit_code: st.exit_code.unwrap_or(-1),
+                });
+            }
+            return;
+        }
+        let Some(pid) = st
+            .pid
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|&p| p > 0)
+        else {
+            return;
+        };
+        if let Ok(pidfd) = sys::pidfd_open(pid) {
+            *self.main.lock().unwrap_or_else(|e| e.into_inner()) = Some(Main {
+                pid,
+                pidfd,
+                cgroup: Cgroup::of(pid),
+            });
+        }
+    }
+
+    async fn kill(&self, signal: Signal) {
+        let name = format!("SIG{}", signal.name().trim_start_matches("SIG"));
+        let _ = self
+            .client
+            .kill_container(&self.id, Some(KillContainerOptions { signal: name }))
+            .await;
+    }
+
+    /// Runs `cmd` in the container through the engine's exec API; returns its exit code
+    /// and its output (stdout and stderr interleaved).
+    pub async fn exec(&self, cmd: Vec<String>, env: Vec<String>) -> Result<(i64, Vec<u8>), String> {
+        use bollard::exec::{CreateExecOptions, StartExecResults};
+        let exec = self
+            .client
+            .create_exec(
+                &self.id,
+                CreateExecOptions {
+                    cmd: Some(cmd),
+                    env: Some(env),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("cannot exec in container {}: {e}", self.id))?;
+        let mut out = Vec::new();
+        if let StartExecResults::Attached { mut output, .. } = self
+            .client
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| format!("cannot start exec in container {}: {e}", self.id))?
+        {
+            while let Some(Ok(msg)) = output.next().await {
+                out.extend_from_slice(&msg.into_bytes());
+            }
+        }
+        let info = self
+            .client
+            .inspect_exec(&exec.id)
+            .await
+            .map_err(|e| format!("cannot inspect exec in container {}: {e}", self.id))?;
+        Ok((info.exit_code.unwrap_or(-1), out))
+    }
+}
+
+/// The engine's exit code as an exit status: `128 + n` for a real signal `n` is that
+/// signal (what the engine reports for a signal death), anything else is an exit code.
+pub fn exit_status(code: i64) -> ExitStatus {
+    match code {
+        129..=192 => ExitStatus::Signaled {
+            signal: (code - 128) as i32,
+            core_dumped: false,
+        },
+        0..=255 => ExitStatus::Exited { code: code as i32 },
+        // Unknown (the engine lost it): reported as killed.
+        _ => ExitStatus::Signaled {
+            signal: 9,
+            core_dumped: false,
+        },
+    }
+}
+
+impl EventSink for Container {
+    fn event(&self, ev: ContainerEvent) {
+        match ev {
+            ContainerEvent::Oom => self.oom.store(true, Ordering::SeqCst),
+            ContainerEvent::Die { exit_code } => {
+                if self.died.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                let st = exit_status(exit_code);
+                let client = self.client.clone();
+                let id = self.id.clone();
+                let status = self.status.clone();
+                let engine = self.engine.clone();
+                let remove = async move {
+                    let opts = RemoveContainerOptions {
+                        force: true,
+                        v: true,
+                        link: false,
+                    };
+                    match tokio::time::timeout(
+                        REMOVE_TIMEOUT,
+                        client.remove_container(&id, Some(opts)),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(bollard::errors::Error::DockerResponseServerError {
+                            status_code: 404,
+                            ..
+                        })) => {}
+                        Ok(Err(e)) => tracing::warn!("cannot remove container {id}: {e}"),
+                        Err(_) => tracing::warn!("removing container {id} timed out"),
+                    }
+                    engine.unwatch(&id);
+                    status.send_replace(Some(st));
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(h) => {
+                        h.spawn(remove);
+                    }
+                    Err(_) => {
+                        self.status.send_replace(Some(st));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl InstanceHandle for Container {
+    fn pid(&self) -> Option<u32> {
+        self.main
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.pid)
+    }
+
+    fn signal(&self, signal: Signal) -> Result<(), SignalError> {
+        if self.try_status().is_some() {
+            return Ok(());
+        }
+        let main = self.main.lock().unwrap_or_else(|e| e.into_inner());
+        match main.as_ref() {
+            Some(m) => match sys::pidfd_send_signal(&m.pidfd, signal) {
+                Ok(()) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+                Err(source) => Err(SignalError {
+                    instance: self.instance.clone(),
+                    signal,
+                    source,
+                }),
+            },
+            None => {
+                // No pid known (not running yet, or ended): ask the engine.
+                let client = self.client.clone();
+                let id = self.id.clone();
+                let name = format!("SIG{}", signal.name().trim_start_matches("SIG"));
+                if let Ok(h) = tokio::runtime::Handle::try_current() {
+                    h.spawn(async move {
+                        let _ = client
+                            .kill_container(&id, Some(KillContainerOptions { signal: name }))
+                            .await;
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn wait(&self) -> ExitStatus {
+        let mut rx = self.status.subscribe();
+        let st = match rx.wait_for(Option::is_some).await {
+            Ok(st) => *st,
+            // The sender lives in self: unreachable while we borrow self.
+            Err(_) => None,
+        };
+        st.unwrap_or(ExitStatus::Signaled {
+            signal: 9,
+            core_dumped: false,
+        })
+    }
+
+    fn try_status(&self) -> Option<ExitStatus> {
+        *self.status.borrow()
+    }
+
+    /// The engine's kill with `signal`, `grace`, then SIGKILL; resolves once the container
+    /// is gone (removed).
+    async fn stop(&self, signal: Signal, grace: Duration) -> ExitStatus {
+        if let Some(st) = self.try_status() {
+            return st;
+        }
+        self.kill(signal).await;
+        match tokio::time::timeout(grace, self.wait()).await {
+            Ok(st) => st,
+            Err(_) => {
+                self.kill(Signal::KILL).await;
+                self.wait().await
+            }
+        }
+    }
+
+    fn stats(&self) -> Result<Stats, StatsError> {
+        if self.try_status().is_some() {
+            return Ok(Stats::default());
+        }
+        let main = self.main.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(cg) = main.as_ref().and_then(|m| m.cgroup.as_ref()) else {
+            return Ok(Stats::default());
+        };
+        Ok(cg.read(self.memory_limit, self.pids_limit))
+    }
+
+    /// A process is the container's when its cgroup names the container (the init's
+    /// children sit in process groups of their own, so the group check does not apply).
+    fn owns_pid(&self, pid: u32) -> Option<bool> {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        Some(cg.lines().any(|l| {
+            l.ends_with(&self.id)
+                || l.contains(&format!("{}/", self.id))
+                || l.contains(&format!("docker-{}.scope", self.id))
+        }))
+    }
+
+    /// `docker exec` (the CLI, through the engine's exec API): its exit code is the
+    /// command's, and `-t` gives the command the terminal the daemon made.
+    fn exec_argv(&self, argv: &[String], tty: bool) -> Option<Vec<String>> {
+        let mut out = vec!["docker".to_owned(), "exec".to_owned(), "-i".to_owned()];
+        if tty {
+            out.push("-t".to_owned());
+        }
+        out.push(self.id.clone());
+        out.extend(argv.iter().cloned());
+        Some(out)
+    }
+
+    fn exit_cause(&self) -> Option<ExitCause> {
+        self.oom
+            .load(Ordering::SeqCst)
+            .then_some(ExitCause::OomKilled {
+                limit_bytes: self.memory_limit,
+            })
+    }
+}
+
+/// The cgroup directories of a container (v1 controllers, or one v2 directory).
+#[derive(Debug, Clone)]
+struct Cgroup {
+    memory: Option<PathBuf>,
+    pids: Option<PathBuf>,
+    cpuacct: Option<PathBuf>,
+    cpu: Option<PathBuf>,
+    unified: Option<PathBuf>,
+}
+
+impl Cgroup {
+    fn of(pid: u32) -> Option<Cgroup> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let mut cg = Cgroup {
+            memory: None,
+            pids: None,
+            cpuacct: None,
+            cpu: None,
+            unified: None,
+        };
+        let root = Path::new("/sys/fs/cgroup");
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let rel = path.trim_start_matches('/');
+            if ctrls.is_empty() {
+                let dir = root.join(rel);
+                if dir.join("memory.current").exists() {
+                    cg.unified = Some(dir);
+                }
+                continue;
+            }
+            for c in ctrls.split(',') {
+                let dir = root.join(ctrls).join(rel);
+                match c {
+                    "memory" => cg.memory = Some(dir),
+                    "pids" => cg.pids = Some(dir),
+                    "cpuacct" => cg.cpuacct = Some(dir),
+                    "cpu" => cg.cpu = Some(dir),
+                    _ => {}
+                }
+            }
+        }
+        Some(cg)
+    }
+
+    fn read(&self, memory_limit: Option<u64>, pids_limit: Option<u32>) -> Stats {
+        let num = |dir: &Option<PathBuf>, file: &str| -> Option<u64> {
+            std::fs::read_to_string(dir.as_ref()?.join(file))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let keyed = |dir: &Option<PathBuf>, file: &str, key: &str| -> Option<u64> {
+            let text = std::fs::read_to_string(dir.as_ref()?.join(file)).ok()?;
+            text.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok()).flatten()
+            })
+        };
+        let mut s = Stats {
+            memory_limit_bytes: memory_limit,
+            pids_limit,
+            ..Stats::default()
+        };
+        if self.unified.is_some() && self.memory.is_none() {
+            let u = &self.unified;
+            s.memory_bytes = num(u, "memory.current").unwrap_or(0);
+            s.memory_peak_bytes = num(u, "memory.peak");
+            s.pids = num(u, "pids.current").unwrap_or(0) as u32;
+            s.cpu_seconds = keyed(u, "cpu.stat", "usage_usec").unwrap_or(0) as f64 / 1e6;
+            s.cpu_throttled_seconds =
+                keyed(u, "cpu.stat", "throttled_usec").map(|v| v as f64 / 1e6);
+            s.pids_limit_hits = keyed(u, "pids.events", "max");
+            return s;
+        }
+        s.memory_bytes = num(&self.memory, "memory.usage_in_bytes").unwrap_or(0);
+        s.memory_peak_bytes = num(&self.memory, "memory.max_usage_in_bytes");
+        s.pids = num(&self.pids, "pids.current").unwrap_or(0) as u32;
+        s.cpu_seconds = num(&self.cpuacct, "cpuacct.usage").unwrap_or(0) as f64 / 1e9;
+        s.cpu_throttled_seconds =
+            keyed(&self.cpu, "cpu.stat", "throttled_time").map(|v| v as f64 / 1e9);
+        s.pids_limit_hits = keyed(&self.pids, "pids.events", "max");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_map_to_statuses() {
+        assert_eq!(exit_status(0), ExitStatus::Exited { code: 0 });
+        assert_eq!(exit_status(255), ExitStatus::Exited { code: 255 });
+        assert_eq!(exit_status(128), ExitStatus::Exited { code: 128 });
+        assert_eq!(
+            exit_status(137),
+            ExitStatus::Signaled {
+                signal: 9,
+                core_dumped: false
+            }
+        );
+        assert_eq!(
+            exit_status(143),
+            ExitStatus::Signaled {
+                signal: 15,
+                core_dumped: false
+            }
+        );
+    }
+}

@@ -1,0 +1,552 @@
+//! The image cache: images built from `docker.build`, tagged by a hash of their full build
+//! configuration and recorded in SQLite (`images.db` in the state directory).
+//!
+//! The hash covers the Dockerfile text (given or generated), every file of the build
+//! context (path, mode bit for executables, content), and a format version: the same
+//! configuration reuses its image, any change builds a new one. Tags are
+//! `bulkhead/<workload>:<first 12 hex digits>`.
+//!
+//! Eviction is LRU by `last_used`, down to a maximum count and/or total size, and never
+//! removes an image that a container (running or not) still uses. One build runs at a
+//! time (a build already saturates two cores); concurrent launches of the same
+//! configuration wait for the first build and then hit the cache.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bollard::query_parameters::{BuildImageOptions, ListContainersOptions, RemoveImageOptions};
+use bollard::Docker;
+use bulkhead_core::docker::{DockerBuild, DockerSpec};
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::tar::TarBuilder;
+
+/// Lines of the build log shown when a build fails.
+const LOG_TAIL: usize = 20;
+
+/// Largest context bulkhead sends to the engine.
+const MAX_CONTEXT: u64 = 512 << 20;
+
+/// One cached image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ImageRecord {
+    pub hash: String,
+    pub tag: String,
+    pub workload: String,
+    pub size_bytes: u64,
+    /// Unix seconds.
+    pub created: i64,
+    pub last_used: i64,
+    /// Whether a container uses it (filled by [`ImageCache::list`]).
+    pub in_use: bool,
+}
+
+/// An image ready to run.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub tag: String,
+    pub hash: String,
+    /// Whether it came from the cache.
+    pub hit: bool,
+}
+
+/// The cache could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the image cache {path}: {source}")]
+pub struct OpenError {
+    pub path: PathBuf,
+    #[source]
+    pub source: rusqlite::Error,
+}
+
+/// An image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot read the build context {path}: {source}")]
+    Context {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the build context {path} is larger than 512 MiB")]
+    ContextTooLarge { path: PathBuf },
+    #[error("docker build of {tag} failed: {reason}\n--- last lines of the build log ---\n{tail}")]
+    Failed {
+        tag: String,
+        reason: String,
+        tail: String,
+    },
+    #[error("image cache: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+/// The cache could not be listed or pruned.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("image cache: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("cannot list containers to find images in use: {0}")]
+    Engine(String),
+}
+
+/// Limits the cache is evicted down to after each build.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    pub max_count: Option<usize>,
+    pub max_bytes: Option<u64>,
+}
+
+/// The image cache.
+pub struct ImageCache {
+    db: Mutex<rusqlite::Connection>,
+    limits: Limits,
+    build_lock: tokio::sync::Mutex<()>,
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// What goes into one build: the Dockerfile text and the context files.
+struct Plan {
+    dockerfile_name: String,
+    dockerfile: String,
+    /// (path in the context archive, host path)
+    files: Vec<(String, PathBuf)>,
+}
+
+impl ImageCache {
+    /// Opens (or creates) the cache database at `path`.
+    pub fn open(path: &Path, limits: Limits) -> Result<ImageCache, OpenError> {
+        let err = |source| OpenError {
+            path: path.to_owned(),
+            source,
+        };
+        let db = rusqlite::Connection::open(path).map_err(err)?;
+        db.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             CREATE TABLE IF NOT EXISTS images (
+                 hash TEXT PRIMARY KEY,
+                 tag TEXT NOT NULL,
+                 workload TEXT NOT NULL,
+                 size INTEGER NOT NULL,
+                 created INTEGER NOT NULL,
+                 last_used INTEGER NOT NULL
+             );",
+        )
+        .map_err(err)?;
+        Ok(ImageCache {
+            db: Mutex::new(db),
+            limits,
+            build_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every cached image, most recently used first, without `in_use`.
+    pub fn records(&self) -> Result<Vec<ImageRecord>, rusqlite::Error> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT hash, tag, workload, size, created, last_used FROM images
+             ORDER BY last_used DESC, created DESC",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ImageRecord {
+                hash: r.get(0)?,
+                tag: r.get(1)?,
+                workload: r.get(2)?,
+                size_bytes: r.get::<_, i64>(3)? as u64,
+                created: r.get(4)?,
+                last_used: r.get(5)?,
+                in_use: false,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Every cached image, with whether a container uses it.
+    pub async fn list(&self, client: &Docker) -> Result<Vec<ImageRecord>, CacheError> {
+        let used = images_in_use(client).await?;
+        let mut recs = self.records()?;
+        for r in &mut recs {
+            r.in_use = used.contains(&r.tag);
+        }
+        Ok(recs)
+    }
+
+    /// Removes every cached image no container uses; returns the removed records.
+    pub async fn prune(&self, client: &Docker) -> Result<Vec<ImageRecord>, CacheError> {
+        let _guard = self.build_lock.lock().await;
+        let used = images_in_use(client).await?;
+        let mut removed = Vec::new();
+        for r in self.records()? {
+            if !used.contains(&r.tag) && self.remove(client, &r).await? {
+                removed.push(r);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes one image and its record; false if the engine refused (in use).
+    async fn remove(&self, client: &Docker, r: &ImageRecord) -> Result<bool, rusqlite::Error> {
+        match client
+            .remove_image(&r.tag, None::<RemoveImageOptions>, None)
+            .await
+        {
+            Ok(_)
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {
+                self.db()
+                    .execute("DELETE FROM images WHERE hash = ?1", [&r.hash])?;
+                Ok(true)
+            }
+            Err(e) => {
+                tracing::warn!("cannot remove cached image {}: {e}", r.tag);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Evicts least recently used images not in use until the limits hold.
+    pub async fn evict(&self, client: &Docker) -> Result<Vec<ImageRecord>, CacheError> {
+        if self.limits.max_count.is_none() && self.limits.max_bytes.is_none() {
+            return Ok(Vec::new());
+        }
+        let used = images_in_use(client).await?;
+        let mut recs = self.records()?;
+        // Oldest last.
+        let mut removed = Vec::new();
+        let over = |recs: &[ImageRecord]| {
+            self.limits.max_count.is_some_and(|m| recs.len() > m)
+                || self
+                    .limits
+                    .max_bytes
+                    .is_some_and(|m| recs.iter().map(|r| r.size_bytes).sum::<u64>() > m)
+        };
+        let mut i = recs.len();
+        while over(&recs) && i > 0 {
+            i -= 1;
+            if used.contains(&recs[i].tag) {
+                continue;
+            }
+            let r = recs.remove(i);
+            if self.remove(client, &r).await? {
+                removed.push(r);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The image for `dk.build`, from the cache or built now.
+    pub async fn ensure(
+        &self,
+        client: &Docker,
+        workload: &str,
+        dk: &DockerSpec,
+        dir: &Path,
+    ) -> Result<Built, BuildError> {
+        let build = dk.build.clone().unwrap_or_default();
+        let plan = plan(&build, dir)?;
+        let hash = hash_plan(&plan)?;
+        let tag = format!("bulkhead/{}:{}", sanitize(workload), &hash[..12]);
+        let _guard = self.build_lock.lock().await;
+        let cached: Option<String> = self
+            .db()
+            .query_row("SELECT tag FROM images WHERE hash = ?1", [&hash], |r| {
+                r.get(0)
+            })
+            .ok();
+        if let Some(tag) = cached {
+            if client.inspect_image(&tag).await.is_ok() {
+                self.db().execute(
+                    "UPDATE images SET last_used = ?1 WHERE hash = ?2",
+                    rusqlite::params![now(), hash],
+                )?;
+                return Ok(Built {
+                    tag,
+                    hash,
+                    hit: true,
+                });
+            }
+            // Removed behind our back: build again.
+            self.db()
+                .execute("DELETE FROM images WHERE hash = ?1", [&hash])?;
+        }
+        let ctx = archive(&plan, dir)?;
+        let opts = BuildImageOptions {
+            dockerfile: plan.dockerfile_name.clone(),
+            t: Some(tag.clone()),
+            rm: true,
+            forcerm: true,
+            labels: Some(
+                [("bulkhead.config".to_owned(), hash.clone())]
+                    .into_iter()
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let mut log: Vec<String> = Vec::new();
+        let mut failure = None;
+        let mut stream = client.build_image(
+            opts,
+            None,
+            Some(bollard::body_full(bytes::Bytes::from(ctx))),
+        );
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(s) = info.stream {
+                        log.extend(s.lines().map(str::to_owned));
+                    }
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        failure = Some(e);
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = failure {
+            let start = log.len().saturating_sub(LOG_TAIL);
+            return Err(BuildError::Failed {
+                tag,
+                reason,
+                tail: log[start..].join("\n"),
+            });
+        }
+        let size = match client.inspect_image(&tag).await {
+            Ok(i) => i.size.unwrap_or(0).max(0) as u64,
+            Err(e) => {
+                return Err(BuildError::Failed {
+                    tag,
+                    reason: format!("the built image cannot be inspected: {e}"),
+                    tail: String::new(),
+                })
+            }
+        };
+        let t = now();
+        self.db().execute(
+            "INSERT OR REPLACE INTO images (hash, tag, workload, size, created, last_used)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            rusqlite::params![hash, tag, workload, size as i64, t],
+        )?;
+        drop(_guard);
+        if let Err(e) = self.evict(client).await {
+            tracing::warn!("image cache eviction: {e}");
+        }
+        Ok(Built {
+            tag,
+            hash,
+            hit: false,
+        })
+    }
+}
+
+/// Tags of images that containers (any state) use.
+async fn images_in_use(client: &Docker) -> Result<HashSet<String>, CacheError> {
+    let list = client
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| CacheError::Engine(e.to_string()))?;
+    Ok(list.into_iter().filter_map(|c| c.image).collect())
+}
+
+/// A workload name as a repository path component.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+fn ctx_err(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Context {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Resolves `p` against the manifest's folder.
+fn resolve(dir: &Path, p: &str) -> PathBuf {
+    if Path::new(p).is_absolute() {
+        PathBuf::from(p)
+    } else {
+        dir.join(p)
+    }
+}
+
+/// The generated Dockerfile of `base` mode.
+pub fn generated_dockerfile(b: &DockerBuild) -> String {
+    let mut out = format!("FROM {}\n", b.base.as_deref().unwrap_or("scratch"));
+    for (k, v) in &b.env {
+        out.push_str(&format!(
+            "ENV {k}={}\n",
+            serde_json::to_string(v).unwrap_or_default()
+        ));
+    }
+    for (i, (_, dst)) in b.files.iter().enumerate() {
+        out.push_str(&format!("COPY files/{i} {dst}\n"));
+    }
+    for r in &b.run {
+        out.push_str(&format!("RUN {r}\n"));
+    }
+    out
+}
+
+fn plan(b: &DockerBuild, dir: &Path) -> Result<Plan, BuildError> {
+    let context = resolve(dir, b.context.as_deref().unwrap_or("."));
+    if let Some(df) = &b.dockerfile {
+        let df_path = resolve(dir, df);
+        let text = std::fs::read_to_string(&df_path).map_err(ctx_err(&df_path))?;
+        let mut files = Vec::new();
+        walk(&context, &context, &mut files)?;
+        files.sort();
+        // The Dockerfile travels under a name of its own, wherever it lives.
+        let name = ".bulkhead.Dockerfile".to_owned();
+        files.retain(|(n, _)| n != &name);
+        return Ok(Plan {
+            dockerfile_name: name,
+            dockerfile: text,
+            files,
+        });
+    }
+    let files = b
+        .files
+        .keys()
+        .enumerate()
+        .map(|(i, src)| (format!("files/{i}"), context.join(src)))
+        .collect();
+    Ok(Plan {
+        dockerfile_name: "Dockerfile".to_owned(),
+        dockerfile: generated_dockerfile(b),
+        files,
+    })
+}
+
+/// Every regular file under `root`, as (relative path, host path). Symlinks are followed
+/// for files; `.git` is skipped.
+fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), BuildError> {
+    for entry in std::fs::read_dir(dir).map_err(ctx_err(dir))? {
+        let entry = entry.map_err(ctx_err(dir))?;
+        let path = entry.path();
+        if entry.file_name() == ".git" {
+            continue;
+        }
+        let meta = std::fs::metadata(&path).map_err(ctx_err(&path))?;
+        if meta.is_dir() {
+            walk(root, &path, out)?;
+        } else if meta.is_file() {
+            let rel = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            out.push((rel, path));
+        }
+    }
+    Ok(())
+}
+
+fn is_exec(p: &Path) -> Result<bool, std::io::Error> {
+    use std::os::unix::fs::PermissionsExt;
+    Ok(std::fs::metadata(p)?.permissions().mode() & 0o111 != 0)
+}
+
+/// The hash of everything that goes into the build.
+fn hash_plan(plan: &Plan) -> Result<String, BuildError> {
+    let mut h = Sha256::new();
+    h.update(b"bulkhead-image-v1\0");
+    h.update(plan.dockerfile_name.as_bytes());
+    h.update([0]);
+    h.update(plan.dockerfile.as_bytes());
+    h.update([0]);
+    for (name, path) in &plan.files {
+        let data = std::fs::read(path).map_err(ctx_err(path))?;
+        h.update(name.as_bytes());
+        h.update([0, u8::from(is_exec(path).map_err(ctx_err(path))?)]);
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(&data);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The build context as a tar archive.
+fn archive(plan: &Plan, dir: &Path) -> Result<Vec<u8>, BuildError> {
+    let mut tar = TarBuilder::new();
+    tar.file(&plan.dockerfile_name, 0o644, plan.dockerfile.as_bytes());
+    let mut total = 0u64;
+    for (name, path) in &plan.files {
+        let data = std::fs::read(path).map_err(ctx_err(path))?;
+        total += data.len() as u64;
+        if total > MAX_CONTEXT {
+            return Err(BuildError::ContextTooLarge {
+                path: dir.to_owned(),
+            });
+        }
+        let mode = if is_exec(path).map_err(ctx_err(path))? {
+            0o755
+        } else {
+            0o644
+        };
+        tar.file(name, mode, &data);
+    }
+    Ok(tar.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_dockerfile_lists_env_files_and_commands() {
+        let b = DockerBuild {
+            base: Some("busybox".into()),
+            files: [("a.txt".to_owned(), "/a.txt".to_owned())].into(),
+            run: vec!["echo hi".into()],
+            env: [("X".to_owned(), "1 2".to_owned())].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            generated_dockerfile(&b),
+            "FROM busybox\nENV X=\"1 2\"\nCOPY files/0 /a.txt\nRUN echo hi\n"
+        );
+    }
+
+    #[test]
+    fn hash_changes_with_any_input() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.txt"), "one").unwrap();
+        let mut b = DockerBuild {
+            base: Some("busybox".into()),
+            files: [("a.txt".to_owned(), "/a.txt".to_owned())].into(),
+            ..Default::default()
+        };
+        let h1 = hash_plan(&plan(&b, dir.path()).unwrap()).unwrap();
+        assert_eq!(h1, hash_plan(&plan(&b, dir.path()).unwrap()).unwrap());
+        std::fs::write(dir.path().join("a.txt"), "two").unwrap();
+        let h2 = hash_plan(&plan(&b, dir.path()).unwrap()).unwrap();
+        assert_ne!(h1, h2);
+        b.run.push("true".into());
+        let h3 = hash_plan(&plan(&b, dir.path()).unwrap()).unwrap();
+        assert_ne!(h2, h3);
+    }
+}

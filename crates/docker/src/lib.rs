@@ -1,0 +1,26 @@
+//! The `docker` driver: workloads that need their own userland run as Docker containers,
+//! through the Engine API ([bollard](https://docs.rs/bollard), version negotiated).
+//!
+//! - [`engine::Engine`]: the connection, the reachability check (a 2 s ping: an engine
+//!   that is down is a clear error, never a hang) and the single event subscription that
+//!   reports `die` and `oom` to the containers' handles.
+//! - [`driver::DockerDriver`]: creates and starts one container per instance (labels,
+//!   limits, binds), streams its output into the daemon's pipes, stops it with the
+//!   manifest's signal and grace then SIGKILL, and removes it.
+//! - [`images::ImageCache`]: `docker.build` images tagged by a hash of their build
+//!   configuration, recorded in SQLite, evicted LRU without touching images in use.
+//! - [`recovery`]: after a daemon restart, finds this daemon's containers by label.
+//!
+//! **Invariant — every container bulkhead creates carries `bulkhead.daemon=<daemon id>`
+//! and `bulkhead.instance=<instance id>`**; recovery and the event filter act on those
+//! labels only, so containers of other daemons and of users are never touched.
+
+pub mod driver;
+pub mod engine;
+pub mod images;
+pub mod recovery;
+mod tar;
+
+pub use driver::{Container, DockerDriver};
+pub use engine::{Engine, EngineError};
+pub use images::{ImageCache, ImageRecord, Limits};

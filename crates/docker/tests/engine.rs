@@ -1,0 +1,317 @@
+//! The docker driver against the real engine, beyond the conformance suite: the image
+//! cache, limits, exec, errors. Each test prints why it skips without an engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::signal::Signal;
+use bulkhead_docker::images::{ImageCache, Limits};
+use bulkhead_docker::{DockerDriver, Engine};
+use bulkhead_driver::conformance::{read_all, within, Fixture};
+use bulkhead_driver::{Driver, ExitCause};
+
+const IMAGE: &str = "bulkhead-test/busybox:latest";
+
+async fn engine() -> Option<Arc<Engine>> {
+    let engine = Engine::new(format!("engine-test-{}", std::process::id()));
+    match engine.ensure().await {
+        Ok(c) if c.inspect_image(IMAGE).await.is_ok() => Some(engine),
+        Ok(_) => {
+            eprintln!("skipped: {IMAGE} missing; run .ci/setup-docker.sh");
+            None
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn fixture(extra: &str) -> Fixture {
+    let mut fx = Fixture::temp();
+    fx.manifest_extra = format!("driver: docker\n{extra}");
+    fx.bind_workdir = true;
+    fx
+}
+
+fn docker_section(extra: &str) -> String {
+    format!("docker:\n  image: {IMAGE}\n{extra}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_engine_is_a_clear_error_not_a_hang() {
+    // A socket path nobody listens on: the error names it and says what to do.
+    let engine = Engine::with_host("ping-test", "unix:///nonexistent/docker.sock");
+    let Err(err) = within("the reachability check", engine.ensure()).await else {
+        panic!("an engine answered at /nonexistent/docker.sock");
+    };
+    let msg = err.to_string();
+    assert!(msg.contains("/nonexistent/docker.sock"), "{msg}");
+    assert!(
+        msg.contains("start dockerd") || msg.contains("DOCKER_HOST"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_image_says_what_to_do() {
+    let Some(engine) = engine().await else { return };
+    let fx = fixture("docker:\n  image: bulkhead-test/no-such-image:1\n");
+    let err = DockerDriver::new(engine, None)
+        .spawn(fx.spawn_spec("missing-image", "exit 0"))
+        .await
+        .err()
+        .expect("spawn of a missing image");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no-such-image") && msg.contains("registry"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oom_kill_is_the_exit_cause_with_the_limit() {
+    let Some(engine) = engine().await else { return };
+    let fx = fixture(&format!(
+        "resources: {{memory: 16Mi}}\n{}",
+        docker_section("")
+    ));
+    let driver = DockerDriver::new(engine, None);
+    let script = "a=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; while :; do a=$a$a; done";
+    let spawned = driver.spawn(fx.spawn_spec("oom", script)).await.unwrap();
+    let st = within("the OOM kill", spawned.handle.wait()).await;
+    assert!(
+        matches!(st, ExitStatus::Signaled { signal: 9, .. }),
+        "{st:?}"
+    );
+    assert_eq!(
+        spawned.handle.exit_cause(),
+        Some(ExitCause::OomKilled {
+            limit_bytes: Some(16 << 20)
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_reach_the_container_and_stats_read_them() {
+    let Some(engine) = engine().await else { return };
+    let fx = fixture(&format!(
+        "resources: {{memory: 64Mi, pids: 50, cpu: 0.5}}\n{}",
+        docker_section("  read_only: true\n  cap_drop: [ALL]\n  shm_size: 8Mi\n")
+    ));
+    let driver = DockerDriver::new(engine, None);
+    let script = "touch /x 2>/dev/null && echo writable || echo read-only; \
+                  df -k /dev/shm | tail -1; exec sleep 1000";
+    let mut spawned = driver.spawn(fx.spawn_spec("limits", script)).await.unwrap();
+    let out = spawned.stdout.take().unwrap();
+    let stats = within("stats", async {
+        loop {
+            let s = spawned.handle.stats().unwrap();
+            if s.pids > 0 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(stats.memory_limit_bytes, Some(64 << 20), "{stats:?}");
+    // The notify socket's sender check: the container's processes, nobody else's.
+    let pid = spawned.handle.pid().unwrap();
+    assert_eq!(spawned.handle.owns_pid(pid), Some(true));
+    assert_eq!(spawned.handle.owns_pid(std::process::id()), Some(false));
+    assert_eq!(stats.pids_limit, Some(50), "{stats:?}");
+    assert!(stats.memory_bytes > 0, "{stats:?}");
+    let st = within(
+        "stop",
+        spawned.handle.stop(Signal::TERM, Duration::from_secs(5)),
+    )
+    .await;
+    assert!(
+        matches!(st, ExitStatus::Signaled { signal: 15, .. }),
+        "{st:?}"
+    );
+    let text = within("output", read_all(out)).await;
+    assert!(text.contains("read-only"), "{text}");
+    assert!(text.contains("8192"), "shm_size: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_returns_the_real_exit_code_and_adoption_watches_the_container() {
+    let Some(engine) = engine().await else { return };
+    // A container made outside the driver, labelled as this daemon's, then adopted.
+    let out = std::process::Command::new("docker")
+        .args(["run", "-d", "--init", "--label"])
+        .arg(format!("bulkhead.daemon={}", engine.daemon_id()))
+        .args([
+            "--label",
+            "bulkhead.instance=ns:t:exec",
+            IMAGE,
+            "sleep",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let found = bulkhead_docker::recovery::list(&engine).await.unwrap();
+    assert!(found
+        .iter()
+        .any(|f| f.id == id && f.running && f.instance == "ns:t:exec"));
+    let (c, _logs) = bulkhead_docker::Container::adopt(engine, &id)
+        .await
+        .unwrap();
+    let (code, out) = c
+        .exec(
+            vec!["sh".into(), "-c".into(), "echo in; exit 7".into()],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 7);
+    assert_eq!(String::from_utf8_lossy(&out), "in\n");
+    use bulkhead_driver::InstanceHandle as _;
+    assert!(c.pid().is_some());
+    let st = within("stop", c.stop(Signal::TERM, Duration::from_secs(5))).await;
+    assert!(
+        matches!(st, ExitStatus::Signaled { signal: 15, .. }),
+        "{st:?}"
+    );
+    let gone = std::process::Command::new("docker")
+        .args(["inspect", &id])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "the container was removed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn image_cache_hits_misses_rebuilds_and_evicts() {
+    let Some(engine) = engine().await else { return };
+    let client = engine.ensure().await.unwrap().clone();
+    let state = tempfile::tempdir().unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("greeting"), "one").unwrap();
+    let cache = ImageCache::open(
+        &state.path().join("images.db"),
+        Limits {
+            max_count: Some(2),
+            max_bytes: None,
+        },
+    )
+    .unwrap();
+    let spec = |run: &str| -> bulkhead_core::docker::DockerSpec {
+        serde_saphyr::from_str(&format!(
+            "build:\n  base: {IMAGE}\n  files: {{greeting: /greeting}}\n  run: ['{run}']\n"
+        ))
+        .unwrap()
+    };
+    let tag = std::process::id().to_string();
+    let first = cache
+        .ensure(&client, &format!("cache-{tag}"), &spec("true"), ctx.path())
+        .await
+        .unwrap();
+    assert!(!first.hit, "miss");
+    let again = cache
+        .ensure(&client, &format!("cache-{tag}"), &spec("true"), ctx.path())
+        .await
+        .unwrap();
+    assert!(again.hit, "hit");
+    assert_eq!(again.tag, first.tag);
+    std::fs::write(ctx.path().join("greeting"), "two").unwrap();
+    let changed = cache
+        .ensure(&client, &format!("cache-{tag}"), &spec("true"), ctx.path())
+        .await
+        .unwrap();
+    assert!(!changed.hit, "a changed file rebuilds");
+    assert_ne!(changed.tag, first.tag);
+    // A third configuration: the cache holds two, the least recently used goes.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let third = cache
+        .ensure(
+            &client,
+            &format!("cache-{tag}"),
+            &spec("echo 3"),
+            ctx.path(),
+        )
+        .await
+        .unwrap();
+    let tags: Vec<String> = cache
+        .records()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.tag)
+        .collect();
+    assert_eq!(tags.len(), 2, "{tags:?}");
+    assert!(
+        !tags.contains(&first.tag),
+        "the LRU image was evicted: {tags:?}"
+    );
+    assert!(
+        client.inspect_image(&first.tag).await.is_err(),
+        "and removed from the engine"
+    );
+    assert!(tags.contains(&third.tag) && tags.contains(&changed.tag));
+    // A failing build shows the tail of its log.
+    let err = cache
+        .ensure(
+            &client,
+            &format!("cache-{tag}"),
+            &spec("echo about-to-fail; exit 3"),
+            ctx.path(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("about-to-fail"), "{err}");
+    let removed = cache.prune(&client).await.unwrap();
+    assert_eq!(removed.len(), 2);
+    assert!(cache.records().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eviction_never_removes_an_image_in_use() {
+    let Some(engine) = engine().await else { return };
+    let client = engine.ensure().await.unwrap().clone();
+    let state = tempfile::tempdir().unwrap();
+    let cache = Arc::new(
+        ImageCache::open(
+            &state.path().join("images.db"),
+            Limits {
+                max_count: Some(1),
+                max_bytes: None,
+            },
+        )
+        .unwrap(),
+    );
+    let fx = fixture(&format!(
+        "docker:\n  build:\n    base: {IMAGE}\n    run: ['echo used-{}']\n",
+        std::process::id()
+    ));
+    let driver = DockerDriver::new(engine, Some(cache.clone()));
+    let spawned = driver
+        .spawn(fx.spawn_spec("in-use", "exec sleep 1000"))
+        .await
+        .unwrap();
+    let used = cache.records().unwrap()[0].tag.clone();
+    let other: bulkhead_core::docker::DockerSpec = serde_saphyr::from_str(&format!(
+        "build:\n  base: {IMAGE}\n  run: ['echo other-{}']\n",
+        std::process::id()
+    ))
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    cache
+        .ensure(&client, "other", &other, fx.workdir.as_path())
+        .await
+        .unwrap();
+    assert!(
+        cache.records().unwrap().iter().any(|r| r.tag == used),
+        "the image in use stays"
+    );
+    within("stop", spawned.handle.stop(Signal::KILL, Duration::ZERO)).await;
+    cache.prune(&client).await.unwrap();
+    assert!(cache.records().unwrap().is_empty());
+}
