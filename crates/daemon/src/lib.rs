@@ -24,6 +24,7 @@ use bulkhead_driver::Driver;
 
 pub mod auth;
 pub mod catalog;
+mod dataplane;
 pub mod events;
 pub mod exec;
 mod http;
@@ -100,6 +101,8 @@ pub struct Shared {
     pub(crate) instances: Option<instances::InstanceTable>,
     /// Prometheus metrics; launches are counted in [`Shared::launch`].
     pub metrics: metrics::Metrics,
+    /// The data plane's manager, started on first use (`dataplane`).
+    pub(crate) dataplane: std::sync::OnceLock<Result<Arc<bulkhead_sdk::manager::Manager>, String>>,
 }
 
 impl Shared {
@@ -129,6 +132,7 @@ impl Shared {
             metrics: metrics::Metrics::new(),
             keeper,
             instances,
+            dataplane: std::sync::OnceLock::new(),
         }
     }
 

@@ -95,6 +95,19 @@ pub fn instance_proto(v: &View) -> v1::Instance {
         breaker: v.breaker.as_str().to_owned(),
         consecutive_failures: v.consecutive_failures,
         leases: v.leases.clone(),
+        channels: v
+            .channels
+            .iter()
+            .map(|c| v1::Channel {
+                name: c.name.clone(),
+                direction: c.direction.as_str().to_owned(),
+                service: c.service.clone(),
+                max_payload: c.max_payload,
+                depth: c.depth,
+            })
+            .collect(),
+        iox2_prefix: v.iox2.as_ref().and_then(|i| i.0.clone()),
+        iox2_root: v.iox2.as_ref().and_then(|i| i.1.clone()),
     }
 }
 
@@ -149,6 +162,18 @@ pub fn event_proto(e: &Event) -> v1::Event {
         | EventKind::LivenessFailed { reason }
         | EventKind::Lost { reason } => {
             p.reason = Some(reason.clone());
+        }
+        EventKind::ChannelPeerDead {
+            channel,
+            peer,
+            reclaimed,
+        } => {
+            p.channel = Some(channel.clone());
+            p.reason = Some(if *reclaimed {
+                format!("{peer} died; its shared memory was reclaimed")
+            } else {
+                format!("{peer} died; its shared memory could not be reclaimed yet")
+            });
         }
     }
     p
