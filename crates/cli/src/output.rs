@@ -173,6 +173,9 @@ pub fn event_json(e: &v1::Event) -> Value {
     if let Some(l) = e.limit_bytes {
         m.insert("limit_bytes".into(), json!(l));
     }
+    if let Some(c) = &e.channel {
+        m.insert("channel".into(), json!(c));
+    }
     v
 }
 
@@ -204,6 +207,9 @@ pub fn event_line(e: &v1::Event) -> String {
     }
     if let Some(l) = e.limit_bytes {
         s.push_str(&format!(" limit={}", bulkhead_core::size::format(l)));
+    }
+    if let Some(c) = &e.channel {
+        s.push_str(&format!(" channel={c}"));
     }
     if let Some(r) = &e.reason {
         s.push_str(&format!(" reason=\"{r}\""));

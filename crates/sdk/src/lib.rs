@@ -176,3 +176,29 @@ pub(crate) fn new_node(iox2: &Iox2, name: &str) -> Result<Node<Ipc>, OpenError> 
 pub(crate) fn service_name(service: &str) -> Result<ServiceName, OpenError> {
     ServiceName::new(service).map_err(|_| OpenError::Name(service.to_owned()))
 }
+
+/// Files of this installation in `/dev/shm` and under its root directory (names that
+/// start with its prefix), except the one `.global_mgmt` segment iceoryx2 keeps per
+/// installation (a persistent node counter, not per channel). Empty when nothing of a
+/// channel, node or port is left.
+pub fn leftover_files(iox2: &Iox2) -> Vec<PathBuf> {
+    let prefix = iox2.prefix.clone().unwrap_or_else(|| "iox2_".into());
+    let mut out = Vec::new();
+    let mut dirs = vec![PathBuf::from("/dev/shm"), iox2.root_dir()];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            if d != std::path::Path::new("/dev/shm") && e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(path);
+            } else if name.starts_with(&prefix) && !name.ends_with(".global_mgmt") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}

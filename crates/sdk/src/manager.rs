@@ -76,7 +76,19 @@ enum Cmd {
 /// service it still holds.
 pub struct Manager {
     iox2: Iox2,
-    tx: Mutex<mpsc::Sender<Cmd>>,
+    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread; joining it means its node and services are
+        // gone when the drop returns.
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Manager {
@@ -86,7 +98,7 @@ impl Manager {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let cfg = iox2.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("bulkhead-dataplane".into())
             .spawn(move || {
                 let node = match new_node(&cfg, &format!("bulkhead-daemon:{}", std::process::id()))
@@ -114,7 +126,8 @@ impl Manager {
             .map_err(StartError)?;
         Ok(Manager {
             iox2,
-            tx: Mutex::new(tx),
+            tx: Mutex::new(Some(tx)),
+            thread: Some(thread),
         })
     }
 
@@ -128,6 +141,7 @@ impl Manager {
         self.tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .as_ref()?
             .send(cmd(tx))
             .ok()?;
         rx.recv().ok()
@@ -343,15 +357,25 @@ mod tests {
             assert_eq!(&*got, b"hi");
             assert!(p.send(&[0u8; 17]).is_err(), "larger than max_payload");
             assert!(s.recv_timeout(Duration::from_millis(10)).unwrap().is_none());
+            // A late subscriber gets the history once the publisher updates connections.
+            p.send(b"h").unwrap();
+            let late = host.subscriber("t/a/out", 2).unwrap();
+            p.update_connections().unwrap();
+            let got = late.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+            assert!(&*got == b"hi" || &*got == b"h", "{got:?}");
         }
         assert!(m.release("a").is_empty());
         assert_eq!(m.held().len(), 1, "b still holds it");
         m.release("b");
         assert!(m.held().is_empty());
         drop(m);
-        assert_eq!(shm_files(&prefix), Vec::<String>::new());
+        assert_eq!(crate::leftover_files(&iox2), Vec::<std::path::PathBuf>::new());
         // A channel not created by the daemon cannot be opened.
         let host = crate::Host::new(&iox2).unwrap();
         assert!(host.publisher("t/none", 16).is_err());
+        drop(host);
+        for f in shm_files(&prefix) {
+            let _ = std::fs::remove_file(format!("/dev/shm/{f}"));
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use iceoryx2::port::publisher::Publisher as IoxPublisher;
 use iceoryx2::port::subscriber::Subscriber as IoxSubscriber;
+use iceoryx2::port::update_connections::UpdateConnections;
 use iceoryx2::prelude::*;
 use iceoryx2::sample::Sample;
 use iceoryx2::sample_mut_uninit::SampleMutUninit;
@@ -38,6 +39,10 @@ pub struct RecvError {
 }
 
 /// Publishes byte messages on one channel.
+///
+/// A sent message lives in the publisher's shared memory: a subscriber that has not
+/// received it when the publisher is dropped never will. A one-shot sender keeps its
+/// publisher until the receiver had its chance (`bulkhead pipe send --linger`).
 pub struct Publisher {
     service: String,
     max: usize,
@@ -101,6 +106,18 @@ impl Publisher {
             service: &self.service,
             sample,
         })
+    }
+
+    /// Connects subscribers that appeared since the last send, and hands them the
+    /// channel's history. Call it while idle: a subscriber that connects while nothing
+    /// is sent gets its history only then.
+    pub fn update_connections(&self) -> Result<(), SendError> {
+        self.port
+            .update_connections()
+            .map_err(|e| SendError::Send {
+                service: self.service.clone(),
+                reason: format!("{e:?}"),
+            })
     }
 
     /// Copies `data` into a loan and sends it (one copy, into shared memory).
