@@ -379,3 +379,74 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod workload_tests {
+    use super::*;
+    use bulkhead_core::channels::Direction;
+
+    #[test]
+    fn host_to_workload_to_host() {
+        let iox2 = Iox2 {
+            prefix: Some(format!("iox2_bhwl{}_", std::process::id())),
+            root: None,
+        };
+        let m = Manager::start(iox2.clone()).unwrap();
+        let chans = vec![
+            ResolvedChannel {
+                name: "input".into(),
+                direction: Direction::Input,
+                service: "t/w/input".into(),
+                max_payload: 1 << 20,
+                depth: 4,
+            },
+            ResolvedChannel {
+                name: "output".into(),
+                direction: Direction::Output,
+                service: "t/w/output".into(),
+                max_payload: 1 << 20,
+                depth: 4,
+            },
+        ];
+        m.acquire("session:t:w", chans.clone()).unwrap();
+        let vars: Vec<(String, String)> = chans
+            .iter()
+            .map(|c| (c.env_var(), c.env_value()))
+            .chain([
+                (
+                    bulkhead_core::channels::ENV_IOX2_PREFIX.to_owned(),
+                    iox2.prefix.clone().unwrap(),
+                ),
+                (
+                    bulkhead_core::channels::ENV_IOX2_ROOT.to_owned(),
+                    crate::DEFAULT_ROOT.to_owned(),
+                ),
+                ("BULKHEAD_INSTANCE".to_owned(), "session:t:w".to_owned()),
+            ])
+            .collect();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let w = crate::Workload::from_vars(vars).unwrap();
+            let rx = w.input("input").unwrap();
+            let tx = w.output("output").unwrap();
+            ready_tx.send(()).unwrap();
+            let msg = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+            tx.send(&msg).unwrap();
+            // Linger so that the host reads it from this publisher's memory.
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        ready_rx.recv().unwrap();
+        let host = crate::Host::new(&iox2).unwrap();
+        let p = host.publisher("t/w/input", 1 << 20).unwrap();
+        let s = host.subscriber("t/w/output", 4).unwrap();
+        p.send(b"ping").unwrap();
+        let got = s.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(&*got, b"ping");
+        drop(got);
+        worker.join().unwrap();
+        drop((p, s, host));
+        m.release("session:t:w");
+        drop(m);
+        assert_eq!(crate::leftover_files(&iox2), Vec::<std::path::PathBuf>::new());
+    }
+}
