@@ -31,6 +31,15 @@ pub fn instance_json(i: &v1::Instance) -> Value {
         "breaker": i.breaker,
         "consecutive_failures": i.consecutive_failures,
         "leases": i.leases,
+        "channels": i.channels.iter().map(|c| json!({
+            "name": c.name,
+            "direction": c.direction,
+            "service": c.service,
+            "max_payload": c.max_payload,
+            "depth": c.depth,
+        })).collect::<Vec<_>>(),
+        "iox2_prefix": i.iox2_prefix,
+        "iox2_root": i.iox2_root,
     })
 }
 

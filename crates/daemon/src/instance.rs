@@ -481,6 +481,11 @@ async fn run(
             }
         }
 
+        // A final instance's channels are gone before anyone sees it final (its workload's
+        // dead node reclaimed, the services dropped).
+        if inst.state().is_terminal() {
+            crate::dataplane::release(&sh, &slot).await;
+        }
         // An event is durable before any client can see its effect in the View.
         sh.events.wait_durable(last_event).await;
         let state = inst.state();
@@ -612,7 +617,6 @@ async fn run(
 
     ready.stop();
     monitors.stop();
-    crate::dataplane::release(&sh, &slot).await;
     // Aborting the notify task drops the socket, which removes its file.
     abort_all(&mut run_tasks);
     sh.ports.release(port);

@@ -2,7 +2,10 @@
 use std::time::Duration;
 fn main() {
     let a: Vec<String> = std::env::args().collect();
-    let iox2 = bulkhead_sdk::Iox2 { prefix: Some(a[1].clone()), root: None };
+    let iox2 = bulkhead_sdk::Iox2 {
+        prefix: Some(a[1].clone()),
+        root: None,
+    };
     let host = bulkhead_sdk::Host::new(&iox2).unwrap();
     let p = host.publisher(&a[2], 1 << 20).unwrap();
     let s = host.subscriber(&a[3], 4).unwrap();

@@ -77,17 +77,12 @@ enum Cmd {
 pub struct Manager {
     iox2: Iox2,
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Drop for Manager {
     fn drop(&mut self) {
-        // Closing the channel ends the thread; joining it means its node and services are
-        // gone when the drop returns.
-        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.shutdown();
     }
 }
 
@@ -127,7 +122,7 @@ impl Manager {
         Ok(Manager {
             iox2,
             tx: Mutex::new(Some(tx)),
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -171,6 +166,18 @@ impl Manager {
         self.call(Cmd::Scan).unwrap_or_default()
     }
 
+    /// Ends the thread: reclaims what dead nodes left, drops every service still held and
+    /// the node. Later calls do nothing and report nothing.
+    pub fn shutdown(&self) {
+        // Closing the channel ends the thread; joining it means its node and services are
+        // gone when this returns.
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
     /// The services held now.
     pub fn held(&self) -> Vec<String> {
         self.call(Cmd::Held).unwrap_or_default()
@@ -210,7 +217,10 @@ impl State {
                 }
             }
         }
-        // The daemon is gone: dropping the factories removes the services.
+        // The daemon is going: reclaim what dead workloads left, then dropping the
+        // factories removes the services.
+        self.scan();
+        self.services.clear();
     }
 
     fn acquire(&mut self, inst: &str, chans: &[ResolvedChannel]) -> Result<(), AcquireError> {
@@ -369,7 +379,10 @@ mod tests {
         m.release("b");
         assert!(m.held().is_empty());
         drop(m);
-        assert_eq!(crate::leftover_files(&iox2), Vec::<std::path::PathBuf>::new());
+        assert_eq!(
+            crate::leftover_files(&iox2),
+            Vec::<std::path::PathBuf>::new()
+        );
         // A channel not created by the daemon cannot be opened.
         let host = crate::Host::new(&iox2).unwrap();
         assert!(host.publisher("t/none", 16).is_err());
@@ -447,6 +460,9 @@ mod workload_tests {
         drop((p, s, host));
         m.release("session:t:w");
         drop(m);
-        assert_eq!(crate::leftover_files(&iox2), Vec::<std::path::PathBuf>::new());
+        assert_eq!(
+            crate::leftover_files(&iox2),
+            Vec::<std::path::PathBuf>::new()
+        );
     }
 }
