@@ -184,11 +184,14 @@ impl Manager {
     }
 }
 
+/// A service the daemon holds, and the instances it holds it for.
+type Held = (PortFactory<Ipc, [u8], ()>, BTreeSet<String>);
+
 struct State {
     node: Node<Ipc>,
     cfg: Iox2,
     /// Service name -> (factory, instances holding it).
-    services: BTreeMap<String, (PortFactory<Ipc, [u8], ()>, BTreeSet<String>)>,
+    services: BTreeMap<String, Held>,
     /// Instance -> its services.
     holds: BTreeMap<String, Vec<String>>,
 }
