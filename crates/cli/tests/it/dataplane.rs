@@ -248,3 +248,47 @@ fn hundred_sessions_leave_no_shared_memory_behind() {
     assert!(st.success(), "{st}");
     assert_eq!(bulkhead_sdk::leftover_files(&iox2), Vec::<PathBuf>::new());
 }
+
+/// Whether `python3` can import the iceoryx2 binding; prints why not otherwise.
+fn python_with_iceoryx2() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import iceoryx2"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "skipping: python3 cannot import iceoryx2 (run .ci/setup-dataplane.sh or `pip install iceoryx2`)"
+        );
+    }
+    ok
+}
+
+#[test]
+fn python_workload_round_trip() {
+    if !python_with_iceoryx2() {
+        return;
+    }
+    let main = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/workloads/echo-python/main.py"
+    );
+    let m = format!(
+        "name: echopy\ncommand: [python3, {main:?}]\nisolation: session\n\
+         readiness: {{notify: true, timeout: 30s}}\nshutdown: {{grace: 2s}}\nchannels:\n  \
+         inputs: [{{name: input, max_payload: 1Mi}}]\n  outputs: [{{name: output, max_payload: 1Mi}}]\n"
+    );
+    let d = Daemon::start(&[("echopy", &m)]);
+    assert_eq!(launch(&d, "echopy", "py1")["state"], "ready");
+    round_trip(
+        &d,
+        "session:py1:echopy",
+        "input",
+        "session:py1:echopy",
+        "output",
+    );
+    let iox2 = iox2_of(&d, "session:py1:echopy");
+    let o = d.cli(&["end-session", "py1"]);
+    assert!(o.status.success(), "{}", crate::harness::stderr(&o));
+    assert_eq!(data_segments(&iox2), Vec::<PathBuf>::new());
+}
