@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_api::v1;
 use bulkhead_bench::{ratio, Samples};
+use iceoryx2::port::update_connections::UpdateConnections;
 use iceoryx2::prelude::*;
 
 const MAX: usize = 1 << 20;
@@ -106,6 +107,7 @@ fn main() -> anyhow::Result<()> {
         prefix: inst.iox2_prefix.clone(),
         root: inst.iox2_root.clone().map(Into::into),
     };
+    eprintln!("echo workload ready (pid {:?})", inst.pid);
     let host = bulkhead_sdk::Host::new(&iox2)?;
     let sdk_tx = host.publisher(&service("input")?, MAX)?;
     let sdk_rx = host.subscriber(&service("output")?, 4)?;
@@ -128,11 +130,24 @@ fn main() -> anyhow::Result<()> {
     let mut buf = vec![0u8; MAX + 8];
     let mut seq = 0u64;
     // Warm up every path (connections, page faults).
+    eprintln!("warming up: SDK");
     for _ in 0..200 {
         for size in SIZES {
             seq += 1;
             sdk_round_trip(&sdk_tx, &sdk_rx, size, seq)?;
+        }
+    }
+    eprintln!("warming up: raw iceoryx2");
+    raw.connect()?;
+    for _ in 0..200 {
+        for size in SIZES {
+            seq += 1;
             raw.round_trip(size, seq)?;
+        }
+    }
+    eprintln!("warming up: socket");
+    for _ in 0..200 {
+        for size in SIZES {
             sock_round_trip(&mut sock, &mut buf, size)?;
         }
     }
@@ -269,8 +284,13 @@ fn sdk_round_trip(
     unsafe { loan.send_assume_init()? };
     loop {
         if let Some(m) = rx.try_recv()? {
-            anyhow::ensure!(read_seq(&m) == seq && m.len() == size, "sdk: wrong echo");
-            return Ok(());
+            anyhow::ensure!(m.len() >= 8, "sdk: short echo");
+            if read_seq(&m) == seq {
+                anyhow::ensure!(m.len() == size, "sdk: wrong length");
+                return Ok(());
+            }
+            // A stale echo: skip it.
+            continue;
         }
         std::hint::spin_loop();
     }
@@ -347,6 +367,40 @@ impl Raw {
         })
     }
 
+    /// Sends until the echo child answers (it may connect after our first message).
+    fn connect(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            self.tx
+                .update_connections()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let s = self
+                .tx
+                .loan_slice_uninit(8)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            s.write_from_slice(&0u64.to_le_bytes())
+                .send()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            std::thread::sleep(Duration::from_millis(20));
+            if self
+                .rx
+                .receive()
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                .is_some()
+            {
+                // Drain what else came back.
+                while self
+                    .rx
+                    .receive()
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                    .is_some()
+                {}
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the raw echo child did not answer")
+    }
+
     fn round_trip(&self, size: usize, seq: u64) -> anyhow::Result<()> {
         let mut s = self
             .tx
@@ -358,8 +412,11 @@ impl Raw {
         s.send().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         loop {
             if let Some(m) = self.rx.receive().map_err(|e| anyhow::anyhow!("{e:?}"))? {
-                anyhow::ensure!(read_seq(m.payload()) == seq, "raw: wrong echo");
-                return Ok(());
+                if read_seq(m.payload()) == seq {
+                    return Ok(());
+                }
+                // A stale echo of a warm-up message: skip it.
+                continue;
             }
             std::hint::spin_loop();
         }
