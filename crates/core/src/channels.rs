@@ -427,4 +427,27 @@ mod tests {
             "outputs[0].name"
         );
     }
+
+    #[test]
+    fn manifests_parse_channels_and_name_the_field() {
+        use crate::spec::parse_manifest;
+        let ok = "name: mid\ncommand: [x]\nchannels:\n  inputs: [{name: in, from: src.out, max_payload: 1Mi, depth: 8}]\n  outputs: [{name: out}]\n";
+        let spec = parse_manifest("m.yaml", "mid", ok).unwrap();
+        let c = spec.channels.unwrap();
+        assert_eq!(c.inputs[0].max_payload, 1 << 20);
+        assert_eq!(c.inputs[0].depth, 8);
+        assert_eq!(c.outputs[0].max_payload, 64 << 10);
+        assert_eq!(c.outputs[0].depth, 4);
+        let bad = "name: mid\ncommand: [x]\nchannels:\n  inputs: [{name: in, from: nodot}]\n";
+        let e = parse_manifest("m.yaml", "mid", bad).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("channels.inputs[0].from"));
+        let empty = "name: mid\ncommand: [x]\nchannels: {}\n";
+        let e = parse_manifest("m.yaml", "mid", empty).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("channels"));
+        let env = "name: mid\ncommand: [x]\nenv: {BULKHEAD_CHANNEL_IN_X: y}\n";
+        let e = parse_manifest("m.yaml", "mid", env).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("env.BULKHEAD_CHANNEL_IN_X"));
+        let unknown = "name: mid\ncommand: [x]\nchannels: {inputs: [{name: a, size: 1}]}\n";
+        assert!(parse_manifest("m.yaml", "mid", unknown).is_err());
+    }
 }
