@@ -329,7 +329,7 @@ mod tests {
         }
     }
 
-    fn shm_files(prefix: &str) -> Vec<String> {
+    pub(super) fn shm_files(prefix: &str) -> Vec<String> {
         std::fs::read_dir("/dev/shm")
             .map(|d| {
                 d.flatten()

@@ -115,6 +115,23 @@ fn data_segments(iox2: &bulkhead_sdk::Iox2) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Stops the daemon, then removes the one file iceoryx2 keeps per installation (its
+/// persistent node counter), so that test runs do not accumulate them.
+fn stop_and_clean(d: Daemon, iox2: &bulkhead_sdk::Iox2) {
+    drop(d);
+    let Some(prefix) = &iox2.prefix else { return };
+    for e in std::fs::read_dir("/dev/shm")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix.as_str()) && name.ends_with(".global_mgmt") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -143,6 +160,8 @@ fn rust_workload_round_trip_and_channel_env() {
     let o = d.cli(&["pipe", "recv", "session:s1:echo", "input"]);
     assert_eq!(o.status.code(), Some(3), "{}", crate::harness::stderr(&o));
     assert!(crate::harness::stderr(&o).contains("no output channel \"input\""));
+    let iox2 = iox2_of(&d, "session:s1:echo");
+    stop_and_clean(d, &iox2);
 }
 
 #[test]
@@ -215,6 +234,7 @@ fn three_node_pipeline_then_middle_crash_is_detected_and_reclaimed() {
             .iter()
             .all(|p| !p.starts_with("/dev/shm"))
     });
+    stop_and_clean(d, &iox2);
 }
 
 #[test]
@@ -247,6 +267,7 @@ fn hundred_sessions_leave_no_shared_memory_behind() {
     let st = d.sigterm();
     assert!(st.success(), "{st}");
     assert_eq!(bulkhead_sdk::leftover_files(&iox2), Vec::<PathBuf>::new());
+    stop_and_clean(d, &iox2);
 }
 
 /// Whether `python3` can import the iceoryx2 binding; prints why not otherwise.
@@ -291,4 +312,5 @@ fn python_workload_round_trip() {
     let o = d.cli(&["end-session", "py1"]);
     assert!(o.status.success(), "{}", crate::harness::stderr(&o));
     assert_eq!(data_segments(&iox2), Vec::<PathBuf>::new());
+    stop_and_clean(d, &iox2);
 }
