@@ -245,6 +245,11 @@ fn flag(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// The parent process id: an echo whose parent changed was orphaned and exits.
+fn parent() -> u32 {
+    std::os::unix::process::parent_id()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -302,9 +307,16 @@ fn echo_sdk() -> anyhow::Result<()> {
     let rx = w.input("input")?;
     let tx = w.output("output")?;
     bulkhead_sdk::notify_ready()?;
+    let parent = parent();
     loop {
         // The SDK's wait: spins 50 µs, yields until 2 ms, then sleeps up to 1 ms a step.
-        if let Some(m) = rx.recv_timeout(Duration::from_secs(3600))? {
+        let Some(m) = rx.recv_timeout(Duration::from_secs(1))? else {
+            if self::parent() != parent {
+                return Ok(()); // the benchmark is gone
+            }
+            continue;
+        };
+        {
             let mut loan = tx.loan(m.len())?;
             stamp(loan.as_uninit_mut(), read_seq(&m));
             drop(m);
@@ -426,6 +438,7 @@ impl Raw {
 fn echo_raw(prefix: &str) -> anyhow::Result<()> {
     let raw = Raw::new(prefix, false)?;
     let mut idle = Instant::now();
+    let parent = parent();
     loop {
         match raw.rx.receive().map_err(|e| anyhow::anyhow!("{e:?}"))? {
             Some(m) => {
@@ -447,6 +460,8 @@ fn echo_raw(prefix: &str) -> anyhow::Result<()> {
                     std::hint::spin_loop();
                 } else if waited < Duration::from_millis(2) {
                     std::thread::yield_now();
+                } else if self::parent() != parent {
+                    return Ok(()); // the benchmark is gone
                 } else {
                     std::thread::sleep(Duration::from_micros(500));
                 }
