@@ -150,3 +150,20 @@ fn report(sh: &Shared, dead: Vec<DeadPeer>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefix_is_stable_per_state_dir() {
+        let a = super::iox2_for(std::path::Path::new("/var/lib/bulkhead"));
+        let b = super::iox2_for(std::path::Path::new("/var/lib/bulkhead"));
+        let c = super::iox2_for(std::path::Path::new("/tmp/other"));
+        assert_eq!(a, b);
+        assert_ne!(a.prefix, c.prefix);
+        let p = a.prefix.unwrap();
+        assert!(
+            p.starts_with("iox2_bh") && p.ends_with('_') && p.len() == 16,
+            "{p}"
+        );
+    }
+}

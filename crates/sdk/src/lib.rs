@@ -161,6 +161,14 @@ pub enum HostEnd {
     Subscriber(Subscriber),
 }
 
+/// The node name of a workload of `instance`: `bulkhead:<instance id>`, cut to iceoryx2's
+/// limit of 128 bytes (ids are ASCII). The daemon matches dead nodes to instances by it.
+pub fn node_name(instance: &str) -> String {
+    let mut n = format!("bulkhead:{instance}");
+    n.truncate(128);
+    n
+}
+
 /// A node that never installs signal handlers (the daemon and the host own theirs).
 pub(crate) fn new_node(iox2: &Iox2, name: &str) -> Result<Node<Ipc>, OpenError> {
     let cfg = iox2.config()?;
@@ -201,4 +209,37 @@ pub fn leftover_files(iox2: &Iox2) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn node_names_fit_iceoryx2() {
+        assert_eq!(
+            super::node_name("session:s1:echo"),
+            "bulkhead:session:s1:echo"
+        );
+        let long = format!("session:{}:{}", "s".repeat(63), "w".repeat(63));
+        let n = super::node_name(&long);
+        assert_eq!(n.len(), 128);
+        assert!(iceoryx2::prelude::NodeName::new(&n).is_ok());
+    }
+
+    #[test]
+    fn config_takes_prefix_and_root() {
+        let cfg = super::Iox2 {
+            prefix: Some("iox2_bhunit_".into()),
+            root: Some("/tmp/iceoryx2".into()),
+        }
+        .config()
+        .unwrap();
+        assert!(format!("{:?}", cfg.global.root_path()).contains("/tmp/iceoryx2"));
+        assert!(format!("{:?}", cfg.global.prefix).contains("iox2_bhunit_"));
+        assert!(super::Iox2 {
+            prefix: Some("bad/prefix".into()),
+            root: None,
+        }
+        .config()
+        .is_err());
+    }
 }

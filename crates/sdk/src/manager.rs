@@ -296,7 +296,13 @@ impl State {
         });
         dead.into_iter()
             .map(|(node, pid, cleanup_error)| {
-                let instance = node.strip_prefix("bulkhead:").map(str::to_owned);
+                // Workload nodes are named after their instance (cut at 128 bytes).
+                let instance = self
+                    .holds
+                    .keys()
+                    .find(|i| crate::node_name(i) == node)
+                    .cloned()
+                    .or_else(|| node.strip_prefix("bulkhead:").map(str::to_owned));
                 let mut affected = Vec::new();
                 if let Some(i) = &instance {
                     for s in self.holds.get(i).into_iter().flatten() {

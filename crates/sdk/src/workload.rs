@@ -97,7 +97,7 @@ impl Workload {
             );
         }
         let name = match instance {
-            Some(i) => format!("bulkhead:{i}"),
+            Some(i) => crate::node_name(&i),
             None => format!("bulkhead-workload:{}", std::process::id()),
         };
         Ok(Workload {

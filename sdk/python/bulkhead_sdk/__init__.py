@@ -55,8 +55,7 @@ def _config(env: Mapping[str, str]):
         cfg.global_cfg.prefix = iox2.FileName.new(prefix)
     root = env.get("BULKHEAD_IOX2_ROOT")
     if root:
-        # iceoryx2 appends its sub-directories to the root as text: it must end in '/'.
-        cfg.global_cfg.root_path = iox2.Path.new(root.rstrip("/") + "/")
+        cfg.global_cfg.root_path = iox2.Path.new(root)
     return cfg
 
 
@@ -165,7 +164,9 @@ class Workload:
             elif k.startswith(ENV_PREFIX + "OUT_"):
                 self.outputs[k[len(ENV_PREFIX) + 4 :].lower()] = parse_channel(v)
         inst = env.get("BULKHEAD_INSTANCE")
-        self._node = _node(env, f"bulkhead:{inst}" if inst else f"bulkhead-workload:{os.getpid()}")
+        # Named after the instance, cut to iceoryx2's 128 bytes, as the Rust SDK does.
+        name = f"bulkhead:{inst}"[:128] if inst else f"bulkhead-workload:{os.getpid()}"
+        self._node = _node(env, name)
 
     @classmethod
     def from_env(cls) -> "Workload":
