@@ -204,6 +204,19 @@ fn main() -> anyhow::Result<()> {
     let _ = sock_child.wait();
     drop((sdk_tx, sdk_rx, host, raw));
     daemon_rt.block_on(daemon.shutdown());
+    // Both installations are idle now: remove iceoryx2's per-installation counter files.
+    for prefix in [iox2.prefix.clone().unwrap_or_default(), raw_prefix.clone()] {
+        for e in std::fs::read_dir("/dev/shm")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !prefix.is_empty() && name.starts_with(&prefix) && name.ends_with(".global_mgmt") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 
     let us = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e6);
     let mut md = String::new();

@@ -473,5 +473,9 @@ mod workload_tests {
             crate::leftover_files(&iox2),
             Vec::<std::path::PathBuf>::new()
         );
+        let prefix = iox2.prefix.unwrap();
+        for f in super::tests::shm_files(&prefix) {
+            let _ = std::fs::remove_file(format!("/dev/shm/{f}"));
+        }
     }
 }
