@@ -85,6 +85,9 @@ pub enum Command {
     Exec(ExecArgs),
     /// List the docker driver's cached images (`images prune`: remove the unused ones).
     Images(ImagesArgs),
+    /// Send to or receive from an instance's data-plane channel (shared memory).
+    #[command(subcommand)]
+    Pipe(PipeCommand),
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +109,51 @@ pub struct ImagesArgs {
 pub enum ImagesAction {
     /// Remove every cached image that no container uses.
     Prune,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PipeCommand {
+    /// Publish stdin on an input channel: one message per line (default) or all of it as
+    /// one message (--whole).
+    Send(PipeSendArgs),
+    /// Print messages from an output channel, one per line (--raw: bytes as they are).
+    Recv(PipeRecvArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PipeSendArgs {
+    /// The instance (e.g. session:s1:echo-rust).
+    pub id: String,
+    /// One of its input channels.
+    pub channel: String,
+    /// Send all of stdin as one message.
+    #[arg(long)]
+    pub whole: bool,
+    /// Keep the channel open this long after sending: a message lives in the sender's
+    /// shared memory, so it must outlast the receiver's read.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub linger: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct PipeRecvArgs {
+    /// The instance (e.g. session:s1:echo-rust).
+    pub id: String,
+    /// One of its output channels.
+    pub channel: String,
+    /// How many messages to print before exiting.
+    #[arg(long, default_value_t = 1)]
+    pub count: u64,
+    /// Give up (exit code 6) when a message takes longer than this.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Write the bytes of each message as they are, without a newline after each.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    bulkhead_core::duration::parse(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]

@@ -7,6 +7,7 @@ mod client;
 mod exec;
 mod exit;
 mod output;
+mod pipe;
 mod serve;
 
 use clap::Parser;
@@ -68,5 +69,6 @@ async fn run(args: cli::Cli) -> anyhow::Result<()> {
         EndNamespace(a) => client::end_scope(&socket, a, false).await,
         Exec(a) => exec::exec(&socket, a).await,
         Images(a) => client::images(&socket, a).await,
+        Pipe(c) => pipe::pipe(&socket, c).await,
     }
 }

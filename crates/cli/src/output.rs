@@ -41,6 +41,15 @@ pub fn instance_json(i: &v1::Instance) -> Value {
             "pids_limit": u.pids_limit,
             "pids_limit_hits": u.pids_limit_hits,
         })),
+        "channels": i.channels.iter().map(|c| json!({
+            "name": c.name,
+            "direction": c.direction,
+            "service": c.service,
+            "max_payload": c.max_payload,
+            "depth": c.depth,
+        })).collect::<Vec<_>>(),
+        "iox2_prefix": i.iox2_prefix,
+        "iox2_root": i.iox2_root,
     })
 }
 
@@ -205,6 +214,9 @@ pub fn event_json(e: &v1::Event) -> Value {
     if let Some(l) = e.limit_bytes {
         m.insert("limit_bytes".into(), json!(l));
     }
+    if let Some(c) = &e.channel {
+        m.insert("channel".into(), json!(c));
+    }
     v
 }
 
@@ -236,6 +248,9 @@ pub fn event_line(e: &v1::Event) -> String {
     }
     if let Some(l) = e.limit_bytes {
         s.push_str(&format!(" limit={}", bulkhead_core::size::format(l)));
+    }
+    if let Some(c) = &e.channel {
+        s.push_str(&format!(" channel={c}"));
     }
     if let Some(r) = &e.reason {
         s.push_str(&format!(" reason=\"{r}\""));

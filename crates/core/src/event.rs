@@ -115,6 +115,14 @@ pub enum EventKind {
     /// A restarted daemon found the instance's process gone without an exit status (it
     /// died unseen, e.g. with its keeper); its restart policy applies.
     Lost { reason: String },
+    /// The data plane found a node of `peer` (an instance id, or the node's name when it
+    /// was not a workload's) dead on `channel` (a service name), and reclaimed its shared
+    /// memory (`reclaimed` false: the cleanup failed and is retried by the next scan).
+    ChannelPeerDead {
+        channel: String,
+        peer: String,
+        reclaimed: bool,
+    },
 }
 
 impl EventKind {
@@ -138,6 +146,7 @@ impl EventKind {
             EventKind::LivenessFailed { .. } => "liveness_failed",
             EventKind::Adopted { .. } => "adopted",
             EventKind::Lost { .. } => "lost",
+            EventKind::ChannelPeerDead { .. } => "channel_peer_dead",
         }
     }
 

@@ -13,6 +13,7 @@
 //! - [`instance`]: the instance lifecycle state machine.
 //! - [`event`]: lifecycle events and exit statuses.
 //! - [`expand`]: `${VAR}` expansion of a command line.
+//! - [`channels`]: the data plane's channels (`channels:`), scoped service names.
 //! - [`size`]: byte sizes (`512Mi`); [`sandbox`] and [`docker`]: the driver sections of a
 //!   manifest.
 //!
@@ -26,6 +27,7 @@
 //! assert_eq!(key.instance_id().as_str(), "ns:team-a:web");
 //! ```
 
+pub mod channels;
 pub mod docker;
 pub mod duration;
 pub mod event;

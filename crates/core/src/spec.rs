@@ -100,6 +100,9 @@ pub struct WorkloadSpec {
     /// The `docker` driver's container; required with `driver: docker`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<crate::docker::DockerSpec>,
+    /// Shared-memory channels (the data plane), created before each start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<crate::channels::Channels>,
 }
 
 /// Resource limits of one instance.
@@ -568,6 +571,8 @@ pub const RESERVED_ENV: &[&str] = &[
     "BULKHEAD_WORKLOAD",
     "BULKHEAD_NAMESPACE",
     "BULKHEAD_SESSION",
+    crate::channels::ENV_IOX2_PREFIX,
+    crate::channels::ENV_IOX2_ROOT,
 ];
 
 /// Parses and validates a manifest. `file` is used in errors; `folder` is the name of the
@@ -643,7 +648,7 @@ impl WorkloadSpec {
             if v.contains('\0') {
                 return fail(&field, "value contains a NUL byte".into());
             }
-            if RESERVED_ENV.contains(&k.as_str()) {
+            if RESERVED_ENV.contains(&k.as_str()) || k.starts_with(crate::channels::ENV_PREFIX) {
                 return fail(
                     &field,
                     format!("{k} is set by bulkhead and cannot be overridden"),
@@ -678,6 +683,16 @@ impl WorkloadSpec {
         }
         if let Some(r) = &self.resources {
             r.validate()?;
+        }
+        if let Some(c) = &self.channels {
+            c.validate(&self.name).map_err(|(f, r)| {
+                let field = if f.is_empty() {
+                    "channels".to_owned()
+                } else {
+                    format!("channels.{f}")
+                };
+                (field, r)
+            })?;
         }
         match (&self.sandbox, self.driver) {
             (Some(_), d) if d != DriverKind::Sandbox => {

@@ -54,6 +54,10 @@ pub struct View {
     pub leases: Vec<String>,
     pub breaker: bulkhead_core::restart::BreakerState,
     pub consecutive_failures: u32,
+    /// The data plane's channels of this instance (empty without `channels:`).
+    pub channels: Vec<bulkhead_core::channels::ResolvedChannel>,
+    /// The iceoryx2 installation (file prefix, root directory) they live in.
+    pub iox2: Option<(Option<String>, Option<String>)>,
 }
 
 impl View {
@@ -255,6 +259,16 @@ pub(crate) fn start_with(
         leases: leases.clone(),
         breaker: restored.map_or(bulkhead_core::restart::BreakerState::Closed, |r| r.breaker),
         consecutive_failures: restored.map_or(0, |r| r.consecutive_failures),
+        channels: spec
+            .channels
+            .as_ref()
+            .map(|c| bulkhead_core::channels::resolve(&key, c))
+            .unwrap_or_default(),
+        iox2: spec
+            .channels
+            .as_ref()
+            .map(|_| crate::dataplane::iox2_for(&sh.cfg.state_dir))
+            .map(|i| (i.prefix, i.root.map(|r| r.display().to_string()))),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let slot = Arc::new(Slot {
@@ -380,6 +394,10 @@ async fn run(
         *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.spawned.handle.clone());
         handle = Some(a.spawned.handle);
         started_at_ms = crate::events::now_ms();
+        // Hold its channels again (the workload's node kept them alive meanwhile).
+        if let Err(e) = crate::dataplane::acquire(&sh, &slot).await {
+            tracing::warn!("{}: cannot reopen channels: {e}", slot.id);
+        }
     }
 
     loop {
@@ -501,6 +519,11 @@ async fn run(
             }
         }
 
+        // A final instance's channels are gone before anyone sees it final (its workload's
+        // dead node reclaimed, the services dropped).
+        if inst.state().is_terminal() {
+            crate::dataplane::release(&sh, &slot).await;
+        }
         // An event is durable before any client can see its effect in the View.
         sh.events.wait_durable(last_event).await;
         let state = inst.state();
@@ -564,6 +587,8 @@ async fn run(
         let live = inst.has_live_process();
         tokio::select! {
             status = wait_exit(&handle), if live => {
+                // Every process is gone: what its nodes left is reclaimed and reported.
+                crate::dataplane::after_exit(&sh, &slot).await;
                 // The driver knows whether the OOM killer ended the run (memory.events, the
                 // v1 OOM counter, the engine's oom event); it is read once every process is
                 // gone, so the counter is final.
@@ -686,7 +711,13 @@ async fn spawn(
         *port,
         notify.as_ref().map(|n| n.path().display().to_string()),
     );
+    // The data plane: channels exist before the workload starts (it opens them).
+    let (channel_env, mut binds) = crate::dataplane::acquire(sh, slot)
+        .await
+        .map_err(|e| format!("cannot create channels: {e}"))?;
+    env.extend(channel_env);
     let argv = resolve_argv(slot, env)?;
+    binds.extend(notify.iter().map(|n| n.path().to_path_buf()));
     let spawned = driver
         .spawn(SpawnSpec {
             instance: slot.id.clone(),
@@ -694,7 +725,7 @@ async fn spawn(
             env: env.clone(),
             cwd: slot.dir.clone(),
             spec: spec.clone(),
-            binds: notify.iter().map(|n| n.path().to_path_buf()).collect(),
+            binds,
         })
         .await
         .map_err(|e| e.to_string())?;

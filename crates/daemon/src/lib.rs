@@ -24,6 +24,7 @@ use bulkhead_driver::Driver;
 
 pub mod auth;
 pub mod catalog;
+mod dataplane;
 pub mod docker;
 pub mod events;
 pub mod exec;
@@ -111,6 +112,8 @@ pub struct Shared {
     /// The docker driver (always registered, so docker manifests validate; launches fail
     /// clearly while the engine is unreachable) and its image cache.
     pub(crate) docker: docker::DockerState,
+    /// The data plane's manager, started on first use (`dataplane`).
+    pub(crate) dataplane: std::sync::OnceLock<Result<Arc<bulkhead_sdk::manager::Manager>, String>>,
 }
 
 /// The sandbox driver's cgroup subtree name for a state directory: daemons with different
@@ -193,6 +196,7 @@ impl Shared {
             keeper,
             instances,
             sandbox,
+            dataplane: std::sync::OnceLock::new(),
         }
     }
 

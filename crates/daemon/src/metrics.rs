@@ -374,6 +374,7 @@ impl Metrics {
             EventKind::Started { .. }
             | EventKind::Adopted { .. }
             | EventKind::Lost { .. }
+            | EventKind::ChannelPeerDead { .. }
             | EventKind::Terminating { .. }
             | EventKind::Unhealthy { .. }
             | EventKind::LivenessFailed { .. } => {}

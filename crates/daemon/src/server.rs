@@ -393,6 +393,10 @@ impl Daemon {
             // Every instance is gone: the keeper may exit.
             k.client().shutdown().await;
         }
+        // Every instance is gone: the data plane reclaims and removes what is left.
+        if let Some(Ok(m)) = self.shared.dataplane.get().cloned() {
+            let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+        }
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());
         }

@@ -114,6 +114,19 @@ pub fn instance_proto(v: &View) -> v1::Instance {
         consecutive_failures: v.consecutive_failures,
         leases: v.leases.clone(),
         usage: None,
+        channels: v
+            .channels
+            .iter()
+            .map(|c| v1::Channel {
+                name: c.name.clone(),
+                direction: c.direction.as_str().to_owned(),
+                service: c.service.clone(),
+                max_payload: c.max_payload,
+                depth: c.depth,
+            })
+            .collect(),
+        iox2_prefix: v.iox2.as_ref().and_then(|i| i.0.clone()),
+        iox2_root: v.iox2.as_ref().and_then(|i| i.1.clone()),
     }
 }
 
@@ -168,6 +181,18 @@ pub fn event_proto(e: &Event) -> v1::Event {
         | EventKind::LivenessFailed { reason }
         | EventKind::Lost { reason } => {
             p.reason = Some(reason.clone());
+        }
+        EventKind::ChannelPeerDead {
+            channel,
+            peer,
+            reclaimed,
+        } => {
+            p.channel = Some(channel.clone());
+            p.reason = Some(if *reclaimed {
+                format!("{peer} died; its shared memory was reclaimed")
+            } else {
+                format!("{peer} died; its shared memory could not be reclaimed yet")
+            });
         }
     }
     p

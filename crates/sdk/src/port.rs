@@ -1,0 +1,283 @@
+//! Publishers, subscribers, loans and received messages: thin wrappers over iceoryx2's
+//! byte-slice ports that keep its zero-copy path (a loan is a slot in shared memory; a
+//! received message is read in place).
+
+use std::mem::MaybeUninit;
+use std::ops::Deref;
+use std::time::{Duration, Instant};
+
+use iceoryx2::port::publisher::Publisher as IoxPublisher;
+use iceoryx2::port::subscriber::Subscriber as IoxSubscriber;
+use iceoryx2::port::update_connections::UpdateConnections;
+use iceoryx2::prelude::*;
+use iceoryx2::sample::Sample;
+use iceoryx2::sample_mut_uninit::SampleMutUninit;
+
+use crate::{service_name, Ipc, OpenError};
+
+/// A message could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("message of {len} bytes is larger than the channel's max_payload of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("cannot loan {len} bytes on channel {service}: {reason}")]
+    Loan {
+        service: String,
+        len: usize,
+        reason: String,
+    },
+    #[error("cannot send on channel {service}: {reason}")]
+    Send { service: String, reason: String },
+}
+
+/// A message could not be received.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot receive on channel {service}: {reason}")]
+pub struct RecvError {
+    pub service: String,
+    pub reason: String,
+}
+
+/// Publishes byte messages on one channel.
+///
+/// A sent message lives in the publisher's shared memory: a subscriber that has not
+/// received it when the publisher is dropped never will. A one-shot sender keeps its
+/// publisher until the receiver had its chance (`bulkhead pipe send --linger`).
+pub struct Publisher {
+    service: String,
+    max: usize,
+    port: IoxPublisher<Ipc, [u8], ()>,
+}
+
+impl Publisher {
+    pub(crate) fn open(
+        node: &Node<Ipc>,
+        service: &str,
+        max_payload: usize,
+    ) -> Result<Publisher, OpenError> {
+        let factory = node
+            .service_builder(&service_name(service)?)
+            .publish_subscribe::<[u8]>()
+            .open()
+            .map_err(|e| OpenError::Service {
+                service: service.to_owned(),
+                reason: format!("{e:?}"),
+            })?;
+        let port = factory
+            .publisher_builder()
+            .initial_max_slice_len(max_payload.max(1))
+            .create()
+            .map_err(|e| OpenError::Port {
+                port: "publisher",
+                service: service.to_owned(),
+                reason: format!("{e:?}"),
+            })?;
+        Ok(Publisher {
+            service: service.to_owned(),
+            max: max_payload.max(1),
+            port,
+        })
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The largest message this publisher can send.
+    pub fn max_payload(&self) -> usize {
+        self.max
+    }
+
+    /// Loans `len` bytes of shared memory to write a message in place (no copy).
+    pub fn loan(&self, len: usize) -> Result<Loan<'_>, SendError> {
+        if len > self.max {
+            return Err(SendError::TooLarge { len, max: self.max });
+        }
+        let sample = self
+            .port
+            .loan_slice_uninit(len)
+            .map_err(|e| SendError::Loan {
+                service: self.service.clone(),
+                len,
+                reason: format!("{e:?}"),
+            })?;
+        Ok(Loan {
+            service: &self.service,
+            sample,
+        })
+    }
+
+    /// Connects subscribers that appeared since the last send, and hands them the
+    /// channel's history. Call it while idle: a subscriber that connects while nothing
+    /// is sent gets its history only then.
+    pub fn update_connections(&self) -> Result<(), SendError> {
+        self.port.update_connections().map_err(|e| SendError::Send {
+            service: self.service.clone(),
+            reason: format!("{e:?}"),
+        })
+    }
+
+    /// Copies `data` into a loan and sends it (one copy, into shared memory).
+    pub fn send(&self, data: &[u8]) -> Result<usize, SendError> {
+        self.loan(data.len())?.write_and_send(data)
+    }
+}
+
+/// A slot of shared memory loaned from a [`Publisher`], not yet sent. Dropping it returns
+/// the slot.
+pub struct Loan<'a> {
+    service: &'a str,
+    sample: SampleMutUninit<Ipc, [MaybeUninit<u8>], ()>,
+}
+
+impl Loan<'_> {
+    /// The loaned bytes, uninitialised.
+    pub fn as_uninit_mut(&mut self) -> &mut [MaybeUninit<u8>] {
+        self.sample.payload_mut()
+    }
+
+    /// Copies `data` (exactly the loan's length) into the loan and sends it.
+    pub fn write_and_send(self, data: &[u8]) -> Result<usize, SendError> {
+        if data.len() != self.sample.payload().len() {
+            return Err(SendError::TooLarge {
+                len: data.len(),
+                max: self.sample.payload().len(),
+            });
+        }
+        let service = self.service;
+        self.sample
+            .write_from_slice(data)
+            .send()
+            .map_err(|e| SendError::Send {
+                service: service.to_owned(),
+                reason: format!("{e:?}"),
+            })
+    }
+
+    /// Zeroes the loan, lets `fill` write it, and sends it.
+    pub fn fill_and_send(self, fill: impl FnOnce(&mut [u8])) -> Result<usize, SendError> {
+        let service = self.service;
+        let mut s = self.sample.write_from_fn(|_| 0u8);
+        fill(s.payload_mut());
+        s.send().map_err(|e| SendError::Send {
+            service: service.to_owned(),
+            reason: format!("{e:?}"),
+        })
+    }
+
+    /// Sends the loan as it is, without touching its bytes (the zero-copy path).
+    ///
+    /// # Safety
+    ///
+    /// Every byte of the loan must have been written through [`Loan::as_uninit_mut`].
+    pub unsafe fn send_assume_init(self) -> Result<usize, SendError> {
+        let service = self.service;
+        // SAFETY: the caller initialised every byte of the payload (this function's
+        // contract).
+        let s = unsafe { self.sample.assume_init() };
+        s.send().map_err(|e| SendError::Send {
+            service: service.to_owned(),
+            reason: format!("{e:?}"),
+        })
+    }
+}
+
+/// Receives byte messages from one channel.
+pub struct Subscriber {
+    service: String,
+    port: IoxSubscriber<Ipc, [u8], ()>,
+}
+
+impl Subscriber {
+    pub(crate) fn open(
+        node: &Node<Ipc>,
+        service: &str,
+        depth: usize,
+    ) -> Result<Subscriber, OpenError> {
+        let factory = node
+            .service_builder(&service_name(service)?)
+            .publish_subscribe::<[u8]>()
+            .open()
+            .map_err(|e| OpenError::Service {
+                service: service.to_owned(),
+                reason: format!("{e:?}"),
+            })?;
+        let max = factory.static_config().subscriber_max_buffer_size();
+        let port = factory
+            .subscriber_builder()
+            .buffer_size(depth.clamp(1, max.max(1)))
+            .create()
+            .map_err(|e| OpenError::Port {
+                port: "subscriber",
+                service: service.to_owned(),
+                reason: format!("{e:?}"),
+            })?;
+        Ok(Subscriber {
+            service: service.to_owned(),
+            port,
+        })
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The next message, if one is queued; never waits.
+    pub fn try_recv(&self) -> Result<Option<Message>, RecvError> {
+        self.port
+            .receive()
+            .map(|s| s.map(|sample| Message { sample }))
+            .map_err(|e| RecvError {
+                service: self.service.clone(),
+                reason: format!("{e:?}"),
+            })
+    }
+
+    /// The next message, waiting at most `timeout`: spins for a few microseconds, then
+    /// yields, then sleeps in growing steps of up to 1 ms. `Ok(None)` at the deadline.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Message>, RecvError> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if let Some(m) = self.try_recv()? {
+                return Ok(Some(m));
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Ok(None);
+            }
+            spins = spins.saturating_add(1);
+            if waited < Duration::from_micros(50) {
+                std::hint::spin_loop();
+            } else if waited < Duration::from_millis(2) {
+                std::thread::yield_now();
+            } else {
+                let step = Duration::from_micros(u64::from(spins.min(1000)))
+                    .min(Duration::from_millis(1))
+                    .min(timeout - waited);
+                std::thread::sleep(step);
+            }
+        }
+    }
+}
+
+/// A received message, read in place in shared memory. Dropping it releases the slot.
+pub struct Message {
+    sample: Sample<Ipc, [u8], ()>,
+}
+
+impl Deref for Message {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.sample.payload()
+    }
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Message({} bytes)", self.len())
+    }
+}

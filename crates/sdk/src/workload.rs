@@ -1,0 +1,157 @@
+//! The workload's end: its channels as the daemon handed them over in the environment,
+//! and sd_notify readiness.
+
+use std::collections::BTreeMap;
+
+use bulkhead_core::channels::{self, Direction, ENV_PREFIX};
+use iceoryx2::prelude::*;
+
+use crate::{new_node, Iox2, Ipc, OpenError, Publisher, Subscriber};
+
+/// The workload side could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("environment variable {var} is invalid: {reason}")]
+    Env { var: String, reason: String },
+    #[error("this workload has no {direction} channel {name:?} (declared: {declared})")]
+    Unknown {
+        direction: &'static str,
+        name: String,
+        declared: String,
+    },
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("cannot notify readiness on {socket}: {source}")]
+    Notify {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One declared channel, as read from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvChannel {
+    pub service: String,
+    pub max_payload: u64,
+    pub depth: u32,
+}
+
+/// A workload's channels, read from `BULKHEAD_CHANNEL_IN_*` / `BULKHEAD_CHANNEL_OUT_*`, on
+/// a node named after the instance (`BULKHEAD_INSTANCE`), so that the daemon can tell
+/// whose node died.
+pub struct Workload {
+    node: Node<Ipc>,
+    inputs: BTreeMap<String, EnvChannel>,
+    outputs: BTreeMap<String, EnvChannel>,
+}
+
+impl Workload {
+    /// From the process environment.
+    pub fn from_env() -> Result<Workload, WorkloadError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// From the given variables (the environment, in tests).
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Workload, WorkloadError> {
+        let (mut inputs, mut outputs) = (BTreeMap::new(), BTreeMap::new());
+        let mut iox2 = Iox2::default();
+        let mut instance = None;
+        for (k, v) in vars {
+            if k == channels::ENV_IOX2_PREFIX && !v.is_empty() {
+                iox2.prefix = Some(v);
+                continue;
+            }
+            if k == channels::ENV_IOX2_ROOT && !v.is_empty() {
+                iox2.root = Some(v.into());
+                continue;
+            }
+            if k == "BULKHEAD_INSTANCE" {
+                instance = Some(v);
+                continue;
+            }
+            let Some(rest) = k.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let (map, name) = if let Some(n) = rest.strip_prefix("IN_") {
+                (&mut inputs, n)
+            } else if let Some(n) = rest.strip_prefix("OUT_") {
+                (&mut outputs, n)
+            } else {
+                continue;
+            };
+            let (service, max_payload, depth) =
+                channels::parse_env_value(&v).map_err(|reason| WorkloadError::Env {
+                    var: k.clone(),
+                    reason,
+                })?;
+            map.insert(
+                name.to_ascii_lowercase(),
+                EnvChannel {
+                    service,
+                    max_payload,
+                    depth,
+                },
+            );
+        }
+        let name = match instance {
+            Some(i) => crate::node_name(&i),
+            None => format!("bulkhead-workload:{}", std::process::id()),
+        };
+        Ok(Workload {
+            node: new_node(&iox2, &name)?,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// The declared channels, by name.
+    pub fn channels(&self, direction: Direction) -> &BTreeMap<String, EnvChannel> {
+        match direction {
+            Direction::Input => &self.inputs,
+            Direction::Output => &self.outputs,
+        }
+    }
+
+    fn find(&self, direction: Direction, name: &str) -> Result<&EnvChannel, WorkloadError> {
+        let map = self.channels(direction);
+        map.get(name).ok_or_else(|| WorkloadError::Unknown {
+            direction: direction.as_str(),
+            name: name.to_owned(),
+            declared: map.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// Subscribes to the input channel `name`.
+    pub fn input(&self, name: &str) -> Result<Subscriber, WorkloadError> {
+        let c = self.find(Direction::Input, name)?;
+        Ok(Subscriber::open(&self.node, &c.service, c.depth as usize)?)
+    }
+
+    /// Publishes on the output channel `name`.
+    pub fn output(&self, name: &str) -> Result<Publisher, WorkloadError> {
+        let c = self.find(Direction::Output, name)?;
+        Ok(Publisher::open(
+            &self.node,
+            &c.service,
+            c.max_payload as usize,
+        )?)
+    }
+}
+
+/// Sends `READY=1` to `$NOTIFY_SOCKET` (the sd_notify protocol). Does nothing when the
+/// variable is not set (the manifest does not ask for notify readiness).
+pub fn notify_ready() -> Result<(), WorkloadError> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let fail = |source| WorkloadError::Notify {
+        socket: path.to_string_lossy().into_owned(),
+        source,
+    };
+    let sock = std::os::unix::net::UnixDatagram::unbound().map_err(fail)?;
+    sock.send_to(b"READY=1", &path).map_err(fail)?;
+    Ok(())
+}
