@@ -15,6 +15,8 @@
 //! - [`load`]: mixed launch/reuse/terminate/list requests from concurrent clients: no errors.
 //! - [`hostile`]: hostile names and manifests get clear errors and create nothing outside
 //!   the state directory.
+//! - [`walls`]: what only a wall contains (fork bomb, memory and CPU hogs, a `setsid`
+//!   escape), through the sandbox driver.
 
 #[allow(dead_code)]
 #[path = "../it/harness.rs"]
@@ -25,4 +27,5 @@ mod hostile;
 mod leaks;
 mod load;
 mod support;
+mod walls;
 mod workload;
