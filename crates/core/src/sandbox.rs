@@ -17,6 +17,7 @@
 //!   tmpfs: [/var/cache/app]
 //!   hostname: web              # default: the instance id
 //!   user: { uid: 1000, gid: 1000 }
+//!   user_namespace: { uid: 100000, gid: 100000, count: 65536 }  # root inside = 100000 outside
 //!   capabilities: [CAP_NET_BIND_SERVICE]            # default: none
 //!   seccomp: default           # default | none
 //!   init: true                 # false: the workload is PID 1 and reaps itself
@@ -158,6 +159,44 @@ impl User {
     }
 }
 
+/// The default number of ids a user namespace maps.
+pub const USERNS_COUNT: u32 = 65536;
+
+fn userns_count() -> u32 {
+    USERNS_COUNT
+}
+
+/// A new user namespace: ids `0..count` inside map to `uid..uid+count` (and
+/// `gid..gid+count`) outside, so root inside is an unprivileged user on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserNamespace {
+    /// The host uid that uid 0 inside maps to (not 0).
+    pub uid: u32,
+    /// The host gid that gid 0 inside maps to; default: the same number as `uid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    /// How many consecutive ids are mapped (default 65536).
+    #[serde(default = "userns_count")]
+    pub count: u32,
+}
+
+impl UserNamespace {
+    pub fn gid(&self) -> u32 {
+        self.gid.unwrap_or(self.uid)
+    }
+
+    /// The line for `/proc/<pid>/uid_map`.
+    pub fn uid_map(&self) -> String {
+        format!("0 {} {}\n", self.uid, self.count)
+    }
+
+    /// The line for `/proc/<pid>/gid_map`.
+    pub fn gid_map(&self) -> String {
+        format!("0 {} {}\n", self.gid(), self.count)
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -182,6 +221,9 @@ pub struct SandboxSpec {
     /// Switch to this uid/gid before exec (supplementary groups are dropped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<User>,
+    /// Run in a new user namespace (`user` then names ids inside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_namespace: Option<UserNamespace>,
     /// The capabilities kept in the bounding set (default: none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
@@ -202,6 +244,7 @@ impl Default for SandboxSpec {
             tmpfs: Vec::new(),
             hostname: None,
             user: None,
+            user_namespace: None,
             capabilities: Vec::new(),
             seccomp: Seccomp::default(),
             init: true,
@@ -262,6 +305,51 @@ impl SandboxSpec {
                     "hostname".into(),
                     "must be 1 to 64 ASCII letters, digits, '-', '.', ':' or '_'",
                 );
+            }
+        }
+        if let Some(ns) = &self.user_namespace {
+            if ns.count == 0 {
+                return fail("user_namespace.count".into(), "must be at least 1");
+            }
+            // The last outside id must stay below 4294967295 (the kernel's "no id").
+            let fits = |start: u32| u64::from(start) + u64::from(ns.count) <= u64::from(u32::MAX);
+            if ns.uid == 0 {
+                return fail(
+                    "user_namespace.uid".into(),
+                    "must not be 0 (root inside would be root on the host)",
+                );
+            }
+            if !fits(ns.uid) {
+                return fail(
+                    "user_namespace.uid".into(),
+                    "plus count goes past the largest uid (4294967294)",
+                );
+            }
+            if ns.gid() == 0 {
+                return fail(
+                    "user_namespace.gid".into(),
+                    "must not be 0 (group root inside would be group root on the host)",
+                );
+            }
+            if !fits(ns.gid()) {
+                return fail(
+                    "user_namespace.gid".into(),
+                    "plus count goes past the largest gid (4294967294)",
+                );
+            }
+            if let Some(u) = &self.user {
+                if u.uid >= ns.count {
+                    return fail(
+                        "user.uid".into(),
+                        "is not mapped by user_namespace (must be below its count)",
+                    );
+                }
+                if u.gid() >= ns.count {
+                    return fail(
+                        "user.gid".into(),
+                        "is not mapped by user_namespace (must be below its count)",
+                    );
+                }
             }
         }
         for (i, c) in self.capabilities.iter().enumerate() {
@@ -333,11 +421,45 @@ mod tests {
             ("  hostname: \"a b\"\n", "sandbox.hostname"),
             ("  capabilities: [CAP_NOPE]\n", "sandbox.capabilities[0]"),
             ("  network: bridge\n", "network"),
+            (
+                "  user_namespace: { uid: 0 }\n",
+                "sandbox.user_namespace.uid",
+            ),
+            (
+                "  user_namespace: { uid: 1000, gid: 0 }\n",
+                "sandbox.user_namespace.gid",
+            ),
+            (
+                "  user_namespace: { uid: 1000, count: 0 }\n",
+                "sandbox.user_namespace.count",
+            ),
+            (
+                "  user_namespace: { uid: 4294967000, count: 65536 }\n",
+                "sandbox.user_namespace.uid",
+            ),
+            (
+                "  user_namespace: { uid: 100000, count: 1000 }\n  user: { uid: 1000 }\n",
+                "sandbox.user.uid",
+            ),
+            ("  user_namespace: { uid: 1, map: 2 }\n", "map"),
             ("  bogus: 1\n", "bogus"),
         ] {
             let e = parse(section).unwrap_err();
             assert!(e.contains(field), "{section}: {e}");
         }
+    }
+
+    #[test]
+    fn a_user_namespace_maps_root_to_an_unprivileged_range() {
+        let s = parse("  user_namespace: { uid: 100000 }\n").unwrap();
+        let ns = s.user_namespace.unwrap();
+        assert_eq!((ns.gid(), ns.count), (100000, USERNS_COUNT));
+        assert_eq!(ns.uid_map(), "0 100000 65536\n");
+        let s = parse(
+            "  user_namespace: { uid: 100000, gid: 200000, count: 10 }\n  user: { uid: 9 }\n",
+        )
+        .unwrap();
+        assert_eq!(s.user_namespace.unwrap().gid_map(), "0 200000 10\n");
     }
 
     #[test]
