@@ -284,6 +284,7 @@ impl SandboxDriver {
             keep_caps,
             cap_last: self.cap_last,
             user: sb.user.map(|u| (u.uid, u.gid())),
+            userns: sb.user_namespace.map(|ns| (ns.uid_map(), ns.gid_map())),
             seccomp: (sb.seccomp == bulkhead_core::sandbox::Seccomp::Default)
                 .then(|| self.seccomp.clone()),
             cgroup_fd: None,

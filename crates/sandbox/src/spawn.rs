@@ -7,6 +7,14 @@
 //!    thread of the daemon, see [`crate::driver`]). The window between clone3 and this
 //!    call is not covered (a daemon crash in those microseconds leaves an instance that the
 //!    next daemon's stale-cgroup sweep kills).
+//! 1a. With a user namespace (`CLONE_NEWUSER` in the same clone3, so it owns every other
+//!    new namespace): block on the sync pipe until the parent has written
+//!    `/proc/<pid>/uid_map` and `gid_map` (nothing before needs an id; everything after
+//!    does: mounts create inodes, and `setresuid` needs a mapped id), then become root
+//!    *inside*: `setgroups(0)` (drops the daemon's supplementary groups, root's group
+//!    among them, which would otherwise still count on host files), `setresgid(0)`,
+//!    `setresuid(0)`. From here every access to host files is made as the mapped uid,
+//!    with capabilities that count only inside the namespace.
 //! 2. v1 cgroups: write `0` into every v1 `cgroup.procs` opened before the clone. The
 //!    cgroup2 membership came with the clone itself (`CLONE_INTO_CGROUP`): no window.
 //!    The v1 window is our own code before exec, never the workload.
@@ -182,18 +190,44 @@ fn hidden_by(target: &Path, masks: &[PathBuf]) -> bool {
     masks.iter().any(|m| target.starts_with(m))
 }
 
+/// The device nodes of the minimal `/dev`: name, major, minor.
+const DEVICES: [(&str, u32, u32); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
 /// Builds the mount program for `sb`. `binds` come first from the spawn (notify socket,
 /// data plane; read-write), then the manifest's.
+///
+/// In a user namespace `mknod` is refused and a tmpfs mounted there is `nodev` whatever
+/// the flags: the device nodes are then the host's, bind-mounted (slots after the binds'),
+/// like bubblewrap does.
 pub(crate) fn mount_program(
     sb: &SandboxSpec,
     binds: &[BindPlan],
 ) -> io::Result<(Vec<MountOp>, usize)> {
+    let userns = sb.user_namespace.is_some();
     let mut ops = vec![MountOp::MakePrivate];
     for (slot, b) in binds.iter().enumerate() {
         ops.push(MountOp::OpenTree {
             path: cpath(&b.source)?,
             slot,
         });
+    }
+    let mut slot_count = binds.len();
+    if userns {
+        // Cloned before the /dev tmpfs hides them.
+        for (i, (name, _, _)) in DEVICES.iter().enumerate() {
+            ops.push(MountOp::OpenTree {
+                path: cstr(format!("/dev/{name}"))?,
+                slot: binds.len() + i,
+            });
+        }
+        slot_count += DEVICES.len();
     }
     if sb.readonly_root {
         ops.push(MountOp::ReadOnlyRoot);
@@ -221,18 +255,20 @@ pub(crate) fn mount_program(
         flags: libc::MS_NOSUID | libc::MS_NOEXEC,
         data: cstr("mode=755")?,
     });
-    for (name, major, minor) in [
-        ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
-        ("random", 1, 8),
-        ("urandom", 1, 9),
-        ("tty", 5, 0),
-    ] {
-        ops.push(MountOp::Mknod {
-            path: cstr(format!("/dev/{name}"))?,
-            dev: libc::makedev(major, minor),
-        });
+    for (i, (name, major, minor)) in DEVICES.into_iter().enumerate() {
+        let path = cstr(format!("/dev/{name}"))?;
+        if userns {
+            ops.push(MountOp::Touch { path: path.clone() });
+            ops.push(MountOp::Move {
+                slot: binds.len() + i,
+                target: path,
+            });
+        } else {
+            ops.push(MountOp::Mknod {
+                path,
+                dev: libc::makedev(major, minor),
+            });
+        }
     }
     ops.push(MountOp::Mkdir {
         path: cstr("/dev/pts")?,
@@ -286,7 +322,7 @@ pub(crate) fn mount_program(
             });
         }
     }
-    Ok((ops, binds.len()))
+    Ok((ops, slot_count))
 }
 
 /// Everything the child needs, allocated before the clone.
@@ -304,6 +340,8 @@ pub(crate) struct Prepared {
     pub keep_caps: u64,
     pub cap_last: u32,
     pub user: Option<(u32, u32)>,
+    /// A new user namespace: the contents of `uid_map` and `gid_map`.
+    pub userns: Option<(String, String)>,
     pub seccomp: Option<BpfProgram>,
     pub cgroup_fd: Option<OwnedFd>,
     pub v1_procs: Vec<OwnedFd>,
@@ -351,6 +389,8 @@ const STAGE_NNP: u32 = 11;
 const STAGE_SECCOMP: u32 = 12;
 const STAGE_EXEC: u32 = 13;
 const STAGE_PDEATHSIG: u32 = 14;
+const STAGE_USERNS_WAIT: u32 = 15;
+const STAGE_USERNS_ROOT: u32 = 16;
 const STAGE_MOUNT: u32 = 1000;
 
 fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -370,6 +410,9 @@ pub(crate) fn spawn(
 ) -> Result<Child, ChildError> {
     let (err_r, err_w) = pipe_cloexec().map_err(ChildError::Clone)?;
     let (status_r, status_w) = pipe_cloexec().map_err(ChildError::Clone)?;
+    // The child waits on this one until the parent has written its id maps (user
+    // namespace only; otherwise unused).
+    let (sync_r, sync_w) = pipe_cloexec().map_err(ChildError::Clone)?;
     let devnull = rustix::fs::open(
         "/dev/null",
         rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
@@ -397,6 +440,8 @@ pub(crate) fn spawn(
         fprog: fprog.as_ref().map_or(std::ptr::null(), |f| f as *const _),
         err_w: err_w.as_raw_fd(),
         status_w: status_w.as_raw_fd(),
+        sync_r: sync_r.as_raw_fd(),
+        sync_w: sync_w.as_raw_fd(),
         devnull: devnull.as_raw_fd(),
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
@@ -406,6 +451,11 @@ pub(crate) fn spawn(
         | (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as u64;
     if p.net {
         flags |= libc::CLONE_NEWNET as u64;
+    }
+    if p.userns.is_some() {
+        // Created first by the kernel, so it owns the other new namespaces: the child's
+        // capabilities count inside them and nowhere on the host.
+        flags |= libc::CLONE_NEWUSER as u64;
     }
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
@@ -446,6 +496,23 @@ pub(crate) fn spawn(
     drop(status_w);
     drop(devnull);
     drop(slots);
+    drop(sync_r);
+    if let Some((uid_map, gid_map)) = &p.userns {
+        // ORDER: the child is blocked reading the sync pipe; the maps are written while
+        // it waits, then one byte releases it. `setgroups` stays "allow": we hold
+        // CAP_SETGID here, and the child needs setgroups(0) to drop our groups.
+        let res = std::fs::write(format!("/proc/{pid}/uid_map"), uid_map)
+            .and_then(|()| std::fs::write(format!("/proc/{pid}/gid_map"), gid_map))
+            .and_then(|()| Ok(rustix::io::write(&sync_w, b"u").map(drop)?));
+        if let Err(source) = res {
+            abandon(pid, &pidfd);
+            return Err(ChildError::Setup {
+                what: "write the user namespace's id maps".into(),
+                source,
+            });
+        }
+    }
+    drop(sync_w);
 
     let mut rec = [0u8; 8];
     let mut got = 0;
@@ -498,6 +565,8 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_NNP => "set no_new_privs".into(),
         STAGE_SECCOMP => "install the seccomp filter".into(),
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
+        STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
+        STAGE_USERNS_ROOT => "become root inside the user namespace".into(),
         s if s >= STAGE_MOUNT => mounts
             .get((s - STAGE_MOUNT) as usize)
             .map_or_else(|| format!("run mount step {s}"), MountOp::describe),
@@ -522,6 +591,8 @@ struct Ctx<'a> {
     fprog: *const libc::sock_fprog,
     err_w: RawFd,
     status_w: RawFd,
+    sync_r: RawFd,
+    sync_w: RawFd,
     devnull: RawFd,
     stdout: RawFd,
     stderr: RawFd,
@@ -562,6 +633,32 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
         ) != 0
         {
             fail(ctx, STAGE_PDEATHSIG);
+        }
+        if p.userns.is_some() {
+            // ORDER: our copy of the write end goes first, so that a parent that dies or
+            // gives up gives end-of-file rather than a hang; then wait for the maps.
+            libc::close(ctx.sync_w);
+            let mut b = [0u8; 1];
+            let n = loop {
+                let n = libc::read(ctx.sync_r, b.as_mut_ptr().cast(), 1);
+                if n >= 0 || *libc::__errno_location() != libc::EINTR {
+                    break n;
+                }
+            };
+            if n != 1 {
+                if n == 0 {
+                    *libc::__errno_location() = libc::EPIPE;
+                }
+                fail(ctx, STAGE_USERNS_WAIT);
+            }
+            libc::close(ctx.sync_r);
+            // Root inside (the mapped uid outside). Raw calls, as for `user` below.
+            if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32) != 0
+                || libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) != 0
+            {
+                fail(ctx, STAGE_USERNS_ROOT);
+            }
         }
         for fd in &p.v1_procs {
             if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {

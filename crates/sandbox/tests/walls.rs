@@ -449,3 +449,96 @@ async fn the_workload_runs_as_the_configured_user() {
     assert_eq!(lines[..3], ["65534", "65533", "65533"], "{out}");
     assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
 }
+
+/// Makes `dir` reachable and writable by the namespace's mapped uid.
+fn open_to_all(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_namespace_runs_root_inside_as_an_unprivileged_uid_outside() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    open_to_all(&fx.workdir);
+    let rw = tempfile::tempdir().unwrap();
+    open_to_all(rw.path());
+    // A root-owned file, writable by its owner only.
+    std::fs::write(rw.path().join("root-owned"), "host\n").unwrap();
+    let extra = format!(
+        "sandbox:\n  user_namespace: {{ uid: 100000, count: 65536 }}\n  network: none\n  binds:\n    - {{ source: {} }}\n",
+        rw.path().display()
+    );
+    let script = format!(
+        "id -u; id -g; grep CapEff /proc/self/status; \
+         echo made > {rw}/made-inside && echo created; \
+         echo x >> {rw}/root-owned 2>/dev/null && echo root-file-writable; \
+         touch /usr/bulkhead-test 2>/dev/null && echo root-writable; \
+         head -c 4 /dev/urandom >/dev/null && echo > /dev/null && echo devices-ok; \
+         hostname; touch started; \
+         while [ ! -e stop ]; do sleep 0.05; done",
+        rw = rw.path().display()
+    );
+    let s = spec(&fx, "userns", &script, &extra);
+    let token = token_of(&s);
+    let mut r = start(&d, s).await;
+    wait_for_file(&r, &fx.workdir.join("started")).await;
+    // Seen from the host, the workload is uid/gid 100000.
+    let pids = processes_with_token(&token);
+    assert!(!pids.is_empty(), "no workload process found");
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        for (key, want) in [
+            ("Uid:", "100000\t100000\t100000\t100000"),
+            ("Gid:", "100000\t100000\t100000\t100000"),
+        ] {
+            let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+            assert_eq!(line[key.len()..].trim(), want, "{status}");
+        }
+    }
+    std::fs::write(fx.workdir.join("stop"), "").unwrap();
+    let out = r.spawned.stdout.take().unwrap();
+    let out = within("stdout", read_all(out)).await;
+    assert_eq!(r.wait().await, OK, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["0", "0"], "root inside: {out}");
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    for ok in ["created", "devices-ok", "userns"] {
+        assert!(out.contains(ok), "missing {ok}: {out}");
+    }
+    assert!(!out.contains("root-file-writable"), "{out}");
+    assert!(!out.contains("root-writable"), "{out}");
+    // Files it creates belong to the mapped uid on the host; root's stayed intact.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(rw.path().join("made-inside")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (100000, 100000));
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("root-owned")).unwrap(),
+        "host\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_namespace_with_a_user_and_capabilities() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    open_to_all(&fx.workdir);
+    let (st, out) = run(
+        &d,
+        spec(
+            &fx,
+            "userns-user",
+            "id -u; id -g; id -G; grep -E '^(Uid|CapEff)' /proc/self/status",
+            "sandbox:\n  user_namespace: { uid: 200000, gid: 300000, count: 2000 }\n  user: { uid: 1000 }\n  capabilities: [CAP_NET_BIND_SERVICE]\n",
+        ),
+    )
+    .await;
+    assert_eq!(st, OK, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..3], ["1000", "1000", "1000"], "{out}");
+    assert!(out.contains("CapEff:\t0000000000000400"), "{out}");
+}
