@@ -10,8 +10,10 @@ use bulkhead_driver::{Driver, SpawnError, SpawnSpec, Spawned};
 use bulkhead_sandbox::cgroup::ModeChoice;
 use bulkhead_sandbox::{SandboxConfig, SandboxDriver};
 
-/// The sandbox driver, with the spawn's working directory bound in read-write.
-pub struct WithWorkdir(SandboxDriver);
+/// The sandbox driver, with the spawn's working directory bound in read-write; with
+/// `userns`, every instance also runs in a user namespace (root inside is uid 100000
+/// outside), and the working directory is opened to that uid.
+pub struct WithWorkdir(SandboxDriver, bool);
 
 #[async_trait]
 impl Driver for WithWorkdir {
@@ -21,6 +23,19 @@ impl Driver for WithWorkdir {
 
     async fn spawn(&self, mut spec: SpawnSpec) -> Result<Spawned, SpawnError> {
         spec.binds.push(spec.cwd.clone());
+        if self.1 {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&spec.cwd, std::fs::Permissions::from_mode(0o777));
+            let mut w = (*spec.spec).clone();
+            w.sandbox
+                .get_or_insert_with(Default::default)
+                .user_namespace = Some(bulkhead_core::sandbox::UserNamespace {
+                uid: 100000,
+                gid: None,
+                count: 65536,
+            });
+            spec.spec = std::sync::Arc::new(w);
+        }
         self.0.spawn(spec).await
     }
 }
@@ -28,6 +43,10 @@ impl Driver for WithWorkdir {
 /// A driver with a scope of its own: a new driver removes what its scope holds, and the
 /// tests run in parallel in one process.
 fn driver(mode: ModeChoice, scope: &str) -> Option<WithWorkdir> {
+    driver_with(mode, scope, false)
+}
+
+fn driver_with(mode: ModeChoice, scope: &str, userns: bool) -> Option<WithWorkdir> {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match SandboxDriver::new(SandboxConfig {
@@ -36,7 +55,7 @@ fn driver(mode: ModeChoice, scope: &str) -> Option<WithWorkdir> {
         min_available_memory: 0,
         favor_dynmods: false,
     }) {
-        Ok(d) => Some(WithWorkdir(d)),
+        Ok(d) => Some(WithWorkdir(d, userns)),
         Err(e) => {
             eprintln!("skipped: {e}");
             None
@@ -78,6 +97,17 @@ mod unified {
     use super::*;
     async fn sandbox_driver() -> MaybeDriver {
         MaybeDriver(driver(ModeChoice::Unified, "unified"), Default::default())
+    }
+    bulkhead_driver::conformance_tests!(sandbox_driver);
+}
+
+mod userns {
+    use super::*;
+    async fn sandbox_driver() -> MaybeDriver {
+        MaybeDriver(
+            driver_with(ModeChoice::Auto, "userns", true),
+            Default::default(),
+        )
     }
     bulkhead_driver::conformance_tests!(sandbox_driver);
 }
