@@ -7,7 +7,7 @@
 //!    thread of the daemon, see [`crate::driver`]). The window between clone3 and this
 //!    call is not covered (a daemon crash in those microseconds leaves an instance that the
 //!    next daemon's stale-cgroup sweep kills).
-//! 1a. With a user namespace (`CLONE_NEWUSER` in the same clone3, so it owns every other
+//! 2. With a user namespace (`CLONE_NEWUSER` in the same clone3, so it owns every other
 //!    new namespace): block on the sync pipe until the parent has written
 //!    `/proc/<pid>/uid_map` and `gid_map` (nothing before needs an id; everything after
 //!    does: mounts create inodes, and `setresuid` needs a mapped id), then become root
@@ -15,16 +15,18 @@
 //!    among them, which would otherwise still count on host files), `setresgid(0)`,
 //!    `setresuid(0)`. From here every access to host files is made as the mapped uid,
 //!    with capabilities that count only inside the namespace.
-//! 2. v1 cgroups: write `0` into every v1 `cgroup.procs` opened before the clone. The
+//! 3. v1 cgroups: write `0` into every v1 `cgroup.procs` opened before the clone. The
 //!    cgroup2 membership came with the clone itself (`CLONE_INTO_CGROUP`): no window.
-//!    The v1 window is our own code before exec, never the workload.
-//! 3. `setsid()`: the instance leads its own session and process group (the notify socket
+//!    The v1 window is our own code before exec, never the workload. The kernel checks
+//!    the credentials the fd was opened with (the daemon's), so this works from inside a
+//!    user namespace too; the cgroup directories stay the daemon's (not delegated).
+//! 4. `setsid()`: the instance leads its own session and process group (the notify socket
 //!    accepts messages from the group).
-//! 4. hostname, `lo` up (new network namespace), the mount program ([`MountOp`]).
-//! 5. With init: block every signal, `clone(SIGCHLD)` (raw: glibc's `fork` runs atfork
+//! 5. hostname, `lo` up (new network namespace), the mount program ([`MountOp`]).
+//! 6. With init: block every signal, `clone(SIGCHLD)` (raw: glibc's `fork` runs atfork
 //!    handlers that take malloc locks another thread of the daemon may have held at the
 //!    clone), the new process (`W`, PID 2) continues below, `C` becomes the init loop.
-//! 6. `W`: default signal dispositions and an empty mask, stdio, `chdir`, the capability
+//! 7. `W`: default signal dispositions and an empty mask, stdio, `chdir`, the capability
 //!    bounding set, uid/gid, capability sets, `no_new_privs`, seccomp, `execve`.
 //!
 //! Any failure before exec writes `(stage, errno)` into the error pipe (close-on-exec)
