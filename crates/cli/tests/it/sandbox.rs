@@ -165,3 +165,43 @@ fn sandboxed_instances_die_with_the_daemon_and_are_reported_lost() {
     });
     assert_eq!(instance_cgroups(&scope(&d.state)), Vec::<PathBuf>::new());
 }
+
+/// With `user_namespace`, root inside is uid 100000 on the host: the daemon's pid of the
+/// instance shows it in `/proc/<pid>/status`, `exec` enters as root inside, and a bad
+/// mapping is a manifest error naming the field.
+#[test]
+fn a_user_namespace_instance_is_unprivileged_on_the_host() {
+    use std::os::unix::fs::PermissionsExt;
+    let m = "name: un\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nsandbox: {user_namespace: {uid: 100000}}\n";
+    let bad = "name: bad\ndriver: sandbox\ncommand: [true]\nsandbox: {user_namespace: {uid: 0}}\n";
+    let d = Daemon::start(&[("un", m), ("bad", bad)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    // The manifest's folder (the working directory) must be reachable by uid 100000.
+    let top = d.workloads.parent().unwrap();
+    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let v = d.json(&["launch", "un", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let pid = v["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(uid["Uid:".len()..].trim(), "100000\t100000\t100000\t100000");
+    let o = d.cli(&["exec", &id, "--", "id", "-u"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "0",
+        "{}",
+        stderr(&o)
+    );
+    let t = d.cli(&["terminate", &id]);
+    assert!(t.status.success(), "{}", stderr(&t));
+
+    let o = d.cli(&["launch", "bad"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("sandbox.user_namespace.uid"),
+        "{}",
+        stderr(&o)
+    );
+}
