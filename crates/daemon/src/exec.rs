@@ -193,7 +193,8 @@ pub(crate) async fn exec(
 /// first process closes every descriptor (so the spawn's exec-status pipe and the output
 /// pipes see their ends), waits for it and ends the same way: same exit code, or the
 /// same signal re-raised. The instance's seccomp filter is not applied to exec'd
-/// commands.
+/// commands. With a user namespace among the instance's namespaces the command becomes
+/// root *inside* it (the mapped, unprivileged uid on the host), never the host's root.
 fn enter(
     cmd: &mut Command,
     t: bulkhead_driver::ExecTarget,
@@ -229,6 +230,18 @@ fn enter(
                 if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // ORDER: after the cgroup writes (checked against the daemon's credentials,
+            // which opened the files) and before chdir (made as the mapped uid). setns
+            // kept our host ids, unmapped in there: take root inside and drop the
+            // daemon's supplementary groups (root's group would still count on files).
+            if t.namespaces & libc::CLONE_NEWUSER != 0
+                && (libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>())
+                    != 0
+                    || libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32) != 0
+                    || libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             // Entering a mount namespace moves the working directory to its root.
             if libc::chdir(cwd.as_ptr()) != 0 {

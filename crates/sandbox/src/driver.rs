@@ -442,6 +442,10 @@ impl Driver for SandboxDriver {
         if sb.network.isolated() {
             namespaces |= libc::CLONE_NEWNET;
         }
+        if sb.user_namespace.is_some() {
+            // exec must enter it too, or its commands would run as the host's root.
+            namespaces |= libc::CLONE_NEWUSER;
+        }
         let keep_caps = sb
             .capability_numbers()
             .iter()

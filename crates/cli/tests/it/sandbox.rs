@@ -187,13 +187,21 @@ fn a_user_namespace_instance_is_unprivileged_on_the_host() {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert_eq!(uid["Uid:".len()..].trim(), "100000\t100000\t100000\t100000");
-    let o = d.cli(&["exec", &id, "--", "id", "-u"]);
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        "0",
-        "{}",
-        stderr(&o)
-    );
+    // exec enters the user namespace too: root inside it (the host's map would read
+    // "0 0 4294967295"), so 100000 on the host, never the host's root.
+    let o = d.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "id -u; cat /proc/self/uid_map",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("0"), "{out} {}", stderr(&o));
+    let map: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    assert_eq!(map, ["0", "100000", "65536"], "{out}");
     let t = d.cli(&["terminate", &id]);
     assert!(t.status.success(), "{}", stderr(&t));
 
