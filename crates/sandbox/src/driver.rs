@@ -30,7 +30,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -256,6 +256,24 @@ impl SandboxDriver {
                 readonly: b.readonly,
             });
         }
+        if let Some(ns) = &sb.user_namespace {
+            // The spawn's notify socket was made for this instance by the daemon (root):
+            // root inside (the mapped uid) must be allowed to send to it.
+            for p in &spec.binds {
+                let is_socket = p
+                    .symlink_metadata()
+                    .is_ok_and(|m| m.file_type().is_socket());
+                if is_socket {
+                    std::os::unix::fs::chown(p, Some(ns.uid), Some(ns.gid())).map_err(|e| {
+                        SpawnError::Other(format!(
+                            "cannot start instance {}: cannot hand {} to the user namespace: {e}",
+                            spec.instance,
+                            p.display()
+                        ))
+                    })?;
+                }
+            }
+        }
         let (mounts, slots) = spawn::mount_program(sb, &binds).map_err(|e| {
             SpawnError::Other(format!(
                 "cannot start instance {}: bad mount path: {e}",
@@ -279,6 +297,7 @@ impl SandboxDriver {
             hostname: hostname[..hostname.len().min(64)].to_vec(),
             net: sb.network.isolated(),
             init: sb.init,
+            early_mounts: mounts.iter().take_while(|m| m.is_early()).count(),
             mounts,
             slots,
             keep_caps,

@@ -151,6 +151,11 @@ pub(crate) enum MountOp {
 }
 
 impl MountOp {
+    /// Whether this step only makes `/` private or clones a bind source.
+    pub(crate) fn is_early(&self) -> bool {
+        matches!(self, MountOp::MakePrivate | MountOp::OpenTree { .. })
+    }
+
     fn describe(&self) -> String {
         let s = |c: &CString| c.to_string_lossy().into_owned();
         match self {
@@ -337,6 +342,9 @@ pub(crate) struct Prepared {
     pub net: bool,
     pub init: bool,
     pub mounts: Vec<MountOp>,
+    /// How many leading `mounts` only make `/` private or clone bind sources (run
+    /// before the uid switch in a user namespace).
+    pub early_mounts: usize,
     pub slots: usize,
     /// Bit n set: capability n stays in the bounding set.
     pub keep_caps: u64,
@@ -654,6 +662,17 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
                 fail(ctx, STAGE_USERNS_WAIT);
             }
             libc::close(ctx.sync_r);
+            // ORDER: the bind sources are cloned while we still carry the daemon's host
+            // ids (without any capability on the host), so that a source under a
+            // root-only directory (the daemon's state: notify sockets) can be reached;
+            // what is inside is still checked against the mapped uid once bound. Only
+            // the leading private/clone steps: the mounts after them create inodes,
+            // which must belong to root inside.
+            for (i, op) in p.mounts[..p.early_mounts].iter().enumerate() {
+                if !run_mount(op, ctx.slots) {
+                    fail(ctx, STAGE_MOUNT + i as u32);
+                }
+            }
             // Root inside (the mapped uid outside). Raw calls, as for `user` below.
             if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
                 || libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32) != 0
@@ -676,7 +695,12 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
         if p.net && lo_up().is_err() {
             fail(ctx, STAGE_NET);
         }
-        for (i, op) in p.mounts.iter().enumerate() {
+        let done = if p.userns.is_some() {
+            p.early_mounts
+        } else {
+            0
+        };
+        for (i, op) in p.mounts.iter().enumerate().skip(done) {
             if !run_mount(op, ctx.slots) {
                 fail(ctx, STAGE_MOUNT + i as u32);
             }

@@ -171,16 +171,14 @@ fn sandboxed_instances_die_with_the_daemon_and_are_reported_lost() {
 /// mapping is a manifest error naming the field.
 #[test]
 fn a_user_namespace_instance_is_unprivileged_on_the_host() {
-    use std::os::unix::fs::PermissionsExt;
     let m = "name: un\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nsandbox: {user_namespace: {uid: 100000}}\n";
     let bad = "name: bad\ndriver: sandbox\ncommand: [true]\nsandbox: {user_namespace: {uid: 0}}\n";
     let d = Daemon::start(&[("un", m), ("bad", bad)]);
     if !sandbox_available(&d) {
         return;
     }
-    // The manifest's folder (the working directory) must be reachable by uid 100000.
-    let top = d.workloads.parent().unwrap();
-    std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The manifest's folder sits under a root-only temporary directory: the working
+    // directory's bind is cloned before the uid switch, so that works.
     let v = d.json(&["launch", "un", "-o", "json"]);
     let id = v["id"].as_str().unwrap().to_owned();
     let pid = v["pid"].as_u64().unwrap();
@@ -212,4 +210,25 @@ fn a_user_namespace_instance_is_unprivileged_on_the_host() {
         "{}",
         stderr(&o)
     );
+}
+
+/// sd_notify readiness works from inside a user namespace (the notify socket accepts the
+/// mapped uid). The interpreter must be reachable by uid 100000: the system one.
+#[test]
+fn a_notify_workload_in_a_user_namespace_gets_ready() {
+    let py = "/usr/bin/python3";
+    if !Path::new(py).exists() {
+        eprintln!("skipped: {py} is not installed");
+        return;
+    }
+    let m = format!(
+        "name: unr\ndriver: sandbox\ncommand: [{py}, -c, 'import os,socket,time; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b\"READY=1\", os.environ[\"NOTIFY_SOCKET\"]); time.sleep(1000)']\nreadiness: {{notify: true, timeout: 30s}}\nsandbox: {{user_namespace: {{uid: 100000}}}}\n"
+    );
+    let d = Daemon::start(&[("unr", &m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let o = d.cli(&["launch", "unr", "-o", "json"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("\"ready\""), "{out} {}", stderr(&o));
 }
