@@ -541,7 +541,17 @@ pub(crate) fn spawn(
         let stage = u32::from_ne_bytes(rec[..4].try_into().unwrap_or_default());
         let errno = i32::from_ne_bytes(rec[4..].try_into().unwrap_or_default());
         abandon(pid, &pidfd);
-        let source = io::Error::from_raw_os_error(errno);
+        let mut source = io::Error::from_raw_os_error(errno);
+        if p.userns.is_some() && errno == libc::EACCES {
+            // The usual surprise: host files are checked against the mapped uid.
+            source = io::Error::new(
+                source.kind(),
+                format!(
+                    "{source}; in a user namespace the host sees the workload as the \
+                     mapped unprivileged uid, which needs access to it"
+                ),
+            );
+        }
         return Err(match stage {
             STAGE_EXEC => ChildError::Exec {
                 program: p.program.to_string_lossy().into_owned(),

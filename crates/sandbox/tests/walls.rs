@@ -385,14 +385,22 @@ async fn dropped_capabilities_hold() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_instance_is_born_in_its_cgroups_in_each_mode() {
-    for mode in [ModeChoice::Auto, ModeChoice::V1, ModeChoice::Unified] {
+    // Also from a user namespace: the v1 `cgroup.procs` writes are checked against the
+    // daemon's credentials (the fds were opened before the clone).
+    let modes = [ModeChoice::Auto, ModeChoice::V1, ModeChoice::Unified];
+    for (mode, extra) in modes
+        .into_iter()
+        .map(|m| (m, ""))
+        .chain(modes.map(|m| (m, "sandbox: { user_namespace: { uid: 100000 } }\n")))
+    {
         let Some((d, scope)) = driver(mode) else {
             return;
         };
         let caps = d.capabilities();
         let fx = Fixture::temp();
-        let (st, out) = run(&d, spec(&fx, "born", "cat /proc/self/cgroup", "")).await;
-        assert_eq!(st, OK, "{out}");
+        open_to_all(&fx.workdir);
+        let (st, out) = run(&d, spec(&fx, "born", "cat /proc/self/cgroup", extra)).await;
+        assert_eq!(st, OK, "{mode:?} {extra}: {out}");
         let unified = out.lines().find(|l| l.starts_with("0::"));
         let memory = out.lines().find(|l| l.contains(":memory:"));
         if caps.clone_into_cgroup {
