@@ -10,8 +10,9 @@
 //! 2. With a user namespace (`CLONE_NEWUSER` in the same clone3, so it owns every other
 //!    new namespace): block on the sync pipe until the parent has written
 //!    `/proc/<pid>/uid_map` and `gid_map` (nothing before needs an id; everything after
-//!    does: mounts create inodes, and `setresuid` needs a mapped id), then become root
-//!    *inside*: `setgroups(0)` (drops the daemon's supplementary groups, root's group
+//!    does: mounts create inodes, and `setresuid` needs a mapped id), then run the
+//!    leading mount steps (make `/` private, clone the bind sources: still with the
+//!    daemon's host ids, but no capability on the host), then become root *inside*: `setgroups(0)` (drops the daemon's supplementary groups, root's group
 //!    among them, which would otherwise still count on host files), `setresgid(0)`,
 //!    `setresuid(0)`. From here every access to host files is made as the mapped uid,
 //!    with capabilities that count only inside the namespace.
