@@ -1,13 +1,109 @@
-//! `kill -9` of the daemon in the middle of launches, restarts and terminations.
+//! `kill -9` of the daemon in the middle of launches, restarts and terminations, with
+//! instances behind every wall this machine has (process always; sandbox and docker when
+//! available, said otherwise).
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::harness::*;
 use crate::support::*;
 
+const IMAGE: &str = "bulkhead-test/busybox:latest";
+
+/// Whether a Docker engine with the test image answers (`.ci/setup-docker.sh` makes one).
+fn docker() -> bool {
+    let ok = Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("crash suite: no docker engine with {IMAGE}; the docker wall is left out");
+    }
+    ok
+}
+
+/// Containers of this daemon (any state), with their instance label.
+fn containers(state: &Path) -> Vec<(String, String)> {
+    let Ok(id) = std::fs::read_to_string(state.join("daemon-id")) else {
+        return Vec::new();
+    };
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=bulkhead.daemon={}", id.trim()),
+            "--format",
+            "{{.ID}} {{.Label \"bulkhead.instance\"}}",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(c, i)| (c.to_owned(), i.to_owned()))
+        .collect()
+}
+
+/// The cgroup scope of a daemon's state directory (as the daemon computes it).
+fn scope(state: &Path) -> String {
+    let abs = std::path::absolute(state).unwrap();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in abs.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("d{h:016x}")
+}
+
+/// Instance cgroup directories under a daemon's scope, in every hierarchy.
+fn cgroups(scope: &str) -> Vec<String> {
+    fn walk(dir: &Path, scope: &str, out: &mut Vec<String>, depth: u32) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !p.is_dir() || depth > 6 {
+                continue;
+            }
+            if p.file_name().is_some_and(|n| n == scope) {
+                if let Ok(inner) = std::fs::read_dir(&p) {
+                    out.extend(
+                        inner
+                            .flatten()
+                            .map(|e| e.path())
+                            .filter(|p| p.is_dir())
+                            .map(|p| p.display().to_string()),
+                    );
+                }
+            } else {
+                walk(&p, scope, out, depth + 1);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), scope, &mut out, 0);
+    out
+}
+
 fn workloads(mark: &str) -> Vec<(&'static str, String)> {
     vec![
+        (
+            "boxed",
+            format!(
+                "name: boxed\ndriver: sandbox\ncommand: [/bin/sleep, '1000']\nenv: {{FAULT_MARK: {mark}}}\nresources: {{memory: 64Mi, pids: 16}}\n"
+            ),
+        ),
+        (
+            "boat",
+            format!(
+                "name: boat\ndriver: docker\ncommand: [sleep, '1000']\nenv: {{FAULT_MARK: {mark}}}\ndocker:\n  image: {IMAGE}\n"
+            ),
+        ),
         (
             "svc",
             format!(
@@ -67,6 +163,14 @@ fn check(d: &Daemon, mark: &str, round: usize) {
             }
         }
     }
+    // At most one container per instance.
+    let mut per: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (_, inst) in containers(&d.state) {
+        *per.entry(inst).or_default() += 1;
+    }
+    for (inst, n) in per {
+        assert!(n <= 1, "round {round}: {inst} has {n} containers");
+    }
     // Every recorded instance that claims a live process really has one.
     for (id, inst) in &listed {
         if inst["state"] == "ready" && id.ends_with(":svc") {
@@ -87,6 +191,11 @@ fn kill_9_during_launches_restarts_and_terminations_keeps_every_invariant() {
     let wl: Vec<(&str, &str)> = wl.iter().map(|(n, m)| (*n, m.as_str())).collect();
     let mut d = Daemon::start(&wl);
     let rounds = scale(6, 100);
+    let sandbox = d.json(&["health", "-o", "json"])["sandbox"]["available"] == true;
+    if !sandbox {
+        eprintln!("crash suite: the sandbox driver is unavailable; the sandbox wall is left out");
+    }
+    let docker = docker();
     for round in 0..rounds {
         // Requests in flight when the daemon dies: launches of new keys, a termination, a
         // workload that keeps restarting.
@@ -136,6 +245,14 @@ fn kill_9_during_launches_restarts_and_terminations_keeps_every_invariant() {
         let _ = d.cli(&["terminate", id]);
     }
     assert!(d.sigterm().success(), "{}", d.daemon_log());
+    let state = d.state.clone();
     drop(d);
     wait_until("no process of the test left", || marked(&mark).is_empty());
+    // Nor a cgroup or a container.
+    let scope = scope(&state);
+    wait_until("no cgroup of the test left", || cgroups(&scope).is_empty());
+    if docker {
+        let left = containers(&state);
+        assert!(left.is_empty(), "containers left: {left:?}");
+    }
 }
