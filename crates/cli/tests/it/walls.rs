@@ -100,11 +100,15 @@ fn docker_workload_round_trip_and_crash_releases_shared_memory() {
     }
     let m = walled_echo("docker", "/bulkhead/echo", &echo_mounts());
     let d = Daemon::start(&[("echo", &m)]);
-    round_trip_then_crash(d, |_| {
+    round_trip_then_crash(d, |d| {
+        // This daemon's container (the engine is shared with other test runs).
+        let daemon = std::fs::read_to_string(d.state.join("daemon-id")).expect("daemon-id");
         let out = Command::new("docker")
             .args([
                 "ps",
                 "-q",
+                "--filter",
+                &format!("label=bulkhead.daemon={}", daemon.trim()),
                 "--filter",
                 "label=bulkhead.instance=session:w1:echo",
             ])
