@@ -1,9 +1,12 @@
 //! `cargo bench -p bulkhead-bench --bench dataplane`: round trips host -> workload -> host
 //! of 4 KiB and 1 MiB messages, in one run, through:
 //!
-//! - **bulkhead SDK**: a real daemon (in this process, `process` driver) launches an echo
-//!   workload (this binary in `echo-sdk` mode) whose channels it created; the host opens
-//!   them with `bulkhead_sdk::Host`. The workload forwards each message into a new loan.
+//! - **bulkhead SDK**: a real daemon (in this process) launches an echo workload (this
+//!   binary in `echo-sdk` mode) whose channels it created, once per wall: `process`,
+//!   `sandbox` and `docker` (the last two skipped, with the reason, where the driver is
+//!   unavailable; in docker the binary, its loader and libraries are bound read-only into
+//!   `bulkhead-test/busybox`); the host opens them with `bulkhead_sdk::Host`. The workload
+//!   forwards each message into a new loan.
 //! - **raw iceoryx2**: the same echo written against iceoryx2 directly (`echo-raw`), on
 //!   services this benchmark creates itself, no daemon.
 //! - **Unix socket**: a socketpair to a child (`echo-sock`) that reads each message and
@@ -55,18 +58,35 @@ fn main() -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
 
-    // The daemon and its echo workload.
+    // The daemon and its echo workloads, one per wall.
     let wl = dir.path().join("workloads");
-    std::fs::create_dir_all(wl.join("echo"))?;
-    std::fs::write(
-        wl.join("echo").join("manifest.yaml"),
-        format!(
-            "name: echo\ncommand: [{}, echo-sdk]\nisolation: session\nreadiness: {{notify: true, timeout: 30s}}\n\
-             shutdown: {{grace: 2s}}\nchannels:\n  inputs: [{{name: input, max_payload: 1Mi, depth: 4}}]\n  \
-             outputs: [{{name: output, max_payload: 1Mi, depth: 4}}]\n",
-            exe.display()
+    let walls = [
+        ("echo", "process", exe.display().to_string(), String::new()),
+        (
+            "echo-sb",
+            "sandbox",
+            exe.display().to_string(),
+            String::new(),
         ),
-    )?;
+        (
+            "echo-dk",
+            "docker",
+            "/bulkhead/bench".to_owned(),
+            docker_section(&exe)?,
+        ),
+    ];
+    for (name, driver, command, extra) in &walls {
+        std::fs::create_dir_all(wl.join(name))?;
+        std::fs::write(
+            wl.join(name).join("manifest.yaml"),
+            format!(
+                "name: {name}\ndriver: {driver}\ncommand: [{command:?}, echo-sdk]\nisolation: session\n\
+                 readiness: {{notify: true, timeout: 30s}}\nshutdown: {{grace: 2s}}\nchannels:\n  \
+                 inputs: [{{name: input, max_payload: 1Mi, depth: 4}}]\n  \
+                 outputs: [{{name: output, max_payload: 1Mi, depth: 4}}]\n{extra}"
+            ),
+        )?;
+    }
     let daemon_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -77,40 +97,61 @@ fn main() -> anyhow::Result<()> {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let inst = client_rt.block_on(async {
-        let mut c = bulkhead_api::connect(&socket).await?;
-        c.launch(v1::LaunchRequest {
-            workload: "echo".into(),
-            namespace: None,
-            session: Some("bench".into()),
-            wait: v1::WaitFor::Ready as i32,
-            timeout_ms: 30_000,
-            lease: None,
-        })
-        .await?;
-        anyhow::Ok(
-            c.get(v1::GetRequest {
-                id: "session:bench:echo".into(),
+    let launch = |workload: &str| {
+        client_rt.block_on(async {
+            let mut c = bulkhead_api::connect(&socket).await?;
+            c.launch(v1::LaunchRequest {
+                workload: workload.into(),
+                namespace: None,
+                session: Some("bench".into()),
+                wait: v1::WaitFor::Ready as i32,
+                timeout_ms: 30_000,
+                lease: None,
             })
-            .await?
-            .into_inner(),
-        )
-    })?;
-    let service = |dir: &str| {
-        inst.channels
-            .iter()
-            .find(|c| c.direction == dir)
-            .map(|c| c.service.clone())
-            .ok_or_else(|| anyhow::anyhow!("the echo instance has no {dir} channel"))
+            .await?;
+            anyhow::Ok(
+                c.get(v1::GetRequest {
+                    id: format!("session:bench:{workload}"),
+                })
+                .await?
+                .into_inner(),
+            )
+        })
     };
+    let inst = launch("echo")?;
     let iox2 = bulkhead_sdk::Iox2 {
         prefix: inst.iox2_prefix.clone(),
         root: inst.iox2_root.clone().map(Into::into),
     };
-    eprintln!("echo workload ready (pid {:?})", inst.pid);
     let host = bulkhead_sdk::Host::new(&iox2)?;
-    let sdk_tx = host.publisher(&service("input")?, MAX)?;
-    let sdk_rx = host.subscriber(&service("output")?, 4)?;
+    // The process wall always; the others where their driver works here.
+    let mut sdks = Vec::new();
+    for (name, driver, _, _) in &walls {
+        let inst = if *name == "echo" {
+            inst.clone()
+        } else {
+            match launch(name) {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("skipping the {driver} wall: cannot launch {name}: {e:#}");
+                    continue;
+                }
+            }
+        };
+        let service = |dir: &str| {
+            inst.channels
+                .iter()
+                .find(|c| c.direction == dir)
+                .map(|c| c.service.clone())
+                .ok_or_else(|| anyhow::anyhow!("the {name} instance has no {dir} channel"))
+        };
+        eprintln!("{name} ({driver} wall) ready (pid {:?})", inst.pid);
+        sdks.push((
+            *driver,
+            host.publisher(&service("input")?, MAX)?,
+            host.subscriber(&service("output")?, 4)?,
+        ));
+    }
 
     // Raw iceoryx2: our own services, our own echo child.
     let raw_prefix = format!("iox2_bhbench{}_", std::process::id());
@@ -130,11 +171,13 @@ fn main() -> anyhow::Result<()> {
     let mut buf = vec![0u8; MAX + 8];
     let mut seq = 0u64;
     // Warm up every path (connections, page faults).
-    eprintln!("warming up: SDK");
-    for _ in 0..200 {
-        for size in SIZES {
-            seq += 1;
-            sdk_round_trip(&sdk_tx, &sdk_rx, size, seq)?;
+    for (driver, tx, rx) in &sdks {
+        eprintln!("warming up: SDK ({driver} wall)");
+        for _ in 0..200 {
+            for size in SIZES {
+                seq += 1;
+                sdk_round_trip(tx, rx, size, seq)?;
+            }
         }
     }
     eprintln!("warming up: raw iceoryx2");
@@ -155,19 +198,24 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for size in SIZES {
         let label = if size < (1 << 20) { "4 KiB" } else { "1 MiB" };
-        let mut s = Samples::new(format!("{label}: bulkhead SDK (process wall)"));
+        let mut s: Vec<Samples> = sdks
+            .iter()
+            .map(|(driver, _, _)| Samples::new(format!("{label}: bulkhead SDK ({driver} wall)")))
+            .collect();
         let mut r = Samples::new(format!("{label}: raw iceoryx2"));
         let mut u = Samples::new(format!("{label}: Unix socketpair"));
         for _ in 0..iterations.div_ceil(BLOCK) {
             // Blocks, not single iterations: an echo idle for more than 2 ms sleeps (as a
             // real workload would), and only one echo at a time spins on the 2 cores. The
             // first round trips of a block wake the echo up and are not counted.
-            for i in 0..WARM + BLOCK {
-                seq += 1;
-                let t = Instant::now();
-                sdk_round_trip(&sdk_tx, &sdk_rx, size, seq)?;
-                if i >= WARM {
-                    s.values.push(t.elapsed());
+            for ((_, tx, rx), s) in sdks.iter().zip(&mut s) {
+                for i in 0..WARM + BLOCK {
+                    seq += 1;
+                    let t = Instant::now();
+                    sdk_round_trip(tx, rx, size, seq)?;
+                    if i >= WARM {
+                        s.values.push(t.elapsed());
+                    }
                 }
             }
             for i in 0..WARM + BLOCK {
@@ -189,12 +237,13 @@ fn main() -> anyhow::Result<()> {
         rows.push((s, r, u));
     }
 
-    eprintln!("memory over {messages} SDK round trips of 4 KiB");
+    eprintln!("memory over {messages} SDK round trips of 4 KiB (process wall)");
     let echo_pid = inst.pid.unwrap_or(0);
     let before = (rss_kib(std::process::id()), rss_kib(echo_pid));
+    let (_, sdk_tx, sdk_rx) = &sdks[0];
     for _ in 0..messages {
         seq += 1;
-        sdk_round_trip(&sdk_tx, &sdk_rx, 4 << 10, seq)?;
+        sdk_round_trip(sdk_tx, sdk_rx, 4 << 10, seq)?;
     }
     let after = (rss_kib(std::process::id()), rss_kib(echo_pid));
 
@@ -202,7 +251,7 @@ fn main() -> anyhow::Result<()> {
     let _ = raw_child.wait();
     drop(sock);
     let _ = sock_child.wait();
-    drop((sdk_tx, sdk_rx, host, raw));
+    drop((sdks, host, raw));
     daemon_rt.block_on(daemon.shutdown());
     // Both installations are idle now: remove iceoryx2's per-installation counter files.
     for prefix in [iox2.prefix.clone().unwrap_or_default(), raw_prefix.clone()] {
@@ -222,7 +271,7 @@ fn main() -> anyhow::Result<()> {
     let mut md = String::new();
     md.push_str("| round trip | p50 µs | p99 µs | p50 vs raw iceoryx2 | p50 vs Unix socket |\n|---|---|---|---|---|\n");
     for (s, r, u) in &rows {
-        for x in [s, r, u] {
+        for x in s.iter().chain([r, u]) {
             md.push_str(&format!(
                 "| {} | {} | {} | {} | {} |\n",
                 x.name,
@@ -234,11 +283,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     for (s, _, u) in &rows {
-        md.push_str(&format!(
-            "\n{}: the Unix socket is {:.0}x slower at p50.",
-            s.name,
-            u.p50().as_secs_f64() / s.p50().as_secs_f64()
-        ));
+        for s in s {
+            md.push_str(&format!(
+                "\n{}: the Unix socket is {:.0}x slower at p50.",
+                s.name,
+                u.p50().as_secs_f64() / s.p50().as_secs_f64()
+            ));
+        }
     }
     md.push_str(&format!(
         "\n\n| RSS (KiB) | before | after {messages} round trips |\n|---|---|---|\n\
@@ -250,6 +301,41 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(p, &md)?;
     }
     Ok(())
+}
+
+/// The `docker` section of the docker wall's echo: the busybox test image, with this
+/// binary (at `/bulkhead/bench`), its dynamic loader and the libraries `ldd` resolves
+/// bound in read-only at the paths the loader looks for them.
+fn docker_section(exe: &std::path::Path) -> anyhow::Result<String> {
+    let out = Command::new("ldd").arg(exe).output();
+    let libs = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        // A static binary (or no ldd): nothing but the binary to bind.
+        _ => String::new(),
+    };
+    let mut mounts = format!(
+        "    - {{source: {:?}, target: /bulkhead/bench, read_only: true}}\n",
+        exe.display().to_string()
+    );
+    // Lines are `name => /path (addr)`, `/path (addr)` (the loader) or `vdso (addr)`.
+    for line in libs.lines() {
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|s| s.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(p) = path {
+            let src = std::fs::canonicalize(p)
+                .map_err(|e| anyhow::anyhow!("cannot resolve library {p}: {e}"))?;
+            mounts.push_str(&format!(
+                "    - {{source: {:?}, target: {p:?}, read_only: true}}\n",
+                src.display().to_string()
+            ));
+        }
+    }
+    Ok(format!(
+        "docker:\n  image: bulkhead-test/busybox:latest\n  mounts:\n{mounts}"
+    ))
 }
 
 fn flag(args: &[String], name: &str) -> Option<String> {

@@ -34,6 +34,7 @@ use bollard::query_parameters::{
     RemoveContainerOptions, StartContainerOptions,
 };
 use bollard::Docker;
+use bulkhead_core::channels::ENV_IOX2_ROOT;
 use bulkhead_core::docker::DockerSpec;
 use bulkhead_core::event::ExitStatus;
 use bulkhead_core::signal::Signal;
@@ -196,13 +197,32 @@ pub(crate) fn container_config(
         cmd: Some(spec.argv.clone()),
         env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
         working_dir: workdir,
-        user: dk.user.clone(),
+        user: container_user(&spec.env, dk.user.as_deref()),
         exposed_ports: published.map(|(k, _)| vec![k]),
         labels: Some(labels),
         attach_stdout: Some(true),
         attach_stderr: Some(true),
         host_config: Some(host),
         ..Default::default()
+    })
+}
+
+/// The user the container runs as: `docker.user` if set; else, for an instance with
+/// channels, the daemon's own uid:gid. The data plane's shared-memory files are 0600 and
+/// owned by the daemon's user, and `/dev/shm` is sticky: running as that user is what
+/// lets the workload open them, and lets the daemon reclaim the files the workload made
+/// if it dies. Otherwise the image's own user.
+fn container_user(env: &[(String, String)], user: Option<&str>) -> Option<String> {
+    if let Some(u) = user {
+        return Some(u.to_owned());
+    }
+    let has_channels = env.iter().any(|(k, _)| k == ENV_IOX2_ROOT);
+    has_channels.then(|| {
+        format!(
+            "{}:{}",
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw()
+        )
     })
 }
 
@@ -880,6 +900,19 @@ impl Cgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn channels_run_the_container_as_the_daemons_user_unless_one_is_set() {
+        let env = vec![(ENV_IOX2_ROOT.to_owned(), "/tmp/iceoryx2".to_owned())];
+        let me = format!(
+            "{}:{}",
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw()
+        );
+        assert_eq!(container_user(&env, None), Some(me));
+        assert_eq!(container_user(&env, Some("app")), Some("app".to_owned()));
+        assert_eq!(container_user(&[], None), None);
+    }
 
     #[test]
     fn exit_codes_map_to_statuses() {

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::harness::{Daemon, BIN, DEADLINE};
 
 /// The Rust example workload (`crates/sdk/examples/echo.rs`), built once for the suite.
-fn echo_bin() -> &'static str {
+pub(crate) fn echo_bin() -> &'static str {
     static BIN: OnceLock<String> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -77,12 +77,12 @@ fn pipe_recv(d: &Daemon, id: &str, channel: &str, count: u32) -> Output {
     ])
 }
 
-fn launch(d: &Daemon, workload: &str, session: &str) -> Value {
+pub(crate) fn launch(d: &Daemon, workload: &str, session: &str) -> Value {
     d.json(&["launch", workload, "--session", session, "-o", "json"])
 }
 
 /// Sends lines on `(id, input)` while receiving them on `(out_id, output)`.
-fn round_trip(d: &Daemon, id: &str, input: &str, out_id: &str, output: &str) {
+pub(crate) fn round_trip(d: &Daemon, id: &str, input: &str, out_id: &str, output: &str) {
     let sent = pipe_send(d, id, input, "hello\nworld\n");
     assert!(
         sent.status.success(),
@@ -99,7 +99,7 @@ fn round_trip(d: &Daemon, id: &str, input: &str, out_id: &str, output: &str) {
     assert_eq!(String::from_utf8_lossy(&got.stdout), "hello\nworld\n");
 }
 
-fn iox2_of(d: &Daemon, id: &str) -> bulkhead_sdk::Iox2 {
+pub(crate) fn iox2_of(d: &Daemon, id: &str) -> bulkhead_sdk::Iox2 {
     let v = d.json(&["get", id, "-o", "json"]);
     bulkhead_sdk::Iox2 {
         prefix: v["iox2_prefix"].as_str().map(str::to_owned),
@@ -108,7 +108,7 @@ fn iox2_of(d: &Daemon, id: &str) -> bulkhead_sdk::Iox2 {
 }
 
 /// The `/dev/shm` data segments of this installation (one per live publisher).
-fn data_segments(iox2: &bulkhead_sdk::Iox2) -> Vec<PathBuf> {
+pub(crate) fn data_segments(iox2: &bulkhead_sdk::Iox2) -> Vec<PathBuf> {
     bulkhead_sdk::leftover_files(iox2)
         .into_iter()
         .filter(|p| p.starts_with("/dev/shm") && p.extension().is_some_and(|e| e == "data"))
@@ -117,7 +117,7 @@ fn data_segments(iox2: &bulkhead_sdk::Iox2) -> Vec<PathBuf> {
 
 /// Stops the daemon, then removes the one file iceoryx2 keeps per installation (its
 /// persistent node counter), so that test runs do not accumulate them.
-fn stop_and_clean(d: Daemon, iox2: &bulkhead_sdk::Iox2) {
+pub(crate) fn stop_and_clean(d: Daemon, iox2: &bulkhead_sdk::Iox2) {
     drop(d);
     let Some(prefix) = &iox2.prefix else { return };
     for e in std::fs::read_dir("/dev/shm")
@@ -132,7 +132,7 @@ fn stop_and_clean(d: Daemon, iox2: &bulkhead_sdk::Iox2) {
     }
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-const IMAGE: &str = "bulkhead-test/busybox:latest";
+pub(crate) const IMAGE: &str = "bulkhead-test/busybox:latest";
 
 /// Why docker tests cannot run here, if they cannot.
-fn skip() -> Option<String> {
+pub(crate) fn skip() -> Option<String> {
     match Command::new("docker")
         .args(["image", "inspect", IMAGE])
         .output()

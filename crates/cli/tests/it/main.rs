@@ -16,3 +16,4 @@ mod recovery;
 mod sandbox;
 mod supervision;
 mod surface;
+mod walls;

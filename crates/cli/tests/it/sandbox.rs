@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::harness::*;
 
 /// The daemon's health says the sandbox works; otherwise prints why and returns false.
-fn sandbox_available(d: &Daemon) -> bool {
+pub(crate) fn sandbox_available(d: &Daemon) -> bool {
     let h = d.json(&["health", "-o", "json"]);
     let sb = &h["sandbox"];
     if sb["available"] != true {

@@ -1,0 +1,129 @@
+//! The data plane across the walls, through the real daemon: the Rust echo workload
+//! behind the sandbox and inside a docker container answers a host -> workload -> host
+//! round trip, and its crash releases its shared memory. Each test prints why it skips
+//! when its driver is unavailable here.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::dataplane::{
+    data_segments, echo_bin, iox2_of, launch, round_trip, stop_and_clean, wait_until,
+};
+use crate::harness::{stderr, Daemon};
+
+/// The echo manifest for `driver`, with `extra` lines (the driver's own section).
+fn walled_echo(driver: &str, command: &str, extra: &str) -> String {
+    format!(
+        "name: echo\ndriver: {driver}\ncommand: [{command:?}]\nisolation: session\n\
+         restart: {{policy: never}}\nreadiness: {{notify: true, timeout: 30s}}\n\
+         shutdown: {{grace: 2s}}\nchannels:\n  inputs: [{{name: input, max_payload: 64Ki}}]\n  \
+         outputs: [{{name: output, max_payload: 64Ki}}]\n{extra}"
+    )
+}
+
+/// Round trip, then the workload is killed by `kill`: its crash is reported and the data
+/// segment of its output publisher (the only one left then) is reclaimed.
+fn round_trip_then_crash(d: Daemon, kill: impl FnOnce(&Daemon)) {
+    assert_eq!(launch(&d, "echo", "w1")["state"], "ready");
+    let id = "session:w1:echo";
+    round_trip(&d, id, "input", id, "output");
+    let iox2 = iox2_of(&d, id);
+    // The sender's publisher goes when `pipe send` ends; the workload's stays.
+    wait_until("one publisher: the workload's", || {
+        data_segments(&iox2).len() == 1
+    });
+    kill(&d);
+    d.wait_event("echo crashed", |e| {
+        e["instance"] == id && e["kind"] == "crashed"
+    });
+    wait_until("the workload's data segment reclaimed", || {
+        data_segments(&iox2).is_empty()
+    });
+    stop_and_clean(d, &iox2);
+}
+
+#[test]
+fn sandboxed_workload_round_trip_and_crash_releases_shared_memory() {
+    let m = walled_echo("sandbox", echo_bin(), "");
+    let d = Daemon::start(&[("echo", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    round_trip_then_crash(d, |d| {
+        let pid = d.json(&["get", "session:w1:echo", "-o", "json"])["pid"]
+            .as_u64()
+            .expect("the sandboxed instance has a pid");
+        // SAFETY: kill(2) on the host pid of this test's own instance.
+        let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        assert_eq!(rc, 0, "kill {pid}: {}", std::io::Error::last_os_error());
+    });
+}
+
+/// The `docker.mounts` that let the host-built echo binary run in the busybox image: the
+/// binary, its dynamic loader and the libraries `ldd` resolves, each read-only at the
+/// path the loader looks for it. (A static build would need the whole dependency tree
+/// rebuilt for another target; a bind of the few files does not.)
+fn echo_mounts() -> String {
+    let bin = echo_bin();
+    let out = Command::new("ldd").arg(bin).output().expect("run ldd");
+    assert!(out.status.success(), "ldd {bin}: {}", stderr(&out));
+    let mut mounts = vec![format!(
+        "    - {{source: {bin:?}, target: /bulkhead/echo, read_only: true}}\n"
+    )];
+    // Lines are `name => /path (addr)`, `/path (addr)` (the loader) or `vdso (addr)`.
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|s| s.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(p) = path {
+            let src = std::fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p));
+            mounts.push(format!(
+                "    - {{source: {:?}, target: {p:?}, read_only: true}}\n",
+                src.display().to_string()
+            ));
+        }
+    }
+    format!(
+        "docker:\n  image: {}\n  mounts:\n{}",
+        crate::docker::IMAGE,
+        mounts.concat()
+    )
+}
+
+#[test]
+fn docker_workload_round_trip_and_crash_releases_shared_memory() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let m = walled_echo("docker", "/bulkhead/echo", &echo_mounts());
+    let d = Daemon::start(&[("echo", &m)]);
+    round_trip_then_crash(d, |d| {
+        // This daemon's container (the engine is shared with other test runs).
+        let daemon = std::fs::read_to_string(d.state.join("daemon-id")).expect("daemon-id");
+        let out = Command::new("docker")
+            .args([
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=bulkhead.daemon={}", daemon.trim()),
+                "--filter",
+                "label=bulkhead.instance=session:w1:echo",
+            ])
+            .output()
+            .expect("run docker ps");
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(ids.len(), 1, "one container: {ids:?}");
+        // Killed behind bulkhead's back, through the engine.
+        let out = Command::new("docker")
+            .args(["kill", &ids[0]])
+            .output()
+            .expect("run docker kill");
+        assert!(out.status.success(), "{}", stderr(&out));
+    });
+}
