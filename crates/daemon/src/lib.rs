@@ -293,6 +293,61 @@ impl Shared {
         }
     }
 
+    /// At start-up, after the keeper's and the instance table's instances are back: an
+    /// instance whose last event says it was running, but that neither brought back, died
+    /// with the previous daemon (a keeper would have listed it; a sandboxed instance dies
+    /// with its daemon). This happens when the daemon is killed right after a launch: the
+    /// instance table is written off the launch path and may lag the (durable) event log
+    /// by a commit. The event log is the truth: the instance is reported `lost` with the
+    /// workload's current spec, and its restart policy decides.
+    pub(crate) fn resume_unrecorded(self: &Arc<Self>, cat: &catalog::Catalog) {
+        use bulkhead_core::event::EventKind as K;
+        let (history, _) = self.events.subscribe(0);
+        let mut last: HashMap<&InstanceId, &K> = HashMap::new();
+        for e in &history {
+            last.insert(&e.instance, &e.kind);
+        }
+        for (id, kind) in last {
+            let running = matches!(
+                kind,
+                K::Launched
+                    | K::Started { .. }
+                    | K::Ready
+                    | K::Adopted { .. }
+                    | K::Unhealthy { .. }
+                    | K::Terminating { .. }
+            );
+            if !running || self.lock_registry().contains_key(id) {
+                continue;
+            }
+            let Ok((_, key)) = InstanceId::parse(id.as_str()) else {
+                continue;
+            };
+            let Some((spec, dir)) = cat
+                .get(key.workload())
+                .and_then(|e| e.spec.as_ref().ok().map(|s| (s.clone(), e.dir.clone())))
+            else {
+                // Its workload is gone: nothing can run it again, but the end is told.
+                self.events.publish(
+                    id,
+                    K::Lost {
+                        reason: "it was running when the daemon stopped, and its workload no longer exists".into(),
+                    },
+                );
+                continue;
+            };
+            tracing::warn!("{id}: running at the last event but unrecorded; reporting it lost");
+            self.resume(
+                key,
+                spec,
+                dir,
+                bulkhead_core::instance::Restored::default(),
+                Some("it was running when the daemon stopped and its process is gone".into()),
+                Vec::new(),
+            );
+        }
+    }
+
     pub(crate) fn logs_dir(&self) -> PathBuf {
         self.cfg.state_dir.join("logs")
     }

@@ -337,6 +337,7 @@ impl Daemon {
                 row.leases,
             );
         }
+        shared.resume_unrecorded(&cat);
         tracing::info!(
             "serving {} workloads from {} on {}",
             cat.entries.len(),

@@ -341,7 +341,7 @@ impl Driver for DockerDriver {
             main: Mutex::new(None),
             status: status_tx,
             died: AtomicBool::new(false),
-            oom: AtomicBool::new(false),
+            oom: Arc::new(AtomicBool::new(false)),
             memory_limit: spec.spec.resources.as_ref().and_then(|r| r.memory),
             pids_limit: spec.spec.resources.as_ref().and_then(|r| r.pids),
             env: spec.env.clone(),
@@ -438,7 +438,8 @@ pub struct Container {
     main: Mutex<Option<Main>>,
     status: watch::Sender<Option<ExitStatus>>,
     died: AtomicBool,
-    oom: AtomicBool,
+    /// Set by the engine's `oom` event, or by the inspect made when the container dies.
+    oom: Arc<AtomicBool>,
     memory_limit: Option<u64>,
     pids_limit: Option<u32>,
     env: Vec<(String, String)>,
@@ -479,7 +480,7 @@ impl Container {
             main: Mutex::new(None),
             status: status_tx,
             died: AtomicBool::new(false),
-            oom: AtomicBool::new(false),
+            oom: Arc::new(AtomicBool::new(false)),
             memory_limit: host.memory.filter(|&m| m > 0).map(|m| m as u64),
             pids_limit: host.pids_limit.filter(|&p| p > 0).map(|p| p as u32),
             env,
@@ -655,7 +656,26 @@ impl EventSink for Container {
                 let id = self.id.clone();
                 let status = self.status.clone();
                 let engine = self.engine.clone();
+                let oom = self.oom.clone();
+                let limited = self.memory_limit.is_some();
                 let remove = async move {
+                    // The engine's `oom` event and its `die` event come through one stream
+                    // but the `oom` one can arrive after the `die` (or not at all after a
+                    // reconnect). A SIGKILLed container under a memory limit is therefore
+                    // asked directly, before it is removed and its exit is reported, so
+                    // `exit_cause` sees the OOM kill whatever the order.
+                    if limited && exit_code == 137 && !oom.load(Ordering::SeqCst) {
+                        if let Ok(Ok(info)) = tokio::time::timeout(
+                            REMOVE_TIMEOUT,
+                            client.inspect_container(&id, None::<InspectContainerOptions>),
+                        )
+                        .await
+                        {
+                            if info.state.and_then(|s| s.oom_killed) == Some(true) {
+                                oom.store(true, Ordering::SeqCst);
+                            }
+                        }
+                    }
                     let opts = RemoveContainerOptions {
                         force: true,
                         v: true,
