@@ -155,8 +155,10 @@ impl ImageCache {
     pub fn records(&self) -> Result<Vec<ImageRecord>, rusqlite::Error> {
         let db = self.db();
         let mut stmt = db.prepare(
+            // `last_used` is in whole seconds (what `images` shows); uses within one second
+            // are ordered by rowid, which every insert and every use moves to the end.
             "SELECT hash, tag, workload, size, created, last_used FROM images
-             ORDER BY last_used DESC, created DESC",
+             ORDER BY last_used DESC, rowid DESC",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(ImageRecord {
@@ -268,7 +270,8 @@ impl ImageCache {
         if let Some(tag) = cached {
             if client.inspect_image(&tag).await.is_ok() {
                 self.db().execute(
-                    "UPDATE images SET last_used = ?1 WHERE hash = ?2",
+                    "UPDATE images SET last_used = ?1,
+                        rowid = (SELECT max(rowid) + 1 FROM images) WHERE hash = ?2",
                     rusqlite::params![now(), hash],
                 )?;
                 return Ok(Built {
