@@ -82,18 +82,28 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok((cli, running, ready, create, start))
     })?;
-    println!("| measurement | p50 ms | p99 ms | p50 vs CLI |");
-    println!("|---|---|---|---|");
+    let mut report =
+        String::from("| measurement | p50 ms | p99 ms | p50 vs CLI |\n|---|---|---|---|\n");
     for s in [&cli, &running, &ready, &create, &start] {
-        println!(
-            "| {} | {} | {} | {} |",
+        report.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
             s.name,
             ms(s.p50()),
             ms(s.p99()),
             ratio(s.p50(), cli.p50())
-        );
+        ));
     }
-    println!("\n{iterations} iterations, interleaved.");
+    report.push_str(&format!("\n{iterations} iterations, interleaved.\n"));
+    println!("{report}");
+    // `--write PATH`: also write the report (what `scripts/bench-all` collects).
+    if let Some(path) = args
+        .iter()
+        .position(|a| a == "--write")
+        .and_then(|i| args.get(i + 1))
+    {
+        std::fs::write(path, &report)?;
+        eprintln!("wrote {path}");
+    }
     Ok(())
 }
 
