@@ -48,48 +48,6 @@ fn containers(state: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The cgroup scope of a daemon's state directory (as the daemon computes it).
-fn scope(state: &Path) -> String {
-    let abs = std::path::absolute(state).unwrap();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in abs.as_os_str().as_encoded_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("d{h:016x}")
-}
-
-/// Instance cgroup directories under a daemon's scope, in every hierarchy.
-fn cgroups(scope: &str) -> Vec<String> {
-    fn walk(dir: &Path, scope: &str, out: &mut Vec<String>, depth: u32) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if !p.is_dir() || depth > 6 {
-                continue;
-            }
-            if p.file_name().is_some_and(|n| n == scope) {
-                if let Ok(inner) = std::fs::read_dir(&p) {
-                    out.extend(
-                        inner
-                            .flatten()
-                            .map(|e| e.path())
-                            .filter(|p| p.is_dir())
-                            .map(|p| p.display().to_string()),
-                    );
-                }
-            } else {
-                walk(&p, scope, out, depth + 1);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(Path::new("/sys/fs/cgroup"), scope, &mut out, 0);
-    out
-}
-
 fn workloads(mark: &str) -> Vec<(&'static str, String)> {
     vec![
         (
@@ -249,8 +207,10 @@ fn kill_9_during_launches_restarts_and_terminations_keeps_every_invariant() {
     drop(d);
     wait_until("no process of the test left", || marked(&mark).is_empty());
     // Nor a cgroup or a container.
-    let scope = scope(&state);
-    wait_until("no cgroup of the test left", || cgroups(&scope).is_empty());
+    let scope = cgroup_scope(&state);
+    wait_until("no cgroup of the test left", || {
+        instance_cgroups(&scope).is_empty()
+    });
     if docker {
         let left = containers(&state);
         assert!(left.is_empty(), "containers left: {left:?}");

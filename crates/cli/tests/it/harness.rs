@@ -267,3 +267,39 @@ pub fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// The cgroup scope of a daemon's state directory (as `bulkhead_daemon` computes it).
+pub fn cgroup_scope(state: &Path) -> String {
+    let abs = std::path::absolute(state).unwrap();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in abs.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("d{h:016x}")
+}
+
+/// Instance cgroup directories under the scope, in every hierarchy.
+pub fn instance_cgroups(scope: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, scope: &str, out: &mut Vec<PathBuf>, depth: u32) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !p.is_dir() || depth > 6 {
+                continue;
+            }
+            if p.file_name().is_some_and(|n| n == scope) {
+                if let Ok(inner) = std::fs::read_dir(&p) {
+                    out.extend(inner.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+                }
+            } else {
+                walk(&p, scope, out, depth + 1);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), scope, &mut out, 0);
+    out
+}

@@ -29,42 +29,6 @@ pub(crate) fn sandbox_available(d: &Daemon) -> bool {
     true
 }
 
-/// The cgroup scope of a daemon's state directory (as `bulkhead_daemon` computes it).
-fn scope(state: &Path) -> String {
-    let abs = std::path::absolute(state).unwrap();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in abs.as_os_str().as_encoded_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("d{h:016x}")
-}
-
-/// Instance cgroup directories under the scope, in every hierarchy.
-fn instance_cgroups(scope: &str) -> Vec<PathBuf> {
-    fn walk(dir: &Path, scope: &str, out: &mut Vec<PathBuf>, depth: u32) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if !p.is_dir() || depth > 6 {
-                continue;
-            }
-            if p.file_name().is_some_and(|n| n == scope) {
-                if let Ok(inner) = std::fs::read_dir(&p) {
-                    out.extend(inner.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
-                }
-            } else {
-                walk(&p, scope, out, depth + 1);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(Path::new("/sys/fs/cgroup"), scope, &mut out, 0);
-    out
-}
-
 #[test]
 fn a_notify_workload_runs_behind_the_walls() {
     let Some(py) = python3() else { return };
@@ -92,7 +56,7 @@ fn a_notify_workload_runs_behind_the_walls() {
     assert_eq!(usage["pids_limit"], 64, "{g}");
     assert!(usage["pids"].as_u64().unwrap() >= 2, "{g}");
     assert!(usage["memory_peak_bytes"].as_u64().is_some(), "{g}");
-    assert!(!instance_cgroups(&scope(&d.state)).is_empty());
+    assert!(!instance_cgroups(&cgroup_scope(&d.state)).is_empty());
 
     // exec enters the namespaces: the instance's hostname, its PID namespace, no network;
     // and returns the real exit code.
@@ -123,7 +87,10 @@ fn a_notify_workload_runs_behind_the_walls() {
     d.wait_event("terminated", |e| {
         e["instance"] == id.as_str() && e["kind"] == "terminated"
     });
-    assert_eq!(instance_cgroups(&scope(&d.state)), Vec::<PathBuf>::new());
+    assert_eq!(
+        instance_cgroups(&cgroup_scope(&d.state)),
+        Vec::<PathBuf>::new()
+    );
 }
 
 /// The main process (tail keeps the newline-free /dev/zero in memory) is OOM-killed: the
@@ -163,7 +130,10 @@ fn sandboxed_instances_die_with_the_daemon_and_are_reported_lost() {
     d.wait_event("lost", |e| {
         e["instance"] == "ns:default:sl" && e["kind"] == "lost"
     });
-    assert_eq!(instance_cgroups(&scope(&d.state)), Vec::<PathBuf>::new());
+    assert_eq!(
+        instance_cgroups(&cgroup_scope(&d.state)),
+        Vec::<PathBuf>::new()
+    );
 }
 
 /// With `user_namespace`, root inside is uid 100000 on the host: the daemon's pid of the
