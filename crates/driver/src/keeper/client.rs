@@ -35,6 +35,8 @@ struct State {
     lists: HashMap<u64, mpsc::UnboundedSender<Packet>>,
     exits: HashMap<u32, watch::Sender<Option<ExitStatus>>>,
     closed: bool,
+    /// The daemon asked the keeper to exit: its closing the connection is expected.
+    shutting_down: bool,
 }
 
 /// A connection to the keeper.
@@ -171,6 +173,7 @@ impl KeeperClient {
 
     /// Asks the keeper to exit once it holds no running instance.
     pub async fn shutdown(&self) {
+        self.state().shutting_down = true;
         let _ = self.send(&Request::Shutdown).await;
     }
 
@@ -197,8 +200,14 @@ async fn read_loop(client: std::sync::Weak<KeeperClient>) {
             Ok(Some((reply, fds))) => dispatch(&c, reply, fds),
             Ok(None) | Err(_) => {
                 // The keeper is gone, and with it (parent-death signal) every instance.
-                tracing::error!("the keeper connection closed; its instances were killed with it");
                 let mut st = c.state();
+                if st.shutting_down {
+                    tracing::debug!("the keeper exited as asked");
+                } else {
+                    tracing::error!(
+                        "the keeper connection closed; its instances were killed with it"
+                    );
+                }
                 st.closed = true;
                 st.pending.clear();
                 st.lists.clear();
