@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_api::v1;
-use bulkhead_bench::{ratio, Samples};
+use bulkhead_bench::{flag, ratio, Samples};
 use iceoryx2::port::update_connections::UpdateConnections;
 use iceoryx2::prelude::*;
 
@@ -336,12 +336,6 @@ fn docker_section(exe: &std::path::Path) -> anyhow::Result<String> {
     Ok(format!(
         "docker:\n  image: bulkhead-test/busybox:latest\n  mounts:\n{mounts}"
     ))
-}
-
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }
 
 /// The parent process id: an echo whose parent changed was orphaned and exits.

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use bulkhead_api::v1;
-use bulkhead_bench::{ms, ratio, Samples};
+use bulkhead_bench::{ms, ratio, terminate, Samples};
 
 const IMAGE: &str = "bulkhead-test/busybox:latest";
 
@@ -179,16 +179,4 @@ async fn launch(
     })
     .await?
     .into_inner())
-}
-
-async fn terminate(
-    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
-    id: &str,
-) -> anyhow::Result<()> {
-    c.terminate(v1::TerminateRequest {
-        id: id.into(),
-        grace_ms: None,
-    })
-    .await?;
-    Ok(())
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkhead_api::v1;
-use bulkhead_bench::{ms, ratio, Samples};
+use bulkhead_bench::{flag, ms, ratio, Samples};
 use bulkhead_core::event::EventKind;
 use bulkhead_core::key::InstanceId;
 use bulkhead_daemon::events::EventLog;
@@ -254,10 +254,4 @@ fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
 }

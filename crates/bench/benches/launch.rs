@@ -21,7 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_api::v1;
-use bulkhead_bench::{ms, ratio, Samples};
+use bulkhead_bench::{flag, ms, notify_child, ratio, terminate, Samples};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -215,27 +215,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-/// The workload: send READY=1 to $NOTIFY_SOCKET, then wait to be killed. Only std, no
-/// runtime, so that start-up is what any small native program costs.
-fn notify_child() -> ! {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        let s = UnixDatagram::unbound().expect("socket");
-        s.send_to(b"READY=1", path).expect("notify");
-    }
-    loop {
-        // SAFETY: pause(2) has no preconditions; it returns only when a signal is caught.
-        unsafe {
-            libc::pause();
-        }
-    }
-}
-
 /// One floor sample: bind, posix_spawn, wait for READY=1. No daemon involved.
 fn floor_once(exe: &Path, dir: &Path, i: usize) -> anyhow::Result<Duration> {
     let path = dir.join(format!("floor-{i}.sock"));
@@ -276,16 +255,4 @@ async fn launch_ready(
     })
     .await?
     .into_inner())
-}
-
-async fn terminate(
-    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
-    id: &str,
-) -> anyhow::Result<()> {
-    c.terminate(v1::TerminateRequest {
-        id: id.into(),
-        grace_ms: None,
-    })
-    .await?;
-    Ok(())
 }

@@ -20,6 +20,7 @@
 //!
 //! Options: `--iterations N` (default 200), `--write PATH` (also write the markdown).
 
+use bulkhead_sandbox::spawn::CloneArgs;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
@@ -227,23 +228,6 @@ fn await_ready(sock: &UnixDatagram) -> anyhow::Result<()> {
     let n = sock.recv(&mut buf)?;
     anyhow::ensure!(&buf[..n] == b"READY=1", "unexpected handshake");
     Ok(())
-}
-
-/// `struct clone_args` up to `cgroup` (unused here).
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
 }
 
 /// The floor: clone3 with the namespaces, execve, READY.

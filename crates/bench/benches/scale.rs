@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_api::v1;
-use bulkhead_bench::{ms, ratio, Samples};
+use bulkhead_bench::{flag, ms, notify_child, ratio, Samples};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -158,12 +158,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 async fn launch(
     mut c: bulkhead_api::BulkheadClient<tonic::transport::Channel>,
     session: String,
@@ -237,18 +231,4 @@ fn cpu_seconds() -> f64 {
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// The workload: READY=1 to $NOTIFY_SOCKET, then wait to be killed.
-fn notify_child() -> ! {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        let s = UnixDatagram::unbound().expect("socket");
-        s.send_to(b"READY=1", path).expect("notify");
-    }
-    loop {
-        // SAFETY: pause(2) has no preconditions; it returns only when a signal is caught.
-        unsafe {
-            libc::pause();
-        }
-    }
 }

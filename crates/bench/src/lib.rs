@@ -51,6 +51,42 @@ pub fn ratio(a: Duration, b: Duration) -> String {
     format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64())
 }
 
+/// The value after `name` on a command line (`--write PATH`).
+pub fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// The notify workload of the benchmarks (their binary's `notify-child` mode): send
+/// READY=1 to $NOTIFY_SOCKET, then wait to be killed. Only std, no runtime, so that
+/// start-up is what any small native program costs.
+pub fn notify_child() -> ! {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let s = std::os::unix::net::UnixDatagram::unbound().expect("socket");
+        s.send_to(b"READY=1", path).expect("notify");
+    }
+    loop {
+        // SAFETY: pause(2) has no preconditions; it returns only when a signal is caught.
+        unsafe {
+            libc::pause();
+        }
+    }
+}
+
+/// Terminates an instance through the API with its manifest's grace.
+pub async fn terminate(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    id: &str,
+) -> anyhow::Result<()> {
+    c.terminate(bulkhead_api::v1::TerminateRequest {
+        id: id.into(),
+        grace_ms: None,
+    })
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
