@@ -9,8 +9,12 @@
 //!     dockerfile: Dockerfile         # relative to the manifest's folder; context: .
 //!     # or a generated Dockerfile:
 //!     base: debian:12
-//!     files: { requirements.txt: /app/requirements.txt }
+//!     # or a Debian root file system made here with debootstrap (no registry needed),
+//!     # imported and cached like any built image:
+//!     debootstrap: { suite: bookworm, include: [python3] }
+//!     files: { requirements.txt: /app/requirements.txt, src: /app/src }
 //!     run: ["pip install -r /app/requirements.txt"]
+//!     network: host                  # for RUN steps (default: the engine's default)
 //!   shm_size: 64Mi
 //!   user: "1000:1000"
 //!   read_only: true
@@ -94,15 +98,113 @@ pub struct DockerBuild {
     /// The base image of a generated Dockerfile (`FROM`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
-    /// With `base`: files copied in, source (relative to the context) to absolute target.
+    /// The base of a generated Dockerfile made with debootstrap on the host instead of
+    /// `base`: imported into the engine and kept in the image cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debootstrap: Option<Debootstrap>,
+    /// With `base`/`debootstrap`: files or folders copied in, source (relative to the
+    /// context) to absolute target. A folder's contents land in the target folder.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub files: BTreeMap<String, String>,
-    /// With `base`: shell commands run in order (`RUN`).
+    /// With `base`/`debootstrap`: shell commands run in order (`RUN`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub run: Vec<String>,
-    /// With `base`: environment set in the image (`ENV`).
+    /// With `base`/`debootstrap`: environment set in the image (`ENV`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// The network of `RUN` steps: `default` (the engine's), `host` or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// `docker.build.debootstrap`: a Debian (or derivative) root file system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Debootstrap {
+    /// The release: `bookworm`, `trixie`, `stable` ...
+    pub suite: String,
+    /// `minbase` (the default: essential packages and apt), `buildd` or `default`.
+    #[serde(default = "default_variant")]
+    pub variant: String,
+    /// Extra packages installed into it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Archive components (default: `main`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<String>,
+    /// The archive (default: `http://deb.debian.org/debian`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<String>,
+}
+
+/// The archive debootstrap reads when the manifest names none.
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+fn default_variant() -> String {
+    "minbase".to_owned()
+}
+
+impl Debootstrap {
+    /// The archive in use.
+    pub fn mirror(&self) -> &str {
+        self.mirror.as_deref().unwrap_or(DEFAULT_MIRROR)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        // Everything here ends up on debootstrap's command line: names are restricted to
+        // what Debian allows, so nothing can read as an option or reach a shell.
+        let word = |s: &str, extra: &[u8]| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.as_bytes()[0].is_ascii_alphanumeric()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || extra.contains(&b))
+        };
+        if !word(&self.suite, b"-.") {
+            return Err((
+                "suite".into(),
+                "must be a release name like bookworm".into(),
+            ));
+        }
+        if !["minbase", "buildd", "default"].contains(&self.variant.as_str()) {
+            return Err((
+                "variant".into(),
+                "must be minbase, buildd or default".into(),
+            ));
+        }
+        for (i, p) in self.include.iter().enumerate() {
+            if !word(p, b"+-.") {
+                return Err((
+                    format!("include[{i}]"),
+                    "must be a Debian package name like python3".into(),
+                ));
+            }
+        }
+        for (i, c) in self.components.iter().enumerate() {
+            if !word(c, b"-") {
+                return Err((
+                    format!("components[{i}]"),
+                    "must be a component name like main".into(),
+                ));
+            }
+        }
+        if let Some(m) = &self.mirror {
+            let ok = ["http://", "https://", "file:///"]
+                .iter()
+                .any(|p| m.starts_with(p))
+                && m.len() <= 512
+                && !m
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == ',');
+            if !ok {
+                return Err((
+                    "mirror".into(),
+                    "must be an http://, https:// or file:/// URL".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One entry of `docker.mounts`.
@@ -195,23 +297,47 @@ impl DockerSpec {
 impl DockerBuild {
     fn validate(&self) -> Result<(), (String, String)> {
         let fail = |field: &str, reason: &str| Err((field.to_owned(), reason.to_owned()));
-        match (&self.dockerfile, &self.base) {
-            (None, None) => return fail("dockerfile", "set build.dockerfile or build.base"),
-            (Some(_), Some(_)) => {
-                return fail("base", "build.dockerfile and build.base are exclusive")
-            }
-            (Some(_), None)
-                if !self.files.is_empty() || !self.run.is_empty() || !self.env.is_empty() =>
-            {
+        let bases = [
+            self.dockerfile.is_some(),
+            self.base.is_some(),
+            self.debootstrap.is_some(),
+        ];
+        match bases.iter().filter(|b| **b).count() {
+            0 => {
                 return fail(
-                    "files",
-                    "files, run and env go with build.base, not build.dockerfile",
+                    "dockerfile",
+                    "set build.dockerfile, build.base or build.debootstrap",
                 )
             }
-            (None, Some(b)) if !valid_image_ref(b) => {
-                return fail("base", "must be an image reference like debian:12")
+            1 => {}
+            _ => {
+                return fail(
+                    "base",
+                    "build.dockerfile, build.base and build.debootstrap are exclusive",
+                )
             }
-            _ => {}
+        }
+        if self.dockerfile.is_some()
+            && (!self.files.is_empty() || !self.run.is_empty() || !self.env.is_empty())
+        {
+            return fail(
+                "files",
+                "files, run and env go with build.base or build.debootstrap, not build.dockerfile",
+            );
+        }
+        if let Some(b) = &self.base {
+            if !valid_image_ref(b) {
+                return fail("base", "must be an image reference like debian:12");
+            }
+        }
+        if let Some(d) = &self.debootstrap {
+            d.validate()
+                .map_err(|(f, r)| (format!("debootstrap.{f}"), r))?;
+        }
+        if let Some(n) = &self.network {
+            if !["default", "host", "none"].contains(&n.as_str()) {
+                return fail("network", "must be default, host or none");
+            }
         }
         for (src, dst) in &self.files {
             if src.is_empty() || src.starts_with('/') || src.split('/').any(|p| p == "..") {
@@ -292,5 +418,42 @@ mod tests {
             .starts_with("idle_timeout"));
         assert!(parse("image: a\nshare: true\nidle_timeout: 5s").is_ok());
         assert!(parse("image: a\nbogus: 1").is_err());
+    }
+
+    #[test]
+    fn debootstrap_base() {
+        let s = parse(
+            "build: { debootstrap: { suite: bookworm, include: [python3, libstdc++6] }, \
+             files: { sdk: /opt/sdk }, network: host }\n",
+        )
+        .unwrap();
+        let d = s.build.as_ref().unwrap().debootstrap.clone().unwrap();
+        assert_eq!(d.variant, "minbase");
+        assert_eq!(d.mirror(), DEFAULT_MIRROR);
+        assert_eq!(d.include, vec!["python3", "libstdc++6"]);
+        let err = |y: &str| parse(y).unwrap_err();
+        assert!(
+            err("build: { debootstrap: { suite: bookworm }, base: busybox }")
+                .starts_with("build.base:")
+        );
+        assert!(err("build: { debootstrap: { suite: '--foreign' } }")
+            .starts_with("build.debootstrap.suite:"));
+        assert!(
+            err("build: { debootstrap: { suite: bookworm, include: ['a;rm'] } }")
+                .starts_with("build.debootstrap.include[0]:")
+        );
+        assert!(
+            err("build: { debootstrap: { suite: bookworm, variant: fakechroot } }")
+                .starts_with("build.debootstrap.variant:")
+        );
+        assert!(
+            err("build: { debootstrap: { suite: bookworm, mirror: 'ftp://x' } }")
+                .starts_with("build.debootstrap.mirror:")
+        );
+        assert!(
+            err("build: { debootstrap: { suite: bookworm }, network: bridge }")
+                .starts_with("build.network:")
+        );
+        assert!(err("build: { debootstrap: { suite: bookworm, bogus: 1 } }").contains("bogus"));
     }
 }

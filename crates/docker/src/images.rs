@@ -1,13 +1,19 @@
 //! The image cache: images built from `docker.build`, tagged by a hash of their full build
 //! configuration and recorded in SQLite (`images.db` in the state directory).
 //!
-//! The hash covers the Dockerfile text (given or generated), every file of the build
-//! context (path, mode bit for executables, content), and a format version: the same
+//! The hash covers the Dockerfile text (given or generated; a debootstrap base enters it
+//! through its tag, itself a hash of its configuration), every file of the build context
+//! (path, mode bit for executables, content), the build's network and a format version:
+//! the same
 //! configuration reuses its image, any change builds a new one. Tags are
 //! `bulkhead/<workload>:<first 12 hex digits>`.
 //!
+//! A `debootstrap` base is an image of its own (see [`crate::debootstrap`]), recorded as
+//! the parent of the images built on it.
+//!
 //! Eviction is LRU by `last_used`, down to a maximum count and/or total size, and never
-//! removes an image that a container (running or not) still uses. One build runs at a
+//! removes an image that a container (running or not) still uses, nor a base that a
+//! cached image is built on. One build runs at a
 //! time (a build already saturates two cores); concurrent launches of the same
 //! configuration wait for the first build and then hit the cache.
 
@@ -79,6 +85,8 @@ pub enum BuildError {
         reason: String,
         tail: String,
     },
+    #[error(transparent)]
+    Base(#[from] crate::debootstrap::BootstrapError),
     #[error("image cache: {0}")]
     Db(#[from] rusqlite::Error),
 }
@@ -102,6 +110,8 @@ pub struct Limits {
 /// The image cache.
 pub struct ImageCache {
     db: Mutex<rusqlite::Connection>,
+    /// Where debootstrap makes root file systems (beside the database).
+    work: PathBuf,
     limits: Limits,
     build_lock: tokio::sync::Mutex<()>,
 }
@@ -118,6 +128,8 @@ struct Plan {
     dockerfile: String,
     /// (path in the context archive, host path)
     files: Vec<(String, PathBuf)>,
+    /// The network of RUN steps (`build.network`), when not the engine's default.
+    network: Option<String>,
 }
 
 impl ImageCache {
@@ -140,8 +152,21 @@ impl ImageCache {
              );",
         )
         .map_err(err)?;
+        // Added with debootstrap bases: the hash of the image this one is built on.
+        let has_parent = db
+            .prepare("SELECT 1 FROM pragma_table_info('images') WHERE name = 'parent'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(err)?;
+        if !has_parent {
+            db.execute_batch("ALTER TABLE images ADD COLUMN parent TEXT")
+                .map_err(err)?;
+        }
         Ok(ImageCache {
             db: Mutex::new(db),
+            work: path
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join("debootstrap"),
             limits,
             build_lock: tokio::sync::Mutex::new(()),
         })
@@ -189,12 +214,33 @@ impl ImageCache {
         let _guard = self.build_lock.lock().await;
         let used = images_in_use(client).await?;
         let mut removed = Vec::new();
-        for r in self.records()? {
-            if !used.contains(&r.tag) && self.remove(client, &r).await? {
-                removed.push(r);
+        // A base goes once the images built on it have gone: pass again while a pass
+        // removes something.
+        loop {
+            let recs = self.records()?;
+            let parents = self.parents()?;
+            let mut any = false;
+            for r in recs {
+                if !used.contains(&r.tag)
+                    && !parents.contains(&r.hash)
+                    && self.remove(client, &r).await?
+                {
+                    removed.push(r);
+                    any = true;
+                }
+            }
+            if !any {
+                return Ok(removed);
             }
         }
-        Ok(removed)
+    }
+
+    /// Hashes of the images that cached images are built on.
+    fn parents(&self) -> Result<HashSet<String>, rusqlite::Error> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT DISTINCT parent FROM images WHERE parent IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect()
     }
 
     /// Removes one image and its record; false if the engine refused (in use).
@@ -234,18 +280,25 @@ impl ImageCache {
                     .max_bytes
                     .is_some_and(|m| recs.iter().map(|r| r.size_bytes).sum::<u64>() > m)
         };
-        let mut i = recs.len();
-        while over(&recs) && i > 0 {
-            i -= 1;
-            if used.contains(&recs[i].tag) {
-                continue;
+        // Oldest first; a base is kept while an image built on it is, so pass again when
+        // a pass removed an image (its base may have become removable).
+        loop {
+            let before = removed.len();
+            let mut i = recs.len();
+            while over(&recs) && i > 0 {
+                i -= 1;
+                if used.contains(&recs[i].tag) || self.parents()?.contains(&recs[i].hash) {
+                    continue;
+                }
+                let r = recs.remove(i);
+                if self.remove(client, &r).await? {
+                    removed.push(r);
+                }
             }
-            let r = recs.remove(i);
-            if self.remove(client, &r).await? {
-                removed.push(r);
+            if !over(&recs) || removed.len() == before {
+                return Ok(removed);
             }
         }
-        Ok(removed)
     }
 
     /// The image for `dk.build`, from the cache or built now.
@@ -258,6 +311,13 @@ impl ImageCache {
     ) -> Result<Built, BuildError> {
         let build = dk.build.clone().unwrap_or_default();
         let plan = plan(&build, dir)?;
+        let base = build.debootstrap.as_ref().map(|d| {
+            (
+                crate::debootstrap::config_hash(d),
+                crate::debootstrap::tag(d),
+                d,
+            )
+        });
         let hash = hash_plan(&plan)?;
         let tag = format!("bulkhead/{}:{}", sanitize(workload), &hash[..12]);
         let _guard = self.build_lock.lock().await;
@@ -284,12 +344,16 @@ impl ImageCache {
             self.db()
                 .execute("DELETE FROM images WHERE hash = ?1", [&hash])?;
         }
+        if let Some((base_hash, base_tag, d)) = &base {
+            self.ensure_base(client, base_hash, base_tag, d).await?;
+        }
         let ctx = archive(&plan, dir)?;
         let opts = BuildImageOptions {
             dockerfile: plan.dockerfile_name.clone(),
             t: Some(tag.clone()),
             rm: true,
             forcerm: true,
+            networkmode: plan.network.clone(),
             labels: Some(
                 [("bulkhead.config".to_owned(), hash.clone())]
                     .into_iter()
@@ -340,9 +404,9 @@ impl ImageCache {
         };
         let t = now();
         self.db().execute(
-            "INSERT OR REPLACE INTO images (hash, tag, workload, size, created, last_used)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-            rusqlite::params![hash, tag, workload, size as i64, t],
+            "INSERT OR REPLACE INTO images (hash, tag, workload, size, created, last_used, parent)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+            rusqlite::params![hash, tag, workload, size as i64, t, base.map(|b| b.0)],
         )?;
         drop(_guard);
         if let Err(e) = self.evict(client).await {
@@ -353,6 +417,49 @@ impl ImageCache {
             hash,
             hit: false,
         })
+    }
+}
+
+impl ImageCache {
+    /// Makes sure the debootstrap base `tag` exists, making and recording it if not.
+    /// Called with the build lock held.
+    async fn ensure_base(
+        &self,
+        client: &Docker,
+        hash: &str,
+        tag: &str,
+        d: &bulkhead_core::docker::Debootstrap,
+    ) -> Result<(), BuildError> {
+        let recorded = self
+            .db()
+            .query_row("SELECT 1 FROM images WHERE hash = ?1", [hash], |_| Ok(()))
+            .is_ok();
+        if client.inspect_image(tag).await.is_ok() {
+            if recorded {
+                self.db().execute(
+                    "UPDATE images SET last_used = ?1,
+                        rowid = (SELECT max(rowid) + 1 FROM images) WHERE hash = ?2",
+                    rusqlite::params![now(), hash],
+                )?;
+                return Ok(());
+            }
+        } else {
+            crate::debootstrap::build(client, d, tag, &self.work).await?;
+        }
+        let size = client
+            .inspect_image(tag)
+            .await
+            .ok()
+            .and_then(|i| i.size)
+            .unwrap_or(0)
+            .max(0);
+        let t = now();
+        self.db().execute(
+            "INSERT OR REPLACE INTO images (hash, tag, workload, size, created, last_used)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            rusqlite::params![hash, tag, format!("(debootstrap {})", d.suite), size, t],
+        )?;
+        Ok(())
     }
 }
 
@@ -397,9 +504,14 @@ fn resolve(dir: &Path, p: &str) -> PathBuf {
     }
 }
 
-/// The generated Dockerfile of `base` mode.
+/// The generated Dockerfile of `base` and `debootstrap` modes.
 pub fn generated_dockerfile(b: &DockerBuild) -> String {
-    let mut out = format!("FROM {}\n", b.base.as_deref().unwrap_or("scratch"));
+    let from = match (&b.base, &b.debootstrap) {
+        (Some(base), _) => base.clone(),
+        (None, Some(d)) => crate::debootstrap::tag(d),
+        (None, None) => "scratch".to_owned(),
+    };
+    let mut out = format!("FROM {from}\n");
     for (k, v) in &b.env {
         out.push_str(&format!(
             "ENV {k}={}\n",
@@ -430,28 +542,43 @@ fn plan(b: &DockerBuild, dir: &Path) -> Result<Plan, BuildError> {
             dockerfile_name: name,
             dockerfile: text,
             files,
+            network: b.network.clone().filter(|n| n != "default"),
         });
     }
-    let files = b
-        .files
-        .keys()
-        .enumerate()
-        .map(|(i, src)| (format!("files/{i}"), context.join(src)))
-        .collect();
+    let mut files = Vec::new();
+    for (i, src) in b.files.keys().enumerate() {
+        let host = context.join(src);
+        let meta = std::fs::metadata(&host).map_err(ctx_err(&host))?;
+        if meta.is_dir() {
+            // `COPY files/<i> <target>` copies the folder's contents into the target.
+            let mut inner = Vec::new();
+            walk(&host, &host, &mut inner)?;
+            inner.sort();
+            files.extend(
+                inner
+                    .into_iter()
+                    .map(|(rel, p)| (format!("files/{i}/{rel}"), p)),
+            );
+        } else {
+            files.push((format!("files/{i}"), host));
+        }
+    }
     Ok(Plan {
         dockerfile_name: "Dockerfile".to_owned(),
         dockerfile: generated_dockerfile(b),
         files,
+        network: b.network.clone().filter(|n| n != "default"),
     })
 }
 
-/// Every regular file under `root`, as (relative path, host path). Symlinks are followed
-/// for files; `.git` is skipped.
+/// Every regular file under `root`, as (relative path, host path). Symlinks are followed;
+/// `.git` and `__pycache__` (never part of an image, and rewritten by every Python run on
+/// the host, which would change the hash) are skipped.
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), BuildError> {
     for entry in std::fs::read_dir(dir).map_err(ctx_err(dir))? {
         let entry = entry.map_err(ctx_err(dir))?;
         let path = entry.path();
-        if entry.file_name() == ".git" {
+        if entry.file_name() == ".git" || entry.file_name() == "__pycache__" {
             continue;
         }
         let meta = std::fs::metadata(&path).map_err(ctx_err(&path))?;
@@ -482,6 +609,11 @@ fn hash_plan(plan: &Plan) -> Result<String, BuildError> {
     h.update([0]);
     h.update(plan.dockerfile.as_bytes());
     h.update([0]);
+    if let Some(n) = &plan.network {
+        h.update(b"network\0");
+        h.update(n.as_bytes());
+        h.update([0]);
+    }
     for (name, path) in &plan.files {
         let data = std::fs::read(path).map_err(ctx_err(path))?;
         h.update(name.as_bytes());
@@ -532,6 +664,45 @@ mod tests {
             generated_dockerfile(&b),
             "FROM busybox\nENV X=\"1 2\"\nCOPY files/0 /a.txt\nRUN echo hi\n"
         );
+    }
+
+    #[test]
+    fn debootstrap_base_and_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pkg/sub")).unwrap();
+        std::fs::create_dir_all(dir.path().join("pkg/__pycache__")).unwrap();
+        std::fs::write(dir.path().join("pkg/a.py"), "a").unwrap();
+        std::fs::write(dir.path().join("pkg/sub/b.py"), "b").unwrap();
+        std::fs::write(dir.path().join("pkg/__pycache__/a.pyc"), "x").unwrap();
+        std::fs::write(dir.path().join("main.py"), "m").unwrap();
+        let b: DockerBuild = serde_saphyr::from_str(
+            "debootstrap: {suite: bookworm, include: [python3]}\n\
+             files: {pkg: /opt/pkg, main.py: /app/main.py}\n",
+        )
+        .unwrap();
+        let p = plan(&b, dir.path()).unwrap();
+        let base = crate::debootstrap::tag(b.debootstrap.as_ref().unwrap());
+        assert!(
+            p.dockerfile.starts_with(&format!("FROM {base}\n")),
+            "{}",
+            p.dockerfile
+        );
+        let names: Vec<&str> = p.files.iter().map(|(n, _)| n.as_str()).collect();
+        // BTreeMap order: main.py is files/0, pkg is files/1 (its contents, no cache).
+        assert_eq!(names, ["files/0", "files/1/a.py", "files/1/sub/b.py"]);
+        assert!(p
+            .dockerfile
+            .contains("COPY files/0 /app/main.py\nCOPY files/1 /opt/pkg\n"));
+        // A Python run on the host rewrites __pycache__: the image stays the same.
+        let h = hash_plan(&p).unwrap();
+        std::fs::write(dir.path().join("pkg/__pycache__/a.pyc"), "y").unwrap();
+        assert_eq!(h, hash_plan(&plan(&b, dir.path()).unwrap()).unwrap());
+        // The build's network is part of the configuration.
+        let mut hb = b.clone();
+        hb.network = Some("host".into());
+        assert_ne!(h, hash_plan(&plan(&hb, dir.path()).unwrap()).unwrap());
+        hb.network = Some("default".into());
+        assert_eq!(h, hash_plan(&plan(&hb, dir.path()).unwrap()).unwrap());
     }
 
     #[test]

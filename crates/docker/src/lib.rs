@@ -9,12 +9,15 @@
 //!   manifest's signal and grace then SIGKILL, and removes it.
 //! - [`images::ImageCache`]: `docker.build` images tagged by a hash of their build
 //!   configuration, recorded in SQLite, evicted LRU without touching images in use.
+//! - [`debootstrap`]: Debian base images made on the host (no registry) for
+//!   `docker.build.debootstrap`, kept by the image cache.
 //! - [`recovery`]: after a daemon restart, finds this daemon's containers by label.
 //!
 //! **Invariant — every container bulkhead creates carries `bulkhead.daemon=<daemon id>`
 //! and `bulkhead.instance=<instance id>`**; recovery and the event filter act on those
 //! labels only, so containers of other daemons and of users are never touched.
 
+pub mod debootstrap;
 pub mod driver;
 pub mod engine;
 pub mod images;

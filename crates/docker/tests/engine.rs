@@ -315,3 +315,146 @@ async fn eviction_never_removes_an_image_in_use() {
     cache.prune(&client).await.unwrap();
     assert!(cache.records().unwrap().is_empty());
 }
+
+/// Whether debootstrap is installed; prints why not otherwise.
+fn debootstrap_available() -> bool {
+    let ok = std::process::Command::new("debootstrap")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: no debootstrap (apt-get install debootstrap; CI installs it)");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_debootstrap_base_is_made_once_kept_under_its_children_and_pruned_last() {
+    let Some(engine) = engine().await else { return };
+    if !debootstrap_available() {
+        return;
+    }
+    let client = engine.ensure().await.unwrap().clone();
+    let state = tempfile::tempdir().unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    let cache = ImageCache::open(
+        &state.path().join("images.db"),
+        Limits {
+            max_count: Some(2),
+            max_bytes: None,
+        },
+    )
+    .unwrap();
+    let pid = std::process::id();
+
+    // An archive that does not exist: debootstrap's own words come back, and nothing is
+    // left in the work folder.
+    let bad: bulkhead_core::docker::DockerSpec = serde_saphyr::from_str(&format!(
+        "build:\n  debootstrap: {{suite: bookworm, mirror: 'file:///nonexistent/{pid}'}}\n"
+    ))
+    .unwrap();
+    let err = cache
+        .ensure(&client, "bad-mirror", &bad, ctx.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("debootstrap of bookworm failed"), "{err}");
+    assert!(err.contains("last lines of its log"), "{err}");
+    let work = state.path().join("debootstrap");
+    let roots: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".root"))
+        .collect();
+    assert!(roots.is_empty(), "no root file system left: {roots:?}");
+
+    // The real archive. The mirror is spelled out so that this base is this test's own
+    // (another configuration than the examples' bookworm base), and pruning it at the
+    // end does not remove an image other tests use.
+    let spec = |run: &str| -> bulkhead_core::docker::DockerSpec {
+        serde_saphyr::from_str(&format!(
+            "build:\n  debootstrap: {{suite: bookworm, mirror: 'http://deb.debian.org/debian/'}}\n  \
+             run: ['{run}']\n"
+        ))
+        .unwrap()
+    };
+    let first = cache
+        .ensure(
+            &client,
+            "deb",
+            &spec(&format!("echo {pid} > /built")),
+            ctx.path(),
+        )
+        .await
+        .unwrap();
+    assert!(!first.hit);
+    let recs = cache.records().unwrap();
+    assert_eq!(recs.len(), 2, "the base and the image: {recs:?}");
+    let base = recs
+        .iter()
+        .find(|r| r.workload == "(debootstrap bookworm)")
+        .expect("the base is recorded")
+        .clone();
+    assert!(base.tag.starts_with("bulkhead/debootstrap-bookworm:"));
+    // The image runs Debian's userland.
+    let out = std::process::Command::new("docker")
+        .args([
+            "run",
+            "--rm",
+            &first.tag,
+            "cat",
+            "/etc/debian_version",
+            "/built",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("12.") && text.contains(&pid.to_string()),
+        "{text}"
+    );
+
+    // Another image on the same base: the base is not made again.
+    let started = std::time::Instant::now();
+    let second = cache
+        .ensure(&client, "deb", &spec("echo second"), ctx.path())
+        .await
+        .unwrap();
+    assert!(!second.hit);
+    eprintln!("second image on the cached base: {:?}", started.elapsed());
+    // Three records over a limit of two: the oldest image goes, never the base under
+    // the newest.
+    let tags: Vec<String> = cache
+        .records()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.tag)
+        .collect();
+    assert_eq!(tags.len(), 2, "{tags:?}");
+    assert!(
+        tags.contains(&base.tag) && tags.contains(&second.tag),
+        "{tags:?}"
+    );
+    assert!(
+        cache
+            .ensure(&client, "deb", &spec("echo second"), ctx.path())
+            .await
+            .unwrap()
+            .hit
+    );
+    // Prune: the image first, then its base.
+    let removed: Vec<String> = cache
+        .prune(&client)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.tag)
+        .collect();
+    assert_eq!(removed, [second.tag.clone(), base.tag.clone()]);
+    assert!(client.inspect_image(&base.tag).await.is_err());
+}
