@@ -10,13 +10,20 @@
 //! debootstrap mounts `/proc` and `/sys` inside its target while it configures packages,
 //! and a failed or killed run can leave them mounted: it runs in a mount namespace of its
 //! own, so that its mounts never exist in the daemon's namespace and vanish with it.
+//!
+//! Both debootstrap and tar are spawned through the daemon's reaper registry
+//! ([`bulkhead_driver::reaper::spawn`]): the daemon reaps orphans as a subreaper, and a
+//! child spawned around the registry could have its exit status taken (`ECHILD`). Each
+//! leads a process group that is killed if the build is dropped half-way.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use bollard::query_parameters::CreateImageOptions;
 use bollard::Docker;
 use bulkhead_core::docker::Debootstrap;
+use bulkhead_driver::reaper;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
@@ -134,13 +141,12 @@ pub async fn build(
     let log_file = std::fs::File::create(&log).map_err(folder(&log))?;
     let log_err = log_file.try_clone().map_err(folder(&log))?;
 
-    let mut cmd = tokio::process::Command::new("debootstrap");
+    let mut cmd = Command::new("debootstrap");
     cmd.args(args(d, &target))
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .kill_on_drop(true);
+        .env("DEBIAN_FRONTEND", "noninteractive");
     // SAFETY: runs in the child between fork and exec; it makes two system calls and
     // allocates nothing. A private mount namespace keeps debootstrap's /proc and /sys
     // mounts out of the daemon's namespace; propagation is made private first so that
@@ -170,16 +176,16 @@ pub async fn build(
         d.mirror(),
         log.display()
     );
-    let status = match cmd.status().await {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(BootstrapError::Missing),
-        Err(source) => {
-            return Err(BootstrapError::Spawn {
-                what: "debootstrap",
-                source,
-            })
-        }
+    let spawn_err = |source| BootstrapError::Spawn {
+        what: "debootstrap",
+        source,
     };
+    let mut child = match reaper::spawn(&mut cmd) {
+        Ok(c) => c.child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(BootstrapError::Missing),
+        Err(e) => return Err(spawn_err(e)),
+    };
+    let status = child.wait().await.map_err(spawn_err)?;
     let result = if status.success() {
         import(client, &target, tag).await
     } else {
@@ -200,7 +206,7 @@ pub async fn build(
 /// Streams `root` as a tar archive into the engine as image `tag`.
 async fn import(client: &Docker, root: &Path, tag: &str) -> Result<(), BootstrapError> {
     let (repo, version) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
-    let mut tar = tokio::process::Command::new("tar");
+    let mut tar = Command::new("tar");
     tar.arg("--numeric-owner").arg("-C").arg(root);
     for e in EXCLUDES {
         tar.arg(format!("--exclude={e}"));
@@ -208,13 +214,19 @@ async fn import(client: &Docker, root: &Path, tag: &str) -> Result<(), Bootstrap
     tar.args(["-c", "."])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = tar.spawn().map_err(|source| BootstrapError::Spawn {
+        .stderr(Stdio::null());
+    let spawn_err = |source| BootstrapError::Spawn {
         what: "tar",
         source,
-    })?;
-    let Some(stdout) = child.stdout.take() else {
+    };
+    let spawned = reaper::spawn(&mut tar).map_err(spawn_err)?;
+    let mut child = spawned.child;
+    let stdout = spawned
+        .stdout
+        .map(tokio::net::unix::pipe::Receiver::from_owned_fd)
+        .transpose()
+        .map_err(spawn_err)?;
+    let Some(stdout) = stdout else {
         return Err(BootstrapError::Import {
             tag: tag.to_owned(),
             reason: "tar's output is not a pipe".into(),
@@ -246,19 +258,12 @@ async fn import(client: &Docker, root: &Path, tag: &str) -> Result<(), Bootstrap
             }
         }
     }
-    let out = child
-        .wait_with_output()
-        .await
-        .map_err(|source| BootstrapError::Spawn {
-            what: "tar",
-            source,
-        })?;
-    if !out.status.success() && failure.is_none() {
-        failure = Some(format!(
-            "tar {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    // The request (and with it the pipe's read end) goes first: a tar still writing
+    // after a refused import then ends on EPIPE instead of blocking forever.
+    drop(stream);
+    let status = child.wait().await.map_err(spawn_err)?;
+    if !status.success() && failure.is_none() {
+        failure = Some(format!("tar {} ({status})", root.display()));
     }
     match failure {
         Some(reason) => Err(BootstrapError::Import {

@@ -127,3 +127,124 @@ fn docker_workload_round_trip_and_crash_releases_shared_memory() {
         assert!(out.status.success(), "{}", stderr(&out));
     });
 }
+
+/// The example `examples/workloads/echo-python-docker`, its folder, and why it cannot run
+/// here if it cannot: it needs debootstrap and the iceoryx2 wheels in its `wheels/` folder
+/// (fetched here with pip when missing, as its manifest says; CI's setup-dataplane.sh
+/// fetches it first).
+fn python_docker_example() -> Result<(String, PathBuf), String> {
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/workloads/echo-python-docker"
+    ));
+    let dir = std::fs::canonicalize(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if !Command::new("debootstrap")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Err("no debootstrap (apt-get install debootstrap)".into());
+    }
+    let wheels = dir.join("wheels");
+    let has_wheel = |w: &std::path::Path| {
+        std::fs::read_dir(w).is_ok_and(|mut d| {
+            d.any(|e| {
+                e.is_ok_and(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.starts_with("iceoryx2-") && n.ends_with(".whl")
+                })
+            })
+        })
+    };
+    if !has_wheel(&wheels) {
+        let out = Command::new("python3")
+            .args(["-m", "pip", "download", "--quiet"])
+            .args(["--only-binary=:all:", "iceoryx2==0.10.*", "-d"])
+            .arg(&wheels)
+            .output()
+            .map_err(|e| format!("cannot run pip: {e}"))?;
+        if !out.status.success() || !has_wheel(&wheels) {
+            return Err(format!(
+                "cannot fetch the iceoryx2 wheel into {}: {}",
+                wheels.display(),
+                stderr(&out)
+            ));
+        }
+    }
+    let text = std::fs::read_to_string(dir.join("manifest.yaml")).map_err(|e| e.to_string())?;
+    // The test daemon reads its manifests from a folder of its own: the build context is
+    // the example's folder, spelled out.
+    assert!(text.contains("context: .\n"), "the example's context moved");
+    let text = text.replace(
+        "context: .\n",
+        &format!("context: {:?}\n", dir.display().to_string()),
+    );
+    Ok((text, dir))
+}
+
+#[test]
+fn python_workload_in_docker_on_a_debootstrap_image_round_trips() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let manifest = match python_docker_example() {
+        Ok((m, _)) => m,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let name = "echo-python-docker";
+    let d = Daemon::start(&[(name, &manifest)]);
+    // The first launch makes the debootstrap base (unless the engine has it from an
+    // earlier run), builds the image on it, and is ready when the Python workload says
+    // READY=1 through $NOTIFY_SOCKET from inside its container.
+    let started = std::time::Instant::now();
+    assert_eq!(launch(&d, name, "py1")["state"], "ready");
+    eprintln!("first launch (image made): {:?}", started.elapsed());
+    let id = format!("session:py1:{name}");
+    round_trip(&d, &id, "input", &id, "output");
+    let imgs = d.json(&["images", "-o", "json"]);
+    let list = imgs.as_array().unwrap();
+    assert_eq!(list.len(), 2, "the base and the workload's image: {imgs}");
+    assert!(
+        list.iter()
+            .any(|i| i["workload"] == "(debootstrap bookworm)" && i["in_use"] == false),
+        "{imgs}"
+    );
+    assert!(
+        list.iter()
+            .any(|i| i["workload"] == name && i["in_use"] == true),
+        "{imgs}"
+    );
+    // A second session: the image comes from the cache.
+    let started = std::time::Instant::now();
+    assert_eq!(launch(&d, name, "py2")["state"], "ready");
+    eprintln!("second launch (cached image): {:?}", started.elapsed());
+    assert_eq!(
+        d.json(&["images", "-o", "json"]).as_array().unwrap().len(),
+        2
+    );
+    let id2 = format!("session:py2:{name}");
+    round_trip(&d, &id2, "input", &id2, "output");
+    let iox2 = iox2_of(&d, &id);
+    for s in ["py1", "py2"] {
+        let o = d.cli(&["end-session", s]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    wait_until("both containers' data segments reclaimed", || {
+        data_segments(&iox2).is_empty()
+    });
+    // The images go with the test (base last): nothing is left in the engine.
+    wait_until("the containers removed", || {
+        d.json(&["images", "-o", "json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["in_use"] == false)
+    });
+    let pruned = d.json(&["images", "prune", "-o", "json"]);
+    assert_eq!(pruned.as_array().unwrap().len(), 2, "{pruned}");
+    stop_and_clean(d, &iox2);
+}
