@@ -287,6 +287,43 @@ impl Channels {
     }
 }
 
+/// Why `spec`'s channels cannot work for a daemon running as `daemon_uid`, if they cannot.
+///
+/// iceoryx2 creates its files mode 0600 and `/dev/shm` is sticky: only the user who runs
+/// the daemon (which creates the services) can open them, and the daemon can reclaim only
+/// what the workload created as that user. A walled workload that runs as another host
+/// uid would fail on its first channel; the launch says why instead. (A docker `user:`
+/// given by name is resolved inside the image, which the daemon cannot see; it passes.)
+pub fn user_conflict(spec: &crate::spec::WorkloadSpec, daemon_uid: u32) -> Option<String> {
+    use crate::spec::DriverKind;
+    spec.channels.as_ref()?;
+    let (field, host_uid) = match spec.driver {
+        DriverKind::Process => return None,
+        DriverKind::Sandbox => {
+            let sb = spec.sandbox.as_ref()?;
+            let inner = sb.user.as_ref().map(|u| u.uid);
+            match (&sb.user_namespace, inner) {
+                (Some(ns), inner) => (
+                    "sandbox.user_namespace",
+                    ns.uid.saturating_add(inner.unwrap_or(0)),
+                ),
+                (None, Some(uid)) => ("sandbox.user", uid),
+                (None, None) => return None,
+            }
+        }
+        DriverKind::Docker => {
+            let user = spec.docker.as_ref()?.user.as_deref()?;
+            let uid = user.split(':').next()?.parse::<u32>().ok()?;
+            ("docker.user", uid)
+        }
+    };
+    (host_uid != daemon_uid).then(|| {
+        format!(
+            "channels need the workload to run as the daemon's user (uid {daemon_uid}):              iceoryx2's shared memory is private to its owner, and {field} makes the              workload uid {host_uid} on the host"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,6 +462,44 @@ mod tests {
                 outputs: vec![ch("a")],
             }),
             "outputs[0].name"
+        );
+    }
+
+    #[test]
+    fn walled_workloads_with_channels_must_run_as_the_daemons_user() {
+        use crate::spec::parse_manifest;
+        let check = |extra: &str, uid: u32| {
+            let m =
+                format!("name: w\ncommand: [x]\nchannels: {{outputs: [{{name: out}}]}}\n{extra}");
+            user_conflict(&parse_manifest("m.yaml", "w", &m).unwrap(), uid)
+        };
+        assert_eq!(check("", 0), None);
+        assert_eq!(check("driver: sandbox\n", 1000), None);
+        assert_eq!(
+            check("driver: sandbox\nsandbox: {user: {uid: 1000}}\n", 1000),
+            None
+        );
+        let e = check("driver: sandbox\nsandbox: {user: {uid: 1000}}\n", 0).unwrap();
+        assert!(e.contains("sandbox.user") && e.contains("uid 1000"), "{e}");
+        let e = check(
+            "driver: sandbox\nsandbox: {user_namespace: {uid: 100000}}\n",
+            0,
+        )
+        .unwrap();
+        assert!(e.contains("uid 100000"), "{e}");
+        let docker = |user: &str| format!("driver: docker\ndocker: {{image: i, user: '{user}'}}\n");
+        assert!(check(&docker("1000:1000"), 0).is_some());
+        assert_eq!(check(&docker("0"), 0), None);
+        assert_eq!(
+            check(&docker("app"), 0),
+            None,
+            "a name is resolved in the image"
+        );
+        // Without channels there is nothing to share.
+        let m = "name: w\ncommand: [x]\ndriver: sandbox\nsandbox: {user: {uid: 1000}}\n";
+        assert_eq!(
+            user_conflict(&parse_manifest("m.yaml", "w", m).unwrap(), 0),
+            None
         );
     }
 

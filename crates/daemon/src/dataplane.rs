@@ -74,6 +74,11 @@ pub(crate) async fn acquire(
     if slot.spec.channels.is_none() {
         return Ok((Vec::new(), Vec::new()));
     }
+    if let Some(why) =
+        bulkhead_core::channels::user_conflict(&slot.spec, rustix::process::geteuid().as_raw())
+    {
+        return Err(why);
+    }
     let m = sh.dataplane()?;
     let mut env: Vec<(String, String)> = channels
         .iter()

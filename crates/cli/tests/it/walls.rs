@@ -248,3 +248,21 @@ fn python_workload_in_docker_on_a_debootstrap_image_round_trips() {
     assert_eq!(pruned.as_array().unwrap().len(), 2, "{pruned}");
     stop_and_clean(d, &iox2);
 }
+
+#[test]
+fn a_walled_workload_with_channels_under_another_user_is_refused_with_the_reason() {
+    let m = walled_echo("sandbox", echo_bin(), "sandbox: {user: {uid: 65534}}\n");
+    let d = Daemon::start(&[("echo", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    let out = d.cli(&["launch", "echo", "--session", "u1"]);
+    assert!(!out.status.success(), "the launch is refused");
+    let err = stderr(&out);
+    assert!(
+        err.contains("channels need the workload to run as the daemon's user")
+            && err.contains("sandbox.user")
+            && err.contains("65534"),
+        "{err}"
+    );
+}
