@@ -28,8 +28,6 @@ use bulkhead_core::docker::{DockerBuild, DockerSpec};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
-use crate::tar::TarBuilder;
-
 /// Lines of the build log shown when a build fails.
 const LOG_TAIL: usize = 20;
 
@@ -624,10 +622,21 @@ fn hash_plan(plan: &Plan) -> Result<String, BuildError> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The build context as a tar archive.
+/// The build context as a tar archive (GNU format: long paths are kept whole).
 fn archive(plan: &Plan, dir: &Path) -> Result<Vec<u8>, BuildError> {
-    let mut tar = TarBuilder::new();
-    tar.file(&plan.dockerfile_name, 0o644, plan.dockerfile.as_bytes());
+    let io = |e| BuildError::Context {
+        path: dir.to_owned(),
+        source: e,
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut append = |name: &str, mode: u32, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, name, data)
+    };
+    append(&plan.dockerfile_name, 0o644, plan.dockerfile.as_bytes()).map_err(io)?;
     let mut total = 0u64;
     for (name, path) in &plan.files {
         let data = std::fs::read(path).map_err(ctx_err(path))?;
@@ -642,9 +651,9 @@ fn archive(plan: &Plan, dir: &Path) -> Result<Vec<u8>, BuildError> {
         } else {
             0o644
         };
-        tar.file(name, mode, &data);
+        append(name, mode, &data).map_err(io)?;
     }
-    Ok(tar.finish())
+    tar.into_inner().map_err(io)
 }
 
 #[cfg(test)]
@@ -703,6 +712,43 @@ mod tests {
         assert_ne!(h, hash_plan(&plan(&hb, dir.path()).unwrap()).unwrap());
         hb.network = Some("default".into());
         assert_eq!(h, hash_plan(&plan(&hb, dir.path()).unwrap()).unwrap());
+    }
+
+    #[test]
+    fn the_context_archive_keeps_modes_and_long_paths() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let long = format!("{}/run.sh", "d".repeat(150));
+        std::fs::create_dir_all(dir.path().join("pkg").join("d".repeat(150))).unwrap();
+        let script = dir.path().join("pkg").join(&long);
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let b = DockerBuild {
+            base: Some("busybox".into()),
+            files: [("pkg".to_owned(), "/opt/pkg".to_owned())].into(),
+            ..Default::default()
+        };
+        let p = plan(&b, dir.path()).unwrap();
+        let bytes = archive(&p, dir.path()).unwrap();
+        let mut ar = tar::Archive::new(bytes.as_slice());
+        let got: Vec<(String, u32)> = ar
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().mode().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Dockerfile".to_owned(), 0o644),
+                (format!("files/0/{long}"), 0o755)
+            ]
+        );
     }
 
     #[test]

@@ -22,7 +22,6 @@ pub mod driver;
 pub mod engine;
 pub mod images;
 pub mod recovery;
-mod tar;
 
 pub use driver::{Container, DockerDriver};
 pub use engine::{Engine, EngineError};
