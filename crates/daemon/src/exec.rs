@@ -189,12 +189,13 @@ pub(crate) async fn exec(
 /// Makes `cmd` run inside a walled-off instance: the spawned child (the daemon's, in its
 /// own process group) enters the instance's namespaces through its pidfd and joins its
 /// cgroups, then forks: `setns(CLONE_NEWPID)` only moves the children of the caller. The
-/// fork runs the command (bounding set reduced to the instance's, `no_new_privs`); the
-/// first process closes every descriptor (so the spawn's exec-status pipe and the output
-/// pipes see their ends), waits for it and ends the same way: same exit code, or the
-/// same signal re-raised. The instance's seccomp filter is not applied to exec'd
-/// commands. With a user namespace among the instance's namespaces the command becomes
-/// root *inside* it (the mapped, unprivileged uid on the host), never the host's root.
+/// fork runs the command with the instance's own restrictions
+/// ([`bulkhead_driver::restrict`]: bounding set, user, capabilities, `no_new_privs`,
+/// seccomp); the first process closes every descriptor (so the spawn's exec-status pipe
+/// and the output pipes see their ends), waits for it and ends the same way: same exit
+/// code, or the same signal re-raised. With a user namespace among the instance's
+/// namespaces the command becomes root *inside* it (the mapped, unprivileged uid on the
+/// host), never the host's root, and then the instance's user, if it has one.
 fn enter(
     cmd: &mut Command,
     t: bulkhead_driver::ExecTarget,
@@ -214,10 +215,6 @@ fn enter(
         .collect::<std::io::Result<Vec<OwnedFd>>>()?;
     let cwd = std::ffi::CString::new(cwd.as_os_str().as_encoded_bytes().to_vec())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
-    let cap_last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(40);
     let hook = move || -> std::io::Result<()> {
         // SAFETY: runs in the forked child before exec; raw system calls only, on fds and
         // a CString prepared before the fork; no allocation (io::Error::last_os_error
@@ -252,13 +249,14 @@ fn enter(
                 return Err(std::io::Error::last_os_error());
             }
             if pid == 0 {
-                for cap in 0..=cap_last.min(63) {
-                    if t.keep_caps & (1 << cap) == 0 {
-                        libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
-                    }
-                }
-                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                return Ok(());
+                // The instance's own restrictions, as its processes had them: an exec'd
+                // command is never less confined than the workload. A failure comes
+                // back to the spawner through std's error pipe (errno as the step's
+                // call left it).
+                return t
+                    .restrict
+                    .apply()
+                    .map_err(|_| std::io::Error::last_os_error());
             }
             libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
             let mut st: libc::c_int = 0;

@@ -27,6 +27,7 @@ pub mod conformance;
 pub mod keeper;
 pub mod process;
 pub mod reaper;
+pub mod restrict;
 pub mod sys;
 
 /// Everything a driver needs to start one instance. The daemon has already resolved the
@@ -126,8 +127,9 @@ pub struct ExecTarget {
     pub namespaces: i32,
     /// `cgroup.procs` files to join before the command runs.
     pub cgroup_procs: Vec<PathBuf>,
-    /// Capabilities kept in the bounding set (bit n: capability n); the rest are dropped.
-    pub keep_caps: u64,
+    /// What the command gives up before exec: the instance's own restrictions
+    /// (capabilities, user, no_new_privs, seccomp).
+    pub restrict: restrict::Restrictions,
 }
 
 /// Usage could not be read.

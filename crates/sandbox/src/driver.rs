@@ -41,11 +41,11 @@ use bulkhead_core::event::ExitStatus;
 use bulkhead_core::sandbox::SandboxSpec;
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::DriverKind;
+use bulkhead_driver::restrict::Restrictions;
 use bulkhead_driver::{
     reaper, sys, Driver, ExecTarget, ExitCause, InstanceHandle, SignalError, SpawnError, SpawnSpec,
     Spawned, Stats, StatsError,
 };
-use seccompiler::BpfProgram;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{oneshot, watch};
@@ -108,7 +108,8 @@ pub struct Capabilities {
 /// Runs instances behind namespaces and cgroup limits. See the crate docs.
 pub struct SandboxDriver {
     cgroups: Arc<Cgroups>,
-    seccomp: BpfProgram,
+    /// The deny-list as classic BPF, compiled once, shared by every instance.
+    seccomp: Arc<[libc::sock_filter]>,
     cap_last: u32,
     min_available_memory: u64,
 }
@@ -172,16 +173,27 @@ impl SandboxDriver {
     pub fn new(cfg: SandboxConfig) -> Result<SandboxDriver, StartError> {
         can_create_namespaces().map_err(StartError::Namespaces)?;
         let cgroups = Cgroups::detect(cfg.mode, &cfg.scope, cfg.favor_dynmods)?;
-        let cap_last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(40);
         Ok(SandboxDriver {
             cgroups: Arc::new(cgroups),
-            seccomp: crate::seccomp::deny_list()?,
-            cap_last,
+            seccomp: crate::seccomp::deny_list_bpf()?,
+            cap_last: bulkhead_driver::restrict::cap_last(),
             min_available_memory: cfg.min_available_memory,
         })
+    }
+
+    /// What the instance's processes, and every command `exec` runs in it, give up
+    /// before exec.
+    fn restrictions(&self, sb: &SandboxSpec) -> Restrictions {
+        Restrictions {
+            keep_caps: sb
+                .capability_numbers()
+                .iter()
+                .fold(0u64, |m, c| m | (1 << c)),
+            cap_last: self.cap_last,
+            user: sb.user.map(|u| (u.uid, u.gid())),
+            seccomp: (sb.seccomp == bulkhead_core::sandbox::Seccomp::Default)
+                .then(|| Arc::clone(&self.seccomp)),
+        }
     }
 
     /// What was detected.
@@ -285,10 +297,6 @@ impl SandboxDriver {
             .clone()
             .unwrap_or_else(|| spec.instance.to_string())
             .into_bytes();
-        let mut keep_caps = 0u64;
-        for c in sb.capability_numbers() {
-            keep_caps |= 1 << c;
-        }
         Ok(Prepared {
             program: cs(program.as_os_str().as_bytes(), "the program path")?,
             argv,
@@ -300,12 +308,8 @@ impl SandboxDriver {
             early_mounts: mounts.iter().take_while(|m| m.is_early()).count(),
             mounts,
             slots,
-            keep_caps,
-            cap_last: self.cap_last,
-            user: sb.user.map(|u| (u.uid, u.gid())),
+            restrict: self.restrictions(sb),
             userns: sb.user_namespace.map(|ns| (ns.uid_map(), ns.gid_map())),
-            seccomp: (sb.seccomp == bulkhead_core::sandbox::Seccomp::Default)
-                .then(|| self.seccomp.clone()),
             cgroup_fd: None,
             v1_procs: Vec::new(),
         })
@@ -465,14 +469,10 @@ impl Driver for SandboxDriver {
             // exec must enter it too, or its commands would run as the host's root.
             namespaces |= libc::CLONE_NEWUSER;
         }
-        let keep_caps = sb
-            .capability_numbers()
-            .iter()
-            .fold(0u64, |m, c| m | (1 << c));
         let shared = Arc::new(Shared {
             pid,
             namespaces,
-            keep_caps,
+            restrict: self.restrictions(&sb),
             phase: Mutex::new(Phase::Running),
             cause: Mutex::new(None),
             cgroup: cg,
@@ -503,7 +503,7 @@ enum Phase {
 struct Shared {
     pid: u32,
     namespaces: i32,
-    keep_caps: u64,
+    restrict: Restrictions,
     /// Taken around the reap and around every signal (see the table).
     phase: Mutex<Phase>,
     cause: Mutex<Option<ExitCause>>,
@@ -687,7 +687,7 @@ impl InstanceHandle for SandboxHandle {
                 .chain(cg.v1.iter().map(|(_, d)| d))
                 .map(|d| d.join("cgroup.procs"))
                 .collect(),
-            keep_caps: self.shared.keep_caps,
+            restrict: self.shared.restrict.clone(),
         })
     }
 }

@@ -67,6 +67,19 @@ pub fn deny_list() -> Result<BpfProgram, SeccompError> {
     BpfProgram::try_from(filter).map_err(|e| SeccompError(e.to_string()))
 }
 
+/// [`deny_list`] as the kernel's `sock_filter` array, ready for `seccomp(2)`.
+pub fn deny_list_bpf() -> Result<std::sync::Arc<[libc::sock_filter]>, SeccompError> {
+    Ok(deny_list()?
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -52,7 +52,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use bulkhead_core::sandbox::SandboxSpec;
-use seccompiler::BpfProgram;
+use bulkhead_driver::restrict::{Restrictions, Step};
 
 const CLONE_PIDFD: u64 = 0x1000;
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
@@ -60,10 +60,6 @@ const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 const MOUNT_ATTR_RDONLY: u64 = 1;
-const CAP_VERSION_3: u32 = 0x2008_0522;
-const PR_CAP_AMBIENT: libc::c_int = 47;
-const PR_CAP_AMBIENT_RAISE: libc::c_ulong = 2;
-const PR_CAP_AMBIENT_CLEAR_ALL: libc::c_ulong = 4;
 
 /// `struct clone_args` (version 2, with `cgroup`), for `syscall(SYS_clone3, ...)`: libc has
 /// no wrapper. Public for the benchmark's clone3 floor.
@@ -89,20 +85,6 @@ struct MountAttr {
     attr_clr: u64,
     propagation: u64,
     userns_fd: u64,
-}
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
 }
 
 /// One step of the mount program, run in order in the child's new mount namespace.
@@ -348,13 +330,11 @@ pub(crate) struct Prepared {
     /// before the uid switch in a user namespace).
     pub early_mounts: usize,
     pub slots: usize,
-    /// Bit n set: capability n stays in the bounding set.
-    pub keep_caps: u64,
-    pub cap_last: u32,
-    pub user: Option<(u32, u32)>,
+    /// Capabilities, uid/gid, no_new_privs and seccomp, applied last before exec (and
+    /// to every command `exec` runs inside).
+    pub restrict: Restrictions,
     /// A new user namespace: the contents of `uid_map` and `gid_map`.
     pub userns: Option<(String, String)>,
-    pub seccomp: Option<BpfProgram>,
     pub cgroup_fd: Option<OwnedFd>,
     pub v1_procs: Vec<OwnedFd>,
 }
@@ -440,16 +420,11 @@ pub(crate) fn spawn(
     let argv = ptr_list(&p.argv);
     let envp = ptr_list(&p.env);
     let mut slots: Vec<RawFd> = vec![-1; p.slots];
-    let fprog = p.seccomp.as_ref().map(|prog| libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    });
     let ctx = Ctx {
         p,
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         slots: slots.as_mut_ptr(),
-        fprog: fprog.as_ref().map_or(std::ptr::null(), |f| f as *const _),
         err_w: err_w.as_raw_fd(),
         status_w: status_w.as_raw_fd(),
         sync_r: sync_r.as_raw_fd(),
@@ -581,11 +556,11 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_FORK => "fork the workload from the init".into(),
         STAGE_STDIO => "set up stdin, stdout and stderr".into(),
         STAGE_CHDIR => "enter the working directory".into(),
-        STAGE_BSET => "drop capabilities from the bounding set".into(),
-        STAGE_USER => "switch uid/gid".into(),
-        STAGE_CAPS => "set capabilities".into(),
-        STAGE_NNP => "set no_new_privs".into(),
-        STAGE_SECCOMP => "install the seccomp filter".into(),
+        STAGE_BSET => Step::BoundingSet.what().into(),
+        STAGE_USER => Step::User.what().into(),
+        STAGE_CAPS => Step::Capabilities.what().into(),
+        STAGE_NNP => Step::NoNewPrivs.what().into(),
+        STAGE_SECCOMP => Step::Seccomp.what().into(),
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
         STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
         STAGE_USERNS_ROOT => "become root inside the user namespace".into(),
@@ -610,7 +585,6 @@ struct Ctx<'a> {
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     slots: *mut RawFd,
-    fprog: *const libc::sock_fprog,
     err_w: RawFd,
     status_w: RawFd,
     sync_r: RawFd,
@@ -811,73 +785,17 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         if libc::chdir(p.cwd.as_ptr()) != 0 {
             fail(ctx, STAGE_CHDIR);
         }
-        for cap in 0..=p.cap_last.min(63) {
-            if p.keep_caps & (1 << cap) == 0
-                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
-            {
-                fail(ctx, STAGE_BSET);
-            }
-        }
-        if let Some((uid, gid)) = p.user {
-            // Raw calls: glibc's setuid family signals every thread of the process it
-            // thinks it is, which we are not.
-            if (p.keep_caps != 0 && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0)
-                || libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
-                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
-                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
-            {
-                fail(ctx, STAGE_USER);
-            }
-        }
-        let lo = (p.keep_caps & 0xffff_ffff) as u32;
-        let hi = (p.keep_caps >> 32) as u32;
-        let mut hdr = CapHeader {
-            version: CAP_VERSION_3,
-            pid: 0,
-        };
-        let data = [
-            CapData {
-                effective: lo,
-                permitted: lo,
-                inheritable: lo,
-            },
-            CapData {
-                effective: hi,
-                permitted: hi,
-                inheritable: hi,
-            },
-        ];
-        if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) != 0 {
-            fail(ctx, STAGE_CAPS);
-        }
-        libc::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-        if p.user.is_some() {
-            // A non-root workload keeps its listed capabilities across exec only as
-            // ambient capabilities.
-            for cap in 0..=p.cap_last.min(63) {
-                if p.keep_caps & (1 << cap) != 0 {
-                    libc::prctl(
-                        PR_CAP_AMBIENT,
-                        PR_CAP_AMBIENT_RAISE,
-                        cap as libc::c_ulong,
-                        0,
-                        0,
-                    );
-                }
-            }
-        }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            fail(ctx, STAGE_NNP);
-        }
-        if !ctx.fprog.is_null()
-            && libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                0usize,
-                ctx.fprog,
-            ) != 0
-        {
-            fail(ctx, STAGE_SECCOMP);
+        if let Err(step) = p.restrict.apply() {
+            fail(
+                ctx,
+                match step {
+                    Step::BoundingSet => STAGE_BSET,
+                    Step::User => STAGE_USER,
+                    Step::Capabilities => STAGE_CAPS,
+                    Step::NoNewPrivs => STAGE_NNP,
+                    Step::Seccomp => STAGE_SECCOMP,
+                },
+            );
         }
         libc::execve(p.program.as_ptr(), ctx.argv, ctx.envp);
         fail(ctx, STAGE_EXEC)

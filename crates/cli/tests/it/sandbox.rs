@@ -202,3 +202,63 @@ fn a_notify_workload_in_a_user_namespace_gets_ready() {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(out.contains("\"ready\""), "{out} {}", stderr(&o));
 }
+
+/// A command run with `exec` is as confined as the workload: its user, no capabilities
+/// beyond the kept ones, `no_new_privs`, and the seccomp filter (so, for one, it cannot
+/// make a user namespace to win capabilities back).
+#[test]
+fn exec_into_a_sandbox_is_as_confined_as_the_workload() {
+    let m = "name: conf\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n\
+             sandbox: {user: {uid: 65534}}\n";
+    let d = Daemon::start(&[("conf", m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let v = d.json(&["launch", "conf", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let fields = |status: &str| -> Vec<String> {
+        status
+            .lines()
+            .filter(|l| {
+                ["Uid:", "CapEff:", "CapBnd:", "NoNewPrivs:", "Seccomp:"]
+                    .iter()
+                    .any(|f| l.starts_with(f))
+            })
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    let o = d.cli(&["exec", &id, "--", "cat", "/proc/self/status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let exec = fields(&String::from_utf8_lossy(&o.stdout));
+    assert!(
+        exec.contains(&"Uid: 65534 65534 65534 65534".to_owned()),
+        "{exec:?}"
+    );
+    assert!(
+        exec.contains(&"CapEff: 0000000000000000".to_owned()),
+        "{exec:?}"
+    );
+    assert!(
+        exec.contains(&"CapBnd: 0000000000000000".to_owned()),
+        "{exec:?}"
+    );
+    assert!(exec.contains(&"NoNewPrivs: 1".to_owned()), "{exec:?}");
+    assert!(exec.contains(&"Seccomp: 2".to_owned()), "{exec:?}");
+    // The same as the workload's own process (the sleep, a child of our init).
+    let pid = d.json(&["get", &id, "-o", "json"])["pid"].as_u64().unwrap();
+    let workload = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next().map(str::to_owned))
+        .map_or(pid.to_string(), |child| child);
+    let own = fields(&std::fs::read_to_string(format!("/proc/{workload}/status")).unwrap());
+    assert_eq!(exec, own, "exec'd command vs workload process {workload}");
+    // The filter at work: unshare(2) is denied.
+    let o = d.cli(&["exec", &id, "--", "unshare", "-U", "true"]);
+    assert!(!o.status.success(), "unshare -U was allowed");
+    assert!(
+        stderr(&o).contains("Operation not permitted"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(d.cli(&["terminate", &id]).status.success());
+}
