@@ -646,7 +646,26 @@ pub fn exit_status(code: i64) -> ExitStatus {
 impl EventSink for Container {
     fn event(&self, ev: ContainerEvent) {
         match ev {
-            ContainerEvent::Oom => self.oom.store(true, Ordering::SeqCst),
+            ContainerEvent::Oom => {
+                self.oom.store(true, Ordering::SeqCst);
+                // The engine leaves a container running when the OOM killer took one of
+                // its processes other than the main one. bulkhead ends the instance on
+                // any OOM kill in it, as the sandbox does (and systemd's default
+                // `OOMPolicy=stop`): its `die` then reports `oom_killed`. A kill of a
+                // container that is already dying is refused by the engine, harmlessly.
+                if !self.died.load(Ordering::SeqCst) {
+                    let client = self.client.clone();
+                    let id = self.id.clone();
+                    tokio::spawn(async move {
+                        let opts = KillContainerOptions {
+                            signal: "KILL".to_owned(),
+                        };
+                        if let Err(e) = client.kill_container(&id, Some(opts)).await {
+                            tracing::debug!("kill of OOM-hit container {id}: {e}");
+                        }
+                    });
+                }
+            }
             ContainerEvent::Die { exit_code } => {
                 if self.died.swap(true, Ordering::SeqCst) {
                     return;

@@ -642,6 +642,31 @@ impl InstanceCgroup {
         Ok(Some(fd))
     }
 
+    /// v1 only: an eventfd the kernel signals on every OOM event of the instance's memory
+    /// cgroup (`cgroup.event_control` on `memory.oom_control`). `None` in v2 mode, where
+    /// `memory.oom.group` already makes an OOM kill take the whole instance, and without a
+    /// v1 memory cgroup. The kernel also signals it when the cgroup is removed.
+    pub fn v1_oom_events(&self) -> io::Result<Option<OwnedFd>> {
+        if self.v2_dir().is_some() || self.memory_limit.is_none() {
+            return Ok(None);
+        }
+        let Some(d) = self.v1_dir(V1::Memory) else {
+            return Ok(None);
+        };
+        use std::os::fd::AsRawFd;
+        let efd = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?;
+        let control = fs::File::open(d.join("memory.oom_control"))?;
+        // The registration holds the eventfd; the control file may close afterwards.
+        write_file(
+            &d.join("cgroup.event_control"),
+            &format!("{} {}", efd.as_raw_fd(), control.as_raw_fd()),
+        )?;
+        Ok(Some(efd))
+    }
+
     /// Opens every v1 `cgroup.procs` for writing, for the child to join before exec.
     pub fn open_v1_procs(&self) -> io::Result<Vec<OwnedFd>> {
         self.v1

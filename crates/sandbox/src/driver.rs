@@ -477,8 +477,28 @@ impl Driver for SandboxDriver {
             cause: Mutex::new(None),
             cgroup: cg,
         });
+        // v1 has no `memory.oom.group`: an OOM kill of one process (not the main one)
+        // would leave the instance running without it, unreported. Like v2 (and systemd's
+        // default `OOMPolicy=stop`), the instance ends on any OOM kill in it.
+        let oom_events = match shared.cgroup.v1_oom_events() {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(
+                    instance = %spec.instance,
+                    "cannot watch the instance's OOM events (an OOM kill of a child will \
+                     be reported only when the instance ends): {e}"
+                );
+                None
+            }
+        };
         let (stx, srx) = watch::channel(None);
-        tokio::spawn(watch_instance(afd, child.status, Arc::clone(&shared), stx));
+        tokio::spawn(watch_instance(
+            afd,
+            child.status,
+            oom_events,
+            Arc::clone(&shared),
+            stx,
+        ));
         tracing::debug!(instance = %spec.instance, pid, "sandbox spawned");
         Ok(Spawned {
             handle: Arc::new(SandboxHandle {
@@ -527,10 +547,15 @@ fn decode(st: i32) -> ExitStatus {
 async fn watch_instance(
     afd: AsyncFd<Arc<OwnedFd>>,
     status_pipe: Option<OwnedFd>,
+    oom_events: Option<OwnedFd>,
     shared: Arc<Shared>,
     tx: watch::Sender<Option<ExitStatus>>,
 ) {
+    let oom_watch = oom_events.map(|fd| tokio::spawn(end_on_oom_kill(fd, Arc::clone(&shared))));
     let init_status = reap_main(&afd, &shared).await;
+    if let Some(w) = oom_watch {
+        w.abort();
+    }
     reaper::Registry::global().unregister(shared.pid);
     drop(afd);
     // The init wrote the workload's status before exiting; a killed init wrote nothing.
@@ -577,6 +602,63 @@ async fn watch_instance(
     *lock(&shared.phase) = Phase::Done;
     tracing::debug!(pid = shared.pid, %status, "sandbox instance ended");
     tx.send_replace(Some(status));
+}
+
+/// v1: waits for an OOM event of the instance's memory cgroup that killed a process, then
+/// kills the whole instance; its end is then reported `oom_killed` (the sweep reads the
+/// same counter). Aborted when the main process has been reaped.
+async fn end_on_oom_kill(eventfd: OwnedFd, shared: Arc<Shared>) {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd: the descriptor stays open and
+    // the same until the AsyncFd drops.
+    let afd =
+        match unsafe { AsyncFd::register_with_interest(eventfd, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+        {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(pid = shared.pid, "cannot poll the OOM eventfd: {e}");
+                return;
+            }
+        };
+    loop {
+        let Ok(mut ready) = afd.readable().await else {
+            return;
+        };
+        let mut count = [0u8; 8];
+        if rustix::io::read(afd.get_ref(), &mut count).is_err() {
+            ready.clear_ready();
+            continue;
+        }
+        // The kernel notifies *before* its OOM killer picks a victim, and also when it
+        // only reclaimed or when the cgroup goes away: act only on a kill, which follows
+        // a notification within milliseconds if it comes at all.
+        let mut killed = false;
+        for _ in 0..50 {
+            if shared.cgroup.usage().oom_kills > 0 {
+                killed = true;
+                break;
+            }
+            if *lock(&shared.phase) != Phase::Running {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !killed {
+            continue;
+        }
+        // RACE: the main process may be exiting at this very moment; killing what is left
+        // of the cgroup is then what the sweep does anyway, and the phase check keeps us
+        // from signalling after the sweep started.
+        if *lock(&shared.phase) != Phase::Running {
+            return;
+        }
+        tracing::info!(
+            pid = shared.pid,
+            "a process of the instance was OOM-killed: ending the instance"
+        );
+        shared.cgroup.kill_all();
+        return;
+    }
 }
 
 async fn reap_main(afd: &AsyncFd<Arc<OwnedFd>>, shared: &Shared) -> ExitStatus {

@@ -112,6 +112,30 @@ fn a_memory_hog_is_reported_oom_killed() {
     );
 }
 
+/// A child of the workload is OOM-killed while the main process would live on: the whole
+/// instance ends and is reported `oom_killed`, as on cgroup v2 (`memory.oom.group`) and as
+/// systemd's default `OOMPolicy=stop` does; never a silently shrunken instance.
+#[test]
+fn an_oom_kill_of_a_child_ends_the_instance_as_oom_killed() {
+    let m = "name: kid\ndriver: sandbox\n\
+             command: [/bin/sh, -c, 'tail -n 1 /dev/zero & exec sleep 1000']\n\
+             resources: {memory: 32Mi}\nrestart: {policy: never}\n";
+    let d = Daemon::start(&[("kid", m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let _ = d.cli(&["launch", "kid", "-o", "json"]);
+    let e = d.wait_event("oom_killed", |e| {
+        e["instance"] == "ns:default:kid" && e["kind"] == "oom_killed"
+    });
+    assert!(e.to_string().contains(&(32u64 << 20).to_string()), "{e}");
+    assert_eq!(
+        instance_cgroups(&cgroup_scope(&d.state)),
+        Vec::<PathBuf>::new(),
+        "nothing of the instance is left"
+    );
+}
+
 /// A daemon killed with SIGKILL takes its sandboxed instances with it (parent-death
 /// signal); the next daemon removes the stale cgroups and reports the instance `lost`.
 #[test]
