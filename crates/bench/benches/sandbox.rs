@@ -17,6 +17,11 @@
 //! - **bwrap**: `bwrap --unshare-all --ro-bind / / --proc /proc --dev /dev --tmpfs /tmp
 //!   --bind DIR DIR` (Debian's bubblewrap; skipped if missing).
 //! - **unshare**: `unshare -p -f -m` (util-linux).
+//! - **runc**: `runc run` of an OCI bundle made with `runc spec` (PID, mount, IPC, UTS and
+//!   network namespaces, a cgroup, read-only root): the root is an empty folder with the
+//!   host's `/usr` (and the merged-usr links), this binary's folder and the socket folder
+//!   bound in. `NOTIFY_SOCKET` is in the process's environment only, not runc's, so runc's
+//!   own notify proxy stays out of it. Skipped if `runc` is missing.
 //!
 //! Options: `--iterations N` (default 200), `--write PATH` (also write the markdown).
 
@@ -102,6 +107,13 @@ fn main() -> anyhow::Result<()> {
     if !unshare {
         eprintln!("unshare skipped: /usr/bin/unshare is missing");
     }
+    let mut runc = match Runc::new(dir.path(), &exe, &sock_dir) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("runc skipped: {e:#}");
+            None
+        }
+    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -120,6 +132,7 @@ fn main() -> anyhow::Result<()> {
     let mut api = Samples::new("bulkhead API launch -> ready (driver: sandbox)");
     let mut bw = Samples::new("bwrap --unshare-all -> READY");
     let mut un = Samples::new("unshare -p -f -m -> READY");
+    let mut rc = Samples::new("runc run (OCI bundle) -> READY");
 
     let mut seq = 0usize;
     let mut next_sock = || {
@@ -158,6 +171,9 @@ fn main() -> anyhow::Result<()> {
         floor_once(&exe, &next_sock())?;
         rt.block_on(driver_once(&driver, &workload, &exe, &next_sock()))?;
         client_rt.block_on(api_once(&mut client, "warm"))?;
+        if let Some(r) = runc.as_mut() {
+            r.once(&next_sock())?;
+        }
     }
     eprintln!("{iterations} rounds, interleaved");
     for i in 0..iterations {
@@ -174,6 +190,9 @@ fn main() -> anyhow::Result<()> {
             un.values
                 .push(command_once(&notify_argv(&unshare_prefix), &next_sock())?);
         }
+        if let Some(r) = runc.as_mut() {
+            rc.values.push(r.once(&next_sock())?);
+        }
     }
     drop(client);
     rt.block_on(daemon.shutdown());
@@ -187,7 +206,7 @@ fn main() -> anyhow::Result<()> {
         caps.favordynmods
     ));
     report.push_str("| measurement | p50 ms | p99 ms | p50 vs clone3 floor | p50 vs bulkhead driver |\n|---|---|---|---|---|\n");
-    for s in [&floor, &drv, &api, &bw, &un] {
+    for s in [&floor, &drv, &api, &bw, &un, &rc] {
         if s.values.is_empty() {
             continue;
         }
@@ -212,6 +231,13 @@ fn main() -> anyhow::Result<()> {
             "unshare / bulkhead API launch -> ready: {}; unshare / bulkhead driver: {}\n",
             ratio(un.p50(), api.p50()),
             ratio(un.p50(), drv.p50())
+        ));
+    }
+    if !rc.values.is_empty() {
+        report.push_str(&format!(
+            "runc / bulkhead API launch -> ready: {}; runc / bulkhead driver: {}\n",
+            ratio(rc.p50(), api.p50()),
+            ratio(rc.p50(), drv.p50())
         ));
     }
     println!("{report}");
@@ -349,4 +375,110 @@ fn command_once(argv: &[String], path: &Path) -> anyhow::Result<Duration> {
     child.wait()?;
     let _ = std::fs::remove_file(path);
     Ok(took)
+}
+
+/// runc as a peer: one OCI bundle, its `config.json` rewritten per sample (the socket path
+/// changes), outside the clock.
+struct Runc {
+    bin: PathBuf,
+    bundle: PathBuf,
+    config: serde_json::Value,
+    seq: usize,
+}
+
+impl Runc {
+    fn new(dir: &Path, exe: &Path, sock_dir: &Path) -> anyhow::Result<Runc> {
+        use anyhow::Context;
+        let bin = ["/usr/sbin/runc", "/usr/bin/runc"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .context("runc is missing (apt-get install -y runc)")?;
+        let bundle = dir.join("runc-bundle");
+        let rootfs = bundle.join("rootfs");
+        std::fs::create_dir_all(&rootfs)?;
+        // Merged /usr: the loader and libraries are reached through these links.
+        for (link, to) in [
+            ("bin", "usr/bin"),
+            ("sbin", "usr/sbin"),
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+        ] {
+            if Path::new("/").join(link).is_symlink() {
+                std::os::unix::fs::symlink(to, rootfs.join(link))?;
+            }
+        }
+        let out = Command::new(&bin)
+            .args(["spec", "--bundle"])
+            .arg(&bundle)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "runc spec: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json"))?)?;
+        config["process"]["terminal"] = false.into();
+        config["process"]["args"] = serde_json::json!([exe.display().to_string(), "notify-child"]);
+        config["root"] = serde_json::json!({"path": "rootfs", "readonly": true});
+        let bind = |src: &Path, ro: bool| {
+            let mut options = vec!["rbind"];
+            if ro {
+                options.push("ro");
+            }
+            serde_json::json!({
+                "destination": src.display().to_string(),
+                "type": "bind",
+                "source": src.display().to_string(),
+                "options": options,
+            })
+        };
+        let mounts = config["mounts"]
+            .as_array_mut()
+            .context("runc spec gave no mounts")?;
+        mounts.push(bind(Path::new("/usr"), true));
+        if let Some(d) = exe.parent() {
+            mounts.push(bind(d, true));
+        }
+        mounts.push(bind(sock_dir, false));
+        Ok(Runc {
+            bin,
+            bundle,
+            config,
+            seq: 0,
+        })
+    }
+
+    /// One `runc run` until READY; the container's end and removal are not timed.
+    fn once(&mut self, path: &Path) -> anyhow::Result<Duration> {
+        self.seq += 1;
+        self.config["process"]["env"] = serde_json::json!([
+            "PATH=/usr/bin:/bin",
+            format!("NOTIFY_SOCKET={}", path.display()),
+            "BENCH_EXIT_AFTER_READY=1",
+        ]);
+        std::fs::write(
+            self.bundle.join("config.json"),
+            serde_json::to_vec(&self.config)?,
+        )?;
+        let id = format!("bulkhead-bench-{}-{}", std::process::id(), self.seq);
+        let sock = UnixDatagram::bind(path)?;
+        let t = Instant::now();
+        let mut child = Command::new(&self.bin)
+            .args(["run", "--bundle"])
+            .arg(&self.bundle)
+            .arg(&id)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        await_ready(&sock)?;
+        let took = t.elapsed();
+        let st = child.wait()?;
+        anyhow::ensure!(st.success(), "runc run {id}: {st}");
+        let _ = std::fs::remove_file(path);
+        Ok(took)
+    }
 }
