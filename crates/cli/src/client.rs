@@ -448,6 +448,7 @@ pub async fn images(socket: &Path, a: cli::ImagesArgs) -> anyhow::Result<()> {
                         "created_s": i.created_s,
                         "last_used_s": i.last_used_s,
                         "in_use": i.in_use,
+                        "base": (!i.base.is_empty()).then_some(&i.base),
                     })
                 })
                 .collect(),
@@ -457,16 +458,17 @@ pub async fn images(socket: &Path, a: cli::ImagesArgs) -> anyhow::Result<()> {
                 println!("removed {} images", resp.images.len());
             }
             println!(
-                "{:<40} {:>10} {:<6} {:<20}",
+                "{:<40} {:>10} {:<6} {:<24} BASE",
                 "TAG", "SIZE", "IN USE", "WORKLOAD"
             );
             for i in &resp.images {
                 println!(
-                    "{:<40} {:>10} {:<6} {:<20}",
+                    "{:<40} {:>10} {:<6} {:<24} {}",
                     i.tag,
                     bulkhead_core::size::format(i.size_bytes),
                     if i.in_use { "yes" } else { "no" },
-                    i.workload
+                    i.workload,
+                    if i.base.is_empty() { "-" } else { &i.base }
                 );
             }
             Ok(())

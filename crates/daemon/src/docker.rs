@@ -224,6 +224,7 @@ fn image_proto(r: bulkhead_docker::ImageRecord) -> bulkhead_api::v1::CachedImage
         created_s: r.created,
         last_used_s: r.last_used,
         in_use: r.in_use,
+        base: r.base.unwrap_or_default(),
     }
 }
 

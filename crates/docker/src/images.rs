@@ -46,6 +46,8 @@ pub struct ImageRecord {
     pub last_used: i64,
     /// Whether a container uses it (filled by [`ImageCache::list`]).
     pub in_use: bool,
+    /// The tag of the cached base it is built on (a debootstrap base).
+    pub base: Option<String>,
 }
 
 /// An image ready to run.
@@ -180,8 +182,9 @@ impl ImageCache {
         let mut stmt = db.prepare(
             // `last_used` is in whole seconds (what `images` shows); uses within one second
             // are ordered by rowid, which every insert and every use moves to the end.
-            "SELECT hash, tag, workload, size, created, last_used FROM images
-             ORDER BY last_used DESC, rowid DESC",
+            "SELECT i.hash, i.tag, i.workload, i.size, i.created, i.last_used, p.tag
+             FROM images i LEFT JOIN images p ON p.hash = i.parent
+             ORDER BY i.last_used DESC, i.rowid DESC",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(ImageRecord {
@@ -192,6 +195,7 @@ impl ImageCache {
                 created: r.get(4)?,
                 last_used: r.get(5)?,
                 in_use: false,
+                base: r.get(6)?,
             })
         })?;
         rows.collect()

@@ -425,6 +425,9 @@ async fn a_debootstrap_base_is_made_once_kept_under_its_children_and_pruned_last
         .expect("the base is recorded")
         .clone();
     assert!(base.tag.starts_with("bulkhead/debootstrap-bookworm:"));
+    assert_eq!(base.base, None);
+    let child = recs.iter().find(|r| r.tag == first.tag).unwrap();
+    assert_eq!(child.base.as_deref(), Some(base.tag.as_str()));
     // The image runs Debian's userland.
     let out = std::process::Command::new("docker")
         .args([

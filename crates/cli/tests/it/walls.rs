@@ -208,15 +208,14 @@ fn python_workload_in_docker_on_a_debootstrap_image_round_trips() {
     let imgs = d.json(&["images", "-o", "json"]);
     let list = imgs.as_array().unwrap();
     assert_eq!(list.len(), 2, "the base and the workload's image: {imgs}");
+    let base = list
+        .iter()
+        .find(|i| i["workload"] == "(debootstrap bookworm)" && i["in_use"] == false)
+        .unwrap_or_else(|| panic!("the debootstrap base is cached: {imgs}"));
     assert!(
         list.iter()
-            .any(|i| i["workload"] == "(debootstrap bookworm)" && i["in_use"] == false),
-        "{imgs}"
-    );
-    assert!(
-        list.iter()
-            .any(|i| i["workload"] == name && i["in_use"] == true),
-        "{imgs}"
+            .any(|i| i["workload"] == name && i["in_use"] == true && i["base"] == base["tag"]),
+        "the workload's image is in use and built on the base: {imgs}"
     );
     // A second session: the image comes from the cache.
     let started = std::time::Instant::now();
