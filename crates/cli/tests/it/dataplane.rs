@@ -271,7 +271,7 @@ fn hundred_sessions_leave_no_shared_memory_behind() {
 }
 
 /// Whether `python3` can import the iceoryx2 binding; prints why not otherwise.
-fn python_with_iceoryx2() -> bool {
+pub(crate) fn python_with_iceoryx2() -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import iceoryx2"])
         .stderr(Stdio::null())

@@ -1,6 +1,7 @@
-//! The data plane across the walls, through the real daemon: the Rust echo workload
-//! behind the sandbox and inside a docker container answers a host -> workload -> host
-//! round trip, and its crash releases its shared memory. Each test prints why it skips
+//! The data plane across the walls, through the real daemon: the Rust and Python echo
+//! workloads behind the sandbox and inside a docker container (Python on a Debian image
+//! bulkhead makes with debootstrap) answer host -> workload -> host round trips, and a
+//! crash releases the workload's shared memory. Each test prints why it skips
 //! when its driver is unavailable here.
 
 use std::path::PathBuf;
@@ -42,6 +43,17 @@ fn round_trip_then_crash(d: Daemon, kill: impl FnOnce(&Daemon)) {
     stop_and_clean(d, &iox2);
 }
 
+/// SIGKILL to the sandboxed instance `session:w1:echo` (its init: the whole namespace
+/// goes), behind bulkhead's back.
+fn kill_sandboxed(d: &Daemon) {
+    let pid = d.json(&["get", "session:w1:echo", "-o", "json"])["pid"]
+        .as_u64()
+        .expect("the sandboxed instance has a pid");
+    // SAFETY: kill(2) on the host pid of this test's own instance.
+    let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill {pid}: {}", std::io::Error::last_os_error());
+}
+
 #[test]
 fn sandboxed_workload_round_trip_and_crash_releases_shared_memory() {
     let m = walled_echo("sandbox", echo_bin(), "");
@@ -49,14 +61,7 @@ fn sandboxed_workload_round_trip_and_crash_releases_shared_memory() {
     if !crate::sandbox::sandbox_available(&d) {
         return;
     }
-    round_trip_then_crash(d, |d| {
-        let pid = d.json(&["get", "session:w1:echo", "-o", "json"])["pid"]
-            .as_u64()
-            .expect("the sandboxed instance has a pid");
-        // SAFETY: kill(2) on the host pid of this test's own instance.
-        let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        assert_eq!(rc, 0, "kill {pid}: {}", std::io::Error::last_os_error());
-    });
+    round_trip_then_crash(d, kill_sandboxed);
 }
 
 /// The `docker.mounts` that let the host-built echo binary run in the busybox image: the
@@ -264,4 +269,28 @@ fn a_walled_workload_with_channels_under_another_user_is_refused_with_the_reason
             && err.contains("65534"),
         "{err}"
     );
+}
+
+#[test]
+fn python_workload_in_the_sandbox_round_trips_and_its_crash_releases_shared_memory() {
+    if !crate::dataplane::python_with_iceoryx2() {
+        return;
+    }
+    let main = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/workloads/echo-python/main.py"
+    );
+    // The same python3 the test found (the sandbox sees the host's file system,
+    // read-only, so its interpreter and the iceoryx2 binding are there too).
+    let m = walled_echo("sandbox", "python3", "").replacen(
+        "command: [\"python3\"]",
+        &format!("command: [python3, {main:?}]"),
+        1,
+    );
+    assert!(m.contains("main.py"), "{m}");
+    let d = Daemon::start(&[("echo", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    round_trip_then_crash(d, kill_sandboxed);
 }
