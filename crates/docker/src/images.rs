@@ -15,7 +15,8 @@
 //! removes an image that a container (running or not) still uses, nor a base that a
 //! cached image is built on. One build runs at a
 //! time (a build already saturates two cores); concurrent launches of the same
-//! configuration wait for the first build and then hit the cache.
+//! configuration wait for the first build and then hit the cache. A launch whose image
+//! is cached never waits for a build.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -322,29 +323,18 @@ impl ImageCache {
         });
         let hash = hash_plan(&plan)?;
         let tag = format!("bulkhead/{}:{}", sanitize(workload), &hash[..12]);
+        // A cached image never waits behind a build (one can take minutes, and different
+        // keys must not wait on each other): look first without the build lock. The hit
+        // moves the image to the front of the LRU order, so an eviction racing with this
+        // launch takes older images first.
+        if let Some(built) = self.hit(client, &hash).await? {
+            return Ok(built);
+        }
         let _guard = self.build_lock.lock().await;
-        let cached: Option<String> = self
-            .db()
-            .query_row("SELECT tag FROM images WHERE hash = ?1", [&hash], |r| {
-                r.get(0)
-            })
-            .ok();
-        if let Some(tag) = cached {
-            if client.inspect_image(&tag).await.is_ok() {
-                self.db().execute(
-                    "UPDATE images SET last_used = ?1,
-                        rowid = (SELECT max(rowid) + 1 FROM images) WHERE hash = ?2",
-                    rusqlite::params![now(), hash],
-                )?;
-                return Ok(Built {
-                    tag,
-                    hash,
-                    hit: true,
-                });
-            }
-            // Removed behind our back: build again.
-            self.db()
-                .execute("DELETE FROM images WHERE hash = ?1", [&hash])?;
+        // Again under the lock: a concurrent launch of the same configuration may have
+        // built it while we waited.
+        if let Some(built) = self.hit(client, &hash).await? {
+            return Ok(built);
         }
         if let Some((base_hash, base_tag, d)) = &base {
             self.ensure_base(client, base_hash, base_tag, d).await?;
@@ -423,6 +413,35 @@ impl ImageCache {
 }
 
 impl ImageCache {
+    /// The cached image of configuration `hash`, if the engine still has it (its use is
+    /// recorded); a record whose image was removed behind our back is dropped.
+    async fn hit(&self, client: &Docker, hash: &str) -> Result<Option<Built>, BuildError> {
+        let cached: Option<String> = self
+            .db()
+            .query_row("SELECT tag FROM images WHERE hash = ?1", [hash], |r| {
+                r.get(0)
+            })
+            .ok();
+        let Some(tag) = cached else {
+            return Ok(None);
+        };
+        if client.inspect_image(&tag).await.is_ok() {
+            self.db().execute(
+                "UPDATE images SET last_used = ?1,
+                    rowid = (SELECT max(rowid) + 1 FROM images) WHERE hash = ?2",
+                rusqlite::params![now(), hash],
+            )?;
+            return Ok(Some(Built {
+                tag,
+                hash: hash.to_owned(),
+                hit: true,
+            }));
+        }
+        self.db()
+            .execute("DELETE FROM images WHERE hash = ?1", [hash])?;
+        Ok(None)
+    }
+
     /// Makes sure the debootstrap base `tag` exists, making and recording it if not.
     /// Called with the build lock held.
     async fn ensure_base(

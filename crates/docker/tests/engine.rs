@@ -490,3 +490,68 @@ async fn a_debootstrap_base_is_made_once_kept_under_its_children_and_pruned_last
     assert_eq!(removed, [second.tag.clone(), base.tag.clone()]);
     assert!(client.inspect_image(&base.tag).await.is_err());
 }
+
+/// A launch whose image is cached does not wait for a build of another configuration
+/// (builds are serialised, and one can take minutes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_hit_does_not_wait_behind_a_build() {
+    let Some(engine) = engine().await else { return };
+    let client = engine.ensure().await.unwrap().clone();
+    let state = tempfile::tempdir().unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    let cache =
+        Arc::new(ImageCache::open(&state.path().join("images.db"), Limits::default()).unwrap());
+    let pid = std::process::id();
+    let spec = |run: &str| -> bulkhead_core::docker::DockerSpec {
+        serde_saphyr::from_str(&format!("build:\n  base: {IMAGE}\n  run: ['{run}']\n")).unwrap()
+    };
+    let cached = cache
+        .ensure(
+            &client,
+            "hit",
+            &spec(&format!("echo cached-{pid}")),
+            ctx.path(),
+        )
+        .await
+        .unwrap();
+    // A build that holds the build lock for a while: its RUN step sleeps.
+    let marker = format!("slow-{pid}");
+    let slow = {
+        let (cache, client) = (cache.clone(), client.clone());
+        let dir = ctx.path().to_owned();
+        let s = spec(&format!("echo {marker}; sleep 15"));
+        tokio::spawn(async move { cache.ensure(&client, "slow", &s, &dir).await })
+    };
+    // The slow build is under way once the engine runs its RUN step.
+    within("the slow build's RUN step", async {
+        loop {
+            let ps = std::process::Command::new("docker")
+                .args(["ps", "--no-trunc", "--format", "{{.Command}}"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&ps.stdout).contains(&marker) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let hit = within(
+        "a cache hit while a build runs",
+        cache.ensure(
+            &client,
+            "hit",
+            &spec(&format!("echo cached-{pid}")),
+            ctx.path(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(hit.hit && hit.tag == cached.tag);
+    assert!(
+        !slow.is_finished(),
+        "the hit came back while the build was still running"
+    );
+    within("the slow build", slow).await.unwrap().unwrap();
+    assert_eq!(cache.prune(&client).await.unwrap().len(), 2);
+}
