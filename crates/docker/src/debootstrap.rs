@@ -170,6 +170,7 @@ pub async fn build(
             Ok(())
         });
     }
+    let started = std::time::Instant::now();
     tracing::info!(
         "making base image {tag}: debootstrap {} from {} (log: {})",
         d.suite,
@@ -198,6 +199,10 @@ pub async fn build(
     };
     remove_tree(&target);
     if result.is_ok() {
+        tracing::info!(
+            "made base image {tag} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         let _ = std::fs::remove_file(&log);
     }
     result

@@ -340,6 +340,8 @@ impl ImageCache {
             self.ensure_base(client, base_hash, base_tag, d).await?;
         }
         let ctx = archive(&plan, dir)?;
+        tracing::info!("building image {tag} for workload {workload}");
+        let started = std::time::Instant::now();
         let opts = BuildImageOptions {
             dockerfile: plan.dockerfile_name.clone(),
             t: Some(tag.clone()),
@@ -394,6 +396,11 @@ impl ImageCache {
                 })
             }
         };
+        tracing::info!(
+            "built image {tag} ({}) in {:.1} s",
+            bulkhead_core::size::format(size),
+            started.elapsed().as_secs_f64()
+        );
         let t = now();
         self.db().execute(
             "INSERT OR REPLACE INTO images (hash, tag, workload, size, created, last_used, parent)
