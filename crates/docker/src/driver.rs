@@ -50,7 +50,7 @@ use tokio::sync::watch;
 use crate::engine::{
     ContainerEvent, Engine, EventSink, LABEL_CONFIG, LABEL_DAEMON, LABEL_INSTANCE, LABEL_WORKLOAD,
 };
-use crate::images::ImageCache;
+use crate::images::{ImageCache, Pin};
 
 /// How long removing a dead container may take before the handle reports the exit anyway.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,10 +77,10 @@ impl DockerDriver {
         client: &Docker,
         dk: &DockerSpec,
         spec: &SpawnSpec,
-    ) -> Result<(String, Option<String>), SpawnError> {
+    ) -> Result<(String, Option<String>, Option<Pin>), SpawnError> {
         if let Some(image) = &dk.image {
             return match client.inspect_image(image).await {
-                Ok(_) => Ok((image.clone(), None)),
+                Ok(_) => Ok((image.clone(), None, None)),
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
                 }) => Err(SpawnError::Other(format!(
@@ -98,11 +98,11 @@ impl DockerDriver {
                 "docker.build needs the image cache, which this driver was made without".into(),
             ));
         };
-        let built = images
-            .ensure(client, &spec.spec.name, dk, &spec.cwd)
+        let (built, pin) = images
+            .ensure_pinned(client, &spec.spec.name, dk, &spec.cwd)
             .await
             .map_err(|e| SpawnError::Other(e.to_string()))?;
-        Ok((built.tag, Some(built.hash)))
+        Ok((built.tag, Some(built.hash), Some(pin)))
     }
 }
 
@@ -270,12 +270,14 @@ impl Driver for DockerDriver {
         if spec.argv.is_empty() {
             return Err(SpawnError::Other("the command is empty".into()));
         }
-        let (image, hash) = self.resolve_image(&client, &dk, &spec).await?;
+        // The pin keeps a cached image from eviction until its container exists.
+        let (image, hash, pin) = self.resolve_image(&client, &dk, &spec).await?;
         let body = container_config(&spec, &dk, &image, self.engine.daemon_id(), hash.as_deref())?;
         let created = client
             .create_container(None::<CreateContainerOptions>, body)
             .await
             .map_err(|e| SpawnError::Other(format!("cannot create a container of {image}: {e}")))?;
+        drop(pin);
         let id = created.id;
         let cleanup = |client: Docker, id: String| async move {
             let _ = client

@@ -18,8 +18,9 @@
 //! configuration wait for the first build and then hit the cache. A launch whose image
 //! is cached never waits for a build.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -58,6 +59,31 @@ pub struct Built {
     pub hash: String,
     /// Whether it came from the cache.
     pub hit: bool,
+}
+
+/// Keeps an image from eviction and prune while a launch is between finding it and
+/// creating its container (after that the container protects it). Released on drop.
+#[derive(Debug, Clone)]
+pub struct Pin {
+    _inner: Arc<PinInner>,
+}
+
+#[derive(Debug)]
+struct PinInner {
+    tag: String,
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for PinInner {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = pins.get_mut(&self.tag) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.tag);
+            }
+        }
+    }
 }
 
 /// The cache could not be opened.
@@ -115,6 +141,11 @@ pub struct ImageCache {
     work: PathBuf,
     limits: Limits,
     build_lock: tokio::sync::Mutex<()>,
+    /// Images launches are about to use (tag -> count).
+    pins: Arc<Mutex<HashMap<String, usize>>>,
+    /// Taken to pin an image and to check-and-remove one, so that a removal never takes
+    /// an image pinned after its check.
+    removal: tokio::sync::Mutex<()>,
 }
 
 fn now() -> i64 {
@@ -170,6 +201,8 @@ impl ImageCache {
                 .join("debootstrap"),
             limits,
             build_lock: tokio::sync::Mutex::new(()),
+            pins: Arc::new(Mutex::new(HashMap::new())),
+            removal: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -246,8 +279,34 @@ impl ImageCache {
         rows.collect()
     }
 
-    /// Removes one image and its record; false if the engine refused (in use).
+    /// Pins `tag` (see [`Pin`]).
+    async fn pin(&self, tag: &str) -> Pin {
+        let _removal = self.removal.lock().await;
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        *pins.entry(tag.to_owned()).or_insert(0) += 1;
+        Pin {
+            _inner: Arc::new(PinInner {
+                tag: tag.to_owned(),
+                pins: Arc::clone(&self.pins),
+            }),
+        }
+    }
+
+    /// Removes one image and its record; false if it is pinned or the engine refused
+    /// (in use).
     async fn remove(&self, client: &Docker, r: &ImageRecord) -> Result<bool, rusqlite::Error> {
+        // RACE: a launch pins an image, then checks that the engine still has it; the
+        // removal checks the pin, then removes. Both under `removal`, so either the launch
+        // finds the image gone (and builds it again) or the removal sees the pin.
+        let _removal = self.removal.lock().await;
+        if self
+            .pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&r.tag)
+        {
+            return Ok(false);
+        }
         match client
             .remove_image(&r.tag, None::<RemoveImageOptions>, None)
             .await
@@ -312,6 +371,20 @@ impl ImageCache {
         dk: &DockerSpec,
         dir: &Path,
     ) -> Result<Built, BuildError> {
+        self.ensure_pinned(client, workload, dk, dir)
+            .await
+            .map(|(built, _)| built)
+    }
+
+    /// [`ImageCache::ensure`], with the image pinned until the [`Pin`] drops: what a
+    /// launch holds until its container exists.
+    pub async fn ensure_pinned(
+        &self,
+        client: &Docker,
+        workload: &str,
+        dk: &DockerSpec,
+        dir: &Path,
+    ) -> Result<(Built, Pin), BuildError> {
         let build = dk.build.clone().unwrap_or_default();
         let plan = plan(&build, dir)?;
         let base = build.debootstrap.as_ref().map(|d| {
@@ -327,14 +400,14 @@ impl ImageCache {
         // keys must not wait on each other): look first without the build lock. The hit
         // moves the image to the front of the LRU order, so an eviction racing with this
         // launch takes older images first.
-        if let Some(built) = self.hit(client, &hash).await? {
-            return Ok(built);
+        if let Some(hit) = self.hit(client, &hash).await? {
+            return Ok(hit);
         }
         let _guard = self.build_lock.lock().await;
         // Again under the lock: a concurrent launch of the same configuration may have
         // built it while we waited.
-        if let Some(built) = self.hit(client, &hash).await? {
-            return Ok(built);
+        if let Some(hit) = self.hit(client, &hash).await? {
+            return Ok(hit);
         }
         if let Some((base_hash, base_tag, d)) = &base {
             self.ensure_base(client, base_hash, base_tag, d).await?;
@@ -407,22 +480,26 @@ impl ImageCache {
              VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
             rusqlite::params![hash, tag, workload, size as i64, t, base.map(|b| b.0)],
         )?;
+        let pin = self.pin(&tag).await;
         drop(_guard);
         if let Err(e) = self.evict(client).await {
             tracing::warn!("image cache eviction: {e}");
         }
-        Ok(Built {
-            tag,
-            hash,
-            hit: false,
-        })
+        Ok((
+            Built {
+                tag,
+                hash,
+                hit: false,
+            },
+            pin,
+        ))
     }
 }
 
 impl ImageCache {
     /// The cached image of configuration `hash`, if the engine still has it (its use is
     /// recorded); a record whose image was removed behind our back is dropped.
-    async fn hit(&self, client: &Docker, hash: &str) -> Result<Option<Built>, BuildError> {
+    async fn hit(&self, client: &Docker, hash: &str) -> Result<Option<(Built, Pin)>, BuildError> {
         let cached: Option<String> = self
             .db()
             .query_row("SELECT tag FROM images WHERE hash = ?1", [hash], |r| {
@@ -432,17 +509,22 @@ impl ImageCache {
         let Some(tag) = cached else {
             return Ok(None);
         };
+        // Pinned before the check (see `remove`).
+        let pin = self.pin(&tag).await;
         if client.inspect_image(&tag).await.is_ok() {
             self.db().execute(
                 "UPDATE images SET last_used = ?1,
                     rowid = (SELECT max(rowid) + 1 FROM images) WHERE hash = ?2",
                 rusqlite::params![now(), hash],
             )?;
-            return Ok(Some(Built {
-                tag,
-                hash: hash.to_owned(),
-                hit: true,
-            }));
+            return Ok(Some((
+                Built {
+                    tag,
+                    hash: hash.to_owned(),
+                    hit: true,
+                },
+                pin,
+            )));
         }
         self.db()
             .execute("DELETE FROM images WHERE hash = ?1", [hash])?;

@@ -555,3 +555,69 @@ async fn a_cache_hit_does_not_wait_behind_a_build() {
     within("the slow build", slow).await.unwrap().unwrap();
     assert_eq!(cache.prune(&client).await.unwrap().len(), 2);
 }
+
+/// A launch holds a pin on its image from the cache lookup until its container exists:
+/// eviction and prune leave a pinned image alone, and take it once the pin is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pinned_image_is_neither_evicted_nor_pruned() {
+    let Some(engine) = engine().await else { return };
+    let client = engine.ensure().await.unwrap().clone();
+    let state = tempfile::tempdir().unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    let cache = ImageCache::open(
+        &state.path().join("images.db"),
+        Limits {
+            max_count: Some(1),
+            max_bytes: None,
+        },
+    )
+    .unwrap();
+    let pid = std::process::id();
+    let spec = |run: &str| -> bulkhead_core::docker::DockerSpec {
+        serde_saphyr::from_str(&format!("build:\n  base: {IMAGE}\n  run: ['{run}']\n")).unwrap()
+    };
+    let (pinned, pin) = cache
+        .ensure_pinned(
+            &client,
+            "pin",
+            &spec(&format!("echo pinned-{pid}")),
+            ctx.path(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let other = cache
+        .ensure(
+            &client,
+            "pin",
+            &spec(&format!("echo other-{pid}")),
+            ctx.path(),
+        )
+        .await
+        .unwrap();
+    let tags = || -> Vec<String> {
+        cache
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.tag)
+            .collect()
+    };
+    assert!(
+        tags().contains(&pinned.tag),
+        "over the limit, the pinned LRU image stays: {:?}",
+        tags()
+    );
+    assert!(cache
+        .prune(&client)
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.tag != pinned.tag));
+    assert!(client.inspect_image(&pinned.tag).await.is_ok());
+    drop(pin);
+    cache.prune(&client).await.unwrap();
+    assert!(tags().is_empty(), "{:?}", tags());
+    assert!(client.inspect_image(&pinned.tag).await.is_err());
+    assert!(client.inspect_image(&other.tag).await.is_err());
+}
