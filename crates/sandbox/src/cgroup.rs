@@ -124,6 +124,22 @@ pub struct Cgroups {
 
 /// `path` relative to its hierarchy for `controller` (`""` for the cgroup2 line), from
 /// the text of `/proc/self/cgroup`.
+/// The leaf cgroup that the processes of the daemon's own cgroup move into when that
+/// cgroup must hand controllers down (cgroup v2's no-internal-process rule).
+pub const SUPERVISOR_LEAF: &str = "bulkhead-supervisor";
+
+/// The cgroup2 path the daemon's subtree hangs from: its own cgroup, or the parent of
+/// [`SUPERVISOR_LEAF`] when an earlier detection (this daemon's or a previous one's)
+/// moved it there.
+fn own_v2_path(proc_self_cgroup: &str) -> Option<String> {
+    let own = own_path(proc_self_cgroup, "")?;
+    Some(match own.strip_suffix(&format!("/{SUPERVISOR_LEAF}")) {
+        Some("") => "/".to_owned(),
+        Some(parent) => parent.to_owned(),
+        None => own,
+    })
+}
+
 fn own_path(proc_self_cgroup: &str, controller: &str) -> Option<String> {
     proc_self_cgroup.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
@@ -276,11 +292,12 @@ impl Cgroups {
                 .map(|(m, _, _)| m)
                 .collect();
             v2mounts.sort_by_key(|m| *m != Path::new("/sys/fs/cgroup"));
-            if let (Some(mount), Some(own)) = (v2mounts.first(), own_path(&own, "")) {
+            if let (Some(mount), Some(own)) = (v2mounts.first(), own_v2_path(&own)) {
                 let base = sub(mount, &own);
                 match probe(&base, false) {
                     Ok(()) => {
-                        unified_controllers = enable_controllers(mount, &base);
+                        let own_dir = mount.join(own.trim_start_matches('/'));
+                        unified_controllers = enable_controllers(mount, &own_dir, &base);
                         unified = Some(base);
                     }
                     Err(e) => reasons.push(format!("{}: {e}", base.display())),
@@ -445,7 +462,7 @@ impl Drop for Cgroups {
 
 /// Turns on memory, pids, cpu and cpuset for our subtree on a cgroup2 mount that has them.
 /// Returns whether `base` can enforce memory, pids and cpu limits.
-fn enable_controllers(mount: &Path, base: &Path) -> bool {
+fn enable_controllers(mount: &Path, own_dir: &Path, base: &Path) -> bool {
     let available = fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
     let needed = ["memory", "pids", "cpu"];
     if !needed
@@ -461,11 +478,26 @@ fn enable_controllers(mount: &Path, base: &Path) -> bool {
     for dir in levels {
         let have = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
         for c in ["memory", "pids", "cpu", "cpuset"] {
-            if have.split_whitespace().any(|a| a == c) {
-                // EBUSY here means processes live in `dir` (the no-internal-process rule):
-                // the daemon would have to move itself into a leaf first. Not done: the
-                // limits are then reported unavailable.
-                let _ = write_file(&dir.join("cgroup.subtree_control"), &format!("+{c}"));
+            if !have.split_whitespace().any(|a| a == c) {
+                continue;
+            }
+            let control = dir.join("cgroup.subtree_control");
+            let mut r = write_file(&control, &format!("+{c}"));
+            // EBUSY: processes live in `dir` (cgroup v2's no-internal-process rule). In
+            // the daemon's own cgroup (a systemd service with `Delegate=yes`, say) they
+            // are the daemon and its children: they move into a leaf, and `dir` can then
+            // hand the controller down. Other levels are left alone (the limits are then
+            // reported unavailable).
+            if r.as_ref()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
+                && dir == own_dir
+                && dir != mount
+                && move_into_leaf(dir)
+            {
+                r = write_file(&control, &format!("+{c}"));
+            }
+            if let Err(e) = r {
+                tracing::debug!("cannot enable {c} in {}: {e}", control.display());
             }
         }
     }
@@ -473,6 +505,43 @@ fn enable_controllers(mount: &Path, base: &Path) -> bool {
     needed
         .iter()
         .all(|c| sub.split_whitespace().any(|a| a == *c))
+}
+
+/// Moves every process of `dir` into `dir/`[`SUPERVISOR_LEAF`]; true when `dir` was left
+/// empty. A process that forks meanwhile is caught by the next pass.
+fn move_into_leaf(dir: &Path) -> bool {
+    let leaf = dir.join(SUPERVISOR_LEAF);
+    if let Err(e) = fs::create_dir(&leaf) {
+        if e.kind() != io::ErrorKind::AlreadyExists {
+            tracing::warn!("cannot create {}: {e}", leaf.display());
+            return false;
+        }
+    }
+    let mut moved = 0usize;
+    for _ in 0..10 {
+        let pids = procs(dir);
+        if pids.is_empty() {
+            tracing::info!(
+                "moved {moved} process(es) of {} into {} so that it can delegate \
+                 controllers to instances (cgroup v2 allows no processes in a cgroup that \
+                 does)",
+                dir.display(),
+                leaf.display()
+            );
+            return true;
+        }
+        for pid in pids {
+            // ESRCH: it exited meanwhile.
+            if write_file(&leaf.join("cgroup.procs"), &pid.to_string()).is_ok() {
+                moved += 1;
+            }
+        }
+    }
+    tracing::warn!(
+        "{} keeps getting new processes; not delegating",
+        dir.display()
+    );
+    false
 }
 
 /// Sends SIGKILL to every process of one cgroup directory (`cgroup.kill` where it exists,
@@ -779,6 +848,21 @@ pub fn mem_available() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_supervisor_leaf_is_not_a_level_of_its_own() {
+        let v2 = |p: &str| own_v2_path(&format!("0::{p}\n"));
+        assert_eq!(
+            v2("/system.slice/b.service").as_deref(),
+            Some("/system.slice/b.service")
+        );
+        assert_eq!(
+            v2("/system.slice/b.service/bulkhead-supervisor").as_deref(),
+            Some("/system.slice/b.service")
+        );
+        assert_eq!(v2("/bulkhead-supervisor").as_deref(), Some("/"));
+        assert_eq!(v2("/").as_deref(), Some("/"));
+    }
 
     #[test]
     fn own_paths_are_found_per_hierarchy() {
