@@ -121,21 +121,7 @@ impl InstanceTable {
         let shown = path.display().to_string();
         let writer = std::thread::Builder::new()
             .name("bulkhead-instances".into())
-            .spawn(move || {
-                // The table is written off the launch path (the event log is what must be
-                // durable before an answer): on a small machine its writes should not take
-                // the CPU from a workload that is starting. Measured on 2 cores: launch ->
-                // ready went from 1.39x to 1.32x the spawn floor (docs/benchmarks.md).
-                // SAFETY: setpriority(2) on this thread only; no memory is involved.
-                unsafe {
-                    libc::setpriority(
-                        libc::PRIO_PROCESS,
-                        libc::gettid() as libc::id_t,
-                        WRITER_NICE,
-                    )
-                };
-                write_loop(conn, rx, &shown)
-            })
+            .spawn(move || write_loop(conn, rx, &shown))
             .map_err(|e| TableError {
                 path: path.to_owned(),
                 source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
@@ -176,9 +162,6 @@ impl Drop for InstanceTable {
         self.close();
     }
 }
-
-/// The writer thread's nice value (lower priority than the daemon's other threads).
-const WRITER_NICE: libc::c_int = 10;
 
 fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, shown: &str) {
     while let Ok(first) = rx.recv() {
