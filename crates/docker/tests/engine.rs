@@ -70,6 +70,9 @@ async fn a_missing_image_says_what_to_do() {
     );
 }
 
+/// An OOM kill is the exit cause, with the limit: of the main process, and of a child
+/// while the main process would live on (the container is then ended, as for the
+/// sandbox; the engine alone would leave it running).
 #[tokio::test(flavor = "multi_thread")]
 async fn oom_kill_is_the_exit_cause_with_the_limit() {
     let Some(engine) = engine().await else { return };
@@ -78,48 +81,25 @@ async fn oom_kill_is_the_exit_cause_with_the_limit() {
         docker_section("")
     ));
     let driver = DockerDriver::new(engine, None);
-    let script = "a=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; while :; do a=$a$a; done";
-    let spawned = driver.spawn(fx.spawn_spec("oom", script)).await.unwrap();
-    let st = within("the OOM kill", spawned.handle.wait()).await;
-    assert!(
-        matches!(st, ExitStatus::Signaled { signal: 9, .. }),
-        "{st:?}"
-    );
-    assert_eq!(
-        spawned.handle.exit_cause(),
-        Some(ExitCause::OomKilled {
-            limit_bytes: Some(16 << 20)
-        })
-    );
-}
-
-/// The OOM killer takes a child while the main process would live on: the container is
-/// ended and its exit is `oom_killed`, as for the sandbox (the engine alone would leave it
-/// running).
-#[tokio::test(flavor = "multi_thread")]
-async fn an_oom_kill_of_a_child_ends_the_container_as_oom_killed() {
-    let Some(engine) = engine().await else { return };
-    let fx = fixture(&format!(
-        "resources: {{memory: 16Mi}}\n{}",
-        docker_section("")
-    ));
-    let driver = DockerDriver::new(engine, None);
-    let script = "(a=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; while :; do a=$a$a; done) & exec sleep 1000";
-    let spawned = driver
-        .spawn(fx.spawn_spec("oom-child", script))
-        .await
-        .unwrap();
-    let st = within("the OOM kill", spawned.handle.wait()).await;
-    assert!(
-        matches!(st, ExitStatus::Signaled { signal: 9, .. }),
-        "{st:?}"
-    );
-    assert_eq!(
-        spawned.handle.exit_cause(),
-        Some(ExitCause::OomKilled {
-            limit_bytes: Some(16 << 20)
-        })
-    );
+    let hog = "a=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; while :; do a=$a$a; done";
+    for (name, script) in [
+        ("oom", hog.to_owned()),
+        ("oom-child", format!("({hog}) & exec sleep 1000")),
+    ] {
+        let spawned = driver.spawn(fx.spawn_spec(name, &script)).await.unwrap();
+        let st = within("the OOM kill", spawned.handle.wait()).await;
+        assert!(
+            matches!(st, ExitStatus::Signaled { signal: 9, .. }),
+            "{name}: {st:?}"
+        );
+        assert_eq!(
+            spawned.handle.exit_cause(),
+            Some(ExitCause::OomKilled {
+                limit_bytes: Some(16 << 20)
+            }),
+            "{name}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -93,46 +93,43 @@ fn a_notify_workload_runs_behind_the_walls() {
     );
 }
 
-/// The main process (tail keeps the newline-free /dev/zero in memory) is OOM-killed: the
-/// event is `oom_killed` with the limit, not a bare SIGKILL.
+/// An OOM kill is reported `oom_killed` with the limit, not a bare SIGKILL: of the main
+/// process (tail keeps the newline-free /dev/zero in memory), and of a child while the
+/// main process would live on; the whole instance then ends, as on cgroup v2
+/// (`memory.oom.group`) and as systemd's default `OOMPolicy=stop` does, never a silently
+/// shrunken instance.
 #[test]
-fn a_memory_hog_is_reported_oom_killed() {
-    let m = "name: hog\ndriver: sandbox\ncommand: [tail, -n, '1', /dev/zero]\nresources: {memory: 32Mi}\nrestart: {policy: never}\n";
-    let d = Daemon::start(&[("hog", m)]);
-    if !sandbox_available(&d) {
-        return;
-    }
-    let _ = d.cli(&["launch", "hog", "-o", "json"]);
-    let e = d.wait_event("oom_killed", |e| e["kind"] == "oom_killed");
-    assert_eq!(e["instance"], "ns:default:hog", "{e}");
-    let text = e.to_string();
-    assert!(
-        text.contains(&(32u64 << 20).to_string()),
-        "the limit is named: {e}"
+fn an_oom_kill_of_the_main_process_or_a_child_is_reported_oom_killed() {
+    let m = |name: &str, command: &str| {
+        format!(
+            "name: {name}\ndriver: sandbox\ncommand: {command}\n\
+             resources: {{memory: 32Mi}}\nrestart: {{policy: never}}\n"
+        )
+    };
+    let hog = m("hog", "[tail, -n, '1', /dev/zero]");
+    let kid = m(
+        "kid",
+        "[/bin/sh, -c, 'tail -n 1 /dev/zero & exec sleep 1000']",
     );
-}
-
-/// A child of the workload is OOM-killed while the main process would live on: the whole
-/// instance ends and is reported `oom_killed`, as on cgroup v2 (`memory.oom.group`) and as
-/// systemd's default `OOMPolicy=stop` does; never a silently shrunken instance.
-#[test]
-fn an_oom_kill_of_a_child_ends_the_instance_as_oom_killed() {
-    let m = "name: kid\ndriver: sandbox\n\
-             command: [/bin/sh, -c, 'tail -n 1 /dev/zero & exec sleep 1000']\n\
-             resources: {memory: 32Mi}\nrestart: {policy: never}\n";
-    let d = Daemon::start(&[("kid", m)]);
+    let d = Daemon::start(&[("hog", &hog), ("kid", &kid)]);
     if !sandbox_available(&d) {
         return;
     }
-    let _ = d.cli(&["launch", "kid", "-o", "json"]);
-    let e = d.wait_event("oom_killed", |e| {
-        e["instance"] == "ns:default:kid" && e["kind"] == "oom_killed"
-    });
-    assert!(e.to_string().contains(&(32u64 << 20).to_string()), "{e}");
+    for name in ["hog", "kid"] {
+        let _ = d.cli(&["launch", name, "-o", "json"]);
+        let id = format!("ns:default:{name}");
+        let e = d.wait_event("oom_killed", |e| {
+            e["instance"] == id.as_str() && e["kind"] == "oom_killed"
+        });
+        assert!(
+            e.to_string().contains(&(32u64 << 20).to_string()),
+            "the limit is named: {e}"
+        );
+    }
     assert_eq!(
         instance_cgroups(&cgroup_scope(&d.state)),
         Vec::<PathBuf>::new(),
-        "nothing of the instance is left"
+        "nothing of the instances is left"
     );
 }
 
