@@ -22,6 +22,23 @@ fn walled_echo(driver: &str, command: &str, extra: &str) -> String {
     )
 }
 
+/// The `sandbox:` section that makes the workspace (the examples, the SDK) and the echo
+/// binary visible inside, read-only: the sandbox's `/tmp` is private, and a checkout may
+/// live under `/tmp`.
+fn sandbox_section(extra: &str) -> String {
+    let workspace = std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .expect("the workspace");
+    let bin_dir = std::path::Path::new(echo_bin())
+        .parent()
+        .expect("the echo binary's folder")
+        .to_owned();
+    format!(
+        "sandbox: {{binds: [{{source: {:?}, readonly: true}}, {{source: {:?}, readonly: true}}]{extra}}}\n",
+        workspace.display().to_string(),
+        bin_dir.display().to_string()
+    )
+}
+
 /// Round trip, then the workload is killed by `kill`: its crash is reported and the data
 /// segment of its output publisher (the only one left then) is reclaimed.
 fn round_trip_then_crash(d: Daemon, kill: impl FnOnce(&Daemon)) {
@@ -56,7 +73,7 @@ fn kill_sandboxed(d: &Daemon) {
 
 #[test]
 fn sandboxed_workload_round_trip_and_crash_releases_shared_memory() {
-    let m = walled_echo("sandbox", echo_bin(), "");
+    let m = walled_echo("sandbox", echo_bin(), &sandbox_section(""));
     let d = Daemon::start(&[("echo", &m)]);
     if !crate::sandbox::sandbox_available(&d) {
         return;
@@ -255,7 +272,11 @@ fn python_workload_in_docker_on_a_debootstrap_image_round_trips() {
 
 #[test]
 fn a_walled_workload_with_channels_under_another_user_is_refused_with_the_reason() {
-    let m = walled_echo("sandbox", echo_bin(), "sandbox: {user: {uid: 65534}}\n");
+    let m = walled_echo(
+        "sandbox",
+        echo_bin(),
+        &sandbox_section(", user: {uid: 65534}"),
+    );
     let d = Daemon::start(&[("echo", &m)]);
     if !crate::sandbox::sandbox_available(&d) {
         return;
@@ -282,7 +303,7 @@ fn python_workload_in_the_sandbox_round_trips_and_its_crash_releases_shared_memo
     );
     // The same python3 the test found (the sandbox sees the host's file system,
     // read-only, so its interpreter and the iceoryx2 binding are there too).
-    let m = walled_echo("sandbox", "python3", "").replacen(
+    let m = walled_echo("sandbox", "python3", &sandbox_section("")).replacen(
         "command: [\"python3\"]",
         &format!("command: [python3, {main:?}]"),
         1,
