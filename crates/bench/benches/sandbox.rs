@@ -359,20 +359,28 @@ async fn api_once(
 
 /// A peer tool: spawn it, READY; then wait for it to end (not timed).
 fn command_once(argv: &[String], path: &Path) -> anyhow::Result<Duration> {
-    let t = Instant::now();
-    let sock = UnixDatagram::bind(path)?;
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
         .env_clear()
         .env("NOTIFY_SOCKET", path)
-        .env("BENCH_EXIT_AFTER_READY", "1")
+        .env("BENCH_EXIT_AFTER_READY", "1");
+    ready_once(&mut cmd, path)
+}
+
+/// Binds `path`, starts `cmd`, stops the clock at READY=1 on `path`; then waits for the
+/// command to end successfully (not timed).
+fn ready_once(cmd: &mut Command, path: &Path) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let sock = UnixDatagram::bind(path)?;
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;
     await_ready(&sock)?;
     let took = t.elapsed();
-    child.wait()?;
+    let st = child.wait()?;
+    anyhow::ensure!(st.success(), "{cmd:?}: {st}");
     let _ = std::fs::remove_file(path);
     Ok(took)
 }
@@ -463,22 +471,11 @@ impl Runc {
             serde_json::to_vec(&self.config)?,
         )?;
         let id = format!("bulkhead-bench-{}-{}", std::process::id(), self.seq);
-        let sock = UnixDatagram::bind(path)?;
-        let t = Instant::now();
-        let mut child = Command::new(&self.bin)
-            .args(["run", "--bundle"])
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["run", "--bundle"])
             .arg(&self.bundle)
             .arg(&id)
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        await_ready(&sock)?;
-        let took = t.elapsed();
-        let st = child.wait()?;
-        anyhow::ensure!(st.success(), "runc run {id}: {st}");
-        let _ = std::fs::remove_file(path);
-        Ok(took)
+            .env_remove("NOTIFY_SOCKET");
+        ready_once(&mut cmd, path)
     }
 }

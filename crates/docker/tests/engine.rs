@@ -39,6 +39,24 @@ fn docker_section(extra: &str) -> String {
     format!("docker:\n  image: {IMAGE}\n{extra}")
 }
 
+/// An image cache with at most `max_count` images in a state folder of its own, and an
+/// empty build context (both folders live as long as the returned guards).
+fn temp_cache(max_count: Option<usize>) -> (ImageCache, tempfile::TempDir, tempfile::TempDir) {
+    let state = tempfile::tempdir().unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_count,
+        max_bytes: None,
+    };
+    let cache = ImageCache::open(&state.path().join("images.db"), limits).unwrap();
+    (cache, state, ctx)
+}
+
+/// `docker.build` on the test image with one `RUN` step.
+fn run_on_test_image(run: &str) -> bulkhead_core::docker::DockerSpec {
+    serde_saphyr::from_str(&format!("build:\n  base: {IMAGE}\n  run: ['{run}']\n")).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_engine_is_a_clear_error_not_a_hang() {
     // A socket path nobody listens on: the error names it and says what to do.
@@ -344,16 +362,7 @@ async fn a_debootstrap_base_is_made_once_kept_under_its_children_and_pruned_last
         return;
     }
     let client = engine.ensure().await.unwrap().clone();
-    let state = tempfile::tempdir().unwrap();
-    let ctx = tempfile::tempdir().unwrap();
-    let cache = ImageCache::open(
-        &state.path().join("images.db"),
-        Limits {
-            max_count: Some(2),
-            max_bytes: None,
-        },
-    )
-    .unwrap();
+    let (cache, state, ctx) = temp_cache(Some(2));
     let pid = std::process::id();
 
     // An archive that does not exist: debootstrap's own words come back, and nothing is
@@ -477,14 +486,10 @@ async fn a_debootstrap_base_is_made_once_kept_under_its_children_and_pruned_last
 async fn a_cache_hit_does_not_wait_behind_a_build() {
     let Some(engine) = engine().await else { return };
     let client = engine.ensure().await.unwrap().clone();
-    let state = tempfile::tempdir().unwrap();
-    let ctx = tempfile::tempdir().unwrap();
-    let cache =
-        Arc::new(ImageCache::open(&state.path().join("images.db"), Limits::default()).unwrap());
+    let (cache, _state, ctx) = temp_cache(None);
+    let cache = Arc::new(cache);
     let pid = std::process::id();
-    let spec = |run: &str| -> bulkhead_core::docker::DockerSpec {
-        serde_saphyr::from_str(&format!("build:\n  base: {IMAGE}\n  run: ['{run}']\n")).unwrap()
-    };
+    let spec = run_on_test_image;
     let cached = cache
         .ensure(
             &client,
@@ -542,20 +547,9 @@ async fn a_cache_hit_does_not_wait_behind_a_build() {
 async fn a_pinned_image_is_neither_evicted_nor_pruned() {
     let Some(engine) = engine().await else { return };
     let client = engine.ensure().await.unwrap().clone();
-    let state = tempfile::tempdir().unwrap();
-    let ctx = tempfile::tempdir().unwrap();
-    let cache = ImageCache::open(
-        &state.path().join("images.db"),
-        Limits {
-            max_count: Some(1),
-            max_bytes: None,
-        },
-    )
-    .unwrap();
+    let (cache, _state, ctx) = temp_cache(Some(1));
     let pid = std::process::id();
-    let spec = |run: &str| -> bulkhead_core::docker::DockerSpec {
-        serde_saphyr::from_str(&format!("build:\n  base: {IMAGE}\n  run: ['{run}']\n")).unwrap()
-    };
+    let spec = run_on_test_image;
     let (pinned, pin) = cache
         .ensure_pinned(
             &client,
