@@ -140,6 +140,7 @@ fn start_sandbox(
         scope: sandbox_scope(&cfg.state_dir),
         min_available_memory: cfg.min_available_memory,
         favor_dynmods: cfg.cgroup_favordynmods,
+        ..Default::default()
     };
     Some(match bulkhead_sandbox::SandboxDriver::new(sc) {
         Ok(d) => {

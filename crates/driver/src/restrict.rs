@@ -47,8 +47,9 @@ pub struct Restrictions {
     pub cap_last: u32,
     /// Switch to this uid/gid (ids as seen in the process's user namespace).
     pub user: Option<(u32, u32)>,
-    /// A compiled seccomp filter (classic BPF), installed last.
-    pub seccomp: Option<Arc<[libc::sock_filter]>>,
+    /// Compiled seccomp filters (classic BPF), installed last, in order (the kernel runs
+    /// every one; the most restrictive answer wins).
+    pub seccomp: Vec<Arc<[libc::sock_filter]>>,
 }
 
 impl std::fmt::Debug for Restrictions {
@@ -61,8 +62,9 @@ impl std::fmt::Debug for Restrictions {
                 "seccomp",
                 &self
                     .seccomp
-                    .as_ref()
-                    .map(|p| format!("{} instructions", p.len())),
+                    .iter()
+                    .map(|p| format!("{} instructions", p.len()))
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -167,7 +169,7 @@ impl Restrictions {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(Step::NoNewPrivs);
             }
-            if let Some(prog) = &self.seccomp {
+            for prog in &self.seccomp {
                 let fprog = libc::sock_fprog {
                     len: prog.len() as u16,
                     filter: prog.as_ptr() as *mut libc::sock_filter,

@@ -31,7 +31,7 @@ fn driver(mode: ModeChoice) -> Option<(SandboxDriver, String)> {
         mode,
         scope: scope.clone(),
         min_available_memory: 0,
-        favor_dynmods: false,
+        ..SandboxConfig::default()
     }) {
         Ok(d) => Some((d, scope)),
         Err(e) => {
@@ -51,6 +51,8 @@ fn spec(fx: &Fixture, name: &str, script: &str, extra: &str) -> SpawnSpec {
     w.command = s.argv.clone();
     s.spec = Arc::new(w);
     s.binds.push(fx.workdir.clone());
+    // The default wall runs the workload as an unprivileged uid of its tenant's range.
+    open_to_all(&fx.workdir);
     s
 }
 
@@ -136,6 +138,7 @@ async fn a_read_only_root_rejects_writes_while_binds_work() {
     let fx = Fixture::temp();
     let ro = tempfile::tempdir().unwrap();
     let rw = tempfile::tempdir().unwrap();
+    open_to_all(rw.path());
     let extra = format!(
         "sandbox:\n  binds:\n    - {{ source: {}, target: /var/tmp/ro, readonly: true }}\n    - {{ source: {} }}\n  tmpfs: [/var/tmp]\n",
         ro.path().display(),
@@ -359,7 +362,7 @@ async fn dropped_capabilities_hold() {
     };
     let fx = Fixture::temp();
     let script =
-        "mount -t tmpfs none /mnt 2>/dev/null && echo mounted; grep CapBnd /proc/self/status";
+        "mkdir -p /tmp/m; mount -t tmpfs none /tmp/m 2>/dev/null && echo mounted; grep CapBnd /proc/self/status";
     // Default: no capabilities, and the seccomp filter; also without the filter.
     for extra in ["", "sandbox: { seccomp: none }\n"] {
         let (st, out) = run(&d, spec(&fx, "caps", script, extra)).await;
