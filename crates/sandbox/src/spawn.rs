@@ -900,6 +900,18 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
             {
                 fail(ctx, STAGE_USERNS_ROOT);
             }
+            // The kernel clears the parent-death signal on every change of credentials:
+            // set it again, or the instance would outlive the daemon.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                fail(ctx, STAGE_PDEATHSIG);
+            }
         }
         for fd in &p.v1_procs {
             if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {

@@ -31,7 +31,7 @@ pub(crate) fn sandbox_available(d: &Daemon) -> bool {
 
 #[test]
 fn a_notify_workload_runs_behind_the_walls() {
-    let Some(py) = python3() else { return };
+    let Some(py) = system_python3() else { return };
     let m = format!(
         "name: walled\ndriver: sandbox\ncommand: [{py}, -c, 'import os,socket,time; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b\"READY=1\", os.environ[\"NOTIFY_SOCKET\"]); time.sleep(1000)']\nreadiness: {{notify: true, timeout: 30s}}\nresources: {{memory: 128Mi, pids: 64}}\nsandbox: {{network: none}}\n"
     );
@@ -265,14 +265,12 @@ fn exec_into_a_sandbox_is_as_confined_as_the_workload() {
     );
     assert!(exec.contains(&"NoNewPrivs: 1".to_owned()), "{exec:?}");
     assert!(exec.contains(&"Seccomp: 2".to_owned()), "{exec:?}");
-    // The same as the workload's own process (the sleep, a child of our init).
-    let pid = d.json(&["get", &id, "-o", "json"])["pid"].as_u64().unwrap();
-    let workload = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .ok()
-        .and_then(|c| c.split_whitespace().next().map(str::to_owned))
-        .map_or(pid.to_string(), |child| child);
-    let own = fields(&std::fs::read_to_string(format!("/proc/{workload}/status")).unwrap());
-    assert_eq!(exec, own, "exec'd command vs workload process {workload}");
+    // The same as the workload's own process (the sleep, PID 2 under our init), as seen
+    // from inside (from the host its ids are the mapped ones).
+    let o = d.cli(&["exec", &id, "--", "cat", "/proc/2/status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let own = fields(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(exec, own, "exec'd command vs the workload process");
     // The filter at work: unshare(2) is denied.
     let o = d.cli(&["exec", &id, "--", "unshare", "-U", "true"]);
     assert!(!o.status.success(), "unshare -U was allowed");
