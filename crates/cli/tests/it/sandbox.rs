@@ -281,3 +281,53 @@ fn exec_into_a_sandbox_is_as_confined_as_the_workload() {
     );
     assert!(d.cli(&["terminate", &id]).status.success());
 }
+
+/// The API socket trusts every caller that can connect: no sandboxed workload may reach
+/// it. Behind the default wall the socket is not even visible; bound in on purpose it is
+/// still refused (the workload is an unprivileged uid of its tenant's range, the socket
+/// is 0600 root). Control: the host's root and ids, with the socket's folder bound in,
+/// reach it, as the first wave's default did.
+#[test]
+fn a_sandboxed_workload_cannot_reach_the_api_socket() {
+    let Some(py) = system_python3() else { return };
+    let mut d = Daemon::start(&[]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    // The manifests name the daemon's own socket: written once its path is known.
+    let socket = d.socket.display().to_string();
+    let dir = d.socket.parent().unwrap().display().to_string();
+    let workload = |name: &str, sandbox: &str| {
+        format!(
+            "name: {name}\ndriver: sandbox\ncommand: [{py}, -c, \"import socket,sys,time\\ntry:\\n  s=socket.socket(socket.AF_UNIX); s.connect('{socket}'); print('connected')\\nexcept OSError as e:\\n  print('refused', e.errno)\\nsys.stdout.flush(); time.sleep(1000)\"]\nsandbox: {sandbox}\n"
+        )
+    };
+    let bound = format!("{{binds: [{{source: {dir:?}}}]}}");
+    let open = format!("{{root: host, user_namespace: host, binds: [{{source: {dir:?}}}]}}");
+    for (name, sandbox) in [("hidden", "{}"), ("bound", &bound), ("open", &open)] {
+        write_workload(&d.workloads, name, &workload(name, sandbox), &[]);
+    }
+    let o = d.cli(&["reload"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = |d: &Daemon, name: &str| -> String {
+        let v = d.json(&["launch", name, "-o", "json"]);
+        let id = v["id"].as_str().unwrap().to_owned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let o = d.cli(&["logs", &id]);
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            if text.contains("connected") || text.contains("refused") {
+                return text;
+            }
+            assert!(std::time::Instant::now() < deadline, "no output: {text}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let hidden = out(&d, "hidden");
+    assert!(hidden.contains("refused 2"), "ENOENT: {hidden}");
+    let bound = out(&d, "bound");
+    assert!(bound.contains("refused 13"), "EACCES: {bound}");
+    let open = out(&d, "open");
+    assert!(open.contains("connected"), "control: {open}");
+    d.sigterm();
+}
