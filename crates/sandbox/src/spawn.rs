@@ -1069,6 +1069,21 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
                 },
             );
         }
+        // Without our init the workload is the namespace's PID 1, tied to the daemon by
+        // its own parent-death signal, which a switch to `user` just cleared: set it
+        // again (no privilege needed; prctl is not in the deny-list).
+        if !p.init
+            && p.restrict.user.is_some()
+            && libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+        {
+            fail(ctx, STAGE_PDEATHSIG);
+        }
         libc::execve(p.program.as_ptr(), ctx.argv, ctx.envp);
         fail(ctx, STAGE_EXEC)
     }

@@ -135,22 +135,56 @@ fn an_oom_kill_of_the_main_process_or_a_child_is_reported_oom_killed() {
 
 /// A daemon killed with SIGKILL takes its sandboxed instances with it (parent-death
 /// signal); the next daemon removes the stale cgroups and reports the instance `lost`.
+/// Regression: the kernel clears the parent-death signal on a uid switch, and a default
+/// instance (user namespace) and a workload that is PID 1 with a `user` outlived the
+/// daemon; each wall is covered.
 #[test]
 fn sandboxed_instances_die_with_the_daemon_and_are_reported_lost() {
-    let m = "name: sl\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n";
-    let mut d = Daemon::start(&[("sl", m)]);
+    let cmd = "command: [/bin/sh, -c, 'exec sleep 1000']";
+    let walls = [
+        ("sl", "{}"),
+        ("sl-noinit", "{init: false, user: {uid: 1000}}"),
+        ("sl-host", "{user_namespace: host}"),
+    ];
+    let manifests: Vec<(String, String)> = walls
+        .iter()
+        .map(|(n, sb)| {
+            (
+                n.to_string(),
+                format!("name: {n}\ndriver: sandbox\n{cmd}\nsandbox: {sb}\n"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = manifests
+        .iter()
+        .map(|(n, m)| (n.as_str(), m.as_str()))
+        .collect();
+    let mut d = Daemon::start(&refs);
     if !sandbox_available(&d) {
         return;
     }
-    let v = d.json(&["launch", "sl", "-o", "json"]);
-    let pid = v["pid"].as_u64().unwrap() as u32;
-    assert!(alive(pid));
+    let pids: Vec<u32> = walls
+        .iter()
+        .map(|(n, _)| {
+            let v = d.json(&["launch", n, "-o", "json"]);
+            v["pid"].as_u64().unwrap() as u32
+        })
+        .collect();
+    assert!(pids.iter().all(|&p| alive(p)));
     d.kill9();
-    assert!(wait_gone(pid), "the sandbox init outlived the daemon");
+    for ((n, _), pid) in walls.iter().zip(&pids) {
+        assert!(
+            wait_gone(*pid),
+            "the sandbox init of {n} outlived the daemon"
+        );
+    }
     d.spawn();
-    d.wait_event("lost", |e| {
-        e["instance"] == "ns:default:sl" && e["kind"] == "lost"
-    });
+    for (n, _) in walls {
+        let id = format!("ns:default:{n}");
+        d.wait_event("lost", |e| {
+            e["instance"] == id.as_str() && e["kind"] == "lost"
+        });
+    }
     assert_eq!(
         instance_cgroups(&cgroup_scope(&d.state)),
         Vec::<PathBuf>::new()
