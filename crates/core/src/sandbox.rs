@@ -12,7 +12,8 @@
 //! a minimal `/dev`; the hostname set to the instance id; no capabilities; the default
 //! seccomp deny-list (no namespace creation, mounts, keyrings, bpf, perf, userfaultfd,
 //! io_uring, ...); our init as PID 1, shown as `bulkhead-init <instance id>`; the host
-//! network (so that the instance's port is reachable; `network: none` closes it).
+//! network (so that the instance's port is reachable; `network: none` closes it), with
+//! the host's abstract Unix sockets out of reach (Landlock scope, where the kernel has it).
 //!
 //! Each opening is asked for by name:
 //!
@@ -21,6 +22,7 @@
 //! sandbox:
 //!   network: loopback          # host (default) | none | loopback
 //!   root: minimal              # minimal (default) | host: the host's / (read-only)
+//!   abstract_sockets: scoped   # scoped (default, Linux 6.12+) | host
 //!   readonly_root: true        # default
 //!   binds:
 //!     - { source: /srv/data, target: /data }        # read-write
@@ -390,6 +392,18 @@ pub const SYSCALL_GROUPS: [&str; 9] = [
     "file_handles",
 ];
 
+/// Which abstract Unix sockets the workload may connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AbstractSockets {
+    /// Only those made inside the instance (Landlock's scope, Linux 6.12+): with the
+    /// host's network, the host's and other tenants' abstract sockets are out of reach.
+    #[default]
+    Scoped,
+    /// Any in its network namespace (the host's, with `network: host`): an opening.
+    Host,
+}
+
 /// Where the instance's root comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -416,6 +430,9 @@ pub struct SandboxSpec {
     /// What `/` is: a minimal view (default) or the host's.
     #[serde(default)]
     pub root: Root,
+    /// Abstract Unix sockets outside the instance: out of reach (default) or reachable.
+    #[serde(default)]
+    pub abstract_sockets: AbstractSockets,
     /// The root is read-only (binds and tmpfs mounts excepted).
     #[serde(default = "yes")]
     pub readonly_root: bool,
@@ -457,6 +474,7 @@ impl Default for SandboxSpec {
         SandboxSpec {
             network: Network::default(),
             root: Root::default(),
+            abstract_sockets: AbstractSockets::default(),
             readonly_root: true,
             binds: Vec::new(),
             tmpfs: Vec::new(),
@@ -640,9 +658,10 @@ mod tests {
     #[test]
     fn openings_are_named() {
         let s = parse(
-            "  user_namespace: host\n  root: host\n  protect_kernel: false\n  seccomp_allow: [namespaces, mount]\n",
+            "  user_namespace: host\n  root: host\n  protect_kernel: false\n  seccomp_allow: [namespaces, mount]\n  abstract_sockets: host\n",
         )
         .unwrap();
+        assert_eq!(s.abstract_sockets, AbstractSockets::Host);
         assert_eq!(s.user_namespace, UserNs::Host);
         assert_eq!(s.root, Root::Host);
         assert!(!s.protect_kernel);

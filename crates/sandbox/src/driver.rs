@@ -39,7 +39,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bulkhead_core::event::ExitStatus;
 use bulkhead_core::sandbox::{
-    id_tenant, IdBlocks, Root, SandboxSpec, UserNamespace, UserNs, AUTO_ID_BASE, AUTO_ID_BLOCKS,
+    id_tenant, AbstractSockets, IdBlocks, Root, SandboxSpec, UserNamespace, UserNs, AUTO_ID_BASE,
+    AUTO_ID_BLOCKS,
 };
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::DriverKind;
@@ -111,6 +112,8 @@ pub struct Capabilities {
     pub clone_into_cgroup: bool,
     /// Whether cgroup migrations are cheap (`favordynmods`).
     pub favordynmods: bool,
+    /// The kernel's Landlock ABI version (6 or more: abstract sockets are scoped).
+    pub landlock_abi: u32,
 }
 
 /// Runs instances behind namespaces and cgroup limits. See the crate docs.
@@ -127,6 +130,8 @@ pub struct SandboxDriver {
     system: Vec<spawn::SystemEntry>,
     /// The daemon's command line and environment areas (overwritten in each init).
     areas: spawn::MemAreas,
+    /// The kernel's Landlock ABI (abstract-socket scoping needs 6).
+    landlock_abi: u32,
 }
 
 /// One instance's hold on its tenant's id range; given back when dropped (the instance
@@ -209,6 +214,17 @@ impl SandboxDriver {
             ids: Arc::new(Mutex::new(IdBlocks::new(cfg.id_base, cfg.id_blocks))),
             system: spawn::system_entries(),
             areas: spawn::MemAreas::of_self(),
+            landlock_abi: {
+                let abi = bulkhead_driver::restrict::landlock_abi();
+                if abi < 6 {
+                    tracing::warn!(
+                        "the kernel's Landlock ABI is {abi} (6, Linux 6.12, is needed): \
+                         sandboxed workloads on the host network can reach the host's \
+                         abstract Unix sockets"
+                    );
+                }
+                abi
+            },
         })
     }
 
@@ -230,6 +246,13 @@ impl SandboxDriver {
                 .fold(0u64, |m, c| m | (1 << c)),
             cap_last: self.cap_last,
             user: sb.user.map(|u| (u.uid, u.gid())),
+            landlock_scopes: if sb.abstract_sockets == AbstractSockets::Scoped
+                && self.landlock_abi >= 6
+            {
+                bulkhead_driver::restrict::LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+            } else {
+                0
+            },
             seccomp,
         })
     }
@@ -267,6 +290,7 @@ impl SandboxDriver {
             controllers: self.cgroups.controllers(),
             clone_into_cgroup: self.cgroups.uses_unified(),
             favordynmods: self.cgroups.favordynmods,
+            landlock_abi: self.landlock_abi,
         }
     }
 

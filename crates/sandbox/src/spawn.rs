@@ -617,6 +617,7 @@ const STAGE_EXEC: u32 = 13;
 const STAGE_PDEATHSIG: u32 = 14;
 const STAGE_USERNS_WAIT: u32 = 15;
 const STAGE_USERNS_ROOT: u32 = 16;
+const STAGE_LANDLOCK: u32 = 17;
 const STAGE_MOUNT: u32 = 1000;
 
 fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -794,6 +795,7 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_USER => Step::User.what().into(),
         STAGE_CAPS => Step::Capabilities.what().into(),
         STAGE_NNP => Step::NoNewPrivs.what().into(),
+        STAGE_LANDLOCK => Step::Landlock.what().into(),
         STAGE_SECCOMP => Step::Seccomp.what().into(),
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
         STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
@@ -1065,6 +1067,7 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
                     Step::User => STAGE_USER,
                     Step::Capabilities => STAGE_CAPS,
                     Step::NoNewPrivs => STAGE_NNP,
+                    Step::Landlock => STAGE_LANDLOCK,
                     Step::Seccomp => STAGE_SECCOMP,
                 },
             );

@@ -895,3 +895,46 @@ async fn escape_host_files_and_kernel_state_are_hidden() {
     );
     assert!(!out.contains("timer_list 0"), "control: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_host_abstract_sockets_are_out_of_reach() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    if !python_available() {
+        return;
+    }
+    if bulkhead_driver::restrict::landlock_abi() < 6 {
+        eprintln!("skipped: the kernel has no Landlock scopes (ABI 6, Linux 6.12)");
+        return;
+    }
+    // A host service listening on an abstract socket (the namespace the host network
+    // shares: containerd's shim, X11, other tenants' workloads).
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("bulkhead-escape-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let script = format!(
+        "{PY} -c \"import socket; s=socket.socket(socket.AF_UNIX)\ntry:\n  s.connect('\\0{name}'); print('connected')\nexcept OSError as e:\n  print('refused', e.errno)\n\
+s2=socket.socket(socket.AF_UNIX); s2.bind('\\0{name}-inner'); s2.listen(1)\n\
+c=socket.socket(socket.AF_UNIX); c.connect('\\0{name}-inner'); print('inner-ok')\"; true"
+    );
+    let fx = Fixture::temp();
+    let (_, out) = run(&d, spec(&fx, "abstract", &script, "")).await;
+    assert!(out.contains("refused 1"), "EPERM: {out}");
+    assert!(
+        out.contains("inner-ok"),
+        "its own abstract sockets work: {out}"
+    );
+    let (_, out) = run(
+        &d,
+        spec(
+            &fx,
+            "abstract-open",
+            &script,
+            "sandbox: { abstract_sockets: host }\n",
+        ),
+    )
+    .await;
+    assert!(out.contains("connected"), "control: {out}");
+}
