@@ -9,6 +9,7 @@
 //!
 //! - [`name`]: validated workload, namespace and session names.
 //! - [`key`]: isolation levels, isolation keys and the instance ids derived from them.
+//! - [`lease`]: lease holder names and the per-instance lease limit.
 //! - [`spec`]: manifests (YAML) parsed and validated into [`spec::WorkloadSpec`].
 //! - [`instance`]: the instance lifecycle state machine.
 //! - [`event`]: lifecycle events and exit statuses.
@@ -34,6 +35,7 @@ pub mod event;
 pub mod expand;
 pub mod instance;
 pub mod key;
+pub mod lease;
 pub mod name;
 pub mod restart;
 pub mod sandbox;

@@ -7,6 +7,7 @@
 //! | unknown workload or instance            | NOT_FOUND            | 3        |
 //! | invalid name, id, key or request        | INVALID_ARGUMENT     | 4        |
 //! | workload whose manifest is invalid      | FAILED_PRECONDITION  | 4        |
+//! | lease: instance has `MAX_LEASES` holders | FAILED_PRECONDITION  | 4        |
 //! | exec: not running / command cannot run  | FAILED_PRECONDITION  | 4        |
 //! | daemon shutting down / not reachable    | UNAVAILABLE          | 5        |
 //! | wait timed out                          | DEADLINE_EXCEEDED    | 6        |
@@ -50,6 +51,12 @@ fn launch_status(e: LaunchError) -> Status {
         LaunchError::UnknownWorkload(_) => Status::not_found(msg),
         LaunchError::InvalidWorkload { .. } => Status::failed_precondition(msg),
         LaunchError::Key(_) => Status::invalid_argument(msg),
+        LaunchError::Lease(bulkhead_core::lease::LeaseError::Holder { .. }) => {
+            Status::invalid_argument(msg)
+        }
+        LaunchError::Lease(bulkhead_core::lease::LeaseError::TooMany { .. }) => {
+            Status::failed_precondition(msg)
+        }
         LaunchError::ShuttingDown => Status::unavailable(msg),
         LaunchError::Failed { .. } => Status::aborted(msg),
         LaunchError::Timeout { .. } => Status::deadline_exceeded(msg),
@@ -454,7 +461,7 @@ impl bulkhead_api::Bulkhead for Service {
         self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
-        bulkhead_core::name::validate(bulkhead_core::name::NameKind::Lease, &r.holder)
+        bulkhead_core::lease::validate_holder("holder", &r.holder)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         match self.sh.release(&id, &r.holder) {
             None => Err(Status::not_found(format!("no instance {id}"))),
