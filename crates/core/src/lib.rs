@@ -14,6 +14,7 @@
 //! - [`instance`]: the instance lifecycle state machine.
 //! - [`event`]: lifecycle events and exit statuses.
 //! - [`expand`]: `${VAR}` expansion of a command line.
+//! - [`text`]: free text from untrusted sources made safe to store and to print.
 //! - [`channels`]: the data plane's channels (`channels:`), scoped service names.
 //! - [`size`]: byte sizes (`512Mi`); [`sandbox`] and [`docker`]: the driver sections of a
 //!   manifest.
@@ -42,4 +43,5 @@ pub mod sandbox;
 pub mod signal;
 pub mod size;
 pub mod spec;
+pub mod text;
 pub mod time;

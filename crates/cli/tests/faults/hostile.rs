@@ -338,3 +338,44 @@ fn one_instance_took_unbounded_lease_holders() {
         assert_eq!(r.instance.unwrap().leases.len(), MAX_LEASES);
     });
 }
+
+/// Issue 11: a workload's sd_notify `STATUS=` reached `get` raw and unbounded: an escape
+/// sequence (retitle the terminal, clear the screen), a CR and U+202E went straight to the
+/// user's terminal.
+#[test]
+fn notify_status_reached_the_terminal_raw() {
+    let Some(py) = python3() else { return };
+    let d = Daemon::start(&[]);
+    let script = "import os, socket, time\n\
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+        evil = '\\x1b]0;pwned\\x07\\x1b[2J\\rgood\\u202etxt.exe ' + 'x' * 2000\n\
+        s.sendto(('STATUS=' + evil + '\\nREADY=1').encode(), os.environ['NOTIFY_SOCKET'])\n\
+        time.sleep(1000)\n";
+    write_workload(
+        &d.workloads,
+        "noisy",
+        &format!("name: noisy\ncommand: [{py}, notify.py]\nisolation: session\nreadiness: {{notify: true, timeout: 30s}}\n"),
+        &[("notify.py", script)],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let i = d.json(&["launch", "noisy", "--session", "s", "-o", "json"]);
+    assert_eq!(i["state"], "ready", "{i:#}");
+    let st = i["status_text"].as_str().unwrap_or_default().to_owned();
+    assert!(st.contains("good") && st.contains("txt.exe"), "{st:?}");
+    assert!(st.len() <= 256, "stored bounded: {} bytes", st.len());
+    assert!(
+        !st.chars().any(bulkhead_core::text::is_unsafe),
+        "stored sanitised: {st:?}"
+    );
+    for args in [&["get", "session:s:noisy"][..], &["list"][..]] {
+        let out = d.cli(args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text
+                .chars()
+                .any(|c| c != '\n' && bulkhead_core::text::is_unsafe(c)),
+            "{args:?} printed raw control text: {text:?}"
+        );
+    }
+}
