@@ -176,6 +176,17 @@ fn hostile_manifests_are_listed_invalid_with_their_field() {
             "name: nul\ncommand: [\"/bin/true\\0\"]\n".into(),
             "NUL",
         ),
+        // Issue 11: YAML tags were decoded (`!!binary`) or silently ignored (`!custom`).
+        (
+            "tagbin",
+            "name: tagbin\ncommand: [!!binary L2Jpbi90cnVl]\n".into(),
+            "field `command[0]`: YAML tag \"!!binary\"",
+        ),
+        (
+            "tagenv",
+            "name: tagenv\ncommand: [/bin/true]\nenv: {A: !custom x}\n".into(),
+            "field `env.A`: YAML tag \"!custom\"",
+        ),
         ("deep", deep, "deep"),
         ("binary", "\u{0}\u{1}\u{2}garbage".into(), "binary"),
     ];
