@@ -68,8 +68,12 @@ pub struct LaunchArgs {
 pub enum LaunchError {
     #[error("unknown workload {0:?} (see `bulkhead workloads`)")]
     UnknownWorkload(String),
+    /// `Display` is the full error; `error.redacted` is for callers who are not admins.
     #[error("workload {name} is invalid: {error}")]
-    InvalidWorkload { name: String, error: String },
+    InvalidWorkload {
+        name: String,
+        error: catalog::EntryError,
+    },
     #[error(transparent)]
     Key(#[from] KeyError),
     /// The lease holder is not a valid name, or the instance has too many holders.
