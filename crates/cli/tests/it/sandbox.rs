@@ -365,3 +365,41 @@ fn a_sandboxed_workload_cannot_reach_the_api_socket() {
     assert!(open.contains("connected"), "control: {open}");
     d.sigterm();
 }
+
+/// The default wall gives each tenant a host id range of its own: two namespaces' and two
+/// sessions' instances run as different unprivileged uids (file permissions separate
+/// them), two workloads of one tenant share theirs (they can share files through binds).
+#[test]
+fn each_tenant_runs_as_its_own_unprivileged_host_uid() {
+    let cmd = "command: [/bin/sh, -c, 'exec sleep 1000']";
+    let web = format!("name: web\ndriver: sandbox\n{cmd}\n");
+    let db = format!("name: db\ndriver: sandbox\n{cmd}\n");
+    let s = format!("name: s\ndriver: sandbox\nisolation: session\n{cmd}\n");
+    let d = Daemon::start(&[("web", &web), ("db", &db), ("s", &s)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let host_uid = |args: &[&str]| -> u64 {
+        let mut a = vec!["launch"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["-o", "json"]);
+        let v = d.json(&a);
+        let pid = v["pid"].as_u64().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let a_web = host_uid(&["web", "--namespace", "a"]);
+    let a_db = host_uid(&["db", "--namespace", "a"]);
+    let b_web = host_uid(&["web", "--namespace", "b"]);
+    let s1 = host_uid(&["s", "--session", "s1"]);
+    let s2 = host_uid(&["s", "--session", "s2"]);
+    for uid in [a_web, b_web, s1, s2] {
+        assert!(uid >= 1 << 30, "an unprivileged range: {uid}");
+    }
+    assert_eq!(a_web, a_db, "one tenant, one range");
+    let mut all = vec![a_web, b_web, s1, s2];
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 4, "tenants never share a range: {all:?}");
+}
