@@ -274,6 +274,8 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 "controllers": s.controllers,
                 "clone_into_cgroup": s.clone_into_cgroup,
                 "favordynmods": s.favordynmods,
+                "landlock_abi": s.landlock_abi,
+                "abstract_sockets_scoped": s.landlock_abi >= 6,
                 "error": if s.error.is_empty() { None } else { Some(&s.error) },
             })),
         })),
@@ -295,7 +297,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             if let Some(s) = &h.sandbox {
                 if s.available {
                     println!(
-                        "sandbox: cgroups {} (limits: {}; born in its cgroup: {}; favordynmods: {})",
+                        "sandbox: cgroups {} (limits: {}; born in its cgroup: {}; favordynmods: {}); abstract sockets: {}",
                         s.cgroup_mode,
                         if s.controllers.is_empty() {
                             "none".to_owned()
@@ -307,7 +309,12 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                         } else {
                             "no, attached before exec"
                         },
-                        if s.favordynmods { "on" } else { "off" }
+                        if s.favordynmods { "on" } else { "off" },
+                        if s.landlock_abi >= 6 {
+                            "scoped (Landlock)".to_owned()
+                        } else {
+                            format!("not scoped (Landlock ABI {} < 6)", s.landlock_abi)
+                        }
                     );
                 } else {
                     println!("sandbox: unavailable ({})", escape(&s.error));

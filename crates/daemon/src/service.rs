@@ -372,6 +372,7 @@ impl bulkhead_api::Bulkhead for Service {
                     controllers: c.controllers.clone(),
                     clone_into_cgroup: c.clone_into_cgroup,
                     favordynmods: c.favordynmods,
+                    landlock_abi: c.landlock_abi,
                     error: String::new(),
                 },
                 Err(e) => v1::SandboxHealth {

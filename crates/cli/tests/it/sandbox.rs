@@ -46,6 +46,10 @@ fn a_notify_workload_runs_behind_the_walls() {
             .is_some_and(|m| !m.is_empty()),
         "{h}"
     );
+    // health says whether abstract sockets are scoped, as the kernel allows.
+    let abi = bulkhead_driver::restrict::landlock_abi();
+    assert_eq!(h["sandbox"]["landlock_abi"], abi, "{h}");
+    assert_eq!(h["sandbox"]["abstract_sockets_scoped"], abi >= 6, "{h}");
 
     let v = d.json(&["launch", "walled", "-o", "json"]);
     assert_eq!(v["state"], "ready", "{v}");
