@@ -62,6 +62,12 @@ pub struct DockerSpec {
     /// Capabilities removed (`ALL`, `NET_RAW`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cap_drop: Vec<String>,
+    /// Lets the container's processes gain privileges through setuid binaries and file
+    /// capabilities (`sudo`, `ping` on some images). Off by default: bulkhead runs every
+    /// container with `no-new-privileges` (Docker's own default leaves it on); an
+    /// opening.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub new_privileges: bool,
     /// The working directory inside the container (default: the image's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,

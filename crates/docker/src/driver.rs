@@ -188,6 +188,8 @@ pub(crate) fn container_config(
         readonly_rootfs: Some(dk.read_only),
         network_mode: dk.network.clone(),
         cap_drop: (!dk.cap_drop.is_empty()).then(|| dk.cap_drop.clone()),
+        // Deny by default: no setuid or file-capability escalation inside.
+        security_opt: (!dk.new_privileges).then(|| vec!["no-new-privileges:true".to_owned()]),
         ..Default::default()
     };
     Ok(ContainerCreateBody {

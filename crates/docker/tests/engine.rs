@@ -595,3 +595,26 @@ async fn a_pinned_image_is_neither_evicted_nor_pruned() {
     assert!(client.inspect_image(&pinned.tag).await.is_err());
     assert!(client.inspect_image(&other.tag).await.is_err());
 }
+
+/// Deny by default: a container runs with `no-new-privileges` (a setuid binary cannot
+/// raise its privileges), unless `docker.new_privileges` opens it (the control).
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_run_with_no_new_privileges_unless_opened() {
+    let Some(engine) = engine().await else { return };
+    let driver = DockerDriver::new(engine, None);
+    for (extra, want) in [
+        ("", "NoNewPrivs:\t1"),
+        ("  new_privileges: true\n", "NoNewPrivs:\t0"),
+    ] {
+        let fx = fixture(&docker_section(extra));
+        let mut spawned = driver
+            .spawn(fx.spawn_spec("nnp", "grep NoNewPrivs /proc/self/status"))
+            .await
+            .unwrap();
+        let out = spawned.stdout.take().unwrap();
+        let text = within("output", read_all(out)).await;
+        let st = within("wait", spawned.handle.wait()).await;
+        assert_eq!(st, ExitStatus::Exited { code: 0 }, "{text}");
+        assert!(text.contains(want), "{extra:?}: {text}");
+    }
+}

@@ -364,7 +364,8 @@ impl SandboxDriver {
                 || shown_by_root(p)
         };
         let cwd = spec.cwd.canonicalize().unwrap_or_else(|_| spec.cwd.clone());
-        if !covered(&binds, &cwd) {
+        // Never the host's `/` itself (a working directory of `/` is the root's own).
+        if cwd.parent().is_some() && !covered(&binds, &cwd) {
             binds.push(BindPlan {
                 source: cwd.clone(),
                 target: cwd.clone(),

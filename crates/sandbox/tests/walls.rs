@@ -938,3 +938,24 @@ c=socket.socket(socket.AF_UNIX); c.connect('\\0{name}-inner'); print('inner-ok')
     .await;
     assert!(out.contains("connected"), "control: {out}");
 }
+
+/// Regression: a working directory of `/` was bound in read-only as "the workload's
+/// folder", which put the host's whole root over the minimal one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_working_directory_of_slash_keeps_the_minimal_root() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let mut s = spec(
+        &fx,
+        "slash",
+        "pwd; ls /root >/dev/null 2>&1 && echo root-listed; true",
+        "",
+    );
+    s.cwd = "/".into();
+    let (st, out) = run(&d, s).await;
+    assert_eq!(st, OK, "{out}");
+    assert!(out.starts_with("/\n"), "{out}");
+    assert!(!out.contains("root-listed"), "{out}");
+}
