@@ -39,6 +39,16 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra `bulkhead serve` arguments (e.g. `--metrics ADDR`).
     pub fn start_with_args(workloads: &[(&str, &str)], extra_args: &[&str]) -> Daemon {
+        Daemon::start_configured(workloads, extra_args, |_| {})
+    }
+
+    /// [`Daemon::start_with_args`], with `configure` applied to the daemon's `Command`
+    /// (e.g. a `pre_exec` hook that hands it an extra descriptor).
+    pub fn start_configured(
+        workloads: &[(&str, &str)],
+        extra_args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let wl = dir.path().join("workloads");
         std::fs::create_dir_all(&wl).unwrap();
@@ -53,13 +63,19 @@ impl Daemon {
             dir,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
-        d.spawn();
+        d.spawn_configured(configure);
         d
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_configured(|_| {});
+    }
+
+    pub fn spawn_configured(&mut self, configure: impl FnOnce(&mut Command)) {
         let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        configure(&mut cmd);
+        let child = cmd
             .args(["serve", "--workloads"])
             .arg(&self.workloads)
             .arg("--state")

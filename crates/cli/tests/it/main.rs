@@ -6,6 +6,7 @@ mod dataplane;
 mod docker;
 mod durability;
 mod exec;
+mod fds;
 mod harness;
 mod keeper_conformance;
 mod launch;
