@@ -3,9 +3,12 @@
 //!
 //! Two transports serve the same service:
 //!
-//! - **The Unix socket is the trusted path.** It is mode 0600: whoever can connect is the
-//!   daemon's owner (or root), so every request is allowed. The identity is the peer's
-//!   uid (`SO_PEERCRED`), recorded as `uid:<n>` in the audit log.
+//! - **The Unix socket is the trusted path, for operators.** It is mode 0600: whoever can
+//!   connect is the daemon's owner (or root). Workloads may run as that uid too, so each
+//!   connection is classified when accepted ([`crate::peer`]): a process that descends
+//!   from the daemon or the keeper (an instance, an exec'd command, their orphans) is
+//!   refused, `PERMISSION_DENIED`, audited. Every other request is allowed. The identity
+//!   is the peer's uid (`SO_PEERCRED`), recorded as `uid:<n>` in the audit log.
 //! - **TCP requires mutual TLS and a token.** The TLS handshake refuses a client without
 //!   a certificate signed by the client CA (tonic/rustls; no request is seen, nothing is
 //!   audited). Every request must then carry `authorization: Bearer <token>`; the token
@@ -716,13 +719,36 @@ where
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|c| c.remote_addr());
         let identity = match &self.layer.transport {
-            Transport::Unix => Some(Identity::Local {
-                uid: req
-                    .extensions()
-                    .get::<tonic::transport::server::UdsConnectInfo>()
-                    .and_then(|c| c.peer_cred)
-                    .map(|c| c.uid()),
-            }),
+            Transport::Unix => {
+                // The connection was classified when it was accepted (`peer`): a
+                // workload, or a peer that could not be checked, is refused here.
+                let info = req.extensions().get::<crate::peer::PeerInfo>().cloned();
+                let uid = info.as_ref().and_then(|i| i.uid);
+                let refusal = match info.as_ref().map(|i| &*i.verdict) {
+                    Some(crate::peer::Verdict::Operator) => None,
+                    Some(v) => Some(format!("the API socket refuses workloads: {v}")),
+                    None => Some("the API socket refuses an unchecked connection".to_owned()),
+                };
+                if let Some(message) = refusal {
+                    let status = Status::permission_denied(message);
+                    let identity = Identity::Local { uid }.name();
+                    return Box::pin(async move {
+                        let entry = AuditEntry {
+                            time_ms: now_ms(),
+                            identity,
+                            transport,
+                            peer,
+                            action,
+                            key: None,
+                            code: status.code(),
+                            message: status.message().to_owned(),
+                        };
+                        audit.record(entry).await;
+                        Ok(status.into_http())
+                    });
+                }
+                Some(Identity::Local { uid })
+            }
             Transport::Tcp(tokens) => bearer(req.headers())
                 .and_then(|t| tokens.verify(t))
                 .map(|grant| Identity::Token { grant, peer }),

@@ -32,7 +32,8 @@ mod http;
 pub mod instance;
 pub mod instances;
 pub mod logs;
-pub mod metrics; // metrics + HTTP health (observability)
+pub mod metrics;
+pub mod peer; // metrics + HTTP health (observability)
 pub mod readiness;
 mod server;
 mod service;

@@ -348,12 +348,21 @@ impl Daemon {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let svc = Service { sh: shared.clone() };
         let unix_audit = audit.clone();
+        let roots = crate::peer::Roots {
+            daemon: std::process::id(),
+            keeper: shared.keeper.as_ref().and_then(|k| k.client().peer_pid()),
+        };
+        // Each accepted connection is classified once (operator or workload, see `peer`);
+        // the verdict rides along with every request of the connection.
+        let incoming = tokio_stream::StreamExt::map(UnixListenerStream::new(listener), move |s| {
+            s.map(|s| crate::peer::Checked::new(s, &roots))
+        });
         let tcp = tcp.map(|t| crate::auth::TcpServer::start(t, shared.clone(), audit));
         let server = tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .layer(crate::auth::AuthLayer::unix(unix_audit))
                 .add_service(BulkheadServer::new(svc))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;
                 })
                 .await;

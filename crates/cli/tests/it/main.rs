@@ -15,6 +15,7 @@ mod metrics;
 mod readiness;
 mod recovery;
 mod sandbox;
+mod socket_trust;
 mod supervision;
 mod surface;
 mod walls;
