@@ -195,20 +195,23 @@ fn peer_pidfd(sock: &UnixStream) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Whether the process a pidfd names is still running (signal 0 through the pidfd).
+/// Whether the process a pidfd names is still running: a pidfd polls readable once its
+/// process has exited (this works across PID namespaces, unlike signal 0).
 fn pidfd_alive(pidfd: &OwnedFd) -> bool {
-    // SAFETY: pidfd_send_signal with signal 0 only checks for existence and permission;
-    // the pidfd is a live descriptor we own, and the info pointer may be NULL.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            0,
-            std::ptr::null::<libc::siginfo_t>(),
-            0u32,
-        )
+    let mut fds = [rustix::event::PollFd::new(
+        pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    r == 0
+    match rustix::event::poll(&mut fds, Some(&zero)) {
+        Ok(0) => true,
+        Ok(_) => false,
+        // Cannot tell: fail closed.
+        Err(_) => false,
+    }
 }
 
 /// Classifies the peer of an accepted connection.
@@ -229,7 +232,8 @@ pub fn classify(sock: &UnixStream, roots: &Roots) -> PeerInfo {
     let mut verdict = classify_pid(pid, roots);
     // RACE: the walk read /proc/<pid>; it was the connecting process's only if that
     // process still lives now (a reused pid could otherwise pass for it).
-    if let Some(fd) = &pidfd {
+    // (pid 0: outside our PID namespace, and no descendant whatever happens to it.)
+    if let (Some(fd), true) = (&pidfd, pid != 0) {
         if verdict == Verdict::Operator && !pidfd_alive(fd) {
             verdict = Verdict::Unknown(format!(
                 "process {pid} connected and is gone; its connection is refused"
