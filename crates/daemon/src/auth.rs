@@ -42,7 +42,7 @@
 //! and in which order.
 
 use bulkhead_core::time::rfc3339;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -61,7 +61,6 @@ use tonic::codegen::http;
 use tonic::{Code, Request, Status};
 
 use crate::catalog::Catalog;
-use crate::logs::LogFile;
 
 /// The largest token file read (a request can fail, never exhaust the daemon).
 const MAX_TOKEN_FILE_BYTES: u64 = 1024 * 1024;
@@ -504,10 +503,55 @@ fn need_of_id(id: &InstanceId) -> Need {
 }
 
 /// Per-request audit state shared between [`AuthLayer`] and [`authorize`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct AuditCtx {
     key: Mutex<Option<String>>,
     denied: AtomicBool,
+    /// For an audited action: what [`authorize`] writes before the action is done.
+    pre: Option<PreAudit>,
+    pre_written: AtomicBool,
+}
+
+/// The `authorized` line of an audited action, less its key (known in [`authorize`]).
+struct PreAudit {
+    audit: AuditLog,
+    identity: String,
+    transport: &'static str,
+    peer: Option<SocketAddr>,
+    action: String,
+}
+
+impl AuditCtx {
+    /// Writes the `authorized` line once; an error refuses the request.
+    fn write_authorized(&self, key: Option<String>) -> Result<(), Status> {
+        let Some(pre) = &self.pre else { return Ok(()) };
+        if self.pre_written.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let entry = AuditEntry {
+            time_ms: now_ms(),
+            identity: pre.identity.clone(),
+            transport: pre.transport,
+            peer: pre.peer,
+            action: pre.action.clone(),
+            key,
+            code: Code::Ok,
+            message: String::new(),
+            authorized: true,
+        };
+        match pre.audit.write(&entry) {
+            Ok(()) => {
+                self.pre_written.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("{e}; refusing {} by {}", pre.action, pre.identity);
+                Err(Status::unavailable(format!(
+                    "{e}; the request was refused (an audited action is never done unrecorded)"
+                )))
+            }
+        }
+    }
 }
 
 impl AuditCtx {
@@ -539,6 +583,10 @@ pub fn authorize<T>(req: &Request<T>, scope: Scope) -> Result<(), Status> {
         return Err(Status::unauthenticated("the request carries no identity"));
     };
     if id.allows(&scope) {
+        // ORDER: the audit line is on disk (page cache) before the service acts.
+        if let Some(ctx) = ctx {
+            ctx.write_authorized(scope.key.clone())?;
+        }
         return Ok(());
     }
     if let Some(ctx) = ctx {
@@ -681,6 +729,7 @@ const AUDITED: &[&str] = &[
     "end_session",
     "end_namespace",
     "reload",
+    "prune_images",
 ];
 
 fn bearer(headers: &http::HeaderMap) -> Option<&str> {
@@ -742,8 +791,9 @@ where
                             key: None,
                             code: status.code(),
                             message: status.message().to_owned(),
+                            authorized: false,
                         };
-                        audit.record(entry).await;
+                        audit.record_unauthenticated(entry).await;
                         Ok(status.into_http())
                     });
                 }
@@ -770,13 +820,24 @@ where
                     key: None,
                     code: status.code(),
                     message: status.message().to_owned(),
+                    authorized: false,
                 };
-                audit.record(entry).await;
+                audit.record_unauthenticated(entry).await;
                 Ok(status.into_http())
             });
         };
-        let ctx = Arc::new(AuditCtx::default());
         let name = identity.name();
+        let audited = AUDITED.contains(&action.as_str());
+        let ctx = Arc::new(AuditCtx {
+            pre: audited.then(|| PreAudit {
+                audit: audit.clone(),
+                identity: name.clone(),
+                transport,
+                peer,
+                action: action.clone(),
+            }),
+            ..AuditCtx::default()
+        });
         req.extensions_mut().insert(identity);
         req.extensions_mut().insert(ctx.clone());
         Box::pin(async move {
@@ -787,7 +848,7 @@ where
             let code = status.as_ref().map_or(Code::Ok, |s| s.code());
             let denied = ctx.denied.load(Ordering::SeqCst)
                 || matches!(code, Code::PermissionDenied | Code::Unauthenticated);
-            if denied || AUDITED.contains(&action.as_str()) {
+            if denied || audited {
                 audit
                     .record(AuditEntry {
                         time_ms: now_ms(),
@@ -798,6 +859,7 @@ where
                         key: ctx.key(),
                         code,
                         message: status.map(|s| s.message().to_owned()).unwrap_or_default(),
+                        authorized: false,
                     })
                     .await;
             }
@@ -832,77 +894,301 @@ pub struct AuditEntry {
     pub key: Option<String>,
     pub code: Code,
     pub message: String,
+    /// The line [`authorize`] writes before an audited action is done (`"result":
+    /// "authorized"`); the result line follows once the response is known.
+    pub authorized: bool,
 }
 
 impl AuditEntry {
-    /// The JSON line (without the newline).
+    /// The JSON line (without the newline). String fields are [`bounded`].
     pub fn to_json(&self) -> String {
+        self.json().to_string()
+    }
+
+    fn json(&self) -> serde_json::Value {
         let ok = self.code == Code::Ok;
+        let result = match (self.authorized, ok) {
+            (true, _) => "authorized",
+            (false, true) => "ok",
+            (false, false) => "error",
+        };
         let mut v = serde_json::json!({
             "time": rfc3339(self.time_ms),
             "time_ms": self.time_ms,
-            "identity": self.identity,
+            "identity": bounded(&self.identity),
             "transport": self.transport,
-            "action": self.action,
-            "key": self.key,
-            "result": if ok { "ok" } else { "error" },
+            "action": bounded(&self.action),
+            "key": self.key.as_deref().map(bounded),
+            "result": result,
         });
         if let Some(peer) = self.peer {
             v["peer"] = serde_json::json!(peer.to_string());
         }
         if !ok {
             v["code"] = serde_json::json!(code_name(self.code));
-            v["message"] = serde_json::json!(self.message);
+            v["message"] = serde_json::json!(bounded(&self.message));
+        }
+        v
+    }
+
+    /// The summary of `count` suppressed refusals like this one since `first_ms`.
+    fn summary_json(&self, count: u64, first_ms: u64, peers: &[String]) -> String {
+        let mut v = self.json();
+        v["action"] = serde_json::json!("refusals_summarised");
+        v["key"] = serde_json::Value::Null;
+        v["count"] = serde_json::json!(count);
+        v["first_ms"] = serde_json::json!(first_ms);
+        v["peers"] = serde_json::json!(peers.iter().map(|p| bounded(p)).collect::<Vec<_>>());
+        v["message"] = serde_json::json!(format!(
+            "{count} more refusals ({}) since {}, one line each suppressed; first: {}",
+            code_name(self.code),
+            rfc3339(first_ms),
+            bounded(&self.message)
+        ));
+        if let Some(obj) = v.as_object_mut() {
+            obj.remove("peer");
         }
         v.to_string()
     }
 }
 
-/// The audit log: `<state>/audit.log`, one JSON object per line, rotated like the
-/// instance logs (to `audit.log.1`).
+/// The longest string field an audit line carries, in bytes; a longer one (an identity, an
+/// action, a key, a message) is cut on a character boundary and ends in
+/// [`TRUNCATED_MARKER`]. Lines stay small whatever a request sends.
+pub const AUDIT_FIELD_MAX: usize = 256;
+
+/// Appended to a string field that was cut at [`AUDIT_FIELD_MAX`].
+pub const TRUNCATED_MARKER: &str = "…[truncated]";
+
+/// How many rotated files are kept besides `audit.log` (`audit.log.1` is the newest).
+pub const AUDIT_GENERATIONS: u32 = 8;
+
+/// Refusals of unauthenticated peers (no valid token on TCP, a workload on the socket)
+/// written one line each per [`UNAUTHENTICATED_WINDOW_MS`], per kind; the rest of the
+/// window's refusals are counted and written as one summary line.
+pub const UNAUTHENTICATED_BURST: u32 = 10;
+
+/// The window of [`UNAUTHENTICATED_BURST`].
+pub const UNAUTHENTICATED_WINDOW_MS: u64 = 60_000;
+
+/// How many distinct peers a summary line names.
+const SUMMARY_PEERS: usize = 8;
+
+/// `s`, cut to at most [`AUDIT_FIELD_MAX`] bytes (marker included) on a char boundary.
+pub fn bounded(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= AUDIT_FIELD_MAX {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut cut = AUDIT_FIELD_MAX - TRUNCATED_MARKER.len();
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}{TRUNCATED_MARKER}", &s[..cut]))
+}
+
+/// The audit log could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the audit log {path}: {source}")]
+pub struct AuditWriteError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The audit log: `<state>/audit.log`, one JSON object per line, rotated at the daemon's
+/// `--log-max-bytes` through [`AUDIT_GENERATIONS`] files (`audit.log.1` newest).
 ///
-/// Each line is appended by the request's task once its response is known and before it
-/// is sent, so the file's order is the order in which requests were answered (not the
-/// order they arrived; `time_ms` is the answer's time), and a client never gets an answer
-/// whose line is not in the file. A write error is logged with the line (tracing, error).
+/// - **Written before the answer, and before the action.** An audited action (see
+///   `AUDITED`) gets an `authorized` line when [`authorize`] lets it through, before the
+///   service acts; if that line cannot be written the request is refused with
+///   `UNAVAILABLE` and nothing is done. Every audited request and every refusal then gets
+///   its result line, appended by the request's task once the response is known and
+///   before it is sent (a failure there is logged: the action already has its line).
+/// - **Bounded lines.** Every string field is cut at [`AUDIT_FIELD_MAX`] bytes.
+/// - **Not rotated away by strangers.** Refusals of peers that proved nothing (no valid
+///   token, a workload on the socket) are limited to [`UNAUTHENTICATED_BURST`] lines per
+///   [`UNAUTHENTICATED_WINDOW_MS`] and kind; the rest are counted into one summary line
+///   per window (`"action": "refusals_summarised"`, with `count` and up to 8 `peers`). At
+///   8 MiB a flood then needs days to rotate one generation, and nine are kept.
 #[derive(Clone)]
 pub struct AuditLog {
-    file: Arc<LogFile>,
+    inner: Arc<AuditInner>,
+}
+
+struct AuditInner {
+    path: PathBuf,
+    max_bytes: u64,
+    file: Mutex<AuditFile>,
+    limiter: Mutex<HashMap<(&'static str, Code), Window>>,
+}
+
+#[derive(Default)]
+struct AuditFile {
+    file: Option<std::fs::File>,
+    size: u64,
+}
+
+/// One kind's rate-limit window.
+struct Window {
+    start_ms: u64,
+    written: u32,
+    suppressed: u64,
+    last_ms: u64,
+    peers: Vec<String>,
+    /// The refused action of the first suppressed request (for the summary).
+    example: Option<AuditEntry>,
 }
 
 impl AuditLog {
-    /// The audit log in `<dir>/audit.log`.
+    /// The audit log in `<dir>/audit.log`. Opened at the first line. Inside a tokio
+    /// runtime, a task writes out the summary of a quiet window's suppressed refusals.
     pub fn start(dir: &Path, max_bytes: u64) -> std::io::Result<AuditLog> {
-        Ok(AuditLog {
-            file: Arc::new(LogFile::new(dir, "audit", max_bytes)),
-        })
+        let log = AuditLog {
+            inner: Arc::new(AuditInner {
+                path: dir.join("audit.log"),
+                max_bytes: max_bytes.max(4096),
+                file: Mutex::new(AuditFile::default()),
+                limiter: Mutex::new(HashMap::new()),
+            }),
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&log.inner);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    AuditLog { inner }.flush_summaries(now_ms(), false);
+                }
+            });
+        }
+        Ok(log)
     }
 
     /// The file written to.
     pub fn path(&self) -> &Path {
-        self.file.path()
+        &self.inner.path
     }
 
-    /// Appends an entry before the response goes out.
-    ///
-    /// Written inline, under the file's lock, like the instance logs: one small append to
-    /// the page cache costs a few microseconds, while handing the line to the writer
-    /// thread cost about 0.1 ms per request on the reference machine (a thread wake-up on
-    /// every launch, measured with the launch benchmark's reuse figure).
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut p = self.inner.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    /// Appends one line now (inline, under the file's lock: a small append to the page
+    /// cache costs microseconds; a writer thread cost a wake-up per request).
+    pub fn write(&self, entry: &AuditEntry) -> Result<(), AuditWriteError> {
+        self.write_line(&entry.to_json())
+    }
+
+    fn write_line(&self, line: &str) -> Result<(), AuditWriteError> {
+        let err = |source| AuditWriteError {
+            path: self.inner.path.clone(),
+            source,
+        };
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        let mut f = self.inner.file.lock().unwrap_or_else(|e| e.into_inner());
+        if f.file.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.inner.path)
+                .map_err(err)?;
+            f.size = file.metadata().map_err(err)?.len();
+            f.file = Some(file);
+        }
+        if f.size > 0 && f.size + buf.len() as u64 > self.inner.max_bytes {
+            // Oldest first: .7 -> .8, ..., .1 -> .2, then the live file -> .1.
+            for n in (1..AUDIT_GENERATIONS).rev() {
+                let _ = std::fs::rename(self.rotated(n), self.rotated(n + 1));
+            }
+            f.file = None;
+            std::fs::rename(&self.inner.path, self.rotated(1)).map_err(err)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.inner.path)
+                .map_err(err)?;
+            f.file = Some(file);
+            f.size = 0;
+        }
+        let file = f.file.as_mut().expect("opened above");
+        if let Err(e) = std::io::Write::write_all(file, &buf) {
+            // Reopen next time (the file may have been replaced); the size is re-read.
+            f.file = None;
+            return Err(err(e));
+        }
+        f.size += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Appends an entry before the response goes out; a failure is logged with the line.
     pub async fn record(&self, entry: AuditEntry) {
-        write_line(&self.file, &entry.to_json());
+        if let Err(e) = self.write(&entry) {
+            tracing::error!("{e}; entry: {}", entry.to_json());
+        }
     }
-}
 
-fn write_line(file: &LogFile, line: &str) {
-    let mut buf = Vec::with_capacity(line.len() + 1);
-    buf.extend_from_slice(line.as_bytes());
-    buf.push(b'\n');
-    if let Err(e) = file.write(&buf) {
-        tracing::error!(
-            "cannot write audit log {}: {e}; entry: {line}",
-            file.path().display()
-        );
+    /// Records the refusal of a peer that proved nothing (no valid token, a workload):
+    /// written at most [`UNAUTHENTICATED_BURST`] times per window and kind, counted into
+    /// a summary line beyond that.
+    pub async fn record_unauthenticated(&self, entry: AuditEntry) {
+        let now = entry.time_ms;
+        self.flush_summaries(now, false);
+        let kind = (entry.transport, entry.code);
+        {
+            let mut lim = self.inner.limiter.lock().unwrap_or_else(|e| e.into_inner());
+            let w = lim.entry(kind).or_insert_with(|| Window {
+                start_ms: now,
+                written: 0,
+                suppressed: 0,
+                last_ms: now,
+                peers: Vec::new(),
+                example: None,
+            });
+            if w.written >= UNAUTHENTICATED_BURST {
+                w.suppressed += 1;
+                w.last_ms = now;
+                let peer = entry
+                    .peer
+                    .map(|p| p.ip().to_string())
+                    .unwrap_or_else(|| entry.identity.clone());
+                if w.peers.len() < SUMMARY_PEERS && !w.peers.contains(&peer) {
+                    w.peers.push(peer);
+                }
+                if w.example.is_none() {
+                    w.example = Some(entry);
+                }
+                return;
+            }
+            w.written += 1;
+        }
+        self.record(entry).await;
+    }
+
+    /// Writes the summary line of every window that has ended (all of them with `all`,
+    /// at shutdown) and had suppressed refusals.
+    pub fn flush_summaries(&self, now: u64, all: bool) {
+        let ended: Vec<Window> = {
+            let mut lim = self.inner.limiter.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<_> = lim
+                .iter()
+                .filter(|(_, w)| all || now >= w.start_ms + UNAUTHENTICATED_WINDOW_MS)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter().filter_map(|k| lim.remove(&k)).collect()
+        };
+        for w in ended {
+            let Some(mut e) = w.example else { continue };
+            e.time_ms = w.last_ms;
+            let line = e.summary_json(w.suppressed, w.start_ms, &w.peers);
+            if let Err(err) = self.write_line(&line) {
+                tracing::error!("{err}; entry: {line}");
+            }
+        }
     }
 }
 
@@ -1308,6 +1594,7 @@ mod tests {
                     Code::Ok
                 },
                 message: "no".into(),
+                authorized: false,
             })
             .await;
         }
@@ -1324,5 +1611,137 @@ mod tests {
         assert_eq!(lines[2]["result"], "error");
         assert_eq!(lines[2]["code"], "permission_denied");
         assert_eq!(lines[2]["peer"], "127.0.0.1:5000");
+    }
+
+    fn entry(identity: &str, message: &str, code: Code) -> AuditEntry {
+        AuditEntry {
+            time_ms: 1_000,
+            identity: identity.into(),
+            transport: "tcp",
+            peer: Some("10.0.0.7:4000".parse().unwrap()),
+            action: "launch".into(),
+            key: Some("ns:a:web".into()),
+            code,
+            message: message.into(),
+            authorized: false,
+        }
+    }
+
+    #[test]
+    fn audit_fields_are_bounded_on_a_char_boundary() {
+        // 3 MB of a 3-byte character, and a 4 KiB identity: neither may reach the line.
+        let huge = "\u{202E}".repeat(1_000_000);
+        let mut e = entry(&"x".repeat(4096), &huge, Code::InvalidArgument);
+        e.key = Some("é".repeat(5000));
+        e.action = "a".repeat(300);
+        let line = e.to_json();
+        assert!(
+            line.len() < 4 * AUDIT_FIELD_MAX + 400,
+            "{} bytes",
+            line.len()
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        for field in ["identity", "action", "key", "message"] {
+            let f = v[field].as_str().unwrap();
+            assert!(f.len() <= AUDIT_FIELD_MAX, "{field}: {} bytes", f.len());
+            assert!(f.ends_with(TRUNCATED_MARKER), "{field}");
+        }
+        // Short fields are untouched.
+        assert_eq!(bounded("team-a"), "team-a");
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_refusals_cannot_rotate_the_audit_log_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::start(dir.path(), 4096).unwrap();
+        log.record(entry("team-a", "", Code::Ok)).await;
+        for i in 0..10_000u64 {
+            let mut e = entry("anonymous", "the token is not valid", Code::Unauthenticated);
+            e.time_ms = 1_000 + i;
+            e.peer = Some(format!("10.0.0.{}:4000", i % 20).parse().unwrap());
+            log.record_unauthenticated(e).await;
+        }
+        assert!(
+            !dir.path().join("audit.log.1").exists(),
+            "a flood of unauthenticated requests rotated the audit log"
+        );
+        log.flush_summaries(u64::MAX, true);
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines[0]["identity"], "team-a",
+            "the real request's line survives"
+        );
+        let single = lines
+            .iter()
+            .filter(|l| l["action"] == "launch" && l["identity"] == "anonymous")
+            .count();
+        assert_eq!(single, UNAUTHENTICATED_BURST as usize);
+        let summary = lines.last().unwrap();
+        assert_eq!(summary["action"], "refusals_summarised");
+        assert_eq!(summary["count"], 10_000 - u64::from(UNAUTHENTICATED_BURST));
+        assert_eq!(summary["peers"].as_array().unwrap().len(), SUMMARY_PEERS);
+        assert_eq!(summary["code"], "unauthenticated");
+
+        // A new window writes single lines again, after the old window's summary.
+        let mut e = entry("anonymous", "late", Code::Unauthenticated);
+        e.time_ms = 1_000 + UNAUTHENTICATED_WINDOW_MS + 20_000;
+        log.record_unauthenticated(e).await;
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        assert!(text.lines().last().unwrap().contains("late"));
+    }
+
+    #[tokio::test]
+    async fn audit_log_keeps_its_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::start(dir.path(), 4096).unwrap();
+        for _ in 0..2_000 {
+            log.record(entry("team-a", "", Code::Ok)).await;
+        }
+        for n in 1..=AUDIT_GENERATIONS {
+            assert!(dir.path().join(format!("audit.log.{n}")).exists(), "{n}");
+        }
+        assert!(!dir
+            .path()
+            .join(format!("audit.log.{}", AUDIT_GENERATIONS + 1))
+            .exists());
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_audit_line_cannot_be_written_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every write fails as on a full disk.
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("audit.log")).unwrap();
+        let log = AuditLog::start(dir.path(), 4096).unwrap();
+        let ctx = Arc::new(AuditCtx {
+            pre: Some(PreAudit {
+                audit: log.clone(),
+                identity: "uid:0".into(),
+                transport: "unix",
+                peer: None,
+                action: "launch".into(),
+            }),
+            ..AuditCtx::default()
+        });
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert(Identity::Local { uid: Some(0) });
+        req.extensions_mut().insert(ctx);
+        let err = authorize(&req, Scope::of_id(&id("ns:a:web"))).unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(
+            err.message().starts_with("cannot write the audit log"),
+            "{}",
+            err.message()
+        );
+        // Control: with a writable log the same request is authorized, and its line is
+        // written first.
+        std::fs::remove_file(dir.path().join("audit.log")).unwrap();
+        authorize(&req, Scope::of_id(&id("ns:a:web"))).unwrap();
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        assert!(text.contains(r#""result":"authorized""#), "{text}");
     }
 }

@@ -149,6 +149,8 @@ pub struct Daemon {
     _reaper: Option<bulkhead_driver::reaper::ReaperTask>,
     /// The TCP API server (`Config::tcp`).
     tcp: Option<crate::auth::TcpServer>,
+    /// The audit log, for the summaries of suppressed refusals at shutdown.
+    audit: crate::auth::AuditLog,
 }
 
 impl Daemon {
@@ -348,6 +350,7 @@ impl Daemon {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let svc = Service { sh: shared.clone() };
         let unix_audit = audit.clone();
+        let kept_audit = audit.clone();
         let roots = crate::peer::Roots {
             daemon: std::process::id(),
             keeper: shared.keeper.as_ref().and_then(|k| k.client().peer_pid()),
@@ -379,6 +382,7 @@ impl Daemon {
             _lock: lock,
             _reaper: reaper,
             tcp,
+            audit: kept_audit,
         })
     }
 
@@ -428,6 +432,8 @@ impl Daemon {
         if let Some(tcp) = self.tcp.take() {
             tcp.stop().await;
         }
+        // Counted refusals of a window that has not ended yet get their summary line.
+        self.audit.flush_summaries(u64::MAX, true);
         // Commit whatever events are still queued and stop the writer thread.
         let sh = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || {

@@ -135,6 +135,10 @@ impl Remote<'_> {
 }
 
 fn start(dir: &Path, pki: &Pki) -> (Daemon, String) {
+    start_with(dir, pki, &[])
+}
+
+fn start_with(dir: &Path, pki: &Pki, extra: &[&str]) -> (Daemon, String) {
     let tokens = write(
         dir,
         "tokens.yaml",
@@ -160,7 +164,8 @@ fn start(dir: &Path, pki: &Pki) -> (Daemon, String) {
         "--tokens".to_owned(),
         p(&tokens),
     ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
     (
         Daemon::start_with_args(&[("sleeper", SLEEPER)], &args),
         addr,
@@ -175,12 +180,16 @@ fn audit_lines(d: &Daemon) -> Vec<Value> {
         .collect()
 }
 
-/// Waits until the audit log has a line matching `pred` (lines are written off the
-/// request path, just after the answer).
+/// Waits until the audit log has a result line matching `pred` (lines are written off the
+/// request path, just after the answer; the `authorized` line an audited action gets
+/// before it is done is skipped).
 fn wait_audit(d: &Daemon, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();
     loop {
-        if let Some(l) = audit_lines(d).into_iter().find(|l| pred(l)) {
+        if let Some(l) = audit_lines(d)
+            .into_iter()
+            .find(|l| l["result"] != "authorized" && pred(l))
+        {
             return l;
         }
         assert!(
@@ -424,4 +433,86 @@ fn a_bad_token_file_fails_start_up_naming_it() {
         "{err}"
     );
     assert!(!tmp.path().join("api.sock").exists(), "nothing is served");
+}
+
+/// Issue 11: refused requests without a valid token could fill the audit log until it
+/// rotated the record of real requests away. Now they are limited per window and
+/// summarised; the log here rotates at 4 KiB, which 60 single lines would pass.
+#[test]
+fn unauthenticated_requests_cannot_rotate_the_audit_log_away() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    let (mut d, addr) = start_with(tmp.path(), &pki, &["--log-max-bytes", "4096"]);
+    let r = Remote {
+        d: &d,
+        pki: &pki,
+        addr,
+    };
+    r.wait_up();
+    let out = r.cli(
+        true,
+        Some(TEAM_A_TOKEN),
+        &["launch", "sleeper", "--namespace", "team-a"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for _ in 0..60 {
+        let out = r.cli(true, Some("not-a-token"), &["list"]);
+        assert_eq!(out.status.code(), Some(PERMISSION_DENIED));
+    }
+    assert!(
+        !d.state.join("audit.log.1").exists(),
+        "unauthenticated requests rotated the audit log"
+    );
+    let lines = audit_lines(&d);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["identity"] == "team-a" && l["action"] == "launch" && l["result"] == "ok"),
+        "the real launch's line is still there: {lines:#?}"
+    );
+    let single = lines
+        .iter()
+        .filter(|l| l["identity"] == "anonymous" && l["action"] == "list")
+        .count();
+    assert_eq!(single, 10, "{lines:#?}");
+    // The rest is summarised; at shutdown at the latest.
+    d.cli(&["terminate", "ns:team-a:sleeper"]);
+    assert!(d.sigterm().success());
+    let summary = audit_lines(&d)
+        .into_iter()
+        .find(|l| l["action"] == "refusals_summarised")
+        .expect("a summary line");
+    assert_eq!(summary["count"], 50);
+    assert_eq!(summary["code"], "unauthenticated");
+    assert_eq!(summary["peers"][0], "127.0.0.1");
+}
+
+/// Issue 11: a request whose audit line could not be written was served anyway. Now an
+/// audited action is refused (UNAVAILABLE, exit 5) and not done; the control shows the
+/// same launch served once the log can be written.
+#[test]
+fn a_request_whose_audit_line_cannot_be_written_is_refused() {
+    let d = Daemon::start(&[("sleeper", SLEEPER)]);
+    // Every write fails as on a full disk (the log is opened at its first line).
+    std::os::unix::fs::symlink("/dev/full", d.state.join("audit.log")).unwrap();
+    let out = d.cli(&["launch", "sleeper"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot write the audit log"),
+        "{}",
+        stderr(&out)
+    );
+    let list = d.json(&["list", "-o", "json"]);
+    assert!(
+        !list.to_string().contains("ns:default:sleeper"),
+        "the unaudited launch was done: {list}"
+    );
+    // Control: the log writable again, the same launch is served and recorded first.
+    std::fs::remove_file(d.state.join("audit.log")).unwrap();
+    let out = d.cli(&["launch", "sleeper"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = audit_lines(&d);
+    assert_eq!(lines[0]["result"], "authorized", "{lines:#?}");
+    assert_eq!(lines[0]["key"], "ns:default:sleeper");
+    d.cli(&["terminate", "ns:default:sleeper"]);
 }
