@@ -341,6 +341,16 @@ impl Identity {
         }
     }
 
+    /// Whether the identity is shown lease holder `holder` (on the socket: all; a token:
+    /// admin, or the holder is one of its sessions). A shared instance's leases are other
+    /// tenants' session ids.
+    pub fn sees_lease(&self, holder: &str) -> bool {
+        match self {
+            Identity::Local { .. } => true,
+            Identity::Token { grant, .. } => grant.allows(&Need::Session(holder.to_owned())),
+        }
+    }
+
     /// Whether `list` and `watch` show this instance to the identity (it may `get` it).
     pub fn sees(&self, id: &str) -> bool {
         match self {
@@ -408,6 +418,16 @@ impl Scope {
         }
     }
 
+    /// Releasing `holder`'s lease: like [`Scope::of_id`], and on a shared instance the
+    /// holder must be one of the identity's sessions (a tenant cannot drop another's).
+    pub fn release(id: &InstanceId, holder: &str) -> Scope {
+        let mut s = Scope::of_id(id);
+        if s.needs == [Need::Shared] {
+            s.needs.push(Need::Session(holder.to_owned()));
+        }
+        s
+    }
+
     /// Reading an instance (`get`): like [`Scope::of_id`], but shared instances are
     /// visible to every identity.
     pub fn read(id: &InstanceId) -> Scope {
@@ -437,25 +457,42 @@ impl Scope {
         }
     }
 
-    /// A launch: the key it will form from the workload's isolation in `catalog`. A
-    /// workload that is unknown or invalid (the launch will fail) needs what was given.
+    /// A launch: the key it will form from the workload's isolation in `catalog` (for a
+    /// `docker.share` container: `shared:<workload>`, whatever namespace or session is
+    /// given, as `Shared::launch` forms it). A workload that is unknown or invalid (the
+    /// launch will fail) needs what was given. On a shared instance the lease holder (the
+    /// `lease`, else for a shared container the session) must be one of the identity's
+    /// sessions: a tenant holds, and sees, only leases named after its own sessions.
     pub fn launch(
         catalog: &Catalog,
         workload: &str,
         namespace: Option<&str>,
         session: Option<&str>,
+        lease: Option<&str>,
     ) -> Scope {
         let namespace = namespace.filter(|s| !s.is_empty());
         let session = session.filter(|s| !s.is_empty());
-        let isolation = catalog
-            .get(workload)
-            .and_then(|e| e.spec.as_ref().ok().map(|s| s.isolation));
+        let lease = lease.filter(|s| !s.is_empty());
+        let spec = catalog.get(workload).and_then(|e| e.spec.as_ref().ok());
+        let isolation = spec.map(|s| crate::docker::effective_isolation(s));
+        let shared_container = spec.is_some_and(|s| crate::docker::is_shared_container(s));
+        let (key_ns, key_sid) = if shared_container {
+            (None, None)
+        } else {
+            (namespace, session)
+        };
+        let holder = lease.or(if shared_container { session } else { None });
         let mut needs = Vec::new();
         let key = match isolation {
-            Some(iso) => match Key::new(workload, iso, namespace, session) {
+            Some(iso) => match Key::new(workload, iso, key_ns, key_sid) {
                 Ok(k) => {
                     match k.scope() {
-                        key::Scope::Shared => needs.push(Need::Shared),
+                        key::Scope::Shared => {
+                            needs.push(Need::Shared);
+                            if let Some(h) = holder {
+                                needs.push(Need::Session(h.to_owned()));
+                            }
+                        }
                         key::Scope::Namespace(ns) => needs.push(Need::Namespace(ns.clone())),
                         key::Scope::Session(s) => needs.push(Need::Session(s.clone())),
                     }
@@ -636,6 +673,11 @@ impl Visibility {
     /// Whether the instance with this id is shown (nothing without an identity).
     pub fn sees(&self, id: &str) -> bool {
         self.0.as_ref().is_some_and(|i| i.sees(id))
+    }
+
+    /// Whether lease holder `holder` is shown (see [`Identity::sees_lease`]).
+    pub fn sees_lease(&self, holder: &str) -> bool {
+        self.0.as_ref().is_some_and(|i| i.sees_lease(holder))
     }
 }
 
@@ -1523,22 +1565,28 @@ mod tests {
         let cat = Catalog::scan(dir.path(), &[bulkhead_core::spec::DriverKind::Process]);
         let t = tokens();
         let a = as_token(&t, TOKEN_A);
-        let s = Scope::launch(&cat, "web", Some("team-a"), None);
+        let s = Scope::launch(&cat, "web", Some("team-a"), None, None);
         assert_eq!(s.key.as_deref(), Some("ns:team-a:web"));
         assert!(a.allows(&s));
-        assert!(!a.allows(&Scope::launch(&cat, "web", Some("team-b"), None)));
+        assert!(!a.allows(&Scope::launch(&cat, "web", Some("team-b"), None, None)));
         // No namespace: the default one.
-        let s = Scope::launch(&cat, "web", None, None);
+        let s = Scope::launch(&cat, "web", None, None, None);
         assert_eq!(s.key.as_deref(), Some("ns:default:web"));
         assert!(!a.allows(&s));
         assert!(
-            !a.allows(&Scope::launch(&cat, "db", None, None)),
+            !a.allows(&Scope::launch(&cat, "db", None, None, None)),
             "shared needs shared"
         );
-        assert!(a.allows(&Scope::launch(&cat, "sess", None, Some("s1"))));
-        assert!(!a.allows(&Scope::launch(&cat, "sess", Some("team-b"), Some("s1"))));
-        assert!(!a.allows(&Scope::launch(&cat, "nope", None, None)));
-        assert!(a.allows(&Scope::launch(&cat, "nope", Some("team-a"), None)));
+        assert!(a.allows(&Scope::launch(&cat, "sess", None, Some("s1"), None)));
+        assert!(!a.allows(&Scope::launch(
+            &cat,
+            "sess",
+            Some("team-b"),
+            Some("s1"),
+            None
+        )));
+        assert!(!a.allows(&Scope::launch(&cat, "nope", None, None, None)));
+        assert!(a.allows(&Scope::launch(&cat, "nope", Some("team-a"), None, None)));
     }
 
     #[test]
@@ -1743,5 +1791,75 @@ mod tests {
         authorize(&req, Scope::of_id(&id("ns:a:web"))).unwrap();
         let text = std::fs::read_to_string(log.path()).unwrap();
         assert!(text.contains(r#""result":"authorized""#), "{text}");
+    }
+
+    /// Issue 11: a `docker.share` container was authorised and audited under the key the
+    /// request named (`session:s1:box`, allowed to a token of session s1) while the launch
+    /// reached `shared:box`; and its leases showed every tenant's session ids.
+    #[test]
+    fn shared_containers_are_authorised_as_shared_and_hide_other_tenants_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("box");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("manifest.yaml"),
+            "name: box\ndriver: docker\ncommand: [sleep, '60']\nisolation: session\n\
+             docker:\n  image: busybox\n  share: true\n",
+        )
+        .unwrap();
+        let cat = Catalog::scan(
+            dir.path(),
+            &[
+                bulkhead_core::spec::DriverKind::Process,
+                bulkhead_core::spec::DriverKind::Docker,
+            ],
+        );
+        assert!(
+            cat.get("box").unwrap().spec.is_ok(),
+            "the manifest is valid"
+        );
+        let t = Tokens::parse(
+            Path::new("tokens.yaml"),
+            &format!(
+                "tokens:\n\
+                 - name: a\n  token_sha256: {}\n  sessions: [s1]\n\
+                 - name: b\n  token_sha256: {}\n  sessions: [s2]\n  shared: true\n",
+                token_sha256_hex("ta"),
+                token_sha256_hex("tb")
+            ),
+            false,
+        )
+        .unwrap();
+        let (a, b) = (as_token(&t, "ta"), as_token(&t, "tb"));
+        let local = Identity::Local { uid: Some(0) };
+
+        // The key is the instance the launch really reaches, whatever session is named.
+        let s = Scope::launch(&cat, "box", None, Some("s1"), None);
+        assert_eq!(s.key.as_deref(), Some("shared:box"));
+        assert!(
+            !a.allows(&s),
+            "a session token without `shared` reaches a shared container"
+        );
+        assert!(b.allows(&Scope::launch(&cat, "box", None, Some("s2"), None)));
+        // A tenant takes leases only in its own sessions' names.
+        assert!(!b.allows(&Scope::launch(&cat, "box", None, Some("s2"), Some("s1"))));
+        assert!(!b.allows(&Scope::launch(&cat, "box", None, None, Some("s1"))));
+        assert!(local.allows(&Scope::launch(&cat, "box", None, Some("s1"), Some("x"))));
+        // ... and releases only those.
+        let shared = id("shared:box");
+        assert!(!b.allows(&Scope::release(&shared, "s1")));
+        assert!(b.allows(&Scope::release(&shared, "s2")));
+        assert!(a.allows(&Scope::release(&id("session:s1:w"), "anything")));
+        // Leases shown: one's own sessions only (all of them on the socket).
+        assert!(b.sees_lease("s2") && !b.sees_lease("s1"));
+        assert!(local.sees_lease("s1") && local.sees_lease("s2"));
+
+        // The audit key is the shared one.
+        let ctx = Arc::new(AuditCtx::default());
+        let mut req = Request::new(());
+        req.extensions_mut().insert(b.clone());
+        req.extensions_mut().insert(ctx.clone());
+        authorize(&req, Scope::launch(&cat, "box", None, Some("s2"), None)).unwrap();
+        assert_eq!(ctx.key().as_deref(), Some("shared:box"));
     }
 }
