@@ -314,7 +314,15 @@ impl Daemon {
                 (_, Some(pid)) => {
                     // Without a keeper the process may still run as an orphan; it cannot be
                     // supervised (no exit status), so it must not run unseen.
-                    if let (Some(t), Ok(stat)) =
+                    // A copied state directory's table names the original daemon's
+                    // processes: they are not ours to kill.
+                    if let Some(other) = &shared.state_copied_from {
+                        tracing::warn!(
+                            "{}: pid {pid} is recorded by the daemon {other} this state \
+                             directory was copied from; leaving it alone",
+                            row.id
+                        );
+                    } else if let (Some(t), Ok(stat)) =
                         (row.start_time, bulkhead_driver::sys::read_stat(pid))
                     {
                         if stat.starttime == t && !stat.is_zombie() {

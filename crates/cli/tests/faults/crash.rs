@@ -204,10 +204,10 @@ fn kill_9_during_launches_restarts_and_terminations_keeps_every_invariant() {
     }
     assert!(d.sigterm().success(), "{}", d.daemon_log());
     let state = d.state.clone();
+    let scope = cgroup_scope(&state);
     drop(d);
     wait_until("no process of the test left", || marked(&mark).is_empty());
     // Nor a cgroup or a container.
-    let scope = cgroup_scope(&state);
     wait_until("no cgroup of the test left", || {
         instance_cgroups(&scope).is_empty()
     });

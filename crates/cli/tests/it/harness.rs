@@ -284,11 +284,13 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The cgroup scope of a daemon's state directory (as `bulkhead_daemon` computes it).
+/// The cgroup scope of a daemon's state directory (as `bulkhead_daemon` computes it: from
+/// its daemon id, so read it while the state directory exists).
 pub fn cgroup_scope(state: &Path) -> String {
-    let abs = std::path::absolute(state).unwrap();
+    let id = std::fs::read_to_string(state.join("daemon-id"))
+        .unwrap_or_else(|e| panic!("no daemon id in {}: {e}", state.display()));
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in abs.as_os_str().as_encoded_bytes() {
+    for b in id.trim().as_bytes() {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

@@ -16,6 +16,7 @@ mod readiness;
 mod recovery;
 mod sandbox;
 mod socket_trust;
+mod state_copy;
 mod supervision;
 mod surface;
 mod walls;
