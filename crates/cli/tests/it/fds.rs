@@ -1,7 +1,7 @@
 //! Issue 11, inherited descriptors: a daemon started with a stray descriptor (a directory
 //! fd without close-on-exec at 251, as a careless launcher or an attacker who controls the
-//! daemon's parent would leave it) must not pass it on to a workload, an exec'd command or
-//! the keeper. A directory fd inherited this way let a sandbox escape its mounts
+//! daemon's parent would leave it) must not pass it on to a workload, an exec'd command, an
+//! exec probe or the keeper. A directory fd inherited this way let a sandbox escape its mounts
 //! (`/proc/<pid>/fd/N/..`).
 //!
 //! Descriptor tables are read from outside (`/proc/<pid>/fd`), so the listing is exact (a
@@ -42,7 +42,14 @@ fn daemon_with_stray_fd(args: &[&str]) -> (Daemon, tempfile::TempDir) {
     let marker = tempfile::tempdir().unwrap();
     let dir = std::fs::File::open(marker.path()).unwrap();
     let raw = dir.as_raw_fd();
-    let d = Daemon::start_configured(&[("sleeper", SLEEPER)], args, |cmd| {
+    let probe_out = marker.path().with_extension("probe-fds");
+    // The probe's shell forks `find`, which lists the shell's table (the probe's own) into
+    // the file itself: a shell redirection would add the shell's saved copies (fd 10+).
+    let probed = format!(
+        "name: probed\ncommand: [sleep, '1000']\nreadiness:\n  exec: [/bin/sh, -c, 'find /proc/$$/fd -mindepth 1 -fprintf {} \"%f -> %l\\n\"; true']\n  timeout: 30s\n",
+        probe_out.display()
+    );
+    let d = Daemon::start_configured(&[("sleeper", SLEEPER), ("probed", &probed)], args, |cmd| {
         // SAFETY: runs in the forked child before exec; dup2 is async-signal-safe and the
         // source descriptor stays open in the parent until the spawn returns. dup2 gives
         // the copy no close-on-exec flag: the daemon inherits it.
@@ -65,6 +72,11 @@ fn daemon_with_stray_fd(args: &[&str]) -> (Daemon, tempfile::TempDir) {
         marker.path().display()
     );
     (d, marker)
+}
+
+/// Where the `probed` workload's readiness probe writes its descriptor listing.
+fn probe_listing(marker: &Path) -> PathBuf {
+    marker.with_extension("probe-fds")
 }
 
 /// The pid of the running instance `id`.
@@ -132,6 +144,22 @@ fn no_inherited_descriptor(args: &[&str], keeper: bool) {
     // Only stdin, stdout and stderr: the exec pipes, nothing else.
     assert_only_std_streams("the exec'd command", &exec_fds, marker.path());
 
+    // An exec probe: its lines are "<fd> -> <target>".
+    d.json(&["launch", "probed", "-o", "json"]);
+    let listing = std::fs::read_to_string(probe_listing(marker.path())).unwrap();
+    let mut probe_fds: Vec<(i32, PathBuf)> = listing
+        .lines()
+        .filter_map(|l| {
+            let (left, target) = l.split_once(" -> ")?;
+            Some((
+                left.rsplit(' ').next()?.parse().ok()?,
+                PathBuf::from(target),
+            ))
+        })
+        .collect();
+    probe_fds.sort();
+    assert_only_std_streams("the exec probe", &probe_fds, marker.path());
+
     if keeper {
         let kp = d.keeper_pid().expect("a keeper runs");
         let kfds = fds_of(kp);
@@ -141,6 +169,7 @@ fn no_inherited_descriptor(args: &[&str], keeper: bool) {
         );
     }
     d.cli(&["terminate", id]);
+    d.cli(&["terminate", "ns:default:probed"]);
 }
 
 #[test]
