@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bulkhead_api::v1;
 use bulkhead_core::key::InstanceId;
+use bulkhead_core::text::escape;
 
 use crate::cli::{self, Format};
 use crate::exit::{self, fail, from_status};
@@ -286,9 +287,9 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 h.instances_live,
                 h.workloads_valid,
                 h.workloads_invalid,
-                h.workloads_dir,
+                escape(&h.workloads_dir),
                 h.drivers.join(", "),
-                h.state_dir,
+                escape(&h.state_dir),
                 h.last_event_id
             );
             if let Some(s) = &h.sandbox {
@@ -309,7 +310,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                         if s.favordynmods { "on" } else { "off" }
                     );
                 } else {
-                    println!("sandbox: unavailable ({})", s.error);
+                    println!("sandbox: unavailable ({})", escape(&s.error));
                 }
             }
             Ok(())
@@ -464,11 +465,15 @@ pub async fn images(socket: &Path, a: cli::ImagesArgs) -> anyhow::Result<()> {
             for i in &resp.images {
                 println!(
                     "{:<40} {:>10} {:<6} {:<24} {}",
-                    i.tag,
+                    escape(&i.tag),
                     bulkhead_core::size::format(i.size_bytes),
                     if i.in_use { "yes" } else { "no" },
-                    i.workload,
-                    if i.base.is_empty() { "-" } else { &i.base }
+                    escape(&i.workload),
+                    if i.base.is_empty() {
+                        "-".into()
+                    } else {
+                        escape(&i.base)
+                    }
                 );
             }
             Ok(())

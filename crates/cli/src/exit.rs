@@ -114,6 +114,9 @@ pub fn report(e: anyhow::Error) -> std::process::ExitCode {
         }
     }
     let code = e.downcast_ref::<Failure>().map(|f| f.code).unwrap_or(ERROR);
-    eprintln!("bulkhead: {e:#}");
+    // The message may quote what a daemon, a manifest or a workload said: no control
+    // character or bidi override reaches the terminal raw (newlines stay).
+    let msg = format!("{e:#}");
+    eprintln!("bulkhead: {}", bulkhead_core::text::escape_lines(&msg));
     code.into()
 }

@@ -1,8 +1,13 @@
 //! Rendering: a readable table or line by default, JSON (`-o json`) for scripts.
+//!
+//! Text output never writes a control character or a bidi override it was sent: every
+//! line and table cell goes through [`escape`] (a workload's `STATUS=`, a failure reason,
+//! a file name may hold an escape sequence or a U+202E). JSON is escaped by serde_json.
 
 use bulkhead_api::v1;
 use serde_json::{json, Value};
 
+use bulkhead_core::text::escape;
 use bulkhead_core::time::rfc3339;
 
 pub fn instance_json(i: &v1::Instance) -> Value {
@@ -112,7 +117,7 @@ pub fn instance_line(i: &v1::Instance) -> String {
             s.push_str(&format!(" pids_limit_hits={h}"));
         }
     }
-    s
+    escape(&s).into_owned()
 }
 
 pub fn instance_table(list: &[v1::Instance]) -> String {
@@ -151,9 +156,14 @@ pub fn instance_table(list: &[v1::Instance]) -> String {
     )
 }
 
+/// A table with aligned columns; every cell [escaped](escape).
 pub fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| escape(c).into_owned()).collect())
+        .collect();
     let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.chars().count());
         }
@@ -169,7 +179,7 @@ pub fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
         out.push('\n');
     };
     line(head.to_vec(), &mut out);
-    for r in rows {
+    for r in &rows {
         line(r.iter().map(String::as_str).collect(), &mut out);
     }
     out
@@ -255,5 +265,69 @@ pub fn event_line(e: &v1::Event) -> String {
     if let Some(r) = &e.reason {
         s.push_str(&format!(" reason=\"{r}\""));
     }
-    s
+    escape(&s).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a hostile workload or manifest can put in a free-text field.
+    const EVIL: &str = "x\u{1b}]0;pwned\u{7}\u{1b}[2J\r\nfake line\u{202e}exe.txt\u{9b}";
+
+    /// Whether one printed line holds a raw unsafe character (a newline included).
+    fn raw(line: &str) -> bool {
+        line.chars().any(bulkhead_core::text::is_unsafe)
+    }
+
+    fn evil_instance() -> v1::Instance {
+        v1::Instance {
+            id: "session:s:w".into(),
+            state: "failed".into(),
+            failure: Some(EVIL.into()),
+            status_text: Some(EVIL.into()),
+            leases: vec![EVIL.into()],
+            address: EVIL.into(),
+            last_exit: Some(v1::ExitStatus {
+                code: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Issue 11: `get`, `list` and `events` printed a workload's `STATUS=` and other free
+    /// text raw: escape sequences and U+202E reached the terminal.
+    #[test]
+    fn free_text_reached_the_terminal_raw() {
+        let line = instance_line(&evil_instance());
+        assert!(!raw(&line), "{line:?}");
+        assert!(
+            line.contains("\\u{1b}]0;pwned") && line.contains("\\u{202e}"),
+            "{line}"
+        );
+        let t = instance_table(&[evil_instance()]);
+        assert_eq!(t.lines().count(), 2, "one header, one row: {t:?}");
+        assert!(
+            !t.chars()
+                .any(|c| c != '\n' && bulkhead_core::text::is_unsafe(c)),
+            "{t:?}"
+        );
+        let e = v1::Event {
+            instance: "session:s:w".into(),
+            kind: "launch_failed".into(),
+            reason: Some(EVIL.into()),
+            channel: Some(EVIL.into()),
+            ..Default::default()
+        };
+        let l = event_line(&e);
+        assert!(!raw(&l), "{l:?}");
+        let t = table(&["NAME", "NOTES"], &[[EVIL.to_owned(), EVIL.to_owned()]]);
+        assert_eq!(t.lines().count(), 2, "{t:?}");
+        assert!(
+            !t.chars()
+                .any(|c| c != '\n' && bulkhead_core::text::is_unsafe(c)),
+            "{t:?}"
+        );
+    }
 }

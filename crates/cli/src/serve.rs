@@ -161,7 +161,8 @@ pub async fn up(a: UpArgs) -> anyhow::Result<()> {
     let cat = shared.catalog();
     for e in cat.entries.values() {
         if let Err(err) = &e.spec {
-            eprintln!("invalid workload {}: {err}", e.name);
+            let msg = format!("invalid workload {}: {err}", e.name);
+            eprintln!("{}", bulkhead_core::text::escape_lines(&msg));
         }
     }
     let autostart: Vec<String> = cat

@@ -300,15 +300,25 @@ pub fn user_conflict(spec: &crate::spec::WorkloadSpec, daemon_uid: u32) -> Optio
     let (field, host_uid) = match spec.driver {
         DriverKind::Process => return None,
         DriverKind::Sandbox => {
-            let sb = spec.sandbox.as_ref()?;
+            // No section: the defaults, an automatic user namespace.
+            let default = crate::sandbox::SandboxSpec::default();
+            let sb = spec.sandbox.as_ref().unwrap_or(&default);
             let inner = sb.user.as_ref().map(|u| u.uid);
             match (&sb.user_namespace, inner) {
-                (Some(ns), inner) => (
+                (crate::sandbox::UserNs::Map(ns), inner) => (
                     "sandbox.user_namespace",
                     ns.uid.saturating_add(inner.unwrap_or(0)),
                 ),
-                (None, Some(uid)) => ("sandbox.user", uid),
-                (None, None) => return None,
+                (crate::sandbox::UserNs::Auto, _) => {
+                    return Some(format!(
+                        "channels in a sandbox need `sandbox.user_namespace: host` for now: \
+                         iceoryx2's shared memory is private to the daemon's user (uid \
+                         {daemon_uid}), and the default user namespace runs the workload as \
+                         an unprivileged uid of its tenant's range"
+                    ));
+                }
+                (crate::sandbox::UserNs::Host, Some(uid)) => ("sandbox.user", uid),
+                (crate::sandbox::UserNs::Host, None) => return None,
             }
         }
         DriverKind::Docker => {
@@ -474,12 +484,16 @@ mod tests {
             user_conflict(&parse_manifest("m.yaml", "w", &m).unwrap(), uid)
         };
         assert_eq!(check("", 0), None);
-        assert_eq!(check("driver: sandbox\n", 1000), None);
+        // The default sandbox runs in a user namespace of its own: refused with the way out.
+        let e = check("driver: sandbox\n", 0).unwrap();
+        assert!(e.contains("user_namespace: host"), "{e}");
+        let host = "driver: sandbox\nsandbox: {user_namespace: host";
+        assert_eq!(check(&format!("{host}}}\n"), 1000), None);
         assert_eq!(
-            check("driver: sandbox\nsandbox: {user: {uid: 1000}}\n", 1000),
+            check(&format!("{host}, user: {{uid: 1000}}}}\n"), 1000),
             None
         );
-        let e = check("driver: sandbox\nsandbox: {user: {uid: 1000}}\n", 0).unwrap();
+        let e = check(&format!("{host}, user: {{uid: 1000}}}}\n"), 0).unwrap();
         assert!(e.contains("sandbox.user") && e.contains("uid 1000"), "{e}");
         let e = check(
             "driver: sandbox\nsandbox: {user_namespace: {uid: 100000}}\n",

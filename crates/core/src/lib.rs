@@ -9,10 +9,12 @@
 //!
 //! - [`name`]: validated workload, namespace and session names.
 //! - [`key`]: isolation levels, isolation keys and the instance ids derived from them.
+//! - [`lease`]: lease holder names and the per-instance lease limit.
 //! - [`spec`]: manifests (YAML) parsed and validated into [`spec::WorkloadSpec`].
 //! - [`instance`]: the instance lifecycle state machine.
 //! - [`event`]: lifecycle events and exit statuses.
 //! - [`expand`]: `${VAR}` expansion of a command line.
+//! - [`text`]: free text from untrusted sources made safe to store and to print.
 //! - [`channels`]: the data plane's channels (`channels:`), scoped service names.
 //! - [`size`]: byte sizes (`512Mi`); [`sandbox`] and [`docker`]: the driver sections of a
 //!   manifest.
@@ -34,10 +36,12 @@ pub mod event;
 pub mod expand;
 pub mod instance;
 pub mod key;
+pub mod lease;
 pub mod name;
 pub mod restart;
 pub mod sandbox;
 pub mod signal;
 pub mod size;
 pub mod spec;
+pub mod text;
 pub mod time;

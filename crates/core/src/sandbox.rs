@@ -1,25 +1,40 @@
 //! The `sandbox:` section of a manifest: the walls the `sandbox` driver builds.
 //!
-//! Every field has a default, so `sandbox: {}` (or no section at all with
-//! `driver: sandbox`) gives: a new PID, mount, IPC and UTS namespace; the host network;
-//! a read-only root with a private `/tmp`, a fresh `/proc` and a minimal `/dev`; the
-//! hostname set to the instance id; no capabilities; the default seccomp deny-list; our
-//! init as PID 1; the daemon's user.
+//! **Deny by default.** Every field has a default, and the defaults are the closed wall:
+//! `sandbox: {}` (or no section at all with `driver: sandbox`) gives a new PID, mount,
+//! IPC and UTS namespace; a **user namespace** whose root is an unprivileged host uid
+//! taken from a range of the tenant's own (`user_namespace: auto`); a **minimal root**
+//! (an empty tmpfs with the system's program directories read-only, the workload's
+//! folder and its program read-only, and what the manifest binds: no `/root`, `/home`,
+//! `/run`, `/var`, host `/tmp` or host socket); a private `/tmp`, `/dev/shm` and `/run`;
+//! a fresh `/proc` with the kernel's knobs read-only and its leaky files masked
+//! (`protect_kernel`); `/sys` only with a network namespace of its own (fresh, read-only);
+//! a minimal `/dev`; the hostname set to the instance id; no capabilities; the default
+//! seccomp deny-list (no namespace creation, mounts, keyrings, bpf, perf, userfaultfd,
+//! io_uring, ...); our init as PID 1, shown as `bulkhead-init <instance id>`; the host
+//! network (so that the instance's port is reachable; `network: none` closes it), with
+//! the host's abstract Unix sockets out of reach (Landlock scope, where the kernel has it).
+//!
+//! Each opening is asked for by name:
 //!
 //! ```yaml
 //! driver: sandbox
 //! sandbox:
 //!   network: loopback          # host (default) | none | loopback
+//!   root: minimal              # minimal (default) | host: the host's / (read-only)
+//!   abstract_sockets: scoped   # scoped (default, Linux 6.12+) | host
 //!   readonly_root: true        # default
 //!   binds:
 //!     - { source: /srv/data, target: /data }        # read-write
 //!     - { source: /etc/ssl, readonly: true }        # target defaults to source
 //!   tmpfs: [/var/cache/app]
 //!   hostname: web              # default: the instance id
-//!   user: { uid: 1000, gid: 1000 }
-//!   user_namespace: { uid: 100000, gid: 100000, count: 65536 }  # root inside = 100000 outside
+//!   user: { uid: 1000, gid: 1000 }                  # ids inside the user namespace
+//!   user_namespace: auto       # auto (default) | host | { uid: 100000, gid: 100000, count: 65536 }
 //!   capabilities: [CAP_NET_BIND_SERVICE]            # default: none
 //!   seccomp: default           # default | none
+//!   seccomp_allow: [namespaces]                     # open groups of the deny-list by name
+//!   protect_kernel: true       # false: /proc and /sys without read-only or masked paths
 //!   init: true                 # false: the workload is PID 1 and reaps itself
 //! ```
 
@@ -197,6 +212,211 @@ impl UserNamespace {
     }
 }
 
+/// Which user namespace the instance runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UserNs {
+    /// A new user namespace whose ids map to a range of the tenant's own (see [`IdBlocks`]):
+    /// root inside is an unprivileged host uid, and two tenants never share a range
+    /// while both have instances.
+    #[default]
+    Auto,
+    /// No user namespace: the workload keeps the daemon's host ids (uid 0 for a root
+    /// daemon, without capabilities). An opening: a host uid 0 passes the owner check of
+    /// root's files and sockets that the workload can see.
+    Host,
+    /// A new user namespace with this fixed map.
+    Map(UserNamespace),
+}
+
+impl UserNs {
+    /// Whether the instance gets a user namespace.
+    pub fn is_new(&self) -> bool {
+        !matches!(self, UserNs::Host)
+    }
+
+    /// The fixed map, if one was given.
+    pub fn map(&self) -> Option<&UserNamespace> {
+        match self {
+            UserNs::Map(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for UserNs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            UserNs::Auto => s.serialize_str("auto"),
+            UserNs::Host => s.serialize_str("host"),
+            UserNs::Map(m) => m.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for UserNs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<UserNs, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = UserNs;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("auto, host or a map { uid, gid, count }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UserNs, E> {
+                match v {
+                    "auto" => Ok(UserNs::Auto),
+                    "host" => Ok(UserNs::Host),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<UserNs, A::Error> {
+                UserNamespace::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(UserNs::Map)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The first host id of the ranges `user_namespace: auto` hands out: 2^30, above the
+/// ranges `/etc/subuid` tools and systemd-nspawn hand out by default (both start low)
+/// and below 2^31 (ids some tools read as negative).
+pub const AUTO_ID_BASE: u32 = 1 << 30;
+
+/// How many 65,536-id blocks `auto` hands out (2^30 .. 2^30 + 2^29).
+pub const AUTO_ID_BLOCKS: u32 = 8192;
+
+/// The tenant whose id range an instance uses: its namespace, its session, or (shared
+/// instances) the workload. Instances of one tenant share a range (so that they can
+/// share files through binds); different tenants never do while both are live.
+pub fn id_tenant(id: &crate::key::InstanceId) -> String {
+    // The id is `shared:<w>`, `ns:<ns>:<w>` or `session:<sid>:<w>`: the tenant is all
+    // but the last part for the last two, the whole id for a shared instance.
+    let s = id.as_str();
+    if s.starts_with("shared:") {
+        return s.to_owned();
+    }
+    match s.rfind(':') {
+        Some(i) => s[..i].to_owned(),
+        None => s.to_owned(),
+    }
+}
+
+/// Hands out one block of [`USERNS_COUNT`] host ids per live tenant: a tenant's block
+/// is stable (its preferred block is a hash of its name) unless another live tenant
+/// holds it, in which case the next free one is taken. Pure: the driver holds one
+/// behind a lock.
+#[derive(Debug, Clone)]
+pub struct IdBlocks {
+    base: u32,
+    blocks: u32,
+    /// tenant -> (block, live instances)
+    live: std::collections::HashMap<String, (u32, u32)>,
+    taken: std::collections::HashSet<u32>,
+}
+
+/// Every block is in use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no free user id range: all {0} ranges of 65536 ids are held by live tenants")]
+pub struct NoFreeIds(pub u32);
+
+impl IdBlocks {
+    pub fn new(base: u32, blocks: u32) -> IdBlocks {
+        IdBlocks {
+            base,
+            blocks: blocks.max(1),
+            live: Default::default(),
+            taken: Default::default(),
+        }
+    }
+
+    fn preferred(&self, tenant: &str) -> u32 {
+        // FNV-1a: stable across runs and builds (std's hasher is randomised).
+        let mut h: u32 = 0x811c_9dc5;
+        for b in tenant.bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        h % self.blocks
+    }
+
+    /// Takes the tenant's block for one more instance: the map for it.
+    pub fn acquire(&mut self, tenant: &str) -> Result<UserNamespace, NoFreeIds> {
+        if let Some((block, refs)) = self.live.get_mut(tenant) {
+            *refs += 1;
+            let b = *block;
+            return Ok(self.map_of(b));
+        }
+        let start = self.preferred(tenant);
+        let block = (0..self.blocks)
+            .map(|i| (start + i) % self.blocks)
+            .find(|b| !self.taken.contains(b))
+            .ok_or(NoFreeIds(self.blocks))?;
+        self.taken.insert(block);
+        self.live.insert(tenant.to_owned(), (block, 1));
+        Ok(self.map_of(block))
+    }
+
+    /// Gives back one instance's hold; the block is free once the tenant has none.
+    pub fn release(&mut self, tenant: &str) {
+        if let Some((block, refs)) = self.live.get_mut(tenant) {
+            *refs -= 1;
+            if *refs == 0 {
+                let b = *block;
+                self.taken.remove(&b);
+                self.live.remove(tenant);
+            }
+        }
+    }
+
+    fn map_of(&self, block: u32) -> UserNamespace {
+        let first = self.base + block * USERNS_COUNT;
+        UserNamespace {
+            uid: first,
+            gid: Some(first),
+            count: USERNS_COUNT,
+        }
+    }
+}
+
+/// Groups of system calls the default seccomp filter denies and a manifest may open by
+/// name in `seccomp_allow` (module loading, kexec, reboot, swap and clock changes are
+/// never opened).
+pub const SYSCALL_GROUPS: [&str; 9] = [
+    "namespaces",
+    "mount",
+    "keyring",
+    "bpf",
+    "perf",
+    "userfaultfd",
+    "ptrace",
+    "io_uring",
+    "file_handles",
+];
+
+/// Which abstract Unix sockets the workload may connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AbstractSockets {
+    /// Only those made inside the instance (Landlock's scope, Linux 6.12+): with the
+    /// host's network, the host's and other tenants' abstract sockets are out of reach.
+    #[default]
+    Scoped,
+    /// Any in its network namespace (the host's, with `network: host`): an opening.
+    Host,
+}
+
+/// Where the instance's root comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Root {
+    /// An empty tmpfs with the system's program directories (`/usr`, `/bin`, `/sbin`,
+    /// `/lib*`, `/etc`, `/opt`) bound read-only, plus the workload's folder and program
+    /// and what the manifest binds.
+    #[default]
+    Minimal,
+    /// The host's whole `/` (read-only unless `readonly_root: false`): an opening.
+    Host,
+}
+
 fn yes() -> bool {
     true
 }
@@ -207,7 +427,13 @@ fn yes() -> bool {
 pub struct SandboxSpec {
     #[serde(default)]
     pub network: Network,
-    /// The host's root file system, read-only (binds and tmpfs mounts excepted).
+    /// What `/` is: a minimal view (default) or the host's.
+    #[serde(default)]
+    pub root: Root,
+    /// Abstract Unix sockets outside the instance: out of reach (default) or reachable.
+    #[serde(default)]
+    pub abstract_sockets: AbstractSockets,
+    /// The root is read-only (binds and tmpfs mounts excepted).
     #[serde(default = "yes")]
     pub readonly_root: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -221,14 +447,22 @@ pub struct SandboxSpec {
     /// Switch to this uid/gid before exec (supplementary groups are dropped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<User>,
-    /// Run in a new user namespace (`user` then names ids inside it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_namespace: Option<UserNamespace>,
+    /// The user namespace (`user` names ids inside it): `auto` by default.
+    #[serde(default)]
+    pub user_namespace: UserNs,
     /// The capabilities kept in the bounding set (default: none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub capabilities: Vec<String>,
     #[serde(default)]
     pub seccomp: Seccomp,
+    /// Groups of the default deny-list opened by name ([`SYSCALL_GROUPS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seccomp_allow: Vec<String>,
+    /// `/proc/sys`, `/proc/sysrq-trigger` and the other kernel knobs read-only, and
+    /// `/proc/kcore`, `/proc/keys`, `/proc/timer_list` and the like masked (runc's
+    /// lists); `false` opens them.
+    #[serde(default = "yes")]
+    pub protect_kernel: bool,
     /// Our init is PID 1 (reaps, forwards signals). `false`: the workload is PID 1 and
     /// must reap its own children; only signals it handles reach it.
     #[serde(default = "yes")]
@@ -239,14 +473,18 @@ impl Default for SandboxSpec {
     fn default() -> SandboxSpec {
         SandboxSpec {
             network: Network::default(),
+            root: Root::default(),
+            abstract_sockets: AbstractSockets::default(),
             readonly_root: true,
             binds: Vec::new(),
             tmpfs: Vec::new(),
             hostname: None,
             user: None,
-            user_namespace: None,
+            user_namespace: UserNs::default(),
             capabilities: Vec::new(),
             seccomp: Seccomp::default(),
+            seccomp_allow: Vec::new(),
+            protect_kernel: true,
             init: true,
         }
     }
@@ -307,7 +545,7 @@ impl SandboxSpec {
                 );
             }
         }
-        if let Some(ns) = &self.user_namespace {
+        if let Some(ns) = self.user_namespace.map() {
             if ns.count == 0 {
                 return fail("user_namespace.count".into(), "must be at least 1");
             }
@@ -352,6 +590,24 @@ impl SandboxSpec {
                 }
             }
         }
+        if self.user_namespace == UserNs::Auto {
+            if let Some(u) = &self.user {
+                if u.uid >= USERNS_COUNT || u.gid() >= USERNS_COUNT {
+                    return fail(
+                        "user".into(),
+                        "is not mapped by the automatic user namespace (ids must be below 65536)",
+                    );
+                }
+            }
+        }
+        for (i, g) in self.seccomp_allow.iter().enumerate() {
+            if !SYSCALL_GROUPS.contains(&g.as_str()) {
+                return fail(
+                    format!("seccomp_allow[{i}]"),
+                    "is not a group of the deny-list (namespaces, mount, keyring, bpf, perf, userfaultfd, ptrace, io_uring, file_handles)",
+                );
+            }
+        }
         for (i, c) in self.capabilities.iter().enumerate() {
             if capability_number(c).is_none() {
                 return fail(
@@ -392,6 +648,110 @@ mod tests {
         assert_eq!(s.network, Network::Host);
         assert_eq!(s.seccomp, Seccomp::Default);
         assert!(s.capabilities.is_empty());
+        // The closed wall: a user namespace of the tenant's own, the minimal root, the
+        // kernel's knobs protected, no syscall group opened.
+        assert_eq!(s.user_namespace, UserNs::Auto);
+        assert_eq!(s.root, Root::Minimal);
+        assert!(s.protect_kernel && s.seccomp_allow.is_empty());
+    }
+
+    #[test]
+    fn openings_are_named() {
+        let s = parse(
+            "  user_namespace: host\n  root: host\n  protect_kernel: false\n  seccomp_allow: [namespaces, mount]\n  abstract_sockets: host\n",
+        )
+        .unwrap();
+        assert_eq!(s.abstract_sockets, AbstractSockets::Host);
+        assert_eq!(s.user_namespace, UserNs::Host);
+        assert_eq!(s.root, Root::Host);
+        assert!(!s.protect_kernel);
+        assert_eq!(s.seccomp_allow, ["namespaces", "mount"]);
+        let e = parse("  user_namespace: none\n").unwrap_err();
+        assert!(e.contains("auto, host"), "{e}");
+        let e = parse("  seccomp_allow: [kexec]\n").unwrap_err();
+        assert!(e.contains("sandbox.seccomp_allow[0]"), "{e}");
+        let e = parse("  user: {uid: 70000}\n").unwrap_err();
+        assert!(e.contains("sandbox.user"), "{e}");
+    }
+
+    #[test]
+    fn the_spec_round_trips_through_json() {
+        for section in [
+            "  {}\n",
+            "  user_namespace: host\n",
+            "  user_namespace: { uid: 100000, count: 10 }\n",
+        ] {
+            let s = parse(section).unwrap();
+            let json = serde_json::to_string(&s).unwrap();
+            let back: SandboxSpec = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, s, "{json}");
+        }
+    }
+
+    #[test]
+    fn tenants_of_an_instance_id() {
+        use crate::key::InstanceId;
+        let t = |s: &str| id_tenant(&InstanceId::parse(s).unwrap().0);
+        assert_eq!(t("ns:a:web"), "ns:a");
+        assert_eq!(t("ns:a:db"), "ns:a");
+        assert_eq!(t("session:s1:web"), "session:s1");
+        assert_eq!(t("shared:web"), "shared:web");
+    }
+
+    #[test]
+    fn id_blocks_are_stable_per_tenant_and_never_shared() {
+        let mut b = IdBlocks::new(AUTO_ID_BASE, AUTO_ID_BLOCKS);
+        let a1 = b.acquire("ns:a").unwrap();
+        let a2 = b.acquire("ns:a").unwrap();
+        assert_eq!(a1, a2, "one tenant, one range");
+        assert!(a1.uid >= AUTO_ID_BASE && a1.uid.is_multiple_of(USERNS_COUNT));
+        let other = b.acquire("ns:b").unwrap();
+        assert_ne!(a1.uid, other.uid);
+        b.release("ns:a");
+        b.release("ns:a");
+        // Free again, and the same tenant gets the same range back.
+        assert_eq!(b.acquire("ns:a").unwrap(), a1);
+        // A full table says so.
+        let mut tiny = IdBlocks::new(AUTO_ID_BASE, 2);
+        tiny.acquire("x").unwrap();
+        tiny.acquire("y").unwrap();
+        assert_eq!(tiny.acquire("z"), Err(NoFreeIds(2)));
+        tiny.release("x");
+        assert!(tiny.acquire("z").is_ok());
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of acquires and releases, two live tenants never hold the
+        /// same range, and every range stays inside the configured space.
+        #[test]
+        fn live_tenants_never_share_a_range(ops in proptest::collection::vec((0u8..12, proptest::bool::ANY), 1..200)) {
+            let mut b = IdBlocks::new(AUTO_ID_BASE, 8);
+            let mut held: std::collections::HashMap<String, (UserNamespace, u32)> = Default::default();
+            for (t, acquire) in ops {
+                let tenant = format!("ns:t{t}");
+                if acquire {
+                    match b.acquire(&tenant) {
+                        Ok(m) => {
+                            proptest::prop_assert!(m.uid >= AUTO_ID_BASE && m.uid < AUTO_ID_BASE + 8 * USERNS_COUNT);
+                            let e = held.entry(tenant).or_insert((m, 0));
+                            proptest::prop_assert_eq!(e.0, m);
+                            e.1 += 1;
+                        }
+                        Err(_) => proptest::prop_assert!(held.len() >= 8),
+                    }
+                } else if let Some(e) = held.get_mut(&tenant) {
+                    b.release(&tenant);
+                    e.1 -= 1;
+                    if e.1 == 0 {
+                        held.remove(&tenant);
+                    }
+                }
+                let mut uids: Vec<u32> = held.values().map(|(m, _)| m.uid).collect();
+                uids.sort();
+                uids.dedup();
+                proptest::prop_assert_eq!(uids.len(), held.len());
+            }
+        }
     }
 
     #[test]
@@ -452,14 +812,14 @@ mod tests {
     #[test]
     fn a_user_namespace_maps_root_to_an_unprivileged_range() {
         let s = parse("  user_namespace: { uid: 100000 }\n").unwrap();
-        let ns = s.user_namespace.unwrap();
+        let ns = *s.user_namespace.map().unwrap();
         assert_eq!((ns.gid(), ns.count), (100000, USERNS_COUNT));
         assert_eq!(ns.uid_map(), "0 100000 65536\n");
         let s = parse(
             "  user_namespace: { uid: 100000, gid: 200000, count: 10 }\n  user: { uid: 9 }\n",
         )
         .unwrap();
-        assert_eq!(s.user_namespace.unwrap().gid_map(), "0 200000 10\n");
+        assert_eq!(s.user_namespace.map().unwrap().gid_map(), "0 200000 10\n");
     }
 
     #[test]

@@ -553,6 +553,10 @@ fn env_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, 
 }
 
 /// A manifest is invalid.
+///
+/// Its `Display` (and [`ManifestError::reason`]) may quote the file: a YAML error shows the
+/// offending source lines, a validation error may show a value. That is for the daemon's
+/// owner and admins; [`ManifestError::redacted`] is what anyone else may see.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {}{reason}", field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default())]
 pub struct ManifestError {
@@ -560,7 +564,198 @@ pub struct ManifestError {
     pub file: String,
     /// The field, as a dotted path, when the error is about one field.
     pub field: Option<String>,
+    /// Line and column (from 1), when known.
+    pub position: Option<(u64, u64)>,
+    /// What is wrong, in full (may quote the file).
     pub reason: String,
+    /// What kind of problem it is: the generic reason of [`ManifestError::redacted`].
+    pub kind: ManifestErrorKind,
+}
+
+/// The kinds of [`ManifestError`], each with a reason that quotes nothing of the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestErrorKind {
+    /// Larger than [`MAX_MANIFEST_BYTES`].
+    TooLarge,
+    /// Not YAML, or YAML that does not have a manifest's shape (serde-saphyr's error).
+    Syntax,
+    /// A YAML tag (`!!binary`, `!custom`): refused, never silently ignored.
+    Tag,
+    /// A field's value is not acceptable.
+    Invalid,
+}
+
+impl ManifestErrorKind {
+    /// The generic reason: says what kind of problem, quotes nothing.
+    pub fn generic_reason(self) -> &'static str {
+        match self {
+            ManifestErrorKind::TooLarge => "the file is larger than the manifest size limit",
+            ManifestErrorKind::Syntax => "not a valid manifest (YAML syntax or structure)",
+            ManifestErrorKind::Tag => "YAML tags are not allowed in a manifest",
+            ManifestErrorKind::Invalid => "invalid value",
+        }
+    }
+}
+
+impl ManifestError {
+    /// The error without anything of the file's contents (no source snippet, no value,
+    /// no tag text): the file, the field or position, and a generic reason. What a caller
+    /// who may not read the file (a non-admin token) is shown.
+    pub fn redacted(&self) -> String {
+        let mut out = format!("{}: ", self.file);
+        if let Some(f) = &self.field {
+            out.push_str(&format!("field `{f}`: "));
+        }
+        if let Some((line, col)) = self.position {
+            out.push_str(&format!("line {line} column {col}: "));
+        }
+        out.push_str(self.kind.generic_reason());
+        out.push_str(" (details are shown to admins)");
+        out
+    }
+}
+
+/// A YAML tag found by [`find_tag`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagFound {
+    /// The tag as written (`!!binary`, `!custom`), escaped and shortened.
+    pub tag: String,
+    /// The field path of the tagged node (`command`, `env.A`, `command[1]`); `None` for
+    /// the document itself.
+    pub field: Option<String>,
+    /// Line and column (from 1) of the tag.
+    pub position: (u64, u64),
+}
+
+/// One open collection while scanning, for the field path.
+enum Frame {
+    /// A mapping: the current key (once read) and whether the value is being read.
+    Map { key: Option<String>, in_value: bool },
+    /// A sequence: the index of the current item.
+    Seq(usize),
+}
+
+/// The first node with an explicit YAML tag (`!!str`, `!!binary`, `!custom`, verbatim
+/// `!<...>`), if any. serde-saphyr decodes some tags (`!!binary` into a string) and
+/// ignores the others, so a manifest could mean something else than it reads; bulkhead
+/// refuses them all. Scans the parser's events (no alias expansion, no recursion); a
+/// syntax error ends the scan (the deserializer reports it).
+pub fn find_tag(text: &str) -> Option<TagFound> {
+    use serde_saphyr::granit_parser::{Event, Options, Parser};
+    let mut opts = Options::default();
+    opts.emit_comments = false;
+    let mut stack: Vec<Frame> = Vec::new();
+    // A map key (not its value) is being read: it ends a key/value pair only as a value.
+    let path = |stack: &[Frame], key_node: Option<&str>| -> Option<String> {
+        let mut p = String::new();
+        for f in stack {
+            match f {
+                Frame::Map {
+                    key,
+                    in_value: true,
+                } => {
+                    if !p.is_empty() {
+                        p.push('.');
+                    }
+                    p.push_str(key.as_deref().unwrap_or("?"));
+                }
+                Frame::Map {
+                    in_value: false, ..
+                } => {}
+                Frame::Seq(i) => p.push_str(&format!("[{i}]")),
+            }
+        }
+        if let Some(k) = key_node {
+            if !p.is_empty() {
+                p.push('.');
+            }
+            p.push_str(k);
+        }
+        (!p.is_empty()).then_some(p)
+    };
+    // A node (scalar, alias or a whole collection) ended: advance its parent.
+    fn node_done(stack: &mut [Frame]) {
+        match stack.last_mut() {
+            Some(Frame::Map { key, in_value }) => {
+                if *in_value {
+                    *key = None;
+                }
+                *in_value = !*in_value;
+            }
+            Some(Frame::Seq(i)) => *i += 1,
+            None => {}
+        }
+    }
+    for ev in Parser::new_from_str_with_options(text, opts) {
+        let Ok((ev, span)) = ev else {
+            return None;
+        };
+        let (tag, scalar) = match &ev {
+            Event::Scalar(v, _, _, tag) => (tag.as_deref(), Some(v.as_ref())),
+            Event::SequenceStart(_, _, tag) | Event::MappingStart(_, _, tag) => {
+                (tag.as_deref(), None)
+            }
+            _ => (None, None),
+        };
+        let is_key = matches!(
+            stack.last(),
+            Some(Frame::Map {
+                in_value: false,
+                ..
+            })
+        );
+        if let Some(tag) = tag {
+            let shown_key = scalar.filter(|_| is_key).map(field_name);
+            let mark = span.tag_start.unwrap_or(span.start);
+            return Some(TagFound {
+                tag: name::show(&if tag.original_handle().is_empty() {
+                    format!("!<{}>", tag.suffix())
+                } else {
+                    format!("{}{}", tag.original_handle(), tag.suffix())
+                }),
+                field: path(&stack, shown_key.as_deref()),
+                position: (mark.line() as u64, mark.col() as u64 + 1),
+            });
+        }
+        match ev {
+            Event::Scalar(v, ..) => {
+                if let Some(Frame::Map {
+                    key,
+                    in_value: false,
+                }) = stack.last_mut()
+                {
+                    *key = Some(field_name(&v));
+                }
+                node_done(&mut stack);
+            }
+            Event::Alias(_) => node_done(&mut stack),
+            Event::SequenceStart(..) => stack.push(Frame::Seq(0)),
+            Event::MappingStart(..) => stack.push(Frame::Map {
+                key: None,
+                in_value: false,
+            }),
+            Event::SequenceEnd | Event::MappingEnd => {
+                stack.pop();
+                node_done(&mut stack);
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A mapping key as a field path component: as written when it is a plain name, else
+/// escaped and shortened.
+fn field_name(k: &str) -> String {
+    if !k.is_empty()
+        && k.len() <= 64
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        k.to_owned()
+    } else {
+        name::show(k)
+    }
 }
 
 /// Variables bulkhead sets itself; a manifest may not override them.
@@ -578,13 +773,16 @@ pub const RESERVED_ENV: &[&str] = &[
 /// Parses and validates a manifest. `file` is used in errors; `folder` is the name of the
 /// directory the manifest sits in, which the workload's `name` must equal.
 pub fn parse_manifest(file: &str, folder: &str, text: &str) -> Result<WorkloadSpec, ManifestError> {
-    let err = |field: Option<&str>, reason: String| ManifestError {
+    let err = |kind, field: Option<&str>, reason: String| ManifestError {
         file: file.to_owned(),
         field: field.map(str::to_owned),
+        position: None,
         reason,
+        kind,
     };
     if text.len() > MAX_MANIFEST_BYTES {
         return Err(err(
+            ManifestErrorKind::TooLarge,
             None,
             format!(
                 "is {} bytes, more than the limit of {MAX_MANIFEST_BYTES}",
@@ -592,14 +790,38 @@ pub fn parse_manifest(file: &str, folder: &str, text: &str) -> Result<WorkloadSp
             ),
         ));
     }
+    // Before deserialising: serde-saphyr would decode `!!binary` and ignore other tags.
+    if let Some(t) = find_tag(text) {
+        let (line, col) = t.position;
+        return Err(ManifestError {
+            position: Some(t.position),
+            ..err(
+                ManifestErrorKind::Tag,
+                t.field.as_deref(),
+                format!(
+                    "YAML tag {} at line {line} column {col}: tags are not allowed in a manifest \
+                     (quote the value to give it as a string)",
+                    t.tag
+                ),
+            )
+        });
+    }
     let spec: WorkloadSpec = serde_saphyr::from_str(text).map_err(|e| {
         // serde-saphyr renders the location and a snippet; keep the message on few lines.
-        err(None, e.to_string().trim_end().to_owned())
+        ManifestError {
+            position: e.location().map(|l| (l.line(), l.column())),
+            ..err(
+                ManifestErrorKind::Syntax,
+                None,
+                e.to_string().trim_end().to_owned(),
+            )
+        }
     })?;
     spec.validate()
-        .map_err(|(field, reason)| err(Some(&field), reason))?;
+        .map_err(|(field, reason)| err(ManifestErrorKind::Invalid, Some(&field), reason))?;
     if spec.name != folder {
         return Err(err(
+            ManifestErrorKind::Invalid,
             Some("name"),
             format!(
                 "is {} but the manifest is in folder {}: they must match",
@@ -955,5 +1177,121 @@ restart:
         assert!(parse(bomb).is_err());
         assert!(parse("name: \"a\\0b\"\ncommand: [x]\n").is_err());
         assert!(parse("name: web\ncommand: [\"a\\0b\"]\n").is_err());
+    }
+
+    /// Issue 11: YAML tags were silently ignored (`!custom`) or decoded (`!!binary` turned
+    /// base64 into a command), so a manifest could run something else than it reads.
+    #[test]
+    fn yaml_tags_were_silently_ignored() {
+        // The control: without the scan, serde-saphyr takes these.
+        let raw: WorkloadSpec =
+            serde_saphyr::from_str("name: web\ncommand: [!!binary L2Jpbi90cnVl]\n").unwrap();
+        assert_eq!(raw.command, ["/bin/true"], "!!binary is decoded");
+        let raw: WorkloadSpec =
+            serde_saphyr::from_str("name: web\ncommand: [x]\nenv: {A: !custom x}\n").unwrap();
+        assert_eq!(raw.env["A"], "x", "!custom is ignored");
+        let cases = [
+            (
+                "name: web\ncommand: [!!binary L2Jpbi90cnVl]\n",
+                Some("command[0]"),
+                "!!binary",
+                2,
+            ),
+            (
+                "name: web\ncommand: !!binary L2Jpbi90cnVl\n",
+                Some("command"),
+                "!!binary",
+                2,
+            ),
+            (
+                "name: web\ncommand: [x]\nenv: {A: !custom x}\n",
+                Some("env.A"),
+                "!custom",
+                3,
+            ),
+            (
+                "name: web\ncommand: [x]\nenv:\n  A: ok\n  B: !custom x\n",
+                Some("env.B"),
+                "!custom",
+                5,
+            ),
+            ("name: !!str web\ncommand: [x]\n", Some("name"), "!!str", 1),
+            ("!!str name: web\ncommand: [x]\n", Some("name"), "!!str", 1),
+            (
+                "name: web\ncommand: [a, b, !x c]\n",
+                Some("command[2]"),
+                "!x",
+                2,
+            ),
+            (
+                "name: web\ncommand: !!seq [x]\n",
+                Some("command"),
+                "!!seq",
+                2,
+            ),
+            (
+                "name: web\ncommand: [x]\nshutdown: !<tag:x> {grace: 1s}\n",
+                Some("shutdown"),
+                "!<",
+                3,
+            ),
+            ("--- !doc\nname: web\ncommand: [x]\n", None, "!doc", 1),
+            (
+                "name: web\ncommand: &a [x]\nx-alias: *a\nenv: {A: !t y}\n",
+                Some("env.A"),
+                "!t",
+                4,
+            ),
+        ];
+        for (text, field, tag, line) in cases {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.kind, ManifestErrorKind::Tag, "{text:?}: {e}");
+            assert_eq!(e.field.as_deref(), field, "{text:?}: {e}");
+            assert_eq!(e.position.map(|p| p.0), Some(line), "{text:?}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("w/web/manifest.yaml: ")
+                    && msg.contains(tag)
+                    && msg.contains("not allowed"),
+                "{msg}"
+            );
+        }
+        // A quoted string that looks like a tag is a string.
+        let s =
+            parse("name: web\ncommand: ['!!binary', \"!x\"]\ndescription: '!custom'\n").unwrap();
+        assert_eq!(s.command, ["!!binary", "!x"]);
+    }
+
+    /// Issue 11: errors quoted the manifest (a source snippet, values) to anyone who could
+    /// list workloads. `redacted` names the file, the field or line and a generic reason.
+    #[test]
+    fn manifest_errors_quoted_the_file_to_anyone() {
+        let cases = [
+            // serde-saphyr: a type error, with its snippet of the source.
+            "name: web\ncommand: [x]\nenv: {TOKEN: s3cret-value}\nshutdown: {grace: s3cret-grace}\n",
+            // An unknown field.
+            "name: web\ncommand: [x]\nenv: {TOKEN: s3cret-value}\ns3cret-field: 1\n",
+            // Not YAML.
+            "name: web\ncommand: [x]\nenv: {TOKEN: s3cret-value\n",
+            // Validation: the folder mismatch quotes the name.
+            "name: s3cret\ncommand: [x]\n",
+            // A tag.
+            "name: web\ncommand: [x]\nenv: {TOKEN: !s3cret value}\n",
+        ];
+        for text in cases {
+            let e = parse(text).unwrap_err();
+            assert!(
+                e.to_string().contains("s3cret"),
+                "the control: the full error quotes it: {e}"
+            );
+            let r = e.redacted();
+            assert!(!r.contains("s3cret"), "{r}");
+            assert!(r.starts_with("w/web/manifest.yaml: "), "{r}");
+            assert!(r.contains(e.kind.generic_reason()), "{r}");
+            assert!(
+                e.field.is_some() || e.position.is_some(),
+                "names where: {r}"
+            );
+        }
     }
 }

@@ -33,6 +33,10 @@
 //!
 //! A pattern is a name, `*` (everything) or a prefix ending in `*` (`team-a-*`).
 //!
+//! What a caller sees depends on [`is_admin`] too: a token without `admin: true` gets the
+//! redacted form of a manifest error (`catalog::EntryError`) and `env` values hidden in
+//! specs; the Unix socket and admin tokens see everything.
+//!
 //! A launch's scope is computed from the catalog's isolation of the workload at the time
 //! of the check; a reload between the check and the launch that changes the workload's
 //! isolation is not seen (the key is formed again by the launch itself).
@@ -606,6 +610,17 @@ impl AuditCtx {
 /// The identity a request carries ([`AuthLayer`] put it there).
 pub fn identity<T>(req: &Request<T>) -> Option<&Identity> {
     req.extensions().get::<Identity>()
+}
+
+/// Whether the caller may see everything (a manifest's contents in its errors, `env`
+/// values): the Unix socket's peer (the daemon's owner) or an `admin: true` token. No
+/// identity: no.
+pub fn is_admin<T>(req: &Request<T>) -> bool {
+    match identity(req) {
+        Some(Identity::Local { .. }) => true,
+        Some(Identity::Token { grant, .. }) => grant.admin,
+        None => false,
+    }
 }
 
 /// Checks that the request's identity may act on `scope`; records the scope's key for

@@ -4,6 +4,16 @@
 //! is invalid becomes an invalid entry carrying its error; it never stops the daemon or
 //! the other workloads. A rescan (SIGHUP, Reload) builds a new catalog and swaps it in:
 //! running instances keep the spec they were launched with.
+//!
+//! **A manifest is read only from inside the workloads directory.** A workload folder or a
+//! `manifest.yaml` may be a symbolic link, but the file actually opened (its path as the
+//! kernel has it, read back from `/proc/self/fd`, so a link swapped after a check cannot
+//! fool it) must lie under the workloads directory; one that resolves outside is an
+//! invalid entry naming the file.
+//!
+//! An invalid entry's error comes in two forms ([`EntryError`]): in full (it may quote the
+//! file: a YAML snippet, a value) for the daemon's owner and admin tokens, and redacted
+//! (the file, the field or line, a generic reason) for everyone else.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -24,7 +34,36 @@ pub struct Entry {
     /// The workload folder: relative program paths resolve against it.
     pub dir: PathBuf,
     pub manifest: PathBuf,
-    pub spec: Result<Arc<WorkloadSpec>, String>,
+    pub spec: Result<Arc<WorkloadSpec>, EntryError>,
+}
+
+/// Why a workload is invalid. `Display` is the full form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{full}")]
+pub struct EntryError {
+    /// Everything known; may quote the manifest (a YAML snippet, a value, a link target).
+    pub full: String,
+    /// The file, the field or line and a generic reason: nothing of the file's contents.
+    pub redacted: String,
+}
+
+impl EntryError {
+    /// An error that quotes nothing of the file: both forms are the same.
+    fn plain(msg: String) -> EntryError {
+        EntryError {
+            redacted: msg.clone(),
+            full: msg,
+        }
+    }
+
+    /// The form for a caller: full for admins, redacted otherwise.
+    pub fn for_caller(&self, admin: bool) -> &str {
+        if admin {
+            &self.full
+        } else {
+            &self.redacted
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +88,8 @@ impl Catalog {
                 return cat;
             }
         };
+        // Where the workloads directory really is: every manifest must be under it.
+        let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
         for ent in rd.flatten() {
             let path = ent.path();
             if !path.is_dir() {
@@ -59,7 +100,7 @@ impl Catalog {
             if !manifest.exists() {
                 continue;
             }
-            let spec = load(&manifest, &folder, drivers);
+            let spec = load(&root, &manifest, &folder, drivers);
             cat.entries.insert(
                 folder.clone(),
                 Entry {
@@ -85,32 +126,67 @@ impl Catalog {
 }
 
 fn load(
+    root: &Path,
     manifest: &Path,
     folder: &str,
     drivers: &[DriverKind],
-) -> Result<Arc<WorkloadSpec>, String> {
+) -> Result<Arc<WorkloadSpec>, EntryError> {
     let shown = manifest.display().to_string();
     if let Err(e) = name::validate(NameKind::Workload, folder) {
-        return Err(format!(
+        return Err(EntryError::plain(format!(
             "{shown}: the folder name is not a valid workload name: {e}"
-        ));
+        )));
     }
     let mut text = String::new();
-    let f = std::fs::File::open(manifest).map_err(|e| format!("{shown}: cannot open: {e}"))?;
+    let f = std::fs::File::open(manifest)
+        .map_err(|e| EntryError::plain(format!("{shown}: cannot open: {e}")))?;
+    // The file opened, not the path asked for: a link swapped after a check cannot fool it.
+    let real = opened_path(&f).or_else(|_| std::fs::canonicalize(manifest));
+    match real {
+        Ok(real) if real.starts_with(root) => {}
+        Ok(real) => {
+            return Err(EntryError {
+                full: format!(
+                    "{shown}: is a symbolic link (or in a linked folder) to {}, outside the \
+                     workloads directory {}: refused",
+                    real.display(),
+                    root.display()
+                ),
+                redacted: format!(
+                    "{shown}: is a symbolic link (or in a linked folder) to a file outside the \
+                     workloads directory: refused"
+                ),
+            })
+        }
+        Err(e) => {
+            return Err(EntryError::plain(format!(
+                "{shown}: cannot tell where the file is: {e}"
+            )))
+        }
+    }
     // Read one byte past the limit so that an oversized file is reported, not truncated.
     f.take(spec::MAX_MANIFEST_BYTES as u64 + 1)
         .read_to_string(&mut text)
-        .map_err(|e| format!("{shown}: cannot read: {e}"))?;
-    let spec = spec::parse_manifest(&shown, folder, &text).map_err(|e| e.to_string())?;
+        .map_err(|e| EntryError::plain(format!("{shown}: cannot read: {e}")))?;
+    let spec = spec::parse_manifest(&shown, folder, &text).map_err(|e| EntryError {
+        full: e.to_string(),
+        redacted: e.redacted(),
+    })?;
     if !drivers.contains(&spec.driver) {
         let have: Vec<&str> = drivers.iter().map(|d| d.as_str()).collect();
-        return Err(format!(
+        return Err(EntryError::plain(format!(
             "{shown}: field `driver`: {} is not available in this daemon (available: {})",
             spec.driver,
             have.join(", ")
-        ));
+        )));
     }
     Ok(Arc::new(spec))
+}
+
+/// The path of an open file as the kernel has it.
+fn opened_path(f: &std::fs::File) -> std::io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
 }
 
 #[cfg(test)]
@@ -131,9 +207,9 @@ mod tests {
         let cat = Catalog::scan(dir.path(), &[DriverKind::Process]);
         assert_eq!(cat.entries.len(), 3);
         assert!(cat.get("good").unwrap().spec.is_ok());
-        let e = cat.get("bad").unwrap().spec.as_ref().unwrap_err();
+        let e = &cat.get("bad").unwrap().spec.as_ref().unwrap_err().full;
         assert!(e.contains("manifest.yaml") && e.contains("nope"), "{e}");
-        let e = cat.get("dock").unwrap().spec.as_ref().unwrap_err();
+        let e = &cat.get("dock").unwrap().spec.as_ref().unwrap_err().full;
         assert!(e.contains("not available"), "{e}");
     }
 
@@ -144,5 +220,64 @@ mod tests {
             .error
             .unwrap()
             .contains("cannot read workloads directory"));
+    }
+
+    /// Issue 11: a manifest (or a workload folder) linked to a file outside the workloads
+    /// directory was read, and its contents shown in the error.
+    #[test]
+    fn symlinked_manifests_outside_the_directory_were_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("workloads");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(outside.join("folder")).unwrap();
+        let secret = "name: x\ncommand: [x]\nsecret: s3cret\n";
+        std::fs::write(outside.join("secret.yaml"), secret).unwrap();
+        std::fs::write(outside.join("folder").join(MANIFEST), secret).unwrap();
+        std::fs::write(
+            outside.join("good.yaml"),
+            "name: linkfile\ncommand: [/bin/true]\n",
+        )
+        .unwrap();
+        // A manifest linked outside; a folder linked outside; a good one linked outside.
+        std::fs::create_dir_all(dir.join("linkfile")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.join("good.yaml"),
+            dir.join("linkfile").join(MANIFEST),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.join("leak")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret.yaml"), dir.join("leak").join(MANIFEST))
+            .unwrap();
+        std::os::unix::fs::symlink(outside.join("folder"), dir.join("linkdir")).unwrap();
+        // Links that stay inside are fine: a folder linked to another folder here.
+        std::fs::create_dir_all(dir.join("real")).unwrap();
+        std::fs::write(
+            dir.join("real").join(MANIFEST),
+            "name: alias\ncommand: [/bin/true]\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(dir.join("real"), dir.join("alias")).unwrap();
+
+        let cat = Catalog::scan(&dir, &[DriverKind::Process]);
+        for name in ["linkfile", "leak", "linkdir"] {
+            let e = cat.get(name).unwrap().spec.as_ref().unwrap_err();
+            assert!(
+                e.full.contains(&format!("{name}/manifest.yaml")) && e.full.contains("outside"),
+                "{name}: {e}"
+            );
+            assert!(
+                !e.full.contains("s3cret") && !e.redacted.contains("s3cret"),
+                "{e}"
+            );
+            assert!(
+                !e.redacted.contains("outside/"),
+                "the target is for admins: {e:?}"
+            );
+        }
+        // A link that stays inside works ("real" itself is invalid for its name only).
+        assert!(cat.get("alias").unwrap().spec.is_ok());
+        let e = cat.get("real").unwrap().spec.as_ref().unwrap_err();
+        assert!(!e.full.contains("outside"), "{e}");
     }
 }

@@ -106,16 +106,23 @@ impl Slot {
         let _ = self.tx.send(Msg::Terminate { grace });
     }
 
-    /// Adds a lease holder. Returns whether it was new.
-    pub(crate) fn take_lease(&self, holder: &str) -> bool {
+    /// Adds a lease holder (a validated name, given in request field `field`). Returns
+    /// whether it was new; refused when the instance already has
+    /// [`MAX_LEASES`](bulkhead_core::lease::MAX_LEASES) other holders.
+    pub(crate) fn take_lease(
+        &self,
+        field: &'static str,
+        holder: &str,
+    ) -> Result<bool, bulkhead_core::lease::LeaseError> {
         let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        bulkhead_core::lease::admit(field, self.id.as_str(), l.len(), l.contains(holder))?;
         let added = l.insert(holder.to_owned());
         let _ = self.tx.send(Msg::Leases {
             held: !l.is_empty(),
         });
         self.view
             .send_modify(|v| v.leases = l.iter().cloned().collect());
-        added
+        Ok(added)
     }
 
     /// Drops a lease holder. Returns whether it held a lease.
@@ -221,6 +228,12 @@ pub(crate) fn start_with(
     leases: Vec<String>,
 ) -> Arc<Slot> {
     let id = key.instance_id();
+    // Rows written before holders were validated may hold any string: such a lease could
+    // never be released.
+    let (leases, dropped) = bulkhead_core::lease::retain_valid(leases);
+    if dropped > 0 {
+        tracing::warn!("{id}: dropped {dropped} recorded lease holders that are not valid names or past the limit");
+    }
     // What `get` and `list` show before the actor's first turn. An adopted or resumed
     // instance must not look like a fresh launch while the API already serves (the actor
     // may run only after many others): it shows the state it was found in, as recorded.

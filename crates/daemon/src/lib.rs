@@ -69,10 +69,17 @@ pub struct LaunchArgs {
 pub enum LaunchError {
     #[error("unknown workload {0:?} (see `bulkhead workloads`)")]
     UnknownWorkload(String),
+    /// `Display` is the full error; `error.redacted` is for callers who are not admins.
     #[error("workload {name} is invalid: {error}")]
-    InvalidWorkload { name: String, error: String },
+    InvalidWorkload {
+        name: String,
+        error: catalog::EntryError,
+    },
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The lease holder is not a valid name, or the instance has too many holders.
+    #[error(transparent)]
+    Lease(#[from] bulkhead_core::lease::LeaseError),
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("launch of {id} failed: {reason}")]
@@ -146,6 +153,7 @@ fn start_sandbox(
         scope: sandbox_scope(daemon_id),
         min_available_memory: cfg.min_available_memory,
         favor_dynmods: cfg.cgroup_favordynmods,
+        ..Default::default()
     };
     Some(match bulkhead_sandbox::SandboxDriver::new(sc) {
         Ok(d) => {
@@ -452,8 +460,16 @@ impl Shared {
         // the session (unless a holder is named) holds a lease on it.
         let shared_container = docker::is_shared_container(&spec);
         let mut args = args;
+        // Where the holder came from, for the error: an explicit lease or the session.
+        let mut lease_field = "lease";
         if shared_container && args.lease.is_none() {
             args.lease = args.session.clone();
+            lease_field = "session";
+        }
+        // Validated like every other name, before anything is created: a holder is stored
+        // with the instance, shown, and must be typed again to `release` it.
+        if let Some(holder) = &args.lease {
+            bulkhead_core::lease::validate_holder(lease_field, holder)?;
         }
         let key = if shared_container {
             Key::new(
@@ -509,7 +525,7 @@ impl Shared {
             }
         };
         if let Some(holder) = &args.lease {
-            slot.take_lease(holder);
+            slot.take_lease(lease_field, holder)?;
         }
         let view = wait_for(&slot, args.wait, deadline, args.timeout.unwrap_or_default()).await?;
         Ok((view, created))

@@ -15,6 +15,8 @@
 //! daemon reads its message cannot be attributed and is dropped (send from the main
 //! process, or use `systemd-notify --pid=$$`, which sends the main pid's credentials).
 //! Understood: `READY=1`, `STATUS=...`, `STOPPING=1`, `MAINPID=n`; the rest is ignored.
+//! `STATUS` text is kept to 256 bytes with control characters and bidi overrides replaced
+//! (`bulkhead_core::text::sanitize`).
 
 use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
@@ -43,7 +45,14 @@ impl NotifyMsg {
             match line.split_once('=') {
                 Some(("READY", "1")) => m.ready = true,
                 Some(("STOPPING", "1")) => m.stopping = true,
-                Some(("STATUS", s)) => m.status = Some(s.chars().take(1024).collect()),
+                // Shown by `get`, `list` and events: stored bounded and without control
+                // characters or bidi overrides, whatever the workload sent.
+                Some(("STATUS", s)) => {
+                    m.status = Some(bulkhead_core::text::sanitize(
+                        s,
+                        bulkhead_core::text::MAX_STATUS_BYTES,
+                    ))
+                }
                 Some(("MAINPID", p)) => m.main_pid = p.trim().parse().ok(),
                 _ => {}
             }
@@ -296,6 +305,17 @@ mod tests {
         );
         assert!(!NotifyMsg::parse(b"READY=0").ready);
         assert!(NotifyMsg::parse(b"STOPPING=1").stopping);
+    }
+
+    /// Issue 11: `STATUS=` reached terminals raw (escape sequences, U+202E) and unbounded.
+    #[test]
+    fn notify_status_reached_terminals_raw() {
+        let mut msg = "STATUS=\u{1b}]0;owned\u{7}\u{1b}[2J\rgood\u{202e}txt.exe ".to_owned();
+        msg.push_str(&"é".repeat(4000));
+        let st = NotifyMsg::parse(msg.as_bytes()).status.unwrap();
+        assert!(!st.chars().any(bulkhead_core::text::is_unsafe), "{st:?}");
+        assert!(st.len() <= 256, "{}", st.len());
+        assert!(st.contains("good") && st.contains("txt.exe"), "{st:?}");
     }
 
     #[tokio::test]

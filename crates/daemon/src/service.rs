@@ -7,6 +7,7 @@
 //! | unknown workload or instance            | NOT_FOUND            | 3        |
 //! | invalid name, id, key or request        | INVALID_ARGUMENT     | 4        |
 //! | workload whose manifest is invalid      | FAILED_PRECONDITION  | 4        |
+//! | lease: instance has `MAX_LEASES` holders | FAILED_PRECONDITION  | 4        |
 //! | exec: not running / command cannot run  | FAILED_PRECONDITION  | 4        |
 //! | daemon shutting down / not reachable    | UNAVAILABLE          | 5        |
 //! | wait timed out                          | DEADLINE_EXCEEDED    | 6        |
@@ -44,17 +45,31 @@ impl Service {
     }
 }
 
-fn launch_status(e: LaunchError) -> Status {
+/// The status of a failed launch. `admin`: the caller may see a manifest's contents in
+/// its error (the Unix socket, an `admin: true` token); anyone else gets the redacted form.
+fn launch_status(e: LaunchError, admin: bool) -> Status {
     let msg = e.to_string();
     match e {
         LaunchError::UnknownWorkload(_) => Status::not_found(msg),
-        LaunchError::InvalidWorkload { .. } => Status::failed_precondition(msg),
+        LaunchError::InvalidWorkload { name, error } => Status::failed_precondition(format!(
+            "workload {name} is invalid: {}",
+            error.for_caller(admin)
+        )),
         LaunchError::Key(_) => Status::invalid_argument(msg),
+        LaunchError::Lease(bulkhead_core::lease::LeaseError::Holder { .. }) => {
+            Status::invalid_argument(msg)
+        }
+        LaunchError::Lease(bulkhead_core::lease::LeaseError::TooMany { .. }) => {
+            Status::failed_precondition(msg)
+        }
         LaunchError::ShuttingDown => Status::unavailable(msg),
         LaunchError::Failed { .. } => Status::aborted(msg),
         LaunchError::Timeout { .. } => Status::deadline_exceeded(msg),
     }
 }
+
+/// What a non-admin caller sees in place of an `env` value of a workload's spec.
+const HIDDEN: &str = "(hidden)";
 
 fn parse_id(id: &str) -> Result<InstanceId, Status> {
     InstanceId::parse(id)
@@ -198,7 +213,9 @@ pub fn event_proto(e: &Event) -> v1::Event {
     p
 }
 
-pub(crate) fn workloads_proto(sh: &Shared) -> v1::ListWorkloadsResponse {
+/// The catalog as the API shows it. `admin`: errors in full and specs as written;
+/// otherwise errors redacted and `env` values hidden (they may hold secrets).
+pub(crate) fn workloads_proto(sh: &Shared, admin: bool) -> v1::ListWorkloadsResponse {
     let cat = sh.catalog();
     let workloads = cat
         .entries
@@ -213,13 +230,21 @@ pub(crate) fn workloads_proto(sh: &Shared) -> v1::ListWorkloadsResponse {
                 isolation: s.isolation.as_str().to_owned(),
                 autostart: s.autostart,
                 description: s.description.clone(),
-                spec_json: serde_json::to_string(&**s).ok(),
+                spec_json: if admin {
+                    serde_json::to_string(&**s).ok()
+                } else {
+                    let mut shown = (**s).clone();
+                    for v in shown.env.values_mut() {
+                        *v = HIDDEN.to_owned();
+                    }
+                    serde_json::to_string(&shown).ok()
+                },
             },
             Err(err) => v1::Workload {
                 name: e.name.clone(),
                 path: e.manifest.display().to_string(),
                 valid: false,
-                error: Some(err.clone()),
+                error: Some(err.for_caller(admin).to_owned()),
                 ..Default::default()
             },
         })
@@ -245,6 +270,7 @@ impl bulkhead_api::Bulkhead for Service {
         let scope = Scope::launch(&self.sh.catalog(), &q.workload, ns, sid, q.lease.as_deref());
         self.authorize(&req, scope)?;
         let vis = Visibility::of(&req);
+        let admin = auth::is_admin(&req);
         let r = req.into_inner();
         let wait = match v1::WaitFor::try_from(r.wait) {
             Ok(v1::WaitFor::None) => WaitFor::Nothing,
@@ -269,7 +295,11 @@ impl bulkhead_api::Bulkhead for Service {
                 .then(|| Duration::from_millis(r.timeout_ms.min(7 * 24 * 3600 * 1000))),
             lease: opt(r.lease),
         };
-        let (view, created) = self.sh.launch(args).await.map_err(launch_status)?;
+        let (view, created) = self
+            .sh
+            .launch(args)
+            .await
+            .map_err(|e| launch_status(e, admin))?;
         Ok(Response::new(v1::LaunchResponse {
             instance: Some(shown(instance_proto(&view), &vis)),
             created,
@@ -427,7 +457,10 @@ impl bulkhead_api::Bulkhead for Service {
         req: Request<v1::ListWorkloadsRequest>,
     ) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
         self.authorize(&req, Scope::daemon())?;
-        Ok(Response::new(workloads_proto(&self.sh)))
+        Ok(Response::new(workloads_proto(
+            &self.sh,
+            auth::is_admin(&req),
+        )))
     }
 
     async fn list_images(
@@ -454,7 +487,10 @@ impl bulkhead_api::Bulkhead for Service {
     ) -> Result<Response<v1::ListWorkloadsResponse>, Status> {
         self.authorize(&req, Scope::admin())?;
         self.sh.reload();
-        Ok(Response::new(workloads_proto(&self.sh)))
+        Ok(Response::new(workloads_proto(
+            &self.sh,
+            auth::is_admin(&req),
+        )))
     }
 
     async fn release(
@@ -466,7 +502,7 @@ impl bulkhead_api::Bulkhead for Service {
         let vis = Visibility::of(&req);
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
-        bulkhead_core::name::validate(bulkhead_core::name::NameKind::Lease, &r.holder)
+        bulkhead_core::lease::validate_holder("holder", &r.holder)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         match self.sh.release(&id, &r.holder) {
             None => Err(Status::not_found(format!("no instance {id}"))),

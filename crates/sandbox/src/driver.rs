@@ -38,7 +38,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bulkhead_core::event::ExitStatus;
-use bulkhead_core::sandbox::SandboxSpec;
+use bulkhead_core::sandbox::{
+    id_tenant, AbstractSockets, IdBlocks, Root, SandboxSpec, UserNamespace, UserNs, AUTO_ID_BASE,
+    AUTO_ID_BLOCKS,
+};
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::DriverKind;
 use bulkhead_driver::restrict::Restrictions;
@@ -68,6 +71,10 @@ pub struct SandboxConfig {
     /// Remount the cgroup2 mount with `favordynmods` (see [`Cgroups::detect`]): makes the
     /// v1 attach of hybrid and v1 modes ~25x cheaper. Off by default: it is system-wide.
     pub favor_dynmods: bool,
+    /// The first host id of the ranges `user_namespace: auto` hands out, and how many
+    /// ranges of 65,536 ids there are (one per live tenant).
+    pub id_base: u32,
+    pub id_blocks: u32,
 }
 
 impl Default for SandboxConfig {
@@ -77,6 +84,8 @@ impl Default for SandboxConfig {
             scope: "default".to_owned(),
             min_available_memory: DEFAULT_MIN_AVAILABLE_MEMORY,
             favor_dynmods: false,
+            id_base: AUTO_ID_BASE,
+            id_blocks: AUTO_ID_BLOCKS,
         }
     }
 }
@@ -103,15 +112,39 @@ pub struct Capabilities {
     pub clone_into_cgroup: bool,
     /// Whether cgroup migrations are cheap (`favordynmods`).
     pub favordynmods: bool,
+    /// The kernel's Landlock ABI version (6 or more: abstract sockets are scoped).
+    pub landlock_abi: u32,
 }
 
 /// Runs instances behind namespaces and cgroup limits. See the crate docs.
 pub struct SandboxDriver {
     cgroups: Arc<Cgroups>,
-    /// The deny-list as classic BPF, compiled once, shared by every instance.
-    seccomp: Arc<[libc::sock_filter]>,
+    /// The default filters as classic BPF, compiled once, shared by every instance that
+    /// opens no group.
+    seccomp: Vec<Arc<[libc::sock_filter]>>,
     cap_last: u32,
     min_available_memory: u64,
+    /// The host id ranges of `user_namespace: auto`, one per live tenant.
+    ids: Arc<Mutex<IdBlocks>>,
+    /// The host's system directories (a minimal root shows them).
+    system: Vec<spawn::SystemEntry>,
+    /// The daemon's command line and environment areas (overwritten in each init).
+    areas: spawn::MemAreas,
+    /// The kernel's Landlock ABI (abstract-socket scoping needs 6).
+    landlock_abi: u32,
+}
+
+/// One instance's hold on its tenant's id range; given back when dropped (the instance
+/// is over: its watcher ends, or its spawn failed).
+struct IdHold {
+    ids: Arc<Mutex<IdBlocks>>,
+    tenant: String,
+}
+
+impl Drop for IdHold {
+    fn drop(&mut self) {
+        lock(&self.ids).release(&self.tenant);
+    }
 }
 
 impl std::fmt::Debug for SandboxDriver {
@@ -175,24 +208,78 @@ impl SandboxDriver {
         let cgroups = Cgroups::detect(cfg.mode, &cfg.scope, cfg.favor_dynmods)?;
         Ok(SandboxDriver {
             cgroups: Arc::new(cgroups),
-            seccomp: crate::seccomp::deny_list_bpf()?,
+            seccomp: crate::seccomp::programs(&[])?,
             cap_last: bulkhead_driver::restrict::cap_last(),
             min_available_memory: cfg.min_available_memory,
+            ids: Arc::new(Mutex::new(IdBlocks::new(cfg.id_base, cfg.id_blocks))),
+            system: spawn::system_entries(),
+            areas: spawn::MemAreas::of_self(),
+            landlock_abi: {
+                let abi = bulkhead_driver::restrict::landlock_abi();
+                if abi < 6 {
+                    tracing::warn!(
+                        "the kernel's Landlock ABI is {abi} (6, Linux 6.12, is needed): \
+                         sandboxed workloads on the host network can reach the host's \
+                         abstract Unix sockets"
+                    );
+                }
+                abi
+            },
         })
     }
 
     /// What the instance's processes, and every command `exec` runs in it, give up
     /// before exec.
-    fn restrictions(&self, sb: &SandboxSpec) -> Restrictions {
-        Restrictions {
+    fn restrictions(&self, sb: &SandboxSpec) -> Result<Restrictions, SpawnError> {
+        let seccomp = match sb.seccomp {
+            bulkhead_core::sandbox::Seccomp::None => Vec::new(),
+            bulkhead_core::sandbox::Seccomp::Default if sb.seccomp_allow.is_empty() => {
+                self.seccomp.clone()
+            }
+            bulkhead_core::sandbox::Seccomp::Default => crate::seccomp::programs(&sb.seccomp_allow)
+                .map_err(|e| SpawnError::Other(e.to_string()))?,
+        };
+        Ok(Restrictions {
             keep_caps: sb
                 .capability_numbers()
                 .iter()
                 .fold(0u64, |m, c| m | (1 << c)),
             cap_last: self.cap_last,
             user: sb.user.map(|u| (u.uid, u.gid())),
-            seccomp: (sb.seccomp == bulkhead_core::sandbox::Seccomp::Default)
-                .then(|| Arc::clone(&self.seccomp)),
+            landlock_scopes: if sb.abstract_sockets == AbstractSockets::Scoped
+                && self.landlock_abi >= 6
+            {
+                bulkhead_driver::restrict::LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+            } else {
+                0
+            },
+            seccomp,
+        })
+    }
+
+    /// The user namespace map of the instance (`None`: the host's ids), and the hold on
+    /// its tenant's range for `auto`.
+    fn user_namespace(
+        &self,
+        spec: &SpawnSpec,
+        sb: &SandboxSpec,
+    ) -> Result<(Option<UserNamespace>, Option<IdHold>), SpawnError> {
+        match sb.user_namespace {
+            UserNs::Host => Ok((None, None)),
+            UserNs::Map(m) => Ok((Some(m), None)),
+            UserNs::Auto => {
+                let tenant = id_tenant(&spec.instance);
+                let map = lock(&self.ids).acquire(&tenant).map_err(|e| {
+                    SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
+                })?;
+                Ok((
+                    Some(map),
+                    Some(IdHold {
+                        ids: Arc::clone(&self.ids),
+                        tenant,
+                    }),
+                ))
+            }
         }
     }
 
@@ -203,10 +290,17 @@ impl SandboxDriver {
             controllers: self.cgroups.controllers(),
             clone_into_cgroup: self.cgroups.uses_unified(),
             favordynmods: self.cgroups.favordynmods,
+            landlock_abi: self.landlock_abi,
         }
     }
 
-    fn prepare(&self, spec: &SpawnSpec, sb: &SandboxSpec) -> Result<Prepared, SpawnError> {
+    fn prepare(
+        &self,
+        spec: &SpawnSpec,
+        sb: &SandboxSpec,
+        userns: Option<UserNamespace>,
+        restrict: Restrictions,
+    ) -> Result<Prepared, SpawnError> {
         let arg0 = spec.argv.first().ok_or_else(|| {
             SpawnError::Other(format!(
                 "cannot start instance {}: the command line is empty",
@@ -237,7 +331,9 @@ impl SandboxDriver {
             .collect::<Result<Vec<_>, _>>()?;
 
         // The spawn's own paths (notify socket, data plane), read-write; the working
-        // directory if a fresh mount hides it, read-only; then the manifest's binds.
+        // directory (and, in a minimal root, the program) if the root does not show
+        // them, read-only; then the manifest's binds.
+        let minimal = sb.root == Root::Minimal;
         let masks: Vec<PathBuf> = ["/tmp", "/dev", "/proc"]
             .iter()
             .map(PathBuf::from)
@@ -252,14 +348,40 @@ impl SandboxDriver {
                 readonly: false,
             })
             .collect();
+        let shown_by_root = |p: &Path| {
+            if minimal {
+                self.system.iter().any(|e| match e {
+                    spawn::SystemEntry::Dir(d) => p.starts_with(d),
+                    spawn::SystemEntry::Symlink { .. } => false,
+                })
+            } else {
+                !masks.iter().any(|m| p.starts_with(m))
+            }
+        };
+        let covered = |binds: &[BindPlan], p: &Path| {
+            binds.iter().any(|b| p.starts_with(&b.target))
+                || sb.binds.iter().any(|b| p.starts_with(b.target()))
+                || shown_by_root(p)
+        };
         let cwd = spec.cwd.canonicalize().unwrap_or_else(|_| spec.cwd.clone());
-        let cwd_covered = binds.iter().any(|b| cwd.starts_with(&b.target));
-        if !cwd_covered && masks.iter().any(|m| cwd.starts_with(m)) {
+        if !covered(&binds, &cwd) {
             binds.push(BindPlan {
                 source: cwd.clone(),
                 target: cwd.clone(),
                 readonly: true,
             });
+        }
+        if minimal {
+            // The program the manifest names, if the minimal root does not show it (a
+            // binary of the workload's own, outside its folder).
+            let real = program.canonicalize().unwrap_or_else(|_| program.clone());
+            if !covered(&binds, &program) && real.is_file() {
+                binds.push(BindPlan {
+                    source: real,
+                    target: program.clone(),
+                    readonly: true,
+                });
+            }
         }
         for b in &sb.binds {
             binds.push(BindPlan {
@@ -268,7 +390,7 @@ impl SandboxDriver {
                 readonly: b.readonly,
             });
         }
-        if let Some(ns) = &sb.user_namespace {
+        if let Some(ns) = &userns {
             // The spawn's notify socket was made for this instance by the daemon (root):
             // root inside (the mapped uid) must be allowed to send to it.
             for p in &spec.binds {
@@ -286,7 +408,12 @@ impl SandboxDriver {
                 }
             }
         }
-        let (mounts, slots) = spawn::mount_program(sb, &binds).map_err(|e| {
+        let inputs = spawn::MountInputs {
+            binds: &binds,
+            userns: userns.is_some(),
+            system: &self.system,
+        };
+        let (mounts, slots) = spawn::mount_program(sb, &inputs).map_err(|e| {
             SpawnError::Other(format!(
                 "cannot start instance {}: bad mount path: {e}",
                 spec.instance
@@ -308,10 +435,12 @@ impl SandboxDriver {
             early_mounts: mounts.iter().take_while(|m| m.is_early()).count(),
             mounts,
             slots,
-            restrict: self.restrictions(sb),
-            userns: sb.user_namespace.map(|ns| (ns.uid_map(), ns.gid_map())),
+            restrict,
+            userns: userns.map(|ns| (ns.uid_map(), ns.gid_map())),
             cgroup_fd: None,
             v1_procs: Vec::new(),
+            title: format!("bulkhead-init {}\0", spec.instance).into_bytes(),
+            areas: self.areas,
         })
     }
 }
@@ -370,7 +499,11 @@ impl Driver for SandboxDriver {
             }
         }
         let sb = spec.spec.sandbox.clone().unwrap_or_default();
-        let mut prepared = self.prepare(&spec, &sb)?;
+        let restrict = self.restrictions(&sb)?;
+        // Held until the instance is over (moved into its watcher below); a failed
+        // spawn drops it on return.
+        let (userns, id_hold) = self.user_namespace(&spec, &sb)?;
+        let mut prepared = self.prepare(&spec, &sb, userns, restrict.clone())?;
         let cg = self
             .cgroups
             .create(spec.instance.as_str(), spec.spec.resources.as_ref())
@@ -465,14 +598,14 @@ impl Driver for SandboxDriver {
         if sb.network.isolated() {
             namespaces |= libc::CLONE_NEWNET;
         }
-        if sb.user_namespace.is_some() {
+        if userns.is_some() {
             // exec must enter it too, or its commands would run as the host's root.
             namespaces |= libc::CLONE_NEWUSER;
         }
         let shared = Arc::new(Shared {
             pid,
             namespaces,
-            restrict: self.restrictions(&sb),
+            restrict,
             phase: Mutex::new(Phase::Running),
             cause: Mutex::new(None),
             cgroup: cg,
@@ -498,6 +631,7 @@ impl Driver for SandboxDriver {
             oom_events,
             Arc::clone(&shared),
             stx,
+            id_hold,
         ));
         tracing::debug!(instance = %spec.instance, pid, "sandbox spawned");
         Ok(Spawned {
@@ -550,6 +684,8 @@ async fn watch_instance(
     oom_events: Option<OwnedFd>,
     shared: Arc<Shared>,
     tx: watch::Sender<Option<ExitStatus>>,
+    // Given back once the instance is over (dropped at the end of this task).
+    _id_hold: Option<IdHold>,
 ) {
     let oom_watch = oom_events.map(|fd| tokio::spawn(end_on_oom_kill(fd, Arc::clone(&shared))));
     let init_status = reap_main(&afd, &shared).await;

@@ -45,13 +45,13 @@
 //! signals (with core dump) come through unchanged. An init killed before that (SIGKILL,
 //! OOM) reports its own status.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use bulkhead_core::sandbox::SandboxSpec;
+use bulkhead_core::sandbox::{Root, SandboxSpec};
 use bulkhead_driver::restrict::{Restrictions, Step};
 
 const CLONE_PIDFD: u64 = 0x1000;
@@ -60,6 +60,8 @@ const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 const MOUNT_ATTR_RDONLY: u64 = 1;
+const AT_EMPTY_PATH: libc::c_uint = 0x1000;
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 4;
 
 /// `struct clone_args` (version 2, with `cgroup`), for `syscall(SYS_clone3, ...)`: libc has
 /// no wrapper. Public for the benchmark's clone3 floor.
@@ -99,12 +101,23 @@ pub(crate) enum MountOp {
     },
     /// Everything below `/` read-only (`mount_setattr` with `AT_RECURSIVE`).
     ReadOnlyRoot,
+    /// The minimal root: a tmpfs mounted on `/tmp` becomes `/` (`pivot_root`), the old
+    /// root stays attached at [`OLD_ROOT`] until [`MountOp::DetachOldRoot`] (a fresh
+    /// `/proc` or `/sys` may only be mounted in a user namespace while a full one is
+    /// visible in the mount namespace, as bubblewrap does it).
+    PivotToTmpfs,
+    /// Detaches the old root (recursively) and removes its mount point.
+    DetachOldRoot,
+    /// Only the root tmpfs itself read-only (the mounts on it keep their own flags).
+    ReadOnlyRootTmpfs,
     Tmpfs {
         path: CString,
         flags: libc::c_ulong,
         data: CString,
     },
     Proc,
+    /// A fresh sysfs, read-only (only with a network namespace of the instance's own).
+    Sysfs,
     Devpts,
     /// `mkdir`, errors ignored (the target may exist, or sit on a read-only mount; the
     /// move that follows reports a missing target).
@@ -132,7 +145,56 @@ pub(crate) enum MountOp {
     ReadOnly {
         path: CString,
     },
+    /// `path` (if it exists) becomes a read-only bind of itself (runc's read-only paths).
+    ReadOnlyBind {
+        path: CString,
+    },
+    /// `/dev/null` bound over the file `path`, if it exists (runc's masked files).
+    MaskFile {
+        path: CString,
+    },
+    /// An empty read-only tmpfs over the directory `path`, if it exists.
+    MaskDir {
+        path: CString,
+    },
 }
+
+/// Where the old root hangs during the setup of a minimal root.
+const OLD_ROOT: &CStr = c"/.bulkhead-old-root";
+
+/// runc's (and Docker's) read-only paths of `/proc`.
+const PROC_READONLY: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// runc's masked files (plus `/proc/interrupts`, which Docker masks since 25.0).
+const PROC_MASKED_FILES: [&str; 7] = [
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/interrupts",
+];
+
+/// Masked directories of `/proc` and `/sys`.
+const MASKED_DIRS: [&str; 5] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// The system's program directories a minimal root shows read-only (those the host has).
+pub(crate) const SYSTEM_DIRS: [&str; 9] = [
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
+];
 
 impl MountOp {
     /// Whether this step only makes `/` private or clones a bind source.
@@ -146,8 +208,12 @@ impl MountOp {
             MountOp::MakePrivate => "make / private".into(),
             MountOp::OpenTree { path, .. } => format!("open bind source {}", s(path)),
             MountOp::ReadOnlyRoot => "make / read-only".into(),
+            MountOp::PivotToTmpfs => "make the minimal root (tmpfs, pivot_root)".into(),
+            MountOp::DetachOldRoot => "detach the host's root".into(),
+            MountOp::ReadOnlyRootTmpfs => "make the minimal root read-only".into(),
             MountOp::Tmpfs { path, .. } => format!("mount tmpfs on {}", s(path)),
             MountOp::Proc => "mount /proc".into(),
+            MountOp::Sysfs => "mount /sys".into(),
             MountOp::Devpts => "mount /dev/pts".into(),
             MountOp::Mkdir { path } => format!("create {}", s(path)),
             MountOp::Touch { path } => format!("create {}", s(path)),
@@ -155,6 +221,8 @@ impl MountOp {
             MountOp::Symlink { path, .. } => format!("create symlink {}", s(path)),
             MountOp::Move { target, .. } => format!("bind on {}", s(target)),
             MountOp::ReadOnly { path } => format!("make {} read-only", s(path)),
+            MountOp::ReadOnlyBind { path } => format!("make {} read-only", s(path)),
+            MountOp::MaskFile { path } | MountOp::MaskDir { path } => format!("mask {}", s(path)),
         }
     }
 }
@@ -176,6 +244,34 @@ pub(crate) struct BindPlan {
     pub readonly: bool,
 }
 
+/// A system directory of the host as the minimal root shows it.
+#[derive(Debug, Clone)]
+pub(crate) enum SystemEntry {
+    /// Bound read-only at the same path.
+    Dir(PathBuf),
+    /// A symlink (merged `/usr`: `/bin -> usr/bin`), made again inside.
+    Symlink { path: PathBuf, target: PathBuf },
+}
+
+/// The host's [`SYSTEM_DIRS`], as they are (missing ones left out).
+pub(crate) fn system_entries() -> Vec<SystemEntry> {
+    SYSTEM_DIRS
+        .iter()
+        .filter_map(|d| {
+            let path = PathBuf::from(d);
+            let meta = std::fs::symlink_metadata(&path).ok()?;
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).ok()?;
+                Some(SystemEntry::Symlink { path, target })
+            } else if meta.is_dir() {
+                Some(SystemEntry::Dir(path))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
 /// Paths the fresh mounts hide: a bind target under one of them needs its parents made.
 fn hidden_by(target: &Path, masks: &[PathBuf]) -> bool {
     masks.iter().any(|m| target.starts_with(m))
@@ -191,17 +287,39 @@ const DEVICES: [(&str, u32, u32); 6] = [
     ("tty", 5, 0),
 ];
 
-/// Builds the mount program for `sb`. `binds` come first from the spawn (notify socket,
-/// data plane; read-write), then the manifest's.
+/// `mkdir -p` as mount steps: every ancestor of `path` from the top down, then `path`.
+fn mkdir_all(ops: &mut Vec<MountOp>, path: &Path) -> io::Result<()> {
+    let mut parts: Vec<&Path> = path.ancestors().filter(|p| p.parent().is_some()).collect();
+    parts.reverse();
+    for p in parts {
+        ops.push(MountOp::Mkdir { path: cpath(p)? });
+    }
+    Ok(())
+}
+
+/// What the mount program is built from, besides the manifest's section.
+pub(crate) struct MountInputs<'a> {
+    /// Binds: the spawn's own paths first (notify socket, data plane; read-write), the
+    /// workload's folder and program (minimal root), then the manifest's.
+    pub binds: &'a [BindPlan],
+    /// A user namespace is made (no `mknod`; device nodes are host binds).
+    pub userns: bool,
+    /// The host's system directories, for a minimal root.
+    pub system: &'a [SystemEntry],
+}
+
+/// Builds the mount program for `sb`; returns it and the number of fd slots it uses.
 ///
 /// In a user namespace `mknod` is refused and a tmpfs mounted there is `nodev` whatever
 /// the flags: the device nodes are then the host's, bind-mounted (slots after the binds'),
 /// like bubblewrap does.
 pub(crate) fn mount_program(
     sb: &SandboxSpec,
-    binds: &[BindPlan],
+    inputs: &MountInputs<'_>,
 ) -> io::Result<(Vec<MountOp>, usize)> {
-    let userns = sb.user_namespace.is_some();
+    let binds = inputs.binds;
+    let userns = inputs.userns;
+    let minimal = sb.root == Root::Minimal;
     let mut ops = vec![MountOp::MakePrivate];
     for (slot, b) in binds.iter().enumerate() {
         ops.push(MountOp::OpenTree {
@@ -210,37 +328,81 @@ pub(crate) fn mount_program(
         });
     }
     let mut slot_count = binds.len();
+    let dev_slot = slot_count;
     if userns {
         // Cloned before the /dev tmpfs hides them.
         for (i, (name, _, _)) in DEVICES.iter().enumerate() {
             ops.push(MountOp::OpenTree {
                 path: cstr(format!("/dev/{name}"))?,
-                slot: binds.len() + i,
+                slot: dev_slot + i,
             });
         }
         slot_count += DEVICES.len();
     }
-    if sb.readonly_root {
+    let mut system_slots = Vec::new();
+    if minimal {
+        for e in inputs.system {
+            if let SystemEntry::Dir(d) = e {
+                ops.push(MountOp::OpenTree {
+                    path: cpath(d)?,
+                    slot: slot_count,
+                });
+                system_slots.push((slot_count, d.clone()));
+                slot_count += 1;
+            }
+        }
+        ops.push(MountOp::PivotToTmpfs);
+        for e in inputs.system {
+            if let SystemEntry::Symlink { path, target } = e {
+                ops.push(MountOp::Symlink {
+                    target: cpath(target)?,
+                    path: cpath(path)?,
+                });
+            }
+        }
+        for (slot, d) in &system_slots {
+            ops.push(MountOp::Mkdir { path: cpath(d)? });
+            ops.push(MountOp::Move {
+                slot: *slot,
+                target: cpath(d)?,
+            });
+            ops.push(MountOp::ReadOnly { path: cpath(d)? });
+        }
+    } else if sb.readonly_root {
         ops.push(MountOp::ReadOnlyRoot);
     }
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     let mut masks: Vec<PathBuf> = vec!["/tmp".into(), "/dev".into(), "/proc".into()];
-    ops.push(MountOp::Tmpfs {
-        path: cstr("/tmp")?,
-        flags: nosuid_nodev,
-        data: cstr("mode=1777")?,
-    });
+    if minimal {
+        // Everything is hidden in a minimal root: every bind target needs its parents.
+        masks.push("/".into());
+    }
+    let tmpfs = |ops: &mut Vec<MountOp>, path: &str, data: &str| -> io::Result<()> {
+        if minimal {
+            mkdir_all(ops, Path::new(path))?;
+        }
+        ops.push(MountOp::Tmpfs {
+            path: cstr(path)?,
+            flags: nosuid_nodev,
+            data: cstr(data)?,
+        });
+        Ok(())
+    };
+    tmpfs(&mut ops, "/tmp", "mode=1777")?;
+    if minimal {
+        tmpfs(&mut ops, "/run", "mode=755")?;
+    }
     for t in &sb.tmpfs {
         masks.push(PathBuf::from(t));
-        ops.push(MountOp::Mkdir { path: cstr(t)? });
-        ops.push(MountOp::Tmpfs {
-            path: cstr(t)?,
-            flags: nosuid_nodev,
-            data: cstr("mode=1777")?,
-        });
+        if !minimal {
+            ops.push(MountOp::Mkdir { path: cstr(t)? });
+        }
+        tmpfs(&mut ops, t, "mode=1777")?;
     }
-    ops.push(MountOp::Proc);
     // A minimal /dev: device nodes on a tmpfs (not nodev, or they would not open).
+    ops.push(MountOp::Mkdir {
+        path: cstr("/dev")?,
+    });
     ops.push(MountOp::Tmpfs {
         path: cstr("/dev")?,
         flags: libc::MS_NOSUID | libc::MS_NOEXEC,
@@ -251,7 +413,7 @@ pub(crate) fn mount_program(
         if userns {
             ops.push(MountOp::Touch { path: path.clone() });
             ops.push(MountOp::Move {
-                slot: binds.len() + i,
+                slot: dev_slot + i,
                 target: path,
             });
         } else {
@@ -285,6 +447,32 @@ pub(crate) fn mount_program(
             path: cstr(path)?,
         });
     }
+    // /proc after /dev: its masks are binds of /dev/null.
+    ops.push(MountOp::Mkdir {
+        path: cstr("/proc")?,
+    });
+    ops.push(MountOp::Proc);
+    if minimal {
+        ops.push(MountOp::Mkdir {
+            path: cstr("/sys")?,
+        });
+        if sb.network.isolated() {
+            // A fresh sysfs shows the instance's own network namespace. With the host's
+            // network it would show the host's devices: no /sys then (bind it to open).
+            ops.push(MountOp::Sysfs);
+        }
+    }
+    if sb.protect_kernel {
+        for p in PROC_READONLY {
+            ops.push(MountOp::ReadOnlyBind { path: cstr(p)? });
+        }
+        for p in PROC_MASKED_FILES {
+            ops.push(MountOp::MaskFile { path: cstr(p)? });
+        }
+        for p in MASKED_DIRS {
+            ops.push(MountOp::MaskDir { path: cstr(p)? });
+        }
+    }
     for (slot, b) in binds.iter().enumerate() {
         if hidden_by(&b.target, &masks) {
             // Parents from the top down, then the target itself.
@@ -313,6 +501,12 @@ pub(crate) fn mount_program(
             });
         }
     }
+    if minimal {
+        ops.push(MountOp::DetachOldRoot);
+        if sb.readonly_root {
+            ops.push(MountOp::ReadOnlyRootTmpfs);
+        }
+    }
     Ok((ops, slot_count))
 }
 
@@ -337,6 +531,46 @@ pub(crate) struct Prepared {
     pub userns: Option<(String, String)>,
     pub cgroup_fd: Option<OwnedFd>,
     pub v1_procs: Vec<OwnedFd>,
+    /// What the init shows as its command line (`bulkhead-init <instance id>`, NUL
+    /// terminated), written over the copy of the daemon's argument area it inherited.
+    pub title: Vec<u8>,
+    /// The daemon's argument and environment areas (see [`MemAreas::of_self`]).
+    pub areas: MemAreas,
+}
+
+/// Where the kernel finds a process's command line and environment (`/proc/self/stat`
+/// fields 48 to 51): the init, a copy of the daemon made without exec, would otherwise
+/// show the daemon's command line and environment to the workload.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct MemAreas {
+    pub arg: (usize, usize),
+    pub env: (usize, usize),
+}
+
+impl MemAreas {
+    /// This process's areas (all zero if they cannot be read: nothing is overwritten).
+    pub(crate) fn of_self() -> MemAreas {
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return MemAreas::default();
+        };
+        // Fields after the command name (which may contain spaces) start at field 3.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return MemAreas::default();
+        };
+        let f: Vec<usize> = rest
+            .split_whitespace()
+            .skip(48 - 3)
+            .take(4)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        match f[..] {
+            [a0, a1, e0, e1] if a0 < a1 && e0 <= e1 => MemAreas {
+                arg: (a0, a1),
+                env: (e0, e1),
+            },
+            _ => MemAreas::default(),
+        }
+    }
 }
 
 /// What clone3 gave back.
@@ -383,6 +617,7 @@ const STAGE_EXEC: u32 = 13;
 const STAGE_PDEATHSIG: u32 = 14;
 const STAGE_USERNS_WAIT: u32 = 15;
 const STAGE_USERNS_ROOT: u32 = 16;
+const STAGE_LANDLOCK: u32 = 17;
 const STAGE_MOUNT: u32 = 1000;
 
 fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -560,6 +795,7 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_USER => Step::User.what().into(),
         STAGE_CAPS => Step::Capabilities.what().into(),
         STAGE_NNP => Step::NoNewPrivs.what().into(),
+        STAGE_LANDLOCK => Step::Landlock.what().into(),
         STAGE_SECCOMP => Step::Seccomp.what().into(),
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
         STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
@@ -666,6 +902,18 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
             {
                 fail(ctx, STAGE_USERNS_ROOT);
             }
+            // The kernel clears the parent-death signal on every change of credentials:
+            // set it again, or the instance would outlive the daemon.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                fail(ctx, STAGE_PDEATHSIG);
+            }
         }
         for fd in &p.v1_procs {
             if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
@@ -720,12 +968,32 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
 /// # Safety
 /// Only in the child, after the fork of the workload.
 unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, all: &libc::sigset_t) -> ! {
-    // SAFETY: for the whole block, raw system calls on our own fds and stack buffers.
+    // SAFETY: for the whole block, raw system calls on our own fds and stack buffers;
+    // the argument and environment areas are this process's own (copied) memory, read
+    // from /proc/self/stat of the process we are a copy of, and nothing here reads them.
     unsafe {
         // Keep only the status pipe (as fd 0): the init must not hold the daemon's
         // descriptors (other instances' pipes, sockets) for the instance's lifetime.
         libc::dup2(ctx.status_w, 0);
         libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32);
+        // The init is a copy of the daemon (no exec): its memory is the daemon's. Not
+        // dumpable, so that the workload (same uid) can neither ptrace it nor read its
+        // memory or environment through /proc; its command line and environment areas
+        // are overwritten, so /proc/1/cmdline shows `bulkhead-init <id>`, not the
+        // daemon's flags.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        let p = ctx.p;
+        let (a0, a1) = p.areas.arg;
+        if a1 > a0 {
+            std::ptr::write_bytes(a0 as *mut u8, 0, a1 - a0);
+            let n = p.title.len().min(a1 - a0 - 1);
+            std::ptr::copy_nonoverlapping(p.title.as_ptr(), a0 as *mut u8, n);
+        }
+        let (e0, e1) = p.areas.env;
+        if e1 > e0 {
+            std::ptr::write_bytes(e0 as *mut u8, 0, e1 - e0);
+        }
+        libc::prctl(libc::PR_SET_NAME, c"bulkhead-init".as_ptr(), 0, 0, 0);
         loop {
             let mut info: libc::siginfo_t = std::mem::zeroed();
             let sig = libc::sigwaitinfo(all, &mut info);
@@ -782,6 +1050,12 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         {
             fail(ctx, STAGE_STDIO);
         }
+        // Nothing above 2 survives the exec: whatever the daemon inherited or opened
+        // without close-on-exec. Close-on-exec rather than closed, so that the error
+        // pipe still reports a failed exec.
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
+            fail(ctx, STAGE_STDIO);
+        }
         if libc::chdir(p.cwd.as_ptr()) != 0 {
             fail(ctx, STAGE_CHDIR);
         }
@@ -793,9 +1067,25 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
                     Step::User => STAGE_USER,
                     Step::Capabilities => STAGE_CAPS,
                     Step::NoNewPrivs => STAGE_NNP,
+                    Step::Landlock => STAGE_LANDLOCK,
                     Step::Seccomp => STAGE_SECCOMP,
                 },
             );
+        }
+        // Without our init the workload is the namespace's PID 1, tied to the daemon by
+        // its own parent-death signal, which a switch to `user` just cleared: set it
+        // again (no privilege needed; prctl is not in the deny-list).
+        if !p.init
+            && p.restrict.user.is_some()
+            && libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+        {
+            fail(ctx, STAGE_PDEATHSIG);
         }
         libc::execve(p.program.as_ptr(), ctx.argv, ctx.envp);
         fail(ctx, STAGE_EXEC)
@@ -832,6 +1122,126 @@ unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
                 fd >= 0
             }
             MountOp::ReadOnlyRoot => set_readonly(c"/".as_ptr()),
+            MountOp::PivotToTmpfs => {
+                // The staging point: the host's /tmp, in our own mount namespace only.
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    c"/tmp".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    c"mode=755".as_ptr().cast(),
+                ) == 0
+                    && libc::mkdir(c"/tmp/.bulkhead-old-root".as_ptr(), 0o700) == 0
+                    && libc::syscall(
+                        libc::SYS_pivot_root,
+                        c"/tmp".as_ptr(),
+                        c"/tmp/.bulkhead-old-root".as_ptr(),
+                    ) == 0
+                    && libc::chdir(c"/".as_ptr()) == 0
+            }
+            MountOp::DetachOldRoot => {
+                libc::umount2(OLD_ROOT.as_ptr(), libc::MNT_DETACH) == 0
+                    && libc::rmdir(OLD_ROOT.as_ptr()) == 0
+            }
+            MountOp::ReadOnlyRootTmpfs => {
+                let attr = MountAttr {
+                    attr_set: MOUNT_ATTR_RDONLY,
+                    attr_clr: 0,
+                    propagation: 0,
+                    userns_fd: 0,
+                };
+                // Not AT_RECURSIVE: the mounts on the root keep their own flags.
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    c"/".as_ptr(),
+                    0u32,
+                    &attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                ) == 0
+            }
+            MountOp::Sysfs => {
+                libc::mount(
+                    c"sysfs".as_ptr(),
+                    c"/sys".as_ptr(),
+                    c"sysfs".as_ptr(),
+                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) == 0
+            }
+            MountOp::ReadOnlyBind { path } => {
+                let fd = libc::syscall(
+                    libc::SYS_open_tree,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE,
+                );
+                if fd < 0 {
+                    return *libc::__errno_location() == libc::ENOENT;
+                }
+                let fd = fd as RawFd;
+                let attr = MountAttr {
+                    attr_set: MOUNT_ATTR_RDONLY,
+                    attr_clr: 0,
+                    propagation: 0,
+                    userns_fd: 0,
+                };
+                // ORDER: read-only while still detached, then attached: the path is
+                // never writable through the new mount.
+                let ok = libc::syscall(
+                    libc::SYS_mount_setattr,
+                    fd,
+                    c"".as_ptr(),
+                    AT_EMPTY_PATH | AT_RECURSIVE,
+                    &attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                ) == 0
+                    && libc::syscall(
+                        libc::SYS_move_mount,
+                        fd,
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        path.as_ptr(),
+                        MOVE_MOUNT_F_EMPTY_PATH,
+                    ) == 0;
+                libc::close(fd);
+                ok
+            }
+            MountOp::MaskFile { path } => {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::stat(path.as_ptr(), &mut st) != 0 {
+                    return *libc::__errno_location() == libc::ENOENT;
+                }
+                let fd = libc::syscall(
+                    libc::SYS_open_tree,
+                    libc::AT_FDCWD,
+                    c"/dev/null".as_ptr(),
+                    OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+                );
+                if fd < 0 {
+                    return false;
+                }
+                let ok = libc::syscall(
+                    libc::SYS_move_mount,
+                    fd,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                ) == 0;
+                libc::close(fd as RawFd);
+                ok
+            }
+            MountOp::MaskDir { path } => {
+                let r = libc::mount(
+                    c"tmpfs".as_ptr(),
+                    path.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"size=4k,mode=555".as_ptr().cast(),
+                );
+                r == 0 || *libc::__errno_location() == libc::ENOENT
+            }
             MountOp::ReadOnly { path } => set_readonly(path.as_ptr()),
             MountOp::Tmpfs { path, flags, data } => {
                 libc::mount(

@@ -10,9 +10,10 @@ use bulkhead_driver::{Driver, SpawnError, SpawnSpec, Spawned};
 use bulkhead_sandbox::cgroup::ModeChoice;
 use bulkhead_sandbox::{SandboxConfig, SandboxDriver};
 
-/// The sandbox driver, with the spawn's working directory bound in read-write; with
-/// `userns`, every instance also runs in a user namespace (root inside is uid 100000
-/// outside), and the working directory is opened to that uid.
+/// The sandbox driver, with the spawn's working directory bound in read-write. By
+/// default every instance runs in the default wall (a user namespace of its tenant's
+/// range), so the working directory is opened to that uid; with `host_ids`, instances
+/// keep the host's ids (`user_namespace: host`, an opening), so both paths pass the suite.
 pub struct WithWorkdir(SandboxDriver, bool);
 
 #[async_trait]
@@ -24,17 +25,14 @@ impl Driver for WithWorkdir {
     async fn spawn(&self, mut spec: SpawnSpec) -> Result<Spawned, SpawnError> {
         spec.binds.push(spec.cwd.clone());
         if self.1 {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&spec.cwd, std::fs::Permissions::from_mode(0o777));
             let mut w = (*spec.spec).clone();
             w.sandbox
                 .get_or_insert_with(Default::default)
-                .user_namespace = Some(bulkhead_core::sandbox::UserNamespace {
-                uid: 100000,
-                gid: None,
-                count: 65536,
-            });
+                .user_namespace = bulkhead_core::sandbox::UserNs::Host;
             spec.spec = std::sync::Arc::new(w);
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&spec.cwd, std::fs::Permissions::from_mode(0o777));
         }
         self.0.spawn(spec).await
     }
@@ -46,16 +44,16 @@ fn driver(mode: ModeChoice, scope: &str) -> Option<WithWorkdir> {
     driver_with(mode, scope, false)
 }
 
-fn driver_with(mode: ModeChoice, scope: &str, userns: bool) -> Option<WithWorkdir> {
+fn driver_with(mode: ModeChoice, scope: &str, host_ids: bool) -> Option<WithWorkdir> {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match SandboxDriver::new(SandboxConfig {
         mode,
         scope: format!("conformance-{scope}-{}-{seq}", std::process::id()),
         min_available_memory: 0,
-        favor_dynmods: false,
+        ..SandboxConfig::default()
     }) {
-        Ok(d) => Some(WithWorkdir(d, userns)),
+        Ok(d) => Some(WithWorkdir(d, host_ids)),
         Err(e) => {
             eprintln!("skipped: {e}");
             None
@@ -101,11 +99,11 @@ mod unified {
     bulkhead_driver::conformance_tests!(sandbox_driver);
 }
 
-mod userns {
+mod host_ids {
     use super::*;
     async fn sandbox_driver() -> MaybeDriver {
         MaybeDriver(
-            driver_with(ModeChoice::Auto, "userns", true),
+            driver_with(ModeChoice::Auto, "host-ids", true),
             Default::default(),
         )
     }

@@ -31,7 +31,7 @@ fn driver(mode: ModeChoice) -> Option<(SandboxDriver, String)> {
         mode,
         scope: scope.clone(),
         min_available_memory: 0,
-        favor_dynmods: false,
+        ..SandboxConfig::default()
     }) {
         Ok(d) => Some((d, scope)),
         Err(e) => {
@@ -51,6 +51,8 @@ fn spec(fx: &Fixture, name: &str, script: &str, extra: &str) -> SpawnSpec {
     w.command = s.argv.clone();
     s.spec = Arc::new(w);
     s.binds.push(fx.workdir.clone());
+    // The default wall runs the workload as an unprivileged uid of its tenant's range.
+    open_to_all(&fx.workdir);
     s
 }
 
@@ -136,6 +138,7 @@ async fn a_read_only_root_rejects_writes_while_binds_work() {
     let fx = Fixture::temp();
     let ro = tempfile::tempdir().unwrap();
     let rw = tempfile::tempdir().unwrap();
+    open_to_all(rw.path());
     let extra = format!(
         "sandbox:\n  binds:\n    - {{ source: {}, target: /var/tmp/ro, readonly: true }}\n    - {{ source: {} }}\n  tmpfs: [/var/tmp]\n",
         ro.path().display(),
@@ -359,7 +362,7 @@ async fn dropped_capabilities_hold() {
     };
     let fx = Fixture::temp();
     let script =
-        "mount -t tmpfs none /mnt 2>/dev/null && echo mounted; grep CapBnd /proc/self/status";
+        "mkdir -p /tmp/m; mount -t tmpfs none /tmp/m 2>/dev/null && echo mounted; grep CapBnd /proc/self/status";
     // Default: no capabilities, and the seccomp filter; also without the filter.
     for extra in ["", "sandbox: { seccomp: none }\n"] {
         let (st, out) = run(&d, spec(&fx, "caps", script, extra)).await;
@@ -622,4 +625,316 @@ async fn a_pure_v2_host_gets_v2_mode_from_a_cgroup_with_processes() {
     assert_eq!(read("pids.max").trim(), "32", "{}", dir.display());
     assert_eq!(read("memory.oom.group").trim(), "1", "{}", dir.display());
     within("stop", r.handle().stop(Signal::KILL, Duration::ZERO)).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The escape suite: each case is an attack that must fail behind the default wall, and a
+// control that shows the same attack working where the wall is opened on purpose (so
+// that a case cannot pass because the attack itself is broken).
+
+/// The Debian python3 (the minimal root shows `/usr`, not a pyenv under `/root`).
+const PY: &str = "/usr/bin/python3";
+
+fn python_available() -> bool {
+    let ok = Path::new(PY).exists();
+    if !ok {
+        eprintln!("skipped: {PY} is missing (apt-get install python3)");
+    }
+    ok
+}
+
+/// The host's view, opened on purpose: host root, host ids, no kernel protection.
+const OPEN: &str = "sandbox: { root: host, user_namespace: host, protect_kernel: false }\n";
+
+/// A listening Unix socket owned by root, mode 0600, in a root-owned 0755 folder: what
+/// `/run/docker.sock` or the daemon's own socket look like to a workload.
+struct RootSocket {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    _listener: std::os::unix::net::UnixListener,
+}
+
+fn root_socket() -> RootSocket {
+    use std::os::unix::fs::PermissionsExt;
+    // Outside /tmp, which every sandbox replaces with its own.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("root.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    RootSocket {
+        _dir: dir,
+        path,
+        _listener: listener,
+    }
+}
+
+fn connect_script(path: &Path) -> String {
+    format!(
+        "{PY} -c \"import socket; s=socket.socket(socket.AF_UNIX); s.connect('{}'); print('connected')\" 2>&1; true",
+        path.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_a_root_owned_host_socket_is_out_of_reach() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    if !python_available() {
+        return;
+    }
+    let fx = Fixture::temp();
+    let sock = root_socket();
+    let script = connect_script(&sock.path);
+    // Default: the minimal root does not show it at all.
+    let (_, out) = run(&d, spec(&fx, "sock-hidden", &script, "")).await;
+    assert!(!out.contains("connected"), "{out}");
+    assert!(out.contains("No such file"), "{out}");
+    // Bound in on purpose: still refused, the workload is not the host's root.
+    let dir = sock.path.parent().unwrap().display().to_string();
+    let bound = format!("sandbox: {{ binds: [{{ source: {dir:?} }}] }}\n");
+    let (_, out) = run(&d, spec(&fx, "sock-bound", &script, &bound)).await;
+    assert!(!out.contains("connected"), "{out}");
+    assert!(out.contains("Permission denied"), "{out}");
+    // Control: the host's root and ids, as the first wave's default was.
+    let (_, out) = run(&d, spec(&fx, "sock-open", &script, OPEN)).await;
+    assert!(out.contains("connected"), "control: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_kernel_settings_cannot_be_written() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    // The value is written back unchanged: the control must not change the host.
+    let knob = "/proc/sys/kernel/printk_ratelimit_burst";
+    let script = format!(
+        "v=$(cat {knob}); (echo $v > {knob}) 2>&1 && echo knob-written; \
+         (cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern) 2>/dev/null \
+         && echo core-pattern-written; true"
+    );
+    for (name, extra) in [
+        ("knob", ""),
+        ("knob-hostids", "sandbox: { user_namespace: host }\n"),
+        (
+            "knob-hostroot",
+            "sandbox: { root: host, user_namespace: host }\n",
+        ),
+    ] {
+        let (_, out) = run(&d, spec(&fx, name, &script, extra)).await;
+        assert!(!out.contains("knob-written"), "{extra}: {out}");
+        assert!(!out.contains("core-pattern-written"), "{extra}: {out}");
+    }
+    let (_, out) = run(&d, spec(&fx, "knob-open", &script, OPEN)).await;
+    assert!(out.contains("knob-written"), "control: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_raw_clone_cannot_make_namespaces() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    if !python_available() {
+        return;
+    }
+    let fx = Fixture::temp();
+    // clone(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | SIGCHLD) through the raw system
+    // call (glibc's unshare is not involved); clone3 with no flags; then a thread, which
+    // glibc starts with clone3 and, on ENOSYS, with clone.
+    std::fs::write(
+        fx.workdir.join("clone.py"),
+        r#"import ctypes, os, threading
+libc = ctypes.CDLL(None, use_errno=True)
+r = libc.syscall(56, 0x10000000 | 0x20000 | 0x40000000 | 17, 0, 0, 0, 0)
+if r == 0:
+    os._exit(0)
+if r > 0:
+    os.waitpid(r, 0)
+    print('clone-made-namespaces')
+else:
+    print('clone-errno', ctypes.get_errno())
+args = (ctypes.c_uint64 * 11)()
+args[4] = 17
+r = libc.syscall(435, ctypes.byref(args), 88)
+if r == 0:
+    os._exit(0)
+if r > 0:
+    os.waitpid(r, 0)
+    print('clone3-ran')
+else:
+    print('clone3-errno', ctypes.get_errno())
+t = threading.Thread(target=lambda: print('thread-ran'))
+t.start()
+t.join()
+"#,
+    )
+    .unwrap();
+    let script = format!("{PY} clone.py");
+    let s = spec(&fx, "clone", &script, "");
+    let mut r = start(&d, s).await;
+    let out = within("stdout", read_all(r.spawned.stdout.take().unwrap())).await;
+    let err = within("stderr", read_all(r.spawned.stderr.take().unwrap())).await;
+    assert_eq!(r.wait().await, OK, "{out}{err}");
+    assert!(out.contains("clone-errno 1"), "EPERM: {out}");
+    assert!(out.contains("clone3-errno 38"), "ENOSYS: {out}");
+    assert!(out.contains("thread-ran"), "threads still start: {out}");
+    // Control: the group opened by name.
+    let (st, out) = run(
+        &d,
+        spec(
+            &fx,
+            "clone-open",
+            &script,
+            "sandbox: { seccomp_allow: [namespaces] }\n",
+        ),
+    )
+    .await;
+    assert_eq!(st, OK, "{out}");
+    assert!(out.contains("clone-made-namespaces"), "control: {out}");
+    assert!(out.contains("clone3-ran"), "control: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_no_descriptor_of_the_daemon_is_inherited() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    // What the first wave leaked: a directory fd (here `/`) at a high number, open in
+    // the spawning process without close-on-exec.
+    const LEAKED: i32 = 251;
+    // SAFETY: open and dup2 on plain values; the fd is ours and closed below.
+    let fd = unsafe {
+        let fd = libc::open(c"/".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+        assert!(fd >= 0);
+        assert_eq!(libc::dup2(fd, LEAKED), LEAKED);
+        libc::close(fd);
+        LEAKED
+    };
+    // Not vacuous: the fd is open, inheritable, in this process (the spawner's).
+    // SAFETY: fcntl on an fd we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    assert!(flags >= 0 && flags & libc::FD_CLOEXEC == 0);
+    let script = "for f in /proc/self/fd/*; do echo fd ${f##*/}; done; \
+                  ls /proc/self/fd/251/root 2>/dev/null && echo escaped; true";
+    let (_, out) = run(&d, spec(&fx, "fds", script, "")).await;
+    let (_, open_out) = run(&d, spec(&fx, "fds-open", script, OPEN)).await;
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    for out in [&out, &open_out] {
+        assert!(!out.contains(&format!("fd {LEAKED}")), "{out}");
+        assert!(!out.contains("escaped"), "{out}");
+        // Only stdio, and the shell's own directory stream.
+        let fds: Vec<u32> = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("fd ")?.parse().ok())
+            .collect();
+        assert!(fds.iter().all(|&f| f <= 3), "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_host_files_and_kernel_state_are_hidden() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let shm = format!("/dev/shm/bulkhead-escape-{}", std::process::id());
+    std::fs::write(&shm, "host segment").unwrap();
+    let script = format!(
+        "ls /root >/dev/null 2>&1 && echo root-listed; \
+         ls /home >/dev/null 2>&1 && echo home-listed; \
+         ls /run/docker.sock >/dev/null 2>&1 && echo docker-socket; \
+         cat {shm} 2>/dev/null && echo; \
+         echo payload > /dev/shm/from-inside; \
+         echo nics: $(ls /sys/class/net 2>/dev/null); \
+         echo timer_list $(wc -c < /proc/timer_list); \
+         echo kcore $(head -c 16 /proc/kcore | wc -c); \
+         echo cmdline: $(tr '\\0' ' ' < /proc/1/cmdline); \
+         echo comm: $(cat /proc/1/comm); \
+         grep -c bulkhead-escape-marker /proc/1/environ 2>/dev/null; true"
+    );
+    std::env::set_var("BULKHEAD_ESCAPE_MARKER", "bulkhead-escape-marker");
+    let (st, out) = run(&d, spec(&fx, "hidden", &script, "")).await;
+    assert_eq!(st, OK, "{out}");
+    for leak in [
+        "root-listed",
+        "home-listed",
+        "docker-socket",
+        "host segment",
+        "eth0",
+        "bulkhead-escape-marker",
+    ] {
+        assert!(!out.contains(leak), "{leak}: {out}");
+    }
+    assert!(out.contains("timer_list 0"), "masked: {out}");
+    assert!(out.contains("kcore 0"), "masked: {out}");
+    assert!(
+        out.contains("cmdline: bulkhead-init ns:conformance:hidden"),
+        "{out}"
+    );
+    assert!(out.contains("comm: bulkhead-init"), "{out}");
+    // The instance's /dev/shm went with it.
+    assert!(!Path::new("/dev/shm/from-inside").exists());
+    // A network namespace of its own gets a fresh /sys: its own devices only.
+    let (_, out) = run(
+        &d,
+        spec(&fx, "hidden-net", &script, "sandbox: { network: none }\n"),
+    )
+    .await;
+    assert!(out.contains("nics: lo"), "{out}");
+    // Control: the host's view opened on purpose shows what the wall hides.
+    let (_, out) = run(&d, spec(&fx, "hidden-open", &script, OPEN)).await;
+    let _ = std::fs::remove_file(&shm);
+    assert!(out.contains("root-listed"), "control: {out}");
+    assert!(
+        out.contains("host segment") || out.contains("nics: "),
+        "{out}"
+    );
+    assert!(!out.contains("timer_list 0"), "control: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_host_abstract_sockets_are_out_of_reach() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    if !python_available() {
+        return;
+    }
+    if bulkhead_driver::restrict::landlock_abi() < 6 {
+        eprintln!("skipped: the kernel has no Landlock scopes (ABI 6, Linux 6.12)");
+        return;
+    }
+    // A host service listening on an abstract socket (the namespace the host network
+    // shares: containerd's shim, X11, other tenants' workloads).
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("bulkhead-escape-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let script = format!(
+        "{PY} -c \"import socket; s=socket.socket(socket.AF_UNIX)\ntry:\n  s.connect('\\0{name}'); print('connected')\nexcept OSError as e:\n  print('refused', e.errno)\n\
+s2=socket.socket(socket.AF_UNIX); s2.bind('\\0{name}-inner'); s2.listen(1)\n\
+c=socket.socket(socket.AF_UNIX); c.connect('\\0{name}-inner'); print('inner-ok')\"; true"
+    );
+    let fx = Fixture::temp();
+    let (_, out) = run(&d, spec(&fx, "abstract", &script, "")).await;
+    assert!(out.contains("refused 1"), "EPERM: {out}");
+    assert!(
+        out.contains("inner-ok"),
+        "its own abstract sockets work: {out}"
+    );
+    let (_, out) = run(
+        &d,
+        spec(
+            &fx,
+            "abstract-open",
+            &script,
+            "sandbox: { abstract_sockets: host }\n",
+        ),
+    )
+    .await;
+    assert!(out.contains("connected"), "control: {out}");
 }

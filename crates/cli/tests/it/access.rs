@@ -435,6 +435,127 @@ fn a_bad_token_file_fails_start_up_naming_it() {
     assert!(!tmp.path().join("api.sock").exists(), "nothing is served");
 }
 
+/// Issue 11: an error shown to a token without `admin: true` quoted the manifest: the
+/// YAML snippet around the error (with `env` values next to it), the offending value, the
+/// target of a symbolic link. `workloads` and `launch` show such a caller only the file,
+/// the field or line and a generic reason (and hide `env` values of valid specs); admins
+/// and the Unix socket still get everything.
+#[test]
+fn manifest_errors_quoted_files_to_non_admin_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    let (d, addr) = start(tmp.path(), &pki);
+    let r = Remote {
+        d: &d,
+        pki: &pki,
+        addr,
+    };
+    r.wait_up();
+    let secret_file = tmp.path().join("host-secret.yaml");
+    std::fs::write(&secret_file, "password: s3cret-linked\n").unwrap();
+    let cases = [
+        // A type error: serde-saphyr's message quotes the value and shows the lines around.
+        (
+            "badtype",
+            "name: badtype\ncommand: [/bin/true]\nenv: {API_KEY: s3cret-env}\nshutdown: {grace: s3cret-grace}\n",
+        ),
+        // Not YAML at all, a secret on the broken line.
+        (
+            "broken",
+            "name: broken\ncommand: [/bin/true]\nenv: {API_KEY: s3cret-env\n",
+        ),
+        // A tag.
+        (
+            "tagged",
+            "name: tagged\ncommand: [/bin/true]\nenv: {API_KEY: !vault s3cret-env}\n",
+        ),
+    ];
+    for (name, text) in cases {
+        write_workload(&d.workloads, name, text, &[]);
+    }
+    std::fs::create_dir_all(d.workloads.join("linked")).unwrap();
+    std::os::unix::fs::symlink(&secret_file, d.workloads.join("linked/manifest.yaml")).unwrap();
+    write_workload(
+        &d.workloads,
+        "withenv",
+        "name: withenv\ncommand: [/bin/sleep, '1000']\nenv: {API_KEY: s3cret-valid}\n",
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success(), "{}", d.daemon_log());
+    let invalid = ["badtype", "broken", "tagged", "linked"];
+
+    // The control: the daemon's owner (Unix socket) and an admin token see the details.
+    let full = d.json(&["workloads", "-o", "json"]).to_string();
+    assert!(full.contains("s3cret-grace"), "{full}");
+    assert!(
+        full.contains("host-secret.yaml"),
+        "the link target, for admins: {full}"
+    );
+    let out = r.cli(true, Some(ADMIN_TOKEN), &["workloads", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("s3cret"));
+
+    // team-a: the file, the field or line, a generic reason.
+    let out = r.cli(true, Some(TEAM_A_TOKEN), &["workloads", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains("s3cret"), "team-a saw a secret: {text}");
+    assert!(
+        !text.contains("host-secret"),
+        "team-a saw the link target: {text}"
+    );
+    let list: Value = serde_json::from_str(&text).unwrap();
+    for name in invalid {
+        let e = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {text}"));
+        let err = e["error"].as_str().unwrap();
+        assert!(err.contains(&format!("{name}/manifest.yaml")), "{err}");
+        assert!(
+            err.contains("field `") || err.contains("line ") || err.contains("symbolic link"),
+            "says where or why: {err}"
+        );
+    }
+    let spec = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "withenv")
+        .unwrap();
+    assert_eq!(spec["valid"], true);
+    assert_eq!(spec["spec"]["env"]["API_KEY"], "(hidden)", "{spec:#}");
+    for name in invalid {
+        let out = r.cli(
+            true,
+            Some(TEAM_A_TOKEN),
+            &["launch", name, "--namespace", "team-a"],
+        );
+        assert_eq!(out.status.code(), Some(4), "{name}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(&format!("{name}/manifest.yaml")), "{err}");
+        assert!(
+            !err.contains("s3cret") && !err.contains("host-secret"),
+            "{err}"
+        );
+    }
+    // The admin's launch error has the details.
+    let out = r.cli(
+        true,
+        Some(ADMIN_TOKEN),
+        &["launch", "badtype", "--namespace", "team-a"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("s3cret-grace"), "{}", stderr(&out));
+    // reload is for admins: team-a is refused before anything is shown.
+    let out = r.cli(true, Some(TEAM_A_TOKEN), &["reload"]);
+    assert_eq!(out.status.code(), Some(PERMISSION_DENIED));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
+    assert!(!stderr(&out).contains("s3cret"));
+}
+
 /// Issue 11: refused requests without a valid token could fill the audit log until it
 /// rotated the record of real requests away. Now they are limited per window and
 /// summarised; the log here rotates at 4 KiB, which 60 single lines would pass.

@@ -276,6 +276,18 @@ pub fn python3() -> Option<&'static str> {
     }
 }
 
+/// The system's python3 (`/usr/bin/python3`), which a sandbox's minimal root shows (a
+/// python3 found first in `PATH` may live under `/root` or `/home`, which it hides).
+pub fn system_python3() -> Option<&'static str> {
+    let py = "/usr/bin/python3";
+    if std::path::Path::new(py).exists() {
+        Some(py)
+    } else {
+        eprintln!("skipping: {py} is not installed (apt-get install python3)");
+        None
+    }
+}
+
 /// Wall-clock milliseconds since the Unix epoch (the clock event `time_ms` uses).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

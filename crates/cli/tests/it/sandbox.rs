@@ -31,7 +31,7 @@ pub(crate) fn sandbox_available(d: &Daemon) -> bool {
 
 #[test]
 fn a_notify_workload_runs_behind_the_walls() {
-    let Some(py) = python3() else { return };
+    let Some(py) = system_python3() else { return };
     let m = format!(
         "name: walled\ndriver: sandbox\ncommand: [{py}, -c, 'import os,socket,time; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b\"READY=1\", os.environ[\"NOTIFY_SOCKET\"]); time.sleep(1000)']\nreadiness: {{notify: true, timeout: 30s}}\nresources: {{memory: 128Mi, pids: 64}}\nsandbox: {{network: none}}\n"
     );
@@ -135,22 +135,56 @@ fn an_oom_kill_of_the_main_process_or_a_child_is_reported_oom_killed() {
 
 /// A daemon killed with SIGKILL takes its sandboxed instances with it (parent-death
 /// signal); the next daemon removes the stale cgroups and reports the instance `lost`.
+/// Regression: the kernel clears the parent-death signal on a uid switch, and a default
+/// instance (user namespace) and a workload that is PID 1 with a `user` outlived the
+/// daemon; each wall is covered.
 #[test]
 fn sandboxed_instances_die_with_the_daemon_and_are_reported_lost() {
-    let m = "name: sl\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n";
-    let mut d = Daemon::start(&[("sl", m)]);
+    let cmd = "command: [/bin/sh, -c, 'exec sleep 1000']";
+    let walls = [
+        ("sl", "{}"),
+        ("sl-noinit", "{init: false, user: {uid: 1000}}"),
+        ("sl-host", "{user_namespace: host}"),
+    ];
+    let manifests: Vec<(String, String)> = walls
+        .iter()
+        .map(|(n, sb)| {
+            (
+                n.to_string(),
+                format!("name: {n}\ndriver: sandbox\n{cmd}\nsandbox: {sb}\n"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = manifests
+        .iter()
+        .map(|(n, m)| (n.as_str(), m.as_str()))
+        .collect();
+    let mut d = Daemon::start(&refs);
     if !sandbox_available(&d) {
         return;
     }
-    let v = d.json(&["launch", "sl", "-o", "json"]);
-    let pid = v["pid"].as_u64().unwrap() as u32;
-    assert!(alive(pid));
+    let pids: Vec<u32> = walls
+        .iter()
+        .map(|(n, _)| {
+            let v = d.json(&["launch", n, "-o", "json"]);
+            v["pid"].as_u64().unwrap() as u32
+        })
+        .collect();
+    assert!(pids.iter().all(|&p| alive(p)));
     d.kill9();
-    assert!(wait_gone(pid), "the sandbox init outlived the daemon");
+    for ((n, _), pid) in walls.iter().zip(&pids) {
+        assert!(
+            wait_gone(*pid),
+            "the sandbox init of {n} outlived the daemon"
+        );
+    }
     d.spawn();
-    d.wait_event("lost", |e| {
-        e["instance"] == "ns:default:sl" && e["kind"] == "lost"
-    });
+    for (n, _) in walls {
+        let id = format!("ns:default:{n}");
+        d.wait_event("lost", |e| {
+            e["instance"] == id.as_str() && e["kind"] == "lost"
+        });
+    }
     assert_eq!(
         instance_cgroups(&cgroup_scope(&d.state)),
         Vec::<PathBuf>::new()
@@ -265,14 +299,12 @@ fn exec_into_a_sandbox_is_as_confined_as_the_workload() {
     );
     assert!(exec.contains(&"NoNewPrivs: 1".to_owned()), "{exec:?}");
     assert!(exec.contains(&"Seccomp: 2".to_owned()), "{exec:?}");
-    // The same as the workload's own process (the sleep, a child of our init).
-    let pid = d.json(&["get", &id, "-o", "json"])["pid"].as_u64().unwrap();
-    let workload = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .ok()
-        .and_then(|c| c.split_whitespace().next().map(str::to_owned))
-        .map_or(pid.to_string(), |child| child);
-    let own = fields(&std::fs::read_to_string(format!("/proc/{workload}/status")).unwrap());
-    assert_eq!(exec, own, "exec'd command vs workload process {workload}");
+    // The same as the workload's own process (the sleep, PID 2 under our init), as seen
+    // from inside (from the host its ids are the mapped ones).
+    let o = d.cli(&["exec", &id, "--", "cat", "/proc/2/status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let own = fields(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(exec, own, "exec'd command vs the workload process");
     // The filter at work: unshare(2) is denied.
     let o = d.cli(&["exec", &id, "--", "unshare", "-U", "true"]);
     assert!(!o.status.success(), "unshare -U was allowed");
@@ -282,4 +314,54 @@ fn exec_into_a_sandbox_is_as_confined_as_the_workload() {
         stderr(&o)
     );
     assert!(d.cli(&["terminate", &id]).status.success());
+}
+
+/// The API socket trusts every caller that can connect: no sandboxed workload may reach
+/// it. Behind the default wall the socket is not even visible; bound in on purpose it is
+/// still refused (the workload is an unprivileged uid of its tenant's range, the socket
+/// is 0600 root). Control: the host's root and ids, with the socket's folder bound in,
+/// reach it, as the first wave's default did.
+#[test]
+fn a_sandboxed_workload_cannot_reach_the_api_socket() {
+    let Some(py) = system_python3() else { return };
+    let mut d = Daemon::start(&[]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    // The manifests name the daemon's own socket: written once its path is known.
+    let socket = d.socket.display().to_string();
+    let dir = d.socket.parent().unwrap().display().to_string();
+    let workload = |name: &str, sandbox: &str| {
+        format!(
+            "name: {name}\ndriver: sandbox\ncommand: [{py}, -c, \"import socket,sys,time\\ntry:\\n  s=socket.socket(socket.AF_UNIX); s.connect('{socket}'); print('connected')\\nexcept OSError as e:\\n  print('refused', e.errno)\\nsys.stdout.flush(); time.sleep(1000)\"]\nsandbox: {sandbox}\n"
+        )
+    };
+    let bound = format!("{{binds: [{{source: {dir:?}}}]}}");
+    let open = format!("{{root: host, user_namespace: host, binds: [{{source: {dir:?}}}]}}");
+    for (name, sandbox) in [("hidden", "{}"), ("bound", &bound), ("open", &open)] {
+        write_workload(&d.workloads, name, &workload(name, sandbox), &[]);
+    }
+    let o = d.cli(&["reload"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = |d: &Daemon, name: &str| -> String {
+        let v = d.json(&["launch", name, "-o", "json"]);
+        let id = v["id"].as_str().unwrap().to_owned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let o = d.cli(&["logs", &id]);
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            if text.contains("connected") || text.contains("refused") {
+                return text;
+            }
+            assert!(std::time::Instant::now() < deadline, "no output: {text}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let hidden = out(&d, "hidden");
+    assert!(hidden.contains("refused 2"), "ENOENT: {hidden}");
+    let bound = out(&d, "bound");
+    assert!(bound.contains("refused 13"), "EACCES: {bound}");
+    let open = out(&d, "open");
+    assert!(open.contains("connected"), "control: {open}");
+    d.sigterm();
 }

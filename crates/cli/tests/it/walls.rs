@@ -23,8 +23,10 @@ fn walled_echo(driver: &str, command: &str, extra: &str) -> String {
 }
 
 /// The `sandbox:` section that makes the workspace (the examples, the SDK) and the echo
-/// binary visible inside, read-only: the sandbox's `/tmp` is private, and a checkout may
-/// live under `/tmp`.
+/// binary visible inside, read-only: the minimal root shows neither, and a checkout may
+/// live under `/tmp`, which is private. Channels need the host's ids for now
+/// (`user_namespace: host`, an opening: iceoryx2's files are private to the daemon's
+/// user).
 fn sandbox_section(extra: &str) -> String {
     let workspace = std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
         .expect("the workspace");
@@ -33,7 +35,7 @@ fn sandbox_section(extra: &str) -> String {
         .expect("the echo binary's folder")
         .to_owned();
     format!(
-        "sandbox: {{binds: [{{source: {:?}, readonly: true}}, {{source: {:?}, readonly: true}}]{extra}}}\n",
+        "sandbox: {{user_namespace: host, binds: [{{source: {:?}, readonly: true}}, {{source: {:?}, readonly: true}}]{extra}}}\n",
         workspace.display().to_string(),
         bin_dir.display().to_string()
     )
@@ -301,9 +303,9 @@ fn python_workload_in_the_sandbox_round_trips_and_its_crash_releases_shared_memo
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/workloads/echo-python/main.py"
     );
-    // The same python3 the test found (the sandbox sees the host's file system,
-    // read-only, so its interpreter and the iceoryx2 binding are there too).
-    let m = walled_echo("sandbox", "python3", &sandbox_section("")).replacen(
+    // The same python3 the test found, which may live under /root (pyenv) with its
+    // iceoryx2 binding: the host's root is opened, read-only, for it.
+    let m = walled_echo("sandbox", "python3", &sandbox_section(", root: host")).replacen(
         "command: [\"python3\"]",
         &format!("command: [python3, {main:?}]"),
         1,
