@@ -93,3 +93,71 @@ fn a_copied_state_directory_never_touches_the_first_daemons_instances() {
     first.cli(&["terminate", "ns:default:sleeper"]);
     first.cli(&["terminate", "ns:default:walled"]);
 }
+
+/// The same with the first daemon's docker container: the copy used to carry its label's
+/// daemon id and its instance table, so its recovery adopted the first daemon's container
+/// (and removed every other one of that id), and its shutdown then removed it.
+#[test]
+fn a_copied_state_directory_never_removes_the_first_daemons_containers() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let boxed = format!(
+        "name: boxed\ndriver: docker\ncommand: [sleep, '1000']\ndocker:\n  image: {}\n",
+        crate::docker::IMAGE
+    );
+    let first = Daemon::start(&[("boxed", &boxed)]);
+    first.json(&["launch", "boxed", "-o", "json"]);
+    let id = |d: &Daemon| {
+        std::fs::read_to_string(d.state.join("daemon-id"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let label = format!("bulkhead.daemon={}", id(&first));
+    let before = crate::docker::containers(&label);
+    assert_eq!(before.len(), 1, "the first daemon's container");
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&first.state)
+        .arg(&state)
+        .status()
+        .unwrap()
+        .success());
+    let workloads = dir.path().join("workloads");
+    write_workload(&workloads, "boxed", &boxed, &[]);
+    let mut second = Daemon {
+        child: None,
+        socket: dir.path().join("api.sock"),
+        state,
+        workloads,
+        dir,
+        extra_args: Vec::new(),
+    };
+    second.spawn();
+    // Recovery runs before the API serves: it is over once `health` answered.
+    assert_eq!(
+        crate::docker::containers(&label),
+        before,
+        "the second daemon removed the first one's container\n{}",
+        second.daemon_log()
+    );
+    // Nor adopted it: its shutdown (which terminates what it holds) leaves it alone.
+    assert!(second.sigterm().success());
+    assert_eq!(
+        crate::docker::containers(&label),
+        before,
+        "the second daemon's shutdown removed the first one's container\n{}",
+        second.daemon_log()
+    );
+    assert_ne!(id(&first), id(&second));
+    assert_eq!(
+        first.json(&["get", "ns:default:boxed", "-o", "json"])["state"],
+        "ready"
+    );
+    first.cli(&["terminate", "ns:default:boxed"]);
+}
