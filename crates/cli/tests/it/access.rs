@@ -139,17 +139,25 @@ fn start(dir: &Path, pki: &Pki) -> (Daemon, String) {
 }
 
 fn start_with(dir: &Path, pki: &Pki, extra: &[&str]) -> (Daemon, String) {
-    let tokens = write(
-        dir,
-        "tokens.yaml",
-        &format!(
-            "tokens:\n\
-             - name: team-a\n  token_sha256: {}\n  namespaces: [team-a]\n  sessions: []\n\
-             - name: ops\n  token_sha256: {}\n  admin: true\n",
-            sha256_hex(TEAM_A_TOKEN),
-            sha256_hex(ADMIN_TOKEN)
-        ),
+    let tokens = format!(
+        "tokens:\n\
+         - name: team-a\n  token_sha256: {}\n  namespaces: [team-a]\n  sessions: []\n\
+         - name: ops\n  token_sha256: {}\n  admin: true\n",
+        sha256_hex(TEAM_A_TOKEN),
+        sha256_hex(ADMIN_TOKEN)
     );
+    start_full(dir, pki, &tokens, &[("sleeper", SLEEPER)], extra)
+}
+
+/// A TCP daemon with the given token file text and workloads.
+fn start_full(
+    dir: &Path,
+    pki: &Pki,
+    tokens: &str,
+    workloads: &[(&str, &str)],
+    extra: &[&str],
+) -> (Daemon, String) {
+    let tokens = write(dir, "tokens.yaml", tokens);
     let addr = format!("127.0.0.1:{}", free_port());
     let p = |p: &Path| p.to_str().unwrap().to_owned();
     let args = [
@@ -166,10 +174,7 @@ fn start_with(dir: &Path, pki: &Pki, extra: &[&str]) -> (Daemon, String) {
     ];
     let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
     args.extend_from_slice(extra);
-    (
-        Daemon::start_with_args(&[("sleeper", SLEEPER)], &args),
-        addr,
-    )
+    (Daemon::start_with_args(workloads, &args), addr)
 }
 
 fn audit_lines(d: &Daemon) -> Vec<Value> {
@@ -636,4 +641,107 @@ fn a_request_whose_audit_line_cannot_be_written_is_refused() {
     assert_eq!(lines[0]["result"], "authorized", "{lines:#?}");
     assert_eq!(lines[0]["key"], "ns:default:sleeper");
     d.cli(&["terminate", "ns:default:sleeper"]);
+}
+
+/// Issue 11: a `docker.share` workload was authorised on the key the request named
+/// (`session:s1:box`: any token of session s1 could reach the one container all tenants
+/// share) and audited under it, and `get`/`list` showed every tenant's session ids (its
+/// lease holders) to any token. Needs the engine (`.ci/setup-docker.sh`).
+#[test]
+fn shared_containers_are_authorised_as_shared_and_hide_other_tenants_sessions() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    let boxed = format!(
+        "name: box\ndriver: docker\ncommand: [sleep, '1000']\nisolation: session\n\
+         docker:\n  image: {}\n  share: true\n",
+        crate::docker::IMAGE
+    );
+    let tokens = format!(
+        "tokens:\n\
+         - name: plain\n  token_sha256: {}\n  sessions: [s1]\n\
+         - name: tenant-b\n  token_sha256: {}\n  sessions: [s2]\n  shared: true\n\
+         - name: tenant-c\n  token_sha256: {}\n  sessions: [s3]\n  shared: true\n",
+        sha256_hex("plain-token"),
+        sha256_hex("tenant-b-token"),
+        sha256_hex("tenant-c-token")
+    );
+    let (d, addr) = start_full(tmp.path(), &pki, &tokens, &[("box", &boxed)], &[]);
+    let r = Remote {
+        d: &d,
+        pki: &pki,
+        addr,
+    };
+    let start = Instant::now();
+    while !r
+        .cli(true, Some("tenant-b-token"), &["health"])
+        .status
+        .success()
+    {
+        assert!(start.elapsed() < DEADLINE, "TCP listener did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // A session token without `shared` does not reach the shared container.
+    let out = r.cli(
+        true,
+        Some("plain-token"),
+        &["launch", "box", "--session", "s1"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(PERMISSION_DENIED),
+        "{}",
+        stderr(&out)
+    );
+    wait_audit(&d, "denied shared launch", |l| {
+        l["identity"] == "plain" && l["key"] == "shared:box" && l["code"] == "permission_denied"
+    });
+    // Two tenants share it; each is audited under the instance it reaches.
+    for (token, sid) in [("tenant-b-token", "s2"), ("tenant-c-token", "s3")] {
+        let out = r.cli(
+            true,
+            Some(token),
+            &["launch", "box", "--session", sid, "-o", "json"],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["id"], "shared:box");
+        assert_eq!(v["leases"], serde_json::json!([sid]), "{v}");
+    }
+    wait_audit(&d, "tenant-b's launch", |l| {
+        l["identity"] == "tenant-b" && l["action"] == "launch" && l["key"] == "shared:box"
+    });
+    // Each sees only its own session among the holders; the socket sees both.
+    for (token, sid) in [("tenant-b-token", "s2"), ("tenant-c-token", "s3")] {
+        let out = r.cli(true, Some(token), &["get", "shared:box", "-o", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["leases"], serde_json::json!([sid]), "{v}");
+        let out = r.cli(true, Some(token), &["list", "-o", "json"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let other = if sid == "s2" { "\"s3\"" } else { "\"s2\"" };
+        assert!(
+            !text.contains(other),
+            "another tenant's session listed: {text}"
+        );
+    }
+    let v = d.json(&["get", "shared:box", "-o", "json"]);
+    assert_eq!(v["leases"], serde_json::json!(["s2", "s3"]), "{v}");
+    // Nor may one tenant drop another's lease.
+    let out = r.cli(
+        true,
+        Some("tenant-b-token"),
+        &["release", "shared:box", "s3"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(PERMISSION_DENIED),
+        "{}",
+        stderr(&out)
+    );
+    d.cli(&["terminate", "shared:box"]);
 }
