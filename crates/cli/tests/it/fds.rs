@@ -85,15 +85,26 @@ fn instance_pid(d: &Daemon, id: &str) -> u32 {
     v["pid"].as_u64().unwrap_or_else(|| panic!("no pid in {v}")) as u32
 }
 
-/// Waits until `pid` runs `sleep` (sh has exec'd it), then returns its descriptors.
+/// Waits until `pid` runs `sleep` (sh has exec'd it), then returns its descriptors once
+/// they have settled: `sleep` itself opens files while it starts (the gconv cache), but
+/// an inherited descriptor never goes away, so a table that still has more than 0, 1 and
+/// 2 after a few seconds is returned as it is (and fails the caller's check).
 fn fds_of_sleep(pid: u32) -> Vec<(i32, PathBuf)> {
     let start = Instant::now();
     loop {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if cmdline.starts_with(b"sleep\0") {
-            return fds_of(pid);
+            break;
         }
         assert!(start.elapsed() < DEADLINE, "{pid} never exec'd sleep");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let settled = Instant::now();
+    loop {
+        let fds = fds_of(pid);
+        if fds.iter().all(|(n, _)| *n <= 2) || settled.elapsed() > Duration::from_secs(3) {
+            return fds;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
