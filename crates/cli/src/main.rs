@@ -14,6 +14,19 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
+    if matches!(
+        args.command,
+        cli::Command::Serve(_) | cli::Command::Up(_) | cli::Command::Keeper(_)
+    ) {
+        // First, while single-threaded: nothing this process inherited above stderr (a
+        // shell's pipe, a stray directory fd) may reach the keeper or a workload. bulkhead
+        // takes no descriptor over on purpose (no socket activation). Each child also
+        // closes everything above 2 before its exec; this is the second wall.
+        if let Err(e) = bulkhead_driver::sys::cloexec_inherited() {
+            eprintln!("bulkhead: cannot mark inherited descriptors close-on-exec: {e}");
+            return exit::ERROR.into();
+        }
+    }
     if let cli::Command::Keeper(k) = &args.command {
         // The keeper runs no async runtime: a plain poll loop, single-threaded (the
         // instances' parent-death signal is tied to the thread that spawned them).

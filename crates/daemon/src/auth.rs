@@ -3,9 +3,12 @@
 //!
 //! Two transports serve the same service:
 //!
-//! - **The Unix socket is the trusted path.** It is mode 0600: whoever can connect is the
-//!   daemon's owner (or root), so every request is allowed. The identity is the peer's
-//!   uid (`SO_PEERCRED`), recorded as `uid:<n>` in the audit log.
+//! - **The Unix socket is the trusted path, for operators.** It is mode 0600: whoever can
+//!   connect is the daemon's owner (or root). Workloads may run as that uid too, so each
+//!   connection is classified when accepted ([`crate::peer`]): a process that descends
+//!   from the daemon or the keeper (an instance, an exec'd command, their orphans) is
+//!   refused, `PERMISSION_DENIED`, audited. Every other request is allowed. The identity
+//!   is the peer's uid (`SO_PEERCRED`), recorded as `uid:<n>` in the audit log.
 //! - **TCP requires mutual TLS and a token.** The TLS handshake refuses a client without
 //!   a certificate signed by the client CA (tonic/rustls; no request is seen, nothing is
 //!   audited). Every request must then carry `authorization: Bearer <token>`; the token
@@ -43,7 +46,7 @@
 //! and in which order.
 
 use bulkhead_core::time::rfc3339;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -62,7 +65,6 @@ use tonic::codegen::http;
 use tonic::{Code, Request, Status};
 
 use crate::catalog::Catalog;
-use crate::logs::LogFile;
 
 /// The largest token file read (a request can fail, never exhaust the daemon).
 const MAX_TOKEN_FILE_BYTES: u64 = 1024 * 1024;
@@ -343,6 +345,16 @@ impl Identity {
         }
     }
 
+    /// Whether the identity is shown lease holder `holder` (on the socket: all; a token:
+    /// admin, or the holder is one of its sessions). A shared instance's leases are other
+    /// tenants' session ids.
+    pub fn sees_lease(&self, holder: &str) -> bool {
+        match self {
+            Identity::Local { .. } => true,
+            Identity::Token { grant, .. } => grant.allows(&Need::Session(holder.to_owned())),
+        }
+    }
+
     /// Whether `list` and `watch` show this instance to the identity (it may `get` it).
     pub fn sees(&self, id: &str) -> bool {
         match self {
@@ -410,6 +422,16 @@ impl Scope {
         }
     }
 
+    /// Releasing `holder`'s lease: like [`Scope::of_id`], and on a shared instance the
+    /// holder must be one of the identity's sessions (a tenant cannot drop another's).
+    pub fn release(id: &InstanceId, holder: &str) -> Scope {
+        let mut s = Scope::of_id(id);
+        if s.needs == [Need::Shared] {
+            s.needs.push(Need::Session(holder.to_owned()));
+        }
+        s
+    }
+
     /// Reading an instance (`get`): like [`Scope::of_id`], but shared instances are
     /// visible to every identity.
     pub fn read(id: &InstanceId) -> Scope {
@@ -439,25 +461,42 @@ impl Scope {
         }
     }
 
-    /// A launch: the key it will form from the workload's isolation in `catalog`. A
-    /// workload that is unknown or invalid (the launch will fail) needs what was given.
+    /// A launch: the key it will form from the workload's isolation in `catalog` (for a
+    /// `docker.share` container: `shared:<workload>`, whatever namespace or session is
+    /// given, as `Shared::launch` forms it). A workload that is unknown or invalid (the
+    /// launch will fail) needs what was given. On a shared instance the lease holder (the
+    /// `lease`, else for a shared container the session) must be one of the identity's
+    /// sessions: a tenant holds, and sees, only leases named after its own sessions.
     pub fn launch(
         catalog: &Catalog,
         workload: &str,
         namespace: Option<&str>,
         session: Option<&str>,
+        lease: Option<&str>,
     ) -> Scope {
         let namespace = namespace.filter(|s| !s.is_empty());
         let session = session.filter(|s| !s.is_empty());
-        let isolation = catalog
-            .get(workload)
-            .and_then(|e| e.spec.as_ref().ok().map(|s| s.isolation));
+        let lease = lease.filter(|s| !s.is_empty());
+        let spec = catalog.get(workload).and_then(|e| e.spec.as_ref().ok());
+        let isolation = spec.map(|s| crate::docker::effective_isolation(s));
+        let shared_container = spec.is_some_and(|s| crate::docker::is_shared_container(s));
+        let (key_ns, key_sid) = if shared_container {
+            (None, None)
+        } else {
+            (namespace, session)
+        };
+        let holder = lease.or(if shared_container { session } else { None });
         let mut needs = Vec::new();
         let key = match isolation {
-            Some(iso) => match Key::new(workload, iso, namespace, session) {
+            Some(iso) => match Key::new(workload, iso, key_ns, key_sid) {
                 Ok(k) => {
                     match k.scope() {
-                        key::Scope::Shared => needs.push(Need::Shared),
+                        key::Scope::Shared => {
+                            needs.push(Need::Shared);
+                            if let Some(h) = holder {
+                                needs.push(Need::Session(h.to_owned()));
+                            }
+                        }
                         key::Scope::Namespace(ns) => needs.push(Need::Namespace(ns.clone())),
                         key::Scope::Session(s) => needs.push(Need::Session(s.clone())),
                     }
@@ -505,10 +544,55 @@ fn need_of_id(id: &InstanceId) -> Need {
 }
 
 /// Per-request audit state shared between [`AuthLayer`] and [`authorize`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct AuditCtx {
     key: Mutex<Option<String>>,
     denied: AtomicBool,
+    /// For an audited action: what [`authorize`] writes before the action is done.
+    pre: Option<PreAudit>,
+    pre_written: AtomicBool,
+}
+
+/// The `authorized` line of an audited action, less its key (known in [`authorize`]).
+struct PreAudit {
+    audit: AuditLog,
+    identity: String,
+    transport: &'static str,
+    peer: Option<SocketAddr>,
+    action: String,
+}
+
+impl AuditCtx {
+    /// Writes the `authorized` line once; an error refuses the request.
+    fn write_authorized(&self, key: Option<String>) -> Result<(), Status> {
+        let Some(pre) = &self.pre else { return Ok(()) };
+        if self.pre_written.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let entry = AuditEntry {
+            time_ms: now_ms(),
+            identity: pre.identity.clone(),
+            transport: pre.transport,
+            peer: pre.peer,
+            action: pre.action.clone(),
+            key,
+            code: Code::Ok,
+            message: String::new(),
+            authorized: true,
+        };
+        match pre.audit.write(&entry) {
+            Ok(()) => {
+                self.pre_written.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("{e}; refusing {} by {}", pre.action, pre.identity);
+                Err(Status::unavailable(format!(
+                    "{e}; the request was refused (an audited action is never done unrecorded)"
+                )))
+            }
+        }
+    }
 }
 
 impl AuditCtx {
@@ -551,6 +635,10 @@ pub fn authorize<T>(req: &Request<T>, scope: Scope) -> Result<(), Status> {
         return Err(Status::unauthenticated("the request carries no identity"));
     };
     if id.allows(&scope) {
+        // ORDER: the audit line is on disk (page cache) before the service acts.
+        if let Some(ctx) = ctx {
+            ctx.write_authorized(scope.key.clone())?;
+        }
         return Ok(());
     }
     if let Some(ctx) = ctx {
@@ -600,6 +688,11 @@ impl Visibility {
     /// Whether the instance with this id is shown (nothing without an identity).
     pub fn sees(&self, id: &str) -> bool {
         self.0.as_ref().is_some_and(|i| i.sees(id))
+    }
+
+    /// Whether lease holder `holder` is shown (see [`Identity::sees_lease`]).
+    pub fn sees_lease(&self, holder: &str) -> bool {
+        self.0.as_ref().is_some_and(|i| i.sees_lease(holder))
     }
 }
 
@@ -693,6 +786,7 @@ const AUDITED: &[&str] = &[
     "end_session",
     "end_namespace",
     "reload",
+    "prune_images",
 ];
 
 fn bearer(headers: &http::HeaderMap) -> Option<&str> {
@@ -731,13 +825,37 @@ where
             .get::<tonic::transport::server::TcpConnectInfo>()
             .and_then(|c| c.remote_addr());
         let identity = match &self.layer.transport {
-            Transport::Unix => Some(Identity::Local {
-                uid: req
-                    .extensions()
-                    .get::<tonic::transport::server::UdsConnectInfo>()
-                    .and_then(|c| c.peer_cred)
-                    .map(|c| c.uid()),
-            }),
+            Transport::Unix => {
+                // The connection was classified when it was accepted (`peer`): a
+                // workload, or a peer that could not be checked, is refused here.
+                let info = req.extensions().get::<crate::peer::PeerInfo>().cloned();
+                let uid = info.as_ref().and_then(|i| i.uid);
+                let refusal = match info.as_ref().map(|i| &*i.verdict) {
+                    Some(crate::peer::Verdict::Operator) => None,
+                    Some(v) => Some(format!("the API socket refuses workloads: {v}")),
+                    None => Some("the API socket refuses an unchecked connection".to_owned()),
+                };
+                if let Some(message) = refusal {
+                    let status = Status::permission_denied(message);
+                    let identity = Identity::Local { uid }.name();
+                    return Box::pin(async move {
+                        let entry = AuditEntry {
+                            time_ms: now_ms(),
+                            identity,
+                            transport,
+                            peer,
+                            action,
+                            key: None,
+                            code: status.code(),
+                            message: status.message().to_owned(),
+                            authorized: false,
+                        };
+                        audit.record_unauthenticated(entry).await;
+                        Ok(status.into_http())
+                    });
+                }
+                Some(Identity::Local { uid })
+            }
             Transport::Tcp(tokens) => bearer(req.headers())
                 .and_then(|t| tokens.verify(t))
                 .map(|grant| Identity::Token { grant, peer }),
@@ -759,13 +877,24 @@ where
                     key: None,
                     code: status.code(),
                     message: status.message().to_owned(),
+                    authorized: false,
                 };
-                audit.record(entry).await;
+                audit.record_unauthenticated(entry).await;
                 Ok(status.into_http())
             });
         };
-        let ctx = Arc::new(AuditCtx::default());
         let name = identity.name();
+        let audited = AUDITED.contains(&action.as_str());
+        let ctx = Arc::new(AuditCtx {
+            pre: audited.then(|| PreAudit {
+                audit: audit.clone(),
+                identity: name.clone(),
+                transport,
+                peer,
+                action: action.clone(),
+            }),
+            ..AuditCtx::default()
+        });
         req.extensions_mut().insert(identity);
         req.extensions_mut().insert(ctx.clone());
         Box::pin(async move {
@@ -776,7 +905,7 @@ where
             let code = status.as_ref().map_or(Code::Ok, |s| s.code());
             let denied = ctx.denied.load(Ordering::SeqCst)
                 || matches!(code, Code::PermissionDenied | Code::Unauthenticated);
-            if denied || AUDITED.contains(&action.as_str()) {
+            if denied || audited {
                 audit
                     .record(AuditEntry {
                         time_ms: now_ms(),
@@ -787,6 +916,7 @@ where
                         key: ctx.key(),
                         code,
                         message: status.map(|s| s.message().to_owned()).unwrap_or_default(),
+                        authorized: false,
                     })
                     .await;
             }
@@ -821,77 +951,301 @@ pub struct AuditEntry {
     pub key: Option<String>,
     pub code: Code,
     pub message: String,
+    /// The line [`authorize`] writes before an audited action is done (`"result":
+    /// "authorized"`); the result line follows once the response is known.
+    pub authorized: bool,
 }
 
 impl AuditEntry {
-    /// The JSON line (without the newline).
+    /// The JSON line (without the newline). String fields are [`bounded`].
     pub fn to_json(&self) -> String {
+        self.json().to_string()
+    }
+
+    fn json(&self) -> serde_json::Value {
         let ok = self.code == Code::Ok;
+        let result = match (self.authorized, ok) {
+            (true, _) => "authorized",
+            (false, true) => "ok",
+            (false, false) => "error",
+        };
         let mut v = serde_json::json!({
             "time": rfc3339(self.time_ms),
             "time_ms": self.time_ms,
-            "identity": self.identity,
+            "identity": bounded(&self.identity),
             "transport": self.transport,
-            "action": self.action,
-            "key": self.key,
-            "result": if ok { "ok" } else { "error" },
+            "action": bounded(&self.action),
+            "key": self.key.as_deref().map(bounded),
+            "result": result,
         });
         if let Some(peer) = self.peer {
             v["peer"] = serde_json::json!(peer.to_string());
         }
         if !ok {
             v["code"] = serde_json::json!(code_name(self.code));
-            v["message"] = serde_json::json!(self.message);
+            v["message"] = serde_json::json!(bounded(&self.message));
+        }
+        v
+    }
+
+    /// The summary of `count` suppressed refusals like this one since `first_ms`.
+    fn summary_json(&self, count: u64, first_ms: u64, peers: &[String]) -> String {
+        let mut v = self.json();
+        v["action"] = serde_json::json!("refusals_summarised");
+        v["key"] = serde_json::Value::Null;
+        v["count"] = serde_json::json!(count);
+        v["first_ms"] = serde_json::json!(first_ms);
+        v["peers"] = serde_json::json!(peers.iter().map(|p| bounded(p)).collect::<Vec<_>>());
+        v["message"] = serde_json::json!(format!(
+            "{count} more refusals ({}) since {}, one line each suppressed; first: {}",
+            code_name(self.code),
+            rfc3339(first_ms),
+            bounded(&self.message)
+        ));
+        if let Some(obj) = v.as_object_mut() {
+            obj.remove("peer");
         }
         v.to_string()
     }
 }
 
-/// The audit log: `<state>/audit.log`, one JSON object per line, rotated like the
-/// instance logs (to `audit.log.1`).
+/// The longest string field an audit line carries, in bytes; a longer one (an identity, an
+/// action, a key, a message) is cut on a character boundary and ends in
+/// [`TRUNCATED_MARKER`]. Lines stay small whatever a request sends.
+pub const AUDIT_FIELD_MAX: usize = 256;
+
+/// Appended to a string field that was cut at [`AUDIT_FIELD_MAX`].
+pub const TRUNCATED_MARKER: &str = "…[truncated]";
+
+/// How many rotated files are kept besides `audit.log` (`audit.log.1` is the newest).
+pub const AUDIT_GENERATIONS: u32 = 8;
+
+/// Refusals of unauthenticated peers (no valid token on TCP, a workload on the socket)
+/// written one line each per [`UNAUTHENTICATED_WINDOW_MS`], per kind; the rest of the
+/// window's refusals are counted and written as one summary line.
+pub const UNAUTHENTICATED_BURST: u32 = 10;
+
+/// The window of [`UNAUTHENTICATED_BURST`].
+pub const UNAUTHENTICATED_WINDOW_MS: u64 = 60_000;
+
+/// How many distinct peers a summary line names.
+const SUMMARY_PEERS: usize = 8;
+
+/// `s`, cut to at most [`AUDIT_FIELD_MAX`] bytes (marker included) on a char boundary.
+pub fn bounded(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= AUDIT_FIELD_MAX {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut cut = AUDIT_FIELD_MAX - TRUNCATED_MARKER.len();
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}{TRUNCATED_MARKER}", &s[..cut]))
+}
+
+/// The audit log could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the audit log {path}: {source}")]
+pub struct AuditWriteError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The audit log: `<state>/audit.log`, one JSON object per line, rotated at the daemon's
+/// `--log-max-bytes` through [`AUDIT_GENERATIONS`] files (`audit.log.1` newest).
 ///
-/// Each line is appended by the request's task once its response is known and before it
-/// is sent, so the file's order is the order in which requests were answered (not the
-/// order they arrived; `time_ms` is the answer's time), and a client never gets an answer
-/// whose line is not in the file. A write error is logged with the line (tracing, error).
+/// - **Written before the answer, and before the action.** An audited action (see
+///   `AUDITED`) gets an `authorized` line when [`authorize`] lets it through, before the
+///   service acts; if that line cannot be written the request is refused with
+///   `UNAVAILABLE` and nothing is done. Every audited request and every refusal then gets
+///   its result line, appended by the request's task once the response is known and
+///   before it is sent (a failure there is logged: the action already has its line).
+/// - **Bounded lines.** Every string field is cut at [`AUDIT_FIELD_MAX`] bytes.
+/// - **Not rotated away by strangers.** Refusals of peers that proved nothing (no valid
+///   token, a workload on the socket) are limited to [`UNAUTHENTICATED_BURST`] lines per
+///   [`UNAUTHENTICATED_WINDOW_MS`] and kind; the rest are counted into one summary line
+///   per window (`"action": "refusals_summarised"`, with `count` and up to 8 `peers`). At
+///   8 MiB a flood then needs days to rotate one generation, and nine are kept.
 #[derive(Clone)]
 pub struct AuditLog {
-    file: Arc<LogFile>,
+    inner: Arc<AuditInner>,
+}
+
+struct AuditInner {
+    path: PathBuf,
+    max_bytes: u64,
+    file: Mutex<AuditFile>,
+    limiter: Mutex<HashMap<(&'static str, Code), Window>>,
+}
+
+#[derive(Default)]
+struct AuditFile {
+    file: Option<std::fs::File>,
+    size: u64,
+}
+
+/// One kind's rate-limit window.
+struct Window {
+    start_ms: u64,
+    written: u32,
+    suppressed: u64,
+    last_ms: u64,
+    peers: Vec<String>,
+    /// The refused action of the first suppressed request (for the summary).
+    example: Option<AuditEntry>,
 }
 
 impl AuditLog {
-    /// The audit log in `<dir>/audit.log`.
+    /// The audit log in `<dir>/audit.log`. Opened at the first line. Inside a tokio
+    /// runtime, a task writes out the summary of a quiet window's suppressed refusals.
     pub fn start(dir: &Path, max_bytes: u64) -> std::io::Result<AuditLog> {
-        Ok(AuditLog {
-            file: Arc::new(LogFile::new(dir, "audit", max_bytes)),
-        })
+        let log = AuditLog {
+            inner: Arc::new(AuditInner {
+                path: dir.join("audit.log"),
+                max_bytes: max_bytes.max(4096),
+                file: Mutex::new(AuditFile::default()),
+                limiter: Mutex::new(HashMap::new()),
+            }),
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&log.inner);
+            rt.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    AuditLog { inner }.flush_summaries(now_ms(), false);
+                }
+            });
+        }
+        Ok(log)
     }
 
     /// The file written to.
     pub fn path(&self) -> &Path {
-        self.file.path()
+        &self.inner.path
     }
 
-    /// Appends an entry before the response goes out.
-    ///
-    /// Written inline, under the file's lock, like the instance logs: one small append to
-    /// the page cache costs a few microseconds, while handing the line to the writer
-    /// thread cost about 0.1 ms per request on the reference machine (a thread wake-up on
-    /// every launch, measured with the launch benchmark's reuse figure).
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut p = self.inner.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    /// Appends one line now (inline, under the file's lock: a small append to the page
+    /// cache costs microseconds; a writer thread cost a wake-up per request).
+    pub fn write(&self, entry: &AuditEntry) -> Result<(), AuditWriteError> {
+        self.write_line(&entry.to_json())
+    }
+
+    fn write_line(&self, line: &str) -> Result<(), AuditWriteError> {
+        let err = |source| AuditWriteError {
+            path: self.inner.path.clone(),
+            source,
+        };
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        let mut f = self.inner.file.lock().unwrap_or_else(|e| e.into_inner());
+        if f.file.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.inner.path)
+                .map_err(err)?;
+            f.size = file.metadata().map_err(err)?.len();
+            f.file = Some(file);
+        }
+        if f.size > 0 && f.size + buf.len() as u64 > self.inner.max_bytes {
+            // Oldest first: .7 -> .8, ..., .1 -> .2, then the live file -> .1.
+            for n in (1..AUDIT_GENERATIONS).rev() {
+                let _ = std::fs::rename(self.rotated(n), self.rotated(n + 1));
+            }
+            f.file = None;
+            std::fs::rename(&self.inner.path, self.rotated(1)).map_err(err)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.inner.path)
+                .map_err(err)?;
+            f.file = Some(file);
+            f.size = 0;
+        }
+        let file = f.file.as_mut().expect("opened above");
+        if let Err(e) = std::io::Write::write_all(file, &buf) {
+            // Reopen next time (the file may have been replaced); the size is re-read.
+            f.file = None;
+            return Err(err(e));
+        }
+        f.size += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Appends an entry before the response goes out; a failure is logged with the line.
     pub async fn record(&self, entry: AuditEntry) {
-        write_line(&self.file, &entry.to_json());
+        if let Err(e) = self.write(&entry) {
+            tracing::error!("{e}; entry: {}", entry.to_json());
+        }
     }
-}
 
-fn write_line(file: &LogFile, line: &str) {
-    let mut buf = Vec::with_capacity(line.len() + 1);
-    buf.extend_from_slice(line.as_bytes());
-    buf.push(b'\n');
-    if let Err(e) = file.write(&buf) {
-        tracing::error!(
-            "cannot write audit log {}: {e}; entry: {line}",
-            file.path().display()
-        );
+    /// Records the refusal of a peer that proved nothing (no valid token, a workload):
+    /// written at most [`UNAUTHENTICATED_BURST`] times per window and kind, counted into
+    /// a summary line beyond that.
+    pub async fn record_unauthenticated(&self, entry: AuditEntry) {
+        let now = entry.time_ms;
+        self.flush_summaries(now, false);
+        let kind = (entry.transport, entry.code);
+        {
+            let mut lim = self.inner.limiter.lock().unwrap_or_else(|e| e.into_inner());
+            let w = lim.entry(kind).or_insert_with(|| Window {
+                start_ms: now,
+                written: 0,
+                suppressed: 0,
+                last_ms: now,
+                peers: Vec::new(),
+                example: None,
+            });
+            if w.written >= UNAUTHENTICATED_BURST {
+                w.suppressed += 1;
+                w.last_ms = now;
+                let peer = entry
+                    .peer
+                    .map(|p| p.ip().to_string())
+                    .unwrap_or_else(|| entry.identity.clone());
+                if w.peers.len() < SUMMARY_PEERS && !w.peers.contains(&peer) {
+                    w.peers.push(peer);
+                }
+                if w.example.is_none() {
+                    w.example = Some(entry);
+                }
+                return;
+            }
+            w.written += 1;
+        }
+        self.record(entry).await;
+    }
+
+    /// Writes the summary line of every window that has ended (all of them with `all`,
+    /// at shutdown) and had suppressed refusals.
+    pub fn flush_summaries(&self, now: u64, all: bool) {
+        let ended: Vec<Window> = {
+            let mut lim = self.inner.limiter.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<_> = lim
+                .iter()
+                .filter(|(_, w)| all || now >= w.start_ms + UNAUTHENTICATED_WINDOW_MS)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.into_iter().filter_map(|k| lim.remove(&k)).collect()
+        };
+        for w in ended {
+            let Some(mut e) = w.example else { continue };
+            e.time_ms = w.last_ms;
+            let line = e.summary_json(w.suppressed, w.start_ms, &w.peers);
+            if let Err(err) = self.write_line(&line) {
+                tracing::error!("{err}; entry: {line}");
+            }
+        }
     }
 }
 
@@ -1226,22 +1580,28 @@ mod tests {
         let cat = Catalog::scan(dir.path(), &[bulkhead_core::spec::DriverKind::Process]);
         let t = tokens();
         let a = as_token(&t, TOKEN_A);
-        let s = Scope::launch(&cat, "web", Some("team-a"), None);
+        let s = Scope::launch(&cat, "web", Some("team-a"), None, None);
         assert_eq!(s.key.as_deref(), Some("ns:team-a:web"));
         assert!(a.allows(&s));
-        assert!(!a.allows(&Scope::launch(&cat, "web", Some("team-b"), None)));
+        assert!(!a.allows(&Scope::launch(&cat, "web", Some("team-b"), None, None)));
         // No namespace: the default one.
-        let s = Scope::launch(&cat, "web", None, None);
+        let s = Scope::launch(&cat, "web", None, None, None);
         assert_eq!(s.key.as_deref(), Some("ns:default:web"));
         assert!(!a.allows(&s));
         assert!(
-            !a.allows(&Scope::launch(&cat, "db", None, None)),
+            !a.allows(&Scope::launch(&cat, "db", None, None, None)),
             "shared needs shared"
         );
-        assert!(a.allows(&Scope::launch(&cat, "sess", None, Some("s1"))));
-        assert!(!a.allows(&Scope::launch(&cat, "sess", Some("team-b"), Some("s1"))));
-        assert!(!a.allows(&Scope::launch(&cat, "nope", None, None)));
-        assert!(a.allows(&Scope::launch(&cat, "nope", Some("team-a"), None)));
+        assert!(a.allows(&Scope::launch(&cat, "sess", None, Some("s1"), None)));
+        assert!(!a.allows(&Scope::launch(
+            &cat,
+            "sess",
+            Some("team-b"),
+            Some("s1"),
+            None
+        )));
+        assert!(!a.allows(&Scope::launch(&cat, "nope", None, None, None)));
+        assert!(a.allows(&Scope::launch(&cat, "nope", Some("team-a"), None, None)));
     }
 
     #[test]
@@ -1297,6 +1657,7 @@ mod tests {
                     Code::Ok
                 },
                 message: "no".into(),
+                authorized: false,
             })
             .await;
         }
@@ -1313,5 +1674,207 @@ mod tests {
         assert_eq!(lines[2]["result"], "error");
         assert_eq!(lines[2]["code"], "permission_denied");
         assert_eq!(lines[2]["peer"], "127.0.0.1:5000");
+    }
+
+    fn entry(identity: &str, message: &str, code: Code) -> AuditEntry {
+        AuditEntry {
+            time_ms: 1_000,
+            identity: identity.into(),
+            transport: "tcp",
+            peer: Some("10.0.0.7:4000".parse().unwrap()),
+            action: "launch".into(),
+            key: Some("ns:a:web".into()),
+            code,
+            message: message.into(),
+            authorized: false,
+        }
+    }
+
+    #[test]
+    fn audit_fields_are_bounded_on_a_char_boundary() {
+        // 3 MB of a 3-byte character, and a 4 KiB identity: neither may reach the line.
+        let huge = "\u{202E}".repeat(1_000_000);
+        let mut e = entry(&"x".repeat(4096), &huge, Code::InvalidArgument);
+        e.key = Some("é".repeat(5000));
+        e.action = "a".repeat(300);
+        let line = e.to_json();
+        assert!(
+            line.len() < 4 * AUDIT_FIELD_MAX + 400,
+            "{} bytes",
+            line.len()
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        for field in ["identity", "action", "key", "message"] {
+            let f = v[field].as_str().unwrap();
+            assert!(f.len() <= AUDIT_FIELD_MAX, "{field}: {} bytes", f.len());
+            assert!(f.ends_with(TRUNCATED_MARKER), "{field}");
+        }
+        // Short fields are untouched.
+        assert_eq!(bounded("team-a"), "team-a");
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_refusals_cannot_rotate_the_audit_log_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::start(dir.path(), 4096).unwrap();
+        log.record(entry("team-a", "", Code::Ok)).await;
+        for i in 0..10_000u64 {
+            let mut e = entry("anonymous", "the token is not valid", Code::Unauthenticated);
+            e.time_ms = 1_000 + i;
+            e.peer = Some(format!("10.0.0.{}:4000", i % 20).parse().unwrap());
+            log.record_unauthenticated(e).await;
+        }
+        assert!(
+            !dir.path().join("audit.log.1").exists(),
+            "a flood of unauthenticated requests rotated the audit log"
+        );
+        log.flush_summaries(u64::MAX, true);
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines[0]["identity"], "team-a",
+            "the real request's line survives"
+        );
+        let single = lines
+            .iter()
+            .filter(|l| l["action"] == "launch" && l["identity"] == "anonymous")
+            .count();
+        assert_eq!(single, UNAUTHENTICATED_BURST as usize);
+        let summary = lines.last().unwrap();
+        assert_eq!(summary["action"], "refusals_summarised");
+        assert_eq!(summary["count"], 10_000 - u64::from(UNAUTHENTICATED_BURST));
+        assert_eq!(summary["peers"].as_array().unwrap().len(), SUMMARY_PEERS);
+        assert_eq!(summary["code"], "unauthenticated");
+
+        // A new window writes single lines again, after the old window's summary.
+        let mut e = entry("anonymous", "late", Code::Unauthenticated);
+        e.time_ms = 1_000 + UNAUTHENTICATED_WINDOW_MS + 20_000;
+        log.record_unauthenticated(e).await;
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        assert!(text.lines().last().unwrap().contains("late"));
+    }
+
+    #[tokio::test]
+    async fn audit_log_keeps_its_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::start(dir.path(), 4096).unwrap();
+        for _ in 0..2_000 {
+            log.record(entry("team-a", "", Code::Ok)).await;
+        }
+        for n in 1..=AUDIT_GENERATIONS {
+            assert!(dir.path().join(format!("audit.log.{n}")).exists(), "{n}");
+        }
+        assert!(!dir
+            .path()
+            .join(format!("audit.log.{}", AUDIT_GENERATIONS + 1))
+            .exists());
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_audit_line_cannot_be_written_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every write fails as on a full disk.
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("audit.log")).unwrap();
+        let log = AuditLog::start(dir.path(), 4096).unwrap();
+        let ctx = Arc::new(AuditCtx {
+            pre: Some(PreAudit {
+                audit: log.clone(),
+                identity: "uid:0".into(),
+                transport: "unix",
+                peer: None,
+                action: "launch".into(),
+            }),
+            ..AuditCtx::default()
+        });
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert(Identity::Local { uid: Some(0) });
+        req.extensions_mut().insert(ctx);
+        let err = authorize(&req, Scope::of_id(&id("ns:a:web"))).unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(
+            err.message().starts_with("cannot write the audit log"),
+            "{}",
+            err.message()
+        );
+        // Control: with a writable log the same request is authorized, and its line is
+        // written first.
+        std::fs::remove_file(dir.path().join("audit.log")).unwrap();
+        authorize(&req, Scope::of_id(&id("ns:a:web"))).unwrap();
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        assert!(text.contains(r#""result":"authorized""#), "{text}");
+    }
+
+    /// Issue 11: a `docker.share` container was authorised and audited under the key the
+    /// request named (`session:s1:box`, allowed to a token of session s1) while the launch
+    /// reached `shared:box`; and its leases showed every tenant's session ids.
+    #[test]
+    fn shared_containers_are_authorised_as_shared_and_hide_other_tenants_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("box");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("manifest.yaml"),
+            "name: box\ndriver: docker\ncommand: [sleep, '60']\nisolation: session\n\
+             docker:\n  image: busybox\n  share: true\n",
+        )
+        .unwrap();
+        let cat = Catalog::scan(
+            dir.path(),
+            &[
+                bulkhead_core::spec::DriverKind::Process,
+                bulkhead_core::spec::DriverKind::Docker,
+            ],
+        );
+        assert!(
+            cat.get("box").unwrap().spec.is_ok(),
+            "the manifest is valid"
+        );
+        let t = Tokens::parse(
+            Path::new("tokens.yaml"),
+            &format!(
+                "tokens:\n\
+                 - name: a\n  token_sha256: {}\n  sessions: [s1]\n\
+                 - name: b\n  token_sha256: {}\n  sessions: [s2]\n  shared: true\n",
+                token_sha256_hex("ta"),
+                token_sha256_hex("tb")
+            ),
+            false,
+        )
+        .unwrap();
+        let (a, b) = (as_token(&t, "ta"), as_token(&t, "tb"));
+        let local = Identity::Local { uid: Some(0) };
+
+        // The key is the instance the launch really reaches, whatever session is named.
+        let s = Scope::launch(&cat, "box", None, Some("s1"), None);
+        assert_eq!(s.key.as_deref(), Some("shared:box"));
+        assert!(
+            !a.allows(&s),
+            "a session token without `shared` reaches a shared container"
+        );
+        assert!(b.allows(&Scope::launch(&cat, "box", None, Some("s2"), None)));
+        // A tenant takes leases only in its own sessions' names.
+        assert!(!b.allows(&Scope::launch(&cat, "box", None, Some("s2"), Some("s1"))));
+        assert!(!b.allows(&Scope::launch(&cat, "box", None, None, Some("s1"))));
+        assert!(local.allows(&Scope::launch(&cat, "box", None, Some("s1"), Some("x"))));
+        // ... and releases only those.
+        let shared = id("shared:box");
+        assert!(!b.allows(&Scope::release(&shared, "s1")));
+        assert!(b.allows(&Scope::release(&shared, "s2")));
+        assert!(a.allows(&Scope::release(&id("session:s1:w"), "anything")));
+        // Leases shown: one's own sessions only (all of them on the socket).
+        assert!(b.sees_lease("s2") && !b.sees_lease("s1"));
+        assert!(local.sees_lease("s1") && local.sees_lease("s2"));
+
+        // The audit key is the shared one.
+        let ctx = Arc::new(AuditCtx::default());
+        let mut req = Request::new(());
+        req.extensions_mut().insert(b.clone());
+        req.extensions_mut().insert(ctx.clone());
+        authorize(&req, Scope::launch(&cat, "box", None, Some("s2"), None)).unwrap();
+        assert_eq!(ctx.key().as_deref(), Some("shared:box"));
     }
 }

@@ -32,7 +32,8 @@ mod http;
 pub mod instance;
 pub mod instances;
 pub mod logs;
-pub mod metrics; // metrics + HTTP health (observability)
+pub mod metrics;
+pub mod peer; // metrics + HTTP health (observability)
 pub mod readiness;
 mod server;
 mod service;
@@ -119,15 +120,19 @@ pub struct Shared {
     /// The docker driver (always registered, so docker manifests validate; launches fail
     /// clearly while the engine is unreachable) and its image cache.
     pub(crate) docker: docker::DockerState,
+    /// When the state directory is a copy of another daemon's: that daemon's id. The
+    /// processes its instance table names are then that daemon's, never signalled here.
+    pub(crate) state_copied_from: Option<String>,
     /// The data plane's manager, started on first use (`dataplane`).
     pub(crate) dataplane: std::sync::OnceLock<Result<Arc<bulkhead_sdk::manager::Manager>, String>>,
 }
 
-/// The sandbox driver's cgroup subtree name for a state directory: daemons with different
-/// state directories never touch each other's instance cgroups (FNV-1a of the path).
-fn sandbox_scope(state_dir: &std::path::Path) -> String {
+/// The sandbox driver's cgroup subtree name for a daemon id (`docker::load_daemon_id`):
+/// daemons with different ids, a copy of a state directory included, never touch each
+/// other's instance cgroups (FNV-1a of the id).
+pub fn sandbox_scope(daemon_id: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in state_dir.as_os_str().as_encoded_bytes() {
+    for b in daemon_id.as_bytes() {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -137,6 +142,7 @@ fn sandbox_scope(state_dir: &std::path::Path) -> String {
 /// Starts the sandbox driver when this machine allows it.
 fn start_sandbox(
     cfg: &Config,
+    daemon_id: &str,
     drivers: &mut HashMap<DriverKind, Arc<dyn Driver>>,
 ) -> Option<Result<bulkhead_sandbox::Capabilities, String>> {
     if !cfg.sandbox {
@@ -144,7 +150,7 @@ fn start_sandbox(
     }
     let sc = bulkhead_sandbox::SandboxConfig {
         mode: bulkhead_sandbox::cgroup::ModeChoice::Auto,
-        scope: sandbox_scope(&cfg.state_dir),
+        scope: sandbox_scope(daemon_id),
         min_available_memory: cfg.min_available_memory,
         favor_dynmods: cfg.cgroup_favordynmods,
         ..Default::default()
@@ -185,11 +191,14 @@ impl Shared {
             None => Arc::new(bulkhead_driver::process::ProcessDriver::new()),
         };
         drivers.insert(DriverKind::Process, process);
-        let sandbox = start_sandbox(&cfg, &mut drivers);
-        let docker = docker::DockerState::new(&cfg);
+        // Bound to the state directory's identity: a copy of it gets an id of its own.
+        let daemon_id = docker::load_daemon_id(&cfg.state_dir);
+        let sandbox = start_sandbox(&cfg, &daemon_id.id, &mut drivers);
+        let docker = docker::DockerState::new(&cfg, &daemon_id.id);
         drivers.insert(DriverKind::Docker, docker.driver.clone());
         Shared {
             docker,
+            state_copied_from: daemon_id.copied_from,
             cfg,
             catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
             registry: Mutex::new(HashMap::new()),

@@ -149,6 +149,8 @@ pub struct Daemon {
     _reaper: Option<bulkhead_driver::reaper::ReaperTask>,
     /// The TCP API server (`Config::tcp`).
     tcp: Option<crate::auth::TcpServer>,
+    /// The audit log, for the summaries of suppressed refusals at shutdown.
+    audit: crate::auth::AuditLog,
 }
 
 impl Daemon {
@@ -312,7 +314,15 @@ impl Daemon {
                 (_, Some(pid)) => {
                     // Without a keeper the process may still run as an orphan; it cannot be
                     // supervised (no exit status), so it must not run unseen.
-                    if let (Some(t), Ok(stat)) =
+                    // A copied state directory's table names the original daemon's
+                    // processes: they are not ours to kill.
+                    if let Some(other) = &shared.state_copied_from {
+                        tracing::warn!(
+                            "{}: pid {pid} is recorded by the daemon {other} this state \
+                             directory was copied from; leaving it alone",
+                            row.id
+                        );
+                    } else if let (Some(t), Ok(stat)) =
                         (row.start_time, bulkhead_driver::sys::read_stat(pid))
                     {
                         if stat.starttime == t && !stat.is_zombie() {
@@ -348,12 +358,22 @@ impl Daemon {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let svc = Service { sh: shared.clone() };
         let unix_audit = audit.clone();
+        let kept_audit = audit.clone();
+        let roots = crate::peer::Roots {
+            daemon: std::process::id(),
+            keeper: shared.keeper.as_ref().and_then(|k| k.client().peer_pid()),
+        };
+        // Each accepted connection is classified once (operator or workload, see `peer`);
+        // the verdict rides along with every request of the connection.
+        let incoming = tokio_stream::StreamExt::map(UnixListenerStream::new(listener), move |s| {
+            s.map(|s| crate::peer::Checked::new(s, &roots))
+        });
         let tcp = tcp.map(|t| crate::auth::TcpServer::start(t, shared.clone(), audit));
         let server = tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .layer(crate::auth::AuthLayer::unix(unix_audit))
                 .add_service(BulkheadServer::new(svc))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;
                 })
                 .await;
@@ -370,6 +390,7 @@ impl Daemon {
             _lock: lock,
             _reaper: reaper,
             tcp,
+            audit: kept_audit,
         })
     }
 
@@ -419,6 +440,8 @@ impl Daemon {
         if let Some(tcp) = self.tcp.take() {
             tcp.stop().await;
         }
+        // Counted refusals of a window that has not ended yet get their summary line.
+        self.audit.flush_summaries(u64::MAX, true);
         // Commit whatever events are still queued and stop the writer thread.
         let sh = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || {

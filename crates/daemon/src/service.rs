@@ -252,6 +252,13 @@ pub(crate) fn workloads_proto(sh: &Shared, admin: bool) -> v1::ListWorkloadsResp
     v1::ListWorkloadsResponse { workloads }
 }
 
+/// `inst` as `vis` may see it: a shared instance's lease holders are other tenants'
+/// session ids, shown only to those who hold those sessions (`auth::Identity::sees_lease`).
+fn shown(mut inst: v1::Instance, vis: &Visibility) -> v1::Instance {
+    inst.leases.retain(|h| vis.sees_lease(h));
+    inst
+}
+
 #[tonic::async_trait]
 impl bulkhead_api::Bulkhead for Service {
     async fn launch(
@@ -260,8 +267,9 @@ impl bulkhead_api::Bulkhead for Service {
     ) -> Result<Response<v1::LaunchResponse>, Status> {
         let q = req.get_ref();
         let (ns, sid) = (q.namespace.as_deref(), q.session.as_deref());
-        let scope = Scope::launch(&self.sh.catalog(), &q.workload, ns, sid);
+        let scope = Scope::launch(&self.sh.catalog(), &q.workload, ns, sid, q.lease.as_deref());
         self.authorize(&req, scope)?;
+        let vis = Visibility::of(&req);
         let admin = auth::is_admin(&req);
         let r = req.into_inner();
         let wait = match v1::WaitFor::try_from(r.wait) {
@@ -293,7 +301,7 @@ impl bulkhead_api::Bulkhead for Service {
             .await
             .map_err(|e| launch_status(e, admin))?;
         Ok(Response::new(v1::LaunchResponse {
-            instance: Some(instance_proto(&view)),
+            instance: Some(shown(instance_proto(&view), &vis)),
             created,
         }))
     }
@@ -301,11 +309,12 @@ impl bulkhead_api::Bulkhead for Service {
     async fn get(&self, req: Request<v1::GetRequest>) -> Result<Response<v1::Instance>, Status> {
         let id = parse_id(&req.get_ref().id)?;
         self.authorize(&req, Scope::read(&id))?;
+        let vis = Visibility::of(&req);
         let slot = self
             .sh
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
-        Ok(Response::new(instance_with_usage(&slot)))
+        Ok(Response::new(shown(instance_with_usage(&slot), &vis)))
     }
 
     async fn list(
@@ -318,7 +327,7 @@ impl bulkhead_api::Bulkhead for Service {
             .list()
             .iter()
             .filter(|s| vis.sees(s.id.as_str()))
-            .map(|s| instance_with_usage(s))
+            .map(|s| shown(instance_with_usage(s), &vis))
             .collect();
         Ok(Response::new(v1::ListResponse { instances }))
     }
@@ -328,6 +337,7 @@ impl bulkhead_api::Bulkhead for Service {
         req: Request<v1::TerminateRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
         self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
+        let vis = Visibility::of(&req);
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
         let grace = r
@@ -338,7 +348,7 @@ impl bulkhead_api::Bulkhead for Service {
             .terminate(&id, grace)
             .await
             .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
-        Ok(Response::new(instance_proto(&view)))
+        Ok(Response::new(shown(instance_proto(&view), &vis)))
     }
 
     async fn health(
@@ -488,7 +498,9 @@ impl bulkhead_api::Bulkhead for Service {
         &self,
         req: Request<v1::ReleaseRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
-        self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
+        let q = req.get_ref();
+        self.authorize(&req, Scope::release(&parse_id(&q.id)?, &q.holder))?;
+        let vis = Visibility::of(&req);
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
         bulkhead_core::lease::validate_holder("holder", &r.holder)
@@ -499,7 +511,7 @@ impl bulkhead_api::Bulkhead for Service {
                 "{} holds no lease on {id}",
                 r.holder
             ))),
-            Some((view, true)) => Ok(Response::new(instance_proto(&view))),
+            Some((view, true)) => Ok(Response::new(shown(instance_proto(&view), &vis))),
         }
     }
 
@@ -620,5 +632,42 @@ impl bulkhead_api::Bulkhead for Service {
         let check = auth::exec_check(&req);
         let stream = crate::exec::exec(self.sh.clone(), req.into_inner(), check).await?;
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{token_sha256_hex, Identity, Tokens};
+
+    /// Issue 11: `get` and `list` of a shared container showed every tenant's session ids
+    /// (its lease holders) to any token.
+    #[test]
+    fn a_shared_instances_leases_show_only_the_callers_sessions() {
+        let t = Tokens::parse(
+            std::path::Path::new("tokens.yaml"),
+            &format!(
+                "tokens:\n- name: b\n  token_sha256: {}\n  sessions: [s2]\n  shared: true\n",
+                token_sha256_hex("tb")
+            ),
+            false,
+        )
+        .unwrap();
+        let inst = v1::Instance {
+            id: "shared:box".into(),
+            leases: vec!["s1".into(), "s2".into(), "s3".into()],
+            ..Default::default()
+        };
+        let mut req = Request::new(());
+        req.extensions_mut().insert(Identity::Token {
+            grant: t.verify("tb").unwrap(),
+            peer: None,
+        });
+        assert_eq!(shown(inst.clone(), &Visibility::of(&req)).leases, ["s2"]);
+        let mut local = Request::new(());
+        local
+            .extensions_mut()
+            .insert(Identity::Local { uid: Some(0) });
+        assert_eq!(shown(inst, &Visibility::of(&local)).leases.len(), 3);
     }
 }

@@ -25,6 +25,7 @@ use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 
 pub mod conformance;
 pub mod keeper;
+mod posix_spawn;
 pub mod process;
 pub mod reaper;
 pub mod restrict;

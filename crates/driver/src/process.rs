@@ -2,15 +2,18 @@
 //!
 //! # Design
 //!
-//! [`ProcessDriver::spawn`] starts the program with [`std::process::Command`], keeping the
-//! standard library's `posix_spawn` fast path (no `pre_exec` hook; a bare program name is
-//! looked up in the instance's own `PATH` by the driver, because std falls back to
-//! fork + exec when it must search a `PATH` that differs from the daemon's). The child:
+//! [`ProcessDriver::spawn`] starts the program with glibc's `posix_spawn`
+//! ([`crate::posix_spawn`]: the `vfork`-like fast path, plus file actions `Command` cannot
+//! express; a bare program name is looked up in the instance's own `PATH` by the driver).
+//! The child:
 //!
 //! - gets exactly the environment of the [`SpawnSpec`] and its working directory;
 //! - leads a new process group (`process_group(0)`: pgid == pid) in the daemon's session;
 //! - reads `/dev/null` and writes stdout and stderr into pipes whose read ends are returned
 //!   in [`Spawned`];
+//! - has no other descriptor: everything above 2 is closed before the exec
+//!   (`posix_spawn_file_actions_addclosefrom_np(3)`), so nothing the daemon inherited or
+//!   opened reaches a workload;
 //! - gets **no** parent-death signal: an instance survives a daemon crash, to be adopted by
 //!   the next daemon (a later issue).
 //!
@@ -84,9 +87,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -99,8 +100,8 @@ use tokio::io::Interest;
 use tokio::sync::watch;
 
 use crate::{
-    reaper, sys, Driver, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned, Stats,
-    StatsError,
+    posix_spawn, reaper, sys, Driver, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned,
+    Stats, StatsError,
 };
 
 /// The status reported when the main process's exit status could not be collected because
@@ -157,30 +158,24 @@ fn spawn_now(spec: &SpawnSpec) -> Result<Spawned, SpawnError> {
     };
     let program = resolve_program(arg0, &spec.env, &spec.cwd).map_err(exec_err)?;
 
-    let mut cmd = Command::new(&program);
-    cmd.arg0(arg0)
-        .args(&spec.argv[1..])
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.cwd)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     let registry = reaper::Registry::global();
     let mut lock = registry.lock();
     // RACE: the reaper lock is held from before the spawn until the pid is registered: a
     // child that exits at once must not be reaped as an orphan (its status is the
     // instance's). The watcher unregisters it after reaping it.
-    let mut child = cmd.spawn().map_err(exec_err)?;
-    let pid = child.id();
+    let child = posix_spawn::spawn(&posix_spawn::Spawn {
+        program: &program,
+        arg0,
+        args: &spec.argv[1..],
+        env: &spec.env,
+        cwd: &spec.cwd,
+    })
+    .map_err(exec_err)?;
+    let pid = child.pid;
     lock.register(pid);
     drop(lock);
-    let stdout = child.stdout.take().map(OwnedFd::from);
-    let stderr = child.stderr.take().map(OwnedFd::from);
-    // Dropping a std Child neither kills nor reaps it: the watcher reaps through the pidfd.
-    // Never call `child.wait()`: it would reap behind the watcher's back.
-    drop(child);
+    let stdout = Some(child.stdout);
+    let stderr = Some(child.stderr);
 
     // RACE: the child may already have exited, but it is our unreaped child, so its pid
     // cannot be reused before we wait it: the pidfd names exactly the process we started

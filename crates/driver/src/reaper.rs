@@ -229,6 +229,16 @@ pub fn spawn(cmd: &mut Command) -> io::Result<SpawnedChild> {
 /// one (for example `setsid()` in a `pre_exec` hook, for a child that needs its own
 /// session and controlling terminal): [`Child`] signals the group named by its pid.
 pub fn spawn_leader(cmd: &mut Command) -> io::Result<SpawnedChild> {
+    // SAFETY: the hook runs in the child between fork and exec and makes one raw system
+    // call (close_range), no allocation, no lock. Registered last, so it runs after the
+    // caller's hooks (in `bulkhead exec`'s case: in the command's own process, after the
+    // setns + fork).
+    unsafe {
+        // Every descriptor above 2 is closed by the exec: the child gets its three
+        // standard streams and nothing the daemon inherited or opened. Marked rather
+        // than closed: std's exec-status pipe must live until the exec itself.
+        cmd.pre_exec(|| sys::cloexec_from(3));
+    }
     let registry = Registry::global();
     let mut lock = registry.lock();
     // RACE: the lock is held from before the spawn until the pid is registered. A child

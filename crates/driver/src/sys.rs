@@ -413,6 +413,51 @@ pub fn raise_nofile_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
+/// Marks every descriptor from `first` up close-on-exec:
+/// `close_range(first, ~0, CLOSE_RANGE_CLOEXEC)` (Linux 5.11).
+///
+/// One raw system call, no allocation, no lock: safe between fork and exec, where it is
+/// what a `pre_exec` hook uses instead of closing outright (closing would also close the
+/// standard library's exec-status pipe, which must stay open until the `exec` itself).
+/// An error (an older kernel: `EINVAL`/`ENOSYS`) is returned, never ignored: a child that
+/// cannot shed its inherited descriptors must not run.
+pub fn cloexec_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range only changes descriptor flags of this process; it takes no
+    // pointers and cannot invalidate memory.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes every descriptor from `first` up: `close_range(first, ~0, 0)`. Only for a
+/// process's first step, before anything of its own is open (the keeper).
+pub fn close_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range takes no pointers. The caller guarantees that nothing in this
+    // process owns a descriptor in the range (no OwnedFd is closed behind its back).
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Marks every descriptor above 2 that this process inherited close-on-exec, so that no
+/// child exec'd later gets them (the daemon's and the keeper's first step, while they are
+/// still single-threaded). bulkhead takes no descriptor over from its parent on purpose
+/// (no systemd `LISTEN_FDS` socket activation), so there is no exception.
+pub fn cloexec_inherited() -> io::Result<()> {
+    cloexec_from(3)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

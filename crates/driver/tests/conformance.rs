@@ -280,3 +280,74 @@ async fn stats_count_the_group() {
         bulkhead_driver::Stats::default()
     );
 }
+
+/// The descriptors of a child that runs `sleep`, once settled: `sleep` opens files itself
+/// while it starts (the gconv cache); an inherited descriptor never goes away, so a table
+/// with more than 0, 1 and 2 after a few seconds is returned as it is.
+async fn settled_fd_numbers(pid: u32) -> Vec<i32> {
+    let start = std::time::Instant::now();
+    loop {
+        let fds = fd_numbers(pid);
+        if fds.iter().all(|n| *n <= 2) || start.elapsed() > Duration::from_secs(3) {
+            return fds;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The descriptors of `pid`, by number, read from outside.
+fn fd_numbers(pid: u32) -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 11 (inherited descriptors): the spawner's own descriptors, even one without
+/// close-on-exec that nothing marked (this test process does not do what `bulkhead serve`
+/// does at start), never reach the child: the process driver closes everything above 2 in
+/// `posix_spawn`, `reaper::spawn` (exec, probes) marks it close-on-exec before the exec.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stray_descriptor_of_the_spawner_never_reaches_the_child() {
+    let null = std::fs::File::open("/dev/null").unwrap();
+    // SAFETY: F_DUPFD duplicates a descriptor we own onto the lowest free number >= 300,
+    // without close-on-exec; the copy is closed below.
+    let stray = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&null), libc::F_DUPFD, 300) };
+    assert!(stray >= 300, "{}", std::io::Error::last_os_error());
+    assert!(
+        fd_numbers(std::process::id()).contains(&stray),
+        "the control: we hold it"
+    );
+
+    let fx = Fixture::temp();
+    let run = start(&ProcessDriver::new(), &fx, "stray", "exec sleep 1000").await;
+    let pid = run.handle().pid().unwrap();
+    // Until sh has exec'd sleep, its table may differ; sleep's is the one that counts.
+    within("sleep exec'd", async {
+        while !std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .starts_with(b"sleep\0")
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let process_fds = settled_fd_numbers(pid).await;
+    run.handle().signal(Signal::KILL).unwrap();
+    run.wait().await;
+
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("1000");
+    let mut spawned = bulkhead_driver::reaper::spawn(&mut cmd).unwrap();
+    let reaper_fds = settled_fd_numbers(spawned.child.pid()).await;
+    spawned.child.signal_group(Signal::KILL).unwrap();
+    spawned.child.wait().await.unwrap();
+
+    // SAFETY: closes the duplicate made above, which nothing else owns.
+    unsafe { libc::close(stray) };
+    assert_eq!(process_fds, vec![0, 1, 2], "process driver child");
+    assert_eq!(reaper_fds, vec![0, 1, 2], "reaper::spawn child");
+}

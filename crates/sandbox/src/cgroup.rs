@@ -6,8 +6,9 @@
 //! Every hierarchy the driver uses gets `<own>/bulkhead/<scope>/<instance>-<seq>`, where
 //! `<own>` is the daemon's own cgroup in that hierarchy (from `/proc/self/cgroup`: the
 //! processes of a session may already sit in a cgroup made for them, and creating at the
-//! controller roots would escape it), `<scope>` names the daemon (a hash of its state
-//! directory, so that daemons sharing a cgroup never touch each other's instances) and
+//! controller roots would escape it), `<scope>` names the daemon (the daemon passes a
+//! hash of its daemon id, which a copy of a state directory does not share, so that
+//! daemons sharing a cgroup never touch each other's instances) and
 //! `<seq>` makes every spawn's cgroup new.
 //!
 //! # Modes (detected by trying, never assumed)

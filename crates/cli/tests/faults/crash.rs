@@ -30,6 +30,11 @@ fn containers(state: &Path) -> Vec<(String, String)> {
     let Ok(id) = std::fs::read_to_string(state.join("daemon-id")) else {
         return Vec::new();
     };
+    containers_labelled(&id)
+}
+
+/// Containers (any state) labelled with daemon id `id`, with their instance label.
+fn containers_labelled(id: &str) -> Vec<(String, String)> {
     let out = Command::new("docker")
         .args([
             "ps",
@@ -204,15 +209,17 @@ fn kill_9_during_launches_restarts_and_terminations_keeps_every_invariant() {
     }
     assert!(d.sigterm().success(), "{}", d.daemon_log());
     let state = d.state.clone();
+    // Read while the state directory exists (it goes with `d`).
+    let scope = cgroup_scope(&state);
+    let daemon_id = std::fs::read_to_string(state.join("daemon-id")).unwrap();
     drop(d);
     wait_until("no process of the test left", || marked(&mark).is_empty());
     // Nor a cgroup or a container.
-    let scope = cgroup_scope(&state);
     wait_until("no cgroup of the test left", || {
         instance_cgroups(&scope).is_empty()
     });
     if docker {
-        let left = containers(&state);
+        let left = containers_labelled(&daemon_id);
         assert!(left.is_empty(), "containers left: {left:?}");
     }
 }

@@ -33,7 +33,7 @@ macro_rules! require_docker {
 }
 
 /// Containers carrying `label` (any state).
-fn containers(label: &str) -> Vec<String> {
+pub(crate) fn containers(label: &str) -> Vec<String> {
     let out = Command::new("docker")
         .args(["ps", "-aq", "--filter", &format!("label={label}")])
         .output()

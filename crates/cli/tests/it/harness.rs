@@ -39,6 +39,16 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra `bulkhead serve` arguments (e.g. `--metrics ADDR`).
     pub fn start_with_args(workloads: &[(&str, &str)], extra_args: &[&str]) -> Daemon {
+        Daemon::start_configured(workloads, extra_args, |_| {})
+    }
+
+    /// [`Daemon::start_with_args`], with `configure` applied to the daemon's `Command`
+    /// (e.g. a `pre_exec` hook that hands it an extra descriptor).
+    pub fn start_configured(
+        workloads: &[(&str, &str)],
+        extra_args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let wl = dir.path().join("workloads");
         std::fs::create_dir_all(&wl).unwrap();
@@ -53,13 +63,19 @@ impl Daemon {
             dir,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
-        d.spawn();
+        d.spawn_configured(configure);
         d
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_configured(|_| {});
+    }
+
+    pub fn spawn_configured(&mut self, configure: impl FnOnce(&mut Command)) {
         let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        configure(&mut cmd);
+        let child = cmd
             .args(["serve", "--workloads"])
             .arg(&self.workloads)
             .arg("--state")
@@ -280,11 +296,13 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The cgroup scope of a daemon's state directory (as `bulkhead_daemon` computes it).
+/// The cgroup scope of a daemon's state directory (as `bulkhead_daemon` computes it: from
+/// its daemon id, so read it while the state directory exists).
 pub fn cgroup_scope(state: &Path) -> String {
-    let abs = std::path::absolute(state).unwrap();
+    let id = std::fs::read_to_string(state.join("daemon-id"))
+        .unwrap_or_else(|e| panic!("no daemon id in {}: {e}", state.display()));
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in abs.as_os_str().as_encoded_bytes() {
+    for b in id.trim().as_bytes() {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

@@ -41,6 +41,8 @@ struct State {
 
 /// A connection to the keeper.
 pub struct KeeperClient {
+    /// The keeper's pid (`SO_PEERCRED` at connect), if the kernel gave it.
+    peer_pid: Option<u32>,
     sock: AsyncFd<OwnedFd>,
     send_lock: tokio::sync::Mutex<()>,
     st: Mutex<State>,
@@ -53,18 +55,26 @@ impl KeeperClient {
         let addr = rustix::net::SocketAddrUnix::new(path)?;
         rustix::net::connect(&fd, &addr)?;
         super::grow_buffers(&fd);
+        // The keeper's pid as the kernel saw it at connect (0 outside our PID namespace).
+        let peer_pid = peer_pid(&fd);
         // SAFETY: the AsyncFd owns the descriptor; it is closed only when the AsyncFd
         // drops, which deregisters it first.
         let sock =
             unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
                 .map_err(|e| e.into_parts().1)?;
         let client = Arc::new(KeeperClient {
+            peer_pid,
             sock,
             send_lock: tokio::sync::Mutex::new(()),
             st: Mutex::new(State::default()),
         });
         tokio::spawn(read_loop(Arc::downgrade(&client)));
         Ok(client)
+    }
+
+    /// The keeper's pid, as the kernel reported it when this client connected.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.peer_pid
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -403,4 +413,28 @@ impl Driver for KeeperDriver {
             .await?;
         Ok(self.spawned(spec.instance.to_string(), pid, pidfd, Some(out), Some(err)))
     }
+}
+
+/// The pid of a connected Unix socket's peer (`SO_PEERCRED`); `None` if unknown or
+/// outside our PID namespace (pid 0). Read with libc: rustix's `UCred` cannot hold pid 0.
+fn peer_pid(fd: &OwnedFd) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred on our stack, and
+    // updates `len`; the descriptor is a live socket we own.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }

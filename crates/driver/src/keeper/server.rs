@@ -65,7 +65,17 @@ struct Keeper {
 
 /// Runs the keeper for `state_dir` until it is told to shut down and holds no instance.
 /// Returns at once if another keeper already holds the state directory.
+///
+/// Call it first thing in the process: it closes every descriptor above 2 (the keeper
+/// keeps nothing it inherited).
 pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
+    // The keeper keeps no descriptor of whoever started it (a daemon that was itself given
+    // stray descriptors, a shell): it closes them all before it opens anything, so none
+    // can reach an instance. That is why `run` must be the process's first step.
+    sys::close_from(3).map_err(|source| KeeperError::Sys {
+        what: "cannot close inherited descriptors",
+        source,
+    })?;
     crate::sys::raise_nofile_limit();
     let lock_file = lock_path(state_dir);
     let lock = OpenOptions::new()
@@ -309,11 +319,16 @@ fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: the closure runs in the child between fork and exec. It only makes two
-    // system calls (prctl, getppid) and builds an io::Error from an errno: no allocation,
-    // no lock, nothing that is not async-signal-safe.
+    // SAFETY: the closure runs in the child between fork and exec. It only makes three
+    // system calls (close_range, prctl, getppid) and builds an io::Error from an errno: no
+    // allocation, no lock, nothing that is not async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
+            // Every descriptor above 2 (the keeper's sockets, its lock, the signalfd, the
+            // other instances' pidfds and pipes, anything inherited) is closed by the
+            // exec. Marked rather than closed: std's exec-status pipe must live until
+            // the exec itself.
+            sys::cloexec_from(3)?;
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
             // RACE: the keeper may have died between fork and prctl; then the death
             // signal will never come, so refuse to run unseen.
