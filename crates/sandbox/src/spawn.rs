@@ -159,6 +159,10 @@ pub(crate) enum MountOp {
     },
 }
 
+/// Set in the child when the minimal root was moved over an initial ramfs instead of
+/// pivoted to (the child's own copy of the flag; the parent never sets it).
+static ROOT_MOVED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Where the old root hangs during the setup of a minimal root.
 const OLD_ROOT: &CStr = c"/.bulkhead-old-root";
 
@@ -1124,42 +1128,56 @@ unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
             MountOp::ReadOnlyRoot => set_readonly(c"/".as_ptr()),
             MountOp::PivotToTmpfs => {
                 // The staging point: the host's /tmp, in our own mount namespace only.
-                libc::mount(
+                if libc::mount(
                     c"tmpfs".as_ptr(),
                     c"/tmp".as_ptr(),
                     c"tmpfs".as_ptr(),
                     libc::MS_NOSUID | libc::MS_NODEV,
                     c"mode=755".as_ptr().cast(),
+                ) != 0
+                    || libc::mkdir(c"/tmp/.bulkhead-old-root".as_ptr(), 0o700) != 0
+                {
+                    return false;
+                }
+                if libc::syscall(
+                    libc::SYS_pivot_root,
+                    c"/tmp".as_ptr(),
+                    c"/tmp/.bulkhead-old-root".as_ptr(),
                 ) == 0
-                    && libc::mkdir(c"/tmp/.bulkhead-old-root".as_ptr(), 0o700) == 0
-                    && libc::syscall(
-                        libc::SYS_pivot_root,
-                        c"/tmp".as_ptr(),
-                        c"/tmp/.bulkhead-old-root".as_ptr(),
+                {
+                    return libc::chdir(c"/".as_ptr()) == 0;
+                }
+                if *libc::__errno_location() != libc::EINVAL {
+                    return false;
+                }
+                // The host's root is the initial ramfs (a guest init, a VM's initramfs),
+                // which pivot_root refuses: move the tmpfs over `/` and chroot into it,
+                // as switch_root does. The old root stays beneath, out of every path,
+                // and out of the mount table a process inside reads; undoing it would
+                // take CAP_SYS_CHROOT or CAP_SYS_ADMIN, which the workload does not have.
+                let moved = libc::chdir(c"/tmp".as_ptr()) == 0
+                    && libc::mount(
+                        c".".as_ptr(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_MOVE,
+                        std::ptr::null(),
                     ) == 0
-                    && libc::chdir(c"/".as_ptr()) == 0
+                    && libc::chroot(c".".as_ptr()) == 0
+                    && libc::chdir(c"/".as_ptr()) == 0;
+                ROOT_MOVED.store(moved, std::sync::atomic::Ordering::Relaxed);
+                moved
             }
             MountOp::DetachOldRoot => {
+                if ROOT_MOVED.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Nothing hangs there after a move (see above): only the mount point.
+                    return libc::rmdir(OLD_ROOT.as_ptr()) == 0;
+                }
                 libc::umount2(OLD_ROOT.as_ptr(), libc::MNT_DETACH) == 0
                     && libc::rmdir(OLD_ROOT.as_ptr()) == 0
             }
-            MountOp::ReadOnlyRootTmpfs => {
-                let attr = MountAttr {
-                    attr_set: MOUNT_ATTR_RDONLY,
-                    attr_clr: 0,
-                    propagation: 0,
-                    userns_fd: 0,
-                };
-                // Not AT_RECURSIVE: the mounts on the root keep their own flags.
-                libc::syscall(
-                    libc::SYS_mount_setattr,
-                    libc::AT_FDCWD,
-                    c"/".as_ptr(),
-                    0u32,
-                    &attr as *const MountAttr,
-                    std::mem::size_of::<MountAttr>(),
-                ) == 0
-            }
+            // Not AT_RECURSIVE: the mounts on the root keep their own flags.
+            MountOp::ReadOnlyRootTmpfs => set_readonly_at(libc::AT_FDCWD, c"/".as_ptr(), 0),
             MountOp::Sysfs => {
                 libc::mount(
                     c"sysfs".as_ptr(),
@@ -1180,22 +1198,9 @@ unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
                     return *libc::__errno_location() == libc::ENOENT;
                 }
                 let fd = fd as RawFd;
-                let attr = MountAttr {
-                    attr_set: MOUNT_ATTR_RDONLY,
-                    attr_clr: 0,
-                    propagation: 0,
-                    userns_fd: 0,
-                };
                 // ORDER: read-only while still detached, then attached: the path is
                 // never writable through the new mount.
-                let ok = libc::syscall(
-                    libc::SYS_mount_setattr,
-                    fd,
-                    c"".as_ptr(),
-                    AT_EMPTY_PATH | AT_RECURSIVE,
-                    &attr as *const MountAttr,
-                    std::mem::size_of::<MountAttr>(),
-                ) == 0
+                let ok = set_readonly_at(fd, c"".as_ptr(), AT_EMPTY_PATH | AT_RECURSIVE)
                     && libc::syscall(
                         libc::SYS_move_mount,
                         fd,
@@ -1312,6 +1317,15 @@ unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
 /// # Safety
 /// `path` is NUL-terminated.
 unsafe fn set_readonly(path: *const libc::c_char) -> bool {
+    // SAFETY: as the caller's.
+    unsafe { set_readonly_at(libc::AT_FDCWD, path, AT_RECURSIVE) }
+}
+
+/// `mount_setattr(dirfd, path, flags, +RDONLY)`.
+///
+/// # Safety
+/// `path` is NUL-terminated; `dirfd` is `AT_FDCWD` or an open descriptor.
+unsafe fn set_readonly_at(dirfd: RawFd, path: *const libc::c_char, flags: libc::c_uint) -> bool {
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_RDONLY,
         attr_clr: 0,
@@ -1322,9 +1336,9 @@ unsafe fn set_readonly(path: *const libc::c_char) -> bool {
     unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
+            dirfd,
             path,
-            AT_RECURSIVE,
+            flags,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         ) == 0

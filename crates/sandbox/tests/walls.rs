@@ -843,8 +843,13 @@ async fn escape_host_files_and_kernel_state_are_hidden() {
     let fx = Fixture::temp();
     let shm = format!("/dev/shm/bulkhead-escape-{}", std::process::id());
     std::fs::write(&shm, "host segment").unwrap();
+    // A root-only host folder outside the system directories (like /root; this one
+    // exists on every machine the suite runs on, the test VM included).
+    let secret = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::fs::write(secret.path().join("secret"), "host secret").unwrap();
     let script = format!(
-        "ls /root >/dev/null 2>&1 && echo root-listed; \
+        "cat {}/secret 2>/dev/null; echo; \
+         ls /root >/dev/null 2>&1 && echo root-listed; \
          ls /home >/dev/null 2>&1 && echo home-listed; \
          ls /run/docker.sock >/dev/null 2>&1 && echo docker-socket; \
          cat {shm} 2>/dev/null && echo; \
@@ -854,12 +859,14 @@ async fn escape_host_files_and_kernel_state_are_hidden() {
          echo kcore $(head -c 16 /proc/kcore | wc -c); \
          echo cmdline: $(tr '\\0' ' ' < /proc/1/cmdline); \
          echo comm: $(cat /proc/1/comm); \
-         grep -c bulkhead-escape-marker /proc/1/environ 2>/dev/null; true"
+         grep -c bulkhead-escape-marker /proc/1/environ 2>/dev/null; true",
+        secret.path().display()
     );
     std::env::set_var("BULKHEAD_ESCAPE_MARKER", "bulkhead-escape-marker");
     let (st, out) = run(&d, spec(&fx, "hidden", &script, "")).await;
     assert_eq!(st, OK, "{out}");
     for leak in [
+        "host secret",
         "root-listed",
         "home-listed",
         "docker-socket",
@@ -888,7 +895,7 @@ async fn escape_host_files_and_kernel_state_are_hidden() {
     // Control: the host's view opened on purpose shows what the wall hides.
     let (_, out) = run(&d, spec(&fx, "hidden-open", &script, OPEN)).await;
     let _ = std::fs::remove_file(&shm);
-    assert!(out.contains("root-listed"), "control: {out}");
+    assert!(out.contains("host secret"), "control: {out}");
     assert!(
         out.contains("host segment") || out.contains("nics: "),
         "{out}"
