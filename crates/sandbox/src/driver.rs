@@ -350,9 +350,11 @@ impl SandboxDriver {
             .collect();
         let shown_by_root = |p: &Path| {
             if minimal {
+                // A merged-/usr link (`/bin -> usr/bin`) is made again inside, so
+                // `/bin/sh` is shown as it is on the host.
                 self.system.iter().any(|e| match e {
                     spawn::SystemEntry::Dir(d) => p.starts_with(d),
-                    spawn::SystemEntry::Symlink { .. } => false,
+                    spawn::SystemEntry::Symlink { path, .. } => p.starts_with(path),
                 })
             } else {
                 !masks.iter().any(|m| p.starts_with(m))
