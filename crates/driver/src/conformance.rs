@@ -564,6 +564,51 @@ pub async fn stdout_is_captured(driver: &dyn Driver, fx: &Fixture) {
     assert_eq!(run.wait().await, ExitStatus::Exited { code: 0 }, "{what}");
 }
 
+/// A descriptor the spawning process holds without close-on-exec (the daemon inherited it,
+/// or a library opened it carelessly) never reaches the instance: it sees 0, 1 and 2
+/// only (and whatever its shell opens itself).
+pub async fn no_descriptor_is_inherited(driver: &dyn Driver, fx: &Fixture) {
+    // A directory, the most dangerous kind (`openat` escapes a mount view through it), at
+    // a high number not otherwise in use; open in this process, inheritable.
+    // SAFETY: open, fcntl and close on values we own; the fd is closed below.
+    let stray = unsafe {
+        let fd = libc::open(c"/".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+        assert!(fd >= 0, "cannot open / for the stray descriptor");
+        let high = libc::fcntl(fd, libc::F_DUPFD, 200);
+        libc::close(fd);
+        assert!(high >= 200, "cannot place the stray descriptor");
+        assert_eq!(libc::fcntl(high, libc::F_GETFD) & libc::FD_CLOEXEC, 0);
+        high
+    };
+    let mut run = start(
+        driver,
+        fx,
+        "fds",
+        "for f in /proc/self/fd/*; do echo \"fd ${f##*/}\"; done",
+    )
+    .await;
+    let what = run.what.clone();
+    let out = run
+        .spawned
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("{what}: the driver returned no stdout pipe"));
+    let out = within(format!("{what} output"), read_all(out)).await;
+    let status = run.wait().await;
+    // SAFETY: ours, opened above.
+    unsafe { libc::close(stray) };
+    assert_eq!(status, ExitStatus::Exited { code: 0 }, "{what}: {out}");
+    let fds: Vec<i32> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("fd ")?.parse().ok())
+        .collect();
+    assert!(fds.contains(&1), "{what}: the listing is empty: {out}");
+    assert!(
+        !fds.contains(&stray) && fds.iter().all(|&f| f <= 3),
+        "{what}: descriptors beyond stdio reached the instance (stray: {stray}): {out}"
+    );
+}
+
 /// Reads a pipe to its end.
 pub async fn read_all(fd: std::os::fd::OwnedFd) -> String {
     let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
@@ -614,6 +659,7 @@ macro_rules! for_each_conformance_check {
             signal_after_exit_is_ok,
             spawn_error_is_reported,
             stdout_is_captured,
+            no_descriptor_is_inherited,
         );
     };
 }
