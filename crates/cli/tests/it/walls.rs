@@ -294,6 +294,23 @@ fn a_walled_workload_with_channels_under_another_user_is_refused_with_the_reason
     );
 }
 
+/// The default sandbox runs in a user namespace of its tenant's own: channels (private
+/// to the daemon's user for now) are refused with the way out, before anything starts.
+#[test]
+fn a_default_sandbox_with_channels_is_refused_naming_the_opening() {
+    let section = sandbox_section("").replacen("user_namespace: host, ", "", 1);
+    assert!(!section.contains("user_namespace"), "{section}");
+    let m = walled_echo("sandbox", echo_bin(), &section);
+    let d = Daemon::start(&[("echo", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    let out = d.cli(&["launch", "echo", "--session", "u2"]);
+    assert!(!out.status.success(), "the launch is refused");
+    let err = stderr(&out);
+    assert!(err.contains("user_namespace: host"), "{err}");
+}
+
 #[test]
 fn python_workload_in_the_sandbox_round_trips_and_its_crash_releases_shared_memory() {
     if !crate::dataplane::python_with_iceoryx2() {
