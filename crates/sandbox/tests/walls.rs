@@ -972,3 +972,30 @@ async fn a_working_directory_of_slash_keeps_the_minimal_root() {
     assert!(out.starts_with("/\n"), "{out}");
     assert!(!out.contains("root-listed"), "{out}");
 }
+
+/// The instance's own `/dev/shm`, `/tmp` and `/run` are tmpfs mounts charged to its memory
+/// cgroup: filling one past the memory limit ends the instance as OOM-killed (not the
+/// host's memory), and nothing of it is left once it is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn escape_filling_dev_shm_stops_at_the_memory_limit_and_goes_with_the_instance() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let name = format!("bulkhead-fill-{}", std::process::id());
+    let script = format!("head -c 96M /dev/zero > /dev/shm/{name}; exec sleep 1000");
+    let r = start(
+        &d,
+        spec(&fx, "shm-fill", &script, "resources: { memory: 32Mi }\n"),
+    )
+    .await;
+    let st = within("the fill to be stopped", r.wait()).await;
+    assert_eq!(
+        r.handle().exit_cause(),
+        Some(ExitCause::OomKilled {
+            limit_bytes: Some(32 << 20)
+        }),
+        "{st}"
+    );
+    assert!(!Path::new(&format!("/dev/shm/{name}")).exists());
+}
