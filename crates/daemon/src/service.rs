@@ -322,13 +322,18 @@ impl bulkhead_api::Bulkhead for Service {
         req: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListResponse>, Status> {
         let vis = Visibility::of(&req);
-        let instances = self
-            .sh
-            .list()
-            .iter()
-            .filter(|s| vis.sees(s.id.as_str()))
-            .map(|s| shown(instance_with_usage(s), &vis))
-            .collect();
+        let slots = self.sh.list();
+        // Usage reads /proc and cgroup files: off the async runtime, so that a list of
+        // thousands of instances never stalls other requests.
+        let instances = tokio::task::spawn_blocking(move || {
+            slots
+                .iter()
+                .filter(|s| vis.sees(s.id.as_str()))
+                .map(|s| shown(instance_with_usage(s), &vis))
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("cannot list the instances: {e}")))?;
         Ok(Response::new(v1::ListResponse { instances }))
     }
 

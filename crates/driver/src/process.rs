@@ -540,10 +540,18 @@ impl InstanceHandle for ProcessHandle {
             instance: self.instance.clone(),
             source,
         };
-        let members = sys::group_members(self.shared.pgid);
+        // One scan of /proc shared by every instance a request asks about (see
+        // `sys::ProcTable`): usage is at most `USAGE_MAX_AGE` old.
+        let table = sys::ProcTable::recent(USAGE_MAX_AGE);
+        let members = table.group(self.shared.pgid);
         let mut stats = Stats::default();
-        // The main process, whether or not it is still in the group.
-        match sys::proc_stats(self.shared.pid) {
+        // The main process, whether or not it is still in the group (read directly when it
+        // is newer than the table).
+        let main = match table.stats(self.shared.pid) {
+            Some(m) => Ok(m),
+            None => sys::proc_stats(self.shared.pid),
+        };
+        match main {
             Ok(main) => {
                 stats.cpu_seconds = main.cpu_seconds + main.children_cpu_seconds;
                 if !members.contains(&self.shared.pid) {
@@ -555,16 +563,16 @@ impl InstanceHandle for ProcessHandle {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(e)),
         }
-        for pid in members {
-            // Members that exit during the scan are simply not counted.
-            if let Ok(p) = sys::proc_stats(pid) {
-                stats.memory_bytes += p.rss_bytes;
-                stats.pids += 1;
-            }
+        for p in members.iter().filter_map(|&pid| table.stats(pid)) {
+            stats.memory_bytes += p.rss_bytes;
+            stats.pids += 1;
         }
         Ok(stats)
     }
 }
+
+/// How old the shared `/proc` table may be when usage is read from it.
+const USAGE_MAX_AGE: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[cfg(test)]
 mod tests {

@@ -13,10 +13,12 @@
 //! must bring. A pidfd never has that problem, which is why signals to one chosen process
 //! go through [`pidfd_send_signal`].
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bulkhead_core::event::ExitStatus;
 use bulkhead_core::signal::Signal;
@@ -352,6 +354,84 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
     scan_proc(|st| st.pgrp == pgid && !st.is_zombie())
 }
 
+/// One read of every `/proc/<pid>/stat`, grouped by process group: what the usage of many
+/// instances is computed from, so that `list` or a metrics scrape of N instances costs one
+/// scan of `/proc`, not N (each of which read every process: N x processes).
+#[derive(Debug)]
+pub struct ProcTable {
+    stats: HashMap<u32, StatLine>,
+    /// Live (non-zombie) members of each process group.
+    groups: HashMap<u32, Vec<u32>>,
+    taken: Instant,
+}
+
+/// The shared [`ProcTable`] and the lock a scan is taken under.
+fn shared_table() -> &'static Mutex<Option<Arc<ProcTable>>> {
+    static TABLE: OnceLock<Mutex<Option<Arc<ProcTable>>>> = OnceLock::new();
+    TABLE.get_or_init(|| Mutex::new(None))
+}
+
+impl ProcTable {
+    /// Scans `/proc` now.
+    pub fn scan() -> ProcTable {
+        let mut stats = HashMap::new();
+        let mut groups: HashMap<u32, Vec<u32>> = HashMap::new();
+        if let Ok(dir) = fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                    continue;
+                };
+                // A process that exits during the scan is simply not in the table.
+                let Ok(st) = read_stat(pid) else { continue };
+                if !st.is_zombie() {
+                    groups.entry(st.pgrp).or_default().push(pid);
+                }
+                stats.insert(pid, st);
+            }
+        }
+        ProcTable {
+            stats,
+            groups,
+            taken: Instant::now(),
+        }
+    }
+
+    /// The shared table, scanned again when it is older than `max_age`. Callers that
+    /// arrive during a scan wait for it and share it (the lock is held across the scan):
+    /// concurrent requests never scan twice.
+    pub fn recent(max_age: Duration) -> Arc<ProcTable> {
+        let mut slot = shared_table().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = slot.as_ref() {
+            if t.taken.elapsed() <= max_age {
+                return Arc::clone(t);
+            }
+        }
+        let t = Arc::new(ProcTable::scan());
+        *slot = Some(Arc::clone(&t));
+        t
+    }
+
+    /// The live members of process group `pgid` when the table was taken.
+    pub fn group(&self, pgid: u32) -> &[u32] {
+        self.groups.get(&pgid).map_or(&[], Vec::as_slice)
+    }
+
+    /// CPU and memory use of `pid` when the table was taken.
+    pub fn stats(&self, pid: u32) -> Option<ProcStats> {
+        self.stats.get(&pid).map(ProcStats::of)
+    }
+
+    /// How many processes the table holds.
+    pub fn len(&self) -> usize {
+        self.stats.len()
+    }
+
+    /// Whether the table holds no process.
+    pub fn is_empty(&self) -> bool {
+        self.stats.is_empty()
+    }
+}
+
 /// CPU and memory use of one process, from `/proc/<pid>/stat`.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ProcStats {
@@ -387,13 +467,18 @@ fn page_size() -> u64 {
 /// CPU time (utime + stime, and the same for reaped children) and resident memory
 /// (rss pages x page size) of one process. `NotFound` when the process is gone.
 pub fn proc_stats(pid: u32) -> io::Result<ProcStats> {
-    let st = read_stat(pid)?;
-    let ticks = clock_ticks() as f64;
-    Ok(ProcStats {
-        cpu_seconds: (st.utime + st.stime) as f64 / ticks,
-        children_cpu_seconds: (st.cutime + st.cstime) as f64 / ticks,
-        rss_bytes: st.rss_pages.saturating_mul(page_size()),
-    })
+    Ok(ProcStats::of(&read_stat(pid)?))
+}
+
+impl ProcStats {
+    fn of(st: &StatLine) -> ProcStats {
+        let ticks = clock_ticks() as f64;
+        ProcStats {
+            cpu_seconds: (st.utime + st.stime) as f64 / ticks,
+            children_cpu_seconds: (st.cutime + st.cstime) as f64 / ticks,
+            rss_bytes: st.rss_pages.saturating_mul(page_size()),
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit and returns the new soft limit.
@@ -534,5 +619,31 @@ mod tests {
         assert!(!group_has_members(i32::MAX.unsigned_abs()));
         assert!(kill_group(i32::MAX.unsigned_abs(), Signal::TERM).is_ok());
         assert!(group_members(i32::MAX.unsigned_abs()).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod proc_table_tests {
+    use super::*;
+
+    #[test]
+    fn one_scan_finds_every_group_and_is_shared_while_recent() {
+        let me = std::process::id();
+        let t = ProcTable::scan();
+        let st = t
+            .stats
+            .get(&me)
+            .copied()
+            .expect("this process is in the table");
+        assert!(t.group(st.pgrp).contains(&me));
+        assert!(t.stats(me).is_some_and(|s| s.rss_bytes > 0));
+        assert!(t.len() > 1 && !t.is_empty());
+        // Shared while recent: one scan for every caller of a request.
+        let a = ProcTable::recent(Duration::from_secs(60));
+        let b = ProcTable::recent(Duration::from_secs(60));
+        assert!(Arc::ptr_eq(&a, &b));
+        // Scanned again once too old.
+        let c = ProcTable::recent(Duration::ZERO);
+        assert!(!Arc::ptr_eq(&a, &c));
     }
 }
