@@ -321,6 +321,7 @@ pub fn parse_stat(line: &str) -> Option<StatLine> {
 /// The pids in `/proc` whose stat line satisfies `pick` (processes that exit during the
 /// scan are skipped).
 fn scan_proc(pick: impl Fn(&StatLine) -> bool) -> Vec<u32> {
+    SCANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -365,6 +366,15 @@ pub struct ProcTable {
     taken: Instant,
 }
 
+/// How many times this process read every `/proc/<pid>/stat` (a [`ProcTable`], a group's
+/// members).
+static SCANS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many full scans of `/proc` this process made (for tests and diagnostics).
+pub fn proc_scans() -> u64 {
+    SCANS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The shared [`ProcTable`] and the lock a scan is taken under.
 fn shared_table() -> &'static Mutex<Option<Arc<ProcTable>>> {
     static TABLE: OnceLock<Mutex<Option<Arc<ProcTable>>>> = OnceLock::new();
@@ -374,6 +384,7 @@ fn shared_table() -> &'static Mutex<Option<Arc<ProcTable>>> {
 impl ProcTable {
     /// Scans `/proc` now.
     pub fn scan() -> ProcTable {
+        SCANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut stats = HashMap::new();
         let mut groups: HashMap<u32, Vec<u32>> = HashMap::new();
         if let Ok(dir) = fs::read_dir("/proc") {
