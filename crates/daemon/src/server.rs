@@ -232,11 +232,25 @@ impl Daemon {
             None
         };
         let keeper = match &cfg.keeper {
-            Some(program) => Some(Arc::new(
-                bulkhead_driver::keeper::client::KeeperDriver::new(
-                    connect_keeper(program, &cfg.state_dir).await?,
-                ),
-            )),
+            Some(program) => {
+                let (prog, state) = (program.clone(), cfg.state_dir.clone());
+                // A keeper that dies (kill -9, OOM) is replaced by the next spawn, the
+                // same way it was started here.
+                let restart: bulkhead_driver::keeper::client::Restart = Box::new(move || {
+                    let (prog, state) = (prog.clone(), state.clone());
+                    Box::pin(async move {
+                        connect_keeper(&prog, &state)
+                            .await
+                            .map_err(std::io::Error::other)
+                    })
+                });
+                Some(Arc::new(
+                    bulkhead_driver::keeper::client::KeeperDriver::new(
+                        connect_keeper(program, &cfg.state_dir).await?,
+                    )
+                    .with_restart(restart),
+                ))
+            }
             None => None,
         };
         // The instance table (with the durable events): what the last daemon knew.

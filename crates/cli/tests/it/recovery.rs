@@ -110,6 +110,48 @@ fn instances_die_with_the_keeper() {
     assert_eq!(e["signal"], 9);
 }
 
+/// Regression: after `kill -9` of the keeper, every later process launch failed with
+/// "cannot reach the keeper: Broken pipe". The next launch starts a new keeper, and the
+/// new instance lives under it.
+#[test]
+fn a_dead_keeper_is_replaced_by_the_next_launch() {
+    let d = Daemon::start(&[
+        (
+            "svc",
+            "name: svc\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+        ),
+        (
+            "other",
+            "name: other\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+        ),
+    ]);
+    let v = d.json(&["launch", "svc", "-o", "json"]);
+    let old_pid = v["pid"].as_u64().unwrap() as u32;
+    let keeper = d.keeper_pid().expect("a keeper runs");
+    // SAFETY: kill(2) on the keeper of this test's own state directory.
+    unsafe {
+        libc::kill(keeper as i32, libc::SIGKILL);
+    }
+    assert!(wait_gone(keeper) && wait_gone(old_pid));
+    d.wait_event("crash", |e| e["kind"] == "crashed");
+    let v = d.json(&["launch", "other", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    assert!(alive(pid));
+    let fresh = d.keeper_pid().expect("a new keeper runs");
+    assert_ne!(fresh, keeper);
+    // The new instance is the new keeper's child, so it is adopted after a daemon crash
+    // like any other.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid: u32 = stat
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert_eq!(ppid, fresh, "{stat}");
+}
+
 #[test]
 fn a_clean_shutdown_stops_the_keeper_too() {
     let mut d = Daemon::start(&[(

@@ -299,30 +299,86 @@ pub struct Adoptable {
     pub spawned: Spawned,
 }
 
+/// Starts a new keeper and connects to it (the daemon's start-up path, again).
+pub type Restart = Box<
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = io::Result<Arc<KeeperClient>>> + Send>,
+        > + Send
+        + Sync,
+>;
+
 /// The process driver, spawning through the keeper so that instances survive the daemon.
+///
+/// **A dead keeper is replaced.** Its instances die with it (their parent-death signal)
+/// and are reported crashed through their exit watches; the next spawn finds the
+/// connection closed and, with a [`Restart`], starts a new keeper first (one at a time:
+/// spawns that arrive meanwhile wait for it and use it).
 pub struct KeeperDriver {
-    client: Arc<KeeperClient>,
+    client: std::sync::Mutex<Arc<KeeperClient>>,
+    restart: Option<Restart>,
+    restarting: tokio::sync::Mutex<()>,
 }
 
 impl KeeperDriver {
     pub fn new(client: Arc<KeeperClient>) -> KeeperDriver {
-        KeeperDriver { client }
+        KeeperDriver {
+            client: std::sync::Mutex::new(client),
+            restart: None,
+            restarting: tokio::sync::Mutex::new(()),
+        }
     }
 
-    pub fn client(&self) -> &Arc<KeeperClient> {
-        &self.client
+    /// How to start a new keeper when the current one has died.
+    pub fn with_restart(mut self, restart: Restart) -> KeeperDriver {
+        self.restart = Some(restart);
+        self
+    }
+
+    /// The current keeper connection.
+    pub fn client(&self) -> Arc<KeeperClient> {
+        Arc::clone(&self.client.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A live connection: the current one, or (when that keeper died and a [`Restart`] is
+    /// set) a new keeper's.
+    async fn live_client(&self) -> Result<Arc<KeeperClient>, SpawnError> {
+        let current = self.client();
+        let Some(restart) = &self.restart else {
+            return Ok(current);
+        };
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        // RACE: spawns that find the keeper dead at the same time queue here; the first
+        // starts the new keeper, the others find it in place when they get the lock.
+        let _one = self.restarting.lock().await;
+        let current = self.client();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let fresh = restart().await.map_err(|e| {
+            SpawnError::Other(format!("the keeper died and a new one cannot start: {e}"))
+        })?;
+        tracing::warn!(
+            "the keeper (pid {:?}) died; started a new one (pid {:?})",
+            current.peer_pid(),
+            fresh.peer_pid()
+        );
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&fresh);
+        Ok(fresh)
     }
 
     fn spawned(
         &self,
+        client: &Arc<KeeperClient>,
         instance: String,
         pid: u32,
         pidfd: OwnedFd,
         stdout: Option<OwnedFd>,
         stderr: Option<OwnedFd>,
     ) -> Spawned {
-        let mut exit = self.client.exit_watch(pid);
-        let ack = self.client.clone();
+        let mut exit = client.exit_watch(pid);
+        let ack = Arc::clone(client);
         let handle = crate::process::foreign_handle(
             instance,
             pid,
@@ -349,7 +405,8 @@ impl KeeperDriver {
     /// killed, since nothing may run unseen.
     pub async fn adopt_all(&self) -> io::Result<Vec<Adoptable>> {
         let mut out = Vec::new();
-        for (reply, fds) in self.client.list().await? {
+        let client = self.client();
+        for (reply, fds) in client.list().await? {
             let Reply::Instance {
                 instance,
                 record,
@@ -373,7 +430,7 @@ impl KeeperDriver {
                 let _ = crate::sys::pidfd_send_signal(&pidfd, bulkhead_core::signal::Signal::KILL);
                 continue;
             };
-            let spawned = self.spawned(instance, pid, pidfd, out_fd, err_fd);
+            let spawned = self.spawned(&client, instance, pid, pidfd, out_fd, err_fd);
             out.push(Adoptable {
                 instance: id,
                 pid,
@@ -401,17 +458,38 @@ impl Driver for KeeperDriver {
         };
         let record = serde_json::to_string(&record)
             .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
-        let (pid, _start, pidfd, out, err) = self
-            .client
+        let mut client = self.live_client().await?;
+        let mut res = client
             .spawn(
                 spec.instance.as_str(),
-                record,
-                spec.argv,
-                spec.env,
-                spec.cwd,
+                record.clone(),
+                spec.argv.clone(),
+                spec.env.clone(),
+                spec.cwd.clone(),
             )
-            .await?;
-        Ok(self.spawned(spec.instance.to_string(), pid, pidfd, Some(out), Some(err)))
+            .await;
+        if res.is_err() && client.is_closed() && self.restart.is_some() {
+            // The keeper died during this request: once more, with a new one.
+            client = self.live_client().await?;
+            res = client
+                .spawn(
+                    spec.instance.as_str(),
+                    record,
+                    spec.argv,
+                    spec.env,
+                    spec.cwd,
+                )
+                .await;
+        }
+        let (pid, _start, pidfd, out, err) = res?;
+        Ok(self.spawned(
+            &client,
+            spec.instance.to_string(),
+            pid,
+            pidfd,
+            Some(out),
+            Some(err),
+        ))
     }
 }
 
