@@ -250,3 +250,45 @@ fn instances_that_died_with_their_keeper_are_lost_and_restarted_by_policy() {
     assert_eq!(mortal["state"], "failed");
     assert!(mortal["failure"].as_str().unwrap().contains("was gone"));
 }
+
+/// Regression: a `terminate` of a workload that ignores SIGTERM, then `kill -9` of the
+/// daemon during the grace: the restarted daemon adopted the instance as running and
+/// SIGKILL never came. The termination now resumes after adoption.
+#[test]
+fn a_termination_in_progress_survives_a_daemon_crash() {
+    let mut d = Daemon::start(&[(
+        "stubborn",
+        "name: stubborn\ncommand: [/bin/sh, -c, \"trap '' TERM; exec sleep 1000\"]\nshutdown: {grace: 3s}\n",
+    )]);
+    let v = d.json(&["launch", "stubborn", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    let mut term = std::process::Command::new(BIN)
+        .args([
+            "--socket",
+            &d.socket.display().to_string(),
+            "terminate",
+            &id,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    d.wait_event("terminating", |e| e["kind"] == "terminating");
+    wait_until("the table records stopping", || {
+        d.json(&["get", &id, "-o", "json"])["state"] == "stopping"
+    });
+    // Let the table's writer commit the stopping state, then crash mid-grace.
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill9();
+    let _ = term.wait();
+    assert!(
+        alive(pid),
+        "it ignores SIGTERM: still running within the grace"
+    );
+    d.spawn();
+    assert!(wait_gone(pid), "SIGKILL came after the grace");
+    d.wait_event("terminated", |e| {
+        e["instance"] == id.as_str() && e["kind"] == "terminated"
+    });
+}
