@@ -263,7 +263,11 @@ pub(crate) async fn recover(
             },
         };
         let restored = restored_of(&row);
+        let id = a.instance.clone();
         shared.adopt(a, restored, row.leases.clone());
+        if let Some(since_ms) = Shared::stop_in_progress(&row) {
+            shared.resume_stop(&id, since_ms);
+        }
         adopted += 1;
     }
     if adopted > 0 {

@@ -532,6 +532,27 @@ impl Shared {
     }
 
     /// Terminates an instance and returns it once every process is gone.
+    /// When `row` says its instance was stopping as the last daemon ended: since when
+    /// (wall clock, ms).
+    pub(crate) fn stop_in_progress(row: &crate::instances::InstanceRow) -> Option<u64> {
+        (row.state == "stopping").then_some(row.updated_ms)
+    }
+
+    /// Stops again an adopted instance that was stopping when the last daemon ended: its
+    /// signal again, and SIGKILL when what is left of the workload's grace since `since_ms`
+    /// runs out (a grace given to that one `terminate` request is not recorded: the
+    /// workload's applies).
+    pub(crate) fn resume_stop(&self, id: &InstanceId, since_ms: u64) {
+        let Some(slot) = self.get(id) else { return };
+        let elapsed = Duration::from_millis(crate::events::now_ms().saturating_sub(since_ms));
+        let left = slot.spec.shutdown.grace.saturating_sub(elapsed);
+        tracing::warn!(
+            "{id} was stopping when the last daemon ended; stopping it again (SIGKILL after {} ms)",
+            left.as_millis()
+        );
+        slot.terminate(Some(left));
+    }
+
     pub async fn terminate(&self, id: &InstanceId, grace: Option<Duration>) -> Option<View> {
         let slot = self.get(id)?;
         let mut rx = slot.subscribe();

@@ -296,32 +296,13 @@ impl Daemon {
                 let row = rows.remove(a.instance.as_str()).filter(|r| {
                     r.pid == Some(a.pid) && r.start_time.is_none_or(|t| t == a.start_time)
                 });
-                // A termination in progress when the last daemon died: resumed below, with
-                // what is left of the workload's grace since it began (a grace given to
-                // that one `terminate` request is not recorded: the workload's applies).
-                let stopping = row.as_ref().filter(|r| r.state == "stopping").map(|r| {
-                    (
-                        a.instance.clone(),
-                        r.updated_ms,
-                        a.record.spec.shutdown.grace,
-                    )
-                });
+                let stopping = row.as_ref().and_then(crate::Shared::stop_in_progress);
                 let (restored, leases) =
                     row.map(|r| (restored_of(&r), r.leases)).unwrap_or_default();
+                let id = a.instance.clone();
                 shared.adopt(a, restored, leases);
-                if let Some((id, since_ms, grace)) = stopping {
-                    let elapsed = std::time::Duration::from_millis(
-                        crate::events::now_ms().saturating_sub(since_ms),
-                    );
-                    let left = grace.saturating_sub(elapsed);
-                    tracing::warn!(
-                        "{id} was stopping when the last daemon ended; stopping it again \
-                         (SIGKILL after {} ms)",
-                        left.as_millis()
-                    );
-                    if let Some(slot) = shared.get(&id) {
-                        slot.terminate(Some(left));
-                    }
+                if let Some(since_ms) = stopping {
+                    shared.resume_stop(&id, since_ms);
                 }
             }
             if n > 0 {
