@@ -96,6 +96,8 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    #[error("state database {path} is empty (0 bytes): it was truncated, and its event history and instance table are gone; move it away to start with an empty history")]
+    Empty { path: PathBuf },
     #[error("cannot migrate state database {path} to schema version {version}: {source}")]
     Migrate {
         path: PathBuf,
@@ -123,6 +125,39 @@ pub enum StoreError {
     },
 }
 
+enum Fresh {
+    Io(std::io::Error),
+    Sql(rusqlite::Error),
+}
+
+/// Makes a new database at `path`: written (WAL header) under `<path>.new`, then renamed.
+fn create_fresh(path: &Path) -> Result<(), Fresh> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    // Left by a start that crashed here: it never held anything.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = tmp.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+    {
+        let conn = Connection::open(&tmp).map_err(Fresh::Sql)?;
+        let _: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(Fresh::Sql)?;
+        conn.close().map_err(|(_, e)| Fresh::Sql(e))?;
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(Fresh::Io)?;
+    std::fs::rename(&tmp, path).map_err(Fresh::Io)?;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
 /// Where committed events go. [`Store`] is the real one; tests use one that blocks.
 pub(crate) trait Sink: Send + 'static {
     /// Makes `events` (ids increasing) durable, all or none.
@@ -148,17 +183,35 @@ impl Store {
             path: path.to_owned(),
             source,
         };
+        let io_err = |source| StoreError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        // A new database is made under a temporary name and renamed into place once its
+        // header is written, so a file at `path` is never an empty one of ours: an
+        // existing empty file is a truncated database (history lost), refused rather than
+        // silently started afresh with ids from 1.
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() == 0 => {
+                return Err(StoreError::Empty {
+                    path: path.to_owned(),
+                })
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_fresh(path).map_err(|e| match e {
+                    Fresh::Io(source) => io_err(source),
+                    Fresh::Sql(source) => open_err(source),
+                })?
+            }
+            Err(e) => return Err(io_err(e)),
+        }
         // SQLite says only "unable to open database file"; the OS says why.
         std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
             .open(path)
-            .map_err(|source| StoreError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(io_err)?;
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -468,6 +521,40 @@ mod tests {
             .unwrap();
         assert_eq!(s.count().unwrap(), 1);
         assert_eq!(s.last_id().unwrap(), 2);
+    }
+
+    /// Regression: a 0-byte `bulkhead.db` was accepted silently: history gone, event ids
+    /// from 1 again.
+    #[test]
+    fn a_truncated_database_is_refused_not_started_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        {
+            let mut st = Store::open(&path, 100, Synchronous::Normal).unwrap();
+            st.append(&[ev(1, EventKind::Ready)]).unwrap();
+        }
+        std::fs::File::create(&path).unwrap(); // truncated to 0 bytes
+        let err = Store::open(&path, 100, Synchronous::Normal)
+            .err()
+            .expect("an empty database must not open");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains("empty"),
+            "{msg}"
+        );
+        // Still empty: nothing was started in its place.
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_new_database_appears_whole_under_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        drop(Store::open(&path, 100, Synchronous::Normal).unwrap());
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        assert!(!dir.path().join("bulkhead.db.new").exists());
+        // And it opens again, as an existing database.
+        drop(Store::open(&path, 100, Synchronous::Normal).unwrap());
     }
 
     #[test]

@@ -95,29 +95,36 @@ fn event_retention_bounds_what_is_kept_across_restarts() {
     );
 }
 
+/// Garbage, and (regression) a truncated, 0-byte database, which was accepted silently
+/// with its history gone: each stops the start with an error naming the file.
 #[test]
 fn a_state_database_that_is_not_a_database_stops_the_start_with_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    std::fs::create_dir_all(&state).unwrap();
-    let db = state.join("bulkhead.db");
-    std::fs::write(&db, vec![0x42u8; 4096]).unwrap();
-    let wl = dir.path().join("workloads");
-    std::fs::create_dir_all(&wl).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--no-keeper", "--workloads"])
-        .arg(&wl)
-        .arg("--state")
-        .arg(&state)
-        .arg("--socket")
-        .arg(dir.path().join("api.sock"))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(
-        err.contains(&db.display().to_string()) && err.contains("not a database"),
-        "{err}"
-    );
+    for (contents, says) in [
+        (vec![0x42u8; 4096], "not a database"),
+        (Vec::new(), "empty"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let db = state.join("bulkhead.db");
+        std::fs::write(&db, &contents).unwrap();
+        let wl = dir.path().join("workloads");
+        std::fs::create_dir_all(&wl).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["serve", "--no-keeper", "--workloads"])
+            .arg(&wl)
+            .arg("--state")
+            .arg(&state)
+            .arg("--socket")
+            .arg(dir.path().join("api.sock"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains(&db.display().to_string()) && err.contains(says),
+            "{err}"
+        );
+    }
 }
