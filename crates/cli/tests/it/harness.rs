@@ -310,6 +310,29 @@ pub fn cgroup_scope(state: &Path) -> String {
 }
 
 /// Instance cgroup directories under the scope, in every hierarchy.
+/// The daemon scope's own directories (`.../bulkhead/<scope>`) in every hierarchy.
+pub fn scope_dirs(scope: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, scope: &str, out: &mut Vec<PathBuf>, depth: u32) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !p.is_dir() || depth > 6 {
+                continue;
+            }
+            if p.file_name().is_some_and(|n| n == scope) {
+                out.push(p);
+            } else {
+                walk(&p, scope, out, depth + 1);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), scope, &mut out, 0);
+    out
+}
+
 pub fn instance_cgroups(scope: &str) -> Vec<PathBuf> {
     fn walk(dir: &Path, scope: &str, out: &mut Vec<PathBuf>, depth: u32) {
         let Ok(rd) = std::fs::read_dir(dir) else {

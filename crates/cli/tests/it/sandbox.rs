@@ -407,3 +407,22 @@ fn each_tenant_runs_as_its_own_unprivileged_host_uid() {
     all.dedup();
     assert_eq!(all.len(), 4, "tenants never share a range: {all:?}");
 }
+
+/// A clean shutdown leaves no cgroup scope directory in any hierarchy: the driver's scope
+/// goes with it (the `bulkhead` folder above stays: other daemons may hang theirs there).
+#[test]
+fn a_clean_shutdown_leaves_no_cgroup_scope_behind() {
+    let m = "name: sc\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nresources: {memory: 64Mi, pids: 32}\n";
+    let mut d = Daemon::start(&[("sc", m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    d.json(&["launch", "sc", "-o", "json"]);
+    let scope = cgroup_scope(&d.state);
+    assert!(
+        !scope_dirs(&scope).is_empty(),
+        "the scope exists while serving"
+    );
+    assert_eq!(d.sigterm().code(), Some(0));
+    assert_eq!(scope_dirs(&scope), Vec::<PathBuf>::new());
+}
