@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus / OpenMetrics text ([`crate::metrics`]) |
 //! | `GET /health` | JSON: status, uptime, instances by state, breakers not closed |
-//! | `GET /ready` | 200 `ready` while serving, 503 `shutting down` once shutdown began |
+//! | `GET /ready` | 200 `ready` while serving, 503 `shutting down` once shutdown began, 503 while the keeper is down (replaced at once) |
 //!
 //! HTTP/1.1 only, plain text, no authentication: bind it to a loopback or otherwise
 //! trusted address. It reads the registry and the metrics; it never changes anything.
@@ -155,6 +155,12 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Resp {
         "/ready" => {
             if shutting_down(sh) {
                 respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "shutting down\n")
+            } else if keeper_down(sh) {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    "the keeper is down (a new one is starting)\n",
+                )
             } else {
                 respond(StatusCode::OK, TEXT, "ready\n")
             }
@@ -192,6 +198,11 @@ fn shutting_down(sh: &Shared) -> bool {
     sh.shutting_down.load(Ordering::SeqCst)
 }
 
+/// The keeper (spawning process instances) is down: launches wait for a new one.
+fn keeper_down(sh: &Shared) -> bool {
+    sh.keeper.as_ref().is_some_and(|k| !k.is_up())
+}
+
 /// The `/health` document.
 pub(crate) fn health(sh: &Shared) -> serde_json::Value {
     let mut by_state = serde_json::Map::new();
@@ -215,7 +226,17 @@ pub(crate) fn health(sh: &Shared) -> serde_json::Value {
     let cat = sh.catalog();
     let valid = cat.entries.values().filter(|e| e.spec.is_ok()).count();
     serde_json::json!({
-        "status": if shutting_down(sh) { "shutting_down" } else { "serving" },
+        "status": if shutting_down(sh) {
+            "shutting_down"
+        } else if keeper_down(sh) {
+            "degraded"
+        } else {
+            "serving"
+        },
+        "keeper": sh.keeper.as_ref().map(|k| serde_json::json!({
+            "pid": k.client().peer_pid(),
+            "up": k.is_up(),
+        })),
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
         "uptime_seconds": sh.uptime().as_secs_f64(),

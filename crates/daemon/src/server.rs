@@ -244,12 +244,14 @@ impl Daemon {
                             .map_err(std::io::Error::other)
                     })
                 });
-                Some(Arc::new(
+                let k = Arc::new(
                     bulkhead_driver::keeper::client::KeeperDriver::new(
                         connect_keeper(program, &cfg.state_dir).await?,
                     )
                     .with_restart(restart),
-                ))
+                );
+                k.supervise();
+                Some(k)
             }
             None => None,
         };

@@ -363,8 +363,14 @@ impl bulkhead_api::Bulkhead for Service {
         self.authorize(&req, Scope::daemon())?;
         let cat = self.sh.catalog();
         let valid = cat.entries.values().filter(|e| e.spec.is_ok()).count();
+        // The truth while the keeper is down: process launches wait for a new one.
+        let keeper_down = self.sh.keeper.as_ref().is_some_and(|k| !k.is_up());
         Ok(Response::new(v1::HealthResponse {
-            status: "ok".into(),
+            status: if keeper_down {
+                "degraded: the keeper is down (a new one is starting)".into()
+            } else {
+                "ok".into()
+            },
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             uptime_ms: self.sh.uptime().as_millis() as u64,

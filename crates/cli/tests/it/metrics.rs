@@ -295,3 +295,58 @@ fn a_metrics_address_in_use_fails_start_up_naming_it() {
     );
     assert!(!socket.exists(), "the API socket is left behind");
 }
+
+/// While the keeper is down and a new one cannot start, `health` says `degraded` and
+/// `/ready` answers 503 (regression: both said ok while every process launch failed);
+/// once it can start again the daemon recovers by itself.
+#[test]
+fn health_and_ready_tell_the_truth_while_the_keeper_is_down() {
+    let addr = free_addr();
+    let d = Daemon::start_with_args(
+        &[(
+            "web",
+            "name: web\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+        )],
+        &["--metrics", &addr.to_string()],
+    );
+    assert_eq!(get(addr, "/ready").0, 200);
+    let keeper = d.keeper_pid().expect("a keeper runs");
+    // A new keeper cannot start: its log file is a folder.
+    let log = d.state.join("keeper.log");
+    std::fs::remove_file(&log).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    // SAFETY: kill(2) on the keeper of this test's own state directory.
+    unsafe {
+        libc::kill(keeper as i32, libc::SIGKILL);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = d.json(&["health", "-o", "json"]);
+        if h["status"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("degraded"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health never said degraded: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let (code, _, body) = get(addr, "/ready");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("keeper"), "{body}");
+    let (_, _, health) = get(addr, "/health");
+    assert!(health.contains("\"degraded\""), "{health}");
+    // It can start again: the daemon recovers without help.
+    std::fs::remove_dir(&log).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while get(addr, "/ready").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.json(&["health", "-o", "json"])["status"], "ok");
+    let v = d.json(&["launch", "web", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+}

@@ -111,10 +111,11 @@ fn instances_die_with_the_keeper() {
 }
 
 /// Regression: after `kill -9` of the keeper, every later process launch failed with
-/// "cannot reach the keeper: Broken pipe". The next launch starts a new keeper, and the
-/// new instance lives under it.
+/// "cannot reach the keeper: Broken pipe", while `health` said ok. A new keeper is started
+/// at once (before any launch asks), `health` is ok again, and a new instance lives under
+/// the new keeper.
 #[test]
-fn a_dead_keeper_is_replaced_by_the_next_launch() {
+fn a_dead_keeper_is_replaced_at_once() {
     let d = Daemon::start(&[
         (
             "svc",
@@ -134,6 +135,12 @@ fn a_dead_keeper_is_replaced_by_the_next_launch() {
     }
     assert!(wait_gone(keeper) && wait_gone(old_pid));
     d.wait_event("crash", |e| e["kind"] == "crashed");
+    wait_until("a new keeper, before any launch", || {
+        d.keeper_pid().is_some_and(|p| p != keeper)
+    });
+    wait_until("health ok again", || {
+        d.json(&["health", "-o", "json"])["status"] == "ok"
+    });
     let v = d.json(&["launch", "other", "-o", "json"]);
     assert_eq!(v["state"], "ready", "{v}");
     let pid = v["pid"].as_u64().unwrap() as u32;

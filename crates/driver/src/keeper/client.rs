@@ -46,6 +46,8 @@ pub struct KeeperClient {
     sock: AsyncFd<OwnedFd>,
     send_lock: tokio::sync::Mutex<()>,
     st: Mutex<State>,
+    /// Turns true when the connection closes (the keeper exited or died).
+    closed_tx: watch::Sender<bool>,
 }
 
 impl KeeperClient {
@@ -67,6 +69,7 @@ impl KeeperClient {
             sock,
             send_lock: tokio::sync::Mutex::new(()),
             st: Mutex::new(State::default()),
+            closed_tx: watch::Sender::new(false),
         });
         tokio::spawn(read_loop(Arc::downgrade(&client)));
         Ok(client)
@@ -190,6 +193,17 @@ impl KeeperClient {
     pub fn is_closed(&self) -> bool {
         self.state().closed
     }
+
+    /// Resolves once the connection has closed (at once if it already has).
+    pub async fn closed(&self) {
+        let mut rx = self.closed_tx.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// The daemon asked the keeper to exit (its closing the connection is expected).
+    pub fn is_shutting_down(&self) -> bool {
+        self.state().shutting_down
+    }
 }
 
 async fn read_loop(client: std::sync::Weak<KeeperClient>) {
@@ -219,6 +233,7 @@ async fn read_loop(client: std::sync::Weak<KeeperClient>) {
                     );
                 }
                 st.closed = true;
+                c.closed_tx.send_replace(true);
                 st.pending.clear();
                 st.lists.clear();
                 for tx in st.exits.values() {
@@ -332,6 +347,43 @@ impl KeeperDriver {
     pub fn with_restart(mut self, restart: Restart) -> KeeperDriver {
         self.restart = Some(restart);
         self
+    }
+
+    /// Replaces a keeper that dies at once, not only at the next spawn: a task that waits
+    /// for the connection to close and starts a new keeper (retrying with a growing pause
+    /// while that fails), until the daemon asks the keeper to exit. Needs a [`Restart`].
+    pub fn supervise(self: &Arc<Self>) {
+        if self.restart.is_none() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut pause = std::time::Duration::from_millis(100);
+            loop {
+                let Some(d) = me.upgrade() else { return };
+                let c = d.client();
+                drop(d);
+                c.closed().await;
+                if c.is_shutting_down() {
+                    return;
+                }
+                let Some(d) = me.upgrade() else { return };
+                match d.live_client().await {
+                    Ok(_) => pause = std::time::Duration::from_millis(100),
+                    Err(e) => {
+                        tracing::error!("{e}; trying again in {} ms", pause.as_millis());
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Whether the current keeper connection is up (false while a dead keeper is being
+    /// replaced, or when a new one cannot start).
+    pub fn is_up(&self) -> bool {
+        !self.client().is_closed()
     }
 
     /// The current keeper connection.
