@@ -217,6 +217,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "64Mi",
           value_parser = |s: &str| bulkhead_core::size::parse(s).map_err(|e| e.to_string()))]
     pub min_available_memory: u64,
+    /// At most N live instances; a launch that would create one more is refused (exit 9,
+    /// RESOURCE_EXHAUSTED). Default: no limit.
+    #[arg(long, value_name = "N")]
+    pub max_instances: Option<usize>,
     /// Do not start the sandbox driver.
     #[arg(long)]
     pub no_sandbox: bool,

@@ -22,6 +22,8 @@ pub const TIMEOUT: u8 = 6;
 pub const LAUNCH_FAILED: u8 = 7;
 pub const USAGE: u8 = 2;
 pub const PERMISSION_DENIED: u8 = 8;
+/// The daemon is at its limit of live instances.
+pub const AT_CAPACITY: u8 = 9;
 
 /// An error with a chosen exit code.
 #[derive(Debug)]
@@ -65,6 +67,7 @@ pub fn from_status(s: tonic::Status) -> anyhow::Error {
         Code::DeadlineExceeded => TIMEOUT,
         Code::Aborted => LAUNCH_FAILED,
         Code::Unauthenticated | Code::PermissionDenied => PERMISSION_DENIED,
+        Code::ResourceExhausted => AT_CAPACITY,
         _ => ERROR,
     };
     let mut msg = if s.message().is_empty() {

@@ -35,6 +35,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     cfg.metrics_addr = a.metrics;
     cfg.tcp = tcp;
     cfg.min_available_memory = a.min_available_memory;
+    cfg.max_instances = a.max_instances;
     cfg.sandbox = !a.no_sandbox;
     cfg.cgroup_favordynmods = a.cgroup_favordynmods;
     // The daemon process parents the instances: it reaps their orphans (and works as PID 1).

@@ -82,6 +82,8 @@ pub enum LaunchError {
     Lease(#[from] bulkhead_core::lease::LeaseError),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("the daemon already runs {limit} live instances, its limit (--max-instances); terminate one or raise the limit")]
+    AtCapacity { limit: usize },
     #[error("launch of {id} failed: {reason}")]
     Failed { id: InstanceId, reason: String },
     #[error("{id} is not {what} after {waited:?} (state {state}); it goes on starting in the background")]
@@ -498,6 +500,17 @@ impl Shared {
                     Some(s) if s.view.borrow().state == State::Stopping => s.subscribe(),
                     Some(s) if !s.view.borrow().state.is_terminal() => break (s.clone(), false),
                     _ => {
+                        // Admission, under the lock that creates instances: the count
+                        // cannot move between the check and the insert.
+                        if let Some(limit) = self.cfg.max_instances {
+                            let live = reg
+                                .values()
+                                .filter(|s| !s.view.borrow().state.is_terminal())
+                                .count();
+                            if live >= limit {
+                                return Err(LaunchError::AtCapacity { limit });
+                            }
+                        }
                         let slot =
                             instance::start(self, key.clone(), spec.clone(), entry.dir.clone());
                         reg.insert(id.clone(), slot.clone());

@@ -56,6 +56,9 @@ pub struct Config {
     /// A sandbox launch fails at once when `MemAvailable` is below this many bytes
     /// (0: no check).
     pub min_available_memory: u64,
+    /// At most this many live instances; a launch that would create one more is refused
+    /// (`None`: no limit).
+    pub max_instances: Option<usize>,
     /// Try to start the sandbox driver (it needs root and cgroups; `health` says why not).
     pub sandbox: bool,
     /// Remount the cgroup2 mount with `favordynmods` (system-wide; see the README).
@@ -92,6 +95,7 @@ impl Config {
             tcp: None,
             keeper: None,
             min_available_memory: bulkhead_sandbox::driver::DEFAULT_MIN_AVAILABLE_MEMORY,
+            max_instances: None,
             sandbox: true,
             cgroup_favordynmods: false,
             image_cache_max_count: None,

@@ -136,3 +136,28 @@ fn session_isolation_and_environment() {
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     assert!(stderr(&o).contains("session is required"), "{}", stderr(&o));
 }
+
+/// Admission: with `--max-instances 2`, a third live instance is refused (exit 9,
+/// naming the limit); reusing a running instance is not; a slot freed by a terminate is
+/// taken again.
+#[test]
+fn a_launch_past_max_instances_is_refused_naming_the_limit() {
+    let d = Daemon::start_with_args(
+        &[(
+            "s",
+            "name: s\nisolation: session\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+        )],
+        &["--max-instances", "2"],
+    );
+    d.json(&["launch", "s", "--session", "a", "-o", "json"]);
+    d.json(&["launch", "s", "--session", "b", "-o", "json"]);
+    let out = d.cli(&["launch", "s", "--session", "c"]);
+    assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--max-instances"), "{}", stderr(&out));
+    let again = d.json(&["launch", "s", "--session", "a", "-o", "json"]);
+    assert_eq!(again["created"], false);
+    let t = d.cli(&["terminate", "session:a:s"]);
+    assert!(t.status.success(), "{}", stderr(&t));
+    let c = d.json(&["launch", "s", "--session", "c", "-o", "json"]);
+    assert_eq!(c["created"], true);
+}
