@@ -1201,14 +1201,7 @@ unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
                 // ORDER: read-only while still detached, then attached: the path is
                 // never writable through the new mount.
                 let ok = set_readonly_at(fd, c"".as_ptr(), AT_EMPTY_PATH | AT_RECURSIVE)
-                    && libc::syscall(
-                        libc::SYS_move_mount,
-                        fd,
-                        c"".as_ptr(),
-                        libc::AT_FDCWD,
-                        path.as_ptr(),
-                        MOVE_MOUNT_F_EMPTY_PATH,
-                    ) == 0;
+                    && attach(fd, path.as_ptr());
                 libc::close(fd);
                 ok
             }
@@ -1226,14 +1219,7 @@ unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
                 if fd < 0 {
                     return false;
                 }
-                let ok = libc::syscall(
-                    libc::SYS_move_mount,
-                    fd,
-                    c"".as_ptr(),
-                    libc::AT_FDCWD,
-                    path.as_ptr(),
-                    MOVE_MOUNT_F_EMPTY_PATH,
-                ) == 0;
+                let ok = attach(fd as RawFd, path.as_ptr());
                 libc::close(fd as RawFd);
                 ok
             }
@@ -1309,6 +1295,24 @@ unsafe fn run_mount(op: &MountOp, slots: *mut RawFd) -> bool {
                 ok
             }
         }
+    }
+}
+
+/// `move_mount` of the detached tree `fd` onto `target`.
+///
+/// # Safety
+/// `target` is NUL-terminated; `fd` is a detached tree from `open_tree`.
+unsafe fn attach(fd: RawFd, target: *const libc::c_char) -> bool {
+    // SAFETY: as the caller's; the empty path names `fd` itself.
+    unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target,
+            MOVE_MOUNT_F_EMPTY_PATH,
+        ) == 0
     }
 }
 

@@ -334,25 +334,9 @@ pub fn scope_dirs(scope: &str) -> Vec<PathBuf> {
 }
 
 pub fn instance_cgroups(scope: &str) -> Vec<PathBuf> {
-    fn walk(dir: &Path, scope: &str, out: &mut Vec<PathBuf>, depth: u32) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if !p.is_dir() || depth > 6 {
-                continue;
-            }
-            if p.file_name().is_some_and(|n| n == scope) {
-                if let Ok(inner) = std::fs::read_dir(&p) {
-                    out.extend(inner.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
-                }
-            } else {
-                walk(&p, scope, out, depth + 1);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(Path::new("/sys/fs/cgroup"), scope, &mut out, 0);
-    out
+    scope_dirs(scope)
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()))
+        .collect()
 }
