@@ -839,17 +839,7 @@ where
                     let status = Status::permission_denied(message);
                     let identity = Identity::Local { uid }.name();
                     return Box::pin(async move {
-                        let entry = AuditEntry {
-                            time_ms: now_ms(),
-                            identity,
-                            transport,
-                            peer,
-                            action,
-                            key: None,
-                            code: status.code(),
-                            message: status.message().to_owned(),
-                            authorized: false,
-                        };
+                        let entry = AuditEntry::refused(identity, transport, peer, action, &status);
                         audit.record_unauthenticated(entry).await;
                         Ok(status.into_http())
                     });
@@ -868,17 +858,8 @@ where
                 "the token is not valid"
             });
             return Box::pin(async move {
-                let entry = AuditEntry {
-                    time_ms: now_ms(),
-                    identity: "anonymous".to_owned(),
-                    transport,
-                    peer,
-                    action,
-                    key: None,
-                    code: status.code(),
-                    message: status.message().to_owned(),
-                    authorized: false,
-                };
+                let entry =
+                    AuditEntry::refused("anonymous".to_owned(), transport, peer, action, &status);
                 audit.record_unauthenticated(entry).await;
                 Ok(status.into_http())
             });
@@ -957,6 +938,27 @@ pub struct AuditEntry {
 }
 
 impl AuditEntry {
+    /// A request refused before it reached a service method (no identity proven).
+    fn refused(
+        identity: String,
+        transport: &'static str,
+        peer: Option<SocketAddr>,
+        action: String,
+        status: &Status,
+    ) -> AuditEntry {
+        AuditEntry {
+            time_ms: now_ms(),
+            identity,
+            transport,
+            peer,
+            action,
+            key: None,
+            code: status.code(),
+            message: status.message().to_owned(),
+            authorized: false,
+        }
+    }
+
     /// The JSON line (without the newline). String fields are [`bounded`].
     pub fn to_json(&self) -> String {
         self.json().to_string()

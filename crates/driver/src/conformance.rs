@@ -176,6 +176,15 @@ impl Running {
         &*self.spawned.handle
     }
 
+    /// The instance's stdout pipe (the check fails if the driver gave none).
+    pub fn take_stdout(&mut self) -> std::os::fd::OwnedFd {
+        let what = &self.what;
+        self.spawned
+            .stdout
+            .take()
+            .unwrap_or_else(|| panic!("{what}: the driver returned no stdout pipe"))
+    }
+
     /// `wait()`, bounded by the deadline.
     pub async fn wait(&self) -> ExitStatus {
         within(format!("{} to end", self.what), self.handle().wait()).await
@@ -545,11 +554,7 @@ pub async fn spawn_error_is_reported(driver: &dyn Driver, fx: &Fixture) {
 pub async fn stdout_is_captured(driver: &dyn Driver, fx: &Fixture) {
     let mut run = start(driver, fx, "stdout", "echo hello; echo oops >&2").await;
     let what = run.what.clone();
-    let out = run
-        .spawned
-        .stdout
-        .take()
-        .unwrap_or_else(|| panic!("{what}: the driver returned no stdout pipe"));
+    let out = run.take_stdout();
     let err = run
         .spawned
         .stderr
@@ -588,11 +593,7 @@ pub async fn no_descriptor_is_inherited(driver: &dyn Driver, fx: &Fixture) {
     )
     .await;
     let what = run.what.clone();
-    let out = run
-        .spawned
-        .stdout
-        .take()
-        .unwrap_or_else(|| panic!("{what}: the driver returned no stdout pipe"));
+    let out = run.take_stdout();
     let out = within(format!("{what} output"), read_all(out)).await;
     let status = run.wait().await;
     // SAFETY: ours, opened above.
