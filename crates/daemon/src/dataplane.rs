@@ -5,6 +5,18 @@
 //! The iceoryx2 side lives in `bulkhead_sdk::manager`, started on first use, so a daemon
 //! whose workloads declare no channels never touches shared memory. Its calls block (they
 //! create files in `/dev/shm`), so they run on tokio's blocking pool.
+//!
+//! **Not yet: the data plane per scope** (issue #11). Today channel workloads share the
+//! host's `/dev/shm` and iceoryx2 root, so a sandbox with channels must open
+//! `user_namespace: host`. The design: one *channel space* per tenant, a size-bounded
+//! tmpfs at `<state>/channels/<tenant>` holding the tenant's `shm/` and iceoryx2 root;
+//! iceoryx2's `/dev/shm` is a build-time constant, but a mount namespace is per thread
+//! (`unshare(CLONE_NEWNS)` implies `CLONE_FS` and is allowed in a threaded process), so
+//! the manager runs one thread per space that binds the space's `shm/` over its own
+//! `/dev/shm` and sets its fsuid to the tenant's mapped uid (files belong to the tenant,
+//! so the default user namespace works); walls bind `shm/` at `/dev/shm`; host tools
+//! (`pipe`, the SDK's `Host`) enter the space the same way (`Get` returns its path);
+//! the space is unmounted when the tenant's last channel instance is final.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};

@@ -15,7 +15,11 @@
 //!    daemon's host ids, but no capability on the host), then become root *inside*: `setgroups(0)` (drops the daemon's supplementary groups, root's group
 //!    among them, which would otherwise still count on host files), `setresgid(0)`,
 //!    `setresuid(0)`. From here every access to host files is made as the mapped uid,
-//!    with capabilities that count only inside the namespace.
+//!    with capabilities that count only inside the namespace. The uid switch clears the
+//!    parent-death signal: it is set again right after.
+//!
+//!    The user namespace is the default (`user_namespace: auto`: the driver picks the
+//!    tenant's id range); `user_namespace: host` leaves it out.
 //! 3. v1 cgroups: write `0` into every v1 `cgroup.procs` opened before the clone. The
 //!    cgroup2 membership came with the clone itself (`CLONE_INTO_CGROUP`): no window.
 //!    The v1 window is our own code before exec, never the workload. The kernel checks
@@ -23,12 +27,22 @@
 //!    user namespace too; the cgroup directories stay the daemon's (not delegated).
 //! 4. `setsid()`: the instance leads its own session and process group (the notify socket
 //!    accepts messages from the group).
-//! 5. hostname, `lo` up (new network namespace), the mount program ([`MountOp`]).
+//! 5. hostname, `lo` up (new network namespace), the mount program ([`MountOp`]). With
+//!    the default minimal root: a tmpfs on `/tmp` becomes `/` (`pivot_root`; on an
+//!    initial ramfs, which refuses it, a move over `/` and a chroot, as `switch_root`
+//!    does), the system directories are attached read-only, the old root stays at
+//!    [`OLD_ROOT`] until `/proc` (and `/sys`) are mounted (a user namespace may only mount
+//!    them while a full one is visible), runc's read-only and masked paths follow, then
+//!    the old root is detached and the root tmpfs made read-only.
 //! 6. With init: block every signal, `clone(SIGCHLD)` (raw: glibc's `fork` runs atfork
 //!    handlers that take malloc locks another thread of the daemon may have held at the
 //!    clone), the new process (`W`, PID 2) continues below, `C` becomes the init loop.
 //! 7. `W`: default signal dispositions and an empty mask, stdio, `chdir`, the capability
 //!    bounding set, uid/gid, capability sets, `no_new_privs`, seccomp, `execve`.
+//!
+//! The init overwrites its copy of the daemon's argument and environment areas with
+//! `bulkhead-init <id>` and makes itself non-dumpable; `W`'s last step before exec marks
+//! every descriptor above 2 close-on-exec.
 //!
 //! Any failure before exec writes `(stage, errno)` into the error pipe (close-on-exec)
 //! and exits 127: the parent reads either that record or end-of-file (exec succeeded).
