@@ -31,7 +31,7 @@
 //!    the default minimal root: a tmpfs on `/tmp` becomes `/` (`pivot_root`; on an
 //!    initial ramfs, which refuses it, a move over `/` and a chroot, as `switch_root`
 //!    does), the system directories are attached read-only, the old root stays at
-//!    [`OLD_ROOT`] until `/proc` (and `/sys`) are mounted (a user namespace may only mount
+//!    `/.bulkhead-old-root` until `/proc` (and `/sys`) are mounted (a user namespace may only mount
 //!    them while a full one is visible), runc's read-only and masked paths follow, then
 //!    the old root is detached and the root tmpfs made read-only.
 //! 6. With init: block every signal, `clone(SIGCHLD)` (raw: glibc's `fork` runs atfork
@@ -116,7 +116,7 @@ pub(crate) enum MountOp {
     /// Everything below `/` read-only (`mount_setattr` with `AT_RECURSIVE`).
     ReadOnlyRoot,
     /// The minimal root: a tmpfs mounted on `/tmp` becomes `/` (`pivot_root`), the old
-    /// root stays attached at [`OLD_ROOT`] until [`MountOp::DetachOldRoot`] (a fresh
+    /// root stays attached at `/.bulkhead-old-root` until [`MountOp::DetachOldRoot`] (a fresh
     /// `/proc` or `/sys` may only be mounted in a user namespace while a full one is
     /// visible in the mount namespace, as bubblewrap does it).
     PivotToTmpfs,
