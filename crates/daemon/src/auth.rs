@@ -42,7 +42,7 @@
 //! isolation is not seen (the key is formed again by the launch itself).
 //!
 //! The audit log ([`AuditLog`]) is `<state>/audit.log`, JSON lines, rotated to
-//! `audit.log.1` at the daemon's `--log-max-bytes`. See [`AuditLog`] for what is written
+//! `audit.log.1` (and older generations) at the daemon's `--log-max-bytes`. See [`AuditLog`] for what is written
 //! and in which order.
 
 use bulkhead_core::time::rfc3339;

@@ -1006,4 +1006,13 @@ async fn escape_filling_dev_shm_stops_at_the_memory_limit_and_goes_with_the_inst
         "neither OOM-killed nor stopped at the limit: {st}, {out}"
     );
     assert!(!Path::new(&format!("/dev/shm/{name}")).exists());
+    // Control: with the limit lifted (no `resources:`), the same fill goes through.
+    let mut r = start(&d, spec(&fx, "shm-fill-open", &script, "")).await;
+    let out = within("stdout", read_all(r.spawned.stdout.take().unwrap())).await;
+    assert_eq!(r.wait().await, OK, "{out}");
+    assert!(
+        out.contains(&format!("wrote {}", 96 << 20)),
+        "control: {out}"
+    );
+    assert!(!Path::new(&format!("/dev/shm/{name}")).exists());
 }
