@@ -985,7 +985,7 @@ async fn escape_filling_dev_shm_stops_at_the_memory_limit_and_goes_with_the_inst
     let fx = Fixture::temp();
     let name = format!("bulkhead-fill-{}", std::process::id());
     let script = format!(
-        "head -c 96M /dev/zero > /dev/shm/{name} 2>/dev/null; echo wrote $(wc -c < /dev/shm/{name})"
+        "dd if=/dev/zero of=/dev/shm/{name} bs=1048576 count=96 2>/dev/null; echo wrote $(wc -c < /dev/shm/{name})"
     );
     let mut r = start(
         &d,
