@@ -122,6 +122,7 @@ fn main() -> anyhow::Result<()> {
     let iox2 = bulkhead_sdk::Iox2 {
         prefix: inst.iox2_prefix.clone(),
         root: inst.iox2_root.clone().map(Into::into),
+        space: inst.channel_space.clone().map(Into::into),
     };
     let host = bulkhead_sdk::Host::new(&iox2)?;
     // The process wall always; the others where their driver works here.

@@ -317,7 +317,8 @@ async fn driver_once(
         ],
         cwd: PathBuf::from("/"),
         spec: Arc::clone(workload),
-        binds: vec![path.to_owned()],
+        binds: vec![bulkhead_driver::Bind::same(path)],
+        ids: None,
     };
     let spawned = d.spawn(spec).await?;
     let sock = tokio::net::UnixDatagram::from_std({

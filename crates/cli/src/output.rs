@@ -55,6 +55,7 @@ pub fn instance_json(i: &v1::Instance) -> Value {
         })).collect::<Vec<_>>(),
         "iox2_prefix": i.iox2_prefix,
         "iox2_root": i.iox2_root,
+        "channel_space": i.channel_space,
     })
 }
 

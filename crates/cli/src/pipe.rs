@@ -73,6 +73,7 @@ async fn channel(
     let iox2 = Iox2 {
         prefix: inst.iox2_prefix.clone(),
         root: inst.iox2_root.clone().map(Into::into),
+        space: inst.channel_space.clone().map(Into::into),
     };
     Ok((ch, iox2))
 }

@@ -287,51 +287,120 @@ impl Channels {
     }
 }
 
-/// Why `spec`'s channels cannot work for a daemon running as `daemon_uid`, if they cannot.
+/// Where an instance's channels live.
 ///
-/// iceoryx2 creates its files mode 0600 and `/dev/shm` is sticky: only the user who runs
-/// the daemon (which creates the services) can open them, and the daemon can reclaim only
-/// what the workload created as that user. A walled workload that runs as another host
-/// uid would fail on its first channel; the launch says why instead. (A docker `user:`
-/// given by name is resolved inside the image, which the daemon cannot see; it passes.)
-pub fn user_conflict(spec: &crate::spec::WorkloadSpec, daemon_uid: u32) -> Option<String> {
+/// **Invariant — one scope, one space, one owner.** A walled instance (sandbox, docker)
+/// sees only its key scope's *channel space*: a size-bounded tmpfs of its own, shown at
+/// `/dev/shm` and at iceoryx2's root. iceoryx2 creates its files mode 0600, so every
+/// instance of a space must run as the same host user: the space's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Space {
+    /// The host's `/dev/shm` and iceoryx2 root: the process driver, which is no wall.
+    Host,
+    /// The space of a key scope ([`space_name`]), owned by the host ids its workloads
+    /// run as.
+    Scope { name: String, uid: u32, gid: u32 },
+}
+
+/// The directory name of `key`'s channel space: `shared`, `ns.<namespace>` or
+/// `session.<session>` (names contain no `/` and no `.` that could make two scopes meet).
+pub fn space_name(key: &Key) -> String {
+    scope(key).replacen('/', ".", 1)
+}
+
+/// The tenant whose id range an instance maps (`user_namespace: auto`): its namespace,
+/// its session, or its workload when shared; but every shared instance *with channels*
+/// maps the range of the shared scope, `shared`, since they share one channel space (a
+/// pipeline under no key connects them) and so must run as one host user.
+pub fn ids_tenant(id: &crate::key::InstanceId, spec: &crate::spec::WorkloadSpec) -> String {
+    if spec.channels.is_some() && id.as_str().starts_with("shared:") {
+        return "shared".to_owned();
+    }
+    crate::sandbox::id_tenant(id)
+}
+
+/// Whether the daemon must reserve a host id range for an instance of `spec` before its
+/// spawn: a sandbox in an automatic user namespace.
+pub fn needs_ids(spec: &crate::spec::WorkloadSpec) -> bool {
+    use crate::sandbox::UserNs;
+    spec.driver == crate::spec::DriverKind::Sandbox
+        && matches!(
+            spec.sandbox.as_ref().map(|s| &s.user_namespace),
+            None | Some(UserNs::Auto)
+        )
+}
+
+/// The channel space of an instance of `spec` under `key` (`None`: it has no channels).
+///
+/// `ids` is the range reserved for its tenant (`user_namespace: auto`), `daemon` the
+/// daemon's own `(uid, gid)`. The owner is the host user the workload runs as: root
+/// inside a user namespace is the range's first id (plus `sandbox.user`); a docker
+/// container runs as `docker.user`, which must then be numeric (a name is resolved inside
+/// the image, after the space must already belong to it).
+pub fn space_of(
+    spec: &crate::spec::WorkloadSpec,
+    key: &Key,
+    ids: Option<crate::sandbox::UserNamespace>,
+    daemon: (u32, u32),
+) -> Result<Option<Space>, String> {
+    use crate::sandbox::UserNs;
     use crate::spec::DriverKind;
-    spec.channels.as_ref()?;
-    let (field, host_uid) = match spec.driver {
-        DriverKind::Process => return None,
+    if spec.channels.is_none() {
+        return Ok(None);
+    }
+    let (uid, gid) = match spec.driver {
+        DriverKind::Process => return Ok(Some(Space::Host)),
         DriverKind::Sandbox => {
-            // No section: the defaults, an automatic user namespace.
             let default = crate::sandbox::SandboxSpec::default();
             let sb = spec.sandbox.as_ref().unwrap_or(&default);
-            let inner = sb.user.as_ref().map(|u| u.uid);
-            match (&sb.user_namespace, inner) {
-                (crate::sandbox::UserNs::Map(ns), inner) => (
-                    "sandbox.user_namespace",
-                    ns.uid.saturating_add(inner.unwrap_or(0)),
+            let inner = sb.user.as_ref().map_or((0, 0), |u| (u.uid, u.gid()));
+            let ns = match &sb.user_namespace {
+                UserNs::Host => None,
+                UserNs::Map(m) => Some(*m),
+                UserNs::Auto => Some(ids.ok_or_else(|| {
+                    "no host id range was reserved for the instance's tenant".to_owned()
+                })?),
+            };
+            match ns {
+                Some(ns) => (
+                    ns.uid.saturating_add(inner.0),
+                    ns.gid().saturating_add(inner.1),
                 ),
-                (crate::sandbox::UserNs::Auto, _) => {
-                    return Some(format!(
-                        "channels in a sandbox need `sandbox.user_namespace: host` for now: \
-                         iceoryx2's shared memory is private to the daemon's user (uid \
-                         {daemon_uid}), and the default user namespace runs the workload as \
-                         an unprivileged uid of its tenant's range"
-                    ));
-                }
-                (crate::sandbox::UserNs::Host, Some(uid)) => ("sandbox.user", uid),
-                (crate::sandbox::UserNs::Host, None) => return None,
+                None if sb.user.is_some() => inner,
+                None => daemon,
             }
         }
-        DriverKind::Docker => {
-            let user = spec.docker.as_ref()?.user.as_deref()?;
-            let uid = user.split(':').next()?.parse::<u32>().ok()?;
-            ("docker.user", uid)
-        }
+        DriverKind::Docker => match spec.docker.as_ref().and_then(|d| d.user.as_deref()) {
+            None => (0, 0),
+            Some(user) => {
+                let mut parts = user.splitn(2, ':');
+                let num = |p: Option<&str>| p.and_then(|v| v.parse::<u32>().ok());
+                let uid = num(parts.next());
+                let group = parts.next();
+                match (uid, group) {
+                    (Some(u), None) => (u, 0),
+                    (Some(u), Some(g)) => match g.parse::<u32>() {
+                        Ok(g) => (u, g),
+                        Err(_) => return Err(docker_user_error(user)),
+                    },
+                    (None, _) => return Err(docker_user_error(user)),
+                }
+            }
+        },
     };
-    (host_uid != daemon_uid).then(|| {
-        format!(
-            "channels need the workload to run as the daemon's user (uid {daemon_uid}):              iceoryx2's shared memory is private to its owner, and {field} makes the              workload uid {host_uid} on the host"
-        )
-    })
+    Ok(Some(Space::Scope {
+        name: space_name(key),
+        uid,
+        gid,
+    }))
+}
+
+fn docker_user_error(user: &str) -> String {
+    format!(
+        "docker.user {user:?}: channels need a numeric user (uid or uid:gid): the channel \
+         space is given to that host user before the container starts, and a name is only \
+         known inside the image"
+    )
 }
 
 #[cfg(test)]
@@ -476,45 +545,101 @@ mod tests {
     }
 
     #[test]
-    fn walled_workloads_with_channels_must_run_as_the_daemons_user() {
+    fn each_walled_instance_gets_its_scopes_space_owned_by_the_user_it_runs_as() {
+        use crate::sandbox::UserNamespace;
         use crate::spec::parse_manifest;
-        let check = |extra: &str, uid: u32| {
+        let key = Key::new("w", Isolation::Session, None, Some("s1")).unwrap();
+        let ids = UserNamespace {
+            uid: 1 << 30,
+            gid: Some(1 << 30),
+            count: 65536,
+        };
+        let space = |extra: &str| {
             let m =
                 format!("name: w\ncommand: [x]\nchannels: {{outputs: [{{name: out}}]}}\n{extra}");
-            user_conflict(&parse_manifest("m.yaml", "w", &m).unwrap(), uid)
+            space_of(
+                &parse_manifest("m.yaml", "w", &m).unwrap(),
+                &key,
+                Some(ids),
+                (0, 0),
+            )
         };
-        assert_eq!(check("", 0), None);
-        // The default sandbox runs in a user namespace of its own: refused with the way out.
-        let e = check("driver: sandbox\n", 0).unwrap();
-        assert!(e.contains("user_namespace: host"), "{e}");
-        let host = "driver: sandbox\nsandbox: {user_namespace: host";
-        assert_eq!(check(&format!("{host}}}\n"), 1000), None);
+        let scope = |uid, gid| {
+            Ok(Some(Space::Scope {
+                name: "session.s1".into(),
+                uid,
+                gid,
+            }))
+        };
+        assert_eq!(space(""), Ok(Some(Space::Host)), "process: no wall");
+        assert_eq!(space("driver: sandbox\n"), scope(1 << 30, 1 << 30));
         assert_eq!(
-            check(&format!("{host}, user: {{uid: 1000}}}}\n"), 1000),
-            None
+            space("driver: sandbox\nsandbox: {user: {uid: 70, gid: 71}}\n"),
+            scope((1 << 30) + 70, (1 << 30) + 71)
         );
-        let e = check(&format!("{host}, user: {{uid: 1000}}}}\n"), 0).unwrap();
-        assert!(e.contains("sandbox.user") && e.contains("uid 1000"), "{e}");
-        let e = check(
-            "driver: sandbox\nsandbox: {user_namespace: {uid: 100000}}\n",
-            0,
+        assert_eq!(
+            space("driver: sandbox\nsandbox: {user_namespace: host}\n"),
+            scope(0, 0)
+        );
+        assert_eq!(
+            space("driver: sandbox\nsandbox: {user_namespace: host, user: {uid: 1000}}\n"),
+            scope(1000, 1000)
+        );
+        assert_eq!(
+            space("driver: sandbox\nsandbox: {user_namespace: {uid: 100000}}\n"),
+            scope(100000, 100000)
+        );
+        let docker = |user: &str| format!("driver: docker\ndocker: {{image: i{user}}}\n");
+        assert_eq!(space(&docker("")), scope(0, 0));
+        assert_eq!(space(&docker(", user: '1000:1001'")), scope(1000, 1001));
+        assert_eq!(space(&docker(", user: '1000'")), scope(1000, 0));
+        let e = space(&docker(", user: app")).unwrap_err();
+        assert!(e.contains("docker.user") && e.contains("numeric"), "{e}");
+        // No reservation for an automatic user namespace is a daemon bug, said so.
+        let m = "name: w\ncommand: [x]\ndriver: sandbox\nchannels: {outputs: [{name: o}]}\n";
+        assert!(space_of(&parse_manifest("m.yaml", "w", m).unwrap(), &key, None, (0, 0)).is_err());
+        // Without channels there is no space.
+        let m = "name: w\ncommand: [x]\ndriver: sandbox\n";
+        assert_eq!(
+            space_of(&parse_manifest("m.yaml", "w", m).unwrap(), &key, None, (0, 0)),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn spaces_are_named_by_scope_and_shared_channel_instances_share_one_range() {
+        use crate::key::InstanceId;
+        use crate::spec::parse_manifest;
+        let k = |iso, ns: Option<&str>, s: Option<&str>| Key::new("w", iso, ns, s).unwrap();
+        assert_eq!(space_name(&k(Isolation::None, None, None)), "shared");
+        assert_eq!(space_name(&k(Isolation::Namespace, Some("t1"), None)), "ns.t1");
+        assert_eq!(
+            space_name(&k(Isolation::Session, None, Some("s1"))),
+            "session.s1"
+        );
+        let with = parse_manifest(
+            "m.yaml",
+            "w",
+            "name: w\ncommand: [x]\ndriver: sandbox\nchannels: {outputs: [{name: o}]}\n",
         )
         .unwrap();
-        assert!(e.contains("uid 100000"), "{e}");
-        let docker = |user: &str| format!("driver: docker\ndocker: {{image: i, user: '{user}'}}\n");
-        assert!(check(&docker("1000:1000"), 0).is_some());
-        assert_eq!(check(&docker("0"), 0), None);
-        assert_eq!(
-            check(&docker("app"), 0),
-            None,
-            "a name is resolved in the image"
-        );
-        // Without channels there is nothing to share.
-        let m = "name: w\ncommand: [x]\ndriver: sandbox\nsandbox: {user: {uid: 1000}}\n";
-        assert_eq!(
-            user_conflict(&parse_manifest("m.yaml", "w", m).unwrap(), 0),
-            None
-        );
+        let without = parse_manifest("m.yaml", "w", "name: w\ncommand: [x]\ndriver: sandbox\n")
+            .unwrap();
+        let shared = InstanceId::parse("shared:w").unwrap().0;
+        let session = InstanceId::parse("session:s1:w").unwrap().0;
+        assert_eq!(ids_tenant(&shared, &with), "shared");
+        assert_eq!(ids_tenant(&shared, &without), "shared:w");
+        assert_eq!(ids_tenant(&session, &with), "session:s1");
+        assert!(needs_ids(&with) && needs_ids(&without));
+        let host = parse_manifest(
+            "m.yaml",
+            "w",
+            "name: w\ncommand: [x]\ndriver: sandbox\nsandbox: {user_namespace: host}\n",
+        )
+        .unwrap();
+        assert!(!needs_ids(&host));
+        let process = parse_manifest("m.yaml", "w", "name: w\ncommand: [x]\n").unwrap();
+        assert!(!needs_ids(&process));
     }
 
     #[test]

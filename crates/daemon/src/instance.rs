@@ -56,8 +56,9 @@ pub struct View {
     pub consecutive_failures: u32,
     /// The data plane's channels of this instance (empty without `channels:`).
     pub channels: Vec<bulkhead_core::channels::ResolvedChannel>,
-    /// The iceoryx2 installation (file prefix, root directory) they live in.
-    pub iox2: Option<(Option<String>, Option<String>)>,
+    /// The iceoryx2 installation (file prefix, root directory) they live in, and the
+    /// host path of their channel space (walled drivers).
+    pub iox2: Option<(Option<String>, Option<String>, Option<String>)>,
 }
 
 impl View {
@@ -89,6 +90,8 @@ pub struct Slot {
     leases: Mutex<std::collections::BTreeSet<String>>,
     /// The environment of the current run, for `bulkhead exec` (set at each spawn).
     exec_env: Mutex<Option<Vec<(String, String)>>>,
+    /// The host id range of its tenant, held from the first spawn until it is final.
+    ids: Mutex<Option<crate::dataplane::IdHold>>,
 }
 
 impl Slot {
@@ -281,7 +284,7 @@ pub(crate) fn start_with(
             .channels
             .as_ref()
             .map(|_| crate::dataplane::iox2_for(&sh.cfg.state_dir))
-            .map(|i| (i.prefix, i.root.map(|r| r.display().to_string()))),
+            .map(|i| (i.prefix.clone(), Some(i.root_dir().display().to_string()), None)),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let slot = Arc::new(Slot {
@@ -299,6 +302,7 @@ pub(crate) fn start_with(
         handle: Mutex::new(None),
         leases: Mutex::new(leases.into_iter().collect()),
         exec_env: Mutex::new(None),
+        ids: Mutex::new(None),
     });
     tokio::spawn(run(slot.clone(), sh.clone(), rx, origin));
     slot
@@ -408,7 +412,7 @@ async fn run(
         handle = Some(a.spawned.handle);
         started_at_ms = crate::events::now_ms();
         // Hold its channels again (the workload's node kept them alive meanwhile).
-        if let Err(e) = crate::dataplane::acquire(&sh, &slot).await {
+        if let Err(e) = crate::dataplane::acquire(&sh, &slot, None).await {
             tracing::warn!("{}: cannot reopen channels: {e}", slot.id);
         }
     }
@@ -536,6 +540,7 @@ async fn run(
         // dead node reclaimed, the services dropped).
         if inst.state().is_terminal() {
             crate::dataplane::release(&sh, &slot).await;
+            slot.ids.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
         // An event is durable before any client can see its effect in the View.
         sh.events.wait_durable(last_event).await;
@@ -724,13 +729,24 @@ async fn spawn(
         *port,
         notify.as_ref().map(|n| n.path().display().to_string()),
     );
+    // The tenant's host ids, held until the instance is final: its channel space
+    // belongs to them.
+    let ids = {
+        let mut held = slot.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_none() {
+            *held = sh
+                .reserve_ids(slot)
+                .map_err(|e| format!("cannot start instance {}: {e}", slot.id))?;
+        }
+        held.as_ref().map(|h| h.ids)
+    };
     // The data plane: channels exist before the workload starts (it opens them).
-    let (channel_env, mut binds) = crate::dataplane::acquire(sh, slot)
+    let (channel_env, mut binds) = crate::dataplane::acquire(sh, slot, ids)
         .await
         .map_err(|e| format!("cannot create channels: {e}"))?;
     env.extend(channel_env);
     let argv = resolve_argv(slot, env)?;
-    binds.extend(notify.iter().map(|n| n.path().to_path_buf()));
+    binds.extend(notify.iter().map(|n| bulkhead_driver::Bind::same(n.path())));
     let spawned = driver
         .spawn(SpawnSpec {
             instance: slot.id.clone(),
@@ -739,6 +755,7 @@ async fn spawn(
             cwd: slot.dir.clone(),
             spec: spec.clone(),
             binds,
+            ids,
         })
         .await
         .map_err(|e| e.to_string())?;

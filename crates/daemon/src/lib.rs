@@ -125,8 +125,11 @@ pub struct Shared {
     /// When the state directory is a copy of another daemon's: that daemon's id. The
     /// processes its instance table names are then that daemon's, never signalled here.
     pub(crate) state_copied_from: Option<String>,
-    /// The data plane's manager, started on first use (`dataplane`).
-    pub(crate) dataplane: std::sync::OnceLock<Result<Arc<bulkhead_sdk::manager::Manager>, String>>,
+    /// The data plane: its channel spaces and their managers.
+    pub(crate) dataplane: crate::dataplane::DataPlane,
+    /// The host id ranges of `user_namespace: auto`, one per live tenant (the daemon
+    /// reserves them: a channel space belongs to its tenant's ids before the spawn).
+    pub(crate) ids: std::sync::Mutex<bulkhead_core::sandbox::IdBlocks>,
 }
 
 /// The sandbox driver's cgroup subtree name for a daemon id (`docker::load_daemon_id`):
@@ -215,7 +218,8 @@ impl Shared {
             keeper,
             instances,
             sandbox,
-            dataplane: std::sync::OnceLock::new(),
+            dataplane: Default::default(),
+            ids: crate::dataplane::id_blocks(),
         }
     }
 

@@ -373,6 +373,9 @@ impl Daemon {
             );
         }
         shared.resume_unrecorded(&cat);
+        // Every instance that outlived the last daemon is back: the channel spaces none
+        // of them needs are its leftovers.
+        crate::dataplane::sweep(&shared);
         tracing::info!(
             "serving {} workloads from {} on {}",
             cat.entries.len(),
@@ -441,9 +444,7 @@ impl Daemon {
             k.client().shutdown().await;
         }
         // Every instance is gone: the data plane reclaims and removes what is left.
-        if let Some(Ok(m)) = self.shared.dataplane.get().cloned() {
-            let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
-        }
+        self.shared.dataplane.shutdown().await;
         if let Some(tx) = self.stop_server.take() {
             let _ = tx.send(());
         }

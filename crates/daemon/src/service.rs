@@ -143,6 +143,7 @@ pub fn instance_proto(v: &View) -> v1::Instance {
             .collect(),
         iox2_prefix: v.iox2.as_ref().and_then(|i| i.0.clone()),
         iox2_root: v.iox2.as_ref().and_then(|i| i.1.clone()),
+        channel_space: v.iox2.as_ref().and_then(|i| i.2.clone()),
     }
 }
 

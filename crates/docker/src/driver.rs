@@ -130,7 +130,7 @@ pub(crate) fn container_config(
     let mut binds: Vec<String> = spec
         .binds
         .iter()
-        .map(|p| format!("{}:{}", p.display(), p.display()))
+        .map(|b| format!("{}:{}", b.source.display(), b.target.display()))
         .collect();
     for m in &dk.mounts {
         let src = if Path::new(&m.source).is_absolute() {
@@ -143,7 +143,7 @@ pub(crate) fn container_config(
     }
     let workdir = match &dk.workdir {
         Some(w) => Some(w.clone()),
-        None if spec.binds.iter().any(|b| under(&spec.cwd, b)) => {
+        None if spec.binds.iter().any(|b| under(&spec.cwd, &b.target)) => {
             if !spec.cwd.is_dir() {
                 return Err(SpawnError::Other(format!(
                     "cannot start in {}: no such directory",

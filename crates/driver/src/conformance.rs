@@ -135,10 +135,11 @@ impl Fixture {
             cwd: self.workdir.clone(),
             spec: Arc::new(workload),
             binds: if self.bind_workdir {
-                vec![self.workdir.clone()]
+                vec![crate::Bind::same(&self.workdir)]
             } else {
                 Vec::new()
             },
+            ids: None,
         }
     }
 }

@@ -44,10 +44,32 @@ pub struct SpawnSpec {
     pub cwd: PathBuf,
     /// The workload as launched, for driver-specific sections.
     pub spec: Arc<WorkloadSpec>,
-    /// Host paths the instance must reach at the same path whatever its walls: its notify
-    /// socket, the data plane's shared-memory directories. Drivers that hide the host's
-    /// file system (sandbox, docker) bind each one in, read-write.
-    pub binds: Vec<PathBuf>,
+    /// Host paths the instance must reach whatever its walls: its notify socket (at the
+    /// same path), its channel space (at `/dev/shm` and iceoryx2's root). Drivers that
+    /// hide the host's file system (sandbox, docker) bind each one in, read-write.
+    pub binds: Vec<Bind>,
+    /// The host ids the daemon reserved for the instance's tenant: a driver that maps a
+    /// user namespace by itself (the sandbox's `user_namespace: auto`) maps this range.
+    /// `None`: the driver picks one.
+    pub ids: Option<bulkhead_core::sandbox::UserNamespace>,
+}
+
+/// A host path shown to an instance at `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub target: PathBuf,
+}
+
+impl Bind {
+    /// `path` at the same path.
+    pub fn same(path: impl Into<PathBuf>) -> Bind {
+        let p = path.into();
+        Bind {
+            source: p.clone(),
+            target: p,
+        }
+    }
 }
 
 /// A started instance.

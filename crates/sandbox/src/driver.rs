@@ -267,6 +267,9 @@ impl SandboxDriver {
         match sb.user_namespace {
             UserNs::Host => Ok((None, None)),
             UserNs::Map(m) => Ok((Some(m), None)),
+            // The daemon reserved its tenant's range (it needs the ids before the spawn:
+            // the instance's channel space belongs to them).
+            UserNs::Auto if spec.ids.is_some() => Ok((spec.ids, None)),
             UserNs::Auto => {
                 let tenant = id_tenant(&spec.instance);
                 let map = lock(&self.ids).acquire(&tenant).map_err(|e| {
@@ -342,9 +345,9 @@ impl SandboxDriver {
         let mut binds: Vec<BindPlan> = spec
             .binds
             .iter()
-            .map(|p| BindPlan {
-                source: p.clone(),
-                target: p.clone(),
+            .map(|b| BindPlan {
+                source: b.source.clone(),
+                target: b.target.clone(),
                 readonly: false,
             })
             .collect();
@@ -396,7 +399,7 @@ impl SandboxDriver {
         if let Some(ns) = &userns {
             // The spawn's notify socket was made for this instance by the daemon (root):
             // root inside (the mapped uid) must be allowed to send to it.
-            for p in &spec.binds {
+            for p in spec.binds.iter().map(|b| &b.source) {
                 let is_socket = p
                     .symlink_metadata()
                     .is_ok_and(|m| m.file_type().is_socket());

@@ -23,7 +23,7 @@ impl Driver for WithWorkdir {
     }
 
     async fn spawn(&self, mut spec: SpawnSpec) -> Result<Spawned, SpawnError> {
-        spec.binds.push(spec.cwd.clone());
+        spec.binds.push(bulkhead_driver::Bind::same(&spec.cwd));
         if self.1 {
             let mut w = (*spec.spec).clone();
             w.sandbox

@@ -50,7 +50,7 @@ fn spec(fx: &Fixture, name: &str, script: &str, extra: &str) -> SpawnSpec {
         .unwrap_or_else(|e| panic!("{e}"));
     w.command = s.argv.clone();
     s.spec = Arc::new(w);
-    s.binds.push(fx.workdir.clone());
+    s.binds.push(bulkhead_driver::Bind::same(&fx.workdir));
     // The default wall runs the workload as an unprivileged uid of its tenant's range.
     open_to_all(&fx.workdir);
     s

@@ -5,6 +5,7 @@ fn main() {
     let iox2 = bulkhead_sdk::Iox2 {
         prefix: Some(a[1].clone()),
         root: None,
+        space: None,
     };
     let host = bulkhead_sdk::Host::new(&iox2).unwrap();
     let p = host.publisher(&a[2], 1 << 20).unwrap();

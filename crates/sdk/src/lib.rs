@@ -37,6 +37,7 @@ use iceoryx2::prelude::*;
 
 pub mod manager;
 mod port;
+pub mod space;
 mod workload;
 
 pub use bulkhead_core::channels::{Direction, ResolvedChannel};
@@ -50,11 +51,17 @@ pub type Ipc = ipc::Service;
 /// in the root directory), and the root directory (iceoryx2's default, `/tmp/iceoryx2`,
 /// when `None`). The daemon picks one per state directory and passes it to workloads as
 /// `BULKHEAD_IOX2_PREFIX` / `BULKHEAD_IOX2_ROOT`.
+///
+/// On the host, `space` names the channel space a walled instance's channels live in
+/// ([`space`]): a [`Host`] enters it first. A workload never sets it: its walls already
+/// show its space at the usual paths.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Iox2 {
     /// `None`: iceoryx2's default (`iox2_`).
     pub prefix: Option<String>,
     pub root: Option<PathBuf>,
+    /// The host path of the channel space, if the channels are in one.
+    pub space: Option<PathBuf>,
 }
 
 /// iceoryx2's default root directory.
@@ -67,6 +74,7 @@ impl Iox2 {
         Iox2 {
             prefix: var(bulkhead_core::channels::ENV_IOX2_PREFIX),
             root: var(bulkhead_core::channels::ENV_IOX2_ROOT).map(PathBuf::from),
+            space: None,
         }
     }
 
@@ -105,6 +113,8 @@ pub enum OpenError {
     Config { what: String, reason: String },
     #[error("cannot create iceoryx2 node: {0}")]
     Node(String),
+    #[error("{0}")]
+    Space(String),
     #[error("invalid channel service name {0:?}")]
     Name(String),
     #[error("cannot open channel {service}: {reason} (is the instance running?)")]
@@ -123,8 +133,12 @@ pub struct Host {
 }
 
 impl Host {
-    /// A host node in the given installation.
+    /// A host node in the given installation. With a channel space, the calling thread
+    /// enters it first, for good ([`space::enter`]: root only).
     pub fn new(iox2: &Iox2) -> Result<Host, OpenError> {
+        if let Some(sp) = &iox2.space {
+            space::enter(sp, &iox2.root_dir()).map_err(|e| OpenError::Space(e.to_string()))?;
+        }
         Ok(Host {
             node: new_node(iox2, &format!("bulkhead-host:{}", std::process::id()))?,
         })
@@ -185,14 +199,24 @@ pub(crate) fn service_name(service: &str) -> Result<ServiceName, OpenError> {
     ServiceName::new(service).map_err(|_| OpenError::Name(service.to_owned()))
 }
 
-/// Files of this installation in `/dev/shm` and under its root directory (names that
+/// Files of this installation in `/dev/shm` and under its root directory (or in its
+/// channel space's folders, read from the host without entering it; names that
 /// start with its prefix), except the one `.global_mgmt` segment iceoryx2 keeps per
 /// installation (a persistent node counter, not per channel). Empty when nothing of a
 /// channel, node or port is left.
 pub fn leftover_files(iox2: &Iox2) -> Vec<PathBuf> {
     let prefix = iox2.prefix.clone().unwrap_or_else(|| "iox2_".into());
     let mut out = Vec::new();
-    let mut dirs = vec![PathBuf::from("/dev/shm"), iox2.root_dir()];
+    let shm = match &iox2.space {
+        Some(sp) => space::shm_dir(sp),
+        None => PathBuf::from("/dev/shm"),
+    };
+    let mut dirs = vec![
+        shm.clone(),
+        iox2.space
+            .as_deref()
+            .map_or_else(|| iox2.root_dir(), space::root_dir),
+    ];
     while let Some(d) = dirs.pop() {
         let Ok(rd) = std::fs::read_dir(&d) else {
             continue;
@@ -200,7 +224,7 @@ pub fn leftover_files(iox2: &Iox2) -> Vec<PathBuf> {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let path = e.path();
-            if d != std::path::Path::new("/dev/shm") && e.file_type().is_ok_and(|t| t.is_dir()) {
+            if d != shm && e.file_type().is_ok_and(|t| t.is_dir()) {
                 dirs.push(path);
             } else if name.starts_with(&prefix) && !name.ends_with(".global_mgmt") {
                 out.push(path);
@@ -230,6 +254,7 @@ mod tests {
         let cfg = super::Iox2 {
             prefix: Some("iox2_bhunit_".into()),
             root: Some("/tmp/iceoryx2".into()),
+            space: None,
         }
         .config()
         .unwrap();
@@ -238,6 +263,7 @@ mod tests {
         assert!(super::Iox2 {
             prefix: Some("bad/prefix".into()),
             root: None,
+            space: None,
         }
         .config()
         .is_err());

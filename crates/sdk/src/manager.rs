@@ -96,6 +96,14 @@ impl Manager {
         let thread = std::thread::Builder::new()
             .name("bulkhead-dataplane".into())
             .spawn(move || {
+                // A space's manager thread lives in it (its own mount namespace and the
+                // owner's file-system ids) before iceoryx2 touches a file.
+                if let Some(sp) = &cfg.space {
+                    if let Err(e) = crate::space::enter(sp, &cfg.root_dir()) {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
                 let node = match new_node(&cfg, &format!("bulkhead-daemon:{}", std::process::id()))
                 {
                     Ok(n) => n,
@@ -332,6 +340,7 @@ mod tests {
         Iox2 {
             prefix: Some(format!("iox2_bhtest{}_", std::process::id())),
             root: None,
+            space: None,
         }
     }
 

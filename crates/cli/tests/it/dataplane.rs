@@ -104,6 +104,7 @@ pub(crate) fn iox2_of(d: &Daemon, id: &str) -> bulkhead_sdk::Iox2 {
     bulkhead_sdk::Iox2 {
         prefix: v["iox2_prefix"].as_str().map(str::to_owned),
         root: v["iox2_root"].as_str().map(PathBuf::from),
+        space: v["channel_space"].as_str().map(PathBuf::from),
     }
 }
 
@@ -111,8 +112,16 @@ pub(crate) fn iox2_of(d: &Daemon, id: &str) -> bulkhead_sdk::Iox2 {
 pub(crate) fn data_segments(iox2: &bulkhead_sdk::Iox2) -> Vec<PathBuf> {
     bulkhead_sdk::leftover_files(iox2)
         .into_iter()
-        .filter(|p| p.starts_with("/dev/shm") && p.extension().is_some_and(|e| e == "data"))
+        .filter(|p| p.starts_with(shm_of(iox2)) && p.extension().is_some_and(|e| e == "data"))
         .collect()
+}
+
+/// The folder an installation's `/dev/shm` is on the host: its channel space's, or the
+/// host's own.
+pub(crate) fn shm_of(iox2: &bulkhead_sdk::Iox2) -> PathBuf {
+    iox2.space
+        .as_deref()
+        .map_or_else(|| PathBuf::from("/dev/shm"), bulkhead_sdk::space::shm_dir)
 }
 
 /// Stops the daemon, then removes the one file iceoryx2 keeps per installation (its

@@ -24,9 +24,8 @@ fn walled_echo(driver: &str, command: &str, extra: &str) -> String {
 
 /// The `sandbox:` section that makes the workspace (the examples, the SDK) and the echo
 /// binary visible inside, read-only: the minimal root shows neither, and a checkout may
-/// live under `/tmp`, which is private. Channels need the host's ids for now
-/// (`user_namespace: host`, an opening: iceoryx2's files are private to the daemon's
-/// user).
+/// live under `/tmp`, which is private. Otherwise the default wall: the instance's
+/// channels are in its session's channel space, which belongs to its tenant's ids.
 fn sandbox_section(extra: &str) -> String {
     let workspace = std::fs::canonicalize(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
         .expect("the workspace");
@@ -35,7 +34,7 @@ fn sandbox_section(extra: &str) -> String {
         .expect("the echo binary's folder")
         .to_owned();
     format!(
-        "sandbox: {{user_namespace: host, binds: [{{source: {:?}, readonly: true}}, {{source: {:?}, readonly: true}}]{extra}}}\n",
+        "sandbox: {{binds: [{{source: {:?}, readonly: true}}, {{source: {:?}, readonly: true}}]{extra}}}\n",
         workspace.display().to_string(),
         bin_dir.display().to_string()
     )
@@ -272,43 +271,57 @@ fn python_workload_in_docker_on_a_debootstrap_image_round_trips() {
     stop_and_clean(d, &iox2);
 }
 
+/// iceoryx2's files are private to their owner: the walled instances of one scope's
+/// channel space must run as one host user. Another user is refused with the reason, and
+/// gets a space of its own under another key.
 #[test]
-fn a_walled_workload_with_channels_under_another_user_is_refused_with_the_reason() {
-    let m = walled_echo(
+fn walled_instances_of_one_space_must_run_as_one_host_user() {
+    let m = walled_echo("sandbox", echo_bin(), &sandbox_section(""));
+    let host = walled_echo(
         "sandbox",
         echo_bin(),
-        &sandbox_section(", user: {uid: 65534}"),
-    );
-    let d = Daemon::start(&[("echo", &m)]);
+        &sandbox_section(", user_namespace: host"),
+    )
+    .replacen("name: echo", "name: echo2", 1);
+    let d = Daemon::start(&[("echo", &m), ("echo2", &host)]);
     if !crate::sandbox::sandbox_available(&d) {
         return;
     }
-    let out = d.cli(&["launch", "echo", "--session", "u1"]);
+    assert_eq!(launch(&d, "echo", "u1")["state"], "ready");
+    let out = d.cli(&["launch", "echo2", "--session", "u1"]);
     assert!(!out.status.success(), "the launch is refused");
     let err = stderr(&out);
     assert!(
-        err.contains("channels need the workload to run as the daemon's user")
-            && err.contains("sandbox.user")
-            && err.contains("65534"),
+        err.contains("channel space of session.u1 belongs to host uid")
+            && err.contains("would run as uid 0"),
         "{err}"
     );
+    assert_eq!(launch(&d, "echo2", "u2")["state"], "ready");
+    round_trip(&d, "session:u2:echo2", "input", "session:u2:echo2", "output");
+    round_trip(&d, "session:u1:echo", "input", "session:u1:echo", "output");
 }
 
-/// The default sandbox runs in a user namespace of its tenant's own: channels (private
-/// to the daemon's user for now) are refused with the way out, before anything starts.
+/// A docker container with channels must name its user by number: the space is given
+/// to that user before the container starts.
 #[test]
-fn a_default_sandbox_with_channels_is_refused_naming_the_opening() {
-    let section = sandbox_section("").replacen("user_namespace: host, ", "", 1);
-    assert!(!section.contains("user_namespace"), "{section}");
-    let m = walled_echo("sandbox", echo_bin(), &section);
-    let d = Daemon::start(&[("echo", &m)]);
-    if !crate::sandbox::sandbox_available(&d) {
+fn a_docker_user_given_by_name_with_channels_is_refused_with_the_reason() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
         return;
     }
-    let out = d.cli(&["launch", "echo", "--session", "u2"]);
+    let m = walled_echo(
+        "docker",
+        "/bulkhead/echo",
+        &format!("{}  user: nobody\n", echo_mounts()),
+    );
+    let d = Daemon::start(&[("echo", &m)]);
+    let out = d.cli(&["launch", "echo", "--session", "u3"]);
     assert!(!out.status.success(), "the launch is refused");
     let err = stderr(&out);
-    assert!(err.contains("user_namespace: host"), "{err}");
+    assert!(
+        err.contains("docker.user \"nobody\"") && err.contains("numeric"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -321,8 +334,14 @@ fn python_workload_in_the_sandbox_round_trips_and_its_crash_releases_shared_memo
         "/../../examples/workloads/echo-python/main.py"
     );
     // The same python3 the test found, which may live under /root (pyenv) with its
-    // iceoryx2 binding: the host's root is opened, read-only, for it.
-    let m = walled_echo("sandbox", "python3", &sandbox_section(", root: host")).replacen(
+    // iceoryx2 binding: the host's root is opened, read-only, for it, and the host's ids
+    // (/root is private to its owner).
+    let m = walled_echo(
+        "sandbox",
+        "python3",
+        &sandbox_section(", root: host, user_namespace: host"),
+    )
+    .replacen(
         "command: [\"python3\"]",
         &format!("command: [python3, {main:?}]"),
         1,
