@@ -353,3 +353,147 @@ fn python_workload_in_the_sandbox_round_trips_and_its_crash_releases_shared_memo
     }
     round_trip_then_crash(d, kill_sandboxed);
 }
+
+/// What tenant `tb` sees and can do, from inside its instance (`bulkhead exec`), of
+/// tenant `ta`'s channels (`driver` runs both): its listing of `/dev/shm` and iceoryx2's
+/// root, and whether it could read and write a data segment of `ta`'s. Returns the
+/// listing, the attack's output, `ta`'s file names and `tb`'s.
+fn cross_tenant(driver: &str, extra: &str) -> Option<(String, String, Vec<String>, Vec<String>)> {
+    let m = walled_echo(driver, echo_bin(), extra);
+    let d = Daemon::start(&[("echo", &m)]);
+    if driver == "sandbox" && !crate::sandbox::sandbox_available(&d) {
+        return None;
+    }
+    for s in ["ta", "tb"] {
+        assert_eq!(launch(&d, "echo", s)["state"], "ready");
+    }
+    round_trip(&d, "session:ta:echo", "input", "session:ta:echo", "output");
+    let names = |id: &str| -> Vec<(PathBuf, String)> {
+        bulkhead_sdk::leftover_files(&iox2_of(&d, id))
+            .into_iter()
+            .map(|p| {
+                let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                (p, n)
+            })
+            .collect()
+    };
+    let a = names("session:ta:echo");
+    let b = names("session:tb:echo");
+    // The workload's output publisher: a data segment of ta's.
+    let seg = a
+        .iter()
+        .find(|(p, _)| p.extension().is_some_and(|e| e == "data"))
+        .map(|(_, n)| n.clone())
+        .expect("ta has a data segment");
+    let listing = d.cli(&[
+        "exec",
+        "session:tb:echo",
+        "--",
+        "sh",
+        "-c",
+        "ls -aR /dev/shm /tmp/iceoryx2",
+    ]);
+    let attack = d.cli(&[
+        "exec",
+        "session:tb:echo",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "dd if=/dev/shm/{seg} bs=1 count=1 2>&1 >/dev/null && echo READ; \
+             printf x | dd of=/dev/shm/{seg} bs=1 count=1 conv=notrunc,nocreat 2>&1 && echo WROTE"
+        ),
+    ]);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // Only ta's channel files: the per-state-dir prefix keeps other runs out.
+    let own = |v: Vec<(PathBuf, String)>| v.into_iter().map(|(_, n)| n).collect();
+    Some((text(&listing), text(&attack), own(a), own(b)))
+}
+
+/// The data plane per scope: a sandboxed tenant lists, reads and writes only its own
+/// scope's shared memory and service records. Control: two process workloads (no wall)
+/// share the host's `/dev/shm`, and the same attack reads and writes the other's segment.
+#[test]
+fn a_tenant_cannot_list_read_or_write_another_tenants_channels() {
+    let Some((listing, attack, a, b)) = cross_tenant("sandbox", &sandbox_section("")) else {
+        return;
+    };
+    assert!(!a.is_empty() && !b.is_empty());
+    for n in &b {
+        assert!(listing.contains(n.as_str()), "tb sees its own {n}:\n{listing}");
+    }
+    // Names both have (a node's `node.details`) say nothing; ta's services, nodes and
+    // segments have names of their own.
+    let only_a: Vec<&String> = a.iter().filter(|n| !b.contains(n)).collect();
+    assert!(only_a.iter().any(|n| n.ends_with(".data")), "{a:?}");
+    for n in only_a {
+        assert!(!listing.contains(n.as_str()), "tb sees ta's {n}:\n{listing}");
+    }
+    assert!(
+        !attack.contains("READ") && !attack.contains("WROTE"),
+        "{attack}"
+    );
+    assert!(attack.contains("No such file"), "{attack}");
+
+    let (listing, attack, a, _) = cross_tenant("process", "").expect("process runs anywhere");
+    assert!(
+        a.iter()
+            .filter(|n| n.ends_with(".data"))
+            .all(|n| listing.contains(n.as_str())),
+        "the control: without a wall tb lists ta's segments:\n{listing}"
+    );
+    assert!(
+        attack.contains("READ") && attack.contains("WROTE"),
+        "the control: {attack}"
+    );
+}
+
+/// A tenant's channel space is bounded (what the channels declare, plus a little), and
+/// what a workload leaves there goes with the space when the scope's last channel
+/// instance is final: a 256 MiB fill of `/dev/shm` stops short, and is gone afterwards.
+#[test]
+fn a_channel_space_is_bounded_and_goes_with_its_last_instance() {
+    let m = walled_echo("sandbox", echo_bin(), &sandbox_section(""));
+    let d = Daemon::start(&[("echo", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    assert_eq!(launch(&d, "echo", "tf")["state"], "ready");
+    let space = iox2_of(&d, "session:tf:echo")
+        .space
+        .expect("a sandboxed instance's channels are in a space");
+    assert!(space.ends_with("channels/session.tf"), "{}", space.display());
+    let out = d.cli(&[
+        "exec",
+        "session:tf:echo",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/dev/shm/fill bs=1048576 count=256 2>&1; wc -c < /dev/shm/fill",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("No space left"), "{text}");
+    let written: u64 = text
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a byte count: {text}"));
+    assert!(
+        written > 0 && written < 64 << 20,
+        "{written} bytes written into a space sized for two 64 KiB channels"
+    );
+    assert!(bulkhead_sdk::space::shm_dir(&space).join("fill").exists());
+    let o = d.cli(&["terminate", "session:tf:echo"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !space.exists(),
+        "the space went with its last instance: {}",
+        space.display()
+    );
+}
