@@ -336,7 +336,7 @@ pub fn needs_ids(spec: &crate::spec::WorkloadSpec) -> bool {
 /// daemon's own `(uid, gid)`. The owner is the host user the workload runs as: root
 /// inside a user namespace is the range's first id (plus `sandbox.user`); a docker
 /// container runs as `docker.user`, which must then be numeric (a name is resolved inside
-/// the image, after the space must already belong to it).
+/// the image, after the space must already belong to it), else as the daemon's ids.
 pub fn space_of(
     spec: &crate::spec::WorkloadSpec,
     key: &Key,
@@ -370,8 +370,9 @@ pub fn space_of(
                 None => daemon,
             }
         }
+        // Without `docker.user` the driver runs a channel container as the daemon's ids.
         DriverKind::Docker => match spec.docker.as_ref().and_then(|d| d.user.as_deref()) {
-            None => (0, 0),
+            None => daemon,
             Some(user) => {
                 let mut parts = user.splitn(2, ':');
                 let num = |p: Option<&str>| p.and_then(|v| v.parse::<u32>().ok());
@@ -590,18 +591,29 @@ mod tests {
             scope(100000, 100000)
         );
         let docker = |user: &str| format!("driver: docker\ndocker: {{image: i{user}}}\n");
-        assert_eq!(space(&docker("")), scope(0, 0));
+        assert_eq!(space(&docker("")), scope(0, 0), "the daemon's ids");
         assert_eq!(space(&docker(", user: '1000:1001'")), scope(1000, 1001));
         assert_eq!(space(&docker(", user: '1000'")), scope(1000, 0));
         let e = space(&docker(", user: app")).unwrap_err();
         assert!(e.contains("docker.user") && e.contains("numeric"), "{e}");
         // No reservation for an automatic user namespace is a daemon bug, said so.
         let m = "name: w\ncommand: [x]\ndriver: sandbox\nchannels: {outputs: [{name: o}]}\n";
-        assert!(space_of(&parse_manifest("m.yaml", "w", m).unwrap(), &key, None, (0, 0)).is_err());
+        assert!(space_of(
+            &parse_manifest("m.yaml", "w", m).unwrap(),
+            &key,
+            None,
+            (0, 0)
+        )
+        .is_err());
         // Without channels there is no space.
         let m = "name: w\ncommand: [x]\ndriver: sandbox\n";
         assert_eq!(
-            space_of(&parse_manifest("m.yaml", "w", m).unwrap(), &key, None, (0, 0)),
+            space_of(
+                &parse_manifest("m.yaml", "w", m).unwrap(),
+                &key,
+                None,
+                (0, 0)
+            ),
             Ok(None)
         );
     }
@@ -612,7 +624,10 @@ mod tests {
         use crate::spec::parse_manifest;
         let k = |iso, ns: Option<&str>, s: Option<&str>| Key::new("w", iso, ns, s).unwrap();
         assert_eq!(space_name(&k(Isolation::None, None, None)), "shared");
-        assert_eq!(space_name(&k(Isolation::Namespace, Some("t1"), None)), "ns.t1");
+        assert_eq!(
+            space_name(&k(Isolation::Namespace, Some("t1"), None)),
+            "ns.t1"
+        );
         assert_eq!(
             space_name(&k(Isolation::Session, None, Some("s1"))),
             "session.s1"
@@ -623,8 +638,8 @@ mod tests {
             "name: w\ncommand: [x]\ndriver: sandbox\nchannels: {outputs: [{name: o}]}\n",
         )
         .unwrap();
-        let without = parse_manifest("m.yaml", "w", "name: w\ncommand: [x]\ndriver: sandbox\n")
-            .unwrap();
+        let without =
+            parse_manifest("m.yaml", "w", "name: w\ncommand: [x]\ndriver: sandbox\n").unwrap();
         let shared = InstanceId::parse("shared:w").unwrap().0;
         let session = InstanceId::parse("session:s1:w").unwrap().0;
         assert_eq!(ids_tenant(&shared, &with), "shared");

@@ -245,7 +245,9 @@ pub(crate) async fn acquire(
     if !spaces.contains_key(&name) {
         let dir = (!name.is_empty()).then(|| spaces_dir(&sh.cfg.state_dir).join(&name));
         let iox2 = Iox2 {
-            root: dir.as_ref().map(|_| PathBuf::from(bulkhead_sdk::DEFAULT_ROOT)),
+            root: dir
+                .as_ref()
+                .map(|_| PathBuf::from(bulkhead_sdk::DEFAULT_ROOT)),
             space: dir.clone(),
             ..base.clone()
         };
@@ -437,12 +439,14 @@ fn remove_space(dir: &Path) {
     }
 }
 
-/// At start-up, after recovery: removes the spaces no live instance's scope needs (left
-/// by a daemon that crashed; an adopted container's space stays).
+/// At start-up, after recovery: removes the spaces a daemon that crashed left. Only an
+/// adopted container can still use one (a sandbox dies with its daemon; an instance that
+/// is started again gets its space made anew).
 pub(crate) fn sweep(sh: &Shared) {
     let keep: BTreeSet<String> = sh
         .list()
         .iter()
+        .filter(|s| s.spec.driver == bulkhead_core::spec::DriverKind::Docker)
         .filter(|s| !s.view.borrow().state.is_terminal())
         .filter(|s| s.spec.channels.is_some())
         .map(|s| bulkhead_core::channels::space_name(&s.key))
@@ -538,6 +542,25 @@ fn report(sh: &Shared, dead: Vec<DeadPeer>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_space_is_sized_for_every_sample_its_channels_can_have_out() {
+        use bulkhead_core::channels::{Direction, ResolvedChannel};
+        let ch = |max_payload, depth| ResolvedChannel {
+            name: "c".into(),
+            direction: Direction::Output,
+            service: "s".into(),
+            max_payload,
+            depth,
+        };
+        // max_payload x (depth x (4 subscribers + 2) + 2) x 2 publishers x 2.
+        assert_eq!(super::space_bytes(&[ch(1024, 4)]), 1024 * 26 * 4);
+        assert_eq!(
+            super::space_bytes(&[ch(1024, 4), ch(1 << 20, 1)]),
+            1024 * 26 * 4 + (1 << 20) * 8 * 4
+        );
+        assert_eq!(super::space_bytes(&[]), 0);
+    }
+
     #[test]
     fn prefix_is_stable_per_state_dir() {
         let a = super::iox2_for(std::path::Path::new("/var/lib/bulkhead"));

@@ -284,7 +284,13 @@ pub(crate) fn start_with(
             .channels
             .as_ref()
             .map(|_| crate::dataplane::iox2_for(&sh.cfg.state_dir))
-            .map(|i| (i.prefix.clone(), Some(i.root_dir().display().to_string()), None)),
+            .map(|i| {
+                (
+                    i.prefix.clone(),
+                    Some(i.root_dir().display().to_string()),
+                    None,
+                )
+            }),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let slot = Arc::new(Slot {

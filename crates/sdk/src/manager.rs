@@ -421,7 +421,53 @@ mod workload_tests {
         let iox2 = Iox2 {
             prefix: Some(format!("iox2_bhwl{}_", std::process::id())),
             root: None,
+            space: None,
         };
+        round_trip(iox2, |_| ());
+    }
+
+    /// The same in a channel space: the manager, the host and the workload (which a
+    /// wall would show the space at the usual paths; here its thread enters it) each on
+    /// a thread of their own in the space; every file is the owner's, in the space, and
+    /// nothing of it reaches the host's `/dev/shm`.
+    #[test]
+    fn host_to_workload_to_host_in_a_channel_space() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: entering a channel space needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let space = dir.path().join("space");
+        let owner = 54_321;
+        for d in [
+            crate::space::shm_dir(&space),
+            crate::space::root_dir(&space),
+        ] {
+            std::fs::create_dir_all(&d).unwrap();
+            std::os::unix::fs::chown(&d, Some(owner), Some(owner)).unwrap();
+        }
+        let iox2 = Iox2 {
+            prefix: Some(format!("iox2_bhsp{}_", std::process::id())),
+            root: Some(dir.path().join("root")),
+            space: Some(space.clone()),
+        };
+        let (sp, root) = (space.clone(), iox2.root_dir());
+        let seen = round_trip(iox2.clone(), move |_| {
+            crate::space::enter(&sp, &root).unwrap();
+        });
+        assert!(seen.iter().any(|(_, uid)| *uid == owner), "{seen:?}");
+        assert!(seen.iter().all(|(_, uid)| *uid == owner), "{seen:?}");
+        let prefix = iox2.prefix.unwrap();
+        assert_eq!(super::tests::shm_files(&prefix), Vec::<String>::new());
+    }
+
+    /// A round trip through the manager's channels; `enter` runs first on the workload's
+    /// thread. Returns the files (and their owners) of the installation while it ran.
+    fn round_trip(
+        iox2: Iox2,
+        enter: impl FnOnce(()) + Send + 'static,
+    ) -> Vec<(std::path::PathBuf, u32)> {
+        use std::os::unix::fs::MetadataExt;
         let m = Manager::start(iox2.clone()).unwrap();
         let chans = vec![
             ResolvedChannel {
@@ -450,13 +496,14 @@ mod workload_tests {
                 ),
                 (
                     bulkhead_core::channels::ENV_IOX2_ROOT.to_owned(),
-                    crate::DEFAULT_ROOT.to_owned(),
+                    iox2.root_dir().display().to_string(),
                 ),
                 ("BULKHEAD_INSTANCE".to_owned(), "session:t:w".to_owned()),
             ])
             .collect();
         let (ready_tx, ready_rx) = mpsc::channel();
         let worker = std::thread::spawn(move || {
+            enter(());
             let w = crate::Workload::from_vars(vars).unwrap();
             let rx = w.input("input").unwrap();
             let tx = w.output("output").unwrap();
@@ -474,6 +521,10 @@ mod workload_tests {
         let got = s.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
         assert_eq!(&*got, b"ping");
         drop(got);
+        let seen: Vec<(std::path::PathBuf, u32)> = crate::leftover_files(&iox2)
+            .into_iter()
+            .filter_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m.uid())))
+            .collect();
         worker.join().unwrap();
         drop((p, s, host));
         m.release("session:t:w");
@@ -486,5 +537,6 @@ mod workload_tests {
         for f in super::tests::shm_files(&prefix) {
             let _ = std::fs::remove_file(format!("/dev/shm/{f}"));
         }
+        seen
     }
 }

@@ -297,7 +297,13 @@ fn walled_instances_of_one_space_must_run_as_one_host_user() {
         "{err}"
     );
     assert_eq!(launch(&d, "echo2", "u2")["state"], "ready");
-    round_trip(&d, "session:u2:echo2", "input", "session:u2:echo2", "output");
+    round_trip(
+        &d,
+        "session:u2:echo2",
+        "input",
+        "session:u2:echo2",
+        "output",
+    );
     round_trip(&d, "session:u1:echo", "input", "session:u1:echo", "output");
 }
 
@@ -426,14 +432,20 @@ fn a_tenant_cannot_list_read_or_write_another_tenants_channels() {
     };
     assert!(!a.is_empty() && !b.is_empty());
     for n in &b {
-        assert!(listing.contains(n.as_str()), "tb sees its own {n}:\n{listing}");
+        assert!(
+            listing.contains(n.as_str()),
+            "tb sees its own {n}:\n{listing}"
+        );
     }
     // Names both have (a node's `node.details`) say nothing; ta's services, nodes and
     // segments have names of their own.
     let only_a: Vec<&String> = a.iter().filter(|n| !b.contains(n)).collect();
     assert!(only_a.iter().any(|n| n.ends_with(".data")), "{a:?}");
     for n in only_a {
-        assert!(!listing.contains(n.as_str()), "tb sees ta's {n}:\n{listing}");
+        assert!(
+            !listing.contains(n.as_str()),
+            "tb sees ta's {n}:\n{listing}"
+        );
     }
     assert!(
         !attack.contains("READ") && !attack.contains("WROTE"),
@@ -468,7 +480,11 @@ fn a_channel_space_is_bounded_and_goes_with_its_last_instance() {
     let space = iox2_of(&d, "session:tf:echo")
         .space
         .expect("a sandboxed instance's channels are in a space");
-    assert!(space.ends_with("channels/session.tf"), "{}", space.display());
+    assert!(
+        space.ends_with("channels/session.tf"),
+        "{}",
+        space.display()
+    );
     let out = d.cli(&[
         "exec",
         "session:tf:echo",
@@ -496,4 +512,49 @@ fn a_channel_space_is_bounded_and_goes_with_its_last_instance() {
         "the space went with its last instance: {}",
         space.display()
     );
+}
+
+/// A process instance's channels are in the host's space, a walled one's in its scope's:
+/// a pipeline between them could never carry data, so it is refused naming the channel.
+#[test]
+fn a_pipeline_between_a_process_and_a_walled_instance_is_refused() {
+    let src = walled_echo("process", echo_bin(), "").replacen("name: echo", "name: src", 1);
+    let sink = walled_echo("sandbox", echo_bin(), &sandbox_section(""))
+        .replacen("name: echo", "name: sink", 1)
+        .replacen(
+            "inputs: [{name: input, max_payload: 64Ki}]",
+            "inputs: [{name: input, max_payload: 64Ki, from: src.output}]",
+            1,
+        );
+    assert!(sink.contains("from: src.output"), "{sink}");
+    let d = Daemon::start(&[("src", &src), ("sink", &sink)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    assert_eq!(launch(&d, "src", "pm")["state"], "ready");
+    let out = d.cli(&["launch", "sink", "--session", "pm"]);
+    assert!(!out.status.success(), "the launch is refused");
+    let err = stderr(&out);
+    assert!(
+        err.contains("channel bulkhead/session/pm/src/output is held by session:pm:src")
+            && err.contains("host's space"),
+        "{err}"
+    );
+}
+
+/// A daemon that crashed leaves its channel spaces mounted (its sandboxed instances died
+/// with it); the next one removes those no adopted instance needs.
+#[test]
+fn channel_spaces_a_crashed_daemon_left_are_removed_at_the_next_start() {
+    let m = walled_echo("sandbox", echo_bin(), &sandbox_section(""));
+    let mut d = Daemon::start(&[("echo", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    assert_eq!(launch(&d, "echo", "cr")["state"], "ready");
+    let space = iox2_of(&d, "session:cr:echo").space.expect("a space");
+    d.kill9();
+    assert!(space.exists(), "left behind by the crash");
+    d.spawn();
+    assert!(!space.exists(), "{} is still there", space.display());
 }
