@@ -558,3 +558,62 @@ fn channel_spaces_a_crashed_daemon_left_are_removed_at_the_next_start() {
     d.spawn();
     assert!(!space.exists(), "{} is still there", space.display());
 }
+
+/// The process driver is no wall, but a process workload that runs as another host user
+/// (here one that drops to `nobody`) reads no one's channels: iceoryx2's files are 0600,
+/// and the channel spaces are under the state directory (0700). The control runs the same
+/// commands without dropping: root reads, writes and lists all of it.
+#[test]
+fn a_process_workload_running_as_another_user_reads_no_channels() {
+    let process = walled_echo("process", echo_bin(), "");
+    let walled = walled_echo("sandbox", echo_bin(), &sandbox_section("")).replacen(
+        "name: echo",
+        "name: sbx",
+        1,
+    );
+    let d = Daemon::start(&[("echo", &process), ("sbx", &walled)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    assert_eq!(launch(&d, "echo", "pa")["state"], "ready");
+    assert_eq!(launch(&d, "sbx", "pb")["state"], "ready");
+    let seg = bulkhead_sdk::leftover_files(&iox2_of(&d, "session:pa:echo"))
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "data"))
+        .expect("a data segment of the process instance");
+    let space = iox2_of(&d, "session:pb:sbx").space.expect("a space");
+    let attack = format!(
+        "dd if={seg} bs=1 count=1 2>&1 >/dev/null && echo READ; \
+         printf x | dd of={seg} bs=1 count=1 conv=notrunc,nocreat 2>&1 && echo WROTE; \
+         ls {shm} 2>&1 && echo LISTED",
+        seg = seg.display(),
+        shm = bulkhead_sdk::space::shm_dir(&space).display()
+    );
+    let run = |argv: &[&str]| {
+        let mut args = vec!["exec", "session:pa:echo", "--"];
+        args.extend_from_slice(argv);
+        let o = d.cli(&args);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let dropped = run(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "sh",
+        "-c",
+        &attack,
+    ]);
+    for done in ["READ", "WROTE", "LISTED"] {
+        assert!(!dropped.contains(done), "as nobody: {dropped}");
+    }
+    assert!(dropped.contains("Permission denied"), "{dropped}");
+    let root = run(&["sh", "-c", &attack]);
+    for done in ["READ", "WROTE", "LISTED"] {
+        assert!(root.contains(done), "the control, as root: {root}");
+    }
+}
