@@ -492,13 +492,39 @@ impl ProcStats {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit and returns the new soft limit.
+/// The open-file limit the daemon asks for when it may raise its hard limit.
+pub const NOFILE_WANTED: u64 = 131_072;
+
+/// Raises the soft limit on open files to the hard limit (as root, both to
+/// [`NOFILE_WANTED`] first) and returns the new soft limit.
 ///
 /// A supervisor holds several descriptors per instance (pidfd, output pipes, notify
 /// socket); the common default soft limit of 1024 would cap it at a few hundred
 /// instances. Children inherit the raised limit.
+
 pub fn raise_nofile_limit() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    // The daemon holds about 4 descriptors per instance (its output pipes, its pidfd, its
+    // log): 10,000 instances need ~40,000, more than the 20,000 or 1,024 hard limits some
+    // service managers and containers give. With CAP_SYS_RESOURCE (root) the hard limit
+    // itself is raised, to NOFILE_WANTED (or the kernel's `fs.nr_open`, if lower); not to
+    // `nr_open` itself: children inherit the limit, and programs that loop over every
+    // possible descriptor at start-up get slow with a limit in the millions.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(NOFILE_WANTED);
+    let want = NOFILE_WANTED.min(nr_open);
+    let lim = getrlimit(Resource::Nofile);
+    if lim.maximum.is_some_and(|m| m < want) {
+        let raised = Rlimit {
+            current: Some(want),
+            maximum: Some(want),
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return want;
+        }
+    }
     let mut lim = getrlimit(Resource::Nofile);
     if lim.current != lim.maximum {
         lim.current = lim.maximum;
