@@ -501,7 +501,6 @@ pub const NOFILE_WANTED: u64 = 131_072;
 /// A supervisor holds several descriptors per instance (pidfd, output pipes, notify
 /// socket); the common default soft limit of 1024 would cap it at a few hundred
 /// instances. Children inherit the raised limit.
-
 pub fn raise_nofile_limit() -> u64 {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     // The daemon holds about 4 descriptors per instance (its output pipes, its pidfd, its
