@@ -211,7 +211,40 @@ impl EventLog {
         retention: usize,
         sync: Synchronous,
     ) -> Result<EventLog, StoreError> {
-        let store = Store::open(path, retention, sync)?;
+        Self::from_store(Store::open(path, retention, sync)?)
+    }
+
+    /// [`EventLog::open_with`], and with `fresh` (`bulkhead serve --fresh-state`) a bad
+    /// database (empty, damaged, newer schema: [`StoreError::is_bad_database`]) is moved
+    /// aside ([`crate::store::set_aside`]) and a new one started, its ids continuing after
+    /// the newest one the old file still shows. Without `fresh` a bad database is an error.
+    pub fn open_or_fresh(
+        path: &Path,
+        retention: usize,
+        sync: Synchronous,
+        fresh: bool,
+    ) -> Result<EventLog, StoreError> {
+        match Self::open_with(path, retention, sync) {
+            Err(e) if fresh && e.is_bad_database() => {
+                let aside = crate::store::set_aside(path)?;
+                tracing::warn!(
+                    "{e}\n--fresh-state: moved it to {} and started a new state database; \
+                     event ids continue after {}",
+                    aside.moved_to.display(),
+                    aside.last_id.unwrap_or(0)
+                );
+                let mut store = Store::open(path, retention, sync)?;
+                if let Some(id) = aside.last_id {
+                    store.set_id_floor(id)?;
+                }
+                Self::from_store(store)
+            }
+            r => r,
+        }
+    }
+
+    fn from_store(store: Store) -> Result<EventLog, StoreError> {
+        let path = store.path().to_owned();
         let last = store.last_id()?;
         let history = store.tail(RETAIN)?;
         tracing::debug!(
@@ -956,5 +989,48 @@ mod tests {
         let c = cause(&e, &ro);
         assert!(c.starts_with(&e.to_string()), "{c}");
         assert!(c.contains("os error"), "{c}");
+    }
+
+    #[test]
+    fn fresh_state_moves_a_bad_database_aside_and_ids_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        {
+            let mut st = Store::open(&path, 100, Synchronous::Normal).unwrap();
+            st.append(&[Event {
+                id: 7,
+                time_ms: 1,
+                instance: id(),
+                kind: EventKind::Ready,
+            }])
+            .unwrap();
+            st.conn_for_tests()
+                .execute(
+                    "UPDATE meta SET value = value + 1 WHERE key = 'schema_version'",
+                    [],
+                )
+                .unwrap();
+        }
+        // Without the flag: refused, nothing moved.
+        let err = EventLog::open_or_fresh(&path, 100, Synchronous::Normal, false)
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
+        assert!(path.exists());
+        // With it: moved aside, a new history whose ids continue after 7.
+        let log = EventLog::open_or_fresh(&path, 100, Synchronous::Normal, true).unwrap();
+        assert_eq!(log.last_id(), 7);
+        assert!(log.subscribe(0).0.is_empty());
+        assert_eq!(log.publish(&id(), EventKind::Launched).id, 8);
+        log.close();
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("bulkhead.db.bad-"))
+            .collect();
+        assert!(!aside.is_empty());
+        // A sound database is left alone by the flag.
+        let log = EventLog::open_or_fresh(&path, 100, Synchronous::Normal, true).unwrap();
+        assert_eq!(log.last_id(), 8);
     }
 }
