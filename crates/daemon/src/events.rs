@@ -77,7 +77,7 @@ pub const MAX_HELD: usize = 100_000;
 
 /// The state directory cannot be written: why, since when, and how much waits.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("state directory {dir} cannot be written: {cause} ({held} events wait in memory, retried every {}ms)", RETRY_EVERY.as_millis())]
+#[error("state directory {dir} cannot be written: {cause} (events waiting in memory: {held}; retried every {} ms)", RETRY_EVERY.as_millis())]
 pub struct StoreFault {
     /// The state directory (the database's folder).
     pub dir: PathBuf,
