@@ -584,7 +584,13 @@ impl Writer<'_> {
             held: self.held.len(),
             since_ms,
         };
-        if self.core.fault.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+        if self
+            .core
+            .fault
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
             tracing::error!(
                 "{fault}; requests that need a new event are refused until it can be written"
             );
@@ -603,7 +609,8 @@ fn cause(e: &StoreError, dir: &Path) -> String {
         return e.to_string();
     }
     let probe = dir.join(".bulkhead-write-probe");
-    let os = std::fs::write(&probe, [0u8; 4096]).and_then(|()| std::fs::File::open(&probe)?.sync_all());
+    let os =
+        std::fs::write(&probe, [0u8; 4096]).and_then(|()| std::fs::File::open(&probe)?.sync_all());
     let _ = std::fs::remove_file(&probe);
     match os {
         Err(os) => format!("{e} ({os})"),
@@ -860,10 +867,13 @@ mod tests {
         // Tried at once, then again a few times before it counted.
         assert_eq!(s.attempts.load(Ordering::SeqCst), 1 + QUICK_RETRIES.len());
         // Things that happen anyway while it fails wait with the first.
-        let e2 = s.log.publish(&id(), EventKind::Crashed {
-            signal: 9,
-            core_dumped: false,
-        });
+        let e2 = s.log.publish(
+            &id(),
+            EventKind::Crashed {
+                signal: 9,
+                core_dumped: false,
+            },
+        );
         // Retried periodically, and nothing is shown or counted durable meanwhile.
         until("a periodic retry", || {
             s.attempts.load(Ordering::SeqCst) > 1 + QUICK_RETRIES.len()
@@ -1026,7 +1036,11 @@ mod tests {
         let aside: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("bulkhead.db.bad-"))
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("bulkhead.db.bad-")
+            })
             .collect();
         assert!(!aside.is_empty());
         // A sound database is left alone by the flag.

@@ -197,13 +197,14 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, shown: &str) {
                 }
             }
         };
-        let open = open && loop {
-            match rx.try_recv() {
-                Ok(op) => take(&mut pending, op),
-                Err(mpsc::TryRecvError::Empty) => break true,
-                Err(mpsc::TryRecvError::Disconnected) => break false,
-            }
-        };
+        let open = open
+            && loop {
+                match rx.try_recv() {
+                    Ok(op) => take(&mut pending, op),
+                    Err(mpsc::TryRecvError::Empty) => break true,
+                    Err(mpsc::TryRecvError::Disconnected) => break false,
+                }
+            };
         match write_batch(&mut conn, &pending) {
             Ok(()) => {
                 if failing {

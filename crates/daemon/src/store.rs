@@ -352,12 +352,10 @@ impl Store {
             since_trim: 0,
         };
         store.migrate().map_err(|e| match e {
-            StoreError::Migrate { path, source, .. } if is_damage(&source) => {
-                StoreError::Corrupt {
-                    path,
-                    detail: source.to_string(),
-                }
-            }
+            StoreError::Migrate { path, source, .. } if is_damage(&source) => StoreError::Corrupt {
+                path,
+                detail: source.to_string(),
+            },
             e => e,
         })?;
         store.check()?;
@@ -368,7 +366,10 @@ impl Store {
     /// rather than failing (or silently losing rows) later. Linear in the file's size.
     fn check(&self) -> Result<(), StoreError> {
         let damaged = |e| damage_or(&self.path, e, |e| self.read_err(e));
-        let mut stmt = self.conn.prepare("PRAGMA quick_check(5)").map_err(damaged)?;
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA quick_check(5)")
+            .map_err(damaged)?;
         let found: Vec<String> = stmt
             .query_map([], |r| r.get::<_, String>(0))
             .map_err(damaged)?
@@ -793,7 +794,14 @@ mod tests {
         {
             let mut st = Store::open(&path, 100_000, Synchronous::Normal).unwrap();
             let evs: Vec<Event> = (1..=3000)
-                .map(|i| ev(i, EventKind::LaunchFailed { reason: "x".repeat(100) }))
+                .map(|i| {
+                    ev(
+                        i,
+                        EventKind::LaunchFailed {
+                            reason: "x".repeat(100),
+                        },
+                    )
+                })
                 .collect();
             st.append(&evs).unwrap();
             st.conn
@@ -812,7 +820,10 @@ mod tests {
         assert!(err.is_bad_database());
         let msg = err.to_string();
         assert!(msg.contains(&path.display().to_string()), "{msg}");
-        assert!(msg.contains("damaged") && msg.contains("--fresh-state"), "{msg}");
+        assert!(
+            msg.contains("damaged") && msg.contains("--fresh-state"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -827,7 +838,12 @@ mod tests {
         let aside = set_aside(&path).unwrap();
         drop(st);
         assert_eq!(aside.last_id, Some(42));
-        let name = aside.moved_to.file_name().unwrap().to_string_lossy().into_owned();
+        let name = aside
+            .moved_to
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         assert!(name.starts_with("bulkhead.db.bad-"), "{name}");
         assert!(aside.moved_to.exists());
         assert!(!path.exists());

@@ -23,7 +23,13 @@ impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Result<Tmpfs, String> {
         std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(at)
             .output()
             .map_err(|e| format!("cannot run mount: {e}"))?;
@@ -115,7 +121,10 @@ fn launch_until_refused(d: &Daemon, prefix: &str) -> String {
 /// The refusal names the state directory and the cause.
 fn assert_names_the_cause(err: &str, state: &Path) {
     assert!(
-        err.contains(&format!("state directory {} cannot be written", state.display())),
+        err.contains(&format!(
+            "state directory {} cannot be written",
+            state.display()
+        )),
         "{err}"
     );
     assert!(
@@ -173,9 +182,18 @@ fn a_full_state_directory_is_loud_loses_nothing_and_recovers_by_itself() {
     let out = d.cli(&["launch", "sleeper", "--namespace", "refused"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert_names_the_cause(&stderr(&out), &state);
-    let out = d.cli(&["terminate", "ns:before:sleeper"]);
-    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
-    assert_names_the_cause(&stderr(&out), &state);
+    // So is everything else that needs a new event.
+    for args in [
+        &["terminate", "ns:before:sleeper"][..],
+        &["release", "ns:before:sleeper", "someone"],
+        &["end-session", "s1"],
+        &["end-namespace", "before"],
+    ] {
+        let out = d.cli(args);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {}", stderr(&out));
+        assert_names_the_cause(&stderr(&out), &state);
+    }
+    assert_eq!(listed(&d)["ns:before:sleeper"]["state"], "ready");
     // Health says degraded and why; /ready is 503.
     let h = health(&d);
     let status = h["status"].as_str().unwrap();
@@ -207,7 +225,11 @@ fn a_full_state_directory_is_loud_loses_nothing_and_recovers_by_itself() {
     assert_eq!(t["state"], "terminated");
     let after = d.events();
     assert_gapless(&after);
-    assert_eq!(&after[..seen.len()], &seen[..], "what clients saw is unchanged");
+    assert_eq!(
+        &after[..seen.len()],
+        &seen[..],
+        "what clients saw is unchanged"
+    );
     // The events that waited during the outage are there now: the refused-at-the-last
     // launch was admitted before the store failed and went on once it could be stored.
     assert!(
@@ -234,7 +256,14 @@ fn a_full_state_directory_is_loud_loses_nothing_and_recovers_by_itself() {
         &seen[..],
         "every event a client saw was stored, and its id names no other event"
     );
-    d.json(&["launch", "sleeper", "--namespace", "restarted", "-o", "json"]);
+    d.json(&[
+        "launch",
+        "sleeper",
+        "--namespace",
+        "restarted",
+        "-o",
+        "json",
+    ]);
     let last = d.events();
     assert_gapless(&last);
     assert_eq!(&last[..seen.len()], &seen[..]);

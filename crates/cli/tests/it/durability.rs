@@ -152,7 +152,9 @@ fn set_aside(state: &std::path::Path) -> Vec<String> {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         // The database itself (its -wal and -shm go with it).
-        .filter(|n| n.starts_with("bulkhead.db.bad-") && !n.ends_with("-wal") && !n.ends_with("-shm"))
+        .filter(|n| {
+            n.starts_with("bulkhead.db.bad-") && !n.ends_with("-wal") && !n.ends_with("-shm")
+        })
         .collect()
 }
 
@@ -196,7 +198,10 @@ fn a_damaged_or_newer_database_is_refused_unless_fresh_state_is_asked_for() {
                 && err.contains("--fresh-state"),
             "{case}: {err}"
         );
-        assert!(set_aside(&d.state).is_empty(), "{case}: moved without the flag");
+        assert!(
+            set_aside(&d.state).is_empty(),
+            "{case}: moved without the flag"
+        );
 
         d.extra_args.push("--fresh-state".into());
         d.spawn();
