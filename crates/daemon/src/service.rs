@@ -363,11 +363,17 @@ impl bulkhead_api::Bulkhead for Service {
         let grace = r
             .grace_ms
             .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
-        let view = self
-            .sh
-            .terminate(&id, grace)
-            .await
-            .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
+        // Its events cannot be stored (the store failed after the request was admitted):
+        // the stop goes on, but say why rather than hang until the disk returns.
+        let view = tokio::select! {
+            biased;
+            v = self.sh.terminate(&id, grace) => {
+                v.ok_or_else(|| Status::not_found(format!("no instance {id}")))?
+            }
+            f = self.sh.events.failing() => return Err(Status::unavailable(format!(
+                "terminate of {id} cannot be recorded: {f}; it goes on once the state directory can be written"
+            ))),
+        };
         Ok(Response::new(shown(instance_proto(&view), &vis)))
     }
 
