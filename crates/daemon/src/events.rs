@@ -1038,4 +1038,64 @@ mod tests {
         let log = EventLog::open_or_fresh(&path, 100, Synchronous::Normal, true).unwrap();
         assert_eq!(log.last_id(), 8);
     }
+
+    /// A launch admitted just before the store fails would wait for its View forever:
+    /// it answers why at once, and the instance goes on once its events are stored.
+    #[tokio::test]
+    async fn a_launch_caught_by_a_failing_store_says_why_and_goes_on_once_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wl, state) = (dir.path().join("workloads"), dir.path().join("state"));
+        std::fs::create_dir_all(wl.join("w")).unwrap();
+        std::fs::write(
+            wl.join("w/manifest.yaml"),
+            "name: w\ncommand: [/bin/sleep, '1000']\n",
+        )
+        .unwrap();
+        for d in ["logs", "notify"] {
+            std::fs::create_dir_all(state.join(d)).unwrap();
+        }
+        let mut cfg = crate::Config::new(wl, Some(state), None);
+        cfg.sandbox = false;
+        let s = switched(false);
+        let sh = Arc::new(crate::Shared::new(cfg, s.log, None, None));
+        sh.reload();
+        s.broken.store(true, Ordering::SeqCst);
+        let args = crate::LaunchArgs {
+            workload: "w".into(),
+            namespace: None,
+            session: None,
+            wait: crate::WaitFor::Ready,
+            timeout: None,
+            lease: None,
+        };
+        let err = tokio::time::timeout(Duration::from_secs(30), sh.launch(args))
+            .await
+            .expect("the launch answers while the store fails")
+            .err()
+            .expect("the launch cannot be recorded");
+        assert!(
+            matches!(err, crate::LaunchError::Unrecorded { .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(
+                "cannot be recorded: state directory /nonexistent/state cannot be written"
+            ),
+            "{msg}"
+        );
+        assert!(s.saved.lock().unwrap().is_empty());
+        // Space returns: the instance goes on to ready, every event stored first.
+        s.broken.store(false, Ordering::SeqCst);
+        let slot = sh.list().pop().expect("the instance exists");
+        let mut rx = slot.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|v| v.ready))
+            .await
+            .expect("ready once the store works")
+            .unwrap();
+        let saved = s.saved.lock().unwrap().clone();
+        assert_eq!(saved, (1..=saved.len() as u64).collect::<Vec<_>>());
+        assert!(sh.events.last_id() >= 3, "launched, started, ready");
+        sh.terminate(&slot.id, None).await;
+    }
 }
