@@ -420,11 +420,21 @@ impl Drop for EventLog {
 
 /// Whatever way the writer ends (a panic too): waiters stop waiting, and a log whose
 /// writer is gone says so.
-struct Finish(Arc<Core>);
+struct Finish(Arc<Core>, PathBuf);
 
 impl Drop for Finish {
     fn drop(&mut self) {
         self.0.lock().queue = None;
+        if std::thread::panicking() {
+            // Nothing will be stored any more: say so rather than report healthy.
+            self.0.set_fault(Some(StoreFault {
+                dir: self.1.clone(),
+                cause: "the event writer thread panicked; restart the daemon".into(),
+                held: 0,
+                since_ms: now_ms(),
+            }));
+            self.0.progress.send_modify(|p| p.failing = true);
+        }
         self.0.progress.send_modify(|p| p.closed = true);
     }
 }
@@ -433,7 +443,11 @@ impl Drop for Finish {
 /// `held` and are tried again every [`RETRY_EVERY`]. Ends when the queue's sender is
 /// dropped and everything queued is committed (or tried one last time).
 fn write_loop(core: Arc<Core>, rx: mpsc::Receiver<Event>, mut sink: Box<dyn Sink>) {
-    let _finish = Finish(core.clone());
+    let dir = PathBuf::from(sink.describe())
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let _finish = Finish(core.clone(), dir);
     let mut w = Writer {
         core: &core,
         sink: sink.as_mut(),
@@ -1097,5 +1111,32 @@ mod tests {
         assert_eq!(saved, (1..=saved.len() as u64).collect::<Vec<_>>());
         assert!(sh.events.last_id() >= 3, "launched, started, ready");
         sh.terminate(&slot.id, None).await;
+    }
+
+    struct Panics;
+
+    impl Sink for Panics {
+        fn append(&mut self, _: &[Event]) -> Result<(), StoreError> {
+            panic!("a bug in the store (test)");
+        }
+
+        fn describe(&self) -> String {
+            "/nonexistent/state/bulkhead.db".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_dies_is_a_fault_and_nobody_waits_forever() {
+        let log = EventLog::start(Box::new(Panics), 0, Vec::new()).unwrap();
+        let e = log.publish(&id(), EventKind::Launched);
+        let f = tokio::time::timeout(Duration::from_secs(30), log.failing())
+            .await
+            .expect("reported");
+        assert!(f.to_string().contains("panicked"), "{f}");
+        log.wait_durable(e.id).await;
+        assert_eq!(log.last_id(), 0);
+        // Later events go nowhere and are not shown.
+        log.publish(&id(), EventKind::Ready);
+        assert_eq!(log.last_id(), 0);
     }
 }
