@@ -1085,8 +1085,8 @@ mod tests {
         let err = tokio::time::timeout(Duration::from_secs(30), sh.launch(args))
             .await
             .expect("the launch answers while the store fails")
-            .err()
-            .expect("the launch cannot be recorded");
+            .map(|_| ())
+            .expect_err("the launch cannot be recorded");
         assert!(
             matches!(err, crate::LaunchError::Unrecorded { .. }),
             "{err}"
