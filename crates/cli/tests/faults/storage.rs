@@ -194,7 +194,15 @@ fn a_full_state_directory_is_loud_loses_nothing_and_recovers_by_itself() {
     // the flapper goes on exiting.
     let seen = d.events();
     assert_gapless(&seen);
+    let flapper = listed(&d)["ns:default:flapper"].clone();
     std::thread::sleep(std::time::Duration::from_millis(300));
+    // The flapper, which exits every 50 ms, shows its last stored state meanwhile.
+    let still = &listed(&d)["ns:default:flapper"];
+    assert_eq!(
+        (&still["state"], &still["restarts"]),
+        (&flapper["state"], &flapper["restarts"]),
+        "{still}"
+    );
     let h = health(&d);
     assert_eq!(
         h["last_event_id"].as_u64(),
