@@ -1053,10 +1053,9 @@ mod tests {
         assert_eq!(log.last_id(), 8);
     }
 
-    /// A launch admitted just before the store fails would wait for its View forever:
-    /// it answers why at once, and the instance goes on once its events are stored.
-    #[tokio::test]
-    async fn a_launch_caught_by_a_failing_store_says_why_and_goes_on_once_stored() {
+    /// A daemon core (no API server) over a switchable store, serving workload `w`
+    /// (`/bin/sleep`, shared), with the process driver.
+    fn daemon_over(s: Switched) -> Over {
         let dir = tempfile::tempdir().unwrap();
         let (wl, state) = (dir.path().join("workloads"), dir.path().join("state"));
         std::fs::create_dir_all(wl.join("w")).unwrap();
@@ -1070,19 +1069,42 @@ mod tests {
         }
         let mut cfg = crate::Config::new(wl, Some(state), None);
         cfg.sandbox = false;
-        let s = switched(false);
         let sh = Arc::new(crate::Shared::new(cfg, s.log, None, None));
         sh.reload();
-        s.broken.store(true, Ordering::SeqCst);
-        let args = crate::LaunchArgs {
+        Over {
+            sh,
+            broken: s.broken,
+            saved: s.saved,
+            _dir: dir,
+        }
+    }
+
+    struct Over {
+        sh: Arc<crate::Shared>,
+        broken: Arc<AtomicBool>,
+        saved: Arc<Mutex<Vec<u64>>>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn launch_w() -> crate::LaunchArgs {
+        crate::LaunchArgs {
             workload: "w".into(),
             namespace: None,
             session: None,
             wait: crate::WaitFor::Ready,
             timeout: None,
             lease: None,
-        };
-        let err = tokio::time::timeout(Duration::from_secs(30), sh.launch(args))
+        }
+    }
+
+    /// A launch admitted just before the store fails would wait for its View forever:
+    /// it answers why at once, and the instance goes on once its events are stored.
+    #[tokio::test]
+    async fn a_launch_caught_by_a_failing_store_says_why_and_goes_on_once_stored() {
+        let s = daemon_over(switched(false));
+        let sh = s.sh.clone();
+        s.broken.store(true, Ordering::SeqCst);
+        let err = tokio::time::timeout(Duration::from_secs(30), sh.launch(launch_w()))
             .await
             .expect("the launch answers while the store fails")
             .map(|_| ())
@@ -1138,5 +1160,70 @@ mod tests {
         // Later events go nowhere and are not shown.
         log.publish(&id(), EventKind::Ready);
         assert_eq!(log.last_id(), 0);
+    }
+
+    /// The same for a terminate and an end-namespace admitted just before the failure:
+    /// UNAVAILABLE with why, and the stop goes on once its events are stored.
+    #[tokio::test]
+    async fn a_stop_caught_by_a_failing_store_says_why_and_goes_on_once_stored() {
+        use bulkhead_api::Bulkhead;
+        let Over {
+            sh, broken, saved, ..
+        } = &daemon_over(switched(false));
+        let (view, _) = sh.launch(launch_w()).await.unwrap();
+        let svc = crate::service::Service { sh: sh.clone() };
+        broken.store(true, Ordering::SeqCst);
+        let req = local(bulkhead_api::v1::TerminateRequest {
+            id: view.id.to_string(),
+            grace_ms: None,
+        });
+        let err = tokio::time::timeout(Duration::from_secs(30), svc.terminate(req))
+            .await
+            .expect("the terminate answers while the store fails")
+            .map(|_| ())
+            .expect_err("the terminate cannot be recorded");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message().starts_with(&format!(
+                "terminate of {} cannot be recorded: state directory /nonexistent/state cannot be written",
+                view.id
+            )),
+            "{}",
+            err.message()
+        );
+        // Refused at admission from now on.
+        let req = local(bulkhead_api::v1::EndScopeRequest {
+            name: "n".into(),
+            grace_ms: None,
+        });
+        let err = svc.end_namespace(req).await.map(|_| ()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message()
+                .starts_with("end-namespace refused: state directory"),
+            "{}",
+            err.message()
+        );
+        // Space returns: the stop completes, its events stored first.
+        let stored = saved.lock().unwrap().len();
+        broken.store(false, Ordering::SeqCst);
+        let slot = sh.get(&view.id).unwrap();
+        let mut rx = slot.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|v| v.state.is_terminal()),
+        )
+        .await
+        .expect("terminated once the store works")
+        .unwrap();
+        assert!(saved.lock().unwrap().len() > stored);
+    }
+
+    /// A request as it comes from the Unix socket (after `AuthLayer`).
+    fn local<T>(msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.extensions_mut()
+            .insert(crate::auth::Identity::Local { uid: Some(0) });
+        r
     }
 }

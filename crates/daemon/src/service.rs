@@ -55,6 +55,23 @@ impl Service {
             None => Ok(()),
         }
     }
+
+    /// Awaits an admitted request's work, unless the store fails meanwhile: then its
+    /// events cannot be stored and the work waits for them, so the caller is told why
+    /// (UNAVAILABLE) rather than left hanging until the disk returns; the work goes on.
+    async fn unless_unrecorded<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, Status> {
+        tokio::select! {
+            biased;
+            v = work => Ok(v),
+            f = self.sh.events.failing() => Err(Status::unavailable(format!(
+                "{what} cannot be recorded: {f}; it goes on once the state directory can be written"
+            ))),
+        }
+    }
 }
 
 /// The status of a failed launch. `admin`: the caller may see a manifest's contents in
@@ -363,17 +380,10 @@ impl bulkhead_api::Bulkhead for Service {
         let grace = r
             .grace_ms
             .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
-        // Its events cannot be stored (the store failed after the request was admitted):
-        // the stop goes on, but say why rather than hang until the disk returns.
-        let view = tokio::select! {
-            biased;
-            v = self.sh.terminate(&id, grace) => {
-                v.ok_or_else(|| Status::not_found(format!("no instance {id}")))?
-            }
-            f = self.sh.events.failing() => return Err(Status::unavailable(format!(
-                "terminate of {id} cannot be recorded: {f}; it goes on once the state directory can be written"
-            ))),
-        };
+        let view = self
+            .unless_unrecorded(&format!("terminate of {id}"), self.sh.terminate(&id, grace))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
         Ok(Response::new(shown(instance_proto(&view), &vis)))
     }
 
@@ -563,7 +573,12 @@ impl bulkhead_api::Bulkhead for Service {
         let grace = r
             .grace_ms
             .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
-        let views = self.sh.end_session(&r.name, grace).await;
+        let views = self
+            .unless_unrecorded(
+                &format!("end-session {}", r.name),
+                self.sh.end_session(&r.name, grace),
+            )
+            .await?;
         Ok(Response::new(v1::EndScopeResponse {
             terminated: views.iter().map(instance_proto).collect(),
         }))
@@ -582,7 +597,12 @@ impl bulkhead_api::Bulkhead for Service {
         let grace = r
             .grace_ms
             .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
-        let views = self.sh.end_namespace(&r.name, grace).await;
+        let views = self
+            .unless_unrecorded(
+                &format!("end-namespace {}", r.name),
+                self.sh.end_namespace(&r.name, grace),
+            )
+            .await?;
         Ok(Response::new(v1::EndScopeResponse {
             terminated: views.iter().map(instance_proto).collect(),
         }))
