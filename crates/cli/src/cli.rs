@@ -212,6 +212,12 @@ pub struct ServeArgs {
     /// then cannot be adopted after a daemon crash.
     #[arg(long)]
     pub no_keeper: bool,
+    /// When the state database is empty, damaged or from a newer bulkhead, move it aside
+    /// (<state>/bulkhead.db.bad-<unix seconds>, with its -wal and -shm) and start a new
+    /// one instead of refusing to start. Event ids go on after the newest one the old
+    /// file still shows. A sound database is left alone.
+    #[arg(long)]
+    pub fresh_state: bool,
     /// A sandbox launch fails at once when the machine's available memory (MemAvailable)
     /// is below this size (`0`: never), rather than push it into the OOM killer.
     #[arg(long, value_name = "SIZE", default_value = "64Mi",

@@ -282,7 +282,8 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
         Format::Text => {
             println!(
                 "{} (bulkhead {}, pid {}, up {:.1}s)\ninstances live: {}\nworkloads: {} valid, {} invalid ({})\ndrivers: {}\nstate: {}\nlast event: {}",
-                h.status,
+                // Degraded names the state directory: a path, printed escaped.
+                escape(&h.status),
                 h.version,
                 h.pid,
                 h.uptime_ms as f64 / 1000.0,

@@ -28,6 +28,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     cfg.image_cache_max_count = a.image_cache_max_count;
     cfg.image_cache_max_bytes = a.image_cache_max_bytes;
     cfg.event_retention = a.event_retention;
+    cfg.fresh_state = a.fresh_state;
     cfg.event_sync = match a.event_sync {
         crate::cli::EventSync::Normal => bulkhead_daemon::store::Synchronous::Normal,
         crate::cli::EventSync::Full => bulkhead_daemon::store::Synchronous::Full,

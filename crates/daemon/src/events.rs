@@ -1,41 +1,58 @@
 //! The event log: every lifecycle change, with a monotonic id, made durable in the state
 //! database, kept in memory and fanned out to watchers.
 //!
-//! Ids start at 1, have no gaps, and continue after a daemon restart (they go on from the
-//! newest stored event). The last [`RETAIN`] events are kept in memory (loaded from the
-//! database at start-up too) so that a watcher that connects late, or reconnects with
-//! `since`, gets the history first.
+//! Ids start at 1 and continue after a daemon restart (they go on from the newest stored
+//! event). The last [`RETAIN`] events are kept in memory (loaded from the database at
+//! start-up too) so that a watcher that connects late, or reconnects with `since`, gets
+//! the history first.
 //!
-//! # Durability: group commit
+//! # Durability: group commit, then publication
 //!
 //! [`EventLog::open`] starts one writer thread that owns the SQLite connection
 //! ([`crate::store`]). [`EventLog::publish`] assigns the id, queues the event for the
 //! writer and returns at once. The writer takes everything queued, commits it in one
-//! transaction (one fsync with `synchronous=FULL`), and only then appends the batch to the
-//! in-memory ring and broadcasts it, in id order, and raises the durable watermark that
-//! [`EventLog::wait_durable`] waits on. So:
+//! transaction, and only then appends the batch to the in-memory ring and broadcasts it,
+//! in id order, and raises the durable watermark that [`EventLog::wait_durable`] waits
+//! on. There is no timer in the batching: an event waits for at most the commit in
+//! progress and its own (with `synchronous=NORMAL` tens of microseconds each; with `FULL`
+//! one fsync each, about 1 ms here). So:
 //!
 //! - **no client sees an event that is not durable**: history, live stream and
 //!   [`EventLog::last_id`] only ever contain committed events;
-//! - concurrent publishers share fsyncs instead of waiting for one each;
+//! - concurrent publishers share commits instead of waiting for one each;
 //! - the instance actor waits for its last event to be durable before it changes the View,
 //!   so a client that sees a state finds its event, also after a restart.
 //!
-//! If a commit fails the writer retries the batch a few times (about a second in all),
-//! then logs an error and lets the batch through *without* durability rather than
-//! freezing every instance behind a broken disk; the batch stays queued and goes into the
-//! next commit attempt. [`EventLog::store_error`] reports the last failure until a commit
-//! succeeds again.
+//! # When the state directory cannot be written
+//!
+//! A commit that fails (ENOSPC, EIO, a read-only file system) is tried twice more at
+//! once; then the log is *failing*: [`EventLog::fault`] says why (the daemon refuses
+//! requests that would need a new event, `health` says degraded, `/ready` answers 503),
+//! the events wait in memory, in id order, invisible (at most [`MAX_HELD`]; beyond that
+//! the oldest are dropped with an error), and the writer tries them again every
+//! [`RETRY_EVERY`]. The first commit that succeeds publishes them all and clears the
+//! fault: the daemon recovers by itself. Meanwhile an actor whose event waits does not
+//! move on (its View and its next step wait for the commit), except during a shutdown
+//! ([`EventLog::stop_waiting`]), which must not hang on a full disk.
+//!
+//! # Ids are never reused
+//!
+//! An id is assigned at publish but becomes visible only with its committed event, and
+//! the writer commits in id order. An event that was never stored (the daemon was killed
+//! while it waited, or it was dropped beyond [`MAX_HELD`]) was never seen by anyone, so
+//! the next daemon, which continues after the newest *stored* id, can give its id to
+//! another event without any client seeing one id name two events. Events published
+//! after [`EventLog::close`] are not stored and not shown (logged).
 //!
 //! [`EventLog::new`] is the in-memory log (tests, benchmarks, `durable_events = false`):
 //! the same API, publish makes the event visible at once.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bulkhead_core::event::{Event, EventKind};
 use bulkhead_core::key::InstanceId;
@@ -49,25 +66,56 @@ pub const RETAIN: usize = 10_000;
 /// The most events committed in one transaction.
 const MAX_BATCH: usize = 4096;
 
-/// Commit attempts for one batch before it is let through without durability.
-const ATTEMPTS: u32 = 5;
+/// How often the writer tries again to store the events that wait, while it fails.
+pub const RETRY_EVERY: Duration = Duration::from_millis(500);
 
-/// Failed events carried into later commit attempts, at most (the oldest go first).
-const MAX_UNSAVED: usize = 100_000;
+/// Quick attempts for a commit before the log counts as failing (a transient error).
+const QUICK_RETRIES: &[Duration] = &[Duration::from_millis(20), Duration::from_millis(100)];
+
+/// Events waiting in memory for the store, at most (the oldest are dropped beyond).
+pub const MAX_HELD: usize = 100_000;
+
+/// The state directory cannot be written: why, since when, and how much waits.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("state directory {dir} cannot be written: {cause} (events waiting in memory: {held}; retried every {} ms)", RETRY_EVERY.as_millis())]
+pub struct StoreFault {
+    /// The state directory (the database's folder).
+    pub dir: PathBuf,
+    /// The store's error, with what the operating system says about a test write.
+    pub cause: String,
+    /// Events waiting to be stored.
+    pub held: usize,
+    /// Since when it fails (wall clock, ms).
+    pub since_ms: u64,
+}
 
 pub struct EventLog {
     core: Arc<Core>,
-    /// The highest committed id; `None` for the in-memory log.
-    durable: Option<watch::Receiver<u64>>,
+    /// Whether events go through the writer (and so wait for their commit).
+    durable: bool,
     writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Where the writer is, for the waiters.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    /// The highest committed id.
+    durable: u64,
+    /// The last commit failed (see [`StoreFault`]).
+    failing: bool,
+    /// A shutdown: waiters stop waiting for a failing store.
+    give_up: bool,
+    /// The writer has ended: nothing more will be committed.
+    closed: bool,
 }
 
 /// What the publishers and the writer share.
 struct Core {
     inner: Mutex<Inner>,
     tx: broadcast::Sender<Event>,
-    /// The last commit failure, cleared by a successful commit.
-    store_error: Mutex<Option<String>>,
+    progress: watch::Sender<Progress>,
+    /// Why the store cannot be written, until a commit succeeds again.
+    fault: Mutex<Option<StoreFault>>,
 }
 
 struct Inner {
@@ -75,12 +123,8 @@ struct Inner {
     /// The newest id clients can see (committed, in the ring, broadcast).
     visible: u64,
     ring: VecDeque<Event>,
-    /// To the writer; `None`: in memory only (or closed).
+    /// To the writer; `None`: in memory only, or closed.
     queue: Option<mpsc::Sender<Event>>,
-    /// Closed, but the writer still commits what was queued before: later events wait in
-    /// `held` so that they are released after those, in id order.
-    draining: bool,
-    held: Vec<Event>,
 }
 
 /// A watcher fell so far behind that events it has not seen are no longer kept.
@@ -97,14 +141,41 @@ impl Default for EventLog {
 }
 
 impl Core {
+    fn new(next_id: u64, history: Vec<Event>, queue: Option<mpsc::Sender<Event>>) -> Core {
+        let (tx, _) = broadcast::channel(4096);
+        let visible = next_id - 1;
+        let skip = history.len().saturating_sub(RETAIN);
+        let mut ring = VecDeque::with_capacity(RETAIN.min(history.len().max(1024)));
+        ring.extend(history.into_iter().skip(skip));
+        let (progress, _) = watch::channel(Progress {
+            durable: visible,
+            ..Progress::default()
+        });
+        Core {
+            inner: Mutex::new(Inner {
+                next_id,
+                visible,
+                ring,
+                queue,
+            }),
+            tx,
+            progress,
+            fault: Mutex::new(None),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_fault(&self, f: Option<StoreFault>) {
+        *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = f;
     }
 
     /// Makes events visible: ring + broadcast, in id order. The caller holds the lock that
     /// `subscribe` takes, so a subscriber gets each event exactly once, either in its
     /// history or on its receiver.
-    fn release(&self, inner: &mut Inner, events: &[Event]) {
+    fn release<'a>(&self, inner: &mut Inner, events: impl IntoIterator<Item = &'a Event>) {
         for e in events {
             if inner.ring.len() == RETAIN {
                 inner.ring.pop_front();
@@ -122,7 +193,7 @@ impl EventLog {
     pub fn new() -> EventLog {
         EventLog {
             core: Arc::new(Core::new(1, Vec::new(), None)),
-            durable: None,
+            durable: false,
             writer: Mutex::new(None),
         }
     }
@@ -140,7 +211,40 @@ impl EventLog {
         retention: usize,
         sync: Synchronous,
     ) -> Result<EventLog, StoreError> {
-        let store = Store::open(path, retention, sync)?;
+        Self::from_store(Store::open(path, retention, sync)?)
+    }
+
+    /// [`EventLog::open_with`], and with `fresh` (`bulkhead serve --fresh-state`) a bad
+    /// database (empty, damaged, newer schema: [`StoreError::is_bad_database`]) is moved
+    /// aside ([`crate::store::set_aside`]) and a new one started, its ids continuing after
+    /// the newest one the old file still shows. Without `fresh` a bad database is an error.
+    pub fn open_or_fresh(
+        path: &Path,
+        retention: usize,
+        sync: Synchronous,
+        fresh: bool,
+    ) -> Result<EventLog, StoreError> {
+        match Self::open_with(path, retention, sync) {
+            Err(e) if fresh && e.is_bad_database() => {
+                let aside = crate::store::set_aside(path)?;
+                tracing::warn!(
+                    "{e}\n--fresh-state: moved it to {} and started a new state database; \
+                     event ids continue after {}",
+                    aside.moved_to.display(),
+                    aside.last_id.unwrap_or(0)
+                );
+                let mut store = Store::open(path, retention, sync)?;
+                if let Some(id) = aside.last_id {
+                    store.set_id_floor(id)?;
+                }
+                Self::from_store(store)
+            }
+            r => r,
+        }
+    }
+
+    fn from_store(store: Store) -> Result<EventLog, StoreError> {
+        let path = store.path().to_owned();
         let last = store.last_id()?;
         let history = store.tail(RETAIN)?;
         tracing::debug!(
@@ -159,14 +263,13 @@ impl EventLog {
         history: Vec<Event>,
     ) -> Result<EventLog, StoreError> {
         let (qtx, qrx) = mpsc::channel::<Event>();
-        let (dtx, drx) = watch::channel(last);
         let core = Arc::new(Core::new(last + 1, history, Some(qtx)));
         let name = sink.describe();
         let writer = {
             let core = core.clone();
             std::thread::Builder::new()
                 .name("bulkhead-events".into())
-                .spawn(move || write_loop(core, qrx, sink, dtx))
+                .spawn(move || write_loop(core, qrx, sink))
                 .map_err(|source| StoreError::Thread {
                     path: name.into(),
                     source,
@@ -174,7 +277,7 @@ impl EventLog {
         };
         Ok(EventLog {
             core,
-            durable: Some(drx),
+            durable: true,
             writer: Mutex::new(Some(writer)),
         })
     }
@@ -190,6 +293,12 @@ impl EventLog {
             kind,
         };
         inner.next_id += 1;
+        if !self.durable {
+            // In memory: visible now, in id order because nothing else can release while
+            // we hold the lock.
+            self.core.release(&mut inner, std::iter::once(&event));
+            return event;
+        }
         // Ids are assigned and queued under one lock, so the writer receives them in id
         // order; it releases them only after their commit.
         let queued = match &inner.queue {
@@ -197,42 +306,67 @@ impl EventLog {
             None => false,
         };
         if !queued {
+            // Closed (or the writer is gone): never stored, so never shown.
             inner.queue = None;
-            if inner.draining {
-                // Closed while the writer drains: it releases these after its last batch.
-                inner.held.push(event.clone());
-            } else {
-                // In memory (or the writer is gone): visible now, still in id order
-                // because nothing else can release while we hold the lock.
-                self.core.release(&mut inner, std::slice::from_ref(&event));
-            }
+            tracing::warn!(
+                "event {} ({} of {}) comes after the event log closed: not stored, not shown",
+                event.id,
+                event.kind.name(),
+                event.instance
+            );
         }
         event
     }
 
-    /// Resolves once every event up to `id` is committed (or, if the database keeps
-    /// failing, once the writer has given up on it and let it through; see the module
-    /// docs). At once for the in-memory log and after [`EventLog::close`].
+    /// Resolves once every event up to `id` is committed. At once for the in-memory log
+    /// and once the writer has ended ([`EventLog::close`]); during a shutdown
+    /// ([`EventLog::stop_waiting`]) also while the store is failing.
     pub async fn wait_durable(&self, id: u64) {
-        if let Some(rx) = &self.durable {
-            let mut rx = rx.clone();
-            // Err: the writer is gone (closed), nothing left to wait for.
-            let _ = rx.wait_for(|&d| d >= id).await;
+        if !self.durable {
+            return;
         }
+        let mut rx = self.core.progress.subscribe();
+        let _ = rx
+            .wait_for(|p| p.durable >= id || p.closed || (p.give_up && p.failing))
+            .await;
+    }
+
+    /// Resolves once the store is failing (see [`EventLog::fault`]), with why. Never for
+    /// the in-memory log.
+    pub async fn failing(&self) -> StoreFault {
+        let mut rx = self.core.progress.subscribe();
+        loop {
+            if rx.wait_for(|p| p.failing).await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Some(f) = self.fault() {
+                return f;
+            }
+            // Cleared in between: wait for the next failure.
+            if rx.wait_for(|p| !p.failing).await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// A shutdown begins: [`EventLog::wait_durable`] no longer waits for a store that is
+    /// failing (the events still wait for their commit, and get one last try at close).
+    pub fn stop_waiting(&self) {
+        self.core.progress.send_modify(|p| p.give_up = true);
+    }
+
+    /// Why the state directory cannot be written, while commits fail.
+    pub fn fault(&self) -> Option<StoreFault> {
+        self.core
+            .fault
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The id of the newest event clients can see (committed), 0 if none.
     pub fn last_id(&self) -> u64 {
         self.core.lock().visible
-    }
-
-    /// The last commit failure, until a commit succeeds again.
-    pub fn store_error(&self) -> Option<String> {
-        self.core
-            .store_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 
     /// History after `since` and a receiver for everything newer, with no gap between.
@@ -263,16 +397,12 @@ impl EventLog {
         }
     }
 
-    /// Commits everything queued and stops the writer. Later events are in memory only.
-    /// Blocks for at most one commit; idempotent. Also done on drop.
+    /// Commits everything queued (one last try if the store is failing) and stops the
+    /// writer. Later events are neither stored nor shown. Blocks for at most one commit;
+    /// idempotent. Also done on drop.
     pub fn close(&self) {
         // Dropping the sender ends the writer once it has drained the queue.
-        {
-            let mut inner = self.core.lock();
-            if inner.queue.take().is_some() {
-                inner.draining = true;
-            }
-        }
+        self.core.lock().queue.take();
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(w) = writer {
             if w.join().is_err() {
@@ -288,144 +418,218 @@ impl Drop for EventLog {
     }
 }
 
-impl Core {
-    fn new(next_id: u64, history: Vec<Event>, queue: Option<mpsc::Sender<Event>>) -> Core {
-        let (tx, _) = broadcast::channel(4096);
-        let visible = next_id - 1;
-        let skip = history.len().saturating_sub(RETAIN);
-        let mut ring = VecDeque::with_capacity(RETAIN.min(history.len().max(1024)));
-        ring.extend(history.into_iter().skip(skip));
-        Core {
-            inner: Mutex::new(Inner {
-                next_id,
-                visible,
-                ring,
-                queue,
-                draining: false,
-                held: Vec::new(),
-            }),
-            tx,
-            store_error: Mutex::new(None),
+/// Whatever way the writer ends (a panic too): waiters stop waiting, and a log whose
+/// writer is gone says so.
+struct Finish(Arc<Core>, PathBuf);
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        self.0.lock().queue = None;
+        if std::thread::panicking() {
+            // Nothing will be stored any more: say so rather than report healthy.
+            self.0.set_fault(Some(StoreFault {
+                dir: self.1.clone(),
+                cause: "the event writer thread panicked; restart the daemon".into(),
+                held: 0,
+                since_ms: now_ms(),
+            }));
+            self.0.progress.send_modify(|p| p.failing = true);
         }
+        self.0.progress.send_modify(|p| p.closed = true);
     }
 }
 
-/// The writer thread: group commit, then release. Ends when the queue's sender is dropped
-/// and everything queued is committed.
-fn write_loop(
-    core: Arc<Core>,
-    rx: mpsc::Receiver<Event>,
-    mut sink: Box<dyn Sink>,
-    durable: watch::Sender<u64>,
-) {
-    // Whichever way the writer ends (a panic too), the events published after `close`
-    // become visible after everything it released. Dropped before `durable`, so nobody
-    // waiting on the watermark wakes before they are visible.
-    let _finish = Finish(core.clone());
-    // Events let through after failed commits, retried with the next batch (ids in
-    // order, all below the new ones).
-    let mut unsaved: Vec<Event> = Vec::new();
-    let mut batch: Vec<Event> = Vec::new();
-    // Block for the first event, then take whatever else is queued: the events that
-    // arrived during the previous commit share this one. Ends when the queue's sender is
-    // dropped (close) and the queue is empty.
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
+/// The writer thread: group commit, then release. While commits fail, the events wait in
+/// `held` and are tried again every [`RETRY_EVERY`]. Ends when the queue's sender is
+/// dropped and everything queued is committed (or tried one last time).
+fn write_loop(core: Arc<Core>, rx: mpsc::Receiver<Event>, mut sink: Box<dyn Sink>) {
+    let dir = PathBuf::from(sink.describe())
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let _finish = Finish(core.clone(), dir);
+    let mut w = Writer {
+        core: &core,
+        sink: sink.as_mut(),
+        held: VecDeque::new(),
+        failing_since: None,
+    };
+    let mut last_try = Instant::now();
+    loop {
+        let open = if w.held.is_empty() {
+            // Block for the first event; those that arrive during a commit share the next.
+            match rx.recv() {
+                Ok(e) => {
+                    w.held.push_back(e);
+                    true
+                }
+                Err(_) => false,
             }
-        }
-        let last = batch.last().map_or(0, |e| e.id);
-        let committed = commit(&core, sink.as_mut(), &mut unsaved, &batch);
-        {
-            let mut inner = core.lock();
-            core.release(&mut inner, &batch);
-        }
-        if !committed {
-            unsaved.append(&mut batch);
-            if unsaved.len() > MAX_UNSAVED {
-                let drop = unsaved.len() - MAX_UNSAVED;
-                tracing::error!(
-                    "event store {}: giving up on {drop} unsaved events (ids {}..={})",
-                    sink.describe(),
-                    unsaved[0].id,
-                    unsaved[drop - 1].id
-                );
-                unsaved.drain(..drop);
+        } else if w.failing_since.is_some() {
+            // Failing: gather what arrives until the next try is due.
+            let due = last_try + RETRY_EVERY;
+            let mut open = true;
+            loop {
+                match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                    Ok(e) => w.held.push_back(e),
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
             }
+            open
+        } else {
+            true
+        };
+        let open = open && w.take_queued(&rx);
+        w.bound();
+        w.flush();
+        last_try = Instant::now();
+        if !open {
+            break;
         }
-        // After the release: whoever sees the watermark finds the events in the ring.
-        durable.send_replace(last);
-        batch.clear();
     }
-    if !unsaved.is_empty() && sink.append(&unsaved).is_ok() {
-        unsaved.clear();
-    }
-    if !unsaved.is_empty() {
+    if let Some(first) = w.held.front() {
+        let last = w.held.back().map_or(0, |e| e.id);
         tracing::error!(
-            "event store {}: {} events were never saved (ids {}..={})",
-            sink.describe(),
-            unsaved.len(),
-            unsaved[0].id,
-            unsaved[unsaved.len() - 1].id
+            "event store {}: events {}..={last} were never stored (the daemon stops while \
+             the state directory cannot be written); no client saw them",
+            w.sink.describe(),
+            first.id
         );
     }
 }
 
-struct Finish(Arc<Core>);
-
-impl Drop for Finish {
-    fn drop(&mut self) {
-        let mut inner = self.0.lock();
-        inner.draining = false;
-        let held = std::mem::take(&mut inner.held);
-        self.0.release(&mut inner, &held);
-    }
+struct Writer<'a> {
+    core: &'a Core,
+    sink: &'a mut dyn Sink,
+    /// Queued events not yet committed, in id order.
+    held: VecDeque<Event>,
+    /// Set while commits fail (wall clock, ms).
+    failing_since: Option<u64>,
 }
 
-/// Commits `unsaved` + `batch` in one transaction, retrying a few times. On success
-/// `unsaved` is emptied; on failure the caller keeps the batch for the next attempt.
-fn commit(core: &Core, sink: &mut dyn Sink, unsaved: &mut Vec<Event>, batch: &[Event]) -> bool {
-    let mut all: Vec<Event>;
-    let events: &[Event] = if unsaved.is_empty() {
-        batch
-    } else {
-        all = std::mem::take(unsaved);
-        all.extend_from_slice(batch);
-        &all
-    };
-    let mut backoff = Duration::from_millis(10);
-    for attempt in 1..=ATTEMPTS {
-        match sink.append(events) {
-            Ok(()) => {
-                if attempt > 1 || events.len() > batch.len() {
-                    tracing::info!("event store {}: commits succeed again", sink.describe());
-                }
-                *core.store_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                return true;
-            }
-            Err(e) if attempt == ATTEMPTS => {
-                let first = events.first().map_or(0, |e| e.id);
-                let last = events.last().map_or(0, |e| e.id);
-                tracing::error!(
-                    "{e}; events {first}..={last} are not durable (kept for the next commit)"
-                );
-                *core.store_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
-            }
-            Err(e) => {
-                tracing::warn!("{e} (attempt {attempt} of {ATTEMPTS})");
-                std::thread::sleep(backoff);
-                backoff *= 4;
+impl Writer<'_> {
+    /// Moves everything queued into `held`; false once the queue is closed and empty.
+    fn take_queued(&mut self, rx: &mpsc::Receiver<Event>) -> bool {
+        loop {
+            match rx.try_recv() {
+                Ok(e) => self.held.push_back(e),
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
             }
         }
     }
-    // Keep the earlier failures; the caller appends the batch.
-    if events.len() > batch.len() {
-        *unsaved = events[..events.len() - batch.len()].to_vec();
+
+    /// At most [`MAX_HELD`] events wait; the oldest go first (never shown, see the
+    /// module docs on ids).
+    fn bound(&mut self) {
+        if self.held.len() <= MAX_HELD {
+            return;
+        }
+        let drop = self.held.len() - MAX_HELD;
+        let first = self.held[0].id;
+        let last = self.held[drop - 1].id;
+        self.held.drain(..drop);
+        tracing::error!(
+            "event store {}: more than {MAX_HELD} events wait for the state directory; \
+             events {first}..={last} are dropped, never stored nor shown",
+            self.sink.describe()
+        );
     }
-    false
+
+    /// Commits `held` in batches of at most [`MAX_BATCH`], releasing each after its
+    /// commit. Stops at the first batch that fails.
+    fn flush(&mut self) {
+        while !self.held.is_empty() {
+            let n = self.held.len().min(MAX_BATCH);
+            let batch: Vec<Event> = self.held.range(..n).cloned().collect();
+            if let Err(e) = self.commit(&batch) {
+                self.fail(e);
+                return;
+            }
+            self.held.drain(..n);
+            // Writable again: the fault goes before anything is shown, so whoever sees
+            // the events (or the watermark) finds the daemon healthy.
+            if let Some(since) = self.failing_since.take() {
+                tracing::info!(
+                    "event store {}: writable again after {} ms; the events that waited are \
+                     stored and shown",
+                    self.sink.describe(),
+                    now_ms().saturating_sub(since)
+                );
+                self.core.set_fault(None);
+                self.core.progress.send_modify(|p| p.failing = false);
+            }
+            {
+                let mut inner = self.core.lock();
+                self.core.release(&mut inner, &batch);
+            }
+            // After the release: whoever sees the watermark finds the events in the ring.
+            let last = batch.last().map_or(0, |e| e.id);
+            self.core.progress.send_modify(|p| p.durable = last);
+        }
+    }
+
+    /// One commit; when the store was healthy, a failure is tried again at once a few
+    /// times before it counts (a transient error is not a fault).
+    fn commit(&mut self, batch: &[Event]) -> Result<(), StoreError> {
+        let mut result = self.sink.append(batch);
+        if self.failing_since.is_none() {
+            for pause in QUICK_RETRIES {
+                let Err(e) = &result else { break };
+                tracing::warn!("{e} (trying again)");
+                std::thread::sleep(*pause);
+                result = self.sink.append(batch);
+            }
+        }
+        result
+    }
+
+    fn fail(&mut self, e: StoreError) {
+        let db = PathBuf::from(self.sink.describe());
+        let dir = db.parent().map(Path::to_path_buf).unwrap_or_default();
+        let since_ms = *self.failing_since.get_or_insert_with(now_ms);
+        let fault = StoreFault {
+            cause: cause(&e, &dir),
+            dir,
+            held: self.held.len(),
+            since_ms,
+        };
+        if self
+            .core
+            .fault
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            tracing::error!(
+                "{fault}; requests that need a new event are refused until it can be written"
+            );
+        } else {
+            tracing::debug!("{fault}");
+        }
+        self.core.set_fault(Some(fault));
+        self.core.progress.send_modify(|p| p.failing = true);
+    }
+}
+
+/// The store's error, and what the operating system says when a small file is written
+/// beside the database (SQLite says "database or disk is full"; the OS says which).
+fn cause(e: &StoreError, dir: &Path) -> String {
+    if !dir.is_dir() {
+        return e.to_string();
+    }
+    let probe = dir.join(".bulkhead-write-probe");
+    let os =
+        std::fs::write(&probe, [0u8; 4096]).and_then(|()| std::fs::File::open(&probe)?.sync_all());
+    let _ = std::fs::remove_file(&probe);
+    match os {
+        Err(os) => format!("{e} ({os})"),
+        Ok(()) => e.to_string(),
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -438,7 +642,7 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     fn id() -> InstanceId {
         InstanceId::parse("shared:w").unwrap().0
@@ -528,26 +732,16 @@ mod tests {
         assert_eq!(reopened.last_id(), 200);
     }
 
-    /// A sink whose commits wait for the test to allow them, and fail the first `fail`
-    /// times.
+    /// A sink whose commits wait for the test to allow them.
     struct Gated {
         allow: std::sync::mpsc::Receiver<()>,
         commits: Arc<AtomicUsize>,
-        fail: usize,
-        saved: Arc<Mutex<Vec<u64>>>,
     }
 
     impl Sink for Gated {
         fn append(&mut self, events: &[Event]) -> Result<(), StoreError> {
             let _ = self.allow.recv();
-            if self.commits.fetch_add(1, Ordering::SeqCst) < self.fail {
-                return Err(StoreError::Write {
-                    path: "gated".into(),
-                    source: rusqlite::Error::InvalidQuery,
-                });
-            }
-            let mut saved = self.saved.lock().unwrap();
-            saved.extend(events.iter().map(|e| e.id));
+            self.commits.fetch_add(events.len(), Ordering::SeqCst);
             Ok(())
         }
 
@@ -556,40 +750,84 @@ mod tests {
         }
     }
 
-    struct Harness {
-        log: EventLog,
-        allow: std::sync::mpsc::Sender<()>,
-        commits: Arc<AtomicUsize>,
-        saved: Arc<Mutex<Vec<u64>>>,
-    }
-
-    fn gated(fail: usize) -> Harness {
+    /// The log, the gate, and how many events were committed.
+    fn gated() -> (EventLog, std::sync::mpsc::Sender<()>, Arc<AtomicUsize>) {
         let (allow_tx, allow) = std::sync::mpsc::channel();
         let commits = Arc::new(AtomicUsize::new(0));
-        let saved = Arc::new(Mutex::new(Vec::new()));
         let sink = Gated {
             allow,
             commits: commits.clone(),
-            fail,
-            saved: saved.clone(),
         };
         let log = EventLog::start(Box::new(sink), 0, Vec::new()).unwrap();
-        Harness {
-            log,
-            allow: allow_tx,
-            commits,
+        (log, allow_tx, commits)
+    }
+
+    /// A sink that fails while `broken` is set (a full disk), counting its attempts.
+    struct Switch {
+        broken: Arc<AtomicBool>,
+        attempts: Arc<AtomicUsize>,
+        saved: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl Sink for Switch {
+        fn append(&mut self, events: &[Event]) -> Result<(), StoreError> {
+            self.attempts.fetch_add(1, Ordering::SeqCst);
+            if self.broken.load(Ordering::SeqCst) {
+                return Err(StoreError::Write {
+                    path: "/nonexistent/state/bulkhead.db".into(),
+                    source: rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                        Some("database or disk is full".into()),
+                    ),
+                });
+            }
+            self.saved
+                .lock()
+                .unwrap()
+                .extend(events.iter().map(|e| e.id));
+            Ok(())
+        }
+
+        fn describe(&self) -> String {
+            "/nonexistent/state/bulkhead.db".into()
+        }
+    }
+
+    struct Switched {
+        log: EventLog,
+        broken: Arc<AtomicBool>,
+        attempts: Arc<AtomicUsize>,
+        saved: Arc<Mutex<Vec<u64>>>,
+    }
+
+    fn switched(broken: bool) -> Switched {
+        let broken = Arc::new(AtomicBool::new(broken));
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let saved = Arc::new(Mutex::new(Vec::new()));
+        let sink = Switch {
+            broken: broken.clone(),
+            attempts: attempts.clone(),
+            saved: saved.clone(),
+        };
+        Switched {
+            log: EventLog::start(Box::new(sink), 0, Vec::new()).unwrap(),
+            broken,
+            attempts,
             saved,
+        }
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
     #[tokio::test]
     async fn nothing_is_visible_or_durable_before_its_commit() {
-        let Harness {
-            log,
-            allow,
-            commits,
-            ..
-        } = gated(0);
+        let (log, allow, commits) = gated();
         let (_, mut rx) = log.subscribe(0);
         let e = log.publish(&id(), EventKind::Launched);
         assert_eq!(e.id, 1);
@@ -606,60 +844,386 @@ mod tests {
         allow.send(()).unwrap();
         allow.send(()).unwrap();
         log.wait_durable(2).await;
-        assert!(commits.load(Ordering::SeqCst) >= 1);
+        assert_eq!(commits.load(Ordering::SeqCst), 2);
         assert_eq!(rx.recv().await.unwrap().id, 1);
         assert_eq!(rx.recv().await.unwrap().id, 2);
         assert_eq!(log.last_id(), 2);
-        drop(allow);
-        log.close();
-        // After close: in memory, visible at once, wait_durable does not hang.
-        let e = log.publish(&id(), EventKind::BreakerClosed);
-        assert_eq!(e.id, 3);
-        log.wait_durable(3).await;
-        assert_eq!(log.last_id(), 3);
+        assert!(log.fault().is_none());
     }
 
+    /// Regression (issue #12): with the state directory full, clients saw events that
+    /// were never stored, and a restarted daemon gave their ids to other events.
     #[tokio::test]
-    async fn a_failing_store_does_not_freeze_the_log_and_retries_with_the_next_batch() {
-        let h = gated(ATTEMPTS as usize);
-        for _ in 0..(ATTEMPTS as usize + 1) {
-            h.allow.send(()).unwrap();
-        }
-        let e = h.log.publish(&id(), EventKind::Launched);
-        // Every attempt fails: let through (visible, not durable), error reported.
-        h.log.wait_durable(e.id).await;
-        assert_eq!(h.commits.load(Ordering::SeqCst), ATTEMPTS as usize);
-        assert_eq!(h.log.last_id(), 1);
-        assert!(h.log.store_error().is_some());
-        // The next commit succeeds and carries the failed event with it.
-        let e = h.log.publish(&id(), EventKind::Ready);
-        h.log.wait_durable(e.id).await;
-        assert_eq!(*h.saved.lock().unwrap(), vec![1, 2]);
-        assert!(h.log.store_error().is_none());
-    }
-
-    #[tokio::test]
-    async fn events_published_while_closing_come_after_the_drained_ones() {
-        let h = gated(0);
-        let log = Arc::new(h.log);
-        let (_, mut rx) = log.subscribe(0);
-        log.publish(&id(), EventKind::Launched);
-        // The writer is stuck committing event 1; close waits for it on another thread.
-        let closer = {
-            let log = log.clone();
-            std::thread::spawn(move || log.close())
-        };
-        while log.core.lock().queue.is_some() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        // Closed, still draining: event 2 must not overtake event 1.
-        log.publish(&id(), EventKind::Ready);
+    async fn a_failing_store_holds_events_unseen_reports_why_and_recovers_by_itself() {
+        let s = switched(true);
+        let (_, mut rx) = s.log.subscribe(0);
+        let e1 = s.log.publish(&id(), EventKind::Launched);
+        let fault = tokio::time::timeout(Duration::from_secs(30), s.log.failing())
+            .await
+            .expect("the log reports the failure");
+        assert_eq!(fault.dir, PathBuf::from("/nonexistent/state"));
+        assert!(
+            fault.to_string().starts_with(
+                "state directory /nonexistent/state cannot be written: cannot write events to state database /nonexistent/state/bulkhead.db: database or disk is full"
+            ),
+            "{fault}"
+        );
+        assert_eq!(s.log.fault().as_ref(), Some(&fault));
+        // Tried at once, then again a few times before it counted.
+        assert_eq!(s.attempts.load(Ordering::SeqCst), 1 + QUICK_RETRIES.len());
+        // Things that happen anyway while it fails wait with the first.
+        let e2 = s.log.publish(
+            &id(),
+            EventKind::Crashed {
+                signal: 9,
+                core_dumped: false,
+            },
+        );
+        // Retried periodically, and nothing is shown or counted durable meanwhile.
+        until("a periodic retry", || {
+            s.attempts.load(Ordering::SeqCst) > 1 + QUICK_RETRIES.len()
+        })
+        .await;
+        let waited =
+            tokio::time::timeout(Duration::from_millis(50), s.log.wait_durable(e1.id)).await;
+        assert!(waited.is_err(), "durable while the store fails");
+        assert_eq!(s.log.last_id(), 0);
+        assert!(s.log.subscribe(0).0.is_empty());
         assert!(rx.try_recv().is_err());
-        h.allow.send(()).unwrap();
-        closer.join().unwrap();
+        assert!(s.saved.lock().unwrap().is_empty());
+
+        // Space returns: the next retry stores both, in order, and the fault clears.
+        s.broken.store(false, Ordering::SeqCst);
+        s.log.wait_durable(e2.id).await;
+        assert_eq!(*s.saved.lock().unwrap(), vec![1, 2]);
         assert_eq!(rx.recv().await.unwrap().id, 1);
         assert_eq!(rx.recv().await.unwrap().id, 2);
-        assert_eq!(*h.saved.lock().unwrap(), vec![1]);
-        assert_eq!(log.last_id(), 2);
+        assert_eq!(s.log.last_id(), 2);
+        assert!(s.log.fault().is_none());
+        // And commits are immediate again.
+        let e3 = s.log.publish(&id(), EventKind::Ready);
+        s.log.wait_durable(e3.id).await;
+        assert_eq!(*s.saved.lock().unwrap(), vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_at_once_and_is_no_fault() {
+        let s = switched(true);
+        let broken = s.broken.clone();
+        let attempts = s.attempts.clone();
+        // Heal after the first attempt, before the quick retries run out.
+        let healer = std::thread::spawn(move || {
+            while attempts.load(Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            broken.store(false, Ordering::SeqCst);
+        });
+        let e = s.log.publish(&id(), EventKind::Launched);
+        s.log.wait_durable(e.id).await;
+        healer.join().unwrap();
+        assert_eq!(*s.saved.lock().unwrap(), vec![1]);
+        assert!(s.log.fault().is_none());
+        assert!(s.attempts.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_does_not_wait_for_a_failing_store_and_nothing_unstored_is_shown() {
+        let s = switched(true);
+        let e = s.log.publish(&id(), EventKind::Launched);
+        s.log.failing().await;
+        s.log.stop_waiting();
+        // Resolves although the event is not stored...
+        tokio::time::timeout(Duration::from_secs(30), s.log.wait_durable(e.id))
+            .await
+            .expect("wait_durable ends in a shutdown");
+        // ...and it is still not shown.
+        assert_eq!(s.log.last_id(), 0);
+        // Closing tries it once more; still failing: never stored, never shown.
+        s.log.close();
+        assert!(s.saved.lock().unwrap().is_empty());
+        assert_eq!(s.log.last_id(), 0);
+        assert!(s.log.subscribe(0).0.is_empty());
+        // After close: not stored, not shown, and nobody waits for it.
+        let late = s.log.publish(&id(), EventKind::Ready);
+        s.log.wait_durable(late.id).await;
+        assert_eq!(s.log.last_id(), 0);
+    }
+
+    #[tokio::test]
+    async fn closing_stores_what_waits_when_the_store_works_again() {
+        let s = switched(true);
+        s.log.publish(&id(), EventKind::Launched);
+        s.log.failing().await;
+        s.broken.store(false, Ordering::SeqCst);
+        s.log.close();
+        assert_eq!(*s.saved.lock().unwrap(), vec![1]);
+        assert_eq!(s.log.last_id(), 1);
+    }
+
+    #[tokio::test]
+    async fn events_waiting_for_the_store_are_bounded() {
+        let s = switched(true);
+        s.log.publish(&id(), EventKind::Launched);
+        s.log.failing().await;
+        for _ in 0..MAX_HELD + 10 {
+            s.log.publish(&id(), EventKind::Ready);
+        }
+        let total = MAX_HELD as u64 + 11;
+        until("the bound applied", || {
+            s.log.fault().is_some_and(|f| f.held == MAX_HELD)
+        })
+        .await;
+        s.broken.store(false, Ordering::SeqCst);
+        s.log.wait_durable(total).await;
+        let saved = s.saved.lock().unwrap().clone();
+        // The newest are kept, in order, without a gap among them.
+        assert_eq!(saved.len(), MAX_HELD);
+        assert_eq!(*saved.last().unwrap(), total);
+        assert!(saved.windows(2).all(|w| w[1] == w[0] + 1));
+        assert_eq!(s.log.last_id(), total);
+    }
+
+    #[test]
+    fn the_fault_names_what_the_operating_system_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let ro = dir.path().join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        let e = StoreError::Write {
+            path: ro.join("bulkhead.db"),
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_READONLY),
+                None,
+            ),
+        };
+        // A directory that takes the write: only SQLite's words.
+        assert!(!cause(&e, &ro).contains("os error"));
+        assert!(!ro.join(".bulkhead-write-probe").exists());
+        // One that does not (here: the probe's name is taken by a directory): the
+        // operating system's words follow SQLite's.
+        std::fs::create_dir(ro.join(".bulkhead-write-probe")).unwrap();
+        let c = cause(&e, &ro);
+        assert!(c.starts_with(&e.to_string()), "{c}");
+        assert!(c.contains("os error"), "{c}");
+    }
+
+    #[test]
+    fn fresh_state_moves_a_bad_database_aside_and_ids_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        {
+            let mut st = Store::open(&path, 100, Synchronous::Normal).unwrap();
+            st.append(&[Event {
+                id: 7,
+                time_ms: 1,
+                instance: id(),
+                kind: EventKind::Ready,
+            }])
+            .unwrap();
+            st.conn_for_tests()
+                .execute(
+                    "UPDATE meta SET value = value + 1 WHERE key = 'schema_version'",
+                    [],
+                )
+                .unwrap();
+        }
+        // Without the flag: refused, nothing moved.
+        let err = EventLog::open_or_fresh(&path, 100, Synchronous::Normal, false)
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
+        assert!(path.exists());
+        // With it: moved aside, a new history whose ids continue after 7.
+        let log = EventLog::open_or_fresh(&path, 100, Synchronous::Normal, true).unwrap();
+        assert_eq!(log.last_id(), 7);
+        assert!(log.subscribe(0).0.is_empty());
+        assert_eq!(log.publish(&id(), EventKind::Launched).id, 8);
+        log.close();
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("bulkhead.db.bad-")
+            })
+            .collect();
+        assert!(!aside.is_empty());
+        // A sound database is left alone by the flag.
+        let log = EventLog::open_or_fresh(&path, 100, Synchronous::Normal, true).unwrap();
+        assert_eq!(log.last_id(), 8);
+    }
+
+    /// A daemon core (no API server) over a switchable store, serving workload `w`
+    /// (`/bin/sleep`, shared), with the process driver.
+    fn daemon_over(s: Switched) -> Over {
+        let dir = tempfile::tempdir().unwrap();
+        let (wl, state) = (dir.path().join("workloads"), dir.path().join("state"));
+        std::fs::create_dir_all(wl.join("w")).unwrap();
+        std::fs::write(
+            wl.join("w/manifest.yaml"),
+            "name: w\ncommand: [/bin/sleep, '1000']\n",
+        )
+        .unwrap();
+        for d in ["logs", "notify"] {
+            std::fs::create_dir_all(state.join(d)).unwrap();
+        }
+        let mut cfg = crate::Config::new(wl, Some(state), None);
+        cfg.sandbox = false;
+        let sh = Arc::new(crate::Shared::new(cfg, s.log, None, None));
+        sh.reload();
+        Over {
+            sh,
+            broken: s.broken,
+            saved: s.saved,
+            _dir: dir,
+        }
+    }
+
+    struct Over {
+        sh: Arc<crate::Shared>,
+        broken: Arc<AtomicBool>,
+        saved: Arc<Mutex<Vec<u64>>>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn launch_w() -> crate::LaunchArgs {
+        crate::LaunchArgs {
+            workload: "w".into(),
+            namespace: None,
+            session: None,
+            wait: crate::WaitFor::Ready,
+            timeout: None,
+            lease: None,
+        }
+    }
+
+    /// A launch admitted just before the store fails would wait for its View forever:
+    /// it answers why at once, and the instance goes on once its events are stored.
+    #[tokio::test]
+    async fn a_launch_caught_by_a_failing_store_says_why_and_goes_on_once_stored() {
+        let s = daemon_over(switched(false));
+        let sh = s.sh.clone();
+        s.broken.store(true, Ordering::SeqCst);
+        let err = tokio::time::timeout(Duration::from_secs(30), sh.launch(launch_w()))
+            .await
+            .expect("the launch answers while the store fails")
+            .map(|_| ())
+            .expect_err("the launch cannot be recorded");
+        assert!(
+            matches!(err, crate::LaunchError::Unrecorded { .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(
+                "cannot be recorded: state directory /nonexistent/state cannot be written"
+            ),
+            "{msg}"
+        );
+        assert!(s.saved.lock().unwrap().is_empty());
+        // Space returns: the instance goes on to ready, every event stored first.
+        s.broken.store(false, Ordering::SeqCst);
+        let slot = sh.list().pop().expect("the instance exists");
+        let mut rx = slot.subscribe();
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|v| v.ready))
+            .await
+            .expect("ready once the store works")
+            .unwrap();
+        let saved = s.saved.lock().unwrap().clone();
+        assert_eq!(saved, (1..=saved.len() as u64).collect::<Vec<_>>());
+        assert!(sh.events.last_id() >= 3, "launched, started, ready");
+        sh.terminate(&slot.id, None).await;
+    }
+
+    struct Panics;
+
+    impl Sink for Panics {
+        fn append(&mut self, _: &[Event]) -> Result<(), StoreError> {
+            panic!("a bug in the store (test)");
+        }
+
+        fn describe(&self) -> String {
+            "/nonexistent/state/bulkhead.db".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_dies_is_a_fault_and_nobody_waits_forever() {
+        let log = EventLog::start(Box::new(Panics), 0, Vec::new()).unwrap();
+        let e = log.publish(&id(), EventKind::Launched);
+        let f = tokio::time::timeout(Duration::from_secs(30), log.failing())
+            .await
+            .expect("reported");
+        assert!(f.to_string().contains("panicked"), "{f}");
+        log.wait_durable(e.id).await;
+        assert_eq!(log.last_id(), 0);
+        // Later events go nowhere and are not shown.
+        log.publish(&id(), EventKind::Ready);
+        assert_eq!(log.last_id(), 0);
+    }
+
+    /// The same for a terminate and an end-namespace admitted just before the failure:
+    /// UNAVAILABLE with why, and the stop goes on once its events are stored.
+    #[tokio::test]
+    async fn a_stop_caught_by_a_failing_store_says_why_and_goes_on_once_stored() {
+        use bulkhead_api::Bulkhead;
+        let Over {
+            sh, broken, saved, ..
+        } = &daemon_over(switched(false));
+        let (view, _) = sh.launch(launch_w()).await.unwrap();
+        let svc = crate::service::Service { sh: sh.clone() };
+        broken.store(true, Ordering::SeqCst);
+        let req = local(bulkhead_api::v1::TerminateRequest {
+            id: view.id.to_string(),
+            grace_ms: None,
+        });
+        let err = tokio::time::timeout(Duration::from_secs(30), svc.terminate(req))
+            .await
+            .expect("the terminate answers while the store fails")
+            .map(|_| ())
+            .expect_err("the terminate cannot be recorded");
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message().starts_with(&format!(
+                "terminate of {} cannot be recorded: state directory /nonexistent/state cannot be written",
+                view.id
+            )),
+            "{}",
+            err.message()
+        );
+        // Refused at admission from now on.
+        let req = local(bulkhead_api::v1::EndScopeRequest {
+            name: "n".into(),
+            grace_ms: None,
+        });
+        let err = svc.end_namespace(req).await.map(|_| ()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message()
+                .starts_with("end-namespace refused: state directory"),
+            "{}",
+            err.message()
+        );
+        // Space returns: the stop completes, its events stored first.
+        let stored = saved.lock().unwrap().len();
+        broken.store(false, Ordering::SeqCst);
+        let slot = sh.get(&view.id).unwrap();
+        let mut rx = slot.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|v| v.state.is_terminal()),
+        )
+        .await
+        .expect("terminated once the store works")
+        .unwrap();
+        assert!(saved.lock().unwrap().len() > stored);
+    }
+
+    /// A request as it comes from the Unix socket (after `AuthLayer`).
+    fn local<T>(msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.extensions_mut()
+            .insert(crate::auth::Identity::Local { uid: Some(0) });
+        r
     }
 }

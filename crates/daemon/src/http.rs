@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus / OpenMetrics text ([`crate::metrics`]) |
 //! | `GET /health` | JSON: status, uptime, instances by state, breakers not closed |
-//! | `GET /ready` | 200 `ready` while serving, 503 `shutting down` once shutdown began, 503 while the keeper is down (replaced at once) |
+//! | `GET /ready` | 200 `ready` while serving, 503 `shutting down` once shutdown began, 503 while the keeper is down (replaced at once) or the state directory cannot be written |
 //!
 //! HTTP/1.1 only, plain text, no authentication: bind it to a loopback or otherwise
 //! trusted address. It reads the registry and the metrics; it never changes anything.
@@ -161,6 +161,8 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Resp {
                     TEXT,
                     "the keeper is down (a new one is starting)\n",
                 )
+            } else if let Some(f) = sh.events.fault() {
+                respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{f}\n"))
             } else {
                 respond(StatusCode::OK, TEXT, "ready\n")
             }
@@ -225,10 +227,11 @@ pub(crate) fn health(sh: &Shared) -> serde_json::Value {
         .collect();
     let cat = sh.catalog();
     let valid = cat.entries.values().filter(|e| e.spec.is_ok()).count();
+    let fault = sh.events.fault();
     serde_json::json!({
         "status": if shutting_down(sh) {
             "shutting_down"
-        } else if keeper_down(sh) {
+        } else if keeper_down(sh) || fault.is_some() {
             "degraded"
         } else {
             "serving"
@@ -241,6 +244,16 @@ pub(crate) fn health(sh: &Shared) -> serde_json::Value {
         "pid": std::process::id(),
         "uptime_seconds": sh.uptime().as_secs_f64(),
         "last_event_id": sh.events.last_id(),
+        // Whether events can be stored; while not, what needs one is refused.
+        "state": match &fault {
+            None => serde_json::json!({ "writable": true }),
+            Some(f) => serde_json::json!({
+                "writable": false,
+                "error": f.to_string(),
+                "held_events": f.held,
+                "since_ms": f.since_ms,
+            }),
+        },
         "workloads": { "valid": valid, "invalid": cat.entries.len() - valid },
         "instances": {
             "total": views.len(),

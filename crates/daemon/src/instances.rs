@@ -164,26 +164,73 @@ impl Drop for InstanceTable {
 }
 
 fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, shown: &str) {
-    while let Ok(first) = rx.recv() {
-        // Coalesce: the latest operation per id wins.
-        let mut pending: HashMap<String, Option<Box<InstanceRow>>> = HashMap::new();
-        let mut take = |op: Op| match op {
-            Op::Put(row) => {
-                pending.insert(row.id.clone(), Some(row));
+    // Coalesced: the latest operation per id wins. What a failed write held stays here
+    // (newer operations replace it) and is tried again: a row or a removal is never
+    // dropped because the state directory was full for a while.
+    let mut pending: HashMap<String, Option<Box<InstanceRow>>> = HashMap::new();
+    let mut failing = false;
+    let take = |pending: &mut HashMap<_, _>, op: Op| match op {
+        Op::Put(row) => {
+            pending.insert(row.id.clone(), Some(row));
+        }
+        Op::Remove(id) => {
+            pending.insert(id, None);
+        }
+    };
+    loop {
+        let open = if pending.is_empty() {
+            match rx.recv() {
+                Ok(op) => {
+                    take(&mut pending, op);
+                    true
+                }
+                Err(_) => false,
             }
-            Op::Remove(id) => {
-                pending.insert(id, None);
+        } else {
+            // Failing: the next try waits, gathering what arrives meanwhile.
+            let due = std::time::Instant::now() + crate::events::RETRY_EVERY;
+            loop {
+                match rx.recv_timeout(due.saturating_duration_since(std::time::Instant::now())) {
+                    Ok(op) => take(&mut pending, op),
+                    Err(mpsc::RecvTimeoutError::Timeout) => break true,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break false,
+                }
             }
         };
-        take(first);
-        while let Ok(op) = rx.try_recv() {
-            take(op);
+        let open = open
+            && loop {
+                match rx.try_recv() {
+                    Ok(op) => take(&mut pending, op),
+                    Err(mpsc::TryRecvError::Empty) => break true,
+                    Err(mpsc::TryRecvError::Disconnected) => break false,
+                }
+            };
+        match write_batch(&mut conn, &pending) {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("instance table of {shown}: written again");
+                }
+                failing = false;
+                pending.clear();
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(
+                    "instance table of {shown}: {e}; {} rows wait and are tried again every {} ms",
+                    pending.len(),
+                    crate::events::RETRY_EVERY.as_millis()
+                );
+            }
+            Err(e) => tracing::debug!("instance table of {shown}: {e}"),
         }
-        if let Err(e) = write_batch(&mut conn, &pending) {
-            tracing::error!(
-                "instance table of {shown}: {e}; {} rows not written",
-                pending.len()
-            );
+        if !open {
+            if !pending.is_empty() {
+                tracing::error!(
+                    "instance table of {shown}: {} rows were not written before the daemon stopped",
+                    pending.len()
+                );
+            }
+            return;
         }
     }
 }
@@ -259,5 +306,40 @@ mod tests {
         t.close();
         let rows = load(&db).unwrap();
         assert_eq!(rows, vec![row("ns:a:w", 2)]);
+    }
+
+    /// A write that fails (the state directory full) keeps its rows and is tried again:
+    /// nothing is dropped, and the latest operation per id still wins.
+    #[test]
+    fn a_failed_write_is_kept_and_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("bulkhead.db");
+        let _store = crate::store::Store::open(&db, 10, crate::store::Synchronous::Normal).unwrap();
+        let c = Connection::open(&db).unwrap();
+        // Writes to the table fail while `broken` has a row.
+        c.execute_batch(
+            "CREATE TABLE broken (x INTEGER);
+             INSERT INTO broken VALUES (1);
+             CREATE TRIGGER fail BEFORE INSERT ON instances
+             WHEN EXISTS (SELECT 1 FROM broken)
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full (test)'); END;",
+        )
+        .unwrap();
+        let t = InstanceTable::open(&db).unwrap();
+        t.put(row("ns:a:w", 1));
+        t.put(row("ns:b:w", 1));
+        // Give the writer time to fail at least once.
+        std::thread::sleep(crate::events::RETRY_EVERY);
+        assert_eq!(load(&db).unwrap(), vec![]);
+        t.put(row("ns:a:w", 2));
+        t.remove("ns:b:w");
+        c.execute("DELETE FROM broken", []).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while load(&db).unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t.close();
+        assert_eq!(load(&db).unwrap(), vec![row("ns:a:w", 2)]);
     }
 }

@@ -82,6 +82,13 @@ pub enum LaunchError {
     Lease(#[from] bulkhead_core::lease::LeaseError),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The instance's events cannot be stored (it was created just before the store
+    /// began to fail); it goes on once they can.
+    #[error("launch of {id} cannot be recorded: {fault}; it goes on once the state directory can be written")]
+    Unrecorded {
+        id: InstanceId,
+        fault: events::StoreFault,
+    },
     #[error("the daemon already runs {limit} live instances, its limit (--max-instances); terminate one or raise the limit")]
     AtCapacity { limit: usize },
     #[error("launch of {id} failed: {reason}")]
@@ -544,7 +551,16 @@ impl Shared {
         if let Some(holder) = &args.lease {
             slot.take_lease(lease_field, holder)?;
         }
-        let view = wait_for(&slot, args.wait, deadline, args.timeout.unwrap_or_default()).await?;
+        let waited = wait_for(&slot, args.wait, deadline, args.timeout.unwrap_or_default());
+        // The instance's events cannot be stored: its View waits for them, so say why
+        // rather than hang (the request was admitted before the store failed).
+        let view = tokio::select! {
+            biased;
+            v = waited => v?,
+            fault = self.events.failing() => {
+                return Err(LaunchError::Unrecorded { id, fault });
+            }
+        };
         Ok((view, created))
     }
 
@@ -644,6 +660,8 @@ impl Shared {
     /// Stops accepting launches and terminates every live instance, concurrently.
     pub async fn terminate_all(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        // A shutdown does not wait for a state directory that cannot be written.
+        self.events.stop_waiting();
         self.terminate_where(None, |_| true).await;
     }
 

@@ -39,6 +39,9 @@ pub struct Config {
     pub durable_events: bool,
     /// How hard event commits go to the disk (`Full`: survive a power loss).
     pub event_sync: crate::store::Synchronous,
+    /// A state database that is empty, damaged or from a newer bulkhead is moved aside
+    /// and a new one started (`serve --fresh-state`); `false`: the start fails.
+    pub fresh_state: bool,
     /// Where to serve `/metrics`, `/health` and `/ready` over HTTP; `None`: not served.
     pub metrics_addr: Option<SocketAddr>,
     /// Make this process a child subreaper and reap orphaned descendants of the instances
@@ -90,6 +93,7 @@ impl Config {
             event_retention: crate::store::DEFAULT_RETENTION,
             durable_events: true,
             event_sync: crate::store::Synchronous::Normal,
+            fresh_state: false,
             metrics_addr: None,
             reap_orphans: false,
             tcp: None,
@@ -216,7 +220,12 @@ impl Daemon {
         // After the bind: opening the database loads the newest events (may be slow).
         let events = if cfg.durable_events {
             let db = cfg.state_dir.join("bulkhead.db");
-            crate::events::EventLog::open_with(&db, cfg.event_retention, cfg.event_sync)?
+            crate::events::EventLog::open_or_fresh(
+                &db,
+                cfg.event_retention,
+                cfg.event_sync,
+                cfg.fresh_state,
+            )?
         } else {
             crate::events::EventLog::new()
         };

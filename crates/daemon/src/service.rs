@@ -10,6 +10,7 @@
 //! | lease: instance has `MAX_LEASES` holders | FAILED_PRECONDITION  | 4        |
 //! | exec: not running / command cannot run  | FAILED_PRECONDITION  | 4        |
 //! | daemon shutting down / not reachable    | UNAVAILABLE          | 5        |
+//! | state directory cannot be written       | UNAVAILABLE          | 5        |
 //! | wait timed out                          | DEADLINE_EXCEEDED    | 6        |
 //! | launch failed (spawn, exit, readiness)  | ABORTED              | 7        |
 //! | no valid token over TCP                 | UNAUTHENTICATED      | 8        |
@@ -43,6 +44,34 @@ impl Service {
     fn authorize<T>(&self, req: &Request<T>, scope: Scope) -> Result<(), Status> {
         auth::authorize(req, scope)
     }
+
+    /// A request that needs a new event is refused while the state directory cannot be
+    /// written (`events::StoreFault`): UNAVAILABLE, naming the directory and the cause.
+    fn writable(&self, what: &str) -> Result<(), Status> {
+        match self.sh.events.fault() {
+            Some(f) => Err(Status::unavailable(format!(
+                "{what} refused: {f}; it is accepted again once the state directory can be written"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Awaits an admitted request's work, unless the store fails meanwhile: then its
+    /// events cannot be stored and the work waits for them, so the caller is told why
+    /// (UNAVAILABLE) rather than left hanging until the disk returns; the work goes on.
+    async fn unless_unrecorded<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, Status> {
+        tokio::select! {
+            biased;
+            v = work => Ok(v),
+            f = self.sh.events.failing() => Err(Status::unavailable(format!(
+                "{what} cannot be recorded: {f}; it goes on once the state directory can be written"
+            ))),
+        }
+    }
 }
 
 /// The status of a failed launch. `admin`: the caller may see a manifest's contents in
@@ -62,7 +91,7 @@ fn launch_status(e: LaunchError, admin: bool) -> Status {
         LaunchError::Lease(bulkhead_core::lease::LeaseError::TooMany { .. }) => {
             Status::failed_precondition(msg)
         }
-        LaunchError::ShuttingDown => Status::unavailable(msg),
+        LaunchError::ShuttingDown | LaunchError::Unrecorded { .. } => Status::unavailable(msg),
         LaunchError::AtCapacity { .. } => Status::resource_exhausted(msg),
         LaunchError::Failed { .. } => Status::aborted(msg),
         LaunchError::Timeout { .. } => Status::deadline_exceeded(msg),
@@ -271,6 +300,7 @@ impl bulkhead_api::Bulkhead for Service {
         let (ns, sid) = (q.namespace.as_deref(), q.session.as_deref());
         let scope = Scope::launch(&self.sh.catalog(), &q.workload, ns, sid, q.lease.as_deref());
         self.authorize(&req, scope)?;
+        self.writable("launch")?;
         let vis = Visibility::of(&req);
         let admin = auth::is_admin(&req);
         let r = req.into_inner();
@@ -344,6 +374,7 @@ impl bulkhead_api::Bulkhead for Service {
         req: Request<v1::TerminateRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
         self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
+        self.writable("terminate")?;
         let vis = Visibility::of(&req);
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
@@ -351,9 +382,8 @@ impl bulkhead_api::Bulkhead for Service {
             .grace_ms
             .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
         let view = self
-            .sh
-            .terminate(&id, grace)
-            .await
+            .unless_unrecorded(&format!("terminate of {id}"), self.sh.terminate(&id, grace))
+            .await?
             .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
         Ok(Response::new(shown(instance_proto(&view), &vis)))
     }
@@ -367,11 +397,13 @@ impl bulkhead_api::Bulkhead for Service {
         let valid = cat.entries.values().filter(|e| e.spec.is_ok()).count();
         // The truth while the keeper is down: process launches wait for a new one.
         let keeper_down = self.sh.keeper.as_ref().is_some_and(|k| !k.is_up());
+        // And while the state directory cannot be written: what needs an event is refused.
+        let fault = self.sh.events.fault();
         Ok(Response::new(v1::HealthResponse {
-            status: if keeper_down {
-                "degraded: the keeper is down (a new one is starting)".into()
-            } else {
-                "ok".into()
+            status: match (keeper_down, fault) {
+                (true, _) => "degraded: the keeper is down (a new one is starting)".into(),
+                (false, Some(f)) => format!("degraded: {f}"),
+                (false, None) => "ok".into(),
             },
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -513,6 +545,7 @@ impl bulkhead_api::Bulkhead for Service {
     ) -> Result<Response<v1::Instance>, Status> {
         let q = req.get_ref();
         self.authorize(&req, Scope::release(&parse_id(&q.id)?, &q.holder))?;
+        self.writable("release")?;
         let vis = Visibility::of(&req);
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
@@ -536,11 +569,17 @@ impl bulkhead_api::Bulkhead for Service {
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Session, &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.authorize(&req, Scope::session(&r.name))?;
+        self.writable("end-session")?;
         let r = req.into_inner();
         let grace = r
             .grace_ms
             .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
-        let views = self.sh.end_session(&r.name, grace).await;
+        let views = self
+            .unless_unrecorded(
+                &format!("end-session {}", r.name),
+                self.sh.end_session(&r.name, grace),
+            )
+            .await?;
         Ok(Response::new(v1::EndScopeResponse {
             terminated: views.iter().map(instance_proto).collect(),
         }))
@@ -554,11 +593,17 @@ impl bulkhead_api::Bulkhead for Service {
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Namespace, &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.authorize(&req, Scope::namespace(&r.name))?;
+        self.writable("end-namespace")?;
         let r = req.into_inner();
         let grace = r
             .grace_ms
             .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
-        let views = self.sh.end_namespace(&r.name, grace).await;
+        let views = self
+            .unless_unrecorded(
+                &format!("end-namespace {}", r.name),
+                self.sh.end_namespace(&r.name, grace),
+            )
+            .await?;
         Ok(Response::new(v1::EndScopeResponse {
             terminated: views.iter().map(instance_proto).collect(),
         }))

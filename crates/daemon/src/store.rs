@@ -14,6 +14,7 @@
 //! never deleted, which is what lets ids continue after a restart.
 
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bulkhead_core::event::{Event, EventKind};
 use bulkhead_core::key::InstanceId;
@@ -90,14 +91,16 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("state database {path} has schema version {found}, newer than this bulkhead knows ({known}); run a newer bulkhead or use another state directory")]
+    #[error("state database {path} has schema version {found}, newer than this bulkhead knows ({known}); run a newer bulkhead, or start with `bulkhead serve --fresh-state` to move it aside and begin a new history")]
     TooNew {
         path: PathBuf,
         found: i64,
         known: i64,
     },
-    #[error("state database {path} is empty (0 bytes): it was truncated, and its event history and instance table are gone; move it away to start with an empty history")]
+    #[error("state database {path} is empty (0 bytes): it was truncated, and its event history and instance table are gone; start with `bulkhead serve --fresh-state` to move it aside and begin a new history")]
     Empty { path: PathBuf },
+    #[error("state database {path} is damaged ({detail}): it was truncated or corrupted, and its event history and instance table cannot be trusted; restore it from a backup, or start with `bulkhead serve --fresh-state` to move it aside and begin a new history")]
+    Corrupt { path: PathBuf, detail: String },
     #[error("cannot migrate state database {path} to schema version {version}: {source}")]
     Migrate {
         path: PathBuf,
@@ -123,6 +126,110 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot move damaged state database {path} aside: {source}")]
+    SetAside {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// The file is there but cannot be used as it is (empty, damaged, or from a newer
+    /// bulkhead): what `--fresh-state` moves aside. Not an I/O error of the moment
+    /// (permissions, a full disk), which a fresh start would not cure.
+    pub fn is_bad_database(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Empty { .. } | StoreError::Corrupt { .. } | StoreError::TooNew { .. }
+        )
+    }
+}
+
+/// Whether SQLite says the file is not (or no longer) a sound database.
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// `e` as [`StoreError::Corrupt`] when it is damage, else as `other`.
+fn damage_or(
+    path: &Path,
+    e: rusqlite::Error,
+    other: impl FnOnce(rusqlite::Error) -> StoreError,
+) -> StoreError {
+    if is_damage(&e) {
+        StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        }
+    } else {
+        other(e)
+    }
+}
+
+/// What `--fresh-state` did with a bad database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetAside {
+    /// Where the file went (`<path>.bad-<unix seconds>`; its `-wal` and `-shm` beside).
+    pub moved_to: PathBuf,
+    /// The newest event id that could still be read from it: the new database's ids
+    /// continue after it, so no id a client saw names a second event.
+    pub last_id: Option<u64>,
+}
+
+/// Moves the database at `path` (with its `-wal` and `-shm`) aside as
+/// `<path>.bad-<unix seconds>`, after reading what it can of its newest event id.
+pub fn set_aside(path: &Path) -> Result<SetAside, StoreError> {
+    let last_id = salvage_last_id(path);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let with = |base: &Path, suffix: &str| {
+        let mut p = base.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let mut moved_to = with(path, &format!(".bad-{secs}"));
+    let mut n = 1;
+    while moved_to.exists() {
+        moved_to = with(path, &format!(".bad-{secs}-{n}"));
+        n += 1;
+    }
+    let err = |source| StoreError::SetAside {
+        path: path.to_owned(),
+        source,
+    };
+    // The journal files first: a database file left without its WAL is never paired
+    // with another's.
+    for suffix in ["-wal", "-shm"] {
+        match std::fs::rename(with(path, suffix), with(&moved_to, suffix)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    std::fs::rename(path, &moved_to).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(SetAside { moved_to, last_id })
+}
+
+/// The newest event id a damaged or foreign database still shows, read-only; `None` if
+/// it shows none.
+fn salvage_last_id(path: &Path) -> Option<u64> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    let id: Option<i64> = conn
+        .query_row("SELECT MAX(id) FROM events", [], |r| r.get(0))
+        .ok()?;
+    id.filter(|&i| i > 0).map(|i| i as u64)
 }
 
 enum Fresh {
@@ -223,7 +330,7 @@ impl Store {
         // ("file is not a database").
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(open_err)?;
+            .map_err(|e| damage_or(path, e, open_err))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(
                 "state database {} is in journal mode {mode}, not wal",
@@ -244,8 +351,53 @@ impl Store {
             retention: retention.max(1),
             since_trim: 0,
         };
-        store.migrate()?;
+        store.migrate().map_err(|e| match e {
+            StoreError::Migrate { path, source, .. } if is_damage(&source) => StoreError::Corrupt {
+                path,
+                detail: source.to_string(),
+            },
+            e => e,
+        })?;
+        store.check()?;
         Ok(store)
+    }
+
+    /// `PRAGMA quick_check`: a truncated or corrupted file is refused here, at start-up,
+    /// rather than failing (or silently losing rows) later. Linear in the file's size.
+    fn check(&self) -> Result<(), StoreError> {
+        let damaged = |e| damage_or(&self.path, e, |e| self.read_err(e));
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA quick_check(5)")
+            .map_err(damaged)?;
+        let found: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(damaged)?
+            .collect::<Result<_, _>>()
+            .map_err(damaged)?;
+        if found.len() == 1 && found[0] == "ok" {
+            return Ok(());
+        }
+        Err(StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: found.join("; "),
+        })
+    }
+
+    /// Ids continue after `id` even if no event is stored yet (a fresh start after a
+    /// damaged database whose newest id is known).
+    pub fn set_id_floor(&mut self, id: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('id_floor', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+                [id as i64],
+            )
+            .map_err(|source| StoreError::Write {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(())
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -307,11 +459,16 @@ impl Store {
         &self.path
     }
 
-    /// The id of the newest stored event, 0 if none.
+    /// The id of the newest stored event (or the floor a fresh start set), 0 if none.
     pub fn last_id(&self) -> Result<u64, StoreError> {
         let id: Option<i64> = self
             .conn
-            .query_row("SELECT MAX(id) FROM events", [], |r| r.get(0))
+            .query_row(
+                "SELECT MAX(IFNULL((SELECT MAX(id) FROM events), 0),
+                            IFNULL((SELECT value FROM meta WHERE key = 'id_floor'), 0))",
+                [],
+                |r| r.get(0),
+            )
             .map_err(|source| self.read_err(source))?;
         Ok(id.unwrap_or(0).max(0) as u64)
     }
@@ -387,7 +544,10 @@ impl Store {
         {
             let mut ins = tx
                 .prepare_cached(
-                    "INSERT INTO events (id, time_ms, instance, kind, data)
+                    // OR IGNORE: a retried batch whose earlier commit was reported failed
+                    // but landed (an fsync error after the write) stores nothing twice and
+                    // does not fail forever; an id names one event within a daemon's life.
+                    "INSERT OR IGNORE INTO events (id, time_ms, instance, kind, data)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .map_err(werr)?;
@@ -420,11 +580,16 @@ impl Store {
         Ok(())
     }
 
+    #[cfg(test)]
+    pub(crate) fn conn_for_tests(&self) -> &Connection {
+        &self.conn
+    }
+
     fn read_err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError::Read {
+        damage_or(&self.path, source, |source| StoreError::Read {
             path: self.path.clone(),
             source,
-        }
+        })
     }
 }
 
@@ -618,5 +783,96 @@ mod tests {
         let ids: Vec<u64> = s.tail(10).unwrap().iter().map(|e| e.id).collect();
         assert_eq!(ids, vec![1, 3]);
         assert_eq!(s.last_id().unwrap(), 3);
+    }
+
+    /// A database cut short (the tail of the file gone, as a failed copy or a full disk
+    /// leaves it) is refused as damaged, naming the file and `--fresh-state`.
+    #[test]
+    fn a_database_cut_short_is_refused_as_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        {
+            let mut st = Store::open(&path, 100_000, Synchronous::Normal).unwrap();
+            let evs: Vec<Event> = (1..=3000)
+                .map(|i| {
+                    ev(
+                        i,
+                        EventKind::LaunchFailed {
+                            reason: "x".repeat(100),
+                        },
+                    )
+                })
+                .collect();
+            st.append(&evs).unwrap();
+            st.conn
+                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+                .unwrap();
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len > 64 * 1024, "{len}");
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len / 2).unwrap();
+        drop(f);
+        let err = Store::open(&path, 100_000, Synchronous::Normal)
+            .err()
+            .expect("a database cut short must not open");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.is_bad_database());
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("damaged") && msg.contains("--fresh-state"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn set_aside_moves_the_file_and_its_journal_and_keeps_the_last_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        let mut st = Store::open(&path, 100, Synchronous::Normal).unwrap();
+        st.append(&[ev(41, EventKind::Ready), ev(42, EventKind::Ready)])
+            .unwrap();
+        // Still open: the WAL and the shared-memory file exist beside it.
+        assert!(dir.path().join("bulkhead.db-wal").exists());
+        let aside = set_aside(&path).unwrap();
+        drop(st);
+        assert_eq!(aside.last_id, Some(42));
+        let name = aside
+            .moved_to
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert!(name.starts_with("bulkhead.db.bad-"), "{name}");
+        assert!(aside.moved_to.exists());
+        assert!(!path.exists());
+        assert!(!dir.path().join("bulkhead.db-wal").exists());
+        // A new database continues the ids after the floor, and after its own events.
+        let mut st = Store::open(&path, 100, Synchronous::Normal).unwrap();
+        assert_eq!(st.last_id().unwrap(), 0);
+        st.set_id_floor(42).unwrap();
+        assert_eq!(st.last_id().unwrap(), 42);
+        st.append(&[ev(43, EventKind::Ready)]).unwrap();
+        assert_eq!(st.last_id().unwrap(), 43);
+        // A second set-aside in the same second gets a name of its own.
+        drop(st);
+        let again = set_aside(&path).unwrap();
+        assert_ne!(again.moved_to, aside.moved_to);
+        assert_eq!(again.last_id, Some(43));
+        // Garbage shows no id.
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        assert_eq!(set_aside(&path).unwrap().last_id, None);
+    }
+
+    #[test]
+    fn a_batch_written_twice_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        let mut st = Store::open(&path, 100, Synchronous::Normal).unwrap();
+        let batch = [ev(1, EventKind::Launched), ev(2, EventKind::Ready)];
+        st.append(&batch).unwrap();
+        st.append(&batch).unwrap();
+        assert_eq!(st.count().unwrap(), 2);
     }
 }

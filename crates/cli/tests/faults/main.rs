@@ -15,6 +15,9 @@
 //! - [`load`]: mixed launch/reuse/terminate/list requests from concurrent clients: no errors.
 //! - [`hostile`]: hostile names and manifests get clear errors and create nothing outside
 //!   the state directory.
+//! - [`storage`]: the state directory fills up mid-run (a small tmpfs): refused requests,
+//!   `health` degraded, no event shown before it is stored, recovery by itself, no id reused
+//!   after a crash during the outage.
 //! - [`walls`]: what only a wall contains (fork bomb, memory and CPU hogs, a `setsid`
 //!   escape), through the sandbox driver.
 
@@ -26,6 +29,7 @@ mod crash;
 mod hostile;
 mod leaks;
 mod load;
+mod storage;
 mod support;
 mod walls;
 mod workload;

@@ -128,3 +128,97 @@ fn a_state_database_that_is_not_a_database_stops_the_start_with_a_clear_error() 
         );
     }
 }
+
+/// `bulkhead serve` once on `d`'s directories, expected to fail at start-up; its stderr.
+fn serve_refused(d: &Daemon) -> String {
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--no-keeper", "--workloads"])
+        .arg(&d.workloads)
+        .arg("--state")
+        .arg(&d.state)
+        .arg("--socket")
+        .arg(&d.socket)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve started on a bad database");
+    stderr(&out)
+}
+
+/// The files `--fresh-state` moved aside.
+fn set_aside(state: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        // The database itself (its -wal and -shm go with it).
+        .filter(|n| {
+            n.starts_with("bulkhead.db.bad-") && !n.ends_with("-wal") && !n.ends_with("-shm")
+        })
+        .collect()
+}
+
+/// A database cut short, and one written by a newer bulkhead (regression, issue #12:
+/// a damaged database must stop the daemon with a clear message): each is refused,
+/// naming the file and `--fresh-state`; with `--fresh-state` the daemon moves it aside as
+/// `bulkhead.db.bad-<time>` and starts with a new history, its ids continuing after the
+/// newest one the old file still shows.
+#[test]
+fn a_damaged_or_newer_database_is_refused_unless_fresh_state_is_asked_for() {
+    for case in ["truncated", "newer-schema"] {
+        let mut d = Daemon::start(&[("sleeper", SLEEPER)]);
+        launch_and_terminate(&d, "a");
+        launch_and_terminate(&d, "b");
+        let old_last = d.events().len() as u64;
+        assert!(d.sigterm().success());
+        let db = d.state.join("bulkhead.db");
+        // A clean stop leaves everything in the main file (no -wal).
+        assert!(!d.state.join("bulkhead.db-wal").exists());
+        let says = match case {
+            "truncated" => {
+                let len = std::fs::metadata(&db).unwrap().len();
+                let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+                f.set_len(len / 2).unwrap();
+                "is damaged"
+            }
+            _ => {
+                let c = rusqlite::Connection::open(&db).unwrap();
+                c.execute(
+                    "UPDATE meta SET value = value + 1 WHERE key = 'schema_version'",
+                    [],
+                )
+                .unwrap();
+                "newer than this bulkhead knows"
+            }
+        };
+        let err = serve_refused(&d);
+        assert!(
+            err.contains(&db.display().to_string())
+                && err.contains(says)
+                && err.contains("--fresh-state"),
+            "{case}: {err}"
+        );
+        assert!(
+            set_aside(&d.state).is_empty(),
+            "{case}: moved without the flag"
+        );
+
+        d.extra_args.push("--fresh-state".into());
+        d.spawn();
+        let aside = set_aside(&d.state);
+        assert_eq!(aside.len(), 1, "{case}: {aside:?}");
+        assert!(d.events().is_empty(), "{case}: a new history");
+        launch_and_terminate(&d, "c");
+        let got = ids(&d.events());
+        if case == "newer-schema" {
+            // The old file still shows its newest id: the new history goes on after it.
+            assert_eq!(got[0], old_last + 1, "{case}");
+        }
+        assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{case}: {got:?}");
+        // The flag leaves a sound database alone.
+        assert!(d.sigterm().success());
+        d.spawn();
+        assert_eq!(set_aside(&d.state).len(), 1, "{case}");
+        assert_eq!(ids(&d.events()), got, "{case}");
+    }
+}
