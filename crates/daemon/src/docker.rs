@@ -200,6 +200,8 @@ pub(crate) async fn recover(
     rows: &mut HashMap<String, InstanceRow>,
     restored_of: &dyn Fn(&InstanceRow) -> Restored,
 ) {
+    // Before any adoption adds its own event: the stops the last daemon had begun.
+    let stops = shared.stops_in_progress();
     let engine = &shared.docker.engine;
     let has_docker_rows = rows
         .values()
@@ -265,8 +267,8 @@ pub(crate) async fn recover(
         let restored = restored_of(&row);
         let id = a.instance.clone();
         shared.adopt(a, restored, row.leases.clone());
-        if let Some(since_ms) = Shared::stop_in_progress(&row) {
-            shared.resume_stop(&id, since_ms);
+        if let Some((since_ms, grace)) = stops.get(&id) {
+            shared.resume_stop(&id, *since_ms, *grace);
         }
         adopted += 1;
     }

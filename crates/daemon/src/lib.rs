@@ -332,6 +332,7 @@ impl Shared {
     /// workload's current spec, and its restart policy decides.
     pub(crate) fn resume_unrecorded(self: &Arc<Self>, cat: &catalog::Catalog) {
         use bulkhead_core::event::EventKind as K;
+        let stops = self.stops_in_progress();
         let (history, _) = self.events.subscribe(0);
         let mut last: HashMap<&InstanceId, &K> = HashMap::new();
         for e in &history {
@@ -348,6 +349,12 @@ impl Shared {
                     | K::Terminating { .. }
             );
             if !running || self.lock_registry().contains_key(id) {
+                continue;
+            }
+            if stops.contains_key(id) {
+                // Being terminated on request, and nothing of it is left: terminated.
+                tracing::warn!("{id}: was being terminated when the last daemon ended; it is gone: terminated");
+                self.events.publish(id, K::Terminated { status: None });
                 continue;
             }
             let Ok((_, key)) = InstanceId::parse(id.as_str()) else {
@@ -564,21 +571,39 @@ impl Shared {
         Ok((view, created))
     }
 
-    /// Terminates an instance and returns it once every process is gone.
-    /// When `row` says its instance was stopping as the last daemon ended: since when
-    /// (wall clock, ms).
-    pub(crate) fn stop_in_progress(row: &crate::instances::InstanceRow) -> Option<u64> {
-        (row.state == "stopping").then_some(row.updated_ms)
+    /// The terminations in progress when the last daemon ended, from the event log
+    /// (durable before any client saw them): instance -> (when it began, wall clock ms;
+    /// the grace it was given). An instance whose last event is `terminating` was being
+    /// stopped on request, unless a failed liveness probe began that stop (then its
+    /// restart policy decides, as for any run that ends).
+    pub(crate) fn stops_in_progress(&self) -> HashMap<InstanceId, (u64, Duration)> {
+        use bulkhead_core::event::EventKind as K;
+        let (history, _) = self.events.subscribe(0);
+        let mut last: HashMap<&InstanceId, (Option<&K>, &bulkhead_core::event::Event)> =
+            HashMap::new();
+        for e in &history {
+            let before = last.get(&e.instance).map(|(_, prev)| &prev.kind);
+            last.insert(&e.instance, (before, e));
+        }
+        last.into_iter()
+            .filter_map(|(id, (before, e))| match (&e.kind, before) {
+                (K::Terminating { grace_ms, .. }, b)
+                    if !matches!(b, Some(K::LivenessFailed { .. })) =>
+                {
+                    Some((id.clone(), (e.time_ms, Duration::from_millis(*grace_ms))))
+                }
+                _ => None,
+            })
+            .collect()
     }
 
     /// Stops again an adopted instance that was stopping when the last daemon ended: its
-    /// signal again, and SIGKILL when what is left of the workload's grace since `since_ms`
-    /// runs out (a grace given to that one `terminate` request is not recorded: the
-    /// workload's applies).
-    pub(crate) fn resume_stop(&self, id: &InstanceId, since_ms: u64) {
+    /// signal again, and SIGKILL when what is left of the grace it was given (`grace`,
+    /// since `since_ms`) runs out.
+    pub(crate) fn resume_stop(&self, id: &InstanceId, since_ms: u64, grace: Duration) {
         let Some(slot) = self.get(id) else { return };
         let elapsed = Duration::from_millis(crate::events::now_ms().saturating_sub(since_ms));
-        let left = slot.spec.shutdown.grace.saturating_sub(elapsed);
+        let left = grace.saturating_sub(elapsed);
         tracing::warn!(
             "{id} was stopping when the last daemon ended; stopping it again (SIGKILL after {} ms)",
             left.as_millis()

@@ -300,6 +300,8 @@ impl Daemon {
                 _ => bulkhead_core::restart::BreakerState::Closed,
             },
         };
+        // Before any adoption adds its own event: the stops the last daemon had begun.
+        let stops = shared.stops_in_progress();
         if let Some(k) = &keeper {
             let adopted = k.adopt_all().await.map_err(|source| StartError::Keeper {
                 path: bulkhead_driver::keeper::server::socket_path(&cfg.state_dir),
@@ -311,13 +313,13 @@ impl Daemon {
                 let row = rows.remove(a.instance.as_str()).filter(|r| {
                     r.pid == Some(a.pid) && r.start_time.is_none_or(|t| t == a.start_time)
                 });
-                let stopping = row.as_ref().and_then(crate::Shared::stop_in_progress);
+                let stopping = stops.get(&a.instance).copied();
                 let (restored, leases) =
                     row.map(|r| (restored_of(&r), r.leases)).unwrap_or_default();
                 let id = a.instance.clone();
                 shared.adopt(a, restored, leases);
-                if let Some(since_ms) = stopping {
-                    shared.resume_stop(&id, since_ms);
+                if let Some((since_ms, grace)) = stopping {
+                    shared.resume_stop(&id, since_ms, grace);
                 }
             }
             if n > 0 {
@@ -372,6 +374,20 @@ impl Daemon {
                     ))
                 }
             };
+            // It was being terminated on request, and no process of it is left (a sandbox
+            // dies with its daemon; an orphan was killed above): the termination is
+            // complete. Its restart policy must not bring it back.
+            if let Some(id) = stops.keys().find(|i| i.as_str() == row.id) {
+                tracing::warn!("{id}: was being terminated when the last daemon ended; it is gone: terminated");
+                shared.events.publish(
+                    id,
+                    bulkhead_core::event::EventKind::Terminated { status: None },
+                );
+                if let Some(t) = &shared.instances {
+                    t.remove(&row.id);
+                }
+                continue;
+            }
             shared.resume(
                 key,
                 Arc::new(spec),
