@@ -657,11 +657,7 @@ impl Shared {
 
 /// Whether one more live instance for `key` fits under the daemon's limits. A session's
 /// or a shared instance's key names no namespace: it counts toward `--max-instances` only.
-fn admit(
-    cfg: &Config,
-    reg: &HashMap<InstanceId, Arc<Slot>>,
-    key: &Key,
-) -> Result<(), LaunchError> {
+fn admit(cfg: &Config, reg: &HashMap<InstanceId, Arc<Slot>>, key: &Key) -> Result<(), LaunchError> {
     let per_ns = cfg
         .max_instances_per_namespace
         .and_then(|limit| key.namespace().map(|ns| (ns, limit)));

@@ -322,7 +322,10 @@ impl Daemon {
         // Before the catalog and the API: the metrics follow the events from the first one.
         let http = metrics_listener.map(|l| {
             let follower = shared.metrics.start(&shared);
-            (HttpServer::start(l, shared.clone(), metrics_tokens), follower)
+            (
+                HttpServer::start(l, shared.clone(), metrics_tokens),
+                follower,
+            )
         });
         // Everything after the bind may be slow; clients queue in the backlog meanwhile.
         let cat = shared.reload();
