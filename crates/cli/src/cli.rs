@@ -49,7 +49,7 @@ pub struct RemoteArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// The keeper process that parents the instances (started by the daemon).
     #[command(hide = true)]
     Keeper(KeeperArgs),
