@@ -15,6 +15,7 @@
 //! 401 with `WWW-Authenticate: Bearer` before the path is looked at. Without it nothing is
 //! asked, and the daemon refuses to start on an address that is not loopback unless
 //! `--metrics-insecure` says so ([`crate::server`]).
+//!
 //! Each connection has a header-read timeout and at most [`MAX_CONNECTIONS`] are served at
 //! once (more are closed on accept), so a slow or abusive client cannot pile up tasks.
 
@@ -77,8 +78,13 @@ impl HttpServer {
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let (stop_tx, stop_rx) = oneshot::channel();
+        let auth = if tokens.is_some() {
+            " (a bearer token of --metrics-tokens required)"
+        } else {
+            ""
+        };
         let task = tokio::spawn(accept_loop(listener, sh, tokens, stop_rx));
-        tracing::info!("metrics and health on http://{addr}/metrics");
+        tracing::info!("metrics and health on http://{addr}/metrics{auth}");
         HttpServer {
             addr,
             stop: Some(stop_tx),
