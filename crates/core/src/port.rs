@@ -11,8 +11,8 @@
 //!
 //! let range: PortRange = "9000-9003".parse().unwrap();
 //! // 9001 is held by an instance, 9002 is bound by another program: from 9001 on, 9003.
-//! let got = pick(range, 9001, |p| p == 9001, |p| p != 9002);
-//! assert_eq!(got, Some(9003));
+//! let got = pick(range, 9001, |p| p == 9001, |p| Ok::<_, ()>(p != 9002));
+//! assert_eq!(got, Ok(Some(9003)));
 //! assert_eq!(range.after(9003), 9000); // the cursor wraps
 //! ```
 
@@ -121,27 +121,28 @@ impl FromStr for PortRange {
     }
 }
 
-/// The first port from `start` upward (wrapping once around the range) that `held`
-/// rejects not and `free` accepts; `None` after every port of the range was tried.
-/// `free` is called only for ports that are not `held`, at most once each.
-pub fn pick(
+/// The first port from `start` upward (wrapping once around the range) that is not
+/// `held` and that `free` accepts; `None` after every port of the range was tried.
+/// `free` is called only for ports that are not `held`, at most once each; its error (it
+/// could not tell) ends the scan.
+pub fn pick<E>(
     range: PortRange,
     start: u16,
     held: impl Fn(u16) -> bool,
-    mut free: impl FnMut(u16) -> bool,
-) -> Option<u16> {
+    mut free: impl FnMut(u16) -> Result<bool, E>,
+) -> Result<Option<u16>, E> {
     let mut port = if range.contains(start) {
         start
     } else {
         range.low
     };
     for _ in 0..range.len() {
-        if !held(port) && free(port) {
-            return Some(port);
+        if !held(port) && free(port)? {
+            return Ok(Some(port));
         }
         port = range.after(port);
     }
-    None
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -181,11 +182,27 @@ mod tests {
             |p| p == 100,
             |p| {
                 tried.push(p);
-                false
+                Ok::<_, ()>(false)
             },
         );
-        assert_eq!(got, None);
+        assert_eq!(got, Ok(None));
         assert_eq!(tried, vec![102, 103, 104, 101]);
+    }
+
+    #[test]
+    fn an_error_of_the_test_ends_the_scan() {
+        let r = PortRange::new(100, 104).unwrap();
+        let mut tried = 0;
+        let got = pick(
+            r,
+            100,
+            |_| false,
+            |_| {
+                tried += 1;
+                Err("emfile")
+            },
+        );
+        assert_eq!((got, tried), (Err("emfile"), 1));
     }
 
     proptest! {
@@ -200,7 +217,8 @@ mod tests {
             busy in proptest::collection::hash_set(0u16..300, 0..80),
         ) {
             let r = PortRange::new(low, low + span).unwrap();
-            let got = pick(r, start, |p| held.contains(&p), |p| !busy.contains(&p));
+            let got = pick(r, start, |p| held.contains(&p), |p| Ok::<_, ()>(!busy.contains(&p)))
+                .unwrap();
             let any = (r.low()..=r.high()).any(|p| !held.contains(&p) && !busy.contains(&p));
             match got {
                 Some(p) => {
@@ -233,7 +251,7 @@ mod tests {
             let mut cursor = r.nth(seed);
             for (i, alloc) in ops.into_iter().enumerate() {
                 if alloc || order.is_empty() {
-                    match pick(r, cursor, |p| held.contains(&p), |_| true) {
+                    match pick(r, cursor, |p| held.contains(&p), |_| Ok::<_, ()>(true)).unwrap() {
                         Some(p) => {
                             prop_assert!(held.insert(p), "port {} given twice", p);
                             order.push(p);
