@@ -186,8 +186,12 @@ fn a_burst_of_launches_that_take_ports_never_runs_out() {
         assert!(ports.iter().all(|p| r.contains(*p)), "a port outside {r}");
     }
 
+    let m = if long {
+        sleepers_that_fit(scale(0, 10_000))
+    } else {
+        0
+    };
     if long {
-        let m = sleepers_that_fit(scale(0, 10_000));
         let failures = burst(&d, "sleeper", m, 32, false);
         let for_port = failures
             .iter()
@@ -203,11 +207,7 @@ fn a_burst_of_launches_that_take_ports_never_runs_out() {
     }
 
     // Everything goes (each instance with its shutdown), and nothing is left.
-    let all = if long {
-        n.max(sleepers_that_fit(scale(0, 10_000)))
-    } else {
-        n
-    };
+    let all = n.max(m);
     let failures = burst(&d, "", all, 32, true);
     assert!(failures.is_empty(), "{failures:?}");
     wait_until("every instance of the burst is gone", || {
