@@ -49,7 +49,7 @@ pub struct RemoteArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// The keeper process that parents the instances (started by the daemon).
     #[command(hide = true)]
     Keeper(KeeperArgs),
@@ -193,6 +193,14 @@ pub struct ServeArgs {
     /// e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// With --metrics: /metrics, /health and /ready need `Authorization: Bearer <token>`
+    /// with a token of this file (the --tokens format; it may be the same file). Needed
+    /// when ADDR is not loopback, unless --metrics-insecure.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_tokens: Option<PathBuf>,
+    /// With --metrics on an address that is not loopback: serve it without tokens.
+    #[arg(long)]
+    pub metrics_insecure: bool,
     /// Also serve the API on this TCP address (e.g. 0.0.0.0:7443), with mutual TLS and
     /// tokens: needs --tls-cert, --tls-key, --client-ca and --tokens.
     #[arg(long, value_name = "ADDR")]
@@ -227,6 +235,15 @@ pub struct ServeArgs {
     /// RESOURCE_EXHAUSTED). Default: no limit.
     #[arg(long, value_name = "N")]
     pub max_instances: Option<usize>,
+    /// At most N live instances in one namespace (instances `ns:<namespace>:…`; session
+    /// and shared instances are in no namespace); a launch that would create one more
+    /// there is refused (exit 9, RESOURCE_EXHAUSTED). Default: no limit.
+    #[arg(long, value_name = "N")]
+    pub max_instances_per_namespace: Option<usize>,
+    /// The TCP ports handed to instances as $PORT: LOW-HIGH (or one port). A launch fails
+    /// only when every port of the range is held by a live instance or in use.
+    #[arg(long, value_name = "LOW-HIGH", default_value_t = bulkhead_core::port::DEFAULT_RANGE)]
+    pub port_range: bulkhead_core::port::PortRange,
     /// Do not start the sandbox driver.
     #[arg(long)]
     pub no_sandbox: bool,

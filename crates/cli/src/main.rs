@@ -64,7 +64,7 @@ async fn run(args: cli::Cli) -> anyhow::Result<()> {
     match args.command {
         Serve(mut a) => {
             (a.tls_cert, a.tls_key) = (args.remote.tls_cert, args.remote.tls_key);
-            serve::serve(a).await
+            serve::serve(*a).await
         }
         Keeper(_) => unreachable!("handled before the runtime starts"),
         Up(a) => serve::up(a).await,

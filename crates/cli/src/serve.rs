@@ -22,6 +22,12 @@ fn init_tracing() {
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let tcp = listen_config(&a)?;
+    if a.metrics.is_none() && (a.metrics_tokens.is_some() || a.metrics_insecure) {
+        return Err(crate::exit::fail(
+            crate::exit::USAGE,
+            "--metrics-tokens and --metrics-insecure only apply with --metrics ADDR",
+        ));
+    }
     init_tracing();
     let mut cfg = Config::new(a.workloads, Some(a.state), None);
     cfg.log_max_bytes = a.log_max_bytes;
@@ -34,6 +40,13 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         crate::cli::EventSync::Full => bulkhead_daemon::store::Synchronous::Full,
     };
     cfg.metrics_addr = a.metrics;
+    cfg.metrics_tokens = match &a.metrics_tokens {
+        Some(p) => Some(std::path::absolute(p)?),
+        None => None,
+    };
+    cfg.metrics_insecure = a.metrics_insecure;
+    cfg.max_instances_per_namespace = a.max_instances_per_namespace;
+    cfg.port_range = a.port_range;
     cfg.tcp = tcp;
     cfg.min_available_memory = a.min_available_memory;
     cfg.max_instances = a.max_instances;

@@ -9,6 +9,7 @@
 //!
 //! - [`name`]: validated workload, namespace and session names.
 //! - [`key`]: isolation levels, isolation keys and the instance ids derived from them.
+//! - [`port`]: the range of ports handed to instances and the pick from it.
 //! - [`lease`]: lease holder names and the per-instance lease limit.
 //! - [`spec`]: manifests (YAML) parsed and validated into [`spec::WorkloadSpec`].
 //! - [`instance`]: the instance lifecycle state machine.
@@ -38,6 +39,7 @@ pub mod instance;
 pub mod key;
 pub mod lease;
 pub mod name;
+pub mod port;
 pub mod restart;
 pub mod sandbox;
 pub mod signal;

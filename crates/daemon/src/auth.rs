@@ -789,7 +789,9 @@ const AUDITED: &[&str] = &[
     "prune_images",
 ];
 
-fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+/// The token of an `Authorization: Bearer <token>` header (the API's and the metrics
+/// listener's).
+pub(crate) fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme

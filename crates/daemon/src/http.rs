@@ -6,8 +6,16 @@
 //! | `GET /health` | JSON: status, uptime, instances by state, breakers not closed |
 //! | `GET /ready` | 200 `ready` while serving, 503 `shutting down` once shutdown began, 503 while the keeper is down (replaced at once) or the state directory cannot be written |
 //!
-//! HTTP/1.1 only, plain text, no authentication: bind it to a loopback or otherwise
-//! trusted address. It reads the registry and the metrics; it never changes anything.
+//! HTTP/1.1 only, plain text. It reads the registry and the metrics; it never changes
+//! anything.
+//!
+//! **Authentication.** With `--metrics-tokens FILE` (a token file in the `--tokens`
+//! format, see [`crate::auth`]) every path needs `Authorization: Bearer <token>` with a
+//! token of that file, checked like the API's (SHA-256, constant time); anything else gets
+//! 401 with `WWW-Authenticate: Bearer` before the path is looked at. Without it nothing is
+//! asked, and the daemon refuses to start on an address that is not loopback unless
+//! `--metrics-insecure` says so ([`crate::server`]).
+//!
 //! Each connection has a header-read timeout and at most [`MAX_CONNECTIONS`] are served at
 //! once (more are closed on accept), so a slow or abusive client cannot pile up tasks.
 
@@ -19,13 +27,14 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::auth::Tokens;
 use crate::Shared;
 
 /// Connections served at once.
@@ -59,13 +68,23 @@ pub(crate) struct HttpServer {
 
 impl HttpServer {
     /// Serves the endpoints on `listener` until [`HttpServer::stop`].
-    pub(crate) fn start(listener: TcpListener, sh: Arc<Shared>) -> HttpServer {
+    /// `tokens`: the tokens that may read the endpoints; `None`: no token is asked.
+    pub(crate) fn start(
+        listener: TcpListener,
+        sh: Arc<Shared>,
+        tokens: Option<Arc<Tokens>>,
+    ) -> HttpServer {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let (stop_tx, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, sh, stop_rx));
-        tracing::info!("metrics and health on http://{addr}/metrics");
+        let auth = if tokens.is_some() {
+            " (a bearer token of --metrics-tokens required)"
+        } else {
+            ""
+        };
+        let task = tokio::spawn(accept_loop(listener, sh, tokens, stop_rx));
+        tracing::info!("metrics and health on http://{addr}/metrics{auth}");
         HttpServer {
             addr,
             stop: Some(stop_tx),
@@ -84,7 +103,12 @@ impl HttpServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, sh: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    sh: Arc<Shared>,
+    tokens: Option<Arc<Tokens>>,
+    mut stop: oneshot::Receiver<()>,
+) {
     // Dropping the set at the end aborts the connections still open.
     let mut conns = JoinSet::new();
     loop {
@@ -106,10 +130,19 @@ async fn accept_loop(listener: TcpListener, sh: Arc<Shared>, mut stop: oneshot::
                     continue;
                 }
                 let sh = sh.clone();
+                let tokens = tokens.clone();
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let sh = sh.clone();
-                        async move { Ok::<_, Infallible>(route(&sh, req).await) }
+                        let tokens = tokens.clone();
+                        async move {
+                            if let Some(t) = &tokens {
+                                if !authenticated(t, &req) {
+                                    return Ok::<_, Infallible>(unauthorized());
+                                }
+                            }
+                            Ok::<_, Infallible>(route(&sh, req).await)
+                        }
                     });
                     let res = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -137,6 +170,24 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
+
+/// Whether the request carries a bearer token of `tokens`.
+fn authenticated(tokens: &Tokens, req: &Request<Incoming>) -> bool {
+    crate::auth::bearer(req.headers()).is_some_and(|t| tokens.verify(t).is_some())
+}
+
+fn unauthorized() -> Resp {
+    let mut r = respond(
+        StatusCode::UNAUTHORIZED,
+        TEXT,
+        "a bearer token is required (Authorization: Bearer <token>, a token of --metrics-tokens)\n",
+    );
+    r.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"bulkhead\""),
+    );
+    r
+}
 
 async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Resp {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -293,7 +344,7 @@ mod tests {
     async fn endpoints_answer_and_ready_turns_503_on_shutdown() {
         let sh = shared();
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let srv = HttpServer::start(listener, sh.clone());
+        let srv = HttpServer::start(listener, sh.clone(), None);
         let task = sh.metrics.start(&sh);
         let id = bulkhead_core::key::InstanceId::parse("shared:w").unwrap().0;
         sh.events.publish(

@@ -716,6 +716,10 @@ async fn spawn(
         .get(&spec.driver)
         .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))?
         .clone();
+    // The previous run's port goes back first (it was leaked before: a crash loop held a
+    // port per restart until the daemon ran out). The allocator's cursor has moved past
+    // it, so it is picked again only when no other port is free.
+    sh.ports.release(std::mem::take(port));
     *port = sh
         .ports
         .allocate()

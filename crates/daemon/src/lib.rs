@@ -11,7 +11,7 @@
 //! instance is terminal. The lock is never held across an await: the spawn, readiness and
 //! waits all happen outside it, so launches of different keys never wait on each other.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -34,6 +34,7 @@ pub mod instances;
 pub mod logs;
 pub mod metrics;
 pub mod peer; // metrics + HTTP health (observability)
+pub mod ports;
 pub mod readiness;
 mod server;
 mod service;
@@ -91,6 +92,8 @@ pub enum LaunchError {
     },
     #[error("the daemon already runs {limit} live instances, its limit (--max-instances); terminate one or raise the limit")]
     AtCapacity { limit: usize },
+    #[error("namespace {namespace} already runs {limit} live instances, its limit (--max-instances-per-namespace); terminate one there or raise the limit")]
+    NamespaceAtCapacity { namespace: String, limit: usize },
     #[error("launch of {id} failed: {reason}")]
     Failed { id: InstanceId, reason: String },
     #[error("{id} is not {what} after {waited:?} (state {state}); it goes on starting in the background")]
@@ -113,7 +116,7 @@ pub struct Shared {
     finished: Mutex<std::collections::VecDeque<(InstanceId, std::sync::Weak<Slot>)>>,
     pub events: events::EventLog,
     pub(crate) drivers: HashMap<DriverKind, Arc<dyn Driver>>,
-    pub(crate) ports: Ports,
+    pub(crate) ports: ports::Ports,
     seq: AtomicU64,
     started: Instant,
     shutting_down: AtomicBool,
@@ -208,6 +211,7 @@ impl Shared {
         let sandbox = start_sandbox(&cfg, &daemon_id.id, &mut drivers);
         let docker = docker::DockerState::new(&cfg, &daemon_id.id);
         drivers.insert(DriverKind::Docker, docker.driver.clone());
+        let ports = ports::Ports::new(cfg.port_range);
         Shared {
             docker,
             state_copied_from: daemon_id.copied_from,
@@ -217,7 +221,7 @@ impl Shared {
             finished: Mutex::new(std::collections::VecDeque::new()),
             events,
             drivers,
-            ports: Ports::default(),
+            ports,
             seq: AtomicU64::new(1),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),
@@ -518,17 +522,10 @@ impl Shared {
                     Some(s) if s.view.borrow().state == State::Stopping => s.subscribe(),
                     Some(s) if !s.view.borrow().state.is_terminal() => break (s.clone(), false),
                     _ => {
-                        // Admission, under the lock that creates instances: the count
-                        // cannot move between the check and the insert.
-                        if let Some(limit) = self.cfg.max_instances {
-                            let live = reg
-                                .values()
-                                .filter(|s| !s.view.borrow().state.is_terminal())
-                                .count();
-                            if live >= limit {
-                                return Err(LaunchError::AtCapacity { limit });
-                            }
-                        }
+                        // Admission, under the lock that creates instances: the counts
+                        // cannot move between the check and the insert, so concurrent
+                        // launches never overshoot a limit.
+                        admit(&self.cfg, &reg, &key)?;
                         let slot =
                             instance::start(self, key.clone(), spec.clone(), entry.dir.clone());
                         reg.insert(id.clone(), slot.clone());
@@ -705,6 +702,41 @@ impl Shared {
     }
 }
 
+/// Whether one more live instance for `key` fits under the daemon's limits. A session's
+/// or a shared instance's key names no namespace: it counts toward `--max-instances` only.
+fn admit(cfg: &Config, reg: &HashMap<InstanceId, Arc<Slot>>, key: &Key) -> Result<(), LaunchError> {
+    let per_ns = cfg
+        .max_instances_per_namespace
+        .and_then(|limit| key.namespace().map(|ns| (ns, limit)));
+    if cfg.max_instances.is_none() && per_ns.is_none() {
+        return Ok(());
+    }
+    let (mut live, mut in_ns) = (0usize, 0usize);
+    for s in reg.values() {
+        if s.view.borrow().state.is_terminal() {
+            continue;
+        }
+        live += 1;
+        if per_ns.is_some_and(|(ns, _)| s.key.namespace() == Some(ns)) {
+            in_ns += 1;
+        }
+    }
+    if let Some(limit) = cfg.max_instances {
+        if live >= limit {
+            return Err(LaunchError::AtCapacity { limit });
+        }
+    }
+    if let Some((ns, limit)) = per_ns {
+        if in_ns >= limit {
+            return Err(LaunchError::NamespaceAtCapacity {
+                namespace: ns.to_owned(),
+                limit,
+            });
+        }
+    }
+    Ok(())
+}
+
 async fn wait_for(
     slot: &Slot,
     wait: WaitFor,
@@ -772,51 +804,5 @@ async fn wait_for(
             reason,
         }),
         _ => Ok(view),
-    }
-}
-
-/// Ports handed to instances. The kernel picks a free port (bind to port 0); the set
-/// keeps two live instances from being handed the same one between its release by the
-/// probe socket and the instance's own bind. Another program can still take it in that
-/// window; the instance then fails to bind and reports it.
-#[derive(Default)]
-pub(crate) struct Ports {
-    used: Mutex<HashSet<u16>>,
-}
-
-impl Ports {
-    pub(crate) fn allocate(&self) -> std::io::Result<u16> {
-        for _ in 0..64 {
-            let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-            let port = l.local_addr()?.port();
-            if self
-                .used
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(port)
-            {
-                return Ok(port);
-            }
-        }
-        Err(std::io::Error::other("no free port after 64 tries"))
-    }
-
-    /// Marks a port as in use (an adopted instance keeps its port).
-    pub(crate) fn reserve(&self, port: u16) {
-        if port != 0 {
-            self.used
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(port);
-        }
-    }
-
-    pub(crate) fn release(&self, port: u16) {
-        if port != 0 {
-            self.used
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&port);
-        }
     }
 }

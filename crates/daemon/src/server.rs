@@ -62,6 +62,17 @@ pub struct Config {
     /// At most this many live instances; a launch that would create one more is refused
     /// (`None`: no limit).
     pub max_instances: Option<usize>,
+    /// At most this many live instances in one namespace (keys `ns:<namespace>:…`);
+    /// `None`: no limit.
+    pub max_instances_per_namespace: Option<usize>,
+    /// The ports handed to instances as `$PORT` (see `ports`).
+    pub port_range: bulkhead_core::port::PortRange,
+    /// A token file (the `--tokens` format): when set, `/metrics`, `/health` and `/ready`
+    /// need `Authorization: Bearer <token>` with a token from it.
+    pub metrics_tokens: Option<PathBuf>,
+    /// Serve the metrics listener without tokens on an address that is not loopback
+    /// (refused otherwise).
+    pub metrics_insecure: bool,
     /// Try to start the sandbox driver (it needs root and cgroups; `health` says why not).
     pub sandbox: bool,
     /// Remount the cgroup2 mount with `favordynmods` (system-wide; see the README).
@@ -100,6 +111,10 @@ impl Config {
             keeper: None,
             min_available_memory: bulkhead_sandbox::driver::DEFAULT_MIN_AVAILABLE_MEMORY,
             max_instances: None,
+            max_instances_per_namespace: None,
+            port_range: bulkhead_core::port::DEFAULT_RANGE,
+            metrics_tokens: None,
+            metrics_insecure: false,
             sandbox: true,
             cgroup_favordynmods: false,
             image_cache_max_count: None,
@@ -140,8 +155,40 @@ pub enum StartError {
     },
     #[error(transparent)]
     MetricsBind(#[from] crate::http::BindError),
+    /// `--metrics-tokens` could not be read (the error names the file).
+    #[error("--metrics-tokens: {0}")]
+    MetricsTokens(crate::auth::TokenFileError),
+    #[error("--metrics-tokens {0}: the file has no tokens, so nobody could read /metrics")]
+    MetricsNoTokens(PathBuf),
+    #[error("--metrics {0} is not a loopback address: give --metrics-tokens FILE so that /metrics, /health and /ready need a token, or --metrics-insecure to serve them to anyone who can connect")]
+    MetricsUnauthenticated(SocketAddr),
     #[error(transparent)]
     Tcp(#[from] crate::auth::TcpSetupError),
+}
+
+/// The tokens of the metrics listener, or why it may not start: on an address that is
+/// not loopback it needs tokens, unless `metrics_insecure` says otherwise.
+fn metrics_auth(cfg: &Config) -> Result<Option<Arc<crate::auth::Tokens>>, StartError> {
+    let Some(addr) = cfg.metrics_addr else {
+        return Ok(None);
+    };
+    if let Some(path) = &cfg.metrics_tokens {
+        let tokens = crate::auth::Tokens::load(path).map_err(StartError::MetricsTokens)?;
+        if tokens.is_empty() {
+            return Err(StartError::MetricsNoTokens(path.clone()));
+        }
+        return Ok(Some(Arc::new(tokens)));
+    }
+    // `::ffff:127.0.0.1` is loopback too.
+    if !addr.ip().to_canonical().is_loopback() {
+        if !cfg.metrics_insecure {
+            return Err(StartError::MetricsUnauthenticated(addr));
+        }
+        tracing::warn!(
+            "metrics listener {addr} is not loopback and asks no token (--metrics-insecure): anyone who can connect reads /metrics and /health"
+        );
+    }
+    Ok(None)
 }
 
 /// A running daemon.
@@ -198,6 +245,7 @@ impl Daemon {
         let _ = writeln!(lock, "{}", std::process::id());
 
         // Bound before the API socket so that a bad address leaves no socket behind.
+        let metrics_tokens = metrics_auth(&cfg)?;
         let metrics_listener = match cfg.metrics_addr {
             Some(addr) => Some(crate::http::bind(addr).await?),
             None => None,
@@ -283,7 +331,10 @@ impl Daemon {
         // Before the catalog and the API: the metrics follow the events from the first one.
         let http = metrics_listener.map(|l| {
             let follower = shared.metrics.start(&shared);
-            (HttpServer::start(l, shared.clone()), follower)
+            (
+                HttpServer::start(l, shared.clone(), metrics_tokens),
+                follower,
+            )
         });
         // Everything after the bind may be slow; clients queue in the backlog meanwhile.
         let cat = shared.reload();

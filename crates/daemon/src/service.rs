@@ -92,7 +92,9 @@ fn launch_status(e: LaunchError, admin: bool) -> Status {
             Status::failed_precondition(msg)
         }
         LaunchError::ShuttingDown | LaunchError::Unrecorded { .. } => Status::unavailable(msg),
-        LaunchError::AtCapacity { .. } => Status::resource_exhausted(msg),
+        LaunchError::AtCapacity { .. } | LaunchError::NamespaceAtCapacity { .. } => {
+            Status::resource_exhausted(msg)
+        }
         LaunchError::Failed { .. } => Status::aborted(msg),
         LaunchError::Timeout { .. } => Status::deadline_exceeded(msg),
     }

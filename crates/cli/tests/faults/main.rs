@@ -13,6 +13,7 @@
 //! - [`leaks`]: launch/terminate cycles leave the daemon's fds, memory, zombies and state
 //!   database bounded.
 //! - [`load`]: mixed launch/reuse/terminate/list requests from concurrent clients: no errors.
+//! - [`ports`]: bursts of launches that take ports: none fails for want of a port.
 //! - [`hostile`]: hostile names and manifests get clear errors and create nothing outside
 //!   the state directory.
 //! - [`storage`]: the state directory fills up mid-run (a small tmpfs): refused requests,
@@ -29,6 +30,7 @@ mod crash;
 mod hostile;
 mod leaks;
 mod load;
+mod ports;
 mod storage;
 mod support;
 mod walls;
