@@ -5,19 +5,28 @@
 //!   binary in `echo-sdk` mode) whose channels it created, once per wall: `process`,
 //!   `sandbox` and `docker` (the last two skipped, with the reason, where the driver is
 //!   unavailable; in docker the binary, its loader and libraries are bound read-only into
-//!   `bulkhead-test/busybox`); the host opens them with `bulkhead_sdk::Host`. The workload
-//!   forwards each message into a new loan.
+//!   `bulkhead-test/busybox`). Each wall's echo runs in a session of its own (`bench`,
+//!   `bench-sb`, `bench-dk`): a walled instance's channels live in its scope's channel
+//!   space, and all instances of one space run as one host user (a sandbox as its
+//!   tenant's uid, a docker container as root), so sandbox and docker cannot share one.
+//!   The host end of each wall is a thread of its own: it makes the `bulkhead_sdk::Host`
+//!   (which moves that thread, for good, into the instance's `channel_space` when it has
+//!   one: its own mount namespace and the space owner's fsuid) and the ports, and runs
+//!   the round trips the main loop asks for, timing them itself. The workload forwards
+//!   each message into a new loan.
 //! - **raw iceoryx2**: the same echo written against iceoryx2 directly (`echo-raw`), on
-//!   services this benchmark creates itself, no daemon.
+//!   services this benchmark creates itself in the host's `/dev/shm`, no daemon.
 //! - **Unix socket**: a socketpair to a child (`echo-sock`) that reads each message and
 //!   writes it back (length-prefixed).
 //!
 //! Both shared-memory paths are zero-copy: a message is a loan whose first 8 bytes carry
 //! a sequence number; the rest stays in place (nobody copies the payload; the socket must).
-//! Receivers spin. Iterations are interleaved so that all three see the same machine.
-//! Then memory: the RSS of the host and the SDK workload before and after 1,000,000
-//! 4 KiB round trips. Options: `--iterations N` (default 2000), `--messages N` (default
-//! 1,000,000), `--write PATH` (also write the markdown report).
+//! Receivers spin. The main loop interleaves the paths in blocks (each wall's thread is
+//! told over a channel to run a block and sends back its samples; only one path runs at a
+//! time) so that all of them see the same machine.
+//! Then memory: the RSS of the host and the process-wall SDK workload before and after
+//! 1,000,000 4 KiB round trips. Options: `--iterations N` (default 2000), `--messages N`
+//! (default 1,000,000), `--write PATH` (also write the markdown report).
 
 use std::io::{Read, Write};
 use std::mem::MaybeUninit;
@@ -25,6 +34,8 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bulkhead_api::v1;
@@ -58,24 +69,33 @@ fn main() -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
 
-    // The daemon and its echo workloads, one per wall.
+    // The daemon and its echo workloads, one per wall, each in a session of its own:
+    // sandbox and docker instances cannot share a channel space.
     let wl = dir.path().join("workloads");
     let walls = [
-        ("echo", "process", exe.display().to_string(), String::new()),
+        (
+            "echo",
+            "process",
+            "bench",
+            exe.display().to_string(),
+            String::new(),
+        ),
         (
             "echo-sb",
             "sandbox",
+            "bench-sb",
             exe.display().to_string(),
             String::new(),
         ),
         (
             "echo-dk",
             "docker",
+            "bench-dk",
             "/bulkhead/bench".to_owned(),
             docker_section(&exe)?,
         ),
     ];
-    for (name, driver, command, extra) in &walls {
+    for (name, driver, _, command, extra) in &walls {
         std::fs::create_dir_all(wl.join(name))?;
         std::fs::write(
             wl.join(name).join("manifest.yaml"),
@@ -97,13 +117,13 @@ fn main() -> anyhow::Result<()> {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let launch = |workload: &str| {
+    let launch = |workload: &str, session: &str| {
         client_rt.block_on(async {
             let mut c = bulkhead_api::connect(&socket).await?;
             c.launch(v1::LaunchRequest {
                 workload: workload.into(),
                 namespace: None,
-                session: Some("bench".into()),
+                session: Some(session.into()),
                 wait: v1::WaitFor::Ready as i32,
                 timeout_ms: 30_000,
                 lease: None,
@@ -111,33 +131,25 @@ fn main() -> anyhow::Result<()> {
             .await?;
             anyhow::Ok(
                 c.get(v1::GetRequest {
-                    id: format!("session:bench:{workload}"),
+                    id: format!("session:{session}:{workload}"),
                 })
                 .await?
                 .into_inner(),
             )
         })
     };
-    let inst = launch("echo")?;
-    let iox2 = bulkhead_sdk::Iox2 {
-        prefix: inst.iox2_prefix.clone(),
-        root: inst.iox2_root.clone().map(Into::into),
-        space: inst.channel_space.clone().map(Into::into),
-    };
-    let host = bulkhead_sdk::Host::new(&iox2)?;
     // The process wall always; the others where their driver works here.
-    let mut sdks = Vec::new();
-    for (name, driver, _, _) in &walls {
-        let inst = if *name == "echo" {
-            inst.clone()
-        } else {
-            match launch(name) {
-                Ok(i) => i,
-                Err(e) => {
-                    eprintln!("skipping the {driver} wall: cannot launch {name}: {e:#}");
-                    continue;
-                }
+    let mut sdks: Vec<Wall> = Vec::new();
+    let mut iox2_prefix = None;
+    let mut echo_pid = 0;
+    for (name, driver, session, _, _) in &walls {
+        let inst = match launch(name, session) {
+            Ok(i) => i,
+            Err(e) if *driver != "process" => {
+                eprintln!("skipping the {driver} wall: cannot launch {name}: {e:#}");
+                continue;
             }
+            Err(e) => return Err(e.context(format!("cannot launch {name}"))),
         };
         let service = |dir: &str| {
             inst.channels
@@ -146,12 +158,25 @@ fn main() -> anyhow::Result<()> {
                 .map(|c| c.service.clone())
                 .ok_or_else(|| anyhow::anyhow!("the {name} instance has no {dir} channel"))
         };
-        eprintln!("{name} ({driver} wall) ready (pid {:?})", inst.pid);
-        sdks.push((
-            *driver,
-            host.publisher(&service("input")?, MAX)?,
-            host.subscriber(&service("output")?, 4)?,
-        ));
+        let iox2 = bulkhead_sdk::Iox2 {
+            prefix: inst.iox2_prefix.clone(),
+            root: inst.iox2_root.clone().map(Into::into),
+            space: inst.channel_space.clone().map(Into::into),
+        };
+        if *driver == "process" {
+            iox2_prefix = iox2.prefix.clone();
+            echo_pid = inst.pid.unwrap_or(0);
+        }
+        eprintln!(
+            "{name} ({driver} wall, session {session}) ready (pid {:?}, channel space {:?})",
+            inst.pid, inst.channel_space
+        );
+        sdks.push(Wall::start(
+            driver,
+            iox2,
+            service("input")?,
+            service("output")?,
+        )?);
     }
 
     // Raw iceoryx2: our own services, our own echo child.
@@ -172,13 +197,10 @@ fn main() -> anyhow::Result<()> {
     let mut buf = vec![0u8; MAX + 8];
     let mut seq = 0u64;
     // Warm up every path (connections, page faults).
-    for (driver, tx, rx) in &sdks {
-        eprintln!("warming up: SDK ({driver} wall)");
-        for _ in 0..200 {
-            for size in SIZES {
-                seq += 1;
-                sdk_round_trip(tx, rx, size, seq)?;
-            }
+    for w in &sdks {
+        eprintln!("warming up: SDK ({} wall)", w.driver);
+        for size in SIZES {
+            w.run(size, 200, 0)?;
         }
     }
     eprintln!("warming up: raw iceoryx2");
@@ -201,23 +223,17 @@ fn main() -> anyhow::Result<()> {
         let label = if size < (1 << 20) { "4 KiB" } else { "1 MiB" };
         let mut s: Vec<Samples> = sdks
             .iter()
-            .map(|(driver, _, _)| Samples::new(format!("{label}: bulkhead SDK ({driver} wall)")))
+            .map(|w| Samples::new(format!("{label}: bulkhead SDK ({} wall)", w.driver)))
             .collect();
         let mut r = Samples::new(format!("{label}: raw iceoryx2"));
         let mut u = Samples::new(format!("{label}: Unix socketpair"));
         for _ in 0..iterations.div_ceil(BLOCK) {
             // Blocks, not single iterations: an echo idle for more than 2 ms sleeps (as a
             // real workload would), and only one echo at a time spins on the 2 cores. The
-            // first round trips of a block wake the echo up and are not counted.
-            for ((_, tx, rx), s) in sdks.iter().zip(&mut s) {
-                for i in 0..WARM + BLOCK {
-                    seq += 1;
-                    let t = Instant::now();
-                    sdk_round_trip(tx, rx, size, seq)?;
-                    if i >= WARM {
-                        s.values.push(t.elapsed());
-                    }
-                }
+            // first round trips of a block wake the echo up and are not counted. A wall's
+            // block runs on its host thread while this one waits for the samples.
+            for (w, s) in sdks.iter().zip(&mut s) {
+                s.values.extend(w.run(size, WARM, BLOCK)?);
             }
             for i in 0..WARM + BLOCK {
                 seq += 1;
@@ -239,23 +255,23 @@ fn main() -> anyhow::Result<()> {
     }
 
     eprintln!("memory over {messages} SDK round trips of 4 KiB (process wall)");
-    let echo_pid = inst.pid.unwrap_or(0);
     let before = (rss_kib(std::process::id()), rss_kib(echo_pid));
-    let (_, sdk_tx, sdk_rx) = &sdks[0];
-    for _ in 0..messages {
-        seq += 1;
-        sdk_round_trip(sdk_tx, sdk_rx, 4 << 10, seq)?;
-    }
+    sdks[0].run(4 << 10, messages, 0)?;
     let after = (rss_kib(std::process::id()), rss_kib(echo_pid));
 
     let _ = raw_child.kill();
     let _ = raw_child.wait();
     drop(sock);
     let _ = sock_child.wait();
-    drop((sdks, host, raw));
+    // The host threads drop their ports and nodes before the daemon removes the channels.
+    for w in sdks {
+        w.stop()?;
+    }
+    drop(raw);
     daemon_rt.block_on(daemon.shutdown());
-    // Both installations are idle now: remove iceoryx2's per-installation counter files.
-    for prefix in [iox2.prefix.clone().unwrap_or_default(), raw_prefix.clone()] {
+    // Both host installations are idle now: remove iceoryx2's per-installation counter
+    // files from the host's /dev/shm (a channel space's go with its tmpfs).
+    for prefix in [iox2_prefix.unwrap_or_default(), raw_prefix.clone()] {
         for e in std::fs::read_dir("/dev/shm")
             .into_iter()
             .flatten()
@@ -302,6 +318,121 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(p, &md)?;
     }
     Ok(())
+}
+
+/// A block of round trips for a wall's host thread: `skip` untimed, then `measure` timed,
+/// of `size` bytes each.
+struct Block {
+    size: usize,
+    skip: usize,
+    measure: usize,
+}
+
+/// The host end of one wall: a thread that owns the `Host` and its two ports (iceoryx2
+/// ports belong to the thread that made them, and a thread enters at most one channel
+/// space) and runs the blocks it is sent.
+struct Wall {
+    driver: &'static str,
+    blocks: mpsc::Sender<Block>,
+    samples: mpsc::Receiver<anyhow::Result<Vec<Duration>>>,
+    thread: JoinHandle<()>,
+}
+
+impl Wall {
+    /// Starts the thread and waits until it has entered the space (if any) and opened
+    /// `input` for publishing and `output` for receiving.
+    fn start(
+        driver: &'static str,
+        iox2: bulkhead_sdk::Iox2,
+        input: String,
+        output: String,
+    ) -> anyhow::Result<Wall> {
+        let (blocks, block_rx) = mpsc::channel::<Block>();
+        let (samples_tx, samples) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("host-{driver}"))
+            .spawn(move || {
+                let opened = (|| -> anyhow::Result<_> {
+                    let host = bulkhead_sdk::Host::new(&iox2)?;
+                    let tx = host.publisher(&input, MAX)?;
+                    let rx = host.subscriber(&output, 4)?;
+                    Ok((host, tx, rx))
+                })();
+                // Declared in this order, dropped in the reverse: ports before the node.
+                let (_host, tx, rx) = match opened {
+                    Ok(p) => {
+                        let _ = samples_tx.send(Ok(Vec::new()));
+                        p
+                    }
+                    Err(e) => {
+                        let _ = samples_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut seq = 0u64;
+                // Ends when the main thread drops its sender, or at the first error.
+                for b in block_rx {
+                    let mut out = Vec::with_capacity(b.measure);
+                    let mut result = Ok(());
+                    for i in 0..b.skip + b.measure {
+                        seq += 1;
+                        let t = Instant::now();
+                        if let Err(e) = sdk_round_trip(&tx, &rx, b.size, seq) {
+                            result = Err(e);
+                            break;
+                        }
+                        if i >= b.skip {
+                            out.push(t.elapsed());
+                        }
+                    }
+                    let failed = result.is_err();
+                    if samples_tx.send(result.map(|()| out)).is_err() || failed {
+                        return;
+                    }
+                }
+            })?;
+        let w = Wall {
+            driver,
+            blocks,
+            samples,
+            thread,
+        };
+        w.recv()
+            .map_err(|e| e.context(format!("cannot open the {driver} wall's channels")))?;
+        Ok(w)
+    }
+
+    fn recv(&self) -> anyhow::Result<Vec<Duration>> {
+        self.samples
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the {} wall's host thread ended early", self.driver))?
+    }
+
+    /// Runs one block on the wall's thread and returns its timed samples.
+    fn run(&self, size: usize, skip: usize, measure: usize) -> anyhow::Result<Vec<Duration>> {
+        self.blocks
+            .send(Block {
+                size,
+                skip,
+                measure,
+            })
+            .map_err(|_| anyhow::anyhow!("the {} wall's host thread ended early", self.driver))?;
+        self.recv()
+    }
+
+    /// Ends the thread (it drops its ports and node) and waits for it.
+    fn stop(self) -> anyhow::Result<()> {
+        let Wall {
+            driver,
+            blocks,
+            thread,
+            ..
+        } = self;
+        drop(blocks);
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the {driver} wall's host thread panicked"))
+    }
 }
 
 /// The `docker` section of the docker wall's echo: the busybox test image, with this

@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         let png = plots.join(format!("{name}.png"));
         let mut body = fragment.trim_end().to_owned();
         if !rows.is_empty() {
-            plot(&name, &rows, &png)?;
+            plot(&name, &unit(&fragment), &rows, &png)?;
             let rel = relative(&png, doc.parent().unwrap_or(Path::new(".")));
             body.push_str(&format!("\n\n![{name}: p50 and p99]({rel})\n"));
         }
@@ -108,6 +108,19 @@ fn parse_rows(md: &str) -> Vec<Row> {
     rows
 }
 
+/// The unit of the p50 column (`p50 µs` -> `µs`); `ms` when the header names none.
+fn unit(md: &str) -> String {
+    md.lines()
+        .filter(|l| l.trim().starts_with('|'))
+        .flat_map(|l| l.split('|'))
+        .map(str::trim)
+        .find_map(|c| c.strip_prefix("p50 "))
+        .and_then(|u| u.split_whitespace().next())
+        .filter(|u| !u.is_empty() && u.len() <= 4)
+        .unwrap_or("ms")
+        .to_owned()
+}
+
 /// Replaces the marked region for `name`, or appends a new marked section.
 fn splice(doc: &str, name: &str, body: &str) -> String {
     let (open, close) = (
@@ -146,7 +159,7 @@ fn register_font() -> anyhow::Result<()> {
 }
 
 /// Horizontal bars: p50 and p99 of each row, the row's label above its bars.
-fn plot(name: &str, rows: &[Row], png: &Path) -> anyhow::Result<()> {
+fn plot(name: &str, unit: &str, rows: &[Row], png: &Path) -> anyhow::Result<()> {
     let height = 80 + 64 * rows.len() as u32;
     let root = BitMapBackend::new(png, (1000, height)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -154,7 +167,7 @@ fn plot(name: &str, rows: &[Row], png: &Path) -> anyhow::Result<()> {
     let n = rows.len() as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("{name}: ms, p50 (dark) and p99 (light)"),
+            format!("{name}: {unit}, p50 (dark) and p99 (light)"),
             ("sans-serif", 20),
         )
         .margin(12)
@@ -212,6 +225,16 @@ mod tests {
                 p99: 2.0
             }]
         );
+    }
+
+    #[test]
+    fn the_unit_comes_from_the_p50_header() {
+        assert_eq!(
+            unit("| round trip | p50 µs | p99 µs | p50 vs raw |\n|---|---|---|---|\n"),
+            "µs"
+        );
+        assert_eq!(unit("| measurement | p50 ms | p99 ms |\n"), "ms");
+        assert_eq!(unit("| measurement | p50 | p99 |\n"), "ms");
     }
 
     #[test]
