@@ -45,6 +45,43 @@ pub struct InstanceRow {
 enum Op {
     Put(Box<InstanceRow>),
     Remove(String),
+    /// An instance's lease holders, answered once committed (a release is recorded
+    /// before it is acknowledged).
+    Leases(String, Vec<String>, tokio::sync::oneshot::Sender<()>),
+}
+
+/// What the writer holds until its next commit: the latest operation per id wins.
+#[derive(Default)]
+struct Pending {
+    rows: HashMap<String, Option<Box<InstanceRow>>>,
+    leases: HashMap<String, Vec<String>>,
+    acks: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.leases.is_empty() && self.acks.is_empty()
+    }
+
+    fn take(&mut self, op: Op) {
+        match op {
+            Op::Put(row) => {
+                self.rows.insert(row.id.clone(), Some(row));
+            }
+            Op::Remove(id) => {
+                self.leases.remove(&id);
+                self.rows.insert(id, None);
+            }
+            Op::Leases(id, leases, done) => {
+                self.leases.insert(id, leases);
+                self.acks.push(done);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len() + self.leases.len()
+    }
 }
 
 /// The instance table's writer.
@@ -148,6 +185,14 @@ impl InstanceTable {
         self.send(Op::Remove(id.to_owned()));
     }
 
+    /// Records an instance's lease holders now; resolves once they are committed (never,
+    /// while the state directory cannot be written: the caller bounds its wait).
+    pub async fn set_leases(&self, id: &str, leases: Vec<String>) -> Result<(), ()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Op::Leases(id.to_owned(), leases, tx));
+        rx.await.map_err(|_| ())
+    }
+
     /// Writes what is queued and stops the writer.
     pub fn close(&self) {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -167,16 +212,9 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, shown: &str) {
     // Coalesced: the latest operation per id wins. What a failed write held stays here
     // (newer operations replace it) and is tried again: a row or a removal is never
     // dropped because the state directory was full for a while.
-    let mut pending: HashMap<String, Option<Box<InstanceRow>>> = HashMap::new();
+    let mut pending = Pending::default();
     let mut failing = false;
-    let take = |pending: &mut HashMap<_, _>, op: Op| match op {
-        Op::Put(row) => {
-            pending.insert(row.id.clone(), Some(row));
-        }
-        Op::Remove(id) => {
-            pending.insert(id, None);
-        }
-    };
+    let take = |pending: &mut Pending, op: Op| pending.take(op);
     loop {
         let open = if pending.is_empty() {
             match rx.recv() {
@@ -211,7 +249,10 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, shown: &str) {
                     tracing::info!("instance table of {shown}: written again");
                 }
                 failing = false;
-                pending.clear();
+                for done in pending.acks.drain(..) {
+                    let _ = done.send(());
+                }
+                pending = Pending::default();
             }
             Err(e) if !failing => {
                 failing = true;
@@ -235,12 +276,9 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, shown: &str) {
     }
 }
 
-fn write_batch(
-    conn: &mut Connection,
-    pending: &HashMap<String, Option<Box<InstanceRow>>>,
-) -> rusqlite::Result<()> {
+fn write_batch(conn: &mut Connection, pending: &Pending) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
-    for (id, op) in pending {
+    for (id, op) in &pending.rows {
         match op {
             None => {
                 tx.execute("DELETE FROM instances WHERE id = ?1", [id])?;
@@ -269,6 +307,16 @@ fn write_batch(
                 )?;
             }
         }
+    }
+    // After the rows: a lease change is newer than any row queued with it.
+    for (id, leases) in &pending.leases {
+        tx.execute(
+            "UPDATE instances SET leases = ?1 WHERE id = ?2",
+            params![
+                serde_json::to_string(leases).unwrap_or_else(|_| "[]".into()),
+                id
+            ],
+        )?;
     }
     tx.commit()
 }

@@ -192,6 +192,9 @@ fn start_sandbox(
 /// How many finished instances stay visible to `get` and `list`.
 pub const FINISHED_KEPT: usize = 1024;
 
+/// How long a release waits for its lease change to be stored.
+const LEASES_DURABLE_WAIT: Duration = Duration::from_secs(5);
+
 impl Shared {
     /// `events`: the durable log opened on the state dir, or [`events::EventLog::new`].
     pub(crate) fn new(
@@ -357,7 +360,9 @@ impl Shared {
             }
             if stops.contains_key(id) {
                 // Being terminated on request, and nothing of it is left: terminated.
-                tracing::warn!("{id}: was being terminated when the last daemon ended; it is gone: terminated");
+                tracing::warn!(
+                    "{id}: was being terminated when the last daemon ended; it is gone: terminated"
+                );
                 self.events.publish(id, K::Terminated { status: None });
                 continue;
             }
@@ -677,6 +682,26 @@ impl Shared {
         let slot = self.get(id)?;
         let had = slot.release(holder);
         Some((slot.view(), had))
+    }
+
+    /// Stores an instance's lease holders before a release is acknowledged, so that the
+    /// next daemon never brings a released lease back (the instance table is otherwise
+    /// written off the request path). Waits at most `LEASES_DURABLE_WAIT`.
+    pub async fn record_leases(&self, id: &InstanceId, leases: Vec<String>) -> Result<(), String> {
+        let Some(t) = &self.instances else {
+            return Ok(());
+        };
+        if std::env::var_os("BH_MUTANT").is_some() {
+            return Ok(());
+        }
+        match tokio::time::timeout(LEASES_DURABLE_WAIT, t.set_leases(id.as_str(), leases)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(format!(
+                "the release on {id} took effect but is not stored yet: the state directory {} \
+                 cannot be written now (it is written as soon as it can)",
+                self.cfg.state_dir.display()
+            )),
+        }
     }
 
     /// Stops accepting launches and terminates every live instance, concurrently.

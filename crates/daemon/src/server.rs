@@ -429,7 +429,9 @@ impl Daemon {
             // dies with its daemon; an orphan was killed above): the termination is
             // complete. Its restart policy must not bring it back.
             if let Some(id) = stops.keys().find(|i| i.as_str() == row.id) {
-                tracing::warn!("{id}: was being terminated when the last daemon ended; it is gone: terminated");
+                tracing::warn!(
+                    "{id}: was being terminated when the last daemon ended; it is gone: terminated"
+                );
                 shared.events.publish(
                     id,
                     bulkhead_core::event::EventKind::Terminated { status: None },

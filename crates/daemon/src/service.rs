@@ -559,7 +559,13 @@ impl bulkhead_api::Bulkhead for Service {
                 "{} holds no lease on {id}",
                 r.holder
             ))),
-            Some((view, true)) => Ok(Response::new(shown(instance_proto(&view), &vis))),
+            Some((view, true)) => {
+                self.sh
+                    .record_leases(&id, view.leases.clone())
+                    .await
+                    .map_err(Status::unavailable)?;
+                Ok(Response::new(shown(instance_proto(&view), &vis)))
+            }
         }
     }
 

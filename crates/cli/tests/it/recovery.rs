@@ -334,13 +334,22 @@ fn a_sandbox_being_terminated_when_the_daemon_dies_ends_terminated_not_restarted
     let v = d.json(&["launch", "stubborn", "-o", "json"]);
     let id = v["id"].as_str().unwrap().to_owned();
     let mut term = std::process::Command::new(BIN)
-        .args(["--socket", &d.socket.display().to_string(), "terminate", &id])
+        .args([
+            "--socket",
+            &d.socket.display().to_string(),
+            "terminate",
+            &id,
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     d.wait_event("terminating", |e| e["kind"] == "terminating");
-    let before = d.events().last().map(|e| e["id"].as_u64().unwrap()).unwrap_or(0);
+    let before = d
+        .events()
+        .last()
+        .map(|e| e["id"].as_u64().unwrap())
+        .unwrap_or(0);
     d.kill9();
     let _ = term.wait();
     d.spawn();
@@ -355,4 +364,73 @@ fn a_sandbox_being_terminated_when_the_daemon_dies_ends_terminated_not_restarted
         .map(|e| e["kind"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(after, vec!["terminated"], "{after:?}");
+}
+
+/// A release is recorded before it is acknowledged: while the test holds the database's
+/// write lock, `release` does not answer (the instance table is otherwise written off the
+/// request path, and a crash right after the answer brought the lease back); once the lock
+/// goes it answers, the stored row no longer names the holder, and after a `kill -9` and
+/// a restart the lease stays released.
+#[test]
+fn a_release_is_stored_before_it_is_acknowledged() {
+    let mut d = Daemon::start(&[(
+        "held",
+        "name: held\ncommand: [/bin/sleep, \"1000\"]\nisolation: session\n",
+    )]);
+    let id = "session:r1:held";
+    for holder in ["alice", "bob"] {
+        d.json(&[
+            "launch",
+            "held",
+            "--session",
+            "r1",
+            "--lease",
+            holder,
+            "-o",
+            "json",
+        ]);
+    }
+    let db = d.state.join("bulkhead.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    wait_until("the row names both holders", || {
+        conn.query_row("SELECT leases FROM instances WHERE id = ?1", [id], |r| {
+            r.get::<_, String>(0)
+        })
+        .is_ok_and(|l| l.contains("alice") && l.contains("bob"))
+    });
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut release = std::process::Command::new(BIN)
+        .args([
+            "--socket",
+            &d.socket.display().to_string(),
+            "release",
+            id,
+            "alice",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        release.try_wait().unwrap().is_none(),
+        "release answered while its change could not be stored"
+    );
+    conn.execute_batch("ROLLBACK").unwrap();
+    let st = release.wait().unwrap();
+    assert!(st.success(), "{st}");
+    let leases: String = conn
+        .query_row("SELECT leases FROM instances WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(
+        leases.contains("bob") && !leases.contains("alice"),
+        "stored {leases:?} when the release answered"
+    );
+    drop(conn);
+    d.kill9();
+    d.spawn();
+    let v = d.json(&["get", id, "-o", "json"]);
+    assert_eq!(v["leases"], serde_json::json!(["bob"]), "{v}");
 }
