@@ -691,9 +691,6 @@ impl Shared {
         let Some(t) = &self.instances else {
             return Ok(());
         };
-        if std::env::var_os("BH_MUTANT").is_some() {
-            return Ok(());
-        }
         match tokio::time::timeout(LEASES_DURABLE_WAIT, t.set_leases(id.as_str(), leases)).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(format!(
