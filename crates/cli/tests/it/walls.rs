@@ -365,7 +365,12 @@ fn python_workload_in_the_sandbox_round_trips_and_its_crash_releases_shared_memo
 /// root, and whether it could read and write a data segment of `ta`'s. Returns the
 /// listing, the attack's output, `ta`'s file names and `tb`'s.
 fn cross_tenant(driver: &str, extra: &str) -> Option<(String, String, Vec<String>, Vec<String>)> {
-    let m = walled_echo(driver, echo_bin(), extra);
+    let command = if driver == "docker" {
+        "/bulkhead/echo"
+    } else {
+        echo_bin()
+    };
+    let m = walled_echo(driver, command, extra);
     let d = Daemon::start(&[("echo", &m)]);
     if driver == "sandbox" && !crate::sandbox::sandbox_available(&d) {
         return None;
@@ -463,6 +468,37 @@ fn a_tenant_cannot_list_read_or_write_another_tenants_channels() {
     assert!(
         attack.contains("READ") && attack.contains("WROTE"),
         "the control: {attack}"
+    );
+}
+
+/// The same attack between two docker containers: each is shown its own scope's space.
+/// The control is the process pair above (the docker wall has no opening that shares
+/// one space between two sessions).
+#[test]
+fn a_tenant_in_docker_cannot_list_read_or_write_another_tenants_channels() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let (listing, attack, a, b) =
+        cross_tenant("docker", &echo_mounts()).expect("docker is available");
+    for n in &b {
+        assert!(
+            listing.contains(n.as_str()),
+            "tb sees its own {n}:\n{listing}"
+        );
+    }
+    let only_a: Vec<&String> = a.iter().filter(|n| !b.contains(n)).collect();
+    assert!(only_a.iter().any(|n| n.ends_with(".data")), "{a:?}");
+    for n in only_a {
+        assert!(
+            !listing.contains(n.as_str()),
+            "tb sees ta's {n}:\n{listing}"
+        );
+    }
+    assert!(
+        !attack.contains("READ") && !attack.contains("WROTE"),
+        "{attack}"
     );
 }
 
