@@ -434,3 +434,98 @@ fn a_release_is_stored_before_it_is_acknowledged() {
     let v = d.json(&["get", id, "-o", "json"]);
     assert_eq!(v["leases"], serde_json::json!(["bob"]), "{v}");
 }
+
+/// `kill -9` of the keeper while launches are in flight: every launch answers (ready, or
+/// an error), nothing hangs; afterwards every instance that says it runs is a live child
+/// of the new keeper, every other one is final with a dead process, and launches work.
+#[test]
+fn a_keeper_killed_during_launches_leaves_no_instance_unaccounted_for() {
+    let d = Daemon::start(&[(
+        "s",
+        "name: s\ncommand: [/bin/sleep, \"1000\"]\nisolation: session\nrestart: {policy: never}\n",
+    )]);
+    let keeper = d.keeper_pid().expect("a keeper runs");
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    let (ok, failed) = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|t| {
+                let (d, answered) = (&d, &answered);
+                s.spawn(move || {
+                    let (mut ok, mut failed) = (0, Vec::new());
+                    for i in 0..15 {
+                        let out = d.cli(&["launch", "s", "--session", &format!("k{t}-{i}")]);
+                        answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if out.status.success() {
+                            ok += 1;
+                        } else {
+                            failed.push(crate::harness::stderr(&out));
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        wait_until("some launches done", || {
+            answered.load(std::sync::atomic::Ordering::SeqCst) >= 12
+        });
+        // SAFETY: kill(2) on the keeper of this test's own state directory.
+        unsafe {
+            libc::kill(keeper as i32, libc::SIGKILL);
+        }
+        let mut ok = 0;
+        let mut failed = Vec::new();
+        for w in workers {
+            let (o, f) = w.join().unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        (ok, failed)
+    });
+    assert_eq!(ok + failed.len(), 60);
+    for f in &failed {
+        assert!(f.contains("keeper"), "a failed launch says why: {f}");
+    }
+    wait_until("a new keeper and health ok", || {
+        d.keeper_pid().is_some_and(|p| p != keeper)
+            && d.json(&["health", "-o", "json"])["status"] == "ok"
+    });
+    let fresh = d.keeper_pid().unwrap();
+    wait_until("every instance settled", || {
+        d.json(&["list", "-o", "json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["state"] != "starting")
+    });
+    for v in d.json(&["list", "-o", "json"]).as_array().unwrap() {
+        let pid = v["pid"].as_u64().map(|p| p as u32);
+        match v["state"].as_str().unwrap() {
+            "ready" => {
+                let pid = pid.expect("a running instance has a pid");
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+                let ppid: u32 = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    .and_then(|p| p.parse().ok())
+                    .unwrap();
+                assert_eq!(ppid, fresh, "{v}: a child of the new keeper");
+            }
+            state => {
+                assert!(
+                    ["crashed", "failed", "exited", "terminated"].contains(&state),
+                    "{v}"
+                );
+                if let Some(pid) = pid {
+                    assert!(wait_gone(pid), "{v}: its process is gone");
+                }
+            }
+        }
+    }
+    let v = d.json(&["launch", "s", "--session", "after", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    eprintln!(
+        "{ok} launches ready, {} failed naming the keeper",
+        failed.len()
+    );
+}
