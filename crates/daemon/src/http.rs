@@ -201,7 +201,13 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Resp {
         return r;
     }
     match req.uri().path() {
-        "/metrics" => metrics(sh).await,
+        "/metrics" => {
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            metrics(sh, crate::metrics::wants_openmetrics(accept)).await
+        }
         "/health" => respond(StatusCode::OK, JSON, health(sh).to_string() + "\n"),
         "/ready" => {
             if shutting_down(sh) {
@@ -226,11 +232,16 @@ async fn route(sh: &Arc<Shared>, req: Request<Incoming>) -> Resp {
     }
 }
 
-async fn metrics(sh: &Arc<Shared>) -> Resp {
+async fn metrics(sh: &Arc<Shared>, openmetrics: bool) -> Resp {
     let sh2 = sh.clone();
     // Per-instance usage reads /proc: keep it off the reactor.
     match tokio::task::spawn_blocking(move || sh2.metrics.encode(&sh2)).await {
-        Ok(Ok(text)) => respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, text),
+        Ok(Ok(text)) if openmetrics => respond(StatusCode::OK, crate::metrics::CONTENT_TYPE, text),
+        Ok(Ok(text)) => respond(
+            StatusCode::OK,
+            crate::metrics::TEXT_CONTENT_TYPE,
+            crate::metrics::to_text_format(&text),
+        ),
         Ok(Err(e)) => {
             tracing::warn!("{e}");
             respond(StatusCode::INTERNAL_SERVER_ERROR, TEXT, format!("{e}\n"))
@@ -321,9 +332,19 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
+        get_with(addr, method, path, "").await
+    }
+
+    async fn get_with(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &str,
+    ) -> (u16, String, String) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(
-            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await
         .unwrap();
@@ -356,11 +377,32 @@ mod tests {
         );
         sh.metrics.record_launch("failed");
 
-        let (st, head, body) = get(srv.addr, "GET", "/metrics").await;
+        // Prometheus asks for OpenMetrics and gets it.
+        let (st, head, body) = get_with(
+            srv.addr,
+            "GET",
+            "/metrics",
+            "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n",
+        )
+        .await;
         assert_eq!(st, 200);
         assert!(head.contains("application/openmetrics-text"), "{head}");
         assert!(body.contains("bulkhead_launches_total{result=\"failed\"} 1\n"));
+        assert!(body.contains("# TYPE bulkhead_launches counter\n"));
         assert!(body.ends_with("# EOF\n"));
+        // Any other client gets the classic text format.
+        let (st, head, body) = get(srv.addr, "GET", "/metrics").await;
+        assert_eq!(st, 200);
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        assert!(
+            body.contains("# TYPE bulkhead_launches_total counter\n"),
+            "{body}"
+        );
+        assert!(body.contains("bulkhead_launches_total{result=\"failed\"} 1\n"));
+        assert!(
+            !body.contains("# EOF") && !body.contains("# UNIT"),
+            "{body}"
+        );
 
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let health = loop {

@@ -50,6 +50,57 @@ pub const PREFIX: &str = "bulkhead";
 /// The content type of [`Metrics::encode`]'s output (OpenMetrics text).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The content type of [`to_text_format`]'s output (Prometheus' classic text format).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a scrape's `Accept` header asks for OpenMetrics (Prometheus' own scrapes do);
+/// any other client (curl, `promtool check metrics`, older scrapers) gets the classic
+/// text format, as client_golang negotiates.
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| a.contains("application/openmetrics-text"))
+}
+
+/// OpenMetrics text (what `prometheus-client` encodes, the only format it has) as the
+/// classic Prometheus text format 0.0.4: a counter family's `HELP`/`TYPE` name its
+/// samples' `_total` name, and `UNIT` and `# EOF` go (the classic format has neither).
+/// The other families this daemon registers (gauges, histograms) are written the same in
+/// both formats.
+pub fn to_text_format(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // A family's HELP comes before its TYPE: held until the TYPE says whether it counts.
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some(h) = help.replace(rest) {
+                out.push_str("# HELP ");
+                out.push_str(h);
+                out.push('\n');
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_owned(), "untyped"),
+                k => (name.to_owned(), k),
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// Launch -> ready buckets: 0.5 ms doubling to about 65 s.
 fn ready_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.0005, 2.0, 18)
@@ -871,5 +922,29 @@ mod tests {
         assert_eq!(s["bulkhead_events_total{kind=\"started\"}"], 6000.0);
         assert_eq!(s["bulkhead_starts_total"], 6000.0);
         assert_eq!(s["bulkhead_events_missed_total"], 0.0);
+    }
+}
+
+#[cfg(test)]
+mod text_format_tests {
+    #[test]
+    fn openmetrics_counters_become_classic_total_families() {
+        let om = "# HELP x_launches Launches.\n# TYPE x_launches counter\nx_launches_total{r=\"a\"} 1\n\
+                  # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n\
+                  # HELP x_d Duration.\n# TYPE x_d histogram\n# UNIT x_d seconds\nx_d_sum 0.5\nx_d_count 1\nx_d_bucket{le=\"+Inf\"} 1\n\
+                  # TYPE x_u unknown\nx_u 3\n# EOF\n";
+        let text = super::to_text_format(om);
+        assert_eq!(
+            text,
+            "# HELP x_launches_total Launches.\n# TYPE x_launches_total counter\nx_launches_total{r=\"a\"} 1\n\
+             # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n\
+             # HELP x_d Duration.\n# TYPE x_d histogram\nx_d_sum 0.5\nx_d_count 1\nx_d_bucket{le=\"+Inf\"} 1\n\
+             # TYPE x_u untyped\nx_u 3\n"
+        );
+        assert!(super::wants_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+        )));
+        assert!(!super::wants_openmetrics(Some("*/*")));
+        assert!(!super::wants_openmetrics(None));
     }
 }

@@ -24,7 +24,8 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        // What Prometheus sends: OpenMetrics preferred.
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut buf = String::new();
@@ -548,6 +549,64 @@ fn metrics_token_flags_are_checked() {
         stderr(&out).contains(&format!("cannot read token file {}", missing.display())),
         "{}",
         stderr(&out)
+    );
+}
+
+/// `promtool check metrics` (Prometheus' own linter, a stock client) accepts what a
+/// default `curl` of `/metrics` gets: the classic text format, since curl does not ask
+/// for OpenMetrics (Prometheus does, and gets it: the test above). Skipped without
+/// `promtool` (CI installs it).
+#[test]
+fn promtool_accepts_the_metrics_a_plain_client_gets() {
+    if !have("promtool") || !have("curl") {
+        return;
+    }
+    let addr = free_addr();
+    let d = Daemon::start_with_args(
+        &[(
+            "web",
+            "name: web\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+        )],
+        &["--metrics", &addr.to_string()],
+    );
+    d.json(&["launch", "web", "--namespace", "a", "-o", "json"]);
+    scrape_until(&d, addr, "the launch", |m| {
+        value(m, "bulkhead_starts_total", &[]) == Some(1.0)
+    });
+    let out = Command::new("curl")
+        .args(["-sS", "-D", "-", "--max-time", "30"])
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .expect("run curl");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(body.contains("bulkhead_starts_total 1"), "{body}");
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let res = check.wait_with_output().unwrap();
+    assert!(
+        res.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr)
     );
 }
 
