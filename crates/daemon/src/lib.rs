@@ -302,7 +302,7 @@ impl Shared {
     }
 
     /// Records that `slot` reached a final state, and forgets the oldest finished
-    /// instances beyond [`FINISHED_KEPT`]. An entry is removed only if the registry still
+    /// instances beyond [`FINISHED_KEPT`], with their logs. An entry is removed only if the registry still
     /// holds that very slot in a final state: a key launched again since has a new slot.
     pub(crate) fn retire(&self, slot: &Arc<Slot>) {
         let mut fin = self.finished.lock().unwrap_or_else(|e| e.into_inner());
@@ -325,7 +325,12 @@ impl Shared {
                     .get(&id)
                     .is_some_and(|s| s.view.borrow().state.is_terminal())
             {
-                reg.remove(&id);
+                // Its log goes with it (10,000 sessions must not leave 10,000 files).
+                // Under the registry lock: a new launch of the key, which would write
+                // the same file, cannot begin meanwhile.
+                if let Some(old) = reg.remove(&id) {
+                    old.log.remove_files();
+                }
             }
         }
     }

@@ -57,6 +57,17 @@ impl LogFile {
         &self.path
     }
 
+    /// Deletes the log and its rotated generation: the instance is forgotten.
+    pub fn remove_files(&self) {
+        for p in [self.path.clone(), self.rotated()] {
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("cannot remove log {}: {e}", p.display());
+                }
+            }
+        }
+    }
+
     fn rotated(&self) -> PathBuf {
         let mut p = self.path.clone().into_os_string();
         p.push(".1");
@@ -83,8 +94,12 @@ impl LogFile {
                     tracing::warn!("log of {}: {e}", log.path.display());
                 }
                 if log.open_streams.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    // Last stream closed: followers see the end.
-                    log.lock().tx = None;
+                    // Last stream closed: followers see the end, and the file is closed
+                    // (a finished instance, kept for `get` and `logs`, holds no
+                    // descriptor; a next run's output opens it again).
+                    let mut inner = log.lock();
+                    inner.tx = None;
+                    inner.file = None;
                 }
             });
         }

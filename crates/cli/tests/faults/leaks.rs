@@ -1,5 +1,6 @@
 //! Launch/terminate cycles leave nothing behind: the daemon's fds and memory stay flat, no
-//! zombie piles up, and the state database stays bounded by its retention.
+//! zombie piles up, logs are kept only for the instances still remembered, and the state
+//! database stays bounded by its retention.
 
 use bulkhead_api::v1;
 
@@ -29,7 +30,10 @@ async fn cycle(c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>, 
 #[test]
 fn launch_terminate_cycles_leak_nothing() {
     let mark = marker("leak");
-    let m = format!("name: svc\ncommand: [/bin/sleep, '1000']\nenv: {{FAULT_MARK: {mark}}}\n");
+    // One line of output: every instance has a log file.
+    let m = format!(
+        "name: svc\ncommand: [/bin/sh, -c, 'echo up; exec sleep 1000']\nenv: {{FAULT_MARK: {mark}}}\n"
+    );
     let retention = 2000;
     let d = Daemon::start_with_args(&[("svc", &m)], &["--event-retention", "2000"]);
     let daemon = d.child.as_ref().unwrap().id();
@@ -75,11 +79,19 @@ fn launch_terminate_cycles_leak_nothing() {
         "processes left: {:?}",
         marked(&mark)
     );
-    // Every key was new: finished instances are remembered only up to a bound.
+    // Every key was new: finished instances are remembered only up to a bound, and so
+    // are their logs (a forgotten instance's log goes with it).
     let listed = listed(&d).len();
     assert!(
         listed <= bulkhead_daemon::FINISHED_KEPT,
         "{listed} finished instances are still kept"
+    );
+    let logs = std::fs::read_dir(d.state.join("logs")).unwrap().count();
+    println!("{logs} log files kept");
+    assert!(
+        logs <= bulkhead_daemon::FINISHED_KEPT,
+        "{logs} log files left after {} cycles of new keys",
+        warmup + cycles
     );
     // The event log is bounded by its retention (trimmed in batches), and so is the file;
     // the instance table holds only what is not final.
