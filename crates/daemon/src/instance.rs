@@ -716,14 +716,18 @@ async fn spawn(
         .get(&spec.driver)
         .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))?
         .clone();
-    // The previous run's port goes back first (it was leaked before: a crash loop held a
-    // port per restart until the daemon ran out). The allocator's cursor has moved past
-    // it, so it is picked again only when no other port is free.
-    sh.ports.release(std::mem::take(port));
-    *port = sh
-        .ports
-        .allocate()
-        .map_err(|e| format!("cannot allocate a port: {e}"))?;
+    // A restart keeps the instance's address: the previous run's port, still held for
+    // it, unless another program listens on it now. Otherwise that port goes back (it
+    // was leaked before: a crash loop held a port per restart until the daemon ran out)
+    // and a new one is taken; the allocator's cursor has moved past the old one, so it
+    // is picked again only when no other port is free.
+    if !sh.ports.keepable(*port) {
+        sh.ports.release(std::mem::take(port));
+        *port = sh
+            .ports
+            .allocate()
+            .map_err(|e| format!("cannot allocate a port: {e}"))?;
+    }
     let notify = match &spec.readiness {
         Some(r) if r.notify => {
             let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));

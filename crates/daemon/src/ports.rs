@@ -104,6 +104,13 @@ impl Ports {
         }
     }
 
+    /// Whether the instance that holds `port` can keep it for its next run: nothing
+    /// else listens on it now. (With `SO_REUSEADDR`, as servers bind: the last run's
+    /// connections in TIME_WAIT do not count.)
+    pub(crate) fn keepable(&self, port: u16) -> bool {
+        port != 0 && self.lock().held.contains(&port) && rebindable(port).unwrap_or(true)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -124,9 +131,36 @@ fn bindable(port: u16) -> std::io::Result<bool> {
     Ok(bind(&fd, &addr).is_ok())
 }
 
+/// Whether a server could bind `127.0.0.1:port` now (`SO_REUSEADDR` set).
+fn rebindable(port: u16) -> std::io::Result<bool> {
+    use rustix::net::{bind, socket_with, sockopt, AddressFamily, SocketFlags, SocketType};
+    let fd = socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    let addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+    Ok(bind(&fd, &addr).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_port_is_kept_unless_another_program_listens_on_it() {
+        let ports = Ports::new(bulkhead_core::port::DEFAULT_RANGE);
+        let p = ports.allocate().unwrap();
+        assert!(ports.keepable(p));
+        let l = std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+        assert!(!ports.keepable(p), "another program listens on {p}");
+        drop(l);
+        assert!(ports.keepable(p));
+        ports.release(p);
+        assert!(!ports.keepable(p), "no longer held");
+    }
 
     #[test]
     fn every_port_of_the_range_is_handed_out_before_it_is_exhausted() {

@@ -220,6 +220,65 @@ fn a_restart_gives_its_port_back() {
     assert!(text.matches(&format!("run on {p}")).count() >= 3, "{text}");
 }
 
+/// A restart keeps the instance's address (the README's promise; every restart took a
+/// new port before): a server that crashes after serving is reached again on the same
+/// port, in the default range, and a client that kept the address talks to the new run.
+#[test]
+fn a_restart_keeps_the_instances_address() {
+    let d = Daemon::start(&[(
+        "srv",
+        "name: srv\nisolation: none\ncommand: [/bin/sh, -c, 'echo run on $PORT; exec busybox nc -l -p $PORT -e echo hello']\n\
+         readiness: {tcp: {}}\nrestart: {policy: always, backoff: {initial: 10ms, max: 10ms, factor: 1, jitter: 0}}\n",
+    )]);
+    if Command::new("busybox")
+        .arg("nc")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no busybox nc");
+        return;
+    }
+    let v = d.json(&["launch", "srv", "-o", "json"]);
+    let port = v["port"].as_u64().unwrap() as u16;
+    for round in 0..3 {
+        // Each connection ends the run (nc -l serves one client), so each is a new run.
+        let start = std::time::Instant::now();
+        let got = loop {
+            let mut out = String::new();
+            let ok = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+                use std::io::Read as _;
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                s.read_to_string(&mut out)
+            });
+            if ok.is_ok() && out.contains("hello") {
+                break out;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "round {round}: no answer on {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(got.contains("hello"));
+    }
+    let started = d
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "started" && e["instance"] == "shared:srv")
+        .count();
+    assert!(started >= 3, "{started} runs");
+    let now = d.json(&["get", "shared:srv", "-o", "json"]);
+    assert_eq!(now["port"].as_u64(), Some(u64::from(port)), "{now}");
+    let text = stdout(&d.cli(&["logs", "shared:srv"]));
+    let runs: Vec<&str> = text.lines().filter(|l| l.starts_with("run on ")).collect();
+    assert!(runs.len() >= 3, "{text}");
+    assert!(
+        runs.iter().all(|l| *l == format!("run on {port}")),
+        "{runs:?}"
+    );
+}
+
 /// A bad `--port-range` is a usage error naming what was given.
 #[test]
 fn a_bad_port_range_is_refused() {
