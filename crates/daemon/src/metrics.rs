@@ -147,10 +147,23 @@ struct WorkloadIsolation {
     isolation: &'static str,
 }
 
+/// An instance's series. The label is `id`, not `instance`: Prometheus sets `instance`
+/// on every scraped series to the target's address (ours would arrive renamed
+/// `exported_instance`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InstanceLabels {
-    instance: String,
+    id: String,
     workload: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkloadLabel {
+    workload: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
 }
 
 /// The breaker gauge's value: 0 closed, 1 half-open, 2 open.
@@ -169,6 +182,8 @@ pub struct InstanceSample {
     pub workload: String,
     pub isolation: Isolation,
     pub state: State,
+    /// Ready now (its readiness passed and holds).
+    pub ready: bool,
     /// Usage, for a live instance whose driver reports it.
     pub stats: Option<Stats>,
 }
@@ -204,7 +219,7 @@ struct Inner {
     starts: Counter,
     exits: Family<ReasonLabel, Counter>,
     crashes: Family<SignalLabel, Counter>,
-    restarts: Counter,
+    restarts: Family<WorkloadLabel, Counter>,
     events: Family<KindLabel, Counter>,
     events_missed: Counter,
     launch_ready: Histogram,
@@ -265,10 +280,10 @@ impl Metrics {
             "Processes killed by a signal they did not get from a termination, by signal name",
             crashes.clone(),
         );
-        let restarts = Counter::default();
+        let restarts = Family::<WorkloadLabel, Counter>::default();
         registry.register(
             "restarts",
-            "Restarts by the restart policy (restarting events)",
+            "Restarts by the restart policy (restarting events), by workload",
             restarts.clone(),
         );
         let events = Family::<KindLabel, Counter>::default();
@@ -467,7 +482,10 @@ impl Metrics {
                     .inc();
             }
             EventKind::Restarting { .. } => {
-                i.restarts.inc();
+                let workload = InstanceId::parse(e.instance.as_str())
+                    .map(|(_, k)| k.workload().to_owned())
+                    .unwrap_or_default();
+                i.restarts.get_or_create(&WorkloadLabel { workload }).inc();
             }
             _ => {}
         }
@@ -502,6 +520,7 @@ impl Metrics {
                     workload: v.workload,
                     isolation: v.isolation,
                     state: v.state,
+                    ready: v.ready && v.state == State::Ready,
                     stats: if live { slot.stats() } else { None },
                 }
             })
@@ -514,6 +533,7 @@ impl Metrics {
         let mut out = String::with_capacity(8 * 1024);
         encode_registry(&mut out, &self.inner.registry)?;
         encode_registry(&mut out, &self.snapshot(instances))?;
+        encode_registry(&mut out, &process_registry())?;
         encode_eof(&mut out)?;
         Ok(out)
     }
@@ -534,6 +554,7 @@ impl Metrics {
         let throttled = Family::<InstanceLabels, Counter<f64>>::default();
         let pids = Family::<InstanceLabels, Gauge>::default();
         let pids_hits = Family::<InstanceLabels, Counter>::default();
+        let ready = Family::<InstanceLabels, Gauge>::default();
         for v in instances {
             by_state
                 .get_or_create(&StateLabel {
@@ -549,9 +570,15 @@ impl Metrics {
                     isolation: v.isolation.as_str(),
                 })
                 .inc();
+            ready
+                .get_or_create(&InstanceLabels {
+                    id: v.id.to_string(),
+                    workload: v.workload.clone(),
+                })
+                .set(i64::from(v.ready));
             if let Some(s) = &v.stats {
                 let labels = InstanceLabels {
-                    instance: v.id.to_string(),
+                    id: v.id.to_string(),
                     workload: v.workload.clone(),
                 };
                 cpu.get_or_create(&labels).inc_by(s.cpu_seconds);
@@ -577,11 +604,27 @@ impl Metrics {
                 .unwrap_or_default();
             breaker
                 .get_or_create(&InstanceLabels {
-                    instance: id.to_string(),
+                    id: id.to_string(),
                     workload,
                 })
                 .set(breaker_value(b));
         }
+        let build = Family::<VersionLabel, Gauge>::default();
+        build
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        reg.register(
+            "build_info",
+            "The running daemon's version (always 1)",
+            build,
+        );
+        reg.register(
+            "instance_ready",
+            "Whether a live instance is ready now: 1 ready, 0 not (starting, unhealthy, stopping, restarting)",
+            ready,
+        );
 
         reg.register("instances", "Instances in the registry by state", by_state);
         reg.register(
@@ -630,6 +673,74 @@ impl Metrics {
         );
         reg
     }
+}
+
+/// The daemon's own process, under the names every Prometheus client library uses
+/// (`process_*`, no prefix), read from `/proc/self` at the scrape.
+fn process_registry() -> Registry {
+    use std::sync::atomic::AtomicU64;
+    let mut reg = Registry::default();
+    let me = std::process::id();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as f64,
+        _ => 100.0,
+    };
+    if let Ok(st) = bulkhead_driver::sys::read_stat(me) {
+        let cpu = Counter::<f64, AtomicU64>::default();
+        cpu.inc_by((st.utime + st.stime) as f64 / ticks);
+        reg.register_with_unit(
+            "process_cpu",
+            "Total user and system CPU time of the daemon",
+            Unit::Seconds,
+            cpu,
+        );
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        if let Some(boot) = boot {
+            let start = Gauge::<f64, AtomicU64>::default();
+            start.set(boot + st.starttime as f64 / ticks);
+            reg.register_with_unit(
+                "process_start_time",
+                "Start time of the daemon since the Unix epoch",
+                Unit::Seconds,
+                start,
+            );
+        }
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    if let Some(rss) = kib("VmRSS:") {
+        let g = Gauge::<i64>::default();
+        g.set(rss * 1024);
+        reg.register_with_unit(
+            "process_resident_memory",
+            "Resident memory of the daemon",
+            Unit::Bytes,
+            g,
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let g = Gauge::<i64>::default();
+        g.set(fds.count() as i64);
+        reg.register("process_open_fds", "Open descriptors of the daemon", g);
+    }
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    if let Some(l) = limit {
+        let g = Gauge::<i64>::default();
+        g.set(i64::try_from(l).unwrap_or(i64::MAX));
+        reg.register("process_max_fds", "The daemon's open-file limit", g);
+    }
+    reg
 }
 
 #[cfg(test)]
@@ -682,6 +793,7 @@ mod tests {
             id,
             workload: key.workload().to_owned(),
             isolation: key.isolation(),
+            ready: state == State::Ready,
             state,
             stats,
         }
@@ -736,7 +848,16 @@ mod tests {
         assert_eq!(s["bulkhead_launches_total{result=\"reused\"}"], 1.0);
         assert_eq!(s["bulkhead_launches_total{result=\"failed\"}"], 0.0);
         assert_eq!(s["bulkhead_starts_total"], 3.0);
-        assert_eq!(s["bulkhead_restarts_total"], 1.0);
+        assert_eq!(s["bulkhead_restarts_total{workload=\"web\"}"], 1.0);
+        let build = format!(
+            "bulkhead_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(s[&build], 1.0);
+        assert!(s["process_resident_memory_bytes"] > 0.0);
+        assert!(s["process_open_fds"] > 0.0);
+        assert!(s.contains_key("process_cpu_seconds_total"));
+        assert!(s["process_start_time_seconds"] > 1.6e9);
         assert_eq!(s["bulkhead_crashes_total{signal=\"SIGSEGV\"}"], 1.0);
         assert_eq!(s["bulkhead_exits_total{reason=\"success\"}"], 1.0);
         assert_eq!(s["bulkhead_exits_total{reason=\"error\"}"], 1.0);
@@ -746,7 +867,7 @@ mod tests {
         assert_eq!(s["bulkhead_events_total{kind=\"breaker_open\"}"], 1.0);
         assert_eq!(s["bulkhead_events_missed_total"], 0.0);
         assert_eq!(
-            s["bulkhead_breaker_state{instance=\"ns:b:web\",workload=\"web\"}"],
+            s["bulkhead_breaker_state{id=\"ns:b:web\",workload=\"web\"}"],
             2.0
         );
         // The restarted run of `a` has no launched event: two launch -> ready samples,
@@ -783,7 +904,7 @@ mod tests {
         f.at(2, a, EventKind::BreakerHalfOpen);
         let s = samples(&f.m.encode_with(&[]).unwrap());
         assert_eq!(
-            s["bulkhead_breaker_state{instance=\"shared:db\",workload=\"db\"}"],
+            s["bulkhead_breaker_state{id=\"shared:db\",workload=\"db\"}"],
             1.0
         );
         f.at(3, a, EventKind::BreakerClosed);
@@ -860,7 +981,7 @@ mod tests {
             2.0
         );
         assert!(!text.contains("workload=\"db\",isolation"));
-        let inst = "{instance=\"ns:a:web\",workload=\"web\"}";
+        let inst = "{id=\"ns:a:web\",workload=\"web\"}";
         assert_eq!(
             s[&format!("bulkhead_instance_cpu_seconds_total{inst}")],
             1.5

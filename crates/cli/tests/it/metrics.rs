@@ -204,7 +204,11 @@ fn metrics_health_and_ready_are_served_over_http() {
         value(&m, "bulkhead_events_total", &[("kind", "crashed")]),
         Some(1.0)
     );
-    assert_eq!(value(&m, "bulkhead_restarts_total", &[]), Some(0.0));
+    // Restarts are counted per workload; nothing restarted here.
+    assert_eq!(
+        value(&m, "bulkhead_restarts_total", &[("workload", "segv")]),
+        None
+    );
     // Every instance became ready once: three launch -> ready samples.
     assert_eq!(
         value(&m, "bulkhead_launch_ready_duration_seconds_count", &[]),
@@ -246,9 +250,19 @@ fn metrics_health_and_ready_are_served_over_http() {
         value(&m, "bulkhead_instances", &[("state", "crashed")]),
         Some(1.0)
     );
-    let inst = [("instance", "ns:a:web"), ("workload", "web")];
+    // An instance's series are labelled `id` (Prometheus owns `instance`).
+    let inst = [("id", "ns:a:web"), ("workload", "web")];
     assert!(value(&m, "bulkhead_instance_cpu_seconds_total", &inst).unwrap() >= 0.0);
     assert!(value(&m, "bulkhead_instance_resident_memory_bytes", &inst).unwrap() > 0.0);
+    assert_eq!(value(&m, "bulkhead_instance_ready", &inst), Some(1.0));
+    assert!(
+        m.iter().all(|s| !s.labels.contains_key("instance")),
+        "no series carries an `instance` label"
+    );
+    let version = [("version", env!("CARGO_PKG_VERSION"))];
+    assert_eq!(value(&m, "bulkhead_build_info", &version), Some(1.0));
+    assert!(value(&m, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
+    assert!(value(&m, "process_open_fds", &[]).unwrap() > 0.0);
 
     let (status, head, body) = get(addr, "/health");
     assert_eq!(status, 200);
@@ -725,4 +739,25 @@ fn prometheus_scrapes_with_a_credentials_file() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// The alert rules `docs/metrics.md` documents are valid Prometheus rules. Skipped without
+/// `promtool` (CI installs it).
+#[test]
+fn the_documented_alert_rules_pass_promtool() {
+    if !have("promtool") {
+        return;
+    }
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/alerts.yml");
+    let out = Command::new("promtool")
+        .args(["check", "rules", rules])
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 5 rules found"));
 }
