@@ -254,6 +254,7 @@ pub(crate) async fn recover(
                 spec,
                 env: handle.env(),
                 cwd: row.dir.clone(),
+                cgroup: None,
             },
             exit: None,
             spawned: Spawned {
