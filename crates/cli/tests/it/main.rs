@@ -2,6 +2,7 @@
 //! real CLI (which speaks gRPC over the Unix socket).
 
 mod access;
+mod cgroup_tracking;
 mod dataplane;
 mod docker;
 mod durability;
