@@ -212,9 +212,22 @@ impl Shared {
                 }
                 k.clone()
             }
-            None => Arc::new(bulkhead_driver::process::ProcessDriver::with_tracker(
-                tracker,
-            )),
+            None => {
+                // Without a keeper nothing is adopted: an instance cgroup left in the scope
+                // is a crashed daemon's (its orphans, setsid'd or not). Nothing may run
+                // unseen: killed and removed before the first spawn.
+                if let Some(t) = &tracker {
+                    let n = t.remove_stale(&[]);
+                    if n > 0 {
+                        tracing::warn!(
+                            "removed {n} stale instance cgroup(s) and killed their processes"
+                        );
+                    }
+                }
+                Arc::new(bulkhead_driver::process::ProcessDriver::with_tracker(
+                    tracker,
+                ))
+            }
         };
         drivers.insert(DriverKind::Process, process);
         let sandbox = start_sandbox(&cfg, &daemon_id.id, &mut drivers);

@@ -55,7 +55,10 @@ fn start(name: &str, marker: &str, tail: &str, args: &[&str]) -> Option<Daemon> 
     );
     assert!(d.cli(&["reload"]).status.success());
     let h = d.json(&["health", "-o", "json"]);
-    let tracking = h["process_tracking"].as_str().unwrap_or_default().to_owned();
+    let tracking = h["process_tracking"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     if !tracking.starts_with("cgroup ") {
         eprintln!("skipped: process instances are tracked by {tracking:?} here");
         return None;
@@ -139,7 +142,11 @@ fn terminate_case(args: &[&str]) {
     let daemon = daemon_pid(&d, "dbl");
     let scope = scope_dir(&d);
     let cg = cgroup_of(main, &scope);
-    assert_eq!(cgroup_of(daemon, &scope), cg, "the setsid'd process's cgroup");
+    assert_eq!(
+        cgroup_of(daemon, &scope),
+        cg,
+        "the setsid'd process's cgroup"
+    );
     // The control: the marker is visible while the instance runs.
     assert_eq!(with_marker(&m), vec![daemon]);
 
@@ -150,7 +157,11 @@ fn terminate_case(args: &[&str]) {
     });
     assert_gone(&d, &m, &[main, daemon], &cg);
     assert_eq!(d.sigterm().code(), Some(0));
-    assert!(!scope.exists(), "{} is left after shutdown", scope.display());
+    assert!(
+        !scope.exists(),
+        "{} is left after shutdown",
+        scope.display()
+    );
 }
 
 /// After terminate, no process of a double-forked, `setsid`'d workload is left, and no
@@ -181,7 +192,11 @@ fn a_setsid_descendant_dies_at_a_clean_shutdown() {
     let cg = cgroup_of(main, &scope);
     assert_eq!(d.sigterm().code(), Some(0));
     assert_gone(&d, &m, &[main, daemon], &cg);
-    assert!(!scope.exists(), "{} is left after shutdown", scope.display());
+    assert!(
+        !scope.exists(),
+        "{} is left after shutdown",
+        scope.display()
+    );
 }
 
 /// A program that daemonizes during start-up (its main process exits 0 and leaves a
@@ -207,9 +222,63 @@ fn a_program_that_daemonizes_is_told_so() {
     let g = d.json(&["get", &id, "-o", "json"]);
     assert_eq!(g["state"], "failed", "{g}");
     assert!(
-        g["failure"].as_str().unwrap_or_default().contains("daemonized"),
+        g["failure"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("daemonized"),
         "{g}"
     );
-    assert!(wait_gone(daemon), "the daemon (pid {daemon}) outlived its instance");
+    assert!(
+        wait_gone(daemon),
+        "the daemon (pid {daemon}) outlived its instance"
+    );
     assert!(with_marker(&m).is_empty());
+}
+
+/// A keeper killed with SIGKILL takes its instances with it (their parent-death signal),
+/// but a double-forked, `setsid`'d process has no parent-death signal of its own: the
+/// daemon finds it in the instance's cgroup and kills it.
+#[test]
+fn a_setsid_descendant_dies_with_its_keeper() {
+    let m = marker("keeper");
+    let Some(d) = start("dbl", &m, "exec sleep 1000", &[]) else {
+        return;
+    };
+    let v = d.json(&["launch", "dbl", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let main = v["pid"].as_u64().unwrap() as u32;
+    let daemon = daemon_pid(&d, "dbl");
+    let cg = cgroup_of(main, &scope_dir(&d));
+    let keeper = d.keeper_pid().expect("a keeper runs");
+    // SAFETY: kill(2) on the keeper pid read from this test's own state directory.
+    unsafe {
+        libc::kill(keeper as i32, libc::SIGKILL);
+    }
+    d.wait_event("crashed", |e| {
+        e["instance"] == id.as_str() && e["kind"] == "crashed"
+    });
+    assert_gone(&d, &m, &[main, daemon], &cg);
+}
+
+/// A daemon without a keeper that crashes leaves its instances running, `setsid`'d
+/// descendants included (the control); the next daemon kills them with their stale
+/// cgroups before it serves.
+#[test]
+fn a_crashed_daemon_without_keeper_leaves_nothing_after_the_restart() {
+    let m = marker("crash");
+    let Some(mut d) = start("dbl", &m, "exec sleep 1000", &["--no-keeper"]) else {
+        return;
+    };
+    let v = d.json(&["launch", "dbl", "-o", "json"]);
+    let main = v["pid"].as_u64().unwrap() as u32;
+    let daemon = daemon_pid(&d, "dbl");
+    let scope = scope_dir(&d);
+    let cg = cgroup_of(main, &scope);
+    d.kill9();
+    assert!(
+        alive(daemon),
+        "the control: the instance outlives a crashed daemon"
+    );
+    d.spawn();
+    assert_gone(&d, &m, &[main, daemon], &cg);
 }

@@ -52,10 +52,9 @@ async fn keeper() -> Keeper {
     // Each instance in a cgroup of its own, as `bulkhead serve` does (where it can).
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if let Some(t) = bulkhead_driver::process::detect_tracking(&format!(
-        "it-keeper-{}-{n}",
-        std::process::id()
-    )) {
+    if let Some(t) =
+        bulkhead_driver::process::detect_tracking(&format!("it-keeper-{}-{n}", std::process::id()))
+    {
         driver.set_tracker(t);
     }
     Keeper {
