@@ -282,3 +282,78 @@ fn a_crashed_daemon_without_keeper_leaves_nothing_after_the_restart() {
     d.spawn();
     assert_gone(&d, &m, &[main, daemon], &cg);
 }
+
+/// Where no cgroup2 mount can be used (here: the daemon runs in a mount namespace without
+/// one), process instances are tracked by process group, the daemon says so once in its
+/// log, and `health` shows it. Needs root (a mount namespace); skipped otherwise.
+#[test]
+fn without_a_cgroup2_mount_tracking_falls_back_to_the_process_group() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root for a mount namespace without cgroup2");
+        return;
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let v2: Vec<std::ffi::CString> = mountinfo
+        .lines()
+        .filter(|l| {
+            l.split_once(" - ")
+                .is_some_and(|(_, r)| r.starts_with("cgroup2 "))
+        })
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| std::ffi::CString::new(m).unwrap())
+        .collect();
+    let root = std::ffi::CString::new("/").unwrap();
+    let d = Daemon::start_configured(&[], &[], move |cmd| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec the hook makes only raw system calls (unshare,
+        // mount, umount2) on CStrings built before the fork; nothing allocates.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let r = libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                );
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for m in &v2 {
+                    if libc::umount2(m.as_ptr(), libc::MNT_DETACH) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    });
+    let h = d.json(&["health", "-o", "json"]);
+    assert_eq!(h["process_tracking"], "process group", "{h}");
+    let text = d.cli(&["health"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout)
+            .contains("process instances tracked by: process group"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+    let said = d
+        .daemon_log()
+        .matches("tracked by process group, not by cgroup")
+        .count();
+    assert_eq!(said, 1, "{}", d.daemon_log());
+    // Launches still work.
+    write_workload(
+        &d.workloads,
+        "plain",
+        "name: plain\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let v = d.json(&["launch", "plain", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+}
