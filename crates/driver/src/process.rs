@@ -341,11 +341,11 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
                 Some(procs),
                 None,
             )
-            .and_then(|mut c| {
+            .map(|mut c| {
                 let out = c.stdout.take().map(OwnedFd::from);
                 let err = c.stderr.take().map(OwnedFd::from);
                 // std never reaps on drop: the watcher reaps through the pidfd.
-                Ok((c.id(), out, err))
+                (c.id(), out, err)
             })
         }
         None => posix_spawn::spawn(&posix_spawn::Spawn {

@@ -441,19 +441,18 @@ impl KeeperDriver {
         Ok(fresh)
     }
 
-    fn spawned(
+    /// The handle of a keeper-held instance: its exit comes from the keeper.
+    fn handle(
         &self,
         client: &Arc<KeeperClient>,
         instance: String,
         pid: u32,
         pidfd: OwnedFd,
         cgroup: Option<InstanceCgroup>,
-        stdout: Option<OwnedFd>,
-        stderr: Option<OwnedFd>,
-    ) -> Spawned {
+    ) -> Arc<dyn crate::InstanceHandle> {
         let mut exit = client.exit_watch(pid);
         let ack = Arc::clone(client);
-        let handle = crate::process::foreign_handle(
+        crate::process::foreign_handle(
             instance,
             pid,
             pidfd,
@@ -467,12 +466,7 @@ impl KeeperDriver {
             move || {
                 tokio::spawn(async move { ack.ack(pid).await });
             },
-        );
-        Spawned {
-            handle,
-            stdout,
-            stderr,
-        }
+        )
     }
 
     /// Every instance the keeper holds, ready to be put back under supervision.
@@ -510,7 +504,11 @@ impl KeeperDriver {
             if let Some(cg) = &cgroup {
                 keep.push(cg.dir().to_owned());
             }
-            let spawned = self.spawned(&client, instance, pid, pidfd, cgroup, out_fd, err_fd);
+            let spawned = Spawned {
+                handle: self.handle(&client, instance, pid, pidfd, cgroup),
+                stdout: out_fd,
+                stderr: err_fd,
+            };
             out.push(Adoptable {
                 instance: id,
                 pid,
@@ -612,15 +610,11 @@ impl KeeperDriver {
                 .await;
         }
         let (pid, _start, pidfd, out, err) = res?;
-        Ok(self.spawned(
-            &client,
-            spec.instance.to_string(),
-            pid,
-            pidfd,
-            cgroup,
-            Some(out),
-            Some(err),
-        ))
+        Ok(Spawned {
+            handle: self.handle(&client, spec.instance.to_string(), pid, pidfd, cgroup),
+            stdout: Some(out),
+            stderr: Some(err),
+        })
     }
 }
 
