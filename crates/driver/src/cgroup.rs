@@ -281,13 +281,24 @@ impl Tracker {
     /// Creates a new, empty cgroup for one spawn of `instance`.
     pub fn create(&self, instance: &str) -> Result<InstanceCgroup, CreateError> {
         // A cgroup of the same name may be left from an earlier daemon of this scope
-        // (adopted instances keep theirs): skip to the next free name.
+        // (adopted instances keep theirs), or made by another tracker of the same scope
+        // in this process: skip to the next free name.
+        let mut missing = 0;
         loop {
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             let dir = self.base.join(instance_dir_name(instance, seq));
             match fs::create_dir(&dir) {
                 Ok(()) => return Ok(InstanceCgroup { dir }),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                // RACE: another tracker of the scope removed the (then empty) scope
+                // directory as it dropped: make it again, a few times at most.
+                Err(e) if e.kind() == io::ErrorKind::NotFound && missing < 8 => {
+                    missing += 1;
+                    fs::create_dir_all(&self.base).map_err(|source| CreateError {
+                        path: self.base.clone(),
+                        source,
+                    })?;
+                }
                 Err(source) => return Err(CreateError { path: dir, source }),
             }
         }
