@@ -159,7 +159,14 @@ impl ProcessDriver {
     /// A driver that tracks its instances by cgroup where this host allows it (a scope
     /// named after this process), by process group otherwise.
     pub fn new() -> ProcessDriver {
-        ProcessDriver::with_tracker(detect_tracking(&format!("proc-{}", std::process::id())))
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        let tracker = detect_tracking(&format!("proc-{}", std::process::id()));
+        if let Some(t) = &tracker {
+            // Scopes of processes that are gone (a test binary whose runtime ended before
+            // its watchers removed their cgroups): their cgroups are killed and removed.
+            ONCE.call_once(|| remove_dead_process_scopes(t));
+        }
+        ProcessDriver::with_tracker(tracker)
     }
 
     /// A driver that tracks by the given cgroup subtree, or by process group (`None`).
@@ -170,6 +177,39 @@ impl ProcessDriver {
     /// The cgroup subtree instances are tracked in, if any.
     pub fn tracker(&self) -> Option<&Arc<Tracker>> {
         self.tracker.as_ref()
+    }
+}
+
+/// Removes the `proc-<pid>` scopes beside `t`'s whose process no longer exists, and
+/// their instance cgroups that are empty (one with live members is left alone: its
+/// process may live in another PID namespace).
+fn remove_dead_process_scopes(t: &Tracker) {
+    let Some(parent) = t.base().parent() else {
+        return;
+    };
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("proc-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(rd) = std::fs::read_dir(e.path()) {
+            for cg in rd.flatten().filter(|c| c.path().is_dir()) {
+                if crate::cgroup::procs(&cg.path()).is_empty() {
+                    let _ = std::fs::remove_dir(cg.path());
+                }
+            }
+        }
+        crate::cgroup::remove_scope_only(&e.path());
     }
 }
 
