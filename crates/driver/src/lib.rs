@@ -6,7 +6,8 @@
 //! kill escalation, whole-tree teardown, crash detection) and is run against each one.
 //!
 //! This crate brings the `process` driver ([`process::ProcessDriver`]): a plain child in its
-//! own process group, watched through a pidfd. Linux system calls sit behind [`sys`].
+//! own process group and its own cgroup ([`cgroup`], tracking only), watched through a
+//! pidfd. Linux system calls sit behind [`sys`].
 //!
 //! **Invariant — a handle's `wait` resolves only when every process of the instance is
 //! gone**, never merely when the main process is: the daemon reports `terminated` and

@@ -82,7 +82,12 @@ fn launch_terminate_cycles_leak_nothing() {
         .and_then(|t| t.strip_prefix("cgroup "))
     {
         let left: Vec<_> = std::fs::read_dir(scope)
-            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
             .unwrap_or_default();
         assert!(left.is_empty(), "instance cgroups left: {left:?}");
     }
