@@ -357,3 +357,28 @@ fn without_a_cgroup2_mount_tracking_falls_back_to_the_process_group() {
     let v = d.json(&["launch", "plain", "-o", "json"]);
     assert_eq!(v["state"], "ready", "{v}");
 }
+
+/// The notify socket accepts `READY=1` from any member of the instance's cgroup: here a
+/// process that left the main process's group and session (`setsid`), which process-group
+/// tracking could not attribute.
+#[test]
+fn readiness_from_a_setsid_member_of_the_cgroup_is_accepted() {
+    let Some(py) = python3() else { return };
+    let m = marker("notify");
+    let tail = "exec sleep 1000";
+    let Some(d) = start("ntf", &m, tail, &[]) else {
+        return;
+    };
+    let notify = format!(
+        "( setsid {py} -c 'import os,socket,time; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b\"READY=1\", os.environ[\"NOTIFY_SOCKET\"]); time.sleep(1000)' & )\n{tail}\n"
+    );
+    write_workload(
+        &d.workloads,
+        "ntf",
+        "name: ntf\ndriver: process\ncommand: [/bin/sh, run.sh]\nreadiness: {notify: true, timeout: 20s}\n",
+        &[("run.sh", &notify)],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let v = d.json(&["launch", "ntf", "--wait", "ready", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+}
