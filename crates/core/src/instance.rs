@@ -28,6 +28,10 @@
 //!   run counts as failed.
 //! - **SpawnFailed**, or **Exited** while `Starting`: emit the exit and `launch_failed`; the
 //!   run failed. Readiness is bounded by liveness this way: a death ends the wait at once.
+//! - **Daemonized** (while `Starting` or `Ready`, sent just before an `Exited` with code 0:
+//!   the main process left processes behind in its cgroup, which the driver killed): that
+//!   exit emits `launch_failed` saying the program daemonized and to run it in the
+//!   foreground; the run failed (without a restart: `Failed`). Ignored while `Stopping`.
 //! - **Run ended** (any exit that was not asked for by Terminate): a run that was ready for
 //!   at least `reset_after` first resets the attempt and failure counts. A failed run (a
 //!   crash, a non-zero exit, readiness never reached, liveness failed) adds one
@@ -1102,6 +1106,7 @@ mod tests {
             "[a-z]{0,5}".prop_map(|reason| Input::LivenessFailed { reason }),
             Just(Input::RestartDue),
             Just(Input::CooldownOver),
+            (1usize..5).prop_map(|left| Input::Daemonized { left }),
         ]
     }
 
