@@ -125,9 +125,13 @@ pub fn kill_members(dir: &Path) {
 /// for cgroup2 directories (the `0::` line is compared); v1 directories fall back to the
 /// pid as read.
 pub fn signal_members(dir: &Path, signal: Signal, skip: Option<u32>) -> usize {
+    let pids = procs(dir);
+    if pids.iter().all(|p| Some(*p) == skip) {
+        return 0;
+    }
     let rel = cgroup2_relative(dir);
     let mut sent = 0;
-    for pid in procs(dir) {
+    for pid in pids {
         if Some(pid) == skip {
             continue;
         }
@@ -380,9 +384,13 @@ impl InstanceCgroup {
     /// A pidfd for each live member, each checked to be a member after it was opened (a
     /// pid read from `cgroup.procs` may have been reused meanwhile).
     pub fn member_pidfds(&self) -> Vec<(u32, OwnedFd)> {
+        let pids = procs(&self.dir);
+        if pids.is_empty() {
+            // The common case at an exit: no mountinfo to read.
+            return Vec::new();
+        }
         let rel = cgroup2_relative(&self.dir);
-        procs(&self.dir)
-            .into_iter()
+        pids.into_iter()
             .filter_map(|pid| {
                 let fd = sys::pidfd_open(pid).ok()?;
                 if let Some(rel) = &rel {
