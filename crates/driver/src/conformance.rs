@@ -487,7 +487,8 @@ pub async fn grandchildren_die_with_group(driver: &dyn Driver, fx: &Fixture) {
 pub async fn setsid_descendant_dies_with_instance(driver: &dyn Driver, fx: &Fixture) {
     if !driver.tracks_every_descendant() {
         eprintln!(
-            "skipped: this {} driver tracks by process group here (no usable cgroup2 mount)",
+            "skipped: this {} driver tracks by process group, not by cgroup (no usable \
+             cgroup2 mount): a setsid'd descendant escapes it, as documented",
             driver.kind().as_str()
         );
         return;

@@ -16,6 +16,18 @@ async fn process_driver() -> ProcessDriver {
 
 bulkhead_driver::conformance_tests!(process_driver);
 
+/// The suite again for the fallback where no cgroup2 mount can be used: process-group
+/// tracking, `posix_spawn` (the `setsid` check skips, saying why).
+mod process_group_tracking {
+    use bulkhead_driver::process::ProcessDriver;
+
+    async fn process_driver() -> ProcessDriver {
+        ProcessDriver::with_tracker(None)
+    }
+
+    bulkhead_driver::conformance_tests!(process_driver);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn run_all() {
     conformance::run_all(&ProcessDriver::new(), &Fixture::temp()).await;
