@@ -268,6 +268,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             "drivers": h.drivers,
             "state_dir": h.state_dir,
             "workloads_dir": h.workloads_dir,
+            "process_tracking": h.process_tracking,
             "sandbox": h.sandbox.as_ref().map(|s| serde_json::json!({
                 "available": s.available,
                 "cgroup_mode": s.cgroup_mode,
@@ -295,6 +296,12 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 escape(&h.state_dir),
                 h.last_event_id
             );
+            if !h.process_tracking.is_empty() {
+                println!(
+                    "process instances tracked by: {}",
+                    escape(&h.process_tracking)
+                );
+            }
             if let Some(s) = &h.sandbox {
                 if s.available {
                     println!(

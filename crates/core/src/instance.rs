@@ -28,6 +28,10 @@
 //!   run counts as failed.
 //! - **SpawnFailed**, or **Exited** while `Starting`: emit the exit and `launch_failed`; the
 //!   run failed. Readiness is bounded by liveness this way: a death ends the wait at once.
+//! - **Daemonized** (while `Starting` or `Ready`, sent just before an `Exited` with code 0:
+//!   the main process left processes behind in its cgroup, which the driver killed): that
+//!   exit emits `launch_failed` saying the program daemonized and to run it in the
+//!   foreground; the run failed (without a restart: `Failed`). Ignored while `Stopping`.
 //! - **Run ended** (any exit that was not asked for by Terminate): a run that was ready for
 //!   at least `reset_after` first resets the attempt and failure counts. A failed run (a
 //!   crash, a non-zero exit, readiness never reached, liveness failed) adds one
@@ -133,6 +137,10 @@ pub enum Input {
     /// The driver saw the OOM killer act on the instance at its memory limit. Sent just
     /// before the `Exited` it explains: that exit is reported as `oom_killed`.
     OomKilled { limit_bytes: Option<u64> },
+    /// The driver saw the main process exit 0 by itself while `left` processes stayed in
+    /// the instance's cgroup (they were killed): the program daemonized. Sent just before
+    /// the `Exited` it explains: that run failed, with a message that says so.
+    Daemonized { left: usize },
     /// Stop it for good; `grace` overrides the manifest's.
     Terminate { grace: Option<Duration> },
     /// A readiness probe of a ready instance failed `failure_threshold` times.
@@ -248,6 +256,8 @@ pub struct Instance {
     jitter: Jitter,
     /// The OOM killer acted on the current run (the limit, if any): its exit is an OOM kill.
     oom: Option<Option<u64>>,
+    /// The current run daemonized (how many processes it left behind).
+    daemonized: Option<usize>,
 }
 
 impl Instance {
@@ -272,6 +282,7 @@ impl Instance {
             breaker: BreakerState::Closed,
             jitter,
             oom: None,
+            daemonized: None,
         };
         (inst, vec![Effect::Emit(EventKind::Launched), Effect::Spawn])
     }
@@ -442,14 +453,19 @@ impl Instance {
             (_, Input::OomKilled { limit_bytes }) => {
                 self.oom = Some(limit_bytes);
             }
+            // Only for an exit nobody asked for: a stop's leftovers are not a daemon.
+            (Starting | Ready, Input::Daemonized { left }) if self.spawned => {
+                self.daemonized = Some(left);
+            }
             (Starting, Input::Exited(status)) if self.spawned => {
                 self.last_exit = Some(status);
-                let reason = match self.oom {
-                    Some(limit) => format!(
+                let reason = match (self.oom, self.daemonized) {
+                    (Some(limit), _) => format!(
                         "killed by the OOM killer during start-up{}",
                         limit_phrase(limit)
                     ),
-                    None => format!("exited during start-up with {status}"),
+                    (None, Some(left)) if status.success() => daemonized_reason(left),
+                    _ => format!("exited during start-up with {status}"),
                 };
                 fx.push(Effect::StopReadiness);
                 fx.push(Effect::Emit(self.exit_event(status)));
@@ -492,7 +508,20 @@ impl Instance {
                     self.failure = Some(format!("killed by the OOM killer{}", limit_phrase(limit)));
                 }
                 fx.push(Effect::Emit(self.exit_event(status)));
-                self.run_ended(!status.success(), now_ms, &mut fx);
+                match self.daemonized {
+                    // Ready at once (no readiness checks), then the main process left
+                    // its daemon behind and exited: the launch did not give a running
+                    // instance, whatever the exit code says.
+                    Some(left) if status.success() => {
+                        let reason = daemonized_reason(left);
+                        fx.push(Effect::Emit(EventKind::LaunchFailed {
+                            reason: reason.clone(),
+                        }));
+                        self.failure = Some(reason);
+                        self.run_ended(true, now_ms, &mut fx);
+                    }
+                    _ => self.run_ended(!status.success(), now_ms, &mut fx),
+                }
             }
             (Ready, Input::Terminate { grace }) => {
                 let grace = grace.unwrap_or(self.cfg.shutdown.grace);
@@ -546,6 +575,7 @@ impl Instance {
         self.failure = None;
         self.stop_cause = None;
         self.oom = None;
+        self.daemonized = None;
         fx.push(Effect::Spawn);
     }
 
@@ -652,6 +682,16 @@ impl Instance {
             };
         }
     }
+}
+
+/// Why a run whose program daemonized failed, and what to do about it.
+fn daemonized_reason(left: usize) -> String {
+    format!(
+        "the program daemonized: its main process exited 0 and left {left} process(es) \
+         running in the background (double fork / setsid), which were killed with the \
+         instance; bulkhead supervises the main process, so run the program in the \
+         foreground (e.g. redis-server --daemonize no, nginx -g 'daemon off;')"
+    )
 }
 
 /// ` at its memory limit of 512Mi`, or nothing when no limit is known.
@@ -1066,6 +1106,7 @@ mod tests {
             "[a-z]{0,5}".prop_map(|reason| Input::LivenessFailed { reason }),
             Just(Input::RestartDue),
             Just(Input::CooldownOver),
+            (1usize..5).prop_map(|left| Input::Daemonized { left }),
         ]
     }
 
@@ -1182,5 +1223,54 @@ mod tests {
         assert!(!fx
             .iter()
             .any(|e| matches!(e, Effect::Emit(EventKind::Crashed { .. }))));
+    }
+
+    fn launch_failed_reason(fx: &[Effect]) -> Option<String> {
+        fx.iter().find_map(|e| match e {
+            Effect::Emit(EventKind::LaunchFailed { reason }) => Some(reason.clone()),
+            _ => None,
+        })
+    }
+
+    /// Issue 12: a program that daemonizes (main exits 0, processes left in its cgroup)
+    /// fails its launch with a message that says so, with and without readiness checks,
+    /// and ends `failed`, not `exited`.
+    #[test]
+    fn a_daemonizing_program_fails_with_a_message_that_says_so() {
+        for readiness in [true, false] {
+            let (mut i, _) = Instance::launch(cfg(readiness, RestartPolicy::Never));
+            i.handle(Input::Spawned { pid: Some(7) }, 0);
+            assert!(i.handle(Input::Daemonized { left: 1 }, 1).is_empty());
+            let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 0 }), 2);
+            let reason = launch_failed_reason(&fx).expect("launch_failed");
+            assert!(
+                reason.contains("daemonized") && reason.contains("foreground"),
+                "{reason}"
+            );
+            assert_eq!(i.state(), State::Failed, "readiness {readiness}");
+            assert_eq!(i.failure(), Some(reason.as_str()));
+        }
+    }
+
+    /// The control: the same exit without leftovers is a plain exit.
+    #[test]
+    fn an_exit_0_without_leftovers_is_not_a_daemon() {
+        let (mut i, _) = Instance::launch(cfg(false, RestartPolicy::Never));
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 0 }), 2);
+        assert_eq!(launch_failed_reason(&fx), None);
+        assert_eq!(i.state(), State::Exited);
+    }
+
+    /// Leftovers at a requested stop are not a daemon: terminated as usual.
+    #[test]
+    fn leftovers_at_a_stop_are_not_a_daemon() {
+        let (mut i, _) = Instance::launch(cfg(false, RestartPolicy::Never));
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        i.handle(Input::Terminate { grace: None }, 1);
+        assert!(i.handle(Input::Daemonized { left: 2 }, 2).is_empty());
+        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 0 }), 3);
+        assert_eq!(launch_failed_reason(&fx), None);
+        assert_eq!(i.state(), State::Terminated);
     }
 }

@@ -256,6 +256,7 @@ pub(crate) async fn recover(
                 spec,
                 env: handle.env(),
                 cwd: row.dir.clone(),
+                cgroup: None,
             },
             exit: None,
             spawned: Spawned {

@@ -323,6 +323,7 @@ pub(crate) fn health(sh: &Shared) -> serde_json::Value {
             "by_state": by_state,
         },
         "open_breakers": breakers,
+        "process_tracking": sh.process_tracking,
     })
 }
 

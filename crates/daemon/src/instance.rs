@@ -616,8 +616,16 @@ async fn run(
                 // The driver knows whether the OOM killer ended the run (memory.events, the
                 // v1 OOM counter, the engine's oom event); it is read once every process is
                 // gone, so the counter is final.
-                if let Some(ExitCause::OomKilled { limit_bytes }) = handle.as_ref().and_then(|h| h.exit_cause()) {
-                    queue.extend(inst.handle(Input::OomKilled { limit_bytes }, now()));
+                // Likewise a program that daemonized: its main process exited 0 and left
+                // processes in the instance's cgroup (killed by the driver's sweep).
+                match handle.as_ref().and_then(|h| h.exit_cause()) {
+                    Some(ExitCause::OomKilled { limit_bytes }) => {
+                        queue.extend(inst.handle(Input::OomKilled { limit_bytes }, now()));
+                    }
+                    Some(ExitCause::Daemonized { left }) => {
+                        queue.extend(inst.handle(Input::Daemonized { left }, now()));
+                    }
+                    None => {}
                 }
                 queue.extend(inst.handle(Input::Exited(status), now()));
             }

@@ -135,6 +135,8 @@ pub struct Shared {
     /// When the state directory is a copy of another daemon's: that daemon's id. The
     /// processes its instance table names are then that daemon's, never signalled here.
     pub(crate) state_copied_from: Option<String>,
+    /// How process instances are tracked: `cgroup <dir>` or `process group`.
+    pub(crate) process_tracking: String,
     /// The data plane: its channel spaces and their managers.
     pub(crate) dataplane: crate::dataplane::DataPlane,
     /// The host id ranges of `user_namespace: auto`, one per live tenant (the daemon
@@ -152,6 +154,14 @@ pub fn sandbox_scope(daemon_id: &str) -> String {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("d{h:016x}")
+}
+
+/// The process driver's cgroup subtree name for a daemon id: like [`sandbox_scope`], with
+/// its own prefix, so that neither driver's clean-up touches the other's instances.
+pub fn process_scope(daemon_id: &str) -> String {
+    let mut s = sandbox_scope(daemon_id);
+    s.replace_range(0..1, "p");
+    s
 }
 
 /// Starts the sandbox driver when this machine allows it.
@@ -204,13 +214,38 @@ impl Shared {
         instances: Option<instances::InstanceTable>,
     ) -> Shared {
         let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
-        let process: Arc<dyn Driver> = match &keeper {
-            Some(k) => k.clone(),
-            None => Arc::new(bulkhead_driver::process::ProcessDriver::new()),
-        };
-        drivers.insert(DriverKind::Process, process);
         // Bound to the state directory's identity: a copy of it gets an id of its own.
         let daemon_id = docker::load_daemon_id(&cfg.state_dir);
+        // Every process instance in a cgroup of its own, for tracking and teardown (no
+        // limits): where no cgroup2 place can be used, by process group (logged once).
+        let tracker = bulkhead_driver::process::detect_tracking(&process_scope(&daemon_id.id));
+        let process_tracking = bulkhead_driver::process::tracking_text(tracker.as_ref());
+        tracing::info!("process instances are tracked by {process_tracking}");
+        let process: Arc<dyn Driver> = match &keeper {
+            Some(k) => {
+                if let Some(t) = tracker {
+                    k.set_tracker(t);
+                }
+                k.clone()
+            }
+            None => {
+                // Without a keeper nothing is adopted: an instance cgroup left in the scope
+                // is a crashed daemon's (its orphans, setsid'd or not). Nothing may run
+                // unseen: killed and removed before the first spawn.
+                if let Some(t) = &tracker {
+                    let n = t.remove_stale(&[]);
+                    if n > 0 {
+                        tracing::warn!(
+                            "removed {n} stale instance cgroup(s) and killed their processes"
+                        );
+                    }
+                }
+                Arc::new(bulkhead_driver::process::ProcessDriver::with_tracker(
+                    tracker,
+                ))
+            }
+        };
+        drivers.insert(DriverKind::Process, process);
         let sandbox = start_sandbox(&cfg, &daemon_id.id, &mut drivers);
         let docker = docker::DockerState::new(&cfg, &daemon_id.id);
         drivers.insert(DriverKind::Docker, docker.driver.clone());
@@ -232,6 +267,7 @@ impl Shared {
             keeper,
             instances,
             sandbox,
+            process_tracking,
             dataplane: Default::default(),
             ids: crate::dataplane::id_blocks(),
         }

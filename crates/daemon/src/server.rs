@@ -517,6 +517,14 @@ impl Daemon {
     /// Terminates every instance, stops the API server and removes the socket.
     pub async fn shutdown(mut self) {
         self.shared.terminate_all().await;
+        // Every instance is gone: the drivers remove their (empty) cgroup scopes.
+        let sh = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for d in sh.drivers.values() {
+                d.shutdown();
+            }
+        })
+        .await;
         if let Some(k) = &self.shared.keeper {
             // Every instance is gone: the keeper may exit.
             k.client().shutdown().await;

@@ -422,6 +422,7 @@ impl bulkhead_api::Bulkhead for Service {
                 .collect(),
             state_dir: self.sh.cfg.state_dir.display().to_string(),
             workloads_dir: self.sh.cfg.workloads_dir.display().to_string(),
+            process_tracking: self.sh.process_tracking.clone(),
             sandbox: self.sh.sandbox.as_ref().map(|r| match r {
                 Ok(c) => v1::SandboxHealth {
                     available: true,

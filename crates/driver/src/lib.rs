@@ -6,7 +6,8 @@
 //! kill escalation, whole-tree teardown, crash detection) and is run against each one.
 //!
 //! This crate brings the `process` driver ([`process::ProcessDriver`]): a plain child in its
-//! own process group, watched through a pidfd. Linux system calls sit behind [`sys`].
+//! own process group and its own cgroup ([`cgroup`], tracking only), watched through a
+//! pidfd. Linux system calls sit behind [`sys`].
 //!
 //! **Invariant — a handle's `wait` resolves only when every process of the instance is
 //! gone**, never merely when the main process is: the daemon reports `terminated` and
@@ -23,6 +24,7 @@ use bulkhead_core::key::InstanceId;
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 
+pub mod cgroup;
 pub mod conformance;
 pub mod keeper;
 mod posix_spawn;
@@ -136,6 +138,10 @@ pub struct Stats {
 pub enum ExitCause {
     /// The kernel's OOM killer acted on the instance at its memory limit.
     OomKilled { limit_bytes: Option<u64> },
+    /// The main process exited 0 by itself and left `left` live processes in the
+    /// instance's cgroup: the program daemonized (double fork, `setsid`). They were
+    /// killed with the instance.
+    Daemonized { left: usize },
 }
 
 /// How `bulkhead exec` runs a command inside an instance that a driver walls off: enter
@@ -172,6 +178,18 @@ pub trait Driver: Send + Sync + 'static {
     /// Starts the instance. On success its first process exists; on error nothing of it
     /// is left running.
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError>;
+
+    /// Whether every descendant of an instance, one that left its process group and
+    /// session included, is found and killed with it (the default: drivers that run
+    /// instances in a container or a cgroup of their own). The process driver says no
+    /// where it falls back to process-group tracking.
+    fn tracks_every_descendant(&self) -> bool {
+        true
+    }
+
+    /// The daemon shuts down cleanly and every instance is gone: remove what the driver
+    /// keeps for its instances (its empty cgroup scope directories). Blocking, quick.
+    fn shutdown(&self) {}
 }
 
 /// One running (or finished) instance.

@@ -16,6 +16,18 @@ async fn process_driver() -> ProcessDriver {
 
 bulkhead_driver::conformance_tests!(process_driver);
 
+/// The suite again for the fallback where no cgroup2 mount can be used: process-group
+/// tracking, `posix_spawn` (the `setsid` check skips, saying why).
+mod process_group_tracking {
+    use bulkhead_driver::process::ProcessDriver;
+
+    async fn process_driver() -> ProcessDriver {
+        ProcessDriver::with_tracker(None)
+    }
+
+    bulkhead_driver::conformance_tests!(process_driver);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn run_all() {
     conformance::run_all(&ProcessDriver::new(), &Fixture::temp()).await;
@@ -186,7 +198,8 @@ async fn core_dump_is_reported() {
 }
 
 /// If the main process moves to another process group, `signal` still reaches it through
-/// its pidfd. The process it moved into escapes the driver: the documented limit.
+/// its pidfd. With cgroup tracking the process whose group it moved into dies with the
+/// instance; without (process-group tracking), it escapes: the documented limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn main_process_that_leaves_its_group_is_still_signalled() {
     if !std::path::Path::new("/usr/bin/perl").exists() {
@@ -224,9 +237,57 @@ async fn main_process_that_leaves_its_group_is_still_signalled() {
             core_dumped: false
         }
     );
-    // The child in the other group escaped (documented).
     let escaped = sys::group_members(new_group);
-    assert_eq!(escaped, vec![new_group], "the escaped child");
+    if ProcessDriver::new().tracker().is_some() {
+        // Issue 12: it is in the instance's cgroup, and was killed with it.
+        assert_eq!(escaped, Vec::<u32>::new(), "the child in the other group");
+    } else {
+        // The child in the other group escaped (documented).
+        assert_eq!(escaped, vec![new_group], "the escaped child");
+    }
+}
+
+/// Issue 12: a program that daemonizes (double fork + `setsid`, then the main process
+/// exits 0) is reported as such (`ExitCause::Daemonized`), its daemon is killed, and its
+/// cgroup is removed. The control: an exit 0 that leaves nothing has no cause. Skipped
+/// where no cgroup2 mount can be used.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemonizing_program_is_reported_and_its_daemon_killed() {
+    let driver = ProcessDriver::new();
+    if driver.tracker().is_none() {
+        eprintln!("skipped: no usable cgroup2 mount here (process-group tracking)");
+        return;
+    }
+    let fx = Fixture::temp();
+    let script = "( setsid sh -c 'echo $$ > daemon.pid; exec sleep 1000' & ); \
+                  while [ ! -s daemon.pid ]; do sleep 0.01; done; \
+                  cat /proc/self/cgroup > main.cgroup; exit 0";
+    let run = start(&driver, &fx, "daemonizes", script).await;
+    assert_eq!(run.wait().await, ExitStatus::Exited { code: 0 });
+    assert_eq!(
+        run.handle().exit_cause(),
+        Some(bulkhead_driver::ExitCause::Daemonized { left: 1 })
+    );
+    let daemon: u32 = std::fs::read_to_string(fx.path("daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let alive = sys::read_stat(daemon).is_ok_and(|s| !s.is_zombie());
+    assert!(!alive, "the daemon (pid {daemon}) outlived its instance");
+    let text = std::fs::read_to_string(fx.path("main.cgroup")).unwrap();
+    let rel = bulkhead_driver::cgroup::own_path(&text, "").unwrap();
+    let name = std::path::Path::new(&rel).file_name().unwrap();
+    let dir = driver.tracker().unwrap().base().join(name);
+    assert!(
+        rel.contains("/bulkhead/"),
+        "the instance ran in its own cgroup: {rel}"
+    );
+    assert!(!dir.exists(), "{} is left", dir.display());
+
+    let plain = start(&driver, &fx, "plain", "exit 0").await;
+    assert_eq!(plain.wait().await, ExitStatus::Exited { code: 0 });
+    assert_eq!(plain.handle().exit_cause(), None);
 }
 
 /// Dropping the handle neither kills nor orphans the instance unwatched: it keeps running

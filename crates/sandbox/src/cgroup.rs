@@ -25,13 +25,17 @@
 //! A hierarchy in which the probe cgroup cannot be created and removed is left out.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bulkhead_core::spec::Resources;
+pub use bulkhead_driver::cgroup::SUPERVISOR_LEAF;
+use bulkhead_driver::cgroup::{
+    cgroup_mounts, instance_dir_name, kill_members, own_path, own_v2_path, procs,
+    remove_dir_retrying, write_file,
+};
 
 /// The CFS period used for CPU limits, in microseconds.
 pub const CPU_PERIOD_US: u64 = 100_000;
@@ -121,64 +125,6 @@ pub struct Cgroups {
     /// `<mount>/<own>/bulkhead/<scope>` per v1 controller.
     v1: Vec<(V1, PathBuf)>,
     seq: AtomicU64,
-}
-
-/// `path` relative to its hierarchy for `controller` (`""` for the cgroup2 line), from
-/// the text of `/proc/self/cgroup`.
-/// The leaf cgroup that the processes of the daemon's own cgroup move into when that
-/// cgroup must hand controllers down (cgroup v2's no-internal-process rule).
-pub const SUPERVISOR_LEAF: &str = "bulkhead-supervisor";
-
-/// The cgroup2 path the daemon's subtree hangs from: its own cgroup, or the parent of
-/// [`SUPERVISOR_LEAF`] when an earlier detection (this daemon's or a previous one's)
-/// moved it there.
-fn own_v2_path(proc_self_cgroup: &str) -> Option<String> {
-    let own = own_path(proc_self_cgroup, "")?;
-    Some(match own.strip_suffix(&format!("/{SUPERVISOR_LEAF}")) {
-        Some("") => "/".to_owned(),
-        Some(parent) => parent.to_owned(),
-        None => own,
-    })
-}
-
-fn own_path(proc_self_cgroup: &str, controller: &str) -> Option<String> {
-    proc_self_cgroup.lines().find_map(|line| {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let matches = if controller.is_empty() {
-            ctrls.is_empty()
-        } else {
-            ctrls.split(',').any(|c| c == controller)
-        };
-        matches.then(|| path.to_owned())
-    })
-}
-
-/// Mount points from `/proc/self/mountinfo`: (mount point, fs type, super options).
-fn cgroup_mounts(mountinfo: &str) -> Vec<(PathBuf, String, String)> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split(' ').nth(4)?;
-            let mut r = right.split(' ');
-            let fstype = r.next()?;
-            let _source = r.next()?;
-            let opts = r.next().unwrap_or("");
-            (fstype == "cgroup" || fstype == "cgroup2").then(|| {
-                (
-                    PathBuf::from(mount_point),
-                    fstype.to_owned(),
-                    opts.to_owned(),
-                )
-            })
-        })
-        .collect()
-}
-
-fn write_file(path: &Path, value: &str) -> io::Result<()> {
-    let mut f = fs::OpenOptions::new().write(true).open(path)?;
-    f.write_all(value.as_bytes())
 }
 
 /// Creates `dir` and its missing parents; in a cpuset hierarchy each new level copies its
@@ -393,17 +339,7 @@ impl Cgroups {
         resources: Option<&Resources>,
     ) -> Result<InstanceCgroup, CreateError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let name: String = instance
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let name = format!("{name}-{seq}");
+        let name = instance_dir_name(instance, seq);
         let mut cg = InstanceCgroup {
             unified: None,
             unified_has_controllers: self.mode == Mode::V2,
@@ -451,13 +387,20 @@ impl Cgroups {
     }
 }
 
-impl Drop for Cgroups {
-    /// Removes the (then empty) scope directories; instance cgroups still in use keep
-    /// theirs, and the next driver of the scope removes them.
-    fn drop(&mut self) {
+impl Cgroups {
+    /// Removes the scope directory in every hierarchy, and the `bulkhead` directory above
+    /// it, where they are empty (instance cgroups still in use keep theirs, other
+    /// daemons' scopes keep `bulkhead`; the next driver of the scope removes the rest).
+    pub fn remove_scope(&self) {
         for base in self.unified.iter().chain(self.v1.iter().map(|(_, b)| b)) {
-            let _ = fs::remove_dir(base);
+            bulkhead_driver::cgroup::remove_scope(base);
         }
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        self.remove_scope();
     }
 }
 
@@ -543,47 +486,6 @@ fn move_into_leaf(dir: &Path) -> bool {
         dir.display()
     );
     false
-}
-
-/// Sends SIGKILL to every process of one cgroup directory (`cgroup.kill` where it exists,
-/// else each pid of `cgroup.procs`).
-fn kill_members(dir: &Path) {
-    if write_file(&dir.join("cgroup.kill"), "1").is_ok() {
-        return;
-    }
-    for pid in procs(dir) {
-        // SAFETY: kill(2) with a pid read from the cgroup; a pid reused meanwhile would be
-        // a process that joined no cgroup of ours, the inherent v1 race, accepted for
-        // stale cleanup and sweeps only (the main process is killed through its pidfd).
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-    }
-}
-
-/// The pids listed in `dir/cgroup.procs`.
-fn procs(dir: &Path) -> Vec<u32> {
-    fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
-/// rmdir, retrying while the kernel still counts dying members (EBUSY), up to ~2 s.
-fn remove_dir_retrying(dir: &Path) -> io::Result<()> {
-    let mut delay = Duration::from_micros(200);
-    for _ in 0..40 {
-        match fs::remove_dir(dir) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                kill_members(dir);
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_millis(100));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    fs::remove_dir(dir)
 }
 
 /// The cgroups of one instance.
@@ -849,42 +751,6 @@ pub fn mem_available() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_supervisor_leaf_is_not_a_level_of_its_own() {
-        let v2 = |p: &str| own_v2_path(&format!("0::{p}\n"));
-        assert_eq!(
-            v2("/system.slice/b.service").as_deref(),
-            Some("/system.slice/b.service")
-        );
-        assert_eq!(
-            v2("/system.slice/b.service/bulkhead-supervisor").as_deref(),
-            Some("/system.slice/b.service")
-        );
-        assert_eq!(v2("/bulkhead-supervisor").as_deref(), Some("/"));
-        assert_eq!(v2("/").as_deref(), Some("/"));
-    }
-
-    #[test]
-    fn own_paths_are_found_per_hierarchy() {
-        let text = "9:name=systemd:/\n4:memory:/process_api/x\n2:cpu,cpuacct:/a\n0::/u\n";
-        assert_eq!(own_path(text, "memory").as_deref(), Some("/process_api/x"));
-        assert_eq!(own_path(text, "cpuacct").as_deref(), Some("/a"));
-        assert_eq!(own_path(text, "").as_deref(), Some("/u"));
-        assert_eq!(own_path(text, "pids"), None);
-    }
-
-    #[test]
-    fn mountinfo_lines_are_parsed() {
-        let text = "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
-                    41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
-                    22 1 0:5 / /proc rw - proc proc rw\n";
-        let m = cgroup_mounts(text);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].0, PathBuf::from("/sys/fs/cgroup/memory"));
-        assert_eq!(m[0].2, "rw,memory");
-        assert_eq!(m[1].1, "cgroup2");
-    }
 
     #[test]
     fn keyed_files_are_read() {

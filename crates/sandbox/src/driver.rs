@@ -488,6 +488,12 @@ impl Driver for SandboxDriver {
         DriverKind::Sandbox
     }
 
+    /// A clean shutdown: no scope directory is left in any hierarchy (the driver itself
+    /// may never be dropped before the process exits).
+    fn shutdown(&self) {
+        self.cgroups.remove_scope();
+    }
+
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
         let other = |what: String| {
             SpawnError::Other(format!("cannot start instance {}: {what}", spec.instance))

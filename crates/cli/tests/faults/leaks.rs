@@ -79,6 +79,22 @@ fn launch_terminate_cycles_leak_nothing() {
         "processes left: {:?}",
         marked(&mark)
     );
+    // Each instance had a cgroup of its own (where the host allows it): none is left.
+    let h = d.json(&["health", "-o", "json"]);
+    if let Some(scope) = h["process_tracking"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("cgroup "))
+    {
+        let left: Vec<_> = std::fs::read_dir(scope)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "instance cgroups left: {left:?}");
+    }
     // Every key was new: finished instances are remembered only up to a bound, and so
     // are their logs (a forgotten instance's log goes with it).
     let listed = listed(&d).len();

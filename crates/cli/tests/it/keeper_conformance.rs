@@ -48,10 +48,19 @@ async fn keeper() -> Keeper {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
+    let driver = KeeperDriver::new(client);
+    // Each instance in a cgroup of its own, as `bulkhead serve` does (where it can).
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) =
+        bulkhead_driver::process::detect_tracking(&format!("it-keeper-{}-{n}", std::process::id()))
+    {
+        driver.set_tracker(t);
+    }
     Keeper {
         child,
         _dir: dir,
-        driver: KeeperDriver::new(client),
+        driver,
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod access;
 mod admission;
+mod cgroup_tracking;
 mod dataplane;
 mod docker;
 mod durability;

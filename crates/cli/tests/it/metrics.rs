@@ -277,6 +277,17 @@ fn metrics_health_and_ready_are_served_over_http() {
     assert_eq!(h["instances"]["by_state"]["terminated"], 0);
     assert_eq!(h["open_breakers"], serde_json::json!([]));
     assert_eq!(h["workloads"]["valid"], 2);
+    // How process instances are tracked: the same as `bulkhead health -o json` says.
+    assert_eq!(
+        h["process_tracking"],
+        d.json(&["health", "-o", "json"])["process_tracking"],
+        "{h}"
+    );
+    let tracking = h["process_tracking"].as_str().unwrap();
+    assert!(
+        tracking.starts_with("cgroup /") || tracking == "process group",
+        "{tracking}"
+    );
 
     let (status, _, body) = get(addr, "/ready");
     assert_eq!((status, body.as_str()), (200, "ready\n"));

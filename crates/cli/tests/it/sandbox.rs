@@ -409,7 +409,7 @@ fn each_tenant_runs_as_its_own_unprivileged_host_uid() {
 }
 
 /// A clean shutdown leaves no cgroup scope directory in any hierarchy: the driver's scope
-/// goes with it (the `bulkhead` folder above stays: other daemons may hang theirs there).
+/// goes with it (the `bulkhead` folder above too, when no other daemon hangs its own there).
 #[test]
 fn a_clean_shutdown_leaves_no_cgroup_scope_behind() {
     let m = "name: sc\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nresources: {memory: 64Mi, pids: 32}\n";

@@ -17,6 +17,7 @@ use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Reply, Request, MAX_MESSAGE};
+use crate::cgroup::{InstanceCgroup, Tracker};
 use crate::{Driver, SpawnError, SpawnSpec, Spawned};
 
 /// The status reported for instances of a keeper that died: they were killed by its
@@ -119,6 +120,7 @@ impl KeeperClient {
         argv: Vec<String>,
         env: Vec<(String, String)>,
         cwd: PathBuf,
+        cgroup: Option<PathBuf>,
     ) -> Result<(u32, u64, OwnedFd, OwnedFd, OwnedFd), SpawnError> {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
@@ -131,6 +133,7 @@ impl KeeperClient {
             argv,
             env,
             cwd,
+            cgroup,
         };
         let lost = |source: io::Error| SpawnError::Exec {
             program: program.clone(),
@@ -301,6 +304,9 @@ pub struct Record {
     pub spec: WorkloadSpec,
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
+    /// The instance's cgroup (absent: tracked by process group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// An instance found at the keeper by a (re)started daemon.
@@ -332,6 +338,9 @@ pub struct KeeperDriver {
     client: std::sync::Mutex<Arc<KeeperClient>>,
     restart: Option<Restart>,
     restarting: tokio::sync::Mutex<()>,
+    /// Each instance's cgroup is made here (see [`crate::cgroup`]); unset: process-group
+    /// tracking.
+    tracker: std::sync::OnceLock<Arc<Tracker>>,
 }
 
 impl KeeperDriver {
@@ -340,7 +349,19 @@ impl KeeperDriver {
             client: std::sync::Mutex::new(client),
             restart: None,
             restarting: tokio::sync::Mutex::new(()),
+            tracker: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tracks instances spawned from now on (and adopted ones whose record names one) by
+    /// cgroup, in `tracker`'s subtree. Set once, before the first spawn or adoption.
+    pub fn set_tracker(&self, tracker: Arc<Tracker>) {
+        let _ = self.tracker.set(tracker);
+    }
+
+    /// The cgroup subtree instances are tracked in, if any.
+    pub fn tracker(&self) -> Option<&Arc<Tracker>> {
+        self.tracker.get()
     }
 
     /// How to start a new keeper when the current one has died.
@@ -420,21 +441,22 @@ impl KeeperDriver {
         Ok(fresh)
     }
 
-    fn spawned(
+    /// The handle of a keeper-held instance: its exit comes from the keeper.
+    fn handle(
         &self,
         client: &Arc<KeeperClient>,
         instance: String,
         pid: u32,
         pidfd: OwnedFd,
-        stdout: Option<OwnedFd>,
-        stderr: Option<OwnedFd>,
-    ) -> Spawned {
+        cgroup: Option<InstanceCgroup>,
+    ) -> Arc<dyn crate::InstanceHandle> {
         let mut exit = client.exit_watch(pid);
         let ack = Arc::clone(client);
-        let handle = crate::process::foreign_handle(
+        crate::process::foreign_handle(
             instance,
             pid,
             pidfd,
+            cgroup,
             async move {
                 match exit.wait_for(Option::is_some).await {
                     Ok(s) => s.unwrap_or(KEEPER_DIED),
@@ -444,12 +466,7 @@ impl KeeperDriver {
             move || {
                 tokio::spawn(async move { ack.ack(pid).await });
             },
-        );
-        Spawned {
-            handle,
-            stdout,
-            stderr,
-        }
+        )
     }
 
     /// Every instance the keeper holds, ready to be put back under supervision.
@@ -457,6 +474,7 @@ impl KeeperDriver {
     /// killed, since nothing may run unseen.
     pub async fn adopt_all(&self) -> io::Result<Vec<Adoptable>> {
         let mut out = Vec::new();
+        let mut keep = Vec::new();
         let client = self.client();
         for (reply, fds) in client.list().await? {
             let Reply::Instance {
@@ -482,7 +500,15 @@ impl KeeperDriver {
                 let _ = crate::sys::pidfd_send_signal(&pidfd, bulkhead_core::signal::Signal::KILL);
                 continue;
             };
-            let spawned = self.spawned(&client, instance, pid, pidfd, out_fd, err_fd);
+            let cgroup = record.cgroup.clone().map(InstanceCgroup::at);
+            if let Some(cg) = &cgroup {
+                keep.push(cg.dir().to_owned());
+            }
+            let spawned = Spawned {
+                handle: self.handle(&client, instance, pid, pidfd, cgroup),
+                stdout: out_fd,
+                stderr: err_fd,
+            };
             out.push(Adoptable {
                 instance: id,
                 pid,
@@ -491,6 +517,17 @@ impl KeeperDriver {
                 exit,
                 spawned,
             });
+        }
+        // Instance cgroups of this scope that no adopted instance owns: left by a daemon
+        // that did not shut down cleanly (instances of a keeper that died, their
+        // double-forked descendants). Nothing may run unseen: killed and removed.
+        if let Some(t) = self.tracker().cloned() {
+            let n = tokio::task::spawn_blocking(move || t.remove_stale(&keep))
+                .await
+                .unwrap_or(0);
+            if n > 0 {
+                tracing::warn!("removed {n} stale instance cgroup(s) and killed their processes");
+            }
         }
         Ok(out)
     }
@@ -502,11 +539,48 @@ impl Driver for KeeperDriver {
         DriverKind::Process
     }
 
+    fn shutdown(&self) {
+        if let Some(t) = self.tracker() {
+            t.remove_scope();
+        }
+    }
+
+    fn tracks_every_descendant(&self) -> bool {
+        self.tracker().is_some()
+    }
+
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+        // The cgroup is made here and handed to the keeper by path; it is removed on any
+        // error, and by the handle's sweep once the instance is gone.
+        let cgroup = match self.tracker() {
+            Some(t) => Some(
+                t.create(spec.instance.as_str())
+                    .map_err(|e| SpawnError::Other(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let res = self.spawn_in(spec, cgroup.clone()).await;
+        if res.is_err() {
+            if let Some(cg) = cgroup {
+                let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+            }
+        }
+        res
+    }
+}
+
+impl KeeperDriver {
+    async fn spawn_in(
+        &self,
+        spec: SpawnSpec,
+        cgroup: Option<InstanceCgroup>,
+    ) -> Result<Spawned, SpawnError> {
+        let cgroup_dir = cgroup.as_ref().map(|c| c.dir().to_owned());
         let record = Record {
             spec: (*spec.spec).clone(),
             env: spec.env.clone(),
             cwd: spec.cwd.clone(),
+            cgroup: cgroup_dir.clone(),
         };
         let record = serde_json::to_string(&record)
             .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
@@ -518,6 +592,7 @@ impl Driver for KeeperDriver {
                 spec.argv.clone(),
                 spec.env.clone(),
                 spec.cwd.clone(),
+                cgroup_dir.clone(),
             )
             .await;
         if res.is_err() && client.is_closed() && self.restart.is_some() {
@@ -530,18 +605,16 @@ impl Driver for KeeperDriver {
                     spec.argv,
                     spec.env,
                     spec.cwd,
+                    cgroup_dir,
                 )
                 .await;
         }
         let (pid, _start, pidfd, out, err) = res?;
-        Ok(self.spawned(
-            &client,
-            spec.instance.to_string(),
-            pid,
-            pidfd,
-            Some(out),
-            Some(err),
-        ))
+        Ok(Spawned {
+            handle: self.handle(&client, spec.instance.to_string(), pid, pidfd, cgroup),
+            stdout: Some(out),
+            stderr: Some(err),
+        })
     }
 }
 

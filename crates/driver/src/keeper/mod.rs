@@ -6,7 +6,10 @@
 //! daemon's behalf and is their parent and child subreaper. It:
 //!
 //! - spawns each instance in its own process group with `PR_SET_PDEATHSIG(SIGKILL)`: if
-//!   the keeper dies, its instances die with it, so nothing ever runs unseen;
+//!   the keeper dies, its instances die with it, so nothing ever runs unseen; and, when
+//!   the daemon gives one, in the instance's cgroup (the child joins it before exec), so
+//!   that what an instance forks, `setsid` or not, is found and killed with it by the
+//!   daemon (a double-forked process has no parent-death signal of its own);
 //! - opens a pidfd for each instance before it can reap it, and hands the daemon the pidfd
 //!   and the read ends of the instance's stdout/stderr pipes (`SCM_RIGHTS`), keeping its own
 //!   copies so that the pipes stay open (and the instance keeps running) while no daemon is
@@ -53,6 +56,9 @@ pub enum Request {
         argv: Vec<String>,
         env: Vec<(String, String)>,
         cwd: PathBuf,
+        /// The instance's cgroup (made by the daemon): the child joins it before exec.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup: Option<PathBuf>,
     },
     /// The daemon has the exit status of `pid`: forget the instance.
     Ack { pid: u32 },

@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use bulkhead_core::event::ExitStatus;
 use rustix::event::{PollFd, PollFlags};
@@ -205,7 +203,8 @@ impl Keeper {
                 argv,
                 env,
                 cwd,
-            } => match spawn(&argv, &env, &cwd) {
+                cgroup,
+            } => match spawn(&argv, &env, &cwd, cgroup.as_deref()) {
                 Ok((pid, pidfd, stdout, stderr)) => {
                     let start_time = sys::read_stat(pid).map(|s| s.starttime).unwrap_or(0);
                     let reply = Reply::Spawned {
@@ -297,48 +296,32 @@ impl Keeper {
     }
 }
 
-/// Starts one instance: own process group, parent-death signal, pipes for its output.
-/// Returns the pid, a pidfd opened before the keeper can reap it, and the pipe read ends.
+/// Starts one instance: own process group, parent-death signal, pipes for its output, in
+/// `cgroup` when given. Returns the pid, a pidfd opened before the keeper can reap it, and
+/// the pipe read ends.
 fn spawn(
     argv: &[String],
     env: &[(String, String)],
     cwd: &Path,
+    cgroup: Option<&Path>,
 ) -> io::Result<(u32, OwnedFd, OwnedFd, OwnedFd)> {
-    let (program, args) = argv
-        .split_first()
+    let program = argv
+        .first()
         .ok_or_else(|| io::Error::other("empty command"))?;
     let program = crate::process::resolve_program(program, env, cwd)?;
+    let procs = cgroup
+        .map(|dir| {
+            let path = dir.join("cgroup.procs");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map(OwnedFd::from)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        })
+        .transpose()?;
     let keeper = rustix::process::getpid();
-    let mut cmd = Command::new(&program);
-    cmd.arg0(&argv[0])
-        .args(args)
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(cwd)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: the closure runs in the child between fork and exec. It only makes three
-    // system calls (close_range, prctl, getppid) and builds an io::Error from an errno: no
-    // allocation, no lock, nothing that is not async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Every descriptor above 2 (the keeper's sockets, its lock, the signalfd, the
-            // other instances' pidfds and pipes, anything inherited) is closed by the
-            // exec. Marked rather than closed: std's exec-status pipe must live until
-            // the exec itself.
-            sys::cloexec_from(3)?;
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
-            // RACE: the keeper may have died between fork and prctl; then the death
-            // signal will never come, so refuse to run unseen.
-            if rustix::process::getppid() != Some(keeper) {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
+    let mut child =
+        crate::process::fork_spawn(&program, argv, env, cwd, procs.as_ref(), Some(keeper))?;
     let pid = child.id();
     // The keeper reaps only in its SIGCHLD step of the same loop, after this returns: the
     // child's pid cannot be reused before the pidfd is open.
