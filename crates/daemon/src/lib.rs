@@ -378,7 +378,14 @@ impl Shared {
     /// instance table is written off the launch path and may lag the (durable) event log
     /// by a commit. The event log is the truth: the instance is reported `lost` with the
     /// workload's current spec, and its restart policy decides.
-    pub(crate) fn resume_unrecorded(self: &Arc<Self>, cat: &catalog::Catalog) {
+    ///
+    /// `ended`: instances the start-up already ended (a termination carried out): their
+    /// `terminated` event may not be visible yet (an event is visible once stored).
+    pub(crate) fn resume_unrecorded(
+        self: &Arc<Self>,
+        cat: &catalog::Catalog,
+        ended: &std::collections::HashSet<InstanceId>,
+    ) {
         use bulkhead_core::event::EventKind as K;
         let stops = self.stops_in_progress();
         let (history, _) = self.events.subscribe(0);
@@ -396,7 +403,7 @@ impl Shared {
                     | K::Unhealthy { .. }
                     | K::Terminating { .. }
             );
-            if !running || self.lock_registry().contains_key(id) {
+            if !running || ended.contains(id) || self.lock_registry().contains_key(id) {
                 continue;
             }
             if stops.contains_key(id) {

@@ -353,6 +353,7 @@ impl Daemon {
         };
         // Before any adoption adds its own event: the stops the last daemon had begun.
         let stops = shared.stops_in_progress();
+        let mut ended = std::collections::HashSet::new();
         if let Some(k) = &keeper {
             let adopted = k.adopt_all().await.map_err(|source| StartError::Keeper {
                 path: bulkhead_driver::keeper::server::socket_path(&cfg.state_dir),
@@ -436,6 +437,7 @@ impl Daemon {
                     id,
                     bulkhead_core::event::EventKind::Terminated { status: None },
                 );
+                ended.insert(id.clone());
                 if let Some(t) = &shared.instances {
                     t.remove(&row.id);
                 }
@@ -450,7 +452,7 @@ impl Daemon {
                 row.leases,
             );
         }
-        shared.resume_unrecorded(&cat);
+        shared.resume_unrecorded(&cat, &ended);
         // Every instance that outlived the last daemon is back: the channel spaces none
         // of them needs are its leftovers.
         crate::dataplane::sweep(&shared);
