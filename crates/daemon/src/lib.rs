@@ -647,6 +647,25 @@ impl Shared {
             .collect()
     }
 
+    /// Restarts since each instance's last launch, counted in the event log (durable
+    /// before anyone saw them): the instance table, written off the request path, can lag
+    /// it by a commit, and a restart count must never go back after a crash.
+    pub(crate) fn restarts_in_log(&self) -> HashMap<InstanceId, u32> {
+        use bulkhead_core::event::EventKind as K;
+        let (history, _) = self.events.subscribe(0);
+        let mut n: HashMap<InstanceId, u32> = HashMap::new();
+        for e in &history {
+            match e.kind {
+                K::Launched => {
+                    n.insert(e.instance.clone(), 0);
+                }
+                K::Restarting { .. } => *n.entry(e.instance.clone()).or_default() += 1,
+                _ => {}
+            }
+        }
+        n
+    }
+
     /// Stops again an adopted instance that was stopping when the last daemon ended: its
     /// signal again, and SIGKILL when what is left of the grace it was given (`grace`,
     /// since `since_ms`) runs out.
@@ -742,8 +761,8 @@ impl Shared {
         match tokio::time::timeout(LEASES_DURABLE_WAIT, t.set_leases(id.as_str(), leases)).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(format!(
-                "the release on {id} took effect but is not stored yet: the state directory {} \
-                 cannot be written now (it is written as soon as it can)",
+                "the lease change on {id} took effect but is not stored yet: the state \
+                 directory {} cannot be written now (it is written as soon as it can)",
                 self.cfg.state_dir.display()
             )),
         }

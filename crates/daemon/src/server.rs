@@ -342,8 +342,13 @@ impl Daemon {
         // supervision, so no key can get a second instance.
         let mut rows: std::collections::HashMap<String, crate::instances::InstanceRow> =
             rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+        // The event log's count where the table lags it.
+        let logged_restarts = shared.restarts_in_log();
         let restored_of = |r: &crate::instances::InstanceRow| bulkhead_core::instance::Restored {
-            restarts: r.restarts,
+            restarts: bulkhead_core::key::InstanceId::parse(&r.id)
+                .ok()
+                .and_then(|(id, _)| logged_restarts.get(&id).copied())
+                .map_or(r.restarts, |n| n.max(r.restarts)),
             consecutive_failures: r.consecutive_failures,
             breaker: match r.breaker.as_str() {
                 "open" => bulkhead_core::restart::BreakerState::Open,

@@ -329,11 +329,21 @@ impl bulkhead_api::Bulkhead for Service {
                 .then(|| Duration::from_millis(r.timeout_ms.min(7 * 24 * 3600 * 1000))),
             lease: opt(r.lease),
         };
+        let leased = args.lease.is_some();
         let (view, created) = self
             .sh
             .launch(args)
             .await
             .map_err(|e| launch_status(e, admin))?;
+        if leased && !view.state.is_terminal() {
+            // A lease taken is stored before it is acknowledged, like a release: a crash
+            // right after the answer must not lose it (and let an idle timeout end an
+            // instance its client holds).
+            self.sh
+                .record_leases(&view.id, view.leases.clone())
+                .await
+                .map_err(Status::unavailable)?;
+        }
         Ok(Response::new(v1::LaunchResponse {
             instance: Some(shown(instance_proto(&view), &vis)),
             created,
