@@ -10,6 +10,7 @@ mod durability;
 mod exec;
 mod fds;
 mod harness;
+mod interop;
 mod keeper_conformance;
 mod launch;
 mod lifecycle;

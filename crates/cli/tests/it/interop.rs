@@ -1,0 +1,91 @@
+//! Stock clients nobody here wrote, with their default options, over the Unix socket:
+//! Python grpcio (its stubs compiled from the API's proto by grpcio-tools). grpcio sends
+//! the socket path as `:authority`, which h2 used to reset (hyperium/h2#487): the patched
+//! h2 in `vendor/h2` serves it. Skipped, with the reason, where grpcio is not installed
+//! (`.ci/setup-interop.sh` installs it).
+
+use std::process::Command;
+
+use crate::harness::{stderr, Daemon};
+
+/// Compiles the API's proto into Python stubs in `dir`; `None` (with the reason printed)
+/// when grpcio-tools is not there.
+fn python_stubs(dir: &std::path::Path) -> Option<()> {
+    let Some(py) = crate::harness::python3() else {
+        eprintln!("skipped: no python3");
+        return None;
+    };
+    let have = Command::new(py)
+        .args(["-c", "import grpc, grpc_tools"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!(
+            "skipped: python3 has no grpcio/grpcio-tools (.ci/setup-interop.sh installs them)"
+        );
+        return None;
+    }
+    let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../api/proto");
+    let out = Command::new(py)
+        .args(["-m", "grpc_tools.protoc", "-I", proto])
+        .arg(format!("--python_out={}", dir.display()))
+        .arg(format!("--grpc_python_out={}", dir.display()))
+        .arg(format!("{proto}/bulkhead.proto"))
+        .output()
+        .expect("run grpc_tools.protoc");
+    assert!(out.status.success(), "protoc: {}", stderr(&out));
+    Some(())
+}
+
+#[test]
+fn python_grpcio_with_default_options_calls_the_unix_socket() {
+    let d = Daemon::start(&[(
+        "web",
+        "name: web\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n",
+    )]);
+    let stubs = tempfile::tempdir().unwrap();
+    if python_stubs(stubs.path()).is_none() {
+        return;
+    }
+    let client = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/client.py");
+    let out = Command::new(crate::harness::python3().unwrap())
+        .arg(client)
+        .arg(&d.socket)
+        .arg(stubs.path())
+        .args(["web", "py1"])
+        .output()
+        .expect("run the python client");
+    assert!(
+        out.status.success(),
+        "the python client failed: {}\n--- daemon log ---\n{}",
+        stderr(&out),
+        d.daemon_log()
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the client prints one JSON object");
+    assert_eq!(v["health"], "ok", "{v}");
+    assert_eq!(v["launch"]["id"], "session:py1:web", "{v}");
+    assert_eq!(v["launch"]["state"], "ready", "{v}");
+    assert_eq!(v["launch"]["created"], true, "{v}");
+    assert_eq!(v["get"], "ready", "{v}");
+    assert!(
+        v["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i == "session:py1:web"),
+        "{v}"
+    );
+    assert_eq!(v["terminate"], "terminated", "{v}");
+    let watch: Vec<&str> = v["watch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(watch.first(), Some(&"launched"), "{v}");
+    assert!(
+        watch.contains(&"ready") && watch.last() == Some(&"terminated"),
+        "{v}"
+    );
+}
