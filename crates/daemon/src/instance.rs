@@ -554,7 +554,8 @@ async fn run(
         slot.view.send_modify(|v| {
             v.state = state;
             v.started = handle.is_some();
-            v.pid = inst.pid();
+            // Between runs there is no process: not the dead one's pid.
+            v.pid = inst.pid().filter(|_| state != State::Restarting);
             v.port = port;
             v.ready = inst.ready();
             v.started_at_ms = started_at_ms;

@@ -188,3 +188,24 @@ fn a_second_sigterm_kills_everything_at_once() {
     assert_eq!(st.code(), Some(0));
     assert!(wait_gone(pid));
 }
+
+/// Between runs there is no process: a restarting instance shows no pid (it showed the
+/// dead one's, which a client could signal after the kernel reused it).
+#[test]
+fn a_restarting_instance_shows_no_pid() {
+    let d = Daemon::start(&[(
+        "flaky",
+        "name: flaky\ncommand: [/bin/sh, -c, 'exit 1']\nrestart: {policy: on-failure, max_failures: 100, backoff: {initial: 5s, max: 5s, jitter: 0}}\n",
+    )]);
+    d.json(&["launch", "flaky", "--wait", "started", "-o", "json"]);
+    let start = std::time::Instant::now();
+    let v = loop {
+        let v = d.json(&["get", "ns:default:flaky", "-o", "json"]);
+        if v["state"] == "restarting" {
+            break v;
+        }
+        assert!(start.elapsed() < DEADLINE, "never restarting: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(v["pid"].is_null(), "{v}");
+}
