@@ -319,6 +319,7 @@ async fn driver_once(
         spec: Arc::clone(workload),
         binds: vec![bulkhead_driver::Bind::same(path)],
         ids: None,
+        inherited: Vec::new(),
     };
     let spawned = d.spawn(spec).await?;
     let sock = tokio::net::UnixDatagram::from_std({

@@ -779,10 +779,21 @@ async fn spawn(
             spec: spec.clone(),
             binds,
             ids,
+            inherited: inherited_vars(slot),
         })
         .await
         .map_err(|e| e.to_string())?;
     Ok((spawned, notify))
+}
+
+/// The variables of an instance's environment that came from the daemon's (or its
+/// default `PATH`), not from the manifest.
+fn inherited_vars(slot: &Slot) -> Vec<String> {
+    PASS_THROUGH
+        .iter()
+        .filter(|k| !slot.spec.env.iter().any(|(m, _)| m == *k))
+        .map(|k| (*k).to_owned())
+        .collect()
 }
 
 /// Variables passed through from the daemon's own environment.

@@ -197,7 +197,15 @@ pub(crate) fn container_config(
         // The command replaces the image's entrypoint and command.
         entrypoint: Some(Vec::new()),
         cmd: Some(spec.argv.clone()),
-        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        // The daemon's own variables stay out: the image's `ENV` (its PATH, HOME, a
+        // venv's or a JDK's variables) applies unless the manifest sets them.
+        env: Some(
+            spec.env
+                .iter()
+                .filter(|(k, _)| !spec.inherited.contains(k))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        ),
         working_dir: workdir,
         user: container_user(&spec.env, dk.user.as_deref()),
         exposed_ports: published.map(|(k, _)| vec![k]),
@@ -293,10 +301,22 @@ impl Driver for DockerDriver {
                 )
                 .await;
         };
-        let path = spec.env.iter().find(|(k, _)| k == "PATH").map_or(
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            |(_, v)| v.as_str(),
-        );
+        // The container's PATH: the image's `ENV` merged with the manifest's by the engine.
+        let merged = client
+            .inspect_container(
+                &id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .ok()
+            .and_then(|c| c.config)
+            .and_then(|c| c.env)
+            .unwrap_or_default();
+        let path = merged
+            .iter()
+            .find_map(|kv| kv.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .to_owned();
         let attach_opts = AttachContainerOptions {
             stream: true,
             stdout: true,
@@ -305,7 +325,7 @@ impl Driver for DockerDriver {
             ..Default::default()
         };
         let (exists, attached) = tokio::join!(
-            program_exists(&client, &id, &spec.argv[0], path),
+            program_exists(&client, &id, &spec.argv[0], &path),
             client.attach_container(&id, Some(attach_opts))
         );
         if !exists {

@@ -140,6 +140,7 @@ impl Fixture {
                 Vec::new()
             },
             ids: None,
+            inherited: Vec::new(),
         }
     }
 }

@@ -54,6 +54,11 @@ pub struct SpawnSpec {
     /// user namespace by itself (the sandbox's `user_namespace: auto`) maps this range.
     /// `None`: the driver picks one.
     pub ids: Option<bulkhead_core::sandbox::UserNamespace>,
+    /// The variables of `env` the daemon passed on from its own environment (`PATH`,
+    /// `HOME`, `LANG`, ...) or defaulted, not set by the manifest. A driver whose
+    /// instances come with an environment of their own (a container image's `ENV`)
+    /// leaves them out, so that the image's apply.
+    pub inherited: Vec<String>,
 }
 
 /// A host path shown to an instance at `target`.

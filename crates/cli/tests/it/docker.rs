@@ -418,3 +418,59 @@ fn built_images_are_cached_listed_and_pruned() {
         "{msg}\n{events}"
     );
 }
+
+/// A container gets its image's environment, as with `docker run`: the image's `ENV`
+/// (`PATH`, `HOME`) finds a program the daemon's `PATH` would not, its `WORKDIR` is the
+/// working directory, and the daemon's own variables (`LANG` here) never reach it. The
+/// manifest's `env` still applies on top.
+#[test]
+fn a_container_keeps_its_images_env_and_workdir() {
+    require_docker!();
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("bulkhead-test/envimage:{}", std::process::id());
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!(
+            "FROM {IMAGE}\n\
+             RUN mkdir -p /opt/app/bin && printf '#!/bin/sh\\necho \"app PATH=$PATH HOME=$HOME PWD=$(pwd) LANG=${{LANG:-unset}} MODE=$MODE\"\\nexec sleep 1000\\n' > /opt/app/bin/myserver && chmod +x /opt/app/bin/myserver\n\
+             ENV PATH=/opt/app/bin:/bin HOME=/opt/app\n\
+             WORKDIR /opt/app\n"
+        ),
+    )
+    .unwrap();
+    let built = Command::new("docker")
+        .args(["build", "-q", "-t", &tag])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "docker build: {}", stderr(&built));
+    struct Rmi(String);
+    impl Drop for Rmi {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+        }
+    }
+    let _rmi = Rmi(tag.clone());
+    let m = format!(
+        "name: app\ndriver: docker\ncommand: [myserver]\nenv: {{MODE: prod}}\ndocker: {{image: {tag:?}}}\n"
+    );
+    let d = Daemon::start_configured(&[("app", &m)], &[], |c| {
+        c.env("LANG", "xx_DAEMON.UTF-8");
+    });
+    let v = d.json(&["launch", "app", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let start = Instant::now();
+    let line = loop {
+        let logs = String::from_utf8_lossy(&d.cli(&["logs", &id]).stdout).into_owned();
+        if let Some(l) = logs.lines().find(|l| l.starts_with("app ")) {
+            break l.to_owned();
+        }
+        assert!(start.elapsed() < DEADLINE, "no output: {logs}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        line, "app PATH=/opt/app/bin:/bin HOME=/opt/app PWD=/opt/app LANG=unset MODE=prod",
+        "the image's ENV and WORKDIR, the manifest's env, none of the daemon's"
+    );
+}
