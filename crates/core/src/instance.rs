@@ -675,6 +675,13 @@ impl Instance {
             fx.push(Effect::ScheduleRestart { delay });
         } else {
             self.state = match self.last_exit {
+                // Killed by the OOM killer after it was ready: a crash (a signal it did not
+                // get from a termination), not a failed launch; the reason says OOM.
+                Some(ExitStatus::Signaled { .. })
+                    if self.oom.is_some() && self.ready_at_ms.is_some() =>
+                {
+                    State::Crashed
+                }
                 _ if self.failure.is_some() => State::Failed,
                 Some(ExitStatus::Signaled { .. }) => State::Crashed,
                 Some(ExitStatus::Exited { .. }) => State::Exited,
@@ -1223,6 +1230,35 @@ mod tests {
         assert!(!fx
             .iter()
             .any(|e| matches!(e, Effect::Emit(EventKind::Crashed { .. }))));
+    }
+
+    /// An OOM kill after ready ends the instance `crashed` (with the OOM reason), not
+    /// `failed`, which is for launches that did not give a running instance.
+    #[test]
+    fn an_oom_kill_after_ready_ends_crashed_with_the_reason() {
+        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::Never));
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        i.handle(Input::ReadinessPassed, 1);
+        assert_eq!(i.state(), State::Ready);
+        i.handle(
+            Input::OomKilled {
+                limit_bytes: Some(64 << 20),
+            },
+            2,
+        );
+        i.handle(
+            Input::Exited(ExitStatus::Signaled {
+                signal: 9,
+                core_dumped: false,
+            }),
+            3,
+        );
+        assert_eq!(i.state(), State::Crashed);
+        assert!(
+            i.failure().is_some_and(|f| f.contains("OOM killer")),
+            "{:?}",
+            i.failure()
+        );
     }
 
     fn launch_failed_reason(fx: &[Effect]) -> Option<String> {
