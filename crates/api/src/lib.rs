@@ -17,6 +17,10 @@ pub mod v1 {
     tonic::include_proto!("bulkhead.v1");
 }
 
+/// The API's encoded `FileDescriptorSet`, which the daemon's server reflection serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/bulkhead_descriptor.bin"));
+
 pub use v1::bulkhead_client::BulkheadClient;
 pub use v1::bulkhead_server::{Bulkhead, BulkheadServer};
 

@@ -1363,7 +1363,12 @@ pub struct TcpServer {
 
 impl TcpServer {
     /// Serves `setup` until [`TcpServer::stop`].
-    pub fn start(setup: TcpSetup, sh: Arc<crate::Shared>, audit: AuditLog) -> TcpServer {
+    pub(crate) fn start(
+        setup: TcpSetup,
+        sh: Arc<crate::Shared>,
+        audit: AuditLog,
+        standard: &crate::standard::Standard,
+    ) -> TcpServer {
         let TcpSetup {
             listener,
             server,
@@ -1375,10 +1380,18 @@ impl TcpServer {
         let n = tokens.len();
         let (stop, stopped) = oneshot::channel::<()>();
         let svc = crate::service::Service { sh };
+        let (health, reflection, reflection_alpha) = (
+            standard.health(),
+            standard.reflection_v1(),
+            standard.reflection_v1alpha(),
+        );
         let task = tokio::spawn(async move {
             let res = server
                 .layer(AuthLayer::tcp(tokens, audit))
                 .add_service(bulkhead_api::BulkheadServer::new(svc))
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(reflection_alpha)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     async {

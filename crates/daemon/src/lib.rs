@@ -38,6 +38,7 @@ pub mod ports;
 pub mod readiness;
 mod server;
 mod service;
+mod standard;
 pub mod store;
 
 pub use instance::{Slot, View};

@@ -481,11 +481,21 @@ impl Daemon {
         let incoming = tokio_stream::StreamExt::map(UnixListenerStream::new(listener), move |s| {
             s.map(|s| crate::peer::Checked::new(s, &roots))
         });
-        let tcp = tcp.map(|t| crate::auth::TcpServer::start(t, shared.clone(), audit));
+        // grpc.health.v1 and server reflection beside the API, on both listeners.
+        let standard = crate::standard::Standard::start(&shared);
+        let tcp = tcp.map(|t| crate::auth::TcpServer::start(t, shared.clone(), audit, &standard));
+        let (health, reflection, reflection_alpha) = (
+            standard.health(),
+            standard.reflection_v1(),
+            standard.reflection_v1alpha(),
+        );
         let server = tokio::spawn(async move {
             let res = tonic::transport::Server::builder()
                 .layer(crate::auth::AuthLayer::unix(unix_audit))
                 .add_service(BulkheadServer::new(svc))
+                .add_service(health)
+                .add_service(reflection)
+                .add_service(reflection_alpha)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;
                 })

@@ -89,3 +89,51 @@ fn python_grpcio_with_default_options_calls_the_unix_socket() {
         "{v}"
     );
 }
+
+/// `grpc.health.v1.Health` and server reflection answer stock clients on the socket:
+/// SERVING overall and for bulkhead's API, NOT_FOUND for an unknown service; reflection
+/// lists the API and returns the file that defines it (what `grpcurl` needs without
+/// the proto file).
+#[test]
+fn grpc_health_and_reflection_answer_stock_clients() {
+    let d = Daemon::start(&[(
+        "web",
+        "name: web\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+    )]);
+    let Some(py) = crate::harness::python3() else {
+        return;
+    };
+    let have = Command::new(py)
+        .args(["-c", "import grpc_health.v1, grpc_reflection.v1alpha"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!("skipped: no grpcio-health-checking/grpcio-reflection (.ci/setup-interop.sh)");
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/standard.py");
+    let run = || {
+        let out = Command::new(py)
+            .arg(script)
+            .arg(&d.socket)
+            .output()
+            .expect("run the python client");
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let v = run();
+    assert_eq!(v["overall"], "SERVING", "{v}");
+    assert_eq!(v["bulkhead.v1.Bulkhead"], "SERVING", "{v}");
+    assert_eq!(v["unknown"], "NOT_FOUND", "{v}");
+    let services: Vec<&str> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(
+        services.contains(&"bulkhead.v1.Bulkhead") && services.contains(&"grpc.health.v1.Health"),
+        "{v}"
+    );
+    assert_eq!(v["file_found"], true, "{v}");
+}
