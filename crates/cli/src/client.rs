@@ -258,6 +258,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
     match a.output {
         Format::Json => print_json(&serde_json::json!({
             "status": h.status,
+            "reason": if h.reason.is_empty() { None } else { Some(&h.reason) },
             "version": h.version,
             "pid": h.pid,
             "uptime_ms": h.uptime_ms,
@@ -284,7 +285,11 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             println!(
                 "{} (bulkhead {}, pid {}, up {:.1}s)\ninstances live: {}\nworkloads: {} valid, {} invalid ({})\ndrivers: {}\nstate: {}\nlast event: {}",
                 // Degraded names the state directory: a path, printed escaped.
-                escape(&h.status),
+                if h.reason.is_empty() {
+                    escape(&h.status).into_owned()
+                } else {
+                    format!("{}: {}", escape(&h.status), escape(&h.reason))
+                },
                 h.version,
                 h.pid,
                 h.uptime_ms as f64 / 1000.0,

@@ -407,16 +407,24 @@ impl bulkhead_api::Bulkhead for Service {
         self.authorize(&req, Scope::daemon())?;
         let cat = self.sh.catalog();
         let valid = cat.entries.values().filter(|e| e.spec.is_ok()).count();
-        // The truth while the keeper is down: process launches wait for a new one.
-        let keeper_down = self.sh.keeper.as_ref().is_some_and(|k| !k.is_up());
-        // And while the state directory cannot be written: what needs an event is refused.
-        let fault = self.sh.events.fault();
+        // The truth while the keeper is down (process launches wait for a new one), while
+        // the state directory cannot be written (what needs an event is refused), and in
+        // a shutdown: one schema with HTTP's /health and /ready.
+        let reason = crate::standard::not_ready(&self.sh);
+        let status = if self
+            .sh
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            "shutting_down"
+        } else if reason.is_some() {
+            "degraded"
+        } else {
+            "serving"
+        };
         Ok(Response::new(v1::HealthResponse {
-            status: match (keeper_down, fault) {
-                (true, _) => "degraded: the keeper is down (a new one is starting)".into(),
-                (false, Some(f)) => format!("degraded: {f}"),
-                (false, None) => "ok".into(),
-            },
+            status: status.into(),
+            reason: reason.unwrap_or_default(),
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
             uptime_ms: self.sh.uptime().as_millis() as u64,

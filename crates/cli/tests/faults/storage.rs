@@ -91,14 +91,16 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
-/// Waits until `health` says degraded (the flapper's events hit the full disk).
+/// Waits until `health` says degraded (the flapper's events hit the full disk); returns
+/// the reason it gives.
 fn wait_degraded(d: &Daemon) -> String {
-    let mut status = String::new();
+    let mut reason = String::new();
     wait_until("health degraded on a full state directory", || {
-        status = health(d)["status"].as_str().unwrap_or_default().to_owned();
-        status.starts_with("degraded: ")
+        let h = health(d);
+        reason = h["reason"].as_str().unwrap_or_default().to_owned();
+        h["status"] == "degraded"
     });
-    status
+    reason
 }
 
 /// A refusal names the state directory and the cause. Audited requests write their audit
@@ -218,7 +220,7 @@ fn a_full_state_directory_is_loud_loses_nothing_and_recovers_by_itself() {
     let freed_ms = now_ms();
     std::fs::remove_file(&filler).unwrap();
     wait_until("health ok again after space returned", || {
-        health(&d)["status"] == "ok"
+        health(&d)["status"] == "serving"
     });
     assert_eq!(get(metrics, "/ready").0, 200);
     d.json(&["launch", "sleeper", "--namespace", "after", "-o", "json"]);
@@ -247,7 +249,7 @@ fn a_full_state_directory_is_loud_loses_nothing_and_recovers_by_itself() {
     d.kill9();
     std::fs::remove_file(&filler).unwrap();
     d.spawn();
-    assert_eq!(health(&d)["status"], "ok");
+    assert_eq!(health(&d)["status"], "serving");
     let restarted = d.events();
     assert!(restarted.len() >= seen.len(), "{restarted:#?}");
     assert_eq!(

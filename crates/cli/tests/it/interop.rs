@@ -63,7 +63,7 @@ fn python_grpcio_with_default_options_calls_the_unix_socket() {
     );
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("the client prints one JSON object");
-    assert_eq!(v["health"], "ok", "{v}");
+    assert_eq!(v["health"], "serving", "{v}");
     assert_eq!(v["launch"]["id"], "session:py1:web", "{v}");
     assert_eq!(v["launch"]["state"], "ready", "{v}");
     assert_eq!(v["launch"]["created"], true, "{v}");

@@ -372,7 +372,7 @@ fn health_and_ready_tell_the_truth_while_the_keeper_is_down() {
         assert!(std::time::Instant::now() < deadline, "never ready again");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(d.json(&["health", "-o", "json"])["status"], "ok");
+    assert_eq!(d.json(&["health", "-o", "json"])["status"], "serving");
     let v = d.json(&["launch", "web", "-o", "json"]);
     assert_eq!(v["state"], "ready", "{v}");
 }

@@ -139,7 +139,7 @@ fn a_dead_keeper_is_replaced_at_once() {
         d.keeper_pid().is_some_and(|p| p != keeper)
     });
     wait_until("health ok again", || {
-        d.json(&["health", "-o", "json"])["status"] == "ok"
+        d.json(&["health", "-o", "json"])["status"] == "serving"
     });
     let v = d.json(&["launch", "other", "-o", "json"]);
     assert_eq!(v["state"], "ready", "{v}");
@@ -486,7 +486,7 @@ fn a_keeper_killed_during_launches_leaves_no_instance_unaccounted_for() {
     }
     wait_until("a new keeper and health ok", || {
         d.keeper_pid().is_some_and(|p| p != keeper)
-            && d.json(&["health", "-o", "json"])["status"] == "ok"
+            && d.json(&["health", "-o", "json"])["status"] == "serving"
     });
     let fresh = d.keeper_pid().unwrap();
     wait_until("every instance settled", || {

@@ -85,7 +85,7 @@ fn bad_manifests_and_hostile_names_get_clear_errors_and_the_daemon_stays_up() {
     }
     // Nothing was created outside the state dir and the daemon still serves.
     assert!(!d.state.join("../etc").exists());
-    assert_eq!(d.json(&["health", "-o", "json"])["status"], "ok");
+    assert_eq!(d.json(&["health", "-o", "json"])["status"], "serving");
     assert_eq!(d.json(&["launch", "good", "-o", "json"])["state"], "ready");
 }
 
