@@ -240,6 +240,10 @@ pub struct ServeArgs {
     /// there is refused (exit 9, RESOURCE_EXHAUSTED). Default: no limit.
     #[arg(long, value_name = "N")]
     pub max_instances_per_namespace: Option<usize>,
+    /// How many finished instances stay listed (get, list, logs), with their log files,
+    /// before the oldest are forgotten. A key launched again replaces its finished one.
+    #[arg(long, value_name = "N", default_value_t = bulkhead_daemon::FINISHED_KEPT)]
+    pub finished_kept: usize,
     /// The TCP ports handed to instances as $PORT: LOW-HIGH (or one port). A launch fails
     /// only when every port of the range is held by a live instance or in use.
     #[arg(long, value_name = "LOW-HIGH", default_value_t = bulkhead_core::port::DEFAULT_RANGE)]

@@ -46,6 +46,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     cfg.metrics_insecure = a.metrics_insecure;
     cfg.max_instances_per_namespace = a.max_instances_per_namespace;
+    cfg.finished_kept = a.finished_kept;
     cfg.port_range = a.port_range;
     cfg.tcp = tcp;
     cfg.min_available_memory = a.min_available_memory;

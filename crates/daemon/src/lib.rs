@@ -339,17 +339,18 @@ impl Shared {
     }
 
     /// Records that `slot` reached a final state, and forgets the oldest finished
-    /// instances beyond [`FINISHED_KEPT`], with their logs. An entry is removed only if the registry still
+    /// instances beyond `Config::finished_kept` ([`FINISHED_KEPT`] by default), with their logs. An entry is removed only if the registry still
     /// holds that very slot in a final state: a key launched again since has a new slot.
     pub(crate) fn retire(&self, slot: &Arc<Slot>) {
         let mut fin = self.finished.lock().unwrap_or_else(|e| e.into_inner());
         fin.push_back((slot.id.clone(), Arc::downgrade(slot)));
-        if fin.len() <= FINISHED_KEPT {
+        let kept = self.cfg.finished_kept;
+        if fin.len() <= kept {
             return;
         }
         // Lock order: `finished`, then `registry` (nowhere is it taken the other way).
         let mut reg = self.lock_registry();
-        while fin.len() > FINISHED_KEPT {
+        while fin.len() > kept {
             let Some((id, weak)) = fin.pop_front() else {
                 break;
             };

@@ -65,6 +65,9 @@ pub struct Config {
     /// At most this many live instances in one namespace (keys `ns:<namespace>:…`);
     /// `None`: no limit.
     pub max_instances_per_namespace: Option<usize>,
+    /// How many finished instances stay listed (`get`, `list`, `logs`), with their logs,
+    /// before the oldest are forgotten (default [`crate::FINISHED_KEPT`]).
+    pub finished_kept: usize,
     /// The ports handed to instances as `$PORT` (see `ports`).
     pub port_range: bulkhead_core::port::PortRange,
     /// A token file (the `--tokens` format): when set, `/metrics`, `/health` and `/ready`
@@ -112,6 +115,7 @@ impl Config {
             min_available_memory: bulkhead_sandbox::driver::DEFAULT_MIN_AVAILABLE_MEMORY,
             max_instances: None,
             max_instances_per_namespace: None,
+            finished_kept: crate::FINISHED_KEPT,
             port_range: bulkhead_core::port::DEFAULT_RANGE,
             metrics_tokens: None,
             metrics_insecure: false,

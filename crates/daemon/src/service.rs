@@ -614,8 +614,12 @@ impl bulkhead_api::Bulkhead for Service {
 
     async fn end_namespace(
         &self,
-        req: Request<v1::EndScopeRequest>,
+        mut req: Request<v1::EndScopeRequest>,
     ) -> Result<Response<v1::EndScopeResponse>, Status> {
+        // An empty name is the default namespace, as in Launch.
+        if req.get_ref().name.is_empty() {
+            req.get_mut().name = bulkhead_core::key::DEFAULT_NAMESPACE.to_owned();
+        }
         let r = req.get_ref();
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Namespace, &r.name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

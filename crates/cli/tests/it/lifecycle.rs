@@ -209,3 +209,64 @@ fn a_restarting_instance_shows_no_pid() {
     };
     assert!(v["pid"].is_null(), "{v}");
 }
+
+/// `--finished-kept N`: at most N finished instances stay listed (with their logs), the
+/// oldest go first; the default is 1,024.
+#[test]
+fn finished_instances_are_kept_up_to_the_configured_number() {
+    let d = Daemon::start_with_args(
+        &[(
+            "quick",
+            "name: quick\ncommand: [/bin/sh, -c, 'echo done']\nisolation: session\nrestart: {policy: never}\n",
+        )],
+        &["--finished-kept", "2"],
+    );
+    for i in 0..5 {
+        d.cli(&[
+            "launch",
+            "quick",
+            "--session",
+            &format!("f{i}"),
+            "--wait",
+            "started",
+        ]);
+        let id = format!("session:f{i}:quick");
+        let start = Instant::now();
+        while d.json(&["get", &id, "-o", "json"])["state"] != "exited" {
+            assert!(start.elapsed() < DEADLINE, "{id} never exited");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let listed: Vec<String> = d
+        .json(&["list", "-o", "json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        listed,
+        vec!["session:f3:quick", "session:f4:quick"],
+        "the newest two"
+    );
+    let logs = std::fs::read_dir(d.state.join("logs")).unwrap().count();
+    assert_eq!(logs, 2, "their logs only");
+}
+
+/// `end-namespace` with an empty name ends the default namespace, as a launch without one
+/// uses it.
+#[test]
+fn end_namespace_of_an_empty_name_is_the_default_namespace() {
+    let d = Daemon::start(&[(
+        "svc",
+        "name: svc\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+    )]);
+    let v = d.json(&["launch", "svc", "-o", "json"]);
+    assert_eq!(v["id"], "ns:default:svc");
+    let out = d.cli(&["end-namespace", ""]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        d.json(&["get", "ns:default:svc", "-o", "json"])["state"],
+        "terminated"
+    );
+}
