@@ -71,6 +71,10 @@ pub struct DockerSpec {
     /// The working directory inside the container (default: the image's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
+    /// Replaces the image's `ENTRYPOINT` (`[]` clears it). Absent: the image's is kept
+    /// and the manifest's `command` is its arguments, as with `docker run IMAGE ARGS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
     /// Runs a minimal init (`docker-init`) as PID 1, which forwards signals and reaps
     /// orphans; on by default so that the command's signals and exit status mean what they
     /// mean outside a container.

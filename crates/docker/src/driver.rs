@@ -194,8 +194,9 @@ pub(crate) fn container_config(
     };
     Ok(ContainerCreateBody {
         image: Some(image.to_owned()),
-        // The command replaces the image's entrypoint and command.
-        entrypoint: Some(Vec::new()),
+        // The command replaces the image's command; its entrypoint stays unless the
+        // manifest sets `docker.entrypoint` (as `docker run IMAGE ARGS` does).
+        entrypoint: dk.entrypoint.clone(),
         cmd: Some(spec.argv.clone()),
         // The daemon's own variables stay out: the image's `ENV` (its PATH, HOME, a
         // venv's or a JDK's variables) applies unless the manifest sets them.
@@ -301,17 +302,23 @@ impl Driver for DockerDriver {
                 )
                 .await;
         };
-        // The container's PATH: the image's `ENV` merged with the manifest's by the engine.
-        let merged = client
+        // The container's PATH (the image's `ENV` merged with the manifest's by the
+        // engine) and what it runs first: its entrypoint, if it has one (the command is
+        // then only its arguments), else the command.
+        let config = client
             .inspect_container(
                 &id,
                 None::<bollard::query_parameters::InspectContainerOptions>,
             )
             .await
             .ok()
-            .and_then(|c| c.config)
-            .and_then(|c| c.env)
-            .unwrap_or_default();
+            .and_then(|c| c.config);
+        let program = config
+            .as_ref()
+            .and_then(|c| c.entrypoint.as_ref())
+            .and_then(|e| e.first().cloned())
+            .unwrap_or_else(|| spec.argv[0].clone());
+        let merged = config.and_then(|c| c.env).unwrap_or_default();
         let path = merged
             .iter()
             .find_map(|kv| kv.strip_prefix("PATH="))
@@ -325,13 +332,13 @@ impl Driver for DockerDriver {
             ..Default::default()
         };
         let (exists, attached) = tokio::join!(
-            program_exists(&client, &id, &spec.argv[0], &path),
+            program_exists(&client, &id, &program, &path),
             client.attach_container(&id, Some(attach_opts))
         );
         if !exists {
             cleanup(client, id.clone()).await;
             return Err(SpawnError::Exec {
-                program: spec.argv[0].clone(),
+                program,
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     format!("not found in image {image}"),

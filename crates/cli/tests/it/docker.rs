@@ -474,3 +474,66 @@ fn a_container_keeps_its_images_env_and_workdir() {
         "the image's ENV and WORKDIR, the manifest's env, none of the daemon's"
     );
 }
+
+/// The image's `ENTRYPOINT` and `USER` are kept, as with `docker run IMAGE ARGS`: the
+/// manifest's `command` is the entrypoint's arguments; `docker.entrypoint: []` clears it.
+#[test]
+fn a_container_keeps_its_images_entrypoint_and_user_unless_the_manifest_sets_them() {
+    require_docker!();
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("bulkhead-test/entryimage:{}", std::process::id());
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!(
+            "FROM {IMAGE}\n\
+             RUN printf '#!/bin/sh\\necho \"entry uid=$(id -u) args=$*\"\\nexec \"$@\"\\n' > /entry.sh && chmod 755 /entry.sh\n\
+             USER 4321\n\
+             ENTRYPOINT [\"/entry.sh\"]\n"
+        ),
+    )
+    .unwrap();
+    let built = Command::new("docker")
+        .args(["build", "-q", "-t", &tag])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "docker build: {}", stderr(&built));
+    struct Rmi(String);
+    impl Drop for Rmi {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+        }
+    }
+    let _rmi = Rmi(tag.clone());
+    let kept = format!(
+        "name: kept\ndriver: docker\ncommand: [/bin/sh, -c, 'echo cmd uid=$(id -u); exec sleep 1000']\ndocker: {{image: {tag:?}}}\n"
+    );
+    let cleared = format!(
+        "name: cleared\ndriver: docker\ncommand: [/bin/sh, -c, 'echo cmd uid=$(id -u); exec sleep 1000']\ndocker: {{image: {tag:?}, entrypoint: [], user: '0'}}\n"
+    );
+    let d = Daemon::start(&[("kept", &kept), ("cleared", &cleared)]);
+    let logs_of = |w: &str| {
+        let v = d.json(&["launch", w, "-o", "json"]);
+        assert_eq!(v["state"], "ready", "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        let start = Instant::now();
+        loop {
+            let logs = String::from_utf8_lossy(&d.cli(&["logs", &id]).stdout).into_owned();
+            if logs.contains("cmd ") {
+                return logs;
+            }
+            assert!(start.elapsed() < DEADLINE, "no output: {logs}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let logs = logs_of("kept");
+    assert!(
+        logs.contains("entry uid=4321 args=/bin/sh -c") && logs.contains("cmd uid=4321"),
+        "the image's entrypoint ran the command as the image's user: {logs}"
+    );
+    let logs = logs_of("cleared");
+    assert!(
+        !logs.contains("entry ") && logs.contains("cmd uid=0"),
+        "no entrypoint, the manifest's user: {logs}"
+    );
+}
