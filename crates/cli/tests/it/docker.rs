@@ -537,3 +537,48 @@ fn a_container_keeps_its_images_entrypoint_and_user_unless_the_manifest_sets_the
         "no entrypoint, the manifest's user: {logs}"
     );
 }
+
+/// The escape suite against the docker wall, from inside a default container
+/// (`bulkhead exec`): `/proc/sys` is read-only, a new user namespace is refused (the
+/// engine's seccomp profile), `/proc/kcore` is masked, the engine's socket is not there.
+/// Control: the engine's socket bound in on purpose (`docker.mounts`) is reachable.
+#[test]
+fn escape_attempts_fail_in_a_default_container() {
+    require_docker!();
+    let run = "sleep 1000";
+    let closed = format!(
+        "name: closed\ndriver: docker\ncommand: [/bin/sh, -c, {run:?}]\ndocker: {{image: {IMAGE}}}\n"
+    );
+    let opened = format!(
+        "name: opened\ndriver: docker\ncommand: [/bin/sh, -c, {run:?}]\ndocker:\n  image: {IMAGE}\n  mounts: [{{source: /var/run/docker.sock, target: /run/docker.sock}}]\n"
+    );
+    let d = Daemon::start(&[("closed", &closed), ("opened", &opened)]);
+    let attack = "echo 11 > /proc/sys/kernel/printk_ratelimit_burst && echo SYSCTL_WRITTEN; \
+                  unshare -U true && echo USERNS_MADE; \
+                  head -c1 /proc/kcore >/dev/null 2>&1 && echo KCORE_READ; \
+                  test -S /run/docker.sock && echo SOCKET_THERE; true";
+    let inside = |w: &str| {
+        let v = d.json(&["launch", w, "-o", "json"]);
+        assert_eq!(v["state"], "ready", "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        let o = d.cli(&["exec", &id, "--", "sh", "-c", attack]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let out = inside("closed");
+    for done in [
+        "SYSCTL_WRITTEN",
+        "USERNS_MADE",
+        "KCORE_READ",
+        "SOCKET_THERE",
+    ] {
+        assert!(!out.contains(done), "{done} in a default container: {out}");
+    }
+    assert!(out.contains("Read-only file system"), "{out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    let out = inside("opened");
+    assert!(out.contains("SOCKET_THERE"), "the control: {out}");
+}
