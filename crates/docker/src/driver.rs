@@ -54,6 +54,9 @@ use crate::images::{ImageCache, Pin};
 
 /// How long removing a dead container may take before the handle reports the exit anyway.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a SIGKILLed container under a memory limit waits for the engine to say it
+/// was the OOM killer, before its exit is reported as a plain SIGKILL.
+const OOM_LATE: Duration = Duration::from_secs(1);
 
 /// The `docker` driver.
 pub struct DockerDriver {
@@ -714,7 +717,12 @@ impl EventSink for Container {
                     // reconnect). A SIGKILLed container under a memory limit is therefore
                     // asked directly, before it is removed and its exit is reported, so
                     // `exit_cause` sees the OOM kill whatever the order.
-                    if limited && exit_code == 137 && !oom.load(Ordering::SeqCst) {
+                    // Under load the engine learns of the OOM kill late (its `oom` event and
+                    // `State.OOMKilled` both come from containerd's event): asked again for
+                    // up to OOM_LATE before the exit is reported without it. Only a
+                    // SIGKILLed container under a memory limit ever waits.
+                    let deadline = tokio::time::Instant::now() + OOM_LATE;
+                    while limited && exit_code == 137 && !oom.load(Ordering::SeqCst) {
                         if let Ok(Ok(info)) = tokio::time::timeout(
                             REMOVE_TIMEOUT,
                             client.inspect_container(&id, None::<InspectContainerOptions>),
@@ -725,6 +733,10 @@ impl EventSink for Container {
                                 oom.store(true, Ordering::SeqCst);
                             }
                         }
+                        if tokio::time::Instant::now() >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     let opts = RemoveContainerOptions {
                         force: true,
