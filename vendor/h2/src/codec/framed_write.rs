@@ -291,11 +291,9 @@ where
             }
 
             Frame::Priority(_) => {
-                /*
-                v.encode(self.buf.get_mut());
-                tracing::trace!("encoded priority; rem={:?}", self.buf.remaining());
-                */
-                unimplemented!();
+                // h2 never queues a PRIORITY frame for sending (its API has no way to), so
+                // this arm cannot be reached; upstream marks it unimplemented.
+                unreachable!("h2 never sends PRIORITY frames");
             }
             Frame::Reset(v) => {
                 v.encode(self.buf.get_mut());
