@@ -119,20 +119,16 @@ impl Ports {
 /// Whether a TCP socket can bind `127.0.0.1:port` without `SO_REUSEADDR` now; an error
 /// when no socket can be made to find out (a failed bind is an answer: not free).
 fn bindable(port: u16) -> std::io::Result<bool> {
-    use rustix::net::{bind, socket_with, AddressFamily, SocketFlags, SocketType};
-    let fd = socket_with(
-        AddressFamily::INET,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    let addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
-    // Closed on drop: a socket that never listened or connected leaves no TIME_WAIT.
-    Ok(bind(&fd, &addr).is_ok())
+    try_bind(port, false)
 }
 
-/// Whether a server could bind `127.0.0.1:port` now (`SO_REUSEADDR` set).
+/// Whether a server could bind `127.0.0.1:port` now (`SO_REUSEADDR` set, as servers do:
+/// connections in TIME_WAIT do not count).
 fn rebindable(port: u16) -> std::io::Result<bool> {
+    try_bind(port, true)
+}
+
+fn try_bind(port: u16, reuse_addr: bool) -> std::io::Result<bool> {
     use rustix::net::{bind, socket_with, sockopt, AddressFamily, SocketFlags, SocketType};
     let fd = socket_with(
         AddressFamily::INET,
@@ -140,8 +136,11 @@ fn rebindable(port: u16) -> std::io::Result<bool> {
         SocketFlags::CLOEXEC,
         None,
     )?;
-    sockopt::set_socket_reuseaddr(&fd, true)?;
+    if reuse_addr {
+        sockopt::set_socket_reuseaddr(&fd, true)?;
+    }
     let addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+    // Closed on drop: a socket that never listened or connected leaves no TIME_WAIT.
     Ok(bind(&fd, &addr).is_ok())
 }
 

@@ -419,6 +419,30 @@ fn built_images_are_cached_listed_and_pruned() {
     );
 }
 
+/// An image built from `dockerfile` for one test, removed when dropped.
+struct TestImage(String);
+
+impl TestImage {
+    fn build(name: &str, dockerfile: &str) -> TestImage {
+        let dir = tempfile::tempdir().unwrap();
+        let tag = format!("bulkhead-test/{name}:{}", std::process::id());
+        std::fs::write(dir.path().join("Dockerfile"), dockerfile).unwrap();
+        let built = Command::new("docker")
+            .args(["build", "-q", "-t", &tag])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(built.status.success(), "docker build: {}", stderr(&built));
+        TestImage(tag)
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+    }
+}
+
 /// A container gets its image's environment, as with `docker run`: the image's `ENV`
 /// (`PATH`, `HOME`) finds a program the daemon's `PATH` would not, its `WORKDIR` is the
 /// working directory, and the daemon's own variables (`LANG` here) never reach it. The
@@ -426,31 +450,16 @@ fn built_images_are_cached_listed_and_pruned() {
 #[test]
 fn a_container_keeps_its_images_env_and_workdir() {
     require_docker!();
-    let dir = tempfile::tempdir().unwrap();
-    let tag = format!("bulkhead-test/envimage:{}", std::process::id());
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        format!(
+    let image = TestImage::build(
+        "envimage",
+        &format!(
             "FROM {IMAGE}\n\
              RUN mkdir -p /opt/app/bin && printf '#!/bin/sh\\necho \"app PATH=$PATH HOME=$HOME PWD=$(pwd) LANG=${{LANG:-unset}} MODE=$MODE\"\\nexec sleep 1000\\n' > /opt/app/bin/myserver && chmod +x /opt/app/bin/myserver\n\
              ENV PATH=/opt/app/bin:/bin HOME=/opt/app\n\
              WORKDIR /opt/app\n"
         ),
-    )
-    .unwrap();
-    let built = Command::new("docker")
-        .args(["build", "-q", "-t", &tag])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "docker build: {}", stderr(&built));
-    struct Rmi(String);
-    impl Drop for Rmi {
-        fn drop(&mut self) {
-            let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
-        }
-    }
-    let _rmi = Rmi(tag.clone());
+    );
+    let tag = &image.0;
     let m = format!(
         "name: app\ndriver: docker\ncommand: [myserver]\nenv: {{MODE: prod}}\ndocker: {{image: {tag:?}}}\n"
     );
@@ -480,31 +489,16 @@ fn a_container_keeps_its_images_env_and_workdir() {
 #[test]
 fn a_container_keeps_its_images_entrypoint_and_user_unless_the_manifest_sets_them() {
     require_docker!();
-    let dir = tempfile::tempdir().unwrap();
-    let tag = format!("bulkhead-test/entryimage:{}", std::process::id());
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        format!(
+    let image = TestImage::build(
+        "entryimage",
+        &format!(
             "FROM {IMAGE}\n\
              RUN printf '#!/bin/sh\\necho \"entry uid=$(id -u) args=$*\"\\nexec \"$@\"\\n' > /entry.sh && chmod 755 /entry.sh\n\
              USER 4321\n\
              ENTRYPOINT [\"/entry.sh\"]\n"
         ),
-    )
-    .unwrap();
-    let built = Command::new("docker")
-        .args(["build", "-q", "-t", &tag])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "docker build: {}", stderr(&built));
-    struct Rmi(String);
-    impl Drop for Rmi {
-        fn drop(&mut self) {
-            let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
-        }
-    }
-    let _rmi = Rmi(tag.clone());
+    );
+    let tag = &image.0;
     let kept = format!(
         "name: kept\ndriver: docker\ncommand: [/bin/sh, -c, 'echo cmd uid=$(id -u); exec sleep 1000']\ndocker: {{image: {tag:?}}}\n"
     );
