@@ -422,17 +422,10 @@ fn have(program: &str) -> bool {
     found
 }
 
-/// `--metrics-tokens`: without a valid bearer token every path answers 401 with
-/// `WWW-Authenticate: Bearer` (the path is not even looked at); with one, curl (a stock
-/// client; `-H @file` and `--oauth2-bearer`, the forms a probe uses) reads /metrics,
-/// /health and /ready.
-#[test]
-fn metrics_tokens_guard_every_path_and_stock_clients_pass_with_the_token() {
-    if !have("curl") {
-        return;
-    }
-    let files = tempfile::tempdir().unwrap();
-    let (tokens, plain) = token_files(files.path());
+/// A daemon whose monitoring listener needs a token (`--metrics-tokens`, files in `dir`),
+/// running one instance; its address and the file holding the plain token.
+fn guarded_daemon(dir: &std::path::Path) -> (Daemon, SocketAddr, std::path::PathBuf) {
+    let (tokens, plain) = token_files(dir);
     let addr = free_addr();
     let d = Daemon::start_with_args(
         &[(
@@ -447,6 +440,20 @@ fn metrics_tokens_guard_every_path_and_stock_clients_pass_with_the_token() {
         ],
     );
     d.json(&["launch", "web", "-o", "json"]);
+    (d, addr, plain)
+}
+
+/// `--metrics-tokens`: without a valid bearer token every path answers 401 with
+/// `WWW-Authenticate: Bearer` (the path is not even looked at); with one, curl (a stock
+/// client; `-H @file` and `--oauth2-bearer`, the forms a probe uses) reads /metrics,
+/// /health and /ready.
+#[test]
+fn metrics_tokens_guard_every_path_and_stock_clients_pass_with_the_token() {
+    if !have("curl") {
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let (d, addr, plain) = guarded_daemon(files.path());
     for path in ["/metrics", "/health", "/ready", "/nope"] {
         let (status, head, body) = get(addr, path);
         assert_eq!(status, 401, "{path}: {body}");
@@ -654,21 +661,7 @@ fn prometheus_scrapes_with_a_credentials_file() {
         return;
     }
     let files = tempfile::tempdir().unwrap();
-    let (tokens, plain) = token_files(files.path());
-    let addr = free_addr();
-    let d = Daemon::start_with_args(
-        &[(
-            "web",
-            "name: web\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
-        )],
-        &[
-            "--metrics",
-            &addr.to_string(),
-            "--metrics-tokens",
-            tokens.to_str().unwrap(),
-        ],
-    );
-    d.json(&["launch", "web", "-o", "json"]);
+    let (d, addr, plain) = guarded_daemon(files.path());
     let config = files.path().join("prometheus.yml");
     std::fs::write(
         &config,
