@@ -642,3 +642,26 @@ fn a_process_workload_running_as_another_user_reads_no_channels() {
         assert!(root.contains(done), "the control, as root: {root}");
     }
 }
+
+/// A container outlives a crashed daemon, and so does its channel space: the next
+/// daemon adopts the container, keeps the space it uses (only spaces nobody needs are
+/// removed at start), and the channels work again through it.
+#[test]
+fn an_adopted_containers_channel_space_is_kept_and_works() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let m = walled_echo("docker", "/bulkhead/echo", &echo_mounts());
+    let mut d = Daemon::start(&[("echo", &m)]);
+    assert_eq!(launch(&d, "echo", "ad")["state"], "ready");
+    let id = "session:ad:echo";
+    round_trip(&d, id, "input", id, "output");
+    let space = iox2_of(&d, id).space.expect("a space");
+    d.kill9();
+    d.spawn();
+    d.wait_event("adopted", |e| e["instance"] == id && e["kind"] == "adopted");
+    assert!(space.exists(), "the adopted container's space was kept");
+    assert_eq!(iox2_of(&d, id).space.as_deref(), Some(space.as_path()));
+    round_trip(&d, id, "input", id, "output");
+}
