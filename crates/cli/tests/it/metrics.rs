@@ -453,7 +453,7 @@ fn metrics_tokens_guard_every_path_and_stock_clients_pass_with_the_token() {
         return;
     }
     let files = tempfile::tempdir().unwrap();
-    let (d, addr, plain) = guarded_daemon(files.path());
+    let (_daemon, addr, plain) = guarded_daemon(files.path());
     for path in ["/metrics", "/health", "/ready", "/nope"] {
         let (status, head, body) = get(addr, path);
         assert_eq!(status, 401, "{path}: {body}");
@@ -661,7 +661,7 @@ fn prometheus_scrapes_with_a_credentials_file() {
         return;
     }
     let files = tempfile::tempdir().unwrap();
-    let (d, addr, plain) = guarded_daemon(files.path());
+    let (_daemon, addr, plain) = guarded_daemon(files.path());
     let config = files.path().join("prometheus.yml");
     std::fs::write(
         &config,
