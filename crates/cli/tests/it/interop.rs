@@ -1,8 +1,10 @@
 //! Stock clients nobody here wrote, with their default options, over the Unix socket:
-//! Python grpcio (its stubs compiled from the API's proto by grpcio-tools). grpcio sends
-//! the socket path as `:authority`, which h2 used to reset (hyperium/h2#487): the patched
-//! h2 in `vendor/h2` serves it. Skipped, with the reason, where grpcio is not installed
-//! (`.ci/setup-interop.sh` installs it).
+//! Python grpcio (its stubs compiled from the API's proto by grpcio-tools) and grpc-java
+//! (its Netty transport; `tests/interop/java`). Both send the socket path as `:authority`
+//! (grpcio percent-encoded, grpc-java as it is), which h2 used to reset
+//! (hyperium/h2#487): the patched h2 in `vendor/h2` serves it. Skipped, with the reason,
+//! where grpcio or the grpc-java client jar is not there (`.ci/setup-interop.sh` installs
+//! grpcio and builds the jar).
 
 use std::process::Command;
 
@@ -88,6 +90,93 @@ fn python_grpcio_with_default_options_calls_the_unix_socket() {
         watch.contains(&"ready") && watch.last() == Some(&"terminated"),
         "{v}"
     );
+}
+
+/// The grpc-java client jar that `.ci/setup-interop.sh` builds; `None` (with the reason
+/// printed) when it or a `java` to run it is missing.
+fn java_client() -> Option<std::path::PathBuf> {
+    let jar = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/java/target/bulkhead-interop-java.jar"
+    ));
+    let have_java = Command::new("java")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_java {
+        eprintln!("skipped: no java (.ci/setup-interop.sh installs one)");
+        return None;
+    }
+    if !jar.is_file() {
+        eprintln!(
+            "skipped: no grpc-java client at {} (.ci/setup-interop.sh builds it)",
+            jar.display()
+        );
+        return None;
+    }
+    Some(jar.to_path_buf())
+}
+
+/// grpc-java with its default options (a `DomainSocketAddress` on Netty's epoll transport,
+/// no authority override) calls every kind of method over the socket: grpc.health.v1, and
+/// bulkhead's unary calls and server stream. It sends the socket path itself as
+/// `:authority`, as grpc-java's `unix://` target does in later releases.
+#[test]
+fn java_grpc_with_default_options_calls_the_unix_socket() {
+    let Some(jar) = java_client() else {
+        return;
+    };
+    let d = Daemon::start(&[(
+        "web",
+        "name: web\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n",
+    )]);
+    let out = Command::new("java")
+        .arg("-jar")
+        .arg(&jar)
+        .arg(&d.socket)
+        .args(["web", "java1"])
+        .output()
+        .expect("run the grpc-java client");
+    assert!(
+        out.status.success(),
+        "the grpc-java client failed: {}\n--- daemon log ---\n{}",
+        stderr(&out),
+        d.daemon_log()
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the client prints one JSON object");
+    // The case this test is for: the socket path as :authority.
+    assert_eq!(v["authority"], d.socket.to_str().unwrap(), "{v}");
+    assert_eq!(v["grpc_health"], "SERVING", "{v}");
+    assert_eq!(v["grpc_health_bulkhead"], "SERVING", "{v}");
+    assert_eq!(v["health"], "serving", "{v}");
+    assert_eq!(v["launch"]["id"], "session:java1:web", "{v}");
+    assert_eq!(v["launch"]["state"], "ready", "{v}");
+    assert_eq!(v["launch"]["created"], true, "{v}");
+    assert_eq!(v["get"], "ready", "{v}");
+    assert!(
+        v["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i == "session:java1:web"),
+        "{v}"
+    );
+    assert_eq!(v["terminate"], "terminated", "{v}");
+    let watch: Vec<&str> = v["watch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(watch.first(), Some(&"launched"), "{v}");
+    assert!(
+        watch.contains(&"ready") && watch.last() == Some(&"terminated"),
+        "{v}"
+    );
+    // The daemon really ended the instance the client terminated.
+    let got = d.json(&["get", "session:java1:web", "-o", "json"]);
+    assert_eq!(got["state"], "terminated", "{got}");
 }
 
 /// `grpc.health.v1.Health` and server reflection answer stock clients on the socket:
