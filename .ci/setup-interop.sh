@@ -7,9 +7,9 @@
 # - grpc-java: crates/cli/tests/interop/java/build.sh builds its client jar from Debian's
 #   packages (grpc-java 1.41.3, Netty 4.1.48, protoc, grpc_java_plugin; Maven Central is not
 #   reachable from CI) plus Netty's epoll JNI library, compiled from Debian's own source of
-#   the installed libnetty-java (Debian ships the classes without it). Cost on a fresh
-#   machine: about 30 s (apt-get install ~10 s, Debian's source index and the 1.7 MB
-#   Netty source ~5 s, build ~6 s on 2 cores); nothing when the jar is up to date.
+#   the installed libnetty-java (Debian ships the classes without it). Cost, measured on
+#   2 cores: 12-14 s from nothing (apt-get install, Debian's source index and the 1.7 MB
+#   Netty source, a 5 s build), 0.4 s when the jar is up to date.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 

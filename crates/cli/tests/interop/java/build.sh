@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds target/bulkhead-interop-java.jar, the grpc-java interop client
 # (src/main/java/bulkhead/interop/InteropClient.java), from Debian's packages: grpc-java
-# 1.41.3 and Netty 4.1.48 (/usr/share/java), protoc and grpc_java_plugin. Usage: build.sh NETTY_SRC, where NETTY_SRC is the
-# unpacked source of the installed libnetty-java (.ci/setup-interop.sh fetches it).
+# 1.41.3 and Netty 4.1.48 (/usr/share/java), protoc and grpc_java_plugin. Usage:
+# build.sh NETTY_SRC, where NETTY_SRC is the unpacked source of the installed
+# libnetty-java (.ci/setup-interop.sh fetches it).
 #
 # Debian's Netty ships the epoll transport's classes without its JNI library (the only
 # way Netty talks to a Unix socket): this compiles that library from the same source
