@@ -80,6 +80,8 @@ setup_java() {
     tar -xJf "$src"/netty_*.orig.tar.* -C "$src" --strip-components=1 --wildcards \
         '*/transport-native-epoll/src/main/c' '*/transport-native-unix-common/src/main/c' \
         || return 1
+    # The source index (20 MB) and the tarballs are not needed again.
+    rm -rf "$apt" "$src"/netty_*
     bash "$dir/build.sh" "$src" && echo "setup-interop: built the grpc-java client"
 }
 
