@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("keeper") {
         // This binary is also the keeper program of the keeper-backed daemon below.
         let state = flag(&args, "--state").ok_or_else(|| anyhow::anyhow!("keeper: --state"))?;
-        bulkhead_driver::keeper::server::run(std::path::Path::new(&state))?;
+        bulkhead_driver::keeper::server::run(std::path::Path::new(&state), 0)?;
         return Ok(());
     }
     let iterations: usize = flag(&args, "--iterations")

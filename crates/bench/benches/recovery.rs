@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("keeper") => {
             let state = flag("--state").ok_or_else(|| anyhow::anyhow!("keeper: --state"))?;
-            bulkhead_driver::keeper::server::run(std::path::Path::new(&state))?;
+            bulkhead_driver::keeper::server::run(std::path::Path::new(&state), 0)?;
             return Ok(());
         }
         Some("idle-child") => loop {

@@ -273,6 +273,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 pub struct KeeperArgs {
     #[arg(long)]
     pub state: PathBuf,
+    /// Which of the state directory's keepers this is (0 first; the daemon starts the
+    /// next when every keeper is full).
+    #[arg(long, default_value_t = 0)]
+    pub shard: usize,
 }
 
 #[derive(Debug, Args)]

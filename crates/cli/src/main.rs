@@ -30,7 +30,7 @@ fn main() -> std::process::ExitCode {
     if let cli::Command::Keeper(k) = &args.command {
         // The keeper runs no async runtime: a plain poll loop, single-threaded (the
         // instances' parent-death signal is tied to the thread that spawned them).
-        return match bulkhead_driver::keeper::server::run(&k.state) {
+        return match bulkhead_driver::keeper::server::run(&k.state, k.shard) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("bulkhead keeper: {e}");

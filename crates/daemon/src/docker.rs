@@ -263,6 +263,7 @@ pub(crate) async fn recover(
                 handle: handle.clone(),
                 stdout: logs.0,
                 stderr: logs.1,
+                tap: None,
             },
         };
         let restored = restored_of(&row);

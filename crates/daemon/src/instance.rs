@@ -414,6 +414,9 @@ async fn run(
                 .chain(a.spawned.stderr)
                 .collect(),
         );
+        if let Some(tap) = &a.spawned.tap {
+            slot.log.attach_tap(tap);
+        }
         *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.spawned.handle.clone());
         handle = Some(a.spawned.handle);
         started_at_ms = crate::events::now_ms();
@@ -439,6 +442,9 @@ async fn run(
                             let pid = spawned.handle.pid();
                             slot.log
                                 .attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
+                            if let Some(tap) = &spawned.tap {
+                                slot.log.attach_tap(tap);
+                            }
                             if let (Some(sock), Some(main)) = (notify, pid) {
                                 let tx = ntx.clone();
                                 run_tasks.push(tokio::spawn(sock.run(

@@ -1,17 +1,22 @@
 //! Per-instance logs: the instance's stdout and stderr, merged in arrival order, written
 //! to `<state>/logs/<instance id>.log`, size-bounded by rotation to one `.1` file.
 //!
-//! The daemon holds the read ends of the instance's pipes and drains them here. (A daemon
-//! crash closes those pipes; the keeper process of the supervision work will hold them
-//! instead.) Followers get what is on disk, then live chunks, without a gap: both are
-//! taken under the writer's lock.
+//! Output comes either from pipes the daemon drains here (sandbox, docker, `--no-keeper`)
+//! or forwarded by the keeper ([`bulkhead_driver::OutputTap`]; the daemon then holds no
+//! pipe). Followers get what is on disk, then live chunks, without a gap: both are taken
+//! under the writer's lock.
+//!
+//! **Descriptors.** A log's file stays open while its instance writes, so that appends
+//! cost one system call, but only for the first [`open_file_budget`] logs: past that, a
+//! log opens its file for each write and closes it again (10,000 chatty instances must
+//! not need 10,000 descriptors).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
@@ -26,8 +31,57 @@ pub struct LogFile {
     open_streams: AtomicUsize,
 }
 
+/// Log files held open at once, across all logs: an eighth of the open-files limit,
+/// between 16 and 1,024.
+pub fn open_file_budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        (limit / 8).clamp(16, 1024) as usize
+    })
+}
+
+static OPEN_FILES: AtomicUsize = AtomicUsize::new(0);
+
+/// A log file counted against [`open_file_budget`] while it is open.
+struct Counted(File);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        OPEN_FILES.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A log file opened for appending: counted if the budget allowed, else to be closed
+/// right after the write.
+enum Opened {
+    Kept(Counted),
+    Once(File),
+}
+
+impl Opened {
+    fn open(path: &Path) -> io::Result<Opened> {
+        let f = OpenOptions::new().create(true).append(true).open(path)?;
+        if OPEN_FILES.fetch_add(1, Ordering::SeqCst) < open_file_budget() {
+            Ok(Opened::Kept(Counted(f)))
+        } else {
+            OPEN_FILES.fetch_sub(1, Ordering::SeqCst);
+            Ok(Opened::Once(f))
+        }
+    }
+
+    fn file(&mut self) -> &mut File {
+        match self {
+            Opened::Kept(Counted(f)) | Opened::Once(f) => f,
+        }
+    }
+}
+
 struct Inner {
-    file: Option<File>,
+    /// Open while the instance writes and the budget allows.
+    file: Option<Counted>,
     size: u64,
     tx: Option<broadcast::Sender<Vec<u8>>>,
 }
@@ -93,15 +147,32 @@ impl LogFile {
                 if let Err(e) = log.pump(fd).await {
                     tracing::warn!("log of {}: {e}", log.path.display());
                 }
-                if log.open_streams.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    // Last stream closed: followers see the end, and the file is closed
-                    // (a finished instance, kept for `get` and `logs`, holds no
-                    // descriptor; a next run's output opens it again).
-                    let mut inner = log.lock();
-                    inner.tx = None;
-                    inner.file = None;
-                }
+                log.stream_ended();
             });
+        }
+    }
+
+    /// Takes the output the keeper forwards for this instance. The log is live until
+    /// both streams end.
+    pub fn attach_tap(self: &Arc<Self>, tap: &bulkhead_driver::OutputTap) {
+        {
+            let mut inner = self.lock();
+            if inner.tx.is_none() {
+                inner.tx = Some(broadcast::channel(256).0);
+            }
+        }
+        self.open_streams.fetch_add(2, Ordering::SeqCst);
+        tap.connect(Arc::new(TapSink(Arc::clone(self))));
+    }
+
+    /// One stream ended: after the last, followers see the end and the file is closed
+    /// (a finished instance, kept for `get` and `logs`, holds no descriptor; a next run's
+    /// output opens it again).
+    fn stream_ended(&self) {
+        if self.open_streams.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let mut inner = self.lock();
+            inner.tx = None;
+            inner.file = None;
         }
     }
 
@@ -124,27 +195,34 @@ impl LogFile {
     /// Appends a chunk, rotating first when it would pass the limit.
     pub fn write(&self, chunk: &[u8]) -> io::Result<()> {
         let mut inner = self.lock();
+        // A file kept open only while the instance writes (the log is live) and the
+        // budget allows; else one opened for this write alone.
+        let keep = |inner: &mut Inner, o: Opened| -> Option<Opened> {
+            match o {
+                Opened::Kept(c) if inner.tx.is_some() => {
+                    inner.file = Some(c);
+                    None
+                }
+                other => Some(other),
+            }
+        };
+        let mut once = None;
         if inner.file.is_none() {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)?;
-            inner.size = f.metadata()?.len();
-            inner.file = Some(f);
+            let mut o = Opened::open(&self.path)?;
+            inner.size = o.file().metadata()?.len();
+            once = keep(&mut inner, o);
         }
         if inner.size > 0 && inner.size + chunk.len() as u64 > self.max_bytes {
             std::fs::rename(&self.path, self.rotated())?;
-            inner.file = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
+            inner.file = None;
+            once = keep(&mut inner, Opened::open(&self.path)?);
             inner.size = 0;
         }
         // Small appends to the page cache; fast enough to do inline.
-        if let Some(f) = inner.file.as_mut() {
-            f.write_all(chunk)?;
+        match (inner.file.as_mut(), once.as_mut()) {
+            (Some(Counted(f)), _) => f.write_all(chunk)?,
+            (None, Some(o)) => o.file().write_all(chunk)?,
+            (None, None) => return Err(io::Error::other("no log file open")),
         }
         inner.size += chunk.len() as u64;
         if let Some(tx) = &inner.tx {
@@ -172,6 +250,21 @@ impl LogFile {
             data,
             live: inner.tx.as_ref().map(|tx| tx.subscribe()),
         })
+    }
+}
+
+/// Where the keeper's forwarded output of an instance goes.
+struct TapSink(Arc<LogFile>);
+
+impl bulkhead_driver::OutputSink for TapSink {
+    fn write(&self, _stream: bulkhead_driver::Stream, data: &[u8]) {
+        if let Err(e) = self.0.write(data) {
+            tracing::warn!("log of {}: {e}", self.0.path.display());
+        }
+    }
+
+    fn close(&self, _stream: bulkhead_driver::Stream) {
+        self.0.stream_ended();
     }
 }
 

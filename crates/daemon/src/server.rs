@@ -301,19 +301,24 @@ impl Daemon {
                 let (prog, state) = (program.clone(), cfg.state_dir.clone());
                 // A keeper that dies (kill -9, OOM) is replaced by the next spawn, the
                 // same way it was started here.
-                let restart: bulkhead_driver::keeper::client::Restart = Box::new(move || {
+                let restart: bulkhead_driver::keeper::client::Restart = Box::new(move |shard| {
                     let (prog, state) = (prog.clone(), state.clone());
                     Box::pin(async move {
-                        connect_keeper(&prog, &state)
+                        connect_keeper(&prog, &state, shard)
                             .await
                             .map_err(std::io::Error::other)
                     })
                 });
+                // Shard 0, then every further shard a previous daemon started (their
+                // instances are adopted below); a shard whose keeper is gone gets a new,
+                // empty one, so that shard numbers stay dense.
+                let mut shards = vec![connect_keeper(program, &cfg.state_dir, 0).await?];
+                for shard in 1..=keeper_shards_on_disk(&cfg.state_dir) {
+                    shards.push(connect_keeper(program, &cfg.state_dir, shard).await?);
+                }
                 let k = Arc::new(
-                    bulkhead_driver::keeper::client::KeeperDriver::new(
-                        connect_keeper(program, &cfg.state_dir).await?,
-                    )
-                    .with_restart(restart),
+                    bulkhead_driver::keeper::client::KeeperDriver::with_shards(shards)
+                        .with_restart(restart),
                 );
                 k.supervise();
                 Some(k)
@@ -548,7 +553,9 @@ impl Daemon {
         .await;
         if let Some(k) = &self.shared.keeper {
             // Every instance is gone: the keeper may exit.
-            k.client().shutdown().await;
+            for c in k.clients() {
+                c.shutdown().await;
+            }
         }
         // Every instance is gone: the data plane reclaims and removes what is left.
         self.shared.dataplane.shutdown().await;
@@ -649,13 +656,32 @@ fn bind(path: &Path) -> Result<UnixListener, StartError> {
     Ok(listener)
 }
 
-/// Connects to the state directory's keeper, starting one first if none answers.
+/// The highest keeper shard whose socket is in the state directory (0: only the first).
+fn keeper_shards_on_disk(state_dir: &Path) -> usize {
+    let Ok(dir) = std::fs::read_dir(state_dir) else {
+        return 0;
+    };
+    dir.filter_map(|e| {
+        let name = e.ok()?.file_name();
+        let n = name
+            .to_str()?
+            .strip_prefix("keeper.")?
+            .strip_suffix(".sock")?;
+        n.parse::<usize>().ok()
+    })
+    .filter(|n| *n < bulkhead_driver::keeper::client::MAX_SHARDS)
+    .max()
+    .unwrap_or(0)
+}
+
+/// Connects to keeper `shard` of the state directory, starting it first if none answers.
 async fn connect_keeper(
     program: &Path,
     state_dir: &Path,
+    shard: usize,
 ) -> Result<Arc<bulkhead_driver::keeper::client::KeeperClient>, StartError> {
     use bulkhead_driver::keeper::client::KeeperClient;
-    let path = bulkhead_driver::keeper::server::socket_path(state_dir);
+    let path = bulkhead_driver::keeper::server::shard_socket_path(state_dir, shard);
     let err = |source| StartError::Keeper {
         path: path.clone(),
         source,
@@ -675,6 +701,8 @@ async fn connect_keeper(
         .arg("keeper")
         .arg("--state")
         .arg(state_dir)
+        .arg("--shard")
+        .arg(shard.to_string())
         .process_group(0)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

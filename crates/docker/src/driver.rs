@@ -401,6 +401,7 @@ impl Driver for DockerDriver {
             handle: container,
             stdout: Some(pipes.out_rx),
             stderr: Some(pipes.err_rx),
+            tap: None,
         })
     }
 }

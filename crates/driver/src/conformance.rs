@@ -178,13 +178,33 @@ impl Running {
         &*self.spawned.handle
     }
 
-    /// The instance's stdout pipe (the check fails if the driver gave none).
-    pub fn take_stdout(&mut self) -> std::os::fd::OwnedFd {
-        let what = &self.what;
-        self.spawned
+    /// Everything the instance writes to stdout and stderr, to their ends, from the pipes
+    /// the driver returned or through its output tap (the check fails if it gave
+    /// neither).
+    pub async fn output(&mut self) -> (String, String) {
+        let what = self.what.clone();
+        if let Some(tap) = self.spawned.tap.take() {
+            let sink = Arc::new(Collect::default());
+            tap.connect(sink.clone());
+            let mut done = sink.done.subscribe();
+            let _ = done.wait_for(|n| *n == 2).await;
+            let text = |i: usize| {
+                let bufs = sink.bufs.lock().unwrap_or_else(|e| e.into_inner());
+                String::from_utf8_lossy(&bufs[i]).into_owned()
+            };
+            return (text(0), text(1));
+        }
+        let out = self
+            .spawned
             .stdout
             .take()
-            .unwrap_or_else(|| panic!("{what}: the driver returned no stdout pipe"))
+            .unwrap_or_else(|| panic!("{what}: the driver returned no stdout pipe or tap"));
+        let err = self
+            .spawned
+            .stderr
+            .take()
+            .unwrap_or_else(|| panic!("{what}: the driver returned no stderr pipe or tap"));
+        tokio::join!(read_all(out), read_all(err))
     }
 
     /// `wait()`, bounded by the deadline.
@@ -600,16 +620,7 @@ pub async fn spawn_error_is_reported(driver: &dyn Driver, fx: &Fixture) {
 pub async fn stdout_is_captured(driver: &dyn Driver, fx: &Fixture) {
     let mut run = start(driver, fx, "stdout", "echo hello; echo oops >&2").await;
     let what = run.what.clone();
-    let out = run.take_stdout();
-    let err = run
-        .spawned
-        .stderr
-        .take()
-        .unwrap_or_else(|| panic!("{what}: the driver returned no stderr pipe"));
-    let (out, err) = within(format!("{what} output"), async {
-        tokio::join!(read_all(out), read_all(err))
-    })
-    .await;
+    let (out, err) = within(format!("{what} output"), run.output()).await;
     assert_eq!(out, "hello\n", "{what}: stdout");
     assert_eq!(err, "oops\n", "{what}: stderr");
     assert_eq!(run.wait().await, ExitStatus::Exited { code: 0 }, "{what}");
@@ -639,8 +650,7 @@ pub async fn no_descriptor_is_inherited(driver: &dyn Driver, fx: &Fixture) {
     )
     .await;
     let what = run.what.clone();
-    let out = run.take_stdout();
-    let out = within(format!("{what} output"), read_all(out)).await;
+    let (out, _) = within(format!("{what} output"), run.output()).await;
     let status = run.wait().await;
     // SAFETY: ours, opened above.
     unsafe { libc::close(stray) };
@@ -654,6 +664,23 @@ pub async fn no_descriptor_is_inherited(driver: &dyn Driver, fx: &Fixture) {
         !fds.contains(&stray) && fds.iter().all(|&f| f <= 3),
         "{what}: descriptors beyond stdio reached the instance (stray: {stray}): {out}"
     );
+}
+
+/// Collects forwarded output; `done` counts the streams that ended.
+#[derive(Default)]
+struct Collect {
+    bufs: std::sync::Mutex<[Vec<u8>; 2]>,
+    done: tokio::sync::watch::Sender<usize>,
+}
+
+impl crate::OutputSink for Collect {
+    fn write(&self, stream: crate::Stream, data: &[u8]) {
+        self.bufs.lock().unwrap_or_else(|e| e.into_inner())[stream.index()].extend_from_slice(data);
+    }
+
+    fn close(&self, _stream: crate::Stream) {
+        self.done.send_modify(|n| *n += 1);
+    }
 }
 
 /// Reads a pipe to its end.

@@ -86,6 +86,114 @@ pub struct Spawned {
     /// through pipes. The daemon drains them into the instance's log.
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
+    /// The instance's output when another process drains its pipes and forwards it (the
+    /// keeper): the daemon then holds no descriptor for it.
+    pub tap: Option<Arc<OutputTap>>,
+}
+
+/// Which of an instance's output streams a chunk comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn index(self) -> usize {
+        match self {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        }
+    }
+}
+
+/// Where forwarded output goes (the instance's log). Called on the task that receives
+/// it, in order: writes must not block for long.
+pub trait OutputSink: Send + Sync {
+    fn write(&self, stream: Stream, data: &[u8]);
+    /// The stream reached its end (called once per stream).
+    fn close(&self, stream: Stream);
+}
+
+/// Forwarded output of one instance. Until a sink is connected, output is kept (up to
+/// [`OutputTap::BUFFER`] bytes; beyond that it is dropped and counted), so that nothing
+/// written between the spawn and the daemon's attaching the log is lost.
+#[derive(Default)]
+pub struct OutputTap {
+    inner: std::sync::Mutex<TapInner>,
+}
+
+#[derive(Default)]
+struct TapInner {
+    sink: Option<Arc<dyn OutputSink>>,
+    buffered: Vec<(Stream, Vec<u8>)>,
+    buffered_bytes: usize,
+    dropped: u64,
+    closed: [bool; 2],
+}
+
+impl OutputTap {
+    /// What a tap keeps while no sink is connected.
+    pub const BUFFER: usize = 1024 * 1024;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TapInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends what was kept, then everything that follows, to `sink`.
+    pub fn connect(&self, sink: Arc<dyn OutputSink>) {
+        let mut t = self.lock();
+        // Under the lock: a chunk arriving meanwhile waits, so the order is kept.
+        for (stream, data) in std::mem::take(&mut t.buffered) {
+            sink.write(stream, &data);
+        }
+        t.buffered_bytes = 0;
+        if t.dropped > 0 {
+            tracing::warn!(
+                "{} bytes of output were dropped before the log was attached",
+                t.dropped
+            );
+        }
+        for s in [Stream::Stdout, Stream::Stderr] {
+            if t.closed[s.index()] {
+                sink.close(s);
+            }
+        }
+        t.sink = Some(sink);
+    }
+
+    pub fn write(&self, stream: Stream, data: &[u8]) {
+        let mut t = self.lock();
+        if t.closed[stream.index()] {
+            return;
+        }
+        if let Some(sink) = &t.sink {
+            sink.write(stream, data);
+        } else if t.buffered_bytes + data.len() <= Self::BUFFER {
+            t.buffered_bytes += data.len();
+            t.buffered.push((stream, data.to_vec()));
+        } else {
+            t.dropped += data.len() as u64;
+        }
+    }
+
+    /// The stream ended. Returns true once both have.
+    pub fn close(&self, stream: Stream) -> bool {
+        let mut t = self.lock();
+        if !t.closed[stream.index()] {
+            t.closed[stream.index()] = true;
+            if let Some(sink) = &t.sink {
+                sink.close(stream);
+            }
+        }
+        t.closed.iter().all(|c| *c)
+    }
+
+    /// Ends both streams (the forwarder went away).
+    pub fn close_all(&self) {
+        self.close(Stream::Stdout);
+        self.close(Stream::Stderr);
+    }
 }
 
 /// A driver could not start an instance.
@@ -265,5 +373,66 @@ pub trait InstanceHandle: Send + Sync + 'static {
     fn exec_argv(&self, argv: &[String], tty: bool) -> Option<Vec<String>> {
         let _ = (argv, tty);
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<Vec<String>>);
+
+    impl OutputSink for Seen {
+        fn write(&self, stream: Stream, data: &[u8]) {
+            let s = format!("{stream:?}:{}", String::from_utf8_lossy(data));
+            self.0.lock().unwrap().push(s);
+        }
+        fn close(&self, stream: Stream) {
+            self.0.lock().unwrap().push(format!("{stream:?}:end"));
+        }
+    }
+
+    #[test]
+    fn a_tap_keeps_what_comes_before_the_sink_in_order_and_ends_once() {
+        let tap = OutputTap::default();
+        tap.write(Stream::Stdout, b"a");
+        tap.write(Stream::Stderr, b"b");
+        assert!(!tap.close(Stream::Stderr));
+        tap.write(Stream::Stderr, b"after the end");
+        let seen = Arc::new(Seen::default());
+        tap.connect(seen.clone());
+        tap.write(Stream::Stdout, b"c");
+        assert!(tap.close(Stream::Stdout));
+        tap.close_all();
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            [
+                "Stdout:a",
+                "Stderr:b",
+                "Stderr:end",
+                "Stdout:c",
+                "Stdout:end"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tap_without_a_sink_keeps_a_bounded_amount() {
+        let tap = OutputTap::default();
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..(2 * OutputTap::BUFFER / chunk.len()) {
+            tap.write(Stream::Stdout, &chunk);
+        }
+        let seen = Arc::new(Seen::default());
+        tap.connect(seen.clone());
+        let kept: usize = seen
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.len() - "Stdout:".len())
+            .sum();
+        assert_eq!(kept, OutputTap::BUFFER);
     }
 }

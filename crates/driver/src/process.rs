@@ -444,11 +444,12 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
         handle: Arc::new(ProcessHandle {
             instance: spec.instance.to_string(),
             shared,
-            pidfd,
+            pidfd: Some(pidfd),
             status: rx,
         }),
         stdout,
         stderr,
+        tap: None,
     })
 }
 
@@ -770,7 +771,7 @@ async fn await_exit(pid: u32, fd: OwnedFd) {
 pub(crate) fn foreign_handle(
     instance: String,
     pid: u32,
-    pidfd: OwnedFd,
+    pidfd: Option<OwnedFd>,
     cgroup: Option<InstanceCgroup>,
     exit: impl std::future::Future<Output = ExitStatus> + Send + 'static,
     after: impl FnOnce() + Send + 'static,
@@ -790,7 +791,7 @@ pub(crate) fn foreign_handle(
     Arc::new(ProcessHandle {
         instance,
         shared,
-        pidfd: Arc::new(pidfd),
+        pidfd: pidfd.map(Arc::new),
         status: rx,
     })
 }
@@ -799,8 +800,9 @@ pub(crate) fn foreign_handle(
 struct ProcessHandle {
     instance: String,
     shared: Arc<Shared>,
-    /// Kept open for as long as the handle lives; the watcher holds a clone.
-    pidfd: Arc<OwnedFd>,
+    /// Kept open for as long as the handle lives; the watcher holds a clone. None only
+    /// for an adopted instance that had exited already (the keeper reaped it).
+    pidfd: Option<Arc<OwnedFd>>,
     status: watch::Receiver<Option<ExitStatus>>,
 }
 
@@ -822,13 +824,19 @@ impl InstanceHandle for ProcessHandle {
         if *phase != Phase::Running {
             return Ok(());
         }
+        // No pidfd: an adopted instance whose main process had exited and been reaped by
+        // the keeper; its pid may be reused, so nothing is sent (the sweep that follows the
+        // exit report kills what is left of it).
+        let Some(pidfd) = &self.pidfd else {
+            return Ok(());
+        };
         self.shared
             .signalled
             .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(cg) = &self.shared.cgroup {
             // Every process of the instance, whatever group or session it made; the main
             // process through its pidfd (it is a member too, unless it moved itself out).
-            sys::pidfd_send_signal(&self.pidfd, signal).map_err(err)?;
+            sys::pidfd_send_signal(pidfd, signal).map_err(err)?;
             cg.signal(signal, Some(self.shared.pid));
             return Ok(());
         }
@@ -836,7 +844,7 @@ impl InstanceHandle for ProcessHandle {
         // The main process may have left its group; it still gets the signal.
         match sys::getpgid(self.shared.pid) {
             Ok(pgid) if pgid != self.shared.pgid => {
-                sys::pidfd_send_signal(&self.pidfd, signal).map_err(err)?;
+                sys::pidfd_send_signal(pidfd, signal).map_err(err)?;
             }
             _ => {}
         }

@@ -503,9 +503,10 @@ pub const NOFILE_WANTED: u64 = 131_072;
 /// instances. Children inherit the raised limit.
 pub fn raise_nofile_limit() -> u64 {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    // The daemon holds about 4 descriptors per instance (its output pipes, its pidfd, its
-    // log): 10,000 instances need ~40,000, more than the 20,000 or 1,024 hard limits some
-    // service managers and containers give. With CAP_SYS_RESOURCE (root) the hard limit
+    // The daemon holds about one descriptor per keeper instance (its pidfd) and three per
+    // sandbox instance (pidfd, output pipes); a keeper two per instance (the pipes).
+    // Keepers shard when full, but the sandbox driver does not: 1,024 or even 20,000
+    // (hard limits some service managers and containers give) cap it. With CAP_SYS_RESOURCE (root) the hard limit
     // itself is raised, to NOFILE_WANTED (or the kernel's `fs.nr_open`, if lower); not to
     // `nr_open` itself: children inherit the limit, and programs that loop over every
     // possible descriptor at start-up get slow with a limit in the millions.

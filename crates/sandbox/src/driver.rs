@@ -655,6 +655,7 @@ impl Driver for SandboxDriver {
             }),
             stdout: Some(out_r),
             stderr: Some(err_r),
+            tap: None,
         })
     }
 }

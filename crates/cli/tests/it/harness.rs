@@ -202,15 +202,32 @@ impl Daemon {
         let _ = child.wait();
     }
 
-    /// The pid of the state directory's keeper, if one runs.
+    /// The pid of the state directory's (first) keeper, if one runs.
     pub fn keeper_pid(&self) -> Option<u32> {
-        let pid: u32 = std::fs::read_to_string(self.state.join("keeper.lock"))
+        self.keeper_pid_of("keeper.lock")
+    }
+
+    fn keeper_pid_of(&self, lock: &str) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.state.join(lock))
             .ok()?
             .trim()
             .parse()
             .ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         (alive(pid) && String::from_utf8_lossy(&cmdline).contains("keeper")).then_some(pid)
+    }
+
+    /// The pids of every keeper of the state directory (shard 0 first, then the others).
+    pub fn keeper_pids(&self) -> Vec<u32> {
+        let mut locks: Vec<String> = std::fs::read_dir(&self.state)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("keeper.") && n.ends_with(".lock"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        locks.sort_by_key(|n| (n.len(), n.clone()));
+        locks.iter().filter_map(|l| self.keeper_pid_of(l)).collect()
     }
 }
 
@@ -231,8 +248,8 @@ impl Drop for Daemon {
         }
         // A keeper left behind (a test killed the daemon with SIGKILL): its instances die
         // with it (parent-death signal).
-        if let Some(k) = self.keeper_pid() {
-            // SAFETY: kill(2) on the keeper pid read from this test's own state directory.
+        for k in self.keeper_pids() {
+            // SAFETY: kill(2) on a keeper pid read from this test's own state directory.
             unsafe {
                 libc::kill(k as i32, libc::SIGKILL);
             }

@@ -12,6 +12,7 @@ mod fds;
 mod harness;
 mod interop;
 mod keeper_conformance;
+mod keeper_shards;
 mod launch;
 mod lifecycle;
 mod metrics;

@@ -16,9 +16,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Reply, Request, MAX_MESSAGE};
+use super::{Incoming, Reply, Request, MAX_MESSAGE};
 use crate::cgroup::{InstanceCgroup, Tracker};
-use crate::{Driver, SpawnError, SpawnSpec, Spawned};
+use crate::{Driver, OutputTap, SpawnError, SpawnSpec, Spawned, Stream};
 
 /// The status reported for instances of a keeper that died: they were killed by its
 /// parent-death signal.
@@ -27,14 +27,18 @@ pub const KEEPER_DIED: ExitStatus = ExitStatus::Signaled {
     core_dumped: false,
 };
 
-type Packet = (Reply, Vec<OwnedFd>);
+/// A reply to a request, with the output tap of a spawned instance (taken from the map
+/// only by the reader, so output that ends at once is not lost to the spawner).
+type Answer = (Reply, Vec<OwnedFd>, Option<Arc<OutputTap>>);
 
 #[derive(Default)]
 struct State {
     next_req: u64,
-    pending: HashMap<u64, oneshot::Sender<Packet>>,
-    lists: HashMap<u64, mpsc::UnboundedSender<Packet>>,
+    pending: HashMap<u64, oneshot::Sender<Answer>>,
+    lists: HashMap<u64, mpsc::UnboundedSender<Answer>>,
     exits: HashMap<u32, watch::Sender<Option<ExitStatus>>>,
+    /// The forwarded output of each instance whose output has not ended.
+    taps: HashMap<u32, Arc<OutputTap>>,
     closed: bool,
     /// The daemon asked the keeper to exit: its closing the connection is expected.
     shutting_down: bool,
@@ -49,6 +53,20 @@ pub struct KeeperClient {
     st: Mutex<State>,
     /// Turns true when the connection closes (the keeper exited or died).
     closed_tx: watch::Sender<bool>,
+    /// The keeper refused a spawn as full; cleared when one of its instances ends.
+    full: std::sync::atomic::AtomicBool,
+}
+
+/// What a spawn through one keeper gave.
+pub enum KeeperSpawn {
+    Started {
+        pid: u32,
+        start_time: u64,
+        pidfd: OwnedFd,
+        tap: Arc<OutputTap>,
+    },
+    /// The keeper holds as many instances as it can: try the next one.
+    Full(String),
 }
 
 impl KeeperClient {
@@ -71,6 +89,7 @@ impl KeeperClient {
             send_lock: tokio::sync::Mutex::new(()),
             st: Mutex::new(State::default()),
             closed_tx: watch::Sender::new(false),
+            full: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(read_loop(Arc::downgrade(&client)));
         Ok(client)
@@ -112,7 +131,7 @@ impl KeeperClient {
             .subscribe()
     }
 
-    /// Spawns through the keeper. Returns pid, start time, pidfd, stdout, stderr.
+    /// Spawns through the keeper.
     pub async fn spawn(
         &self,
         instance: &str,
@@ -121,7 +140,7 @@ impl KeeperClient {
         env: Vec<(String, String)>,
         cwd: PathBuf,
         cgroup: Option<PathBuf>,
-    ) -> Result<(u32, u64, OwnedFd, OwnedFd, OwnedFd), SpawnError> {
+    ) -> Result<KeeperSpawn, SpawnError> {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
         self.state().pending.insert(req, tx);
@@ -151,25 +170,41 @@ impl KeeperClient {
                     pid, start_time, ..
                 },
                 fds,
-            )) => {
-                let mut fds = fds.into_iter();
-                match (fds.next(), fds.next(), fds.next()) {
-                    (Some(pidfd), Some(out), Some(err)) => Ok((pid, start_time, pidfd, out, err)),
-                    _ => Err(SpawnError::Other(format!(
-                        "the keeper sent no descriptors for pid {pid}"
-                    ))),
+                tap,
+            )) => match (fds.into_iter().next(), tap) {
+                (Some(pidfd), Some(tap)) => Ok(KeeperSpawn::Started {
+                    pid,
+                    start_time,
+                    pidfd,
+                    tap,
+                }),
+                _ => Err(SpawnError::Other(format!(
+                    "the keeper sent no pidfd for pid {pid}"
+                ))),
+            },
+            Ok((Reply::SpawnFailed { error, full, .. }, _, _)) => {
+                if full {
+                    self.full.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(KeeperSpawn::Full(error))
+                } else {
+                    Err(SpawnError::Other(error))
                 }
             }
-            Ok((Reply::SpawnFailed { error, .. }, _)) => Err(SpawnError::Other(error)),
-            Ok((other, _)) => Err(SpawnError::Other(format!(
+            Ok((other, _, _)) => Err(SpawnError::Other(format!(
                 "unexpected keeper reply {other:?}"
             ))),
             Err(_) => Err(lost(io::Error::other("the keeper went away"))),
         }
     }
 
+    /// Whether the keeper last refused a spawn as full (and none of its instances has
+    /// ended since).
+    pub fn is_full(&self) -> bool {
+        self.full.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Every instance the keeper holds, with its descriptors.
-    pub async fn list(&self) -> io::Result<Vec<(Reply, Vec<OwnedFd>)>> {
+    pub async fn list(&self) -> io::Result<Vec<Answer>> {
         let req = self.next_req();
         let (tx, mut rx) = mpsc::unbounded_channel();
         self.state().lists.insert(req, tx);
@@ -184,6 +219,7 @@ impl KeeperClient {
     /// Tells the keeper the daemon has `pid`'s exit status.
     pub async fn ack(&self, pid: u32) {
         self.state().exits.remove(&pid);
+        self.full.store(false, std::sync::atomic::Ordering::SeqCst);
         let _ = self.send(&Request::Ack { pid }).await;
     }
 
@@ -216,7 +252,7 @@ async fn read_loop(client: std::sync::Weak<KeeperClient>) {
         let got = async {
             loop {
                 let mut guard = c.sock.readable().await?;
-                match guard.try_io(|fd| super::recv::<Reply>(fd.get_ref().as_fd(), &mut buf)) {
+                match guard.try_io(|fd| super::recv_incoming(fd.get_ref().as_fd(), &mut buf)) {
                     Ok(r) => return r,
                     Err(_would_block) => continue,
                 }
@@ -224,7 +260,22 @@ async fn read_loop(client: std::sync::Weak<KeeperClient>) {
         }
         .await;
         match got {
-            Ok(Some((reply, fds))) => dispatch(&c, reply, fds),
+            Ok(Some(Incoming::Reply(reply, fds))) => dispatch(&c, reply, fds),
+            Ok(Some(Incoming::Output { pid, stream, data })) => {
+                // Written by the sink on this task, in order; a slow disk slows the
+                // keeper's reading (the socket fills), never the runtime's other tasks
+                // for long (appends to the page cache).
+                let tap = c.state().taps.get(&pid).cloned();
+                if let Some(tap) = tap {
+                    if data.is_empty() {
+                        if tap.close(stream) {
+                            c.state().taps.remove(&pid);
+                        }
+                    } else {
+                        tap.write(stream, &data);
+                    }
+                }
+            }
             Ok(None) | Err(_) => {
                 // The keeper is gone, and with it (parent-death signal) every instance.
                 let mut st = c.state();
@@ -239,6 +290,9 @@ async fn read_loop(client: std::sync::Weak<KeeperClient>) {
                 c.closed_tx.send_replace(true);
                 st.pending.clear();
                 st.lists.clear();
+                for (_, tap) in st.taps.drain() {
+                    tap.close_all();
+                }
                 for tx in st.exits.values() {
                     tx.send_if_modified(|s| {
                         if s.is_none() {
@@ -259,18 +313,20 @@ fn dispatch(c: &KeeperClient, reply: Reply, fds: Vec<OwnedFd>) {
     let mut st = c.state();
     match &reply {
         Reply::Spawned { req, pid, .. } => {
-            // Registered before the spawner sees the pid, so an exit that follows at once
-            // is not lost.
+            // Registered before the spawner sees the pid, so an exit or output that
+            // follows at once is not lost.
             st.exits
                 .entry(*pid)
                 .or_insert_with(|| watch::Sender::new(None));
+            let tap = Arc::new(OutputTap::default());
+            st.taps.insert(*pid, Arc::clone(&tap));
             if let Some(tx) = st.pending.remove(req) {
-                let _ = tx.send((reply, fds));
+                let _ = tx.send((reply, fds, Some(tap)));
             }
         }
         Reply::SpawnFailed { req, .. } => {
             if let Some(tx) = st.pending.remove(req) {
-                let _ = tx.send((reply, fds));
+                let _ = tx.send((reply, fds, None));
             }
         }
         Reply::Exited { pid, status } => {
@@ -280,7 +336,13 @@ fn dispatch(c: &KeeperClient, reply: Reply, fds: Vec<OwnedFd>) {
                 .or_insert_with(|| watch::Sender::new(None));
             tx.send_replace(Some(*status));
         }
-        Reply::Instance { req, pid, exit, .. } => {
+        Reply::Instance {
+            req,
+            pid,
+            exit,
+            open,
+            ..
+        } => {
             let tx = st
                 .exits
                 .entry(*pid)
@@ -288,8 +350,18 @@ fn dispatch(c: &KeeperClient, reply: Reply, fds: Vec<OwnedFd>) {
             if let Some(s) = exit {
                 tx.send_replace(Some(*s));
             }
+            let tap = open.iter().any(|o| *o).then(|| {
+                let tap = Arc::new(OutputTap::default());
+                for (i, s) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+                    if !open[i] {
+                        tap.close(s);
+                    }
+                }
+                st.taps.insert(*pid, Arc::clone(&tap));
+                tap
+            });
             if let Some(tx) = st.lists.get(req) {
-                let _ = tx.send((reply, fds));
+                let _ = tx.send((reply, fds, tap));
             }
         }
         Reply::ListEnd { req } => {
@@ -320,24 +392,37 @@ pub struct Adoptable {
     pub spawned: Spawned,
 }
 
-/// Starts a new keeper and connects to it (the daemon's start-up path, again).
+/// Starts keeper shard `n` (or connects to it, if it answers): the daemon's start-up
+/// path, again.
 pub type Restart = Box<
-    dyn Fn() -> std::pin::Pin<
+    dyn Fn(
+            usize,
+        ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = io::Result<Arc<KeeperClient>>> + Send>,
         > + Send
         + Sync,
 >;
 
-/// The process driver, spawning through the keeper so that instances survive the daemon.
+/// The most keeper shards a daemon starts (each holds its open-files limit's worth of
+/// instances, 9,968 at a limit of 20,000).
+pub const MAX_SHARDS: usize = 64;
+
+/// The process driver, spawning through the keepers so that instances survive the daemon.
+///
+/// **Shards.** A spawn goes to the first keeper that is not full (see [`super`]); when all
+/// are, a new keeper is started (shard 1, 2, ...), with the [`Restart`].
 ///
 /// **A dead keeper is replaced.** Its instances die with it (their parent-death signal)
-/// and are reported crashed through their exit watches; the next spawn finds the
-/// connection closed and, with a [`Restart`], starts a new keeper first (one at a time:
-/// spawns that arrive meanwhile wait for it and use it).
+/// and are reported crashed through their exit watches; a supervisor task (or the next
+/// spawn) starts a new keeper for that shard (one at a time: spawns that arrive
+/// meanwhile wait for it and use it).
 pub struct KeeperDriver {
-    client: std::sync::Mutex<Arc<KeeperClient>>,
+    /// Index = shard. Shards are added, never removed (an empty keeper costs little).
+    shards: std::sync::Mutex<Vec<Arc<KeeperClient>>>,
     restart: Option<Restart>,
     restarting: tokio::sync::Mutex<()>,
+    /// Set by [`KeeperDriver::supervise`]: shards added later get a supervisor too.
+    me: std::sync::OnceLock<std::sync::Weak<KeeperDriver>>,
     /// Each instance's cgroup is made here (see [`crate::cgroup`]); unset: process-group
     /// tracking.
     tracker: std::sync::OnceLock<Arc<Tracker>>,
@@ -345,10 +430,16 @@ pub struct KeeperDriver {
 
 impl KeeperDriver {
     pub fn new(client: Arc<KeeperClient>) -> KeeperDriver {
+        KeeperDriver::with_shards(vec![client])
+    }
+
+    /// A driver over keepers that are already running (shard `i` at index `i`).
+    pub fn with_shards(shards: Vec<Arc<KeeperClient>>) -> KeeperDriver {
         KeeperDriver {
-            client: std::sync::Mutex::new(client),
+            shards: std::sync::Mutex::new(shards),
             restart: None,
             restarting: tokio::sync::Mutex::new(()),
+            me: std::sync::OnceLock::new(),
             tracker: std::sync::OnceLock::new(),
         }
     }
@@ -364,32 +455,39 @@ impl KeeperDriver {
         self.tracker.get()
     }
 
-    /// How to start a new keeper when the current one has died.
+    /// How to start a keeper (a new shard, or in place of one that died).
     pub fn with_restart(mut self, restart: Restart) -> KeeperDriver {
         self.restart = Some(restart);
         self
     }
 
-    /// Replaces a keeper that dies at once, not only at the next spawn: a task that waits
-    /// for the connection to close and starts a new keeper (retrying with a growing pause
-    /// while that fails), until the daemon asks the keeper to exit. Needs a [`Restart`].
+    /// Replaces a keeper that dies at once, not only at the next spawn: per shard, a task
+    /// that waits for the connection to close and starts a new keeper (retrying with a
+    /// growing pause while that fails), until the daemon asks the keeper to exit. Needs a
+    /// [`Restart`].
     pub fn supervise(self: &Arc<Self>) {
         if self.restart.is_none() {
             return;
         }
-        let me = Arc::downgrade(self);
+        let _ = self.me.set(Arc::downgrade(self));
+        for shard in 0..self.clients().len() {
+            Self::supervise_shard(Arc::downgrade(self), shard);
+        }
+    }
+
+    fn supervise_shard(me: std::sync::Weak<KeeperDriver>, shard: usize) {
         tokio::spawn(async move {
             let mut pause = std::time::Duration::from_millis(100);
             loop {
                 let Some(d) = me.upgrade() else { return };
-                let c = d.client();
+                let Some(c) = d.shard(shard) else { return };
                 drop(d);
                 c.closed().await;
                 if c.is_shutting_down() {
                     return;
                 }
                 let Some(d) = me.upgrade() else { return };
-                match d.live_client().await {
+                match d.live_client(shard).await {
                     Ok(_) => pause = std::time::Duration::from_millis(100),
                     Err(e) => {
                         tracing::error!("{e}; trying again in {} ms", pause.as_millis());
@@ -401,43 +499,89 @@ impl KeeperDriver {
         });
     }
 
-    /// Whether the current keeper connection is up (false while a dead keeper is being
+    /// Whether every keeper connection is up (false while a dead keeper is being
     /// replaced, or when a new one cannot start).
     pub fn is_up(&self) -> bool {
-        !self.client().is_closed()
+        self.clients().iter().all(|c| !c.is_closed())
     }
 
-    /// The current keeper connection.
+    /// The first keeper's connection (shard 0).
     pub fn client(&self) -> Arc<KeeperClient> {
-        Arc::clone(&self.client.lock().unwrap_or_else(|e| e.into_inner()))
+        Arc::clone(&self.shards.lock().unwrap_or_else(|e| e.into_inner())[0])
     }
 
-    /// A live connection: the current one, or (when that keeper died and a [`Restart`] is
-    /// set) a new keeper's.
-    async fn live_client(&self) -> Result<Arc<KeeperClient>, SpawnError> {
-        let current = self.client();
+    /// Every keeper's connection, by shard.
+    pub fn clients(&self) -> Vec<Arc<KeeperClient>> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn shard(&self, shard: usize) -> Option<Arc<KeeperClient>> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(shard)
+            .cloned()
+    }
+
+    /// A live connection to keeper `shard`: the current one, or (when that keeper died,
+    /// or the shard is the next new one, and a [`Restart`] is set) a new keeper's.
+    async fn live_client(&self, shard: usize) -> Result<Arc<KeeperClient>, SpawnError> {
+        let current = self.shard(shard);
+        if let Some(c) = &current {
+            if !c.is_closed() || self.restart.is_none() {
+                return Ok(Arc::clone(c));
+            }
+        }
         let Some(restart) = &self.restart else {
-            return Ok(current);
+            return Err(SpawnError::Other(format!(
+                "every keeper is full and no new one can be started (shard {shard})"
+            )));
         };
-        if !current.is_closed() {
-            return Ok(current);
-        }
-        // RACE: spawns that find the keeper dead at the same time queue here; the first
-        // starts the new keeper, the others find it in place when they get the lock.
+        // RACE: spawns that find the keeper dead (or all full) at the same time queue
+        // here; the first starts the new keeper, the others find it in place when they
+        // get the lock.
         let _one = self.restarting.lock().await;
-        let current = self.client();
-        if !current.is_closed() {
-            return Ok(current);
+        let current = self.shard(shard);
+        if let Some(c) = &current {
+            if !c.is_closed() {
+                return Ok(Arc::clone(c));
+            }
         }
-        let fresh = restart().await.map_err(|e| {
-            SpawnError::Other(format!("the keeper died and a new one cannot start: {e}"))
+        let fresh = restart(shard).await.map_err(|e| {
+            SpawnError::Other(match &current {
+                Some(_) => format!("the keeper died and a new one cannot start: {e}"),
+                None => format!("cannot start keeper shard {shard}: {e}"),
+            })
         })?;
-        tracing::warn!(
-            "the keeper (pid {:?}) died; started a new one (pid {:?})",
-            current.peer_pid(),
-            fresh.peer_pid()
-        );
-        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&fresh);
+        let added = {
+            let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
+            if shard < shards.len() {
+                shards[shard] = Arc::clone(&fresh);
+                false
+            } else {
+                shards.push(Arc::clone(&fresh));
+                true
+            }
+        };
+        match current {
+            Some(old) => tracing::warn!(
+                "keeper {shard} (pid {:?}) died; started a new one (pid {:?})",
+                old.peer_pid(),
+                fresh.peer_pid()
+            ),
+            None => tracing::info!(
+                "every keeper is full; started keeper {shard} (pid {:?})",
+                fresh.peer_pid()
+            ),
+        }
+        if added {
+            if let Some(me) = self.me.get() {
+                Self::supervise_shard(me.clone(), shard);
+            }
+        }
         Ok(fresh)
     }
 
@@ -447,7 +591,7 @@ impl KeeperDriver {
         client: &Arc<KeeperClient>,
         instance: String,
         pid: u32,
-        pidfd: OwnedFd,
+        pidfd: Option<OwnedFd>,
         cgroup: Option<InstanceCgroup>,
     ) -> Arc<dyn crate::InstanceHandle> {
         let mut exit = client.exit_watch(pid);
@@ -469,54 +613,64 @@ impl KeeperDriver {
         )
     }
 
-    /// Every instance the keeper holds, ready to be put back under supervision.
+    /// Every instance the keepers hold, ready to be put back under supervision.
     /// Records that cannot be read are reported and skipped; their instances are
     /// killed, since nothing may run unseen.
     pub async fn adopt_all(&self) -> io::Result<Vec<Adoptable>> {
         let mut out = Vec::new();
         let mut keep = Vec::new();
-        let client = self.client();
-        for (reply, fds) in client.list().await? {
-            let Reply::Instance {
-                instance,
-                record,
-                pid,
-                start_time,
-                exit,
-                ..
-            } = reply
-            else {
-                continue;
-            };
-            let mut fds = fds.into_iter();
-            let (Some(pidfd), out_fd, err_fd) = (fds.next(), fds.next(), fds.next()) else {
-                continue;
-            };
-            let parsed = InstanceId::parse(&instance)
-                .ok()
-                .zip(serde_json::from_str::<Record>(&record).ok());
-            let Some(((id, _), record)) = parsed else {
-                tracing::error!("keeper holds instance {instance:?} (pid {pid}) with an unreadable record; killing it");
-                let _ = crate::sys::pidfd_send_signal(&pidfd, bulkhead_core::signal::Signal::KILL);
-                continue;
-            };
-            let cgroup = record.cgroup.clone().map(InstanceCgroup::at);
-            if let Some(cg) = &cgroup {
-                keep.push(cg.dir().to_owned());
+        for client in self.clients() {
+            for (reply, fds, tap) in client.list().await? {
+                let Reply::Instance {
+                    instance,
+                    record,
+                    pid,
+                    start_time,
+                    exit,
+                    ..
+                } = reply
+                else {
+                    continue;
+                };
+                let pidfd = fds.into_iter().next();
+                if pidfd.is_none() && exit.is_none() {
+                    // Running, yet no pidfd: it cannot be signalled safely. Left to the
+                    // stale-cgroup sweep below (it owns no kept cgroup).
+                    tracing::error!(
+                        "keeper sent no pidfd for running instance {instance:?} (pid {pid})"
+                    );
+                    continue;
+                }
+                let parsed = InstanceId::parse(&instance)
+                    .ok()
+                    .zip(serde_json::from_str::<Record>(&record).ok());
+                let Some(((id, _), record)) = parsed else {
+                    tracing::error!("keeper holds instance {instance:?} (pid {pid}) with an unreadable record; killing it");
+                    if let Some(fd) = &pidfd {
+                        let _ =
+                            crate::sys::pidfd_send_signal(fd, bulkhead_core::signal::Signal::KILL);
+                    }
+                    continue;
+                };
+                let cgroup = record.cgroup.clone().map(InstanceCgroup::at);
+                if let Some(cg) = &cgroup {
+                    keep.push(cg.dir().to_owned());
+                }
+                let spawned = Spawned {
+                    handle: self.handle(&client, instance, pid, pidfd, cgroup),
+                    stdout: None,
+                    stderr: None,
+                    tap,
+                };
+                out.push(Adoptable {
+                    instance: id,
+                    pid,
+                    start_time,
+                    record,
+                    exit,
+                    spawned,
+                });
             }
-            let spawned = Spawned {
-                handle: self.handle(&client, instance, pid, pidfd, cgroup),
-                stdout: out_fd,
-                stderr: err_fd,
-            };
-            out.push(Adoptable {
-                instance: id,
-                pid,
-                start_time,
-                record,
-                exit,
-                spawned,
-            });
         }
         // Instance cgroups of this scope that no adopted instance owns: left by a daemon
         // that did not shut down cleanly (instances of a keeper that died, their
@@ -584,37 +738,65 @@ impl KeeperDriver {
         };
         let record = serde_json::to_string(&record)
             .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
-        let mut client = self.live_client().await?;
-        let mut res = client
-            .spawn(
-                spec.instance.as_str(),
-                record.clone(),
-                spec.argv.clone(),
-                spec.env.clone(),
-                spec.cwd.clone(),
-                cgroup_dir.clone(),
-            )
-            .await;
-        if res.is_err() && client.is_closed() && self.restart.is_some() {
-            // The keeper died during this request: once more, with a new one.
-            client = self.live_client().await?;
-            res = client
-                .spawn(
-                    spec.instance.as_str(),
-                    record,
-                    spec.argv,
-                    spec.env,
-                    spec.cwd,
-                    cgroup_dir,
-                )
-                .await;
+        let spawn_at = |client: Arc<KeeperClient>| {
+            let (record, spec, cgroup_dir) = (record.clone(), &spec, cgroup_dir.clone());
+            async move {
+                client
+                    .spawn(
+                        spec.instance.as_str(),
+                        record,
+                        spec.argv.clone(),
+                        spec.env.clone(),
+                        spec.cwd.clone(),
+                        cgroup_dir,
+                    )
+                    .await
+            }
+        };
+        // The first keeper not known to be full; a full one may have room again (its
+        // instances end), so it is asked again once the others are full too.
+        let mut shard = self
+            .clients()
+            .iter()
+            .position(|c| !c.is_full() || c.is_closed())
+            .unwrap_or(0);
+        let mut last_full = String::new();
+        loop {
+            if shard >= MAX_SHARDS {
+                return Err(SpawnError::Other(format!(
+                    "every keeper is full ({MAX_SHARDS} keepers; {last_full}); raise the daemon's open-files limit"
+                )));
+            }
+            let mut client = self.live_client(shard).await?;
+            let mut res = spawn_at(Arc::clone(&client)).await;
+            if res.is_err() && client.is_closed() && self.restart.is_some() {
+                // The keeper died during this request: once more, with a new one.
+                client = self.live_client(shard).await?;
+                res = spawn_at(Arc::clone(&client)).await;
+            }
+            match res? {
+                KeeperSpawn::Started {
+                    pid, pidfd, tap, ..
+                } => {
+                    return Ok(Spawned {
+                        handle: self.handle(
+                            &client,
+                            spec.instance.to_string(),
+                            pid,
+                            Some(pidfd),
+                            cgroup,
+                        ),
+                        stdout: None,
+                        stderr: None,
+                        tap: Some(tap),
+                    });
+                }
+                KeeperSpawn::Full(why) => {
+                    last_full = why;
+                    shard += 1;
+                }
+            }
         }
-        let (pid, _start, pidfd, out, err) = res?;
-        Ok(Spawned {
-            handle: self.handle(&client, spec.instance.to_string(), pid, pidfd, cgroup),
-            stdout: Some(out),
-            stderr: Some(err),
-        })
     }
 }
 

@@ -1,27 +1,38 @@
 //! The keeper: a small process that parents the instances so they outlive the daemon.
 //!
 //! A process that is not your child cannot be waited on, so a daemon that crashes loses
-//! the exit statuses of the instances it started. The keeper (one per state directory,
-//! `bulkhead keeper`, a plain poll loop with no async runtime) spawns instances on the
-//! daemon's behalf and is their parent and child subreaper. It:
+//! the exit statuses of the instances it started. The keeper (`bulkhead keeper`, a plain
+//! poll loop with no async runtime) spawns instances on the daemon's behalf and is their
+//! parent and child subreaper. It:
 //!
 //! - spawns each instance in its own process group with `PR_SET_PDEATHSIG(SIGKILL)`: if
 //!   the keeper dies, its instances die with it, so nothing ever runs unseen; and, when
 //!   the daemon gives one, in the instance's cgroup (the child joins it before exec), so
 //!   that what an instance forks, `setsid` or not, is found and killed with it by the
 //!   daemon (a double-forked process has no parent-death signal of its own);
-//! - opens a pidfd for each instance before it can reap it, and hands the daemon the pidfd
-//!   and the read ends of the instance's stdout/stderr pipes (`SCM_RIGHTS`), keeping its own
-//!   copies so that the pipes stay open (and the instance keeps running) while no daemon is
-//!   connected; logs resume when a daemon reconnects;
+//! - holds the read ends of each instance's stdout and stderr pipes and forwards what
+//!   they carry to the daemon as output packets (so the daemon holds no pipe: one
+//!   descriptor per instance, its pidfd). While no daemon is connected, or the daemon
+//!   reads slowly, the keeper stops reading: the pipes fill and the instance waits, as it
+//!   would on a slow terminal; output resumes when a daemon reconnects. What was in
+//!   flight on the connection when a daemon crashed (at most its socket buffer) is lost;
+//! - opens a pidfd for an instance whenever it hands one to the daemon (on spawn, on
+//!   `List`); it is the parent and reaps only in its own loop, so the pid is pinned;
 //! - reaps every child (orphaned grandchildren included: no zombie survives) and keeps each
 //!   instance's exit status until the daemon acknowledges it, across daemon restarts;
 //! - stores an opaque record per instance (the daemon's JSON: key, spec as launched,
 //!   counters) and returns it on `List`, which is how a restarted daemon adopts instances.
 //!
+//! **Shards.** A keeper holds two descriptors per instance, so its open-files limit caps
+//! how many it can hold; past that it refuses a spawn as `full` and the daemon starts the
+//! next keeper of the state directory (shard 1, 2, ...; socket `keeper.<n>.sock`). With a
+//! limit of 20,000 a keeper holds 9,968 instances; with systemd's `LimitNOFILE=` raised,
+//! one keeper holds them all.
+//!
 //! The protocol is JSON over a `SOCK_SEQPACKET` Unix socket at `<state>/keeper.sock` (one
-//! message per packet, file descriptors attached), see [`Request`] and [`Reply`]. One
-//! daemon is connected at a time; a new connection replaces the old one.
+//! message per packet, file descriptors attached), see [`Request`] and [`Reply`], plus
+//! binary output packets ([`output_packet`]). One daemon is connected at a time; a new
+//! connection replaces the old one.
 //!
 //! The daemon side is [`client::KeeperClient`] and the driver [`client::KeeperDriver`].
 
@@ -30,6 +41,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
+use crate::Stream;
 use bulkhead_core::event::ExitStatus;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
@@ -47,8 +59,7 @@ pub const MAX_MESSAGE: usize = 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Start an instance. Answered by `Spawned` (fds: pidfd, stdout, stderr) or
-    /// `SpawnFailed`.
+    /// Start an instance. Answered by `Spawned` (fd: its pidfd) or `SpawnFailed`.
     Spawn {
         req: u64,
         instance: String,
@@ -80,13 +91,17 @@ pub enum Reply {
     SpawnFailed {
         req: u64,
         error: String,
+        /// The keeper holds as many instances as its descriptor limit allows: the
+        /// daemon asks the next keeper.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        full: bool,
     },
     /// The keeper reaped an instance's main process.
     Exited {
         pid: u32,
         status: ExitStatus,
     },
-    /// One held instance (fds: pidfd, stdout, stderr).
+    /// One held instance (fd: its pidfd, unless it has exited).
     Instance {
         req: u64,
         instance: String,
@@ -94,10 +109,17 @@ pub enum Reply {
         pid: u32,
         start_time: u64,
         exit: Option<ExitStatus>,
+        /// Which of stdout and stderr are still open (their output follows as packets).
+        #[serde(default = "both_open")]
+        open: [bool; 2],
     },
     ListEnd {
         req: u64,
     },
+}
+
+fn both_open() -> [bool; 2] {
+    [true, true]
 }
 
 /// Sends one message with `fds` attached. The socket may be non-blocking: `WouldBlock`
@@ -129,11 +151,49 @@ pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>])
     Ok(())
 }
 
-/// Receives one message and its fds. `Ok(None)` at end of stream.
-pub fn recv<T: for<'de> Deserialize<'de>>(
-    sock: BorrowedFd<'_>,
-    buf: &mut [u8],
-) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
+/// First byte of an output packet: `O`, the pid (u32, little-endian), the stream (1
+/// stdout, 2 stderr), then the bytes; no bytes means the stream ended. A JSON message
+/// starts with `{`.
+pub const OUTPUT_TAG: u8 = b'O';
+/// The most output bytes in one packet.
+pub const OUTPUT_CHUNK: usize = 32 * 1024;
+const OUTPUT_HEADER: usize = 6;
+
+/// An output packet (see [`OUTPUT_TAG`]).
+pub fn output_packet(pid: u32, stream: Stream, data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(OUTPUT_HEADER + data.len());
+    p.push(OUTPUT_TAG);
+    p.extend_from_slice(&pid.to_le_bytes());
+    p.push(match stream {
+        Stream::Stdout => 1,
+        Stream::Stderr => 2,
+    });
+    p.extend_from_slice(data);
+    p
+}
+
+/// Sends bytes as one packet, without descriptors. The socket may be non-blocking.
+pub fn send_raw(sock: BorrowedFd<'_>, packet: &[u8]) -> io::Result<()> {
+    let n = rustix::net::send(sock, packet, SendFlags::DONTWAIT | SendFlags::NOSIGNAL)?;
+    if n != packet.len() {
+        return Err(io::Error::other("short write on the keeper socket"));
+    }
+    Ok(())
+}
+
+/// What the daemon receives from the keeper.
+pub enum Incoming {
+    Reply(Reply, Vec<OwnedFd>),
+    /// Output of `pid`; empty `data`: the stream ended.
+    Output {
+        pid: u32,
+        stream: Stream,
+        data: Vec<u8>,
+    },
+}
+
+/// Receives one packet and its fds into `buf`: its length. `Ok(None)` at end of stream.
+fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [IoSliceMut::new(buf)];
@@ -155,9 +215,46 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
     if msg.flags.contains(rustix::net::ReturnFlags::TRUNC) {
         return Err(io::Error::other("keeper message truncated"));
     }
-    let value = serde_json::from_slice(&buf[..msg.bytes])
+    Ok(Some((msg.bytes, fds)))
+}
+
+/// Receives one message and its fds. `Ok(None)` at end of stream.
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<Option<(T, Vec<OwnedFd>)>> {
+    let Some((n, fds)) = recv_packet(sock, buf)? else {
+        return Ok(None);
+    };
+    let value = serde_json::from_slice(&buf[..n])
         .map_err(|e| io::Error::other(format!("bad keeper message: {e}")))?;
     Ok(Some((value, fds)))
+}
+
+/// Receives one reply or output packet. `Ok(None)` at end of stream.
+pub fn recv_incoming(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<Incoming>> {
+    let Some((n, fds)) = recv_packet(sock, buf)? else {
+        return Ok(None);
+    };
+    if buf[0] == OUTPUT_TAG {
+        if n < OUTPUT_HEADER {
+            return Err(io::Error::other("short keeper output packet"));
+        }
+        let pid = u32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        let stream = match buf[5] {
+            1 => Stream::Stdout,
+            2 => Stream::Stderr,
+            s => return Err(io::Error::other(format!("bad keeper output stream {s}"))),
+        };
+        return Ok(Some(Incoming::Output {
+            pid,
+            stream,
+            data: buf[OUTPUT_HEADER..n].to_vec(),
+        }));
+    }
+    let reply = serde_json::from_slice(&buf[..n])
+        .map_err(|e| io::Error::other(format!("bad keeper message: {e}")))?;
+    Ok(Some(Incoming::Reply(reply, fds)))
 }
 
 /// A `SOCK_SEQPACKET` Unix socket, close-on-exec.

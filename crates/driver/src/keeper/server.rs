@@ -1,5 +1,6 @@
 //! The keeper's main loop: no async runtime, one `poll` over the listening socket, the
-//! connected daemon and a signalfd for SIGCHLD.
+//! connected daemon, a signalfd for SIGCHLD and an epoll set of the instances' output
+//! pipes (so a round costs the same with 10 instances or 10,000).
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -8,9 +9,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use bulkhead_core::event::ExitStatus;
-use rustix::event::{PollFd, PollFlags};
+use rustix::event::{epoll, PollFd, PollFlags};
 
-use super::{Reply, Request, MAX_MESSAGE};
+use super::{Reply, Request, MAX_MESSAGE, OUTPUT_CHUNK};
 use crate::sys;
 
 /// The keeper could not start or failed.
@@ -36,37 +37,67 @@ pub enum KeeperError {
     },
 }
 
-/// The keeper's socket, lock and pid file in a state directory.
+/// The socket of the state directory's first keeper (shard 0).
 pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("keeper.sock")
+    shard_socket_path(state_dir, 0)
 }
 
-fn lock_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("keeper.lock")
+/// The socket of keeper shard `shard` (see the module docs of [`super`]).
+pub fn shard_socket_path(state_dir: &Path, shard: usize) -> PathBuf {
+    match shard {
+        0 => state_dir.join("keeper.sock"),
+        n => state_dir.join(format!("keeper.{n}.sock")),
+    }
 }
+
+fn lock_path(state_dir: &Path, shard: usize) -> PathBuf {
+    match shard {
+        0 => state_dir.join("keeper.lock"),
+        n => state_dir.join(format!("keeper.{n}.lock")),
+    }
+}
+
+/// Descriptors a keeper keeps for itself (its sockets, signalfd, epoll, lock, stdio) and
+/// for a spawn in progress (two pipes, the cgroup file, a pidfd), below its limit.
+const RESERVED_FDS: u64 = 64;
 
 struct Held {
     instance: String,
     record: String,
     start_time: u64,
-    pidfd: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+    /// The read ends of stdout and stderr, until each reaches its end.
+    out: [Option<OwnedFd>; 2],
     exit: Option<ExitStatus>,
+    /// The daemon has the exit status; the entry goes once the output has ended too.
+    acked: bool,
+}
+
+impl Held {
+    fn open_streams(&self) -> usize {
+        self.out.iter().filter(|o| o.is_some()).count()
+    }
 }
 
 struct Keeper {
     held: HashMap<u32, Held>,
     client: Option<OwnedFd>,
     shutdown: bool,
+    /// Every open output pipe, keyed `pid << 1 | stream index`.
+    pipes: OwnedFd,
+    /// Pipe descriptors held, against `capacity`.
+    open_pipes: u64,
+    capacity: u64,
+    /// An output packet the daemon's socket had no room for: sent first when it does;
+    /// meanwhile no pipe is read.
+    pending: Option<Vec<u8>>,
 }
 
-/// Runs the keeper for `state_dir` until it is told to shut down and holds no instance.
-/// Returns at once if another keeper already holds the state directory.
+/// Runs keeper shard `shard` for `state_dir` until it is told to shut down and holds no
+/// instance. Returns at once if another keeper already serves that shard.
 ///
 /// Call it first thing in the process: it closes every descriptor above 2 (the keeper
 /// keeps nothing it inherited).
-pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
+pub fn run(state_dir: &Path, shard: usize) -> Result<(), KeeperError> {
     // The keeper keeps no descriptor of whoever started it (a daemon that was itself given
     // stray descriptors, a shell): it closes them all before it opens anything, so none
     // can reach an instance. That is why `run` must be the process's first step.
@@ -74,8 +105,8 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
         what: "cannot close inherited descriptors",
         source,
     })?;
-    crate::sys::raise_nofile_limit();
-    let lock_file = lock_path(state_dir);
+    let limit = crate::sys::raise_nofile_limit();
+    let lock_file = lock_path(state_dir, shard);
     let lock = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -86,7 +117,7 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
             source,
         })?;
     if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-        // Another keeper serves this state directory.
+        // Another keeper serves this shard of the state directory.
         return Ok(());
     }
     let _ = lock.set_len(0);
@@ -94,8 +125,12 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
     let sys_err = |what| move |source| KeeperError::Sys { what, source };
     sys::set_child_subreaper().map_err(sys_err("cannot become a child subreaper"))?;
     let sigfd = sigchld_fd().map_err(sys_err("cannot watch SIGCHLD"))?;
+    let pipes = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| KeeperError::Sys {
+        what: "cannot create an epoll instance",
+        source: e.into(),
+    })?;
 
-    let path = socket_path(state_dir);
+    let path = shard_socket_path(state_dir, shard);
     let listen_err = |source| KeeperError::Listen {
         path: path.clone(),
         source,
@@ -112,20 +147,33 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
         held: HashMap::new(),
         client: None,
         shutdown: false,
+        pipes,
+        open_pipes: 0,
+        capacity: limit.saturating_sub(RESERVED_FDS),
+        pending: None,
     };
     let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut chunk = vec![0u8; OUTPUT_CHUNK];
     loop {
         if k.shutdown && k.held.values().all(|h| h.exit.is_some()) {
             let _ = std::fs::remove_file(&path);
             return Ok(());
         }
-        let (sig_ready, listen_ready, client_ready) = {
+        let (sig_ready, listen_ready, client_ready, client_writable, pipes_ready) = {
             let mut fds = vec![
                 PollFd::new(&sigfd, PollFlags::IN),
                 PollFd::new(&listener, PollFlags::IN),
             ];
             if let Some(c) = &k.client {
-                fds.push(PollFd::new(c, PollFlags::IN));
+                let mut flags = PollFlags::IN;
+                if k.pending.is_some() {
+                    flags |= PollFlags::OUT;
+                }
+                fds.push(PollFd::new(c, flags));
+                // The pipes are read only while the daemon can take what they carry.
+                if k.pending.is_none() {
+                    fds.push(PollFd::new(&k.pipes, PollFlags::IN));
+                }
             }
             match rustix::event::poll(&mut fds, None) {
                 Ok(_) => {}
@@ -137,10 +185,16 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
                     })
                 }
             }
+            let client = fds
+                .get(2)
+                .map(|f| f.revents())
+                .unwrap_or(PollFlags::empty());
             (
                 !fds[0].revents().is_empty(),
                 !fds[1].revents().is_empty(),
-                fds.get(2).is_some_and(|f| !f.revents().is_empty()),
+                client.intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR),
+                client.contains(PollFlags::OUT),
+                fds.get(3).is_some_and(|f| !f.revents().is_empty()),
             )
         };
         if sig_ready {
@@ -159,6 +213,12 @@ pub fn run(state_dir: &Path) -> Result<(), KeeperError> {
         }
         if client_ready {
             k.serve_client(&mut buf);
+        }
+        if client_writable {
+            k.flush_pending();
+        }
+        if pipes_ready {
+            k.forward_output(&mut chunk);
         }
     }
 }
@@ -194,6 +254,91 @@ impl Keeper {
         }
     }
 
+    /// Sends an output packet; when the socket is full it is kept as `pending` (and no
+    /// pipe is read until it has gone). False if it could not be sent now.
+    fn send_output(&mut self, packet: Vec<u8>) -> bool {
+        let Some(c) = &self.client else {
+            self.pending = Some(packet);
+            return false;
+        };
+        match super::send_raw(c.as_fd(), &packet) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.pending = Some(packet);
+                false
+            }
+            Err(e) => {
+                eprintln!("bulkhead keeper: cannot send output to the daemon ({e}); dropping the connection");
+                self.client = None;
+                // Kept for the next daemon.
+                self.pending = Some(packet);
+                false
+            }
+        }
+    }
+
+    fn flush_pending(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.send_output(p);
+        }
+    }
+
+    /// Reads the pipes that have output (a chunk each, round after round: a noisy instance
+    /// does not starve the others) and forwards it, until the daemon's socket is full.
+    fn forward_output(&mut self, chunk: &mut [u8]) {
+        let mut events = [std::mem::MaybeUninit::<epoll::Event>::uninit(); 256];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let ready: Vec<u64> = match epoll::wait(&self.pipes, &mut events, Some(&zero)) {
+            Ok((ready, _)) => ready.iter().map(|e| e.data.u64()).collect(),
+            Err(_) => return,
+        };
+        for key in ready {
+            if self.pending.is_some() || self.client.is_none() {
+                return;
+            }
+            let pid = (key >> 1) as u32;
+            let stream = if key & 1 == 0 {
+                crate::Stream::Stdout
+            } else {
+                crate::Stream::Stderr
+            };
+            let Some(fd) = self
+                .held
+                .get(&pid)
+                .and_then(|h| h.out[stream.index()].as_ref())
+            else {
+                continue;
+            };
+            match rustix::io::read(fd, &mut *chunk) {
+                Ok(0) => self.end_stream(pid, stream),
+                Ok(n) => {
+                    self.send_output(super::output_packet(pid, stream, &chunk[..n]));
+                }
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {}
+                Err(_) => self.end_stream(pid, stream),
+            }
+        }
+    }
+
+    /// A pipe reached its end: closed, and the daemon told.
+    fn end_stream(&mut self, pid: u32, stream: crate::Stream) {
+        let Some(h) = self.held.get_mut(&pid) else {
+            return;
+        };
+        if let Some(fd) = h.out[stream.index()].take() {
+            let _ = epoll::delete(&self.pipes, &fd);
+            self.open_pipes -= 1;
+        }
+        let gone = h.acked && h.open_streams() == 0;
+        if gone {
+            self.held.remove(&pid);
+        }
+        self.send_output(super::output_packet(pid, stream, &[]));
+    }
+
     fn handle(&mut self, req: Request) {
         match req {
             Request::Spawn {
@@ -204,52 +349,109 @@ impl Keeper {
                 env,
                 cwd,
                 cgroup,
-            } => match spawn(&argv, &env, &cwd, cgroup.as_deref()) {
-                Ok((pid, pidfd, stdout, stderr)) => {
-                    let start_time = sys::read_stat(pid).map(|s| s.starttime).unwrap_or(0);
-                    let reply = Reply::Spawned {
-                        req,
-                        pid,
-                        start_time,
-                    };
-                    {
-                        let fds = [pidfd.as_fd(), stdout.as_fd(), stderr.as_fd()];
-                        let Some(c) = &self.client else { return };
-                        if let Err(e) = super::send(c.as_fd(), &reply, &fds) {
-                            eprintln!("bulkhead keeper: cannot send to the daemon ({e})");
-                            self.client = None;
+            } => {
+                if self.open_pipes + 2 > self.capacity {
+                    let error = format!(
+                        "the keeper holds {} instances, as many as its open-files limit allows",
+                        self.held.len()
+                    );
+                    self.reply(
+                        &Reply::SpawnFailed {
+                            req,
+                            error,
+                            full: true,
+                        },
+                        &[],
+                    );
+                    return;
+                }
+                match spawn(&argv, &env, &cwd, cgroup.as_deref()) {
+                    Ok((pid, pidfd, stdout, stderr)) => {
+                        let start_time = sys::read_stat(pid).map(|s| s.starttime).unwrap_or(0);
+                        let reply = Reply::Spawned {
+                            req,
+                            pid,
+                            start_time,
+                        };
+                        self.reply(&reply, &[pidfd.as_fd()]);
+                        // The keeper's own pidfd goes: the pid stays pinned until this loop
+                        // reaps it, and a new one is opened whenever one is handed over.
+                        drop(pidfd);
+                        let mut out = [None, None];
+                        for (i, fd) in [stdout, stderr].into_iter().enumerate() {
+                            let key = u64::from(pid) << 1 | i as u64;
+                            let watched = rustix::io::ioctl_fionbio(&fd, true).is_ok()
+                                && epoll::add(
+                                    &self.pipes,
+                                    &fd,
+                                    epoll::EventData::new_u64(key),
+                                    epoll::EventFlags::IN,
+                                )
+                                .is_ok();
+                            if watched {
+                                self.open_pipes += 1;
+                                out[i] = Some(fd);
+                            } else {
+                                eprintln!("bulkhead keeper: cannot watch the output of pid {pid}");
+                            }
+                        }
+                        // A pid reaped, acknowledged and now reused while the old
+                        // instance's output (held by an escaped descendant) was still open:
+                        // that output ends here.
+                        if let Some(old) = self.held.remove(&pid) {
+                            for fd in old.out.into_iter().flatten() {
+                                let _ = epoll::delete(&self.pipes, &fd);
+                                self.open_pipes -= 1;
+                            }
+                        }
+                        self.held.insert(
+                            pid,
+                            Held {
+                                instance,
+                                record,
+                                start_time,
+                                out,
+                                exit: None,
+                                acked: false,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let error = format!(
+                            "cannot start {}: {e}",
+                            argv.first()
+                                .map(String::as_str)
+                                .unwrap_or("(empty command)")
+                        );
+                        self.reply(
+                            &Reply::SpawnFailed {
+                                req,
+                                error,
+                                full: false,
+                            },
+                            &[],
+                        );
+                    }
+                }
+            }
+            Request::Ack { pid } => {
+                if let Some(h) = self.held.get_mut(&pid) {
+                    if h.exit.is_some() {
+                        // The output may still be draining: the entry goes when it ends.
+                        h.acked = true;
+                        if h.open_streams() == 0 {
+                            self.held.remove(&pid);
                         }
                     }
-                    self.held.insert(
-                        pid,
-                        Held {
-                            instance,
-                            record,
-                            start_time,
-                            pidfd,
-                            stdout,
-                            stderr,
-                            exit: None,
-                        },
-                    );
-                }
-                Err(e) => {
-                    let error = format!(
-                        "cannot start {}: {e}",
-                        argv.first()
-                            .map(String::as_str)
-                            .unwrap_or("(empty command)")
-                    );
-                    self.reply(&Reply::SpawnFailed { req, error }, &[]);
-                }
-            },
-            Request::Ack { pid } => {
-                if self.held.get(&pid).is_some_and(|h| h.exit.is_some()) {
-                    self.held.remove(&pid);
                 }
             }
             Request::List { req } => {
-                let pids: Vec<u32> = self.held.keys().copied().collect();
+                let pids: Vec<u32> = self
+                    .held
+                    .iter()
+                    .filter(|(_, h)| !h.acked)
+                    .map(|(p, _)| *p)
+                    .collect();
                 for pid in pids {
                     let Some(h) = self.held.get(&pid) else {
                         continue;
@@ -261,9 +463,17 @@ impl Keeper {
                         pid,
                         start_time: h.start_time,
                         exit: h.exit,
+                        open: [h.out[0].is_some(), h.out[1].is_some()],
+                    };
+                    // Not reaped yet (this loop reaps only in its SIGCHLD step), so the pid
+                    // names the instance.
+                    let pidfd = if h.exit.is_none() {
+                        sys::pidfd_open(pid).ok()
+                    } else {
+                        None
                     };
                     let Some(c) = &self.client else { return };
-                    let fds = [h.pidfd.as_fd(), h.stdout.as_fd(), h.stderr.as_fd()];
+                    let fds: Vec<_> = pidfd.iter().map(|f| f.as_fd()).collect();
                     if let Err(e) = super::send(c.as_fd(), &msg, &fds) {
                         eprintln!("bulkhead keeper: cannot send to the daemon ({e})");
                         self.client = None;
