@@ -349,13 +349,24 @@ pub struct EventsArgs {
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
+    /// The instance id (`session:s1:web`), live or finished.
     pub id: String,
     /// Keep streaming new output.
     #[arg(short, long)]
     pub follow: bool,
-    /// Only the last N bytes.
-    #[arg(long, default_value_t = 0)]
+    /// Only the last N lines (0: all).
+    #[arg(short = 'n', long, default_value_t = 0, value_name = "N")]
     pub tail: u64,
+    /// Only lines written since this long ago (`10m`, `2h`) or this time (RFC 3339).
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Prefix each line with the time it was written (and its stream).
+    #[arg(short, long)]
+    pub timestamps: bool,
+    /// Output format: text (stdout lines on stdout, stderr lines and run marks on
+    /// stderr) or json (one object per line: time, stream, run, line, partial).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
 }
 
 #[derive(Debug, Args)]

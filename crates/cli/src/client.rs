@@ -230,22 +230,96 @@ pub async fn events(socket: &Path, a: cli::EventsArgs) -> anyhow::Result<()> {
 
 pub async fn logs(socket: &Path, a: cli::LogsArgs) -> anyhow::Result<()> {
     check_id(&a.id)?;
+    let since_unix_ms = match &a.since {
+        None => 0,
+        Some(s) => since_ms(s, now_ms())?,
+    };
     let mut c = connect(socket).await?;
     let mut stream = c
         .logs(v1::LogsRequest {
             id: a.id,
             follow: a.follow,
-            tail_bytes: a.tail,
+            tail_lines: a.tail,
+            since_unix_ms,
         })
         .await
         .map_err(from_status)?
         .into_inner();
+    // Whether the last line printed of each stream was partial (its rest follows, with no
+    // prefix of its own).
+    let mut open = [false; 4];
     while let Some(chunk) = stream.message().await.map_err(from_status)? {
         let mut out = std::io::stdout().lock();
-        out.write_all(&chunk.data)?;
+        let mut err = std::io::stderr().lock();
+        for l in chunk.lines {
+            let stream = v1::LogStream::try_from(l.stream).unwrap_or(v1::LogStream::Stdout);
+            let name = match stream {
+                v1::LogStream::Stderr => "stderr",
+                v1::LogStream::Bulkhead => "bulkhead",
+                _ => "stdout",
+            };
+            if a.output == Format::Json {
+                let v = serde_json::json!({
+                    "time": bulkhead_core::time::rfc3339(l.time_unix_ms),
+                    "stream": name,
+                    "run": l.run,
+                    "line": String::from_utf8_lossy(&l.data),
+                    "partial": l.partial,
+                });
+                writeln!(out, "{v}")?;
+                continue;
+            }
+            let to: &mut dyn Write = match stream {
+                v1::LogStream::Stderr | v1::LogStream::Bulkhead => &mut err,
+                _ => &mut out,
+            };
+            let slot = &mut open[stream as usize % 4];
+            if !*slot {
+                if a.timestamps {
+                    write!(
+                        to,
+                        "{} {name} ",
+                        bulkhead_core::time::rfc3339(l.time_unix_ms)
+                    )?;
+                }
+                if stream == v1::LogStream::Bulkhead {
+                    to.write_all(b"--- ")?;
+                }
+            }
+            to.write_all(&l.data)?;
+            if !l.partial {
+                if stream == v1::LogStream::Bulkhead {
+                    to.write_all(b" ---")?;
+                }
+                to.write_all(b"\n")?;
+            }
+            *slot = l.partial;
+        }
         out.flush()?;
+        err.flush()?;
     }
     Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `--since`: a duration back from `now_ms` (`10m`) or a time (RFC 3339).
+fn since_ms(s: &str, now_ms: u64) -> anyhow::Result<u64> {
+    if let Some(t) = bulkhead_core::time::parse_rfc3339(s) {
+        return Ok(t.max(1));
+    }
+    match bulkhead_core::duration::parse(s) {
+        Ok(d) => Ok(now_ms.saturating_sub(d.as_millis() as u64).max(1)),
+        Err(_) => Err(fail(
+            exit::INVALID,
+            format!("--since {s:?}: not a duration (10m, 2h) or a time (2026-12-03T10:00:00Z)"),
+        )),
+    }
 }
 
 pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {

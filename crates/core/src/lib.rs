@@ -38,6 +38,7 @@ pub mod expand;
 pub mod instance;
 pub mod key;
 pub mod lease;
+pub mod logline;
 pub mod name;
 pub mod port;
 pub mod restart;

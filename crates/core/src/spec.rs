@@ -103,7 +103,30 @@ pub struct WorkloadSpec {
     /// Shared-memory channels (the data plane), created before each start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<crate::channels::Channels>,
+    /// The instance log's rotation (absent: the daemon's `--log-max-bytes`, one rotated
+    /// file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<LogSettings>,
 }
+
+/// How an instance's log rotates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// The size at which the log rotates (`8Mi`); at least 4 KiB.
+    #[serde(
+        default,
+        with = "crate::size::opt_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_size: Option<u64>,
+    /// Rotated files kept besides the current one, 1 to [`MAX_LOG_GENERATIONS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
+}
+
+/// The most rotated log files a workload may keep.
+pub const MAX_LOG_GENERATIONS: u32 = 100;
 
 /// Resource limits of one instance.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -906,6 +929,17 @@ impl WorkloadSpec {
         if let Some(r) = &self.resources {
             r.validate()?;
         }
+        if let Some(l) = &self.logs {
+            if l.max_size.is_some_and(|m| m < 4096) {
+                return Err(("logs.max_size".into(), "must be at least 4Ki".into()));
+            }
+            if l.keep.is_some_and(|k| k == 0 || k > MAX_LOG_GENERATIONS) {
+                return Err((
+                    "logs.keep".into(),
+                    format!("must be between 1 and {MAX_LOG_GENERATIONS}"),
+                ));
+            }
+        }
         if let Some(c) = &self.channels {
             c.validate(&self.name).map_err(|(f, r)| {
                 let field = if f.is_empty() {
@@ -1039,6 +1073,26 @@ mod tests {
 
     fn parse(text: &str) -> Result<WorkloadSpec, ManifestError> {
         parse_manifest("w/web/manifest.yaml", "web", text)
+    }
+
+    #[test]
+    fn log_rotation_is_per_workload_and_checked() {
+        let s = parse("name: web\ncommand: [x]\nlogs: {max_size: 1Mi, keep: 5}\n").unwrap();
+        assert_eq!(
+            s.logs,
+            Some(LogSettings {
+                max_size: Some(1 << 20),
+                keep: Some(5)
+            })
+        );
+        for (bad, field) in [
+            ("logs: {keep: 0}", "logs.keep"),
+            ("logs: {keep: 101}", "logs.keep"),
+            ("logs: {max_size: 100}", "logs.max_size"),
+        ] {
+            let e = parse(&format!("name: web\ncommand: [x]\n{bad}\n")).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{bad}: {e}");
+        }
     }
 
     #[test]

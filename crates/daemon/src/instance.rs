@@ -297,7 +297,12 @@ pub(crate) fn start_with(
         log: Arc::new(LogFile::new(
             &sh.logs_dir(),
             id.file_stem(),
-            sh.cfg.log_max_bytes,
+            spec.logs
+                .and_then(|l| l.max_size)
+                .unwrap_or(sh.cfg.log_max_bytes),
+            spec.logs
+                .and_then(|l| l.keep)
+                .unwrap_or(crate::logs::DEFAULT_GENERATIONS),
         )),
         id,
         key,
@@ -407,13 +412,15 @@ async fn run(
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(0);
         sh.ports.reserve(port);
-        slot.log.attach(
-            a.spawned
-                .stdout
-                .into_iter()
-                .chain(a.spawned.stderr)
-                .collect(),
+        slot.log.start_run(
+            inst.restarts() + 1,
+            &format!(
+                "run {} (pid {}) adopted by a restarted daemon",
+                inst.restarts() + 1,
+                a.pid
+            ),
         );
+        slot.log.attach(a.spawned.stdout, a.spawned.stderr);
         if let Some(tap) = &a.spawned.tap {
             slot.log.attach_tap(tap);
         }
@@ -440,8 +447,15 @@ async fn run(
                     let input = match result {
                         Ok((spawned, notify)) => {
                             let pid = spawned.handle.pid();
-                            slot.log
-                                .attach(spawned.stdout.into_iter().chain(spawned.stderr).collect());
+                            let run = inst.restarts() + 1;
+                            slot.log.start_run(
+                                run,
+                                &match pid {
+                                    Some(p) => format!("run {run} started (pid {p})"),
+                                    None => format!("run {run} started"),
+                                },
+                            );
+                            slot.log.attach(spawned.stdout, spawned.stderr);
                             if let Some(tap) = &spawned.tap {
                                 slot.log.attach_tap(tap);
                             }
@@ -634,6 +648,7 @@ async fn run(
                     }
                     None => {}
                 }
+                slot.log.mark(&format!("run {} ended: {status}", inst.restarts() + 1));
                 queue.extend(inst.handle(Input::Exited(status), now()));
             }
             Some(msg) = nrx.recv() => {

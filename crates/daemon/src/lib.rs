@@ -111,10 +111,10 @@ pub struct Shared {
     pub(crate) cfg: Config,
     catalog: RwLock<Arc<catalog::Catalog>>,
     registry: Mutex<HashMap<InstanceId, Arc<Slot>>>,
-    /// Finished instances still in `registry` (for `get` and `list`), oldest first: at most
-    /// [`FINISHED_KEPT`] stay, so a daemon that serves a new session per request does not
-    /// grow without bound.
-    finished: Mutex<std::collections::VecDeque<(InstanceId, std::sync::Weak<Slot>)>>,
+    /// Finished instances still in `registry` (for `get` and `list`), oldest first, with
+    /// when they finished: at most [`FINISHED_KEPT`] stay, each at most [`FINISHED_TTL`],
+    /// so a daemon that serves a new session per request does not grow without bound.
+    finished: Mutex<std::collections::VecDeque<(InstanceId, std::sync::Weak<Slot>, u64)>>,
     pub events: events::EventLog,
     pub(crate) drivers: HashMap<DriverKind, Arc<dyn Driver>>,
     pub(crate) ports: ports::Ports,
@@ -202,6 +202,8 @@ fn start_sandbox(
 
 /// How many finished instances stay visible to `get` and `list`.
 pub const FINISHED_KEPT: usize = 1024;
+/// How long a finished instance stays, by default.
+pub const FINISHED_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// How long a release waits for its lease change to be stored.
 const LEASES_DURABLE_WAIT: Duration = Duration::from_secs(5);
@@ -339,19 +341,37 @@ impl Shared {
     }
 
     /// Records that `slot` reached a final state, and forgets the oldest finished
-    /// instances beyond `Config::finished_kept` ([`FINISHED_KEPT`] by default), with their logs. An entry is removed only if the registry still
-    /// holds that very slot in a final state: a key launched again since has a new slot.
+    /// instances beyond `Config::finished_kept` ([`FINISHED_KEPT`] by default) or older
+    /// than `Config::finished_ttl`, with their logs.
     pub(crate) fn retire(&self, slot: &Arc<Slot>) {
+        let now = crate::events::now_ms();
+        self.finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((slot.id.clone(), Arc::downgrade(slot), now));
+        self.forget_finished(now);
+    }
+
+    /// Forgets finished instances beyond the count or past the age they may stay (called
+    /// on each retirement and once a minute). An entry is removed only if the registry
+    /// still holds that very slot in a final state: a key launched again since has a new
+    /// slot.
+    pub(crate) fn forget_finished(&self, now_ms: u64) {
         let mut fin = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-        fin.push_back((slot.id.clone(), Arc::downgrade(slot)));
         let kept = self.cfg.finished_kept;
-        if fin.len() <= kept {
+        let ttl = self.cfg.finished_ttl.as_millis() as u64;
+        let expired =
+            |fin: &std::collections::VecDeque<(InstanceId, std::sync::Weak<Slot>, u64)>| {
+                fin.front()
+                    .is_some_and(|(_, _, at)| now_ms.saturating_sub(*at) > ttl)
+            };
+        if fin.len() <= kept && !expired(&fin) {
             return;
         }
         // Lock order: `finished`, then `registry` (nowhere is it taken the other way).
         let mut reg = self.lock_registry();
-        while fin.len() > kept {
-            let Some((id, weak)) = fin.pop_front() else {
+        while fin.len() > kept || expired(&fin) {
+            let Some((id, weak, _)) = fin.pop_front() else {
                 break;
             };
             let same = match (reg.get(&id), weak.upgrade()) {
@@ -371,6 +391,43 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Log files of instances this daemon does not know (left by an earlier daemon, whose
+    /// finished instances are not brought back): the newest `finished_kept` younger than
+    /// `finished_ttl` stay (`logs` still reads them), the rest are removed. Called once at
+    /// start-up, after recovery.
+    pub(crate) fn sweep_stray_logs(&self) -> usize {
+        let dir = self.logs_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return 0;
+        };
+        let known: std::collections::HashSet<PathBuf> = self
+            .lock_registry()
+            .values()
+            .map(|s| s.log.path().to_owned())
+            .collect();
+        let now = std::time::SystemTime::now();
+        let mut stray: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let p = e.path();
+                (p.extension()? == "log" && !known.contains(&p))
+                    .then(|| Some((e.metadata().ok()?.modified().ok()?, p)))?
+            })
+            .collect();
+        stray.sort_by_key(|s| std::cmp::Reverse(s.0));
+        let mut removed = 0;
+        for (i, (modified, p)) in stray.into_iter().enumerate() {
+            let old = now
+                .duration_since(modified)
+                .is_ok_and(|age| age > self.cfg.finished_ttl);
+            if i >= self.cfg.finished_kept || old {
+                crate::logs::remove_log_files(&p);
+                removed += 1;
+            }
+        }
+        removed
     }
 
     /// At start-up, after the keeper's and the instance table's instances are back: an
@@ -828,6 +885,9 @@ fn admit(cfg: &Config, reg: &HashMap<InstanceId, Arc<Slot>>, key: &Key) -> Resul
     Ok(())
 }
 
+/// How many lines of its stderr a failed launch reports.
+pub const FAILURE_STDERR_LINES: usize = 5;
+
 async fn wait_for(
     slot: &Slot,
     wait: WaitFor,
@@ -890,10 +950,25 @@ async fn wait_for(
     };
     let view = result.unwrap_or_else(|_| slot.view());
     match judge(&view) {
-        Some(Err(reason)) => Err(LaunchError::Failed {
-            id: slot.id.clone(),
-            reason,
-        }),
+        Some(Err(mut reason)) => {
+            // The program's last words say why, more often than its exit code: the end of
+            // what it wrote to stderr (once its output has ended, bounded).
+            slot.log
+                .output_ended(std::time::Duration::from_millis(500))
+                .await;
+            let tail = slot.log.stderr_tail(FAILURE_STDERR_LINES);
+            if !tail.is_empty() {
+                reason.push_str("; the last lines of its stderr:");
+                for l in tail {
+                    reason.push_str("\n  ");
+                    reason.push_str(&l);
+                }
+            }
+            Err(LaunchError::Failed {
+                id: slot.id.clone(),
+                reason,
+            })
+        }
         _ => Ok(view),
     }
 }

@@ -40,9 +40,11 @@
 //!   retry sees the settled tree). A reuse with the same start tick would need the parent
 //!   to die and its pid to be taken within the clock tick of the child's birth, by which
 //!   time the child is already re-parented and shows its new parent.
-//! - **The roots.** The daemon is this process. The keeper's pid comes from its socket
-//!   (`SO_PEERCRED` on the keeper connection); if the keeper died its instances died with
-//!   it (parent-death signal).
+//! - **The roots.** The daemon is this process. The keepers' pids come from their
+//!   sockets (`SO_PEERCRED` on each keeper connection at start-up: keepers of an earlier
+//!   daemon are not this one's descendants); a keeper started later (a new shard, a
+//!   replacement) is the daemon's child, so its instances descend from the daemon. If a
+//!   keeper died its instances died with it (parent-death signal).
 //!
 //! A workload's request is answered `PERMISSION_DENIED` naming the process and the
 //! ancestor, and is audited (`auth::AuthLayer`).
@@ -96,18 +98,18 @@ impl fmt::Display for Verdict {
     }
 }
 
-/// The processes whose descendants are workloads: the daemon and its keeper.
-#[derive(Debug, Clone, Copy)]
+/// The processes whose descendants are workloads: the daemon and its keepers.
+#[derive(Debug, Clone)]
 pub struct Roots {
     pub daemon: u32,
-    pub keeper: Option<u32>,
+    pub keepers: Vec<u32>,
 }
 
 impl Roots {
     fn name_of(&self, pid: u32) -> Option<&'static str> {
         if pid == self.daemon {
             Some("daemon")
-        } else if Some(pid) == self.keeper {
+        } else if self.keepers.contains(&pid) {
             Some("keeper")
         } else {
             None
@@ -321,7 +323,7 @@ mod tests {
         let me = std::process::id();
         let roots = Roots {
             daemon: u32::MAX - 1,
-            keeper: None,
+            keepers: Vec::new(),
         };
         assert_eq!(classify_pid(me, &roots), Verdict::Operator);
         let mut child = std::process::Command::new("sleep")
@@ -330,7 +332,7 @@ mod tests {
             .unwrap();
         let roots = Roots {
             daemon: me,
-            keeper: None,
+            keepers: Vec::new(),
         };
         let v = classify_pid(child.id(), &roots);
         let _ = child.kill();

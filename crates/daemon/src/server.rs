@@ -68,6 +68,9 @@ pub struct Config {
     /// How many finished instances stay listed (`get`, `list`, `logs`), with their logs,
     /// before the oldest are forgotten (default [`crate::FINISHED_KEPT`]).
     pub finished_kept: usize,
+    /// How long a finished instance stays listed, with its log, before it is forgotten
+    /// (default [`crate::FINISHED_TTL`]).
+    pub finished_ttl: std::time::Duration,
     /// The ports handed to instances as `$PORT` (see `ports`).
     pub port_range: bulkhead_core::port::PortRange,
     /// A token file (the `--tokens` format): when set, `/metrics`, `/health` and `/ready`
@@ -116,6 +119,7 @@ impl Config {
             max_instances: None,
             max_instances_per_namespace: None,
             finished_kept: crate::FINISHED_KEPT,
+            finished_ttl: crate::FINISHED_TTL,
             port_range: bulkhead_core::port::DEFAULT_RANGE,
             metrics_tokens: None,
             metrics_insecure: false,
@@ -470,6 +474,24 @@ impl Daemon {
         // Every instance that outlived the last daemon is back: the channel spaces none
         // of them needs are its leftovers.
         crate::dataplane::sweep(&shared);
+        // And the logs of instances nobody lists any more (finished under an earlier
+        // daemon): bounded like this daemon's own finished instances.
+        let swept = shared.sweep_stray_logs();
+        if swept > 0 {
+            tracing::info!("removed {swept} log(s) of instances finished under an earlier daemon");
+        }
+        // Finished instances past their time go even when nothing new finishes.
+        {
+            let sh = Arc::downgrade(&shared);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    let Some(sh) = sh.upgrade() else { return };
+                    sh.forget_finished(crate::events::now_ms());
+                }
+            });
+        }
         tracing::info!(
             "serving {} workloads from {} on {}",
             cat.entries.len(),
@@ -483,7 +505,11 @@ impl Daemon {
         let kept_audit = audit.clone();
         let roots = crate::peer::Roots {
             daemon: std::process::id(),
-            keeper: shared.keeper.as_ref().and_then(|k| k.client().peer_pid()),
+            keepers: shared
+                .keeper
+                .as_ref()
+                .map(|k| k.clients().iter().filter_map(|c| c.peer_pid()).collect())
+                .unwrap_or_default(),
         };
         // Each accepted connection is classified once (operator or workload, see `peer`);
         // the verdict rides along with every request of the connection.

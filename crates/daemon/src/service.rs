@@ -657,6 +657,7 @@ impl bulkhead_api::Bulkhead for Service {
                     &self.sh.logs_dir(),
                     id.file_stem(),
                     self.sh.cfg.log_max_bytes,
+                    bulkhead_core::spec::MAX_LOG_GENERATIONS,
                 ));
                 if !log.path().exists() {
                     return Err(Status::not_found(format!(
@@ -666,19 +667,16 @@ impl bulkhead_api::Bulkhead for Service {
                 log
             }
         };
-        let snap = log.snapshot(r.tail_bytes).map_err(|e| {
+        let tail = usize::try_from(r.tail_lines).unwrap_or(usize::MAX);
+        let since = (r.since_unix_ms > 0).then_some(r.since_unix_ms);
+        let snap = log.snapshot(since, tail).map_err(|e| {
             Status::internal(format!("cannot read log {}: {e}", log.path().display()))
         })?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            for chunk in snap.data.chunks(64 * 1024) {
-                if tx
-                    .send(Ok(v1::LogChunk {
-                        data: chunk.to_vec(),
-                    }))
-                    .await
-                    .is_err()
-                {
+            for chunk in snap.records.chunks(256) {
+                let lines = chunk.iter().map(log_line).collect();
+                if tx.send(Ok(v1::LogChunk { lines })).await.is_err() {
                     return;
                 }
             }
@@ -687,18 +685,23 @@ impl bulkhead_api::Bulkhead for Service {
             };
             loop {
                 match live.recv().await {
-                    Ok(data) => {
-                        if tx.send(Ok(v1::LogChunk { data })).await.is_err() {
+                    Ok(recs) => {
+                        let lines = recs.iter().map(log_line).collect();
+                        if tx.send(Ok(v1::LogChunk { lines })).await.is_err() {
                             return;
                         }
                     }
                     Err(RecvError::Lagged(n)) => {
-                        let note =
-                            format!("\n[bulkhead: {n} log chunks skipped: reader too slow]\n");
+                        let note = v1::LogLine {
+                            time_unix_ms: crate::events::now_ms(),
+                            stream: v1::LogStream::Bulkhead as i32,
+                            run: 0,
+                            data: format!("{n} batches of log lines skipped: reader too slow")
+                                .into_bytes(),
+                            partial: false,
+                        };
                         if tx
-                            .send(Ok(v1::LogChunk {
-                                data: note.into_bytes(),
-                            }))
+                            .send(Ok(v1::LogChunk { lines: vec![note] }))
                             .await
                             .is_err()
                         {
@@ -721,6 +724,21 @@ impl bulkhead_api::Bulkhead for Service {
         let check = auth::exec_check(&req);
         let stream = crate::exec::exec(self.sh.clone(), req.into_inner(), check).await?;
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn log_line(r: &bulkhead_core::logline::Record) -> v1::LogLine {
+    use bulkhead_core::logline::LogStream;
+    v1::LogLine {
+        time_unix_ms: r.time_ms,
+        stream: match r.stream {
+            LogStream::Stdout => v1::LogStream::Stdout,
+            LogStream::Stderr => v1::LogStream::Stderr,
+            LogStream::Bulkhead => v1::LogStream::Bulkhead,
+        } as i32,
+        run: r.run,
+        data: r.data.clone(),
+        partial: r.partial,
     }
 }
 

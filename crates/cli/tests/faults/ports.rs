@@ -131,13 +131,16 @@ fn sleepers_that_fit(wanted: usize) -> usize {
         return wanted;
     }
     let hard = lim.rlim_max;
-    // A quarter: the ~3 per instance and room for the bounded burst and the daemon.
-    let fit = usize::try_from(hard).unwrap_or(usize::MAX) / 4;
+    // The daemon holds one descriptor per instance (keepers shard past their own limit),
+    // plus room for the bounded burst and its own.
+    let fit = usize::try_from(hard)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(2048);
     if fit < wanted {
         println!(
             "ports burst: {fit} live sleepers instead of {wanted}: the open-file hard limit is \
-             {hard} and this process cannot raise it (no CAP_SYS_RESOURCE); the keeper holds \
-             ~3 per instance"
+             {hard} and this process cannot raise it (no CAP_SYS_RESOURCE); the daemon holds \
+             one per instance"
         );
         return fit;
     }

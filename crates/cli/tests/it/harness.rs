@@ -125,6 +125,17 @@ impl Daemon {
             .unwrap()
     }
 
+    /// What `bulkhead logs ID` prints, stdout lines and stderr lines (and run marks)
+    /// together.
+    pub fn logs_text(&self, id: &str) -> String {
+        let o = self.cli(&["logs", id]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+
     /// Runs the CLI, asserts success, parses stdout as JSON.
     pub fn json(&self, args: &[&str]) -> Value {
         let out = self.cli(args);

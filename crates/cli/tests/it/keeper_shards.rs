@@ -91,7 +91,7 @@ fn instances_spread_over_keepers_and_come_back_from_each_after_a_crash() {
     // stdout and stderr alike.
     let last = format!("session:s{}:t", N - 1);
     wait_until("output of the last instance", || ticks(&d, &last) > 0);
-    let log = String::from_utf8_lossy(&d.cli(&["logs", &last]).stdout).into_owned();
+    let log = d.logs_text(&last);
     assert!(log.contains("started"), "stderr reaches the log: {log}");
     let before: Vec<u32> = (0..N)
         .map(|i| {
@@ -122,6 +122,48 @@ fn instances_spread_over_keepers_and_come_back_from_each_after_a_crash() {
     // Output flows again from the second keeper.
     let n = ticks(&d, &last);
     wait_until("new output after adoption", || ticks(&d, &last) > n);
+    // A workload of a keeper the previous daemon started (not this daemon's descendant)
+    // is still refused on the API socket: every keeper is a root of the peer check.
+    let rc = d.dir.path().join("intruder.rc");
+    let script = format!(
+        "{BIN} --socket {} list >/dev/null 2>&1; echo $? > {}; exec sleep 1000",
+        d.socket.display(),
+        rc.display()
+    );
+    write_workload(
+        &d.workloads,
+        "intruder",
+        &format!("name: intruder\ncommand: [/bin/sh, -c, {script:?}]\n"),
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let intruder = d.json(&["launch", "intruder", "-o", "json"]);
+    let ppid = std::fs::read_to_string(format!("/proc/{}/stat", intruder["pid"]))
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u32>()
+        .unwrap();
+    assert_eq!(
+        ppid, keepers[1],
+        "the first keeper is full: the second one holds it"
+    );
+    wait_until("the intruder's attempt", || {
+        std::fs::read_to_string(&rc).is_ok_and(|s| s.ends_with('\n'))
+    });
+    assert_eq!(
+        std::fs::read_to_string(&rc).unwrap().trim(),
+        "8",
+        "a workload of an adopted keeper must be refused"
+    );
+    assert!(d
+        .cli(&["terminate", "ns:default:intruder"])
+        .status
+        .success());
 
     // The second keeper dies: its instances are reported and restarted (on a keeper with
     // room), the first keeper's are untouched.

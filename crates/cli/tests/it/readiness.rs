@@ -132,7 +132,7 @@ fn http_and_tcp_probes() {
         !alive(f["pid"].as_u64().unwrap() as u32),
         "a failed launch leaves no process"
     );
-    let log = String::from_utf8_lossy(&d.cli(&["logs", "ns:default:http500"]).stdout).into_owned();
+    let log = d.logs_text("ns:default:http500");
     assert!(
         log.contains("\"GET /healthz HTTP/1.1\" 500"),
         "the probe really reached the server: {log}"

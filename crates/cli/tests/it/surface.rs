@@ -179,24 +179,135 @@ fn events_are_monotonic_resumable_and_followable() {
 fn logs_capture_stdout_and_stderr() {
     let d = Daemon::start(&[(
         "chatty",
-        "name: chatty\ncommand: [/bin/sh, -c, 'echo to-stdout; echo to-stderr >&2; exec sleep 1000']\n",
+        "name: chatty\ncommand: [/bin/sh, -c, 'echo to-stdout; echo to-stderr >&2; echo two; printf no-newline; exec sleep 1000']\n",
     )]);
     d.json(&["launch", "chatty", "-o", "json"]);
     let start = Instant::now();
+    // Text: stdout lines on stdout; stderr lines and the daemon's run marks on stderr.
     loop {
         let o = d.cli(&["logs", "ns:default:chatty"]);
         assert!(o.status.success(), "{}", stderr(&o));
-        let s = String::from_utf8_lossy(&o.stdout);
-        if s.contains("to-stdout") && s.contains("to-stderr") {
+        let (out, err) = (String::from_utf8_lossy(&o.stdout), stderr(&o));
+        if out.contains("no-newline") {
+            assert_eq!(out, "to-stdout\ntwo\nno-newline");
+            assert!(err.contains("to-stderr\n"), "{err}");
+            assert!(err.contains("--- run 1 started (pid "), "{err}");
             break;
         }
-        assert!(start.elapsed() < DEADLINE, "log: {s}");
+        assert!(start.elapsed() < DEADLINE, "log: {out}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let o = d.cli(&["logs", "ns:default:chatty", "--tail", "10"]);
-    assert_eq!(o.stdout.len(), 10);
+    // JSON: one object per line with its time, stream and run.
+    let json_lines = |args: &[&str]| -> Vec<serde_json::Value> {
+        let o = d.cli(&[&["logs", "ns:default:chatty", "-o", "json"], args].concat());
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let lines = json_lines(&[]);
+    // --tail counts lines (of every stream), not bytes.
+    assert_eq!(json_lines(&["--tail", "2"]), lines[lines.len() - 2..]);
+    let err_line = lines
+        .iter()
+        .find(|l| l["line"] == "to-stderr")
+        .expect("the stderr line");
+    assert_eq!(err_line["stream"], "stderr");
+    assert_eq!(err_line["run"], 1);
+    assert!(err_line["time"].as_str().unwrap().ends_with('Z'));
+    let last = lines.iter().rfind(|l| l["stream"] == "stdout").unwrap();
+    assert_eq!(
+        (&last["line"], &last["partial"]),
+        (&"no-newline".into(), &true.into())
+    );
+    // --timestamps prefixes the time and stream; --since filters by time.
+    let o = d.cli(&["logs", "ns:default:chatty", "--timestamps"]);
+    let first = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        first.ends_with(" stdout to-stdout") && first.starts_with("20"),
+        "{first}"
+    );
+    let o = d.cli(&["logs", "ns:default:chatty", "--since", "1h"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("to-stdout"));
+    let o = d.cli(&[
+        "logs",
+        "ns:default:chatty",
+        "--since",
+        "2999-01-01T00:00:00Z",
+    ]);
+    assert!(o.status.success() && o.stdout.is_empty(), "{}", stderr(&o));
+    let o = d.cli(&["logs", "ns:default:chatty", "--since", "yesterday"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "a bad --since is an invalid request"
+    );
+    assert!(stderr(&o).contains("--since"), "{}", stderr(&o));
     let o = d.cli(&["logs", "ns:default:nothing"]);
     assert_eq!(o.status.code(), Some(3));
+}
+
+/// Each run of a key is marked in its log, and a launch that fails says why with the
+/// last lines its program wrote to stderr.
+#[test]
+fn runs_are_marked_and_a_failed_launch_shows_its_stderr() {
+    let d = Daemon::start(&[
+        (
+            "flaky",
+            "name: flaky\ncommand: [/bin/sh, -c, 'echo run-output; sleep 0.2; exit 3']\nrestart: {policy: on-failure, backoff: {initial: 10ms}, max_failures: 2}\n",
+        ),
+        (
+            "broken",
+            "name: broken\ncommand: [/bin/sh, -c, 'echo line-1 >&2; echo \"config error: no port given\" >&2; exit 71']\nreadiness: {tcp: {period: 20ms}}\n",
+        ),
+    ]);
+    let o = d.cli(&["launch", "broken"]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("exit code 71"), "{err}");
+    assert!(
+        err.contains("the last lines of its stderr:")
+            && err.contains("config error: no port given"),
+        "{err}"
+    );
+    d.cli(&["launch", "flaky", "--wait", "started"]);
+    let start = Instant::now();
+    loop {
+        let o = d.cli(&["logs", "ns:default:flaky", "-o", "json"]);
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let marks: Vec<String> = lines
+            .iter()
+            .filter(|l| l["stream"] == "bulkhead")
+            .map(|l| format!("{} {}", l["run"], l["line"].as_str().unwrap()))
+            .collect();
+        if marks.iter().any(|m| m.starts_with("2 run 2 ended")) {
+            assert!(marks[0].starts_with("1 run 1 started (pid "), "{marks:?}");
+            assert!(
+                marks.iter().any(|m| m == "1 run 1 ended: exit code 3"),
+                "{marks:?}"
+            );
+            assert!(
+                marks.iter().any(|m| m.starts_with("2 run 2 started")),
+                "{marks:?}"
+            );
+            let runs: Vec<u64> = lines
+                .iter()
+                .filter(|l| l["line"] == "run-output")
+                .map(|l| l["run"].as_u64().unwrap())
+                .collect();
+            assert_eq!(&runs[..2], [1, 2], "each run's output carries its run");
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "marks: {marks:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
