@@ -426,3 +426,47 @@ fn a_clean_shutdown_leaves_no_cgroup_scope_behind() {
     assert_eq!(d.sigterm().code(), Some(0));
     assert_eq!(scope_dirs(&scope), Vec::<PathBuf>::new());
 }
+
+/// What a sandboxed instance finally gets (the per-driver table in the README): the same
+/// environment as the process driver (bulkhead's variables, the manifest's `env`, `PATH`
+/// and the like from the daemon, nothing else of it), the workload folder as working
+/// directory, and root of its own user namespace.
+#[test]
+fn a_sandboxed_instance_gets_the_documented_environment() {
+    let m = "name: envdump\ndriver: sandbox\ncommand: [/bin/sh, -c, 'env | sort; echo \"cwd=$(pwd -P)\"; echo \"uid=$(id -u)\"; exec sleep 1000']\nenv: {GREETING: hi}\n";
+    let d = Daemon::start(&[("envdump", m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let v = d.json(&["launch", "envdump", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let start = std::time::Instant::now();
+    let text = loop {
+        let t = d.logs_text(&id);
+        if t.contains("uid=") {
+            break t;
+        }
+        assert!(start.elapsed() < DEADLINE, "no output: {t}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let port = v["port"].as_u64().unwrap();
+    for want in [
+        format!("PORT={port}\n"),
+        "BULKHEAD_INSTANCE=ns:default:envdump\n".to_owned(),
+        "BULKHEAD_WORKLOAD=envdump\n".to_owned(),
+        "GREETING=hi\n".to_owned(),
+        "PATH=".to_owned(),
+        "uid=0\n".to_owned(),
+    ] {
+        assert!(text.contains(&want), "{want:?} missing: {text}");
+    }
+    assert!(
+        !text.contains("CARGO"),
+        "the daemon's environment leaked: {text}"
+    );
+    let dir = d.workloads.join("envdump").canonicalize().unwrap();
+    assert!(
+        text.contains(&format!("cwd={}\n", dir.display())),
+        "the workload folder is the working directory: {text}"
+    );
+}
