@@ -290,7 +290,7 @@ async fn health(mut c: Client) -> anyhow::Result<()> {
 
 async fn list(mut c: Client, want: usize) -> anyhow::Result<()> {
     let n = c
-        .list(v1::ListRequest {})
+        .list(v1::ListRequest::default())
         .await?
         .into_inner()
         .instances

@@ -169,7 +169,7 @@ pub async fn get(socket: &Path, a: cli::GetArgs) -> anyhow::Result<()> {
 pub async fn list(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
     let list = c
-        .list(v1::ListRequest {})
+        .list(v1::ListRequest::default())
         .await
         .map_err(from_status)?
         .into_inner()

@@ -366,13 +366,31 @@ impl bulkhead_api::Bulkhead for Service {
         req: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListResponse>, Status> {
         let vis = Visibility::of(&req);
+        let f = req.into_inner();
+        let states = f
+            .states
+            .iter()
+            .map(|st| {
+                bulkhead_core::instance::State::parse(st).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "states: unknown state {st:?} (starting, ready, stopping, restarting, exited, crashed, failed, terminated)"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let matches = move |s: &crate::instance::Slot| {
+            (f.workload.is_empty() || s.key.workload() == f.workload)
+                && (f.namespace.is_empty() || s.key.namespace() == Some(f.namespace.as_str()))
+                && (f.session.is_empty() || s.key.session() == Some(f.session.as_str()))
+                && (states.is_empty() || states.contains(&s.view.borrow().state))
+        };
         let slots = self.sh.list();
         // Usage reads /proc and cgroup files: off the async runtime, so that a list of
         // thousands of instances never stalls other requests.
         let instances = tokio::task::spawn_blocking(move || {
             slots
                 .iter()
-                .filter(|s| vis.sees(s.id.as_str()))
+                .filter(|s| vis.sees(s.id.as_str()) && matches(s))
                 .map(|s| shown(instance_with_usage(s), &vis))
                 .collect()
         })

@@ -75,7 +75,10 @@ fn mixed_load_has_no_errors() {
                                 &mut lat.terminate,
                             )
                         }
-                        _ => (c.list(v1::ListRequest {}).await.map(|_| ()), &mut lat.list),
+                        _ => (
+                            c.list(v1::ListRequest::default()).await.map(|_| ()),
+                            &mut lat.list,
+                        ),
                     };
                     match res {
                         Ok(()) => bucket.push(start.elapsed()),
