@@ -253,6 +253,57 @@ fn finished_instances_are_kept_up_to_the_configured_number() {
     assert_eq!(logs, 2, "their logs only");
 }
 
+/// The logs of instances that finished under an earlier daemon are bounded too: the next
+/// daemon keeps the newest `--finished-kept` of them (and `logs` still reads those).
+#[test]
+fn logs_of_instances_finished_under_an_earlier_daemon_are_bounded() {
+    let mut d = Daemon::start_with_args(
+        &[(
+            "quick",
+            "name: quick\ncommand: [/bin/sh, -c, 'echo \"done $BULKHEAD_SESSION\"']\nisolation: session\nrestart: {policy: never}\n",
+        )],
+        &["--finished-kept", "5"],
+    );
+    for i in 0..5 {
+        d.cli(&[
+            "launch",
+            "quick",
+            "--session",
+            &format!("f{i}"),
+            "--wait",
+            "started",
+        ]);
+        let id = format!("session:f{i}:quick");
+        let start = Instant::now();
+        while d.json(&["get", &id, "-o", "json"])["state"] != "exited" {
+            assert!(start.elapsed() < DEADLINE, "{id} never exited");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Distinct modification times, oldest first.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let logs = d.state.join("logs");
+    let count = || std::fs::read_dir(&logs).unwrap().count();
+    assert_eq!(count(), 5);
+    assert!(d.sigterm().success());
+    d.extra_args = vec!["--finished-kept".into(), "2".into()];
+    d.spawn();
+    assert_eq!(count(), 2, "the newest two logs stay");
+    let o = d.cli(&["logs", "session:f4:quick"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("done f4"),
+        "{}",
+        stderr(&o)
+    );
+    let o = d.cli(&["logs", "session:f0:quick"]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "the oldest is gone: {}",
+        stderr(&o)
+    );
+}
+
 /// `end-namespace` with an empty name ends the default namespace, as a launch without one
 /// uses it.
 #[test]
