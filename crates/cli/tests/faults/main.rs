@@ -14,6 +14,8 @@
 //!   database bounded.
 //! - [`load`]: mixed launch/reuse/terminate/list requests from concurrent clients: no errors.
 //! - [`ports`]: bursts of launches that take ports: none fails for want of a port.
+//! - [`scale`]: lists, scrapes and launches at once over many live instances (10,000 in
+//!   the long form): `health` answered throughout.
 //! - [`hostile`]: hostile names and manifests get clear errors and create nothing outside
 //!   the state directory.
 //! - [`storage`]: the state directory fills up mid-run (a small tmpfs): refused requests,
@@ -31,6 +33,7 @@ mod hostile;
 mod leaks;
 mod load;
 mod ports;
+mod scale;
 mod storage;
 mod support;
 mod walls;

@@ -102,51 +102,6 @@ fn distinct_ports(d: &Daemon, workload: &str, expected: usize) -> HashSet<u16> {
     ports
 }
 
-/// The open-file limit the long form gives the daemon when it may.
-const NOFILE: libc::rlim_t = 65_536;
-
-/// Raises this process's open-file limit (soft and hard) to [`NOFILE`] when it may
-/// (CAP_SYS_RESOURCE); the daemon started next inherits it.
-fn raise_nofile() {
-    let lim = libc::rlimit {
-        rlim_cur: NOFILE,
-        rlim_max: NOFILE,
-    };
-    // SAFETY: setrlimit reads the struct it is given, which lives on this stack.
-    let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-}
-
-/// How many of `wanted` live instances the daemon's open-file limit holds: the keeper
-/// keeps ~3 descriptors per live instance (pidfd, output pipes) and raises its soft limit
-/// to the hard one it inherited from this process (at the default hard limit of 20,000
-/// here, launches failed from ~6,250 live instances on: `the keeper sent no descriptors`). Fewer than wanted is printed, with the
-/// reason.
-fn sleepers_that_fit(wanted: usize) -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct it is given, which lives on this stack.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return wanted;
-    }
-    let hard = lim.rlim_max;
-    // The daemon holds one descriptor per instance (keepers shard past their own limit),
-    // plus room for the bounded burst and its own.
-    let fit = usize::try_from(hard)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(2048);
-    if fit < wanted {
-        println!(
-            "ports burst: {fit} live sleepers instead of {wanted}: the open-file hard limit is \
-             {hard} and this process cannot raise it (no CAP_SYS_RESOURCE); the daemon holds \
-             one per instance"
-        );
-        return fit;
-    }
-    wanted
-}
-
 #[test]
 fn a_burst_of_launches_that_take_ports_never_runs_out() {
     if !std::path::Path::new(BUSYBOX).exists() {

@@ -164,3 +164,48 @@ pub fn percentiles(samples: &mut [Duration]) -> (f64, f64, f64) {
     };
     (at(0.5), at(0.99), at(1.0))
 }
+
+/// The open-file limit the long form gives the daemon when it may.
+const NOFILE: libc::rlim_t = 65_536;
+
+/// Raises this process's open-file limit (soft and hard) to [`NOFILE`] when it may
+/// (CAP_SYS_RESOURCE); the daemon started next inherits it.
+pub fn raise_nofile() {
+    let lim = libc::rlimit {
+        rlim_cur: NOFILE,
+        rlim_max: NOFILE,
+    };
+    // SAFETY: setrlimit reads the struct it is given, which lives on this stack.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+}
+
+/// How many of `wanted` live instances the daemon's open-file limit holds: the daemon keeps
+/// one descriptor per keeper instance (its pidfd) and raises its soft limit to the hard
+/// one it inherited from this process; keepers shard past their own limit. (Before the
+/// shards, at the hard limit of 20,000 here, launches failed from ~6,250 live instances
+/// on.) Fewer than wanted is printed, with the reason.
+pub fn sleepers_that_fit(wanted: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given, which lives on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return wanted;
+    }
+    let hard = lim.rlim_max;
+    // The daemon holds one descriptor per instance (keepers shard past their own limit),
+    // plus room for the bounded burst and its own.
+    let fit = usize::try_from(hard)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(2048);
+    if fit < wanted {
+        println!(
+            "{fit} live sleepers instead of {wanted}: the open-file hard limit is \
+             {hard} and this process cannot raise it (no CAP_SYS_RESOURCE); the daemon holds \
+             one per instance"
+        );
+        return fit;
+    }
+    wanted
+}
