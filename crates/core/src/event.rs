@@ -110,6 +110,9 @@ pub enum EventKind {
     /// The liveness probe failed `failure_threshold` times; the instance is stopped and
     /// its restart policy applies.
     LivenessFailed { reason: String },
+    /// The sd_notify watchdog ran out or was triggered; the instance is stopped with the
+    /// watchdog signal and its restart policy applies.
+    WatchdogTimeout { reason: String },
     /// A restarted daemon took a running instance back under supervision.
     Adopted { pid: Option<u32> },
     /// A restarted daemon found the instance's process gone without an exit status (it
@@ -144,6 +147,7 @@ impl EventKind {
             EventKind::BreakerClosed => "breaker_closed",
             EventKind::Unhealthy { .. } => "unhealthy",
             EventKind::LivenessFailed { .. } => "liveness_failed",
+            EventKind::WatchdogTimeout { .. } => "watchdog_timeout",
             EventKind::Adopted { .. } => "adopted",
             EventKind::Lost { .. } => "lost",
             EventKind::ChannelPeerDead { .. } => "channel_peer_dead",

@@ -24,6 +24,9 @@
 //!   (`unhealthy`, `ready`) and clears/sets `ready`; the process is not touched.
 //! - **LivenessFailed** (while `Ready`): emit `liveness_failed`, stop the process; the run
 //!   counts as failed.
+//! - **WatchdogMissed** (while `Starting` with a process, or `Ready`; only with a
+//!   watchdog): emit `watchdog_timeout`, stop the process with the watchdog signal; the run
+//!   counts as failed.
 //! - **ReadinessTimedOut** (while `Starting`): emit `launch_failed`, stop the process; the
 //!   run counts as failed.
 //! - **SpawnFailed**, or **Exited** while `Starting`: emit the exit and `launch_failed`; the
@@ -149,6 +152,9 @@ pub enum Input {
     Healthy,
     /// A liveness probe failed `failure_threshold` times.
     LivenessFailed { reason: String },
+    /// The sd_notify watchdog ran out (no `WATCHDOG=1` within `readiness.watchdog`), or the
+    /// instance asked for it (`WATCHDOG=trigger`, `triggered`).
+    WatchdogMissed { triggered: bool },
     /// The backoff delay asked for by [`Effect::ScheduleRestart`] passed.
     RestartDue,
     /// The cooldown asked for by [`Effect::ScheduleCooldown`] passed.
@@ -197,6 +203,8 @@ pub struct Config {
     pub readiness_timeout: Option<Duration>,
     pub shutdown: Shutdown,
     pub restart: Restart,
+    /// The sd_notify watchdog: its interval and the signal a missed one sends.
+    pub watchdog: Option<(Duration, Signal)>,
     /// Seed for the backoff jitter.
     pub seed: u64,
 }
@@ -208,6 +216,7 @@ impl Config {
             readiness_timeout: None,
             shutdown: Shutdown::default(),
             restart: Restart::default(),
+            watchdog: None,
             seed: 0,
         }
     }
@@ -493,6 +502,27 @@ impl Instance {
                 self.ready = true;
                 fx.push(Effect::Emit(EventKind::Ready));
             }
+            (Starting | Ready, Input::WatchdogMissed { triggered })
+                if self.spawned && self.cfg.watchdog.is_some() =>
+            {
+                let (every, signal) = self.cfg.watchdog.unwrap_or((Duration::ZERO, Signal::KILL));
+                let reason = if triggered {
+                    "the instance triggered its watchdog (WATCHDOG=trigger)".to_owned()
+                } else {
+                    format!(
+                        "no WATCHDOG=1 within the watchdog interval of {}",
+                        crate::duration::format(every)
+                    )
+                };
+                if self.state == Starting {
+                    fx.push(Effect::StopReadiness);
+                }
+                fx.push(Effect::Emit(EventKind::WatchdogTimeout {
+                    reason: reason.clone(),
+                }));
+                self.failure = Some(reason);
+                self.begin_stop_with(signal, self.cfg.shutdown.grace, StopCause::Failure, &mut fx);
+            }
             (Ready, Input::LivenessFailed { reason }) => {
                 let reason = format!("liveness probe failed: {reason}");
                 fx.push(Effect::Emit(EventKind::LivenessFailed {
@@ -605,13 +635,23 @@ impl Instance {
     }
 
     fn begin_stop(&mut self, grace: Duration, cause: StopCause, fx: &mut Vec<Effect>) {
+        self.begin_stop_with(self.cfg.shutdown.signal, grace, cause, fx);
+    }
+
+    /// [`Self::begin_stop`] with `signal` in place of the manifest's shutdown signal.
+    fn begin_stop_with(
+        &mut self,
+        signal: Signal,
+        grace: Duration,
+        cause: StopCause,
+        fx: &mut Vec<Effect>,
+    ) {
         if self.state == State::Ready {
             fx.push(Effect::StopMonitors);
         }
         self.state = State::Stopping;
         self.ready = false;
         self.stop_cause = Some(cause);
-        let signal = self.cfg.shutdown.signal;
         fx.push(Effect::Emit(EventKind::Terminating {
             signal: signal.number(),
             grace_ms: grace.as_millis() as u64,
@@ -984,6 +1024,53 @@ mod tests {
     }
 
     #[test]
+    fn a_missed_watchdog_stops_with_its_signal_and_fails_the_run() {
+        let abrt = Signal::parse("ABRT").unwrap();
+        let mut c = cfg(true, RestartPolicy::OnFailure);
+        c.watchdog = Some((Duration::from_millis(300), abrt));
+        // While starting (a process, not ready yet) and once ready alike.
+        for ready in [false, true] {
+            let (mut i, _) = Instance::launch(c.clone());
+            i.handle(Input::Spawned { pid: Some(1) }, 0);
+            if ready {
+                i.handle(Input::ReadinessPassed, 1);
+            }
+            let fx = i.handle(Input::WatchdogMissed { triggered: false }, 5);
+            assert_eq!(
+                events(&fx),
+                vec!["watchdog_timeout", "terminating"],
+                "{ready}"
+            );
+            assert!(fx.contains(&Effect::Stop {
+                signal: abrt,
+                grace: Shutdown::default().grace
+            }));
+            assert_eq!(
+                i.failure(),
+                Some("no WATCHDOG=1 within the watchdog interval of 300ms")
+            );
+            let fx = i.handle(
+                Input::Exited(ExitStatus::Signaled {
+                    signal: 6,
+                    core_dumped: true,
+                }),
+                6,
+            );
+            assert_eq!(events(&fx), vec!["terminated", "restarting"]);
+        }
+        // Without a watchdog, or without a process, the input means nothing.
+        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::OnFailure));
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        assert!(i
+            .handle(Input::WatchdogMissed { triggered: true }, 1)
+            .is_empty());
+        let (mut i, _) = Instance::launch(c);
+        assert!(i
+            .handle(Input::WatchdogMissed { triggered: true }, 1)
+            .is_empty());
+    }
+
+    #[test]
     fn readiness_flapping_is_reported_without_killing() {
         let (mut i, _) = launch(true);
         i.handle(Input::Spawned { pid: Some(1) }, 0);
@@ -1114,6 +1201,7 @@ mod tests {
             Just(Input::RestartDue),
             Just(Input::CooldownOver),
             (1usize..5).prop_map(|left| Input::Daemonized { left }),
+            any::<bool>().prop_map(|triggered| Input::WatchdogMissed { triggered }),
         ]
     }
 
@@ -1132,10 +1220,12 @@ mod tests {
             readiness in any::<bool>(),
             policy in any_policy(),
             seed in any::<u64>(),
+            watchdog in any::<bool>(),
             inputs in proptest::collection::vec((any_input(), 0u64..100_000), 0..60),
         ) {
             let mut c = cfg(readiness, policy);
             c.seed = seed;
+            c.watchdog = watchdog.then_some((Duration::from_secs(1), Signal::KILL));
             let (mut inst, first) = Instance::launch(c);
             let mut all: Vec<Effect> = first;
             // A spawn may only be asked for when no process of this instance is live and

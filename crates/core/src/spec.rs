@@ -213,6 +213,23 @@ pub struct Readiness {
     /// The backstop: a launch that is not ready after this long fails and is stopped.
     #[serde(default = "default_ready_timeout", with = "serde_duration")]
     pub timeout: Duration,
+    /// The sd_notify watchdog: the instance gets `WATCHDOG_USEC` and must send
+    /// `WATCHDOG=1` at least this often, from its start on; a miss (or `WATCHDOG=trigger`)
+    /// stops it with `watchdog_signal` and is a failed run.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub watchdog: Option<Duration>,
+    /// What a missed watchdog sends (then SIGKILL after the shutdown grace), as systemd's
+    /// `WatchdogSignal=`.
+    #[serde(default = "abrt")]
+    pub watchdog_signal: Signal,
+}
+
+fn abrt() -> Signal {
+    Signal::parse("ABRT").unwrap_or(Signal::KILL)
 }
 
 /// Liveness: any probe failing `failure_threshold` times in a row stops the instance,
@@ -785,6 +802,8 @@ fn field_name(k: &str) -> String {
 pub const RESERVED_ENV: &[&str] = &[
     "PORT",
     "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
     "BULKHEAD_INSTANCE",
     "BULKHEAD_WORKLOAD",
     "BULKHEAD_NAMESPACE",
@@ -909,6 +928,17 @@ impl WorkloadSpec {
             }
             if r.timeout.is_zero() {
                 return fail("readiness.timeout", "must be greater than zero".into());
+            }
+            if let Some(w) = r.watchdog {
+                if !r.notify {
+                    return fail(
+                        "readiness.watchdog",
+                        "needs notify: true (WATCHDOG=1 is an sd_notify message)".into(),
+                    );
+                }
+                if w < Duration::from_millis(10) {
+                    return fail("readiness.watchdog", "must be at least 10ms".into());
+                }
             }
             check_probes(
                 "readiness",

@@ -371,8 +371,13 @@ async fn run(
         readiness_timeout: spec.readiness.as_ref().map(|r| r.timeout),
         shutdown: spec.shutdown,
         restart: spec.restart,
+        watchdog: spec
+            .readiness
+            .as_ref()
+            .and_then(|r| r.watchdog.map(|w| (w, r.watchdog_signal))),
         seed: rand::random(),
     };
+    let watchdog_every = cfg.watchdog.map(|(w, _)| w);
     let (mut inst, first) = match &origin {
         Origin::Launched => Instance::launch(cfg),
         Origin::Adopted(a, restored) => Instance::adopt(cfg, Some(a.pid), now(), *restored),
@@ -396,6 +401,10 @@ async fn run(
     let mut monitors = Monitors::default();
     // The restart backoff or the breaker cooldown.
     let mut timer: Option<Pin<Box<Sleep>>> = None;
+    // The sd_notify watchdog of the current run: re-armed by each WATCHDOG=1.
+    let mut watchdog: Option<Pin<Box<Sleep>>> = None;
+    // RELOADING=1 made a ready instance not ready; the next READY=1 makes it ready again.
+    let mut reloading = false;
     // The idle timeout: armed while no lease holds the instance.
     let idle_after = crate::docker::effective_idle_timeout(&spec);
     let mut idle: Option<Pin<Box<Sleep>>> =
@@ -480,6 +489,9 @@ async fn run(
                                 Some(env.clone());
                             handle = Some(spawned.handle);
                             started_at_ms = crate::events::now_ms();
+                            // From the start of the run, as systemd arms it.
+                            watchdog = watchdog_every.map(|w| Box::pin(tokio::time::sleep(w)));
+                            reloading = false;
                             Input::Spawned { pid }
                         }
                         Err(reason) => Input::SpawnFailed { reason },
@@ -545,6 +557,8 @@ async fn run(
                 }
                 Effect::StopMonitors => monitors.stop(),
                 Effect::Stop { signal, grace } => {
+                    // A stopping instance owes no more WATCHDOG=1.
+                    watchdog = None;
                     if let Some(h) = handle.clone() {
                         // The ladder runs beside the actor; its end shows up as the exit below.
                         tokio::spawn(async move {
@@ -648,6 +662,7 @@ async fn run(
                     }
                     None => {}
                 }
+                watchdog = None;
                 slot.log.mark(&format!("run {} ended: {status}", inst.restarts() + 1));
                 queue.extend(inst.handle(Input::Exited(status), now()));
             }
@@ -658,11 +673,41 @@ async fn run(
                 if msg.stopping {
                     tracing::info!("{}: instance reports it is stopping", slot.id);
                 }
+                if msg.watchdog {
+                    if let (Some(w), Some(t)) = (watchdog_every, watchdog.as_mut()) {
+                        t.as_mut().reset(tokio::time::Instant::now() + w);
+                    }
+                }
+                if let Some(more) = msg.extend_timeout {
+                    // While starting: the readiness deadline moves out to at least `more`
+                    // from now (never in).
+                    if let Some(d) = ready.deadline.as_mut() {
+                        let want = tokio::time::Instant::now() + more;
+                        if want > d.deadline() {
+                            d.as_mut().reset(want);
+                        }
+                    }
+                }
+                if msg.reloading && inst.state() == State::Ready && !reloading {
+                    reloading = true;
+                    queue.extend(inst.handle(
+                        Input::Unhealthy { reason: "reloading (sd_notify RELOADING=1)".into() },
+                        now(),
+                    ));
+                }
                 if msg.ready {
                     ready.pending.retain(|p| *p != "notify");
                     if ready.active && ready.pending.is_empty() {
                         queue.extend(inst.handle(Input::ReadinessPassed, now()));
                     }
+                    if reloading {
+                        reloading = false;
+                        queue.extend(inst.handle(Input::Healthy, now()));
+                    }
+                }
+                if msg.watchdog_trigger && watchdog.is_some() {
+                    watchdog = None;
+                    queue.extend(inst.handle(Input::WatchdogMissed { triggered: true }, now()));
                 }
             }
             Some(name) = prx.recv() => {
@@ -680,6 +725,11 @@ async fn run(
                 queue.extend(inst.handle(input, now()));
             }
             _ = deadline(&mut ready.deadline) => queue.extend(inst.handle(Input::ReadinessTimedOut, now())),
+            _ = deadline(&mut watchdog) => {
+                watchdog = None;
+                tracing::warn!("{}: no WATCHDOG=1 within {:?}", slot.id, watchdog_every.unwrap_or_default());
+                queue.extend(inst.handle(Input::WatchdogMissed { triggered: false }, now()));
+            }
             _ = deadline(&mut timer) => {
                 timer = None;
                 let input = if inst.breaker() == bulkhead_core::restart::BreakerState::Open {
@@ -846,6 +896,11 @@ fn instance_env(slot: &Slot, port: u16, notify: Option<String>) -> Vec<(String, 
     ));
     if let Some(n) = notify {
         env.push(("NOTIFY_SOCKET".into(), n));
+        // No WATCHDOG_PID: the pid is not known before the spawn (and differs inside a
+        // PID namespace); sd_watchdog_enabled() takes an absent one as "this process".
+        if let Some(w) = slot.spec.readiness.as_ref().and_then(|r| r.watchdog) {
+            env.push(("WATCHDOG_USEC".into(), w.as_micros().to_string()));
+        }
     }
     env
 }

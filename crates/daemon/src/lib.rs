@@ -697,7 +697,10 @@ impl Shared {
         last.into_iter()
             .filter_map(|(id, (before, e))| match (&e.kind, before) {
                 (K::Terminating { grace_ms, .. }, b)
-                    if !matches!(b, Some(K::LivenessFailed { .. })) =>
+                    if !matches!(
+                        b,
+                        Some(K::LivenessFailed { .. } | K::WatchdogTimeout { .. })
+                    ) =>
                 {
                     Some((id.clone(), (e.time_ms, Duration::from_millis(*grace_ms))))
                 }

@@ -443,7 +443,8 @@ impl Metrics {
             | EventKind::ChannelPeerDead { .. }
             | EventKind::Terminating { .. }
             | EventKind::Unhealthy { .. }
-            | EventKind::LivenessFailed { .. } => {}
+            | EventKind::LivenessFailed { .. }
+            | EventKind::WatchdogTimeout { .. } => {}
         }
         if !count {
             return;

@@ -14,7 +14,10 @@
 //! even if it finds the other's socket. A helper that exits and is reaped before the
 //! daemon reads its message cannot be attributed and is dropped (send from the main
 //! process, or use `systemd-notify --pid=$$`, which sends the main pid's credentials).
-//! Understood: `READY=1`, `STATUS=...`, `STOPPING=1`, `MAINPID=n`; the rest is ignored.
+//! Understood: `READY=1`, `STATUS=...`, `STOPPING=1`, `MAINPID=n`, `WATCHDOG=1`,
+//! `WATCHDOG=trigger`, `EXTEND_TIMEOUT_USEC=n` (while starting: the readiness deadline is
+//! at least that far away), `RELOADING=1` (not ready until the next `READY=1`); the rest
+//! is ignored.
 //! `STATUS` text is kept to 256 bytes with control characters and bidi overrides replaced
 //! (`bulkhead_core::text::sanitize`).
 
@@ -36,6 +39,14 @@ pub struct NotifyMsg {
     pub stopping: bool,
     pub status: Option<String>,
     pub main_pid: Option<u32>,
+    /// `WATCHDOG=1`: the instance is alive.
+    pub watchdog: bool,
+    /// `WATCHDOG=trigger`: the instance asks to be treated as having missed its watchdog.
+    pub watchdog_trigger: bool,
+    /// `EXTEND_TIMEOUT_USEC=`: the current deadline (readiness) is at least this far away.
+    pub extend_timeout: Option<Duration>,
+    /// `RELOADING=1`: not ready until the next `READY=1`.
+    pub reloading: bool,
 }
 
 impl NotifyMsg {
@@ -54,6 +65,12 @@ impl NotifyMsg {
                     ))
                 }
                 Some(("MAINPID", p)) => m.main_pid = p.trim().parse().ok(),
+                Some(("WATCHDOG", "1")) => m.watchdog = true,
+                Some(("WATCHDOG", "trigger")) => m.watchdog_trigger = true,
+                Some(("EXTEND_TIMEOUT_USEC", us)) => {
+                    m.extend_timeout = us.trim().parse().ok().map(Duration::from_micros)
+                }
+                Some(("RELOADING", "1")) => m.reloading = true,
                 _ => {}
             }
         }

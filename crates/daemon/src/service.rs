@@ -227,6 +227,7 @@ pub fn event_proto(e: &Event) -> v1::Event {
         EventKind::BreakerHalfOpen | EventKind::BreakerClosed => {}
         EventKind::Unhealthy { reason }
         | EventKind::LivenessFailed { reason }
+        | EventKind::WatchdogTimeout { reason }
         | EventKind::Lost { reason } => {
             p.reason = Some(reason.clone());
         }

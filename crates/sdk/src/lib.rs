@@ -42,7 +42,10 @@ mod workload;
 
 pub use bulkhead_core::channels::{Direction, ResolvedChannel};
 pub use port::{Loan, Message, Publisher, Subscriber};
-pub use workload::{notify_ready, Workload, WorkloadError};
+pub use workload::{
+    notify, notify_extend_timeout, notify_ready, notify_reloading, notify_status, notify_stopping,
+    notify_watchdog, watchdog_interval, Workload, WorkloadError,
+};
 
 /// The iceoryx2 service type every bulkhead channel uses (inter-process).
 pub type Ipc = ipc::Service;

@@ -21,7 +21,7 @@ pub enum WorkloadError {
     },
     #[error(transparent)]
     Open(#[from] OpenError),
-    #[error("cannot notify readiness on {socket}: {source}")]
+    #[error("cannot send an sd_notify message to {socket}: {source}")]
     Notify {
         socket: String,
         #[source]
@@ -141,17 +141,74 @@ impl Workload {
     }
 }
 
-/// Sends `READY=1` to `$NOTIFY_SOCKET` (the sd_notify protocol). Does nothing when the
-/// variable is not set (the manifest does not ask for notify readiness).
-pub fn notify_ready() -> Result<(), WorkloadError> {
+/// Sends one sd_notify message (`KEY=VALUE` lines) to `$NOTIFY_SOCKET`. Returns false,
+/// sending nothing, when the variable is not set (the manifest does not ask for notify
+/// readiness), so a program can call the helpers unconditionally. An abstract socket
+/// (`@name`) works too.
+pub fn notify(message: &str) -> Result<bool, WorkloadError> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(());
+        return Ok(false);
     };
     let fail = |source| WorkloadError::Notify {
         socket: path.to_string_lossy().into_owned(),
         source,
     };
     let sock = std::os::unix::net::UnixDatagram::unbound().map_err(fail)?;
-    sock.send_to(b"READY=1", &path).map_err(fail)?;
-    Ok(())
+    let bytes = path.as_encoded_bytes();
+    if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).map_err(fail)?;
+        sock.send_to_addr(message.as_bytes(), &addr).map_err(fail)?;
+    } else {
+        sock.send_to(message.as_bytes(), &path).map_err(fail)?;
+    }
+    Ok(true)
+}
+
+/// `READY=1`: the instance serves (also after a reload).
+pub fn notify_ready() -> Result<(), WorkloadError> {
+    notify("READY=1").map(drop)
+}
+
+/// `STATUS=...`: shown by `bulkhead get` (256 bytes at most).
+pub fn notify_status(text: &str) -> Result<(), WorkloadError> {
+    notify(&format!("STATUS={}", text.replace('\n', " "))).map(drop)
+}
+
+/// `STOPPING=1`: the instance is shutting down by itself.
+pub fn notify_stopping() -> Result<(), WorkloadError> {
+    notify("STOPPING=1").map(drop)
+}
+
+/// `RELOADING=1`: not ready until the next [`notify_ready`].
+pub fn notify_reloading() -> Result<(), WorkloadError> {
+    notify("RELOADING=1").map(drop)
+}
+
+/// `WATCHDOG=1`: alive; with `trigger`, `WATCHDOG=trigger`: treat this instance as having
+/// missed its watchdog (it is stopped and its restart policy applies).
+pub fn notify_watchdog(trigger: bool) -> Result<(), WorkloadError> {
+    notify(if trigger {
+        "WATCHDOG=trigger"
+    } else {
+        "WATCHDOG=1"
+    })
+    .map(drop)
+}
+
+/// `EXTEND_TIMEOUT_USEC=`: while starting, the readiness deadline is at least `by` away.
+pub fn notify_extend_timeout(by: std::time::Duration) -> Result<(), WorkloadError> {
+    notify(&format!("EXTEND_TIMEOUT_USEC={}", by.as_micros())).map(drop)
+}
+
+/// The watchdog interval (`$WATCHDOG_USEC`, for this process if `$WATCHDOG_PID` says
+/// so), or `None` without one. Send [`notify_watchdog`] at least twice per interval.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec))
 }

@@ -23,12 +23,40 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
-import iceoryx2 as iox2
+try:
+    import iceoryx2 as iox2
+except ImportError:  # the sd_notify helpers work without the data plane
+    iox2 = None
 
-__all__ = ["Workload", "Host", "Publisher", "Subscriber", "notify_ready", "parse_channel"]
+from .notify import (  # noqa: F401  (re-exported)
+    extend_timeout,
+    notify,
+    notify_ready,
+    notify_reloading,
+    notify_status,
+    notify_stopping,
+    notify_watchdog,
+    watchdog_interval,
+)
+
+__all__ = [
+    "Workload",
+    "Host",
+    "Publisher",
+    "Subscriber",
+    "parse_channel",
+    "notify",
+    "notify_ready",
+    "notify_reloading",
+    "notify_status",
+    "notify_stopping",
+    "notify_watchdog",
+    "extend_timeout",
+    "watchdog_interval",
+]
 
 ENV_PREFIX = "BULKHEAD_CHANNEL_"
-_BYTES = iox2.Slice[ctypes.c_uint8]
+_BYTES = iox2.Slice[ctypes.c_uint8] if iox2 is not None else None
 
 
 def parse_channel(value: str) -> Tuple[str, int, int]:
@@ -49,6 +77,8 @@ def parse_channel(value: str) -> Tuple[str, int, int]:
 
 
 def _config(env: Mapping[str, str]):
+    if iox2 is None:
+        raise ImportError("the data plane needs iceoryx2: pip install iceoryx2")
     cfg = iox2.config.default()
     prefix = env.get("BULKHEAD_IOX2_PREFIX")
     if prefix:
@@ -202,14 +232,3 @@ class Host:
 
     def subscriber(self, service: str, depth: int) -> Subscriber:
         return Subscriber(self._node, service, depth)
-
-
-def notify_ready() -> None:
-    """Sends READY=1 to $NOTIFY_SOCKET (sd_notify); does nothing when it is not set."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(b"READY=1", path)

@@ -278,3 +278,120 @@ fn end_session_and_end_namespace_terminate_their_scope() {
     let o = d.cli(&["end-session", "../x"]);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
 }
+
+/// The sd_notify watchdog through the Python SDK (`sdk/python`): a program that stops
+/// sending `WATCHDOG=1` is stopped with the watchdog signal (SIGABRT), reported
+/// `watchdog_timeout` with the reason, and restarted by its policy; one that keeps
+/// sending it is left alone (the control); `WATCHDOG=trigger` fails it at once;
+/// `EXTEND_TIMEOUT_USEC` moves the readiness deadline out; `RELOADING=1` makes a ready
+/// instance not ready until its next `READY=1`.
+#[test]
+fn the_sd_notify_watchdog_and_friends() {
+    let Some(py) = python3() else { return };
+    let sdk = concat!(env!("CARGO_MANIFEST_DIR"), "/../../sdk/python");
+    let script = |body: &str| {
+        format!("import sys, time; sys.path.insert(0, {sdk:?}); import bulkhead_sdk as b\n{body}")
+    };
+    let manifest = |name: &str, body: &str, readiness: &str| {
+        format!(
+            "name: {name}\ncommand: [{py}, -c, {:?}]\nreadiness: {{{readiness}}}\nrestart: {{policy: on-failure, backoff: {{initial: 10ms}}}}\nshutdown: {{grace: 5s}}\n",
+            script(body)
+        )
+    };
+    // Three beats, then silence.
+    let stops = manifest(
+        "stops",
+        "w = b.watchdog_interval(); b.notify_ready()\nfor _ in range(3):\n    time.sleep(w / 3); b.notify_watchdog()\ntime.sleep(1000)",
+        "notify: true, watchdog: 2s",
+    );
+    let beats = manifest(
+        "beats",
+        "w = b.watchdog_interval(); b.notify_ready()\nwhile True:\n    time.sleep(w / 3); b.notify_watchdog()",
+        "notify: true, watchdog: 2s",
+    );
+    let trigger = manifest(
+        "trigger",
+        "b.notify_ready(); time.sleep(0.3); b.notify_watchdog(trigger=True); time.sleep(1000)",
+        "notify: true, watchdog: 60s",
+    );
+    let slow = manifest(
+        "slow",
+        "b.extend_timeout(8); time.sleep(4.5); b.notify_ready(); time.sleep(1000)",
+        "notify: true, timeout: 3s",
+    );
+    let reload = manifest(
+        "reload",
+        "b.notify_ready(); time.sleep(0.5); b.notify_reloading(); time.sleep(1); b.notify_ready(); time.sleep(1000)",
+        "notify: true",
+    );
+    let d = Daemon::start(&[
+        ("stops", &stops),
+        ("beats", &beats),
+        ("trigger", &trigger),
+        ("slow", &slow),
+        ("reload", &reload),
+    ]);
+    for w in ["stops", "beats", "trigger", "reload"] {
+        let v = d.json(&["launch", w, "-o", "json"]);
+        assert_eq!(v["state"], "ready", "{w}: {v}");
+    }
+    // The one that fell silent.
+    let evs = wait_count(&d, "ns:default:stops", "restarting", 1);
+    let kinds: Vec<&str> = evs.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let at = kinds
+        .iter()
+        .position(|k| *k == "watchdog_timeout")
+        .unwrap_or_else(|| panic!("no watchdog_timeout: {kinds:?}"));
+    assert_eq!(
+        &kinds[at..at + 4],
+        &[
+            "watchdog_timeout",
+            "terminating",
+            "terminated",
+            "restarting"
+        ]
+    );
+    assert_eq!(
+        evs[at]["reason"],
+        "no WATCHDOG=1 within the watchdog interval of 2s"
+    );
+    assert_eq!(evs[at + 1]["signal"], 6, "the watchdog signal: SIGABRT");
+    // Each beat was at least three of them apart from the start: the watchdog does not
+    // fire while beats come (order and lower bound only).
+    let started = evs.iter().find(|e| e["kind"] == "started").unwrap();
+    assert!(evs[at]["time_ms"].as_u64() >= Some(started["time_ms"].as_u64().unwrap() + 2000));
+    // The trigger.
+    let evs = wait_count(&d, "ns:default:trigger", "watchdog_timeout", 1);
+    let e = evs
+        .iter()
+        .find(|e| e["kind"] == "watchdog_timeout")
+        .unwrap();
+    assert_eq!(
+        e["reason"],
+        "the instance triggered its watchdog (WATCHDOG=trigger)"
+    );
+    // The control: the one that keeps beating has had no watchdog_timeout all along.
+    assert!(
+        !of(&d, "ns:default:beats")
+            .iter()
+            .any(|e| e["kind"] == "watchdog_timeout"),
+        "{:#?}",
+        of(&d, "ns:default:beats")
+    );
+    assert_eq!(
+        d.json(&["get", "ns:default:beats", "-o", "json"])["restarts"],
+        0
+    );
+    // EXTEND_TIMEOUT_USEC: ready after 4.5 s with a 3 s readiness timeout.
+    let v = d.json(&["launch", "slow", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    assert_eq!(v["restarts"], 0, "{v}");
+    // RELOADING=1 then READY=1: unhealthy ("reloading"), then ready again.
+    let evs = wait_count(&d, "ns:default:reload", "ready", 2);
+    let e = evs.iter().find(|e| e["kind"] == "unhealthy").unwrap();
+    assert_eq!(e["reason"], "reloading (sd_notify RELOADING=1)");
+    assert!(
+        !evs.iter().any(|e| e["kind"] == "terminating"),
+        "a reload stops nothing: {evs:#?}"
+    );
+}
