@@ -287,6 +287,26 @@ pub struct ProbeTiming {
     /// only the readiness `timeout` ends a launch).
     #[serde(default = "three")]
     pub failure_threshold: u32,
+    /// Time between attempts of a readiness probe once the instance is ready (default:
+    /// [`DEFAULT_READY_PERIOD`], or `period` if that is longer): a probe that polls fast
+    /// to notice readiness need not poll that fast for ever.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ready_period: Option<Duration>,
+}
+
+/// How often a readiness probe runs once the instance is ready, unless set.
+pub const DEFAULT_READY_PERIOD: Duration = Duration::from_secs(10);
+
+impl ProbeTiming {
+    /// The period of a readiness probe once the instance is ready.
+    pub fn period_when_ready(&self) -> Duration {
+        self.ready_period
+            .unwrap_or(DEFAULT_READY_PERIOD.max(self.period))
+    }
 }
 
 impl Default for ProbeTiming {
@@ -297,6 +317,7 @@ impl Default for ProbeTiming {
             timeout: default_probe_timeout(),
             success_threshold: 1,
             failure_threshold: 3,
+            ready_period: None,
         }
     }
 }
@@ -323,6 +344,15 @@ pub struct HttpProbe {
     /// Default: the instance's `PORT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// `http` or `https` (as Kubernetes: the certificate is not verified).
+    #[serde(default)]
+    pub scheme: Scheme,
+    /// The address to connect to (default `127.0.0.1`).
+    #[serde(default = "localhost")]
+    pub host: String,
+    /// Extra request headers (`Host` among them replaces the default).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
     #[serde(default = "default_period", with = "serde_duration")]
     pub period: Duration,
     #[serde(default, with = "serde_duration")]
@@ -333,10 +363,30 @@ pub struct HttpProbe {
     pub success_threshold: u32,
     #[serde(default = "three")]
     pub failure_threshold: u32,
+    /// See [`ProbeTiming::ready_period`].
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ready_period: Option<Duration>,
 }
 
 fn root_path() -> String {
     "/".to_owned()
+}
+
+fn localhost() -> String {
+    "127.0.0.1".to_owned()
+}
+
+/// An HTTP probe's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    #[default]
+    Http,
+    Https,
 }
 
 /// A TCP connect to `127.0.0.1:<port>` passes.
@@ -356,6 +406,13 @@ pub struct TcpProbe {
     pub success_threshold: u32,
     #[serde(default = "three")]
     pub failure_threshold: u32,
+    /// See [`ProbeTiming::ready_period`].
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ready_period: Option<Duration>,
 }
 
 /// Runs a command with the instance's environment in its folder; exit 0 passes.
@@ -384,6 +441,8 @@ impl<'de> Deserialize<'de> for ExecProbe {
             success_threshold: u32,
             #[serde(default = "three")]
             failure_threshold: u32,
+            #[serde(default, with = "opt_duration")]
+            ready_period: Option<Duration>,
         }
         struct V;
         impl<'de> de::Visitor<'de> for V {
@@ -409,6 +468,7 @@ impl<'de> Deserialize<'de> for ExecProbe {
                         timeout: l.timeout,
                         success_threshold: l.success_threshold,
                         failure_threshold: l.failure_threshold,
+                        ready_period: l.ready_period,
                     },
                 })
             }
@@ -425,6 +485,7 @@ impl HttpProbe {
             timeout: self.timeout,
             success_threshold: self.success_threshold,
             failure_threshold: self.failure_threshold,
+            ready_period: self.ready_period,
         }
     }
 }
@@ -437,6 +498,7 @@ impl TcpProbe {
             timeout: self.timeout,
             success_threshold: self.success_threshold,
             failure_threshold: self.failure_threshold,
+            ready_period: self.ready_period,
         }
     }
 }
@@ -1058,6 +1120,28 @@ fn check_probes(
             return fail("http.path", "must not contain spaces or control characters");
         }
         check_port(&format!("{section}.http.port"), h.port)?;
+        if h.host.is_empty()
+            || h.host
+                .chars()
+                .any(|c| c.is_control() || c == ' ' || c == '/')
+        {
+            return fail("http.host", "must be a host name or address");
+        }
+        for (name, value) in &h.headers {
+            let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if name.is_empty() || !name.chars().all(token) {
+                return Err((
+                    format!("{section}.http.headers.{name}"),
+                    "is not a valid header name".into(),
+                ));
+            }
+            if value.chars().any(|c| c.is_control() && c != '\t') {
+                return Err((
+                    format!("{section}.http.headers.{name}"),
+                    "must not contain control characters".into(),
+                ));
+            }
+        }
         check_timing(&format!("{section}.http"), &h.timing())?;
     }
     if let Some(t) = tcp {
@@ -1084,6 +1168,9 @@ fn check_timing(prefix: &str, t: &ProbeTiming) -> Result<(), (String, String)> {
     let fail = |f: &str, reason: &str| Err((format!("{prefix}.{f}"), reason.to_owned()));
     if t.period < Duration::from_millis(1) {
         return fail("period", "must be at least 1ms");
+    }
+    if t.ready_period.is_some_and(|p| p < Duration::from_millis(1)) {
+        return fail("ready_period", "must be at least 1ms");
     }
     if t.timeout.is_zero() {
         return fail("timeout", "must be greater than zero");

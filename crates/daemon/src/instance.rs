@@ -545,7 +545,12 @@ async fn run(
                             .map(|l| (l.http.as_ref(), l.tcp.as_ref(), l.exec.as_ref(), true)),
                     ];
                     for (http, tcp, exec, liveness) in sections.into_iter().flatten() {
-                        for (check, timing) in probes(&slot, http, tcp, exec, port, &env) {
+                        for (check, mut timing) in probes(&slot, http, tcp, exec, port, &env) {
+                            if !liveness {
+                                // Noticing readiness wants a fast poll; watching a ready
+                                // instance does not.
+                                timing.period = timing.period_when_ready();
+                            }
                             monitors.0.push(tokio::spawn(readiness::monitor(
                                 check,
                                 timing,
@@ -935,10 +940,17 @@ fn probes(
     let mut out = Vec::new();
     if let Some(h) = http {
         out.push((
-            Check::Http {
+            Check::Http(Box::new(readiness::HttpTarget {
+                https: h.scheme == bulkhead_core::spec::Scheme::Https,
+                host: h.host.clone(),
                 port: h.port.unwrap_or(port),
                 path: h.path.clone(),
-            },
+                headers: h
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })),
             h.timing(),
         ));
     }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bulkhead_core::spec::ProbeTiming;
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixDatagram};
 use tokio::sync::mpsc;
 
@@ -181,10 +181,7 @@ pub fn pid_in_group(pid: u32, main: u32) -> bool {
 /// One probe check.
 #[derive(Debug, Clone)]
 pub enum Check {
-    Http {
-        port: u16,
-        path: String,
-    },
+    Http(Box<HttpTarget>),
     Tcp {
         port: u16,
     },
@@ -211,7 +208,7 @@ impl Check {
                 .await
                 .map(drop)
                 .map_err(|e| format!("tcp 127.0.0.1:{port}: {e}")),
-            Check::Http { port, path } => http_get(*port, path).await,
+            Check::Http(t) => t.get().await,
             Check::Exec { argv, env, cwd } => {
                 let mut cmd = std::process::Command::new(&argv[0]);
                 cmd.args(&argv[1..])
@@ -240,35 +237,160 @@ impl Check {
     }
 }
 
-/// `GET` over HTTP/1.1; a status from 200 to 399 passes (as in Kubernetes).
-async fn http_get(port: u16, path: &str) -> Result<(), String> {
-    let fail = |e: &dyn std::fmt::Display| format!("http 127.0.0.1:{port}{path}: {e}");
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| fail(&e))?;
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: bulkhead-probe\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.map_err(|e| fail(&e))?;
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 256];
-    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
-        let n = s.read(&mut chunk).await.map_err(|e| fail(&e))?;
-        if n == 0 {
-            break;
+/// Where an HTTP probe goes, and what it sends.
+#[derive(Debug, Clone)]
+pub struct HttpTarget {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl HttpTarget {
+    /// `GET` over HTTP/1.1 (hyper), or over TLS for `https` without verifying the
+    /// certificate (as Kubernetes); a status from 200 to 399 passes.
+    pub async fn get(&self) -> Result<(), String> {
+        let scheme = if self.https { "https" } else { "http" };
+        let fail = |e: &dyn std::fmt::Display| {
+            format!("{scheme} {}:{}{}: {e}", self.host, self.port, self.path)
+        };
+        let mut req = hyper::Request::get(self.path.as_str())
+            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("bulkhead-probe/", env!("CARGO_PKG_VERSION")),
+            );
+        for (k, v) in &self.headers {
+            // A manifest's `Host` replaces the default one.
+            if k.eq_ignore_ascii_case("host") {
+                if let Some(h) = req.headers_mut() {
+                    h.remove(hyper::header::HOST);
+                }
+            }
+            req = req.header(k.as_str(), v.as_str());
         }
-        buf.extend_from_slice(&chunk[..n]);
+        let req = req
+            .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+            .map_err(|e| fail(&e))?;
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| fail(&e))?;
+        let status = if self.https {
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(self.host.clone())
+                .map_err(|e| fail(&e))?;
+            let tls = tls_connector()
+                .map_err(|e| fail(&e))?
+                .connect(name, tcp)
+                .await
+                .map_err(|e| fail(&e))?;
+            send(tls, req).await
+        } else {
+            send(tcp, req).await
+        }
+        .map_err(|e| fail(&e))?;
+        if (200..400).contains(&status.as_u16()) {
+            Ok(())
+        } else {
+            Err(fail(&format_args!("status {}", status.as_u16())))
+        }
     }
-    let line = String::from_utf8_lossy(&buf);
-    let code: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| fail(&"no HTTP status line in the response"))?;
-    if (200..400).contains(&code) {
-        Ok(())
-    } else {
-        Err(fail(&format_args!("status {code}")))
+}
+
+/// One request on a new connection (a probe keeps none open between attempts).
+async fn send<T>(
+    io: T,
+    req: hyper::Request<http_body_util::Empty<hyper::body::Bytes>>,
+) -> Result<hyper::StatusCode, hyper::Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    // The connection is driven beside the request; it ends when `sender` drops.
+    let driver = tokio::spawn(conn);
+    let res = sender.send_request(req).await;
+    drop(sender);
+    driver.abort();
+    Ok(res?.status())
+}
+
+/// A TLS client that accepts any certificate: an https probe checks that the instance
+/// answers, not who it is (Kubernetes does the same).
+fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
+    use tokio_rustls::rustls;
+    static CONNECTOR: std::sync::OnceLock<Result<tokio_rustls::TlsConnector, String>> =
+        std::sync::OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("cannot set up TLS: {e}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
+                .with_no_client_auth();
+            Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+                config,
+            )))
+        })
+        .clone()
+}
+
+/// Accepts every server certificate (signatures are still checked, so the handshake is
+/// a real one).
+#[derive(Debug)]
+struct AnyCert(std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider>);
+
+impl tokio_rustls::rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[tokio_rustls::rustls::pki_types::CertificateDer<'_>],
+        _server_name: &tokio_rustls::rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: tokio_rustls::rustls::pki_types::UnixTime,
+    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
+    {
+        Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -317,7 +439,8 @@ mod tests {
                 ready: true,
                 stopping: false,
                 status: Some("warming up".into()),
-                main_pid: Some(42)
+                main_pid: Some(42),
+                ..NotifyMsg::default()
             }
         );
         assert!(!NotifyMsg::parse(b"READY=0").ready);
@@ -371,22 +494,125 @@ mod tests {
         task.abort();
     }
 
-    #[tokio::test]
-    async fn http_probe_reads_status() {
+    fn target(port: u16, https: bool, headers: &[(&str, &str)]) -> HttpTarget {
+        HttpTarget {
+            https,
+            host: "127.0.0.1".into(),
+            port,
+            path: "/healthz".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+        }
+    }
+
+    /// A server that answers each connection with the next code, and hands back the
+    /// requests it got.
+    async fn serve(
+        codes: Vec<u16>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> (u16, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            for code in [503, 200] {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for code in codes {
+                let (s, _) = listener.accept().await.unwrap();
+                let mut s: Box<dyn Stream> = match &tls {
+                    Some(a) => Box::new(a.accept(s).await.unwrap()),
+                    None => Box::new(s),
+                };
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap();
+                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
                 let resp = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
                 s.write_all(resp.as_bytes()).await.unwrap();
+                s.flush().await.unwrap();
             }
+            seen
         });
-        let e = http_get(port, "/healthz").await.unwrap_err();
+        (port, task)
+    }
+
+    trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+    impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+    #[tokio::test]
+    async fn http_probe_reads_status_and_sends_the_manifests_headers() {
+        let (port, task) = serve(vec![503, 200], None).await;
+        let e = target(port, false, &[]).get().await.unwrap_err();
         assert!(e.contains("status 503"), "{e}");
-        http_get(port, "/healthz").await.unwrap();
+        target(port, false, &[("Host", "app.example"), ("X-Probe", "1")])
+            .get()
+            .await
+            .unwrap();
+        let seen = task.await.unwrap();
+        assert!(
+            seen[0].starts_with("GET /healthz HTTP/1.1\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(seen[0]
+            .to_ascii_lowercase()
+            .contains(&format!("host: 127.0.0.1:{port}")));
+        let second = seen[1].to_ascii_lowercase();
+        assert!(second.contains("host: app.example\r\n"), "{second}");
+        assert!(
+            !second.contains("host: 127.0.0.1"),
+            "one Host header: {second}"
+        );
+        assert!(second.contains("x-probe: 1\r\n"), "{second}");
+    }
+
+    #[tokio::test]
+    async fn https_probe_accepts_a_self_signed_certificate_and_http_does_not_pass() {
+        use tokio_rustls::rustls;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let (port, task) = serve(vec![200], Some(acceptor)).await;
+        target(port, true, &[]).get().await.unwrap();
+        let seen = task.await.unwrap();
+        assert!(seen[0].starts_with("GET /healthz"), "{}", seen[0]);
+        // The control: plain http to a TLS server does not pass.
+        let (port, _task) = serve(
+            vec![200],
+            Some(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+                rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+                )
+                .unwrap(),
+            ))),
+        )
+        .await;
+        let r = tokio::time::timeout(Duration::from_secs(5), target(port, false, &[]).get()).await;
+        assert!(
+            !matches!(r, Ok(Ok(()))),
+            "plain http passed against a TLS server"
+        );
     }
 }
 

@@ -181,3 +181,47 @@ fn wait_started_returns_before_ready_and_timeout_is_exit_6() {
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert!(stderr(&out).contains("not ready"), "{}", stderr(&out));
 }
+
+/// A readiness probe polls at its `period` until the instance is ready, then at its
+/// `ready_period` (default 10 s): `pg_isready` need not run five times a second for
+/// ever. Compared with an instance whose `ready_period` is its fast period, over the same
+/// wall time (no clock assertion).
+#[test]
+fn a_readiness_probe_slows_down_once_ready() {
+    let d = Daemon::start(&[]);
+    let dir = d.dir.path().to_owned();
+    for (name, extra) in [("calm", ""), ("busy", ", ready_period: 20ms")] {
+        let file = dir.join(format!("{name}.hits"));
+        write_workload(
+            &d.workloads,
+            name,
+            &format!(
+                "name: {name}\ncommand: [sleep, '1000']\nreadiness: {{exec: {{command: [/bin/sh, -c, 'echo x >> {}'], period: 20ms{extra}}}}}\n",
+                file.display()
+            ),
+            &[],
+        );
+    }
+    assert!(d.cli(&["reload"]).status.success());
+    for name in ["calm", "busy"] {
+        let v = d.json(&["launch", name, "-o", "json"]);
+        assert_eq!(v["state"], "ready", "{v}");
+    }
+    let hits = |name: &str| {
+        std::fs::read_to_string(dir.join(format!("{name}.hits")))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let (calm0, busy0) = (hits("calm"), hits("busy"));
+    let start = std::time::Instant::now();
+    while hits("busy") < busy0 + 10 {
+        assert!(start.elapsed() < DEADLINE, "the busy probe stopped");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        hits("calm") <= calm0 + 1,
+        "the calm probe kept polling at its start-up period: {} -> {}",
+        calm0,
+        hits("calm")
+    );
+}
