@@ -555,9 +555,10 @@ impl Daemon {
     /// Terminates every instance, stops the API server and removes the socket.
     pub async fn shutdown(mut self) {
         if let Some((n, _)) = &self.notify {
+            let n_live = self.shared.live_count();
             n.send(&format!(
-                "STOPPING=1\nSTATUS=stopping: terminating {} instances",
-                self.shared.live_count()
+                "STOPPING=1\nSTATUS=stopping: terminating {n_live} instance{}",
+                if n_live == 1 { "" } else { "s" }
             ));
         }
         self.shared.terminate_all().await;
