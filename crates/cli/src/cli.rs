@@ -52,7 +52,7 @@ pub enum Command {
     Keeper(KeeperArgs),
     /// Serve a workloads directory in the foreground, launch its autostart workloads and
     /// print events; Ctrl-C tears everything down.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Launch a workload (or reuse the running instance of its key).
     Launch(LaunchArgs),
     /// Show one instance.

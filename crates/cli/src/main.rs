@@ -95,7 +95,7 @@ async fn run(
         Up(mut a) => {
             (a.serve.tls_cert, a.serve.tls_key) = (args.remote.tls_cert, args.remote.tls_key);
             a.serve.socket = given_socket;
-            serve::up(a, notify).await
+            serve::up(*a, notify).await
         }
         Launch(a) => client::launch(&socket, a).await,
         Get(a) => client::get(&socket, a).await,

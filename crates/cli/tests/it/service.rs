@@ -81,7 +81,10 @@ impl Supervisor {
 
     /// Whether any message so far had `line`.
     fn saw(&self, line: &str) -> bool {
-        self.seen.borrow().iter().any(|m| m.lines().any(|l| l == line))
+        self.seen
+            .borrow()
+            .iter()
+            .any(|m| m.lines().any(|l| l == line))
     }
 }
 
@@ -157,9 +160,7 @@ fn keeper_pid(state: &Path) -> Option<u32> {
             continue;
         };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        if args.iter().any(|a| *a == b"keeper")
-            && args.iter().any(|a| *a == state.as_os_str().as_encoded_bytes())
-        {
+        if args.contains(&&b"keeper"[..]) && args.contains(&state.as_os_str().as_encoded_bytes()) {
             return Some(pid);
         }
     }
@@ -211,7 +212,11 @@ fn the_daemon_tells_its_supervisor_ready_status_watchdog_and_stopping() {
         "{first:?}"
     );
     let h = cli(&["health", "-o", "json"]);
-    assert!(h.status.success(), "health right after READY=1: {}", stderr(&h));
+    assert!(
+        h.status.success(),
+        "health right after READY=1: {}",
+        stderr(&h)
+    );
 
     // The heartbeat repeats.
     for _ in 0..3 {
@@ -305,10 +310,20 @@ fn the_systemd_unit_verifies() {
         ("LimitNOFILE", "1048576"),
         ("ExecStart", "/usr/local/bin/bulkhead serve"),
     ] {
-        assert!(settings.contains(&want), "the unit lacks {}={}", want.0, want.1);
+        assert!(
+            settings.contains(&want),
+            "the unit lacks {}={}",
+            want.0,
+            want.1
+        );
     }
     assert!(settings.iter().any(|(k, _)| *k == "WatchdogSec"));
-    for forbidden in ["NoNewPrivileges", "ProtectSystem", "PrivateTmp", "ProtectControlGroups"] {
+    for forbidden in [
+        "NoNewPrivileges",
+        "ProtectSystem",
+        "PrivateTmp",
+        "ProtectControlGroups",
+    ] {
         assert!(
             !settings.iter().any(|(k, _)| *k == forbidden),
             "{forbidden}= breaks the walls (see the unit's comments)"
@@ -323,7 +338,10 @@ fn the_systemd_unit_verifies() {
     let copy = dir.path().join("bulkhead.service");
     std::fs::write(
         &copy,
-        text.replace("/usr/local/bin/bulkhead", &PathBuf::from(BIN).display().to_string()),
+        text.replace(
+            "/usr/local/bin/bulkhead",
+            &PathBuf::from(BIN).display().to_string(),
+        ),
     )
     .unwrap();
     let out = Command::new("systemd-analyze")
@@ -363,7 +381,11 @@ fn wait_up(child: &mut Child, log: &dyn Fn() -> String, check: &dyn Fn() -> bool
         if let Some(st) = child.try_wait().unwrap() {
             panic!("daemon exited with {st}:\n{}", log());
         }
-        assert!(start.elapsed() < DEADLINE, "daemon did not come up:\n{}", log());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "daemon did not come up:\n{}",
+            log()
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -381,7 +403,14 @@ fn up_is_serve_in_the_foreground_with_the_same_settings() {
     let mut child = Command::new(BIN)
         .current_dir(dir.path())
         .env_remove("BULKHEAD_SOCKET")
-        .args(["up", "demo", "--config", "up.toml", "--port-range", "23000-23100"])
+        .args([
+            "up",
+            "demo",
+            "--config",
+            "up.toml",
+            "--port-range",
+            "23000-23100",
+        ])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap())
@@ -405,7 +434,10 @@ fn up_is_serve_in_the_foreground_with_the_same_settings() {
         .and_then(|a| a.rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {inst}"));
-    assert!((23000..=23100).contains(&port), "--port-range ignored: {inst}");
+    assert!(
+        (23000..=23100).contains(&port),
+        "--port-range ignored: {inst}"
+    );
     // max-instances = 1 from the file: a second instance is refused.
     let second = cli(&["launch", "sleeper"]);
     assert_eq!(second.status.code(), Some(9), "{}", stderr(&second));
@@ -414,7 +446,8 @@ fn up_is_serve_in_the_foreground_with_the_same_settings() {
     // Events were printed as they happened.
     let out = std::fs::read_to_string(&out_path).unwrap();
     assert!(
-        out.lines().any(|l| l.contains("ns:default:auto") && l.contains("ready")),
+        out.lines()
+            .any(|l| l.contains("ns:default:auto") && l.contains("ready")),
         "{out}"
     );
 }
@@ -424,8 +457,15 @@ fn up_without_a_directory_outside_a_checkout_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = run_in(dir.path(), &[], &["up"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("no workloads directory"), "{}", stderr(&out));
-    assert!(!dir.path().join(".bulkhead").exists(), "nothing may be served");
+    assert!(
+        stderr(&out).contains("no workloads directory"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !dir.path().join(".bulkhead").exists(),
+        "nothing may be served"
+    );
 }
 
 /// A configuration file with the workloads, state and socket (relative to the file) and
@@ -480,7 +520,9 @@ fn a_config_file_value_applies_and_a_flag_overrides_it() {
     let mut d = serve_with(dir.path(), &["--config", cfg_s]);
     wait_up(&mut d, &log, &health);
     assert!(dir.path().join("state/bulkhead.db").exists());
-    assert!(cli(&["launch", "sleeper", "--namespace", "a"]).status.success());
+    assert!(cli(&["launch", "sleeper", "--namespace", "a"])
+        .status
+        .success());
     let refused = cli(&["launch", "sleeper", "--namespace", "b"]);
     assert_eq!(refused.status.code(), Some(9), "{}", stderr(&refused));
     sigterm(&d);
@@ -489,7 +531,9 @@ fn a_config_file_value_applies_and_a_flag_overrides_it() {
     // The flag wins over the file.
     let mut d = serve_with(dir.path(), &["--config", cfg_s, "--max-instances", "2"]);
     wait_up(&mut d, &log, &health);
-    assert!(cli(&["launch", "sleeper", "--namespace", "a"]).status.success());
+    assert!(cli(&["launch", "sleeper", "--namespace", "a"])
+        .status
+        .success());
     let b = cli(&["launch", "sleeper", "--namespace", "b"]);
     assert!(b.status.success(), "{}", stderr(&b));
     sigterm(&d);
@@ -500,24 +544,39 @@ fn a_config_file_value_applies_and_a_flag_overrides_it() {
 fn a_bad_config_file_is_refused_naming_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, socket) = config_dir(dir.path(), "# a comment\nmax-instancez = 2\n");
-    let out = run_in(dir.path(), &[], &["serve", "--config", cfg.to_str().unwrap()]);
+    let out = run_in(
+        dir.path(),
+        &[],
+        &["serve", "--config", cfg.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let want = format!("{}:6:1: key `max-instancez`: unknown field", cfg.display());
     assert!(stderr(&out).contains(&want), "{}", stderr(&out));
     assert!(!socket.exists(), "nothing may be served");
 
     std::fs::write(&cfg, "event-sync = \"sometimes\"\n").unwrap();
-    let out = run_in(dir.path(), &[], &["serve", "--config", cfg.to_str().unwrap()]);
+    let out = run_in(
+        dir.path(),
+        &[],
+        &["serve", "--config", cfg.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let want = format!("{}:1:14: key `event-sync`", cfg.display());
     assert!(stderr(&out).contains(&want), "{}", stderr(&out));
 
     // A --config that does not exist is an error (a missing default file is not).
     let missing = dir.path().join("nope.toml");
-    let out = run_in(dir.path(), &[], &["serve", "--config", missing.to_str().unwrap()]);
+    let out = run_in(
+        dir.path(),
+        &[],
+        &["serve", "--config", missing.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains(&format!("cannot read configuration file {}", missing.display())),
+        stderr(&out).contains(&format!(
+            "cannot read configuration file {}",
+            missing.display()
+        )),
         "{}",
         stderr(&out)
     );
@@ -545,7 +604,7 @@ fn a_user_daemon_uses_the_xdg_locations_and_the_client_finds_it() {
     std::fs::create_dir_all(config.join("bulkhead")).unwrap();
     std::fs::write(config.join("bulkhead/config.toml"), "workloads = \"wl\"\n").unwrap();
     write_workload(&config.join("bulkhead/wl"), "sleeper", SLEEPER, &[]);
-    let me = rustix_uid();
+    let me = euid();
     let as_user = |cmd: &mut Command| {
         if me == 0 {
             cmd.uid(65534).gid(65534);
@@ -597,7 +656,7 @@ fn a_user_daemon_uses_the_xdg_locations_and_the_client_finds_it() {
     assert!(wait_exit(&mut d).success(), "{}", log());
 }
 
-fn rustix_uid() -> u32 {
+fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() }
 }
@@ -609,4 +668,47 @@ fn chown_tree(p: &Path, uid: u32) {
             chown_tree(&e.path(), uid);
         }
     }
+}
+
+/// `STATUS=` follows `health`: degraded while the keeper is down and cannot be restarted
+/// (its log file is a folder), serving again once it can.
+#[test]
+fn the_status_says_degraded_while_the_keeper_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let wl = dir.path().join("workloads");
+    std::fs::create_dir_all(&wl).unwrap();
+    let state = dir.path().join("state");
+    let sup = Supervisor::bind("degraded");
+    let log = String::new;
+    let mut child = Command::new(BIN)
+        .args(["serve", "--workloads"])
+        .arg(&wl)
+        .arg("--state")
+        .arg(&state)
+        .arg("--socket")
+        .arg(dir.path().join("api.sock"))
+        .env("NOTIFY_SOCKET", sup.env())
+        .env("WATCHDOG_USEC", "200000")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Running)
+        .unwrap();
+    sup.until("READY=1", &log);
+    let keeper = keeper_pid(&state).expect("a keeper runs");
+    let keeper_log = state.join("keeper.log");
+    std::fs::remove_file(&keeper_log).unwrap();
+    std::fs::create_dir(&keeper_log).unwrap();
+    // SAFETY: kill(2) on the keeper of this test's own state directory.
+    unsafe {
+        libc::kill(keeper as i32, libc::SIGKILL);
+    }
+    sup.until(
+        "STATUS=degraded: the keeper is down (a new one is starting)",
+        &log,
+    );
+    std::fs::remove_dir(&keeper_log).unwrap();
+    sup.until("STATUS=serving 0 instances", &log);
+    sigterm(&child);
+    assert!(wait_exit(&mut child).success());
 }
