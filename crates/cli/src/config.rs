@@ -460,4 +460,28 @@ mod tests {
             );
         }
     }
+
+    /// The defaults `serve --help` states are the ones the daemon applies (the flags have
+    /// no clap default, so that a configuration file can set them).
+    #[test]
+    fn the_help_states_the_real_defaults() {
+        use clap::CommandFactory;
+        let mut cli = crate::cli::Cli::command();
+        let help = cli
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        let d = bulkhead_daemon::Config::new(PathBuf::new(), None, None);
+        let mib = |n: u64| format!("[default: {}Mi]", n >> 20);
+        for want in [
+            mib(d.log_max_bytes),
+            mib(d.min_available_memory),
+            format!("[default: {}]", d.event_retention),
+            format!("[default: {}]", d.finished_kept),
+            format!("[default: {}]", d.port_range),
+        ] {
+            assert!(help.contains(&want), "serve --help lacks {want}");
+        }
+    }
 }
