@@ -9,8 +9,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "bulkhead", version, about)]
 pub struct Cli {
     /// The daemon's API socket. Default: ./.bulkhead/bulkhead.sock when there is one (a
-    /// `bulkhead up` in this directory), else /run/bulkhead/bulkhead.sock as root,
-    /// $XDG_RUNTIME_DIR/bulkhead/bulkhead.sock otherwise (see `config::client_socket`).
+    /// `bulkhead up` in this directory), else the default configuration file's `socket`,
+    /// else /run/bulkhead/bulkhead.sock as root, $XDG_RUNTIME_DIR/bulkhead/bulkhead.sock
+    /// otherwise.
     #[arg(long, global = true, env = "BULKHEAD_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
 

@@ -114,19 +114,24 @@ impl Paths {
 pub const LOCAL_SOCKET: &str = ".bulkhead/bulkhead.sock";
 
 /// The socket a client talks to when neither `--socket` nor `$BULKHEAD_SOCKET` is given:
-/// `./.bulkhead/bulkhead.sock` if it is a socket (a `bulkhead up` here), else the
-/// platform default.
+/// `./.bulkhead/bulkhead.sock` if it is a socket (a `bulkhead up` here), else the `socket`
+/// of the default configuration file (the one `serve` reads), else the platform default.
+/// A configuration file that cannot be read is the daemon's to report: it is skipped here.
 pub fn client_socket(env: &Env, cwd: &Path) -> PathBuf {
     use std::os::unix::fs::FileTypeExt;
     let local = cwd.join(LOCAL_SOCKET);
     if std::fs::metadata(&local).is_ok_and(|m| m.file_type().is_socket()) {
         return PathBuf::from(LOCAL_SOCKET);
     }
-    match Paths::for_env(env) {
-        Ok(p) => p.socket,
+    let Ok(paths) = Paths::for_env(env) else {
         // Nothing better to try; the connection error names this path.
-        Err(_) => PathBuf::from(LOCAL_SOCKET),
-    }
+        return PathBuf::from(LOCAL_SOCKET);
+    };
+    let configured = load(&paths.config).ok().and_then(|s| {
+        let dir = paths.config.parent()?;
+        s.relative_to(dir).socket
+    });
+    configured.unwrap_or(paths.socket)
 }
 
 /// The configuration file could not be used.
@@ -357,6 +362,31 @@ mod tests {
         std::fs::remove_file(dir.path().join(LOCAL_SOCKET)).unwrap();
         let _l = std::os::unix::net::UnixListener::bind(dir.path().join(LOCAL_SOCKET)).unwrap();
         assert_eq!(client_socket(&env, dir.path()), Path::new(LOCAL_SOCKET));
+    }
+
+    #[test]
+    fn the_client_reads_the_socket_of_the_default_configuration_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = Env {
+            xdg_config_home: Some(dir.path().join("cfg")),
+            ..user(Some("/home/u"))
+        };
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::create_dir_all(dir.path().join("cfg/bulkhead")).unwrap();
+        let file = dir.path().join("cfg/bulkhead/config.toml");
+        // Relative to the file, as for the daemon.
+        std::fs::write(&file, "socket = \"run/api.sock\"\n").unwrap();
+        assert_eq!(
+            client_socket(&env, &elsewhere),
+            dir.path().join("cfg/bulkhead/run/api.sock")
+        );
+        // An invalid file is skipped (the daemon reports it): the platform default.
+        std::fs::write(&file, "socket = 3\n").unwrap();
+        assert_eq!(
+            client_socket(&env, &elsewhere),
+            Path::new("/home/u/.local/state/bulkhead/bulkhead.sock")
+        );
     }
 
     #[test]
