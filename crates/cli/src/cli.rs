@@ -46,7 +46,7 @@ pub struct RemoteArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon.
+    /// Run the daemon and launch the autostart workloads (settings: flags over --config).
     Serve(Box<ServeArgs>),
     /// The keeper process that parents the instances (started by the daemon).
     #[command(hide = true)]
