@@ -8,14 +8,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "bulkhead", version, about)]
 pub struct Cli {
-    /// The daemon's API socket.
-    #[arg(
-        long,
-        global = true,
-        env = "BULKHEAD_SOCKET",
-        default_value = ".bulkhead/bulkhead.sock"
-    )]
-    pub socket: PathBuf,
+    /// The daemon's API socket. Default: ./.bulkhead/bulkhead.sock when there is one (a
+    /// `bulkhead up` in this directory), else the default configuration file's `socket`,
+    /// else /run/bulkhead/bulkhead.sock as root, $XDG_RUNTIME_DIR/bulkhead/bulkhead.sock
+    /// otherwise.
+    #[arg(long, global = true, env = "BULKHEAD_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 
     #[command(flatten)]
     pub remote: RemoteArgs,
@@ -48,14 +46,14 @@ pub struct RemoteArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the daemon.
+    /// Run the daemon and launch the autostart workloads (settings: flags over --config).
     Serve(Box<ServeArgs>),
     /// The keeper process that parents the instances (started by the daemon).
     #[command(hide = true)]
     Keeper(KeeperArgs),
     /// Serve a workloads directory in the foreground, launch its autostart workloads and
     /// print events; Ctrl-C tears everything down.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Launch a workload (or reuse the running instance of its key).
     Launch(LaunchArgs),
     /// Show one instance.
@@ -170,25 +168,45 @@ pub struct OutputArgs {
     pub output: Format,
 }
 
-#[derive(Debug, Args)]
+/// The settings of `serve` (and `up`). Every one can also be set in the configuration
+/// file (`--config`; the key is the flag's name without `--`, see `dist/config.toml`): a
+/// flag (or its environment variable) overrides the file, the file overrides the default.
+/// `None` here means "not given on the command line"; `config::resolve` applies the rest.
+#[derive(Debug, Args, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServeArgs {
-    /// The workloads directory: <dir>/<name>/manifest.yaml.
-    #[arg(long)]
-    pub workloads: PathBuf,
-    /// State directory (logs, notify sockets, lock).
-    #[arg(long, default_value = ".bulkhead")]
-    pub state: PathBuf,
-    /// Log size in bytes at which an instance log rotates.
-    #[arg(long, default_value_t = bulkhead_daemon::logs::DEFAULT_MAX_BYTES)]
-    pub log_max_bytes: u64,
-    /// Events kept in the state database (<state>/bulkhead.db); older ones are deleted.
-    #[arg(long, value_name = "N", default_value_t = bulkhead_daemon::store::DEFAULT_RETENTION,
+    /// The configuration file (TOML). Default for `serve`: /etc/bulkhead/config.toml as
+    /// root, $XDG_CONFIG_HOME/bulkhead/config.toml otherwise (a missing default file is
+    /// fine); `up` reads one only when given.
+    #[arg(long, value_name = "PATH", env = "BULKHEAD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// The workloads directory: <dir>/<name>/manifest.yaml. Default: /etc/bulkhead/workloads
+    /// as root, $XDG_CONFIG_HOME/bulkhead/workloads otherwise.
+    #[arg(long, value_name = "DIR")]
+    pub workloads: Option<PathBuf>,
+    /// State directory (database, logs, notify sockets, lock). Default: /var/lib/bulkhead
+    /// as root, $XDG_STATE_HOME/bulkhead otherwise (`up`: ./.bulkhead).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// The API socket: the global --socket (config key `socket`).
+    #[arg(skip)]
+    pub socket: Option<PathBuf>,
+    /// Log size in bytes at which an instance log rotates [default: 8Mi].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de::size")]
+    pub log_max_bytes: Option<u64>,
+    /// Events kept in the state database (<state>/bulkhead.db); older ones are deleted
+    /// [default: 100000].
+    #[arg(long, value_name = "N",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-    pub event_retention: usize,
+    #[serde(default, deserialize_with = "de::at_least_one")]
+    pub event_retention: Option<usize>,
     /// How hard an event commit goes to the disk: `normal` survives any daemon crash;
-    /// `full` also survives a power loss (an fsync per commit, ~1 ms more per launch here).
-    #[arg(long, value_enum, default_value = "normal")]
-    pub event_sync: EventSync,
+    /// `full` also survives a power loss (an fsync per commit, ~1 ms more per launch here)
+    /// [default: normal].
+    #[arg(long, value_enum)]
+    pub event_sync: Option<EventSync>,
     /// Serve Prometheus metrics (/metrics), /health and /ready over HTTP on this address,
     /// e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
@@ -199,8 +217,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub metrics_tokens: Option<PathBuf>,
     /// With --metrics on an address that is not loopback: serve it without tokens.
-    #[arg(long)]
-    pub metrics_insecure: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_name = "BOOL")]
+    pub metrics_insecure: Option<bool>,
     /// Also serve the API on this TCP address (e.g. 0.0.0.0:7443), with mutual TLS and
     /// tokens: needs --tls-cert, --tls-key, --client-ca and --tokens.
     #[arg(long, value_name = "ADDR")]
@@ -211,26 +230,30 @@ pub struct ServeArgs {
     /// With --listen: the token file (YAML, or TOML if it ends in .toml).
     #[arg(long, value_name = "PATH")]
     pub tokens: Option<PathBuf>,
-    /// The server certificate and key of --listen: the global --tls-cert and --tls-key.
+    /// The server certificate and key of --listen: the global --tls-cert and --tls-key
+    /// (config keys `tls-cert`, `tls-key`).
     #[arg(skip)]
     pub tls_cert: Option<PathBuf>,
     #[arg(skip)]
     pub tls_key: Option<PathBuf>,
     /// Be the instances' parent instead of spawning them through the keeper: instances
     /// then cannot be adopted after a daemon crash.
-    #[arg(long)]
-    pub no_keeper: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_name = "BOOL")]
+    pub no_keeper: Option<bool>,
     /// When the state database is empty, damaged or from a newer bulkhead, move it aside
     /// (<state>/bulkhead.db.bad-<unix seconds>, with its -wal and -shm) and start a new
     /// one instead of refusing to start. Event ids go on after the newest one the old
     /// file still shows. A sound database is left alone.
-    #[arg(long)]
-    pub fresh_state: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_name = "BOOL")]
+    pub fresh_state: Option<bool>,
     /// A sandbox launch fails at once when the machine's available memory (MemAvailable)
-    /// is below this size (`0`: never), rather than push it into the OOM killer.
-    #[arg(long, value_name = "SIZE", default_value = "64Mi",
-          value_parser = |s: &str| bulkhead_core::size::parse(s).map_err(|e| e.to_string()))]
-    pub min_available_memory: u64,
+    /// is below this size (`0`: never), rather than push it into the OOM killer
+    /// [default: 64Mi].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de::size")]
+    pub min_available_memory: Option<u64>,
     /// At most N live instances; a launch that would create one more is refused (exit 9,
     /// RESOURCE_EXHAUSTED). Default: no limit.
     #[arg(long, value_name = "N")]
@@ -241,27 +264,73 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_instances_per_namespace: Option<usize>,
     /// How many finished instances stay listed (get, list, logs), with their log files,
-    /// before the oldest are forgotten. A key launched again replaces its finished one.
-    #[arg(long, value_name = "N", default_value_t = bulkhead_daemon::FINISHED_KEPT)]
-    pub finished_kept: usize,
+    /// before the oldest are forgotten. A key launched again replaces its finished one
+    /// [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub finished_kept: Option<usize>,
     /// The TCP ports handed to instances as $PORT: LOW-HIGH (or one port). A launch fails
-    /// only when every port of the range is held by a live instance or in use.
-    #[arg(long, value_name = "LOW-HIGH", default_value_t = bulkhead_core::port::DEFAULT_RANGE)]
-    pub port_range: bulkhead_core::port::PortRange,
+    /// only when every port of the range is held by a live instance or in use
+    /// [default: 20000-32000].
+    #[arg(long, value_name = "LOW-HIGH")]
+    #[serde(default, deserialize_with = "de::from_str")]
+    pub port_range: Option<bulkhead_core::port::PortRange>,
     /// Do not start the sandbox driver.
-    #[arg(long)]
-    pub no_sandbox: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_name = "BOOL")]
+    pub no_sandbox: Option<bool>,
     /// Remount the cgroup2 mount with `favordynmods`: moving a process between cgroups
     /// (the sandbox's v1 attach) then skips an RCU grace period. System-wide.
-    #[arg(long)]
-    pub cgroup_favordynmods: bool,
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_name = "BOOL")]
+    pub cgroup_favordynmods: Option<bool>,
     /// The docker driver's image cache keeps at most this many built images (least
     /// recently used evicted first; images in use are never evicted).
     #[arg(long, value_name = "N")]
     pub image_cache_max_count: Option<usize>,
     /// ... and at most this many bytes of them (e.g. 10Gi).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de::size")]
     pub image_cache_max_bytes: Option<u64>,
+}
+
+/// Deserializers of the configuration file's values that the flags parse from text.
+mod de {
+    use serde::{Deserialize, Deserializer};
+
+    /// A size: a number of bytes, or text like `64Mi`.
+    pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Size {
+            Bytes(u64),
+            Text(String),
+        }
+        match Size::deserialize(d)? {
+            Size::Bytes(n) => Ok(Some(n)),
+            Size::Text(t) => super::parse_size(&t)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// A count that must be at least 1.
+    pub fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        match usize::deserialize(d)? {
+            0 => Err(serde::de::Error::custom("must be at least 1")),
+            n => Ok(Some(n)),
+        }
+    }
+
+    /// A value written as text, parsed like its flag.
+    pub fn from_str<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        let t = String::deserialize(d)?;
+        t.parse().map(Some).map_err(serde::de::Error::custom)
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -279,16 +348,14 @@ pub struct KeeperArgs {
     pub shard: usize,
 }
 
+/// `up`: `serve` in the foreground, with the local demo defaults and events printed.
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// The workloads directory (default: the repository's examples/workloads).
+    /// The workloads directory (the same as --workloads; default: ./examples/workloads).
+    #[arg(value_name = "DIR", conflicts_with = "workloads")]
     pub dir: Option<PathBuf>,
-    /// State directory.
-    #[arg(long, default_value = ".bulkhead")]
-    pub state: PathBuf,
-    /// Be the instances' parent instead of spawning them through the keeper.
-    #[arg(long)]
-    pub no_keeper: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -401,7 +468,8 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EventSync {
     Normal,
     Full,

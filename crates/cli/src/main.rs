@@ -4,6 +4,7 @@
 
 mod cli;
 mod client;
+mod config;
 mod exec;
 mod exit;
 mod output;
@@ -27,6 +28,19 @@ fn main() -> std::process::ExitCode {
             return exit::ERROR.into();
         }
     }
+    // Also while single-threaded: take the supervisor's notify socket out of the
+    // environment, so that neither the keeper nor a workload inherits it.
+    let notify = if matches!(args.command, cli::Command::Serve(_) | cli::Command::Up(_)) {
+        match bulkhead_daemon::notify_self::SelfNotify::take_from_env() {
+            Ok(n) => n.map(std::sync::Arc::new),
+            Err(e) => {
+                eprintln!("bulkhead: {e}; not notifying the supervisor");
+                None
+            }
+        }
+    } else {
+        None
+    };
     if let cli::Command::Keeper(k) = &args.command {
         // The keeper runs no async runtime: a plain poll loop, single-threaded (the
         // instances' parent-death signal is tied to the thread that spawned them).
@@ -48,7 +62,7 @@ fn main() -> std::process::ExitCode {
             return exit::ERROR.into();
         }
     };
-    let result = rt.block_on(run(args));
+    let result = rt.block_on(run(args, notify));
     // Do not wait for lingering blocking tasks (a stdin read, a follow stream).
     rt.shutdown_background();
     match result {
@@ -57,17 +71,32 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: cli::Cli) -> anyhow::Result<()> {
+async fn run(
+    args: cli::Cli,
+    notify: Option<std::sync::Arc<bulkhead_daemon::notify_self::SelfNotify>>,
+) -> anyhow::Result<()> {
     use cli::Command::*;
-    let socket = args.socket;
+    let given_socket = args.socket.clone();
+    let socket = match &args.socket {
+        Some(s) => s.clone(),
+        None => config::client_socket(
+            &config::Env::current(),
+            &std::env::current_dir().unwrap_or_default(),
+        ),
+    };
     client::use_remote(&args.remote)?;
     match args.command {
         Serve(mut a) => {
             (a.tls_cert, a.tls_key) = (args.remote.tls_cert, args.remote.tls_key);
-            serve::serve(*a).await
+            a.socket = given_socket;
+            serve::serve(*a, notify).await
         }
         Keeper(_) => unreachable!("handled before the runtime starts"),
-        Up(a) => serve::up(a).await,
+        Up(mut a) => {
+            (a.serve.tls_cert, a.serve.tls_key) = (args.remote.tls_cert, args.remote.tls_key);
+            a.serve.socket = given_socket;
+            serve::up(*a, notify).await
+        }
         Launch(a) => client::launch(&socket, a).await,
         Get(a) => client::get(&socket, a).await,
         List(a) => client::list(&socket, a).await,

@@ -33,6 +33,7 @@ pub mod instance;
 pub mod instances;
 pub mod logs;
 pub mod metrics;
+pub mod notify_self;
 pub mod peer; // metrics + HTTP health (observability)
 pub mod ports;
 pub mod readiness;

@@ -87,6 +87,9 @@ pub struct Config {
     /// this many images / bytes after each build; `None`: unbounded.
     pub image_cache_max_count: Option<usize>,
     pub image_cache_max_bytes: Option<u64>,
+    /// The supervisor's notify socket (`$NOTIFY_SOCKET`, see `notify_self`): `READY=1`
+    /// once the API is served, `STATUS=`, `WATCHDOG=1`, `STOPPING=1`. `None`: not sent.
+    pub notify: Option<Arc<crate::notify_self::SelfNotify>>,
 }
 
 impl Config {
@@ -127,6 +130,7 @@ impl Config {
             cgroup_favordynmods: false,
             image_cache_max_count: None,
             image_cache_max_bytes: None,
+            notify: None,
         }
     }
 }
@@ -214,6 +218,8 @@ pub struct Daemon {
     tcp: Option<crate::auth::TcpServer>,
     /// The audit log, for the summaries of suppressed refusals at shutdown.
     audit: crate::auth::AuditLog,
+    /// The supervisor's notify socket and the task keeping its status and watchdog.
+    notify: Option<(Arc<crate::notify_self::SelfNotify>, JoinHandle<()>)>,
 }
 
 impl Daemon {
@@ -539,7 +545,13 @@ impl Daemon {
                 tracing::error!("API server failed: {e}");
             }
         });
+        // The accept loop runs (clients that came early are in the backlog): ready.
+        let notify = cfg
+            .notify
+            .clone()
+            .map(|n| (n.clone(), crate::notify_self::start(n, shared.clone())));
         Ok(Daemon {
+            notify,
             shared,
             stop_server: Some(stop_tx),
             server: Some(server),
@@ -568,6 +580,13 @@ impl Daemon {
 
     /// Terminates every instance, stops the API server and removes the socket.
     pub async fn shutdown(mut self) {
+        if let Some((n, _)) = &self.notify {
+            let n_live = self.shared.live_count();
+            n.send(&format!(
+                "STOPPING=1\nSTATUS=stopping: terminating {n_live} instance{}",
+                if n_live == 1 { "" } else { "s" }
+            ));
+        }
         self.shared.terminate_all().await;
         // Every instance is gone: the drivers remove their (empty) cgroup scopes.
         let sh = self.shared.clone();
@@ -618,6 +637,9 @@ impl Daemon {
         })
         .await;
         let _ = std::fs::remove_file(&self.socket);
+        if let Some((_, task)) = self.notify.take() {
+            task.abort();
+        }
     }
 
     /// Serves until SIGTERM or SIGINT (then shuts down); SIGHUP rescans the workloads.

@@ -19,6 +19,7 @@ mod metrics;
 mod readiness;
 mod recovery;
 mod sandbox;
+mod service;
 mod socket_trust;
 mod state_copy;
 mod supervision;
