@@ -11,7 +11,7 @@ use bulkhead_core::text::escape;
 
 use crate::cli::{self, Format};
 use crate::exit::{self, fail, from_status};
-use crate::output;
+use crate::output::{self, out, outln};
 
 /// The remote daemon of `--tcp`, when given (set once by `main`).
 static REMOTE: std::sync::OnceLock<bulkhead_api::TcpOptions> = std::sync::OnceLock::new();
@@ -100,16 +100,20 @@ fn print_instance(inst: &v1::Instance, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => print_json(&output::instance_json(inst)),
         Format::Text => {
-            println!("{}", output::instance_line(inst));
+            outln!("{}", output::instance_line(inst));
             Ok(())
         }
     }
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    // Serialised first: a closed stdout then fails as an io::Error (which `main` treats as
+    // success), not as a serde_json::Error wrapping it.
+    let mut buf = serde_json::to_vec_pretty(v)?;
+    buf.push(b'\n');
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
+    out.write_all(&buf)?;
+    out.flush()?;
     Ok(())
 }
 
@@ -145,7 +149,7 @@ pub async fn launch(socket: &Path, a: cli::LaunchArgs) -> anyhow::Result<()> {
             print_json(&v)
         }
         Format::Text => {
-            println!(
+            outln!(
                 "{} ({})",
                 output::instance_line(&inst),
                 if resp.created { "created" } else { "reused" }
@@ -166,20 +170,34 @@ pub async fn get(socket: &Path, a: cli::GetArgs) -> anyhow::Result<()> {
     print_instance(&inst, a.output)
 }
 
-pub async fn list(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
+/// Whether `list`'s filters keep this instance. The API lists every instance (its
+/// `ListRequest` has no filter), so the filters apply here, in the client.
+fn keeps(a: &cli::ListArgs, i: &v1::Instance) -> bool {
+    (a.workload.is_empty() || a.workload.contains(&i.workload))
+        && (a.state.is_empty() || a.state.contains(&i.state))
+        && a.namespace
+            .as_ref()
+            .is_none_or(|n| i.namespace.as_ref() == Some(n))
+        && a.session
+            .as_ref()
+            .is_none_or(|s| i.session.as_ref() == Some(s))
+}
+
+pub async fn list(socket: &Path, a: cli::ListArgs) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
-    let list = c
+    let mut list = c
         .list(v1::ListRequest {})
         .await
         .map_err(from_status)?
         .into_inner()
         .instances;
+    list.retain(|i| keeps(&a, i));
     match a.output {
         Format::Json => print_json(&serde_json::Value::Array(
             list.iter().map(output::instance_json).collect(),
         )),
         Format::Text => {
-            print!("{}", output::instance_table(&list));
+            out!("{}", output::instance_table(&list, output::now_ms()));
             Ok(())
         }
     }
@@ -218,8 +236,9 @@ pub async fn events(socket: &Path, a: cli::EventsArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         match a.output {
             Format::Json => {
-                serde_json::to_writer(&mut out, &output::event_json(&e))?;
-                writeln!(out)?;
+                let mut line = serde_json::to_vec(&output::event_json(&e))?;
+                line.push(b'\n');
+                out.write_all(&line)?;
             }
             Format::Text => writeln!(out, "{}", output::event_line(&e))?,
         }
@@ -282,7 +301,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             })),
         })),
         Format::Text => {
-            println!(
+            outln!(
                 "{} (bulkhead {}, pid {}, up {:.1}s)\ninstances live: {}\nworkloads: {} valid, {} invalid ({})\ndrivers: {}\nstate: {}\nlast event: {}",
                 // Degraded names the state directory: a path, printed escaped.
                 if h.reason.is_empty() {
@@ -302,14 +321,14 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 h.last_event_id
             );
             if !h.process_tracking.is_empty() {
-                println!(
+                outln!(
                     "process instances tracked by: {}",
                     escape(&h.process_tracking)
                 );
             }
             if let Some(s) = &h.sandbox {
                 if s.available {
-                    println!(
+                    outln!(
                         "sandbox: cgroups {} (limits: {}; born in its cgroup: {}; favordynmods: {}); abstract sockets: {}",
                         s.cgroup_mode,
                         if s.controllers.is_empty() {
@@ -330,7 +349,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                         }
                     );
                 } else {
-                    println!("sandbox: unavailable ({})", escape(&s.error));
+                    outln!("sandbox: unavailable ({})", escape(&s.error));
                 }
             }
             Ok(())
@@ -374,7 +393,7 @@ fn print_workloads(list: &[v1::Workload], format: Format) -> anyhow::Result<()> 
                     }
                 })
                 .collect();
-            print!("{}", output::table(&["NAME", "STATUS", "DRIVER", "ISOLATION", "NOTES"], &rows));
+            out!("{}", output::table(&["NAME", "STATUS", "DRIVER", "ISOLATION", "NOTES"], &rows));
             Ok(())
         }
     }
@@ -440,7 +459,7 @@ pub async fn end_scope(socket: &Path, a: cli::EndScopeArgs, session: bool) -> an
         )),
         Format::Text => {
             for i in &resp.terminated {
-                println!("{}", output::instance_line(i));
+                outln!("{}", output::instance_line(i));
             }
             Ok(())
         }
@@ -476,17 +495,20 @@ pub async fn images(socket: &Path, a: cli::ImagesArgs) -> anyhow::Result<()> {
         )),
         Format::Text => {
             if a.action.is_some() {
-                println!("removed {} images", resp.images.len());
+                outln!("removed {} images", resp.images.len());
             }
-            println!(
+            outln!(
                 "{:<40} {:>10} {:<6} {:<24} BASE",
-                "TAG", "SIZE", "IN USE", "WORKLOAD"
+                "TAG",
+                "SIZE",
+                "IN USE",
+                "WORKLOAD"
             );
             for i in &resp.images {
-                println!(
+                outln!(
                     "{:<40} {:>10} {:<6} {:<24} {}",
                     escape(&i.tag),
-                    bulkhead_core::size::format(i.size_bytes),
+                    output::human_bytes(i.size_bytes),
                     if i.in_use { "yes" } else { "no" },
                     escape(&i.workload),
                     if i.base.is_empty() {
@@ -498,5 +520,80 @@ pub async fn images(socket: &Path, a: cli::ImagesArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(id: &str, workload: &str, state: &str) -> v1::Instance {
+        InstanceId::parse(id).expect("a valid id");
+        let mut parts = id.splitn(3, ':');
+        let (kind, scope) = (parts.next().unwrap(), parts.next().unwrap());
+        v1::Instance {
+            id: id.into(),
+            workload: workload.into(),
+            state: state.into(),
+            namespace: (kind == "ns").then(|| scope.to_owned()),
+            session: (kind == "session").then(|| scope.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    fn args(argv: &[&str]) -> cli::ListArgs {
+        use clap::FromArgMatches;
+        let m = cli::command()
+            .try_get_matches_from(["bulkhead", "list"].iter().chain(argv))
+            .unwrap();
+        match cli::Cli::from_arg_matches(&m).unwrap().command {
+            cli::Command::List(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn list_filters_combine_and_repeat() {
+        let all = [
+            inst("ns:default:web", "web", "ready"),
+            inst("ns:blue:web", "web", "crashed"),
+            inst("session:s1:worker", "worker", "ready"),
+            inst("session:s2:worker", "worker", "terminated"),
+        ];
+        let ids = |argv: &[&str]| -> Vec<String> {
+            let a = args(argv);
+            all.iter()
+                .filter(|i| keeps(&a, i))
+                .map(|i| i.id.clone())
+                .collect()
+        };
+        assert_eq!(ids(&[]).len(), 4);
+        assert_eq!(
+            ids(&["--workload", "web"]),
+            ["ns:default:web", "ns:blue:web"]
+        );
+        assert_eq!(
+            ids(&["--state", "ready"]),
+            ["ns:default:web", "session:s1:worker"]
+        );
+        assert_eq!(
+            ids(&["--state", "crashed,terminated"]),
+            ["ns:blue:web", "session:s2:worker"]
+        );
+        assert_eq!(
+            ids(&["--state", "crashed", "--state", "terminated"]),
+            ["ns:blue:web", "session:s2:worker"]
+        );
+        assert_eq!(ids(&["--namespace", "blue"]), ["ns:blue:web"]);
+        assert_eq!(ids(&["--session", "s1"]), ["session:s1:worker"]);
+        assert_eq!(
+            ids(&["--workload", "web", "--state", "ready"]),
+            ["ns:default:web"]
+        );
+        assert!(ids(&["--workload", "web", "--session", "s1"]).is_empty());
+        // A state that does not exist is a usage error, not an empty list.
+        assert!(cli::command()
+            .try_get_matches_from(["bulkhead", "list", "--state", "runing"])
+            .is_err());
     }
 }
