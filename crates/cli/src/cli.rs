@@ -388,6 +388,19 @@ pub struct ServeArgs {
     /// ... and at most this many bytes of them (e.g. 10Gi).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub image_cache_max_bytes: Option<u64>,
+    /// The daemon's own log on stderr: text (coloured only on a terminal, and never when
+    /// NO_COLOR is set) or JSON, one object per line.
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// A line per event: time, level, message, fields.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, fields, span).
+    Json,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -24,7 +24,8 @@ pub fn completions(a: &CompletionsArgs) -> anyhow::Result<()> {
 
 /// Prints bulkhead.1 on stdout, or writes every page into `--dir`.
 pub fn man(a: &ManArgs) -> anyhow::Result<()> {
-    let cmd = cli::command();
+    // As `generate_to` does for every page: no `help` verb of clap's in the list.
+    let cmd = cli::command().disable_help_subcommand(true);
     match &a.dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)

@@ -4,7 +4,19 @@
 //! line and table cell goes through [`escape`] (a workload's `STATUS=`, a failure reason,
 //! a file name may hold an escape sequence or a U+202E). JSON is escaped by serde_json.
 
+use std::io::IsTerminal;
+
 use bulkhead_api::v1;
+
+/// Whether to colour what goes to `stream`: only a terminal, and never when `NO_COLOR` is
+/// set to anything but the empty string (<https://no-color.org>).
+pub fn colour(stream: &impl IsTerminal) -> bool {
+    colour_with(stream.is_terminal(), std::env::var_os("NO_COLOR"))
+}
+
+fn colour_with(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
 
 /// `println!` that returns the write error (`?`) instead of panicking: a closed stdout
 /// (`| head`) ends the command, and `main` exits 0 without a word (see `exit::report`).
@@ -419,6 +431,17 @@ mod tests {
 #[cfg(test)]
 mod human {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_with(true, None));
+        assert!(
+            colour_with(true, Some("".into())),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!colour_with(true, Some("1".into())));
+        assert!(!colour_with(false, None));
+    }
 
     #[test]
     fn sizes_in_binary_units() {

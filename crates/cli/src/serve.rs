@@ -10,14 +10,21 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::cli::{ServeArgs, UpArgs};
 use crate::output;
 
-fn init_tracing() {
+/// The daemon's own log on stderr: text (coloured only on a terminal, never with
+/// `NO_COLOR`) or one JSON object per line.
+fn init_tracing(format: crate::cli::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        crate::cli::LogFormat::Text => fmt
+            .with_ansi(crate::output::colour(&std::io::stderr()))
+            .try_init(),
+        crate::cli::LogFormat::Json => fmt.json().with_ansi(false).try_init(),
+    };
 }
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
@@ -28,7 +35,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             "--metrics-tokens and --metrics-insecure only apply with --metrics ADDR",
         ));
     }
-    init_tracing();
+    init_tracing(a.log_format);
     let mut cfg = Config::new(a.workloads, Some(a.state), None);
     cfg.log_max_bytes = a.log_max_bytes;
     cfg.image_cache_max_count = a.image_cache_max_count;
@@ -142,7 +149,7 @@ fn default_examples() -> anyhow::Result<PathBuf> {
 }
 
 pub async fn up(a: UpArgs) -> anyhow::Result<()> {
-    init_tracing();
+    init_tracing(crate::cli::LogFormat::Text);
     let dir = match a.dir {
         Some(d) => d,
         None => default_examples()?,
