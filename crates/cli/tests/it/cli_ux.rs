@@ -477,3 +477,36 @@ fn colours_on_a_terminal_unless_no_color() {
         "{plain:?}"
     );
 }
+
+/// The README's install: `bulkhead man --dir <root>/man1` makes `man bulkhead` and `man
+/// bulkhead-list` work with <root> in the manual path.
+#[test]
+fn installed_man_pages_are_found_by_man() {
+    if Command::new("man").arg("--version").output().is_err() {
+        eprintln!("skipped: man is not installed (.ci/setup-cli.sh installs man-db)");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["man", "--dir"])
+        .arg(root.path().join("man1"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (page, needle) in [("bulkhead", "Connection"), ("bulkhead-list", "--workload")] {
+        let out = Command::new("man")
+            .arg("-M")
+            .arg(root.path())
+            .arg(page)
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.to_lowercase().contains(&needle.to_lowercase()),
+            "man {page}: {text}{}",
+            stderr(&out)
+        );
+    }
+}
