@@ -197,7 +197,10 @@ pub async fn list(socket: &Path, a: cli::ListArgs) -> anyhow::Result<()> {
             list.iter().map(output::instance_json).collect(),
         )),
         Format::Text => {
-            out!("{}", output::instance_table(&list, output::now_ms()));
+            out!(
+                "{}",
+                output::instance_table(&list, output::now_ms(), output::colour(&std::io::stdout()))
+            );
             Ok(())
         }
     }

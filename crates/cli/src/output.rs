@@ -214,7 +214,8 @@ pub fn instance_line(i: &v1::Instance) -> String {
     escape(&s).into_owned()
 }
 
-pub fn instance_table(list: &[v1::Instance], now_ms: u64) -> String {
+/// The `list` table; `colour`: the STATE column coloured (see [`colour`]).
+pub fn instance_table(list: &[v1::Instance], now_ms: u64, colour: bool) -> String {
     let rows: Vec<[String; 8]> = list
         .iter()
         .map(|i| {
@@ -237,7 +238,7 @@ pub fn instance_table(list: &[v1::Instance], now_ms: u64) -> String {
             ]
         })
         .collect();
-    table(
+    painted_table(
         &[
             "ID",
             "STATE",
@@ -249,11 +250,28 @@ pub fn instance_table(list: &[v1::Instance], now_ms: u64) -> String {
             "LAST EXIT",
         ],
         &rows,
+        |col, cell| {
+            if colour && col == 1 {
+                state_colour(cell)
+            } else {
+                None
+            }
+        },
     )
 }
 
 /// A table with aligned columns; every cell [escaped](escape).
 pub fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
+    painted_table(head, rows, |_, _| None)
+}
+
+/// [`table`], with the cells `paint(column, cell)` names wrapped in that SGR colour
+/// (padding stays outside the escape, so columns stay aligned).
+fn painted_table<const N: usize>(
+    head: &[&str; N],
+    rows: &[[String; N]],
+    paint: impl Fn(usize, &str) -> Option<&'static str>,
+) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| r.iter().map(|c| escape(c).into_owned()).collect())
@@ -265,20 +283,37 @@ pub fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
         }
     }
     let mut out = String::new();
-    let line = |cells: Vec<&str>, out: &mut String| {
+    let line = |cells: Vec<&str>, body: bool, out: &mut String| {
         let parts: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .map(|(i, c)| {
+                let pad = " ".repeat(w[i] - c.chars().count());
+                match paint(i, c).filter(|_| body) {
+                    Some(sgr) => format!("\u{1b}[{sgr}m{c}\u{1b}[0m{pad}"),
+                    None => format!("{c}{pad}"),
+                }
+            })
             .collect();
         out.push_str(parts.join("  ").trim_end());
         out.push('\n');
     };
-    line(head.to_vec(), &mut out);
+    line(head.to_vec(), false, &mut out);
     for r in &rows {
-        line(r.iter().map(String::as_str).collect(), &mut out);
+        line(r.iter().map(String::as_str).collect(), true, &mut out);
     }
     out
+}
+
+/// The colour of a state in `list` on a terminal: green when ready, red when it failed
+/// or crashed, yellow on the way (starting, stopping, restarting); none otherwise.
+fn state_colour(state: &str) -> Option<&'static str> {
+    match state {
+        "ready" => Some("32"),
+        "failed" | "crashed" => Some("31"),
+        "starting" | "stopping" | "restarting" => Some("33"),
+        _ => None,
+    }
 }
 
 pub fn event_json(e: &v1::Event) -> Value {
@@ -402,7 +437,7 @@ mod tests {
             line.contains("\\u{1b}]0;pwned") && line.contains("\\u{202e}"),
             "{line}"
         );
-        let t = instance_table(&[evil_instance()], 0);
+        let t = instance_table(&[evil_instance()], 0, false);
         assert_eq!(t.lines().count(), 2, "one header, one row: {t:?}");
         assert!(
             !t.chars()
@@ -431,6 +466,33 @@ mod tests {
 #[cfg(test)]
 mod human {
     use super::*;
+
+    #[test]
+    fn coloured_states_keep_the_columns_aligned() {
+        let rows: Vec<v1::Instance> = ["ready", "crashed", "terminated"]
+            .iter()
+            .map(|st| v1::Instance {
+                id: format!("session:s:{st}"),
+                state: (*st).into(),
+                ..Default::default()
+            })
+            .collect();
+        let plain = instance_table(&rows, 0, false);
+        assert!(!plain.contains('\u{1b}'), "{plain}");
+        let painted = instance_table(&rows, 0, true);
+        assert!(painted.contains("\u{1b}[32mready\u{1b}[0m"), "{painted:?}");
+        assert!(
+            painted.contains("\u{1b}[31mcrashed\u{1b}[0m"),
+            "{painted:?}"
+        );
+        assert!(!painted.contains("\u{1b}[33m"), "{painted:?}");
+        // Without the escapes, the coloured table is the plain one.
+        let stripped = painted
+            .replace("\u{1b}[32m", "")
+            .replace("\u{1b}[31m", "")
+            .replace("\u{1b}[0m", "");
+        assert_eq!(stripped, plain);
+    }
 
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {
@@ -508,7 +570,7 @@ mod human {
             started_at_ms: 10_000,
             ..Default::default()
         };
-        let t = instance_table(&[i], 10_000 + 3 * 3_600_000);
+        let t = instance_table(&[i], 10_000 + 3 * 3_600_000, false);
         let mut lines = t.lines();
         let head: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
         let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();

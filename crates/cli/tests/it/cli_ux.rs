@@ -468,6 +468,20 @@ fn colours_on_a_terminal_unless_no_color() {
         "colour despite NO_COLOR:\n{plain:?}"
     );
 
+    // `list` colours its STATE column on a terminal only.
+    let d = Daemon::start(&[("web", SLEEPER)]);
+    d.json(&["launch", "web", "--wait", "ready", "-o", "json"]);
+    let list = format!("'{BIN}' --socket '{}' list", d.socket.display());
+    let coloured = on_a_terminal(&list, false).unwrap();
+    assert!(coloured.contains("\u{1b}[32mready"), "{coloured:?}");
+    let plain = on_a_terminal(&list, true).unwrap();
+    assert!(
+        plain.contains("ready") && !plain.contains('\u{1b}'),
+        "{plain:?}"
+    );
+    let piped = d.cli(&["list"]);
+    assert!(!String::from_utf8_lossy(&piped.stdout).contains('\u{1b}'));
+
     let help = format!("'{BIN}' --help");
     let coloured = on_a_terminal(&help, false).unwrap();
     assert!(coloured.contains('\u{1b}'), "{coloured:?}");
