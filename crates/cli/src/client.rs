@@ -305,7 +305,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
         })),
         Format::Text => {
             outln!(
-                "{} (bulkhead {}, pid {}, up {:.1}s)\ninstances live: {}\nworkloads: {} valid, {} invalid ({})\ndrivers: {}\nstate: {}\nlast event: {}",
+                "{} (bulkhead {}, pid {}, up {})\ninstances live: {}\nworkloads: {} valid, {} invalid ({})\ndrivers: {}\nstate: {}\nlast event: {}",
                 // Degraded names the state directory: a path, printed escaped.
                 if h.reason.is_empty() {
                     escape(&h.status).into_owned()
@@ -314,7 +314,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 },
                 h.version,
                 h.pid,
-                h.uptime_ms as f64 / 1000.0,
+                output::human_age(h.uptime_ms),
                 h.instances_live,
                 h.workloads_valid,
                 h.workloads_invalid,

@@ -218,6 +218,19 @@ fn list_filters_aliases_and_age_column() {
         "AGE {age:?} in:\n{text}"
     );
 
+    // The daemon's uptime too.
+    let health = String::from_utf8_lossy(&d.cli(&["health"]).stdout).into_owned();
+    let up = health
+        .split_once(", up ")
+        .and_then(|(_, r)| r.split_once(')'))
+        .map(|(u, _)| u.to_owned())
+        .unwrap_or_else(|| panic!("no uptime in:\n{health}"));
+    let (num, unit) = up.split_at(up.len() - 1);
+    assert!(
+        num.parse::<u64>().is_ok() && "smhd".contains(unit),
+        "up {up:?}"
+    );
+
     // Signals by name in text, by number in JSON.
     d.json(&["launch", "killed", "--wait", "none", "-o", "json"]);
     d.wait_event("killed crashed", |e| {
