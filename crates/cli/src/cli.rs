@@ -9,7 +9,7 @@ pub const CONNECTION: &str = "Connection";
 
 /// An on-demand, isolating process launcher and supervisor.
 #[derive(Debug, Parser)]
-#[command(name = "bulkhead", version, about)]
+#[command(name = "bulkhead", version)]
 pub struct Cli {
     /// The daemon's API socket (the client's, and the one `serve` and `up` listen on).
     #[arg(
