@@ -2,17 +2,26 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+/// The help heading of the connection flags (`--socket`, `--tcp`, `--tls-*`, `--token`).
+pub const CONNECTION: &str = "Connection";
 
 /// An on-demand, isolating process launcher and supervisor.
 #[derive(Debug, Parser)]
-#[command(name = "bulkhead", version, about)]
+#[command(name = "bulkhead", version)]
 pub struct Cli {
     /// The daemon's API socket. Default: ./.bulkhead/bulkhead.sock when there is one (a
     /// `bulkhead up` in this directory), else the default configuration file's `socket`,
     /// else /run/bulkhead/bulkhead.sock as root, $XDG_RUNTIME_DIR/bulkhead/bulkhead.sock
     /// otherwise.
-    #[arg(long, global = true, env = "BULKHEAD_SOCKET", value_name = "PATH")]
+    #[arg(
+        long,
+        global = true,
+        env = "BULKHEAD_SOCKET",
+        value_name = "PATH",
+        help_heading = CONNECTION
+    )]
     pub socket: Option<PathBuf>,
 
     #[command(flatten)]
@@ -22,25 +31,88 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The connection flags each verb shows in its help; the others are hidden there (still
+/// accepted, as everywhere) and listed once, under "Connection", in `bulkhead --help`.
+fn connection_flags_shown(verb: &str) -> &'static [&'static str] {
+    match verb {
+        // The daemon listens on --socket; --tls-cert and --tls-key serve `--listen`.
+        "serve" => &["socket", "tls_cert", "tls_key"],
+        "up" => &["socket"],
+        _ => &[],
+    }
+}
+
+/// Verbs that talk to no daemon: their help does not point at the connection flags.
+const OFFLINE: [&str; 5] = ["serve", "up", "keeper", "completions", "man"];
+
+/// The command line as the user sees it (help, man pages): [`Cli`] with the connection
+/// flags shown once, at the top, and in each verb only where it uses them.
+pub fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    let connection: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| a.get_help_heading() == Some(CONNECTION))
+        .cloned()
+        .collect();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    let pointer = "Connection flags (--socket, --tcp, --tls-ca, --tls-cert, --tls-key, --token): \
+                   see `bulkhead --help` or bulkhead(1).";
+    for name in names {
+        let shown = connection_flags_shown(&name);
+        let offline = OFFLINE.contains(&name.as_str());
+        cmd = cmd.mut_subcommand(&name, |mut sc| {
+            // A global flag is copied into a verb only when the verb has no flag of that
+            // id: a hidden copy here keeps the flag working but out of the verb's help.
+            for a in &connection {
+                if !shown.contains(&a.get_id().as_str()) {
+                    sc = sc.arg(a.clone().hide(true));
+                }
+            }
+            if offline {
+                return sc;
+            }
+            let subs: Vec<String> = sc
+                .get_subcommands()
+                .map(|c| c.get_name().to_owned())
+                .collect();
+            for sub in subs {
+                sc = sc.mut_subcommand(&sub, |c| c.after_help(pointer));
+            }
+            sc.after_help(pointer)
+        });
+    }
+    cmd
+}
+
 /// Reaching a daemon over TCP (instead of the socket), and the TLS files of `serve
 /// --listen`.
 #[derive(Debug, Args, Clone, Default)]
 pub struct RemoteArgs {
     /// Talk to a remote daemon's TCP listener (HOST:PORT, mutual TLS) instead of the socket.
-    #[arg(long, global = true, value_name = "ADDR")]
+    #[arg(long, global = true, value_name = "ADDR", help_heading = CONNECTION)]
     pub tcp: Option<String>,
     /// With --tcp: the CA that signed the daemon's certificate (PEM).
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", help_heading = CONNECTION)]
     pub tls_ca: Option<PathBuf>,
     /// This side's certificate (PEM): the client's with --tcp, the server's with `serve
     /// --listen`.
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", help_heading = CONNECTION)]
     pub tls_cert: Option<PathBuf>,
     /// The key of --tls-cert (PEM).
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", help_heading = CONNECTION)]
     pub tls_key: Option<PathBuf>,
     /// With --tcp: the bearer token sent with every request.
-    #[arg(long, global = true, env = "BULKHEAD_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "BULKHEAD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        help_heading = CONNECTION
+    )]
     pub token: Option<String>,
 }
 
@@ -59,8 +131,13 @@ pub enum Command {
     /// Show one instance.
     Get(GetArgs),
     /// List instances.
-    List(OutputArgs),
+    #[command(visible_aliases = ["ls", "ps"])]
+    List(ListArgs),
     /// Stop an instance: its shutdown signal to every process, SIGKILL after the grace.
+    ///
+    /// The instance stays listed as `terminated` until it ages out (`serve
+    /// --finished-kept`).
+    #[command(visible_aliases = ["stop", "rm"])]
     Terminate(TerminateArgs),
     /// Print lifecycle events.
     Events(EventsArgs),
@@ -86,6 +163,57 @@ pub enum Command {
     /// Send to or receive from an instance's data-plane channel (shared memory).
     #[command(subcommand)]
     Pipe(PipeCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Write the man pages (bulkhead.1 and one per verb), or print bulkhead.1.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write every page (bulkhead.1, bulkhead-<verb>.1, ...) into this directory instead
+    /// of printing bulkhead.1 on stdout.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// The states an instance can be in (`list --state`).
+pub const STATES: [&str; 8] = [
+    "starting",
+    "ready",
+    "stopping",
+    "restarting",
+    "exited",
+    "crashed",
+    "failed",
+    "terminated",
+];
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only instances of this workload (repeat, or separate with commas, for several).
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    pub workload: Vec<String>,
+    /// Only instances in this state (repeat, or separate with commas, for several).
+    #[arg(long, value_name = "STATE", value_delimiter = ',',
+          value_parser = clap::builder::PossibleValuesParser::new(STATES))]
+    pub state: Vec<String>,
+    /// Only instances of this namespace (`ns:<NAMESPACE>:...`).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Only instances of this session (`session:<SESSION>:...`).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Output format: a table, or JSON with exact numbers.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
 }
 
 #[derive(Debug, Args)]
@@ -156,14 +284,16 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum Format {
+    /// Readable: a table or one line per item, sizes and durations in human units.
     #[default]
     Text,
+    /// JSON for scripts: exact numbers (bytes, milliseconds, signal numbers).
     Json,
 }
 
 #[derive(Debug, Args)]
 pub struct OutputArgs {
-    /// Output format.
+    /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
 }
@@ -268,6 +398,11 @@ pub struct ServeArgs {
     /// [default: 1024].
     #[arg(long, value_name = "N")]
     pub finished_kept: Option<usize>,
+    /// How long a finished instance stays listed, with its log files, before it is
+    /// forgotten (e.g. 1h, 7d) [default: 24h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de::duration")]
+    pub finished_ttl: Option<std::time::Duration>,
     /// The TCP ports handed to instances as $PORT: LOW-HIGH (or one port). A launch fails
     /// only when every port of the range is held by a live instance or in use
     /// [default: 20000-32000].
@@ -291,6 +426,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de::size")]
     pub image_cache_max_bytes: Option<u64>,
+    /// The daemon's own log on stderr: text (coloured only on a terminal, and never when
+    /// NO_COLOR is set) or JSON, one object per line [default: text].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// A line per event: time, level, message, fields.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, fields, span).
+    Json,
 }
 
 /// Deserializers of the configuration file's values that the flags parse from text.
@@ -311,6 +460,16 @@ mod de {
                 .map(Some)
                 .map_err(serde::de::Error::custom),
         }
+    }
+
+    /// A duration written as text (`24h`, `90s`).
+    pub fn duration<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
+        let t = String::deserialize(d)?;
+        super::parse_duration(&t)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
     }
 
     /// A count that must be at least 1.
@@ -340,6 +499,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// Arguments of the internal `keeper` command (started by the daemon).
 #[derive(Debug, Args)]
 pub struct KeeperArgs {
+    /// The state directory of the daemon that started this keeper.
     #[arg(long)]
     pub state: PathBuf,
     /// Which of the state directory's keepers this is (0 first; the daemon starts the
@@ -360,16 +520,22 @@ pub struct UpArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Wait {
+    /// Return as soon as the daemon has accepted the launch.
     None,
+    /// Wait until the main process has started.
     Started,
+    /// Wait until the instance is ready (its readiness check passed).
     Ready,
 }
 
 #[derive(Debug, Args)]
 pub struct LaunchArgs {
+    /// The workload to launch (a name from `bulkhead workloads`).
     pub workload: String,
+    /// The namespace of an `isolation: namespace` workload (default: `default`).
     #[arg(long)]
     pub namespace: Option<String>,
+    /// The session of an `isolation: session` workload.
     #[arg(long)]
     pub session: Option<String>,
     /// What to wait for before returning.
@@ -381,23 +547,28 @@ pub struct LaunchArgs {
     /// Take a lease for HOLDER: the instance stays while any lease holds it.
     #[arg(long, value_name = "HOLDER")]
     pub lease: Option<String>,
+    /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
 }
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
+    /// The instance (e.g. ns:default:web, session:s1:worker, shared:db).
     pub id: String,
+    /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
 }
 
 #[derive(Debug, Args)]
 pub struct TerminateArgs {
+    /// The instance (e.g. ns:default:web, session:s1:worker, shared:db).
     pub id: String,
     /// Override the manifest's grace period (e.g. 2s).
     #[arg(long, allow_hyphen_values = true)]
     pub grace: Option<String>,
+    /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
 }
@@ -410,6 +581,7 @@ pub struct EventsArgs {
     /// Only events with an id greater than N.
     #[arg(long, default_value_t = 0)]
     pub since: u64,
+    /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
 }
@@ -438,8 +610,11 @@ pub struct LogsArgs {
 
 #[derive(Debug, Args)]
 pub struct ReleaseArgs {
+    /// The instance (e.g. session:s1:worker).
     pub id: String,
+    /// The holder whose lease to drop (the HOLDER of `launch --lease`).
     pub holder: String,
+    /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
 }
@@ -451,6 +626,7 @@ pub struct EndScopeArgs {
     /// Override each instance's grace period (e.g. 2s).
     #[arg(long, allow_hyphen_values = true)]
     pub grace: Option<String>,
+    /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
 }
@@ -473,4 +649,153 @@ pub struct ExecArgs {
 pub enum EventSync {
     Normal,
     Full,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::FromArgMatches;
+
+    /// Every argument of `cmd` and of its subcommands (hidden ones too) without help text,
+    /// as `verb arg` paths.
+    fn without_help(cmd: &clap::Command) -> Vec<String> {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let help = a.get_help().or(a.get_long_help()).map(|h| h.to_string());
+                if help.is_none_or(|h| h.trim().is_empty()) {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            if cmd.get_about().is_none() && path != "bulkhead help" {
+                missing.push(format!("{path} (about)"));
+            }
+            for sc in cmd.get_subcommands() {
+                walk(sc, &format!("{path} {}", sc.get_name()), missing);
+            }
+        }
+        let mut cmd = cmd.clone();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, cmd.get_name(), &mut missing);
+        missing
+    }
+
+    /// Issue 14: positional arguments, --namespace, --session and -o had no help text.
+    #[test]
+    fn every_argument_of_every_verb_has_help() {
+        let missing = without_help(&command());
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    /// The walker of the test above finds an argument without help (else it proves nothing).
+    #[test]
+    fn the_help_walker_finds_a_bare_argument() {
+        let cmd = clap::Command::new("t").about("t").subcommand(
+            clap::Command::new("v")
+                .about("v")
+                .arg(clap::Arg::new("bare").long("bare")),
+        );
+        assert_eq!(without_help(&cmd), ["t v bare"]);
+    }
+
+    fn help_of(path: &[&str]) -> String {
+        let mut cmd = command();
+        cmd.build();
+        let mut c = &mut cmd;
+        for p in path {
+            c = c.find_subcommand_mut(p).unwrap();
+        }
+        c.render_long_help().to_string()
+    }
+
+    const CLIENT_ONLY: [&str; 3] = ["--tcp", "--tls-ca", "--token"];
+    const ALL: [&str; 6] = [
+        "--socket",
+        "--tcp",
+        "--tls-ca",
+        "--tls-cert",
+        "--tls-key",
+        "--token",
+    ];
+
+    /// Issue 14: six connection flags repeated, unsorted, in every verb's help, and `serve
+    /// --help` listed client-only flags.
+    #[test]
+    fn connection_flags_are_shown_once_under_their_heading() {
+        let top = help_of(&[]);
+        let (_, conn) = top.split_once("Connection:").expect("a Connection heading");
+        for f in ALL {
+            assert!(conn.contains(f), "{f} under Connection in:\n{top}");
+        }
+        for verb in [
+            &["list"][..],
+            &["launch"],
+            &["get"],
+            &["terminate"],
+            &["pipe", "send"],
+            &["images"],
+        ] {
+            let h = help_of(verb);
+            for f in ALL {
+                assert!(!h.contains(&format!("{f} <")), "{verb:?} lists {f}:\n{h}");
+            }
+            assert!(h.contains("see `bulkhead --help`"), "{verb:?}:\n{h}");
+        }
+        let serve = help_of(&["serve"]);
+        // A flag is listed as `--flag <VALUE>` (help texts may mention it by name).
+        for f in CLIENT_ONLY {
+            assert!(
+                !serve.contains(&format!("{f} <")),
+                "serve lists {f}:\n{serve}"
+            );
+        }
+        for f in ["--socket", "--tls-cert", "--tls-key"] {
+            assert!(
+                serve.contains(&format!("{f} <")),
+                "serve lacks {f}:\n{serve}"
+            );
+        }
+        let up = help_of(&["up"]);
+        assert!(up.contains("--socket <") && !up.contains("--tcp <"), "{up}");
+    }
+
+    fn parse(argv: &[&str]) -> Cli {
+        let m = command()
+            .try_get_matches_from(std::iter::once("bulkhead").chain(argv.iter().copied()))
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        Cli::from_arg_matches(&m).unwrap()
+    }
+
+    /// Hidden from a verb's help, a connection flag still works after the verb.
+    #[test]
+    fn connection_flags_still_parse_after_any_verb() {
+        for argv in [
+            &["list", "--socket", "/x.sock"][..],
+            &["--socket", "/x.sock", "list"],
+            &["pipe", "send", "--socket", "/x.sock", "session:s:w", "in"],
+            &["serve", "--workloads", "w", "--socket", "/x.sock"],
+        ] {
+            assert_eq!(
+                parse(argv).socket,
+                Some(PathBuf::from("/x.sock")),
+                "{argv:?}"
+            );
+        }
+        let c = parse(&["get", "shared:w", "--tcp", "h:1", "--token", "t"]);
+        assert_eq!(c.remote.tcp.as_deref(), Some("h:1"));
+        assert_eq!(c.remote.token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn short_aliases() {
+        for v in ["list", "ls", "ps"] {
+            assert!(matches!(parse(&[v]).command, Command::List(_)), "{v}");
+        }
+        for v in ["terminate", "stop", "rm"] {
+            assert!(
+                matches!(parse(&[v, "shared:w"]).command, Command::Terminate(_)),
+                "{v}"
+            );
+        }
+    }
 }

@@ -11,7 +11,7 @@ use bulkhead_core::text::escape;
 
 use crate::cli::{self, Format};
 use crate::exit::{self, fail, from_status};
-use crate::output;
+use crate::output::{self, out, outln};
 
 /// The remote daemon of `--tcp`, when given (set once by `main`).
 static REMOTE: std::sync::OnceLock<bulkhead_api::TcpOptions> = std::sync::OnceLock::new();
@@ -100,16 +100,20 @@ fn print_instance(inst: &v1::Instance, format: Format) -> anyhow::Result<()> {
     match format {
         Format::Json => print_json(&output::instance_json(inst)),
         Format::Text => {
-            println!("{}", output::instance_line(inst));
+            outln!("{}", output::instance_line(inst));
             Ok(())
         }
     }
 }
 
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    // Serialised first: a closed stdout then fails as an io::Error (which `main` treats as
+    // success), not as a serde_json::Error wrapping it.
+    let mut buf = serde_json::to_vec_pretty(v)?;
+    buf.push(b'\n');
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
+    out.write_all(&buf)?;
+    out.flush()?;
     Ok(())
 }
 
@@ -145,7 +149,7 @@ pub async fn launch(socket: &Path, a: cli::LaunchArgs) -> anyhow::Result<()> {
             print_json(&v)
         }
         Format::Text => {
-            println!(
+            outln!(
                 "{} ({})",
                 output::instance_line(&inst),
                 if resp.created { "created" } else { "reused" }
@@ -166,10 +170,16 @@ pub async fn get(socket: &Path, a: cli::GetArgs) -> anyhow::Result<()> {
     print_instance(&inst, a.output)
 }
 
-pub async fn list(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
+pub async fn list(socket: &Path, a: cli::ListArgs) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
+    // The daemon filters (and so reads no usage of what it leaves out).
     let list = c
-        .list(v1::ListRequest::default())
+        .list(v1::ListRequest {
+            workloads: a.workload.clone(),
+            namespace: a.namespace.clone().unwrap_or_default(),
+            session: a.session.clone().unwrap_or_default(),
+            states: a.state.clone(),
+        })
         .await
         .map_err(from_status)?
         .into_inner()
@@ -179,7 +189,10 @@ pub async fn list(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             list.iter().map(output::instance_json).collect(),
         )),
         Format::Text => {
-            print!("{}", output::instance_table(&list));
+            out!(
+                "{}",
+                output::instance_table(&list, output::now_ms(), output::colour(&std::io::stdout()))
+            );
             Ok(())
         }
     }
@@ -218,8 +231,9 @@ pub async fn events(socket: &Path, a: cli::EventsArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         match a.output {
             Format::Json => {
-                serde_json::to_writer(&mut out, &output::event_json(&e))?;
-                writeln!(out)?;
+                let mut line = serde_json::to_vec(&output::event_json(&e))?;
+                line.push(b'\n');
+                out.write_all(&line)?;
             }
             Format::Text => writeln!(out, "{}", output::event_line(&e))?,
         }
@@ -356,8 +370,8 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             })),
         })),
         Format::Text => {
-            println!(
-                "{} (bulkhead {}, pid {}, up {:.1}s)\ninstances live: {}\nworkloads: {} valid, {} invalid ({})\ndrivers: {}\nstate: {}\nlast event: {}",
+            outln!(
+                "{} (bulkhead {}, pid {}, up {})\ninstances live: {}\nworkloads: {} valid, {} invalid ({})\ndrivers: {}\nstate: {}\nlast event: {}",
                 // Degraded names the state directory: a path, printed escaped.
                 if h.reason.is_empty() {
                     escape(&h.status).into_owned()
@@ -366,7 +380,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 },
                 h.version,
                 h.pid,
-                h.uptime_ms as f64 / 1000.0,
+                output::human_age(h.uptime_ms),
                 h.instances_live,
                 h.workloads_valid,
                 h.workloads_invalid,
@@ -376,14 +390,14 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 h.last_event_id
             );
             if !h.process_tracking.is_empty() {
-                println!(
+                outln!(
                     "process instances tracked by: {}",
                     escape(&h.process_tracking)
                 );
             }
             if let Some(s) = &h.sandbox {
                 if s.available {
-                    println!(
+                    outln!(
                         "sandbox: cgroups {} (limits: {}; born in its cgroup: {}; favordynmods: {}); abstract sockets: {}",
                         s.cgroup_mode,
                         if s.controllers.is_empty() {
@@ -404,7 +418,7 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                         }
                     );
                 } else {
-                    println!("sandbox: unavailable ({})", escape(&s.error));
+                    outln!("sandbox: unavailable ({})", escape(&s.error));
                 }
             }
             Ok(())
@@ -448,7 +462,7 @@ fn print_workloads(list: &[v1::Workload], format: Format) -> anyhow::Result<()> 
                     }
                 })
                 .collect();
-            print!("{}", output::table(&["NAME", "STATUS", "DRIVER", "ISOLATION", "NOTES"], &rows));
+            out!("{}", output::table(&["NAME", "STATUS", "DRIVER", "ISOLATION", "NOTES"], &rows));
             Ok(())
         }
     }
@@ -514,7 +528,7 @@ pub async fn end_scope(socket: &Path, a: cli::EndScopeArgs, session: bool) -> an
         )),
         Format::Text => {
             for i in &resp.terminated {
-                println!("{}", output::instance_line(i));
+                outln!("{}", output::instance_line(i));
             }
             Ok(())
         }
@@ -550,17 +564,20 @@ pub async fn images(socket: &Path, a: cli::ImagesArgs) -> anyhow::Result<()> {
         )),
         Format::Text => {
             if a.action.is_some() {
-                println!("removed {} images", resp.images.len());
+                outln!("removed {} images", resp.images.len());
             }
-            println!(
+            outln!(
                 "{:<40} {:>10} {:<6} {:<24} BASE",
-                "TAG", "SIZE", "IN USE", "WORKLOAD"
+                "TAG",
+                "SIZE",
+                "IN USE",
+                "WORKLOAD"
             );
             for i in &resp.images {
-                println!(
+                outln!(
                     "{:<40} {:>10} {:<6} {:<24} {}",
                     escape(&i.tag),
-                    bulkhead_core::size::format(i.size_bytes),
+                    output::human_bytes(i.size_bytes),
                     if i.in_use { "yes" } else { "no" },
                     escape(&i.workload),
                     if i.base.is_empty() {

@@ -235,6 +235,8 @@ impl ServeArgs {
             cgroup_favordynmods,
             image_cache_max_count,
             image_cache_max_bytes,
+            log_format,
+            finished_ttl,
         } = self;
         ServeArgs {
             config,
@@ -264,6 +266,8 @@ impl ServeArgs {
             cgroup_favordynmods: cgroup_favordynmods.or(file.cgroup_favordynmods),
             image_cache_max_count: image_cache_max_count.or(file.image_cache_max_count),
             image_cache_max_bytes: image_cache_max_bytes.or(file.image_cache_max_bytes),
+            log_format: log_format.or(file.log_format),
+            finished_ttl: finished_ttl.or(file.finished_ttl),
         }
     }
 
@@ -509,6 +513,10 @@ mod tests {
             mib(d.min_available_memory),
             format!("[default: {}]", d.event_retention),
             format!("[default: {}]", d.finished_kept),
+            format!(
+                "[default: {}]",
+                bulkhead_core::duration::format(d.finished_ttl)
+            ),
             format!("[default: {}]", d.port_range),
         ] {
             assert!(help.contains(&want), "serve --help lacks {want}");

@@ -101,14 +101,26 @@ pub fn from_status(s: tonic::Status) -> anyhow::Error {
     fail(code, msg)
 }
 
+/// Whether the error is a write to a closed stdout (EPIPE), directly or inside a
+/// serde_json error (whose `source()` skips the io::Error itself).
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let kind = cause
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+            .or_else(|| {
+                cause
+                    .downcast_ref::<serde_json::Error>()
+                    .and_then(serde_json::Error::io_error_kind)
+            });
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Prints the error and returns its exit code. A closed stdout (`| head`) is success.
 pub fn report(e: anyhow::Error) -> std::process::ExitCode {
-    for cause in e.chain() {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::BrokenPipe {
-                return std::process::ExitCode::SUCCESS;
-            }
-        }
+    if is_broken_pipe(&e) {
+        return std::process::ExitCode::SUCCESS;
     }
     if let Some(f) = e.downcast_ref::<Failure>() {
         // An exit code passed through without a message (`exec`: the command's own).
@@ -122,4 +134,26 @@ pub fn report(e: anyhow::Error) -> std::process::ExitCode {
     let msg = format!("{e:#}");
     eprintln!("bulkhead: {}", bulkhead_core::text::escape_lines(&msg));
     code.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epipe() -> std::io::Error {
+        std::io::Error::from(std::io::ErrorKind::BrokenPipe)
+    }
+
+    /// Issue 14: `list -o json | head -1` printed `Broken pipe (os error 32)` and exited 1:
+    /// serde_json wraps the io::Error and its `source()` skips it.
+    #[test]
+    fn broken_pipe_inside_serde_json_is_success() {
+        let json: anyhow::Error = serde_json::Error::io(epipe()).into();
+        assert!(is_broken_pipe(&json));
+        let wrapped = anyhow::Error::from(epipe()).context("writing the list");
+        assert!(is_broken_pipe(&wrapped));
+        let other: anyhow::Error = std::io::Error::from(std::io::ErrorKind::NotFound).into();
+        assert!(!is_broken_pipe(&other));
+        assert!(!is_broken_pipe(&fail(ERROR, "broken pipe")));
+    }
 }

@@ -7,14 +7,33 @@ mod client;
 mod config;
 mod exec;
 mod exit;
+mod generate;
 mod output;
 mod pipe;
 mod serve;
 
-use clap::Parser;
+use clap::FromArgMatches;
 
 fn main() -> std::process::ExitCode {
-    let args = cli::Cli::parse();
+    // Parsed against `cli::command()`, the definitions whose help shows the connection
+    // flags once (see there); the matches are the same as `Cli::parse`'s.
+    let mut cmd = cli::command();
+    let args = cmd
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|m| cli::Cli::from_arg_matches(&m))
+        .unwrap_or_else(|e| e.format(&mut cmd).exit());
+    // Offline verbs: no runtime, no daemon.
+    let offline = match &args.command {
+        cli::Command::Completions(a) => Some(generate::completions(a)),
+        cli::Command::Man(a) => Some(generate::man(a)),
+        _ => None,
+    };
+    if let Some(result) = offline {
+        return match result {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => exit::report(e),
+        };
+    }
     if matches!(
         args.command,
         cli::Command::Serve(_) | cli::Command::Up(_) | cli::Command::Keeper(_)
@@ -112,5 +131,6 @@ async fn run(
         Exec(a) => exec::exec(&socket, a).await,
         Images(a) => client::images(&socket, a).await,
         Pipe(c) => pipe::pipe(&socket, c).await,
+        Completions(_) | Man(_) => unreachable!("handled before the runtime starts"),
     }
 }

@@ -4,8 +4,38 @@
 //! line and table cell goes through [`escape`] (a workload's `STATUS=`, a failure reason,
 //! a file name may hold an escape sequence or a U+202E). JSON is escaped by serde_json.
 
+use std::io::IsTerminal;
+
 use bulkhead_api::v1;
+
+/// Whether to colour what goes to `stream`: only a terminal, and never when `NO_COLOR` is
+/// set to anything but the empty string (<https://no-color.org>).
+pub fn colour(stream: &impl IsTerminal) -> bool {
+    colour_with(stream.is_terminal(), std::env::var_os("NO_COLOR"))
+}
+
+fn colour_with(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// `println!` that returns the write error (`?`) instead of panicking: a closed stdout
+/// (`| head`) ends the command, and `main` exits 0 without a word (see `exit::report`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
+/// `print!` that returns the write error; see [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
 use serde_json::{json, Value};
+pub(crate) use {out, outln};
 
 use bulkhead_core::text::escape;
 use bulkhead_core::time::rfc3339;
@@ -63,11 +93,73 @@ pub fn exit_text(e: &v1::ExitStatus) -> String {
     match (e.code, e.signal) {
         (Some(c), _) => format!("exit {c}"),
         (None, Some(s)) => format!(
-            "signal {s}{}",
+            "{}{}",
+            signal_name(s),
             if e.core_dumped { " (core dumped)" } else { "" }
         ),
         _ => "-".into(),
     }
+}
+
+/// `SIGTERM` for 15 (`SIG34` for a real-time signal; the number itself when it is no
+/// signal at all). JSON keeps the number.
+pub fn signal_name(n: i32) -> String {
+    bulkhead_core::signal::Signal::from_number(n).map_or_else(|| n.to_string(), |s| s.name())
+}
+
+/// A size for people: `512B`, `1.5KiB`, `12.3MiB`, `2GiB` (JSON keeps the bytes).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    // One decimal below 100 (12.3MiB), none above (512MiB); `.0` is dropped.
+    let text = if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    };
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text}{}", UNITS[unit])
+}
+
+/// An age or a coarse duration for people: `3s`, `5m`, `2h`, `4d` (rounded down; JSON
+/// keeps milliseconds).
+pub fn human_age(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3_600 => format!("{}m", s / 60),
+        3_600..86_400 => format!("{}h", s / 3_600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// A short exact duration (a grace, a back-off delay): `2s`, `1500ms`.
+pub fn human_ms(ms: u64) -> String {
+    bulkhead_core::duration::format(std::time::Duration::from_millis(ms))
+}
+
+/// Now, in milliseconds since the Unix epoch (for the AGE column).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How long ago an instance started, for people; `-` before it started.
+pub fn age(i: &v1::Instance, now_ms: u64) -> String {
+    if i.started_at_ms == 0 {
+        return "-".into();
+    }
+    human_age(now_ms.saturating_sub(i.started_at_ms))
 }
 
 pub fn instance_line(i: &v1::Instance) -> String {
@@ -99,13 +191,14 @@ pub fn instance_line(i: &v1::Instance) -> String {
     if let Some(u) = &i.usage {
         s.push_str(&format!(
             " cpu={:.2}s mem={}",
-            u.cpu_seconds, u.memory_bytes
+            u.cpu_seconds,
+            human_bytes(u.memory_bytes)
         ));
         if let Some(p) = u.memory_peak_bytes {
-            s.push_str(&format!(" mem_peak={p}"));
+            s.push_str(&format!(" mem_peak={}", human_bytes(p)));
         }
         if let Some(l) = u.memory_limit_bytes {
-            s.push_str(&format!(" mem_limit={l}"));
+            s.push_str(&format!(" mem_limit={}", human_bytes(l)));
         }
         if let Some(t) = u.cpu_throttled_seconds {
             s.push_str(&format!(" throttled={t:.2}s"));
@@ -121,8 +214,9 @@ pub fn instance_line(i: &v1::Instance) -> String {
     escape(&s).into_owned()
 }
 
-pub fn instance_table(list: &[v1::Instance]) -> String {
-    let rows: Vec<[String; 7]> = list
+/// The `list` table; `colour`: the STATE column coloured (see [`colour`]).
+pub fn instance_table(list: &[v1::Instance], now_ms: u64, colour: bool) -> String {
+    let rows: Vec<[String; 8]> = list
         .iter()
         .map(|i| {
             [
@@ -136,6 +230,7 @@ pub fn instance_table(list: &[v1::Instance]) -> String {
                 },
                 if i.ready { "yes".into() } else { "no".into() },
                 i.restarts.to_string(),
+                age(i, now_ms),
                 i.last_exit
                     .as_ref()
                     .map(exit_text)
@@ -143,7 +238,7 @@ pub fn instance_table(list: &[v1::Instance]) -> String {
             ]
         })
         .collect();
-    table(
+    painted_table(
         &[
             "ID",
             "STATE",
@@ -151,14 +246,32 @@ pub fn instance_table(list: &[v1::Instance]) -> String {
             "ADDRESS",
             "READY",
             "RESTARTS",
+            "AGE",
             "LAST EXIT",
         ],
         &rows,
+        |col, cell| {
+            if colour && col == 1 {
+                state_colour(cell)
+            } else {
+                None
+            }
+        },
     )
 }
 
 /// A table with aligned columns; every cell [escaped](escape).
 pub fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
+    painted_table(head, rows, |_, _| None)
+}
+
+/// [`table`], with the cells `paint(column, cell)` names wrapped in that SGR colour
+/// (padding stays outside the escape, so columns stay aligned).
+fn painted_table<const N: usize>(
+    head: &[&str; N],
+    rows: &[[String; N]],
+    paint: impl Fn(usize, &str) -> Option<&'static str>,
+) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| r.iter().map(|c| escape(c).into_owned()).collect())
@@ -170,20 +283,37 @@ pub fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
         }
     }
     let mut out = String::new();
-    let line = |cells: Vec<&str>, out: &mut String| {
+    let line = |cells: Vec<&str>, body: bool, out: &mut String| {
         let parts: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .map(|(i, c)| {
+                let pad = " ".repeat(w[i] - c.chars().count());
+                match paint(i, c).filter(|_| body) {
+                    Some(sgr) => format!("\u{1b}[{sgr}m{c}\u{1b}[0m{pad}"),
+                    None => format!("{c}{pad}"),
+                }
+            })
             .collect();
         out.push_str(parts.join("  ").trim_end());
         out.push('\n');
     };
-    line(head.to_vec(), &mut out);
+    line(head.to_vec(), false, &mut out);
     for r in &rows {
-        line(r.iter().map(String::as_str).collect(), &mut out);
+        line(r.iter().map(String::as_str).collect(), true, &mut out);
     }
     out
+}
+
+/// The colour of a state in `list` on a terminal: green when ready, red when it failed
+/// or crashed, yellow on the way (starting, stopping, restarting); none otherwise.
+fn state_colour(state: &str) -> Option<&'static str> {
+    match state {
+        "ready" => Some("32"),
+        "failed" | "crashed" => Some("31"),
+        "starting" | "stopping" | "restarting" => Some("33"),
+        _ => None,
+    }
 }
 
 pub fn event_json(e: &v1::Event) -> Value {
@@ -240,25 +370,25 @@ pub fn event_line(e: &v1::Event) -> String {
         s.push_str(&format!(" exit_code={c}"));
     }
     if let Some(sig) = e.signal {
-        s.push_str(&format!(" signal={sig}"));
+        s.push_str(&format!(" signal={}", signal_name(sig)));
     }
     if e.core_dumped == Some(true) {
         s.push_str(" core_dumped=true");
     }
     if let Some(g) = e.grace_ms {
-        s.push_str(&format!(" grace_ms={g}"));
+        s.push_str(&format!(" grace={}", human_ms(g)));
     }
     if let Some(a) = e.attempt {
         s.push_str(&format!(" attempt={a}"));
     }
     if let Some(d) = e.delay_ms {
-        s.push_str(&format!(" delay_ms={d}"));
+        s.push_str(&format!(" delay={}", human_ms(d)));
     }
     if let Some(f) = e.failures {
         s.push_str(&format!(" failures={f}"));
     }
     if let Some(l) = e.limit_bytes {
-        s.push_str(&format!(" limit={}", bulkhead_core::size::format(l)));
+        s.push_str(&format!(" limit={}", human_bytes(l)));
     }
     if let Some(c) = &e.channel {
         s.push_str(&format!(" channel={c}"));
@@ -307,7 +437,7 @@ mod tests {
             line.contains("\\u{1b}]0;pwned") && line.contains("\\u{202e}"),
             "{line}"
         );
-        let t = instance_table(&[evil_instance()]);
+        let t = instance_table(&[evil_instance()], 0, false);
         assert_eq!(t.lines().count(), 2, "one header, one row: {t:?}");
         assert!(
             !t.chars()
@@ -330,5 +460,121 @@ mod tests {
                 .any(|c| c != '\n' && bulkhead_core::text::is_unsafe(c)),
             "{t:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod human {
+    use super::*;
+
+    #[test]
+    fn coloured_states_keep_the_columns_aligned() {
+        let rows: Vec<v1::Instance> = ["ready", "crashed", "terminated"]
+            .iter()
+            .map(|st| v1::Instance {
+                id: format!("session:s:{st}"),
+                state: (*st).into(),
+                ..Default::default()
+            })
+            .collect();
+        let plain = instance_table(&rows, 0, false);
+        assert!(!plain.contains('\u{1b}'), "{plain}");
+        let painted = instance_table(&rows, 0, true);
+        assert!(painted.contains("\u{1b}[32mready\u{1b}[0m"), "{painted:?}");
+        assert!(
+            painted.contains("\u{1b}[31mcrashed\u{1b}[0m"),
+            "{painted:?}"
+        );
+        assert!(!painted.contains("\u{1b}[33m"), "{painted:?}");
+        // Without the escapes, the coloured table is the plain one.
+        let stripped = painted
+            .replace("\u{1b}[32m", "")
+            .replace("\u{1b}[31m", "")
+            .replace("\u{1b}[0m", "");
+        assert_eq!(stripped, plain);
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_with(true, None));
+        assert!(
+            colour_with(true, Some("".into())),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!colour_with(true, Some("1".into())));
+        assert!(!colour_with(false, None));
+    }
+
+    #[test]
+    fn sizes_in_binary_units() {
+        assert_eq!(human_bytes(0), "0B");
+        assert_eq!(human_bytes(1023), "1023B");
+        assert_eq!(human_bytes(1024), "1KiB");
+        assert_eq!(human_bytes(1536), "1.5KiB");
+        assert_eq!(human_bytes(12_900_000), "12.3MiB");
+        assert_eq!(human_bytes(512 << 20), "512MiB");
+        assert_eq!(human_bytes(3 << 30), "3GiB");
+        assert_eq!(human_bytes(u64::MAX), "16384PiB");
+    }
+
+    #[test]
+    fn ages_in_the_largest_whole_unit() {
+        assert_eq!(human_age(0), "0s");
+        assert_eq!(human_age(3_999), "3s");
+        assert_eq!(human_age(59_999), "59s");
+        assert_eq!(human_age(60_000), "1m");
+        assert_eq!(human_age(5 * 60_000 + 59_000), "5m");
+        assert_eq!(human_age(2 * 3_600_000 + 1), "2h");
+        assert_eq!(human_age(4 * 86_400_000), "4d");
+        let started = v1::Instance {
+            started_at_ms: 1_000_000,
+            ..Default::default()
+        };
+        assert_eq!(age(&started, 1_000_000 + 125_000), "2m");
+        // A clock that went back shows 0s, not a panic or a huge age.
+        assert_eq!(age(&started, 0), "0s");
+        assert_eq!(age(&v1::Instance::default(), 1_000_000), "-");
+    }
+
+    #[test]
+    fn signals_by_name_in_text() {
+        let killed = v1::ExitStatus {
+            signal: Some(9),
+            ..Default::default()
+        };
+        assert_eq!(exit_text(&killed), "SIGKILL");
+        let core = v1::ExitStatus {
+            signal: Some(11),
+            core_dumped: true,
+            ..Default::default()
+        };
+        assert_eq!(exit_text(&core), "SIGSEGV (core dumped)");
+        let e = v1::Event {
+            instance: "shared:w".into(),
+            kind: "terminating".into(),
+            signal: Some(15),
+            grace_ms: Some(2_500),
+            ..Default::default()
+        };
+        let line = event_line(&e);
+        assert!(line.ends_with("signal=SIGTERM grace=2500ms"), "{line}");
+        assert_eq!(event_json(&e)["signal"], 15, "JSON keeps the number");
+        assert_eq!(event_json(&e)["grace_ms"], 2_500);
+    }
+
+    #[test]
+    fn table_has_an_age_column() {
+        let i = v1::Instance {
+            id: "shared:w".into(),
+            state: "ready".into(),
+            started_at_ms: 10_000,
+            ..Default::default()
+        };
+        let t = instance_table(&[i], 10_000 + 3 * 3_600_000, false);
+        let mut lines = t.lines();
+        let head: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        let at = head.iter().position(|h| *h == "AGE").expect("AGE column");
+        assert_eq!(row[at], "3h", "{t}");
     }
 }

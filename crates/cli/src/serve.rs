@@ -16,14 +16,21 @@ use bulkhead_daemon::notify_self::SelfNotify;
 use crate::cli::{ServeArgs, UpArgs};
 use crate::{config, output};
 
-fn init_tracing() {
+/// The daemon's own log on stderr: text (coloured only on a terminal, never with
+/// `NO_COLOR`) or one JSON object per line.
+fn init_tracing(format: crate::cli::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        crate::cli::LogFormat::Text => fmt
+            .with_ansi(crate::output::colour(&std::io::stderr()))
+            .try_init(),
+        crate::cli::LogFormat::Json => fmt.json().with_ansi(false).try_init(),
+    };
 }
 
 /// `serve` or `up`: which defaults apply and whether events are printed.
@@ -112,19 +119,19 @@ fn absolute_paths(mut a: ServeArgs) -> anyhow::Result<ServeArgs> {
 
 /// `bulkhead serve`: the daemon, with the platform's defaults.
 pub async fn serve(a: ServeArgs, notify: Option<Arc<SelfNotify>>) -> anyhow::Result<()> {
-    init_tracing();
     let a = resolve(a, Mode::Serve, &config::Env::current())?;
+    init_tracing(a.log_format.unwrap_or_default());
     run(a, Mode::Serve, notify).await
 }
 
 /// `bulkhead up`: `serve` in the foreground with the local demo defaults, printing events.
 pub async fn up(u: UpArgs, notify: Option<Arc<SelfNotify>>) -> anyhow::Result<()> {
-    init_tracing();
     let mut a = u.serve;
     if let Some(dir) = u.dir {
         a.workloads = Some(dir);
     }
     let a = resolve(a, Mode::Up, &config::Env::current())?;
+    init_tracing(a.log_format.unwrap_or_default());
     run(a, Mode::Up, notify).await
 }
 
@@ -158,6 +165,9 @@ async fn run(a: ServeArgs, mode: Mode, notify: Option<Arc<SelfNotify>>) -> anyho
     cfg.metrics_tokens = a.metrics_tokens;
     cfg.metrics_insecure = flag(a.metrics_insecure);
     cfg.max_instances_per_namespace = a.max_instances_per_namespace;
+    if let Some(t) = a.finished_ttl {
+        cfg.finished_ttl = t;
+    }
     if let Some(n) = a.finished_kept {
         cfg.finished_kept = n;
     }

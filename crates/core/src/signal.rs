@@ -24,11 +24,20 @@ const TABLE: &[(&str, i32)] = &[
     ("PIPE", 13),
     ("ALRM", 14),
     ("TERM", 15),
+    ("STKFLT", 16),
     ("CHLD", 17),
     ("CONT", 18),
     ("STOP", 19),
     ("TSTP", 20),
+    ("TTIN", 21),
+    ("TTOU", 22),
+    ("URG", 23),
+    ("XCPU", 24),
+    ("XFSZ", 25),
+    ("VTALRM", 26),
+    ("PROF", 27),
     ("WINCH", 28),
+    ("IO", 29),
     ("PWR", 30),
     ("SYS", 31),
 ];
@@ -120,5 +129,18 @@ mod tests {
         assert_eq!(Signal::parse("65"), None);
         assert_eq!(Signal::parse("SIGFOO"), None);
         assert_eq!(Signal::from_number(34).unwrap().name(), "SIG34");
+    }
+
+    /// Issue 14: the CLI shows signals by name; every standard Linux signal has one.
+    #[test]
+    fn every_standard_signal_has_a_name() {
+        for n in 1..=31 {
+            let name = Signal::from_number(n).unwrap().name();
+            assert!(
+                !name[3..].starts_with(|c: char| c.is_ascii_digit()),
+                "signal {n} is {name}"
+            );
+            assert_eq!(Signal::parse(&name).map(Signal::number), Some(n), "{name}");
+        }
     }
 }

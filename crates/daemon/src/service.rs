@@ -380,7 +380,7 @@ impl bulkhead_api::Bulkhead for Service {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let matches = move |s: &crate::instance::Slot| {
-            (f.workload.is_empty() || s.key.workload() == f.workload)
+            (f.workloads.is_empty() || f.workloads.iter().any(|w| w == s.key.workload()))
                 && (f.namespace.is_empty() || s.key.namespace() == Some(f.namespace.as_str()))
                 && (f.session.is_empty() || s.key.session() == Some(f.session.as_str()))
                 && (states.is_empty() || states.contains(&s.view.borrow().state))

@@ -4,6 +4,7 @@
 mod access;
 mod admission;
 mod cgroup_tracking;
+mod cli_ux;
 mod dataplane;
 mod docker;
 mod durability;
