@@ -198,14 +198,24 @@ async fn run(a: ServeArgs, mode: Mode, notify: Option<Arc<SelfNotify>>) -> anyho
     let printer = (mode == Mode::Up).then(|| {
         let (history, mut live) = shared.events.subscribe(shared.events.last_id());
         tokio::spawn(async move {
+            // A closed stdout (`bulkhead up | head`) ends the printing, not the daemon.
+            let print = |line: String| {
+                use std::io::Write;
+                writeln!(std::io::stdout().lock(), "{line}").is_ok()
+            };
             for e in history {
-                println!("{}", output::event_line(&bulkhead_api_event(&e)));
+                if !print(output::event_line(&bulkhead_api_event(&e))) {
+                    return;
+                }
             }
             loop {
-                match live.recv().await {
-                    Ok(e) => println!("{}", output::event_line(&bulkhead_api_event(&e))),
-                    Err(RecvError::Lagged(n)) => println!("({n} events skipped)"),
+                let line = match live.recv().await {
+                    Ok(e) => output::event_line(&bulkhead_api_event(&e)),
+                    Err(RecvError::Lagged(n)) => format!("({n} events skipped)"),
                     Err(RecvError::Closed) => return,
+                };
+                if !print(line) {
+                    return;
                 }
             }
         })
