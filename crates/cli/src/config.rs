@@ -513,10 +513,7 @@ mod tests {
             mib(d.min_available_memory),
             format!("[default: {}]", d.event_retention),
             format!("[default: {}]", d.finished_kept),
-            format!(
-                "[default: {}]",
-                bulkhead_core::duration::format(d.finished_ttl)
-            ),
+            format!("[default: {}h]", d.finished_ttl.as_secs() / 3600),
             format!("[default: {}]", d.port_range),
         ] {
             assert!(help.contains(&want), "serve --help lacks {want}");
