@@ -1,10 +1,11 @@
 //! Stock clients nobody here wrote, with their default options, over the Unix socket:
 //! Python grpcio (its stubs compiled from the API's proto by grpcio-tools) and grpc-java
-//! (its Netty transport; `tests/interop/java`). Both send the socket path as `:authority`
-//! (grpcio percent-encoded, grpc-java as it is), which h2 used to reset
-//! (hyperium/h2#487): the patched h2 in `vendor/h2` serves it. Skipped, with the reason,
-//! where grpcio or the grpc-java client jar is not there (`.ci/setup-interop.sh` installs
-//! grpcio and builds the jar).
+//! (its Netty transport; `tests/interop/java`) and grpc-go (`tests/interop/go`). The first
+//! two send the socket path as `:authority` (grpcio percent-encoded, grpc-java as it is),
+//! which h2 used to reset (hyperium/h2#487): the patched h2 in `vendor/h2` serves it;
+//! grpc-go sends `localhost`. Skipped, with the reason, where grpcio, the grpc-java client
+//! jar or the grpc-go client binary is not there (`.ci/setup-interop.sh` installs grpcio
+//! and builds the jar and the binary).
 
 use std::process::Command;
 
@@ -176,6 +177,82 @@ fn java_grpc_with_default_options_calls_the_unix_socket() {
     );
     // The daemon really ended the instance the client terminated.
     let got = d.json(&["get", "session:java1:web", "-o", "json"]);
+    assert_eq!(got["state"], "terminated", "{got}");
+}
+
+/// The grpc-go client binary that `.ci/setup-interop.sh` builds; `None` (with the reason
+/// printed) when it is missing.
+fn go_client() -> Option<std::path::PathBuf> {
+    let bin = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/go/target/bulkhead-interop-go"
+    ));
+    if !bin.is_file() {
+        eprintln!(
+            "skipped: no grpc-go client at {} (.ci/setup-interop.sh builds it)",
+            bin.display()
+        );
+        return None;
+    }
+    Some(bin.to_path_buf())
+}
+
+/// grpc-go with its default options (`grpc.Dial("unix://" + path, grpc.WithInsecure())`,
+/// no authority, no dialer) calls every kind of method over the socket: grpc.health.v1,
+/// and bulkhead's unary calls and server stream. grpc-go sends `localhost` as
+/// `:authority` for a `unix:` target.
+#[test]
+fn go_grpc_with_default_options_calls_the_unix_socket() {
+    let Some(bin) = go_client() else {
+        return;
+    };
+    let d = Daemon::start(&[(
+        "web",
+        "name: web\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n",
+    )]);
+    let out = Command::new(&bin)
+        .arg(&d.socket)
+        .args(["web", "go1"])
+        .output()
+        .expect("run the grpc-go client");
+    assert!(
+        out.status.success(),
+        "the grpc-go client failed: {}\n--- daemon log ---\n{}",
+        stderr(&out),
+        d.daemon_log()
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the client prints one JSON object");
+    assert_eq!(v["authority"], "localhost", "{v}");
+    assert_eq!(v["grpc_health"], "SERVING", "{v}");
+    assert_eq!(v["grpc_health_bulkhead"], "SERVING", "{v}");
+    assert_eq!(v["health"], "serving", "{v}");
+    assert_eq!(v["launch"]["id"], "session:go1:web", "{v}");
+    assert_eq!(v["launch"]["state"], "ready", "{v}");
+    assert_eq!(v["launch"]["created"], true, "{v}");
+    assert_eq!(v["get"], "ready", "{v}");
+    assert!(
+        v["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i == "session:go1:web"),
+        "{v}"
+    );
+    assert_eq!(v["terminate"], "terminated", "{v}");
+    let watch: Vec<&str> = v["watch"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(watch.first(), Some(&"launched"), "{v}");
+    assert!(
+        watch.contains(&"ready") && watch.last() == Some(&"terminated"),
+        "{v}"
+    );
+    // The daemon really ended the instance the client terminated.
+    let got = d.json(&["get", "session:go1:web", "-o", "json"]);
     assert_eq!(got["state"], "terminated", "{got}");
 }
 
