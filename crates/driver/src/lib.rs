@@ -121,6 +121,9 @@ pub trait OutputSink: Send + Sync {
 #[derive(Default)]
 pub struct OutputTap {
     inner: std::sync::Mutex<TapInner>,
+    /// Called once when a sink connects: the forwarder may start sending (the keeper
+    /// reads an instance's pipes only from then on, so nothing piles up here).
+    on_connect: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 #[derive(Default)]
@@ -140,8 +143,28 @@ impl OutputTap {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A tap that calls `f` when its sink connects.
+    pub fn with_on_connect(f: impl FnOnce() + Send + 'static) -> OutputTap {
+        OutputTap {
+            on_connect: std::sync::Mutex::new(Some(Box::new(f))),
+            ..OutputTap::default()
+        }
+    }
+
     /// Sends what was kept, then everything that follows, to `sink`.
     pub fn connect(&self, sink: Arc<dyn OutputSink>) {
+        self.connect_sink(sink);
+        let f = self
+            .on_connect
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = f {
+            f();
+        }
+    }
+
+    fn connect_sink(&self, sink: Arc<dyn OutputSink>) {
         let mut t = self.lock();
         // Under the lock: a chunk arriving meanwhile waits, so the order is kept.
         for (stream, data) in std::mem::take(&mut t.buffered) {

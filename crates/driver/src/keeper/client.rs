@@ -260,7 +260,7 @@ async fn read_loop(client: std::sync::Weak<KeeperClient>) {
         }
         .await;
         match got {
-            Ok(Some(Incoming::Reply(reply, fds))) => dispatch(&c, reply, fds),
+            Ok(Some(Incoming::Reply(reply, fds))) => dispatch(&c, reply, fds, &client),
             Ok(Some(Incoming::Output { pid, stream, data })) => {
                 // Written by the sink on this task, in order; a slow disk slows the
                 // keeper's reading (the socket fills), never the runtime's other tasks
@@ -309,7 +309,24 @@ async fn read_loop(client: std::sync::Weak<KeeperClient>) {
     }
 }
 
-fn dispatch(c: &KeeperClient, reply: Reply, fds: Vec<OwnedFd>) {
+/// A tap whose connecting asks the keeper to start forwarding `pid`'s output.
+fn attaching_tap(client: &std::sync::Weak<KeeperClient>, pid: u32) -> Arc<OutputTap> {
+    let client = client.clone();
+    Arc::new(OutputTap::with_on_connect(move || {
+        if let Some(c) = client.upgrade() {
+            tokio::spawn(async move {
+                let _ = c.send(&Request::Attach { pid }).await;
+            });
+        }
+    }))
+}
+
+fn dispatch(
+    c: &KeeperClient,
+    reply: Reply,
+    fds: Vec<OwnedFd>,
+    weak: &std::sync::Weak<KeeperClient>,
+) {
     let mut st = c.state();
     match &reply {
         Reply::Spawned { req, pid, .. } => {
@@ -318,7 +335,7 @@ fn dispatch(c: &KeeperClient, reply: Reply, fds: Vec<OwnedFd>) {
             st.exits
                 .entry(*pid)
                 .or_insert_with(|| watch::Sender::new(None));
-            let tap = Arc::new(OutputTap::default());
+            let tap = attaching_tap(weak, *pid);
             st.taps.insert(*pid, Arc::clone(&tap));
             if let Some(tx) = st.pending.remove(req) {
                 let _ = tx.send((reply, fds, Some(tap)));
@@ -351,7 +368,7 @@ fn dispatch(c: &KeeperClient, reply: Reply, fds: Vec<OwnedFd>) {
                 tx.send_replace(Some(*s));
             }
             let tap = open.iter().any(|o| *o).then(|| {
-                let tap = Arc::new(OutputTap::default());
+                let tap = attaching_tap(weak, *pid);
                 for (i, s) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
                     if !open[i] {
                         tap.close(s);

@@ -12,9 +12,10 @@
 //!   daemon (a double-forked process has no parent-death signal of its own);
 //! - holds the read ends of each instance's stdout and stderr pipes and forwards what
 //!   they carry to the daemon as output packets (so the daemon holds no pipe: one
-//!   descriptor per instance, its pidfd). While no daemon is connected, or the daemon
-//!   reads slowly, the keeper stops reading: the pipes fill and the instance waits, as it
-//!   would on a slow terminal; output resumes when a daemon reconnects. What was in
+//!   descriptor per instance, its pidfd). A pipe is read only once the daemon has
+//!   attached the instance's log (`Attach`, on each connection), and only while the
+//!   daemon keeps up: otherwise the pipe fills and the instance waits, as it would on a
+//!   slow terminal; output resumes when a daemon reconnects and attaches. What was in
 //!   flight on the connection when a daemon crashed (at most its socket buffer) is lost;
 //! - opens a pidfd for an instance whenever it hands one to the daemon (on spawn, on
 //!   `List`); it is the parent and reaps only in its own loop, so the pid is pinned;
@@ -73,6 +74,9 @@ pub enum Request {
     },
     /// The daemon has the exit status of `pid`: forget the instance.
     Ack { pid: u32 },
+    /// The daemon's log of `pid` is ready: start reading and forwarding its output (on
+    /// each connection, after `Spawned` or `Instance`; before, the pipes are not read).
+    Attach { pid: u32 },
     /// Every instance the keeper holds: one `Instance` each, then `ListEnd`.
     List { req: u64 },
     /// Exit once no instance is left (a clean daemon shutdown).

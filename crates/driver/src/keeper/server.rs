@@ -70,6 +70,10 @@ struct Held {
     exit: Option<ExitStatus>,
     /// The daemon has the exit status; the entry goes once the output has ended too.
     acked: bool,
+    /// The pipes are in the epoll set: the connected daemon attached the log.
+    watched: bool,
+    /// Output read for an earlier connection and not delivered: sent first on `Attach`.
+    carry: Option<Vec<u8>>,
 }
 
 impl Held {
@@ -207,8 +211,11 @@ pub fn run(state_dir: &Path, shard: usize) -> Result<(), KeeperError> {
                 rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
             ) {
                 super::grow_buffers(&c);
-                // A new daemon replaces the old connection.
+                // A new daemon replaces the old connection. It has no log attached yet:
+                // no pipe is read until it says so, and an undelivered packet waits for
+                // its instance's `Attach`.
                 k.client = Some(c);
+                k.unwatch_all();
             }
         }
         if client_ready {
@@ -224,6 +231,53 @@ pub fn run(state_dir: &Path, shard: usize) -> Result<(), KeeperError> {
 }
 
 impl Keeper {
+    fn unwatch_all(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let pid = u32::from_le_bytes([p[1], p[2], p[3], p[4]]);
+            if let Some(h) = self.held.get_mut(&pid) {
+                h.carry = Some(p);
+            }
+        }
+        for h in self.held.values_mut() {
+            if h.watched {
+                for fd in h.out.iter().flatten() {
+                    let _ = epoll::delete(&self.pipes, fd);
+                }
+                h.watched = false;
+            }
+        }
+    }
+
+    /// Starts reading `pid`'s pipes (its log is attached on the daemon's side).
+    fn attach(&mut self, pid: u32) {
+        let Some(h) = self.held.get_mut(&pid) else {
+            return;
+        };
+        if h.watched {
+            return;
+        }
+        h.watched = true;
+        let carry = h.carry.take();
+        for (i, fd) in h.out.iter().enumerate() {
+            if let Some(fd) = fd {
+                let key = u64::from(pid) << 1 | i as u64;
+                if let Err(e) = epoll::add(
+                    &self.pipes,
+                    fd,
+                    epoll::EventData::new_u64(key),
+                    epoll::EventFlags::IN,
+                ) {
+                    eprintln!("bulkhead keeper: cannot watch the output of pid {pid}: {e}");
+                }
+            }
+        }
+        if let Some(p) = carry {
+            if self.pending.is_none() {
+                self.send_output(p);
+            }
+        }
+    }
+
     fn serve_client(&mut self, buf: &mut [u8]) {
         loop {
             let Some(client) = &self.client else { return };
@@ -329,7 +383,9 @@ impl Keeper {
             return;
         };
         if let Some(fd) = h.out[stream.index()].take() {
-            let _ = epoll::delete(&self.pipes, &fd);
+            if h.watched {
+                let _ = epoll::delete(&self.pipes, &fd);
+            }
             self.open_pipes -= 1;
         }
         let gone = h.acked && h.open_streams() == 0;
@@ -377,22 +433,14 @@ impl Keeper {
                         // The keeper's own pidfd goes: the pid stays pinned until this loop
                         // reaps it, and a new one is opened whenever one is handed over.
                         drop(pidfd);
+                        // Read once the daemon attaches the log (`Attach`).
                         let mut out = [None, None];
                         for (i, fd) in [stdout, stderr].into_iter().enumerate() {
-                            let key = u64::from(pid) << 1 | i as u64;
-                            let watched = rustix::io::ioctl_fionbio(&fd, true).is_ok()
-                                && epoll::add(
-                                    &self.pipes,
-                                    &fd,
-                                    epoll::EventData::new_u64(key),
-                                    epoll::EventFlags::IN,
-                                )
-                                .is_ok();
-                            if watched {
+                            if rustix::io::ioctl_fionbio(&fd, true).is_ok() {
                                 self.open_pipes += 1;
                                 out[i] = Some(fd);
                             } else {
-                                eprintln!("bulkhead keeper: cannot watch the output of pid {pid}");
+                                eprintln!("bulkhead keeper: cannot read the output of pid {pid}");
                             }
                         }
                         // A pid reaped, acknowledged and now reused while the old
@@ -400,7 +448,9 @@ impl Keeper {
                         // that output ends here.
                         if let Some(old) = self.held.remove(&pid) {
                             for fd in old.out.into_iter().flatten() {
-                                let _ = epoll::delete(&self.pipes, &fd);
+                                if old.watched {
+                                    let _ = epoll::delete(&self.pipes, &fd);
+                                }
                                 self.open_pipes -= 1;
                             }
                         }
@@ -413,6 +463,8 @@ impl Keeper {
                                 out,
                                 exit: None,
                                 acked: false,
+                                watched: false,
+                                carry: None,
                             },
                         );
                     }
@@ -445,6 +497,7 @@ impl Keeper {
                     }
                 }
             }
+            Request::Attach { pid } => self.attach(pid),
             Request::List { req } => {
                 let pids: Vec<u32> = self
                     .held
