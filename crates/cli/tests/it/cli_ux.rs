@@ -537,3 +537,46 @@ fn installed_man_pages_are_found_by_man() {
         );
     }
 }
+
+/// The daemon applies `list`'s filters; a request that names an unknown state is refused
+/// (INVALID_ARGUMENT, naming the field), not answered with everything.
+#[test]
+fn the_api_refuses_an_unknown_state_filter() {
+    let d = Daemon::start(&[("web", SLEEPER)]);
+    d.json(&["launch", "web", "-o", "json"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = bulkhead_api::connect(&d.socket).await.unwrap();
+        let ok = c
+            .list(bulkhead_api::v1::ListRequest {
+                workloads: vec!["web".into()],
+                states: vec!["ready".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ok.instances.len(), 1);
+        let none = c
+            .list(bulkhead_api::v1::ListRequest {
+                workloads: vec!["other".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(none.instances.is_empty());
+        let e = c
+            .list(bulkhead_api::v1::ListRequest {
+                states: vec!["runing".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().starts_with("states:"), "{e}");
+    });
+}
