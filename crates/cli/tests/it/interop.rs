@@ -127,31 +127,47 @@ fn java_grpc_with_default_options_calls_the_unix_socket() {
     let Some(jar) = java_client() else {
         return;
     };
+    let mut cmd = Command::new("java");
+    cmd.arg("-jar").arg(&jar);
+    // The case this test is for: the socket path as :authority.
+    stock_client_round_trip("grpc-java", cmd, "java1", |d| {
+        d.socket.to_str().unwrap().to_owned()
+    });
+}
+
+/// Runs a stock client (`cmd SOCKET web SESSION`) against a fresh daemon and checks what
+/// it printed (one JSON object, the shape of `tests/interop/java`'s and `go`'s output):
+/// the `:authority` it sent (`authority` of the daemon), grpc.health.v1, Launch, Get,
+/// List, Watch and Terminate; then that the daemon really ended the instance.
+fn stock_client_round_trip(
+    name: &str,
+    mut cmd: Command,
+    session: &str,
+    authority: impl Fn(&Daemon) -> String,
+) {
     let d = Daemon::start(&[(
         "web",
         "name: web\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n",
     )]);
-    let out = Command::new("java")
-        .arg("-jar")
-        .arg(&jar)
+    let out = cmd
         .arg(&d.socket)
-        .args(["web", "java1"])
+        .args(["web", session])
         .output()
-        .expect("run the grpc-java client");
+        .unwrap_or_else(|e| panic!("run the {name} client: {e}"));
     assert!(
         out.status.success(),
-        "the grpc-java client failed: {}\n--- daemon log ---\n{}",
+        "the {name} client failed: {}\n--- daemon log ---\n{}",
         stderr(&out),
         d.daemon_log()
     );
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("the client prints one JSON object");
-    // The case this test is for: the socket path as :authority.
-    assert_eq!(v["authority"], d.socket.to_str().unwrap(), "{v}");
+    let id = format!("session:{session}:web");
+    assert_eq!(v["authority"], authority(&d), "{v}");
     assert_eq!(v["grpc_health"], "SERVING", "{v}");
     assert_eq!(v["grpc_health_bulkhead"], "SERVING", "{v}");
     assert_eq!(v["health"], "serving", "{v}");
-    assert_eq!(v["launch"]["id"], "session:java1:web", "{v}");
+    assert_eq!(v["launch"]["id"], id.as_str(), "{v}");
     assert_eq!(v["launch"]["state"], "ready", "{v}");
     assert_eq!(v["launch"]["created"], true, "{v}");
     assert_eq!(v["get"], "ready", "{v}");
@@ -160,7 +176,7 @@ fn java_grpc_with_default_options_calls_the_unix_socket() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|i| i == "session:java1:web"),
+            .any(|i| *i == id.as_str()),
         "{v}"
     );
     assert_eq!(v["terminate"], "terminated", "{v}");
@@ -175,8 +191,7 @@ fn java_grpc_with_default_options_calls_the_unix_socket() {
         watch.contains(&"ready") && watch.last() == Some(&"terminated"),
         "{v}"
     );
-    // The daemon really ended the instance the client terminated.
-    let got = d.json(&["get", "session:java1:web", "-o", "json"]);
+    let got = d.json(&["get", &id, "-o", "json"]);
     assert_eq!(got["state"], "terminated", "{got}");
 }
 
@@ -206,54 +221,7 @@ fn go_grpc_with_default_options_calls_the_unix_socket() {
     let Some(bin) = go_client() else {
         return;
     };
-    let d = Daemon::start(&[(
-        "web",
-        "name: web\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n",
-    )]);
-    let out = Command::new(&bin)
-        .arg(&d.socket)
-        .args(["web", "go1"])
-        .output()
-        .expect("run the grpc-go client");
-    assert!(
-        out.status.success(),
-        "the grpc-go client failed: {}\n--- daemon log ---\n{}",
-        stderr(&out),
-        d.daemon_log()
-    );
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("the client prints one JSON object");
-    assert_eq!(v["authority"], "localhost", "{v}");
-    assert_eq!(v["grpc_health"], "SERVING", "{v}");
-    assert_eq!(v["grpc_health_bulkhead"], "SERVING", "{v}");
-    assert_eq!(v["health"], "serving", "{v}");
-    assert_eq!(v["launch"]["id"], "session:go1:web", "{v}");
-    assert_eq!(v["launch"]["state"], "ready", "{v}");
-    assert_eq!(v["launch"]["created"], true, "{v}");
-    assert_eq!(v["get"], "ready", "{v}");
-    assert!(
-        v["list"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|i| i == "session:go1:web"),
-        "{v}"
-    );
-    assert_eq!(v["terminate"], "terminated", "{v}");
-    let watch: Vec<&str> = v["watch"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k.as_str().unwrap())
-        .collect();
-    assert_eq!(watch.first(), Some(&"launched"), "{v}");
-    assert!(
-        watch.contains(&"ready") && watch.last() == Some(&"terminated"),
-        "{v}"
-    );
-    // The daemon really ended the instance the client terminated.
-    let got = d.json(&["get", "session:go1:web", "-o", "json"]);
-    assert_eq!(got["state"], "terminated", "{got}");
+    stock_client_round_trip("grpc-go", Command::new(&bin), "go1", |_| "localhost".into());
 }
 
 /// `grpc.health.v1.Health` and server reflection answer stock clients on the socket:

@@ -212,6 +212,17 @@ fn a_restarting_instance_shows_no_pid() {
 
 /// `--finished-kept N`: at most N finished instances stay listed (with their logs), the
 /// oldest go first; the default is 1,024.
+/// Launches `quick` for `session` and waits until that run has exited.
+fn run_to_exit(d: &Daemon, session: &str) {
+    d.cli(&["launch", "quick", "--session", session, "--wait", "started"]);
+    let id = format!("session:{session}:quick");
+    let start = Instant::now();
+    while d.json(&["get", &id, "-o", "json"])["state"] != "exited" {
+        assert!(start.elapsed() < DEADLINE, "{id} never exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn finished_instances_are_kept_up_to_the_configured_number() {
     let d = Daemon::start_with_args(
@@ -222,20 +233,7 @@ fn finished_instances_are_kept_up_to_the_configured_number() {
         &["--finished-kept", "2"],
     );
     for i in 0..5 {
-        d.cli(&[
-            "launch",
-            "quick",
-            "--session",
-            &format!("f{i}"),
-            "--wait",
-            "started",
-        ]);
-        let id = format!("session:f{i}:quick");
-        let start = Instant::now();
-        while d.json(&["get", &id, "-o", "json"])["state"] != "exited" {
-            assert!(start.elapsed() < DEADLINE, "{id} never exited");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        run_to_exit(&d, &format!("f{i}"));
     }
     let listed: Vec<String> = d
         .json(&["list", "-o", "json"])
@@ -265,20 +263,7 @@ fn logs_of_instances_finished_under_an_earlier_daemon_are_bounded() {
         &["--finished-kept", "5"],
     );
     for i in 0..5 {
-        d.cli(&[
-            "launch",
-            "quick",
-            "--session",
-            &format!("f{i}"),
-            "--wait",
-            "started",
-        ]);
-        let id = format!("session:f{i}:quick");
-        let start = Instant::now();
-        while d.json(&["get", &id, "-o", "json"])["state"] != "exited" {
-            assert!(start.elapsed() < DEADLINE, "{id} never exited");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        run_to_exit(&d, &format!("f{i}"));
         // Distinct modification times, oldest first.
         std::thread::sleep(Duration::from_millis(20));
     }
