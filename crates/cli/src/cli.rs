@@ -139,6 +139,12 @@ pub enum Command {
     /// --finished-kept`).
     #[command(visible_aliases = ["stop", "rm"])]
     Terminate(TerminateArgs),
+    /// Restart an instance gracefully: same key, same address, a new run at once
+    /// (returns when it is ready). `--new-spec`: onto the reloaded manifest.
+    Restart(RestartArgs),
+    /// Move a workload's live instances onto its reloaded manifest, one at a time; stops
+    /// at the first failure and rolls that instance back.
+    Rollout(RolloutArgs),
     /// Print lifecycle events.
     Events(EventsArgs),
     /// Print an instance's stdout and stderr.
@@ -566,6 +572,34 @@ pub struct TerminateArgs {
     /// The instance (e.g. ns:default:web, session:s1:worker, shared:db).
     pub id: String,
     /// Override the manifest's grace period (e.g. 2s).
+    #[arg(long, allow_hyphen_values = true)]
+    pub grace: Option<String>,
+    /// Output format: text, or JSON with exact numbers.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// The instance (e.g. ns:default:web, session:s1:worker, shared:db).
+    pub id: String,
+    /// Override the manifest's grace period for stopping the current run (e.g. 2s).
+    #[arg(long, allow_hyphen_values = true)]
+    pub grace: Option<String>,
+    /// Start the new run on the workload's current (reloaded) manifest; if it fails, the
+    /// instance goes back to the manifest it ran.
+    #[arg(long)]
+    pub new_spec: bool,
+    /// Output format: text, or JSON with exact numbers.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    /// The workload whose instances move onto its manifest as now loaded.
+    pub workload: String,
+    /// Override the manifest's grace period for stopping each old run (e.g. 2s).
     #[arg(long, allow_hyphen_values = true)]
     pub grace: Option<String>,
     /// Output format: text, or JSON with exact numbers.

@@ -217,6 +217,93 @@ pub async fn terminate(socket: &Path, a: cli::TerminateArgs) -> anyhow::Result<(
     print_instance(&inst, a.output)
 }
 
+pub async fn restart(socket: &Path, a: cli::RestartArgs) -> anyhow::Result<()> {
+    check_id(&a.id)?;
+    let grace = a
+        .grace
+        .as_deref()
+        .map(|g| parse_duration("--grace", g))
+        .transpose()?;
+    let mut c = connect(socket).await?;
+    let inst = c
+        .restart(v1::RestartRequest {
+            id: a.id,
+            grace_ms: grace.map(|g| g.as_millis() as u64),
+            new_spec: a.new_spec,
+        })
+        .await
+        .map_err(from_status)?
+        .into_inner();
+    print_instance(&inst, a.output)
+}
+
+pub async fn rollout(socket: &Path, a: cli::RolloutArgs) -> anyhow::Result<()> {
+    let grace = a
+        .grace
+        .as_deref()
+        .map(|g| parse_duration("--grace", g))
+        .transpose()?;
+    let mut c = connect(socket).await?;
+    let steps = c
+        .rollout(v1::RolloutRequest {
+            workload: a.workload.clone(),
+            grace_ms: grace.map(|g| g.as_millis() as u64),
+        })
+        .await
+        .map_err(from_status)?
+        .into_inner()
+        .steps;
+    let failed = steps.iter().find(|s| s.outcome == "failed").cloned();
+    match a.output {
+        Format::Json => out!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "workload": a.workload,
+                "steps": steps
+                    .iter()
+                    .map(|s| serde_json::json!({
+                        "id": s.id,
+                        "outcome": s.outcome,
+                        "reason": s.reason,
+                        "rolled_back": s.rolled_back,
+                    }))
+                    .collect::<Vec<_>>(),
+            }))?
+        ),
+        Format::Text => {
+            if steps.is_empty() {
+                out!("no live instance of {}", a.workload);
+            }
+            for s in &steps {
+                match s.outcome.as_str() {
+                    "failed" => out!(
+                        "{}\tfailed: {} ({})",
+                        s.id,
+                        bulkhead_core::text::escape(&s.reason),
+                        if s.rolled_back {
+                            "rolled back to its previous manifest"
+                        } else {
+                            "its previous manifest did not become ready either"
+                        }
+                    ),
+                    o => out!("{}\t{}", s.id, bulkhead_core::text::escape(o)),
+                }
+            }
+        }
+    }
+    match failed {
+        // The answer is printed; the exit code says the rollout did not complete.
+        Some(s) => Err(crate::exit::fail(
+            crate::exit::LAUNCH_FAILED,
+            format!(
+                "rollout of {} stopped: {} failed on the new manifest",
+                a.workload, s.id
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 pub async fn events(socket: &Path, a: cli::EventsArgs) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
     let mut stream = c

@@ -120,6 +120,8 @@ async fn run(
         Get(a) => client::get(&socket, a).await,
         List(a) => client::list(&socket, a).await,
         Terminate(a) => client::terminate(&socket, a).await,
+        Restart(a) => client::restart(&socket, a).await,
+        Rollout(a) => client::rollout(&socket, a).await,
         Events(a) => client::events(&socket, a).await,
         Logs(a) => client::logs(&socket, a).await,
         Health(a) => client::health(&socket, a).await,

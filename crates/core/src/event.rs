@@ -113,6 +113,10 @@ pub enum EventKind {
     /// The sd_notify watchdog ran out or was triggered; the instance is stopped with the
     /// watchdog signal and its restart policy applies.
     WatchdogTimeout { reason: String },
+    /// A restart was asked for (`bulkhead restart`, a rollout, a dependency's restart):
+    /// the current run is stopped gracefully and a new one starts at once, with the same
+    /// key and address. It is not a failure and does not count toward the breaker.
+    RestartRequested { reason: String },
     /// A restarted daemon took a running instance back under supervision.
     Adopted { pid: Option<u32> },
     /// A restarted daemon found the instance's process gone without an exit status (it
@@ -148,6 +152,7 @@ impl EventKind {
             EventKind::Unhealthy { .. } => "unhealthy",
             EventKind::LivenessFailed { .. } => "liveness_failed",
             EventKind::WatchdogTimeout { .. } => "watchdog_timeout",
+            EventKind::RestartRequested { .. } => "restart_requested",
             EventKind::Adopted { .. } => "adopted",
             EventKind::Lost { .. } => "lost",
             EventKind::ChannelPeerDead { .. } => "channel_peer_dead",

@@ -787,6 +787,8 @@ const AUDITED: &[&str] = &[
     "end_namespace",
     "reload",
     "prune_images",
+    "restart",
+    "rollout",
 ];
 
 /// The token of an `Authorization: Bearer <token>` header (the API's and the metrics

@@ -121,10 +121,10 @@ impl Shared {
     /// The host id range of `slot`'s tenant, reserved for it until the hold is dropped
     /// (`None`: the workload maps no range of its own).
     pub(crate) fn reserve_ids(self: &Arc<Self>, slot: &Slot) -> Result<Option<IdHold>, String> {
-        if !bulkhead_core::channels::needs_ids(&slot.spec) {
+        if !bulkhead_core::channels::needs_ids(&slot.spec()) {
             return Ok(None);
         }
-        let tenant = bulkhead_core::channels::ids_tenant(&slot.id, &slot.spec);
+        let tenant = bulkhead_core::channels::ids_tenant(&slot.id, &slot.spec());
         let ids = self
             .ids
             .lock()
@@ -205,7 +205,7 @@ pub(crate) async fn acquire(
     slot: &Slot,
     ids: Option<UserNamespace>,
 ) -> Result<(Vec<(String, String)>, Vec<bulkhead_driver::Bind>), String> {
-    if slot.spec.channels.is_none() {
+    if slot.spec().channels.is_none() {
         return Ok((Vec::new(), Vec::new()));
     }
     let channels = slot.view.borrow().channels.clone();
@@ -213,7 +213,7 @@ pub(crate) async fn acquire(
         rustix::process::geteuid().as_raw(),
         rustix::process::getegid().as_raw(),
     );
-    let space = bulkhead_core::channels::space_of(&slot.spec, &slot.key, ids, daemon)?
+    let space = bulkhead_core::channels::space_of(&slot.spec(), &slot.key, ids, daemon)?
         .unwrap_or(Space::Host);
     let base = iox2_for(&sh.cfg.state_dir);
     let (name, owner) = match &space {
@@ -446,9 +446,9 @@ pub(crate) fn sweep(sh: &Shared) {
     let keep: BTreeSet<String> = sh
         .list()
         .iter()
-        .filter(|s| s.spec.driver == bulkhead_core::spec::DriverKind::Docker)
+        .filter(|s| s.spec().driver == bulkhead_core::spec::DriverKind::Docker)
         .filter(|s| !s.view.borrow().state.is_terminal())
-        .filter(|s| s.spec.channels.is_some())
+        .filter(|s| s.spec().channels.is_some())
         .map(|s| bulkhead_core::channels::space_name(&s.key))
         .collect();
     let Ok(rd) = std::fs::read_dir(spaces_dir(&sh.cfg.state_dir)) else {
@@ -465,7 +465,7 @@ pub(crate) fn sweep(sh: &Shared) {
 
 /// After a run ended (every process gone): reclaim and report what dead nodes left.
 pub(crate) async fn after_exit(sh: &Arc<Shared>, slot: &Slot) {
-    if slot.spec.channels.is_none() {
+    if slot.spec().channels.is_none() {
         return;
     }
     let Some(m) = sh.dataplane.manager_of(slot.id.as_str()).await else {
@@ -479,7 +479,7 @@ pub(crate) async fn after_exit(sh: &Arc<Shared>, slot: &Slot) {
 /// The instance is final: reclaim dead nodes, then let go of its channels; the last
 /// instance of a space takes the space with it.
 pub(crate) async fn release(sh: &Arc<Shared>, slot: &Slot) {
-    if slot.spec.channels.is_none() {
+    if slot.spec().channels.is_none() {
         return;
     }
     let id = slot.id.to_string();

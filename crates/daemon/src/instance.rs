@@ -71,17 +71,44 @@ pub(crate) enum Msg {
     Terminate {
         grace: Option<Duration>,
     },
+    /// Stop the current run gracefully and start a new one; with `spec`, the new run (and
+    /// every later one) follows that manifest, and if it fails before it is ready the
+    /// instance goes back to the manifest it ran (a rollback). `done` gets the outcome.
+    Restart {
+        grace: Option<Duration>,
+        reason: String,
+        spec: Option<Arc<WorkloadSpec>>,
+        done: tokio::sync::oneshot::Sender<RestartResult>,
+    },
     /// The set of lease holders changed; `held` says whether any lease is left.
     Leases {
         held: bool,
     },
 }
 
+/// How a requested restart ended: `Ok(None)`, the new run is ready; `Ok(Some(reason))`,
+/// the new manifest's run failed (`reason`) and the instance is ready again on its
+/// previous manifest; `Err(reason)`, the new run (or the rollback's) failed, or the
+/// instance ended meanwhile.
+pub(crate) type RestartResult = Result<Option<String>, String>;
+
+/// A restart the actor is carrying out for a caller.
+struct PendingRestart {
+    /// `restarts` when it was asked for: a later run is the new one.
+    before: u32,
+    done: tokio::sync::oneshot::Sender<RestartResult>,
+    /// The manifest to go back to if the new one's run fails (a rollout's).
+    fallback: Option<Arc<WorkloadSpec>>,
+    /// Rolling back after this failure of the new manifest.
+    rolling_back: Option<String>,
+}
+
 /// A live or finished instance in the registry.
 pub struct Slot {
     pub id: InstanceId,
     pub key: Key,
-    pub spec: Arc<WorkloadSpec>,
+    /// The workload as its current run was started (a rollout replaces it).
+    spec: Mutex<Arc<WorkloadSpec>>,
     pub dir: PathBuf,
     pub log: Arc<LogFile>,
     pub(crate) view: watch::Sender<View>,
@@ -95,6 +122,31 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// The workload as the current run was started.
+    pub fn spec(&self) -> Arc<WorkloadSpec> {
+        self.spec.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Asks the actor for a restart (see [`Msg::Restart`]). False when the instance is
+    /// final (its actor is gone).
+    pub(crate) fn restart(
+        &self,
+        grace: Option<Duration>,
+        reason: String,
+        spec: Option<Arc<WorkloadSpec>>,
+    ) -> Option<tokio::sync::oneshot::Receiver<RestartResult>> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Msg::Restart {
+                grace,
+                reason,
+                spec,
+                done,
+            })
+            .ok()
+            .map(|_| rx)
+    }
+
     pub fn view(&self) -> View {
         self.view.borrow().clone()
     }
@@ -306,7 +358,7 @@ pub(crate) fn start_with(
         )),
         id,
         key,
-        spec,
+        spec: Mutex::new(spec),
         dir,
         view: watch::Sender::new(view),
         tx,
@@ -364,27 +416,18 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     origin: Origin,
 ) {
-    let spec = slot.spec.clone();
+    let mut spec = slot.spec();
     let t0 = tokio::time::Instant::now();
     let now = || t0.elapsed().as_millis() as u64;
-    let cfg = core_instance::Config {
-        readiness_timeout: spec.readiness.as_ref().map(|r| r.timeout),
-        shutdown: spec.shutdown,
-        restart: spec.restart,
-        watchdog: spec
-            .readiness
-            .as_ref()
-            .and_then(|r| r.watchdog.map(|w| (w, r.watchdog_signal))),
-        seed: rand::random(),
-    };
-    let watchdog_every = cfg.watchdog.map(|(w, _)| w);
+    let cfg = core_config(&spec);
+    let mut watchdog_every = cfg.watchdog.map(|(w, _)| w);
     let (mut inst, first) = match &origin {
         Origin::Launched => Instance::launch(cfg),
         Origin::Adopted(a, restored) => Instance::adopt(cfg, Some(a.pid), now(), *restored),
         Origin::Resumed(restored, lost) => Instance::resume(cfg, *restored, lost.clone(), now()),
     };
     // What the instance table was last told, to write only on a change.
-    let spec_json = serde_json::to_string(&*spec).unwrap_or_default();
+    let mut spec_json = serde_json::to_string(&*spec).unwrap_or_default();
     let mut stored: Option<Stored> = None;
     let mut start_time: Option<u64> = None;
     let mut queue: VecDeque<Effect> = first.into();
@@ -406,11 +449,26 @@ async fn run(
     // RELOADING=1 made a ready instance not ready; the next READY=1 makes it ready again.
     let mut reloading = false;
     // The idle timeout: armed while no lease holds the instance.
-    let idle_after = crate::docker::effective_idle_timeout(&spec);
+    let mut idle_after = crate::docker::effective_idle_timeout(&spec);
     let mut idle: Option<Pin<Box<Sleep>>> =
         crate::docker::initial_idle(&spec).map(|d| Box::pin(tokio::time::sleep(d)));
     // The newest event this actor published: the View changes only once it is durable.
     let mut last_event = 0u64;
+    let mut pending: Option<PendingRestart> = None;
+    // Every decision and every run from now on follow manifest `$new` (a rollout or its
+    // rollback); the instance table gets it at its next write.
+    macro_rules! switch_spec {
+        ($new:expr) => {{
+            let new: Arc<WorkloadSpec> = $new;
+            inst.reconfigure(core_config(&new));
+            watchdog_every = new.readiness.as_ref().and_then(|r| r.watchdog);
+            idle_after = crate::docker::effective_idle_timeout(&new);
+            spec_json = serde_json::to_string(&*new).unwrap_or_default();
+            stored = None;
+            *slot.spec.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
+            spec = new;
+        }};
+    }
     if let Origin::Adopted(a, _) = origin {
         start_time = Some(a.start_time);
         // Back under supervision: its output, its environment (and so its port), its exit.
@@ -644,6 +702,63 @@ async fn run(
                 stored = Some(now_stored);
             }
         }
+        // A requested restart: answer its caller once the new run is ready or failed, and
+        // roll a rollout's failed trial back to the manifest it replaced.
+        if let Some(p) = pending.as_mut() {
+            let later = inst.restarts() > p.before;
+            let failure = || {
+                inst.failure()
+                    .map(str::to_owned)
+                    .or_else(|| {
+                        inst.last_exit()
+                            .map(|st| format!("the new run ended with {st}"))
+                    })
+                    .unwrap_or_else(|| format!("the instance is {}", state.as_str()))
+            };
+            let answer = if state.is_terminal() {
+                Some(Err(match p.rolling_back.take() {
+                    Some(first) => format!("{first}; the rollback failed too: {}", failure()),
+                    None => failure(),
+                }))
+            } else if later && state == State::Ready && inst.ready() {
+                Some(Ok(p.rolling_back.take()))
+            } else if later && inst.held() {
+                match p.fallback.take() {
+                    Some(old) => {
+                        let reason = failure();
+                        tracing::warn!(
+                            "{}: the new manifest's run failed ({reason}); rolling back",
+                            slot.id
+                        );
+                        switch_spec!(old);
+                        p.before = inst.restarts();
+                        p.rolling_back = Some(reason);
+                        queue.extend(inst.handle(
+                            Input::Restart {
+                                grace: None,
+                                reason: "rollback: the new manifest's run failed".into(),
+                                hold: false,
+                            },
+                            now(),
+                        ));
+                        continue;
+                    }
+                    None => Some(Err(failure())),
+                }
+            } else if later && inst.failure().is_some() {
+                Some(Err(match p.rolling_back.take() {
+                    Some(first) => format!("{first}; the rollback failed too: {}", failure()),
+                    None => failure(),
+                }))
+            } else {
+                None
+            };
+            if let Some(a) = answer {
+                if let Some(p) = pending.take() {
+                    let _ = p.done.send(a);
+                }
+            }
+        }
         if state.is_terminal() {
             break;
         }
@@ -751,6 +866,25 @@ async fn run(
             }
             Some(msg) = rx.recv() => match msg {
                 Msg::Terminate { grace } => queue.extend(inst.handle(Input::Terminate { grace }, now())),
+                Msg::Restart { grace, reason, spec: new, done } => {
+                    let fallback = new.as_ref().map(|_| spec.clone());
+                    if let Some(new) = new {
+                        // A rollout: every decision and every run from now on follows the
+                        // new manifest (the caller checked that its driver, isolation and
+                        // channels are unchanged).
+                        switch_spec!(new);
+                    }
+                    // A restart asked for meanwhile replaces an earlier one (whose caller
+                    // sees the sender dropped).
+                    pending = Some(PendingRestart {
+                        before: inst.restarts(),
+                        done,
+                        fallback,
+                        rolling_back: None,
+                    });
+                    let hold = pending.as_ref().is_some_and(|p| p.fallback.is_some());
+                    queue.extend(inst.handle(Input::Restart { grace, reason, hold }, now()));
+                }
                 Msg::Leases { held } => {
                     // Held: no idle clock. Released by the last holder: the clock starts.
                     idle = match (held, idle_after) {
@@ -774,6 +908,20 @@ async fn run(
     sh.retire(&slot);
 }
 
+/// What the state machine needs of a workload's manifest.
+fn core_config(spec: &WorkloadSpec) -> core_instance::Config {
+    core_instance::Config {
+        readiness_timeout: spec.readiness.as_ref().map(|r| r.timeout),
+        shutdown: spec.shutdown,
+        restart: spec.restart,
+        watchdog: spec
+            .readiness
+            .as_ref()
+            .and_then(|r| r.watchdog.map(|w| (w, r.watchdog_signal))),
+        seed: rand::random(),
+    }
+}
+
 async fn wait_exit(handle: &Option<Arc<dyn InstanceHandle>>) -> ExitStatus {
     match handle {
         Some(h) => h.wait().await,
@@ -795,7 +943,7 @@ async fn spawn(
     port: &mut u16,
     env: &mut Vec<(String, String)>,
 ) -> Result<(bulkhead_driver::Spawned, Option<NotifySocket>), String> {
-    let spec = &slot.spec;
+    let spec = &slot.spec();
     let driver = sh
         .drivers
         .get(&spec.driver)
@@ -867,7 +1015,7 @@ async fn spawn(
 fn inherited_vars(slot: &Slot) -> Vec<String> {
     PASS_THROUGH
         .iter()
-        .filter(|k| !slot.spec.env.iter().any(|(m, _)| m == *k))
+        .filter(|k| !slot.spec().env.iter().any(|(m, _)| m == *k))
         .map(|k| (*k).to_owned())
         .collect()
 }
@@ -887,7 +1035,7 @@ fn instance_env(slot: &Slot, port: u16, notify: Option<String>) -> Vec<(String, 
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
-    env.extend(slot.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(slot.spec().env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.push(("PORT".into(), port.to_string()));
     env.push(("BULKHEAD_INSTANCE".into(), slot.id.to_string()));
     env.push(("BULKHEAD_WORKLOAD".into(), slot.key.workload().to_owned()));
@@ -903,7 +1051,7 @@ fn instance_env(slot: &Slot, port: u16, notify: Option<String>) -> Vec<(String, 
         env.push(("NOTIFY_SOCKET".into(), n));
         // No WATCHDOG_PID: the pid is not known before the spawn (and differs inside a
         // PID namespace); sd_watchdog_enabled() takes an absent one as "this process".
-        if let Some(w) = slot.spec.readiness.as_ref().and_then(|r| r.watchdog) {
+        if let Some(w) = slot.spec().readiness.as_ref().and_then(|r| r.watchdog) {
             env.push(("WATCHDOG_USEC".into(), w.as_micros().to_string()));
         }
     }
@@ -912,7 +1060,7 @@ fn instance_env(slot: &Slot, port: u16, notify: Option<String>) -> Vec<(String, 
 
 /// Expands `${VAR}`s and resolves a relative program path against the workload folder.
 fn resolve_argv(slot: &Slot, env: &[(String, String)]) -> Result<Vec<String>, String> {
-    resolve_command(slot, &slot.spec.command, env)
+    resolve_command(slot, &slot.spec().command, env)
 }
 
 fn resolve_command(
@@ -922,7 +1070,7 @@ fn resolve_command(
 ) -> Result<Vec<String>, String> {
     let mut argv = expand_argv(command, env).map_err(|e| e.to_string())?;
     // A container's program is a path inside its image, not in the workload folder.
-    let in_container = slot.spec.driver == bulkhead_core::spec::DriverKind::Docker;
+    let in_container = slot.spec().driver == bulkhead_core::spec::DriverKind::Docker;
     if !in_container && argv[0].contains('/') && !argv[0].starts_with('/') {
         argv[0] = slot.dir.join(&argv[0]).display().to_string();
     }

@@ -37,6 +37,7 @@ pub mod notify_self;
 pub mod peer; // metrics + HTTP health (observability)
 pub mod ports;
 pub mod readiness;
+pub mod rollout;
 mod server;
 mod service;
 mod standard;
@@ -791,7 +792,7 @@ impl Shared {
         // Shared docker containers are not the session's instances, but the session holds
         // a lease on those it launched: it goes with the session.
         for slot in self.list() {
-            if docker::is_shared_container(&slot.spec)
+            if docker::is_shared_container(&slot.spec())
                 && slot.view().leases.iter().any(|l| l == session)
             {
                 slot.release(session);

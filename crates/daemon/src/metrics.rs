@@ -444,7 +444,8 @@ impl Metrics {
             | EventKind::Terminating { .. }
             | EventKind::Unhealthy { .. }
             | EventKind::LivenessFailed { .. }
-            | EventKind::WatchdogTimeout { .. } => {}
+            | EventKind::WatchdogTimeout { .. }
+            | EventKind::RestartRequested { .. } => {}
         }
         if !count {
             return;

@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Scope, Visibility};
 use crate::logs::LogFile;
+use crate::rollout::{Outcome, RestartError};
 use crate::{LaunchArgs, LaunchError, Shared, View, WaitFor};
 
 pub(crate) struct Service {
@@ -98,6 +99,28 @@ fn launch_status(e: LaunchError, admin: bool) -> Status {
         LaunchError::Failed { .. } => Status::aborted(msg),
         LaunchError::Timeout { .. } => Status::deadline_exceeded(msg),
     }
+}
+
+/// The status of a failed restart or rollout (see [`launch_status`] for `admin`).
+fn restart_status(e: RestartError, admin: bool) -> Status {
+    let msg = e.to_string();
+    match e {
+        RestartError::NotFound(_) | RestartError::UnknownWorkload(_) => Status::not_found(msg),
+        RestartError::InvalidWorkload { name, error } => Status::failed_precondition(format!(
+            "workload {name} is invalid: {}",
+            error.for_caller(admin)
+        )),
+        RestartError::Final { .. }
+        | RestartError::Stopping { .. }
+        | RestartError::Incompatible { .. } => Status::failed_precondition(msg),
+        RestartError::ShuttingDown => Status::unavailable(msg),
+        RestartError::Failed { .. } => Status::aborted(msg),
+    }
+}
+
+/// A grace from a request: at most a week.
+fn clamp_grace(ms: u64) -> Duration {
+    Duration::from_millis(ms.min(7 * 24 * 3600 * 1000))
 }
 
 /// What a non-admin caller sees in place of an `env` value of a workload's spec.
@@ -228,6 +251,7 @@ pub fn event_proto(e: &Event) -> v1::Event {
         EventKind::Unhealthy { reason }
         | EventKind::LivenessFailed { reason }
         | EventKind::WatchdogTimeout { reason }
+        | EventKind::RestartRequested { reason }
         | EventKind::Lost { reason } => {
             p.reason = Some(reason.clone());
         }
@@ -409,9 +433,7 @@ impl bulkhead_api::Bulkhead for Service {
         let vis = Visibility::of(&req);
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
-        let grace = r
-            .grace_ms
-            .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
+        let grace = r.grace_ms.map(clamp_grace);
         let view = self
             .unless_unrecorded(&format!("terminate of {id}"), self.sh.terminate(&id, grace))
             .await?
@@ -565,6 +587,102 @@ impl bulkhead_api::Bulkhead for Service {
         self.authorize(&req, Scope::admin())?;
         let images = crate::docker::prune_images(&self.sh).await?;
         Ok(Response::new(v1::ListImagesResponse { images }))
+    }
+
+    async fn restart(
+        &self,
+        req: Request<v1::RestartRequest>,
+    ) -> Result<Response<v1::Instance>, Status> {
+        self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
+        self.writable("restart")?;
+        let vis = Visibility::of(&req);
+        let admin = auth::is_admin(&req);
+        let r = req.into_inner();
+        let id = parse_id(&r.id)?;
+        let grace = r.grace_ms.map(clamp_grace);
+        let work = async {
+            if r.new_spec {
+                // One instance's rollout: its steps say what happened.
+                let slot = self
+                    .sh
+                    .get(&id)
+                    .ok_or_else(|| RestartError::NotFound(id.clone()))?;
+                let steps = self.sh.rollout_one(&slot, grace).await?;
+                match steps {
+                    Outcome::Failed {
+                        reason,
+                        rolled_back,
+                    } => Err(RestartError::Failed {
+                        id: id.clone(),
+                        reason: format!(
+                            "{reason}; {}",
+                            if rolled_back {
+                                "it runs its previous manifest again"
+                            } else {
+                                "its previous manifest did not become ready either"
+                            }
+                        ),
+                    }),
+                    _ => Ok(self.sh.get(&id).map(|s| s.view())),
+                }
+            } else {
+                self.sh
+                    .restart(&id, grace, "requested (bulkhead restart)", None)
+                    .await
+                    .map(Some)
+            }
+        };
+        let view = self
+            .unless_unrecorded(&format!("restart of {id}"), work)
+            .await?
+            .map_err(|e| restart_status(e, admin))?
+            .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
+        Ok(Response::new(shown(instance_proto(&view), &vis)))
+    }
+
+    async fn rollout(
+        &self,
+        req: Request<v1::RolloutRequest>,
+    ) -> Result<Response<v1::RolloutResponse>, Status> {
+        self.authorize(&req, Scope::admin())?;
+        self.writable("rollout")?;
+        let admin = auth::is_admin(&req);
+        let r = req.into_inner();
+        bulkhead_core::name::validate(bulkhead_core::name::NameKind::Workload, &r.workload)
+            .map_err(|e| Status::invalid_argument(format!("workload: {e}")))?;
+        let grace = r.grace_ms.map(clamp_grace);
+        // The rollout goes on to its end if the caller goes away (a half-done rollout is
+        // still consistent, but nobody would hear of it).
+        let sh = self.sh.clone();
+        let workload = r.workload.clone();
+        let task = tokio::spawn(async move { sh.rollout(&workload, grace).await });
+        let steps = self
+            .unless_unrecorded(&format!("rollout of {}", r.workload), task)
+            .await?
+            .map_err(|e| Status::internal(format!("rollout of {}: {e}", r.workload)))?
+            .map_err(|e| restart_status(e, admin))?;
+        Ok(Response::new(v1::RolloutResponse {
+            steps: steps
+                .into_iter()
+                .map(|(id, o)| {
+                    let (outcome, reason, rolled_back) = match o {
+                        Outcome::Moved => ("moved", String::new(), false),
+                        Outcome::Current => ("current", String::new(), false),
+                        Outcome::Skipped => ("skipped", String::new(), false),
+                        Outcome::Failed {
+                            reason,
+                            rolled_back,
+                        } => ("failed", reason, rolled_back),
+                    };
+                    v1::RolloutStep {
+                        id: id.to_string(),
+                        outcome: outcome.into(),
+                        reason,
+                        rolled_back,
+                    }
+                })
+                .collect(),
+        }))
     }
 
     async fn reload(

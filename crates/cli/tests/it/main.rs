@@ -19,6 +19,7 @@ mod lifecycle;
 mod metrics;
 mod readiness;
 mod recovery;
+mod restart;
 mod sandbox;
 mod service;
 mod socket_trust;
