@@ -55,7 +55,7 @@ pub enum RestartError {
 /// A restart that happened: the new run is ready, or the new manifest's run failed
 /// (the reason) and the instance runs its previous manifest again, ready.
 enum Restarted {
-    Ready(View),
+    Ready(Box<View>),
     RolledBack(String),
 }
 
@@ -87,7 +87,7 @@ impl Shared {
             .get(id)
             .ok_or_else(|| RestartError::NotFound(id.clone()))?;
         match self.restart_slot(&slot, grace, reason, spec).await? {
-            Restarted::Ready(v) => Ok(v),
+            Restarted::Ready(v) => Ok(*v),
             Restarted::RolledBack(reason) => Err(RestartError::Failed {
                 id: id.clone(),
                 reason: format!("{reason}; it runs its previous manifest again"),
@@ -130,7 +130,7 @@ impl Shared {
             reason,
         };
         match done.await {
-            Ok(Ok(None)) => Ok(Restarted::Ready(slot.view())),
+            Ok(Ok(None)) => Ok(Restarted::Ready(Box::new(slot.view()))),
             Ok(Ok(Some(reason))) => Ok(Restarted::RolledBack(reason)),
             Ok(Err(reason)) => Err(failed(reason)),
             Err(_) => Err(failed(
