@@ -455,6 +455,8 @@ async fn run(
     // The newest event this actor published: the View changes only once it is durable.
     let mut last_event = 0u64;
     let mut pending: Option<PendingRestart> = None;
+    // The SIGKILL deadline of the stop in progress, which EXTEND_TIMEOUT_USEC= moves out.
+    let mut stop_deadline: Option<tokio::sync::watch::Sender<tokio::time::Instant>> = None;
     // Every decision and every run from now on follow manifest `$new` (a rollout or its
     // rollback); the instance table gets it at its next write.
     macro_rules! switch_spec {
@@ -623,9 +625,12 @@ async fn run(
                     // A stopping instance owes no more WATCHDOG=1.
                     watchdog = None;
                     if let Some(h) = handle.clone() {
-                        // The ladder runs beside the actor; its end shows up as the exit below.
+                        // The ladder runs beside the actor; its end shows up as the exit
+                        // below. EXTEND_TIMEOUT_USEC= meanwhile moves its SIGKILL out.
+                        let (kill_at, mover) = bulkhead_driver::KillDeadline::extendable(grace);
+                        stop_deadline = Some(mover);
                         tokio::spawn(async move {
-                            h.stop(signal, grace).await;
+                            h.stop_until(signal, kill_at).await;
                         });
                     }
                 }
@@ -784,6 +789,7 @@ async fn run(
                 }
                 watchdog = None;
                 slot.log.mark(&format!("run {} ended: {status}", inst.restarts() + 1));
+                stop_deadline = None;
                 queue.extend(inst.handle(Input::Exited(status), now()));
             }
             Some(msg) = nrx.recv() => {
@@ -800,11 +806,18 @@ async fn run(
                 }
                 if let Some(more) = msg.extend_timeout {
                     // While starting: the readiness deadline moves out to at least `more`
-                    // from now (never in).
+                    // from now (never in). While stopping: the SIGKILL does, as systemd's.
+                    let want = tokio::time::Instant::now() + more;
                     if let Some(d) = ready.deadline.as_mut() {
-                        let want = tokio::time::Instant::now() + more;
                         if want > d.deadline() {
                             d.as_mut().reset(want);
+                        }
+                    }
+                    if inst.state() == State::Stopping {
+                        if let Some(d) = &stop_deadline {
+                            if bulkhead_driver::extend(d, want) {
+                                tracing::info!("{}: stop extended by {more:?} (EXTEND_TIMEOUT_USEC)", slot.id);
+                            }
                         }
                     }
                 }

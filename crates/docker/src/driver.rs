@@ -40,8 +40,8 @@ use bulkhead_core::event::ExitStatus;
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::DriverKind;
 use bulkhead_driver::{
-    sys, Driver, ExitCause, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned, Stats,
-    StatsError,
+    sys, Driver, ExitCause, InstanceHandle, KillDeadline, SignalError, SpawnError, SpawnSpec,
+    Spawned, Stats, StatsError,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -835,16 +835,16 @@ impl InstanceHandle for Container {
         *self.status.borrow()
     }
 
-    /// The engine's kill with `signal`, `grace`, then SIGKILL; resolves once the container
-    /// is gone (removed).
-    async fn stop(&self, signal: Signal, grace: Duration) -> ExitStatus {
+    /// The engine's kill with `signal`, then at the deadline (as moved meanwhile) its
+    /// SIGKILL; resolves once the container is gone (removed).
+    async fn stop_until(&self, signal: Signal, mut kill_at: KillDeadline) -> ExitStatus {
         if let Some(st) = self.try_status() {
             return st;
         }
         self.kill(signal).await;
-        match tokio::time::timeout(grace, self.wait()).await {
-            Ok(st) => st,
-            Err(_) => {
+        tokio::select! {
+            st = self.wait() => st,
+            _ = kill_at.passed() => {
                 self.kill(Signal::KILL).await;
                 self.wait().await
             }

@@ -79,6 +79,65 @@ impl Bind {
     }
 }
 
+/// When a stop escalates to SIGKILL. Made with [`KillDeadline::extendable`], the sender
+/// it comes with moves it (only ever out) while the stop runs.
+pub struct KillDeadline(tokio::sync::watch::Receiver<tokio::time::Instant>);
+
+impl KillDeadline {
+    /// `grace` from now, fixed.
+    pub fn after(grace: Duration) -> KillDeadline {
+        KillDeadline::extendable(grace).0
+    }
+
+    /// `grace` from now, and the sender that moves it: see [`extend`].
+    pub fn extendable(
+        grace: Duration,
+    ) -> (
+        KillDeadline,
+        tokio::sync::watch::Sender<tokio::time::Instant>,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(tokio::time::Instant::now() + grace);
+        (KillDeadline(rx), tx)
+    }
+
+    /// Resolves once the deadline, as last moved, has passed.
+    pub async fn passed(&mut self) {
+        loop {
+            let at = *self.0.borrow_and_update();
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {
+                    // Moved out while this sleep was due: sleep on.
+                    if *self.0.borrow() <= at {
+                        return;
+                    }
+                }
+                moved = self.0.changed() => {
+                    if moved.is_err() {
+                        // Nobody can move it any more: it stays where it is.
+                        let at = *self.0.borrow();
+                        tokio::time::sleep_until(at).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Moves a deadline out to `want` if that is later; never in. Returns whether it moved.
+pub fn extend(
+    deadline: &tokio::sync::watch::Sender<tokio::time::Instant>,
+    want: tokio::time::Instant,
+) -> bool {
+    deadline.send_if_modified(|at| {
+        let later = want > *at;
+        if later {
+            *at = want;
+        }
+        later
+    })
+}
+
 /// A started instance.
 pub struct Spawned {
     pub handle: Arc<dyn InstanceHandle>,
@@ -345,18 +404,24 @@ pub trait InstanceHandle: Send + Sync + 'static {
     fn try_status(&self) -> Option<ExitStatus>;
 
     /// The escalation ladder: `signal` to every process, then after `grace` SIGKILL to every
-    /// process; resolves when all are gone. Drivers whose engine does this itself (Docker's
-    /// stop) override it.
+    /// process; resolves when all are gone.
     async fn stop(&self, signal: Signal, grace: Duration) -> ExitStatus {
+        self.stop_until(signal, KillDeadline::after(grace)).await
+    }
+
+    /// [`stop`](Self::stop) with a SIGKILL deadline its owner may move out while the stop
+    /// runs (sd_notify's `EXTEND_TIMEOUT_USEC` from a program that needs longer to shut
+    /// down). Drivers whose engine signals differently (Docker) override this one.
+    async fn stop_until(&self, signal: Signal, mut kill_at: KillDeadline) -> ExitStatus {
         if let Some(st) = self.try_status() {
             return st;
         }
         if let Err(e) = self.signal(signal) {
             tracing::warn!("{e}");
         }
-        match tokio::time::timeout(grace, self.wait()).await {
-            Ok(st) => st,
-            Err(_) => {
+        tokio::select! {
+            st = self.wait() => st,
+            _ = kill_at.passed() => {
                 if let Err(e) = self.signal(Signal::KILL) {
                     tracing::warn!("{e}");
                 }
@@ -402,6 +467,29 @@ pub trait InstanceHandle: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kill_deadline_passes_at_its_grace_and_moves_only_out() {
+        use tokio::time::{advance, Instant};
+        let t0 = Instant::now();
+        let mut fixed = KillDeadline::after(Duration::from_secs(2));
+        fixed.passed().await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(2));
+
+        let t0 = Instant::now();
+        let (mut d, mover) = KillDeadline::extendable(Duration::from_secs(2));
+        let waiter = tokio::spawn(async move {
+            d.passed().await;
+            Instant::now()
+        });
+        advance(Duration::from_secs(1)).await;
+        // Out to 5 s from now (6 s after the start); then an attempt to move it in.
+        assert!(extend(&mover, Instant::now() + Duration::from_secs(5)));
+        assert!(!extend(&mover, Instant::now() + Duration::from_secs(1)));
+        drop(mover);
+        let at = waiter.await.unwrap();
+        assert_eq!(at - t0, Duration::from_secs(6));
+    }
 
     #[derive(Default)]
     struct Seen(std::sync::Mutex<Vec<String>>);

@@ -395,3 +395,33 @@ fn the_sd_notify_watchdog_and_friends() {
         "a reload stops nothing: {evs:#?}"
     );
 }
+
+/// `EXTEND_TIMEOUT_USEC=` while stopping moves the SIGKILL out, as systemd's does: a
+/// program that needs 1.5 s to shut down under a grace of 500 ms asks for more on SIGTERM
+/// and exits 0 by itself; the control, which does not ask, is SIGKILLed at the grace.
+#[test]
+fn extend_timeout_while_stopping_moves_the_sigkill_out() {
+    let Some(py) = python3() else { return };
+    let sdk = concat!(env!("CARGO_MANIFEST_DIR"), "/../../sdk/python");
+    let manifest = |name: &str, on_term: &str| {
+        let body = format!(
+            "import signal, sys, time; sys.path.insert(0, {sdk:?}); import bulkhead_sdk as b\n\
+             def term(*_):\n    {on_term}time.sleep(1.5); sys.exit(0)\n\
+             signal.signal(signal.SIGTERM, term); b.notify_ready()\nwhile True: time.sleep(1)"
+        );
+        format!(
+            "name: {name}\ncommand: [{py}, -c, {body:?}]\nreadiness: {{notify: true}}\nshutdown: {{grace: 500ms}}\n"
+        )
+    };
+    let d = Daemon::start(&[
+        ("asks", &manifest("asks", "b.extend_timeout(10); ")),
+        ("plain", &manifest("plain", "")),
+    ]);
+    for w in ["asks", "plain"] {
+        d.json(&["launch", w, "--wait", "ready", "-o", "json"]);
+    }
+    let asks = d.json(&["terminate", "ns:default:asks", "-o", "json"]);
+    assert_eq!(asks["last_exit"]["code"], 0, "{asks:#}");
+    let plain = d.json(&["terminate", "ns:default:plain", "-o", "json"]);
+    assert_eq!(plain["last_exit"]["signal"], 9, "{plain:#}");
+}
