@@ -22,6 +22,8 @@ impl DriverUnderTest for Docker {
         let mut fx = Fixture::temp();
         fx.manifest_extra = format!("driver: docker\ndocker:\n  image: {IMAGE}\n");
         fx.bind_workdir = true;
+        // The engine sets the container's host name.
+        fx.env_extra = vec!["HOSTNAME".into()];
         fx
     }
 

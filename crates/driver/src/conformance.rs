@@ -64,6 +64,10 @@ pub struct Fixture {
     /// Whether the working directory is passed in [`SpawnSpec::binds`], for drivers whose
     /// instances do not see the host's file system.
     pub bind_workdir: bool,
+    /// Variables the driver's world adds to an instance's environment besides the spec's
+    /// (documented per driver in the README's "what an instance gets"), e.g. Docker's
+    /// `HOSTNAME`.
+    pub env_extra: Vec<String>,
     /// Removes the directory when the fixture drops, if the fixture made it.
     _tempdir: Option<tempfile::TempDir>,
 }
@@ -76,6 +80,7 @@ impl Fixture {
             workdir,
             manifest_extra: String::new(),
             bind_workdir: false,
+            env_extra: Vec::new(),
             _tempdir: None,
         }
     }
@@ -91,6 +96,7 @@ impl Fixture {
             workdir: dir.path().to_owned(),
             manifest_extra: String::new(),
             bind_workdir: false,
+            env_extra: Vec::new(),
             _tempdir: Some(dir),
         }
     }
@@ -626,6 +632,89 @@ pub async fn stdout_is_captured(driver: &dyn Driver, fx: &Fixture) {
     assert_eq!(run.wait().await, ExitStatus::Exited { code: 0 }, "{what}");
 }
 
+/// A program that cannot be found is `SpawnError::Exec` naming it, on every driver (the
+/// daemon reports that error's program and cause in the launch failure).
+pub async fn missing_program_is_an_exec_error_naming_it(driver: &dyn Driver, fx: &Fixture) {
+    for program in [
+        "bulkhead-conformance-no-such-program",
+        "/nonexistent/bulkhead-conformance-prog",
+    ] {
+        let mut spec = fx.spawn_spec("missing", "exit 0");
+        spec.argv = vec![program.to_owned(), "arg".to_owned()];
+        match within(format!("spawn of {program}"), driver.spawn(spec)).await {
+            Err(e @ crate::SpawnError::Exec { .. }) => {
+                let crate::SpawnError::Exec { program: p, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(p, program, "the error names the program: {e}");
+                assert!(e.to_string().contains(program), "{e}");
+            }
+            Err(e) => panic!("spawn of {program}: expected an exec error, got {e:?}"),
+            Ok(spawned) => {
+                let st = within("the instance to end", spawned.handle.wait()).await;
+                panic!("spawn of {program} succeeded; the instance ended with {st}");
+            }
+        }
+    }
+}
+
+/// The instance's environment is the spec's: every variable with its exact value (spaces
+/// and empty values kept), nothing of the spawner's. Variables the spec marks
+/// `inherited` may take the instance world's own value (a container image's `ENV`), and
+/// the shell may add its own (`PWD`, `SHLVL`, `_`); anything else is a leak.
+pub async fn environment_is_the_specs(driver: &dyn Driver, fx: &Fixture) {
+    let mut spec = fx.spawn_spec("env", "exec env");
+    spec.env.push(("SPACED".to_owned(), "a b  c".to_owned()));
+    spec.env.push(("EMPTY".to_owned(), String::new()));
+    // Something the spawner has in its own environment, which must not get through.
+    std::env::var_os("PATH").expect("the test process has a PATH");
+    let token = token_of(&spec);
+    let want = spec.env.clone();
+    let inherited = spec.inherited.clone();
+    let what = "instance env (exec env)".to_owned();
+    let spawned = match within(format!("spawn of {what}"), driver.spawn(spec)).await {
+        Ok(s) => s,
+        Err(e) => panic!("spawn of {what} failed: {e}"),
+    };
+    let mut run = Running {
+        spawned,
+        token,
+        what,
+    };
+    let (out, _) = within("env output", run.output()).await;
+    let got: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once('=')).collect();
+    for (k, v) in &want {
+        let seen = got.iter().find(|(gk, _)| gk == k).map(|(_, gv)| *gv);
+        if inherited.contains(k) {
+            assert!(seen.is_some(), "{k} is missing from {out}");
+        } else {
+            assert_eq!(seen, Some(v.as_str()), "{k} in {out}");
+        }
+    }
+    for (k, _) in &got {
+        let allowed = want.iter().any(|(wk, _)| wk == k)
+            || fx.env_extra.iter().any(|e| e == k)
+            || ["PWD", "SHLVL", "_", "OLDPWD"].contains(k);
+        assert!(
+            allowed,
+            "{k} is in the instance's environment but not the spec's: {out}"
+        );
+    }
+    assert_eq!(run.wait().await, ExitStatus::Exited { code: 0 });
+}
+
+/// The instance starts in the spec's working directory.
+pub async fn working_directory_is_the_specs(driver: &dyn Driver, fx: &Fixture) {
+    let mut run = start(driver, fx, "cwd", "pwd -P").await;
+    let (out, _) = within("pwd output", run.output()).await;
+    let want = fx
+        .workdir
+        .canonicalize()
+        .expect("the fixture's working directory exists");
+    assert_eq!(out.trim_end(), want.to_str().unwrap_or_default());
+    assert_eq!(run.wait().await, ExitStatus::Exited { code: 0 });
+}
+
 /// A descriptor the spawning process holds without close-on-exec (the daemon inherited it,
 /// or a library opened it carelessly) never reaches the instance: it sees 0, 1 and 2
 /// only (and whatever its shell opens itself).
@@ -733,6 +822,9 @@ macro_rules! for_each_conformance_check {
             wait_is_shared,
             signal_after_exit_is_ok,
             spawn_error_is_reported,
+            missing_program_is_an_exec_error_naming_it,
+            environment_is_the_specs,
+            working_directory_is_the_specs,
             stdout_is_captured,
             no_descriptor_is_inherited,
         );

@@ -154,10 +154,8 @@ impl KeeperClient {
             cwd,
             cgroup,
         };
-        let lost = |source: io::Error| SpawnError::Exec {
-            program: program.clone(),
-            source,
-        };
+        // The keeper, not the program, failed: not an exec error.
+        let lost = |source: io::Error| SpawnError::Other(format!("{program}: {source}"));
         if let Err(e) = self.send(&msg).await {
             self.state().pending.remove(&req);
             return Err(lost(io::Error::other(format!(
@@ -182,10 +180,26 @@ impl KeeperClient {
                     "the keeper sent no pidfd for pid {pid}"
                 ))),
             },
-            Ok((Reply::SpawnFailed { error, full, .. }, _, _)) => {
+            Ok((
+                Reply::SpawnFailed {
+                    error, full, exec, ..
+                },
+                _,
+                _,
+            )) => {
                 if full {
                     self.full.store(true, std::sync::atomic::Ordering::SeqCst);
                     Ok(KeeperSpawn::Full(error))
+                } else if let Some((errno, cause)) = exec {
+                    // The program's start failed in the keeper's child: typed as the
+                    // process driver types it, with the system's error kind kept.
+                    let kind = errno.map_or(io::ErrorKind::Other, |n| {
+                        io::Error::from_raw_os_error(n).kind()
+                    });
+                    Err(SpawnError::Exec {
+                        program: program.clone(),
+                        source: io::Error::new(kind, cause),
+                    })
                 } else {
                     Err(SpawnError::Other(error))
                 }

@@ -95,6 +95,11 @@ pub enum Reply {
     SpawnFailed {
         req: u64,
         error: String,
+        /// The program could not be started (not found, not executable, no such working
+        /// directory): the cause, and its errno when the system gave one. Absent: the
+        /// keeper failed before that (`error` says how).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exec: Option<(Option<i32>, String)>,
         /// The keeper holds as many instances as its descriptor limit allows: the
         /// daemon asks the next keeper.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -415,6 +415,7 @@ impl Keeper {
                         &Reply::SpawnFailed {
                             req,
                             error,
+                            exec: None,
                             full: true,
                         },
                         &[],
@@ -479,6 +480,7 @@ impl Keeper {
                             &Reply::SpawnFailed {
                                 req,
                                 error,
+                                exec: Some((e.raw_os_error(), e.to_string())),
                                 full: false,
                             },
                             &[],
