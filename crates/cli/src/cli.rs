@@ -145,6 +145,9 @@ pub enum Command {
     /// Move a workload's live instances onto its reloaded manifest, one at a time; stops
     /// at the first failure and rolls that instance back.
     Rollout(RolloutArgs),
+    /// Every instance live in the terminal: state, usage, details, logs and events;
+    /// terminate, restart, launch and end sessions from there (`?` lists the keys).
+    Top(TopArgs),
     /// Print lifecycle events.
     Events(EventsArgs),
     /// Print an instance's stdout and stderr.
@@ -577,6 +580,22 @@ pub struct TerminateArgs {
     /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// How often the CPU and memory of the rows on screen are read (e.g. 2s).
+    #[arg(long, default_value = "2s")]
+    pub interval: String,
+    /// Print one frame as text and exit (for scripts), at --width x --height.
+    #[arg(long)]
+    pub once: bool,
+    /// The frame's width with --once.
+    #[arg(long, default_value_t = 120, requires = "once")]
+    pub width: u16,
+    /// The frame's height with --once.
+    #[arg(long, default_value_t = 40, requires = "once")]
+    pub height: u16,
 }
 
 #[derive(Debug, Args)]

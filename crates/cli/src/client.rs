@@ -85,7 +85,7 @@ pub async fn connect(socket: &Path) -> anyhow::Result<bulkhead_api::Client> {
     })
 }
 
-fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
+pub(crate) fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
     bulkhead_core::duration::parse(s).map_err(|e| fail(exit::INVALID, format!("{what}: {e}")))
 }
 

@@ -11,6 +11,7 @@ mod generate;
 mod output;
 mod pipe;
 mod serve;
+mod top;
 
 use clap::FromArgMatches;
 
@@ -121,6 +122,7 @@ async fn run(
         List(a) => client::list(&socket, a).await,
         Terminate(a) => client::terminate(&socket, a).await,
         Restart(a) => client::restart(&socket, a).await,
+        Top(a) => top::top(&socket, a).await,
         Rollout(a) => client::rollout(&socket, a).await,
         Events(a) => client::events(&socket, a).await,
         Logs(a) => client::logs(&socket, a).await,

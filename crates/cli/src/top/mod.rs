@@ -1,0 +1,377 @@
+//! `bulkhead top`: every instance live in the terminal (ratatui).
+//!
+//! How it stays cheap: the rows come from one `list` at start, then follow the event
+//! stream (`watch`): an event marks its instance, and marked instances are read again
+//! (`get`) at most ten times a second, or with one `list` when a burst marked more than
+//! [`RELIST_OVER`]. CPU and memory are read on a period (`--interval`) for the rows on
+//! screen only. Nothing polls every instance, so an idle daemon with thousands of
+//! instances costs top a few `get`s per period. The table builds only the rows on screen.
+//!
+//! `model` is the state and the keys (pure, unit-tested); `view` draws it.
+
+mod model;
+mod view;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use bulkhead_api::v1;
+use ratatui::crossterm::event::{self as ct, Event as TermEvent, KeyCode, KeyModifiers};
+use tokio::sync::mpsc;
+
+use crate::cli::TopArgs;
+use crate::client::connect;
+use crate::exit::from_status;
+use model::{Command, Key, Model};
+
+/// More marked instances than this in one refresh: one `list` instead of a `get` each.
+const RELIST_OVER: usize = 64;
+
+enum Msg {
+    Key(Key),
+    Redraw,
+    Event(v1::Event),
+    /// An instance as read now; `None`: it is gone.
+    Instance(String, Option<v1::Instance>),
+    All(Vec<v1::Instance>),
+    Log(String, String),
+    Status(String),
+}
+
+pub async fn top(socket: &Path, a: TopArgs) -> anyhow::Result<()> {
+    let interval = crate::client::parse_duration("--interval", &a.interval)?;
+    let mut c = connect(socket).await?;
+    let mut m = Model::default();
+    // The panes' history first (it ends), then the rows, then live events from where the
+    // history ended: an event between the two is both in the listing and marks its row.
+    let mut last_id = 0;
+    {
+        let mut history = c
+            .watch(v1::WatchRequest {
+                since_id: 0,
+                history_only: true,
+            })
+            .await
+            .map_err(from_status)?
+            .into_inner();
+        while let Some(e) = history.message().await.map_err(from_status)? {
+            last_id = e.id;
+            m.event(e);
+        }
+    }
+    let list = c
+        .list(v1::ListRequest::default())
+        .await
+        .map_err(from_status)?
+        .into_inner()
+        .instances;
+    m.set_all(list, crate::output::now_ms());
+    let colour = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    if a.once {
+        return once(&mut m, &a, colour);
+    }
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+    spawn_input(tx.clone());
+    {
+        // Live events.
+        let mut c = c.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let stream = c
+                .watch(v1::WatchRequest {
+                    since_id: last_id,
+                    history_only: false,
+                })
+                .await;
+            let mut stream = match stream {
+                Ok(s) => s.into_inner(),
+                Err(e) => {
+                    let _ = tx.send(Msg::Status(format!("event stream: {}", e.message())));
+                    return;
+                }
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(e)) => {
+                        if tx.send(Msg::Event(e)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = tx.send(Msg::Status("the daemon ended the event stream".into()));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Msg::Status(format!("event stream: {}", e.message())));
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    let mut terminal = ratatui::init();
+    let result = run(&mut terminal, &mut m, c, tx, &mut rx, interval, colour).await;
+    ratatui::restore();
+    result
+}
+
+/// One frame, printed as text (`--once`): for scripts and tests.
+fn once(m: &mut Model, a: &TopArgs, colour: bool) -> anyhow::Result<()> {
+    let backend = ratatui::backend::TestBackend::new(a.width, a.height);
+    let mut t = ratatui::Terminal::new(backend).context("cannot make the frame")?;
+    let now = crate::output::now_ms();
+    t.draw(|f| view::draw(f, m, colour, now))
+        .context("cannot draw the frame")?;
+    let buf = t.backend().buffer();
+    let mut out = String::new();
+    for y in 0..buf.area.height {
+        let mut line = String::new();
+        for x in 0..buf.area.width {
+            line.push_str(buf[(x, y)].symbol());
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    crate::output::out!("{out}");
+    Ok(())
+}
+
+/// The terminal's keys, read on a thread of their own (crossterm's read blocks).
+fn spawn_input(tx: mpsc::UnboundedSender<Msg>) {
+    std::thread::spawn(move || loop {
+        let msg = match ct::read() {
+            Ok(TermEvent::Key(k)) if k.kind != ct::KeyEventKind::Release => {
+                let key = match k.code {
+                    KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+                        Key::Interrupt
+                    }
+                    KeyCode::Char(ch) => Key::Char(ch),
+                    KeyCode::Enter => Key::Enter,
+                    KeyCode::Esc => Key::Esc,
+                    KeyCode::Backspace => Key::Backspace,
+                    KeyCode::Up => Key::Up,
+                    KeyCode::Down => Key::Down,
+                    KeyCode::PageUp => Key::PageUp,
+                    KeyCode::PageDown => Key::PageDown,
+                    KeyCode::Home => Key::Home,
+                    KeyCode::End => Key::End,
+                    _ => continue,
+                };
+                Msg::Key(key)
+            }
+            Ok(TermEvent::Resize(..)) => Msg::Redraw,
+            Ok(_) => continue,
+            Err(_) => return,
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
+    });
+}
+
+async fn run(
+    terminal: &mut ratatui::DefaultTerminal,
+    m: &mut Model,
+    c: bulkhead_api::Client,
+    tx: mpsc::UnboundedSender<Msg>,
+    rx: &mut mpsc::UnboundedReceiver<Msg>,
+    interval: Duration,
+    colour: bool,
+) -> anyhow::Result<()> {
+    let mut marked: HashSet<String> = HashSet::new();
+    let mut refresh = tokio::time::interval(Duration::from_millis(100));
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut usage = tokio::time::interval(interval);
+    usage.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The AGE column moves on even when nothing happens.
+    let mut clock = tokio::time::interval(Duration::from_secs(1));
+    let mut logs: Option<tokio::task::JoinHandle<()>> = None;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            let now = crate::output::now_ms();
+            terminal
+                .draw(|f| view::draw(f, m, colour, now))
+                .context("cannot draw")?;
+            dirty = false;
+        }
+        tokio::select! {
+            Some(msg) = rx.recv() => {
+                dirty = true;
+                match msg {
+                    Msg::Key(k) => {
+                        m.status = None;
+                        for cmd in m.key(k) {
+                            match cmd {
+                                Command::Quit => {
+                                    if let Some(l) = logs.take() {
+                                        l.abort();
+                                    }
+                                    return Ok(());
+                                }
+                                Command::FollowLogs(id) => {
+                                    if let Some(l) = logs.take() {
+                                        l.abort();
+                                    }
+                                    logs = Some(tokio::spawn(follow_logs(c.clone(), id, tx.clone())));
+                                }
+                                Command::StopLogs => {
+                                    if let Some(l) = logs.take() {
+                                        l.abort();
+                                    }
+                                }
+                                other => {
+                                    tokio::spawn(act(c.clone(), other, tx.clone()));
+                                }
+                            }
+                        }
+                    }
+                    Msg::Redraw => {}
+                    Msg::Event(e) => {
+                        marked.insert(e.instance.clone());
+                        m.event(e);
+                    }
+                    Msg::Instance(id, i) => m.update(&id, i, crate::output::now_ms()),
+                    Msg::All(list) => m.set_all(list, crate::output::now_ms()),
+                    Msg::Log(id, line) => m.log_line(&id, line),
+                    Msg::Status(s) => m.status = Some(s),
+                }
+            }
+            _ = refresh.tick(), if !marked.is_empty() => {
+                let ids: Vec<String> = marked.drain().collect();
+                tokio::spawn(read_again(c.clone(), ids, tx.clone()));
+            }
+            _ = usage.tick() => {
+                // The rows on screen, whose CPU and memory are shown.
+                let start = m.selected.saturating_sub(m.page.saturating_sub(1));
+                let ids = m.window_ids(start, m.page + 1);
+                if !ids.is_empty() {
+                    tokio::spawn(read_again(c.clone(), ids, tx.clone()));
+                }
+            }
+            _ = clock.tick() => dirty = true,
+        }
+    }
+}
+
+/// Reads instances again: one `get` each, or one `list` for a burst.
+async fn read_again(mut c: bulkhead_api::Client, ids: Vec<String>, tx: mpsc::UnboundedSender<Msg>) {
+    if ids.len() > RELIST_OVER {
+        match c.list(v1::ListRequest::default()).await {
+            Ok(r) => {
+                let _ = tx.send(Msg::All(r.into_inner().instances));
+            }
+            Err(e) => {
+                let _ = tx.send(Msg::Status(format!("list: {}", e.message())));
+            }
+        }
+        return;
+    }
+    for id in ids {
+        let got = c.get(v1::GetRequest { id: id.clone() }).await;
+        let msg = match got {
+            Ok(i) => Msg::Instance(id, Some(i.into_inner())),
+            Err(s) if s.code() == tonic::Code::NotFound => Msg::Instance(id, None),
+            Err(s) => Msg::Status(format!("get {id}: {}", s.message())),
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+/// Follows one instance's log into the pane.
+async fn follow_logs(mut c: bulkhead_api::Client, id: String, tx: mpsc::UnboundedSender<Msg>) {
+    let stream = c
+        .logs(v1::LogsRequest {
+            id: id.clone(),
+            follow: true,
+            tail_lines: 1_000,
+            since_unix_ms: 0,
+        })
+        .await;
+    let mut stream = match stream {
+        Ok(s) => s.into_inner(),
+        Err(e) => {
+            let _ = tx.send(Msg::Status(format!("logs of {id}: {}", e.message())));
+            return;
+        }
+    };
+    while let Ok(Some(chunk)) = stream.message().await {
+        for l in chunk.lines {
+            let text = String::from_utf8_lossy(&l.data);
+            let line = match v1::LogStream::try_from(l.stream).unwrap_or(v1::LogStream::Stdout) {
+                v1::LogStream::Stderr => format!("err│ {text}"),
+                v1::LogStream::Bulkhead => format!("---  {text}"),
+                _ => format!("out│ {text}"),
+            };
+            if tx.send(Msg::Log(id.clone(), line)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Carries out an action; its outcome goes to the status line.
+async fn act(mut c: bulkhead_api::Client, cmd: Command, tx: mpsc::UnboundedSender<Msg>) {
+    let said = match cmd {
+        Command::Terminate(id) => {
+            let _ = tx.send(Msg::Status(format!("terminating {id} ...")));
+            c.terminate(v1::TerminateRequest {
+                id: id.clone(),
+                grace_ms: None,
+            })
+            .await
+            .map(|_| format!("{id} terminated"))
+        }
+        Command::Restart(id) => {
+            let _ = tx.send(Msg::Status(format!("restarting {id} ...")));
+            c.restart(v1::RestartRequest {
+                id: id.clone(),
+                grace_ms: None,
+                new_spec: false,
+            })
+            .await
+            .map(|_| format!("{id} restarted and ready"))
+        }
+        Command::EndSession(s) => c
+            .end_session(v1::EndScopeRequest {
+                name: s.clone(),
+                grace_ms: None,
+            })
+            .await
+            .map(|r| {
+                format!(
+                    "session {s} ended ({} instances)",
+                    r.into_inner().terminated.len()
+                )
+            }),
+        Command::Launch {
+            workload,
+            namespace,
+            session,
+        } => c
+            .launch(v1::LaunchRequest {
+                workload: workload.clone(),
+                namespace,
+                session,
+                wait: v1::WaitFor::Started as i32,
+                timeout_ms: 0,
+                lease: None,
+            })
+            .await
+            .map(|r| match r.into_inner().instance {
+                Some(i) => format!("launched {}", i.id),
+                None => format!("launched {workload}"),
+            }),
+        Command::Quit | Command::FollowLogs(_) | Command::StopLogs => return,
+    };
+    let _ = tx.send(Msg::Status(match said {
+        Ok(s) => s,
+        Err(e) => format!("failed: {}", e.message()),
+    }));
+}
