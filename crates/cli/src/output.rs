@@ -355,6 +355,12 @@ pub fn event_json(e: &v1::Event) -> Value {
     if let Some(l) = e.limit_bytes {
         m.insert("limit_bytes".into(), json!(l));
     }
+    if !e.dependencies.is_empty() {
+        m.insert("dependencies".into(), json!(e.dependencies));
+    }
+    if let Some(d) = &e.dependency {
+        m.insert("dependency".into(), json!(d));
+    }
     if let Some(c) = &e.channel {
         m.insert("channel".into(), json!(c));
     }
@@ -392,6 +398,12 @@ pub fn event_line(e: &v1::Event) -> String {
     }
     if let Some(c) = &e.channel {
         s.push_str(&format!(" channel={c}"));
+    }
+    if !e.dependencies.is_empty() {
+        s.push_str(&format!(" dependencies={}", e.dependencies.join(",")));
+    }
+    if let Some(d) = &e.dependency {
+        s.push_str(&format!(" dependency={d}"));
     }
     if let Some(r) = &e.reason {
         s.push_str(&format!(" reason=\"{r}\""));

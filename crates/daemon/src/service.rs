@@ -243,6 +243,13 @@ pub fn event_proto(e: &Event) -> v1::Event {
                 format!("{peer} died; its shared memory could not be reclaimed yet")
             });
         }
+        EventKind::DependenciesReady { dependencies } => p.dependencies = dependencies.clone(),
+        EventKind::DependencyRestarted { dependency } => {
+            p.dependency = Some(dependency.clone());
+            p.reason = Some(format!(
+                "its dependency {dependency} restarted (on_dependency_restart: restart)"
+            ));
+        }
     }
     p
 }
