@@ -568,6 +568,10 @@ pub struct TerminateArgs {
     /// Override the manifest's grace period (e.g. 2s).
     #[arg(long, allow_hyphen_values = true)]
     pub grace: Option<String>,
+    /// Then stop its dependencies (depends_on), dependents first, except those another
+    /// live instance still depends on.
+    #[arg(long)]
+    pub with_dependencies: bool,
     /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,

@@ -96,6 +96,22 @@ fn launch_status(e: LaunchError, admin: bool) -> Status {
             Status::resource_exhausted(msg)
         }
         LaunchError::Failed { .. } => Status::aborted(msg),
+        // The dependency's own code, with its error as this caller may see it.
+        LaunchError::Dependency {
+            id,
+            dependency,
+            source,
+        } => {
+            let inner = launch_status(*source, admin);
+            Status::new(
+                inner.code(),
+                format!(
+                    "launch of {id} failed: its dependency {dependency} failed: {}",
+                    inner.message()
+                ),
+            )
+        }
+        LaunchError::DependencyScope(_) => Status::failed_precondition(msg),
         LaunchError::Timeout { .. } => Status::deadline_exceeded(msg),
     }
 }
@@ -271,6 +287,19 @@ pub(crate) fn workloads_proto(sh: &Shared, admin: bool) -> v1::ListWorkloadsResp
                 isolation: s.isolation.as_str().to_owned(),
                 autostart: s.autostart,
                 description: s.description.clone(),
+                depends_on: s
+                    .depends_on
+                    .iter()
+                    .map(|(name, c)| v1::WorkloadDependency {
+                        name: name.to_owned(),
+                        condition: c.as_str().to_owned(),
+                    })
+                    .collect(),
+                on_dependency_restart: match s.on_dependency_restart {
+                    bulkhead_core::deps::OnDependencyRestart::Restart => "restart",
+                    bulkhead_core::deps::OnDependencyRestart::Ignore => "ignore",
+                }
+                .to_owned(),
                 spec_json: if admin {
                     serde_json::to_string(&**s).ok()
                 } else {
@@ -414,15 +443,27 @@ impl bulkhead_api::Bulkhead for Service {
         self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
         self.writable("terminate")?;
         let vis = Visibility::of(&req);
+        let who = auth::identity(&req).cloned();
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
         let grace = r
             .grace_ms
             .map(|ms| Duration::from_millis(ms.min(7 * 24 * 3600 * 1000)));
-        let view = self
-            .unless_unrecorded(&format!("terminate of {id}"), self.sh.terminate(&id, grace))
+        let view = if r.with_dependencies {
+            // Dependencies in a scope the caller may not act on stay.
+            let may =
+                move |dep: &InstanceId| who.as_ref().is_some_and(|i| i.allows(&Scope::of_id(dep)));
+            self.unless_unrecorded(
+                &format!("terminate of {id} with its dependencies"),
+                self.sh.terminate_with_dependencies(&id, grace, may),
+            )
             .await?
-            .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
+            .map(|(v, _)| v)
+        } else {
+            self.unless_unrecorded(&format!("terminate of {id}"), self.sh.terminate(&id, grace))
+                .await?
+        }
+        .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
         Ok(Response::new(shown(instance_proto(&view), &vis)))
     }
 
