@@ -10,8 +10,7 @@ use serde_json::Value;
 use crate::harness::*;
 
 /// `db`: becomes ready (a readiness probe on the file `ready-$BULKHEAD_SESSION`, empty
-/// for a shared db) a moment after it starts; that file is what
-/// the file `web` checks. `cache`: no readiness. `web`: exits 3 unless its session's db
+/// for a shared db) a moment after it starts; `web` checks that file. `cache`: no readiness. `web`: exits 3 unless its session's db
 /// file exists when it starts; stops slowly (so that a concurrent teardown would show).
 fn stack(d: &Daemon, db_isolation: &str) {
     write_workload(
@@ -163,7 +162,6 @@ fn a_failing_dependency_fails_the_launch_and_web_never_starts() {
         evs.iter().all(|e| e["instance"] != "session:s1:web"),
         "web must not exist: {evs:#?}"
     );
-    // The other branch (cache) was launched meanwhile; nothing hides that.
     assert!(!of(&evs, "session:s1:db", "launch_failed").is_empty());
 }
 
