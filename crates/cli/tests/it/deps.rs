@@ -366,3 +366,60 @@ fn a_dependency_restart_restarts_dependents_that_ask_for_it() {
     assert_eq!(w["pid"], worker["pid"]);
     assert!(of(&evs, "session:s1:worker", "dependency_restarted").is_empty());
 }
+
+#[test]
+fn completed_successfully_waits_for_a_job_to_exit_0() {
+    let d = Daemon::start(&[]);
+    // The job leaves a mark and exits 0 after a moment; web refuses to start without it.
+    write_workload(
+        &d.workloads,
+        "migrate",
+        "name: migrate\nisolation: session\ncommand: [/bin/sh, -c, 'sleep 0.3; echo run >> migrated-$BULKHEAD_SESSION']\n",
+        &[],
+    );
+    write_workload(
+        &d.workloads,
+        "web",
+        "name: web\nisolation: session\ncommand: [/bin/sh, -c, 'test -f ../migrate/migrated-$BULKHEAD_SESSION || exit 3; exec sleep 1000']\ndepends_on: {migrate: {condition: completed_successfully}}\n",
+        &[],
+    );
+    write_workload(
+        &d.workloads,
+        "broken",
+        "name: broken\nisolation: session\ncommand: [/bin/sh, -c, 'echo \"schema mismatch\" >&2; exit 2']\n",
+        &[],
+    );
+    write_workload(
+        &d.workloads,
+        "api",
+        "name: api\nisolation: session\ncommand: [/bin/sleep, '1000']\ndepends_on: {broken: {condition: completed_successfully}}\n",
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let v = d.json(&["launch", "web", "--session", "s1", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let job = d.json(&["get", "session:s1:migrate", "-o", "json"]);
+    assert_eq!(job["state"], "exited");
+    assert_eq!(job["last_exit"]["code"], 0);
+    let evs = d.events();
+    assert!(
+        first_id(&evs, "session:s1:migrate", "exited")
+            < first_id(&evs, "session:s1:web", "started")
+    );
+    // A job that is not live runs again for the next dependent created.
+    d.json(&["terminate", "session:s1:web", "-o", "json"]);
+    d.json(&["launch", "web", "--session", "s1", "-o", "json"]);
+    let marks = std::fs::read_to_string(d.workloads.join("migrate/migrated-s1")).unwrap();
+    assert_eq!(marks.lines().count(), 2, "{marks}");
+    // A job that exits non-zero fails its dependent's launch, with its reason.
+    let out = d.cli(&["launch", "api", "--session", "s1"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("its dependency session:s1:broken failed")
+            && err.contains("exit code 2")
+            && err.contains("schema mismatch"),
+        "{err}"
+    );
+    assert!(d.events().iter().all(|e| e["instance"] != "session:s1:api"));
+}
