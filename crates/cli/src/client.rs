@@ -494,7 +494,7 @@ fn depends_text(w: &v1::Workload) -> String {
         .join(",")
 }
 
-pub async fn workloads(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
+pub async fn workloads(socket: &Path, a: cli::WorkloadsArgs) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
     let list = c
         .list_workloads(v1::ListWorkloadsRequest {})
@@ -502,6 +502,10 @@ pub async fn workloads(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> 
         .map_err(from_status)?
         .into_inner()
         .workloads;
+    if a.graph {
+        out!("{}", output::dependency_tree(&list));
+        return Ok(());
+    }
     print_workloads(&list, a.output)
 }
 

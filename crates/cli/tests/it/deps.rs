@@ -423,3 +423,35 @@ fn completed_successfully_waits_for_a_job_to_exit_0() {
     );
     assert!(d.events().iter().all(|e| e["instance"] != "session:s1:api"));
 }
+
+#[test]
+fn workloads_graph_prints_the_tree() {
+    let d = Daemon::start(&[]);
+    stack(&d, "session");
+    write_workload(
+        &d.workloads,
+        "worker",
+        "name: worker\nisolation: session\ncommand: [/bin/sleep, '1000']\ndepends_on: {web: {condition: started}}\n",
+        &[],
+    );
+    write_workload(
+        &d.workloads,
+        "lonely",
+        "name: lonely\ncommand: [/bin/sleep, '1000']\ndepends_on: [nowhere]\n",
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let out = d.cli(&["workloads", "--graph"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tree = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Roots are what nothing depends on; each dependency under its dependent.
+    assert_eq!(
+        tree.trim_end(),
+        "lonely INVALID\n\
+         worker\n\
+         └─ web (started)\n   \
+            ├─ cache (started)\n   \
+            └─ db (ready)",
+        "{tree}"
+    );
+}
