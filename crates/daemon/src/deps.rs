@@ -12,6 +12,12 @@
 //! live is run again for each dependent created). The first dependency that fails fails
 //! the launch with its reason, before W is created. W's first events are `launched`,
 //! then `dependencies_ready` naming the instances it waited for.
+//!
+//! Restart reactions follow the event log from the daemon's start; a follower that falls
+//! behind the broadcast channel logs how many events it missed and goes on (a missed
+//! `restarting` is a dependent not restarted, never a wrong one). A dependent restarted
+//! here is stopped and launched anew, which is not a `restarting` of its own: its own
+//! dependents are not restarted in turn.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -163,11 +169,12 @@ impl Shared {
         })
     }
 
-    /// The live instances that depend on `dependency` and restart with it.
+    /// The live instances that depend on `dependency` and restart with it (one pass over
+    /// the registry; only those that say `restart` have their dependencies derived).
     fn dependents_to_restart(&self, dependency: &InstanceId) -> Vec<InstanceId> {
         use bulkhead_core::deps::OnDependencyRestart;
-        self.list()
-            .into_iter()
+        self.lock_registry()
+            .values()
             .filter(|s| s.spec.on_dependency_restart == OnDependencyRestart::Restart)
             .filter(|s| {
                 let st = s.view.borrow().state;
