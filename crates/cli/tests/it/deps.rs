@@ -163,6 +163,28 @@ fn a_failing_dependency_fails_the_launch_and_web_never_starts() {
         "web must not exist: {evs:#?}"
     );
     assert!(!of(&evs, "session:s1:db", "launch_failed").is_empty());
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the dependency's own exit code (launch failed)"
+    );
+
+    // A dependency not ready within the launch's --timeout: a timeout, naming it.
+    write_workload(
+        &d.workloads,
+        "db",
+        "name: db\nisolation: session\ncommand: [/bin/sleep, '1000']\nreadiness: {exec: [/bin/false], timeout: 60s}\n",
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let out = d.cli(&["launch", "web", "--session", "s2", "--timeout", "500ms"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(
+        err.contains("its dependency session:s2:db failed: session:s2:db is not ready after"),
+        "{err}"
+    );
+    assert!(d.events().iter().all(|e| e["instance"] != "session:s2:web"));
 }
 
 #[test]
