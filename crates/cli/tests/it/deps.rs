@@ -477,3 +477,39 @@ fn workloads_graph_prints_the_tree() {
         "{tree}"
     );
 }
+
+/// Independent branches launch concurrently: both dependencies are started before either
+/// is ready (launched one after the other, the first would be ready before the second
+/// started).
+#[test]
+fn independent_dependencies_launch_concurrently() {
+    let d = Daemon::start(&[]);
+    for name in ["left", "right"] {
+        write_workload(
+            &d.workloads,
+            name,
+            &format!(
+                "name: {name}\nisolation: session\n\
+                 command: [/bin/sh, -c, 'sleep 1; touch up-$BULKHEAD_SESSION; exec sleep 1000']\n\
+                 readiness: {{exec: [/bin/sh, -c, 'test -f up-$BULKHEAD_SESSION'], timeout: 30s}}\n"
+            ),
+            &[],
+        );
+    }
+    write_workload(
+        &d.workloads,
+        "top",
+        "name: top\nisolation: session\ncommand: [/bin/sleep, '1000']\ndepends_on: [left, right]\n",
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    d.json(&["launch", "top", "--session", "s1", "-o", "json"]);
+    let evs = d.events();
+    let started = ["left", "right"].map(|w| first_id(&evs, &format!("session:s1:{w}"), "started"));
+    let ready = ["left", "right"].map(|w| first_id(&evs, &format!("session:s1:{w}"), "ready"));
+    assert!(
+        started.iter().max() < ready.iter().min(),
+        "started {started:?}, ready {ready:?}"
+    );
+    assert!(ready.iter().max() < Some(&first_id(&evs, "session:s1:top", "started")));
+}
