@@ -113,6 +113,11 @@ fn one_launch_brings_up_a_sessions_web_db_and_cache() {
     let again = d.json(&["launch", "web", "--session", "s1", "-o", "json"]);
     assert_eq!(again["created"], false);
     assert_eq!(of(&d.events(), "session:s1:db", "launched").len(), 1);
+    // A live web is reused as it is: a dependency stopped meanwhile stays stopped.
+    d.json(&["terminate", "session:s1:cache", "-o", "json"]);
+    let again = d.json(&["launch", "web", "--session", "s1", "-o", "json"]);
+    assert_eq!(again["created"], false);
+    assert_eq!(state(&d, "session:s1:cache"), "terminated");
 }
 
 #[test]
@@ -278,6 +283,26 @@ fn teardown_goes_in_reverse_order() {
     let web_gone = last_id(&evs, "session:s2:web", "terminated");
     assert!(web_gone < first_id(&evs, "session:s2:db", "terminating"));
     assert!(web_gone < first_id(&evs, "session:s2:cache", "terminating"));
+    // end-namespace: the same order.
+    write_workload(
+        &d.workloads,
+        "nsdb",
+        "name: nsdb\ncommand: [/bin/sleep, '1000']\n",
+        &[],
+    );
+    write_workload(
+        &d.workloads,
+        "nsweb",
+        "name: nsweb\ncommand: [/bin/sh, -c, 'trap \"sleep 0.3; exit 0\" TERM; while :; do sleep 0.05; done']\ndepends_on: [nsdb]\n",
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    d.json(&["launch", "nsweb", "--namespace", "t1", "-o", "json"]);
+    assert!(d.cli(&["end-namespace", "t1"]).status.success());
+    let evs = d.events();
+    assert!(
+        last_id(&evs, "ns:t1:nsweb", "terminated") < first_id(&evs, "ns:t1:nsdb", "terminating")
+    );
     // Daemon shutdown: the same order (the events are durable; read them back).
     d.json(&["launch", "web", "--session", "s3", "-o", "json"]);
     assert!(d.sigterm().success());
@@ -354,7 +379,16 @@ fn a_dependency_restart_restarts_dependents_that_ask_for_it() {
         &[],
     );
     assert!(d.cli(&["reload"]).status.success());
-    let web = d.json(&["launch", "web", "--session", "s1", "-o", "json"]);
+    let web = d.json(&[
+        "launch",
+        "web",
+        "--session",
+        "s1",
+        "--lease",
+        "client-1",
+        "-o",
+        "json",
+    ]);
     let worker = d.json(&["launch", "worker", "--session", "s1", "-o", "json"]);
     let db = d.json(&["get", "session:s1:db", "-o", "json"]);
     let db_pid = db["pid"].as_u64().unwrap() as i32;
@@ -379,6 +413,11 @@ fn a_dependency_restart_restarts_dependents_that_ask_for_it() {
         std::thread::sleep(Duration::from_millis(25));
     };
     assert!(new_web["pid"].is_u64());
+    assert_eq!(
+        new_web["leases"],
+        serde_json::json!(["client-1"]),
+        "{new_web}"
+    );
     let evs = d.events();
     let db_back = last_id(&evs, "session:s1:db", "started");
     assert!(first_id(&evs, "session:s1:db", "restarting") < db_back);
