@@ -552,3 +552,53 @@ fn independent_dependencies_launch_concurrently() {
     );
     assert!(ready.iter().max() < Some(&first_id(&evs, "session:s1:top", "started")));
 }
+
+/// An instance's spec, dependencies included, is stored with it: after the daemon is
+/// killed and a new one adopts the instances, ending a session still stops the dependent
+/// first, and a dependency's restart still restarts its dependent.
+#[test]
+fn dependencies_hold_after_a_daemon_restart() {
+    let mut d = Daemon::start(&[]);
+    write_workload(
+        &d.workloads,
+        "db",
+        "name: db\nisolation: session\ncommand: [/bin/sleep, '1000']\nrestart: {policy: always, backoff: {initial: 100ms, max: 1s}}\n",
+        &[],
+    );
+    write_workload(
+        &d.workloads,
+        "web",
+        "name: web\nisolation: session\ncommand: [/bin/sh, -c, 'trap \"sleep 0.3; exit 0\" TERM; while :; do sleep 0.05; done']\ndepends_on: [db]\non_dependency_restart: restart\n",
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    d.json(&["launch", "web", "--session", "s1", "-o", "json"]);
+    d.json(&["launch", "web", "--session", "s2", "-o", "json"]);
+    d.kill9();
+    d.spawn();
+    let evs = d.events();
+    for id in ["session:s1:web", "session:s2:web", "session:s2:db"] {
+        assert_eq!(state(&d, id), "ready");
+        assert_eq!(of(&evs, id, "adopted").len(), 1, "{id}");
+    }
+    // The adopted instances are stopped in order.
+    assert!(d.cli(&["end-session", "s2"]).status.success());
+    let evs = d.events();
+    assert!(
+        last_id(&evs, "session:s2:web", "terminated")
+            < last_id(&evs, "session:s2:db", "terminating")
+    );
+    let db_pid = d.json(&["get", "session:s1:db", "-o", "json"])["pid"]
+        .as_u64()
+        .unwrap() as i32;
+    // SAFETY: kill(2) on a pid the daemon reported for an instance it runs.
+    assert_eq!(unsafe { libc::kill(db_pid, libc::SIGKILL) }, 0);
+    d.wait_event("web restarted for db", |e| {
+        e["instance"] == "session:s1:web" && e["kind"] == "dependency_restarted"
+    });
+    let start = Instant::now();
+    while state(&d, "session:s1:web") != "ready" {
+        assert!(start.elapsed() < DEADLINE, "web did not come back");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
