@@ -814,6 +814,40 @@ mod tests {
     use super::*;
     use crate::auth::{token_sha256_hex, Identity, Tokens};
 
+    /// A dependency's error keeps its own code, and an invalid dependency's manifest
+    /// quotes reach only admins, as for the workload itself.
+    #[test]
+    fn a_dependency_error_has_its_code_and_is_redacted_for_non_admins() {
+        let inner = || LaunchError::InvalidWorkload {
+            name: "db".into(),
+            error: crate::catalog::EntryError {
+                full: "db/manifest.yaml: field `env`: s3cret".into(),
+                redacted: "db/manifest.yaml: field `env`: invalid value".into(),
+            },
+        };
+        let e = |inner| LaunchError::Dependency {
+            id: InstanceId::parse("session:s1:web").unwrap().0,
+            dependency: "session:s1:db".into(),
+            source: Box::new(inner),
+        };
+        let s = launch_status(e(inner()), false);
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            s.message().starts_with(
+                "launch of session:s1:web failed: its dependency session:s1:db failed: workload db is invalid"
+            ),
+            "{}",
+            s.message()
+        );
+        assert!(!s.message().contains("s3cret"), "{}", s.message());
+        assert!(launch_status(e(inner()), true).message().contains("s3cret"));
+        let failed = LaunchError::Failed {
+            id: InstanceId::parse("session:s1:db").unwrap().0,
+            reason: "exit code 4".into(),
+        };
+        assert_eq!(launch_status(e(failed), false).code(), tonic::Code::Aborted);
+    }
+
     /// Issue 11: `get` and `list` of a shared container showed every tenant's session ids
     /// (its lease holders) to any token.
     #[test]
