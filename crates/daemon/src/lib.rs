@@ -582,7 +582,8 @@ impl Shared {
     }
 
     /// Launches the instance of a key, or returns the live one. Returns the instance once
-    /// `wait` is met, and whether this call created it.
+    /// `wait` is met, and whether this call created it. A new instance is created only
+    /// once its dependencies (`depends_on`) reached their conditions (`deps.rs`).
     pub async fn launch(self: &Arc<Self>, args: LaunchArgs) -> Result<(View, bool), LaunchError> {
         let res = self.launch_unmetered(args).await;
         self.metrics.record_launch(match &res {
