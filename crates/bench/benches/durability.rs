@@ -238,6 +238,7 @@ fn launches(dir: &Path, iterations: usize) -> anyhow::Result<[Samples; 3]> {
                 c.terminate(v1::TerminateRequest {
                     id: format!("session:{session}:sleeper"),
                     grace_ms: None,
+                    with_dependencies: false,
                 })
                 .await?;
             }

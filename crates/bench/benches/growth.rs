@@ -84,6 +84,7 @@ fn main() -> anyhow::Result<()> {
                 .terminate(v1::TerminateRequest {
                     id: format!("session:s{i}:s"),
                     grace_ms: Some(0),
+                    with_dependencies: false,
                 })
                 .await;
         }
@@ -365,6 +366,7 @@ async fn measure(c: &Client, live: usize, port: u16, daemon: &Daemon) -> anyhow:
             .terminate(v1::TerminateRequest {
                 id: format!("session:s{i}:s"),
                 grace_ms: Some(0),
+                with_dependencies: false,
             })
             .await?;
     }

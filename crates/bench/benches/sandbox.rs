@@ -354,8 +354,12 @@ async fn api_once(
         .into_inner();
     let took = t.elapsed();
     let id = r.instance.map(|i| i.id).unwrap_or_default();
-    c.terminate(v1::TerminateRequest { id, grace_ms: None })
-        .await?;
+    c.terminate(v1::TerminateRequest {
+        id,
+        grace_ms: None,
+        with_dependencies: false,
+    })
+    .await?;
     Ok(took)
 }
 

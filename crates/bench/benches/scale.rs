@@ -88,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             c2.terminate(v1::TerminateRequest {
                 id: format!("session:s{i}:notify"),
                 grace_ms: None,
+                with_dependencies: false,
             })
             .await?;
         }
@@ -113,6 +114,7 @@ fn main() -> anyhow::Result<()> {
                 c2.terminate(v1::TerminateRequest {
                     id: format!("session:p{round}-{i}:notify"),
                     grace_ms: None,
+                    with_dependencies: false,
                 })
                 .await?;
             }

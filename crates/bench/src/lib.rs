@@ -82,6 +82,7 @@ pub async fn terminate(
     c.terminate(bulkhead_api::v1::TerminateRequest {
         id: id.into(),
         grace_ms: None,
+        with_dependencies: false,
     })
     .await?;
     Ok(())

@@ -155,7 +155,7 @@ pub enum Command {
     /// Show the daemon's health.
     Health(OutputArgs),
     /// List workloads, valid and invalid.
-    Workloads(OutputArgs),
+    Workloads(WorkloadsArgs),
     /// Rescan the workloads directory.
     Reload,
     /// Drop HOLDER's lease on an instance.
@@ -298,6 +298,16 @@ pub enum Format {
     Text,
     /// JSON for scripts: exact numbers (bytes, milliseconds, signal numbers).
     Json,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkloadsArgs {
+    /// Print the dependency graph (depends_on) as an indented tree.
+    #[arg(long, conflicts_with = "output")]
+    pub graph: bool,
+    /// Output format: text, or JSON with exact numbers.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t)]
+    pub output: Format,
 }
 
 #[derive(Debug, Args)]
@@ -577,6 +587,10 @@ pub struct TerminateArgs {
     /// Override the manifest's grace period (e.g. 2s).
     #[arg(long, allow_hyphen_values = true)]
     pub grace: Option<String>,
+    /// Then stop its dependencies (depends_on), dependents first, except those another
+    /// live instance still depends on.
+    #[arg(long)]
+    pub with_dependencies: bool,
     /// Output format: text, or JSON with exact numbers.
     #[arg(short = 'o', long = "output", value_enum, default_value_t)]
     pub output: Format,

@@ -210,6 +210,7 @@ pub async fn terminate(socket: &Path, a: cli::TerminateArgs) -> anyhow::Result<(
         .terminate(v1::TerminateRequest {
             id: a.id,
             grace_ms: grace.map(|g| g.as_millis() as u64),
+            with_dependencies: a.with_dependencies,
         })
         .await
         .map_err(from_status)?
@@ -527,13 +528,19 @@ fn print_workloads(list: &[v1::Workload], format: Format) -> anyhow::Result<()> 
                         "isolation": if w.valid { Some(&w.isolation) } else { None },
                         "autostart": w.autostart,
                         "description": w.description,
+                        "depends_on": if w.valid {
+                            Some(w.depends_on.iter().map(|d| (d.name.clone(), serde_json::json!({"condition": d.condition}))).collect::<serde_json::Map<_, _>>())
+                        } else {
+                            None
+                        },
+                        "on_dependency_restart": if w.valid { Some(&w.on_dependency_restart) } else { None },
                         "spec": w.spec_json.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
                     })
                 })
                 .collect(),
         )),
         Format::Text => {
-            let rows: Vec<[String; 5]> = list
+            let rows: Vec<[String; 6]> = list
                 .iter()
                 .map(|w| {
                     if w.valid {
@@ -542,20 +549,39 @@ fn print_workloads(list: &[v1::Workload], format: Format) -> anyhow::Result<()> 
                             "valid".into(),
                             w.driver.clone(),
                             w.isolation.clone(),
+                            depends_text(w),
                             if w.autostart { "autostart".into() } else { w.description.clone().unwrap_or_default() },
                         ]
                     } else {
-                        [w.name.clone(), "INVALID".into(), "-".into(), "-".into(), w.error.clone().unwrap_or_default()]
+                        [w.name.clone(), "INVALID".into(), "-".into(), "-".into(), "-".into(), w.error.clone().unwrap_or_default()]
                     }
                 })
                 .collect();
-            out!("{}", output::table(&["NAME", "STATUS", "DRIVER", "ISOLATION", "NOTES"], &rows));
+            out!("{}", output::table(&["NAME", "STATUS", "DRIVER", "ISOLATION", "DEPENDS", "NOTES"], &rows));
             Ok(())
         }
     }
 }
 
-pub async fn workloads(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
+/// The DEPENDS column: `db,cache:started` (a condition other than `ready` is shown).
+fn depends_text(w: &v1::Workload) -> String {
+    if w.depends_on.is_empty() {
+        return "-".into();
+    }
+    w.depends_on
+        .iter()
+        .map(|d| {
+            if d.condition == "ready" {
+                d.name.clone()
+            } else {
+                format!("{}:{}", d.name, d.condition)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub async fn workloads(socket: &Path, a: cli::WorkloadsArgs) -> anyhow::Result<()> {
     let mut c = connect(socket).await?;
     let list = c
         .list_workloads(v1::ListWorkloadsRequest {})
@@ -563,6 +589,10 @@ pub async fn workloads(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> 
         .map_err(from_status)?
         .into_inner()
         .workloads;
+    if a.graph {
+        out!("{}", output::dependency_tree(&list));
+        return Ok(());
+    }
     print_workloads(&list, a.output)
 }
 

@@ -355,10 +355,69 @@ pub fn event_json(e: &v1::Event) -> Value {
     if let Some(l) = e.limit_bytes {
         m.insert("limit_bytes".into(), json!(l));
     }
+    if !e.dependencies.is_empty() {
+        m.insert("dependencies".into(), json!(e.dependencies));
+    }
+    if let Some(d) = &e.dependency {
+        m.insert("dependency".into(), json!(d));
+    }
     if let Some(c) = &e.channel {
         m.insert("channel".into(), json!(c));
     }
     v
+}
+
+/// `workloads --graph`: each workload no other depends on, with its dependencies below
+/// it (`name (condition)`), as a tree; an invalid workload is marked and not expanded.
+pub fn dependency_tree(list: &[v1::Workload]) -> String {
+    use std::collections::{BTreeMap, BTreeSet};
+    let by_name: BTreeMap<&str, &v1::Workload> =
+        list.iter().map(|w| (w.name.as_str(), w)).collect();
+    let needed: BTreeSet<&str> = list
+        .iter()
+        .flat_map(|w| w.depends_on.iter().map(|d| d.name.as_str()))
+        .collect();
+    fn walk(
+        out: &mut String,
+        by_name: &BTreeMap<&str, &v1::Workload>,
+        name: &str,
+        prefix: &str,
+        path: &mut Vec<String>,
+    ) {
+        let Some(w) = by_name.get(name) else { return };
+        let n = w.depends_on.len();
+        for (i, d) in w.depends_on.iter().enumerate() {
+            let last = i + 1 == n;
+            let invalid = by_name.get(d.name.as_str()).is_none_or(|x| !x.valid);
+            out.push_str(&format!(
+                "{prefix}{} {} ({}){}\n",
+                if last { "└─" } else { "├─" },
+                d.name,
+                d.condition,
+                if invalid { " INVALID" } else { "" }
+            ));
+            // A cycle (which the daemon reports as invalid) is not followed round.
+            if !invalid && !path.contains(&d.name) {
+                path.push(d.name.clone());
+                let deeper = format!("{prefix}{}", if last { "   " } else { "│  " });
+                walk(out, by_name, &d.name, &deeper, path);
+                path.pop();
+            }
+        }
+    }
+    let mut out = String::new();
+    for w in list {
+        if needed.contains(w.name.as_str()) && w.valid {
+            continue;
+        }
+        out.push_str(&w.name);
+        if !w.valid {
+            out.push_str(" INVALID");
+        }
+        out.push('\n');
+        walk(&mut out, &by_name, &w.name, "", &mut vec![w.name.clone()]);
+    }
+    bulkhead_core::text::escape_lines(out.trim_end()).into_owned()
 }
 
 pub fn event_line(e: &v1::Event) -> String {
@@ -392,6 +451,12 @@ pub fn event_line(e: &v1::Event) -> String {
     }
     if let Some(c) = &e.channel {
         s.push_str(&format!(" channel={c}"));
+    }
+    if !e.dependencies.is_empty() {
+        s.push_str(&format!(" dependencies={}", e.dependencies.join(",")));
+    }
+    if let Some(d) = &e.dependency {
+        s.push_str(&format!(" dependency={d}"));
     }
     if let Some(r) = &e.reason {
         s.push_str(&format!(" reason=\"{r}\""));

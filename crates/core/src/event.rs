@@ -130,6 +130,12 @@ pub enum EventKind {
         peer: String,
         reclaimed: bool,
     },
+    /// Right after `launched`: the dependencies (instance ids) this instance was gated on
+    /// had all reached their conditions (`depends_on`).
+    DependenciesReady { dependencies: Vec<String> },
+    /// A dependency (an instance id) restarted and this instance's manifest says
+    /// `on_dependency_restart: restart`: this instance is restarted for it.
+    DependencyRestarted { dependency: String },
 }
 
 impl EventKind {
@@ -156,6 +162,8 @@ impl EventKind {
             EventKind::Adopted { .. } => "adopted",
             EventKind::Lost { .. } => "lost",
             EventKind::ChannelPeerDead { .. } => "channel_peer_dead",
+            EventKind::DependenciesReady { .. } => "dependencies_ready",
+            EventKind::DependencyRestarted { .. } => "dependency_restarted",
         }
     }
 

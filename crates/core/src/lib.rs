@@ -11,6 +11,7 @@
 //! - [`key`]: isolation levels, isolation keys and the instance ids derived from them.
 //! - [`port`]: the range of ports handed to instances and the pick from it.
 //! - [`lease`]: lease holder names and the per-instance lease limit.
+//! - [`deps`]: `depends_on`: dependency keys, the graph's checks and layers.
 //! - [`spec`]: manifests (YAML) parsed and validated into [`spec::WorkloadSpec`].
 //! - [`instance`]: the instance lifecycle state machine.
 //! - [`event`]: lifecycle events and exit statuses.
@@ -31,6 +32,7 @@
 //! ```
 
 pub mod channels;
+pub mod deps;
 pub mod docker;
 pub mod duration;
 pub mod event;

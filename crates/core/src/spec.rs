@@ -107,6 +107,15 @@ pub struct WorkloadSpec {
     /// file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logs: Option<LogSettings>,
+    // Dependencies (`crate::deps`): launched for the derived key before this workload,
+    // each gated on its condition; the graph is checked across manifests by the catalog.
+    #[serde(default, skip_serializing_if = "crate::deps::DependsOn::is_empty")]
+    pub depends_on: crate::deps::DependsOn,
+    #[serde(
+        default,
+        skip_serializing_if = "crate::deps::OnDependencyRestart::is_ignore"
+    )]
+    pub on_dependency_restart: crate::deps::OnDependencyRestart,
 }
 
 /// How an instance's log rotates.
@@ -1094,6 +1103,13 @@ impl WorkloadSpec {
         if self.restart.max_failures == 0 {
             return fail("restart.max_failures", "must be at least 1".into());
         }
+        crate::deps::validate(&self.name, &self.depends_on)?;
+        if !self.on_dependency_restart.is_ignore() && self.depends_on.is_empty() {
+            return fail(
+                "on_dependency_restart",
+                "is only meaningful with depends_on".into(),
+            );
+        }
         if self.autostart && self.isolation == Isolation::Session {
             return fail(
                 "autostart",
@@ -1210,6 +1226,30 @@ mod tests {
             let e = parse(&format!("name: web\ncommand: [x]\n{bad}\n")).unwrap_err();
             assert_eq!(e.field.as_deref(), Some(field), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn depends_on_fields() {
+        let s = parse("name: web\ncommand: [x]\ndepends_on: {db: {condition: started}}\non_dependency_restart: restart\n").unwrap();
+        assert_eq!(
+            s.depends_on.0["db"].condition,
+            crate::deps::Condition::Started
+        );
+        assert_eq!(
+            s.on_dependency_restart,
+            crate::deps::OnDependencyRestart::Restart
+        );
+        let s = parse("name: web\ncommand: [x]\ndepends_on: [db, cache]\n").unwrap();
+        assert_eq!(s.depends_on.0.len(), 2);
+        assert!(s.on_dependency_restart.is_ignore());
+        // Round trip through the JSON the instance table stores.
+        let back: WorkloadSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        let e = parse("name: web\ncommand: [x]\ndepends_on: [web]\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("depends_on.web"), "{e}");
+        let e = parse("name: web\ncommand: [x]\non_dependency_restart: restart\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("on_dependency_restart"), "{e}");
+        assert!(parse("name: web\ncommand: [x]\non_dependency_restart: sometimes\n").is_err());
     }
 
     #[test]

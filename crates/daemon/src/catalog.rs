@@ -111,6 +111,7 @@ impl Catalog {
                 },
             );
         }
+        check_dependencies(&mut cat);
         cat
     }
 
@@ -183,6 +184,71 @@ fn load(
     Ok(Arc::new(spec))
 }
 
+/// The checks of `depends_on` that need every manifest (`core::deps`): a name no folder
+/// has, a cycle, a dependency whose isolation the dependent's key cannot give a scope,
+/// `completed_successfully` on a workload that never completes (`restart.policy:
+/// always`). Each makes the dependent an invalid entry naming its file and the field
+/// `depends_on.<name>`; the dependency itself stays as it is. A dependency that is an
+/// invalid entry is not an error here: launching the dependent fails with its error.
+fn check_dependencies(cat: &mut Catalog) {
+    use bulkhead_core::deps::{self, Condition};
+    use bulkhead_core::spec::RestartPolicy;
+    let graph: BTreeMap<String, Vec<String>> = cat
+        .entries
+        .iter()
+        .map(|(name, e)| {
+            let deps = match &e.spec {
+                Ok(s) => s.depends_on.names().map(str::to_owned).collect(),
+                Err(_) => Vec::new(),
+            };
+            (name.clone(), deps)
+        })
+        .collect();
+    let mut errors: BTreeMap<String, (String, String)> = deps::check_graph(&graph)
+        .into_iter()
+        .map(|(w, e)| (w, (e.field, e.reason)))
+        .collect();
+    for (name, e) in &cat.entries {
+        let Ok(spec) = &e.spec else { continue };
+        if errors.contains_key(name) {
+            continue;
+        }
+        let own = crate::docker::effective_isolation(spec);
+        for (dep, cond) in spec.depends_on.iter() {
+            let Some(Ok(ds)) = cat.entries.get(dep).map(|d| &d.spec) else {
+                continue;
+            };
+            if let Some(err) = deps::scope_error(dep, own, crate::docker::effective_isolation(ds)) {
+                errors.insert(name.clone(), (format!("depends_on.{dep}"), err.to_string()));
+                break;
+            }
+            if cond == Condition::CompletedSuccessfully
+                && ds.restart.policy == RestartPolicy::Always
+            {
+                errors.insert(
+                    name.clone(),
+                    (
+                        format!("depends_on.{dep}"),
+                        format!(
+                            "condition completed_successfully needs a workload that ends, but \
+                             {dep} has restart.policy: always"
+                        ),
+                    ),
+                );
+                break;
+            }
+        }
+    }
+    for (name, (field, reason)) in errors {
+        if let Some(e) = cat.entries.get_mut(&name) {
+            e.spec = Err(EntryError::plain(format!(
+                "{}: field `{field}`: {reason}",
+                e.manifest.display()
+            )));
+        }
+    }
+}
+
 /// The path of an open file as the kernel has it.
 fn opened_path(f: &std::fs::File) -> std::io::Result<PathBuf> {
     use std::os::fd::AsRawFd;
@@ -211,6 +277,71 @@ mod tests {
         assert!(e.contains("manifest.yaml") && e.contains("nope"), "{e}");
         let e = &cat.get("dock").unwrap().spec.as_ref().unwrap_err().full;
         assert!(e.contains("not available"), "{e}");
+    }
+
+    #[test]
+    fn dependency_errors_name_the_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = |name: &str, text: &str| {
+            std::fs::create_dir_all(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join(MANIFEST), text).unwrap();
+        };
+        w(
+            "web",
+            "name: web\ncommand: [x]\nisolation: session\ndepends_on: [db, shareddb]\n",
+        );
+        w("db", "name: db\ncommand: [x]\nisolation: session\n");
+        w(
+            "shareddb",
+            "name: shareddb\ncommand: [x]\nisolation: none\n",
+        );
+        w("lost", "name: lost\ncommand: [x]\ndepends_on: [nowhere]\n");
+        w("a", "name: a\ncommand: [x]\ndepends_on: [b]\n");
+        w(
+            "b",
+            "name: b\ncommand: [x]\ndepends_on: {a: {condition: started}}\n",
+        );
+        w(
+            "tenant",
+            "name: tenant\ncommand: [x]\nisolation: session\ndepends_on: [nsdb]\n",
+        );
+        w("nsdb", "name: nsdb\ncommand: [x]\n");
+        w(
+            "job",
+            "name: job\ncommand: [x]\nrestart: {policy: always}\n",
+        );
+        w(
+            "waits",
+            "name: waits\ncommand: [x]\ndepends_on: {job: {condition: completed_successfully}}\n",
+        );
+        w("bad", "name: bad\ncommand: [x]\nnope: 1\n");
+        w("onbad", "name: onbad\ncommand: [x]\ndepends_on: [bad]\n");
+        let cat = Catalog::scan(dir.path(), &[DriverKind::Process]);
+        let err = |n: &str| cat.get(n).unwrap().spec.as_ref().unwrap_err().full.clone();
+        for ok in ["web", "db", "shareddb", "nsdb", "job", "onbad"] {
+            assert!(cat.get(ok).unwrap().spec.is_ok(), "{ok}");
+        }
+        let e = err("lost");
+        assert!(
+            e.contains("lost/manifest.yaml: field `depends_on.nowhere`: no workload nowhere"),
+            "{e}"
+        );
+        let e = err("a");
+        assert!(
+            e.contains("a/manifest.yaml: field `depends_on.b`: a dependency cycle: a -> b -> a"),
+            "{e}"
+        );
+        assert!(err("b").contains("field `depends_on.a`"));
+        let e = err("tenant");
+        assert!(
+            e.contains("field `depends_on.nsdb`") && e.contains("carries no namespace"),
+            "{e}"
+        );
+        let e = err("waits");
+        assert!(
+            e.contains("field `depends_on.job`") && e.contains("restart.policy: always"),
+            "{e}"
+        );
     }
 
     #[test]

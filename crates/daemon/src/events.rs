@@ -1176,6 +1176,7 @@ mod tests {
         let req = local(bulkhead_api::v1::TerminateRequest {
             id: view.id.to_string(),
             grace_ms: None,
+            ..Default::default()
         });
         let err = tokio::time::timeout(Duration::from_secs(30), svc.terminate(req))
             .await

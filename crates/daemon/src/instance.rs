@@ -245,8 +245,16 @@ pub(crate) fn start(
     key: Key,
     spec: Arc<WorkloadSpec>,
     dir: PathBuf,
+    after_launch: Vec<bulkhead_core::event::EventKind>,
 ) -> Arc<Slot> {
-    start_with(sh, key, spec, dir, Origin::Launched, Vec::new())
+    start_with(
+        sh,
+        key,
+        spec,
+        dir,
+        Origin::Launched(after_launch),
+        Vec::new(),
+    )
 }
 
 /// What the instance table was last told about an instance: state, pid, restarts,
@@ -262,8 +270,8 @@ type Stored = (
 
 /// How an instance came to be under this daemon.
 pub(crate) enum Origin {
-    /// A launch.
-    Launched,
+    /// A launch; the events to publish right after `launched` (`dependencies_ready`).
+    Launched(Vec<bulkhead_core::event::EventKind>),
     /// Found running at the keeper after a daemon restart.
     Adopted(
         Box<bulkhead_driver::keeper::client::Adoptable>,
@@ -293,7 +301,7 @@ pub(crate) fn start_with(
     // instance must not look like a fresh launch while the API already serves (the actor
     // may run only after many others): it shows the state it was found in, as recorded.
     let (state, pid, port, restored) = match &origin {
-        Origin::Launched => (State::Starting, None, 0, None),
+        Origin::Launched(_) => (State::Starting, None, 0, None),
         Origin::Adopted(a, restored) => {
             let port = a
                 .record
@@ -422,7 +430,18 @@ async fn run(
     let cfg = core_config(&spec);
     let mut watchdog_every = cfg.watchdog.map(|(w, _)| w);
     let (mut inst, first) = match &origin {
-        Origin::Launched => Instance::launch(cfg),
+        Origin::Launched(after) => {
+            let (inst, mut first) = Instance::launch(cfg);
+            // After the core's `launched`, before the spawn.
+            let at = first
+                .iter()
+                .position(|e| matches!(e, Effect::Emit(bulkhead_core::event::EventKind::Launched)))
+                .map_or(0, |i| i + 1);
+            for (i, kind) in after.iter().enumerate() {
+                first.insert(at + i, Effect::Emit(kind.clone()));
+            }
+            (inst, first)
+        }
         Origin::Adopted(a, restored) => Instance::adopt(cfg, Some(a.pid), now(), *restored),
         Origin::Resumed(restored, lost) => Instance::resume(cfg, *restored, lost.clone(), now()),
     };

@@ -25,6 +25,7 @@ use bulkhead_driver::Driver;
 pub mod auth;
 pub mod catalog;
 mod dataplane;
+mod deps;
 pub mod docker;
 pub mod events;
 pub mod exec;
@@ -99,6 +100,19 @@ pub enum LaunchError {
     NamespaceAtCapacity { namespace: String, limit: usize },
     #[error("launch of {id} failed: {reason}")]
     Failed { id: InstanceId, reason: String },
+    /// A dependency (`depends_on`) could not be launched or did not reach its condition;
+    /// the dependent was not started.
+    #[error("launch of {id} failed: its dependency {dependency} failed: {source}")]
+    Dependency {
+        id: InstanceId,
+        /// The dependency's instance id (or its workload name when it has no key).
+        dependency: String,
+        source: Box<LaunchError>,
+    },
+    /// The dependency's isolation cannot be derived from the dependent's key (the
+    /// manifests changed since the check; `core::deps`).
+    #[error(transparent)]
+    DependencyScope(#[from] bulkhead_core::deps::DepKeyError),
     #[error("{id} is not {what} after {waited:?} (state {state}); it goes on starting in the background")]
     Timeout {
         id: InstanceId,
@@ -145,6 +159,8 @@ pub struct Shared {
     /// The host id ranges of `user_namespace: auto`, one per live tenant (the daemon
     /// reserves them: a channel space belongs to its tenant's ids before the spawn).
     pub(crate) ids: std::sync::Mutex<bulkhead_core::sandbox::IdBlocks>,
+    /// Dependents being restarted because a dependency restarted (one at a time each).
+    dependency_restarts: Mutex<std::collections::HashSet<InstanceId>>,
 }
 
 /// The sandbox driver's cgroup subtree name for a daemon id (`docker::load_daemon_id`):
@@ -275,6 +291,7 @@ impl Shared {
             process_tracking,
             dataplane: Default::default(),
             ids: crate::dataplane::id_blocks(),
+            dependency_restarts: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -458,6 +475,7 @@ impl Shared {
             let running = matches!(
                 kind,
                 K::Launched
+                    | K::DependenciesReady { .. }
                     | K::Started { .. }
                     | K::Ready
                     | K::Adopted { .. }
@@ -565,7 +583,8 @@ impl Shared {
     }
 
     /// Launches the instance of a key, or returns the live one. Returns the instance once
-    /// `wait` is met, and whether this call created it.
+    /// `wait` is met, and whether this call created it. A new instance is created only
+    /// once its dependencies (`depends_on`) reached their conditions (`deps.rs`).
     pub async fn launch(self: &Arc<Self>, args: LaunchArgs) -> Result<(View, bool), LaunchError> {
         let res = self.launch_unmetered(args).await;
         self.metrics.record_launch(match &res {
@@ -579,6 +598,16 @@ impl Shared {
     async fn launch_unmetered(
         self: &Arc<Self>,
         args: LaunchArgs,
+    ) -> Result<(View, bool), LaunchError> {
+        self.launch_in_chain(args, &[]).await
+    }
+
+    /// [`Shared::launch`]; `chain`: the workloads whose launch asked for this one (as a
+    /// dependency), to stop a cycle that a reload made between two catalog reads.
+    async fn launch_in_chain(
+        self: &Arc<Self>,
+        args: LaunchArgs,
+        chain: &[String],
     ) -> Result<(View, bool), LaunchError> {
         // A hostile name is an invalid request, not a missing workload.
         bulkhead_core::name::validate(bulkhead_core::name::NameKind::Workload, &args.workload)
@@ -626,6 +655,19 @@ impl Shared {
         };
         let id = key.instance_id();
         let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
+        // Dependencies first, each for the key derived from this one, and each at its
+        // condition before this instance is created. A live instance is reused as it is.
+        let mut after_launch = Vec::new();
+        let live = self.get(&id).is_some_and(|s| {
+            let st = s.view.borrow().state;
+            !st.is_terminal() && st != State::Stopping
+        });
+        if !spec.depends_on.is_empty() && !live {
+            let dependencies = self
+                .launch_dependencies(&key, &spec, &catalog, deadline, chain)
+                .await?;
+            after_launch.push(bulkhead_core::event::EventKind::DependenciesReady { dependencies });
+        }
         let (slot, created) = loop {
             if self.shutting_down.load(Ordering::SeqCst) {
                 return Err(LaunchError::ShuttingDown);
@@ -640,8 +682,13 @@ impl Shared {
                         // cannot move between the check and the insert, so concurrent
                         // launches never overshoot a limit.
                         admit(&self.cfg, &reg, &key)?;
-                        let slot =
-                            instance::start(self, key.clone(), spec.clone(), entry.dir.clone());
+                        let slot = instance::start(
+                            self,
+                            key.clone(),
+                            spec.clone(),
+                            entry.dir.clone(),
+                            after_launch.clone(),
+                        );
                         reg.insert(id.clone(), slot.clone());
                         break (slot, true);
                     }
@@ -757,34 +804,110 @@ impl Shared {
 
     /// Terminates, concurrently, every live instance for which `pick` is true; returns
     /// them once all are gone.
+    ///
+    /// Dependents go before their dependencies (`depends_on`): the picked instances are
+    /// stopped in reverse topological layers, each layer concurrently.
     pub async fn terminate_where(
         &self,
         grace: Option<Duration>,
         pick: impl Fn(&Slot) -> bool,
     ) -> Vec<View> {
-        let mut set = tokio::task::JoinSet::new();
-        for slot in self.list() {
-            if slot.view.borrow().state.is_terminal() || !pick(&slot) {
-                continue;
-            }
-            let mut rx = slot.subscribe();
-            slot.terminate(grace);
-            set.spawn(async move {
-                let v = rx
-                    .wait_for(|v| v.state.is_terminal())
-                    .await
-                    .map(|v| v.clone());
-                v.unwrap_or_else(|_| slot.view())
-            });
-        }
+        let picked: HashMap<InstanceId, Arc<Slot>> = self
+            .list()
+            .into_iter()
+            .filter(|s| !s.view.borrow().state.is_terminal() && pick(s))
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        let graph: std::collections::BTreeMap<InstanceId, Vec<InstanceId>> = self
+            .instance_graph()
+            .into_iter()
+            .filter(|(id, _)| picked.contains_key(id))
+            .collect();
         let mut out = Vec::new();
-        while let Some(r) = set.join_next().await {
-            if let Ok(v) = r {
-                out.push(v);
-            }
+        for layer in bulkhead_core::deps::teardown_layers(&graph) {
+            let slots = layer.iter().filter_map(|id| picked.get(id).cloned());
+            out.extend(terminate_concurrently(slots, grace).await);
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// Every instance in the registry -> the instances it depends on that are in the
+    /// registry (from the spec it was launched with; see [`Shared::dependency_ids`]).
+    pub(crate) fn instance_graph(&self) -> std::collections::BTreeMap<InstanceId, Vec<InstanceId>> {
+        let reg = self.lock_registry();
+        reg.values()
+            .map(|s| {
+                let deps = Self::dependency_ids(&s.key, &s.spec())
+                    .into_iter()
+                    .filter(|d| reg.contains_key(d))
+                    .collect();
+                (s.id.clone(), deps)
+            })
+            .collect()
+    }
+
+    /// The ids the dependencies of an instance of `key` with `spec` can have: for each
+    /// name in `depends_on`, the same scope's and the shared one (the dependency's
+    /// isolation may have changed since it was launched; only ids in the registry count).
+    pub(crate) fn dependency_ids(
+        key: &Key,
+        spec: &bulkhead_core::spec::WorkloadSpec,
+    ) -> Vec<InstanceId> {
+        use bulkhead_core::key::Isolation;
+        let mut out = Vec::new();
+        for name in spec.depends_on.names() {
+            for iso in [key.isolation(), Isolation::None] {
+                if let Ok(k) = bulkhead_core::deps::dependency_key(key, name, iso) {
+                    let id = k.instance_id();
+                    if !out.contains(&id) {
+                        out.push(id);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Terminates `id`, then its dependencies (transitively, dependents first, each layer
+    /// concurrently) that no other live instance depends on and that `may` allows (the
+    /// caller's rights). Returns the instance and the dependencies it stopped.
+    pub async fn terminate_with_dependencies(
+        &self,
+        id: &InstanceId,
+        grace: Option<Duration>,
+        may: impl Fn(&InstanceId) -> bool,
+    ) -> Option<(View, Vec<View>)> {
+        let view = self.terminate(id, grace).await?;
+        let graph = self.instance_graph();
+        let below = bulkhead_core::deps::closure(&graph, id);
+        let sub: std::collections::BTreeMap<InstanceId, Vec<InstanceId>> = graph
+            .iter()
+            .filter(|(n, _)| below.contains(*n))
+            .map(|(n, d)| (n.clone(), d.clone()))
+            .collect();
+        let mut stopped = Vec::new();
+        for layer in bulkhead_core::deps::teardown_layers(&sub) {
+            // Who still depends on what, now (the previous layer is gone).
+            let graph = self.instance_graph();
+            let live = |n: &InstanceId| {
+                self.get(n)
+                    .is_some_and(|s| !s.view.borrow().state.is_terminal())
+            };
+            let slots: Vec<Arc<Slot>> = layer
+                .iter()
+                .filter(|n| live(n) && may(n))
+                .filter(|n| {
+                    !graph
+                        .iter()
+                        .any(|(other, deps)| deps.contains(n) && live(other))
+                })
+                .filter_map(|n| self.get(n))
+                .collect();
+            stopped.extend(terminate_concurrently(slots.into_iter(), grace).await);
+        }
+        stopped.sort_by(|a, b| a.id.cmp(&b.id));
+        Some((view, stopped))
     }
 
     /// Ends a session: terminates every instance launched for it.
@@ -853,6 +976,35 @@ impl Shared {
             .filter(|s| !s.view.borrow().state.is_terminal())
             .count()
     }
+}
+
+/// Terminates `slots` concurrently; returns their final views once all are gone.
+async fn terminate_concurrently(
+    slots: impl Iterator<Item = Arc<Slot>>,
+    grace: Option<Duration>,
+) -> Vec<View> {
+    let mut set = tokio::task::JoinSet::new();
+    for slot in slots {
+        if slot.view.borrow().state.is_terminal() {
+            continue;
+        }
+        let mut rx = slot.subscribe();
+        slot.terminate(grace);
+        set.spawn(async move {
+            let v = rx
+                .wait_for(|v| v.state.is_terminal())
+                .await
+                .map(|v| v.clone());
+            v.unwrap_or_else(|_| slot.view())
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(v) = r {
+            out.push(v);
+        }
+    }
+    out
 }
 
 /// Whether one more live instance for `key` fits under the daemon's limits. A session's
@@ -955,25 +1107,28 @@ async fn wait_for(
     };
     let view = result.unwrap_or_else(|_| slot.view());
     match judge(&view) {
-        Some(Err(mut reason)) => {
-            // The program's last words say why, more often than its exit code: the end of
-            // what it wrote to stderr (once its output has ended, bounded).
-            slot.log
-                .output_ended(std::time::Duration::from_millis(500))
-                .await;
-            let tail = slot.log.stderr_tail(FAILURE_STDERR_LINES);
-            if !tail.is_empty() {
-                reason.push_str("; the last lines of its stderr:");
-                for l in tail {
-                    reason.push_str("\n  ");
-                    reason.push_str(&l);
-                }
-            }
-            Err(LaunchError::Failed {
-                id: slot.id.clone(),
-                reason,
-            })
-        }
+        Some(Err(reason)) => Err(failed_with_stderr(slot, reason).await),
         _ => Ok(view),
+    }
+}
+
+/// [`LaunchError::Failed`] for `slot`, with the last lines of its stderr.
+pub(crate) async fn failed_with_stderr(slot: &Slot, mut reason: String) -> LaunchError {
+    // The program's last words say why, more often than its exit code: the end of
+    // what it wrote to stderr (once its output has ended, bounded).
+    slot.log
+        .output_ended(std::time::Duration::from_millis(500))
+        .await;
+    let tail = slot.log.stderr_tail(FAILURE_STDERR_LINES);
+    if !tail.is_empty() {
+        reason.push_str("; the last lines of its stderr:");
+        for l in tail {
+            reason.push_str("\n  ");
+            reason.push_str(&l);
+        }
+    }
+    LaunchError::Failed {
+        id: slot.id.clone(),
+        reason,
     }
 }

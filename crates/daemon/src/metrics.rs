@@ -441,6 +441,8 @@ impl Metrics {
             | EventKind::Adopted { .. }
             | EventKind::Lost { .. }
             | EventKind::ChannelPeerDead { .. }
+            | EventKind::DependenciesReady { .. }
+            | EventKind::DependencyRestarted { .. }
             | EventKind::Terminating { .. }
             | EventKind::Unhealthy { .. }
             | EventKind::LivenessFailed { .. }

@@ -357,6 +357,8 @@ impl Daemon {
         });
         // Everything after the bind may be slow; clients queue in the backlog meanwhile.
         let cat = shared.reload();
+        // `on_dependency_restart: restart` reacts to restarts from here on.
+        drop(shared.follow_dependency_restarts());
         // Before the API serves a launch: every instance the keeper holds is back under
         // supervision, so no key can get a second instance.
         let mut rows: std::collections::HashMap<String, crate::instances::InstanceRow> =

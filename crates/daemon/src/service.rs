@@ -97,6 +97,22 @@ fn launch_status(e: LaunchError, admin: bool) -> Status {
             Status::resource_exhausted(msg)
         }
         LaunchError::Failed { .. } => Status::aborted(msg),
+        // The dependency's own code, with its error as this caller may see it.
+        LaunchError::Dependency {
+            id,
+            dependency,
+            source,
+        } => {
+            let inner = launch_status(*source, admin);
+            Status::new(
+                inner.code(),
+                format!(
+                    "launch of {id} failed: its dependency {dependency} failed: {}",
+                    inner.message()
+                ),
+            )
+        }
+        LaunchError::DependencyScope(_) => Status::failed_precondition(msg),
         LaunchError::Timeout { .. } => Status::deadline_exceeded(msg),
     }
 }
@@ -267,6 +283,13 @@ pub fn event_proto(e: &Event) -> v1::Event {
                 format!("{peer} died; its shared memory could not be reclaimed yet")
             });
         }
+        EventKind::DependenciesReady { dependencies } => p.dependencies = dependencies.clone(),
+        EventKind::DependencyRestarted { dependency } => {
+            p.dependency = Some(dependency.clone());
+            p.reason = Some(format!(
+                "its dependency {dependency} restarted (on_dependency_restart: restart)"
+            ));
+        }
     }
     p
 }
@@ -288,6 +311,19 @@ pub(crate) fn workloads_proto(sh: &Shared, admin: bool) -> v1::ListWorkloadsResp
                 isolation: s.isolation.as_str().to_owned(),
                 autostart: s.autostart,
                 description: s.description.clone(),
+                depends_on: s
+                    .depends_on
+                    .iter()
+                    .map(|(name, c)| v1::WorkloadDependency {
+                        name: name.to_owned(),
+                        condition: c.as_str().to_owned(),
+                    })
+                    .collect(),
+                on_dependency_restart: match s.on_dependency_restart {
+                    bulkhead_core::deps::OnDependencyRestart::Restart => "restart",
+                    bulkhead_core::deps::OnDependencyRestart::Ignore => "ignore",
+                }
+                .to_owned(),
                 spec_json: if admin {
                     serde_json::to_string(&**s).ok()
                 } else {
@@ -431,13 +467,25 @@ impl bulkhead_api::Bulkhead for Service {
         self.authorize(&req, Scope::of_id(&parse_id(&req.get_ref().id)?))?;
         self.writable("terminate")?;
         let vis = Visibility::of(&req);
+        let who = auth::identity(&req).cloned();
         let r = req.into_inner();
         let id = parse_id(&r.id)?;
         let grace = r.grace_ms.map(clamp_grace);
-        let view = self
-            .unless_unrecorded(&format!("terminate of {id}"), self.sh.terminate(&id, grace))
+        let view = if r.with_dependencies {
+            // Dependencies in a scope the caller may not act on stay.
+            let may =
+                move |dep: &InstanceId| who.as_ref().is_some_and(|i| i.allows(&Scope::of_id(dep)));
+            self.unless_unrecorded(
+                &format!("terminate of {id} with its dependencies"),
+                self.sh.terminate_with_dependencies(&id, grace, may),
+            )
             .await?
-            .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
+            .map(|(v, _)| v)
+        } else {
+            self.unless_unrecorded(&format!("terminate of {id}"), self.sh.terminate(&id, grace))
+                .await?
+        }
+        .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
         Ok(Response::new(shown(instance_proto(&view), &vis)))
     }
 
@@ -883,6 +931,40 @@ fn log_line(r: &bulkhead_core::logline::Record) -> v1::LogLine {
 mod tests {
     use super::*;
     use crate::auth::{token_sha256_hex, Identity, Tokens};
+
+    /// A dependency's error keeps its own code, and an invalid dependency's manifest
+    /// quotes reach only admins, as for the workload itself.
+    #[test]
+    fn a_dependency_error_has_its_code_and_is_redacted_for_non_admins() {
+        let inner = || LaunchError::InvalidWorkload {
+            name: "db".into(),
+            error: crate::catalog::EntryError {
+                full: "db/manifest.yaml: field `env`: s3cret".into(),
+                redacted: "db/manifest.yaml: field `env`: invalid value".into(),
+            },
+        };
+        let e = |inner| LaunchError::Dependency {
+            id: InstanceId::parse("session:s1:web").unwrap().0,
+            dependency: "session:s1:db".into(),
+            source: Box::new(inner),
+        };
+        let s = launch_status(e(inner()), false);
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            s.message().starts_with(
+                "launch of session:s1:web failed: its dependency session:s1:db failed: workload db is invalid"
+            ),
+            "{}",
+            s.message()
+        );
+        assert!(!s.message().contains("s3cret"), "{}", s.message());
+        assert!(launch_status(e(inner()), true).message().contains("s3cret"));
+        let failed = LaunchError::Failed {
+            id: InstanceId::parse("session:s1:db").unwrap().0,
+            reason: "exit code 4".into(),
+        };
+        assert_eq!(launch_status(e(failed), false).code(), tonic::Code::Aborted);
+    }
 
     /// Issue 11: `get` and `list` of a shared container showed every tenant's session ids
     /// (its lease holders) to any token.

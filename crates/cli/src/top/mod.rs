@@ -324,6 +324,7 @@ async fn act(mut c: bulkhead_api::Client, cmd: Command, tx: mpsc::UnboundedSende
             c.terminate(v1::TerminateRequest {
                 id: id.clone(),
                 grace_ms: None,
+                with_dependencies: false,
             })
             .await
             .map(|_| format!("{id} terminated"))

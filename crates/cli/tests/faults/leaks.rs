@@ -22,6 +22,7 @@ async fn cycle(c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>, 
     c.terminate(v1::TerminateRequest {
         id: id.clone(),
         grace_ms: None,
+        with_dependencies: false,
     })
     .await
     .unwrap_or_else(|e| panic!("terminate {id}: {e}"));

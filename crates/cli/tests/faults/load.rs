@@ -69,9 +69,13 @@ fn mixed_load_has_no_errors() {
                         2 if !live.is_empty() => {
                             let id = live.remove(0);
                             (
-                                c.terminate(v1::TerminateRequest { id, grace_ms: None })
-                                    .await
-                                    .map(|_| ()),
+                                c.terminate(v1::TerminateRequest {
+                                    id,
+                                    grace_ms: None,
+                                    with_dependencies: false,
+                                })
+                                .await
+                                .map(|_| ()),
                                 &mut lat.terminate,
                             )
                         }
@@ -90,7 +94,11 @@ fn mixed_load_has_no_errors() {
                 }
                 for id in live {
                     let _ = c
-                        .terminate(v1::TerminateRequest { id, grace_ms: None })
+                        .terminate(v1::TerminateRequest {
+                            id,
+                            grace_ms: None,
+                            with_dependencies: false,
+                        })
                         .await;
                 }
                 lat

@@ -745,3 +745,85 @@ fn shared_containers_are_authorised_as_shared_and_hide_other_tenants_sessions() 
     );
     d.cli(&["terminate", "shared:box"]);
 }
+
+/// `depends_on` and tokens: a launch brings up the dependencies the manifest names, even
+/// a shared one the token does not reach (the manifest's author decided it); `terminate
+/// --with-dependencies` stops only those the token may act on.
+#[test]
+fn dependencies_are_launched_by_the_manifest_and_stopped_only_where_the_token_reaches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    let tokens = format!(
+        "tokens:\n\
+         - name: tenant\n  token_sha256: {}\n  sessions: [s1, s2]\n",
+        sha256_hex("tenant-token"),
+    );
+    let db = "name: db\nisolation: none\ncommand: [/bin/sleep, '1000']\n";
+    let web = "name: web\nisolation: session\ncommand: [/bin/sleep, '1000']\ndepends_on: [db]\n";
+    let (d, addr) = start_full(tmp.path(), &pki, &tokens, &[("db", db), ("web", web)], &[]);
+    let r = Remote {
+        d: &d,
+        pki: &pki,
+        addr,
+    };
+    let start = Instant::now();
+    while !r
+        .cli(true, Some("tenant-token"), &["health"])
+        .status
+        .success()
+    {
+        assert!(start.elapsed() < DEADLINE, "TCP listener did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The token cannot launch the shared db itself...
+    let out = r.cli(true, Some("tenant-token"), &["launch", "db"]);
+    assert_eq!(
+        out.status.code(),
+        Some(PERMISSION_DENIED),
+        "{}",
+        stderr(&out)
+    );
+    // ...but its session's web brings it up.
+    let out = r.cli(
+        true,
+        Some("tenant-token"),
+        &["launch", "web", "--session", "s1", "-o", "json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        d.json(&["get", "shared:db", "-o", "json"])["state"],
+        "ready"
+    );
+    // Stopping web with its dependencies leaves the shared db to those who may stop it.
+    let out = r.cli(
+        true,
+        Some("tenant-token"),
+        &[
+            "terminate",
+            "session:s1:web",
+            "--with-dependencies",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "terminated");
+    assert_eq!(
+        d.json(&["get", "shared:db", "-o", "json"])["state"],
+        "ready"
+    );
+    // The control: the daemon's owner (the socket) may, and does.
+    d.json(&["launch", "web", "--session", "s2", "-o", "json"]);
+    d.json(&[
+        "terminate",
+        "session:s2:web",
+        "--with-dependencies",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        d.json(&["get", "shared:db", "-o", "json"])["state"],
+        "terminated"
+    );
+}

@@ -6,6 +6,7 @@ mod admission;
 mod cgroup_tracking;
 mod cli_ux;
 mod dataplane;
+mod deps;
 mod docker;
 mod durability;
 mod exec;
