@@ -27,4 +27,5 @@ mod socket_trust;
 mod state_copy;
 mod supervision;
 mod surface;
+mod top;
 mod walls;
