@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+pub mod daemon;
+
 /// Latency samples of one measurement.
 #[derive(Debug, Clone)]
 pub struct Samples {
