@@ -140,6 +140,7 @@ impl KeeperClient {
         env: Vec<(String, String)>,
         cwd: PathBuf,
         cgroup: Option<PathBuf>,
+        setup: Option<crate::setup::ChildSetup>,
     ) -> Result<KeeperSpawn, SpawnError> {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
@@ -153,6 +154,7 @@ impl KeeperClient {
             env,
             cwd,
             cgroup,
+            setup,
         };
         let lost = |source: io::Error| SpawnError::Exec {
             program: program.clone(),
@@ -755,8 +757,15 @@ impl KeeperDriver {
         };
         let record = serde_json::to_string(&record)
             .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
+        // user, limits, umask: resolved here (names in the host's databases), applied by
+        // the keeper's child; the working directory is entered as the new user.
+        let setup = crate::setup::host_setup(&spec.spec).map_err(|e| {
+            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
+        })?;
+        let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
         let spawn_at = |client: Arc<KeeperClient>| {
             let (record, spec, cgroup_dir) = (record.clone(), &spec, cgroup_dir.clone());
+            let (setup, cwd) = (setup.clone(), cwd.clone());
             async move {
                 client
                     .spawn(
@@ -764,8 +773,9 @@ impl KeeperDriver {
                         record,
                         spec.argv.clone(),
                         spec.env.clone(),
-                        spec.cwd.clone(),
+                        cwd,
                         cgroup_dir,
+                        setup,
                     )
                     .await
             }

@@ -71,6 +71,10 @@ pub enum Request {
         /// The instance's cgroup (made by the daemon): the child joins it before exec.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cgroup: Option<PathBuf>,
+        /// user, limits, umask (resolved by the daemon); the child applies them before
+        /// exec and enters `cwd` as the new user.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        setup: Option<crate::setup::ChildSetup>,
     },
     /// The daemon has the exit status of `pid`: forget the instance.
     Ack { pid: u32 },
