@@ -275,3 +275,35 @@ fn a_bad_field_is_a_manifest_error_naming_it() {
     let e = failed_launch(&d, "basics");
     assert!(e.contains("umask"), "{e}");
 }
+
+/// docker: `working_dir` (absolute, inside), `user`/`group`, `groups`, `limits` (the
+/// engine's ulimits) and `env_file`.
+#[test]
+fn working_dir_user_groups_limits_and_env_file_apply_in_a_container() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let d = Daemon::start(&[]);
+    let m = format!(
+        "name: basics\ndriver: docker\ncommand: [/bin/sh, -c, '{REPORT}']\nrestart: {{policy: never}}\n\
+         env: {{BOTH: from-manifest}}\nenv_file: app.env\nworking_dir: /srv/app\nuser: \"65534\"\n\
+         group: \"65533\"\ngroups: [\"7\"]\nlimits: {{nofile: 1234, core: {{soft: 1Mi, hard: 2Mi}}}}\n\
+         docker: {{image: {}}}\n",
+        crate::docker::IMAGE
+    );
+    write_workload(&d.workloads, "basics", &m, &[("app.env", ENV_FILE)]);
+    assert!(d.cli(&["reload"]).status.success());
+    let r = report(&d, "basics");
+    assert_eq!(value(&r, "pwd"), "/srv/app", "{r:?}");
+    assert_eq!(value(&r, "uid"), "65534");
+    assert_eq!(value(&r, "gid"), "65533");
+    assert_eq!(value(&r, "groups"), "65533 7");
+    assert_eq!(value(&r, "nofile"), "1234");
+    // busybox's ash counts core sizes in 512-byte blocks, as dash does.
+    assert_eq!(value(&r, "core"), "2048");
+    assert_eq!(value(&r, "core_hard"), "4096");
+    assert_eq!(value(&r, "from_file"), "file-value");
+    assert_eq!(value(&r, "both"), "from-manifest");
+    assert!(d.cli(&["terminate", "ns:default:basics"]).status.success());
+}
