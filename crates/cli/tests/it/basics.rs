@@ -307,3 +307,46 @@ fn working_dir_user_groups_limits_and_env_file_apply_in_a_container() {
     assert_eq!(value(&r, "both"), "from-manifest");
     assert!(d.cli(&["terminate", "ns:default:basics"]).status.success());
 }
+
+/// sandbox: `user`/`groups` are ids inside its user namespace (names from the host's
+/// database, which the sandbox shows at `/etc`), `working_dir` relative to the folder,
+/// `limits`, `umask` and `env_file`.
+#[test]
+fn user_groups_working_dir_limits_umask_and_env_file_apply_in_the_sandbox() {
+    let d = daemon(
+        "driver: sandbox\nuser: nobody\ngroups: [daemon]\nworking_dir: data\nenv_file: app.env\n\
+         limits: {nofile: 1234, core: {soft: 1Mi, hard: 2Mi}}\numask: \"0027\"\n",
+        &[],
+    );
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    let r = report(&d, "basics");
+    assert_eq!(value(&r, "uid"), "65534", "{r:?}");
+    assert_eq!(value(&r, "gid"), "65534");
+    assert_eq!(value(&r, "groups"), "65534 1");
+    assert_eq!(
+        value(&r, "pwd"),
+        canonical(&d.workloads.join("basics/data"))
+    );
+    assert_eq!(value(&r, "nofile"), "1234");
+    assert_eq!(value(&r, "core"), "2048");
+    assert_eq!(value(&r, "core_hard"), "4096");
+    assert_eq!(value(&r, "umask"), "0027");
+    assert_eq!(value(&r, "from_file"), "file-value");
+    assert_eq!(value(&r, "both"), "from-manifest");
+}
+
+/// In a user namespace no hard limit can be raised: the start fails naming the limit.
+#[test]
+fn a_hard_limit_the_sandbox_cannot_raise_fails_the_start_naming_it() {
+    let d = daemon("driver: sandbox\nlimits: {nofile: 1073741816}\n", &[]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    let e = failed_launch(&d, "basics");
+    assert!(
+        e.contains("limits.nofile: the hard limit 1073741816"),
+        "{e}"
+    );
+}
