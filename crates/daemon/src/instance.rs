@@ -182,7 +182,10 @@ impl Slot {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
-        Some((env, self.dir.clone()))
+        Some((
+            env,
+            bulkhead_core::execution::working_dir(&self.spec, &self.dir),
+        ))
     }
 }
 

@@ -351,7 +351,7 @@ pub fn limit_settings(spec: &WorkloadSpec) -> Result<Vec<LimitSetting>, String> 
 }
 
 /// [`ChildSetup`] ready for a forked child: every buffer made.
-pub(crate) struct Prepared {
+pub struct Prepared {
     ids: Option<(u32, u32, Vec<libc::gid_t>)>,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     umask: Option<libc::mode_t>,
@@ -360,7 +360,7 @@ pub(crate) struct Prepared {
 
 impl ChildSetup {
     /// Checks the limits (naming one that cannot be set) and builds what the child reads.
-    pub(crate) fn prepare(&self, cwd: &Path) -> io::Result<Prepared> {
+    pub fn prepare(&self, cwd: &Path) -> io::Result<Prepared> {
         check_limits(&self.limits, true).map_err(io::Error::other)?;
         let mut rlimits = Vec::with_capacity(self.limits.len());
         for l in &self.limits {
@@ -397,7 +397,7 @@ impl Prepared {
     /// # Safety
     /// For a forked child before exec: raw system calls on values built before the fork,
     /// no allocation, no lock.
-    pub(crate) unsafe fn apply(&self) -> io::Result<()> {
+    pub unsafe fn apply(&self) -> io::Result<()> {
         // SAFETY: system calls on plain values and on buffers owned by `self`, which lives
         // until the exec; the caller upholds the fork-child contract.
         unsafe {
@@ -469,6 +469,42 @@ mod tests {
             .unwrap();
         assert_eq!((c.uid, c.gid, c.groups), (4000000, 4000001, vec![4000001]));
         assert_eq!(resolve_user(&spec(""), 0).unwrap(), None);
+    }
+
+    #[test]
+    fn a_daemon_not_running_as_root_cannot_switch_to_another_user() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to become another user for the check");
+            return;
+        }
+        let other = spec("user: root\n");
+        let itself = spec("user: nobody\nlimits: {nofile: 64}\n");
+        // SAFETY: the child drops to nobody with raw system calls and only then runs the
+        // check (glibc's fork makes malloc usable in the child), and leaves with _exit.
+        let code = unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                let dropped = libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<u32>())
+                    == 0
+                    && libc::syscall(libc::SYS_setresgid, 65534, 65534, 65534) == 0
+                    && libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) == 0;
+                let refused = matches!(host_setup(&other),
+                    Err(e) if e.contains("user root (uid 0): the daemon runs as uid 65534, not root"));
+                // Naming itself is no switch: only the limits remain.
+                let same = matches!(host_setup(&itself),
+                    Ok(Some(s)) if s.credentials.is_none() && s.limits.len() == 1);
+                libc::_exit(i32::from(dropped) | i32::from(refused) << 1 | i32::from(same) << 2);
+            }
+            let mut st = 0;
+            assert_eq!(libc::waitpid(pid, &mut st, 0), pid);
+            libc::WEXITSTATUS(st)
+        };
+        assert_eq!(
+            code, 7,
+            "bit 1: dropped to nobody, 2: refused, 4: itself allowed"
+        );
     }
 
     #[test]

@@ -177,6 +177,14 @@ fn user_nobody(args: &[&str]) {
     assert_eq!(value(&r, "gid"), "65534");
     assert_eq!(value(&r, "groups"), "65534", "nobody's groups, not root's");
     assert_eq!(value(&r, "pwd"), "/");
+    // exec runs as the instance runs: its user, in its working directory.
+    let o = d.cli(&["exec", "ns:default:basics", "--", "sh", "-c", "id -u; pwd"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "65534\n/\n",
+        "{}",
+        stderr(&o)
+    );
     d.cli(&["terminate", "ns:default:basics"]);
 
     // group and supplementary groups by name and by number.
