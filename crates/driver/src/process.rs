@@ -21,7 +21,9 @@
 //! anyway.
 //!
 //! Without a usable cgroup2 mount, the driver tracks by process group, as described below
-//! (logged once), and uses `posix_spawn`.
+//! (logged once), and uses `posix_spawn`, unless the manifest sets `user`, `limits` or
+//! `umask`: those the child applies itself ([`crate::setup`]), so such a spawn forks too.
+//! The working directory is the manifest's `working_dir` (default: its folder).
 //!
 //! # Design
 //!

@@ -9,7 +9,9 @@
 //!   the keeper dies, its instances die with it, so nothing ever runs unseen; and, when
 //!   the daemon gives one, in the instance's cgroup (the child joins it before exec), so
 //!   that what an instance forks, `setsid` or not, is found and killed with it by the
-//!   daemon (a double-forked process has no parent-death signal of its own);
+//!   daemon (a double-forked process has no parent-death signal of its own); the child
+//!   applies the manifest's user, groups, rlimits and umask the daemon resolved
+//!   ([`crate::setup::ChildSetup`], checked in the keeper: its limits are the child's);
 //! - holds the read ends of each instance's stdout and stderr pipes and forwards what
 //!   they carry to the daemon as output packets (so the daemon holds no pipe: one
 //!   descriptor per instance, its pidfd). A pipe is read only once the daemon has
