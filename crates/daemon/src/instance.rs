@@ -817,6 +817,15 @@ async fn spawn(
             .map_err(|e| format!("cannot allocate a port: {e}"))?;
     }
     let notify = match &spec.readiness {
+        // A process instance running as another user cannot reach the state directory
+        // (0700): its socket is an abstract one (`@...`), which needs no file access.
+        Some(r) if r.notify && spec.driver == DriverKind::Process && spec.user.is_some() => {
+            let name = format!("bulkhead-notify-{}-{}", std::process::id(), sh.next_seq());
+            Some(
+                NotifySocket::bind_abstract(&name)
+                    .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))?,
+            )
+        }
         Some(r) if r.notify => {
             let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));
             Some(

@@ -358,3 +358,26 @@ fn a_hard_limit_the_sandbox_cannot_raise_fails_the_start_naming_it() {
         "{e}"
     );
 }
+
+/// An instance running as another user cannot reach the daemon's state directory: its
+/// notify socket is an abstract one, and `READY=1` from it makes it ready.
+#[test]
+fn an_instance_running_as_another_user_can_notify_readiness() {
+    if !is_root() {
+        eprintln!("skipped: switching users needs a daemon running as root");
+        return;
+    }
+    let Some(py) = system_python3() else { return };
+    let m = format!(
+        "name: notifier\nuser: nobody\nworking_dir: /\nreadiness: {{notify: true, timeout: 20s}}\n\
+         command: [{py}, -c, 'import os,socket,time; a=os.environ[\"NOTIFY_SOCKET\"]; print(a, flush=True); \
+         s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); \
+         s.sendto(b\"READY=1\", \"\\0\"+a[1:] if a.startswith(\"@\") else a); time.sleep(1000)']\n"
+    );
+    let d = Daemon::start(&[("notifier", &m)]);
+    let v = d.json(&["launch", "notifier", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    assert!(d
+        .logs_text("ns:default:notifier")
+        .contains("@bulkhead-notify-"));
+}
