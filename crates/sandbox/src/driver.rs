@@ -56,6 +56,8 @@ use tokio::sync::{oneshot, watch};
 use crate::cgroup::{self, Cgroups, InstanceCgroup, ModeChoice};
 use crate::spawn::{self, BindPlan, ChildError, Prepared};
 
+/// A uid and a gid inside the instance's user namespace.
+type UidGid = (u32, u32);
 /// The default spawn-admission floor: 64 MiB of `MemAvailable`.
 pub const DEFAULT_MIN_AVAILABLE_MEMORY: u64 = 64 << 20;
 
@@ -259,14 +261,14 @@ impl SandboxDriver {
         })
     }
 
-    /// The ids the workload switches to: `sandbox.user`, or the manifest's `user`,
+    /// The ids the workload switches to (uid, gid) and its supplementary groups: `sandbox.user`, or the manifest's `user`,
     /// `group` and `groups`, names resolved in the host's databases (which the sandbox
     /// shows at `/etc`), as ids inside the user namespace; each must be mapped there.
     fn user(
         &self,
         spec: &SpawnSpec,
         sb: &SandboxSpec,
-    ) -> Result<(Option<(u32, u32)>, Vec<u32>), SpawnError> {
+    ) -> Result<(Option<UidGid>, Vec<u32>), SpawnError> {
         if let Some(u) = sb.user {
             return Ok((Some((u.uid, u.gid())), Vec::new()));
         }

@@ -131,7 +131,8 @@ impl KeeperClient {
             .subscribe()
     }
 
-    /// Spawns through the keeper.
+    /// Spawns through the keeper (each argument is a field of the request).
+    #[allow(clippy::too_many_arguments)]
     pub async fn spawn(
         &self,
         instance: &str,
@@ -140,7 +141,7 @@ impl KeeperClient {
         env: Vec<(String, String)>,
         cwd: PathBuf,
         cgroup: Option<PathBuf>,
-        setup: Option<crate::setup::ChildSetup>,
+        setup: Option<Box<crate::setup::ChildSetup>>,
     ) -> Result<KeeperSpawn, SpawnError> {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
@@ -759,9 +760,11 @@ impl KeeperDriver {
             .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
         // user, limits, umask: resolved here (names in the host's databases), applied by
         // the keeper's child; the working directory is entered as the new user.
-        let setup = crate::setup::host_setup(&spec.spec).map_err(|e| {
-            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
-        })?;
+        let setup = crate::setup::host_setup(&spec.spec)
+            .map_err(|e| {
+                SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
+            })?
+            .map(Box::new);
         let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
         let spawn_at = |client: Arc<KeeperClient>| {
             let (record, spec, cgroup_dir) = (record.clone(), &spec, cgroup_dir.clone());

@@ -76,7 +76,7 @@ pub enum Request {
         /// user, limits, umask (resolved by the daemon); the child applies them before
         /// exec and enters `cwd` as the new user.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        setup: Option<crate::setup::ChildSetup>,
+        setup: Option<Box<crate::setup::ChildSetup>>,
     },
     /// The daemon has the exit status of `pid`: forget the instance.
     Ack { pid: u32 },

@@ -422,7 +422,7 @@ impl Keeper {
                     );
                     return;
                 }
-                match spawn(&argv, &env, &cwd, cgroup.as_deref(), setup.as_ref()) {
+                match spawn(&argv, &env, &cwd, cgroup.as_deref(), setup.as_deref()) {
                     Ok((pid, pidfd, stdout, stderr)) => {
                         let start_time = sys::read_stat(pid).map(|s| s.starttime).unwrap_or(0);
                         let reply = Reply::Spawned {
