@@ -1022,12 +1022,30 @@ fn probes(
         ));
     }
     if let Some(e) = exec {
+        // A process instance's probe runs as the instance does (user, limits, umask, in
+        // its working directory); the others' run on the host, in the folder.
+        let (cwd, setup) = if slot.spec.driver == DriverKind::Process {
+            match bulkhead_driver::setup::host_setup(&slot.spec) {
+                Ok(s) => (
+                    bulkhead_core::execution::working_dir(&slot.spec, &slot.dir),
+                    s.map(Box::new),
+                ),
+                Err(err) => {
+                    // Never passes; the readiness timeout reports the launch as failed.
+                    tracing::warn!("{}: exec probe: {err}", slot.id);
+                    return out;
+                }
+            }
+        } else {
+            (slot.dir.clone(), None)
+        };
         match resolve_command(slot, &e.command, env) {
             Ok(argv) => out.push((
                 Check::Exec {
                     argv,
                     env: env.to_vec(),
-                    cwd: slot.dir.clone(),
+                    cwd,
+                    setup,
                 },
                 e.timing,
             )),

@@ -212,6 +212,8 @@ pub enum Check {
         argv: Vec<String>,
         env: Vec<(String, String)>,
         cwd: PathBuf,
+        /// A process instance's user, limits and umask: the probe runs as it does.
+        setup: Option<Box<bulkhead_driver::setup::ChildSetup>>,
     },
 }
 
@@ -232,7 +234,12 @@ impl Check {
                 .map(drop)
                 .map_err(|e| format!("tcp 127.0.0.1:{port}: {e}")),
             Check::Http(t) => t.get().await,
-            Check::Exec { argv, env, cwd } => {
+            Check::Exec {
+                argv,
+                env,
+                cwd,
+                setup,
+            } => {
                 let mut cmd = std::process::Command::new(&argv[0]);
                 cmd.args(&argv[1..])
                     .env_clear()
@@ -241,6 +248,16 @@ impl Check {
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null());
+                if let Some(setup) = setup {
+                    let prepared = setup
+                        .prepare(cwd)
+                        .map_err(|e| format!("exec {}: {e}", argv[0]))?;
+                    use std::os::unix::process::CommandExt;
+                    // SAFETY: the closure runs in the child between fork and exec and only
+                    // makes the raw system calls of `Prepared::apply` on buffers built
+                    // before the fork.
+                    unsafe { cmd.pre_exec(move || prepared.apply()) };
+                }
                 // Registered with the orphan reaper, so it never takes this status; its
                 // own process group, killed if the attempt is dropped (probe timeout).
                 let mut child = bulkhead_driver::reaper::spawn(&mut cmd)

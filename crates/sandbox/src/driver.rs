@@ -58,6 +58,7 @@ use crate::spawn::{self, BindPlan, ChildError, Prepared};
 
 /// A uid and a gid inside the instance's user namespace.
 type UidGid = (u32, u32);
+
 /// The default spawn-admission floor: 64 MiB of `MemAvailable`.
 pub const DEFAULT_MIN_AVAILABLE_MEMORY: u64 = 64 << 20;
 

@@ -170,8 +170,13 @@ fn user_nobody(args: &[&str]) {
         eprintln!("skipped: switching users needs a daemon running as root");
         return;
     }
-    // An absolute working_dir (`/`: one that nobody may enter).
-    let d = daemon("user: nobody\nworking_dir: /\n", args);
+    // An absolute working_dir (`/`: one that nobody may enter). The exec probe passes
+    // only as the instance runs: as nobody, in `/`.
+    let d = daemon(
+        "user: nobody\nworking_dir: /\n\
+         readiness: {exec: [/bin/sh, -c, \"test $(id -u) = 65534 && test $(pwd) = /\"], timeout: 20s}\n",
+        args,
+    );
     let r = report(&d, "basics");
     assert_eq!(value(&r, "uid"), "65534", "{r:?}");
     assert_eq!(value(&r, "gid"), "65534");
