@@ -378,8 +378,13 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), (String, String)> {
                 );
             }
             if spec.user.is_none() {
+                let field = if spec.group.is_some() {
+                    "group"
+                } else {
+                    "groups"
+                };
                 return fail(
-                    "group",
+                    field,
                     "needs user with driver: sandbox (the workload runs as root inside otherwise)"
                         .into(),
                 );
@@ -557,6 +562,8 @@ mod tests {
         );
         let e = parse("driver: sandbox\ngroup: nogroup\n").unwrap_err();
         assert!(e.contains("field `group`"), "{e}");
+        let e = parse("driver: sandbox\ngroups: [adm]\n").unwrap_err();
+        assert!(e.contains("field `groups`"), "{e}");
         assert!(parse("driver: sandbox\nuser: nobody\numask: \"077\"\n").is_ok());
     }
 }
