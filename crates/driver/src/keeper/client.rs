@@ -64,6 +64,8 @@ pub enum KeeperSpawn {
         start_time: u64,
         pidfd: OwnedFd,
         tap: Arc<OutputTap>,
+        /// The keeper applied the request's setup (see `Reply::Spawned`).
+        setup_applied: bool,
     },
     /// The keeper holds as many instances as it can: try the next one.
     Full(String),
@@ -170,7 +172,10 @@ impl KeeperClient {
         match rx.await {
             Ok((
                 Reply::Spawned {
-                    pid, start_time, ..
+                    pid,
+                    start_time,
+                    setup_applied,
+                    ..
                 },
                 fds,
                 tap,
@@ -180,6 +185,7 @@ impl KeeperClient {
                     start_time,
                     pidfd,
                     tap,
+                    setup_applied,
                 }),
                 _ => Err(SpawnError::Other(format!(
                     "the keeper sent no pidfd for pid {pid}"
@@ -806,16 +812,26 @@ impl KeeperDriver {
             }
             match res? {
                 KeeperSpawn::Started {
-                    pid, pidfd, tap, ..
+                    pid,
+                    pidfd,
+                    tap,
+                    setup_applied,
+                    ..
                 } => {
+                    let handle =
+                        self.handle(&client, spec.instance.to_string(), pid, Some(pidfd), cgroup);
+                    if setup.is_some() && !setup_applied {
+                        // A keeper from before `setup` ran the child without its user,
+                        // limits and umask: it must not go on running.
+                        let _ = handle.signal(bulkhead_core::signal::Signal::KILL);
+                        handle.wait().await;
+                        return Err(SpawnError::Other(format!(
+                            "cannot start instance {}: the keeper (shard {shard}) is older than                              this daemon and ignored the manifest's user, limits and umask; the                              instance was killed. Restart the keeper (stop its instances and the                              daemon) to run this workload",
+                            spec.instance
+                        )));
+                    }
                     return Ok(Spawned {
-                        handle: self.handle(
-                            &client,
-                            spec.instance.to_string(),
-                            pid,
-                            Some(pidfd),
-                            cgroup,
-                        ),
+                        handle,
                         stdout: None,
                         stderr: None,
                         tap: Some(tap),

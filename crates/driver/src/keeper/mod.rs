@@ -97,6 +97,11 @@ pub enum Reply {
         req: u64,
         pid: u32,
         start_time: u64,
+        /// The child applied the request's `setup`. A keeper older than `setup` leaves
+        /// it out; the daemon then kills the instance rather than let it run as it was
+        /// not meant to.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        setup_applied: bool,
     },
     SpawnFailed {
         req: u64,
@@ -285,4 +290,38 @@ pub(crate) fn seqpacket(nonblocking: bool) -> io::Result<OwnedFd> {
 pub(crate) fn grow_buffers(fd: impl AsFd) {
     let _ = rustix::net::sockopt::set_socket_send_buffer_size(&fd, 4 * MAX_MESSAGE);
     let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 4 * MAX_MESSAGE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A keeper from before `setup` answers without `setup_applied`: read as not applied,
+    /// so the daemon kills the instance; and such a keeper never sees a `setup` it could
+    /// mistake for something else (the field is left out when there is none).
+    #[test]
+    fn a_spawn_reply_without_setup_applied_reads_as_not_applied() {
+        let old: Reply =
+            serde_json::from_str(r#"{"op":"spawned","req":1,"pid":2,"start_time":3}"#).unwrap();
+        assert_eq!(
+            old,
+            Reply::Spawned {
+                req: 1,
+                pid: 2,
+                start_time: 3,
+                setup_applied: false
+            }
+        );
+        let plain = Request::Spawn {
+            req: 1,
+            instance: "i".into(),
+            record: String::new(),
+            argv: vec!["sh".into()],
+            env: Vec::new(),
+            cwd: PathBuf::from("/"),
+            cgroup: None,
+            setup: None,
+        };
+        assert!(!serde_json::to_string(&plain).unwrap().contains("setup"));
+    }
 }

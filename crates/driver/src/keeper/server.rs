@@ -429,6 +429,7 @@ impl Keeper {
                             req,
                             pid,
                             start_time,
+                            setup_applied: setup.is_some(),
                         };
                         self.reply(&reply, &[pidfd.as_fd()]);
                         // The keeper's own pidfd goes: the pid stays pinned until this loop
