@@ -357,6 +357,8 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
         source,
     };
     let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
+    crate::setup::check_working_dir(&spec.spec, &cwd)
+        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?;
     let program = resolve_program(arg0, &spec.env, &cwd).map_err(exec_err)?;
     // user, limits, umask: applied in a forked child (posix_spawn cannot).
     let setup = crate::setup::host_setup(&spec.spec)

@@ -336,6 +336,15 @@ pub fn host_setup(spec: &WorkloadSpec) -> Result<Option<ChildSetup>, String> {
     }))
 }
 
+/// For a `working_dir` on the host (process driver): it must be a directory, or the
+/// start fails naming it (the spawn itself would blame the program).
+pub fn check_working_dir(spec: &WorkloadSpec, dir: &Path) -> Result<(), String> {
+    if spec.working_dir.is_some() && !dir.is_dir() {
+        return Err(format!("working_dir {}: no such directory", dir.display()));
+    }
+    Ok(())
+}
+
 /// The manifest's limits as settings.
 pub fn limit_settings(spec: &WorkloadSpec) -> Result<Vec<LimitSetting>, String> {
     let limits: Vec<ResolvedLimit> =

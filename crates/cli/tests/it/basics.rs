@@ -236,6 +236,19 @@ fn a_user_that_does_not_exist_fails_the_launch_naming_it() {
 }
 
 #[test]
+fn a_working_dir_that_does_not_exist_fails_the_launch_naming_it() {
+    for args in [&[][..], &["--no-keeper"][..]] {
+        let d = daemon("working_dir: missing\n", args);
+        let e = failed_launch(&d, "basics");
+        let dir = d.workloads.join("basics/missing");
+        assert!(
+            e.contains(&format!("working_dir {}: no such directory", dir.display())),
+            "{args:?}: {e}"
+        );
+    }
+}
+
+#[test]
 fn a_working_dir_the_user_cannot_enter_fails_the_launch() {
     if !is_root() {
         eprintln!("skipped: switching users needs a daemon running as root");

@@ -772,6 +772,9 @@ impl KeeperDriver {
             })?
             .map(Box::new);
         let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
+        crate::setup::check_working_dir(&spec.spec, &cwd).map_err(|e| {
+            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
+        })?;
         let spawn_at = |client: Arc<KeeperClient>| {
             let (record, spec, cgroup_dir) = (record.clone(), &spec, cgroup_dir.clone());
             let (setup, cwd) = (setup.clone(), cwd.clone());
