@@ -233,6 +233,12 @@ fn a_user_that_does_not_exist_fails_the_launch_naming_it() {
             "{args:?}: {e}"
         );
     }
+    // The sandbox resolves names in the same database (which it shows at /etc).
+    let d = daemon("driver: sandbox\nuser: no-such-user-here\n", &[]);
+    if crate::sandbox::sandbox_available(&d) {
+        let e = failed_launch(&d, "basics");
+        assert!(e.contains("user no-such-user-here: no such user"), "{e}");
+    }
 }
 
 #[test]
