@@ -406,6 +406,43 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), (String, String)> {
         }
         _ => {}
     }
+    if sets_user && spec.channels.is_some() {
+        // The channel space is given to the instance's host user before the start, and
+        // the core resolves no names: only the forms it can place are accepted.
+        let field = if spec.user.is_some() {
+            "user"
+        } else if spec.group.is_some() {
+            "group"
+        } else {
+            "groups"
+        };
+        match driver {
+            DriverKind::Process => {
+                return fail(
+                    field,
+                    "cannot be combined with channels on the process driver: the host's channel space belongs to the daemon's user".into(),
+                );
+            }
+            DriverKind::Sandbox => {
+                return fail(
+                    field,
+                    "with channels, set sandbox.user {uid, gid} instead (the channel space is given to that user before the start)".into(),
+                );
+            }
+            DriverKind::Docker => {
+                let numeric = |v: &Option<String>| {
+                    v.as_deref()
+                        .is_none_or(|s| matches!(principal(s), Ok(Principal::Id(_))))
+                };
+                if !numeric(&spec.user) || !numeric(&spec.group) {
+                    return fail(
+                        field,
+                        "channels need a numeric user and group (the channel space is given to that host user before the container starts; a name is only known inside the image)".into(),
+                    );
+                }
+            }
+        }
+    }
     resolve_limits(&spec.limits)?;
     if let Some(m) = &spec.umask {
         parse_umask(m).map_err(|r| ("umask".to_owned(), r))?;
@@ -565,5 +602,17 @@ mod tests {
         let e = parse("driver: sandbox\ngroups: [adm]\n").unwrap_err();
         assert!(e.contains("field `groups`"), "{e}");
         assert!(parse("driver: sandbox\nuser: nobody\numask: \"077\"\n").is_ok());
+        // Channels: the space's owner must be known before the start.
+        let ch = "channels: {outputs: [{name: out}]}\n";
+        let e = parse(&format!("{ch}user: nobody\n")).unwrap_err();
+        assert!(
+            e.contains("field `user`") && e.contains("process driver"),
+            "{e}"
+        );
+        let e = parse(&format!("driver: sandbox\n{ch}user: \"5\"\n")).unwrap_err();
+        assert!(e.contains("sandbox.user"), "{e}");
+        let e = parse(&format!("{docker}{ch}user: app\n")).unwrap_err();
+        assert!(e.contains("numeric"), "{e}");
+        assert!(parse(&format!("{docker}{ch}user: \"7\"\ngroup: \"8\"\n")).is_ok());
     }
 }
