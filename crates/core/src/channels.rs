@@ -371,7 +371,7 @@ pub fn space_of(
             }
         }
         // Without `docker.user` the driver runs a channel container as the daemon's ids.
-        DriverKind::Docker => match spec.docker.as_ref().and_then(|d| d.user.as_deref()) {
+        DriverKind::Docker => match docker_user(spec).as_deref() {
             None => daemon,
             Some(user) => {
                 let mut parts = user.splitn(2, ':');
@@ -394,6 +394,16 @@ pub fn space_of(
         uid,
         gid,
     }))
+}
+
+/// The container's user as the docker driver sets it: the manifest's `user[:group]`, or
+/// `docker.user` (validation allows one of them at most).
+fn docker_user(spec: &crate::spec::WorkloadSpec) -> Option<String> {
+    match (&spec.user, &spec.group) {
+        (Some(u), Some(g)) => Some(format!("{u}:{g}")),
+        (Some(u), None) => Some(u.clone()),
+        _ => spec.docker.as_ref().and_then(|d| d.user.clone()),
+    }
 }
 
 fn docker_user_error(user: &str) -> String {
@@ -596,6 +606,11 @@ mod tests {
         assert_eq!(space(&docker(", user: '1000'")), scope(1000, 0));
         let e = space(&docker(", user: app")).unwrap_err();
         assert!(e.contains("docker.user") && e.contains("numeric"), "{e}");
+        // The manifest's own user and group, as the container will run.
+        assert_eq!(
+            space(&format!("{}user: \"1000\"\ngroup: \"1002\"\n", docker(""))),
+            scope(1000, 1002)
+        );
         // No reservation for an automatic user namespace is a daemon bug, said so.
         let m = "name: w\ncommand: [x]\ndriver: sandbox\nchannels: {outputs: [{name: o}]}\n";
         assert!(space_of(

@@ -18,6 +18,8 @@
 //! - [`expand`]: `${VAR}` expansion of a command line.
 //! - [`text`]: free text from untrusted sources made safe to store and to print.
 //! - [`channels`]: the data plane's channels (`channels:`), scoped service names.
+//! - [`execution`]: the process basics (`working_dir`, `env_file`, `user`, `limits`,
+//!   `umask`) and [`envfile`], the dotenv format.
 //! - [`size`]: byte sizes (`512Mi`); [`sandbox`] and [`docker`]: the driver sections of a
 //!   manifest.
 //!
@@ -35,7 +37,9 @@ pub mod channels;
 pub mod deps;
 pub mod docker;
 pub mod duration;
+pub mod envfile;
 pub mod event;
+pub mod execution;
 pub mod expand;
 pub mod instance;
 pub mod key;

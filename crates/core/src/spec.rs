@@ -116,6 +116,48 @@ pub struct WorkloadSpec {
         skip_serializing_if = "crate::deps::OnDependencyRestart::is_ignore"
     )]
     pub on_dependency_restart: crate::deps::OnDependencyRestart,
+    // The process basics (`crate::execution`: meaning per driver, validation).
+    /// Where the instance starts: absolute, or relative to the manifest's folder (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// dotenv files read at each start (`crate::envfile`); `env` wins over them.
+    #[serde(
+        default,
+        deserialize_with = "crate::execution::one_or_many",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub env_file: Vec<String>,
+    /// The user (name or id) the instance runs as.
+    #[serde(
+        default,
+        deserialize_with = "crate::execution::opt_principal",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub user: Option<String>,
+    /// Its primary group (default: the user's).
+    #[serde(
+        default,
+        deserialize_with = "crate::execution::opt_principal",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub group: Option<String>,
+    /// Supplementary groups, besides the user's own from the group database.
+    #[serde(
+        default,
+        deserialize_with = "crate::execution::principals",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub groups: Vec<String>,
+    /// rlimits by name (`nofile`, `core`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, crate::execution::Limit>,
+    /// An octal string (`"0027"`); default: the daemon's.
+    #[serde(
+        default,
+        deserialize_with = "crate::execution::opt_umask",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub umask: Option<String>,
 }
 
 /// How an instance's log rotates.
@@ -1081,6 +1123,7 @@ impl WorkloadSpec {
             }
             (None, _) => {}
         }
+        crate::execution::validate(self)?;
         if self.idle_timeout == Some(Duration::ZERO) {
             return fail(
                 "idle_timeout",

@@ -156,6 +156,7 @@ pub(crate) async fn exec(
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
         .and_then(|h| h.exec_argv(&argv, start.tty));
+    let in_container = inside.is_some();
     let (argv, env) = match inside {
         Some(host_argv) => (host_argv, std::env::vars().collect()),
         None => (argv, env),
@@ -172,6 +173,17 @@ pub(crate) async fn exec(
     };
     if let Some(target) = slot.exec_target() {
         enter(&mut cmd, target, &cwd).map_err(spawn_err)?;
+    } else if !in_container {
+        // On the host, as the instance runs: its user, groups, limits and umask.
+        let setup = bulkhead_driver::setup::host_setup(&slot.spec())
+            .map_err(std::io::Error::other)
+            .and_then(|s| s.map(|s| s.prepare(&cwd)).transpose())
+            .map_err(spawn_err)?;
+        if let Some(setup) = setup {
+            // SAFETY: the closure runs in the child between fork and exec and only makes
+            // the raw system calls of `Prepared::apply` on buffers built before the fork.
+            unsafe { cmd.pre_exec(move || setup.apply()) };
+        }
     }
     let (child, io) = if start.tty {
         spawn_tty(cmd, start.size.unwrap_or(DEFAULT_SIZE))

@@ -234,7 +234,10 @@ impl Slot {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
-        Some((env, self.dir.clone()))
+        Some((
+            env,
+            bulkhead_core::execution::working_dir(&self.spec(), &self.dir),
+        ))
     }
 }
 
@@ -994,6 +997,15 @@ async fn spawn(
             .map_err(|e| format!("cannot allocate a port: {e}"))?;
     }
     let notify = match &spec.readiness {
+        // A process instance running as another user cannot reach the state directory
+        // (0700): its socket is an abstract one (`@...`), which needs no file access.
+        Some(r) if r.notify && spec.driver == DriverKind::Process && spec.user.is_some() => {
+            let name = format!("bulkhead-notify-{}-{}", std::process::id(), sh.next_seq());
+            Some(
+                NotifySocket::bind_abstract(&name)
+                    .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))?,
+            )
+        }
         Some(r) if r.notify => {
             let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));
             Some(
@@ -1003,8 +1015,12 @@ async fn spawn(
         }
         _ => None,
     };
+    // Read at each start: an edit applies on the next one (systemd's EnvironmentFile=).
+    let from_files = read_env_files(slot)?;
+    let file_keys: Vec<String> = from_files.iter().map(|(k, _)| k.clone()).collect();
     *env = instance_env(
         slot,
+        from_files,
         *port,
         notify.as_ref().map(|n| n.path().display().to_string()),
     );
@@ -1035,7 +1051,7 @@ async fn spawn(
             spec: spec.clone(),
             binds,
             ids,
-            inherited: inherited_vars(slot),
+            inherited: inherited_vars(slot, &file_keys),
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -1044,12 +1060,44 @@ async fn spawn(
 
 /// The variables of an instance's environment that came from the daemon's (or its
 /// default `PATH`), not from the manifest.
-fn inherited_vars(slot: &Slot) -> Vec<String> {
+fn inherited_vars(slot: &Slot, from_files: &[String]) -> Vec<String> {
     PASS_THROUGH
         .iter()
         .filter(|k| !slot.spec().env.iter().any(|(m, _)| m == *k))
+        .filter(|k| !from_files.iter().any(|f| f == *k))
         .map(|k| (*k).to_owned())
         .collect()
+}
+
+/// The variables of the workload's `env_file`s, in order (a later file wins). A file
+/// that is missing, unreadable or malformed fails the start, naming the file and line.
+fn read_env_files(slot: &Slot) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for path in bulkhead_core::execution::env_files(&slot.spec(), &slot.dir) {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read env_file {}: {e}", path.display()))?;
+        let vars = bulkhead_core::envfile::parse(&text)
+            .map_err(|e| format!("env_file {}: {e}", path.display()))?;
+        for (k, _) in &vars {
+            if bulkhead_core::spec::RESERVED_ENV.contains(&k.as_str())
+                || k.starts_with(bulkhead_core::channels::ENV_PREFIX)
+            {
+                return Err(format!(
+                    "env_file {}: {k} is set by bulkhead and cannot be overridden",
+                    path.display()
+                ));
+            }
+        }
+        out.extend(vars);
+    }
+    Ok(out)
+}
+
+/// Sets `k` in `env`, replacing an earlier value (a list with one entry per name: a
+/// `posix_spawn`ed program's `getenv` would see the first of two).
+fn set_var(env: &mut Vec<(String, String)>, k: String, v: String) {
+    env.retain(|(e, _)| *e != k);
+    env.push((k, v));
 }
 
 /// Variables passed through from the daemon's own environment.
@@ -1057,9 +1105,14 @@ const PASS_THROUGH: &[&str] = &[
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR",
 ];
 
-/// The instance environment: a few variables from the daemon, the manifest's `env`, then
-/// bulkhead's own (which a manifest cannot override).
-fn instance_env(slot: &Slot, port: u16, notify: Option<String>) -> Vec<(String, String)> {
+/// The instance environment: a few variables from the daemon, the `env_file`s, the
+/// manifest's `env`, then bulkhead's own (which a manifest cannot override).
+fn instance_env(
+    slot: &Slot,
+    from_files: Vec<(String, String)>,
+    port: u16,
+    notify: Option<String>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = PASS_THROUGH
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
@@ -1067,7 +1120,13 @@ fn instance_env(slot: &Slot, port: u16, notify: Option<String>) -> Vec<(String, 
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
-    env.extend(slot.spec().env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // The env files, then the manifest's `env`, which wins over them.
+    for (k, v) in from_files {
+        set_var(&mut env, k, v);
+    }
+    for (k, v) in &slot.spec().env {
+        set_var(&mut env, k.clone(), v.clone());
+    }
     env.push(("PORT".into(), port.to_string()));
     env.push(("BULKHEAD_INSTANCE".into(), slot.id.to_string()));
     env.push(("BULKHEAD_WORKLOAD".into(), slot.key.workload().to_owned()));
@@ -1143,12 +1202,30 @@ fn probes(
         ));
     }
     if let Some(e) = exec {
+        // A process instance's probe runs as the instance does (user, limits, umask, in
+        // its working directory); the others' run on the host, in the folder.
+        let (cwd, setup) = if slot.spec().driver == DriverKind::Process {
+            match bulkhead_driver::setup::host_setup(&slot.spec()) {
+                Ok(s) => (
+                    bulkhead_core::execution::working_dir(&slot.spec(), &slot.dir),
+                    s.map(Box::new),
+                ),
+                Err(err) => {
+                    // Never passes; the readiness timeout reports the launch as failed.
+                    tracing::warn!("{}: exec probe: {err}", slot.id);
+                    return out;
+                }
+            }
+        } else {
+            (slot.dir.clone(), None)
+        };
         match resolve_command(slot, &e.command, env) {
             Ok(argv) => out.push((
                 Check::Exec {
                     argv,
                     env: env.to_vec(),
-                    cwd: slot.dir.clone(),
+                    cwd,
+                    setup,
                 },
                 e.timing,
             )),

@@ -81,7 +81,9 @@ impl NotifyMsg {
 /// A bound notify socket, removed from the file system when dropped.
 pub struct NotifySocket {
     sock: UnixDatagram,
+    /// The file, or `@name` for a socket in the abstract namespace (no file).
     path: PathBuf,
+    file: bool,
 }
 
 impl NotifySocket {
@@ -92,6 +94,25 @@ impl NotifySocket {
         Ok(NotifySocket {
             sock,
             path: path.to_owned(),
+            file: true,
+        })
+    }
+
+    /// A socket in the abstract namespace, `NOTIFY_SOCKET=@name` (sd_notify's form): for
+    /// an instance running as another user, which could not reach a file in the daemon's
+    /// 0700 state directory. Anyone in the network namespace may send to it; as for the
+    /// file, only messages from the instance's own processes are taken.
+    pub fn bind_abstract(name: &str) -> std::io::Result<NotifySocket> {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+        let std_sock = std::os::unix::net::UnixDatagram::bind_addr(&addr)?;
+        std_sock.set_nonblocking(true)?;
+        let sock = UnixDatagram::from_std(std_sock)?;
+        rustix::net::sockopt::set_socket_passcred(&sock, true)?;
+        Ok(NotifySocket {
+            sock,
+            path: PathBuf::from(format!("@{name}")),
+            file: false,
         })
     }
 
@@ -165,7 +186,9 @@ impl NotifySocket {
 
 impl Drop for NotifySocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.file {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -189,6 +212,8 @@ pub enum Check {
         argv: Vec<String>,
         env: Vec<(String, String)>,
         cwd: PathBuf,
+        /// A process instance's user, limits and umask: the probe runs as it does.
+        setup: Option<Box<bulkhead_driver::setup::ChildSetup>>,
     },
 }
 
@@ -209,7 +234,12 @@ impl Check {
                 .map(drop)
                 .map_err(|e| format!("tcp 127.0.0.1:{port}: {e}")),
             Check::Http(t) => t.get().await,
-            Check::Exec { argv, env, cwd } => {
+            Check::Exec {
+                argv,
+                env,
+                cwd,
+                setup,
+            } => {
                 let mut cmd = std::process::Command::new(&argv[0]);
                 cmd.args(&argv[1..])
                     .env_clear()
@@ -218,6 +248,16 @@ impl Check {
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null());
+                if let Some(setup) = setup {
+                    let prepared = setup
+                        .prepare(cwd)
+                        .map_err(|e| format!("exec {}: {e}", argv[0]))?;
+                    use std::os::unix::process::CommandExt;
+                    // SAFETY: the closure runs in the child between fork and exec and only
+                    // makes the raw system calls of `Prepared::apply` on buffers built
+                    // before the fork.
+                    unsafe { cmd.pre_exec(move || prepared.apply()) };
+                }
                 // Registered with the orphan reaper, so it never takes this status; its
                 // own process group, killed if the attempt is dropped (probe timeout).
                 let mut child = bulkhead_driver::reaper::spawn(&mut cmd)

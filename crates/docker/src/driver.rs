@@ -38,7 +38,7 @@ use bulkhead_core::channels::ENV_IOX2_ROOT;
 use bulkhead_core::docker::DockerSpec;
 use bulkhead_core::event::ExitStatus;
 use bulkhead_core::signal::Signal;
-use bulkhead_core::spec::DriverKind;
+use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 use bulkhead_driver::{
     sys, Driver, ExitCause, InstanceHandle, KillDeadline, SignalError, SpawnError, SpawnSpec,
     Spawned, Stats, StatsError,
@@ -146,7 +146,8 @@ pub(crate) fn container_config(
         let ro = if m.read_only { ":ro" } else { "" };
         binds.push(format!("{}:{}{ro}", src.display(), m.target));
     }
-    let workdir = match &dk.workdir {
+    // `working_dir` (absolute, inside the container) or `docker.workdir`: one at most.
+    let workdir = match dk.workdir.as_ref().or(spec.spec.working_dir.as_ref()) {
         Some(w) => Some(w.clone()),
         None if spec.binds.iter().any(|b| under(&spec.cwd, &b.target)) => {
             if !spec.cwd.is_dir() {
@@ -195,6 +196,8 @@ pub(crate) fn container_config(
         cap_drop: (!dk.cap_drop.is_empty()).then(|| dk.cap_drop.clone()),
         // Deny by default: no setuid or file-capability escalation inside.
         security_opt: (!dk.new_privileges).then(|| vec!["no-new-privileges:true".to_owned()]),
+        group_add: (!spec.spec.groups.is_empty()).then(|| spec.spec.groups.clone()),
+        ulimits: ulimits(&spec.spec).map_err(SpawnError::Other)?,
         ..Default::default()
     };
     Ok(ContainerCreateBody {
@@ -213,7 +216,7 @@ pub(crate) fn container_config(
                 .collect(),
         ),
         working_dir: workdir,
-        user: container_user(&spec.env, dk.user.as_deref()),
+        user: container_user(&spec.env, manifest_user(&spec.spec, dk).as_deref()),
         exposed_ports: published.map(|(k, _)| vec![k]),
         labels: Some(labels),
         attach_stdout: Some(true),
@@ -223,7 +226,37 @@ pub(crate) fn container_config(
     })
 }
 
-/// The user the container runs as: `docker.user` if set; else, for an instance with
+/// The manifest's `user[:group]` (names resolve in the container's own databases), or
+/// `docker.user`; validation allows one of them at most.
+fn manifest_user(spec: &WorkloadSpec, dk: &DockerSpec) -> Option<String> {
+    match (&spec.user, &spec.group) {
+        (Some(u), Some(g)) => Some(format!("{u}:{g}")),
+        (Some(u), None) => Some(u.clone()),
+        _ => dk.user.clone(),
+    }
+}
+
+/// The manifest's `limits` as the engine's ulimits (`-1`: unlimited).
+fn ulimits(spec: &WorkloadSpec) -> Result<Option<Vec<bollard::models::ResourcesUlimits>>, String> {
+    if spec.limits.is_empty() {
+        return Ok(None);
+    }
+    let to = |v: Option<u64>| v.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    let limits = bulkhead_core::execution::resolve_limits(&spec.limits)
+        .map_err(|(f, r)| format!("{f}: {r}"))?;
+    Ok(Some(
+        limits
+            .into_iter()
+            .map(|l| bollard::models::ResourcesUlimits {
+                name: Some(l.name.to_owned()),
+                soft: Some(to(l.soft)),
+                hard: Some(to(l.hard)),
+            })
+            .collect(),
+    ))
+}
+
+/// The user the container runs as: `docker.user` (or `user`) if set; else, for an instance with
 /// channels, the daemon's own uid:gid. The data plane's shared-memory files are 0600 and
 /// owned by the daemon's user, and `/dev/shm` is sticky: running as that user is what
 /// lets the workload open them, and lets the daemon reclaim the files the workload made
@@ -997,6 +1030,37 @@ mod tests {
         assert_eq!(container_user(&env, None), Some(me));
         assert_eq!(container_user(&env, Some("app")), Some("app".to_owned()));
         assert_eq!(container_user(&[], None), None);
+    }
+
+    #[test]
+    fn the_process_basics_become_the_containers_settings() {
+        let m = "name: w\ndriver: docker\ncommand: [sh]\ndocker: {image: x}\nworking_dir: /srv\n\
+                 user: app\ngroup: \"100\"\ngroups: [audio, 7]\nlimits: {nofile: 99, core: {soft: 1Ki, hard: unlimited}}\n";
+        let ws = bulkhead_core::spec::parse_manifest("w/manifest.yaml", "w", m).unwrap();
+        let spec = SpawnSpec {
+            instance: bulkhead_core::key::Key::new("w", ws.isolation, Some("a"), None)
+                .unwrap()
+                .instance_id(),
+            argv: vec!["sh".into()],
+            env: Vec::new(),
+            cwd: PathBuf::from("/nonexistent/w"),
+            spec: Arc::new(ws.clone()),
+            binds: Vec::new(),
+            ids: None,
+            inherited: Vec::new(),
+        };
+        let c = container_config(&spec, ws.docker.as_ref().unwrap(), "x", "d", None).unwrap();
+        assert_eq!(c.working_dir.as_deref(), Some("/srv"));
+        assert_eq!(c.user.as_deref(), Some("app:100"));
+        let host = c.host_config.unwrap();
+        assert_eq!(host.group_add, Some(vec!["audio".into(), "7".into()]));
+        let ul: Vec<(String, i64, i64)> = host
+            .ulimits
+            .unwrap()
+            .into_iter()
+            .map(|u| (u.name.unwrap(), u.soft.unwrap(), u.hard.unwrap()))
+            .collect();
+        assert_eq!(ul, [("core".into(), 1024, -1), ("nofile".into(), 99, 99)]);
     }
 
     #[test]

@@ -31,6 +31,7 @@ mod posix_spawn;
 pub mod process;
 pub mod reaper;
 pub mod restrict;
+pub mod setup;
 pub mod sys;
 
 /// Everything a driver needs to start one instance. The daemon has already resolved the

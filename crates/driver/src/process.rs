@@ -21,7 +21,9 @@
 //! anyway.
 //!
 //! Without a usable cgroup2 mount, the driver tracks by process group, as described below
-//! (logged once), and uses `posix_spawn`.
+//! (logged once), and uses `posix_spawn`, unless the manifest sets `user`, `limits` or
+//! `umask`: those the child applies itself ([`crate::setup`]), so such a spawn forks too.
+//! The working directory is the manifest's `working_dir` (default: its folder).
 //!
 //! # Design
 //!
@@ -279,6 +281,7 @@ pub(crate) fn fork_spawn(
     cwd: &Path,
     cgroup_procs: Option<&OwnedFd>,
     death_parent: Option<rustix::process::Pid>,
+    setup: Option<crate::setup::Prepared>,
 ) -> io::Result<std::process::Child> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
@@ -291,16 +294,20 @@ pub(crate) fn fork_spawn(
         .args(args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(cwd)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // With a setup, the child enters `cwd` itself, after its uid switch.
+    if setup.is_none() {
+        cmd.current_dir(cwd);
+    }
     let procs_fd = cgroup_procs.map(AsRawFd::as_raw_fd);
     // SAFETY: the closure runs in the child between fork and exec. It only makes system
-    // calls (close_range, write, prctl, getppid) on values captured before the fork and
-    // builds an io::Error from an errno: no allocation, no lock, nothing that is not
-    // async-signal-safe.
+    // calls (close_range, write, umask, setrlimit, setgroups/setresgid/setresuid, chdir,
+    // prctl, getppid) on values captured before the fork (the setup's buffers were built
+    // by `ChildSetup::prepare`) and builds an io::Error from an errno: no allocation, no
+    // lock, nothing that is not async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             // Every descriptor above 2 (the spawner's sockets, pidfds, other instances'
@@ -317,6 +324,11 @@ pub(crate) fn fork_spawn(
                     return Err(io::Error::last_os_error());
                 }
             }
+            if let Some(s) = &setup {
+                // umask, rlimits, groups/gid/uid, chdir (see crate::setup).
+                s.apply()?;
+            }
+            // ORDER: after the uid switch, which clears the parent-death signal.
             if let Some(parent) = death_parent {
                 rustix::process::set_parent_process_death_signal(Some(
                     rustix::process::Signal::KILL,
@@ -344,7 +356,16 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
         program: arg0.clone(),
         source,
     };
-    let program = resolve_program(arg0, &spec.env, &spec.cwd).map_err(exec_err)?;
+    let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
+    crate::setup::check_working_dir(&spec.spec, &cwd)
+        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?;
+    let program = resolve_program(arg0, &spec.env, &cwd).map_err(exec_err)?;
+    // user, limits, umask: applied in a forked child (posix_spawn cannot).
+    let setup = crate::setup::host_setup(&spec.spec)
+        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?
+        .map(|s| s.prepare(&cwd))
+        .transpose()
+        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?;
 
     // The instance's cgroup, made before the spawn; the child joins it before exec.
     let cgroup = match tracker {
@@ -371,31 +392,30 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
     // RACE: the reaper lock is held from before the spawn until the pid is registered: a
     // child that exits at once must not be reaped as an orphan (its status is the
     // instance's). The watcher unregisters it after reaping it.
-    let spawned = match &cgroup {
-        Some((_, procs)) => {
-            fork_spawn(
-                &program,
-                &spec.argv,
-                &spec.env,
-                &spec.cwd,
-                Some(procs),
-                None,
-            )
-            .map(|mut c| {
-                let out = c.stdout.take().map(OwnedFd::from);
-                let err = c.stderr.take().map(OwnedFd::from);
-                // std never reaps on drop: the watcher reaps through the pidfd.
-                (c.id(), out, err)
-            })
-        }
-        None => posix_spawn::spawn(&posix_spawn::Spawn {
+    let spawned = match (&cgroup, setup) {
+        (None, None) => posix_spawn::spawn(&posix_spawn::Spawn {
             program: &program,
             arg0,
             args: &spec.argv[1..],
             env: &spec.env,
-            cwd: &spec.cwd,
+            cwd: &cwd,
         })
         .map(|c| (c.pid, Some(c.stdout), Some(c.stderr))),
+        (cgroup, setup) => fork_spawn(
+            &program,
+            &spec.argv,
+            &spec.env,
+            &cwd,
+            cgroup.as_ref().map(|(_, procs)| procs),
+            None,
+            setup,
+        )
+        .map(|mut c| {
+            let out = c.stdout.take().map(OwnedFd::from);
+            let err = c.stderr.take().map(OwnedFd::from);
+            // std never reaps on drop: the watcher reaps through the pidfd.
+            (c.id(), out, err)
+        }),
     };
     let (pid, stdout, stderr) = match spawned {
         Ok(x) => x,

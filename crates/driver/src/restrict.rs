@@ -5,7 +5,7 @@
 //!
 //! Order (each step needs what the previous one leaves):
 //! 1. drop every capability not kept from the bounding set (needs `CAP_SETPCAP`);
-//! 2. switch uid/gid (supplementary groups dropped; `PR_SET_KEEPCAPS` first when
+//! 2. switch uid/gid (supplementary groups replaced by `groups`; `PR_SET_KEEPCAPS` first when
 //!    capabilities are kept, or the switch to a non-root uid clears them);
 //! 3. set the effective, permitted and inheritable sets to the kept ones, clear the ambient
 //!    set and, for a non-root user, raise the kept ones as ambient (the only way a
@@ -51,6 +51,8 @@ pub struct Restrictions {
     pub cap_last: u32,
     /// Switch to this uid/gid (ids as seen in the process's user namespace).
     pub user: Option<(u32, u32)>,
+    /// The supplementary groups set with the switch (empty: none).
+    pub groups: Vec<u32>,
     /// Landlock scopes to enforce ([`LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET`]); 0: none.
     /// Only set where the kernel supports them ([`landlock_abi`] ≥ 6).
     pub landlock_scopes: u64,
@@ -65,6 +67,7 @@ impl std::fmt::Debug for Restrictions {
             .field("keep_caps", &format_args!("{:#x}", self.keep_caps))
             .field("cap_last", &self.cap_last)
             .field("user", &self.user)
+            .field("groups", &self.groups)
             .field(
                 "seccomp",
                 &self
@@ -160,7 +163,7 @@ impl Restrictions {
             }
             if let Some((uid, gid)) = self.user {
                 if (self.keep_caps != 0 && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0)
-                    || libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>())
+                    || libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr())
                         != 0
                     || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
                     || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0

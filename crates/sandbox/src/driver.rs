@@ -56,6 +56,9 @@ use tokio::sync::{oneshot, watch};
 use crate::cgroup::{self, Cgroups, InstanceCgroup, ModeChoice};
 use crate::spawn::{self, BindPlan, ChildError, Prepared};
 
+/// A uid and a gid inside the instance's user namespace.
+type UidGid = (u32, u32);
+
 /// The default spawn-admission floor: 64 MiB of `MemAvailable`.
 pub const DEFAULT_MIN_AVAILABLE_MEMORY: u64 = 64 << 20;
 
@@ -230,7 +233,8 @@ impl SandboxDriver {
 
     /// What the instance's processes, and every command `exec` runs in it, give up
     /// before exec.
-    fn restrictions(&self, sb: &SandboxSpec) -> Result<Restrictions, SpawnError> {
+    fn restrictions(&self, spec: &SpawnSpec, sb: &SandboxSpec) -> Result<Restrictions, SpawnError> {
+        let (user, groups) = self.user(spec, sb)?;
         let seccomp = match sb.seccomp {
             bulkhead_core::sandbox::Seccomp::None => Vec::new(),
             bulkhead_core::sandbox::Seccomp::Default if sb.seccomp_allow.is_empty() => {
@@ -245,7 +249,8 @@ impl SandboxDriver {
                 .iter()
                 .fold(0u64, |m, c| m | (1 << c)),
             cap_last: self.cap_last,
-            user: sb.user.map(|u| (u.uid, u.gid())),
+            user,
+            groups,
             landlock_scopes: if sb.abstract_sockets == AbstractSockets::Scoped
                 && self.landlock_abi >= 6
             {
@@ -255,6 +260,45 @@ impl SandboxDriver {
             },
             seccomp,
         })
+    }
+
+    /// The ids the workload switches to (uid, gid) and its supplementary groups: `sandbox.user`, or the manifest's `user`,
+    /// `group` and `groups`, names resolved in the host's databases (which the sandbox
+    /// shows at `/etc`), as ids inside the user namespace; each must be mapped there.
+    fn user(
+        &self,
+        spec: &SpawnSpec,
+        sb: &SandboxSpec,
+    ) -> Result<(Option<UidGid>, Vec<u32>), SpawnError> {
+        if let Some(u) = sb.user {
+            return Ok((Some((u.uid, u.gid())), Vec::new()));
+        }
+        let other = |what: String| {
+            SpawnError::Other(format!("cannot start instance {}: {what}", spec.instance))
+        };
+        let Some(c) = bulkhead_driver::setup::resolve_user(&spec.spec, 0).map_err(other)? else {
+            return Ok((None, Vec::new()));
+        };
+        let count = match &sb.user_namespace {
+            UserNs::Auto => Some(bulkhead_core::sandbox::USERNS_COUNT),
+            UserNs::Host => None,
+            UserNs::Map(m) => Some(m.count),
+        };
+        if let Some(count) = count {
+            let who = spec.spec.user.as_deref().unwrap_or("");
+            if c.uid >= count {
+                return Err(other(format!(
+                    "user {who} (uid {}) is not mapped by the sandbox's user namespace (ids below {count})",
+                    c.uid
+                )));
+            }
+            if let Some(g) = c.groups.iter().chain([&c.gid]).find(|g| **g >= count) {
+                return Err(other(format!(
+                    "group {g} of user {who} is not mapped by the sandbox's user namespace (ids below {count})"
+                )));
+            }
+        }
+        Ok((Some((c.uid, c.gid)), c.groups))
     }
 
     /// The user namespace map of the instance (`None`: the host's ids), and the hold on
@@ -425,6 +469,35 @@ impl SandboxDriver {
                 spec.instance
             ))
         })?;
+        // The manifest's working_dir (a path inside, relative ones to the folder).
+        let workdir = bulkhead_core::execution::working_dir(&spec.spec, &cwd);
+        let limits = bulkhead_driver::setup::limit_settings(&spec.spec).map_err(|e| {
+            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
+        })?;
+        // A child in a new user namespace cannot raise a hard limit at all.
+        bulkhead_driver::setup::check_limits(&limits, userns.is_none()).map_err(|e| {
+            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
+        })?;
+        let rlimits = limits
+            .iter()
+            .filter_map(|l| {
+                let res = bulkhead_driver::setup::resource(&l.name)?;
+                let v = |x: Option<u64>| x.unwrap_or(libc::RLIM_INFINITY);
+                Some((
+                    l.name.clone(),
+                    res,
+                    libc::rlimit {
+                        rlim_cur: v(l.soft),
+                        rlim_max: v(l.hard),
+                    },
+                ))
+            })
+            .collect();
+        let umask = spec
+            .spec
+            .umask
+            .as_deref()
+            .and_then(|m| bulkhead_core::execution::parse_umask(m).ok());
         let hostname = sb
             .hostname
             .clone()
@@ -434,7 +507,7 @@ impl SandboxDriver {
             program: cs(program.as_os_str().as_bytes(), "the program path")?,
             argv,
             env,
-            cwd: cs(cwd.as_os_str().as_bytes(), "the working directory")?,
+            cwd: cs(workdir.as_os_str().as_bytes(), "the working directory")?,
             hostname: hostname[..hostname.len().min(64)].to_vec(),
             net: sb.network.isolated(),
             init: sb.init,
@@ -443,6 +516,8 @@ impl SandboxDriver {
             slots,
             restrict,
             userns: userns.map(|ns| (ns.uid_map(), ns.gid_map())),
+            umask,
+            rlimits,
             cgroup_fd: None,
             v1_procs: Vec::new(),
             title: format!("bulkhead-init {}\0", spec.instance).into_bytes(),
@@ -511,7 +586,7 @@ impl Driver for SandboxDriver {
             }
         }
         let sb = spec.spec.sandbox.clone().unwrap_or_default();
-        let restrict = self.restrictions(&sb)?;
+        let restrict = self.restrictions(&spec, &sb)?;
         // Held until the instance is over (moved into its watcher below); a failed
         // spawn drops it on return.
         let (userns, id_hold) = self.user_namespace(&spec, &sb)?;

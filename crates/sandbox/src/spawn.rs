@@ -37,8 +37,9 @@
 //! 6. With init: block every signal, `clone(SIGCHLD)` (raw: glibc's `fork` runs atfork
 //!    handlers that take malloc locks another thread of the daemon may have held at the
 //!    clone), the new process (`W`, PID 2) continues below, `C` becomes the init loop.
-//! 7. `W`: default signal dispositions and an empty mask, stdio, `chdir`, the capability
-//!    bounding set, uid/gid, capability sets, `no_new_privs`, seccomp, `execve`.
+//! 7. `W`: default signal dispositions and an empty mask, stdio, the manifest's `umask`
+//!    and `limits`, `chdir` (its `working_dir`), the capability bounding set,
+//!    uid/gid/groups, capability sets, `no_new_privs`, seccomp, `execve`.
 //!
 //! The init overwrites its copy of the daemon's argument and environment areas with
 //! `bulkhead-init <id>` and makes itself non-dumpable; `W`'s last step before exec marks
@@ -547,6 +548,10 @@ pub(crate) struct Prepared {
     pub restrict: Restrictions,
     /// A new user namespace: the contents of `uid_map` and `gid_map`.
     pub userns: Option<(String, String)>,
+    /// The manifest's `umask` and `limits` (name, resource, value), set in the workload's
+    /// process before its working directory and restrictions.
+    pub umask: Option<libc::mode_t>,
+    pub rlimits: Vec<(String, libc::__rlimit_resource_t, libc::rlimit)>,
     pub cgroup_fd: Option<OwnedFd>,
     pub v1_procs: Vec<OwnedFd>,
     /// What the init shows as its command line (`bulkhead-init <instance id>`, NUL
@@ -637,6 +642,8 @@ const STAGE_USERNS_WAIT: u32 = 15;
 const STAGE_USERNS_ROOT: u32 = 16;
 const STAGE_LANDLOCK: u32 = 17;
 const STAGE_MOUNT: u32 = 1000;
+/// `STAGE_LIMIT + i`: setting `Prepared::rlimits[i]`.
+const STAGE_LIMIT: u32 = 900;
 
 fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
@@ -785,6 +792,26 @@ pub(crate) fn spawn(
         return Err(match stage {
             STAGE_EXEC => ChildError::Exec {
                 program: p.program.to_string_lossy().into_owned(),
+                source,
+            },
+            s if (STAGE_LIMIT..STAGE_MOUNT).contains(&s) => ChildError::Setup {
+                what: p.rlimits.get((s - STAGE_LIMIT) as usize).map_or_else(
+                    || format!("run setup stage {s}"),
+                    |(name, _, l)| {
+                        let show = |v: libc::rlim_t| {
+                            if v == libc::RLIM_INFINITY {
+                                "unlimited".to_owned()
+                            } else {
+                                v.to_string()
+                            }
+                        };
+                        format!(
+                            "set limits.{name} (soft {}, hard {})",
+                            show(l.rlim_cur),
+                            show(l.rlim_max)
+                        )
+                    },
+                ),
                 source,
             },
             s => ChildError::Setup {
@@ -1073,6 +1100,14 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         // pipe still reports a failed exec.
         if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
             fail(ctx, STAGE_STDIO);
+        }
+        if let Some(m) = p.umask {
+            libc::umask(m);
+        }
+        for (i, (_, res, lim)) in p.rlimits.iter().enumerate() {
+            if libc::setrlimit(*res, lim) != 0 {
+                fail(ctx, STAGE_LIMIT + i as u32);
+            }
         }
         if libc::chdir(p.cwd.as_ptr()) != 0 {
             fail(ctx, STAGE_CHDIR);

@@ -3,6 +3,7 @@
 
 mod access;
 mod admission;
+mod basics;
 mod cgroup_tracking;
 mod cli_ux;
 mod dataplane;

@@ -64,6 +64,8 @@ pub enum KeeperSpawn {
         start_time: u64,
         pidfd: OwnedFd,
         tap: Arc<OutputTap>,
+        /// The keeper applied the request's setup (see `Reply::Spawned`).
+        setup_applied: bool,
     },
     /// The keeper holds as many instances as it can: try the next one.
     Full(String),
@@ -131,7 +133,8 @@ impl KeeperClient {
             .subscribe()
     }
 
-    /// Spawns through the keeper.
+    /// Spawns through the keeper (each argument is a field of the request).
+    #[allow(clippy::too_many_arguments)]
     pub async fn spawn(
         &self,
         instance: &str,
@@ -140,6 +143,7 @@ impl KeeperClient {
         env: Vec<(String, String)>,
         cwd: PathBuf,
         cgroup: Option<PathBuf>,
+        setup: Option<Box<crate::setup::ChildSetup>>,
     ) -> Result<KeeperSpawn, SpawnError> {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
@@ -153,6 +157,7 @@ impl KeeperClient {
             env,
             cwd,
             cgroup,
+            setup,
         };
         // The keeper, not the program, failed: not an exec error.
         let lost = |source: io::Error| SpawnError::Other(format!("{program}: {source}"));
@@ -165,7 +170,10 @@ impl KeeperClient {
         match rx.await {
             Ok((
                 Reply::Spawned {
-                    pid, start_time, ..
+                    pid,
+                    start_time,
+                    setup_applied,
+                    ..
                 },
                 fds,
                 tap,
@@ -175,6 +183,7 @@ impl KeeperClient {
                     start_time,
                     pidfd,
                     tap,
+                    setup_applied,
                 }),
                 _ => Err(SpawnError::Other(format!(
                     "the keeper sent no pidfd for pid {pid}"
@@ -769,8 +778,20 @@ impl KeeperDriver {
         };
         let record = serde_json::to_string(&record)
             .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
+        // user, limits, umask: resolved here (names in the host's databases), applied by
+        // the keeper's child; the working directory is entered as the new user.
+        let setup = crate::setup::host_setup(&spec.spec)
+            .map_err(|e| {
+                SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
+            })?
+            .map(Box::new);
+        let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
+        crate::setup::check_working_dir(&spec.spec, &cwd).map_err(|e| {
+            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
+        })?;
         let spawn_at = |client: Arc<KeeperClient>| {
             let (record, spec, cgroup_dir) = (record.clone(), &spec, cgroup_dir.clone());
+            let (setup, cwd) = (setup.clone(), cwd.clone());
             async move {
                 client
                     .spawn(
@@ -778,8 +799,9 @@ impl KeeperDriver {
                         record,
                         spec.argv.clone(),
                         spec.env.clone(),
-                        spec.cwd.clone(),
+                        cwd,
                         cgroup_dir,
+                        setup,
                     )
                     .await
             }
@@ -807,16 +829,26 @@ impl KeeperDriver {
             }
             match res? {
                 KeeperSpawn::Started {
-                    pid, pidfd, tap, ..
+                    pid,
+                    pidfd,
+                    tap,
+                    setup_applied,
+                    ..
                 } => {
+                    let handle =
+                        self.handle(&client, spec.instance.to_string(), pid, Some(pidfd), cgroup);
+                    if setup.is_some() && !setup_applied {
+                        // A keeper from before `setup` ran the child without its user,
+                        // limits and umask: it must not go on running.
+                        let _ = handle.signal(bulkhead_core::signal::Signal::KILL);
+                        handle.wait().await;
+                        return Err(SpawnError::Other(format!(
+                            "cannot start instance {}: the keeper (shard {shard}) is older than this daemon and ignored the manifest's user, limits and umask; the instance was killed: restart the keeper (stop its instances and the daemon) to run this workload",
+                            spec.instance
+                        )));
+                    }
                     return Ok(Spawned {
-                        handle: self.handle(
-                            &client,
-                            spec.instance.to_string(),
-                            pid,
-                            Some(pidfd),
-                            cgroup,
-                        ),
+                        handle,
                         stdout: None,
                         stderr: None,
                         tap: Some(tap),
@@ -853,4 +885,99 @@ fn peer_pid(fd: &OwnedFd) -> Option<u32> {
         )
     };
     (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    /// A keeper from before `setup`: it spawns the child as asked but ignores the setup
+    /// and answers without `setup_applied`. The daemon side must kill that child and fail
+    /// the spawn saying why.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_older_keeper_that_ignores_the_setup_has_its_instance_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keeper.sock");
+        let listener = super::super::seqpacket(false).unwrap();
+        rustix::net::bind(&listener, &rustix::net::SocketAddrUnix::new(&path).unwrap()).unwrap();
+        rustix::net::listen(&listener, 1).unwrap();
+        let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+        let old_keeper = std::thread::spawn(move || {
+            let conn = rustix::net::accept(&listener).unwrap();
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            loop {
+                let got = match super::super::recv::<Request>(conn.as_fd(), &mut buf) {
+                    Ok(Some((req, _))) => req,
+                    Ok(None) => return,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(e) => panic!("{e}"),
+                };
+                if let Request::Spawn { req, .. } = got {
+                    use std::os::unix::process::CommandExt;
+                    let c = std::process::Command::new("sleep")
+                        .arg("1000")
+                        .process_group(0)
+                        .spawn()
+                        .unwrap();
+                    let pid = c.id();
+                    pid_tx.send(pid).unwrap();
+                    let pidfd = crate::sys::pidfd_open(pid).unwrap();
+                    // The old reply: no `setup_applied`.
+                    let old =
+                        format!(r#"{{"op":"spawned","req":{req},"pid":{pid},"start_time":0}}"#);
+                    let v: serde_json::Value = serde_json::from_str(&old).unwrap();
+                    super::super::send(conn.as_fd(), &v, &[pidfd.as_fd()]).unwrap();
+                    // Reap it once killed and report it, as a keeper does.
+                    let mut c = c;
+                    let status = c.wait().unwrap();
+                    use std::os::unix::process::ExitStatusExt;
+                    let exited = Reply::Exited {
+                        pid,
+                        status: ExitStatus::Signaled {
+                            signal: status.signal().unwrap_or(0),
+                            core_dumped: false,
+                        },
+                    };
+                    super::super::send(conn.as_fd(), &exited, &[]).unwrap();
+                }
+            }
+        });
+        let client = KeeperClient::connect(&path).await.unwrap();
+        let driver = KeeperDriver::new(client);
+        let workload = bulkhead_core::spec::parse_manifest(
+            "w/manifest.yaml",
+            "w",
+            "name: w\ncommand: [sleep, '1000']\nlimits: {nofile: 64}\n",
+        )
+        .unwrap();
+        let spec = SpawnSpec {
+            instance: InstanceId::parse("ns:t:w").unwrap().0,
+            argv: vec!["sleep".into(), "1000".into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: dir.path().to_owned(),
+            spec: Arc::new(workload),
+            binds: Vec::new(),
+            ids: None,
+            inherited: Vec::new(),
+        };
+        let err = match tokio::time::timeout(Duration::from_secs(30), driver.spawn(spec)).await {
+            Ok(Err(e)) => e.to_string(),
+            Ok(Ok(_)) => panic!("the spawn through an older keeper succeeded"),
+            Err(_) => panic!("the spawn did not end"),
+        };
+        assert!(err.contains("older than this daemon"), "{err}");
+        let pid = pid_rx.recv().unwrap();
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "the child {pid} still runs"
+        );
+        // The fake keeper's thread serves until the process ends (the client may outlive
+        // the driver in its tasks).
+        drop(old_keeper);
+    }
 }

@@ -9,7 +9,9 @@
 //!   the keeper dies, its instances die with it, so nothing ever runs unseen; and, when
 //!   the daemon gives one, in the instance's cgroup (the child joins it before exec), so
 //!   that what an instance forks, `setsid` or not, is found and killed with it by the
-//!   daemon (a double-forked process has no parent-death signal of its own);
+//!   daemon (a double-forked process has no parent-death signal of its own); the child
+//!   applies the manifest's user, groups, rlimits and umask the daemon resolved
+//!   ([`crate::setup::ChildSetup`], checked in the keeper: its limits are the child's);
 //! - holds the read ends of each instance's stdout and stderr pipes and forwards what
 //!   they carry to the daemon as output packets (so the daemon holds no pipe: one
 //!   descriptor per instance, its pidfd). A pipe is read only once the daemon has
@@ -71,6 +73,10 @@ pub enum Request {
         /// The instance's cgroup (made by the daemon): the child joins it before exec.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cgroup: Option<PathBuf>,
+        /// user, limits, umask (resolved by the daemon); the child applies them before
+        /// exec and enters `cwd` as the new user.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        setup: Option<Box<crate::setup::ChildSetup>>,
     },
     /// The daemon has the exit status of `pid`: forget the instance.
     Ack { pid: u32 },
@@ -91,6 +97,11 @@ pub enum Reply {
         req: u64,
         pid: u32,
         start_time: u64,
+        /// The child applied the request's `setup`. A keeper older than `setup` leaves
+        /// it out; the daemon then kills the instance rather than let it run as it was
+        /// not meant to.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        setup_applied: bool,
     },
     SpawnFailed {
         req: u64,
@@ -284,4 +295,38 @@ pub(crate) fn seqpacket(nonblocking: bool) -> io::Result<OwnedFd> {
 pub(crate) fn grow_buffers(fd: impl AsFd) {
     let _ = rustix::net::sockopt::set_socket_send_buffer_size(&fd, 4 * MAX_MESSAGE);
     let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 4 * MAX_MESSAGE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A keeper from before `setup` answers without `setup_applied`: read as not applied,
+    /// so the daemon kills the instance; and such a keeper never sees a `setup` it could
+    /// mistake for something else (the field is left out when there is none).
+    #[test]
+    fn a_spawn_reply_without_setup_applied_reads_as_not_applied() {
+        let old: Reply =
+            serde_json::from_str(r#"{"op":"spawned","req":1,"pid":2,"start_time":3}"#).unwrap();
+        assert_eq!(
+            old,
+            Reply::Spawned {
+                req: 1,
+                pid: 2,
+                start_time: 3,
+                setup_applied: false
+            }
+        );
+        let plain = Request::Spawn {
+            req: 1,
+            instance: "i".into(),
+            record: String::new(),
+            argv: vec!["sh".into()],
+            env: Vec::new(),
+            cwd: PathBuf::from("/"),
+            cgroup: None,
+            setup: None,
+        };
+        assert!(!serde_json::to_string(&plain).unwrap().contains("setup"));
+    }
 }

@@ -405,6 +405,7 @@ impl Keeper {
                 env,
                 cwd,
                 cgroup,
+                setup,
             } => {
                 if self.open_pipes + 2 > self.capacity {
                     let error = format!(
@@ -422,13 +423,14 @@ impl Keeper {
                     );
                     return;
                 }
-                match spawn(&argv, &env, &cwd, cgroup.as_deref()) {
+                match spawn(&argv, &env, &cwd, cgroup.as_deref(), setup.as_deref()) {
                     Ok((pid, pidfd, stdout, stderr)) => {
                         let start_time = sys::read_stat(pid).map(|s| s.starttime).unwrap_or(0);
                         let reply = Reply::Spawned {
                             req,
                             pid,
                             start_time,
+                            setup_applied: setup.is_some(),
                         };
                         self.reply(&reply, &[pidfd.as_fd()]);
                         // The keeper's own pidfd goes: the pid stays pinned until this loop
@@ -569,11 +571,14 @@ fn spawn(
     env: &[(String, String)],
     cwd: &Path,
     cgroup: Option<&Path>,
+    setup: Option<&crate::setup::ChildSetup>,
 ) -> io::Result<(u32, OwnedFd, OwnedFd, OwnedFd)> {
     let program = argv
         .first()
         .ok_or_else(|| io::Error::other("empty command"))?;
     let program = crate::process::resolve_program(program, env, cwd)?;
+    // Checked here, in the keeper: its limits are the ones the child starts from.
+    let setup = setup.map(|s| s.prepare(cwd)).transpose()?;
     let procs = cgroup
         .map(|dir| {
             let path = dir.join("cgroup.procs");
@@ -585,8 +590,15 @@ fn spawn(
         })
         .transpose()?;
     let keeper = rustix::process::getpid();
-    let mut child =
-        crate::process::fork_spawn(&program, argv, env, cwd, procs.as_ref(), Some(keeper))?;
+    let mut child = crate::process::fork_spawn(
+        &program,
+        argv,
+        env,
+        cwd,
+        procs.as_ref(),
+        Some(keeper),
+        setup,
+    )?;
     let pid = child.id();
     // The keeper reaps only in its SIGCHLD step of the same loop, after this returns: the
     // child's pid cannot be reused before the pidfd is open.
