@@ -17,6 +17,7 @@
 //! - [`expand`]: `${VAR}` expansion of a command line.
 //! - [`text`]: free text from untrusted sources made safe to store and to print.
 //! - [`channels`]: the data plane's channels (`channels:`), scoped service names.
+//! - [`sockets`]: listening sockets the daemon owns (`sockets:`, `activation:`).
 //! - [`size`]: byte sizes (`512Mi`); [`sandbox`] and [`docker`]: the driver sections of a
 //!   manifest.
 //!
@@ -45,6 +46,7 @@ pub mod restart;
 pub mod sandbox;
 pub mod signal;
 pub mod size;
+pub mod sockets;
 pub mod spec;
 pub mod text;
 pub mod time;
