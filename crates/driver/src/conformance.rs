@@ -141,6 +141,7 @@ impl Fixture {
             },
             ids: None,
             inherited: Vec::new(),
+            listen: Vec::new(),
         }
     }
 }

@@ -105,10 +105,15 @@ impl KeeperClient {
     }
 
     async fn send(&self, req: &Request) -> io::Result<()> {
+        self.send_with(req, &[]).await
+    }
+
+    /// Sends `req` with `fds` attached (SCM_RIGHTS).
+    async fn send_with(&self, req: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
         let _order = self.send_lock.lock().await;
         loop {
             let mut guard = self.sock.writable().await?;
-            match guard.try_io(|fd| super::send(fd.get_ref().as_fd(), req, &[])) {
+            match guard.try_io(|fd| super::send(fd.get_ref().as_fd(), req, fds)) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }
@@ -140,6 +145,7 @@ impl KeeperClient {
         env: Vec<(String, String)>,
         cwd: PathBuf,
         cgroup: Option<PathBuf>,
+        listen: &[crate::listen::ListenFd],
     ) -> Result<KeeperSpawn, SpawnError> {
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
@@ -153,12 +159,14 @@ impl KeeperClient {
             env,
             cwd,
             cgroup,
+            listen: listen.iter().map(|l| l.name.clone()).collect(),
         };
         let lost = |source: io::Error| SpawnError::Exec {
             program: program.clone(),
             source,
         };
-        if let Err(e) = self.send(&msg).await {
+        let fds: Vec<_> = listen.iter().map(|l| l.fd.as_fd()).collect();
+        if let Err(e) = self.send_with(&msg, &fds).await {
             self.state().pending.remove(&req);
             return Err(lost(io::Error::other(format!(
                 "cannot reach the keeper: {e}"
@@ -766,6 +774,7 @@ impl KeeperDriver {
                         spec.env.clone(),
                         spec.cwd.clone(),
                         cgroup_dir,
+                        &spec.listen,
                     )
                     .await
             }

@@ -53,6 +53,9 @@ use serde::{Deserialize, Serialize};
 pub mod client;
 pub mod server;
 
+/// The most descriptors one message carries: a spawn's listening sockets (`sockets:`).
+pub const FDS_PER_MESSAGE: usize = bulkhead_core::sockets::MAX_SOCKETS + 3;
+
 /// The largest message, in bytes (a record carries the workload spec as launched).
 pub const MAX_MESSAGE: usize = 1024 * 1024;
 
@@ -71,6 +74,10 @@ pub enum Request {
         /// The instance's cgroup (made by the daemon): the child joins it before exec.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cgroup: Option<PathBuf>,
+        /// The names of the listening sockets attached to the message (SCM_RIGHTS, in
+        /// order): the child gets them at 3.. with `LISTEN_*` (`crate::listen`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        listen: Vec<String>,
     },
     /// The daemon has the exit status of `pid`: forget the instance.
     Ack { pid: u32 },
@@ -136,7 +143,7 @@ pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>])
             data.len()
         )));
     }
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Error::other(
@@ -198,7 +205,7 @@ pub enum Incoming {
 
 /// Receives one packet and its fds into `buf`: its length. `Ok(None)` at end of stream.
 fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = rustix::net::recvmsg(
@@ -218,6 +225,11 @@ fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize
     }
     if msg.flags.contains(rustix::net::ReturnFlags::TRUNC) {
         return Err(io::Error::other("keeper message truncated"));
+    }
+    if msg.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err(io::Error::other(
+            "keeper message carried more descriptors than allowed",
+        ));
     }
     Ok(Some((msg.bytes, fds)))
 }

@@ -282,7 +282,7 @@ impl Keeper {
         loop {
             let Some(client) = &self.client else { return };
             match super::recv::<Request>(client.as_fd(), buf) {
-                Ok(Some((req, _fds))) => self.handle(req),
+                Ok(Some((req, fds))) => self.handle(req, fds),
                 Ok(None) => {
                     self.client = None;
                     return;
@@ -395,7 +395,7 @@ impl Keeper {
         self.send_output(super::output_packet(pid, stream, &[]));
     }
 
-    fn handle(&mut self, req: Request) {
+    fn handle(&mut self, req: Request, fds: Vec<OwnedFd>) {
         match req {
             Request::Spawn {
                 req,
@@ -405,7 +405,28 @@ impl Keeper {
                 env,
                 cwd,
                 cgroup,
+                listen,
             } => {
+                // The sockets came attached, in order; the keeper's copies close once
+                // the child has them (end of this arm).
+                let listen: Vec<crate::listen::ListenFd> = if listen.len() == fds.len() {
+                    listen
+                        .into_iter()
+                        .zip(fds)
+                        .map(|(name, fd)| crate::listen::ListenFd {
+                            name,
+                            fd: std::sync::Arc::new(fd),
+                        })
+                        .collect()
+                } else {
+                    let error = format!(
+                        "the spawn names {} listening sockets but carries {} descriptors",
+                        listen.len(),
+                        fds.len()
+                    );
+                    self.reply(&Reply::SpawnFailed { req, error, full: false }, &[]);
+                    return;
+                };
                 if self.open_pipes + 2 > self.capacity {
                     let error = format!(
                         "the keeper holds {} instances, as many as its open-files limit allows",
@@ -421,7 +442,7 @@ impl Keeper {
                     );
                     return;
                 }
-                match spawn(&argv, &env, &cwd, cgroup.as_deref()) {
+                match spawn(&argv, &env, &cwd, cgroup.as_deref(), &listen) {
                     Ok((pid, pidfd, stdout, stderr)) => {
                         let start_time = sys::read_stat(pid).map(|s| s.starttime).unwrap_or(0);
                         let reply = Reply::Spawned {
@@ -567,6 +588,7 @@ fn spawn(
     env: &[(String, String)],
     cwd: &Path,
     cgroup: Option<&Path>,
+    listen: &[crate::listen::ListenFd],
 ) -> io::Result<(u32, OwnedFd, OwnedFd, OwnedFd)> {
     let program = argv
         .first()
@@ -584,7 +606,15 @@ fn spawn(
         .transpose()?;
     let keeper = rustix::process::getpid();
     let mut child =
-        crate::process::fork_spawn(&program, argv, env, cwd, procs.as_ref(), Some(keeper))?;
+        crate::process::fork_spawn(
+            &program,
+            argv,
+            env,
+            cwd,
+            procs.as_ref(),
+            Some(keeper),
+            listen,
+        )?;
     let pid = child.id();
     // The keeper reaps only in its SIGCHLD step of the same loop, after this returns: the
     // child's pid cannot be reused before the pidfd is open.
