@@ -456,7 +456,10 @@ async fn activate(
     loop {
         // A live instance (launched by hand, or by the last connection) serves: wait
         // until it is gone.
-        let live = sh.upgrade().and_then(|sh| sh.get(&id));
+        let live = sh
+            .upgrade()
+            .and_then(|sh| sh.get(&id))
+            .filter(|s| !s.view.borrow().state.is_terminal());
         if let Some(slot) = live {
             let mut rx = slot.subscribe();
             drop(slot);

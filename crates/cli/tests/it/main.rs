@@ -22,6 +22,7 @@ mod recovery;
 mod sandbox;
 mod service;
 mod socket_trust;
+mod sockets;
 mod state_copy;
 mod supervision;
 mod surface;
