@@ -435,3 +435,26 @@ fn sandboxed_program_gets_its_sockets_and_its_own_pid() {
     c.read_to_string(&mut got).unwrap();
     assert_eq!(got, "admin");
 }
+
+/// The control of the idle stop: a connection held open (accepted, no request yet) is a
+/// connection, so the instance is not stopped while it lasts, and is once it closes.
+#[test]
+fn an_open_connection_keeps_an_on_connection_instance_running() {
+    let Some(py) = python3() else { return };
+    let port = free_port();
+    let d = Daemon::start(&[]);
+    let m = format!(
+        "name: held\nisolation: none\ncommand: [{py}, -c, {STDLIB_HTTP:?}]\nsockets: [{{name: http, listen: \"tcp:127.0.0.1:{port}\"}}]\nactivation: {{mode: on-connection, idle_stop: 400ms}}\n"
+    );
+    workload(&d, "held", &m, &[]);
+    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let v = wait_get(&d, "shared:held", "running", |v| v["pid"].as_u64().is_some());
+    let pid = v["pid"].as_u64().unwrap();
+    // Many idle periods (checks every 100 ms) with the connection open.
+    std::thread::sleep(Duration::from_millis(2000));
+    let v = d.json(&["get", "shared:held", "-o", "json"]);
+    assert_ne!(v["state"], "terminated", "stopped while a connection was open: {v}");
+    assert_eq!(v["pid"].as_u64(), Some(pid), "{v}");
+    drop(c);
+    wait_get(&d, "shared:held", "terminated", |v| v["state"] == "terminated");
+}
