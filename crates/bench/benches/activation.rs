@@ -79,8 +79,7 @@ fn main() -> anyhow::Result<()> {
             ),
         )?;
     }
-    let mut config =
-        bulkhead_daemon::Config::new(wl.clone(), Some(dir.path().join("state")), None);
+    let mut config = bulkhead_daemon::Config::new(wl.clone(), Some(dir.path().join("state")), None);
     config.keeper = Some(exe.clone());
     let socket = config.socket.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()

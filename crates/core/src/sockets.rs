@@ -59,7 +59,10 @@ pub struct SocketSpec {
 /// A parsed `listen` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
-    Tcp { host: IpAddr, port: TcpPort },
+    Tcp {
+        host: IpAddr,
+        port: TcpPort,
+    },
     /// Relative paths are under the instance's runtime directory.
     Unix(PathBuf),
 }
@@ -118,7 +121,9 @@ pub fn parse_listen(s: &str) -> Result<Listen, String> {
         return Ok(Listen::Unix(PathBuf::from(path)));
     }
     let Some(rest) = s.strip_prefix("tcp:") else {
-        return Err("must start with tcp: or unix: (tcp:$PORT, tcp:127.0.0.1:8080, unix:app.sock)".into());
+        return Err(
+            "must start with tcp: or unix: (tcp:$PORT, tcp:127.0.0.1:8080, unix:app.sock)".into(),
+        );
     };
     let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
         let (h, p) = v6
@@ -266,8 +271,7 @@ pub fn validate(
         if a.idle_stop == Some(Duration::ZERO) {
             return fail(
                 "activation.idle_stop".into(),
-                "must be greater than zero (leave it out to never stop an idle instance)"
-                    .into(),
+                "must be greater than zero (leave it out to never stop an idle instance)".into(),
             );
         }
         if a.on_connection() {
@@ -444,7 +448,10 @@ mod tests {
             "name: web\ncommand: [x]\ndriver: docker\ndocker: {image: busybox}\nsockets: [{name: a, listen: 'tcp:$PORT'}]\n",
         );
         assert_eq!(f.as_deref(), Some("sockets"));
-        assert!(reason.contains("not supported by driver docker"), "{reason}");
+        assert!(
+            reason.contains("not supported by driver docker"),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -771,7 +771,10 @@ async fn run(
     // Aborting the notify task drops the socket, which removes its file.
     abort_all(&mut run_tasks);
     // The instance is final: its listening sockets close (unless an activator holds them).
-    slot.sockets.lock().unwrap_or_else(|e| e.into_inner()).take();
+    slot.sockets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     sh.ports.release(port);
     // The finished slot stays listed for `get` a while (see `Shared::retire`) but must not
     // keep the driver's handle (a pidfd, a cgroup, a container reference) alive with it.

@@ -308,7 +308,11 @@ fn tcp_table_has_connection(text: &str, addrs: &[SocketAddr]) -> bool {
 /// An address of `/proc/net/tcp{,6}`: 8 or 32 hex digits, each 32-bit word in host order.
 fn parse_proc_ip(hex: &str) -> Option<IpAddr> {
     let word = |i: usize| -> Option<[u8; 4]> {
-        Some(u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()?.to_ne_bytes())
+        Some(
+            u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16)
+                .ok()?
+                .to_ne_bytes(),
+        )
     };
     match hex.len() {
         8 => Some(IpAddr::from(word(0)?)),
@@ -443,12 +447,9 @@ async fn activate(
     spec: Arc<bulkhead_core::spec::WorkloadSpec>,
     sockets: Arc<BoundSockets>,
 ) {
-    let Ok(key) = bulkhead_core::key::Key::new(
-        &spec.name,
-        bulkhead_core::key::Isolation::None,
-        None,
-        None,
-    ) else {
+    let Ok(key) =
+        bulkhead_core::key::Key::new(&spec.name, bulkhead_core::key::Isolation::None, None, None)
+    else {
         return;
     };
     let id = key.instance_id();
@@ -552,8 +553,14 @@ mod tests {
         let tw = "   2: 0100007F:1F90 0100007F:C351 06 00000000:00000000 00:00000000 00000000     0        0 0 1\n";
         let other = "   3: 0100007F:1F91 0100007F:C352 01 00000000:00000000 00:00000000 00000000     0        0 3 1\n";
         let a: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-        assert!(!tcp_table_has_connection(&format!("{head}{listen}{tw}{other}"), &[a]));
-        assert!(tcp_table_has_connection(&format!("{head}{listen}{est}"), &[a]));
+        assert!(!tcp_table_has_connection(
+            &format!("{head}{listen}{tw}{other}"),
+            &[a]
+        ));
+        assert!(tcp_table_has_connection(
+            &format!("{head}{listen}{est}"),
+            &[a]
+        ));
         assert!(tcp_table_has_connection(&format!("{head}{queued}"), &[a]));
         let b: SocketAddr = "127.0.0.2:8080".parse().unwrap();
         assert!(!tcp_table_has_connection(&format!("{head}{est}"), &[b]));
@@ -580,8 +587,14 @@ mod tests {
         let conn = "0000000000000000: 00000003 00000000 00000000 0001 03 101 /run/a.sock\n";
         let other = "0000000000000000: 00000003 00000000 00000000 0001 03 102 /run/b.sock\n";
         let p = Path::new("/run/a.sock");
-        assert!(!unix_table_has_connection(&format!("{head}{listener}{other}"), &[p]));
-        assert!(unix_table_has_connection(&format!("{head}{listener}{conn}"), &[p]));
+        assert!(!unix_table_has_connection(
+            &format!("{head}{listener}{other}"),
+            &[p]
+        ));
+        assert!(unix_table_has_connection(
+            &format!("{head}{listener}{conn}"),
+            &[p]
+        ));
     }
 
     #[tokio::test]

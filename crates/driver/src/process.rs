@@ -313,10 +313,8 @@ pub(crate) fn fork_spawn(
         None => None,
         Some(_) => {
             let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-            let w = rustix::io::fcntl_dupfd_cloexec(
-                &w,
-                crate::listen::FIRST_FD + listen.len() as i32,
-            )?;
+            let w =
+                rustix::io::fcntl_dupfd_cloexec(&w, crate::listen::FIRST_FD + listen.len() as i32)?;
             Some((r, w))
         }
     };

@@ -680,7 +680,11 @@ pub(crate) fn spawn(
     let pid_prefix = format!("LISTEN_PID={}", bulkhead_driver::listen::PID_PLACEHOLDER);
     let mut pid_entry: Option<Vec<u8>> = None;
     let mut pid_at: *mut u8 = std::ptr::null_mut();
-    if let Some(i) = p.env.iter().position(|e| e.as_bytes() == pid_prefix.as_bytes()) {
+    if let Some(i) = p
+        .env
+        .iter()
+        .position(|e| e.as_bytes() == pid_prefix.as_bytes())
+    {
         let entry = pid_entry.insert(p.env[i].as_bytes_with_nul().to_vec());
         envp[i] = entry.as_ptr().cast();
         pid_at = entry[b"LISTEN_PID=".len()..].as_mut_ptr();

@@ -201,7 +201,12 @@ fn a_kill_9_and_restart_refuse_no_connection_with_sockets() {
         return;
     }
     let d = Daemon::start(&[]);
-    workload(&d, "web", &http_manifest("web", true), &[("server.py", SERVER)]);
+    workload(
+        &d,
+        "web",
+        &http_manifest("web", true),
+        &[("server.py", SERVER)],
+    );
     let v = d.json(&["launch", "web", "-o", "json"]);
     let port = v["port"].as_u64().unwrap() as u16;
     let t = kill_and_count(&d, "ns:default:web", port);
@@ -222,7 +227,12 @@ fn without_sockets_a_kill_9_and_restart_refuse_connections() {
         return;
     }
     let d = Daemon::start(&[]);
-    workload(&d, "web", &http_manifest("web", false), &[("server.py", SERVER)]);
+    workload(
+        &d,
+        "web",
+        &http_manifest("web", false),
+        &[("server.py", SERVER)],
+    );
     let v = d.json(&["launch", "web", "-o", "json"]);
     let port = v["port"].as_u64().unwrap() as u16;
     let t = kill_and_count(&d, "ns:default:web", port);
@@ -267,7 +277,11 @@ fn check_handover(extra_args: &[&str]) {
         assert_eq!(report["listen_fds"], "2", "{report}");
         assert_eq!(report["names"], "http:admin", "{report}");
         let socks = report["sockets"].as_array().unwrap();
-        assert_eq!(socks[0]["addr"], serde_json::json!(["127.0.0.1", port]), "{report}");
+        assert_eq!(
+            socks[0]["addr"],
+            serde_json::json!(["127.0.0.1", port]),
+            "{report}"
+        );
         assert_eq!(socks[0]["listening"], true);
         let admin = PathBuf::from(socks[1]["addr"].as_str().unwrap());
         assert!(
@@ -296,11 +310,18 @@ fn check_handover(extra_args: &[&str]) {
     let admin = d.state.join("sockets").join("ns_default_chk");
     d.json(&["terminate", id, "-o", "json"]);
     let leftover: Vec<_> = std::fs::read_dir(d.state.join("sockets"))
-        .map(|r| r.flatten().flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten()).map(|e| e.path()).collect())
+        .map(|r| {
+            r.flatten()
+                .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(leftover.is_empty(), "{leftover:?} ({})", admin.display());
     assert_eq!(
-        TcpStream::connect(("127.0.0.1", port as u16)).map_err(|e| e.kind()).err(),
+        TcpStream::connect(("127.0.0.1", port as u16))
+            .map_err(|e| e.kind())
+            .err(),
         Some(std::io::ErrorKind::ConnectionRefused)
     );
 }
@@ -356,10 +377,14 @@ fn python_http_server_is_launched_by_its_first_connection_and_stopped_when_idle(
     let body = request(port).expect("the first connection is answered");
     assert!(body.starts_with("HTTP/1.0 200"), "{body}");
     assert!(body.contains("hello.txt"), "{body}");
-    let v = wait_get(&d, "shared:files", "running", |v| v["pid"].as_u64().is_some());
+    let v = wait_get(&d, "shared:files", "running", |v| {
+        v["pid"].as_u64().is_some()
+    });
     assert_eq!(v["restarts"], 0, "{v}");
     // No connection for idle_stop: stopped.
-    wait_get(&d, "shared:files", "terminated", |v| v["state"] == "terminated");
+    wait_get(&d, "shared:files", "terminated", |v| {
+        v["state"] == "terminated"
+    });
     assert!(
         d.daemon_log().contains("no connection for"),
         "{}",
@@ -448,13 +473,20 @@ fn an_open_connection_keeps_an_on_connection_instance_running() {
     );
     workload(&d, "held", &m, &[]);
     let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let v = wait_get(&d, "shared:held", "running", |v| v["pid"].as_u64().is_some());
+    let v = wait_get(&d, "shared:held", "running", |v| {
+        v["pid"].as_u64().is_some()
+    });
     let pid = v["pid"].as_u64().unwrap();
     // Many idle periods (checks every 100 ms) with the connection open.
     std::thread::sleep(Duration::from_millis(2000));
     let v = d.json(&["get", "shared:held", "-o", "json"]);
-    assert_ne!(v["state"], "terminated", "stopped while a connection was open: {v}");
+    assert_ne!(
+        v["state"], "terminated",
+        "stopped while a connection was open: {v}"
+    );
     assert_eq!(v["pid"].as_u64(), Some(pid), "{v}");
     drop(c);
-    wait_get(&d, "shared:held", "terminated", |v| v["state"] == "terminated");
+    wait_get(&d, "shared:held", "terminated", |v| {
+        v["state"] == "terminated"
+    });
 }

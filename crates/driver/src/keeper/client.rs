@@ -109,7 +109,11 @@ impl KeeperClient {
     }
 
     /// Sends `req` with `fds` attached (SCM_RIGHTS).
-    async fn send_with(&self, req: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+    async fn send_with(
+        &self,
+        req: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<()> {
         let _order = self.send_lock.lock().await;
         loop {
             let mut guard = self.sock.writable().await?;
@@ -136,17 +140,20 @@ impl KeeperClient {
             .subscribe()
     }
 
-    /// Spawns through the keeper.
+    /// Spawns `spec` through the keeper (its listening sockets travel with the request).
     pub async fn spawn(
         &self,
-        instance: &str,
+        spec: &SpawnSpec,
         record: String,
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: PathBuf,
         cgroup: Option<PathBuf>,
-        listen: &[crate::listen::ListenFd],
     ) -> Result<KeeperSpawn, SpawnError> {
+        let (instance, argv, env, cwd, listen) = (
+            spec.instance.as_str(),
+            spec.argv.clone(),
+            spec.env.clone(),
+            spec.cwd.clone(),
+            &spec.listen,
+        );
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
         self.state().pending.insert(req, tx);
@@ -765,19 +772,7 @@ impl KeeperDriver {
             .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
         let spawn_at = |client: Arc<KeeperClient>| {
             let (record, spec, cgroup_dir) = (record.clone(), &spec, cgroup_dir.clone());
-            async move {
-                client
-                    .spawn(
-                        spec.instance.as_str(),
-                        record,
-                        spec.argv.clone(),
-                        spec.env.clone(),
-                        spec.cwd.clone(),
-                        cgroup_dir,
-                        &spec.listen,
-                    )
-                    .await
-            }
+            async move { client.spawn(spec, record, cgroup_dir).await }
         };
         // The first keeper not known to be full; a full one may have room again (its
         // instances end), so it is asked again once the others are full too.

@@ -424,7 +424,14 @@ impl Keeper {
                         listen.len(),
                         fds.len()
                     );
-                    self.reply(&Reply::SpawnFailed { req, error, full: false }, &[]);
+                    self.reply(
+                        &Reply::SpawnFailed {
+                            req,
+                            error,
+                            full: false,
+                        },
+                        &[],
+                    );
                     return;
                 };
                 if self.open_pipes + 2 > self.capacity {
@@ -605,16 +612,15 @@ fn spawn(
         })
         .transpose()?;
     let keeper = rustix::process::getpid();
-    let mut child =
-        crate::process::fork_spawn(
-            &program,
-            argv,
-            env,
-            cwd,
-            procs.as_ref(),
-            Some(keeper),
-            listen,
-        )?;
+    let mut child = crate::process::fork_spawn(
+        &program,
+        argv,
+        env,
+        cwd,
+        procs.as_ref(),
+        Some(keeper),
+        listen,
+    )?;
     let pid = child.id();
     // The keeper reaps only in its SIGCHLD step of the same loop, after this returns: the
     // child's pid cannot be reused before the pidfd is open.
