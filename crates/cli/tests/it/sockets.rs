@@ -490,3 +490,26 @@ fn an_open_connection_keeps_an_on_connection_instance_running() {
         v["state"] == "terminated"
     });
 }
+
+/// A program that cannot be executed fails the launch with the reason, with sockets too
+/// (the child execs by itself to set LISTEN_PID and reports a failed exec on its own
+/// pipe), through the keeper and without it.
+#[test]
+fn a_missing_program_with_sockets_fails_the_launch_with_its_reason() {
+    for args in [&[][..], &["--no-keeper"][..]] {
+        let d = Daemon::start_with_args(&[], args);
+        workload(
+            &d,
+            "gone",
+            "name: gone\ncommand: [/nonexistent/server]\nsockets: [{name: http, listen: \"tcp:$PORT\"}]\n",
+            &[],
+        );
+        let out = d.cli(&["launch", "gone", "-o", "json"]);
+        assert!(!out.status.success(), "{args:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("/nonexistent/server") && err.contains("No such file"),
+            "{args:?}: {err}"
+        );
+    }
+}
