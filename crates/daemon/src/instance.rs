@@ -258,6 +258,22 @@ pub(crate) fn start_with(
         Origin::Resumed(restored, _) => (State::Restarting, None, 0, Some(*restored)),
     };
     let adopted = pid.is_some();
+    // The sockets the keeper kept for an adopted instance: the next runs get the same.
+    let kept_sockets = match (&origin, &spec.sockets) {
+        (Origin::Adopted(a, _), Some(list)) if !a.listen.is_empty() => {
+            let b = crate::sockets::BoundSockets::adopted(
+                list,
+                &a.listen,
+                port,
+                &crate::sockets::runtime_dir(&sh.cfg.state_dir, &id),
+            );
+            if b.is_none() {
+                tracing::warn!("{id}: the sockets the keeper kept do not match its manifest; the next run binds new ones");
+            }
+            b.map(Arc::new)
+        }
+        _ => None,
+    };
     let view = View {
         id: id.clone(),
         workload: key.workload().to_owned(),
@@ -317,7 +333,7 @@ pub(crate) fn start_with(
         leases: Mutex::new(leases.into_iter().collect()),
         exec_env: Mutex::new(None),
         ids: Mutex::new(None),
-        sockets: Mutex::new(None),
+        sockets: Mutex::new(kept_sockets),
     });
     tokio::spawn(run(slot.clone(), sh.clone(), rx, origin));
     slot

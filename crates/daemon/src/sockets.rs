@@ -129,6 +129,58 @@ impl BoundSockets {
         })
     }
 
+    /// The sockets a keeper kept for an adopted instance (`listen`, in manifest order),
+    /// described again from `specs` (`port`: the instance's `$PORT`). `None` when they do
+    /// not match the manifest.
+    pub fn adopted(
+        specs: &[SocketSpec],
+        listen: &[ListenFd],
+        port: u16,
+        runtime_dir: &Path,
+    ) -> Option<BoundSockets> {
+        use std::os::unix::fs::MetadataExt;
+        if specs.len() != listen.len() {
+            return None;
+        }
+        let mut sockets = Vec::with_capacity(specs.len());
+        let mut uses_port = false;
+        for (s, l) in specs.iter().zip(listen) {
+            if s.name != l.name {
+                return None;
+            }
+            let addr = match s.address().ok()? {
+                Listen::Tcp { host, port: p } => BoundAddr::Tcp(SocketAddr::new(
+                    host,
+                    match p {
+                        TcpPort::Instance => {
+                            uses_port = true;
+                            port
+                        }
+                        TcpPort::Fixed(p) => p,
+                    },
+                )),
+                Listen::Unix(path) => {
+                    let path = if path.is_absolute() {
+                        path
+                    } else {
+                        runtime_dir.join(path)
+                    };
+                    let m = std::fs::symlink_metadata(&path).ok()?;
+                    BoundAddr::Unix(path, m.dev(), m.ino())
+                }
+            };
+            sockets.push(Bound {
+                name: s.name.clone(),
+                fd: l.fd.clone(),
+                addr,
+            });
+        }
+        Some(BoundSockets {
+            sockets,
+            port: uses_port.then_some(port),
+        })
+    }
+
     /// The descriptors for a spawn, in order.
     pub fn listen_fds(&self) -> Vec<ListenFd> {
         self.sockets

@@ -513,3 +513,42 @@ fn a_missing_program_with_sockets_fails_the_launch_with_its_reason() {
         );
     }
 }
+
+/// The keeper keeps an instance's sockets too: with the daemon killed and the program
+/// killed while no daemon runs, a connection waits in the backlog, and the run the
+/// restarted daemon starts (restart policy, after adopting the exit) answers it on the
+/// same port.
+#[test]
+fn sockets_survive_a_daemon_crash_with_the_keeper() {
+    if python3().is_none() {
+        return;
+    }
+    let mut d = Daemon::start(&[]);
+    workload(
+        &d,
+        "web",
+        &http_manifest("web", true),
+        &[("server.py", SERVER)],
+    );
+    let v = d.json(&["launch", "web", "-o", "json"]);
+    let port = v["port"].as_u64().unwrap() as u16;
+    let pid = v["pid"].as_u64().unwrap();
+    assert!(request(port).is_ok());
+    d.kill9();
+    // SAFETY: kill(2) of the instance's pid (its keeper is its parent and reaps it).
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert!(wait_gone(pid as u32));
+    // Nothing serves now; the connection is accepted by the kernel and waits.
+    let waiting = std::thread::spawn(move || request(port));
+    std::thread::sleep(Duration::from_millis(200));
+    d.spawn();
+    let body = waiting
+        .join()
+        .unwrap()
+        .expect("the waiting connection is answered");
+    assert!(body.ends_with("ok"), "{body}");
+    let v = wait_get(&d, "ns:default:web", "restarted", |v| {
+        v["restarts"].as_u64() >= Some(1) && v["state"] == "ready"
+    });
+    assert_eq!(v["port"].as_u64(), Some(port as u64), "{v}");
+}

@@ -422,6 +422,8 @@ pub struct Adoptable {
     /// Set when the instance exited while no daemon was connected.
     pub exit: Option<ExitStatus>,
     pub spawned: Spawned,
+    /// The listening sockets the keeper kept for it (`sockets:`), in order.
+    pub listen: Vec<crate::listen::ListenFd>,
 }
 
 /// Starts keeper shard `n` (or connects to it, if it answers): the daemon's start-up
@@ -659,12 +661,22 @@ impl KeeperDriver {
                     pid,
                     start_time,
                     exit,
+                    listen,
                     ..
                 } = reply
                 else {
                     continue;
                 };
-                let pidfd = fds.into_iter().next();
+                let mut fds = fds.into_iter();
+                let listen: Vec<crate::listen::ListenFd> = listen
+                    .into_iter()
+                    .zip(fds.by_ref())
+                    .map(|(name, fd)| crate::listen::ListenFd {
+                        name,
+                        fd: Arc::new(fd),
+                    })
+                    .collect();
+                let pidfd = fds.next();
                 if pidfd.is_none() && exit.is_none() {
                     // Running, yet no pidfd: it cannot be signalled safely. Left to the
                     // stale-cgroup sweep below (it owns no kept cgroup).
@@ -701,6 +713,7 @@ impl KeeperDriver {
                     record,
                     exit,
                     spawned,
+                    listen,
                 });
             }
         }

@@ -21,6 +21,9 @@
 //!   `List`); it is the parent and reaps only in its own loop, so the pid is pinned;
 //! - reaps every child (orphaned grandchildren included: no zombie survives) and keeps each
 //!   instance's exit status until the daemon acknowledges it, across daemon restarts;
+//! - keeps a copy of an instance's listening sockets (`sockets:`, passed with the spawn)
+//!   until its entry goes, and hands them back with it on `List`, so they outlive a
+//!   daemon crash;
 //! - stores an opaque record per instance (the daemon's JSON: key, spec as launched,
 //!   counters) and returns it on `List`, which is how a restarted daemon adopts instances.
 //!
@@ -123,6 +126,9 @@ pub enum Reply {
         /// Which of stdout and stderr are still open (their output follows as packets).
         #[serde(default = "both_open")]
         open: [bool; 2],
+        /// Names of the instance's listening sockets, attached first (before the pidfd).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        listen: Vec<String>,
     },
     ListEnd {
         req: u64,
