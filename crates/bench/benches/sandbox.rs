@@ -320,6 +320,7 @@ async fn driver_once(
         binds: vec![bulkhead_driver::Bind::same(path)],
         ids: None,
         inherited: Vec::new(),
+        listen: Vec::new(),
     };
     let spawned = d.spawn(spec).await?;
     let sock = tokio::net::UnixDatagram::from_std({

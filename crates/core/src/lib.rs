@@ -20,6 +20,7 @@
 //! - [`channels`]: the data plane's channels (`channels:`), scoped service names.
 //! - [`execution`]: the process basics (`working_dir`, `env_file`, `user`, `limits`,
 //!   `umask`) and [`envfile`], the dotenv format.
+//! - [`sockets`]: listening sockets the daemon owns (`sockets:`, `activation:`).
 //! - [`size`]: byte sizes (`512Mi`); [`sandbox`] and [`docker`]: the driver sections of a
 //!   manifest.
 //!
@@ -51,6 +52,7 @@ pub mod restart;
 pub mod sandbox;
 pub mod signal;
 pub mod size;
+pub mod sockets;
 pub mod spec;
 pub mod text;
 pub mod time;

@@ -158,6 +158,13 @@ pub struct WorkloadSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub umask: Option<String>,
+    /// Listening sockets the daemon binds and keeps across restarts, handed over as
+    /// `LISTEN_FDS` (see [`crate::sockets`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sockets: Option<Vec<crate::sockets::SocketSpec>>,
+    /// When an instance starts: on launch (default) or on its first connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<crate::sockets::Activation>,
 }
 
 /// How an instance's log rotates.
@@ -923,6 +930,9 @@ pub const RESERVED_ENV: &[&str] = &[
     "BULKHEAD_SESSION",
     crate::channels::ENV_IOX2_PREFIX,
     crate::channels::ENV_IOX2_ROOT,
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
 ];
 
 /// Parses and validates a manifest. `file` is used in errors; `folder` is the name of the
@@ -1124,6 +1134,12 @@ impl WorkloadSpec {
             (None, _) => {}
         }
         crate::execution::validate(self)?;
+        crate::sockets::validate(
+            self.sockets.as_deref(),
+            self.activation.as_ref(),
+            self.isolation,
+            self.driver,
+        )?;
         if self.idle_timeout == Some(Duration::ZERO) {
             return fail(
                 "idle_timeout",

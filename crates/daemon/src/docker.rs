@@ -259,6 +259,8 @@ pub(crate) async fn recover(
                 cgroup: None,
             },
             exit: None,
+            // Docker workloads have no `sockets:` (refused in the manifest).
+            listen: Vec::new(),
             spawned: Spawned {
                 handle: handle.clone(),
                 stdout: logs.0,

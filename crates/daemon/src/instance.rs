@@ -119,6 +119,9 @@ pub struct Slot {
     exec_env: Mutex<Option<Vec<(String, String)>>>,
     /// The host id range of its tenant, held from the first spawn until it is final.
     ids: Mutex<Option<crate::dataplane::IdHold>>,
+    /// The key's listening sockets (`sockets:`), bound before the first spawn and kept
+    /// for every run until the instance is final.
+    pub(crate) sockets: Mutex<Option<Arc<crate::sockets::BoundSockets>>>,
 }
 
 impl Slot {
@@ -318,6 +321,22 @@ pub(crate) fn start_with(
         Origin::Resumed(restored, _) => (State::Restarting, None, 0, Some(*restored)),
     };
     let adopted = pid.is_some();
+    // The sockets the keeper kept for an adopted instance: the next runs get the same.
+    let kept_sockets = match (&origin, &spec.sockets) {
+        (Origin::Adopted(a, _), Some(list)) if !a.listen.is_empty() => {
+            let b = crate::sockets::BoundSockets::adopted(
+                list,
+                &a.listen,
+                port,
+                &crate::sockets::runtime_dir(&sh.cfg.state_dir, &id),
+            );
+            if b.is_none() {
+                tracing::warn!("{id}: the sockets the keeper kept do not match its manifest; the next run binds new ones");
+            }
+            b.map(Arc::new)
+        }
+        _ => None,
+    };
     let view = View {
         id: id.clone(),
         workload: key.workload().to_owned(),
@@ -377,6 +396,7 @@ pub(crate) fn start_with(
         leases: Mutex::new(leases.into_iter().collect()),
         exec_env: Mutex::new(None),
         ids: Mutex::new(None),
+        sockets: Mutex::new(kept_sockets),
     });
     tokio::spawn(run(slot.clone(), sh.clone(), rx, origin));
     slot
@@ -935,6 +955,11 @@ async fn run(
     monitors.stop();
     // Aborting the notify task drops the socket, which removes its file.
     abort_all(&mut run_tasks);
+    // The instance is final: its listening sockets close (unless an activator holds them).
+    slot.sockets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     sh.ports.release(port);
     // The finished slot stays listed for `get` a while (see `Shared::retire`) but must not
     // keep the driver's handle (a pidfd, a cgroup, a container reference) alive with it.
@@ -989,13 +1014,23 @@ async fn spawn(
     // was leaked before: a crash loop held a port per restart until the daemon ran out)
     // and a new one is taken; the allocator's cursor has moved past the old one, so it
     // is picked again only when no other port is free.
-    if !sh.ports.keepable(*port) {
+    // A port the key's own `tcp:$PORT` socket holds is kept as long as the socket.
+    let socket_port = slot
+        .sockets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|s| s.port());
+    if let Some(p) = socket_port {
+        *port = p;
+    } else if !sh.ports.keepable(*port) {
         sh.ports.release(std::mem::take(port));
         *port = sh
             .ports
             .allocate()
             .map_err(|e| format!("cannot allocate a port: {e}"))?;
     }
+    let listen = key_sockets(sh, slot, *port)?;
     let notify = match &spec.readiness {
         // A process instance running as another user cannot reach the state directory
         // (0700): its socket is an abstract one (`@...`), which needs no file access.
@@ -1052,10 +1087,43 @@ async fn spawn(
             binds,
             ids,
             inherited: inherited_vars(slot, &file_keys),
+            listen,
         })
         .await
         .map_err(|e| e.to_string())?;
     Ok((spawned, notify))
+}
+
+/// The key's listening sockets for a spawn: those an on-connection activator bound, or
+/// bound now (first spawn), then the same for every run.
+fn key_sockets(
+    sh: &Arc<Shared>,
+    slot: &Slot,
+    port: u16,
+) -> Result<Vec<bulkhead_driver::listen::ListenFd>, String> {
+    let spec = slot.spec();
+    let Some(list) = &spec.sockets else {
+        return Ok(Vec::new());
+    };
+    let mut held = slot.sockets.lock().unwrap_or_else(|e| e.into_inner());
+    if held.is_none() {
+        let bound = match sh.activation_sockets(&slot.key, &spec) {
+            Some(b) => b,
+            None => Arc::new(
+                crate::sockets::BoundSockets::bind(
+                    list,
+                    port,
+                    &crate::sockets::runtime_dir(&sh.cfg.state_dir, &slot.id),
+                )
+                .map_err(|e| e.to_string())?,
+            ),
+        };
+        for (name, addr) in bound.addresses() {
+            tracing::info!("{}: socket {name} listens on {addr}", slot.id);
+        }
+        *held = Some(bound);
+    }
+    Ok(held.as_ref().map(|b| b.listen_fds()).unwrap_or_default())
 }
 
 /// The variables of an instance's environment that came from the daemon's (or its

@@ -41,6 +41,7 @@ pub mod readiness;
 pub mod rollout;
 mod server;
 mod service;
+pub mod sockets;
 mod standard;
 pub mod store;
 
@@ -161,6 +162,9 @@ pub struct Shared {
     pub(crate) ids: std::sync::Mutex<bulkhead_core::sandbox::IdBlocks>,
     /// Dependents being restarted because a dependency restarted (one at a time each).
     dependency_restarts: Mutex<std::collections::HashSet<InstanceId>>,
+    /// On-connection workloads (`activation:`), by name: their bound sockets and the task
+    /// that launches them (`sockets::Activator`).
+    pub(crate) activators: Mutex<HashMap<String, sockets::Activator>>,
 }
 
 /// The sandbox driver's cgroup subtree name for a daemon id (`docker::load_daemon_id`):
@@ -292,6 +296,7 @@ impl Shared {
             dataplane: Default::default(),
             ids: crate::dataplane::id_blocks(),
             dependency_restarts: Mutex::new(std::collections::HashSet::new()),
+            activators: Mutex::new(HashMap::new()),
         }
     }
 
@@ -546,8 +551,17 @@ impl Shared {
             .clone()
     }
 
-    /// Rescans the workloads directory and swaps the catalog in.
-    pub fn reload(&self) -> Arc<catalog::Catalog> {
+    /// Rescans the workloads directory, swaps the catalog in, and binds the sockets of
+    /// its on-connection workloads.
+    pub fn reload(self: &Arc<Self>) -> Arc<catalog::Catalog> {
+        let cat = self.rescan();
+        self.sync_activation();
+        cat
+    }
+
+    /// Rescans the workloads directory and swaps the catalog in (at start-up, before
+    /// adoption: activation waits until adopted instances are back).
+    pub(crate) fn rescan(&self) -> Arc<catalog::Catalog> {
         let cat = Arc::new(catalog::Catalog::scan(
             &self.cfg.workloads_dir,
             &self.drivers(),
@@ -562,6 +576,93 @@ impl Shared {
         }
         *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = cat.clone();
         cat
+    }
+
+    /// The sockets an activator bound for `key`'s workload, when `spec` is the manifest
+    /// it bound them for.
+    pub(crate) fn activation_sockets(
+        &self,
+        key: &Key,
+        spec: &bulkhead_core::spec::WorkloadSpec,
+    ) -> Option<Arc<sockets::BoundSockets>> {
+        if key.isolation() != bulkhead_core::key::Isolation::None {
+            return None;
+        }
+        let a = self.activators.lock().unwrap_or_else(|e| e.into_inner());
+        a.get(key.workload())
+            .filter(|a| a.spec.sockets == spec.sockets)
+            .map(|a| a.sockets.clone())
+    }
+
+    /// Binds the sockets of every on-connection workload of the catalog and starts its
+    /// activator; drops those no longer on-connection. A workload whose sockets are
+    /// unchanged keeps them. One with a live instance that holds other sockets is left
+    /// for the next reload (its addresses are in use).
+    pub(crate) fn sync_activation(self: &Arc<Self>) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let cat = self.catalog();
+        let mut acts = self.activators.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted: HashMap<String, Arc<bulkhead_core::spec::WorkloadSpec>> = cat
+            .entries
+            .values()
+            .filter_map(|e| e.spec.as_ref().ok())
+            .filter(|s| s.activation.is_some_and(|a| a.on_connection()))
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
+        acts.retain(|name, _| wanted.contains_key(name));
+        for (name, spec) in wanted {
+            let reuse = match acts.get(&name) {
+                Some(a) if a.spec == spec => continue,
+                Some(a) if a.spec.sockets == spec.sockets => Some(a.sockets.clone()),
+                _ => None,
+            };
+            acts.remove(&name);
+            let sockets = match reuse {
+                Some(s) => s,
+                None => {
+                    let Ok(key) = Key::new(&name, bulkhead_core::key::Isolation::None, None, None)
+                    else {
+                        continue;
+                    };
+                    let id = key.instance_id();
+                    if self
+                        .get(&id)
+                        .is_some_and(|s| !s.view.borrow().state.is_terminal())
+                    {
+                        tracing::warn!("{id}: runs with other sockets; its on-connection sockets are bound at a reload once it has ended");
+                        continue;
+                    }
+                    let list = spec.sockets.as_deref().unwrap_or_default();
+                    match sockets::BoundSockets::bind(
+                        list,
+                        0,
+                        &sockets::runtime_dir(&self.cfg.state_dir, &id),
+                    ) {
+                        Ok(b) => {
+                            for (n, addr) in b.addresses() {
+                                tracing::info!("{id}: socket {n} listens on {addr} (activation: on-connection)");
+                            }
+                            Arc::new(b)
+                        }
+                        Err(e) => {
+                            tracing::error!("{id}: on-connection activation is off: {e}");
+                            continue;
+                        }
+                    }
+                }
+            };
+            acts.insert(name, sockets::Activator::start(self, spec, sockets));
+        }
+    }
+
+    /// Stops every activator (a shutting-down daemon launches nothing).
+    pub(crate) fn stop_activation(&self) {
+        self.activators
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn uptime(&self) -> Duration {

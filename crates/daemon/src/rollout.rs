@@ -239,7 +239,8 @@ fn same_spec(a: &WorkloadSpec, b: &WorkloadSpec) -> bool {
     serde_json::to_string(a).ok() == serde_json::to_string(b).ok()
 }
 
-/// A rollout keeps the instance's walls: the same driver, isolation and channels.
+/// A rollout keeps the instance's walls and what is bound for its key: the same driver,
+/// isolation, channels, sockets and activation.
 fn check_compatible(
     name: &str,
     old: &WorkloadSpec,
@@ -251,6 +252,11 @@ fn check_compatible(
         "isolation"
     } else if old.channels != new.channels {
         "channels"
+    } else if old.sockets != new.sockets {
+        // The key's sockets stay bound through the swap: they are the old manifest's.
+        "sockets"
+    } else if old.activation != new.activation {
+        "activation"
     } else {
         return Ok(());
     };

@@ -356,7 +356,7 @@ impl Daemon {
             )
         });
         // Everything after the bind may be slow; clients queue in the backlog meanwhile.
-        let cat = shared.reload();
+        let cat = shared.rescan();
         // `on_dependency_restart: restart` reacts to restarts from here on.
         drop(shared.follow_dependency_restarts());
         // Before the API serves a launch: every instance the keeper holds is back under
@@ -482,6 +482,9 @@ impl Daemon {
         // Every instance that outlived the last daemon is back: the channel spaces none
         // of them needs are its leftovers.
         crate::dataplane::sweep(&shared);
+        // On-connection workloads: their sockets, once adopted instances are back (an
+        // adopted one still listens on its own).
+        shared.sync_activation();
         // And the logs of instances nobody lists any more (finished under an earlier
         // daemon): bounded like this daemon's own finished instances.
         let swept = shared.sweep_stray_logs();
@@ -582,6 +585,8 @@ impl Daemon {
 
     /// Terminates every instance, stops the API server and removes the socket.
     pub async fn shutdown(mut self) {
+        // No connection launches anything any more.
+        self.shared.stop_activation();
         if let Some((n, _)) = &self.notify {
             let n_live = self.shared.live_count();
             n.send(&format!(

@@ -147,6 +147,7 @@ impl Fixture {
             },
             ids: None,
             inherited: Vec::new(),
+            listen: Vec::new(),
         }
     }
 }

@@ -27,6 +27,7 @@ use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 pub mod cgroup;
 pub mod conformance;
 pub mod keeper;
+pub mod listen;
 mod posix_spawn;
 pub mod process;
 pub mod reaper;
@@ -60,6 +61,10 @@ pub struct SpawnSpec {
     /// instances come with an environment of their own (a container image's `ENV`)
     /// leaves them out, so that the image's apply.
     pub inherited: Vec<String>,
+    /// Listening sockets the daemon bound for the instance (`sockets:`): put at
+    /// descriptors 3.. in order, with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID`
+    /// (see [`listen`]). Empty: the workload gets nothing above 2.
+    pub listen: Vec<listen::ListenFd>,
 }
 
 /// A host path shown to an instance at `target`.

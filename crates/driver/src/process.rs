@@ -282,6 +282,7 @@ pub(crate) fn fork_spawn(
     cgroup_procs: Option<&OwnedFd>,
     death_parent: Option<rustix::process::Pid>,
     setup: Option<crate::setup::Prepared>,
+    listen: &[crate::listen::ListenFd],
 ) -> io::Result<std::process::Child> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
@@ -303,11 +304,33 @@ pub(crate) fn fork_spawn(
         cmd.current_dir(cwd);
     }
     let procs_fd = cgroup_procs.map(AsRawFd::as_raw_fd);
+    // Listening sockets (`sockets:`): `LISTEN_PID` must be the child's own pid, known only
+    // after the fork, and std builds its environment where the child cannot write it. So
+    // the child execs by itself, last in the hook, with an environment made here whose
+    // `LISTEN_PID` it fills in place (`listen::ExecPlan`). Once its sockets are at 3..
+    // std's exec-status pipe may be gone (it could have sat there), so a failed exec is
+    // reported through a pipe of ours, placed above them.
+    let mut exec_plan = if listen.is_empty() {
+        None
+    } else {
+        Some(crate::listen::ExecPlan::new(program, argv, env, listen)?)
+    };
+    let exec_pipe = match exec_plan {
+        None => None,
+        Some(_) => {
+            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            let w =
+                rustix::io::fcntl_dupfd_cloexec(&w, crate::listen::FIRST_FD + listen.len() as i32)?;
+            Some((r, w))
+        }
+    };
+    let exec_err_w = exec_pipe.as_ref().map(|(_, w)| w.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec. It only makes system
     // calls (close_range, write, umask, setrlimit, setgroups/setresgid/setresuid, chdir,
-    // prctl, getppid) on values captured before the fork (the setup's buffers were built
-    // by `ChildSetup::prepare`) and builds an io::Error from an errno: no allocation, no
-    // lock, nothing that is not async-signal-safe.
+    // prctl, getppid, fcntl, dup2, getpid, execve, _exit) on values captured before the
+    // fork (the setup's buffers were built by `ChildSetup::prepare`, the exec plan's by
+    // `ExecPlan::new`) and builds an io::Error from an errno: no allocation, no lock,
+    // nothing that is not async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             // Every descriptor above 2 (the spawner's sockets, pidfds, other instances'
@@ -339,10 +362,42 @@ pub(crate) fn fork_spawn(
                     return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
             }
+            if let (Some(plan), Some(w)) = (exec_plan.as_mut(), exec_err_w) {
+                // Only returns on failure: report the errno on our pipe and end here.
+                let errno = plan.exec();
+                let b = errno.to_ne_bytes();
+                libc::write(w, b.as_ptr().cast(), b.len());
+                libc::_exit(127);
+            }
             Ok(())
         });
     }
-    cmd.spawn()
+    let mut child = cmd.spawn()?;
+    if let Some((r, w)) = exec_pipe {
+        // Our write end goes, so the read sees end-of-file once the child exec'd.
+        drop(w);
+        drop(cmd);
+        let mut b = [0u8; 4];
+        let mut got = 0;
+        while got < b.len() {
+            match rustix::io::read(&r, &mut b[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(e.into());
+                }
+            }
+        }
+        if got == b.len() {
+            // It exits 127 at once: reaped here, so nobody else sees it.
+            let _ = child.wait();
+            return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(b)));
+        }
+    }
+    Ok(child)
 }
 
 fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, SpawnError> {
@@ -392,16 +447,11 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
     // RACE: the reaper lock is held from before the spawn until the pid is registered: a
     // child that exits at once must not be reaped as an orphan (its status is the
     // instance's). The watcher unregisters it after reaping it.
-    let spawned = match (&cgroup, setup) {
-        (None, None) => posix_spawn::spawn(&posix_spawn::Spawn {
-            program: &program,
-            arg0,
-            args: &spec.argv[1..],
-            env: &spec.env,
-            cwd: &cwd,
-        })
-        .map(|c| (c.pid, Some(c.stdout), Some(c.stderr))),
-        (cgroup, setup) => fork_spawn(
+    // With a cgroup the child joins it before exec; with a setup it switches user, limits
+    // and umask; with sockets it fills in LISTEN_PID: each needs code in the child, so a
+    // fork (posix_spawn cannot run these steps).
+    let spawned = if cgroup.is_some() || setup.is_some() || !spec.listen.is_empty() {
+        fork_spawn(
             &program,
             &spec.argv,
             &spec.env,
@@ -409,13 +459,23 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
             cgroup.as_ref().map(|(_, procs)| procs),
             None,
             setup,
+            &spec.listen,
         )
         .map(|mut c| {
             let out = c.stdout.take().map(OwnedFd::from);
             let err = c.stderr.take().map(OwnedFd::from);
             // std never reaps on drop: the watcher reaps through the pidfd.
             (c.id(), out, err)
-        }),
+        })
+    } else {
+        posix_spawn::spawn(&posix_spawn::Spawn {
+            program: &program,
+            arg0,
+            args: &spec.argv[1..],
+            env: &spec.env,
+            cwd: &cwd,
+        })
+        .map(|c| (c.pid, Some(c.stdout), Some(c.stderr)))
     };
     let (pid, stdout, stderr) = match spawned {
         Ok(x) => x,

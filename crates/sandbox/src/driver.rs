@@ -371,9 +371,12 @@ impl SandboxDriver {
             .iter()
             .map(|a| cs(a.as_bytes(), "an argument"))
             .collect::<Result<Vec<_>, _>>()?;
+        let listen_env = bulkhead_driver::listen::env(&spec.listen);
         let env = spec
             .env
             .iter()
+            .filter(|(k, _)| !k.starts_with("LISTEN_"))
+            .chain(listen_env.iter())
             .map(|(k, v)| cs(format!("{k}={v}").as_bytes(), "the environment"))
             .collect::<Result<Vec<_>, _>>()?;
 
@@ -522,6 +525,7 @@ impl SandboxDriver {
             v1_procs: Vec::new(),
             title: format!("bulkhead-init {}\0", spec.instance).into_bytes(),
             areas: self.areas,
+            listen: spec.listen.clone(),
         })
     }
 }

@@ -559,6 +559,9 @@ pub(crate) struct Prepared {
     pub title: Vec<u8>,
     /// The daemon's argument and environment areas (see [`MemAreas::of_self`]).
     pub areas: MemAreas,
+    /// Listening sockets, put at 3.. in the workload (`env` has `LISTEN_PID` as a
+    /// placeholder, filled in by the workload with the pid it sees).
+    pub listen: Vec<bulkhead_driver::listen::ListenFd>,
 }
 
 /// Where the kernel finds a process's command line and environment (`/proc/self/stat`
@@ -641,6 +644,7 @@ const STAGE_PDEATHSIG: u32 = 14;
 const STAGE_USERNS_WAIT: u32 = 15;
 const STAGE_USERNS_ROOT: u32 = 16;
 const STAGE_LANDLOCK: u32 = 17;
+const STAGE_LISTEN: u32 = 18;
 const STAGE_MOUNT: u32 = 1000;
 /// `STAGE_LIMIT + i`: setting `Prepared::rlimits[i]`.
 const STAGE_LIMIT: u32 = 900;
@@ -678,7 +682,22 @@ pub(crate) fn spawn(
             .collect()
     };
     let argv = ptr_list(&p.argv);
-    let envp = ptr_list(&p.env);
+    let mut envp = ptr_list(&p.env);
+    // LISTEN_PID is written in place by the workload: a writable copy of that entry.
+    let pid_prefix = format!("LISTEN_PID={}", bulkhead_driver::listen::PID_PLACEHOLDER);
+    let mut pid_entry: Option<Vec<u8>> = None;
+    let mut pid_at: *mut u8 = std::ptr::null_mut();
+    if let Some(i) = p
+        .env
+        .iter()
+        .position(|e| e.as_bytes() == pid_prefix.as_bytes())
+    {
+        let entry = pid_entry.insert(p.env[i].as_bytes_with_nul().to_vec());
+        envp[i] = entry.as_ptr().cast();
+        pid_at = entry[b"LISTEN_PID=".len()..].as_mut_ptr();
+    }
+    let listen: Vec<RawFd> = p.listen.iter().map(|l| l.fd.as_raw_fd()).collect();
+    let mut listen_tmp: Vec<RawFd> = vec![-1; listen.len()];
     let mut slots: Vec<RawFd> = vec![-1; p.slots];
     let ctx = Ctx {
         p,
@@ -692,6 +711,10 @@ pub(crate) fn spawn(
         devnull: devnull.as_raw_fd(),
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
+        pid_at,
+        listen: listen.as_ptr(),
+        listen_tmp: listen_tmp.as_mut_ptr(),
+        listen_n: listen.len(),
     };
 
     let mut flags = CLONE_PIDFD
@@ -841,6 +864,7 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_CAPS => Step::Capabilities.what().into(),
         STAGE_NNP => Step::NoNewPrivs.what().into(),
         STAGE_LANDLOCK => Step::Landlock.what().into(),
+        STAGE_LISTEN => "pass the listening sockets (LISTEN_FDS)".into(),
         STAGE_SECCOMP => Step::Seccomp.what().into(),
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
         STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
@@ -873,6 +897,11 @@ struct Ctx<'a> {
     devnull: RawFd,
     stdout: RawFd,
     stderr: RawFd,
+    /// `LISTEN_PID`'s value in the environment (null without sockets).
+    pid_at: *mut u8,
+    listen: *const RawFd,
+    listen_tmp: *mut RawFd,
+    listen_n: usize,
 }
 
 /// Reports `(stage, errno)` and exits 127. Async-signal-safe.
@@ -1108,6 +1137,19 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
             if libc::setrlimit(*res, lim) != 0 {
                 fail(ctx, STAGE_LIMIT + i as u32);
             }
+        }
+        // The listening sockets at 3.. (not close-on-exec), and LISTEN_PID: our pid as
+        // the program will see it (PID 1 or 2 of the namespace).
+        if ctx.listen_n > 0 {
+            let src = std::slice::from_raw_parts(ctx.listen, ctx.listen_n);
+            let tmp = std::slice::from_raw_parts_mut(ctx.listen_tmp, ctx.listen_n);
+            if let Err(e) = bulkhead_driver::listen::install(src, tmp) {
+                *libc::__errno_location() = e;
+                fail(ctx, STAGE_LISTEN);
+            }
+        }
+        if !ctx.pid_at.is_null() {
+            bulkhead_driver::listen::write_pid(ctx.pid_at, libc::getpid());
         }
         if libc::chdir(p.cwd.as_ptr()) != 0 {
             fail(ctx, STAGE_CHDIR);

@@ -25,6 +25,7 @@ mod restart;
 mod sandbox;
 mod service;
 mod socket_trust;
+mod sockets;
 mod state_copy;
 mod supervision;
 mod surface;

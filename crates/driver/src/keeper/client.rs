@@ -107,10 +107,19 @@ impl KeeperClient {
     }
 
     async fn send(&self, req: &Request) -> io::Result<()> {
+        self.send_with(req, &[]).await
+    }
+
+    /// Sends `req` with `fds` attached (SCM_RIGHTS).
+    async fn send_with(
+        &self,
+        req: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<()> {
         let _order = self.send_lock.lock().await;
         loop {
             let mut guard = self.sock.writable().await?;
-            match guard.try_io(|fd| super::send(fd.get_ref().as_fd(), req, &[])) {
+            match guard.try_io(|fd| super::send(fd.get_ref().as_fd(), req, fds)) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }
@@ -133,18 +142,22 @@ impl KeeperClient {
             .subscribe()
     }
 
-    /// Spawns through the keeper (each argument is a field of the request).
-    #[allow(clippy::too_many_arguments)]
+    /// Spawns `spec` through the keeper in `cwd` with `setup` (its listening sockets
+    /// travel with the request).
     pub async fn spawn(
         &self,
-        instance: &str,
+        spec: &SpawnSpec,
         record: String,
-        argv: Vec<String>,
-        env: Vec<(String, String)>,
-        cwd: PathBuf,
         cgroup: Option<PathBuf>,
+        cwd: PathBuf,
         setup: Option<Box<crate::setup::ChildSetup>>,
     ) -> Result<KeeperSpawn, SpawnError> {
+        let (instance, argv, env, listen) = (
+            spec.instance.as_str(),
+            spec.argv.clone(),
+            spec.env.clone(),
+            &spec.listen,
+        );
         let req = self.next_req();
         let (tx, rx) = oneshot::channel();
         self.state().pending.insert(req, tx);
@@ -158,10 +171,12 @@ impl KeeperClient {
             cwd,
             cgroup,
             setup,
+            listen: listen.iter().map(|l| l.name.clone()).collect(),
         };
         // The keeper, not the program, failed: not an exec error.
         let lost = |source: io::Error| SpawnError::Other(format!("{program}: {source}"));
-        if let Err(e) = self.send(&msg).await {
+        let fds: Vec<_> = listen.iter().map(|l| l.fd.as_fd()).collect();
+        if let Err(e) = self.send_with(&msg, &fds).await {
             self.state().pending.remove(&req);
             return Err(lost(io::Error::other(format!(
                 "cannot reach the keeper: {e}"
@@ -430,6 +445,8 @@ pub struct Adoptable {
     /// Set when the instance exited while no daemon was connected.
     pub exit: Option<ExitStatus>,
     pub spawned: Spawned,
+    /// The listening sockets the keeper kept for it (`sockets:`), in order.
+    pub listen: Vec<crate::listen::ListenFd>,
 }
 
 /// Starts keeper shard `n` (or connects to it, if it answers): the daemon's start-up
@@ -667,12 +684,22 @@ impl KeeperDriver {
                     pid,
                     start_time,
                     exit,
+                    listen,
                     ..
                 } = reply
                 else {
                     continue;
                 };
-                let pidfd = fds.into_iter().next();
+                let mut fds = fds.into_iter();
+                let listen: Vec<crate::listen::ListenFd> = listen
+                    .into_iter()
+                    .zip(fds.by_ref())
+                    .map(|(name, fd)| crate::listen::ListenFd {
+                        name,
+                        fd: Arc::new(fd),
+                    })
+                    .collect();
+                let pidfd = fds.next();
                 if pidfd.is_none() && exit.is_none() {
                     // Running, yet no pidfd: it cannot be signalled safely. Left to the
                     // stale-cgroup sweep below (it owns no kept cgroup).
@@ -709,6 +736,7 @@ impl KeeperDriver {
                     record,
                     exit,
                     spawned,
+                    listen,
                 });
             }
         }
@@ -792,19 +820,7 @@ impl KeeperDriver {
         let spawn_at = |client: Arc<KeeperClient>| {
             let (record, spec, cgroup_dir) = (record.clone(), &spec, cgroup_dir.clone());
             let (setup, cwd) = (setup.clone(), cwd.clone());
-            async move {
-                client
-                    .spawn(
-                        spec.instance.as_str(),
-                        record,
-                        spec.argv.clone(),
-                        spec.env.clone(),
-                        cwd,
-                        cgroup_dir,
-                        setup,
-                    )
-                    .await
-            }
+            async move { client.spawn(spec, record, cgroup_dir, cwd, setup).await }
         };
         // The first keeper not known to be full; a full one may have room again (its
         // instances end), so it is asked again once the others are full too.

@@ -23,6 +23,12 @@
 //!   `List`); it is the parent and reaps only in its own loop, so the pid is pinned;
 //! - reaps every child (orphaned grandchildren included: no zombie survives) and keeps each
 //!   instance's exit status until the daemon acknowledges it, across daemon restarts;
+//! - keeps a copy of an instance's listening sockets (`sockets:`, passed with the spawn)
+//!   until its entry goes, and hands them back with it on `List`, so they outlive a
+//!   daemon crash;
+//! - keeps a copy of an instance's listening sockets (`sockets:`, passed with the spawn)
+//!   until its entry goes, and hands them back with it on `List`, so they outlive a
+//!   daemon crash;
 //! - stores an opaque record per instance (the daemon's JSON: key, spec as launched,
 //!   counters) and returns it on `List`, which is how a restarted daemon adopts instances.
 //!
@@ -55,6 +61,9 @@ use serde::{Deserialize, Serialize};
 pub mod client;
 pub mod server;
 
+/// The most descriptors one message carries: a spawn's listening sockets (`sockets:`).
+pub const FDS_PER_MESSAGE: usize = bulkhead_core::sockets::MAX_SOCKETS + 3;
+
 /// The largest message, in bytes (a record carries the workload spec as launched).
 pub const MAX_MESSAGE: usize = 1024 * 1024;
 
@@ -77,6 +86,10 @@ pub enum Request {
         /// exec and enters `cwd` as the new user.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         setup: Option<Box<crate::setup::ChildSetup>>,
+        /// The names of the listening sockets attached to the message (SCM_RIGHTS, in
+        /// order): the child gets them at 3.. with `LISTEN_*` (`crate::listen`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        listen: Vec<String>,
     },
     /// The daemon has the exit status of `pid`: forget the instance.
     Ack { pid: u32 },
@@ -132,6 +145,9 @@ pub enum Reply {
         /// Which of stdout and stderr are still open (their output follows as packets).
         #[serde(default = "both_open")]
         open: [bool; 2],
+        /// Names of the instance's listening sockets, attached first (before the pidfd).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        listen: Vec<String>,
     },
     ListEnd {
         req: u64,
@@ -152,7 +168,7 @@ pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[BorrowedFd<'_>])
             data.len()
         )));
     }
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(io::Error::other(
@@ -214,7 +230,7 @@ pub enum Incoming {
 
 /// Receives one packet and its fds into `buf`: its length. `Ok(None)` at end of stream.
 fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(FDS_PER_MESSAGE))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = rustix::net::recvmsg(
@@ -234,6 +250,11 @@ fn recv_packet(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<(usize
     }
     if msg.flags.contains(rustix::net::ReturnFlags::TRUNC) {
         return Err(io::Error::other("keeper message truncated"));
+    }
+    if msg.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err(io::Error::other(
+            "keeper message carried more descriptors than allowed",
+        ));
     }
     Ok(Some((msg.bytes, fds)))
 }

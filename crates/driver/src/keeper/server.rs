@@ -74,6 +74,9 @@ struct Held {
     watched: bool,
     /// Output read for an earlier connection and not delivered: sent first on `Attach`.
     carry: Option<Vec<u8>>,
+    /// The instance's listening sockets (`sockets:`), kept until the entry goes, so a
+    /// daemon that restarts gets them back with the instance (`List`).
+    listen: Vec<(String, OwnedFd)>,
 }
 
 impl Held {
@@ -88,7 +91,7 @@ struct Keeper {
     shutdown: bool,
     /// Every open output pipe, keyed `pid << 1 | stream index`.
     pipes: OwnedFd,
-    /// Pipe descriptors held, against `capacity`.
+    /// Pipe and listening-socket descriptors held, against `capacity`.
     open_pipes: u64,
     capacity: u64,
     /// An output packet the daemon's socket had no room for: sent first when it does;
@@ -282,7 +285,7 @@ impl Keeper {
         loop {
             let Some(client) = &self.client else { return };
             match super::recv::<Request>(client.as_fd(), buf) {
-                Ok(Some((req, _fds))) => self.handle(req),
+                Ok(Some((req, fds))) => self.handle(req, fds),
                 Ok(None) => {
                     self.client = None;
                     return;
@@ -390,12 +393,20 @@ impl Keeper {
         }
         let gone = h.acked && h.open_streams() == 0;
         if gone {
-            self.held.remove(&pid);
+            self.forget(pid);
         }
         self.send_output(super::output_packet(pid, stream, &[]));
     }
 
-    fn handle(&mut self, req: Request) {
+    /// Forgets an instance: its kept sockets close (its pipes are counted where they
+    /// close).
+    fn forget(&mut self, pid: u32) -> Option<Held> {
+        let h = self.held.remove(&pid)?;
+        self.open_pipes -= h.listen.len() as u64;
+        Some(h)
+    }
+
+    fn handle(&mut self, req: Request, fds: Vec<OwnedFd>) {
         match req {
             Request::Spawn {
                 req,
@@ -406,8 +417,37 @@ impl Keeper {
                 cwd,
                 cgroup,
                 setup,
+                listen,
             } => {
-                if self.open_pipes + 2 > self.capacity {
+                // The sockets came attached, in order; the keeper's copies close once
+                // the child has them (end of this arm).
+                let listen: Vec<crate::listen::ListenFd> = if listen.len() == fds.len() {
+                    listen
+                        .into_iter()
+                        .zip(fds)
+                        .map(|(name, fd)| crate::listen::ListenFd {
+                            name,
+                            fd: std::sync::Arc::new(fd),
+                        })
+                        .collect()
+                } else {
+                    let error = format!(
+                        "the spawn names {} listening sockets but carries {} descriptors",
+                        listen.len(),
+                        fds.len()
+                    );
+                    self.reply(
+                        &Reply::SpawnFailed {
+                            req,
+                            error,
+                            exec: None,
+                            full: false,
+                        },
+                        &[],
+                    );
+                    return;
+                };
+                if self.open_pipes + 2 + listen.len() as u64 > self.capacity {
                     let error = format!(
                         "the keeper holds {} instances, as many as its open-files limit allows",
                         self.held.len()
@@ -423,8 +463,21 @@ impl Keeper {
                     );
                     return;
                 }
-                match spawn(&argv, &env, &cwd, cgroup.as_deref(), setup.as_deref()) {
+                match spawn(
+                    &argv,
+                    &env,
+                    &cwd,
+                    cgroup.as_deref(),
+                    setup.as_deref(),
+                    &listen,
+                ) {
                     Ok((pid, pidfd, stdout, stderr)) => {
+                        // The sockets stay with the instance (the child has its copies).
+                        let kept: Vec<(String, OwnedFd)> = listen
+                            .into_iter()
+                            .filter_map(|l| Some((l.name, std::sync::Arc::try_unwrap(l.fd).ok()?)))
+                            .collect();
+                        self.open_pipes += kept.len() as u64;
                         let start_time = sys::read_stat(pid).map(|s| s.starttime).unwrap_or(0);
                         let reply = Reply::Spawned {
                             req,
@@ -449,7 +502,7 @@ impl Keeper {
                         // A pid reaped, acknowledged and now reused while the old
                         // instance's output (held by an escaped descendant) was still open:
                         // that output ends here.
-                        if let Some(old) = self.held.remove(&pid) {
+                        if let Some(old) = self.forget(pid) {
                             for fd in old.out.into_iter().flatten() {
                                 if old.watched {
                                     let _ = epoll::delete(&self.pipes, &fd);
@@ -468,6 +521,7 @@ impl Keeper {
                                 acked: false,
                                 watched: false,
                                 carry: None,
+                                listen: kept,
                             },
                         );
                     }
@@ -496,7 +550,7 @@ impl Keeper {
                         // The output may still be draining: the entry goes when it ends.
                         h.acked = true;
                         if h.open_streams() == 0 {
-                            self.held.remove(&pid);
+                            self.forget(pid);
                         }
                     }
                 }
@@ -521,6 +575,7 @@ impl Keeper {
                         start_time: h.start_time,
                         exit: h.exit,
                         open: [h.out[0].is_some(), h.out[1].is_some()],
+                        listen: h.listen.iter().map(|(n, _)| n.clone()).collect(),
                     };
                     // Not reaped yet (this loop reaps only in its SIGCHLD step), so the pid
                     // names the instance.
@@ -530,7 +585,13 @@ impl Keeper {
                         None
                     };
                     let Some(c) = &self.client else { return };
-                    let fds: Vec<_> = pidfd.iter().map(|f| f.as_fd()).collect();
+                    // The sockets first, then the pidfd (when running).
+                    let fds: Vec<_> = h
+                        .listen
+                        .iter()
+                        .map(|(_, f)| f.as_fd())
+                        .chain(pidfd.iter().map(|f| f.as_fd()))
+                        .collect();
                     if let Err(e) = super::send(c.as_fd(), &msg, &fds) {
                         eprintln!("bulkhead keeper: cannot send to the daemon ({e})");
                         self.client = None;
@@ -572,6 +633,7 @@ fn spawn(
     cwd: &Path,
     cgroup: Option<&Path>,
     setup: Option<&crate::setup::ChildSetup>,
+    listen: &[crate::listen::ListenFd],
 ) -> io::Result<(u32, OwnedFd, OwnedFd, OwnedFd)> {
     let program = argv
         .first()
@@ -598,6 +660,7 @@ fn spawn(
         procs.as_ref(),
         Some(keeper),
         setup,
+        listen,
     )?;
     let pid = child.id();
     // The keeper reaps only in its SIGCHLD step of the same loop, after this returns: the
