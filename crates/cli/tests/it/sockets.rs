@@ -552,3 +552,90 @@ fn sockets_survive_a_daemon_crash_with_the_keeper() {
     });
     assert_eq!(v["port"].as_u64(), Some(port as u64), "{v}");
 }
+
+/// A rollout onto a changed manifest under a client loop: stop then start, with the
+/// key's socket held by bulkhead throughout, so no connection is refused; the control
+/// (the program binds `$PORT` itself) sees refusals in the same swap.
+fn rollout_under_load(sockets: bool) -> Tally {
+    let d = Daemon::start(&[]);
+    let manifest = |v: &str| {
+        format!(
+            "{}env: {{VERSION: \"{v}\"}}\n",
+            http_manifest("web", sockets)
+        )
+    };
+    workload(&d, "web", &manifest("1"), &[("server.py", SERVER)]);
+    let v = d.json(&["launch", "web", "-o", "json"]);
+    let port = v["port"].as_u64().unwrap() as u16;
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (stop, answered) = (stop.clone(), answered.clone());
+        std::thread::spawn(move || {
+            let mut t = Tally::default();
+            while !stop.load(Ordering::SeqCst) {
+                match request(port) {
+                    Ok(body) if body.ends_with("ok") => {
+                        t.answered += 1;
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => t.broken += 1,
+                    Err(std::io::ErrorKind::ConnectionRefused) => t.refused += 1,
+                    Err(_) => t.broken += 1,
+                }
+            }
+            t
+        })
+    };
+    let until = |n: usize| {
+        let start = Instant::now();
+        while answered.load(Ordering::SeqCst) < n {
+            assert!(start.elapsed() < DEADLINE, "the server answers no request");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    until(20);
+    workload(&d, "web", &manifest("2"), &[("server.py", SERVER)]);
+    let out = d.json(&["rollout", "web", "-o", "json"]);
+    assert_eq!(out["steps"][0]["outcome"], "moved", "{out}");
+    let seen = answered.load(Ordering::SeqCst);
+    until(seen + 20);
+    stop.store(true, Ordering::SeqCst);
+    let t = client.join().unwrap();
+    let o = d.cli(&[
+        "exec",
+        "ns:default:web",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo $VERSION",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "2");
+    let v = d.json(&["get", "ns:default:web", "-o", "json"]);
+    assert_eq!(
+        v["port"].as_u64(),
+        Some(port as u64),
+        "the address is kept: {v}"
+    );
+    t
+}
+
+#[test]
+fn a_rollout_with_sockets_refuses_no_connection() {
+    if python3().is_none() {
+        return;
+    }
+    let t = rollout_under_load(true);
+    eprintln!("rollout with sockets: {t:?}");
+    assert_eq!(t.refused, 0, "connections were refused: {t:?}");
+}
+
+#[test]
+fn without_sockets_a_rollout_refuses_connections() {
+    if python3().is_none() {
+        return;
+    }
+    let t = rollout_under_load(false);
+    eprintln!("rollout without sockets: {t:?}");
+    assert!(t.refused > 0, "no refusal without sockets: {t:?}");
+}
