@@ -1048,6 +1048,7 @@ mod tests {
             binds: Vec::new(),
             ids: None,
             inherited: Vec::new(),
+            listen: Vec::new(),
         };
         let c = container_config(&spec, ws.docker.as_ref().unwrap(), "x", "d", None).unwrap();
         assert_eq!(c.working_dir.as_deref(), Some("/srv"));

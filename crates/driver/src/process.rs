@@ -274,6 +274,8 @@ impl Driver for ProcessDriver {
 /// resets both).
 ///
 /// The caller holds the reaper lock if the spawning process has a reaper.
+// Each argument is one step of the child's, in the order it runs them (see above).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn fork_spawn(
     program: &Path,
     argv: &[String],

@@ -32,9 +32,9 @@ const RELIST_OVER: usize = 64;
 enum Msg {
     Key(Key),
     Redraw,
-    Event(v1::Event),
+    Event(Box<v1::Event>),
     /// An instance as read now; `None`: it is gone.
-    Instance(String, Option<v1::Instance>),
+    Instance(String, Option<Box<v1::Instance>>),
     All(Vec<v1::Instance>),
     Log(String, String),
     Status(String),
@@ -96,7 +96,7 @@ pub async fn top(socket: &Path, a: TopArgs) -> anyhow::Result<()> {
             loop {
                 match stream.message().await {
                     Ok(Some(e)) => {
-                        if tx.send(Msg::Event(e)).is_err() {
+                        if tx.send(Msg::Event(Box::new(e))).is_err() {
                             return;
                         }
                     }
@@ -233,9 +233,9 @@ async fn run(
                     Msg::Redraw => {}
                     Msg::Event(e) => {
                         marked.insert(e.instance.clone());
-                        m.event(e);
+                        m.event(*e);
                     }
-                    Msg::Instance(id, i) => m.update(&id, i, crate::output::now_ms()),
+                    Msg::Instance(id, i) => m.update(&id, i.map(|b| *b), crate::output::now_ms()),
                     Msg::All(list) => m.set_all(list, crate::output::now_ms()),
                     Msg::Log(id, line) => m.log_line(&id, line),
                     Msg::Status(s) => m.status = Some(s),
@@ -274,7 +274,7 @@ async fn read_again(mut c: bulkhead_api::Client, ids: Vec<String>, tx: mpsc::Unb
     for id in ids {
         let got = c.get(v1::GetRequest { id: id.clone() }).await;
         let msg = match got {
-            Ok(i) => Msg::Instance(id, Some(i.into_inner())),
+            Ok(i) => Msg::Instance(id, Some(Box::new(i.into_inner()))),
             Err(s) if s.code() == tonic::Code::NotFound => Msg::Instance(id, None),
             Err(s) => Msg::Status(format!("get {id}: {}", s.message())),
         };

@@ -980,6 +980,7 @@ mod tests {
             binds: Vec::new(),
             ids: None,
             inherited: Vec::new(),
+            listen: Vec::new(),
         };
         let err = match tokio::time::timeout(Duration::from_secs(30), driver.spawn(spec)).await {
             Ok(Err(e)) => e.to_string(),

@@ -347,6 +347,7 @@ mod tests {
             cwd: PathBuf::from("/"),
             cgroup: None,
             setup: None,
+            listen: Vec::new(),
         };
         assert!(!serde_json::to_string(&plain).unwrap().contains("setup"));
     }
