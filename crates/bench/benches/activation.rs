@@ -90,7 +90,10 @@ fn main() -> anyhow::Result<()> {
     let mut client = rt.block_on(bulkhead_api::connect(&socket))?;
     let mut get = |id: &str| -> anyhow::Result<v1::Instance> {
         Ok(rt
-            .block_on(client.get(v1::GetRequest { id: id.into() }))?
+            .block_on(client.get(v1::GetRequest {
+                id: id.into(),
+                ..Default::default()
+            }))?
             .into_inner())
     };
     let mut ports = Vec::new();

@@ -132,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::Ok(
                 c.get(v1::GetRequest {
                     id: format!("session:{session}:{workload}"),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner(),

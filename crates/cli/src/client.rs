@@ -163,7 +163,10 @@ pub async fn get(socket: &Path, a: cli::GetArgs) -> anyhow::Result<()> {
     check_id(&a.id)?;
     let mut c = connect(socket).await?;
     let inst = c
-        .get(v1::GetRequest { id: a.id })
+        .get(v1::GetRequest {
+            id: a.id,
+            ..Default::default()
+        })
         .await
         .map_err(from_status)?
         .into_inner();

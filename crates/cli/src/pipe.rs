@@ -36,7 +36,10 @@ async fn channel(
     bulkhead_core::key::InstanceId::parse(id).map_err(|e| fail(exit::INVALID, e.to_string()))?;
     let mut c = crate::client::connect(socket).await?;
     let inst = c
-        .get(v1::GetRequest { id: id.to_owned() })
+        .get(v1::GetRequest {
+            id: id.to_owned(),
+            ..Default::default()
+        })
         .await
         .map_err(from_status)?
         .into_inner();

@@ -139,6 +139,18 @@ fn clamp_grace(ms: u64) -> Duration {
     Duration::from_millis(ms.min(7 * 24 * 3600 * 1000))
 }
 
+/// A manifest as JSON for a caller: whole for an admin, else with `env` values hidden.
+fn spec_for_caller(s: &bulkhead_core::spec::WorkloadSpec, admin: bool) -> Option<String> {
+    if admin {
+        return serde_json::to_string(s).ok();
+    }
+    let mut shown = s.clone();
+    for v in shown.env.values_mut() {
+        *v = HIDDEN.to_owned();
+    }
+    serde_json::to_string(&shown).ok()
+}
+
 /// What a non-admin caller sees in place of an `env` value of a workload's spec.
 const HIDDEN: &str = "(hidden)";
 
@@ -214,6 +226,7 @@ pub fn instance_proto(v: &View) -> v1::Instance {
         iox2_prefix: v.iox2.as_ref().and_then(|i| i.0.clone()),
         iox2_root: v.iox2.as_ref().and_then(|i| i.1.clone()),
         channel_space: v.iox2.as_ref().and_then(|i| i.2.clone()),
+        spec_json: None,
     }
 }
 
@@ -324,15 +337,7 @@ pub(crate) fn workloads_proto(sh: &Shared, admin: bool) -> v1::ListWorkloadsResp
                     bulkhead_core::deps::OnDependencyRestart::Ignore => "ignore",
                 }
                 .to_owned(),
-                spec_json: if admin {
-                    serde_json::to_string(&**s).ok()
-                } else {
-                    let mut shown = (**s).clone();
-                    for v in shown.env.values_mut() {
-                        *v = HIDDEN.to_owned();
-                    }
-                    serde_json::to_string(&shown).ok()
-                },
+                spec_json: spec_for_caller(s, admin),
             },
             Err(err) => v1::Workload {
                 name: e.name.clone(),
@@ -415,11 +420,17 @@ impl bulkhead_api::Bulkhead for Service {
         let id = parse_id(&req.get_ref().id)?;
         self.authorize(&req, Scope::read(&id))?;
         let vis = Visibility::of(&req);
+        let admin = auth::is_admin(&req);
+        let with_spec = req.get_ref().with_spec;
         let slot = self
             .sh
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
-        Ok(Response::new(shown(instance_with_usage(&slot), &vis)))
+        let mut i = instance_with_usage(&slot);
+        if with_spec {
+            i.spec_json = spec_for_caller(&slot.spec(), admin);
+        }
+        Ok(Response::new(shown(i, &vis)))
     }
 
     async fn list(

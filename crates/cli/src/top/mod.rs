@@ -38,6 +38,9 @@ enum Msg {
     All(Vec<v1::Instance>),
     Log(String, String),
     Status(String),
+    /// The manifest of an instance's current run, as JSON.
+    Spec(String, String),
+    Workloads(Vec<(String, String)>),
 }
 
 pub async fn top(socket: &Path, a: TopArgs) -> anyhow::Result<()> {
@@ -151,6 +154,7 @@ fn spawn_input(tx: mpsc::UnboundedSender<Msg>) {
                     }
                     KeyCode::Char(ch) => Key::Char(ch),
                     KeyCode::Enter => Key::Enter,
+                    KeyCode::Tab => Key::Char('\t'),
                     KeyCode::Esc => Key::Esc,
                     KeyCode::Backspace => Key::Backspace,
                     KeyCode::Up => Key::Up,
@@ -224,6 +228,12 @@ async fn run(
                                         l.abort();
                                     }
                                 }
+                                Command::FetchSpec(id) => {
+                                    tokio::spawn(fetch_spec(c.clone(), id, tx.clone()));
+                                }
+                                Command::FetchWorkloads => {
+                                    tokio::spawn(fetch_workloads(c.clone(), tx.clone()));
+                                }
                                 other => {
                                     tokio::spawn(act(c.clone(), other, tx.clone()));
                                 }
@@ -239,6 +249,13 @@ async fn run(
                     Msg::All(list) => m.set_all(list, crate::output::now_ms()),
                     Msg::Log(id, line) => m.log_line(&id, line),
                     Msg::Status(s) => m.status = Some(s),
+                    Msg::Spec(id, json) => {
+                        let text = serde_json::from_str::<serde_json::Value>(&json)
+                            .and_then(|v| serde_json::to_string_pretty(&v))
+                            .unwrap_or(json);
+                        m.spec = Some((id, text.lines().map(str::to_owned).collect()));
+                    }
+                    Msg::Workloads(w) => m.workloads = w,
                 }
             }
             _ = refresh.tick(), if !marked.is_empty() => {
@@ -272,7 +289,12 @@ async fn read_again(mut c: bulkhead_api::Client, ids: Vec<String>, tx: mpsc::Unb
         return;
     }
     for id in ids {
-        let got = c.get(v1::GetRequest { id: id.clone() }).await;
+        let got = c
+            .get(v1::GetRequest {
+                id: id.clone(),
+                ..Default::default()
+            })
+            .await;
         let msg = match got {
             Ok(i) => Msg::Instance(id, Some(Box::new(i.into_inner()))),
             Err(s) if s.code() == tonic::Code::NotFound => Msg::Instance(id, None),
@@ -282,6 +304,36 @@ async fn read_again(mut c: bulkhead_api::Client, ids: Vec<String>, tx: mpsc::Unb
             return;
         }
     }
+}
+
+/// The manifest of `id`'s current run, for the detail pane.
+async fn fetch_spec(mut c: bulkhead_api::Client, id: String, tx: mpsc::UnboundedSender<Msg>) {
+    let got = c
+        .get(v1::GetRequest {
+            id: id.clone(),
+            with_spec: true,
+        })
+        .await;
+    let _ = tx.send(match got {
+        Ok(i) => Msg::Spec(id, i.into_inner().spec_json.unwrap_or_default()),
+        Err(s) => Msg::Status(format!("get {id}: {}", s.message())),
+    });
+}
+
+/// The valid workloads, for the launch prompt.
+async fn fetch_workloads(mut c: bulkhead_api::Client, tx: mpsc::UnboundedSender<Msg>) {
+    let got = c.list_workloads(v1::ListWorkloadsRequest {}).await;
+    let _ = tx.send(match got {
+        Ok(r) => Msg::Workloads(
+            r.into_inner()
+                .workloads
+                .into_iter()
+                .filter(|w| w.valid)
+                .map(|w| (w.name, w.description.unwrap_or_default()))
+                .collect(),
+        ),
+        Err(s) => Msg::Status(format!("workloads: {}", s.message())),
+    });
 }
 
 /// Follows one instance's log into the pane.
@@ -369,7 +421,11 @@ async fn act(mut c: bulkhead_api::Client, cmd: Command, tx: mpsc::UnboundedSende
                 Some(i) => format!("launched {}", i.id),
                 None => format!("launched {workload}"),
             }),
-        Command::Quit | Command::FollowLogs(_) | Command::StopLogs => return,
+        Command::Quit
+        | Command::FollowLogs(_)
+        | Command::StopLogs
+        | Command::FetchSpec(_)
+        | Command::FetchWorkloads => return,
     };
     let _ = tx.send(Msg::Status(match said {
         Ok(s) => s,

@@ -109,6 +109,10 @@ pub enum Command {
     },
     /// Follow this instance's log (replacing any other).
     FollowLogs(String),
+    /// Read the manifest this instance's current run was started with (detail pane).
+    FetchSpec(String),
+    /// Read the workloads (launch prompt).
+    FetchWorkloads,
     StopLogs,
 }
 
@@ -164,6 +168,10 @@ pub struct Model {
     pub status: Option<String>,
     /// Rows the table has room for (set by the view), for paging.
     pub page: usize,
+    /// The detail pane's manifest: (instance, its lines).
+    pub spec: Option<(String, Vec<String>)>,
+    /// The workloads that can be launched (name, description), for the launch prompt.
+    pub workloads: Vec<(String, String)>,
 }
 
 impl Default for Model {
@@ -185,6 +193,8 @@ impl Default for Model {
             input: String::new(),
             status: None,
             page: 20,
+            spec: None,
+            workloads: Vec::new(),
         }
     }
 }
@@ -394,6 +404,7 @@ impl Model {
                     Key::Backspace => {
                         self.input.pop();
                     }
+                    Key::Char('\t') => self.complete_workload(),
                     Key::Char(c) => self.input.push(c),
                     Key::Enter => {
                         let text = std::mem::take(&mut self.input);
@@ -475,6 +486,25 @@ impl Model {
         }
     }
 
+    /// The workloads the launch prompt offers: those whose name starts with what is typed.
+    pub fn workload_choices(&self) -> Vec<&(String, String)> {
+        let typed = self.input.split_whitespace().next().unwrap_or("");
+        self.workloads
+            .iter()
+            .filter(|(n, _)| n.starts_with(typed))
+            .collect()
+    }
+
+    /// Tab in the launch prompt: completes the workload name when one choice is left.
+    fn complete_workload(&mut self) {
+        if self.input.contains(' ') {
+            return;
+        }
+        if let [(name, _)] = self.workload_choices()[..] {
+            self.input = format!("{name} ");
+        }
+    }
+
     fn table_key(&mut self, k: Key) -> Vec<Command> {
         let last = self.visible.len().saturating_sub(1);
         let selected = self.selected_row().map(|r| r.inst.id.clone());
@@ -500,8 +530,17 @@ impl Model {
             Key::Char('n') => {
                 self.input.clear();
                 self.mode = Mode::Launch;
+                return vec![Command::FetchWorkloads];
             }
-            Key::Enter if selected.is_some() => self.mode = Mode::Detail,
+            Key::Enter => {
+                if let Some(id) = selected {
+                    self.mode = Mode::Detail;
+                    if self.spec.as_ref().is_none_or(|(s, _)| *s != id) {
+                        self.spec = None;
+                    }
+                    return vec![Command::FetchSpec(id)];
+                }
+            }
             Key::Char('l') => {
                 if let Some(id) = selected {
                     self.mode = Mode::Logs;
@@ -712,6 +751,31 @@ mod tests {
         keys(&mut m, "web nope");
         assert!(m.key(Key::Enter).is_empty());
         assert!(m.status.as_deref().unwrap().contains("nope"));
+    }
+
+    #[test]
+    fn the_launch_prompt_offers_the_workloads_and_completes_one() {
+        let mut m = Model::default();
+        m.workloads = vec![
+            ("web".into(), "the site".into()),
+            ("worker".into(), String::new()),
+            ("db".into(), String::new()),
+        ];
+        m.key(Key::Char('n'));
+        keys(&mut m, "w");
+        assert_eq!(m.workload_choices().len(), 2);
+        keys(&mut m, "e");
+        m.key(Key::Char('\t'));
+        assert_eq!(m.input, "web ");
+        keys(&mut m, "ns:a");
+        assert_eq!(
+            m.key(Key::Enter),
+            [Command::Launch {
+                workload: "web".into(),
+                namespace: Some("a".into()),
+                session: None
+            }]
+        );
     }
 
     #[test]

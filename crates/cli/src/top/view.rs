@@ -40,6 +40,7 @@ pub fn draw(f: &mut Frame, m: &mut Model, colour: bool, now_ms: u64) {
         Mode::Logs | Mode::LogSearch => logs(f, m, body),
         Mode::Events => events(f, m, body),
         Mode::Help => help(f, body),
+        Mode::Launch => launch(f, m, body),
         _ => table(f, m, body, colour, now_ms),
     }
     f.render_widget(Paragraph::new(footer(m)), foot);
@@ -279,6 +280,14 @@ fn detail(f: &mut Frame, m: &Model, area: Rect) {
             crate::output::event_line(e)
         ));
     }
+    lines.push(String::new());
+    match &m.spec {
+        Some((id, spec)) if *id == i.id => {
+            lines.push("manifest of the current run:".into());
+            lines.extend(spec.iter().map(|l| format!("  {l}")));
+        }
+        _ => lines.push("manifest of the current run: (reading)".into()),
+    }
     let text: Vec<Line> = lines
         .into_iter()
         .map(|l| Line::from(escape(&l).into_owned()))
@@ -288,6 +297,27 @@ fn detail(f: &mut Frame, m: &Model, area: Rect) {
         Paragraph::new(text)
             .block(pane(format!(" {} ", escape(&i.id))))
             .wrap(Wrap { trim: false }),
+        area,
+    );
+}
+
+fn launch(f: &mut Frame, m: &Model, area: Rect) {
+    let lines: Vec<Line> = m
+        .workload_choices()
+        .into_iter()
+        .map(|(n, d)| {
+            Line::from(if d.is_empty() {
+                escape(n).into_owned()
+            } else {
+                format!("{:<24} {}", escape(n), escape(d))
+            })
+        })
+        .collect();
+    f.render_widget(Clear, area);
+    f.render_widget(
+        Paragraph::new(lines).block(pane(
+            " launch: a workload (tab completes), then ns:NAMESPACE or session:SESSION ".into(),
+        )),
         area,
     );
 }

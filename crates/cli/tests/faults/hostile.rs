@@ -94,7 +94,13 @@ fn hostile_names_get_clear_errors_and_create_nothing() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
-        let err = c.get(v1::GetRequest { id: "\0".into() }).await.unwrap_err();
+        let err = c
+            .get(v1::GetRequest {
+                id: "\0".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 err.code(),

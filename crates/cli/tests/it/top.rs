@@ -142,6 +142,14 @@ fn top_follows_instances_live_and_acts_on_them() {
     assert!(row(&s, "ns:a:web").is_some(), "{s}");
     assert!(s.contains("filter: ns:a (1 shown)"), "{s}");
 
+    // The detail pane: the instance's state and the manifest its run started with.
+    t.keys(&["Enter"]);
+    let s = t.wait("the detail pane with the manifest", |s| {
+        s.contains("manifest of the current run:") && s.contains("\"command\": [")
+    });
+    assert!(s.contains("last events:"), "{s}");
+    t.keys(&["Escape"]);
+
     // The log pane follows the instance: later ticks keep arriving.
     t.text("l");
     let s = t.wait("the log pane", |s| {
@@ -206,9 +214,14 @@ fn top_fits_80x24_honours_no_color_and_launches() {
     t.text("?");
     t.wait("the help", |s| s.contains("help") && s.contains("filter"));
     t.keys(&["Escape"]);
-    // Launch from the view.
+    // Launch from the view: the prompt lists the workloads, tab completes the name.
     t.text("n");
-    t.text("web ns:zz");
+    t.wait("the workload list", |s| {
+        s.contains("launch:") && s.lines().any(|l| l.contains("│web"))
+    });
+    t.text("we");
+    t.keys(&["Tab"]);
+    t.text("ns:zz");
     t.keys(&["Enter"]);
     t.wait("the launched row", |s| row(s, "ns:zz:web").is_some());
     t.text("q");
