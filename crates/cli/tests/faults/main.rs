@@ -27,6 +27,8 @@
 #[allow(dead_code)]
 #[path = "../it/harness.rs"]
 mod harness;
+#[path = "../it/tmux.rs"]
+mod tmux;
 
 mod crash;
 mod hostile;

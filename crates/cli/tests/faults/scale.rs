@@ -195,3 +195,49 @@ fn list_scrapes_and_launches_at_scale_leave_health_answered() {
         marked(&mark).is_empty()
     });
 }
+
+/// `bulkhead top` keeps up with many instances (300; 10,000 with
+/// `BULKHEAD_FAULTS_LONG=1`): running in a real terminal while they are launched, its
+/// header counts every one, the view scrolls to the last and back, and when all end at
+/// once (a burst of events) its counts follow to zero live.
+#[test]
+fn top_keeps_up_with_many_instances() {
+    let n = if long() {
+        raise_nofile();
+        sleepers_that_fit(10_000)
+    } else {
+        300
+    };
+    let mark = marker("top");
+    let sleeper =
+        format!("name: sleeper\ncommand: [/bin/sleep, '100000']\nenv: {{FAULT_MARK: {mark}}}\n");
+    let d = Daemon::start(&[("sleeper", &sleeper)]);
+    let Some(t) = crate::tmux::Tmux::start(&d, 100, 30, &[]) else {
+        return;
+    };
+    let started = Instant::now();
+    let failures = for_all(&d.socket, "sleeper", n, false);
+    assert!(failures.is_empty(), "{:?}", &failures[..failures.len().min(5)]);
+    let header = |s: &str| s.lines().next().unwrap_or("").to_owned();
+    t.wait("every instance counted", |s| {
+        header(s).contains(&format!("{n} instances  {n} ready"))
+    });
+    println!(
+        "top: {n} instances launched and counted in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // Ids sort as text: the last in the table is the greatest.
+    let mut ids: Vec<String> = (0..n).map(|i| format!("ns:s{i}:sleeper")).collect();
+    ids.sort();
+    t.keys(&["End"]);
+    t.wait("the last row", |s| crate::tmux::row(s, &ids[n - 1]).is_some());
+    t.keys(&["Home"]);
+    t.wait("the first row", |s| crate::tmux::row(s, &ids[0]).is_some());
+    let failures = for_all(&d.socket, "sleeper", n, true);
+    assert!(failures.is_empty(), "{:?}", &failures[..failures.len().min(5)]);
+    t.wait("every instance ended", |s| {
+        header(s).contains(&format!("{n} instances  {n} terminated"))
+    });
+    t.text("q");
+    t.wait("top to exit", |s| s.contains("top exited 0"));
+}

@@ -29,5 +29,6 @@ mod sockets;
 mod state_copy;
 mod supervision;
 mod surface;
+mod tmux;
 mod top;
 mod walls;
