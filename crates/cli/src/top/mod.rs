@@ -1,11 +1,13 @@
 //! `bulkhead top`: every instance live in the terminal (ratatui).
 //!
 //! How it stays cheap: the rows come from one `list` at start, then follow the event
-//! stream (`watch`): an event marks its instance, and marked instances are read again
-//! (`get`) at most ten times a second, or with one `list` when a burst marked more than
-//! [`RELIST_OVER`]. CPU and memory are read on a period (`--interval`) for the rows on
-//! screen only. Nothing polls every instance, so an idle daemon with thousands of
-//! instances costs top a few `get`s per period. The table builds only the rows on screen.
+//! stream (`watch`): each event is applied to its row (state, pid, restarts, breaker,
+//! last exit; a new instance gets a row), so the table and its counts need no reads. An
+//! event also marks its instance, and the marked ones *on screen* are read again (`get`,
+//! one refresh at a time, at most ten a second) for what events do not carry. CPU and
+//! memory are read on a period (`--interval`) for the rows on screen only. Nothing polls
+//! every instance, and a burst of thousands of events costs a few `get`s. The table
+//! builds only the rows on screen.
 //!
 //! `model` is the state and the keys (pure, unit-tested); `view` draws it.
 
@@ -26,21 +28,19 @@ use crate::client::connect;
 use crate::exit::from_status;
 use model::{Command, Key, Model};
 
-/// More marked instances than this in one refresh: one `list` instead of a `get` each.
-const RELIST_OVER: usize = 64;
-
 enum Msg {
     Key(Key),
     Redraw,
     Event(Box<v1::Event>),
     /// An instance as read now; `None`: it is gone.
     Instance(String, Option<Box<v1::Instance>>),
-    All(Vec<v1::Instance>),
     Log(String, String),
     Status(String),
     /// The manifest of an instance's current run, as JSON.
     Spec(String, String),
     Workloads(Vec<(String, String)>),
+    /// A refresh of marked instances is done: the next may start.
+    Refreshed,
 }
 
 pub async fn top(socket: &Path, a: TopArgs) -> anyhow::Result<()> {
@@ -187,6 +187,9 @@ async fn run(
     colour: bool,
 ) -> anyhow::Result<()> {
     let mut marked: HashSet<String> = HashSet::new();
+    // One refresh at a time: answers of concurrent ones could arrive out of order and an
+    // older listing overwrite a newer one. Marks made meanwhile wait for the next.
+    let mut refreshing = false;
     let mut refresh = tokio::time::interval(Duration::from_millis(100));
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut usage = tokio::time::interval(interval);
@@ -197,6 +200,7 @@ async fn run(
     let mut dirty = true;
     loop {
         if dirty {
+            m.settle();
             let now = crate::output::now_ms();
             terminal
                 .draw(|f| view::draw(f, m, colour, now))
@@ -246,7 +250,6 @@ async fn run(
                         m.event(*e);
                     }
                     Msg::Instance(id, i) => m.update(&id, i.map(|b| *b), crate::output::now_ms()),
-                    Msg::All(list) => m.set_all(list, crate::output::now_ms()),
                     Msg::Log(id, line) => m.log_line(&id, line),
                     Msg::Status(s) => m.status = Some(s),
                     Msg::Spec(id, json) => {
@@ -256,11 +259,29 @@ async fn run(
                         m.spec = Some((id, text.lines().map(str::to_owned).collect()));
                     }
                     Msg::Workloads(w) => m.workloads = w,
+                    Msg::Refreshed => refreshing = false,
                 }
             }
-            _ = refresh.tick(), if !marked.is_empty() => {
-                let ids: Vec<String> = marked.drain().collect();
-                tokio::spawn(read_again(c.clone(), ids, tx.clone()));
+            _ = refresh.tick(), if !marked.is_empty() && !refreshing => {
+                // Events already moved every row; the rows on screen are read again
+                // for the rest. The other marks go: a row scrolled into view is read at
+                // the next usage tick.
+                let start = m.selected.saturating_sub(m.page.saturating_sub(1));
+                let ids: Vec<String> = m
+                    .window_ids(start, m.page + 1)
+                    .into_iter()
+                    .filter(|id| marked.contains(id))
+                    .collect();
+                marked.clear();
+                if ids.is_empty() {
+                    continue;
+                }
+                refreshing = true;
+                let (c, tx) = (c.clone(), tx.clone());
+                tokio::spawn(async move {
+                    read_again(c, ids, tx.clone()).await;
+                    let _ = tx.send(Msg::Refreshed);
+                });
             }
             _ = usage.tick() => {
                 // The rows on screen, whose CPU and memory are shown.
@@ -275,19 +296,8 @@ async fn run(
     }
 }
 
-/// Reads instances again: one `get` each, or one `list` for a burst.
+/// Reads instances again, one `get` each.
 async fn read_again(mut c: bulkhead_api::Client, ids: Vec<String>, tx: mpsc::UnboundedSender<Msg>) {
-    if ids.len() > RELIST_OVER {
-        match c.list(v1::ListRequest::default()).await {
-            Ok(r) => {
-                let _ = tx.send(Msg::All(r.into_inner().instances));
-            }
-            Err(e) => {
-                let _ = tx.send(Msg::Status(format!("list: {}", e.message())));
-            }
-        }
-        return;
-    }
     for id in ids {
         let got = c
             .get(v1::GetRequest {

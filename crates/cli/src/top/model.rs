@@ -172,6 +172,8 @@ pub struct Model {
     pub spec: Option<(String, Vec<String>)>,
     /// The workloads that can be launched (name, description), for the launch prompt.
     pub workloads: Vec<(String, String)>,
+    /// Events changed rows since the last filter and sort.
+    stale: bool,
 }
 
 impl Default for Model {
@@ -195,6 +197,7 @@ impl Default for Model {
             page: 20,
             spec: None,
             workloads: Vec::new(),
+            stale: false,
         }
     }
 }
@@ -249,8 +252,12 @@ impl Model {
         );
     }
 
-    /// An event from the daemon: kept for the panes. The runtime reads the instance again.
+    /// An event from the daemon: applied to its row at once (a row is made for a new
+    /// instance), so that the table and its counts follow the stream without reading
+    /// anything; kept for the panes. The runtime reads the rows on screen again for what
+    /// events do not carry (usage, failure details, address).
     pub fn event(&mut self, e: v1::Event) {
+        self.apply(&e);
         let q = self.events.entry(e.instance.clone()).or_default();
         q.push_back(e.clone());
         while q.len() > EVENTS_PER_INSTANCE {
@@ -259,6 +266,104 @@ impl Model {
         self.all_events.push_back(e);
         while self.all_events.len() > EVENTS_KEPT {
             self.all_events.pop_front();
+        }
+    }
+
+    fn apply(&mut self, e: &v1::Event) {
+        let row = match self.rows.get_mut(&e.instance) {
+            Some(r) => r,
+            None => {
+                if e.kind == "channel_peer_dead" {
+                    return;
+                }
+                let Ok((_, key)) = bulkhead_core::key::InstanceId::parse(&e.instance) else {
+                    return;
+                };
+                self.rows.insert(
+                    e.instance.clone(),
+                    Row {
+                        inst: v1::Instance {
+                            id: e.instance.clone(),
+                            workload: key.workload().to_owned(),
+                            isolation: key.isolation().as_str().to_owned(),
+                            namespace: key.namespace().map(str::to_owned),
+                            session: key.session().map(str::to_owned),
+                            state: "starting".into(),
+                            breaker: "closed".into(),
+                            ..Default::default()
+                        },
+                        cpu: None,
+                        last_cpu: None,
+                    },
+                );
+                self.rows.get_mut(&e.instance).expect("just inserted")
+            }
+        };
+        let i = &mut row.inst;
+        let state = |s: &str, i: &mut v1::Instance| {
+            i.state = s.to_owned();
+            if s != "ready" {
+                i.ready = false;
+            }
+        };
+        match e.kind.as_str() {
+            "launched" => {
+                state("starting", i);
+                i.pid = None;
+                i.restarts = 0;
+                i.failure = None;
+            }
+            "started" => {
+                state("starting", i);
+                i.pid = e.pid;
+                i.started_at_ms = e.time_ms;
+            }
+            "ready" => {
+                i.state = "ready".into();
+                i.ready = true;
+            }
+            "adopted" => {
+                i.state = "ready".into();
+                i.ready = true;
+                i.pid = e.pid.or(i.pid);
+            }
+            "unhealthy" => i.ready = false,
+            "launch_failed" => {
+                state("failed", i);
+                i.failure = e.reason.clone();
+            }
+            "exited" | "crashed" | "oom_killed" => {
+                state(if e.kind == "exited" { "exited" } else { "crashed" }, i);
+                i.last_exit = Some(v1::ExitStatus {
+                    code: e.exit_code,
+                    signal: e.signal,
+                    core_dumped: e.core_dumped.unwrap_or(false),
+                });
+            }
+            "terminating" => state("stopping", i),
+            "terminated" => {
+                state("terminated", i);
+                i.pid = None;
+            }
+            "restarting" => {
+                state("restarting", i);
+                i.pid = None;
+                i.restarts += 1;
+            }
+            "breaker_open" => i.breaker = "open".into(),
+            "breaker_half_open" => i.breaker = "half_open".into(),
+            "breaker_closed" => i.breaker = "closed".into(),
+            "liveness_failed" | "watchdog_timeout" | "lost" => i.failure = e.reason.clone(),
+            _ => {}
+        }
+        // Re-sorted and re-filtered by the runtime once a batch is applied.
+        self.stale = true;
+    }
+
+    /// Filters and sorts again if events changed rows since the last time.
+    pub fn settle(&mut self) {
+        if std::mem::take(&mut self.stale) {
+            self.refresh();
         }
     }
 
@@ -795,6 +900,40 @@ mod tests {
         assert_eq!(m.shown_logs(), ["world"]);
         assert_eq!(m.key(Key::Esc), [Command::StopLogs]);
         assert_eq!(m.mode, Mode::Table);
+    }
+
+    fn ev(id: &str, kind: &str) -> v1::Event {
+        v1::Event {
+            instance: id.into(),
+            kind: kind.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn events_alone_keep_the_rows_and_counts() {
+        let mut m = Model::default();
+        for k in ["launched", "started", "ready"] {
+            m.event(ev("session:s1:web", k));
+        }
+        m.event(ev("ns:a:db", "launched"));
+        m.settle();
+        assert_eq!(m.total(), 2);
+        assert_eq!(m.counts(), [("ready", 1), ("starting", 1)]);
+        let web = m.visible().find(|r| r.inst.id == "session:s1:web").unwrap();
+        assert_eq!(web.inst.session.as_deref(), Some("s1"));
+        assert!(web.inst.ready);
+        for k in ["exited", "restarting"] {
+            m.event(ev("session:s1:web", k));
+        }
+        m.event(ev("ns:a:db", "launch_failed"));
+        m.settle();
+        assert_eq!(m.counts(), [("restarting", 1), ("failed", 1)]);
+        for k in ["terminating", "terminated"] {
+            m.event(ev("session:s1:web", k));
+        }
+        m.settle();
+        assert_eq!(m.counts(), [("failed", 1), ("terminated", 1)]);
     }
 
     #[test]
