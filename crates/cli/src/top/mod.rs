@@ -198,20 +198,39 @@ async fn run(
     let mut clock = tokio::time::interval(Duration::from_secs(1));
     let mut logs: Option<tokio::task::JoinHandle<()>> = None;
     let mut dirty = true;
+    // A key is drawn at once; anything else at most every FRAME, so that a burst of
+    // events (thousands a second) is applied in batches and costs one sort and one frame
+    // per batch, not per event.
+    const FRAME: Duration = Duration::from_millis(50);
+    let mut urgent = true;
+    let mut last_frame = tokio::time::Instant::now();
+    let mut frame = tokio::time::interval(FRAME);
+    frame.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        if dirty {
+        if dirty && (urgent || last_frame.elapsed() >= FRAME) {
             m.settle();
             let now = crate::output::now_ms();
             terminal
                 .draw(|f| view::draw(f, m, colour, now))
                 .context("cannot draw")?;
             dirty = false;
+            urgent = false;
+            last_frame = tokio::time::Instant::now();
         }
         tokio::select! {
-            Some(msg) = rx.recv() => {
+            Some(first) = rx.recv() => {
+              // This message and every one already waiting (up to a bound), then a frame.
+              let mut next = Some(first);
+              let mut handled = 0;
+              while let Some(msg) = next.take() {
                 dirty = true;
+                handled += 1;
+                if handled < 20_000 {
+                    next = rx.try_recv().ok();
+                }
                 match msg {
                     Msg::Key(k) => {
+                        urgent = true;
                         m.status = None;
                         for cmd in m.key(k) {
                             match cmd {
@@ -261,7 +280,9 @@ async fn run(
                     Msg::Workloads(w) => m.workloads = w,
                     Msg::Refreshed => refreshing = false,
                 }
+              }
             }
+            _ = frame.tick(), if dirty => {}
             _ = refresh.tick(), if !marked.is_empty() && !refreshing => {
                 // Events already moved every row; the rows on screen are read again
                 // for the rest. The other marks go: a row scrolled into view is read at

@@ -224,7 +224,8 @@ impl Model {
                 self.rows.remove(id);
             }
         }
-        self.refresh();
+        // Sorted again before the next frame (`settle`).
+        self.stale = true;
     }
 
     fn put_row(&mut self, inst: v1::Instance, prev: Option<Row>, now_ms: u64) {
@@ -333,7 +334,14 @@ impl Model {
                 i.failure = e.reason.clone();
             }
             "exited" | "crashed" | "oom_killed" => {
-                state(if e.kind == "exited" { "exited" } else { "crashed" }, i);
+                state(
+                    if e.kind == "exited" {
+                        "exited"
+                    } else {
+                        "crashed"
+                    },
+                    i,
+                );
                 i.last_exit = Some(v1::ExitStatus {
                     code: e.exit_code,
                     signal: e.signal,
@@ -945,11 +953,14 @@ mod tests {
             ..Default::default()
         });
         m.update("ns:a:web", Some(i.clone()), 1_000);
+        m.settle();
         assert_eq!(m.selected_row().unwrap().cpu, None);
         i.usage.as_mut().unwrap().cpu_seconds = 1.5;
         m.update("ns:a:web", Some(i), 3_000);
+        m.settle();
         assert_eq!(m.selected_row().unwrap().cpu, Some(0.25));
         m.update("ns:a:web", None, 4_000);
+        m.settle();
         assert_eq!(m.total(), 0);
     }
 

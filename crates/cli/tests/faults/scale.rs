@@ -217,7 +217,11 @@ fn top_keeps_up_with_many_instances() {
     };
     let started = Instant::now();
     let failures = for_all(&d.socket, "sleeper", n, false);
-    assert!(failures.is_empty(), "{:?}", &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{:?}",
+        &failures[..failures.len().min(5)]
+    );
     let header = |s: &str| s.lines().next().unwrap_or("").to_owned();
     t.wait("every instance counted", |s| {
         header(s).contains(&format!("{n} instances  {n} ready"))
@@ -230,11 +234,17 @@ fn top_keeps_up_with_many_instances() {
     let mut ids: Vec<String> = (0..n).map(|i| format!("ns:s{i}:sleeper")).collect();
     ids.sort();
     t.keys(&["End"]);
-    t.wait("the last row", |s| crate::tmux::row(s, &ids[n - 1]).is_some());
+    t.wait("the last row", |s| {
+        crate::tmux::row(s, &ids[n - 1]).is_some()
+    });
     t.keys(&["Home"]);
     t.wait("the first row", |s| crate::tmux::row(s, &ids[0]).is_some());
     let failures = for_all(&d.socket, "sleeper", n, true);
-    assert!(failures.is_empty(), "{:?}", &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{:?}",
+        &failures[..failures.len().min(5)]
+    );
     t.wait("every instance ended", |s| {
         header(s).contains(&format!("{n} instances  {n} terminated"))
     });

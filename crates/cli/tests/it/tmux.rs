@@ -109,4 +109,3 @@ pub fn row<'a>(screen: &'a str, id: &str) -> Option<&'a str> {
         .lines()
         .find(|l| l.split_whitespace().next() == Some(id))
 }
-
