@@ -417,8 +417,8 @@ impl Model {
 
     /// The rows that pass the filter, in order.
     #[cfg(test)]
-    pub fn visible(&self) -> impl ExactSizeIterator<Item = &Row> {
-        self.visible.iter().map(|id| &self.rows[id])
+    pub fn visible(&self) -> impl Iterator<Item = &Row> {
+        self.visible.iter().filter_map(|id| self.rows.get(id))
     }
 
     pub fn visible_len(&self) -> usize {
@@ -428,15 +428,19 @@ impl Model {
     /// The rows from `start`, at most `n` (what the table draws: the view never touches
     /// the rows it does not show).
     pub fn window(&self, start: usize, n: usize) -> impl Iterator<Item = &Row> {
+        // A row removed since the last sort (`update` with `None`) is skipped, not
+        // looked up: the order is settled before the next frame.
         self.visible
             .iter()
             .skip(start)
             .take(n)
-            .map(|id| &self.rows[id])
+            .filter_map(|id| self.rows.get(id))
     }
 
     pub fn selected_row(&self) -> Option<&Row> {
-        self.visible.get(self.selected).map(|id| &self.rows[id])
+        self.visible
+            .get(self.selected)
+            .and_then(|id| self.rows.get(id))
     }
 
     /// The ids of the rows from `start`, at most `n`: those whose usage the runtime reads.
@@ -475,6 +479,8 @@ impl Model {
         if k == Key::Interrupt {
             return vec![Command::Quit];
         }
+        // Keys act on the order shown once what arrived since is applied.
+        self.settle();
         match self.mode.clone() {
             Mode::Table => self.table_key(k),
             Mode::Filter => {
@@ -942,6 +948,22 @@ mod tests {
         }
         m.settle();
         assert_eq!(m.counts(), [("failed", 1), ("terminated", 1)]);
+    }
+
+    #[test]
+    fn a_row_removed_before_the_next_sort_is_skipped_not_looked_up() {
+        let mut m = Model::default();
+        m.set_all(
+            vec![inst("ns:a:x", "x", "ready"), inst("ns:b:x", "x", "ready")],
+            0,
+        );
+        m.key(Key::Down);
+        m.update("ns:b:x", None, 1);
+        // Before any frame settled the order: nothing panics.
+        assert!(m.selected_row().is_none());
+        assert_eq!(m.window(0, 10).count(), 1);
+        assert_eq!(m.key(Key::Char('q')), [Command::Quit]);
+        assert_eq!(m.selected_row().unwrap().inst.id, "ns:a:x");
     }
 
     #[test]
