@@ -874,12 +874,14 @@ mod tests {
 
     #[test]
     fn the_launch_prompt_offers_the_workloads_and_completes_one() {
-        let mut m = Model::default();
-        m.workloads = vec![
-            ("web".into(), "the site".into()),
-            ("worker".into(), String::new()),
-            ("db".into(), String::new()),
-        ];
+        let mut m = Model {
+            workloads: vec![
+                ("web".into(), "the site".into()),
+                ("worker".into(), String::new()),
+                ("db".into(), String::new()),
+            ],
+            ..Default::default()
+        };
         m.key(Key::Char('n'));
         keys(&mut m, "w");
         assert_eq!(m.workload_choices().len(), 2);

@@ -1,6 +1,9 @@
 //! Driving `bulkhead top` in a real terminal: a tmux server of its own per test, keys
 //! in with send-keys, the screen out with capture-pane (the it and faults suites).
 
+// Shared by the it and faults suites, each of which uses part of it.
+#![allow(dead_code)]
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
