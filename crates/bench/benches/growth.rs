@@ -27,7 +27,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bulkhead_api::v1;
-use bulkhead_bench::daemon::{bulkhead_binary, launch_one, launch_range, usage, Daemon};
+use bulkhead_bench::daemon::{
+    bulkhead_binary, launch_one, launch_range, sleeper_dir, usage, Daemon,
+};
 use bulkhead_bench::{flag, ms, Samples};
 
 type Client = bulkhead_api::BulkheadClient<tonic::transport::Channel>;
@@ -41,15 +43,7 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let write: Option<PathBuf> = flag(&args, "--write").map(PathBuf::from);
     let bin = bulkhead_binary()?;
-    let dir = tempfile::Builder::new()
-        .prefix("bulkhead-growth")
-        .tempdir_in("/var/tmp")?;
-    let wl = dir.path().join("workloads");
-    std::fs::create_dir_all(wl.join("s"))?;
-    std::fs::write(
-        wl.join("s").join("manifest.yaml"),
-        "name: s\ncommand: [/bin/sleep, \"1000000\"]\nisolation: session\nshutdown: {grace: 2s}\n",
-    )?;
+    let (dir, wl) = sleeper_dir("bulkhead-growth")?;
     let socket = dir.path().join("api.sock");
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;

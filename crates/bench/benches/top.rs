@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use bulkhead_bench::daemon::{bulkhead_binary, launch_range, usage, Daemon};
+use bulkhead_bench::daemon::{bulkhead_binary, launch_range, sleeper_dir, usage, Daemon};
 use bulkhead_bench::flag;
 
 fn main() -> anyhow::Result<()> {
@@ -33,15 +33,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let bin = bulkhead_binary()?;
-    let dir = tempfile::Builder::new()
-        .prefix("bulkhead-top")
-        .tempdir_in("/var/tmp")?;
-    let wl = dir.path().join("workloads");
-    std::fs::create_dir_all(wl.join("s"))?;
-    std::fs::write(
-        wl.join("s").join("manifest.yaml"),
-        "name: s\ncommand: [/bin/sleep, \"1000000\"]\nisolation: session\nshutdown: {grace: 2s}\n",
-    )?;
+    let (dir, wl) = sleeper_dir("bulkhead-top")?;
     let socket = dir.path().join("api.sock");
     let mut daemon = Daemon::start(&bin, &wl, &dir.path().join("state"), &socket, &[])?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -142,6 +142,21 @@ pub async fn launch_one(mut c: Client, i: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A scratch directory under `/var/tmp` (the sandbox hides `/tmp`) with a workloads
+/// directory holding `s`: `sleep`, one instance per session. Returns both.
+pub fn sleeper_dir(prefix: &str) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")?;
+    let wl = dir.path().join("workloads");
+    std::fs::create_dir_all(wl.join("s"))?;
+    std::fs::write(
+        wl.join("s").join("manifest.yaml"),
+        "name: s\ncommand: [/bin/sleep, \"1000000\"]\nisolation: session\nshutdown: {grace: 2s}\n",
+    )?;
+    Ok((dir, wl))
+}
+
 /// Launches sessions `from..to` of workload `s`, 16 at a time.
 pub async fn launch_range(c: &Client, from: usize, to: usize) -> anyhow::Result<()> {
     let mut next = from;

@@ -85,6 +85,14 @@ pub async fn connect(socket: &Path) -> anyhow::Result<bulkhead_api::Client> {
     })
 }
 
+/// `--grace` as the request's `grace_ms` (absent: the manifest's).
+fn grace_ms(grace: Option<&str>) -> anyhow::Result<Option<u64>> {
+    Ok(grace
+        .map(|g| parse_duration("--grace", g))
+        .transpose()?
+        .map(|g| g.as_millis() as u64))
+}
+
 pub(crate) fn parse_duration(what: &str, s: &str) -> anyhow::Result<Duration> {
     bulkhead_core::duration::parse(s).map_err(|e| fail(exit::INVALID, format!("{what}: {e}")))
 }
@@ -203,16 +211,12 @@ pub async fn list(socket: &Path, a: cli::ListArgs) -> anyhow::Result<()> {
 
 pub async fn terminate(socket: &Path, a: cli::TerminateArgs) -> anyhow::Result<()> {
     check_id(&a.id)?;
-    let grace = a
-        .grace
-        .as_deref()
-        .map(|g| parse_duration("--grace", g))
-        .transpose()?;
+    let grace_ms = grace_ms(a.grace.as_deref())?;
     let mut c = connect(socket).await?;
     let inst = c
         .terminate(v1::TerminateRequest {
             id: a.id,
-            grace_ms: grace.map(|g| g.as_millis() as u64),
+            grace_ms,
             with_dependencies: a.with_dependencies,
         })
         .await
@@ -223,16 +227,12 @@ pub async fn terminate(socket: &Path, a: cli::TerminateArgs) -> anyhow::Result<(
 
 pub async fn restart(socket: &Path, a: cli::RestartArgs) -> anyhow::Result<()> {
     check_id(&a.id)?;
-    let grace = a
-        .grace
-        .as_deref()
-        .map(|g| parse_duration("--grace", g))
-        .transpose()?;
+    let grace_ms = grace_ms(a.grace.as_deref())?;
     let mut c = connect(socket).await?;
     let inst = c
         .restart(v1::RestartRequest {
             id: a.id,
-            grace_ms: grace.map(|g| g.as_millis() as u64),
+            grace_ms,
             new_spec: a.new_spec,
         })
         .await
@@ -242,16 +242,12 @@ pub async fn restart(socket: &Path, a: cli::RestartArgs) -> anyhow::Result<()> {
 }
 
 pub async fn rollout(socket: &Path, a: cli::RolloutArgs) -> anyhow::Result<()> {
-    let grace = a
-        .grace
-        .as_deref()
-        .map(|g| parse_duration("--grace", g))
-        .transpose()?;
+    let grace_ms = grace_ms(a.grace.as_deref())?;
     let mut c = connect(socket).await?;
     let steps = c
         .rollout(v1::RolloutRequest {
             workload: a.workload.clone(),
-            grace_ms: grace.map(|g| g.as_millis() as u64),
+            grace_ms,
         })
         .await
         .map_err(from_status)?
@@ -625,14 +621,10 @@ pub async fn release(socket: &Path, a: cli::ReleaseArgs) -> anyhow::Result<()> {
 }
 
 pub async fn end_scope(socket: &Path, a: cli::EndScopeArgs, session: bool) -> anyhow::Result<()> {
-    let grace = a
-        .grace
-        .as_deref()
-        .map(|g| parse_duration("--grace", g))
-        .transpose()?;
+    let grace_ms = grace_ms(a.grace.as_deref())?;
     let req = v1::EndScopeRequest {
         name: a.name,
-        grace_ms: grace.map(|g| g.as_millis() as u64),
+        grace_ms,
     };
     let mut c = connect(socket).await?;
     let resp = if session {

@@ -138,23 +138,25 @@ struct Tally {
     broken: usize,
 }
 
-/// A client loop against `port` while the instance's program is killed with SIGKILL and
-/// restarted by its policy: what the clients saw from before the kill until answers
-/// come from the new program.
-fn kill_and_count(d: &Daemon, id: &str, port: u16) -> Tally {
-    let v = wait_get(d, id, "ready", |v| v["state"] == "ready");
-    let pid = v["pid"].as_u64().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let client = {
-        let (stop, answered) = (stop.clone(), answered.clone());
-        std::thread::spawn(move || {
+/// Requests to `port` back to back on a thread of their own, tallied.
+struct ClientLoop {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<Tally>,
+}
+
+impl ClientLoop {
+    fn start(port: u16) -> ClientLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (s, a) = (stop.clone(), answered.clone());
+        let thread = std::thread::spawn(move || {
             let mut t = Tally::default();
-            while !stop.load(Ordering::SeqCst) {
+            while !s.load(Ordering::SeqCst) {
                 match request(port) {
                     Ok(body) if body.ends_with("ok") => {
                         t.answered += 1;
-                        answered.fetch_add(1, Ordering::SeqCst);
+                        a.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(_) => t.broken += 1,
                     Err(std::io::ErrorKind::ConnectionRefused) => t.refused += 1,
@@ -162,26 +164,49 @@ fn kill_and_count(d: &Daemon, id: &str, port: u16) -> Tally {
                 }
             }
             t
-        })
-    };
-    let until = |n: usize| {
+        });
+        ClientLoop {
+            stop,
+            answered,
+            thread,
+        }
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` requests were answered.
+    fn until(&self, n: usize) {
         let start = Instant::now();
-        while answered.load(Ordering::SeqCst) < n {
+        while self.answered() < n {
             assert!(start.elapsed() < DEADLINE, "the server answers no request");
             std::thread::sleep(Duration::from_millis(5));
         }
-    };
-    until(20);
+    }
+
+    fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+/// A client loop against `port` while the instance's program is killed with SIGKILL and
+/// restarted by its policy: what the clients saw from before the kill until answers
+/// come from the new program.
+fn kill_and_count(d: &Daemon, id: &str, port: u16) -> Tally {
+    let v = wait_get(d, id, "ready", |v| v["state"] == "ready");
+    let pid = v["pid"].as_u64().unwrap();
+    let client = ClientLoop::start(port);
+    client.until(20);
     // SAFETY: plain kill(2) of the instance's pid, read from the daemon just before.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
     let v = wait_get(d, id, "restarted", |v| {
         v["restarts"].as_u64() >= Some(1) && v["state"] == "ready"
     });
     assert_ne!(v["pid"].as_u64(), Some(pid), "{v}");
-    let seen = answered.load(Ordering::SeqCst);
-    until(seen + 20);
-    stop.store(true, Ordering::SeqCst);
-    client.join().unwrap()
+    client.until(client.answered() + 20);
+    client.finish()
 }
 
 fn http_manifest(name: &str, sockets: bool) -> String {
@@ -567,41 +592,13 @@ fn rollout_under_load(sockets: bool) -> Tally {
     workload(&d, "web", &manifest("1"), &[("server.py", SERVER)]);
     let v = d.json(&["launch", "web", "-o", "json"]);
     let port = v["port"].as_u64().unwrap() as u16;
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let client = {
-        let (stop, answered) = (stop.clone(), answered.clone());
-        std::thread::spawn(move || {
-            let mut t = Tally::default();
-            while !stop.load(Ordering::SeqCst) {
-                match request(port) {
-                    Ok(body) if body.ends_with("ok") => {
-                        t.answered += 1;
-                        answered.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(_) => t.broken += 1,
-                    Err(std::io::ErrorKind::ConnectionRefused) => t.refused += 1,
-                    Err(_) => t.broken += 1,
-                }
-            }
-            t
-        })
-    };
-    let until = |n: usize| {
-        let start = Instant::now();
-        while answered.load(Ordering::SeqCst) < n {
-            assert!(start.elapsed() < DEADLINE, "the server answers no request");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    until(20);
+    let client = ClientLoop::start(port);
+    client.until(20);
     workload(&d, "web", &manifest("2"), &[("server.py", SERVER)]);
     let out = d.json(&["rollout", "web", "-o", "json"]);
     assert_eq!(out["steps"][0]["outcome"], "moved", "{out}");
-    let seen = answered.load(Ordering::SeqCst);
-    until(seen + 20);
-    stop.store(true, Ordering::SeqCst);
-    let t = client.join().unwrap();
+    client.until(client.answered() + 20);
+    let t = client.finish();
     let o = d.cli(&[
         "exec",
         "ns:default:web",
