@@ -391,6 +391,63 @@ pub trait Driver: Send + Sync + 'static {
     /// The daemon shuts down cleanly and every instance is gone: remove what the driver
     /// keeps for its instances (its empty cgroup scope directories). Blocking, quick.
     fn shutdown(&self) {}
+
+    /// Whether `argv[0]` names a program on this host (looked up in the daemon's `PATH`
+    /// and checked before the spawn). `false` for drivers whose instances run in an image
+    /// of their own (docker and the cluster engines): the program is the image's.
+    fn runs_host_programs(&self) -> bool {
+        true
+    }
+
+    /// Every instance of this daemon the driver still holds, at the daemon's start-up
+    /// (before any spawn): running ones with a handle to supervise them again, and ones
+    /// that ended while no daemon watched, with their status. The daemon decides which to
+    /// adopt (those its instance table knows, one per key) and hands every other one to
+    /// [`discard`](Self::discard). An error means the driver could not look (its engine
+    /// is unreachable): it is logged, and the table's instances of this driver are
+    /// resumed by their restart policy. The default: a driver whose instances die with
+    /// the daemon finds none.
+    async fn recover(&self) -> Result<Vec<Found>, RecoverError> {
+        Ok(Vec::new())
+    }
+
+    /// Ends a found instance the daemon does not adopt and removes what is left of it
+    /// (its container, service or cgroup): nothing may run unseen. The default kills it
+    /// through its handle.
+    async fn discard(&self, found: Found) {
+        let _ = found.spawned.handle.signal(Signal::KILL);
+    }
+}
+
+/// An instance of this daemon that a driver found at start-up ([`Driver::recover`]).
+pub struct Found {
+    pub instance: InstanceId,
+    /// The run's main process and its start time (clock ticks since boot, from
+    /// `/proc/<pid>/stat`), where the driver has a host process the instance table may
+    /// have recorded: a table row is this run's only if both agree. `None`: the driver's
+    /// own labels identify the run, and the row with its instance id is its.
+    pub process: Option<(u32, u64)>,
+    /// How logs name the run ("pid 4242", "container 3f2a9c0d").
+    pub describe: String,
+    /// The manifest and directory the run was started with, when the driver keeps them
+    /// (the keeper does); `None`: the instance table's are used, and a run the table does
+    /// not know is discarded.
+    pub launched: Option<(WorkloadSpec, PathBuf)>,
+    /// The environment the run has (what `exec` gets).
+    pub env: Vec<(String, String)>,
+    /// Set when the run ended while no daemon watched.
+    pub exit: Option<ExitStatus>,
+    pub spawned: Spawned,
+    /// The listening sockets the driver kept for it (`sockets:`), in order.
+    pub listen: Vec<listen::ListenFd>,
+}
+
+/// A driver could not look for its instances at start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("{driver} driver: cannot list its instances: {reason}")]
+pub struct RecoverError {
+    pub driver: DriverKind,
+    pub reason: String,
 }
 
 /// One running (or finished) instance.
