@@ -517,6 +517,16 @@ pub trait InstanceHandle: Send + Sync + 'static {
         None
     }
 
+    /// Readiness judged by the driver's engine (a swarm task's health, a Pod's `Ready`
+    /// condition), for instances the daemon cannot probe itself (they run on another
+    /// node). `Some`: the driver has mapped the manifest's readiness probes onto the
+    /// engine's own, the daemon runs none of them, and the instance is ready once this
+    /// reads `true` (a later `false` makes it unready again). `None` (the default): the
+    /// daemon runs the probes.
+    fn engine_readiness(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
+
     /// How the daemon's `exec` runs `argv` for this instance, when the instance lives in a
     /// world of its own: the host command that runs it inside (and returns its real exit
     /// code), e.g. `docker exec -i <container> argv...`. `None` (the default): `argv` runs
