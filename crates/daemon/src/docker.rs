@@ -9,23 +9,18 @@
 //! the container is stopped and removed. Before the first lease arrives the clock is
 //! [`FIRST_LEASE_GRACE`], so that the launch creating the instance gets to take its lease.
 //!
-//! **Recovery.** At start-up every container labelled with this daemon's id is listed: a
-//! running one whose instance is in the instance table is adopted (its handle goes through
-//! the same adoption path as a keeper's process); every other one is removed.
+//! **Recovery** is the driver's own (`DockerDriver::recover`, by label), like every
+//! driver's (see `crate::recovery`).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_core::instance::Restored;
-use bulkhead_core::key::{InstanceId, Isolation};
+use bulkhead_core::key::Isolation;
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 use bulkhead_docker::{DockerDriver, Engine, ImageCache};
-use bulkhead_driver::keeper::client::{Adoptable, Record};
-use bulkhead_driver::{Driver, Spawned};
+use bulkhead_driver::Driver;
 
-use crate::instances::InstanceRow;
 use crate::server::Config;
 use crate::Shared;
 
@@ -191,94 +186,6 @@ pub fn initial_idle(spec: &WorkloadSpec) -> Option<Duration> {
     } else {
         d
     })
-}
-
-/// Adopts this daemon's running containers whose instance `rows` knows (removing them
-/// from `rows`), and removes every other container of this daemon.
-pub(crate) async fn recover(
-    shared: &Arc<Shared>,
-    rows: &mut HashMap<String, InstanceRow>,
-    restored_of: &dyn Fn(&InstanceRow) -> Restored,
-) {
-    // Before any adoption adds its own event: the stops the last daemon had begun.
-    let stops = shared.stops_in_progress();
-    let engine = &shared.docker.engine;
-    let has_docker_rows = rows
-        .values()
-        .any(|r| r.spec.contains("\"driver\":\"docker\""));
-    let found = match tokio::time::timeout(
-        Duration::from_secs(10),
-        bulkhead_docker::recovery::list(engine),
-    )
-    .await
-    {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => {
-            if has_docker_rows {
-                tracing::warn!("docker recovery skipped: {e}");
-            }
-            return;
-        }
-        Err(_) => {
-            tracing::warn!("docker recovery skipped: listing containers timed out");
-            return;
-        }
-    };
-    let mut adopted = 0;
-    for f in found {
-        let row = rows.get(&f.instance).filter(|_| f.running);
-        let spec = row.and_then(|r| serde_json::from_str::<WorkloadSpec>(&r.spec).ok());
-        let (Some(_), Some(spec), true) = (row, spec, f.running) else {
-            tracing::info!("removing stale container {} of {}", f.id, f.instance);
-            if let Err(e) = bulkhead_docker::recovery::remove(engine, &f.id).await {
-                tracing::warn!("{e}");
-            }
-            continue;
-        };
-        let Ok((instance, _)) = InstanceId::parse(&f.instance) else {
-            continue;
-        };
-        let adopted_handle = bulkhead_docker::Container::adopt(engine.clone(), &f.id).await;
-        let (handle, logs) = match adopted_handle {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!("cannot adopt container {}: {e}; removing it", f.id);
-                let _ = bulkhead_docker::recovery::remove(engine, &f.id).await;
-                continue;
-            }
-        };
-        let row = rows.remove(&f.instance).expect("checked above");
-        let a = Adoptable {
-            instance,
-            pid: handle.pid_or_zero(),
-            start_time: row.start_time.unwrap_or(0),
-            record: Record {
-                spec,
-                env: handle.env(),
-                cwd: row.dir.clone(),
-                cgroup: None,
-            },
-            exit: None,
-            // Docker workloads have no `sockets:` (refused in the manifest).
-            listen: Vec::new(),
-            spawned: Spawned {
-                handle: handle.clone(),
-                stdout: logs.0,
-                stderr: logs.1,
-                tap: None,
-            },
-        };
-        let restored = restored_of(&row);
-        let id = a.instance.clone();
-        shared.adopt(a, restored, row.leases.clone());
-        if let Some((since_ms, grace)) = stops.get(&id) {
-            shared.resume_stop(&id, *since_ms, *grace);
-        }
-        adopted += 1;
-    }
-    if adopted > 0 {
-        tracing::info!("adopted {adopted} docker containers");
-    }
 }
 
 /// An image-cache request could not be served.

@@ -278,11 +278,8 @@ type Stored = (
 pub(crate) enum Origin {
     /// A launch; the events to publish right after `launched` (`dependencies_ready`).
     Launched(Vec<bulkhead_core::event::EventKind>),
-    /// Found running at the keeper after a daemon restart.
-    Adopted(
-        Box<bulkhead_driver::keeper::client::Adoptable>,
-        core_instance::Restored,
-    ),
+    /// Found by its driver after a daemon restart (`crate::recovery`).
+    Adopted(Box<bulkhead_driver::Found>, core_instance::Restored),
     /// Known to the instance table, but no process: lost (with the reason) or between runs.
     Resumed(core_instance::Restored, Option<String>),
 }
@@ -310,13 +307,12 @@ pub(crate) fn start_with(
         Origin::Launched(_) => (State::Starting, None, 0, None),
         Origin::Adopted(a, restored) => {
             let port = a
-                .record
                 .env
                 .iter()
                 .find(|(k, _)| k == "PORT")
                 .and_then(|(_, v)| v.parse().ok())
                 .unwrap_or(0);
-            (State::Ready, Some(a.pid), port, Some(*restored))
+            (State::Ready, a.process.map(|p| p.0), port, Some(*restored))
         }
         Origin::Resumed(restored, _) => (State::Restarting, None, 0, Some(*restored)),
     };
@@ -465,7 +461,9 @@ async fn run(
             }
             (inst, first)
         }
-        Origin::Adopted(a, restored) => Instance::adopt(cfg, Some(a.pid), now(), *restored),
+        Origin::Adopted(a, restored) => {
+            Instance::adopt(cfg, a.process.map(|p| p.0), now(), *restored)
+        }
         Origin::Resumed(restored, lost) => Instance::resume(cfg, *restored, lost.clone(), now()),
     };
     // What the instance table was last told, to write only on a change.
@@ -514,9 +512,9 @@ async fn run(
         }};
     }
     if let Origin::Adopted(a, _) = origin {
-        start_time = Some(a.start_time);
+        start_time = a.process.map(|p| p.1);
         // Back under supervision: its output, its environment (and so its port), its exit.
-        env = a.record.env;
+        env = a.env;
         port = env
             .iter()
             .find(|(k, _)| k == "PORT")
@@ -526,9 +524,9 @@ async fn run(
         slot.log.start_run(
             inst.restarts() + 1,
             &format!(
-                "run {} (pid {}) adopted by a restarted daemon",
+                "run {} ({}) adopted by a restarted daemon",
                 inst.restarts() + 1,
-                a.pid
+                a.describe
             ),
         );
         slot.log.attach(a.spawned.stdout, a.spawned.stderr);

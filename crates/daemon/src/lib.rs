@@ -38,6 +38,7 @@ pub mod notify_self;
 pub mod peer; // metrics + HTTP health (observability)
 pub mod ports;
 pub mod readiness;
+mod recovery;
 pub mod rollout;
 mod server;
 mod service;
@@ -300,15 +301,17 @@ impl Shared {
         }
     }
 
-    /// Puts an instance found at the keeper back under supervision, with what the
+    /// Puts an instance a driver found at start-up back under supervision, with what the
     /// instance table kept of it.
     pub(crate) fn adopt(
         self: &Arc<Self>,
-        a: bulkhead_driver::keeper::client::Adoptable,
+        found: bulkhead_driver::Found,
+        spec: Arc<bulkhead_core::spec::WorkloadSpec>,
+        dir: PathBuf,
         restored: bulkhead_core::instance::Restored,
         leases: Vec<String>,
     ) {
-        let Ok((id, key)) = InstanceId::parse(a.instance.as_str()) else {
+        let Ok((id, key)) = InstanceId::parse(found.instance.as_str()) else {
             return;
         };
         let mut reg = self.lock_registry();
@@ -316,22 +319,23 @@ impl Shared {
             .get(&id)
             .is_some_and(|s| !s.view.borrow().state.is_terminal())
         {
-            // Two processes for one key at the keeper: keep the first, stop this one.
+            // Recovery adopts one run per key; this is a guard, not a path.
             tracing::error!(
-                "keeper holds a second process (pid {}) for {id}; killing it",
-                a.pid
+                "a second run ({}) of {id} was found; killing it",
+                found.describe
             );
-            let _ = a.spawned.handle.signal(bulkhead_core::signal::Signal::KILL);
+            let _ = found
+                .spawned
+                .handle
+                .signal(bulkhead_core::signal::Signal::KILL);
             return;
         }
-        let spec = Arc::new(a.record.spec.clone());
-        let dir = a.record.cwd.clone();
         let slot = instance::start_with(
             self,
             key,
             spec,
             dir,
-            instance::Origin::Adopted(Box::new(a), restored),
+            instance::Origin::Adopted(Box::new(found), restored),
             leases,
         );
         reg.insert(id, slot);

@@ -37,11 +37,12 @@ use bollard::Docker;
 use bulkhead_core::channels::ENV_IOX2_ROOT;
 use bulkhead_core::docker::DockerSpec;
 use bulkhead_core::event::ExitStatus;
+use bulkhead_core::key::InstanceId;
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 use bulkhead_driver::{
-    sys, Driver, ExitCause, InstanceHandle, KillDeadline, SignalError, SpawnError, SpawnSpec,
-    Spawned, Stats, StatsError,
+    sys, Driver, ExitCause, Found, InstanceHandle, KillDeadline, RecoverError, SignalError,
+    SpawnError, SpawnSpec, Spawned, Stats, StatsError,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -302,6 +303,68 @@ async fn program_exists(client: &Docker, id: &str, argv0: &str, path: &str) -> b
 impl Driver for DockerDriver {
     fn kind(&self) -> DriverKind {
         DriverKind::Docker
+    }
+
+    fn runs_host_programs(&self) -> bool {
+        false
+    }
+
+    /// This daemon's running containers, by label, watched again; a container that no
+    /// longer runs is removed here (nothing of it is left to adopt).
+    async fn recover(&self) -> Result<Vec<Found>, RecoverError> {
+        let err = |reason: String| RecoverError {
+            driver: DriverKind::Docker,
+            reason,
+            fatal: false,
+        };
+        let listed =
+            tokio::time::timeout(Duration::from_secs(10), crate::recovery::list(&self.engine))
+                .await
+                .map_err(|_| err("listing containers timed out".into()))?
+                .map_err(err)?;
+        let mut out = Vec::new();
+        for f in listed {
+            let instance = InstanceId::parse(&f.instance).ok().map(|(id, _)| id);
+            let (Some(instance), true) = (instance, f.running) else {
+                tracing::info!("removing stale container {} of {}", f.id, f.instance);
+                if let Err(e) = crate::recovery::remove(&self.engine, &f.id).await {
+                    tracing::warn!("{e}");
+                }
+                continue;
+            };
+            let (handle, logs) = match Container::adopt(self.engine.clone(), &f.id).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!("cannot adopt container {}: {e}; removing it", f.id);
+                    let _ = crate::recovery::remove(&self.engine, &f.id).await;
+                    continue;
+                }
+            };
+            out.push(Found {
+                instance,
+                process: None,
+                describe: format!("container {}", short_id(&f.id)),
+                run_id: f.id,
+                launched: None,
+                env: handle.env(),
+                exit: None,
+                spawned: Spawned {
+                    handle,
+                    stdout: logs.0,
+                    stderr: logs.1,
+                    tap: None,
+                },
+                // Docker workloads have no `sockets:` (refused in the manifest).
+                listen: Vec::new(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn discard(&self, found: Found) {
+        if let Err(e) = crate::recovery::remove(&self.engine, &found.run_id).await {
+            tracing::warn!("{e}");
+        }
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
@@ -573,11 +636,6 @@ impl Container {
         };
         c.inspect_main().await;
         Ok((c, pipes))
-    }
-
-    /// The main pid, or 0 when the container is not running.
-    pub fn pid_or_zero(&self) -> u32 {
-        self.pid().unwrap_or(0)
     }
 
     /// The container's environment (adopted containers: as the engine reports it).
@@ -1013,6 +1071,11 @@ impl Cgroup {
         s.pids_limit_hits = keyed(&self.pids, "pids.events", "max");
         s
     }
+}
+
+/// The first 12 characters of a container id, as `docker ps` shows it.
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }
 
 #[cfg(test)]

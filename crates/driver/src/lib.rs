@@ -429,6 +429,9 @@ pub struct Found {
     pub process: Option<(u32, u64)>,
     /// How logs name the run ("pid 4242", "container 3f2a9c0d").
     pub describe: String,
+    /// The driver's own id of the run (a container's or a service's id), for
+    /// [`Driver::discard`]; empty where the handle is enough.
+    pub run_id: String,
     /// The manifest and directory the run was started with, when the driver keeps them
     /// (the keeper does); `None`: the instance table's are used, and a run the table does
     /// not know is discarded.
@@ -448,6 +451,10 @@ pub struct Found {
 pub struct RecoverError {
     pub driver: DriverKind,
     pub reason: String,
+    /// The driver may hold running instances it cannot show: the daemon must not start
+    /// (a key could get a second run). Otherwise the error is logged, and the table's
+    /// instances of the driver are resumed by their restart policy.
+    pub fatal: bool,
 }
 
 /// One running (or finished) instance.
