@@ -110,6 +110,9 @@ pub struct Slot {
     /// The workload as its current run was started (a rollout replaces it).
     spec: Mutex<Arc<WorkloadSpec>>,
     pub dir: PathBuf,
+    /// Whether its driver runs host programs (`Driver::runs_host_programs`): a relative
+    /// program path is then the workload folder's; otherwise the image's.
+    host_programs: bool,
     pub log: Arc<LogFile>,
     pub(crate) view: watch::Sender<View>,
     tx: mpsc::UnboundedSender<Msg>,
@@ -372,6 +375,10 @@ pub(crate) fn start_with(
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let slot = Arc::new(Slot {
+        host_programs: sh
+            .drivers
+            .get(&spec.driver)
+            .is_none_or(|d| d.runs_host_programs()),
         log: Arc::new(LogFile::new(
             &sh.logs_dir(),
             id.file_stem(),
@@ -489,9 +496,9 @@ async fn run(
     // RELOADING=1 made a ready instance not ready; the next READY=1 makes it ready again.
     let mut reloading = false;
     // The idle timeout: armed while no lease holds the instance.
-    let mut idle_after = crate::docker::effective_idle_timeout(&spec);
+    let mut idle_after = spec.idle_after_release();
     let mut idle: Option<Pin<Box<Sleep>>> =
-        crate::docker::initial_idle(&spec).map(|d| Box::pin(tokio::time::sleep(d)));
+        spec.first_idle().map(|d| Box::pin(tokio::time::sleep(d)));
     // The newest event this actor published: the View changes only once it is durable.
     let mut last_event = 0u64;
     let mut pending: Option<PendingRestart> = None;
@@ -504,7 +511,7 @@ async fn run(
             let new: Arc<WorkloadSpec> = $new;
             inst.reconfigure(core_config(&new));
             watchdog_every = new.readiness.as_ref().and_then(|r| r.watchdog);
-            idle_after = crate::docker::effective_idle_timeout(&new);
+            idle_after = new.idle_after_release();
             spec_json = serde_json::to_string(&*new).unwrap_or_default();
             stored = None;
             *slot.spec.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
@@ -1227,8 +1234,7 @@ fn resolve_command(
 ) -> Result<Vec<String>, String> {
     let mut argv = expand_argv(command, env).map_err(|e| e.to_string())?;
     // A container's program is a path inside its image, not in the workload folder.
-    let in_container = slot.spec().driver == bulkhead_core::spec::DriverKind::Docker;
-    if !in_container && argv[0].contains('/') && !argv[0].starts_with('/') {
+    if slot.host_programs && argv[0].contains('/') && !argv[0].starts_with('/') {
         argv[0] = slot.dir.join(&argv[0]).display().to_string();
     }
     Ok(argv)

@@ -24,6 +24,7 @@ use bulkhead_driver::Driver;
 
 pub mod auth;
 pub mod catalog;
+mod daemon_id;
 mod dataplane;
 mod deps;
 pub mod docker;
@@ -168,7 +169,7 @@ pub struct Shared {
     pub(crate) activators: Mutex<HashMap<String, sockets::Activator>>,
 }
 
-/// The sandbox driver's cgroup subtree name for a daemon id (`docker::load_daemon_id`):
+/// The sandbox driver's cgroup subtree name for a daemon id (`daemon_id::load_daemon_id`):
 /// daemons with different ids, a copy of a state directory included, never touch each
 /// other's instance cgroups (FNV-1a of the id).
 pub fn sandbox_scope(daemon_id: &str) -> String {
@@ -241,7 +242,7 @@ impl Shared {
     ) -> Shared {
         let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
         // Bound to the state directory's identity: a copy of it gets an id of its own.
-        let daemon_id = docker::load_daemon_id(&cfg.state_dir);
+        let daemon_id = daemon_id::load_daemon_id(&cfg.state_dir);
         // Every process instance in a cgroup of its own, for tracking and teardown (no
         // limits): where no cgroup2 place can be used, by process group (logged once).
         let tracker = bulkhead_driver::process::detect_tracking(&process_scope(&daemon_id.id));
@@ -730,7 +731,7 @@ impl Shared {
             })?;
         // A shared docker container is one instance whatever the namespace or session;
         // the session (unless a holder is named) holds a lease on it.
-        let shared_container = docker::is_shared_container(&spec);
+        let shared_container = spec.shared_instance();
         let mut args = args;
         // Where the holder came from, for the error: an explicit lease or the session.
         let mut lease_field = "lease";
@@ -744,12 +745,7 @@ impl Shared {
             bulkhead_core::lease::validate_holder(lease_field, holder)?;
         }
         let key = if shared_container {
-            Key::new(
-                &args.workload,
-                docker::effective_isolation(&spec),
-                None,
-                None,
-            )?
+            Key::new(&args.workload, spec.key_isolation(), None, None)?
         } else {
             Key::new(
                 &args.workload,
@@ -1020,9 +1016,7 @@ impl Shared {
         // Shared docker containers are not the session's instances, but the session holds
         // a lease on those it launched: it goes with the session.
         for slot in self.list() {
-            if docker::is_shared_container(&slot.spec())
-                && slot.view().leases.iter().any(|l| l == session)
-            {
+            if slot.spec().shared_instance() && slot.view().leases.iter().any(|l| l == session) {
                 slot.release(session);
             }
         }
