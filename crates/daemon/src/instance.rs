@@ -1516,3 +1516,7 @@ fn probes(
     }
     out
 }
+
+#[cfg(test)]
+#[path = "instance_tests.rs"]
+mod tests;
