@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bulkhead_core::event::ExitStatus;
 use bulkhead_core::expand::expand_argv;
+use bulkhead_core::failure::FailureKind;
 use bulkhead_core::instance::{self as core_instance, Effect, Input, Instance, State};
 use bulkhead_core::key::{InstanceId, Isolation, Key};
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
@@ -710,7 +711,7 @@ impl Actor {
         self.handle = None;
         let input = match spawn(&self.sh, &self.slot, &mut self.port, &mut self.env).await {
             Ok((spawned, notify)) => self.started(spawned, notify),
-            Err(reason) => Input::SpawnFailed { reason },
+            Err(SpawnFailure { kind, reason }) => Input::SpawnFailed { reason, kind },
         };
         self.input(input);
     }
@@ -1209,18 +1210,40 @@ async fn deadline(d: &mut Option<Pin<Box<Sleep>>>) {
     }
 }
 
+/// A run could not be started: what failed (the event's `failure_kind`), and why.
+#[derive(Debug)]
+struct SpawnFailure {
+    kind: FailureKind,
+    reason: String,
+}
+
+impl From<bulkhead_driver::SpawnError> for SpawnFailure {
+    fn from(e: bulkhead_driver::SpawnError) -> SpawnFailure {
+        SpawnFailure {
+            kind: e.kind(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// A failure of `kind` with a reason, for `map_err`.
+fn failed(kind: FailureKind) -> impl Fn(String) -> SpawnFailure {
+    move |reason| SpawnFailure { kind, reason }
+}
+
 /// Builds the environment and argv, binds the notify socket, spawns through the driver.
 async fn spawn(
     sh: &Arc<Shared>,
     slot: &Slot,
     port: &mut u16,
     env: &mut Vec<(String, String)>,
-) -> Result<(bulkhead_driver::Spawned, Option<NotifySocket>), String> {
+) -> Result<(bulkhead_driver::Spawned, Option<NotifySocket>), SpawnFailure> {
     let spec = &slot.spec();
     let driver = sh
         .drivers
         .get(&spec.driver)
-        .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))?
+        .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))
+        .map_err(failed(FailureKind::Invalid))?
         .clone();
     // A restart keeps the instance's address: the previous run's port, still held for
     // it, unless another program listens on it now. Otherwise that port goes back (it
@@ -1241,9 +1264,10 @@ async fn spawn(
         *port = sh
             .ports
             .allocate()
-            .map_err(|e| format!("cannot allocate a port: {e}"))?;
+            .map_err(|e| format!("cannot allocate a port: {e}"))
+            .map_err(failed(FailureKind::Exhausted))?;
     }
-    let listen = key_sockets(sh, slot, *port)?;
+    let listen = key_sockets(sh, slot, *port).map_err(failed(FailureKind::Setup))?;
     let notify = match &spec.readiness {
         // A process instance running as another user cannot reach the state directory
         // (0700): its socket is an abstract one (`@...`), which needs no file access.
@@ -1251,20 +1275,22 @@ async fn spawn(
             let name = format!("bulkhead-notify-{}-{}", std::process::id(), sh.next_seq());
             Some(
                 NotifySocket::bind_abstract(&name)
-                    .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))?,
+                    .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))
+                    .map_err(failed(FailureKind::Setup))?,
             )
         }
         Some(r) if r.notify => {
             let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));
             Some(
                 NotifySocket::bind(&path)
-                    .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))?,
+                    .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))
+                    .map_err(failed(FailureKind::Setup))?,
             )
         }
         _ => None,
     };
     // Read at each start: an edit applies on the next one (systemd's EnvironmentFile=).
-    let from_files = read_env_files(slot)?;
+    let from_files = read_env_files(slot).map_err(failed(FailureKind::Setup))?;
     let file_keys: Vec<String> = from_files.iter().map(|(k, _)| k.clone()).collect();
     *env = instance_env(
         slot,
@@ -1279,16 +1305,18 @@ async fn spawn(
         if held.is_none() {
             *held = sh
                 .reserve_ids(slot)
-                .map_err(|e| format!("cannot start instance {}: {e}", slot.id))?;
+                .map_err(|e| format!("cannot start instance {}: {e}", slot.id))
+                .map_err(failed(FailureKind::Exhausted))?;
         }
         held.as_ref().map(|h| h.ids)
     };
     // The data plane: channels exist before the workload starts (it opens them).
     let (channel_env, mut binds) = crate::dataplane::acquire(sh, slot, ids)
         .await
-        .map_err(|e| format!("cannot create channels: {e}"))?;
+        .map_err(|e| format!("cannot create channels: {e}"))
+        .map_err(failed(FailureKind::Setup))?;
     env.extend(channel_env);
-    let argv = resolve_argv(slot, env)?;
+    let argv = resolve_argv(slot, env).map_err(failed(FailureKind::Invalid))?;
     binds.extend(notify.iter().map(|n| bulkhead_driver::Bind::same(n.path())));
     let spawned = driver
         .spawn(SpawnSpec {
@@ -1302,8 +1330,7 @@ async fn spawn(
             inherited: inherited_vars(slot, &file_keys),
             listen,
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok((spawned, notify))
 }
 

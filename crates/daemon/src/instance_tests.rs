@@ -327,7 +327,8 @@ async fn without_ready_1_the_readiness_timeout_fails_the_launch_and_stops_the_ru
     let (failed, at) = r.until("launch_failed").await;
     took(started, at, Duration::from_secs(30));
     assert!(
-        matches!(&failed, EventKind::LaunchFailed { reason } if reason.contains("ready")),
+        matches!(&failed, EventKind::LaunchFailed { reason, failure_kind: Some(k) }
+            if reason.contains("ready") && *k == bulkhead_core::failure::FailureKind::ReadinessTimeout),
         "{failed:?}"
     );
     r.state(State::Failed).await;
@@ -496,20 +497,39 @@ async fn the_idle_clock_runs_only_while_no_lease_holds_the_instance() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_spawn_error_fails_the_launch_with_its_reason_and_starts_nothing() {
-    let mut r = Rig::launch("restart: {policy: never}\n", true);
-    r.fake.failures.lock().unwrap().push_back(SpawnError::Exec {
+async fn a_spawn_error_fails_the_launch_with_its_reason_and_kind_and_starts_nothing() {
+    use bulkhead_core::failure::FailureKind;
+    let exec = || SpawnError::Exec {
         program: "fake".into(),
         source: std::io::Error::from_raw_os_error(2),
-    });
-    // The actor's first turn comes only at the test's first await (one thread): the
-    // failure is queued before its spawn.
-    assert_eq!(r.event().await, EventKind::Launched);
-    let e = r.event().await;
-    assert!(
-        matches!(&e, EventKind::LaunchFailed { reason } if reason.contains("cannot start fake")),
-        "{e:?}"
-    );
-    r.state(State::Failed).await;
-    assert!(r.fake.calls().is_empty());
+    };
+    let setup = || {
+        SpawnError::setup(
+            &bulkhead_core::key::InstanceId::parse("ns:t:w").unwrap().0,
+            bulkhead_driver::SetupStep::WorkingDir,
+            "working_dir /x: no such directory",
+        )
+    };
+    for (error, kind, says) in [
+        (exec(), FailureKind::Exec, "cannot start fake"),
+        (setup(), FailureKind::Setup, "working_dir /x"),
+    ] {
+        let mut r = Rig::launch("restart: {policy: never}\n", true);
+        // The actor's first turn comes only at the test's first await (one thread): the
+        // failure is queued before its spawn.
+        r.fake.failures.lock().unwrap().push_back(error);
+        assert_eq!(r.event().await, EventKind::Launched);
+        match r.event().await {
+            EventKind::LaunchFailed {
+                reason,
+                failure_kind,
+            } => {
+                assert!(reason.contains(says), "{reason}");
+                assert_eq!(failure_kind, Some(kind));
+            }
+            e => panic!("{e:?}"),
+        }
+        r.state(State::Failed).await;
+        assert!(r.fake.calls().is_empty());
+    }
 }
