@@ -533,3 +533,83 @@ async fn a_spawn_error_fails_the_launch_with_its_reason_and_kind_and_starts_noth
         assert!(r.fake.calls().is_empty());
     }
 }
+
+/// The value of `var` in run `n`'s environment.
+fn env_of(fake: &FakeDriver, n: usize, var: &str) -> Option<String> {
+    let envs = fake.envs.lock().unwrap();
+    envs[n - 1]
+        .iter()
+        .find(|(k, _)| k == var)
+        .map(|(_, v)| v.clone())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rollout_whose_new_run_fails_goes_back_to_the_manifest_it_replaced() {
+    let mut r = Rig::launch("env: {V: old}\n", true);
+    r.until("ready").await;
+    let new = bulkhead_core::spec::parse_manifest(
+        "w/bulkhead.yaml",
+        "w",
+        "name: w\ncommand: [fake]\nenv: {V: new}\n",
+    )
+    .unwrap();
+    r.fake.failures.lock().unwrap().push_back(SpawnError::setup(
+        &r.slot.id,
+        bulkhead_driver::SetupStep::Cgroup,
+        "no cgroup today",
+    ));
+    let done = r
+        .slot
+        .restart(None, "rollout".into(), Some(Arc::new(new)))
+        .expect("the actor runs");
+    let answer = tokio::time::timeout(NEVER, done).await.unwrap().unwrap();
+    let reason = answer
+        .expect("the rollback made it ready")
+        .expect("rolled back");
+    assert!(reason.contains("no cgroup today"), "{reason}");
+    // Run 1 stopped; the new manifest's spawn failed; run 2 is on the old one again.
+    assert_eq!(
+        r.fake.calls(),
+        [
+            Call::Spawn(1),
+            Call::Signal(1, Signal::TERM),
+            Call::Spawn(2)
+        ]
+    );
+    assert_eq!(env_of(&r.fake, 2, "V").as_deref(), Some("old"));
+    assert_eq!(r.slot.spec().env.get("V").map(String::as_str), Some("old"));
+    r.state(State::Ready).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missed_watchdog_stops_the_run_with_its_signal_and_the_policy_restarts_it() {
+    let mut r = Rig::launch(
+        "readiness: {notify: true, watchdog: 4s, timeout: 1m}\nrestart: {policy: on-failure, backoff: {initial: 1s, jitter: 0}}\n",
+        false,
+    );
+    r.until("started").await;
+    let socket = env_of(&r.fake, 1, "NOTIFY_SOCKET").unwrap();
+    let started = Instant::now();
+    let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    s.send_to(b"READY=1", &socket).unwrap();
+    r.until("ready").await;
+    // Each WATCHDOG=1 re-arms the clock: 3 s, then 3 s more, then silence.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.send_to(b"WATCHDOG=1", &socket).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.send_to(b"WATCHDOG=1", &socket).unwrap();
+    let (e, at) = r.until("watchdog_timeout").await;
+    took(started, at, Duration::from_secs(10));
+    assert!(matches!(e, EventKind::WatchdogTimeout { .. }), "{e:?}");
+    // The default watchdog signal is SIGABRT; this run ignores it until the SIGKILL.
+    r.until("restarting").await;
+    r.until("started").await;
+    assert_eq!(
+        &r.fake.calls()[..3],
+        [
+            Call::Spawn(1),
+            Call::Signal(1, Signal::from_number(6).unwrap()),
+            Call::Signal(1, Signal::KILL)
+        ]
+    );
+}
