@@ -71,6 +71,7 @@
 use std::time::Duration;
 
 use crate::event::{EventKind, ExitStatus};
+use crate::failure::FailureKind;
 use crate::restart::{backoff_delay, BreakerState, Jitter};
 use crate::signal::Signal;
 use crate::spec::{Restart, RestartPolicy, Shutdown};
@@ -140,8 +141,11 @@ impl State {
 pub enum Input {
     /// The driver started the process (`pid` is absent for drivers without one).
     Spawned { pid: Option<u32> },
-    /// The driver could not start it.
-    SpawnFailed { reason: String },
+    /// The driver could not start it; `kind` says what failed.
+    SpawnFailed {
+        reason: String,
+        kind: crate::failure::FailureKind,
+    },
     /// Every readiness signal passed.
     ReadinessPassed,
     /// The readiness backstop fired.
@@ -480,11 +484,12 @@ impl Instance {
                     self.become_ready(now_ms, &mut fx);
                 }
             }
-            (Starting, Input::SpawnFailed { reason }) if self.spawn_pending => {
+            (Starting, Input::SpawnFailed { reason, kind }) if self.spawn_pending => {
                 self.spawn_pending = false;
                 let reason = format!("spawn failed: {reason}");
                 fx.push(Effect::Emit(EventKind::LaunchFailed {
                     reason: reason.clone(),
+                    failure_kind: Some(kind),
                 }));
                 self.failure = Some(reason);
                 self.pending_restart = None;
@@ -507,6 +512,7 @@ impl Instance {
                 fx.push(Effect::StopReadiness);
                 fx.push(Effect::Emit(EventKind::LaunchFailed {
                     reason: reason.clone(),
+                    failure_kind: Some(FailureKind::ReadinessTimeout),
                 }));
                 self.failure = Some(reason);
                 self.begin_stop(self.cfg.shutdown.grace, StopCause::Failure, &mut fx);
@@ -520,18 +526,27 @@ impl Instance {
             }
             (Starting, Input::Exited(status)) if self.spawned => {
                 self.last_exit = Some(status);
-                let reason = match (self.oom, self.daemonized) {
-                    (Some(limit), _) => format!(
-                        "killed by the OOM killer during start-up{}",
-                        limit_phrase(limit)
+                let (reason, kind) = match (self.oom, self.daemonized) {
+                    (Some(limit), _) => (
+                        format!(
+                            "killed by the OOM killer during start-up{}",
+                            limit_phrase(limit)
+                        ),
+                        FailureKind::Exited,
                     ),
-                    (None, Some(left)) if status.success() => daemonized_reason(left),
-                    _ => format!("exited during start-up with {status}"),
+                    (None, Some(left)) if status.success() => {
+                        (daemonized_reason(left), FailureKind::Daemonized)
+                    }
+                    _ => (
+                        format!("exited during start-up with {status}"),
+                        FailureKind::Exited,
+                    ),
                 };
                 fx.push(Effect::StopReadiness);
                 fx.push(Effect::Emit(self.exit_event(status)));
                 fx.push(Effect::Emit(EventKind::LaunchFailed {
                     reason: reason.clone(),
+                    failure_kind: Some(kind),
                 }));
                 self.failure = Some(reason);
                 self.run_ended(true, now_ms, &mut fx);
@@ -598,6 +613,7 @@ impl Instance {
                         let reason = daemonized_reason(left);
                         fx.push(Effect::Emit(EventKind::LaunchFailed {
                             reason: reason.clone(),
+                            failure_kind: Some(FailureKind::Daemonized),
                         }));
                         self.failure = Some(reason);
                         self.run_ended(true, now_ms, &mut fx);
@@ -1009,12 +1025,43 @@ mod tests {
         let fx = i.handle(
             Input::SpawnFailed {
                 reason: "no such file".into(),
+                kind: FailureKind::Exec,
             },
             0,
         );
         assert_eq!(events(&fx), vec!["launch_failed"]);
+        assert!(fx.contains(&Effect::Emit(EventKind::LaunchFailed {
+            reason: "spawn failed: no such file".into(),
+            failure_kind: Some(FailureKind::Exec),
+        })));
         assert_eq!(i.state(), State::Failed);
         assert_eq!(i.failure(), Some("spawn failed: no such file"));
+    }
+
+    fn failure_kind(fx: &[Effect]) -> Option<FailureKind> {
+        fx.iter().find_map(|e| match e {
+            Effect::Emit(EventKind::LaunchFailed { failure_kind, .. }) => *failure_kind,
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_failed_start_says_which_failure_it_was() {
+        let (mut i, _) = launch(true);
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        let fx = i.handle(Input::ReadinessTimedOut, 10);
+        assert_eq!(failure_kind(&fx), Some(FailureKind::ReadinessTimeout));
+
+        let (mut i, _) = launch(true);
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 3 }), 10);
+        assert_eq!(failure_kind(&fx), Some(FailureKind::Exited));
+
+        let (mut i, _) = launch(true);
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        i.handle(Input::Daemonized { left: 1 }, 10);
+        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 0 }), 10);
+        assert_eq!(failure_kind(&fx), Some(FailureKind::Daemonized));
     }
 
     #[test]
@@ -1308,7 +1355,10 @@ mod tests {
     fn any_input() -> impl Strategy<Value = Input> {
         prop_oneof![
             proptest::option::of(1u32..100_000).prop_map(|pid| Input::Spawned { pid }),
-            "[a-z ]{0,10}".prop_map(|reason| Input::SpawnFailed { reason }),
+            "[a-z ]{0,10}".prop_map(|reason| Input::SpawnFailed {
+                reason,
+                kind: FailureKind::Setup
+            }),
             Just(Input::ReadinessPassed),
             Just(Input::ReadinessTimedOut),
             any_status().prop_map(Input::Exited),
@@ -1646,7 +1696,7 @@ mod tests {
 
     fn launch_failed_reason(fx: &[Effect]) -> Option<String> {
         fx.iter().find_map(|e| match e {
-            Effect::Emit(EventKind::LaunchFailed { reason }) => Some(reason.clone()),
+            Effect::Emit(EventKind::LaunchFailed { reason, .. }) => Some(reason.clone()),
             _ => None,
         })
     }

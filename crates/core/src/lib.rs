@@ -14,7 +14,7 @@
 //! - [`deps`]: `depends_on`: dependency keys, the graph's checks and layers.
 //! - [`spec`]: manifests (YAML) parsed and validated into [`spec::WorkloadSpec`].
 //! - [`instance`]: the instance lifecycle state machine.
-//! - [`event`]: lifecycle events and exit statuses.
+//! - [`event`]: lifecycle events and exit statuses; [`failure`]: why a launch failed.
 //! - [`expand`]: `${VAR}` expansion of a command line.
 //! - [`text`]: free text from untrusted sources made safe to store and to print.
 //! - [`channels`]: the data plane's channels (`channels:`), scoped service names.
@@ -42,6 +42,7 @@ pub mod envfile;
 pub mod event;
 pub mod execution;
 pub mod expand;
+pub mod failure;
 pub mod instance;
 pub mod key;
 pub mod lease;

@@ -129,8 +129,8 @@ use tokio::sync::watch;
 
 use crate::cgroup::{InstanceCgroup, Tracker};
 use crate::{
-    posix_spawn, reaper, sys, Driver, ExitCause, InstanceHandle, SignalError, SpawnError,
-    SpawnSpec, Spawned, Stats, StatsError,
+    posix_spawn, reaper, sys, Driver, ExitCause, InstanceHandle, SetupStep, SignalError,
+    SpawnError, SpawnSpec, Spawned, Stats, StatsError,
 };
 
 /// The status reported when the main process's exit status could not be collected because
@@ -403,11 +403,9 @@ pub(crate) fn fork_spawn(
 }
 
 fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, SpawnError> {
+    let id = &spec.instance;
     let Some(arg0) = spec.argv.first() else {
-        return Err(SpawnError::Other(format!(
-            "cannot start instance {}: the command line is empty",
-            spec.instance
-        )));
+        return Err(SpawnError::invalid(id, "the command line is empty"));
     };
     let exec_err = |source| SpawnError::Exec {
         program: arg0.clone(),
@@ -415,29 +413,35 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
     };
     let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
     crate::setup::check_working_dir(&spec.spec, &cwd)
-        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?;
+        .map_err(|e| SpawnError::setup(id, SetupStep::WorkingDir, e))?;
     let program = resolve_program(arg0, &spec.env, &cwd).map_err(exec_err)?;
     // user, limits, umask: applied in a forked child (posix_spawn cannot).
+    crate::setup::limit_settings(&spec.spec)
+        .map_err(|e| SpawnError::setup(id, SetupStep::Limits, e))?;
     let setup = crate::setup::host_setup(&spec.spec)
-        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?
+        .map_err(|e| SpawnError::setup(id, SetupStep::User, e))?
         .map(|s| s.prepare(&cwd))
         .transpose()
-        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?;
+        .map_err(|e| SpawnError::setup(id, SetupStep::Limits, e))?;
 
     // The instance's cgroup, made before the spawn; the child joins it before exec.
     let cgroup = match tracker {
         Some(t) => {
             let cg = t
                 .create(spec.instance.as_str())
-                .map_err(|e| SpawnError::Other(e.to_string()))?;
+                .map_err(|e| SpawnError::setup(id, SetupStep::Cgroup, e))?;
             match cg.open_procs() {
                 Ok(fd) => Some((cg, fd)),
                 Err(e) => {
                     let _ = cg.remove();
-                    return Err(SpawnError::Other(format!(
-                        "cannot open {}: {e}",
-                        cg.dir().join("cgroup.procs").display()
-                    )));
+                    return Err(SpawnError::setup(
+                        id,
+                        SetupStep::Cgroup,
+                        format!(
+                            "cannot open {}: {e}",
+                            cg.dir().join("cgroup.procs").display()
+                        ),
+                    ));
                 }
             }
         }

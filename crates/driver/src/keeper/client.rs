@@ -18,7 +18,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Incoming, Reply, Request, MAX_MESSAGE};
 use crate::cgroup::{InstanceCgroup, Tracker};
-use crate::{Driver, Found, OutputTap, RecoverError, SpawnError, SpawnSpec, Spawned, Stream};
+use crate::{
+    Driver, Found, OutputTap, RecoverError, SetupStep, SpawnError, SpawnSpec, Spawned, Stream,
+};
 
 /// The status reported for instances of a keeper that died: they were killed by its
 /// parent-death signal.
@@ -174,7 +176,9 @@ impl KeeperClient {
             listen: listen.iter().map(|l| l.name.clone()).collect(),
         };
         // The keeper, not the program, failed: not an exec error.
-        let lost = |source: io::Error| SpawnError::Other(format!("{program}: {source}"));
+        let lost = |source: io::Error| SpawnError::Keeper {
+            reason: format!("{program}: {source}"),
+        };
         let fds: Vec<_> = listen.iter().map(|l| l.fd.as_fd()).collect();
         if let Err(e) = self.send_with(&msg, &fds).await {
             self.state().pending.remove(&req);
@@ -200,9 +204,9 @@ impl KeeperClient {
                     tap,
                     setup_applied,
                 }),
-                _ => Err(SpawnError::Other(format!(
-                    "the keeper sent no pidfd for pid {pid}"
-                ))),
+                _ => Err(SpawnError::Keeper {
+                    reason: format!("the keeper sent no pidfd for pid {pid}"),
+                }),
             },
             Ok((
                 Reply::SpawnFailed {
@@ -225,12 +229,13 @@ impl KeeperClient {
                         source: io::Error::new(kind, cause),
                     })
                 } else {
-                    Err(SpawnError::Other(error))
+                    // The request itself was refused (not the program's start).
+                    Err(SpawnError::Keeper { reason: error })
                 }
             }
-            Ok((other, _, _)) => Err(SpawnError::Other(format!(
-                "unexpected keeper reply {other:?}"
-            ))),
+            Ok((other, _, _)) => Err(SpawnError::Keeper {
+                reason: format!("unexpected keeper reply {other:?}"),
+            }),
             Err(_) => Err(lost(io::Error::other("the keeper went away"))),
         }
     }
@@ -580,9 +585,11 @@ impl KeeperDriver {
             }
         }
         let Some(restart) = &self.restart else {
-            return Err(SpawnError::Other(format!(
-                "every keeper is full and no new one can be started (shard {shard})"
-            )));
+            return Err(SpawnError::Exhausted {
+                reason: format!(
+                    "every keeper is full and no new one can be started (shard {shard})"
+                ),
+            });
         };
         // RACE: spawns that find the keeper dead (or all full) at the same time queue
         // here; the first starts the new keeper, the others find it in place when they
@@ -594,11 +601,11 @@ impl KeeperDriver {
                 return Ok(Arc::clone(c));
             }
         }
-        let fresh = restart(shard).await.map_err(|e| {
-            SpawnError::Other(match &current {
+        let fresh = restart(shard).await.map_err(|e| SpawnError::Keeper {
+            reason: match &current {
                 Some(_) => format!("the keeper died and a new one cannot start: {e}"),
                 None => format!("cannot start keeper shard {shard}: {e}"),
-            })
+            },
         })?;
         let added = {
             let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
@@ -776,7 +783,7 @@ impl Driver for KeeperDriver {
         let cgroup = match self.tracker() {
             Some(t) => Some(
                 t.create(spec.instance.as_str())
-                    .map_err(|e| SpawnError::Other(e.to_string()))?,
+                    .map_err(|e| SpawnError::setup(&spec.instance, SetupStep::Cgroup, e))?,
             ),
             None => None,
         };
@@ -803,19 +810,20 @@ impl KeeperDriver {
             cwd: spec.cwd.clone(),
             cgroup: cgroup_dir.clone(),
         };
-        let record = serde_json::to_string(&record)
-            .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
+        let record = serde_json::to_string(&record).map_err(|e| SpawnError::Keeper {
+            reason: format!("cannot encode the keeper record: {e}"),
+        })?;
         // user, limits, umask: resolved here (names in the host's databases), applied by
         // the keeper's child; the working directory is entered as the new user.
+        let id = &spec.instance;
+        crate::setup::limit_settings(&spec.spec)
+            .map_err(|e| SpawnError::setup(id, SetupStep::Limits, e))?;
         let setup = crate::setup::host_setup(&spec.spec)
-            .map_err(|e| {
-                SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
-            })?
+            .map_err(|e| SpawnError::setup(id, SetupStep::User, e))?
             .map(Box::new);
         let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
-        crate::setup::check_working_dir(&spec.spec, &cwd).map_err(|e| {
-            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
-        })?;
+        crate::setup::check_working_dir(&spec.spec, &cwd)
+            .map_err(|e| SpawnError::setup(id, SetupStep::WorkingDir, e))?;
         let spawn_at = |client: Arc<KeeperClient>| {
             let (record, spec, cgroup_dir) = (record.clone(), &spec, cgroup_dir.clone());
             let (setup, cwd) = (setup.clone(), cwd.clone());
@@ -831,9 +839,11 @@ impl KeeperDriver {
         let mut last_full = String::new();
         loop {
             if shard >= MAX_SHARDS {
-                return Err(SpawnError::Other(format!(
-                    "every keeper is full ({MAX_SHARDS} keepers; {last_full}); raise the daemon's open-files limit"
-                )));
+                return Err(SpawnError::Exhausted {
+                    reason: format!(
+                        "every keeper is full ({MAX_SHARDS} keepers; {last_full}); raise the daemon's open-files limit"
+                    ),
+                });
             }
             let mut client = self.live_client(shard).await?;
             let mut res = spawn_at(Arc::clone(&client)).await;
@@ -857,10 +867,12 @@ impl KeeperDriver {
                         // limits and umask: it must not go on running.
                         let _ = handle.signal(bulkhead_core::signal::Signal::KILL);
                         handle.wait().await;
-                        return Err(SpawnError::Other(format!(
-                            "cannot start instance {}: the keeper (shard {shard}) is older than this daemon and ignored the manifest's user, limits and umask; the instance was killed: restart the keeper (stop its instances and the daemon) to run this workload",
-                            spec.instance
-                        )));
+                        return Err(SpawnError::Keeper {
+                            reason: format!(
+                                "cannot start instance {}: the keeper (shard {shard}) is older than this daemon and ignored the manifest's user, limits and umask; the instance was killed: restart the keeper (stop its instances and the daemon) to run this workload",
+                                spec.instance
+                            ),
+                        });
                     }
                     return Ok(Spawned {
                         handle,
