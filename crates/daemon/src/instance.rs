@@ -571,19 +571,13 @@ async fn run(
                                 slot.log.attach_tap(tap);
                             }
                             if let (Some(sock), Some(main)) = (notify, pid) {
-                                let tx = ntx.clone();
-                                run_tasks.push(tokio::spawn(sock.run(
-                                    // A driver that knows its processes (docker: by
-                                    // cgroup) decides; else the main pid's group.
-                                    {
-                                        let h = spawned.handle.clone();
-                                        move |p| {
-                                            h.owns_pid(p)
-                                                .unwrap_or_else(|| readiness::pid_in_group(p, main))
-                                        }
-                                    },
-                                    tx,
-                                )));
+                                run_tasks.push(crate::mainpid::watch_notify(
+                                    slot.id.clone(),
+                                    sock,
+                                    &spawned.handle,
+                                    main,
+                                    ntx.clone(),
+                                ));
                             }
                             *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(spawned.handle.clone());
@@ -837,6 +831,10 @@ async fn run(
             Some(msg) = nrx.recv() => {
                 if let Some(s) = msg.status {
                     status_text = Some(s);
+                }
+                // The driver follows it already (crate::mainpid); the View and the table too.
+                if let Some(pid) = msg.main_pid {
+                    queue.extend(inst.handle(Input::MainPid { pid }, now()));
                 }
                 if msg.stopping {
                     tracing::info!("{}: instance reports it is stopping", slot.id);

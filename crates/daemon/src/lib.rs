@@ -33,6 +33,7 @@ mod http;
 pub mod instance;
 pub mod instances;
 pub mod logs;
+mod mainpid;
 pub mod metrics;
 pub mod notify_self;
 pub mod peer; // metrics + HTTP health (observability)

@@ -396,11 +396,12 @@ fn dispatch(
             pid,
             exit,
             open,
+            main,
             ..
         } => {
             let tx = st
                 .exits
-                .entry(*pid)
+                .entry(main.unwrap_or(*pid))
                 .or_insert_with(|| watch::Sender::new(None));
             if let Some(s) = exit {
                 tx.send_replace(Some(*s));
@@ -422,6 +423,63 @@ fn dispatch(
         Reply::ListEnd { req } => {
             st.lists.remove(req);
         }
+    }
+}
+
+/// Resolves with `pid`'s status once the keeper reports it (or [`KEEPER_DIED`]).
+fn exit_of(client: &KeeperClient, pid: u32) -> crate::mainpid::ExitFuture {
+    let mut exit = client.exit_watch(pid);
+    Box::pin(async move {
+        match exit.wait_for(Option::is_some).await {
+            Ok(s) => s.unwrap_or(KEEPER_DIED),
+            Err(_) => KEEPER_DIED,
+        }
+    })
+}
+
+/// A keeper-held instance's `MAINPID=`: the keeper (a child subreaper, so the new main
+/// process's parent once its own parent has exited) reaps it and reports its status.
+struct KeeperFollow {
+    client: std::sync::Weak<KeeperClient>,
+    /// The instance's first pid: how the keeper knows it.
+    first: u32,
+}
+
+impl crate::mainpid::Follow for KeeperFollow {
+    fn start(&self, pid: u32) {
+        let Some(c) = self.client.upgrade() else {
+            return;
+        };
+        let first = self.first;
+        tokio::spawn(async move {
+            if let Err(e) = c
+                .send(&Request::MainPid {
+                    pid: first,
+                    main: pid,
+                })
+                .await
+            {
+                tracing::warn!(
+                    "cannot tell the keeper that pid {first}'s main process is {pid}: {e}"
+                );
+            }
+        });
+    }
+
+    fn exited(&self, pid: u32, _pidfd: Arc<OwnedFd>) -> crate::mainpid::ExitFuture {
+        let Some(c) = self.client.upgrade() else {
+            return Box::pin(std::future::ready(KEEPER_DIED));
+        };
+        let exit = exit_of(&c, pid);
+        let client = self.client.clone();
+        Box::pin(async move {
+            let status = exit.await;
+            // Its entry is not the instance's (acknowledged by the first pid).
+            if let Some(c) = client.upgrade() {
+                c.state().exits.remove(&pid);
+            }
+            status
+        })
     }
 }
 
@@ -642,7 +700,8 @@ impl KeeperDriver {
         Ok(fresh)
     }
 
-    /// The handle of a keeper-held instance: its exit comes from the keeper.
+    /// The handle of a keeper-held instance: its exit comes from the keeper. `moved`: the
+    /// main process `MAINPID=` moved it to (adopted after the move).
     fn handle(
         &self,
         client: &Arc<KeeperClient>,
@@ -650,20 +709,21 @@ impl KeeperDriver {
         pid: u32,
         pidfd: Option<OwnedFd>,
         cgroup: Option<InstanceCgroup>,
+        moved: Option<crate::mainpid::Moved>,
     ) -> Arc<dyn crate::InstanceHandle> {
-        let mut exit = client.exit_watch(pid);
         let ack = Arc::clone(client);
+        let follow = Arc::new(KeeperFollow {
+            client: Arc::downgrade(client),
+            first: pid,
+        });
         crate::process::foreign_handle(
             instance,
             pid,
             pidfd,
             cgroup,
-            async move {
-                match exit.wait_for(Option::is_some).await {
-                    Ok(s) => s.unwrap_or(KEEPER_DIED),
-                    Err(_) => KEEPER_DIED,
-                }
-            },
+            exit_of(client, pid),
+            follow,
+            moved,
             move || {
                 tokio::spawn(async move { ack.ack(pid).await });
             },
@@ -685,6 +745,7 @@ impl KeeperDriver {
                     start_time,
                     exit,
                     listen,
+                    main,
                     ..
                 } = reply
                 else {
@@ -723,15 +784,31 @@ impl KeeperDriver {
                 if let Some(cg) = &cgroup {
                     keep.push(cg.dir().to_owned());
                 }
+                // Moved by MAINPID= before the daemon restarted: the pidfd is the new main
+                // process's, and the run is that one's (as the instance table recorded).
+                let (pid, start_time, pidfd, moved) = match (main, pidfd) {
+                    (Some(m), Some(fd)) => {
+                        let st = crate::sys::read_stat(m)
+                            .map(|s| s.starttime)
+                            .unwrap_or(start_time);
+                        let moved = crate::mainpid::Moved {
+                            pid: m,
+                            pidfd: Arc::new(fd),
+                        };
+                        (pid, st, None, Some(moved))
+                    }
+                    (_, fd) => (pid, start_time, fd, None),
+                };
+                let main_pid = moved.as_ref().map_or(pid, |m| m.pid);
                 let spawned = Spawned {
-                    handle: self.handle(&client, instance, pid, pidfd, cgroup),
+                    handle: self.handle(&client, instance, pid, pidfd, cgroup, moved),
                     stdout: None,
                     stderr: None,
                     tap,
                 };
                 out.push(Adoptable {
                     instance: id,
-                    pid,
+                    pid: main_pid,
                     start_time,
                     record,
                     exit,
@@ -851,8 +928,14 @@ impl KeeperDriver {
                     setup_applied,
                     ..
                 } => {
-                    let handle =
-                        self.handle(&client, spec.instance.to_string(), pid, Some(pidfd), cgroup);
+                    let handle = self.handle(
+                        &client,
+                        spec.instance.to_string(),
+                        pid,
+                        Some(pidfd),
+                        cgroup,
+                        None,
+                    );
                     if setup.is_some() && !setup_applied {
                         // A keeper from before `setup` ran the child without its user,
                         // limits and umask: it must not go on running.
