@@ -329,6 +329,7 @@ pub(crate) fn start_with(
                 &a.listen,
                 port,
                 &crate::sockets::runtime_dir(&sh.cfg.state_dir, &id),
+                key.namespace(),
             );
             if b.is_none() {
                 tracing::warn!("{id}: the sockets the keeper kept do not match its manifest; the next run binds new ones");
@@ -1112,6 +1113,7 @@ fn key_sockets(
                     list,
                     port,
                     &crate::sockets::runtime_dir(&sh.cfg.state_dir, &slot.id),
+                    slot.key.namespace(),
                 )
                 .map_err(|e| e.to_string())?,
             ),
