@@ -377,7 +377,8 @@ pub fn validate(
                 "applies only with mode: on-connection".into(),
             );
         }
-        if !a.namespaces.is_empty() && !(a.on_connection() && isolation == Isolation::Namespace) {
+        let per_namespace = a.on_connection() && isolation == Isolation::Namespace;
+        if !a.namespaces.is_empty() && !per_namespace {
             return fail(
                 "activation.namespaces".into(),
                 "applies only with mode: on-connection and isolation namespace".into(),
