@@ -370,6 +370,8 @@ pub enum MainPidError {
     Unsupported,
     #[error("the run has ended")]
     Ended,
+    #[error("the keeper is older than this daemon and cannot follow another main process (restart the keeper)")]
+    OldKeeper,
     #[error("cannot watch pid {pid}: {source}")]
     Watch {
         pid: u32,

@@ -43,6 +43,11 @@ pub(crate) struct Moved {
 
 /// Who reaps a main process named by `MAINPID=`, and how its status comes back.
 pub(crate) trait Follow: Send + Sync + 'static {
+    /// Whether a move can be followed at all (an older keeper cannot).
+    fn supported(&self) -> Result<(), crate::MainPidError> {
+        Ok(())
+    }
+
     /// `pid` is the main process from now on (its reaper must keep its status).
     fn start(&self, pid: u32);
     /// Resolves with `pid`'s exit status.

@@ -1031,6 +1031,7 @@ impl InstanceHandle for ProcessHandle {
         if pid == self.shared.main_pid() {
             return Ok(());
         }
+        self.shared.follow.supported()?;
         // Pinned from here on: signals through it cannot reach a reused pid.
         let pidfd = sys::pidfd_open(pid).map_err(|source| MainPidError::Watch { pid, source })?;
         self.shared.follow.start(pid);

@@ -55,6 +55,8 @@ pub struct KeeperClient {
     closed_tx: watch::Sender<bool>,
     /// The keeper refused a spawn as full; cleared when one of its instances ends.
     full: std::sync::atomic::AtomicBool,
+    /// The keeper said it understands `MainPid` (see `Reply::Spawned`).
+    follows_main_pid: std::sync::atomic::AtomicBool,
 }
 
 /// What a spawn through one keeper gave.
@@ -92,6 +94,7 @@ impl KeeperClient {
             st: Mutex::new(State::default()),
             closed_tx: watch::Sender::new(false),
             full: std::sync::atomic::AtomicBool::new(false),
+            follows_main_pid: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(read_loop(Arc::downgrade(&client)));
         Ok(client)
@@ -367,7 +370,16 @@ fn dispatch(
 ) {
     let mut st = c.state();
     match &reply {
-        Reply::Spawned { req, pid, .. } => {
+        Reply::Spawned {
+            req,
+            pid,
+            follows_main_pid,
+            ..
+        } => {
+            if *follows_main_pid {
+                c.follows_main_pid
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             // Registered before the spawner sees the pid, so an exit or output that
             // follows at once is not lost.
             st.exits
@@ -397,8 +409,13 @@ fn dispatch(
             exit,
             open,
             main,
+            follows_main_pid,
             ..
         } => {
+            if *follows_main_pid {
+                c.follows_main_pid
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             let tx = st
                 .exits
                 .entry(main.unwrap_or(*pid))
@@ -446,6 +463,18 @@ struct KeeperFollow {
 }
 
 impl crate::mainpid::Follow for KeeperFollow {
+    fn supported(&self) -> Result<(), crate::MainPidError> {
+        let follows = self
+            .client
+            .upgrade()
+            .is_some_and(|c| c.follows_main_pid.load(std::sync::atomic::Ordering::SeqCst));
+        if follows {
+            Ok(())
+        } else {
+            Err(crate::MainPidError::OldKeeper)
+        }
+    }
+
     fn start(&self, pid: u32) {
         let Some(c) = self.client.upgrade() else {
             return;
@@ -991,6 +1020,118 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use std::time::Duration;
+
+    /// A keeper from before `MainPid` would drop the connection that sends it: its
+    /// replies do not say `follows_main_pid`, so `set_main_pid` is refused (and logged by
+    /// the daemon) and nothing is sent; a current keeper's reply says it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn mainpid_is_not_sent_to_an_older_keeper() {
+        for current in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keeper.sock");
+            let listener = super::super::seqpacket(false).unwrap();
+            rustix::net::bind(&listener, &rustix::net::SocketAddrUnix::new(&path).unwrap())
+                .unwrap();
+            rustix::net::listen(&listener, 1).unwrap();
+            let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+            let (child_tx, child_rx) = std::sync::mpsc::channel();
+            let keeper = std::thread::spawn(move || {
+                let conn = rustix::net::accept(&listener).unwrap();
+                let mut buf = vec![0u8; MAX_MESSAGE];
+                let mut child = None;
+                loop {
+                    let got = match super::super::recv::<Request>(conn.as_fd(), &mut buf) {
+                        Ok(Some((req, _))) => req,
+                        Ok(None) => break,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        Err(e) => panic!("{e}"),
+                    };
+                    seen_tx.send(got.clone()).unwrap();
+                    if let Request::Spawn { req, .. } = got {
+                        let c = std::process::Command::new("sleep")
+                            .arg("1000")
+                            .spawn()
+                            .unwrap();
+                        let pid = c.id();
+                        child_tx.send(pid).unwrap();
+                        let pidfd = crate::sys::pidfd_open(pid).unwrap();
+                        let flag = if current {
+                            r#","follows_main_pid":true"#
+                        } else {
+                            ""
+                        };
+                        let reply = format!(
+                            r#"{{"op":"spawned","req":{req},"pid":{pid},"start_time":0{flag}}}"#
+                        );
+                        let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+                        super::super::send(conn.as_fd(), &v, &[pidfd.as_fd()]).unwrap();
+                        child = Some(c);
+                    }
+                }
+                if let Some(mut c) = child {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            });
+            let client = KeeperClient::connect(&path).await.unwrap();
+            let driver = KeeperDriver::new(client);
+            let workload = bulkhead_core::spec::parse_manifest(
+                "w/manifest.yaml",
+                "w",
+                "name: w\ncommand: [sleep, '1000']\n",
+            )
+            .unwrap();
+            let spec = SpawnSpec {
+                instance: InstanceId::parse("ns:t:w").unwrap().0,
+                argv: vec!["sleep".into(), "1000".into()],
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                cwd: dir.path().to_owned(),
+                spec: Arc::new(workload),
+                binds: Vec::new(),
+                ids: None,
+                inherited: Vec::new(),
+                listen: Vec::new(),
+            };
+            let spawned = driver.spawn(spec).await.unwrap();
+            // Any live process will do as the named one: this test's own.
+            let me = std::process::id();
+            let res = spawned.handle.set_main_pid(me);
+            let mut sent_main_pid = false;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            if current {
+                assert!(res.is_ok(), "{res:?}");
+                assert_eq!(spawned.handle.pid(), Some(me));
+                while !sent_main_pid && std::time::Instant::now() < deadline {
+                    if let Ok(r) = seen_rx.recv_timeout(Duration::from_millis(100)) {
+                        sent_main_pid = matches!(r, Request::MainPid { main, .. } if main == me);
+                    }
+                }
+                assert!(sent_main_pid, "no MainPid reached the keeper");
+            } else {
+                assert!(
+                    matches!(res, Err(crate::MainPidError::OldKeeper)),
+                    "{res:?}"
+                );
+                assert_ne!(spawned.handle.pid(), Some(me));
+                std::thread::sleep(Duration::from_millis(200));
+                assert!(
+                    !seen_rx
+                        .try_iter()
+                        .any(|r| matches!(r, Request::MainPid { .. })),
+                    "MainPid sent to an older keeper"
+                );
+            }
+            // The fake keeper's child goes with this iteration (the fake keeper thread
+            // ends with the test process).
+            let child = child_rx.recv().unwrap();
+            // SAFETY: kill(2) on the child the fake keeper above started and still holds.
+            unsafe { libc::kill(child as i32, libc::SIGKILL) };
+            drop(keeper);
+        }
+    }
 
     /// A keeper from before `setup`: it spawns the child as asked but ignores the setup
     /// and answers without `setup_applied`. The daemon side must kill that child and fail

@@ -122,6 +122,10 @@ pub enum Reply {
         /// not meant to.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         setup_applied: bool,
+        /// This keeper understands `MainPid` (an older one drops a connection that sends
+        /// it, so the daemon sends it only when this is set).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        follows_main_pid: bool,
     },
     SpawnFailed {
         req: u64,
@@ -158,6 +162,9 @@ pub enum Reply {
         /// The main process `MAINPID=` moved it to (the pidfd is that one's).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         main: Option<u32>,
+        /// As in `Spawned`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        follows_main_pid: bool,
     },
     ListEnd {
         req: u64,
@@ -345,7 +352,8 @@ mod tests {
                 req: 1,
                 pid: 2,
                 start_time: 3,
-                setup_applied: false
+                setup_applied: false,
+                follows_main_pid: false
             }
         );
         let plain = Request::Spawn {

@@ -502,6 +502,7 @@ impl Keeper {
                             pid,
                             start_time,
                             setup_applied: setup.is_some(),
+                            follows_main_pid: true,
                         };
                         self.reply(&reply, &[pidfd.as_fd()]);
                         // The keeper's own pidfd goes: the pid stays pinned until this loop
@@ -596,6 +597,7 @@ impl Keeper {
                         open: [h.out[0].is_some(), h.out[1].is_some()],
                         listen: h.listen.iter().map(|(n, _)| n.clone()).collect(),
                         main: h.main,
+                        follows_main_pid: true,
                     };
                     // Not reaped yet (this loop reaps only in its SIGCHLD step), so the pid
                     // names the instance (its moved main process, once its first one has
