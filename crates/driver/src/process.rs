@@ -718,7 +718,9 @@ impl Shared {
                                 let pid = self.pid;
                                 tokio::spawn(async move {
                                     let status = f.await;
-                                    tracing::info!(pid, "the process started exited ({status}); the run follows its MAINPID");
+                                    // Debug: through the keeper, this also resolves when
+                                    // the entry goes at the end of the run.
+                                    tracing::debug!(pid, "the process started ended ({status}); the run follows its MAINPID");
                                 });
                             }
                         }
