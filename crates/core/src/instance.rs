@@ -159,6 +159,9 @@ pub enum Input {
     /// the instance's cgroup (they were killed): the program daemonized. Sent just before
     /// the `Exited` it explains: that run failed, with a message that says so.
     Daemonized { left: usize },
+    /// sd_notify `MAINPID=`: the driver now follows process `pid` as the run's main
+    /// process (the state does not change; [`Instance::pid`] is it from now on).
+    MainPid { pid: u32 },
     /// Stop it for good; `grace` overrides the manifest's.
     Terminate { grace: Option<Duration> },
     /// Stop the current run gracefully (`grace` overrides the manifest's) and start a
@@ -466,6 +469,7 @@ impl Instance {
             return fx;
         }
         match (self.state, input) {
+            (_, Input::MainPid { pid }) if self.has_live_process() => self.pid = Some(pid),
             (Starting, Input::Spawned { pid }) if self.spawn_pending => {
                 self.spawn_pending = false;
                 self.spawned = true;
@@ -1372,6 +1376,7 @@ mod tests {
             Just(Input::RestartDue),
             Just(Input::CooldownOver),
             (1usize..5).prop_map(|left| Input::Daemonized { left }),
+            (1u32..100_000).prop_map(|pid| Input::MainPid { pid }),
             any::<bool>().prop_map(|triggered| Input::WatchdogMissed { triggered }),
             (proptest::option::of(0u64..10_000), any::<bool>()).prop_map(|(g, hold)| {
                 Input::Restart {
@@ -1699,6 +1704,31 @@ mod tests {
             Effect::Emit(EventKind::LaunchFailed { reason, .. }) => Some(reason.clone()),
             _ => None,
         })
+    }
+
+    /// sd_notify `MAINPID=`: the instance's pid follows the new main process while a run
+    /// lives, changes nothing else, and is ignored between runs.
+    #[test]
+    fn mainpid_moves_the_pid_of_a_live_run_only() {
+        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::Always));
+        assert!(i.handle(Input::MainPid { pid: 9 }, 0).is_empty());
+        assert_eq!(i.pid(), None, "no run yet");
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        assert!(i.handle(Input::MainPid { pid: 8 }, 1).is_empty());
+        assert_eq!((i.pid(), i.state()), (Some(8), State::Starting));
+        i.handle(Input::ReadinessPassed, 2);
+        i.handle(Input::MainPid { pid: 9 }, 3);
+        assert_eq!((i.pid(), i.state()), (Some(9), State::Ready));
+        i.handle(
+            Input::Exited(ExitStatus::Signaled {
+                signal: 9,
+                core_dumped: false,
+            }),
+            4,
+        );
+        assert_eq!(i.state(), State::Restarting);
+        i.handle(Input::MainPid { pid: 10 }, 5);
+        assert_ne!(i.pid(), Some(10), "between runs");
     }
 
     /// Issue 12: a program that daemonizes (main exits 0, processes left in its cgroup)

@@ -330,6 +330,7 @@ pub(crate) fn start_with(
                 &a.listen,
                 port,
                 &crate::sockets::runtime_dir(&sh.cfg.state_dir, &id),
+                key.namespace(),
             );
             if b.is_none() {
                 tracing::warn!("{id}: the sockets the keeper kept do not match its manifest; the next run binds new ones");
@@ -744,15 +745,13 @@ impl Actor {
             slot.log.attach_tap(tap);
         }
         if let (Some(sock), Some(main)) = (notify, pid) {
-            // A driver that knows its processes (docker: by cgroup) decides; else the
-            // main pid's group.
-            let h = spawned.handle.clone();
-            let owns = move |p| {
-                h.owns_pid(p)
-                    .unwrap_or_else(|| readiness::pid_in_group(p, main))
-            };
-            self.run_tasks
-                .push(tokio::spawn(sock.run(owns, self.notify_tx.clone())));
+            self.run_tasks.push(crate::mainpid::watch_notify(
+                slot.id.clone(),
+                sock,
+                &spawned.handle,
+                main,
+                self.notify_tx.clone(),
+            ));
         }
         *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(spawned.handle.clone());
         *slot.exec_env.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.env.clone());
@@ -1066,6 +1065,10 @@ impl Actor {
         if let Some(s) = msg.status {
             self.status_text = Some(s);
         }
+        // The driver follows it already (crate::mainpid); the View and the table too.
+        if let Some(pid) = msg.main_pid {
+            self.input(Input::MainPid { pid });
+        }
         if msg.stopping {
             tracing::info!("{}: instance reports it is stopping", self.slot.id);
         }
@@ -1361,6 +1364,7 @@ fn key_sockets(
                     list,
                     port,
                     &crate::sockets::runtime_dir(&sh.cfg.state_dir, &slot.id),
+                    slot.key.namespace(),
                 )
                 .map_err(|e| e.to_string())?,
             ),

@@ -29,6 +29,7 @@ pub mod cgroup;
 pub mod conformance;
 pub mod keeper;
 pub mod listen;
+mod mainpid;
 mod posix_spawn;
 pub mod process;
 pub mod reaper;
@@ -441,6 +442,23 @@ pub struct ExecTarget {
     pub restrict: restrict::Restrictions,
 }
 
+/// A `MAINPID=` could not be followed ([`InstanceHandle::set_main_pid`]).
+#[derive(Debug, thiserror::Error)]
+pub enum MainPidError {
+    #[error("this driver cannot follow another main process")]
+    Unsupported,
+    #[error("the run has ended")]
+    Ended,
+    #[error("the keeper is older than this daemon and cannot follow another main process (restart the keeper)")]
+    OldKeeper,
+    #[error("cannot watch pid {pid}: {source}")]
+    Watch {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Usage could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read usage of instance {instance}: {source}")]
@@ -627,6 +645,25 @@ pub trait InstanceHandle: Send + Sync + 'static {
     fn owns_pid(&self, pid: u32) -> Option<bool> {
         let _ = pid;
         None
+    }
+
+    /// sd_notify `MAINPID=`: the instance's main process is now host process `pid` (the
+    /// caller checked that it belongs to the instance), as systemd's: from now on signals,
+    /// [`pid`](Self::pid), [`wait`](Self::wait)'s status and the end of the run follow it,
+    /// and the exit of the process the driver started no longer ends the run. The default:
+    /// the driver cannot follow another process, which the caller logs.
+    fn set_main_pid(&self, pid: u32) -> Result<(), MainPidError> {
+        let _ = pid;
+        Err(MainPidError::Unsupported)
+    }
+
+    /// `hook` runs when the main process the driver started has exited, before the driver
+    /// decides that the run ended: the caller reads the `MAINPID=` messages queued before
+    /// that exit there (systemd reads notify messages before SIGCHLD for the same reason)
+    /// and calls [`set_main_pid`](Self::set_main_pid). Drivers without `set_main_pid`
+    /// ignore it.
+    fn on_main_exit(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        let _ = hook;
     }
 
     /// Readiness judged by the driver's engine (a swarm task's health, a Pod's `Ready`

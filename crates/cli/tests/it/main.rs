@@ -18,6 +18,7 @@ mod keeper_conformance;
 mod keeper_shards;
 mod launch;
 mod lifecycle;
+mod mainpid;
 mod metrics;
 mod readiness;
 mod recovery;
