@@ -307,6 +307,17 @@ fn refuse_unhonoured(spec: &WorkloadSpec) -> Result<(), (String, String)> {
         if r.watchdog.is_some() {
             return fail("readiness.watchdog", "it is an sd_notify message");
         }
+        if [r.http.is_some(), r.tcp.is_some(), r.exec.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count()
+            > 1
+        {
+            return fail(
+                "readiness",
+                "a Kubernetes readiness probe has one handler: set only one of http, tcp, exec",
+            );
+        }
         let once = "a Kubernetes probe has one period (periodSeconds)";
         if let Some(h) = &r.http {
             if h.ready_period.is_some() {
@@ -450,6 +461,7 @@ mod tests {
                 "readiness.http.host",
             ),
             ("liveness: {tcp: {port: 80}}\n", "liveness"),
+            ("readiness: {tcp: {port: 80}, exec: [true]}\n", "readiness"),
             ("limits: {nofile: 1024}\n", "limits"),
             ("umask: \"077\"\n", "umask"),
             ("user: app\n", "user"),
@@ -485,7 +497,7 @@ mod tests {
         // The controls: what does map is accepted.
         assert!(parse(&format!(
             "{KUBE}user: \"1000\"\ngroups: [\"5\"]\nworking_dir: /app\nresources: {{cpu: 1, memory: 1Gi}}\n\
-             readiness: {{tcp: {{port: 80}}, exec: [cat, /tmp/ready]}}\n"
+             readiness: {{exec: [cat, /tmp/ready]}}\n"
         ))
         .is_ok());
     }
