@@ -91,3 +91,31 @@ impl PodHandle {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_code_comes_from_the_exec_status() {
+        // The shapes the API server sends on the error channel (meta/v1 Status).
+        let ok: Status = serde_json::from_value(serde_json::json!({
+            "metadata": {}, "status": "Success"
+        }))
+        .unwrap();
+        assert_eq!(exit_code(&ok), Some(0));
+        let failed: Status = serde_json::from_value(serde_json::json!({
+            "metadata": {}, "status": "Failure",
+            "message": "command terminated with non-zero exit code: error executing command [sh -c exit 3], exit code 3",
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": "3"}]}
+        }))
+        .unwrap();
+        assert_eq!(exit_code(&failed), Some(3));
+        let broken: Status = serde_json::from_value(serde_json::json!({
+            "metadata": {}, "status": "Failure", "message": "container not found"
+        }))
+        .unwrap();
+        assert_eq!(exit_code(&broken), None);
+    }
+}
