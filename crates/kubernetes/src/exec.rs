@@ -78,11 +78,10 @@ impl PodHandle {
         let _ = p.join().await;
         let st = st.ok_or_else(|| fail("the API sent no exit status".into()))?;
         let code = exit_code(&st).ok_or_else(|| {
-            fail(format!(
-                "{}",
+            fail(
                 st.message
-                    .unwrap_or_else(|| "the command failed to run".into())
-            ))
+                    .unwrap_or_else(|| "the command failed to run".into()),
+            )
         })?;
         Ok(ExecOutput {
             code,

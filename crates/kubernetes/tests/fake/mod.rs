@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 pub type Body = StreamBody<UnboundedReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+type Chunks = mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
 
 /// One request as the fake API server received it.
 #[derive(Debug, Clone)]
@@ -63,7 +64,7 @@ fn decode(s: &str) -> String {
 struct Watch {
     namespace: Option<String>,
     selector: Option<String>,
-    tx: mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>,
+    tx: Chunks,
 }
 
 #[derive(Default)]
@@ -75,10 +76,7 @@ struct State {
     requests: Vec<Recorded>,
     watches: Vec<Watch>,
     logs: BTreeMap<String, Vec<u8>>,
-    log_streams: Vec<(
-        String,
-        mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>,
-    )>,
+    log_streams: Vec<(String, Chunks)>,
 }
 
 /// The fake API server.
