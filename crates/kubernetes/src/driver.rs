@@ -17,7 +17,7 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::OnceCell;
 
-use crate::handle::{PodHandle, KILL_GRACE_SECONDS};
+use crate::handle::{PodHandle, StartFailure, KILL_GRACE_SECONDS};
 use crate::pod::{self, ANNOTATION_INSTANCE, CONTAINER};
 use crate::watch::Watcher;
 
@@ -286,18 +286,30 @@ impl Driver for KubernetesDriver {
             start.wait_for(Option::is_some).await.map(|r| r.clone())
         })
         .await;
+        let program = k
+            .entrypoint
+            .as_ref()
+            .and_then(|e| e.first())
+            .unwrap_or(&spec.argv[0])
+            .clone();
         let failure = match outcome {
-            Ok(Ok(r)) => match r {
-                Some(Ok(())) => None,
-                Some(Err(reason)) => Some(format!("pod {ns}/{name} cannot start: {reason}")),
-                None => Some(format!("pod {ns}/{name} cannot start")),
-            },
-            Ok(Err(_)) => Some(format!("pod {ns}/{name} cannot start")),
-            Err(_) => Some(format!(
+            Ok(Ok(Some(Ok(())))) => None,
+            Ok(Ok(Some(Err(StartFailure::Stuck(reason))))) => {
+                Some(other(format!("pod {ns}/{name} cannot start: {reason}")))
+            }
+            Ok(Ok(Some(Err(StartFailure::Exec(reason))))) => Some(SpawnError::Exec {
+                program,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("in pod {ns}/{name}: {reason}"),
+                ),
+            }),
+            Ok(_) => Some(other(format!("pod {ns}/{name} cannot start"))),
+            Err(_) => Some(other(format!(
                 "pod {ns}/{name} did not start within {:?} (kubernetes.start_timeout: \
                  scheduling and image pull)",
                 k.start_timeout
-            )),
+            ))),
         };
         guard.0 = None;
         if let Some(reason) = failure {
@@ -306,7 +318,7 @@ impl Driver for KubernetesDriver {
             if tokio::time::timeout(GONE_TIMEOUT, h.wait()).await.is_err() {
                 tracing::warn!("pod {ns}/{name} is not gone {GONE_TIMEOUT:?} after its delete");
             }
-            return Err(other(reason));
+            return Err(reason);
         }
         Ok(Spawned {
             tap: Some(h.tap.clone()),

@@ -42,6 +42,15 @@ use crate::watch::Watcher;
 /// The grace of a `KILL`: the smallest that still lets the kubelet do the killing.
 pub const KILL_GRACE_SECONDS: i64 = 1;
 
+/// Why a Pod's container did not start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartFailure {
+    /// It waits for something that will not come by itself (image pull, config).
+    Stuck(String),
+    /// The runtime could not run the program (missing, not executable).
+    Exec(String),
+}
+
 /// One Pod.
 pub struct PodHandle {
     me: std::sync::Weak<PodHandle>,
@@ -60,8 +69,8 @@ pub struct PodHandle {
     /// Set once the Pod is gone: the exit.
     status: watch::Sender<Option<ExitStatus>>,
     ready: watch::Sender<bool>,
-    /// Started (true), or cannot start (the reason): what a spawn waits for.
-    pub(crate) start: watch::Sender<Option<Result<(), String>>>,
+    /// Started, or cannot start (why): what a spawn waits for.
+    pub(crate) start: watch::Sender<Option<Result<(), StartFailure>>>,
     state: Mutex<Inner>,
     log_started: AtomicBool,
     /// Tailing from now (adoption) rather than from the start.
@@ -246,7 +255,16 @@ impl PodHandle {
             self.start.send_if_modified(|s| {
                 let first = s.is_none();
                 if first {
-                    *s = Some(Err(reason.clone()));
+                    *s = Some(Err(StartFailure::Stuck(reason.clone())));
+                }
+                first
+            });
+        }
+        if let Some(msg) = &o.exec_failed {
+            self.start.send_if_modified(|s| {
+                let first = s.is_none();
+                if first {
+                    *s = Some(Err(StartFailure::Exec(msg.clone())));
                 }
                 first
             });
@@ -286,9 +304,9 @@ impl PodHandle {
         self.start.send_if_modified(|s| {
             let first = s.is_none();
             if first {
-                *s = Some(Err(
-                    "the pod was deleted before its container started".into()
-                ));
+                *s = Some(Err(StartFailure::Stuck(
+                    "the pod was deleted before its container started".into(),
+                )));
             }
             first
         });

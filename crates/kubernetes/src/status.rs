@@ -20,6 +20,9 @@ pub struct Observed {
     pub stuck: Option<String>,
     /// The Pod is being deleted (`deletionTimestamp` set).
     pub deleting: bool,
+    /// The runtime could not start the container's program (`StartError`,
+    /// `ContainerCannotRun`: a missing program, a bad entrypoint): its message.
+    pub exec_failed: Option<String>,
 }
 
 /// How an instance's Pod ended.
@@ -98,7 +101,19 @@ pub fn observe(pod: &Pod) -> Observed {
             o.started = true;
         }
         if let Some(t) = &s.terminated {
-            o.started = true;
+            if matches!(
+                t.reason.as_deref(),
+                Some("StartError") | Some("ContainerCannotRun")
+            ) && t.started_at.is_none()
+            {
+                o.exec_failed = Some(
+                    t.message
+                        .clone()
+                        .unwrap_or_else(|| t.reason.clone().unwrap_or_default()),
+                );
+            } else {
+                o.started = true;
+            }
             o.ended = Some(Ended {
                 status: exit_status(t),
                 oom_killed: t.reason.as_deref() == Some("OOMKilled"),

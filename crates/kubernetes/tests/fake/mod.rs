@@ -84,6 +84,10 @@ struct State {
 pub struct FakeApi {
     state: Mutex<State>,
     pub autostart: std::sync::atomic::AtomicBool,
+    /// Runs each created Pod's container as a local process (see [`FakeApi::run`]).
+    pub kubelet: std::sync::atomic::AtomicBool,
+    /// Process groups of the containers the local kubelet runs, by Pod name.
+    running: Mutex<BTreeMap<String, i32>>,
     notify: tokio::sync::Notify,
 }
 
@@ -323,7 +327,9 @@ impl FakeApi {
                 pod["status"] = json!({"phase": "Pending"});
                 self.insert(pod.clone());
                 let stored = self.pod(&ns, &name).unwrap();
-                if self.autostart.load(std::sync::atomic::Ordering::SeqCst) {
+                if self.kubelet.load(std::sync::atomic::Ordering::SeqCst) {
+                    tokio::spawn(self.clone().run(ns.clone(), name.clone()));
+                } else if self.autostart.load(std::sync::atomic::Ordering::SeqCst) {
                     let me = self.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -369,6 +375,27 @@ impl FakeApi {
                 };
                 pod["metadata"]["deletionTimestamp"] = json!("2026-12-03T20:00:01Z");
                 self.emit(&ns, json!({"type": "MODIFIED", "object": pod.clone()}));
+                let pgid = self.running.lock().unwrap().get(name).copied();
+                if let Some(pgid) = pgid {
+                    // The local kubelet: SIGTERM now, SIGKILL after the grace (a later
+                    // delete with a shorter grace kills sooner); the container's end
+                    // removes the Pod (`run`).
+                    let grace = rec
+                        .body
+                        .as_ref()
+                        .and_then(|b| b["gracePeriodSeconds"].as_u64());
+                    kill_group(pgid, rustix::process::Signal::TERM);
+                    let me = self.clone();
+                    let name = name.to_owned();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(grace.unwrap_or(30)))
+                            .await;
+                        if me.running.lock().unwrap().get(&name) == Some(&pgid) {
+                            kill_group(pgid, rustix::process::Signal::KILL);
+                        }
+                    });
+                    return Self::one(StatusCode::OK, &pod);
+                }
                 // The kubelet's part: the container ends (143 after the SIGTERM, if it
                 // ran), then the object goes.
                 let me = self.clone();
@@ -391,6 +418,147 @@ impl FakeApi {
                 StatusCode::METHOD_NOT_ALLOWED,
                 &status(405, "MethodNotAllowed", "not in the fake"),
             ),
+        }
+    }
+
+    /// Appends to a Pod's log and sends it to the log streams following it.
+    fn append_log(&self, pod: &str, data: &[u8]) {
+        let mut st = self.lock();
+        st.logs
+            .entry(pod.to_owned())
+            .or_default()
+            .extend_from_slice(data);
+        for (p, tx) in &st.log_streams {
+            if p == pod {
+                let _ = tx.send(Ok(Frame::data(Bytes::copy_from_slice(data))));
+            }
+        }
+    }
+
+    /// The local kubelet: runs the Pod's container (`command` + `args`, its `env` and
+    /// nothing else, in `workingDir`, else `$HOME`, else `/`) as a process group of this
+    /// test, its output into the Pod's log; reports it running, then terminated with the
+    /// runtime's exit code (`128 + n` for signal `n`), and removes the Pod once it ended
+    /// if it was being deleted. A program that cannot start is `StartError`, exit 128,
+    /// as containerd reports it.
+    async fn run(self: Arc<Self>, ns: String, name: String) {
+        use tokio::io::AsyncReadExt;
+        let Some(pod) = self.pod(&ns, &name) else {
+            return;
+        };
+        let c = &pod["spec"]["containers"][0];
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut argv = strings(&c["command"]);
+        argv.extend(strings(&c["args"]));
+        let env: Vec<(String, String)> = c["env"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        let s = |k: &str| e[k].as_str().unwrap_or("").to_owned();
+                        (s("name"), s("value"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cwd = c["workingDir"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| {
+                env.iter()
+                    .find(|(k, _)| k == "HOME")
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap_or_else(|| "/".into());
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&cwd)
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let set_state = |state: Value, phase: &str| {
+            let Some(mut pod) = self.pod(&ns, &name) else {
+                return;
+            };
+            let ready = state["running"].is_object();
+            pod["status"] = json!({
+                "phase": phase,
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                "containerStatuses": [{"name": "main", "image": "local", "imageID": "",
+                    "ready": ready, "restartCount": 0, "state": state}]
+            });
+            self.emit(&ns, json!({"type": "MODIFIED", "object": pod}));
+        };
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                set_state(
+                    json!({"terminated": {"exitCode": 128, "reason": "StartError",
+                        "message": format!("failed to create containerd task: exec: \"{}\": {e}", argv[0])}}),
+                    "Failed",
+                );
+                return;
+            }
+        };
+        let pgid = child.id().unwrap_or(0) as i32;
+        self.running.lock().unwrap().insert(name.clone(), pgid);
+        if self.pod(&ns, &name).is_none() {
+            // Deleted before it started: it must not run unseen.
+            kill_group(pgid, rustix::process::Signal::KILL);
+        }
+        set_state(
+            json!({"running": {"startedAt": "2026-12-03T20:00:02Z"}}),
+            "Running",
+        );
+        let pump = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>| {
+            let me = self.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                while let Ok(n) = r.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    me.append_log(&name, &buf[..n]);
+                }
+            })
+        };
+        let out = pump(Box::new(child.stdout.take().unwrap()));
+        let err = pump(Box::new(child.stderr.take().unwrap()));
+        let status = child.wait().await.unwrap();
+        // Whatever is left of the group goes with the container (its cgroup).
+        kill_group(pgid, rustix::process::Signal::KILL);
+        self.running.lock().unwrap().remove(&name);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            let _ = out.await;
+            let _ = err.await;
+        })
+        .await;
+        use std::os::unix::process::ExitStatusExt;
+        let code = status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(9));
+        set_state(
+            json!({"terminated": {"exitCode": code,
+                "reason": if code == 0 { "Completed" } else { "Error" },
+                "startedAt": "2026-12-03T20:00:02Z"}}),
+            if code == 0 { "Succeeded" } else { "Failed" },
+        );
+        if let Some(pod) = self.pod(&ns, &name) {
+            if pod["metadata"]["deletionTimestamp"].is_string() {
+                self.emit(&ns, json!({"type": "DELETED", "object": pod}));
+            }
         }
     }
 
@@ -428,4 +596,10 @@ pub fn fixture(file: &str, pod: &str, ns: &str, daemon: &str) -> Vec<Value> {
             serde_json::from_str(&l).unwrap()
         })
         .collect()
+}
+
+fn kill_group(pgid: i32, sig: rustix::process::Signal) {
+    if let Some(p) = rustix::process::Pid::from_raw(pgid) {
+        let _ = rustix::process::kill_process_group(p, sig);
+    }
 }
