@@ -118,105 +118,9 @@ impl KubernetesDriver {
             .clone()
     }
 
-    /// A handle on an existing Pod of this daemon (recovery), watched from now on.
-    fn adopt(&self, client: &Client, p: &Pod) -> Option<(InstanceId, Arc<PodHandle>)> {
-        let ns = p.namespace()?;
-        let name = p.name_any();
-        let instance = p.annotations().get(ANNOTATION_INSTANCE)?.clone();
-        let id = InstanceId::parse(&instance).ok()?.0;
-        let spec = p.spec.as_ref()?;
-        let c = spec.containers.iter().find(|c| c.name == CONTAINER)?;
-        let env = c
-            .env
-            .iter()
-            .flatten()
-            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
-            .collect();
-        let memory_limit = c
-            .resources
-            .as_ref()
-            .and_then(|r| r.limits.as_ref())
-            .and_then(|l| l.get("memory"))
-            .and_then(|q| q.0.parse::<u64>().ok());
-        let watcher = self.watcher(client, &ns);
-        let h = PodHandle::new(
-            name.clone(),
-            ns.clone(),
-            instance,
-            Api::namespaced(client.clone(), &ns),
-            watcher.clone(),
-            spec.termination_grace_period_seconds.unwrap_or(30),
-            memory_limit,
-            c.readiness_probe.is_some(),
-            env,
-            true,
-        );
-        watcher.register(&name, Arc::downgrade(&h));
-        h.observe(p);
-        Some((id, h))
-    }
-}
-
-/// A client from the configuration: kube's own loaders, never a hand-made client.
-async fn connect(cfg: &ClusterConfig) -> Result<Client, ClusterError> {
-    let opts = kube::config::KubeConfigOptions {
-        context: cfg.context.clone(),
-        ..Default::default()
-    };
-    let config = match &cfg.kubeconfig {
-        Some(path) => {
-            let kc =
-                kube::config::Kubeconfig::read_from(path).map_err(|e| ClusterError::Client {
-                    what: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-            kube::Config::from_custom_kubeconfig(kc, &opts)
-                .await
-                .map_err(|e| ClusterError::Client {
-                    what: path.display().to_string(),
-                    reason: e.to_string(),
-                })?
-        }
-        None if cfg.context.is_some() => kube::Config::from_kubeconfig(&opts)
-            .await
-            .map_err(|e| ClusterError::NoConfig(e.to_string()))?,
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| ClusterError::NoConfig(e.to_string()))?,
-    };
-    let url = config.cluster_url.to_string();
-    Client::try_from(config).map_err(|e| ClusterError::Client {
-        what: url,
-        reason: e.to_string(),
-    })
-}
-
-/// Deletes a created Pod if the spawn is abandoned (its future dropped) before it
-/// returned: nothing may run unseen.
-struct DeleteOnDrop(Option<Arc<PodHandle>>);
-
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        if let Some(h) = self.0.take() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { h.delete(KILL_GRACE_SECONDS).await });
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl Driver for KubernetesDriver {
-    fn kind(&self) -> DriverKind {
-        DriverKind::Kubernetes
-    }
-
-    /// The program is the image's.
-    fn runs_host_programs(&self) -> bool {
-        false
-    }
-
-    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+    /// [`Driver::spawn`], with the Pod's own handle (for what only Pods do:
+    /// [`PodHandle::exec`]).
+    pub async fn spawn_pod(&self, spec: SpawnSpec) -> Result<Arc<PodHandle>, SpawnError> {
         let other = SpawnError::Other;
         let Some(k) = spec.spec.kubernetes.clone() else {
             return Err(other(
@@ -320,6 +224,109 @@ impl Driver for KubernetesDriver {
             }
             return Err(reason);
         }
+        Ok(h)
+    }
+
+    /// A handle on an existing Pod of this daemon (recovery), watched from now on.
+    fn adopt(&self, client: &Client, p: &Pod) -> Option<(InstanceId, Arc<PodHandle>)> {
+        let ns = p.namespace()?;
+        let name = p.name_any();
+        let instance = p.annotations().get(ANNOTATION_INSTANCE)?.clone();
+        let id = InstanceId::parse(&instance).ok()?.0;
+        let spec = p.spec.as_ref()?;
+        let c = spec.containers.iter().find(|c| c.name == CONTAINER)?;
+        let env = c
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        let memory_limit = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get("memory"))
+            .and_then(|q| q.0.parse::<u64>().ok());
+        let watcher = self.watcher(client, &ns);
+        let h = PodHandle::new(
+            name.clone(),
+            ns.clone(),
+            instance,
+            Api::namespaced(client.clone(), &ns),
+            watcher.clone(),
+            spec.termination_grace_period_seconds.unwrap_or(30),
+            memory_limit,
+            c.readiness_probe.is_some(),
+            env,
+            true,
+        );
+        watcher.register(&name, Arc::downgrade(&h));
+        h.observe(p);
+        Some((id, h))
+    }
+}
+
+/// A client from the configuration: kube's own loaders, never a hand-made client.
+async fn connect(cfg: &ClusterConfig) -> Result<Client, ClusterError> {
+    let opts = kube::config::KubeConfigOptions {
+        context: cfg.context.clone(),
+        ..Default::default()
+    };
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| ClusterError::Client {
+                    what: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            kube::Config::from_custom_kubeconfig(kc, &opts)
+                .await
+                .map_err(|e| ClusterError::Client {
+                    what: path.display().to_string(),
+                    reason: e.to_string(),
+                })?
+        }
+        None if cfg.context.is_some() => kube::Config::from_kubeconfig(&opts)
+            .await
+            .map_err(|e| ClusterError::NoConfig(e.to_string()))?,
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| ClusterError::NoConfig(e.to_string()))?,
+    };
+    let url = config.cluster_url.to_string();
+    Client::try_from(config).map_err(|e| ClusterError::Client {
+        what: url,
+        reason: e.to_string(),
+    })
+}
+
+/// Deletes a created Pod if the spawn is abandoned (its future dropped) before it
+/// returned: nothing may run unseen.
+struct DeleteOnDrop(Option<Arc<PodHandle>>);
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { h.delete(KILL_GRACE_SECONDS).await });
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for KubernetesDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Kubernetes
+    }
+
+    /// The program is the image's.
+    fn runs_host_programs(&self) -> bool {
+        false
+    }
+
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+        let h = self.spawn_pod(spec).await?;
         Ok(Spawned {
             tap: Some(h.tap.clone()),
             handle: h,
