@@ -60,6 +60,7 @@ pub struct KubernetesDriver {
     namespace_override: Option<String>,
     client: OnceCell<Client>,
     watchers: Mutex<HashMap<String, Arc<Watcher>>>,
+    metrics: Arc<crate::metrics::Availability>,
 }
 
 impl KubernetesDriver {
@@ -72,6 +73,7 @@ impl KubernetesDriver {
             source: Source::Config(cfg),
             client: OnceCell::new(),
             watchers: Mutex::new(HashMap::new()),
+            metrics: Arc::default(),
         }
     }
 
@@ -83,6 +85,7 @@ impl KubernetesDriver {
             source: Source::Fixed(client),
             client: OnceCell::new(),
             watchers: Mutex::new(HashMap::new()),
+            metrics: Arc::default(),
         }
     }
 
@@ -157,6 +160,7 @@ impl KubernetesDriver {
             ns.clone(),
             spec.instance.as_str().to_owned(),
             api.clone(),
+            self.metrics.clone(),
             watcher.clone(),
             grace,
             w.resources.as_ref().and_then(|r| r.memory),
@@ -253,6 +257,7 @@ impl KubernetesDriver {
             ns.clone(),
             instance,
             Api::namespaced(client.clone(), &ns),
+            self.metrics.clone(),
             watcher.clone(),
             spec.termination_grace_period_seconds.unwrap_or(30),
             memory_limit,

@@ -58,6 +58,8 @@ pub struct PodHandle {
     pub(crate) namespace: String,
     pub(crate) instance: String,
     pub(crate) api: Api<Pod>,
+    pub(crate) metrics: Arc<crate::metrics::Availability>,
+    usage: Mutex<crate::metrics::Reading>,
     pub(crate) watcher: Arc<Watcher>,
     /// The manifest's grace, as `gracePeriodSeconds`.
     pub(crate) grace_seconds: i64,
@@ -90,6 +92,7 @@ impl PodHandle {
         namespace: String,
         instance: String,
         api: Api<Pod>,
+        metrics: Arc<crate::metrics::Availability>,
         watcher: Arc<Watcher>,
         grace_seconds: i64,
         memory_limit: Option<u64>,
@@ -103,6 +106,8 @@ impl PodHandle {
             namespace,
             instance,
             api,
+            metrics,
+            usage: Mutex::new(crate::metrics::Reading::default()),
             watcher,
             grace_seconds,
             memory_limit,
@@ -382,9 +387,43 @@ impl InstanceHandle for PodHandle {
         }
     }
 
-    /// Usage is not read: see the crate docs (the metrics API).
+    /// The last reading of the metrics API (see [`crate::metrics`]), refreshed in the
+    /// background when stale.
     fn stats(&self) -> Result<Stats, StatsError> {
+        if self.try_status().is_some() {
+            return Ok(Stats::default());
+        }
+        let memory_bytes = {
+            let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+            let stale = u.at.is_none_or(|at| at.elapsed() >= crate::metrics::FRESH);
+            if stale && !u.in_flight && self.metrics.may_ask() {
+                if let (Ok(rt), Some(me)) =
+                    (tokio::runtime::Handle::try_current(), self.me.upgrade())
+                {
+                    u.in_flight = true;
+                    rt.spawn(async move {
+                        let client: kube::Client = me.api.clone().into_client();
+                        let got = crate::metrics::fetch(
+                            &client,
+                            &me.metrics,
+                            &me.namespace,
+                            &me.name,
+                            CONTAINER,
+                        )
+                        .await;
+                        let mut u = me.usage.lock().unwrap_or_else(|e| e.into_inner());
+                        u.in_flight = false;
+                        u.at = Some(tokio::time::Instant::now());
+                        if let Some(m) = got {
+                            u.memory_bytes = m;
+                        }
+                    });
+                }
+            }
+            u.memory_bytes
+        };
         Ok(Stats {
+            memory_bytes,
             memory_limit_bytes: self.memory_limit,
             ..Stats::default()
         })

@@ -45,9 +45,9 @@
 //!   else in the default namespace when listing across namespaces is forbidden) and
 //!   hands back one `Found` per Pod; `discard` deletes one.
 //! - **Exec** ([`exec`]): the exec subresource (websocket), `PodHandle::exec`.
-//! - **Stats**: not read. The metrics API (`metrics.k8s.io`) gives a rate, not the CPU
-//!   time the daemon reports, and only where a metrics server runs; `stats` reports the
-//!   memory limit and zero usage.
+//! - **Stats** ([`metrics`]): memory from the metrics API where a metrics server runs
+//!   (refreshed in the background, at most every 5 s, only while usage is asked); CPU time
+//!   is not reported (the API gives a rate). Without the API, usage reads zero.
 //!
 //! **Invariant — the driver acts only on Pods labelled with its daemon id**: the watch,
 //! recovery and deletes select by that label or by names derived from it.
@@ -55,6 +55,7 @@
 pub mod driver;
 pub mod exec;
 pub mod handle;
+pub mod metrics;
 pub mod pod;
 pub mod status;
 pub mod watch;

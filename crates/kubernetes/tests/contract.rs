@@ -500,3 +500,60 @@ async fn a_signal_other_than_term_or_kill_is_refused() {
     let del = api.wait_request(|r| r.method == "DELETE").await;
     assert_eq!(del.body.unwrap()["gracePeriodSeconds"], 1);
 }
+
+#[tokio::test]
+async fn usage_comes_from_the_metrics_api_where_it_is_served() {
+    let api = FakeApi::new();
+    api.autostart.store(true, Ordering::SeqCst);
+    let name = pod_name("ns:a:web");
+    api.set_memory(&name, "2048Ki");
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let s = spec(
+        "ns:a:web",
+        "driver: kubernetes\nkubernetes: {image: b}\nresources: {memory: 64Mi}\n",
+    );
+    let h = within("spawn", driver.spawn(s)).await.unwrap().handle;
+    let first = h.stats().unwrap();
+    assert_eq!(first.memory_limit_bytes, Some(64 << 20));
+    within("usage", async {
+        while h.stats().unwrap().memory_bytes != 2048 * 1024 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    api.wait_request(|r| {
+        r.path == format!("/apis/metrics.k8s.io/v1beta1/namespaces/default/pods/{name}")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_a_metrics_server_usage_is_zero_and_not_asked_again_at_once() {
+    let api = FakeApi::new();
+    api.autostart.store(true, Ordering::SeqCst);
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let a = within("spawn", driver.spawn(spec("ns:a:web", BASIC)))
+        .await
+        .unwrap()
+        .handle;
+    let b = within("spawn", driver.spawn(spec("ns:b:web", BASIC)))
+        .await
+        .unwrap()
+        .handle;
+    assert_eq!(a.stats().unwrap().memory_bytes, 0);
+    api.wait_request(|r| r.path.starts_with("/apis/metrics.k8s.io/"))
+        .await;
+    // Let the answer land, then ask again for both Pods: the driver remembers.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        assert_eq!(a.stats().unwrap().memory_bytes, 0);
+        assert_eq!(b.stats().unwrap().memory_bytes, 0);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let asked = api
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/apis/metrics.k8s.io/"))
+        .count();
+    assert_eq!(asked, 1, "{:#?}", api.requests());
+}

@@ -77,6 +77,8 @@ struct State {
     watches: Vec<Watch>,
     logs: BTreeMap<String, Vec<u8>>,
     log_streams: Vec<(String, Chunks)>,
+    /// `None`: no metrics server (the API group is unknown); else PodMetrics by Pod.
+    metrics: Option<BTreeMap<String, Value>>,
 }
 
 /// The fake API server.
@@ -153,6 +155,16 @@ impl FakeApi {
 
     pub fn pod(&self, ns: &str, name: &str) -> Option<Value> {
         self.lock().pods.get(&(ns.into(), name.into())).cloned()
+    }
+
+    /// Serves the metrics API with this Pod's working set.
+    pub fn set_memory(&self, pod: &str, quantity: &str) {
+        self.lock().metrics.get_or_insert_with(BTreeMap::new).insert(
+            pod.to_owned(),
+            json!({"kind": "PodMetrics", "apiVersion": "metrics.k8s.io/v1beta1",
+                "metadata": {"name": pod}, "timestamp": "2026-12-03T20:00:00Z", "window": "15s",
+                "containers": [{"name": "main", "usage": {"cpu": "1000000n", "memory": quantity}}]}),
+        );
     }
 
     pub fn set_log(&self, pod: &str, text: &[u8]) {
@@ -253,6 +265,32 @@ impl FakeApi {
         self.lock().requests.push(rec.clone());
         self.notify.notify_waiters();
         let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        if let ["apis", "metrics.k8s.io", "v1beta1", "namespaces", _, "pods", name] =
+            parts.as_slice()
+        {
+            let st = self.lock();
+            return match &st.metrics {
+                None => Self::one(
+                    StatusCode::NOT_FOUND,
+                    &status(
+                        404,
+                        "NotFound",
+                        "the server could not find the requested resource",
+                    ),
+                ),
+                Some(m) => match m.get(*name) {
+                    Some(v) => Self::one(StatusCode::OK, v),
+                    None => Self::one(
+                        StatusCode::NOT_FOUND,
+                        &status(
+                            404,
+                            "NotFound",
+                            &format!("podmetrics.metrics.k8s.io \"{name}\" not found"),
+                        ),
+                    ),
+                },
+            };
+        }
         // api/v1/pods | api/v1/namespaces/{ns}/pods[/{name}[/log]]
         let (ns, name, sub) = match parts.as_slice() {
             ["api", "v1", "pods"] => (None, None, None),
