@@ -44,10 +44,23 @@
 //! - **Recovery**: `Driver::recover` lists this daemon's Pods by label (cluster-wide,
 //!   else in the default namespace when listing across namespaces is forbidden) and
 //!   hands back one `Found` per Pod; `discard` deletes one.
-//! - **Exec** ([`exec`]): the exec subresource (websocket), `PodHandle::exec`.
+//! - **Exec** ([`exec`]): the exec subresource (websocket), [`PodHandle::exec`] on the
+//!   handle [`KubernetesDriver::spawn_pod`] returns. The daemon's `bulkhead exec` does not
+//!   reach it yet: its exec path runs a host command (`InstanceHandle::exec_argv`) and
+//!   needs a host pid; a handle-level async exec in the driver seam would carry it.
 //! - **Stats** ([`metrics`]): memory from the metrics API where a metrics server runs
 //!   (refreshed in the background, at most every 5 s, only while usage is asked); CPU time
 //!   is not reported (the API gives a rate). Without the API, usage reads zero.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use bulkhead_kubernetes::{ClusterConfig, KubernetesDriver};
+//! // In-cluster config, else KUBECONFIG, else ~/.kube/config; connected on first use.
+//! let driver = KubernetesDriver::new("0123456789abcdef", ClusterConfig::default());
+//! let ns = driver.default_namespace().await?;
+//! println!("pods without a namespace go to {ns}");
+//! # Ok(()) }
+//! ```
 //!
 //! **Invariant — the driver acts only on Pods labelled with its daemon id**: the watch,
 //! recovery and deletes select by that label or by names derived from it.
