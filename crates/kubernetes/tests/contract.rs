@@ -557,3 +557,88 @@ async fn without_a_metrics_server_usage_is_zero_and_not_asked_again_at_once() {
         .count();
     assert_eq!(asked, 1, "{:#?}", api.requests());
 }
+
+#[tokio::test]
+async fn a_broken_log_stream_is_followed_again_from_a_little_before_its_last_byte() {
+    let api = FakeApi::new();
+    api.autostart.store(true, Ordering::SeqCst);
+    let name = pod_name("ns:a:web");
+    api.set_log(&name, b"one\n");
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let spawned = within("spawn", driver.spawn(spec("ns:a:web", BASIC)))
+        .await
+        .unwrap();
+    let seen = Arc::new(Seen::default());
+    spawned.tap.as_ref().unwrap().connect(seen.clone());
+    let log_path = format!("/api/v1/namespaces/default/pods/{name}/log");
+    let first = api.wait_request(|r| r.path == log_path).await;
+    assert_eq!(
+        first.param("sinceSeconds"),
+        None,
+        "a new Pod's log from its start"
+    );
+    within("first line", async {
+        while !seen.0.lock().unwrap().ends_with(b"one\n") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    api.break_logs(&name);
+    let again = api
+        .wait_request(|r| r.path == log_path && r.param("sinceSeconds").is_some())
+        .await;
+    let since: i64 = again.param("sinceSeconds").unwrap().parse().unwrap();
+    assert!(since >= 1, "{since}");
+    assert!(
+        !*seen.1.lock().unwrap(),
+        "the tap stays open while the Pod runs"
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_per_bulkhead_namespace_gets_its_own_watch() {
+    let api = FakeApi::new();
+    api.autostart.store(true, Ordering::SeqCst);
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let m = "driver: kubernetes\nkubernetes: {image: b, namespace: \"bh-${BULKHEAD_NAMESPACE}\"}\n";
+    within("spawn", driver.spawn(spec("ns:team-a:web", m)))
+        .await
+        .unwrap();
+    let post = api.wait_request(|r| r.method == "POST").await;
+    assert_eq!(post.path, "/api/v1/namespaces/bh-team-a/pods");
+    api.wait_request(|r| {
+        r.path == "/api/v1/namespaces/bh-team-a/pods" && r.param("watch").as_deref() == Some("true")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn recovery_without_cluster_wide_list_rights_looks_in_the_default_namespace() {
+    let api = FakeApi::new();
+    api.autostart.store(true, Ordering::SeqCst);
+    let before = KubernetesDriver::with_client(DAEMON, api.client());
+    within("spawn", before.spawn(spec("ns:a:web", BASIC)))
+        .await
+        .unwrap();
+    drop(before);
+    api.forbid_cluster_list.store(true, Ordering::SeqCst);
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let found = within("recover", driver.recover()).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(api
+        .requests()
+        .iter()
+        .any(|r| r.path == "/api/v1/namespaces/default/pods"
+            && r.param("watch").is_none()
+            && r.param("labelSelector").as_deref()
+                == Some(&*format!("bulkhead.io/daemon={DAEMON}"))));
+    // An adopted Pod's log is followed from now, not replayed from its start.
+    let name = pod_name("ns:a:web");
+    let log = api
+        .wait_request(|r| {
+            r.path.ends_with(&format!("/pods/{name}/log")) && r.param("sinceSeconds").is_some()
+        })
+        .await;
+    let since: i64 = log.param("sinceSeconds").unwrap().parse().unwrap();
+    assert!(since >= 1, "{since}");
+}

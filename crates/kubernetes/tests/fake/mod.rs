@@ -88,6 +88,8 @@ pub struct FakeApi {
     pub autostart: std::sync::atomic::AtomicBool,
     /// Runs each created Pod's container as a local process (see [`FakeApi::run`]).
     pub kubelet: std::sync::atomic::AtomicBool,
+    /// Answers a cluster-wide list with 403, as RBAC limited to a namespace does.
+    pub forbid_cluster_list: std::sync::atomic::AtomicBool,
     /// Process groups of the containers the local kubelet runs, by Pod name.
     running: Mutex<BTreeMap<String, i32>>,
     notify: tokio::sync::Notify,
@@ -155,6 +157,11 @@ impl FakeApi {
 
     pub fn pod(&self, ns: &str, name: &str) -> Option<Value> {
         self.lock().pods.get(&(ns.into(), name.into())).cloned()
+    }
+
+    /// Ends the Pod's log streams as a broken connection would (the Pod still runs).
+    pub fn break_logs(&self, pod: &str) {
+        self.lock().log_streams.retain(|(p, _)| p != pod);
     }
 
     /// Serves the metrics API with this Pod's working set.
@@ -329,6 +336,21 @@ impl FakeApi {
                     .header("content-type", "application/json")
                     .body(StreamBody::new(UnboundedReceiverStream::new(rx)))
                     .unwrap()
+            }
+            ("GET", None, _)
+                if ns.is_none()
+                    && self
+                        .forbid_cluster_list
+                        .load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                Self::one(
+                    StatusCode::FORBIDDEN,
+                    &status(
+                        403,
+                        "Forbidden",
+                        "pods is forbidden: cannot list resource \"pods\" at the cluster scope",
+                    ),
+                )
             }
             ("GET", None, _) => {
                 let st = self.lock();
