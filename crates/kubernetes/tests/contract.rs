@@ -272,32 +272,65 @@ async fn an_evicted_pod_ends_killed_with_the_nodes_message() {
     let api = FakeApi::new();
     let driver = KubernetesDriver::with_client(DAEMON, api.client());
     let s = spec("ns:a:web", BASIC);
-    let spawned = spawn_replaying(&api, &driver, s, "evicted.jsonl")
-        .await
-        .unwrap();
-    let h = spawned.handle;
+    let name = pod_name("ns:a:web");
+    let replay = {
+        let api = api.clone();
+        async move {
+            api.wait_request(|r| r.method == "POST").await;
+            for ev in fixture("evicted.jsonl", &name, "default", DAEMON) {
+                api.emit("default", ev);
+            }
+        }
+    };
+    let (h, ()) = tokio::join!(driver.spawn_pod(s), replay);
+    let h = h.unwrap();
     assert_eq!(
-        within("wait", h.wait()).await,
+        within("wait", bulkhead_driver::InstanceHandle::wait(&*h)).await,
         ExitStatus::Signaled {
             signal: 9,
             core_dumped: false
         }
     );
-    assert_eq!(h.exit_cause(), None, "an eviction is not an OOM kill");
-    // The eviction message is kept on the Pod's handle (found again through recovery's
-    // type: the handle is a PodHandle).
-    let direct = bulkhead_kubernetes::status::observe(
-        &serde_json::from_value(
-            fixture("evicted.jsonl", "p", "default", DAEMON)[1]["object"].clone(),
-        )
-        .unwrap(),
+    assert_eq!(
+        bulkhead_driver::InstanceHandle::exit_cause(&*h),
+        None,
+        "an eviction is not an OOM kill"
     );
-    assert!(direct
-        .ended
-        .unwrap()
-        .evicted
-        .unwrap()
-        .contains("low on resource: memory"));
+    let msg = h.evicted().expect("the eviction is kept");
+    assert!(
+        msg.contains("The node was low on resource: memory"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_spawn_abandoned_while_its_pod_starts_deletes_the_pod() {
+    let api = FakeApi::new();
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let spawn = driver.spawn(spec("ns:a:web", BASIC));
+    let abandoned = async {
+        api.wait_request(|r| r.method == "POST").await;
+    };
+    tokio::select! {
+        _ = spawn => panic!("the spawn cannot finish: nothing starts the container"),
+        () = abandoned => {}
+    }
+    // The spawn future is dropped here, with its Pod created and not started.
+    let del = api.wait_request(|r| r.method == "DELETE").await;
+    assert!(del.path.ends_with(&pod_name("ns:a:web")));
+}
+
+#[tokio::test]
+async fn a_pod_that_does_not_start_in_time_fails_the_spawn() {
+    let api = FakeApi::new();
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let m = "driver: kubernetes\nkubernetes: {image: b, start_timeout: 200ms}\n";
+    let err = within("spawn", driver.spawn(spec("ns:a:web", m)))
+        .await
+        .err()
+        .expect("no start");
+    assert!(err.to_string().contains("did not start within"), "{err}");
+    assert!(api.requests().iter().any(|r| r.method == "DELETE"));
 }
 
 #[tokio::test]

@@ -466,9 +466,9 @@ impl FakeApi {
                     let Some(mut pod) = me.pod(&ns, &name) else {
                         return;
                     };
-                    let cs = &mut pod["status"]["containerStatuses"][0];
-                    if cs["state"]["running"].is_object() {
-                        cs["state"] = json!({"terminated": {"exitCode": 143, "reason": "Error"}});
+                    if pod["status"]["containerStatuses"][0]["state"]["running"].is_object() {
+                        pod["status"]["containerStatuses"][0]["state"] =
+                            json!({"terminated": {"exitCode": 143, "reason": "Error"}});
                     }
                     me.emit(&ns, json!({"type": "DELETED", "object": pod}));
                 });
