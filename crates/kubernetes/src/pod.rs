@@ -311,3 +311,110 @@ pub fn pod_for(
         status: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bulkhead_core::key::InstanceId;
+    use bulkhead_core::kubernetes::{dns_label, label_value};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn spawn_spec(manifest: &str) -> SpawnSpec {
+        let text = format!("name: web\ncommand: [./serve, --fast]\ndriver: kubernetes\n{manifest}");
+        let w = bulkhead_core::spec::parse_manifest("web/manifest.yaml", "web", &text).unwrap();
+        SpawnSpec {
+            instance: InstanceId::parse("ns:a:web").unwrap().0,
+            argv: w.command.clone(),
+            env: vec![("PORT".into(), "9000".into())],
+            cwd: "/".into(),
+            spec: Arc::new(w),
+            binds: Vec::new(),
+            ids: None,
+            inherited: Vec::new(),
+            listen: Vec::new(),
+        }
+    }
+
+    fn pod(manifest: &str) -> Pod {
+        let s = spawn_spec(manifest);
+        let k = s.spec.kubernetes.clone().unwrap();
+        pod_for(&s, &k, "d", "ns1").unwrap()
+    }
+
+    #[test]
+    fn probes_map_with_periods_rounded_up_to_whole_seconds() {
+        let p = pod("kubernetes: {image: i}\nreadiness: {tcp: {period: 100ms, timeout: 1500ms, initial_delay: 0s}}\n");
+        let c = &p.spec.unwrap().containers[0];
+        let r = c.readiness_probe.clone().unwrap();
+        assert_eq!(r.tcp_socket.unwrap().port, IntOrString::Int(9000));
+        assert_eq!(r.period_seconds, Some(1));
+        assert_eq!(r.timeout_seconds, Some(2));
+        assert_eq!(r.initial_delay_seconds, Some(0));
+        let p = pod("kubernetes: {image: i}\nreadiness: {exec: {command: [cat, /ready], period: 3s, success_threshold: 2}}\n");
+        let r = p.spec.unwrap().containers[0]
+            .readiness_probe
+            .clone()
+            .unwrap();
+        assert_eq!(
+            r.exec.unwrap().command,
+            Some(vec!["cat".into(), "/ready".into()])
+        );
+        assert_eq!((r.period_seconds, r.success_threshold), (Some(3), Some(2)));
+    }
+
+    #[test]
+    fn the_entrypoint_user_and_working_dir_map_to_the_container() {
+        let p = pod(
+            "kubernetes: {image: i, entrypoint: [/bin/tini, --]}\nuser: \"1000\"\ngroup: \"100\"\n\
+             groups: [\"5\"]\nworking_dir: /srv\n",
+        );
+        let spec = p.spec.unwrap();
+        let c = &spec.containers[0];
+        assert_eq!(c.command, Some(vec!["/bin/tini".into(), "--".into()]));
+        assert_eq!(c.args, Some(vec!["./serve".into(), "--fast".into()]));
+        assert_eq!(c.working_dir.as_deref(), Some("/srv"));
+        let sc = spec.security_context.unwrap();
+        assert_eq!((sc.run_as_user, sc.run_as_group), (Some(1000), Some(100)));
+        assert_eq!(sc.supplemental_groups, Some(vec![5]));
+        assert_eq!(
+            c.security_context
+                .as_ref()
+                .unwrap()
+                .allow_privilege_escalation,
+            Some(false)
+        );
+        assert_eq!(p.metadata.namespace.as_deref(), Some("ns1"));
+    }
+
+    #[test]
+    fn a_probe_without_a_port_needs_the_instances_port() {
+        let mut s = spawn_spec("kubernetes: {image: i}\nreadiness: {http: {path: /}}\n");
+        s.env.clear();
+        let k = s.spec.kubernetes.clone().unwrap();
+        let e = pod_for(&s, &k, "d", "ns1").unwrap_err();
+        assert!(e.contains("readiness.http.port"), "{e}");
+    }
+
+    proptest! {
+        /// Whatever the workload name and instance id, the Pod name is a DNS label and
+        /// the label values are label values; two instances get two names.
+        #[test]
+        fn names_and_labels_are_always_valid(
+            daemon in "\\PC{0,80}",
+            workload in "[A-Za-z0-9_.-]{1,63}",
+            a in "\\PC{1,200}",
+            b in "\\PC{1,200}",
+        ) {
+            let n = pod_name(&daemon, &a, &workload);
+            prop_assert!(dns_label(&n), "{n}");
+            prop_assert!(label_value(&daemon_label(&daemon)) && !daemon_label(&daemon).is_empty());
+            prop_assert!(label_value(&instance_label(&a)));
+            if a != b {
+                prop_assert_ne!(n, pod_name(&daemon, &b, &workload));
+            }
+        }
+    }
+}
