@@ -675,3 +675,38 @@ async fn recovery_without_cluster_wide_list_rights_looks_in_the_default_namespac
     let since: i64 = log.param("sinceSeconds").unwrap().parse().unwrap();
     assert!(since >= 1, "{since}");
 }
+
+#[tokio::test]
+async fn a_pod_that_ended_while_no_daemon_watched_is_found_with_its_exit() {
+    let api = FakeApi::new();
+    api.autostart.store(true, Ordering::SeqCst);
+    let before = KubernetesDriver::with_client(DAEMON, api.client());
+    within("spawn", before.spawn(spec("ns:a:web", BASIC)))
+        .await
+        .unwrap();
+    drop(before);
+    // It crashed with 3 while no daemon ran.
+    let name = pod_name("ns:a:web");
+    let mut p = api.pod("default", &name).unwrap();
+    p["status"]["phase"] = json!("Failed");
+    p["status"]["containerStatuses"][0]["state"] =
+        json!({"terminated": {"exitCode": 3, "reason": "Error"}});
+    api.emit("default", json!({"type": "MODIFIED", "object": p}));
+
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let found = within("recover", driver.recover()).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].exit, Some(ExitStatus::Exited { code: 3 }));
+}
+
+#[tokio::test]
+async fn a_labelled_pod_without_an_instance_id_is_deleted_at_recovery() {
+    let api = FakeApi::new();
+    api.insert(json!({"metadata": {"name": "stray", "namespace": "default",
+        "labels": {"bulkhead.io/daemon": DAEMON}}, "spec": {"containers": [{"name": "main"}]}}));
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let found = within("recover", driver.recover()).await.unwrap();
+    assert!(found.is_empty());
+    let del = api.wait_request(|r| r.method == "DELETE").await;
+    assert_eq!(del.path, "/api/v1/namespaces/default/pods/stray");
+}
