@@ -23,6 +23,9 @@ use crate::watch::Watcher;
 
 /// How long a spawn that failed waits for its Pod to be gone (so that its name is free).
 const GONE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long recovery waits for the cluster: it runs before the daemon serves, so an
+/// unreachable API server must not hold the daemon's start-up.
+pub const RECOVER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where the driver finds its cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -343,6 +346,31 @@ impl Driver for KubernetesDriver {
     /// Every Pod labelled with this daemon's id: first across the cluster, else (no
     /// permission to list cluster-wide) in the default namespace.
     async fn recover(&self) -> Result<Vec<Found>, RecoverError> {
+        match tokio::time::timeout(RECOVER_TIMEOUT, self.recover_pods()).await {
+            Ok(r) => r,
+            Err(_) => Err(RecoverError {
+                driver: DriverKind::Kubernetes,
+                reason: format!("the cluster did not answer within {RECOVER_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    /// Deletes the Pod (grace 1 s) and waits, bounded, until it is gone.
+    async fn discard(&self, found: Found) {
+        let h = found.spawned.handle;
+        let stop = h.stop(Signal::KILL, Duration::ZERO);
+        if tokio::time::timeout(GONE_TIMEOUT, stop).await.is_err() {
+            tracing::warn!(
+                "{} is not gone {GONE_TIMEOUT:?} after its delete",
+                found.describe
+            );
+        }
+    }
+}
+
+impl KubernetesDriver {
+    /// [`Driver::recover`], unbounded.
+    async fn recover_pods(&self) -> Result<Vec<Found>, RecoverError> {
         let fail = |reason: String| RecoverError {
             driver: DriverKind::Kubernetes,
             reason,
@@ -396,17 +424,5 @@ impl Driver for KubernetesDriver {
             });
         }
         Ok(found)
-    }
-
-    /// Deletes the Pod (grace 1 s) and waits, bounded, until it is gone.
-    async fn discard(&self, found: Found) {
-        let h = found.spawned.handle;
-        let stop = h.stop(Signal::KILL, Duration::ZERO);
-        if tokio::time::timeout(GONE_TIMEOUT, stop).await.is_err() {
-            tracing::warn!(
-                "{} is not gone {GONE_TIMEOUT:?} after its delete",
-                found.describe
-            );
-        }
     }
 }

@@ -710,3 +710,20 @@ async fn a_labelled_pod_without_an_instance_id_is_deleted_at_recovery() {
     let del = api.wait_request(|r| r.method == "DELETE").await;
     assert_eq!(del.path, "/api/v1/namespaces/default/pods/stray");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_api_server_that_does_not_answer_does_not_hold_recovery() {
+    // A service that takes every request and never answers.
+    let (svc, mut handle) =
+        tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<fake::Body>>();
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Some(r) = handle.next_request().await {
+            kept.push(r);
+        }
+    });
+    let driver = KubernetesDriver::with_client(DAEMON, kube::Client::new(svc, "default"));
+    let err = driver.recover().await.err().expect("no answer is an error");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    held.abort();
+}
