@@ -53,6 +53,17 @@ pub fn selector(daemon_id: &str) -> String {
     format!("{LABEL_DAEMON}={}", daemon_label(daemon_id))
 }
 
+/// The workload's label value: its name (workload names may end in `-`, `.` or `_`,
+/// which a label value may not: those are trimmed).
+pub fn workload_label(name: &str) -> String {
+    let t = name.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    if bulkhead_core::kubernetes::label_value(t) {
+        t.to_owned()
+    } else {
+        format!("h{:016x}", fnv64(&[name]))
+    }
+}
+
 /// The instance's label value.
 pub fn instance_label(instance: &str) -> String {
     format!("{:016x}", fnv64(&[instance]))
@@ -204,7 +215,7 @@ pub fn pod_for(
     let mut labels: BTreeMap<String, String> = k.labels.clone();
     labels.insert(LABEL_DAEMON.into(), daemon_label(daemon_id));
     labels.insert(LABEL_INSTANCE.into(), instance_label(instance));
-    labels.insert(LABEL_WORKLOAD.into(), w.name.clone());
+    labels.insert(LABEL_WORKLOAD.into(), workload_label(&w.name));
     labels.insert(LABEL_MANAGED_BY.into(), "bulkhead".into());
     let annotations = BTreeMap::from([(ANNOTATION_INSTANCE.to_owned(), instance.to_owned())]);
 
@@ -412,6 +423,7 @@ mod tests {
             prop_assert!(dns_label(&n), "{n}");
             prop_assert!(label_value(&daemon_label(&daemon)) && !daemon_label(&daemon).is_empty());
             prop_assert!(label_value(&instance_label(&a)));
+            prop_assert!(label_value(&workload_label(&workload)));
             if a != b {
                 prop_assert_ne!(n, pod_name(&daemon, &b, &workload));
             }
