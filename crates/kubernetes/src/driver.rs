@@ -176,9 +176,14 @@ impl KubernetesDriver {
         );
         // Registered before the create: the watch may report the Pod before the answer.
         watcher.register(&name, Arc::downgrade(&h));
+        // Armed before the create: a spawn abandoned while its create is in flight must
+        // not leave a Pod running unseen (the delete of a Pod never made is a 404).
+        let mut guard = DeleteOnDrop(Some(h.clone()));
         let created = match api.create(&PostParams::default(), &body).await {
             Ok(p) => p,
             Err(e) => {
+                // Not ours: a 409 names the key's previous Pod, which is not to be touched.
+                guard.0 = None;
                 watcher.unregister(&name);
                 return Err(other(match e {
                     kube::Error::Api(s) if s.code == 409 => format!(
@@ -190,7 +195,6 @@ impl KubernetesDriver {
                 }));
             }
         };
-        let mut guard = DeleteOnDrop(Some(h.clone()));
         h.observe(&created);
         let mut start = h.start.subscribe();
         let outcome = tokio::time::timeout(k.start_timeout, async {

@@ -41,6 +41,8 @@ use crate::watch::Watcher;
 
 /// The grace of a `KILL`: the smallest that still lets the kubelet do the killing.
 pub const KILL_GRACE_SECONDS: i64 = 1;
+/// How long a finished Pod waits for its log to be read before it is deleted.
+pub const LOG_DRAIN: Duration = Duration::from_secs(10);
 
 /// Why a Pod's container did not start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +77,10 @@ pub struct PodHandle {
     pub(crate) start: watch::Sender<Option<Result<(), StartFailure>>>,
     state: Mutex<Inner>,
     log_started: AtomicBool,
+    /// Set once the log follower has ended (the container's log is all in the tap).
+    logs_done: Arc<watch::Sender<bool>>,
+    /// Woken when the end is recorded.
+    ended_notify: tokio::sync::Notify,
     /// Tailing from now (adoption) rather than from the start.
     pub(crate) logs_from_now: bool,
 }
@@ -119,6 +125,8 @@ impl PodHandle {
             start: watch::channel(None).0,
             state: Mutex::new(Inner::default()),
             log_started: AtomicBool::new(false),
+            logs_done: Arc::new(watch::channel(false).0),
+            ended_notify: tokio::sync::Notify::new(),
             logs_from_now,
         })
     }
@@ -186,6 +194,7 @@ impl PodHandle {
         let api = self.api.clone();
         let name = self.name.clone();
         let tap = self.tap.clone();
+        let done = self.logs_done.clone();
         let mut since: Option<tokio::time::Instant> =
             self.logs_from_now.then(tokio::time::Instant::now);
         tokio::spawn(async move {
@@ -214,16 +223,26 @@ impl PodHandle {
                     }
                     Err(e) => tracing::debug!("log stream of pod {name}: {e}"),
                 }
-                // The stream ends when the container does; else it broke: go on.
-                let Some(h) = me.upgrade() else { break };
-                let over = h.inner().ended.is_some() || h.status.borrow().is_some();
-                drop(h);
-                if over {
+                // The stream ends when the container does (its end may reach the watch
+                // a moment later: looked at after a pause); else it broke: go on.
+                let over = || {
+                    me.upgrade()
+                        .is_none_or(|h| h.inner().ended.is_some() || h.status.borrow().is_some())
+                };
+                if let Some(h) = me.upgrade() {
+                    let woken = h.ended_notify.notified();
+                    tokio::pin!(woken);
+                    woken.as_mut().enable();
+                    if !over() {
+                        let _ = tokio::time::timeout(Duration::from_millis(500), woken).await;
+                    }
+                }
+                if over() {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             tap.close_all();
+            done.send_replace(true);
         });
     }
 
@@ -239,10 +258,23 @@ impl PodHandle {
         if !first {
             return;
         }
+        self.ended_notify.notify_waiters();
         if let Some(msg) = &ended.evicted {
             tracing::warn!("{} was evicted: {msg}", self.describe());
         }
-        // A finished Pod is deleted: `wait` resolves once it is gone.
+        // A finished Pod is deleted (`wait` resolves once it is gone), after its log has
+        // been read to the end: the log goes with the Pod.
+        if self.log_started.load(Ordering::SeqCst) && !*self.logs_done.borrow() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let me = self.clone();
+                rt.spawn(async move {
+                    let mut done = me.logs_done.subscribe();
+                    let _ = tokio::time::timeout(LOG_DRAIN, done.wait_for(|d| *d)).await;
+                    me.delete(KILL_GRACE_SECONDS).await;
+                });
+                return;
+            }
+        }
         self.delete_in_background(KILL_GRACE_SECONDS);
     }
 }

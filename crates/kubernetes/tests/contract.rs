@@ -727,3 +727,40 @@ async fn an_api_server_that_does_not_answer_does_not_hold_recovery() {
     assert!(err.to_string().contains("did not answer"), "{err}");
     held.abort();
 }
+
+#[tokio::test]
+async fn a_finished_pod_is_deleted_only_after_its_log_was_read() {
+    let api = FakeApi::new();
+    let name = pod_name("ns:a:web");
+    api.set_log(&name, b"last words\n");
+    let driver = KubernetesDriver::with_client(DAEMON, api.client());
+    let spawned = spawn_replaying(&api, &driver, spec("ns:a:web", BASIC), "crash.jsonl")
+        .await
+        .unwrap();
+    let seen = Arc::new(Seen::default());
+    spawned.tap.as_ref().unwrap().connect(seen.clone());
+    assert_eq!(
+        within("wait", spawned.handle.wait()).await,
+        ExitStatus::Exited { code: 3 }
+    );
+    let reqs = api.requests();
+    let log = reqs
+        .iter()
+        .position(|r| r.path.ends_with("/log"))
+        .expect("a log request");
+    let del = reqs
+        .iter()
+        .position(|r| r.method == "DELETE")
+        .expect("a delete");
+    assert!(
+        log < del,
+        "the log was asked for before the delete: {reqs:#?}"
+    );
+    within("log", async {
+        while !*seen.1.lock().unwrap() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(*seen.0.lock().unwrap(), b"last words\n");
+}
