@@ -51,3 +51,80 @@ fn a_kubernetes_manifest_validates_and_an_unhonourable_field_is_refused() {
     // Other drivers are unaffected.
     assert!(d.cli(&["list"]).status.success());
 }
+
+#[path = "../../../kubernetes/tests/fake/mod.rs"]
+mod fake;
+
+/// A real daemon and CLI against the simulated API server (`crates/kubernetes/tests/fake`,
+/// served over HTTP, the daemon configured by a kubeconfig naming it, its local
+/// "kubelet" running the container as a process): launch creates the Pod, its output
+/// reaches `bulkhead logs`, terminate deletes it with the manifest's grace. No real
+/// cluster is involved.
+#[test]
+fn a_kubernetes_workload_launches_logs_and_terminates_through_the_daemon() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = fake::FakeApi::new();
+    api.kubelet.store(true, std::sync::atomic::Ordering::SeqCst);
+    let url = rt.block_on(api.serve_http());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: u, namespace: apps}}}}]\n"
+        ),
+    )
+    .unwrap();
+    let manifest = "name: kweb\ncommand: [sh, -c, \"echo hello from the pod; exec sleep 1000\"]\n\
+                    driver: kubernetes\nshutdown: {grace: 7s}\nkubernetes: {image: \"busybox:1.36\"}\n";
+    let d = Daemon::start_with_args(
+        &[("kweb", manifest)],
+        &["--kubeconfig", kubeconfig.to_str().unwrap()],
+    );
+    let v = d.json(&["launch", "kweb", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+
+    let post = api
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST")
+        .expect("the pod was created");
+    assert_eq!(
+        post.path, "/api/v1/namespaces/apps/pods",
+        "the kubeconfig's namespace"
+    );
+    let body = post.body.unwrap();
+    assert_eq!(
+        body["metadata"]["annotations"]["bulkhead.io/instance-id"],
+        id.as_str()
+    );
+    assert_eq!(body["spec"]["restartPolicy"], "Never");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !d.logs_text(&id).contains("hello from the pod") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log: {}",
+            d.logs_text(&id)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let o = d.cli(&["terminate", &id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let del = api
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "DELETE")
+        .expect("the pod was deleted");
+    assert_eq!(del.body.unwrap()["gracePeriodSeconds"], 7);
+    d.wait_event("terminated", |e| {
+        e["kind"] == "terminated" && e["instance"] == id.as_str()
+    });
+    let name = body["metadata"]["name"].as_str().unwrap();
+    assert!(api.pod("apps", name).is_none(), "no Pod is left");
+}
