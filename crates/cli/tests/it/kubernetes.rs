@@ -128,3 +128,77 @@ fn a_kubernetes_workload_launches_logs_and_terminates_through_the_daemon() {
     let name = body["metadata"]["name"].as_str().unwrap();
     assert!(api.pod("apps", name).is_none(), "no Pod is left");
 }
+
+/// bulkhead's restart policy and breaker stay in charge (the Pod's policy is `Never`): a
+/// Pod that exits 3 is reported with its code and started again as a new Pod of the same
+/// name, created only once the old one is gone (the API server would refuse it before);
+/// three failed runs open the breaker.
+#[test]
+fn a_crashed_pod_is_restarted_by_bulkheads_policy_as_a_new_pod() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api = fake::FakeApi::new();
+    api.kubelet.store(true, std::sync::atomic::Ordering::SeqCst);
+    let url = rt.block_on(api.serve_http());
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: u}}}}]\n"
+        ),
+    )
+    .unwrap();
+    let manifest = "name: kcrash\ncommand: [sh, -c, \"sleep 0.3; exit 3\"]\ndriver: kubernetes\n\
+                    restart: {policy: on-failure, max_failures: 3, backoff: {initial: 10ms, max: 50ms}}\n\
+                    kubernetes: {image: \"busybox:1.36\"}\n";
+    let d = Daemon::start_with_args(
+        &[("kcrash", manifest)],
+        &["--kubeconfig", kubeconfig.to_str().unwrap()],
+    );
+    let v = d.json(&["launch", "kcrash", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let mine = |e: &serde_json::Value| e["instance"] == id.as_str();
+    d.wait_event("exited 3", |e| {
+        mine(e) && e["kind"] == "exited" && e["exit_code"] == 3
+    });
+    d.wait_event("restarting", |e| mine(e) && e["kind"] == "restarting");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while d
+        .events()
+        .iter()
+        .filter(|e| mine(e) && e["kind"] == "started")
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < deadline, "{:#?}", d.events());
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let posts: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| {
+            r.body.unwrap()["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(
+        posts.len() >= 2 && posts.iter().all(|n| *n == posts[0]),
+        "{posts:?}"
+    );
+    assert!(
+        !d.events()
+            .iter()
+            .any(|e| mine(e) && e["kind"] == "launch_failed"),
+        "no create was refused: {:#?}",
+        d.events()
+    );
+    // And its breaker: three failed runs in a row open it.
+    d.wait_event("breaker_open", |e| mine(e) && e["kind"] == "breaker_open");
+    assert!(d.cli(&["terminate", &id]).status.success());
+}
