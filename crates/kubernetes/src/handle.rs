@@ -88,7 +88,6 @@ pub struct PodHandle {
 #[derive(Default)]
 struct Inner {
     ended: Option<Ended>,
-    deleted: bool,
 }
 
 impl PodHandle {
@@ -332,11 +331,11 @@ impl PodHandle {
                 st.ended = o.ended;
             }
         }
-        let exit = {
-            let mut st = self.inner();
-            st.deleted = true;
-            st.ended.as_ref().map_or_else(status::killed, |e| e.status)
-        };
+        let exit = self
+            .inner()
+            .ended
+            .as_ref()
+            .map_or_else(status::killed, |e| e.status);
         self.ready.send_replace(false);
         self.start.send_if_modified(|s| {
             let first = s.is_none();
