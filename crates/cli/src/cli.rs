@@ -445,6 +445,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de::size")]
     pub image_cache_max_bytes: Option<u64>,
+    /// The kubernetes driver's kubeconfig [default: in-cluster config, else KUBECONFIG,
+    /// else ~/.kube/config].
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context the kubernetes driver uses [default: its current one].
+    #[arg(long, value_name = "NAME")]
+    pub kubernetes_context: Option<String>,
+    /// The namespace of Pods whose manifest names none [default: the kubeconfig's].
+    #[arg(long, value_name = "NS")]
+    pub kubernetes_namespace: Option<String>,
     /// The daemon's own log on stderr: text (coloured only on a terminal, and never when
     /// NO_COLOR is set) or JSON, one object per line [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]

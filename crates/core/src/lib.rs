@@ -21,8 +21,8 @@
 //! - [`execution`]: the process basics (`working_dir`, `env_file`, `user`, `limits`,
 //!   `umask`) and [`envfile`], the dotenv format.
 //! - [`sockets`]: listening sockets the daemon owns (`sockets:`, `activation:`).
-//! - [`size`]: byte sizes (`512Mi`); [`sandbox`] and [`docker`]: the driver sections of a
-//!   manifest.
+//! - [`size`]: byte sizes (`512Mi`); [`sandbox`], [`docker`] and [`kubernetes`]: the
+//!   driver sections of a manifest.
 //!
 //! ```
 //! use bulkhead_core::spec::parse_manifest;
@@ -45,6 +45,7 @@ pub mod expand;
 pub mod failure;
 pub mod instance;
 pub mod key;
+pub mod kubernetes;
 pub mod lease;
 pub mod logline;
 pub mod name;

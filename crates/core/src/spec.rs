@@ -33,6 +33,8 @@ pub enum DriverKind {
     Sandbox,
     /// A Docker container through the Engine API.
     Docker,
+    /// A Pod on a Kubernetes cluster through its API (`crate::kubernetes`).
+    Kubernetes,
 }
 
 impl DriverKind {
@@ -41,6 +43,7 @@ impl DriverKind {
             DriverKind::Process => "process",
             DriverKind::Sandbox => "sandbox",
             DriverKind::Docker => "docker",
+            DriverKind::Kubernetes => "kubernetes",
         }
     }
 }
@@ -100,6 +103,9 @@ pub struct WorkloadSpec {
     /// The `docker` driver's container; required with `driver: docker`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<crate::docker::DockerSpec>,
+    /// The `kubernetes` driver's Pod; required with `driver: kubernetes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::kubernetes::KubernetesSpec>,
     /// Shared-memory channels (the data plane), created before each start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<crate::channels::Channels>,
@@ -1133,6 +1139,8 @@ impl WorkloadSpec {
             }
             (None, _) => {}
         }
+        // `driver: kubernetes`: its section, and what a Pod cannot honour.
+        crate::kubernetes::validate(self)?;
         crate::execution::validate(self)?;
         crate::sockets::validate(
             self.sockets.as_deref(),

@@ -278,6 +278,15 @@ impl Shared {
         let sandbox = start_sandbox(&cfg, &daemon_id.id, &mut drivers);
         let docker = docker::DockerState::new(&cfg, &daemon_id.id);
         drivers.insert(DriverKind::Docker, docker.driver.clone());
+        // Always registered (kubernetes manifests validate); it connects on first use,
+        // so a daemon with no cluster starts and only kubernetes launches fail, saying why.
+        drivers.insert(
+            DriverKind::Kubernetes,
+            Arc::new(bulkhead_kubernetes::KubernetesDriver::new(
+                daemon_id.id.clone(),
+                cfg.kubernetes.clone(),
+            )),
+        );
         let ports = ports::Ports::new(cfg.port_range);
         Shared {
             docker,

@@ -87,6 +87,9 @@ pub struct Config {
     /// this many images / bytes after each build; `None`: unbounded.
     pub image_cache_max_count: Option<usize>,
     pub image_cache_max_bytes: Option<u64>,
+    /// Where the kubernetes driver finds its cluster (in-cluster config or a kubeconfig)
+    /// and its default namespace; connected on first use, so no cluster is fine.
+    pub kubernetes: bulkhead_kubernetes::ClusterConfig,
     /// The supervisor's notify socket (`$NOTIFY_SOCKET`, see `notify_self`): `READY=1`
     /// once the API is served, `STATUS=`, `WATCHDOG=1`, `STOPPING=1`. `None`: not sent.
     pub notify: Option<Arc<crate::notify_self::SelfNotify>>,
@@ -130,6 +133,7 @@ impl Config {
             cgroup_favordynmods: false,
             image_cache_max_count: None,
             image_cache_max_bytes: None,
+            kubernetes: Default::default(),
             notify: None,
         }
     }

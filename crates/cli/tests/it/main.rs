@@ -16,6 +16,7 @@ mod harness;
 mod interop;
 mod keeper_conformance;
 mod keeper_shards;
+mod kubernetes;
 mod launch;
 mod lifecycle;
 mod mainpid;
