@@ -14,8 +14,9 @@
 //!   readiness ([`notify_ready`]).
 //!
 //! Ports are not `Send`: iceoryx2 ties a node and its ports to the thread that made them.
-//! Waiting ([`Subscriber::recv_timeout`]) spins briefly, then yields, then sleeps in
-//! growing steps up to 1 ms, and always ends at its deadline: a dead peer never blocks
+//! Waiting ([`Subscriber::recv_timeout`]) checks the queue for 20 µs, then blocks on the
+//! channel's wake-up event (signalled by every send), and always ends at its deadline:
+//! a dead peer never blocks
 //! the host forever.
 //!
 //! ```no_run

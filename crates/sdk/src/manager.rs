@@ -354,7 +354,7 @@ mod tests {
     use super::*;
     use bulkhead_core::channels::Direction;
 
-    fn unique_iox2() -> Iox2 {
+    pub(super) fn unique_iox2() -> Iox2 {
         Iox2 {
             prefix: Some(format!("iox2_bhtest{}_", std::process::id())),
             root: None,
@@ -424,6 +424,73 @@ mod tests {
         assert!(host.publisher("t/none", 16).is_err());
         drop(host);
         for f in shm_files(&prefix) {
+            let _ = std::fs::remove_file(format!("/dev/shm/{f}"));
+        }
+    }
+}
+
+/// An idle subscriber blocks: its thread is not woken while nothing is sent (counted in
+/// context switches, not time: a subscriber that polled every millisecond would switch
+/// about a thousand times a second), and a send wakes it.
+#[cfg(test)]
+mod idle_tests {
+    use super::tests::unique_iox2;
+    use super::*;
+    use bulkhead_core::channels::Direction;
+
+    fn switches(tid: i32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    #[test]
+    fn a_subscriber_waiting_for_a_message_is_not_woken_until_one_is_sent() {
+        let iox2 = unique_iox2();
+        let m = Manager::start(iox2.clone()).unwrap();
+        let ch = ResolvedChannel {
+            name: "x".into(),
+            direction: Direction::Output,
+            service: "t/idle/out".into(),
+            max_payload: 64,
+            depth: 2,
+        };
+        m.acquire("a", vec![ch]).unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let sub_iox2 = iox2.clone();
+        let waiter = std::thread::spawn(move || {
+            let host = crate::Host::new(&sub_iox2).unwrap();
+            let s = host.subscriber("t/idle/out", 2).unwrap();
+            tid_tx
+                .send(rustix::thread::gettid().as_raw_nonzero().get())
+                .unwrap();
+            ready_rx.recv().unwrap();
+            let got = s.recv_timeout(Duration::from_secs(60)).unwrap();
+            got.map(|m| m.to_vec())
+        });
+        let tid = tid_rx.recv().unwrap();
+        let host = crate::Host::new(&iox2).unwrap();
+        let p = host.publisher("t/idle/out", 64).unwrap();
+        ready_tx.send(()).unwrap();
+        // Let it settle into its wait, then count over one second of nothing sent.
+        std::thread::sleep(Duration::from_millis(200));
+        let before = switches(tid);
+        std::thread::sleep(Duration::from_secs(1));
+        let idle = switches(tid) - before;
+        assert!(
+            idle < 20,
+            "an idle subscriber was woken {idle} times in a second"
+        );
+        p.send(b"wake").unwrap();
+        assert_eq!(waiter.join().unwrap().as_deref(), Some(&b"wake"[..]));
+        drop(p);
+        drop(host);
+        m.release("a");
+        for f in super::tests::shm_files(iox2.prefix.as_deref().unwrap()) {
             let _ = std::fs::remove_file(format!("/dev/shm/{f}"));
         }
     }

@@ -126,10 +126,14 @@ impl Publisher {
     /// channel's history. Call it while idle: a subscriber that connects while nothing
     /// is sent gets its history only then.
     pub fn update_connections(&self) -> Result<(), SendError> {
-        self.port.update_connections().map_err(|e| SendError::Send {
-            service: self.service.clone(),
-            reason: format!("{e:?}"),
-        })
+        self.port
+            .update_connections()
+            .map_err(|e| SendError::Send {
+                service: self.service.clone(),
+                reason: format!("{e:?}"),
+            })?;
+        // A late subscriber may be waiting for the history just handed over.
+        sent(&self.service, &self.wake, Ok::<usize, ()>(1)).map(|_| ())
     }
 
     /// Copies `data` into a loan and sends it (one copy, into shared memory).
