@@ -16,8 +16,7 @@
 //! Ports are not `Send`: iceoryx2 ties a node and its ports to the thread that made them.
 //! Waiting ([`Subscriber::recv_timeout`]) checks the queue for 20 µs, then blocks on the
 //! channel's wake-up event (signalled by every send), and always ends at its deadline:
-//! a dead peer never blocks
-//! the host forever.
+//! a dead peer never blocks the host forever.
 //!
 //! ```no_run
 //! use std::time::Duration;
