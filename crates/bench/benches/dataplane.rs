@@ -624,7 +624,7 @@ fn echo_sdk() -> anyhow::Result<()> {
     bulkhead_sdk::notify_ready()?;
     let parent = parent();
     loop {
-        // The SDK's wait: checks the queue for 20 µs, then blocks on the channel's event.
+        // The SDK's wait: spins, yields while messages flow, then blocks on the event.
         let Some(m) = rx.recv_timeout(Duration::from_secs(1))? else {
             if self::parent() != parent {
                 return Ok(()); // the benchmark is gone

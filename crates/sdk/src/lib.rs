@@ -14,7 +14,7 @@
 //!   readiness ([`notify_ready`]).
 //!
 //! Ports are not `Send`: iceoryx2 ties a node and its ports to the thread that made them.
-//! Waiting ([`Subscriber::recv_timeout`]) checks the queue for 20 µs, then blocks on the
+//! Waiting ([`Subscriber::recv_timeout`]) spins on the queue briefly, then blocks on the
 //! channel's wake-up event (signalled by every send), and always ends at its deadline:
 //! a dead peer never blocks the host forever.
 //!

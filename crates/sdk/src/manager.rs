@@ -354,7 +354,7 @@ mod tests {
     use super::*;
     use bulkhead_core::channels::Direction;
 
-    pub(super) fn unique_iox2() -> Iox2 {
+    fn unique_iox2() -> Iox2 {
         Iox2 {
             prefix: Some(format!("iox2_bhtest{}_", std::process::id())),
             root: None,
@@ -434,7 +434,6 @@ mod tests {
 /// about a thousand times a second), and a send wakes it.
 #[cfg(test)]
 mod idle_tests {
-    use super::tests::unique_iox2;
     use super::*;
     use bulkhead_core::channels::Direction;
 
@@ -449,7 +448,12 @@ mod idle_tests {
 
     #[test]
     fn a_subscriber_waiting_for_a_message_is_not_woken_until_one_is_sent() {
-        let iox2 = unique_iox2();
+        // An installation of its own: the other tests check theirs is left empty.
+        let iox2 = Iox2 {
+            prefix: Some(format!("iox2_bhidle{}_", std::process::id())),
+            root: None,
+            space: None,
+        };
         let m = Manager::start(iox2.clone()).unwrap();
         let ch = ResolvedChannel {
             name: "x".into(),

@@ -220,6 +220,8 @@ pub struct Subscriber {
     port: IoxSubscriber<Ipc, [u8], ()>,
     /// Woken by the channel's publishers after each send.
     wake: Listener<Ipc>,
+    /// When the last message came, for the wait's spin (see `recv_timeout`).
+    last: std::cell::Cell<Option<Instant>>,
 }
 
 impl Subscriber {
@@ -257,6 +259,7 @@ impl Subscriber {
                     service: service.to_owned(),
                     reason: format!("{e:?}"),
                 })?,
+            last: std::cell::Cell::new(None),
         })
     }
 
@@ -267,19 +270,21 @@ impl Subscriber {
 
     /// The next message, if one is queued; never waits.
     pub fn try_recv(&self) -> Result<Option<Message>, RecvError> {
-        self.port
-            .receive()
-            .map(|s| s.map(|sample| Message { sample }))
-            .map_err(|e| RecvError {
-                service: self.service.clone(),
-                reason: format!("{e:?}"),
-            })
+        let got = self.port.receive().map_err(|e| RecvError {
+            service: self.service.clone(),
+            reason: format!("{e:?}"),
+        })?;
+        if got.is_some() {
+            self.last.set(Some(Instant::now()));
+        }
+        Ok(got.map(|sample| Message { sample }))
     }
 
     /// The next message, waiting at most `timeout`. `Ok(None)` at the deadline.
     ///
-    /// Waiting checks the queue for 20 µs, then blocks on the channel's event service
-    /// (woken by each send of a bulkhead publisher), so an idle subscriber costs no CPU. The queue is checked before every
+    /// Waiting spins on the queue for 50 µs (and, while messages flow, yields up to 2 ms),
+    /// then blocks on the channel's event service (woken by each send of a bulkhead
+    /// publisher), so an idle subscriber costs no CPU. The queue is checked before every
     /// wait and the publisher wakes after it queued: a message is never missed between
     /// the two. A publisher that does not wake (a raw iceoryx2 one) is seen at the
     /// deadline only.
@@ -292,9 +297,20 @@ impl Subscriber {
             }
             let now = Instant::now();
             // A reply in a busy exchange comes within microseconds: checking the queue
-            // for that long spares the wake-up's latency, and costs nothing when idle.
-            if now.duration_since(start) < SPIN && now < deadline {
+            // for a while spares the wake-up's latency. While messages flow (one came
+            // within the last `BUSY`), the wait goes on spinning for `SPIN` and yielding
+            // up to `YIELD`; an idle subscriber blocks at once (after `SPIN`).
+            let waited = now.duration_since(start);
+            let busy = self
+                .last
+                .get()
+                .is_some_and(|t| now.duration_since(t) < BUSY);
+            if now < deadline && waited < SPIN {
                 std::hint::spin_loop();
+                continue;
+            }
+            if now < deadline && busy && waited < YIELD {
+                std::thread::yield_now();
                 continue;
             }
             let left = deadline.saturating_duration_since(now);
@@ -310,8 +326,12 @@ impl Subscriber {
     }
 }
 
-/// How long [`Subscriber::recv_timeout`] checks the queue before it blocks.
-const SPIN: Duration = Duration::from_micros(20);
+/// How long [`Subscriber::recv_timeout`] spins on the queue before it yields or blocks.
+const SPIN: Duration = Duration::from_micros(50);
+/// How long it yields before it blocks, while messages flow.
+const YIELD: Duration = Duration::from_millis(2);
+/// Messages flow when one came within this long.
+const BUSY: Duration = Duration::from_millis(100);
 
 /// The event service a channel's publishers wake its subscribers with: the same name
 /// as the channel's publish-subscribe service (the daemon creates both; see
