@@ -388,6 +388,8 @@ pub fn space_of(
                 }
             }
         },
+        // Refused when the manifest is read (`crate::swarm::validate`).
+        DriverKind::Swarm => return Err("channels are not supported with driver: swarm".into()),
     };
     Ok(Some(Space::Scope {
         name: space_name(key),

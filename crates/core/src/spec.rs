@@ -33,6 +33,8 @@ pub enum DriverKind {
     Sandbox,
     /// A Docker container through the Engine API.
     Docker,
+    /// A Docker Swarm service, one per key (`crate::swarm`).
+    Swarm,
 }
 
 impl DriverKind {
@@ -41,6 +43,7 @@ impl DriverKind {
             DriverKind::Process => "process",
             DriverKind::Sandbox => "sandbox",
             DriverKind::Docker => "docker",
+            DriverKind::Swarm => "swarm",
         }
     }
 }
@@ -100,6 +103,9 @@ pub struct WorkloadSpec {
     /// The `docker` driver's container; required with `driver: docker`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<crate::docker::DockerSpec>,
+    /// The `swarm` driver's service; required with `driver: swarm` (`crate::swarm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<crate::swarm::SwarmSpec>,
     /// Shared-memory channels (the data plane), created before each start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<crate::channels::Channels>,
@@ -1133,6 +1139,7 @@ impl WorkloadSpec {
             }
             (None, _) => {}
         }
+        crate::swarm::validate(self)?;
         crate::execution::validate(self)?;
         crate::sockets::validate(
             self.sockets.as_deref(),
