@@ -1,0 +1,180 @@
+//! The swarm driver's own behaviour on the real swarm of `.ci/setup-swarm.sh`: services
+//! and labels, readiness from the health check, crashes seen in the task state, recovery
+//! by label, spawn errors. Each test prints why it skips when the swarm is missing.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::query_parameters::{KillContainerOptions, ListServicesOptions};
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::signal::Signal;
+use bulkhead_driver::conformance::{within, Fixture};
+use bulkhead_driver::{Driver, Spawned};
+use bulkhead_swarm::SwarmDriver;
+
+macro_rules! swarm_or_skip {
+    ($tag:expr) => {
+        match common::driver($tag).await {
+            Ok(d) => d,
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        }
+    };
+}
+
+/// This daemon's services: (name, instance label).
+async fn services(d: &SwarmDriver, daemon: &str) -> Vec<(String, String)> {
+    let c = d.client().await.unwrap();
+    let filters = HashMap::from([("label".to_owned(), vec![format!("bulkhead.daemon={daemon}")])]);
+    c.list_services(Some(ListServicesOptions {
+        filters: Some(filters),
+        status: None,
+    }))
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|s| {
+        let spec = s.spec.unwrap();
+        (
+            spec.name.unwrap(),
+            spec.labels.unwrap()["bulkhead.instance"].clone(),
+        )
+    })
+    .collect()
+}
+
+fn daemon_of(tag: &str) -> String {
+    format!("t{tag}{}", std::process::id())
+}
+
+async fn spawn(d: &SwarmDriver, fx: &Fixture, name: &str, script: &str) -> Spawned {
+    let spec = fx.spawn_spec(name, script);
+    within(format!("spawn of {name}"), d.spawn(spec))
+        .await
+        .unwrap_or_else(|e| panic!("spawn of {name}: {e}"))
+}
+
+/// The task's node engine and container, as the handle knows them.
+async fn container_of(h: &Spawned) -> (bollard::Docker, String) {
+    let argv = h.handle.exec_argv(&["true".into()], false).unwrap();
+    assert_eq!(argv[0], "docker", "the task's node is not reachable: {argv:?}");
+    let node = bollard::Docker::connect_with_host(&argv[2])
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap();
+    (node, argv[5].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_is_one_labelled_service_that_its_stop_removes() {
+    let d = swarm_or_skip!("svc");
+    let fx = common::fixture();
+    let run = spawn(&d, &fx, "svc", "exec sleep 1000").await;
+    let list = services(&d, &daemon_of("svc")).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].1, "ns:conformance:svc");
+    let st = within("stop", run.handle.stop(Signal::TERM, Duration::from_secs(10))).await;
+    assert_eq!(
+        st,
+        ExitStatus::Signaled {
+            signal: 15,
+            core_dumped: false
+        }
+    );
+    assert!(services(&d, &daemon_of("svc")).await.is_empty(), "the stop left its service");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_the_tasks_health_check() {
+    let d = swarm_or_skip!("ready");
+    let mut fx = common::fixture();
+    fx.manifest_extra.push_str(
+        "readiness:\n  timeout: 30s\n  exec: {command: [test, -f, /tmp/ok], period: 200ms}\n",
+    );
+    let run = spawn(&d, &fx, "ready", "sleep 1; touch /tmp/ok; exec sleep 1000").await;
+    let mut ready = run.handle.engine_readiness().expect("the driver judges readiness");
+    assert!(!*ready.borrow(), "ready before the health check passed");
+    within("readiness", ready.wait_for(|r| *r)).await.unwrap();
+    run.handle.stop(Signal::KILL, Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_container_is_a_crash_with_its_signal_and_leaves_no_service() {
+    let d = swarm_or_skip!("kill");
+    let fx = common::fixture();
+    let run = spawn(&d, &fx, "kill", "exec sleep 1000").await;
+    let (node, container) = container_of(&run).await;
+    node.kill_container(&container, Some(KillContainerOptions { signal: "KILL".into() }))
+        .await
+        .unwrap();
+    let st = within("the crash to be seen", run.handle.wait()).await;
+    assert_eq!(
+        st,
+        ExitStatus::Signaled {
+            signal: 9,
+            core_dumped: false
+        }
+    );
+    assert!(services(&d, &daemon_of("kill")).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recovery_finds_this_daemons_services_by_label_and_discard_removes_them() {
+    let first = swarm_or_skip!("recover");
+    let fx = common::fixture();
+    let running = spawn(&first, &fx, "rec-run", "exec sleep 1000").await;
+    let ended = spawn(&first, &fx, "rec-end", "sleep 0.5; exit 3").await;
+    // The daemon dies: its driver and handles go, the services stay.
+    drop(running);
+    drop(ended);
+    drop(first);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let other = common::driver("recother").await.unwrap();
+    assert!(other.recover().await.unwrap().is_empty(), "another daemon's services were found");
+    let next = SwarmDriver::new(&daemon_of("recover"), &common::host());
+    let mut found = next.recover().await.unwrap();
+    found.sort_by(|a, b| a.instance.as_str().cmp(b.instance.as_str()));
+    let what: Vec<(String, Option<ExitStatus>)> = found
+        .iter()
+        .map(|f| (f.instance.as_str().to_owned(), f.exit))
+        .collect();
+    assert_eq!(
+        what,
+        [
+            ("ns:conformance:rec-end".to_owned(), Some(ExitStatus::Exited { code: 3 })),
+            ("ns:conformance:rec-run".to_owned(), None),
+        ]
+    );
+    for f in found {
+        next.discard(f).await;
+    }
+    assert!(services(&next, &daemon_of("recover")).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_no_node_has_is_a_spawn_error_and_leaves_no_service() {
+    let d = swarm_or_skip!("noimage");
+    let mut fx = common::fixture();
+    fx.manifest_extra = "driver: swarm\nswarm:\n  image: bulkhead-test/no-such-image:1\n".into();
+    let spec = fx.spawn_spec("noimage", "exit 0");
+    match within("spawn", d.spawn(spec)).await {
+        Err(e) => assert!(e.to_string().contains("did not start"), "{e}"),
+        Ok(s) => panic!("spawned; ended with {}", s.handle.wait().await),
+    }
+    assert!(services(&d, &daemon_of("noimage")).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_program_is_a_run_that_exits_127() {
+    let d = swarm_or_skip!("noprog");
+    let fx = common::fixture();
+    let mut spec = fx.spawn_spec("noprog", "exit 0");
+    spec.argv = vec!["/nonexistent/program".into()];
+    let s = within("spawn", d.spawn(spec)).await.unwrap();
+    assert_eq!(within("exit", s.handle.wait()).await, ExitStatus::Exited { code: 127 });
+}
