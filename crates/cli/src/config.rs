@@ -235,6 +235,7 @@ impl ServeArgs {
             cgroup_favordynmods,
             image_cache_max_count,
             image_cache_max_bytes,
+            swarm_host,
             log_format,
             finished_ttl,
         } = self;
@@ -266,6 +267,7 @@ impl ServeArgs {
             cgroup_favordynmods: cgroup_favordynmods.or(file.cgroup_favordynmods),
             image_cache_max_count: image_cache_max_count.or(file.image_cache_max_count),
             image_cache_max_bytes: image_cache_max_bytes.or(file.image_cache_max_bytes),
+            swarm_host: swarm_host.or(file.swarm_host),
             log_format: log_format.or(file.log_format),
             finished_ttl: finished_ttl.or(file.finished_ttl),
         }

@@ -274,6 +274,10 @@ impl Shared {
         let sandbox = start_sandbox(&cfg, &daemon_id.id, &mut drivers);
         let docker = docker::DockerState::new(&cfg, &daemon_id.id);
         drivers.insert(DriverKind::Docker, docker.driver.clone());
+        if let Some(host) = &cfg.swarm_host {
+            let swarm = bulkhead_swarm::SwarmDriver::new(&daemon_id.id, host);
+            drivers.insert(DriverKind::Swarm, Arc::new(swarm));
+        }
         let ports = ports::Ports::new(cfg.port_range);
         Shared {
             docker,

@@ -87,6 +87,9 @@ pub struct Config {
     /// this many images / bytes after each build; `None`: unbounded.
     pub image_cache_max_count: Option<usize>,
     pub image_cache_max_bytes: Option<u64>,
+    /// The Docker Swarm manager of the `swarm` driver (`unix:///...`, `tcp://...`);
+    /// `None`: the driver is not registered.
+    pub swarm_host: Option<String>,
     /// The supervisor's notify socket (`$NOTIFY_SOCKET`, see `notify_self`): `READY=1`
     /// once the API is served, `STATUS=`, `WATCHDOG=1`, `STOPPING=1`. `None`: not sent.
     pub notify: Option<Arc<crate::notify_self::SelfNotify>>,
@@ -130,6 +133,7 @@ impl Config {
             cgroup_favordynmods: false,
             image_cache_max_count: None,
             image_cache_max_bytes: None,
+            swarm_host: None,
             notify: None,
         }
     }

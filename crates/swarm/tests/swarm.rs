@@ -178,3 +178,17 @@ async fn a_missing_program_is_a_run_that_exits_127() {
     let s = within("spawn", d.spawn(spec)).await.unwrap();
     assert_eq!(within("exit", s.handle.wait()).await, ExitStatus::Exited { code: 127 });
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_runs_in_the_tasks_container_on_its_node_with_the_real_exit_code() {
+    let d = swarm_or_skip!("exec");
+    let fx = common::fixture();
+    let run = spawn(&d, &fx, "exec", "exec sleep 1000").await;
+    let argv = run
+        .handle
+        .exec_argv(&["sh".into(), "-c".into(), "test -x /bin/busybox && exit 7".into()], false)
+        .unwrap();
+    let st = std::process::Command::new(&argv[0]).args(&argv[1..]).status().unwrap();
+    assert_eq!(st.code(), Some(7), "{argv:?}");
+    run.handle.stop(Signal::KILL, Duration::ZERO).await;
+}

@@ -29,6 +29,7 @@ mod sockets;
 mod state_copy;
 mod supervision;
 mod surface;
+mod swarm;
 mod tmux;
 mod top;
 mod walls;
