@@ -30,6 +30,8 @@ mod state_copy;
 mod supervision;
 mod surface;
 mod swarm;
+#[allow(dead_code)]
+mod swarm_support;
 mod tmux;
 mod top;
 mod walls;
