@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::task::{observe, service_spec, Observed};
 
 /// How often the shared poller lists this daemon's tasks and the nodes.
-pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
+pub const DEFAULT_POLL: Duration = Duration::from_millis(100);
 /// The node label that gives a node's own engine address (`unix:///...`, `tcp://...`):
 /// exec, signals and fencing reach a task's node through it.
 pub const LABEL_ENGINE: &str = "bulkhead.engine";
@@ -40,8 +40,11 @@ const SPAWN_POLL: Duration = Duration::from_millis(10);
 /// How long a spawn waits for a node to start the task when the manifest sets no
 /// readiness timeout.
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long an ended run waits for its last output before the service is removed.
+/// How long an ended run waits at most for its last output before the service is
+/// removed (the service's log stream does not end with its task)...
 const LOG_DRAIN: Duration = Duration::from_millis(500);
+/// ... and the quiet time that ends the wait sooner: no output for this long.
+const LOG_QUIET: Duration = Duration::from_millis(50);
 /// Bound on each engine request made while a run ends.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -338,6 +341,8 @@ pub struct Service {
     stopping: Mutex<Option<Signal>>,
     tap: Arc<OutputTap>,
     logs_done: watch::Sender<bool>,
+    /// When output last arrived.
+    last_output: Arc<Mutex<Option<tokio::time::Instant>>>,
     memory_limit: Option<u64>,
     pids_limit: Option<u32>,
     env: Vec<(String, String)>,
@@ -377,6 +382,7 @@ impl Service {
             stopping: Mutex::new(None),
             tap: Arc::new(OutputTap::default()),
             logs_done: watch::channel(false).0,
+            last_output: Arc::new(Mutex::new(None)),
             memory_limit,
             pids_limit,
             env,
@@ -418,8 +424,10 @@ impl Service {
         );
         let tap = self.tap.clone();
         let done = self.logs_done.clone();
+        let last = self.last_output.clone();
         tokio::spawn(async move {
             while let Some(item) = stream.next().await {
+                *lock(&last) = Some(tokio::time::Instant::now());
                 match item {
                     Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
                         tap.write(Stream::Stdout, &message)
@@ -526,8 +534,17 @@ impl Service {
         tracing::debug!("swarm service {} ended ({why}): {st}", self.name);
         let me = self.clone();
         let end = async move {
-            let mut done = me.logs_done.subscribe();
-            let _ = tokio::time::timeout(LOG_DRAIN, done.wait_for(|d| *d)).await;
+            // Output written just before the end may still be on its way from the node:
+            // wait until none has come for LOG_QUIET (at most LOG_DRAIN).
+            let t0 = tokio::time::Instant::now();
+            while !*me.logs_done.borrow() {
+                let last = lock(&me.last_output).map_or(t0, |l| l.max(t0));
+                let now = tokio::time::Instant::now();
+                if now >= last + LOG_QUIET || now >= t0 + LOG_DRAIN {
+                    break;
+                }
+                tokio::time::sleep_until((last + LOG_QUIET).min(t0 + LOG_DRAIN)).await;
+            }
             me.remove().await;
             me.tap.close_all();
             me.ready.send_replace(false);

@@ -11,7 +11,7 @@
 //!
 //! **How tasks are watched.** Swarm emits no task events. One shared poller per driver
 //! lists this daemon's tasks (`GET /tasks?filters=label=bulkhead.daemon=<id>`) and the
-//! nodes (`GET /nodes`) every [`DEFAULT_POLL`] and routes each task's state to its handle:
+//! nodes (`GET /nodes`) every [`DEFAULT_POLL`] (100 ms) and routes each task's state to its handle:
 //! one request pair per period whatever the number of instances, answered from the
 //! manager's in-memory store (about 1.5 KB of JSON per task). Node-local container events
 //! would be faster but need every node's engine, which a swarm does not promise; they are
