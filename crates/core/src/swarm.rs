@@ -77,7 +77,10 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), (String, String)> {
     }
     let printable = |s: &str| !s.is_empty() && s.len() <= 512 && !s.chars().any(char::is_control);
     if !printable(&sw.image) {
-        return fail("swarm.image", "must name an image (printable, at most 512 bytes)");
+        return fail(
+            "swarm.image",
+            "must name an image (printable, at most 512 bytes)",
+        );
     }
     for (i, c) in sw.constraints.iter().enumerate() {
         if !printable(c) || !(c.contains("==") || c.contains("!=")) {
@@ -89,7 +92,10 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), (String, String)> {
     }
     if let Some(w) = &sw.workdir {
         if !w.starts_with('/') || !printable(w) {
-            return fail("swarm.workdir", "must be an absolute path inside the container");
+            return fail(
+                "swarm.workdir",
+                "must be an absolute path inside the container",
+            );
         }
         if spec.working_dir.is_some() {
             return fail(
@@ -190,7 +196,10 @@ mod tests {
 
     #[test]
     fn a_swarm_section_parses_with_its_defaults() {
-        let w = parse(&format!("{OK}resources: {{memory: 64Mi, cpu: 0.5, pids: 10}}\n")).unwrap();
+        let w = parse(&format!(
+            "{OK}resources: {{memory: 64Mi, cpu: 0.5, pids: 10}}\n"
+        ))
+        .unwrap();
         let sw = w.swarm.unwrap();
         assert_eq!(sw.image, "busybox");
         assert!(sw.init);
@@ -206,9 +215,15 @@ mod tests {
     #[test]
     fn the_driver_and_its_section_go_together() {
         let e = parse("driver: swarm\n").unwrap_err();
-        assert!(e.contains("w/manifest.yaml") && e.contains("field `swarm`"), "{e}");
+        assert!(
+            e.contains("w/manifest.yaml") && e.contains("field `swarm`"),
+            "{e}"
+        );
         let e = parse("swarm: {image: b}\n").unwrap_err();
-        assert!(e.contains("field `swarm`") && e.contains("driver: process"), "{e}");
+        assert!(
+            e.contains("field `swarm`") && e.contains("driver: process"),
+            "{e}"
+        );
         let e = parse("driver: swarm\nswarm: {image: b, extra: 1}\n").unwrap_err();
         assert!(e.contains("extra"), "{e}");
     }
@@ -216,7 +231,10 @@ mod tests {
     #[test]
     fn what_the_swarm_driver_cannot_honour_is_refused_naming_the_field() {
         let cases = [
-            ("sockets: [{name: http, listen: \"127.0.0.1:0\"}]\n", "sockets"),
+            (
+                "sockets: [{name: http, listen: \"127.0.0.1:0\"}]\n",
+                "sockets",
+            ),
             ("readiness: {notify: true}\n", "readiness.notify"),
             (
                 "readiness: {exec: [\"true\"], tcp: {port: 80}}\n",
@@ -245,6 +263,9 @@ mod tests {
         }
         // The same fields are fine with the probes the driver maps.
         assert!(parse(&format!("{OK}readiness: {{tcp: {{port: 80}}}}\n")).is_ok());
-        assert!(parse(&format!("{OK}working_dir: /srv\nuser: \"1\"\ngroup: \"2\"\n")).is_ok());
+        assert!(parse(&format!(
+            "{OK}working_dir: /srv\nuser: \"1\"\ngroup: \"2\"\n"
+        ))
+        .is_ok());
     }
 }

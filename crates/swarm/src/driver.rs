@@ -20,8 +20,8 @@ use bulkhead_core::spec::DriverKind;
 use bulkhead_docker::driver::exit_status;
 use bulkhead_docker::engine::{Engine, LABEL_DAEMON, LABEL_INSTANCE};
 use bulkhead_driver::{
-    Driver, Found, InstanceHandle, KillDeadline, OutputTap, RecoverError, SignalError,
-    SpawnError, SpawnSpec, Spawned, Stats, StatsError, Stream,
+    Driver, Found, InstanceHandle, KillDeadline, OutputTap, RecoverError, SignalError, SpawnError,
+    SpawnSpec, Spawned, Stats, StatsError, Stream,
 };
 use futures_util::StreamExt;
 use tokio::sync::watch;
@@ -284,6 +284,12 @@ async fn poll_loop(inner: Weak<Inner>, client: Docker) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
+        let watched = inner.watched();
+        // Idle (no run to watch, no node to fence when it returns): nothing to ask.
+        let node_down = lock(&inner.nodes).values().any(|n| !n.ready);
+        if watched.is_empty() && !node_down {
+            continue;
+        }
         match client.list_nodes(None).await {
             Ok(nodes) => {
                 for node in inner.update_nodes(nodes) {
@@ -293,7 +299,6 @@ async fn poll_loop(inner: Weak<Inner>, client: Docker) {
             }
             Err(e) => tracing::debug!("swarm poller: cannot list nodes: {e}"),
         }
-        let watched = inner.watched();
         if watched.is_empty() {
             continue;
         }
@@ -468,7 +473,10 @@ impl Service {
                 r.node = node.clone();
             }
             let cs = t.status.as_ref().and_then(|s| s.container_status.as_ref());
-            if let Some(c) = cs.and_then(|c| c.container_id.clone()).filter(|c| !c.is_empty()) {
+            if let Some(c) = cs
+                .and_then(|c| c.container_id.clone())
+                .filter(|c| !c.is_empty())
+            {
                 r.container = Some(c);
             }
             if let Observed::Ended { code: Some(c), .. } = observed {
@@ -760,17 +768,22 @@ impl Driver for SwarmDriver {
         }
         let body = service_spec(&spec, &sw, inner.daemon_id())?;
         let name = body.name.clone().unwrap_or_default();
-        let created = client.create_service(body, None).await.map_err(|e| match e {
-            bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            } => other(format!(
-                "swarm service {name} already exists: a run of {} is still being removed",
-                spec.instance
-            )),
-            e => other(format!("cannot create swarm service {name}: {e}")),
-        })?;
+        let created = client
+            .create_service(body, None)
+            .await
+            .map_err(|e| match e {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409, ..
+                } => other(format!(
+                    "swarm service {name} already exists: a run of {} is still being removed",
+                    spec.instance
+                )),
+                e => other(format!("cannot create swarm service {name}: {e}")),
+            })?;
         let Some(id) = created.id else {
-            return Err(other(format!("swarm service {name}: the manager gave no id")));
+            return Err(other(format!(
+                "swarm service {name}: the manager gave no id"
+            )));
         };
         let res = spec.spec.resources.clone().unwrap_or_default();
         let svc = Service::new(
@@ -892,7 +905,9 @@ impl Driver for SwarmDriver {
             };
             let name = spec.name.clone().unwrap_or_else(|| id.clone());
             let Ok((instance, _)) = InstanceId::parse(inst) else {
-                tracing::warn!("swarm service {name} has a bad {LABEL_INSTANCE} label; removing it");
+                tracing::warn!(
+                    "swarm service {name} has a bad {LABEL_INSTANCE} label; removing it"
+                );
                 let _ = client.delete_service(&id).await;
                 continue;
             };
@@ -954,10 +969,7 @@ impl Driver for SwarmDriver {
     /// until its service is gone.
     async fn discard(&self, found: Found) {
         let h = found.spawned.handle;
-        let _ = tokio::time::timeout(
-            REQUEST_TIMEOUT * 3,
-            h.stop(Signal::KILL, Duration::ZERO),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(REQUEST_TIMEOUT * 3, h.stop(Signal::KILL, Duration::ZERO)).await;
     }
 }

@@ -283,9 +283,8 @@ mod tests {
     use std::sync::Arc;
 
     fn spawn_spec(extra: &str) -> SpawnSpec {
-        let text = format!(
-            "name: web\ncommand: [sh]\ndriver: swarm\nswarm: {{image: img}}\n{extra}"
-        );
+        let text =
+            format!("name: web\ncommand: [sh]\ndriver: swarm\nswarm: {{image: img}}\n{extra}");
         let w = parse_manifest("web/manifest.yaml", "web", &text).unwrap();
         SpawnSpec {
             instance: bulkhead_core::key::InstanceId::parse("ns:a:web").unwrap().0,
@@ -305,10 +304,15 @@ mod tests {
 
     #[test]
     fn a_service_is_one_replica_labelled_with_the_daemon_and_key_that_never_restarts() {
-        let s = spawn_spec("resources: {memory: 64Mi, cpu: 0.5, pids: 50}\nshutdown: {signal: INT, grace: 3s}\n");
+        let s = spawn_spec(
+            "resources: {memory: 64Mi, cpu: 0.5, pids: 50}\nshutdown: {signal: INT, grace: 3s}\n",
+        );
         let sw = s.spec.swarm.clone().unwrap();
         let svc = service_spec(&s, &sw, "d1").unwrap();
-        assert_eq!(svc.name.as_deref(), Some(service_name("d1", "web", "ns:a:web").as_str()));
+        assert_eq!(
+            svc.name.as_deref(),
+            Some(service_name("d1", "web", "ns:a:web").as_str())
+        );
         let labels = svc.labels.unwrap();
         assert_eq!(labels[LABEL_DAEMON], "d1");
         assert_eq!(labels[LABEL_INSTANCE], "ns:a:web");
@@ -367,7 +371,10 @@ mod tests {
         assert_eq!(h.start_period, Some(30_000_000_000));
         let s = spawn_spec("readiness: {http: {path: /healthz}}\n");
         let h = health_check(s.spec.readiness.as_ref().unwrap(), Some(8080)).unwrap();
-        assert_eq!(h.test.unwrap().last().unwrap(), "http://127.0.0.1:8080/healthz");
+        assert_eq!(
+            h.test.unwrap().last().unwrap(),
+            "http://127.0.0.1:8080/healthz"
+        );
         let s = spawn_spec("readiness: {tcp: {}}\n");
         let h = health_check(s.spec.readiness.as_ref().unwrap(), Some(9)).unwrap();
         assert!(h.test.unwrap()[1].contains("127.0.0.1 9"));
@@ -392,15 +399,31 @@ mod tests {
     #[test]
     fn task_states_map_to_the_instances() {
         assert_eq!(
-            observe(&task(TaskState::PENDING, None, false, Some("no suitable node"))),
+            observe(&task(
+                TaskState::PENDING,
+                None,
+                false,
+                Some("no suitable node")
+            )),
             Observed::Pending {
                 err: Some("no suitable node".into())
             }
         );
-        assert_eq!(observe(&task(TaskState::STARTING, None, true, None)), Observed::Starting);
-        assert_eq!(observe(&task(TaskState::RUNNING, None, true, None)), Observed::Running);
         assert_eq!(
-            observe(&task(TaskState::FAILED, Some(7), true, Some("task: non-zero exit (7)"))),
+            observe(&task(TaskState::STARTING, None, true, None)),
+            Observed::Starting
+        );
+        assert_eq!(
+            observe(&task(TaskState::RUNNING, None, true, None)),
+            Observed::Running
+        );
+        assert_eq!(
+            observe(&task(
+                TaskState::FAILED,
+                Some(7),
+                true,
+                Some("task: non-zero exit (7)")
+            )),
             Observed::Ended {
                 code: Some(7),
                 never_started: false,
@@ -415,9 +438,12 @@ mod tests {
                 err: None
             }
         );
-        let Observed::Ended { never_started, .. } =
-            observe(&task(TaskState::REJECTED, None, false, Some("No such image: x")))
-        else {
+        let Observed::Ended { never_started, .. } = observe(&task(
+            TaskState::REJECTED,
+            None,
+            false,
+            Some("No such image: x"),
+        )) else {
             panic!()
         };
         assert!(never_started);

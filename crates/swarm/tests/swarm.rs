@@ -29,7 +29,10 @@ macro_rules! swarm_or_skip {
 /// This daemon's services: (name, instance label).
 async fn services(d: &SwarmDriver, daemon: &str) -> Vec<(String, String)> {
     let c = d.client().await.unwrap();
-    let filters = HashMap::from([("label".to_owned(), vec![format!("bulkhead.daemon={daemon}")])]);
+    let filters = HashMap::from([(
+        "label".to_owned(),
+        vec![format!("bulkhead.daemon={daemon}")],
+    )]);
     c.list_services(Some(ListServicesOptions {
         filters: Some(filters),
         status: None,
@@ -61,7 +64,10 @@ async fn spawn(d: &SwarmDriver, fx: &Fixture, name: &str, script: &str) -> Spawn
 /// The task's node engine and container, as the handle knows them.
 async fn container_of(h: &Spawned) -> (bollard::Docker, String) {
     let argv = h.handle.exec_argv(&["true".into()], false).unwrap();
-    assert_eq!(argv[0], "docker", "the task's node is not reachable: {argv:?}");
+    assert_eq!(
+        argv[0], "docker",
+        "the task's node is not reachable: {argv:?}"
+    );
     let node = bollard::Docker::connect_with_host(&argv[2])
         .unwrap()
         .negotiate_version()
@@ -78,7 +84,11 @@ async fn a_run_is_one_labelled_service_that_its_stop_removes() {
     let list = services(&d, &daemon_of("svc")).await;
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0].1, "ns:conformance:svc");
-    let st = within("stop", run.handle.stop(Signal::TERM, Duration::from_secs(10))).await;
+    let st = within(
+        "stop",
+        run.handle.stop(Signal::TERM, Duration::from_secs(10)),
+    )
+    .await;
     assert_eq!(
         st,
         ExitStatus::Signaled {
@@ -86,7 +96,10 @@ async fn a_run_is_one_labelled_service_that_its_stop_removes() {
             core_dumped: false
         }
     );
-    assert!(services(&d, &daemon_of("svc")).await.is_empty(), "the stop left its service");
+    assert!(
+        services(&d, &daemon_of("svc")).await.is_empty(),
+        "the stop left its service"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -97,7 +110,10 @@ async fn readiness_follows_the_tasks_health_check() {
         "readiness:\n  timeout: 30s\n  exec: {command: [test, -f, /tmp/ok], period: 200ms}\n",
     );
     let run = spawn(&d, &fx, "ready", "sleep 1; touch /tmp/ok; exec sleep 1000").await;
-    let mut ready = run.handle.engine_readiness().expect("the driver judges readiness");
+    let mut ready = run
+        .handle
+        .engine_readiness()
+        .expect("the driver judges readiness");
     assert!(!*ready.borrow(), "ready before the health check passed");
     within("readiness", ready.wait_for(|r| *r)).await.unwrap();
     run.handle.stop(Signal::KILL, Duration::ZERO).await;
@@ -109,9 +125,14 @@ async fn a_killed_container_is_a_crash_with_its_signal_and_leaves_no_service() {
     let fx = common::fixture();
     let run = spawn(&d, &fx, "kill", "exec sleep 1000").await;
     let (node, container) = container_of(&run).await;
-    node.kill_container(&container, Some(KillContainerOptions { signal: "KILL".into() }))
-        .await
-        .unwrap();
+    node.kill_container(
+        &container,
+        Some(KillContainerOptions {
+            signal: "KILL".into(),
+        }),
+    )
+    .await
+    .unwrap();
     let st = within("the crash to be seen", run.handle.wait()).await;
     assert_eq!(
         st,
@@ -135,7 +156,10 @@ async fn recovery_finds_this_daemons_services_by_label_and_discard_removes_them(
     drop(first);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let other = common::driver("recother").await.unwrap();
-    assert!(other.recover().await.unwrap().is_empty(), "another daemon's services were found");
+    assert!(
+        other.recover().await.unwrap().is_empty(),
+        "another daemon's services were found"
+    );
     let next = SwarmDriver::new(&daemon_of("recover"), &common::host());
     let mut found = next.recover().await.unwrap();
     found.sort_by(|a, b| a.instance.as_str().cmp(b.instance.as_str()));
@@ -146,7 +170,10 @@ async fn recovery_finds_this_daemons_services_by_label_and_discard_removes_them(
     assert_eq!(
         what,
         [
-            ("ns:conformance:rec-end".to_owned(), Some(ExitStatus::Exited { code: 3 })),
+            (
+                "ns:conformance:rec-end".to_owned(),
+                Some(ExitStatus::Exited { code: 3 })
+            ),
             ("ns:conformance:rec-run".to_owned(), None),
         ]
     );
@@ -176,7 +203,10 @@ async fn a_missing_program_is_a_run_that_exits_127() {
     let mut spec = fx.spawn_spec("noprog", "exit 0");
     spec.argv = vec!["/nonexistent/program".into()];
     let s = within("spawn", d.spawn(spec)).await.unwrap();
-    assert_eq!(within("exit", s.handle.wait()).await, ExitStatus::Exited { code: 127 });
+    assert_eq!(
+        within("exit", s.handle.wait()).await,
+        ExitStatus::Exited { code: 127 }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -186,9 +216,19 @@ async fn exec_runs_in_the_tasks_container_on_its_node_with_the_real_exit_code() 
     let run = spawn(&d, &fx, "exec", "exec sleep 1000").await;
     let argv = run
         .handle
-        .exec_argv(&["sh".into(), "-c".into(), "test -x /bin/busybox && exit 7".into()], false)
+        .exec_argv(
+            &[
+                "sh".into(),
+                "-c".into(),
+                "test -x /bin/busybox && exit 7".into(),
+            ],
+            false,
+        )
         .unwrap();
-    let st = std::process::Command::new(&argv[0]).args(&argv[1..]).status().unwrap();
+    let st = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .status()
+        .unwrap();
     assert_eq!(st.code(), Some(7), "{argv:?}");
     run.handle.stop(Signal::KILL, Duration::ZERO).await;
 }

@@ -29,11 +29,11 @@
 #[allow(dead_code)]
 #[path = "../it/harness.rs"]
 mod harness;
-#[path = "../it/tmux.rs"]
-mod tmux;
 #[allow(dead_code)]
 #[path = "../it/swarm_support.rs"]
 mod swarm_support;
+#[path = "../it/tmux.rs"]
+mod tmux;
 
 mod crash;
 mod hostile;

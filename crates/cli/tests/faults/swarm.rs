@@ -15,7 +15,14 @@ const NET: &str = "bh-sw-net";
 fn link(node_host: &str, up: bool) {
     let node = node_host.trim_start_matches("bh-sw-");
     let st = Command::new("ip")
-        .args(["-n", NET, "link", "set", &format!("bhsw-{node}"), if up { "up" } else { "down" }])
+        .args([
+            "-n",
+            NET,
+            "link",
+            "set",
+            &format!("bhsw-{node}"),
+            if up { "up" } else { "down" },
+        ])
         .status()
         .unwrap();
     assert!(st.success(), "ip link set bhsw-{node}");
@@ -32,7 +39,15 @@ impl Drop for Rejoin {
 
 /// This daemon's running containers on the engine at `engine`.
 fn running_containers(engine: &str, daemon: &str) -> Vec<String> {
-    let out = docker(engine, &["ps", "-q", "--filter", &format!("label=bulkhead.daemon={daemon}")]);
+    let out = docker(
+        engine,
+        &[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=bulkhead.daemon={daemon}"),
+        ],
+    );
     out.lines().map(str::to_owned).collect()
 }
 
@@ -43,7 +58,9 @@ fn a_partitioned_node_loses_its_run_the_key_is_placed_again_and_the_stale_copy_i
         return;
     }
     if !std::path::Path::new(&format!("/var/run/netns/{NET}")).exists() {
-        eprintln!("skipped: no network namespace {NET} (the swarm was not made by .ci/setup-swarm.sh)");
+        eprintln!(
+            "skipped: no network namespace {NET} (the swarm was not made by .ci/setup-swarm.sh)"
+        );
         return;
     }
     let m = manifest(
@@ -70,7 +87,10 @@ fn a_partitioned_node_loses_its_run_the_key_is_placed_again_and_the_stale_copy_i
         if t.2 != host {
             break t;
         }
-        assert!(start.elapsed() < DEADLINE * 2, "the key was not placed again");
+        assert!(
+            start.elapsed() < DEADLINE * 2,
+            "the key was not placed again"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let placed_after = t0.elapsed();

@@ -31,7 +31,11 @@ fn swarm_launches_one_service_per_key_with_its_logs_and_terminate_leaves_none() 
     let again = d.json(&["launch", "hello", "--namespace", "a", "-o", "json"]);
     assert_eq!(again["id"], ids[0].as_str());
     for id in &ids {
-        assert_eq!(services(&format!("bulkhead.instance={id}")).len(), 1, "one service for {id}");
+        assert_eq!(
+            services(&format!("bulkhead.instance={id}")).len(),
+            1,
+            "one service for {id}"
+        );
     }
     let start = Instant::now();
     loop {
@@ -84,7 +88,14 @@ fn swarm_exec_runs_in_the_tasks_container() {
     let v = d.json(&["launch", "ex", "--namespace", "t", "-o", "json"]);
     let id = v["id"].as_str().unwrap().to_owned();
     // The busybox image's file system, on the task's node, with the real exit code.
-    let seven = d.cli(&["exec", &id, "--", "sh", "-c", "test -x /bin/busybox && exit 7"]);
+    let seven = d.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "test -x /bin/busybox && exit 7",
+    ]);
     assert_eq!(seven.status.code(), Some(7), "{}", stderr(&seven));
     let out = d.cli(&["terminate", &id]);
     assert!(out.status.success(), "{}", stderr(&out));

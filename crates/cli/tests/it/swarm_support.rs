@@ -16,7 +16,12 @@ pub(crate) fn manager() -> String {
 
 /// `docker -H <host> args...`, its stdout (trimmed) or a panic naming the failure.
 pub(crate) fn docker(host: &str, args: &[&str]) -> String {
-    let out = Command::new("docker").arg("-H").arg(host).args(args).output().unwrap();
+    let out = Command::new("docker")
+        .arg("-H")
+        .arg(host)
+        .args(args)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "docker -H {host} {args:?}: {}",
@@ -28,7 +33,13 @@ pub(crate) fn docker(host: &str, args: &[&str]) -> String {
 /// Why the swarm tests cannot run here, if they cannot.
 pub(crate) fn skip() -> Option<String> {
     let out = Command::new("docker")
-        .args(["-H", &manager(), "info", "--format", "{{.Swarm.LocalNodeState}}"])
+        .args([
+            "-H",
+            &manager(),
+            "info",
+            "--format",
+            "{{.Swarm.LocalNodeState}}",
+        ])
         .output();
     match out {
         Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "active" => {
@@ -52,7 +63,10 @@ pub(crate) fn daemon_id(d: &Daemon) -> String {
 
 /// The services carrying `label`.
 pub(crate) fn services(label: &str) -> Vec<String> {
-    let out = docker(&manager(), &["service", "ls", "-q", "--filter", &format!("label={label}")]);
+    let out = docker(
+        &manager(),
+        &["service", "ls", "-q", "--filter", &format!("label={label}")],
+    );
     out.lines().map(str::to_owned).collect()
 }
 
@@ -65,7 +79,11 @@ pub(crate) fn wait_no_services(d: &Daemon) {
         if left.is_empty() {
             return;
         }
-        assert!(start.elapsed() < DEADLINE, "services {left:?} left\n{}", d.daemon_log());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "services {left:?} left\n{}",
+            d.daemon_log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -80,7 +98,13 @@ pub(crate) fn running_task(id: &str) -> (String, String, String) {
             let line = docker(
                 &manager(),
                 &[
-                    "service", "ps", svc, "--filter", "desired-state=running", "-q", "--no-trunc",
+                    "service",
+                    "ps",
+                    svc,
+                    "--filter",
+                    "desired-state=running",
+                    "-q",
+                    "--no-trunc",
                 ],
             );
             if let Some(task) = line.lines().next() {
@@ -93,12 +117,18 @@ pub(crate) fn running_task(id: &str) -> (String, String, String) {
                     .as_str()
                     .unwrap_or_default();
                 let node = t["NodeID"].as_str().unwrap_or_default();
-                let parts = [node, t["Status"]["State"].as_str().unwrap_or_default(), container];
+                let parts = [
+                    node,
+                    t["Status"]["State"].as_str().unwrap_or_default(),
+                    container,
+                ];
                 if !container.is_empty() && parts[1] == "running" {
                     let engine = docker(
                         &manager(),
                         &[
-                            "node", "inspect", "--format",
+                            "node",
+                            "inspect",
+                            "--format",
                             "{{index .Spec.Labels \"bulkhead.engine\"}} {{.Description.Hostname}}",
                             parts[0],
                         ],
@@ -122,4 +152,3 @@ pub(crate) fn manifest(name: &str, script: &str, extra: &str) -> String {
 pub(crate) fn start(workloads: &[(&str, &str)]) -> Daemon {
     Daemon::start_with_args(workloads, &["--swarm-host", &manager()])
 }
-

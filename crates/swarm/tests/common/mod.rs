@@ -28,7 +28,10 @@ pub async fn driver(tag: &str) -> Result<SwarmDriver, String> {
         .and_then(|s| s.local_node_state)
         .is_some_and(|s| s == bollard::models::LocalNodeState::ACTIVE);
     if !active {
-        return Err(format!("the engine at {} is not in a swarm; run .ci/setup-swarm.sh", host()));
+        return Err(format!(
+            "the engine at {} is not in a swarm; run .ci/setup-swarm.sh",
+            host()
+        ));
     }
     client
         .inspect_image(IMAGE)
