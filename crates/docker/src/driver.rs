@@ -275,9 +275,9 @@ fn container_user(env: &[(String, String)], user: Option<&str>) -> Option<String
     })
 }
 
-/// Whether the program exists in the created container: an absolute path as is, a bare
+/// Whether the program exists in the created container `id`: an absolute path as is, a bare
 /// name in one of the `PATH` directories (all looked up at once).
-async fn program_exists(client: &Docker, id: &str, argv0: &str, path: &str) -> bool {
+pub async fn program_exists(client: &Docker, id: &str, argv0: &str, path: &str) -> bool {
     let candidates: Vec<String> = if argv0.contains('/') {
         vec![argv0.to_owned()]
     } else {

@@ -61,6 +61,8 @@ struct Inner {
     node_clients: Mutex<HashMap<String, Docker>>,
     poller: OnceLock<()>,
     fenced: AtomicU64,
+    /// (image, program) pairs found in the image once: not looked up again.
+    programs: Mutex<HashSet<(String, String)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +94,7 @@ impl SwarmDriver {
                 node_clients: Mutex::new(HashMap::new()),
                 poller: OnceLock::new(),
                 fenced: AtomicU64::new(0),
+                programs: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -152,6 +155,97 @@ impl Inner {
             .ok()?;
         lock(&self.node_clients).insert(addr, c.clone());
         Some(c)
+    }
+
+    /// Whether the program of `argv` is missing from `image`, looked up as the docker
+    /// driver does (a container created, not started, on one ready node reachable
+    /// through its `bulkhead.engine` label; the image's entrypoint, if it has one, is the
+    /// program). `Some(program)`: missing. `None`: found, or nobody could tell (no
+    /// reachable node has the image): the swarm then runs it, and a missing program is a
+    /// run that exits 127. A program found once per image is not looked up again.
+    async fn program_missing(
+        self: &Arc<Self>,
+        client: &Docker,
+        image: &str,
+        argv: &[String],
+    ) -> Option<String> {
+        let key = (image.to_owned(), argv[0].clone());
+        if lock(&self.programs).contains(&key) {
+            return None;
+        }
+        if lock(&self.nodes).is_empty() {
+            if let Ok(nodes) = client.list_nodes(None).await {
+                self.update_nodes(nodes);
+            }
+        }
+        let candidates: Vec<String> = lock(&self.nodes)
+            .iter()
+            .filter(|(_, n)| n.ready && n.engine.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for node in candidates {
+            let Some(nc) = self.node_client(&node).await else {
+                continue;
+            };
+            let body = bollard::models::ContainerCreateBody {
+                image: Some(image.to_owned()),
+                cmd: Some(argv.to_vec()),
+                labels: Some(HashMap::from([(
+                    LABEL_DAEMON.to_owned(),
+                    self.daemon_id().to_owned(),
+                )])),
+                ..Default::default()
+            };
+            let Ok(created) = nc
+                .create_container(
+                    None::<bollard::query_parameters::CreateContainerOptions>,
+                    body,
+                )
+                .await
+            else {
+                // Not on this node (or the node refused): ask the next one.
+                continue;
+            };
+            let config = nc
+                .inspect_container(
+                    &created.id,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                )
+                .await
+                .ok()
+                .and_then(|c| c.config);
+            let program = config
+                .as_ref()
+                .and_then(|c| c.entrypoint.as_ref())
+                .and_then(|e| e.first().cloned())
+                .unwrap_or_else(|| argv[0].clone());
+            let path = config
+                .and_then(|c| c.env)
+                .unwrap_or_default()
+                .iter()
+                .find_map(|kv| kv.strip_prefix("PATH=").map(str::to_owned))
+                .unwrap_or_else(|| {
+                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+                });
+            let exists =
+                bulkhead_docker::driver::program_exists(&nc, &created.id, &program, &path).await;
+            let _ = nc
+                .remove_container(
+                    &created.id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        v: true,
+                        link: false,
+                    }),
+                )
+                .await;
+            if exists {
+                lock(&self.programs).insert(key);
+                return None;
+            }
+            return Some(program);
+        }
+        None
     }
 
     /// Records the nodes; returns those that are ready again after having been seen not
@@ -765,6 +859,15 @@ impl Driver for SwarmDriver {
         };
         if spec.argv.is_empty() {
             return Err(other("the command is empty"));
+        }
+        if let Some(program) = inner.program_missing(&client, &sw.image, &spec.argv).await {
+            return Err(SpawnError::Exec {
+                program,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("not found in image {}", sw.image),
+                ),
+            });
         }
         let body = service_spec(&spec, &sw, inner.daemon_id())?;
         let name = body.name.clone().unwrap_or_default();

@@ -38,8 +38,9 @@
 //!
 //! **Documented limits.** No pid and no host-side usage (`stats` reports the limits
 //! only); exec and signals other than a stop need the task's node reachable through its
-//! `bulkhead.engine` label; a program missing from the image is a run that exits 127
-//! (the init reports it), not a spawn error.
+//! `bulkhead.engine` label; a missing program is found before the service is created
+//! only where a ready node with that label has the image (elsewhere it is a run that
+//! exits 127).
 
 pub mod driver;
 pub mod task;

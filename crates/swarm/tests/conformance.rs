@@ -35,6 +35,8 @@ checks!(
     working_directory_is_the_specs,
     stdout_is_captured,
     no_descriptor_is_inherited,
+    spawn_error_is_reported,
+    missing_program_is_an_exec_error_naming_it,
 );
 
 #[test]
@@ -44,18 +46,4 @@ fn crash_detection() {
          crash detection is tested by killing the task's container (tests/swarm.rs, \
          it::swarm)"
     );
-}
-
-#[test]
-fn spawn_error_is_reported() {
-    eprintln!(
-        "skipped: the task's init (docker-init) runs the program, so a missing program is a \
-         run that exits 127, not a spawn error (documented); an image missing on the nodes \
-         is a spawn error (tests/swarm.rs)"
-    );
-}
-
-#[test]
-fn missing_program_is_an_exec_error_naming_it() {
-    eprintln!("skipped: as spawn_error_is_reported (a missing program exits 127)");
 }

@@ -197,19 +197,6 @@ async fn an_image_no_node_has_is_a_spawn_error_and_leaves_no_service() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_missing_program_is_a_run_that_exits_127() {
-    let d = swarm_or_skip!("noprog");
-    let fx = common::fixture();
-    let mut spec = fx.spawn_spec("noprog", "exit 0");
-    spec.argv = vec!["/nonexistent/program".into()];
-    let s = within("spawn", d.spawn(spec)).await.unwrap();
-    assert_eq!(
-        within("exit", s.handle.wait()).await,
-        ExitStatus::Exited { code: 127 }
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn exec_runs_in_the_tasks_container_on_its_node_with_the_real_exit_code() {
     let d = swarm_or_skip!("exec");
     let fx = common::fixture();
