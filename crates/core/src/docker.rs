@@ -390,6 +390,57 @@ fn valid_image_ref(s: &str) -> bool {
         && !s.starts_with(['-', ':', '/', '.'])
 }
 
+/// How long a shared container with no lease waits for the first one (the launch that
+/// creates it takes its lease right after).
+pub const FIRST_LEASE_GRACE: Duration = Duration::from_secs(5);
+
+/// What `docker.share` means for the daemon, as properties of the manifest: the daemon
+/// asks these and knows no driver section.
+///
+/// **Shared containers.** `docker.share: true` makes the workload's isolation key ignore
+/// namespace and session (as `isolation: none`): every launch of the workload reaches one
+/// instance, i.e. one container, and each launch with a holder takes a lease on it. When
+/// the last lease is released (`release`, `end-session`), the instance's idle clock starts:
+/// `docker.idle_timeout` (or the workload's `idle_timeout`), by default zero, after which
+/// the container is stopped and removed. Before the first lease arrives the clock is
+/// [`FIRST_LEASE_GRACE`].
+impl crate::spec::WorkloadSpec {
+    /// Whether one instance serves every key (`docker.share: true`).
+    pub fn shared_instance(&self) -> bool {
+        self.driver == crate::spec::DriverKind::Docker
+            && self.docker.as_ref().is_some_and(|d| d.share)
+    }
+
+    /// The isolation the key is built with: a shared instance is one for all.
+    pub fn key_isolation(&self) -> crate::key::Isolation {
+        if self.shared_instance() {
+            crate::key::Isolation::None
+        } else {
+            self.isolation
+        }
+    }
+
+    /// The idle timeout after the last lease is released.
+    pub fn idle_after_release(&self) -> Option<Duration> {
+        if self.shared_instance() {
+            let dk = self.docker.as_ref().and_then(|d| d.idle_timeout);
+            Some(self.idle_timeout.or(dk).unwrap_or(Duration::ZERO))
+        } else {
+            self.idle_timeout
+        }
+    }
+
+    /// The idle clock armed when the instance starts, before any lease.
+    pub fn first_idle(&self) -> Option<Duration> {
+        let d = self.idle_after_release()?;
+        Some(if self.shared_instance() {
+            d.max(FIRST_LEASE_GRACE)
+        } else {
+            d
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,7 @@ pub mod lease;
 pub mod logline;
 pub mod name;
 pub mod port;
+pub mod recovery;
 pub mod restart;
 pub mod sandbox;
 pub mod signal;

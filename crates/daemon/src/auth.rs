@@ -478,8 +478,8 @@ impl Scope {
         let session = session.filter(|s| !s.is_empty());
         let lease = lease.filter(|s| !s.is_empty());
         let spec = catalog.get(workload).and_then(|e| e.spec.as_ref().ok());
-        let isolation = spec.map(|s| crate::docker::effective_isolation(s));
-        let shared_container = spec.is_some_and(|s| crate::docker::is_shared_container(s));
+        let isolation = spec.map(|s| s.key_isolation());
+        let shared_container = spec.is_some_and(|s| s.shared_instance());
         let (key_ns, key_sid) = if shared_container {
             (None, None)
         } else {

@@ -213,12 +213,12 @@ fn check_dependencies(cat: &mut Catalog) {
         if errors.contains_key(name) {
             continue;
         }
-        let own = crate::docker::effective_isolation(spec);
+        let own = spec.key_isolation();
         for (dep, cond) in spec.depends_on.iter() {
             let Some(Ok(ds)) = cat.entries.get(dep).map(|d| &d.spec) else {
                 continue;
             };
-            if let Some(err) = deps::scope_error(dep, own, crate::docker::effective_isolation(ds)) {
+            if let Some(err) = deps::scope_error(dep, own, ds.key_isolation()) {
                 errors.insert(name.clone(), (format!("depends_on.{dep}"), err.to_string()));
                 break;
             }

@@ -280,7 +280,7 @@ fn dependency_key(catalog: &Catalog, key: &Key, name: &str) -> Result<Key, Launc
             name: name.to_owned(),
             error: error.clone(),
         })?;
-    let iso = crate::docker::effective_isolation(spec);
+    let iso = spec.key_isolation();
     Ok(bulkhead_core::deps::dependency_key(key, name, iso)?)
 }
 

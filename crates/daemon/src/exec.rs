@@ -6,7 +6,10 @@
 //! directory. It is a child of the daemon, spawned through the reaper registry
 //! ([`bulkhead_driver::reaper::spawn`]) so that the orphan reaper never takes its status,
 //! and it leads its own process group. In a sandboxed instance ([`enter`]) it also
-//! enters the instance's namespaces and cgroups and keeps only its capabilities.
+//! enters the instance's namespaces and cgroups and keeps only its capabilities. An
+//! instance the host cannot enter (a container, a Pod) is exec'd into by its driver's
+//! engine ([`bulkhead_driver::InstanceHandle::engine_exec`]: docker's exec API), with the
+//! same stream protocol; a client that goes away ends that command too.
 //!
 //! The protocol is one bidirectional stream: the first request starts the command, later
 //! ones carry stdin (forwarded as it comes; `stdin_eof` or the end of the request stream
@@ -40,7 +43,7 @@ use bulkhead_core::event::ExitStatus;
 use bulkhead_core::instance::State;
 use bulkhead_core::key::InstanceId;
 use bulkhead_core::signal::Signal;
-use bulkhead_driver::reaper;
+use bulkhead_driver::{reaper, EngineExec, ExecRequest};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::unix::pipe;
@@ -148,19 +151,36 @@ pub(crate) async fn exec(
         env.push(("TERM".to_owned(), term));
     }
 
-    // Drivers with a world of their own (docker) say how to run the command inside it;
-    // the host-side command (e.g. `docker exec`) then gets the daemon's environment.
-    let inside = slot
+    // Drivers with a world of their own (docker, the cluster engines) run the command
+    // through their engine, with the instance's own environment (and `TERM`).
+    let handle = slot
         .handle
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .and_then(|h| h.exec_argv(&argv, start.tty));
-    let in_container = inside.is_some();
-    let (argv, env) = match inside {
-        Some(host_argv) => (host_argv, std::env::vars().collect()),
-        None => (argv, env),
-    };
+        .clone();
+    if let Some(h) = handle {
+        let size = start.size.unwrap_or(DEFAULT_SIZE);
+        let req = ExecRequest {
+            argv: argv.clone(),
+            env: env
+                .iter()
+                .filter(|(k, _)| k == "TERM" && start.tty)
+                .cloned()
+                .collect(),
+            tty: start.tty.then(|| (clamp(size.rows), clamp(size.cols))),
+        };
+        if let Some(started) = h.engine_exec(req).await {
+            let ex = started.map_err(|source| ExecError::Spawn {
+                program: argv[0].clone(),
+                id: id.clone(),
+                source,
+            })?;
+            tracing::debug!(instance = %id, argv = ?argv, tty = start.tty, "exec started by the engine");
+            let (tx, rx) = mpsc::channel(64);
+            tokio::spawn(supervise_engine(id, ex, start.tty, inbound, tx));
+            return Ok(ReceiverStream::new(rx));
+        }
+    }
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
@@ -173,7 +193,7 @@ pub(crate) async fn exec(
     };
     if let Some(target) = slot.exec_target() {
         enter(&mut cmd, target, &cwd).map_err(spawn_err)?;
-    } else if !in_container {
+    } else {
         // On the host, as the instance runs: its user, groups, limits and umask.
         let setup = bulkhead_driver::setup::host_setup(&slot.spec())
             .map_err(std::io::Error::other)
@@ -489,12 +509,22 @@ fn exit_proto(st: ExitStatus) -> v1::ExitStatus {
 enum Sink {
     Pipe(pipe::Sender),
     Tty(Arc<AsyncFd<OwnedFd>>),
+    /// A command run by the driver's engine: its input, and its terminal's resize.
+    Engine(
+        std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+        Option<Box<dyn Fn(u16, u16) + Send + Sync>>,
+        bool,
+    ),
 }
 
 impl Sink {
     async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             Sink::Pipe(w) => w.write_all(data).await,
+            Sink::Engine(w, ..) => {
+                w.write_all(data).await?;
+                w.flush().await
+            }
             Sink::Tty(fd) => {
                 let mut data = data;
                 while !data.is_empty() {
@@ -551,11 +581,17 @@ async fn forward_stdin(
                 end_of_input(&mut sink).await;
             }
             Some(Msg::Resize(size)) => {
-                if let Some(Sink::Tty(fd)) = &sink {
-                    // The kernel sends SIGWINCH to the terminal's foreground group.
-                    if let Err(e) = set_size(fd.get_ref(), &size) {
-                        tracing::debug!("cannot resize an exec terminal: {e}");
+                match &sink {
+                    Some(Sink::Tty(fd)) => {
+                        // The kernel sends SIGWINCH to the terminal's foreground group.
+                        if let Err(e) = set_size(fd.get_ref(), &size) {
+                            tracing::debug!("cannot resize an exec terminal: {e}");
+                        }
                     }
+                    Some(Sink::Engine(_, Some(resize), _)) => {
+                        resize(clamp(size.rows), clamp(size.cols));
+                    }
+                    _ => {}
                 }
             }
             // Input after its end, a second start, or an empty message: ignored.
@@ -568,13 +604,82 @@ async fn forward_stdin(
 /// input at the start of a line in canonical mode).
 async fn end_of_input(sink: &mut Option<Sink>) {
     match sink {
-        Some(Sink::Tty(_)) => {
+        Some(Sink::Tty(_)) | Some(Sink::Engine(_, _, true)) => {
             if let Some(w) = sink.as_mut() {
                 let _ = w.write_all(b"\x04").await;
             }
         }
+        Some(Sink::Engine(w, _, false)) => {
+            let _ = w.shutdown().await;
+            *sink = None;
+        }
         _ => *sink = None,
     }
+}
+
+fn clamp(n: u32) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+/// Runs one exec made by the driver's engine to its end, as [`supervise`] does for the
+/// daemon's own: input and output forwarded, then its status; ended when the client
+/// goes away.
+async fn supervise_engine(
+    id: InstanceId,
+    ex: EngineExec,
+    tty: bool,
+    inbound: Streaming<v1::ExecRequest>,
+    tx: Tx,
+) {
+    let EngineExec {
+        stdin,
+        mut output,
+        status,
+        resize,
+        kill,
+    } = ex;
+    let (gone_tx, mut gone_rx) = mpsc::channel::<()>(1);
+    let stdin_task = tokio::spawn(forward_stdin(
+        inbound,
+        Some(Sink::Engine(stdin, resize, tty)),
+        gone_tx,
+    ));
+    let forward = async {
+        while let Some((stream, data)) = output.recv().await {
+            let msg = match stream {
+                bulkhead_driver::Stream::Stdout => v1::exec_response::Msg::Stdout(data),
+                bulkhead_driver::Stream::Stderr => v1::exec_response::Msg::Stderr(data),
+            };
+            if tx
+                .send(Ok(v1::ExecResponse { msg: Some(msg) }))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    };
+    let ended = tokio::select! {
+        ended = forward => ended,
+        () = tx.closed() => false,
+        Some(()) = gone_rx.recv() => false,
+    };
+    stdin_task.abort();
+    if !ended {
+        kill();
+        tracing::debug!(instance = %id, "exec killed: the client went away");
+        return;
+    }
+    let msg = match status.await {
+        Ok(st) => Ok(v1::ExecResponse {
+            msg: Some(v1::exec_response::Msg::Exit(exit_proto(st))),
+        }),
+        Err(e) => Err(Status::internal(format!(
+            "cannot collect the exit status of an exec in instance {id}: {e}"
+        ))),
+    };
+    let _ = tx.send(msg).await;
 }
 
 #[derive(Clone, Copy)]

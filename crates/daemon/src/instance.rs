@@ -110,6 +110,9 @@ pub struct Slot {
     /// The workload as its current run was started (a rollout replaces it).
     spec: Mutex<Arc<WorkloadSpec>>,
     pub dir: PathBuf,
+    /// Whether its driver runs host programs (`Driver::runs_host_programs`): a relative
+    /// program path is then the workload folder's; otherwise the image's.
+    host_programs: bool,
     pub log: Arc<LogFile>,
     pub(crate) view: watch::Sender<View>,
     tx: mpsc::UnboundedSender<Msg>,
@@ -278,11 +281,8 @@ type Stored = (
 pub(crate) enum Origin {
     /// A launch; the events to publish right after `launched` (`dependencies_ready`).
     Launched(Vec<bulkhead_core::event::EventKind>),
-    /// Found running at the keeper after a daemon restart.
-    Adopted(
-        Box<bulkhead_driver::keeper::client::Adoptable>,
-        core_instance::Restored,
-    ),
+    /// Found by its driver after a daemon restart (`crate::recovery`).
+    Adopted(Box<bulkhead_driver::Found>, core_instance::Restored),
     /// Known to the instance table, but no process: lost (with the reason) or between runs.
     Resumed(core_instance::Restored, Option<String>),
 }
@@ -310,13 +310,12 @@ pub(crate) fn start_with(
         Origin::Launched(_) => (State::Starting, None, 0, None),
         Origin::Adopted(a, restored) => {
             let port = a
-                .record
                 .env
                 .iter()
                 .find(|(k, _)| k == "PORT")
                 .and_then(|(_, v)| v.parse().ok())
                 .unwrap_or(0);
-            (State::Ready, Some(a.pid), port, Some(*restored))
+            (State::Ready, a.process.map(|p| p.0), port, Some(*restored))
         }
         Origin::Resumed(restored, _) => (State::Restarting, None, 0, Some(*restored)),
     };
@@ -376,6 +375,10 @@ pub(crate) fn start_with(
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let slot = Arc::new(Slot {
+        host_programs: sh
+            .drivers
+            .get(&spec.driver)
+            .is_none_or(|d| d.runs_host_programs()),
         log: Arc::new(LogFile::new(
             &sh.logs_dir(),
             id.file_stem(),
@@ -465,7 +468,9 @@ async fn run(
             }
             (inst, first)
         }
-        Origin::Adopted(a, restored) => Instance::adopt(cfg, Some(a.pid), now(), *restored),
+        Origin::Adopted(a, restored) => {
+            Instance::adopt(cfg, a.process.map(|p| p.0), now(), *restored)
+        }
         Origin::Resumed(restored, lost) => Instance::resume(cfg, *restored, lost.clone(), now()),
     };
     // What the instance table was last told, to write only on a change.
@@ -491,9 +496,9 @@ async fn run(
     // RELOADING=1 made a ready instance not ready; the next READY=1 makes it ready again.
     let mut reloading = false;
     // The idle timeout: armed while no lease holds the instance.
-    let mut idle_after = crate::docker::effective_idle_timeout(&spec);
+    let mut idle_after = spec.idle_after_release();
     let mut idle: Option<Pin<Box<Sleep>>> =
-        crate::docker::initial_idle(&spec).map(|d| Box::pin(tokio::time::sleep(d)));
+        spec.first_idle().map(|d| Box::pin(tokio::time::sleep(d)));
     // The newest event this actor published: the View changes only once it is durable.
     let mut last_event = 0u64;
     let mut pending: Option<PendingRestart> = None;
@@ -506,7 +511,7 @@ async fn run(
             let new: Arc<WorkloadSpec> = $new;
             inst.reconfigure(core_config(&new));
             watchdog_every = new.readiness.as_ref().and_then(|r| r.watchdog);
-            idle_after = crate::docker::effective_idle_timeout(&new);
+            idle_after = new.idle_after_release();
             spec_json = serde_json::to_string(&*new).unwrap_or_default();
             stored = None;
             *slot.spec.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
@@ -514,9 +519,9 @@ async fn run(
         }};
     }
     if let Origin::Adopted(a, _) = origin {
-        start_time = Some(a.start_time);
+        start_time = a.process.map(|p| p.1);
         // Back under supervision: its output, its environment (and so its port), its exit.
-        env = a.record.env;
+        env = a.env;
         port = env
             .iter()
             .find(|(k, _)| k == "PORT")
@@ -526,9 +531,9 @@ async fn run(
         slot.log.start_run(
             inst.restarts() + 1,
             &format!(
-                "run {} (pid {}) adopted by a restarted daemon",
+                "run {} ({}) adopted by a restarted daemon",
                 inst.restarts() + 1,
-                a.pid
+                a.describe
             ),
         );
         slot.log.attach(a.spawned.stdout, a.spawned.stderr);
@@ -1229,8 +1234,7 @@ fn resolve_command(
 ) -> Result<Vec<String>, String> {
     let mut argv = expand_argv(command, env).map_err(|e| e.to_string())?;
     // A container's program is a path inside its image, not in the workload folder.
-    let in_container = slot.spec().driver == bulkhead_core::spec::DriverKind::Docker;
-    if !in_container && argv[0].contains('/') && !argv[0].starts_with('/') {
+    if slot.host_programs && argv[0].contains('/') && !argv[0].starts_with('/') {
         argv[0] = slot.dir.join(&argv[0]).display().to_string();
     }
     Ok(argv)

@@ -24,6 +24,7 @@ use bulkhead_driver::Driver;
 
 pub mod auth;
 pub mod catalog;
+mod daemon_id;
 mod dataplane;
 mod deps;
 pub mod docker;
@@ -38,6 +39,7 @@ pub mod notify_self;
 pub mod peer; // metrics + HTTP health (observability)
 pub mod ports;
 pub mod readiness;
+mod recovery;
 pub mod rollout;
 mod server;
 mod service;
@@ -167,7 +169,7 @@ pub struct Shared {
     pub(crate) activators: Mutex<HashMap<String, sockets::Activator>>,
 }
 
-/// The sandbox driver's cgroup subtree name for a daemon id (`docker::load_daemon_id`):
+/// The sandbox driver's cgroup subtree name for a daemon id (`daemon_id::load_daemon_id`):
 /// daemons with different ids, a copy of a state directory included, never touch each
 /// other's instance cgroups (FNV-1a of the id).
 pub fn sandbox_scope(daemon_id: &str) -> String {
@@ -240,7 +242,7 @@ impl Shared {
     ) -> Shared {
         let mut drivers: HashMap<DriverKind, Arc<dyn Driver>> = HashMap::new();
         // Bound to the state directory's identity: a copy of it gets an id of its own.
-        let daemon_id = docker::load_daemon_id(&cfg.state_dir);
+        let daemon_id = daemon_id::load_daemon_id(&cfg.state_dir);
         // Every process instance in a cgroup of its own, for tracking and teardown (no
         // limits): where no cgroup2 place can be used, by process group (logged once).
         let tracker = bulkhead_driver::process::detect_tracking(&process_scope(&daemon_id.id));
@@ -304,15 +306,17 @@ impl Shared {
         }
     }
 
-    /// Puts an instance found at the keeper back under supervision, with what the
+    /// Puts an instance a driver found at start-up back under supervision, with what the
     /// instance table kept of it.
     pub(crate) fn adopt(
         self: &Arc<Self>,
-        a: bulkhead_driver::keeper::client::Adoptable,
+        found: bulkhead_driver::Found,
+        spec: Arc<bulkhead_core::spec::WorkloadSpec>,
+        dir: PathBuf,
         restored: bulkhead_core::instance::Restored,
         leases: Vec<String>,
     ) {
-        let Ok((id, key)) = InstanceId::parse(a.instance.as_str()) else {
+        let Ok((id, key)) = InstanceId::parse(found.instance.as_str()) else {
             return;
         };
         let mut reg = self.lock_registry();
@@ -320,22 +324,23 @@ impl Shared {
             .get(&id)
             .is_some_and(|s| !s.view.borrow().state.is_terminal())
         {
-            // Two processes for one key at the keeper: keep the first, stop this one.
+            // Recovery adopts one run per key; this is a guard, not a path.
             tracing::error!(
-                "keeper holds a second process (pid {}) for {id}; killing it",
-                a.pid
+                "a second run ({}) of {id} was found; killing it",
+                found.describe
             );
-            let _ = a.spawned.handle.signal(bulkhead_core::signal::Signal::KILL);
+            let _ = found
+                .spawned
+                .handle
+                .signal(bulkhead_core::signal::Signal::KILL);
             return;
         }
-        let spec = Arc::new(a.record.spec.clone());
-        let dir = a.record.cwd.clone();
         let slot = instance::start_with(
             self,
             key,
             spec,
             dir,
-            instance::Origin::Adopted(Box::new(a), restored),
+            instance::Origin::Adopted(Box::new(found), restored),
             leases,
         );
         reg.insert(id, slot);
@@ -730,7 +735,7 @@ impl Shared {
             })?;
         // A shared docker container is one instance whatever the namespace or session;
         // the session (unless a holder is named) holds a lease on it.
-        let shared_container = docker::is_shared_container(&spec);
+        let shared_container = spec.shared_instance();
         let mut args = args;
         // Where the holder came from, for the error: an explicit lease or the session.
         let mut lease_field = "lease";
@@ -744,12 +749,7 @@ impl Shared {
             bulkhead_core::lease::validate_holder(lease_field, holder)?;
         }
         let key = if shared_container {
-            Key::new(
-                &args.workload,
-                docker::effective_isolation(&spec),
-                None,
-                None,
-            )?
+            Key::new(&args.workload, spec.key_isolation(), None, None)?
         } else {
             Key::new(
                 &args.workload,
@@ -1020,9 +1020,7 @@ impl Shared {
         // Shared docker containers are not the session's instances, but the session holds
         // a lease on those it launched: it goes with the session.
         for slot in self.list() {
-            if docker::is_shared_container(&slot.spec())
-                && slot.view().leases.iter().any(|l| l == session)
-            {
+            if slot.spec().shared_instance() && slot.view().leases.iter().any(|l| l == session) {
                 slot.release(session);
             }
         }

@@ -150,6 +150,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// A driver may hold instances it cannot show: starting could run a key twice.
+    #[error("cannot recover the instances: {0}")]
+    Recover(bulkhead_driver::RecoverError),
     /// The state database (`<state>/bulkhead.db`) could not be opened; names the file.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -363,10 +366,8 @@ impl Daemon {
         let cat = shared.rescan();
         // `on_dependency_restart: restart` reacts to restarts from here on.
         drop(shared.follow_dependency_restarts());
-        // Before the API serves a launch: every instance the keeper holds is back under
+        // Before the API serves a launch: every instance a driver holds is back under
         // supervision, so no key can get a second instance.
-        let mut rows: std::collections::HashMap<String, crate::instances::InstanceRow> =
-            rows.into_iter().map(|r| (r.id.clone(), r)).collect();
         // The event log's count where the table lags it.
         let logged_restarts = shared.restarts_in_log();
         let restored_of = |r: &crate::instances::InstanceRow| bulkhead_core::instance::Restored {
@@ -381,107 +382,12 @@ impl Daemon {
                 _ => bulkhead_core::restart::BreakerState::Closed,
             },
         };
-        // Before any adoption adds its own event: the stops the last daemon had begun.
-        let stops = shared.stops_in_progress();
-        let mut ended = std::collections::HashSet::new();
-        if let Some(k) = &keeper {
-            let adopted = k.adopt_all().await.map_err(|source| StartError::Keeper {
-                path: bulkhead_driver::keeper::server::socket_path(&cfg.state_dir),
-                source,
-            })?;
-            let n = adopted.len();
-            for a in adopted {
-                // The row is this process's only if pid and start time agree.
-                let row = rows.remove(a.instance.as_str()).filter(|r| {
-                    r.pid == Some(a.pid) && r.start_time.is_none_or(|t| t == a.start_time)
-                });
-                let stopping = stops.get(&a.instance).copied();
-                let (restored, leases) =
-                    row.map(|r| (restored_of(&r), r.leases)).unwrap_or_default();
-                let id = a.instance.clone();
-                shared.adopt(a, restored, leases);
-                if let Some((since_ms, grace)) = stopping {
-                    shared.resume_stop(&id, since_ms, grace);
-                }
-            }
-            if n > 0 {
-                tracing::info!("adopted {n} instances from the keeper");
-            }
-        }
-        // Docker containers of this daemon (by label): a running one whose instance the
-        // table knows is adopted; any other is removed. An unreachable engine is only
-        // logged: its containers are then resumed (restarted) by their policy below.
-        crate::docker::recover(&shared, &mut rows, &restored_of).await;
-        // What the table knew and nobody holds any more: a process that died unseen (its
-        // keeper ended, or it was the direct child of a daemon started with --no-keeper),
-        // or an instance that was between runs. Its restart policy decides.
-        for (_, row) in rows {
-            let Ok((_, key)) = bulkhead_core::key::InstanceId::parse(&row.id) else {
-                continue;
-            };
-            let Ok(spec) = serde_json::from_str::<bulkhead_core::spec::WorkloadSpec>(&row.spec)
-            else {
-                tracing::error!(
-                    "instance table: unreadable spec for {}; forgetting it",
-                    row.id
-                );
-                continue;
-            };
-            let lost = match (row.state.as_str(), row.pid) {
-                ("restarting", _) | (_, None) => None,
-                (_, Some(pid)) => {
-                    // Without a keeper the process may still run as an orphan; it cannot be
-                    // supervised (no exit status), so it must not run unseen.
-                    // A copied state directory's table names the original daemon's
-                    // processes: they are not ours to kill.
-                    if let Some(other) = &shared.state_copied_from {
-                        tracing::warn!(
-                            "{}: pid {pid} is recorded by the daemon {other} this state \
-                             directory was copied from; leaving it alone",
-                            row.id
-                        );
-                    } else if let (Some(t), Ok(stat)) =
-                        (row.start_time, bulkhead_driver::sys::read_stat(pid))
-                    {
-                        if stat.starttime == t && !stat.is_zombie() {
-                            tracing::warn!("{}: pid {pid} outlived a daemon without a keeper; killing its group", row.id);
-                            let _ = bulkhead_driver::sys::kill_group(
-                                pid,
-                                bulkhead_core::signal::Signal::KILL,
-                            );
-                        }
-                    }
-                    Some(format!(
-                        "its process (pid {pid}) was gone when the daemon restarted"
-                    ))
-                }
-            };
-            // It was being terminated on request, and no process of it is left (a sandbox
-            // dies with its daemon; an orphan was killed above): the termination is
-            // complete. Its restart policy must not bring it back.
-            if let Some(id) = stops.keys().find(|i| i.as_str() == row.id) {
-                tracing::warn!(
-                    "{id}: was being terminated when the last daemon ended; it is gone: terminated"
-                );
-                shared.events.publish(
-                    id,
-                    bulkhead_core::event::EventKind::Terminated { status: None },
-                );
-                ended.insert(id.clone());
-                if let Some(t) = &shared.instances {
-                    t.remove(&row.id);
-                }
-                continue;
-            }
-            shared.resume(
-                key,
-                Arc::new(spec),
-                row.dir.clone(),
-                restored_of(&row),
-                lost,
-                row.leases,
-            );
-        }
+        // Every driver's instances: adopted when the table knows them (one run per key),
+        // ended otherwise; the table's instances nobody holds any more are resumed by
+        // their restart policy (see `recovery`).
+        let ended = crate::recovery::recover(&shared, rows, &restored_of)
+            .await
+            .map_err(StartError::Recover)?;
         shared.resume_unrecorded(&cat, &ended);
         // Every instance that outlived the last daemon is back: the channel spaces none
         // of them needs are its leftovers.

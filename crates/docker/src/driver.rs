@@ -37,11 +37,12 @@ use bollard::Docker;
 use bulkhead_core::channels::ENV_IOX2_ROOT;
 use bulkhead_core::docker::DockerSpec;
 use bulkhead_core::event::ExitStatus;
+use bulkhead_core::key::InstanceId;
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 use bulkhead_driver::{
-    sys, Driver, ExitCause, InstanceHandle, KillDeadline, SignalError, SpawnError, SpawnSpec,
-    Spawned, Stats, StatsError,
+    sys, Driver, EngineExec, ExecRequest, ExitCause, Found, InstanceHandle, KillDeadline,
+    RecoverError, SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError, Stream,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -302,6 +303,68 @@ pub async fn program_exists(client: &Docker, id: &str, argv0: &str, path: &str) 
 impl Driver for DockerDriver {
     fn kind(&self) -> DriverKind {
         DriverKind::Docker
+    }
+
+    fn runs_host_programs(&self) -> bool {
+        false
+    }
+
+    /// This daemon's running containers, by label, watched again; a container that no
+    /// longer runs is removed here (nothing of it is left to adopt).
+    async fn recover(&self) -> Result<Vec<Found>, RecoverError> {
+        let err = |reason: String| RecoverError {
+            driver: DriverKind::Docker,
+            reason,
+            fatal: false,
+        };
+        let listed =
+            tokio::time::timeout(Duration::from_secs(10), crate::recovery::list(&self.engine))
+                .await
+                .map_err(|_| err("listing containers timed out".into()))?
+                .map_err(err)?;
+        let mut out = Vec::new();
+        for f in listed {
+            let instance = InstanceId::parse(&f.instance).ok().map(|(id, _)| id);
+            let (Some(instance), true) = (instance, f.running) else {
+                tracing::info!("removing stale container {} of {}", f.id, f.instance);
+                if let Err(e) = crate::recovery::remove(&self.engine, &f.id).await {
+                    tracing::warn!("{e}");
+                }
+                continue;
+            };
+            let (handle, logs) = match Container::adopt(self.engine.clone(), &f.id).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!("cannot adopt container {}: {e}; removing it", f.id);
+                    let _ = crate::recovery::remove(&self.engine, &f.id).await;
+                    continue;
+                }
+            };
+            out.push(Found {
+                instance,
+                process: None,
+                describe: format!("container {}", short_id(&f.id)),
+                run_id: f.id,
+                launched: None,
+                env: handle.env(),
+                exit: None,
+                spawned: Spawned {
+                    handle,
+                    stdout: logs.0,
+                    stderr: logs.1,
+                    tap: None,
+                },
+                // Docker workloads have no `sockets:` (refused in the manifest).
+                listen: Vec::new(),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn discard(&self, found: Found) {
+        if let Err(e) = crate::recovery::remove(&self.engine, &found.run_id).await {
+            tracing::warn!("{e}");
+        }
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
@@ -573,11 +636,6 @@ impl Container {
         };
         c.inspect_main().await;
         Ok((c, pipes))
-    }
-
-    /// The main pid, or 0 when the container is not running.
-    pub fn pid_or_zero(&self) -> u32 {
-        self.pid().unwrap_or(0)
     }
 
     /// The container's environment (adopted containers: as the engine reports it).
@@ -908,22 +966,124 @@ impl InstanceHandle for Container {
 
     /// `docker exec` (the CLI, through the engine's exec API): its exit code is the
     /// command's, and `-t` gives the command the terminal the daemon made.
-    fn exec_argv(&self, argv: &[String], tty: bool) -> Option<Vec<String>> {
-        let mut out = vec!["docker".to_owned(), "exec".to_owned(), "-i".to_owned()];
-        if tty {
-            out.push("-t".to_owned());
-        }
-        out.push(self.id.clone());
-        out.extend(argv.iter().cloned());
-        Some(out)
+    /// Through the engine's exec API: the command runs in the container (its file system,
+    /// its user, its environment plus `req.env`), attached; its status is the exec's exit
+    /// code. Killed through its host pid when the client goes away (the exec API has no
+    /// kill).
+    async fn engine_exec(&self, req: ExecRequest) -> Option<std::io::Result<EngineExec>> {
+        Some(self.exec_in(req).await)
     }
-
     fn exit_cause(&self) -> Option<ExitCause> {
         self.oom
             .load(Ordering::SeqCst)
             .then_some(ExitCause::OomKilled {
                 limit_bytes: self.memory_limit,
             })
+    }
+}
+
+impl Container {
+    async fn exec_in(&self, req: ExecRequest) -> std::io::Result<EngineExec> {
+        use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+        let err = |what: &str, e: bollard::errors::Error| {
+            std::io::Error::other(format!("{what} in container {}: {e}", short_id(&self.id)))
+        };
+        let config = bollard::models::ExecConfig {
+            console_size: req.tty.map(|(r, c)| vec![usize::from(r), usize::from(c)]),
+            ..CreateExecOptions {
+                attach_stdin: Some(true),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                tty: Some(req.tty.is_some()),
+                env: Some(req.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+                cmd: Some(req.argv.clone()),
+                ..Default::default()
+            }
+            .into()
+        };
+        let exec = self
+            .client
+            .create_exec(&self.id, config)
+            .await
+            .map_err(|e| err("cannot create the exec", e))?
+            .id;
+        let start = StartExecOptions {
+            detach: false,
+            tty: req.tty.is_some(),
+            output_capacity: None,
+        };
+        let StartExecResults::Attached { mut output, input } = self
+            .client
+            .start_exec(&exec, Some(start))
+            .await
+            .map_err(|e| err("cannot start the exec", e))?
+        else {
+            return Err(std::io::Error::other(
+                "the engine started the exec detached",
+            ));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            use bollard::container::LogOutput;
+            while let Some(Ok(chunk)) = output.next().await {
+                let (stream, bytes) = match chunk {
+                    LogOutput::StdErr { message } => (Stream::Stderr, message),
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                        (Stream::Stdout, message)
+                    }
+                    LogOutput::StdIn { .. } => continue,
+                };
+                if tx.send((stream, bytes.to_vec())).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (client, id) = (self.client.clone(), exec.clone());
+        let status = Box::pin(async move {
+            let info = client
+                .inspect_exec(&id)
+                .await
+                .map_err(|e| std::io::Error::other(format!("cannot inspect exec {id}: {e}")))?;
+            let code = info.exit_code.unwrap_or(-1);
+            Ok(ExitStatus::Exited {
+                code: i32::try_from(code).unwrap_or(-1),
+            })
+        });
+        let resize = req.tty.map(|_| {
+            let (client, id) = (self.client.clone(), exec.clone());
+            Box::new(move |height: u16, width: u16| {
+                let (client, id) = (client.clone(), id.clone());
+                tokio::spawn(async move {
+                    let size = bollard::exec::ResizeExecOptions { height, width };
+                    if let Err(e) = client.resize_exec(&id, size).await {
+                        tracing::debug!("cannot resize exec {id}: {e}");
+                    }
+                });
+            }) as Box<dyn Fn(u16, u16) + Send + Sync>
+        });
+        let (client, id) = (self.client.clone(), exec);
+        let kill = Box::new(move || {
+            tokio::spawn(async move {
+                // The exec's process as the host sees it: the engine gives no other way.
+                let info = client.inspect_exec(&id).await.ok();
+                let pid = info.filter(|i| i.running == Some(true)).and_then(|i| i.pid);
+                let pid = pid.and_then(|p| u32::try_from(p).ok()).filter(|&p| p > 0);
+                // Race: if the exec ended and was reaped between the inspect and the
+                // open, the pid may name another process by now. The engine has no kill
+                // for execs; the window is two system calls after an inspect that found
+                // it running, the same one `docker exec`'s own clean-up has.
+                if let Some(fd) = pid.and_then(|p| sys::pidfd_open(p).ok()) {
+                    let _ = sys::pidfd_send_signal(&fd, Signal::KILL);
+                }
+            });
+        }) as Box<dyn FnOnce() + Send>;
+        Ok(EngineExec {
+            stdin: input,
+            output: rx,
+            status,
+            resize,
+            kill,
+        })
     }
 }
 
@@ -1013,6 +1173,11 @@ impl Cgroup {
         s.pids_limit_hits = keyed(&self.pids, "pids.events", "max");
         s
     }
+}
+
+/// The first 12 characters of a container id, as `docker ps` shows it.
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }
 
 #[cfg(test)]

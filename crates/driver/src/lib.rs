@@ -419,6 +419,32 @@ pub trait Driver: Send + Sync + 'static {
     }
 }
 
+/// A command to run inside an instance ([`InstanceHandle::engine_exec`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Variables set for the command on top of what the instance's engine gives it.
+    pub env: Vec<(String, String)>,
+    /// A terminal of this size (rows, columns); `None`: pipes.
+    pub tty: Option<(u16, u16)>,
+}
+
+/// A command running inside an instance through its driver's engine.
+pub struct EngineExec {
+    /// Its standard input; shutting it down is the end of input.
+    pub stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    /// Its output as it comes, in order per stream (a terminal's is all stdout); the
+    /// channel closes when the command's output ends.
+    pub output: tokio::sync::mpsc::Receiver<(Stream, Vec<u8>)>,
+    /// Its exit status, asked once the output has ended.
+    pub status:
+        std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<ExitStatus>> + Send>>,
+    /// Resizes its terminal (rows, columns).
+    pub resize: Option<Box<dyn Fn(u16, u16) + Send + Sync>>,
+    /// Ends it (the client went away).
+    pub kill: Box<dyn FnOnce() + Send>,
+}
+
 /// An instance of this daemon that a driver found at start-up ([`Driver::recover`]).
 pub struct Found {
     pub instance: InstanceId,
@@ -429,6 +455,9 @@ pub struct Found {
     pub process: Option<(u32, u64)>,
     /// How logs name the run ("pid 4242", "container 3f2a9c0d").
     pub describe: String,
+    /// The driver's own id of the run (a container's or a service's id), for
+    /// [`Driver::discard`]; empty where the handle is enough.
+    pub run_id: String,
     /// The manifest and directory the run was started with, when the driver keeps them
     /// (the keeper does); `None`: the instance table's are used, and a run the table does
     /// not know is discarded.
@@ -448,6 +477,10 @@ pub struct Found {
 pub struct RecoverError {
     pub driver: DriverKind,
     pub reason: String,
+    /// The driver may hold running instances it cannot show: the daemon must not start
+    /// (a key could get a second run). Otherwise the error is logged, and the table's
+    /// instances of the driver are resumed by their restart policy.
+    pub fatal: bool,
 }
 
 /// One running (or finished) instance.
@@ -527,12 +560,12 @@ pub trait InstanceHandle: Send + Sync + 'static {
         None
     }
 
-    /// How the daemon's `exec` runs `argv` for this instance, when the instance lives in a
-    /// world of its own: the host command that runs it inside (and returns its real exit
-    /// code), e.g. `docker exec -i <container> argv...`. `None` (the default): `argv` runs
-    /// on the host in the instance's environment and working directory.
-    fn exec_argv(&self, argv: &[String], tty: bool) -> Option<Vec<String>> {
-        let _ = (argv, tty);
+    /// Runs a command inside the instance through the driver's engine (docker's exec API,
+    /// a Pod's exec subresource), for instances the host cannot enter by itself. `None`
+    /// (the default): the daemon runs the command itself, on the host or entering the
+    /// instance's namespaces ([`exec_target`](Self::exec_target)).
+    async fn engine_exec(&self, req: ExecRequest) -> Option<std::io::Result<EngineExec>> {
+        let _ = req;
         None
     }
 }

@@ -576,3 +576,76 @@ fn escape_attempts_fail_in_a_default_container() {
     let out = inside("opened");
     assert!(out.contains("SOCKET_THERE"), "the control: {out}");
 }
+
+/// `bulkhead exec` into a container goes through the engine's exec API (no `docker` CLI):
+/// stdin reaches the command, stdout and stderr come back apart, the exit code is the
+/// command's; and a client that goes away takes its command with it.
+#[test]
+fn exec_through_the_engine_api_forwards_stdin_and_ends_with_its_client() {
+    require_docker!();
+    let m = manifest("shell", "exec sleep 1000", "");
+    let d = Daemon::start(&[("shell", &m)]);
+    let v = d.json(&["launch", "shell", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let run = |argv: &[&str], input: &[u8]| {
+        let mut child = Command::new(BIN)
+            .arg("--socket")
+            .arg(&d.socket)
+            .args(["exec", &id, "--"])
+            .args(argv)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run(
+        &[
+            "sh",
+            "-c",
+            "read line; echo \"got $line\"; echo oops >&2; exit 3",
+        ],
+        b"piped\n",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got piped\n");
+    assert!(stderr(&out).contains("oops"), "{}", stderr(&out));
+
+    // A command whose client is killed does not outlive it in the container.
+    let container = containers(&format!("bulkhead.instance={id}"))
+        .pop()
+        .expect("the instance's container");
+    let mut client = Command::new(BIN)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["exec", &id, "--", "sleep", "777"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sleeping = || {
+        let ps = Command::new("docker")
+            .args(["exec", &container, "ps"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&ps.stdout).contains("sleep 777")
+    };
+    let start = Instant::now();
+    while !sleeping() {
+        assert!(start.elapsed() < DEADLINE, "the exec never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    client.kill().unwrap();
+    let _ = client.wait();
+    let start = Instant::now();
+    while sleeping() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the exec outlived its client\n{}",
+            d.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Incoming, Reply, Request, MAX_MESSAGE};
 use crate::cgroup::{InstanceCgroup, Tracker};
-use crate::{Driver, OutputTap, SpawnError, SpawnSpec, Spawned, Stream};
+use crate::{Driver, Found, OutputTap, RecoverError, SpawnError, SpawnSpec, Spawned, Stream};
 
 /// The status reported for instances of a keeper that died: they were killed by its
 /// parent-death signal.
@@ -436,19 +436,6 @@ pub struct Record {
     pub cgroup: Option<PathBuf>,
 }
 
-/// An instance found at the keeper by a (re)started daemon.
-pub struct Adoptable {
-    pub instance: InstanceId,
-    pub pid: u32,
-    pub start_time: u64,
-    pub record: Record,
-    /// Set when the instance exited while no daemon was connected.
-    pub exit: Option<ExitStatus>,
-    pub spawned: Spawned,
-    /// The listening sockets the keeper kept for it (`sockets:`), in order.
-    pub listen: Vec<crate::listen::ListenFd>,
-}
-
 /// Starts keeper shard `n` (or connects to it, if it answers): the daemon's start-up
 /// path, again.
 pub type Restart = Box<
@@ -673,7 +660,7 @@ impl KeeperDriver {
     /// Every instance the keepers hold, ready to be put back under supervision.
     /// Records that cannot be read are reported and skipped; their instances are
     /// killed, since nothing may run unseen.
-    pub async fn adopt_all(&self) -> io::Result<Vec<Adoptable>> {
+    async fn found_at_keepers(&self) -> io::Result<Vec<Found>> {
         let mut out = Vec::new();
         let mut keep = Vec::new();
         for client in self.clients() {
@@ -729,11 +716,13 @@ impl KeeperDriver {
                     stderr: None,
                     tap,
                 };
-                out.push(Adoptable {
+                out.push(Found {
                     instance: id,
-                    pid,
-                    start_time,
-                    record,
+                    process: Some((pid, start_time)),
+                    describe: format!("pid {pid}"),
+                    run_id: String::new(),
+                    launched: Some((record.spec, record.cwd)),
+                    env: record.env,
                     exit,
                     spawned,
                     listen,
@@ -769,6 +758,16 @@ impl Driver for KeeperDriver {
 
     fn tracks_every_descendant(&self) -> bool {
         self.tracker().is_some()
+    }
+
+    /// The keepers' instances. An error is fatal to the daemon's start: the keepers may
+    /// hold running instances nobody could then see.
+    async fn recover(&self) -> Result<Vec<Found>, RecoverError> {
+        self.found_at_keepers().await.map_err(|e| RecoverError {
+            driver: DriverKind::Process,
+            reason: format!("the keeper did not answer: {e}"),
+            fatal: true,
+        })
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
