@@ -18,10 +18,11 @@ use bulkhead_core::key::InstanceId;
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::DriverKind;
 use bulkhead_docker::driver::exit_status;
+use bulkhead_docker::driver::ExecKill;
 use bulkhead_docker::engine::{Engine, LABEL_DAEMON, LABEL_INSTANCE};
 use bulkhead_driver::{
-    Driver, Found, InstanceHandle, KillDeadline, OutputTap, RecoverError, SignalError, SpawnError,
-    SpawnSpec, Spawned, Stats, StatsError, Stream,
+    Driver, EngineExec, ExecRequest, Found, InstanceHandle, KillDeadline, OutputTap, RecoverError,
+    SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError, Stream,
 };
 use futures_util::StreamExt;
 use tokio::sync::watch;
@@ -102,6 +103,22 @@ impl SwarmDriver {
     /// How many stale copies this driver has fenced (removed from a returning node).
     pub fn fenced(&self) -> u64 {
         self.inner.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Where the current run of `instance` is: its node's engine address (from the
+    /// node's `bulkhead.engine` label) and its container id, once known.
+    pub fn locate(&self, instance: &str) -> Option<(String, String)> {
+        let s = self
+            .inner
+            .watched()
+            .into_iter()
+            .find(|s| s.instance == instance)?;
+        let r = lock(&s.run).clone();
+        let addr = lock(&self.inner.nodes)
+            .get(r.node.as_ref()?)?
+            .engine
+            .clone()?;
+        Some((addr, r.container?))
     }
 
     /// The manager's client, checked reachable (a 2 s ping).
@@ -708,14 +725,6 @@ impl Service {
         }
     }
 
-    /// The node engine's address and the container id, for exec.
-    fn exec_target(&self) -> Option<(String, String)> {
-        let r = lock(&self.run);
-        let inner = self.inner.upgrade()?;
-        let addr = lock(&inner.nodes).get(r.node.as_ref()?)?.engine.clone()?;
-        Some((addr, r.container.clone()?))
-    }
-
     /// The environment the task was started with.
     pub fn env(&self) -> Vec<(String, String)> {
         self.env.clone()
@@ -805,33 +814,29 @@ impl InstanceHandle for Service {
         Some(self.ready.subscribe())
     }
 
-    /// `docker -H <node engine> exec` into the task's container; where the node cannot
-    /// be reached, a command that says so and exits 126.
-    fn exec_argv(&self, argv: &[String], tty: bool) -> Option<Vec<String>> {
-        let Some((addr, container)) = self.exec_target() else {
-            return Some(vec![
-                "/bin/sh".to_owned(),
-                "-c".to_owned(),
-                format!(
-                    "echo 'bulkhead: the node of swarm service {} cannot be reached for exec \
-                     (no {LABEL_ENGINE} label on its node, or no task yet)' >&2; exit 126",
-                    self.name
-                ),
-            ]);
+    /// The engine's exec API on the task's node (reached through its `bulkhead.engine`
+    /// label): the command runs in the task's container. A client that goes away does
+    /// not end it (the node's pids mean nothing on this host).
+    async fn engine_exec(&self, req: ExecRequest) -> Option<std::io::Result<EngineExec>> {
+        let (node, container) = {
+            let r = lock(&self.run);
+            (r.node.clone(), r.container.clone())
         };
-        let mut out = vec![
-            "docker".to_owned(),
-            "-H".to_owned(),
-            addr,
-            "exec".to_owned(),
-            "-i".to_owned(),
-        ];
-        if tty {
-            out.push("-t".to_owned());
-        }
-        out.push(container);
-        out.extend(argv.iter().cloned());
-        Some(out)
+        let reach = async {
+            let inner = self.inner.upgrade()?;
+            let nc = inner.node_client(node.as_deref()?).await?;
+            Some((nc, container?))
+        };
+        Some(match reach.await {
+            Some((nc, container)) => {
+                bulkhead_docker::driver::exec_in(&nc, &container, req, ExecKill::None).await
+            }
+            None => Err(std::io::Error::other(format!(
+                "the node of swarm service {} cannot be reached for exec (no {LABEL_ENGINE} \
+                 label on its node, or no task yet)",
+                self.name
+            ))),
+        })
     }
 }
 
@@ -975,9 +980,12 @@ impl Driver for SwarmDriver {
     /// from now on), or its exit if its task ended while no daemon watched.
     async fn recover(&self) -> Result<Vec<Found>, RecoverError> {
         let inner = &self.inner;
+        // Not fatal: a key whose service could not be seen cannot get a second one, as
+        // its service name is fixed (the new service is refused while the old exists).
         let fail = |reason: String| RecoverError {
             driver: DriverKind::Swarm,
             reason,
+            fatal: false,
         };
         let client = inner.client().await.map_err(fail)?;
         let services = client
@@ -1053,6 +1061,7 @@ impl Driver for SwarmDriver {
                 instance,
                 process: None,
                 describe: format!("swarm service {name}"),
+                run_id: id.clone(),
                 launched: None,
                 env,
                 exit: svc.try_status(),

@@ -61,19 +61,17 @@ async fn spawn(d: &SwarmDriver, fx: &Fixture, name: &str, script: &str) -> Spawn
         .unwrap_or_else(|e| panic!("spawn of {name}: {e}"))
 }
 
-/// The task's node engine and container, as the handle knows them.
-async fn container_of(h: &Spawned) -> (bollard::Docker, String) {
-    let argv = h.handle.exec_argv(&["true".into()], false).unwrap();
-    assert_eq!(
-        argv[0], "docker",
-        "the task's node is not reachable: {argv:?}"
-    );
-    let node = bollard::Docker::connect_with_host(&argv[2])
+/// The task's node engine and container, as the driver knows them.
+async fn container_of(d: &SwarmDriver, instance: &str) -> (bollard::Docker, String) {
+    let (addr, container) = d
+        .locate(instance)
+        .unwrap_or_else(|| panic!("the node of {instance} is not reachable"));
+    let node = bollard::Docker::connect_with_host(&addr)
         .unwrap()
         .negotiate_version()
         .await
         .unwrap();
-    (node, argv[5].clone())
+    (node, container)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -124,7 +122,7 @@ async fn a_killed_container_is_a_crash_with_its_signal_and_leaves_no_service() {
     let d = swarm_or_skip!("kill");
     let fx = common::fixture();
     let run = spawn(&d, &fx, "kill", "exec sleep 1000").await;
-    let (node, container) = container_of(&run).await;
+    let (node, container) = container_of(&d, "ns:conformance:kill").await;
     node.kill_container(
         &container,
         Some(KillContainerOptions {
@@ -201,21 +199,25 @@ async fn exec_runs_in_the_tasks_container_on_its_node_with_the_real_exit_code() 
     let d = swarm_or_skip!("exec");
     let fx = common::fixture();
     let run = spawn(&d, &fx, "exec", "exec sleep 1000").await;
-    let argv = run
-        .handle
-        .exec_argv(
-            &[
-                "sh".into(),
-                "-c".into(),
-                "test -x /bin/busybox && exit 7".into(),
-            ],
-            false,
-        )
+    let req = bulkhead_driver::ExecRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo in-$HOSTNAME; test -x /bin/busybox && exit 7".into(),
+        ],
+        env: Vec::new(),
+        tty: None,
+    };
+    let mut ex = within("exec", run.handle.engine_exec(req))
+        .await
+        .expect("the driver runs exec through the engine")
         .unwrap();
-    let st = std::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .status()
-        .unwrap();
-    assert_eq!(st.code(), Some(7), "{argv:?}");
+    let mut out = Vec::new();
+    while let Some((_, chunk)) = within("exec output", ex.output.recv()).await {
+        out.extend(chunk);
+    }
+    let st = within("exec status", ex.status).await.unwrap();
+    assert_eq!(st, ExitStatus::Exited { code: 7 });
+    assert!(String::from_utf8_lossy(&out).starts_with("in-"), "{out:?}");
     run.handle.stop(Signal::KILL, Duration::ZERO).await;
 }
