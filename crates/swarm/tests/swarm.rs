@@ -221,3 +221,28 @@ async fn exec_runs_in_the_tasks_container_on_its_node_with_the_real_exit_code() 
     assert!(String::from_utf8_lossy(&out).starts_with("in-"), "{out:?}");
     run.handle.stop(Signal::KILL, Duration::ZERO).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_and_http_probes_run_inside_the_task() {
+    let d = swarm_or_skip!("probes");
+    for (name, probe) in [
+        ("tcp", "tcp: {port: 8080, period: 200ms}"),
+        (
+            "http",
+            "http: {port: 8080, path: /index.html, period: 200ms}",
+        ),
+    ] {
+        let mut fx = common::fixture();
+        fx.manifest_extra
+            .push_str(&format!("readiness:\n  timeout: 30s\n  {probe}\n"));
+        let script = "mkdir -p /tmp/w && echo ok > /tmp/w/index.html && sleep 1 && \
+                      exec httpd -f -p 8080 -h /tmp/w";
+        let run = spawn(&d, &fx, &format!("probe-{name}"), script).await;
+        let mut ready = run.handle.engine_readiness().unwrap();
+        assert!(!*ready.borrow(), "{name}: ready before the server listens");
+        within(format!("{name} readiness"), ready.wait_for(|r| *r))
+            .await
+            .unwrap();
+        run.handle.stop(Signal::KILL, Duration::ZERO).await;
+    }
+}
