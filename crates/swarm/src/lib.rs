@@ -26,7 +26,7 @@
 //! container's `HEALTHCHECK` (exec: the command; tcp: `nc`; http: `wget`, both run inside
 //! the task and found in its image), with its period, timeout and failure threshold and
 //! the readiness timeout as the start period. A task with a health check stays `starting`
-//! until it passes, then is `running`: [`InstanceHandle::engine_readiness`] follows that.
+//! until it passes, then is `running`: [`InstanceHandle::engine_readiness`](bulkhead_driver::InstanceHandle::engine_readiness) follows that.
 //! Once running, a failing health check makes the engine stop the task (a crash).
 //!
 //! **Fencing.** After a partition, the manager marks the cut-off node down; bulkhead
