@@ -80,6 +80,43 @@ fn a_killed_task_is_crashed_and_bulkheads_policy_starts_the_next_run() {
 }
 
 #[test]
+fn crashing_tasks_open_bulkheads_breaker_and_each_run_is_one_service() {
+    require_swarm!();
+    let m = manifest(
+        "crashy",
+        "exit 3",
+        "restart: {policy: on-failure, max_failures: 3, cooldown: 60s, backoff: {initial: 20ms, jitter: 0}}\n",
+    );
+    let d = start(&[("crashy", &m)]);
+    let _ = d.cli(&["launch", "crashy", "--namespace", "t", "--wait", "started"]);
+    let id = "ns:t:crashy";
+    d.wait_event("breaker_open", |e| {
+        e["instance"] == id && e["kind"] == "breaker_open"
+    });
+    let evs: Vec<_> = d
+        .events()
+        .into_iter()
+        .filter(|e| e["instance"] == id)
+        .collect();
+    let exits: Vec<_> = evs.iter().filter(|e| e["kind"] == "exited").collect();
+    assert_eq!(exits.len(), 3, "{evs:#?}");
+    assert!(
+        exits.iter().all(|e| e["exit_code"] == 3),
+        "the task's exit code: {evs:#?}"
+    );
+    // While open, launches fail fast; every run's service is gone.
+    let o = d.cli(&["launch", "crashy", "--namespace", "t"]);
+    assert!(
+        stderr(&o).contains("circuit breaker open"),
+        "{}",
+        stderr(&o)
+    );
+    wait_no_services(&d);
+    let out = d.cli(&["terminate", id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
 fn after_a_daemon_crash_its_service_is_adopted_and_orphans_are_removed() {
     require_swarm!();
     let m = manifest("kept", "exec sleep 1000", "restart: {policy: never}\n");
