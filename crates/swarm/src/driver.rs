@@ -64,6 +64,8 @@ struct Inner {
     fenced: AtomicU64,
     /// (image, program) pairs found in the image once: not looked up again.
     programs: Mutex<HashSet<(String, String)>>,
+    /// Whether nodes are reached through their `bulkhead.engine` label.
+    node_engines: AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -96,8 +98,17 @@ impl SwarmDriver {
                 poller: OnceLock::new(),
                 fenced: AtomicU64::new(0),
                 programs: Mutex::new(HashSet::new()),
+                node_engines: AtomicBool::new(true),
             }),
         }
+    }
+
+    /// Reaches no node's own engine, as if no node carried a `bulkhead.engine` label (a
+    /// swarm whose nodes the daemon cannot reach): stops remove the service at once, exec
+    /// fails, fencing is left to the swarm.
+    pub fn without_node_engines(self) -> SwarmDriver {
+        self.inner.node_engines.store(false, Ordering::SeqCst);
+        self
     }
 
     /// How many stale copies this driver has fenced (removed from a returning node).
@@ -161,6 +172,9 @@ impl Inner {
     /// A client on the engine of node `node_id`, when its `bulkhead.engine` label says
     /// where that is.
     async fn node_client(&self, node_id: &str) -> Option<Docker> {
+        if !self.node_engines.load(Ordering::SeqCst) {
+            return None;
+        }
         let addr = lock(&self.nodes).get(node_id)?.engine.clone()?;
         if let Some(c) = lock(&self.node_clients).get(&addr) {
             return Some(c.clone());
@@ -750,10 +764,18 @@ impl InstanceHandle for Service {
         };
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             h.spawn(async move {
-                if !me.kill(signal).await && signal == Signal::KILL {
-                    // No way to the node: removing the service is the engine's kill.
-                    *lock(&me.stopping) = Some(signal);
-                    me.remove().await;
+                if !me.kill(signal).await {
+                    if signal == Signal::KILL {
+                        // No way to the node: removing the service is the engine's kill.
+                        *lock(&me.stopping) = Some(signal);
+                        me.remove().await;
+                    } else {
+                        tracing::warn!(
+                            "cannot send {signal} to swarm service {}: its node cannot be \
+                             reached (no {LABEL_ENGINE} label)",
+                            me.name
+                        );
+                    }
                 }
             });
         }

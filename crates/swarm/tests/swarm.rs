@@ -246,3 +246,60 @@ async fn tcp_and_http_probes_run_inside_the_task() {
         run.handle.stop(Signal::KILL, Duration::ZERO).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_way_to_the_node_a_stop_removes_the_service_and_the_engine_signals() {
+    let d = swarm_or_skip!("nonode").without_node_engines();
+    let mut fx = common::fixture();
+    fx.manifest_extra.push_str("shutdown: {grace: 1s}\n");
+    // A graceful program ends on the service's stop signal ...
+    let run = spawn(&d, &fx, "nonode-term", "exec sleep 1000").await;
+    let st = within(
+        "stop",
+        run.handle.stop(Signal::TERM, Duration::from_secs(10)),
+    )
+    .await;
+    assert_eq!(
+        st,
+        ExitStatus::Signaled {
+            signal: 15,
+            core_dumped: false
+        }
+    );
+    // ... one that ignores it is killed by the engine after the manifest's grace.
+    let script = "trap '' TERM; : > nonode.ready; while :; do sleep 0.05; done";
+    let run = spawn(&d, &fx, "nonode-kill", script).await;
+    let ready = fx.path("nonode.ready");
+    within("the trap", async {
+        while !ready.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let st = within(
+        "stop",
+        run.handle.stop(Signal::TERM, Duration::from_secs(10)),
+    )
+    .await;
+    assert_eq!(
+        st,
+        ExitStatus::Signaled {
+            signal: 9,
+            core_dumped: false
+        }
+    );
+    assert!(services(&d, &daemon_of("nonode")).await.is_empty());
+    // exec says why it cannot run.
+    let run = spawn(&d, &fx, "nonode-exec", "exec sleep 1000").await;
+    let req = bulkhead_driver::ExecRequest {
+        argv: vec!["true".into()],
+        env: Vec::new(),
+        tty: None,
+    };
+    match run.handle.engine_exec(req).await {
+        Some(Err(e)) => assert!(e.to_string().contains("cannot be reached"), "{e}"),
+        Some(Ok(_)) => panic!("exec ran without a way to the node"),
+        None => panic!("exec would run on the host"),
+    }
+    run.handle.stop(Signal::KILL, Duration::ZERO).await;
+}
