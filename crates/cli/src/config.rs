@@ -463,6 +463,23 @@ mod tests {
         assert_eq!(s.no_keeper, Some(false));
     }
 
+    #[test]
+    fn the_swarm_manager_comes_from_the_file_unless_the_command_line_names_one() {
+        let file = parse(Path::new("c.toml"), "swarm-host = \"unix:///from/file\"\n").unwrap();
+        assert_eq!(file.swarm_host.as_deref(), Some("unix:///from/file"));
+        let again = parse(Path::new("c.toml"), "swarm-host = \"unix:///from/file\"\n").unwrap();
+        let none = ServeArgs::default().or_file(again);
+        assert_eq!(none.swarm_host.as_deref(), Some("unix:///from/file"));
+        let flags = ServeArgs {
+            swarm_host: Some("tcp://mgr:2375".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            flags.or_file(file).swarm_host.as_deref(),
+            Some("tcp://mgr:2375")
+        );
+    }
+
     /// `dist/config.toml` documents every setting of `serve` (each `--flag` as a
     /// commented `# flag = ...` line), and with every line uncommented it parses.
     #[test]
