@@ -17,6 +17,19 @@ macro_rules! require_swarm {
 }
 
 #[test]
+fn without_a_swarm_manager_a_swarm_workload_is_refused_naming_the_driver() {
+    // No swarm needed: the daemon is started without --swarm-host.
+    let d = Daemon::start(&[("noswarm", &manifest("noswarm", "exec sleep 1000", ""))]);
+    let o = d.cli(&["launch", "noswarm", "--namespace", "t"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("swarm is not available in this daemon"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn swarm_launches_one_service_per_key_with_its_logs_and_terminate_leaves_none() {
     require_swarm!();
     let m = manifest("hello", "echo hello-from-swarm; exec sleep 1000", "");
