@@ -303,3 +303,27 @@ async fn without_a_way_to_the_node_a_stop_removes_the_service_and_the_engine_sig
     }
     run.handle.stop(Signal::KILL, Duration::ZERO).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_that_turns_unhealthy_is_stopped_by_the_engine() {
+    let d = swarm_or_skip!("unhealthy");
+    let mut fx = common::fixture();
+    fx.manifest_extra.push_str(
+        "readiness:\n  timeout: 30s\n  exec: {command: [test, -f, /tmp/ok], period: 200ms, failure_threshold: 1}\n",
+    );
+    let script = "touch /tmp/ok; sleep 2; rm /tmp/ok; exec sleep 1000";
+    let run = spawn(&d, &fx, "unhealthy", script).await;
+    let mut ready = run.handle.engine_readiness().unwrap();
+    within("readiness", ready.wait_for(|r| *r)).await.unwrap();
+    // The check fails once the marker is gone: the engine stops the task with the
+    // service's stop signal (SIGTERM; `exec sleep` under the init ends on it).
+    let st = within("the engine's stop", run.handle.wait()).await;
+    assert_eq!(
+        st,
+        ExitStatus::Signaled {
+            signal: 15,
+            core_dumped: false
+        }
+    );
+    assert!(!*ready.borrow(), "still ready after the end");
+}
