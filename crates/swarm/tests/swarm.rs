@@ -327,3 +327,28 @@ async fn a_task_that_turns_unhealthy_is_stopped_by_the_engine() {
     );
     assert!(!*ready.borrow(), "still ready after the end");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_resources_are_the_task_containers_limits_on_its_node() {
+    let d = swarm_or_skip!("limits");
+    let mut fx = common::fixture();
+    fx.manifest_extra
+        .push_str("resources: {memory: 32Mi, cpu: 0.5, pids: 50}\n");
+    let run = spawn(&d, &fx, "limits", "exec sleep 1000").await;
+    let (node, container) = container_of(&d, "ns:conformance:limits").await;
+    let host = node
+        .inspect_container(
+            &container,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+        .unwrap()
+        .host_config
+        .unwrap();
+    assert_eq!(host.memory, Some(32 << 20));
+    assert_eq!(host.nano_cpus, Some(500_000_000));
+    assert_eq!(host.pids_limit, Some(50));
+    let stats = run.handle.stats().unwrap();
+    assert_eq!(stats.memory_limit_bytes, Some(32 << 20));
+    run.handle.stop(Signal::KILL, Duration::ZERO).await;
+}
