@@ -72,6 +72,9 @@ struct Inner {
 struct NodeView {
     hostname: String,
     ready: bool,
+    /// Marked down by the manager (missed heartbeats): its runs are lost. Not `unknown`
+    /// or `disconnected`, which a manager restart shows for every node for a moment.
+    down: bool,
     engine: Option<String>,
 }
 
@@ -279,27 +282,30 @@ impl Inner {
         None
     }
 
-    /// Records the nodes; returns those that are ready again after having been seen not
-    /// ready.
+    /// Records the nodes; returns those that are ready again after having been seen
+    /// down.
     fn update_nodes(&self, nodes: Vec<bollard::models::Node>) -> Vec<String> {
         let mut known = lock(&self.nodes);
         let mut back = Vec::new();
         for n in nodes {
             let Some(id) = n.id else { continue };
-            let ready = n.status.as_ref().and_then(|s| s.state) == Some(NodeState::READY);
+            let state = n.status.as_ref().and_then(|s| s.state);
+            let ready = state == Some(NodeState::READY);
+            let down = state == Some(NodeState::DOWN);
             let view = NodeView {
                 hostname: n
                     .description
                     .and_then(|d| d.hostname)
                     .unwrap_or_else(|| id.clone()),
                 ready,
+                down,
                 engine: n
                     .spec
                     .and_then(|s| s.labels)
                     .and_then(|l| l.get(LABEL_ENGINE).cloned()),
             };
             if let Some(old) = known.get(&id) {
-                if !old.ready && ready {
+                if old.down && ready {
                     back.push(id.clone());
                 }
             }
@@ -411,7 +417,7 @@ async fn poll_loop(inner: Weak<Inner>, client: Docker) {
         let Some(inner) = inner.upgrade() else { return };
         let watched = inner.watched();
         // Idle (no run to watch, no node to fence when it returns): nothing to ask.
-        let node_down = lock(&inner.nodes).values().any(|n| !n.ready);
+        let node_down = lock(&inner.nodes).values().any(|n| n.down);
         if watched.is_empty() && !node_down {
             continue;
         }
@@ -626,7 +632,7 @@ impl Service {
         // ends (SIGKILL), its service is removed and the restart policy places the key
         // again; the copy left on the node is fenced when the node returns.
         if let Some(n) = node {
-            let down = lock(&inner.nodes).get(&n).is_some_and(|v| !v.ready);
+            let down = lock(&inner.nodes).get(&n).is_some_and(|v| v.down);
             if down {
                 let host = lock(&inner.nodes)
                     .get(&n)
