@@ -21,12 +21,14 @@
 //!
 //! Both shared-memory paths are zero-copy: a message is a loan whose first 8 bytes carry
 //! a sequence number; the rest stays in place (nobody copies the payload; the socket must).
-//! Receivers spin. The main loop interleaves the paths in blocks (each wall's thread is
+//! The host's receivers spin; the echoes wait as the SDK does. The main loop interleaves the paths in blocks (each wall's thread is
 //! told over a channel to run a block and sends back its samples; only one path runs at a
 //! time) so that all of them see the same machine.
 //! Then memory: the RSS of the host and the process-wall SDK workload before and after
-//! 1,000,000 4 KiB round trips. Options: `--iterations N` (default 2000), `--messages N`
-//! (default 1,000,000), `--write PATH` (also write the markdown report).
+//! 1,000,000 4 KiB round trips. Then idle CPU: the SDK echo (blocked in `recv_timeout`)
+//! and a Python SDK subscriber (blocked in `recv`) while nothing is sent. Options:
+//! `--iterations N` (default 2000), `--messages N` (default 1,000,000), `--idle-seconds N`
+//! (default 60), `--write PATH` (also write the markdown report).
 
 use std::io::{Read, Write};
 use std::mem::MaybeUninit;
@@ -66,6 +68,10 @@ fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(1_000_000);
     let write: Option<PathBuf> = flag(&args, "--write").map(PathBuf::from);
+    let idle_secs: u64 = flag(&args, "--idle-seconds")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(60);
     let exe = std::env::current_exe()?;
     let dir = tempfile::tempdir()?;
 
@@ -143,6 +149,7 @@ fn main() -> anyhow::Result<()> {
     let mut sdks: Vec<Wall> = Vec::new();
     let mut iox2_prefix = None;
     let mut echo_pid = 0;
+    let mut input_service = String::new();
     for (name, driver, session, _, _) in &walls {
         let inst = match launch(name, session) {
             Ok(i) => i,
@@ -167,6 +174,7 @@ fn main() -> anyhow::Result<()> {
         if *driver == "process" {
             iox2_prefix = iox2.prefix.clone();
             echo_pid = inst.pid.unwrap_or(0);
+            input_service = service("input")?;
         }
         eprintln!(
             "{name} ({driver} wall, session {session}) ready (pid {:?}, channel space {:?})",
@@ -260,6 +268,31 @@ fn main() -> anyhow::Result<()> {
     sdks[0].run(4 << 10, messages, 0)?;
     let after = (rss_kib(std::process::id()), rss_kib(echo_pid));
 
+    // Idle: the Rust SDK echo (blocked in `recv_timeout`) and a Python SDK subscriber on
+    // the same input channel, while nothing is sent.
+    eprintln!("idle CPU over {idle_secs} s (process wall)");
+    let mut py = python_idle_subscriber(&exe, iox2_prefix.as_deref(), &input_service);
+    std::thread::sleep(Duration::from_secs(2)); // the interpreter's start-up is not idle
+    let py_pid = py.as_ref().map(|c| c.id()).unwrap_or(0);
+    let cpu_before = (cpu_ticks(echo_pid), cpu_ticks(py_pid));
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let cpu_after = (cpu_ticks(echo_pid), cpu_ticks(py_pid));
+    if let Some(c) = py.as_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let idle_pct = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => format!(
+            "{:.3} %",
+            (b - a) as f64 / ticks_per_second() / idle_secs as f64 * 100.0
+        ),
+        _ => "not measured (see the log)".to_owned(),
+    };
+    let idle_rows = (
+        idle_pct(cpu_before.0, cpu_after.0),
+        idle_pct(cpu_before.1, cpu_after.1),
+    );
+
     let _ = raw_child.kill();
     let _ = raw_child.wait();
     drop(sock);
@@ -309,6 +342,12 @@ fn main() -> anyhow::Result<()> {
             ));
         }
     }
+    md.push_str(&format!(
+        "\n\n| idle over {idle_secs} s, nothing sent | CPU (of one core) |\n|---|---|\n\
+         | Rust SDK echo workload, blocked in `recv_timeout` | {} |\n\
+         | Python SDK subscriber, blocked in `recv` | {} |\n",
+        idle_rows.0, idle_rows.1
+    ));
     md.push_str(&format!(
         "\n\n| RSS (KiB) | before | after {messages} round trips |\n|---|---|---|\n\
          | host (this benchmark) | {} | {} |\n| SDK echo workload | {} | {} |\n",
@@ -476,6 +515,56 @@ fn parent() -> u32 {
     std::os::unix::process::parent_id()
 }
 
+/// User + system CPU time of `pid` in clock ticks; `None` when it cannot be read.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = bulkhead_driver::sys::read_stat(pid).ok()?;
+    Some(stat.utime + stat.stime)
+}
+
+fn ticks_per_second() -> f64 {
+    bulkhead_driver::sys::clock_ticks() as f64
+}
+
+/// A Python process subscribed to `service` through the Python SDK (`sdk/python`), blocked
+/// in `recv` for good; `None` (with the reason) where python3 or iceoryx2 is missing.
+fn python_idle_subscriber(
+    exe: &std::path::Path,
+    prefix: Option<&str>,
+    service: &str,
+) -> Option<std::process::Child> {
+    // The SDK beside this checkout: found from the benchmark binary's target directory
+    // up, so that it runs from any checkout path.
+    let sdk = exe
+        .ancestors()
+        .map(|a| a.join("sdk/python"))
+        .find(|p| p.join("bulkhead_sdk").is_dir())
+        .or_else(|| {
+            let here = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python");
+            here.join("bulkhead_sdk").is_dir().then_some(here)
+        });
+    let Some(sdk) = sdk else {
+        eprintln!("idle: no sdk/python found; the Python subscriber is not measured");
+        return None;
+    };
+    let script = "import os, sys\nfrom bulkhead_sdk import Host\n\
+                  h = Host(prefix=os.environ.get('BULKHEAD_IOX2_PREFIX'))\n\
+                  s = h.subscriber(sys.argv[1], 4)\n\
+                  while True:\n    s.recv(3600.0)\n";
+    let child = Command::new("python3")
+        .args(["-c", script, service])
+        .env("PYTHONPATH", &sdk)
+        .env("BULKHEAD_IOX2_PREFIX", prefix.unwrap_or_default())
+        .stdin(Stdio::null())
+        .spawn();
+    match child {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("idle: cannot start python3 ({e}); the Python subscriber is not measured");
+            None
+        }
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -535,7 +624,7 @@ fn echo_sdk() -> anyhow::Result<()> {
     bulkhead_sdk::notify_ready()?;
     let parent = parent();
     loop {
-        // The SDK's wait: spins 50 µs, yields until 2 ms, then sleeps up to 1 ms a step.
+        // The SDK's wait: checks the queue for 20 µs, then blocks on the channel's event.
         let Some(m) = rx.recv_timeout(Duration::from_secs(1))? else {
             if self::parent() != parent {
                 return Ok(()); // the benchmark is gone

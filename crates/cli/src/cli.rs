@@ -450,6 +450,16 @@ pub struct ServeArgs {
     /// available.
     #[arg(long, value_name = "URL", env = "BULKHEAD_SWARM_HOST")]
     pub swarm_host: Option<String>,
+    /// The kubernetes driver's kubeconfig [default: in-cluster config, else KUBECONFIG,
+    /// else ~/.kube/config].
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context the kubernetes driver uses [default: its current one].
+    #[arg(long, value_name = "NAME")]
+    pub kubernetes_context: Option<String>,
+    /// The namespace of Pods whose manifest names none [default: the kubeconfig's].
+    #[arg(long, value_name = "NS")]
+    pub kubernetes_namespace: Option<String>,
     /// The daemon's own log on stderr: text (coloured only on a terminal, and never when
     /// NO_COLOR is set) or JSON, one object per line [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]

@@ -236,6 +236,9 @@ impl ServeArgs {
             image_cache_max_count,
             image_cache_max_bytes,
             swarm_host,
+            kubeconfig,
+            kubernetes_context,
+            kubernetes_namespace,
             log_format,
             finished_ttl,
         } = self;
@@ -268,6 +271,9 @@ impl ServeArgs {
             image_cache_max_count: image_cache_max_count.or(file.image_cache_max_count),
             image_cache_max_bytes: image_cache_max_bytes.or(file.image_cache_max_bytes),
             swarm_host: swarm_host.or(file.swarm_host),
+            kubeconfig: kubeconfig.or(file.kubeconfig),
+            kubernetes_context: kubernetes_context.or(file.kubernetes_context),
+            kubernetes_namespace: kubernetes_namespace.or(file.kubernetes_namespace),
             log_format: log_format.or(file.log_format),
             finished_ttl: finished_ttl.or(file.finished_ttl),
         }
@@ -284,6 +290,7 @@ impl ServeArgs {
             &mut self.tokens,
             &mut self.tls_cert,
             &mut self.tls_key,
+            &mut self.kubeconfig,
         ]
         .into_iter()
         .flatten()

@@ -340,6 +340,9 @@ pub fn event_json(e: &v1::Event) -> Value {
     if let Some(r) = &e.reason {
         m.insert("reason".into(), json!(r));
     }
+    if let Some(k) = &e.failure_kind {
+        m.insert("failure_kind".into(), json!(k));
+    }
     if let Some(g) = e.grace_ms {
         m.insert("grace_ms".into(), json!(g));
     }
@@ -457,6 +460,9 @@ pub fn event_line(e: &v1::Event) -> String {
     }
     if let Some(d) = &e.dependency {
         s.push_str(&format!(" dependency={d}"));
+    }
+    if let Some(k) = &e.failure_kind {
+        s.push_str(&format!(" failure_kind={k}"));
     }
     if let Some(r) = &e.reason {
         s.push_str(&format!(" reason=\"{r}\""));

@@ -390,6 +390,11 @@ pub fn space_of(
         },
         // Refused when the manifest is read (`crate::swarm::validate`).
         DriverKind::Swarm => return Err("channels are not supported with driver: swarm".into()),
+        // Refused by the manifest's validation (`crate::kubernetes`): a Pod is on
+        // another host.
+        DriverKind::Kubernetes => {
+            return Err("channels are not supported by driver kubernetes".to_owned())
+        }
     };
     Ok(Some(Space::Scope {
         name: space_name(key),

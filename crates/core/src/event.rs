@@ -81,7 +81,12 @@ pub enum EventKind {
     /// Every readiness signal passed.
     Ready,
     /// The launch failed: spawn error, exit during start-up, readiness timeout.
-    LaunchFailed { reason: String },
+    /// `failure_kind` says which, for machines (absent in events stored before it).
+    LaunchFailed {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failure_kind: Option<crate::failure::FailureKind>,
+    },
     /// The process exited by itself with a code.
     Exited { exit_code: i32 },
     /// The process was killed by a signal it did not get from a termination.

@@ -443,6 +443,8 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), (String, String)> {
                     );
                 }
             }
+            // Refused before, by `crate::kubernetes::validate`.
+            DriverKind::Kubernetes => {}
         }
     }
     resolve_limits(&spec.limits)?;

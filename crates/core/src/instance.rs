@@ -71,6 +71,7 @@
 use std::time::Duration;
 
 use crate::event::{EventKind, ExitStatus};
+use crate::failure::FailureKind;
 use crate::restart::{backoff_delay, BreakerState, Jitter};
 use crate::signal::Signal;
 use crate::spec::{Restart, RestartPolicy, Shutdown};
@@ -140,8 +141,11 @@ impl State {
 pub enum Input {
     /// The driver started the process (`pid` is absent for drivers without one).
     Spawned { pid: Option<u32> },
-    /// The driver could not start it.
-    SpawnFailed { reason: String },
+    /// The driver could not start it; `kind` says what failed.
+    SpawnFailed {
+        reason: String,
+        kind: crate::failure::FailureKind,
+    },
     /// Every readiness signal passed.
     ReadinessPassed,
     /// The readiness backstop fired.
@@ -155,6 +159,9 @@ pub enum Input {
     /// the instance's cgroup (they were killed): the program daemonized. Sent just before
     /// the `Exited` it explains: that run failed, with a message that says so.
     Daemonized { left: usize },
+    /// sd_notify `MAINPID=`: the driver now follows process `pid` as the run's main
+    /// process (the state does not change; [`Instance::pid`] is it from now on).
+    MainPid { pid: u32 },
     /// Stop it for good; `grace` overrides the manifest's.
     Terminate { grace: Option<Duration> },
     /// Stop the current run gracefully (`grace` overrides the manifest's) and start a
@@ -462,6 +469,7 @@ impl Instance {
             return fx;
         }
         match (self.state, input) {
+            (_, Input::MainPid { pid }) if self.has_live_process() => self.pid = Some(pid),
             (Starting, Input::Spawned { pid }) if self.spawn_pending => {
                 self.spawn_pending = false;
                 self.spawned = true;
@@ -480,11 +488,12 @@ impl Instance {
                     self.become_ready(now_ms, &mut fx);
                 }
             }
-            (Starting, Input::SpawnFailed { reason }) if self.spawn_pending => {
+            (Starting, Input::SpawnFailed { reason, kind }) if self.spawn_pending => {
                 self.spawn_pending = false;
                 let reason = format!("spawn failed: {reason}");
                 fx.push(Effect::Emit(EventKind::LaunchFailed {
                     reason: reason.clone(),
+                    failure_kind: Some(kind),
                 }));
                 self.failure = Some(reason);
                 self.pending_restart = None;
@@ -507,6 +516,7 @@ impl Instance {
                 fx.push(Effect::StopReadiness);
                 fx.push(Effect::Emit(EventKind::LaunchFailed {
                     reason: reason.clone(),
+                    failure_kind: Some(FailureKind::ReadinessTimeout),
                 }));
                 self.failure = Some(reason);
                 self.begin_stop(self.cfg.shutdown.grace, StopCause::Failure, &mut fx);
@@ -520,18 +530,27 @@ impl Instance {
             }
             (Starting, Input::Exited(status)) if self.spawned => {
                 self.last_exit = Some(status);
-                let reason = match (self.oom, self.daemonized) {
-                    (Some(limit), _) => format!(
-                        "killed by the OOM killer during start-up{}",
-                        limit_phrase(limit)
+                let (reason, kind) = match (self.oom, self.daemonized) {
+                    (Some(limit), _) => (
+                        format!(
+                            "killed by the OOM killer during start-up{}",
+                            limit_phrase(limit)
+                        ),
+                        FailureKind::Exited,
                     ),
-                    (None, Some(left)) if status.success() => daemonized_reason(left),
-                    _ => format!("exited during start-up with {status}"),
+                    (None, Some(left)) if status.success() => {
+                        (daemonized_reason(left), FailureKind::Daemonized)
+                    }
+                    _ => (
+                        format!("exited during start-up with {status}"),
+                        FailureKind::Exited,
+                    ),
                 };
                 fx.push(Effect::StopReadiness);
                 fx.push(Effect::Emit(self.exit_event(status)));
                 fx.push(Effect::Emit(EventKind::LaunchFailed {
                     reason: reason.clone(),
+                    failure_kind: Some(kind),
                 }));
                 self.failure = Some(reason);
                 self.run_ended(true, now_ms, &mut fx);
@@ -598,6 +617,7 @@ impl Instance {
                         let reason = daemonized_reason(left);
                         fx.push(Effect::Emit(EventKind::LaunchFailed {
                             reason: reason.clone(),
+                            failure_kind: Some(FailureKind::Daemonized),
                         }));
                         self.failure = Some(reason);
                         self.run_ended(true, now_ms, &mut fx);
@@ -1009,12 +1029,43 @@ mod tests {
         let fx = i.handle(
             Input::SpawnFailed {
                 reason: "no such file".into(),
+                kind: FailureKind::Exec,
             },
             0,
         );
         assert_eq!(events(&fx), vec!["launch_failed"]);
+        assert!(fx.contains(&Effect::Emit(EventKind::LaunchFailed {
+            reason: "spawn failed: no such file".into(),
+            failure_kind: Some(FailureKind::Exec),
+        })));
         assert_eq!(i.state(), State::Failed);
         assert_eq!(i.failure(), Some("spawn failed: no such file"));
+    }
+
+    fn failure_kind(fx: &[Effect]) -> Option<FailureKind> {
+        fx.iter().find_map(|e| match e {
+            Effect::Emit(EventKind::LaunchFailed { failure_kind, .. }) => *failure_kind,
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_failed_start_says_which_failure_it_was() {
+        let (mut i, _) = launch(true);
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        let fx = i.handle(Input::ReadinessTimedOut, 10);
+        assert_eq!(failure_kind(&fx), Some(FailureKind::ReadinessTimeout));
+
+        let (mut i, _) = launch(true);
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 3 }), 10);
+        assert_eq!(failure_kind(&fx), Some(FailureKind::Exited));
+
+        let (mut i, _) = launch(true);
+        i.handle(Input::Spawned { pid: Some(1) }, 0);
+        i.handle(Input::Daemonized { left: 1 }, 10);
+        let fx = i.handle(Input::Exited(ExitStatus::Exited { code: 0 }), 10);
+        assert_eq!(failure_kind(&fx), Some(FailureKind::Daemonized));
     }
 
     #[test]
@@ -1308,7 +1359,10 @@ mod tests {
     fn any_input() -> impl Strategy<Value = Input> {
         prop_oneof![
             proptest::option::of(1u32..100_000).prop_map(|pid| Input::Spawned { pid }),
-            "[a-z ]{0,10}".prop_map(|reason| Input::SpawnFailed { reason }),
+            "[a-z ]{0,10}".prop_map(|reason| Input::SpawnFailed {
+                reason,
+                kind: FailureKind::Setup
+            }),
             Just(Input::ReadinessPassed),
             Just(Input::ReadinessTimedOut),
             any_status().prop_map(Input::Exited),
@@ -1322,6 +1376,7 @@ mod tests {
             Just(Input::RestartDue),
             Just(Input::CooldownOver),
             (1usize..5).prop_map(|left| Input::Daemonized { left }),
+            (1u32..100_000).prop_map(|pid| Input::MainPid { pid }),
             any::<bool>().prop_map(|triggered| Input::WatchdogMissed { triggered }),
             (proptest::option::of(0u64..10_000), any::<bool>()).prop_map(|(g, hold)| {
                 Input::Restart {
@@ -1646,9 +1701,34 @@ mod tests {
 
     fn launch_failed_reason(fx: &[Effect]) -> Option<String> {
         fx.iter().find_map(|e| match e {
-            Effect::Emit(EventKind::LaunchFailed { reason }) => Some(reason.clone()),
+            Effect::Emit(EventKind::LaunchFailed { reason, .. }) => Some(reason.clone()),
             _ => None,
         })
+    }
+
+    /// sd_notify `MAINPID=`: the instance's pid follows the new main process while a run
+    /// lives, changes nothing else, and is ignored between runs.
+    #[test]
+    fn mainpid_moves_the_pid_of_a_live_run_only() {
+        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::Always));
+        assert!(i.handle(Input::MainPid { pid: 9 }, 0).is_empty());
+        assert_eq!(i.pid(), None, "no run yet");
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        assert!(i.handle(Input::MainPid { pid: 8 }, 1).is_empty());
+        assert_eq!((i.pid(), i.state()), (Some(8), State::Starting));
+        i.handle(Input::ReadinessPassed, 2);
+        i.handle(Input::MainPid { pid: 9 }, 3);
+        assert_eq!((i.pid(), i.state()), (Some(9), State::Ready));
+        i.handle(
+            Input::Exited(ExitStatus::Signaled {
+                signal: 9,
+                core_dumped: false,
+            }),
+            4,
+        );
+        assert_eq!(i.state(), State::Restarting);
+        i.handle(Input::MainPid { pid: 10 }, 5);
+        assert_ne!(i.pid(), Some(10), "between runs");
     }
 
     /// Issue 12: a program that daemonizes (main exits 0, processes left in its cgroup)

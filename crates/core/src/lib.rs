@@ -14,15 +14,15 @@
 //! - [`deps`]: `depends_on`: dependency keys, the graph's checks and layers.
 //! - [`spec`]: manifests (YAML) parsed and validated into [`spec::WorkloadSpec`].
 //! - [`instance`]: the instance lifecycle state machine.
-//! - [`event`]: lifecycle events and exit statuses.
+//! - [`event`]: lifecycle events and exit statuses; [`failure`]: why a launch failed.
 //! - [`expand`]: `${VAR}` expansion of a command line.
 //! - [`text`]: free text from untrusted sources made safe to store and to print.
 //! - [`channels`]: the data plane's channels (`channels:`), scoped service names.
 //! - [`execution`]: the process basics (`working_dir`, `env_file`, `user`, `limits`,
 //!   `umask`) and [`envfile`], the dotenv format.
 //! - [`sockets`]: listening sockets the daemon owns (`sockets:`, `activation:`).
-//! - [`size`]: byte sizes (`512Mi`); [`sandbox`] and [`docker`]: the driver sections of a
-//!   manifest.
+//! - [`size`]: byte sizes (`512Mi`); [`sandbox`], [`docker`] and [`kubernetes`]: the
+//!   driver sections of a manifest.
 //!
 //! ```
 //! use bulkhead_core::spec::parse_manifest;
@@ -42,8 +42,10 @@ pub mod envfile;
 pub mod event;
 pub mod execution;
 pub mod expand;
+pub mod failure;
 pub mod instance;
 pub mod key;
+pub mod kubernetes;
 pub mod lease;
 pub mod logline;
 pub mod name;

@@ -8,6 +8,18 @@
 //! activation: {mode: on-connection, idle_stop: 5m}   # isolation none, fixed addresses
 //! ```
 //!
+//! With isolation `namespace`, on-connection activation names its namespaces, and every
+//! socket's address differs per namespace: a Unix path that is relative (under each
+//! instance's own runtime directory) or contains `${NAMESPACE}`. TCP is refused there: a
+//! port cannot differ per namespace (one port map per namespace would be a second list to
+//! keep in step; a Unix socket per namespace is what a per-tenant front proxy connects to).
+//!
+//! ```yaml
+//! isolation: namespace
+//! sockets: [{name: api, listen: "unix:/run/app/${NAMESPACE}.sock"}]
+//! activation: {mode: on-connection, namespaces: [acme, globex], idle_stop: 5m}
+//! ```
+//!
 //! A `listen` address is `tcp:[HOST:]PORT` (HOST defaults to `127.0.0.1`; an IPv6 host is
 //! written in brackets, `tcp:[::1]:8080`; PORT is a number or `$PORT`, the port the daemon
 //! allocates to the instance) or `unix:PATH` (relative: under the instance's runtime
@@ -39,6 +51,20 @@ pub const DEFAULT_UNIX_MODE: u32 = 0o600;
 pub const MAX_SOCKET_NAME: usize = 63;
 /// The longest Unix socket path the kernel accepts (`sun_path` less its NUL).
 pub const MAX_UNIX_PATH: usize = 107;
+/// In a `unix:` path: the instance's namespace (isolation `namespace` only).
+pub const NAMESPACE_VAR: &str = "${NAMESPACE}";
+/// The most namespaces `activation.namespaces` may list.
+pub const MAX_ACTIVATION_NAMESPACES: usize = 256;
+
+/// A `unix:` path for the instance of `namespace`: [`NAMESPACE_VAR`] replaced. `None`
+/// when the path names it and there is no namespace.
+pub fn unix_path_for(path: &std::path::Path, namespace: Option<&str>) -> Option<PathBuf> {
+    let text = path.to_str()?;
+    if !text.contains(NAMESPACE_VAR) {
+        return Some(path.to_owned());
+    }
+    Some(PathBuf::from(text.replace(NAMESPACE_VAR, namespace?)))
+}
 
 /// One listening socket of a workload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,7 +196,7 @@ pub enum ActivationMode {
 }
 
 /// The `activation:` section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Activation {
     pub mode: ActivationMode,
@@ -182,6 +208,10 @@ pub struct Activation {
         skip_serializing_if = "Option::is_none"
     )]
     pub idle_stop: Option<Duration>,
+    /// Isolation `namespace`: the namespaces whose sockets are bound, each launching its
+    /// own instance (the key `launch --namespace` gives).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
 }
 
 impl Activation {
@@ -251,7 +281,30 @@ pub fn validate(
             }
             _ => {}
         }
-        if activation.is_some_and(|a| a.on_connection())
+        let on_connection = activation.is_some_and(|a| a.on_connection());
+        if let Listen::Unix(p) = &addr {
+            let templated = p.to_str().is_some_and(|t| t.contains(NAMESPACE_VAR));
+            if templated && isolation != Isolation::Namespace {
+                return fail(
+                    at("listen"),
+                    format!("{NAMESPACE_VAR} applies only to isolation namespace"),
+                );
+            }
+            if on_connection && isolation == Isolation::Namespace && p.is_absolute() && !templated {
+                return fail(
+                    at("listen"),
+                    format!("is the same path for every namespace; with activation on-connection and isolation namespace each namespace needs its own: put {NAMESPACE_VAR} in it, or use a relative path (under each instance's own directory)"),
+                );
+            }
+        }
+        if on_connection && isolation == Isolation::Namespace && matches!(addr, Listen::Tcp { .. })
+        {
+            return fail(
+                at("listen"),
+                "a tcp: port cannot differ per namespace; with activation on-connection and isolation namespace use a unix: socket (a relative path, or ${NAMESPACE} in its path)".into(),
+            );
+        }
+        if on_connection
             && matches!(
                 addr,
                 Listen::Tcp {
@@ -284,10 +337,32 @@ pub fn validate(
             match isolation {
                 Isolation::None => {}
                 Isolation::Namespace => {
-                    return fail(
-                        "activation".into(),
-                        "on-connection is supported for isolation none only for now: a namespace-isolated workload has no instance-independent address per namespace yet".into(),
-                    );
+                    if a.namespaces.is_empty() {
+                        return fail(
+                            "activation.namespaces".into(),
+                            "must list the namespaces whose sockets bulkhead binds (on-connection with isolation namespace: each namespace has its own sockets and instance)".into(),
+                        );
+                    }
+                    if a.namespaces.len() > MAX_ACTIVATION_NAMESPACES {
+                        return fail(
+                            "activation.namespaces".into(),
+                            format!(
+                                "lists {} namespaces, more than {MAX_ACTIVATION_NAMESPACES}",
+                                a.namespaces.len()
+                            ),
+                        );
+                    }
+                    let mut seen = std::collections::BTreeSet::new();
+                    for (i, n) in a.namespaces.iter().enumerate() {
+                        crate::name::validate(crate::name::NameKind::Namespace, n)
+                            .map_err(|e| (format!("activation.namespaces[{i}]"), e.to_string()))?;
+                        if !seen.insert(n.as_str()) {
+                            return fail(
+                                format!("activation.namespaces[{i}]"),
+                                format!("{n} is listed twice"),
+                            );
+                        }
+                    }
                 }
                 Isolation::Session => {
                     return fail(
@@ -300,6 +375,13 @@ pub fn validate(
             return fail(
                 "activation.idle_stop".into(),
                 "applies only with mode: on-connection".into(),
+            );
+        }
+        let per_namespace = a.on_connection() && isolation == Isolation::Namespace;
+        if !a.namespaces.is_empty() && !per_namespace {
+            return fail(
+                "activation.namespaces".into(),
+                "applies only with mode: on-connection and isolation namespace".into(),
             );
         }
     }
@@ -418,8 +500,36 @@ mod tests {
                 "sockets[0].listen",
             ),
             (
-                "sockets: [{name: a, listen: 'tcp:1'}]\nactivation: {mode: on-connection}",
-                "activation",
+                "sockets: [{name: a, listen: 'unix:a.sock'}]\nactivation: {mode: on-connection}",
+                "activation.namespaces",
+            ),
+            (
+                "sockets: [{name: a, listen: 'tcp:1'}]\nactivation: {mode: on-connection, namespaces: [a]}",
+                "sockets[0].listen",
+            ),
+            (
+                "sockets: [{name: a, listen: 'unix:/run/a.sock'}]\nactivation: {mode: on-connection, namespaces: [a]}",
+                "sockets[0].listen",
+            ),
+            (
+                "sockets: [{name: a, listen: 'unix:a.sock'}]\nactivation: {mode: on-connection, namespaces: [a, a]}",
+                "activation.namespaces[1]",
+            ),
+            (
+                "sockets: [{name: a, listen: 'unix:a.sock'}]\nactivation: {mode: on-connection, namespaces: ['a b']}",
+                "activation.namespaces[0]",
+            ),
+            (
+                "isolation: none\nsockets: [{name: a, listen: 'unix:a.sock'}]\nactivation: {mode: on-connection, namespaces: [a]}",
+                "activation.namespaces",
+            ),
+            (
+                "sockets: [{name: a, listen: 'unix:a.sock'}]\nactivation: {mode: on-launch, namespaces: [a]}",
+                "activation.namespaces",
+            ),
+            (
+                "isolation: none\nsockets: [{name: a, listen: 'unix:/run/${NAMESPACE}.sock'}]",
+                "sockets[0].listen",
             ),
             (
                 "isolation: session\nsockets: [{name: a, listen: 'tcp:1'}]\nactivation: {mode: on-connection}",
@@ -463,6 +573,23 @@ mod tests {
         let a = s.activation.unwrap();
         assert!(a.on_connection());
         assert_eq!(a.idle_stop, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn on_connection_per_namespace_is_valid_with_addresses_per_namespace() {
+        let s = parse(
+            "name: web\ncommand: [x]\nsockets: [{name: a, listen: 'unix:/run/${NAMESPACE}/a.sock'}, {name: b, listen: 'unix:b.sock'}]\nactivation: {mode: on-connection, namespaces: [acme, globex]}\n",
+        )
+        .unwrap();
+        assert_eq!(s.activation.unwrap().namespaces, ["acme", "globex"]);
+        let p = std::path::Path::new("/run/${NAMESPACE}/a.sock");
+        assert_eq!(
+            unix_path_for(p, Some("acme")).unwrap(),
+            PathBuf::from("/run/acme/a.sock")
+        );
+        assert_eq!(unix_path_for(p, None), None);
+        let plain = std::path::Path::new("/run/a.sock");
+        assert_eq!(unix_path_for(plain, None).unwrap(), plain);
     }
 
     #[test]

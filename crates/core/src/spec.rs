@@ -35,6 +35,8 @@ pub enum DriverKind {
     Docker,
     /// A Docker Swarm service, one per key (`crate::swarm`).
     Swarm,
+    /// A Pod on a Kubernetes cluster through its API (`crate::kubernetes`).
+    Kubernetes,
 }
 
 impl DriverKind {
@@ -44,6 +46,7 @@ impl DriverKind {
             DriverKind::Sandbox => "sandbox",
             DriverKind::Docker => "docker",
             DriverKind::Swarm => "swarm",
+            DriverKind::Kubernetes => "kubernetes",
         }
     }
 }
@@ -106,6 +109,9 @@ pub struct WorkloadSpec {
     /// The `swarm` driver's service; required with `driver: swarm` (`crate::swarm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swarm: Option<crate::swarm::SwarmSpec>,
+    /// The `kubernetes` driver's Pod; required with `driver: kubernetes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::kubernetes::KubernetesSpec>,
     /// Shared-memory channels (the data plane), created before each start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<crate::channels::Channels>,
@@ -1140,6 +1146,8 @@ impl WorkloadSpec {
             (None, _) => {}
         }
         crate::swarm::validate(self)?;
+        // `driver: kubernetes`: its section, and what a Pod cannot honour.
+        crate::kubernetes::validate(self)?;
         crate::execution::validate(self)?;
         crate::sockets::validate(
             self.sockets.as_deref(),

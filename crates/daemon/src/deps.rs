@@ -258,6 +258,7 @@ impl Shared {
                 id,
                 EventKind::LaunchFailed {
                     reason: format!("restart after its dependency {dependency} restarted: {e}"),
+                    failure_kind: Some(bulkhead_core::failure::FailureKind::Dependency),
                 },
             );
         }

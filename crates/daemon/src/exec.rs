@@ -135,7 +135,7 @@ pub(crate) async fn exec(
         id: id.clone(),
         state: view.state.as_str(),
     };
-    if !matches!(view.state, State::Starting | State::Ready) || view.pid.is_none() {
+    if !matches!(view.state, State::Starting | State::Ready) {
         return Err(not_running().into());
     }
     let (mut env, cwd) = slot.exec_env().ok_or_else(not_running)?;

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bulkhead_core::event::ExitStatus;
 use bulkhead_core::expand::expand_argv;
+use bulkhead_core::failure::FailureKind;
 use bulkhead_core::instance::{self as core_instance, Effect, Input, Instance, State};
 use bulkhead_core::key::{InstanceId, Isolation, Key};
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
@@ -315,11 +316,12 @@ pub(crate) fn start_with(
                 .find(|(k, _)| k == "PORT")
                 .and_then(|(_, v)| v.parse().ok())
                 .unwrap_or(0);
-            (State::Ready, a.process.map(|p| p.0), port, Some(*restored))
+            let pid = a.process.map(|p| p.0).or_else(|| a.spawned.handle.pid());
+            (State::Ready, pid, port, Some(*restored))
         }
         Origin::Resumed(restored, _) => (State::Restarting, None, 0, Some(*restored)),
     };
-    let adopted = pid.is_some();
+    let adopted = matches!(origin, Origin::Adopted(..));
     // The sockets the keeper kept for an adopted instance: the next runs get the same.
     let kept_sockets = match (&origin, &spec.sockets) {
         (Origin::Adopted(a, _), Some(list)) if !a.listen.is_empty() => {
@@ -328,6 +330,7 @@ pub(crate) fn start_with(
                 &a.listen,
                 port,
                 &crate::sockets::runtime_dir(&sh.cfg.state_dir, &id),
+                key.namespace(),
             );
             if b.is_none() {
                 tracing::warn!("{id}: the sockets the keeper kept do not match its manifest; the next run binds new ones");
@@ -444,533 +447,749 @@ fn abort_all(tasks: &mut Vec<JoinHandle<()>>) {
     }
 }
 
-async fn run(
+/// The actor of one instance: the state machine, the current run and everything that
+/// wakes it. [`Actor::run`] alternates two halves: carry out the effects the core
+/// returned and show the result ([`Actor::step`]), then wait for the next thing that
+/// happens ([`Actor::next`]) and feed it to the core ([`Actor::on`]).
+struct Actor {
     slot: Arc<Slot>,
     sh: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-    origin: Origin,
-) {
-    let mut spec = slot.spec();
-    let t0 = tokio::time::Instant::now();
-    let now = || t0.elapsed().as_millis() as u64;
-    let cfg = core_config(&spec);
-    let mut watchdog_every = cfg.watchdog.map(|(w, _)| w);
-    let (mut inst, first) = match &origin {
-        Origin::Launched(after) => {
-            let (inst, mut first) = Instance::launch(cfg);
-            // After the core's `launched`, before the spawn.
-            let at = first
-                .iter()
-                .position(|e| matches!(e, Effect::Emit(bulkhead_core::event::EventKind::Launched)))
-                .map_or(0, |i| i + 1);
-            for (i, kind) in after.iter().enumerate() {
-                first.insert(at + i, Effect::Emit(kind.clone()));
+    rx: mpsc::UnboundedReceiver<Msg>,
+    /// The manifest every decision and every run follow (a rollout replaces it).
+    spec: Arc<WorkloadSpec>,
+    /// The same, as the instance table stores it.
+    spec_json: String,
+    inst: Instance,
+    /// The core's clock: milliseconds since the actor started.
+    t0: tokio::time::Instant,
+    /// Effects the core returned, not yet carried out.
+    queue: VecDeque<Effect>,
+    /// What the instance table was last told, to write only on a change.
+    stored: Option<Stored>,
+    /// The start time of the recorded process (tells it apart from a reused pid).
+    start_time: Option<u64>,
+    /// The current run, if any.
+    handle: Option<Arc<dyn InstanceHandle>>,
+    env: Vec<(String, String)>,
+    port: u16,
+    status_text: Option<String>,
+    started_at_ms: u64,
+    /// The newest event this actor published: the View changes only once it is durable.
+    last_event: u64,
+    /// What the notify socket, the readiness probes and the monitors report.
+    notify_tx: mpsc::UnboundedSender<NotifyMsg>,
+    notify_rx: mpsc::UnboundedReceiver<NotifyMsg>,
+    probe_tx: mpsc::UnboundedSender<&'static str>,
+    probe_rx: mpsc::UnboundedReceiver<&'static str>,
+    health_tx: mpsc::UnboundedSender<Health>,
+    health_rx: mpsc::UnboundedReceiver<Health>,
+    /// Tasks of the current run (its notify socket).
+    run_tasks: Vec<JoinHandle<()>>,
+    ready: Readiness,
+    monitors: Monitors,
+    /// The restart backoff or the breaker cooldown.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The sd_notify watchdog of the current run: re-armed by each WATCHDOG=1.
+    watchdog: Option<Pin<Box<Sleep>>>,
+    watchdog_every: Option<Duration>,
+    /// RELOADING=1 made a ready instance not ready; the next READY=1 makes it ready again.
+    reloading: bool,
+    /// The idle timeout: armed while no lease holds the instance.
+    idle: Option<Pin<Box<Sleep>>>,
+    idle_after: Option<Duration>,
+    pending: Option<PendingRestart>,
+    /// The SIGKILL deadline of the stop in progress, which EXTEND_TIMEOUT_USEC= moves out.
+    stop_deadline: Option<tokio::sync::watch::Sender<tokio::time::Instant>>,
+}
+
+/// What woke the actor.
+enum Wake {
+    /// Every process of the run is gone.
+    Exited(ExitStatus),
+    Notify(NotifyMsg),
+    ProbePassed(&'static str),
+    Health(Health),
+    ReadinessTimedOut,
+    WatchdogMissed,
+    /// The restart backoff or the breaker cooldown is over.
+    Timer,
+    Idle,
+    Msg(Msg),
+}
+
+async fn run(slot: Arc<Slot>, sh: Arc<Shared>, rx: mpsc::UnboundedReceiver<Msg>, origin: Origin) {
+    Actor::new(slot, sh, rx, origin).await.run().await
+}
+
+impl Actor {
+    async fn new(
+        slot: Arc<Slot>,
+        sh: Arc<Shared>,
+        rx: mpsc::UnboundedReceiver<Msg>,
+        origin: Origin,
+    ) -> Actor {
+        let spec = slot.spec();
+        let t0 = tokio::time::Instant::now();
+        let now = || t0.elapsed().as_millis() as u64;
+        let cfg = core_config(&spec);
+        let watchdog_every = cfg.watchdog.map(|(w, _)| w);
+        let (inst, first) = match &origin {
+            Origin::Launched(after) => {
+                let (inst, mut first) = Instance::launch(cfg);
+                // After the core's `launched`, before the spawn.
+                let at = first
+                    .iter()
+                    .position(|e| {
+                        matches!(e, Effect::Emit(bulkhead_core::event::EventKind::Launched))
+                    })
+                    .map_or(0, |i| i + 1);
+                for (i, kind) in after.iter().enumerate() {
+                    first.insert(at + i, Effect::Emit(kind.clone()));
+                }
+                (inst, first)
             }
-            (inst, first)
+            Origin::Adopted(a, restored) => {
+                let pid = a.process.map(|p| p.0).or_else(|| a.spawned.handle.pid());
+                Instance::adopt(cfg, pid, now(), *restored)
+            }
+            Origin::Resumed(restored, lost) => {
+                Instance::resume(cfg, *restored, lost.clone(), now())
+            }
+        };
+        let (notify_tx, notify_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = mpsc::unbounded_channel();
+        let (health_tx, health_rx) = mpsc::unbounded_channel();
+        let mut actor = Actor {
+            spec_json: serde_json::to_string(&*spec).unwrap_or_default(),
+            idle_after: spec.idle_after_release(),
+            idle: spec.first_idle().map(|d| Box::pin(tokio::time::sleep(d))),
+            slot,
+            sh,
+            rx,
+            spec,
+            inst,
+            t0,
+            queue: first.into(),
+            stored: None,
+            start_time: None,
+            handle: None,
+            env: Vec::new(),
+            port: 0,
+            status_text: None,
+            started_at_ms: 0,
+            last_event: 0,
+            notify_tx,
+            notify_rx,
+            probe_tx,
+            probe_rx,
+            health_tx,
+            health_rx,
+            run_tasks: Vec::new(),
+            ready: Readiness::default(),
+            monitors: Monitors::default(),
+            timer: None,
+            watchdog: None,
+            watchdog_every,
+            reloading: false,
+            pending: None,
+            stop_deadline: None,
+        };
+        if let Origin::Adopted(a, _) = origin {
+            actor.adopt(*a).await;
         }
-        Origin::Adopted(a, restored) => {
-            Instance::adopt(cfg, a.process.map(|p| p.0), now(), *restored)
-        }
-        Origin::Resumed(restored, lost) => Instance::resume(cfg, *restored, lost.clone(), now()),
-    };
-    // What the instance table was last told, to write only on a change.
-    let mut spec_json = serde_json::to_string(&*spec).unwrap_or_default();
-    let mut stored: Option<Stored> = None;
-    let mut start_time: Option<u64> = None;
-    let mut queue: VecDeque<Effect> = first.into();
-    let mut handle: Option<Arc<dyn InstanceHandle>> = None;
-    let mut env: Vec<(String, String)> = Vec::new();
-    let mut port = 0u16;
-    let mut status_text = None;
-    let mut started_at_ms = 0;
-    let (ntx, mut nrx) = mpsc::unbounded_channel::<NotifyMsg>();
-    let (ptx, mut prx) = mpsc::unbounded_channel::<&'static str>();
-    let (mtx, mut mrx) = mpsc::unbounded_channel::<Health>();
-    let mut run_tasks: Vec<JoinHandle<()>> = Vec::new();
-    let mut ready = Readiness::default();
-    let mut monitors = Monitors::default();
-    // The restart backoff or the breaker cooldown.
-    let mut timer: Option<Pin<Box<Sleep>>> = None;
-    // The sd_notify watchdog of the current run: re-armed by each WATCHDOG=1.
-    let mut watchdog: Option<Pin<Box<Sleep>>> = None;
-    // RELOADING=1 made a ready instance not ready; the next READY=1 makes it ready again.
-    let mut reloading = false;
-    // The idle timeout: armed while no lease holds the instance.
-    let mut idle_after = spec.idle_after_release();
-    let mut idle: Option<Pin<Box<Sleep>>> =
-        spec.first_idle().map(|d| Box::pin(tokio::time::sleep(d)));
-    // The newest event this actor published: the View changes only once it is durable.
-    let mut last_event = 0u64;
-    let mut pending: Option<PendingRestart> = None;
-    // The SIGKILL deadline of the stop in progress, which EXTEND_TIMEOUT_USEC= moves out.
-    let mut stop_deadline: Option<tokio::sync::watch::Sender<tokio::time::Instant>> = None;
-    // Every decision and every run from now on follow manifest `$new` (a rollout or its
-    // rollback); the instance table gets it at its next write.
-    macro_rules! switch_spec {
-        ($new:expr) => {{
-            let new: Arc<WorkloadSpec> = $new;
-            inst.reconfigure(core_config(&new));
-            watchdog_every = new.readiness.as_ref().and_then(|r| r.watchdog);
-            idle_after = new.idle_after_release();
-            spec_json = serde_json::to_string(&*new).unwrap_or_default();
-            stored = None;
-            *slot.spec.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
-            spec = new;
-        }};
+        actor
     }
-    if let Origin::Adopted(a, _) = origin {
-        start_time = a.process.map(|p| p.1);
-        // Back under supervision: its output, its environment (and so its port), its exit.
-        env = a.env;
-        port = env
+
+    /// Back under supervision after a daemon restart: its output, its environment (and
+    /// so its port), its exit.
+    async fn adopt(&mut self, a: bulkhead_driver::Found) {
+        let slot = &self.slot;
+        self.start_time = a.process.map(|p| p.1);
+        self.env = a.env;
+        self.port = self
+            .env
             .iter()
             .find(|(k, _)| k == "PORT")
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or(0);
-        sh.ports.reserve(port);
+        self.sh.ports.reserve(self.port);
+        let run = self.inst.restarts() + 1;
         slot.log.start_run(
-            inst.restarts() + 1,
-            &format!(
-                "run {} ({}) adopted by a restarted daemon",
-                inst.restarts() + 1,
-                a.describe
-            ),
+            run,
+            &format!("run {run} ({}) adopted by a restarted daemon", a.describe),
         );
         slot.log.attach(a.spawned.stdout, a.spawned.stderr);
         if let Some(tap) = &a.spawned.tap {
             slot.log.attach_tap(tap);
         }
         *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.spawned.handle.clone());
-        handle = Some(a.spawned.handle);
-        started_at_ms = crate::events::now_ms();
+        self.handle = Some(a.spawned.handle);
+        self.started_at_ms = crate::events::now_ms();
         // Hold its channels again (the workload's node kept them alive meanwhile).
-        if let Err(e) = crate::dataplane::acquire(&sh, &slot, None).await {
+        if let Err(e) = crate::dataplane::acquire(&self.sh, slot, None).await {
             tracing::warn!("{}: cannot reopen channels: {e}", slot.id);
         }
     }
 
-    loop {
-        while let Some(effect) = queue.pop_front() {
-            match effect {
-                Effect::Emit(kind) => {
-                    last_event = sh.events.publish(&slot.id, kind).id;
-                }
-                Effect::Spawn => {
-                    // A new run: what the previous one left behind goes first.
-                    abort_all(&mut run_tasks);
-                    handle = None;
-                    let result = spawn(&sh, &slot, &mut port, &mut env).await;
-                    let input = match result {
-                        Ok((spawned, notify)) => {
-                            let pid = spawned.handle.pid();
-                            let run = inst.restarts() + 1;
-                            slot.log.start_run(
-                                run,
-                                &match pid {
-                                    Some(p) => format!("run {run} started (pid {p})"),
-                                    None => format!("run {run} started"),
-                                },
-                            );
-                            slot.log.attach(spawned.stdout, spawned.stderr);
-                            if let Some(tap) = &spawned.tap {
-                                slot.log.attach_tap(tap);
-                            }
-                            if let (Some(sock), Some(main)) = (notify, pid) {
-                                let tx = ntx.clone();
-                                run_tasks.push(tokio::spawn(sock.run(
-                                    // A driver that knows its processes (docker: by
-                                    // cgroup) decides; else the main pid's group.
-                                    {
-                                        let h = spawned.handle.clone();
-                                        move |p| {
-                                            h.owns_pid(p)
-                                                .unwrap_or_else(|| readiness::pid_in_group(p, main))
-                                        }
-                                    },
-                                    tx,
-                                )));
-                            }
-                            *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(spawned.handle.clone());
-                            *slot.exec_env.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(env.clone());
-                            handle = Some(spawned.handle);
-                            started_at_ms = crate::events::now_ms();
-                            // From the start of the run, as systemd arms it.
-                            watchdog = watchdog_every.map(|w| Box::pin(tokio::time::sleep(w)));
-                            reloading = false;
-                            Input::Spawned { pid }
-                        }
-                        Err(reason) => Input::SpawnFailed { reason },
-                    };
-                    queue.extend(inst.handle(input, now()));
-                }
-                Effect::StartReadiness { timeout } => {
-                    ready.stop();
-                    ready.active = true;
-                    ready.deadline = Some(Box::pin(tokio::time::sleep(timeout)));
-                    let r = spec
-                        .readiness
-                        .as_ref()
-                        .expect("readiness effect implies a readiness section");
-                    if r.notify {
-                        ready.pending.push("notify");
-                    }
-                    for (check, timing) in probes(
-                        &slot,
-                        r.http.as_ref(),
-                        r.tcp.as_ref(),
-                        r.exec.as_ref(),
-                        port,
-                        &env,
-                    ) {
-                        let name = check.name();
-                        ready.pending.push(name);
-                        let tx = ptx.clone();
-                        ready.probes.push(tokio::spawn(async move {
-                            readiness::run_until_passed(check, timing).await;
-                            let _ = tx.send(name);
-                        }));
-                    }
-                    if r.exec.is_some() && !ready.pending.contains(&"exec") {
-                        // The exec probe could not be built (logged); it never passes, so
-                        // the readiness timeout reports the launch as failed.
-                        ready.pending.push("exec");
-                    }
-                }
-                Effect::StopReadiness => ready.stop(),
-                Effect::StartMonitors => {
-                    monitors.stop();
-                    // Readiness probes keep watching (flapping is reported); liveness
-                    // probes stop the instance when they fail.
-                    let sections = [
-                        spec.readiness
-                            .as_ref()
-                            .map(|r| (r.http.as_ref(), r.tcp.as_ref(), r.exec.as_ref(), false)),
-                        spec.liveness
-                            .as_ref()
-                            .map(|l| (l.http.as_ref(), l.tcp.as_ref(), l.exec.as_ref(), true)),
-                    ];
-                    for (http, tcp, exec, liveness) in sections.into_iter().flatten() {
-                        for (check, mut timing) in probes(&slot, http, tcp, exec, port, &env) {
-                            if !liveness {
-                                // Noticing readiness wants a fast poll; watching a ready
-                                // instance does not.
-                                timing.period = timing.period_when_ready();
-                            }
-                            monitors.0.push(tokio::spawn(readiness::monitor(
-                                check,
-                                timing,
-                                liveness,
-                                mtx.clone(),
-                            )));
-                        }
-                    }
-                }
-                Effect::StopMonitors => monitors.stop(),
-                Effect::Stop { signal, grace } => {
-                    // A stopping instance owes no more WATCHDOG=1.
-                    watchdog = None;
-                    if let Some(h) = handle.clone() {
-                        // The ladder runs beside the actor; its end shows up as the exit
-                        // below. EXTEND_TIMEOUT_USEC= meanwhile moves its SIGKILL out.
-                        let (kill_at, mover) = bulkhead_driver::KillDeadline::extendable(grace);
-                        stop_deadline = Some(mover);
-                        tokio::spawn(async move {
-                            h.stop_until(signal, kill_at).await;
-                        });
-                    }
-                }
-                Effect::ScheduleRestart { delay } => {
-                    timer = Some(Box::pin(tokio::time::sleep(delay)))
-                }
-                Effect::ScheduleCooldown { after } => {
-                    timer = Some(Box::pin(tokio::time::sleep(after)))
-                }
-                Effect::CancelTimer => timer = None,
+    async fn run(mut self) {
+        loop {
+            if self.step().await {
+                continue;
             }
+            if self.inst.state().is_terminal() {
+                break;
+            }
+            let wake = self.next().await;
+            self.on(wake).await;
         }
+        self.finish();
+    }
 
+    /// The core's clock.
+    fn now(&self) -> u64 {
+        self.t0.elapsed().as_millis() as u64
+    }
+
+    /// Feeds `input` to the state machine; its effects are carried out next.
+    fn input(&mut self, input: Input) {
+        let now = self.now();
+        self.queue.extend(self.inst.handle(input, now));
+    }
+
+    /// Every decision and every run from now on follow manifest `new` (a rollout or its
+    /// rollback); the instance table gets it at its next write.
+    fn switch_spec(&mut self, new: Arc<WorkloadSpec>) {
+        self.inst.reconfigure(core_config(&new));
+        self.watchdog_every = new.readiness.as_ref().and_then(|r| r.watchdog);
+        self.idle_after = new.idle_after_release();
+        self.spec_json = serde_json::to_string(&*new).unwrap_or_default();
+        self.stored = None;
+        *self.slot.spec.lock().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        self.spec = new;
+    }
+
+    /// Carries out the queued effects and shows the outcome (the View, the instance
+    /// table, a pending restart's caller). True when a rollback queued more effects.
+    async fn step(&mut self) -> bool {
+        while let Some(effect) = self.queue.pop_front() {
+            self.effect(effect).await;
+        }
         // A final instance's channels are gone before anyone sees it final (its workload's
         // dead node reclaimed, the services dropped).
-        if inst.state().is_terminal() {
-            crate::dataplane::release(&sh, &slot).await;
-            slot.ids.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if self.inst.state().is_terminal() {
+            crate::dataplane::release(&self.sh, &self.slot).await;
+            self.slot
+                .ids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
         }
         // An event is durable before any client can see its effect in the View.
-        sh.events.wait_durable(last_event).await;
+        self.sh.events.wait_durable(self.last_event).await;
+        self.publish_view();
+        self.record();
+        self.answer_restart()
+    }
+
+    async fn effect(&mut self, effect: Effect) {
+        match effect {
+            Effect::Emit(kind) => {
+                self.last_event = self.sh.events.publish(&self.slot.id, kind).id;
+            }
+            Effect::Spawn => self.spawn().await,
+            Effect::StartReadiness { timeout } => self.start_readiness(timeout),
+            Effect::StopReadiness => self.ready.stop(),
+            Effect::StartMonitors => self.start_monitors(),
+            Effect::StopMonitors => self.monitors.stop(),
+            Effect::Stop { signal, grace } => self.stop(signal, grace),
+            Effect::ScheduleRestart { delay } => {
+                self.timer = Some(Box::pin(tokio::time::sleep(delay)))
+            }
+            Effect::ScheduleCooldown { after } => {
+                self.timer = Some(Box::pin(tokio::time::sleep(after)))
+            }
+            Effect::CancelTimer => self.timer = None,
+        }
+    }
+
+    /// A new run through the driver; the core hears whether it started.
+    async fn spawn(&mut self) {
+        // A new run: what the previous one left behind goes first.
+        abort_all(&mut self.run_tasks);
+        self.handle = None;
+        let input = match spawn(&self.sh, &self.slot, &mut self.port, &mut self.env).await {
+            Ok((spawned, notify)) => self.started(spawned, notify),
+            Err(SpawnFailure { kind, reason }) => Input::SpawnFailed { reason, kind },
+        };
+        self.input(input);
+    }
+
+    /// Takes a started run under supervision: its log, its notify socket, its watchdog.
+    fn started(
+        &mut self,
+        spawned: bulkhead_driver::Spawned,
+        notify: Option<NotifySocket>,
+    ) -> Input {
+        let slot = &self.slot;
+        let pid = spawned.handle.pid();
+        let run = self.inst.restarts() + 1;
+        slot.log.start_run(
+            run,
+            &match pid {
+                Some(p) => format!("run {run} started (pid {p})"),
+                None => format!("run {run} started"),
+            },
+        );
+        slot.log.attach(spawned.stdout, spawned.stderr);
+        if let Some(tap) = &spawned.tap {
+            slot.log.attach_tap(tap);
+        }
+        if let (Some(sock), Some(main)) = (notify, pid) {
+            self.run_tasks.push(crate::mainpid::watch_notify(
+                slot.id.clone(),
+                sock,
+                &spawned.handle,
+                main,
+                self.notify_tx.clone(),
+            ));
+        }
+        *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(spawned.handle.clone());
+        *slot.exec_env.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.env.clone());
+        self.handle = Some(spawned.handle);
+        self.started_at_ms = crate::events::now_ms();
+        // From the start of the run, as systemd arms it.
+        self.watchdog = self.watchdog_every.map(|w| Box::pin(tokio::time::sleep(w)));
+        self.reloading = false;
+        Input::Spawned { pid }
+    }
+
+    /// Starts the readiness signals of the manifest and their deadline.
+    fn start_readiness(&mut self, timeout: Duration) {
+        let ready = &mut self.ready;
+        ready.stop();
+        ready.active = true;
+        ready.deadline = Some(Box::pin(tokio::time::sleep(timeout)));
+        let r = self
+            .spec
+            .readiness
+            .as_ref()
+            .expect("readiness effect implies a readiness section");
+        if r.notify {
+            ready.pending.push("notify");
+        }
+        let checks = probes(
+            &self.slot,
+            r.http.as_ref(),
+            r.tcp.as_ref(),
+            r.exec.as_ref(),
+            self.port,
+            &self.env,
+        );
+        for (check, timing) in checks {
+            let name = check.name();
+            ready.pending.push(name);
+            let tx = self.probe_tx.clone();
+            ready.probes.push(tokio::spawn(async move {
+                readiness::run_until_passed(check, timing).await;
+                let _ = tx.send(name);
+            }));
+        }
+        if r.exec.is_some() && !ready.pending.contains(&"exec") {
+            // The exec probe could not be built (logged); it never passes, so the
+            // readiness timeout reports the launch as failed.
+            ready.pending.push("exec");
+        }
+    }
+
+    /// Watches a ready instance: readiness probes keep watching (flapping is reported);
+    /// liveness probes stop the instance when they fail.
+    fn start_monitors(&mut self) {
+        self.monitors.stop();
+        let spec = &self.spec;
+        let sections = [
+            spec.readiness
+                .as_ref()
+                .map(|r| (r.http.as_ref(), r.tcp.as_ref(), r.exec.as_ref(), false)),
+            spec.liveness
+                .as_ref()
+                .map(|l| (l.http.as_ref(), l.tcp.as_ref(), l.exec.as_ref(), true)),
+        ];
+        for (http, tcp, exec, liveness) in sections.into_iter().flatten() {
+            for (check, mut timing) in probes(&self.slot, http, tcp, exec, self.port, &self.env) {
+                if !liveness {
+                    // Noticing readiness wants a fast poll; watching a ready instance
+                    // does not.
+                    timing.period = timing.period_when_ready();
+                }
+                self.monitors.0.push(tokio::spawn(readiness::monitor(
+                    check,
+                    timing,
+                    liveness,
+                    self.health_tx.clone(),
+                )));
+            }
+        }
+    }
+
+    /// The escalation ladder runs beside the actor; its end shows up as the exit.
+    fn stop(&mut self, signal: bulkhead_core::signal::Signal, grace: Duration) {
+        // A stopping instance owes no more WATCHDOG=1.
+        self.watchdog = None;
+        if let Some(h) = self.handle.clone() {
+            // EXTEND_TIMEOUT_USEC= meanwhile moves its SIGKILL out.
+            let (kill_at, mover) = bulkhead_driver::KillDeadline::extendable(grace);
+            self.stop_deadline = Some(mover);
+            tokio::spawn(async move {
+                h.stop_until(signal, kill_at).await;
+            });
+        }
+    }
+
+    /// Shows the instance as the core has it now.
+    fn publish_view(&self) {
+        let inst = &self.inst;
         let state = inst.state();
-        slot.view.send_modify(|v| {
+        self.slot.view.send_modify(|v| {
             v.state = state;
-            v.started = handle.is_some();
+            v.started = self.handle.is_some();
             // Between runs there is no process: not the dead one's pid.
             v.pid = inst.pid().filter(|_| state != State::Restarting);
-            v.port = port;
+            v.port = self.port;
             v.ready = inst.ready();
-            v.started_at_ms = started_at_ms;
+            v.started_at_ms = self.started_at_ms;
             v.last_exit = inst.last_exit();
             v.failure = inst.failure().map(str::to_owned);
-            v.status_text = status_text.clone();
+            v.status_text = self.status_text.clone();
             v.restarts = inst.restarts();
             v.breaker = inst.breaker();
             v.consecutive_failures = inst.consecutive_failures();
         });
-        if let Some(table) = &sh.instances {
-            let leases = slot.view.borrow().leases.clone();
-            let now_stored = (
-                state,
-                inst.pid(),
-                inst.restarts(),
-                inst.consecutive_failures(),
-                inst.breaker(),
-                leases,
-            );
-            if stored.as_ref() != Some(&now_stored) {
-                if state.is_terminal() {
-                    table.remove(slot.id.as_str());
-                } else {
-                    if now_stored.1 != stored.as_ref().and_then(|s| s.1) {
-                        // A new process: its start time tells it apart from a reused pid.
-                        start_time = inst
-                            .pid()
-                            .and_then(|p| bulkhead_driver::sys::read_stat(p).ok())
-                            .map(|s| s.starttime)
-                            .or(start_time.filter(|_| stored.is_none()));
-                    }
-                    table.put(crate::instances::InstanceRow {
-                        id: slot.id.to_string(),
-                        spec: spec_json.clone(),
-                        dir: slot.dir.clone(),
-                        pid: inst.pid(),
-                        start_time,
-                        state: state.as_str().to_owned(),
-                        restarts: inst.restarts(),
-                        breaker: inst.breaker().as_str().to_owned(),
-                        consecutive_failures: inst.consecutive_failures(),
-                        leases: now_stored.5.clone(),
-                        updated_ms: crate::events::now_ms(),
-                    });
-                }
-                stored = Some(now_stored);
-            }
-        }
-        // A requested restart: answer its caller once the new run is ready or failed, and
-        // roll a rollout's failed trial back to the manifest it replaced.
-        if let Some(p) = pending.as_mut() {
-            let later = inst.restarts() > p.before;
-            let failure = || {
-                inst.failure()
-                    .map(str::to_owned)
-                    .or_else(|| {
-                        inst.last_exit()
-                            .map(|st| format!("the new run ended with {st}"))
-                    })
-                    .unwrap_or_else(|| format!("the instance is {}", state.as_str()))
-            };
-            let answer = if state.is_terminal() {
-                Some(Err(match p.rolling_back.take() {
-                    Some(first) => format!("{first}; the rollback failed too: {}", failure()),
-                    None => failure(),
-                }))
-            } else if later && state == State::Ready && inst.ready() {
-                Some(Ok(p.rolling_back.take()))
-            } else if later && inst.held() {
-                match p.fallback.take() {
-                    Some(old) => {
-                        let reason = failure();
-                        tracing::warn!(
-                            "{}: the new manifest's run failed ({reason}); rolling back",
-                            slot.id
-                        );
-                        switch_spec!(old);
-                        p.before = inst.restarts();
-                        p.rolling_back = Some(reason);
-                        queue.extend(inst.handle(
-                            Input::Restart {
-                                grace: None,
-                                reason: "rollback: the new manifest's run failed".into(),
-                                hold: false,
-                            },
-                            now(),
-                        ));
-                        continue;
-                    }
-                    None => Some(Err(failure())),
-                }
-            } else if later && inst.failure().is_some() {
-                Some(Err(match p.rolling_back.take() {
-                    Some(first) => format!("{first}; the rollback failed too: {}", failure()),
-                    None => failure(),
-                }))
-            } else {
-                None
-            };
-            if let Some(a) = answer {
-                if let Some(p) = pending.take() {
-                    let _ = p.done.send(a);
-                }
-            }
+    }
+
+    /// Writes the instance table's row when what it holds changed (removes it once the
+    /// instance is final).
+    fn record(&mut self) {
+        let Some(table) = &self.sh.instances else {
+            return;
+        };
+        let inst = &self.inst;
+        let state = inst.state();
+        let leases = self.slot.view.borrow().leases.clone();
+        let now_stored = (
+            state,
+            inst.pid(),
+            inst.restarts(),
+            inst.consecutive_failures(),
+            inst.breaker(),
+            leases,
+        );
+        if self.stored.as_ref() == Some(&now_stored) {
+            return;
         }
         if state.is_terminal() {
-            break;
+            table.remove(self.slot.id.as_str());
+        } else {
+            if now_stored.1 != self.stored.as_ref().and_then(|s| s.1) {
+                // A new process: its start time tells it apart from a reused pid.
+                self.start_time = inst
+                    .pid()
+                    .and_then(|p| bulkhead_driver::sys::read_stat(p).ok())
+                    .map(|s| s.starttime)
+                    .or(self.start_time.filter(|_| self.stored.is_none()));
+            }
+            table.put(crate::instances::InstanceRow {
+                id: self.slot.id.to_string(),
+                spec: self.spec_json.clone(),
+                dir: self.slot.dir.clone(),
+                pid: inst.pid(),
+                start_time: self.start_time,
+                state: state.as_str().to_owned(),
+                restarts: inst.restarts(),
+                breaker: inst.breaker().as_str().to_owned(),
+                consecutive_failures: inst.consecutive_failures(),
+                leases: now_stored.5.clone(),
+                updated_ms: crate::events::now_ms(),
+            });
         }
+        self.stored = Some(now_stored);
+    }
 
-        let live = inst.has_live_process();
+    /// A requested restart: answers its caller once the new run is ready or failed, and
+    /// rolls a rollout's failed trial back to the manifest it replaced (true: the
+    /// rollback's effects are queued).
+    fn answer_restart(&mut self) -> bool {
+        let Some(p) = self.pending.as_mut() else {
+            return false;
+        };
+        let inst = &self.inst;
+        let state = inst.state();
+        let later = inst.restarts() > p.before;
+        let failure = || {
+            inst.failure()
+                .map(str::to_owned)
+                .or_else(|| {
+                    inst.last_exit()
+                        .map(|st| format!("the new run ended with {st}"))
+                })
+                .unwrap_or_else(|| format!("the instance is {}", state.as_str()))
+        };
+        let answer = if state.is_terminal() {
+            Some(Err(match p.rolling_back.take() {
+                Some(first) => format!("{first}; the rollback failed too: {}", failure()),
+                None => failure(),
+            }))
+        } else if later && state == State::Ready && inst.ready() {
+            Some(Ok(p.rolling_back.take()))
+        } else if later && inst.held() {
+            match p.fallback.take() {
+                Some(old) => {
+                    let reason = failure();
+                    tracing::warn!(
+                        "{}: the new manifest's run failed ({reason}); rolling back",
+                        self.slot.id
+                    );
+                    p.rolling_back = Some(reason);
+                    self.switch_spec(old);
+                    let before = self.inst.restarts();
+                    if let Some(p) = self.pending.as_mut() {
+                        p.before = before;
+                    }
+                    self.input(Input::Restart {
+                        grace: None,
+                        reason: "rollback: the new manifest's run failed".into(),
+                        hold: false,
+                    });
+                    return true;
+                }
+                None => Some(Err(failure())),
+            }
+        } else if later && inst.failure().is_some() {
+            Some(Err(match p.rolling_back.take() {
+                Some(first) => format!("{first}; the rollback failed too: {}", failure()),
+                None => failure(),
+            }))
+        } else {
+            None
+        };
+        if let Some(a) = answer {
+            if let Some(p) = self.pending.take() {
+                let _ = p.done.send(a);
+            }
+        }
+        false
+    }
+
+    /// Waits for the next thing that concerns the instance.
+    async fn next(&mut self) -> Wake {
+        let live = self.inst.has_live_process();
         tokio::select! {
-            status = wait_exit(&handle), if live => {
-                // Every process is gone: what its nodes left is reclaimed and reported.
-                crate::dataplane::after_exit(&sh, &slot).await;
-                // The driver knows whether the OOM killer ended the run (memory.events, the
-                // v1 OOM counter, the engine's oom event); it is read once every process is
-                // gone, so the counter is final.
-                // Likewise a program that daemonized: its main process exited 0 and left
-                // processes in the instance's cgroup (killed by the driver's sweep).
-                match handle.as_ref().and_then(|h| h.exit_cause()) {
-                    Some(ExitCause::OomKilled { limit_bytes }) => {
-                        queue.extend(inst.handle(Input::OomKilled { limit_bytes }, now()));
-                    }
-                    Some(ExitCause::Daemonized { left }) => {
-                        queue.extend(inst.handle(Input::Daemonized { left }, now()));
-                    }
-                    None => {}
-                }
-                watchdog = None;
-                slot.log.mark(&format!("run {} ended: {status}", inst.restarts() + 1));
-                stop_deadline = None;
-                queue.extend(inst.handle(Input::Exited(status), now()));
+            status = wait_exit(&self.handle), if live => Wake::Exited(status),
+            Some(msg) = self.notify_rx.recv() => Wake::Notify(msg),
+            Some(name) = self.probe_rx.recv() => Wake::ProbePassed(name),
+            Some(h) = self.health_rx.recv() => Wake::Health(h),
+            _ = deadline(&mut self.ready.deadline) => Wake::ReadinessTimedOut,
+            _ = deadline(&mut self.watchdog) => Wake::WatchdogMissed,
+            _ = deadline(&mut self.timer) => Wake::Timer,
+            _ = deadline(&mut self.idle) => Wake::Idle,
+            Some(msg) = self.rx.recv() => Wake::Msg(msg),
+        }
+    }
+
+    async fn on(&mut self, wake: Wake) {
+        match wake {
+            Wake::Exited(status) => self.on_exit(status).await,
+            Wake::Notify(msg) => self.on_notify(msg),
+            Wake::ProbePassed(name) => self.on_probe_passed(name),
+            Wake::Health(h) => self.input(match h {
+                Health::Unhealthy(reason) => Input::Unhealthy { reason },
+                Health::Healthy => Input::Healthy,
+                Health::LivenessFailed(reason) => Input::LivenessFailed { reason },
+            }),
+            Wake::ReadinessTimedOut => self.input(Input::ReadinessTimedOut),
+            Wake::WatchdogMissed => {
+                self.watchdog = None;
+                tracing::warn!(
+                    "{}: no WATCHDOG=1 within {:?}",
+                    self.slot.id,
+                    self.watchdog_every.unwrap_or_default()
+                );
+                self.input(Input::WatchdogMissed { triggered: false });
             }
-            Some(msg) = nrx.recv() => {
-                if let Some(s) = msg.status {
-                    status_text = Some(s);
-                }
-                if msg.stopping {
-                    tracing::info!("{}: instance reports it is stopping", slot.id);
-                }
-                if msg.watchdog {
-                    if let (Some(w), Some(t)) = (watchdog_every, watchdog.as_mut()) {
-                        t.as_mut().reset(tokio::time::Instant::now() + w);
-                    }
-                }
-                if let Some(more) = msg.extend_timeout {
-                    // While starting: the readiness deadline moves out to at least `more`
-                    // from now (never in). While stopping: the SIGKILL does, as systemd's.
-                    let want = tokio::time::Instant::now() + more;
-                    if let Some(d) = ready.deadline.as_mut() {
-                        if want > d.deadline() {
-                            d.as_mut().reset(want);
-                        }
-                    }
-                    if inst.state() == State::Stopping {
-                        if let Some(d) = &stop_deadline {
-                            if bulkhead_driver::extend(d, want) {
-                                tracing::info!("{}: stop extended by {more:?} (EXTEND_TIMEOUT_USEC)", slot.id);
-                            }
-                        }
-                    }
-                }
-                if msg.reloading && inst.state() == State::Ready && !reloading {
-                    reloading = true;
-                    queue.extend(inst.handle(
-                        Input::Unhealthy { reason: "reloading (sd_notify RELOADING=1)".into() },
-                        now(),
-                    ));
-                }
-                if msg.ready {
-                    ready.pending.retain(|p| *p != "notify");
-                    if ready.active && ready.pending.is_empty() {
-                        queue.extend(inst.handle(Input::ReadinessPassed, now()));
-                    }
-                    if reloading {
-                        reloading = false;
-                        queue.extend(inst.handle(Input::Healthy, now()));
-                    }
-                }
-                if msg.watchdog_trigger && watchdog.is_some() {
-                    watchdog = None;
-                    queue.extend(inst.handle(Input::WatchdogMissed { triggered: true }, now()));
-                }
-            }
-            Some(name) = prx.recv() => {
-                ready.pending.retain(|p| *p != name);
-                if ready.active && ready.pending.is_empty() {
-                    queue.extend(inst.handle(Input::ReadinessPassed, now()));
-                }
-            }
-            Some(h) = mrx.recv() => {
-                let input = match h {
-                    Health::Unhealthy(reason) => Input::Unhealthy { reason },
-                    Health::Healthy => Input::Healthy,
-                    Health::LivenessFailed(reason) => Input::LivenessFailed { reason },
-                };
-                queue.extend(inst.handle(input, now()));
-            }
-            _ = deadline(&mut ready.deadline) => queue.extend(inst.handle(Input::ReadinessTimedOut, now())),
-            _ = deadline(&mut watchdog) => {
-                watchdog = None;
-                tracing::warn!("{}: no WATCHDOG=1 within {:?}", slot.id, watchdog_every.unwrap_or_default());
-                queue.extend(inst.handle(Input::WatchdogMissed { triggered: false }, now()));
-            }
-            _ = deadline(&mut timer) => {
-                timer = None;
-                let input = if inst.breaker() == bulkhead_core::restart::BreakerState::Open {
+            Wake::Timer => {
+                self.timer = None;
+                let input = if self.inst.breaker() == bulkhead_core::restart::BreakerState::Open {
                     Input::CooldownOver
                 } else {
                     Input::RestartDue
                 };
-                queue.extend(inst.handle(input, now()));
+                self.input(input);
             }
-            _ = deadline(&mut idle) => {
-                idle = None;
-                tracing::info!("{}: no lease for {:?}, terminating (idle_timeout)", slot.id, idle_after.unwrap_or_default());
-                queue.extend(inst.handle(Input::Terminate { grace: None }, now()));
+            Wake::Idle => {
+                self.idle = None;
+                tracing::info!(
+                    "{}: no lease for {:?}, terminating (idle_timeout)",
+                    self.slot.id,
+                    self.idle_after.unwrap_or_default()
+                );
+                self.input(Input::Terminate { grace: None });
             }
-            Some(msg) = rx.recv() => match msg {
-                Msg::Terminate { grace } => queue.extend(inst.handle(Input::Terminate { grace }, now())),
-                Msg::Restart { grace, reason, spec: new, done } => {
-                    let fallback = new.as_ref().map(|_| spec.clone());
-                    if let Some(new) = new {
-                        // A rollout: every decision and every run from now on follows the
-                        // new manifest (the caller checked that its driver, isolation and
-                        // channels are unchanged).
-                        switch_spec!(new);
-                    }
-                    // A restart asked for meanwhile replaces an earlier one (whose caller
-                    // sees the sender dropped).
-                    pending = Some(PendingRestart {
-                        before: inst.restarts(),
-                        done,
-                        fallback,
-                        rolling_back: None,
-                    });
-                    let hold = pending.as_ref().is_some_and(|p| p.fallback.is_some());
-                    queue.extend(inst.handle(Input::Restart { grace, reason, hold }, now()));
-                }
-                Msg::Leases { held } => {
-                    // Held: no idle clock. Released by the last holder: the clock starts.
-                    idle = match (held, idle_after) {
-                        (false, Some(d)) => Some(Box::pin(tokio::time::sleep(d))),
-                        _ => None,
-                    };
-                }
-            },
+            Wake::Msg(msg) => self.on_msg(msg),
         }
     }
 
-    ready.stop();
-    monitors.stop();
-    // Aborting the notify task drops the socket, which removes its file.
-    abort_all(&mut run_tasks);
-    // The instance is final: its listening sockets close (unless an activator holds them).
-    slot.sockets
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    sh.ports.release(port);
-    // The finished slot stays listed for `get` a while (see `Shared::retire`) but must not
-    // keep the driver's handle (a pidfd, a cgroup, a container reference) alive with it.
-    drop(handle);
-    *slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    sh.retire(&slot);
+    /// Every process of the run is gone: what its nodes left is reclaimed and reported.
+    async fn on_exit(&mut self, status: ExitStatus) {
+        crate::dataplane::after_exit(&self.sh, &self.slot).await;
+        // The driver knows whether the OOM killer ended the run (memory.events, the v1
+        // OOM counter, the engine's oom event); it is read once every process is gone, so
+        // the counter is final. Likewise a program that daemonized: its main process
+        // exited 0 and left processes in the instance's cgroup (killed by the driver's
+        // sweep).
+        match self.handle.as_ref().and_then(|h| h.exit_cause()) {
+            Some(ExitCause::OomKilled { limit_bytes }) => {
+                self.input(Input::OomKilled { limit_bytes })
+            }
+            Some(ExitCause::Daemonized { left }) => self.input(Input::Daemonized { left }),
+            None => {}
+        }
+        self.watchdog = None;
+        self.slot
+            .log
+            .mark(&format!("run {} ended: {status}", self.inst.restarts() + 1));
+        self.stop_deadline = None;
+        self.input(Input::Exited(status));
+    }
+
+    /// A message on the run's notify socket.
+    fn on_notify(&mut self, msg: NotifyMsg) {
+        if let Some(s) = msg.status {
+            self.status_text = Some(s);
+        }
+        // The driver follows it already (crate::mainpid); the View and the table too.
+        if let Some(pid) = msg.main_pid {
+            self.input(Input::MainPid { pid });
+        }
+        if msg.stopping {
+            tracing::info!("{}: instance reports it is stopping", self.slot.id);
+        }
+        if msg.watchdog {
+            if let (Some(w), Some(t)) = (self.watchdog_every, self.watchdog.as_mut()) {
+                t.as_mut().reset(tokio::time::Instant::now() + w);
+            }
+        }
+        if let Some(more) = msg.extend_timeout {
+            self.extend_timeout(more);
+        }
+        if msg.reloading && self.inst.state() == State::Ready && !self.reloading {
+            self.reloading = true;
+            self.input(Input::Unhealthy {
+                reason: "reloading (sd_notify RELOADING=1)".into(),
+            });
+        }
+        if msg.ready {
+            self.on_probe_passed("notify");
+            if self.reloading {
+                self.reloading = false;
+                self.input(Input::Healthy);
+            }
+        }
+        if msg.watchdog_trigger && self.watchdog.is_some() {
+            self.watchdog = None;
+            self.input(Input::WatchdogMissed { triggered: true });
+        }
+    }
+
+    /// EXTEND_TIMEOUT_USEC=: while starting, the readiness deadline moves out to at least
+    /// `more` from now (never in); while stopping, the SIGKILL does, as systemd's.
+    fn extend_timeout(&mut self, more: Duration) {
+        let want = tokio::time::Instant::now() + more;
+        if let Some(d) = self.ready.deadline.as_mut() {
+            if want > d.deadline() {
+                d.as_mut().reset(want);
+            }
+        }
+        if self.inst.state() == State::Stopping {
+            if let Some(d) = &self.stop_deadline {
+                if bulkhead_driver::extend(d, want) {
+                    tracing::info!(
+                        "{}: stop extended by {more:?} (EXTEND_TIMEOUT_USEC)",
+                        self.slot.id
+                    );
+                }
+            }
+        }
+    }
+
+    /// A readiness signal passed (`notify`: READY=1); the last one makes the run ready.
+    fn on_probe_passed(&mut self, name: &'static str) {
+        self.ready.pending.retain(|p| *p != name);
+        if self.ready.active && self.ready.pending.is_empty() {
+            self.input(Input::ReadinessPassed);
+        }
+    }
+
+    /// A request from the API (through the [`Slot`]).
+    fn on_msg(&mut self, msg: Msg) {
+        match msg {
+            Msg::Terminate { grace } => self.input(Input::Terminate { grace }),
+            Msg::Restart {
+                grace,
+                reason,
+                spec: new,
+                done,
+            } => {
+                let fallback = new.as_ref().map(|_| self.spec.clone());
+                if let Some(new) = new {
+                    // A rollout: every decision and every run from now on follows the new
+                    // manifest (the caller checked that its driver, isolation and channels
+                    // are unchanged).
+                    self.switch_spec(new);
+                }
+                let hold = fallback.is_some();
+                // A restart asked for meanwhile replaces an earlier one (whose caller sees
+                // the sender dropped).
+                self.pending = Some(PendingRestart {
+                    before: self.inst.restarts(),
+                    done,
+                    fallback,
+                    rolling_back: None,
+                });
+                self.input(Input::Restart {
+                    grace,
+                    reason,
+                    hold,
+                });
+            }
+            Msg::Leases { held } => {
+                // Held: no idle clock. Released by the last holder: the clock starts.
+                self.idle = match (held, self.idle_after) {
+                    (false, Some(d)) => Some(Box::pin(tokio::time::sleep(d))),
+                    _ => None,
+                };
+            }
+        }
+    }
+
+    /// The instance is final: everything of it goes, and the registry retires its slot.
+    fn finish(mut self) {
+        self.ready.stop();
+        self.monitors.stop();
+        // Aborting the notify task drops the socket, which removes its file.
+        abort_all(&mut self.run_tasks);
+        // Its listening sockets close (unless an activator holds them).
+        self.slot
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.sh.ports.release(self.port);
+        // The finished slot stays listed for `get` a while (see `Shared::retire`) but must
+        // not keep the driver's handle (a pidfd, a cgroup, a container reference) alive
+        // with it.
+        self.handle = None;
+        *self.slot.handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.sh.retire(&self.slot);
+    }
 }
 
 /// What the state machine needs of a workload's manifest.
@@ -1001,18 +1220,40 @@ async fn deadline(d: &mut Option<Pin<Box<Sleep>>>) {
     }
 }
 
+/// A run could not be started: what failed (the event's `failure_kind`), and why.
+#[derive(Debug)]
+struct SpawnFailure {
+    kind: FailureKind,
+    reason: String,
+}
+
+impl From<bulkhead_driver::SpawnError> for SpawnFailure {
+    fn from(e: bulkhead_driver::SpawnError) -> SpawnFailure {
+        SpawnFailure {
+            kind: e.kind(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// A failure of `kind` with a reason, for `map_err`.
+fn failed(kind: FailureKind) -> impl Fn(String) -> SpawnFailure {
+    move |reason| SpawnFailure { kind, reason }
+}
+
 /// Builds the environment and argv, binds the notify socket, spawns through the driver.
 async fn spawn(
     sh: &Arc<Shared>,
     slot: &Slot,
     port: &mut u16,
     env: &mut Vec<(String, String)>,
-) -> Result<(bulkhead_driver::Spawned, Option<NotifySocket>), String> {
+) -> Result<(bulkhead_driver::Spawned, Option<NotifySocket>), SpawnFailure> {
     let spec = &slot.spec();
     let driver = sh
         .drivers
         .get(&spec.driver)
-        .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))?
+        .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))
+        .map_err(failed(FailureKind::Invalid))?
         .clone();
     // A restart keeps the instance's address: the previous run's port, still held for
     // it, unless another program listens on it now. Otherwise that port goes back (it
@@ -1033,9 +1274,10 @@ async fn spawn(
         *port = sh
             .ports
             .allocate()
-            .map_err(|e| format!("cannot allocate a port: {e}"))?;
+            .map_err(|e| format!("cannot allocate a port: {e}"))
+            .map_err(failed(FailureKind::Exhausted))?;
     }
-    let listen = key_sockets(sh, slot, *port)?;
+    let listen = key_sockets(sh, slot, *port).map_err(failed(FailureKind::Setup))?;
     let notify = match &spec.readiness {
         // A process instance running as another user cannot reach the state directory
         // (0700): its socket is an abstract one (`@...`), which needs no file access.
@@ -1043,20 +1285,22 @@ async fn spawn(
             let name = format!("bulkhead-notify-{}-{}", std::process::id(), sh.next_seq());
             Some(
                 NotifySocket::bind_abstract(&name)
-                    .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))?,
+                    .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))
+                    .map_err(failed(FailureKind::Setup))?,
             )
         }
         Some(r) if r.notify => {
             let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));
             Some(
                 NotifySocket::bind(&path)
-                    .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))?,
+                    .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))
+                    .map_err(failed(FailureKind::Setup))?,
             )
         }
         _ => None,
     };
     // Read at each start: an edit applies on the next one (systemd's EnvironmentFile=).
-    let from_files = read_env_files(slot)?;
+    let from_files = read_env_files(slot).map_err(failed(FailureKind::Setup))?;
     let file_keys: Vec<String> = from_files.iter().map(|(k, _)| k.clone()).collect();
     *env = instance_env(
         slot,
@@ -1071,16 +1315,18 @@ async fn spawn(
         if held.is_none() {
             *held = sh
                 .reserve_ids(slot)
-                .map_err(|e| format!("cannot start instance {}: {e}", slot.id))?;
+                .map_err(|e| format!("cannot start instance {}: {e}", slot.id))
+                .map_err(failed(FailureKind::Exhausted))?;
         }
         held.as_ref().map(|h| h.ids)
     };
     // The data plane: channels exist before the workload starts (it opens them).
     let (channel_env, mut binds) = crate::dataplane::acquire(sh, slot, ids)
         .await
-        .map_err(|e| format!("cannot create channels: {e}"))?;
+        .map_err(|e| format!("cannot create channels: {e}"))
+        .map_err(failed(FailureKind::Setup))?;
     env.extend(channel_env);
-    let argv = resolve_argv(slot, env)?;
+    let argv = resolve_argv(slot, env).map_err(failed(FailureKind::Invalid))?;
     binds.extend(notify.iter().map(|n| bulkhead_driver::Bind::same(n.path())));
     let spawned = driver
         .spawn(SpawnSpec {
@@ -1094,8 +1340,7 @@ async fn spawn(
             inherited: inherited_vars(slot, &file_keys),
             listen,
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     Ok((spawned, notify))
 }
 
@@ -1119,6 +1364,7 @@ fn key_sockets(
                     list,
                     port,
                     &crate::sockets::runtime_dir(&sh.cfg.state_dir, &slot.id),
+                    slot.key.namespace(),
                 )
                 .map_err(|e| e.to_string())?,
             ),
@@ -1307,3 +1553,7 @@ fn probes(
     }
     out
 }
+
+#[cfg(test)]
+#[path = "instance_tests.rs"]
+mod tests;

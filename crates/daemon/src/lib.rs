@@ -34,6 +34,7 @@ mod http;
 pub mod instance;
 pub mod instances;
 pub mod logs;
+mod mainpid;
 pub mod metrics;
 pub mod notify_self;
 pub mod peer; // metrics + HTTP health (observability)
@@ -164,8 +165,9 @@ pub struct Shared {
     pub(crate) ids: std::sync::Mutex<bulkhead_core::sandbox::IdBlocks>,
     /// Dependents being restarted because a dependency restarted (one at a time each).
     dependency_restarts: Mutex<std::collections::HashSet<InstanceId>>,
-    /// On-connection workloads (`activation:`), by name: their bound sockets and the task
-    /// that launches them (`sockets::Activator`).
+    /// On-connection workloads (`activation:`), by instance id (one per key: isolation
+    /// `none`'s, or each listed namespace's): their bound sockets and the task that
+    /// launches them (`sockets::Activator`).
     pub(crate) activators: Mutex<HashMap<String, sockets::Activator>>,
 }
 
@@ -280,6 +282,15 @@ impl Shared {
             let swarm = bulkhead_swarm::SwarmDriver::new(&daemon_id.id, host);
             drivers.insert(DriverKind::Swarm, Arc::new(swarm));
         }
+        // Always registered (kubernetes manifests validate); it connects on first use,
+        // so a daemon with no cluster starts and only kubernetes launches fail, saying why.
+        drivers.insert(
+            DriverKind::Kubernetes,
+            Arc::new(bulkhead_kubernetes::KubernetesDriver::new(
+                daemon_id.id.clone(),
+                cfg.kubernetes.clone(),
+            )),
+        );
         let ports = ports::Ports::new(cfg.port_range);
         Shared {
             docker,
@@ -594,11 +605,8 @@ impl Shared {
         key: &Key,
         spec: &bulkhead_core::spec::WorkloadSpec,
     ) -> Option<Arc<sockets::BoundSockets>> {
-        if key.isolation() != bulkhead_core::key::Isolation::None {
-            return None;
-        }
         let a = self.activators.lock().unwrap_or_else(|e| e.into_inner());
-        a.get(key.workload())
+        a.get(key.instance_id().as_str())
             .filter(|a| a.spec.sockets == spec.sockets)
             .map(|a| a.sockets.clone())
     }
@@ -613,15 +621,18 @@ impl Shared {
         }
         let cat = self.catalog();
         let mut acts = self.activators.lock().unwrap_or_else(|e| e.into_inner());
-        let wanted: HashMap<String, Arc<bulkhead_core::spec::WorkloadSpec>> = cat
+        let wanted: HashMap<String, (Key, Arc<bulkhead_core::spec::WorkloadSpec>)> = cat
             .entries
             .values()
             .filter_map(|e| e.spec.as_ref().ok())
-            .filter(|s| s.activation.is_some_and(|a| a.on_connection()))
-            .map(|s| (s.name.clone(), s.clone()))
+            .flat_map(|s| {
+                sockets::activation_keys(s)
+                    .into_iter()
+                    .map(|k| (k.instance_id().to_string(), (k, s.clone())))
+            })
             .collect();
         acts.retain(|name, _| wanted.contains_key(name));
-        for (name, spec) in wanted {
+        for (name, (key, spec)) in wanted {
             let reuse = match acts.get(&name) {
                 Some(a) if a.spec == spec => continue,
                 Some(a) if a.spec.sockets == spec.sockets => Some(a.sockets.clone()),
@@ -631,10 +642,6 @@ impl Shared {
             let sockets = match reuse {
                 Some(s) => s,
                 None => {
-                    let Ok(key) = Key::new(&name, bulkhead_core::key::Isolation::None, None, None)
-                    else {
-                        continue;
-                    };
                     let id = key.instance_id();
                     if self
                         .get(&id)
@@ -648,6 +655,7 @@ impl Shared {
                         list,
                         0,
                         &sockets::runtime_dir(&self.cfg.state_dir, &id),
+                        key.namespace(),
                     ) {
                         Ok(b) => {
                             for (n, addr) in b.addresses() {
@@ -662,7 +670,7 @@ impl Shared {
                     }
                 }
             };
-            acts.insert(name, sockets::Activator::start(self, spec, sockets));
+            acts.insert(name, sockets::Activator::start(self, key, spec, sockets));
         }
     }
 

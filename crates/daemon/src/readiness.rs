@@ -84,6 +84,8 @@ pub struct NotifySocket {
     /// The file, or `@name` for a socket in the abstract namespace (no file).
     path: PathBuf,
     file: bool,
+    /// Held while messages are read (see [`NotifySocket::receive_queued`]).
+    reading: std::sync::Mutex<()>,
 }
 
 impl NotifySocket {
@@ -95,6 +97,7 @@ impl NotifySocket {
             sock,
             path: path.to_owned(),
             file: true,
+            reading: std::sync::Mutex::new(()),
         })
     }
 
@@ -113,6 +116,7 @@ impl NotifySocket {
             sock,
             path: PathBuf::from(format!("@{name}")),
             file: false,
+            reading: std::sync::Mutex::new(()),
         })
     }
 
@@ -120,39 +124,74 @@ impl NotifySocket {
         &self.path
     }
 
-    /// Receives messages until the socket is dropped (the task is aborted), forwarding
-    /// those whose sender `owns` accepts.
-    pub async fn run(self, owns: impl Fn(u32) -> bool, tx: mpsc::UnboundedSender<NotifyMsg>) {
-        let mut data = vec![0u8; 4096];
+    /// Receives messages until the task is aborted, handing those whose sender `owns`
+    /// accepts to `handle`, in order.
+    pub async fn run(
+        self: std::sync::Arc<Self>,
+        owns: impl Fn(u32) -> bool,
+        handle: impl Fn(NotifyMsg),
+    ) {
         loop {
+            if let Err(e) = self.sock.readable().await {
+                tracing::warn!("notify socket {}: {e}", self.path.display());
+                return;
+            }
+            // Through tokio (its readiness is cleared when the queue is empty).
+            let _one = self.reading.lock().unwrap_or_else(|e| e.into_inner());
             let got = self
                 .sock
-                .async_io(Interest::READABLE, || {
-                    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
-                    let mut control = RecvAncillaryBuffer::new(&mut space);
-                    let mut iov = [IoSliceMut::new(&mut data)];
-                    let msg = rustix::net::recvmsg(
-                        &self.sock,
-                        &mut iov,
-                        &mut control,
-                        RecvFlags::DONTWAIT,
-                    )
-                    .map_err(std::io::Error::from)?;
-                    let mut pid = None;
-                    for c in control.drain() {
-                        if let RecvAncillaryMessage::ScmCredentials(cred) = c {
-                            pid = Some(cred.pid.as_raw_nonzero().get() as u32);
-                        }
-                    }
-                    Ok((msg.bytes, pid))
-                })
-                .await;
-            let (n, pid) = match got {
-                Ok(v) => v,
-                Err(e) => {
+                .try_io(Interest::READABLE, || self.drain(&owns, &handle));
+            match got {
+                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
                     tracing::warn!("notify socket {}: {e}", self.path.display());
                     return;
                 }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads every message queued now, without waiting, and hands those whose sender
+    /// `owns` accepts to `handle`, in order. One reader at a time (the task above, and the
+    /// driver's hook when the main process exits: see [`crate::mainpid`]), so messages
+    /// are never handled out of order. Reads the socket directly: tokio may not have
+    /// seen it become readable yet.
+    pub fn receive_queued(
+        &self,
+        owns: &dyn Fn(u32) -> bool,
+        handle: &dyn Fn(NotifyMsg),
+    ) -> std::io::Result<()> {
+        let _one = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        match self.drain(owns, handle) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Reads until the queue is empty (`WouldBlock`), the caller holding `reading`.
+    fn drain(&self, owns: &dyn Fn(u32) -> bool, handle: &dyn Fn(NotifyMsg)) -> std::io::Result<()> {
+        let mut data = vec![0u8; 4096];
+        loop {
+            let got = {
+                let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
+                let mut control = RecvAncillaryBuffer::new(&mut space);
+                let mut iov = [IoSliceMut::new(&mut data)];
+                rustix::net::recvmsg(&self.sock, &mut iov, &mut control, RecvFlags::DONTWAIT)
+                    .map_err(std::io::Error::from)
+                    .map(|msg| {
+                        let mut pid = None;
+                        for c in control.drain() {
+                            if let RecvAncillaryMessage::ScmCredentials(cred) = c {
+                                pid = Some(cred.pid.as_raw_nonzero().get() as u32);
+                            }
+                        }
+                        (msg.bytes, pid)
+                    })
+            };
+            let (n, pid) = match got {
+                Ok(v) => v,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             };
             let Some(pid) = pid else {
                 tracing::warn!(
@@ -168,18 +207,17 @@ impl NotifySocket {
                 );
                 continue;
             }
-            let msg = NotifyMsg::parse(&data[..n.min(data.len())]);
+            let mut msg = NotifyMsg::parse(&data[..n.min(data.len())]);
             if let Some(mp) = msg.main_pid {
                 if !owns(mp) {
                     tracing::warn!(
                         "notify socket {}: MAINPID={mp} is not part of the instance, ignored",
                         self.path.display()
                     );
+                    msg.main_pid = None;
                 }
             }
-            if tx.send(msg).is_err() {
-                return;
-            }
+            handle(msg);
         }
     }
 }
@@ -506,7 +544,12 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let me = std::process::id();
         // First run: only accept pid 1 (not us) -> dropped. Second: accept us.
-        let task = tokio::spawn(sock.run(move |pid| pid == me, tx));
+        let task = tokio::spawn(std::sync::Arc::new(sock).run(
+            move |pid| pid == me,
+            move |m| {
+                let _ = tx.send(m);
+            },
+        ));
         let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
         client.send_to(b"READY=1", &path).unwrap();
         let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -525,13 +568,49 @@ mod tests {
         let path = dir.path().join("n.sock");
         let sock = NotifySocket::bind(&path).unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(sock.run(|pid| pid == 1, tx));
+        let task = tokio::spawn(std::sync::Arc::new(sock).run(
+            |pid| pid == 1,
+            move |m| {
+                let _ = tx.send(m);
+            },
+        ));
         let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
         client.send_to(b"READY=1", &path).unwrap();
         assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv())
             .await
             .is_err());
         task.abort();
+    }
+
+    /// What the driver's exit hook relies on: the messages queued now are read at once,
+    /// in order, and a `MAINPID=` naming a process outside the instance is cleared.
+    #[tokio::test]
+    async fn queued_messages_are_read_at_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sock");
+        let sock = NotifySocket::bind(&path).unwrap();
+        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let me = std::process::id();
+        client
+            .send_to(format!("MAINPID={me}\nSTATUS=a").as_bytes(), &path)
+            .unwrap();
+        client.send_to(b"MAINPID=1\nSTATUS=b", &path).unwrap();
+        let got = std::sync::Mutex::new(Vec::new());
+        sock.receive_queued(&|p| p == me, &|m| got.lock().unwrap().push(m))
+            .unwrap();
+        let got = got.into_inner().unwrap();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(
+            (got[0].main_pid, got[0].status.as_deref()),
+            (Some(me), Some("a"))
+        );
+        assert_eq!(
+            (got[1].main_pid, got[1].status.as_deref()),
+            (None, Some("b"))
+        );
+        // Nothing left: returns at once.
+        sock.receive_queued(&|_| true, &|m| panic!("{m:?}"))
+            .unwrap();
     }
 
     fn target(port: u16, https: bool, headers: &[(&str, &str)]) -> HttpTarget {

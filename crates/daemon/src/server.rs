@@ -90,6 +90,9 @@ pub struct Config {
     /// The Docker Swarm manager of the `swarm` driver (`unix:///...`, `tcp://...`);
     /// `None`: the driver is not registered.
     pub swarm_host: Option<String>,
+    /// Where the kubernetes driver finds its cluster (in-cluster config or a kubeconfig)
+    /// and its default namespace; connected on first use, so no cluster is fine.
+    pub kubernetes: bulkhead_kubernetes::ClusterConfig,
     /// The supervisor's notify socket (`$NOTIFY_SOCKET`, see `notify_self`): `READY=1`
     /// once the API is served, `STATUS=`, `WATCHDOG=1`, `STOPPING=1`. `None`: not sent.
     pub notify: Option<Arc<crate::notify_self::SelfNotify>>,
@@ -134,6 +137,7 @@ impl Config {
             image_cache_max_count: None,
             image_cache_max_bytes: None,
             swarm_host: None,
+            kubernetes: Default::default(),
             notify: None,
         }
     }

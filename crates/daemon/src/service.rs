@@ -241,7 +241,13 @@ pub fn event_proto(e: &Event) -> v1::Event {
     match &e.kind {
         EventKind::Launched | EventKind::Ready => {}
         EventKind::Started { pid } | EventKind::Adopted { pid } => p.pid = *pid,
-        EventKind::LaunchFailed { reason } => p.reason = Some(reason.clone()),
+        EventKind::LaunchFailed {
+            reason,
+            failure_kind,
+        } => {
+            p.reason = Some(reason.clone());
+            p.failure_kind = failure_kind.map(|k| k.as_str().to_owned());
+        }
         EventKind::Exited { exit_code } => p.exit_code = Some(*exit_code),
         EventKind::Crashed {
             signal,

@@ -8,8 +8,11 @@
 //! the kernel's backlog instead of being refused.
 //!
 //! With `activation: on-connection` ([`Activator`]), the sockets are bound when the
-//! catalog loads the workload (isolation `none`), and the first connection while no
-//! instance runs launches it; the instance uses those sockets.
+//! catalog loads the workload, once per key it is activated for (isolation `none`: its
+//! one key; `namespace`: each namespace of `activation.namespaces`, with `${NAMESPACE}`
+//! replaced in Unix paths and relative ones under each instance's directory), and the
+//! first connection on a key's sockets while it has no live instance launches that key's
+//! instance, which uses those sockets; `idle_stop` watches each key's instance alone.
 //!
 //! **What counts as a connection for `idle_stop`.** The daemon never accepts on the
 //! sockets, so it looks at the kernel's tables every check (a quarter of `idle_stop`,
@@ -74,12 +77,14 @@ pub struct BoundSockets {
 }
 
 impl BoundSockets {
-    /// Binds `specs` in order: `$PORT` is `port`, relative Unix paths are under
-    /// `runtime_dir` (made if missing). All or nothing: on error nothing stays bound.
+    /// Binds `specs` in order: `$PORT` is `port`, `${NAMESPACE}` in a Unix path is
+    /// `namespace`, relative Unix paths are under `runtime_dir` (made if missing). All or
+    /// nothing: on error nothing stays bound.
     pub fn bind(
         specs: &[SocketSpec],
         port: u16,
         runtime_dir: &Path,
+        namespace: Option<&str>,
     ) -> Result<BoundSockets, BindError> {
         let mut sockets = Vec::with_capacity(specs.len());
         let mut uses_port = false;
@@ -105,11 +110,12 @@ impl BoundSockets {
                     (bind_tcp(a, s.backlog()).map_err(err)?, BoundAddr::Tcp(a))
                 }
                 Listen::Unix(path) => {
-                    let path = if path.is_absolute() {
-                        path
-                    } else {
-                        runtime_dir.join(path)
-                    };
+                    let path = unix_path(&path, runtime_dir, namespace).ok_or_else(|| {
+                        err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "${NAMESPACE} in the path, and the instance has no namespace",
+                        ))
+                    })?;
                     let mode = s
                         .unix_mode()
                         .map_err(|r| err(io::Error::new(io::ErrorKind::InvalidInput, r)))?;
@@ -137,6 +143,7 @@ impl BoundSockets {
         listen: &[ListenFd],
         port: u16,
         runtime_dir: &Path,
+        namespace: Option<&str>,
     ) -> Option<BoundSockets> {
         use std::os::unix::fs::MetadataExt;
         if specs.len() != listen.len() {
@@ -160,11 +167,7 @@ impl BoundSockets {
                     },
                 )),
                 Listen::Unix(path) => {
-                    let path = if path.is_absolute() {
-                        path
-                    } else {
-                        runtime_dir.join(path)
-                    };
+                    let path = unix_path(&path, runtime_dir, namespace)?;
                     let m = std::fs::symlink_metadata(&path).ok()?;
                     BoundAddr::Unix(path, m.dev(), m.ino())
                 }
@@ -259,6 +262,17 @@ impl Drop for BoundSockets {
             }
         }
     }
+}
+
+/// Where a `unix:` socket of the instance of `namespace` lives: `${NAMESPACE}` replaced,
+/// a relative path under `runtime_dir`.
+fn unix_path(path: &Path, runtime_dir: &Path, namespace: Option<&str>) -> Option<PathBuf> {
+    let path = bulkhead_core::sockets::unix_path_for(path, namespace)?;
+    Some(if path.is_absolute() {
+        path
+    } else {
+        runtime_dir.join(path)
+    })
 }
 
 fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<OwnedFd> {
@@ -464,8 +478,10 @@ pub async fn wait_for_connection(sockets: &BoundSockets) -> io::Result<()> {
     }
 }
 
-/// Launches an on-connection workload (isolation `none`) when a connection arrives
-/// while it has no live instance, and stops it after `idle_stop` without connections.
+/// Launches the instance of one key of an on-connection workload (isolation `none`: its
+/// one key; `namespace`: one activator per listed namespace, each with its own sockets)
+/// when a connection arrives while it has no live instance, and stops it after
+/// `idle_stop` without connections.
 pub(crate) struct Activator {
     pub sockets: Arc<BoundSockets>,
     /// The manifest it was bound for: a reload with another one binds anew.
@@ -482,10 +498,16 @@ impl Drop for Activator {
 impl Activator {
     pub(crate) fn start(
         sh: &Arc<crate::Shared>,
+        key: bulkhead_core::key::Key,
         spec: Arc<bulkhead_core::spec::WorkloadSpec>,
         sockets: Arc<BoundSockets>,
     ) -> Activator {
-        let task = tokio::spawn(activate(Arc::downgrade(sh), spec.clone(), sockets.clone()));
+        let task = tokio::spawn(activate(
+            Arc::downgrade(sh),
+            key,
+            spec.clone(),
+            sockets.clone(),
+        ));
         Activator {
             sockets,
             spec,
@@ -496,16 +518,12 @@ impl Activator {
 
 async fn activate(
     sh: std::sync::Weak<crate::Shared>,
+    key: bulkhead_core::key::Key,
     spec: Arc<bulkhead_core::spec::WorkloadSpec>,
     sockets: Arc<BoundSockets>,
 ) {
-    let Ok(key) =
-        bulkhead_core::key::Key::new(&spec.name, bulkhead_core::key::Isolation::None, None, None)
-    else {
-        return;
-    };
     let id = key.instance_id();
-    let idle_stop = spec.activation.and_then(|a| a.idle_stop);
+    let idle_stop = spec.activation.as_ref().and_then(|a| a.idle_stop);
     loop {
         // A live instance (launched by hand, or by the last connection) serves: wait
         // until it is gone.
@@ -533,7 +551,7 @@ async fn activate(
         let res = shared
             .launch(crate::LaunchArgs {
                 workload: spec.name.clone(),
-                namespace: None,
+                namespace: key.namespace().map(str::to_owned),
                 session: None,
                 wait: crate::WaitFor::Started,
                 timeout: None,
@@ -547,6 +565,30 @@ async fn activate(
             tracing::warn!("{id}: on-connection launch failed: {e}");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+/// The keys an on-connection workload is activated for: isolation `none`'s one key, or
+/// one per namespace of `activation.namespaces` (the key `launch --namespace` gives).
+/// None for other workloads.
+pub(crate) fn activation_keys(
+    spec: &bulkhead_core::spec::WorkloadSpec,
+) -> Vec<bulkhead_core::key::Key> {
+    use bulkhead_core::key::{Isolation, Key};
+    let Some(a) = spec.activation.as_ref().filter(|a| a.on_connection()) else {
+        return Vec::new();
+    };
+    match spec.isolation {
+        Isolation::None => Key::new(&spec.name, Isolation::None, None, None)
+            .ok()
+            .into_iter()
+            .collect(),
+        Isolation::Namespace => a
+            .namespaces
+            .iter()
+            .filter_map(|n| Key::new(&spec.name, Isolation::Namespace, Some(n), None).ok())
+            .collect(),
+        Isolation::Session => Vec::new(),
     }
 }
 
@@ -664,7 +706,8 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let t = BoundSockets::bind(&[spec("t", "tcp:127.0.0.1:$PORT")], port, dir.path()).unwrap();
+        let t = BoundSockets::bind(&[spec("t", "tcp:127.0.0.1:$PORT")], port, dir.path(), None)
+            .unwrap();
         assert_eq!(t.port(), Some(port));
         assert!(!t.has_connections().unwrap());
         let waiting = tokio::time::timeout(Duration::from_millis(50), wait_for_connection(&t));
@@ -673,7 +716,7 @@ mod tests {
         wait_for_connection(&t).await.unwrap();
         assert!(t.has_connections().unwrap());
 
-        let u = BoundSockets::bind(&[spec("u", "unix:u.sock")], 0, dir.path()).unwrap();
+        let u = BoundSockets::bind(&[spec("u", "unix:u.sock")], 0, dir.path(), None).unwrap();
         assert_eq!(u.port(), None);
         let path = dir.path().join("u.sock");
         use std::os::unix::fs::PermissionsExt;

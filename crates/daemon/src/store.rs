@@ -799,6 +799,7 @@ mod tests {
                         i,
                         EventKind::LaunchFailed {
                             reason: "x".repeat(100),
+                            failure_kind: None,
                         },
                     )
                 })

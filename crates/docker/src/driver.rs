@@ -42,7 +42,8 @@ use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 use bulkhead_driver::{
     sys, Driver, EngineExec, ExecRequest, ExitCause, Found, InstanceHandle, KillDeadline,
-    RecoverError, SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError, Stream,
+    RecoverError, SetupStep, SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError,
+    Stream,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -89,25 +90,32 @@ impl DockerDriver {
                 Ok(_) => Ok((image.clone(), None, None)),
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
-                }) => Err(SpawnError::Other(format!(
-                    "docker image {image} is not in the engine; bulkhead pulls from no \
-                     registry: load it (docker load, docker import) or describe it under \
-                     docker.build"
-                ))),
-                Err(e) => Err(SpawnError::Other(format!(
-                    "cannot inspect docker image {image}: {e}"
-                ))),
+                }) => Err(SpawnError::Image {
+                    image: image.clone(),
+                    reason: format!(
+                        "docker image {image} is not in the engine; bulkhead pulls from no \
+                         registry: load it (docker load, docker import) or describe it under \
+                         docker.build"
+                    ),
+                }),
+                Err(e) => Err(SpawnError::Engine {
+                    reason: format!("cannot inspect docker image {image}: {e}"),
+                }),
             };
         }
         let Some(images) = &self.images else {
-            return Err(SpawnError::Other(
-                "docker.build needs the image cache, which this driver was made without".into(),
+            return Err(SpawnError::invalid(
+                &spec.instance,
+                "docker.build needs the image cache, which this driver was made without",
             ));
         };
         let (built, pin) = images
             .ensure_pinned(client, &spec.spec.name, dk, &spec.cwd)
             .await
-            .map_err(|e| SpawnError::Other(e.to_string()))?;
+            .map_err(|e| SpawnError::Image {
+                image: format!("{} (docker.build)", spec.spec.name),
+                reason: e.to_string(),
+            })?;
         Ok((built.tag, Some(built.hash), Some(pin)))
     }
 }
@@ -152,10 +160,11 @@ pub(crate) fn container_config(
         Some(w) => Some(w.clone()),
         None if spec.binds.iter().any(|b| under(&spec.cwd, &b.target)) => {
             if !spec.cwd.is_dir() {
-                return Err(SpawnError::Other(format!(
-                    "cannot start in {}: no such directory",
-                    spec.cwd.display()
-                )));
+                return Err(SpawnError::setup(
+                    &spec.instance,
+                    SetupStep::WorkingDir,
+                    format!("cannot start in {}: no such directory", spec.cwd.display()),
+                ));
             }
             Some(spec.cwd.display().to_string())
         }
@@ -198,7 +207,8 @@ pub(crate) fn container_config(
         // Deny by default: no setuid or file-capability escalation inside.
         security_opt: (!dk.new_privileges).then(|| vec!["no-new-privileges:true".to_owned()]),
         group_add: (!spec.spec.groups.is_empty()).then(|| spec.spec.groups.clone()),
-        ulimits: ulimits(&spec.spec).map_err(SpawnError::Other)?,
+        ulimits: ulimits(&spec.spec)
+            .map_err(|e| SpawnError::setup(&spec.instance, SetupStep::Limits, e))?,
         ..Default::default()
     };
     Ok(ContainerCreateBody {
@@ -372,15 +382,18 @@ impl Driver for DockerDriver {
             .engine
             .ensure()
             .await
-            .map_err(|e| SpawnError::Other(e.to_string()))?
+            .map_err(|e| SpawnError::Engine {
+                reason: e.to_string(),
+            })?
             .clone();
         let Some(dk) = spec.spec.docker.clone() else {
-            return Err(SpawnError::Other(
-                "a docker workload needs a docker: section (docker.image or docker.build)".into(),
+            return Err(SpawnError::invalid(
+                &spec.instance,
+                "a docker workload needs a docker: section (docker.image or docker.build)",
             ));
         };
         if spec.argv.is_empty() {
-            return Err(SpawnError::Other("the command is empty".into()));
+            return Err(SpawnError::invalid(&spec.instance, "the command is empty"));
         }
         // The pin keeps a cached image from eviction until its container exists.
         let (image, hash, pin) = self.resolve_image(&client, &dk, &spec).await?;
@@ -388,7 +401,9 @@ impl Driver for DockerDriver {
         let created = client
             .create_container(None::<CreateContainerOptions>, body)
             .await
-            .map_err(|e| SpawnError::Other(format!("cannot create a container of {image}: {e}")))?;
+            .map_err(|e| SpawnError::Engine {
+                reason: format!("cannot create a container of {image}: {e}"),
+            })?;
         drop(pin);
         let id = created.id;
         let cleanup = |client: Docker, id: String| async move {
@@ -450,18 +465,20 @@ impl Driver for DockerDriver {
             Ok(a) => a,
             Err(e) => {
                 cleanup(client, id.clone()).await;
-                return Err(SpawnError::Other(format!(
-                    "cannot attach to container {id}: {e}"
-                )));
+                return Err(SpawnError::Engine {
+                    reason: format!("cannot attach to container {id}: {e}"),
+                });
             }
         };
         let pipes = match Pipes::new() {
             Ok(p) => p,
             Err(e) => {
                 cleanup(client, id).await;
-                return Err(SpawnError::Other(format!(
-                    "cannot create output pipes: {e}"
-                )));
+                return Err(SpawnError::setup(
+                    &spec.instance,
+                    SetupStep::Pipes,
+                    format!("cannot create output pipes: {e}"),
+                ));
             }
         };
         let (status_tx, _) = watch::channel(None);
@@ -487,9 +504,9 @@ impl Driver for DockerDriver {
         {
             self.engine.unwatch(&id);
             cleanup(client, id).await;
-            return Err(SpawnError::Other(format!(
-                "cannot start a container of {image}: {e}"
-            )));
+            return Err(SpawnError::Engine {
+                reason: format!("cannot start a container of {image}: {e}"),
+            });
         }
         container.inspect_main().await;
         if dk.init {

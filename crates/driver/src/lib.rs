@@ -13,6 +13,7 @@
 //! gone**, never merely when the main process is: the daemon reports `terminated` and
 //! frees the key on that signal, so a straggler must not outlive it.
 
+use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub mod cgroup;
 pub mod conformance;
 pub mod keeper;
 pub mod listen;
+mod mainpid;
 mod posix_spawn;
 pub mod process;
 pub mod reaper;
@@ -299,8 +301,86 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Other(String),
+    /// Something the instance needs before its program runs could not be made (`step`).
+    #[error("cannot start instance {instance}: {reason}")]
+    Setup {
+        instance: String,
+        step: SetupStep,
+        reason: String,
+    },
+    /// The spawn cannot be carried out as asked: an empty command, a NUL byte, a section
+    /// the driver needs is missing.
+    #[error("cannot start instance {instance}: {reason}")]
+    Invalid { instance: String, reason: String },
+    /// The keeper could not be reached or failed (not the program).
+    #[error("{reason}")]
+    Keeper { reason: String },
+    /// The container engine is unreachable, refused or failed.
+    #[error("{reason}")]
+    Engine { reason: String },
+    /// The container image is not in the engine or could not be built.
+    #[error("{reason}")]
+    Image { image: String, reason: String },
+    /// A limit of the host or the driver is reached (memory below the floor, every
+    /// keeper full, no id range left).
+    #[error("{reason}")]
+    Exhausted { reason: String },
+}
+
+impl SpawnError {
+    /// What failed, as the `launch_failed` event carries it.
+    pub fn kind(&self) -> bulkhead_core::failure::FailureKind {
+        use bulkhead_core::failure::FailureKind as K;
+        match self {
+            SpawnError::Exec { .. } => K::Exec,
+            SpawnError::Watch { .. } => K::Watch,
+            SpawnError::Setup { .. } => K::Setup,
+            SpawnError::Invalid { .. } => K::Invalid,
+            SpawnError::Keeper { .. } => K::Keeper,
+            SpawnError::Engine { .. } => K::Engine,
+            SpawnError::Image { .. } => K::Image,
+            SpawnError::Exhausted { .. } => K::Exhausted,
+        }
+    }
+
+    /// A [`SpawnError::Setup`] of `instance`.
+    pub fn setup(instance: &InstanceId, step: SetupStep, reason: impl fmt::Display) -> SpawnError {
+        SpawnError::Setup {
+            instance: instance.to_string(),
+            step,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A [`SpawnError::Invalid`] of `instance`.
+    pub fn invalid(instance: &InstanceId, reason: impl fmt::Display) -> SpawnError {
+        SpawnError::Invalid {
+            instance: instance.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Which part of an instance's set-up failed ([`SpawnError::Setup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupStep {
+    /// The working directory.
+    WorkingDir,
+    /// The user, groups and umask.
+    User,
+    /// The resource limits (rlimits).
+    Limits,
+    /// The instance's cgroup.
+    Cgroup,
+    /// The output pipes.
+    Pipes,
+    /// The walls a driver builds around the instance (namespaces, mounts and binds,
+    /// the child's own steps up to exec).
+    Walls,
+    /// Capabilities, seccomp, Landlock.
+    Restrictions,
+    /// The user namespace's id mapping and what is handed to it.
+    Ids,
 }
 
 /// A signal could not be delivered.
@@ -360,6 +440,23 @@ pub struct ExecTarget {
     /// What the command gives up before exec: the instance's own restrictions
     /// (capabilities, user, no_new_privs, seccomp).
     pub restrict: restrict::Restrictions,
+}
+
+/// A `MAINPID=` could not be followed ([`InstanceHandle::set_main_pid`]).
+#[derive(Debug, thiserror::Error)]
+pub enum MainPidError {
+    #[error("this driver cannot follow another main process")]
+    Unsupported,
+    #[error("the run has ended")]
+    Ended,
+    #[error("the keeper is older than this daemon and cannot follow another main process (restart the keeper)")]
+    OldKeeper,
+    #[error("cannot watch pid {pid}: {source}")]
+    Watch {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Usage could not be read.
@@ -548,6 +645,25 @@ pub trait InstanceHandle: Send + Sync + 'static {
     fn owns_pid(&self, pid: u32) -> Option<bool> {
         let _ = pid;
         None
+    }
+
+    /// sd_notify `MAINPID=`: the instance's main process is now host process `pid` (the
+    /// caller checked that it belongs to the instance), as systemd's: from now on signals,
+    /// [`pid`](Self::pid), [`wait`](Self::wait)'s status and the end of the run follow it,
+    /// and the exit of the process the driver started no longer ends the run. The default:
+    /// the driver cannot follow another process, which the caller logs.
+    fn set_main_pid(&self, pid: u32) -> Result<(), MainPidError> {
+        let _ = pid;
+        Err(MainPidError::Unsupported)
+    }
+
+    /// `hook` runs when the main process the driver started has exited, before the driver
+    /// decides that the run ended: the caller reads the `MAINPID=` messages queued before
+    /// that exit there (systemd reads notify messages before SIGCHLD for the same reason)
+    /// and calls [`set_main_pid`](Self::set_main_pid). Drivers without `set_main_pid`
+    /// ignore it.
+    fn on_main_exit(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        let _ = hook;
     }
 
     /// Readiness judged by the driver's engine (a swarm task's health, a Pod's `Ready`

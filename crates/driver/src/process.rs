@@ -128,9 +128,10 @@ use tokio::io::Interest;
 use tokio::sync::watch;
 
 use crate::cgroup::{InstanceCgroup, Tracker};
+use crate::mainpid::{ExitFuture, Follow, Moved};
 use crate::{
-    posix_spawn, reaper, sys, Driver, ExitCause, InstanceHandle, SignalError, SpawnError,
-    SpawnSpec, Spawned, Stats, StatsError,
+    posix_spawn, reaper, sys, Driver, ExitCause, InstanceHandle, MainPidError, SetupStep,
+    SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError,
 };
 
 /// The status reported when the main process's exit status could not be collected because
@@ -403,11 +404,9 @@ pub(crate) fn fork_spawn(
 }
 
 fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, SpawnError> {
+    let id = &spec.instance;
     let Some(arg0) = spec.argv.first() else {
-        return Err(SpawnError::Other(format!(
-            "cannot start instance {}: the command line is empty",
-            spec.instance
-        )));
+        return Err(SpawnError::invalid(id, "the command line is empty"));
     };
     let exec_err = |source| SpawnError::Exec {
         program: arg0.clone(),
@@ -415,29 +414,35 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
     };
     let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
     crate::setup::check_working_dir(&spec.spec, &cwd)
-        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?;
+        .map_err(|e| SpawnError::setup(id, SetupStep::WorkingDir, e))?;
     let program = resolve_program(arg0, &spec.env, &cwd).map_err(exec_err)?;
     // user, limits, umask: applied in a forked child (posix_spawn cannot).
+    crate::setup::limit_settings(&spec.spec)
+        .map_err(|e| SpawnError::setup(id, SetupStep::Limits, e))?;
     let setup = crate::setup::host_setup(&spec.spec)
-        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?
+        .map_err(|e| SpawnError::setup(id, SetupStep::User, e))?
         .map(|s| s.prepare(&cwd))
         .transpose()
-        .map_err(|e| SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance)))?;
+        .map_err(|e| SpawnError::setup(id, SetupStep::Limits, e))?;
 
     // The instance's cgroup, made before the spawn; the child joins it before exec.
     let cgroup = match tracker {
         Some(t) => {
             let cg = t
                 .create(spec.instance.as_str())
-                .map_err(|e| SpawnError::Other(e.to_string()))?;
+                .map_err(|e| SpawnError::setup(id, SetupStep::Cgroup, e))?;
             match cg.open_procs() {
                 Ok(fd) => Some((cg, fd)),
                 Err(e) => {
                     let _ = cg.remove();
-                    return Err(SpawnError::Other(format!(
-                        "cannot open {}: {e}",
-                        cg.dir().join("cgroup.procs").display()
-                    )));
+                    return Err(SpawnError::setup(
+                        id,
+                        SetupStep::Cgroup,
+                        format!(
+                            "cannot open {}: {e}",
+                            cg.dir().join("cgroup.procs").display()
+                        ),
+                    ));
                 }
             }
         }
@@ -517,7 +522,7 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
         }
     };
 
-    let shared = Arc::new(Shared::new(pid, cgroup));
+    let shared = Arc::new(Shared::new(pid, cgroup, Arc::new(crate::mainpid::Direct)));
     let (tx, rx) = watch::channel(None);
     tokio::spawn(watch_instance(afd, Arc::clone(&shared), tx));
     tracing::debug!(instance = %spec.instance, pid, program = %program.display(), "spawned");
@@ -604,13 +609,16 @@ pub(crate) fn resolve_program(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
+    /// The process started exited and the run has not moved (yet) to a `MAINPID=`:
+    /// no signal is sent while `main_exit` reads the queued notify messages.
+    Deciding,
     Sweeping,
     Done,
 }
 
 /// What the handle and its watcher share.
-#[derive(Debug)]
 struct Shared {
+    /// The process the driver started.
     pid: u32,
     pgid: u32,
     /// The instance's own cgroup, when it is tracked by cgroup.
@@ -623,10 +631,19 @@ struct Shared {
     signalled: std::sync::atomic::AtomicBool,
     /// Why the instance ended, when the sweep can tell.
     cause: Mutex<Option<ExitCause>>,
+    /// The main process `MAINPID=` moved the run to (see [`crate::mainpid`]); taken
+    /// after `phase` when both are.
+    moved: Mutex<Option<Moved>>,
+    /// Bumped at each move, so that the watcher follows.
+    moves: watch::Sender<u64>,
+    /// Who reaps a moved main process.
+    follow: Arc<dyn Follow>,
+    /// Reads the `MAINPID=`s queued when the process started exits.
+    hook: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl Shared {
-    fn new(pid: u32, cgroup: Option<InstanceCgroup>) -> Shared {
+    fn new(pid: u32, cgroup: Option<InstanceCgroup>, follow: Arc<dyn Follow>) -> Shared {
         Shared {
             pid,
             pgid: pid,
@@ -634,6 +651,102 @@ impl Shared {
             phase: Mutex::new(Phase::Running),
             signalled: std::sync::atomic::AtomicBool::new(false),
             cause: Mutex::new(None),
+            moved: Mutex::new(None),
+            moves: watch::Sender::new(0),
+            follow,
+            hook: Mutex::new(None),
+        }
+    }
+
+    fn moved(&self) -> Option<Moved> {
+        self.moved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The main process now: the one started, or the one `MAINPID=` named.
+    fn main_pid(&self) -> u32 {
+        self.moved().map_or(self.pid, |m| m.pid)
+    }
+
+    /// The process started exited (its pid may be reused from now on; the caller holds
+    /// the phase lock): unless the run has moved, nothing is signalled until `main_exit`
+    /// has decided.
+    fn first_exited(&self, phase: &mut Phase) {
+        if self.moved().is_none() && *phase == Phase::Running {
+            *phase = Phase::Deciding;
+        }
+    }
+
+    /// Waits until the run's main process has exited, the one started (`first`) or the
+    /// one `MAINPID=` moved it to, and moves the phase to `Sweeping`. See
+    /// [`crate::mainpid`].
+    async fn main_exit(&self, first: ExitFuture) -> ExitStatus {
+        let mut moves = self.moves.subscribe();
+        let mut first = Some(first);
+        loop {
+            moves.borrow_and_update();
+            match self.moved() {
+                None => {
+                    let Some(f) = first.as_mut() else {
+                        // Unreachable: a run never moves back to no MAINPID.
+                        return LOST_STATUS;
+                    };
+                    tokio::select! {
+                        status = f => {
+                            first = None;
+                            // ORDER: the MAINPID= messages sent before this exit are read
+                            // now, before the run is declared over (systemd: notify
+                            // before SIGCHLD).
+                            let hook = self.hook.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                            if let Some(hook) = hook {
+                                hook();
+                            }
+                            let mut phase = self.phase();
+                            if self.moved().is_none() {
+                                *phase = Phase::Sweeping;
+                                return status;
+                            }
+                            *phase = Phase::Running;
+                            tracing::info!(
+                                pid = self.pid,
+                                "the process started exited ({status}); the run follows MAINPID={}",
+                                self.main_pid()
+                            );
+                        }
+                        _ = moves.changed() => {
+                            // Moved while the process started runs: it is reaped on its
+                            // own (its status no longer matters).
+                            if let Some(f) = first.take() {
+                                let pid = self.pid;
+                                tokio::spawn(async move {
+                                    let status = f.await;
+                                    // Debug: through the keeper, this also resolves when
+                                    // the entry goes at the end of the run.
+                                    tracing::debug!(pid, "the process started ended ({status}); the run follows its MAINPID");
+                                });
+                            }
+                        }
+                    }
+                }
+                Some(m) => {
+                    let mut exited = self.follow.exited(m.pid, m.pidfd.clone());
+                    tokio::select! {
+                        status = &mut exited => {
+                            let mut phase = self.phase();
+                            if self.moved().map(|n| n.pid) == Some(m.pid) {
+                                *phase = Phase::Sweeping;
+                                return status;
+                            }
+                        }
+                        _ = moves.changed() => {
+                            // Moved again: the previous one is reaped on its own.
+                            tokio::spawn(exited);
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -672,11 +785,16 @@ async fn watch_instance(
     shared: Arc<Shared>,
     tx: watch::Sender<Option<ExitStatus>>,
 ) {
-    let status = reap_main(&afd, &shared).await;
-    // Reaped (or lost): the reaper may take this pid from now on.
-    reaper::Registry::global().unregister(shared.pid);
-    drop(afd);
-    tracing::debug!(pid = shared.pid, %status, "main process exited");
+    let sh = Arc::clone(&shared);
+    let first: ExitFuture = Box::pin(async move {
+        let status = reap_main(&afd, &sh).await;
+        // Reaped (or lost): the reaper may take this pid from now on.
+        reaper::Registry::global().unregister(sh.pid);
+        drop(afd);
+        status
+    });
+    let status = shared.main_exit(first).await;
+    tracing::debug!(pid = shared.main_pid(), %status, "main process exited");
     shared.sweep(status).await;
     *shared.phase() = Phase::Done;
     tx.send_replace(Some(status));
@@ -728,7 +846,7 @@ async fn sweep_cgroup(cg: &InstanceCgroup) -> usize {
     first.unwrap_or(0)
 }
 
-/// Waits for the main process to exit and reaps it; moves the phase to `Sweeping`.
+/// Waits for the main process to exit and reaps it.
 async fn reap_main(afd: &AsyncFd<Arc<OwnedFd>>, shared: &Shared) -> ExitStatus {
     loop {
         let mut ready = match afd.readable().await {
@@ -739,10 +857,11 @@ async fn reap_main(afd: &AsyncFd<Arc<OwnedFd>>, shared: &Shared) -> ExitStatus {
                 return std::future::pending().await;
             }
         };
+        // The phase lock: no signal is sent to the group while the reap happens.
         let mut phase = shared.phase();
         match sys::waitid_pidfd(afd.get_ref()) {
             Ok(Some(status)) => {
-                *phase = Phase::Sweeping;
+                shared.first_exited(&mut phase);
                 return status;
             }
             // Spurious readiness: wait for the next edge.
@@ -757,7 +876,7 @@ async fn reap_main(afd: &AsyncFd<Arc<OwnedFd>>, shared: &Shared) -> ExitStatus {
                     "cannot reap the main process (did other code reap it?): {e}; \
                      reporting {LOST_STATUS}"
                 );
-                *phase = Phase::Sweeping;
+                shared.first_exited(&mut phase);
                 return LOST_STATUS;
             }
         }
@@ -850,21 +969,37 @@ async fn await_exit(pid: u32, fd: OwnedFd) {
 /// The phase lock cannot keep the pid from being reused here (the keeper reaps on its
 /// own schedule), but a group is only signalled while its main process has not been
 /// reported gone, and a group id stays reserved while any member lives.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn foreign_handle(
     instance: String,
     pid: u32,
     pidfd: Option<OwnedFd>,
     cgroup: Option<InstanceCgroup>,
     exit: impl std::future::Future<Output = ExitStatus> + Send + 'static,
+    follow: Arc<dyn Follow>,
+    moved: Option<Moved>,
     after: impl FnOnce() + Send + 'static,
 ) -> Arc<dyn InstanceHandle> {
-    let shared = Arc::new(Shared::new(pid, cgroup));
+    let mut shared = Shared::new(pid, cgroup, follow);
+    // Adopted after a `MAINPID=`: the run already follows that process.
+    let adopted_moved = moved.is_some();
+    shared.moved = Mutex::new(moved);
+    let shared = Arc::new(shared);
     let (tx, rx) = watch::channel(None);
     let sh = Arc::clone(&shared);
     tokio::spawn(async move {
-        let status = exit.await;
-        *sh.phase() = Phase::Sweeping;
-        tracing::debug!(pid = sh.pid, %status, "main process exited (reaped by the keeper)");
+        let first: ExitFuture = if adopted_moved {
+            Box::pin(std::future::pending())
+        } else {
+            let sh = Arc::clone(&sh);
+            Box::pin(async move {
+                let status = exit.await;
+                sh.first_exited(&mut sh.phase());
+                status
+            })
+        };
+        let status = sh.main_exit(first).await;
+        tracing::debug!(pid = sh.main_pid(), %status, "main process exited (reaped by the keeper)");
         sh.sweep(status).await;
         *sh.phase() = Phase::Done;
         tx.send_replace(Some(status));
@@ -891,7 +1026,40 @@ struct ProcessHandle {
 #[async_trait]
 impl InstanceHandle for ProcessHandle {
     fn pid(&self) -> Option<u32> {
-        Some(self.shared.pid)
+        Some(self.shared.main_pid())
+    }
+
+    fn set_main_pid(&self, pid: u32) -> Result<(), MainPidError> {
+        let phase = self.shared.phase();
+        if !matches!(*phase, Phase::Running | Phase::Deciding) {
+            return Err(MainPidError::Ended);
+        }
+        if pid == self.shared.main_pid() {
+            return Ok(());
+        }
+        self.shared.follow.supported()?;
+        // Pinned from here on: signals through it cannot reach a reused pid.
+        let pidfd = sys::pidfd_open(pid).map_err(|source| MainPidError::Watch { pid, source })?;
+        self.shared.follow.start(pid);
+        *self
+            .shared
+            .moved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Moved {
+            pid,
+            pidfd: Arc::new(pidfd),
+        });
+        self.shared.moves.send_modify(|n| *n += 1);
+        tracing::info!(instance = %self.instance, "main process is now pid {pid} (MAINPID)");
+        Ok(())
+    }
+
+    fn on_main_exit(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        *self
+            .shared
+            .hook
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(hook);
     }
 
     fn signal(&self, signal: Signal) -> Result<(), SignalError> {
@@ -906,12 +1074,14 @@ impl InstanceHandle for ProcessHandle {
         if *phase != Phase::Running {
             return Ok(());
         }
+        let moved = self.shared.moved();
         // No pidfd: an adopted instance whose main process had exited and been reaped by
         // the keeper; its pid may be reused, so nothing is sent (the sweep that follows the
         // exit report kills what is left of it).
-        let Some(pidfd) = &self.pidfd else {
+        let Some(pidfd) = moved.as_ref().map(|m| &m.pidfd).or(self.pidfd.as_ref()) else {
             return Ok(());
         };
+        let main = self.shared.main_pid();
         self.shared
             .signalled
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -919,7 +1089,17 @@ impl InstanceHandle for ProcessHandle {
             // Every process of the instance, whatever group or session it made; the main
             // process through its pidfd (it is a member too, unless it moved itself out).
             sys::pidfd_send_signal(pidfd, signal).map_err(err)?;
-            cg.signal(signal, Some(self.shared.pid));
+            cg.signal(signal, Some(main));
+            return Ok(());
+        }
+        if moved.is_some() {
+            // MAINPID= moved the run: the process started (the group's leader) may be gone
+            // and, with an empty group, its number reused. The group is signalled only
+            // while the main process is in it (which keeps the number reserved).
+            if sys::getpgid(main).ok() == Some(self.shared.pgid) {
+                sys::kill_group(self.shared.pgid, signal).map_err(err)?;
+            }
+            sys::pidfd_send_signal(pidfd, signal).map_err(err)?;
             return Ok(());
         }
         sys::kill_group(self.shared.pgid, signal).map_err(err)?;
@@ -964,7 +1144,7 @@ impl InstanceHandle for ProcessHandle {
 
     fn owns_pid(&self, pid: u32) -> Option<bool> {
         let cg = self.shared.cgroup.as_ref()?;
-        Some(pid == self.shared.pid || cg.members().contains(&pid))
+        Some(pid == self.shared.main_pid() || cg.members().contains(&pid))
     }
 
     fn stats(&self) -> Result<Stats, StatsError> {
@@ -976,7 +1156,7 @@ impl InstanceHandle for ProcessHandle {
             source,
         };
         if let Some(cg) = &self.shared.cgroup {
-            return Ok(cgroup_stats(cg, self.shared.pid));
+            return Ok(cgroup_stats(cg, self.shared.main_pid()));
         }
         // One scan of /proc shared by every instance a request asks about (see
         // `sys::ProcTable`): usage is at most `USAGE_MAX_AGE` old.
@@ -985,14 +1165,15 @@ impl InstanceHandle for ProcessHandle {
         let mut stats = Stats::default();
         // The main process, whether or not it is still in the group (read directly when it
         // is newer than the table).
-        let main = match table.stats(self.shared.pid) {
+        let main_pid = self.shared.main_pid();
+        let main = match table.stats(main_pid) {
             Some(m) => Ok(m),
-            None => sys::proc_stats(self.shared.pid),
+            None => sys::proc_stats(main_pid),
         };
         match main {
             Ok(main) => {
                 stats.cpu_seconds = main.cpu_seconds + main.children_cpu_seconds;
-                if !members.contains(&self.shared.pid) {
+                if !members.contains(&main_pid) {
                     stats.memory_bytes += main.rss_bytes;
                     stats.pids += 1;
                 }

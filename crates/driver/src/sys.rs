@@ -455,7 +455,7 @@ pub struct ProcStats {
 }
 
 /// `sysconf(_SC_CLK_TCK)`, cached: the unit of the times in `/proc/<pid>/stat`.
-fn clock_ticks() -> u64 {
+pub fn clock_ticks() -> u64 {
     static TICKS: OnceLock<u64> = OnceLock::new();
     *TICKS.get_or_init(|| {
         // SAFETY: sysconf only reads a configuration value; any name is allowed and an

@@ -99,7 +99,7 @@ async fn an_empty_argv_is_refused() {
     spec.argv.clear();
     assert!(matches!(
         ProcessDriver::new().spawn(spec).await,
-        Err(SpawnError::Other(_))
+        Err(SpawnError::Invalid { .. })
     ));
 }
 

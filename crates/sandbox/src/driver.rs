@@ -46,8 +46,8 @@ use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::DriverKind;
 use bulkhead_driver::restrict::Restrictions;
 use bulkhead_driver::{
-    reaper, sys, Driver, ExecTarget, ExitCause, InstanceHandle, SignalError, SpawnError, SpawnSpec,
-    Spawned, Stats, StatsError,
+    reaper, sys, Driver, ExecTarget, ExitCause, InstanceHandle, SetupStep, SignalError, SpawnError,
+    SpawnSpec, Spawned, Stats, StatsError,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -241,7 +241,7 @@ impl SandboxDriver {
                 self.seccomp.clone()
             }
             bulkhead_core::sandbox::Seccomp::Default => crate::seccomp::programs(&sb.seccomp_allow)
-                .map_err(|e| SpawnError::Other(e.to_string()))?,
+                .map_err(|e| SpawnError::setup(&spec.instance, SetupStep::Restrictions, e))?,
         };
         Ok(Restrictions {
             keep_caps: sb
@@ -273,9 +273,7 @@ impl SandboxDriver {
         if let Some(u) = sb.user {
             return Ok((Some((u.uid, u.gid())), Vec::new()));
         }
-        let other = |what: String| {
-            SpawnError::Other(format!("cannot start instance {}: {what}", spec.instance))
-        };
+        let other = |what: String| SpawnError::setup(&spec.instance, SetupStep::User, what);
         let Some(c) = bulkhead_driver::setup::resolve_user(&spec.spec, 0).map_err(other)? else {
             return Ok((None, Vec::new()));
         };
@@ -316,9 +314,11 @@ impl SandboxDriver {
             UserNs::Auto if spec.ids.is_some() => Ok((spec.ids, None)),
             UserNs::Auto => {
                 let tenant = id_tenant(&spec.instance);
-                let map = lock(&self.ids).acquire(&tenant).map_err(|e| {
-                    SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
-                })?;
+                let map = lock(&self.ids)
+                    .acquire(&tenant)
+                    .map_err(|e| SpawnError::Exhausted {
+                        reason: format!("cannot start instance {}: {e}", spec.instance),
+                    })?;
                 Ok((
                     Some(map),
                     Some(IdHold {
@@ -348,23 +348,17 @@ impl SandboxDriver {
         userns: Option<UserNamespace>,
         restrict: Restrictions,
     ) -> Result<Prepared, SpawnError> {
-        let arg0 = spec.argv.first().ok_or_else(|| {
-            SpawnError::Other(format!(
-                "cannot start instance {}: the command line is empty",
-                spec.instance
-            ))
-        })?;
+        let arg0 = spec
+            .argv
+            .first()
+            .ok_or_else(|| SpawnError::invalid(&spec.instance, "the command line is empty"))?;
         let exec_err = |source| SpawnError::Exec {
             program: arg0.clone(),
             source,
         };
         let program = resolve_program(arg0, &spec.env, &spec.cwd).map_err(exec_err)?;
-        let bad = |what: &str| {
-            SpawnError::Other(format!(
-                "cannot start instance {}: {what} contains a NUL byte",
-                spec.instance
-            ))
-        };
+        let bad =
+            |what: &str| SpawnError::invalid(&spec.instance, format!("{what} contains a NUL byte"));
         let cs = |s: &[u8], what: &str| CString::new(s.to_vec()).map_err(|_| bad(what));
         let argv = spec
             .argv
@@ -452,11 +446,11 @@ impl SandboxDriver {
                     .is_ok_and(|m| m.file_type().is_socket());
                 if is_socket {
                     std::os::unix::fs::chown(p, Some(ns.uid), Some(ns.gid())).map_err(|e| {
-                        SpawnError::Other(format!(
-                            "cannot start instance {}: cannot hand {} to the user namespace: {e}",
-                            spec.instance,
-                            p.display()
-                        ))
+                        SpawnError::setup(
+                            &spec.instance,
+                            SetupStep::Ids,
+                            format!("cannot hand {} to the user namespace: {e}", p.display()),
+                        )
                     })?;
                 }
             }
@@ -467,20 +461,19 @@ impl SandboxDriver {
             system: &self.system,
         };
         let (mounts, slots) = spawn::mount_program(sb, &inputs).map_err(|e| {
-            SpawnError::Other(format!(
-                "cannot start instance {}: bad mount path: {e}",
-                spec.instance
-            ))
+            SpawnError::setup(
+                &spec.instance,
+                SetupStep::Walls,
+                format!("bad mount path: {e}"),
+            )
         })?;
         // The manifest's working_dir (a path inside, relative ones to the folder).
         let workdir = bulkhead_core::execution::working_dir(&spec.spec, &cwd);
-        let limits = bulkhead_driver::setup::limit_settings(&spec.spec).map_err(|e| {
-            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
-        })?;
+        let limits = bulkhead_driver::setup::limit_settings(&spec.spec)
+            .map_err(|e| SpawnError::setup(&spec.instance, SetupStep::Limits, e))?;
         // A child in a new user namespace cannot raise a hard limit at all.
-        bulkhead_driver::setup::check_limits(&limits, userns.is_none()).map_err(|e| {
-            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
-        })?;
+        bulkhead_driver::setup::check_limits(&limits, userns.is_none())
+            .map_err(|e| SpawnError::setup(&spec.instance, SetupStep::Limits, e))?;
         let rlimits = limits
             .iter()
             .filter_map(|l| {
@@ -574,18 +567,19 @@ impl Driver for SandboxDriver {
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
-        let other = |what: String| {
-            SpawnError::Other(format!("cannot start instance {}: {what}", spec.instance))
-        };
+        let setup = |step, what: String| SpawnError::setup(&spec.instance, step, what);
         if self.min_available_memory > 0 {
             if let Some(avail) = cgroup::mem_available() {
                 if avail < self.min_available_memory {
-                    return Err(other(format!(
-                        "only {} MiB of memory is available, below the floor of {} MiB \
-                         (--min-available-memory)",
-                        avail >> 20,
-                        self.min_available_memory >> 20
-                    )));
+                    return Err(SpawnError::Exhausted {
+                        reason: format!(
+                            "cannot start instance {}: only {} MiB of memory is available, \
+                             below the floor of {} MiB (--min-available-memory)",
+                            spec.instance,
+                            avail >> 20,
+                            self.min_available_memory >> 20
+                        ),
+                    });
                 }
             }
         }
@@ -598,7 +592,7 @@ impl Driver for SandboxDriver {
         let cg = self
             .cgroups
             .create(spec.instance.as_str(), spec.spec.resources.as_ref())
-            .map_err(|e| other(e.to_string()))?;
+            .map_err(|e| setup(SetupStep::Cgroup, e.to_string()))?;
         let fds = cg.open_unified().and_then(|u| Ok((u, cg.open_v1_procs()?)));
         match fds {
             Ok((u, v1)) => {
@@ -607,7 +601,10 @@ impl Driver for SandboxDriver {
             }
             Err(e) => {
                 cg.remove();
-                return Err(other(format!("cannot open its cgroup: {e}")));
+                return Err(setup(
+                    SetupStep::Cgroup,
+                    format!("cannot open its cgroup: {e}"),
+                ));
             }
         }
         let pipes = (|| -> io::Result<_> {
@@ -619,7 +616,10 @@ impl Driver for SandboxDriver {
             Ok(p) => p,
             Err(e) => {
                 cg.remove();
-                return Err(other(format!("cannot create output pipes: {e}")));
+                return Err(setup(
+                    SetupStep::Pipes,
+                    format!("cannot create output pipes: {e}"),
+                ));
             }
         };
 
@@ -646,7 +646,7 @@ impl Driver for SandboxDriver {
         });
         if lock(spawner()).send(job).is_err() {
             cg.remove();
-            return Err(other("the spawner thread is gone".into()));
+            return Err(setup(SetupStep::Walls, "the spawner thread is gone".into()));
         }
         let child = match rx.await {
             Ok(Ok(child)) => child,
@@ -657,12 +657,17 @@ impl Driver for SandboxDriver {
                         program: spec.argv[0].clone(),
                         source,
                     },
-                    e => other(e.to_string()),
+                    // The clone or a step of the child's walls (namespaces, mounts,
+                    // user, restrictions) failed.
+                    e => setup(SetupStep::Walls, e.to_string()),
                 });
             }
             Err(_) => {
                 cg.remove();
-                return Err(other("the spawner thread dropped the request".into()));
+                return Err(setup(
+                    SetupStep::Walls,
+                    "the spawner thread dropped the request".into(),
+                ));
             }
         };
         let pid = child.pid;

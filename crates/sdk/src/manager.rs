@@ -193,7 +193,13 @@ impl Manager {
 }
 
 /// A service the daemon holds, and the instances it holds it for.
-type Held = (PortFactory<Ipc, [u8], ()>, BTreeSet<String>);
+/// A channel's services (its messages, and the event its publishers wake its subscribers
+/// with) and the instances holding them.
+type Held = (
+    PortFactory<Ipc, [u8], ()>,
+    iceoryx2::service::port_factory::event::PortFactory<Ipc>,
+    BTreeSet<String>,
+);
 
 struct State {
     node: Node<Ipc>,
@@ -240,7 +246,7 @@ impl State {
             if holds.contains(&c.service) {
                 continue;
             }
-            if let Some((_, holders)) = self.services.get_mut(&c.service) {
+            if let Some((_, _, holders)) = self.services.get_mut(&c.service) {
                 holders.insert(inst.to_owned());
                 holds.push(c.service.clone());
                 continue;
@@ -262,10 +268,22 @@ impl State {
                     service: c.service.clone(),
                     reason: format!("{e:?}"),
                 })?;
+            let wake = self
+                .node
+                .service_builder(&service_name(&c.service)?)
+                .event()
+                .max_notifiers(MAX_PUBLISHERS)
+                .max_listeners(MAX_SUBSCRIBERS)
+                .max_nodes(MAX_NODES)
+                .open_or_create()
+                .map_err(|e| AcquireError::Create {
+                    service: c.service.clone(),
+                    reason: format!("its wake-up event: {e:?}"),
+                })?;
             holds.push(c.service.clone());
             self.services.insert(
                 c.service.clone(),
-                (factory, BTreeSet::from([inst.to_owned()])),
+                (factory, wake, BTreeSet::from([inst.to_owned()])),
             );
         }
         Ok(())
@@ -273,7 +291,7 @@ impl State {
 
     fn drop_holds(&mut self, inst: &str) {
         for s in self.holds.remove(inst).unwrap_or_default() {
-            if let Some((_, holders)) = self.services.get_mut(&s) {
+            if let Some((_, _, holders)) = self.services.get_mut(&s) {
                 holders.remove(inst);
                 if holders.is_empty() {
                     self.services.remove(&s);
@@ -314,7 +332,7 @@ impl State {
                 let mut affected = Vec::new();
                 if let Some(i) = &instance {
                     for s in self.holds.get(i).into_iter().flatten() {
-                        for h in self.services.get(s).map(|x| &x.1).into_iter().flatten() {
+                        for h in self.services.get(s).map(|x| &x.2).into_iter().flatten() {
                             affected.push((h.clone(), s.clone()));
                         }
                     }

@@ -6,6 +6,8 @@ use std::mem::MaybeUninit;
 use std::ops::Deref;
 use std::time::{Duration, Instant};
 
+use iceoryx2::port::listener::Listener;
+use iceoryx2::port::notifier::Notifier;
 use iceoryx2::port::publisher::Publisher as IoxPublisher;
 use iceoryx2::port::subscriber::Subscriber as IoxSubscriber;
 use iceoryx2::port::update_connections::UpdateConnections;
@@ -47,6 +49,9 @@ pub struct Publisher {
     service: String,
     max: usize,
     port: IoxPublisher<Ipc, [u8], ()>,
+    /// Wakes the channel's waiting subscribers after each send (the event service of the
+    /// same name: see [`Subscriber::recv_timeout`]).
+    wake: Notifier<Ipc>,
 }
 
 impl Publisher {
@@ -76,6 +81,14 @@ impl Publisher {
             service: service.to_owned(),
             max: max_payload.max(1),
             port,
+            wake: open_wake(node, service)?
+                .notifier_builder()
+                .create()
+                .map_err(|e| OpenError::Port {
+                    port: "notifier",
+                    service: service.to_owned(),
+                    reason: format!("{e:?}"),
+                })?,
         })
     }
 
@@ -104,6 +117,7 @@ impl Publisher {
             })?;
         Ok(Loan {
             service: &self.service,
+            wake: &self.wake,
             sample,
         })
     }
@@ -128,7 +142,32 @@ impl Publisher {
 /// the slot.
 pub struct Loan<'a> {
     service: &'a str,
+    wake: &'a Notifier<Ipc>,
     sample: SampleMutUninit<Ipc, [MaybeUninit<u8>], ()>,
+}
+
+/// The end of every send: an error named after the channel, and the subscribers it
+/// reached woken (no wake-up when it reached none: nobody waits on it).
+fn sent<E: std::fmt::Debug>(
+    service: &str,
+    wake: &Notifier<Ipc>,
+    result: Result<usize, E>,
+) -> Result<usize, SendError> {
+    let n = result.map_err(|e| SendError::Send {
+        service: service.to_owned(),
+        reason: format!("{e:?}"),
+    })?;
+    if n > 0 {
+        // The message is in the subscribers' queues before the wake-up: a subscriber
+        // that checks its queue and then waits sees one or the other, never neither.
+        if let Err(e) = wake.notify() {
+            return Err(SendError::Send {
+                service: service.to_owned(),
+                reason: format!("sent, but cannot wake the subscribers: {e:?}"),
+            });
+        }
+    }
+    Ok(n)
 }
 
 impl Loan<'_> {
@@ -145,25 +184,16 @@ impl Loan<'_> {
                 max: self.sample.payload().len(),
             });
         }
-        let service = self.service;
-        self.sample
-            .write_from_slice(data)
-            .send()
-            .map_err(|e| SendError::Send {
-                service: service.to_owned(),
-                reason: format!("{e:?}"),
-            })
+        let (service, wake) = (self.service, self.wake);
+        sent(service, wake, self.sample.write_from_slice(data).send())
     }
 
     /// Zeroes the loan, lets `fill` write it, and sends it.
     pub fn fill_and_send(self, fill: impl FnOnce(&mut [u8])) -> Result<usize, SendError> {
-        let service = self.service;
+        let (service, wake) = (self.service, self.wake);
         let mut s = self.sample.write_from_fn(|_| 0u8);
         fill(s.payload_mut());
-        s.send().map_err(|e| SendError::Send {
-            service: service.to_owned(),
-            reason: format!("{e:?}"),
-        })
+        sent(service, wake, s.send())
     }
 
     /// Sends the loan as it is, without touching its bytes (the zero-copy path).
@@ -172,14 +202,11 @@ impl Loan<'_> {
     ///
     /// Every byte of the loan must have been written through [`Loan::as_uninit_mut`].
     pub unsafe fn send_assume_init(self) -> Result<usize, SendError> {
-        let service = self.service;
+        let (service, wake) = (self.service, self.wake);
         // SAFETY: the caller initialised every byte of the payload (this function's
         // contract).
         let s = unsafe { self.sample.assume_init() };
-        s.send().map_err(|e| SendError::Send {
-            service: service.to_owned(),
-            reason: format!("{e:?}"),
-        })
+        sent(service, wake, s.send())
     }
 }
 
@@ -187,6 +214,8 @@ impl Loan<'_> {
 pub struct Subscriber {
     service: String,
     port: IoxSubscriber<Ipc, [u8], ()>,
+    /// Woken by the channel's publishers after each send.
+    wake: Listener<Ipc>,
 }
 
 impl Subscriber {
@@ -216,6 +245,14 @@ impl Subscriber {
         Ok(Subscriber {
             service: service.to_owned(),
             port,
+            wake: open_wake(node, service)?
+                .listener_builder()
+                .create()
+                .map_err(|e| OpenError::Port {
+                    port: "listener",
+                    service: service.to_owned(),
+                    reason: format!("{e:?}"),
+                })?,
         })
     }
 
@@ -235,32 +272,57 @@ impl Subscriber {
             })
     }
 
-    /// The next message, waiting at most `timeout`: spins for a few microseconds, then
-    /// yields, then sleeps in growing steps of up to 1 ms. `Ok(None)` at the deadline.
+    /// The next message, waiting at most `timeout`. `Ok(None)` at the deadline.
+    ///
+    /// Waiting checks the queue for 20 µs, then blocks on the channel's event service
+    /// (woken by each send of a bulkhead publisher), so an idle subscriber costs no CPU. The queue is checked before every
+    /// wait and the publisher wakes after it queued: a message is never missed between
+    /// the two. A publisher that does not wake (a raw iceoryx2 one) is seen at the
+    /// deadline only.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Message>, RecvError> {
         let start = Instant::now();
-        let mut spins = 0u32;
+        let deadline = start + timeout;
         loop {
             if let Some(m) = self.try_recv()? {
                 return Ok(Some(m));
             }
-            let waited = start.elapsed();
-            if waited >= timeout {
+            let now = Instant::now();
+            // A reply in a busy exchange comes within microseconds: checking the queue
+            // for that long spares the wake-up's latency, and costs nothing when idle.
+            if now.duration_since(start) < SPIN && now < deadline {
+                std::hint::spin_loop();
+                continue;
+            }
+            let left = deadline.saturating_duration_since(now);
+            if left.is_zero() {
                 return Ok(None);
             }
-            spins = spins.saturating_add(1);
-            if waited < Duration::from_micros(50) {
-                std::hint::spin_loop();
-            } else if waited < Duration::from_millis(2) {
-                std::thread::yield_now();
-            } else {
-                let step = Duration::from_micros(u64::from(spins.min(1000)))
-                    .min(Duration::from_millis(1))
-                    .min(timeout - waited);
-                std::thread::sleep(step);
-            }
+            // Every pending wake-up is taken at once: one check of the queue serves them.
+            self.wake.timed_wait(|_| {}, left).map_err(|e| RecvError {
+                service: self.service.clone(),
+                reason: format!("cannot wait for a message: {e:?}"),
+            })?;
         }
     }
+}
+
+/// How long [`Subscriber::recv_timeout`] checks the queue before it blocks.
+const SPIN: Duration = Duration::from_micros(20);
+
+/// The event service a channel's publishers wake its subscribers with: the same name
+/// as the channel's publish-subscribe service (the daemon creates both; see
+/// [`crate::manager`]).
+fn open_wake(
+    node: &Node<Ipc>,
+    service: &str,
+) -> Result<iceoryx2::service::port_factory::event::PortFactory<Ipc>, OpenError> {
+    node.service_builder(&service_name(service)?)
+        .event()
+        .open()
+        .map_err(|e| OpenError::Service {
+            service: service.to_owned(),
+            reason: format!("its wake-up event: {e:?}"),
+        })
 }
 
 /// A received message, read in place in shared memory. Dropping it releases the slot.

@@ -868,8 +868,11 @@ impl InstanceHandle for Service {
     }
 }
 
-fn other(e: impl std::fmt::Display) -> SpawnError {
-    SpawnError::Other(e.to_string())
+/// The swarm (its manager, or the node that took the task) refused or failed.
+fn engine(e: impl std::fmt::Display) -> SpawnError {
+    SpawnError::Engine {
+        reason: e.to_string(),
+    }
 }
 
 #[async_trait]
@@ -884,15 +887,19 @@ impl Driver for SwarmDriver {
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
         let inner = &self.inner;
-        let client = inner.client().await.map_err(SpawnError::Other)?;
+        let invalid = |reason: &str| SpawnError::Invalid {
+            instance: spec.instance.as_str().to_owned(),
+            reason: reason.to_owned(),
+        };
         let Some(sw) = spec.spec.swarm.clone() else {
-            return Err(other(
+            return Err(invalid(
                 "a swarm workload needs a swarm: section (swarm.image)",
             ));
         };
         if spec.argv.is_empty() {
-            return Err(other("the command is empty"));
+            return Err(invalid("the command is empty"));
         }
+        let client = inner.client().await.map_err(engine)?;
         if let Some(program) = inner.program_missing(&client, &sw.image, &spec.argv).await {
             return Err(SpawnError::Exec {
                 program,
@@ -910,14 +917,14 @@ impl Driver for SwarmDriver {
             .map_err(|e| match e {
                 bollard::errors::Error::DockerResponseServerError {
                     status_code: 409, ..
-                } => other(format!(
+                } => engine(format!(
                     "swarm service {name} already exists: a run of {} is still being removed",
                     spec.instance
                 )),
-                e => other(format!("cannot create swarm service {name}: {e}")),
+                e => engine(format!("cannot create swarm service {name}: {e}")),
             })?;
         let Some(id) = created.id else {
-            return Err(other(format!(
+            return Err(engine(format!(
                 "swarm service {name}: the manager gave no id"
             )));
         };
@@ -974,9 +981,15 @@ impl Driver for SwarmDriver {
                                     ),
                                 });
                             }
-                            return Err(other(format!(
-                                "the swarm task of service {name} did not start: {err}"
-                            )));
+                            let reason =
+                                format!("the swarm task of service {name} did not start: {err}");
+                            if lower.contains("no such image") {
+                                return Err(SpawnError::Image {
+                                    image: sw.image.clone(),
+                                    reason,
+                                });
+                            }
+                            return Err(engine(reason));
                         }
                         _ => {
                             svc.update(inner, &tasks);
@@ -989,7 +1002,7 @@ impl Driver for SwarmDriver {
                 svc.ending.store(true, Ordering::SeqCst);
                 svc.remove().await;
                 lock(&inner.services).remove(&id);
-                return Err(other(format!(
+                return Err(engine(format!(
                     "no swarm node started the task of service {name} within {bound:?}{}",
                     last_err.map(|e| format!(": {e}")).unwrap_or_default()
                 )));

@@ -115,10 +115,11 @@ pub fn service_spec(
         Some(d) => Some(d.clone()),
         None if under_bind => {
             if !spec.cwd.is_dir() {
-                return Err(SpawnError::Other(format!(
-                    "cannot start in {}: no such directory",
-                    spec.cwd.display()
-                )));
+                return Err(SpawnError::Setup {
+                    instance: spec.instance.as_str().to_owned(),
+                    step: bulkhead_driver::SetupStep::WorkingDir,
+                    reason: format!("cannot start in {}: no such directory", spec.cwd.display()),
+                });
             }
             Some(spec.cwd.display().to_string())
         }
@@ -144,8 +145,12 @@ pub fn service_spec(
         None
     } else {
         let to = |v: Option<u64>| v.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let limits = bulkhead_core::execution::resolve_limits(&w.limits)
-            .map_err(|(f, r)| SpawnError::Other(format!("{f}: {r}")))?;
+        let limits = bulkhead_core::execution::resolve_limits(&w.limits).map_err(|(f, r)| {
+            SpawnError::Invalid {
+                instance: spec.instance.as_str().to_owned(),
+                reason: format!("{f}: {r}"),
+            }
+        })?;
         Some(
             limits
                 .into_iter()

@@ -188,7 +188,10 @@ async fn an_image_no_node_has_is_a_spawn_error_and_leaves_no_service() {
     fx.manifest_extra = "driver: swarm\nswarm:\n  image: bulkhead-test/no-such-image:1\n".into();
     let spec = fx.spawn_spec("noimage", "exit 0");
     match within("spawn", d.spawn(spec)).await {
-        Err(e) => assert!(e.to_string().contains("did not start"), "{e}"),
+        Err(e @ bulkhead_driver::SpawnError::Image { .. }) => {
+            assert!(e.to_string().contains("did not start"), "{e}")
+        }
+        Err(e) => panic!("expected an image error, got {e:?}"),
         Ok(s) => panic!("spawned; ended with {}", s.handle.wait().await),
     }
     assert!(services(&d, &daemon_of("noimage")).await.is_empty());

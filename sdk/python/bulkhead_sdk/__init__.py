@@ -103,6 +103,12 @@ def _open(node, service: str):
     return node.service_builder(iox2.ServiceName.new(service)).publish_subscribe(_BYTES).open()
 
 
+def _wake(node, service: str):
+    """The event service a channel's publishers wake its subscribers with (same name as
+    the channel; the daemon creates both)."""
+    return node.service_builder(iox2.ServiceName.new(service)).event().open()
+
+
 class Publisher:
     """Publishes byte messages on one channel. A sent message lives in this publisher's
     shared memory: keep the publisher until the receiver had its chance."""
@@ -111,6 +117,7 @@ class Publisher:
         self.service = service
         self.max_payload = max_payload
         self._port = _open(node, service).publisher_builder().initial_max_slice_len(max_payload).create()
+        self._wake = _wake(node, service).notifier_builder().create()
 
     @contextmanager
     def loan(self, length: int) -> Iterator[memoryview]:
@@ -128,7 +135,9 @@ class Publisher:
             sample.delete()
             raise
         view.release()
-        sample.assume_init().send()
+        if sample.assume_init().send() > 0:
+            # Queued first, then woken: a subscriber that checks and then waits sees one.
+            self._wake.notify()
 
     def send(self, data: bytes) -> None:
         """Copies ``data`` into a loan and sends it."""
@@ -146,6 +155,7 @@ class Subscriber:
     def __init__(self, node, service: str, depth: int):
         self.service = service
         self._port = _open(node, service).subscriber_builder().buffer_size(max(1, depth)).create()
+        self._wake = _wake(node, service).listener_builder().create()
         self._held = None
 
     def release(self) -> None:
@@ -167,18 +177,17 @@ class Subscriber:
         return memoryview(buf).cast("B").toreadonly()
 
     def recv(self, timeout: float) -> Optional[memoryview]:
-        """Waits up to ``timeout`` seconds (spins briefly, then sleeps up to 1 ms)."""
+        """Waits up to ``timeout`` seconds, blocked on the channel's wake-up event (an idle
+        subscriber costs no CPU); None at the deadline."""
         deadline = time.monotonic() + timeout
-        step = 0.0
         while True:
             m = self.try_recv()
             if m is not None:
                 return m
-            now = time.monotonic()
-            if now >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return None
-            step = min(0.001, step + 0.0001)
-            time.sleep(min(step, deadline - now))
+            self._wake.timed_wait(iox2.Duration.from_micros(max(1, int(left * 1e6))))
 
 
 class Workload:

@@ -405,3 +405,42 @@ fn an_instance_running_as_another_user_can_notify_readiness() {
         .logs_text("ns:default:notifier")
         .contains("@bulkhead-notify-"));
 }
+
+/// A failed start says what failed, for machines: `failure_kind` beside the reason, in
+/// the `launch_failed` event (JSON and text), through the keeper and without it.
+#[test]
+fn a_failed_launch_event_says_which_kind_of_failure_it_was() {
+    for args in [&[][..], &["--no-keeper"][..]] {
+        let d = Daemon::start_with_args(
+            &[
+                ("noprog", "name: noprog\ncommand: [/no/such/program-here]\n"),
+                (
+                    "nodir",
+                    "name: nodir\ncommand: [sleep, \"100\"]\nworking_dir: missing\n",
+                ),
+                (
+                    "early",
+                    "name: early\ncommand: [sh, -c, \"exit 3\"]\nreadiness: {notify: true}\n",
+                ),
+            ],
+            args,
+        );
+        for (name, kind) in [("noprog", "exec"), ("nodir", "setup"), ("early", "exited")] {
+            let o = d.cli(&["launch", name]);
+            assert!(!o.status.success(), "{args:?}: launch of {name} succeeded");
+            let id = format!("ns:default:{name}");
+            let e = d.wait_event(&format!("launch_failed of {name}"), |e| {
+                e["kind"] == "launch_failed" && e["instance"] == id.as_str()
+            });
+            assert_eq!(e["failure_kind"], kind, "{args:?}: {e}");
+            assert!(e["reason"].as_str().is_some_and(|r| !r.is_empty()), "{e}");
+        }
+        let text = String::from_utf8_lossy(&d.cli(&["events"]).stdout).into_owned();
+        assert!(
+            text.lines()
+                .any(|l| l.contains("ns:default:noprog launch_failed")
+                    && l.contains("failure_kind=exec reason=")),
+            "{args:?}: {text}"
+        );
+    }
+}

@@ -636,3 +636,126 @@ fn without_sockets_a_rollout_refuses_connections() {
     eprintln!("rollout without sockets: {t:?}");
     assert!(t.refused > 0, "no refusal without sockets: {t:?}");
 }
+
+/// Answers each connection on descriptor 3 with `ns=<its namespace> pid=<its pid>`, after
+/// reading the request (a connection that sends nothing stays open).
+const NS_SERVER: &str = r#"
+import os, socket
+s = socket.socket(fileno=3)
+while True:
+    c, _ = s.accept()
+    try:
+        c.recv(4096)
+        c.sendall(("ns=%s pid=%d" % (os.environ["BULKHEAD_NAMESPACE"], os.getpid())).encode())
+    except OSError:
+        pass
+    c.close()
+"#;
+
+/// One request on a Unix socket: the whole answer.
+fn ask_unix(path: &std::path::Path) -> String {
+    let mut c = std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    c.write_all(b"hello\n").unwrap();
+    let mut body = String::new();
+    c.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn launched(d: &Daemon, id: &str) -> usize {
+    d.events()
+        .into_iter()
+        .filter(|e| e["instance"] == id && e["kind"] == "launched")
+        .count()
+}
+
+/// On-connection activation with isolation `namespace`: each listed namespace has its
+/// own socket (`${NAMESPACE}` in the path; a relative one lives in each instance's own
+/// directory); a connection to acme's launches only acme's instance (the key `launch
+/// --namespace acme` gives) and is answered by it, globex's stays down until its own
+/// connection; `idle_stop` applies to each instance alone.
+#[test]
+fn on_connection_per_namespace_launches_only_that_namespaces_instance() {
+    let Some(py) = python3() else { return };
+    let d = Daemon::start(&[]);
+    let run = d.dir.path().join("run");
+    let m = format!(
+        "name: tenant\nisolation: namespace\ncommand: [{py}, -c, {NS_SERVER:?}]\n\
+         sockets:\n  - {{name: api, listen: \"unix:{}/${{NAMESPACE}}.sock\"}}\n  - {{name: rel, listen: \"unix:rel.sock\"}}\n\
+         activation: {{mode: on-connection, namespaces: [acme, globex], idle_stop: 1s}}\n",
+        run.display()
+    );
+    workload(&d, "tenant", &m, &[]);
+    let (acme, globex) = (run.join("acme.sock"), run.join("globex.sock"));
+    assert!(
+        acme.exists() && globex.exists(),
+        "sockets not bound:\n{}",
+        d.daemon_log()
+    );
+    for id in ["ns:acme:tenant", "ns:globex:tenant"] {
+        let rel = d.state.join("sockets").join(id).join("rel.sock");
+        assert!(rel.exists(), "{} not bound", rel.display());
+    }
+    let list = d.json(&["list", "-o", "json"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+
+    // acme's connection: acme's instance only, and it answers.
+    let body = ask_unix(&acme);
+    assert!(body.starts_with("ns=acme "), "{body}");
+    let a = wait_get(&d, "ns:acme:tenant", "running", |v| {
+        v["pid"].as_u64().is_some()
+    });
+    assert!(body.ends_with(&format!("pid={}", a["pid"])), "{body} {a}");
+    assert_eq!(launched(&d, "ns:globex:tenant"), 0);
+    assert!(d.cli(&["get", "ns:globex:tenant"]).status.code() != Some(0));
+
+    // globex's own connection launches globex's, a separate instance.
+    let body = ask_unix(&globex);
+    assert!(body.starts_with("ns=globex "), "{body}");
+    let g = wait_get(&d, "ns:globex:tenant", "running", |v| {
+        v["pid"].as_u64().is_some()
+    });
+    assert_ne!(g["pid"], a["pid"]);
+    assert_eq!(launched(&d, "ns:acme:tenant"), 1);
+
+    // idle_stop per instance: a connection held open on globex's socket keeps globex's
+    // running while acme's, idle, is stopped.
+    let held = std::os::unix::net::UnixStream::connect(&globex).unwrap();
+    wait_get(&d, "ns:acme:tenant", "stopped when idle", |v| {
+        v["state"] == "terminated"
+    });
+    let v = d.json(&["get", "ns:globex:tenant", "-o", "json"]);
+    assert_eq!(v["pid"], g["pid"], "globex's stopped with acme's: {v}");
+    assert_ne!(v["state"], "terminated", "{v}");
+    drop(held);
+    wait_get(&d, "ns:globex:tenant", "stopped when idle", |v| {
+        v["state"] == "terminated"
+    });
+    // The sockets stay the daemon's: the next connection launches acme's again.
+    assert!(ask_unix(&acme).starts_with("ns=acme "));
+    assert_eq!(launched(&d, "ns:acme:tenant"), 2);
+}
+
+/// A manifest asking for on-connection per namespace with an address that cannot differ
+/// per namespace (a TCP port) is refused, naming the file and the field.
+#[test]
+fn on_connection_per_namespace_refuses_a_tcp_socket_naming_the_field() {
+    let d = Daemon::start(&[]);
+    write_workload(
+        &d.workloads,
+        "tcpns",
+        "name: tcpns\nisolation: namespace\ncommand: [sleep, '100']\nsockets: [{name: http, listen: 'tcp:127.0.0.1:18080'}]\nactivation: {mode: on-connection, namespaces: [acme]}\n",
+        &[],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let out = d.cli(&["launch", "tcpns", "--namespace", "acme"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("manifest.yaml")
+            && err.contains("sockets[0].listen")
+            && err.contains("tcp: port cannot differ per namespace"),
+        "{err}"
+    );
+}

@@ -374,7 +374,7 @@ fn health_and_list() {
     let h = d.json(&["health", "-o", "json"]);
     assert_eq!(h["instances_live"], 1);
     let drivers = h["drivers"].as_array().unwrap();
-    for d in ["process", "docker"] {
+    for d in ["process", "docker", "kubernetes"] {
         assert!(drivers.contains(&serde_json::json!(d)), "{drivers:?}");
     }
     // The sandbox driver is there exactly when this machine allows it (health says so).

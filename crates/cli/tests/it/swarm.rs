@@ -193,7 +193,6 @@ fn after_a_daemon_crash_its_service_is_adopted_and_orphans_are_removed() {
 }
 
 #[test]
-#[ignore = "needs daemon/src/exec.rs to let an instance without a host pid reach InstanceHandle::engine_exec (it refuses view.pid == None first; the lead's side of issue 16)"]
 fn swarm_exec_runs_in_the_tasks_container() {
     require_swarm!();
     let m = manifest("ex", "exec sleep 1000", "");

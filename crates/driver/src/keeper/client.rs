@@ -18,7 +18,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Incoming, Reply, Request, MAX_MESSAGE};
 use crate::cgroup::{InstanceCgroup, Tracker};
-use crate::{Driver, Found, OutputTap, RecoverError, SpawnError, SpawnSpec, Spawned, Stream};
+use crate::{
+    Driver, Found, OutputTap, RecoverError, SetupStep, SpawnError, SpawnSpec, Spawned, Stream,
+};
 
 /// The status reported for instances of a keeper that died: they were killed by its
 /// parent-death signal.
@@ -55,6 +57,8 @@ pub struct KeeperClient {
     closed_tx: watch::Sender<bool>,
     /// The keeper refused a spawn as full; cleared when one of its instances ends.
     full: std::sync::atomic::AtomicBool,
+    /// The keeper said it understands `MainPid` (see `Reply::Spawned`).
+    follows_main_pid: std::sync::atomic::AtomicBool,
 }
 
 /// What a spawn through one keeper gave.
@@ -92,6 +96,7 @@ impl KeeperClient {
             st: Mutex::new(State::default()),
             closed_tx: watch::Sender::new(false),
             full: std::sync::atomic::AtomicBool::new(false),
+            follows_main_pid: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(read_loop(Arc::downgrade(&client)));
         Ok(client)
@@ -174,7 +179,9 @@ impl KeeperClient {
             listen: listen.iter().map(|l| l.name.clone()).collect(),
         };
         // The keeper, not the program, failed: not an exec error.
-        let lost = |source: io::Error| SpawnError::Other(format!("{program}: {source}"));
+        let lost = |source: io::Error| SpawnError::Keeper {
+            reason: format!("{program}: {source}"),
+        };
         let fds: Vec<_> = listen.iter().map(|l| l.fd.as_fd()).collect();
         if let Err(e) = self.send_with(&msg, &fds).await {
             self.state().pending.remove(&req);
@@ -200,9 +207,9 @@ impl KeeperClient {
                     tap,
                     setup_applied,
                 }),
-                _ => Err(SpawnError::Other(format!(
-                    "the keeper sent no pidfd for pid {pid}"
-                ))),
+                _ => Err(SpawnError::Keeper {
+                    reason: format!("the keeper sent no pidfd for pid {pid}"),
+                }),
             },
             Ok((
                 Reply::SpawnFailed {
@@ -225,12 +232,13 @@ impl KeeperClient {
                         source: io::Error::new(kind, cause),
                     })
                 } else {
-                    Err(SpawnError::Other(error))
+                    // The request itself was refused (not the program's start).
+                    Err(SpawnError::Keeper { reason: error })
                 }
             }
-            Ok((other, _, _)) => Err(SpawnError::Other(format!(
-                "unexpected keeper reply {other:?}"
-            ))),
+            Ok((other, _, _)) => Err(SpawnError::Keeper {
+                reason: format!("unexpected keeper reply {other:?}"),
+            }),
             Err(_) => Err(lost(io::Error::other("the keeper went away"))),
         }
     }
@@ -367,7 +375,16 @@ fn dispatch(
 ) {
     let mut st = c.state();
     match &reply {
-        Reply::Spawned { req, pid, .. } => {
+        Reply::Spawned {
+            req,
+            pid,
+            follows_main_pid,
+            ..
+        } => {
+            if *follows_main_pid {
+                c.follows_main_pid
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             // Registered before the spawner sees the pid, so an exit or output that
             // follows at once is not lost.
             st.exits
@@ -396,11 +413,17 @@ fn dispatch(
             pid,
             exit,
             open,
+            main,
+            follows_main_pid,
             ..
         } => {
+            if *follows_main_pid {
+                c.follows_main_pid
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             let tx = st
                 .exits
-                .entry(*pid)
+                .entry(main.unwrap_or(*pid))
                 .or_insert_with(|| watch::Sender::new(None));
             if let Some(s) = exit {
                 tx.send_replace(Some(*s));
@@ -422,6 +445,75 @@ fn dispatch(
         Reply::ListEnd { req } => {
             st.lists.remove(req);
         }
+    }
+}
+
+/// Resolves with `pid`'s status once the keeper reports it (or [`KEEPER_DIED`]).
+fn exit_of(client: &KeeperClient, pid: u32) -> crate::mainpid::ExitFuture {
+    let mut exit = client.exit_watch(pid);
+    Box::pin(async move {
+        match exit.wait_for(Option::is_some).await {
+            Ok(s) => s.unwrap_or(KEEPER_DIED),
+            Err(_) => KEEPER_DIED,
+        }
+    })
+}
+
+/// A keeper-held instance's `MAINPID=`: the keeper (a child subreaper, so the new main
+/// process's parent once its own parent has exited) reaps it and reports its status.
+struct KeeperFollow {
+    client: std::sync::Weak<KeeperClient>,
+    /// The instance's first pid: how the keeper knows it.
+    first: u32,
+}
+
+impl crate::mainpid::Follow for KeeperFollow {
+    fn supported(&self) -> Result<(), crate::MainPidError> {
+        let follows = self
+            .client
+            .upgrade()
+            .is_some_and(|c| c.follows_main_pid.load(std::sync::atomic::Ordering::SeqCst));
+        if follows {
+            Ok(())
+        } else {
+            Err(crate::MainPidError::OldKeeper)
+        }
+    }
+
+    fn start(&self, pid: u32) {
+        let Some(c) = self.client.upgrade() else {
+            return;
+        };
+        let first = self.first;
+        tokio::spawn(async move {
+            if let Err(e) = c
+                .send(&Request::MainPid {
+                    pid: first,
+                    main: pid,
+                })
+                .await
+            {
+                tracing::warn!(
+                    "cannot tell the keeper that pid {first}'s main process is {pid}: {e}"
+                );
+            }
+        });
+    }
+
+    fn exited(&self, pid: u32, _pidfd: Arc<OwnedFd>) -> crate::mainpid::ExitFuture {
+        let Some(c) = self.client.upgrade() else {
+            return Box::pin(std::future::ready(KEEPER_DIED));
+        };
+        let exit = exit_of(&c, pid);
+        let client = self.client.clone();
+        Box::pin(async move {
+            let status = exit.await;
+            // Its entry is not the instance's (acknowledged by the first pid).
+            if let Some(c) = client.upgrade() {
+                c.state().exits.remove(&pid);
+            }
+            status
+        })
     }
 }
 
@@ -580,9 +672,11 @@ impl KeeperDriver {
             }
         }
         let Some(restart) = &self.restart else {
-            return Err(SpawnError::Other(format!(
-                "every keeper is full and no new one can be started (shard {shard})"
-            )));
+            return Err(SpawnError::Exhausted {
+                reason: format!(
+                    "every keeper is full and no new one can be started (shard {shard})"
+                ),
+            });
         };
         // RACE: spawns that find the keeper dead (or all full) at the same time queue
         // here; the first starts the new keeper, the others find it in place when they
@@ -594,11 +688,11 @@ impl KeeperDriver {
                 return Ok(Arc::clone(c));
             }
         }
-        let fresh = restart(shard).await.map_err(|e| {
-            SpawnError::Other(match &current {
+        let fresh = restart(shard).await.map_err(|e| SpawnError::Keeper {
+            reason: match &current {
                 Some(_) => format!("the keeper died and a new one cannot start: {e}"),
                 None => format!("cannot start keeper shard {shard}: {e}"),
-            })
+            },
         })?;
         let added = {
             let mut shards = self.shards.lock().unwrap_or_else(|e| e.into_inner());
@@ -629,7 +723,8 @@ impl KeeperDriver {
         Ok(fresh)
     }
 
-    /// The handle of a keeper-held instance: its exit comes from the keeper.
+    /// The handle of a keeper-held instance: its exit comes from the keeper. `moved`: the
+    /// main process `MAINPID=` moved it to (adopted after the move).
     fn handle(
         &self,
         client: &Arc<KeeperClient>,
@@ -637,20 +732,21 @@ impl KeeperDriver {
         pid: u32,
         pidfd: Option<OwnedFd>,
         cgroup: Option<InstanceCgroup>,
+        moved: Option<crate::mainpid::Moved>,
     ) -> Arc<dyn crate::InstanceHandle> {
-        let mut exit = client.exit_watch(pid);
         let ack = Arc::clone(client);
+        let follow = Arc::new(KeeperFollow {
+            client: Arc::downgrade(client),
+            first: pid,
+        });
         crate::process::foreign_handle(
             instance,
             pid,
             pidfd,
             cgroup,
-            async move {
-                match exit.wait_for(Option::is_some).await {
-                    Ok(s) => s.unwrap_or(KEEPER_DIED),
-                    Err(_) => KEEPER_DIED,
-                }
-            },
+            exit_of(client, pid),
+            follow,
+            moved,
             move || {
                 tokio::spawn(async move { ack.ack(pid).await });
             },
@@ -672,6 +768,7 @@ impl KeeperDriver {
                     start_time,
                     exit,
                     listen,
+                    main,
                     ..
                 } = reply
                 else {
@@ -710,16 +807,32 @@ impl KeeperDriver {
                 if let Some(cg) = &cgroup {
                     keep.push(cg.dir().to_owned());
                 }
+                // Moved by MAINPID= before the daemon restarted: the pidfd is the new main
+                // process's, and the run is that one's (as the instance table recorded).
+                let (pid, start_time, pidfd, moved) = match (main, pidfd) {
+                    (Some(m), Some(fd)) => {
+                        let st = crate::sys::read_stat(m)
+                            .map(|s| s.starttime)
+                            .unwrap_or(start_time);
+                        let moved = crate::mainpid::Moved {
+                            pid: m,
+                            pidfd: Arc::new(fd),
+                        };
+                        (pid, st, None, Some(moved))
+                    }
+                    (_, fd) => (pid, start_time, fd, None),
+                };
+                let main_pid = moved.as_ref().map_or(pid, |m| m.pid);
                 let spawned = Spawned {
-                    handle: self.handle(&client, instance, pid, pidfd, cgroup),
+                    handle: self.handle(&client, instance, pid, pidfd, cgroup, moved),
                     stdout: None,
                     stderr: None,
                     tap,
                 };
                 out.push(Found {
                     instance: id,
-                    process: Some((pid, start_time)),
-                    describe: format!("pid {pid}"),
+                    process: Some((main_pid, start_time)),
+                    describe: format!("pid {main_pid}"),
                     run_id: String::new(),
                     launched: Some((record.spec, record.cwd)),
                     env: record.env,
@@ -776,7 +889,7 @@ impl Driver for KeeperDriver {
         let cgroup = match self.tracker() {
             Some(t) => Some(
                 t.create(spec.instance.as_str())
-                    .map_err(|e| SpawnError::Other(e.to_string()))?,
+                    .map_err(|e| SpawnError::setup(&spec.instance, SetupStep::Cgroup, e))?,
             ),
             None => None,
         };
@@ -803,19 +916,20 @@ impl KeeperDriver {
             cwd: spec.cwd.clone(),
             cgroup: cgroup_dir.clone(),
         };
-        let record = serde_json::to_string(&record)
-            .map_err(|e| SpawnError::Other(format!("cannot encode the keeper record: {e}")))?;
+        let record = serde_json::to_string(&record).map_err(|e| SpawnError::Keeper {
+            reason: format!("cannot encode the keeper record: {e}"),
+        })?;
         // user, limits, umask: resolved here (names in the host's databases), applied by
         // the keeper's child; the working directory is entered as the new user.
+        let id = &spec.instance;
+        crate::setup::limit_settings(&spec.spec)
+            .map_err(|e| SpawnError::setup(id, SetupStep::Limits, e))?;
         let setup = crate::setup::host_setup(&spec.spec)
-            .map_err(|e| {
-                SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
-            })?
+            .map_err(|e| SpawnError::setup(id, SetupStep::User, e))?
             .map(Box::new);
         let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
-        crate::setup::check_working_dir(&spec.spec, &cwd).map_err(|e| {
-            SpawnError::Other(format!("cannot start instance {}: {e}", spec.instance))
-        })?;
+        crate::setup::check_working_dir(&spec.spec, &cwd)
+            .map_err(|e| SpawnError::setup(id, SetupStep::WorkingDir, e))?;
         let spawn_at = |client: Arc<KeeperClient>| {
             let (record, spec, cgroup_dir) = (record.clone(), &spec, cgroup_dir.clone());
             let (setup, cwd) = (setup.clone(), cwd.clone());
@@ -831,9 +945,11 @@ impl KeeperDriver {
         let mut last_full = String::new();
         loop {
             if shard >= MAX_SHARDS {
-                return Err(SpawnError::Other(format!(
-                    "every keeper is full ({MAX_SHARDS} keepers; {last_full}); raise the daemon's open-files limit"
-                )));
+                return Err(SpawnError::Exhausted {
+                    reason: format!(
+                        "every keeper is full ({MAX_SHARDS} keepers; {last_full}); raise the daemon's open-files limit"
+                    ),
+                });
             }
             let mut client = self.live_client(shard).await?;
             let mut res = spawn_at(Arc::clone(&client)).await;
@@ -850,17 +966,25 @@ impl KeeperDriver {
                     setup_applied,
                     ..
                 } => {
-                    let handle =
-                        self.handle(&client, spec.instance.to_string(), pid, Some(pidfd), cgroup);
+                    let handle = self.handle(
+                        &client,
+                        spec.instance.to_string(),
+                        pid,
+                        Some(pidfd),
+                        cgroup,
+                        None,
+                    );
                     if setup.is_some() && !setup_applied {
                         // A keeper from before `setup` ran the child without its user,
                         // limits and umask: it must not go on running.
                         let _ = handle.signal(bulkhead_core::signal::Signal::KILL);
                         handle.wait().await;
-                        return Err(SpawnError::Other(format!(
-                            "cannot start instance {}: the keeper (shard {shard}) is older than this daemon and ignored the manifest's user, limits and umask; the instance was killed: restart the keeper (stop its instances and the daemon) to run this workload",
-                            spec.instance
-                        )));
+                        return Err(SpawnError::Keeper {
+                            reason: format!(
+                                "cannot start instance {}: the keeper (shard {shard}) is older than this daemon and ignored the manifest's user, limits and umask; the instance was killed: restart the keeper (stop its instances and the daemon) to run this workload",
+                                spec.instance
+                            ),
+                        });
                     }
                     return Ok(Spawned {
                         handle,
@@ -907,6 +1031,118 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use std::time::Duration;
+
+    /// A keeper from before `MainPid` would drop the connection that sends it: its
+    /// replies do not say `follows_main_pid`, so `set_main_pid` is refused (and logged by
+    /// the daemon) and nothing is sent; a current keeper's reply says it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn mainpid_is_not_sent_to_an_older_keeper() {
+        for current in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("keeper.sock");
+            let listener = super::super::seqpacket(false).unwrap();
+            rustix::net::bind(&listener, &rustix::net::SocketAddrUnix::new(&path).unwrap())
+                .unwrap();
+            rustix::net::listen(&listener, 1).unwrap();
+            let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+            let (child_tx, child_rx) = std::sync::mpsc::channel();
+            let keeper = std::thread::spawn(move || {
+                let conn = rustix::net::accept(&listener).unwrap();
+                let mut buf = vec![0u8; MAX_MESSAGE];
+                let mut child = None;
+                loop {
+                    let got = match super::super::recv::<Request>(conn.as_fd(), &mut buf) {
+                        Ok(Some((req, _))) => req,
+                        Ok(None) => break,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        Err(e) => panic!("{e}"),
+                    };
+                    seen_tx.send(got.clone()).unwrap();
+                    if let Request::Spawn { req, .. } = got {
+                        let c = std::process::Command::new("sleep")
+                            .arg("1000")
+                            .spawn()
+                            .unwrap();
+                        let pid = c.id();
+                        child_tx.send(pid).unwrap();
+                        let pidfd = crate::sys::pidfd_open(pid).unwrap();
+                        let flag = if current {
+                            r#","follows_main_pid":true"#
+                        } else {
+                            ""
+                        };
+                        let reply = format!(
+                            r#"{{"op":"spawned","req":{req},"pid":{pid},"start_time":0{flag}}}"#
+                        );
+                        let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+                        super::super::send(conn.as_fd(), &v, &[pidfd.as_fd()]).unwrap();
+                        child = Some(c);
+                    }
+                }
+                if let Some(mut c) = child {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            });
+            let client = KeeperClient::connect(&path).await.unwrap();
+            let driver = KeeperDriver::new(client);
+            let workload = bulkhead_core::spec::parse_manifest(
+                "w/manifest.yaml",
+                "w",
+                "name: w\ncommand: [sleep, '1000']\n",
+            )
+            .unwrap();
+            let spec = SpawnSpec {
+                instance: InstanceId::parse("ns:t:w").unwrap().0,
+                argv: vec!["sleep".into(), "1000".into()],
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                cwd: dir.path().to_owned(),
+                spec: Arc::new(workload),
+                binds: Vec::new(),
+                ids: None,
+                inherited: Vec::new(),
+                listen: Vec::new(),
+            };
+            let spawned = driver.spawn(spec).await.unwrap();
+            // Any live process will do as the named one: this test's own.
+            let me = std::process::id();
+            let res = spawned.handle.set_main_pid(me);
+            let mut sent_main_pid = false;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            if current {
+                assert!(res.is_ok(), "{res:?}");
+                assert_eq!(spawned.handle.pid(), Some(me));
+                while !sent_main_pid && std::time::Instant::now() < deadline {
+                    if let Ok(r) = seen_rx.recv_timeout(Duration::from_millis(100)) {
+                        sent_main_pid = matches!(r, Request::MainPid { main, .. } if main == me);
+                    }
+                }
+                assert!(sent_main_pid, "no MainPid reached the keeper");
+            } else {
+                assert!(
+                    matches!(res, Err(crate::MainPidError::OldKeeper)),
+                    "{res:?}"
+                );
+                assert_ne!(spawned.handle.pid(), Some(me));
+                std::thread::sleep(Duration::from_millis(200));
+                assert!(
+                    !seen_rx
+                        .try_iter()
+                        .any(|r| matches!(r, Request::MainPid { .. })),
+                    "MainPid sent to an older keeper"
+                );
+            }
+            // The fake keeper's child goes with this iteration (the fake keeper thread
+            // ends with the test process).
+            let child = child_rx.recv().unwrap();
+            // SAFETY: kill(2) on the child the fake keeper above started and still holds.
+            unsafe { libc::kill(child as i32, libc::SIGKILL) };
+            drop(keeper);
+        }
+    }
 
     /// A keeper from before `setup`: it spawns the child as asked but ignores the setup
     /// and answers without `setup_applied`. The daemon side must kill that child and fail

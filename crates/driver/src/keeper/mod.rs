@@ -23,6 +23,9 @@
 //!   `List`); it is the parent and reaps only in its own loop, so the pid is pinned;
 //! - reaps every child (orphaned grandchildren included: no zombie survives) and keeps each
 //!   instance's exit status until the daemon acknowledges it, across daemon restarts;
+//! - follows an instance's `MAINPID=` (`MainPid`): the named process, its child once its
+//!   own parent has exited, is the instance's main process, and its exit is reported
+//!   instead of the first process's;
 //! - keeps a copy of an instance's listening sockets (`sockets:`, passed with the spawn)
 //!   until its entry goes, and hands them back with it on `List`, so they outlive a
 //!   daemon crash;
@@ -100,6 +103,10 @@ pub enum Request {
     List { req: u64 },
     /// Exit once no instance is left (a clean daemon shutdown).
     Shutdown,
+    /// sd_notify `MAINPID=`: instance `pid`'s main process is now `main`. Its exit is
+    /// reported as `Exited { pid: main }` (from the statuses of recently reaped orphans
+    /// if it is gone already) and the first process's exit no longer is.
+    MainPid { pid: u32, main: u32 },
 }
 
 /// What the keeper tells the daemon.
@@ -115,6 +122,10 @@ pub enum Reply {
         /// not meant to.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         setup_applied: bool,
+        /// This keeper understands `MainPid` (an older one drops a connection that sends
+        /// it, so the daemon sends it only when this is set).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        follows_main_pid: bool,
     },
     SpawnFailed {
         req: u64,
@@ -148,6 +159,12 @@ pub enum Reply {
         /// Names of the instance's listening sockets, attached first (before the pidfd).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         listen: Vec<String>,
+        /// The main process `MAINPID=` moved it to (the pidfd is that one's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        main: Option<u32>,
+        /// As in `Spawned`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        follows_main_pid: bool,
     },
     ListEnd {
         req: u64,
@@ -335,7 +352,8 @@ mod tests {
                 req: 1,
                 pid: 2,
                 start_time: 3,
-                setup_applied: false
+                setup_applied: false,
+                follows_main_pid: false
             }
         );
         let plain = Request::Spawn {

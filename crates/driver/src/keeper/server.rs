@@ -77,6 +77,9 @@ struct Held {
     /// The instance's listening sockets (`sockets:`), kept until the entry goes, so a
     /// daemon that restarts gets them back with the instance (`List`).
     listen: Vec<(String, OwnedFd)>,
+    /// The main process sd_notify `MAINPID=` moved the instance to (the daemon's
+    /// `MainPid`): its exit, not the first process's, is the instance's.
+    main: Option<u32>,
 }
 
 impl Held {
@@ -97,7 +100,15 @@ struct Keeper {
     /// An output packet the daemon's socket had no room for: sent first when it does;
     /// meanwhile no pipe is read.
     pending: Option<Vec<u8>>,
+    /// Moved main processes (`MainPid`) -> the instance's first pid.
+    mains: HashMap<u32, u32>,
+    /// The statuses of the last orphans reaped: a `MainPid` naming one that already
+    /// exited gets its real status from here.
+    orphans: std::collections::VecDeque<(u32, ExitStatus)>,
 }
+
+/// How many reaped orphans' statuses a keeper remembers.
+const ORPHANS_KEPT: usize = 256;
 
 /// Runs keeper shard `shard` for `state_dir` until it is told to shut down and holds no
 /// instance. Returns at once if another keeper already serves that shard.
@@ -158,6 +169,8 @@ pub fn run(state_dir: &Path, shard: usize) -> Result<(), KeeperError> {
         open_pipes: 0,
         capacity: limit.saturating_sub(RESERVED_FDS),
         pending: None,
+        mains: HashMap::new(),
+        orphans: std::collections::VecDeque::new(),
     };
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut chunk = vec![0u8; OUTPUT_CHUNK];
@@ -402,6 +415,11 @@ impl Keeper {
     /// close).
     fn forget(&mut self, pid: u32) -> Option<Held> {
         let h = self.held.remove(&pid)?;
+        if let Some(m) = h.main {
+            if self.mains.get(&m) == Some(&pid) {
+                self.mains.remove(&m);
+            }
+        }
         self.open_pipes -= h.listen.len() as u64;
         Some(h)
     }
@@ -484,6 +502,7 @@ impl Keeper {
                             pid,
                             start_time,
                             setup_applied: setup.is_some(),
+                            follows_main_pid: true,
                         };
                         self.reply(&reply, &[pidfd.as_fd()]);
                         // The keeper's own pidfd goes: the pid stays pinned until this loop
@@ -522,6 +541,7 @@ impl Keeper {
                                 watched: false,
                                 carry: None,
                                 listen: kept,
+                                main: None,
                             },
                         );
                     }
@@ -576,11 +596,14 @@ impl Keeper {
                         exit: h.exit,
                         open: [h.out[0].is_some(), h.out[1].is_some()],
                         listen: h.listen.iter().map(|(n, _)| n.clone()).collect(),
+                        main: h.main,
+                        follows_main_pid: true,
                     };
                     // Not reaped yet (this loop reaps only in its SIGCHLD step), so the pid
-                    // names the instance.
+                    // names the instance (its moved main process, once its first one has
+                    // exited, is this keeper's child too).
                     let pidfd = if h.exit.is_none() {
-                        sys::pidfd_open(pid).ok()
+                        sys::pidfd_open(h.main.unwrap_or(pid)).ok()
                     } else {
                         None
                     };
@@ -601,19 +624,69 @@ impl Keeper {
                 self.reply(&Reply::ListEnd { req }, &[]);
             }
             Request::Shutdown => self.shutdown = true,
+            Request::MainPid { pid, main } => self.main_pid(pid, main),
         }
     }
 
+    /// sd_notify `MAINPID=`: instance `pid`'s main process is now `main`, a descendant
+    /// that is (or will be, once its parent exits) this subreaper's child. Its exit is
+    /// reported as `Exited { pid: main }`, and it is the instance's; the first process's
+    /// exit is no longer reported.
+    fn main_pid(&mut self, pid: u32, main: u32) {
+        let Some(h) = self.held.get_mut(&pid) else {
+            return;
+        };
+        if let Some(old) = h.main.replace(main) {
+            self.mains.remove(&old);
+        }
+        // Running again under its new main process (the first one's exit, if reported,
+        // does not end it).
+        h.exit = None;
+        h.acked = false;
+        if let Some(at) = self.orphans.iter().position(|(p, _)| *p == main) {
+            // It exited (and was reaped as an orphan) before the daemon's word came.
+            let (_, status) = self
+                .orphans
+                .remove(at)
+                .unwrap_or((main, ExitStatus::Exited { code: -1 }));
+            h.exit = Some(status);
+            self.reply(&Reply::Exited { pid: main, status }, &[]);
+            return;
+        }
+        if sys::pidfd_open(main).is_err() {
+            // Gone and reaped by someone else (its parent): no status to report.
+            let status = crate::process::LOST_STATUS;
+            h.exit = Some(status);
+            self.reply(&Reply::Exited { pid: main, status }, &[]);
+            return;
+        }
+        self.mains.insert(main, pid);
+    }
+
     /// Reaps every exited child. The keeper runs nothing but instances, so every child is
-    /// either an instance's main process (its status is kept) or an orphan re-parented to
-    /// this subreaper (reaped and forgotten).
+    /// either an instance's main process (its status is kept), a main process named by
+    /// `MAINPID=` (likewise), or an orphan re-parented to this subreaper (reaped; its
+    /// status is remembered a while, see [`ORPHANS_KEPT`]).
     fn reap(&mut self) {
         loop {
             match sys::wait_any_nohang() {
                 Ok(Some((pid, status))) => {
-                    if let Some(h) = self.held.get_mut(&pid) {
-                        h.exit = Some(status);
+                    if let Some(first) = self.mains.remove(&pid) {
+                        if let Some(h) = self.held.get_mut(&first) {
+                            h.exit = Some(status);
+                        }
                         self.reply(&Reply::Exited { pid, status }, &[]);
+                    } else if let Some(h) = self.held.get_mut(&pid) {
+                        // Moved to another main process: this exit does not end it.
+                        if h.main.is_none() {
+                            h.exit = Some(status);
+                            self.reply(&Reply::Exited { pid, status }, &[]);
+                        }
+                    } else {
+                        if self.orphans.len() == ORPHANS_KEPT {
+                            self.orphans.pop_front();
+                        }
+                        self.orphans.push_back((pid, status));
                     }
                 }
                 Ok(None) => return,

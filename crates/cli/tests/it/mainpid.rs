@@ -1,0 +1,240 @@
+//! sd_notify `MAINPID=`, honoured as systemd does (issue 15): a program that double-forks
+//! like a classic daemon, announces its grandchild with `MAINPID=` (from the grandchild,
+//! or from its first process) and lets its first process exit stays `ready`; `get` shows
+//! the new pid; `terminate` stops the new main process and reports its own exit status;
+//! `kill -9` of it is a crash that the restart policy answers. The control: without
+//! `MAINPID=` the same program is reported as having daemonized. Through the keeper (the
+//! default) and without it.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+/// A classic daemon: the first process forks, the child `setsid`s and forks again and
+/// exits, the grandchild writes `main.pid`, traps SIGTERM to exit 7 and sends `READY=1`
+/// (with `MAINPID=` when `mode` is `child`); with `mode` `parent` the first process sends
+/// `MAINPID=<grandchild>`. The first process exits 0 once `main.pid` exists and its
+/// message (if any) is sent.
+const DAEMON: &str = r#"
+import os, signal, socket, sys, time
+
+def notify(msg):
+    addr = os.environ["NOTIFY_SOCKET"]
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.sendto(msg.encode(), addr)
+    s.close()
+
+mode = sys.argv[1]
+if os.path.exists("main.pid"):
+    os.unlink("main.pid")
+child = os.fork()
+if child > 0:
+    os.waitpid(child, 0)
+    while not os.path.exists("main.pid"):
+        time.sleep(0.01)
+    main = int(open("main.pid").read())
+    if mode == "parent":
+        notify("MAINPID=%d" % main)
+    sys.exit(0)
+os.setsid()
+if os.fork() > 0:
+    os._exit(0)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
+msg = "READY=1"
+if mode == "child":
+    msg = "MAINPID=%d\nREADY=1" % os.getpid()
+notify(msg)
+with open("main.pid.tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename("main.pid.tmp", "main.pid")
+while True:
+    time.sleep(1)
+"#;
+
+fn manifest(name: &str, mode: &str, policy: &str) -> String {
+    format!(
+        "name: {name}\ncommand: [python3, daemon.py, {mode}]\n\
+         readiness: {{notify: true, timeout: 20s}}\n\
+         shutdown: {{grace: 10s}}\n\
+         restart: {{policy: {policy}, backoff: {{initial: 50ms, max: 50ms}}}}\n"
+    )
+}
+
+/// A daemon (with `args`) serving workload `name` in `mode`; `None` (printed) without
+/// python3 or without cgroup tracking (needed to tell that the program daemonized).
+fn start(name: &str, mode: &str, policy: &str, args: &[&str]) -> Option<Daemon> {
+    python3()?;
+    let d = Daemon::start_with_args(&[], args);
+    write_workload(
+        &d.workloads,
+        name,
+        &manifest(name, mode, policy),
+        &[("daemon.py", DAEMON)],
+    );
+    assert!(d.cli(&["reload"]).status.success());
+    let tracking = d.json(&["health", "-o", "json"])["process_tracking"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if !tracking.starts_with("cgroup ") {
+        eprintln!("skipped: process instances are tracked by {tracking:?} here");
+        return None;
+    }
+    Some(d)
+}
+
+/// The grandchild's pid, once `main.pid` names a new one (not `not`).
+fn main_pid(d: &Daemon, name: &str, not: Option<u32>) -> u32 {
+    let file = d.workloads.join(name).join("main.pid");
+    let start = Instant::now();
+    loop {
+        if let Some(pid) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .filter(|p| Some(*p) != not)
+        {
+            return pid;
+        }
+        assert!(start.elapsed() < DEADLINE, "no new {}", file.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `get` until `pred` holds; returns the view.
+fn get_until(d: &Daemon, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let g = d.json(&["get", id, "-o", "json"]);
+        if pred(&g) {
+            return g;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{id} never {what}: {g}\n{}",
+            d.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The whole behaviour for one sender of `MAINPID=` and one daemon configuration.
+fn follows_the_new_main_process(mode: &str, args: &[&str]) {
+    let name = format!("mp{mode}");
+    let Some(d) = start(&name, mode, "on-failure", args) else {
+        return;
+    };
+    let v = d.json(&["launch", &name, "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let main = main_pid(&d, &name, None);
+    // The first process exits 0 after the message; the run stays ready on the new one.
+    let g = get_until(&d, &id, "followed the new main process", |g| {
+        g["pid"] == main
+    });
+    assert_eq!(g["state"], "ready", "{g}");
+    // Long enough for a first process's exit to have been taken as the end of the run.
+    std::thread::sleep(Duration::from_millis(500));
+    let g = d.json(&["get", &id, "-o", "json"]);
+    assert_eq!(
+        (g["state"].clone(), g["pid"].clone()),
+        ("ready".into(), main.into()),
+        "{g}"
+    );
+    assert_eq!(g["restarts"], 0, "{g}");
+    assert!(alive(main));
+
+    // kill -9 of the new main process: a crash, and on-failure restarts the instance.
+    // SAFETY: kill(2) on the pid the test's own workload wrote.
+    unsafe { libc::kill(main as i32, libc::SIGKILL) };
+    let g = get_until(&d, &id, "restarted after the crash", |g| {
+        g["restarts"] == 1 && g["state"] == "ready"
+    });
+    assert_eq!(g["last_exit"]["signal"], 9, "{g}");
+    let main2 = main_pid(&d, &name, Some(main));
+    let g = get_until(&d, &id, "followed the second run's main process", |g| {
+        g["pid"] == main2
+    });
+    assert_eq!(g["state"], "ready", "{g}");
+
+    // terminate: SIGTERM reaches the new main process, whose own status (exit 7, its
+    // SIGTERM handler) is the one reported.
+    assert!(d.cli(&["terminate", &id]).status.success());
+    let g = get_until(&d, &id, "terminated", |g| g["state"] == "terminated");
+    assert_eq!(g["last_exit"]["code"], 7, "{g}");
+    assert!(
+        wait_gone(main2),
+        "the new main process {main2} outlived its instance"
+    );
+}
+
+#[test]
+fn mainpid_from_the_grandchild_is_followed() {
+    follows_the_new_main_process("child", &[]);
+}
+
+#[test]
+fn mainpid_from_the_first_process_is_followed() {
+    follows_the_new_main_process("parent", &[]);
+}
+
+#[test]
+fn mainpid_is_followed_without_the_keeper() {
+    follows_the_new_main_process("child", &["--no-keeper"]);
+}
+
+#[test]
+fn mainpid_from_the_first_process_is_followed_without_the_keeper() {
+    follows_the_new_main_process("parent", &["--no-keeper"]);
+}
+
+/// The control: the same program without `MAINPID=` is ready (its grandchild sent
+/// `READY=1`) until its first process exits 0, and is then reported as having daemonized;
+/// its grandchild is killed.
+#[test]
+fn without_mainpid_the_same_program_daemonized() {
+    let Some(d) = start("mpnone", "none", "never", &[]) else {
+        return;
+    };
+    let v = d.json(&["launch", "mpnone", "--wait", "started", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let main = main_pid(&d, "mpnone", None);
+    let g = get_until(&d, &id, "failed", |g| g["state"] == "failed");
+    assert!(
+        g["failure"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("daemonized"),
+        "{g}"
+    );
+    assert!(
+        wait_gone(main),
+        "the daemonized process {main} outlived its instance"
+    );
+}
+
+/// A daemon that restarts (SIGKILL) after the move adopts the run from the keeper with
+/// its new main process: same pid, still ready, and `terminate` still reports that
+/// process's own status.
+#[test]
+fn a_restarted_daemon_adopts_the_moved_main_process() {
+    let Some(mut d) = start("mpadopt", "child", "never", &[]) else {
+        return;
+    };
+    let v = d.json(&["launch", "mpadopt", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let main = main_pid(&d, "mpadopt", None);
+    get_until(&d, &id, "followed the new main process", |g| {
+        g["pid"] == main
+    });
+    d.kill9();
+    d.spawn();
+    let g = get_until(&d, &id, "adopted", |g| g["state"] == "ready");
+    assert_eq!(g["pid"], main, "{g}");
+    assert!(d.cli(&["terminate", &id]).status.success());
+    let g = get_until(&d, &id, "terminated", |g| g["state"] == "terminated");
+    assert_eq!(g["last_exit"]["code"], 7, "{g}");
+    assert!(wait_gone(main));
+}
