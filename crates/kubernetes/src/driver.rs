@@ -127,7 +127,7 @@ impl KubernetesDriver {
     /// [`Driver::spawn`], with the Pod's own handle (for what only Pods do:
     /// [`PodHandle::exec`]).
     pub async fn spawn_pod(&self, spec: SpawnSpec) -> Result<Arc<PodHandle>, SpawnError> {
-        let other = SpawnError::Other;
+        let other = |reason: String| SpawnError::Engine { reason };
         let Some(k) = spec.spec.kubernetes.clone() else {
             return Err(other(
                 "a kubernetes workload needs a kubernetes: section (kubernetes.image)".into(),
@@ -355,6 +355,7 @@ impl Driver for KubernetesDriver {
             Err(_) => Err(RecoverError {
                 driver: DriverKind::Kubernetes,
                 reason: format!("the cluster did not answer within {RECOVER_TIMEOUT:?}"),
+                fatal: false,
             }),
         }
     }
@@ -378,6 +379,7 @@ impl KubernetesDriver {
         let fail = |reason: String| RecoverError {
             driver: DriverKind::Kubernetes,
             reason,
+            fatal: false,
         };
         let client = self.client().await.map_err(|e| fail(e.to_string()))?;
         let lp = ListParams::default().labels(&pod::selector(&self.daemon_id));
@@ -415,6 +417,7 @@ impl KubernetesDriver {
                 instance,
                 process: None,
                 describe: h.describe(),
+                run_id: String::new(),
                 launched: None,
                 env: h.env(),
                 exit: h.try_status().or_else(|| h.ended_status()),
