@@ -777,6 +777,19 @@ impl Actor {
         if r.notify {
             ready.pending.push("notify");
         }
+        // An instance on another node: its engine judges readiness (the driver mapped the
+        // manifest's probes onto the engine's), and the daemon probes nothing itself.
+        let engine = self.handle.as_ref().and_then(|h| h.engine_readiness());
+        if let Some(mut engine) = engine {
+            ready.pending.push("engine");
+            let tx = self.probe_tx.clone();
+            ready.probes.push(tokio::spawn(async move {
+                if engine.wait_for(|r| *r).await.is_ok() {
+                    let _ = tx.send("engine");
+                }
+            }));
+            return;
+        }
         let checks = probes(
             &self.slot,
             r.http.as_ref(),
@@ -805,6 +818,14 @@ impl Actor {
     /// liveness probes stop the instance when they fail.
     fn start_monitors(&mut self) {
         self.monitors.stop();
+        if self
+            .handle
+            .as_ref()
+            .is_some_and(|h| h.engine_readiness().is_some())
+        {
+            // Its engine watches it (and its driver refuses what it cannot map).
+            return;
+        }
         let spec = &self.spec;
         let sections = [
             spec.readiness

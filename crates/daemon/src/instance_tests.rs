@@ -49,6 +49,8 @@ struct FakeDriver {
     failures: Mutex<VecDeque<SpawnError>>,
     /// Whether a run ends at SIGTERM (else only SIGKILL ends it).
     obeys_term: AtomicBool,
+    /// Whether its runs' readiness is their engine's (`engine_readiness`).
+    engine: AtomicBool,
 }
 
 /// One run of the fake: a "process" that ends when the test (or a signal) says so.
@@ -58,6 +60,8 @@ struct FakeRun {
     exit: watch::Sender<Option<ExitStatus>>,
     obeys_term: bool,
     calls: Calls,
+    /// The engine's readiness of the run, when the driver has an engine.
+    engine: Option<watch::Sender<bool>>,
 }
 
 impl FakeRun {
@@ -123,6 +127,10 @@ impl Driver for FakeDriver {
                 exit: watch::Sender::new(None),
                 obeys_term: self.obeys_term.load(Ordering::Relaxed),
                 calls: self.calls.clone(),
+                engine: self
+                    .engine
+                    .load(Ordering::Relaxed)
+                    .then(|| watch::Sender::new(false)),
             });
             runs.push(run.clone());
             run
@@ -174,6 +182,10 @@ impl InstanceHandle for FakeHandle {
         Ok(Stats::default())
     }
 
+    fn engine_readiness(&self) -> Option<watch::Receiver<bool>> {
+        self.0.engine.as_ref().map(watch::Sender::subscribe)
+    }
+
     /// The notify socket takes messages from the test itself.
     fn owns_pid(&self, _pid: u32) -> Option<bool> {
         Some(true)
@@ -195,6 +207,11 @@ const NEVER: Duration = Duration::from_secs(24 * 3600);
 impl Rig {
     /// Launches workload `w` of `manifest` (YAML, without `name`) on the fake.
     fn launch(manifest: &str, obeys_term: bool) -> Rig {
+        Rig::launch_with(manifest, obeys_term, |_| {})
+    }
+
+    /// [`Rig::launch`], with the fake set up by `setup` first.
+    fn launch_with(manifest: &str, obeys_term: bool, setup: impl FnOnce(&FakeDriver)) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         for d in ["logs", "notify"] {
@@ -208,6 +225,7 @@ impl Rig {
         // and the fake takes its place.
         sh.drivers[&DriverKind::Process].shutdown();
         let fake = FakeDriver::new(obeys_term);
+        setup(&fake);
         sh.drivers.insert(DriverKind::Process, fake.clone());
         let sh = Arc::new(sh);
         let spec = bulkhead_core::spec::parse_manifest(
@@ -612,4 +630,26 @@ async fn a_missed_watchdog_stops_the_run_with_its_signal_and_the_policy_restarts
             Call::Signal(1, Signal::KILL)
         ]
     );
+}
+
+/// A driver whose engine judges readiness (a cluster engine): the manifest's probe is not
+/// run by the daemon (its port would be the daemon host's), and the instance is ready when
+/// the engine says so, within the readiness timeout.
+#[tokio::test(start_paused = true)]
+async fn with_engine_readiness_the_engine_decides_and_the_daemon_probes_nothing() {
+    let manifest = "readiness: {tcp: {port: 1}, timeout: 30s}\nrestart: {policy: never}\n";
+    let mut r = Rig::launch_with(manifest, true, |f| f.engine.store(true, Ordering::Relaxed));
+    r.until("started").await;
+    // The tcp probe on port 1 would never pass: the daemon does not run it.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(r.slot.view().state, State::Starting);
+    r.fake.run(1).engine.as_ref().unwrap().send_replace(true);
+    assert_eq!(r.event().await, EventKind::Ready);
+    r.state(State::Ready).await;
+
+    // The control: without the engine's word the same manifest fails at its timeout.
+    let mut r = Rig::launch(manifest, true);
+    let (_, started) = r.until("started").await;
+    let (_, failed) = r.until("launch_failed").await;
+    took(started, failed, Duration::from_secs(30));
 }

@@ -669,9 +669,9 @@ pub trait InstanceHandle: Send + Sync + 'static {
     /// Readiness judged by the driver's engine (a swarm task's health, a Pod's `Ready`
     /// condition), for instances the daemon cannot probe itself (they run on another
     /// node). `Some`: the driver has mapped the manifest's readiness probes onto the
-    /// engine's own, the daemon runs none of them, and the instance is ready once this
-    /// reads `true` (a later `false` makes it unready again). `None` (the default): the
-    /// daemon runs the probes.
+    /// engine's own, the daemon runs none of them (nor liveness probes: the driver maps
+    /// or refuses them), and the instance is ready once this reads `true`. `None` (the
+    /// default): the daemon runs the probes.
     fn engine_readiness(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         None
     }

@@ -44,6 +44,87 @@ pub fn exit_code(status: &Status) -> Option<i32> {
 }
 
 impl PodHandle {
+    /// [`InstanceHandle::engine_exec`](bulkhead_driver::InstanceHandle::engine_exec):
+    /// `bulkhead exec` through the exec subresource, streamed both ways (the environment
+    /// is the container's; `req.env` cannot be added by the API and only `TERM` is ever
+    /// asked, which the terminal sets).
+    pub async fn exec_streams(
+        &self,
+        req: bulkhead_driver::ExecRequest,
+    ) -> std::io::Result<bulkhead_driver::EngineExec> {
+        use bulkhead_driver::{EngineExec, Stream};
+        let tty = req.tty.is_some();
+        let ap = AttachParams::default()
+            .container(CONTAINER)
+            .stdin(true)
+            .stdout(true)
+            .stderr(!tty)
+            .tty(tty);
+        let mut p = self
+            .api
+            .exec(&self.name, req.argv, &ap)
+            .await
+            .map_err(|e| {
+                std::io::Error::other(format!("cannot exec in {}: {e}", self.describe()))
+            })?;
+        let stdin = p
+            .stdin()
+            .ok_or_else(|| std::io::Error::other("the exec has no stdin"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        for (stream, r) in [(Stream::Stdout, p.stdout()), (Stream::Stderr, p.stderr())] {
+            let Some(mut r) = r else { continue };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 32 * 1024];
+                while let Ok(n) = r.read(&mut buf).await {
+                    if n == 0 || tx.send((stream, buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let status = p.take_status();
+        let pod = self.describe();
+        let status = Box::pin(async move {
+            let st = match status {
+                Some(s) => s.await,
+                None => None,
+            };
+            let st = st.ok_or_else(|| {
+                std::io::Error::other(format!("exec in {pod}: the API sent no exit status"))
+            })?;
+            let code = exit_code(&st).ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "exec in {pod}: {}",
+                    st.message
+                        .unwrap_or_else(|| "the command failed to run".into())
+                ))
+            })?;
+            Ok(bulkhead_core::event::ExitStatus::Exited { code })
+        });
+        let resize = p.terminal_size().map(|tx| {
+            let tx = std::sync::Mutex::new(tx);
+            Box::new(move |height: u16, width: u16| {
+                let mut tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = tx.try_send(kube::api::TerminalSize { width, height });
+            }) as Box<dyn Fn(u16, u16) + Send + Sync>
+        });
+        if let (Some(r), Some((rows, cols))) = (resize.as_ref(), req.tty) {
+            r(rows, cols);
+        }
+        // The websocket task ends with the process: aborting it closes the connection,
+        // and the kubelet ends the command when its streams go.
+        let kill = Box::new(move || p.abort()) as Box<dyn FnOnce() + Send>;
+        Ok(EngineExec {
+            stdin: Box::pin(stdin),
+            output: rx,
+            status,
+            resize,
+            kill,
+        })
+    }
+
     /// Runs `argv` in the Pod's container, collecting its output.
     pub async fn exec(&self, argv: Vec<String>) -> Result<ExecOutput, ExecError> {
         let fail = |reason: String| ExecError {

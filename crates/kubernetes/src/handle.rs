@@ -359,6 +359,13 @@ impl PodHandle {
 
 #[async_trait]
 impl InstanceHandle for PodHandle {
+    async fn engine_exec(
+        &self,
+        req: bulkhead_driver::ExecRequest,
+    ) -> Option<std::io::Result<bulkhead_driver::EngineExec>> {
+        Some(self.exec_streams(req).await)
+    }
+
     /// A Pod has no process on the daemon's host.
     fn pid(&self) -> Option<u32> {
         None

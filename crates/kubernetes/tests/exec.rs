@@ -163,3 +163,55 @@ async fn exec_runs_through_the_exec_subresource_with_its_exit_code() {
         assert!(exec.contains(part), "{part} in {exec}");
     }
 }
+
+/// `bulkhead exec`'s path: the handle's `engine_exec` streams stdin, stdout and stderr
+/// through the subresource and ends with the command's exit code.
+#[tokio::test]
+async fn engine_exec_streams_through_the_subresource() {
+    use bulkhead_driver::InstanceHandle;
+    let (url, seen) = server().await;
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let driver = KubernetesDriver::with_client("execd", client);
+    let text =
+        "name: web\ncommand: [sleep, \"1000\"]\ndriver: kubernetes\nkubernetes: {image: busybox}\n";
+    let w = bulkhead_core::spec::parse_manifest("web/manifest.yaml", "web", text).unwrap();
+    let spec = bulkhead_driver::SpawnSpec {
+        instance: bulkhead_core::key::InstanceId::parse("ns:a:web").unwrap().0,
+        argv: w.command.clone(),
+        env: Vec::new(),
+        cwd: "/".into(),
+        spec: Arc::new(w),
+        binds: Vec::new(),
+        ids: None,
+        inherited: Vec::new(),
+        listen: Vec::new(),
+    };
+    let pod = driver.spawn_pod(spec).await.expect("spawn");
+    let req = bulkhead_driver::ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), "exit 3".into()],
+        env: Vec::new(),
+        tty: None,
+    };
+    let mut ex = pod.engine_exec(req).await.expect("a pod execs").unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some((stream, data)) = ex.output.recv().await {
+        match stream {
+            bulkhead_driver::Stream::Stdout => out.extend(data),
+            bulkhead_driver::Stream::Stderr => err.extend(data),
+        }
+    }
+    assert_eq!(out, b"hello from the pod\n");
+    assert_eq!(err, b"a warning\n");
+    assert_eq!(
+        ex.status.await.unwrap(),
+        bulkhead_core::event::ExitStatus::Exited { code: 3 }
+    );
+    let exec = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.contains("/exec?"))
+        .cloned()
+        .unwrap();
+    assert!(exec.contains("stdin=true"), "{exec}");
+}
