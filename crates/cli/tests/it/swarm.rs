@@ -215,7 +215,6 @@ fn swarm_exec_runs_in_the_tasks_container() {
 }
 
 #[test]
-#[ignore = "needs the daemon to follow InstanceHandle::engine_readiness (the lead's side of issue 16)"]
 fn swarm_readiness_comes_from_the_tasks_health_check() {
     require_swarm!();
     let m = manifest(
