@@ -445,6 +445,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de::size")]
     pub image_cache_max_bytes: Option<u64>,
+    /// The Docker Swarm manager that `driver: swarm` workloads run on
+    /// (`unix:///path` or `tcp://host:port`); without it the swarm driver is not
+    /// available.
+    #[arg(long, value_name = "URL", env = "BULKHEAD_SWARM_HOST")]
+    pub swarm_host: Option<String>,
     /// The kubernetes driver's kubeconfig [default: in-cluster config, else KUBECONFIG,
     /// else ~/.kube/config].
     #[arg(long, value_name = "PATH")]

@@ -235,6 +235,7 @@ impl ServeArgs {
             cgroup_favordynmods,
             image_cache_max_count,
             image_cache_max_bytes,
+            swarm_host,
             kubeconfig,
             kubernetes_context,
             kubernetes_namespace,
@@ -269,6 +270,7 @@ impl ServeArgs {
             cgroup_favordynmods: cgroup_favordynmods.or(file.cgroup_favordynmods),
             image_cache_max_count: image_cache_max_count.or(file.image_cache_max_count),
             image_cache_max_bytes: image_cache_max_bytes.or(file.image_cache_max_bytes),
+            swarm_host: swarm_host.or(file.swarm_host),
             kubeconfig: kubeconfig.or(file.kubeconfig),
             kubernetes_context: kubernetes_context.or(file.kubernetes_context),
             kubernetes_namespace: kubernetes_namespace.or(file.kubernetes_namespace),
@@ -466,6 +468,23 @@ mod tests {
         assert_eq!(s.state, Some(PathBuf::from("/from/file")));
         assert_eq!(s.max_instances, Some(5));
         assert_eq!(s.no_keeper, Some(false));
+    }
+
+    #[test]
+    fn the_swarm_manager_comes_from_the_file_unless_the_command_line_names_one() {
+        let file = parse(Path::new("c.toml"), "swarm-host = \"unix:///from/file\"\n").unwrap();
+        assert_eq!(file.swarm_host.as_deref(), Some("unix:///from/file"));
+        let again = parse(Path::new("c.toml"), "swarm-host = \"unix:///from/file\"\n").unwrap();
+        let none = ServeArgs::default().or_file(again);
+        assert_eq!(none.swarm_host.as_deref(), Some("unix:///from/file"));
+        let flags = ServeArgs {
+            swarm_host: Some("tcp://mgr:2375".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            flags.or_file(file).swarm_host.as_deref(),
+            Some("tcp://mgr:2375")
+        );
     }
 
     /// `dist/config.toml` documents every setting of `serve` (each `--flag` as a

@@ -388,6 +388,8 @@ pub fn space_of(
                 }
             }
         },
+        // Refused when the manifest is read (`crate::swarm::validate`).
+        DriverKind::Swarm => return Err("channels are not supported with driver: swarm".into()),
         // Refused by the manifest's validation (`crate::kubernetes`): a Pod is on
         // another host.
         DriverKind::Kubernetes => {

@@ -429,6 +429,8 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), (String, String)> {
                     "with channels, set sandbox.user {uid, gid} instead (the channel space is given to that user before the start)".into(),
                 );
             }
+            // Channels are refused with driver: swarm (`crate::swarm::validate`).
+            DriverKind::Swarm => {}
             DriverKind::Docker => {
                 let numeric = |v: &Option<String>| {
                     v.as_deref()

@@ -57,5 +57,6 @@ pub mod signal;
 pub mod size;
 pub mod sockets;
 pub mod spec;
+pub mod swarm;
 pub mod text;
 pub mod time;

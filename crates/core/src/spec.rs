@@ -33,6 +33,8 @@ pub enum DriverKind {
     Sandbox,
     /// A Docker container through the Engine API.
     Docker,
+    /// A Docker Swarm service, one per key (`crate::swarm`).
+    Swarm,
     /// A Pod on a Kubernetes cluster through its API (`crate::kubernetes`).
     Kubernetes,
 }
@@ -43,6 +45,7 @@ impl DriverKind {
             DriverKind::Process => "process",
             DriverKind::Sandbox => "sandbox",
             DriverKind::Docker => "docker",
+            DriverKind::Swarm => "swarm",
             DriverKind::Kubernetes => "kubernetes",
         }
     }
@@ -103,6 +106,9 @@ pub struct WorkloadSpec {
     /// The `docker` driver's container; required with `driver: docker`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<crate::docker::DockerSpec>,
+    /// The `swarm` driver's service; required with `driver: swarm` (`crate::swarm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<crate::swarm::SwarmSpec>,
     /// The `kubernetes` driver's Pod; required with `driver: kubernetes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<crate::kubernetes::KubernetesSpec>,
@@ -1139,6 +1145,7 @@ impl WorkloadSpec {
             }
             (None, _) => {}
         }
+        crate::swarm::validate(self)?;
         // `driver: kubernetes`: its section, and what a Pod cannot honour.
         crate::kubernetes::validate(self)?;
         crate::execution::validate(self)?;

@@ -278,6 +278,10 @@ impl Shared {
         let sandbox = start_sandbox(&cfg, &daemon_id.id, &mut drivers);
         let docker = docker::DockerState::new(&cfg, &daemon_id.id);
         drivers.insert(DriverKind::Docker, docker.driver.clone());
+        if let Some(host) = &cfg.swarm_host {
+            let swarm = bulkhead_swarm::SwarmDriver::new(&daemon_id.id, host);
+            drivers.insert(DriverKind::Swarm, Arc::new(swarm));
+        }
         // Always registered (kubernetes manifests validate); it connects on first use,
         // so a daemon with no cluster starts and only kubernetes launches fail, saying why.
         drivers.insert(

@@ -87,6 +87,9 @@ pub struct Config {
     /// this many images / bytes after each build; `None`: unbounded.
     pub image_cache_max_count: Option<usize>,
     pub image_cache_max_bytes: Option<u64>,
+    /// The Docker Swarm manager of the `swarm` driver (`unix:///...`, `tcp://...`);
+    /// `None`: the driver is not registered.
+    pub swarm_host: Option<String>,
     /// Where the kubernetes driver finds its cluster (in-cluster config or a kubeconfig)
     /// and its default namespace; connected on first use, so no cluster is fine.
     pub kubernetes: bulkhead_kubernetes::ClusterConfig,
@@ -133,6 +136,7 @@ impl Config {
             cgroup_favordynmods: false,
             image_cache_max_count: None,
             image_cache_max_bytes: None,
+            swarm_host: None,
             kubernetes: Default::default(),
             notify: None,
         }

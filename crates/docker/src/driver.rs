@@ -286,9 +286,9 @@ fn container_user(env: &[(String, String)], user: Option<&str>) -> Option<String
     })
 }
 
-/// Whether the program exists in the created container: an absolute path as is, a bare
+/// Whether the program exists in the created container `id`: an absolute path as is, a bare
 /// name in one of the `PATH` directories (all looked up at once).
-async fn program_exists(client: &Docker, id: &str, argv0: &str, path: &str) -> bool {
+pub async fn program_exists(client: &Docker, id: &str, argv0: &str, path: &str) -> bool {
     let candidates: Vec<String> = if argv0.contains('/') {
         vec![argv0.to_owned()]
     } else {
@@ -1001,9 +1001,33 @@ impl InstanceHandle for Container {
 
 impl Container {
     async fn exec_in(&self, req: ExecRequest) -> std::io::Result<EngineExec> {
+        exec_in(&self.client, &self.id, req, ExecKill::HostPid).await
+    }
+}
+
+/// How an exec started by [`exec_in`] is ended when its client goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecKill {
+    /// SIGKILL to its process through a pidfd: the engine runs on this host.
+    HostPid,
+    /// Not at all: the engine is on another host (a swarm node), where a pid means
+    /// nothing here; the command runs to its end.
+    None,
+}
+
+/// Runs `req` in container `id` through the engine's exec API (attached; its status is
+/// the exec's exit code). The docker driver's `engine_exec`, and the swarm driver's on
+/// the task's node.
+pub async fn exec_in(
+    client: &Docker,
+    id: &str,
+    req: ExecRequest,
+    how: ExecKill,
+) -> std::io::Result<EngineExec> {
+    {
         use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
         let err = |what: &str, e: bollard::errors::Error| {
-            std::io::Error::other(format!("{what} in container {}: {e}", short_id(&self.id)))
+            std::io::Error::other(format!("{what} in container {}: {e}", short_id(id)))
         };
         let config = bollard::models::ExecConfig {
             console_size: req.tty.map(|(r, c)| vec![usize::from(r), usize::from(c)]),
@@ -1018,9 +1042,8 @@ impl Container {
             }
             .into()
         };
-        let exec = self
-            .client
-            .create_exec(&self.id, config)
+        let exec = client
+            .create_exec(id, config)
             .await
             .map_err(|e| err("cannot create the exec", e))?
             .id;
@@ -1029,8 +1052,7 @@ impl Container {
             tty: req.tty.is_some(),
             output_capacity: None,
         };
-        let StartExecResults::Attached { mut output, input } = self
-            .client
+        let StartExecResults::Attached { mut output, input } = client
             .start_exec(&exec, Some(start))
             .await
             .map_err(|e| err("cannot start the exec", e))?
@@ -1055,9 +1077,9 @@ impl Container {
                 }
             }
         });
-        let (client, id) = (self.client.clone(), exec.clone());
+        let (c, id) = (client.clone(), exec.clone());
         let status = Box::pin(async move {
-            let info = client
+            let info = c
                 .inspect_exec(&id)
                 .await
                 .map_err(|e| std::io::Error::other(format!("cannot inspect exec {id}: {e}")))?;
@@ -1067,7 +1089,7 @@ impl Container {
             })
         });
         let resize = req.tty.map(|_| {
-            let (client, id) = (self.client.clone(), exec.clone());
+            let (client, id) = (client.clone(), exec.clone());
             Box::new(move |height: u16, width: u16| {
                 let (client, id) = (client.clone(), id.clone());
                 tokio::spawn(async move {
@@ -1078,8 +1100,11 @@ impl Container {
                 });
             }) as Box<dyn Fn(u16, u16) + Send + Sync>
         });
-        let (client, id) = (self.client.clone(), exec);
+        let (client, id) = (client.clone(), exec);
         let kill = Box::new(move || {
+            if how == ExecKill::None {
+                return;
+            }
             tokio::spawn(async move {
                 // The exec's process as the host sees it: the engine gives no other way.
                 let info = client.inspect_exec(&id).await.ok();

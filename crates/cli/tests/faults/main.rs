@@ -21,12 +21,17 @@
 //! - [`storage`]: the state directory fills up mid-run (a small tmpfs): refused requests,
 //!   `health` degraded, no event shown before it is stored, recovery by itself, no id reused
 //!   after a crash during the outage.
+//! - [`swarm`]: a swarm node cut off from the cluster: the run is reported lost, the key
+//!   placed again elsewhere, and the stale copy fenced when the node returns.
 //! - [`walls`]: what only a wall contains (fork bomb, memory and CPU hogs, a `setsid`
 //!   escape), through the sandbox driver.
 
 #[allow(dead_code)]
 #[path = "../it/harness.rs"]
 mod harness;
+#[allow(dead_code)]
+#[path = "../it/swarm_support.rs"]
+mod swarm_support;
 #[path = "../it/tmux.rs"]
 mod tmux;
 
@@ -38,5 +43,6 @@ mod ports;
 mod scale;
 mod storage;
 mod support;
+mod swarm;
 mod walls;
 mod workload;

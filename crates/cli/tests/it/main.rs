@@ -31,6 +31,9 @@ mod sockets;
 mod state_copy;
 mod supervision;
 mod surface;
+mod swarm;
+#[allow(dead_code)]
+mod swarm_support;
 mod tmux;
 mod top;
 mod walls;
