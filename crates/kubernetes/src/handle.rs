@@ -83,6 +83,9 @@ pub struct PodHandle {
     ended_notify: tokio::sync::Notify,
     /// Tailing from now (adoption) rather than from the start.
     pub(crate) logs_from_now: bool,
+    /// Set once the Pod has been seen to exist (its create answered, or an event): only
+    /// then can a GET that finds nothing mean it is gone.
+    pub(crate) seen: AtomicBool,
 }
 
 #[derive(Default)]
@@ -106,6 +109,7 @@ impl PodHandle {
         logs_from_now: bool,
     ) -> Arc<PodHandle> {
         Arc::new_cyclic(|me| PodHandle {
+            seen: AtomicBool::new(false),
             me: me.clone(),
             name,
             namespace,
@@ -281,6 +285,7 @@ impl PodHandle {
 impl PodHandle {
     /// The Pod as the API now has it (from the watcher, or a create's answer).
     pub(crate) fn observe(self: &Arc<Self>, pod: &Pod) {
+        self.seen.store(true, Ordering::SeqCst);
         let o = status::observe(pod);
         self.ready.send_if_modified(|r| {
             let changed = *r != o.ready;

@@ -100,7 +100,13 @@ async fn run(w: Weak<Watcher>, api: Api<Pod>, selector: String) {
                     tokio::spawn(async move {
                         match api.get_opt(&name).await {
                             Ok(Some(pod)) => sink.observe(&pod),
-                            Ok(None) => sink.gone(None),
+                            // Registered before its create (so that no event is
+                            // missed): a list taken before the create answered does
+                            // not have it, and neither may this GET. Gone only once seen.
+                            Ok(None) if sink.seen.load(std::sync::atomic::Ordering::SeqCst) => {
+                                sink.gone(None)
+                            }
+                            Ok(None) => {}
                             Err(e) => tracing::warn!("cannot read pod {name}: {e}"),
                         }
                     });
