@@ -8,7 +8,8 @@
 //!    driver reports a host process, the same pid and start time (a pid reused by another
 //!    program after a reboot is not this run).
 //! 2. One run per key: of several found runs of one instance, the one with its row is
-//!    adopted (else the first); every other one is discarded (the driver ends it).
+//!    adopted (else one whose manifest is kept, else the first); every other one is
+//!    discarded (the driver ends it).
 //! 3. A run the table does not know is adopted only if its driver kept what it was
 //!    launched with (the keeper keeps the manifest); otherwise nothing says how to
 //!    supervise it: discarded.
@@ -116,6 +117,8 @@ pub fn plan(found: &[FoundRun], rows: &[Row], cx: &Context) -> Plan {
     let matches = |f: &FoundRun| -> Option<usize> {
         let i = *by_id.get(&f.instance)?;
         let r = &rows[i];
+        // A row whose manifest cannot be read cannot supervise anything.
+        r.driver?;
         match f.process {
             Some((pid, start)) => {
                 (r.pid == Some(pid) && r.start_time.is_none_or(|t| t == start)).then_some(i)
@@ -123,12 +126,14 @@ pub fn plan(found: &[FoundRun], rows: &[Row], cx: &Context) -> Plan {
             None => Some(i),
         }
     };
-    // Rule 2: per instance, the run with its row wins, else the first found.
+    // Rule 2: per instance, the run with its row wins, else one whose manifest is kept,
+    // else the first found.
+    let rank = |f: &FoundRun| (matches(f).is_some(), f.launched);
     let mut winner: HashMap<&InstanceId, usize> = HashMap::new();
     for (i, f) in found.iter().enumerate() {
         let better = match winner.get(&f.instance) {
             None => true,
-            Some(&w) => matches(&found[w]).is_none() && matches(f).is_some(),
+            Some(&w) => rank(f) > rank(&found[w]),
         };
         if better {
             winner.insert(&f.instance, i);
@@ -144,7 +149,7 @@ pub fn plan(found: &[FoundRun], rows: &[Row], cx: &Context) -> Plan {
                     reason: DiscardReason::SecondRun,
                 };
             }
-            let row = matches(f).filter(|&r| rows[r].driver.is_some());
+            let row = matches(f);
             if row.is_none() && !f.launched {
                 return RunDecision::Discard {
                     reason: DiscardReason::Unknown,
@@ -247,6 +252,27 @@ mod tests {
             vec![RunDecision::Discard {
                 reason: DiscardReason::Unknown
             }]
+        );
+    }
+
+    #[test]
+    fn of_two_unknown_runs_the_one_whose_manifest_is_kept_is_adopted() {
+        let p = plan(
+            &[run(1, Some((11, 1)), false), run(1, Some((12, 1)), true)],
+            &[],
+            &Context::default(),
+        );
+        assert_eq!(
+            p.runs,
+            vec![
+                RunDecision::Discard {
+                    reason: DiscardReason::SecondRun
+                },
+                RunDecision::Adopt {
+                    row: None,
+                    resume_stop: false
+                }
+            ]
         );
     }
 
@@ -382,10 +408,9 @@ mod tests {
             // A run that is its row's, or whose driver kept its manifest, is never lost
             // for want of the other runs: its key gets an adopted run.
             for f in &found {
-                let adoptable = f.launched
-                    || rows.iter().any(|r| r.instance == f.instance && r.driver.is_some()
-                        && f.process.is_none_or(|(pid, st)| r.pid == Some(pid) && r.start_time.is_none_or(|t| t == st)));
-                if adoptable && !found.iter().any(|g| g.instance == f.instance && g.launched != f.launched) {
+                let its_row = rows.iter().any(|r| r.instance == f.instance && r.driver.is_some()
+                    && f.process.is_none_or(|(pid, st)| r.pid == Some(pid) && r.start_time.is_none_or(|t| t == st)));
+                if f.launched || its_row {
                     prop_assert!(adopted.contains(&f.instance), "{:?} left without a run", f.instance);
                 }
             }

@@ -109,16 +109,12 @@ async fn server() -> (String, Seen) {
     (url, seen)
 }
 
-#[tokio::test]
-async fn exec_runs_through_the_exec_subresource_with_its_exit_code() {
-    let (url, seen) = server().await;
-    let config = kube::Config::new(url.parse().unwrap());
-    let client = kube::Client::try_from(config).unwrap();
-    let driver = KubernetesDriver::with_client("execd", client);
+/// The spawn of a `sleep 1000` Pod of workload `web`.
+fn web() -> bulkhead_driver::SpawnSpec {
     let text =
         "name: web\ncommand: [sleep, \"1000\"]\ndriver: kubernetes\nkubernetes: {image: busybox}\n";
     let w = bulkhead_core::spec::parse_manifest("web/manifest.yaml", "web", text).unwrap();
-    let spec = bulkhead_driver::SpawnSpec {
+    bulkhead_driver::SpawnSpec {
         instance: bulkhead_core::key::InstanceId::parse("ns:a:web").unwrap().0,
         argv: w.command.clone(),
         env: Vec::new(),
@@ -128,8 +124,16 @@ async fn exec_runs_through_the_exec_subresource_with_its_exit_code() {
         ids: None,
         inherited: Vec::new(),
         listen: Vec::new(),
-    };
-    let pod = driver.spawn_pod(spec).await.expect("spawn");
+    }
+}
+
+#[tokio::test]
+async fn exec_runs_through_the_exec_subresource_with_its_exit_code() {
+    let (url, seen) = server().await;
+    let config = kube::Config::new(url.parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+    let driver = KubernetesDriver::with_client("execd", client);
+    let pod = driver.spawn_pod(web()).await.expect("spawn");
     let out = pod
         .exec(vec!["cat".into(), "/etc/hostname".into()])
         .await
@@ -172,21 +176,7 @@ async fn engine_exec_streams_through_the_subresource() {
     let (url, seen) = server().await;
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     let driver = KubernetesDriver::with_client("execd", client);
-    let text =
-        "name: web\ncommand: [sleep, \"1000\"]\ndriver: kubernetes\nkubernetes: {image: busybox}\n";
-    let w = bulkhead_core::spec::parse_manifest("web/manifest.yaml", "web", text).unwrap();
-    let spec = bulkhead_driver::SpawnSpec {
-        instance: bulkhead_core::key::InstanceId::parse("ns:a:web").unwrap().0,
-        argv: w.command.clone(),
-        env: Vec::new(),
-        cwd: "/".into(),
-        spec: Arc::new(w),
-        binds: Vec::new(),
-        ids: None,
-        inherited: Vec::new(),
-        listen: Vec::new(),
-    };
-    let pod = driver.spawn_pod(spec).await.expect("spawn");
+    let pod = driver.spawn_pod(web()).await.expect("spawn");
     let req = bulkhead_driver::ExecRequest {
         argv: vec!["sh".into(), "-c".into(), "exit 3".into()],
         env: Vec::new(),

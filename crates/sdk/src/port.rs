@@ -133,7 +133,10 @@ impl Publisher {
                 reason: format!("{e:?}"),
             })?;
         // A late subscriber may be waiting for the history just handed over.
-        sent(&self.service, &self.wake, Ok::<usize, ()>(1)).map(|_| ())
+        self.wake.notify().map(|_| ()).map_err(|e| SendError::Send {
+            service: self.service.clone(),
+            reason: format!("cannot wake the subscribers: {e:?}"),
+        })
     }
 
     /// Copies `data` into a loan and sends it (one copy, into shared memory).
