@@ -60,3 +60,4 @@ pub mod spec;
 pub mod swarm;
 pub mod text;
 pub mod time;
+pub mod warm;

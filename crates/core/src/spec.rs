@@ -177,6 +177,9 @@ pub struct WorkloadSpec {
     /// When an instance starts: on launch (default) or on its first connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activation: Option<crate::sockets::Activation>,
+    /// Instances prepared ahead of their launch (`crate::warm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<crate::warm::Warm>,
 }
 
 /// How an instance's log rotates.
@@ -1149,6 +1152,7 @@ impl WorkloadSpec {
         // `driver: kubernetes`: its section, and what a Pod cannot honour.
         crate::kubernetes::validate(self)?;
         crate::execution::validate(self)?;
+        crate::warm::validate(self)?;
         crate::sockets::validate(
             self.sockets.as_deref(),
             self.activation.as_ref(),

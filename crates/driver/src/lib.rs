@@ -36,6 +36,7 @@ pub mod reaper;
 pub mod restrict;
 pub mod setup;
 pub mod sys;
+pub mod warm;
 
 /// Everything a driver needs to start one instance. The daemon has already resolved the
 /// program path and expanded `${VAR}`s.
@@ -513,6 +514,30 @@ pub trait Driver: Send + Sync + 'static {
     /// through its handle.
     async fn discard(&self, found: Found) {
         let _ = found.spawned.handle.signal(Signal::KILL);
+    }
+
+    /// Whether the driver prepares instances ahead of their launch (`warm:`).
+    fn prewarms(&self) -> bool {
+        false
+    }
+
+    /// Prepares a slot for `spec` ([`warm`]): everything of a launch but the program.
+    async fn prewarm(&self, spec: warm::WarmSpec) -> Result<Box<dyn warm::Warm>, SpawnError> {
+        Err(SpawnError::Invalid {
+            instance: spec.slot,
+            reason: format!("driver {} keeps no warm pool", self.kind()),
+        })
+    }
+
+    /// Starts `spec` in `slot`, which this driver made for the same workload. On an
+    /// error the slot is gone (the daemon then spawns cold).
+    async fn spawn_warm(
+        &self,
+        slot: Box<dyn warm::Warm>,
+        spec: SpawnSpec,
+    ) -> Result<Spawned, SpawnError> {
+        slot.discard().await;
+        self.spawn(spec).await
     }
 }
 
