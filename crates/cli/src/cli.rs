@@ -445,6 +445,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     #[serde(default, deserialize_with = "de::size")]
     pub image_cache_max_bytes: Option<u64>,
+    /// What the warm slots of every `warm:` workload may hold together (e.g. 512Mi;
+    /// 0 keeps no slot) [default: 256Mi].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[serde(default, deserialize_with = "de::size")]
+    pub warm_memory: Option<u64>,
     /// The Docker Swarm manager that `driver: swarm` workloads run on
     /// (`unix:///path` or `tcp://host:port`); without it the swarm driver is not
     /// available.

@@ -235,6 +235,7 @@ impl ServeArgs {
             cgroup_favordynmods,
             image_cache_max_count,
             image_cache_max_bytes,
+            warm_memory,
             swarm_host,
             kubeconfig,
             kubernetes_context,
@@ -270,6 +271,7 @@ impl ServeArgs {
             cgroup_favordynmods: cgroup_favordynmods.or(file.cgroup_favordynmods),
             image_cache_max_count: image_cache_max_count.or(file.image_cache_max_count),
             image_cache_max_bytes: image_cache_max_bytes.or(file.image_cache_max_bytes),
+            warm_memory: warm_memory.or(file.warm_memory),
             swarm_host: swarm_host.or(file.swarm_host),
             kubeconfig: kubeconfig.or(file.kubeconfig),
             kubernetes_context: kubernetes_context.or(file.kubernetes_context),
@@ -440,12 +442,13 @@ mod tests {
     fn values_parse_like_their_flags() {
         let s = parse(
             Path::new("c.toml"),
-            "log-max-bytes = \"1Mi\"\nimage-cache-max-bytes = 4096\nport-range = \"9000-9100\"\n\
+            "log-max-bytes = \"1Mi\"\nimage-cache-max-bytes = 4096\nwarm-memory = \"64Mi\"\nport-range = \"9000-9100\"\n\
              event-sync = \"full\"\nmetrics = \"127.0.0.1:9464\"\nno-keeper = true\n",
         )
         .unwrap();
         assert_eq!(s.log_max_bytes, Some(1 << 20));
         assert_eq!(s.image_cache_max_bytes, Some(4096));
+        assert_eq!(s.warm_memory, Some(64 << 20));
         assert_eq!(s.port_range.unwrap().to_string(), "9000-9100");
         assert_eq!(s.event_sync, Some(crate::cli::EventSync::Full));
         assert_eq!(s.no_keeper, Some(true));

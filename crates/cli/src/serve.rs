@@ -153,6 +153,9 @@ async fn run(a: ServeArgs, mode: Mode, notify: Option<Arc<SelfNotify>>) -> anyho
     }
     cfg.image_cache_max_count = a.image_cache_max_count;
     cfg.image_cache_max_bytes = a.image_cache_max_bytes;
+    if let Some(m) = a.warm_memory {
+        cfg.warm_memory = m;
+    }
     cfg.swarm_host = a.swarm_host;
     cfg.kubernetes = bulkhead_kubernetes::ClusterConfig {
         kubeconfig: a.kubeconfig.clone(),

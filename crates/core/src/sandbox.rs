@@ -367,6 +367,20 @@ impl IdBlocks {
         }
     }
 
+    /// Gives `from`'s block (one hold: a warm slot's) to `to`, which must hold none: a
+    /// slot made with a range no tenant held serves a tenant new to the daemon. Returns
+    /// false (nothing changes) when `to` already holds a block or `from` holds more than
+    /// the one hold.
+    pub fn hand_over(&mut self, from: &str, to: &str) -> bool {
+        if self.live.contains_key(to) || self.live.get(from).map(|(_, r)| *r) != Some(1) {
+            return false;
+        }
+        if let Some(b) = self.live.remove(from) {
+            self.live.insert(to.to_owned(), b);
+        }
+        true
+    }
+
     fn map_of(&self, block: u32) -> UserNamespace {
         let first = self.base + block * USERNS_COUNT;
         UserNamespace {
@@ -718,6 +732,22 @@ mod tests {
         assert_eq!(tiny.acquire("z"), Err(NoFreeIds(2)));
         tiny.release("x");
         assert!(tiny.acquire("z").is_ok());
+    }
+
+    #[test]
+    fn a_warm_slots_range_is_handed_to_a_tenant_that_holds_none() {
+        let mut b = IdBlocks::new(AUTO_ID_BASE, 8);
+        let slot = b.acquire("warm:w-1").unwrap();
+        let live = b.acquire("ns:a").unwrap();
+        // A tenant that holds a range keeps its own: the slot's cannot serve it.
+        assert!(!b.hand_over("warm:w-1", "ns:a"));
+        assert!(b.hand_over("warm:w-1", "ns:b"));
+        // Now it is ns:b's: a second instance of ns:b shares it, the slot name holds none.
+        assert_eq!(b.acquire("ns:b").unwrap(), slot);
+        assert!(!b.hand_over("warm:w-1", "ns:c"));
+        b.release("ns:b");
+        b.release("ns:b");
+        assert_ne!(b.acquire("ns:c").unwrap(), live);
     }
 
     proptest::proptest! {

@@ -102,8 +102,19 @@ pub(crate) struct DataPlane {
 /// One instance's hold on its tenant's host id range; given back when dropped.
 pub(crate) struct IdHold {
     sh: Weak<Shared>,
-    tenant: String,
+    pub(crate) tenant: String,
     pub ids: UserNamespace,
+}
+
+impl IdHold {
+    /// A hold on `ids`, already acquired for `tenant` (a warm slot's).
+    pub(crate) fn new(sh: &Arc<Shared>, tenant: String, ids: UserNamespace) -> IdHold {
+        IdHold {
+            sh: Arc::downgrade(sh),
+            tenant,
+            ids,
+        }
+    }
 }
 
 impl Drop for IdHold {

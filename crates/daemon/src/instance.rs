@@ -122,7 +122,7 @@ pub struct Slot {
     /// The environment of the current run, for `bulkhead exec` (set at each spawn).
     exec_env: Mutex<Option<Vec<(String, String)>>>,
     /// The host id range of its tenant, held from the first spawn until it is final.
-    ids: Mutex<Option<crate::dataplane::IdHold>>,
+    pub(crate) ids: Mutex<Option<crate::dataplane::IdHold>>,
     /// The key's listening sockets (`sockets:`), bound before the first spawn and kept
     /// for every run until the instance is final.
     pub(crate) sockets: Mutex<Option<Arc<crate::sockets::BoundSockets>>>,
@@ -1276,6 +1276,20 @@ async fn spawn(
         .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))
         .map_err(failed(FailureKind::Invalid))?
         .clone();
+    // Warm pools make slots only while no spawn is on its way.
+    let _launching = sh.warm.launching();
+    if let Some(ready) = sh.warm.take(sh, slot) {
+        let name = ready.name.clone();
+        match spawn_warm(sh, slot, &driver, ready, port, env).await {
+            Ok(s) => return Ok(s),
+            // The slot is gone; the launch goes on cold, as if there had been none.
+            Err(e) => tracing::warn!(
+                "{}: warm slot {name} failed: {}; spawning cold",
+                slot.id,
+                e.reason
+            ),
+        }
+    }
     // A restart keeps the instance's address: the previous run's port, still held for
     // it, unless another program listens on it now. Otherwise that port goes back (it
     // was leaked before: a crash loop held a port per restart until the daemon ran out)
@@ -1361,6 +1375,61 @@ async fn spawn(
             inherited: inherited_vars(slot, &file_keys),
             listen,
         })
+        .await?;
+    Ok((spawned, notify))
+}
+
+/// [`spawn`] in a warm slot: the slot fixed the port and the directory the notify
+/// socket goes in, and (`user_namespace: auto`) the host id range, now the tenant's.
+async fn spawn_warm(
+    sh: &Arc<Shared>,
+    slot: &Slot,
+    driver: &Arc<dyn bulkhead_driver::Driver>,
+    ready: crate::warm::Ready,
+    port: &mut u16,
+    env: &mut Vec<(String, String)>,
+) -> Result<(bulkhead_driver::Spawned, Option<NotifySocket>), SpawnFailure> {
+    let spec = slot.spec();
+    sh.ports.release(std::mem::replace(port, ready.port));
+    let notify = match &spec.readiness {
+        Some(r) if r.notify => {
+            let path = ready.dir.join("notify.sock");
+            Some(
+                NotifySocket::bind(&path)
+                    .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))
+                    .map_err(failed(FailureKind::Setup))?,
+            )
+        }
+        _ => None,
+    };
+    let from_files = read_env_files(slot).map_err(failed(FailureKind::Setup))?;
+    let file_keys: Vec<String> = from_files.iter().map(|(k, _)| k.clone()).collect();
+    *env = instance_env(
+        slot,
+        from_files,
+        *port,
+        notify.as_ref().map(|n| n.path().display().to_string()),
+    );
+    let ids = ready.ids.as_ref().map(|h| h.ids);
+    if let Some(hold) = ready.ids {
+        *slot.ids.lock().unwrap_or_else(|e| e.into_inner()) = Some(hold);
+    }
+    let argv = resolve_argv(slot, env).map_err(failed(FailureKind::Invalid))?;
+    let spawned = driver
+        .spawn_warm(
+            ready.warm,
+            SpawnSpec {
+                instance: slot.id.clone(),
+                argv,
+                env: env.clone(),
+                cwd: slot.dir.clone(),
+                spec: spec.clone(),
+                binds: vec![bulkhead_driver::Bind::same(&ready.dir)],
+                ids,
+                inherited: inherited_vars(slot, &file_keys),
+                listen: Vec::new(),
+            },
+        )
         .await?;
     Ok((spawned, notify))
 }

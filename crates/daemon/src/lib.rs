@@ -47,6 +47,7 @@ mod service;
 pub mod sockets;
 mod standard;
 pub mod store;
+mod warm;
 
 pub use instance::{Slot, View};
 pub use server::{Config, Daemon, StartError};
@@ -169,6 +170,8 @@ pub struct Shared {
     /// `none`'s, or each listed namespace's): their bound sockets and the task that
     /// launches them (`sockets::Activator`).
     pub(crate) activators: Mutex<HashMap<String, sockets::Activator>>,
+    /// Warm pools (`warm:`).
+    pub(crate) warm: warm::Pools,
 }
 
 /// The sandbox driver's cgroup subtree name for a daemon id (`daemon_id::load_daemon_id`):
@@ -314,6 +317,7 @@ impl Shared {
             ids: crate::dataplane::id_blocks(),
             dependency_restarts: Mutex::new(std::collections::HashSet::new()),
             activators: Mutex::new(HashMap::new()),
+            warm: Default::default(),
         }
     }
 

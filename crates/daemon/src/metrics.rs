@@ -224,7 +224,16 @@ struct Inner {
     events_missed: Counter,
     launch_ready: Histogram,
     delivery_lag: Histogram,
+    warm_launches: Family<WarmLabel, Counter>,
+    warm_slots: Family<WorkloadLabel, Gauge>,
+    warm_memory: Gauge,
     state: Mutex<EventState>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WarmLabel {
+    workload: String,
+    result: &'static str,
 }
 
 /// What the counters need to remember between events.
@@ -308,6 +317,25 @@ impl Metrics {
             Unit::Seconds,
             delivery_lag.clone(),
         );
+        let warm_launches = Family::<WarmLabel, Counter>::default();
+        registry.register(
+            "warm_launches",
+            "Spawns of workloads with warm: by result: hit (from a warm slot), miss (cold)",
+            warm_launches.clone(),
+        );
+        let warm_slots = Family::<WorkloadLabel, Gauge>::default();
+        registry.register(
+            "warm_slots",
+            "Warm slots ready, by workload",
+            warm_slots.clone(),
+        );
+        let warm_memory = Gauge::default();
+        registry.register_with_unit(
+            "warm_memory",
+            "Memory the ready warm slots hold together (the --warm-memory budget bounds it)",
+            Unit::Bytes,
+            warm_memory.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -320,9 +348,41 @@ impl Metrics {
                 events_missed,
                 launch_ready,
                 delivery_lag,
+                warm_launches,
+                warm_slots,
+                warm_memory,
                 state: Mutex::new(EventState::default()),
             }),
         }
+    }
+
+    /// A spawn of a workload with `warm:`: from a slot (`hit`) or cold.
+    pub(crate) fn warm_launch(&self, workload: &str, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.inner
+            .warm_launches
+            .get_or_create(&WarmLabel {
+                workload: workload.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// The pools now: ready slots and their memory, by workload.
+    pub(crate) fn warm_slots(&self, pools: &std::collections::BTreeMap<String, (usize, u64)>) {
+        self.inner.warm_slots.clear();
+        for (w, (n, _)) in pools {
+            self.inner
+                .warm_slots
+                .get_or_create(&WorkloadLabel {
+                    workload: w.clone(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        let bytes: u64 = pools.values().map(|(_, b)| *b).sum();
+        self.inner
+            .warm_memory
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, EventState> {

@@ -96,6 +96,8 @@ pub struct Config {
     /// The supervisor's notify socket (`$NOTIFY_SOCKET`, see `notify_self`): `READY=1`
     /// once the API is served, `STATUS=`, `WATCHDOG=1`, `STOPPING=1`. `None`: not sent.
     pub notify: Option<Arc<crate::notify_self::SelfNotify>>,
+    /// What every warm slot together may hold (`--warm-memory`, bytes).
+    pub warm_memory: u64,
 }
 
 impl Config {
@@ -139,6 +141,7 @@ impl Config {
             swarm_host: None,
             kubernetes: Default::default(),
             notify: None,
+            warm_memory: crate::warm::DEFAULT_BUDGET,
         }
     }
 }
@@ -399,6 +402,7 @@ impl Daemon {
         // On-connection workloads: their sockets, once adopted instances are back (an
         // adopted one still listens on its own).
         shared.sync_activation();
+        crate::warm::start(&shared);
         // And the logs of instances nobody lists any more (finished under an earlier
         // daemon): bounded like this daemon's own finished instances.
         let swept = shared.sweep_stray_logs();
@@ -509,6 +513,7 @@ impl Daemon {
             ));
         }
         self.shared.terminate_all().await;
+        self.shared.warm.shutdown().await;
         // Every instance is gone: the drivers remove their (empty) cgroup scopes.
         let sh = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || {

@@ -1,0 +1,525 @@
+//! Warm pools (`warm:`, see `bulkhead_core::warm`): slots prepared ahead by the drivers
+//! that can ([`Driver::prewarm`]), taken by launches of new keys.
+//!
+//! One pool per workload of the catalog with `warm:` whose driver prewarms. One task, the
+//! manager, makes slots **one at a time** and only while no launch is on its way (the
+//! `launching` count: a refill never takes a launch's CPU), under the global memory
+//! budget (`--warm-memory`), as [`bulkhead_core::warm::plan`] decides; it removes slots
+//! unused for `max_idle` and lets a pool unused that long go dormant (refilled on its
+//! next launch). A launch never waits for a slot: it takes a ready one or spawns cold.
+//!
+//! What a slot is made with: its own directory `<state>/notify/warm-<workload>-<n>/`
+//! (shown inside at the same path; the launch binds the notify socket there), a port
+//! from the daemon's range (the instance's `$PORT`), and for `user_namespace: auto` a
+//! host id range held under the slot's name, which the launch hands to its tenant
+//! ([`IdBlocks::hand_over`](bulkhead_core::sandbox::IdBlocks::hand_over)): so a slot
+//! serves a tenant that holds no range yet (a new session, a new namespace), and a
+//! tenant that already runs something (or a restart, which keeps its range) spawns
+//! cold.
+//!
+//! A manifest change (reload) drains the workload's pool and starts a new one; shutdown
+//! drains every pool. After a daemon crash a sandbox slot's processes are gone with it
+//! (parent-death signal) and its cgroup is swept like any stale one; the docker driver's
+//! `recover` removes this daemon's unclaimed slot containers. Slot directories left
+//! behind are removed at start-up.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bulkhead_core::spec::WorkloadSpec;
+use bulkhead_core::warm::{PoolView, Step};
+use bulkhead_driver::warm::{Warm, WarmSpec};
+use bulkhead_driver::{Bind, Driver};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::dataplane::IdHold;
+use crate::instance::Slot;
+use crate::Shared;
+
+/// The default `--warm-memory`: what every slot together may hold.
+pub const DEFAULT_BUDGET: u64 = 256 << 20;
+
+/// How often the manager looks at the pools when nothing wakes it.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The daemon's pools.
+pub(crate) struct Pools {
+    inner: Mutex<BTreeMap<String, Pool>>,
+    wake: Arc<Notify>,
+    launching: AtomicUsize,
+    /// Slots being made, and the signal that one finished (shutdown waits for them).
+    making: AtomicUsize,
+    made: Notify,
+    epoch: Instant,
+}
+
+struct Pool {
+    spec: Arc<WorkloadSpec>,
+    dir: PathBuf,
+    ready: VecDeque<Ready>,
+    making: u32,
+    estimate: u64,
+    last_use: Instant,
+    dormant: bool,
+}
+
+/// A slot ready to be taken.
+pub(crate) struct Ready {
+    pub warm: Box<dyn Warm>,
+    pub name: String,
+    made: Instant,
+    memory: u64,
+    /// The instance's `$PORT` (held in the daemon's port set).
+    pub port: u16,
+    /// The slot's own directory (shown inside at the same path).
+    pub dir: PathBuf,
+    pub ids: Option<IdHold>,
+}
+
+/// Counts a launch on its way while it lives.
+pub(crate) struct Launching<'a>(&'a Pools);
+
+impl Drop for Launching<'_> {
+    fn drop(&mut self) {
+        if self.0.launching.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+impl Default for Pools {
+    fn default() -> Pools {
+        Pools {
+            inner: Mutex::new(BTreeMap::new()),
+            wake: Arc::new(Notify::new()),
+            launching: AtomicUsize::new(0),
+            making: AtomicUsize::new(0),
+            made: Notify::new(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Pools {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Pool>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks a launch (any driver's spawn) on its way until the guard drops.
+    pub(crate) fn launching(&self) -> Launching<'_> {
+        self.launching.fetch_add(1, Ordering::SeqCst);
+        Launching(self)
+    }
+
+    /// Ready slots per workload, and the memory they hold (for `health` and tests).
+    pub(crate) fn counts(&self) -> BTreeMap<String, (usize, u64)> {
+        self.lock()
+            .iter()
+            .map(|(w, p)| {
+                (
+                    w.clone(),
+                    (p.ready.len(), p.ready.iter().map(|r| r.memory).sum()),
+                )
+            })
+            .collect()
+    }
+
+    /// A ready slot for a spawn of `slot` (a new key's first run, or any run that holds
+    /// no host id range of its own), if its workload's pool has one for this manifest.
+    /// Never waits.
+    pub(crate) fn take(&self, sh: &Arc<Shared>, slot: &Slot) -> Option<Ready> {
+        let spec = slot.spec();
+        spec.warm.as_ref()?;
+        let needs_ids = bulkhead_core::channels::needs_ids(&spec);
+        let tenant = bulkhead_core::channels::ids_tenant(&slot.id, &spec);
+        let taken = {
+            let mut pools = self.lock();
+            let pool = pools.get_mut(&spec.name).filter(|p| p.spec == spec)?;
+            pool.last_use = Instant::now();
+            if pool.dormant {
+                pool.dormant = false;
+            }
+            let mut taken = None;
+            while let Some(mut r) = pool.ready.pop_front() {
+                if !r.warm.alive() {
+                    tracing::warn!("warm slot {} died while it waited; removed", r.name);
+                    discard_later(sh, r);
+                    continue;
+                }
+                if needs_ids {
+                    // A restart keeps its tenant's range, and a tenant that holds one
+                    // runs its instances in it: a slot made with another cannot serve.
+                    let held = slot.ids.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+                    let handed = !held
+                        && r.ids.as_mut().is_some_and(|h| {
+                            sh.ids
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .hand_over(&h.tenant, &tenant)
+                                .then(|| h.tenant = tenant.clone())
+                                .is_some()
+                        });
+                    if !handed {
+                        pool.ready.push_front(r);
+                        break;
+                    }
+                }
+                taken = Some(r);
+                break;
+            }
+            taken
+        };
+        sh.metrics.warm_launch(&spec.name, taken.is_some());
+        self.wake.notify_one();
+        if let Some(r) = &taken {
+            tracing::info!("{}: launched from warm slot {}", slot.id, r.name);
+        }
+        taken
+    }
+
+    /// Ends the pools: no slot is made any more, and every ready one is removed (after
+    /// the slots being made are done). Shutdown calls it.
+    pub(crate) async fn shutdown(&self) {
+        loop {
+            let made = self.made.notified();
+            let ready: Vec<Ready> = self
+                .lock()
+                .values_mut()
+                .flat_map(|p| p.ready.drain(..))
+                .collect();
+            discard_all(ready).await;
+            if self.making.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            made.await;
+        }
+        self.lock().clear();
+    }
+}
+
+/// Starts the manager (after recovery: the drivers' leftovers are settled).
+pub(crate) fn start(sh: &Arc<Shared>) {
+    sweep_dirs(sh, true);
+    tokio::spawn(manage(Arc::downgrade(sh)));
+}
+
+async fn manage(weak: Weak<Shared>) {
+    let mut last_sweep = Instant::now();
+    loop {
+        let Some(sh) = weak.upgrade() else { return };
+        let pools = &sh.warm;
+        let wake_on = pools.wake.clone();
+        let wake = wake_on.notified();
+        if sh.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        sync(&sh);
+        let now = Instant::now();
+        let (expired, make) = {
+            let mut map = pools.lock();
+            // A pool unused for `max_idle` goes dormant: its slots go, and it is
+            // refilled on its next launch.
+            let mut gone = Vec::new();
+            for p in map.values_mut() {
+                let max_idle = p.spec.warm.as_ref().map(|w| w.max_idle).unwrap_or_default();
+                if !p.dormant && now.duration_since(p.last_use) >= max_idle {
+                    p.dormant = true;
+                    gone.extend(p.ready.drain(..));
+                }
+            }
+            let names: Vec<String> = map.keys().cloned().collect();
+            let views: Vec<PoolView> = map.values().map(|p| view(p, pools.epoch)).collect();
+            let steps = bulkhead_core::warm::plan(
+                &views,
+                sh.cfg.warm_memory,
+                now.duration_since(pools.epoch),
+                pools.launching.load(Ordering::SeqCst) > 0,
+            );
+            let mut make = None;
+            // Expiries come first, per pool in ascending slot order: remove from the back.
+            let mut expire: Vec<(usize, usize)> = Vec::new();
+            for s in steps {
+                match s {
+                    Step::Expire { pool, slot } => expire.push((pool, slot)),
+                    Step::Make { pool } => make = Some(names[pool].clone()),
+                }
+            }
+            expire.sort_unstable_by(|a, b| b.cmp(a));
+            for (p, s) in expire {
+                if let Some(r) = map.get_mut(&names[p]).and_then(|pool| pool.ready.remove(s)) {
+                    gone.push(r);
+                }
+            }
+            let make = make.and_then(|w| {
+                let p = map.get_mut(&w)?;
+                p.making += 1;
+                pools.making.fetch_add(1, Ordering::SeqCst);
+                Some((w, p.spec.clone(), p.dir.clone()))
+            });
+            (gone, make)
+        };
+        for r in expired {
+            tracing::debug!("warm slot {} unused for its max_idle: removed", r.name);
+            discard_later(&sh, r);
+        }
+        update_gauges(&sh);
+        if let Some((workload, spec, dir)) = make {
+            make_slot(&sh, &workload, spec, dir).await;
+            update_gauges(&sh);
+            continue;
+        }
+        if last_sweep.elapsed() >= Duration::from_secs(60) {
+            sweep_dirs(&sh, false);
+            last_sweep = Instant::now();
+        }
+        drop(sh);
+        tokio::select! {
+            _ = wake => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+fn view(p: &Pool, epoch: Instant) -> PoolView {
+    let w = p.spec.warm.clone().unwrap_or(bulkhead_core::warm::Warm {
+        size: 0,
+        max_idle: Duration::MAX,
+    });
+    PoolView {
+        size: w.size,
+        max_idle: w.max_idle,
+        ready: p
+            .ready
+            .iter()
+            .map(|r| (r.made.duration_since(epoch), r.memory))
+            .collect(),
+        making: p.making,
+        estimate: p.estimate,
+        last_use: p.last_use.duration_since(epoch),
+        dormant: p.dormant,
+    }
+}
+
+/// Brings the pools in line with the catalog: a pool per workload with `warm:` whose
+/// driver prewarms; a changed or removed manifest drains its pool.
+fn sync(sh: &Arc<Shared>) {
+    let cat = sh.catalog();
+    let mut gone = Vec::new();
+    {
+        let mut map = sh.warm.lock();
+        let wanted: BTreeMap<&String, (&Arc<WorkloadSpec>, &PathBuf)> = cat
+            .entries
+            .iter()
+            .filter_map(|(n, e)| Some((n, (e.spec.as_ref().ok()?, &e.dir))))
+            .filter(|(_, (s, _))| s.warm.is_some())
+            .filter(|(_, (s, _))| sh.drivers.get(&s.driver).is_some_and(|d| d.prewarms()))
+            .collect();
+        map.retain(|name, p| {
+            let keep = wanted.get(name).is_some_and(|(s, _)| **s == p.spec);
+            if !keep {
+                tracing::info!("warm pool of {name}: its manifest changed or went; drained");
+                gone.extend(p.ready.drain(..));
+            }
+            // A pool still making a slot stays until it is done (the slot is then
+            // discarded: its spec no longer matches).
+            keep || p.making > 0
+        });
+        for (name, (spec, dir)) in wanted {
+            if map.get(name).is_some_and(|p| p.spec == *spec) {
+                continue;
+            }
+            if map.get(name).is_some_and(|p| p.making > 0) {
+                continue;
+            }
+            map.insert(
+                name.clone(),
+                Pool {
+                    spec: spec.clone(),
+                    dir: dir.clone(),
+                    ready: VecDeque::new(),
+                    making: 0,
+                    estimate: 0,
+                    last_use: Instant::now(),
+                    dormant: false,
+                },
+            );
+        }
+    }
+    for r in gone {
+        discard_later(sh, r);
+    }
+}
+
+/// Makes one slot of `workload`'s pool through its driver.
+async fn make_slot(sh: &Arc<Shared>, workload: &str, spec: Arc<WorkloadSpec>, cwd: PathBuf) {
+    let result = prepare(sh, workload, &spec, cwd).await;
+    let pools = &sh.warm;
+    let leftover = {
+        let mut map = pools.lock();
+        let pool = map.get_mut(workload);
+        let current = pool.filter(|p| p.spec == spec);
+        match (result, current) {
+            (Ok(r), Some(p)) if !sh.shutting_down.load(Ordering::SeqCst) => {
+                p.making -= 1;
+                p.estimate = r.memory;
+                p.ready.push_back(r);
+                None
+            }
+            (Ok(r), p) => {
+                if let Some(p) = p {
+                    p.making -= 1;
+                }
+                Some(r)
+            }
+            (Err(e), p) => {
+                tracing::warn!(
+                    "warm pool of {workload}: cannot make a slot ({e}); it waits for its \
+                     next launch"
+                );
+                if let Some(p) = p {
+                    p.making -= 1;
+                    p.dormant = true;
+                }
+                None
+            }
+        }
+    };
+    // A pool left behind by a reload is removed once its last slot is made.
+    pools
+        .lock()
+        .retain(|_, p| p.making > 0 || sh.catalog().entries.contains_key(&p.spec.name));
+    if let Some(r) = leftover {
+        discard(sh, r).await;
+    }
+    pools.making.fetch_sub(1, Ordering::SeqCst);
+    pools.made.notify_waiters();
+}
+
+async fn prepare(
+    sh: &Arc<Shared>,
+    workload: &str,
+    spec: &Arc<WorkloadSpec>,
+    cwd: PathBuf,
+) -> Result<Ready, String> {
+    let driver: Arc<dyn Driver> = sh
+        .drivers
+        .get(&spec.driver)
+        .cloned()
+        .ok_or_else(|| format!("driver {} is not available", spec.driver))?;
+    let name = format!("warm-{workload}-{}", sh.next_seq());
+    let dir = sh.notify_dir().join(&name);
+    std::fs::DirBuilder::new()
+        .mode(0o711)
+        .create(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let port = match sh.ports.allocate() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(format!("cannot allocate a port: {e}"));
+        }
+    };
+    let ids = if bulkhead_core::channels::needs_ids(spec) {
+        let tenant = format!("warm:{name}");
+        match sh
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .acquire(&tenant)
+        {
+            Ok(ids) => Some(IdHold::new(sh, tenant, ids)),
+            Err(e) => {
+                sh.ports.release(port);
+                let _ = std::fs::remove_dir(&dir);
+                return Err(e.to_string());
+            }
+        }
+    } else {
+        None
+    };
+    let ws = WarmSpec {
+        slot: name.clone(),
+        spec: spec.clone(),
+        cwd,
+        ids: ids.as_ref().map(|h| h.ids),
+        binds: vec![Bind::same(&dir)],
+        port,
+    };
+    match driver.prewarm(ws).await {
+        Ok(warm) => Ok(Ready {
+            memory: warm.memory(),
+            warm,
+            name,
+            made: Instant::now(),
+            port,
+            dir,
+            ids,
+        }),
+        Err(e) => {
+            sh.ports.release(port);
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Removes a slot and gives back what it held.
+async fn discard(sh: &Shared, r: Ready) {
+    r.warm.discard().await;
+    sh.ports.release(r.port);
+    let _ = std::fs::remove_dir_all(&r.dir);
+    drop(r.ids);
+}
+
+fn discard_later(sh: &Arc<Shared>, r: Ready) {
+    // Discarding kills processes or removes a container: never on the caller's path.
+    let sh = sh.clone();
+    tokio::spawn(async move { discard(&sh, r).await });
+}
+
+async fn discard_all(ready: Vec<Ready>) {
+    let mut set = tokio::task::JoinSet::new();
+    for r in ready {
+        set.spawn(async move {
+            r.warm.discard().await;
+            let _ = std::fs::remove_dir_all(&r.dir);
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+fn update_gauges(sh: &Shared) {
+    sh.metrics.warm_slots(&sh.warm.counts());
+}
+
+/// Removes slot directories no slot holds: all of them at start-up, later the empty
+/// ones of slots a launch took whose instance is gone (a running instance's holds its
+/// notify socket).
+fn sweep_dirs(sh: &Shared, all: bool) {
+    let held: Vec<PathBuf> = sh
+        .warm
+        .lock()
+        .values()
+        .flat_map(|p| p.ready.iter().map(|r| r.dir.clone()))
+        .collect();
+    let Ok(rd) = std::fs::read_dir(sh.notify_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let is_slot = e.file_name().to_string_lossy().starts_with("warm-");
+        if !is_slot || held.contains(&p) {
+            continue;
+        }
+        if all {
+            let _ = std::fs::remove_dir_all(&p);
+        } else {
+            let _ = std::fs::remove_dir(&p);
+        }
+    }
+}
