@@ -162,7 +162,9 @@ pub fn plan(pools: &[PoolView], budget: u64, now: Duration, launching: bool) -> 
             (p, v, v.size.saturating_sub(live))
         })
         .filter(|(_, _, missing)| *missing > 0)
-        .filter(|(_, v, _)| held.saturating_add(v.estimate) <= budget)
+        // Before a pool's first slot its size is unknown: at least a byte, so that a
+        // budget of 0 keeps none.
+        .filter(|(_, v, _)| held.saturating_add(v.estimate.max(1)) <= budget)
         .max_by_key(|(p, _, missing)| (*missing, std::cmp::Reverse(*p)));
     if let Some((p, _, _)) = want {
         steps.push(Step::Make { pool: p });
@@ -331,7 +333,7 @@ mod tests {
                 prop_assert!(live < v.size);
                 let held: u64 = pools.iter().flat_map(|v| v.ready.iter()
                     .filter(|(m, _)| now.saturating_sub(*m) < v.max_idle).map(|(_, b)| *b)).sum();
-                prop_assert!(held + v.estimate <= budget);
+                prop_assert!(held + v.estimate.max(1) <= budget);
             }
         }
     }

@@ -55,6 +55,8 @@ pub(crate) struct Pools {
     /// Slots being made, and the signal that one finished (shutdown waits for them).
     making: AtomicUsize,
     made: Notify,
+    /// Set by [`Pools::shutdown`]: nothing is made any more.
+    closed: std::sync::atomic::AtomicBool,
     epoch: Instant,
 }
 
@@ -100,6 +102,7 @@ impl Default for Pools {
             launching: AtomicUsize::new(0),
             making: AtomicUsize::new(0),
             made: Notify::new(),
+            closed: Default::default(),
             epoch: Instant::now(),
         }
     }
@@ -185,6 +188,8 @@ impl Pools {
     /// Ends the pools: no slot is made any more, and every ready one is removed (after
     /// the slots being made are done). Shutdown calls it.
     pub(crate) async fn shutdown(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
         loop {
             let made = self.made.notified();
             let ready: Vec<Ready> = self
@@ -215,7 +220,7 @@ async fn manage(weak: Weak<Shared>) {
         let pools = &sh.warm;
         let wake_on = pools.wake.clone();
         let wake = wake_on.notified();
-        if sh.shutting_down.load(Ordering::SeqCst) {
+        if sh.shutting_down.load(Ordering::SeqCst) || pools.closed.load(Ordering::SeqCst) {
             return;
         }
         sync(&sh);
@@ -361,14 +366,26 @@ async fn make_slot(sh: &Arc<Shared>, workload: &str, spec: Arc<WorkloadSpec>, cw
     let pools = &sh.warm;
     let leftover = {
         let mut map = pools.lock();
+        let held: u64 = map.values().flat_map(|p| &p.ready).map(|r| r.memory).sum();
         let pool = map.get_mut(workload);
         let current = pool.filter(|p| p.spec == spec);
         match (result, current) {
-            (Ok(r), Some(p)) if !sh.shutting_down.load(Ordering::SeqCst) => {
+            (Ok(r), Some(p)) if !pools.closed.load(Ordering::SeqCst) => {
                 p.making -= 1;
                 p.estimate = r.memory;
-                p.ready.push_back(r);
-                None
+                if held + r.memory > sh.cfg.warm_memory {
+                    // Larger than its estimate: the budget holds, the slot goes (and
+                    // the new estimate keeps the pool from trying again in vain).
+                    tracing::info!(
+                        "warm pool of {workload}: a slot holds {} bytes, beyond the \
+                         --warm-memory budget; removed",
+                        r.memory
+                    );
+                    Some(r)
+                } else {
+                    p.ready.push_back(r);
+                    None
+                }
             }
             (Ok(r), p) => {
                 if let Some(p) = p {
@@ -523,3 +540,7 @@ fn sweep_dirs(sh: &Shared, all: bool) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "warm_tests.rs"]
+mod tests;

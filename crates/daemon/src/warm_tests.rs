@@ -1,0 +1,367 @@
+//! The pool manager against a fake driver that prewarms, under paused time: slots are
+//! made one at a time up to `size`, within the memory budget, never while a spawn runs;
+//! launches take them (with the slot's port, directory and id range); unused slots
+//! expire and the pool goes dormant until its next launch; a manifest change and the
+//! shutdown drain the pool.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bulkhead_core::event::ExitStatus;
+use bulkhead_core::instance::State;
+use bulkhead_core::key::{Isolation, Key};
+use bulkhead_core::signal::Signal;
+use bulkhead_core::spec::DriverKind;
+use bulkhead_driver::warm::{Warm, WarmSpec};
+use bulkhead_driver::{
+    Driver, InstanceHandle, SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError,
+};
+use tokio::sync::watch;
+
+use crate::Shared;
+
+#[derive(Default)]
+struct Fake {
+    /// Slots made, by name, and whether each is still alive.
+    made: Mutex<Vec<(WarmSpec, Arc<AtomicBool>)>>,
+    /// Spawns: (instance, from slot name or cold, env).
+    spawns: Mutex<Vec<(String, Option<String>, Vec<(String, String)>)>>,
+    discarded: Mutex<Vec<String>>,
+}
+
+struct FakeSlot {
+    spec: WarmSpec,
+    alive: Arc<AtomicBool>,
+    fake: Arc<Fake>,
+}
+
+#[async_trait]
+impl Warm for FakeSlot {
+    fn memory(&self) -> u64 {
+        10
+    }
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+    async fn discard(self: Box<Self>) {
+        self.alive.store(false, Ordering::SeqCst);
+        self.fake
+            .discarded
+            .lock()
+            .unwrap()
+            .push(self.spec.slot.clone());
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+struct FakeDriver(Arc<Fake>);
+
+static PID: AtomicU32 = AtomicU32::new(4_100_000);
+
+struct Run(watch::Sender<Option<ExitStatus>>, u32);
+
+#[async_trait]
+impl InstanceHandle for Run {
+    fn pid(&self) -> Option<u32> {
+        Some(self.1)
+    }
+    fn signal(&self, _: Signal) -> Result<(), SignalError> {
+        self.0.send_replace(Some(ExitStatus::Exited { code: 0 }));
+        Ok(())
+    }
+    async fn wait(&self) -> ExitStatus {
+        let mut rx = self.0.subscribe();
+        let st = rx.wait_for(Option::is_some).await.expect("kept");
+        st.expect("waited for")
+    }
+    fn try_status(&self) -> Option<ExitStatus> {
+        *self.0.borrow()
+    }
+    fn stats(&self) -> Result<Stats, StatsError> {
+        Ok(Stats::default())
+    }
+}
+
+impl FakeDriver {
+    fn run(&self, spec: SpawnSpec, slot: Option<String>) -> Spawned {
+        self.0
+            .spawns
+            .lock()
+            .unwrap()
+            .push((spec.instance.to_string(), slot, spec.env));
+        Spawned {
+            handle: Arc::new(Run(
+                watch::Sender::new(None),
+                PID.fetch_add(1, Ordering::Relaxed),
+            )),
+            stdout: None,
+            stderr: None,
+            tap: None,
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for FakeDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Sandbox
+    }
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+        Ok(self.run(spec, None))
+    }
+    fn prewarms(&self) -> bool {
+        true
+    }
+    fn runs_host_programs(&self) -> bool {
+        false
+    }
+    async fn prewarm(&self, spec: WarmSpec) -> Result<Box<dyn Warm>, SpawnError> {
+        // Making a slot takes time, as a real one does.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let alive = Arc::new(AtomicBool::new(true));
+        self.0
+            .made
+            .lock()
+            .unwrap()
+            .push((spec.clone(), alive.clone()));
+        Ok(Box::new(FakeSlot {
+            spec,
+            alive,
+            fake: self.0.clone(),
+        }))
+    }
+    async fn spawn_warm(
+        &self,
+        slot: Box<dyn Warm>,
+        spec: SpawnSpec,
+    ) -> Result<Spawned, SpawnError> {
+        let slot = slot.into_any().downcast::<FakeSlot>().expect("a fake slot");
+        let own: Vec<_> = slot.spec.binds.clone();
+        assert_eq!(spec.binds, own, "a warm spawn shows the slot's binds");
+        assert_eq!(spec.ids, slot.spec.ids, "the slot's id range");
+        Ok(self.run(spec, Some(slot.spec.slot.clone())))
+    }
+}
+
+struct Rig {
+    sh: Arc<Shared>,
+    fake: Arc<Fake>,
+    dir: tempfile::TempDir,
+}
+
+const MANIFEST: &str = "name: w\ncommand: [fake]\ndriver: sandbox\nisolation: session\n\
+                        readiness: {notify: true}\n";
+
+impl Rig {
+    fn new(warm: &str, budget: u64) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        for d in ["logs", "notify"] {
+            std::fs::create_dir_all(state.join(d)).unwrap();
+        }
+        let workloads = dir.path().join("workloads");
+        std::fs::create_dir_all(workloads.join("w")).unwrap();
+        let mut cfg = crate::Config::new(workloads, Some(state), None);
+        cfg.durable_events = false;
+        cfg.sandbox = false;
+        cfg.warm_memory = budget;
+        let mut sh = Shared::new(cfg, crate::events::EventLog::new(), None, None);
+        let fake = Arc::new(Fake::default());
+        sh.drivers
+            .insert(DriverKind::Sandbox, Arc::new(FakeDriver(fake.clone())));
+        let rig = Rig {
+            sh: Arc::new(sh),
+            fake,
+            dir,
+        };
+        rig.manifest(warm);
+        crate::warm::start(&rig.sh);
+        rig
+    }
+
+    /// Writes the workload's manifest with `warm` and rescans.
+    fn manifest(&self, warm: &str) {
+        let path = self.dir.path().join("workloads/w/manifest.yaml");
+        std::fs::write(path, format!("{MANIFEST}{warm}")).unwrap();
+        self.sh.rescan();
+    }
+
+    fn made(&self) -> usize {
+        self.fake.made.lock().unwrap().len()
+    }
+
+    fn ready(&self) -> usize {
+        self.sh.warm.counts().get("w").map(|c| c.0).unwrap_or(0)
+    }
+
+    /// Launches session `s` and waits until it runs.
+    async fn launch(&self, s: &str) -> Arc<crate::instance::Slot> {
+        let key = Key::new("w", Isolation::Session, None, Some(s)).unwrap();
+        let cat = self.sh.catalog();
+        let e = &cat.entries["w"];
+        let spec = e.spec.clone().unwrap();
+        let slot = crate::instance::start(&self.sh, key, spec, e.dir.clone(), Vec::new());
+        let mut rx = slot.subscribe();
+        rx.wait_for(|v| v.pid.is_some() || v.state.is_terminal())
+            .await
+            .unwrap();
+        assert_eq!(slot.view().state, State::Starting, "{:?}", slot.view());
+        slot
+    }
+}
+
+/// Lets the manager run until nothing changes for a while (paused time: instant).
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_fills_to_its_size_and_a_new_key_launches_in_a_slot() {
+    let r = Rig::new("warm: {size: 2}\n", 1 << 20);
+    settle().await;
+    assert_eq!((r.made(), r.ready()), (2, 2));
+    let slot = r.launch("s1").await;
+    let spawns = r.fake.spawns.lock().unwrap().clone();
+    assert_eq!(spawns.len(), 1);
+    let (id, from, env) = &spawns[0];
+    assert_eq!(id, "session:s1:w");
+    let first = r.fake.made.lock().unwrap()[0].0.clone();
+    assert_eq!(
+        from.as_deref(),
+        Some(first.slot.as_str()),
+        "the oldest slot"
+    );
+    // The slot fixed the port and the notify socket's folder; the id range is now the
+    // session's.
+    let var = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(var("PORT"), Some(first.port.to_string()));
+    let notify = var("NOTIFY_SOCKET").unwrap();
+    assert!(
+        notify.starts_with(&*first.binds[0].source.to_string_lossy()),
+        "{notify}"
+    );
+    let held = slot
+        .ids
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map(|h| (h.tenant.clone(), h.ids));
+    assert_eq!(held, Some(("session:s1".to_owned(), first.ids.unwrap())));
+    // The pool refills.
+    settle().await;
+    assert_eq!((r.made(), r.ready()), (3, 2));
+    let m = r.sh.metrics.encode(&r.sh).unwrap();
+    assert!(
+        m.contains("bulkhead_warm_launches_total{workload=\"w\",result=\"hit\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("bulkhead_warm_slots{workload=\"w\"} 2"), "{m}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_memory_budget_bounds_the_slots_and_none_is_made_while_a_spawn_runs() {
+    // Each fake slot holds 10 bytes: 25 fit two.
+    let r = Rig::new("warm: {size: 5}\n", 25);
+    {
+        let _spawning = r.sh.warm.launching();
+        settle().await;
+        assert_eq!(r.made(), 0, "no slot is made while a spawn is on its way");
+    }
+    settle().await;
+    assert_eq!((r.made(), r.ready()), (2, 2));
+    let none = Rig::new("warm: {size: 5}\n", 0);
+    settle().await;
+    assert_eq!(none.made(), 0, "a budget of 0 keeps no slot");
+    let s = none.launch("s1").await;
+    assert_eq!(
+        s.view().state,
+        State::Starting,
+        "a launch never waits for a slot"
+    );
+    assert_eq!(none.fake.spawns.lock().unwrap()[0].1, None, "cold");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unused_slots_expire_and_the_pool_sleeps_until_its_next_launch() {
+    let r = Rig::new("warm: {size: 2, max_idle: 60s}\n", 1 << 20);
+    settle().await;
+    assert_eq!(r.ready(), 2);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    settle().await;
+    assert_eq!((r.made(), r.ready()), (2, 0), "expired, not refilled");
+    assert_eq!(r.fake.discarded.lock().unwrap().len(), 2);
+    // The next launch is cold and wakes the pool.
+    r.launch("s1").await;
+    assert_eq!(r.fake.spawns.lock().unwrap()[0].1, None);
+    settle().await;
+    assert_eq!(r.ready(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_manifest_drains_its_pool_and_a_dead_slot_is_never_used() {
+    let r = Rig::new("warm: {size: 2}\n", 1 << 20);
+    settle().await;
+    let old: Vec<String> = r
+        .fake
+        .made
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| m.0.slot.clone())
+        .collect();
+    r.manifest("warm: {size: 2}\nenv: {V: '2'}\n");
+    settle().await;
+    let mut discarded = r.fake.discarded.lock().unwrap().clone();
+    discarded.sort();
+    assert_eq!(discarded, old);
+    assert_eq!((r.made(), r.ready()), (4, 2));
+    let made = r.fake.made.lock().unwrap().clone();
+    assert!(made[2..]
+        .iter()
+        .all(|m| m.0.spec.env.get("V").map(String::as_str) == Some("2")));
+    // A slot that died while it waited is skipped.
+    made[2].1.store(false, Ordering::SeqCst);
+    r.launch("s1").await;
+    let from = r.fake.spawns.lock().unwrap()[0].1.clone();
+    assert_eq!(from.as_deref(), Some(made[3].0.slot.as_str()));
+    // Removing the workload's `warm:` drains the pool.
+    r.manifest("");
+    settle().await;
+    assert_eq!(r.ready(), 0);
+    assert!(r.sh.warm.counts().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_that_holds_a_range_spawns_cold_and_shutdown_discards_every_slot() {
+    let r = Rig::new("warm: {size: 3}\n", 1 << 20);
+    settle().await;
+    // The session's range is held by its running `w`: a second instance of the same
+    // tenant cannot take a slot made with another range.
+    let key = Key::new("w", Isolation::Session, None, Some("s1")).unwrap();
+    let held =
+        r.sh.ids
+            .lock()
+            .unwrap()
+            .acquire(&bulkhead_core::sandbox::id_tenant(&key.instance_id()))
+            .unwrap();
+    r.launch("s1").await;
+    assert_eq!(r.fake.spawns.lock().unwrap()[0].1, None, "cold");
+    let slot_ids = r.fake.made.lock().unwrap()[0].0.ids.unwrap();
+    assert_ne!(slot_ids, held);
+    settle().await;
+    r.sh.warm.shutdown().await;
+    assert_eq!(r.fake.discarded.lock().unwrap().len(), 3);
+    assert!(r.sh.warm.counts().is_empty());
+    // Their directories are gone too.
+    let left: Vec<_> = std::fs::read_dir(r.sh.notify_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
