@@ -140,7 +140,7 @@ impl Pools {
         spec.warm.as_ref()?;
         let needs_ids = bulkhead_core::channels::needs_ids(&spec);
         let tenant = bulkhead_core::channels::ids_tenant(&slot.id, &spec);
-        let taken = {
+        let taken = (|| {
             let mut pools = self.lock();
             let pool = pools.get_mut(&spec.name).filter(|p| p.spec == spec)?;
             pool.last_use = Instant::now();
@@ -176,7 +176,7 @@ impl Pools {
                 break;
             }
             taken
-        };
+        })();
         sh.metrics.warm_launch(&spec.name, taken.is_some());
         self.wake.notify_one();
         if let Some(r) = &taken {
