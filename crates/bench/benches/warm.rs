@@ -27,7 +27,10 @@ fn main() -> anyhow::Result<()> {
         bulkhead_bench::notify_child();
     }
     let num = |name: &str, default: usize| -> anyhow::Result<usize> {
-        Ok(flag(&args, name).map(|s| s.parse()).transpose()?.unwrap_or(default))
+        Ok(flag(&args, name)
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(default))
     };
     let rounds = num("--rounds", 3)?;
     let keys = num("--keys", 100)?;
@@ -73,7 +76,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let client = client_rt.block_on(bulkhead_api::connect(&socket))?;
 
-    let mut on = Samples::new(format!("burst with warm: {{size: {size}}} (pool refilling)"));
+    let mut on = Samples::new(format!(
+        "burst with warm: {{size: {size}}} (pool refilling)"
+    ));
     let mut off = Samples::new("burst without warm:");
     let (mut hits, mut misses) = (0u64, 0u64);
     let mut seq = 0usize;
@@ -94,7 +99,12 @@ fn main() -> anyhow::Result<()> {
             off.values.extend(took);
         }
         client_rt.block_on(terminate_all(client.clone(), ids))?;
-        eprintln!("round {}/{}: {} burst done", round + 1, rounds * 2, if warm { "warm" } else { "cold" });
+        eprintln!(
+            "round {}/{}: {} burst done",
+            round + 1,
+            rounds * 2,
+            if warm { "warm" } else { "cold" }
+        );
     }
     drop(client);
     rt.block_on(daemon.shutdown());
@@ -174,7 +184,12 @@ async fn burst(
                 .await;
             let took = t.elapsed();
             drop(permit);
-            r.map(|r| (took, r.into_inner().instance.map(|i| i.id).unwrap_or_default()))
+            r.map(|r| {
+                (
+                    took,
+                    r.into_inner().instance.map(|i| i.id).unwrap_or_default(),
+                )
+            })
         });
     }
     let (mut took, mut ids) = (Vec::new(), Vec::new());

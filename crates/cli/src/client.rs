@@ -445,6 +445,11 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             "state_dir": h.state_dir,
             "workloads_dir": h.workloads_dir,
             "process_tracking": h.process_tracking,
+            "warm": h.warm.iter().map(|w| serde_json::json!({
+                "workload": w.workload,
+                "ready": w.ready,
+                "memory_bytes": w.memory_bytes,
+            })).collect::<Vec<_>>(),
             "sandbox": h.sandbox.as_ref().map(|s| serde_json::json!({
                 "available": s.available,
                 "cgroup_mode": s.cgroup_mode,
@@ -480,6 +485,14 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 outln!(
                     "process instances tracked by: {}",
                     escape(&h.process_tracking)
+                );
+            }
+            for w in &h.warm {
+                outln!(
+                    "warm pool {}: {} ready ({})",
+                    escape(&w.workload),
+                    w.ready,
+                    output::human_bytes(w.memory_bytes)
                 );
             }
             if let Some(s) = &h.sandbox {

@@ -547,6 +547,17 @@ impl bulkhead_api::Bulkhead for Service {
             state_dir: self.sh.cfg.state_dir.display().to_string(),
             workloads_dir: self.sh.cfg.workloads_dir.display().to_string(),
             process_tracking: self.sh.process_tracking.clone(),
+            warm: self
+                .sh
+                .warm
+                .counts()
+                .into_iter()
+                .map(|(workload, (ready, memory_bytes))| v1::WarmPool {
+                    workload,
+                    ready: ready as u32,
+                    memory_bytes,
+                })
+                .collect(),
             sandbox: self.sh.sandbox.as_ref().map(|r| match r {
                 Ok(c) => v1::SandboxHealth {
                     available: true,

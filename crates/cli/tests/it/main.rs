@@ -37,3 +37,4 @@ mod swarm_support;
 mod tmux;
 mod top;
 mod walls;
+mod warm;

@@ -1,0 +1,241 @@
+//! Warm pools through the real daemon and the real drivers: slots are made, a new key
+//! launches in one (the daemon says so in its log), the instance is the same as a cold
+//! one (its wall, its output, its teardown), the pool refills, a manifest change replaces
+//! the slots, and `kill -9` of the daemon leaks no slot (process, cgroup, container).
+
+use std::time::{Duration, Instant};
+
+use crate::harness::*;
+
+/// Waits until `health` shows `ready` slots in `workload`'s pool.
+fn wait_ready_slots(d: &Daemon, workload: &str, ready: u64) {
+    let start = Instant::now();
+    loop {
+        let h = d.json(&["health", "-o", "json"]);
+        let n = h["warm"]
+            .as_array()
+            .and_then(|a| a.iter().find(|w| w["workload"] == workload))
+            .and_then(|w| w["ready"].as_u64());
+        if n == Some(ready) {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE * 2,
+            "the pool of {workload} never had {ready} ready slots: {h}\n{}",
+            d.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether the daemon's log says `id` was launched from a warm slot.
+fn from_slot(d: &Daemon, id: &str) -> bool {
+    d.daemon_log()
+        .lines()
+        .any(|l| l.contains(&format!("{id}: launched from warm slot")))
+}
+
+/// Cgroup directories of warm slots under the daemon's sandbox scope.
+fn slot_cgroups(scope: &str) -> Vec<std::path::PathBuf> {
+    instance_cgroups(scope)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("warm-"))
+        .collect()
+}
+
+fn notify_python(py: &str) -> String {
+    format!(
+        "[{py}, -c, 'import os,socket,time; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b\"READY=1\", os.environ[\"NOTIFY_SOCKET\"]); print(\"up\", flush=True); time.sleep(1000)']"
+    )
+}
+
+#[test]
+fn a_new_session_launches_in_a_warm_sandbox_slot_behind_the_same_wall() {
+    let Some(py) = system_python3() else { return };
+    let m = format!(
+        "name: wp\ndriver: sandbox\nisolation: session\ncommand: {}\nreadiness: {{notify: true, timeout: 30s}}\nresources: {{memory: 128Mi, pids: 64}}\nwarm: {{size: 2}}\n",
+        notify_python(py)
+    );
+    let cold = m
+        .replace("name: wp", "name: cold")
+        .replace("warm: {size: 2}\n", "");
+    let mut d = Daemon::start(&[("wp", &m), ("cold", &cold)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    wait_ready_slots(&d, "wp", 2);
+    let v = d.json(&["launch", "wp", "--session", "s1", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert!(from_slot(&d, &id), "not from a slot:\n{}", d.daemon_log());
+    let c = d.json(&["launch", "cold", "--session", "s2", "-o", "json"]);
+    assert_eq!(c["state"], "ready", "{c}");
+    let cold_id = c["id"].as_str().unwrap().to_owned();
+    assert!(!from_slot(&d, &cold_id));
+    // The same wall as a cold instance: PID 1 is our init, the root is not the host's,
+    // the ids are a range of the tenant's own (not the host's), the limits hold.
+    let inside = |id: &str| {
+        let o = d.cli(&[
+            "exec",
+            id,
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /proc/1/comm; head -1 /proc/self/uid_map; test -e /work && echo host-root; cat /proc/self/cgroup >/dev/null; echo end",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (w, k) = (inside(&id), inside(&cold_id));
+    let shape = |s: &str| {
+        let l: Vec<&str> = s.lines().collect();
+        let map: Vec<&str> = l[1].split_whitespace().collect();
+        (
+            l[0].to_owned(),
+            map[0].to_owned(),
+            map[2].to_owned(),
+            l.len(),
+        )
+    };
+    assert_eq!(shape(&w), shape(&k), "warm:\n{w}\ncold:\n{k}");
+    let host_id = |s: &str| {
+        s.lines()
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(host_id(&w) >= 1 << 30, "{w}");
+    assert_ne!(host_id(&w), host_id(&k), "two tenants, two ranges");
+    let g = d.json(&["get", &id, "-o", "json"]);
+    assert_eq!(g["usage"]["memory_limit_bytes"], 128 << 20, "{g}");
+    assert_eq!(g["usage"]["pids_limit"], 64, "{g}");
+    // Its output reaches its log as a cold instance's does.
+    let start = Instant::now();
+    while !d.logs_text(&id).contains("up") {
+        assert!(start.elapsed() < DEADLINE, "no output in the log");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The pool refills.
+    wait_ready_slots(&d, "wp", 2);
+
+    // kill -9: the slots' processes go with the daemon, and the next daemon removes
+    // their cgroups; only its own new slots remain.
+    let scope = cgroup_scope(&d.state);
+    let before: Vec<_> = slot_cgroups(&scope);
+    assert!(!before.is_empty(), "slot cgroups under {scope}");
+    d.kill9();
+    d.spawn();
+    wait_ready_slots(&d, "wp", 2);
+    let after = slot_cgroups(&scope);
+    let stale: Vec<_> = after.iter().filter(|p| before.contains(p)).collect();
+    assert!(
+        stale.is_empty(),
+        "slot cgroups of the killed daemon left: {stale:?}"
+    );
+
+    // A changed manifest replaces the slots.
+    write_workload(&d.workloads, "wp", &m.replace("size: 2", "size: 1"), &[]);
+    assert!(d.cli(&["reload"]).status.success());
+    let start = Instant::now();
+    loop {
+        let now = slot_cgroups(&scope);
+        if !now.iter().any(|p| after.contains(p)) && !now.is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "old slots left: {now:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_ready_slots(&d, "wp", 1);
+    // Shutdown removes every slot.
+    assert!(d.sigterm().success());
+    let start = Instant::now();
+    while !slot_cgroups(&scope).is_empty() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "slots left after shutdown: {:?}",
+            slot_cgroups(&scope)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_new_key_launches_in_a_warm_container_and_a_killed_daemon_leaks_none() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let m = format!(
+        "name: wd\ndriver: docker\nisolation: session\ncommand: [/bin/sh, -c, 'echo up-$GREETING; exec sleep 1000']\nenv: {{GREETING: hi}}\nwarm: {{size: 2}}\ndocker:\n  image: {}\n",
+        crate::docker::IMAGE
+    );
+    let mut d = Daemon::start(&[("wd", &m)]);
+    wait_ready_slots(&d, "wd", 2);
+    let daemon_id = std::fs::read_to_string(d.state.join("daemon-id")).unwrap();
+    let mine = format!("bulkhead.daemon={}", daemon_id.trim());
+    assert_eq!(
+        crate::docker::containers(&mine).len(),
+        2,
+        "two slot containers"
+    );
+    let v = d.json(&["launch", "wd", "--session", "s1", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert!(from_slot(&d, &id), "not from a slot:\n{}", d.daemon_log());
+    // The program got its command and environment.
+    let start = Instant::now();
+    while !d.logs_text(&id).contains("up-hi") {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no output: {}",
+            d.logs_text(&id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = v["pid"].as_u64().unwrap_or(0);
+    wait_ready_slots(&d, "wd", 2);
+    assert_eq!(crate::docker::containers(&mine).len(), 3);
+
+    // kill -9, then a new daemon: the claimed container is its instance again, the
+    // unclaimed slots are removed, and new ones are made.
+    d.kill9();
+    d.spawn();
+    let start = Instant::now();
+    loop {
+        let g = d.json(&["get", &id, "-o", "json"]);
+        if g["state"] == "ready" || g["state"] == "running" {
+            if pid != 0 {
+                assert_eq!(g["pid"].as_u64(), Some(pid), "{g}");
+            }
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{id} not adopted: {g}\n{}",
+            d.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_ready_slots(&d, "wd", 2);
+    assert_eq!(
+        crate::docker::containers(&mine).len(),
+        3,
+        "the instance and two new slots, nothing of the killed daemon's pool"
+    );
+    // Terminate and shutdown leave no container.
+    assert!(d.cli(&["terminate", &id]).status.success());
+    assert!(d.sigterm().success());
+    let start = Instant::now();
+    while !crate::docker::containers(&mine).is_empty() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "containers left: {:?}",
+            crate::docker::containers(&mine)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
