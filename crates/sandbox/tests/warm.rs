@@ -165,7 +165,7 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
 /// What the wall looks like from inside: PID namespace, init, hostname, ids and their
 /// map (without the host range, which is each tenant's own), capabilities, no_new_privs,
 /// seccomp, the mount table, umask, limits, working directory.
-const WALL: &str = "echo pid=$$; ls /proc | grep -c '^[0-9]'; tr '\\0' ' ' </proc/1/cmdline; echo; \
+const WALL: &str = "echo pid=$$; set -- /proc/[0-9]*; echo \"$*\"; tr '\\0' ' ' </proc/1/cmdline; echo; \
     hostname; grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp)' /proc/self/status; \
     awk '{print $1, $3}' /proc/self/uid_map /proc/self/gid_map; \
     awk '{print $5, $6, $9}' /proc/self/mountinfo; umask; ulimit -n; pwd -P; \
@@ -186,7 +186,10 @@ async fn an_instance_from_a_slot_has_the_wall_of_a_cold_one() {
         assert_eq!(st, OK, "{extra}: cold: {cold}");
         let (st, warm) = run(&d, spec(&fx, "walls", WALL, extra), true).await;
         assert_eq!(st, OK, "{extra}: warm: {warm}");
-        assert_eq!(warm, cold, "{extra}: the wall from a slot differs from a cold one");
+        assert_eq!(
+            warm, cold,
+            "{extra}: the wall from a slot differs from a cold one"
+        );
         // The comparison sees what it should: the instance's own id, not the slot's.
         assert!(
             warm.contains("ns:conformance:walls\n"),
@@ -196,11 +199,22 @@ async fn an_instance_from_a_slot_has_the_wall_of_a_cold_one() {
     }
     let (_, out) = run(
         &d,
-        spec(&fx, "walls", WALL, "limits: {nofile: 1234}\numask: \"0027\"\n"),
+        spec(
+            &fx,
+            "walls",
+            WALL,
+            "limits: {nofile: 1234}\numask: \"0027\"\n",
+        ),
         true,
     )
     .await;
-    for want in ["pid=2", "bulkhead-init ns:conformance:walls", "0027", "1234"] {
+    for want in [
+        "pid=2",
+        "/proc/1 /proc/2\n",
+        "bulkhead-init ns:conformance:walls",
+        "0027",
+        "1234",
+    ] {
         assert!(out.contains(want), "missing {want}: {out}");
     }
 }
@@ -222,7 +236,10 @@ async fn a_discarded_slot_leaves_no_process_and_no_cgroup() {
     }
     within("discard", slot.discard()).await;
     assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
-    until("the slot's processes to go", || pids.iter().all(|p| gone(*p))).await;
+    until("the slot's processes to go", || {
+        pids.iter().all(|p| gone(*p))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -250,7 +267,10 @@ async fn a_hand_over_too_large_for_the_slot_fails_cleanly_and_cold_still_works()
     }
     // The slot is gone with the refusal.
     assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
-    until("the slot's processes to go", || pids.iter().all(|p| gone(*p))).await;
+    until("the slot's processes to go", || {
+        pids.iter().all(|p| gone(*p))
+    })
+    .await;
     // The daemon's fallback: the same launch, cold.
     // (`sh -c script a b c`: `a` is `$0`.)
     let (st, out) = run(&d, make(), false).await;
@@ -293,7 +313,11 @@ async fn a_launch_the_slot_was_not_made_for_is_refused_and_the_slot_removed() {
             Err(e) => panic!("{what}: expected a refusal, got {e:?}"),
             Ok(_) => panic!("{what}: the slot took a launch it was not made for"),
         }
-        assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new(), "{what}");
+        assert_eq!(
+            cgroups_of(&scope),
+            Vec::<std::path::PathBuf>::new(),
+            "{what}"
+        );
     }
     // The control: the launch it was made for is taken.
     let s = spec(&fx, "refused", "exit 3", "");
@@ -350,7 +374,11 @@ async fn a_daemon_crash_takes_its_waiting_slots_and_the_next_driver_sweeps_their
     });
     assert!(within("the child's slot", ready).await.unwrap());
     let pids = pids_of(&scope);
-    assert_eq!(pids.len(), 2, "the slot's init and workload process: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        2,
+        "the slot's init and workload process: {pids:?}"
+    );
     // The "daemon" dies: its slot's processes die with it (the init's parent-death
     // signal; the waiting workload process with the init's PID namespace).
     child.kill().unwrap();
@@ -360,7 +388,10 @@ async fn a_daemon_crash_takes_its_waiting_slots_and_the_next_driver_sweeps_their
     })
     .await;
     // Its cgroups stay until the next driver of the scope sweeps them.
-    assert!(!cgroups_of(&scope).is_empty(), "nothing to sweep: no control");
+    assert!(
+        !cgroups_of(&scope).is_empty(),
+        "nothing to sweep: no control"
+    );
     let _next = driver_in(ModeChoice::Auto, &scope).unwrap();
     assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
 }
