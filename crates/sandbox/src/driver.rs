@@ -56,6 +56,8 @@ use tokio::sync::{oneshot, watch};
 use crate::cgroup::{self, Cgroups, InstanceCgroup, ModeChoice};
 use crate::spawn::{self, BindPlan, ChildError, Prepared};
 
+mod warm;
+
 /// A uid and a gid inside the instance's user namespace.
 type UidGid = (u32, u32);
 
@@ -564,6 +566,31 @@ impl Driver for SandboxDriver {
     /// may never be dropped before the process exits).
     fn shutdown(&self) {
         self.cgroups.remove_scope();
+    }
+
+    fn prewarms(&self) -> bool {
+        true
+    }
+
+    async fn prewarm(
+        &self,
+        spec: bulkhead_driver::warm::WarmSpec,
+    ) -> Result<Box<dyn bulkhead_driver::warm::Warm>, SpawnError> {
+        Ok(Box::new(self.make_slot(spec).await?))
+    }
+
+    async fn spawn_warm(
+        &self,
+        slot: Box<dyn bulkhead_driver::warm::Warm>,
+        spec: SpawnSpec,
+    ) -> Result<Spawned, SpawnError> {
+        match slot.into_any().downcast::<warm::Slot>() {
+            Ok(slot) => self.take_slot(slot, spec).await,
+            Err(_) => Err(SpawnError::invalid(
+                &spec.instance,
+                "the warm slot was not made by the sandbox driver",
+            )),
+        }
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {

@@ -645,6 +645,9 @@ const STAGE_USERNS_WAIT: u32 = 15;
 const STAGE_USERNS_ROOT: u32 = 16;
 const STAGE_LANDLOCK: u32 = 17;
 const STAGE_LISTEN: u32 = 18;
+/// A slot's workload process waits for its hand-over (not a failure: see [`spawn_slot`]).
+pub(crate) const STAGE_WAITING: u32 = 19;
+const STAGE_HANDOVER: u32 = 20;
 const STAGE_MOUNT: u32 = 1000;
 /// `STAGE_LIMIT + i`: setting `Prepared::rlimits[i]`.
 const STAGE_LIMIT: u32 = 900;
@@ -664,6 +667,18 @@ pub(crate) fn spawn(
     stderr: &OwnedFd,
     on_pid: impl FnOnce(u32),
 ) -> Result<Child, ChildError> {
+    clone_instance(p, stdout, stderr, on_pid, None).map(|(child, _)| child)
+}
+
+/// The clone and the parent's side of it; with `slot`, returns as soon as the child
+/// runs (and has its id maps), with the ends of its hand-over.
+fn clone_instance(
+    p: &Prepared,
+    stdout: &OwnedFd,
+    stderr: &OwnedFd,
+    on_pid: impl FnOnce(u32),
+    slot: Option<SlotPipes>,
+) -> Result<(Child, Option<SlotEnds>), ChildError> {
     let (err_r, err_w) = pipe_cloexec().map_err(ChildError::Clone)?;
     let (status_r, status_w) = pipe_cloexec().map_err(ChildError::Clone)?;
     // The child waits on this one until the parent has written its id maps (user
@@ -699,10 +714,21 @@ pub(crate) fn spawn(
     let listen: Vec<RawFd> = p.listen.iter().map(|l| l.fd.as_raw_fd()).collect();
     let mut listen_tmp: Vec<RawFd> = vec![-1; listen.len()];
     let mut slots: Vec<RawFd> = vec![-1; p.slots];
+    // A slot's receiving buffers, allocated (not touched) before the clone: the child
+    // reads its hand-over into its copy of them.
+    let mut bufs = slot.as_ref().map(|_| SlotBufs::new());
     let ctx = Ctx {
         p,
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
+        program: p.program.as_ptr(),
+        cwd: p.cwd.as_ptr(),
+        title: p.title.as_ptr(),
+        title_len: p.title.len(),
+        slot: match (&slot, &mut bufs) {
+            (Some(s), Some(b)) => s.child_side(b),
+            _ => SlotCtx::NONE,
+        },
         slots: slots.as_mut_ptr(),
         err_w: err_w.as_raw_fd(),
         status_w: status_w.as_raw_fd(),
@@ -767,6 +793,7 @@ pub(crate) fn spawn(
     drop(devnull);
     drop(slots);
     drop(sync_r);
+    drop(bufs);
     if let Some((uid_map, gid_map)) = &p.userns {
         // ORDER: the child is blocked reading the sync pipe; the maps are written while
         // it waits, then one byte releases it. `setgroups` stays "allow": we hold
@@ -783,6 +810,15 @@ pub(crate) fn spawn(
         }
     }
     drop(sync_w);
+    if let Some(pipes) = slot {
+        // The child's setup runs on; the caller awaits its `STAGE_WAITING` record.
+        let child = Child {
+            pid,
+            pidfd,
+            status: p.init.then_some(status_r),
+        };
+        return Ok((child, Some(pipes.parent_side(err_r))));
+    }
 
     let mut rec = [0u8; 8];
     let mut got = 0;
@@ -801,6 +837,21 @@ pub(crate) fn spawn(
         let stage = u32::from_ne_bytes(rec[..4].try_into().unwrap_or_default());
         let errno = i32::from_ne_bytes(rec[4..].try_into().unwrap_or_default());
         abandon(pid, &pidfd);
+        return Err(record_error(p, stage, errno));
+    }
+    Ok((
+        Child {
+            pid,
+            pidfd,
+            status: p.init.then_some(status_r),
+        },
+        None,
+    ))
+}
+
+/// The error a failure record `(stage, errno)` of the child stands for.
+pub(crate) fn record_error(p: &Prepared, stage: u32, errno: i32) -> ChildError {
+    {
         let mut source = io::Error::from_raw_os_error(errno);
         if p.userns.is_some() && errno == libc::EACCES {
             // The usual surprise: host files are checked against the mapped uid.
@@ -812,7 +863,7 @@ pub(crate) fn spawn(
                 ),
             );
         }
-        return Err(match stage {
+        match stage {
             STAGE_EXEC => ChildError::Exec {
                 program: p.program.to_string_lossy().into_owned(),
                 source,
@@ -841,13 +892,8 @@ pub(crate) fn spawn(
                 what: describe_stage(s, &p.mounts),
                 source,
             },
-        });
+        }
     }
-    Ok(Child {
-        pid,
-        pidfd,
-        status: p.init.then_some(status_r),
-    })
 }
 
 fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
@@ -869,6 +915,8 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
         STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
         STAGE_USERNS_ROOT => "become root inside the user namespace".into(),
+        STAGE_HANDOVER => "receive the program from the warm slot's hand-over".into(),
+        STAGE_WAITING => "wait for the warm slot's hand-over".into(),
         s if s >= STAGE_MOUNT => mounts
             .get((s - STAGE_MOUNT) as usize)
             .map_or_else(|| format!("run mount step {s}"), MountOp::describe),
@@ -885,10 +933,19 @@ fn abandon(pid: u32, pidfd: &OwnedFd) {
 }
 
 /// Raw pointers into [`Prepared`] and the fds the child uses.
+#[derive(Clone, Copy)]
 struct Ctx<'a> {
     p: &'a Prepared,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
+    /// The program and working directory of `execve` and `chdir` (a slot's come with
+    /// its hand-over), and the init's title.
+    program: *const libc::c_char,
+    cwd: *const libc::c_char,
+    title: *const u8,
+    title_len: usize,
+    /// A warm slot's hand-over ([`SlotCtx::NONE`] for a cold spawn).
+    slot: SlotCtx,
     slots: *mut RawFd,
     err_w: RawFd,
     status_w: RawFd,
@@ -940,6 +997,7 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
         {
             fail(ctx, STAGE_PDEATHSIG);
         }
+        slot_close_parent_ends(ctx);
         if p.userns.is_some() {
             // ORDER: our copy of the write end goes first, so that a parent that dies or
             // gives up gives end-of-file rather than a hang; then wait for the maps.
@@ -1030,7 +1088,8 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
                 fail(ctx, STAGE_FORK);
             }
             if pid > 0 {
-                init_loop(ctx, pid as libc::pid_t, &all);
+                let ctx = slot_init_wait(ctx);
+                init_loop(&ctx, pid as libc::pid_t, &all);
             }
         }
         workload(ctx)
@@ -1060,8 +1119,8 @@ unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, all: &libc::sigset_t) -> !
         let (a0, a1) = p.areas.arg;
         if a1 > a0 {
             std::ptr::write_bytes(a0 as *mut u8, 0, a1 - a0);
-            let n = p.title.len().min(a1 - a0 - 1);
-            std::ptr::copy_nonoverlapping(p.title.as_ptr(), a0 as *mut u8, n);
+            let n = ctx.title_len.min(a1 - a0 - 1);
+            std::ptr::copy_nonoverlapping(ctx.title, a0 as *mut u8, n);
         }
         let (e0, e1) = p.areas.env;
         if e1 > e0 {
@@ -1118,6 +1177,15 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // A warm slot waits here for its program (everything before is the same for
+        // every launch of the workload, everything after depends on the request).
+        let received;
+        let ctx = if ctx.slot.handover_r >= 0 {
+            received = slot_wait(ctx);
+            &received
+        } else {
+            ctx
+        };
         if libc::dup2(ctx.devnull, 0) < 0
             || libc::dup2(ctx.stdout, 1) < 0
             || libc::dup2(ctx.stderr, 2) < 0
@@ -1151,7 +1219,7 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         if !ctx.pid_at.is_null() {
             bulkhead_driver::listen::write_pid(ctx.pid_at, libc::getpid());
         }
-        if libc::chdir(p.cwd.as_ptr()) != 0 {
+        if libc::chdir(ctx.cwd) != 0 {
             fail(ctx, STAGE_CHDIR);
         }
         if let Err(step) = p.restrict.apply() {
@@ -1182,7 +1250,7 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         {
             fail(ctx, STAGE_PDEATHSIG);
         }
-        libc::execve(p.program.as_ptr(), ctx.argv, ctx.envp);
+        libc::execve(ctx.program, ctx.argv, ctx.envp);
         fail(ctx, STAGE_EXEC)
     }
 }
@@ -1464,6 +1532,380 @@ unsafe fn lo_up() -> Result<(), ()> {
             Ok(())
         } else {
             Err(())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Warm slots: the same clone, stopped before the steps that depend on the request.
+// ---------------------------------------------------------------------------------------
+
+/// The most bytes of a hand-over's strings (hostname, working directory, program, argv,
+/// environment, each NUL-terminated): what the slot's process can receive without
+/// allocating. A launch whose strings do not fit is refused by the slot (the daemon
+/// then spawns cold).
+pub(crate) const HANDOVER_BYTES: usize = 256 << 10;
+/// The most argv and environment strings a hand-over carries.
+pub(crate) const HANDOVER_STRINGS: usize = 16 << 10;
+/// The most bytes of the init's title (`bulkhead-init <id>`) at the hand-over.
+pub(crate) const TITLE_BYTES: usize = 512;
+/// `[strings length, argc, envc]`, native-endian `u32`s.
+const HANDOVER_HEADER: usize = 12;
+
+/// The pipes of a slot's hand-over, made before the clone.
+pub(crate) struct SlotPipes {
+    handover: (OwnedFd, OwnedFd),
+    /// The init's title (only with an init).
+    title: Option<(OwnedFd, OwnedFd)>,
+    /// What the hand-over pipe holds without blocking its writer.
+    capacity: usize,
+}
+
+/// What the parent keeps of a slot: the ends of its hand-over.
+pub(crate) struct SlotEnds {
+    /// The error pipe: `STAGE_WAITING` once the slot waits, then end-of-file at the
+    /// workload's exec or a failure record.
+    pub err_r: OwnedFd,
+    pub handover_w: OwnedFd,
+    pub title_w: Option<OwnedFd>,
+    /// The largest hand-over message that fits the pipe (header included).
+    pub capacity: usize,
+}
+
+/// The child's receiving buffers (its copy of them).
+struct SlotBufs {
+    data: Vec<u8>,
+    ptrs: Vec<*const libc::c_char>,
+    title: Vec<u8>,
+}
+
+impl SlotBufs {
+    fn new() -> SlotBufs {
+        // Capacity only: the pages are touched by the child alone, as it reads.
+        SlotBufs {
+            data: Vec::with_capacity(HANDOVER_BYTES),
+            ptrs: Vec::with_capacity(HANDOVER_STRINGS + 2),
+            title: Vec::with_capacity(TITLE_BYTES),
+        }
+    }
+}
+
+/// A slot's descriptors and buffers as the child sees them (-1 and null: a cold spawn).
+#[derive(Clone, Copy)]
+struct SlotCtx {
+    handover_r: RawFd,
+    handover_w: RawFd,
+    title_r: RawFd,
+    title_w: RawFd,
+    buf: *mut u8,
+    ptrs: *mut *const libc::c_char,
+    title_buf: *mut u8,
+}
+
+impl SlotCtx {
+    const NONE: SlotCtx = SlotCtx {
+        handover_r: -1,
+        handover_w: -1,
+        title_r: -1,
+        title_w: -1,
+        buf: std::ptr::null_mut(),
+        ptrs: std::ptr::null_mut(),
+        title_buf: std::ptr::null_mut(),
+    };
+}
+
+impl SlotPipes {
+    /// The hand-over pipe, grown to hold a whole hand-over (so that the launch's write
+    /// never waits for the slot), and the title pipe with an init.
+    pub(crate) fn new(init: bool) -> io::Result<SlotPipes> {
+        let (r, w) = pipe_cloexec()?;
+        let want = (HANDOVER_BYTES + HANDOVER_HEADER).next_power_of_two();
+        // SAFETY: fcntl on a descriptor we own.
+        let capacity = unsafe {
+            libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want as libc::c_int);
+            libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        if capacity <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SlotPipes {
+            handover: (r, w),
+            title: if init { Some(pipe_cloexec()?) } else { None },
+            capacity: capacity as usize,
+        })
+    }
+
+    fn child_side(&self, bufs: &mut SlotBufs) -> SlotCtx {
+        let (tr, tw) = self
+            .title
+            .as_ref()
+            .map_or((-1, -1), |(r, w)| (r.as_raw_fd(), w.as_raw_fd()));
+        SlotCtx {
+            handover_r: self.handover.0.as_raw_fd(),
+            handover_w: self.handover.1.as_raw_fd(),
+            title_r: tr,
+            title_w: tw,
+            buf: bufs.data.as_mut_ptr(),
+            ptrs: bufs.ptrs.as_mut_ptr(),
+            title_buf: bufs.title.as_mut_ptr(),
+        }
+    }
+
+    /// After the clone: the parent's ends (the child's are closed here).
+    fn parent_side(self, err_r: OwnedFd) -> SlotEnds {
+        SlotEnds {
+            err_r,
+            handover_w: self.handover.1,
+            title_w: self.title.map(|(_, w)| w),
+            capacity: self.capacity,
+        }
+    }
+}
+
+/// Clones a slot: the same child as [`spawn`], whose workload process stops before the
+/// steps that depend on the request (after its signal mask, before stdio) and waits on
+/// the hand-over pipe; with an init, the init waits for its title before its loop.
+/// Returns once the child runs; the caller awaits the `STAGE_WAITING` record on
+/// [`SlotEnds::err_r`] (or a failure record) without holding the spawner thread.
+///
+/// Same rules as [`spawn`]: on the spawner thread, under the reaper lock.
+pub(crate) fn spawn_slot(
+    p: &Prepared,
+    stdout: &OwnedFd,
+    stderr: &OwnedFd,
+    on_pid: impl FnOnce(u32),
+) -> Result<(Child, SlotEnds), ChildError> {
+    let pipes = SlotPipes::new(p.init).map_err(ChildError::Clone)?;
+    let (child, ends) = clone_instance(p, stdout, stderr, on_pid, Some(pipes))?;
+    ends.map(|e| (child, e))
+        .ok_or_else(|| ChildError::Clone(io::Error::other("the slot's hand-over ends are missing")))
+}
+
+/// The hand-over message of one launch: header, then hostname, working directory,
+/// program, argv, environment (each NUL-terminated). `Err(needed)`: it would take
+/// `needed` bytes (or more strings than [`HANDOVER_STRINGS`]), more than `capacity`.
+pub(crate) fn handover_message(
+    hostname: &[u8],
+    cwd: &CStr,
+    program: &CStr,
+    argv: &[CString],
+    env: &[CString],
+    capacity: usize,
+) -> Result<Vec<u8>, usize> {
+    let strings: usize = [hostname.len() + 1, cwd.to_bytes_with_nul().len()]
+        .into_iter()
+        .chain([program.to_bytes_with_nul().len()])
+        .chain(argv.iter().chain(env).map(|c| c.to_bytes_with_nul().len()))
+        .sum();
+    let total = HANDOVER_HEADER + strings;
+    if strings > HANDOVER_BYTES
+        || total > capacity
+        || argv.len() + env.len() > HANDOVER_STRINGS
+        || argv.is_empty()
+    {
+        return Err(total);
+    }
+    let mut m = Vec::with_capacity(total);
+    for n in [strings, argv.len(), env.len()] {
+        m.extend_from_slice(&(n as u32).to_ne_bytes());
+    }
+    m.extend_from_slice(hostname);
+    m.push(0);
+    m.extend_from_slice(cwd.to_bytes_with_nul());
+    m.extend_from_slice(program.to_bytes_with_nul());
+    for c in argv.iter().chain(env) {
+        m.extend_from_slice(c.to_bytes_with_nul());
+    }
+    Ok(m)
+}
+
+/// The init's title message: length, then `title` (at most [`TITLE_BYTES`]).
+pub(crate) fn title_message(title: &[u8]) -> Vec<u8> {
+    let t = &title[..title.len().min(TITLE_BYTES)];
+    let mut m = (t.len() as u32).to_ne_bytes().to_vec();
+    m.extend_from_slice(t);
+    m
+}
+
+/// In the child, first thing: our copies of the parent's ends of a slot's pipes go, so
+/// that only the daemon can write a hand-over.
+///
+/// # Safety
+/// Only in the child.
+unsafe fn slot_close_parent_ends(ctx: &Ctx<'_>) {
+    // SAFETY: closing our copies of descriptors the parent keeps.
+    unsafe {
+        for fd in [ctx.slot.handover_w, ctx.slot.title_w] {
+            if fd >= 0 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// Closes every descriptor from 3 up but `keep` (negative entries ignored). No
+/// allocation: a sort on the stack.
+///
+/// # Safety
+/// Only in the child.
+unsafe fn keep_only<const N: usize>(mut keep: [RawFd; N]) {
+    keep.sort_unstable();
+    let mut from: u32 = 3;
+    // SAFETY: close_range on our own descriptor table.
+    unsafe {
+        for fd in keep {
+            if fd < from as RawFd {
+                continue;
+            }
+            let fd = fd as u32;
+            if fd > from {
+                libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32);
+            }
+            from = fd + 1;
+        }
+        libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
+    }
+}
+
+/// Reads exactly `len` bytes into `buf`; false on end-of-file or an error (errno set;
+/// `EPIPE` for end-of-file).
+///
+/// # Safety
+/// `buf` has room for `len` bytes.
+unsafe fn read_full(fd: RawFd, buf: *mut u8, len: usize) -> bool {
+    let mut got = 0;
+    // SAFETY: reads into the caller's buffer, within `len`.
+    unsafe {
+        while got < len {
+            let n = libc::read(fd, buf.add(got).cast(), len - got);
+            if n > 0 {
+                got += n as usize;
+            } else if n == 0 {
+                *libc::__errno_location() = libc::EPIPE;
+                return false;
+            } else if *libc::__errno_location() != libc::EINTR {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The init of a slot, before its loop: keeps only its status pipe and its title pipe
+/// (so that the workload's end of the error pipe is the last one, and the slot holds
+/// none of the daemon's descriptors while it waits), then waits for its title. Its
+/// signals stay blocked meanwhile: a signal sent now is taken by the loop afterwards.
+/// Without a title (the daemon gave the slot up) it keeps the slot's own.
+///
+/// # Safety
+/// Only in the init, after the fork of the workload.
+unsafe fn slot_init_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
+    let s = ctx.slot;
+    if s.title_r < 0 {
+        return *ctx;
+    }
+    // SAFETY: our own descriptors and our copy of the title buffer (TITLE_BYTES).
+    unsafe {
+        keep_only([ctx.status_w, s.title_r]);
+        let mut len = [0u8; 4];
+        if !read_full(s.title_r, len.as_mut_ptr(), 4) {
+            return *ctx;
+        }
+        let n = (u32::from_ne_bytes(len) as usize).min(TITLE_BYTES);
+        if !read_full(s.title_r, s.title_buf, n) {
+            return *ctx;
+        }
+        libc::close(s.title_r);
+        Ctx {
+            title: s.title_buf,
+            title_len: n,
+            ..*ctx
+        }
+    }
+}
+
+/// The workload process of a slot: keeps only what its remaining steps use, reports
+/// `STAGE_WAITING`, waits for the hand-over, and sets what it brings: the hostname, and
+/// the program, working directory, argv and environment the rest of [`workload`] uses.
+///
+/// # Safety
+/// Only in the workload process of a slot.
+unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
+    let s = ctx.slot;
+    // SAFETY: raw system calls on our descriptors; the buffers are our copies of
+    // `SlotBufs` (capacities HANDOVER_BYTES and HANDOVER_STRINGS + 2), written within
+    // those bounds only.
+    unsafe {
+        keep_only([ctx.devnull, ctx.stdout, ctx.stderr, ctx.err_w, s.handover_r]);
+        let mut rec = [0u8; 8];
+        rec[..4].copy_from_slice(&STAGE_WAITING.to_ne_bytes());
+        libc::write(ctx.err_w, rec.as_ptr().cast(), rec.len());
+        let mut hdr = [0u8; HANDOVER_HEADER];
+        if !read_full(s.handover_r, hdr.as_mut_ptr(), HANDOVER_HEADER) {
+            fail(ctx, STAGE_HANDOVER);
+        }
+        let word = |i: usize| {
+            u32::from_ne_bytes([hdr[i * 4], hdr[i * 4 + 1], hdr[i * 4 + 2], hdr[i * 4 + 3]])
+                as usize
+        };
+        let (len, argc, envc) = (word(0), word(1), word(2));
+        if len > HANDOVER_BYTES || argc == 0 || argc + envc > HANDOVER_STRINGS {
+            *libc::__errno_location() = libc::E2BIG;
+            fail(ctx, STAGE_HANDOVER);
+        }
+        if !read_full(s.handover_r, s.buf, len) {
+            fail(ctx, STAGE_HANDOVER);
+        }
+        libc::close(s.handover_r);
+        // The strings, in order; a missing terminator fails the hand-over.
+        let mut pos = 0usize;
+        let mut next = || -> *const libc::c_char {
+            let start = pos;
+            while pos < len && *s.buf.add(pos) != 0 {
+                pos += 1;
+            }
+            if pos >= len {
+                return std::ptr::null();
+            }
+            pos += 1;
+            s.buf.add(start).cast_const().cast()
+        };
+        let hostname = next();
+        let cwd = next();
+        let program = next();
+        if hostname.is_null() || cwd.is_null() || program.is_null() {
+            *libc::__errno_location() = libc::EINVAL;
+            fail(ctx, STAGE_HANDOVER);
+        }
+        // argv, NULL, env, NULL.
+        for i in 0..argc + envc + 2 {
+            let at = if i == argc || i == argc + envc + 1 {
+                std::ptr::null()
+            } else {
+                let p = next();
+                if p.is_null() {
+                    *libc::__errno_location() = libc::EINVAL;
+                    fail(ctx, STAGE_HANDOVER);
+                }
+                p
+            };
+            *s.ptrs.add(i) = at;
+        }
+        // The hostname of the instance (the slot's was its own): the UTS namespace is
+        // ours, and we are still root in it.
+        if libc::sethostname(hostname, libc::strlen(hostname)) != 0 {
+            fail(ctx, STAGE_HOSTNAME);
+        }
+        Ctx {
+            argv: s.ptrs.cast_const(),
+            envp: s.ptrs.add(argc + 1).cast_const(),
+            program,
+            cwd,
+            slot: SlotCtx {
+                handover_r: -1,
+                ..s
+            },
+            ..*ctx
         }
     }
 }

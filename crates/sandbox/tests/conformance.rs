@@ -14,7 +14,7 @@ use bulkhead_sandbox::{SandboxConfig, SandboxDriver};
 /// default every instance runs in the default wall (a user namespace of its tenant's
 /// range), so the working directory is opened to that uid; with `host_ids`, instances
 /// keep the host's ids (`user_namespace: host`, an opening), so both paths pass the suite.
-pub struct WithWorkdir(SandboxDriver, bool);
+pub struct WithWorkdir(Box<dyn Driver>, bool);
 
 #[async_trait]
 impl Driver for WithWorkdir {
@@ -45,6 +45,11 @@ fn driver(mode: ModeChoice, scope: &str) -> MaybeDriver {
 }
 
 fn driver_with(mode: ModeChoice, scope: &str, host_ids: bool) -> MaybeDriver {
+    driver_made(mode, scope, host_ids, false)
+}
+
+/// With `warm`, every spawn goes through a warm slot (`prewarm`, then `spawn_warm`).
+fn driver_made(mode: ModeChoice, scope: &str, host_ids: bool, warm: bool) -> MaybeDriver {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     MaybeDriver(
@@ -53,6 +58,13 @@ fn driver_with(mode: ModeChoice, scope: &str, host_ids: bool) -> MaybeDriver {
             scope: format!("conformance-{scope}-{}-{seq}", std::process::id()),
             min_available_memory: 0,
             ..SandboxConfig::default()
+        })
+        .map(|d| -> Box<dyn Driver> {
+            if warm {
+                Box::new(bulkhead_driver::conformance::ThroughSlot(d))
+            } else {
+                Box::new(d)
+            }
         })
         .map(|d| WithWorkdir(d, host_ids))
         .map_err(|e| format!("the sandbox driver cannot start here ({mode:?}): {e}")),
@@ -106,6 +118,24 @@ mod host_ids {
     use super::*;
     async fn sandbox_driver() -> MaybeDriver {
         driver_with(ModeChoice::Auto, "host-ids", true)
+    }
+    bulkhead_driver::conformance_tests!(sandbox_driver);
+}
+
+/// The whole suite on instances spawned from warm slots: a pooled instance behaves as a
+/// cold one (default wall, and with the host's ids).
+mod warm {
+    use super::*;
+    async fn sandbox_driver() -> MaybeDriver {
+        driver_made(ModeChoice::Auto, "warm", false, true)
+    }
+    bulkhead_driver::conformance_tests!(sandbox_driver);
+}
+
+mod warm_host_ids {
+    use super::*;
+    async fn sandbox_driver() -> MaybeDriver {
+        driver_made(ModeChoice::Auto, "warm-host-ids", true, true)
     }
     bulkhead_driver::conformance_tests!(sandbox_driver);
 }
