@@ -22,7 +22,9 @@ pub mod driver;
 pub mod engine;
 pub mod images;
 pub mod recovery;
+pub mod warm;
 
 pub use driver::{Container, DockerDriver};
 pub use engine::{Engine, EngineError};
 pub use images::{ImageCache, ImageRecord, Limits};
+pub use warm::DockerSlot;
