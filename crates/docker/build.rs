@@ -22,7 +22,14 @@ fn main() {
     let result = Command::new(rustc)
         .args(["--edition", "2021", "--crate-name", "bulkhead_warm_init"])
         .args(["--target", &target])
-        .args(["-C", "opt-level=s", "-C", "panic=abort", "-C", "strip=symbols"])
+        .args([
+            "-C",
+            "opt-level=s",
+            "-C",
+            "panic=abort",
+            "-C",
+            "strip=symbols",
+        ])
         .args(["-C", "target-feature=+crt-static", "-A", "dead_code"])
         .arg("init/main.rs")
         .arg("-o")

@@ -98,8 +98,10 @@ fn main() -> anyhow::Result<()> {
             let (cr, st) = api_create_start(&engine).await?;
             create.values.push(cr);
             start.values.push(st);
-            cold.values.push(driver_once(&driver, &slot_dir, false).await?);
-            warm.values.push(driver_once(&driver, &slot_dir, true).await?);
+            cold.values
+                .push(driver_once(&driver, &slot_dir, false).await?);
+            warm.values
+                .push(driver_once(&driver, &slot_dir, true).await?);
         }
         anyhow::Ok((cli, running, ready, create, start, cold, warm))
     })?;
@@ -137,7 +139,8 @@ async fn driver_once(
     warm: bool,
 ) -> anyhow::Result<std::time::Duration> {
     use bulkhead_driver::Driver;
-    let m = format!("name: dkd\ndriver: docker\ncommand: [sleep, '1000']\ndocker:\n  image: {IMAGE}\n");
+    let m =
+        format!("name: dkd\ndriver: docker\ncommand: [sleep, '1000']\ndocker:\n  image: {IMAGE}\n");
     let spec = std::sync::Arc::new(bulkhead_core::spec::parse_manifest(
         "dkd/manifest.yaml",
         "dkd",

@@ -162,7 +162,10 @@ mod tests {
 
     #[test]
     fn a_message_round_trips_with_empty_and_spaced_strings() {
-        let m = round(&[b"/bin/sh", b"-c", b"", b"a b"], &[b"A=1", b"EMPTY=", b"S=a  b"]);
+        let m = round(
+            &[b"/bin/sh", b"-c", b"", b"a b"],
+            &[b"A=1", b"EMPTY=", b"S=a  b"],
+        );
         assert_eq!(m.argv, [&b"/bin/sh"[..], b"-c", b"", b"a b"]);
         assert_eq!(m.env, [&b"A=1"[..], b"EMPTY=", b"S=a  b"]);
         assert!(round(&[b"x"], &[]).env.is_empty());
@@ -186,8 +189,14 @@ mod tests {
     fn encode_refuses_what_exec_cannot_take() {
         assert_eq!(encode(&[], &[]), Err("argv is empty"));
         assert_eq!(encode(&[b"a\0b"], &[]), Err("a string holds a NUL byte"));
-        assert_eq!(encode(&[b"a"], &[b"NOEQUALS"]), Err("an environment entry has no NAME="));
-        assert_eq!(encode(&[b"a"], &[b"=x"]), Err("an environment entry has no NAME="));
+        assert_eq!(
+            encode(&[b"a"], &[b"NOEQUALS"]),
+            Err("an environment entry has no NAME=")
+        );
+        assert_eq!(
+            encode(&[b"a"], &[b"=x"]),
+            Err("an environment entry has no NAME=")
+        );
         let big = vec![b'x'; MAX_BODY as usize];
         assert_eq!(encode(&[&big], &[]), Err("the message is too long"));
     }
@@ -208,7 +217,10 @@ mod tests {
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode(&huge).is_err());
         // Too many items.
-        assert_eq!(decode(&(MAX_ITEMS + 1).to_le_bytes()), Err("too many strings"));
+        assert_eq!(
+            decode(&(MAX_ITEMS + 1).to_le_bytes()),
+            Err("too many strings")
+        );
         // A NUL smuggled in past the encoder.
         let mut nul = body.to_vec();
         nul[8] = 0;

@@ -86,10 +86,7 @@ fn init_dir() -> PathBuf {
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("bulkhead"),
-        _ => std::env::temp_dir().join(format!(
-            "bulkhead-{}",
-            rustix::process::getuid().as_raw()
-        )),
+        _ => std::env::temp_dir().join(format!("bulkhead-{}", rustix::process::getuid().as_raw())),
     }
 }
 
@@ -269,7 +266,9 @@ impl Warm for DockerSlot {
         self.main
             .as_ref()
             .and_then(|m| m.cgroup.as_ref())
-            .map_or(0, |cg| cg.read(self.memory_limit, self.pids_limit).memory_bytes)
+            .map_or(0, |cg| {
+                cg.read(self.memory_limit, self.pids_limit).memory_bytes
+            })
     }
 
     /// The container's first process lives (its pidfd is not readable) and the init
@@ -321,7 +320,11 @@ async fn hand_over(conn: &mut tokio::net::UnixStream, msg: &[u8]) -> Result<(), 
                 "the slot's init refused the hand-over message".into(),
             ))
         }
-        (_, b) => return Err(HandOver::Failed(format!("unexpected reply {b} from the init"))),
+        (_, b) => {
+            return Err(HandOver::Failed(format!(
+                "unexpected reply {b} from the init"
+            )))
+        }
     }
     let mut rest = Vec::new();
     conn.read_to_end(&mut rest)
@@ -329,9 +332,9 @@ async fn hand_over(conn: &mut tokio::net::UnixStream, msg: &[u8]) -> Result<(), 
         .map_err(|e| io("cannot read the slot's init", e))?;
     match rest.as_slice() {
         [] => Ok(()),
-        [proto::REPLY_EXEC_FAILED, a, b, c, d] => Err(HandOver::Exec(i32::from_le_bytes([
-            *a, *b, *c, *d,
-        ]))),
+        [proto::REPLY_EXEC_FAILED, a, b, c, d] => {
+            Err(HandOver::Exec(i32::from_le_bytes([*a, *b, *c, *d])))
+        }
         other => Err(HandOver::Failed(format!(
             "unexpected reply {other:?} from the init"
         ))),
@@ -470,8 +473,14 @@ impl DockerDriver {
                 .and_then(|c| c.entrypoint)
                 .unwrap_or_default(),
         };
-        let mut body = container_config(&model, &dk, &image, self.engine.daemon_id(), hash.as_deref())
-            .map_err(rename)?;
+        let mut body = container_config(
+            &model,
+            &dk,
+            &image,
+            self.engine.daemon_id(),
+            hash.as_deref(),
+        )
+        .map_err(rename)?;
         if let Some(labels) = body.labels.as_mut() {
             labels.insert(LABEL_INSTANCE.to_owned(), String::new());
             labels.insert(LABEL_WARM.to_owned(), ws.slot.clone());
@@ -545,8 +554,8 @@ impl DockerDriver {
             .attach_container(&id, Some(attach_opts))
             .await
             .map_err(|e| engine_err(format!("cannot attach to container {id}: {e}")))?;
-        let pipes = Pipes::new()
-            .map_err(|e| engine_err(format!("cannot create output pipes: {e}")))?;
+        let pipes =
+            Pipes::new().map_err(|e| engine_err(format!("cannot create output pipes: {e}")))?;
         tokio::spawn(copy_output(attached.output, pipes.out_tx, pipes.err_tx));
         slot.stdout = Some(pipes.out_rx);
         slot.stderr = Some(pipes.err_rx);
@@ -666,12 +675,7 @@ impl DockerDriver {
             slot.remove().await;
             return Err(e);
         }
-        let argv: Vec<String> = slot
-            .entrypoint
-            .iter()
-            .chain(&spec.argv)
-            .cloned()
-            .collect();
+        let argv: Vec<String> = slot.entrypoint.iter().chain(&spec.argv).cloned().collect();
         let env: Vec<String> = spec
             .env
             .iter()
@@ -811,7 +815,10 @@ mod tests {
             assert_eq!(instance_of_name(&format!("/{name}")).as_deref(), Some(inst));
         }
         assert_eq!(claimed_name(id, "ns:a:w"), "bulkhead-0123456789ab-ns_ca_cw");
-        assert_eq!(instance_of_name(&claimed_name(id, "a b")).as_deref(), Some("a b"));
+        assert_eq!(
+            instance_of_name(&claimed_name(id, "a b")).as_deref(),
+            Some("a b")
+        );
     }
 
     #[test]
@@ -833,7 +840,10 @@ mod tests {
     #[test]
     fn launch_binds_must_lie_in_the_slots() {
         let slot = vec![Bind::same("/var/lib/b/warm/w-1")];
-        assert!(within_binds(&Bind::same("/var/lib/b/warm/w-1/notify"), &slot));
+        assert!(within_binds(
+            &Bind::same("/var/lib/b/warm/w-1/notify"),
+            &slot
+        ));
         assert!(within_binds(&Bind::same("/var/lib/b/warm/w-1"), &slot));
         assert!(!within_binds(&Bind::same("/var/lib/b/other"), &slot));
         let moved = Bind {
@@ -845,7 +855,10 @@ mod tests {
 
     #[test]
     fn the_init_is_embedded_and_installs_once() {
-        assert!(INIT.starts_with(b"\x7fELF"), "the build script made no init");
+        assert!(
+            INIT.starts_with(b"\x7fELF"),
+            "the build script made no init"
+        );
         let dir = tempfile::tempdir().unwrap();
         let a = install_init(dir.path()).unwrap();
         let b = install_init(dir.path()).unwrap();

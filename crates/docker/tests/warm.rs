@@ -134,9 +134,12 @@ async fn a_slot_hands_over_argv_env_port_and_notify_socket() {
     spec.env.push(("A".into(), "1".into()));
     spec.env.push(("SPACED".into(), "a  b".into()));
     spec.env.push(("PORT".into(), port.to_string()));
-    let slot = within("prewarm", driver.prewarm(warm_spec(&spec, "warm-handover-0", port)))
-        .await
-        .unwrap();
+    let slot = within(
+        "prewarm",
+        driver.prewarm(warm_spec(&spec, "warm-handover-0", port)),
+    )
+    .await
+    .unwrap();
     assert!(slot.alive(), "a fresh slot is alive");
     // What the daemon makes per launch, after the slot: the notify socket.
     let notify = fx.path("notify.sock");
@@ -164,7 +167,10 @@ async fn a_slot_hands_over_argv_env_port_and_notify_socket() {
     assert_eq!(served.trim(), "served");
     let out = within("output", read_all(spawned.stdout.take().unwrap())).await;
     // `sh -c SCRIPT one "two words"`: $0 and $1.
-    assert!(out.contains("args=one|two words A=1 SPACED=a  b\n"), "{out}");
+    assert!(
+        out.contains("args=one|two words A=1 SPACED=a  b\n"),
+        "{out}"
+    );
     assert!(out.contains("notify-visible"), "{out}");
     let st = within("exit", spawned.handle.wait()).await;
     assert_eq!(st, ExitStatus::Exited { code: 0 });
@@ -273,7 +279,11 @@ async fn a_slot_keeps_the_images_env_workdir_user_and_entrypoint() {
         out.extend(b);
     }
     assert_eq!(String::from_utf8_lossy(&out), "HANDED=over\n");
-    within("stop", spawned.handle.stop(Signal::KILL, Duration::from_secs(1))).await;
+    within(
+        "stop",
+        spawned.handle.stop(Signal::KILL, Duration::from_secs(1)),
+    )
+    .await;
 }
 
 /// A program the image lacks is `SpawnError::Exec` naming it, from the init's exec, and
@@ -372,13 +382,18 @@ async fn recover_removes_unclaimed_slots_and_finds_claimed_ones() {
     let slot = within("prewarm", old.prewarm(warm_spec(&spec, "claimed", 0)))
         .await
         .unwrap();
-    let spawned = within("hand-over", old.spawn_warm(slot, spec)).await.unwrap();
-    let unclaimed = within("prewarm", old.prewarm(warm_spec(&fx.spawn_spec("idle", "x"), "idle", 0)))
+    let spawned = within("hand-over", old.spawn_warm(slot, spec))
         .await
-        .unwrap()
-        .into_any()
-        .downcast::<bulkhead_docker::DockerSlot>()
         .unwrap();
+    let unclaimed = within(
+        "prewarm",
+        old.prewarm(warm_spec(&fx.spawn_spec("idle", "x"), "idle", 0)),
+    )
+    .await
+    .unwrap()
+    .into_any()
+    .downcast::<bulkhead_docker::DockerSlot>()
+    .unwrap();
     let unclaimed_id = unclaimed.id().to_owned();
     // The old daemon goes away without cleaning up (its slot is neither discarded nor
     // dropped here: as after kill -9, the container still runs).
@@ -389,7 +404,12 @@ async fn recover_removes_unclaimed_slots_and_finds_claimed_ones() {
         !exists(&engine, &unclaimed_id).await,
         "the unclaimed slot {unclaimed_id} was removed"
     );
-    assert_eq!(found.len(), 1, "{:?}", found.iter().map(|f| &f.describe).collect::<Vec<_>>());
+    assert_eq!(
+        found.len(),
+        1,
+        "{:?}",
+        found.iter().map(|f| &f.describe).collect::<Vec<_>>()
+    );
     let f = &found[0];
     assert_eq!(f.instance, instance);
     assert!(
