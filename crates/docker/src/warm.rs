@@ -363,10 +363,14 @@ fn port_of(env: &[(String, String)]) -> Option<u16> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
-/// Whether `pid` runs in container `id` (its cgroup names it).
-fn in_container(pid: u32, id: &str) -> bool {
+/// Whether `pid` runs in container `id`, whose first process is `first`: its cgroup
+/// names the container, or it is that process or its child (`docker-init`'s), for a
+/// daemon that does not see the host's cgroup paths.
+fn in_container(pid: u32, id: &str, first: u32) -> bool {
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     cg.lines().any(|l| l.contains(id))
+        || pid == first
+        || sys::read_stat(pid).is_ok_and(|st| st.ppid == first)
 }
 
 impl DockerDriver {
@@ -587,7 +591,7 @@ impl DockerDriver {
                 Ok(Ok((conn, _))) => {
                     let peer = conn.peer_cred().ok().and_then(|c| c.pid());
                     match peer.and_then(|p| u32::try_from(p).ok()) {
-                        Some(p) if in_container(p, &id) => break conn,
+                        Some(p) if in_container(p, &id, pid) => break conn,
                         _ => {
                             tracing::warn!(
                                 "warm slot {}: refused a connection from outside container \

@@ -115,8 +115,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A slot made before the launch's per-instance files exist hands over argv and
-/// environment exactly, publishes `$PORT` on the host's loopback, and shows what the
+/// A slot made before the launch's per-instance files exist (here in a read-only
+/// container without capabilities or docker-init) hands over argv and environment exactly, publishes `$PORT` on the host's loopback, and shows what the
 /// daemon puts in the slot's folder at the launch (the notify socket).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_hands_over_argv_env_port_and_notify_socket() {
@@ -124,7 +124,10 @@ async fn a_slot_hands_over_argv_env_port_and_notify_socket() {
         return;
     };
     let driver = DockerDriver::new(engine, None);
-    let fx = fixture(&format!("  image: {IMAGE}\n"));
+    // A hardened container: the init's mount point is made under a read-only root.
+    let fx = fixture(&format!(
+        "  image: {IMAGE}\n  read_only: true\n  cap_drop: [ALL]\n  init: false\n"
+    ));
     let port = free_port();
     let script = "echo \"args=$0|$1 A=$A SPACED=$SPACED\"; \
                   [ -S \"$NOTIFY_SOCKET\" ] && echo notify-visible; \
