@@ -434,3 +434,92 @@ async fn recover_removes_unclaimed_slots_and_finds_claimed_ones() {
         }
     );
 }
+
+/// Set in the environment of the helper process of
+/// `a_slot_of_a_daemon_killed_with_9_stops_by_itself_and_recover_removes_it`: the file
+/// the helper writes its slot's container id to.
+const HELPER_VAR: &str = "BULKHEAD_WARM_KILL9_HELPER";
+
+/// Not a test of its own: the "daemon" that the next test kills with SIGKILL. It makes a
+/// slot, says which container it is, and waits to be killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_helper() {
+    let Some(out) = std::env::var_os(HELPER_VAR) else {
+        return;
+    };
+    let engine = Engine::new(std::env::var("BULKHEAD_WARM_KILL9_DAEMON").unwrap());
+    let driver = DockerDriver::new(engine, None);
+    // The killer's folder: nothing of the helper's own is left behind.
+    let dir = std::path::Path::new(&out).parent().unwrap().to_owned();
+    let mut fx = Fixture::new(vec!["/bin/sh".into(), "-c".into()], dir);
+    fx.manifest_extra = format!("driver: docker\ndocker:\n  image: {IMAGE}\n");
+    fx.bind_workdir = true;
+    let spec = fx.spawn_spec("kill9", "exit 0");
+    let slot = driver
+        .prewarm(warm_spec(&spec, "kill9", 0))
+        .await
+        .unwrap()
+        .into_any()
+        .downcast::<bulkhead_docker::DockerSlot>()
+        .unwrap();
+    std::fs::write(&out, slot.id()).unwrap();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+/// A slot whose daemon is killed with SIGKILL does not run on unseen: its init sees the
+/// daemon's end of the socket close and exits, and the next daemon's `recover` removes
+/// the container.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_of_a_daemon_killed_with_9_stops_by_itself_and_recover_removes_it() {
+    let Some(engine) = engine("kill9").await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("id");
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "kill9_helper", "--nocapture", "--test-threads=1"])
+        .env(HELPER_VAR, &out)
+        .env("BULKHEAD_WARM_KILL9_DAEMON", engine.daemon_id())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = within("the helper's slot", async {
+        loop {
+            if let Ok(id) = std::fs::read_to_string(&out) {
+                if !id.is_empty() {
+                    return id;
+                }
+            }
+            if let Ok(Some(st)) = helper.try_wait() {
+                panic!("the helper ended with {st} before making its slot");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let client = engine.ensure().await.unwrap().clone();
+    let running = |client: bollard::Docker, id: String| async move {
+        client
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+            .ok()
+            .and_then(|i| i.state)
+            .and_then(|s| s.running)
+            == Some(true)
+    };
+    assert!(running(client.clone(), id.clone()).await, "the slot runs");
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    within("the orphaned slot's init to exit", async {
+        while running(client.clone(), id.clone()).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(exists(&engine, &id).await, "stopped, not yet removed");
+    let found = within("recover", DockerDriver::new(engine.clone(), None).recover())
+        .await
+        .unwrap();
+    assert!(found.is_empty());
+    assert!(!exists(&engine, &id).await, "recover removed {id}");
+}
