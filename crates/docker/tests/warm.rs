@@ -319,7 +319,8 @@ async fn a_missing_program_fails_the_hand_over_and_removes_the_slot() {
     assert!(!exists(&engine, &container).await, "the slot was removed");
 }
 
-/// A discarded slot leaves no container; a slot whose container died is not alive.
+/// A discarded slot leaves no container, nor does one dropped without a discard; a slot
+/// whose container died is not alive.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_discarded_slot_leaves_no_container() {
     let Some(engine) = engine("discard").await else {
@@ -366,6 +367,21 @@ async fn a_discarded_slot_leaves_no_container() {
     let id = slot.id().to_owned();
     within("discard", bulkhead_driver::warm::Warm::discard(slot)).await;
     assert!(!exists(&engine, &id).await);
+    // Dropped without a discard (a pool that lost it): removed in the background.
+    let slot = within("prewarm", driver.prewarm(warm_spec(&spec, "discard-2", 0)))
+        .await
+        .unwrap()
+        .into_any()
+        .downcast::<bulkhead_docker::DockerSlot>()
+        .unwrap();
+    let id = slot.id().to_owned();
+    drop(slot);
+    within("the dropped slot's removal", async {
+        while exists(&engine, &id).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
 }
 
 /// After a daemon restart (a new driver on the same daemon id), an unclaimed slot is
