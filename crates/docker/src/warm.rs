@@ -51,6 +51,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use bulkhead_core::key::InstanceId;
+use bulkhead_core::spec::WorkloadSpec;
 use bulkhead_driver::warm::{Warm, WarmSpec};
 use bulkhead_driver::{sys, Bind, SpawnError, SpawnSpec, Spawned};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -193,7 +194,9 @@ pub struct DockerSlot {
     stderr: Option<OwnedFd>,
     /// What the engine would run before the command.
     entrypoint: Vec<String>,
-    workload: String,
+    /// The workload as the slot was made for it: a launch of another version (the
+    /// manifest changed) does not take it.
+    spec: Arc<WorkloadSpec>,
     port: u16,
     binds: Vec<Bind>,
     memory_limit: Option<u64>,
@@ -523,7 +526,7 @@ impl DockerDriver {
             stdout: None,
             stderr: None,
             entrypoint,
-            workload: ws.spec.name.clone(),
+            spec: ws.spec.clone(),
             port: ws.port,
             binds: ws.binds.clone(),
             memory_limit: ws.spec.resources.as_ref().and_then(|r| r.memory),
@@ -654,10 +657,10 @@ impl DockerDriver {
             if spec.argv.is_empty() {
                 return Err(invalid("the command is empty".into()));
             }
-            if spec.spec.name != slot.workload {
+            if !Arc::ptr_eq(&spec.spec, &slot.spec) && *spec.spec != *slot.spec {
                 return Err(invalid(format!(
-                    "warm slot {} was made for workload {}",
-                    slot.slot, slot.workload
+                    "warm slot {} was made for another version of workload {}",
+                    slot.slot, slot.spec.name
                 )));
             }
             if port_of(&spec.env).unwrap_or(0) != slot.port {

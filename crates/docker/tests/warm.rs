@@ -319,6 +319,41 @@ async fn a_missing_program_fails_the_hand_over_and_removes_the_slot() {
     assert!(!exists(&engine, &container).await, "the slot was removed");
 }
 
+/// A slot made for one version of a workload refuses a launch of another (the manifest
+/// changed in between): the launch fails, so that the daemon spawns it cold, and the
+/// slot's container goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_refuses_a_launch_of_a_changed_manifest() {
+    let Some(engine) = engine("changed").await else {
+        return;
+    };
+    let driver = DockerDriver::new(engine.clone(), None);
+    let fx = fixture(&format!("  image: {IMAGE}\n"));
+    let spec = fx.spawn_spec("changed", "exit 0");
+    let slot = within("prewarm", driver.prewarm(warm_spec(&spec, "changed", 0)))
+        .await
+        .unwrap()
+        .into_any()
+        .downcast::<bulkhead_docker::DockerSlot>()
+        .unwrap();
+    let id = slot.id().to_owned();
+    let mut changed = spec.clone();
+    let mut workload = (*spec.spec).clone();
+    workload.resources = Some(bulkhead_core::spec::Resources {
+        memory: Some(64 << 20),
+        ..Default::default()
+    });
+    changed.spec = Arc::new(workload);
+    match within("hand-over", driver.spawn_warm(slot, changed)).await {
+        Err(SpawnError::Invalid { reason, .. }) => {
+            assert!(reason.contains("another version"), "{reason}")
+        }
+        Err(e) => panic!("expected the slot to refuse, got {e:?}"),
+        Ok(_) => panic!("a slot took a launch of a changed manifest"),
+    }
+    assert!(!exists(&engine, &id).await, "the refused slot was removed");
+}
+
 /// A discarded slot leaves no container, nor does one dropped without a discard; a slot
 /// whose container died is not alive.
 #[tokio::test(flavor = "multi_thread")]
