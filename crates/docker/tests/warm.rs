@@ -574,3 +574,63 @@ async fn a_slot_of_a_daemon_killed_with_9_stops_by_itself_and_recover_removes_it
     assert!(found.is_empty());
     assert!(!exists(&engine, &id).await, "recover removed {id}");
 }
+
+/// Limits, usage and the OOM kill of a program started from a slot are a cold
+/// container's: the limits were set when the slot was made, `stats` read the container's
+/// cgroup, an OOM kill is the exit cause with the limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_stats_and_oom_apply_to_a_program_from_a_slot() {
+    let Some(engine) = engine("limits").await else {
+        return;
+    };
+    let driver = WarmFirst(DockerDriver::new(engine, None));
+    let mut fx = fixture(&format!("  image: {IMAGE}\n"));
+    fx.manifest_extra = format!(
+        "resources: {{memory: 16Mi, pids: 50}}\n{}",
+        fx.manifest_extra
+    );
+    let spawned = within(
+        "spawn from a slot",
+        driver.spawn(fx.spawn_spec("limits", "exec sleep 1000")),
+    )
+    .await
+    .unwrap();
+    let stats = within("stats", async {
+        loop {
+            let s = spawned.handle.stats().unwrap();
+            if s.pids > 0 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(stats.memory_limit_bytes, Some(16 << 20), "{stats:?}");
+    assert_eq!(stats.pids_limit, Some(50), "{stats:?}");
+    assert!(stats.memory_bytes > 0, "{stats:?}");
+    let pid = spawned.handle.pid().unwrap();
+    assert_eq!(spawned.handle.owns_pid(pid), Some(true));
+    assert_eq!(spawned.handle.owns_pid(std::process::id()), Some(false));
+    within(
+        "stop",
+        spawned.handle.stop(Signal::KILL, Duration::from_secs(1)),
+    )
+    .await;
+    let hog = "a=xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; while :; do a=$a$a; done";
+    let spawned = within("spawn from a slot", driver.spawn(fx.spawn_spec("oom", hog)))
+        .await
+        .unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(120), spawned.handle.wait())
+        .await
+        .expect("no OOM kill within 120 s");
+    assert!(
+        matches!(st, ExitStatus::Signaled { signal: 9, .. }),
+        "{st:?}"
+    );
+    assert_eq!(
+        spawned.handle.exit_cause(),
+        Some(bulkhead_driver::ExitCause::OomKilled {
+            limit_bytes: Some(16 << 20)
+        })
+    );
+}
