@@ -421,7 +421,7 @@ async fn a_discarded_slot_leaves_no_container() {
 
 /// After a daemon restart (a new driver on the same daemon id), an unclaimed slot is
 /// removed, also one left running by a daemon that never discarded it (killed with -9),
-/// and a claimed one is found as its instance's run, with its environment.
+/// and a claimed one is found as its instance's run, with its environment (also for `exec`).
 #[tokio::test(flavor = "multi_thread")]
 async fn recover_removes_unclaimed_slots_and_finds_claimed_ones() {
     let Some(engine) = engine("recover").await else {
@@ -472,6 +472,23 @@ async fn recover_removes_unclaimed_slots_and_finds_claimed_ones() {
         f.env
     );
     assert_eq!(f.spawned.handle.pid(), spawned.handle.pid());
+    // exec into the adopted run gets the handed-over environment too.
+    let mut ex = within(
+        "exec",
+        f.spawned.handle.engine_exec(ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "echo MARK=$MARK".into()],
+            env: vec![],
+            tty: None,
+        }),
+    )
+    .await
+    .expect("the docker driver execs through the engine")
+    .unwrap();
+    let mut out = Vec::new();
+    while let Some((_, b)) = within("exec output", ex.output.recv()).await {
+        out.extend(b);
+    }
+    assert_eq!(String::from_utf8_lossy(&out), "MARK=claimed-run\n");
     let st = within(
         "stop of the adopted run",
         f.spawned.handle.stop(Signal::TERM, Duration::from_secs(5)),
