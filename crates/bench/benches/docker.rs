@@ -5,7 +5,11 @@
 //!   is started), removal outside the timing;
 //! - bulkhead launch -> running (`wait: started`) and launch -> ready (`wait: ready`; the
 //!   workload declares no probe, so ready follows the start) through the API of an
-//!   embedded daemon, terminate outside the timing.
+//!   embedded daemon, terminate outside the timing;
+//! - the docker driver alone (no daemon): a cold `spawn` until it returns (the container
+//!   runs), and a spawn from a warm slot (`prewarm` outside the timing, then
+//!   `spawn_warm` until it returns: the program has exec'd in the slot's container), each
+//!   container removed outside the timing.
 //!
 //! Needs the engine and `bulkhead-test/busybox:latest` (`.ci/setup-docker.sh`).
 //! `cargo bench -p bulkhead-bench --bench docker -- --iterations 30`
@@ -50,7 +54,15 @@ fn main() -> anyhow::Result<()> {
     let cfg = bulkhead_daemon::Config::new(wl, Some(dir.path().join("state")), None);
     let socket = cfg.socket.clone();
     let _daemon = rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
-    let (cli, running, ready, create, start) = rt.block_on(async {
+    let driver = rt.block_on(async {
+        bulkhead_docker::DockerDriver::new(
+            bulkhead_docker::Engine::new(format!("bench-docker-{}", std::process::id())),
+            None,
+        )
+    });
+    let slot_dir = dir.path().join("slot");
+    std::fs::create_dir_all(&slot_dir)?;
+    let (cli, running, ready, create, start, cold, warm) = rt.block_on(async {
         let engine = bollard::Docker::connect_with_defaults()?
             .negotiate_version()
             .await?;
@@ -66,6 +78,13 @@ fn main() -> anyhow::Result<()> {
         let mut create = Samples::new("engine API create only");
         let mut start =
             Samples::new("engine API start of a pre-created container (warm pool bound)");
+        let mut cold = Samples::new("bulkhead docker driver cold: spawn -> running");
+        let mut warm =
+            Samples::new("bulkhead docker driver from a warm slot: hand-over -> running");
+        for _ in 0..3 {
+            driver_once(&driver, &slot_dir, false).await?;
+            driver_once(&driver, &slot_dir, true).await?;
+        }
         for i in 0..iterations {
             cli.values.push(docker_run_once()?);
             let t = Instant::now();
@@ -79,12 +98,16 @@ fn main() -> anyhow::Result<()> {
             let (cr, st) = api_create_start(&engine).await?;
             create.values.push(cr);
             start.values.push(st);
+            cold.values
+                .push(driver_once(&driver, &slot_dir, false).await?);
+            warm.values
+                .push(driver_once(&driver, &slot_dir, true).await?);
         }
-        anyhow::Ok((cli, running, ready, create, start))
+        anyhow::Ok((cli, running, ready, create, start, cold, warm))
     })?;
     let mut report =
         String::from("| measurement | p50 ms | p99 ms | p50 vs CLI |\n|---|---|---|---|\n");
-    for s in [&cli, &running, &ready, &create, &start] {
+    for s in [&cli, &running, &ready, &create, &start, &cold, &warm] {
         report.push_str(&format!(
             "| {} | {} | {} | {} |\n",
             s.name,
@@ -105,6 +128,64 @@ fn main() -> anyhow::Result<()> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// One spawn of `sleep 1000` by the docker driver, timed until it returns: cold, or from a
+/// slot made outside the timing (its folder `slot_dir`); the container is removed
+/// afterwards.
+async fn driver_once(
+    driver: &bulkhead_docker::DockerDriver,
+    slot_dir: &std::path::Path,
+    warm: bool,
+) -> anyhow::Result<std::time::Duration> {
+    use bulkhead_driver::Driver;
+    let m =
+        format!("name: dkd\ndriver: docker\ncommand: [sleep, '1000']\ndocker:\n  image: {IMAGE}\n");
+    let spec = std::sync::Arc::new(bulkhead_core::spec::parse_manifest(
+        "dkd/manifest.yaml",
+        "dkd",
+        &m,
+    )?);
+    let (instance, _) = bulkhead_core::key::InstanceId::parse("shared:dkd")?;
+    let binds = vec![bulkhead_driver::Bind::same(slot_dir)];
+    let launch = bulkhead_driver::SpawnSpec {
+        instance,
+        argv: vec!["sleep".into(), "1000".into()],
+        env: vec![("BENCH".into(), "1".into())],
+        cwd: slot_dir.parent().unwrap_or(slot_dir).to_owned(),
+        spec: spec.clone(),
+        binds: binds.clone(),
+        ids: None,
+        inherited: Vec::new(),
+        listen: Vec::new(),
+    };
+    let (took, spawned) = if warm {
+        let slot = driver
+            .prewarm(bulkhead_driver::warm::WarmSpec {
+                slot: "warm-dkd-0".into(),
+                spec,
+                cwd: launch.cwd.clone(),
+                ids: None,
+                binds,
+                port: 0,
+            })
+            .await?;
+        let t = Instant::now();
+        let spawned = driver.spawn_warm(slot, launch).await?;
+        (t.elapsed(), spawned)
+    } else {
+        let t = Instant::now();
+        let spawned = driver.spawn(launch).await?;
+        (t.elapsed(), spawned)
+    };
+    spawned
+        .handle
+        .stop(
+            bulkhead_core::signal::Signal::KILL,
+            std::time::Duration::from_secs(1),
+        )
+        .await;
+    Ok(took)
 }
 
 /// Create, then start, through the Engine API directly: what a warm pool of pre-created

@@ -50,7 +50,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::engine::{
-    ContainerEvent, Engine, EventSink, LABEL_CONFIG, LABEL_DAEMON, LABEL_INSTANCE, LABEL_WORKLOAD,
+    ContainerEvent, Engine, EventSink, LABEL_CONFIG, LABEL_DAEMON, LABEL_INSTANCE, LABEL_WARM,
+    LABEL_WORKLOAD,
 };
 use crate::images::{ImageCache, Pin};
 
@@ -64,22 +65,28 @@ const OOM_LATE: Duration = Duration::from_secs(5);
 
 /// The `docker` driver.
 pub struct DockerDriver {
-    engine: Arc<Engine>,
-    images: Option<Arc<ImageCache>>,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) images: Option<Arc<ImageCache>>,
+    /// The warm-slot init's host path, once written (`crate::warm`).
+    pub(crate) init: tokio::sync::OnceCell<PathBuf>,
 }
 
 impl DockerDriver {
     /// A driver on `engine`; `images` builds `docker.build` images (without it such
     /// workloads fail to spawn with a clear error).
     pub fn new(engine: Arc<Engine>, images: Option<Arc<ImageCache>>) -> DockerDriver {
-        DockerDriver { engine, images }
+        DockerDriver {
+            engine,
+            images,
+            init: tokio::sync::OnceCell::new(),
+        }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
 
-    async fn resolve_image(
+    pub(crate) async fn resolve_image(
         &self,
         client: &Docker,
         dk: &DockerSpec,
@@ -319,6 +326,26 @@ impl Driver for DockerDriver {
         false
     }
 
+    /// Containers created and started ahead, waiting in our init ([`crate::warm`]).
+    fn prewarms(&self) -> bool {
+        true
+    }
+
+    async fn prewarm(
+        &self,
+        spec: bulkhead_driver::warm::WarmSpec,
+    ) -> Result<Box<dyn bulkhead_driver::warm::Warm>, SpawnError> {
+        Ok(Box::new(self.make_slot(spec).await?))
+    }
+
+    async fn spawn_warm(
+        &self,
+        slot: Box<dyn bulkhead_driver::warm::Warm>,
+        spec: SpawnSpec,
+    ) -> Result<Spawned, SpawnError> {
+        self.hand_over(slot, spec).await
+    }
+
     /// This daemon's running containers, by label, watched again; a container that no
     /// longer runs is removed here (nothing of it is left to adopt).
     async fn recover(&self) -> Result<Vec<Found>, RecoverError> {
@@ -336,7 +363,12 @@ impl Driver for DockerDriver {
         for f in listed {
             let instance = InstanceId::parse(&f.instance).ok().map(|(id, _)| id);
             let (Some(instance), true) = (instance, f.running) else {
-                tracing::info!("removing stale container {} of {}", f.id, f.instance);
+                match &f.warm {
+                    Some(slot) if f.instance.is_empty() => {
+                        tracing::info!("removing unclaimed warm slot {slot} (container {})", f.id)
+                    }
+                    _ => tracing::info!("removing stale container {} of {}", f.id, f.instance),
+                }
                 if let Err(e) = crate::recovery::remove(&self.engine, &f.id).await {
                     tracing::warn!("{e}");
                 }
@@ -494,6 +526,7 @@ impl Driver for DockerDriver {
             memory_limit: spec.spec.resources.as_ref().and_then(|r| r.memory),
             pids_limit: spec.spec.resources.as_ref().and_then(|r| r.pids),
             env: spec.env.clone(),
+            exec_env: Vec::new(),
         });
         let sink: Arc<dyn EventSink> = container.clone();
         self.engine.watch(&id, Arc::downgrade(&sink));
@@ -522,15 +555,15 @@ impl Driver for DockerDriver {
 }
 
 /// The two output pipes: the daemon reads the `rx` ends, the attach task writes the others.
-struct Pipes {
-    out_rx: OwnedFd,
-    err_rx: OwnedFd,
-    out_tx: tokio::net::unix::pipe::Sender,
-    err_tx: tokio::net::unix::pipe::Sender,
+pub(crate) struct Pipes {
+    pub(crate) out_rx: OwnedFd,
+    pub(crate) err_rx: OwnedFd,
+    pub(crate) out_tx: tokio::net::unix::pipe::Sender,
+    pub(crate) err_tx: tokio::net::unix::pipe::Sender,
 }
 
 impl Pipes {
-    fn new() -> std::io::Result<Pipes> {
+    pub(crate) fn new() -> std::io::Result<Pipes> {
         let flags = rustix::pipe::PipeFlags::CLOEXEC;
         let (out_rx, out_w) = rustix::pipe::pipe_with(flags)?;
         let (err_rx, err_w) = rustix::pipe::pipe_with(flags)?;
@@ -545,7 +578,7 @@ impl Pipes {
 
 /// Copies the attach stream into the pipes until the container's output ends (or the
 /// reader went away).
-async fn copy_output(
+pub(crate) async fn copy_output(
     mut output: std::pin::Pin<
         Box<
             dyn futures_util::Stream<
@@ -573,26 +606,29 @@ async fn copy_output(
 }
 
 /// The container's init on the host: its pid and a pidfd on it.
-struct Main {
-    pid: u32,
-    pidfd: OwnedFd,
-    cgroup: Option<Cgroup>,
+pub(crate) struct Main {
+    pub(crate) pid: u32,
+    pub(crate) pidfd: OwnedFd,
+    pub(crate) cgroup: Option<Cgroup>,
 }
 
 /// One container: the [`InstanceHandle`] and the receiver of its engine events.
 pub struct Container {
-    id: String,
-    instance: String,
-    client: Docker,
-    engine: Arc<Engine>,
-    main: Mutex<Option<Main>>,
-    status: watch::Sender<Option<ExitStatus>>,
-    died: AtomicBool,
+    pub(crate) id: String,
+    pub(crate) instance: String,
+    pub(crate) client: Docker,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) main: Mutex<Option<Main>>,
+    pub(crate) status: watch::Sender<Option<ExitStatus>>,
+    pub(crate) died: AtomicBool,
     /// Set by the engine's `oom` event, or by the inspect made when the container dies.
-    oom: Arc<AtomicBool>,
-    memory_limit: Option<u64>,
-    pids_limit: Option<u32>,
-    env: Vec<(String, String)>,
+    pub(crate) oom: Arc<AtomicBool>,
+    pub(crate) memory_limit: Option<u64>,
+    pub(crate) pids_limit: Option<u32>,
+    pub(crate) env: Vec<(String, String)>,
+    /// `NAME=value` given to every exec in front of its own: a warm slot's program got
+    /// its environment from the hand-over, not from the container's configuration.
+    pub(crate) exec_env: Vec<String>,
 }
 
 impl Container {
@@ -611,7 +647,7 @@ impl Container {
             .map_err(|e| format!("cannot inspect container {id}: {e}"))?;
         let config = info.config.clone().unwrap_or_default();
         let labels = config.labels.clone().unwrap_or_default();
-        let env = config
+        let mut env: Vec<(String, String)> = config
             .env
             .unwrap_or_default()
             .into_iter()
@@ -621,6 +657,18 @@ impl Container {
             })
             .collect();
         let host = info.host_config.clone().unwrap_or_default();
+        // A claimed warm slot's program got its environment at the hand-over: the
+        // container's own is the slot's. Read it from the host.
+        let mut exec_env = Vec::new();
+        if labels.contains_key(LABEL_WARM) {
+            let pid = info.state.as_ref().and_then(|s| s.pid);
+            let pid = pid.and_then(|p| u32::try_from(p).ok()).filter(|&p| p > 0);
+            if let Some(e) = pid.and_then(|p| crate::warm::program_env(p, host.init == Some(true)))
+            {
+                exec_env = e.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                env = e;
+            }
+        }
         let (status_tx, _) = watch::channel(None);
         let c = Arc::new(Container {
             id: id.to_owned(),
@@ -634,6 +682,7 @@ impl Container {
             memory_limit: host.memory.filter(|&m| m > 0).map(|m| m as u64),
             pids_limit: host.pids_limit.filter(|&p| p > 0).map(|p| p as u32),
             env,
+            exec_env,
         });
         let sink: Arc<dyn EventSink> = c.clone();
         engine.watch(id, Arc::downgrade(&sink));
@@ -1000,7 +1049,17 @@ impl InstanceHandle for Container {
 }
 
 impl Container {
-    async fn exec_in(&self, req: ExecRequest) -> std::io::Result<EngineExec> {
+    async fn exec_in(&self, mut req: ExecRequest) -> std::io::Result<EngineExec> {
+        if !self.exec_env.is_empty() {
+            let mut env: Vec<(String, String)> = self
+                .exec_env
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            env.append(&mut req.env);
+            req.env = env;
+        }
         exec_in(&self.client, &self.id, req, ExecKill::HostPid).await
     }
 }
@@ -1131,7 +1190,7 @@ pub async fn exec_in(
 
 /// The cgroup directories of a container (v1 controllers, or one v2 directory).
 #[derive(Debug, Clone)]
-struct Cgroup {
+pub(crate) struct Cgroup {
     memory: Option<PathBuf>,
     pids: Option<PathBuf>,
     cpuacct: Option<PathBuf>,
@@ -1140,7 +1199,7 @@ struct Cgroup {
 }
 
 impl Cgroup {
-    fn of(pid: u32) -> Option<Cgroup> {
+    pub(crate) fn of(pid: u32) -> Option<Cgroup> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
         let mut cg = Cgroup {
             memory: None,
@@ -1175,7 +1234,7 @@ impl Cgroup {
         Some(cg)
     }
 
-    fn read(&self, memory_limit: Option<u64>, pids_limit: Option<u32>) -> Stats {
+    pub(crate) fn read(&self, memory_limit: Option<u64>, pids_limit: Option<u32>) -> Stats {
         let num = |dir: &Option<PathBuf>, file: &str| -> Option<u64> {
             std::fs::read_to_string(dir.as_ref()?.join(file))
                 .ok()?
@@ -1218,7 +1277,7 @@ impl Cgroup {
 }
 
 /// The first 12 characters of a container id, as `docker ps` shows it.
-fn short_id(id: &str) -> &str {
+pub(crate) fn short_id(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
 

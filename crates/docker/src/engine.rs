@@ -25,6 +25,8 @@ pub const LABEL_DAEMON: &str = "bulkhead.daemon";
 pub const LABEL_INSTANCE: &str = "bulkhead.instance";
 pub const LABEL_WORKLOAD: &str = "bulkhead.workload";
 pub const LABEL_CONFIG: &str = "bulkhead.config";
+/// On a warm slot's container: the slot's name (`crate::warm`).
+pub const LABEL_WARM: &str = "bulkhead.warm";
 
 /// How long the reachability check waits for the engine's answer.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(2);

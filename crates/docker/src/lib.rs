@@ -12,17 +12,25 @@
 //! - [`debootstrap`]: Debian base images made on the host (no registry) for
 //!   `docker.build.debootstrap`, kept by the image cache.
 //! - [`recovery`]: after a daemon restart, finds this daemon's containers by label.
+//! - [`warm`]: warm slots (`warm:`): containers created and started ahead, whose first
+//!   process is a static init of ours (`init/main.rs`, built by `build.rs`) that waits
+//!   for the program, its arguments and environment on a Unix socket, then execs it.
 //!
 //! **Invariant — every container bulkhead creates carries `bulkhead.daemon=<daemon id>`
 //! and `bulkhead.instance=<instance id>`**; recovery and the event filter act on those
-//! labels only, so containers of other daemons and of users are never touched.
+//! labels only, so containers of other daemons and of users are never touched. A warm
+//! slot is made before its instance is known: it carries `bulkhead.warm=<slot>` and an
+//! empty `bulkhead.instance`, and the hand-over renames it after its instance
+//! ([`warm::claimed_name`]), which recovery reads instead; an unclaimed slot is removed.
 
 pub mod debootstrap;
 pub mod driver;
 pub mod engine;
 pub mod images;
 pub mod recovery;
+pub mod warm;
 
 pub use driver::{Container, DockerDriver};
 pub use engine::{Engine, EngineError};
 pub use images::{ImageCache, ImageRecord, Limits};
+pub use warm::DockerSlot;

@@ -5,14 +5,18 @@ use std::sync::Arc;
 
 use bollard::query_parameters::{ListContainersOptions, RemoveContainerOptions};
 
-use crate::engine::{Engine, LABEL_DAEMON, LABEL_INSTANCE};
+use crate::engine::{Engine, LABEL_DAEMON, LABEL_INSTANCE, LABEL_WARM};
 
 /// One container of this daemon.
 #[derive(Debug, Clone)]
 pub struct Found {
     pub id: String,
+    /// The instance label, or for a warm slot the instance its name was claimed for
+    /// (empty: an unclaimed slot, which is no run).
     pub instance: String,
     pub running: bool,
+    /// The warm slot it was made as (`bulkhead.warm`), if any.
+    pub warm: Option<String>,
 }
 
 /// Every container labelled with this daemon's id (running or not).
@@ -33,9 +37,22 @@ pub async fn list(engine: &Arc<Engine>) -> Result<Vec<Found>, String> {
     Ok(list
         .into_iter()
         .filter_map(|c| {
+            let labels = c.labels?;
+            let warm = labels.get(LABEL_WARM).cloned();
+            let instance = match &warm {
+                // Claimed: the name carries the instance (`crate::warm`).
+                Some(_) => c
+                    .names
+                    .iter()
+                    .flatten()
+                    .find_map(|n| crate::warm::instance_of_name(n))
+                    .unwrap_or_default(),
+                None => labels.get(LABEL_INSTANCE)?.clone(),
+            };
             Some(Found {
                 id: c.id?,
-                instance: c.labels?.get(LABEL_INSTANCE)?.clone(),
+                instance,
+                warm,
                 running: c
                     .state
                     .is_some_and(|s| s == bollard::models::ContainerSummaryStateEnum::RUNNING),

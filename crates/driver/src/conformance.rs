@@ -849,6 +849,54 @@ impl<T: Driver> DriverUnderTest for T {
     }
 }
 
+/// A driver whose every `spawn` goes through a warm slot: [`Driver::prewarm`] for the
+/// spec (its workload, folder, binds and `$PORT`), then [`Driver::spawn_warm`] with the
+/// spec. Wrapped around a driver that prewarms, the whole suite checks that a pooled
+/// instance behaves as a cold one; a failure of either step is the spawn's error.
+pub struct WarmFirst<D>(pub D);
+
+#[async_trait::async_trait]
+impl<D: Driver> Driver for WarmFirst<D> {
+    fn kind(&self) -> bulkhead_core::spec::DriverKind {
+        self.0.kind()
+    }
+
+    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, crate::SpawnError> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let warm = crate::warm::WarmSpec {
+            slot: format!(
+                "warm-{}-{}",
+                spec.spec.name,
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ),
+            spec: spec.spec.clone(),
+            cwd: spec.cwd.clone(),
+            ids: spec.ids,
+            binds: spec.binds.clone(),
+            port: spec
+                .env
+                .iter()
+                .find(|(k, _)| k == "PORT")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0),
+        };
+        let slot = self.0.prewarm(warm).await?;
+        self.0.spawn_warm(slot, spec).await
+    }
+
+    fn tracks_every_descendant(&self) -> bool {
+        self.0.tracks_every_descendant()
+    }
+
+    fn runs_host_programs(&self) -> bool {
+        self.0.runs_host_programs()
+    }
+
+    fn prewarms(&self) -> bool {
+        self.0.prewarms()
+    }
+}
+
 /// Calls `$m!(<args> ; <every check name>)`, so the list of checks lives in one place.
 #[macro_export]
 macro_rules! for_each_conformance_check {
