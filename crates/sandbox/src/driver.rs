@@ -11,7 +11,8 @@
 //!
 //! - running -> sweeping: the pidfd polls readable; `waitid(P_PIDFD)` reaps the init under
 //!   the phase lock (so a signal never reaches a reused pid). The instance's status is the
-//!   workload's, read from the init's status pipe (or the init's own if it was killed).
+//!   main process's (the workload's, or the one `MAINPID=` named: `crate::mainpid`), read
+//!   from the init's status pipe (or the init's own if it was killed).
 //! - sweeping -> done: the PID namespace died with its init, so the cgroup is normally
 //!   empty at once; if not (a v1-only process that escaped, a slow death), `cgroup.kill`
 //!   (or SIGKILL to each listed pid in v1) and poll until empty. The OOM-kill counter is

@@ -34,9 +34,10 @@
 //!    `/.bulkhead-old-root` until `/proc` (and `/sys`) are mounted (a user namespace may only mount
 //!    them while a full one is visible), runc's read-only and masked paths follow, then
 //!    the old root is detached and the root tmpfs made read-only.
-//! 6. With init: block every signal, `clone(SIGCHLD)` (raw: glibc's `fork` runs atfork
-//!    handlers that take malloc locks another thread of the daemon may have held at the
-//!    clone), the new process (`W`, PID 2) continues below, `C` becomes the init loop.
+//! 6. With init: block every signal, open a signalfd for them, `clone(SIGCHLD)` (raw:
+//!    glibc's `fork` runs atfork handlers that take malloc locks another thread of the
+//!    daemon may have held at the clone), the new process (`W`, PID 2) continues below,
+//!    `C` becomes the init loop.
 //! 7. `W`: default signal dispositions and an empty mask, stdio, the manifest's `umask`
 //!    and `limits`, `chdir` (its `working_dir`), the capability bounding set,
 //!    uid/gid/groups, capability sets, `no_new_privs`, seccomp, `execve`.
@@ -50,15 +51,18 @@
 //!
 //! # The init
 //!
-//! Signals stay blocked and are taken with `sigwaitinfo` (a blocked signal is never
+//! Signals stay blocked and are read from a signalfd (a blocked signal is never
 //! discarded, even for a namespace's init, which the kernel otherwise protects from
-//! signals it has no handler for). `SIGCHLD`: reap everything with `wait4(-1, WNOHANG)`
-//! (we are PID 1: every orphan of the namespace is ours). Anything else is forwarded to
-//! every process of the namespace (`kill(-1, sig)`). When `W` ends, the init writes
-//! `W`'s raw wait status into the status pipe and exits (the kernel then kills what is
-//! left of the namespace); the driver reports the status from the pipe, so exit codes and
-//! signals (with core dump) come through unchanged. An init killed before that (SIGKILL,
-//! OOM) reports its own status.
+//! signals it has no handler for), polled with the driver's control pipe (and the pidfd
+//! of a main process named by `MAINPID=`). `SIGCHLD`: reap everything with
+//! `wait4(-1, WNOHANG)` (we are PID 1: every orphan of the namespace is ours). Anything
+//! else is forwarded to every process of the namespace (`kill(-1, sig)`). When the main
+//! process (`W`, or the one `MAINPID=` named, see [`crate::mainpid`]) ends, the init
+//! writes its pid and raw wait status into the status pipe and waits for the driver's
+//! answer: `0`, and it exits (the kernel then kills what is left of the namespace), or
+//! another main process to follow. The driver reports the status from the pipe, so exit
+//! codes and signals (with core dump) come through unchanged. An init killed before that
+//! (SIGKILL, OOM) reports its own status.
 
 use std::ffi::{CStr, CString};
 use std::io;

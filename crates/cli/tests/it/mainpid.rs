@@ -239,9 +239,11 @@ fn a_restarted_daemon_adopts_the_moved_main_process() {
     assert!(wait_gone(main));
 }
 
-/// The sandbox: a program whose first process forks, sends `READY=1` and `STATUS=main
-/// <child>` (with `MAINPID=<child>` when `mode` is `mainpid`, or `MAINPID=<mode>` for any
-/// other value but `none`) and exits 0 at once. The pids are the sandbox's own.
+/// The sandbox: a program whose first process forks (the child leads a session of its
+/// own: it is the instance's by its PID namespace, not by a process group), sends
+/// `READY=1` and `STATUS=main <child>` (with `MAINPID=<child>` when `mode` is `mainpid`,
+/// or `MAINPID=<mode>` for any other value but `none`) and exits 0 at once. The pids are
+/// the sandbox's own.
 const SANDBOXED: &str = r#"import os, signal, socket, sys, time
 def notify(msg):
     addr = os.environ["NOTIFY_SOCKET"]
@@ -253,6 +255,7 @@ def notify(msg):
 mode = sys.argv[1]
 child = os.fork()
 if child == 0:
+    os.setsid()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
     while True:
         time.sleep(1)
