@@ -1,8 +1,9 @@
 //! sd_notify `MAINPID=` in the sandbox driver, against the real kernel: the value is a pid
 //! of the sandbox's namespace (`host_pid` translates it), the init follows the process
 //! named, a move while the first process still runs makes that one's exit a mere log
-//! line, a new main process reaped by its own parent ends the run as `LOST_STATUS`, and a
-//! pid outside the instance (or the init) is refused.
+//! line, a move made by the exit hook is followed (the first process's exit is not the
+//! end yet), a new main process reaped by its own parent ends the run as `LOST_STATUS`,
+//! and a pid outside the instance (or the init) is refused.
 //!
 //! Every test skips with a printed reason where the driver cannot start (no root, no
 //! cgroups).
@@ -176,4 +177,65 @@ async fn without_our_init_the_main_process_cannot_move() {
     ));
     h.signal(Signal::KILL).unwrap();
     run.wait().await;
+}
+
+/// The order systemd keeps (notify messages before `SIGCHLD`): when the first process
+/// exits, the hook runs before the run is declared over, and a move made there is
+/// followed. Here sh starts `sleep`, writes its pid and exits 0 at once; the hook reads
+/// the pid (as the daemon reads a queued `MAINPID=`). The control has no hook.
+async fn first_exits_at_once(follow: bool) -> Option<ExitStatus> {
+    let d = driver()?;
+    let fx = Fixture::temp();
+    let file = fx.path("main.pid");
+    let script = "sleep 60 & echo $! > main.pid.tmp && mv main.pid.tmp main.pid; exit 0";
+    let run = start(&d, &fx, "hook", script, "").await;
+    let h = Arc::clone(&run.spawned.handle);
+    let init = h.pid();
+    if follow {
+        let weak = Arc::downgrade(&h);
+        let file = file.clone();
+        h.on_main_exit(Arc::new(move || {
+            let Some(h) = weak.upgrade() else { return };
+            let inner: u32 = std::fs::read_to_string(&file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            h.set_main_pid(h.host_pid(inner).unwrap()).unwrap();
+        }));
+    }
+    let inner = inner_main(&run, &fx).await;
+    if follow {
+        let start = Instant::now();
+        while h.pid() == init {
+            assert!(start.elapsed() < Duration::from_secs(30), "never moved");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let main = h.pid().unwrap();
+        assert_eq!(h.host_pid(inner), Some(main));
+        h.signal(Signal::TERM).unwrap();
+    }
+    Some(run.wait().await)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_exit_hook_moves_the_run_before_the_first_process_ends_it() {
+    let Some(status) = first_exits_at_once(true).await else {
+        return;
+    };
+    assert_eq!(
+        status,
+        ExitStatus::Signaled {
+            signal: libc::SIGTERM,
+            core_dumped: false
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_hook_the_first_process_exit_ends_the_run() {
+    let Some(status) = first_exits_at_once(false).await else {
+        return;
+    };
+    assert_eq!(status, ExitStatus::Exited { code: 0 });
 }
