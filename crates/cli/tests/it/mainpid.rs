@@ -285,7 +285,8 @@ fn inner_pid(pid: u32) -> Option<u32> {
 
 /// The first process of a sandboxed program exits right after `MAINPID=<child>`: the run
 /// stays ready on the child (`get` shows its host pid), and the child's own exit status
-/// (7, from its SIGTERM handler) ends the run.
+/// (7, from its SIGTERM handler) ends the run, whether the child is killed directly or
+/// through `terminate`.
 #[test]
 fn a_sandboxed_mainpid_is_followed_and_its_status_reported() {
     let Some(py) = system_python3() else { return };
@@ -332,6 +333,24 @@ fn a_sandboxed_mainpid_is_followed_and_its_status_reported() {
     let g = d.json(&["get", &id, "-o", "json"]);
     assert_eq!(g["last_exit"]["code"], 7, "{g}");
     assert!(wait_gone(main), "the child {main} outlived its instance");
+
+    // terminate: SIGTERM reaches the new main process of a second run, whose own status
+    // (exit 7) is the one reported, not the first process's exit 0.
+    let v = d.json(&["launch", "sbmp", "-o", "json"]);
+    assert_eq!(v["id"], id.as_str(), "{v}");
+    let g = get_until(&d, &id, "followed the second run's child", |g| {
+        g["state"] == "ready"
+            && g["pid"].as_u64().is_some_and(|p| p as u32 != main)
+            && g["status_text"].as_str().is_some_and(|s| {
+                s.strip_prefix("main ").and_then(|p| p.parse().ok())
+                    == g["pid"].as_u64().and_then(|p| inner_pid(p as u32))
+            })
+    });
+    let main2 = g["pid"].as_u64().unwrap() as u32;
+    assert!(d.cli(&["terminate", &id]).status.success());
+    let g = get_until(&d, &id, "terminated", |g| g["state"] == "terminated");
+    assert_eq!(g["last_exit"]["code"], 7, "{g}");
+    assert!(wait_gone(main2), "the child {main2} outlived its instance");
 }
 
 /// The control: without `MAINPID=`, the same sandboxed program ends with its first
