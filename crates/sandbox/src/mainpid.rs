@@ -23,11 +23,12 @@
 //! - a pid: the main process is now that one (also sent at any time by `set_main_pid`).
 //!   The init follows it with a pidfd; once the process that forked it has exited, the
 //!   init (PID 1, every orphan's parent) reaps it and reports its real status. One that
-//!   exits while another process is its parent (which reaps it) is reported as
-//!   [`LOST`](crate::spawn::LOST), shown as
+//!   exits while another process is its parent stays a zombie until that parent exits
+//!   (the init then reaps it: its real status) or reaps it (the init looks every 50 ms):
+//!   then it is reported as [`LOST`](crate::spawn::LOST), shown as
 //!   [`LOST_STATUS`](bulkhead_driver::process::LOST_STATUS) and logged, as on the process
-//!   driver. One that already ended when named is reported at once (its status if the
-//!   init reaped it, among the last 16).
+//!   driver (which reports it lost at once). One that already ended when named is
+//!   reported at once (its status if the init reaped it, among the last 16).
 //!
 //! The driver answers a record about the process the init started by first reading the
 //! notify messages queued before (the hook of

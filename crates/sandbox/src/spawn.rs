@@ -1105,6 +1105,9 @@ unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, sfd: RawFd) -> ! {
 const INIT_STATUS: RawFd = 0;
 const INIT_CTL: RawFd = 1;
 const INIT_SIGNALS: RawFd = 2;
+/// How often the init looks whether a main process that exited as another process's
+/// child is still a zombie.
+const ZOMBIE_POLL_MS: libc::c_int = 50;
 
 /// A record on the status pipe is this long: the pid (in the instance's namespace) of
 /// the main process that ended and its raw wait status (or [`LOST`]), native-endian.
@@ -1122,6 +1125,9 @@ struct Init {
     /// A pidfd of a main process the driver named (-1 for `W`, always our child): it
     /// tells when that one exits even while another process is its parent.
     pidfd: RawFd,
+    /// The main process exited as another live process's child (a zombie): it is
+    /// ours (and its status real) if that parent exits first, lost if it reaps it.
+    zombie: bool,
     /// The end of `main` was written to the status pipe; the driver answers with `0`
     /// (end) or a new main process.
     waiting: bool,
@@ -1140,6 +1146,7 @@ impl Init {
         Init {
             main,
             pidfd: -1,
+            zombie: false,
             waiting: false,
             last: 0,
             ask: true,
@@ -1170,12 +1177,20 @@ impl Init {
                 revents: 0,
             },
         ];
+        // A zombie of another parent gives no event when that parent reaps it: looked
+        // at again every 50 ms (only then).
+        let timeout = if self.zombie { ZOMBIE_POLL_MS } else { -1 };
         // SAFETY: a stack array of three pollfds; negative fds are ignored.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) } <= 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) } < 0 {
             return;
         }
         // SAFETY: the calls below are raw system calls on our fds and stack buffers.
         unsafe {
+            if self.zombie && !self.waiting && libc::kill(self.main, 0) != 0 {
+                // Reaped by its parent: its status was that parent's to take.
+                self.zombie = false;
+                self.ended(LOST);
+            }
             if fds[0].revents != 0 {
                 self.signals();
             }
@@ -1223,6 +1238,7 @@ impl Init {
                 self.reaped[self.next] = (r, st);
                 self.next = (self.next + 1) % self.reaped.len();
                 if r == self.main && !self.waiting {
+                    self.zombie = false;
                     // SAFETY: in the init.
                     unsafe { self.ended(st) };
                 }
@@ -1231,7 +1247,9 @@ impl Init {
     }
 
     /// The pidfd of a named main process is readable: it exited. Reaped if it is our
-    /// child; otherwise its parent takes its status, which is [`LOST`].
+    /// child; otherwise it waits as a zombie for its parent: if that one exits first, the
+    /// zombie is ours (reaped on `SIGCHLD`, with its real status); if it reaps it, the
+    /// status was its to take, and ours is [`LOST`].
     unsafe fn pidfd_ready(&mut self) {
         // SAFETY: an all-zero siginfo_t is valid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -1248,7 +1266,14 @@ impl Init {
         unsafe {
             if r < 0 {
                 if *libc::__errno_location() == libc::ECHILD {
-                    self.ended(LOST);
+                    // Not (yet) ours: stop polling the pidfd (it stays readable).
+                    libc::close(self.pidfd);
+                    self.pidfd = -1;
+                    if libc::kill(self.main, 0) == 0 {
+                        self.zombie = true;
+                    } else {
+                        self.ended(LOST);
+                    }
                 }
                 return;
             }
@@ -1324,6 +1349,7 @@ impl Init {
             }
             self.main = pid;
             self.waiting = false;
+            self.zombie = false;
             self.pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0u32) as RawFd;
             if self.pidfd >= 0 {
                 // Alive (or a zombie): its pidfd polls readable once it has exited.

@@ -2,8 +2,9 @@
 //! of the sandbox's namespace (`host_pid` translates it), the init follows the process
 //! named, a move while the first process still runs makes that one's exit a mere log
 //! line, a move made by the exit hook is followed (the first process's exit is not the
-//! end yet), a new main process reaped by its own parent ends the run as `LOST_STATUS`,
-//! and a pid outside the instance (or the init) is refused.
+//! end yet), a new main process reaped by its own parent ends the run as `LOST_STATUS`
+//! (one its parent leaves a zombie and exits keeps its real status), and a pid outside
+//! the instance (or the init) is refused.
 //!
 //! Every test skips with a printed reason where the driver cannot start (no root, no
 //! cgroups).
@@ -153,6 +154,28 @@ async fn a_new_main_process_reaped_by_its_parent_ends_the_run_as_lost() {
     // sh kills and reaps the sleep: its status is sh's to take, the run's is unknown.
     std::fs::write(fx.path("go"), "").unwrap();
     assert_eq!(run.wait().await, LOST_STATUS);
+}
+
+/// The same killed main process, but its parent does not reap it (it becomes `sleep`,
+/// which waits for no child) and exits later: the zombie then becomes the init's, and its
+/// real status (SIGTERM) is the run's, not a lost one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_main_process_left_a_zombie_by_its_exiting_parent_keeps_its_status() {
+    let Some(d) = driver() else { return };
+    let fx = Fixture::temp();
+    let run = start(&d, &fx, "zombie", &script("kill $!; exec sleep 1"), "").await;
+    let h = run.handle();
+    let inner = inner_main(&run, &fx).await;
+    let main = h.host_pid(inner).unwrap();
+    h.set_main_pid(main).unwrap();
+    std::fs::write(fx.path("go"), "").unwrap();
+    assert_eq!(
+        run.wait().await,
+        ExitStatus::Signaled {
+            signal: libc::SIGTERM,
+            core_dumped: false
+        }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

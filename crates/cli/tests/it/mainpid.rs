@@ -253,10 +253,11 @@ def notify(msg):
     s.sendto(msg.encode(), addr)
     s.close()
 mode = sys.argv[1]
+# Before the fork: the child has it before it is named.
+signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
 child = os.fork()
 if child == 0:
     os.setsid()
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
     while True:
         time.sleep(1)
 msg = "READY=1\nSTATUS=main %d" % child
