@@ -100,11 +100,17 @@ impl PidNs {
         }
     }
 
+    /// Whether host process `host` lives in this namespace (one `stat`: asked for every
+    /// notify message).
+    pub(crate) fn contains(&self, host: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{host}/ns/pid"))
+            .is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino))
+    }
+
     /// Host process `host`'s number in this namespace, if it lives in it.
     pub(crate) fn pid_of(&self, host: u32) -> Option<u32> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(format!("/proc/{host}/ns/pid")).ok()?;
-        if (m.dev(), m.ino()) != (self.dev, self.ino) {
+        if !self.contains(host) {
             return None;
         }
         let status = std::fs::read_to_string(format!("/proc/{host}/status")).ok()?;
@@ -173,7 +179,7 @@ impl MainPid {
 
     /// Whether host process `pid` is one of the instance's (lives in its namespace).
     pub(crate) fn owns(&self, pid: u32) -> Option<bool> {
-        Some(self.ns?.pid_of(pid).is_some())
+        Some(self.ns?.contains(pid))
     }
 
     /// The host pid of the instance's process numbered `inner` in its namespace.

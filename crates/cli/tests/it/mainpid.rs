@@ -290,8 +290,20 @@ fn inner_pid(pid: u32) -> Option<u32> {
 /// through `terminate`.
 #[test]
 fn a_sandboxed_mainpid_is_followed_and_its_status_reported() {
+    sandboxed_mainpid_is_followed("");
+}
+
+/// The same with the host's user namespace (the init and the program run as the host's
+/// root, no id mapping).
+#[test]
+fn a_sandboxed_mainpid_is_followed_without_a_user_namespace() {
+    sandboxed_mainpid_is_followed("sandbox: {user_namespace: host}\n");
+}
+
+fn sandboxed_mainpid_is_followed(extra: &str) {
     let Some(py) = system_python3() else { return };
-    let d = Daemon::start(&[("sbmp", &sandboxed("sbmp", py, "mainpid"))]);
+    let m = format!("{}{extra}", sandboxed("sbmp", py, "mainpid"));
+    let d = Daemon::start(&[("sbmp", &m)]);
     if !crate::sandbox::sandbox_available(&d) {
         return;
     }
