@@ -363,6 +363,32 @@ mod tests {
         assert_eq!(pid_at_level("NSpid:\t4242\t3\t1\n", 2), Some(1));
     }
 
+    /// The init builds a wait status from `waitid` for a main process it reaped through
+    /// its pidfd; the driver decodes it as every other status.
+    #[test]
+    fn a_waitid_end_decodes_as_the_same_status() {
+        use crate::spawn::wait_status;
+        assert_eq!(
+            decode(wait_status(libc::CLD_EXITED, 7)),
+            ExitStatus::Exited { code: 7 }
+        );
+        assert_eq!(
+            decode(wait_status(libc::CLD_KILLED, libc::SIGTERM)),
+            ExitStatus::Signaled {
+                signal: libc::SIGTERM,
+                core_dumped: false
+            }
+        );
+        assert_eq!(
+            decode(wait_status(libc::CLD_DUMPED, libc::SIGSEGV)),
+            ExitStatus::Signaled {
+                signal: libc::SIGSEGV,
+                core_dumped: true
+            }
+        );
+        assert_ne!(wait_status(libc::CLD_EXITED, 255), LOST);
+    }
+
     #[test]
     fn this_process_is_not_the_init_of_a_namespace() {
         // The test runs as PID 1 of no namespace of its own (a CI container's init
