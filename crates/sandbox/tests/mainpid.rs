@@ -163,7 +163,10 @@ async fn a_new_main_process_reaped_by_its_parent_ends_the_run_as_lost() {
 async fn a_main_process_left_a_zombie_by_its_exiting_parent_keeps_its_status() {
     let Some(d) = driver() else { return };
     let fx = Fixture::temp();
-    let script = "sh -c 'while [ ! -e go ]; do sleep 0.05; done; exit 5' &\n\
+    // The child exits only once its parent is `sleep` (sh reaps any child it sees exit
+    // while it waits for one of its commands, or after a builtin).
+    let script = "sh -c 'while [ ! -e go ] || [ \"$(cat /proc/$PPID/comm)\" != sleep ]; \
+                  do sleep 0.05; done; exit 5' &\n\
                   echo $! > main.pid.tmp && mv main.pid.tmp main.pid\n\
                   exec sleep 2\n";
     let run = start(&d, &fx, "zombie", script, "").await;
