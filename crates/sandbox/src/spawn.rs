@@ -57,7 +57,7 @@
 //! of a main process named by `MAINPID=`). `SIGCHLD`: reap everything with
 //! `wait4(-1, WNOHANG)` (we are PID 1: every orphan of the namespace is ours). Anything
 //! else is forwarded to every process of the namespace (`kill(-1, sig)`). When the main
-//! process (`W`, or the one `MAINPID=` named, see [`crate::mainpid`]) ends, the init
+//! process (`W`, or the one `MAINPID=` named, see `crate::mainpid`) ends, the init
 //! writes its pid and raw wait status into the status pipe and waits for the driver's
 //! answer: `0`, and it exits (the kernel then kills what is left of the namespace), or
 //! another main process to follow. The driver reports the status from the pipe, so exit
