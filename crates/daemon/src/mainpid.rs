@@ -9,8 +9,10 @@
 //! process it started exits, to read what is queued on the socket first
 //! ([`InstanceHandle::on_main_exit`]), as systemd reads notify messages before `SIGCHLD`.
 //!
-//! A `MAINPID=` naming a process outside the instance is dropped (the socket checks it);
-//! one the driver cannot follow (docker, the sandbox) is logged and ignored.
+//! The value is a pid as the instance sees it: the driver translates it to the host's
+//! ([`InstanceHandle::host_pid`]; the sandbox has a PID namespace of its own). A
+//! `MAINPID=` naming a process outside the instance is dropped (the socket checks it);
+//! one the driver cannot follow (docker) is logged and ignored.
 
 use std::sync::{Arc, Weak};
 
@@ -38,6 +40,10 @@ pub(crate) fn watch_notify(
         let weak = weak.clone();
         move |p: u32| belongs(&weak, p, first)
     };
+    let main_pid = {
+        let weak = weak.clone();
+        move |v: u32| named_main(&weak, v, first)
+    };
     let forward = {
         let weak = weak.clone();
         move |mut msg: NotifyMsg| {
@@ -58,12 +64,20 @@ pub(crate) fn watch_notify(
         move || {
             if let Some(sock) = sock.upgrade() {
                 let owns = |p: u32| belongs(&weak, p, first);
-                let _ = sock.receive_queued(&owns, &*forward);
+                let main_pid = |v: u32| named_main(&weak, v, first);
+                let _ = sock.receive_queued(&owns, &main_pid, &*forward);
             }
         }
     };
     handle.on_main_exit(Arc::new(hook));
-    tokio::spawn(sock.run(owns, move |m| forward(m)))
+    tokio::spawn(sock.run(owns, main_pid, move |m| forward(m)))
+}
+
+/// The host pid of the process of the run that `MAINPID=value` names (the value is a pid
+/// in the instance's own PID namespace, if it has one), or `None`.
+fn named_main(h: &Weak<dyn InstanceHandle>, value: u32, first: u32) -> Option<u32> {
+    let host = h.upgrade()?.host_pid(value)?;
+    belongs(h, host, first).then_some(host)
 }
 
 /// Whether host process `p` belongs to the run: its main process (moved or not), or as

@@ -125,10 +125,12 @@ impl NotifySocket {
     }
 
     /// Receives messages until the task is aborted, handing those whose sender `owns`
-    /// accepts to `handle`, in order.
+    /// accepts to `handle`, in order. `main_pid` maps a `MAINPID=` value (a pid as the
+    /// instance sees it) to the host pid of a process of the instance, or `None`.
     pub async fn run(
         self: std::sync::Arc<Self>,
         owns: impl Fn(u32) -> bool,
+        main_pid: impl Fn(u32) -> Option<u32>,
         handle: impl Fn(NotifyMsg),
     ) {
         loop {
@@ -140,7 +142,7 @@ impl NotifySocket {
             let _one = self.reading.lock().unwrap_or_else(|e| e.into_inner());
             let got = self
                 .sock
-                .try_io(Interest::READABLE, || self.drain(&owns, &handle));
+                .try_io(Interest::READABLE, || self.drain(&owns, &main_pid, &handle));
             match got {
                 Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
                     tracing::warn!("notify socket {}: {e}", self.path.display());
@@ -159,17 +161,23 @@ impl NotifySocket {
     pub fn receive_queued(
         &self,
         owns: &dyn Fn(u32) -> bool,
+        main_pid: &dyn Fn(u32) -> Option<u32>,
         handle: &dyn Fn(NotifyMsg),
     ) -> std::io::Result<()> {
         let _one = self.reading.lock().unwrap_or_else(|e| e.into_inner());
-        match self.drain(owns, handle) {
+        match self.drain(owns, main_pid, handle) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
             other => other,
         }
     }
 
     /// Reads until the queue is empty (`WouldBlock`), the caller holding `reading`.
-    fn drain(&self, owns: &dyn Fn(u32) -> bool, handle: &dyn Fn(NotifyMsg)) -> std::io::Result<()> {
+    fn drain(
+        &self,
+        owns: &dyn Fn(u32) -> bool,
+        main_pid: &dyn Fn(u32) -> Option<u32>,
+        handle: &dyn Fn(NotifyMsg),
+    ) -> std::io::Result<()> {
         let mut data = vec![0u8; 4096];
         loop {
             let got = {
@@ -209,12 +217,14 @@ impl NotifySocket {
             }
             let mut msg = NotifyMsg::parse(&data[..n.min(data.len())]);
             if let Some(mp) = msg.main_pid {
-                if !owns(mp) {
+                // The value is a pid as the sender sees it: the host's, unless the instance
+                // has a PID namespace of its own (the sandbox).
+                msg.main_pid = main_pid(mp);
+                if msg.main_pid.is_none() {
                     tracing::warn!(
                         "notify socket {}: MAINPID={mp} is not part of the instance, ignored",
                         self.path.display()
                     );
-                    msg.main_pid = None;
                 }
             }
             handle(msg);
@@ -546,6 +556,7 @@ mod tests {
         // First run: only accept pid 1 (not us) -> dropped. Second: accept us.
         let task = tokio::spawn(std::sync::Arc::new(sock).run(
             move |pid| pid == me,
+            Some,
             move |m| {
                 let _ = tx.send(m);
             },
@@ -570,6 +581,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(std::sync::Arc::new(sock).run(
             |pid| pid == 1,
+            Some,
             move |m| {
                 let _ = tx.send(m);
             },
@@ -583,7 +595,8 @@ mod tests {
     }
 
     /// What the driver's exit hook relies on: the messages queued now are read at once,
-    /// in order, and a `MAINPID=` naming a process outside the instance is cleared.
+    /// in order, and a `MAINPID=` naming a process outside the instance is cleared; the
+    /// value goes through the translation (a pid in the instance's PID namespace: 5 here).
     #[tokio::test]
     async fn queued_messages_are_read_at_once_in_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -591,12 +604,11 @@ mod tests {
         let sock = NotifySocket::bind(&path).unwrap();
         let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
         let me = std::process::id();
-        client
-            .send_to(format!("MAINPID={me}\nSTATUS=a").as_bytes(), &path)
-            .unwrap();
+        client.send_to(b"MAINPID=5\nSTATUS=a", &path).unwrap();
         client.send_to(b"MAINPID=1\nSTATUS=b", &path).unwrap();
         let got = std::sync::Mutex::new(Vec::new());
-        sock.receive_queued(&|p| p == me, &|m| got.lock().unwrap().push(m))
+        let in_ns = |p: u32| (p == 5).then_some(me);
+        sock.receive_queued(&|p| p == me, &in_ns, &|m| got.lock().unwrap().push(m))
             .unwrap();
         let got = got.into_inner().unwrap();
         assert_eq!(got.len(), 2, "{got:?}");
@@ -609,7 +621,7 @@ mod tests {
             (None, Some("b"))
         );
         // Nothing left: returns at once.
-        sock.receive_queued(&|_| true, &|m| panic!("{m:?}"))
+        sock.receive_queued(&|_| true, &Some, &|m| panic!("{m:?}"))
             .unwrap();
     }
 

@@ -8,7 +8,7 @@
 //! unused for `max_idle` and lets a pool unused that long go dormant (refilled on its
 //! next launch). A launch never waits for a slot: it takes a ready one or spawns cold.
 //!
-//! What a slot is made with: its own directory `<state>/notify/warm-<workload>-<n>/`
+//! What a slot (`warm-<workload>-<n>`) is made with: its own directory `<state>/notify/warm-<n>/`
 //! (shown inside at the same path; the launch binds the notify socket there), a port
 //! from the daemon's range (the instance's `$PORT`), and for `user_namespace: auto` a
 //! host id range held under the slot's name, which the launch hands to its tenant
@@ -428,8 +428,11 @@ async fn prepare(
         .get(&spec.driver)
         .cloned()
         .ok_or_else(|| format!("driver {} is not available", spec.driver))?;
-    let name = format!("warm-{workload}-{}", sh.next_seq());
-    let dir = sh.notify_dir().join(&name);
+    let seq = sh.next_seq();
+    let name = format!("warm-{workload}-{seq}");
+    // Short: a socket path in it must fit `sun_path` (108 bytes) whatever the workload's
+    // name (the docker init's hand-over socket, the notify socket).
+    let dir = sh.notify_dir().join(format!("warm-{seq}"));
     std::fs::DirBuilder::new()
         .mode(0o711)
         .create(&dir)

@@ -452,6 +452,8 @@ pub enum MainPidError {
     Ended,
     #[error("the keeper is older than this daemon and cannot follow another main process (restart the keeper)")]
     OldKeeper,
+    #[error("pid {pid} is not a process of the instance")]
+    NotInInstance { pid: u32 },
     #[error("cannot watch pid {pid}: {source}")]
     Watch {
         pid: u32,
@@ -680,6 +682,14 @@ pub trait InstanceHandle: Send + Sync + 'static {
     fn set_main_pid(&self, pid: u32) -> Result<(), MainPidError> {
         let _ = pid;
         Err(MainPidError::Unsupported)
+    }
+
+    /// sd_notify `MAINPID=`'s value, a pid as the instance's processes see it, as the host
+    /// sees it; `None`: no process of the instance has it. Drivers whose instances have a
+    /// PID namespace of their own translate it; the default: the instance shares the
+    /// host's.
+    fn host_pid(&self, pid: u32) -> Option<u32> {
+        Some(pid)
     }
 
     /// `hook` runs when the main process the driver started has exited, before the driver

@@ -657,6 +657,14 @@ impl InstanceCgroup {
         self.dirs().all(|d| procs(d).is_empty())
     }
 
+    /// Every process of the instance's cgroups (each once).
+    pub fn members(&self) -> Vec<u32> {
+        let mut all: Vec<u32> = self.dirs().flat_map(procs).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
     fn dirs(&self) -> impl Iterator<Item = &Path> {
         self.unified
             .iter()

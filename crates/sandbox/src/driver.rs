@@ -11,7 +11,8 @@
 //!
 //! - running -> sweeping: the pidfd polls readable; `waitid(P_PIDFD)` reaps the init under
 //!   the phase lock (so a signal never reaches a reused pid). The instance's status is the
-//!   workload's, read from the init's status pipe (or the init's own if it was killed).
+//!   main process's (the workload's, or the one `MAINPID=` named: `crate::mainpid`), read
+//!   from the init's status pipe (or the init's own if it was killed).
 //! - sweeping -> done: the PID namespace died with its init, so the cgroup is normally
 //!   empty at once; if not (a v1-only process that escaped, a slow death), `cgroup.kill`
 //!   (or SIGKILL to each listed pid in v1) and poll until empty. The OOM-kill counter is
@@ -46,14 +47,15 @@ use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::DriverKind;
 use bulkhead_driver::restrict::Restrictions;
 use bulkhead_driver::{
-    reaper, sys, Driver, ExecTarget, ExitCause, InstanceHandle, SetupStep, SignalError, SpawnError,
-    SpawnSpec, Spawned, Stats, StatsError,
+    reaper, sys, Driver, ExecTarget, ExitCause, InstanceHandle, MainPidError, SetupStep,
+    SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{oneshot, watch};
 
 use crate::cgroup::{self, Cgroups, InstanceCgroup, ModeChoice};
+use crate::mainpid::MainPid;
 use crate::spawn::{self, BindPlan, ChildError, Prepared};
 
 mod warm;
@@ -182,7 +184,7 @@ fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
     })
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -732,6 +734,9 @@ impl Driver for SandboxDriver {
             phase: Mutex::new(Phase::Running),
             cause: Mutex::new(None),
             cgroup: cg,
+            main: child
+                .ctl
+                .map(|ctl| Arc::new(MainPid::new(spec.instance.as_str(), pid, ctl))),
         });
         // v1 has no `memory.oom.group`: an OOM kill of one process (not the main one)
         // would leave the instance running without it, unreported. Like v2 (and systemd's
@@ -786,10 +791,12 @@ struct Shared {
     phase: Mutex<Phase>,
     cause: Mutex<Option<ExitCause>>,
     cgroup: InstanceCgroup,
+    /// `MAINPID=` (only with our init).
+    main: Option<Arc<MainPid>>,
 }
 
 /// Decodes a raw wait status as the init wrote it.
-fn decode(st: i32) -> ExitStatus {
+pub(crate) fn decode(st: i32) -> ExitStatus {
     if libc::WIFEXITED(st) {
         ExitStatus::Exited {
             code: libc::WEXITSTATUS(st),
@@ -812,22 +819,23 @@ async fn watch_instance(
     _id_hold: Option<IdHold>,
 ) {
     let oom_watch = oom_events.map(|fd| tokio::spawn(end_on_oom_kill(fd, Arc::clone(&shared))));
+    // The init reports its main process's end on the status pipe and waits for our
+    // answer (see `crate::mainpid`).
+    let followed = (shared.main.clone())
+        .zip(status_pipe)
+        .map(|(main, fd)| tokio::spawn(main.follow(fd)));
     let init_status = reap_main(&afd, &shared).await;
     if let Some(w) = oom_watch {
         w.abort();
     }
     reaper::Registry::global().unregister(shared.pid);
     drop(afd);
-    // The init wrote the workload's status before exiting; a killed init wrote nothing.
-    let status = status_pipe
-        .and_then(|fd| {
-            let mut b = [0u8; 4];
-            match rustix::io::read(&fd, &mut b) {
-                Ok(4) => Some(decode(i32::from_ne_bytes(b))),
-                _ => None,
-            }
-        })
-        .unwrap_or(init_status);
+    // The main process's status, as the init reported it; a killed init reported none.
+    let status = match followed {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    }
+    .unwrap_or(init_status);
     let sh = Arc::clone(&shared);
     let swept = tokio::task::spawn_blocking(move || {
         let cg = &sh.cgroup;
@@ -961,7 +969,34 @@ struct SandboxHandle {
 #[async_trait]
 impl InstanceHandle for SandboxHandle {
     fn pid(&self) -> Option<u32> {
-        Some(self.shared.pid)
+        let moved = self.shared.main.as_ref().and_then(|m| m.moved());
+        Some(moved.unwrap_or(self.shared.pid))
+    }
+
+    fn set_main_pid(&self, pid: u32) -> Result<(), MainPidError> {
+        if *lock(&self.shared.phase) != Phase::Running {
+            return Err(MainPidError::Ended);
+        }
+        // Without our init the workload is PID 1: its end is the namespace's.
+        let main = self.shared.main.as_ref().ok_or(MainPidError::Unsupported)?;
+        main.set(pid)
+    }
+
+    fn on_main_exit(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        if let Some(main) = &self.shared.main {
+            main.on_exit(hook);
+        }
+    }
+
+    fn host_pid(&self, pid: u32) -> Option<u32> {
+        self.shared
+            .main
+            .as_ref()?
+            .host_pid(&self.shared.cgroup, pid)
+    }
+
+    fn owns_pid(&self, pid: u32) -> Option<bool> {
+        self.shared.main.as_ref()?.owns(pid)
     }
 
     fn signal(&self, signal: Signal) -> Result<(), SignalError> {

@@ -5,6 +5,7 @@
 //!   spawner thread, the watcher. Its module docs hold the handle's lifecycle table.
 //! - [`spawn`]: clone3 (`CLONE_PIDFD | CLONE_INTO_CGROUP | CLONE_NEW{PID,NS,IPC,UTS[,NET]}`),
 //!   the child's raw-syscall setup (mounts, capabilities, seccomp) and the PID-1 init.
+//! - `mainpid`: sd_notify `MAINPID=`, the init's control pipe and the host/namespace pids.
 //! - [`cgroup`]: detection (v2, hybrid, v1), per-instance cgroups, limits, usage, teardown.
 //! - [`seccomp`]: the deny-list.
 //!
@@ -23,6 +24,7 @@
 
 pub mod cgroup;
 pub mod driver;
+pub(crate) mod mainpid;
 pub mod seccomp;
 pub mod spawn;
 

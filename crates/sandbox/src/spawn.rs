@@ -34,9 +34,10 @@
 //!    `/.bulkhead-old-root` until `/proc` (and `/sys`) are mounted (a user namespace may only mount
 //!    them while a full one is visible), runc's read-only and masked paths follow, then
 //!    the old root is detached and the root tmpfs made read-only.
-//! 6. With init: block every signal, `clone(SIGCHLD)` (raw: glibc's `fork` runs atfork
-//!    handlers that take malloc locks another thread of the daemon may have held at the
-//!    clone), the new process (`W`, PID 2) continues below, `C` becomes the init loop.
+//! 6. With init: block every signal, open a signalfd for them, `clone(SIGCHLD)` (raw:
+//!    glibc's `fork` runs atfork handlers that take malloc locks another thread of the
+//!    daemon may have held at the clone), the new process (`W`, PID 2) continues below,
+//!    `C` becomes the init loop.
 //! 7. `W`: default signal dispositions and an empty mask, stdio, the manifest's `umask`
 //!    and `limits`, `chdir` (its `working_dir`), the capability bounding set,
 //!    uid/gid/groups, capability sets, `no_new_privs`, seccomp, `execve`.
@@ -50,15 +51,18 @@
 //!
 //! # The init
 //!
-//! Signals stay blocked and are taken with `sigwaitinfo` (a blocked signal is never
+//! Signals stay blocked and are read from a signalfd (a blocked signal is never
 //! discarded, even for a namespace's init, which the kernel otherwise protects from
-//! signals it has no handler for). `SIGCHLD`: reap everything with `wait4(-1, WNOHANG)`
-//! (we are PID 1: every orphan of the namespace is ours). Anything else is forwarded to
-//! every process of the namespace (`kill(-1, sig)`). When `W` ends, the init writes
-//! `W`'s raw wait status into the status pipe and exits (the kernel then kills what is
-//! left of the namespace); the driver reports the status from the pipe, so exit codes and
-//! signals (with core dump) come through unchanged. An init killed before that (SIGKILL,
-//! OOM) reports its own status.
+//! signals it has no handler for), polled with the driver's control pipe (and the pidfd
+//! of a main process named by `MAINPID=`). `SIGCHLD`: reap everything with
+//! `wait4(-1, WNOHANG)` (we are PID 1: every orphan of the namespace is ours). Anything
+//! else is forwarded to every process of the namespace (`kill(-1, sig)`). When the main
+//! process (`W`, or the one `MAINPID=` named, see `crate::mainpid`) ends, the init
+//! writes its pid and raw wait status into the status pipe and waits for the driver's
+//! answer: `0`, and it exits (the kernel then kills what is left of the namespace), or
+//! another main process to follow. The driver reports the status from the pipe, so exit
+//! codes and signals (with core dump) come through unchanged. An init killed before that
+//! (SIGKILL, OOM) reports its own status.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -605,6 +609,8 @@ pub(crate) struct Child {
     pub pidfd: OwnedFd,
     /// Read end of the init's status pipe (only with init).
     pub status: Option<OwnedFd>,
+    /// Write end of the init's control pipe (only with init; see [`crate::mainpid`]).
+    pub ctl: Option<OwnedFd>,
 }
 
 /// A failure before exec, as reported by the child.
@@ -648,6 +654,7 @@ const STAGE_LISTEN: u32 = 18;
 /// A slot's workload process waits for its hand-over (not a failure: see [`spawn_slot`]).
 pub(crate) const STAGE_WAITING: u32 = 19;
 const STAGE_HANDOVER: u32 = 20;
+const STAGE_SIGNALFD: u32 = 21;
 const STAGE_MOUNT: u32 = 1000;
 /// `STAGE_LIMIT + i`: setting `Prepared::rlimits[i]`.
 const STAGE_LIMIT: u32 = 900;
@@ -681,6 +688,8 @@ fn clone_instance(
 ) -> Result<(Child, Option<SlotEnds>), ChildError> {
     let (err_r, err_w) = pipe_cloexec().map_err(ChildError::Clone)?;
     let (status_r, status_w) = pipe_cloexec().map_err(ChildError::Clone)?;
+    // The driver tells the init through this one that the main process moved (MAINPID=).
+    let (ctl_r, ctl_w) = pipe_cloexec().map_err(ChildError::Clone)?;
     // The child waits on this one until the parent has written its id maps (user
     // namespace only; otherwise unused).
     let (sync_r, sync_w) = pipe_cloexec().map_err(ChildError::Clone)?;
@@ -732,6 +741,7 @@ fn clone_instance(
         slots: slots.as_mut_ptr(),
         err_w: err_w.as_raw_fd(),
         status_w: status_w.as_raw_fd(),
+        ctl_r: ctl_r.as_raw_fd(),
         sync_r: sync_r.as_raw_fd(),
         sync_w: sync_w.as_raw_fd(),
         devnull: devnull.as_raw_fd(),
@@ -790,6 +800,7 @@ fn clone_instance(
     // exec'd (or died), the status pipe once the init wrote and exited.
     drop(err_w);
     drop(status_w);
+    drop(ctl_r);
     drop(devnull);
     drop(slots);
     drop(sync_r);
@@ -816,6 +827,7 @@ fn clone_instance(
             pid,
             pidfd,
             status: p.init.then_some(status_r),
+            ctl: p.init.then_some(ctl_w),
         };
         return Ok((child, Some(pipes.parent_side(err_r))));
     }
@@ -844,6 +856,7 @@ fn clone_instance(
             pid,
             pidfd,
             status: p.init.then_some(status_r),
+            ctl: p.init.then_some(ctl_w),
         },
         None,
     ))
@@ -911,6 +924,7 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_NNP => Step::NoNewPrivs.what().into(),
         STAGE_LANDLOCK => Step::Landlock.what().into(),
         STAGE_LISTEN => "pass the listening sockets (LISTEN_FDS)".into(),
+        STAGE_SIGNALFD => "create the init's signal descriptor".into(),
         STAGE_SECCOMP => Step::Seccomp.what().into(),
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
         STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
@@ -949,6 +963,7 @@ struct Ctx<'a> {
     slots: *mut RawFd,
     err_w: RawFd,
     status_w: RawFd,
+    ctl_r: RawFd,
     sync_r: RawFd,
     sync_w: RawFd,
     devnull: RawFd,
@@ -1076,6 +1091,11 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
             libc::sigfillset(&mut all);
             // Blocked before the fork: no signal is lost between it and the loop.
             libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+            // The init takes them from this descriptor, polled with its control pipe.
+            let sfd = libc::signalfd(-1, &all, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+            if sfd < 0 {
+                fail(ctx, STAGE_SIGNALFD);
+            }
             let pid = libc::syscall(
                 libc::SYS_clone,
                 libc::SIGCHLD as libc::c_ulong,
@@ -1088,27 +1108,34 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
                 fail(ctx, STAGE_FORK);
             }
             if pid > 0 {
-                let ctx = slot_init_wait(ctx);
-                init_loop(&ctx, pid as libc::pid_t, &all);
+                let ctx = slot_init_wait(ctx, sfd as RawFd);
+                init_loop(&ctx, pid as libc::pid_t, sfd);
             }
         }
         workload(ctx)
     }
 }
 
-/// The init: reap, forward, report the workload's status. Never returns.
+/// The init: reap, forward, report the main process's status. Never returns.
 ///
 /// # Safety
-/// Only in the child, after the fork of the workload.
-unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, all: &libc::sigset_t) -> ! {
+/// Only in the child, after the fork of the workload; `sfd` is a signalfd for every signal.
+unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, sfd: RawFd) -> ! {
     // SAFETY: for the whole block, raw system calls on our own fds and stack buffers;
     // the argument and environment areas are this process's own (copied) memory, read
     // from /proc/self/stat of the process we are a copy of, and nothing here reads them.
     unsafe {
-        // Keep only the status pipe (as fd 0): the init must not hold the daemon's
-        // descriptors (other instances' pipes, sockets) for the instance's lifetime.
-        libc::dup2(ctx.status_w, 0);
-        libc::syscall(libc::SYS_close_range, 1u32, u32::MAX, 0u32);
+        // Keep only the status pipe (fd 0), the control pipe (1) and the signalfd (2):
+        // the init must not hold the daemon's descriptors (other instances' pipes,
+        // sockets) for the instance's lifetime. Copied above 2 first, so that no dup2
+        // overwrites another of the three.
+        let status = libc::fcntl(ctx.status_w, libc::F_DUPFD, 3);
+        let ctl = libc::fcntl(ctx.ctl_r, libc::F_DUPFD, 3);
+        let sig = libc::fcntl(sfd, libc::F_DUPFD, 3);
+        libc::dup2(status, INIT_STATUS);
+        libc::dup2(ctl, INIT_CTL);
+        libc::dup2(sig, INIT_SIGNALS);
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
         // The init is a copy of the daemon (no exec): its memory is the daemon's. Not
         // dumpable, so that the workload (same uid) can neither ptrace it nor read its
         // memory or environment through /proc; its command line and environment areas
@@ -1127,36 +1154,300 @@ unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, all: &libc::sigset_t) -> !
             std::ptr::write_bytes(e0 as *mut u8, 0, e1 - e0);
         }
         libc::prctl(libc::PR_SET_NAME, c"bulkhead-init".as_ptr(), 0, 0, 0);
+        let mut init = Init::new(main);
         loop {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            let sig = libc::sigwaitinfo(all, &mut info);
-            if sig < 0 {
-                continue;
+            init.step();
+        }
+    }
+}
+
+/// The init's descriptors (see [`init_loop`]).
+const INIT_STATUS: RawFd = 0;
+const INIT_CTL: RawFd = 1;
+const INIT_SIGNALS: RawFd = 2;
+/// How often the init looks whether a main process that exited as another process's
+/// child is still a zombie.
+const ZOMBIE_POLL_MS: libc::c_int = 50;
+
+/// A record on the status pipe is this long: the pid (in the instance's namespace) of
+/// the main process that ended and its raw wait status (or [`LOST`]), native-endian.
+pub(crate) const RECORD: usize = 8;
+
+/// The status of a main process that ended as another process's child (its parent
+/// reaped it): unknown.
+pub(crate) const LOST: i32 = -1;
+
+/// The init's state: which process is main, and whether its end was reported and awaits
+/// the driver's answer. No allocation: it lives on the init's stack.
+struct Init {
+    /// The main process (a pid in the namespace): `W`, or what the driver named.
+    main: libc::pid_t,
+    /// A pidfd of a main process the driver named (-1 for `W`, always our child): it
+    /// tells when that one exits even while another process is its parent.
+    pidfd: RawFd,
+    /// The main process exited as another live process's child (a zombie): it is
+    /// ours (and its status real) if that parent exits first, lost if it reaps it.
+    zombie: bool,
+    /// The end of `main` was written to the status pipe; the driver answers with `0`
+    /// (end) or a new main process.
+    waiting: bool,
+    /// That status.
+    last: libc::c_int,
+    /// The control pipe is open: ask the driver before ending (it reads the `MAINPID=`
+    /// messages queued before the exit first).
+    ask: bool,
+    /// The last processes reaped (pid, status): a process named after its end.
+    reaped: [(libc::pid_t, libc::c_int); 16],
+    next: usize,
+}
+
+impl Init {
+    fn new(main: libc::pid_t) -> Init {
+        Init {
+            main,
+            pidfd: -1,
+            zombie: false,
+            waiting: false,
+            last: 0,
+            ask: true,
+            reaped: [(0, 0); 16],
+            next: 0,
+        }
+    }
+
+    /// Waits for a signal, the driver or the main process's end, and handles it.
+    ///
+    /// # Safety
+    /// Only in the init.
+    unsafe fn step(&mut self) {
+        let mut fds = [
+            libc::pollfd {
+                fd: INIT_SIGNALS,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if self.ask { INIT_CTL } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // A zombie of another parent gives no event when that parent reaps it: looked
+        // at again every 50 ms (only then).
+        let timeout = if self.zombie { ZOMBIE_POLL_MS } else { -1 };
+        // SAFETY: a stack array of three pollfds; negative fds are ignored.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) } < 0 {
+            return;
+        }
+        // SAFETY: the calls below are raw system calls on our fds and stack buffers.
+        unsafe {
+            if self.zombie && !self.waiting && libc::kill(self.main, 0) != 0 {
+                // Reaped by its parent: its status was that parent's to take.
+                self.zombie = false;
+                self.ended(LOST);
             }
+            if fds[0].revents != 0 {
+                self.signals();
+            }
+            if fds[2].revents != 0 && self.pidfd == fds[2].fd {
+                self.pidfd_ready();
+            }
+            if fds[1].revents != 0 {
+                self.control();
+            }
+        }
+    }
+
+    /// Forwards every pending signal but `SIGCHLD` to every process of the namespace but
+    /// us; on `SIGCHLD`, reaps every child (we are PID 1: every orphan of the namespace
+    /// is ours).
+    unsafe fn signals(&mut self) {
+        loop {
+            // SAFETY: an all-zero signalfd_siginfo is valid.
+            let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let n = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reading into a stack struct of its size.
+            if unsafe {
+                libc::read(
+                    INIT_SIGNALS,
+                    (&mut si as *mut libc::signalfd_siginfo).cast(),
+                    n,
+                )
+            } != n as isize
+            {
+                return;
+            }
+            let sig = si.ssi_signo as libc::c_int;
             if sig != libc::SIGCHLD {
-                // To every process of the namespace but us.
-                libc::kill(-1, sig);
+                // SAFETY: kill(2).
+                unsafe { libc::kill(-1, sig) };
                 continue;
             }
             loop {
                 let mut st: libc::c_int = 0;
-                let r = libc::wait4(-1, &mut st, libc::WNOHANG, std::ptr::null_mut());
+                // SAFETY: wait4 into a stack int.
+                let r = unsafe { libc::wait4(-1, &mut st, libc::WNOHANG, std::ptr::null_mut()) };
                 if r <= 0 {
                     break;
                 }
-                if r == main {
-                    let b = st.to_ne_bytes();
-                    libc::write(0, b.as_ptr().cast(), b.len());
-                    let code = if libc::WIFEXITED(st) {
-                        libc::WEXITSTATUS(st)
-                    } else {
-                        128 + libc::WTERMSIG(st)
-                    };
-                    // Exiting kills the rest of the namespace.
-                    libc::_exit(code);
+                self.reaped[self.next] = (r, st);
+                self.next = (self.next + 1) % self.reaped.len();
+                if r == self.main && !self.waiting {
+                    self.zombie = false;
+                    // SAFETY: in the init.
+                    unsafe { self.ended(st) };
                 }
             }
         }
+    }
+
+    /// The pidfd of a named main process is readable: it exited. Reaped if it is our
+    /// child; otherwise it waits as a zombie for its parent: if that one exits first, the
+    /// zombie is ours (reaped on `SIGCHLD`, with its real status); if it reaps it, the
+    /// status was its to take, and ours is [`LOST`].
+    unsafe fn pidfd_ready(&mut self) {
+        // SAFETY: an all-zero siginfo_t is valid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our pidfd into a stack struct.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                self.pidfd as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        // SAFETY: errno of this (only) thread; the siginfo fields of a child's exit.
+        unsafe {
+            if r < 0 {
+                if *libc::__errno_location() == libc::ECHILD {
+                    // Not (yet) ours: stop polling the pidfd (it stays readable).
+                    libc::close(self.pidfd);
+                    self.pidfd = -1;
+                    if libc::kill(self.main, 0) == 0 {
+                        self.zombie = true;
+                    } else {
+                        self.ended(LOST);
+                    }
+                }
+                return;
+            }
+            if info.si_pid() == 0 {
+                return;
+            }
+            let st = wait_status(info.si_code, info.si_status());
+            self.reaped[self.next] = (self.main, st);
+            self.next = (self.next + 1) % self.reaped.len();
+            self.ended(st);
+        }
+    }
+
+    /// The main process ended with `st`: written to the status pipe; the init waits for
+    /// the driver's answer (or ends now, without a driver to ask).
+    unsafe fn ended(&mut self, st: libc::c_int) {
+        // SAFETY: closing our own pidfd, writing a stack buffer to our pipe.
+        unsafe {
+            if self.pidfd >= 0 {
+                libc::close(self.pidfd);
+                self.pidfd = -1;
+            }
+            let mut rec = [0u8; RECORD];
+            rec[..4].copy_from_slice(&self.main.to_ne_bytes());
+            rec[4..].copy_from_slice(&st.to_ne_bytes());
+            let written = libc::write(INIT_STATUS, rec.as_ptr().cast(), rec.len());
+            self.last = st;
+            self.waiting = true;
+            if !self.ask || written != RECORD as isize {
+                self.exit();
+            }
+        }
+    }
+
+    /// A message from the driver: `0` (end: the reported main process was the last), or
+    /// the pid of the new main process; end of file: the driver is gone, end when the
+    /// main process does.
+    unsafe fn control(&mut self) {
+        let mut b = [0u8; 4];
+        // SAFETY: reading into a stack buffer (4 bytes are written at once: atomic).
+        let n = unsafe { libc::read(INIT_CTL, b.as_mut_ptr().cast(), b.len()) };
+        if n < 0 {
+            return;
+        }
+        // SAFETY: in the init.
+        unsafe {
+            if n != 4 {
+                self.ask = false;
+                if self.waiting {
+                    self.exit();
+                }
+                return;
+            }
+            let pid = libc::pid_t::from_ne_bytes(b);
+            if pid == 0 {
+                if self.waiting {
+                    self.exit();
+                }
+                return;
+            }
+            if pid != self.main {
+                self.moved(pid);
+            }
+        }
+    }
+
+    /// `MAINPID=`: `pid` is the main process from now on.
+    unsafe fn moved(&mut self, pid: libc::pid_t) {
+        // SAFETY: closing our own pidfd, opening one.
+        unsafe {
+            if self.pidfd >= 0 {
+                libc::close(self.pidfd);
+            }
+            self.main = pid;
+            self.waiting = false;
+            self.zombie = false;
+            self.pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0u32) as RawFd;
+            if self.pidfd >= 0 {
+                // Alive (or a zombie): its pidfd polls readable once it has exited.
+                return;
+            }
+            self.pidfd = -1;
+            // Gone already: reaped by us (its status is kept), or by its parent.
+            let st = self
+                .reaped
+                .iter()
+                .find(|(p, _)| *p == pid)
+                .map_or(LOST, |(_, st)| *st);
+            self.ended(st);
+        }
+    }
+
+    /// Ends the run with the last reported status; exiting kills the rest of the
+    /// namespace.
+    unsafe fn exit(&self) -> ! {
+        let st = self.last;
+        let code = if st == LOST {
+            255
+        } else if libc::WIFEXITED(st) {
+            libc::WEXITSTATUS(st)
+        } else {
+            128 + libc::WTERMSIG(st)
+        };
+        // SAFETY: _exit(2).
+        unsafe { libc::_exit(code) }
+    }
+}
+
+/// The raw wait status (as `wait4` gives it) of a child's end as `waitid` reports it.
+pub(crate) fn wait_status(code: libc::c_int, status: libc::c_int) -> libc::c_int {
+    match code {
+        libc::CLD_EXITED => (status & 0xff) << 8,
+        libc::CLD_DUMPED => (status & 0x7f) | 0x80,
+        _ => status & 0x7f,
     }
 }
 
@@ -1799,14 +2090,15 @@ unsafe fn read_full(fd: RawFd, buf: *mut u8, len: usize) -> bool {
 ///
 /// # Safety
 /// Only in the init, after the fork of the workload.
-unsafe fn slot_init_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
+unsafe fn slot_init_wait<'a>(ctx: &Ctx<'a>, signals: RawFd) -> Ctx<'a> {
     let s = ctx.slot;
     if s.title_r < 0 {
         return *ctx;
     }
     // SAFETY: our own descriptors and our copy of the title buffer (TITLE_BYTES).
     unsafe {
-        keep_only([ctx.status_w, s.title_r]);
+        // The control pipe and the signalfd stay for the init loop (`MAINPID=`).
+        keep_only([ctx.status_w, s.title_r, ctx.ctl_r, signals]);
         let mut len = [0u8; 4];
         if !read_full(s.title_r, len.as_mut_ptr(), 4) {
             return *ctx;

@@ -238,3 +238,177 @@ fn a_restarted_daemon_adopts_the_moved_main_process() {
     assert_eq!(g["last_exit"]["code"], 7, "{g}");
     assert!(wait_gone(main));
 }
+
+/// The sandbox: a program whose first process forks (the child leads a session of its
+/// own: it is the instance's by its PID namespace, not by a process group), sends
+/// `READY=1` and `STATUS=main <child>` (with `MAINPID=<child>` when `mode` is `mainpid`,
+/// or `MAINPID=<mode>` for any other value but `none`) and exits 0 at once. The pids are
+/// the sandbox's own.
+const SANDBOXED: &str = r#"import os, signal, socket, sys, time
+def notify(msg):
+    addr = os.environ["NOTIFY_SOCKET"]
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.sendto(msg.encode(), addr)
+    s.close()
+mode = sys.argv[1]
+# Before the fork: the child has it before it is named.
+signal.signal(signal.SIGTERM, lambda *_: os._exit(7))
+child = os.fork()
+if child == 0:
+    os.setsid()
+    while True:
+        time.sleep(1)
+msg = "READY=1\nSTATUS=main %d" % child
+if mode == "mainpid":
+    msg = "MAINPID=%d\n%s" % (child, msg)
+elif mode != "none":
+    msg = "MAINPID=%s\n%s" % (mode, msg)
+notify(msg)
+sys.exit(0)
+"#;
+
+fn sandboxed(name: &str, py: &str, mode: &str) -> String {
+    let script: String = SANDBOXED.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "name: {name}\ndriver: sandbox\ncommand:\n  - {py}\n  - -c\n  - |\n{script}  - '{mode}'\n\
+         readiness: {{notify: true, timeout: 30s}}\nrestart: {{policy: never}}\n"
+    )
+}
+
+/// `pid`'s number in its innermost PID namespace (the sandbox's).
+fn inner_pid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+/// The first process of a sandboxed program exits right after `MAINPID=<child>`: the run
+/// stays ready on the child (`get` shows its host pid), and the child's own exit status
+/// (7, from its SIGTERM handler) ends the run, whether the child is killed directly or
+/// through `terminate`.
+#[test]
+fn a_sandboxed_mainpid_is_followed_and_its_status_reported() {
+    sandboxed_mainpid_is_followed("");
+}
+
+/// The same with the host's user namespace (the init and the program run as the host's
+/// root, no id mapping).
+#[test]
+fn a_sandboxed_mainpid_is_followed_without_a_user_namespace() {
+    sandboxed_mainpid_is_followed("sandbox: {user_namespace: host}\n");
+}
+
+fn sandboxed_mainpid_is_followed(extra: &str) {
+    let Some(py) = system_python3() else { return };
+    let m = format!("{}{extra}", sandboxed("sbmp", py, "mainpid"));
+    let d = Daemon::start(&[("sbmp", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    let v = d.json(&["launch", "sbmp", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    // STATUS= names the child as the sandbox sees it; `get` shows its host pid.
+    let g = get_until(&d, &id, "followed the child", |g| {
+        let inner = g["status_text"]
+            .as_str()
+            .and_then(|s| s.strip_prefix("main "))
+            .and_then(|p| p.parse::<u32>().ok());
+        let host = g["pid"].as_u64().map(|p| p as u32);
+        inner.is_some() && host.and_then(inner_pid) == inner
+    });
+    let main = g["pid"].as_u64().unwrap() as u32;
+    assert_ne!(
+        std::fs::read_to_string(format!("/proc/{main}/comm"))
+            .unwrap_or_default()
+            .trim(),
+        "bulkhead-init",
+        "{g}"
+    );
+    // Long enough for the first process's exit to have been taken as the end of the run.
+    std::thread::sleep(Duration::from_millis(500));
+    let g = d.json(&["get", &id, "-o", "json"]);
+    assert_eq!(
+        (g["state"].clone(), g["pid"].clone(), g["restarts"].clone()),
+        ("ready".into(), main.into(), 0.into()),
+        "{g}\n{}",
+        d.daemon_log()
+    );
+    assert!(alive(main));
+
+    // SAFETY: kill(2) on the host pid of the test's own workload's child.
+    unsafe { libc::kill(main as i32, libc::SIGTERM) };
+    let e = d.wait_event("the run ended with the child", |e| {
+        e["instance"] == id.as_str() && e["kind"] == "exited"
+    });
+    assert_eq!(e["exit_code"], 7, "{e}");
+    let g = d.json(&["get", &id, "-o", "json"]);
+    assert_eq!(g["last_exit"]["code"], 7, "{g}");
+    assert!(wait_gone(main), "the child {main} outlived its instance");
+
+    // terminate: SIGTERM reaches the new main process of a second run, whose own status
+    // (exit 7) is the one reported, not the first process's exit 0.
+    let v = d.json(&["launch", "sbmp", "-o", "json"]);
+    assert_eq!(v["id"], id.as_str(), "{v}");
+    let g = get_until(&d, &id, "followed the second run's child", |g| {
+        g["state"] == "ready"
+            && g["pid"].as_u64().is_some_and(|p| p as u32 != main)
+            && g["status_text"].as_str().is_some_and(|s| {
+                s.strip_prefix("main ").and_then(|p| p.parse().ok())
+                    == g["pid"].as_u64().and_then(|p| inner_pid(p as u32))
+            })
+    });
+    let main2 = g["pid"].as_u64().unwrap() as u32;
+    assert!(d.cli(&["terminate", &id]).status.success());
+    let g = get_until(&d, &id, "terminated", |g| g["state"] == "terminated");
+    assert_eq!(g["last_exit"]["code"], 7, "{g}");
+    assert!(wait_gone(main2), "the child {main2} outlived its instance");
+}
+
+/// The control: without `MAINPID=`, the same sandboxed program ends with its first
+/// process (exit 0), and its child goes with it.
+#[test]
+fn without_mainpid_a_sandboxed_program_ends_with_its_first_process() {
+    let Some(py) = system_python3() else { return };
+    let d = Daemon::start(&[("sbnone", &sandboxed("sbnone", py, "none"))]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    let v = d.json(&["launch", "sbnone", "--wait", "started", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    let e = d.wait_event("the run ended with the first process", |e| {
+        e["instance"] == id.as_str() && e["kind"] == "exited"
+    });
+    assert_eq!(e["exit_code"], 0, "{e}");
+    let g = d.json(&["get", &id, "-o", "json"]);
+    assert_eq!(g["state"], "exited", "{g}");
+}
+
+/// `MAINPID=` naming a process outside the sandbox (a host pid: the test's own) or the
+/// sandbox's init (1) is refused: the run ends with its first process, as without it.
+#[test]
+fn a_sandboxed_mainpid_outside_the_instance_is_refused() {
+    let Some(py) = system_python3() else { return };
+    let me = std::process::id().to_string();
+    let d = Daemon::start(&[
+        ("sbhost", &sandboxed("sbhost", py, &me)),
+        ("sbinit", &sandboxed("sbinit", py, "1")),
+    ]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    for (name, value) in [("sbhost", me.as_str()), ("sbinit", "1")] {
+        let v = d.json(&["launch", name, "--wait", "started", "-o", "json"]);
+        let id = v["id"].as_str().unwrap().to_owned();
+        let e = d.wait_event("the run ended with the first process", |e| {
+            e["instance"] == id.as_str() && e["kind"] == "exited"
+        });
+        assert_eq!(e["exit_code"], 0, "{e}");
+        let log = d.daemon_log();
+        assert!(
+            log.contains(&format!("MAINPID={value} is not part of the instance")),
+            "{log}"
+        );
+    }
+}

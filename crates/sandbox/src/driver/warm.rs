@@ -70,6 +70,8 @@ struct Live {
     pid: u32,
     pidfd: OwnedFd,
     status: Option<OwnedFd>,
+    /// The init's control pipe (`MAINPID=`).
+    ctl: Option<OwnedFd>,
     ends: SlotEnds,
     out_r: OwnedFd,
     err_r: OwnedFd,
@@ -421,6 +423,7 @@ impl SandboxDriver {
             pid: child.pid,
             pidfd: child.pidfd,
             status: child.status,
+            ctl: child.ctl,
             ends,
             out_r,
             err_r,
@@ -648,6 +651,7 @@ impl SandboxDriver {
             pid,
             pidfd,
             status,
+            ctl,
             ends,
             out_r,
             err_r,
@@ -688,6 +692,7 @@ impl SandboxDriver {
             phase: Mutex::new(Phase::Running),
             cause: Mutex::new(None),
             cgroup: cg,
+            main: ctl.map(|ctl| Arc::new(super::MainPid::new(spec.instance.as_str(), pid, ctl))),
         });
         let oom_events = match shared.cgroup.v1_oom_events() {
             Ok(fd) => fd,
