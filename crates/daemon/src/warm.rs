@@ -8,7 +8,7 @@
 //! unused for `max_idle` and lets a pool unused that long go dormant (refilled on its
 //! next launch). A launch never waits for a slot: it takes a ready one or spawns cold.
 //!
-//! What a slot (`warm-<workload>-<n>`) is made with: its own directory `<state>/notify/warm-<n>/`
+//! What a slot (`warm-<workload>-<daemon pid>-<n>`) is made with: its own directory `<state>/notify/warm-<n>/`
 //! (shown inside at the same path; the launch binds the notify socket there), a port
 //! from the daemon's range (the instance's `$PORT`), and for `user_namespace: auto` a
 //! host id range held under the slot's name, which the launch hands to its tenant
@@ -429,7 +429,9 @@ async fn prepare(
         .cloned()
         .ok_or_else(|| format!("driver {} is not available", spec.driver))?;
     let seq = sh.next_seq();
-    let name = format!("warm-{workload}-{seq}");
+    // The daemon's pid too: names stay unique across a restart (the drivers name
+    // cgroups and containers after the slot; a killed daemon's may still be there).
+    let name = format!("warm-{workload}-{}-{seq}", std::process::id());
     // Short: a socket path in it must fit `sun_path` (108 bytes) whatever the workload's
     // name (the docker init's hand-over socket, the notify socket).
     let dir = sh.notify_dir().join(format!("warm-{seq}"));
