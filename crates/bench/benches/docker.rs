@@ -40,20 +40,23 @@ fn main() -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let wl = dir.path().join("workloads");
-    std::fs::create_dir_all(wl.join("dk"))?;
-    std::fs::write(
-        wl.join("dk").join("manifest.yaml"),
-        format!(
-            "name: dk\ndriver: docker\ncommand: [sleep, '1000']\nisolation: session\ndocker:\n  image: {IMAGE}\n"
-        ),
-    )?;
+    // `dkw`: the same workload with a warm pool (`warm:`).
+    for (name, warm) in [("dk", ""), ("dkw", "warm: {size: 2}\n")] {
+        std::fs::create_dir_all(wl.join(name))?;
+        std::fs::write(
+            wl.join(name).join("manifest.yaml"),
+            format!(
+                "name: {name}\ndriver: docker\ncommand: [sleep, '1000']\nisolation: session\n{warm}docker:\n  image: {IMAGE}\n"
+            ),
+        )?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let cfg = bulkhead_daemon::Config::new(wl, Some(dir.path().join("state")), None);
     let socket = cfg.socket.clone();
-    let _daemon = rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
+    let daemon = rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
     let driver = rt.block_on(async {
         bulkhead_docker::DockerDriver::new(
             bulkhead_docker::Engine::new(format!("bench-docker-{}", std::process::id())),
@@ -62,7 +65,7 @@ fn main() -> anyhow::Result<()> {
     });
     let slot_dir = dir.path().join("slot");
     std::fs::create_dir_all(&slot_dir)?;
-    let (cli, running, ready, create, start, cold, warm) = rt.block_on(async {
+    let (cli, running, ready, create, start, cold, warm, pooled) = rt.block_on(async {
         let engine = bollard::Docker::connect_with_defaults()?
             .negotiate_version()
             .await?;
@@ -81,6 +84,8 @@ fn main() -> anyhow::Result<()> {
         let mut cold = Samples::new("bulkhead docker driver cold: spawn -> running");
         let mut warm =
             Samples::new("bulkhead docker driver from a warm slot: hand-over -> running");
+        let mut pooled =
+            Samples::new("bulkhead launch -> ready from a warm pool (warm: {size: 2})");
         for _ in 0..3 {
             driver_once(&driver, &slot_dir, false).await?;
             driver_once(&driver, &slot_dir, true).await?;
@@ -102,12 +107,20 @@ fn main() -> anyhow::Result<()> {
                 .push(driver_once(&driver, &slot_dir, false).await?);
             warm.values
                 .push(driver_once(&driver, &slot_dir, true).await?);
+            // Not timed: the pool has a slot again (it refills while no launch runs).
+            wait_for_slot(&mut c, "dkw").await?;
+            let t = Instant::now();
+            launch_of(&mut c, "dkw", &format!("p{i}"), v1::WaitFor::Ready).await?;
+            pooled.values.push(t.elapsed());
+            terminate(&mut c, &format!("session:p{i}:dkw")).await?;
         }
-        anyhow::Ok((cli, running, ready, create, start, cold, warm))
+        anyhow::Ok((cli, running, ready, create, start, cold, warm, pooled))
     })?;
     let mut report =
         String::from("| measurement | p50 ms | p99 ms | p50 vs CLI |\n|---|---|---|---|\n");
-    for s in [&cli, &running, &ready, &create, &start, &cold, &warm] {
+    for s in [
+        &cli, &running, &ready, &create, &start, &cold, &warm, &pooled,
+    ] {
         report.push_str(&format!(
             "| {} | {} | {} | {} |\n",
             s.name,
@@ -116,7 +129,19 @@ fn main() -> anyhow::Result<()> {
             ratio(s.p50(), cli.p50())
         ));
     }
-    report.push_str(&format!("\n{iterations} iterations, interleaved.\n"));
+    let sh = daemon.shared();
+    let metrics = sh.metrics.encode(sh).unwrap_or_default();
+    let hits = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("bulkhead_warm_launches_total{workload=\"dkw\",result=\"hit\"} ")
+        })
+        .unwrap_or("0")
+        .trim()
+        .to_owned();
+    report.push_str(&format!(
+        "\n{iterations} iterations, interleaved; launches of the pooled workload from a slot: {hits} of {iterations}.\n"
+    ));
     println!("{report}");
     // `--write PATH`: also write the report (what `scripts/bench-all` collects).
     if let Some(path) = args
@@ -250,8 +275,36 @@ async fn launch(
     session: &str,
     wait: v1::WaitFor,
 ) -> anyhow::Result<v1::LaunchResponse> {
+    launch_of(c, "dk", session, wait).await
+}
+
+/// Waits (up to 30 s) until `workload`'s warm pool has a ready slot.
+async fn wait_for_slot(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    workload: &str,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let h = c.health(v1::HealthRequest {}).await?.into_inner();
+        if h.warm.iter().any(|w| w.workload == workload && w.ready > 0) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < until,
+            "the warm pool of {workload} stays empty"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+async fn launch_of(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    workload: &str,
+    session: &str,
+    wait: v1::WaitFor,
+) -> anyhow::Result<v1::LaunchResponse> {
     Ok(c.launch(v1::LaunchRequest {
-        workload: "dk".into(),
+        workload: workload.into(),
         namespace: None,
         session: Some(session.into()),
         wait: wait as i32,
