@@ -48,6 +48,33 @@
 //! Any failure before exec writes `(stage, errno)` into the error pipe (close-on-exec)
 //! and exits 127: the parent reads either that record or end-of-file (exec succeeded).
 //!
+//! # Warm slots
+//!
+//! `spawn_slot` makes the same child with two more pipes, made before the clone: the
+//! hand-over pipe (grown to hold a whole hand-over, so that the launch's write never
+//! waits) and, with an init, the title pipe; and receiving buffers allocated (not
+//! touched) before the clone: `HANDOVER_BYTES` of strings and a pointer array of
+//! `HANDOVER_STRINGS`. The child closes its copies of the parent's ends first. Steps
+//! 1 to 6 run as above (the hostname is the slot's for now); then:
+//!
+//! - `W`, after resetting its signal dispositions and mask, closes every descriptor but
+//!   stdio's sources, the error pipe and the hand-over pipe (a waiting slot holds none of
+//!   the daemon's), writes the record `STAGE_WAITING` to the error pipe and blocks
+//!   reading `[length, argc, envc]` then the strings (hostname, working directory,
+//!   program, argv, environment, NUL-terminated) into its buffers, fills the pointer
+//!   arrays, sets the hostname (root in its UTS namespace still) and goes on with step 7
+//!   with that program, directory, argv and environment. A header beyond the buffers
+//!   (the parent refuses such a launch before writing) or a string without its NUL fails
+//!   the hand-over like any step (`E2BIG`, `EINVAL`). Nothing allocates.
+//! - The init, before its loop and with every signal still blocked, keeps only its
+//!   status and title pipes (so that `W`'s end of the error pipe is the last one: its
+//!   end-of-file still means exec), reads its title (`bulkhead-init <instance id>`),
+//!   then runs its loop with it.
+//!
+//! The parent awaits `STAGE_WAITING` on the runtime, not on the spawner thread; at the
+//! hand-over it writes the title and the strings, then reads the error pipe to its end
+//! as a cold spawn does.
+//!
 //! # The init
 //!
 //! Signals stay blocked and are taken with `sigwaitinfo` (a blocked signal is never

@@ -284,7 +284,8 @@ async fn a_launch_the_slot_was_not_made_for_is_refused_and_the_slot_removed() {
     };
     let fx = Fixture::temp();
     let other = tempfile::tempdir().unwrap();
-    let cases: [(&str, Box<dyn Fn(&mut SpawnSpec)>); 3] = [
+    type Change<'a> = Box<dyn Fn(&mut SpawnSpec) + 'a>;
+    let cases: [(&str, Change<'_>); 3] = [
         (
             "a bind the slot does not have",
             Box::new(|s: &mut SpawnSpec| {
