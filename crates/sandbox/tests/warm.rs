@@ -396,3 +396,36 @@ async fn a_daemon_crash_takes_its_waiting_slots_and_the_next_driver_sweeps_their
     let _next = driver_in(ModeChoice::Auto, &scope).unwrap();
     assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_failure_after_the_hand_over_is_an_exec_error_and_leaves_nothing() {
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    // Found (it is a file), shown (the working directory is bound), but not executable:
+    // only the workload process's execve can tell.
+    let program = fx.path("not-executable");
+    std::fs::write(&program, "#!/bin/sh\n").unwrap();
+    let mut s = spec(&fx, "exec-fails", "exit 0", "");
+    s.argv = vec![program.display().to_string()];
+    let slot = prewarm(&d, &s, "warm-exec-0").await;
+    let pids = pids_of(&scope);
+    match within("spawn_warm", d.spawn_warm(slot, s)).await {
+        Err(SpawnError::Exec { program: p, source }) => {
+            assert_eq!(p, program.display().to_string());
+            assert_eq!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied,
+                "{source}"
+            );
+        }
+        Err(e) => panic!("expected an exec error, got {e:?}"),
+        Ok(_) => panic!("a program without the execute bit was started"),
+    }
+    assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
+    until("the slot's processes to go", || {
+        pids.iter().all(|p| gone(*p))
+    })
+    .await;
+}
