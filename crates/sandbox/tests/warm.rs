@@ -285,7 +285,7 @@ async fn a_launch_the_slot_was_not_made_for_is_refused_and_the_slot_removed() {
     let fx = Fixture::temp();
     let other = tempfile::tempdir().unwrap();
     type Change<'a> = Box<dyn Fn(&mut SpawnSpec) + 'a>;
-    let cases: [(&str, Change<'_>); 3] = [
+    let cases: [(&str, Change<'_>); 4] = [
         (
             "a bind the slot does not have",
             Box::new(|s: &mut SpawnSpec| {
@@ -295,6 +295,16 @@ async fn a_launch_the_slot_was_not_made_for_is_refused_and_the_slot_removed() {
         (
             "another working directory",
             Box::new(|s: &mut SpawnSpec| s.cwd = other.path().to_owned()),
+        ),
+        (
+            "another tenant's ids than the slot maps",
+            Box::new(|s: &mut SpawnSpec| {
+                s.ids = Some(bulkhead_core::sandbox::UserNamespace {
+                    uid: 4_000_000_000,
+                    gid: None,
+                    count: 65536,
+                })
+            }),
         ),
         (
             "a changed manifest",
@@ -428,4 +438,30 @@ async fn an_exec_failure_after_the_hand_over_is_an_exec_error_and_leaves_nothing
         pids.iter().all(|p| gone(*p))
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_whose_waiting_process_died_is_not_alive() {
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let s = spec(&fx, "dead", "exit 0", "");
+    let slot = prewarm(&d, &s, "warm-dead-0").await;
+    assert!(slot.alive());
+    // The waiting workload process is PID 2 of the slot's namespace.
+    let waiting = pids_of(&scope)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with("\t2"))
+        })
+        .expect("the slot's waiting process");
+    // SAFETY: kill(2) of a process of the slot.
+    assert_eq!(unsafe { libc::kill(waiting as i32, libc::SIGKILL) }, 0);
+    until("the slot to report it is dead", || !slot.alive()).await;
+    within("discard", slot.discard()).await;
+    assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
 }
