@@ -465,3 +465,35 @@ async fn a_slot_whose_waiting_process_died_is_not_alive() {
     within("discard", slot.discard()).await;
     assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
 }
+
+// One thread: no other worker can see the exec's end-of-file during the one poll.
+#[tokio::test(flavor = "current_thread")]
+async fn a_launch_dropped_after_its_hand_over_leaves_nothing_running() {
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let s = spec(&fx, "dropped", "sleep 1000", "");
+    let token = bulkhead_driver::conformance::token_of(&s);
+    let slot = prewarm(&d, &s, "warm-dropped-0").await;
+    let pids = pids_of(&scope);
+    // Polled once (the hand-over is written, the exec not yet seen), then dropped: the
+    // caller went away.
+    let mut launch = Box::pin(d.spawn_warm(slot, s));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let polled = std::future::Future::poll(launch.as_mut(), &mut cx);
+    assert!(
+        polled.is_pending(),
+        "the launch finished within its first poll"
+    );
+    drop(launch);
+    assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
+    until("the slot's processes to go", || {
+        pids.iter().all(|p| gone(*p))
+    })
+    .await;
+    assert_eq!(
+        bulkhead_driver::conformance::processes_with_token(&token),
+        Vec::<u32>::new()
+    );
+}

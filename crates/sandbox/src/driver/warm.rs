@@ -426,12 +426,34 @@ impl SandboxDriver {
             err_r,
             cgroup: cg,
         };
-        let failed = match next_record(&live.ends.err_r).await {
+        // The slot owns its processes from here: dropped (this future cancelled, or a
+        // failure below), it destroys them.
+        let mut slot = Slot {
+            warm: w,
+            sb,
+            userns,
+            id_hold,
+            restrict,
+            prepared,
+            program,
+            live: Some(live),
+        };
+        let record = match &slot.live {
+            Some(live) => next_record(&live.ends.err_r).await,
+            None => Ok(None),
+        };
+        let name = &slot.warm.slot;
+        let setup = |step, reason: String| SpawnError::Setup {
+            instance: name.clone(),
+            step,
+            reason,
+        };
+        let failed = match record {
             Ok(Some((spawn::STAGE_WAITING, _))) => None,
             Ok(Some((stage, errno))) => Some(child_error(
-                &w.slot,
+                name,
                 &arg0,
-                spawn::record_error(&prepared, stage, errno),
+                spawn::record_error(&slot.prepared, stage, errno),
             )),
             Ok(None) => Some(setup(
                 SetupStep::Walls,
@@ -443,20 +465,13 @@ impl SandboxDriver {
             )),
         };
         if let Some(e) = failed {
-            destroy(live).await;
+            if let Some(live) = slot.live.take() {
+                destroy(live).await;
+            }
             return Err(e);
         }
-        tracing::debug!(slot = %w.slot, pid = live.pid, "sandbox warm slot ready");
-        Ok(Slot {
-            warm: w,
-            sb,
-            userns,
-            id_hold,
-            restrict,
-            prepared,
-            program,
-            live: Some(live),
-        })
+        tracing::debug!(slot = %slot.warm.slot, "sandbox warm slot ready");
+        Ok(slot)
     }
 
     /// Whether the slot shows `program` as a cold spawn would: a cold spawn in a minimal
@@ -614,7 +629,9 @@ impl SandboxDriver {
                 return Err(e);
             }
         };
-        let Some(live) = slot.live.take() else {
+        // The slot keeps its processes until the exec is seen: should this future be
+        // dropped on the way, the slot's drop destroys them (nothing runs unwatched).
+        let Some(live) = &slot.live else {
             return Err(SpawnError::invalid(&spec.instance, "the warm slot is gone"));
         };
         let setup = |reason: String| SpawnError::setup(&spec.instance, SetupStep::Walls, reason);
@@ -626,7 +643,7 @@ impl SandboxDriver {
             .try_for_each(|(t, fd)| write_all(fd, t))
             .and_then(|()| write_all(&live.ends.handover_w, &message));
         if let Err(e) = written {
-            destroy(live).await;
+            slot.discard().await;
             return Err(setup(format!(
                 "cannot hand the program over to the warm slot: {e}"
             )));
@@ -641,9 +658,12 @@ impl SandboxDriver {
             Err(e) => Some(setup(format!("cannot read the slot's error pipe: {e}"))),
         };
         if let Some(e) = failed {
-            destroy(live).await;
+            slot.discard().await;
             return Err(e);
         }
+        let Some(live) = slot.live.take() else {
+            return Err(SpawnError::invalid(&spec.instance, "the warm slot is gone"));
+        };
         let Live {
             pid,
             pidfd,
