@@ -497,3 +497,26 @@ async fn a_launch_dropped_after_its_hand_over_leaves_nothing_running() {
         Vec::<u32>::new()
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_prewarm_dropped_while_its_clone_runs_leaves_nothing() {
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let s = spec(&fx, "dropped-prewarm", "exit 0", "");
+    let mut making = Box::pin(d.prewarm(warm_spec(&s, "warm-dropped-prewarm-0")));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let polled = std::future::Future::poll(making.as_mut(), &mut cx);
+    assert!(polled.is_pending(), "the slot was made within one poll");
+    assert!(!cgroups_of(&scope).is_empty(), "no cgroup yet: no control");
+    drop(making);
+    // The spawner thread may still be cloning: it kills what it made when it finds the
+    // caller gone.
+    until("the slot's cgroups and processes to go", || {
+        cgroups_of(&scope).is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
+}

@@ -110,6 +110,17 @@ impl Drop for Slot {
     }
 }
 
+/// Empties and removes a slot's cgroups unless taken.
+struct CgroupGuard(Option<InstanceCgroup>);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Some(cg) = self.0.take() {
+            sweep(&cg);
+        }
+    }
+}
+
 /// Destroys a slot off the async threads.
 async fn destroy(live: Live) {
     let _ = tokio::task::spawn_blocking(move || live.destroy()).await;
@@ -398,12 +409,13 @@ impl SandboxDriver {
                 reaper::Registry::global().unregister(child.pid);
             }
         });
+        // Should this future be dropped while the clone runs, the job kills the child and
+        // this guard empties and removes the cgroups.
+        let mut guard = CgroupGuard(Some(cg));
         if lock(spawner()).send(job).is_err() {
-            cg.remove();
             return Err(setup(SetupStep::Walls, "the spawner thread is gone".into()));
         }
         let Ok((res, prepared)) = rx.await else {
-            cg.remove();
             return Err(setup(
                 SetupStep::Walls,
                 "the spawner thread dropped the request".into(),
@@ -412,10 +424,10 @@ impl SandboxDriver {
         let arg0 = w.spec.command.first().cloned().unwrap_or_default();
         let (child, ends) = match res {
             Ok(c) => c,
-            Err(e) => {
-                cg.remove();
-                return Err(child_error(&w.slot, &arg0, e));
-            }
+            Err(e) => return Err(child_error(&w.slot, &arg0, e)),
+        };
+        let Some(cg) = guard.0.take() else {
+            return Err(setup(SetupStep::Cgroup, "the slot's cgroup is gone".into()));
         };
         let live = Live {
             pid: child.pid,
