@@ -23,6 +23,24 @@
 //! the daemon like any instance (the init's parent-death signal; the waiting workload
 //! process is in the init's PID namespace); a crashed daemon's slots are in its cgroup
 //! subtree, which the next driver of the scope sweeps at start-up.
+//!
+//! # Limits
+//!
+//! - A waiting slot is two copies of the daemon made without exec (the init and the
+//!   workload process), as a cold spawn is for the milliseconds before its exec: they
+//!   share the daemon's memory copy-on-write. Pages the daemon rewrites while a slot
+//!   waits are copied for the daemon and the old ones stay held by the slot, charged to
+//!   the daemon's memory cgroup, not the slot's: [`Warm::memory`] (the slot cgroup's
+//!   usage) counts what the slot itself touched, not that. Keep pools small and
+//!   `max_idle` short where the daemon's memory is large; a waiting process that
+//!   execs a small helper would hold nothing of the daemon (not done).
+//! - The directories of [`WarmSpec::binds`] are given to the user namespace's root
+//!   (`chown` to the mapped ids) when the slot is made, and the sockets in them at the
+//!   launch: they are meant to be the slot's own.
+//! - A launch is taken only if its manifest equals the slot's, with the same working
+//!   directory, binds among the slot's, the slot's ids (or none), no listening sockets,
+//!   and a program the slot shows; argv and environment must fit 256 KiB and 16,384
+//!   strings. Otherwise the launch is refused and the slot removed.
 
 use std::any::Any;
 use std::ffi::{CString, OsStr};
