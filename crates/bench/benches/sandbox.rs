@@ -12,10 +12,20 @@
 //! - **bulkhead driver**: `SandboxDriver::spawn` (PID, mount, IPC, UTS namespaces; cgroups
 //!   with memory, pids and cpu limits; read-only root, private /tmp, fresh /proc, minimal
 //!   /dev; no capabilities, seccomp deny-list, our init) until READY.
+//! - **bulkhead driver from a warm slot**: `SandboxDriver::spawn_warm` into a slot that
+//!   `prewarm` made outside the clock (at the start of the round: cgroups, namespaces,
+//!   mounts, init, the workload process waiting), with the same manifest; the clock runs
+//!   from the socket's bind through the hand-over (hostname, argv, environment, the
+//!   per-instance steps, exec) to READY. The notify socket is made in the slot's own
+//!   directory, as the daemon does.
 //! - **bulkhead API**: gRPC Launch(wait=ready) to a daemon (in this process) for the same
 //!   workload with `driver: sandbox`, durable event log, one new session per sample.
 //! - **bwrap**: `bwrap --unshare-all --ro-bind / / --proc /proc --dev /dev --tmpfs /tmp
-//!   --bind DIR DIR` (Debian's bubblewrap; skipped if missing).
+//!   --ro-bind EXEDIR EXEDIR --bind DIR DIR` (Debian's bubblewrap; skipped if missing).
+//!
+//! Runs from any checkout location: every tool with a private `/tmp` is shown this
+//! binary's folder (bwrap binds it, runc's bundle binds it, bulkhead's minimal root binds
+//! the program a manifest names), so a checkout under `/tmp` is not hidden.
 //! - **unshare**: `unshare -p -f -m` (util-linux).
 //! - **runc**: `runc run` of an OCI bundle made with `runc spec` (PID, mount, IPC, UTS and
 //!   network namespaces, a cgroup, read-only root): the root is an empty folder with the
@@ -69,6 +79,12 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let sock_dir = dir.path().join("sockets");
     std::fs::create_dir_all(&sock_dir)?;
+    // The warm slots' own directory (the daemon makes one per slot; one serves here).
+    let warm_dir = dir.path().join("warm");
+    std::fs::create_dir_all(&warm_dir)?;
+    let exe_dir = exe
+        .parent()
+        .map_or_else(|| "/".to_owned(), |d| d.display().to_string());
 
     let driver = match bulkhead_sandbox::SandboxDriver::new(bulkhead_sandbox::SandboxConfig {
         scope: format!("bench-{}", std::process::id()),
@@ -129,6 +145,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut floor = Samples::new("clone3 floor: PID+mount+IPC+UTS namespaces, exec, READY");
     let mut drv = Samples::new("bulkhead sandbox driver: spawn -> READY");
+    let mut wm = Samples::new("bulkhead sandbox driver from a warm slot: hand-over -> READY");
     let mut api = Samples::new("bulkhead API launch -> ready (driver: sandbox)");
     let mut bw = Samples::new("bwrap --unshare-all -> READY");
     let mut un = Samples::new("unshare -p -f -m -> READY");
@@ -159,6 +176,10 @@ fn main() -> anyhow::Result<()> {
         "/dev",
         "--tmpfs",
         "/tmp",
+        // Its private /tmp would hide this binary in a checkout under /tmp.
+        "--ro-bind",
+        &exe_dir,
+        &exe_dir,
         "--bind",
         &sd,
         &sd,
@@ -170,6 +191,8 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..5 {
         floor_once(&exe, &next_sock())?;
         rt.block_on(driver_once(&driver, &workload, &exe, &next_sock()))?;
+        let slot = rt.block_on(slot_for(&driver, &workload, &warm_dir))?;
+        rt.block_on(warm_once(&driver, slot, &workload, &exe, &warm_dir))?;
         client_rt.block_on(api_once(&mut client, "warm"))?;
         if let Some(r) = runc.as_mut() {
             r.once(&next_sock())?;
@@ -177,9 +200,14 @@ fn main() -> anyhow::Result<()> {
     }
     eprintln!("{iterations} rounds, interleaved");
     for i in 0..iterations {
+        // The round's slot, made outside the clock and first, so that the machine has
+        // settled when its sample runs.
+        let slot = rt.block_on(slot_for(&driver, &workload, &warm_dir))?;
         floor.values.push(floor_once(&exe, &next_sock())?);
         drv.values
             .push(rt.block_on(driver_once(&driver, &workload, &exe, &next_sock()))?);
+        wm.values
+            .push(rt.block_on(warm_once(&driver, slot, &workload, &exe, &warm_dir))?);
         api.values
             .push(client_rt.block_on(api_once(&mut client, &format!("s{i}")))?);
         if bwrap {
@@ -206,7 +234,7 @@ fn main() -> anyhow::Result<()> {
         caps.favordynmods
     ));
     report.push_str("| measurement | p50 ms | p99 ms | p50 vs clone3 floor | p50 vs bulkhead driver |\n|---|---|---|---|---|\n");
-    for s in [&floor, &drv, &api, &bw, &un, &rc] {
+    for s in [&floor, &drv, &wm, &api, &bw, &un, &rc] {
         if s.values.is_empty() {
             continue;
         }
@@ -221,9 +249,11 @@ fn main() -> anyhow::Result<()> {
     }
     if !bw.values.is_empty() {
         report.push_str(&format!(
-            "\nbwrap / bulkhead API launch -> ready: {}; bwrap / bulkhead driver: {}\n",
+            "\nbwrap / bulkhead API launch -> ready: {}; bwrap / bulkhead driver: {}; \
+             bwrap / bulkhead driver from a warm slot: {}\n",
             ratio(bw.p50(), api.p50()),
-            ratio(bw.p50(), drv.p50())
+            ratio(bw.p50(), drv.p50()),
+            ratio(bw.p50(), wm.p50())
         ));
     }
     if !un.values.is_empty() {
@@ -333,6 +363,67 @@ async fn driver_once(
     anyhow::ensure!(&buf[..n] == b"READY=1", "unexpected handshake");
     spawned.handle.wait().await;
     let _ = std::fs::remove_file(path);
+    Ok(took)
+}
+
+/// A warm slot for the workload (not timed): its own directory is `dir`, where the
+/// launch's notify socket goes.
+async fn slot_for(
+    d: &bulkhead_sandbox::SandboxDriver,
+    workload: &Arc<bulkhead_core::spec::WorkloadSpec>,
+    dir: &Path,
+) -> anyhow::Result<Box<dyn bulkhead_driver::warm::Warm>> {
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(d.prewarm(bulkhead_driver::warm::WarmSpec {
+        slot: format!("warm-notify-{n}"),
+        spec: Arc::clone(workload),
+        cwd: PathBuf::from("/"),
+        ids: None,
+        binds: vec![bulkhead_driver::Bind::same(dir)],
+        port: 0,
+    })
+    .await?)
+}
+
+/// The sandbox driver from a warm slot: bind the socket in the slot's directory, hand
+/// the program over, READY; then wait for the end (not timed).
+async fn warm_once(
+    d: &bulkhead_sandbox::SandboxDriver,
+    slot: Box<dyn bulkhead_driver::warm::Warm>,
+    workload: &Arc<bulkhead_core::spec::WorkloadSpec>,
+    exe: &Path,
+    dir: &Path,
+) -> anyhow::Result<Duration> {
+    let (instance, _) = bulkhead_core::key::InstanceId::parse("ns:bench:notify")?;
+    let path = dir.join("notify.sock");
+    let t = Instant::now();
+    let sock = UnixDatagram::bind(&path)?;
+    let spec = bulkhead_driver::SpawnSpec {
+        instance,
+        argv: vec![exe.display().to_string(), "notify-child".into()],
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.display().to_string()),
+            ("BENCH_EXIT_AFTER_READY".into(), "1".into()),
+        ],
+        cwd: PathBuf::from("/"),
+        spec: Arc::clone(workload),
+        binds: vec![bulkhead_driver::Bind::same(dir)],
+        ids: None,
+        inherited: Vec::new(),
+        listen: Vec::new(),
+    };
+    let spawned = d.spawn_warm(slot, spec).await?;
+    let sock = tokio::net::UnixDatagram::from_std({
+        sock.set_nonblocking(true)?;
+        sock
+    })?;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(30), sock.recv(&mut buf)).await??;
+    let took = t.elapsed();
+    anyhow::ensure!(&buf[..n] == b"READY=1", "unexpected handshake");
+    spawned.handle.wait().await;
+    let _ = std::fs::remove_file(&path);
     Ok(took)
 }
 

@@ -25,7 +25,8 @@
 //! `PR_SET_PDEATHSIG(SIGKILL)`: they die with the daemon (the PID namespace with its
 //! init). The next daemon's driver removes whatever is left under its cgroup subtree at
 //! start-up (kill + rmdir), and the daemon reports those instances `lost`, applying their
-//! restart policy. There is no keeper for sandboxed instances.
+//! restart policy. There is no keeper for sandboxed instances. Warm slots (`driver/warm.rs`)
+//! are made the same way and die and are swept the same way.
 
 use std::ffi::CString;
 use std::io;

@@ -8,6 +8,9 @@
 //! - `mainpid`: sd_notify `MAINPID=`, the init's control pipe and the host/namespace pids.
 //! - [`cgroup`]: detection (v2, hybrid, v1), per-instance cgroups, limits, usage, teardown.
 //! - [`seccomp`]: the deny-list.
+//! - Warm slots (`warm:`; `driver/warm.rs`, and [`spawn`]'s "warm slots"): an instance
+//!   cloned, walled and waiting for its program ahead of its launch; the launch hands
+//!   argv and environment over a pipe. An instance from a slot is a cold one afterwards.
 //!
 //! **Invariants.** Nothing allocates between clone and exec (everything is prepared in
 //! [`spawn::Prepared`] first). An instance never runs its workload outside its cgroups

@@ -49,6 +49,35 @@
 //! Any failure before exec writes `(stage, errno)` into the error pipe (close-on-exec)
 //! and exits 127: the parent reads either that record or end-of-file (exec succeeded).
 //!
+//! # Warm slots
+//!
+//! `spawn_slot` makes the same child with two more pipes, made before the clone: the
+//! hand-over pipe (grown to hold a whole hand-over, so that the launch's write never
+//! waits) and, with an init, the title pipe; and receiving buffers allocated (not
+//! touched) before the clone: `HANDOVER_BYTES` of strings and a pointer array of
+//! `HANDOVER_STRINGS`. The child closes its copies of the parent's ends first. Steps
+//! 1 to 6 run as above (the hostname is the slot's for now); then:
+//!
+//! - `W`, after resetting its signal dispositions and mask, closes every descriptor but
+//!   stdio's sources, the error pipe and the hand-over pipe (a waiting slot holds none of
+//!   the daemon's), writes the record `STAGE_WAITING` to the error pipe and blocks
+//!   reading `[length, argc, envc]` then the strings (hostname, working directory,
+//!   program, argv, environment, NUL-terminated) into its buffers, fills the pointer
+//!   arrays, sets the hostname (root in its UTS namespace still) and goes on with step 7
+//!   with that program, directory, argv and environment. A header beyond the buffers
+//!   (the parent refuses such a launch before writing) or a string without its NUL fails
+//!   the hand-over like any step (`E2BIG`, `EINVAL`). Nothing allocates.
+//! - The init, before its loop and with every signal still blocked, keeps only its
+//!   status and title pipes (so that `W`'s end of the error pipe is the last one: its
+//!   end-of-file still means exec), reads its title (`bulkhead-init <instance id>`),
+//!   writes it over its argument area, then tells `W` through a third pipe (`go`) and
+//!   runs its loop. `W` waits for that word after its hand-over, so that the workload
+//!   never sees the slot's title in `/proc/1/cmdline`.
+//!
+//! The parent awaits `STAGE_WAITING` on the runtime, not on the spawner thread; at the
+//! hand-over it writes the title and the strings, then reads the error pipe to its end
+//! as a cold spawn does.
+//!
 //! # The init
 //!
 //! Signals stay blocked and are read from a signalfd (a blocked signal is never
@@ -1848,6 +1877,9 @@ pub(crate) struct SlotPipes {
     handover: (OwnedFd, OwnedFd),
     /// The init's title (only with an init).
     title: Option<(OwnedFd, OwnedFd)>,
+    /// The init's word to the workload process that its title is set (only with an
+    /// init; both ends are the child's).
+    go: Option<(OwnedFd, OwnedFd)>,
     /// What the hand-over pipe holds without blocking its writer.
     capacity: usize,
 }
@@ -1888,6 +1920,8 @@ struct SlotCtx {
     handover_w: RawFd,
     title_r: RawFd,
     title_w: RawFd,
+    go_r: RawFd,
+    go_w: RawFd,
     buf: *mut u8,
     ptrs: *mut *const libc::c_char,
     title_buf: *mut u8,
@@ -1899,6 +1933,8 @@ impl SlotCtx {
         handover_w: -1,
         title_r: -1,
         title_w: -1,
+        go_r: -1,
+        go_w: -1,
         buf: std::ptr::null_mut(),
         ptrs: std::ptr::null_mut(),
         title_buf: std::ptr::null_mut(),
@@ -1922,6 +1958,7 @@ impl SlotPipes {
         Ok(SlotPipes {
             handover: (r, w),
             title: if init { Some(pipe_cloexec()?) } else { None },
+            go: if init { Some(pipe_cloexec()?) } else { None },
             capacity: capacity as usize,
         })
     }
@@ -1936,6 +1973,8 @@ impl SlotPipes {
             handover_w: self.handover.1.as_raw_fd(),
             title_r: tr,
             title_w: tw,
+            go_r: self.go.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
+            go_w: self.go.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
             buf: bufs.data.as_mut_ptr(),
             ptrs: bufs.ptrs.as_mut_ptr(),
             title_buf: bufs.title.as_mut_ptr(),
@@ -2095,24 +2134,40 @@ unsafe fn slot_init_wait<'a>(ctx: &Ctx<'a>, signals: RawFd) -> Ctx<'a> {
     if s.title_r < 0 {
         return *ctx;
     }
-    // SAFETY: our own descriptors and our copy of the title buffer (TITLE_BYTES).
+    // SAFETY: our own descriptors, our copy of the title buffer (TITLE_BYTES) and our
+    // copy of the daemon's argument and environment areas (see `init_loop`).
     unsafe {
         // The control pipe and the signalfd stay for the init loop (`MAINPID=`).
-        keep_only([ctx.status_w, s.title_r, ctx.ctl_r, signals]);
+        keep_only([ctx.status_w, s.title_r, s.go_w, ctx.ctl_r, signals]);
+        // What does not depend on the launch, now (`init_loop` repeats it).
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::prctl(libc::PR_SET_NAME, c"bulkhead-init".as_ptr(), 0, 0, 0);
         let mut len = [0u8; 4];
-        if !read_full(s.title_r, len.as_mut_ptr(), 4) {
-            return *ctx;
-        }
-        let n = (u32::from_ne_bytes(len) as usize).min(TITLE_BYTES);
-        if !read_full(s.title_r, s.title_buf, n) {
-            return *ctx;
+        let mut out = *ctx;
+        if read_full(s.title_r, len.as_mut_ptr(), 4) {
+            let n = (u32::from_ne_bytes(len) as usize).min(TITLE_BYTES);
+            if read_full(s.title_r, s.title_buf, n) {
+                out.title = s.title_buf;
+                out.title_len = n;
+            }
         }
         libc::close(s.title_r);
-        Ctx {
-            title: s.title_buf,
-            title_len: n,
-            ..*ctx
+        // RACE: the workload must not read /proc/1/cmdline before it is the instance's:
+        // the title is written here, then the workload process is told to go on (it
+        // waits for this byte after its hand-over).
+        let (a0, a1) = ctx.p.areas.arg;
+        if a1 > a0 {
+            std::ptr::write_bytes(a0 as *mut u8, 0, a1 - a0);
+            let n = out.title_len.min(a1 - a0 - 1);
+            std::ptr::copy_nonoverlapping(out.title, a0 as *mut u8, n);
         }
+        let (e0, e1) = ctx.p.areas.env;
+        if e1 > e0 {
+            std::ptr::write_bytes(e0 as *mut u8, 0, e1 - e0);
+        }
+        libc::write(s.go_w, b"g".as_ptr().cast(), 1);
+        libc::close(s.go_w);
+        out
     }
 }
 
@@ -2128,7 +2183,14 @@ unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
     // `SlotBufs` (capacities HANDOVER_BYTES and HANDOVER_STRINGS + 2), written within
     // those bounds only.
     unsafe {
-        keep_only([ctx.devnull, ctx.stdout, ctx.stderr, ctx.err_w, s.handover_r]);
+        keep_only([
+            ctx.devnull,
+            ctx.stdout,
+            ctx.stderr,
+            ctx.err_w,
+            s.handover_r,
+            s.go_r,
+        ]);
         let mut rec = [0u8; 8];
         rec[..4].copy_from_slice(&STAGE_WAITING.to_ne_bytes());
         libc::write(ctx.err_w, rec.as_ptr().cast(), rec.len());
@@ -2149,6 +2211,15 @@ unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
             fail(ctx, STAGE_HANDOVER);
         }
         libc::close(s.handover_r);
+        if s.go_r >= 0 {
+            // The init has taken its title (see `slot_init_wait`); end-of-file (it is
+            // gone, and the namespace with it) goes on as well.
+            let mut b = [0u8; 1];
+            while libc::read(s.go_r, b.as_mut_ptr().cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
+            libc::close(s.go_r);
+        }
         // The strings, in order; a missing terminator fails the hand-over.
         let mut pos = 0usize;
         let mut next = || -> *const libc::c_char {

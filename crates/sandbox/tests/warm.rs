@@ -284,7 +284,8 @@ async fn a_launch_the_slot_was_not_made_for_is_refused_and_the_slot_removed() {
     };
     let fx = Fixture::temp();
     let other = tempfile::tempdir().unwrap();
-    let cases: [(&str, Box<dyn Fn(&mut SpawnSpec)>); 3] = [
+    type Change<'a> = Box<dyn Fn(&mut SpawnSpec) + 'a>;
+    let cases: [(&str, Change<'_>); 4] = [
         (
             "a bind the slot does not have",
             Box::new(|s: &mut SpawnSpec| {
@@ -294,6 +295,16 @@ async fn a_launch_the_slot_was_not_made_for_is_refused_and_the_slot_removed() {
         (
             "another working directory",
             Box::new(|s: &mut SpawnSpec| s.cwd = other.path().to_owned()),
+        ),
+        (
+            "another tenant's ids than the slot maps",
+            Box::new(|s: &mut SpawnSpec| {
+                s.ids = Some(bulkhead_core::sandbox::UserNamespace {
+                    uid: 4_000_000_000,
+                    gid: None,
+                    count: 65536,
+                })
+            }),
         ),
         (
             "a changed manifest",
@@ -393,5 +404,119 @@ async fn a_daemon_crash_takes_its_waiting_slots_and_the_next_driver_sweeps_their
         "nothing to sweep: no control"
     );
     let _next = driver_in(ModeChoice::Auto, &scope).unwrap();
+    assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_failure_after_the_hand_over_is_an_exec_error_and_leaves_nothing() {
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    // Found (it is a file), shown (the working directory is bound), but not executable:
+    // only the workload process's execve can tell.
+    let program = fx.path("not-executable");
+    std::fs::write(&program, "#!/bin/sh\n").unwrap();
+    let mut s = spec(&fx, "exec-fails", "exit 0", "");
+    s.argv = vec![program.display().to_string()];
+    let slot = prewarm(&d, &s, "warm-exec-0").await;
+    let pids = pids_of(&scope);
+    match within("spawn_warm", d.spawn_warm(slot, s)).await {
+        Err(SpawnError::Exec { program: p, source }) => {
+            assert_eq!(p, program.display().to_string());
+            assert_eq!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied,
+                "{source}"
+            );
+        }
+        Err(e) => panic!("expected an exec error, got {e:?}"),
+        Ok(_) => panic!("a program without the execute bit was started"),
+    }
+    assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
+    until("the slot's processes to go", || {
+        pids.iter().all(|p| gone(*p))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_whose_waiting_process_died_is_not_alive() {
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let s = spec(&fx, "dead", "exit 0", "");
+    let slot = prewarm(&d, &s, "warm-dead-0").await;
+    assert!(slot.alive());
+    // The waiting workload process is PID 2 of the slot's namespace.
+    let waiting = pids_of(&scope)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with("\t2"))
+        })
+        .expect("the slot's waiting process");
+    // SAFETY: kill(2) of a process of the slot.
+    assert_eq!(unsafe { libc::kill(waiting as i32, libc::SIGKILL) }, 0);
+    until("the slot to report it is dead", || !slot.alive()).await;
+    within("discard", slot.discard()).await;
+    assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
+}
+
+// One thread: no other worker can see the exec's end-of-file during the one poll.
+#[tokio::test(flavor = "current_thread")]
+async fn a_launch_dropped_after_its_hand_over_leaves_nothing_running() {
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let s = spec(&fx, "dropped", "sleep 1000", "");
+    let token = bulkhead_driver::conformance::token_of(&s);
+    let slot = prewarm(&d, &s, "warm-dropped-0").await;
+    let pids = pids_of(&scope);
+    // Polled once (the hand-over is written, the exec not yet seen), then dropped: the
+    // caller went away.
+    let mut launch = Box::pin(d.spawn_warm(slot, s));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let polled = std::future::Future::poll(launch.as_mut(), &mut cx);
+    assert!(
+        polled.is_pending(),
+        "the launch finished within its first poll"
+    );
+    drop(launch);
+    assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
+    until("the slot's processes to go", || {
+        pids.iter().all(|p| gone(*p))
+    })
+    .await;
+    assert_eq!(
+        bulkhead_driver::conformance::processes_with_token(&token),
+        Vec::<u32>::new()
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_prewarm_dropped_while_its_clone_runs_leaves_nothing() {
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let s = spec(&fx, "dropped-prewarm", "exit 0", "");
+    let mut making = Box::pin(d.prewarm(warm_spec(&s, "warm-dropped-prewarm-0")));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let polled = std::future::Future::poll(making.as_mut(), &mut cx);
+    assert!(polled.is_pending(), "the slot was made within one poll");
+    assert!(!cgroups_of(&scope).is_empty(), "no cgroup yet: no control");
+    drop(making);
+    // The spawner thread may still be cloning: it kills what it made when it finds the
+    // caller gone.
+    until("the slot's cgroups and processes to go", || {
+        cgroups_of(&scope).is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
 }

@@ -23,6 +23,24 @@
 //! the daemon like any instance (the init's parent-death signal; the waiting workload
 //! process is in the init's PID namespace); a crashed daemon's slots are in its cgroup
 //! subtree, which the next driver of the scope sweeps at start-up.
+//!
+//! # Limits
+//!
+//! - A waiting slot is two copies of the daemon made without exec (the init and the
+//!   workload process), as a cold spawn is for the milliseconds before its exec: they
+//!   share the daemon's memory copy-on-write. Pages the daemon rewrites while a slot
+//!   waits are copied for the daemon and the old ones stay held by the slot, charged to
+//!   the daemon's memory cgroup, not the slot's: [`Warm::memory`] (the slot cgroup's
+//!   usage) counts what the slot itself touched, not that. Keep pools small and
+//!   `max_idle` short where the daemon's memory is large; a waiting process that
+//!   execs a small helper would hold nothing of the daemon (not done).
+//! - The directories of [`WarmSpec::binds`] are given to the user namespace's root
+//!   (`chown` to the mapped ids) when the slot is made, and the sockets in them at the
+//!   launch: they are meant to be the slot's own.
+//! - A launch is taken only if its manifest equals the slot's, with the same working
+//!   directory, binds among the slot's, the slot's ids (or none), no listening sockets,
+//!   and a program the slot shows; argv and environment must fit 256 KiB and 16,384
+//!   strings. Otherwise the launch is refused and the slot removed.
 
 use std::any::Any;
 use std::ffi::{CString, OsStr};
@@ -108,6 +126,17 @@ impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(live) = self.live.take() {
             live.destroy();
+        }
+    }
+}
+
+/// Empties and removes a slot's cgroups unless taken.
+struct CgroupGuard(Option<InstanceCgroup>);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Some(cg) = self.0.take() {
+            sweep(&cg);
         }
     }
 }
@@ -400,12 +429,13 @@ impl SandboxDriver {
                 reaper::Registry::global().unregister(child.pid);
             }
         });
+        // Should this future be dropped while the clone runs, the job kills the child and
+        // this guard empties and removes the cgroups.
+        let mut guard = CgroupGuard(Some(cg));
         if lock(spawner()).send(job).is_err() {
-            cg.remove();
             return Err(setup(SetupStep::Walls, "the spawner thread is gone".into()));
         }
         let Ok((res, prepared)) = rx.await else {
-            cg.remove();
             return Err(setup(
                 SetupStep::Walls,
                 "the spawner thread dropped the request".into(),
@@ -414,10 +444,10 @@ impl SandboxDriver {
         let arg0 = w.spec.command.first().cloned().unwrap_or_default();
         let (child, ends) = match res {
             Ok(c) => c,
-            Err(e) => {
-                cg.remove();
-                return Err(child_error(&w.slot, &arg0, e));
-            }
+            Err(e) => return Err(child_error(&w.slot, &arg0, e)),
+        };
+        let Some(cg) = guard.0.take() else {
+            return Err(setup(SetupStep::Cgroup, "the slot's cgroup is gone".into()));
         };
         let live = Live {
             pid: child.pid,
@@ -429,12 +459,34 @@ impl SandboxDriver {
             err_r,
             cgroup: cg,
         };
-        let failed = match next_record(&live.ends.err_r).await {
+        // The slot owns its processes from here: dropped (this future cancelled, or a
+        // failure below), it destroys them.
+        let mut slot = Slot {
+            warm: w,
+            sb,
+            userns,
+            id_hold,
+            restrict,
+            prepared,
+            program,
+            live: Some(live),
+        };
+        let record = match &slot.live {
+            Some(live) => next_record(&live.ends.err_r).await,
+            None => Ok(None),
+        };
+        let name = &slot.warm.slot;
+        let setup = |step, reason: String| SpawnError::Setup {
+            instance: name.clone(),
+            step,
+            reason,
+        };
+        let failed = match record {
             Ok(Some((spawn::STAGE_WAITING, _))) => None,
             Ok(Some((stage, errno))) => Some(child_error(
-                &w.slot,
+                name,
                 &arg0,
-                spawn::record_error(&prepared, stage, errno),
+                spawn::record_error(&slot.prepared, stage, errno),
             )),
             Ok(None) => Some(setup(
                 SetupStep::Walls,
@@ -446,20 +498,13 @@ impl SandboxDriver {
             )),
         };
         if let Some(e) = failed {
-            destroy(live).await;
+            if let Some(live) = slot.live.take() {
+                destroy(live).await;
+            }
             return Err(e);
         }
-        tracing::debug!(slot = %w.slot, pid = live.pid, "sandbox warm slot ready");
-        Ok(Slot {
-            warm: w,
-            sb,
-            userns,
-            id_hold,
-            restrict,
-            prepared,
-            program,
-            live: Some(live),
-        })
+        tracing::debug!(slot = %slot.warm.slot, "sandbox warm slot ready");
+        Ok(slot)
     }
 
     /// Whether the slot shows `program` as a cold spawn would: a cold spawn in a minimal
@@ -617,7 +662,9 @@ impl SandboxDriver {
                 return Err(e);
             }
         };
-        let Some(live) = slot.live.take() else {
+        // The slot keeps its processes until the exec is seen: should this future be
+        // dropped on the way, the slot's drop destroys them (nothing runs unwatched).
+        let Some(live) = &slot.live else {
             return Err(SpawnError::invalid(&spec.instance, "the warm slot is gone"));
         };
         let setup = |reason: String| SpawnError::setup(&spec.instance, SetupStep::Walls, reason);
@@ -629,7 +676,7 @@ impl SandboxDriver {
             .try_for_each(|(t, fd)| write_all(fd, t))
             .and_then(|()| write_all(&live.ends.handover_w, &message));
         if let Err(e) = written {
-            destroy(live).await;
+            slot.discard().await;
             return Err(setup(format!(
                 "cannot hand the program over to the warm slot: {e}"
             )));
@@ -644,9 +691,12 @@ impl SandboxDriver {
             Err(e) => Some(setup(format!("cannot read the slot's error pipe: {e}"))),
         };
         if let Some(e) = failed {
-            destroy(live).await;
+            slot.discard().await;
             return Err(e);
         }
+        let Some(live) = slot.live.take() else {
+            return Err(SpawnError::invalid(&spec.instance, "the warm slot is gone"));
+        };
         let Live {
             pid,
             pidfd,
