@@ -114,6 +114,12 @@ fn main() -> anyhow::Result<()> {
     let wl = dir.path().join("workloads");
     std::fs::create_dir_all(wl.join("notify"))?;
     std::fs::write(wl.join("notify").join("manifest.yaml"), &manifest)?;
+    // The same workload with a warm pool, launched through the API.
+    std::fs::create_dir_all(wl.join("notifyw"))?;
+    std::fs::write(
+        wl.join("notifyw").join("manifest.yaml"),
+        manifest.replace("name: notify\n", "name: notifyw\n") + "warm: {size: 1}\n",
+    )?;
 
     let bwrap = Path::new("/usr/bin/bwrap").exists();
     if !bwrap {
@@ -147,6 +153,7 @@ fn main() -> anyhow::Result<()> {
     let mut drv = Samples::new("bulkhead sandbox driver: spawn -> READY");
     let mut wm = Samples::new("bulkhead sandbox driver from a warm slot: hand-over -> READY");
     let mut api = Samples::new("bulkhead API launch -> ready (driver: sandbox)");
+    let mut apw = Samples::new("bulkhead API launch -> ready from a warm pool (warm: {size: 1})");
     let mut bw = Samples::new("bwrap --unshare-all -> READY");
     let mut un = Samples::new("unshare -p -f -m -> READY");
     let mut rc = Samples::new("runc run (OCI bundle) -> READY");
@@ -193,11 +200,14 @@ fn main() -> anyhow::Result<()> {
         rt.block_on(driver_once(&driver, &workload, &exe, &next_sock()))?;
         let slot = rt.block_on(slot_for(&driver, &workload, &warm_dir))?;
         rt.block_on(warm_once(&driver, slot, &workload, &exe, &warm_dir))?;
-        client_rt.block_on(api_once(&mut client, "warm"))?;
+        client_rt.block_on(api_once(&mut client, "notify", "warm"))?;
+        client_rt.block_on(wait_for_slot(&mut client, "notifyw"))?;
+        client_rt.block_on(api_once(&mut client, "notifyw", "warmw"))?;
         if let Some(r) = runc.as_mut() {
             r.once(&next_sock())?;
         }
     }
+    let hits_before = warm_hits(&daemon);
     eprintln!("{iterations} rounds, interleaved");
     for i in 0..iterations {
         // The round's slot, made outside the clock and first, so that the machine has
@@ -209,7 +219,11 @@ fn main() -> anyhow::Result<()> {
         wm.values
             .push(rt.block_on(warm_once(&driver, slot, &workload, &exe, &warm_dir))?);
         api.values
-            .push(client_rt.block_on(api_once(&mut client, &format!("s{i}")))?);
+            .push(client_rt.block_on(api_once(&mut client, "notify", &format!("s{i}")))?);
+        // Not timed: the pool has its slot again (it refills while no spawn runs).
+        client_rt.block_on(wait_for_slot(&mut client, "notifyw"))?;
+        apw.values
+            .push(client_rt.block_on(api_once(&mut client, "notifyw", &format!("w{i}")))?);
         if bwrap {
             bw.values
                 .push(command_once(&notify_argv(&bwrap_prefix), &next_sock())?);
@@ -223,6 +237,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     drop(client);
+    let hits = warm_hits(&daemon) - hits_before;
     rt.block_on(daemon.shutdown());
 
     let mut report = String::new();
@@ -234,7 +249,7 @@ fn main() -> anyhow::Result<()> {
         caps.favordynmods
     ));
     report.push_str("| measurement | p50 ms | p99 ms | p50 vs clone3 floor | p50 vs bulkhead driver |\n|---|---|---|---|---|\n");
-    for s in [&floor, &drv, &wm, &api, &bw, &un, &rc] {
+    for s in [&floor, &drv, &wm, &api, &apw, &bw, &un, &rc] {
         if s.values.is_empty() {
             continue;
         }
@@ -247,11 +262,15 @@ fn main() -> anyhow::Result<()> {
             ratio(s.p50(), drv.p50()),
         ));
     }
+    report.push_str(&format!(
+        "\nAPI launches of the pooled workload from a slot: {hits} of {iterations} (warm-up excluded).\n"
+    ));
     if !bw.values.is_empty() {
         report.push_str(&format!(
-            "\nbwrap / bulkhead API launch -> ready: {}; bwrap / bulkhead driver: {}; \
-             bwrap / bulkhead driver from a warm slot: {}\n",
+            "bwrap / bulkhead API launch -> ready: {}; from a warm pool: {}; bwrap / bulkhead \
+             driver: {}; bwrap / bulkhead driver from a warm slot: {}\n",
             ratio(bw.p50(), api.p50()),
+            ratio(bw.p50(), apw.p50()),
             ratio(bw.p50(), drv.p50()),
             ratio(bw.p50(), wm.p50())
         ));
@@ -430,12 +449,13 @@ async fn warm_once(
 /// Through the daemon's API: Launch(wait=ready), then terminate (not timed).
 async fn api_once(
     c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    workload: &str,
     session: &str,
 ) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let r = c
         .launch(v1::LaunchRequest {
-            workload: "notify".into(),
+            workload: workload.into(),
             namespace: None,
             session: Some(session.into()),
             wait: v1::WaitFor::Ready as i32,
@@ -453,6 +473,37 @@ async fn api_once(
     })
     .await?;
     Ok(took)
+}
+
+/// Launches of `notifyw` from a warm slot so far (the daemon's metrics).
+fn warm_hits(d: &bulkhead_daemon::Daemon) -> u64 {
+    let sh = d.shared();
+    let text = sh.metrics.encode(sh).unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("bulkhead_warm_launches_total{workload=\"notifyw\",result=\"hit\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits (up to 30 s, not timed) until `workload`'s warm pool has a ready slot.
+async fn wait_for_slot(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    workload: &str,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = c.health(v1::HealthRequest {}).await?.into_inner();
+        if h.warm.iter().any(|w| w.workload == workload && w.ready > 0) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < until,
+            "the warm pool of {workload} stays empty"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// A peer tool: spawn it, READY; then wait for it to end (not timed).
