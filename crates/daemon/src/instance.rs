@@ -126,6 +126,8 @@ pub struct Slot {
     /// The key's listening sockets (`sockets:`), bound before the first spawn and kept
     /// for every run until the instance is final.
     pub(crate) sockets: Mutex<Option<Arc<crate::sockets::BoundSockets>>>,
+    /// Held from the start of a spawn until the run is ready or over (`crate::warm`).
+    launching: Mutex<Option<crate::warm::Launching>>,
 }
 
 impl Slot {
@@ -403,6 +405,7 @@ pub(crate) fn start_with(
         exec_env: Mutex::new(None),
         ids: Mutex::new(None),
         sockets: Mutex::new(kept_sockets),
+        launching: Mutex::new(None),
     });
     tokio::spawn(run(slot.clone(), sh.clone(), rx, origin));
     slot
@@ -870,6 +873,14 @@ impl Actor {
     fn publish_view(&self) {
         let inst = &self.inst;
         let state = inst.state();
+        if state != State::Starting {
+            // Ready, or the run is over: the launch is no longer on its way.
+            self.slot
+                .launching
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+        }
         self.slot.view.send_modify(|v| {
             v.state = state;
             v.started = self.handle.is_some();
@@ -1276,8 +1287,10 @@ async fn spawn(
         .ok_or_else(|| format!("driver {} is not available in this daemon", spec.driver))
         .map_err(failed(FailureKind::Invalid))?
         .clone();
-    // Warm pools make slots only while no spawn is on its way.
-    let _launching = sh.warm.launching();
+    // Warm pools make slots only while no launch is on its way: from here until the
+    // instance is ready or its run ended (`publish_view` drops the mark).
+    *slot.launching.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(crate::warm::Pools::launching(sh));
     if let Some(ready) = sh.warm.take(sh, slot) {
         let name = ready.name.clone();
         match spawn_warm(sh, slot, &driver, ready, port, env).await {

@@ -3,7 +3,9 @@
 //!
 //! One pool per workload of the catalog with `warm:` whose driver prewarms. One task, the
 //! manager, makes slots **one at a time** and only while no launch is on its way (the
-//! `launching` count: a refill never takes a launch's CPU), under the global memory
+//! `launching` count, from a spawn's start until its instance is ready: a refill never
+//! takes a launch's CPU; but it waits at most [`YIELD_MAX`] for a stream of launches or a
+//! program slow to be ready), under the global memory
 //! budget (`--warm-memory`), as [`bulkhead_core::warm::plan`] decides; it removes slots
 //! unused for `max_idle` and lets a pool unused that long go dormant (refilled on its
 //! next launch). A launch never waits for a slot: it takes a ready one or spawns cold.
@@ -45,7 +47,11 @@ use crate::Shared;
 pub const DEFAULT_BUDGET: u64 = 256 << 20;
 
 /// How often the manager looks at the pools when nothing wakes it.
-const TICK: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(250);
+
+/// How long refills wait for launches on their way: a program that takes longer to be
+/// ready (a database recovering) does not hold every pool empty.
+const YIELD_MAX: Duration = Duration::from_secs(1);
 
 /// The daemon's pools.
 pub(crate) struct Pools {
@@ -83,13 +89,17 @@ pub(crate) struct Ready {
     pub ids: Option<IdHold>,
 }
 
-/// Counts a launch on its way while it lives.
-pub(crate) struct Launching<'a>(&'a Pools);
+/// Counts a launch on its way while it lives: from the start of a spawn until the
+/// instance is ready (or its run failed), so that a refill does not compete with a
+/// program that is still starting.
+pub(crate) struct Launching(Weak<Shared>);
 
-impl Drop for Launching<'_> {
+impl Drop for Launching {
     fn drop(&mut self) {
-        if self.0.launching.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.wake.notify_one();
+        if let Some(sh) = self.0.upgrade() {
+            if sh.warm.launching.fetch_sub(1, Ordering::SeqCst) == 1 {
+                sh.warm.wake.notify_one();
+            }
         }
     }
 }
@@ -114,9 +124,9 @@ impl Pools {
     }
 
     /// Marks a launch (any driver's spawn) on its way until the guard drops.
-    pub(crate) fn launching(&self) -> Launching<'_> {
-        self.launching.fetch_add(1, Ordering::SeqCst);
-        Launching(self)
+    pub(crate) fn launching(sh: &Arc<Shared>) -> Launching {
+        sh.warm.launching.fetch_add(1, Ordering::SeqCst);
+        Launching(Arc::downgrade(sh))
     }
 
     /// Ready slots per workload, and the memory they hold (for `health` and tests).
@@ -215,6 +225,8 @@ pub(crate) fn start(sh: &Arc<Shared>) {
 
 async fn manage(weak: Weak<Shared>) {
     let mut last_sweep = Instant::now();
+    // Since when launches have been on their way without a pause.
+    let mut busy_since: Option<Instant> = None;
     loop {
         let Some(sh) = weak.upgrade() else { return };
         let pools = &sh.warm;
@@ -239,11 +251,14 @@ async fn manage(weak: Weak<Shared>) {
             }
             let names: Vec<String> = map.keys().cloned().collect();
             let views: Vec<PoolView> = map.values().map(|p| view(p, pools.epoch)).collect();
+            let busy = pools.launching.load(Ordering::SeqCst) > 0;
+            busy_since = if busy { busy_since.or(Some(now)) } else { None };
+            let yielding = busy_since.is_some_and(|t| now.duration_since(t) < YIELD_MAX);
             let steps = bulkhead_core::warm::plan(
                 &views,
                 sh.cfg.warm_memory,
                 now.duration_since(pools.epoch),
-                pools.launching.load(Ordering::SeqCst) > 0,
+                yielding,
             );
             let mut make = None;
             // Expiries come first, per pool in ascending slot order: remove from the back.
