@@ -43,8 +43,8 @@ mod workload;
 pub use bulkhead_core::channels::{Direction, ResolvedChannel};
 pub use port::{Loan, Message, Publisher, Subscriber};
 pub use workload::{
-    notify, notify_extend_timeout, notify_ready, notify_reloading, notify_status, notify_stopping,
-    notify_watchdog, watchdog_interval, Workload, WorkloadError,
+    notify, notify_extend_timeout, notify_main_pid, notify_ready, notify_reloading, notify_status,
+    notify_stopping, notify_watchdog, watchdog_interval, Workload, WorkloadError,
 };
 
 /// The iceoryx2 service type every bulkhead channel uses (inter-process).

@@ -201,6 +201,13 @@ pub fn notify_extend_timeout(by: std::time::Duration) -> Result<(), WorkloadErro
     notify(&format!("EXTEND_TIMEOUT_USEC={}", by.as_micros())).map(drop)
 }
 
+/// `MAINPID=`: from now on `pid` (a process of this instance, e.g. the child a
+/// daemonizing program forked) is the instance's main process: the run ends when it
+/// exits, with its status.
+pub fn notify_main_pid(pid: u32) -> Result<(), WorkloadError> {
+    notify(&format!("MAINPID={pid}")).map(drop)
+}
+
 /// The watchdog interval (`$WATCHDOG_USEC`, for this process if `$WATCHDOG_PID` says
 /// so), or `None` without one. Send [`notify_watchdog`] at least twice per interval.
 pub fn watchdog_interval() -> Option<std::time::Duration> {
@@ -211,4 +218,36 @@ pub fn watchdog_interval() -> Option<std::time::Duration> {
         }
     }
     (usec > 0).then(|| std::time::Duration::from_micros(usec))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The helpers send systemd's messages to `$NOTIFY_SOCKET`, and nothing without it.
+    /// (The only test of this crate that touches the variable.)
+    #[test]
+    fn the_notify_helpers_send_what_systemd_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        std::env::remove_var("NOTIFY_SOCKET");
+        assert!(!super::notify("READY=1").unwrap());
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        let got = |sent: Result<(), super::WorkloadError>| {
+            sent.unwrap();
+            let mut buf = [0u8; 128];
+            let n = sock.recv(&mut buf).unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        assert_eq!(got(super::notify_main_pid(4242)), "MAINPID=4242");
+        assert_eq!(got(super::notify_ready()), "READY=1");
+        assert_eq!(got(super::notify_reloading()), "RELOADING=1");
+        assert_eq!(got(super::notify_watchdog(true)), "WATCHDOG=trigger");
+        assert_eq!(
+            got(super::notify_extend_timeout(
+                std::time::Duration::from_millis(1500)
+            )),
+            "EXTEND_TIMEOUT_USEC=1500000"
+        );
+        std::env::remove_var("NOTIFY_SOCKET");
+    }
 }

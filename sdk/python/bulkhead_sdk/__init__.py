@@ -31,6 +31,7 @@ except ImportError:  # the sd_notify helpers work without the data plane
 from .notify import (  # noqa: F401  (re-exported)
     extend_timeout,
     notify,
+    notify_main_pid,
     notify_ready,
     notify_reloading,
     notify_status,
@@ -46,6 +47,7 @@ __all__ = [
     "Subscriber",
     "parse_channel",
     "notify",
+    "notify_main_pid",
     "notify_ready",
     "notify_reloading",
     "notify_status",

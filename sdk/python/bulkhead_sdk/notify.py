@@ -56,6 +56,13 @@ def extend_timeout(seconds: float) -> None:
     notify("EXTEND_TIMEOUT_USEC=%d" % int(seconds * 1e6))
 
 
+def notify_main_pid(pid: int) -> None:
+    """``MAINPID=``: from now on ``pid`` (a process of this instance, e.g. the child a
+    daemonizing program forked) is the instance's main process: the run ends when it
+    exits, with its status."""
+    notify("MAINPID=%d" % int(pid))
+
+
 def watchdog_interval() -> Optional[float]:
     """The watchdog interval in seconds (``$WATCHDOG_USEC``), or None without one. Send
     ``notify_watchdog()`` at least twice per interval."""

@@ -39,6 +39,10 @@ if child > 0:
     main = int(open("main.pid").read())
     if mode == "parent":
         notify("MAINPID=%d" % main)
+    if mode == "sdk":
+        sys.path.insert(0, sys.argv[2])
+        import bulkhead_sdk
+        bulkhead_sdk.notify_main_pid(main)
     sys.exit(0)
 os.setsid()
 if os.fork() > 0:
@@ -56,8 +60,9 @@ while True:
 "#;
 
 fn manifest(name: &str, mode: &str, policy: &str) -> String {
+    let sdk = concat!(env!("CARGO_MANIFEST_DIR"), "/../../sdk/python");
     format!(
-        "name: {name}\ncommand: [python3, daemon.py, {mode}]\n\
+        "name: {name}\ncommand: [python3, daemon.py, {mode}, {sdk}]\n\
          readiness: {{notify: true, timeout: 20s}}\n\
          shutdown: {{grace: 10s}}\n\
          restart: {{policy: {policy}, backoff: {{initial: 50ms, max: 50ms}}}}\n"
@@ -168,6 +173,12 @@ fn follows_the_new_main_process(mode: &str, args: &[&str]) {
         wait_gone(main2),
         "the new main process {main2} outlived its instance"
     );
+}
+
+/// The same through the Python SDK's `notify_main_pid` (from the first process).
+#[test]
+fn mainpid_through_the_python_sdk_is_followed() {
+    follows_the_new_main_process("sdk", &[]);
 }
 
 #[test]
