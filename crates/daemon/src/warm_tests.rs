@@ -23,12 +23,16 @@ use tokio::sync::watch;
 
 use crate::Shared;
 
+/// A spawn the fake made: the instance, the slot it came from (`None`: cold), its
+/// environment.
+type SpawnRecord = (String, Option<String>, Vec<(String, String)>);
+
 #[derive(Default)]
 struct Fake {
     /// Slots made, by name, and whether each is still alive.
     made: Mutex<Vec<(WarmSpec, Arc<AtomicBool>)>>,
     /// Spawns: (instance, from slot name or cold, env).
-    spawns: Mutex<Vec<(String, Option<String>, Vec<(String, String)>)>>,
+    spawns: Mutex<Vec<SpawnRecord>>,
     discarded: Mutex<Vec<String>>,
 }
 
