@@ -784,48 +784,6 @@ pub async fn read_all(fd: std::os::fd::OwnedFd) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// A driver whose every `spawn` goes through a warm slot ([`crate::warm`]): `prewarm`
-/// with what the spec shares with every launch of its workload (its manifest, working
-/// directory, ids and binds), then `spawn_warm`. Wrapped around a driver that prewarms,
-/// it runs the whole suite on instances started from slots: the contract that a pooled
-/// instance is indistinguishable from a cold one.
-pub struct ThroughSlot<D>(pub D);
-
-#[async_trait::async_trait]
-impl<D: Driver> Driver for ThroughSlot<D> {
-    fn kind(&self) -> bulkhead_core::spec::DriverKind {
-        self.0.kind()
-    }
-
-    fn tracks_every_descendant(&self) -> bool {
-        self.0.tracks_every_descendant()
-    }
-
-    fn runs_host_programs(&self) -> bool {
-        self.0.runs_host_programs()
-    }
-
-    async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, crate::SpawnError> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let slot = self
-            .0
-            .prewarm(crate::warm::WarmSpec {
-                slot: format!(
-                    "warm-{}-{}",
-                    spec.spec.name,
-                    SEQ.fetch_add(1, Ordering::Relaxed)
-                ),
-                spec: Arc::clone(&spec.spec),
-                cwd: spec.cwd.clone(),
-                ids: spec.ids,
-                binds: spec.binds.clone(),
-                port: 0,
-            })
-            .await?;
-        self.0.spawn_warm(slot, spec).await
-    }
-}
-
 /// What a conformance test runs against: a driver, or a guard that owns one (and whatever
 /// it needs, such as a keeper process).
 pub trait DriverUnderTest {

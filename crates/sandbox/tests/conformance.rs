@@ -61,7 +61,7 @@ fn driver_made(mode: ModeChoice, scope: &str, host_ids: bool, warm: bool) -> May
         })
         .map(|d| -> Box<dyn Driver> {
             if warm {
-                Box::new(bulkhead_driver::conformance::ThroughSlot(d))
+                Box::new(bulkhead_driver::conformance::WarmFirst(d))
             } else {
                 Box::new(d)
             }
