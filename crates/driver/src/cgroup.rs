@@ -196,6 +196,23 @@ pub fn remove_scope(base: &Path) {
     }
 }
 
+/// Makes a scope directory with `make` (which creates missing parents).
+///
+/// RACE: another daemon's scope, dropped at the same moment, removes the shared
+/// `bulkhead` parent when it is empty ([`remove_scope`]), possibly between our making it
+/// and making the scope in it: the scope's mkdir then fails with `NotFound`, and is
+/// tried again (a few times at most; once the scope exists, the parent is not empty and
+/// stays).
+pub fn create_scope_dir(base: &Path, make: impl Fn(&Path) -> io::Result<()>) -> io::Result<()> {
+    let mut missing = 0;
+    loop {
+        match make(base) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && missing < 8 => missing += 1,
+            r => return r,
+        }
+    }
+}
+
 /// Removes one scope directory if it is empty (not its parent).
 pub fn remove_scope_only(base: &Path) {
     let _ = fs::remove_dir(base);
@@ -266,7 +283,7 @@ impl Tracker {
             .join("bulkhead")
             .join(scope);
         let probe = |base: &Path| -> io::Result<()> {
-            fs::create_dir_all(base)?;
+            create_scope_dir(base, |b| fs::create_dir_all(b))?;
             let p = base.join(format!("probe-{}", std::process::id()));
             let _ = fs::remove_dir(&p);
             fs::create_dir(&p)?;
@@ -448,6 +465,36 @@ impl InstanceCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scope_whose_parent_vanished_meanwhile_is_made_again_a_few_times_at_most() {
+        let calls = std::cell::Cell::new(0);
+        let flaky = |_: &Path| {
+            calls.set(calls.get() + 1);
+            if calls.get() < 3 {
+                Err(io::Error::from(io::ErrorKind::NotFound))
+            } else {
+                Ok(())
+            }
+        };
+        super::create_scope_dir(Path::new("/x"), flaky).unwrap();
+        assert_eq!(calls.get(), 3);
+        calls.set(0);
+        let gone = |_: &Path| {
+            calls.set(calls.get() + 1);
+            Err(io::Error::from(io::ErrorKind::NotFound))
+        };
+        assert!(super::create_scope_dir(Path::new("/x"), gone).is_err());
+        assert_eq!(calls.get(), 9);
+        // Other errors are not retried.
+        calls.set(0);
+        let denied = |_: &Path| {
+            calls.set(calls.get() + 1);
+            Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        };
+        assert!(super::create_scope_dir(Path::new("/x"), denied).is_err());
+        assert_eq!(calls.get(), 1);
+    }
 
     #[test]
     fn the_supervisor_leaf_is_not_a_level_of_its_own() {

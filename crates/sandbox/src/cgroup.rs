@@ -185,7 +185,7 @@ fn remount_favordynmods(mount: &Path, opts: &str) -> io::Result<()> {
 
 /// Makes and removes a probe cgroup under `base`: the hierarchy is usable.
 fn probe(base: &Path, cpuset: bool) -> io::Result<()> {
-    create_dirs(base, cpuset)?;
+    bulkhead_driver::cgroup::create_scope_dir(base, |b| create_dirs(b, cpuset))?;
     let p = base.join(format!("probe-{}", std::process::id()));
     let _ = fs::remove_dir(&p);
     fs::create_dir(&p)?;
