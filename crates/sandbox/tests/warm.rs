@@ -208,13 +208,15 @@ async fn an_instance_from_a_slot_has_the_wall_of_a_cold_one() {
         true,
     )
     .await;
-    for want in [
-        "pid=2",
-        "/proc/1 /proc/2\n",
-        "bulkhead-init ns:conformance:walls",
-        "0027",
-        "1234",
-    ] {
+    // The init's title is written over this process's own argument area, so it is cut
+    // to that area's size (short when the tests run as `/tests/warm` in the VM).
+    let room = std::fs::read("/proc/self/cmdline")
+        .map(|c| c.len())
+        .unwrap_or(0)
+        .saturating_sub(1);
+    let title = "bulkhead-init ns:conformance:walls";
+    let title = &title[..title.len().min(room)];
+    for want in ["pid=2", "/proc/1 /proc/2\n", title, "0027", "1234"] {
         assert!(out.contains(want), "missing {want}: {out}");
     }
 }
