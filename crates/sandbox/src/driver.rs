@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bulkhead_core::event::ExitStatus;
+use bulkhead_core::key::InstanceId;
 use bulkhead_core::sandbox::{
     id_tenant, AbstractSockets, IdBlocks, Root, SandboxSpec, UserNamespace, UserNs, AUTO_ID_BASE,
     AUTO_ID_BLOCKS,
@@ -619,39 +620,12 @@ impl Driver for SandboxDriver {
         // spawn drops it on return.
         let (userns, id_hold) = self.user_namespace(&spec, &sb)?;
         let mut prepared = self.prepare(&spec, &sb, userns, restrict.clone())?;
-        let cg = self
-            .cgroups
-            .create(spec.instance.as_str(), spec.spec.resources.as_ref())
-            .map_err(|e| setup(SetupStep::Cgroup, e.to_string()))?;
-        let fds = cg.open_unified().and_then(|u| Ok((u, cg.open_v1_procs()?)));
-        match fds {
-            Ok((u, v1)) => {
-                prepared.cgroup_fd = u;
-                prepared.v1_procs = v1;
-            }
-            Err(e) => {
-                cg.remove();
-                return Err(setup(
-                    SetupStep::Cgroup,
-                    format!("cannot open its cgroup: {e}"),
-                ));
-            }
-        }
-        let pipes = (|| -> io::Result<_> {
-            let (out_r, out_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-            let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-            Ok((out_r, out_w, err_r, err_w))
-        })();
-        let (out_r, out_w, err_r, err_w) = match pipes {
-            Ok(p) => p,
-            Err(e) => {
-                cg.remove();
-                return Err(setup(
-                    SetupStep::Pipes,
-                    format!("cannot create output pipes: {e}"),
-                ));
-            }
-        };
+        let (cg, (out_r, out_w, err_r, err_w)) = self.cgroups_and_pipes(
+            spec.instance.as_str(),
+            spec.spec.resources.as_ref(),
+            &mut prepared,
+            setup,
+        )?;
 
         // The clone happens on the spawner thread; no await point between the result and
         // the watcher start below, so a cancelled spawn cannot lose the child... except
@@ -700,81 +674,182 @@ impl Driver for SandboxDriver {
                 ));
             }
         };
-        let pid = child.pid;
-        let pidfd = Arc::new(child.pidfd);
-        // SAFETY: the AsyncFd owns a clone of the Arc<OwnedFd>; the descriptor is closed
-        // only when the last clone drops, after the AsyncFd.
-        let registered =
-            unsafe { AsyncFd::register_with_interest(Arc::clone(&pidfd), Interest::READABLE) };
-        let afd = match registered {
-            Ok(afd) => afd,
-            Err(e) => {
-                let _ = sys::pidfd_send_signal(&pidfd, Signal::KILL);
-                let _ = sys::reap_blocking(pid);
-                reaper::Registry::global().unregister(pid);
-                cg.remove();
-                return Err(SpawnError::Watch {
-                    pid,
-                    source: e.into_parts().1,
-                });
-            }
-        };
-        let mut namespaces =
-            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-        if sb.network.isolated() {
-            namespaces |= libc::CLONE_NEWNET;
-        }
-        if userns.is_some() {
-            // exec must enter it too, or its commands would run as the host's root.
-            namespaces |= libc::CLONE_NEWUSER;
-        }
-        let shared = Arc::new(Shared {
-            pid,
-            namespaces,
+        tracing::debug!(instance = %spec.instance, pid = child.pid, "sandbox spawned");
+        watch_started(
+            &spec.instance,
+            Started {
+                pid: child.pid,
+                pidfd: child.pidfd,
+                status: child.status,
+                ctl: child.ctl,
+                cgroup: cg,
+                out_r,
+                err_r,
+            },
+            &sb,
+            userns.is_some(),
             restrict,
-            phase: Mutex::new(Phase::Running),
-            cause: Mutex::new(None),
-            cgroup: cg,
-            main: child
-                .ctl
-                .map(|ctl| Arc::new(MainPid::new(spec.instance.as_str(), pid, ctl))),
-        });
-        // v1 has no `memory.oom.group`: an OOM kill of one process (not the main one)
-        // would leave the instance running without it, unreported. Like v2 (and systemd's
-        // default `OOMPolicy=stop`), the instance ends on any OOM kill in it.
-        let oom_events = match shared.cgroup.v1_oom_events() {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::warn!(
-                    instance = %spec.instance,
-                    "cannot watch the instance's OOM events (an OOM kill of a child will \
-                     be reported only when the instance ends): {e}"
-                );
-                None
-            }
-        };
-        let (stx, srx) = watch::channel(None);
-        tokio::spawn(watch_instance(
-            afd,
-            child.status,
-            oom_events,
-            Arc::clone(&shared),
-            stx,
             id_hold,
-        ));
-        tracing::debug!(instance = %spec.instance, pid, "sandbox spawned");
-        Ok(Spawned {
-            handle: Arc::new(SandboxHandle {
-                instance: spec.instance.to_string(),
-                shared,
-                pidfd,
-                status: srx,
-            }),
-            stdout: Some(out_r),
-            stderr: Some(err_r),
-            tap: None,
-        })
+        )
     }
+}
+
+impl SandboxDriver {
+    /// The cgroups of one instance (or slot) named `name`, limited as `resources` say and
+    /// opened into `prepared` for the clone, and its output pipes (read ends first of
+    /// each pair). On an error nothing of them is left.
+    fn cgroups_and_pipes(
+        &self,
+        name: &str,
+        resources: Option<&bulkhead_core::spec::Resources>,
+        prepared: &mut spawn::Prepared,
+        setup: impl Fn(SetupStep, String) -> SpawnError,
+    ) -> Result<(InstanceCgroup, OutputPipes), SpawnError> {
+        let cg = self
+            .cgroups
+            .create(name, resources)
+            .map_err(|e| setup(SetupStep::Cgroup, e.to_string()))?;
+        let fds = cg.open_unified().and_then(|u| Ok((u, cg.open_v1_procs()?)));
+        match fds {
+            Ok((u, v1)) => {
+                prepared.cgroup_fd = u;
+                prepared.v1_procs = v1;
+            }
+            Err(e) => {
+                cg.remove();
+                return Err(setup(
+                    SetupStep::Cgroup,
+                    format!("cannot open its cgroup: {e}"),
+                ));
+            }
+        }
+        let pipes = (|| -> io::Result<_> {
+            let (out_r, out_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            Ok((out_r, out_w, err_r, err_w))
+        })();
+        match pipes {
+            Ok(p) => Ok((cg, p)),
+            Err(e) => {
+                cg.remove();
+                Err(setup(
+                    SetupStep::Pipes,
+                    format!("cannot create output pipes: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// An instance's output pipes: stdout's read and write ends, then stderr's.
+type OutputPipes = (OwnedFd, OwnedFd, OwnedFd, OwnedFd);
+
+/// An instance whose program runs (cold, or handed over in a warm slot), before it is
+/// watched.
+struct Started {
+    pid: u32,
+    pidfd: OwnedFd,
+    /// The init's status pipe (only with our init).
+    status: Option<OwnedFd>,
+    /// The init's `MAINPID=` control pipe (only with our init).
+    ctl: Option<OwnedFd>,
+    cgroup: InstanceCgroup,
+    out_r: OwnedFd,
+    err_r: OwnedFd,
+}
+
+/// The end of every spawn: the instance watched through its pidfd (and its OOM events),
+/// as a handle. `user_ns`: it has a user namespace of its own, which `exec` must enter
+/// too. `id_hold` is kept until the instance is over.
+fn watch_started(
+    instance: &InstanceId,
+    started: Started,
+    sb: &SandboxSpec,
+    user_ns: bool,
+    restrict: Restrictions,
+    id_hold: Option<IdHold>,
+) -> Result<Spawned, SpawnError> {
+    let Started {
+        pid,
+        pidfd,
+        status,
+        ctl,
+        cgroup: cg,
+        out_r,
+        err_r,
+    } = started;
+    let pidfd = Arc::new(pidfd);
+    // SAFETY: the AsyncFd owns a clone of the Arc<OwnedFd>; the descriptor is closed
+    // only when the last clone drops, after the AsyncFd.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(Arc::clone(&pidfd), Interest::READABLE) };
+    let afd = match registered {
+        Ok(afd) => afd,
+        Err(e) => {
+            let _ = sys::pidfd_send_signal(&pidfd, Signal::KILL);
+            let _ = sys::reap_blocking(pid);
+            reaper::Registry::global().unregister(pid);
+            // The init's end takes its PID namespace; what is left goes with the cgroup.
+            cg.kill_all();
+            cg.remove();
+            return Err(SpawnError::Watch {
+                pid,
+                source: e.into_parts().1,
+            });
+        }
+    };
+    let mut namespaces =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if sb.network.isolated() {
+        namespaces |= libc::CLONE_NEWNET;
+    }
+    if user_ns {
+        // exec must enter it too, or its commands would run as the host's root.
+        namespaces |= libc::CLONE_NEWUSER;
+    }
+    let shared = Arc::new(Shared {
+        pid,
+        namespaces,
+        restrict,
+        phase: Mutex::new(Phase::Running),
+        cause: Mutex::new(None),
+        cgroup: cg,
+        main: ctl.map(|ctl| Arc::new(MainPid::new(instance.as_str(), pid, ctl))),
+    });
+    // v1 has no `memory.oom.group`: an OOM kill of one process (not the main one)
+    // would leave the instance running without it, unreported. Like v2 (and systemd's
+    // default `OOMPolicy=stop`), the instance ends on any OOM kill in it.
+    let oom_events = match shared.cgroup.v1_oom_events() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(
+                instance = %instance,
+                "cannot watch the instance's OOM events (an OOM kill of a child will \
+                 be reported only when the instance ends): {e}"
+            );
+            None
+        }
+    };
+    let (stx, srx) = watch::channel(None);
+    tokio::spawn(watch_instance(
+        afd,
+        status,
+        oom_events,
+        Arc::clone(&shared),
+        stx,
+        id_hold,
+    ));
+    Ok(Spawned {
+        handle: Arc::new(SandboxHandle {
+            instance: instance.to_string(),
+            shared,
+            pidfd,
+            status: srx,
+        }),
+        stdout: Some(out_r),
+        stderr: Some(err_r),
+        tap: None,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -49,21 +49,20 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bulkhead_core::key::InstanceId;
 use bulkhead_core::sandbox::{Root, SandboxSpec, UserNamespace, UserNs};
-use bulkhead_core::signal::Signal;
 use bulkhead_driver::restrict::Restrictions;
 use bulkhead_driver::warm::{Warm, WarmSpec};
 use bulkhead_driver::{reaper, sys, SetupStep, SpawnError, SpawnSpec, Spawned};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
-use super::{lock, spawner, IdHold, Job, Phase, SandboxDriver, SandboxHandle, Shared};
+use super::{lock, spawner, IdHold, Job, SandboxDriver};
 use crate::cgroup::{self, InstanceCgroup};
 use crate::spawn::{self, ChildError, Prepared, SlotEnds};
 
@@ -376,39 +375,8 @@ impl SandboxDriver {
                 })?;
             }
         }
-        let cg = self
-            .cgroups
-            .create(&w.slot, w.spec.resources.as_ref())
-            .map_err(|e| setup(SetupStep::Cgroup, e.to_string()))?;
-        let fds = cg.open_unified().and_then(|u| Ok((u, cg.open_v1_procs()?)));
-        match fds {
-            Ok((u, v1)) => {
-                prepared.cgroup_fd = u;
-                prepared.v1_procs = v1;
-            }
-            Err(e) => {
-                cg.remove();
-                return Err(setup(
-                    SetupStep::Cgroup,
-                    format!("cannot open its cgroup: {e}"),
-                ));
-            }
-        }
-        let pipes = (|| -> io::Result<_> {
-            let (out_r, out_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-            let (err_r, err_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-            Ok((out_r, out_w, err_r, err_w))
-        })();
-        let (out_r, out_w, err_r, err_w) = match pipes {
-            Ok(p) => p,
-            Err(e) => {
-                cg.remove();
-                return Err(setup(
-                    SetupStep::Pipes,
-                    format!("cannot create output pipes: {e}"),
-                ));
-            }
-        };
+        let (cg, (out_r, out_w, err_r, err_w)) =
+            self.cgroups_and_pipes(&w.slot, w.spec.resources.as_ref(), &mut prepared, setup)?;
         // The clone on the spawner thread (parent-death signal), as a cold spawn; the
         // setup that follows in the child is awaited here, not there.
         let (tx, rx) = oneshot::channel();
@@ -708,73 +676,23 @@ impl SandboxDriver {
             cgroup: cg,
         } = live;
         drop(ends);
-        // From here on as the end of a cold spawn.
-        let pidfd = Arc::new(pidfd);
-        // SAFETY: the AsyncFd owns a clone of the Arc<OwnedFd>; the descriptor is closed
-        // only when the last clone drops, after the AsyncFd.
-        let registered =
-            unsafe { AsyncFd::register_with_interest(Arc::clone(&pidfd), Interest::READABLE) };
-        let afd = match registered {
-            Ok(afd) => afd,
-            Err(e) => {
-                let _ = sys::pidfd_send_signal(&pidfd, Signal::KILL);
-                let _ = sys::reap_blocking(pid);
-                reaper::Registry::global().unregister(pid);
-                sweep(&cg);
-                return Err(SpawnError::Watch {
-                    pid,
-                    source: e.into_parts().1,
-                });
-            }
-        };
-        let mut namespaces =
-            libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-        if slot.sb.network.isolated() {
-            namespaces |= libc::CLONE_NEWNET;
-        }
-        if slot.userns.is_some() {
-            namespaces |= libc::CLONE_NEWUSER;
-        }
-        let shared = Arc::new(Shared {
-            pid,
-            namespaces,
-            restrict: slot.restrict.clone(),
-            phase: Mutex::new(Phase::Running),
-            cause: Mutex::new(None),
-            cgroup: cg,
-            main: ctl.map(|ctl| Arc::new(super::MainPid::new(spec.instance.as_str(), pid, ctl))),
-        });
-        let oom_events = match shared.cgroup.v1_oom_events() {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::warn!(
-                    instance = %spec.instance,
-                    "cannot watch the instance's OOM events (an OOM kill of a child will \
-                     be reported only when the instance ends): {e}"
-                );
-                None
-            }
-        };
-        let (stx, srx) = watch::channel(None);
-        tokio::spawn(super::watch_instance(
-            afd,
-            status,
-            oom_events,
-            Arc::clone(&shared),
-            stx,
-            slot.id_hold.take(),
-        ));
         tracing::debug!(instance = %spec.instance, pid, slot = %slot.warm.slot, "sandbox spawned from a warm slot");
-        Ok(Spawned {
-            handle: Arc::new(SandboxHandle {
-                instance: spec.instance.to_string(),
-                shared,
+        // From here on as the end of a cold spawn.
+        super::watch_started(
+            &spec.instance,
+            super::Started {
+                pid,
                 pidfd,
-                status: srx,
-            }),
-            stdout: Some(out_r),
-            stderr: Some(err_r),
-            tap: None,
-        })
+                status,
+                ctl,
+                cgroup: cg,
+                out_r,
+                err_r,
+            },
+            &slot.sb,
+            slot.userns.is_some(),
+            slot.restrict.clone(),
+            slot.id_hold.take(),
+        )
     }
 }
