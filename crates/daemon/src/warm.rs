@@ -154,9 +154,7 @@ impl Pools {
             let mut pools = self.lock();
             let pool = pools.get_mut(&spec.name).filter(|p| p.spec == spec)?;
             pool.last_use = Instant::now();
-            if pool.dormant {
-                pool.dormant = false;
-            }
+            pool.dormant = false;
             let mut taken = None;
             while let Some(mut r) = pool.ready.pop_front() {
                 if !r.warm.alive() {
@@ -421,10 +419,7 @@ async fn make_slot(sh: &Arc<Shared>, workload: &str, spec: Arc<WorkloadSpec>, cw
             }
         }
     };
-    // A pool left behind by a reload is removed once its last slot is made.
-    pools
-        .lock()
-        .retain(|_, p| p.making > 0 || sh.catalog().entries.contains_key(&p.spec.name));
+    // A pool a reload left behind goes at the manager's next `sync`.
     if let Some(r) = leftover {
         discard(sh, r).await;
     }

@@ -820,6 +820,28 @@ impl<D: Driver> Driver for WarmFirst<D> {
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, crate::SpawnError> {
+        spawn_through_slot(&self.0, spec).await
+    }
+
+    fn tracks_every_descendant(&self) -> bool {
+        self.0.tracks_every_descendant()
+    }
+
+    fn runs_host_programs(&self) -> bool {
+        self.0.runs_host_programs()
+    }
+
+    fn prewarms(&self) -> bool {
+        self.0.prewarms()
+    }
+}
+
+/// What [`WarmFirst`] does for one spawn, for suites that hold their driver by reference.
+pub async fn spawn_through_slot(
+    d: &dyn Driver,
+    spec: SpawnSpec,
+) -> Result<Spawned, crate::SpawnError> {
+    {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let warm = crate::warm::WarmSpec {
             slot: format!(
@@ -838,20 +860,8 @@ impl<D: Driver> Driver for WarmFirst<D> {
                 .and_then(|(_, v)| v.parse().ok())
                 .unwrap_or(0),
         };
-        let slot = self.0.prewarm(warm).await?;
-        self.0.spawn_warm(slot, spec).await
-    }
-
-    fn tracks_every_descendant(&self) -> bool {
-        self.0.tracks_every_descendant()
-    }
-
-    fn runs_host_programs(&self) -> bool {
-        self.0.runs_host_programs()
-    }
-
-    fn prewarms(&self) -> bool {
-        self.0.prewarms()
+        let slot = d.prewarm(warm).await?;
+        d.spawn_warm(slot, spec).await
     }
 }
 

@@ -59,7 +59,17 @@ fn spec(fx: &Fixture, name: &str, script: &str, extra: &str) -> SpawnSpec {
 async fn start(d: &SandboxDriver, s: SpawnSpec) -> Running {
     let token = token_of(&s);
     let what = format!("instance {}", s.instance);
-    let spawned = within("spawn", d.spawn(s))
+    // `BULKHEAD_WALLS_THROUGH_SLOTS=1` (a second run in `.ci/run`): every instance is
+    // started in a warm slot, so each attack and its control also meet a pooled instance.
+    let through_slots = std::env::var_os("BULKHEAD_WALLS_THROUGH_SLOTS").is_some();
+    let spawn = async {
+        if through_slots {
+            bulkhead_driver::conformance::spawn_through_slot(d, s).await
+        } else {
+            d.spawn(s).await
+        }
+    };
+    let spawned = within("spawn", spawn)
         .await
         .unwrap_or_else(|e| panic!("spawn failed: {e}"));
     Running {
