@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
             warm.values
                 .push(driver_once(&driver, &slot_dir, true).await?);
             // Not timed: the pool has a slot again (it refills while no launch runs).
-            wait_for_slot(&mut c, "dkw").await?;
+            bulkhead_bench::wait_for_slot(&mut c, "dkw").await?;
             let t = Instant::now();
             launch_of(&mut c, "dkw", &format!("p{i}"), v1::WaitFor::Ready).await?;
             pooled.values.push(t.elapsed());
@@ -129,16 +129,7 @@ fn main() -> anyhow::Result<()> {
             ratio(s.p50(), cli.p50())
         ));
     }
-    let sh = daemon.shared();
-    let metrics = sh.metrics.encode(sh).unwrap_or_default();
-    let hits = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("bulkhead_warm_launches_total{workload=\"dkw\",result=\"hit\"} ")
-        })
-        .unwrap_or("0")
-        .trim()
-        .to_owned();
+    let hits = bulkhead_bench::warm_launches(&daemon, "dkw").0;
     report.push_str(&format!(
         "\n{iterations} iterations, interleaved; launches of the pooled workload from a slot: {hits} of {iterations}.\n"
     ));
@@ -276,25 +267,6 @@ async fn launch(
     wait: v1::WaitFor,
 ) -> anyhow::Result<v1::LaunchResponse> {
     launch_of(c, "dk", session, wait).await
-}
-
-/// Waits (up to 30 s) until `workload`'s warm pool has a ready slot.
-async fn wait_for_slot(
-    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
-    workload: &str,
-) -> anyhow::Result<()> {
-    let until = Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let h = c.health(v1::HealthRequest {}).await?.into_inner();
-        if h.warm.iter().any(|w| w.workload == workload && w.ready > 0) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < until,
-            "the warm pool of {workload} stays empty"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
 }
 
 async fn launch_of(

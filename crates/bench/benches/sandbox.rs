@@ -201,13 +201,13 @@ fn main() -> anyhow::Result<()> {
         let slot = rt.block_on(slot_for(&driver, &workload, &warm_dir))?;
         rt.block_on(warm_once(&driver, slot, &workload, &exe, &warm_dir))?;
         client_rt.block_on(api_once(&mut client, "notify", "warm"))?;
-        client_rt.block_on(wait_for_slot(&mut client, "notifyw"))?;
+        client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifyw"))?;
         client_rt.block_on(api_once(&mut client, "notifyw", "warmw"))?;
         if let Some(r) = runc.as_mut() {
             r.once(&next_sock())?;
         }
     }
-    let hits_before = warm_hits(&daemon);
+    let hits_before = bulkhead_bench::warm_launches(&daemon, "notifyw").0;
     eprintln!("{iterations} rounds, interleaved");
     for i in 0..iterations {
         // The round's slot, made outside the clock and first, so that the machine has
@@ -221,7 +221,7 @@ fn main() -> anyhow::Result<()> {
         api.values
             .push(client_rt.block_on(api_once(&mut client, "notify", &format!("s{i}")))?);
         // Not timed: the pool has its slot again (it refills while no spawn runs).
-        client_rt.block_on(wait_for_slot(&mut client, "notifyw"))?;
+        client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifyw"))?;
         apw.values
             .push(client_rt.block_on(api_once(&mut client, "notifyw", &format!("w{i}")))?);
         if bwrap {
@@ -237,7 +237,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     drop(client);
-    let hits = warm_hits(&daemon) - hits_before;
+    let hits = bulkhead_bench::warm_launches(&daemon, "notifyw").0 - hits_before;
     rt.block_on(daemon.shutdown());
 
     let mut report = String::new();
@@ -473,37 +473,6 @@ async fn api_once(
     })
     .await?;
     Ok(took)
-}
-
-/// Launches of `notifyw` from a warm slot so far (the daemon's metrics).
-fn warm_hits(d: &bulkhead_daemon::Daemon) -> u64 {
-    let sh = d.shared();
-    let text = sh.metrics.encode(sh).unwrap_or_default();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("bulkhead_warm_launches_total{workload=\"notifyw\",result=\"hit\"} ")
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Waits (up to 30 s, not timed) until `workload`'s warm pool has a ready slot.
-async fn wait_for_slot(
-    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
-    workload: &str,
-) -> anyhow::Result<()> {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let h = c.health(v1::HealthRequest {}).await?.into_inner();
-        if h.warm.iter().any(|w| w.workload == workload && w.ready > 0) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < until,
-            "the warm pool of {workload} stays empty"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// A peer tool: spawn it, READY; then wait for it to end (not timed).

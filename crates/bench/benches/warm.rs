@@ -88,9 +88,9 @@ fn main() -> anyhow::Result<()> {
         client_rt.block_on(reload(client.clone()))?;
         // A full pool at the start of a warm burst, as after a quiet spell.
         std::thread::sleep(Duration::from_secs(if warm { 2 } else { 1 }));
-        let before = warm_counts(&daemon);
+        let before = bulkhead_bench::warm_launches(&daemon, "w");
         let (took, ids) = client_rt.block_on(burst(client.clone(), &mut seq, keys, concurrency))?;
-        let after = warm_counts(&daemon);
+        let after = bulkhead_bench::warm_launches(&daemon, "w");
         if warm {
             hits += after.0 - before.0;
             misses += after.1 - before.1;
@@ -133,20 +133,6 @@ fn main() -> anyhow::Result<()> {
         hits + misses
     );
     Ok(())
-}
-
-/// The daemon's warm-pool hits and misses so far (its metrics).
-fn warm_counts(d: &bulkhead_daemon::Daemon) -> (u64, u64) {
-    let sh = d.shared();
-    let text = sh.metrics.encode(sh).unwrap_or_default();
-    let count = |result: &str| -> u64 {
-        let prefix = format!("bulkhead_warm_launches_total{{workload=\"w\",result=\"{result}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (count("hit"), count("miss"))
 }
 
 type Client = bulkhead_api::BulkheadClient<tonic::transport::Channel>;

@@ -90,6 +90,45 @@ pub async fn terminate(
     Ok(())
 }
 
+/// Waits (up to 30 s; benches call it outside their clock) until `workload`'s warm pool
+/// has a ready slot, as `health` shows it.
+pub async fn wait_for_slot(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    workload: &str,
+) -> anyhow::Result<()> {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = c
+            .health(bulkhead_api::v1::HealthRequest {})
+            .await?
+            .into_inner();
+        if h.warm.iter().any(|w| w.workload == workload && w.ready > 0) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < until,
+            "the warm pool of {workload} stays empty"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `workload`'s spawns so far from a warm slot and cold (hits, misses), from the metrics
+/// of a daemon running in the bench's process.
+pub fn warm_launches(d: &bulkhead_daemon::Daemon, workload: &str) -> (u64, u64) {
+    let sh = d.shared();
+    let text = sh.metrics.encode(sh).unwrap_or_default();
+    let count = |result: &str| -> u64 {
+        let prefix =
+            format!("bulkhead_warm_launches_total{{workload=\"{workload}\",result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (count("hit"), count("miss"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
