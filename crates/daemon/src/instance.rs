@@ -1029,7 +1029,16 @@ impl Actor {
 
     async fn on(&mut self, wake: Wake) {
         match wake {
-            Wake::Exited(status) => self.on_exit(status).await,
+            Wake::Exited(status) => {
+                // ORDER: what the program sent before it exited is taken first (systemd
+                // reads notify messages before SIGCHLD). The driver's `on_main_exit` hook
+                // queued them before it reported the exit, but `select!` picks among
+                // ready branches at random.
+                while let Ok(msg) = self.notify_rx.try_recv() {
+                    self.on_notify(msg);
+                }
+                self.on_exit(status).await
+            }
             Wake::Notify(msg) => self.on_notify(msg),
             Wake::ProbePassed(name) => self.on_probe_passed(name),
             Wake::Health(h) => self.input(match h {

@@ -771,6 +771,22 @@ impl Container {
                 pidfd,
                 cgroup: Cgroup::of(pid),
             });
+            self.watch_oom();
+        }
+    }
+
+    /// Under a memory limit, starts [`watch_oom`] on the init found by `inspect_main` (or
+    /// kept by a warm slot).
+    pub(crate) fn watch_oom(&self) {
+        if self.memory_limit.is_none() {
+            return;
+        }
+        let main = self.main.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((Ok(pidfd), Some(cg))) = main
+            .as_ref()
+            .map(|m| (m.pidfd.try_clone(), m.cgroup.clone()))
+        {
+            tokio::spawn(watch_oom(pidfd, cg, self.oom.clone()));
         }
     }
 
@@ -1234,6 +1250,21 @@ impl Cgroup {
         Some(cg)
     }
 
+    /// How many processes the kernel's OOM killer took in this cgroup: `oom_kill` of v1's
+    /// `memory.oom_control` or of v2's `memory.events`. None once the cgroup is gone.
+    pub(crate) fn oom_kills(&self) -> Option<u64> {
+        let (dir, file) = match (&self.memory, &self.unified) {
+            (Some(m), _) => (m, "memory.oom_control"),
+            (None, Some(u)) => (u, "memory.events"),
+            (None, None) => return None,
+        };
+        let text = std::fs::read_to_string(dir.join(file)).ok()?;
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == "oom_kill").then(|| v.trim().parse().ok()).flatten()
+        })
+    }
+
     pub(crate) fn read(&self, memory_limit: Option<u64>, pids_limit: Option<u32>) -> Stats {
         let num = |dir: &Option<PathBuf>, file: &str| -> Option<u64> {
             std::fs::read_to_string(dir.as_ref()?.join(file))
@@ -1273,6 +1304,27 @@ impl Cgroup {
             keyed(&self.cpu, "cpu.stat", "throttled_time").map(|v| v as f64 / 1e9);
         s.pids_limit_hits = keyed(&self.pids, "pids.events", "max");
         s
+    }
+}
+
+/// Sees an OOM kill of a memory-limited container's init without the engine. The engine
+/// learns of OOM kills from containerd, whose cgroup v1 watcher drops the event when the
+/// cgroup is already gone by the time it looks (under load the container's exit wins that
+/// race, and `State.OOMKilled` stays false). The kernel's own count is read here the
+/// moment the init exits.
+/// ORDER: the pidfd is readable as soon as the init has exited, before containerd's shim
+/// has reaped it and had runc remove the cgroup, so the counter is normally still there;
+/// when it is not, the engine's `oom` event and `State.OOMKilled` remain the sources.
+async fn watch_oom(pidfd: OwnedFd, cgroup: Cgroup, oom: Arc<AtomicBool>) {
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::Interest;
+    // SAFETY: the AsyncFd owns the OwnedFd: the descriptor stays open and the same until
+    // the AsyncFd drops.
+    let Ok(afd) = (unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }) else {
+        return;
+    };
+    if afd.readable().await.is_ok() && cgroup.oom_kills().is_some_and(|n| n > 0) {
+        oom.store(true, Ordering::SeqCst);
     }
 }
 

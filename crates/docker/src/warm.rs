@@ -726,6 +726,7 @@ impl DockerDriver {
             env: spec.env.clone(),
             exec_env: env,
         });
+        container.watch_oom();
         // Watched before the program runs: its `die` may come at once.
         let sink: Arc<dyn EventSink> = container.clone();
         self.engine.watch(&slot.id, Arc::downgrade(&sink));

@@ -696,7 +696,10 @@ pub trait InstanceHandle: Send + Sync + 'static {
     /// decides that the run ended: the caller reads the `MAINPID=` messages queued before
     /// that exit there (systemd reads notify messages before SIGCHLD for the same reason)
     /// and calls [`set_main_pid`](Self::set_main_pid). Drivers without `set_main_pid`
-    /// ignore it.
+    /// ignore it. The caller installs it right after the spawn returns, when the program
+    /// was given a `NOTIFY_SOCKET`; a driver that can see the exit before that (a task of
+    /// its own running from the spawn) holds the decision of such a run until the hook is
+    /// there.
     fn on_main_exit(&self, hook: Arc<dyn Fn() + Send + Sync>) {
         let _ = hook;
     }

@@ -685,6 +685,7 @@ impl Driver for SandboxDriver {
                 cgroup: cg,
                 out_r,
                 err_r,
+                notify: has_notify_socket(&spec.env),
             },
             &sb,
             userns.is_some(),
@@ -741,6 +742,11 @@ impl SandboxDriver {
     }
 }
 
+/// Whether a program started with `env` can send sd_notify messages.
+pub(crate) fn has_notify_socket(env: &[(String, String)]) -> bool {
+    env.iter().any(|(k, _)| k == "NOTIFY_SOCKET")
+}
+
 /// An instance's output pipes: stdout's read and write ends, then stderr's.
 type OutputPipes = (OwnedFd, OwnedFd, OwnedFd, OwnedFd);
 
@@ -756,6 +762,9 @@ struct Started {
     cgroup: InstanceCgroup,
     out_r: OwnedFd,
     err_r: OwnedFd,
+    /// The program was given a `NOTIFY_SOCKET`: the daemon will install a hook with
+    /// `on_main_exit` (see [`MainPid::new`]).
+    notify: bool,
 }
 
 /// The end of every spawn: the instance watched through its pidfd (and its OOM events),
@@ -777,6 +786,7 @@ fn watch_started(
         cgroup: cg,
         out_r,
         err_r,
+        notify,
     } = started;
     let pidfd = Arc::new(pidfd);
     // SAFETY: the AsyncFd owns a clone of the Arc<OwnedFd>; the descriptor is closed
@@ -814,7 +824,7 @@ fn watch_started(
         phase: Mutex::new(Phase::Running),
         cause: Mutex::new(None),
         cgroup: cg,
-        main: ctl.map(|ctl| Arc::new(MainPid::new(instance.as_str(), pid, ctl))),
+        main: ctl.map(|ctl| Arc::new(MainPid::new(instance.as_str(), pid, ctl, notify))),
     });
     // v1 has no `memory.oom.group`: an OOM kill of one process (not the main one)
     // would leave the instance running without it, unreported. Like v2 (and systemd's

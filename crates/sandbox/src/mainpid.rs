@@ -139,10 +139,21 @@ pub(crate) struct MainPid {
     ns: Option<PidNs>,
     state: Mutex<State>,
     hook: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// `true` once `on_exit` installed the hook; watched only when `awaits_hook`.
+    hooked: tokio::sync::watch::Sender<bool>,
+    /// The program has a notify socket, whose reader (the daemon) installs the hook once
+    /// the spawn has returned.
+    awaits_hook: bool,
 }
 
+/// How long the first record of a run with a notify socket waits for the hook. The daemon
+/// installs it as soon as the spawn returns; the bound only matters for a handle the
+/// daemon dropped without taking the run under supervision.
+const HOOK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl MainPid {
-    pub(crate) fn new(instance: &str, init: u32, ctl: OwnedFd) -> MainPid {
+    /// `awaits_hook`: the program was given a notify socket (see [`HOOK_WAIT`]).
+    pub(crate) fn new(instance: &str, init: u32, ctl: OwnedFd, awaits_hook: bool) -> MainPid {
         let ns = PidNs::of_init(init)
             .map_err(|e| {
                 tracing::warn!(
@@ -165,6 +176,8 @@ impl MainPid {
                 moved: None,
             }),
             hook: Mutex::new(None),
+            hooked: tokio::sync::watch::Sender::new(false),
+            awaits_hook,
         }
     }
 
@@ -175,6 +188,7 @@ impl MainPid {
 
     pub(crate) fn on_exit(&self, hook: Arc<dyn Fn() + Send + Sync>) {
         *lock(&self.hook) = Some(hook);
+        self.hooked.send_replace(true);
     }
 
     /// Whether host process `pid` is one of the instance's (lives in its namespace).
@@ -277,6 +291,15 @@ impl MainPid {
                         got = 0;
                         let pid = u32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
                         let raw = i32::from_ne_bytes([rec[4], rec[5], rec[6], rec[7]]);
+                        if self.awaits_hook {
+                            // RACE: this task runs from the spawn on; the daemon installs
+                            // the hook only once the spawn has returned. A program that
+                            // sends MAINPID= and exits at once can end before that: its
+                            // record waits for the hook, so the message is still read
+                            // before the run is declared over.
+                            let mut hooked = self.hooked.subscribe();
+                            let _ = tokio::time::timeout(HOOK_WAIT, hooked.wait_for(|h| *h)).await;
+                        }
                         if let Some(status) = self.ended(pid, raw) {
                             return Some(status);
                         }

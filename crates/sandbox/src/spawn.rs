@@ -83,8 +83,10 @@
 //! Signals stay blocked and are read from a signalfd (a blocked signal is never
 //! discarded, even for a namespace's init, which the kernel otherwise protects from
 //! signals it has no handler for), polled with the driver's control pipe (and the pidfd
-//! of a main process named by `MAINPID=`). `SIGCHLD`: reap everything with
-//! `wait4(-1, WNOHANG)` (we are PID 1: every orphan of the namespace is ours). Anything
+//! of a main process named by `MAINPID=`). `SIGCHLD`: reap everything (we are PID 1:
+//! every orphan of the namespace is ours), except that the end of the main process, when
+//! it is our child, is reported before it is reaped, and it stays a zombie until the driver answers, so the
+//! daemon can still tell that the notify messages it sent came from the instance. Anything
 //! else is forwarded to every process of the namespace (`kill(-1, sig)`). When the main
 //! process (`W`, or the one `MAINPID=` named, see `crate::mainpid`) ends, the init
 //! writes its pid and raw wait status into the status pipe and waits for the driver's
@@ -1225,6 +1227,10 @@ struct Init {
     /// The control pipe is open: ask the driver before ending (it reads the `MAINPID=`
     /// messages queued before the exit first).
     ask: bool,
+    /// The end of `main`, our child, was reported and it is left a zombie until the
+    /// driver answers: the messages it sent are read while its `/proc` entry still tells
+    /// which instance it was in. No other child is reaped meanwhile.
+    held: bool,
     /// The last processes reaped (pid, status): a process named after its end.
     reaped: [(libc::pid_t, libc::c_int); 16],
     next: usize,
@@ -1239,6 +1245,7 @@ impl Init {
             waiting: false,
             last: 0,
             ask: true,
+            held: false,
             reaped: [(0, 0); 16],
             next: 0,
         }
@@ -1317,21 +1324,65 @@ impl Init {
                 unsafe { libc::kill(-1, sig) };
                 continue;
             }
-            loop {
-                let mut st: libc::c_int = 0;
-                // SAFETY: wait4 into a stack int.
-                let r = unsafe { libc::wait4(-1, &mut st, libc::WNOHANG, std::ptr::null_mut()) };
-                if r <= 0 {
-                    break;
+            // SAFETY: in the init.
+            unsafe { self.reap() };
+        }
+    }
+
+    /// Reaps every child that ended, but reports the end of the main process, when it is
+    /// our child and the driver is there to answer, before reaping it (see `held`).
+    unsafe fn reap(&mut self) {
+        while !self.held {
+            // SAFETY: an all-zero siginfo_t is valid.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid into a stack struct; WNOWAIT leaves the child as it is.
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_ALL,
+                    0,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            // SAFETY: the siginfo fields of a child's exit.
+            let (pid, st) = unsafe {
+                if r < 0 || info.si_pid() == 0 {
+                    return;
                 }
-                self.reaped[self.next] = (r, st);
+                (info.si_pid(), wait_status(info.si_code, info.si_status()))
+            };
+            if pid == self.main && !self.waiting && self.ask {
+                self.zombie = false;
+                self.held = true;
+                self.reaped[self.next] = (pid, st);
                 self.next = (self.next + 1) % self.reaped.len();
-                if r == self.main && !self.waiting {
-                    self.zombie = false;
-                    // SAFETY: in the init.
-                    unsafe { self.ended(st) };
-                }
+                // SAFETY: in the init.
+                unsafe { self.ended(st) };
+                return;
             }
+            // SAFETY: reaping the child waitid named.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            self.reaped[self.next] = (pid, st);
+            self.next = (self.next + 1) % self.reaped.len();
+            if pid == self.main && !self.waiting {
+                self.zombie = false;
+                // SAFETY: in the init.
+                unsafe { self.ended(st) };
+            }
+        }
+    }
+
+    /// The driver answered about a held main process: it is reaped now, and so is what
+    /// ended meanwhile.
+    unsafe fn release(&mut self, held: libc::pid_t) {
+        if !self.held {
+            return;
+        }
+        self.held = false;
+        // SAFETY: reaping our own child, whose end was reported.
+        unsafe {
+            libc::waitpid(held, std::ptr::null_mut(), libc::WNOHANG);
+            self.reap();
         }
     }
 
@@ -1414,6 +1465,9 @@ impl Init {
                 if self.waiting {
                     self.exit();
                 }
+                // The driver is gone: nobody asks about a held process any more.
+                let held = self.main;
+                self.release(held);
                 return;
             }
             let pid = libc::pid_t::from_ne_bytes(b);
@@ -1424,7 +1478,9 @@ impl Init {
                 return;
             }
             if pid != self.main {
+                let held = self.main;
                 self.moved(pid);
+                self.release(held);
             }
         }
     }

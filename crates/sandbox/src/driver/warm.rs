@@ -688,6 +688,7 @@ impl SandboxDriver {
                 cgroup: cg,
                 out_r,
                 err_r,
+                notify: super::has_notify_socket(&spec.env),
             },
             &slot.sb,
             slot.userns.is_some(),
