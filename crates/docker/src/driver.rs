@@ -1323,8 +1323,15 @@ async fn watch_oom(pidfd: OwnedFd, cgroup: Cgroup, oom: Arc<AtomicBool>) {
     let Ok(afd) = (unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }) else {
         return;
     };
-    if afd.readable().await.is_ok() && cgroup.oom_kills().is_some_and(|n| n > 0) {
-        oom.store(true, Ordering::SeqCst);
+    if afd.readable().await.is_ok() {
+        match cgroup.oom_kills() {
+            Some(n) if n > 0 => {
+                tracing::debug!("the OOM killer took {n} process(es) in {cgroup:?}");
+                oom.store(true, Ordering::SeqCst);
+            }
+            Some(_) => {}
+            None => tracing::debug!("{cgroup:?} was gone when its init exited"),
+        }
     }
 }
 
