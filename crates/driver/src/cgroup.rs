@@ -384,13 +384,10 @@ impl InstanceCgroup {
         &self.dir
     }
 
-    /// `cgroup.procs` opened for writing (close-on-exec): a child writes `0` into it
-    /// before exec to join the cgroup.
-    pub fn open_procs(&self) -> io::Result<OwnedFd> {
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(self.dir.join("cgroup.procs"))?;
-        Ok(OwnedFd::from(f))
+    /// The directory opened `O_PATH | O_DIRECTORY` (close-on-exec), for a child born in
+    /// the cgroup (`CLONE_INTO_CGROUP`).
+    pub fn open_dir(&self) -> io::Result<OwnedFd> {
+        open_cgroup_dir(&self.dir)
     }
 
     /// The live processes of the instance.
@@ -460,6 +457,16 @@ impl InstanceCgroup {
     pub fn remove(&self) -> io::Result<()> {
         remove_dir_retrying(&self.dir)
     }
+}
+
+/// A cgroup2 directory opened `O_PATH | O_DIRECTORY | O_CLOEXEC`, for `CLONE_INTO_CGROUP`.
+pub fn open_cgroup_dir(dir: &Path) -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    Ok(rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 #[cfg(test)]

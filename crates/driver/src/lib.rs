@@ -26,6 +26,7 @@ use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 
 pub mod cgroup;
+mod clone_spawn;
 pub mod conformance;
 pub mod keeper;
 pub mod listen;

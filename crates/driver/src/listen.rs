@@ -95,7 +95,7 @@ impl ExecPlan {
         argv_ptrs.push(std::ptr::null());
         let mut storage: Vec<Vec<u8>> = env
             .iter()
-            .filter(|(k, _)| !k.starts_with("LISTEN_"))
+            .filter(|(k, _)| listen.is_empty() || !k.starts_with("LISTEN_"))
             .chain(self::env(listen).iter())
             .map(|(k, v)| {
                 let mut e = Vec::with_capacity(k.len() + v.len() + 2);

@@ -264,145 +264,6 @@ impl Driver for ProcessDriver {
     }
 }
 
-/// Starts `program` with fork and exec (the standard library's `Command` with a
-/// `pre_exec` hook), for spawns that must do something in the child that `posix_spawn`
-/// cannot: join the instance's cgroup (`cgroup_procs`: a `cgroup.procs` opened for
-/// writing; the child writes `0` into it), and tie the child to its parent with a
-/// parent-death signal (`death_parent`: the pid that must still be the parent after
-/// `prctl`). Otherwise the child is what [`crate::posix_spawn`] makes: exactly `env`, the
-/// working directory `cwd`, its own process group, `/dev/null` on stdin, pipes on stdout
-/// and stderr, nothing above 2, an empty signal mask and SIGPIPE at its default (std
-/// resets both).
-///
-/// The caller holds the reaper lock if the spawning process has a reaper.
-// Each argument is one step of the child's, in the order it runs them (see above).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn fork_spawn(
-    program: &Path,
-    argv: &[String],
-    env: &[(String, String)],
-    cwd: &Path,
-    cgroup_procs: Option<&OwnedFd>,
-    death_parent: Option<rustix::process::Pid>,
-    setup: Option<crate::setup::Prepared>,
-    listen: &[crate::listen::ListenFd],
-) -> io::Result<std::process::Child> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
-    let (arg0, args) = argv
-        .split_first()
-        .ok_or_else(|| io::Error::other("empty command"))?;
-    let mut cmd = Command::new(program);
-    cmd.arg0(arg0)
-        .args(args)
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // With a setup, the child enters `cwd` itself, after its uid switch.
-    if setup.is_none() {
-        cmd.current_dir(cwd);
-    }
-    let procs_fd = cgroup_procs.map(AsRawFd::as_raw_fd);
-    // Listening sockets (`sockets:`): `LISTEN_PID` must be the child's own pid, known only
-    // after the fork, and std builds its environment where the child cannot write it. So
-    // the child execs by itself, last in the hook, with an environment made here whose
-    // `LISTEN_PID` it fills in place (`listen::ExecPlan`). Once its sockets are at 3..
-    // std's exec-status pipe may be gone (it could have sat there), so a failed exec is
-    // reported through a pipe of ours, placed above them.
-    let mut exec_plan = if listen.is_empty() {
-        None
-    } else {
-        Some(crate::listen::ExecPlan::new(program, argv, env, listen)?)
-    };
-    let exec_pipe = match exec_plan {
-        None => None,
-        Some(_) => {
-            let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-            let w =
-                rustix::io::fcntl_dupfd_cloexec(&w, crate::listen::FIRST_FD + listen.len() as i32)?;
-            Some((r, w))
-        }
-    };
-    let exec_err_w = exec_pipe.as_ref().map(|(_, w)| w.as_raw_fd());
-    // SAFETY: the closure runs in the child between fork and exec. It only makes system
-    // calls (close_range, write, umask, setrlimit, setgroups/setresgid/setresuid, chdir,
-    // prctl, getppid, fcntl, dup2, getpid, execve, _exit) on values captured before the
-    // fork (the setup's buffers were built by `ChildSetup::prepare`, the exec plan's by
-    // `ExecPlan::new`) and builds an io::Error from an errno: no allocation, no lock,
-    // nothing that is not async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Every descriptor above 2 (the spawner's sockets, pidfds, other instances'
-            // pipes, anything inherited; the cgroup.procs descriptor too) is closed by
-            // the exec. Marked rather than closed: std's exec-status pipe must live until
-            // the exec itself.
-            sys::cloexec_from(3)?;
-            if let Some(fd) = procs_fd {
-                // ORDER: before the exec, so no code of the workload ever runs outside
-                // its cgroup and everything it forks is born inside: this is why the
-                // process driver forks here instead of using posix_spawn, which cannot
-                // run this step (and cannot do CLONE_INTO_CGROUP).
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if let Some(s) = &setup {
-                // umask, rlimits, groups/gid/uid, chdir (see crate::setup).
-                s.apply()?;
-            }
-            // ORDER: after the uid switch, which clears the parent-death signal.
-            if let Some(parent) = death_parent {
-                rustix::process::set_parent_process_death_signal(Some(
-                    rustix::process::Signal::KILL,
-                ))?;
-                // RACE: the parent may have died between fork and prctl; then the death
-                // signal will never come, so refuse to run unseen.
-                if rustix::process::getppid() != Some(parent) {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-            }
-            if let (Some(plan), Some(w)) = (exec_plan.as_mut(), exec_err_w) {
-                // Only returns on failure: report the errno on our pipe and end here.
-                let errno = plan.exec();
-                let b = errno.to_ne_bytes();
-                libc::write(w, b.as_ptr().cast(), b.len());
-                libc::_exit(127);
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
-    if let Some((r, w)) = exec_pipe {
-        // Our write end goes, so the read sees end-of-file once the child exec'd.
-        drop(w);
-        drop(cmd);
-        let mut b = [0u8; 4];
-        let mut got = 0;
-        while got < b.len() {
-            match rustix::io::read(&r, &mut b[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(e.into());
-                }
-            }
-        }
-        if got == b.len() {
-            // It exits 127 at once: reaped here, so nobody else sees it.
-            let _ = child.wait();
-            return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(b)));
-        }
-    }
-    Ok(child)
-}
-
 fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, SpawnError> {
     let id = &spec.instance;
     let Some(arg0) = spec.argv.first() else {
@@ -431,17 +292,14 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
             let cg = t
                 .create(spec.instance.as_str())
                 .map_err(|e| SpawnError::setup(id, SetupStep::Cgroup, e))?;
-            match cg.open_procs() {
+            match cg.open_dir() {
                 Ok(fd) => Some((cg, fd)),
                 Err(e) => {
                     let _ = cg.remove();
                     return Err(SpawnError::setup(
                         id,
                         SetupStep::Cgroup,
-                        format!(
-                            "cannot open {}: {e}",
-                            cg.dir().join("cgroup.procs").display()
-                        ),
+                        format!("cannot open {}: {e}", cg.dir().display()),
                     ));
                 }
             }
@@ -454,26 +312,21 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
     // RACE: the reaper lock is held from before the spawn until the pid is registered: a
     // child that exits at once must not be reaped as an orphan (its status is the
     // instance's). The watcher unregisters it after reaping it.
-    // With a cgroup the child joins it before exec; with a setup it switches user, limits
-    // and umask; with sockets it fills in LISTEN_PID: each needs code in the child, so a
-    // fork (posix_spawn cannot run these steps).
+    // With a cgroup the child is born in it; with a setup it switches user, limits and
+    // umask; with sockets it fills in LISTEN_PID: each needs code in the child, so a
+    // clone (posix_spawn cannot run these steps, see crate::clone_spawn).
     let spawned = if cgroup.is_some() || setup.is_some() || !spec.listen.is_empty() {
-        fork_spawn(
-            &program,
-            &spec.argv,
-            &spec.env,
-            &cwd,
-            cgroup.as_ref().map(|(_, procs)| procs),
-            None,
+        crate::clone_spawn::spawn(crate::clone_spawn::Spawn {
+            program: &program,
+            argv: &spec.argv,
+            env: &spec.env,
+            cwd: &cwd,
+            cgroup: cgroup.as_ref().map(|(_, dir)| dir),
+            death_parent: None,
             setup,
-            &spec.listen,
-        )
-        .map(|mut c| {
-            let out = c.stdout.take().map(OwnedFd::from);
-            let err = c.stderr.take().map(OwnedFd::from);
-            // std never reaps on drop: the watcher reaps through the pidfd.
-            (c.id(), out, err)
+            listen: &spec.listen,
         })
+        .map(|c| (c.pid, Some(c.pidfd), Some(c.stdout), Some(c.stderr)))
     } else {
         posix_spawn::spawn(&posix_spawn::Spawn {
             program: &program,
@@ -482,9 +335,9 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
             env: &spec.env,
             cwd: &cwd,
         })
-        .map(|c| (c.pid, Some(c.stdout), Some(c.stderr)))
+        .map(|c| (c.pid, None, Some(c.stdout), Some(c.stderr)))
     };
-    let (pid, stdout, stderr) = match spawned {
+    let (pid, pidfd, stdout, stderr) = match spawned {
         Ok(x) => x,
         Err(e) => {
             drop(lock);
@@ -501,7 +354,7 @@ fn spawn_now(spec: &SpawnSpec, tracker: Option<&Tracker>) -> Result<Spawned, Spa
     // RACE: the child may already have exited, but it is our unreaped child, so its pid
     // cannot be reused before we wait it: the pidfd names exactly the process we started
     // (a zombie at worst, which pidfd_open accepts and which then polls readable at once).
-    let pidfd = match sys::pidfd_open(pid) {
+    let pidfd = match pidfd.map_or_else(|| sys::pidfd_open(pid), Ok) {
         Ok(fd) => Arc::new(fd),
         Err(source) => {
             abandon(pid, cgroup.as_ref());

@@ -85,8 +85,9 @@
 //! signals it has no handler for), polled with the driver's control pipe (and the pidfd
 //! of a main process named by `MAINPID=`). `SIGCHLD`: reap everything (we are PID 1:
 //! every orphan of the namespace is ours), except that the end of the main process, when
-//! it is our child, is reported before it is reaped, and it stays a zombie until the driver answers, so the
-//! daemon can still tell that the notify messages it sent came from the instance. Anything
+//! it is our child, is reported before it is reaped: it stays a zombie until the driver
+//! answers, so the daemon can still tell that the notify messages it sent came from the
+//! instance. Anything
 //! else is forwarded to every process of the namespace (`kill(-1, sig)`). When the main
 //! process (`W`, or the one `MAINPID=` named, see `crate::mainpid`) ends, the init
 //! writes its pid and raw wait status into the status pipe and waits for the driver's

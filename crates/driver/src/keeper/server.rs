@@ -714,41 +714,26 @@ fn spawn(
     let program = crate::process::resolve_program(program, env, cwd)?;
     // Checked here, in the keeper: its limits are the ones the child starts from.
     let setup = setup.map(|s| s.prepare(cwd)).transpose()?;
-    let procs = cgroup
+    let cgroup = cgroup
         .map(|dir| {
-            let path = dir.join("cgroup.procs");
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map(OwnedFd::from)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+            crate::cgroup::open_cgroup_dir(dir)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
         })
         .transpose()?;
     let keeper = rustix::process::getpid();
-    let mut child = crate::process::fork_spawn(
-        &program,
+    let child = crate::clone_spawn::spawn(crate::clone_spawn::Spawn {
+        program: &program,
         argv,
         env,
         cwd,
-        procs.as_ref(),
-        Some(keeper),
+        cgroup: cgroup.as_ref(),
+        death_parent: Some(keeper),
         setup,
         listen,
-    )?;
-    let pid = child.id();
-    // The keeper reaps only in its SIGCHLD step of the same loop, after this returns: the
-    // child's pid cannot be reused before the pidfd is open.
-    let pidfd = sys::pidfd_open(pid)?;
-    let stdout = child
-        .stdout
-        .take()
-        .map(OwnedFd::from)
-        .ok_or_else(|| io::Error::other("no stdout pipe"))?;
-    let stderr = child
-        .stderr
-        .take()
-        .map(OwnedFd::from)
-        .ok_or_else(|| io::Error::other("no stderr pipe"))?;
+    })?;
+    // The pidfd comes from the clone: it names the child from its birth, before the
+    // keeper could reap it.
+    let (pid, pidfd, stdout, stderr) = (child.pid, child.pidfd, child.stdout, child.stderr);
     Ok((pid, pidfd, stdout, stderr))
 }
 
