@@ -162,6 +162,25 @@ impl Stack {
     }
 }
 
+// SAFETY: the mapping belongs to the Stack alone; it is only handed to a child while the
+// spawning thread holds it (see `spawn`).
+unsafe impl Send for Stack {}
+
+/// The stack of the last spawn, kept for the next one (spawns of one process are made
+/// one at a time, so one is enough): its pages are already mapped.
+static SPARE: std::sync::Mutex<Option<Stack>> = std::sync::Mutex::new(None);
+
+impl Stack {
+    fn take() -> io::Result<Stack> {
+        let spare = SPARE.lock().unwrap_or_else(|e| e.into_inner()).take();
+        spare.map_or_else(Stack::new, Ok)
+    }
+
+    fn give_back(self) {
+        *SPARE.lock().unwrap_or_else(|e| e.into_inner()) = Some(self);
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         // SAFETY: our own mapping; the child that used it has exec'd or exited.
@@ -244,7 +263,7 @@ pub(crate) fn spawn(s: Spawn<'_>) -> io::Result<Child> {
         args.cgroup = cg.as_raw_fd() as u64;
     }
     let ret = if shared_memory {
-        let stack = Stack::new()?;
+        let stack = Stack::take()?;
         args.flags |= libc::CLONE_VM as u64;
         args.stack = stack.base as u64;
         args.stack_size = stack.len as u64;
@@ -263,7 +282,8 @@ pub(crate) fn spawn(s: Spawn<'_>) -> io::Result<Child> {
             )
         };
         drop(blocked);
-        drop(stack);
+        // The child has exec'd or exited (CLONE_VFORK): the stack is free again.
+        stack.give_back();
         ret
     } else {
         // SAFETY: clone3 without CLONE_VM and without a stack behaves like fork (with
