@@ -106,6 +106,7 @@ pub(crate) fn install_init(dir: &Path) -> std::io::Result<PathBuf> {
     let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
     let path = dir.join(format!("warm-init-{hex}"));
     if std::fs::read(&path).is_ok_and(|b| b == INIT) {
+        remove_old_inits(dir, &hex);
         return Ok(path);
     }
     std::fs::DirBuilder::new()
@@ -132,7 +133,33 @@ pub(crate) fn install_init(dir: &Path) -> std::io::Result<PathBuf> {
     write().inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })?;
+    remove_old_inits(dir, &hex);
     Ok(path)
+}
+
+/// Removes the inits of other builds (`warm-init-<other hash>`, and their temporary files
+/// a crash left), so that upgrades do not pile them up. Containers that still run one
+/// keep it: a bind mount holds the file, not its name. Nothing of this build's hash is
+/// touched (another spawn of this daemon may be writing it).
+fn remove_old_inits(dir: &Path, hex: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name
+            .strip_prefix("warm-init-")
+            .or_else(|| name.strip_prefix(".warm-init-"))
+        else {
+            continue;
+        };
+        if !rest.starts_with(hex) {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::debug!("cannot remove an old warm-slot init {name}: {err}");
+            }
+        }
+    }
 }
 
 /// The name a claimed slot container takes: `bulkhead-<short id>-<instance>`, the
@@ -877,5 +904,29 @@ mod tests {
         assert_eq!(mode & 0o777, 0o755);
         // Only the init: no temporary file left.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_inits_of_other_builds_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in [
+            "warm-init-0011223344556677",
+            ".warm-init-0011223344556677.42.0",
+            "images.db",
+            "warm-other",
+        ] {
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        let init = install_init(d).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mine = init.file_name().unwrap().to_str().unwrap().to_owned();
+        let mut want = vec!["images.db".to_owned(), mine, "warm-other".to_owned()];
+        want.sort();
+        assert_eq!(left, want);
     }
 }
