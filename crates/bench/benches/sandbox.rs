@@ -35,7 +35,7 @@
 //!
 //! Options: `--iterations N` (default 200), `--write PATH` (also write the markdown).
 
-use bulkhead_sandbox::spawn::CloneArgs;
+use bulkhead_driver::sys::CloneArgs;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
@@ -323,13 +323,8 @@ fn floor_once(exe: &Path, path: &Path) -> anyhow::Result<Duration> {
     };
     // SAFETY: clone3 without CLONE_VM or a stack behaves like fork; the child only calls
     // execve on buffers prepared above and _exit.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let pid = unsafe { bulkhead_driver::sys::clone3(&mut args) }
+        .map_err(|e| anyhow::anyhow!("clone3: {e}"))?;
     if pid == 0 {
         // SAFETY: in the child: execve, or _exit if it fails.
         unsafe {
@@ -337,7 +332,6 @@ fn floor_once(exe: &Path, path: &Path) -> anyhow::Result<Duration> {
             libc::_exit(127);
         }
     }
-    anyhow::ensure!(pid > 0, "clone3: {}", std::io::Error::last_os_error());
     await_ready(&sock)?;
     let took = t.elapsed();
     let mut st = 0;

@@ -40,6 +40,7 @@ use bulkhead_core::event::ExitStatus;
 use bulkhead_core::key::InstanceId;
 use bulkhead_core::signal::Signal;
 use bulkhead_core::spec::{DriverKind, WorkloadSpec};
+use bulkhead_driver::cgroup::keyed;
 use bulkhead_driver::{
     sys, Driver, EngineExec, ExecRequest, ExitCause, Found, InstanceHandle, KillDeadline,
     RecoverError, SetupStep, SignalError, SpawnError, SpawnSpec, Spawned, Stats, StatsError,
@@ -1258,11 +1259,7 @@ impl Cgroup {
             (None, Some(u)) => (u, "memory.events"),
             (None, None) => return None,
         };
-        let text = std::fs::read_to_string(dir.join(file)).ok()?;
-        text.lines().find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == "oom_kill").then(|| v.trim().parse().ok()).flatten()
-        })
+        keyed(&std::fs::read_to_string(dir.join(file)).ok()?, "oom_kill")
     }
 
     pub(crate) fn read(&self, memory_limit: Option<u64>, pids_limit: Option<u32>) -> Stats {
@@ -1274,11 +1271,10 @@ impl Cgroup {
                 .ok()
         };
         let keyed = |dir: &Option<PathBuf>, file: &str, key: &str| -> Option<u64> {
-            let text = std::fs::read_to_string(dir.as_ref()?.join(file)).ok()?;
-            text.lines().find_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                (k == key).then(|| v.trim().parse().ok()).flatten()
-            })
+            keyed(
+                &std::fs::read_to_string(dir.as_ref()?.join(file)).ok()?,
+                key,
+            )
         };
         let mut s = Stats {
             memory_limit_bytes: memory_limit,

@@ -469,6 +469,15 @@ pub fn open_cgroup_dir(dir: &Path) -> io::Result<OwnedFd> {
     )?)
 }
 
+/// The value after `key ` in a flat-keyed cgroup file (`memory.events`, `cpu.stat`, v1's
+/// `memory.oom_control`).
+pub fn keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

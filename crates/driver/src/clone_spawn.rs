@@ -48,25 +48,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use crate::listen::{ExecPlan, ListenFd, FIRST_FD};
 
-const CLONE_PIDFD: u64 = 0x1000;
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
-
-/// `struct clone_args` up to `cgroup` (version 2): libc has no wrapper for `clone3`.
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
+use crate::sys::{CloneArgs, CLONE_INTO_CGROUP, CLONE_PIDFD};
 
 /// What to start and the steps the child runs before exec.
 pub(crate) struct Spawn<'a> {
@@ -216,6 +198,14 @@ impl Drop for Blocked {
 
 /// Starts the child (see the module's documentation).
 pub(crate) fn spawn(s: Spawn<'_>) -> io::Result<Child> {
+    spawn_with(
+        s,
+        cfg!(any(target_arch = "x86_64", target_arch = "aarch64")),
+    )
+}
+
+/// [`spawn`], sharing the memory with the child (`CLONE_VM`) or not: the tests run both.
+fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
     let plan = ExecPlan::new(s.program, s.argv, s.env, s.listen)?;
     let cwd = CString::new(s.cwd.as_os_str().as_bytes()).map_err(|_| {
         io::Error::new(
@@ -233,7 +223,6 @@ pub(crate) fn spawn(s: Spawn<'_>) -> io::Result<Child> {
     )?;
     let (out_r, out_w) = pipe(3)?;
     let (err_r, err_w) = pipe(3)?;
-    let shared_memory = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
     // Above every place a socket goes (3..3+n), so that putting them there leaves it.
     let fail = if shared_memory {
         None
@@ -286,27 +275,14 @@ pub(crate) fn spawn(s: Spawn<'_>) -> io::Result<Child> {
         stack.give_back();
         ret
     } else {
-        // SAFETY: clone3 without CLONE_VM and without a stack behaves like fork (with
-        // CLONE_VFORK this thread waits for the child's exec or exit): the child gets a
-        // copy of the address space and of this thread's stack, and runs `child_main`,
-        // which never returns (see above).
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &mut args as *mut CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
-        if ret == 0 {
+        // SAFETY: fork semantics (no CLONE_VM, no stack; with CLONE_VFORK this thread
+        // waits for the child's exec or exit): the child runs `child_main` on a copy of
+        // the address space, which never returns (see above).
+        match unsafe { crate::sys::clone3(&mut args) } {
             // SAFETY: see above; we are the child.
-            unsafe { child_main(&mut ctx) }
-        }
-        if ret < 0 {
-            -(io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO) as i64)
-        } else {
-            ret
+            Ok(0) => unsafe { child_main(&mut ctx) },
+            Ok(pid) => i64::from(pid),
+            Err(e) => -i64::from(e.raw_os_error().unwrap_or(libc::EIO)),
         }
     };
     if ret < 0 {
@@ -537,19 +513,26 @@ mod tests {
     use super::*;
     use std::io::Read;
 
-    fn run(program: &str, argv: &[&str], cwd: &str) -> io::Result<(Child, String)> {
+    /// Each test runs both ways: with the memory shared (the default here) and as after
+    /// a fork (the way of other architectures).
+    const WAYS: [bool; 2] = [true, false];
+
+    fn run(shared: bool, program: &str, argv: &[&str], cwd: &str) -> io::Result<(Child, String)> {
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
-        let c = spawn(Spawn {
-            program: Path::new(program),
-            argv: &argv,
-            env: &env,
-            cwd: Path::new(cwd),
-            cgroup: None,
-            death_parent: None,
-            setup: None,
-            listen: &[],
-        })?;
+        let c = spawn_with(
+            Spawn {
+                program: Path::new(program),
+                argv: &argv,
+                env: &env,
+                cwd: Path::new(cwd),
+                cgroup: None,
+                death_parent: None,
+                setup: None,
+                listen: &[],
+            },
+            shared,
+        )?;
         let mut out = String::new();
         std::fs::File::from(c.stdout.try_clone()?).read_to_string(&mut out)?;
         crate::sys::reap_blocking(c.pid)?;
@@ -564,51 +547,58 @@ mod tests {
 
     #[test]
     fn the_program_starts_with_no_signal_blocked_and_sigpipe_at_its_default() {
-        // The Rust runtime ignores SIGPIPE in this process, and the spawning thread blocks
-        // every signal during the clone: neither reaches the program.
-        let (_, status) = run("/bin/cat", &["cat", "/proc/self/status"], "/").unwrap();
-        assert_eq!(mask(&status, "SigBlk:"), 0, "{status}");
-        assert_eq!(
-            mask(&status, "SigIgn:") & (1 << (libc::SIGPIPE - 1)),
-            0,
-            "{status}"
-        );
-        // And this thread has its own mask back.
-        // SAFETY: reads this thread's mask into a zeroed sigset_t.
-        let blocked = unsafe {
-            let mut cur: libc::sigset_t = std::mem::zeroed();
-            libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &mut cur);
-            libc::sigismember(&cur, libc::SIGTERM)
-        };
-        assert_eq!(blocked, 0);
+        for shared in WAYS {
+            // The Rust runtime ignores SIGPIPE in this process, and the spawning thread blocks
+            // every signal during the clone: neither reaches the program.
+            let (_, status) = run(shared, "/bin/cat", &["cat", "/proc/self/status"], "/").unwrap();
+            assert_eq!(mask(&status, "SigBlk:"), 0, "{status}");
+            assert_eq!(
+                mask(&status, "SigIgn:") & (1 << (libc::SIGPIPE - 1)),
+                0,
+                "{status}"
+            );
+            // And this thread has its own mask back.
+            // SAFETY: reads this thread's mask into a zeroed sigset_t.
+            let blocked = unsafe {
+                let mut cur: libc::sigset_t = std::mem::zeroed();
+                libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &mut cur);
+                libc::sigismember(&cur, libc::SIGTERM)
+            };
+            assert_eq!(blocked, 0);
+        }
     }
 
     #[test]
     fn the_program_runs_in_its_own_group_in_its_directory_with_its_output_piped() {
-        let (c, out) = run(
-            "/bin/sh",
-            &[
-                "sh",
-                "-c",
-                "pwd; ps -o pgid= -p $$ 2>/dev/null || cut -d' ' -f5 /proc/$$/stat",
-            ],
-            "/tmp",
-        )
-        .unwrap();
-        let mut lines = out.lines();
-        assert_eq!(lines.next(), Some("/tmp"), "{out}");
-        assert_eq!(
-            lines.next().map(str::trim),
-            Some(c.pid.to_string().as_str()),
-            "{out}"
-        );
+        for shared in WAYS {
+            let (c, out) = run(
+                shared,
+                "/bin/sh",
+                &[
+                    "sh",
+                    "-c",
+                    "pwd; ps -o pgid= -p $$ 2>/dev/null || cut -d' ' -f5 /proc/$$/stat",
+                ],
+                "/tmp",
+            )
+            .unwrap();
+            let mut lines = out.lines();
+            assert_eq!(lines.next(), Some("/tmp"), "{out}");
+            assert_eq!(
+                lines.next().map(str::trim),
+                Some(c.pid.to_string().as_str()),
+                "{out}"
+            );
+        }
     }
 
     #[test]
     fn a_failed_exec_or_step_is_its_errno() {
-        let e = run("/nonexistent/program", &["x"], "/").unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
-        let e = run("/bin/true", &["true"], "/nonexistent-dir").unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        for shared in WAYS {
+            let e = run(shared, "/nonexistent/program", &["x"], "/").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+            let e = run(shared, "/bin/true", &["true"], "/nonexistent-dir").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        }
     }
 }

@@ -580,6 +580,50 @@ pub fn cloexec_inherited() -> io::Result<()> {
     cloexec_from(3)
 }
 
+/// `clone3` flag: store a pidfd of the child at `CloneArgs::pidfd` (Linux 5.2).
+pub const CLONE_PIDFD: u64 = 0x1000;
+/// `clone3` flag: the child is born in the cgroup2 directory `CloneArgs::cgroup` (5.7).
+pub const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` (version 2, with `cgroup`), for `clone3`: libc has no wrapper.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+/// `clone3(args)` without a new stack: returns 0 in the child, the child's pid in the
+/// parent.
+///
+/// # Safety
+/// As `fork`: `args` must not ask for `CLONE_VM` nor a stack, and the child (a copy of the
+/// address space, on a copy of this thread's stack) may only make async-signal-safe calls
+/// until it execs or `_exit`s.
+pub unsafe fn clone3(args: &mut CloneArgs) -> io::Result<u32> {
+    // SAFETY: per the contract; the kernel reads `args` (of the size given).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bulkhead_core::spec::Resources;
 pub use bulkhead_driver::cgroup::SUPERVISOR_LEAF;
 use bulkhead_driver::cgroup::{
-    cgroup_mounts, instance_dir_name, kill_members, own_path, own_v2_path, procs,
+    cgroup_mounts, instance_dir_name, keyed, kill_members, own_path, own_v2_path, procs,
     remove_dir_retrying, write_file,
 };
 
@@ -509,14 +509,6 @@ pub struct Usage {
     pub pids: u32,
     pub pids_limit_hits: Option<u64>,
     pub oom_kills: u64,
-}
-
-/// The value after `key ` in a flat-keyed file (`memory.events`, `cpu.stat`).
-fn keyed(text: &str, key: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
 }
 
 fn read_u64(path: &Path) -> Option<u64> {

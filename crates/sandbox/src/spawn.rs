@@ -104,33 +104,14 @@ use std::path::{Path, PathBuf};
 
 use bulkhead_core::sandbox::{Root, SandboxSpec};
 use bulkhead_driver::restrict::{Restrictions, Step};
+use bulkhead_driver::sys::{CloneArgs, CLONE_INTO_CGROUP, CLONE_PIDFD};
 
-const CLONE_PIDFD: u64 = 0x1000;
-const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 const MOUNT_ATTR_RDONLY: u64 = 1;
 const AT_EMPTY_PATH: libc::c_uint = 0x1000;
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 4;
-
-/// `struct clone_args` (version 2, with `cgroup`), for `syscall(SYS_clone3, ...)`: libc has
-/// no wrapper. Public for the benchmark's clone3 floor.
-#[repr(C)]
-#[derive(Default)]
-pub struct CloneArgs {
-    pub flags: u64,
-    pub pidfd: u64,
-    pub child_tid: u64,
-    pub parent_tid: u64,
-    pub exit_signal: u64,
-    pub stack: u64,
-    pub stack_size: u64,
-    pub tls: u64,
-    pub set_tid: u64,
-    pub set_tid_size: u64,
-    pub cgroup: u64,
-}
 
 #[repr(C)]
 struct MountAttr {
@@ -810,21 +791,12 @@ fn clone_instance(
     // a copy of this thread's stack and of the address space. In the child, `child_main`
     // only reads `ctx` (all allocated above, alive in the copy) and makes raw system
     // calls until exec or _exit; it never returns, never allocates, never takes a lock.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let ret = unsafe { bulkhead_driver::sys::clone3(&mut args) }.map_err(ChildError::Clone)?;
     if ret == 0 {
         // SAFETY: see above; we are the child.
         unsafe { child_main(&ctx) }
     }
-    if ret < 0 {
-        return Err(ChildError::Clone(io::Error::last_os_error()));
-    }
-    let pid = ret as u32;
+    let pid = ret;
     on_pid(pid);
     // SAFETY: CLONE_PIDFD stored a new descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
