@@ -224,6 +224,9 @@ fn main() -> anyhow::Result<()> {
         client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifyw"))?;
         apw.values
             .push(client_rt.block_on(api_once(&mut client, "notifyw", &format!("w{i}")))?);
+        // Not timed either: the refill is done before the peers run, so that none of
+        // them shares the machine with it.
+        client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifyw"))?;
         if bwrap {
             bw.values
                 .push(command_once(&notify_argv(&bwrap_prefix), &next_sock())?);
@@ -366,6 +369,9 @@ async fn driver_once(
         listen: Vec::new(),
     };
     let spawned = d.spawn(spec).await?;
+    // As the daemon does for a program given a notify socket: the driver holds the end
+    // of such a run until this hook is there (see `InstanceHandle::on_main_exit`).
+    spawned.handle.on_main_exit(Arc::new(|| {}));
     let sock = tokio::net::UnixDatagram::from_std({
         sock.set_nonblocking(true)?;
         sock
@@ -427,6 +433,9 @@ async fn warm_once(
         listen: Vec::new(),
     };
     let spawned = d.spawn_warm(slot, spec).await?;
+    // As the daemon does for a program given a notify socket: the driver holds the end
+    // of such a run until this hook is there (see `InstanceHandle::on_main_exit`).
+    spawned.handle.on_main_exit(Arc::new(|| {}));
     let sock = tokio::net::UnixDatagram::from_std({
         sock.set_nonblocking(true)?;
         sock

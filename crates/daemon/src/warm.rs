@@ -3,9 +3,10 @@
 //!
 //! One pool per workload of the catalog with `warm:` whose driver prewarms. One task, the
 //! manager, makes slots **one at a time** and only while no launch is on its way (the
-//! `launching` count, from a spawn's start until its instance is ready: a refill never
-//! takes a launch's CPU; but it waits at most [`YIELD_MAX`] for a stream of launches or a
-//! program slow to be ready), under the global memory
+//! `launching` count, from a spawn's start until its instance is ready) nor was in the
+//! last [`QUIET`] (the launch's answer still has to reach its client, and launches come
+//! in bursts): a refill never takes a launch's CPU; but it waits at most [`YIELD_MAX`]
+//! for a stream of launches or a program slow to be ready, under the global memory
 //! budget (`--warm-memory`), as [`bulkhead_core::warm::plan`] decides; it removes slots
 //! unused for `max_idle` and lets a pool unused that long go dormant (refilled on its
 //! next launch). A launch never waits for a slot: it takes a ready one or spawns cold.
@@ -53,11 +54,19 @@ const TICK: Duration = Duration::from_millis(250);
 /// ready (a database recovering) does not hold every pool empty.
 const YIELD_MAX: Duration = Duration::from_secs(1);
 
+/// How long after the last launch became ready (or failed) refills still wait. Measured
+/// on the sandbox bench (docs/benchmarks.md): a refill started at the instant of `ready`
+/// delayed the launch's answer by ~0.15 ms on a 2-core machine (its clone, mounts and v1
+/// cgroup attaches ran while the answer was written).
+pub(crate) const QUIET: Duration = Duration::from_millis(20);
+
 /// The daemon's pools.
 pub(crate) struct Pools {
     inner: Mutex<BTreeMap<String, Pool>>,
     wake: Arc<Notify>,
     launching: AtomicUsize,
+    /// When the last launch on its way was done (µs since `epoch`; 0: none yet).
+    launched: std::sync::atomic::AtomicU64,
     /// Slots being made, and the signal that one finished (shutdown waits for them).
     making: AtomicUsize,
     made: Notify,
@@ -97,8 +106,13 @@ pub(crate) struct Launching(Weak<Shared>);
 impl Drop for Launching {
     fn drop(&mut self) {
         if let Some(sh) = self.0.upgrade() {
-            if sh.warm.launching.fetch_sub(1, Ordering::SeqCst) == 1 {
-                sh.warm.wake.notify_one();
+            let pools = &sh.warm;
+            if pools.launching.fetch_sub(1, Ordering::SeqCst) == 1 {
+                let at = pools.epoch.elapsed().as_micros().max(1);
+                pools
+                    .launched
+                    .store(u64::try_from(at).unwrap_or(u64::MAX), Ordering::SeqCst);
+                pools.wake.notify_one();
             }
         }
     }
@@ -110,6 +124,7 @@ impl Default for Pools {
             inner: Mutex::new(BTreeMap::new()),
             wake: Arc::new(Notify::new()),
             launching: AtomicUsize::new(0),
+            launched: Default::default(),
             making: AtomicUsize::new(0),
             made: Notify::new(),
             closed: Default::default(),
@@ -226,6 +241,7 @@ async fn manage(weak: Weak<Shared>) {
     // Since when launches have been on their way without a pause.
     let mut busy_since: Option<Instant> = None;
     loop {
+        let next_look: Duration;
         let Some(sh) = weak.upgrade() else { return };
         let pools = &sh.warm;
         let wake_on = pools.wake.clone();
@@ -249,8 +265,21 @@ async fn manage(weak: Weak<Shared>) {
             }
             let names: Vec<String> = map.keys().cloned().collect();
             let views: Vec<PoolView> = map.values().map(|p| view(p, pools.epoch)).collect();
-            let busy = pools.launching.load(Ordering::SeqCst) > 0;
+            // Busy: a launch on its way, or one done less than QUIET ago.
+            let quiet_at = match pools.launched.load(Ordering::SeqCst) {
+                0 => None,
+                at => Some(pools.epoch + Duration::from_micros(at) + QUIET),
+            };
+            let busy =
+                pools.launching.load(Ordering::SeqCst) > 0 || quiet_at.is_some_and(|q| now < q);
             busy_since = if busy { busy_since.or(Some(now)) } else { None };
+            // Woken again when the quiet time is over (a launch's end wakes it too).
+            next_look = match quiet_at {
+                Some(q) if q > now && pools.launching.load(Ordering::SeqCst) == 0 => {
+                    (q - now).min(TICK)
+                }
+                _ => TICK,
+            };
             let yielding = busy_since.is_some_and(|t| now.duration_since(t) < YIELD_MAX);
             let steps = bulkhead_core::warm::plan(
                 &views,
@@ -298,7 +327,7 @@ async fn manage(weak: Weak<Shared>) {
         drop(sh);
         tokio::select! {
             _ = wake => {}
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep(next_look) => {}
         }
     }
 }

@@ -294,6 +294,19 @@ async fn the_memory_budget_bounds_the_slots_and_none_is_made_while_a_spawn_runs(
 }
 
 #[tokio::test(start_paused = true)]
+async fn refills_wait_a_quiet_time_after_the_last_launch() {
+    let r = Rig::new("warm: {size: 2}\n", 1 << 20);
+    // A launch that was on its way is done now (its answer is still on the wire).
+    drop(crate::warm::Pools::launching(&r.sh));
+    tokio::time::sleep(crate::warm::QUIET / 2).await;
+    assert_eq!(r.made(), 0, "nothing is made right after a launch");
+    tokio::time::sleep(crate::warm::QUIET).await;
+    assert!(r.made() >= 1, "made once the quiet time is over");
+    settle().await;
+    assert_eq!(r.ready(), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn unused_slots_expire_and_the_pool_sleeps_until_its_next_launch() {
     let r = Rig::new("warm: {size: 2, max_idle: 60s}\n", 1 << 20);
     settle().await;
