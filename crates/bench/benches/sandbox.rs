@@ -33,7 +33,9 @@
 //!   bound in. `NOTIFY_SOCKET` is in the process's environment only, not runc's, so runc's
 //!   own notify proxy stays out of it. Skipped if `runc` is missing.
 //!
-//! Options: `--iterations N` (default 200), `--write PATH` (also write the markdown).
+//! Options: `--iterations N` (default 200), `--write PATH` (also write the markdown),
+//! `--workload tiny` (the workload is the small `notify-tiny` program instead of this
+//! large binary: how much of each line is the program's own loading).
 
 use bulkhead_driver::sys::CloneArgs;
 use std::ffi::CString;
@@ -75,7 +77,14 @@ fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(200);
     let write = flag("--write").map(PathBuf::from);
-    let exe = std::env::current_exe()?;
+    // The workload: this binary in `notify-child` mode (a large program), or with
+    // `--workload tiny` the small `notify-tiny` program.
+    let exe = match flag("--workload").as_deref() {
+        None | Some("self") => std::env::current_exe()?,
+        Some("tiny") => PathBuf::from(env!("CARGO_BIN_EXE_notify-tiny")),
+        Some(other) => anyhow::bail!("--workload {other}: expected self or tiny"),
+    };
+    eprintln!("workload: {}", exe.display());
     let dir = tempfile::tempdir()?;
     let sock_dir = dir.path().join("sockets");
     std::fs::create_dir_all(&sock_dir)?;
