@@ -89,7 +89,7 @@ fn instance_pid(d: &Daemon, id: &str) -> u32 {
 /// they have settled: `sleep` itself opens files while it starts (the gconv cache), but
 /// an inherited descriptor never goes away, so a table that still has more than 0, 1 and
 /// 2 after a few seconds is returned as it is (and fails the caller's check).
-fn fds_of_sleep(pid: u32) -> Vec<(i32, PathBuf)> {
+pub(crate) fn fds_of_sleep(pid: u32) -> Vec<(i32, PathBuf)> {
     let start = Instant::now();
     loop {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
