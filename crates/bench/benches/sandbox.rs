@@ -53,25 +53,9 @@ use bulkhead_driver::Driver;
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("notify-child") {
-        if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-            let s = UnixDatagram::unbound().expect("socket");
-            s.send_to(b"READY=1", path).expect("notify");
-        }
-        // Through the API the instance must outlive its READY (an exit during start-up
-        // fails the launch); elsewhere it ends so that the untimed teardown is short.
-        if std::env::var_os("BENCH_EXIT_AFTER_READY").is_none() {
-            loop {
-                // SAFETY: pause(2) has no preconditions.
-                unsafe { libc::pause() };
-            }
-        }
-        std::process::exit(0);
+        bulkhead_bench::notify_child();
     }
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
+    let flag = |name: &str| bulkhead_bench::flag(&args, name);
     let iterations: usize = flag("--iterations")
         .map(|s| s.parse())
         .transpose()?

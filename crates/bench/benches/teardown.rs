@@ -68,11 +68,7 @@ fn once(mem: &mut [u8], dirty: bool, prog: &std::ffi::CStr) -> anyhow::Result<Du
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
+    let flag = |name: &str| bulkhead_bench::flag(&args, name);
     let iterations: usize = flag("--iterations")
         .map(|s| s.parse())
         .transpose()?

@@ -60,13 +60,17 @@ pub fn flag(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-/// The notify workload of the benchmarks (their binary's `notify-child` mode): send
-/// READY=1 to $NOTIFY_SOCKET, then wait to be killed. Only std, no runtime, so that
-/// start-up is what any small native program costs.
+/// The notify workload of the benchmarks (their binary's `notify-child` mode, and the
+/// `notify-tiny` program): send READY=1 to $NOTIFY_SOCKET, then wait to be killed, or
+/// end at once with `BENCH_EXIT_AFTER_READY` set (a launch through the API must outlive
+/// its READY; elsewhere a short teardown is better). Only std, no runtime.
 pub fn notify_child() -> ! {
     if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
         let s = std::os::unix::net::UnixDatagram::unbound().expect("socket");
         s.send_to(b"READY=1", path).expect("notify");
+    }
+    if std::env::var_os("BENCH_EXIT_AFTER_READY").is_some() {
+        std::process::exit(0);
     }
     loop {
         // SAFETY: pause(2) has no preconditions; it returns only when a signal is caught.

@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -66,7 +66,7 @@ pub(crate) struct Pools {
     wake: Arc<Notify>,
     launching: AtomicUsize,
     /// When the last launch on its way was done (µs since `epoch`; 0: none yet).
-    launched: std::sync::atomic::AtomicU64,
+    launched: AtomicU64,
     /// Slots being made, and the signal that one finished (shutdown waits for them).
     making: AtomicUsize,
     made: Notify,
