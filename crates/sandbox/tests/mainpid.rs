@@ -204,14 +204,15 @@ async fn without_our_init_the_main_process_cannot_move() {
 
 /// The order systemd keeps (notify messages before `SIGCHLD`): when the first process
 /// exits, the hook runs before the run is declared over, and a move made there is
-/// followed. Here sh starts `sleep`, writes its pid and exits 0 at once; the hook reads
-/// the pid (as the daemon reads a queued `MAINPID=`). The control has no hook.
+/// followed. Here sh starts `sleep`, writes its pid and exits 0 once told to (the file
+/// `go`, written after the hook is installed: the program has no notify socket, so the
+/// driver does not wait for a hook, and an exit before it would end the run first); the
+/// hook reads the pid (as the daemon reads a queued `MAINPID=`). The control has no hook.
 async fn first_exits_at_once(follow: bool) -> Option<ExitStatus> {
     let d = driver()?;
     let fx = Fixture::temp();
     let file = fx.path("main.pid");
-    let script = "sleep 60 & echo $! > main.pid.tmp && mv main.pid.tmp main.pid; exit 0";
-    let run = start(&d, &fx, "hook", script, "").await;
+    let run = start(&d, &fx, "hook", &script("exit 0"), "").await;
     let h = Arc::clone(&run.spawned.handle);
     let init = h.pid();
     if follow {
@@ -228,6 +229,7 @@ async fn first_exits_at_once(follow: bool) -> Option<ExitStatus> {
         }));
     }
     let inner = inner_main(&run, &fx).await;
+    std::fs::write(fx.path("go"), "").unwrap();
     if follow {
         let start = Instant::now();
         while h.pid() == init {
