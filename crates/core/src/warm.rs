@@ -15,8 +15,9 @@
 //! idle is refilled on its next launch).
 //!
 //! What cannot be prepared ahead is refused here, naming the field: channels (a slot
-//! cannot know the channel space of the key it will serve) and `sockets:` (descriptors
-//! are handed over at spawn only by the process driver's path today).
+//! cannot know the channel space of the key it will serve). `sockets:` are bound for the
+//! key at its launch and passed with the hand-over (the docker driver refuses `sockets:`
+//! altogether).
 //!
 //! This module is data, validation and the pool's arithmetic ([`plan`]); the pool itself
 //! is the daemon's (`daemon/src/warm.rs`).
@@ -79,14 +80,6 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), (String, String)> {
             "warm",
             "cannot be combined with channels: a slot cannot know the channel space of \
              the key it will serve"
-                .into(),
-        );
-    }
-    if spec.sockets.is_some() {
-        return fail(
-            "warm",
-            "cannot be combined with sockets: listening sockets are handed over at a cold \
-             spawn only"
                 .into(),
         );
     }
@@ -274,10 +267,10 @@ mod tests {
         let (f, r) = field("warm: {size: 1}");
         assert_eq!(f, "warm");
         assert!(r.contains("driver process"), "{r}");
-        let (f, r) =
-            field("driver: sandbox\nwarm: {size: 1}\nsockets: [{name: a, listen: 'tcp:$PORT'}]");
-        assert_eq!(f, "warm");
-        assert!(r.contains("sockets"), "{r}");
+        // Sockets are passed with the hand-over.
+        let with_sockets =
+            parse("driver: sandbox\nwarm: {size: 1}\nsockets: [{name: a, listen: 'tcp:$PORT'}]");
+        assert!(with_sockets.is_ok(), "{with_sockets:?}");
         let e = parse("driver: sandbox\nwarm: {size: 1, sizee: 2}").unwrap_err();
         assert!(e.to_string().contains("sizee"), "{e}");
     }

@@ -1412,7 +1412,24 @@ async fn spawn_warm(
     env: &mut Vec<(String, String)>,
 ) -> Result<(bulkhead_driver::Spawned, Option<NotifySocket>), SpawnFailure> {
     let spec = slot.spec();
-    sh.ports.release(std::mem::replace(port, ready.port));
+    // The instance takes the slot's port, unless the key's sockets already hold one (an
+    // on-connection activator bound `tcp:$PORT`): then that one, as a cold spawn does.
+    let socket_port = slot
+        .sockets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|s| s.port());
+    match socket_port {
+        Some(p) => {
+            sh.ports.release(ready.port);
+            *port = p;
+        }
+        None => sh.ports.release(std::mem::replace(port, ready.port)),
+    }
+    // The key's listening sockets (bound now at that port, or the activator's), passed
+    // with the hand-over.
+    let listen = key_sockets(sh, slot, *port).map_err(failed(FailureKind::Setup))?;
     let notify = match &spec.readiness {
         Some(r) if r.notify => {
             let path = ready.dir.join("notify.sock");
@@ -1449,7 +1466,7 @@ async fn spawn_warm(
                 binds: vec![bulkhead_driver::Bind::same(&ready.dir)],
                 ids,
                 inherited: inherited_vars(slot, &file_keys),
-                listen: Vec::new(),
+                listen,
             },
         )
         .await?;

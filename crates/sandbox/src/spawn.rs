@@ -53,18 +53,23 @@
 //!
 //! `spawn_slot` makes the same child with two more pipes, made before the clone: the
 //! hand-over pipe (grown to hold a whole hand-over, so that the launch's write never
-//! waits) and, with an init, the title pipe; and receiving buffers allocated (not
-//! touched) before the clone: `HANDOVER_BYTES` of strings and a pointer array of
-//! `HANDOVER_STRINGS`. The child closes its copies of the parent's ends first. Steps
-//! 1 to 6 run as above (the hostname is the slot's for now); then:
+//! waits) and, with an init, the title pipe; for a workload with `sockets:` a seqpacket
+//! pair the listening sockets come through (`SCM_RIGHTS`); and receiving buffers
+//! allocated (not touched) before the clone: `HANDOVER_BYTES` of strings, a pointer
+//! array of `HANDOVER_STRINGS` and room for `HANDOVER_FDS` descriptors. The child
+//! closes its copies of the parent's ends first. Steps 1 to 6 run as above (the
+//! hostname is the slot's for now); then:
 //!
 //! - `W`, after resetting its signal dispositions and mask, closes every descriptor but
 //!   stdio's sources, the error pipe and the hand-over pipe (a waiting slot holds none of
 //!   the daemon's), writes the record `STAGE_WAITING` to the error pipe and blocks
-//!   reading `[length, argc, envc]` then the strings (hostname, working directory,
-//!   program, argv, environment, NUL-terminated) into its buffers, fills the pointer
-//!   arrays, sets the hostname (root in its UTS namespace still) and goes on with step 7
-//!   with that program, directory, argv and environment. A header beyond the buffers
+//!   reading `[length, argc, envc, sockets]` then the strings (hostname, working
+//!   directory, program, argv, environment, NUL-terminated) into its buffers, then that
+//!   many listening sockets from the pair (exactly that many, or the hand-over fails),
+//!   fills the pointer arrays, finds `LISTEN_PID`'s placeholder among the strings, sets
+//!   the hostname (root in its UTS namespace still) and goes on with step 7 with that
+//!   program, directory, argv, environment and sockets (put at 3.. as a cold spawn puts
+//!   them). A header beyond the buffers
 //!   (the parent refuses such a launch before writing) or a string without its NUL fails
 //!   the hand-over like any step (`E2BIG`, `EINVAL`). Nothing allocates.
 //! - The init, before its loop and with every signal still blocked, keeps only its
@@ -1898,8 +1903,10 @@ pub(crate) const HANDOVER_BYTES: usize = 256 << 10;
 pub(crate) const HANDOVER_STRINGS: usize = 16 << 10;
 /// The most bytes of the init's title (`bulkhead-init <id>`) at the hand-over.
 pub(crate) const TITLE_BYTES: usize = 512;
-/// `[strings length, argc, envc]`, native-endian `u32`s.
-const HANDOVER_HEADER: usize = 12;
+/// `[strings length, argc, envc, listening sockets]`, native-endian `u32`s.
+const HANDOVER_HEADER: usize = 16;
+/// The most listening sockets one hand-over brings (a manifest's most).
+pub(crate) const HANDOVER_FDS: usize = bulkhead_core::sockets::MAX_SOCKETS;
 
 /// The pipes of a slot's hand-over, made before the clone.
 pub(crate) struct SlotPipes {
@@ -1909,6 +1916,9 @@ pub(crate) struct SlotPipes {
     /// The init's word to the workload process that its title is set (only with an
     /// init; both ends are the child's).
     go: Option<(OwnedFd, OwnedFd)>,
+    /// The listening sockets of the launch (`SCM_RIGHTS` on a seqpacket pair; only for
+    /// a workload with `sockets:`).
+    fds: Option<(OwnedFd, OwnedFd)>,
     /// What the hand-over pipe holds without blocking its writer.
     capacity: usize,
 }
@@ -1920,6 +1930,8 @@ pub(crate) struct SlotEnds {
     pub err_r: OwnedFd,
     pub handover_w: OwnedFd,
     pub title_w: Option<OwnedFd>,
+    /// Where the launch's listening sockets go (a slot made for `sockets:` only).
+    pub fds_w: Option<OwnedFd>,
     /// The largest hand-over message that fits the pipe (header included).
     pub capacity: usize,
 }
@@ -1929,6 +1941,8 @@ struct SlotBufs {
     data: Vec<u8>,
     ptrs: Vec<*const libc::c_char>,
     title: Vec<u8>,
+    /// The received sockets, then `install`'s scratch copies ([`HANDOVER_FDS`] each).
+    fds: Vec<RawFd>,
 }
 
 impl SlotBufs {
@@ -1938,6 +1952,7 @@ impl SlotBufs {
             data: Vec::with_capacity(HANDOVER_BYTES),
             ptrs: Vec::with_capacity(HANDOVER_STRINGS + 2),
             title: Vec::with_capacity(TITLE_BYTES),
+            fds: Vec::with_capacity(2 * HANDOVER_FDS),
         }
     }
 }
@@ -1951,9 +1966,12 @@ struct SlotCtx {
     title_w: RawFd,
     go_r: RawFd,
     go_w: RawFd,
+    fds_r: RawFd,
+    fds_w: RawFd,
     buf: *mut u8,
     ptrs: *mut *const libc::c_char,
     title_buf: *mut u8,
+    fd_buf: *mut RawFd,
 }
 
 impl SlotCtx {
@@ -1964,16 +1982,20 @@ impl SlotCtx {
         title_w: -1,
         go_r: -1,
         go_w: -1,
+        fds_r: -1,
+        fds_w: -1,
         buf: std::ptr::null_mut(),
         ptrs: std::ptr::null_mut(),
         title_buf: std::ptr::null_mut(),
+        fd_buf: std::ptr::null_mut(),
     };
 }
 
 impl SlotPipes {
     /// The hand-over pipe, grown to hold a whole hand-over (so that the launch's write
-    /// never waits for the slot), and the title pipe with an init.
-    pub(crate) fn new(init: bool) -> io::Result<SlotPipes> {
+    /// never waits for the slot), the title pipe with an init, and with `sockets` the
+    /// pair the listening sockets come through.
+    pub(crate) fn new(init: bool, sockets: bool) -> io::Result<SlotPipes> {
         let (r, w) = pipe_cloexec()?;
         let want = (HANDOVER_BYTES + HANDOVER_HEADER).next_power_of_two();
         // SAFETY: fcntl on a descriptor we own.
@@ -1988,6 +2010,17 @@ impl SlotPipes {
             handover: (r, w),
             title: if init { Some(pipe_cloexec()?) } else { None },
             go: if init { Some(pipe_cloexec()?) } else { None },
+            fds: if sockets {
+                let (r, w) = rustix::net::socketpair(
+                    rustix::net::AddressFamily::UNIX,
+                    rustix::net::SocketType::SEQPACKET,
+                    rustix::net::SocketFlags::CLOEXEC,
+                    None,
+                )?;
+                Some((r, w))
+            } else {
+                None
+            },
             capacity: capacity as usize,
         })
     }
@@ -2004,9 +2037,12 @@ impl SlotPipes {
             title_w: tw,
             go_r: self.go.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
             go_w: self.go.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
+            fds_r: self.fds.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
+            fds_w: self.fds.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
             buf: bufs.data.as_mut_ptr(),
             ptrs: bufs.ptrs.as_mut_ptr(),
             title_buf: bufs.title.as_mut_ptr(),
+            fd_buf: bufs.fds.as_mut_ptr(),
         }
     }
 
@@ -2016,6 +2052,7 @@ impl SlotPipes {
             err_r,
             handover_w: self.handover.1,
             title_w: self.title.map(|(_, w)| w),
+            fds_w: self.fds.map(|(_, w)| w),
             capacity: self.capacity,
         }
     }
@@ -2027,28 +2064,33 @@ impl SlotPipes {
 /// Returns once the child runs; the caller awaits the `STAGE_WAITING` record on
 /// [`SlotEnds::err_r`] (or a failure record) without holding the spawner thread.
 ///
+/// `sockets`: the launches bring listening sockets (the workload has `sockets:`).
+///
 /// Same rules as [`spawn`]: on the spawner thread, under the reaper lock.
 pub(crate) fn spawn_slot(
     p: &Prepared,
+    sockets: bool,
     stdout: &OwnedFd,
     stderr: &OwnedFd,
     on_pid: impl FnOnce(u32),
 ) -> Result<(Child, SlotEnds), ChildError> {
-    let pipes = SlotPipes::new(p.init).map_err(ChildError::Clone)?;
+    let pipes = SlotPipes::new(p.init, sockets).map_err(ChildError::Clone)?;
     let (child, ends) = clone_instance(p, stdout, stderr, on_pid, Some(pipes))?;
     ends.map(|e| (child, e))
         .ok_or_else(|| ChildError::Clone(io::Error::other("the slot's hand-over ends are missing")))
 }
 
 /// The hand-over message of one launch: header, then hostname, working directory,
-/// program, argv, environment (each NUL-terminated). `Err(needed)`: it would take
-/// `needed` bytes (or more strings than [`HANDOVER_STRINGS`]), more than `capacity`.
+/// program, argv, environment (each NUL-terminated); `sockets` listening sockets follow
+/// on the slot's socket pair ([`send_sockets`]). `Err(needed)`: it would take `needed`
+/// bytes (or more strings than [`HANDOVER_STRINGS`]), more than `capacity`.
 pub(crate) fn handover_message(
     hostname: &[u8],
     cwd: &CStr,
     program: &CStr,
     argv: &[CString],
     env: &[CString],
+    sockets: usize,
     capacity: usize,
 ) -> Result<Vec<u8>, usize> {
     let strings: usize = [hostname.len() + 1, cwd.to_bytes_with_nul().len()]
@@ -2065,7 +2107,7 @@ pub(crate) fn handover_message(
         return Err(total);
     }
     let mut m = Vec::with_capacity(total);
-    for n in [strings, argv.len(), env.len()] {
+    for n in [strings, argv.len(), env.len(), sockets] {
         m.extend_from_slice(&(n as u32).to_ne_bytes());
     }
     m.extend_from_slice(hostname);
@@ -2076,6 +2118,27 @@ pub(crate) fn handover_message(
         m.extend_from_slice(c.to_bytes_with_nul());
     }
     Ok(m)
+}
+
+/// Sends a launch's listening sockets to the slot (one packet of one byte with the
+/// descriptors attached; the pair is empty, so it never waits).
+pub(crate) fn send_sockets(fds_w: &OwnedFd, fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(HANDOVER_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if fds.len() > HANDOVER_FDS || !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other(format!(
+            "{} listening sockets, more than a hand-over brings ({HANDOVER_FDS})",
+            fds.len()
+        )));
+    }
+    rustix::net::sendmsg(
+        fds_w,
+        &[io::IoSlice::new(b"s")],
+        &mut control,
+        SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+    )?;
+    Ok(())
 }
 
 /// The init's title message: length, then `title` (at most [`TITLE_BYTES`]).
@@ -2094,7 +2157,7 @@ pub(crate) fn title_message(title: &[u8]) -> Vec<u8> {
 unsafe fn slot_close_parent_ends(ctx: &Ctx<'_>) {
     // SAFETY: closing our copies of descriptors the parent keeps.
     unsafe {
-        for fd in [ctx.slot.handover_w, ctx.slot.title_w] {
+        for fd in [ctx.slot.handover_w, ctx.slot.title_w, ctx.slot.fds_w] {
             if fd >= 0 {
                 libc::close(fd);
             }
@@ -2219,6 +2282,7 @@ unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
             ctx.err_w,
             s.handover_r,
             s.go_r,
+            s.fds_r,
         ]);
         let mut rec = [0u8; 8];
         rec[..4].copy_from_slice(&STAGE_WAITING.to_ne_bytes());
@@ -2231,8 +2295,12 @@ unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
             u32::from_ne_bytes([hdr[i * 4], hdr[i * 4 + 1], hdr[i * 4 + 2], hdr[i * 4 + 3]])
                 as usize
         };
-        let (len, argc, envc) = (word(0), word(1), word(2));
-        if len > HANDOVER_BYTES || argc == 0 || argc + envc > HANDOVER_STRINGS {
+        let (len, argc, envc, nfds) = (word(0), word(1), word(2), word(3));
+        if len > HANDOVER_BYTES
+            || argc == 0
+            || argc + envc > HANDOVER_STRINGS
+            || nfds > HANDOVER_FDS
+        {
             *libc::__errno_location() = libc::E2BIG;
             fail(ctx, STAGE_HANDOVER);
         }
@@ -2240,6 +2308,13 @@ unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
             fail(ctx, STAGE_HANDOVER);
         }
         libc::close(s.handover_r);
+        // The listening sockets, sent after the message (see `send_sockets`).
+        if nfds > 0 && !recv_sockets(s.fds_r, s.fd_buf, nfds) {
+            fail(ctx, STAGE_LISTEN);
+        }
+        if s.fds_r >= 0 {
+            libc::close(s.fds_r);
+        }
         if s.go_r >= 0 {
             // The init has taken its title (see `slot_init_wait`); end-of-file (it is
             // gone, and the namespace with it) goes on as well.
@@ -2288,16 +2363,107 @@ unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
         if libc::sethostname(hostname, libc::strlen(hostname)) != 0 {
             fail(ctx, STAGE_HOSTNAME);
         }
+        // With sockets, `LISTEN_PID`'s placeholder (in our copy of the strings, which
+        // `workload` overwrites with our pid as a cold spawn does).
+        let mut pid_at: *mut u8 = std::ptr::null_mut();
+        if nfds > 0 {
+            let key = b"LISTEN_PID=";
+            let want = bulkhead_driver::listen::PID_PLACEHOLDER.len();
+            for i in argc + 1..argc + 1 + envc {
+                let e = *s.ptrs.add(i) as *mut u8;
+                let n = libc::strlen(e.cast());
+                if n == key.len() + want
+                    && std::slice::from_raw_parts(e, key.len()) == key.as_slice()
+                {
+                    pid_at = e.add(key.len());
+                }
+            }
+            if pid_at.is_null() {
+                *libc::__errno_location() = libc::EINVAL;
+                fail(ctx, STAGE_LISTEN);
+            }
+        }
         Ctx {
             argv: s.ptrs.cast_const(),
             envp: s.ptrs.add(argc + 1).cast_const(),
             program,
             cwd,
+            pid_at,
+            listen: s.fd_buf.cast_const(),
+            listen_tmp: s.fd_buf.add(HANDOVER_FDS),
+            listen_n: nfds,
             slot: SlotCtx {
                 handover_r: -1,
+                fds_r: -1,
                 ..s
             },
             ..*ctx
         }
+    }
+}
+
+/// Receives exactly `n` descriptors (close-on-exec) from the slot's socket pair into
+/// `out`; false (errno set) on anything else.
+///
+/// # Safety
+/// Only in the workload process of a slot; `out` has room for `n` (at most
+/// [`HANDOVER_FDS`]).
+unsafe fn recv_sockets(fd: RawFd, out: *mut RawFd, n: usize) -> bool {
+    const CONTROL: usize = 64 + HANDOVER_FDS * 4;
+    // SAFETY: recvmsg into stack buffers we own (the control buffer aligned for a
+    // cmsghdr), then reads of the header the kernel wrote within `msg_controllen`.
+    unsafe {
+        if fd < 0 {
+            *libc::__errno_location() = libc::EBADF;
+            return false;
+        }
+        let mut control = [0u64; CONTROL / 8];
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = CONTROL as _;
+        let got = loop {
+            let r = libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC);
+            if r >= 0 || *libc::__errno_location() != libc::EINTR {
+                break r;
+            }
+        };
+        if got <= 0 || msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            *libc::__errno_location() = if got < 0 {
+                *libc::__errno_location()
+            } else {
+                libc::EBADMSG
+            };
+            return false;
+        }
+        let mut count = 0usize;
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let k = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                for i in 0..k {
+                    let f = std::ptr::read_unaligned(data.add(i));
+                    if count < n {
+                        *out.add(count) = f;
+                    } else {
+                        libc::close(f);
+                    }
+                    count += 1;
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        if count != n {
+            *libc::__errno_location() = libc::EBADMSG;
+            return false;
+        }
+        true
     }
 }

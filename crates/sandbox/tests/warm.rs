@@ -342,6 +342,67 @@ async fn a_launch_the_slot_was_not_made_for_is_refused_and_the_slot_removed() {
     );
 }
 
+/// A slot made for a manifest with `sockets:` passes a launch's listening sockets as a
+/// cold spawn does: the same socket at descriptor 3 (its inode), `LISTEN_FDS`,
+/// `LISTEN_FDNAMES`, and `LISTEN_PID` the program's own pid. The control: a slot made
+/// without `sockets:` refuses a launch that brings sockets (the daemon then spawns cold).
+#[tokio::test(flavor = "multi_thread")]
+async fn listening_sockets_are_handed_over_as_a_cold_spawn_passes_them() {
+    use std::os::unix::fs::MetadataExt;
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let sockets =
+        "sockets: [{name: web, listen: \"tcp:$PORT\"}, {name: admin, listen: \"unix:a.sock\"}]\n";
+    let script =
+        "echo \"$LISTEN_FDS $LISTEN_FDNAMES $([ \"$LISTEN_PID\" = $$ ] && echo pid-ok)\"; \
+                  readlink /proc/self/fd/3 /proc/self/fd/4; [ -e /proc/self/fd/5 ] || echo no-5";
+    let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_path = fx.path("a.sock");
+    let admin = std::os::unix::net::UnixListener::bind(&admin_path).unwrap();
+    let inode = |fd: &dyn std::os::fd::AsRawFd| {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .ino()
+    };
+    let want = format!(
+        "2 web:admin pid-ok\nsocket:[{}]\nsocket:[{}]\nno-5\n",
+        inode(&web),
+        inode(&admin)
+    );
+    let listen = vec![
+        bulkhead_driver::listen::ListenFd {
+            name: "web".into(),
+            fd: Arc::new(web.into()),
+        },
+        bulkhead_driver::listen::ListenFd {
+            name: "admin".into(),
+            fd: Arc::new(admin.into()),
+        },
+    ];
+    let with = |extra: &str| {
+        let mut s = spec(&fx, "sockets", script, extra);
+        s.listen = listen.clone();
+        s
+    };
+    let (st, cold) = run(&d, with(sockets), false).await;
+    assert_eq!((st, cold.as_str()), (OK, want.as_str()), "cold");
+    let (st, warm) = run(&d, with(sockets), true).await;
+    assert_eq!((st, warm.as_str()), (OK, want.as_str()), "from a slot");
+    // The control: a slot made without `sockets:` cannot pass them.
+    let s = with("");
+    let slot = prewarm(&d, &s, "warm-sockets-0").await;
+    match within("spawn_warm", d.spawn_warm(slot, s)).await {
+        Err(e @ SpawnError::Invalid { .. }) => {
+            assert!(e.to_string().contains("listening sockets"), "{e}")
+        }
+        Err(e) => panic!("expected a refusal, got {e:?}"),
+        Ok(_) => panic!("a slot made without sockets: took a launch with sockets"),
+    }
+    assert_eq!(cgroups_of(&scope), Vec::<std::path::PathBuf>::new());
+}
+
 /// The child half of the crash test: makes a slot in the scope it is given, says so,
 /// and waits to be killed.
 #[tokio::test(flavor = "multi_thread")]

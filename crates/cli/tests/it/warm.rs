@@ -163,6 +163,49 @@ fn a_new_session_launches_in_a_warm_sandbox_slot_behind_the_same_wall() {
     }
 }
 
+/// The listening socket's server: answers every connection with its socket's name and
+/// its pid, having checked that `LISTEN_PID` is its own.
+const SOCKET_SERVER: &str = r#"
+import os, socket
+assert os.environ["LISTEN_PID"] == str(os.getpid()), "LISTEN_PID is not this process"
+s = socket.socket(fileno=3)
+while True:
+    c, _ = s.accept()
+    c.sendall(("hello %s %d" % (os.environ["LISTEN_FDNAMES"], os.getpid())).encode())
+    c.close()
+"#;
+
+/// Socket activation from a warm pool: the first connection to an on-connection sandbox
+/// launches it in a slot, which gets the listening socket with the hand-over (at 3, with
+/// `LISTEN_PID` its own pid, PID 2 under our init) and serves the connection that
+/// launched it.
+#[test]
+fn an_on_connection_sandbox_launches_in_a_warm_slot_with_its_socket() {
+    use std::io::Read;
+    let Some(py) = system_python3() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("web.sock");
+    let m = format!(
+        "name: web\ndriver: sandbox\nisolation: none\ncommand: [{py}, -c, {SOCKET_SERVER:?}]\nsockets: [{{name: web, listen: \"unix:{}\"}}]\nactivation: {{mode: on-connection}}\nwarm: {{size: 1}}\n",
+        sock.display()
+    );
+    let d = Daemon::start(&[("web", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    wait_ready_slots(&d, "web", 1);
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut got = String::new();
+    c.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "hello web 2", "{}", d.daemon_log());
+    assert!(
+        from_slot(&d, "shared:web"),
+        "not from a slot:\n{}",
+        d.daemon_log()
+    );
+}
+
 #[test]
 fn a_new_key_launches_in_a_warm_container_and_a_killed_daemon_leaks_none() {
     if let Some(why) = crate::docker::skip() {

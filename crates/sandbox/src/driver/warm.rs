@@ -12,7 +12,8 @@
 //! [`SandboxDriver::take_slot`] checks that the launch is one the slot was made for (the
 //! same workload, working directory and ids; binds among the slot's; a program the slot
 //! shows), writes the hand-over (hostname, working directory, program, argv,
-//! environment; the init's title) and awaits the exec as a cold spawn does. From there
+//! environment; the init's title; the listening sockets, on a socket pair a slot of a
+//! workload with `sockets:` is made with) and awaits the exec as a cold spawn does. From there
 //! the instance is a cold one: the same handle, watcher, status pipe and teardown. A
 //! launch that does not fit is refused with a [`SpawnError`] and the slot is discarded:
 //! the daemon then spawns cold.
@@ -38,9 +39,10 @@
 //!   (`chown` to the mapped ids) when the slot is made, and the sockets in them at the
 //!   launch: they are meant to be the slot's own.
 //! - A launch is taken only if its manifest equals the slot's, with the same working
-//!   directory, binds among the slot's, the slot's ids (or none), no listening sockets,
-//!   and a program the slot shows; argv and environment must fit 256 KiB and 16,384
-//!   strings. Otherwise the launch is refused and the slot removed.
+//!   directory, binds among the slot's, the slot's ids (or none), listening sockets only
+//!   if the manifest has `sockets:` (at most 16), and a program the slot shows; argv and
+//!   environment must fit 256 KiB and 16,384 strings. Otherwise the launch is refused
+//!   and the slot removed.
 
 use std::any::Any;
 use std::ffi::{CString, OsStr};
@@ -380,11 +382,13 @@ impl SandboxDriver {
         // The clone on the spawner thread (parent-death signal), as a cold spawn; the
         // setup that follows in the child is awaited here, not there.
         let (tx, rx) = oneshot::channel();
+        let sockets = w.spec.sockets.as_ref().is_some_and(|l| !l.is_empty());
         let job: Job = Box::new(move || {
             let mut prepared = prepared;
             let registry = reaper::Registry::global();
             let mut lock = registry.lock();
-            let res = spawn::spawn_slot(&prepared, &out_w, &err_w, |pid| lock.register(pid));
+            let res =
+                spawn::spawn_slot(&prepared, sockets, &out_w, &err_w, |pid| lock.register(pid));
             drop(lock);
             drop((out_w, err_w));
             prepared.cgroup_fd = None;
@@ -530,8 +534,19 @@ impl SandboxDriver {
                 spec.cwd.display()
             )));
         }
-        if !spec.listen.is_empty() {
-            return Err(refuse("listening sockets are handed over cold only".into()));
+        if !spec.listen.is_empty() && live.ends.fds_w.is_none() {
+            return Err(refuse(
+                "it was made without a way to pass listening sockets (its manifest has no \
+                 sockets:)"
+                    .into(),
+            ));
+        }
+        if spec.listen.len() > spawn::HANDOVER_FDS {
+            return Err(refuse(format!(
+                "{} listening sockets, more than a hand-over brings ({})",
+                spec.listen.len(),
+                spawn::HANDOVER_FDS
+            )));
         }
         if let Some(b) = spec.binds.iter().find(|b| !slot.warm.binds.contains(b)) {
             return Err(refuse(format!(
@@ -591,6 +606,7 @@ impl SandboxDriver {
             &program,
             &argv,
             &env,
+            spec.listen.len(),
             live.ends.capacity,
         )
         .map_err(|needed| {
@@ -637,12 +653,22 @@ impl SandboxDriver {
         };
         let setup = |reason: String| SpawnError::setup(&spec.instance, SetupStep::Walls, reason);
         // ORDER: the init's title first (it reads it before its loop), then the
-        // program; both fit their pipes, so neither write waits.
+        // program, then the listening sockets (the workload process reads them after the
+        // message, whose header counts them); each fits its pipe or socket, so no write
+        // waits.
         let written = title
             .iter()
             .zip(&live.ends.title_w)
             .try_for_each(|(t, fd)| write_all(fd, t))
-            .and_then(|()| write_all(&live.ends.handover_w, &message));
+            .and_then(|()| write_all(&live.ends.handover_w, &message))
+            .and_then(|()| match (&live.ends.fds_w, spec.listen.is_empty()) {
+                (Some(fds_w), false) => {
+                    use std::os::fd::AsFd;
+                    let fds: Vec<_> = spec.listen.iter().map(|l| l.fd.as_fd()).collect();
+                    spawn::send_sockets(fds_w, &fds)
+                }
+                _ => Ok(()),
+            });
         if let Err(e) = written {
             slot.discard().await;
             return Err(setup(format!(
