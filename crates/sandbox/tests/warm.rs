@@ -357,7 +357,7 @@ async fn listening_sockets_are_handed_over_as_a_cold_spawn_passes_them() {
         "sockets: [{name: web, listen: \"tcp:$PORT\"}, {name: admin, listen: \"unix:a.sock\"}]\n";
     let script =
         "echo \"$LISTEN_FDS $LISTEN_FDNAMES $([ \"$LISTEN_PID\" = $$ ] && echo pid-ok)\"; \
-                  readlink /proc/self/fd/3 /proc/self/fd/4; [ -e /proc/self/fd/5 ] || echo no-5";
+                  readlink /proc/self/fd/3; readlink /proc/self/fd/4; [ -e /proc/self/fd/5 ] || echo no-5";
     let web = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let admin_path = fx.path("a.sock");
     let admin = std::os::unix::net::UnixListener::bind(&admin_path).unwrap();
