@@ -35,7 +35,11 @@
 //!
 //! Options: `--iterations N` (default 200), `--write PATH` (also write the markdown),
 //! `--workload tiny` (the workload is the small `notify-tiny` program instead of this
-//! large binary: how much of each line is the program's own loading).
+//! large binary: how much of each line is the program's own loading), `--daemon-heap
+//! MiB` (this process, which hosts the daemon and the driver, first allocates and
+//! touches that much memory: how each line grows with the daemon's memory), with
+//! `--rewrite` (every round rewrites that memory after its slots are made, as a busy
+//! daemon's memory changes while a slot waits).
 
 use bulkhead_driver::sys::CloneArgs;
 use std::ffi::CString;
@@ -69,6 +73,22 @@ fn main() -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("--workload {other}: expected self or tiny"),
     };
     eprintln!("workload: {}", exe.display());
+    let heap_mib: usize = flag("--daemon-heap")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(0);
+    let rewrite = args.iter().any(|a| a == "--rewrite");
+    // Touched, so that its pages are present (a fork copies their page-table entries).
+    let mut heap = vec![1u8; heap_mib << 20];
+    let mut generation = 1u8;
+    let mut rewrite_heap = || {
+        if rewrite {
+            generation = generation.wrapping_add(1);
+            for page in heap.chunks_mut(4096) {
+                page[0] = generation;
+            }
+        }
+    };
     let dir = tempfile::tempdir()?;
     let sock_dir = dir.path().join("sockets");
     std::fs::create_dir_all(&sock_dir)?;
@@ -206,6 +226,8 @@ fn main() -> anyhow::Result<()> {
         // The round's slot, made outside the clock and first, so that the machine has
         // settled when its sample runs.
         let slot = rt.block_on(slot_for(&driver, &workload, &warm_dir))?;
+        // Not timed: the daemon's memory changes while the slots wait (`--rewrite`).
+        rewrite_heap();
         floor.values.push(floor_once(&exe, &next_sock())?);
         drv.values
             .push(rt.block_on(driver_once(&driver, &workload, &exe, &next_sock()))?);
@@ -238,11 +260,13 @@ fn main() -> anyhow::Result<()> {
 
     let mut report = String::new();
     report.push_str(&format!(
-        "cgroups: {} (limits: {}; born in its cgroup: {}; favordynmods: {}); {iterations} interleaved rounds\n\n",
+        "cgroups: {} (limits: {}; born in its cgroup: {}; favordynmods: {}); {iterations} interleaved rounds; \
+         daemon process memory: +{heap_mib} MiB touched{}\n\n",
         caps.cgroup_mode,
         caps.controllers.join(", "),
         caps.clone_into_cgroup,
-        caps.favordynmods
+        caps.favordynmods,
+        if rewrite { ", rewritten every round after its slots are made" } else { "" }
     ));
     report.push_str("| measurement | p50 ms | p99 ms | p50 vs clone3 floor | p50 vs bulkhead driver |\n|---|---|---|---|---|\n");
     for s in [&floor, &drv, &wm, &api, &apw, &bw, &un, &rc] {
