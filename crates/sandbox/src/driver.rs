@@ -108,6 +108,35 @@ pub enum StartError {
     Namespaces(io::Error),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("the sandbox driver cannot load its init: {0}")]
+    Init(io::Error),
+}
+
+/// bulkhead-init (`init/main.rs`), as the build script made it.
+static INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bulkhead-sandbox-init"));
+
+/// `INIT` in a sealed memfd (nothing can change it once made), which each instance's first
+/// process execs (`execveat` of the descriptor: no file on any mount, so neither the
+/// sandbox's root nor a `noexec` mount matters).
+fn init_memfd() -> io::Result<OwnedFd> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    if INIT.is_empty() {
+        return Err(io::Error::other("it was not built for this platform"));
+    }
+    let fd = rustix::fs::memfd_create(
+        "bulkhead-init",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    let mut rest = INIT;
+    while !rest.is_empty() {
+        let n = rustix::io::write(&fd, rest)?;
+        rest = &rest[n..];
+    }
+    rustix::fs::fcntl_add_seals(
+        &fd,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+    )?;
+    Ok(fd)
 }
 
 /// What the driver found at start-up, for `health`.
@@ -137,8 +166,8 @@ pub struct SandboxDriver {
     ids: Arc<Mutex<IdBlocks>>,
     /// The host's system directories (a minimal root shows them).
     system: Vec<spawn::SystemEntry>,
-    /// The daemon's command line and environment areas (overwritten in each init).
-    areas: spawn::MemAreas,
+    /// bulkhead-init, which each instance's first process execs ([`init_memfd`]).
+    init_exe: Arc<OwnedFd>,
     /// The kernel's Landlock ABI (abstract-socket scoping needs 6).
     landlock_abi: u32,
 }
@@ -222,7 +251,7 @@ impl SandboxDriver {
             min_available_memory: cfg.min_available_memory,
             ids: Arc::new(Mutex::new(IdBlocks::new(cfg.id_base, cfg.id_blocks))),
             system: spawn::system_entries(),
-            areas: spawn::MemAreas::of_self(),
+            init_exe: Arc::new(init_memfd().map_err(StartError::Init)?),
             landlock_abi: {
                 let abi = bulkhead_driver::restrict::landlock_abi();
                 if abi < 6 {
@@ -523,7 +552,7 @@ impl SandboxDriver {
             cgroup_fd: None,
             v1_procs: Vec::new(),
             title: format!("bulkhead-init {}\0", spec.instance).into_bytes(),
-            areas: self.areas,
+            init_exe: std::os::fd::AsRawFd::as_raw_fd(&*self.init_exe),
             listen: spec.listen.clone(),
         })
     }

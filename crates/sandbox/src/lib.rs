@@ -27,6 +27,9 @@
 
 pub mod cgroup;
 pub mod driver;
+#[allow(dead_code)] // `wait_status` is the init's (and the tests')
+#[path = "../init/proto.rs"]
+pub(crate) mod init_proto;
 pub(crate) mod mainpid;
 pub mod seccomp;
 pub mod spawn;

@@ -390,7 +390,7 @@ mod tests {
     /// its pidfd; the driver decodes it as every other status.
     #[test]
     fn a_waitid_end_decodes_as_the_same_status() {
-        use crate::spawn::wait_status;
+        use crate::init_proto::wait_status;
         assert_eq!(
             decode(wait_status(libc::CLD_EXITED, 7)),
             ExitStatus::Exited { code: 7 }

@@ -34,17 +34,25 @@
 //!    `/.bulkhead-old-root` until `/proc` (and `/sys`) are mounted (a user namespace may only mount
 //!    them while a full one is visible), runc's read-only and masked paths follow, then
 //!    the old root is detached and the root tmpfs made read-only.
-//! 6. With init: block every signal, open a signalfd for them, `clone(SIGCHLD)` (raw:
-//!    glibc's `fork` runs atfork handlers that take malloc locks another thread of the
-//!    daemon may have held at the clone), the new process (`W`, PID 2) continues below,
-//!    `C` becomes the init loop.
+//! 6. With init: block every signal, `clone(SIGCHLD)` (raw: glibc's `fork` runs atfork
+//!    handlers that take malloc locks another thread of the daemon may have held at the
+//!    clone), the new process (`W`, PID 2) continues below; `C` makes itself
+//!    non-dumpable, puts its status, control and `go` pipes (and a slot's title pipe) at
+//!    the places `init/proto.rs` names, closes everything else and execs
+//!    `bulkhead-init` (`init/main.rs`: a small static program the driver keeps in a
+//!    sealed memfd; `execveat` of that descriptor) with `BULKHEAD_INIT_MAIN=<W's pid>`
+//!    and its title as command line. So no long-lived process of an instance is a copy
+//!    of the daemon (a copy would keep, for the instance's whole life, every page the
+//!    daemon rewrites after the clone). The signals stay blocked through the exec
+//!    (pending, not lost); `bulkhead-init` reads them from a signalfd, sets a slot's
+//!    title, then writes one byte on `go`.
 //! 7. `W`: default signal dispositions and an empty mask, stdio, the manifest's `umask`
-//!    and `limits`, `chdir` (its `working_dir`), the capability bounding set,
-//!    uid/gid/groups, capability sets, `no_new_privs`, seccomp, `execve`.
+//!    and `limits`, `chdir` (its `working_dir`), with an init a wait for `go` (so the
+//!    program never sees the init before it is non-dumpable and titled), the
+//!    capability bounding set, uid/gid/groups, capability sets, `no_new_privs`, seccomp,
+//!    `execve`.
 //!
-//! The init overwrites its copy of the daemon's argument and environment areas with
-//! `bulkhead-init <id>` and makes itself non-dumpable; `W`'s last step before exec marks
-//! every descriptor above 2 close-on-exec.
+//! `W`'s last step before exec marks every descriptor above 2 close-on-exec.
 //!
 //! Any failure before exec writes `(stage, errno)` into the error pipe (close-on-exec)
 //! and exits 127: the parent reads either that record or end-of-file (exec succeeded).
@@ -72,18 +80,18 @@
 //!   them). A header beyond the buffers
 //!   (the parent refuses such a launch before writing) or a string without its NUL fails
 //!   the hand-over like any step (`E2BIG`, `EINVAL`). Nothing allocates.
-//! - The init, before its loop and with every signal still blocked, keeps only its
-//!   status and title pipes (so that `W`'s end of the error pipe is the last one: its
-//!   end-of-file still means exec), reads its title (`bulkhead-init <instance id>`),
-//!   writes it over its argument area, then tells `W` through a third pipe (`go`) and
-//!   runs its loop. `W` waits for that word after its hand-over, so that the workload
-//!   never sees the slot's title in `/proc/1/cmdline`.
+//! - The init execs `bulkhead-init` as in step 6, with the title pipe: `bulkhead-init`
+//!   reads the instance's title (`bulkhead-init <instance id>`) at the hand-over, writes
+//!   it over its command line, then writes `go` and runs its loop. `W` waits for that
+//!   word after its hand-over, so that the workload never sees the slot's title in
+//!   `/proc/1/cmdline`. (The init's exec closes its end of the error pipe: `W`'s is the
+//!   last one, and its end-of-file still means exec.)
 //!
 //! The parent awaits `STAGE_WAITING` on the runtime, not on the spawner thread; at the
 //! hand-over it writes the title and the strings, then reads the error pipe to its end
 //! as a cold spawn does.
 //!
-//! # The init
+//! # The init (`init/main.rs`)
 //!
 //! Signals stay blocked and are read from a signalfd (a blocked signal is never
 //! discarded, even for a namespace's init, which the kernel otherwise protects from
@@ -577,48 +585,14 @@ pub(crate) struct Prepared {
     pub cgroup_fd: Option<OwnedFd>,
     pub v1_procs: Vec<OwnedFd>,
     /// What the init shows as its command line (`bulkhead-init <instance id>`, NUL
-    /// terminated), written over the copy of the daemon's argument area it inherited.
+    /// terminated; a slot's until its hand-over brings the instance's).
     pub title: Vec<u8>,
-    /// The daemon's argument and environment areas (see [`MemAreas::of_self`]).
-    pub areas: MemAreas,
+    /// The init's executable (the driver's sealed memfd of `bulkhead-init`), exec'd by
+    /// the instance's first process once it forked the workload process.
+    pub init_exe: RawFd,
     /// Listening sockets, put at 3.. in the workload (`env` has `LISTEN_PID` as a
     /// placeholder, filled in by the workload with the pid it sees).
     pub listen: Vec<bulkhead_driver::listen::ListenFd>,
-}
-
-/// Where the kernel finds a process's command line and environment (`/proc/self/stat`
-/// fields 48 to 51): the init, a copy of the daemon made without exec, would otherwise
-/// show the daemon's command line and environment to the workload.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct MemAreas {
-    pub arg: (usize, usize),
-    pub env: (usize, usize),
-}
-
-impl MemAreas {
-    /// This process's areas (all zero if they cannot be read: nothing is overwritten).
-    pub(crate) fn of_self() -> MemAreas {
-        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-            return MemAreas::default();
-        };
-        // Fields after the command name (which may contain spaces) start at field 3.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            return MemAreas::default();
-        };
-        let f: Vec<usize> = rest
-            .split_whitespace()
-            .skip(48 - 3)
-            .take(4)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        match f[..] {
-            [a0, a1, e0, e1] if a0 < a1 && e0 <= e1 => MemAreas {
-                arg: (a0, a1),
-                env: (e0, e1),
-            },
-            _ => MemAreas::default(),
-        }
-    }
 }
 
 /// What clone3 gave back.
@@ -672,7 +646,7 @@ const STAGE_LISTEN: u32 = 18;
 /// A slot's workload process waits for its hand-over (not a failure: see [`spawn_slot`]).
 pub(crate) const STAGE_WAITING: u32 = 19;
 const STAGE_HANDOVER: u32 = 20;
-const STAGE_SIGNALFD: u32 = 21;
+const STAGE_INIT: u32 = 21;
 const STAGE_MOUNT: u32 = 1000;
 /// `STAGE_LIMIT + i`: setting `Prepared::rlimits[i]`.
 const STAGE_LIMIT: u32 = 900;
@@ -740,6 +714,12 @@ fn clone_instance(
     }
     let listen: Vec<RawFd> = p.listen.iter().map(|l| l.fd.as_raw_fd()).collect();
     let mut listen_tmp: Vec<RawFd> = vec![-1; listen.len()];
+    // The init tells the workload process through this one that it runs (see `go_r`).
+    let go = if p.init {
+        Some(pipe_cloexec().map_err(ChildError::Clone)?)
+    } else {
+        None
+    };
     let mut slots: Vec<RawFd> = vec![-1; p.slots];
     // A slot's receiving buffers, allocated (not touched) before the clone: the child
     // reads its hand-over into its copy of them.
@@ -751,7 +731,6 @@ fn clone_instance(
         program: p.program.as_ptr(),
         cwd: p.cwd.as_ptr(),
         title: p.title.as_ptr(),
-        title_len: p.title.len(),
         slot: match (&slot, &mut bufs) {
             (Some(s), Some(b)) => s.child_side(b),
             _ => SlotCtx::NONE,
@@ -769,6 +748,9 @@ fn clone_instance(
         listen: listen.as_ptr(),
         listen_tmp: listen_tmp.as_mut_ptr(),
         listen_n: listen.len(),
+        go_r: go.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
+        go_w: go.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
+        init_exe: if p.init { p.init_exe } else { -1 },
     };
 
     let mut flags = CLONE_PIDFD
@@ -814,6 +796,7 @@ fn clone_instance(
     drop(slots);
     drop(sync_r);
     drop(bufs);
+    drop(go);
     if let Some((uid_map, gid_map)) = &p.userns {
         // ORDER: the child is blocked reading the sync pipe; the maps are written while
         // it waits, then one byte releases it. `setgroups` stays "allow": we hold
@@ -933,7 +916,7 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_NNP => Step::NoNewPrivs.what().into(),
         STAGE_LANDLOCK => Step::Landlock.what().into(),
         STAGE_LISTEN => "pass the listening sockets (LISTEN_FDS)".into(),
-        STAGE_SIGNALFD => "create the init's signal descriptor".into(),
+        STAGE_INIT => "start bulkhead's init".into(),
         STAGE_SECCOMP => Step::Seccomp.what().into(),
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
         STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
@@ -966,7 +949,6 @@ struct Ctx<'a> {
     program: *const libc::c_char,
     cwd: *const libc::c_char,
     title: *const u8,
-    title_len: usize,
     /// A warm slot's hand-over ([`SlotCtx::NONE`] for a cold spawn).
     slot: SlotCtx,
     slots: *mut RawFd,
@@ -983,6 +965,12 @@ struct Ctx<'a> {
     listen: *const RawFd,
     listen_tmp: *mut RawFd,
     listen_n: usize,
+    /// The init's word to the workload process that it runs and its title is set (both
+    /// ends are the child's; -1 without an init).
+    go_r: RawFd,
+    go_w: RawFd,
+    /// The init's executable (the driver's memfd; -1 without an init).
+    init_exe: RawFd,
 }
 
 /// Reports `(stage, errno)` and exits 127. Async-signal-safe.
@@ -1098,13 +1086,10 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
         if p.init {
             let mut all: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
-            // Blocked before the fork: no signal is lost between it and the loop.
+            // Blocked before the fork and kept through the init's exec: no signal is lost
+            // between it and the init's loop (a blocked signal stays pending; the init
+            // reads them from a signalfd).
             libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-            // The init takes them from this descriptor, polled with its control pipe.
-            let sfd = libc::signalfd(-1, &all, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-            if sfd < 0 {
-                fail(ctx, STAGE_SIGNALFD);
-            }
             let pid = libc::syscall(
                 libc::SYS_clone,
                 libc::SIGCHLD as libc::c_ulong,
@@ -1117,402 +1102,93 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
                 fail(ctx, STAGE_FORK);
             }
             if pid > 0 {
-                let ctx = slot_init_wait(ctx, sfd as RawFd);
-                init_loop(&ctx, pid as libc::pid_t, sfd);
+                exec_init(ctx, pid as libc::pid_t);
             }
         }
         workload(ctx)
     }
 }
 
-/// The init: reap, forward, report the main process's status. Never returns.
+/// The init: the first process, once it forked the workload process, execs
+/// `bulkhead-init` (see `init/main.rs`) with its status, control and `go` pipes (and a
+/// slot's title pipe) at the places `init/proto.rs` names, so that no process of the
+/// instance stays a copy of the daemon. Never returns.
 ///
 /// # Safety
-/// Only in the child, after the fork of the workload; `sfd` is a signalfd for every signal.
-unsafe fn init_loop(ctx: &Ctx<'_>, main: libc::pid_t, sfd: RawFd) -> ! {
-    // SAFETY: for the whole block, raw system calls on our own fds and stack buffers;
-    // the argument and environment areas are this process's own (copied) memory, read
-    // from /proc/self/stat of the process we are a copy of, and nothing here reads them.
+/// Only in the child, after the fork of the workload (`main`, its pid here).
+unsafe fn exec_init(ctx: &Ctx<'_>, main: libc::pid_t) -> ! {
+    use crate::init_proto as proto;
+    // SAFETY: for the whole block, raw system calls on our own descriptors and stack
+    // buffers; `ctx.title` is `Prepared::title`, NUL-terminated.
     unsafe {
-        // Keep only the status pipe (fd 0), the control pipe (1) and the signalfd (2):
-        // the init must not hold the daemon's descriptors (other instances' pipes,
-        // sockets) for the instance's lifetime. Copied above 2 first, so that no dup2
-        // overwrites another of the three.
-        let status = libc::fcntl(ctx.status_w, libc::F_DUPFD, 3);
-        let ctl = libc::fcntl(ctx.ctl_r, libc::F_DUPFD, 3);
-        let sig = libc::fcntl(sfd, libc::F_DUPFD, 3);
-        libc::dup2(status, INIT_STATUS);
-        libc::dup2(ctl, INIT_CTL);
-        libc::dup2(sig, INIT_SIGNALS);
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-        // The init is a copy of the daemon (no exec): its memory is the daemon's. Not
-        // dumpable, so that the workload (same uid) can neither ptrace it nor read its
-        // memory or environment through /proc; its command line and environment areas
-        // are overwritten, so /proc/1/cmdline shows `bulkhead-init <id>`, not the
-        // daemon's flags.
+        // Until the exec this is still a copy of the daemon's memory.
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        let p = ctx.p;
-        let (a0, a1) = p.areas.arg;
-        if a1 > a0 {
-            std::ptr::write_bytes(a0 as *mut u8, 0, a1 - a0);
-            let n = ctx.title_len.min(a1 - a0 - 1);
-            std::ptr::copy_nonoverlapping(ctx.title, a0 as *mut u8, n);
-        }
-        let (e0, e1) = p.areas.env;
-        if e1 > e0 {
-            std::ptr::write_bytes(e0 as *mut u8, 0, e1 - e0);
-        }
-        libc::prctl(libc::PR_SET_NAME, c"bulkhead-init".as_ptr(), 0, 0, 0);
-        let mut init = Init::new(main);
-        loop {
-            init.step();
-        }
-    }
-}
-
-/// The init's descriptors (see [`init_loop`]).
-const INIT_STATUS: RawFd = 0;
-const INIT_CTL: RawFd = 1;
-const INIT_SIGNALS: RawFd = 2;
-/// How often the init looks whether a main process that exited as another process's
-/// child is still a zombie.
-const ZOMBIE_POLL_MS: libc::c_int = 50;
-
-/// A record on the status pipe is this long: the pid (in the instance's namespace) of
-/// the main process that ended and its raw wait status (or [`LOST`]), native-endian.
-pub(crate) const RECORD: usize = 8;
-
-/// The status of a main process that ended as another process's child (its parent
-/// reaped it): unknown.
-pub(crate) const LOST: i32 = -1;
-
-/// The init's state: which process is main, and whether its end was reported and awaits
-/// the driver's answer. No allocation: it lives on the init's stack.
-struct Init {
-    /// The main process (a pid in the namespace): `W`, or what the driver named.
-    main: libc::pid_t,
-    /// A pidfd of a main process the driver named (-1 for `W`, always our child): it
-    /// tells when that one exits even while another process is its parent.
-    pidfd: RawFd,
-    /// The main process exited as another live process's child (a zombie): it is
-    /// ours (and its status real) if that parent exits first, lost if it reaps it.
-    zombie: bool,
-    /// The end of `main` was written to the status pipe; the driver answers with `0`
-    /// (end) or a new main process.
-    waiting: bool,
-    /// That status.
-    last: libc::c_int,
-    /// The control pipe is open: ask the driver before ending (it reads the `MAINPID=`
-    /// messages queued before the exit first).
-    ask: bool,
-    /// The end of `main`, our child, was reported and it is left a zombie until the
-    /// driver answers: the messages it sent are read while its `/proc` entry still tells
-    /// which instance it was in. No other child is reaped meanwhile.
-    held: bool,
-    /// The last processes reaped (pid, status): a process named after its end.
-    reaped: [(libc::pid_t, libc::c_int); 16],
-    next: usize,
-}
-
-impl Init {
-    fn new(main: libc::pid_t) -> Init {
-        Init {
-            main,
-            pidfd: -1,
-            zombie: false,
-            waiting: false,
-            last: 0,
-            ask: true,
-            held: false,
-            reaped: [(0, 0); 16],
-            next: 0,
-        }
-    }
-
-    /// Waits for a signal, the driver or the main process's end, and handles it.
-    ///
-    /// # Safety
-    /// Only in the init.
-    unsafe fn step(&mut self) {
-        let mut fds = [
-            libc::pollfd {
-                fd: INIT_SIGNALS,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: if self.ask { INIT_CTL } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.pidfd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // A zombie of another parent gives no event when that parent reaps it: looked
-        // at again every 50 ms (only then).
-        let timeout = if self.zombie { ZOMBIE_POLL_MS } else { -1 };
-        // SAFETY: a stack array of three pollfds; negative fds are ignored.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) } < 0 {
-            return;
-        }
-        // SAFETY: the calls below are raw system calls on our fds and stack buffers.
-        unsafe {
-            if self.zombie && !self.waiting && libc::kill(self.main, 0) != 0 {
-                // Reaped by its parent: its status was that parent's to take.
-                self.zombie = false;
-                self.ended(LOST);
+        // Every source copied above the places first, so that no dup2 overwrites another
+        // (the error pipe too: it may sit at one of them).
+        let up = |fd: RawFd, cmd: libc::c_int| {
+            if fd < 0 {
+                -1
+            } else {
+                libc::fcntl(fd, cmd, 10)
             }
-            if fds[0].revents != 0 {
-                self.signals();
-            }
-            if fds[2].revents != 0 && self.pidfd == fds[2].fd {
-                self.pidfd_ready();
-            }
-            if fds[1].revents != 0 {
-                self.control();
-            }
-        }
-    }
-
-    /// Forwards every pending signal but `SIGCHLD` to every process of the namespace but
-    /// us; on `SIGCHLD`, reaps every child (we are PID 1: every orphan of the namespace
-    /// is ours).
-    unsafe fn signals(&mut self) {
-        loop {
-            // SAFETY: an all-zero signalfd_siginfo is valid.
-            let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-            let n = std::mem::size_of::<libc::signalfd_siginfo>();
-            // SAFETY: reading into a stack struct of its size.
-            if unsafe {
-                libc::read(
-                    INIT_SIGNALS,
-                    (&mut si as *mut libc::signalfd_siginfo).cast(),
-                    n,
-                )
-            } != n as isize
-            {
-                return;
-            }
-            let sig = si.ssi_signo as libc::c_int;
-            if sig != libc::SIGCHLD {
-                // SAFETY: kill(2).
-                unsafe { libc::kill(-1, sig) };
-                continue;
-            }
-            // SAFETY: in the init.
-            unsafe { self.reap() };
-        }
-    }
-
-    /// Reaps every child that ended, but reports the end of the main process, when it is
-    /// our child and the driver is there to answer, before reaping it (see `held`).
-    unsafe fn reap(&mut self) {
-        while !self.held {
-            // SAFETY: an all-zero siginfo_t is valid.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: waitid into a stack struct; WNOWAIT leaves the child as it is.
-            let r = unsafe {
-                libc::waitid(
-                    libc::P_ALL,
-                    0,
-                    &mut info,
-                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-                )
-            };
-            // SAFETY: the siginfo fields of a child's exit.
-            let (pid, st) = unsafe {
-                if r < 0 || info.si_pid() == 0 {
-                    return;
-                }
-                (info.si_pid(), wait_status(info.si_code, info.si_status()))
-            };
-            if pid == self.main && !self.waiting && self.ask {
-                self.zombie = false;
-                self.held = true;
-                self.reaped[self.next] = (pid, st);
-                self.next = (self.next + 1) % self.reaped.len();
-                // SAFETY: in the init.
-                unsafe { self.ended(st) };
-                return;
-            }
-            // SAFETY: reaping the child waitid named.
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-            self.reaped[self.next] = (pid, st);
-            self.next = (self.next + 1) % self.reaped.len();
-            if pid == self.main && !self.waiting {
-                self.zombie = false;
-                // SAFETY: in the init.
-                unsafe { self.ended(st) };
-            }
-        }
-    }
-
-    /// The driver answered about a held main process: it is reaped now, and so is what
-    /// ended meanwhile.
-    unsafe fn release(&mut self, held: libc::pid_t) {
-        if !self.held {
-            return;
-        }
-        self.held = false;
-        // SAFETY: reaping our own child, whose end was reported.
-        unsafe {
-            libc::waitpid(held, std::ptr::null_mut(), libc::WNOHANG);
-            self.reap();
-        }
-    }
-
-    /// The pidfd of a named main process is readable: it exited. Reaped if it is our
-    /// child; otherwise it waits as a zombie for its parent: if that one exits first, the
-    /// zombie is ours (reaped on `SIGCHLD`, with its real status); if it reaps it, the
-    /// status was its to take, and ours is [`LOST`].
-    unsafe fn pidfd_ready(&mut self) {
-        // SAFETY: an all-zero siginfo_t is valid.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid on our pidfd into a stack struct.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                self.pidfd as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG,
-            )
         };
-        // SAFETY: errno of this (only) thread; the siginfo fields of a child's exit.
-        unsafe {
-            if r < 0 {
-                if *libc::__errno_location() == libc::ECHILD {
-                    // Not (yet) ours: stop polling the pidfd (it stays readable).
-                    libc::close(self.pidfd);
-                    self.pidfd = -1;
-                    if libc::kill(self.main, 0) == 0 {
-                        self.zombie = true;
-                    } else {
-                        self.ended(LOST);
-                    }
-                }
-                return;
-            }
-            if info.si_pid() == 0 {
-                return;
-            }
-            let st = wait_status(info.si_code, info.si_status());
-            self.reaped[self.next] = (self.main, st);
-            self.next = (self.next + 1) % self.reaped.len();
-            self.ended(st);
+        let err = up(ctx.err_w, libc::F_DUPFD_CLOEXEC);
+        let ctx = &Ctx { err_w: err, ..*ctx };
+        let exe = up(ctx.init_exe, libc::F_DUPFD_CLOEXEC);
+        let status = up(ctx.status_w, libc::F_DUPFD);
+        let ctl = up(ctx.ctl_r, libc::F_DUPFD);
+        let go = up(ctx.go_w, libc::F_DUPFD);
+        let title = up(ctx.slot.title_r, libc::F_DUPFD);
+        if err < 0
+            || exe < 0
+            || status < 0
+            || ctl < 0
+            || go < 0
+            || (ctx.slot.title_r >= 0 && title < 0)
+        {
+            fail(ctx, STAGE_INIT);
         }
-    }
-
-    /// The main process ended with `st`: written to the status pipe; the init waits for
-    /// the driver's answer (or ends now, without a driver to ask).
-    unsafe fn ended(&mut self, st: libc::c_int) {
-        // SAFETY: closing our own pidfd, writing a stack buffer to our pipe.
-        unsafe {
-            if self.pidfd >= 0 {
-                libc::close(self.pidfd);
-                self.pidfd = -1;
-            }
-            let mut rec = [0u8; RECORD];
-            rec[..4].copy_from_slice(&self.main.to_ne_bytes());
-            rec[4..].copy_from_slice(&st.to_ne_bytes());
-            let written = libc::write(INIT_STATUS, rec.as_ptr().cast(), rec.len());
-            self.last = st;
-            self.waiting = true;
-            if !self.ask || written != RECORD as isize {
-                self.exit();
-            }
+        if libc::dup2(status, proto::FD_STATUS) < 0
+            || libc::dup2(ctl, proto::FD_CTL) < 0
+            || libc::dup2(go, proto::FD_GO) < 0
+            || (title >= 0 && libc::dup2(title, proto::FD_TITLE) < 0)
+        {
+            fail(ctx, STAGE_INIT);
         }
-    }
-
-    /// A message from the driver: `0` (end: the reported main process was the last), or
-    /// the pid of the new main process; end of file: the driver is gone, end when the
-    /// main process does.
-    unsafe fn control(&mut self) {
-        let mut b = [0u8; 4];
-        // SAFETY: reading into a stack buffer (4 bytes are written at once: atomic).
-        let n = unsafe { libc::read(INIT_CTL, b.as_mut_ptr().cast(), b.len()) };
-        if n < 0 {
-            return;
+        // Nothing else of the daemon's: the places, the executable and the error pipe
+        // (both close at the exec); a cold spawn's init has nothing at `FD_TITLE`.
+        keep_only([if title >= 0 { proto::FD_TITLE } else { -1 }, exe, err]);
+        // The command line: the title, then NUL up to `TITLE_ROOM` (empty arguments), so
+        // that a slot's init has room for the instance's title and shows the same as a
+        // cold one.
+        let mut line = [0u8; proto::TITLE_ROOM];
+        let n = libc::strlen(ctx.title.cast()).min(proto::TITLE_ROOM - 1);
+        std::ptr::copy_nonoverlapping(ctx.title, line.as_mut_ptr(), n);
+        let mut argv = [std::ptr::null::<libc::c_char>(); proto::TITLE_ROOM + 1];
+        argv[0] = line.as_ptr().cast();
+        for a in argv.iter_mut().take(proto::TITLE_ROOM - n).skip(1) {
+            *a = c"".as_ptr();
         }
-        // SAFETY: in the init.
-        unsafe {
-            if n != 4 {
-                self.ask = false;
-                if self.waiting {
-                    self.exit();
-                }
-                // The driver is gone: nobody asks about a held process any more.
-                let held = self.main;
-                self.release(held);
-                return;
-            }
-            let pid = libc::pid_t::from_ne_bytes(b);
-            if pid == 0 {
-                if self.waiting {
-                    self.exit();
-                }
-                return;
-            }
-            if pid != self.main {
-                let held = self.main;
-                self.moved(pid);
-                self.release(held);
-            }
-        }
-    }
-
-    /// `MAINPID=`: `pid` is the main process from now on.
-    unsafe fn moved(&mut self, pid: libc::pid_t) {
-        // SAFETY: closing our own pidfd, opening one.
-        unsafe {
-            if self.pidfd >= 0 {
-                libc::close(self.pidfd);
-            }
-            self.main = pid;
-            self.waiting = false;
-            self.zombie = false;
-            self.pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0u32) as RawFd;
-            if self.pidfd >= 0 {
-                // Alive (or a zombie): its pidfd polls readable once it has exited.
-                return;
-            }
-            self.pidfd = -1;
-            // Gone already: reaped by us (its status is kept), or by its parent.
-            let st = self
-                .reaped
-                .iter()
-                .find(|(p, _)| *p == pid)
-                .map_or(LOST, |(_, st)| *st);
-            self.ended(st);
-        }
-    }
-
-    /// Ends the run with the last reported status; exiting kills the rest of the
-    /// namespace.
-    unsafe fn exit(&self) -> ! {
-        let st = self.last;
-        let code = if st == LOST {
-            255
-        } else if libc::WIFEXITED(st) {
-            libc::WEXITSTATUS(st)
-        } else {
-            128 + libc::WTERMSIG(st)
-        };
-        // SAFETY: _exit(2).
-        unsafe { libc::_exit(code) }
+        // BULKHEAD_INIT_MAIN=<pid>
+        let key = proto::ENV_MAIN.as_bytes();
+        let mut var = [0u8; 64];
+        var[..key.len()].copy_from_slice(key);
+        bulkhead_driver::listen::write_pid(var.as_mut_ptr().add(key.len()), main);
+        let envp = [var.as_ptr().cast::<libc::c_char>(), std::ptr::null()];
+        libc::syscall(
+            libc::SYS_execveat,
+            exe,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+        fail(ctx, STAGE_INIT)
     }
 }
 
-/// The raw wait status (as `wait4` gives it) of a child's end as `waitid` reports it.
-pub(crate) fn wait_status(code: libc::c_int, status: libc::c_int) -> libc::c_int {
-    match code {
-        libc::CLD_EXITED => (status & 0xff) << 8,
-        libc::CLD_DUMPED => (status & 0x7f) | 0x80,
-        _ => status & 0x7f,
-    }
-}
+/// The records of the init's status pipe, shared with the init (`init/proto.rs`).
+pub(crate) use crate::init_proto::{LOST, RECORD};
 
 /// The workload's last steps before exec. Never returns.
 ///
@@ -1531,6 +1207,11 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // The init's end of `go` is the init's alone: should it die first, our read
+        // below ends (end-of-file) instead of waiting for ever.
+        if ctx.go_w >= 0 {
+            libc::close(ctx.go_w);
+        }
         // A warm slot waits here for its program (everything before is the same for
         // every launch of the workload, everything after depends on the request).
         let received;
@@ -1575,6 +1256,16 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         }
         if libc::chdir(ctx.cwd) != 0 {
             fail(ctx, STAGE_CHDIR);
+        }
+        // RACE: the init (exec'd by our parent) sets its title and makes itself
+        // non-dumpable before it writes `go`: the program never sees it otherwise.
+        // End-of-file (the init is gone, and the namespace with it) goes on as well.
+        if ctx.go_r >= 0 {
+            let mut b = [0u8; 1];
+            while libc::read(ctx.go_r, b.as_mut_ptr().cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
+            libc::close(ctx.go_r);
         }
         if let Err(step) = p.restrict.apply() {
             fail(
@@ -1913,9 +1604,6 @@ pub(crate) struct SlotPipes {
     handover: (OwnedFd, OwnedFd),
     /// The init's title (only with an init).
     title: Option<(OwnedFd, OwnedFd)>,
-    /// The init's word to the workload process that its title is set (only with an
-    /// init; both ends are the child's).
-    go: Option<(OwnedFd, OwnedFd)>,
     /// The listening sockets of the launch (`SCM_RIGHTS` on a seqpacket pair; only for
     /// a workload with `sockets:`).
     fds: Option<(OwnedFd, OwnedFd)>,
@@ -1940,7 +1628,6 @@ pub(crate) struct SlotEnds {
 struct SlotBufs {
     data: Vec<u8>,
     ptrs: Vec<*const libc::c_char>,
-    title: Vec<u8>,
     /// The received sockets, then `install`'s scratch copies ([`HANDOVER_FDS`] each).
     fds: Vec<RawFd>,
 }
@@ -1951,7 +1638,6 @@ impl SlotBufs {
         SlotBufs {
             data: Vec::with_capacity(HANDOVER_BYTES),
             ptrs: Vec::with_capacity(HANDOVER_STRINGS + 2),
-            title: Vec::with_capacity(TITLE_BYTES),
             fds: Vec::with_capacity(2 * HANDOVER_FDS),
         }
     }
@@ -1964,13 +1650,10 @@ struct SlotCtx {
     handover_w: RawFd,
     title_r: RawFd,
     title_w: RawFd,
-    go_r: RawFd,
-    go_w: RawFd,
     fds_r: RawFd,
     fds_w: RawFd,
     buf: *mut u8,
     ptrs: *mut *const libc::c_char,
-    title_buf: *mut u8,
     fd_buf: *mut RawFd,
 }
 
@@ -1980,13 +1663,10 @@ impl SlotCtx {
         handover_w: -1,
         title_r: -1,
         title_w: -1,
-        go_r: -1,
-        go_w: -1,
         fds_r: -1,
         fds_w: -1,
         buf: std::ptr::null_mut(),
         ptrs: std::ptr::null_mut(),
-        title_buf: std::ptr::null_mut(),
         fd_buf: std::ptr::null_mut(),
     };
 }
@@ -2009,7 +1689,6 @@ impl SlotPipes {
         Ok(SlotPipes {
             handover: (r, w),
             title: if init { Some(pipe_cloexec()?) } else { None },
-            go: if init { Some(pipe_cloexec()?) } else { None },
             fds: if sockets {
                 let (r, w) = rustix::net::socketpair(
                     rustix::net::AddressFamily::UNIX,
@@ -2035,13 +1714,10 @@ impl SlotPipes {
             handover_w: self.handover.1.as_raw_fd(),
             title_r: tr,
             title_w: tw,
-            go_r: self.go.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
-            go_w: self.go.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
             fds_r: self.fds.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
             fds_w: self.fds.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
             buf: bufs.data.as_mut_ptr(),
             ptrs: bufs.ptrs.as_mut_ptr(),
-            title_buf: bufs.title.as_mut_ptr(),
             fd_buf: bufs.fds.as_mut_ptr(),
         }
     }
@@ -2213,56 +1889,6 @@ unsafe fn read_full(fd: RawFd, buf: *mut u8, len: usize) -> bool {
     true
 }
 
-/// The init of a slot, before its loop: keeps only its status pipe and its title pipe
-/// (so that the workload's end of the error pipe is the last one, and the slot holds
-/// none of the daemon's descriptors while it waits), then waits for its title. Its
-/// signals stay blocked meanwhile: a signal sent now is taken by the loop afterwards.
-/// Without a title (the daemon gave the slot up) it keeps the slot's own.
-///
-/// # Safety
-/// Only in the init, after the fork of the workload.
-unsafe fn slot_init_wait<'a>(ctx: &Ctx<'a>, signals: RawFd) -> Ctx<'a> {
-    let s = ctx.slot;
-    if s.title_r < 0 {
-        return *ctx;
-    }
-    // SAFETY: our own descriptors, our copy of the title buffer (TITLE_BYTES) and our
-    // copy of the daemon's argument and environment areas (see `init_loop`).
-    unsafe {
-        // The control pipe and the signalfd stay for the init loop (`MAINPID=`).
-        keep_only([ctx.status_w, s.title_r, s.go_w, ctx.ctl_r, signals]);
-        // What does not depend on the launch, now (`init_loop` repeats it).
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        libc::prctl(libc::PR_SET_NAME, c"bulkhead-init".as_ptr(), 0, 0, 0);
-        let mut len = [0u8; 4];
-        let mut out = *ctx;
-        if read_full(s.title_r, len.as_mut_ptr(), 4) {
-            let n = (u32::from_ne_bytes(len) as usize).min(TITLE_BYTES);
-            if read_full(s.title_r, s.title_buf, n) {
-                out.title = s.title_buf;
-                out.title_len = n;
-            }
-        }
-        libc::close(s.title_r);
-        // RACE: the workload must not read /proc/1/cmdline before it is the instance's:
-        // the title is written here, then the workload process is told to go on (it
-        // waits for this byte after its hand-over).
-        let (a0, a1) = ctx.p.areas.arg;
-        if a1 > a0 {
-            std::ptr::write_bytes(a0 as *mut u8, 0, a1 - a0);
-            let n = out.title_len.min(a1 - a0 - 1);
-            std::ptr::copy_nonoverlapping(out.title, a0 as *mut u8, n);
-        }
-        let (e0, e1) = ctx.p.areas.env;
-        if e1 > e0 {
-            std::ptr::write_bytes(e0 as *mut u8, 0, e1 - e0);
-        }
-        libc::write(s.go_w, b"g".as_ptr().cast(), 1);
-        libc::close(s.go_w);
-        out
-    }
-}
-
 /// The workload process of a slot: keeps only what its remaining steps use, reports
 /// `STAGE_WAITING`, waits for the hand-over, and sets what it brings: the hostname, and
 /// the program, working directory, argv and environment the rest of [`workload`] uses.
@@ -2281,7 +1907,7 @@ unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
             ctx.stderr,
             ctx.err_w,
             s.handover_r,
-            s.go_r,
+            ctx.go_r,
             s.fds_r,
         ]);
         let mut rec = [0u8; 8];
@@ -2314,15 +1940,6 @@ unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
         }
         if s.fds_r >= 0 {
             libc::close(s.fds_r);
-        }
-        if s.go_r >= 0 {
-            // The init has taken its title (see `slot_init_wait`); end-of-file (it is
-            // gone, and the namespace with it) goes on as well.
-            let mut b = [0u8; 1];
-            while libc::read(s.go_r, b.as_mut_ptr().cast(), 1) < 0
-                && *libc::__errno_location() == libc::EINTR
-            {}
-            libc::close(s.go_r);
         }
         // The strings, in order; a missing terminator fails the hand-over.
         let mut pos = 0usize;

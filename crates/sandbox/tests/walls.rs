@@ -118,6 +118,50 @@ async fn the_instance_is_pid_1_and_sees_no_host_process() {
     assert_eq!(out.trim(), "1");
 }
 
+/// No long-lived process of an instance is a copy of the daemon: the init execs
+/// bulkhead-init (a small static program, from a sealed memfd) once it forked the
+/// workload, so it holds none of the daemon's memory, however large. Here the test
+/// process, which hosts the driver as the daemon does, first writes 64 MiB; the init's
+/// anonymous memory stays under 2 MiB (it would be those 64 MiB for a copy: the control
+/// is this process itself).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_init_holds_none_of_the_daemons_memory() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let heap = std::hint::black_box(vec![7u8; 64 << 20]);
+    let anon_kib = |pid: u32| -> u64 {
+        let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+        t.lines()
+            .find_map(|l| l.strip_prefix("Anonymous:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let ours = anon_kib(std::process::id());
+    assert!(
+        ours >= 64 << 10,
+        "the control: this process holds {ours} KiB"
+    );
+    let fx = Fixture::temp();
+    let r = start(&d, spec(&fx, "init-memory", "sleep 60", "")).await;
+    let h = r.handle();
+    let init = h.pid().unwrap();
+    let exe = std::fs::read_link(format!("/proc/{init}/exe")).unwrap();
+    assert!(
+        exe.to_string_lossy().starts_with("/memfd:bulkhead-init"),
+        "the init runs {}",
+        exe.display()
+    );
+    let anon = anon_kib(init);
+    assert!(
+        anon < 2 << 10,
+        "the init holds {anon} KiB of anonymous memory"
+    );
+    drop(heap);
+    h.signal(bulkhead_core::signal::Signal::KILL).unwrap();
+    r.wait().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_hostname_is_the_instance_id_unless_set() {
     let Some((d, _)) = driver(ModeChoice::Auto) else {

@@ -27,14 +27,15 @@
 //!
 //! # Limits
 //!
-//! - A waiting slot is two copies of the daemon made without exec (the init and the
-//!   workload process), as a cold spawn is for the milliseconds before its exec: they
-//!   share the daemon's memory copy-on-write. Pages the daemon rewrites while a slot
-//!   waits are copied for the daemon and the old ones stay held by the slot, charged to
-//!   the daemon's memory cgroup, not the slot's: [`Warm::memory`] (the slot cgroup's
-//!   usage) counts what the slot itself touched, not that. Keep pools small and
-//!   `max_idle` short where the daemon's memory is large; a waiting process that
-//!   execs a small helper would hold nothing of the daemon (not done).
+//! - A waiting slot's workload process is a copy of the daemon made without exec (its
+//!   init is `bulkhead-init`, exec'd when the slot is made), as a cold spawn's is for
+//!   the milliseconds before its exec: it shares the daemon's memory copy-on-write.
+//!   Pages the daemon rewrites while a slot waits are copied for the daemon and the old
+//!   ones stay held by the slot, charged to the daemon's memory cgroup, not the slot's:
+//!   [`Warm::memory`] (the slot cgroup's usage) counts what the slot itself touched, not
+//!   that, and the hand-over's exec frees them on the launch's path. Keep pools small and
+//!   `max_idle` short where the daemon's memory is large; a waiting process that execs a
+//!   small helper would hold nothing of the daemon (not done).
 //! - The directories of [`WarmSpec::binds`] are given to the user namespace's root
 //!   (`chown` to the mapped ids) when the slot is made, and the sockets in them at the
 //!   launch: they are meant to be the slot's own.
