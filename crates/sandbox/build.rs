@@ -7,6 +7,7 @@ mod static_exe;
 
 fn main() {
     println!("cargo:rerun-if-changed=init/proto.rs");
+    println!("cargo:rerun-if-changed=init/wait.rs");
     println!("cargo:rerun-if-changed=../driver/static_exe.rs");
     static_exe::build(
         "init/main.rs",

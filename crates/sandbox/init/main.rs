@@ -26,6 +26,7 @@
 #![no_main]
 
 mod proto;
+mod wait;
 
 use std::os::raw::{c_char, c_int, c_long, c_ulong, c_void};
 
@@ -66,6 +67,7 @@ extern "C" {
     fn signalfd(fd: c_int, mask: *const u64, flags: c_int) -> c_int;
     fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     fn strlen(s: *const c_char) -> usize;
+    fn sethostname(name: *const c_char, len: usize) -> c_int;
     fn __errno_location() -> *mut c_int;
     fn _exit(code: c_int) -> !;
 }
@@ -99,6 +101,9 @@ pub extern "C" fn main(argc: c_int, argv: *const *mut c_char, envp: *const *mut 
     // NUL-terminated strings in our own stack); everything else is a system call on our
     // descriptors and stack buffers.
     unsafe {
+        if has_env(envp, proto::ENV_WAIT) {
+            wait::main();
+        }
         // Nothing of the daemon is here any more, but the workload (same ids) has no
         // business reading this process's memory or attaching to it.
         prctl(
@@ -128,6 +133,14 @@ pub extern "C" fn main(argc: c_int, argv: *const *mut c_char, envp: *const *mut 
                     set_title(title, &buf[..n]);
                 }
             }
+            // The instance's hostname: the UTS namespace is ours, and we are root in it
+            // (the slot's waiter, which has given up every capability, cannot).
+            if read_full(FD_TITLE, len.as_mut_ptr(), 4) {
+                let n = (u32::from_ne_bytes(len) as usize).min(64);
+                if read_full(FD_TITLE, buf.as_mut_ptr(), n) {
+                    sethostname(buf.as_ptr().cast(), n);
+                }
+            }
             close(FD_TITLE);
         }
         // RACE: the workload must not read /proc/1/cmdline before it is the instance's:
@@ -146,6 +159,22 @@ pub extern "C" fn main(argc: c_int, argv: *const *mut c_char, envp: *const *mut 
             init.step();
         }
     }
+}
+
+/// Whether `entry` is one of the environment's.
+unsafe fn has_env(envp: *const *mut c_char, entry: &str) -> bool {
+    let mut i = 0;
+    // SAFETY: envp is NULL-terminated; each entry NUL-terminated.
+    unsafe {
+        while !(*envp.add(i)).is_null() {
+            let e = *envp.add(i) as *const u8;
+            if std::slice::from_raw_parts(e, strlen(e.cast())) == entry.as_bytes() {
+                return true;
+            }
+            i += 1;
+        }
+    }
+    false
 }
 
 /// `BULKHEAD_INIT_MAIN`'s pid (2 if missing: the first process the init forked).

@@ -37,3 +37,27 @@ pub fn wait_status(code: i32, status: i32) -> i32 {
         _ => status & 0x7f,
     }
 }
+
+/// The warm slot's waiter (the same program, with [`ENV_WAIT`] in its environment): the
+/// error pipe, the hand-over pipe, the `go` pipe and the listening sockets' pair, at
+/// these descriptors (stdio at 0-2 already the instance's).
+pub const WAIT_ERR: i32 = 3;
+pub const WAIT_HANDOVER: i32 = 4;
+pub const WAIT_GO: i32 = 5;
+pub const WAIT_FDS: i32 = 6;
+pub const ENV_WAIT: &str = "BULKHEAD_WAIT=1";
+
+/// The error pipe's stages the waiter reports (`(stage, errno)` records, native-endian;
+/// the driver's numbering).
+pub const STAGE_EXEC: u32 = 13;
+pub const STAGE_LISTEN: u32 = 18;
+pub const STAGE_WAITING: u32 = 19;
+pub const STAGE_HANDOVER: u32 = 20;
+
+/// A hand-over: `[strings length, argc, envc, listening sockets]` (native-endian `u32`s),
+/// then hostname, working directory, program, argv, environment, each NUL-terminated; at
+/// most these.
+pub const HANDOVER_HEADER: usize = 16;
+pub const HANDOVER_BYTES: usize = 256 << 10;
+pub const HANDOVER_STRINGS: usize = 16 << 10;
+pub const HANDOVER_FDS: usize = 16;

@@ -68,24 +68,37 @@
 //! closes its copies of the parent's ends first. Steps 1 to 6 run as above (the
 //! hostname is the slot's for now); then:
 //!
-//! - `W`, after resetting its signal dispositions and mask, closes every descriptor but
-//!   stdio's sources, the error pipe and the hand-over pipe (a waiting slot holds none of
-//!   the daemon's), writes the record `STAGE_WAITING` to the error pipe and blocks
-//!   reading `[length, argc, envc, sockets]` then the strings (hostname, working
-//!   directory, program, argv, environment, NUL-terminated) into its buffers, then that
-//!   many listening sockets from the pair (exactly that many, or the hand-over fails),
-//!   fills the pointer arrays, finds `LISTEN_PID`'s placeholder among the strings, sets
-//!   the hostname (root in its UTS namespace still) and goes on with step 7 with that
+//! - With an init (the default), `W` runs step 7 up to its restrictions with what the
+//!   slot was made for (stdio, `umask`, `limits`, `chdir`, bounding set, ids,
+//!   capabilities, `no_new_privs`, Landlock, seccomp: none depends on the request, all
+//!   survive an exec), then puts the error, hand-over and `go` pipes and the sockets'
+//!   pair at the places `init/proto.rs` names and execs the waiter (`bulkhead-init` in
+//!   its other mode, `init/wait.rs`), so that a waiting slot holds nothing of the
+//!   daemon's memory and the hand-over's exec has none of it to tear down. The waiter
+//!   writes `STAGE_WAITING` and blocks reading `[length, argc, envc, sockets]` then the
+//!   strings (hostname, working directory, program, argv, environment, NUL-terminated),
+//!   then that many listening sockets from the pair (exactly that many, or the
+//!   hand-over fails), puts them at 3.. with `LISTEN_PID` its pid, waits for `go` and
+//!   execs the program; its failures are the same records (`E2BIG` or `EINVAL` for a
+//!   bad hand-over, the exec's errno). The hostname is the init's to set (the waiter has
+//!   no capability left), and the working directory is the one the slot was made for
+//!   (the driver refuses a launch with another).
+//! - Without an init, `W`, after resetting its signal dispositions and mask, closes every
+//!   descriptor but stdio's sources, the error pipe, the hand-over pipe and the sockets'
+//!   pair (a waiting slot holds none of the daemon's), writes `STAGE_WAITING` and blocks
+//!   reading the same hand-over into its buffers, receives the sockets, fills the
+//!   pointer arrays, finds `LISTEN_PID`'s placeholder among the strings, sets the
+//!   hostname (root in its UTS namespace still) and goes on with step 7 with that
 //!   program, directory, argv, environment and sockets (put at 3.. as a cold spawn puts
-//!   them). A header beyond the buffers
-//!   (the parent refuses such a launch before writing) or a string without its NUL fails
-//!   the hand-over like any step (`E2BIG`, `EINVAL`). Nothing allocates.
+//!   them). A header beyond the buffers (the parent refuses such a launch before
+//!   writing) or a string without its NUL fails the hand-over like any step (`E2BIG`,
+//!   `EINVAL`). Nothing allocates. This one stays a copy of the daemon while it waits.
 //! - The init execs `bulkhead-init` as in step 6, with the title pipe: `bulkhead-init`
-//!   reads the instance's title (`bulkhead-init <instance id>`) at the hand-over, writes
-//!   it over its command line, then writes `go` and runs its loop. `W` waits for that
-//!   word after its hand-over, so that the workload never sees the slot's title in
-//!   `/proc/1/cmdline`. (The init's exec closes its end of the error pipe: `W`'s is the
-//!   last one, and its end-of-file still means exec.)
+//!   reads the instance's title (`bulkhead-init <instance id>`) and hostname at the
+//!   hand-over, writes the title over its command line, sets the hostname, then writes
+//!   `go` and runs its loop. The workload's exec waits for that word, so that the
+//!   workload never sees the slot's title or hostname. (The init's exec closes its end
+//!   of the error pipe: `W`'s is the last one, and its end-of-file still means exec.)
 //!
 //! The parent awaits `STAGE_WAITING` on the runtime, not on the spawner thread; at the
 //! hand-over it writes the title and the strings, then reads the error pipe to its end
@@ -637,16 +650,17 @@ const STAGE_USER: u32 = 9;
 const STAGE_CAPS: u32 = 10;
 const STAGE_NNP: u32 = 11;
 const STAGE_SECCOMP: u32 = 12;
-const STAGE_EXEC: u32 = 13;
+const STAGE_EXEC: u32 = crate::init_proto::STAGE_EXEC;
 const STAGE_PDEATHSIG: u32 = 14;
 const STAGE_USERNS_WAIT: u32 = 15;
 const STAGE_USERNS_ROOT: u32 = 16;
 const STAGE_LANDLOCK: u32 = 17;
-const STAGE_LISTEN: u32 = 18;
+const STAGE_LISTEN: u32 = crate::init_proto::STAGE_LISTEN;
 /// A slot's workload process waits for its hand-over (not a failure: see [`spawn_slot`]).
-pub(crate) const STAGE_WAITING: u32 = 19;
-const STAGE_HANDOVER: u32 = 20;
+pub(crate) const STAGE_WAITING: u32 = crate::init_proto::STAGE_WAITING;
+const STAGE_HANDOVER: u32 = crate::init_proto::STAGE_HANDOVER;
 const STAGE_INIT: u32 = 21;
+const STAGE_WAITER: u32 = 22;
 const STAGE_MOUNT: u32 = 1000;
 /// `STAGE_LIMIT + i`: setting `Prepared::rlimits[i]`.
 const STAGE_LIMIT: u32 = 900;
@@ -917,6 +931,7 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_LANDLOCK => Step::Landlock.what().into(),
         STAGE_LISTEN => "pass the listening sockets (LISTEN_FDS)".into(),
         STAGE_INIT => "start bulkhead's init".into(),
+        STAGE_WAITER => "start the warm slot's waiting program".into(),
         STAGE_SECCOMP => Step::Seccomp.what().into(),
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
         STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
@@ -1212,10 +1227,14 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         if ctx.go_w >= 0 {
             libc::close(ctx.go_w);
         }
-        // A warm slot waits here for its program (everything before is the same for
-        // every launch of the workload, everything after depends on the request).
+        // A warm slot with an init goes on with every step that does not depend on the
+        // request, then execs the waiter (`exec_waiter`), which takes the hand-over; one
+        // without an init waits here, a copy of the daemon, for its program (everything
+        // before is the same for every launch of the workload, everything after depends
+        // on the request).
+        let waiter = p.init && ctx.slot.handover_r >= 0;
         let received;
-        let ctx = if ctx.slot.handover_r >= 0 {
+        let ctx = if ctx.slot.handover_r >= 0 && !waiter {
             received = slot_wait(ctx);
             &received
         } else {
@@ -1260,7 +1279,7 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         // RACE: the init (exec'd by our parent) sets its title and makes itself
         // non-dumpable before it writes `go`: the program never sees it otherwise.
         // End-of-file (the init is gone, and the namespace with it) goes on as well.
-        if ctx.go_r >= 0 {
+        if ctx.go_r >= 0 && !waiter {
             let mut b = [0u8; 1];
             while libc::read(ctx.go_r, b.as_mut_ptr().cast(), 1) < 0
                 && *libc::__errno_location() == libc::EINTR
@@ -1295,8 +1314,73 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         {
             fail(ctx, STAGE_PDEATHSIG);
         }
+        if waiter {
+            exec_waiter(ctx);
+        }
         libc::execve(ctx.program, ctx.argv, ctx.envp);
         fail(ctx, STAGE_EXEC)
+    }
+}
+
+/// A warm slot's workload process, its request-independent steps done (stdio, `umask`,
+/// `limits`, `chdir`, the restrictions): execs the waiter (`bulkhead-init` in its other
+/// mode, see `init/main.rs`) with the error, hand-over and `go` pipes and the sockets'
+/// pair at the places `init/proto.rs` names, so that a waiting slot holds nothing of the
+/// daemon and its hand-over's exec has nothing of it to tear down. The waiter writes
+/// `STAGE_WAITING`. Never returns.
+///
+/// # Safety
+/// Only in the workload process of a slot with an init.
+unsafe fn exec_waiter(ctx: &Ctx<'_>) -> ! {
+    use crate::init_proto as proto;
+    // SAFETY: raw system calls on our own descriptors and stack buffers.
+    unsafe {
+        // Every source copied above the places first, so that no dup2 overwrites another.
+        let up = |fd: RawFd, cmd: libc::c_int| {
+            if fd < 0 {
+                -1
+            } else {
+                libc::fcntl(fd, cmd, 10)
+            }
+        };
+        let err = up(ctx.err_w, libc::F_DUPFD_CLOEXEC);
+        let ctx = &Ctx { err_w: err, ..*ctx };
+        let s = ctx.slot;
+        let exe = up(ctx.init_exe, libc::F_DUPFD_CLOEXEC);
+        let handover = up(s.handover_r, libc::F_DUPFD);
+        let go = up(ctx.go_r, libc::F_DUPFD);
+        let fds = up(s.fds_r, libc::F_DUPFD);
+        if err < 0 || exe < 0 || handover < 0 || go < 0 || (s.fds_r >= 0 && fds < 0) {
+            fail(ctx, STAGE_WAITER);
+        }
+        if libc::dup2(err, proto::WAIT_ERR) < 0
+            || libc::dup2(handover, proto::WAIT_HANDOVER) < 0
+            || libc::dup2(go, proto::WAIT_GO) < 0
+            || (fds >= 0 && libc::dup2(fds, proto::WAIT_FDS) < 0)
+        {
+            fail(ctx, STAGE_WAITER);
+        }
+        keep_only([
+            proto::WAIT_ERR,
+            proto::WAIT_HANDOVER,
+            proto::WAIT_GO,
+            if fds >= 0 { proto::WAIT_FDS } else { -1 },
+            exe,
+            err,
+        ]);
+        let argv = [c"bulkhead-wait".as_ptr(), std::ptr::null()];
+        let mut var = [0u8; 32];
+        var[..proto::ENV_WAIT.len()].copy_from_slice(proto::ENV_WAIT.as_bytes());
+        let envp = [var.as_ptr().cast::<libc::c_char>(), std::ptr::null()];
+        libc::syscall(
+            libc::SYS_execveat,
+            exe,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+        fail(ctx, STAGE_WAITER)
     }
 }
 
@@ -1589,15 +1673,16 @@ unsafe fn lo_up() -> Result<(), ()> {
 /// environment, each NUL-terminated): what the slot's process can receive without
 /// allocating. A launch whose strings do not fit is refused by the slot (the daemon
 /// then spawns cold).
-pub(crate) const HANDOVER_BYTES: usize = 256 << 10;
+pub(crate) const HANDOVER_BYTES: usize = crate::init_proto::HANDOVER_BYTES;
 /// The most argv and environment strings a hand-over carries.
-pub(crate) const HANDOVER_STRINGS: usize = 16 << 10;
+pub(crate) const HANDOVER_STRINGS: usize = crate::init_proto::HANDOVER_STRINGS;
 /// The most bytes of the init's title (`bulkhead-init <id>`) at the hand-over.
 pub(crate) const TITLE_BYTES: usize = 512;
 /// `[strings length, argc, envc, listening sockets]`, native-endian `u32`s.
-const HANDOVER_HEADER: usize = 16;
+const HANDOVER_HEADER: usize = crate::init_proto::HANDOVER_HEADER;
 /// The most listening sockets one hand-over brings (a manifest's most).
-pub(crate) const HANDOVER_FDS: usize = bulkhead_core::sockets::MAX_SOCKETS;
+pub(crate) const HANDOVER_FDS: usize = crate::init_proto::HANDOVER_FDS;
+const _: () = assert!(HANDOVER_FDS == bulkhead_core::sockets::MAX_SOCKETS);
 
 /// The pipes of a slot's hand-over, made before the clone.
 pub(crate) struct SlotPipes {
@@ -1817,11 +1902,14 @@ pub(crate) fn send_sockets(fds_w: &OwnedFd, fds: &[std::os::fd::BorrowedFd<'_>])
     Ok(())
 }
 
-/// The init's title message: length, then `title` (at most [`TITLE_BYTES`]).
-pub(crate) fn title_message(title: &[u8]) -> Vec<u8> {
-    let t = &title[..title.len().min(TITLE_BYTES)];
-    let mut m = (t.len() as u32).to_ne_bytes().to_vec();
-    m.extend_from_slice(t);
+/// The init's title message: length, then `title` (at most [`TITLE_BYTES`]); length, then
+/// the instance's hostname (the init sets it: the slot's waiter has no capability left).
+pub(crate) fn title_message(title: &[u8], hostname: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    for part in [&title[..title.len().min(TITLE_BYTES)], hostname] {
+        m.extend_from_slice(&(part.len() as u32).to_ne_bytes());
+        m.extend_from_slice(part);
+    }
     m
 }
 

@@ -244,6 +244,51 @@ async fn a_discarded_slot_leaves_no_process_and_no_cgroup() {
     .await;
 }
 
+/// A waiting slot holds nothing of the daemon's memory: its init and its waiting process
+/// both run `bulkhead-init` (from the driver's memfd; the waiting process in its waiter
+/// mode, its restrictions applied) with little anonymous memory, while the process that
+/// hosts the driver holds 64 MiB it wrote (the control: a copy would hold them); and the
+/// slot still serves its launch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_slot_holds_none_of_the_daemons_memory() {
+    let Some((d, scope)) = driver() else {
+        return;
+    };
+    let heap = std::hint::black_box(vec![7u8; 64 << 20]);
+    let anon_kib = |pid: u32| -> u64 {
+        let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+        t.lines()
+            .find_map(|l| l.strip_prefix("Anonymous:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let ours = anon_kib(std::process::id());
+    assert!(
+        ours >= 64 << 10,
+        "the control: this process holds {ours} KiB"
+    );
+    let fx = Fixture::temp();
+    let s = spec(&fx, "lean", "echo hi", "");
+    let slot = prewarm(&d, &s, "warm-lean-0").await;
+    let pids = pids_of(&scope);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    for pid in pids {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert!(
+            exe.to_string_lossy().starts_with("/memfd:bulkhead-init"),
+            "slot process {pid} runs {}",
+            exe.display()
+        );
+        let anon = anon_kib(pid);
+        assert!(anon < 2 << 10, "slot process {pid} holds {anon} KiB");
+    }
+    drop(heap);
+    let spawned = within("spawn_warm", d.spawn_warm(slot, s)).await.unwrap();
+    let out = within("stdout", read_all(spawned.stdout.unwrap())).await;
+    assert_eq!(within("the end", spawned.handle.wait()).await, OK);
+    assert_eq!(out, "hi\n");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hand_over_too_large_for_the_slot_fails_cleanly_and_cold_still_works() {
     let Some((d, scope)) = driver() else {

@@ -27,15 +27,14 @@
 //!
 //! # Limits
 //!
-//! - A waiting slot's workload process is a copy of the daemon made without exec (its
-//!   init is `bulkhead-init`, exec'd when the slot is made), as a cold spawn's is for
-//!   the milliseconds before its exec: it shares the daemon's memory copy-on-write.
-//!   Pages the daemon rewrites while a slot waits are copied for the daemon and the old
-//!   ones stay held by the slot, charged to the daemon's memory cgroup, not the slot's:
-//!   [`Warm::memory`] (the slot cgroup's usage) counts what the slot itself touched, not
-//!   that, and the hand-over's exec frees them on the launch's path. Keep pools small and
-//!   `max_idle` short where the daemon's memory is large; a waiting process that execs a
-//!   small helper would hold nothing of the daemon (not done).
+//! - With an init (the default) a waiting slot holds nothing of the daemon: its init and
+//!   its waiting process both exec `bulkhead-init` when the slot is made (the waiting
+//!   process in its waiter mode, its restrictions applied). Without one
+//!   (`sandbox: {init: false}`) the waiting process is a copy of the daemon made without
+//!   exec, sharing the daemon's memory copy-on-write: pages the daemon rewrites while the
+//!   slot waits stay held by the slot, charged to the daemon's memory cgroup, not the
+//!   slot's ([`Warm::memory`], the slot cgroup's usage, does not count them), and the
+//!   hand-over's exec frees them on the launch's path.
 //! - The directories of [`WarmSpec::binds`] are given to the user namespace's root
 //!   (`chown` to the mapped ids) when the slot is made, and the sockets in them at the
 //!   launch: they are meant to be the slot's own.
@@ -627,10 +626,12 @@ impl SandboxDriver {
                 )
             })?;
         }
-        let title =
-            live.ends.title_w.is_some().then(|| {
-                spawn::title_message(format!("bulkhead-init {}\0", spec.instance).as_bytes())
-            });
+        let title = live.ends.title_w.is_some().then(|| {
+            spawn::title_message(
+                format!("bulkhead-init {}\0", spec.instance).as_bytes(),
+                &host[..host.len().min(64)],
+            )
+        });
         Ok((message, title))
     }
 
