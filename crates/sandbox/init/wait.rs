@@ -214,8 +214,8 @@ pub unsafe fn main() -> ! {
     let n = sockets.len() as c_int;
     // SAFETY: fcntl, dup2 and close on our own descriptors.
     let (err, go) = unsafe {
-        let e = fcntl(WAIT_ERR, F_DUPFD_CLOEXEC, FIRST_FD + n + 4);
-        let g = fcntl(WAIT_GO, F_DUPFD_CLOEXEC, FIRST_FD + n + 4);
+        let e = fcntl(WAIT_ERR, F_DUPFD_CLOEXEC, FIRST_FD + n);
+        let g = fcntl(WAIT_GO, F_DUPFD_CLOEXEC, FIRST_FD + n);
         if e < 0 || g < 0 {
             fail(WAIT_ERR, STAGE_LISTEN, errno());
         }
@@ -223,7 +223,7 @@ pub unsafe fn main() -> ! {
         close(WAIT_GO);
         let mut tmp = Vec::with_capacity(sockets.len());
         for fd in &sockets {
-            let t = fcntl(*fd, F_DUPFD_CLOEXEC, FIRST_FD + n + 4);
+            let t = fcntl(*fd, F_DUPFD_CLOEXEC, FIRST_FD + n);
             if t < 0 {
                 fail(e, STAGE_LISTEN, errno());
             }

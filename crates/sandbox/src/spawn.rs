@@ -1335,12 +1335,13 @@ unsafe fn exec_waiter(ctx: &Ctx<'_>) -> ! {
     use crate::init_proto as proto;
     // SAFETY: raw system calls on our own descriptors and stack buffers.
     unsafe {
-        // Every source copied above the places first, so that no dup2 overwrites another.
+        // Every source copied above the places first, so that no dup2 overwrites another
+        // (right above them: the manifest's `limits` already hold, `nofile` included).
         let up = |fd: RawFd, cmd: libc::c_int| {
             if fd < 0 {
                 -1
             } else {
-                libc::fcntl(fd, cmd, 10)
+                libc::fcntl(fd, cmd, proto::WAIT_FDS + 1)
             }
         };
         let err = up(ctx.err_w, libc::F_DUPFD_CLOEXEC);
