@@ -149,6 +149,17 @@ fn recv_sockets(n: usize) -> Result<Vec<c_int>, c_int> {
 /// The waiter; never returns.
 pub unsafe fn main() -> ! {
     let err = WAIT_ERR;
+    // Named for `ps` (an exec of a descriptor names the process after its number).
+    // SAFETY: prctl(2) with a static string.
+    unsafe {
+        super::prctl(
+            super::PR_SET_NAME,
+            c"bulkhead-wait".as_ptr(),
+            0 as u64,
+            0 as u64,
+            0 as u64,
+        )
+    };
     record(err, STAGE_WAITING, 0);
     let mut hdr = [0u8; HANDOVER_HEADER];
     // SAFETY: reading into stack and heap buffers of the lengths given.
