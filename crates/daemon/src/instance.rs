@@ -1318,12 +1318,7 @@ async fn spawn(
     // and a new one is taken; the allocator's cursor has moved past the old one, so it
     // is picked again only when no other port is free.
     // A port the key's own `tcp:$PORT` socket holds is kept as long as the socket.
-    let socket_port = slot
-        .sockets
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .and_then(|s| s.port());
+    let socket_port = socket_port(slot);
     if let Some(p) = socket_port {
         *port = p;
     } else if !sh.ports.keepable(*port) {
@@ -1414,12 +1409,7 @@ async fn spawn_warm(
     let spec = slot.spec();
     // The instance takes the slot's port, unless the key's sockets already hold one (an
     // on-connection activator bound `tcp:$PORT`): then that one, as a cold spawn does.
-    let socket_port = slot
-        .sockets
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .and_then(|s| s.port());
+    let socket_port = socket_port(slot);
     match socket_port {
         Some(p) => {
             sh.ports.release(ready.port);
@@ -1471,6 +1461,15 @@ async fn spawn_warm(
         )
         .await?;
     Ok((spawned, notify))
+}
+
+/// The port the key's `tcp:$PORT` socket holds, if it has one bound.
+fn socket_port(slot: &Slot) -> Option<u16> {
+    slot.sockets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|s| s.port())
 }
 
 /// The key's listening sockets for a spawn: those an on-connection activator bound, or

@@ -264,6 +264,17 @@ pub async fn wait_for_file(run: &Running, file: &Path) {
     within(format!("{} to create {}", run.what, file.display()), poll).await;
 }
 
+/// The anonymous memory of process `pid` in KiB (`/proc/<pid>/smaps_rollup`): how
+/// much of its memory is its own (or a copy-on-write copy of its parent's).
+pub fn anonymous_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/smaps_rollup: {e}"));
+    text.lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Anonymous line for {pid}: {text}"))
+}
+
 /// Live (non-zombie) host processes whose environment carries `TOKEN_VAR=token`.
 pub fn processes_with_token(token: &str) -> Vec<u32> {
     let needle = format!("{TOKEN_VAR}={token}");

@@ -1138,41 +1138,6 @@ unsafe fn exec_init(ctx: &Ctx<'_>, main: libc::pid_t) -> ! {
     unsafe {
         // Until the exec this is still a copy of the daemon's memory.
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        // Every source copied above the places first, so that no dup2 overwrites another
-        // (the error pipe too: it may sit at one of them).
-        let up = |fd: RawFd, cmd: libc::c_int| {
-            if fd < 0 {
-                -1
-            } else {
-                libc::fcntl(fd, cmd, 10)
-            }
-        };
-        let err = up(ctx.err_w, libc::F_DUPFD_CLOEXEC);
-        let ctx = &Ctx { err_w: err, ..*ctx };
-        let exe = up(ctx.init_exe, libc::F_DUPFD_CLOEXEC);
-        let status = up(ctx.status_w, libc::F_DUPFD);
-        let ctl = up(ctx.ctl_r, libc::F_DUPFD);
-        let go = up(ctx.go_w, libc::F_DUPFD);
-        let title = up(ctx.slot.title_r, libc::F_DUPFD);
-        if err < 0
-            || exe < 0
-            || status < 0
-            || ctl < 0
-            || go < 0
-            || (ctx.slot.title_r >= 0 && title < 0)
-        {
-            fail(ctx, STAGE_INIT);
-        }
-        if libc::dup2(status, proto::FD_STATUS) < 0
-            || libc::dup2(ctl, proto::FD_CTL) < 0
-            || libc::dup2(go, proto::FD_GO) < 0
-            || (title >= 0 && libc::dup2(title, proto::FD_TITLE) < 0)
-        {
-            fail(ctx, STAGE_INIT);
-        }
-        // Nothing else of the daemon's: the places, the executable and the error pipe
-        // (both close at the exec); a cold spawn's init has nothing at `FD_TITLE`.
-        keep_only([if title >= 0 { proto::FD_TITLE } else { -1 }, exe, err]);
         // The command line: the title, then NUL up to `TITLE_ROOM` (empty arguments), so
         // that a slot's init has room for the instance's title and shows the same as a
         // cold one.
@@ -1190,15 +1155,86 @@ unsafe fn exec_init(ctx: &Ctx<'_>, main: libc::pid_t) -> ! {
         var[..key.len()].copy_from_slice(key);
         bulkhead_driver::listen::write_pid(var.as_mut_ptr().add(key.len()), main);
         let envp = [var.as_ptr().cast::<libc::c_char>(), std::ptr::null()];
+        // Nothing else of the daemon's; a cold spawn's init has nothing at `FD_TITLE`.
+        exec_bulkhead_init(
+            ctx,
+            [
+                (ctx.status_w, proto::FD_STATUS),
+                (ctx.ctl_r, proto::FD_CTL),
+                (ctx.go_w, proto::FD_GO),
+                (ctx.slot.title_r, proto::FD_TITLE),
+            ],
+            argv.as_ptr(),
+            envp.as_ptr(),
+            STAGE_INIT,
+        )
+    }
+}
+
+/// Execs the driver's `bulkhead-init` (its memfd) with `argv` and `envp`, descriptor
+/// `places[i].0` at `places[i].1` (a negative source: nothing there), and nothing else
+/// but the error pipe (close-on-exec: its end-of-file still means exec). A failure is a
+/// `stage` record. Never returns.
+///
+/// # Safety
+/// Only in the child; `argv` and `envp` are NULL-terminated arrays of NUL-terminated
+/// strings.
+unsafe fn exec_bulkhead_init<const N: usize>(
+    ctx: &Ctx<'_>,
+    places: [(RawFd, RawFd); N],
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    stage: u32,
+) -> ! {
+    // SAFETY: raw system calls on our own descriptors and stack buffers; the caller's
+    // arrays as execve wants them.
+    unsafe {
+        // Every source copied right above the places first, so that no dup2 overwrites
+        // another (the error pipe too: it may sit at one of them; the manifest's
+        // `limits`, `nofile` included, may already hold).
+        let floor = places.iter().map(|p| p.1).max().unwrap_or(2) + 1;
+        let up = |fd: RawFd, cmd: libc::c_int| libc::fcntl(fd, cmd, floor);
+        let err = up(ctx.err_w, libc::F_DUPFD_CLOEXEC);
+        if err < 0 {
+            fail(ctx, stage);
+        }
+        let ctx = &Ctx { err_w: err, ..*ctx };
+        let exe = up(ctx.init_exe, libc::F_DUPFD_CLOEXEC);
+        if exe < 0 {
+            fail(ctx, stage);
+        }
+        let mut moved = [-1; N];
+        for (m, (src, _)) in moved.iter_mut().zip(places) {
+            if src >= 0 {
+                *m = up(src, libc::F_DUPFD);
+                if *m < 0 {
+                    fail(ctx, stage);
+                }
+            }
+        }
+        let mut keep = [-1; 8];
+        keep[0] = exe;
+        keep[1] = err;
+        for (i, (m, (_, to))) in moved.iter().zip(places).enumerate() {
+            if *m >= 0 {
+                if libc::dup2(*m, to) < 0 {
+                    fail(ctx, stage);
+                }
+                if let Some(k) = keep.get_mut(2 + i) {
+                    *k = to;
+                }
+            }
+        }
+        keep_only(keep);
         libc::syscall(
             libc::SYS_execveat,
             exe,
             c"".as_ptr(),
-            argv.as_ptr(),
-            envp.as_ptr(),
+            argv,
+            envp,
             libc::AT_EMPTY_PATH,
         );
-        fail(ctx, STAGE_INIT)
+        fail(ctx, stage)
     }
 }
 
@@ -1335,53 +1371,22 @@ unsafe fn exec_waiter(ctx: &Ctx<'_>) -> ! {
     use crate::init_proto as proto;
     // SAFETY: raw system calls on our own descriptors and stack buffers.
     unsafe {
-        // Every source copied above the places first, so that no dup2 overwrites another
-        // (right above them: the manifest's `limits` already hold, `nofile` included).
-        let up = |fd: RawFd, cmd: libc::c_int| {
-            if fd < 0 {
-                -1
-            } else {
-                libc::fcntl(fd, cmd, proto::WAIT_FDS + 1)
-            }
-        };
-        let err = up(ctx.err_w, libc::F_DUPFD_CLOEXEC);
-        let ctx = &Ctx { err_w: err, ..*ctx };
-        let s = ctx.slot;
-        let exe = up(ctx.init_exe, libc::F_DUPFD_CLOEXEC);
-        let handover = up(s.handover_r, libc::F_DUPFD);
-        let go = up(ctx.go_r, libc::F_DUPFD);
-        let fds = up(s.fds_r, libc::F_DUPFD);
-        if err < 0 || exe < 0 || handover < 0 || go < 0 || (s.fds_r >= 0 && fds < 0) {
-            fail(ctx, STAGE_WAITER);
-        }
-        if libc::dup2(err, proto::WAIT_ERR) < 0
-            || libc::dup2(handover, proto::WAIT_HANDOVER) < 0
-            || libc::dup2(go, proto::WAIT_GO) < 0
-            || (fds >= 0 && libc::dup2(fds, proto::WAIT_FDS) < 0)
-        {
-            fail(ctx, STAGE_WAITER);
-        }
-        keep_only([
-            proto::WAIT_ERR,
-            proto::WAIT_HANDOVER,
-            proto::WAIT_GO,
-            if fds >= 0 { proto::WAIT_FDS } else { -1 },
-            exe,
-            err,
-        ]);
         let argv = [c"bulkhead-wait".as_ptr(), std::ptr::null()];
         let mut var = [0u8; 32];
         var[..proto::ENV_WAIT.len()].copy_from_slice(proto::ENV_WAIT.as_bytes());
         let envp = [var.as_ptr().cast::<libc::c_char>(), std::ptr::null()];
-        libc::syscall(
-            libc::SYS_execveat,
-            exe,
-            c"".as_ptr(),
+        exec_bulkhead_init(
+            ctx,
+            [
+                (ctx.err_w, proto::WAIT_ERR),
+                (ctx.slot.handover_r, proto::WAIT_HANDOVER),
+                (ctx.go_r, proto::WAIT_GO),
+                (ctx.slot.fds_r, proto::WAIT_FDS),
+            ],
             argv.as_ptr(),
             envp.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        );
-        fail(ctx, STAGE_WAITER)
+            STAGE_WAITER,
+        )
     }
 }
 

@@ -130,13 +130,7 @@ async fn the_init_holds_none_of_the_daemons_memory() {
         return;
     };
     let heap = std::hint::black_box(vec![7u8; 64 << 20]);
-    let anon_kib = |pid: u32| -> u64 {
-        let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
-        t.lines()
-            .find_map(|l| l.strip_prefix("Anonymous:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    };
+    let anon_kib = bulkhead_driver::conformance::anonymous_kib;
     let ours = anon_kib(std::process::id());
     assert!(
         ours >= 64 << 10,
