@@ -107,15 +107,18 @@ fn pipe(min: RawFd) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((above(r, 3)?, above(w, min)?))
 }
 
-/// The child's stack: an anonymous mapping with a guard page at its low end.
-struct Stack {
+/// A child's stack: an anonymous mapping with a guard page at its low end. Also the
+/// sandbox driver's, whose first process and workload process run on two of them.
+pub struct Stack {
     base: *mut libc::c_void,
     len: usize,
 }
 
 /// Enough for `child_main` and the libc calls it makes (glibc's `posix_spawn` uses 32
-/// KiB plus the size of the argument list, which here was built before the clone).
-const STACK: usize = 64 * 1024;
+/// KiB plus the size of the argument list, which here was built before the clone), and
+/// for the sandbox's mount program; reserved only (`MAP_NORESERVE`): a page costs
+/// memory once a child touched it.
+const STACK: usize = 256 * 1024;
 
 impl Stack {
     fn new() -> io::Result<Stack> {
@@ -148,18 +151,30 @@ impl Stack {
 // spawning thread holds it (see `spawn`).
 unsafe impl Send for Stack {}
 
-/// The stack of the last spawn, kept for the next one (spawns of one process are made
-/// one at a time, so one is enough): its pages are already mapped.
-static SPARE: std::sync::Mutex<Option<Stack>> = std::sync::Mutex::new(None);
+/// The stacks of the last spawns, kept for the next ones (a process driver's spawn uses
+/// one, a sandbox's two): their pages are already mapped.
+static SPARE: std::sync::Mutex<Vec<Stack>> = std::sync::Mutex::new(Vec::new());
+const SPARES: usize = 4;
 
 impl Stack {
-    fn take() -> io::Result<Stack> {
-        let spare = SPARE.lock().unwrap_or_else(|e| e.into_inner()).take();
+    /// A spare stack, or a new one.
+    pub fn take() -> io::Result<Stack> {
+        let spare = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop();
         spare.map_or_else(Stack::new, Ok)
     }
 
-    fn give_back(self) {
-        *SPARE.lock().unwrap_or_else(|e| e.into_inner()) = Some(self);
+    /// Keeps the stack for a later spawn. Only once its child has exec'd or exited.
+    pub fn give_back(self) {
+        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARES {
+            spare.push(self);
+        }
+    }
+
+    /// Puts the stack in `args` (`stack`, `stack_size`) for [`clone3_vm`].
+    pub fn set(&self, args: &mut CloneArgs) {
+        args.stack = self.base as u64;
+        args.stack_size = self.len as u64;
     }
 }
 
@@ -170,11 +185,12 @@ impl Drop for Stack {
     }
 }
 
-/// Every signal blocked in this thread until dropped (then the old mask is back).
-struct Blocked(libc::sigset_t);
+/// Every signal blocked in this thread until dropped (then the old mask is back): around
+/// a `CLONE_VM` clone, so that no handler of the spawner runs in the child.
+pub struct Blocked(libc::sigset_t);
 
 impl Blocked {
-    fn all() -> io::Result<Blocked> {
+    pub fn all() -> io::Result<Blocked> {
         // SAFETY: sigset_t is plain data, initialised by sigfillset/pthread_sigmask.
         unsafe {
             let mut all: libc::sigset_t = std::mem::zeroed();
@@ -198,11 +214,11 @@ impl Drop for Blocked {
 
 /// Starts the child (see the module's documentation).
 pub(crate) fn spawn(s: Spawn<'_>) -> io::Result<Child> {
-    spawn_with(
-        s,
-        cfg!(any(target_arch = "x86_64", target_arch = "aarch64")),
-    )
+    spawn_with(s, SHARED_MEMORY_SPAWN)
 }
+
+/// Whether [`clone3_vm`] exists on this architecture.
+pub const SHARED_MEMORY_SPAWN: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
 
 /// [`spawn`], sharing the memory with the child (`CLONE_VM`) or not: the tests run both.
 fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
@@ -254,8 +270,7 @@ fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
     let ret = if shared_memory {
         let stack = Stack::take()?;
         args.flags |= libc::CLONE_VM as u64;
-        args.stack = stack.base as u64;
-        args.stack_size = stack.len as u64;
+        stack.set(&mut args);
         let blocked = Blocked::all()?;
         // SAFETY: the child runs `child_entry(&mut ctx)` on `stack` in this address
         // space while this thread is suspended (CLONE_VFORK) until its exec or exit; it
@@ -347,7 +362,7 @@ fn kill_and_reap(pidfd: &OwnedFd, pid: u32) {
 /// # Safety
 /// `f` must never return and must uphold the vfork-child contract (see [`spawn`]).
 #[cfg(target_arch = "x86_64")]
-unsafe fn clone3_vm(
+pub unsafe fn clone3_vm(
     args: &mut CloneArgs,
     f: unsafe extern "C" fn(*mut libc::c_void) -> !,
     arg: *mut libc::c_void,
@@ -382,7 +397,7 @@ unsafe fn clone3_vm(
 /// # Safety
 /// As there.
 #[cfg(target_arch = "aarch64")]
-unsafe fn clone3_vm(
+pub unsafe fn clone3_vm(
     args: &mut CloneArgs,
     f: unsafe extern "C" fn(*mut libc::c_void) -> !,
     arg: *mut libc::c_void,
@@ -408,8 +423,12 @@ unsafe fn clone3_vm(
     ret
 }
 
+/// Not available here: callers check [`SHARED_MEMORY_SPAWN`] first.
+///
+/// # Safety
+/// Never called.
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-unsafe fn clone3_vm(
+pub unsafe fn clone3_vm(
     _args: &mut CloneArgs,
     _f: unsafe extern "C" fn(*mut libc::c_void) -> !,
     _arg: *mut libc::c_void,

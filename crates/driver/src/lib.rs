@@ -27,6 +27,9 @@ use bulkhead_core::spec::{DriverKind, WorkloadSpec};
 
 pub mod cgroup;
 mod clone_spawn;
+/// The shared-memory clone (`CLONE_VM` on a stack of the child's own) the sandbox driver
+/// uses too.
+pub use clone_spawn::{clone3_vm, Blocked, Stack, SHARED_MEMORY_SPAWN};
 pub mod conformance;
 pub mod keeper;
 pub mod listen;

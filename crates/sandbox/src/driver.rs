@@ -193,26 +193,30 @@ impl std::fmt::Debug for SandboxDriver {
     }
 }
 
-/// A job for the spawner thread.
-type Job = Box<dyn FnOnce() + Send>;
+/// A job for the spawner thread (or the id-map writer's).
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
+
+/// A long-lived thread named `name` that runs the jobs sent to it, in order; it never
+/// exits.
+pub(crate) fn job_thread(name: &str) -> Mutex<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                job();
+            }
+        })
+        .unwrap_or_else(|e| panic!("cannot start the thread {name}: {e}"));
+    Mutex::new(tx)
+}
 
 /// The one long-lived thread every sandbox spawn runs on: `PR_SET_PDEATHSIG` fires when
 /// the spawning *thread* exits, so it must live as long as the daemon (tokio's blocking
-/// threads retire after 10 s idle). It never exits.
+/// threads retire after 10 s idle).
 fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
-    SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("bulkhead-sandbox-spawner".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            })
-            .expect("cannot start the sandbox spawner thread");
-        Mutex::new(tx)
-    })
+    SPAWNER.get_or_init(|| job_thread("bulkhead-sandbox-spawner"))
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -131,6 +131,9 @@ use std::path::{Path, PathBuf};
 use bulkhead_core::sandbox::{Root, SandboxSpec};
 use bulkhead_driver::restrict::{Restrictions, Step};
 use bulkhead_driver::sys::{CloneArgs, CLONE_INTO_CGROUP, CLONE_PIDFD};
+use bulkhead_driver::Stack;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::mpsc;
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
@@ -738,6 +741,38 @@ fn clone_instance(
     // A slot's receiving buffers, allocated (not touched) before the clone: the child
     // reads its hand-over into its copy of them.
     let mut bufs = slot.as_ref().map(|_| SlotBufs::new());
+    // A cold spawn runs its first processes in this memory until their exec ("Shared
+    // memory" above), where the architecture has `clone3_vm`; with an init, its workload
+    // process execs the waiter, whose hand-over is filled here. A hand-over too large
+    // for its pipe makes a copy instead, as a slot does.
+    let mut cold = None;
+    let vm = slot.is_none()
+        && bulkhead_driver::SHARED_MEMORY_SPAWN
+        && (!p.init || {
+            cold = ColdHandover::new(p).map_err(ChildError::Clone)?;
+            cold.is_some()
+        });
+    let stacks = if vm {
+        let w = if p.init {
+            Some(Stack::take().map_err(ChildError::Clone)?)
+        } else {
+            None
+        };
+        Some((Stack::take().map_err(ChildError::Clone)?, w))
+    } else {
+        None
+    };
+    // Where the kernel stores the first process's pid (as we see it) for the id-map
+    // writer (`CLONE_PARENT_SETTID`).
+    let host_pid = AtomicI32::new(0);
+    let mut sync_w = Some(sync_w);
+    let maps = match (&p.userns, vm) {
+        (Some(maps), true) => Some(
+            IdMapWriter::start(maps.clone(), sync_w.take().expect("sync_w"))
+                .map_err(ChildError::Clone)?,
+        ),
+        _ => None,
+    };
     let ctx = Ctx {
         p,
         argv: argv.as_ptr(),
@@ -745,8 +780,13 @@ fn clone_instance(
         program: p.program.as_ptr(),
         cwd: p.cwd.as_ptr(),
         title: p.title.as_ptr(),
-        slot: match (&slot, &mut bufs) {
-            (Some(s), Some(b)) => s.child_side(b),
+        slot: match (&slot, &mut bufs, &cold) {
+            (Some(s), Some(b), _) => s.child_side(b),
+            (_, _, Some(c)) => SlotCtx {
+                handover_r: c.handover_r.as_raw_fd(),
+                fds_r: c.fds_r.as_ref().map_or(-1, |r| r.as_raw_fd()),
+                ..SlotCtx::NONE
+            },
             _ => SlotCtx::NONE,
         },
         slots: slots.as_mut_ptr(),
@@ -754,14 +794,26 @@ fn clone_instance(
         status_w: status_w.as_raw_fd(),
         ctl_r: ctl_r.as_raw_fd(),
         sync_r: sync_r.as_raw_fd(),
-        sync_w: sync_w.as_raw_fd(),
+        sync_w: match (&sync_w, &maps) {
+            (Some(w), _) => w.as_raw_fd(),
+            (None, Some(m)) => m.sync_w,
+            (None, None) => -1,
+        },
+        ask_w: maps.as_ref().map_or(-1, |m| m.ask_w.as_raw_fd()),
+        host_pid: &host_pid,
+        w_stack: stacks.as_ref().and_then(|(_, w)| w.as_ref()),
         devnull: devnull.as_raw_fd(),
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
-        pid_at,
+        // With the waiter, the sockets and `LISTEN_PID` are its to put in place.
+        pid_at: if cold.is_some() {
+            std::ptr::null_mut()
+        } else {
+            pid_at
+        },
         listen: listen.as_ptr(),
         listen_tmp: listen_tmp.as_mut_ptr(),
-        listen_n: listen.len(),
+        listen_n: if cold.is_some() { 0 } else { listen.len() },
         go_r: go.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
         go_w: go.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
         init_exe: if p.init { p.init_exe } else { -1 },
@@ -788,15 +840,64 @@ fn clone_instance(
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = fd.as_raw_fd() as u64;
     }
-    // SAFETY: clone3 without CLONE_VM and without a stack behaves like fork: the child gets
-    // a copy of this thread's stack and of the address space. In the child, `child_main`
-    // only reads `ctx` (all allocated above, alive in the copy) and makes raw system
-    // calls until exec or _exit; it never returns, never allocates, never takes a lock.
-    let ret = unsafe { bulkhead_driver::sys::clone3(&mut args) }.map_err(ChildError::Clone)?;
-    if ret == 0 {
-        // SAFETY: see above; we are the child.
-        unsafe { child_main(&ctx) }
+    let ret = if let Some((stack, _)) = &stacks {
+        args.flags |= (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+        stack.set(&mut args);
+        if maps.is_some() {
+            args.flags |= libc::CLONE_PARENT_SETTID as u64;
+            args.parent_tid = host_pid.as_ptr() as u64;
+        }
+        // SAFETY: prctl reads of this process's flag.
+        let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+        let blocked = bulkhead_driver::Blocked::all().map_err(ChildError::Clone)?;
+        // SAFETY: the child runs `child_entry(&ctx)` on `stack` in this address space
+        // while this thread is suspended (CLONE_VFORK) until the child's exec or exit,
+        // and the workload process it clones the same way runs while the child is
+        // suspended: one of them runs at a time, on this thread's errno. They only read
+        // `ctx` (all allocated above, alive until this returns), write into the buffers
+        // it points to, and make raw system calls: no allocation, no lock, no return.
+        // Every signal is blocked here, so no handler of the daemon's runs in them; the
+        // workload process sets every disposition to its default before it unblocks.
+        let r = unsafe {
+            bulkhead_driver::clone3_vm(
+                &mut args,
+                child_entry,
+                (&ctx as *const Ctx<'_>).cast_mut().cast(),
+            )
+        };
+        // The child's switch to root in its user namespace and the init's
+        // `PR_SET_DUMPABLE` applied to the memory they shared with us: put our flag back.
+        // SAFETY: prctl on this process's flag.
+        unsafe {
+            if dumpable >= 0 && libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != dumpable {
+                libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong, 0, 0, 0);
+            }
+        }
+        drop(blocked);
+        if r < 0 {
+            return Err(ChildError::Clone(io::Error::from_raw_os_error(-r as i32)));
+        }
+        r as u32
+    } else {
+        // SAFETY: clone3 without CLONE_VM and without a stack behaves like fork: the
+        // child gets a copy of this thread's stack and of the address space. In the
+        // child, `child_main` only reads `ctx` (all allocated above, alive in the copy)
+        // and makes raw system calls until exec or _exit; it never returns, never
+        // allocates, never takes a lock.
+        let ret = unsafe { bulkhead_driver::sys::clone3(&mut args) }.map_err(ChildError::Clone)?;
+        if ret == 0 {
+            // SAFETY: see above; we are the child.
+            unsafe { child_main(&ctx) }
+        }
+        ret
+    };
+    let cold_waiter = ctx.slot.handover_r >= 0;
+    // The stacks' children have exec'd or exited (CLONE_VFORK, nested).
+    if let Some((c, w)) = stacks {
+        c.give_back();
+        w.map(Stack::give_back);
     }
+    drop(cold);
     let pid = ret;
     on_pid(pid);
     // SAFETY: CLONE_PIDFD stored a new descriptor that nothing else owns.
@@ -811,13 +912,26 @@ fn clone_instance(
     drop(sync_r);
     drop(bufs);
     drop(go);
-    if let Some((uid_map, gid_map)) = &p.userns {
+    if let Some(m) = maps {
+        // ORDER: our end of the ask pipe goes first: a child that failed before asking
+        // leaves the writer at end-of-file rather than waiting.
+        drop(m.ask_w);
+        if let Ok(Err(Some(source))) = m.done.recv() {
+            abandon(pid, &pidfd);
+            return Err(ChildError::Setup {
+                what: "write the user namespace's id maps".into(),
+                source,
+            });
+        }
+        // Written, or the child failed before it asked (its record says why).
+    }
+    if let (Some((uid_map, gid_map)), Some(sync_w)) = (&p.userns, &sync_w) {
         // ORDER: the child is blocked reading the sync pipe; the maps are written while
         // it waits, then one byte releases it. `setgroups` stays "allow": we hold
         // CAP_SETGID here, and the child needs setgroups(0) to drop our groups.
         let res = std::fs::write(format!("/proc/{pid}/uid_map"), uid_map)
             .and_then(|()| std::fs::write(format!("/proc/{pid}/gid_map"), gid_map))
-            .and_then(|()| Ok(rustix::io::write(&sync_w, b"u").map(drop)?));
+            .and_then(|()| Ok(rustix::io::write(sync_w, b"u").map(drop)?));
         if let Err(source) = res {
             abandon(pid, &pidfd);
             return Err(ChildError::Setup {
@@ -838,22 +952,30 @@ fn clone_instance(
         return Ok((child, Some(pipes.parent_side(err_r))));
     }
 
-    let mut rec = [0u8; 8];
-    let mut got = 0;
-    while got < rec.len() {
-        match rustix::io::read(&err_r, &mut rec[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => {
-                abandon(pid, &pidfd);
-                return Err(ChildError::Clone(e.into()));
+    loop {
+        let mut rec = [0u8; 8];
+        let mut got = 0;
+        while got < rec.len() {
+            match rustix::io::read(&err_r, &mut rec[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    abandon(pid, &pidfd);
+                    return Err(ChildError::Clone(e.into()));
+                }
             }
         }
-    }
-    if got == rec.len() {
+        if got < rec.len() {
+            break;
+        }
         let stage = u32::from_ne_bytes(rec[..4].try_into().unwrap_or_default());
         let errno = i32::from_ne_bytes(rec[4..].try_into().unwrap_or_default());
+        // The waiter of a cold spawn reports that it waits, as a slot's does, then
+        // execs (its hand-over is in its pipe already) or fails.
+        if stage == STAGE_WAITING && cold_waiter {
+            continue;
+        }
         abandon(pid, &pidfd);
         return Err(record_error(p, stage, errno));
     }
@@ -866,6 +988,133 @@ fn clone_instance(
         },
         None,
     ))
+}
+
+/// A cold spawn's hand-over to its waiter, made before the clone: the message in its
+/// pipe, the listening sockets on their pair (the write ends are closed: the child
+/// never has them).
+struct ColdHandover {
+    handover_r: OwnedFd,
+    fds_r: Option<OwnedFd>,
+}
+
+impl ColdHandover {
+    /// `None`: the hand-over does not fit a pipe (the spawn then forks).
+    fn new(p: &Prepared) -> io::Result<Option<ColdHandover>> {
+        let Ok(msg) = handover_message(
+            &p.hostname,
+            &p.cwd,
+            &p.program,
+            &p.argv,
+            &p.env,
+            p.listen.len(),
+            HANDOVER_HEADER + HANDOVER_BYTES,
+        ) else {
+            return Ok(None);
+        };
+        let (r, w) = pipe_cloexec()?;
+        // Nobody reads yet: the pipe must hold the whole message.
+        // SAFETY: fcntl on a descriptor we own.
+        let capacity = unsafe {
+            if libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) < msg.len() as libc::c_int {
+                libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, msg.len() as libc::c_int);
+            }
+            libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        if capacity < msg.len() as libc::c_int {
+            return Ok(None);
+        }
+        let mut at = 0;
+        while at < msg.len() {
+            match rustix::io::write(&w, &msg[at..]) {
+                Ok(n) => at += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let fds_r = if p.listen.is_empty() {
+            None
+        } else {
+            let (r, w) = rustix::net::socketpair(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::SEQPACKET,
+                rustix::net::SocketFlags::CLOEXEC,
+                None,
+            )?;
+            let fds: Vec<_> = p
+                .listen
+                .iter()
+                .map(|l| std::os::fd::AsFd::as_fd(&*l.fd))
+                .collect();
+            send_sockets(&w, &fds)?;
+            Some(r)
+        };
+        Ok(Some(ColdHandover {
+            handover_r: r,
+            fds_r,
+        }))
+    }
+}
+
+/// Writes a shared-memory spawn's id maps: its thread is suspended until the child's
+/// exec, so another thread does it when the child asks (see "Shared memory" above).
+struct IdMapWriter {
+    ask_w: OwnedFd,
+    /// The sync pipe's write end, held by the writer (its number, for the child to
+    /// close its copy).
+    sync_w: RawFd,
+    /// `Err(None)`: the child never asked (it failed first).
+    done: mpsc::Receiver<Result<(), Option<io::Error>>>,
+}
+
+impl IdMapWriter {
+    fn start(maps: (String, String), sync_w: OwnedFd) -> io::Result<IdMapWriter> {
+        let (ask_r, ask_w) = pipe_cloexec()?;
+        let (tx, done) = mpsc::sync_channel(1);
+        let sync_raw = sync_w.as_raw_fd();
+        let job: crate::driver::Job = Box::new(move || {
+            let _ = tx.send(write_maps_when_asked(&ask_r, &sync_w, &maps));
+        });
+        crate::driver::lock(id_map_writer())
+            .send(job)
+            .map_err(|_| io::Error::other("the id map writer thread is gone"))?;
+        Ok(IdMapWriter {
+            ask_w,
+            sync_w: sync_raw,
+            done,
+        })
+    }
+}
+
+/// The thread that writes shared-memory spawns' id maps.
+fn id_map_writer() -> &'static std::sync::Mutex<mpsc::Sender<crate::driver::Job>> {
+    static WRITER: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<crate::driver::Job>>> =
+        std::sync::OnceLock::new();
+    WRITER.get_or_init(|| crate::driver::job_thread("bulkhead-sandbox-idmaps"))
+}
+
+/// Waits for the child's pid on `ask`, writes its `uid_map` and `gid_map`, then releases
+/// it with one byte on `sync`.
+fn write_maps_when_asked(
+    ask: &OwnedFd,
+    sync: &OwnedFd,
+    (uid_map, gid_map): &(String, String),
+) -> Result<(), Option<io::Error>> {
+    let mut b = [0u8; 4];
+    let mut got = 0;
+    while got < b.len() {
+        match rustix::io::read(ask, &mut b[got..]) {
+            Ok(0) => return Err(None),
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Some(e.into())),
+        }
+    }
+    let pid = i32::from_ne_bytes(b);
+    std::fs::write(format!("/proc/{pid}/uid_map"), uid_map)?;
+    std::fs::write(format!("/proc/{pid}/gid_map"), gid_map)?;
+    rustix::io::write(sync, b"u").map_err(io::Error::from)?;
+    Ok(())
 }
 
 /// The error a failure record `(stage, errno)` of the child stands for.
@@ -972,6 +1221,13 @@ struct Ctx<'a> {
     ctl_r: RawFd,
     sync_r: RawFd,
     sync_w: RawFd,
+    /// Shared memory with a user namespace: where the first process gives the id-map
+    /// writer its pid (as the daemon sees it, stored by the kernel at `host_pid`).
+    ask_w: RawFd,
+    host_pid: *const AtomicI32,
+    /// Shared memory with an init: the workload process's stack (it is cloned with
+    /// `CLONE_VM | CLONE_VFORK` too); `None`: it is forked.
+    w_stack: Option<&'a Stack>,
     devnull: RawFd,
     stdout: RawFd,
     stderr: RawFd,
@@ -1005,6 +1261,26 @@ unsafe fn fail(ctx: &Ctx<'_>, stage: u32) -> ! {
     }
 }
 
+/// The first process's first frame on its own stack (shared memory).
+///
+/// # Safety
+/// Only as the entry of `clone3_vm` in [`clone_instance`], with a `*const Ctx`.
+unsafe extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: `clone_instance` passes its `ctx`, alive and unchanged (its thread is
+    // suspended) until we have exec'd or exited.
+    unsafe { child_main(&*arg.cast::<Ctx<'_>>()) }
+}
+
+/// The workload process's first frame on its own stack (shared memory).
+///
+/// # Safety
+/// Only as the entry of `clone3_vm` in [`child_main`], with a `*const Ctx`.
+unsafe extern "C" fn workload_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: the first process passes its `ctx`, alive and unchanged (the first process
+    // and the daemon's thread are suspended) until we have exec'd or exited.
+    unsafe { workload(&*arg.cast::<Ctx<'_>>()) }
+}
+
 /// The child: see the module docs for the sequence.
 ///
 /// # Safety
@@ -1029,6 +1305,15 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
             // ORDER: our copy of the write end goes first, so that a parent that dies or
             // gives up gives end-of-file rather than a hang; then wait for the maps.
             libc::close(ctx.sync_w);
+            if ctx.ask_w >= 0 {
+                // Our pid is 1 here: the writer thread needs the daemon's view of it,
+                // which the kernel stored before we ran.
+                let pid = (*ctx.host_pid).load(Ordering::Relaxed).to_ne_bytes();
+                if libc::write(ctx.ask_w, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
+                    fail(ctx, STAGE_USERNS_WAIT);
+                }
+                libc::close(ctx.ask_w);
+            }
             let mut b = [0u8; 1];
             let n = loop {
                 let n = libc::read(ctx.sync_r, b.as_mut_ptr().cast(), 1);
@@ -1105,14 +1390,35 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
             // between it and the init's loop (a blocked signal stays pending; the init
             // reads them from a signalfd).
             libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-            let pid = libc::syscall(
-                libc::SYS_clone,
-                libc::SIGCHLD as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            );
+            let pid = match ctx.w_stack {
+                // Shared memory: we wait (CLONE_VFORK) until the workload process has
+                // exec'd the waiter, then exec the init; the daemon's thread waits for us.
+                Some(stack) => {
+                    let mut args = CloneArgs {
+                        flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64,
+                        exit_signal: libc::SIGCHLD as u64,
+                        ..CloneArgs::default()
+                    };
+                    stack.set(&mut args);
+                    let r = bulkhead_driver::clone3_vm(
+                        &mut args,
+                        workload_entry,
+                        (ctx as *const Ctx<'_>).cast_mut().cast(),
+                    );
+                    if r < 0 {
+                        *libc::__errno_location() = -r as i32;
+                    }
+                    r
+                }
+                None => libc::syscall(
+                    libc::SYS_clone,
+                    libc::SIGCHLD as libc::c_ulong,
+                    0usize,
+                    0usize,
+                    0usize,
+                    0usize,
+                ),
+            };
             if pid < 0 {
                 fail(ctx, STAGE_FORK);
             }
@@ -1249,8 +1555,10 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
     let p = ctx.p;
     // SAFETY: for the whole block, raw system calls on pointers into `ctx` and stack values.
     unsafe {
-        // Default dispositions (Rust ignores SIGPIPE; ignored signals survive exec).
-        for sig in 1..32 {
+        // Default dispositions (Rust ignores SIGPIPE; ignored signals survive exec; in
+        // shared memory a handler of the daemon's must never run here), real-time ones
+        // too (glibc's own two refuse: they have no handler of ours).
+        for sig in 1..=libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }

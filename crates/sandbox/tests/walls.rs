@@ -156,6 +156,73 @@ async fn the_init_holds_none_of_the_daemons_memory() {
     r.wait().await;
 }
 
+/// A cold spawn makes no copy of the daemon's memory: its first processes run in it
+/// until their exec (`CLONE_VM`), so none of this process's pages becomes copy-on-write
+/// and rewriting them after the spawn takes no fault. The control: a spawn whose
+/// hand-over does not fit its pipe (300 KiB of arguments) forks, and the same rewrite
+/// then faults on every page.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_spawn_makes_no_copy_of_the_daemons_memory() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    if std::env::var_os("BULKHEAD_WALLS_THROUGH_SLOTS").is_some() {
+        eprintln!("skipped: every instance comes from a slot here, and slots are made by a copy");
+        return;
+    }
+    const LEN: usize = 64 << 20;
+    const PAGE: usize = 4096;
+    let mut heap = vec![0u8; LEN + 2 * (2 << 20)];
+    // Small pages only (a copy of a huge page faults once for 2 MiB).
+    let start = (heap.as_ptr() as usize).next_multiple_of(2 << 20) - heap.as_ptr() as usize;
+    // SAFETY: madvise on a range inside our own allocation.
+    unsafe {
+        libc::madvise(
+            heap.as_mut_ptr().add(start).cast(),
+            LEN,
+            libc::MADV_NOHUGEPAGE,
+        )
+    };
+    let pages = &mut heap[start..start + LEN];
+    // Minor faults of this thread while it rewrites one byte of every page.
+    let mut rewrite = || {
+        let faults = || {
+            // SAFETY: getrusage into a zeroed struct.
+            unsafe {
+                let mut ru: libc::rusage = std::mem::zeroed();
+                libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+                ru.ru_minflt
+            }
+        };
+        let before = faults();
+        for i in (0..LEN).step_by(PAGE) {
+            pages[i] = pages[i].wrapping_add(1);
+        }
+        std::hint::black_box(&pages);
+        faults() - before
+    };
+    rewrite();
+    assert!(rewrite() < 100, "the baseline rewrite faults");
+    let fx = Fixture::temp();
+    let (st, _) = run(&d, spec(&fx, "no-copy", "true", "")).await;
+    assert_eq!(st, OK);
+    let shared = rewrite();
+    let mut big = spec(&fx, "copy", "true", "");
+    big.argv.extend((0..3).map(|_| "x".repeat(100 << 10)));
+    let (st, _) = run(&d, big).await;
+    assert_eq!(st, OK);
+    let copied = rewrite();
+    assert!(
+        copied > (LEN / PAGE / 2) as i64,
+        "the control: after a forked spawn the rewrite took only {copied} faults"
+    );
+    assert!(
+        shared < 1000,
+        "after a cold spawn the rewrite of {} pages took {shared} faults (a copy: {copied})",
+        LEN / PAGE
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_hostname_is_the_instance_id_unless_set() {
     let Some((d, _)) = driver(ModeChoice::Auto) else {
