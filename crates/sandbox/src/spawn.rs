@@ -57,6 +57,41 @@
 //! Any failure before exec writes `(stage, errno)` into the error pipe (close-on-exec)
 //! and exits 127: the parent reads either that record or end-of-file (exec succeeded).
 //!
+//! # Shared memory (a cold spawn)
+//!
+//! A clone without `CLONE_VM` copies the daemon's page tables and write-protects its
+//! memory, and the child's exec tears the copy down: a cost that grows with the daemon
+//! (with 256 MiB more in it, a cold launch took 15 ms instead of 5.5; `docs/benchmarks.md`),
+//! which the daemon then pays again in faults as it writes its own pages. So a cold
+//! spawn, where `clone3_vm` exists (x86_64, aarch64), runs `C` and `W` in the daemon's
+//! memory itself, as `posix_spawn` does, each on a stack of its own
+//! (`bulkhead_driver::Stack`):
+//!
+//! - `C` is cloned with `CLONE_VM | CLONE_VFORK`: the spawner thread stays suspended
+//!   until `C` has exec'd the init (or exited), and `W` with the same flags from `C`, so
+//!   `C` stays suspended until `W` has exec'd. One of them runs at a time, on the
+//!   spawner thread's errno; the memory they read (`Ctx`, `Prepared`) does not change
+//!   meanwhile. The spawner thread blocks every signal around the clone (inherited), and
+//!   `W` sets every disposition to its default before it unblocks them: no handler of the
+//!   daemon's ever runs in them.
+//! - With an init, `W` cannot wait for the init's `go` before its exec (`C` execs only
+//!   after it), so it execs the waiter as a warm slot's workload process does (step 7 up
+//!   to its restrictions, then `init/wait.rs`), with a hand-over the parent wrote into
+//!   its pipe before the clone (and the listening sockets on their pair, which the
+//!   waiter puts at 3.. with `LISTEN_PID`). The waiter reports `STAGE_WAITING` (skipped
+//!   by the parent), waits for `go` and execs the program. A hand-over that does not fit
+//!   a pipe (more than `HANDOVER_BYTES` of strings) makes the spawn fork instead.
+//! - The id maps of a user namespace must be written by the daemon while `C` waits, and
+//!   the spawner thread is suspended: `C` writes its pid (as the daemon sees it, stored
+//!   by the kernel with `CLONE_PARENT_SETTID` before `C` ran) on an ask pipe, and the
+//!   id-map writer thread (`IdMapWriter`) writes the maps and releases it on the sync
+//!   pipe. The writer's own error is the spawn's error.
+//! - `C`'s switch to root inside and the init's `PR_SET_DUMPABLE(0)` apply to the memory,
+//!   which is the daemon's: the spawner puts the daemon's flag back after the clone.
+//!
+//! Slots fork (their processes wait, and `init: false` ones as a copy), as do cold spawns
+//! elsewhere. Test: `walls::a_cold_spawn_makes_no_copy_of_the_daemons_memory`.
+//!
 //! # Warm slots
 //!
 //! `spawn_slot` makes the same child with two more pipes, made before the clone: the
