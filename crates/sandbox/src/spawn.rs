@@ -89,8 +89,11 @@
 //! - `C`'s switch to root inside and the init's `PR_SET_DUMPABLE(0)` apply to the memory,
 //!   which is the daemon's: the spawner puts the daemon's flag back after the clone.
 //!
-//! Slots fork (their processes wait, and `init: false` ones as a copy), as do cold spawns
-//! elsewhere. Test: `walls::a_cold_spawn_makes_no_copy_of_the_daemons_memory`.
+//! A warm slot with an init is made the same way (its `W` execs the waiter at once, its
+//! hand-over comes later); the spawner thread then waits through the slot's setup
+//! instead of returning after a fork. A slot without an init forks (its `W` waits as a
+//! copy), as does every spawn on other architectures. Test:
+//! `walls::neither_a_cold_spawn_nor_a_slot_copies_the_daemons_memory`.
 //!
 //! # Warm slots
 //!
@@ -776,17 +779,23 @@ fn clone_instance(
     // A slot's receiving buffers, allocated (not touched) before the clone: the child
     // reads its hand-over into its copy of them.
     let mut bufs = slot.as_ref().map(|_| SlotBufs::new());
-    // A cold spawn runs its first processes in this memory until their exec ("Shared
-    // memory" above), where the architecture has `clone3_vm`; with an init, its workload
-    // process execs the waiter, whose hand-over is filled here. A hand-over too large
-    // for its pipe makes a copy instead, as a slot does.
+    // The first processes run in this memory until their exec ("Shared memory" above),
+    // where the architecture has `clone3_vm`; with an init, the workload process execs
+    // the waiter, whose hand-over a cold spawn fills here. A cold hand-over too large
+    // for its pipe, and a slot without an init, make a copy instead.
     let mut cold = None;
-    let vm = slot.is_none()
-        && bulkhead_driver::SHARED_MEMORY_SPAWN
-        && (!p.init || {
-            cold = ColdHandover::new(p).map_err(ChildError::Clone)?;
-            cold.is_some()
-        });
+    let vm = bulkhead_driver::SHARED_MEMORY_SPAWN
+        && match &slot {
+            // Both of a slot's processes exec bulkhead-init's modes when it is made; one
+            // without an init waits as a copy.
+            Some(_) => p.init,
+            None => {
+                !p.init || {
+                    cold = ColdHandover::new(p).map_err(ChildError::Clone)?;
+                    cold.is_some()
+                }
+            }
+        };
     let stacks = if vm {
         let w = if p.init {
             Some(Stack::take().map_err(ChildError::Clone)?)
