@@ -29,9 +29,6 @@
 //! - keeps a copy of an instance's listening sockets (`sockets:`, passed with the spawn)
 //!   until its entry goes, and hands them back with it on `List`, so they outlive a
 //!   daemon crash;
-//! - keeps a copy of an instance's listening sockets (`sockets:`, passed with the spawn)
-//!   until its entry goes, and hands them back with it on `List`, so they outlive a
-//!   daemon crash;
 //! - stores an opaque record per instance (the daemon's JSON: key, spec as launched,
 //!   counters) and returns it on `List`, which is how a restarted daemon adopts instances.
 //!
