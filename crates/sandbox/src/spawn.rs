@@ -939,7 +939,9 @@ fn clone_instance(
     // The stacks' children have exec'd or exited (CLONE_VFORK, nested).
     if let Some((c, w)) = stacks {
         c.give_back();
-        w.map(Stack::give_back);
+        if let Some(w) = w {
+            w.give_back();
+        }
     }
     drop(cold);
     let pid = ret;
