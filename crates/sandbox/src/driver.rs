@@ -666,12 +666,15 @@ impl Driver for SandboxDriver {
         // result is dropped; the child then dies at once (see `Job` result handling).
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
-            let registry = reaper::Registry::global();
-            let mut lock = registry.lock();
             // RACE: the reaper lock is held from before the clone until the pid is
-            // registered, so that the daemon's orphan reaper never takes the status.
-            let res = spawn::spawn(&prepared, &out_w, &err_w, |pid| lock.register(pid));
-            drop(lock);
+            // registered, so that the daemon's orphan reaper never takes the status; not
+            // longer (the rest of the child's setup is awaited without it, and a failed
+            // child is reaped and unregistered: `spawn::abandon`).
+            let lock = reaper::Registry::global().lock();
+            let res = spawn::spawn(&prepared, &out_w, &err_w, move |pid| {
+                let mut lock = lock;
+                lock.register(pid)
+            });
             drop((out_w, err_w, prepared));
             if let Err(Ok(child)) = tx.send(res) {
                 // The caller went away: nothing will watch this instance.

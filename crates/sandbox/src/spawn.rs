@@ -713,8 +713,9 @@ fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Clones and sets up the instance; returns once it has exec'd (or failed, in which case
 /// the child is killed and reaped, and nothing of it is left).
 ///
-/// Must run on the long-lived spawner thread (parent-death signal) while the caller holds
-/// the reaper lock, registering the pid right after.
+/// Must run on the long-lived spawner thread (parent-death signal); the caller takes the
+/// reaper lock before, and `on_pid` registers the pid and releases it (a failed child is
+/// unregistered here once reaped).
 pub(crate) fn spawn(
     p: &Prepared,
     stdout: &OwnedFd,
@@ -1240,12 +1241,14 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
     }
 }
 
-/// Kills and reaps a child that failed before exec.
+/// Kills and reaps a child that failed before exec, and gives up its registration (the
+/// caller's `on_pid` made it; the reaper lock is no longer held here).
 fn abandon(pid: u32, pidfd: &OwnedFd) {
     let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL);
     if let Err(e) = bulkhead_driver::sys::reap_blocking(pid) {
         tracing::error!("cannot reap failed sandbox child {pid}: {e}");
     }
+    bulkhead_driver::reaper::Registry::global().unregister(pid);
 }
 
 /// Raw pointers into [`Prepared`] and the fds the child uses.
@@ -2182,12 +2185,13 @@ impl SlotPipes {
 /// Clones a slot: the same child as [`spawn`], whose workload process stops before the
 /// steps that depend on the request (after its signal mask, before stdio) and waits on
 /// the hand-over pipe; with an init, the init waits for its title before its loop.
-/// Returns once the child runs; the caller awaits the `STAGE_WAITING` record on
-/// [`SlotEnds::err_r`] (or a failure record) without holding the spawner thread.
+/// Returns once the child runs (with an init: once both its processes have exec'd); the
+/// caller awaits the `STAGE_WAITING` record on [`SlotEnds::err_r`] (or a failure record)
+/// without holding the spawner thread.
 ///
 /// `sockets`: the launches bring listening sockets (the workload has `sockets:`).
 ///
-/// Same rules as [`spawn`]: on the spawner thread, under the reaper lock.
+/// Same rules as [`spawn`]: on the spawner thread, the reaper lock until `on_pid`.
 pub(crate) fn spawn_slot(
     p: &Prepared,
     sockets: bool,

@@ -385,11 +385,13 @@ impl SandboxDriver {
         let sockets = w.spec.sockets.as_ref().is_some_and(|l| !l.is_empty());
         let job: Job = Box::new(move || {
             let mut prepared = prepared;
-            let registry = reaper::Registry::global();
-            let mut lock = registry.lock();
-            let res =
-                spawn::spawn_slot(&prepared, sockets, &out_w, &err_w, |pid| lock.register(pid));
-            drop(lock);
+            // The reaper lock, from before the clone until the pid is registered (see
+            // the cold spawn's).
+            let lock = reaper::Registry::global().lock();
+            let res = spawn::spawn_slot(&prepared, sockets, &out_w, &err_w, move |pid| {
+                let mut lock = lock;
+                lock.register(pid)
+            });
             drop((out_w, err_w));
             prepared.cgroup_fd = None;
             prepared.v1_procs.clear();
