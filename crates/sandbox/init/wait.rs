@@ -1,17 +1,17 @@
-//! The waiter: the program of a warm slot's workload process (`bulkhead-init` run with
-//! `BULKHEAD_WAIT=1`). That process did every step of a launch that does not depend on
+//! The waiter: the program of a warm slot's workload process, and of a cold spawn's made
+//! in the daemon's memory (`bulkhead-init` run with `BULKHEAD_WAIT=1`). That process did every step of a launch that does not depend on
 //! the request (stdio, `umask`, `limits`, its working directory, the bounding set, ids,
 //! capabilities, `no_new_privs`, Landlock, seccomp: all of them survive an exec), then
 //! exec'd this, so that a waiting slot holds nothing of the daemon's memory and the
 //! hand-over's exec has none of it to tear down.
 //!
-//! Given (`proto.rs`): the error pipe at 3, the hand-over pipe at 4, the `go` pipe at 5,
-//! the listening sockets' pair at 6 (only for a workload with `sockets:`). It reports
-//! `STAGE_WAITING`, reads the hand-over (the format `proto.rs` describes; the hostname
-//! is the init's to set, and the working directory is the one the slot was made for,
-//! which the driver checks), receives the sockets and puts them at 3.. with `LISTEN_PID`
-//! its pid, waits for `go` (the init has set the instance's title and hostname), and
-//! execs the program. A failure is a `(stage, errno)` record on the error pipe and exit
+//! Given (`proto.rs`): the error pipe at 3, the hand-over pipe at 4, the `go` pipe at 5
+//! (only with an init), the listening sockets' pair at 6 (only for a workload with
+//! `sockets:`). It reports `STAGE_WAITING`, reads the hand-over (the format `proto.rs`
+//! describes; the hostname is the init's, or without one the driver's, to set, and the
+//! working directory is the one the slot was made for, which the driver checks),
+//! receives the sockets and puts them at 3.. with `LISTEN_PID` its pid, waits for `go`
+//! (the init has set the instance's title and hostname), and execs the program. A failure is a `(stage, errno)` record on the error pipe and exit
 //! 127, as in a cold spawn; a successful exec closes the pipe (close-on-exec).
 
 use std::os::raw::{c_char, c_int, c_void};
@@ -20,7 +20,7 @@ use super::proto::{
     HANDOVER_BYTES, HANDOVER_FDS, HANDOVER_HEADER, HANDOVER_STRINGS, STAGE_EXEC, STAGE_HANDOVER,
     STAGE_LISTEN, STAGE_WAITING, WAIT_ERR, WAIT_FDS, WAIT_GO, WAIT_HANDOVER,
 };
-use super::{__errno_location, _exit, close, fcntl, read, read_full, write};
+use super::{__errno_location, _exit, close, fcntl, read, read_full, write, F_GETFD};
 
 #[repr(C)]
 struct IoVec {
@@ -226,8 +226,13 @@ pub unsafe fn main() -> ! {
     // SAFETY: fcntl, dup2 and close on our own descriptors.
     let (err, go) = unsafe {
         let e = fcntl(WAIT_ERR, F_DUPFD_CLOEXEC, FIRST_FD + n);
-        let g = fcntl(WAIT_GO, F_DUPFD_CLOEXEC, FIRST_FD + n);
-        if e < 0 || g < 0 {
+        // Without an init there is no `go` pipe (nothing to wait for).
+        let g = if fcntl(WAIT_GO, F_GETFD) >= 0 {
+            fcntl(WAIT_GO, F_DUPFD_CLOEXEC, FIRST_FD + n)
+        } else {
+            -2
+        };
+        if e < 0 || g == -1 {
             fail(WAIT_ERR, STAGE_LISTEN, errno());
         }
         close(WAIT_ERR);
@@ -250,11 +255,13 @@ pub unsafe fn main() -> ! {
     // RACE: the init sets the instance's title and hostname before it writes `go`: the
     // program never sees the slot's. End-of-file (the init is gone, and the namespace
     // with it) goes on as well.
-    let mut b = [0u8; 1];
-    // SAFETY: a stack byte from our pipe.
-    while unsafe { read(go, b.as_mut_ptr().cast(), 1) } < 0 && errno() == EINTR {}
-    // SAFETY: our own descriptor.
-    unsafe { close(go) };
+    if go >= 0 {
+        let mut b = [0u8; 1];
+        // SAFETY: a stack byte from our pipe.
+        while unsafe { read(go, b.as_mut_ptr().cast(), 1) } < 0 && errno() == EINTR {}
+        // SAFETY: our own descriptor.
+        unsafe { close(go) };
+    }
     let ptr = |i: usize| buf[starts[i]..].as_ptr().cast::<c_char>();
     let program = ptr(2);
     let argv: Vec<*const c_char> = (3..3 + argc)

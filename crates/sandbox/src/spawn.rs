@@ -100,13 +100,12 @@
 //! `spawn_slot` makes the same child with two more pipes, made before the clone: the
 //! hand-over pipe (grown to hold a whole hand-over, so that the launch's write never
 //! waits) and, with an init, the title pipe; for a workload with `sockets:` a seqpacket
-//! pair the listening sockets come through (`SCM_RIGHTS`); and receiving buffers
-//! allocated (not touched) before the clone: `HANDOVER_BYTES` of strings, a pointer
-//! array of `HANDOVER_STRINGS` and room for `HANDOVER_FDS` descriptors. The child
-//! closes its copies of the parent's ends first. Steps 1 to 6 run as above (the
-//! hostname is the slot's for now); then:
+//! pair the listening sockets come through (`SCM_RIGHTS`). The child closes its copies of
+//! the parent's ends first. Steps 1 to 6 run as above (the hostname is the slot's for
+//! now); then:
 //!
-//! - With an init (the default), `W` runs step 7 up to its restrictions with what the
+//! - `W` (without an init: the first process itself) runs step 7 up to its restrictions
+//!   with what the
 //!   slot was made for (stdio, `umask`, `limits`, `chdir`, bounding set, ids,
 //!   capabilities, `no_new_privs`, Landlock, seccomp: none depends on the request, all
 //!   survive an exec), then puts the error, hand-over and `go` pipes and the sockets'
@@ -119,18 +118,10 @@
 //!   hand-over fails), puts them at 3.. with `LISTEN_PID` its pid, waits for `go` and
 //!   execs the program; its failures are the same records (`E2BIG` or `EINVAL` for a
 //!   bad hand-over, the exec's errno). The hostname is the init's to set (the waiter has
-//!   no capability left), and the working directory is the one the slot was made for
+//!   no capability left), without an init the driver's (it enters the slot's UTS
+//!   namespace from a thread of its own at the hand-over, before it writes the strings;
+//!   there is no `go` then), and the working directory is the one the slot was made for
 //!   (the driver refuses a launch with another).
-//! - Without an init, `W`, after resetting its signal dispositions and mask, closes every
-//!   descriptor but stdio's sources, the error pipe, the hand-over pipe and the sockets'
-//!   pair (a waiting slot holds none of the daemon's), writes `STAGE_WAITING` and blocks
-//!   reading the same hand-over into its buffers, receives the sockets, fills the
-//!   pointer arrays, finds `LISTEN_PID`'s placeholder among the strings, sets the
-//!   hostname (root in its UTS namespace still) and goes on with step 7 with that
-//!   program, directory, argv, environment and sockets (put at 3.. as a cold spawn puts
-//!   them). A header beyond the buffers (the parent refuses such a launch before
-//!   writing) or a string without its NUL fails the hand-over like any step (`E2BIG`,
-//!   `EINVAL`). Nothing allocates. This one stays a copy of the daemon while it waits.
 //! - The init execs `bulkhead-init` as in step 6, with the title pipe: `bulkhead-init`
 //!   reads the instance's title (`bulkhead-init <instance id>`) and hostname at the
 //!   hand-over, writes the title over its command line, sets the hostname, then writes
@@ -777,9 +768,6 @@ fn clone_instance(
         None
     };
     let mut slots: Vec<RawFd> = vec![-1; p.slots];
-    // A slot's receiving buffers, allocated (not touched) before the clone: the child
-    // reads its hand-over into its copy of them.
-    let mut bufs = slot.as_ref().map(|_| SlotBufs::new());
     // The first processes run in this memory until their exec ("Shared memory" above),
     // where the architecture has `clone3_vm`; with an init, the workload process execs
     // the waiter, whose hand-over a cold spawn fills here. A cold hand-over too large
@@ -787,9 +775,8 @@ fn clone_instance(
     let mut cold = None;
     let vm = bulkhead_driver::SHARED_MEMORY_SPAWN
         && match &slot {
-            // Both of a slot's processes exec bulkhead-init's modes when it is made; one
-            // without an init waits as a copy.
-            Some(_) => p.init,
+            // A slot's processes exec bulkhead-init's modes when it is made.
+            Some(_) => true,
             None => {
                 !p.init || {
                     cold = ColdHandover::new(p).map_err(ChildError::Clone)?;
@@ -825,9 +812,9 @@ fn clone_instance(
         program: p.program.as_ptr(),
         cwd: p.cwd.as_ptr(),
         title: p.title.as_ptr(),
-        slot: match (&slot, &mut bufs, &cold) {
-            (Some(s), Some(b), _) => s.child_side(b),
-            (_, _, Some(c)) => SlotCtx {
+        slot: match (&slot, &cold) {
+            (Some(s), _) => s.child_side(),
+            (_, Some(c)) => SlotCtx {
                 handover_r: c.handover_r.as_raw_fd(),
                 fds_r: c.fds_r.as_ref().map_or(-1, |r| r.as_raw_fd()),
                 ..SlotCtx::NONE
@@ -861,7 +848,7 @@ fn clone_instance(
         listen_n: if cold.is_some() { 0 } else { listen.len() },
         go_r: go.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
         go_w: go.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
-        init_exe: if p.init { p.init_exe } else { -1 },
+        init_exe: p.init_exe,
     };
 
     let mut flags = CLONE_PIDFD
@@ -957,7 +944,6 @@ fn clone_instance(
     drop(devnull);
     drop(slots);
     drop(sync_r);
-    drop(bufs);
     drop(go);
     if let Some(m) = maps {
         // ORDER: our end of the ask pipe goes first: a child that failed before asking
@@ -1289,7 +1275,7 @@ struct Ctx<'a> {
     /// ends are the child's; -1 without an init).
     go_r: RawFd,
     go_w: RawFd,
-    /// The init's executable (the driver's memfd; -1 without an init).
+    /// The executable of the init and the waiter (the driver's memfd).
     init_exe: RawFd,
 }
 
@@ -1620,19 +1606,10 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         if ctx.go_w >= 0 {
             libc::close(ctx.go_w);
         }
-        // A warm slot with an init goes on with every step that does not depend on the
-        // request, then execs the waiter (`exec_waiter`), which takes the hand-over; one
-        // without an init waits here, a copy of the daemon, for its program (everything
-        // before is the same for every launch of the workload, everything after depends
-        // on the request).
-        let waiter = p.init && ctx.slot.handover_r >= 0;
-        let received;
-        let ctx = if ctx.slot.handover_r >= 0 && !waiter {
-            received = slot_wait(ctx);
-            &received
-        } else {
-            ctx
-        };
+        // A warm slot (and a cold spawn in shared memory with an init) goes on with
+        // every step that does not depend on the request, then execs the waiter
+        // (`exec_waiter`), which takes the hand-over.
+        let waiter = ctx.slot.handover_r >= 0;
         if libc::dup2(ctx.devnull, 0) < 0
             || libc::dup2(ctx.stdout, 1) < 0
             || libc::dup2(ctx.stderr, 2) < 0
@@ -2072,25 +2049,6 @@ pub(crate) struct SlotEnds {
     pub capacity: usize,
 }
 
-/// The child's receiving buffers (its copy of them).
-struct SlotBufs {
-    data: Vec<u8>,
-    ptrs: Vec<*const libc::c_char>,
-    /// The received sockets, then `install`'s scratch copies ([`HANDOVER_FDS`] each).
-    fds: Vec<RawFd>,
-}
-
-impl SlotBufs {
-    fn new() -> SlotBufs {
-        // Capacity only: the pages are touched by the child alone, as it reads.
-        SlotBufs {
-            data: Vec::with_capacity(HANDOVER_BYTES),
-            ptrs: Vec::with_capacity(HANDOVER_STRINGS + 2),
-            fds: Vec::with_capacity(2 * HANDOVER_FDS),
-        }
-    }
-}
-
 /// A slot's descriptors and buffers as the child sees them (-1 and null: a cold spawn).
 #[derive(Clone, Copy)]
 struct SlotCtx {
@@ -2100,9 +2058,6 @@ struct SlotCtx {
     title_w: RawFd,
     fds_r: RawFd,
     fds_w: RawFd,
-    buf: *mut u8,
-    ptrs: *mut *const libc::c_char,
-    fd_buf: *mut RawFd,
 }
 
 impl SlotCtx {
@@ -2113,9 +2068,6 @@ impl SlotCtx {
         title_w: -1,
         fds_r: -1,
         fds_w: -1,
-        buf: std::ptr::null_mut(),
-        ptrs: std::ptr::null_mut(),
-        fd_buf: std::ptr::null_mut(),
     };
 }
 
@@ -2152,7 +2104,7 @@ impl SlotPipes {
         })
     }
 
-    fn child_side(&self, bufs: &mut SlotBufs) -> SlotCtx {
+    fn child_side(&self) -> SlotCtx {
         let (tr, tw) = self
             .title
             .as_ref()
@@ -2164,9 +2116,6 @@ impl SlotPipes {
             title_w: tw,
             fds_r: self.fds.as_ref().map_or(-1, |(r, _)| r.as_raw_fd()),
             fds_w: self.fds.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
-            buf: bufs.data.as_mut_ptr(),
-            ptrs: bufs.ptrs.as_mut_ptr(),
-            fd_buf: bufs.fds.as_mut_ptr(),
         }
     }
 
@@ -2314,225 +2263,5 @@ unsafe fn keep_only<const N: usize>(mut keep: [RawFd; N]) {
             from = fd + 1;
         }
         libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
-    }
-}
-
-/// Reads exactly `len` bytes into `buf`; false on end-of-file or an error (errno set;
-/// `EPIPE` for end-of-file).
-///
-/// # Safety
-/// `buf` has room for `len` bytes.
-unsafe fn read_full(fd: RawFd, buf: *mut u8, len: usize) -> bool {
-    let mut got = 0;
-    // SAFETY: reads into the caller's buffer, within `len`.
-    unsafe {
-        while got < len {
-            let n = libc::read(fd, buf.add(got).cast(), len - got);
-            if n > 0 {
-                got += n as usize;
-            } else if n == 0 {
-                *libc::__errno_location() = libc::EPIPE;
-                return false;
-            } else if *libc::__errno_location() != libc::EINTR {
-                return false;
-            }
-        }
-    }
-    true
-}
-
-/// The workload process of a slot: keeps only what its remaining steps use, reports
-/// `STAGE_WAITING`, waits for the hand-over, and sets what it brings: the hostname, and
-/// the program, working directory, argv and environment the rest of [`workload`] uses.
-///
-/// # Safety
-/// Only in the workload process of a slot.
-unsafe fn slot_wait<'a>(ctx: &Ctx<'a>) -> Ctx<'a> {
-    let s = ctx.slot;
-    // SAFETY: raw system calls on our descriptors; the buffers are our copies of
-    // `SlotBufs` (capacities HANDOVER_BYTES and HANDOVER_STRINGS + 2), written within
-    // those bounds only.
-    unsafe {
-        keep_only([
-            ctx.devnull,
-            ctx.stdout,
-            ctx.stderr,
-            ctx.err_w,
-            s.handover_r,
-            ctx.go_r,
-            s.fds_r,
-        ]);
-        let mut rec = [0u8; 8];
-        rec[..4].copy_from_slice(&STAGE_WAITING.to_ne_bytes());
-        libc::write(ctx.err_w, rec.as_ptr().cast(), rec.len());
-        let mut hdr = [0u8; HANDOVER_HEADER];
-        if !read_full(s.handover_r, hdr.as_mut_ptr(), HANDOVER_HEADER) {
-            fail(ctx, STAGE_HANDOVER);
-        }
-        let word = |i: usize| {
-            u32::from_ne_bytes([hdr[i * 4], hdr[i * 4 + 1], hdr[i * 4 + 2], hdr[i * 4 + 3]])
-                as usize
-        };
-        let (len, argc, envc, nfds) = (word(0), word(1), word(2), word(3));
-        if len > HANDOVER_BYTES
-            || argc == 0
-            || argc + envc > HANDOVER_STRINGS
-            || nfds > HANDOVER_FDS
-        {
-            *libc::__errno_location() = libc::E2BIG;
-            fail(ctx, STAGE_HANDOVER);
-        }
-        if !read_full(s.handover_r, s.buf, len) {
-            fail(ctx, STAGE_HANDOVER);
-        }
-        libc::close(s.handover_r);
-        // The listening sockets, sent after the message (see `send_sockets`).
-        if nfds > 0 && !recv_sockets(s.fds_r, s.fd_buf, nfds) {
-            fail(ctx, STAGE_LISTEN);
-        }
-        if s.fds_r >= 0 {
-            libc::close(s.fds_r);
-        }
-        // The strings, in order; a missing terminator fails the hand-over.
-        let mut pos = 0usize;
-        let mut next = || -> *const libc::c_char {
-            let start = pos;
-            while pos < len && *s.buf.add(pos) != 0 {
-                pos += 1;
-            }
-            if pos >= len {
-                return std::ptr::null();
-            }
-            pos += 1;
-            s.buf.add(start).cast_const().cast()
-        };
-        let hostname = next();
-        let cwd = next();
-        let program = next();
-        if hostname.is_null() || cwd.is_null() || program.is_null() {
-            *libc::__errno_location() = libc::EINVAL;
-            fail(ctx, STAGE_HANDOVER);
-        }
-        // argv, NULL, env, NULL.
-        for i in 0..argc + envc + 2 {
-            let at = if i == argc || i == argc + envc + 1 {
-                std::ptr::null()
-            } else {
-                let p = next();
-                if p.is_null() {
-                    *libc::__errno_location() = libc::EINVAL;
-                    fail(ctx, STAGE_HANDOVER);
-                }
-                p
-            };
-            *s.ptrs.add(i) = at;
-        }
-        // The hostname of the instance (the slot's was its own): the UTS namespace is
-        // ours, and we are still root in it.
-        if libc::sethostname(hostname, libc::strlen(hostname)) != 0 {
-            fail(ctx, STAGE_HOSTNAME);
-        }
-        // With sockets, `LISTEN_PID`'s placeholder (in our copy of the strings, which
-        // `workload` overwrites with our pid as a cold spawn does).
-        let mut pid_at: *mut u8 = std::ptr::null_mut();
-        if nfds > 0 {
-            let key = b"LISTEN_PID=";
-            let want = bulkhead_driver::listen::PID_PLACEHOLDER.len();
-            for i in argc + 1..argc + 1 + envc {
-                let e = *s.ptrs.add(i) as *mut u8;
-                let n = libc::strlen(e.cast());
-                if n == key.len() + want
-                    && std::slice::from_raw_parts(e, key.len()) == key.as_slice()
-                {
-                    pid_at = e.add(key.len());
-                }
-            }
-            if pid_at.is_null() {
-                *libc::__errno_location() = libc::EINVAL;
-                fail(ctx, STAGE_LISTEN);
-            }
-        }
-        Ctx {
-            argv: s.ptrs.cast_const(),
-            envp: s.ptrs.add(argc + 1).cast_const(),
-            program,
-            cwd,
-            pid_at,
-            listen: s.fd_buf.cast_const(),
-            listen_tmp: s.fd_buf.add(HANDOVER_FDS),
-            listen_n: nfds,
-            slot: SlotCtx {
-                handover_r: -1,
-                fds_r: -1,
-                ..s
-            },
-            ..*ctx
-        }
-    }
-}
-
-/// Receives exactly `n` descriptors (close-on-exec) from the slot's socket pair into
-/// `out`; false (errno set) on anything else.
-///
-/// # Safety
-/// Only in the workload process of a slot; `out` has room for `n` (at most
-/// [`HANDOVER_FDS`]).
-unsafe fn recv_sockets(fd: RawFd, out: *mut RawFd, n: usize) -> bool {
-    const CONTROL: usize = 64 + HANDOVER_FDS * 4;
-    // SAFETY: recvmsg into stack buffers we own (the control buffer aligned for a
-    // cmsghdr), then reads of the header the kernel wrote within `msg_controllen`.
-    unsafe {
-        if fd < 0 {
-            *libc::__errno_location() = libc::EBADF;
-            return false;
-        }
-        let mut control = [0u64; CONTROL / 8];
-        let mut byte = [0u8; 1];
-        let mut iov = libc::iovec {
-            iov_base: byte.as_mut_ptr().cast(),
-            iov_len: 1,
-        };
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = CONTROL as _;
-        let got = loop {
-            let r = libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC);
-            if r >= 0 || *libc::__errno_location() != libc::EINTR {
-                break r;
-            }
-        };
-        if got <= 0 || msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            *libc::__errno_location() = if got < 0 {
-                *libc::__errno_location()
-            } else {
-                libc::EBADMSG
-            };
-            return false;
-        }
-        let mut count = 0usize;
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let k = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                for i in 0..k {
-                    let f = std::ptr::read_unaligned(data.add(i));
-                    if count < n {
-                        *out.add(count) = f;
-                    } else {
-                        libc::close(f);
-                    }
-                    count += 1;
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-        if count != n {
-            *libc::__errno_location() = libc::EBADMSG;
-            return false;
-        }
-        true
     }
 }

@@ -27,14 +27,11 @@
 //!
 //! # Limits
 //!
-//! - With an init (the default) a waiting slot holds nothing of the daemon: its init and
-//!   its waiting process both exec `bulkhead-init` when the slot is made (the waiting
-//!   process in its waiter mode, its restrictions applied). Without one
-//!   (`sandbox: {init: false}`) the waiting process is a copy of the daemon made without
-//!   exec, sharing the daemon's memory copy-on-write: pages the daemon rewrites while the
-//!   slot waits stay held by the slot, charged to the daemon's memory cgroup, not the
-//!   slot's ([`Warm::memory`], the slot cgroup's usage, does not count them), and the
-//!   hand-over's exec frees them on the launch's path.
+//! - A waiting slot holds nothing of the daemon: its init and its waiting process both
+//!   exec `bulkhead-init` when the slot is made (the waiting process in its waiter mode,
+//!   its restrictions applied); without an init (`sandbox: {init: false}`) its one
+//!   process is the waiter, and the driver sets the instance's hostname at the hand-over
+//!   from a thread that enters the slot's UTS namespace ([`set_hostname_in`]).
 //! - The directories of [`WarmSpec::binds`] are given to the user namespace's root
 //!   (`chown` to the mapped ids) when the slot is made, and the sockets in them at the
 //!   launch: they are meant to be the slot's own.
@@ -83,6 +80,14 @@ pub(super) struct Slot {
     program: PathBuf,
     /// The slot's processes and cgroups; `None` once taken or destroyed.
     live: Option<Live>,
+}
+
+/// What a launch hands a slot: the strings, the init's title message (with an init), and
+/// the hostname (set by the driver in a slot without an init).
+struct Handover {
+    message: Vec<u8>,
+    title: Option<Vec<u8>>,
+    hostname: Vec<u8>,
 }
 
 struct Live {
@@ -514,11 +519,7 @@ impl SandboxDriver {
 
     /// The hand-over of `spec` to `slot` (message, and the init's title), or why the
     /// launch is not one the slot can take.
-    fn handover(
-        &self,
-        slot: &Slot,
-        spec: &SpawnSpec,
-    ) -> Result<(Vec<u8>, Option<Vec<u8>>), SpawnError> {
+    fn handover(&self, slot: &Slot, spec: &SpawnSpec) -> Result<Handover, SpawnError> {
         let refuse = |reason: String| SpawnError::Invalid {
             instance: spec.instance.to_string(),
             reason: format!("warm slot {}: {reason}", slot.warm.slot),
@@ -634,7 +635,11 @@ impl SandboxDriver {
                 &host[..host.len().min(64)],
             )
         });
-        Ok((message, title))
+        Ok(Handover {
+            message,
+            title,
+            hostname: host[..host.len().min(64)].to_vec(),
+        })
     }
 
     /// Starts `spec` in `slot`: see the module docs. On an error the slot is gone.
@@ -643,7 +648,11 @@ impl SandboxDriver {
         mut slot: Box<Slot>,
         spec: SpawnSpec,
     ) -> Result<Spawned, SpawnError> {
-        let (message, title) = match self.handover(&slot, &spec) {
+        let Handover {
+            message,
+            title,
+            hostname: host,
+        } = match self.handover(&slot, &spec) {
             Ok(m) => m,
             Err(e) => {
                 slot.discard().await;
@@ -660,10 +669,20 @@ impl SandboxDriver {
         // program, then the listening sockets (the workload process reads them after the
         // message, whose header counts them); each fits its pipe or socket, so no write
         // waits.
-        let written = title
-            .iter()
-            .zip(&live.ends.title_w)
-            .try_for_each(|(t, fd)| write_all(fd, t))
+        // Without an init the waiter execs as soon as it has the strings: the hostname
+        // goes first.
+        let hostname = if live.ends.title_w.is_none() {
+            set_hostname_in(&live.pidfd, &host)
+        } else {
+            Ok(())
+        };
+        let written = hostname
+            .and_then(|()| {
+                title
+                    .iter()
+                    .zip(&live.ends.title_w)
+                    .try_for_each(|(t, fd)| write_all(fd, t))
+            })
             .and_then(|()| write_all(&live.ends.handover_w, &message))
             .and_then(|()| match (&live.ends.fds_w, spec.listen.is_empty()) {
                 (Some(fds_w), false) => {
@@ -726,4 +745,27 @@ impl SandboxDriver {
             slot.id_hold.take(),
         )
     }
+}
+
+/// Sets the hostname in the UTS namespace of the process `pidfd` names (a slot without an
+/// init, whose processes have no capability left), from a thread of its own: `setns`
+/// moves only the calling thread, which then ends, so no thread of the daemon stays in
+/// the slot's namespace.
+fn set_hostname_in(pidfd: &OwnedFd, host: &[u8]) -> io::Result<()> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns and sethostname on a descriptor and a buffer we hold; this
+            // thread is ours alone and ends right after.
+            unsafe {
+                if libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWUTS) != 0
+                    || libc::sethostname(host.as_ptr().cast(), host.len()) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the hostname thread panicked")))
+    })
 }
