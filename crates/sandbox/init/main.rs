@@ -102,7 +102,7 @@ pub extern "C" fn main(argc: c_int, argv: *const *mut c_char, envp: *const *mut 
     // descriptors and stack buffers.
     unsafe {
         if has_env(envp, proto::ENV_WAIT) {
-            wait::main();
+            wait::main(envp);
         }
         // Nothing of the daemon is here any more, but the workload (same ids) has no
         // business reading this process's memory or attaching to it.
@@ -177,32 +177,44 @@ unsafe fn has_env(envp: *const *mut c_char, entry: &str) -> bool {
     false
 }
 
-/// `BULKHEAD_INIT_MAIN`'s pid (2 if missing: the first process the init forked).
-unsafe fn main_pid(envp: *const *mut c_char) -> c_int {
-    let key = proto::ENV_MAIN.as_bytes();
+/// The value of the environment's variable `key` (`NAME=`), if set.
+///
+/// # Safety
+/// `envp` is NULL-terminated, each entry NUL-terminated, and outlives the result.
+unsafe fn env_value<'a>(envp: *const *mut c_char, key: &str) -> Option<&'a [u8]> {
     let mut i = 0;
-    // SAFETY: envp is NULL-terminated; each entry NUL-terminated.
+    // SAFETY: per the contract.
     unsafe {
         while !(*envp.add(i)).is_null() {
             let e = *envp.add(i) as *const u8;
-            let n = strlen(e.cast());
-            let s = std::slice::from_raw_parts(e, n);
-            if let Some(v) = s.strip_prefix(key) {
-                let mut pid: c_int = 0;
-                for d in v {
-                    if !d.is_ascii_digit() {
-                        break;
-                    }
-                    pid = pid.saturating_mul(10).saturating_add((d - b'0') as c_int);
-                }
-                if pid > 0 {
-                    return pid;
-                }
+            let s = std::slice::from_raw_parts(e, strlen(e.cast()));
+            if let Some(v) = s.strip_prefix(key.as_bytes()) {
+                return Some(v);
             }
             i += 1;
         }
     }
-    2
+    None
+}
+
+/// `BULKHEAD_INIT_MAIN`'s pid (2 if missing: the first process the init forked).
+unsafe fn main_pid(envp: *const *mut c_char) -> c_int {
+    // SAFETY: the caller's envp.
+    let Some(v) = (unsafe { env_value(envp, proto::ENV_MAIN) }) else {
+        return 2;
+    };
+    let mut pid: c_int = 0;
+    for d in v {
+        if !d.is_ascii_digit() {
+            break;
+        }
+        pid = pid.saturating_mul(10).saturating_add((d - b'0') as c_int);
+    }
+    if pid > 0 {
+        pid
+    } else {
+        2
+    }
 }
 
 /// Zeroes the environment strings (shown in /proc/1/environ).

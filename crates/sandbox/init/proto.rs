@@ -46,6 +46,12 @@ pub const WAIT_HANDOVER: i32 = 4;
 pub const WAIT_GO: i32 = 5;
 pub const WAIT_FDS: i32 = 6;
 pub const ENV_WAIT: &str = "BULKHEAD_WAIT=1";
+/// The manifest's `nofile` (`<soft> <hard>`), which the waiter sets right before its exec:
+/// until then its process keeps at least [`WAIT_NOFILE`] descriptors' room.
+pub const ENV_WAIT_NOFILE: &str = "BULKHEAD_WAIT_NOFILE=";
+pub const WAIT_NOFILE: u64 = 64;
+/// The waiter could not set the manifest's `nofile`.
+pub const STAGE_WAIT_NOFILE: u32 = 23;
 
 /// The error pipe's stages the waiter reports (`(stage, errno)` records, native-endian;
 /// the driver's numbering).

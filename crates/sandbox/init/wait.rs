@@ -46,7 +46,10 @@ extern "C" {
         -> c_int;
     fn dup2(from: c_int, to: c_int) -> c_int;
     fn getpid() -> c_int;
+    fn setrlimit(resource: c_int, limit: *const [u64; 2]) -> c_int;
 }
+
+const RLIMIT_NOFILE: c_int = 7;
 
 const F_DUPFD_CLOEXEC: c_int = 1030;
 const MSG_CMSG_CLOEXEC: c_int = 0x4000_0000;
@@ -146,8 +149,24 @@ fn recv_sockets(n: usize) -> Result<Vec<c_int>, c_int> {
     Ok(fds)
 }
 
+/// `BULKHEAD_WAIT_NOFILE`'s `<soft> <hard>`, if given.
+unsafe fn nofile(envp: *const *mut c_char) -> Option<[u64; 2]> {
+    // SAFETY: the caller's envp, as `super::env_value` wants it.
+    let v = unsafe { super::env_value(envp, super::proto::ENV_WAIT_NOFILE) }?;
+    let mut parts = v.split(|b| *b == b' ').map(|p| {
+        p.iter().try_fold(0u64, |n, d| {
+            d.is_ascii_digit()
+                .then(|| n.saturating_mul(10).saturating_add(u64::from(d - b'0')))
+        })
+    });
+    Some([parts.next()??, parts.next()??])
+}
+
 /// The waiter; never returns.
-pub unsafe fn main() -> ! {
+///
+/// # Safety
+/// `envp` is the kernel's.
+pub unsafe fn main(envp: *const *mut c_char) -> ! {
     let err = WAIT_ERR;
     // Named for `ps` (an exec of a descriptor names the process after its number).
     // SAFETY: prctl(2) with a static string.
@@ -268,11 +287,19 @@ pub unsafe fn main() -> ! {
         .map(ptr)
         .chain(std::iter::once(std::ptr::null()))
         .collect();
-    let envp: Vec<*const c_char> = (3 + argc..3 + argc + envc)
+    let envp_out: Vec<*const c_char> = (3 + argc..3 + argc + envc)
         .map(ptr)
         .chain(std::iter::once(std::ptr::null()))
         .collect();
+    // The manifest's `nofile`, lower than what this process needed (only lowered here:
+    // the workload process set it at least this high while it could).
+    // SAFETY: envp is the kernel's; setrlimit on a stack value.
+    if let Some(limit) = unsafe { nofile(envp) } {
+        if unsafe { setrlimit(RLIMIT_NOFILE, &limit) } != 0 {
+            fail(err, super::proto::STAGE_WAIT_NOFILE, errno());
+        }
+    }
     // SAFETY: NUL-terminated strings in `buf`, NULL-terminated pointer arrays.
-    unsafe { execve(program, argv.as_ptr(), envp.as_ptr()) };
+    unsafe { execve(program, argv.as_ptr(), envp_out.as_ptr()) };
     fail(err, STAGE_EXEC, errno())
 }

@@ -157,6 +157,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::init_proto as proto;
 use bulkhead_core::sandbox::{Root, SandboxSpec};
 use bulkhead_driver::restrict::{Restrictions, Step};
 use bulkhead_driver::sys::{CloneArgs, CLONE_INTO_CGROUP, CLONE_PIDFD};
@@ -1214,6 +1215,7 @@ fn describe_stage(stage: u32, mounts: &[MountOp]) -> String {
         STAGE_LISTEN => "pass the listening sockets (LISTEN_FDS)".into(),
         STAGE_INIT => "start bulkhead's init".into(),
         STAGE_WAITER => "start the warm slot's waiting program".into(),
+        proto::STAGE_WAIT_NOFILE => "set limits.nofile".into(),
         STAGE_SECCOMP => Step::Seccomp.what().into(),
         STAGE_PDEATHSIG => "set the parent-death signal".into(),
         STAGE_USERNS_WAIT => "wait for the user namespace's id maps".into(),
@@ -1473,7 +1475,6 @@ unsafe fn child_main(ctx: &Ctx<'_>) -> ! {
 /// # Safety
 /// Only in the child, after the fork of the workload (`main`, its pid here).
 unsafe fn exec_init(ctx: &Ctx<'_>, main: libc::pid_t) -> ! {
-    use crate::init_proto as proto;
     // SAFETY: for the whole block, raw system calls on our own descriptors and stack
     // buffers; `ctx.title` is `Prepared::title`, NUL-terminated.
     unsafe {
@@ -1616,17 +1617,43 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         {
             fail(ctx, STAGE_STDIO);
         }
-        // Nothing above 2 survives the exec: whatever the daemon inherited or opened
-        // without close-on-exec. Close-on-exec rather than closed, so that the error
-        // pipe still reports a failed exec.
+        // Only what the steps below use stays open: the daemon's other descriptors
+        // (thousands in a busy daemon) would hold every number under the manifest's
+        // `nofile`, which the restrictions' own descriptors (Landlock's ruleset) need.
+        let mut keep = [-1; 5 + bulkhead_core::sockets::MAX_SOCKETS];
+        keep[..5].copy_from_slice(&[
+            ctx.err_w,
+            ctx.go_r,
+            ctx.slot.handover_r,
+            ctx.slot.fds_r,
+            ctx.init_exe,
+        ]);
+        for (k, fd) in keep[5..]
+            .iter_mut()
+            .zip(std::slice::from_raw_parts(ctx.listen, ctx.listen_n))
+        {
+            *k = *fd;
+        }
+        keep_only(keep);
+        // Nothing above 2 survives the exec. Close-on-exec rather than closed, so that
+        // the error pipe still reports a failed exec.
         if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
             fail(ctx, STAGE_STDIO);
         }
         if let Some(m) = p.umask {
             libc::umask(m);
         }
+        // The waiter needs a few descriptors of its own: a lower `nofile` is set at
+        // least that high here, and the waiter sets the manifest's right before its exec.
+        let mut nofile = None;
         for (i, (_, res, lim)) in p.rlimits.iter().enumerate() {
-            if libc::setrlimit(*res, lim) != 0 {
+            let mut lim = *lim;
+            if waiter && *res == libc::RLIMIT_NOFILE {
+                nofile = Some(lim);
+                lim.rlim_cur = lim.rlim_cur.max(proto::WAIT_NOFILE);
+                lim.rlim_max = lim.rlim_max.max(proto::WAIT_NOFILE);
+            }
+            if libc::setrlimit(*res, &lim) != 0 {
                 fail(ctx, STAGE_LIMIT + i as u32);
             }
         }
@@ -1685,7 +1712,7 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
             fail(ctx, STAGE_PDEATHSIG);
         }
         if waiter {
-            exec_waiter(ctx);
+            exec_waiter(ctx, nofile);
         }
         libc::execve(ctx.program, ctx.argv, ctx.envp);
         fail(ctx, STAGE_EXEC)
@@ -1701,14 +1728,28 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
 ///
 /// # Safety
 /// Only in the workload process of a slot with an init.
-unsafe fn exec_waiter(ctx: &Ctx<'_>) -> ! {
-    use crate::init_proto as proto;
+unsafe fn exec_waiter(ctx: &Ctx<'_>, nofile: Option<libc::rlimit>) -> ! {
     // SAFETY: raw system calls on our own descriptors and stack buffers.
     unsafe {
         let argv = [c"bulkhead-wait".as_ptr(), std::ptr::null()];
         let mut var = [0u8; 32];
         var[..proto::ENV_WAIT.len()].copy_from_slice(proto::ENV_WAIT.as_bytes());
-        let envp = [var.as_ptr().cast::<libc::c_char>(), std::ptr::null()];
+        // BULKHEAD_WAIT_NOFILE=<soft> <hard>: the manifest's, for the waiter to set.
+        let mut limit = [0u8; 64];
+        let mut envp = [
+            var.as_ptr().cast::<libc::c_char>(),
+            std::ptr::null(),
+            std::ptr::null(),
+        ];
+        if let Some(l) = nofile {
+            let key = proto::ENV_WAIT_NOFILE.as_bytes();
+            limit[..key.len()].copy_from_slice(key);
+            let mut at = key.len();
+            at += write_decimal(&mut limit[at..], l.rlim_cur);
+            limit[at] = b' ';
+            write_decimal(&mut limit[at + 1..], l.rlim_max);
+            envp[1] = limit.as_ptr().cast();
+        }
         exec_bulkhead_init(
             ctx,
             [
@@ -1722,6 +1763,25 @@ unsafe fn exec_waiter(ctx: &Ctx<'_>) -> ! {
             STAGE_WAITER,
         )
     }
+}
+
+/// Writes `v` in decimal at the start of `out` (room for 20 digits); returns how many
+/// bytes. No allocation.
+fn write_decimal(out: &mut [u8], mut v: u64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for (o, d) in out.iter_mut().zip(digits[..n].iter().rev()) {
+        *o = *d;
+    }
+    n
 }
 
 /// One mount step; false on failure (errno set).

@@ -1161,3 +1161,37 @@ async fn escape_filling_dev_shm_stops_at_the_memory_limit_and_goes_with_the_inst
     );
     assert!(!Path::new(&format!("/dev/shm/{name}")).exists());
 }
+
+/// `limits: {nofile: N}` holds for the program even when the process hosting the driver
+/// (the daemon) holds more descriptors than N: its copies would take every number the
+/// sandbox's own steps need under the new limit (Landlock's ruleset failed with "too
+/// many open files"), and the waiter needs a few of its own until its exec.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_low_nofile_holds_while_the_daemon_holds_more_descriptors() {
+    let Some((d, _)) = driver(ModeChoice::Auto) else {
+        return;
+    };
+    let held: Vec<std::fs::File> = (0..64)
+        .map(|_| std::fs::File::open("/dev/null").unwrap())
+        .collect();
+    let open = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    assert!(
+        open > 64,
+        "the control: this process holds {open} descriptors"
+    );
+    let fx = Fixture::temp();
+    for n in [5, 16] {
+        let (st, out) = run(
+            &d,
+            spec(
+                &fx,
+                &format!("nofile-{n}"),
+                "ulimit -n",
+                &format!("limits: {{nofile: {n}}}\n"),
+            ),
+        )
+        .await;
+        assert_eq!((st, out.trim()), (OK, n.to_string().as_str()));
+    }
+    drop(held);
+}
