@@ -493,7 +493,15 @@ unsafe fn child_main(c: &mut Ctx) -> ! {
             fail(errno());
         }
         // Every descriptor above 2 (the spawner's sockets, pidfds, other instances'
-        // pipes, anything inherited) is closed by the exec.
+        // pipes, anything inherited) goes but the failure pipe and the sockets to put
+        // in place: the keeper's thousands would hold every number under a low
+        // `nofile`, which `install` needs. What stays is closed by the exec.
+        let mut keep = [-1; 1 + bulkhead_core::sockets::MAX_SOCKETS];
+        keep[0] = c.fail_w;
+        for (k, fd) in keep[1..].iter_mut().zip(c.plan.sockets()) {
+            *k = *fd;
+        }
+        crate::sys::close_all_but(keep);
         if let Err(e) = crate::sys::cloexec_from(3) {
             fail(e.raw_os_error().unwrap_or(libc::EIO));
         }
@@ -609,6 +617,67 @@ mod tests {
                 "{out}"
             );
         }
+    }
+
+    #[test]
+    fn a_low_nofile_holds_with_sockets_while_the_spawner_holds_more_descriptors() {
+        // The control: this process holds far more than the limit (a keeper holds two per
+        // instance), so a child that kept them could not put its sockets in place.
+        let held: Vec<std::fs::File> = (0..64)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        assert!(std::fs::read_dir("/proc/self/fd").unwrap().count() > 64);
+        let sock = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listen = [ListenFd {
+            name: "web".into(),
+            fd: std::sync::Arc::new(OwnedFd::from(sock)),
+        }];
+        let setup = crate::setup::ChildSetup {
+            limits: vec![crate::setup::LimitSetting {
+                name: "nofile".into(),
+                soft: Some(8),
+                hard: Some(8),
+            }],
+            ..Default::default()
+        };
+        for shared in WAYS {
+            let argv: Vec<String> = [
+                "sh",
+                "-c",
+                "ulimit -n; echo $LISTEN_FDS; readlink /proc/self/fd/3",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
+            let c = spawn_with(
+                Spawn {
+                    program: Path::new("/bin/sh"),
+                    argv: &argv,
+                    env: &env,
+                    cwd: Path::new("/"),
+                    cgroup: None,
+                    death_parent: None,
+                    setup: Some(setup.prepare(Path::new("/")).unwrap()),
+                    listen: &listen,
+                },
+                shared,
+            )
+            .unwrap();
+            let mut out = String::new();
+            std::fs::File::from(c.stdout.try_clone().unwrap())
+                .read_to_string(&mut out)
+                .unwrap();
+            crate::sys::reap_blocking(c.pid).unwrap();
+            let mut lines = out.lines();
+            assert_eq!(lines.next(), Some("8"), "{out}");
+            assert_eq!(lines.next(), Some("1"), "{out}");
+            assert!(
+                lines.next().is_some_and(|l| l.starts_with("socket:")),
+                "{out}"
+            );
+        }
+        drop(held);
     }
 
     #[test]

@@ -67,6 +67,13 @@ pub struct ExecPlan {
     tmp: Vec<RawFd>,
 }
 
+impl ExecPlan {
+    /// The listening sockets the child puts at 3.. (the descriptors it must keep).
+    pub fn sockets(&self) -> &[RawFd] {
+        &self.fds
+    }
+}
+
 // SAFETY: the raw pointers point into the heap buffers this struct owns (which never
 // move while it lives); they are only dereferenced in a forked child.
 unsafe impl Send for ExecPlan {}

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -533,6 +533,33 @@ pub fn raise_nofile_limit() -> u64 {
         }
     }
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Closes every descriptor from 3 up but those of `keep` (negative entries ignored), in
+/// a child before exec: what it still needs stays, and the numbers under a low
+/// `nofile` are free again for the descriptors its last steps open. No allocation (a
+/// sort on the stack).
+///
+/// # Safety
+/// Only in a child between its clone and its exec: descriptors the caller owns elsewhere
+/// (in a shared table) would be closed.
+pub unsafe fn close_all_but<const N: usize>(mut keep: [RawFd; N]) {
+    keep.sort_unstable();
+    let mut from: u32 = 3;
+    // SAFETY: close_range on this process's own descriptor table.
+    unsafe {
+        for fd in keep {
+            if fd < from as RawFd {
+                continue;
+            }
+            let fd = fd as u32;
+            if fd > from {
+                libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32);
+            }
+            from = fd + 1;
+        }
+        libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
+    }
 }
 
 /// Marks every descriptor from `first` up close-on-exec:

@@ -1567,7 +1567,7 @@ unsafe fn exec_bulkhead_init<const N: usize>(
                 }
             }
         }
-        keep_only(keep);
+        bulkhead_driver::sys::close_all_but(keep);
         libc::syscall(
             libc::SYS_execveat,
             exe,
@@ -1634,7 +1634,7 @@ unsafe fn workload(ctx: &Ctx<'_>) -> ! {
         {
             *k = *fd;
         }
-        keep_only(keep);
+        bulkhead_driver::sys::close_all_but(keep);
         // Nothing above 2 survives the exec. Close-on-exec rather than closed, so that
         // the error pipe still reports a failed exec.
         if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) != 0 {
@@ -2299,29 +2299,5 @@ unsafe fn slot_close_parent_ends(ctx: &Ctx<'_>) {
                 libc::close(fd);
             }
         }
-    }
-}
-
-/// Closes every descriptor from 3 up but `keep` (negative entries ignored). No
-/// allocation: a sort on the stack.
-///
-/// # Safety
-/// Only in the child.
-unsafe fn keep_only<const N: usize>(mut keep: [RawFd; N]) {
-    keep.sort_unstable();
-    let mut from: u32 = 3;
-    // SAFETY: close_range on our own descriptor table.
-    unsafe {
-        for fd in keep {
-            if fd < from as RawFd {
-                continue;
-            }
-            let fd = fd as u32;
-            if fd > from {
-                libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32);
-            }
-            from = fd + 1;
-        }
-        libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32);
     }
 }
