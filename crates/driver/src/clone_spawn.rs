@@ -314,18 +314,13 @@ fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
         Some((r, w)) => {
             drop(w);
             let mut b = [0u8; 4];
-            let mut got = 0;
-            while got < b.len() {
-                match rustix::io::read(&r, &mut b[got..]) {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => {
-                        kill_and_reap(&pidfd, pid);
-                        return Err(e.into());
-                    }
+            let got = match crate::sys::read_full(&r, &mut b) {
+                Ok(n) => n,
+                Err(e) => {
+                    kill_and_reap(&pidfd, pid);
+                    return Err(e);
                 }
-            }
+            };
             if got == b.len() {
                 i32::from_ne_bytes(b)
             } else {

@@ -275,6 +275,36 @@ pub fn anonymous_kib(pid: u32) -> u64 {
         .unwrap_or_else(|| panic!("no Anonymous line for {pid}: {text}"))
 }
 
+/// Writes 64 MiB in this process (the one hosting the driver: the daemon, in a test) and
+/// checks that it holds them: the control of a test that a process of an instance holds
+/// none of them ([`assert_runs_alone`]). Keep the result alive meanwhile.
+pub fn daemon_memory() -> Vec<u8> {
+    let heap = std::hint::black_box(vec![7u8; 64 << 20]);
+    let ours = anonymous_kib(std::process::id());
+    assert!(
+        ours >= 64 << 10,
+        "the control: this process holds {ours} KiB"
+    );
+    heap
+}
+
+/// Asserts that process `pid` (`what`) runs a program whose path starts with `exe` and
+/// holds under 2 MiB of anonymous memory: no copy of the [`daemon_memory`] of the
+/// process hosting the driver.
+pub fn assert_runs_alone(pid: u32, exe: &str, what: &str) {
+    let runs = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(
+        runs.to_string_lossy().starts_with(exe),
+        "{what} (pid {pid}) runs {}",
+        runs.display()
+    );
+    let anon = anonymous_kib(pid);
+    assert!(
+        anon < 2 << 10,
+        "{what} (pid {pid}) holds {anon} KiB of anonymous memory"
+    );
+}
+
 /// Live (non-zombie) host processes whose environment carries `TOKEN_VAR=token`.
 pub fn processes_with_token(token: &str) -> Vec<u32> {
     let needle = format!("{TOKEN_VAR}={token}");

@@ -535,6 +535,34 @@ pub fn raise_nofile_limit() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
+/// Reads into `buf` until it is full or the writers are gone (end-of-file), retrying
+/// interrupted reads; returns how many bytes came (a short count: end-of-file first).
+pub fn read_full(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match rustix::io::read(&fd, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
+}
+
+/// Writes all of `data` (to a pipe or socket that has room for it, or blocking),
+/// retrying interrupted writes.
+pub fn write_all(fd: impl AsFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match rustix::io::write(&fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Closes every descriptor from 3 up but those of `keep` (negative entries ignored), in
 /// a child before exec: what it still needs stays, and the numbers under a low
 /// `nofile` are free again for the descriptors its last steps open. No allocation (a

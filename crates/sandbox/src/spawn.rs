@@ -702,6 +702,16 @@ fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }
 
+/// The pair a hand-over's listening sockets come through (`SCM_RIGHTS`).
+fn sockets_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
 /// Clones and sets up the instance; returns once it has exec'd (or failed, in which case
 /// the child is killed and reaped, and nothing of it is left).
 ///
@@ -988,20 +998,13 @@ fn clone_instance(
 
     loop {
         let mut rec = [0u8; 8];
-        let mut got = 0;
-        while got < rec.len() {
-            match rustix::io::read(&err_r, &mut rec[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => {
-                    abandon(pid, &pidfd);
-                    return Err(ChildError::Clone(e.into()));
-                }
+        match bulkhead_driver::sys::read_full(&err_r, &mut rec) {
+            Ok(8) => {}
+            Ok(_) => break,
+            Err(e) => {
+                abandon(pid, &pidfd);
+                return Err(ChildError::Clone(e));
             }
-        }
-        if got < rec.len() {
-            break;
         }
         let stage = u32::from_ne_bytes(rec[..4].try_into().unwrap_or_default());
         let errno = i32::from_ne_bytes(rec[4..].try_into().unwrap_or_default());
@@ -1058,23 +1061,11 @@ impl ColdHandover {
         if capacity < msg.len() as libc::c_int {
             return Ok(None);
         }
-        let mut at = 0;
-        while at < msg.len() {
-            match rustix::io::write(&w, &msg[at..]) {
-                Ok(n) => at += n,
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        bulkhead_driver::sys::write_all(&w, &msg)?;
         let fds_r = if p.listen.is_empty() {
             None
         } else {
-            let (r, w) = rustix::net::socketpair(
-                rustix::net::AddressFamily::UNIX,
-                rustix::net::SocketType::SEQPACKET,
-                rustix::net::SocketFlags::CLOEXEC,
-                None,
-            )?;
+            let (r, w) = sockets_pair()?;
             let fds: Vec<_> = p
                 .listen
                 .iter()
@@ -1135,14 +1126,8 @@ fn write_maps_when_asked(
     (uid_map, gid_map): &(String, String),
 ) -> Result<(), Option<io::Error>> {
     let mut b = [0u8; 4];
-    let mut got = 0;
-    while got < b.len() {
-        match rustix::io::read(ask, &mut b[got..]) {
-            Ok(0) => return Err(None),
-            Ok(n) => got += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(Some(e.into())),
-        }
+    if bulkhead_driver::sys::read_full(ask, &mut b).map_err(Some)? < b.len() {
+        return Err(None);
     }
     let pid = i32::from_ne_bytes(b);
     std::fs::write(format!("/proc/{pid}/uid_map"), uid_map)?;
@@ -2149,17 +2134,7 @@ impl SlotPipes {
         Ok(SlotPipes {
             handover: (r, w),
             title: if init { Some(pipe_cloexec()?) } else { None },
-            fds: if sockets {
-                let (r, w) = rustix::net::socketpair(
-                    rustix::net::AddressFamily::UNIX,
-                    rustix::net::SocketType::SEQPACKET,
-                    rustix::net::SocketFlags::CLOEXEC,
-                    None,
-                )?;
-                Some((r, w))
-            } else {
-                None
-            },
+            fds: if sockets { Some(sockets_pair()?) } else { None },
             capacity: capacity as usize,
         })
     }

@@ -129,27 +129,14 @@ async fn the_init_holds_none_of_the_daemons_memory() {
     let Some((d, _)) = driver(ModeChoice::Auto) else {
         return;
     };
-    let heap = std::hint::black_box(vec![7u8; 64 << 20]);
-    let anon_kib = bulkhead_driver::conformance::anonymous_kib;
-    let ours = anon_kib(std::process::id());
-    assert!(
-        ours >= 64 << 10,
-        "the control: this process holds {ours} KiB"
-    );
+    let heap = bulkhead_driver::conformance::daemon_memory();
     let fx = Fixture::temp();
     let r = start(&d, spec(&fx, "init-memory", "sleep 60", "")).await;
     let h = r.handle();
-    let init = h.pid().unwrap();
-    let exe = std::fs::read_link(format!("/proc/{init}/exe")).unwrap();
-    assert!(
-        exe.to_string_lossy().starts_with("/memfd:bulkhead-init"),
-        "the init runs {}",
-        exe.display()
-    );
-    let anon = anon_kib(init);
-    assert!(
-        anon < 2 << 10,
-        "the init holds {anon} KiB of anonymous memory"
+    bulkhead_driver::conformance::assert_runs_alone(
+        h.pid().unwrap(),
+        "/memfd:bulkhead-init",
+        "the init",
     );
     drop(heap);
     h.signal(bulkhead_core::signal::Signal::KILL).unwrap();

@@ -254,27 +254,18 @@ async fn a_waiting_slot_holds_none_of_the_daemons_memory() {
     let Some((d, scope)) = driver() else {
         return;
     };
-    let heap = std::hint::black_box(vec![7u8; 64 << 20]);
-    let anon_kib = bulkhead_driver::conformance::anonymous_kib;
-    let ours = anon_kib(std::process::id());
-    assert!(
-        ours >= 64 << 10,
-        "the control: this process holds {ours} KiB"
-    );
+    let heap = bulkhead_driver::conformance::daemon_memory();
     let fx = Fixture::temp();
     let s = spec(&fx, "lean", "echo hi", "");
     let slot = prewarm(&d, &s, "warm-lean-0").await;
     let pids = pids_of(&scope);
     assert_eq!(pids.len(), 2, "{pids:?}");
     for pid in pids {
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-        assert!(
-            exe.to_string_lossy().starts_with("/memfd:bulkhead-init"),
-            "slot process {pid} runs {}",
-            exe.display()
+        bulkhead_driver::conformance::assert_runs_alone(
+            pid,
+            "/memfd:bulkhead-init",
+            "a slot process",
         );
-        let anon = anon_kib(pid);
-        assert!(anon < 2 << 10, "slot process {pid} holds {anon} KiB");
     }
     drop(heap);
     let spawned = within("spawn_warm", d.spawn_warm(slot, s)).await.unwrap();

@@ -240,18 +240,6 @@ async fn next_record(fd: &OwnedFd) -> io::Result<Option<(u32, i32)>> {
     }
 }
 
-/// Writes all of `data` to a pipe that has room for it.
-fn write_all(fd: &OwnedFd, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match rustix::io::write(fd, data) {
-            Ok(n) => data = &data[n..],
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 /// A child's failure, as a spawn error of `instance` running `program`.
 fn child_error(instance: &str, program: &str, e: ChildError) -> SpawnError {
     match e {
@@ -681,9 +669,9 @@ impl SandboxDriver {
                 title
                     .iter()
                     .zip(&live.ends.title_w)
-                    .try_for_each(|(t, fd)| write_all(fd, t))
+                    .try_for_each(|(t, fd)| sys::write_all(fd, t))
             })
-            .and_then(|()| write_all(&live.ends.handover_w, &message))
+            .and_then(|()| sys::write_all(&live.ends.handover_w, &message))
             .and_then(|()| match (&live.ends.fds_w, spec.listen.is_empty()) {
                 (Some(fds_w), false) => {
                     use std::os::fd::AsFd;
