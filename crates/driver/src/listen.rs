@@ -199,28 +199,49 @@ pub unsafe fn install(src: &[RawFd], tmp: &mut [RawFd]) -> Result<(), i32> {
 /// # Safety
 /// `at` must point to at least 11 writable bytes. Async-signal-safe.
 pub unsafe fn write_pid(at: *mut u8, pid: libc::pid_t) {
-    let mut digits = [0u8; 10];
+    // SAFETY: the caller's 11 bytes; a pid has at most ten digits.
+    let out = unsafe { std::slice::from_raw_parts_mut(at, 11) };
+    let n = write_decimal(&mut out[..10], pid.max(0) as u64);
+    out[n] = 0;
+}
+
+/// Writes `v` in decimal at the start of `out`, which has room for its digits (10 for a
+/// pid, 20 for any `u64`); returns how many bytes. No allocation: for a child before
+/// exec.
+pub fn write_decimal(out: &mut [u8], mut v: u64) -> usize {
+    let mut digits = [0u8; 20];
     let mut n = 0;
-    let mut v = pid.max(0) as u32;
     loop {
         digits[n] = b'0' + (v % 10) as u8;
         n += 1;
         v /= 10;
-        if v == 0 || n == digits.len() {
+        if v == 0 {
             break;
         }
     }
-    for i in 0..n {
-        // SAFETY: i < 10 and i == n <= 10 below: within the caller's 11 bytes.
-        unsafe { *at.add(i) = digits[n - 1 - i] };
+    for (o, d) in out.iter_mut().zip(digits[..n].iter().rev()) {
+        *o = *d;
     }
-    // SAFETY: as above.
-    unsafe { *at.add(n) = 0 };
+    n
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals_cover_a_whole_u64() {
+        let mut out = [b'#'; 21];
+        for (v, text) in [
+            (0, "0"),
+            (7, "7"),
+            (4_194_304, "4194304"),
+            (u64::MAX, "18446744073709551615"),
+        ] {
+            let n = write_decimal(&mut out, v);
+            assert_eq!(std::str::from_utf8(&out[..n]).unwrap(), text);
+        }
+    }
 
     #[test]
     fn pid_digits_replace_the_placeholder() {

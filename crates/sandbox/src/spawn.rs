@@ -1730,9 +1730,9 @@ unsafe fn exec_waiter(ctx: &Ctx<'_>, nofile: Option<libc::rlimit>) -> ! {
             let key = proto::ENV_WAIT_NOFILE.as_bytes();
             limit[..key.len()].copy_from_slice(key);
             let mut at = key.len();
-            at += write_decimal(&mut limit[at..], l.rlim_cur);
+            at += bulkhead_driver::listen::write_decimal(&mut limit[at..], l.rlim_cur);
             limit[at] = b' ';
-            write_decimal(&mut limit[at + 1..], l.rlim_max);
+            bulkhead_driver::listen::write_decimal(&mut limit[at + 1..], l.rlim_max);
             envp[1] = limit.as_ptr().cast();
         }
         exec_bulkhead_init(
@@ -1748,25 +1748,6 @@ unsafe fn exec_waiter(ctx: &Ctx<'_>, nofile: Option<libc::rlimit>) -> ! {
             STAGE_WAITER,
         )
     }
-}
-
-/// Writes `v` in decimal at the start of `out` (room for 20 digits); returns how many
-/// bytes. No allocation.
-fn write_decimal(out: &mut [u8], mut v: u64) -> usize {
-    let mut digits = [0u8; 20];
-    let mut n = 0;
-    loop {
-        digits[n] = b'0' + (v % 10) as u8;
-        n += 1;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for (o, d) in out.iter_mut().zip(digits[..n].iter().rev()) {
-        *o = *d;
-    }
-    n
 }
 
 /// One mount step; false on failure (errno set).
