@@ -14,10 +14,10 @@
 //! (never waiting for one), and removes slots unused for `max_idle` (a pool that went
 //! idle is refilled on its next launch).
 //!
-//! What cannot be prepared ahead is refused here, naming the field: channels (a slot
-//! cannot know the channel space of the key it will serve). `sockets:` are bound for the
-//! key at its launch and passed with the hand-over (the docker driver refuses `sockets:`
-//! altogether).
+//! What a slot cannot know ahead comes with the launch: `sockets:` are bound for the key
+//! and passed with the hand-over (the docker driver refuses `sockets:` altogether), and
+//! the tenant's channel space (`channels:`) is mounted into the slot before its program
+//! runs.
 //!
 //! This module is data, validation and the pool's arithmetic ([`plan`]); the pool itself
 //! is the daemon's (`daemon/src/warm.rs`).
@@ -74,14 +74,6 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), (String, String)> {
     }
     if w.max_idle.is_zero() {
         return fail("warm.max_idle", "must be more than 0".into());
-    }
-    if spec.channels.is_some() {
-        return fail(
-            "warm",
-            "cannot be combined with channels: a slot cannot know the channel space of \
-             the key it will serve"
-                .into(),
-        );
     }
     Ok(())
 }
@@ -267,6 +259,10 @@ mod tests {
         let (f, r) = field("warm: {size: 1}");
         assert_eq!(f, "warm");
         assert!(r.contains("driver process"), "{r}");
+        // Channels: the tenant's channel space is mounted into the slot at the hand-over.
+        let with_channels =
+            parse("driver: sandbox\nwarm: {size: 1}\nchannels: {inputs: [{name: a}], outputs: []}");
+        assert!(with_channels.is_ok(), "{with_channels:?}");
         // Sockets are passed with the hand-over.
         let with_sockets =
             parse("driver: sandbox\nwarm: {size: 1}\nsockets: [{name: a, listen: 'tcp:$PORT'}]");

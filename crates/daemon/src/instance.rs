@@ -1406,23 +1406,51 @@ async fn spawn_warm(
     port: &mut u16,
     env: &mut Vec<(String, String)>,
 ) -> Result<(bulkhead_driver::Spawned, Option<NotifySocket>), SpawnFailure> {
+    let crate::warm::Ready {
+        warm,
+        dir,
+        port: slot_port,
+        ids: hold,
+        ..
+    } = ready;
+    // Until the driver has it, a failure here removes the slot (off the runtime's
+    // threads, as the pool does).
+    match prepare_warm(sh, slot, &dir, slot_port, hold, port, env).await {
+        Ok((spec, notify)) => Ok((driver.spawn_warm(warm, spec).await?, notify)),
+        Err(e) => {
+            warm.discard().await;
+            Err(e)
+        }
+    }
+}
+
+/// Everything of [`spawn_warm`] before the hand-over: the launch's [`SpawnSpec`].
+async fn prepare_warm(
+    sh: &Arc<Shared>,
+    slot: &Slot,
+    dir: &std::path::Path,
+    slot_port: u16,
+    hold: Option<crate::dataplane::IdHold>,
+    port: &mut u16,
+    env: &mut Vec<(String, String)>,
+) -> Result<(SpawnSpec, Option<NotifySocket>), SpawnFailure> {
     let spec = slot.spec();
     // The instance takes the slot's port, unless the key's sockets already hold one (an
     // on-connection activator bound `tcp:$PORT`): then that one, as a cold spawn does.
     let socket_port = socket_port(slot);
     match socket_port {
         Some(p) => {
-            sh.ports.release(ready.port);
+            sh.ports.release(slot_port);
             *port = p;
         }
-        None => sh.ports.release(std::mem::replace(port, ready.port)),
+        None => sh.ports.release(std::mem::replace(port, slot_port)),
     }
     // The key's listening sockets (bound now at that port, or the activator's), passed
     // with the hand-over.
     let listen = key_sockets(sh, slot, *port).map_err(failed(FailureKind::Setup))?;
     let notify = match &spec.readiness {
         Some(r) if r.notify => {
-            let path = ready.dir.join("notify.sock");
+            let path = dir.join("notify.sock");
             Some(
                 NotifySocket::bind(&path)
                     .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))
@@ -1439,28 +1467,33 @@ async fn spawn_warm(
         *port,
         notify.as_ref().map(|n| n.path().display().to_string()),
     );
-    let ids = ready.ids.as_ref().map(|h| h.ids);
-    if let Some(hold) = ready.ids {
+    let ids = hold.as_ref().map(|h| h.ids);
+    if let Some(hold) = hold {
         *slot.ids.lock().unwrap_or_else(|e| e.into_inner()) = Some(hold);
     }
+    // The data plane, as for a cold spawn: the tenant's space (its owner the slot's ids,
+    // now the tenant's) and the channels exist before the program starts; the driver
+    // mounts the space into the slot at the hand-over.
+    let (channel_env, channel_binds) = crate::dataplane::acquire(sh, slot, ids)
+        .await
+        .map_err(|e| format!("cannot create channels: {e}"))
+        .map_err(failed(FailureKind::Setup))?;
+    env.extend(channel_env);
+    let mut binds = vec![bulkhead_driver::Bind::same(dir)];
+    binds.extend(channel_binds);
     let argv = resolve_argv(slot, env).map_err(failed(FailureKind::Invalid))?;
-    let spawned = driver
-        .spawn_warm(
-            ready.warm,
-            SpawnSpec {
-                instance: slot.id.clone(),
-                argv,
-                env: env.clone(),
-                cwd: slot.dir.clone(),
-                spec: spec.clone(),
-                binds: vec![bulkhead_driver::Bind::same(&ready.dir)],
-                ids,
-                inherited: inherited_vars(slot, &file_keys),
-                listen,
-            },
-        )
-        .await?;
-    Ok((spawned, notify))
+    let spawn = SpawnSpec {
+        instance: slot.id.clone(),
+        argv,
+        env: env.clone(),
+        cwd: slot.dir.clone(),
+        spec: spec.clone(),
+        binds,
+        ids,
+        inherited: inherited_vars(slot, &file_keys),
+        listen,
+    };
+    Ok((spawn, notify))
 }
 
 /// The port the key's `tcp:$PORT` socket holds, if it has one bound.

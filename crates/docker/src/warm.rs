@@ -20,8 +20,10 @@
 //! usage.
 //!
 //! **The hand-over** ([`Driver::spawn_warm`](bulkhead_driver::Driver::spawn_warm)):
-//! the container is first renamed `bulkhead-<short id>-<instance id, escaped>`, which
-//! ties it to the instance durably (labels cannot change; the name is what
+//! directories the launch binds that the slot does not show (the tenant's channel space)
+//! are mounted into the container's mount namespace through its first process's pidfd
+//! ([`bulkhead_driver::warm::bind_into`]); the container is then renamed
+//! `bulkhead-<short id>-<instance id, escaped>`, which ties it to the instance durably (labels cannot change; the name is what
 //! [`recover`](bulkhead_driver::Driver::recover) reads back); then the init gets argv
 //! (the image's entrypoint, or `docker.entrypoint`, in front of the command, as the engine
 //! would run it) and the environment (the spec's, without what the daemon inherited, so
@@ -696,9 +698,16 @@ impl DockerDriver {
                     slot.slot, slot.port
                 )));
             }
-            if let Some(b) = spec.binds.iter().find(|b| !within_binds(b, &slot.binds)) {
+            // What the slot does not show is mounted in below: directories only.
+            if let Some(b) = spec
+                .binds
+                .iter()
+                .filter(|b| !within_binds(b, &slot.binds))
+                .find(|b| !b.source.is_dir() || !b.target.is_absolute())
+            {
                 return Err(invalid(format!(
-                    "warm slot {} does not show {} (binds are fixed when a slot is made)",
+                    "warm slot {} does not show {}, and only a directory at an absolute \
+                     path can be mounted in at the hand-over",
                     slot.slot,
                     b.source.display()
                 )));
@@ -708,6 +717,33 @@ impl DockerDriver {
         if let Err(e) = check() {
             slot.remove().await;
             return Err(e);
+        }
+        // The tenant's channel space (what no slot can know ahead), into the container's
+        // mount namespace while only our init runs there.
+        let late: Vec<Bind> = spec
+            .binds
+            .iter()
+            .filter(|b| !within_binds(b, &slot.binds))
+            .cloned()
+            .collect();
+        if !late.is_empty() {
+            let pidfd = slot.main.as_ref().map(|m| m.pidfd.try_clone());
+            let bound = match pidfd {
+                Some(Ok(pidfd)) => tokio::task::spawn_blocking(move || {
+                    bulkhead_driver::warm::bind_into(pidfd.as_fd(), &late, None)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+                Some(Err(e)) => Err(format!("cannot duplicate the slot's pidfd: {e}")),
+                None => Err("the slot's first process is not known".to_owned()),
+            };
+            if let Err(e) = bound {
+                slot.remove().await;
+                return Err(SpawnError::Engine {
+                    reason: format!("warm container {}: {e}", short_id(&slot.id)),
+                });
+            }
         }
         let argv: Vec<String> = slot.entrypoint.iter().chain(&spec.argv).cloned().collect();
         let env: Vec<String> = spec

@@ -316,12 +316,23 @@ async fn a_launch_the_slot_was_not_made_for_is_refused_and_the_slot_removed() {
     };
     let fx = Fixture::temp();
     let other = tempfile::tempdir().unwrap();
+    let file = other.path().join("f");
+    std::fs::write(&file, "x").unwrap();
     type Change<'a> = Box<dyn Fn(&mut SpawnSpec) + 'a>;
-    let cases: [(&str, Change<'_>); 4] = [
+    let cases: [(&str, Change<'_>); 5] = [
         (
-            "a bind the slot does not have",
+            "a file bind the slot does not have",
             Box::new(|s: &mut SpawnSpec| {
-                s.binds.push(bulkhead_driver::Bind::same(other.path()));
+                s.binds.push(bulkhead_driver::Bind::same(&file));
+            }),
+        ),
+        (
+            "a directory bind to a relative target",
+            Box::new(|s: &mut SpawnSpec| {
+                s.binds.push(bulkhead_driver::Bind {
+                    source: other.path().to_owned(),
+                    target: "relative".into(),
+                });
             }),
         ),
         (
@@ -369,6 +380,79 @@ async fn a_launch_the_slot_was_not_made_for_is_refused_and_the_slot_removed() {
     assert_eq!(
         within("the end", spawned.handle.wait()).await,
         ExitStatus::Exited { code: 3 }
+    );
+}
+
+/// What a slot cannot know ahead, a tenant's channel space, is mounted into it at the
+/// hand-over: the program finds the directories at `/dev/shm` and iceoryx2's root (made
+/// in the slot's fresh `/tmp`), reads what the host put there and writes where the host
+/// sees it, exactly as a cold spawn with the same binds does. The control: the same slot
+/// launch without them sees its own empty `/dev/shm`.
+#[tokio::test(flavor = "multi_thread")]
+async fn directories_the_slot_lacks_are_mounted_in_at_the_hand_over() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some((d, _)) = driver() else {
+        return;
+    };
+    let fx = Fixture::temp();
+    let space = tempfile::tempdir().unwrap();
+    let (shm, iox2) = (space.path().join("shm"), space.path().join("iox2"));
+    for dir in [&shm, &iox2] {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    std::fs::write(shm.join("segment"), "from the host\n").unwrap();
+    let script =
+        "cat /dev/shm/segment 2>&1; ls /dev/shm; echo from-$0 > /tmp/iceoryx2/w && echo wrote";
+    let with_space = |s: &mut SpawnSpec, who: &str| {
+        s.argv.push(who.to_owned());
+        s.binds.push(bulkhead_driver::Bind {
+            source: shm.clone(),
+            target: "/dev/shm".into(),
+        });
+        s.binds.push(bulkhead_driver::Bind {
+            source: iox2.clone(),
+            target: "/tmp/iceoryx2".into(),
+        });
+    };
+    let mut cold = spec(&fx, "late", script, "");
+    with_space(&mut cold, "cold");
+    let (st, cold_out) = run(&d, cold, false).await;
+    assert_eq!(st, OK, "cold: {cold_out}");
+    assert_eq!(
+        std::fs::read_to_string(iox2.join("w")).unwrap(),
+        "from-cold\n"
+    );
+    // Each instance maps its own ids: the cold one's file is not the next one's to write.
+    std::fs::remove_file(iox2.join("w")).unwrap();
+    let mut warm = spec(&fx, "late", script, "");
+    let slot = prewarm(&d, &warm, "warm-late-0").await;
+    with_space(&mut warm, "warm");
+    let spawned = within("spawn_warm", d.spawn_warm(slot, warm))
+        .await
+        .unwrap_or_else(|e| panic!("the slot refused its space: {e}"));
+    let warm_out = within("stdout", read_all(spawned.stdout.unwrap())).await;
+    assert_eq!(
+        within("the end", spawned.handle.wait()).await,
+        OK,
+        "{warm_out}"
+    );
+    assert_eq!(
+        warm_out, cold_out,
+        "the space from a slot differs from a cold one"
+    );
+    assert_eq!(warm_out, "from the host\nsegment\nwrote\n");
+    assert_eq!(
+        std::fs::read_to_string(iox2.join("w")).unwrap(),
+        "from-warm\n"
+    );
+    // Control: without the space the slot shows its own /dev/shm and no iceoryx2 root.
+    let mut bare = spec(&fx, "late", script, "");
+    bare.argv.push("bare".into());
+    let (_, out) = run(&d, bare, true).await;
+    assert!(
+        !out.contains("from the host") && !out.contains("wrote"),
+        "{out}"
     );
 }
 

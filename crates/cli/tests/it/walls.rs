@@ -82,6 +82,30 @@ fn sandboxed_workload_round_trip_and_crash_releases_shared_memory() {
     round_trip_then_crash(d, kill_sandboxed);
 }
 
+/// The same from a warm slot, whose space was mounted in at the hand-over: the crash
+/// still releases the workload's shared memory.
+#[test]
+fn a_sandboxed_workload_from_a_warm_slot_round_trips_and_its_crash_releases_shared_memory() {
+    let m = walled_echo(
+        "sandbox",
+        echo_bin(),
+        &format!("{}warm: {{size: 1}}\n", sandbox_section("")),
+    );
+    let d = Daemon::start(&[("echo", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    crate::warm::wait_ready_slots(&d, "echo", 1);
+    round_trip_then_crash(d, |d| {
+        assert!(
+            crate::warm::from_slot(d, "session:w1:echo"),
+            "{}",
+            d.daemon_log()
+        );
+        kill_sandboxed(d)
+    });
+}
+
 /// The `docker.mounts` that let the host-built echo binary run in the busybox image: the
 /// binary, its dynamic loader and the libraries `ldd` resolves, each read-only at the
 /// path the loader looks for it. (A static build would need the whole dependency tree
@@ -363,20 +387,36 @@ fn python_workload_in_the_sandbox_round_trips_and_its_crash_releases_shared_memo
 /// What tenant `tb` sees and can do, from inside its instance (`bulkhead exec`), of
 /// tenant `ta`'s channels (`driver` runs both): its listing of `/dev/shm` and iceoryx2's
 /// root, and whether it could read and write a data segment of `ta`'s. Returns the
-/// listing, the attack's output, `ta`'s file names and `tb`'s.
-fn cross_tenant(driver: &str, extra: &str) -> Option<(String, String, Vec<String>, Vec<String>)> {
+/// listing, the attack's output, `ta`'s file names and `tb`'s. With `warm`, both are
+/// launched in warm slots (checked), whose spaces are mounted in at the hand-over.
+fn cross_tenant(
+    driver: &str,
+    extra: &str,
+    warm: bool,
+) -> Option<(String, String, Vec<String>, Vec<String>)> {
     let command = if driver == "docker" {
         "/bulkhead/echo"
     } else {
         echo_bin()
     };
-    let m = walled_echo(driver, command, extra);
+    let pool = if warm { "warm: {size: 2}\n" } else { "" };
+    let m = walled_echo(driver, command, &format!("{extra}{pool}"));
     let d = Daemon::start(&[("echo", &m)]);
     if driver == "sandbox" && !crate::sandbox::sandbox_available(&d) {
         return None;
     }
+    if warm {
+        crate::warm::wait_ready_slots(&d, "echo", 2);
+    }
     for s in ["ta", "tb"] {
         assert_eq!(launch(&d, "echo", s)["state"], "ready");
+        let id = format!("session:{s}:echo");
+        assert_eq!(
+            crate::warm::from_slot(&d, &id),
+            warm,
+            "{id} from a slot:\n{}",
+            d.daemon_log()
+        );
     }
     round_trip(&d, "session:ta:echo", "input", "session:ta:echo", "output");
     let names = |id: &str| -> Vec<(PathBuf, String)> {
@@ -457,13 +497,14 @@ fn assert_walled_off(listing: &str, attack: &str, a: &[String], b: &[String]) {
 /// share the host's `/dev/shm`, and the same attack reads and writes the other's segment.
 #[test]
 fn a_tenant_cannot_list_read_or_write_another_tenants_channels() {
-    let Some((listing, attack, a, b)) = cross_tenant("sandbox", &sandbox_section("")) else {
+    let Some((listing, attack, a, b)) = cross_tenant("sandbox", &sandbox_section(""), false) else {
         return;
     };
     assert_walled_off(&listing, &attack, &a, &b);
     assert!(attack.contains("No such file"), "{attack}");
 
-    let (listing, attack, a, _) = cross_tenant("process", "").expect("process runs anywhere");
+    let (listing, attack, a, _) =
+        cross_tenant("process", "", false).expect("process runs anywhere");
     assert!(
         a.iter()
             .filter(|n| n.ends_with(".data"))
@@ -486,7 +527,34 @@ fn a_tenant_in_docker_cannot_list_read_or_write_another_tenants_channels() {
         return;
     }
     let (listing, attack, a, b) =
-        cross_tenant("docker", &echo_mounts()).expect("docker is available");
+        cross_tenant("docker", &echo_mounts(), false).expect("docker is available");
+    assert_walled_off(&listing, &attack, &a, &b);
+    assert!(attack.contains("No such file"), "{attack}");
+}
+
+/// Channels from warm slots: a slot is made before anyone knows its tenant, so the
+/// tenant's space is mounted into it at the hand-over. Two sessions launched in slots
+/// each see their own space, the round trip works, and the attack above fails as it does
+/// between cold instances (its control is the process pair above).
+#[test]
+fn tenants_launched_in_warm_sandbox_slots_get_their_own_channel_space() {
+    let Some((listing, attack, a, b)) = cross_tenant("sandbox", &sandbox_section(""), true) else {
+        return;
+    };
+    assert_walled_off(&listing, &attack, &a, &b);
+    assert!(attack.contains("No such file"), "{attack}");
+}
+
+/// The same with warm docker slots: the space is mounted into the container's mount
+/// namespace before its init execs the program.
+#[test]
+fn tenants_launched_in_warm_docker_slots_get_their_own_channel_space() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let (listing, attack, a, b) =
+        cross_tenant("docker", &echo_mounts(), true).expect("docker is available");
     assert_walled_off(&listing, &attack, &a, &b);
     assert!(attack.contains("No such file"), "{attack}");
 }
@@ -648,14 +716,34 @@ fn a_process_workload_running_as_another_user_reads_no_channels() {
 /// removed at start), and the channels work again through it.
 #[test]
 fn an_adopted_containers_channel_space_is_kept_and_works() {
+    adopted_container_round_trips(false);
+}
+
+/// The same for a container launched in a warm slot, whose space was mounted in at the
+/// hand-over rather than given to the engine.
+#[test]
+fn an_adopted_container_from_a_warm_slot_keeps_its_channel_space() {
+    adopted_container_round_trips(true);
+}
+
+fn adopted_container_round_trips(warm: bool) {
     if let Some(why) = crate::docker::skip() {
         eprintln!("skipped: {why}");
         return;
     }
-    let m = walled_echo("docker", "/bulkhead/echo", &echo_mounts());
+    let pool = if warm { "warm: {size: 1}\n" } else { "" };
+    let m = walled_echo(
+        "docker",
+        "/bulkhead/echo",
+        &format!("{}{pool}", echo_mounts()),
+    );
     let mut d = Daemon::start(&[("echo", &m)]);
+    if warm {
+        crate::warm::wait_ready_slots(&d, "echo", 1);
+    }
     assert_eq!(launch(&d, "echo", "ad")["state"], "ready");
     let id = "session:ad:echo";
+    assert_eq!(crate::warm::from_slot(&d, id), warm, "{}", d.daemon_log());
     round_trip(&d, id, "input", id, "output");
     let space = iox2_of(&d, id).space.expect("a space");
     d.kill9();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 
 /// Waits until `health` shows `ready` slots in `workload`'s pool.
-fn wait_ready_slots(d: &Daemon, workload: &str, ready: u64) {
+pub(crate) fn wait_ready_slots(d: &Daemon, workload: &str, ready: u64) {
     let start = Instant::now();
     loop {
         let h = d.json(&["health", "-o", "json"]);
@@ -29,7 +29,7 @@ fn wait_ready_slots(d: &Daemon, workload: &str, ready: u64) {
 }
 
 /// Whether the daemon's log says `id` was launched from a warm slot.
-fn from_slot(d: &Daemon, id: &str) -> bool {
+pub(crate) fn from_slot(d: &Daemon, id: &str) -> bool {
     d.daemon_log()
         .lines()
         .any(|l| l.contains(&format!("{id}: launched from warm slot")))

@@ -10,8 +10,9 @@
 //! made with it.
 //!
 //! [`SandboxDriver::take_slot`] checks that the launch is one the slot was made for (the
-//! same workload, working directory and ids; binds among the slot's; a program the slot
-//! shows), writes the hand-over (hostname, working directory, program, argv,
+//! same workload, working directory and ids; a program the slot shows), mounts the
+//! directories the launch binds and the slot does not (the tenant's channel space:
+//! [`bulkhead_driver::warm::bind_into`]), writes the hand-over (hostname, working directory, program, argv,
 //! environment; the init's title; the listening sockets, on a socket pair a slot of a
 //! workload with `sockets:` is made with) and awaits the exec as a cold spawn does. From there
 //! the instance is a cold one: the same handle, watcher, status pipe and teardown. A
@@ -36,7 +37,8 @@
 //!   (`chown` to the mapped ids) when the slot is made, and the sockets in them at the
 //!   launch: they are meant to be the slot's own.
 //! - A launch is taken only if its manifest equals the slot's, with the same working
-//!   directory, binds among the slot's, the slot's ids (or none), listening sockets only
+//!   directory, binds among the slot's or directories (mounted in at the hand-over), the
+//!   slot's ids (or none), listening sockets only
 //!   if the manifest has `sockets:` (at most 16), and a program the slot shows; argv and
 //!   environment must fit 256 KiB and 16,384 strings. Otherwise the launch is refused
 //!   and the slot removed.
@@ -85,6 +87,8 @@ pub(super) struct Slot {
 /// What a launch hands a slot: the strings, the init's title message (with an init), and
 /// the hostname (set by the driver in a slot without an init).
 struct Handover {
+    /// Binds the slot does not have: mounted into it first.
+    late: Vec<bulkhead_driver::Bind>,
     message: Vec<u8>,
     title: Option<Vec<u8>>,
     hostname: Vec<u8>,
@@ -539,9 +543,21 @@ impl SandboxDriver {
                 spawn::HANDOVER_FDS
             )));
         }
-        if let Some(b) = spec.binds.iter().find(|b| !slot.warm.binds.contains(b)) {
+        // What the slot lacks is mounted in at the hand-over: directories only (a file
+        // would need its mount point made, which no launch asks for today).
+        let late: Vec<bulkhead_driver::Bind> = spec
+            .binds
+            .iter()
+            .filter(|b| !slot.warm.binds.contains(b))
+            .cloned()
+            .collect();
+        if let Some(b) = late
+            .iter()
+            .find(|b| !b.source.is_dir() || !b.target.is_absolute())
+        {
             return Err(refuse(format!(
-                "bind {} -> {} is not among its binds",
+                "bind {} -> {} is not among its binds, and only a directory at an absolute \
+                 path can be mounted in at the hand-over",
                 b.source.display(),
                 b.target.display()
             )));
@@ -609,7 +625,7 @@ impl SandboxDriver {
             ))
         })?;
         if let Some(ns) = &slot.userns {
-            hand_sockets(&spec.binds, ns).map_err(|e| {
+            hand_sockets(&slot.warm.binds, ns).map_err(|e| {
                 SpawnError::setup(
                     &spec.instance,
                     SetupStep::Ids,
@@ -624,6 +640,7 @@ impl SandboxDriver {
             )
         });
         Ok(Handover {
+            late,
             message,
             title,
             hostname: host[..host.len().min(64)].to_vec(),
@@ -637,6 +654,7 @@ impl SandboxDriver {
         spec: SpawnSpec,
     ) -> Result<Spawned, SpawnError> {
         let Handover {
+            late,
             message,
             title,
             hostname: host,
@@ -653,6 +671,28 @@ impl SandboxDriver {
             return Err(SpawnError::invalid(&spec.instance, "the warm slot is gone"));
         };
         let setup = |reason: String| SpawnError::setup(&spec.instance, SetupStep::Walls, reason);
+        // ORDER: the late binds before anything is written: the program must find them
+        // at its start.
+        if !late.is_empty() {
+            let owner = slot.userns.as_ref().map(|ns| (ns.uid, ns.gid()));
+            let bound = match live.pidfd.try_clone() {
+                Ok(pidfd) => tokio::task::spawn_blocking(move || {
+                    use std::os::fd::AsFd;
+                    bulkhead_driver::warm::bind_into(pidfd.as_fd(), &late, owner)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+                Err(e) => Err(format!("cannot duplicate the slot's pidfd: {e}")),
+            };
+            if let Err(e) = bound {
+                slot.discard().await;
+                return Err(setup(e));
+            }
+        }
+        let Some(live) = &slot.live else {
+            return Err(SpawnError::invalid(&spec.instance, "the warm slot is gone"));
+        };
         // ORDER: the init's title first (it reads it before its loop), then the
         // program, then the listening sockets (the workload process reads them after the
         // message, whose header counts them); each fits its pipe or socket, so no write
