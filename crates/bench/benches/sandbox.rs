@@ -19,7 +19,9 @@
 //!   per-instance steps, exec) to READY. The notify socket is made in the slot's own
 //!   directory, as the daemon does.
 //! - **bulkhead API**: gRPC Launch(wait=ready) to a daemon (in this process) for the same
-//!   workload with `driver: sandbox`, durable event log, one new session per sample.
+//!   workload with `driver: sandbox`, durable event log, one new session per sample;
+//!   cold and from a warm pool, each also with `channels:` (the session's channel space
+//!   made and bound in; from a slot, mounted in at the hand-over).
 //! - **bwrap**: `bwrap --unshare-all --ro-bind / / --proc /proc --dev /dev --tmpfs /tmp
 //!   --ro-bind EXEDIR EXEDIR --bind DIR DIR` (Debian's bubblewrap; skipped if missing).
 //!
@@ -133,6 +135,19 @@ fn main() -> anyhow::Result<()> {
         wl.join("notifyw").join("manifest.yaml"),
         manifest.replace("name: notify\n", "name: notifyw\n") + "warm: {size: 1}\n",
     )?;
+    // The same with channels, cold and pooled: each new session's channel space is made
+    // (a tmpfs, its manager thread, the services) and bound in (from a slot: mounted in
+    // at the hand-over). The program does not open them: what is measured is the
+    // daemon's and the driver's part.
+    let channels =
+        "channels: {inputs: [{name: input, max_payload: 4Ki}], outputs: [{name: output, max_payload: 4Ki}]}\n";
+    for (name, extra) in [("notifyc", ""), ("notifycw", "warm: {size: 1}\n")] {
+        std::fs::create_dir_all(wl.join(name))?;
+        std::fs::write(
+            wl.join(name).join("manifest.yaml"),
+            manifest.replace("name: notify\n", &format!("name: {name}\n")) + channels + extra,
+        )?;
+    }
 
     let bwrap = Path::new("/usr/bin/bwrap").exists();
     if !bwrap {
@@ -167,6 +182,8 @@ fn main() -> anyhow::Result<()> {
     let mut wm = Samples::new("bulkhead sandbox driver from a warm slot: hand-over -> READY");
     let mut api = Samples::new("bulkhead API launch -> ready (driver: sandbox)");
     let mut apw = Samples::new("bulkhead API launch -> ready from a warm pool (warm: {size: 1})");
+    let mut apc = Samples::new("bulkhead API launch -> ready, cold, with channels");
+    let mut apcw = Samples::new("bulkhead API launch -> ready from a warm pool, with channels");
     let mut bw = Samples::new("bwrap --unshare-all -> READY");
     let mut un = Samples::new("unshare -p -f -m -> READY");
     let mut rc = Samples::new("runc run (OCI bundle) -> READY");
@@ -216,11 +233,15 @@ fn main() -> anyhow::Result<()> {
         client_rt.block_on(api_once(&mut client, "notify", "warm"))?;
         client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifyw"))?;
         client_rt.block_on(api_once(&mut client, "notifyw", "warmw"))?;
+        client_rt.block_on(api_once(&mut client, "notifyc", "warmc"))?;
+        client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifycw"))?;
+        client_rt.block_on(api_once(&mut client, "notifycw", "warmcw"))?;
         if let Some(r) = runc.as_mut() {
             r.once(&next_sock())?;
         }
     }
     let hits_before = bulkhead_bench::warm_launches(&daemon, "notifyw").0;
+    let channel_hits_before = bulkhead_bench::warm_launches(&daemon, "notifycw").0;
     eprintln!("{iterations} rounds, interleaved");
     for i in 0..iterations {
         // The round's slot, made outside the clock and first, so that the machine has
@@ -239,9 +260,18 @@ fn main() -> anyhow::Result<()> {
         client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifyw"))?;
         apw.values
             .push(client_rt.block_on(api_once(&mut client, "notifyw", &format!("w{i}")))?);
-        // Not timed either: the refill is done before the peers run, so that none of
-        // them shares the machine with it.
+        // Not timed either: the refill is done before the next sample runs, so that
+        // none shares the machine with it.
         client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifyw"))?;
+        apc.values
+            .push(client_rt.block_on(api_once(&mut client, "notifyc", &format!("c{i}")))?);
+        client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifycw"))?;
+        apcw.values.push(client_rt.block_on(api_once(
+            &mut client,
+            "notifycw",
+            &format!("cw{i}"),
+        ))?);
+        client_rt.block_on(bulkhead_bench::wait_for_slot(&mut client, "notifycw"))?;
         if bwrap {
             bw.values
                 .push(command_once(&notify_argv(&bwrap_prefix), &next_sock())?);
@@ -256,6 +286,7 @@ fn main() -> anyhow::Result<()> {
     }
     drop(client);
     let hits = bulkhead_bench::warm_launches(&daemon, "notifyw").0 - hits_before;
+    let channel_hits = bulkhead_bench::warm_launches(&daemon, "notifycw").0 - channel_hits_before;
     rt.block_on(daemon.shutdown());
 
     let mut report = String::new();
@@ -269,7 +300,7 @@ fn main() -> anyhow::Result<()> {
         if rewrite { ", rewritten every round after its slots are made" } else { "" }
     ));
     report.push_str("| measurement | p50 ms | p99 ms | p50 vs clone3 floor | p50 vs bulkhead driver |\n|---|---|---|---|---|\n");
-    for s in [&floor, &drv, &wm, &api, &apw, &bw, &un, &rc] {
+    for s in [&floor, &drv, &wm, &api, &apw, &apc, &apcw, &bw, &un, &rc] {
         if s.values.is_empty() {
             continue;
         }
@@ -283,7 +314,9 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     report.push_str(&format!(
-        "\nAPI launches of the pooled workload from a slot: {hits} of {iterations} (warm-up excluded).\n"
+        "\nAPI launches of the pooled workload from a slot: {hits} of {iterations}; with channels: \
+         {channel_hits} of {iterations} (warm-up excluded). Channels from a slot / cold: {}.\n",
+        ratio(apcw.p50(), apc.p50())
     ));
     if !bw.values.is_empty() {
         report.push_str(&format!(
