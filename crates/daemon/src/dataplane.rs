@@ -209,16 +209,161 @@ impl DataPlane {
     }
 }
 
+/// A channel space made with a warm slot, before the slot's tenant is known: a tmpfs at
+/// `<state>/channels/warm.<n>` with its manager, owned by the host user the slot's
+/// workload will run as (the slot's ids). The slot shows its folders from the start; the
+/// launch that takes the slot makes it its scope's space ([`acquire`]: bound at the
+/// scope's path, the warm path unmounted), so that the space's mount, sizing and manager
+/// (most of a channel launch's cost) are off the launch's path. Unused (the scope has a
+/// space already, the slot is discarded), it is removed when dropped; one a crashed
+/// daemon left goes with the start-up sweep (no scope has its name).
+pub(crate) struct WarmSpace {
+    manager: Option<Arc<Manager>>,
+    dir: PathBuf,
+    owner: (u32, u32),
+    size: u64,
+}
+
+impl WarmSpace {
+    /// What the slot shows: the space's folders at `/dev/shm` and iceoryx2's root.
+    pub(crate) fn binds(&self, sh: &Shared) -> Vec<bulkhead_driver::Bind> {
+        space_binds(&self.dir, &iox2_for(&sh.cfg.state_dir))
+    }
+}
+
+impl WarmSpace {
+    /// Removes it (its manager ends, the tmpfs is unmounted), off the async threads.
+    pub(crate) async fn remove(mut self) {
+        let Some(manager) = self.manager.take() else {
+            return;
+        };
+        let dir = std::mem::take(&mut self.dir);
+        let _ = tokio::task::spawn_blocking(move || {
+            manager.shutdown();
+            drop(manager);
+            remove_space(&dir);
+        })
+        .await;
+    }
+}
+
+impl Drop for WarmSpace {
+    fn drop(&mut self) {
+        let Some(manager) = self.manager.take() else {
+            return;
+        };
+        let dir = std::mem::take(&mut self.dir);
+        let remove = move || {
+            manager.shutdown();
+            drop(manager);
+            remove_space(&dir);
+        };
+        // Off the async threads when there are some (it joins a thread and unmounts).
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+    }
+}
+
+/// A space for a warm slot of `spec`, whose instances will run as `ids` map (or as the
+/// spec says): `None` when the workload has no channels or uses the host's.
+pub(crate) async fn make_warm_space(
+    sh: &Arc<Shared>,
+    spec: &bulkhead_core::spec::WorkloadSpec,
+    ids: Option<UserNamespace>,
+) -> Result<Option<WarmSpace>, String> {
+    if spec.channels.is_none() {
+        return Ok(None);
+    }
+    let daemon = (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    );
+    // The owner does not depend on the key; any key of the workload serves.
+    let key =
+        bulkhead_core::key::Key::new(&spec.name, bulkhead_core::key::Isolation::None, None, None)
+            .map_err(|e| e.to_string())?;
+    let owner = match bulkhead_core::channels::space_of(spec, &key, ids, daemon)? {
+        Some(Space::Scope { uid, gid, .. }) => (uid, gid),
+        _ => return Ok(None),
+    };
+    let dir = spaces_dir(&sh.cfg.state_dir).join(format!("warm.{}", sh.next_seq()));
+    let iox2 = Iox2 {
+        root: Some(PathBuf::from(bulkhead_sdk::DEFAULT_ROOT)),
+        space: Some(dir.clone()),
+        ..iox2_for(&sh.cfg.state_dir)
+    };
+    let d2 = dir.clone();
+    let manager = tokio::task::spawn_blocking(move || {
+        make_space(&d2, owner, SPACE_BASE)?;
+        Manager::start(iox2).map_err(|e| {
+            remove_space(&d2);
+            e.to_string()
+        })
+    })
+    .await
+    .map_err(|e| format!("data plane: {e}"))??;
+    if sh.dataplane.scanner.set(()).is_ok() {
+        tokio::spawn(scanner(Arc::downgrade(sh)));
+    }
+    Ok(Some(WarmSpace {
+        manager: Some(Arc::new(manager)),
+        dir,
+        owner,
+        size: SPACE_BASE,
+    }))
+}
+
+/// The binds that show space `dir` (`None`: the host's) at `/dev/shm` and iceoryx2's
+/// root.
+fn space_binds(dir: &Path, base: &Iox2) -> Vec<bulkhead_driver::Bind> {
+    vec![
+        bulkhead_driver::Bind {
+            source: bulkhead_sdk::space::shm_dir(dir),
+            target: PathBuf::from("/dev/shm"),
+        },
+        bulkhead_driver::Bind {
+            source: bulkhead_sdk::space::root_dir(dir),
+            target: base.root_dir(),
+        },
+    ]
+}
+
+/// Makes `warm`'s space the one at `dir` (the scope's): bound there, the warm path
+/// unmounted and removed. Blocking, short.
+fn rebind_space(warm: &Path, dir: &Path) -> Result<(), String> {
+    let err = |what: &str, e: &dyn std::fmt::Display| {
+        format!(
+            "cannot make channel space {} the one of {}: {what}: {e}",
+            warm.display(),
+            dir.display()
+        )
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err("mkdir", &e)),
+    }
+    rustix::mount::mount_bind(warm, dir).map_err(|e| err("bind", &e))?;
+    remove_space(warm);
+    Ok(())
+}
+
 /// Creates `slot`'s channels in its space; returns the variables and the binds the
-/// instance needs.
+/// instance needs. `warm`: the space a warm slot was made with, which becomes the
+/// scope's if the scope has none (the binds returned are then the slot's own); otherwise
+/// it is dropped (removed).
 pub(crate) async fn acquire(
     sh: &Arc<Shared>,
     slot: &Slot,
     ids: Option<UserNamespace>,
+    warm: Option<WarmSpace>,
 ) -> Result<(Vec<(String, String)>, Vec<bulkhead_driver::Bind>), String> {
     if slot.spec().channels.is_none() {
         return Ok((Vec::new(), Vec::new()));
     }
+    let mut warm = warm;
     let channels = slot.view.borrow().channels.clone();
     let daemon = (
         rustix::process::geteuid().as_raw(),
@@ -253,6 +398,33 @@ pub(crate) async fn acquire(
             }
         }
     }
+    // The slot's space becomes the scope's when the scope has none and it belongs to
+    // the same user; the slot then already shows it.
+    let mut shown = None;
+    if let Some(mut w) =
+        warm.take_if(|w| !name.is_empty() && !spaces.contains_key(&name) && w.owner == owner)
+    {
+        let dir = spaces_dir(&sh.cfg.state_dir).join(&name);
+        let (from, to) = (w.dir.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || rebind_space(&from, &to))
+            .await
+            .map_err(|e| format!("data plane: {e}"))??;
+        shown = Some(w.binds(sh));
+        tracing::info!("channel space {name}: the one made with its warm slot");
+        let manager = w.manager.take().expect("a warm space has its manager");
+        spaces.insert(
+            name.clone(),
+            SpaceEntry {
+                manager,
+                dir: Some(dir),
+                owner,
+                instances: BTreeMap::new(),
+                size: w.size,
+            },
+        );
+    }
+    // Not used: removed (off the runtime's threads), after the lock.
+    let unused = warm;
     if !spaces.contains_key(&name) {
         let dir = (!name.is_empty()).then(|| spaces_dir(&sh.cfg.state_dir).join(&name));
         let iox2 = Iox2 {
@@ -328,6 +500,7 @@ pub(crate) async fn acquire(
     }
     r?.map_err(|e| e.to_string())?;
     drop(spaces);
+    drop(unused);
 
     let mut env: Vec<(String, String)> = slot
         .view
@@ -342,18 +515,10 @@ pub(crate) async fn acquire(
     env.push((ENV_IOX2_ROOT.into(), base.root_dir().display().to_string()));
     // Walls that hide the host's files must let iceoryx2's through at the same paths:
     // the space's folders, or the host's own directories.
-    let binds = match &dir {
-        Some(d) => vec![
-            bulkhead_driver::Bind {
-                source: bulkhead_sdk::space::shm_dir(d),
-                target: PathBuf::from("/dev/shm"),
-            },
-            bulkhead_driver::Bind {
-                source: bulkhead_sdk::space::root_dir(d),
-                target: base.root_dir(),
-            },
-        ],
-        None => vec![
+    let binds = match (&dir, shown) {
+        (_, Some(shown)) => shown,
+        (Some(d), None) => space_binds(d, &base),
+        (None, None) => vec![
             bulkhead_driver::Bind::same("/dev/shm"),
             bulkhead_driver::Bind::same(base.root_dir()),
         ],

@@ -629,7 +629,7 @@ impl Actor {
         self.handle = Some(a.spawned.handle);
         self.started_at_ms = crate::events::now_ms();
         // Hold its channels again (the workload's node kept them alive meanwhile).
-        if let Err(e) = crate::dataplane::acquire(&self.sh, slot, None).await {
+        if let Err(e) = crate::dataplane::acquire(&self.sh, slot, None, None).await {
             tracing::warn!("{}: cannot reopen channels: {e}", slot.id);
         }
     }
@@ -1373,7 +1373,7 @@ async fn spawn(
         held.as_ref().map(|h| h.ids)
     };
     // The data plane: channels exist before the workload starts (it opens them).
-    let (channel_env, mut binds) = crate::dataplane::acquire(sh, slot, ids)
+    let (channel_env, mut binds) = crate::dataplane::acquire(sh, slot, ids, None)
         .await
         .map_err(|e| format!("cannot create channels: {e}"))
         .map_err(failed(FailureKind::Setup))?;
@@ -1410,12 +1410,19 @@ async fn spawn_warm(
         warm,
         dir,
         port: slot_port,
-        ids: hold,
+        ids,
+        space,
         ..
     } = ready;
+    let made = SlotMade {
+        dir,
+        port: slot_port,
+        ids,
+        space,
+    };
     // Until the driver has it, a failure here removes the slot (off the runtime's
     // threads, as the pool does).
-    match prepare_warm(sh, slot, &dir, slot_port, hold, port, env).await {
+    match prepare_warm(sh, slot, made, port, env).await {
         Ok((spec, notify)) => Ok((driver.spawn_warm(warm, spec).await?, notify)),
         Err(e) => {
             warm.discard().await;
@@ -1424,16 +1431,29 @@ async fn spawn_warm(
     }
 }
 
+/// What a warm slot was made with, besides the driver's part.
+struct SlotMade {
+    dir: std::path::PathBuf,
+    port: u16,
+    ids: Option<crate::dataplane::IdHold>,
+    space: Option<crate::dataplane::WarmSpace>,
+}
+
 /// Everything of [`spawn_warm`] before the hand-over: the launch's [`SpawnSpec`].
 async fn prepare_warm(
     sh: &Arc<Shared>,
     slot: &Slot,
-    dir: &std::path::Path,
-    slot_port: u16,
-    hold: Option<crate::dataplane::IdHold>,
+    made: SlotMade,
     port: &mut u16,
     env: &mut Vec<(String, String)>,
 ) -> Result<(SpawnSpec, Option<NotifySocket>), SpawnFailure> {
+    let SlotMade {
+        dir,
+        port: slot_port,
+        ids: hold,
+        space,
+    } = made;
+    let dir = dir.as_path();
     let spec = slot.spec();
     // The instance takes the slot's port, unless the key's sockets already hold one (an
     // on-connection activator bound `tcp:$PORT`): then that one, as a cold spawn does.
@@ -1472,9 +1492,10 @@ async fn prepare_warm(
         *slot.ids.lock().unwrap_or_else(|e| e.into_inner()) = Some(hold);
     }
     // The data plane, as for a cold spawn: the tenant's space (its owner the slot's ids,
-    // now the tenant's) and the channels exist before the program starts; the driver
-    // mounts the space into the slot at the hand-over.
-    let (channel_env, channel_binds) = crate::dataplane::acquire(sh, slot, ids)
+    // now the tenant's) and the channels exist before the program starts. A new scope
+    // takes the space the slot was made with; otherwise the driver mounts the scope's
+    // into the slot at the hand-over.
+    let (channel_env, channel_binds) = crate::dataplane::acquire(sh, slot, ids, space)
         .await
         .map_err(|e| format!("cannot create channels: {e}"))
         .map_err(failed(FailureKind::Setup))?;

@@ -96,6 +96,8 @@ pub(crate) struct Ready {
     /// The slot's own directory (shown inside at the same path).
     pub dir: PathBuf,
     pub ids: Option<IdHold>,
+    /// The channel space made with it (`channels:`), the tenant's if it has none yet.
+    pub space: Option<crate::dataplane::WarmSpace>,
 }
 
 /// Counts a launch on its way while it lives: from the start of a spawn until the
@@ -503,12 +505,25 @@ async fn prepare(
     } else {
         None
     };
+    // The channel space, made now for the tenant the slot will serve (it will run as
+    // the slot's ids): shown by the slot from the start.
+    let space = match crate::dataplane::make_warm_space(sh, spec, ids.as_ref().map(|h| h.ids)).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            sh.ports.release(port);
+            let _ = std::fs::remove_dir(&dir);
+            return Err(e);
+        }
+    };
+    let mut binds = vec![Bind::same(&dir)];
+    binds.extend(space.iter().flat_map(|s| s.binds(sh)));
     let ws = WarmSpec {
         slot: name.clone(),
         spec: spec.clone(),
         cwd,
         ids: ids.as_ref().map(|h| h.ids),
-        binds: vec![Bind::same(&dir)],
+        binds,
         port,
     };
     match driver.prewarm(ws).await {
@@ -520,6 +535,7 @@ async fn prepare(
             port,
             dir,
             ids,
+            space,
         }),
         Err(e) => {
             sh.ports.release(port);
@@ -532,6 +548,9 @@ async fn prepare(
 /// Removes a slot and gives back what it held.
 async fn discard(sh: &Shared, r: Ready) {
     r.warm.discard().await;
+    if let Some(space) = r.space {
+        space.remove().await;
+    }
     sh.ports.release(r.port);
     let _ = std::fs::remove_dir_all(&r.dir);
     drop(r.ids);
@@ -548,6 +567,9 @@ async fn discard_all(ready: Vec<Ready>) {
     for r in ready {
         set.spawn(async move {
             r.warm.discard().await;
+            if let Some(space) = r.space {
+                space.remove().await;
+            }
             let _ = std::fs::remove_dir_all(&r.dir);
         });
     }

@@ -417,6 +417,25 @@ fn cross_tenant(
             "{id} from a slot:\n{}",
             d.daemon_log()
         );
+        if driver == "process" {
+            continue;
+        }
+        // A new session takes the space its slot was made with, at the scope's path.
+        let space = iox2_of(&d, &id)
+            .space
+            .expect("a walled instance has a space");
+        assert!(
+            space.ends_with(format!("channels/session.{s}")),
+            "{space:?}"
+        );
+        assert_eq!(
+            d.daemon_log().contains(&format!(
+                "channel space session.{s}: the one made with its warm slot"
+            )),
+            warm,
+            "{}",
+            d.daemon_log()
+        );
     }
     round_trip(&d, "session:ta:echo", "input", "session:ta:echo", "output");
     let names = |id: &str| -> Vec<(PathBuf, String)> {
@@ -543,6 +562,81 @@ fn tenants_launched_in_warm_sandbox_slots_get_their_own_channel_space() {
     };
     assert_walled_off(&listing, &attack, &a, &b);
     assert!(attack.contains("No such file"), "{attack}");
+}
+
+/// The spaces warm slots are made with go with the slots: after a stop, nothing of a
+/// channel space is left mounted or on disk (the control: while the daemon runs, the
+/// ready slots' spaces are there).
+#[test]
+fn a_stop_removes_the_spaces_of_the_warm_slots() {
+    let m = walled_echo(
+        "sandbox",
+        echo_bin(),
+        &format!("{}warm: {{size: 2}}\n", sandbox_section("")),
+    );
+    let mut d = Daemon::start(&[("echo", &m)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    crate::warm::wait_ready_slots(&d, "echo", 2);
+    let channels = d.state.join("channels");
+    let spaces = || -> Vec<String> {
+        std::fs::read_dir(&channels)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mounted = || -> Vec<String> {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(channels.to_str().unwrap()))
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = spaces();
+    assert_eq!(
+        before.iter().filter(|n| n.starts_with("warm.")).count(),
+        2,
+        "{before:?}"
+    );
+    assert_eq!(mounted().len(), 2, "{:?}", mounted());
+    assert!(d.sigterm().success(), "{}", d.daemon_log());
+    assert_eq!(spaces(), Vec::<String>::new());
+    assert_eq!(mounted(), Vec::<String>::new());
+}
+
+/// Two workloads of one session from warm docker slots share the session's space: the
+/// first takes the space its slot was made with, the second's slot was made with another
+/// (no slot knows its session), and the driver mounts the session's over it into the
+/// container before the program runs. Both round trips work, and both name one space.
+#[test]
+fn a_second_workload_of_a_session_from_a_warm_slot_joins_the_sessions_space() {
+    if let Some(why) = crate::docker::skip() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let m = walled_echo(
+        "docker",
+        "/bulkhead/echo",
+        &format!("{}warm: {{size: 1}}\n", echo_mounts()),
+    );
+    let m2 = m.replacen("name: echo", "name: echo2", 1);
+    let d = Daemon::start(&[("echo", &m), ("echo2", &m2)]);
+    crate::warm::wait_ready_slots(&d, "echo", 1);
+    crate::warm::wait_ready_slots(&d, "echo2", 1);
+    assert_eq!(launch(&d, "echo", "j1")["state"], "ready");
+    assert_eq!(launch(&d, "echo2", "j1")["state"], "ready");
+    let (a, b) = ("session:j1:echo", "session:j1:echo2");
+    for id in [a, b] {
+        assert!(crate::warm::from_slot(&d, id), "{id}: {}", d.daemon_log());
+    }
+    assert_eq!(iox2_of(&d, a).space, iox2_of(&d, b).space);
+    round_trip(&d, a, "input", a, "output");
+    round_trip(&d, b, "input", b, "output");
 }
 
 /// The same with warm docker slots: the space is mounted into the container's mount

@@ -33,9 +33,10 @@
 //!   its restrictions applied); without an init (`sandbox: {init: false}`) its one
 //!   process is the waiter, and the driver sets the instance's hostname at the hand-over
 //!   from a thread that enters the slot's UTS namespace ([`set_hostname_in`]).
-//! - The directories of [`WarmSpec::binds`] are given to the user namespace's root
-//!   (`chown` to the mapped ids) when the slot is made, and the sockets in them at the
-//!   launch: they are meant to be the slot's own.
+//! - The directories of [`WarmSpec::binds`] shown at their own path are given to the user
+//!   namespace's root (`chown` to the mapped ids) when the slot is made, and the sockets
+//!   in them at the launch: they are meant to be the slot's own. Those shown elsewhere (a
+//!   channel space's folders) are left to their owner.
 //! - A launch is taken only if its manifest equals the slot's, with the same working
 //!   directory, binds among the slot's or directories (mounted in at the hand-over), the
 //!   slot's ids (or none), listening sockets only
@@ -263,7 +264,7 @@ fn child_error(instance: &str, program: &str, e: ChildError) -> SpawnError {
 /// puts the instance's notify socket in the slot's directory at the launch), as a cold
 /// spawn gives it a bound socket.
 fn hand_sockets(binds: &[bulkhead_driver::Bind], ns: &UserNamespace) -> io::Result<()> {
-    for b in binds {
+    for b in binds.iter().filter(|b| b.source == b.target) {
         let Ok(rd) = std::fs::read_dir(&b.source) else {
             continue;
         };
@@ -362,7 +363,12 @@ impl SandboxDriver {
         if let Some(ns) = &userns {
             // The slot's own directories, where the daemon puts the instance's notify
             // socket: root inside must reach what is in them.
-            for b in w.binds.iter().filter(|b| b.source.is_dir()) {
+            // (Those shown elsewhere, a channel space's folders, belong to their owner.)
+            for b in w
+                .binds
+                .iter()
+                .filter(|b| b.source == b.target && b.source.is_dir())
+            {
                 std::os::unix::fs::chown(&b.source, Some(ns.uid), Some(ns.gid())).map_err(|e| {
                     setup(
                         SetupStep::Ids,
