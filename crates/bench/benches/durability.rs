@@ -7,6 +7,9 @@
 //!   with `synchronous=NORMAL`. Rounds are interleaved; the median round is reported.
 //! - **publish -> durable latency**: one publisher alone, `publish` then `wait_durable`
 //!   (one commit each: the fsync floor).
+//! - **beside the instance table**: the same, `synchronous=NORMAL`, while the instance
+//!   table's writer (its own connection to the same database, as in the daemon) stores a
+//!   3 KiB row every 200 µs: the two writers take turns at SQLite's write lock.
 //! - **launch -> ready**: gRPC `Launch(wait=ready)` of a `/bin/sleep` workload (no
 //!   readiness section) on three in-process daemons: in-memory events, durable with
 //!   `synchronous=FULL`, durable with `NORMAL`; interleaved, the instance terminated after
@@ -97,6 +100,10 @@ fn main() -> anyhow::Result<()> {
         });
         latency.push(s);
     }
+
+    eprintln!("publish -> durable beside the instance table's writer, {iterations} samples");
+    let beside = beside_the_table(&rt, dir.path(), &id, iterations * 5)?;
+    latency.push(beside);
 
     eprintln!("launch -> ready with durable events on and off, {iterations} iterations");
     let launch = launches(dir.path(), iterations)?;
@@ -249,6 +256,61 @@ fn launches(dir: &Path, iterations: usize) -> anyhow::Result<[Samples; 3]> {
         daemon_rt.block_on(d.shutdown());
     }
     result
+}
+
+/// `publish` -> `wait_durable` with the default log while the instance table writes.
+fn beside_the_table(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    id: &InstanceId,
+    samples: usize,
+) -> anyhow::Result<Samples> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let path = dir.join("beside.db");
+    let log = EventLog::open_with(&path, 100_000, Synchronous::Normal)?;
+    let table = Arc::new(bulkhead_daemon::instances::InstanceTable::open(&path)?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let putter = {
+        let (table, stop) = (Arc::clone(&table), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                table.put(bulkhead_daemon::instances::InstanceRow {
+                    id: format!("ns:t{}:w", i % 50),
+                    spec: "x".repeat(3000),
+                    dir: "/tmp".into(),
+                    pid: Some(i),
+                    start_time: Some(1),
+                    state: "ready".into(),
+                    restarts: i,
+                    breaker: "closed".into(),
+                    consecutive_failures: 0,
+                    leases: Vec::new(),
+                    updated_ms: 0,
+                });
+                i += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let mut s = Samples::new(format!(
+        "{}, beside the instance table's writer",
+        Kind::Normal.name()
+    ));
+    rt.block_on(async {
+        for _ in 0..samples {
+            let t = Instant::now();
+            let e = log.publish(id, EventKind::Ready);
+            log.wait_durable(e.id).await;
+            s.values.push(t.elapsed());
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = putter.join();
+    table.close();
+    log.close();
+    Ok(s)
 }
 
 fn median(v: &[f64]) -> f64 {

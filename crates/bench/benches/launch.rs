@@ -7,6 +7,8 @@
 //! - **launch -> ready**: gRPC Launch(wait=ready) over the Unix socket of a real daemon
 //!   for a notify workload running the same binary, one new session per iteration.
 //! - **reuse**: gRPC Launch of a key that is already running.
+//! - **API round trip after idle**: gRPC Health after 2 ms with both sides idle, the state
+//!   the launch's two gRPC legs are taken in (a program's start is that long).
 //! - **kill -> event**: SIGKILL to an instance's pid until a Watch subscriber receives its
 //!   `crashed` event.
 //!
@@ -86,7 +88,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let floor_dir = dir.path().to_owned();
-    let (floor, launch, klaunch, reuse, kill) = client_rt.block_on(async {
+    let (floor, launch, klaunch, reuse, idle, kill) = client_rt.block_on(async {
         let mut c = bulkhead_api::connect(&socket).await?;
         let mut kc = bulkhead_api::connect(&ksocket).await?;
         for i in 0..5 {
@@ -128,6 +130,15 @@ fn main() -> anyhow::Result<()> {
             reuse.values.push(t.elapsed());
             anyhow::ensure!(!r.created, "reuse created a new instance");
         }
+        // The API's own round trip when both sides have been idle for as long as a
+        // program's start (the launch's two gRPC legs are taken in that state).
+        let mut idle = Samples::new("API round trip (Health) after 2 ms idle");
+        for _ in 0..iterations {
+            std::thread::sleep(Duration::from_millis(2));
+            let t = Instant::now();
+            c.health(v1::HealthRequest {}).await?;
+            idle.values.push(t.elapsed());
+        }
         eprintln!("kill -> crashed event at a Watch subscriber, {iterations} iterations");
         let mut kill = Samples::new("kill -> `crashed` event at a Watch subscriber");
         let since = c
@@ -165,7 +176,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Ok::<_, anyhow::Error>((floor, launch, klaunch, reuse, kill))
+        Ok::<_, anyhow::Error>((floor, launch, klaunch, reuse, idle, kill))
     })?;
     daemon_rt.block_on(daemon.shutdown());
     daemon_rt.block_on(kdaemon.shutdown());
@@ -187,7 +198,7 @@ fn main() -> anyhow::Result<()> {
             ratio(l.p99(), floor.p99())
         ));
     }
-    for s in [&reuse, &kill] {
+    for s in [&reuse, &idle, &kill] {
         report.push_str(&format!(
             "| {} | {} | {} | - | - |\n",
             s.name,

@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags};
 
@@ -104,13 +103,13 @@ fn connect(path: &Path) -> Result<Connection, TableError> {
         path: path.to_owned(),
         source,
     };
-    let conn = Connection::open_with_flags(
+    let mut conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(err)?;
     // The event writer commits on its own connection: wait for its short transactions.
-    conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+    crate::store::share_writes(&mut conn).map_err(err)?;
     conn.execute_batch("PRAGMA synchronous = NORMAL")
         .map_err(err)?;
     Ok(conn)
@@ -382,10 +381,10 @@ mod tests {
         t.put(row("ns:a:w", 2));
         t.remove("ns:b:w");
         c.execute("DELETE FROM broken", []).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while load(&db).unwrap().is_empty() {
             assert!(std::time::Instant::now() < deadline, "never written");
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         t.close();
         assert_eq!(load(&db).unwrap(), vec![row("ns:a:w", 2)]);

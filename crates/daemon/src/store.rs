@@ -56,6 +56,37 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
 ];
 
 /// The newest schema version this build knows.
+/// How long a writer waits for the database's write lock before its commit fails.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How a connection waits when the other writer of the state database (the event writer,
+/// the instance table's writer) holds the write lock: briefly and often, as the other's
+/// commit is tens of microseconds. SQLite's own busy handler sleeps 1 ms, then 2, 5, 10,
+/// ...: a writer that met the other's commit lost a millisecond or more (measured: 8% of
+/// the event commits beside a busy instance table took over 0.9 ms; see
+/// `docs/benchmarks.md`, "two writers"). Gives up after [`LOCK_WAIT`] (`SQLITE_BUSY`).
+pub fn share_writes(conn: &mut Connection) -> rusqlite::Result<()> {
+    conn.busy_handler(Some(wait_for_lock))
+}
+
+/// Waits once more, or gives up: the first [`SHORT_TRIES`] waits are 20 µs (70 µs or so
+/// with the timer's slack), the next ones 1 ms, up to [`LOCK_WAIT`] in all.
+fn wait_for_lock(tries: i32) -> bool {
+    let tries = u32::try_from(tries).unwrap_or(0);
+    let pause = if tries < SHORT_TRIES {
+        std::time::Duration::from_micros(20)
+    } else if tries < SHORT_TRIES + LOCK_WAIT.as_millis() as u32 {
+        std::time::Duration::from_millis(1)
+    } else {
+        return false;
+    };
+    std::thread::sleep(pause);
+    true
+}
+
+/// See [`wait_for_lock`].
+const SHORT_TRIES: u32 = 100;
+
 pub fn schema_version() -> i64 {
     MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
 }
@@ -319,13 +350,15 @@ impl Store {
             .write(true)
             .open(path)
             .map_err(io_err)?;
-        let conn = Connection::open_with_flags(
+        let mut conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(open_err)?;
+        // The instance table's writer commits on its own connection.
+        share_writes(&mut conn).map_err(open_err)?;
         // The first statement that reads the file: a corrupt or foreign file fails here
         // ("file is not a database").
         let mode: String = conn
@@ -615,6 +648,33 @@ mod tests {
             instance: InstanceId::parse("ns:a:web").unwrap().0,
             kind,
         }
+    }
+
+    #[test]
+    fn a_commit_waits_for_the_other_writer_and_the_wait_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut s = Store::open(&path, 100, Synchronous::Normal).unwrap();
+        // The other writer (the instance table's connection) holds the write lock.
+        let mut other = Connection::open(&path).unwrap();
+        share_writes(&mut other).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (started, go) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            // Released only after the append below has met the lock.
+            started.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            other.execute_batch("COMMIT").unwrap();
+        });
+        go.recv().unwrap();
+        s.append(&[ev(1, EventKind::Launched)]).unwrap();
+        holder.join().unwrap();
+        assert_eq!(s.count().unwrap(), 1);
+        // The wait gives up (SQLITE_BUSY) once LOCK_WAIT is spent, not before.
+        assert!(wait_for_lock(0));
+        let last = (SHORT_TRIES + LOCK_WAIT.as_millis() as u32) as i32;
+        assert!(wait_for_lock(last - 1));
+        assert!(!wait_for_lock(last));
     }
 
     #[test]
