@@ -55,22 +55,22 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
-/// The newest schema version this build knows.
 /// How long a writer waits for the database's write lock before its commit fails.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How a connection waits when the other writer of the state database (the event writer,
 /// the instance table's writer) holds the write lock: briefly and often, as the other's
 /// commit is tens of microseconds. SQLite's own busy handler sleeps 1 ms, then 2, 5, 10,
-/// ...: a writer that met the other's commit lost a millisecond or more (measured: 8% of
-/// the event commits beside a busy instance table took over 0.9 ms; see
-/// `docs/benchmarks.md`, "two writers"). Gives up after [`LOCK_WAIT`] (`SQLITE_BUSY`).
+/// ...: a writer that met the other's commit lost a millisecond or more (`--bench
+/// durability`, an event commit beside a busy instance table: p99 1.2-3.2 ms with SQLite's
+/// handler, 0.21 ms with this one; `docs/benchmarks.md`, "Two writers, one write lock").
+/// Gives up after about [`LOCK_WAIT`] (`SQLITE_BUSY`).
 pub fn share_writes(conn: &mut Connection) -> rusqlite::Result<()> {
     conn.busy_handler(Some(wait_for_lock))
 }
 
 /// Waits once more, or gives up: the first [`SHORT_TRIES`] waits are 20 µs (70 µs or so
-/// with the timer's slack), the next ones 1 ms, up to [`LOCK_WAIT`] in all.
+/// with the timer's slack), the next ones 1 ms, about [`LOCK_WAIT`] in all.
 fn wait_for_lock(tries: i32) -> bool {
     let tries = u32::try_from(tries).unwrap_or(0);
     let pause = if tries < SHORT_TRIES {
@@ -87,6 +87,7 @@ fn wait_for_lock(tries: i32) -> bool {
 /// See [`wait_for_lock`].
 const SHORT_TRIES: u32 = 100;
 
+/// The newest schema version this build knows.
 pub fn schema_version() -> i64 {
     MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
 }
