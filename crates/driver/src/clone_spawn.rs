@@ -90,7 +90,9 @@ struct Ctx {
     cwd: CString,
     setup: Option<crate::setup::Prepared>,
     death_parent: Option<rustix::process::Pid>,
-    plan: ExecPlan,
+    /// What to exec; `None` for a warm slot, which waits for it ([`Wait`]).
+    plan: Option<ExecPlan>,
+    wait: Option<Wait>,
 }
 
 /// A descriptor at `min` or above (so the child's `dup2` onto 0-2, or the sockets' onto
@@ -254,7 +256,8 @@ fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
         cwd,
         setup: s.setup,
         death_parent: s.death_parent,
-        plan,
+        plan: Some(plan),
+        wait: None,
     };
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
@@ -339,6 +342,318 @@ fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
         stdout: out_r,
         stderr: err_r,
     })
+}
+
+/// The most bytes of a slot's hand-over (program, argv and environment, each ending in
+/// NUL, after the header); a launch with more spawns cold.
+pub const HANDOVER_MAX: usize = 128 * 1024;
+/// The most strings (program, argv and environment together) of a hand-over.
+pub const HANDOVER_STRINGS: usize = 4096;
+/// The header of a hand-over: this tag, then the counts of argv and environment
+/// strings (u32 each, native order).
+pub const HANDOVER_TAG: u32 = u32::from_be_bytes(*b"bkho");
+const HANDOVER_HEADER: usize = 12;
+const MAX_SOCKETS: usize = bulkhead_core::sockets::MAX_SOCKETS;
+
+/// What a warm slot's child needs to take its program: the hand-over socket and the
+/// room to read it into, all allocated before the clone.
+struct Wait {
+    fd: RawFd,
+    buf: Vec<u8>,
+    ptrs: Vec<*const libc::c_char>,
+    fds: [RawFd; MAX_SOCKETS],
+    tmp: [RawFd; MAX_SOCKETS],
+}
+
+impl Wait {
+    /// Reads the hand-over (header, then program, argv and environment, each ending in
+    /// NUL; the listening sockets attached), puts the sockets at 3.. and execs. Returns
+    /// only on failure, with the errno; exits at once when the daemon's end closed first.
+    ///
+    /// # Safety
+    /// Only in a slot's child (a copy of the address space, single-threaded): raw system
+    /// calls on memory allocated before the clone, no allocation.
+    unsafe fn receive_and_exec(&mut self) -> i32 {
+        // SAFETY: recvmsg into our buffers; the cmsg walk stays within what the kernel
+        // wrote (CMSG_* check the lengths); dup2/execve on descriptors and pointers into
+        // `buf`, which holds NUL-ended strings (checked below).
+        unsafe {
+            let mut control = [0u64; (64 + MAX_SOCKETS * 4) / 8];
+            let mut iov = libc::iovec {
+                iov_base: self.buf.as_mut_ptr().cast(),
+                iov_len: self.buf.len(),
+            };
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control) as _;
+            let n = loop {
+                let r = libc::recvmsg(self.fd, &mut msg, libc::MSG_CMSG_CLOEXEC);
+                if r >= 0 || *libc::__errno_location() != libc::EINTR {
+                    break r;
+                }
+            };
+            if n < 0 {
+                return *libc::__errno_location();
+            }
+            if n == 0 {
+                // The daemon (or its slot) went before a launch took it.
+                libc::_exit(0);
+            }
+            if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+                return libc::E2BIG;
+            }
+            let mut nfds = 0;
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                    let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    for i in 0..len / std::mem::size_of::<RawFd>() {
+                        if nfds == MAX_SOCKETS {
+                            return libc::E2BIG;
+                        }
+                        self.fds[nfds] = std::ptr::read_unaligned(data.add(i));
+                        nfds += 1;
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+            let n = n as usize;
+            if n < HANDOVER_HEADER {
+                return libc::EBADMSG;
+            }
+            let word = |at: usize| {
+                u32::from_ne_bytes([
+                    self.buf[at],
+                    self.buf[at + 1],
+                    self.buf[at + 2],
+                    self.buf[at + 3],
+                ]) as usize
+            };
+            let (tag, argc, envc) = (word(0), word(4), word(8));
+            // The program, argc arguments, envc variables; two null ends.
+            if tag != HANDOVER_TAG as usize
+                || argc == 0
+                || 1 + argc + envc > HANDOVER_STRINGS
+                || 3 + argc + envc > self.ptrs.len()
+            {
+                return libc::EBADMSG;
+            }
+            // ptrs: [program, argv..., NULL, env..., NULL]
+            let mut at = HANDOVER_HEADER;
+            let mut slot = 0;
+            for i in 0..1 + argc + envc {
+                let start = at;
+                while at < n && self.buf[at] != 0 {
+                    at += 1;
+                }
+                if at == n {
+                    return libc::EBADMSG;
+                }
+                at += 1;
+                self.ptrs[slot] = self.buf.as_ptr().add(start).cast();
+                slot += 1;
+                if i == argc {
+                    self.ptrs[slot] = std::ptr::null();
+                    slot += 1;
+                }
+            }
+            self.ptrs[slot] = std::ptr::null();
+            if let Err(e) = crate::listen::install(&self.fds[..nfds], &mut self.tmp[..nfds]) {
+                return e;
+            }
+            let program = self.ptrs[0];
+            libc::execve(
+                program,
+                self.ptrs.as_ptr().add(1),
+                self.ptrs.as_ptr().add(argc + 2),
+            );
+            *libc::__errno_location()
+        }
+    }
+}
+
+/// What a warm slot's child is made with: every step of [`Spawn`] but the program.
+pub(crate) struct SlotSpawn<'a> {
+    pub cwd: &'a Path,
+    pub cgroup: Option<&'a OwnedFd>,
+    pub death_parent: Option<rustix::process::Pid>,
+    pub setup: Option<crate::setup::Prepared>,
+}
+
+/// A warm slot's child: as [`Child`], and the other end of its hand-over socket.
+#[derive(Debug)]
+pub(crate) struct SlotChild {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// Where the child first says whether its steps went through (four bytes: 0, or
+    /// the errno of the failed step), then reads its hand-over ([`write_handover`]),
+    /// then says the errno of a failed exec; a successful exec closes it.
+    pub handover: OwnedFd,
+}
+
+/// Makes a warm slot's child: the steps of [`spawn`] (its group, stdio, cgroup, signals,
+/// descriptors, setup, parent-death signal), then it waits on its hand-over socket
+/// instead of exec'ing. It is a copy of the spawner's address space (no `CLONE_VM`: it
+/// outlives this call), so a small spawner (the keeper) makes it; the hand-over's exec
+/// drops the copy. Returns at once: the child's steps are reported on the socket.
+pub(crate) fn spawn_slot(s: SlotSpawn<'_>) -> io::Result<SlotChild> {
+    let cwd = CString::new(s.cwd.as_os_str().as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a NUL byte in the working directory",
+        )
+    })?;
+    let devnull = above(
+        rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?,
+        3,
+    )?;
+    let (out_r, out_w) = pipe(3)?;
+    let (err_r, err_w) = pipe(3)?;
+    let (ours, theirs) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )?;
+    // Above every place a socket goes (3..3+n), so that putting them there leaves it.
+    let theirs = above(theirs, FIRST_FD + MAX_SOCKETS as RawFd)?;
+    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&theirs, 2 * HANDOVER_MAX);
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&ours, 2 * HANDOVER_MAX);
+    let mut ctx = Ctx {
+        devnull: devnull.as_raw_fd(),
+        out_w: out_w.as_raw_fd(),
+        err_w: err_w.as_raw_fd(),
+        // A failed step is said on the hand-over socket.
+        fail_w: theirs.as_raw_fd(),
+        errno: AtomicI32::new(0),
+        cwd,
+        setup: s.setup,
+        death_parent: s.death_parent,
+        plan: None,
+        wait: Some(Wait {
+            fd: theirs.as_raw_fd(),
+            // Reserved, not touched: the child's pages are its own once it writes.
+            buf: vec![0u8; HANDOVER_MAX],
+            ptrs: vec![std::ptr::null(); HANDOVER_STRINGS + 3],
+            fds: [-1; MAX_SOCKETS],
+            tmp: [-1; MAX_SOCKETS],
+        }),
+    };
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: CLONE_PIDFD,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    if let Some(cg) = s.cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = cg.as_raw_fd() as u64;
+    }
+    let blocked = Blocked::all()?;
+    // SAFETY: fork semantics (no CLONE_VM, no stack, no CLONE_VFORK: this thread goes on
+    // at once): the child runs `child_main` on its copy of the address space and never
+    // returns; it allocates nothing (its buffers were made above). Every signal is
+    // blocked around the clone, so no handler of ours runs in the child before it has
+    // set them to their defaults.
+    let ret = match unsafe { crate::sys::clone3(&mut args) } {
+        // SAFETY: see above; we are the child.
+        Ok(0) => unsafe { child_main(&mut ctx) },
+        Ok(pid) => Ok(pid),
+        Err(e) => Err(e),
+    };
+    drop(blocked);
+    let pid = ret?;
+    // SAFETY: CLONE_PIDFD stored a new descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    drop((out_w, err_w, devnull, theirs));
+    Ok(SlotChild {
+        pid,
+        pidfd,
+        stdout: out_r,
+        stderr: err_r,
+        handover: ours,
+    })
+}
+
+/// Writes a slot's hand-over: `program`, `argv` (`argv[0]` first) and `env` (`KEY=value`
+/// strings) with `listen` attached, in one message. Blocking; the socket has room for
+/// [`HANDOVER_MAX`] bytes.
+pub fn write_handover(
+    sock: std::os::fd::BorrowedFd<'_>,
+    program: &Path,
+    argv: &[String],
+    env: &[(String, String)],
+    listen: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<()> {
+    let strings = 1 + argv.len() + env.len();
+    if argv.is_empty() || strings > HANDOVER_STRINGS || listen.len() > MAX_SOCKETS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the hand-over has {} strings and {} sockets (at most {HANDOVER_STRINGS} and {MAX_SOCKETS})",
+                strings,
+                listen.len()
+            ),
+        ));
+    }
+    let mut msg = Vec::with_capacity(4096);
+    msg.extend_from_slice(&HANDOVER_TAG.to_ne_bytes());
+    msg.extend_from_slice(&(argv.len() as u32).to_ne_bytes());
+    msg.extend_from_slice(&(env.len() as u32).to_ne_bytes());
+    let nul =
+        |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("a NUL byte in {what}"));
+    for s in
+        std::iter::once(program.as_os_str().as_bytes()).chain(argv.iter().map(|a| a.as_bytes()))
+    {
+        if s.contains(&0) {
+            return Err(nul("the command"));
+        }
+        msg.extend_from_slice(s);
+        msg.push(0);
+    }
+    for (k, v) in env {
+        if k.contains('\0') || v.contains('\0') {
+            return Err(nul(&format!("environment variable {k}")));
+        }
+        msg.extend_from_slice(k.as_bytes());
+        msg.push(b'=');
+        msg.extend_from_slice(v.as_bytes());
+        msg.push(0);
+    }
+    if msg.len() > HANDOVER_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the command and environment take {} bytes, more than a warm slot takes ({HANDOVER_MAX})",
+                msg.len()
+            ),
+        ));
+    }
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
+    let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+    if !listen.is_empty() && !control.push(rustix::net::SendAncillaryMessage::ScmRights(listen)) {
+        return Err(io::Error::other("too many sockets for one hand-over"));
+    }
+    let n = rustix::net::sendmsg(
+        sock,
+        &[std::io::IoSlice::new(&msg)],
+        &mut control,
+        rustix::net::SendFlags::NOSIGNAL,
+    )?;
+    if n != msg.len() {
+        return Err(io::Error::other("short write of the hand-over"));
+    }
+    Ok(())
 }
 
 fn kill_and_reap(pidfd: &OwnedFd, pid: u32) {
@@ -493,7 +808,8 @@ unsafe fn child_main(c: &mut Ctx) -> ! {
         // `nofile`, which `install` needs. What stays is closed by the exec.
         let mut keep = [-1; 1 + bulkhead_core::sockets::MAX_SOCKETS];
         keep[0] = c.fail_w;
-        for (k, fd) in keep[1..].iter_mut().zip(c.plan.sockets()) {
+        let sockets = c.plan.as_ref().map_or(&[][..], |p| p.sockets());
+        for (k, fd) in keep[1..].iter_mut().zip(sockets) {
             *k = *fd;
         }
         crate::sys::close_all_but(keep);
@@ -524,9 +840,21 @@ unsafe fn child_main(c: &mut Ctx) -> ! {
                 fail(libc::ESRCH);
             }
         }
-        // Only returns on failure.
-        let e = c.plan.exec();
-        fail(e)
+        if let Some(w) = &mut c.wait {
+            // A warm slot: every step is done; say so, then wait for the program.
+            let zero = 0i32.to_ne_bytes();
+            if libc::send(w.fd, zero.as_ptr().cast(), zero.len(), libc::MSG_NOSIGNAL) < 0 {
+                fail(errno());
+            }
+            // Only returns on failure.
+            let e = w.receive_and_exec();
+            fail(e)
+        }
+        match &mut c.plan {
+            // Only returns on failure.
+            Some(plan) => fail(plan.exec()),
+            None => fail(libc::EINVAL),
+        }
     }
 }
 
@@ -534,6 +862,7 @@ unsafe fn child_main(c: &mut Ctx) -> ! {
 mod tests {
     use super::*;
     use std::io::Read;
+    use std::os::fd::AsFd;
 
     /// Each test runs both ways: with the memory shared (the default here) and as after
     /// a fork (the way of other architectures).
@@ -559,6 +888,139 @@ mod tests {
         std::fs::File::from(c.stdout.try_clone()?).read_to_string(&mut out)?;
         crate::sys::reap_blocking(c.pid)?;
         Ok((c, out))
+    }
+
+    /// Reads one message of a slot's socket: its four bytes, or `None` at its end.
+    fn said(sock: &OwnedFd) -> Option<i32> {
+        let mut b = [0u8; 8];
+        let (n, _) = rustix::net::recv(sock, &mut b, rustix::net::RecvFlags::empty()).unwrap();
+        assert!(
+            n == 0 || n == 4,
+            "a slot says four bytes or nothing, not {n}"
+        );
+        (n == 4).then(|| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// How the child ended (reaped through its pidfd).
+    fn status(pidfd: &OwnedFd) -> bulkhead_core::event::ExitStatus {
+        loop {
+            if let Some(s) = crate::sys::waitid_pidfd(pidfd).unwrap() {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    fn slot(cwd: &str) -> SlotChild {
+        spawn_slot(SlotSpawn {
+            cwd: Path::new(cwd),
+            cgroup: None,
+            death_parent: None,
+            setup: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_slot_waits_then_execs_what_it_is_handed_with_its_sockets() {
+        let c = slot("/tmp");
+        assert_eq!(said(&c.handover), Some(0), "the steps went through");
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let argv: Vec<String> = ["sh", "-c", "echo \"$A $(pwd)\"; ls -l /proc/self/fd/3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let env = vec![
+            ("A".to_string(), "handed over".to_string()),
+            ("PATH".to_string(), "/usr/bin:/bin".to_string()),
+        ];
+        write_handover(
+            c.handover.as_fd(),
+            Path::new("/bin/sh"),
+            &argv,
+            &env,
+            &[l.as_fd()],
+        )
+        .unwrap();
+        assert_eq!(
+            said(&c.handover),
+            None,
+            "a successful exec closes the socket"
+        );
+        let mut out = String::new();
+        std::fs::File::from(c.stdout.try_clone().unwrap())
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(
+            status(&c.pidfd),
+            bulkhead_core::event::ExitStatus::Exited { code: 0 }
+        );
+        assert!(out.starts_with("handed over /tmp\n"), "{out}");
+        assert!(
+            out.contains("socket:"),
+            "the socket is at 3: {out} (port {port})"
+        );
+    }
+
+    #[test]
+    fn a_slot_says_why_its_exec_failed_and_a_closed_end_ends_it() {
+        let c = slot("/");
+        assert_eq!(said(&c.handover), Some(0));
+        write_handover(
+            c.handover.as_fd(),
+            Path::new("/nonexistent/program"),
+            &["program".to_string()],
+            &[],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(said(&c.handover), Some(libc::ENOENT));
+        assert_eq!(
+            status(&c.pidfd),
+            bulkhead_core::event::ExitStatus::Exited { code: 127 }
+        );
+        // A slot nobody takes: its daemon's end closes, and it exits by itself.
+        let c = slot("/");
+        assert_eq!(said(&c.handover), Some(0));
+        drop(c.handover);
+        assert_eq!(
+            status(&c.pidfd),
+            bulkhead_core::event::ExitStatus::Exited { code: 0 }
+        );
+        // A step that fails is said first (no such working directory).
+        let c = slot("/nonexistent/dir");
+        assert_eq!(said(&c.handover), Some(libc::ENOENT));
+        assert_eq!(
+            status(&c.pidfd),
+            bulkhead_core::event::ExitStatus::Exited { code: 127 }
+        );
+    }
+
+    #[test]
+    fn a_hand_over_too_large_or_with_a_nul_is_refused_before_it_is_sent() {
+        let (a, _b) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let big = vec![("X".to_string(), "y".repeat(HANDOVER_MAX))];
+        let e = write_handover(
+            a.as_fd(),
+            Path::new("/bin/true"),
+            &["true".into()],
+            &big,
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("more than a warm slot takes"), "{e}");
+        let e = write_handover(a.as_fd(), Path::new("/bin/true"), &["t\0".into()], &[], &[])
+            .unwrap_err();
+        assert!(e.to_string().contains("NUL"), "{e}");
+        let e = write_handover(a.as_fd(), Path::new("/bin/true"), &[], &[], &[]).unwrap_err();
+        assert!(e.to_string().contains("strings"), "{e}");
     }
 
     /// The mask of `/proc/self/status`'s line `key` (hex), as the program sees it.

@@ -12,12 +12,12 @@ use crate::harness::BIN;
 struct Keeper {
     child: Child,
     _dir: tempfile::TempDir,
-    driver: KeeperDriver,
+    driver: Box<dyn bulkhead_driver::Driver>,
 }
 
 impl bulkhead_driver::conformance::DriverUnderTest for Keeper {
     fn driver(&self) -> &dyn bulkhead_driver::Driver {
-        &self.driver
+        self.driver.as_ref()
     }
 }
 
@@ -29,6 +29,11 @@ impl Drop for Keeper {
 }
 
 async fn keeper() -> Keeper {
+    keeper_made(false).await
+}
+
+/// With `warm`, every spawn goes through a warm slot (`prewarm`, then `spawn_warm`).
+async fn keeper_made(warm: bool) -> Keeper {
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(BIN)
         .args(["keeper", "--state"])
@@ -60,8 +65,22 @@ async fn keeper() -> Keeper {
     Keeper {
         child,
         _dir: dir,
-        driver,
+        driver: if warm {
+            Box::new(bulkhead_driver::conformance::WarmFirst(driver))
+        } else {
+            Box::new(driver)
+        },
     }
 }
 
 bulkhead_driver::conformance_tests!(keeper);
+
+/// The whole suite on instances spawned from warm slots: a pooled process instance
+/// behaves as a cold one.
+mod warm {
+    async fn keeper() -> super::Keeper {
+        super::keeper_made(true).await
+    }
+
+    bulkhead_driver::conformance_tests!(keeper);
+}

@@ -31,16 +31,16 @@ pub const KEEPER_DIED: ExitStatus = ExitStatus::Signaled {
 
 /// A reply to a request, with the output tap of a spawned instance (taken from the map
 /// only by the reader, so output that ends at once is not lost to the spawner).
-type Answer = (Reply, Vec<OwnedFd>, Option<Arc<OutputTap>>);
+pub(super) type Answer = (Reply, Vec<OwnedFd>, Option<Arc<OutputTap>>);
 
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     next_req: u64,
-    pending: HashMap<u64, oneshot::Sender<Answer>>,
+    pub(super) pending: HashMap<u64, oneshot::Sender<Answer>>,
     lists: HashMap<u64, mpsc::UnboundedSender<Answer>>,
-    exits: HashMap<u32, watch::Sender<Option<ExitStatus>>>,
+    pub(super) exits: HashMap<u32, watch::Sender<Option<ExitStatus>>>,
     /// The forwarded output of each instance whose output has not ended.
-    taps: HashMap<u32, Arc<OutputTap>>,
+    pub(super) taps: HashMap<u32, Arc<OutputTap>>,
     closed: bool,
     /// The daemon asked the keeper to exit: its closing the connection is expected.
     shutting_down: bool,
@@ -56,9 +56,11 @@ pub struct KeeperClient {
     /// Turns true when the connection closes (the keeper exited or died).
     closed_tx: watch::Sender<bool>,
     /// The keeper refused a spawn as full; cleared when one of its instances ends.
-    full: std::sync::atomic::AtomicBool,
+    pub(super) full: std::sync::atomic::AtomicBool,
     /// The keeper said it understands `MainPid` (see `Reply::Spawned`).
     follows_main_pid: std::sync::atomic::AtomicBool,
+    /// The keeper said it makes warm slots (`Reply::Spawned`, `Reply::ListEnd`).
+    pub(super) prewarms: std::sync::atomic::AtomicBool,
 }
 
 /// What a spawn through one keeper gave.
@@ -97,6 +99,7 @@ impl KeeperClient {
             closed_tx: watch::Sender::new(false),
             full: std::sync::atomic::AtomicBool::new(false),
             follows_main_pid: std::sync::atomic::AtomicBool::new(false),
+            prewarms: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(read_loop(Arc::downgrade(&client)));
         Ok(client)
@@ -107,11 +110,11 @@ impl KeeperClient {
         self.peer_pid
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn send(&self, req: &Request) -> io::Result<()> {
+    pub(super) async fn send(&self, req: &Request) -> io::Result<()> {
         self.send_with(req, &[]).await
     }
 
@@ -131,7 +134,7 @@ impl KeeperClient {
         }
     }
 
-    fn next_req(&self) -> u64 {
+    pub(super) fn next_req(&self) -> u64 {
         let mut st = self.state();
         st.next_req += 1;
         st.next_req
@@ -379,11 +382,15 @@ fn dispatch(
             req,
             pid,
             follows_main_pid,
+            prewarms,
             ..
         } => {
             if *follows_main_pid {
                 c.follows_main_pid
                     .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            if *prewarms {
+                c.prewarms.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             // Registered before the spawner sees the pid, so an exit or output that
             // follows at once is not lost.
@@ -442,7 +449,10 @@ fn dispatch(
                 let _ = tx.send((reply, fds, tap));
             }
         }
-        Reply::ListEnd { req } => {
+        Reply::ListEnd { req, prewarms } => {
+            if *prewarms {
+                c.prewarms.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             st.lists.remove(req);
         }
     }
@@ -664,7 +674,7 @@ impl KeeperDriver {
 
     /// A live connection to keeper `shard`: the current one, or (when that keeper died,
     /// or the shard is the next new one, and a [`Restart`] is set) a new keeper's.
-    async fn live_client(&self, shard: usize) -> Result<Arc<KeeperClient>, SpawnError> {
+    pub(super) async fn live_client(&self, shard: usize) -> Result<Arc<KeeperClient>, SpawnError> {
         let current = self.shard(shard);
         if let Some(c) = &current {
             if !c.is_closed() || self.restart.is_none() {
@@ -725,7 +735,7 @@ impl KeeperDriver {
 
     /// The handle of a keeper-held instance: its exit comes from the keeper. `moved`: the
     /// main process `MAINPID=` moved it to (adopted after the move).
-    fn handle(
+    pub(super) fn handle(
         &self,
         client: &Arc<KeeperClient>,
         instance: String,
@@ -881,6 +891,31 @@ impl Driver for KeeperDriver {
             reason: format!("the keeper did not answer: {e}"),
             fatal: true,
         })
+    }
+
+    fn prewarms(&self) -> bool {
+        true
+    }
+
+    async fn prewarm(
+        &self,
+        spec: crate::warm::WarmSpec,
+    ) -> Result<Box<dyn crate::warm::Warm>, SpawnError> {
+        Ok(Box::new(self.make_slot(spec).await?))
+    }
+
+    async fn spawn_warm(
+        &self,
+        slot: Box<dyn crate::warm::Warm>,
+        spec: SpawnSpec,
+    ) -> Result<Spawned, SpawnError> {
+        match slot.into_any().downcast::<super::warm::Slot>() {
+            Ok(slot) => self.take_slot(slot, spec).await,
+            Err(_) => Err(SpawnError::invalid(
+                &spec.instance,
+                "the warm slot was not made by the process driver",
+            )),
+        }
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {

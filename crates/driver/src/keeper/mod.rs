@@ -60,6 +60,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod client;
 pub mod server;
+mod warm;
 
 /// The most descriptors one message carries: a spawn's listening sockets (`sockets:`).
 pub const FDS_PER_MESSAGE: usize = bulkhead_core::sockets::MAX_SOCKETS + 3;
@@ -104,6 +105,29 @@ pub enum Request {
     /// reported as `Exited { pid: main }` (from the statuses of recently reaped orphans
     /// if it is gone already) and the first process's exit no longer is.
     MainPid { pid: u32, main: u32 },
+    /// Make a warm slot (`warm:`): a child that has taken every step of a spawn but the
+    /// exec (`clone_spawn::spawn_slot`) and waits for its program on a socket whose other
+    /// end the daemon gets. Answered by `Spawned` (fds: its pidfd, then that end) or
+    /// `SpawnFailed`. Sent only to a keeper that said `prewarms`.
+    Prewarm {
+        req: u64,
+        /// The slot's name (the keeper's logs say it).
+        slot: String,
+        cwd: PathBuf,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        setup: Option<Box<crate::setup::ChildSetup>>,
+    },
+    /// The daemon hands slot `pid` its program (directly, on the slot's socket): from
+    /// now on it is `instance`, with `record`, like a spawned one. Sent before the
+    /// hand-over, so a daemon that dies in between leaves an instance the next one
+    /// adopts or discards, never a slot running a program unseen.
+    Assign {
+        pid: u32,
+        instance: String,
+        record: String,
+    },
 }
 
 /// What the keeper tells the daemon.
@@ -123,6 +147,9 @@ pub enum Reply {
         /// it, so the daemon sends it only when this is set).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         follows_main_pid: bool,
+        /// This keeper understands `Prewarm` and `Assign` (likewise).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prewarms: bool,
     },
     SpawnFailed {
         req: u64,
@@ -138,10 +165,7 @@ pub enum Reply {
         full: bool,
     },
     /// The keeper reaped an instance's main process.
-    Exited {
-        pid: u32,
-        status: ExitStatus,
-    },
+    Exited { pid: u32, status: ExitStatus },
     /// One held instance (fd: its pidfd, unless it has exited).
     Instance {
         req: u64,
@@ -165,6 +189,9 @@ pub enum Reply {
     },
     ListEnd {
         req: u64,
+        /// As in `Spawned`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prewarms: bool,
     },
 }
 
@@ -350,7 +377,8 @@ mod tests {
                 pid: 2,
                 start_time: 3,
                 setup_applied: false,
-                follows_main_pid: false
+                follows_main_pid: false,
+                prewarms: false,
             }
         );
         let plain = Request::Spawn {

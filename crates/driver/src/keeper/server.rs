@@ -80,6 +80,9 @@ struct Held {
     /// The main process sd_notify `MAINPID=` moved the instance to (the daemon's
     /// `MainPid`): its exit, not the first process's, is the instance's.
     main: Option<u32>,
+    /// A warm slot no launch has taken yet (`Prewarm`, until `Assign`): not listed, and
+    /// forgotten once it exits (nobody acknowledges a slot).
+    slot: bool,
 }
 
 impl Held {
@@ -424,6 +427,18 @@ impl Keeper {
         Some(h)
     }
 
+    /// Forgets `pid`'s entry and closes what is left of its output pipes.
+    fn discard_entry(&mut self, pid: u32) {
+        if let Some(old) = self.forget(pid) {
+            for fd in old.out.into_iter().flatten() {
+                if old.watched {
+                    let _ = epoll::delete(&self.pipes, &fd);
+                }
+                self.open_pipes -= 1;
+            }
+        }
+    }
+
     fn handle(&mut self, req: Request, fds: Vec<OwnedFd>) {
         match req {
             Request::Spawn {
@@ -503,6 +518,7 @@ impl Keeper {
                             start_time,
                             setup_applied: setup.is_some(),
                             follows_main_pid: true,
+                            prewarms: true,
                         };
                         self.reply(&reply, &[pidfd.as_fd()]);
                         // The keeper's own pidfd goes: the pid stays pinned until this loop
@@ -521,14 +537,7 @@ impl Keeper {
                         // A pid reaped, acknowledged and now reused while the old
                         // instance's output (held by an escaped descendant) was still open:
                         // that output ends here.
-                        if let Some(old) = self.forget(pid) {
-                            for fd in old.out.into_iter().flatten() {
-                                if old.watched {
-                                    let _ = epoll::delete(&self.pipes, &fd);
-                                }
-                                self.open_pipes -= 1;
-                            }
-                        }
+                        self.discard_entry(pid);
                         self.held.insert(
                             pid,
                             Held {
@@ -542,6 +551,7 @@ impl Keeper {
                                 carry: None,
                                 listen: kept,
                                 main: None,
+                                slot: false,
                             },
                         );
                     }
@@ -580,7 +590,7 @@ impl Keeper {
                 let pids: Vec<u32> = self
                     .held
                     .iter()
-                    .filter(|(_, h)| !h.acked)
+                    .filter(|(_, h)| !h.acked && !h.slot)
                     .map(|(p, _)| *p)
                     .collect();
                 for pid in pids {
@@ -621,11 +631,133 @@ impl Keeper {
                         return;
                     }
                 }
-                self.reply(&Reply::ListEnd { req }, &[]);
+                self.reply(
+                    &Reply::ListEnd {
+                        req,
+                        prewarms: true,
+                    },
+                    &[],
+                );
             }
             Request::Shutdown => self.shutdown = true,
             Request::MainPid { pid, main } => self.main_pid(pid, main),
+            Request::Prewarm {
+                req,
+                slot,
+                cwd,
+                cgroup,
+                setup,
+            } => self.prewarm(req, slot, cwd, cgroup, setup),
+            Request::Assign {
+                pid,
+                instance,
+                record,
+            } => {
+                if let Some(h) = self.held.get_mut(&pid).filter(|h| h.slot) {
+                    h.instance = instance;
+                    h.record = record;
+                    h.slot = false;
+                }
+            }
         }
+    }
+
+    /// Makes a warm slot (`Request::Prewarm`) and holds it like an instance, its output
+    /// pipes included, until a launch takes it (`Assign`) or it exits.
+    fn prewarm(
+        &mut self,
+        req: u64,
+        slot: String,
+        cwd: PathBuf,
+        cgroup: Option<PathBuf>,
+        setup: Option<Box<crate::setup::ChildSetup>>,
+    ) {
+        let failed = |error: String| Reply::SpawnFailed {
+            req,
+            error,
+            exec: None,
+            full: false,
+        };
+        if self.open_pipes + 2 > self.capacity {
+            let error = format!(
+                "the keeper holds {} instances, as many as its open-files limit allows",
+                self.held.len()
+            );
+            self.reply(
+                &Reply::SpawnFailed {
+                    req,
+                    error,
+                    exec: None,
+                    full: true,
+                },
+                &[],
+            );
+            return;
+        }
+        let made = (|| {
+            let setup = setup.map(|s| s.prepare(&cwd)).transpose()?;
+            let cgroup = cgroup
+                .map(|dir| {
+                    crate::cgroup::open_cgroup_dir(&dir)
+                        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
+                })
+                .transpose()?;
+            let applied = setup.is_some();
+            crate::clone_spawn::spawn_slot(crate::clone_spawn::SlotSpawn {
+                cwd: &cwd,
+                cgroup: cgroup.as_ref(),
+                death_parent: Some(rustix::process::getpid()),
+                setup,
+            })
+            .map(|c| (c, applied))
+        })();
+        let (child, setup_applied) = match made {
+            Ok(c) => c,
+            Err(e) => {
+                self.reply(&failed(format!("cannot make warm slot {slot}: {e}")), &[]);
+                return;
+            }
+        };
+        let pid = child.pid;
+        let start_time = sys::read_stat(pid).map(|s| s.starttime).unwrap_or(0);
+        self.reply(
+            &Reply::Spawned {
+                req,
+                pid,
+                start_time,
+                setup_applied,
+                follows_main_pid: true,
+                prewarms: true,
+            },
+            &[child.pidfd.as_fd(), child.handover.as_fd()],
+        );
+        // The keeper keeps no end of the hand-over socket: the slot sees the daemon's
+        // close (its daemon died) as the end of its wait.
+        drop((child.pidfd, child.handover));
+        let mut out = [None, None];
+        for (i, fd) in [child.stdout, child.stderr].into_iter().enumerate() {
+            if rustix::io::ioctl_fionbio(&fd, true).is_ok() {
+                self.open_pipes += 1;
+                out[i] = Some(fd);
+            }
+        }
+        self.discard_entry(pid);
+        self.held.insert(
+            pid,
+            Held {
+                instance: slot,
+                record: String::new(),
+                start_time,
+                out,
+                exit: None,
+                acked: false,
+                watched: false,
+                carry: None,
+                listen: Vec::new(),
+                main: None,
+                slot: true,
+            },
+        );
     }
 
     /// sd_notify `MAINPID=`: instance `pid`'s main process is now `main`, a descendant
@@ -680,7 +812,12 @@ impl Keeper {
                         // Moved to another main process: this exit does not end it.
                         if h.main.is_none() {
                             h.exit = Some(status);
+                            let slot = h.slot;
                             self.reply(&Reply::Exited { pid, status }, &[]);
+                            if slot {
+                                // A slot no launch took: nobody acknowledges it.
+                                self.discard_entry(pid);
+                            }
                         }
                     } else {
                         if self.orphans.len() == ORPHANS_KEPT {
