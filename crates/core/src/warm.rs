@@ -2,14 +2,15 @@
 //! launch, so that a launch only hands its program over.
 //!
 //! ```yaml
-//! driver: sandbox          # or docker
+//! driver: sandbox          # or docker, or process
 //! warm: {size: 2, max_idle: 10m}
 //! ```
 //!
 //! A slot is everything of a launch that does not depend on the request: for `sandbox`
 //! the cgroups, the namespaces, the mounts and our init, waiting; for `docker` a created
 //! and started container whose first process is a small init of ours, waiting for the
-//! program. The daemon keeps `size` slots per workload, refills them in the background
+//! program; for `process` a child of the keeper in the instance's cgroup, its user,
+//! limits and working directory set, waiting for the program. The daemon keeps `size` slots per workload, refills them in the background
 //! under a global memory budget, takes one on a launch of a new key when one is ready
 //! (never waiting for one), and removes slots unused for `max_idle` (a pool that went
 //! idle is refilled on its next launch).
@@ -56,12 +57,15 @@ pub fn validate(spec: &WorkloadSpec) -> Result<(), (String, String)> {
         return Ok(());
     };
     let fail = |f: &str, r: String| Err((f.to_owned(), r));
-    if !matches!(spec.driver, DriverKind::Sandbox | DriverKind::Docker) {
+    if !matches!(
+        spec.driver,
+        DriverKind::Process | DriverKind::Sandbox | DriverKind::Docker
+    ) {
         return fail(
             "warm",
             format!(
-                "not supported by driver {}: only sandbox and docker instances can be \
-                 prepared ahead",
+                "not supported by driver {}: only process, sandbox and docker instances \
+                 can be prepared ahead",
                 spec.driver
             ),
         );
@@ -256,9 +260,13 @@ mod tests {
             field("driver: sandbox\nwarm: {size: 1, max_idle: 0s}").0,
             "warm.max_idle"
         );
-        let (f, r) = field("warm: {size: 1}");
+        // The process driver's slots are the keeper's children; the cluster engines
+        // keep none.
+        let mut process = parse("warm: {size: 1}").unwrap();
+        process.driver = DriverKind::Swarm;
+        let (f, r) = validate(&process).unwrap_err();
         assert_eq!(f, "warm");
-        assert!(r.contains("driver process"), "{r}");
+        assert!(r.contains("driver swarm"), "{r}");
         // Channels: the tenant's channel space is mounted into the slot at the hand-over.
         let with_channels =
             parse("driver: sandbox\nwarm: {size: 1}\nchannels: {inputs: [{name: a}], outputs: []}");

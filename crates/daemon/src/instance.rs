@@ -1334,12 +1334,7 @@ async fn spawn(
         // A process instance running as another user cannot reach the state directory
         // (0700): its socket is an abstract one (`@...`), which needs no file access.
         Some(r) if r.notify && spec.driver == DriverKind::Process && spec.user.is_some() => {
-            let name = format!("bulkhead-notify-{}-{}", std::process::id(), sh.next_seq());
-            Some(
-                NotifySocket::bind_abstract(&name)
-                    .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))
-                    .map_err(failed(FailureKind::Setup))?,
-            )
+            Some(abstract_notify(sh)?)
         }
         Some(r) if r.notify => {
             let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));
@@ -1469,6 +1464,11 @@ async fn prepare_warm(
     // with the hand-over.
     let listen = key_sockets(sh, slot, *port).map_err(failed(FailureKind::Setup))?;
     let notify = match &spec.readiness {
+        // As for a cold spawn: a process instance running as another user cannot reach
+        // the state directory, so its socket is an abstract one.
+        Some(r) if r.notify && spec.driver == DriverKind::Process && spec.user.is_some() => {
+            Some(abstract_notify(sh)?)
+        }
         Some(r) if r.notify => {
             let path = dir.join("notify.sock");
             Some(
@@ -1515,6 +1515,15 @@ async fn prepare_warm(
         listen,
     };
     Ok((spawn, notify))
+}
+
+/// A notify socket in the abstract namespace (`@...`), which needs no file access: for a
+/// process instance that runs as another user than the daemon's.
+fn abstract_notify(sh: &Shared) -> Result<NotifySocket, SpawnFailure> {
+    let name = format!("bulkhead-notify-{}-{}", std::process::id(), sh.next_seq());
+    NotifySocket::bind_abstract(&name)
+        .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))
+        .map_err(failed(FailureKind::Setup))
 }
 
 /// The port the key's `tcp:$PORT` socket holds, if it has one bound.

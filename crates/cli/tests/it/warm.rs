@@ -179,6 +179,111 @@ while True:
 /// launches it in a slot, which gets the listening socket with the hand-over (at 3, with
 /// `LISTEN_PID` its own pid, PID 2 under our init) and serves the connection that
 /// launched it.
+/// The pids in the cgroups of warm slots under `scope`, but `instance`'s.
+fn slot_pids(scope: &str, instance: u32) -> Vec<u32> {
+    slot_cgroups(scope)
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|p| *p != instance)
+        .collect()
+}
+
+#[test]
+fn a_new_key_launches_in_a_warm_process_slot_as_a_cold_one_and_a_killed_daemon_leaks_none() {
+    let Some(py) = system_python3() else { return };
+    if !crate::basics::is_root() {
+        eprintln!("skipped: switching users needs a daemon running as root");
+        return;
+    }
+    // As nobody, in `/`: the slot took the user, the folder and its own process group
+    // before it waited; the notify socket is an abstract one, as for a cold spawn.
+    let m = format!(
+        "name: wp\nisolation: session\nuser: nobody\nworking_dir: /\ncommand: [{py}, -c, 'import os,socket,time; n=os.environ[\"NOTIFY_SOCKET\"]; n=\"\\0\"+n[1:] if n[0]==\"@\" else n; s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); s.sendto(b\"READY=1\", n); print(\"up\", os.getuid(), os.getcwd(), os.getpgid(0)==os.getpid(), os.environ[\"PORT\"]!=\"\", os.environ[\"GREETING\"], flush=True); time.sleep(1000)']\nenv: {{GREETING: hi}}\nreadiness: {{notify: true, timeout: 30s}}\nwarm: {{size: 2}}\n"
+    );
+    let cold = m
+        .replace("name: wp", "name: cold")
+        .replace("warm: {size: 2}\n", "");
+    let mut d = Daemon::start(&[("wp", &m), ("cold", &cold)]);
+    wait_ready_slots(&d, "wp", 2);
+    let v = d.json(&["launch", "wp", "--session", "s1", "-o", "json"]);
+    assert_eq!(v["state"], "ready", "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert!(from_slot(&d, &id), "not from a slot:\n{}", d.daemon_log());
+    let c = d.json(&["launch", "cold", "--session", "s2", "-o", "json"]);
+    assert_eq!(c["state"], "ready", "{c}");
+    let cold_id = c["id"].as_str().unwrap().to_owned();
+    assert!(!from_slot(&d, &cold_id));
+    // The same process as a cold one: its user, folder, group, environment, output.
+    let said = |id: &str| {
+        let start = Instant::now();
+        loop {
+            let log = d.logs_text(id);
+            if let Some(at) = log
+                .lines()
+                .find_map(|l| l.find("up ").map(|i| l[i + 3..].to_owned()))
+            {
+                return at;
+            }
+            assert!(start.elapsed() < DEADLINE, "no output from {id}: {log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(said(&id), "65534 / True True hi");
+    assert_eq!(said(&id), said(&cold_id));
+    // In a cgroup of the process driver's scope, as a cold one.
+    let scope = format!("p{}", &cgroup_scope(&d.state)[1..]);
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    let cg = |pid: u64| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cg(u64::from(pid)).contains(&scope),
+        "{}",
+        cg(u64::from(pid))
+    );
+    assert!(cg(c["pid"].as_u64().unwrap()).contains(&scope));
+    wait_ready_slots(&d, "wp", 2);
+    let slots = slot_pids(&scope, pid);
+    assert_eq!(slots.len(), 2, "two waiting slots: {slots:?}");
+
+    // kill -9: the instance from the slot is adopted (the keeper holds it), the slots
+    // of the killed daemon end (their socket's other end closed), new ones are made.
+    d.kill9();
+    d.spawn();
+    let start = Instant::now();
+    loop {
+        let g = d.json(&["get", &id, "-o", "json"]);
+        if g["state"] == "ready" {
+            assert_eq!(g["pid"].as_u64(), Some(u64::from(pid)), "{g}");
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{id} not adopted: {g}\n{}",
+            d.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_ready_slots(&d, "wp", 2);
+    let start = Instant::now();
+    while slots.iter().any(|p| alive(*p)) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "slots of the killed daemon left: {slots:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A clean stop leaves no cgroup of an instance or a slot.
+    assert!(d.cli(&["terminate", &id]).status.success());
+    assert!(d.sigterm().success());
+    let left = instance_cgroups(&scope);
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+}
+
 #[test]
 fn an_on_connection_sandbox_launches_in_a_warm_slot_with_its_socket() {
     use std::io::Read;
