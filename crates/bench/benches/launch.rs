@@ -6,6 +6,9 @@
 //!   spawn, waiting for `READY=1`), no daemon.
 //! - **launch -> ready**: gRPC Launch(wait=ready) over the Unix socket of a real daemon
 //!   for a notify workload running the same binary, one new session per iteration.
+//! - **from a warm pool**: the same through the keeper, for the same workload with
+//!   `warm: {size: 1}`; before each sample the bench waits, outside the clock, until the
+//!   pool has its slot again, and checks that every sample took one.
 //! - **reuse**: gRPC Launch of a key that is already running.
 //! - **API round trip after idle**: gRPC Health after 2 ms with both sides idle, the state
 //!   the launch's two gRPC legs are taken in (a program's start is that long).
@@ -45,12 +48,18 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
 
     let wl = dir.path().join("workloads");
-    for (name, isolation) in [("notify", "session"), ("victim", "session")] {
+    // `pooled`: the same workload with a warm pool (the keeper's slots; the daemon
+    // without a keeper keeps none and never launches it).
+    for (name, extra) in [
+        ("notify", ""),
+        ("victim", ""),
+        ("pooled", "warm: {size: 1}\n"),
+    ] {
         std::fs::create_dir_all(wl.join(name))?;
         std::fs::write(
             wl.join(name).join("manifest.yaml"),
             format!(
-                "name: {name}\ncommand: [{}, notify-child]\nisolation: {isolation}\nreadiness: {{notify: true, timeout: 30s}}\nshutdown: {{grace: 2s}}\n",
+                "name: {name}\ncommand: [{}, notify-child]\nisolation: session\nreadiness: {{notify: true, timeout: 30s}}\nshutdown: {{grace: 2s}}\n{extra}",
                 exe.display()
             ),
         )?;
@@ -88,13 +97,17 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let floor_dir = dir.path().to_owned();
-    let (floor, launch, klaunch, reuse, idle, kill) = client_rt.block_on(async {
+    let (floor, launch, klaunch, plaunch, reuse, idle, kill) = client_rt.block_on(async {
         let mut c = bulkhead_api::connect(&socket).await?;
         let mut kc = bulkhead_api::connect(&ksocket).await?;
         for i in 0..5 {
             launch_ready(&mut kc, "notify", &format!("warm{i}")).await?;
             terminate(&mut kc, &format!("session:warm{i}:notify")).await?;
+            bulkhead_bench::wait_for_slot(&mut kc, "pooled").await?;
+            launch_ready(&mut kc, "pooled", &format!("warm{i}")).await?;
+            terminate(&mut kc, &format!("session:warm{i}:pooled")).await?;
         }
+        let hits_before = bulkhead_bench::warm_launches(&kdaemon, "pooled").0;
         // Warm up: the first launches pay for page faults in both processes.
         for i in 0..5 {
             launch_ready(&mut c, "notify", &format!("warm{i}")).await?;
@@ -106,6 +119,8 @@ fn main() -> anyhow::Result<()> {
         let mut floor = Samples::new("floor: posix_spawn + sd_notify handshake, no daemon");
         let mut launch = Samples::new("API launch -> ready (notify workload)");
         let mut klaunch = Samples::new("API launch -> ready, spawned through the keeper");
+        let mut plaunch =
+            Samples::new("API launch -> ready from a warm pool (`warm: {size: 1}`, the keeper's slot)");
         for i in 0..iterations {
             // Interleaved so that both see the same machine state.
             floor.values.push(floor_once(&exe, &floor_dir, i)?);
@@ -117,7 +132,20 @@ fn main() -> anyhow::Result<()> {
             launch_ready(&mut kc, "notify", &format!("s{i}")).await?;
             klaunch.values.push(t.elapsed());
             terminate(&mut kc, &format!("session:s{i}:notify")).await?;
+            // Not timed: the pool has its slot again (it refills while no launch runs).
+            bulkhead_bench::wait_for_slot(&mut kc, "pooled").await?;
+            let t = Instant::now();
+            launch_ready(&mut kc, "pooled", &format!("s{i}")).await?;
+            plaunch.values.push(t.elapsed());
+            terminate(&mut kc, &format!("session:s{i}:pooled")).await?;
+            // Not timed either: the refill is done before the next sample runs.
+            bulkhead_bench::wait_for_slot(&mut kc, "pooled").await?;
         }
+        let hits = bulkhead_bench::warm_launches(&kdaemon, "pooled").0 - hits_before;
+        anyhow::ensure!(
+            hits == iterations as u64,
+            "only {hits} of {iterations} pooled launches took a slot"
+        );
         eprintln!(
             "reuse launch of a running key, {} iterations",
             iterations * 5
@@ -176,7 +204,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Ok::<_, anyhow::Error>((floor, launch, klaunch, reuse, idle, kill))
+        Ok::<_, anyhow::Error>((floor, launch, klaunch, plaunch, reuse, idle, kill))
     })?;
     daemon_rt.block_on(daemon.shutdown());
     daemon_rt.block_on(kdaemon.shutdown());
@@ -188,7 +216,7 @@ fn main() -> anyhow::Result<()> {
         ms(floor.p50()),
         ms(floor.p99())
     ));
-    for l in [&launch, &klaunch] {
+    for l in [&launch, &klaunch, &plaunch] {
         report.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",
             l.name,
@@ -207,9 +235,11 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     report.push_str(&format!(
-        "\nThe keeper hop costs {} at p50 ({} vs the direct spawn).\n",
+        "\nThe keeper hop costs {} at p50 ({} vs the direct spawn). A launch from the keeper's \
+         warm slot is {} of a cold one through the keeper ({iterations} of {iterations} took a slot).\n",
         ms(klaunch.p50().saturating_sub(launch.p50())),
-        ratio(klaunch.p50(), launch.p50())
+        ratio(klaunch.p50(), launch.p50()),
+        ratio(plaunch.p50(), klaunch.p50())
     ));
     report.push_str(&format!(
         "\nTargets: launch -> ready p50 <= 1.3x floor (measured {}), reuse p99 <= 0.2 ms (measured {} ms), kill -> event p99 <= 1 ms (measured {} ms). {iterations} iterations ({} for reuse).\n",

@@ -22,7 +22,8 @@
 //!
 //! A manifest change (reload) drains the workload's pool and starts a new one; shutdown
 //! drains every pool. After a daemon crash a sandbox slot's processes are gone with it
-//! (parent-death signal) and its cgroup is swept like any stale one; the docker driver's
+//! (parent-death signal) and its cgroup is swept like any stale one; a process slot (the
+//! keeper's child) exits when its socket's daemon end closes, and its cgroup is swept; the docker driver's
 //! `recover` removes this daemon's unclaimed slot containers. Slot directories left
 //! behind are removed at start-up.
 

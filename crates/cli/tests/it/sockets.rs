@@ -265,16 +265,21 @@ fn without_sockets_a_kill_9_and_restart_refuse_connections() {
     assert!(t.refused > 0, "no refusal without socket activation: {t:?}");
 }
 
-fn check_handover(extra_args: &[&str]) {
+fn check_handover(extra_args: &[&str], warm: bool) {
     let Some(py) = system_python3() else { return };
     let d = Daemon::start_with_args(&[], extra_args);
     let m = format!(
-        "name: chk\ncommand: [{py}, -c, {CHECKER:?}]\nrestart: {{policy: always}}\nsockets:\n  - {{name: http, listen: \"tcp:$PORT\"}}\n  - {{name: admin, listen: \"unix:admin.sock\"}}\n"
+        "name: chk\ncommand: [{py}, -c, {CHECKER:?}]\nrestart: {{policy: always}}\nsockets:\n  - {{name: http, listen: \"tcp:$PORT\"}}\n  - {{name: admin, listen: \"unix:admin.sock\"}}\n{}",
+        if warm { "warm: {size: 1}\n" } else { "" }
     );
     workload(&d, "chk", &m, &[]);
+    if warm {
+        crate::warm::wait_ready_slots(&d, "chk", 1);
+    }
     let v = d.json(&["launch", "chk", "-o", "json"]);
     let port = v["port"].as_u64().unwrap();
     let id = "ns:default:chk";
+    assert_eq!(crate::warm::from_slot(&d, id), warm, "{}", d.daemon_log());
     for run in 1..=2u64 {
         let v = wait_get(&d, id, "running", |v| {
             v["restarts"].as_u64() == Some(run - 1) && v["pid"].as_u64().is_some()
@@ -353,12 +358,19 @@ fn check_handover(extra_args: &[&str]) {
 
 #[test]
 fn sockets_reach_the_program_with_listen_pid_and_names_through_the_keeper() {
-    check_handover(&[]);
+    check_handover(&[], false);
 }
 
 #[test]
 fn sockets_reach_the_program_with_listen_pid_and_names_without_keeper() {
-    check_handover(&["--no-keeper"]);
+    check_handover(&["--no-keeper"], false);
+}
+
+/// The first run from the keeper's warm slot (the daemon writes the sockets to it), the
+/// restart cold or from the refilled slot: the same sockets, names and pid either way.
+#[test]
+fn sockets_reach_the_program_with_listen_pid_and_names_from_a_warm_process_slot() {
+    check_handover(&[], true);
 }
 
 #[test]

@@ -30,7 +30,10 @@
 //!   until its entry goes, and hands them back with it on `List`, so they outlive a
 //!   daemon crash;
 //! - stores an opaque record per instance (the daemon's JSON: key, spec as launched,
-//!   counters) and returns it on `List`, which is how a restarted daemon adopts instances.
+//!   counters) and returns it on `List`, which is how a restarted daemon adopts instances;
+//! - makes warm slots (`Prewarm`): children that took every step of a spawn but the exec
+//!   and wait for a program the daemon writes to them directly; a slot is not listed
+//!   until `Assign` makes it an instance, and is forgotten once it exits (`warm.rs`).
 //!
 //! **Shards.** A keeper holds two descriptors per instance, so its open-files limit caps
 //! how many it can hold; past that it refuses a spawn as `full` and the daemon starts the
