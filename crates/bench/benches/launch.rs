@@ -119,8 +119,9 @@ fn main() -> anyhow::Result<()> {
         let mut floor = Samples::new("floor: posix_spawn + sd_notify handshake, no daemon");
         let mut launch = Samples::new("API launch -> ready (notify workload)");
         let mut klaunch = Samples::new("API launch -> ready, spawned through the keeper");
-        let mut plaunch =
-            Samples::new("API launch -> ready from a warm pool (`warm: {size: 1}`, the keeper's slot)");
+        let mut plaunch = Samples::new(
+            "API launch -> ready from a warm pool (`warm: {size: 1}`, the keeper's slot)",
+        );
         for i in 0..iterations {
             // Interleaved so that both see the same machine state.
             floor.values.push(floor_once(&exe, &floor_dir, i)?);

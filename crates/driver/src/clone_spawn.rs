@@ -841,7 +841,9 @@ unsafe fn child_main(c: &mut Ctx) -> ! {
             }
         }
         if let Some(w) = &mut c.wait {
-            // A warm slot: every step is done; say so, then wait for the program.
+            // A warm slot: every step is done; say so, then wait for the program. Named
+            // for `ps -o comm` and top while it waits (its exec names it again).
+            libc::prctl(libc::PR_SET_NAME, c"bulkhead-slot".as_ptr(), 0, 0, 0);
             let zero = 0i32.to_ne_bytes();
             if libc::send(w.fd, zero.as_ptr().cast(), zero.len(), libc::MSG_NOSIGNAL) < 0 {
                 fail(errno());
@@ -925,6 +927,8 @@ mod tests {
     fn a_slot_waits_then_execs_what_it_is_handed_with_its_sockets() {
         let c = slot("/tmp");
         assert_eq!(said(&c.handover), Some(0), "the steps went through");
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", c.pid)).unwrap();
+        assert_eq!(comm, "bulkhead-slot\n", "named while it waits");
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let argv: Vec<String> = ["sh", "-c", "echo \"$A $(pwd)\"; ls -l /proc/self/fd/3"]

@@ -875,6 +875,21 @@ impl<D: Driver> Driver for WarmFirst<D> {
     fn prewarms(&self) -> bool {
         self.0.prewarms()
     }
+
+    async fn prewarm(
+        &self,
+        spec: crate::warm::WarmSpec,
+    ) -> Result<Box<dyn crate::warm::Warm>, crate::SpawnError> {
+        self.0.prewarm(spec).await
+    }
+
+    async fn spawn_warm(
+        &self,
+        slot: Box<dyn crate::warm::Warm>,
+        spec: SpawnSpec,
+    ) -> Result<Spawned, crate::SpawnError> {
+        self.0.spawn_warm(slot, spec).await
+    }
 }
 
 /// What [`WarmFirst`] does for one spawn, for suites that hold their driver by reference.

@@ -220,6 +220,13 @@ pub fn run(state_dir: &Path, shard: usize) -> Result<(), KeeperError> {
                 fds.get(3).is_some_and(|f| !f.revents().is_empty()),
             )
         };
+        // ORDER: the daemon's requests before the reaping. A launch from a warm slot
+        // sends `Assign` before it hands the slot its program, so by the time the
+        // program has run and exited, the `Assign` waits on the socket: handled first,
+        // the exit is an instance's (its output kept), not a slot's (forgotten at once).
+        if client_ready {
+            k.serve_client(&mut buf);
+        }
         if sig_ready {
             drain_signalfd(&sigfd);
             k.reap();
@@ -236,9 +243,6 @@ pub fn run(state_dir: &Path, shard: usize) -> Result<(), KeeperError> {
                 k.client = Some(c);
                 k.unwatch_all();
             }
-        }
-        if client_ready {
-            k.serve_client(&mut buf);
         }
         if client_writable {
             k.flush_pending();

@@ -113,6 +113,10 @@ async fn end(client: &Arc<KeeperClient>, pid: u32, l: Live) {
     drop(l.handover);
     let mut exit = client.exit_watch(pid);
     let _ = exit.wait_for(Option::is_some).await;
+    // An assigned slot whose exec failed is an instance to the keeper: it forgets it
+    // once acknowledged and its output pipes have ended, which it reads only when asked
+    // (a slot never assigned is forgotten at its exit, and this is a no-op).
+    let _ = client.send(&Request::Attach { pid }).await;
     client.ack(pid).await;
     client.forget_slot(pid);
     if let Some(cg) = l.cgroup {
