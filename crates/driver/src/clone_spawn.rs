@@ -491,7 +491,7 @@ pub(crate) struct SlotChild {
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     /// Where the child first says whether its steps went through (four bytes: 0, or
-    /// the errno of the failed step), then reads its hand-over ([`write_handover`]),
+    /// the errno of the failed step), then reads its hand-over ([`handover_message`]),
     /// then says the errno of a failed exec; a successful exec closes it.
     pub handover: OwnedFd,
 }
@@ -585,24 +585,22 @@ pub(crate) fn spawn_slot(s: SlotSpawn<'_>) -> io::Result<SlotChild> {
     })
 }
 
-/// Writes a slot's hand-over: `program`, `argv` (`argv[0]` first) and `env` (`KEY=value`
-/// strings) with `listen` attached, in one message. Blocking; the socket has room for
-/// [`HANDOVER_MAX`] bytes.
-pub fn write_handover(
-    sock: std::os::fd::BorrowedFd<'_>,
+/// A slot's hand-over message: `program`, `argv` (`argv[0]` first) and `env` (`KEY=value`
+/// strings) after the header; for [`send_handover`] with at most `sockets` sockets.
+/// Refused (nothing sent yet) when it does not fit a slot.
+pub fn handover_message(
     program: &Path,
     argv: &[String],
     env: &[(String, String)],
-    listen: &[std::os::fd::BorrowedFd<'_>],
-) -> io::Result<()> {
+    sockets: usize,
+) -> io::Result<Vec<u8>> {
     let strings = 1 + argv.len() + env.len();
-    if argv.is_empty() || strings > HANDOVER_STRINGS || listen.len() > MAX_SOCKETS {
+    if argv.is_empty() || strings > HANDOVER_STRINGS || sockets > MAX_SOCKETS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
                 "the hand-over has {} strings and {} sockets (at most {HANDOVER_STRINGS} and {MAX_SOCKETS})",
-                strings,
-                listen.len()
+                strings, sockets
             ),
         ));
     }
@@ -639,6 +637,16 @@ pub fn write_handover(
             ),
         ));
     }
+    Ok(msg)
+}
+
+/// Sends a [`handover_message`] with `listen` attached, in one message (the socket has
+/// room for [`HANDOVER_MAX`] bytes).
+pub fn send_handover(
+    sock: std::os::fd::BorrowedFd<'_>,
+    msg: &[u8],
+    listen: &[std::os::fd::BorrowedFd<'_>],
+) -> io::Result<()> {
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
     let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
     if !listen.is_empty() && !control.push(rustix::net::SendAncillaryMessage::ScmRights(listen)) {
@@ -646,7 +654,7 @@ pub fn write_handover(
     }
     let n = rustix::net::sendmsg(
         sock,
-        &[std::io::IoSlice::new(&msg)],
+        &[std::io::IoSlice::new(msg)],
         &mut control,
         rustix::net::SendFlags::NOSIGNAL,
     )?;
@@ -939,14 +947,8 @@ mod tests {
             ("A".to_string(), "handed over".to_string()),
             ("PATH".to_string(), "/usr/bin:/bin".to_string()),
         ];
-        write_handover(
-            c.handover.as_fd(),
-            Path::new("/bin/sh"),
-            &argv,
-            &env,
-            &[l.as_fd()],
-        )
-        .unwrap();
+        let msg = handover_message(Path::new("/bin/sh"), &argv, &env, 1).unwrap();
+        send_handover(c.handover.as_fd(), &msg, &[l.as_fd()]).unwrap();
         assert_eq!(
             said(&c.handover),
             None,
@@ -971,14 +973,14 @@ mod tests {
     fn a_slot_says_why_its_exec_failed_and_a_closed_end_ends_it() {
         let c = slot("/");
         assert_eq!(said(&c.handover), Some(0));
-        write_handover(
-            c.handover.as_fd(),
+        let msg = handover_message(
             Path::new("/nonexistent/program"),
-            &["program".to_string()],
+            &["program".into()],
             &[],
-            &[],
+            0,
         )
         .unwrap();
+        send_handover(c.handover.as_fd(), &msg, &[]).unwrap();
         assert_eq!(said(&c.handover), Some(libc::ENOENT));
         assert_eq!(
             status(&c.pidfd),
@@ -1003,28 +1005,15 @@ mod tests {
 
     #[test]
     fn a_hand_over_too_large_or_with_a_nul_is_refused_before_it_is_sent() {
-        let (a, _b) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
         let big = vec![("X".to_string(), "y".repeat(HANDOVER_MAX))];
-        let e = write_handover(
-            a.as_fd(),
-            Path::new("/bin/true"),
-            &["true".into()],
-            &big,
-            &[],
-        )
-        .unwrap_err();
+        let e = handover_message(Path::new("/bin/true"), &["true".into()], &big, 0).unwrap_err();
         assert!(e.to_string().contains("more than a warm slot takes"), "{e}");
-        let e = write_handover(a.as_fd(), Path::new("/bin/true"), &["t\0".into()], &[], &[])
-            .unwrap_err();
+        let e = handover_message(Path::new("/bin/true"), &["t\0".into()], &[], 0).unwrap_err();
         assert!(e.to_string().contains("NUL"), "{e}");
-        let e = write_handover(a.as_fd(), Path::new("/bin/true"), &[], &[], &[]).unwrap_err();
+        let e = handover_message(Path::new("/bin/true"), &[], &[], 0).unwrap_err();
         assert!(e.to_string().contains("strings"), "{e}");
+        let e = handover_message(Path::new("/bin/true"), &["t".into()], &[], 17).unwrap_err();
+        assert!(e.to_string().contains("sockets"), "{e}");
     }
 
     /// The mask of `/proc/self/status`'s line `key` (hex), as the program sees it.

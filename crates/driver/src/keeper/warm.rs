@@ -360,6 +360,22 @@ impl KeeperDriver {
             };
             (k, v)
         }));
+        // Refused before the keeper hears of it: the slot goes, the launch spawns cold.
+        let msg = match crate::clone_spawn::handover_message(
+            &program,
+            &spec.argv,
+            &env,
+            spec.listen.len(),
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                end(&client, pid, live).await;
+                return Err(SpawnError::invalid(
+                    &id,
+                    format!("warm slot {}: {e}", slot.warm.slot),
+                ));
+            }
+        };
         let record = Record {
             spec: (*spec.spec).clone(),
             env: spec.env.clone(),
@@ -395,15 +411,9 @@ impl KeeperDriver {
                 Ok(g) => g,
                 Err(e) => break Err(e),
             };
-            match guard.try_io(|fd| {
-                crate::clone_spawn::write_handover(
-                    fd.get_ref().as_fd(),
-                    &program,
-                    &spec.argv,
-                    &env,
-                    &fds,
-                )
-            }) {
+            match guard
+                .try_io(|fd| crate::clone_spawn::send_handover(fd.get_ref().as_fd(), &msg, &fds))
+            {
                 Ok(r) => break r,
                 Err(_would_block) => continue,
             }
