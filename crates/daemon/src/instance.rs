@@ -1300,7 +1300,10 @@ async fn spawn(
     // instance is ready or its run ended (`publish_view` drops the mark).
     *slot.launching.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(crate::warm::Pools::launching(sh));
-    if let Some(ready) = sh.warm.take(sh, slot) {
+    // A restart keeps its address (below), which a slot's fixed port would change: only
+    // a key's first run takes a slot.
+    let first_run = *port == 0;
+    if let Some(ready) = first_run.then(|| sh.warm.take(sh, slot)).flatten() {
         let name = ready.name.clone();
         match spawn_warm(sh, slot, &driver, ready, port, env).await {
             Ok(s) => return Ok(s),

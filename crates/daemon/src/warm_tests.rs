@@ -34,6 +34,8 @@ struct Fake {
     /// Spawns: (instance, from slot name or cold, env).
     spawns: Mutex<Vec<SpawnRecord>>,
     discarded: Mutex<Vec<String>>,
+    /// Each spawn's exit, to end its run.
+    exits: Mutex<Vec<Arc<watch::Sender<Option<ExitStatus>>>>>,
 }
 
 struct FakeSlot {
@@ -67,7 +69,7 @@ struct FakeDriver(Arc<Fake>);
 
 static PID: AtomicU32 = AtomicU32::new(4_100_000);
 
-struct Run(watch::Sender<Option<ExitStatus>>, u32);
+struct Run(Arc<watch::Sender<Option<ExitStatus>>>, u32);
 
 #[async_trait]
 impl InstanceHandle for Run {
@@ -98,11 +100,10 @@ impl FakeDriver {
             .lock()
             .unwrap()
             .push((spec.instance.to_string(), slot, spec.env));
+        let exit = Arc::new(watch::Sender::new(None));
+        self.0.exits.lock().unwrap().push(exit.clone());
         Spawned {
-            handle: Arc::new(Run(
-                watch::Sender::new(None),
-                PID.fetch_add(1, Ordering::Relaxed),
-            )),
+            handle: Arc::new(Run(exit, PID.fetch_add(1, Ordering::Relaxed))),
             stdout: None,
             stderr: None,
             tap: None,
@@ -178,6 +179,8 @@ impl Rig {
         let fake = Arc::new(Fake::default());
         sh.drivers
             .insert(DriverKind::Sandbox, Arc::new(FakeDriver(fake.clone())));
+        sh.drivers
+            .insert(DriverKind::Process, Arc::new(FakeDriver(fake.clone())));
         let rig = Rig {
             sh: Arc::new(sh),
             fake,
@@ -190,8 +193,13 @@ impl Rig {
 
     /// Writes the workload's manifest with `warm` and rescans.
     fn manifest(&self, warm: &str) {
+        self.write(&format!("{MANIFEST}{warm}"));
+    }
+
+    /// Writes the workload's whole manifest and rescans.
+    fn write(&self, manifest: &str) {
         let path = self.dir.path().join("workloads/w/manifest.yaml");
-        std::fs::write(path, format!("{MANIFEST}{warm}")).unwrap();
+        std::fs::write(path, manifest).unwrap();
         self.sh.rescan();
     }
 
@@ -384,4 +392,41 @@ async fn a_tenant_that_holds_a_range_spawns_cold_and_shutdown_discards_every_slo
         .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A restart keeps its instance's address: it spawns cold with the port of its first run
+/// (a slot's port was fixed when it was made), while a new key still takes a slot. (A
+/// process workload: no id range keeps its restarts out of the slots.)
+#[tokio::test(start_paused = true)]
+async fn a_restart_keeps_its_port_and_spawns_cold() {
+    let r = Rig::new("", 1 << 20);
+    r.write(
+        "name: w\ncommand: [fake]\nisolation: session\nreadiness: {notify: true}\n\
+         restart: {policy: always}\nwarm: {size: 2}\n",
+    );
+    settle().await;
+    assert_eq!(r.ready(), 2);
+    let _slot = r.launch("s1").await;
+    let first = r.fake.exits.lock().unwrap()[0].clone();
+    first.send_replace(Some(ExitStatus::Exited { code: 1 }));
+    let start = tokio::time::Instant::now();
+    while r.fake.spawns.lock().unwrap().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "never restarted"
+        );
+        settle().await;
+    }
+    let spawns = r.fake.spawns.lock().unwrap().clone();
+    let port = |env: &Vec<(String, String)>| {
+        env.iter()
+            .find(|(k, _)| k == "PORT")
+            .map(|(_, v)| v.clone())
+    };
+    assert!(spawns[0].1.is_some(), "the first run came from a slot");
+    assert_eq!(spawns[1].1, None, "the restart spawned cold");
+    assert_eq!(port(&spawns[1].2), port(&spawns[0].2), "the same address");
+    let _other = r.launch("s2").await;
+    let spawns = r.fake.spawns.lock().unwrap().clone();
+    assert!(spawns[2].1.is_some(), "a new key takes a slot");
 }
