@@ -143,6 +143,18 @@ impl KeeperClient {
     }
 }
 
+/// How long a new slot may take to say its steps went through.
+const FIRST_WORD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the keeper answered a `Prewarm` with.
+struct Made {
+    client: Arc<KeeperClient>,
+    pid: u32,
+    pidfd: OwnedFd,
+    handover: AsyncFd<OwnedFd>,
+    tap: Arc<OutputTap>,
+}
+
 fn slot_error(slot: &str, reason: impl std::fmt::Display) -> SpawnError {
     SpawnError::Keeper {
         reason: format!("cannot make warm slot {slot}: {reason}"),
@@ -176,7 +188,13 @@ impl KeeperDriver {
         let made = self
             .prewarm_at(&name, cwd, cgroup.as_ref(), setup.clone())
             .await;
-        let (client, pid, pidfd, handover, tap) = match made {
+        let Made {
+            client,
+            pid,
+            pidfd,
+            handover,
+            tap,
+        } = match made {
             Ok(m) => m,
             Err(e) => {
                 if let Some(cg) = cgroup {
@@ -185,37 +203,35 @@ impl KeeperDriver {
                 return Err(e);
             }
         };
-        let mut slot = Slot {
-            warm,
-            client: Arc::clone(&client),
-            pid,
-            live: Some(Live {
-                pidfd,
-                handover,
-                tap,
-                cgroup,
-            }),
+        let live = Live {
+            pidfd,
+            handover,
+            tap,
+            cgroup,
         };
         // The child's first word: its steps went through (0), or the errno of the one
-        // that failed (then it exits).
-        let said = match &slot.live {
-            Some(l) => said(&l.handover).await,
-            None => Ok(None),
-        };
-        match said {
-            Ok(Some(0)) => Ok(slot),
-            other => {
-                let reason = match other {
-                    Ok(Some(errno)) => io::Error::from_raw_os_error(errno).to_string(),
-                    Ok(None) => "it exited before it was ready".to_owned(),
-                    Err(e) => e.to_string(),
-                };
-                if let Some(l) = slot.live.take() {
-                    end(&client, pid, l).await;
-                }
-                Err(slot_error(&name, reason))
+        // that failed (then it exits). Bounded: a slot stuck in its steps (a working
+        // directory on a hung file system) must not hold the pools' one maker.
+        let first = tokio::time::timeout(FIRST_WORD, said(&live.handover)).await;
+        let reason = match first {
+            Ok(Ok(Some(0))) => {
+                return Ok(Slot {
+                    warm,
+                    client,
+                    pid,
+                    live: Some(live),
+                })
             }
-        }
+            Ok(Ok(Some(errno))) => io::Error::from_raw_os_error(errno).to_string(),
+            Ok(Ok(None)) => "it exited before it was ready".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!(
+                "its steps took more than {} s; killed",
+                FIRST_WORD.as_secs()
+            ),
+        };
+        end(&client, pid, live).await;
+        Err(slot_error(&name, reason))
     }
 
     /// Asks the first keeper that is not full for a slot; the next one when it is.
@@ -225,16 +241,7 @@ impl KeeperDriver {
         cwd: std::path::PathBuf,
         cgroup: Option<&InstanceCgroup>,
         setup: Option<Box<crate::setup::ChildSetup>>,
-    ) -> Result<
-        (
-            Arc<KeeperClient>,
-            u32,
-            OwnedFd,
-            AsyncFd<OwnedFd>,
-            Arc<OutputTap>,
-        ),
-        SpawnError,
-    > {
+    ) -> Result<Made, SpawnError> {
         let mut shard = self
             .clients()
             .iter()
@@ -284,7 +291,13 @@ impl KeeperDriver {
                         )
                     }
                     .map_err(|e| slot_error(name, e.into_parts().1))?;
-                    return Ok((client, pid, pidfd, handover, tap));
+                    return Ok(Made {
+                        client,
+                        pid,
+                        pidfd,
+                        handover,
+                        tap,
+                    });
                 }
                 Ok((Reply::SpawnFailed { full: true, .. }, _, _)) => {
                     client.full.store(true, std::sync::atomic::Ordering::SeqCst);
