@@ -95,6 +95,40 @@ struct Ctx {
     wait: Option<Wait>,
 }
 
+/// What every child is given: its working directory (as a C string), `/dev/null` for
+/// its stdin, pipes for its stdout and stderr (read end, write end).
+struct Stdio {
+    cwd: CString,
+    devnull: OwnedFd,
+    out: (OwnedFd, OwnedFd),
+    err: (OwnedFd, OwnedFd),
+}
+
+impl Stdio {
+    fn new(cwd: &Path) -> io::Result<Stdio> {
+        let cwd = CString::new(cwd.as_os_str().as_bytes()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a NUL byte in the working directory",
+            )
+        })?;
+        let devnull = above(
+            rustix::fs::open(
+                "/dev/null",
+                rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?,
+            3,
+        )?;
+        Ok(Stdio {
+            cwd,
+            devnull,
+            out: pipe(3)?,
+            err: pipe(3)?,
+        })
+    }
+}
+
 /// A descriptor at `min` or above (so the child's `dup2` onto 0-2, or the sockets' onto
 /// 3.., cannot overwrite it), close-on-exec.
 fn above(fd: OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
@@ -225,22 +259,12 @@ pub const SHARED_MEMORY_SPAWN: bool = cfg!(any(target_arch = "x86_64", target_ar
 /// [`spawn`], sharing the memory with the child (`CLONE_VM`) or not: the tests run both.
 fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
     let plan = ExecPlan::new(s.program, s.argv, s.env, s.listen)?;
-    let cwd = CString::new(s.cwd.as_os_str().as_bytes()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "a NUL byte in the working directory",
-        )
-    })?;
-    let devnull = above(
-        rustix::fs::open(
-            "/dev/null",
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?,
-        3,
-    )?;
-    let (out_r, out_w) = pipe(3)?;
-    let (err_r, err_w) = pipe(3)?;
+    let Stdio {
+        cwd,
+        devnull,
+        out: (out_r, out_w),
+        err: (err_r, err_w),
+    } = Stdio::new(s.cwd)?;
     // Above every place a socket goes (3..3+n), so that putting them there leaves it.
     let fail = if shared_memory {
         None
@@ -502,22 +526,12 @@ pub(crate) struct SlotChild {
 /// outlives this call), so a small spawner (the keeper) makes it; the hand-over's exec
 /// drops the copy. Returns at once: the child's steps are reported on the socket.
 pub(crate) fn spawn_slot(s: SlotSpawn<'_>) -> io::Result<SlotChild> {
-    let cwd = CString::new(s.cwd.as_os_str().as_bytes()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "a NUL byte in the working directory",
-        )
-    })?;
-    let devnull = above(
-        rustix::fs::open(
-            "/dev/null",
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?,
-        3,
-    )?;
-    let (out_r, out_w) = pipe(3)?;
-    let (err_r, err_w) = pipe(3)?;
+    let Stdio {
+        cwd,
+        devnull,
+        out: (out_r, out_w),
+        err: (err_r, err_w),
+    } = Stdio::new(s.cwd)?;
     let (ours, theirs) = rustix::net::socketpair(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::SEQPACKET,

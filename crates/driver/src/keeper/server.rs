@@ -431,6 +431,42 @@ impl Keeper {
         Some(h)
     }
 
+    /// Refuses request `req` as `full` when `fds` more descriptors would pass the limit.
+    fn refused_as_full(&mut self, req: u64, fds: u64) -> bool {
+        if self.open_pipes + fds <= self.capacity {
+            return false;
+        }
+        let error = format!(
+            "the keeper holds {} instances, as many as its open-files limit allows",
+            self.held.len()
+        );
+        self.reply(
+            &Reply::SpawnFailed {
+                req,
+                error,
+                exec: None,
+                full: true,
+            },
+            &[],
+        );
+        true
+    }
+
+    /// `pid`'s stdout and stderr read ends, non-blocking and counted (read once the
+    /// daemon attaches its log).
+    fn take_pipes(&mut self, pid: u32, pipes: [OwnedFd; 2]) -> [Option<OwnedFd>; 2] {
+        let mut out = [None, None];
+        for (i, fd) in pipes.into_iter().enumerate() {
+            if rustix::io::ioctl_fionbio(&fd, true).is_ok() {
+                self.open_pipes += 1;
+                out[i] = Some(fd);
+            } else {
+                eprintln!("bulkhead keeper: cannot read the output of pid {pid}");
+            }
+        }
+        out
+    }
+
     /// Forgets `pid`'s entry and closes what is left of its output pipes.
     fn discard_entry(&mut self, pid: u32) {
         if let Some(old) = self.forget(pid) {
@@ -484,20 +520,7 @@ impl Keeper {
                     );
                     return;
                 };
-                if self.open_pipes + 2 + listen.len() as u64 > self.capacity {
-                    let error = format!(
-                        "the keeper holds {} instances, as many as its open-files limit allows",
-                        self.held.len()
-                    );
-                    self.reply(
-                        &Reply::SpawnFailed {
-                            req,
-                            error,
-                            exec: None,
-                            full: true,
-                        },
-                        &[],
-                    );
+                if self.refused_as_full(req, 2 + listen.len() as u64) {
                     return;
                 }
                 match spawn(
@@ -529,15 +552,7 @@ impl Keeper {
                         // reaps it, and a new one is opened whenever one is handed over.
                         drop(pidfd);
                         // Read once the daemon attaches the log (`Attach`).
-                        let mut out = [None, None];
-                        for (i, fd) in [stdout, stderr].into_iter().enumerate() {
-                            if rustix::io::ioctl_fionbio(&fd, true).is_ok() {
-                                self.open_pipes += 1;
-                                out[i] = Some(fd);
-                            } else {
-                                eprintln!("bulkhead keeper: cannot read the output of pid {pid}");
-                            }
-                        }
+                        let out = self.take_pipes(pid, [stdout, stderr]);
                         // A pid reaped, acknowledged and now reused while the old
                         // instance's output (held by an escaped descendant) was still open:
                         // that output ends here.
@@ -682,20 +697,7 @@ impl Keeper {
             exec: None,
             full: false,
         };
-        if self.open_pipes + 2 > self.capacity {
-            let error = format!(
-                "the keeper holds {} instances, as many as its open-files limit allows",
-                self.held.len()
-            );
-            self.reply(
-                &Reply::SpawnFailed {
-                    req,
-                    error,
-                    exec: None,
-                    full: true,
-                },
-                &[],
-            );
+        if self.refused_as_full(req, 2) {
             return;
         }
         let made = (|| {
@@ -738,13 +740,7 @@ impl Keeper {
         // The keeper keeps no end of the hand-over socket: the slot sees the daemon's
         // close (its daemon died) as the end of its wait.
         drop((child.pidfd, child.handover));
-        let mut out = [None, None];
-        for (i, fd) in [child.stdout, child.stderr].into_iter().enumerate() {
-            if rustix::io::ioctl_fionbio(&fd, true).is_ok() {
-                self.open_pipes += 1;
-                out[i] = Some(fd);
-            }
-        }
+        let out = self.take_pipes(pid, [child.stdout, child.stderr]);
         self.discard_entry(pid);
         self.held.insert(
             pid,
