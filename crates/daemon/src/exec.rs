@@ -191,8 +191,9 @@ pub(crate) async fn exec(
         id: id.clone(),
         source,
     };
+    let mut relay = None;
     if let Some(target) = slot.exec_target() {
-        enter(&mut cmd, target, &cwd).map_err(spawn_err)?;
+        relay = Some(enter(&mut cmd, target, &cwd, start.tty).map_err(spawn_err)?);
     } else {
         // On the host, as the instance runs: its user, groups, limits and umask.
         let setup = bulkhead_driver::setup::host_setup(&slot.spec())
@@ -206,9 +207,9 @@ pub(crate) async fn exec(
         }
     }
     let (child, io) = if start.tty {
-        spawn_tty(cmd, start.size.unwrap_or(DEFAULT_SIZE))
+        spawn_tty(cmd, start.size.unwrap_or(DEFAULT_SIZE), relay.as_ref())
     } else {
-        spawn_piped(cmd)
+        spawn_piped(cmd, relay.as_ref())
     }
     .map_err(spawn_err)?;
     tracing::debug!(instance = %id, pid = child.pid(), argv = ?argv, tty = start.tty, "exec started");
@@ -218,23 +219,32 @@ pub(crate) async fn exec(
     Ok(ReceiverStream::new(rx))
 }
 
-/// Makes `cmd` run inside a walled-off instance: the spawned child (the daemon's, in its
-/// own process group) enters the instance's namespaces through its pidfd and joins its
-/// cgroups, then forks: `setns(CLONE_NEWPID)` only moves the children of the caller. The
-/// fork runs the command with the instance's own restrictions
-/// ([`bulkhead_driver::restrict`]: bounding set, user, capabilities, `no_new_privs`,
-/// seccomp); the first process closes every descriptor (so the spawn's exec-status pipe
-/// and the output pipes see their ends), waits for it and ends the same way: same exit
-/// code, or the same signal re-raised. With a user namespace among the instance's
-/// namespaces the command becomes root *inside* it (the mapped, unprivileged uid on the
-/// host), never the host's root, and then the instance's user, if it has one.
+/// Makes `cmd` run inside a walled-off instance. The process the daemon spawns is a relay
+/// ([`bulkhead_driver::reaper::spawn_relayed`]): it enters the instance's namespaces
+/// through its pidfd and joins its cgroups, then clones the command with `CLONE_PARENT`
+/// (`setns(CLONE_NEWPID)` only moves the children of the caller; `CLONE_PARENT` makes
+/// the command the daemon's own child, which the daemon reaps and signals itself), says
+/// the command's pid through the returned pipe and exits: a copy of the daemon lives for
+/// the relay's few system calls, not for the command's life. The command leads its own
+/// process group (or, with `tty`, its session, made by the terminal's hook) and takes
+/// the instance's own restrictions ([`bulkhead_driver::restrict`]: bounding set, user,
+/// capabilities, `no_new_privs`, seccomp) before its exec. With a user namespace among
+/// the instance's namespaces the command becomes root *inside* it (the mapped,
+/// unprivileged uid on the host), never the host's root, and then the instance's user,
+/// if it has one.
 fn enter(
     cmd: &mut Command,
     t: bulkhead_driver::ExecTarget,
     cwd: &std::path::Path,
-) -> std::io::Result<()> {
+    tty: bool,
+) -> std::io::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
+    // The relay's report: non-blocking (read once the relay is gone), close-on-exec (the
+    // command never holds it past its exec).
+    let (report, report_w) = rustix::pipe::pipe_with(
+        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+    )?;
     let procs = t
         .cgroup_procs
         .iter()
@@ -276,11 +286,26 @@ fn enter(
             if libc::chdir(cwd.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let pid = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0);
+            // The command: our sibling, so the daemon's child (CLONE_PARENT takes the
+            // relay's exit signal, SIGCHLD), born in the instance's PID namespace.
+            let pid = libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
+                0,
+                0,
+                0,
+                0,
+            );
             if pid < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if pid == 0 {
+                // ORDER: its own group before anything can signal it (the daemon learns
+                // its pid only after its exec); a terminal's session is made by the
+                // terminal's hook, which needs it not to lead a group yet.
+                if !tty && libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // The instance's own restrictions, as its processes had them: an exec'd
                 // command is never less confined than the workload. A failure comes
                 // back to the spawner through std's error pipe (errno as the step's
@@ -290,29 +315,21 @@ fn enter(
                     .apply()
                     .map_err(|_| std::io::Error::last_os_error());
             }
-            libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
-            let mut st: libc::c_int = 0;
-            while libc::waitpid(pid as libc::pid_t, &mut st, 0) < 0 {
-                if *libc::__errno_location() != libc::EINTR {
-                    libc::_exit(127);
-                }
+            // The relay: name the command, then go (never back into std's exec path).
+            let b = (pid as u32).to_ne_bytes();
+            if libc::write(report_w.as_raw_fd(), b.as_ptr().cast(), b.len()) != b.len() as isize {
+                // Unnamed, the command would run unowned: kill it (the orphan reaper
+                // takes it) and fail the spawn.
+                let e = std::io::Error::last_os_error();
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                return Err(e);
             }
-            if libc::WIFEXITED(st) {
-                libc::_exit(libc::WEXITSTATUS(st));
-            }
-            let sig = libc::WTERMSIG(st);
-            libc::signal(sig, libc::SIG_DFL);
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, sig);
-            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            libc::kill(libc::getpid(), sig);
-            libc::_exit(128 + sig)
+            libc::_exit(0)
         }
     };
     // SAFETY: the hook only makes async-signal-safe system calls (see above).
     unsafe { cmd.pre_exec(hook) };
-    Ok(())
+    Ok(report)
 }
 
 /// The terminal size when the client gives none.
@@ -329,12 +346,16 @@ enum Io {
     Tty(Arc<AsyncFd<OwnedFd>>),
 }
 
-/// Spawns with stdin, stdout and stderr on pipes, in a new process group.
-fn spawn_piped(mut cmd: Command) -> std::io::Result<(reaper::Child, Io)> {
+/// Spawns with stdin, stdout and stderr on pipes, in a new process group (through the
+/// `relay` of [`enter`], if any, which makes its own group).
+fn spawn_piped(mut cmd: Command, relay: Option<&OwnedFd>) -> std::io::Result<(reaper::Child, Io)> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let spawned = reaper::spawn(&mut cmd)?;
+    let spawned = match relay {
+        Some(report) => reaper::spawn_relayed(&mut cmd, report)?,
+        None => reaper::spawn(&mut cmd)?,
+    };
     // On error below `spawned.child` drops: its group is killed and it is reaped.
     let io = Io::Pipes {
         stdin: spawned.stdin.map(pipe::Sender::from_owned_fd).transpose()?,
@@ -352,7 +373,11 @@ fn spawn_piped(mut cmd: Command) -> std::io::Result<(reaper::Child, Io)> {
 
 /// Spawns on a new pseudo-terminal: the child starts a session (so it leads its process
 /// group) and takes the terminal as its controlling terminal.
-fn spawn_tty(mut cmd: Command, size: v1::TerminalSize) -> std::io::Result<(reaper::Child, Io)> {
+fn spawn_tty(
+    mut cmd: Command,
+    size: v1::TerminalSize,
+    relay: Option<&OwnedFd>,
+) -> std::io::Result<(reaper::Child, Io)> {
     use rustix::fs::{Mode, OFlags};
     use rustix::pty::OpenptFlags;
     let master =
@@ -380,7 +405,10 @@ fn spawn_tty(mut cmd: Command, size: v1::TerminalSize) -> std::io::Result<(reape
             Ok(())
         });
     }
-    let spawned = reaper::spawn_leader(&mut cmd)?;
+    let spawned = match relay {
+        Some(report) => reaper::spawn_relayed(&mut cmd, report)?,
+        None => reaper::spawn_leader(&mut cmd)?,
+    };
     // The daemon's copies of the slave side go with `cmd`: reads of the master end (EIO)
     // once every process holding the terminal has closed it.
     drop(cmd);

@@ -229,10 +229,39 @@ pub fn spawn(cmd: &mut Command) -> io::Result<SpawnedChild> {
 /// one (for example `setsid()` in a `pre_exec` hook, for a child that needs its own
 /// session and controlling terminal): [`Child`] signals the group named by its pid.
 pub fn spawn_leader(cmd: &mut Command) -> io::Result<SpawnedChild> {
+    spawn_owned(cmd, None)
+}
+
+/// Like [`spawn_leader`], for a `cmd` whose process is only a relay: its `pre_exec` hooks
+/// clone the command with `CLONE_PARENT` (so the command is a child of ours, not of the
+/// relay), write the command's pid (4 bytes, native order) to the write end of the pipe
+/// whose non-blocking read end is `report`, and `_exit`; the command returns from the
+/// hook and goes on to its exec. The relay is reaped here; the returned [`Child`] is the
+/// command, which must make itself lead its process group (or session).
+///
+/// `bulkhead exec` into a walled instance spawns this way: the relay enters the
+/// instance's namespaces (entering a PID namespace only moves the caller's children),
+/// and the copy of the daemon that a fork makes lives for microseconds instead of for
+/// the command's whole life.
+pub fn spawn_relayed(cmd: &mut Command, report: &OwnedFd) -> io::Result<SpawnedChild> {
+    spawn_owned(cmd, Some(report))
+}
+
+/// The command's pid, as the relay wrote it to `report`; `None` if it wrote nothing (it
+/// failed before its clone).
+fn relayed_pid(report: &OwnedFd) -> Option<u32> {
+    let mut b = [0u8; 4];
+    match rustix::io::read(report, &mut b) {
+        Ok(4) => Some(u32::from_ne_bytes(b)),
+        _ => None,
+    }
+}
+
+fn spawn_owned(cmd: &mut Command, report: Option<&OwnedFd>) -> io::Result<SpawnedChild> {
     // SAFETY: the hook runs in the child between fork and exec and makes one raw system
     // call (close_range), no allocation, no lock. Registered last, so it runs after the
     // caller's hooks (in `bulkhead exec`'s case: in the command's own process, after the
-    // setns + fork).
+    // setns and the relay's clone).
     unsafe {
         // Every descriptor above 2 is closed by the exec: the child gets its three
         // standard streams and nothing the daemon inherited or opened. Marked rather
@@ -244,7 +273,41 @@ pub fn spawn_leader(cmd: &mut Command) -> io::Result<SpawnedChild> {
     // RACE: the lock is held from before the spawn until the pid is registered. A child
     // that exits at once is a zombie the reaper could otherwise see, find unowned and
     // reap, and its status would be lost to us.
-    let mut child = cmd.spawn()?;
+    let spawned = cmd.spawn();
+    let mut child = match (spawned, report) {
+        (Ok(child), None) => child,
+        (Err(e), None) => return Err(e),
+        (spawned, Some(report)) => {
+            // ORDER: `spawn` returns once std's exec-status pipe has no writer left: the
+            // relay has exited (after writing the pid) and the command has exec'd, or
+            // one of them failed (std has then reaped the relay). So the pid, if the
+            // relay got as far as its clone, is in the pipe now: no read can block.
+            let command = relayed_pid(report);
+            let mut relay = match spawned {
+                Ok(relay) => relay,
+                Err(e) => {
+                    // The command failed before its exec (it has exited, or is exiting).
+                    if let Some(pid) = command {
+                        let _ = sys::reap_blocking(pid);
+                    }
+                    return Err(e);
+                }
+            };
+            // The relay ends right after its write: reaped here, nobody else sees it.
+            let _ = relay.wait();
+            let Some(pid) = command else {
+                return Err(io::Error::other(
+                    "the relay process exited without naming the command",
+                ));
+            };
+            lock.register(pid);
+            drop(lock);
+            let stdin = relay.stdin.take().map(OwnedFd::from);
+            let stdout = relay.stdout.take().map(OwnedFd::from);
+            let stderr = relay.stderr.take().map(OwnedFd::from);
+            return watch(pid, registry, stdin, stdout, stderr);
+        }
+    };
     let pid = child.id();
     lock.register(pid);
     drop(lock);
@@ -253,6 +316,17 @@ pub fn spawn_leader(cmd: &mut Command) -> io::Result<SpawnedChild> {
     let stderr = child.stderr.take().map(OwnedFd::from);
     // Dropping a std Child neither kills nor reaps it: `Child` reaps through the pidfd.
     drop(child);
+    watch(pid, registry, stdin, stdout, stderr)
+}
+
+/// The owned child `pid` (registered, unreaped), watched through a pidfd.
+fn watch(
+    pid: u32,
+    registry: &'static Registry,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+) -> io::Result<SpawnedChild> {
     let watched = sys::pidfd_open(pid).and_then(|fd| {
         // SAFETY: the AsyncFd takes ownership of the OwnedFd: the descriptor stays open
         // and the same until the AsyncFd drops.

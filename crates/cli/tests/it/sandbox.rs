@@ -320,6 +320,125 @@ fn exec_into_a_sandbox_is_as_confined_as_the_workload() {
     assert!(d.cli(&["terminate", &id]).status.success());
 }
 
+/// A command run with `exec` in a sandbox is the daemon's own child (the process that
+/// entered the namespaces for it, a copy of the daemon, is gone once it runs), leads its
+/// own group, or its own session with a terminal, comes back with its exact status, and
+/// goes with its client.
+#[test]
+fn exec_into_a_sandbox_is_the_daemons_child_with_its_exact_status() {
+    let m = "name: kid\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n";
+    let d = Daemon::start(&[("kid", m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let daemon = d.child.as_ref().unwrap().id();
+    let v = d.json(&["launch", "kid", "-o", "json"]);
+    let id = v["id"].as_str().unwrap().to_owned();
+    for tty in [false, true] {
+        let mut args = vec!["exec"];
+        if tty {
+            args.push("-t");
+        }
+        args.extend([id.as_str(), "--", "sh", "-c", "kill -TERM $$"]);
+        let killed = d.cli(&args);
+        assert_eq!(
+            killed.status.code(),
+            Some(143),
+            "tty {tty}: {}",
+            stderr(&killed)
+        );
+        assert!(
+            stderr(&killed).contains("SIGTERM (15)"),
+            "{}",
+            stderr(&killed)
+        );
+    }
+    // Its own group without a terminal, its own session with one (field 5 of stat is
+    // the group, 6 the session; $$ is its pid in the instance's PID namespace).
+    let o = d.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo $$ $(cut -d' ' -f5,6 /proc/$$/stat)",
+    ]);
+    let f: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(f.len(), 3, "{f:?} {}", stderr(&o));
+    assert_eq!(f[0], f[1], "not its group's leader: {f:?}");
+    let o = d.cli(&[
+        "exec",
+        "-t",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && echo term; echo $$ $(cut -d' ' -f6 /proc/$$/stat)",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(text.starts_with("term\r\n"), "{text:?} {}", stderr(&o));
+    let f: Vec<&str> = text
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert!(
+        f.len() == 2 && f[0] == f[1],
+        "not a session leader: {text:?}"
+    );
+
+    // A command that cannot start is an error naming it, and leaves no process behind.
+    let missing = d.cli(&["exec", &id, "--", "no-such-command-here"]);
+    assert_eq!(missing.status.code(), Some(4), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains(&format!(
+            "cannot start no-such-command-here in instance {id}"
+        )),
+        "{}",
+        stderr(&missing)
+    );
+    assert!(bulkhead_driver::sys::zombie_children(daemon).is_empty());
+
+    // A long command: its parent on the host is the daemon, nothing in between.
+    let mut client = std::process::Command::new(BIN)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["exec", &id, "--", "sleep", "4243"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let pid = loop {
+        let found = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            (cmd == b"sleep\x004243\x00").then_some(pid)
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the exec'd command never ran\n{}",
+            d.daemon_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let stat = bulkhead_driver::sys::read_stat(pid).unwrap();
+    assert_eq!(stat.ppid, daemon, "the command's parent is not the daemon");
+    client.kill().unwrap();
+    client.wait().unwrap();
+    assert!(wait_gone(pid), "the command survived its client");
+    assert!(bulkhead_driver::sys::zombie_children(daemon).is_empty());
+    assert!(d.cli(&["terminate", &id]).status.success());
+}
+
 /// The API socket trusts every caller that can connect: no sandboxed workload may reach
 /// it. Behind the default wall the socket is not even visible; bound in on purpose it is
 /// still refused (the workload is an unprivileged uid of its tenant's range, the socket
