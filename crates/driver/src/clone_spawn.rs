@@ -781,7 +781,7 @@ unsafe extern "C" fn child_entry(arg: *mut libc::c_void) -> ! {
 /// The child's steps (see the module's documentation).
 ///
 /// # Safety
-/// Only in the child of the clone in [`spawn`].
+/// Only in the child of the clone in [`spawn`] or [`spawn_slot`].
 unsafe fn child_main(c: &mut Ctx) -> ! {
     // SAFETY: system calls on descriptors and buffers of `c`, in memory built before the
     // clone; `apply` and `exec` keep the same contract.
