@@ -192,7 +192,11 @@ pub(crate) async fn exec(
         source,
     };
     let mut relay = None;
+    let mut ptmx = None;
     if let Some(target) = slot.exec_target() {
+        if start.tty {
+            ptmx = instance_ptmx(&target);
+        }
         relay = Some(enter(&mut cmd, target, &cwd, start.tty).map_err(spawn_err)?);
     } else {
         // On the host, as the instance runs: its user, groups, limits and umask.
@@ -207,7 +211,12 @@ pub(crate) async fn exec(
         }
     }
     let (child, io) = if start.tty {
-        spawn_tty(cmd, start.size.unwrap_or(DEFAULT_SIZE), relay.as_ref())
+        spawn_tty(
+            cmd,
+            start.size.unwrap_or(DEFAULT_SIZE),
+            ptmx,
+            relay.as_ref(),
+        )
     } else {
         spawn_piped(cmd, relay.as_ref())
     }
@@ -332,6 +341,61 @@ fn enter(
     Ok(report)
 }
 
+/// The master side of a new pseudo-terminal of the instance's own `devpts` (its
+/// `/dev/pts/ptmx`), so that the command finds its terminal at its path in there (`tty`,
+/// `ps`), as `docker exec -t` does. `None` when the instance has no mount namespace or
+/// no `devpts` of its own there: the command then gets a host terminal, which it still
+/// uses through its descriptors and `/dev/tty`.
+///
+/// The path is the workload's to change: it is resolved with the instance's root as `/`
+/// (`RESOLVE_IN_ROOT`, no magic links), and what it names must be a `ptmx` device.
+fn instance_ptmx(t: &bulkhead_driver::ExecTarget) -> Option<OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::os::fd::AsRawFd;
+    if t.namespaces & libc::CLONE_NEWNS == 0 {
+        return None;
+    }
+    let fdinfo =
+        std::fs::read_to_string(format!("/proc/self/fdinfo/{}", t.pidfd.as_raw_fd())).ok()?;
+    let pid: u32 = fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let root = rustix::fs::open(
+        format!("/proc/{pid}/root"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    // RACE: the pid could have been reused between the read of fdinfo and the open; the
+    // process the pidfd names still running after the open means it was not, and the
+    // root is the instance's.
+    let mut poll = [rustix::event::PollFd::new(
+        &*t.pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    if rustix::event::poll(&mut poll, Some(&rustix::event::Timespec::default())).ok()? != 0 {
+        return None;
+    }
+    let ptmx = rustix::fs::openat2(
+        &root,
+        "dev/pts/ptmx",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()?;
+    let st = rustix::fs::fstat(&ptmx).ok()?;
+    let is_ptmx = rustix::fs::FileType::from_raw_mode(st.st_mode)
+        == rustix::fs::FileType::CharacterDevice
+        && rustix::fs::major(st.st_rdev) == 5
+        && rustix::fs::minor(st.st_rdev) == 2;
+    // Blocking again, as a host terminal's master is opened.
+    (is_ptmx && rustix::io::ioctl_fionbio(&ptmx, false).is_ok()).then_some(ptmx)
+}
+
 /// The terminal size when the client gives none.
 const DEFAULT_SIZE: v1::TerminalSize = v1::TerminalSize { rows: 24, cols: 80 };
 
@@ -376,21 +440,20 @@ fn spawn_piped(mut cmd: Command, relay: Option<&OwnedFd>) -> std::io::Result<(re
 fn spawn_tty(
     mut cmd: Command,
     size: v1::TerminalSize,
+    ptmx: Option<OwnedFd>,
     relay: Option<&OwnedFd>,
 ) -> std::io::Result<(reaper::Child, Io)> {
-    use rustix::fs::{Mode, OFlags};
     use rustix::pty::OpenptFlags;
-    let master =
-        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    let master = match ptmx {
+        Some(m) => m,
+        None => rustix::pty::openpt(flags)?,
+    };
     rustix::pty::grantpt(&master)?;
     rustix::pty::unlockpt(&master)?;
     set_size(&master, &size)?;
-    let name = rustix::pty::ptsname(&master, Vec::new())?;
-    let slave = rustix::fs::open(
-        name.as_c_str(),
-        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
+    // The slave of this very master (no path to look up, in whichever devpts it is).
+    let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags)?;
     cmd.stdin(Stdio::from(slave.try_clone()?))
         .stdout(Stdio::from(slave.try_clone()?))
         .stderr(Stdio::from(slave));

@@ -322,8 +322,8 @@ fn exec_into_a_sandbox_is_as_confined_as_the_workload() {
 
 /// A command run with `exec` in a sandbox is the daemon's own child (the process that
 /// entered the namespaces for it, a copy of the daemon, is gone once it runs), leads its
-/// own group, or its own session with a terminal, comes back with its exact status, and
-/// goes with its client.
+/// own group, or its own session with a terminal of the instance's own devpts, comes
+/// back with its exact status, and goes with its client.
 #[test]
 fn exec_into_a_sandbox_is_the_daemons_child_with_its_exact_status() {
     let m = "name: kid\ndriver: sandbox\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n";
@@ -376,13 +376,18 @@ fn exec_into_a_sandbox_is_the_daemons_child_with_its_exact_status() {
         "--",
         "sh",
         "-c",
-        "test -t 0 && test -t 1 && echo term; echo $$ $(cut -d' ' -f6 /proc/$$/stat)",
+        "tty; test -c $(tty) && echo term; echo $$ $(cut -d' ' -f6 /proc/$$/stat)",
     ]);
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(text.starts_with("term\r\n"), "{text:?} {}", stderr(&o));
+    // Its terminal is the instance's own (its devpts), found at its path in there.
+    assert!(
+        text.starts_with("/dev/pts/0\r\nterm\r\n"),
+        "{text:?} {}",
+        stderr(&o)
+    );
     let f: Vec<&str> = text
         .lines()
-        .nth(1)
+        .nth(2)
         .unwrap_or("")
         .split_whitespace()
         .collect();
