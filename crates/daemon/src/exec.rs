@@ -4,9 +4,11 @@
 //! daemon's pass-through variables, the manifest's `env`, `PORT`, `BULKHEAD_*`; not
 //! `NOTIFY_SOCKET`, which only the main process may use) and the instance's working
 //! directory. It is a child of the daemon, spawned through the reaper registry
-//! ([`bulkhead_driver::reaper::spawn`]) so that the orphan reaper never takes its status,
-//! and it leads its own process group. In a sandboxed instance ([`enter`]) it also
-//! enters the instance's namespaces and cgroups and keeps only its capabilities. An
+//! ([`bulkhead_driver::reaper::spawn_command`], which does not copy the daemon) so that
+//! the orphan reaper never takes its status, and it leads its own process group. In a
+//! sandboxed instance ([`enter`]) it also enters the instance's namespaces and cgroups
+//! (through a relay, [`bulkhead_driver::reaper::spawn_relayed`]) and keeps only its
+//! capabilities. An
 //! instance the host cannot enter (a container, a Pod) is exec'd into by its driver's
 //! engine ([`bulkhead_driver::InstanceHandle::engine_exec`]: docker's exec API), with the
 //! same stream protocol; a client that goes away ends that command too.
@@ -181,44 +183,40 @@ pub(crate) async fn exec(
             return Ok(ReceiverStream::new(rx));
         }
     }
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&cwd);
     let spawn_err = |source| ExecError::Spawn {
         program: argv[0].clone(),
         id: id.clone(),
         source,
     };
-    let mut relay = None;
     let mut ptmx = None;
-    if let Some(target) = slot.exec_target() {
+    let spawner = if let Some(target) = slot.exec_target() {
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&cwd);
         if start.tty {
             ptmx = instance_ptmx(&target);
         }
-        relay = Some(enter(&mut cmd, target, &cwd, start.tty).map_err(spawn_err)?);
+        let report = enter(&mut cmd, target, &cwd, start.tty).map_err(spawn_err)?;
+        Spawner::Relay { cmd, report }
     } else {
         // On the host, as the instance runs: its user, groups, limits and umask.
         let setup = bulkhead_driver::setup::host_setup(&slot.spec())
             .map_err(std::io::Error::other)
             .and_then(|s| s.map(|s| s.prepare(&cwd)).transpose())
             .map_err(spawn_err)?;
-        if let Some(setup) = setup {
-            // SAFETY: the closure runs in the child between fork and exec and only makes
-            // the raw system calls of `Prepared::apply` on buffers built before the fork.
-            unsafe { cmd.pre_exec(move || setup.apply()) };
+        Spawner::Host {
+            argv: &argv,
+            env: &env,
+            cwd: &cwd,
+            setup,
         }
-    }
+    };
     let (child, io) = if start.tty {
-        spawn_tty(
-            cmd,
-            start.size.unwrap_or(DEFAULT_SIZE),
-            ptmx,
-            relay.as_ref(),
-        )
+        spawn_tty(spawner, start.size.unwrap_or(DEFAULT_SIZE), ptmx)
     } else {
-        spawn_piped(cmd, relay.as_ref())
+        spawn_piped(spawner)
     }
     .map_err(spawn_err)?;
     tracing::debug!(instance = %id, pid = child.pid(), argv = ?argv, tty = start.tty, "exec started");
@@ -410,16 +408,75 @@ enum Io {
     Tty(Arc<AsyncFd<OwnedFd>>),
 }
 
-/// Spawns with stdin, stdout and stderr on pipes, in a new process group (through the
-/// `relay` of [`enter`], if any, which makes its own group).
-fn spawn_piped(mut cmd: Command, relay: Option<&OwnedFd>) -> std::io::Result<(reaper::Child, Io)> {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let spawned = match relay {
-        Some(report) => reaper::spawn_relayed(&mut cmd, report)?,
-        None => reaper::spawn(&mut cmd)?,
-    };
+/// How the command is spawned: on the host without copying the daemon
+/// ([`reaper::spawn_command`]), or into a walled instance by a relay ([`enter`]).
+enum Spawner<'a> {
+    Host {
+        argv: &'a [String],
+        env: &'a [(String, String)],
+        cwd: &'a std::path::Path,
+        setup: Option<bulkhead_driver::setup::Prepared>,
+    },
+    Relay {
+        cmd: Command,
+        report: OwnedFd,
+    },
+}
+
+impl Spawner<'_> {
+    /// Spawns with `io` as the standard streams (pipes or a terminal's slave side).
+    fn spawn(self, io: reaper::CommandIo) -> std::io::Result<reaper::SpawnedChild> {
+        match self {
+            Spawner::Host {
+                argv,
+                env,
+                cwd,
+                setup,
+            } => reaper::spawn_command(reaper::CommandSpec {
+                argv,
+                env,
+                cwd,
+                setup,
+                io,
+            }),
+            Spawner::Relay { mut cmd, report } => {
+                match io {
+                    reaper::CommandIo::Terminal(slave) => {
+                        cmd.stdin(Stdio::from(slave.try_clone()?))
+                            .stdout(Stdio::from(slave.try_clone()?))
+                            .stderr(Stdio::from(slave));
+                        // SAFETY: the closure runs in the child between fork and exec,
+                        // after std has set up fds 0-2 (the terminal's slave side). It
+                        // makes two system calls through rustix and allocates nothing
+                        // (an errno converts into io::Error without allocating); fd 0
+                        // is open for the closure's whole run, so borrowing it is sound.
+                        unsafe {
+                            cmd.pre_exec(|| {
+                                rustix::process::setsid()?;
+                                rustix::process::ioctl_tiocsctty(
+                                    std::os::fd::BorrowedFd::borrow_raw(0),
+                                )?;
+                                Ok(())
+                            });
+                        }
+                    }
+                    _ => {
+                        cmd.stdin(Stdio::piped())
+                            .stdout(Stdio::piped())
+                            .stderr(Stdio::piped());
+                    }
+                }
+                // The daemon's copies of a terminal's slave side go with `cmd`: reads
+                // of the master end (EIO) once every process holding it has closed it.
+                reaper::spawn_relayed(&mut cmd, &report)
+            }
+        }
+    }
+}
+
+/// Spawns with stdin, stdout and stderr on pipes, in a new process group.
+fn spawn_piped(spawner: Spawner<'_>) -> std::io::Result<(reaper::Child, Io)> {
+    let spawned = spawner.spawn(reaper::CommandIo::Pipes)?;
     // On error below `spawned.child` drops: its group is killed and it is reaped.
     let io = Io::Pipes {
         stdin: spawned.stdin.map(pipe::Sender::from_owned_fd).transpose()?,
@@ -435,13 +492,13 @@ fn spawn_piped(mut cmd: Command, relay: Option<&OwnedFd>) -> std::io::Result<(re
     Ok((spawned.child, io))
 }
 
-/// Spawns on a new pseudo-terminal: the child starts a session (so it leads its process
-/// group) and takes the terminal as its controlling terminal.
+/// Spawns on a new pseudo-terminal (the instance's own, `ptmx`, else the host's): the
+/// child starts a session (so it leads its process group) and takes the terminal as its
+/// controlling terminal.
 fn spawn_tty(
-    mut cmd: Command,
+    spawner: Spawner<'_>,
     size: v1::TerminalSize,
     ptmx: Option<OwnedFd>,
-    relay: Option<&OwnedFd>,
 ) -> std::io::Result<(reaper::Child, Io)> {
     use rustix::pty::OpenptFlags;
     let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
@@ -454,27 +511,9 @@ fn spawn_tty(
     set_size(&master, &size)?;
     // The slave of this very master (no path to look up, in whichever devpts it is).
     let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags)?;
-    cmd.stdin(Stdio::from(slave.try_clone()?))
-        .stdout(Stdio::from(slave.try_clone()?))
-        .stderr(Stdio::from(slave));
-    // SAFETY: the closure runs in the child between fork and exec, after std has set up
-    // fds 0-2 (the terminal's slave side). It makes two system calls through rustix and
-    // allocates nothing (an errno converts into io::Error without allocating); fd 0 is
-    // open for the closure's whole run, so borrowing it is sound.
-    unsafe {
-        cmd.pre_exec(|| {
-            rustix::process::setsid()?;
-            rustix::process::ioctl_tiocsctty(std::os::fd::BorrowedFd::borrow_raw(0))?;
-            Ok(())
-        });
-    }
-    let spawned = match relay {
-        Some(report) => reaper::spawn_relayed(&mut cmd, report)?,
-        None => reaper::spawn_leader(&mut cmd)?,
-    };
-    // The daemon's copies of the slave side go with `cmd`: reads of the master end (EIO)
-    // once every process holding the terminal has closed it.
-    drop(cmd);
+    // The slave side is the child's only (`spawn` drops the daemon's copies): reads of
+    // the master end (EIO) once every process holding the terminal has closed it.
+    let spawned = spawner.spawn(reaper::CommandIo::Terminal(slave))?;
     rustix::io::ioctl_fionbio(&master, true)?;
     // SAFETY: the AsyncFd takes ownership of the OwnedFd: the descriptor stays open and
     // the same until the AsyncFd drops.

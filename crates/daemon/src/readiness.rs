@@ -288,27 +288,22 @@ impl Check {
                 cwd,
                 setup,
             } => {
-                let mut cmd = std::process::Command::new(&argv[0]);
-                cmd.args(&argv[1..])
-                    .env_clear()
-                    .envs(env.iter().map(|(k, v)| (k, v)))
-                    .current_dir(cwd)
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null());
-                if let Some(setup) = setup {
-                    let prepared = setup
-                        .prepare(cwd)
-                        .map_err(|e| format!("exec {}: {e}", argv[0]))?;
-                    use std::os::unix::process::CommandExt;
-                    // SAFETY: the closure runs in the child between fork and exec and only
-                    // makes the raw system calls of `Prepared::apply` on buffers built
-                    // before the fork.
-                    unsafe { cmd.pre_exec(move || prepared.apply()) };
-                }
+                let setup = setup
+                    .as_ref()
+                    .map(|s| s.prepare(cwd))
+                    .transpose()
+                    .map_err(|e| format!("exec {}: {e}", argv[0]))?;
                 // Registered with the orphan reaper, so it never takes this status; its
-                // own process group, killed if the attempt is dropped (probe timeout).
-                let mut child = bulkhead_driver::reaper::spawn(&mut cmd)
+                // own process group, killed if the attempt is dropped (probe timeout);
+                // spawned without copying the daemon (a probe runs every period).
+                let mut child =
+                    bulkhead_driver::reaper::spawn_command(bulkhead_driver::reaper::CommandSpec {
+                        argv,
+                        env,
+                        cwd,
+                        setup,
+                        io: bulkhead_driver::reaper::CommandIo::Null,
+                    })
                     .map_err(|e| format!("exec {}: {e}", argv[0]))?
                     .child;
                 let status = child

@@ -80,9 +80,13 @@ pub(crate) struct Child {
 
 /// What the child reads, all built before the clone.
 struct Ctx {
-    devnull: RawFd,
+    /// What goes on 0, 1 and 2 (all above 2).
+    stdin: RawFd,
     out_w: RawFd,
     err_w: RawFd,
+    /// A new session with fd 0 (a terminal) as its controlling terminal, instead of a
+    /// new process group.
+    session: bool,
     /// The error pipe's write end, above the sockets' places (without `CLONE_VM`).
     fail_w: RawFd,
     /// The errno of a failed step (with `CLONE_VM`: the parent reads it after the clone).
@@ -95,23 +99,16 @@ struct Ctx {
     wait: Option<Wait>,
 }
 
-/// What every child is given: its working directory (as a C string), `/dev/null` for
-/// its stdin, pipes for its stdout and stderr (read end, write end).
+/// What an instance's child is given: `/dev/null` for its stdin, pipes for its stdout
+/// and stderr (read end, write end).
 struct Stdio {
-    cwd: CString,
     devnull: OwnedFd,
     out: (OwnedFd, OwnedFd),
     err: (OwnedFd, OwnedFd),
 }
 
 impl Stdio {
-    fn new(cwd: &Path) -> io::Result<Stdio> {
-        let cwd = CString::new(cwd.as_os_str().as_bytes()).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a NUL byte in the working directory",
-            )
-        })?;
+    fn new() -> io::Result<Stdio> {
         let devnull = above(
             rustix::fs::open(
                 "/dev/null",
@@ -121,7 +118,6 @@ impl Stdio {
             3,
         )?;
         Ok(Stdio {
-            cwd,
             devnull,
             out: pipe(3)?,
             err: pipe(3)?,
@@ -129,16 +125,26 @@ impl Stdio {
     }
 }
 
+/// A working directory as the child's `chdir` takes it.
+fn c_path(cwd: &Path) -> io::Result<CString> {
+    CString::new(cwd.as_os_str().as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a NUL byte in the working directory",
+        )
+    })
+}
+
 /// A descriptor at `min` or above (so the child's `dup2` onto 0-2, or the sockets' onto
 /// 3.., cannot overwrite it), close-on-exec.
-fn above(fd: OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
+pub(crate) fn above(fd: OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
     if fd.as_raw_fd() >= min {
         return Ok(fd);
     }
     Ok(rustix::io::fcntl_dupfd_cloexec(&fd, min)?)
 }
 
-fn pipe(min: RawFd) -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe(min: RawFd) -> io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     Ok((above(r, 3)?, above(w, min)?))
 }
@@ -258,13 +264,51 @@ pub const SHARED_MEMORY_SPAWN: bool = cfg!(any(target_arch = "x86_64", target_ar
 
 /// [`spawn`], sharing the memory with the child (`CLONE_VM`) or not: the tests run both.
 fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
-    let plan = ExecPlan::new(s.program, s.argv, s.env, s.listen)?;
     let Stdio {
-        cwd,
         devnull,
         out: (out_r, out_w),
         err: (err_r, err_w),
-    } = Stdio::new(s.cwd)?;
+    } = Stdio::new()?;
+    let streams = Streams {
+        stdin: devnull.as_raw_fd(),
+        stdout: out_w.as_raw_fd(),
+        stderr: err_w.as_raw_fd(),
+        session: false,
+    };
+    let (pid, pidfd) = clone_exec(s, streams, shared_memory)?;
+    // The child exec'd: its copies closed on exec.
+    drop((out_w, err_w, devnull));
+    Ok(Child {
+        pid,
+        pidfd,
+        stdout: out_r,
+        stderr: err_r,
+    })
+}
+
+/// The standard streams a child of [`spawn_given`] gets (each above 2, open until the
+/// call returns: `/dev/null`, pipe ends, a terminal).
+pub(crate) struct Streams {
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    /// A new session with the terminal on fd 0 as its controlling terminal, instead of a
+    /// new process group.
+    pub session: bool,
+}
+
+/// As [`spawn`] (the same steps, the memory shared until the exec), with the standard
+/// streams the caller gives: for commands that are not an instance's main process (exec
+/// probes, `bulkhead exec`). Returns the pid and a pidfd once the child has exec'd.
+pub(crate) fn spawn_given(s: Spawn<'_>, streams: Streams) -> io::Result<(u32, OwnedFd)> {
+    clone_exec(s, streams, SHARED_MEMORY_SPAWN)
+}
+
+/// The clone and the child's steps up to its exec; the errno of a failed step comes back
+/// as the error (the child is reaped then).
+fn clone_exec(s: Spawn<'_>, streams: Streams, shared_memory: bool) -> io::Result<(u32, OwnedFd)> {
+    let plan = ExecPlan::new(s.program, s.argv, s.env, s.listen)?;
+    let cwd = c_path(s.cwd)?;
     // Above every place a socket goes (3..3+n), so that putting them there leaves it.
     let fail = if shared_memory {
         None
@@ -272,9 +316,10 @@ fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
         Some(pipe(FIRST_FD + s.listen.len() as RawFd)?)
     };
     let mut ctx = Ctx {
-        devnull: devnull.as_raw_fd(),
-        out_w: out_w.as_raw_fd(),
-        err_w: err_w.as_raw_fd(),
+        stdin: streams.stdin,
+        out_w: streams.stdout,
+        err_w: streams.stderr,
+        session: streams.session,
         fail_w: fail.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
         errno: AtomicI32::new(0),
         cwd,
@@ -335,7 +380,6 @@ fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     // The child exec'd (its copies closed on exec) or died (CLONE_VFORK: this thread
     // resumed only then): its errno is final.
-    drop((out_w, err_w, devnull));
     let errno = match fail {
         None => ctx.errno.load(Ordering::SeqCst),
         Some((r, w)) => {
@@ -360,12 +404,7 @@ fn spawn_with(s: Spawn<'_>, shared_memory: bool) -> io::Result<Child> {
         kill_and_reap(&pidfd, pid);
         return Err(io::Error::from_raw_os_error(errno));
     }
-    Ok(Child {
-        pid,
-        pidfd,
-        stdout: out_r,
-        stderr: err_r,
-    })
+    Ok((pid, pidfd))
 }
 
 /// The most bytes of a slot's hand-over (program, argv and environment, each ending in
@@ -526,12 +565,12 @@ pub(crate) struct SlotChild {
 /// outlives this call), so a small spawner (the keeper) makes it; the hand-over's exec
 /// drops the copy. Returns at once: the child's steps are reported on the socket.
 pub(crate) fn spawn_slot(s: SlotSpawn<'_>) -> io::Result<SlotChild> {
+    let cwd = c_path(s.cwd)?;
     let Stdio {
-        cwd,
         devnull,
         out: (out_r, out_w),
         err: (err_r, err_w),
-    } = Stdio::new(s.cwd)?;
+    } = Stdio::new()?;
     let (ours, theirs) = rustix::net::socketpair(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::SEQPACKET,
@@ -543,9 +582,10 @@ pub(crate) fn spawn_slot(s: SlotSpawn<'_>) -> io::Result<SlotChild> {
     let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&theirs, 2 * HANDOVER_MAX);
     let _ = rustix::net::sockopt::set_socket_send_buffer_size(&ours, 2 * HANDOVER_MAX);
     let mut ctx = Ctx {
-        devnull: devnull.as_raw_fd(),
+        stdin: devnull.as_raw_fd(),
         out_w: out_w.as_raw_fd(),
         err_w: err_w.as_raw_fd(),
+        session: false,
         // A failed step is said on the hand-over socket.
         fail_w: theirs.as_raw_fd(),
         errno: AtomicI32::new(0),
@@ -797,11 +837,15 @@ unsafe fn child_main(c: &mut Ctx) -> ! {
         };
         let errno = || *libc::__errno_location();
         // dup2 clears close-on-exec on the copy; the sources are all above 2.
-        if libc::dup2(c.devnull, 0) < 0 || libc::dup2(c.out_w, 1) < 0 || libc::dup2(c.err_w, 2) < 0
-        {
+        if libc::dup2(c.stdin, 0) < 0 || libc::dup2(c.out_w, 1) < 0 || libc::dup2(c.err_w, 2) < 0 {
             fail(errno());
         }
-        if libc::setpgid(0, 0) != 0 {
+        if c.session {
+            // Its own session (so its own group), the terminal on 0 its controlling one.
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                fail(errno());
+            }
+        } else if libc::setpgid(0, 0) != 0 {
             fail(errno());
         }
         // Every handler back to the default (the daemon's must not run here), SIGPIPE

@@ -327,7 +327,19 @@ fn watch(
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 ) -> io::Result<SpawnedChild> {
-    let watched = sys::pidfd_open(pid).and_then(|fd| {
+    owned(pid, sys::pidfd_open(pid), registry, stdin, stdout, stderr)
+}
+
+/// The owned child `pid` (registered, unreaped) with its pidfd.
+fn owned(
+    pid: u32,
+    pidfd: io::Result<OwnedFd>,
+    registry: &'static Registry,
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+) -> io::Result<SpawnedChild> {
+    let watched = pidfd.and_then(|fd| {
         // SAFETY: the AsyncFd takes ownership of the OwnedFd: the descriptor stays open
         // and the same until the AsyncFd drops.
         unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
@@ -355,6 +367,114 @@ fn watch(
             ))
         }
     }
+}
+
+/// What [`spawn_command`] gives a command for its standard streams.
+pub enum CommandIo {
+    /// `/dev/null` for all three.
+    Null,
+    /// Pipes: the parent's ends come back in [`SpawnedChild`].
+    Pipes,
+    /// A terminal's slave side for all three: the command starts a session with it as
+    /// its controlling terminal (so it leads its group).
+    Terminal(OwnedFd),
+}
+
+/// A command for [`spawn_command`].
+pub struct CommandSpec<'a> {
+    /// The command line, `argv[0]` first: a name with a `/` is used as it is, a bare one
+    /// is looked up in the `PATH` of `env` (as the process driver does).
+    pub argv: &'a [String],
+    pub env: &'a [(String, String)],
+    pub cwd: &'a std::path::Path,
+    /// The user, groups, limits and umask to take before the exec (the working directory
+    /// is then entered as that user).
+    pub setup: Option<crate::setup::Prepared>,
+    pub io: CommandIo,
+}
+
+/// Spawns a command that is not an instance's main process (an exec probe, a `bulkhead
+/// exec` on the host) as an owned child of the [global](Registry::global) registry,
+/// leading its own process group (or session, with [`CommandIo::Terminal`]), without
+/// copying this process: the child runs in this memory until its exec, as the process
+/// driver spawns (`clone3(CLONE_VM | CLONE_VFORK)`, see `clone_spawn`), where `Command`
+/// with a `pre_exec` hook (which [`spawn`] adds) forks and copies the daemon's page
+/// tables on every probe. Signals, descriptors above 2 and the setup are handled as for
+/// an instance's spawn.
+pub fn spawn_command(c: CommandSpec<'_>) -> io::Result<SpawnedChild> {
+    use crate::clone_spawn::{above, pipe, Spawn, Streams};
+    use std::os::fd::AsRawFd;
+    let arg0 = c.argv.first().map_or("", String::as_str);
+    let program = crate::process::resolve_program(arg0, c.env, c.cwd)?;
+    let null = || -> io::Result<OwnedFd> {
+        let fd = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        above(fd, 3)
+    };
+    // The child's ends (dropped here once it has exec'd), and the parent's.
+    let mut child_ends: Vec<OwnedFd> = Vec::new();
+    let (mut stdin, mut stdout, mut stderr) = (None, None, None);
+    let streams = match c.io {
+        CommandIo::Null => {
+            let n = null()?;
+            let fd = n.as_raw_fd();
+            child_ends.push(n);
+            Streams {
+                stdin: fd,
+                stdout: fd,
+                stderr: fd,
+                session: false,
+            }
+        }
+        CommandIo::Pipes => {
+            let (in_r, in_w) = pipe(3)?;
+            let (out_r, out_w) = pipe(3)?;
+            let (err_r, err_w) = pipe(3)?;
+            let streams = Streams {
+                stdin: in_r.as_raw_fd(),
+                stdout: out_w.as_raw_fd(),
+                stderr: err_w.as_raw_fd(),
+                session: false,
+            };
+            child_ends.extend([in_r, out_w, err_w]);
+            (stdin, stdout, stderr) = (Some(in_w), Some(out_r), Some(err_r));
+            streams
+        }
+        CommandIo::Terminal(slave) => {
+            let slave = above(slave, 3)?;
+            let fd = slave.as_raw_fd();
+            child_ends.push(slave);
+            Streams {
+                stdin: fd,
+                stdout: fd,
+                stderr: fd,
+                session: true,
+            }
+        }
+    };
+    let registry = Registry::global();
+    let mut lock = registry.lock();
+    // RACE: as in `spawn_owned`: registered before the reaper can look.
+    let (pid, pidfd) = crate::clone_spawn::spawn_given(
+        Spawn {
+            program: &program,
+            argv: c.argv,
+            env: c.env,
+            cwd: c.cwd,
+            cgroup: None,
+            death_parent: None,
+            setup: c.setup,
+            listen: &[],
+        },
+        streams,
+    )?;
+    lock.register(pid);
+    drop(lock);
+    drop(child_ends);
+    owned(pid, Ok(pidfd), registry, stdin, stdout, stderr)
 }
 
 /// A child started by [`spawn`], with the read/write ends of the pipes it was given.
@@ -494,6 +614,122 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    fn command(script: &str, io: CommandIo) -> io::Result<SpawnedChild> {
+        let argv: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
+        let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        spawn_command(CommandSpec {
+            argv: &argv,
+            env: &env,
+            cwd: std::path::Path::new("/tmp"),
+            setup: None,
+            io,
+        })
+    }
+
+    fn read_all(fd: OwnedFd) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        // A terminal's master reads EIO once the last slave is closed: the end.
+        let _ = std::fs::File::from(fd).read_to_string(&mut s);
+        s
+    }
+
+    #[test]
+    fn a_command_spawned_without_a_copy_has_its_streams_its_group_and_its_status() {
+        let _g = serial();
+        let rt = runtime();
+        let _in_rt = rt.enter();
+        // Pipes: stdin in, stdout and stderr apart; its own group; the exact status.
+        let mut c = command(
+            "read x; echo \"$x $(pwd)\"; cut -d' ' -f5 /proc/$$/stat >&2; exit 3",
+            CommandIo::Pipes,
+        )
+        .unwrap();
+        let pid = c.child.pid();
+        rustix::io::write(c.stdin.take().unwrap(), b"hi\n").unwrap();
+        assert_eq!(read_all(c.stdout.take().unwrap()), "hi /tmp\n");
+        assert_eq!(
+            read_all(c.stderr.take().unwrap()).trim(),
+            pid.to_string(),
+            "its own group"
+        );
+        let st = rt.block_on(c.child.wait()).unwrap();
+        assert_eq!(st, ExitStatus::Exited { code: 3 });
+        assert!(
+            !Registry::global().is_owned(pid),
+            "unregistered once reaped"
+        );
+
+        // /dev/null for all three, and a signal death as such.
+        let mut c = command(
+            "test -c /dev/stdin && test -c /dev/stdout && kill -TERM $$",
+            CommandIo::Null,
+        )
+        .unwrap();
+        assert!(c.stdin.is_none() && c.stdout.is_none() && c.stderr.is_none());
+        let st = rt.block_on(c.child.wait()).unwrap();
+        assert_eq!(
+            st,
+            ExitStatus::Signaled {
+                signal: libc::SIGTERM,
+                core_dumped: false
+            }
+        );
+
+        // A terminal: the command leads a session with it as its controlling terminal.
+        let flags = rustix::pty::OpenptFlags::RDWR
+            | rustix::pty::OpenptFlags::NOCTTY
+            | rustix::pty::OpenptFlags::CLOEXEC;
+        let master = rustix::pty::openpt(flags).unwrap();
+        rustix::pty::grantpt(&master).unwrap();
+        rustix::pty::unlockpt(&master).unwrap();
+        let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags).unwrap();
+        let mut c = command(
+            "test -t 0 && echo term; echo $$ $(cut -d' ' -f6 /proc/$$/stat); : </dev/tty && echo ctty",
+            CommandIo::Terminal(slave),
+        )
+        .unwrap();
+        let pid = c.child.pid();
+        let st = rt.block_on(c.child.wait()).unwrap();
+        assert_eq!(st, ExitStatus::Exited { code: 0 });
+        let out = read_all(master);
+        assert_eq!(out, format!("term\r\n{pid} {pid}\r\nctty\r\n"));
+    }
+
+    #[test]
+    fn a_command_that_cannot_start_is_an_error_and_leaves_nothing() {
+        let _g = serial();
+        let rt = runtime();
+        let _in_rt = rt.enter();
+        let argv = vec!["no-such-program-here".to_string()];
+        let e = spawn_command(CommandSpec {
+            argv: &argv,
+            env: &[],
+            cwd: std::path::Path::new("/"),
+            setup: None,
+            io: CommandIo::Null,
+        })
+        .err()
+        .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        // Found, but not a program: the child's exec fails; it is reaped here.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-program");
+        std::fs::write(&file, "x").unwrap();
+        let argv = vec![file.display().to_string()];
+        let e = spawn_command(CommandSpec {
+            argv: &argv,
+            env: &[],
+            cwd: std::path::Path::new("/"),
+            setup: None,
+            io: CommandIo::Null,
+        })
+        .err()
+        .unwrap();
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+        assert!(sys::zombie_children(std::process::id()).is_empty());
     }
 
     #[test]
