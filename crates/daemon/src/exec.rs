@@ -189,29 +189,24 @@ pub(crate) async fn exec(
         source,
     };
     let mut ptmx = None;
-    let spawner = if let Some(target) = slot.exec_target() {
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&cwd);
+    let how = if let Some(target) = slot.exec_target() {
         if start.tty {
             ptmx = instance_ptmx(&target);
         }
-        let report = enter(&mut cmd, target, &cwd, start.tty).map_err(spawn_err)?;
-        Spawner::Relay { cmd, report }
+        How::Inside(target)
     } else {
         // On the host, as the instance runs: its user, groups, limits and umask.
         let setup = bulkhead_driver::setup::host_setup(&slot.spec())
             .map_err(std::io::Error::other)
             .and_then(|s| s.map(|s| s.prepare(&cwd)).transpose())
             .map_err(spawn_err)?;
-        Spawner::Host {
-            argv: &argv,
-            env: &env,
-            cwd: &cwd,
-            setup,
-        }
+        How::Host(setup)
+    };
+    let spawner = Spawner {
+        how,
+        argv: &argv,
+        env: &env,
+        cwd: &cwd,
     };
     let (child, io) = if start.tty {
         spawn_tty(spawner, start.size.unwrap_or(DEFAULT_SIZE), ptmx)
@@ -408,69 +403,79 @@ enum Io {
     Tty(Arc<AsyncFd<OwnedFd>>),
 }
 
-/// How the command is spawned: on the host without copying the daemon
-/// ([`reaper::spawn_command`]), or into a walled instance by a relay ([`enter`]).
-enum Spawner<'a> {
-    Host {
-        argv: &'a [String],
-        env: &'a [(String, String)],
-        cwd: &'a std::path::Path,
-        setup: Option<bulkhead_driver::setup::Prepared>,
-    },
-    Relay {
-        cmd: Command,
-        report: OwnedFd,
-    },
+/// Where a command runs: on the host as the instance does (its user, groups, limits and
+/// umask), spawned without copying the daemon ([`reaper::spawn_command`]); or inside a
+/// walled instance, through a relay ([`enter`]).
+pub(crate) enum How {
+    Host(Option<bulkhead_driver::setup::Prepared>),
+    Inside(bulkhead_driver::ExecTarget),
+}
+
+/// A command to spawn in an instance's context (`bulkhead exec`, exec probes).
+pub(crate) struct Spawner<'a> {
+    pub how: How,
+    pub argv: &'a [String],
+    pub env: &'a [(String, String)],
+    pub cwd: &'a std::path::Path,
 }
 
 impl Spawner<'_> {
-    /// Spawns with `io` as the standard streams (pipes or a terminal's slave side).
-    fn spawn(self, io: reaper::CommandIo) -> std::io::Result<reaper::SpawnedChild> {
-        match self {
-            Spawner::Host {
-                argv,
-                env,
-                cwd,
-                setup,
-            } => reaper::spawn_command(reaper::CommandSpec {
-                argv,
-                env,
-                cwd,
-                setup,
-                io,
-            }),
-            Spawner::Relay { mut cmd, report } => {
-                match io {
-                    reaper::CommandIo::Terminal(slave) => {
-                        cmd.stdin(Stdio::from(slave.try_clone()?))
-                            .stdout(Stdio::from(slave.try_clone()?))
-                            .stderr(Stdio::from(slave));
-                        // SAFETY: the closure runs in the child between fork and exec,
-                        // after std has set up fds 0-2 (the terminal's slave side). It
-                        // makes two system calls through rustix and allocates nothing
-                        // (an errno converts into io::Error without allocating); fd 0
-                        // is open for the closure's whole run, so borrowing it is sound.
-                        unsafe {
-                            cmd.pre_exec(|| {
-                                rustix::process::setsid()?;
-                                rustix::process::ioctl_tiocsctty(
-                                    std::os::fd::BorrowedFd::borrow_raw(0),
-                                )?;
-                                Ok(())
-                            });
-                        }
-                    }
-                    _ => {
-                        cmd.stdin(Stdio::piped())
-                            .stdout(Stdio::piped())
-                            .stderr(Stdio::piped());
-                    }
+    /// Spawns with `io` as the standard streams; the command leads its own process group
+    /// (its own session, on a terminal).
+    pub(crate) fn spawn(self, io: reaper::CommandIo) -> std::io::Result<reaper::SpawnedChild> {
+        let target = match self.how {
+            How::Host(setup) => {
+                return reaper::spawn_command(reaper::CommandSpec {
+                    argv: self.argv,
+                    env: self.env,
+                    cwd: self.cwd,
+                    setup,
+                    io,
+                })
+            }
+            How::Inside(target) => target,
+        };
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.cwd);
+        let tty = matches!(io, reaper::CommandIo::Terminal(_));
+        // ORDER: the relay's hook first (it enters, then clones the command), the
+        // terminal's next (in the command: its session needs it not to lead a group).
+        let report = enter(&mut cmd, target, self.cwd, tty)?;
+        match io {
+            reaper::CommandIo::Terminal(slave) => {
+                cmd.stdin(Stdio::from(slave.try_clone()?))
+                    .stdout(Stdio::from(slave.try_clone()?))
+                    .stderr(Stdio::from(slave));
+                // SAFETY: the closure runs in the child between fork and exec, after std
+                // has set up fds 0-2 (the terminal's slave side). It makes two system
+                // calls through rustix and allocates nothing (an errno converts into
+                // io::Error without allocating); fd 0 is open for the closure's whole
+                // run, so borrowing it is sound.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        rustix::process::setsid()?;
+                        rustix::process::ioctl_tiocsctty(std::os::fd::BorrowedFd::borrow_raw(0))?;
+                        Ok(())
+                    });
                 }
-                // The daemon's copies of a terminal's slave side go with `cmd`: reads
-                // of the master end (EIO) once every process holding it has closed it.
-                reaper::spawn_relayed(&mut cmd, &report)
+            }
+            reaper::CommandIo::Pipes => {
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+            }
+            reaper::CommandIo::Null => {
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
             }
         }
+        // The daemon's copies of a terminal's slave side go with `cmd`: reads of the
+        // master end (EIO) once every process holding it has closed it.
+        reaper::spawn_relayed(&mut cmd, &report)
     }
 }
 

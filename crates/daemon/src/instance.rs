@@ -1715,8 +1715,16 @@ fn probes(
     }
     if let Some(e) = exec {
         // A process instance's probe runs as the instance does (user, limits, umask, in
-        // its working directory); the others' run on the host, in the folder.
-        let (cwd, setup) = if slot.spec().driver == DriverKind::Process {
+        // its working directory); a walled instance's (a sandbox) inside it, as
+        // `bulkhead exec` runs; the others' (whose engine runs their probes) on the host,
+        // in the folder.
+        let inside = slot.exec_target();
+        let (cwd, setup) = if inside.is_some() {
+            (
+                bulkhead_core::execution::working_dir(&slot.spec(), &slot.dir),
+                None,
+            )
+        } else if slot.spec().driver == DriverKind::Process {
             match bulkhead_driver::setup::host_setup(&slot.spec()) {
                 Ok(s) => (
                     bulkhead_core::execution::working_dir(&slot.spec(), &slot.dir),
@@ -1738,6 +1746,7 @@ fn probes(
                     env: env.to_vec(),
                     cwd,
                     setup,
+                    inside,
                 },
                 e.timing,
             )),

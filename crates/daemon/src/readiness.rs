@@ -262,6 +262,9 @@ pub enum Check {
         cwd: PathBuf,
         /// A process instance's user, limits and umask: the probe runs as it does.
         setup: Option<Box<bulkhead_driver::setup::ChildSetup>>,
+        /// A walled instance (a sandbox): the probe runs inside it, in its namespaces
+        /// and cgroups with its restrictions, as `bulkhead exec` does.
+        inside: Option<bulkhead_driver::ExecTarget>,
     },
 }
 
@@ -287,25 +290,31 @@ impl Check {
                 env,
                 cwd,
                 setup,
+                inside,
             } => {
-                let setup = setup
-                    .as_ref()
-                    .map(|s| s.prepare(cwd))
-                    .transpose()
-                    .map_err(|e| format!("exec {}: {e}", argv[0]))?;
+                let how = match inside {
+                    Some(target) => crate::exec::How::Inside(target.clone()),
+                    None => crate::exec::How::Host(
+                        setup
+                            .as_ref()
+                            .map(|s| s.prepare(cwd))
+                            .transpose()
+                            .map_err(|e| format!("exec {}: {e}", argv[0]))?,
+                    ),
+                };
                 // Registered with the orphan reaper, so it never takes this status; its
-                // own process group, killed if the attempt is dropped (probe timeout);
-                // spawned without copying the daemon (a probe runs every period).
-                let mut child =
-                    bulkhead_driver::reaper::spawn_command(bulkhead_driver::reaper::CommandSpec {
-                        argv,
-                        env,
-                        cwd,
-                        setup,
-                        io: bulkhead_driver::reaper::CommandIo::Null,
-                    })
-                    .map_err(|e| format!("exec {}: {e}", argv[0]))?
-                    .child;
+                // own process group, killed if the attempt is dropped (probe timeout); on
+                // the host, spawned without copying the daemon (a probe runs every
+                // period).
+                let mut child = crate::exec::Spawner {
+                    how,
+                    argv,
+                    env,
+                    cwd,
+                }
+                .spawn(bulkhead_driver::reaper::CommandIo::Null)
+                .map_err(|e| format!("exec {}: {e}", argv[0]))?
+                .child;
                 let status = child
                     .wait()
                     .await

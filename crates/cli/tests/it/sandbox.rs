@@ -440,8 +440,56 @@ fn exec_into_a_sandbox_is_the_daemons_child_with_its_exact_status() {
     client.kill().unwrap();
     client.wait().unwrap();
     assert!(wait_gone(pid), "the command survived its client");
-    assert!(bulkhead_driver::sys::zombie_children(daemon).is_empty());
+    // Killed, then reaped by the daemon (a moment after it is a zombie).
+    let start = std::time::Instant::now();
+    while !bulkhead_driver::sys::zombie_children(daemon).is_empty() {
+        assert!(start.elapsed() < DEADLINE, "zombies of the daemon remain");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(d.cli(&["terminate", &id]).status.success());
+}
+
+/// An exec probe of a sandboxed instance runs inside it, as `bulkhead exec` does: it sees
+/// the instance's private `/tmp` (where the workload says it is ready) and is as
+/// confined as the workload. Run on the host, it would look at the host's `/tmp` (never
+/// ready here) as the daemon's root.
+#[test]
+fn an_exec_probe_of_a_sandbox_runs_inside_it() {
+    let marker = format!("bh-ready-{}", std::process::id());
+    let m = format!(
+        "name: probed\ndriver: sandbox\n\
+         command: [/bin/sh, -c, 'sleep 0.2; touch /tmp/{marker}; exec sleep 1000']\n\
+         readiness: {{exec: [/bin/sh, -c, 'grep -E \"^(NoNewPrivs|Seccomp):\" /proc/self/status > /tmp/probe.status; test -f /tmp/{marker}'], timeout: 15s}}\n"
+    );
+    let d = Daemon::start(&[("probed", &m)]);
+    if !sandbox_available(&d) {
+        return;
+    }
+    let o = d.cli(&["launch", "probed", "-o", "json"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("\"ready\""),
+        "{out} {}\n{}",
+        stderr(&o),
+        d.daemon_log()
+    );
+    assert!(
+        !Path::new("/tmp").join(&marker).exists(),
+        "the workload's /tmp is its own"
+    );
+    let o = d.cli(&[
+        "exec",
+        "ns:default:probed",
+        "--",
+        "cat",
+        "/tmp/probe.status",
+    ]);
+    let status: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(status, ["NoNewPrivs: 1", "Seccomp: 2"], "{}", stderr(&o));
+    assert!(d.cli(&["terminate", "ns:default:probed"]).status.success());
 }
 
 /// The API socket trusts every caller that can connect: no sandboxed workload may reach
