@@ -435,11 +435,12 @@ impl Spawner<'_> {
             }
             How::Inside(target) => target,
         };
+        // No `current_dir`: std would enter it on the host, before the relay's hook;
+        // the hook enters it inside, where it may be all there is of it.
         let mut cmd = Command::new(&self.argv[0]);
         cmd.args(&self.argv[1..])
             .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(self.cwd);
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         let tty = matches!(io, reaper::CommandIo::Terminal(_));
         // ORDER: the relay's hook first (it enters, then clones the command), the
         // terminal's next (in the command: its session needs it not to lead a group).

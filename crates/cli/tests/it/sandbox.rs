@@ -450,16 +450,19 @@ fn exec_into_a_sandbox_is_the_daemons_child_with_its_exact_status() {
 }
 
 /// An exec probe of a sandboxed instance runs inside it, as `bulkhead exec` does: it sees
-/// the instance's private `/tmp` (where the workload says it is ready) and is as
-/// confined as the workload. Run on the host, it would look at the host's `/tmp` (never
+/// the instance's private `/tmp` (where the workload says it is ready), runs in its
+/// working directory (here one that exists only inside) and is as confined as the
+/// workload. Run on the host, it would look at the host's `/tmp` (never
 /// ready here) as the daemon's root.
 #[test]
 fn an_exec_probe_of_a_sandbox_runs_inside_it() {
     let marker = format!("bh-ready-{}", std::process::id());
+    // Its working directory exists only inside (a tmpfs of its own).
+    let wd = format!("/var/cache/{marker}");
     let m = format!(
-        "name: probed\ndriver: sandbox\n\
+        "name: probed\ndriver: sandbox\nworking_dir: {wd}\nsandbox: {{tmpfs: [{wd}]}}\n\
          command: [/bin/sh, -c, 'sleep 0.2; touch /tmp/{marker}; exec sleep 1000']\n\
-         readiness: {{exec: [/bin/sh, -c, 'grep -E \"^(NoNewPrivs|Seccomp):\" /proc/self/status > /tmp/probe.status; test -f /tmp/{marker}'], timeout: 15s}}\n"
+         readiness: {{exec: [/bin/sh, -c, 'grep -E \"^(NoNewPrivs|Seccomp):\" /proc/self/status > /tmp/probe.status; test $(pwd) = {wd} && test -f /tmp/{marker}'], timeout: 15s}}\n"
     );
     let d = Daemon::start(&[("probed", &m)]);
     if !sandbox_available(&d) {
@@ -489,6 +492,14 @@ fn an_exec_probe_of_a_sandbox_runs_inside_it() {
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect();
     assert_eq!(status, ["NoNewPrivs: 1", "Seccomp: 2"], "{}", stderr(&o));
+    assert!(!Path::new(&wd).exists(), "{wd} is the instance's alone");
+    let o = d.cli(&["exec", "ns:default:probed", "--", "pwd"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        wd,
+        "{}",
+        stderr(&o)
+    );
     assert!(d.cli(&["terminate", "ns:default:probed"]).status.success());
 }
 
