@@ -30,8 +30,9 @@
 //! goes back to its default too (the Rust runtime ignores it), and the child's signal
 //! mask is empty, as `Command` leaves it.
 //!
-//! In the child, in order: `/dev/null` on 0 and the pipes on 1 and 2, its own process
-//! group, the signals as above, every descriptor above 2 marked close-on-exec, the setup
+//! In the child, in order: `/dev/null` on 0 and the pipes on 1 and 2 (or the streams
+//! [`spawn_given`] is given), its own process group (or, on a terminal, its own session
+//! with the terminal as its controlling one), the signals as above, every descriptor above 2 marked close-on-exec, the setup
 //! (umask, rlimits, ids, then the working directory as the new user) or else the working
 //! directory, the parent-death signal, then [`ExecPlan::exec`] (sockets at 3..,
 //! `LISTEN_PID`, `execve`). A failed step leaves its errno where the parent reads it (in
