@@ -65,6 +65,7 @@ async fn once(way: Way, mem: &mut [u8]) -> anyhow::Result<(Duration, Duration)> 
                 env: &env,
                 cwd: std::path::Path::new("/"),
                 setup: None,
+                inside: None,
                 io: CommandIo::Null,
             })?
             .child

@@ -6,9 +6,9 @@
 //! directory. It is a child of the daemon, spawned through the reaper registry
 //! ([`bulkhead_driver::reaper::spawn_command`], which does not copy the daemon) so that
 //! the orphan reaper never takes its status, and it leads its own process group. In a
-//! sandboxed instance ([`enter`]) it also enters the instance's namespaces and cgroups
-//! (through a relay, [`bulkhead_driver::reaper::spawn_relayed`]) and keeps only its
-//! capabilities. An
+//! sandboxed instance it also enters the instance's namespaces and cgroups (through a
+//! relay that exits once it has cloned the command, see `spawn_command`'s `inside`) and
+//! keeps only its capabilities. An
 //! instance the host cannot enter (a container, a Pod) is exec'd into by its driver's
 //! engine ([`bulkhead_driver::InstanceHandle::engine_exec`]: docker's exec API), with the
 //! same stream protocol; a client that goes away ends that command too.
@@ -35,8 +35,6 @@
 //! if it keeps the output pipes open, the drain gives up after [`DRAIN_AFTER_EXIT`].
 
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -221,119 +219,6 @@ pub(crate) async fn exec(
     Ok(ReceiverStream::new(rx))
 }
 
-/// Makes `cmd` run inside a walled-off instance. The process the daemon spawns is a relay
-/// ([`bulkhead_driver::reaper::spawn_relayed`]): it enters the instance's namespaces
-/// through its pidfd and joins its cgroups, then clones the command with `CLONE_PARENT`
-/// (`setns(CLONE_NEWPID)` only moves the children of the caller; `CLONE_PARENT` makes
-/// the command the daemon's own child, which the daemon reaps and signals itself), says
-/// the command's pid through the returned pipe and exits: a copy of the daemon lives for
-/// the relay's few system calls, not for the command's life. The command leads its own
-/// process group (or, with `tty`, its session, made by the terminal's hook) and takes
-/// the instance's own restrictions ([`bulkhead_driver::restrict`]: bounding set, user,
-/// capabilities, `no_new_privs`, seccomp) before its exec. With a user namespace among
-/// the instance's namespaces the command becomes root *inside* it (the mapped,
-/// unprivileged uid on the host), never the host's root, and then the instance's user,
-/// if it has one.
-fn enter(
-    cmd: &mut Command,
-    t: bulkhead_driver::ExecTarget,
-    cwd: &std::path::Path,
-    tty: bool,
-) -> std::io::Result<OwnedFd> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    // The relay's report: non-blocking (read once the relay is gone), close-on-exec (the
-    // command never holds it past its exec).
-    let (report, report_w) = rustix::pipe::pipe_with(
-        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
-    )?;
-    let procs = t
-        .cgroup_procs
-        .iter()
-        .map(|p| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(p)
-                .map(OwnedFd::from)
-        })
-        .collect::<std::io::Result<Vec<OwnedFd>>>()?;
-    let cwd = std::ffi::CString::new(cwd.as_os_str().as_encoded_bytes().to_vec())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
-    let hook = move || -> std::io::Result<()> {
-        // SAFETY: runs in the forked child before exec; raw system calls only, on fds and
-        // a CString prepared before the fork; no allocation (io::Error::last_os_error
-        // does not allocate).
-        unsafe {
-            if libc::setns(t.pidfd.as_raw_fd(), t.namespaces) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            for fd in &procs {
-                if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // ORDER: after the cgroup writes (checked against the daemon's credentials,
-            // which opened the files) and before chdir (made as the mapped uid). setns
-            // kept our host ids, unmapped in there: take root inside and drop the
-            // daemon's supplementary groups (root's group would still count on files).
-            if t.namespaces & libc::CLONE_NEWUSER != 0
-                && (libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>())
-                    != 0
-                    || libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32) != 0
-                    || libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Entering a mount namespace moves the working directory to its root.
-            if libc::chdir(cwd.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The command: our sibling, so the daemon's child (CLONE_PARENT takes the
-            // relay's exit signal, SIGCHLD), born in the instance's PID namespace.
-            let pid = libc::syscall(
-                libc::SYS_clone,
-                (libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong,
-                0,
-                0,
-                0,
-                0,
-            );
-            if pid < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if pid == 0 {
-                // ORDER: its own group before anything can signal it (the daemon learns
-                // its pid only after its exec); a terminal's session is made by the
-                // terminal's hook, which needs it not to lead a group yet.
-                if !tty && libc::setpgid(0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The instance's own restrictions, as its processes had them: an exec'd
-                // command is never less confined than the workload. A failure comes
-                // back to the spawner through std's error pipe (errno as the step's
-                // call left it).
-                return t
-                    .restrict
-                    .apply()
-                    .map_err(|_| std::io::Error::last_os_error());
-            }
-            // The relay: name the command, then go (never back into std's exec path).
-            let b = (pid as u32).to_ne_bytes();
-            if libc::write(report_w.as_raw_fd(), b.as_ptr().cast(), b.len()) != b.len() as isize {
-                // Unnamed, the command would run unowned: kill it (the orphan reaper
-                // takes it) and fail the spawn.
-                let e = std::io::Error::last_os_error();
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                return Err(e);
-            }
-            libc::_exit(0)
-        }
-    };
-    // SAFETY: the hook only makes async-signal-safe system calls (see above).
-    unsafe { cmd.pre_exec(hook) };
-    Ok(report)
-}
-
 /// The master side of a new pseudo-terminal of the instance's own `devpts` (its
 /// `/dev/pts/ptmx`), so that the command finds its terminal at its path in there (`tty`,
 /// `ps`), as `docker exec -t` does. `None` when the instance has no mount namespace or
@@ -403,9 +288,9 @@ enum Io {
     Tty(Arc<AsyncFd<OwnedFd>>),
 }
 
-/// Where a command runs: on the host as the instance does (its user, groups, limits and
-/// umask), spawned without copying the daemon ([`reaper::spawn_command`]); or inside a
-/// walled instance, through a relay ([`enter`]).
+/// Where a command runs ([`reaper::spawn_command`], which never copies the daemon): on
+/// the host as the instance does (its user, groups, limits and umask), or inside a
+/// walled instance (its namespaces, cgroups and restrictions).
 pub(crate) enum How {
     Host(Option<bulkhead_driver::setup::Prepared>),
     Inside(bulkhead_driver::ExecTarget),
@@ -423,60 +308,18 @@ impl Spawner<'_> {
     /// Spawns with `io` as the standard streams; the command leads its own process group
     /// (its own session, on a terminal).
     pub(crate) fn spawn(self, io: reaper::CommandIo) -> std::io::Result<reaper::SpawnedChild> {
-        let target = match self.how {
-            How::Host(setup) => {
-                return reaper::spawn_command(reaper::CommandSpec {
-                    argv: self.argv,
-                    env: self.env,
-                    cwd: self.cwd,
-                    setup,
-                    io,
-                })
-            }
-            How::Inside(target) => target,
+        let (setup, inside) = match self.how {
+            How::Host(setup) => (setup, None),
+            How::Inside(ref target) => (None, Some(target)),
         };
-        // No `current_dir`: std would enter it on the host, before the relay's hook;
-        // the hook enters it inside, where it may be all there is of it.
-        let mut cmd = Command::new(&self.argv[0]);
-        cmd.args(&self.argv[1..])
-            .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
-        let tty = matches!(io, reaper::CommandIo::Terminal(_));
-        // ORDER: the relay's hook first (it enters, then clones the command), the
-        // terminal's next (in the command: its session needs it not to lead a group).
-        let report = enter(&mut cmd, target, self.cwd, tty)?;
-        match io {
-            reaper::CommandIo::Terminal(slave) => {
-                cmd.stdin(Stdio::from(slave.try_clone()?))
-                    .stdout(Stdio::from(slave.try_clone()?))
-                    .stderr(Stdio::from(slave));
-                // SAFETY: the closure runs in the child between fork and exec, after std
-                // has set up fds 0-2 (the terminal's slave side). It makes two system
-                // calls through rustix and allocates nothing (an errno converts into
-                // io::Error without allocating); fd 0 is open for the closure's whole
-                // run, so borrowing it is sound.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        rustix::process::setsid()?;
-                        rustix::process::ioctl_tiocsctty(std::os::fd::BorrowedFd::borrow_raw(0))?;
-                        Ok(())
-                    });
-                }
-            }
-            reaper::CommandIo::Pipes => {
-                cmd.stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-            }
-            reaper::CommandIo::Null => {
-                cmd.stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-            }
-        }
-        // The daemon's copies of a terminal's slave side go with `cmd`: reads of the
-        // master end (EIO) once every process holding it has closed it.
-        reaper::spawn_relayed(&mut cmd, &report)
+        reaper::spawn_command(reaper::CommandSpec {
+            argv: self.argv,
+            env: self.env,
+            cwd: self.cwd,
+            setup,
+            inside,
+            io,
+        })
     }
 }
 

@@ -408,6 +408,356 @@ fn clone_exec(s: Spawn<'_>, streams: Streams, shared_memory: bool) -> io::Result
     Ok((pid, pidfd))
 }
 
+/// A command to start inside a running walled instance (`bulkhead exec`, a sandbox's
+/// exec probes): [`spawn_inside`].
+pub(crate) struct Inside<'a> {
+    pub target: &'a crate::ExecTarget,
+    /// The command line; `argv[0]` is looked up inside (a name with a `/` as it is, a
+    /// bare one in the `PATH` of `env`, as `execvp` does).
+    pub argv: &'a [String],
+    pub env: &'a [(String, String)],
+    /// Entered inside, after the namespaces (it may exist only there).
+    pub cwd: &'a Path,
+}
+
+/// What the relay and the command of [`spawn_inside`] read, all built before the clone.
+struct InsideCtx<'a> {
+    target: &'a crate::ExecTarget,
+    procs: Vec<OwnedFd>,
+    cwd: CString,
+    streams: Streams,
+    plan: ExecPlan,
+    /// Where to look for the program, in order.
+    candidates: Vec<CString>,
+    /// The report pipe's write end: `P` + the command's pid (the relay), `R` + errno (a
+    /// step of the relay failed), `C` + errno (a step of the command failed).
+    report: RawFd,
+    /// The command's stack, with `CLONE_VM`.
+    stack: Option<&'a Stack>,
+}
+
+/// Starts a command inside a running instance without copying this process (where
+/// [`clone3_vm`] exists; elsewhere as after a fork). A relay, cloned here, enters the
+/// instance's namespaces through its pidfd (`setns` moves only the caller, and a new PID
+/// namespace only the caller's children), joins its cgroups, takes root inside a user
+/// namespace, enters the working directory inside, then clones the command with
+/// `CLONE_PARENT` (a child of this process, not of the relay) and exits. The command
+/// takes its streams, its own group (or session), default signals, no descriptor above
+/// 2, the instance's own restrictions ([`crate::restrict`]), then execs. Both clones are
+/// `CLONE_VFORK`: this returns once the command has exec'd (or failed, then reaped, with
+/// the errno) and the relay has exited (reaped here). Returns the command's pid: an
+/// unreaped child of this process.
+pub(crate) fn spawn_inside(i: Inside<'_>, streams: Streams) -> io::Result<u32> {
+    spawn_inside_with(i, streams, SHARED_MEMORY_SPAWN)
+}
+
+fn spawn_inside_with(i: Inside<'_>, streams: Streams, shared_memory: bool) -> io::Result<u32> {
+    let procs = i
+        .target
+        .cgroup_procs
+        .iter()
+        .map(|p| {
+            let fd = rustix::fs::open(
+                p,
+                rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )?;
+            above(fd, 3)
+        })
+        .collect::<io::Result<Vec<OwnedFd>>>()?;
+    let arg0 = i.argv.first().map_or("", String::as_str);
+    if arg0.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the program name is empty",
+        ));
+    }
+    let candidates: Vec<CString> = if arg0.contains('/') {
+        vec![c_path(Path::new(arg0))?]
+    } else {
+        let path = i
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map_or(crate::process::DEFAULT_PATH, |(_, v)| v.as_str());
+        path.split(':')
+            .map(|dir| {
+                let dir = if dir.is_empty() { "." } else { dir };
+                c_path(&Path::new(dir).join(arg0))
+            })
+            .collect::<io::Result<_>>()?
+    };
+    let plan = ExecPlan::new(Path::new(arg0), i.argv, i.env, &[])?;
+    let (report_r, report_w) = pipe(3)?;
+    let stacks = if shared_memory {
+        Some((Stack::take()?, Stack::take()?))
+    } else {
+        None
+    };
+    let mut ctx = InsideCtx {
+        target: i.target,
+        procs,
+        cwd: c_path(i.cwd)?,
+        streams,
+        plan,
+        candidates,
+        report: report_w.as_raw_fd(),
+        stack: stacks.as_ref().map(|(_, g)| g),
+    };
+    let mut args = CloneArgs {
+        flags: libc::CLONE_VFORK as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    let blocked = Blocked::all()?;
+    let ret = match &stacks {
+        Some((relay, _)) => {
+            args.flags |= libc::CLONE_VM as u64;
+            relay.set(&mut args);
+            // SAFETY: as in `clone_exec`: the relay runs `relay_entry(&mut ctx)` on its
+            // stack in this address space while this thread is suspended (CLONE_VFORK)
+            // until it exits; it and the command it clones (on the second stack, also
+            // CLONE_VFORK) only read `ctx` and make system calls on memory built above:
+            // no allocation, no lock, no return. Every signal is blocked here.
+            unsafe {
+                clone3_vm(
+                    &mut args,
+                    relay_entry,
+                    (&mut ctx as *mut InsideCtx).cast::<libc::c_void>(),
+                )
+            }
+        }
+        // SAFETY: fork semantics (no CLONE_VM; CLONE_VFORK: this thread waits for the
+        // relay's exit): the relay runs `relay_main` on its copy and never returns.
+        None => match unsafe { crate::sys::clone3(&mut args) } {
+            // SAFETY: see above; we are the relay.
+            Ok(0) => unsafe { relay_main(&mut ctx) },
+            Ok(pid) => i64::from(pid),
+            Err(e) => -i64::from(e.raw_os_error().unwrap_or(libc::EIO)),
+        },
+    };
+    drop(blocked);
+    drop(ctx);
+    if let Some((a, b)) = stacks {
+        // The relay has exited and the command has exec'd or exited: both are free.
+        a.give_back();
+        b.give_back();
+    }
+    if ret < 0 {
+        return Err(io::Error::from_raw_os_error(-ret as i32));
+    }
+    // The relay is gone (CLONE_VFORK): reaped here, nobody else sees it.
+    let _ = crate::sys::reap_blocking(ret as u32);
+    drop(report_w);
+    // ORDER: every writer has written: the command before its exit (a failed step) or
+    // never (its exec closed its copy), then the relay before its exit.
+    let mut pid = None;
+    let mut failed = None;
+    let mut buf = [0u8; 15];
+    let n = crate::sys::read_full(&report_r, &mut buf)?;
+    for m in buf[..n].chunks_exact(5) {
+        let v = i32::from_ne_bytes([m[1], m[2], m[3], m[4]]);
+        match m[0] {
+            b'P' => pid = Some(v as u32),
+            _ => failed = Some(v),
+        }
+    }
+    match (pid, failed) {
+        (Some(pid), None) => Ok(pid),
+        (pid, Some(e)) => {
+            // A step failed; a command that failed before its exec has exited: reaped.
+            if let Some(pid) = pid {
+                let _ = crate::sys::reap_blocking(pid);
+            }
+            Err(io::Error::from_raw_os_error(e))
+        }
+        (None, None) => Err(io::Error::other(
+            "the relay exited without starting the command",
+        )),
+    }
+}
+
+/// Writes a report message (see [`InsideCtx::report`]).
+///
+/// # Safety
+/// In the relay or the command: one `write`.
+unsafe fn report(fd: RawFd, tag: u8, value: i32) {
+    let v = value.to_ne_bytes();
+    let m = [tag, v[0], v[1], v[2], v[3]];
+    // SAFETY: a write of a buffer on this stack.
+    unsafe { libc::write(fd, m.as_ptr().cast(), m.len()) };
+}
+
+/// The relay's first Rust frame on its own stack.
+///
+/// # Safety
+/// Only as the entry of `clone3_vm` in [`spawn_inside_with`], with its `ctx`.
+unsafe extern "C" fn relay_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: the spawner's `ctx`, alive and untouched while its thread is suspended.
+    unsafe { relay_main(&mut *arg.cast::<InsideCtx>()) }
+}
+
+/// The relay (see [`spawn_inside`]).
+///
+/// # Safety
+/// Only in the relay of [`spawn_inside_with`].
+unsafe fn relay_main(c: &mut InsideCtx) -> ! {
+    // SAFETY: system calls on descriptors and buffers of `c`, built before the clone.
+    unsafe {
+        let errno = || *libc::__errno_location();
+        let report_fd = c.report;
+        let fail = |e: i32| -> ! {
+            report(report_fd, b'R', if e == 0 { libc::EIO } else { e });
+            libc::_exit(127)
+        };
+        let t = c.target;
+        if libc::setns(t.pidfd.as_raw_fd(), t.namespaces) != 0 {
+            fail(errno());
+        }
+        for fd in &c.procs {
+            if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                fail(errno());
+            }
+        }
+        // ORDER: after the cgroup writes (checked against the daemon's credentials,
+        // which opened the files) and before chdir (made as the mapped uid). setns kept
+        // the host ids, unmapped in there: take root inside and drop the daemon's
+        // supplementary groups (root's group would still count on files).
+        if t.namespaces & libc::CLONE_NEWUSER != 0
+            && (libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32) != 0
+                || libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32) != 0)
+        {
+            fail(errno());
+        }
+        // Entering a mount namespace moved the working directory to its root.
+        if libc::chdir(c.cwd.as_ptr()) != 0 {
+            fail(errno());
+        }
+        // The command: a sibling, so the spawner's child (clone3 takes no exit signal
+        // with CLONE_PARENT: the child gets ours, SIGCHLD), born in the instance's PID
+        // namespace and cgroups.
+        let mut args = CloneArgs {
+            flags: (libc::CLONE_PARENT | libc::CLONE_VFORK) as u64,
+            ..CloneArgs::default()
+        };
+        let pid = match c.stack {
+            Some(stack) => {
+                args.flags |= libc::CLONE_VM as u64;
+                stack.set(&mut args);
+                clone3_vm(
+                    &mut args,
+                    command_entry,
+                    (c as *mut InsideCtx).cast::<libc::c_void>(),
+                )
+            }
+            None => match crate::sys::clone3(&mut args) {
+                Ok(0) => command_main(c),
+                Ok(pid) => i64::from(pid),
+                Err(e) => -i64::from(e.raw_os_error().unwrap_or(libc::EIO)),
+            },
+        };
+        if pid < 0 {
+            fail(-pid as i32);
+        }
+        // CLONE_VFORK: the command has exec'd or failed (and said so) by now.
+        report(report_fd, b'P', pid as i32);
+        libc::_exit(0)
+    }
+}
+
+/// The command's first Rust frame on its own stack.
+///
+/// # Safety
+/// Only as the entry of `clone3_vm` in [`relay_main`], with its `ctx`.
+unsafe extern "C" fn command_entry(arg: *mut libc::c_void) -> ! {
+    // SAFETY: the relay's `ctx`, alive while the relay is suspended.
+    unsafe { command_main(&mut *arg.cast::<InsideCtx>()) }
+}
+
+/// The command's steps (see [`spawn_inside`]).
+///
+/// # Safety
+/// Only in the command cloned by [`relay_main`].
+unsafe fn command_main(c: &mut InsideCtx) -> ! {
+    // SAFETY: system calls on descriptors and buffers of `c`, built before the clones.
+    unsafe {
+        let errno = || *libc::__errno_location();
+        let report_fd = c.report;
+        let fail = |e: i32| -> ! {
+            report(report_fd, b'C', if e == 0 { libc::EIO } else { e });
+            libc::_exit(127)
+        };
+        if let Err(e) = take_streams(&c.streams) {
+            fail(e);
+        }
+        reset_signals();
+        // Every descriptor above 2 goes (the daemon's, the cgroup files) but the report
+        // pipe, which its exec closes.
+        crate::sys::close_all_but([report_fd]);
+        if crate::sys::cloexec_from(3).is_err() {
+            fail(errno());
+        }
+        if c.target.restrict.apply().is_err() {
+            fail(errno());
+        }
+        fail(c.plan.exec_first(&c.candidates))
+    }
+}
+
+/// Puts the streams on 0-2 and makes the child lead its group, or its session.
+///
+/// # Safety
+/// In a child between its clone and its exec.
+unsafe fn take_streams(s: &Streams) -> Result<(), i32> {
+    // SAFETY: dup2, setpgid, setsid, ioctl on descriptors the child owns.
+    unsafe {
+        let errno = || *libc::__errno_location();
+        // dup2 clears close-on-exec on the copy; the sources are all above 2.
+        if libc::dup2(s.stdin, 0) < 0 || libc::dup2(s.stdout, 1) < 0 || libc::dup2(s.stderr, 2) < 0
+        {
+            return Err(errno());
+        }
+        if s.session {
+            // Its own session (so its own group), the terminal on 0 its controlling one.
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(errno());
+            }
+        } else if libc::setpgid(0, 0) != 0 {
+            return Err(errno());
+        }
+        Ok(())
+    }
+}
+
+/// Every handler back to the default (the spawner's must not run in the child), SIGPIPE
+/// too (the Rust runtime ignores it); then nothing blocked.
+///
+/// # Safety
+/// In a child between its clone and its exec.
+unsafe fn reset_signals() {
+    // SAFETY: sigaction and sigprocmask on structures on this stack.
+    unsafe {
+        for sig in 1..=libc::SIGRTMAX() {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut sa) != 0 {
+                continue;
+            }
+            if sa.sa_sigaction != libc::SIG_DFL
+                && (sa.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+}
+
 /// The most bytes of a slot's hand-over (program, argv and environment, each ending in
 /// NUL, after the header); a launch with more spawns cold.
 pub const HANDOVER_MAX: usize = 128 * 1024;
@@ -837,38 +1187,16 @@ unsafe fn child_main(c: &mut Ctx) -> ! {
             libc::_exit(127)
         };
         let errno = || *libc::__errno_location();
-        // dup2 clears close-on-exec on the copy; the sources are all above 2.
-        if libc::dup2(c.stdin, 0) < 0 || libc::dup2(c.out_w, 1) < 0 || libc::dup2(c.err_w, 2) < 0 {
-            fail(errno());
+        let streams = Streams {
+            stdin: c.stdin,
+            stdout: c.out_w,
+            stderr: c.err_w,
+            session: c.session,
+        };
+        if let Err(e) = take_streams(&streams) {
+            fail(e);
         }
-        if c.session {
-            // Its own session (so its own group), the terminal on 0 its controlling one.
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
-                fail(errno());
-            }
-        } else if libc::setpgid(0, 0) != 0 {
-            fail(errno());
-        }
-        // Every handler back to the default (the daemon's must not run here), SIGPIPE
-        // too (the Rust runtime ignores it); then nothing blocked.
-        for sig in 1..=libc::SIGRTMAX() {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut sa) != 0 {
-                continue;
-            }
-            if sa.sa_sigaction != libc::SIG_DFL
-                && (sa.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
-            {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            }
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
-            fail(errno());
-        }
+        reset_signals();
         // Every descriptor above 2 (the spawner's sockets, pidfds, other instances'
         // pipes, anything inherited) goes but the failure pipe and the sockets to put
         // in place: the keeper's thousands would hold every number under a low
@@ -978,6 +1306,106 @@ mod tests {
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn a_command_started_inside_an_instance_is_our_child_in_its_namespaces() {
+        // The instance: a sleep in new mount and PID namespaces (PID 1 there). (A user
+        // namespace is entered by the daemon's tests: `unshare` denies setgroups in its.)
+        let mut inst = match std::process::Command::new("unshare")
+            .args(["--mount", "--pid", "--fork"])
+            .args(["sleep", "100"])
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipped: unshare: {e}");
+                return;
+            }
+        };
+        let start = std::time::Instant::now();
+        let sleep = loop {
+            let found = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                (crate::sys::read_stat(pid).ok()?.ppid == inst.id()).then_some(pid)
+            });
+            if let Some(pid) = found {
+                break pid;
+            }
+            assert!(start.elapsed().as_secs() < 30, "unshare never forked");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let target = crate::ExecTarget {
+            pidfd: std::sync::Arc::new(crate::sys::pidfd_open(sleep).unwrap()),
+            namespaces: libc::CLONE_NEWNS | libc::CLONE_NEWPID,
+            cgroup_procs: Vec::new(),
+            restrict: crate::restrict::Restrictions::default(),
+        };
+        let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        let argv: Vec<String> = ["sh", "-c", "echo $$ $(id -u) $(pwd); exit 3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for shared in WAYS {
+            let devnull = above(std::fs::File::open("/dev/null").unwrap().into(), 3).unwrap();
+            let (out_r, out_w) = pipe(3).unwrap();
+            let pid = spawn_inside_with(
+                Inside {
+                    target: &target,
+                    argv: &argv,
+                    env: &env,
+                    cwd: Path::new("/tmp"),
+                },
+                Streams {
+                    stdin: devnull.as_raw_fd(),
+                    stdout: out_w.as_raw_fd(),
+                    stderr: out_w.as_raw_fd(),
+                    session: false,
+                },
+                shared,
+            )
+            .unwrap();
+            drop(out_w);
+            let mut out = String::new();
+            std::fs::File::from(out_r).read_to_string(&mut out).unwrap();
+            let f: Vec<&str> = out.split_whitespace().collect();
+            assert_eq!(f.len(), 3, "shared {shared}: {out:?}");
+            assert_ne!(f[0], pid.to_string(), "its own PID namespace: {out:?}");
+            assert_eq!(
+                &f[1..],
+                ["0", "/tmp"],
+                "root inside, in its folder: {out:?}"
+            );
+            // Our child (CLONE_PARENT): reaped here, with its status.
+            let pidfd = crate::sys::pidfd_open(pid).unwrap();
+            assert_eq!(
+                status(&pidfd),
+                bulkhead_core::event::ExitStatus::Exited { code: 3 }
+            );
+            // A program that is not there inside: the error, nothing left behind.
+            let missing = vec!["no-such-program-here".to_string()];
+            let e = spawn_inside_with(
+                Inside {
+                    target: &target,
+                    argv: &missing,
+                    env: &env,
+                    cwd: Path::new("/"),
+                },
+                Streams {
+                    stdin: devnull.as_raw_fd(),
+                    stdout: devnull.as_raw_fd(),
+                    stderr: devnull.as_raw_fd(),
+                    session: false,
+                },
+                shared,
+            )
+            .err()
+            .unwrap();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "shared {shared}: {e}");
+            assert!(crate::sys::zombie_children(std::process::id()).is_empty());
+        }
+        let _ = inst.kill();
+        let _ = inst.wait();
     }
 
     fn slot(cwd: &str) -> SlotChild {

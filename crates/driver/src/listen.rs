@@ -166,6 +166,37 @@ impl ExecPlan {
     }
 }
 
+impl ExecPlan {
+    /// Execs the first of `candidates` that runs, as `execvp` does with its `PATH`: one
+    /// that is missing (or is not permitted, or has a non-directory on its way) is
+    /// skipped. Returns only on failure: the errno of the last try, `EACCES` if one was
+    /// not permitted. No sockets are put in place.
+    ///
+    /// # Safety
+    /// As [`ExecPlan::exec`].
+    pub unsafe fn exec_first(&mut self, candidates: &[CString]) -> i32 {
+        let mut denied = false;
+        let mut last = libc::ENOENT;
+        for c in candidates {
+            // SAFETY: per the contract: pointers into buffers this plan owns.
+            unsafe {
+                libc::execve(c.as_ptr(), self.argv_ptrs.as_ptr(), self.env_ptrs.as_ptr());
+                last = *libc::__errno_location();
+            }
+            match last {
+                libc::EACCES => denied = true,
+                libc::ENOENT | libc::ENOTDIR | libc::ENODEV | libc::ESTALE | libc::ETIMEDOUT => {}
+                _ => return last,
+            }
+        }
+        if denied {
+            libc::EACCES
+        } else {
+            last
+        }
+    }
+}
+
 /// Puts `src[i]` at descriptor `3 + i`, without close-on-exec. `tmp` is scratch of the
 /// same length. Returns the errno of a failed call.
 ///

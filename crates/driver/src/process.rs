@@ -141,7 +141,7 @@ pub const LOST_STATUS: ExitStatus = ExitStatus::Exited { code: -1 };
 
 /// The `PATH` searched for a bare program name when the instance environment has none
 /// (what glibc's `execvp` uses).
-const DEFAULT_PATH: &str = "/bin:/usr/bin";
+pub(crate) const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
 /// After how many rounds of "scan /proc, kill what is found, await it" the sweep also kills
 /// the whole group at once with `kill(-pgid, SIGKILL)`. Each round only has to catch

@@ -229,39 +229,9 @@ pub fn spawn(cmd: &mut Command) -> io::Result<SpawnedChild> {
 /// one (for example `setsid()` in a `pre_exec` hook, for a child that needs its own
 /// session and controlling terminal): [`Child`] signals the group named by its pid.
 pub fn spawn_leader(cmd: &mut Command) -> io::Result<SpawnedChild> {
-    spawn_owned(cmd, None)
-}
-
-/// Like [`spawn_leader`], for a `cmd` whose process is only a relay: its `pre_exec` hooks
-/// clone the command with `CLONE_PARENT` (so the command is a child of ours, not of the
-/// relay), write the command's pid (4 bytes, native order) to the write end of the pipe
-/// whose non-blocking read end is `report`, and `_exit`; the command returns from the
-/// hook and goes on to its exec. The relay is reaped here; the returned [`Child`] is the
-/// command, which must make itself lead its process group (or session).
-///
-/// `bulkhead exec` into a walled instance spawns this way: the relay enters the
-/// instance's namespaces (entering a PID namespace only moves the caller's children),
-/// and the copy of the daemon that a fork makes lives for microseconds instead of for
-/// the command's whole life.
-pub fn spawn_relayed(cmd: &mut Command, report: &OwnedFd) -> io::Result<SpawnedChild> {
-    spawn_owned(cmd, Some(report))
-}
-
-/// The command's pid, as the relay wrote it to `report`; `None` if it wrote nothing (it
-/// failed before its clone).
-fn relayed_pid(report: &OwnedFd) -> Option<u32> {
-    let mut b = [0u8; 4];
-    match rustix::io::read(report, &mut b) {
-        Ok(4) => Some(u32::from_ne_bytes(b)),
-        _ => None,
-    }
-}
-
-fn spawn_owned(cmd: &mut Command, report: Option<&OwnedFd>) -> io::Result<SpawnedChild> {
     // SAFETY: the hook runs in the child between fork and exec and makes one raw system
     // call (close_range), no allocation, no lock. Registered last, so it runs after the
-    // caller's hooks (in `bulkhead exec`'s case: in the command's own process, after the
-    // setns and the relay's clone).
+    // caller's hooks.
     unsafe {
         // Every descriptor above 2 is closed by the exec: the child gets its three
         // standard streams and nothing the daemon inherited or opened. Marked rather
@@ -273,41 +243,7 @@ fn spawn_owned(cmd: &mut Command, report: Option<&OwnedFd>) -> io::Result<Spawne
     // RACE: the lock is held from before the spawn until the pid is registered. A child
     // that exits at once is a zombie the reaper could otherwise see, find unowned and
     // reap, and its status would be lost to us.
-    let spawned = cmd.spawn();
-    let mut child = match (spawned, report) {
-        (Ok(child), None) => child,
-        (Err(e), None) => return Err(e),
-        (spawned, Some(report)) => {
-            // ORDER: `spawn` returns once std's exec-status pipe has no writer left: the
-            // relay has exited (after writing the pid) and the command has exec'd, or
-            // one of them failed (std has then reaped the relay). So the pid, if the
-            // relay got as far as its clone, is in the pipe now: no read can block.
-            let command = relayed_pid(report);
-            let mut relay = match spawned {
-                Ok(relay) => relay,
-                Err(e) => {
-                    // The command failed before its exec (it has exited, or is exiting).
-                    if let Some(pid) = command {
-                        let _ = sys::reap_blocking(pid);
-                    }
-                    return Err(e);
-                }
-            };
-            // The relay ends right after its write: reaped here, nobody else sees it.
-            let _ = relay.wait();
-            let Some(pid) = command else {
-                return Err(io::Error::other(
-                    "the relay process exited without naming the command",
-                ));
-            };
-            lock.register(pid);
-            drop(lock);
-            let stdin = relay.stdin.take().map(OwnedFd::from);
-            let stdout = relay.stdout.take().map(OwnedFd::from);
-            let stderr = relay.stderr.take().map(OwnedFd::from);
-            return watch(pid, registry, stdin, stdout, stderr);
-        }
-    };
+    let mut child = cmd.spawn()?;
     let pid = child.id();
     lock.register(pid);
     drop(lock);
@@ -388,8 +324,11 @@ pub struct CommandSpec<'a> {
     pub env: &'a [(String, String)],
     pub cwd: &'a std::path::Path,
     /// The user, groups, limits and umask to take before the exec (the working directory
-    /// is then entered as that user).
+    /// is then entered as that user). Not with `inside`, which has its own.
     pub setup: Option<crate::setup::Prepared>,
+    /// A walled instance to run the command in: its namespaces and cgroups, its own
+    /// restrictions; `argv[0]` and `cwd` are then found inside.
+    pub inside: Option<&'a crate::ExecTarget>,
     pub io: CommandIo,
 }
 
@@ -405,7 +344,11 @@ pub fn spawn_command(c: CommandSpec<'_>) -> io::Result<SpawnedChild> {
     use crate::clone_spawn::{above, pipe, Spawn, Streams};
     use std::os::fd::AsRawFd;
     let arg0 = c.argv.first().map_or("", String::as_str);
-    let program = crate::process::resolve_program(arg0, c.env, c.cwd)?;
+    // Inside an instance the program is looked up there, by the command itself.
+    let program = match c.inside {
+        Some(_) => std::path::PathBuf::new(),
+        None => crate::process::resolve_program(arg0, c.env, c.cwd)?,
+    };
     let null = || -> io::Result<OwnedFd> {
         let fd = rustix::fs::open(
             "/dev/null",
@@ -457,24 +400,42 @@ pub fn spawn_command(c: CommandSpec<'_>) -> io::Result<SpawnedChild> {
     };
     let registry = Registry::global();
     let mut lock = registry.lock();
-    // RACE: as in `spawn_owned`: registered before the reaper can look.
-    let (pid, pidfd) = crate::clone_spawn::spawn_given(
-        Spawn {
-            program: &program,
-            argv: c.argv,
-            env: c.env,
-            cwd: c.cwd,
-            cgroup: None,
-            death_parent: None,
-            setup: c.setup,
-            listen: &[],
-        },
-        streams,
-    )?;
+    // RACE: as in `spawn_leader`: registered before the reaper can look.
+    let (pid, pidfd) = match c.inside {
+        Some(target) => {
+            let pid = crate::clone_spawn::spawn_inside(
+                crate::clone_spawn::Inside {
+                    target,
+                    argv: c.argv,
+                    env: c.env,
+                    cwd: c.cwd,
+                },
+                streams,
+            )?;
+            // Our unreaped child (CLONE_PARENT): its pid cannot have been reused.
+            (pid, sys::pidfd_open(pid))
+        }
+        None => {
+            let (pid, pidfd) = crate::clone_spawn::spawn_given(
+                Spawn {
+                    program: &program,
+                    argv: c.argv,
+                    env: c.env,
+                    cwd: c.cwd,
+                    cgroup: None,
+                    death_parent: None,
+                    setup: c.setup,
+                    listen: &[],
+                },
+                streams,
+            )?;
+            (pid, Ok(pidfd))
+        }
+    };
     lock.register(pid);
     drop(lock);
     drop(child_ends);
-    owned(pid, Ok(pidfd), registry, stdin, stdout, stderr)
+    owned(pid, pidfd, registry, stdin, stdout, stderr)
 }
 
 /// A child started by [`spawn`], with the read/write ends of the pipes it was given.
@@ -624,6 +585,7 @@ mod tests {
             env: &env,
             cwd: std::path::Path::new("/tmp"),
             setup: None,
+            inside: None,
             io,
         })
     }
@@ -709,6 +671,7 @@ mod tests {
             env: &[],
             cwd: std::path::Path::new("/"),
             setup: None,
+            inside: None,
             io: CommandIo::Null,
         })
         .err()
@@ -724,6 +687,7 @@ mod tests {
             env: &[],
             cwd: std::path::Path::new("/"),
             setup: None,
+            inside: None,
             io: CommandIo::Null,
         })
         .err()
