@@ -2,10 +2,12 @@
 //! on the host) costs the daemon as the daemon grows.
 //!
 //! This process touches N MiB of heap (a daemon's memory), then spawns `/bin/true` and
-//! reaps it, three ways: `posix_spawn` (the floor: what `Command` does without a hook),
-//! `Command` with a `pre_exec` hook (a fork: how the daemon spawned probes and host
-//! `exec` commands before `reaper::spawn_command`), and `reaper::spawn_command` (a
-//! `clone3` sharing the memory until the exec, as the process driver spawns). After each
+//! reaps it: `posix_spawn` (the floor: what `Command` does without a hook), `Command`
+//! with a `pre_exec` hook (a fork: how the daemon spawned probes and host `exec`
+//! commands before `reaper::spawn_command`), `reaper::spawn_command` (a `clone3` sharing
+//! the memory until the exec, as the process driver spawns), and the same into an
+//! instance's mount and PID namespaces (a `sleep` under `unshare`; the relay and the
+//! command, as `bulkhead exec` into a sandbox; before, that was two forks). After each
 //! spawn the process rewrites its heap, as a daemon goes on working: after a fork every
 //! page it writes faults once (the fork write-protected them all), so that time is
 //! measured too. Each sample is one spawn (timed to the child's reaping) and one rewrite.
@@ -23,6 +25,7 @@ enum Way {
     PosixSpawn,
     Fork,
     CloneVm,
+    Inside,
 }
 
 impl Way {
@@ -31,12 +34,18 @@ impl Way {
             Way::PosixSpawn => "posix_spawn (floor)",
             Way::Fork => "Command + pre_exec hook (fork, before)",
             Way::CloneVm => "reaper::spawn_command (clone3, CLONE_VM)",
+            Way::Inside => "reaper::spawn_command inside mount + PID namespaces (relay)",
         }
     }
 }
 
-/// One spawn of `/bin/true`, reaped; then one rewrite of `mem`.
-async fn once(way: Way, mem: &mut [u8]) -> anyhow::Result<(Duration, Duration)> {
+/// One spawn of `/bin/true`, reaped; then one rewrite of `mem`. `inside`: the instance
+/// [`Way::Inside`] enters.
+async fn once(
+    way: Way,
+    mem: &mut [u8],
+    inside: Option<&bulkhead_driver::ExecTarget>,
+) -> anyhow::Result<(Duration, Duration)> {
     let argv = vec!["/bin/true".to_string()];
     let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
     let t = Instant::now();
@@ -59,13 +68,13 @@ async fn once(way: Way, mem: &mut [u8]) -> anyhow::Result<(Duration, Duration)> 
             unsafe { cmd.pre_exec(|| Ok(())) };
             Some(reaper::spawn(&mut cmd)?.child.wait().await?)
         }
-        Way::CloneVm => Some(
+        Way::CloneVm | Way::Inside => Some(
             reaper::spawn_command(CommandSpec {
                 argv: &argv,
                 env: &env,
                 cwd: std::path::Path::new("/"),
                 setup: None,
-                inside: None,
+                inside: if way == Way::Inside { inside } else { None },
                 io: CommandIo::Null,
             })?
             .child
@@ -97,7 +106,21 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let ways = [Way::PosixSpawn, Way::Fork, Way::CloneVm];
+    // The instance `Inside` enters: a sleep in new mount and PID namespaces.
+    let mut instance = std::process::Command::new("unshare")
+        .args(["--mount", "--pid", "--fork", "--kill-child", "sleep", "100000"])
+        .spawn();
+    let target = match &instance {
+        Ok(inst) => Some(instance_target(inst.id())?),
+        Err(e) => {
+            println!("the line inside namespaces is skipped: unshare: {e}");
+            None
+        }
+    };
+    let mut ways = vec![Way::PosixSpawn, Way::Fork, Way::CloneVm];
+    if target.is_some() {
+        ways.push(Way::Inside);
+    }
     let mut report = format!(
         "{iterations} samples each (the three ways alternated)\n\n\
          | heap | way | spawn -> reaped p50 / p99 ms | vs floor | heap rewrite after it p50 ms |\n\
@@ -109,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         let mut rewrite: Vec<Samples> = ways.iter().map(|w| Samples::new(w.name())).collect();
         for _ in 0..iterations {
             for (i, &way) in ways.iter().enumerate() {
-                let (s, r) = rt.block_on(once(way, &mut mem))?;
+                let (s, r) = rt.block_on(once(way, &mut mem, target.as_ref()))?;
                 spawn[i].values.push(s);
                 rewrite[i].values.push(r);
             }
@@ -127,9 +150,38 @@ fn main() -> anyhow::Result<()> {
             ));
         }
     }
+    if let Ok(inst) = &mut instance {
+        let _ = inst.kill();
+        let _ = inst.wait();
+    }
     println!("{report}");
     if let Some(path) = flag("--write") {
         std::fs::write(path, &report)?;
     }
     Ok(())
+}
+
+/// The first child of `unshare` (PID 1 of its namespaces) as a target to enter.
+fn instance_target(unshare: u32) -> anyhow::Result<bulkhead_driver::ExecTarget> {
+    let start = Instant::now();
+    let pid = loop {
+        let found = std::fs::read_dir("/proc")?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            (bulkhead_driver::sys::read_stat(pid).ok()?.ppid == unshare).then_some(pid)
+        });
+        if let Some(pid) = found {
+            break pid;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "unshare never forked"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok(bulkhead_driver::ExecTarget {
+        pidfd: std::sync::Arc::new(bulkhead_driver::sys::pidfd_open(pid)?),
+        namespaces: libc::CLONE_NEWNS | libc::CLONE_NEWPID,
+        cgroup_procs: Vec::new(),
+        restrict: bulkhead_driver::restrict::Restrictions::default(),
+    })
 }

@@ -1313,7 +1313,7 @@ mod tests {
         // The instance: a sleep in new mount and PID namespaces (PID 1 there). (A user
         // namespace is entered by the daemon's tests: `unshare` denies setgroups in its.)
         let mut inst = match std::process::Command::new("unshare")
-            .args(["--mount", "--pid", "--fork"])
+            .args(["--mount", "--pid", "--fork", "--kill-child"])
             .args(["sleep", "100"])
             .spawn()
         {
