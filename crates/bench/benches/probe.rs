@@ -108,7 +108,14 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     // The instance `Inside` enters: a sleep in new mount and PID namespaces.
     let mut instance = std::process::Command::new("unshare")
-        .args(["--mount", "--pid", "--fork", "--kill-child", "sleep", "100000"])
+        .args([
+            "--mount",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "sleep",
+            "100000",
+        ])
         .spawn();
     let target = match &instance {
         Ok(inst) => Some(instance_target(inst.id())?),

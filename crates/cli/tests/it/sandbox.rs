@@ -437,6 +437,14 @@ fn exec_into_a_sandbox_is_the_daemons_child_with_its_exact_status() {
     };
     let stat = bulkhead_driver::sys::read_stat(pid).unwrap();
     assert_eq!(stat.ppid, daemon, "the command's parent is not the daemon");
+    // In the instance's cgroups, as its own processes.
+    let cgroups = |pid: u64| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let main = v["pid"].as_u64().unwrap();
+    assert_eq!(
+        cgroups(u64::from(pid)),
+        cgroups(main),
+        "not in the instance's cgroups"
+    );
     client.kill().unwrap();
     client.wait().unwrap();
     assert!(wait_gone(pid), "the command survived its client");
