@@ -631,8 +631,14 @@ async fn a_user_namespace_runs_root_inside_as_an_unprivileged_uid_outside() {
     // Seen from the host, the workload is uid/gid 100000.
     let pids = processes_with_token(&token);
     assert!(!pids.is_empty(), "no workload process found");
+    let mut seen = 0;
     for pid in pids {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        // RACE: the scan can catch the shell's fork for a `sleep` of its loop, gone by
+        // now; the shell itself stays.
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        seen += 1;
         for (key, want) in [
             ("Uid:", "100000\t100000\t100000\t100000"),
             ("Gid:", "100000\t100000\t100000\t100000"),
@@ -641,6 +647,7 @@ async fn a_user_namespace_runs_root_inside_as_an_unprivileged_uid_outside() {
             assert_eq!(line[key.len()..].trim(), want, "{status}");
         }
     }
+    assert!(seen > 0, "every workload process was gone");
     std::fs::write(fx.workdir.join("stop"), "").unwrap();
     let out = r.spawned.stdout.take().unwrap();
     let out = within("stdout", read_all(out)).await;
