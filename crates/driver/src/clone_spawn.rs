@@ -1382,7 +1382,8 @@ mod tests {
                 status(&pidfd),
                 bulkhead_core::event::ExitStatus::Exited { code: 3 }
             );
-            // A program that is not there inside: the error, nothing left behind.
+            // A program that is not there inside: the error (the daemon-level test checks
+            // that nothing is left behind: here other tests have children too).
             let missing = vec!["no-such-program-here".to_string()];
             let e = spawn_inside_with(
                 Inside {
@@ -1402,7 +1403,6 @@ mod tests {
             .err()
             .unwrap();
             assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "shared {shared}: {e}");
-            assert!(crate::sys::zombie_children(std::process::id()).is_empty());
         }
         let _ = inst.kill();
         let _ = inst.wait();
