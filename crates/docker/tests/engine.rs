@@ -135,7 +135,28 @@ async fn limits_reach_the_container_and_stats_read_them() {
     let script = "touch /x 2>/dev/null && echo writable || echo read-only; \
                   df -k /dev/shm | tail -1; exec sleep 1000";
     let mut spawned = driver.spawn(fx.spawn_spec("limits", script)).await.unwrap();
-    let out = spawned.stdout.take().unwrap();
+    // Both lines are read before the stop: the script's `df` runs after the container's
+    // first process shows in stats, and a stop before it would lose the line.
+    let mut out =
+        tokio::net::unix::pipe::Receiver::from_owned_fd(spawned.stdout.take().unwrap()).unwrap();
+    let text = within("the script's two lines", async {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while buf.iter().filter(|b| **b == b'\n').count() < 2 {
+            let n = out.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "output ended early: {}",
+                String::from_utf8_lossy(&buf)
+            );
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+    .await;
+    assert!(text.contains("read-only"), "{text}");
+    assert!(text.contains("8192"), "shm_size: {text}");
     let stats = within("stats", async {
         loop {
             let s = spawned.handle.stats().unwrap();
@@ -162,9 +183,6 @@ async fn limits_reach_the_container_and_stats_read_them() {
         matches!(st, ExitStatus::Signaled { signal: 15, .. }),
         "{st:?}"
     );
-    let text = within("output", read_all(out)).await;
-    assert!(text.contains("read-only"), "{text}");
-    assert!(text.contains("8192"), "shm_size: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
