@@ -8,14 +8,26 @@
 //!
 //! # Durability: group commit, then publication
 //!
-//! [`EventLog::open`] starts one writer thread that owns the SQLite connection
-//! ([`crate::store`]). [`EventLog::publish`] assigns the id, queues the event for the
-//! writer and returns at once. The writer takes everything queued, commits it in one
-//! transaction, and only then appends the batch to the in-memory ring and broadcasts it,
-//! in id order, and raises the durable watermark that [`EventLog::wait_durable`] waits
-//! on. There is no timer in the batching: an event waits for at most the commit in
-//! progress and its own (with `synchronous=NORMAL` tens of microseconds each; with `FULL`
-//! one fsync each, about 1 ms here). So:
+//! [`EventLog::open`] starts one writer thread; the SQLite connection ([`crate::store`])
+//! sits behind a lock, and whoever holds it commits. [`EventLog::publish`] assigns the
+//! id, queues the event, rings the writer and returns at once. A committer takes
+//! everything queued, commits it in one transaction, and only then appends the batch to
+//! the in-memory ring and broadcasts it, in id order, and raises the durable watermark
+//! that [`EventLog::wait_durable`] waits on. There is no timer in the batching: an event
+//! waits for at most the commit in progress and its own (with `synchronous=NORMAL` tens
+//! of microseconds each; with `FULL` one fsync each, about 1 ms here).
+//!
+//! The committer is usually not the writer thread: a task that waits for its event
+//! commits everything queued itself when nobody else is committing and the commit is
+//! short (`synchronous=NORMAL`, no trim or checkpoint due: [`Sink::quick`]), without
+//! waiting for the other connection's write lock. On a launch's path that saves waking
+//! the writer thread and being woken by it (`docs/benchmarks.md`, "The `ready` commit on
+//! the waiter's thread"). Anything else (an fsync, a trim, a checkpoint, a busy lock, a
+//! failure) is the writer thread's, which the publish has already rung. A disk that
+//! stalls a write stalls at most one runtime thread (one commit at a time, and the other
+//! waiters only `try_lock`): waiters commit only on a multi-thread runtime with two
+//! workers or more, and not for [`SLOW_PAUSE`] after a commit that took longer than
+//! [`SLOW_COMMIT`]. So:
 //!
 //! - **no client sees an event that is not durable**: history, live stream and
 //!   [`EventLog::last_id`] only ever contain committed events;
@@ -59,6 +71,7 @@ use bulkhead_core::key::InstanceId;
 use tokio::sync::{broadcast, watch};
 
 use crate::store::{Sink, Store, StoreError, Synchronous};
+use std::sync::TryLockError;
 
 /// How many events are kept in memory.
 pub const RETAIN: usize = 10_000;
@@ -74,6 +87,12 @@ const QUICK_RETRIES: &[Duration] = &[Duration::from_millis(20), Duration::from_m
 
 /// Events waiting in memory for the store, at most (the oldest are dropped beyond).
 pub const MAX_HELD: usize = 100_000;
+
+/// A commit on a waiter's thread that takes longer than this (the disk is slow)...
+const SLOW_COMMIT: Duration = Duration::from_millis(2);
+
+/// ...leaves the commits to the writer thread for this long.
+const SLOW_PAUSE: Duration = Duration::from_secs(10);
 
 /// The state directory cannot be written: why, since when, and how much waits.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -109,13 +128,16 @@ struct Progress {
     closed: bool,
 }
 
-/// What the publishers and the writer share.
+/// What the publishers and the committers share.
 struct Core {
     inner: Mutex<Inner>,
     tx: broadcast::Sender<Event>,
     progress: watch::Sender<Progress>,
     /// Why the store cannot be written, until a commit succeeds again.
     fault: Mutex<Option<StoreFault>>,
+    /// The store and what waits for it; whoever holds this lock commits (lock order:
+    /// this one, then `inner`).
+    commit: Mutex<Committer>,
 }
 
 struct Inner {
@@ -123,8 +145,10 @@ struct Inner {
     /// The newest id clients can see (committed, in the ring, broadcast).
     visible: u64,
     ring: VecDeque<Event>,
-    /// To the writer; `None`: in memory only, or closed.
-    queue: Option<mpsc::Sender<Event>>,
+    /// Published, not yet taken by a committer, in id order.
+    queued: VecDeque<Event>,
+    /// Rings the writer thread; `None`: in memory only, or closed.
+    bell: Option<mpsc::SyncSender<()>>,
 }
 
 /// A watcher fell so far behind that events it has not seen are no longer kept.
@@ -141,7 +165,12 @@ impl Default for EventLog {
 }
 
 impl Core {
-    fn new(next_id: u64, history: Vec<Event>, queue: Option<mpsc::Sender<Event>>) -> Core {
+    fn new(
+        next_id: u64,
+        history: Vec<Event>,
+        bell: Option<mpsc::SyncSender<()>>,
+        sink: Option<Box<dyn Sink>>,
+    ) -> Core {
         let (tx, _) = broadcast::channel(4096);
         let visible = next_id - 1;
         let skip = history.len().saturating_sub(RETAIN);
@@ -156,16 +185,101 @@ impl Core {
                 next_id,
                 visible,
                 ring,
-                queue,
+                queued: VecDeque::new(),
+                bell,
             }),
             tx,
             progress,
             fault: Mutex::new(None),
+            commit: Mutex::new(Committer {
+                sink,
+                held: VecDeque::new(),
+                failing_since: None,
+                slow_until: None,
+            }),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn committer(&self) -> MutexGuard<'_, Committer> {
+        self.commit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the writer thread (at most one ring waits: it takes everything queued).
+    fn ring(&self) {
+        if let Some(bell) = &self.lock().bell {
+            let _ = bell.try_send(());
+        }
+    }
+
+    /// Commits what is queued on the caller's thread, when nobody else is committing, the
+    /// log is healthy and the sink says the commit is short; never waits for a lock.
+    /// Anything else is left to the writer thread, rung here if it has to be.
+    fn commit_here(&self) {
+        let mut c = match self.commit.try_lock() {
+            Ok(c) => c,
+            // Another commit runs (it or the writer's next one takes ours), or the writer
+            // died holding the lock (its `Finish` tells the waiters).
+            Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => return,
+        };
+        if c.failing_since.is_some() {
+            return;
+        }
+        if c.slow_until.is_some_and(|t| Instant::now() < t) {
+            drop(c);
+            self.ring();
+            return;
+        }
+        c.take(self);
+        let n = c.held.len();
+        if n == 0 {
+            return;
+        }
+        let c = &mut *c;
+        let Some(sink) = c.sink.as_mut() else { return };
+        if n > MAX_BATCH || !sink.quick(n) {
+            self.ring();
+            return;
+        }
+        let batch: Vec<Event> = c.held.iter().cloned().collect();
+        let t0 = Instant::now();
+        let result = sink.append_now(&batch);
+        let took = t0.elapsed();
+        if took > SLOW_COMMIT {
+            tracing::debug!(
+                "an event commit on a waiter's thread took {} ms: the writer thread commits \
+                 for the next {} s",
+                took.as_millis(),
+                SLOW_PAUSE.as_secs()
+            );
+            c.slow_until = Some(Instant::now() + SLOW_PAUSE);
+        }
+        match result {
+            Ok(()) => {
+                c.held.clear();
+                self.committed(&batch);
+            }
+            Err(e) => {
+                // Busy (the instance table's commit) or failing: the writer thread tries
+                // again, with its retries and its fault report.
+                tracing::debug!("event commit on a waiter's thread: {e}; left to the writer");
+                self.ring();
+            }
+        }
+    }
+
+    /// A batch is committed: shown, then the watermark raised.
+    fn committed(&self, batch: &[Event]) {
+        {
+            let mut inner = self.lock();
+            self.release(&mut inner, batch);
+        }
+        // After the release: whoever sees the watermark finds the events in the ring.
+        let last = batch.last().map_or(0, |e| e.id);
+        self.progress.send_modify(|p| p.durable = last);
     }
 
     fn set_fault(&self, f: Option<StoreFault>) {
@@ -192,7 +306,7 @@ impl EventLog {
     /// The in-memory log: nothing survives the daemon.
     pub fn new() -> EventLog {
         EventLog {
-            core: Arc::new(Core::new(1, Vec::new(), None)),
+            core: Arc::new(Core::new(1, Vec::new(), None, None)),
             durable: false,
             writer: Mutex::new(None),
         }
@@ -262,14 +376,15 @@ impl EventLog {
         last: u64,
         history: Vec<Event>,
     ) -> Result<EventLog, StoreError> {
-        let (qtx, qrx) = mpsc::channel::<Event>();
-        let core = Arc::new(Core::new(last + 1, history, Some(qtx)));
+        let (bell, rung) = mpsc::sync_channel::<()>(1);
         let name = sink.describe();
+        let core = Arc::new(Core::new(last + 1, history, Some(bell), Some(sink)));
         let writer = {
             let core = core.clone();
+            let thread_name = name.clone();
             std::thread::Builder::new()
                 .name("bulkhead-events".into())
-                .spawn(move || write_loop(core, qrx, sink))
+                .spawn(move || write_loop(core, rung, &thread_name))
                 .map_err(|source| StoreError::Thread {
                     path: name.into(),
                     source,
@@ -299,15 +414,18 @@ impl EventLog {
             self.core.release(&mut inner, std::iter::once(&event));
             return event;
         }
-        // Ids are assigned and queued under one lock, so the writer receives them in id
-        // order; it releases them only after their commit.
-        let queued = match &inner.queue {
-            Some(q) => q.send(event.clone()).is_ok(),
-            None => false,
-        };
+        // Ids are assigned and queued under one lock, so committers take them in id order;
+        // they are released only after their commit. The ring comes after the queueing:
+        // a writer woken by it finds the event.
+        let queued = inner.bell.is_some();
+        if queued {
+            inner.queued.push_back(event.clone());
+            if let Some(bell) = &inner.bell {
+                let _ = bell.try_send(());
+            }
+        }
         if !queued {
             // Closed (or the writer is gone): never stored, so never shown.
-            inner.queue = None;
             tracing::warn!(
                 "event {} ({} of {}) comes after the event log closed: not stored, not shown",
                 event.id,
@@ -321,11 +439,18 @@ impl EventLog {
     /// Resolves once every event up to `id` is committed. At once for the in-memory log
     /// and once the writer has ended ([`EventLog::close`]); during a shutdown
     /// ([`EventLog::stop_waiting`]) also while the store is failing.
+    ///
+    /// When nobody else is committing and the commit is short, the caller commits
+    /// everything queued itself (blocking its thread for that commit, tens of
+    /// microseconds; see the module docs).
     pub async fn wait_durable(&self, id: u64) {
         if !self.durable {
             return;
         }
         let mut rx = self.core.progress.subscribe();
+        if rx.borrow().durable < id && may_block_briefly() {
+            self.core.commit_here();
+        }
         let _ = rx
             .wait_for(|p| p.durable >= id || p.closed || (p.give_up && p.failing))
             .await;
@@ -401,8 +526,8 @@ impl EventLog {
     /// writer. Later events are neither stored nor shown. Blocks for at most one commit;
     /// idempotent. Also done on drop.
     pub fn close(&self) {
-        // Dropping the sender ends the writer once it has drained the queue.
-        self.core.lock().queue.take();
+        // Dropping the bell ends the writer once it has committed what is queued.
+        self.core.lock().bell.take();
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(w) = writer {
             if w.join().is_err() {
@@ -424,7 +549,13 @@ struct Finish(Arc<Core>, PathBuf);
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        self.0.lock().queue = None;
+        self.0.lock().bell = None;
+        // The store is closed with the writer (a waiter no longer commits).
+        let sink = match self.0.commit.lock() {
+            Ok(mut c) => c.sink.take(),
+            Err(poisoned) => poisoned.into_inner().sink.take(),
+        };
+        drop(sink);
         if std::thread::panicking() {
             // Nothing will be stored any more: say so rather than report healthy.
             self.0.set_fault(Some(StoreFault {
@@ -440,87 +571,83 @@ impl Drop for Finish {
 }
 
 /// The writer thread: group commit, then release. While commits fail, the events wait in
-/// `held` and are tried again every [`RETRY_EVERY`]. Ends when the queue's sender is
+/// `held` and are tried again every [`RETRY_EVERY`]. Ends when the bell's sender is
 /// dropped and everything queued is committed (or tried one last time).
-fn write_loop(core: Arc<Core>, rx: mpsc::Receiver<Event>, mut sink: Box<dyn Sink>) {
-    let dir = PathBuf::from(sink.describe())
+fn write_loop(core: Arc<Core>, rung: mpsc::Receiver<()>, name: &str) {
+    let dir = PathBuf::from(name)
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let _finish = Finish(core.clone(), dir);
-    let mut w = Writer {
-        core: &core,
-        sink: sink.as_mut(),
-        held: VecDeque::new(),
-        failing_since: None,
-    };
     let mut last_try = Instant::now();
     loop {
-        let open = if w.held.is_empty() {
-            // Block for the first event; those that arrive during a commit share the next.
-            match rx.recv() {
-                Ok(e) => {
-                    w.held.push_back(e);
-                    true
-                }
-                Err(_) => false,
-            }
-        } else if w.failing_since.is_some() {
+        let (failing, idle) = {
+            let c = core.committer();
+            (c.failing_since.is_some(), c.held.is_empty())
+        };
+        let open = if failing {
             // Failing: gather what arrives until the next try is due.
             let due = last_try + RETRY_EVERY;
-            let mut open = true;
             loop {
-                match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
-                    Ok(e) => w.held.push_back(e),
-                    Err(mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
+                match rung.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                    Ok(()) => continue,
+                    Err(mpsc::RecvTimeoutError::Timeout) => break true,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break false,
                 }
             }
-            open
+        } else if idle {
+            // Wait for a ring; what is queued meanwhile shares the next commit.
+            rung.recv().is_ok()
         } else {
+            // A waiter left its batch to this thread (busy, or not short).
             true
         };
-        let open = open && w.take_queued(&rx);
-        w.bound();
-        w.flush();
+        {
+            let mut c = core.committer();
+            c.take(&core);
+            c.bound();
+            c.flush(&core);
+            if let Some(sink) = c.sink.as_mut() {
+                sink.maintain();
+            }
+        }
         last_try = Instant::now();
         if !open {
             break;
         }
     }
-    if let Some(first) = w.held.front() {
-        let last = w.held.back().map_or(0, |e| e.id);
+    let c = core.committer();
+    if let Some(first) = c.held.front() {
+        let last = c.held.back().map_or(0, |e| e.id);
         tracing::error!(
-            "event store {}: events {}..={last} were never stored (the daemon stops while \
+            "event store {name}: events {}..={last} were never stored (the daemon stops while \
              the state directory cannot be written); no client saw them",
-            w.sink.describe(),
             first.id
         );
     }
 }
 
-struct Writer<'a> {
-    core: &'a Core,
-    sink: &'a mut dyn Sink,
-    /// Queued events not yet committed, in id order.
+/// The store and the events taken from the queue that are not committed yet.
+struct Committer {
+    /// `None` once the writer has ended: nothing is committed any more.
+    sink: Option<Box<dyn Sink>>,
+    /// Taken from the queue, not yet committed, in id order.
     held: VecDeque<Event>,
     /// Set while commits fail (wall clock, ms).
     failing_since: Option<u64>,
+    /// Waiters leave the commits to the writer thread until then (see [`SLOW_COMMIT`]).
+    slow_until: Option<Instant>,
 }
 
-impl Writer<'_> {
-    /// Moves everything queued into `held`; false once the queue is closed and empty.
-    fn take_queued(&mut self, rx: &mpsc::Receiver<Event>) -> bool {
-        loop {
-            match rx.try_recv() {
-                Ok(e) => self.held.push_back(e),
-                Err(mpsc::TryRecvError::Empty) => return true,
-                Err(mpsc::TryRecvError::Disconnected) => return false,
-            }
-        }
+impl Committer {
+    /// Moves everything queued into `held`.
+    fn take(&mut self, core: &Core) {
+        let mut inner = core.lock();
+        self.held.extend(inner.queued.drain(..));
+    }
+
+    fn describe(&self) -> String {
+        self.sink.as_ref().map(|s| s.describe()).unwrap_or_default()
     }
 
     /// At most [`MAX_HELD`] events wait; the oldest go first (never shown, see the
@@ -536,18 +663,18 @@ impl Writer<'_> {
         tracing::error!(
             "event store {}: more than {MAX_HELD} events wait for the state directory; \
              events {first}..={last} are dropped, never stored nor shown",
-            self.sink.describe()
+            self.describe()
         );
     }
 
     /// Commits `held` in batches of at most [`MAX_BATCH`], releasing each after its
     /// commit. Stops at the first batch that fails.
-    fn flush(&mut self) {
+    fn flush(&mut self, core: &Core) {
         while !self.held.is_empty() {
             let n = self.held.len().min(MAX_BATCH);
             let batch: Vec<Event> = self.held.range(..n).cloned().collect();
             if let Err(e) = self.commit(&batch) {
-                self.fail(e);
+                self.fail(core, e);
                 return;
             }
             self.held.drain(..n);
@@ -557,39 +684,37 @@ impl Writer<'_> {
                 tracing::info!(
                     "event store {}: writable again after {} ms; the events that waited are \
                      stored and shown",
-                    self.sink.describe(),
+                    self.describe(),
                     now_ms().saturating_sub(since)
                 );
-                self.core.set_fault(None);
-                self.core.progress.send_modify(|p| p.failing = false);
+                core.set_fault(None);
+                core.progress.send_modify(|p| p.failing = false);
             }
-            {
-                let mut inner = self.core.lock();
-                self.core.release(&mut inner, &batch);
-            }
-            // After the release: whoever sees the watermark finds the events in the ring.
-            let last = batch.last().map_or(0, |e| e.id);
-            self.core.progress.send_modify(|p| p.durable = last);
+            core.committed(&batch);
         }
     }
 
     /// One commit; when the store was healthy, a failure is tried again at once a few
     /// times before it counts (a transient error is not a fault).
     fn commit(&mut self, batch: &[Event]) -> Result<(), StoreError> {
-        let mut result = self.sink.append(batch);
-        if self.failing_since.is_none() {
+        let healthy = self.failing_since.is_none();
+        let Some(sink) = self.sink.as_mut() else {
+            return Ok(());
+        };
+        let mut result = sink.append(batch);
+        if healthy {
             for pause in QUICK_RETRIES {
                 let Err(e) = &result else { break };
                 tracing::warn!("{e} (trying again)");
                 std::thread::sleep(*pause);
-                result = self.sink.append(batch);
+                result = sink.append(batch);
             }
         }
         result
     }
 
-    fn fail(&mut self, e: StoreError) {
-        let db = PathBuf::from(self.sink.describe());
+    fn fail(&mut self, core: &Core, e: StoreError) {
+        let db = PathBuf::from(self.describe());
         let dir = db.parent().map(Path::to_path_buf).unwrap_or_default();
         let since_ms = *self.failing_since.get_or_insert_with(now_ms);
         let fault = StoreFault {
@@ -598,8 +723,7 @@ impl Writer<'_> {
             held: self.held.len(),
             since_ms,
         };
-        if self
-            .core
+        if core
             .fault
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -611,8 +735,8 @@ impl Writer<'_> {
         } else {
             tracing::debug!("{fault}");
         }
-        self.core.set_fault(Some(fault));
-        self.core.progress.send_modify(|p| p.failing = true);
+        core.set_fault(Some(fault));
+        core.progress.send_modify(|p| p.failing = true);
     }
 }
 
@@ -629,6 +753,19 @@ fn cause(e: &StoreError, dir: &Path) -> String {
     match os {
         Err(os) => format!("{e} ({os})"),
         Ok(()) => e.to_string(),
+    }
+}
+
+/// Whether the caller may block its thread for a short commit: a runtime thread of a
+/// multi-thread runtime with another worker (a stalled disk then stalls one of them, not
+/// the daemon), or a thread outside any runtime.
+fn may_block_briefly() -> bool {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                && h.metrics().num_workers() >= 2
+        }
+        Err(_) => true,
     }
 }
 
@@ -705,10 +842,19 @@ mod tests {
         assert_eq!(log.since(2).unwrap().len(), 3);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_publishers_get_gapless_ids_in_order() {
+        for sync in [Synchronous::Full, Synchronous::Normal] {
+            concurrent_publishers(sync).await;
+        }
+    }
+
+    /// With `Normal` the waiters commit on their own threads too (`Core::commit_here`),
+    /// beside the writer thread.
+    async fn concurrent_publishers(sync: Synchronous) {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(EventLog::open(&dir.path().join("bulkhead.db"), 100_000).unwrap());
+        let log =
+            Arc::new(EventLog::open_with(&dir.path().join("bulkhead.db"), 100_000, sync).unwrap());
         let (_, mut rx) = log.subscribe(0);
         let mut tasks = Vec::new();
         for _ in 0..8 {
@@ -730,6 +876,186 @@ mod tests {
         log.close();
         let reopened = EventLog::open(&dir.path().join("bulkhead.db"), 100_000).unwrap();
         assert_eq!(reopened.last_id(), 200);
+    }
+
+    /// A sink that says its commits are short and records which thread made each.
+    /// Each commit: the thread that made it, and its ids.
+    type Commits = Arc<Mutex<Vec<(String, Vec<u64>)>>>;
+
+    struct Quick {
+        threads: Commits,
+        /// How long each commit takes.
+        takes: Duration,
+    }
+
+    impl Sink for Quick {
+        fn append(&mut self, events: &[Event]) -> Result<(), StoreError> {
+            std::thread::sleep(self.takes);
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            let ids = events.iter().map(|e| e.id).collect();
+            self.threads.lock().unwrap().push((name, ids));
+            Ok(())
+        }
+
+        fn describe(&self) -> String {
+            "quick".into()
+        }
+
+        fn quick(&self, _n: usize) -> bool {
+            true
+        }
+    }
+
+    /// A core with a sink and no writer thread: what a waiter does alone.
+    fn core_alone(sink: Box<dyn Sink>, publish: u64) -> Core {
+        let core = Core::new(1, Vec::new(), None, Some(sink));
+        let mut inner = core.lock();
+        for n in 1..=publish {
+            inner.queued.push_back(Event {
+                id: n,
+                time_ms: 0,
+                instance: id(),
+                kind: EventKind::Ready,
+            });
+        }
+        inner.next_id = publish + 1;
+        drop(inner);
+        core
+    }
+
+    #[test]
+    fn a_waiter_commits_what_is_queued_itself_when_the_commit_is_short() {
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let core = core_alone(
+            Box::new(Quick {
+                threads: threads.clone(),
+                takes: Duration::ZERO,
+            }),
+            3,
+        );
+        let mut rx = core.tx.subscribe();
+        core.commit_here();
+        // One commit of all three, on this thread, then shown and durable.
+        let made = threads.lock().unwrap().clone();
+        assert_eq!(made.len(), 1, "{made:?}");
+        assert_eq!(made[0].1, vec![1, 2, 3]);
+        assert_ne!(made[0].0, "bulkhead-events");
+        assert_eq!(core.progress.borrow().durable, 3);
+        assert_eq!(core.lock().visible, 3);
+        assert_eq!(rx.try_recv().unwrap().id, 1);
+        // Nothing queued: nothing committed.
+        core.commit_here();
+        assert_eq!(threads.lock().unwrap().len(), 1);
+        // A sink whose commits are not short (an fsync): left to the writer thread.
+        let (log, allow, commits) = gated();
+        let e = log.publish(&id(), EventKind::Ready);
+        log.core.commit_here();
+        assert_eq!(commits.load(Ordering::SeqCst), 0);
+        allow.send(()).unwrap();
+        block_on(log.wait_durable(e.id));
+        assert_eq!(commits.load(Ordering::SeqCst), 1);
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn after_a_slow_commit_waiters_leave_the_commits_to_the_writer_thread() {
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let core = core_alone(
+            Box::new(Quick {
+                threads: threads.clone(),
+                takes: SLOW_COMMIT + Duration::from_millis(1),
+            }),
+            1,
+        );
+        core.commit_here();
+        assert_eq!(
+            core.progress.borrow().durable,
+            1,
+            "the first commit is the waiter's"
+        );
+        core.lock().queued.push_back(Event {
+            id: 2,
+            time_ms: 0,
+            instance: id(),
+            kind: EventKind::Ready,
+        });
+        core.commit_here();
+        assert_eq!(
+            threads.lock().unwrap().len(),
+            1,
+            "{:?}",
+            threads.lock().unwrap()
+        );
+        assert_eq!(core.progress.borrow().durable, 1);
+        // The writer thread's commit stores it.
+        let mut c = core.committer();
+        c.take(&core);
+        c.flush(&core);
+        drop(c);
+        assert_eq!(core.progress.borrow().durable, 2);
+    }
+
+    #[test]
+    fn a_waiter_never_waits_for_the_other_writers_lock_and_the_writer_commits_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        let store = Store::open(&path, 100_000, Synchronous::Normal).unwrap();
+        let core = core_alone(Box::new(store), 2);
+        // The instance table's connection holds the write lock, and lets it go soon: a
+        // commit that waited for it would go through.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            other.execute_batch("COMMIT").unwrap();
+        });
+        core.commit_here();
+        assert_eq!(
+            core.progress.borrow().durable,
+            0,
+            "the waiter waited for the lock"
+        );
+        assert_eq!(
+            core.committer().held.len(),
+            2,
+            "the batch is left for the writer"
+        );
+        assert_eq!(core.lock().visible, 0);
+        holder.join().unwrap();
+        // The writer thread's commit (which waits for the lock) stores them.
+        let mut c = core.committer();
+        c.flush(&core);
+        assert!(c.held.is_empty());
+        drop(c);
+        assert_eq!(core.progress.borrow().durable, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_durable_log_with_normal_commits_on_waiters_and_keeps_everything_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bulkhead.db");
+        {
+            // A small retention: trims (the writer thread's) happen among the waiters'
+            // commits, and so do checkpoints.
+            let log = EventLog::open_with(&path, 64, Synchronous::Normal).unwrap();
+            for _ in 0..600 {
+                let e = log.publish(&id(), EventKind::Ready);
+                log.wait_durable(e.id).await;
+                assert_eq!(log.last_id(), e.id);
+            }
+        }
+        let log = EventLog::open_with(&path, 64, Synchronous::Normal).unwrap();
+        assert_eq!(log.last_id(), 600);
+        let (hist, _) = log.subscribe(0);
+        assert!(hist.len() >= 64 && hist.len() < 600, "{}", hist.len());
+        assert_eq!(hist.last().unwrap().id, 600);
     }
 
     /// A sink whose commits wait for the test to allow them.

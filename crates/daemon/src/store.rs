@@ -2,7 +2,8 @@
 //! daemon restart. Today it holds the event log; instances, leases and breaker state go
 //! here next (add a [`MIGRATIONS`] entry, never edit a released one).
 //!
-//! Only one thread touches a [`Store`]: the event log's writer (see [`crate::events`]).
+//! One thread at a time touches a [`Store`]: the event log's writer, or a waiter that
+//! commits in its place when the commit is short ([`Sink::quick`]; see [`crate::events`]).
 //! The database runs in WAL mode; [`Synchronous::Full`] (the default) fsyncs the WAL on
 //! every commit, so a committed transaction survives a power loss. [`Synchronous::Normal`]
 //! only fsyncs at checkpoints: it survives a crash of the daemon but the last
@@ -72,6 +73,10 @@ pub fn share_writes(conn: &mut Connection) -> rusqlite::Result<()> {
 /// Waits once more, or gives up: the first [`SHORT_TRIES`] waits are 20 µs (70 µs or so
 /// with the timer's slack), the next ones 1 ms, about [`LOCK_WAIT`] in all.
 fn wait_for_lock(tries: i32) -> bool {
+    if NO_WAIT.with(std::cell::Cell::get) {
+        // A commit on a waiter's thread (`Sink::append_now`): the writer thread takes it.
+        return false;
+    }
     let tries = u32::try_from(tries).unwrap_or(0);
     let pause = if tries < SHORT_TRIES {
         std::time::Duration::from_micros(20)
@@ -86,6 +91,16 @@ fn wait_for_lock(tries: i32) -> bool {
 
 /// See [`wait_for_lock`].
 const SHORT_TRIES: u32 = 100;
+
+thread_local! {
+    /// Set during [`Sink::append_now`]: the busy handler gives up at once.
+    static NO_WAIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Commits between two WAL checkpoints of the event log's connection. SQLite's automatic
+/// checkpoint (at 1,000 pages, two fsyncs) is off on it: a commit on a waiter's thread
+/// must stay short, so the writer thread checkpoints ([`Sink::maintain`]).
+const CHECKPOINT_EVERY: usize = 256;
 
 /// The newest schema version this build knows.
 pub fn schema_version() -> i64 {
@@ -303,6 +318,19 @@ pub(crate) trait Sink: Send + 'static {
     fn append(&mut self, events: &[Event]) -> Result<(), StoreError>;
     /// The file, for messages.
     fn describe(&self) -> String;
+    /// Whether committing `n` events now is short enough to do on a waiter's thread (an
+    /// async task's): no fsync, no trim and no checkpoint due. Otherwise (and by default)
+    /// the writer thread commits.
+    fn quick(&self, _n: usize) -> bool {
+        false
+    }
+    /// [`Sink::append`] that fails at once instead of waiting for another connection's
+    /// write lock (the waiter's thread must not sleep; the writer thread then commits).
+    fn append_now(&mut self, events: &[Event]) -> Result<(), StoreError> {
+        self.append(events)
+    }
+    /// What the writer thread does after its commits (a checkpoint when one is due).
+    fn maintain(&mut self) {}
 }
 
 /// An open state database.
@@ -312,6 +340,9 @@ pub struct Store {
     retention: usize,
     /// Events inserted since the last trim.
     since_trim: usize,
+    sync: Synchronous,
+    /// Commits since the last checkpoint ([`CHECKPOINT_EVERY`]).
+    since_checkpoint: usize,
 }
 
 impl Store {
@@ -375,8 +406,10 @@ impl Store {
             Synchronous::Full => "PRAGMA synchronous = FULL",
             Synchronous::Normal => "PRAGMA synchronous = NORMAL",
         };
+        // No automatic checkpoint on this connection: see CHECKPOINT_EVERY.
         conn.execute_batch(&format!(
-            "{sync_sql}; PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = 8388608;"
+            "{sync_sql}; PRAGMA foreign_keys = ON; PRAGMA journal_size_limit = 8388608; \
+             PRAGMA wal_autocheckpoint = 0;"
         ))
         .map_err(open_err)?;
         let mut store = Store {
@@ -384,6 +417,8 @@ impl Store {
             path: path.to_owned(),
             retention: retention.max(1),
             since_trim: 0,
+            sync,
+            since_checkpoint: 0,
         };
         store.migrate().map_err(|e| match e {
             StoreError::Migrate { path, source, .. } if is_damage(&source) => StoreError::Corrupt {
@@ -567,8 +602,7 @@ impl Store {
         let Some(last) = events.last() else {
             return Ok(());
         };
-        let trim_every = (self.retention / 16).clamp(1, 4096);
-        let trim = self.since_trim + events.len() >= trim_every;
+        let trim = self.trim_due(events.len());
         let path = &self.path;
         let werr = |source| StoreError::Write {
             path: path.clone(),
@@ -611,7 +645,30 @@ impl Store {
         } else {
             self.since_trim + events.len()
         };
+        self.since_checkpoint += 1;
         Ok(())
+    }
+
+    /// Whether a batch of `n` events deletes the oldest ones (see the module docs).
+    fn trim_due(&self, n: usize) -> bool {
+        let trim_every = (self.retention / 16).clamp(1, 4096);
+        self.since_trim + n >= trim_every
+    }
+
+    /// Moves the WAL's frames into the database file (`PASSIVE`: never waits for a
+    /// reader or the other writer) when [`CHECKPOINT_EVERY`] commits were made since the
+    /// last one. A failure is logged and tried again after the next commit.
+    fn checkpoint_if_due(&mut self) {
+        if self.since_checkpoint < CHECKPOINT_EVERY {
+            return;
+        }
+        match self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            Ok(()) => self.since_checkpoint = 0,
+            Err(e) => tracing::debug!("state database {}: checkpoint: {e}", self.path.display()),
+        }
     }
 
     #[cfg(test)]
@@ -635,6 +692,28 @@ impl Sink for Store {
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
+
+    fn quick(&self, n: usize) -> bool {
+        self.sync == Synchronous::Normal
+            && !self.trim_due(n)
+            && self.since_checkpoint < CHECKPOINT_EVERY
+    }
+
+    fn append_now(&mut self, events: &[Event]) -> Result<(), StoreError> {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                NO_WAIT.with(|w| w.set(false));
+            }
+        }
+        NO_WAIT.with(|w| w.set(true));
+        let _reset = Reset;
+        Store::append(self, events)
+    }
+
+    fn maintain(&mut self) {
+        self.checkpoint_if_due();
+    }
 }
 
 #[cfg(test)]
@@ -649,6 +728,52 @@ mod tests {
             instance: InstanceId::parse("ns:a:web").unwrap().0,
             kind,
         }
+    }
+
+    #[test]
+    fn a_commit_is_quick_without_an_fsync_a_trim_or_a_checkpoint_and_the_writer_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = Store::open(&dir.path().join("full.db"), 100_000, Synchronous::Full).unwrap();
+        assert!(!full.quick(1), "an fsync per commit is never quick");
+        let path = dir.path().join("state.db");
+        // Retention 1,600: a trim every 100 events.
+        let mut s = Store::open(&path, 1600, Synchronous::Normal).unwrap();
+        assert!(s.quick(1));
+        assert!(!s.quick(100), "a batch that trims is not quick");
+        let wal = || {
+            std::fs::metadata(dir.path().join("state.db-wal"))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
+        let mut id = 0;
+        while s.quick(1) {
+            id += 1;
+            s.append_now(&[ev(id, EventKind::Ready)]).unwrap();
+            assert!(id < 10_000, "never due");
+        }
+        // Due: a trim, or the checkpoint after CHECKPOINT_EVERY commits.
+        assert!(s.trim_due(1) || s.since_checkpoint >= CHECKPOINT_EVERY);
+        let before = s.since_checkpoint;
+        s.maintain();
+        if before >= CHECKPOINT_EVERY {
+            assert_eq!(s.since_checkpoint, 0);
+        }
+        // No automatic checkpoint on this connection: after CHECKPOINT_EVERY commits
+        // without `maintain` the WAL holds them all; after it they are in the database and
+        // the next commits reuse the WAL from its start (its size stops growing).
+        for _ in 0..CHECKPOINT_EVERY * 2 {
+            id += 1;
+            s.append(&[ev(id, EventKind::Ready)]).unwrap();
+            s.maintain();
+        }
+        let settled = wal();
+        for _ in 0..CHECKPOINT_EVERY * 2 {
+            id += 1;
+            s.append(&[ev(id, EventKind::Ready)]).unwrap();
+            s.maintain();
+        }
+        assert_eq!(wal(), settled, "the WAL kept growing: no checkpoint");
+        assert_eq!(s.last_id().unwrap(), id);
     }
 
     #[test]
