@@ -1093,6 +1093,8 @@ mod tests {
         broken: Arc<AtomicBool>,
         attempts: Arc<AtomicUsize>,
         saved: Arc<Mutex<Vec<u64>>>,
+        /// Says its commits are short (waiters try them).
+        quick: bool,
     }
 
     impl Sink for Switch {
@@ -1117,6 +1119,10 @@ mod tests {
         fn describe(&self) -> String {
             "/nonexistent/state/bulkhead.db".into()
         }
+
+        fn quick(&self, _n: usize) -> bool {
+            self.quick
+        }
     }
 
     struct Switched {
@@ -1127,6 +1133,10 @@ mod tests {
     }
 
     fn switched(broken: bool) -> Switched {
+        switched_quick(broken, false)
+    }
+
+    fn switched_quick(broken: bool, quick: bool) -> Switched {
         let broken = Arc::new(AtomicBool::new(broken));
         let attempts = Arc::new(AtomicUsize::new(0));
         let saved = Arc::new(Mutex::new(Vec::new()));
@@ -1134,6 +1144,7 @@ mod tests {
             broken: broken.clone(),
             attempts: attempts.clone(),
             saved: saved.clone(),
+            quick,
         };
         Switched {
             log: EventLog::start(Box::new(sink), 0, Vec::new()).unwrap(),
@@ -1230,6 +1241,30 @@ mod tests {
         let e3 = s.log.publish(&id(), EventKind::Ready);
         s.log.wait_durable(e3.id).await;
         assert_eq!(*s.saved.lock().unwrap(), vec![1, 2, 3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_that_fails_on_a_waiters_thread_is_retried_and_reported_by_the_writer() {
+        let s = switched_quick(true, true);
+        let e1 = s.log.publish(&id(), EventKind::Launched);
+        let waited =
+            tokio::time::timeout(Duration::from_millis(100), s.log.wait_durable(e1.id)).await;
+        assert!(waited.is_err(), "durable while the store fails");
+        let fault = tokio::time::timeout(Duration::from_secs(30), s.log.failing())
+            .await
+            .expect("the writer reports the failure");
+        assert!(fault.cause.contains("database or disk is full"), "{fault}");
+        assert!(s.attempts.load(Ordering::SeqCst) >= 1 + QUICK_RETRIES.len());
+        assert_eq!(s.log.last_id(), 0);
+        // Space returns: the writer's retry stores it and the fault clears; then waiters
+        // commit again.
+        s.broken.store(false, Ordering::SeqCst);
+        s.log.wait_durable(e1.id).await;
+        assert!(s.log.fault().is_none());
+        let e2 = s.log.publish(&id(), EventKind::Ready);
+        s.log.wait_durable(e2.id).await;
+        assert_eq!(*s.saved.lock().unwrap(), vec![1, 2]);
+        assert_eq!(s.log.last_id(), 2);
     }
 
     #[tokio::test]
