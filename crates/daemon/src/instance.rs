@@ -691,7 +691,16 @@ impl Actor {
         self.sh.events.wait_durable(self.last_event).await;
         self.publish_view();
         self.record();
-        self.answer_restart()
+        let more = self.answer_restart();
+        // Whoever watches the View (a launch waiting for `ready`) runs before a next step
+        // can replace it: with the commit made here (`EventLog::wait_durable`) nothing
+        // else makes the actor yield, and a launch whose instance became ready and then
+        // died at once saw only the death. (A final View has no next step: the actor
+        // finishes at once, as the View says.)
+        if !self.inst.state().is_terminal() {
+            tokio::task::yield_now().await;
+        }
+        more
     }
 
     async fn effect(&mut self, effect: Effect) {
