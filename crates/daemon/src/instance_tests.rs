@@ -51,6 +51,8 @@ struct FakeDriver {
     obeys_term: AtomicBool,
     /// Whether its runs' readiness is their engine's (`engine_readiness`).
     engine: AtomicBool,
+    /// How every run ends as soon as it is spawned, if set.
+    ends_at_once: Mutex<Option<ExitStatus>>,
 }
 
 /// One run of the fake: a "process" that ends when the test (or a signal) says so.
@@ -136,6 +138,9 @@ impl Driver for FakeDriver {
             run
         };
         self.envs.lock().unwrap().push(spec.env);
+        if let Some(st) = *self.ends_at_once.lock().unwrap() {
+            run.end(st);
+        }
         let call = Call::Spawn(run.n);
         self.calls.lock().unwrap().push((Instant::now(), call));
         Ok(Spawned {
@@ -312,6 +317,25 @@ async fn without_readiness_a_launch_is_ready_once_started_and_an_exit_ends_it() 
     assert_eq!(r.fake.calls(), [Call::Spawn(1)]);
     // A final instance holds no handle.
     assert!(r.slot.handle.lock().unwrap().is_none());
+}
+
+/// A launch waiting for `ready` sees an instance that became ready, even when its run
+/// ended right after: the actor lets the View's watchers run before its next step.
+#[tokio::test(start_paused = true)]
+async fn a_launch_sees_ready_when_the_run_ends_right_after() {
+    let r = Rig::launch_with("restart: {policy: never}\n", true, |f| {
+        *f.ends_at_once.lock().unwrap() = Some(ExitStatus::Exited { code: 3 });
+    });
+    let slot = r.slot.clone();
+    let got = tokio::spawn(async move {
+        crate::wait_for(&slot, crate::WaitFor::Ready, None, NEVER)
+            .await
+            .map(|v| v.state)
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.map_err(|e| e.to_string()), Ok(State::Ready));
+    r.state(State::Exited).await;
 }
 
 #[tokio::test(start_paused = true)]
