@@ -4,10 +4,12 @@
 //!
 //! One thread at a time touches a [`Store`]: the event log's writer, or a waiter that
 //! commits in its place when the commit is short ([`Sink::quick`]; see [`crate::events`]).
-//! The database runs in WAL mode; [`Synchronous::Full`] (the default) fsyncs the WAL on
-//! every commit, so a committed transaction survives a power loss. [`Synchronous::Normal`]
-//! only fsyncs at checkpoints: it survives a crash of the daemon but the last
-//! transactions may roll back on a power loss (see `docs/benchmarks.md` for what it buys).
+//! The database runs in WAL mode; [`Synchronous::Full`] fsyncs the WAL on every commit,
+//! so a committed transaction survives a power loss. [`Synchronous::Normal`] (the
+//! daemon's default) only fsyncs at checkpoints: it survives a crash of the daemon but the
+//! last transactions may roll back on a power loss (see `docs/benchmarks.md` for what it
+//! buys). The event log's connection does not checkpoint by itself: its writer thread
+//! does, every [`CHECKPOINT_EVERY`] commits.
 //!
 //! Retention: at most `retention` events are kept. The oldest are deleted inside a batch's
 //! own transaction (no extra fsync) once every `retention / 16` inserted events or so;
