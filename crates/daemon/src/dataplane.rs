@@ -13,7 +13,11 @@
 //! space. Each space has its own `bulkhead_sdk::manager::Manager`, whose thread lives in
 //! the space (a mount namespace of its own, the owner's file-system ids). Process
 //! workloads (no wall) share the host's `/dev/shm` and iceoryx2 root, under one manager
-//! that lives as long as the daemon; a pipeline cannot mix the two (refused).
+//! that lives as long as the daemon; a pipeline cannot mix the two (refused). A warm slot
+//! is made with a space of its own, which the launch of a new scope takes; a scope that
+//! already has one gets it mounted into the slot at the hand-over
+//! (`bulkhead_driver::warm::bind_into`). The file prefix comes from the state directory,
+//! so two daemons never share channels.
 //!
 //! The manager's calls block (they create files), so they run on tokio's blocking pool.
 //! Spaces are created and removed under one async lock: two first instances of a scope

@@ -8,8 +8,10 @@
 //! instance is final; a writer thread with its own connection coalesces what is queued
 //! (latest snapshot per id wins) into one transaction. The writes are off the launch path:
 //! liveness itself comes from the keeper (pidfd, exit status), and the table says what to
-//! restore around it. A row may lag the instance by one commit after a daemon crash; at
-//! worst a restart count or a lease change of the last milliseconds is lost.
+//! restore around it. A row may lag the instance by one commit after a daemon crash, and
+//! no intent depends on that lag: a termination is its `terminating` event
+//! (`Shared::stops_in_progress`), the restart count is the higher of table and event log,
+//! and a lease change commits before its answer ([`InstanceTable::set_leases`]).
 //!
 //! On start-up [`load`] returns the rows; the daemon adopts the instances the keeper still
 //! holds (restoring counters and leases), resumes those that were waiting between runs,

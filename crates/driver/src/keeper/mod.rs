@@ -44,7 +44,8 @@
 //! The protocol is JSON over a `SOCK_SEQPACKET` Unix socket at `<state>/keeper.sock` (one
 //! message per packet, file descriptors attached), see [`Request`] and [`Reply`], plus
 //! binary output packets ([`output_packet`]). One daemon is connected at a time; a new
-//! connection replaces the old one.
+//! connection replaces the old one. A keeper that dies is replaced at once
+//! (`client::KeeperDriver::supervise`; the daemon's `health` says degraded meanwhile).
 //!
 //! The daemon side is [`client::KeeperClient`] and the driver [`client::KeeperDriver`].
 
