@@ -882,61 +882,73 @@ mod tests {
     /// Each commit: the thread that made it, and its ids.
     type Commits = Arc<Mutex<Vec<(String, Vec<u64>)>>>;
 
-    struct Quick {
-        threads: Commits,
+    /// A sink that records which thread made each commit.
+    struct Recorder {
+        commits: Commits,
         /// How long each commit takes.
         takes: Duration,
+        /// What it says of its commits.
+        quick: bool,
     }
 
-    impl Sink for Quick {
+    impl Sink for Recorder {
         fn append(&mut self, events: &[Event]) -> Result<(), StoreError> {
             std::thread::sleep(self.takes);
             let name = std::thread::current().name().unwrap_or("").to_owned();
             let ids = events.iter().map(|e| e.id).collect();
-            self.threads.lock().unwrap().push((name, ids));
+            self.commits.lock().unwrap().push((name, ids));
             Ok(())
         }
 
         fn describe(&self) -> String {
-            "quick".into()
+            "recorder".into()
         }
 
         fn quick(&self, _n: usize) -> bool {
-            true
+            self.quick
         }
     }
 
-    /// A core with a sink and no writer thread: what a waiter does alone.
+    /// Event `n`, as a publish would queue it.
+    fn queue(core: &Core, n: u64) {
+        let mut inner = core.lock();
+        inner.queued.push_back(Event {
+            id: n,
+            time_ms: 0,
+            instance: id(),
+            kind: EventKind::Ready,
+        });
+        inner.next_id = n + 1;
+    }
+
+    /// A core with `sink` and no writer thread (what a waiter does alone), events
+    /// 1..=`publish` queued.
     fn core_alone(sink: Box<dyn Sink>, publish: u64) -> Core {
         let core = Core::new(1, Vec::new(), None, Some(sink));
-        let mut inner = core.lock();
         for n in 1..=publish {
-            inner.queued.push_back(Event {
-                id: n,
-                time_ms: 0,
-                instance: id(),
-                kind: EventKind::Ready,
-            });
+            queue(&core, n);
         }
-        inner.next_id = publish + 1;
-        drop(inner);
         core
+    }
+
+    /// [`core_alone`] with a [`Recorder`], and what it records.
+    fn recorded(takes: Duration, quick: bool, publish: u64) -> (Core, Commits) {
+        let commits = Commits::default();
+        let sink = Recorder {
+            commits: commits.clone(),
+            takes,
+            quick,
+        };
+        (core_alone(Box::new(sink), publish), commits)
     }
 
     #[test]
     fn a_waiter_commits_what_is_queued_itself_when_the_commit_is_short() {
-        let threads = Arc::new(Mutex::new(Vec::new()));
-        let core = core_alone(
-            Box::new(Quick {
-                threads: threads.clone(),
-                takes: Duration::ZERO,
-            }),
-            3,
-        );
+        let (core, commits) = recorded(Duration::ZERO, true, 3);
         let mut rx = core.tx.subscribe();
         core.commit_here();
         // One commit of all three, on this thread, then shown and durable.
-        let made = threads.lock().unwrap().clone();
+        let made = commits.lock().unwrap().clone();
         assert_eq!(made.len(), 1, "{made:?}");
         assert_eq!(made[0].1, vec![1, 2, 3]);
         assert_ne!(made[0].0, "bulkhead-events");
@@ -945,53 +957,31 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap().id, 1);
         // Nothing queued: nothing committed.
         core.commit_here();
-        assert_eq!(threads.lock().unwrap().len(), 1);
+        assert_eq!(commits.lock().unwrap().len(), 1);
         // A sink whose commits are not short (an fsync): left to the writer thread.
-        let (log, allow, commits) = gated();
-        let e = log.publish(&id(), EventKind::Ready);
-        log.core.commit_here();
-        assert_eq!(commits.load(Ordering::SeqCst), 0);
-        allow.send(()).unwrap();
-        block_on(log.wait_durable(e.id));
-        assert_eq!(commits.load(Ordering::SeqCst), 1);
-    }
-
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
+        let (core, commits) = recorded(Duration::ZERO, false, 1);
+        core.commit_here();
+        assert!(commits.lock().unwrap().is_empty());
+        assert_eq!(core.progress.borrow().durable, 0);
+        assert_eq!(core.committer().held.len(), 1, "taken, for the writer");
     }
 
     #[test]
     fn after_a_slow_commit_waiters_leave_the_commits_to_the_writer_thread() {
-        let threads = Arc::new(Mutex::new(Vec::new()));
-        let core = core_alone(
-            Box::new(Quick {
-                threads: threads.clone(),
-                takes: SLOW_COMMIT + Duration::from_millis(1),
-            }),
-            1,
-        );
+        let (core, commits) = recorded(SLOW_COMMIT + Duration::from_millis(1), true, 1);
         core.commit_here();
         assert_eq!(
             core.progress.borrow().durable,
             1,
             "the first commit is the waiter's"
         );
-        core.lock().queued.push_back(Event {
-            id: 2,
-            time_ms: 0,
-            instance: id(),
-            kind: EventKind::Ready,
-        });
+        queue(&core, 2);
         core.commit_here();
         assert_eq!(
-            threads.lock().unwrap().len(),
+            commits.lock().unwrap().len(),
             1,
             "{:?}",
-            threads.lock().unwrap()
+            commits.lock().unwrap()
         );
         assert_eq!(core.progress.borrow().durable, 1);
         // The writer thread's commit stores it.

@@ -589,6 +589,19 @@ unsafe fn report(fd: RawFd, tag: u8, value: i32) {
     unsafe { libc::write(fd, m.as_ptr().cast(), m.len()) };
 }
 
+/// Reports errno `e` (EIO if none) under `tag` and exits 127: a failed step of the relay
+/// or the command.
+///
+/// # Safety
+/// As [`report`]; only in a process of [`spawn_inside_with`].
+unsafe fn fail_with(fd: RawFd, tag: u8, e: i32) -> ! {
+    // SAFETY: see the function's contract.
+    unsafe {
+        report(fd, tag, if e == 0 { libc::EIO } else { e });
+        libc::_exit(127)
+    }
+}
+
 /// The relay's first Rust frame on its own stack.
 ///
 /// # Safety
@@ -607,10 +620,7 @@ unsafe fn relay_main(c: &mut InsideCtx) -> ! {
     unsafe {
         let errno = || *libc::__errno_location();
         let report_fd = c.report;
-        let fail = |e: i32| -> ! {
-            report(report_fd, b'R', if e == 0 { libc::EIO } else { e });
-            libc::_exit(127)
-        };
+        let fail = |e: i32| -> ! { fail_with(report_fd, b'R', e) };
         let t = c.target;
         if libc::setns(t.pidfd.as_raw_fd(), t.namespaces) != 0 {
             fail(errno());
@@ -685,10 +695,7 @@ unsafe fn command_main(c: &mut InsideCtx) -> ! {
     unsafe {
         let errno = || *libc::__errno_location();
         let report_fd = c.report;
-        let fail = |e: i32| -> ! {
-            report(report_fd, b'C', if e == 0 { libc::EIO } else { e });
-            libc::_exit(127)
-        };
+        let fail = |e: i32| -> ! { fail_with(report_fd, b'C', e) };
         if let Err(e) = take_streams(&c.streams) {
             fail(e);
         }
