@@ -309,9 +309,12 @@ pub fn id_tenant(id: &crate::key::InstanceId) -> String {
 pub struct IdBlocks {
     base: u32,
     blocks: u32,
-    /// tenant -> (block, live instances)
+    /// tenant -> (block, live holds)
     live: std::collections::HashMap<String, (u32, u32)>,
     taken: std::collections::HashSet<u32>,
+    /// A name handed over -> the tenant it went to ([`IdBlocks::hand_over`]): its other
+    /// holds are now that tenant's. Dropped with the block.
+    moved: std::collections::HashMap<String, String>,
 }
 
 /// Every block is in use.
@@ -326,7 +329,25 @@ impl IdBlocks {
             blocks: blocks.max(1),
             live: Default::default(),
             taken: Default::default(),
+            moved: Default::default(),
         }
+    }
+
+    /// The tenant whose holds `name`'s are: itself, or the tenant it was handed to.
+    fn resolve<'a>(&'a self, name: &'a str) -> &'a str {
+        self.moved.get(name).map_or(name, String::as_str)
+    }
+
+    /// Who holds the block `name`'s holds are on (the tenant it was handed to, or
+    /// itself), if it is held.
+    pub fn owner<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        let t = self.resolve(name);
+        self.live.contains_key(t).then_some(t)
+    }
+
+    /// How many holds are on the block of `name`'s owner (0: none).
+    pub fn holds(&self, name: &str) -> u32 {
+        self.live.get(self.resolve(name)).map_or(0, |(_, r)| *r)
     }
 
     fn preferred(&self, tenant: &str) -> u32 {
@@ -340,6 +361,8 @@ impl IdBlocks {
 
     /// Takes the tenant's block for one more instance: the map for it.
     pub fn acquire(&mut self, tenant: &str) -> Result<UserNamespace, NoFreeIds> {
+        let tenant = self.resolve(tenant).to_owned();
+        let tenant = tenant.as_str();
         if let Some((block, refs)) = self.live.get_mut(tenant) {
             *refs += 1;
             let b = *block;
@@ -355,29 +378,36 @@ impl IdBlocks {
         Ok(self.map_of(block))
     }
 
-    /// Gives back one instance's hold; the block is free once the tenant has none.
-    pub fn release(&mut self, tenant: &str) {
-        if let Some((block, refs)) = self.live.get_mut(tenant) {
+    /// Gives back one hold taken under `name` (or under a name handed to it); the block
+    /// is free once its tenant has none.
+    pub fn release(&mut self, name: &str) {
+        let tenant = self.resolve(name).to_owned();
+        if let Some((block, refs)) = self.live.get_mut(&tenant) {
             *refs -= 1;
             if *refs == 0 {
                 let b = *block;
                 self.taken.remove(&b);
-                self.live.remove(tenant);
+                self.live.remove(&tenant);
+                self.moved.retain(|_, to| *to != tenant);
             }
         }
     }
 
-    /// Gives `from`'s block (one hold: a warm slot's) to `to`, which must hold none: a
-    /// slot made with a range no tenant held serves a tenant new to the daemon. Returns
-    /// false (nothing changes) when `to` already holds a block or `from` holds more than
-    /// the one hold.
+    /// Gives `from`'s block, with every hold on it, to `to`, which must hold none: warm
+    /// slots made with a range no tenant held (a *set* of them, one per pool, all under
+    /// `from`) serve a tenant new to the daemon, and then only it. The holds taken under
+    /// `from` are `to`'s from now on (released under either name). Returns false
+    /// (nothing changes) when `to` already holds a block or `from` holds none of its own
+    /// (never taken, or already handed over).
     pub fn hand_over(&mut self, from: &str, to: &str) -> bool {
-        if self.live.contains_key(to) || self.live.get(from).map(|(_, r)| *r) != Some(1) {
+        if self.live.contains_key(to) || self.moved.contains_key(to) {
             return false;
         }
-        if let Some(b) = self.live.remove(from) {
-            self.live.insert(to.to_owned(), b);
-        }
+        let Some(b) = self.live.remove(from) else {
+            return false;
+        };
+        self.live.insert(to.to_owned(), b);
+        self.moved.insert(from.to_owned(), to.to_owned());
         true
     }
 
@@ -742,12 +772,40 @@ mod tests {
         // A tenant that holds a range keeps its own: the slot's cannot serve it.
         assert!(!b.hand_over("warm:w-1", "ns:a"));
         assert!(b.hand_over("warm:w-1", "ns:b"));
-        // Now it is ns:b's: a second instance of ns:b shares it, the slot name holds none.
+        // Now it is ns:b's: a second instance of ns:b shares it, the slot name is ns:b's.
         assert_eq!(b.acquire("ns:b").unwrap(), slot);
-        assert!(!b.hand_over("warm:w-1", "ns:c"));
+        assert_eq!(b.owner("warm:w-1"), Some("ns:b"));
+        assert!(!b.hand_over("warm:w-1", "ns:c"), "handed over once");
         b.release("ns:b");
         b.release("ns:b");
+        assert_eq!(b.owner("warm:w-1"), None);
         assert_ne!(b.acquire("ns:c").unwrap(), live);
+    }
+
+    #[test]
+    fn a_set_of_slots_goes_to_one_tenant_with_all_its_holds() {
+        let mut b = IdBlocks::new(AUTO_ID_BASE, 8);
+        // Two pools' slots of one set, and a second set.
+        let set = b.acquire("warm-set:1").unwrap();
+        assert_eq!(b.acquire("warm-set:1").unwrap(), set);
+        let other = b.acquire("warm-set:2").unwrap();
+        assert_ne!(set, other);
+        assert_eq!(b.owner("warm-set:1"), Some("warm-set:1"), "nobody's yet");
+        assert!(b.hand_over("warm-set:1", "ns:a"));
+        assert_eq!(b.owner("warm-set:1"), Some("ns:a"));
+        assert_eq!(b.holds("warm-set:1"), 2);
+        // The tenant's second workload takes the set's other slot (no new hold); a
+        // tenant that holds a range never takes another set.
+        assert!(!b.hand_over("warm-set:2", "ns:a"));
+        assert_eq!(b.acquire("ns:a").unwrap(), set);
+        b.release("ns:a");
+        // The holds go back under either name; the last frees the block and the alias.
+        b.release("warm-set:1");
+        assert_eq!(b.holds("ns:a"), 1);
+        b.release("ns:a");
+        assert_eq!(b.owner("ns:a"), None);
+        assert_eq!(b.owner("warm-set:1"), None);
+        assert!(b.moved.is_empty());
     }
 
     proptest::proptest! {
@@ -781,6 +839,52 @@ mod tests {
                 uids.dedup();
                 proptest::prop_assert_eq!(uids.len(), held.len());
             }
+        }
+
+        /// With warm-slot sets handed to tenants among the acquires and releases: every
+        /// hold's range is its owner's, two owners never share one, and once every hold
+        /// is given back (under the name it was taken with) nothing is held.
+        #[test]
+        fn handed_over_sets_keep_ranges_apart(ops in proptest::collection::vec((0u8..4, 0u8..6, 0u8..6), 1..200)) {
+            let mut b = IdBlocks::new(AUTO_ID_BASE, 8);
+            // (name taken under, range)
+            let mut holds: Vec<(String, UserNamespace)> = Vec::new();
+            for (op, x, y) in ops {
+                match op {
+                    0 | 1 => {
+                        let name = if op == 0 { format!("ns:t{x}") } else { format!("warm-set:{x}") };
+                        if let Ok(m) = b.acquire(&name) {
+                            holds.push((name, m));
+                        }
+                    }
+                    2 => {
+                        if !holds.is_empty() {
+                            let (name, _) = holds.remove(usize::from(x) % holds.len());
+                            b.release(&name);
+                        }
+                    }
+                    _ => {
+                        let (from, to) = (format!("warm-set:{x}"), format!("ns:t{y}"));
+                        let could = b.owner(&from) == Some(from.as_str()) && b.owner(&to).is_none();
+                        proptest::prop_assert_eq!(b.hand_over(&from, &to), could);
+                    }
+                }
+                let mut by_owner: std::collections::HashMap<String, UserNamespace> = Default::default();
+                for (name, m) in &holds {
+                    let owner = b.owner(name);
+                    proptest::prop_assert!(owner.is_some(), "{} is held", name);
+                    let e = by_owner.entry(owner.unwrap().to_owned()).or_insert(*m);
+                    proptest::prop_assert_eq!(*e, *m);
+                }
+                let mut uids: Vec<u32> = by_owner.values().map(|m| m.uid).collect();
+                uids.sort();
+                uids.dedup();
+                proptest::prop_assert_eq!(uids.len(), by_owner.len());
+            }
+            for (name, _) in holds.drain(..) {
+                b.release(&name);
+            }
+            proptest::prop_assert!(b.live.is_empty() && b.taken.is_empty() && b.moved.is_empty());
         }
     }
 

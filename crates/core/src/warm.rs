@@ -88,8 +88,8 @@ pub struct PoolView {
     /// `warm.size`.
     pub size: u32,
     pub max_idle: Duration,
-    /// Ready slots: when each was made, and the memory it holds (bytes).
-    pub ready: Vec<(Duration, u64)>,
+    /// Ready slots.
+    pub ready: Vec<SlotView>,
     /// Slots being made now.
     pub making: u32,
     /// The memory a new slot of this pool is expected to hold (the last one's, or 0
@@ -101,26 +101,45 @@ pub struct PoolView {
     pub dormant: bool,
 }
 
+/// One ready slot as [`plan`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotView {
+    /// When it was made.
+    pub made: Duration,
+    /// The memory it holds (bytes).
+    pub memory: u64,
+    /// It went to a tenant with the rest of its set (its id range is the tenant's): it
+    /// serves only that tenant's next launch of the workload, so it does not count
+    /// toward `size`, and it gives way when the budget is needed for a slot that can
+    /// serve anyone.
+    pub owned: bool,
+}
+
 /// What the pool manager does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Make one slot for pool `pool`.
     Make { pool: usize },
-    /// Remove ready slot `slot` of pool `pool` (unused for `max_idle`).
+    /// Remove ready slot `slot` of pool `pool` (unused for `max_idle`, or an owned one
+    /// giving way under the budget).
     Expire { pool: usize, slot: usize },
 }
 
 /// The next steps for `pools` at `now` (a monotonic clock), under `budget` bytes for
 /// every slot together: expiries first, then at most one new slot (the manager makes
 /// slots one at a time, so that refills take one core at most), for the pool furthest
-/// below its size. A new slot is made only if the ready and in-the-making slots'
-/// memory plus its estimate stays within the budget; nothing is made while `launching`
-/// (a launch is on its way: refills wait for it, they never take its CPU).
+/// below its size (owned slots do not count toward it). A new slot is made only if the
+/// ready and in-the-making slots' memory plus its estimate stays within the budget;
+/// when it does not, the oldest owned slot is removed instead (a slot anyone can take
+/// is worth more than one kept for a tenant's possible next launch). Nothing is made
+/// while `launching` (a launch is on its way: refills wait for it, they never take its
+/// CPU).
 pub fn plan(pools: &[PoolView], budget: u64, now: Duration, launching: bool) -> Vec<Step> {
+    let live = |v: &PoolView, s: &SlotView| now.saturating_sub(s.made) < v.max_idle;
     let mut steps = Vec::new();
     for (p, v) in pools.iter().enumerate() {
-        for (s, (made, _)) in v.ready.iter().enumerate() {
-            if now.saturating_sub(*made) >= v.max_idle {
+        for (s, slot) in v.ready.iter().enumerate() {
+            if !live(v, slot) {
                 steps.push(Step::Expire { pool: p, slot: s });
             }
         }
@@ -131,32 +150,46 @@ pub fn plan(pools: &[PoolView], budget: u64, now: Duration, launching: bool) -> 
     }
     let held: u64 = pools
         .iter()
-        .flat_map(|v| {
-            v.ready
-                .iter()
-                .filter(move |(made, _)| now.saturating_sub(*made) < v.max_idle)
-                .map(|(_, m)| *m)
-        })
+        .flat_map(|v| v.ready.iter().filter(move |s| live(v, s)).map(|s| s.memory))
         .sum();
     let want = pools
         .iter()
         .enumerate()
         .filter(|(_, v)| !v.dormant)
         .map(|(p, v)| {
-            let live = v
-                .ready
-                .iter()
-                .filter(|(made, _)| now.saturating_sub(*made) < v.max_idle)
-                .count() as u32;
-            (p, v, v.size.saturating_sub(live))
+            let free = v.ready.iter().filter(|s| live(v, s) && !s.owned).count() as u32;
+            (p, v, v.size.saturating_sub(free))
         })
         .filter(|(_, _, missing)| *missing > 0)
-        // Before a pool's first slot its size is unknown: at least a byte, so that a
-        // budget of 0 keeps none.
-        .filter(|(_, v, _)| held.saturating_add(v.estimate.max(1)) <= budget)
         .max_by_key(|(p, _, missing)| (*missing, std::cmp::Reverse(*p)));
-    if let Some((p, _, _)) = want {
+    let Some((p, v, _)) = want else {
+        return steps;
+    };
+    // Before a pool's first slot its size is unknown: at least a byte, so that a budget
+    // of 0 keeps none.
+    let need = v.estimate.max(1);
+    let owned: u64 = pools
+        .iter()
+        .flat_map(|v| v.ready.iter().filter(move |s| s.owned && live(v, s)))
+        .map(|s| s.memory)
+        .sum();
+    if held.saturating_add(need) <= budget {
         steps.push(Step::Make { pool: p });
+    } else if (held - owned).saturating_add(need) > budget {
+        // Removing every owned slot would not make room: they stay.
+    } else if let Some((q, s, _)) = pools
+        .iter()
+        .enumerate()
+        .flat_map(|(q, v)| {
+            v.ready
+                .iter()
+                .enumerate()
+                .filter(move |(_, s)| s.owned && live(v, s))
+                .map(move |(s, slot)| (q, s, slot.made))
+        })
+        .min_by_key(|(_, _, made)| *made)
+    {
+        steps.push(Step::Expire { pool: q, slot: s });
     }
     steps
 }
@@ -178,7 +211,11 @@ mod tests {
             max_idle: Duration::from_secs(60),
             ready: ready
                 .iter()
-                .map(|(t, m)| (Duration::from_secs(*t), *m))
+                .map(|(t, m)| SlotView {
+                    made: Duration::from_secs(*t),
+                    memory: *m,
+                    owned: false,
+                })
                 .collect(),
             making: 0,
             estimate: 10,
@@ -220,6 +257,34 @@ mod tests {
         assert_eq!(
             plan(&pools, 25, Duration::from_secs(60), false),
             vec![Step::Expire { pool: 0, slot: 0 }, Step::Make { pool: 0 }]
+        );
+    }
+
+    #[test]
+    fn owned_slots_do_not_fill_a_pool_and_give_way_under_the_budget() {
+        let mut a = pool(1, &[(0, 10)]);
+        a.ready[0].owned = true;
+        let b = pool(1, &[(5, 10)]);
+        // Pool 0's one slot is a tenant's: it still lacks one anyone can take.
+        assert_eq!(
+            plan(&[a.clone(), b.clone()], 100, Duration::from_secs(10), false),
+            vec![Step::Make { pool: 0 }]
+        );
+        // 20 held + 10 > 25: the owned slot goes, then the pool is refilled.
+        assert_eq!(
+            plan(&[a.clone(), b.clone()], 25, Duration::from_secs(10), false),
+            vec![Step::Expire { pool: 0, slot: 0 }]
+        );
+        let mut after = a.clone();
+        after.ready.clear();
+        assert_eq!(
+            plan(&[after, b.clone()], 25, Duration::from_secs(10), false),
+            vec![Step::Make { pool: 0 }]
+        );
+        // A slot anyone can take never gives way.
+        assert_eq!(
+            plan(&[pool(1, &[]), b], 15, Duration::from_secs(10), false),
+            vec![]
         );
     }
 
@@ -282,7 +347,7 @@ mod tests {
     fn arb_pool() -> impl Strategy<Value = PoolView> {
         (
             1u32..5,
-            proptest::collection::vec((0u64..200, 0u64..50), 0..6),
+            proptest::collection::vec((0u64..200, 0u64..50, any::<bool>()), 0..6),
             0u32..2,
             0u64..50,
             any::<bool>(),
@@ -292,7 +357,11 @@ mod tests {
                 max_idle: Duration::from_secs(100),
                 ready: ready
                     .into_iter()
-                    .map(|(t, m)| (Duration::from_secs(t), m))
+                    .map(|(t, m, owned)| SlotView {
+                        made: Duration::from_secs(t),
+                        memory: m,
+                        owned,
+                    })
                     .collect(),
                 making,
                 estimate,
@@ -303,8 +372,9 @@ mod tests {
 
     proptest! {
         /// Whatever the pools: at most one slot is made at a time, never beyond a pool's
-        /// size, never past the budget, never for a dormant pool, never while a launch
-        /// runs; and every expired slot is removed.
+        /// size (owned slots apart), never past the budget, never for a dormant pool,
+        /// never while a launch runs; every expired slot is removed, and an owned one
+        /// gives way only when the budget stops a slot a pool lacks.
         #[test]
         fn a_plan_keeps_every_bound(
             pools in proptest::collection::vec(arb_pool(), 0..5),
@@ -313,23 +383,42 @@ mod tests {
             launching in any::<bool>(),
         ) {
             let now = Duration::from_secs(now);
+            let live = |v: &PoolView, s: &SlotView| now.saturating_sub(s.made) < v.max_idle;
             let steps = plan(&pools, budget, now, launching);
             let makes: Vec<usize> = steps.iter().filter_map(|s| match s {
                 Step::Make { pool } => Some(*pool),
                 _ => None,
             }).collect();
             prop_assert!(makes.len() <= 1);
-            let expired: usize = pools.iter().map(|v| v.ready.iter()
-                .filter(|(m, _)| now.saturating_sub(*m) >= v.max_idle).count()).sum();
-            prop_assert_eq!(steps.len() - makes.len(), expired);
+            let expired: Vec<(usize, usize)> = steps.iter().filter_map(|s| match s {
+                Step::Expire { pool, slot } => Some((*pool, *slot)),
+                _ => None,
+            }).collect();
+            let stale = expired.iter().filter(|(p, s)| !live(&pools[*p], &pools[*p].ready[*s])).count();
+            let stale_all: usize = pools.iter().map(|v| v.ready.iter().filter(|s| !live(v, s)).count()).sum();
+            prop_assert_eq!(stale, stale_all);
+            let gave_way: Vec<_> = expired.iter().filter(|(p, s)| live(&pools[*p], &pools[*p].ready[*s])).collect();
+            prop_assert!(gave_way.len() <= 1);
+            prop_assert!(gave_way.is_empty() || makes.is_empty());
+            let held: u64 = pools.iter().flat_map(|v| v.ready.iter()
+                .filter(|s| live(v, s)).map(|s| s.memory)).sum();
+            let owned: u64 = pools.iter().flat_map(|v| v.ready.iter()
+                .filter(|s| live(v, s) && s.owned).map(|s| s.memory)).sum();
+            for (p, s) in &gave_way {
+                prop_assert!(pools[*p].ready[*s].owned && !launching);
+                let lacking = pools.iter().any(|v| {
+                    let free = v.ready.iter().filter(|s| live(v, s) && !s.owned).count() as u32;
+                    let need = v.estimate.max(1);
+                    !v.dormant && free < v.size && held + need > budget && held - owned + need <= budget
+                });
+                prop_assert!(lacking, "an owned slot gave way for nothing");
+            }
             if let Some(&p) = makes.first() {
                 let v = &pools[p];
                 prop_assert!(!launching && !v.dormant);
                 prop_assert!(pools.iter().all(|v| v.making == 0));
-                let live = v.ready.iter().filter(|(m, _)| now.saturating_sub(*m) < v.max_idle).count() as u32;
-                prop_assert!(live < v.size);
-                let held: u64 = pools.iter().flat_map(|v| v.ready.iter()
-                    .filter(|(m, _)| now.saturating_sub(*m) < v.max_idle).map(|(_, b)| *b)).sum();
+                let free = v.ready.iter().filter(|s| live(v, s) && !s.owned).count() as u32;
+                prop_assert!(free < v.size);
                 prop_assert!(held + v.estimate.max(1) <= budget);
             }
         }

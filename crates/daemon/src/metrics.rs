@@ -326,7 +326,7 @@ impl Metrics {
         let warm_slots = Family::<WorkloadLabel, Gauge>::default();
         registry.register(
             "warm_slots",
-            "Warm slots ready, by workload",
+            "Warm slots ready for any new key, by workload",
             warm_slots.clone(),
         );
         let warm_memory = Gauge::default();

@@ -550,7 +550,7 @@ impl bulkhead_api::Bulkhead for Service {
             warm: self
                 .sh
                 .warm
-                .counts()
+                .counts(&self.sh)
                 .into_iter()
                 .map(|(workload, (ready, memory_bytes))| v1::WarmPool {
                     workload,

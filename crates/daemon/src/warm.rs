@@ -14,11 +14,16 @@
 //! What a slot (`warm-<workload>-<daemon pid>-<n>`) is made with: its own directory `<state>/notify/warm-<n>/`
 //! (shown inside at the same path; the launch binds the notify socket there), a port
 //! from the daemon's range (the instance's `$PORT`), and for `user_namespace: auto` a
-//! host id range held under the slot's name, which the launch hands to its tenant
-//! ([`IdBlocks::hand_over`](bulkhead_core::sandbox::IdBlocks::hand_over)): so a slot
-//! serves a tenant that holds no range yet (a new session, a new namespace), and a
-//! tenant that already runs something (or a restart, which keeps its range) spawns
-//! cold.
+//! host id range. A tenant's instances share one range, so slots that map one are made
+//! in *sets* (`warm-set:<n>`): one slot per pool, each holding the set's range. A launch
+//! of a tenant that holds no range yet takes a slot of a set nobody owns and hands the
+//! whole set to it ([`IdBlocks::hand_over`](bulkhead_core::sandbox::IdBlocks::hand_over):
+//! every hold on the range is the tenant's from then on), so the tenant's next
+//! workloads launch from the set's other slots, which serve no other tenant. Such an
+//! owned slot does not count toward `size`; it goes when its tenant runs nothing any
+//! more (every hold left on the range is a slot's), and gives way first under the
+//! memory budget ([`bulkhead_core::warm::plan`]). A tenant whose range came from a cold
+//! spawn, and a restart (which keeps its range), spawn cold.
 //!
 //! A manifest change (reload) drains the workload's pool and starts a new one; shutdown
 //! drains every pool. After a daemon crash a sandbox slot's processes are gone with it
@@ -34,8 +39,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use bulkhead_core::sandbox::IdBlocks;
 use bulkhead_core::spec::WorkloadSpec;
-use bulkhead_core::warm::{PoolView, Step};
+use bulkhead_core::warm::{PoolView, SlotView, Step};
 use bulkhead_driver::warm::{Warm, WarmSpec};
 use bulkhead_driver::{Bind, Driver};
 use tokio::sync::Notify;
@@ -74,6 +80,8 @@ pub(crate) struct Pools {
     /// Set by [`Pools::shutdown`]: nothing is made any more.
     closed: std::sync::atomic::AtomicBool,
     epoch: Instant,
+    /// The number of the next new id set.
+    sets: AtomicU64,
 }
 
 struct Pool {
@@ -81,6 +89,8 @@ struct Pool {
     dir: PathBuf,
     ready: VecDeque<Ready>,
     making: u32,
+    /// The id sets of the slots being made (`user_namespace: auto`).
+    making_sets: Vec<String>,
     estimate: u64,
     last_use: Instant,
     dormant: bool,
@@ -132,6 +142,7 @@ impl Default for Pools {
             made: Notify::new(),
             closed: Default::default(),
             epoch: Instant::now(),
+            sets: AtomicU64::new(1),
         }
     }
 }
@@ -147,15 +158,15 @@ impl Pools {
         Launching(Arc::downgrade(sh))
     }
 
-    /// Ready slots per workload, and the memory they hold (for `health` and tests).
-    pub(crate) fn counts(&self) -> BTreeMap<String, (usize, u64)> {
-        self.lock()
-            .iter()
+    /// Ready slots per workload that any new tenant can take, and the memory every
+    /// ready slot of the workload holds, a tenant's too (for `health` and tests).
+    pub(crate) fn counts(&self, sh: &Shared) -> BTreeMap<String, (usize, u64)> {
+        let map = self.lock();
+        let ids = sh.ids.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter()
             .map(|(w, p)| {
-                (
-                    w.clone(),
-                    (p.ready.len(), p.ready.iter().map(|r| r.memory).sum()),
-                )
+                let free = p.ready.iter().filter(|r| owner(&ids, r).is_none()).count();
+                (w.clone(), (free, p.ready.iter().map(|r| r.memory).sum()))
             })
             .collect()
     }
@@ -168,41 +179,53 @@ impl Pools {
         spec.warm.as_ref()?;
         let needs_ids = bulkhead_core::channels::needs_ids(&spec);
         let tenant = bulkhead_core::channels::ids_tenant(&slot.id, &spec);
+        // A restart keeps its tenant's range: only a new key's first run takes a slot.
+        let restart = needs_ids && slot.ids.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        let mut dead = Vec::new();
         let taken = (|| {
+            if restart {
+                return None;
+            }
             let mut pools = self.lock();
             let pool = pools.get_mut(&spec.name).filter(|p| p.spec == spec)?;
             pool.last_use = Instant::now();
             pool.dormant = false;
-            let mut taken = None;
-            while let Some(mut r) = pool.ready.pop_front() {
+            let mut ids = sh.ids.lock().unwrap_or_else(|e| e.into_inner());
+            let mut i = 0;
+            while i < pool.ready.len() {
+                let r = &pool.ready[i];
                 if !r.warm.alive() {
-                    tracing::warn!("warm slot {} died while it waited; removed", r.name);
-                    discard_later(sh, r);
+                    dead.extend(pool.ready.remove(i));
                     continue;
                 }
-                if needs_ids {
-                    // A restart keeps its tenant's range, and a tenant that holds one
-                    // runs its instances in it: a slot made with another cannot serve.
-                    let held = slot.ids.lock().unwrap_or_else(|e| e.into_inner()).is_some();
-                    let handed = !held
-                        && r.ids.as_mut().is_some_and(|h| {
-                            sh.ids
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .hand_over(&h.tenant, &tenant)
-                                .then(|| h.tenant = tenant.clone())
-                                .is_some()
-                        });
-                    if !handed {
-                        pool.ready.push_front(r);
-                        break;
+                let fits = match &r.ids {
+                    None => true,
+                    // A slot of a set that went to this tenant (it launched another
+                    // workload from the set) is in its range; a set nobody owns goes,
+                    // with its other pools' slots, to a tenant that holds no range
+                    // (`hand_over` refuses one that does: a slot made with another
+                    // range cannot serve it). A slot owned by another tenant never
+                    // serves this one.
+                    Some(h) => match owner(&ids, r) {
+                        Some(o) => o == tenant,
+                        None => ids.hand_over(&h.tenant, &tenant),
+                    },
+                };
+                if fits {
+                    let mut r = pool.ready.remove(i)?;
+                    if let Some(h) = r.ids.as_mut() {
+                        h.tenant = tenant.clone();
                     }
+                    return Some(r);
                 }
-                taken = Some(r);
-                break;
+                i += 1;
             }
-            taken
+            None
         })();
+        for r in dead {
+            tracing::warn!("warm slot {} died while it waited; removed", r.name);
+            discard_later(sh, r);
+        }
         sh.metrics.warm_launch(&spec.name, taken.is_some());
         self.wake.notify_one();
         if let Some(r) = &taken {
@@ -266,8 +289,34 @@ async fn manage(weak: Weak<Shared>) {
                     gone.extend(p.ready.drain(..));
                 }
             }
+            let mut ids = sh.ids.lock().unwrap_or_else(|e| e.into_inner());
+            // Slots of a set whose tenant runs nothing any more (every hold left on its
+            // range is a slot's) serve nobody: they go.
+            let mut slot_holds: BTreeMap<&str, u32> = BTreeMap::new();
+            for p in map.values() {
+                let making = p.making_sets.iter().filter_map(|n| ids.owner(n));
+                let ready = p.ready.iter().filter_map(|r| owner(&ids, r));
+                for o in making.chain(ready) {
+                    *slot_holds.entry(o).or_default() += 1;
+                }
+            }
+            let orphans: Vec<String> = slot_holds
+                .into_iter()
+                .filter(|(o, n)| !o.starts_with(SET) && ids.holds(o) == *n)
+                .map(|(o, _)| o.to_owned())
+                .collect();
+            for p in map.values_mut() {
+                let mut i = 0;
+                while i < p.ready.len() {
+                    if owner(&ids, &p.ready[i]).is_some_and(|o| orphans.iter().any(|x| x == o)) {
+                        gone.extend(p.ready.remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
             let names: Vec<String> = map.keys().cloned().collect();
-            let views: Vec<PoolView> = map.values().map(|p| view(p, pools.epoch)).collect();
+            let views: Vec<PoolView> = map.values().map(|p| view(p, pools.epoch, &ids)).collect();
             // Busy: a launch on its way, or one done less than QUIET ago.
             let quiet_at = match pools.launched.load(Ordering::SeqCst) {
                 0 => None,
@@ -305,12 +354,30 @@ async fn manage(weak: Weak<Shared>) {
                     gone.push(r);
                 }
             }
+            // A new slot that maps a range joins the first set nobody owns that has no
+            // slot of its pool yet, or starts a new one: so a tenant's first launch from
+            // a slot makes the set's slots of its other workloads its own.
             let make = make.and_then(|w| {
+                let set = bulkhead_core::channels::needs_ids(&map.get(&w)?.spec)
+                    .then(|| choose_set(&map, &w, &ids, &pools.sets));
+                let hold = match set {
+                    None => None,
+                    Some(set) => match ids.acquire(&set) {
+                        Ok(range) => Some(IdHold::new(&sh, set, range)),
+                        Err(e) => {
+                            tracing::warn!("warm pool of {w}: cannot make a slot ({e})");
+                            return None;
+                        }
+                    },
+                };
                 let p = map.get_mut(&w)?;
                 p.making += 1;
+                p.making_sets
+                    .extend(hold.as_ref().map(|h| h.tenant.clone()));
                 pools.making.fetch_add(1, Ordering::SeqCst);
-                Some((w, p.spec.clone(), p.dir.clone()))
+                Some((w, p.spec.clone(), p.dir.clone(), hold))
             });
+            drop(ids);
             (gone, make)
         };
         for r in expired {
@@ -318,8 +385,8 @@ async fn manage(weak: Weak<Shared>) {
             discard_later(&sh, r);
         }
         update_gauges(&sh);
-        if let Some((workload, spec, dir)) = make {
-            make_slot(&sh, &workload, spec, dir).await;
+        if let Some((workload, spec, dir, hold)) = make {
+            make_slot(&sh, &workload, spec, dir, hold).await;
             update_gauges(&sh);
             continue;
         }
@@ -335,7 +402,47 @@ async fn manage(weak: Weak<Shared>) {
     }
 }
 
-fn view(p: &Pool, epoch: Instant) -> PoolView {
+/// The prefix of an id set's name (`warm-set:<n>`): the holds of its slots, one per
+/// pool, are on one range until a launch hands the set to its tenant.
+const SET: &str = "warm-set:";
+
+/// The tenant a slot's id set went to (`None`: nobody's yet, or it maps no range).
+fn owner<'a>(ids: &'a IdBlocks, r: &'a Ready) -> Option<&'a str> {
+    let h = r.ids.as_ref()?;
+    ids.owner(&h.tenant).filter(|o| *o != h.tenant)
+}
+
+/// The set a new slot of `workload`'s pool joins: the lowest-numbered one nobody owns
+/// and in which the pool has no slot (ready or being made), or a new one.
+fn choose_set(
+    map: &BTreeMap<String, Pool>,
+    workload: &str,
+    ids: &IdBlocks,
+    next: &AtomicU64,
+) -> String {
+    let unowned = |n: &String| ids.owner(n) == Some(n.as_str());
+    let sets_of = |p: &Pool| -> Vec<String> {
+        let ready = p
+            .ready
+            .iter()
+            .filter_map(|r| r.ids.as_ref().map(|h| h.tenant.clone()));
+        ready
+            .chain(p.making_sets.iter().cloned())
+            .filter(unowned)
+            .collect()
+    };
+    let own = map.get(workload).map(sets_of).unwrap_or_default();
+    let number = |n: &String| n.strip_prefix(SET).and_then(|x| x.parse::<u64>().ok());
+    map.values()
+        .flat_map(sets_of)
+        .filter(|n| !own.contains(n))
+        .filter_map(|n| Some((number(&n)?, n)))
+        .min()
+        .map(|(_, n)| n)
+        .unwrap_or_else(|| format!("{SET}{}", next.fetch_add(1, Ordering::Relaxed)))
+}
+
+fn view(p: &Pool, epoch: Instant, ids: &IdBlocks) -> PoolView {
     let w = p.spec.warm.clone().unwrap_or(bulkhead_core::warm::Warm {
         size: 0,
         max_idle: Duration::MAX,
@@ -346,7 +453,11 @@ fn view(p: &Pool, epoch: Instant) -> PoolView {
         ready: p
             .ready
             .iter()
-            .map(|r| (r.made.duration_since(epoch), r.memory))
+            .map(|r| SlotView {
+                made: r.made.duration_since(epoch),
+                memory: r.memory,
+                owned: owner(ids, r).is_some(),
+            })
             .collect(),
         making: p.making,
         estimate: p.estimate,
@@ -393,6 +504,7 @@ fn sync(sh: &Arc<Shared>) {
                     dir: dir.clone(),
                     ready: VecDeque::new(),
                     making: 0,
+                    making_sets: Vec::new(),
                     estimate: 0,
                     last_use: Instant::now(),
                     dormant: false,
@@ -406,11 +518,23 @@ fn sync(sh: &Arc<Shared>) {
 }
 
 /// Makes one slot of `workload`'s pool through its driver.
-async fn make_slot(sh: &Arc<Shared>, workload: &str, spec: Arc<WorkloadSpec>, cwd: PathBuf) {
-    let result = prepare(sh, workload, &spec, cwd).await;
+async fn make_slot(
+    sh: &Arc<Shared>,
+    workload: &str,
+    spec: Arc<WorkloadSpec>,
+    cwd: PathBuf,
+    ids: Option<IdHold>,
+) {
+    let set = ids.as_ref().map(|h| h.tenant.clone());
+    let result = prepare(sh, workload, &spec, cwd, ids).await;
     let pools = &sh.warm;
     let leftover = {
         let mut map = pools.lock();
+        if let Some(p) = map.get_mut(workload) {
+            if let Some(i) = p.making_sets.iter().position(|n| Some(n) == set.as_ref()) {
+                p.making_sets.remove(i);
+            }
+        }
         let held: u64 = map.values().flat_map(|p| &p.ready).map(|r| r.memory).sum();
         let pool = map.get_mut(workload);
         let current = pool.filter(|p| p.spec == spec);
@@ -464,6 +588,7 @@ async fn prepare(
     workload: &str,
     spec: &Arc<WorkloadSpec>,
     cwd: PathBuf,
+    ids: Option<IdHold>,
 ) -> Result<Ready, String> {
     let driver: Arc<dyn Driver> = sh
         .drivers
@@ -487,24 +612,6 @@ async fn prepare(
             let _ = std::fs::remove_dir(&dir);
             return Err(format!("cannot allocate a port: {e}"));
         }
-    };
-    let ids = if bulkhead_core::channels::needs_ids(spec) {
-        let tenant = format!("warm:{name}");
-        match sh
-            .ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .acquire(&tenant)
-        {
-            Ok(ids) => Some(IdHold::new(sh, tenant, ids)),
-            Err(e) => {
-                sh.ports.release(port);
-                let _ = std::fs::remove_dir(&dir);
-                return Err(e.to_string());
-            }
-        }
-    } else {
-        None
     };
     // The channel space, made now for the tenant the slot will serve (it will run as
     // the slot's ids): shown by the slot from the start.
@@ -578,7 +685,7 @@ async fn discard_all(ready: Vec<Ready>) {
 }
 
 fn update_gauges(sh: &Shared) {
-    sh.metrics.warm_slots(&sh.warm.counts());
+    sh.metrics.warm_slots(&sh.warm.counts(sh));
 }
 
 /// Removes slot directories no slot holds: all of them at start-up, later the empty

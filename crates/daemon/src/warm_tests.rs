@@ -198,9 +198,60 @@ impl Rig {
 
     /// Writes the workload's whole manifest and rescans.
     fn write(&self, manifest: &str) {
-        let path = self.dir.path().join("workloads/w/manifest.yaml");
-        std::fs::write(path, manifest).unwrap();
+        self.write_to("w", manifest);
+    }
+
+    /// Writes workload `name`'s whole manifest and rescans.
+    fn write_to(&self, name: &str, manifest: &str) {
+        let dir = self.dir.path().join("workloads").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.yaml"), manifest).unwrap();
         self.sh.rescan();
+    }
+
+    /// Adds workload `name`: the same manifest as `w`'s, with `warm`.
+    fn another(&self, name: &str, warm: &str) {
+        let m = MANIFEST.replacen("name: w", &format!("name: {name}"), 1);
+        self.write_to(name, &format!("{m}{warm}"));
+    }
+
+    /// The name of the first slot made for `workload`.
+    fn slot_of(&self, workload: &str) -> String {
+        let made = self.fake.made.lock().unwrap();
+        let prefix = format!("warm-{workload}-");
+        let (w, _) = made
+            .iter()
+            .find(|(w, _)| w.slot.starts_with(&prefix))
+            .unwrap();
+        w.slot.clone()
+    }
+
+    /// Ready slots of `workload` any tenant can take.
+    fn ready_of(&self, workload: &str) -> usize {
+        self.sh
+            .warm
+            .counts(&self.sh)
+            .get(workload)
+            .map(|c| c.0)
+            .unwrap_or(0)
+    }
+
+    /// The slot a spawn came from (`None`: cold), and its id range.
+    fn spawn(
+        &self,
+        n: usize,
+    ) -> (
+        Option<String>,
+        Option<bulkhead_core::sandbox::UserNamespace>,
+    ) {
+        let from = self.fake.spawns.lock().unwrap()[n].1.clone();
+        let ids = from.as_ref().and_then(|f| {
+            let made = self.fake.made.lock().unwrap();
+            made.iter()
+                .find(|(w, _)| w.slot == *f)
+                .and_then(|(w, _)| w.ids)
+        });
+        (from, ids)
     }
 
     fn made(&self) -> usize {
@@ -208,14 +259,24 @@ impl Rig {
     }
 
     fn ready(&self) -> usize {
-        self.sh.warm.counts().get("w").map(|c| c.0).unwrap_or(0)
+        self.sh
+            .warm
+            .counts(&self.sh)
+            .get("w")
+            .map(|c| c.0)
+            .unwrap_or(0)
     }
 
-    /// Launches session `s` and waits until it runs.
+    /// Launches session `s` of `w` and waits until it runs.
     async fn launch(&self, s: &str) -> Arc<crate::instance::Slot> {
-        let key = Key::new("w", Isolation::Session, None, Some(s)).unwrap();
+        self.launch_of("w", s).await
+    }
+
+    /// Launches session `s` of `workload` and waits until it runs.
+    async fn launch_of(&self, workload: &str, s: &str) -> Arc<crate::instance::Slot> {
+        let key = Key::new(workload, Isolation::Session, None, Some(s)).unwrap();
         let cat = self.sh.catalog();
-        let e = &cat.entries["w"];
+        let e = &cat.entries[workload];
         let spec = e.spec.clone().unwrap();
         let slot = crate::instance::start(&self.sh, key, spec, e.dir.clone(), Vec::new());
         let mut rx = slot.subscribe();
@@ -361,7 +422,7 @@ async fn a_changed_manifest_drains_its_pool_and_a_dead_slot_is_never_used() {
     r.manifest("");
     settle().await;
     assert_eq!(r.ready(), 0);
-    assert!(r.sh.warm.counts().is_empty());
+    assert!(r.sh.warm.counts(&r.sh).is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -384,7 +445,7 @@ async fn a_tenant_that_holds_a_range_spawns_cold_and_shutdown_discards_every_slo
     settle().await;
     r.sh.warm.shutdown().await;
     assert_eq!(r.fake.discarded.lock().unwrap().len(), 3);
-    assert!(r.sh.warm.counts().is_empty());
+    assert!(r.sh.warm.counts(&r.sh).is_empty());
     // Their directories are gone too.
     let left: Vec<_> = std::fs::read_dir(r.sh.notify_dir())
         .unwrap()
@@ -392,6 +453,105 @@ async fn a_tenant_that_holds_a_range_spawns_cold_and_shutdown_discards_every_slo
         .filter(|e| e.file_name().to_string_lossy().starts_with("warm-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// Slots of pools that map a range are made in sets, one slot per pool on one range:
+/// a tenant's first launch from a slot makes the set its own, so its next workload also
+/// launches from a slot, in the same range; another tenant never takes that slot.
+#[tokio::test(start_paused = true)]
+async fn a_tenants_other_workloads_launch_from_the_slots_of_its_set() {
+    let r = Rig::new("warm: {size: 1}\n", 1 << 20);
+    r.another("v", "warm: {size: 1}\n");
+    settle().await;
+    assert_eq!((r.ready_of("w"), r.ready_of("v")), (1, 1));
+    let sets: Vec<_> = r
+        .fake
+        .made
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(w, _)| w.ids)
+        .collect();
+    assert_eq!(sets.len(), 2);
+    assert_eq!(sets[0], sets[1], "one set: one range for both pools' slots");
+
+    r.launch_of("w", "s1").await;
+    let (from, s1_ids) = r.spawn(0);
+    assert!(from.is_some(), "from a slot");
+    // v's slot is s1's now: it no longer counts as ready for anyone.
+    assert_eq!(r.ready_of("v"), 0);
+    // Another new tenant spawns cold (before the refill): s1's slot is not its.
+    r.launch_of("v", "s2").await;
+    assert_eq!(r.spawn(1).0, None, "cold");
+    // s1's second workload takes its set's slot, in s1's range.
+    r.launch_of("v", "s1").await;
+    let (from, ids) = r.spawn(2);
+    assert!(from.is_some(), "from the set's slot");
+    assert_eq!(ids, s1_ids);
+    let tenant = "session:s1";
+    assert_eq!(
+        r.sh.ids.lock().unwrap().holds(tenant),
+        2,
+        "one hold per instance"
+    );
+
+    // The refill makes a new set for both pools, in another range.
+    settle().await;
+    assert_eq!((r.ready_of("w"), r.ready_of("v")), (1, 1));
+    let made = r.fake.made.lock().unwrap().clone();
+    assert_eq!(made.len(), 4);
+    assert_eq!(made[2].0.ids, made[3].0.ids);
+    assert_ne!(made[2].0.ids, s1_ids);
+    let m = r.sh.metrics.encode(&r.sh).unwrap();
+    assert!(
+        m.contains("bulkhead_warm_launches_total{workload=\"v\",result=\"hit\"} 1"),
+        "{m}"
+    );
+}
+
+/// A set's slots kept for a tenant go when the tenant runs nothing any more (its range
+/// is free again), and give way when the budget is needed for a slot anyone can take.
+#[tokio::test(start_paused = true)]
+async fn a_tenants_slots_go_with_it_and_give_way_under_the_budget() {
+    // Each fake slot holds 10 bytes: 25 fit two.
+    let r = Rig::new("warm: {size: 1}\n", 25);
+    r.another("v", "warm: {size: 1}\n");
+    settle().await;
+    r.launch_of("w", "s1").await;
+    let kept = r.slot_of("v");
+    assert!(r.spawn(0).0.is_some());
+    // w's refill fits (v's kept slot and the new one: 20); v's then does not, so the
+    // slot kept for s1 goes, and v gets one anyone can take.
+    settle().await;
+    assert!(r.fake.discarded.lock().unwrap().contains(&kept), "gave way");
+    assert_eq!((r.ready_of("w"), r.ready_of("v")), (1, 1));
+    assert_eq!(
+        r.sh.ids.lock().unwrap().holds("session:s1"),
+        1,
+        "only its instance's"
+    );
+
+    // With room, the slot kept for a tenant stays while it runs and goes after.
+    let r = Rig::new("warm: {size: 1}\n", 1 << 20);
+    r.another("v", "warm: {size: 1}\n");
+    settle().await;
+    r.launch_of("w", "s1").await;
+    let kept = r.slot_of("v");
+    settle().await;
+    assert!(!r.fake.discarded.lock().unwrap().contains(&kept));
+    assert_eq!(r.sh.ids.lock().unwrap().holds("session:s1"), 2);
+    let exit = r.fake.exits.lock().unwrap()[0].clone();
+    exit.send_replace(Some(ExitStatus::Exited { code: 0 }));
+    settle().await;
+    assert!(
+        r.fake.discarded.lock().unwrap().contains(&kept),
+        "went with s1"
+    );
+    assert_eq!(
+        r.sh.ids.lock().unwrap().owner("session:s1"),
+        None,
+        "range free"
+    );
 }
 
 /// A restart keeps its instance's address: it spawns cold with the port of its first run

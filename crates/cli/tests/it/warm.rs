@@ -163,6 +163,58 @@ fn a_new_session_launches_in_a_warm_sandbox_slot_behind_the_same_wall() {
     }
 }
 
+/// A tenant's workloads share its id range, so a pool's slots are made in sets across
+/// pools: a namespace's first launch from a slot makes the set its own, and its second
+/// workload launches from a slot too, in the same range.
+#[test]
+fn a_namespaces_second_workload_launches_in_a_warm_slot_in_its_range() {
+    let Some(py) = system_python3() else { return };
+    let m = |name: &str| {
+        format!(
+            "name: {name}\ndriver: sandbox\nisolation: namespace\ncommand: {}\nreadiness: {{notify: true, timeout: 30s}}\nwarm: {{size: 1}}\n",
+            notify_python(py)
+        )
+    };
+    let (a, b) = (m("wa"), m("wb"));
+    let d = Daemon::start(&[("wa", &a), ("wb", &b)]);
+    if !crate::sandbox::sandbox_available(&d) {
+        return;
+    }
+    wait_ready_slots(&d, "wa", 1);
+    wait_ready_slots(&d, "wb", 1);
+    let mut ids = Vec::new();
+    for w in ["wa", "wb"] {
+        let v = d.json(&["launch", w, "--namespace", "t1", "-o", "json"]);
+        assert_eq!(v["state"], "ready", "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        assert!(
+            from_slot(&d, &id),
+            "{id} not from a slot:\n{}",
+            d.daemon_log()
+        );
+        let o = d.cli(&[
+            "exec",
+            &id,
+            "--",
+            "/bin/sh",
+            "-c",
+            "head -1 /proc/self/uid_map",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        ids.push(
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .nth(1)
+                .map(str::to_owned),
+        );
+    }
+    assert!(ids[0].is_some(), "{ids:?}");
+    assert_eq!(ids[0], ids[1], "one tenant, one range");
+    // Both pools refill with slots any new tenant can take.
+    wait_ready_slots(&d, "wa", 1);
+    wait_ready_slots(&d, "wb", 1);
+}
+
 /// The listening socket's server: answers every connection with its socket's name and
 /// its pid, having checked that `LISTEN_PID` is its own.
 const SOCKET_SERVER: &str = r#"
