@@ -14,16 +14,19 @@
 //! What a slot (`warm-<workload>-<daemon pid>-<n>`) is made with: its own directory `<state>/notify/warm-<n>/`
 //! (shown inside at the same path; the launch binds the notify socket there), a port
 //! from the daemon's range (the instance's `$PORT`), and for `user_namespace: auto` a
-//! host id range. A tenant's instances share one range, so slots that map one are made
-//! in *sets* (`warm-set:<n>`): one slot per pool, each holding the set's range. A launch
-//! of a tenant that holds no range yet takes a slot of a set nobody owns and hands the
-//! whole set to it ([`IdBlocks::hand_over`](bulkhead_core::sandbox::IdBlocks::hand_over):
-//! every hold on the range is the tenant's from then on), so the tenant's next
-//! workloads launch from the set's other slots, which serve no other tenant. Such an
-//! owned slot does not count toward `size`; it goes when its tenant runs nothing any
-//! more (every hold left on the range is a slot's), and gives way first under the
-//! memory budget ([`bulkhead_core::warm::plan`]). A tenant whose range came from a cold
-//! spawn, and a restart (which keeps its range), spawn cold.
+//! host id range, held under the name of the slot's *set* (`warm-set:<kind>:<n>`). A
+//! launch of a tenant that holds no range yet takes a slot of a set nobody owns and
+//! hands the whole set to it ([`IdBlocks::hand_over`](bulkhead_core::sandbox::IdBlocks::hand_over):
+//! every hold on the range is the tenant's from then on). A set has one slot at first;
+//! a pool that saw a tenant which holds a range spawn cold (its second workload) *joins*
+//! sets from then on: its new slots join the sets of the other pools of the same kind
+//! of tenant, and its slots made alone are replaced, one at a time, off a launch's way.
+//! So a tenant's next workloads launch from its set's other slots, which serve no other
+//! tenant, while pools whose tenants run one workload lose nothing to sets. An owned
+//! slot does not count toward `size`; it goes when its tenant runs nothing any more
+//! (every hold left on the range is a slot's), and gives way first under the memory
+//! budget ([`bulkhead_core::warm::plan`]). A tenant whose range came from a cold spawn,
+//! and a restart (which keeps its range), spawn cold.
 //!
 //! A manifest change (reload) drains the workload's pool and starts a new one; shutdown
 //! drains every pool. After a daemon crash a sandbox slot's processes are gone with it
@@ -91,6 +94,10 @@ struct Pool {
     making: u32,
     /// The id sets of the slots being made (`user_namespace: auto`).
     making_sets: Vec<String>,
+    /// A tenant that already ran something launched this workload (and spawned cold):
+    /// its new slots join the sets of the other pools of its kind, instead of each
+    /// starting one of its own.
+    joins: bool,
     estimate: u64,
     last_use: Instant,
     dormant: bool,
@@ -220,6 +227,17 @@ impl Pools {
                 }
                 i += 1;
             }
+            if needs_ids && !pool.joins && ids.owner(&tenant).is_some() {
+                // Learned from use: this workload is a tenant's second (or later) one.
+                tracing::info!(
+                    "warm pool of {}: {} spawns cold (its tenant holds an id range); the \
+                     pool's slots now join the sets of its tenants' other workloads",
+                    spec.name,
+                    slot.id
+                );
+                pool.joins = true;
+                self.wake.notify_one();
+            }
             None
         })();
         for r in dead {
@@ -289,34 +307,6 @@ async fn manage(weak: Weak<Shared>) {
                     gone.extend(p.ready.drain(..));
                 }
             }
-            let mut ids = sh.ids.lock().unwrap_or_else(|e| e.into_inner());
-            // Slots of a set whose tenant runs nothing any more (every hold left on its
-            // range is a slot's) serve nobody: they go.
-            let mut slot_holds: BTreeMap<&str, u32> = BTreeMap::new();
-            for p in map.values() {
-                let making = p.making_sets.iter().filter_map(|n| ids.owner(n));
-                let ready = p.ready.iter().filter_map(|r| owner(&ids, r));
-                for o in making.chain(ready) {
-                    *slot_holds.entry(o).or_default() += 1;
-                }
-            }
-            let orphans: Vec<String> = slot_holds
-                .into_iter()
-                .filter(|(o, n)| !o.starts_with(SET) && ids.holds(o) == *n)
-                .map(|(o, _)| o.to_owned())
-                .collect();
-            for p in map.values_mut() {
-                let mut i = 0;
-                while i < p.ready.len() {
-                    if owner(&ids, &p.ready[i]).is_some_and(|o| orphans.iter().any(|x| x == o)) {
-                        gone.extend(p.ready.remove(i));
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
-            let names: Vec<String> = map.keys().cloned().collect();
-            let views: Vec<PoolView> = map.values().map(|p| view(p, pools.epoch, &ids)).collect();
             // Busy: a launch on its way, or one done less than QUIET ago.
             let quiet_at = match pools.launched.load(Ordering::SeqCst) {
                 0 => None,
@@ -333,6 +323,13 @@ async fn manage(weak: Weak<Shared>) {
                 _ => TICK,
             };
             let yielding = busy_since.is_some_and(|t| now.duration_since(t) < YIELD_MAX);
+            let mut ids = sh.ids.lock().unwrap_or_else(|e| e.into_inner());
+            if !yielding {
+                retire(&mut map, &ids, &mut gone);
+            }
+            let names: Vec<String> = map.keys().cloned().collect();
+            let views: Vec<PoolView> = map.values().map(|p| view(p, pools.epoch, &ids)).collect();
+
             let steps = bulkhead_core::warm::plan(
                 &views,
                 sh.cfg.warm_memory,
@@ -412,34 +409,108 @@ fn owner<'a>(ids: &'a IdBlocks, r: &'a Ready) -> Option<&'a str> {
     ids.owner(&h.tenant).filter(|o| *o != h.tenant)
 }
 
-/// The set a new slot of `workload`'s pool joins: the lowest-numbered one nobody owns
-/// and in which the pool has no slot (ready or being made), or a new one.
+/// Removes the slots that serve nobody any more, off a launch's way: those of a set
+/// whose tenant runs nothing (every hold left on its range is a slot's), and one slot
+/// (at a time) made before its pool joined sets while a set it could join exists.
+fn retire(map: &mut BTreeMap<String, Pool>, ids: &IdBlocks, gone: &mut Vec<Ready>) {
+    let mut slot_holds: BTreeMap<&str, u32> = BTreeMap::new();
+    for p in map.values() {
+        let making = p.making_sets.iter().filter_map(|n| ids.owner(n));
+        let ready = p.ready.iter().filter_map(|r| owner(ids, r));
+        for o in making.chain(ready) {
+            *slot_holds.entry(o).or_default() += 1;
+        }
+    }
+    let orphans: Vec<String> = slot_holds
+        .into_iter()
+        .filter(|(o, n)| !o.starts_with(SET) && ids.holds(o) == *n)
+        .map(|(o, _)| o.to_owned())
+        .collect();
+    for p in map.values_mut() {
+        let mut i = 0;
+        while i < p.ready.len() {
+            if owner(ids, &p.ready[i]).is_some_and(|o| orphans.iter().any(|x| x == o)) {
+                gone.extend(p.ready.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+    }
+    if let Some((w, i)) = alone(map, ids) {
+        gone.extend(map.get_mut(&w).and_then(|p| p.ready.remove(i)));
+    }
+}
+
+/// The kind of tenant a workload's instances belong to, which names its sets: a set's
+/// slots can only serve one tenant, so only pools of one kind share sets (`None`: each
+/// instance is a tenant of its own, a shared one without channels).
+fn set_kind(spec: &WorkloadSpec) -> Option<&'static str> {
+    use bulkhead_core::key::Isolation;
+    match spec.isolation {
+        Isolation::Session => Some("session"),
+        Isolation::Namespace => Some("ns"),
+        Isolation::None if spec.channels.is_some() => Some("shared"),
+        Isolation::None => None,
+    }
+}
+
+/// The sets nobody owns yet in which `pool` has a slot (ready or being made).
+fn sets_of(p: &Pool, ids: &IdBlocks) -> Vec<String> {
+    let ready = p
+        .ready
+        .iter()
+        .filter_map(|r| r.ids.as_ref().map(|h| h.tenant.clone()));
+    ready
+        .chain(p.making_sets.iter().cloned())
+        .filter(|n| ids.owner(n) == Some(n.as_str()))
+        .collect()
+}
+
+/// A set nobody owns, of `workload`'s kind, in which its pool has no slot: the one with
+/// the lowest number (`None`: the pool does not join sets, or there is none).
+fn joinable_set(map: &BTreeMap<String, Pool>, workload: &str, ids: &IdBlocks) -> Option<String> {
+    let p = map.get(workload)?;
+    let kind = set_kind(&p.spec).filter(|_| p.joins)?;
+    let prefix = format!("{SET}{kind}:");
+    let own = sets_of(p, ids);
+    let number = |n: &String| n.strip_prefix(&prefix)?.parse::<u64>().ok();
+    map.values()
+        .flat_map(|q| sets_of(q, ids))
+        .filter(|n| !own.contains(n))
+        .filter_map(|n| Some((number(&n)?, n)))
+        .min()
+        .map(|(_, n)| n)
+}
+
+/// The set a new slot of `workload`'s pool joins: a joinable one ([`joinable_set`]), or
+/// a new one.
 fn choose_set(
     map: &BTreeMap<String, Pool>,
     workload: &str,
     ids: &IdBlocks,
     next: &AtomicU64,
 ) -> String {
-    let unowned = |n: &String| ids.owner(n) == Some(n.as_str());
-    let sets_of = |p: &Pool| -> Vec<String> {
-        let ready = p
-            .ready
-            .iter()
-            .filter_map(|r| r.ids.as_ref().map(|h| h.tenant.clone()));
-        ready
-            .chain(p.making_sets.iter().cloned())
-            .filter(unowned)
-            .collect()
-    };
-    let own = map.get(workload).map(sets_of).unwrap_or_default();
-    let number = |n: &String| n.strip_prefix(SET).and_then(|x| x.parse::<u64>().ok());
-    map.values()
-        .flat_map(sets_of)
-        .filter(|n| !own.contains(n))
-        .filter_map(|n| Some((number(&n)?, n)))
-        .min()
-        .map(|(_, n)| n)
-        .unwrap_or_else(|| format!("{SET}{}", next.fetch_add(1, Ordering::Relaxed)))
+    joinable_set(map, workload, ids).unwrap_or_else(|| {
+        let kind = map
+            .get(workload)
+            .and_then(|p| set_kind(&p.spec))
+            .unwrap_or("own");
+        format!("{SET}{kind}:{}", next.fetch_add(1, Ordering::Relaxed))
+    })
+}
+
+/// A ready slot of a pool that joins sets, alone in its set while another set it could
+/// join exists: made before the pool joined, it is replaced by one that joins.
+fn alone(map: &BTreeMap<String, Pool>, ids: &IdBlocks) -> Option<(String, usize)> {
+    map.iter().filter(|(_, p)| p.joins).find_map(|(w, p)| {
+        joinable_set(map, w, ids)?;
+        let i = p.ready.iter().position(|r| {
+            r.ids.as_ref().is_some_and(|h| {
+                ids.owner(&h.tenant) == Some(h.tenant.as_str()) && ids.holds(&h.tenant) == 1
+            })
+        })?;
+        Some((w.clone(), i))
+    })
 }
 
 fn view(p: &Pool, epoch: Instant, ids: &IdBlocks) -> PoolView {
@@ -505,6 +576,7 @@ fn sync(sh: &Arc<Shared>) {
                     ready: VecDeque::new(),
                     making: 0,
                     making_sets: Vec::new(),
+                    joins: false,
                     estimate: 0,
                     last_use: Instant::now(),
                     dormant: false,

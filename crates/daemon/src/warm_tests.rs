@@ -215,17 +215,6 @@ impl Rig {
         self.write_to(name, &format!("{m}{warm}"));
     }
 
-    /// The name of the first slot made for `workload`.
-    fn slot_of(&self, workload: &str) -> String {
-        let made = self.fake.made.lock().unwrap();
-        let prefix = format!("warm-{workload}-");
-        let (w, _) = made
-            .iter()
-            .find(|(w, _)| w.slot.starts_with(&prefix))
-            .unwrap();
-        w.slot.clone()
-    }
-
     /// Ready slots of `workload` any tenant can take.
     fn ready_of(&self, workload: &str) -> usize {
         self.sh
@@ -455,53 +444,69 @@ async fn a_tenant_that_holds_a_range_spawns_cold_and_shutdown_discards_every_slo
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// Slots of pools that map a range are made in sets, one slot per pool on one range:
-/// a tenant's first launch from a slot makes the set its own, so its next workload also
-/// launches from a slot, in the same range; another tenant never takes that slot.
+/// Slots of pools that map a range are made in sets, one slot per pool on one range,
+/// once a pool has seen a tenant's second workload spawn cold: then a tenant's first
+/// launch from a slot makes the set its own, so its next workload also launches from a
+/// slot, in the same range; another tenant never takes that slot. Before, each slot has
+/// a range of its own and a launch takes no other pool's slot.
 #[tokio::test(start_paused = true)]
 async fn a_tenants_other_workloads_launch_from_the_slots_of_its_set() {
     let r = Rig::new("warm: {size: 1}\n", 1 << 20);
     r.another("v", "warm: {size: 1}\n");
     settle().await;
     assert_eq!((r.ready_of("w"), r.ready_of("v")), (1, 1));
-    let sets: Vec<_> = r
-        .fake
-        .made
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(w, _)| w.ids)
-        .collect();
-    assert_eq!(sets.len(), 2);
-    assert_eq!(sets[0], sets[1], "one set: one range for both pools' slots");
+    let ranges = |r: &Rig| -> Vec<_> {
+        let made = r.fake.made.lock().unwrap();
+        made.iter().map(|(w, _)| (w.slot.clone(), w.ids)).collect()
+    };
+    let first = ranges(&r);
+    assert_ne!(
+        first[0].1, first[1].1,
+        "a range each until a pool joins sets"
+    );
 
+    // s1's second workload spawns cold: its pool learns to join sets.
     r.launch_of("w", "s1").await;
-    let (from, s1_ids) = r.spawn(0);
-    assert!(from.is_some(), "from a slot");
-    // v's slot is s1's now: it no longer counts as ready for anyone.
-    assert_eq!(r.ready_of("v"), 0);
-    // Another new tenant spawns cold (before the refill): s1's slot is not its.
-    r.launch_of("v", "s2").await;
-    assert_eq!(r.spawn(1).0, None, "cold");
-    // s1's second workload takes its set's slot, in s1's range.
+    assert!(r.spawn(0).0.is_some());
+    assert_eq!(r.ready_of("v"), 1, "w's launch took nothing of v's");
     r.launch_of("v", "s1").await;
-    let (from, ids) = r.spawn(2);
-    assert!(from.is_some(), "from the set's slot");
-    assert_eq!(ids, s1_ids);
-    let tenant = "session:s1";
     assert_eq!(
-        r.sh.ids.lock().unwrap().holds(tenant),
+        r.spawn(1).0,
+        None,
+        "cold: s1 holds a range no slot of v has"
+    );
+    assert!(r.sh.warm.lock()["v"].joins);
+    settle().await;
+    // v's slot made alone was replaced by one in the set of w's new slot.
+    assert_eq!((r.ready_of("w"), r.ready_of("v")), (1, 1));
+    let now = ranges(&r);
+    let v_old = &first
+        .iter()
+        .find(|(n, _)| n.starts_with("warm-v-"))
+        .unwrap()
+        .0;
+    assert!(r.fake.discarded.lock().unwrap().contains(v_old));
+    let (w_new, v_new) = (&now[now.len() - 2], &now[now.len() - 1]);
+    assert_eq!(w_new.1, v_new.1, "one set: {now:?}");
+
+    r.launch_of("w", "s2").await;
+    let (from, s2_ids) = r.spawn(2);
+    assert!(from.is_some());
+    // v's slot is s2's now: it no longer counts as ready for anyone.
+    assert_eq!(r.ready_of("v"), 0);
+    // Another new tenant spawns cold (before the refill): s2's slot is not its.
+    r.launch_of("v", "s3").await;
+    assert_eq!(r.spawn(3).0, None, "cold");
+    // s2's second workload takes its set's slot, in s2's range.
+    r.launch_of("v", "s2").await;
+    let (from, ids) = r.spawn(4);
+    assert!(from.is_some(), "from the set's slot");
+    assert_eq!(ids, s2_ids);
+    assert_eq!(
+        r.sh.ids.lock().unwrap().holds("session:s2"),
         2,
         "one hold per instance"
     );
-
-    // The refill makes a new set for both pools, in another range.
-    settle().await;
-    assert_eq!((r.ready_of("w"), r.ready_of("v")), (1, 1));
-    let made = r.fake.made.lock().unwrap().clone();
-    assert_eq!(made.len(), 4);
-    assert_eq!(made[2].0.ids, made[3].0.ids);
-    assert_ne!(made[2].0.ids, s1_ids);
     let m = r.sh.metrics.encode(&r.sh).unwrap();
     assert!(
         m.contains("bulkhead_warm_launches_total{workload=\"v\",result=\"hit\"} 1"),
@@ -509,19 +514,54 @@ async fn a_tenants_other_workloads_launch_from_the_slots_of_its_set() {
     );
 }
 
+/// Only pools of one kind of tenant share sets: a namespace's slot never shares a range
+/// with a session's, whatever the pools learned.
+#[tokio::test(start_paused = true)]
+async fn sets_never_mix_kinds_of_tenant() {
+    let r = Rig::new("warm: {size: 1}\n", 1 << 20);
+    let m = MANIFEST
+        .replacen("name: w", "name: n", 1)
+        .replace("isolation: session", "isolation: namespace");
+    r.write_to("n", &format!("{m}warm: {{size: 1}}\n"));
+    settle().await;
+    r.sh.warm.lock().get_mut("n").unwrap().joins = true;
+    settle().await;
+    let made = r.fake.made.lock().unwrap().clone();
+    assert_eq!(
+        made.len(),
+        2,
+        "nothing replaced: no set of its kind to join"
+    );
+    assert_ne!(made[0].0.ids, made[1].0.ids);
+}
+
 /// A set's slots kept for a tenant go when the tenant runs nothing any more (its range
 /// is free again), and give way when the budget is needed for a slot anyone can take.
 #[tokio::test(start_paused = true)]
 async fn a_tenants_slots_go_with_it_and_give_way_under_the_budget() {
-    // Each fake slot holds 10 bytes: 25 fit two.
-    let r = Rig::new("warm: {size: 1}\n", 25);
-    r.another("v", "warm: {size: 1}\n");
-    settle().await;
-    r.launch_of("w", "s1").await;
-    let kept = r.slot_of("v");
-    assert!(r.spawn(0).0.is_some());
-    // w's refill fits (v's kept slot and the new one: 20); v's then does not, so the
-    // slot kept for s1 goes, and v gets one anyone can take.
+    // v joins sets (as if it had seen a tenant's second launch).
+    let joined = |budget: u64| async move {
+        let r = Rig::new("warm: {size: 1}\n", budget);
+        r.another("v", "warm: {size: 1}\n");
+        settle().await;
+        r.sh.warm.lock().get_mut("v").unwrap().joins = true;
+        settle().await;
+        let made = r.fake.made.lock().unwrap().clone();
+        let last = &made[made.len() - 2..];
+        assert_eq!(last[0].0.ids, last[1].0.ids, "one set");
+        let kept = last
+            .iter()
+            .find(|(w, _)| w.slot.starts_with("warm-v-"))
+            .unwrap();
+        let kept = kept.0.slot.clone();
+        r.launch_of("w", "s1").await;
+        assert!(r.spawn(0).0.is_some());
+        (r, kept)
+    };
+    // Each fake slot holds 10 bytes: 25 fit two. w's refill fits (v's kept slot and the
+    // new one: 20); v's then does not, so the slot kept for s1 goes, and v gets one
+    // anyone can take.
+    let (r, kept) = joined(25).await;
     settle().await;
     assert!(r.fake.discarded.lock().unwrap().contains(&kept), "gave way");
     assert_eq!((r.ready_of("w"), r.ready_of("v")), (1, 1));
@@ -532,11 +572,7 @@ async fn a_tenants_slots_go_with_it_and_give_way_under_the_budget() {
     );
 
     // With room, the slot kept for a tenant stays while it runs and goes after.
-    let r = Rig::new("warm: {size: 1}\n", 1 << 20);
-    r.another("v", "warm: {size: 1}\n");
-    settle().await;
-    r.launch_of("w", "s1").await;
-    let kept = r.slot_of("v");
+    let (r, kept) = joined(1 << 20).await;
     settle().await;
     assert!(!r.fake.discarded.lock().unwrap().contains(&kept));
     assert_eq!(r.sh.ids.lock().unwrap().holds("session:s1"), 2);

@@ -164,8 +164,9 @@ fn a_new_session_launches_in_a_warm_sandbox_slot_behind_the_same_wall() {
 }
 
 /// A tenant's workloads share its id range, so a pool's slots are made in sets across
-/// pools: a namespace's first launch from a slot makes the set its own, and its second
-/// workload launches from a slot too, in the same range.
+/// pools once the pool has seen a tenant's second workload spawn cold: from then on a
+/// namespace's first launch from a slot makes the set its own, and its second workload
+/// launches from a slot too, in the same range.
 #[test]
 fn a_namespaces_second_workload_launches_in_a_warm_slot_in_its_range() {
     let Some(py) = system_python3() else { return };
@@ -180,18 +181,10 @@ fn a_namespaces_second_workload_launches_in_a_warm_slot_in_its_range() {
     if !crate::sandbox::sandbox_available(&d) {
         return;
     }
-    wait_ready_slots(&d, "wa", 1);
-    wait_ready_slots(&d, "wb", 1);
-    let mut ids = Vec::new();
-    for w in ["wa", "wb"] {
-        let v = d.json(&["launch", w, "--namespace", "t1", "-o", "json"]);
+    let launch = |w: &str, ns: &str| {
+        let v = d.json(&["launch", w, "--namespace", ns, "-o", "json"]);
         assert_eq!(v["state"], "ready", "{v}");
         let id = v["id"].as_str().unwrap().to_owned();
-        assert!(
-            from_slot(&d, &id),
-            "{id} not from a slot:\n{}",
-            d.daemon_log()
-        );
         let o = d.cli(&[
             "exec",
             &id,
@@ -201,18 +194,46 @@ fn a_namespaces_second_workload_launches_in_a_warm_slot_in_its_range() {
             "head -1 /proc/self/uid_map",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
-        ids.push(
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .nth(1)
-                .map(str::to_owned),
-        );
-    }
-    assert!(ids[0].is_some(), "{ids:?}");
-    assert_eq!(ids[0], ids[1], "one tenant, one range");
-    // Both pools refill with slots any new tenant can take.
+        let host = String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .nth(1)
+            .map(str::to_owned);
+        (from_slot(&d, &id), host)
+    };
     wait_ready_slots(&d, "wa", 1);
     wait_ready_slots(&d, "wb", 1);
+    let (warm, first) = launch("wa", "t1");
+    assert!(warm, "{}", d.daemon_log());
+    let (warm, second) = launch("wb", "t1");
+    assert!(
+        !warm,
+        "wb's slot has a range of its own until its pool joins sets"
+    );
+    assert_eq!(first, second, "one tenant, one range");
+    assert!(d
+        .daemon_log()
+        .contains("warm pool of wb: ns:t1:wb spawns cold"));
+    // Once wb's slot has joined the set of wa's new one, a new namespace's two
+    // workloads both launch from slots, in one range.
+    let start = Instant::now();
+    for n in 2.. {
+        wait_ready_slots(&d, "wa", 1);
+        wait_ready_slots(&d, "wb", 1);
+        let ns = format!("t{n}");
+        let (warm_a, ra) = launch("wa", &ns);
+        let (warm_b, rb) = launch("wb", &ns);
+        assert_eq!(ra, rb, "one tenant, one range");
+        assert!(warm_a);
+        if warm_b {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "wb never launched from a slot:\n{}",
+            d.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The listening socket's server: answers every connection with its socket's name and
