@@ -22,6 +22,12 @@
 //!   workload with `driver: sandbox`, durable event log, one new session per sample;
 //!   cold and from a warm pool, each also with `channels:` (the session's channel space
 //!   made and bound in; from a slot, mounted in at the hand-over).
+//! - **a session's second workload** (a second daemon, after the rounds above, so that
+//!   its pools' refills do not share the machine with them): two pooled workloads and a
+//!   cold one, the same manifest; each round launches the first pooled one for a new
+//!   session (from a slot, not timed), then times the session's second workload cold and
+//!   from the slot its set kept for the session (the second pool learns to join sets in
+//!   the warm-up: its first launch of a session that holds a range spawns cold).
 //! - **bwrap**: `bwrap --unshare-all --ro-bind / / --proc /proc --dev /dev --tmpfs /tmp
 //!   --ro-bind EXEDIR EXEDIR --bind DIR DIR` (Debian's bubblewrap; skipped if missing).
 //!
@@ -289,6 +295,54 @@ fn main() -> anyhow::Result<()> {
     let channel_hits = bulkhead_bench::warm_launches(&daemon, "notifycw").0 - channel_hits_before;
     rt.block_on(daemon.shutdown());
 
+    // A session's second workload, with a daemon of its own.
+    let wl2 = dir.path().join("workloads2");
+    for (name, extra) in [
+        ("first", "warm: {size: 1}\n"),
+        ("second", "warm: {size: 1}\n"),
+        ("secondc", ""),
+    ] {
+        std::fs::create_dir_all(wl2.join(name))?;
+        std::fs::write(
+            wl2.join(name).join("manifest.yaml"),
+            manifest.replace("name: notify\n", &format!("name: {name}\n")) + extra,
+        )?;
+    }
+    let cfg = bulkhead_daemon::Config::new(wl2, Some(dir.path().join("state2")), None);
+    let socket = cfg.socket.clone();
+    let daemon = rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
+    let mut client = client_rt.block_on(bulkhead_api::connect(&socket))?;
+    let mut sc = Samples::new("a session's second workload, cold (its first from a slot)");
+    let mut sw = Samples::new("a session's second workload from the slot its set kept");
+    let mut second_round = |i: usize, keep: bool| -> anyhow::Result<()> {
+        client_rt.block_on(async {
+            bulkhead_bench::wait_for_slot(&mut client, "first").await?;
+            bulkhead_bench::wait_for_slot(&mut client, "second").await?;
+            let session = format!("p{i}");
+            let (_, a) = launch(&mut client, "first", &session).await?;
+            let (cold, b) = launch(&mut client, "secondc", &session).await?;
+            let (warm, c) = launch(&mut client, "second", &session).await?;
+            for id in [a, b, c] {
+                terminate(&mut client, id).await?;
+            }
+            if keep {
+                sc.values.push(cold);
+                sw.values.push(warm);
+            }
+            anyhow::Ok(())
+        })
+    };
+    for i in 0..5 {
+        second_round(i, false)?;
+    }
+    let second_before = bulkhead_bench::warm_launches(&daemon, "second").0;
+    for i in 0..iterations {
+        second_round(5 + i, true)?;
+    }
+    let second_hits = bulkhead_bench::warm_launches(&daemon, "second").0 - second_before;
+    drop(client);
+    rt.block_on(daemon.shutdown());
+
     let mut report = String::new();
     report.push_str(&format!(
         "cgroups: {} (limits: {}; born in its cgroup: {}; favordynmods: {}); {iterations} interleaved rounds; \
@@ -300,7 +354,9 @@ fn main() -> anyhow::Result<()> {
         if rewrite { ", rewritten every round after its slots are made" } else { "" }
     ));
     report.push_str("| measurement | p50 ms | p99 ms | p50 vs clone3 floor | p50 vs bulkhead driver |\n|---|---|---|---|---|\n");
-    for s in [&floor, &drv, &wm, &api, &apw, &apc, &apcw, &bw, &un, &rc] {
+    for s in [
+        &floor, &drv, &wm, &api, &apw, &apc, &apcw, &sc, &sw, &bw, &un, &rc,
+    ] {
         if s.values.is_empty() {
             continue;
         }
@@ -315,8 +371,11 @@ fn main() -> anyhow::Result<()> {
     }
     report.push_str(&format!(
         "\nAPI launches of the pooled workload from a slot: {hits} of {iterations}; with channels: \
-         {channel_hits} of {iterations} (warm-up excluded). Channels from a slot / cold: {}.\n",
-        ratio(apcw.p50(), apc.p50())
+         {channel_hits} of {iterations} (warm-up excluded). Channels from a slot / cold: {}.\n\
+         A session's second workload from its set's slot: {second_hits} of {iterations}; \
+         from the slot / cold: {}.\n",
+        ratio(apcw.p50(), apc.p50()),
+        ratio(sw.p50(), sc.p50())
     ));
     if !bw.values.is_empty() {
         report.push_str(&format!(
@@ -505,6 +564,17 @@ async fn api_once(
     workload: &str,
     session: &str,
 ) -> anyhow::Result<Duration> {
+    let (took, id) = launch(c, workload, session).await?;
+    terminate(c, id).await?;
+    Ok(took)
+}
+
+/// Launch(wait=ready) of `workload` for `session`: how long it took, and the instance.
+async fn launch(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    workload: &str,
+    session: &str,
+) -> anyhow::Result<(Duration, String)> {
     let t = Instant::now();
     let r = c
         .launch(v1::LaunchRequest {
@@ -518,14 +588,20 @@ async fn api_once(
         .await?
         .into_inner();
     let took = t.elapsed();
-    let id = r.instance.map(|i| i.id).unwrap_or_default();
+    Ok((took, r.instance.map(|i| i.id).unwrap_or_default()))
+}
+
+async fn terminate(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    id: String,
+) -> anyhow::Result<()> {
     c.terminate(v1::TerminateRequest {
         id,
         grace_ms: None,
         with_dependencies: false,
     })
     .await?;
-    Ok(took)
+    Ok(())
 }
 
 /// A peer tool: spawn it, READY; then wait for it to end (not timed).
