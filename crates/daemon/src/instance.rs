@@ -1342,22 +1342,10 @@ async fn spawn(
             .map_err(failed(FailureKind::Exhausted))?;
     }
     let listen = key_sockets(sh, slot, *port).map_err(failed(FailureKind::Setup))?;
-    let notify = match &spec.readiness {
-        // A process instance running as another user cannot reach the state directory
-        // (0700): its socket is an abstract one (`@...`), which needs no file access.
-        Some(r) if r.notify && spec.driver == DriverKind::Process && spec.user.is_some() => {
-            Some(abstract_notify(sh)?)
-        }
-        Some(r) if r.notify => {
-            let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));
-            Some(
-                NotifySocket::bind(&path)
-                    .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))
-                    .map_err(failed(FailureKind::Setup))?,
-            )
-        }
-        _ => None,
-    };
+    let notify = bind_notify(sh, &spec, || {
+        sh.notify_dir().join(format!("{}.sock", sh.next_seq()))
+    })
+    .map_err(failed(FailureKind::Setup))?;
     // Read at each start: an edit applies on the next one (systemd's EnvironmentFile=).
     let from_files = read_env_files(slot).map_err(failed(FailureKind::Setup))?;
     let file_keys: Vec<String> = from_files.iter().map(|(k, _)| k.clone()).collect();
@@ -1419,6 +1407,7 @@ async fn spawn_warm(
         port: slot_port,
         ids,
         space,
+        notify,
         ..
     } = ready;
     let made = SlotMade {
@@ -1426,6 +1415,7 @@ async fn spawn_warm(
         port: slot_port,
         ids,
         space,
+        notify,
     };
     // Until the driver has it, a failure here removes the slot (off the runtime's
     // threads, as the pool does).
@@ -1444,6 +1434,7 @@ struct SlotMade {
     port: u16,
     ids: Option<crate::dataplane::IdHold>,
     space: Option<crate::dataplane::WarmSpace>,
+    notify: Option<NotifySocket>,
 }
 
 /// Everything of [`spawn_warm`] before the hand-over: the launch's [`SpawnSpec`].
@@ -1459,6 +1450,7 @@ async fn prepare_warm(
         port: slot_port,
         ids: hold,
         space,
+        notify,
     } = made;
     let dir = dir.as_path();
     let spec = slot.spec();
@@ -1475,21 +1467,12 @@ async fn prepare_warm(
     // The key's listening sockets (bound now at that port, or the activator's), passed
     // with the hand-over.
     let listen = key_sockets(sh, slot, *port).map_err(failed(FailureKind::Setup))?;
-    let notify = match &spec.readiness {
-        // As for a cold spawn: a process instance running as another user cannot reach
-        // the state directory, so its socket is an abstract one.
-        Some(r) if r.notify && spec.driver == DriverKind::Process && spec.user.is_some() => {
-            Some(abstract_notify(sh)?)
+    // Bound when the slot was made (off the launch's path), in its directory.
+    let notify = match notify {
+        Some(n) => Some(n),
+        None => {
+            bind_notify(sh, &spec, || dir.join(WARM_NOTIFY)).map_err(failed(FailureKind::Setup))?
         }
-        Some(r) if r.notify => {
-            let path = dir.join("notify.sock");
-            Some(
-                NotifySocket::bind(&path)
-                    .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))
-                    .map_err(failed(FailureKind::Setup))?,
-            )
-        }
-        _ => None,
     };
     let from_files = read_env_files(slot).map_err(failed(FailureKind::Setup))?;
     let file_keys: Vec<String> = from_files.iter().map(|(k, _)| k.clone()).collect();
@@ -1529,13 +1512,33 @@ async fn prepare_warm(
     Ok((spawn, notify))
 }
 
-/// A notify socket in the abstract namespace (`@...`), which needs no file access: for a
-/// process instance that runs as another user than the daemon's.
-fn abstract_notify(sh: &Shared) -> Result<NotifySocket, SpawnFailure> {
-    let name = format!("bulkhead-notify-{}-{}", std::process::id(), sh.next_seq());
-    NotifySocket::bind_abstract(&name)
-        .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))
-        .map_err(failed(FailureKind::Setup))
+/// The name of a warm slot's notify socket in its directory.
+pub(crate) const WARM_NOTIFY: &str = "notify.sock";
+
+/// The notify socket of an instance of `spec` (`readiness: {notify: true}`; `None`
+/// otherwise), bound at `path()`; a process instance running as another user cannot
+/// reach the state directory (0700), so its socket is an abstract one (`@...`), which
+/// needs no file access.
+pub(crate) fn bind_notify(
+    sh: &Shared,
+    spec: &WorkloadSpec,
+    path: impl FnOnce() -> std::path::PathBuf,
+) -> Result<Option<NotifySocket>, String> {
+    match &spec.readiness {
+        Some(r) if r.notify && spec.driver == DriverKind::Process && spec.user.is_some() => {
+            let name = format!("bulkhead-notify-{}-{}", std::process::id(), sh.next_seq());
+            NotifySocket::bind_abstract(&name)
+                .map(Some)
+                .map_err(|e| format!("cannot bind notify socket @{name}: {e}"))
+        }
+        Some(r) if r.notify => {
+            let path = path();
+            NotifySocket::bind(&path)
+                .map(Some)
+                .map_err(|e| format!("cannot bind notify socket {}: {e}", path.display()))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// The port the key's `tcp:$PORT` socket holds, if it has one bound.

@@ -116,6 +116,9 @@ pub(crate) struct Ready {
     pub ids: Option<IdHold>,
     /// The channel space made with it (`channels:`), the tenant's if it has none yet.
     pub space: Option<crate::dataplane::WarmSpace>,
+    /// The instance's notify socket (`readiness: {notify: true}`), bound in the slot's
+    /// directory when it was made: binding it took ~0.1 ms of a launch's path.
+    pub notify: Option<crate::readiness::NotifySocket>,
 }
 
 /// Counts a launch on its way while it lives: from the start of a spawn until the
@@ -696,6 +699,15 @@ async fn prepare(
             return Err(e);
         }
     };
+    let notify =
+        match crate::instance::bind_notify(sh, spec, || dir.join(crate::instance::WARM_NOTIFY)) {
+            Ok(n) => n,
+            Err(e) => {
+                sh.ports.release(port);
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
     let mut binds = vec![Bind::same(&dir)];
     binds.extend(space.iter().flat_map(|s| s.binds(sh)));
     let ws = WarmSpec {
@@ -716,6 +728,7 @@ async fn prepare(
             dir,
             ids,
             space,
+            notify,
         }),
         Err(e) => {
             sh.ports.release(port);
