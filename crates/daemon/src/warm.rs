@@ -12,7 +12,7 @@
 //! next launch). A launch never waits for a slot: it takes a ready one or spawns cold.
 //!
 //! What a slot (`warm-<workload>-<daemon pid>-<n>`) is made with: its own directory `<state>/notify/warm-<n>/`
-//! (shown inside at the same path; the launch binds the notify socket there), a port
+//! (shown inside at the same path), with the instance's notify socket bound in it, a port
 //! from the daemon's range (the instance's `$PORT`), and for `user_namespace: auto` a
 //! host id range, held under the name of the slot's *set* (`warm-set:<kind>:<n>`). A
 //! launch of a tenant that holds no range yet takes a slot of a set nobody owns and

@@ -287,6 +287,18 @@ async fn a_pool_fills_to_its_size_and_a_new_key_launches_in_a_slot() {
     let r = Rig::new("warm: {size: 2}\n", 1 << 20);
     settle().await;
     assert_eq!((r.made(), r.ready()), (2, 2));
+    // Each slot's notify socket is bound when it is made, in its own folder.
+    let sockets: Vec<std::path::PathBuf> = {
+        let made = r.fake.made.lock().unwrap();
+        made.iter()
+            .map(|(w, _)| w.binds[0].source.join("notify.sock"))
+            .collect()
+    };
+    for s in &sockets {
+        use std::os::unix::fs::FileTypeExt;
+        let t = std::fs::symlink_metadata(s).map(|m| m.file_type());
+        assert!(t.is_ok_and(|t| t.is_socket()), "{}", s.display());
+    }
     let slot = r.launch("s1").await;
     let spawns = r.fake.spawns.lock().unwrap().clone();
     assert_eq!(spawns.len(), 1);
@@ -298,15 +310,11 @@ async fn a_pool_fills_to_its_size_and_a_new_key_launches_in_a_slot() {
         Some(first.slot.as_str()),
         "the oldest slot"
     );
-    // The slot fixed the port and the notify socket's folder; the id range is now the
-    // session's.
+    // The slot fixed the port and the notify socket; the id range is now the session's.
     let var = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     assert_eq!(var("PORT"), Some(first.port.to_string()));
     let notify = var("NOTIFY_SOCKET").unwrap();
-    assert!(
-        notify.starts_with(&*first.binds[0].source.to_string_lossy()),
-        "{notify}"
-    );
+    assert_eq!(notify, sockets[0].display().to_string());
     let held = slot
         .ids
         .lock()

@@ -261,8 +261,8 @@ fn child_error(instance: &str, program: &str, e: ChildError) -> SpawnError {
 }
 
 /// Gives the user namespace's root the sockets in the bound directories (the daemon
-/// puts the instance's notify socket in the slot's directory at the launch), as a cold
-/// spawn gives it a bound socket.
+/// binds the instance's notify socket in the slot's directory), at the hand-over, as a
+/// cold spawn gives it a bound socket.
 fn hand_sockets(binds: &[bulkhead_driver::Bind], ns: &UserNamespace) -> io::Result<()> {
     for b in binds.iter().filter(|b| b.source == b.target) {
         let Ok(rd) = std::fs::read_dir(&b.source) else {
