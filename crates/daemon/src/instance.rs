@@ -1342,7 +1342,7 @@ async fn spawn(
             .map_err(failed(FailureKind::Exhausted))?;
     }
     let listen = key_sockets(sh, slot, *port).map_err(failed(FailureKind::Setup))?;
-    let notify = bind_notify(sh, &spec, || {
+    let notify = bind_notify(sh, spec, || {
         sh.notify_dir().join(format!("{}.sock", sh.next_seq()))
     })
     .map_err(failed(FailureKind::Setup))?;
