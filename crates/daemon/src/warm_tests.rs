@@ -25,7 +25,12 @@ use crate::Shared;
 
 /// A spawn the fake made: the instance, the slot it came from (`None`: cold), its
 /// environment.
-type SpawnRecord = (String, Option<String>, Vec<(String, String)>);
+type SpawnRecord = (
+    String,
+    Option<String>,
+    Vec<(String, String)>,
+    Option<bulkhead_core::sandbox::UserNamespace>,
+);
 
 #[derive(Default)]
 struct Fake {
@@ -99,7 +104,7 @@ impl FakeDriver {
             .spawns
             .lock()
             .unwrap()
-            .push((spec.instance.to_string(), slot, spec.env));
+            .push((spec.instance.to_string(), slot, spec.env, spec.ids));
         let exit = Arc::new(watch::Sender::new(None));
         self.0.exits.lock().unwrap().push(exit.clone());
         Spawned {
@@ -302,7 +307,7 @@ async fn a_pool_fills_to_its_size_and_a_new_key_launches_in_a_slot() {
     let slot = r.launch("s1").await;
     let spawns = r.fake.spawns.lock().unwrap().clone();
     assert_eq!(spawns.len(), 1);
-    let (id, from, env) = &spawns[0];
+    let (id, from, env, _) = &spawns[0];
     assert_eq!(id, "session:s1:w");
     let first = r.fake.made.lock().unwrap()[0].0.clone();
     assert_eq!(
@@ -520,6 +525,95 @@ async fn a_tenants_other_workloads_launch_from_the_slots_of_its_set() {
         m.contains("bulkhead_warm_launches_total{workload=\"v\",result=\"hit\"} 1"),
         "{m}"
     );
+}
+
+/// Whatever the order of launches and ends across three pools (which learn to join sets
+/// as they go), every instance of a tenant runs in its tenant's range, two live tenants
+/// never share one, and once every instance has ended nothing but the pools' own slots
+/// holds a range.
+#[tokio::test(start_paused = true)]
+async fn tenants_never_share_a_range_whatever_the_order_of_launches() {
+    // Launches of a tenant's second workload that took a slot its set kept for it.
+    let mut second_from_sets = 0;
+    for seed in 1..=16u64 {
+        let r = Rig::new("warm: {size: 1}\n", 1 << 20);
+        r.another("v", "warm: {size: 2}\n");
+        r.another("u", "warm: {size: 1}\n");
+        settle().await;
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut rand = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        // Live instances: (session, spawn index).
+        let mut live: Vec<(String, usize)> = Vec::new();
+        let mut used = std::collections::HashSet::new();
+        let mut slots_taken = 0;
+        for _ in 0..40 {
+            if rand(4) < 3 || live.is_empty() {
+                let session = format!("s{}", rand(5));
+                let workload = ["w", "v", "u"][rand(3) as usize];
+                if !used.insert((session.clone(), workload)) {
+                    continue;
+                }
+                let n = r.fake.spawns.lock().unwrap().len();
+                r.launch_of(workload, &session).await;
+                let (from, slot_ids) = r.spawn(n);
+                let ids = r.fake.spawns.lock().unwrap()[n].3;
+                if from.is_some() {
+                    slots_taken += 1;
+                    assert_eq!(ids, slot_ids, "a slot's spawn runs in the slot's range");
+                    if live.iter().any(|(s, _)| *s == session) {
+                        second_from_sets += 1;
+                    }
+                }
+                live.push((session, n));
+            } else {
+                let (_, n) = live.remove(rand(live.len() as u64) as usize);
+                let exit = r.fake.exits.lock().unwrap()[n].clone();
+                exit.send_replace(Some(ExitStatus::Exited { code: 0 }));
+            }
+            // Sometimes the pools get time to refill, learn and retire.
+            tokio::time::sleep(Duration::from_millis(rand(4) * 400)).await;
+            let spawns = r.fake.spawns.lock().unwrap().clone();
+            let mut range_of: std::collections::HashMap<&str, _> = Default::default();
+            for (session, n) in &live {
+                let ids = spawns[*n].3.expect("a sandbox in a range");
+                let held = *range_of.entry(session.as_str()).or_insert(ids);
+                assert_eq!(
+                    held, ids,
+                    "seed {seed}: {session}'s instances share one range"
+                );
+            }
+            let mut ranges: Vec<u32> = range_of.values().map(|m| m.uid).collect();
+            ranges.sort_unstable();
+            ranges.dedup();
+            assert_eq!(
+                ranges.len(),
+                range_of.len(),
+                "seed {seed}: two tenants, one range"
+            );
+        }
+        assert!(slots_taken > 0, "seed {seed}: no launch took a slot");
+        for (_, n) in live.drain(..) {
+            let exit = r.fake.exits.lock().unwrap()[n].clone();
+            exit.send_replace(Some(ExitStatus::Exited { code: 0 }));
+        }
+        settle().await;
+        let ids = r.sh.ids.lock().unwrap();
+        for s in 0..5 {
+            let tenant = format!("session:s{s}");
+            assert_eq!(
+                ids.owner(&tenant),
+                None,
+                "seed {seed}: {tenant} still holds a range"
+            );
+        }
+    }
+    eprintln!("second workloads from their sets' slots: {second_from_sets}");
+    assert!(second_from_sets > 0, "the sets were never used");
 }
 
 /// Only pools of one kind of tenant share sets: a namespace's slot never shares a range
