@@ -124,8 +124,10 @@ pub enum EventKind {
     RestartRequested { reason: String },
     /// A restarted daemon took a running instance back under supervision.
     Adopted { pid: Option<u32> },
-    /// A restarted daemon found the instance's process gone without an exit status (it
-    /// died unseen, e.g. with its keeper); its restart policy applies.
+    /// The instance's processes died of nothing they did: a restarted daemon found them
+    /// gone without an exit status (they died unseen, e.g. with their keeper), or the
+    /// daemon saw them killed with their keeper when it died; `reason` says which. Its
+    /// restart policy applies.
     Lost { reason: String },
     /// The data plane found a node of `peer` (an instance id, or the node's name when it
     /// was not a workload's) dead on `channel` (a service name), and reclaimed its shared

@@ -155,6 +155,10 @@ pub enum Input {
     /// The driver saw the OOM killer act on the instance at its memory limit. Sent just
     /// before the `Exited` it explains: that exit is reported as `oom_killed`.
     OomKilled { limit_bytes: Option<u64> },
+    /// The driver saw the run's processes die with what held them (the keeper, which
+    /// died), not of anything they did: `reason` says so. Sent just before the `Exited`
+    /// it explains: that exit is reported as `lost`, and the restart policy applies.
+    Lost { reason: String },
     /// The driver saw the main process exit 0 by itself while `left` processes stayed in
     /// the instance's cgroup (they were killed): the program daemonized. Sent just before
     /// the `Exited` it explains: that run failed, with a message that says so.
@@ -303,6 +307,8 @@ pub struct Instance {
     jitter: Jitter,
     /// The OOM killer acted on the current run (the limit, if any): its exit is an OOM kill.
     oom: Option<Option<u64>>,
+    /// Why the current run's processes died with what held them ([`Input::Lost`]).
+    lost: Option<String>,
     /// The current run daemonized (how many processes it left behind).
     daemonized: Option<usize>,
 }
@@ -333,6 +339,7 @@ impl Instance {
             breaker: BreakerState::Closed,
             jitter,
             oom: None,
+            lost: None,
             daemonized: None,
         };
         (inst, vec![Effect::Emit(EventKind::Launched), Effect::Spawn])
@@ -524,6 +531,9 @@ impl Instance {
             (_, Input::OomKilled { limit_bytes }) => {
                 self.oom = Some(limit_bytes);
             }
+            (_, Input::Lost { reason }) => {
+                self.lost = Some(reason);
+            }
             // Only for an exit nobody asked for: a stop's leftovers are not a daemon.
             (Starting | Ready, Input::Daemonized { left }) if self.spawned => {
                 self.daemonized = Some(left);
@@ -531,6 +541,10 @@ impl Instance {
             (Starting, Input::Exited(status)) if self.spawned => {
                 self.last_exit = Some(status);
                 let (reason, kind) = match (self.oom, self.daemonized) {
+                    _ if self.lost.is_some() => (
+                        format!("{} during start-up", self.lost.as_deref().unwrap_or("")),
+                        FailureKind::Exited,
+                    ),
                     (Some(limit), _) => (
                         format!(
                             "killed by the OOM killer during start-up{}",
@@ -607,6 +621,9 @@ impl Instance {
                 fx.push(Effect::StopMonitors);
                 if let Some(limit) = self.oom {
                     self.failure = Some(format!("killed by the OOM killer{}", limit_phrase(limit)));
+                }
+                if let Some(reason) = &self.lost {
+                    self.failure = Some(reason.clone());
                 }
                 fx.push(Effect::Emit(self.exit_event(status)));
                 match self.daemonized {
@@ -738,12 +755,19 @@ impl Instance {
         self.stop_cause = None;
         self.pending_restart = None;
         self.oom = None;
+        self.lost = None;
         self.daemonized = None;
         fx.push(Effect::Spawn);
     }
 
-    /// The event for a run that ended by itself: `oom_killed` when the OOM killer did it.
+    /// The event for a run that ended by itself: `oom_killed` when the OOM killer did it,
+    /// `lost` when it died with what held it.
     fn exit_event(&self, status: ExitStatus) -> EventKind {
+        if let Some(reason) = &self.lost {
+            return EventKind::Lost {
+                reason: reason.clone(),
+            };
+        }
         match (self.oom, status) {
             (Some(limit_bytes), ExitStatus::Signaled { signal, .. }) => EventKind::OomKilled {
                 limit_bytes,
@@ -1376,6 +1400,7 @@ mod tests {
             Just(Input::RestartDue),
             Just(Input::CooldownOver),
             (1usize..5).prop_map(|left| Input::Daemonized { left }),
+            "[a-z]{1,5}".prop_map(|reason| Input::Lost { reason }),
             (1u32..100_000).prop_map(|pid| Input::MainPid { pid }),
             any::<bool>().prop_map(|triggered| Input::WatchdogMissed { triggered }),
             (proptest::option::of(0u64..10_000), any::<bool>()).prop_map(|(g, hold)| {
@@ -1697,6 +1722,78 @@ mod tests {
             "{:?}",
             i.failure()
         );
+    }
+
+    #[test]
+    fn a_run_lost_with_its_keeper_is_reported_as_lost_and_restarted() {
+        let killed = ExitStatus::Signaled {
+            signal: 9,
+            core_dumped: false,
+        };
+        let reason = "killed with the keeper, which died".to_owned();
+        // Ready: `lost` in place of `crashed`, the reason kept, the policy restarts.
+        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::Always));
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        i.handle(Input::ReadinessPassed, 1);
+        i.handle(
+            Input::Lost {
+                reason: reason.clone(),
+            },
+            2,
+        );
+        let fx = i.handle(Input::Exited(killed), 3);
+        assert!(
+            fx.contains(&Effect::Emit(EventKind::Lost {
+                reason: reason.clone()
+            })),
+            "{fx:?}"
+        );
+        assert!(!fx
+            .iter()
+            .any(|e| matches!(e, Effect::Emit(EventKind::Crashed { .. }))));
+        assert_eq!(i.state(), State::Restarting);
+        // The next run starts afresh: a plain SIGKILL is a crash again.
+        i.handle(Input::RestartDue, 10_000);
+        i.handle(Input::Spawned { pid: Some(8) }, 10_001);
+        i.handle(Input::ReadinessPassed, 10_002);
+        let fx = i.handle(Input::Exited(killed), 10_003);
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::Emit(EventKind::Crashed { .. }))),
+            "{fx:?}"
+        );
+        // During start-up: the launch fails with the reason.
+        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::Never));
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        i.handle(
+            Input::Lost {
+                reason: reason.clone(),
+            },
+            1,
+        );
+        let fx = i.handle(Input::Exited(killed), 2);
+        assert_eq!(
+            launch_failed_reason(&fx).as_deref(),
+            Some("killed with the keeper, which died during start-up")
+        );
+        assert_eq!(
+            i.failure(),
+            Some("killed with the keeper, which died during start-up")
+        );
+        // After ready, with no restart: failed (as a run found lost after a daemon
+        // restart is), the reason kept.
+        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::Never));
+        i.handle(Input::Spawned { pid: Some(7) }, 0);
+        i.handle(Input::ReadinessPassed, 1);
+        i.handle(
+            Input::Lost {
+                reason: reason.clone(),
+            },
+            2,
+        );
+        i.handle(Input::Exited(killed), 3);
+        assert_eq!(i.state(), State::Failed);
+        assert_eq!(i.failure(), Some(reason.as_str()));
     }
 
     fn launch_failed_reason(fx: &[Effect]) -> Option<String> {

@@ -1100,6 +1100,9 @@ impl Actor {
                 self.input(Input::OomKilled { limit_bytes })
             }
             Some(ExitCause::Daemonized { left }) => self.input(Input::Daemonized { left }),
+            Some(ExitCause::KeeperDied) => self.input(Input::Lost {
+                reason: format!("killed with the keeper, which died ({status})"),
+            }),
             None => {}
         }
         self.watchdog = None;

@@ -428,6 +428,9 @@ pub enum ExitCause {
     /// instance's cgroup: the program daemonized (double fork, `setsid`). They were
     /// killed with the instance.
     Daemonized { left: usize },
+    /// The keeper that held the instance's processes died, and they with it (its
+    /// parent-death signal): nothing the program did.
+    KeeperDied,
 }
 
 /// How `bulkhead exec` runs a command inside an instance that a driver walls off: enter

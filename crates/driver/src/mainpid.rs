@@ -52,6 +52,12 @@ pub(crate) trait Follow: Send + Sync + 'static {
     fn start(&self, pid: u32);
     /// Resolves with `pid`'s exit status.
     fn exited(&self, pid: u32, pidfd: Arc<OwnedFd>) -> ExitFuture;
+
+    /// Whether what held the instance's processes (the keeper) died: then their SIGKILL
+    /// was its parent-death signal, not anything they did.
+    fn holder_died(&self) -> bool {
+        false
+    }
 }
 
 /// The daemon itself is the reaper (the process driver without a keeper).

@@ -853,6 +853,11 @@ pub(crate) fn foreign_handle(
         };
         let status = sh.main_exit(first).await;
         tracing::debug!(pid = sh.main_pid(), %status, "main process exited (reaped by the keeper)");
+        // ORDER: the keeper client marks itself closed before it reports KEEPER_DIED for
+        // the instances it held, so a status that came from its death is seen with it.
+        if status == crate::keeper::client::KEEPER_DIED && sh.follow.holder_died() {
+            *sh.cause.lock().unwrap_or_else(PoisonError::into_inner) = Some(ExitCause::KeeperDied);
+        }
         sh.sweep(status).await;
         *sh.phase() = Phase::Done;
         tx.send_replace(Some(status));

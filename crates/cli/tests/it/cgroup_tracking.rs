@@ -254,8 +254,8 @@ fn a_setsid_descendant_dies_with_its_keeper() {
     unsafe {
         libc::kill(keeper as i32, libc::SIGKILL);
     }
-    d.wait_event("crashed", |e| {
-        e["instance"] == id.as_str() && e["kind"] == "crashed"
+    d.wait_event("lost", |e| {
+        e["instance"] == id.as_str() && e["kind"] == "lost"
     });
     assert_gone(&d, &m, &[main, daemon], &cg);
 }

@@ -106,8 +106,13 @@ fn instances_die_with_the_keeper() {
         libc::kill(keeper as i32, libc::SIGKILL);
     }
     assert!(wait_gone(pid), "parent-death signal: nothing runs unseen");
-    let e = d.wait_event("crash", |e| e["kind"] == "crashed");
-    assert_eq!(e["signal"], 9);
+    // Not a crash of its own: `lost`, saying why (test
+    // `an_instance_killed_with_its_keeper_is_reported_lost_not_crashed`).
+    let e = d.wait_event("lost", |e| e["kind"] == "lost");
+    assert_eq!(
+        e["reason"], "killed with the keeper, which died (signal SIGKILL)",
+        "{e}"
+    );
 }
 
 /// Regression: after `kill -9` of the keeper, every later process launch failed with
@@ -134,7 +139,7 @@ fn a_dead_keeper_is_replaced_at_once() {
         libc::kill(keeper as i32, libc::SIGKILL);
     }
     assert!(wait_gone(keeper) && wait_gone(old_pid));
-    d.wait_event("crash", |e| e["kind"] == "crashed");
+    d.wait_event("lost", |e| e["kind"] == "lost");
     wait_until("a new keeper, before any launch", || {
         d.keeper_pid().is_some_and(|p| p != keeper)
     });
@@ -527,6 +532,49 @@ fn a_keeper_killed_during_launches_leaves_no_instance_unaccounted_for() {
         "{ok} launches ready, {} failed naming the keeper",
         failed.len()
     );
+}
+
+/// An instance killed with a keeper that died says so: `lost`, "killed with the keeper,
+/// which died", not a bare SIGKILL crash. The control: a program killed by SIGKILL itself
+/// is still `crashed`.
+#[test]
+fn an_instance_killed_with_its_keeper_is_reported_lost_not_crashed() {
+    let d = Daemon::start(&[(
+        "s",
+        "name: s\ncommand: [/bin/sleep, \"1000\"]\nisolation: session\nrestart: {policy: never}\n",
+    )]);
+    let a = d.json(&["launch", "s", "--session", "a", "-o", "json"]);
+    let b = d.json(&["launch", "s", "--session", "b", "-o", "json"]);
+    let (a_id, b_id) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+    // SAFETY: kill(2) on a process this test's daemon started.
+    unsafe {
+        libc::kill(b["pid"].as_u64().unwrap() as i32, libc::SIGKILL);
+    }
+    d.wait_event("b crashed", |e| {
+        e["instance"] == b_id && e["kind"] == "crashed"
+    });
+    let keeper = d.keeper_pid().expect("a keeper runs");
+    // SAFETY: kill(2) on the keeper of this test's own state directory.
+    unsafe {
+        libc::kill(keeper as i32, libc::SIGKILL);
+    }
+    let lost = d.wait_event("a lost", |e| e["instance"] == a_id && e["kind"] == "lost");
+    assert!(
+        lost["reason"]
+            .as_str()
+            .unwrap()
+            .contains("killed with the keeper"),
+        "{lost}"
+    );
+    let crashed: Vec<_> = d
+        .events()
+        .into_iter()
+        .filter(|e| e["instance"] == a_id && e["kind"] == "crashed")
+        .collect();
+    assert!(crashed.is_empty(), "{crashed:?}");
+    let g = d.json(&["get", a_id, "-o", "json"]);
+    assert_eq!(g["state"], "failed", "{g}");
+    assert!(g["failure"].as_str().unwrap().contains("keeper"), "{g}");
 }
 
 /// While no daemon is connected the keeper stops reading an instance's output: the

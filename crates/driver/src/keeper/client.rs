@@ -478,6 +478,10 @@ struct KeeperFollow {
 }
 
 impl crate::mainpid::Follow for KeeperFollow {
+    fn holder_died(&self) -> bool {
+        self.client.upgrade().is_none_or(|c| c.is_closed())
+    }
+
     fn supported(&self) -> Result<(), crate::MainPidError> {
         let follows = self
             .client
