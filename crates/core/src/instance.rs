@@ -1731,17 +1731,23 @@ mod tests {
             core_dumped: false,
         };
         let reason = "killed with the keeper, which died".to_owned();
+        // A ready run lost with its keeper under `policy`: the instance, and the exit's
+        // effects.
+        let lost_when_ready = |policy| {
+            let (mut i, _) = Instance::launch(cfg(true, policy));
+            i.handle(Input::Spawned { pid: Some(7) }, 0);
+            i.handle(Input::ReadinessPassed, 1);
+            i.handle(
+                Input::Lost {
+                    reason: reason.clone(),
+                },
+                2,
+            );
+            let fx = i.handle(Input::Exited(killed), 3);
+            (i, fx)
+        };
         // Ready: `lost` in place of `crashed`, the reason kept, the policy restarts.
-        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::Always));
-        i.handle(Input::Spawned { pid: Some(7) }, 0);
-        i.handle(Input::ReadinessPassed, 1);
-        i.handle(
-            Input::Lost {
-                reason: reason.clone(),
-            },
-            2,
-        );
-        let fx = i.handle(Input::Exited(killed), 3);
+        let (mut i, fx) = lost_when_ready(RestartPolicy::Always);
         assert!(
             fx.contains(&Effect::Emit(EventKind::Lost {
                 reason: reason.clone()
@@ -1782,16 +1788,7 @@ mod tests {
         );
         // After ready, with no restart: failed (as a run found lost after a daemon
         // restart is), the reason kept.
-        let (mut i, _) = Instance::launch(cfg(true, RestartPolicy::Never));
-        i.handle(Input::Spawned { pid: Some(7) }, 0);
-        i.handle(Input::ReadinessPassed, 1);
-        i.handle(
-            Input::Lost {
-                reason: reason.clone(),
-            },
-            2,
-        );
-        i.handle(Input::Exited(killed), 3);
+        let (i, _) = lost_when_ready(RestartPolicy::Never);
         assert_eq!(i.state(), State::Failed);
         assert_eq!(i.failure(), Some(reason.as_str()));
     }
