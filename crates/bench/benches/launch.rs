@@ -5,7 +5,12 @@
 //!   `notify-child` mode + the same sd_notify handshake (a datagram socket bound before the
 //!   spawn, waiting for `READY=1`), no daemon.
 //! - **launch -> ready**: gRPC Launch(wait=ready) over the Unix socket of a real daemon
-//!   for a notify workload running the same binary, one new session per iteration.
+//!   for a notify workload running the same binary, one new session per iteration:
+//!   spawned by the daemon itself (`--no-keeper`), and through the keeper (the default),
+//!   which hands the launch to its spare slot; before each round the bench waits, outside
+//!   the clock and without sleeping, until the spare is made again, and checks that every
+//!   sample took it. `BH_SPARE=0` turns the spare off (the keeper line is then its cold
+//!   spawn).
 //! - **from a warm pool**: the same through the keeper, for the same workload with
 //!   `warm: {size: 1}`; before each sample the bench waits, outside the clock and without
 //!   sleeping, until the pool has its slot again, and checks that every sample took one. `BH_POOLED=0`
@@ -93,6 +98,10 @@ fn main() -> anyhow::Result<()> {
     kcfg.durable_events = durable;
     kcfg.event_sync = sync;
     kcfg.keeper = Some(exe.clone());
+    // BH_SPARE=0: the keeper keeps no spare slot (`--no-process-spare`), so the keeper
+    // line is its cold spawn.
+    let spare = std::env::var("BH_SPARE").map_or(true, |v| v != "0");
+    kcfg.process_spare = spare;
     let ksocket = kcfg.socket.clone();
     let kdaemon = daemon_rt.block_on(bulkhead_daemon::Daemon::start(kcfg))?;
 
@@ -113,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let hits_before = bulkhead_bench::warm_launches(&kdaemon, "pooled").0;
+        let spare_before = spare_taken(&kdaemon);
         // Warm up: the first launches pay for page faults in both processes.
         for i in 0..5 {
             launch_ready(&mut c, "notify", &format!("warm{i}")).await?;
@@ -123,7 +133,11 @@ fn main() -> anyhow::Result<()> {
         );
         let mut floor = Samples::new("floor: posix_spawn + sd_notify handshake, no daemon");
         let mut launch = Samples::new("API launch -> ready (notify workload)");
-        let mut klaunch = Samples::new("API launch -> ready, spawned through the keeper");
+        let mut klaunch = Samples::new(if spare {
+            "API launch -> ready through the keeper, the default (its spare slot)"
+        } else {
+            "API launch -> ready through the keeper, cold (`--no-process-spare`)"
+        });
         let mut plaunch = Samples::new(
             "API launch -> ready from a warm pool (`warm: {size: 1}`, the keeper's slot)",
         );
@@ -136,6 +150,11 @@ fn main() -> anyhow::Result<()> {
                 // round's other lines run, as a pool's slots are made ahead of launches,
                 // and no refill runs while a line is timed.
                 slot_ready_busy(&mut kc, "pooled").await?;
+            }
+            if spare {
+                // Likewise the keeper's spare (made again once no spawn of its daemon
+                // has run for 20 ms).
+                spare_ready_busy(&mut kc, &kdaemon).await?;
             }
             // Interleaved so that all see the same machine state. The floor is taken
             // after the cold launches, right before the pooled one: taken right after
@@ -158,6 +177,11 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let hits = bulkhead_bench::warm_launches(&kdaemon, "pooled").0 - hits_before;
+        let spared = spare_taken(&kdaemon) - spare_before;
+        anyhow::ensure!(
+            !spare || spared == klaunch.values.len() as u64,
+            "only {spared} of {iterations} launches through the keeper took its spare"
+        );
         anyhow::ensure!(
             hits == plaunch.values.len() as u64,
             "only {hits} of {iterations} pooled launches took a slot"
@@ -254,13 +278,17 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     report.push_str(&format!(
-        "\nThe keeper hop costs {} at p50 ({} vs the direct spawn).",
-        ms(klaunch.p50().saturating_sub(launch.p50())),
+        "\nThrough the keeper{}: {} of the direct spawn at p50.",
+        if spare {
+            ", from its spare (every launch took it)"
+        } else {
+            ", cold"
+        },
         ratio(klaunch.p50(), launch.p50()),
     ));
     if !plaunch.values.is_empty() {
         report.push_str(&format!(
-            " A launch from the keeper's warm slot is {} of a cold one through the keeper \
+            " A launch from the workload's warm slot is {} of the keeper line \
              (every one of {} took a slot).",
             ratio(plaunch.p50(), klaunch.p50()),
             plaunch.values.len()
@@ -268,8 +296,8 @@ fn main() -> anyhow::Result<()> {
     }
     report.push('\n');
     report.push_str(&format!(
-        "\nTargets: launch -> ready p50 <= 1.3x floor (measured {}), reuse p99 <= 0.2 ms (measured {} ms), kill -> event p99 <= 1 ms (measured {} ms). {iterations} iterations ({} for reuse).\n",
-        ratio(launch.p50(), floor.p50()),
+        "\nTargets: launch -> ready through the keeper (the default) p50 <= 1.3x floor (measured {}), reuse p99 <= 0.2 ms (measured {} ms), kill -> event p99 <= 1 ms (measured {} ms). {iterations} iterations ({} for reuse).\n",
+        ratio(klaunch.p50(), floor.p50()),
         ms(reuse.p99()),
         ms(kill.p99()),
         iterations * 5
@@ -298,6 +326,24 @@ async fn slot_ready_busy(
             "the warm pool of {workload} stays empty"
         );
     }
+}
+
+/// Launches that took the keeper's spare so far.
+fn spare_taken(d: &bulkhead_daemon::Daemon) -> u64 {
+    d.shared().process_spare().map_or(0, |s| s.taken)
+}
+
+/// Waits, as [`slot_ready_busy`] does, until the keeper's spare is made again.
+async fn spare_ready_busy(
+    c: &mut bulkhead_api::BulkheadClient<tonic::transport::Channel>,
+    d: &bulkhead_daemon::Daemon,
+) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(30);
+    while !d.shared().process_spare_ready() {
+        c.health(v1::HealthRequest {}).await?;
+        anyhow::ensure!(Instant::now() < until, "the keeper's spare is not made");
+    }
+    Ok(())
 }
 
 /// One floor sample: bind, posix_spawn, wait for READY=1. No daemon involved.

@@ -390,6 +390,12 @@ pub struct ServeArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
           value_name = "BOOL")]
     pub no_keeper: Option<bool>,
+    /// Keep no spare slot in the keeper: every launch of a process workload without
+    /// `warm:` then waits for the keeper's clone and its cgroup's creation (see the
+    /// README, "The spare").
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          value_name = "BOOL")]
+    pub no_process_spare: Option<bool>,
     /// When the state database is empty, damaged or from a newer bulkhead, move it aside
     /// (<state>/bulkhead.db.bad-<unix seconds>, with its -wal and -shm) and start a new
     /// one instead of refusing to start. Event ids go on after the newest one the old

@@ -190,6 +190,7 @@ async fn run(a: ServeArgs, mode: Mode, notify: Option<Arc<SelfNotify>>) -> anyho
     cfg.max_instances = a.max_instances;
     cfg.sandbox = !flag(a.no_sandbox);
     cfg.cgroup_favordynmods = flag(a.cgroup_favordynmods);
+    cfg.process_spare = !flag(a.no_process_spare);
     cfg.notify = notify;
     // The daemon process parents the instances: it reaps their orphans (and works as PID 1).
     cfg.reap_orphans = true;

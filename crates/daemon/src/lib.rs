@@ -1085,6 +1085,16 @@ impl Shared {
         }
     }
 
+    /// The keeper's spare slot (`None` without a keeper).
+    pub fn process_spare(&self) -> Option<bulkhead_driver::keeper::spare::SpareStats> {
+        self.keeper.as_ref().map(|k| k.spare_stats())
+    }
+
+    /// Whether the keeper's spare waits now (cheap).
+    pub fn process_spare_ready(&self) -> bool {
+        self.keeper.as_ref().is_some_and(|k| k.spare_ready())
+    }
+
     pub fn live_count(&self) -> usize {
         self.lock_registry()
             .values()

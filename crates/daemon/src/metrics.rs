@@ -31,10 +31,11 @@ use bulkhead_core::instance::State;
 use bulkhead_core::key::{InstanceId, Isolation};
 use bulkhead_core::restart::BreakerState;
 use bulkhead_core::signal::Signal;
+use bulkhead_driver::keeper::spare::SpareStats;
 use bulkhead_driver::Stats;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -589,14 +590,26 @@ impl Metrics {
                 }
             })
             .collect();
-        self.encode_with(&instances)
+        let spare = sh.keeper.as_ref().map(|k| k.spare_stats());
+        self.encode_parts(&instances, spare)
     }
 
     /// [`Metrics::encode`] with the registry's contents given.
     pub fn encode_with(&self, instances: &[InstanceSample]) -> Result<String, EncodeError> {
+        self.encode_parts(instances, None)
+    }
+
+    fn encode_parts(
+        &self,
+        instances: &[InstanceSample],
+        spare: Option<SpareStats>,
+    ) -> Result<String, EncodeError> {
         let mut out = String::with_capacity(8 * 1024);
         encode_registry(&mut out, &self.inner.registry)?;
         encode_registry(&mut out, &self.snapshot(instances))?;
+        if let Some(s) = spare.filter(|s| s.on) {
+            encode_registry(&mut out, &spare_registry(s))?;
+        }
         encode_registry(&mut out, &process_registry())?;
         encode_eof(&mut out)?;
         Ok(out)
@@ -737,6 +750,37 @@ impl Metrics {
         );
         reg
     }
+}
+
+/// The keeper's spare slot (`bulkhead_driver::keeper::spare`), read at the scrape.
+fn spare_registry(s: SpareStats) -> Registry {
+    let mut reg = Registry::with_prefix(PREFIX);
+    let ready = Gauge::<i64>::default();
+    ready.set(i64::from(s.ready));
+    reg.register(
+        "process_spare_ready",
+        "1 while the keeper's spare slot waits for the next process launch",
+        ready,
+    );
+    let memory = Gauge::<i64>::default();
+    memory.set(i64::try_from(s.memory).unwrap_or(i64::MAX));
+    reg.register_with_unit(
+        "process_spare_memory",
+        "Memory the waiting spare slot holds (its share of the pages it maps)",
+        Unit::Bytes,
+        memory,
+    );
+    reg.register(
+        "process_spare_launches",
+        "Process launches that took the spare slot",
+        ConstCounter::new(s.taken),
+    );
+    reg.register(
+        "process_spares_made",
+        "Spare slots made",
+        ConstCounter::new(s.made),
+    );
+    reg
 }
 
 /// The daemon's own process, under the names every Prometheus client library uses

@@ -83,6 +83,9 @@ pub struct Config {
     pub sandbox: bool,
     /// Remount the cgroup2 mount with `favordynmods` (system-wide; see the README).
     pub cgroup_favordynmods: bool,
+    /// With a keeper: keep a spare slot any process launch takes
+    /// (`bulkhead_driver::keeper::spare`).
+    pub process_spare: bool,
     /// The docker driver's image cache is evicted (LRU, never an image in use) down to
     /// this many images / bytes after each build; `None`: unbounded.
     pub image_cache_max_count: Option<usize>,
@@ -136,6 +139,7 @@ impl Config {
             metrics_insecure: false,
             sandbox: true,
             cgroup_favordynmods: false,
+            process_spare: true,
             image_cache_max_count: None,
             image_cache_max_bytes: None,
             swarm_host: None,
@@ -403,6 +407,11 @@ impl Daemon {
         // adopted one still listens on its own).
         shared.sync_activation();
         crate::warm::start(&shared);
+        if let (Some(k), true) = (&shared.keeper, cfg.process_spare) {
+            // After the recovery, whose sweep kills what runs in a cgroup no adopted
+            // instance owns.
+            k.keep_spare();
+        }
         // And the logs of instances nobody lists any more (finished under an earlier
         // daemon): bounded like this daemon's own finished instances.
         let swept = shared.sweep_stray_logs();
@@ -514,6 +523,10 @@ impl Daemon {
         }
         self.shared.terminate_all().await;
         self.shared.warm.shutdown().await;
+        if let Some(k) = &self.shared.keeper {
+            // Before the scopes go: the spare's cgroup with it.
+            k.drop_spare().await;
+        }
         // Every instance is gone: the drivers remove their (empty) cgroup scopes.
         let sh = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || {

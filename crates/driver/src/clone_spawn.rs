@@ -774,6 +774,25 @@ pub const HANDOVER_STRINGS: usize = 4096;
 /// strings (u32 each, native order).
 pub const HANDOVER_TAG: u32 = u32::from_be_bytes(*b"bkho");
 const HANDOVER_HEADER: usize = 12;
+/// The header of a spare slot's hand-over ([`spare_handover_message`]): the steps a
+/// pool's slot took when it was made come after the counts (see [`Wait::take_steps`]).
+pub const HANDOVER_TAG_STEPS: u32 = u32::from_be_bytes(*b"bkhs");
+/// Where the steps start, and their fixed part: flags (1: umask, 2: ids), umask, uid,
+/// gid, the number of groups, of limits, the working directory's length with its NUL,
+/// and two reserved words (u32 each, native order). Then the limits (resource, soft,
+/// hard: u64 each), the groups (u32 each), the working directory, each part starting at
+/// a multiple of 8.
+const STEPS_AT: usize = HANDOVER_HEADER;
+const STEPS_FIXED: usize = 36;
+const STEP_UMASK: u32 = 1;
+const STEP_IDS: u32 = 2;
+/// At most this many limits (Linux has 16) and groups (`NGROUPS_MAX`) in a hand-over.
+const STEPS_MAX_LIMITS: usize = 64;
+const STEPS_MAX_GROUPS: usize = 65536;
+
+fn align8(n: usize) -> usize {
+    n.next_multiple_of(8)
+}
 const MAX_SOCKETS: usize = bulkhead_core::sockets::MAX_SOCKETS;
 
 /// What a warm slot's child needs to take its program: the hand-over socket and the
@@ -794,7 +813,7 @@ impl Wait {
     /// # Safety
     /// Only in a slot's child (a copy of the address space, single-threaded): raw system
     /// calls on memory allocated before the clone, no allocation.
-    unsafe fn receive_and_exec(&mut self) -> i32 {
+    unsafe fn receive_and_exec(&mut self, death_parent: Option<rustix::process::Pid>) -> i32 {
         // SAFETY: recvmsg into our buffers; the cmsg walk stays within what the kernel
         // wrote (CMSG_* check the lengths); dup2/execve on descriptors and pointers into
         // `buf`, which holds NUL-ended strings (checked below).
@@ -854,16 +873,21 @@ impl Wait {
                 ]) as usize
             };
             let (tag, argc, envc) = (word(0), word(4), word(8));
+            let mut at = HANDOVER_HEADER;
+            if tag == HANDOVER_TAG_STEPS as usize {
+                match self.take_steps(n, death_parent) {
+                    Ok(next) => at = next,
+                    Err(e) => return e,
+                }
+            } else if tag != HANDOVER_TAG as usize {
+                return libc::EBADMSG;
+            }
             // The program, argc arguments, envc variables; two null ends.
-            if tag != HANDOVER_TAG as usize
-                || argc == 0
-                || 1 + argc + envc > HANDOVER_STRINGS
-                || 3 + argc + envc > self.ptrs.len()
+            if argc == 0 || 1 + argc + envc > HANDOVER_STRINGS || 3 + argc + envc > self.ptrs.len()
             {
                 return libc::EBADMSG;
             }
             // ptrs: [program, argv..., NULL, env..., NULL]
-            let mut at = HANDOVER_HEADER;
             let mut slot = 0;
             for i in 0..1 + argc + envc {
                 let start = at;
@@ -893,6 +917,94 @@ impl Wait {
             );
             *libc::__errno_location()
         }
+    }
+}
+
+impl Wait {
+    /// A spare slot's steps, from the `n` bytes read (see [`HANDOVER_TAG_STEPS`]), taken
+    /// in a cold spawn's order: umask, limits, groups, gid, uid, the working directory as
+    /// the new user, then the parent-death signal again (a uid switch clears it). Returns
+    /// where the strings start, or the errno of the failed step (`EBADMSG`: malformed).
+    ///
+    /// # Safety
+    /// As [`Wait::receive_and_exec`]: in a slot's child, no allocation.
+    unsafe fn take_steps(
+        &self,
+        n: usize,
+        death_parent: Option<rustix::process::Pid>,
+    ) -> Result<usize, i32> {
+        let buf = &self.buf[..n];
+        let word = |at: usize| u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+        let long = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[at..at + 8]);
+            u64::from_ne_bytes(b)
+        };
+        if n < STEPS_AT + STEPS_FIXED {
+            return Err(libc::EBADMSG);
+        }
+        let flags = word(STEPS_AT);
+        let (umask, uid, gid) = (word(STEPS_AT + 4), word(STEPS_AT + 8), word(STEPS_AT + 12));
+        let ngroups = word(STEPS_AT + 16) as usize;
+        let nlimits = word(STEPS_AT + 20) as usize;
+        let cwd_len = word(STEPS_AT + 24) as usize;
+        if nlimits > STEPS_MAX_LIMITS || ngroups > STEPS_MAX_GROUPS {
+            return Err(libc::EBADMSG);
+        }
+        let limits_at = align8(STEPS_AT + STEPS_FIXED);
+        let groups_at = limits_at + nlimits * 24;
+        let cwd_at = align8(groups_at + ngroups * 4);
+        let end = cwd_at + cwd_len;
+        if cwd_len == 0 || end > n || buf[end - 1] != 0 {
+            return Err(libc::EBADMSG);
+        }
+        let errno = || {
+            // SAFETY: this thread's errno.
+            unsafe { *libc::__errno_location() }
+        };
+        // SAFETY: system calls on plain values and on parts of `buf` checked above to lie
+        // within what was read (the groups at a multiple of 4 of an allocation aligned
+        // to 16; the directory ends in its NUL).
+        unsafe {
+            if flags & STEP_UMASK != 0 {
+                libc::umask(umask as libc::mode_t);
+            }
+            for i in 0..nlimits {
+                let at = limits_at + i * 24;
+                let lim = libc::rlimit {
+                    rlim_cur: long(at + 8),
+                    rlim_max: long(at + 16),
+                };
+                if libc::setrlimit(long(at) as libc::__rlimit_resource_t, &lim) != 0 {
+                    return Err(errno());
+                }
+            }
+            if flags & STEP_IDS != 0 {
+                // ORDER: groups and gid while still privileged, the uid last.
+                let groups = buf.as_ptr().add(groups_at).cast::<libc::gid_t>();
+                if libc::syscall(libc::SYS_setgroups, ngroups, groups) != 0
+                    || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                {
+                    return Err(errno());
+                }
+            }
+            // As the new user: a directory it may not enter fails the start.
+            if libc::chdir(buf.as_ptr().add(cwd_at).cast()) != 0 {
+                return Err(errno());
+            }
+            // ORDER: after the uid switch, which clears the parent-death signal.
+            if let Some(parent) = death_parent {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(errno());
+                }
+                // RACE: as in `child_main`: a parent gone since refuses to run unseen.
+                if libc::getppid() != parent.as_raw_nonzero().get() {
+                    return Err(libc::ESRCH);
+                }
+            }
+        }
+        Ok(align8(end))
     }
 }
 
@@ -1006,6 +1118,35 @@ pub fn handover_message(
     env: &[(String, String)],
     sockets: usize,
 ) -> io::Result<Vec<u8>> {
+    handover(program, argv, env, sockets, None)
+}
+
+/// A spare slot's hand-over: as [`handover_message`], with the steps a pool's slot took
+/// when it was made (`setup`: user, limits, umask and working directory; without, the
+/// working directory `cwd` alone). Only a slot of a keeper that said it takes them
+/// understands it.
+pub fn spare_handover_message(
+    program: &Path,
+    argv: &[String],
+    env: &[(String, String)],
+    sockets: usize,
+    setup: Option<&crate::setup::Prepared>,
+    cwd: &Path,
+) -> io::Result<Vec<u8>> {
+    let cwd = match setup {
+        Some(s) => s.cwd.clone(),
+        None => c_path(cwd)?,
+    };
+    handover(program, argv, env, sockets, Some((setup, cwd)))
+}
+
+fn handover(
+    program: &Path,
+    argv: &[String],
+    env: &[(String, String)],
+    sockets: usize,
+    steps: Option<(Option<&crate::setup::Prepared>, CString)>,
+) -> io::Result<Vec<u8>> {
     let strings = 1 + argv.len() + env.len();
     if argv.is_empty() || strings > HANDOVER_STRINGS || sockets > MAX_SOCKETS {
         return Err(io::Error::new(
@@ -1017,9 +1158,17 @@ pub fn handover_message(
         ));
     }
     let mut msg = Vec::with_capacity(4096);
-    msg.extend_from_slice(&HANDOVER_TAG.to_ne_bytes());
+    let tag = if steps.is_some() {
+        HANDOVER_TAG_STEPS
+    } else {
+        HANDOVER_TAG
+    };
+    msg.extend_from_slice(&tag.to_ne_bytes());
     msg.extend_from_slice(&(argv.len() as u32).to_ne_bytes());
     msg.extend_from_slice(&(env.len() as u32).to_ne_bytes());
+    if let Some((setup, cwd)) = steps {
+        put_steps(&mut msg, setup, &cwd)?;
+    }
     let nul =
         |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("a NUL byte in {what}"));
     for s in
@@ -1050,6 +1199,65 @@ pub fn handover_message(
         ));
     }
     Ok(msg)
+}
+
+/// The steps of a spare slot's hand-over (see [`HANDOVER_TAG_STEPS`]).
+fn put_steps(
+    msg: &mut Vec<u8>,
+    setup: Option<&crate::setup::Prepared>,
+    cwd: &CString,
+) -> io::Result<()> {
+    let (mut flags, mut umask) = (0u32, 0u32);
+    let (mut uid, mut gid, mut groups): (u32, u32, &[libc::gid_t]) = (0, 0, &[]);
+    let mut limits: &[(libc::__rlimit_resource_t, libc::rlimit)] = &[];
+    if let Some(s) = setup {
+        if let Some(m) = s.umask {
+            flags |= STEP_UMASK;
+            umask = m;
+        }
+        if let Some((u, g, gs)) = &s.ids {
+            flags |= STEP_IDS;
+            (uid, gid, groups) = (*u, *g, gs);
+        }
+        limits = &s.rlimits;
+    }
+    if limits.len() > STEPS_MAX_LIMITS || groups.len() > STEPS_MAX_GROUPS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} limits and {} groups, more than a hand-over takes",
+                limits.len(),
+                groups.len()
+            ),
+        ));
+    }
+    let cwd = cwd.as_bytes_with_nul();
+    for w in [
+        flags,
+        umask,
+        uid,
+        gid,
+        groups.len() as u32,
+        limits.len() as u32,
+        cwd.len() as u32,
+        0,
+        0,
+    ] {
+        msg.extend_from_slice(&w.to_ne_bytes());
+    }
+    msg.resize(align8(msg.len()), 0);
+    for (res, lim) in limits {
+        for v in [*res as u64, lim.rlim_cur, lim.rlim_max] {
+            msg.extend_from_slice(&v.to_ne_bytes());
+        }
+    }
+    for g in groups {
+        msg.extend_from_slice(&g.to_ne_bytes());
+    }
+    msg.resize(align8(msg.len()), 0);
+    msg.extend_from_slice(cwd);
+    msg.resize(align8(msg.len()), 0);
+    Ok(())
 }
 
 /// Sends a [`handover_message`] with `listen` attached, in one message (the socket has
@@ -1251,7 +1459,7 @@ unsafe fn child_main(c: &mut Ctx) -> ! {
                 fail(errno());
             }
             // Only returns on failure.
-            let e = w.receive_and_exec();
+            let e = w.receive_and_exec(c.death_parent);
             fail(e)
         }
         match &mut c.plan {
@@ -1461,6 +1669,87 @@ mod tests {
             out.contains("socket:"),
             "the socket is at 3: {out} (port {port})"
         );
+    }
+
+    /// A spare slot is made in `/` with no setup; its hand-over carries the steps a
+    /// pool's slot took when made.
+    fn spare_run(
+        setup: Option<&crate::setup::ChildSetup>,
+        cwd: &str,
+        script: &str,
+    ) -> (Option<i32>, String) {
+        let c = slot("/");
+        assert_eq!(said(&c.handover), Some(0));
+        let prepared = setup.map(|s| s.prepare(Path::new(cwd)).unwrap());
+        let argv: Vec<String> = ["sh", "-c", script].iter().map(|s| s.to_string()).collect();
+        let env = vec![("PATH".to_string(), "/usr/bin:/bin".to_string())];
+        let msg = spare_handover_message(
+            Path::new("/bin/sh"),
+            &argv,
+            &env,
+            0,
+            prepared.as_ref(),
+            Path::new(cwd),
+        )
+        .unwrap();
+        send_handover(c.handover.as_fd(), &msg, &[]).unwrap();
+        let word = said(&c.handover);
+        let mut out = String::new();
+        std::fs::File::from(c.stdout.try_clone().unwrap())
+            .read_to_string(&mut out)
+            .unwrap();
+        let _ = status(&c.pidfd);
+        (word, out)
+    }
+
+    #[test]
+    fn a_spare_slot_takes_the_working_directory_user_limits_and_umask_at_its_hand_over() {
+        // The working directory alone (a workload without `user:`, limits or umask).
+        let (word, out) = spare_run(None, "/tmp", "pwd");
+        assert_eq!(word, None, "exec'd");
+        assert_eq!(out, "/tmp\n");
+        let setup = crate::setup::ChildSetup {
+            credentials: None,
+            limits: vec![crate::setup::LimitSetting {
+                name: "nofile".into(),
+                soft: Some(123),
+                hard: Some(456),
+            }],
+            umask: Some(0o027),
+        };
+        let (word, out) = spare_run(Some(&setup), "/usr", "pwd; umask; ulimit -n; ulimit -Hn");
+        assert_eq!(word, None);
+        assert_eq!(out, "/usr\n0027\n123\n456\n");
+        // Another user, with its groups: only where this test may switch users.
+        if rustix::process::geteuid().is_root() {
+            let setup = crate::setup::ChildSetup {
+                credentials: Some(crate::setup::Credentials {
+                    uid: 65534,
+                    gid: 65534,
+                    groups: vec![65534, 4242],
+                }),
+                limits: vec![],
+                umask: None,
+            };
+            let (word, out) = spare_run(Some(&setup), "/", "id -u; id -g; id -G");
+            assert_eq!(word, None);
+            assert_eq!(out, "65534\n65534\n65534 4242\n");
+            // A directory the new user may not enter fails the start, as a cold spawn.
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::set_permissions(
+                dir.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o700),
+            )
+            .unwrap();
+            let (word, _) = spare_run(Some(&setup), dir.path().to_str().unwrap(), "true");
+            assert_eq!(word, Some(libc::EACCES));
+        } else {
+            eprintln!("skipped the user switch: not root");
+        }
+        // A working directory that does not exist: its errno, no program.
+        let (word, out) = spare_run(None, "/nonexistent/dir", "echo ran");
+        assert_eq!(word, Some(libc::ENOENT));
+        assert_eq!(out, "");
     }
 
     #[test]

@@ -361,10 +361,10 @@ pub fn limit_settings(spec: &WorkloadSpec) -> Result<Vec<LimitSetting>, String> 
 
 /// [`ChildSetup`] ready for a forked child: every buffer made.
 pub struct Prepared {
-    ids: Option<(u32, u32, Vec<libc::gid_t>)>,
-    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
-    umask: Option<libc::mode_t>,
-    cwd: CString,
+    pub(crate) ids: Option<(u32, u32, Vec<libc::gid_t>)>,
+    pub(crate) rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    pub(crate) umask: Option<libc::mode_t>,
+    pub(crate) cwd: CString,
 }
 
 impl ChildSetup {

@@ -119,7 +119,7 @@ impl KeeperClient {
     }
 
     /// Sends `req` with `fds` attached (SCM_RIGHTS).
-    async fn send_with(
+    pub(super) async fn send_with(
         &self,
         req: &Request,
         fds: &[std::os::fd::BorrowedFd<'_>],
@@ -576,6 +576,8 @@ pub struct KeeperDriver {
     /// Each instance's cgroup is made here (see [`crate::cgroup`]); unset: process-group
     /// tracking.
     tracker: std::sync::OnceLock<Arc<Tracker>>,
+    /// The spare slot any launch takes (`keeper/spare.rs`).
+    pub(super) spares: Arc<super::spare::Spares>,
 }
 
 impl KeeperDriver {
@@ -591,6 +593,7 @@ impl KeeperDriver {
             restarting: tokio::sync::Mutex::new(()),
             me: std::sync::OnceLock::new(),
             tracker: std::sync::OnceLock::new(),
+            spares: Arc::default(),
         }
     }
 
@@ -913,6 +916,7 @@ impl Driver for KeeperDriver {
         slot: Box<dyn crate::warm::Warm>,
         spec: SpawnSpec,
     ) -> Result<Spawned, SpawnError> {
+        let _spawning = self.spawning();
         match slot.into_any().downcast::<super::warm::Slot>() {
             Ok(slot) => self.take_slot(slot, spec).await,
             Err(_) => Err(SpawnError::invalid(
@@ -923,6 +927,10 @@ impl Driver for KeeperDriver {
     }
 
     async fn spawn(&self, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
+        let _spawning = self.spawning();
+        if let Some(res) = self.spawn_spare(&spec).await {
+            return res;
+        }
         // The cgroup is made here and handed to the keeper by path; it is removed on any
         // error, and by the handle's sweep once the instance is gone.
         let cgroup = match self.tracker() {

@@ -64,6 +64,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod client;
 pub mod server;
+pub mod spare;
 mod warm;
 
 /// The most descriptors one message carries: a spawn's listening sockets (`sockets:`).
@@ -131,6 +132,11 @@ pub enum Request {
         pid: u32,
         instance: String,
         record: String,
+        /// Names of the instance's listening sockets, attached in order: the keeper keeps
+        /// them for the instance as it keeps a spawned one's, so that they outlive a
+        /// daemon crash. (An older keeper ignores the field and drops the copies.)
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        listen: Vec<String>,
     },
 }
 
@@ -154,6 +160,12 @@ pub enum Reply {
         /// This keeper understands `Prewarm` and `Assign` (likewise).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         prewarms: bool,
+        /// In the answer to a `Prewarm`: the slot takes a spare's hand-over, whose steps
+        /// (user, limits, umask, working directory) come with the program
+        /// (`clone_spawn::spare_handover_message`). An older keeper's slot would refuse
+        /// it, so the daemon makes no spare of it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        takes_steps: bool,
     },
     SpawnFailed {
         req: u64,
@@ -383,6 +395,7 @@ mod tests {
                 setup_applied: false,
                 follows_main_pid: false,
                 prewarms: false,
+                takes_steps: false,
             }
         );
         let plain = Request::Spawn {

@@ -546,6 +546,7 @@ impl Keeper {
                             setup_applied: setup.is_some(),
                             follows_main_pid: true,
                             prewarms: true,
+                            takes_steps: false,
                         };
                         self.reply(&reply, &[pidfd.as_fd()]);
                         // The keeper's own pidfd goes: the pid stays pinned until this loop
@@ -671,11 +672,18 @@ impl Keeper {
                 pid,
                 instance,
                 record,
+                listen,
             } => {
                 if let Some(h) = self.held.get_mut(&pid).filter(|h| h.slot) {
                     h.instance = instance;
                     h.record = record;
                     h.slot = false;
+                    // The copies of the instance's sockets (the slot gets its own on its
+                    // socket), held as a spawned instance's are.
+                    if listen.len() == fds.len() {
+                        h.listen = listen.into_iter().zip(fds).collect();
+                        self.open_pipes += h.listen.len() as u64;
+                    }
                 }
             }
         }
@@ -734,6 +742,7 @@ impl Keeper {
                 setup_applied,
                 follows_main_pid: true,
                 prewarms: true,
+                takes_steps: true,
             },
             &[child.pidfd.as_fd(), child.handover.as_fd()],
         );

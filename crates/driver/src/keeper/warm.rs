@@ -45,17 +45,17 @@ use crate::{OutputTap, SetupStep, SpawnError, SpawnSpec, Spawned};
 /// A waiting slot: see the module docs.
 pub(super) struct Slot {
     warm: WarmSpec,
-    client: Arc<KeeperClient>,
-    pid: u32,
+    pub(super) client: Arc<KeeperClient>,
+    pub(super) pid: u32,
     /// `None` once the launch or a discard took it.
-    live: Option<Live>,
+    pub(super) live: Option<Live>,
 }
 
-struct Live {
-    pidfd: OwnedFd,
-    handover: AsyncFd<OwnedFd>,
-    tap: Arc<OutputTap>,
-    cgroup: Option<InstanceCgroup>,
+pub(super) struct Live {
+    pub(super) pidfd: OwnedFd,
+    pub(super) handover: AsyncFd<OwnedFd>,
+    pub(super) tap: Arc<OutputTap>,
+    pub(super) cgroup: Option<InstanceCgroup>,
 }
 
 impl Drop for Slot {
@@ -73,26 +73,11 @@ impl Drop for Slot {
 #[async_trait]
 impl Warm for Slot {
     fn memory(&self) -> u64 {
-        // Its share of the pages it maps (most are the keeper's, shared).
-        std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.pid))
-            .ok()
-            .and_then(|s| crate::cgroup::keyed(&s.replace(" kB", ""), "Pss:"))
-            .map_or(0, |kib| kib * 1024)
+        pss(self.pid)
     }
 
     fn alive(&self) -> bool {
-        let Some(l) = &self.live else {
-            return false;
-        };
-        // A pidfd is readable once its process has exited.
-        let mut fds = [rustix::event::PollFd::new(
-            &l.pidfd,
-            rustix::event::PollFlags::IN,
-        )];
-        matches!(
-            rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())),
-            Ok(0)
-        )
+        self.live.as_ref().is_some_and(Live::alive)
     }
 
     async fn discard(mut self: Box<Self>) {
@@ -106,9 +91,55 @@ impl Warm for Slot {
     }
 }
 
+/// A waiting slot's share of the pages it maps (bytes; most are the keeper's, shared).
+pub(super) fn pss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| crate::cgroup::keyed(&s.replace(" kB", ""), "Pss:"))
+        .map_or(0, |kib| kib * 1024)
+}
+
+impl Live {
+    /// Whether the slot's process still runs (a pidfd is readable once it has exited).
+    pub(super) fn alive(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(
+            &self.pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        matches!(
+            rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())),
+            Ok(0)
+        )
+    }
+}
+
+/// The first word of a new slot: its steps went through, or the errno of the one that
+/// failed (then it exits, and is ended here). Bounded: a slot stuck in its steps (a
+/// working directory on a hung file system) must not hold the one that makes slots.
+pub(super) async fn first_word(
+    client: &Arc<KeeperClient>,
+    pid: u32,
+    live: Live,
+    name: &str,
+) -> Result<Live, SpawnError> {
+    let first = tokio::time::timeout(FIRST_WORD, said(&live.handover)).await;
+    let reason = match first {
+        Ok(Ok(Some(0))) => return Ok(live),
+        Ok(Ok(Some(errno))) => io::Error::from_raw_os_error(errno).to_string(),
+        Ok(Ok(None)) => "it exited before it was ready".to_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!(
+            "its steps took more than {} s; killed",
+            FIRST_WORD.as_secs()
+        ),
+    };
+    end(client, pid, live).await;
+    Err(slot_error(name, reason))
+}
+
 /// Kills a slot (or an instance whose exec failed), waits for the keeper's report of its
 /// exit, and removes its cgroup.
-async fn end(client: &Arc<KeeperClient>, pid: u32, l: Live) {
+pub(super) async fn end(client: &Arc<KeeperClient>, pid: u32, l: Live) {
     let _ = crate::sys::pidfd_send_signal(&l.pidfd, bulkhead_core::signal::Signal::KILL);
     drop(l.handover);
     let mut exit = client.exit_watch(pid);
@@ -147,15 +178,17 @@ impl KeeperClient {
 const FIRST_WORD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the keeper answered a `Prewarm` with.
-struct Made {
-    client: Arc<KeeperClient>,
-    pid: u32,
-    pidfd: OwnedFd,
-    handover: AsyncFd<OwnedFd>,
-    tap: Arc<OutputTap>,
+pub(super) struct Made {
+    pub(super) client: Arc<KeeperClient>,
+    pub(super) pid: u32,
+    pub(super) pidfd: OwnedFd,
+    pub(super) handover: AsyncFd<OwnedFd>,
+    pub(super) tap: Arc<OutputTap>,
+    /// The slot takes a spare's hand-over (`Reply::Spawned::takes_steps`).
+    pub(super) takes_steps: bool,
 }
 
-fn slot_error(slot: &str, reason: impl std::fmt::Display) -> SpawnError {
+pub(super) fn slot_error(slot: &str, reason: impl std::fmt::Display) -> SpawnError {
     SpawnError::Keeper {
         reason: format!("cannot make warm slot {slot}: {reason}"),
     }
@@ -194,6 +227,7 @@ impl KeeperDriver {
             pidfd,
             handover,
             tap,
+            ..
         } = match made {
             Ok(m) => m,
             Err(e) => {
@@ -209,33 +243,17 @@ impl KeeperDriver {
             tap,
             cgroup,
         };
-        // The child's first word: its steps went through (0), or the errno of the one
-        // that failed (then it exits). Bounded: a slot stuck in its steps (a working
-        // directory on a hung file system) must not hold the pools' one maker.
-        let first = tokio::time::timeout(FIRST_WORD, said(&live.handover)).await;
-        let reason = match first {
-            Ok(Ok(Some(0))) => {
-                return Ok(Slot {
-                    warm,
-                    client,
-                    pid,
-                    live: Some(live),
-                })
-            }
-            Ok(Ok(Some(errno))) => io::Error::from_raw_os_error(errno).to_string(),
-            Ok(Ok(None)) => "it exited before it was ready".to_owned(),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!(
-                "its steps took more than {} s; killed",
-                FIRST_WORD.as_secs()
-            ),
-        };
-        end(&client, pid, live).await;
-        Err(slot_error(&name, reason))
+        let live = first_word(&client, pid, live, &name).await?;
+        Ok(Slot {
+            warm,
+            client,
+            pid,
+            live: Some(live),
+        })
     }
 
     /// Asks the first keeper that is not full for a slot; the next one when it is.
-    async fn prewarm_at(
+    pub(super) async fn prewarm_at(
         &self,
         name: &str,
         cwd: std::path::PathBuf,
@@ -276,7 +294,13 @@ impl KeeperDriver {
                 return Err(slot_error(name, format!("cannot reach the keeper: {e}")));
             }
             match rx.await {
-                Ok((Reply::Spawned { pid, .. }, fds, Some(tap))) => {
+                Ok((
+                    Reply::Spawned {
+                        pid, takes_steps, ..
+                    },
+                    fds,
+                    Some(tap),
+                )) => {
                     let mut fds = fds.into_iter();
                     let (Some(pidfd), Some(handover)) = (fds.next(), fds.next()) else {
                         return Err(slot_error(name, "the keeper sent no pidfd or socket"));
@@ -297,6 +321,7 @@ impl KeeperDriver {
                         pidfd,
                         handover,
                         tap,
+                        takes_steps,
                     });
                 }
                 Ok((Reply::SpawnFailed { full: true, .. }, _, _)) => {
@@ -328,8 +353,8 @@ impl KeeperDriver {
             return Err(SpawnError::invalid(&id, "the warm slot is gone"));
         };
         let (client, pid) = (Arc::clone(&slot.client), slot.pid);
-        let refuse =
-            |why: String| SpawnError::invalid(&id, format!("warm slot {}: {why}", slot.warm.slot));
+        let name = slot.warm.slot.clone();
+        let refuse = |why: String| SpawnError::invalid(&id, format!("warm slot {name}: {why}"));
         let fits = if *spec.spec != *slot.warm.spec {
             Err(refuse("made for another manifest".into()))
         } else if spec.cwd != slot.warm.cwd {
@@ -346,33 +371,13 @@ impl KeeperDriver {
             return Err(e);
         }
         let cwd = bulkhead_core::execution::working_dir(&spec.spec, &spec.cwd);
-        let program_name = spec.argv.first().cloned().unwrap_or_default();
-        let program = match crate::process::resolve_program(&program_name, &spec.env, &cwd) {
+        let (program, env) = match program_and_env(&spec, pid, &cwd) {
             Ok(p) => p,
-            Err(source) => {
+            Err(e) => {
                 end(&client, pid, live).await;
-                return Err(SpawnError::Exec {
-                    program: program_name,
-                    source,
-                });
+                return Err(e);
             }
         };
-        // The instance's environment as a cold spawn's child makes it: `LISTEN_*` for
-        // its sockets, with its pid (the slot's: the exec keeps it).
-        let mut env: Vec<(String, String)> = spec
-            .env
-            .iter()
-            .filter(|(k, _)| spec.listen.is_empty() || !k.starts_with("LISTEN_"))
-            .cloned()
-            .collect();
-        env.extend(crate::listen::env(&spec.listen).into_iter().map(|(k, v)| {
-            let v = if v == crate::listen::PID_PLACEHOLDER {
-                pid.to_string()
-            } else {
-                v
-            };
-            (k, v)
-        }));
         // Refused before the keeper hears of it: the slot goes, the launch spawns cold.
         let msg = match crate::clone_spawn::handover_message(
             &program,
@@ -383,12 +388,26 @@ impl KeeperDriver {
             Ok(m) => m,
             Err(e) => {
                 end(&client, pid, live).await;
-                return Err(SpawnError::invalid(
-                    &id,
-                    format!("warm slot {}: {e}", slot.warm.slot),
-                ));
+                return Err(refuse(e.to_string()));
             }
         };
+        self.assign_and_exec(&name, client, pid, live, &spec, msg)
+            .await
+    }
+
+    /// Tells the keeper slot `pid` is now `spec`'s instance (with the record a cold spawn
+    /// carries), writes the hand-over `msg` (with the instance's listening sockets) on the
+    /// slot's socket, and waits for its exec: the instance's handle, or the slot ended.
+    pub(super) async fn assign_and_exec(
+        &self,
+        name: &str,
+        client: Arc<KeeperClient>,
+        pid: u32,
+        live: Live,
+        spec: &SpawnSpec,
+        msg: Vec<u8>,
+    ) -> Result<Spawned, SpawnError> {
+        let id = &spec.instance;
         let record = Record {
             spec: (*spec.spec).clone(),
             env: spec.env.clone(),
@@ -411,14 +430,15 @@ impl KeeperDriver {
             pid,
             instance: id.to_string(),
             record,
+            listen: spec.listen.iter().map(|l| l.name.clone()).collect(),
         };
-        if let Err(e) = client.send(&assign).await {
+        let fds: Vec<_> = spec.listen.iter().map(|l| l.fd.as_fd()).collect();
+        if let Err(e) = client.send_with(&assign, &fds).await {
             end(&client, pid, live).await;
             return Err(SpawnError::Keeper {
                 reason: format!("cannot reach the keeper: {e}"),
             });
         }
-        let fds: Vec<_> = spec.listen.iter().map(|l| l.fd.as_fd()).collect();
         let written = loop {
             let mut guard = match live.handover.writable().await {
                 Ok(g) => g,
@@ -441,15 +461,15 @@ impl KeeperDriver {
             Ok(Some(errno)) => {
                 end(&client, pid, live).await;
                 return Err(SpawnError::Exec {
-                    program: program_name,
+                    program: spec.argv.first().cloned().unwrap_or_default(),
                     source: io::Error::from_raw_os_error(errno),
                 });
             }
             Err(e) => {
                 end(&client, pid, live).await;
                 return Err(SpawnError::invalid(
-                    &id,
-                    format!("warm slot {}: the hand-over failed: {e}", slot.warm.slot),
+                    id,
+                    format!("warm slot {name}: the hand-over failed: {e}"),
                 ));
             }
         }
@@ -470,8 +490,41 @@ impl KeeperDriver {
     }
 }
 
+/// What a slot is handed besides its steps: the program, resolved as a cold spawn
+/// resolves it, and the environment as a cold spawn's child makes it (`LISTEN_*` for its
+/// sockets, with its pid: the slot's, which the exec keeps).
+pub(super) fn program_and_env(
+    spec: &SpawnSpec,
+    pid: u32,
+    cwd: &std::path::Path,
+) -> Result<(std::path::PathBuf, Vec<(String, String)>), SpawnError> {
+    let program_name = spec.argv.first().cloned().unwrap_or_default();
+    let program =
+        crate::process::resolve_program(&program_name, &spec.env, cwd).map_err(|source| {
+            SpawnError::Exec {
+                program: program_name,
+                source,
+            }
+        })?;
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .filter(|(k, _)| spec.listen.is_empty() || !k.starts_with("LISTEN_"))
+        .cloned()
+        .collect();
+    env.extend(crate::listen::env(&spec.listen).into_iter().map(|(k, v)| {
+        let v = if v == crate::listen::PID_PLACEHOLDER {
+            pid.to_string()
+        } else {
+            v
+        };
+        (k, v)
+    }));
+    Ok((program, env))
+}
+
 /// One word from a slot: `Some(errno)` (0: ready), or `None` at the socket's end.
-async fn said(sock: &AsyncFd<OwnedFd>) -> io::Result<Option<i32>> {
+pub(super) async fn said(sock: &AsyncFd<OwnedFd>) -> io::Result<Option<i32>> {
     loop {
         let mut guard = sock.readable().await?;
         let got = guard.try_io(|fd| {
