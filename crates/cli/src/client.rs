@@ -445,6 +445,11 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             "state_dir": h.state_dir,
             "workloads_dir": h.workloads_dir,
             "process_tracking": h.process_tracking,
+            "process_spare": h.process_spare.as_ref().map(|s| serde_json::json!({
+                "ready": s.ready,
+                "launches": s.launches,
+                "made": s.made,
+            })),
             "warm": h.warm.iter().map(|w| serde_json::json!({
                 "workload": w.workload,
                 "ready": w.ready,
@@ -485,6 +490,13 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
                 outln!(
                     "process instances tracked by: {}",
                     escape(&h.process_tracking)
+                );
+            }
+            if let Some(s) = &h.process_spare {
+                outln!(
+                    "process spare: {} ({} launches took one)",
+                    if s.ready { "ready" } else { "being made" },
+                    s.launches
                 );
             }
             for w in &h.warm {

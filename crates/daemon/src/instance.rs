@@ -1345,10 +1345,13 @@ async fn spawn(
             .map_err(failed(FailureKind::Exhausted))?;
     }
     let listen = key_sockets(sh, slot, *port).map_err(failed(FailureKind::Setup))?;
-    let notify = bind_notify(sh, spec, || {
-        sh.notify_dir().join(format!("{}.sock", sh.next_seq()))
-    })
-    .map_err(failed(FailureKind::Setup))?;
+    let notify = match sh.take_spare_notify(spec) {
+        Some(n) => Some(n),
+        None => bind_notify(sh, spec, || {
+            sh.notify_dir().join(format!("{}.sock", sh.next_seq()))
+        })
+        .map_err(failed(FailureKind::Setup))?,
+    };
     // Read at each start: an edit applies on the next one (systemd's EnvironmentFile=).
     let from_files = read_env_files(slot).map_err(failed(FailureKind::Setup))?;
     let file_keys: Vec<String> = from_files.iter().map(|(k, _)| k.clone()).collect();
@@ -1517,6 +1520,13 @@ async fn prepare_warm(
 
 /// The name of a warm slot's notify socket in its directory.
 pub(crate) const WARM_NOTIFY: &str = "notify.sock";
+
+/// Whether an instance of `spec` gets a notify socket that is a file (see
+/// [`bind_notify`]): then a socket bound ahead serves it.
+pub(crate) fn notify_file(spec: &WorkloadSpec) -> bool {
+    matches!(&spec.readiness, Some(r) if r.notify)
+        && !(spec.driver == DriverKind::Process && spec.user.is_some())
+}
 
 /// The notify socket of an instance of `spec` (`readiness: {notify: true}`; `None`
 /// otherwise), bound at `path()`; a process instance running as another user cannot

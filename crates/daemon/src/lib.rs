@@ -144,6 +144,8 @@ pub struct Shared {
     shutting_down: AtomicBool,
     /// The keeper the process driver spawns through, when there is one.
     pub(crate) keeper: Option<Arc<bulkhead_driver::keeper::client::KeeperDriver>>,
+    /// A notify socket bound ahead for the next cold launch (`warm::spare_notify`).
+    pub(crate) notify_spare: Mutex<Option<crate::readiness::NotifySocket>>,
     /// The instance table (with durable events).
     pub(crate) instances: Option<instances::InstanceTable>,
     /// Prometheus metrics; launches are counted in [`Shared::launch`].
@@ -297,6 +299,7 @@ impl Shared {
         let ports = ports::Ports::new(cfg.port_range);
         Shared {
             docker,
+            notify_spare: Mutex::new(None),
             state_copied_from: daemon_id.copied_from,
             cfg,
             catalog: RwLock::new(Arc::new(catalog::Catalog::default())),
@@ -1088,6 +1091,21 @@ impl Shared {
     /// The keeper's spare slot (`None` without a keeper).
     pub fn process_spare(&self) -> Option<bulkhead_driver::keeper::spare::SpareStats> {
         self.keeper.as_ref().map(|k| k.spare_stats())
+    }
+
+    /// The notify socket bound ahead (`warm::spare_notify`), for a launch of `spec` that
+    /// needs a file one.
+    pub(crate) fn take_spare_notify(
+        &self,
+        spec: &bulkhead_core::spec::WorkloadSpec,
+    ) -> Option<crate::readiness::NotifySocket> {
+        if !instance::notify_file(spec) {
+            return None;
+        }
+        self.notify_spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Whether the keeper's spare waits now (cheap).

@@ -527,6 +527,14 @@ impl Daemon {
             // Before the scopes go: the spare's cgroup with it.
             k.drop_spare().await;
         }
+        // Its file goes with it.
+        drop(
+            self.shared
+                .notify_spare
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         // Every instance is gone: the drivers remove their (empty) cgroup scopes.
         let sh = self.shared.clone();
         let _ = tokio::task::spawn_blocking(move || {

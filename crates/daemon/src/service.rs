@@ -547,6 +547,15 @@ impl bulkhead_api::Bulkhead for Service {
             state_dir: self.sh.cfg.state_dir.display().to_string(),
             workloads_dir: self.sh.cfg.workloads_dir.display().to_string(),
             process_tracking: self.sh.process_tracking.clone(),
+            process_spare: self
+                .sh
+                .process_spare()
+                .filter(|s| s.on)
+                .map(|s| v1::ProcessSpare {
+                    ready: s.ready,
+                    launches: s.taken,
+                    made: s.made,
+                }),
             warm: self
                 .sh
                 .warm

@@ -298,7 +298,7 @@ async fn manage(weak: Weak<Shared>) {
         }
         sync(&sh);
         let now = Instant::now();
-        let (expired, make) = {
+        let (expired, make, busy) = {
             let mut map = pools.lock();
             // A pool unused for `max_idle` goes dormant: its slots go, and it is
             // refilled on its next launch.
@@ -378,13 +378,16 @@ async fn manage(weak: Weak<Shared>) {
                 Some((w, p.spec.clone(), p.dir.clone(), hold))
             });
             drop(ids);
-            (gone, make)
+            (gone, make, busy)
         };
         for r in expired {
             tracing::debug!("warm slot {} unused for its max_idle: removed", r.name);
             discard_later(&sh, r);
         }
         update_gauges(&sh);
+        if !busy {
+            spare_notify(&sh);
+        }
         if let Some((workload, spec, dir, hold)) = make {
             make_slot(&sh, &workload, spec, dir, hold).await;
             update_gauges(&sh);
@@ -399,6 +402,22 @@ async fn manage(weak: Weak<Shared>) {
             _ = wake => {}
             _ = tokio::time::sleep(next_look) => {}
         }
+    }
+}
+
+/// Binds the notify socket the next cold launch takes (`Shared::take_spare_notify`),
+/// while no launch is on its way: a bind in the state directory cost 0.1-0.25 ms of a
+/// launch on the 2-core VM (docs/benchmarks.md). One at a time; the file is removed
+/// when the socket drops (a launch's end, or the daemon's shutdown).
+fn spare_notify(sh: &Shared) {
+    let mut spare = sh.notify_spare.lock().unwrap_or_else(|e| e.into_inner());
+    if spare.is_some() {
+        return;
+    }
+    let path = sh.notify_dir().join(format!("{}.sock", sh.next_seq()));
+    match crate::readiness::NotifySocket::bind(&path) {
+        Ok(n) => *spare = Some(n),
+        Err(e) => tracing::debug!("cannot bind a spare notify socket {}: {e}", path.display()),
     }
 }
 

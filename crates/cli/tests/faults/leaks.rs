@@ -94,7 +94,17 @@ fn launch_terminate_cycles_leak_nothing() {
                     .collect()
             })
             .unwrap_or_default();
+        // But the keeper's spare slot's, which waits for the next launch (at most one).
+        let (spares, left): (Vec<_>, Vec<_>) =
+            left.into_iter().partition(|p: &std::path::PathBuf| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("spare-"))
+            });
         assert!(left.is_empty(), "instance cgroups left: {left:?}");
+        assert!(
+            spares.len() <= 1,
+            "more than one spare's cgroup: {spares:?}"
+        );
     }
     // Every key was new: finished instances are remembered only up to a bound, and so
     // are their logs (a forgotten instance's log goes with it).

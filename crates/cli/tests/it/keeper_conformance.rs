@@ -30,11 +30,62 @@ impl Drop for Keeper {
 }
 
 async fn keeper() -> Keeper {
-    keeper_made(false).await
+    keeper_made(Through::Cold).await
 }
 
-/// With `warm`, every spawn goes through a warm slot (`prewarm`, then `spawn_warm`).
-async fn keeper_made(warm: bool) -> Keeper {
+/// How the suite's spawns start.
+#[derive(Clone, Copy, PartialEq)]
+enum Through {
+    /// The keeper clones each one.
+    Cold,
+    /// A warm slot made for it (`prewarm`, then `spawn_warm`).
+    Warm,
+    /// The keeper's spare, made before each spawn (`make_spare_now`).
+    Spare,
+}
+
+/// The process driver with every spawn taking the keeper's spare: a spawn that starts
+/// the program must have taken it.
+struct SpareFirst(Arc<KeeperDriver>);
+
+#[async_trait::async_trait]
+impl bulkhead_driver::Driver for SpareFirst {
+    fn kind(&self) -> bulkhead_core::spec::DriverKind {
+        self.0.kind()
+    }
+
+    async fn spawn(
+        &self,
+        spec: bulkhead_driver::SpawnSpec,
+    ) -> Result<bulkhead_driver::Spawned, bulkhead_driver::SpawnError> {
+        assert!(self.0.make_spare_now().await?, "the keeper made no spare");
+        let before = self.0.spare_stats().taken;
+        let res = self.0.spawn(spec).await;
+        if res.is_ok() {
+            assert_eq!(
+                self.0.spare_stats().taken,
+                before + 1,
+                "the spawn did not take the spare"
+            );
+        }
+        res
+    }
+
+    fn tracks_every_descendant(&self) -> bool {
+        self.0.tracks_every_descendant()
+    }
+
+    fn runs_host_programs(&self) -> bool {
+        self.0.runs_host_programs()
+    }
+
+    fn shutdown(&self) {
+        self.0.shutdown()
+    }
+}
+
+/// With `through`, every spawn goes that way.
+async fn keeper_made(through: Through) -> Keeper {
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(BIN)
         .args(["keeper", "--state"])
@@ -67,10 +118,10 @@ async fn keeper_made(warm: bool) -> Keeper {
         child,
         _dir: dir,
         client,
-        driver: if warm {
-            Box::new(bulkhead_driver::conformance::WarmFirst(driver))
-        } else {
-            Box::new(driver)
+        driver: match through {
+            Through::Cold => Box::new(driver),
+            Through::Warm => Box::new(bulkhead_driver::conformance::WarmFirst(driver)),
+            Through::Spare => Box::new(SpareFirst(Arc::new(driver))),
         },
     }
 }
@@ -81,7 +132,18 @@ bulkhead_driver::conformance_tests!(keeper);
 /// behaves as a cold one.
 mod warm {
     async fn keeper() -> super::Keeper {
-        super::keeper_made(true).await
+        super::keeper_made(super::Through::Warm).await
+    }
+
+    bulkhead_driver::conformance_tests!(keeper);
+}
+
+/// The whole suite on instances spawned from the keeper's spare (the default path of a
+/// process launch without `warm:`): such an instance behaves as a cold one, its user,
+/// limits, umask and working directory taken at the hand-over.
+mod spare {
+    async fn keeper() -> super::Keeper {
+        super::keeper_made(super::Through::Spare).await
     }
 
     bulkhead_driver::conformance_tests!(keeper);
@@ -94,7 +156,7 @@ mod warm {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_exec_in_a_warm_slot_is_an_exec_error_and_the_keeper_keeps_nothing() {
     use bulkhead_driver::conformance::Fixture;
-    let k = keeper_made(true).await;
+    let k = keeper_made(Through::Warm).await;
     let fx = Fixture::temp();
     let prog = fx.path("empty");
     std::fs::write(&prog, b"").unwrap();
@@ -144,7 +206,7 @@ async fn a_failed_exec_in_a_warm_slot_is_an_exec_error_and_the_keeper_keeps_noth
 /// untaken slot, output and all. Twenty times over, to meet the race if it is there.
 #[tokio::test(flavor = "multi_thread")]
 async fn output_of_programs_that_exit_at_once_from_warm_slots_is_kept() {
-    let k = keeper_made(true).await;
+    let k = keeper_made(Through::Warm).await;
     let fx = bulkhead_driver::conformance::Fixture::temp();
     for _ in 0..20 {
         bulkhead_driver::conformance::stdout_is_captured(k.driver.as_ref(), &fx).await;

@@ -28,6 +28,7 @@ mod sandbox;
 mod service;
 mod socket_trust;
 mod sockets;
+mod spare;
 mod state_copy;
 mod supervision;
 mod surface;

@@ -765,3 +765,35 @@ fn the_documented_alert_rules_pass_promtool() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 5 rules found"));
 }
+
+/// The keeper's spare slot: ready, its memory, the launches that took it and the spares
+/// made (README, "The spare").
+#[test]
+fn the_process_spare_is_in_the_metrics() {
+    let addr = free_addr();
+    let d = Daemon::start_with_args(
+        &[(
+            "web",
+            "name: web\nisolation: session\ncommand: [/bin/sh, -c, 'exec sleep 1000']\n",
+        )],
+        &["--metrics", &addr.to_string()],
+    );
+    let (_, m) = scrape_until(&d, addr, "a spare", |m| {
+        value(m, "bulkhead_process_spare_ready", &[]) == Some(1.0)
+    });
+    assert!(value(&m, "bulkhead_process_spare_memory_bytes", &[]).unwrap() > 0.0);
+    assert_eq!(
+        value(&m, "bulkhead_process_spare_launches_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&m, "bulkhead_process_spares_made_total", &[]),
+        Some(1.0)
+    );
+    d.json(&["launch", "web", "--session", "a", "-o", "json"]);
+    scrape_until(&d, addr, "the launch from the spare and a new spare", |m| {
+        value(m, "bulkhead_process_spare_launches_total", &[]) == Some(1.0)
+            && value(m, "bulkhead_process_spares_made_total", &[]) == Some(2.0)
+            && value(m, "bulkhead_process_spare_ready", &[]) == Some(1.0)
+    });
+}

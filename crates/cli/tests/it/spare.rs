@@ -1,0 +1,212 @@
+//! The keeper's spare slot: the default path of a process launch (no `warm:`) takes it,
+//! and the instance is a cold one (`bulkhead_driver::keeper::spare`).
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::Daemon;
+
+/// Waits until `health` says the spare waits; returns how many launches took one.
+fn spare_ready(d: &Daemon) -> u64 {
+    let start = Instant::now();
+    loop {
+        let h = d.json(&["health", "-o", "json"]);
+        if h["process_spare"]["ready"] == true {
+            return h["process_spare"]["launches"].as_u64().unwrap();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no spare: {h}\n{}",
+            d.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spare_launches(d: &Daemon) -> Option<u64> {
+    d.json(&["health", "-o", "json"])["process_spare"]["launches"].as_u64()
+}
+
+/// What the program says of itself, and where the daemon put it.
+fn launched(d: &Daemon, session: &str) -> (String, Value) {
+    let v = d.json(&["launch", "who", "--session", session, "-o", "json"]);
+    let id = format!("session:{session}:who");
+    let start = Instant::now();
+    let line = loop {
+        let text = d.logs_text(&id);
+        if let Some(l) = text.lines().find(|l| l.starts_with("who:")) {
+            break l.to_owned();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (line, v)
+}
+
+/// The same workload launched from the spare and, in a daemon with
+/// `--no-process-spare`, cold: the program sees the same user, groups, limits, umask,
+/// working directory, environment and process group, under the keeper, in a cgroup
+/// of its own.
+#[test]
+fn a_launch_from_the_spare_is_a_cold_one() {
+    let root = rustix::process::geteuid().is_root();
+    let user = if root { "user: nobody\n" } else { "" };
+    let m = format!(
+        "name: who\ncommand: [/bin/sh, -c, 'echo \"who: $(id -u) $(id -G) $(umask) $(ulimit -n) $(ulimit -Hn) $(pwd) $FOO pgid=$(ps -o pgid= $$)\"; exec sleep 1000']\nisolation: session\nenv: {{FOO: bar}}\nlimits: {{nofile: {{soft: 123, hard: 456}}}}\numask: \"0027\"\nworking_dir: /tmp\n{user}"
+    );
+    let cold = Daemon::start_with_args(&[("who", &m)], &["--no-process-spare"]);
+    let warm = Daemon::start(&[("who", &m)]);
+    assert_eq!(
+        spare_launches(&cold),
+        None,
+        "no spare with --no-process-spare"
+    );
+    let (cold_line, _) = launched(&cold, "a");
+    assert_eq!(spare_ready(&warm), 0);
+    let (line, v) = launched(&warm, "a");
+    assert_eq!(spare_launches(&warm), Some(1), "the launch took the spare");
+    let pid = v["pid"].as_u64().unwrap();
+    // The pids differ: the rest is the same.
+    let strip = |l: &str| l.split(" pgid=").next().unwrap().to_owned();
+    assert_eq!(strip(&line), strip(&cold_line));
+    assert!(line.contains(" 0027 123 456 /tmp bar"), "{line}");
+    if root {
+        assert!(line.starts_with("who: 65534 "), "{line}");
+    }
+    assert!(
+        line.ends_with(&format!("pgid={pid}")),
+        "its own group: {line}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(
+        Some(ppid.parse::<u32>().unwrap()),
+        warm.keeper_pid(),
+        "the keeper is its parent"
+    );
+    let h = warm.json(&["health", "-o", "json"]);
+    if let Some(scope) = h["process_tracking"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("cgroup "))
+    {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(
+            cg.lines()
+                .any(|l| l.starts_with("0::") && l.contains("/spare-")),
+            "in the spare's cgroup under {scope}: {cg}"
+        );
+    }
+    // The next spare is made once launches have been quiet, and the next launch takes it.
+    assert_eq!(spare_ready(&warm), 1);
+    let (second, _) = launched(&warm, "b");
+    assert_eq!(strip(&second), strip(&cold_line));
+    assert_eq!(spare_launches(&warm), Some(2));
+}
+
+/// A launch the spare cannot serve spawns cold and fails as a cold one does, and the
+/// spare stays for the next launch: a working directory that does not exist.
+#[test]
+fn a_launch_the_spare_cannot_serve_fails_as_a_cold_one_and_keeps_it() {
+    let bad =
+        "name: bad\ncommand: [/bin/true]\nisolation: session\nworking_dir: /nonexistent/dir\n";
+    let good = "name: who\ncommand: [/bin/sh, -c, 'echo who: $(pwd); exec sleep 1000']\nisolation: session\n";
+    let d = Daemon::start(&[("bad", bad), ("who", good)]);
+    spare_ready(&d);
+    let out = d.cli(&["launch", "bad", "--session", "a"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/dir"), "{err}");
+    // Still there, untouched: the next launch takes it.
+    let h = d.json(&["health", "-o", "json"]);
+    assert_eq!(h["process_spare"]["launches"], 0, "{h}");
+    let made = h["process_spare"]["made"].as_u64().unwrap();
+    let (line, _) = launched(&d, "b");
+    assert!(line.starts_with("who: "), "{line}");
+    let h = d.json(&["health", "-o", "json"]);
+    assert_eq!(h["process_spare"]["launches"], 1, "{h}");
+    assert_eq!(
+        h["process_spare"]["made"].as_u64(),
+        Some(made),
+        "no new spare was needed for the failed launch: {h}"
+    );
+}
+
+/// A clean shutdown ends the spare and removes its cgroup with the scope; `kill -9` of
+/// the daemon ends it too (its end of the socket closes), and the next daemon's sweep
+/// removes its cgroup.
+#[test]
+fn the_spare_goes_with_the_daemon() {
+    let m = "name: who\ncommand: [/bin/sh, -c, 'exec sleep 1000']\nisolation: session\n";
+    let mut d = Daemon::start(&[("who", m)]);
+    spare_ready(&d);
+    let spares = |keeper: Option<u32>| -> Vec<u32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|r| r.split(' ').nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if comm.trim() == "bulkhead-slot" && ppid.is_some() && ppid == keeper {
+                out.push(pid);
+            }
+        }
+        out
+    };
+    let gone = |pid: u32| {
+        let start = Instant::now();
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{pid} still runs"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let first = spares(d.keeper_pid());
+    assert_eq!(first.len(), 1, "one spare under the keeper");
+    d.kill9();
+    gone(first[0]);
+    d.spawn();
+    spare_ready(&d);
+    let h = d.json(&["health", "-o", "json"]);
+    if let Some(scope) = h["process_tracking"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("cgroup "))
+    {
+        let cgroups: Vec<String> = std::fs::read_dir(scope)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(cgroups.len(), 1, "only the new spare's: {cgroups:?}");
+    }
+    let second = spares(d.keeper_pid());
+    assert_eq!(second.len(), 1, "{second:?}");
+    let scope = h["process_tracking"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("cgroup "))
+        .map(std::path::PathBuf::from);
+    // A clean shutdown (SIGTERM, then the wait for the daemon's exit).
+    drop(d);
+    gone(second[0]);
+    if let Some(scope) = scope {
+        assert!(!scope.exists(), "{} is left", scope.display());
+    }
+}
