@@ -13,6 +13,9 @@
 //! ```sh
 //! cargo bench -p bulkhead-bench --bench warm -- --rounds 3 --keys 100 --concurrency 4
 //! ```
+//!
+//! `--process-spare`: the same bursts of a process workload through the keeper, with
+//! and without the keeper's spare slot (two daemons, alternated).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +39,14 @@ fn main() -> anyhow::Result<()> {
     let keys = num("--keys", 100)?;
     let concurrency = num("--concurrency", 4)?.max(1);
     let size = num("--size", 4)?;
+    if args.get(1).map(String::as_str) == Some("keeper") {
+        let state = flag(&args, "--state").ok_or_else(|| anyhow::anyhow!("keeper: --state"))?;
+        bulkhead_driver::keeper::server::run(std::path::Path::new(&state), 0)?;
+        return Ok(());
+    }
+    if args.iter().any(|a| a == "--process-spare") {
+        return process_spare(rounds, keys, concurrency);
+    }
     if let Err(e) = bulkhead_sandbox::SandboxDriver::new(bulkhead_sandbox::SandboxConfig {
         scope: format!("bench-warm-probe-{}", std::process::id()),
         ..Default::default()
@@ -136,6 +147,88 @@ fn main() -> anyhow::Result<()> {
 }
 
 type Client = bulkhead_api::BulkheadClient<tonic::transport::Channel>;
+
+/// `--process-spare`: the same bursts of a process workload (no `warm:`) through the
+/// keeper, alternating between a daemon that keeps the keeper's spare (the default) and
+/// one with `--no-process-spare`: does the spare's refill take a launch's CPU?
+fn process_spare(rounds: usize, keys: usize, concurrency: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let dir = tempfile::tempdir()?;
+    let wl = dir.path().join("workloads");
+    std::fs::create_dir_all(wl.join("w"))?;
+    std::fs::write(
+        wl.join("w").join("manifest.yaml"),
+        format!(
+            "name: w\ncommand: [{}, notify-child]\nreadiness: {{notify: true, timeout: 30s}}\nisolation: session\n",
+            exe.display()
+        ),
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let mut daemons = Vec::new();
+    for (name, spare) in [("on", true), ("off", false)] {
+        let mut cfg = bulkhead_daemon::Config::new(wl.clone(), Some(dir.path().join(name)), None);
+        cfg.keeper = Some(exe.clone());
+        cfg.process_spare = spare;
+        let socket = cfg.socket.clone();
+        let d = rt.block_on(bulkhead_daemon::Daemon::start(cfg))?;
+        let c = client_rt.block_on(bulkhead_api::connect(&socket))?;
+        daemons.push((d, c));
+    }
+    let mut on = Samples::new("burst through the keeper with its spare (the default)");
+    let mut off = Samples::new("burst through the keeper, `--no-process-spare`");
+    let mut seq = 0usize;
+    let mut took_spare = 0;
+    for round in 0..rounds * 2 {
+        let spare = round % 2 == 1;
+        let (d, c) = &daemons[usize::from(!spare)];
+        // As after a quiet spell: the spare is made.
+        std::thread::sleep(Duration::from_secs(1));
+        let before = d.shared().process_spare().map_or(0, |s| s.taken);
+        let (took, ids) = client_rt.block_on(burst(c.clone(), &mut seq, keys, concurrency))?;
+        took_spare += d.shared().process_spare().map_or(0, |s| s.taken) - before;
+        if spare {
+            on.values.extend(took)
+        } else {
+            off.values.extend(took)
+        }
+        client_rt.block_on(terminate_all(c.clone(), ids))?;
+    }
+    for (d, c) in daemons {
+        drop(c);
+        rt.block_on(d.shutdown());
+    }
+    println!(
+        "{rounds} bursts each of {keys} new sessions, {concurrency} at a time, interleaved; \
+         process workload through the keeper, default daemon configuration otherwise"
+    );
+    println!();
+    println!("| burst | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|");
+    for s in [&off, &on] {
+        println!(
+            "| {} | {} | {} | {} |",
+            s.name,
+            ms(s.p50()),
+            ms(s.p99()),
+            ms(s.percentile(100.0))
+        );
+    }
+    println!();
+    println!(
+        "with / without the spare: p50 {}, p99 {}; launches that took the spare: {took_spare} of {}",
+        ratio(on.p50(), off.p50()),
+        ratio(on.p99(), off.p99()),
+        on.values.len()
+    );
+    Ok(())
+}
 
 async fn reload(mut c: Client) -> anyhow::Result<()> {
     c.reload(v1::ReloadRequest {}).await?;
