@@ -573,7 +573,16 @@ fn sockets_survive_a_daemon_crash_with_the_keeper() {
         &http_manifest("web", true),
         &[("server.py", SERVER)],
     );
+    // From the keeper's spare (the default path), which gets the sockets with the
+    // program and the keeper copies of them with its `Assign`.
+    let took = crate::spare::spare_ready(&d);
     let v = d.json(&["launch", "web", "-o", "json"]);
+    let h = d.json(&["health", "-o", "json"]);
+    assert_eq!(
+        h["process_spare"]["launches"].as_u64(),
+        Some(took + 1),
+        "{h}"
+    );
     let port = v["port"].as_u64().unwrap() as u16;
     let pid = v["pid"].as_u64().unwrap();
     assert!(request(port).is_ok());

@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::harness::Daemon;
 
 /// Waits until `health` says the spare waits; returns how many launches took one.
-fn spare_ready(d: &Daemon) -> u64 {
+pub(crate) fn spare_ready(d: &Daemon) -> u64 {
     let start = Instant::now();
     loop {
         let h = d.json(&["health", "-o", "json"]);

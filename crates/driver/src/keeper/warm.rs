@@ -12,8 +12,9 @@
 //!
 //! At the launch, [`KeeperDriver::take_slot`] checks the launch is one the slot was made
 //! for (the same manifest and folder), resolves the program as a cold spawn does, tells
-//! the keeper the slot is now the instance (`Request::Assign`, with the record a cold
-//! spawn carries, so a restarted daemon adopts it), and writes the program, its
+//! the keeper the slot is now the instance (`Request::Assign`, with the record and the
+//! listening sockets a cold spawn gives it, so a restarted daemon adopts it and its
+//! sockets outlive a daemon crash), and writes the program, its
 //! arguments, environment and listening sockets on the slot's socket itself: the keeper
 //! is not on the launch's path. The child execs; a successful exec closes its end, a
 //! failed one says the errno (typed as a cold spawn's `Exec` error). From there the
