@@ -53,7 +53,7 @@ fn a_launch_from_the_spare_is_a_cold_one() {
     let root = rustix::process::geteuid().is_root();
     let user = if root { "user: nobody\n" } else { "" };
     let m = format!(
-        "name: who\ncommand: [/bin/sh, -c, 'echo \"who: $(id -u) $(id -G) $(umask) $(ulimit -n) $(ulimit -Hn) $(pwd) $FOO pgid=$(ps -o pgid= $$)\"; exec sleep 1000']\nisolation: session\nenv: {{FOO: bar}}\nlimits: {{nofile: {{soft: 123, hard: 456}}}}\numask: \"0027\"\nworking_dir: /tmp\n{user}"
+        "name: who\ncommand: [/bin/sh, -c, 'echo \"who: $(id -u) $(id -G) $(umask) $(ulimit -n) $(ulimit -Hn) $(pwd) $FOO pgid=$(ps -o pgid= $$ | tr -d \" \")\"; exec sleep 1000']\nisolation: session\nenv: {{FOO: bar}}\nlimits: {{nofile: {{soft: 123, hard: 456}}}}\numask: \"0027\"\nworking_dir: /tmp\n{user}"
     );
     let cold = Daemon::start_with_args(&[("who", &m)], &["--no-process-spare"]);
     let warm = Daemon::start(&[("who", &m)]);
@@ -122,19 +122,16 @@ fn a_launch_the_spare_cannot_serve_fails_as_a_cold_one_and_keeps_it() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/dir"), "{err}");
-    // Still there, untouched: the next launch takes it.
+    // Still there, untouched (none made since, well past the refills' quiet time):
+    // the next launch takes it.
+    std::thread::sleep(Duration::from_millis(200));
     let h = d.json(&["health", "-o", "json"]);
     assert_eq!(h["process_spare"]["launches"], 0, "{h}");
-    let made = h["process_spare"]["made"].as_u64().unwrap();
+    assert_eq!(h["process_spare"]["made"], 1, "{h}");
+    assert_eq!(h["process_spare"]["ready"], true, "{h}");
     let (line, _) = launched(&d, "b");
     assert!(line.starts_with("who: "), "{line}");
-    let h = d.json(&["health", "-o", "json"]);
-    assert_eq!(h["process_spare"]["launches"], 1, "{h}");
-    assert_eq!(
-        h["process_spare"]["made"].as_u64(),
-        Some(made),
-        "no new spare was needed for the failed launch: {h}"
-    );
+    assert_eq!(spare_launches(&d), Some(1));
 }
 
 /// A clean shutdown ends the spare and removes its cgroup with the scope; `kill -9` of
@@ -209,4 +206,56 @@ fn the_spare_goes_with_the_daemon() {
     if let Some(scope) = scope {
         assert!(!scope.exists(), "{} is left", scope.display());
     }
+}
+
+/// A spare dies with its keeper: the daemon removes its cgroup and makes a new one with
+/// the keeper that replaces it, which the next launch takes.
+#[test]
+fn a_spare_that_died_with_its_keeper_is_replaced() {
+    let m =
+        "name: who\ncommand: [/bin/sh, -c, 'echo who: ok; exec sleep 1000']\nisolation: session\n";
+    let d = Daemon::start(&[("who", m)]);
+    spare_ready(&d);
+    let made = |d: &Daemon| d.json(&["health", "-o", "json"])["process_spare"]["made"].as_u64();
+    assert_eq!(made(&d), Some(1));
+    let keeper = d.keeper_pid().expect("a keeper");
+    // SAFETY: kill(2) of this test's own daemon's keeper.
+    assert_eq!(unsafe { libc::kill(keeper as i32, libc::SIGKILL) }, 0);
+    let start = Instant::now();
+    while made(&d) < Some(2) || d.keeper_pid() == Some(keeper) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no new spare: {}",
+            d.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    spare_ready(&d);
+    let h = d.json(&["health", "-o", "json"]);
+    if let Some(scope) = h["process_tracking"]
+        .as_str()
+        .and_then(|t| t.strip_prefix("cgroup "))
+    {
+        // The dead spare's cgroup is gone (removed in the background: waited for).
+        let start = Instant::now();
+        loop {
+            let cgroups: Vec<String> = std::fs::read_dir(scope)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            if cgroups.len() == 1 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the dead spare's cgroup is left: {cgroups:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let (line, _) = launched(&d, "a");
+    assert_eq!(line, "who: ok");
+    assert_eq!(spare_launches(&d), Some(1));
 }

@@ -59,6 +59,9 @@ pub(super) struct Spares {
     /// Launches that took the spare, and spares made.
     taken: AtomicU64,
     made: AtomicU64,
+    /// Held while a spare is made and stored: [`KeeperDriver::drop_spare`] waits for
+    /// one on its way, so that a clean shutdown leaves none behind.
+    making: tokio::sync::Mutex<()>,
 }
 
 impl Default for Spares {
@@ -72,6 +75,7 @@ impl Default for Spares {
             seq: AtomicU64::new(0),
             taken: AtomicU64::new(0),
             made: AtomicU64::new(0),
+            making: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -103,15 +107,16 @@ impl Spares {
         Busy(self)
     }
 
-    /// The spare, if one waits and is alive (a dead one is dropped).
+    /// The spare, if one waits and is alive (a dead one, which died with its keeper,
+    /// is ended in the background: its cgroup removed). Only on the runtime.
     fn take(&self) -> Option<Spare> {
         let spare = self.lock_slot().take()?;
         self.wake.notify_one();
-        spare
-            .live
-            .as_ref()
-            .is_some_and(Live::alive)
-            .then_some(spare)
+        if spare.live.as_ref().is_some_and(Live::alive) {
+            return Some(spare);
+        }
+        tokio::spawn(spare.end());
+        None
     }
 
     /// A spare a launch could not use, back for the next one.
@@ -136,6 +141,15 @@ pub(super) struct Spare {
     pid: u32,
     /// `None` once a launch took it.
     live: Option<Live>,
+}
+
+impl Spare {
+    /// Kills it, waits for the keeper's report of its exit, removes its cgroup.
+    async fn end(mut self) {
+        if let Some(l) = self.live.take() {
+            end(&self.client, self.pid, l).await;
+        }
+    }
 }
 
 impl Drop for Spare {
@@ -187,11 +201,12 @@ impl KeeperDriver {
     pub async fn drop_spare(&self) {
         self.spares.on.store(false, Ordering::SeqCst);
         self.spares.wake.notify_one();
+        // ORDER: after `on` is false, so a spare being made now is ended by its maker
+        // before the lock is ours, and none is made after.
+        let _making = self.spares.making.lock().await;
         let spare = self.spares.lock_slot().take();
-        if let Some(mut s) = spare {
-            if let Some(l) = s.live.take() {
-                end(&s.client, s.pid, l).await;
-            }
+        if let Some(s) = spare {
+            s.end().await;
         }
     }
 
@@ -368,7 +383,7 @@ async fn refill(driver: Weak<KeeperDriver>, spares: Arc<Spares>) {
             // keeper: checked again), or it is dropped.
             tokio::select! {
                 _ = spares.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
         }
@@ -382,17 +397,35 @@ async fn refill(driver: Weak<KeeperDriver>, spares: Arc<Spares>) {
         let Some(d) = driver.upgrade() else {
             return;
         };
+        let making = spares.making.lock().await;
         // A dead spare (its keeper died) goes before a new one is made.
-        drop(spares.lock_slot().take());
+        let dead = spares.lock_slot().take();
+        if let Some(s) = dead {
+            s.end().await;
+        }
+        if !spares.on.load(Ordering::SeqCst) {
+            return;
+        }
         match d.make_spare().await {
             Ok(Some(spare)) => {
                 backoff = Duration::from_secs(1);
-                let mut slot = spares.lock_slot();
-                if spares.on.load(Ordering::SeqCst) && slot.is_none() {
-                    *slot = Some(spare);
+                let left = {
+                    let mut slot = spares.lock_slot();
+                    if spares.on.load(Ordering::SeqCst) && slot.is_none() {
+                        *slot = Some(spare);
+                        None
+                    } else {
+                        Some(spare)
+                    }
+                };
+                // Dropped meanwhile (a shutdown waits for this).
+                if let Some(s) = left {
+                    s.end().await;
                 }
+                drop(making);
             }
             Ok(None) => {
+                drop(making);
                 tracing::warn!(
                     "the keeper is older than this daemon: its slots take no spare's hand-over, \
                      so process launches spawn cold (restart it: stop its instances and the daemon)"
@@ -401,6 +434,7 @@ async fn refill(driver: Weak<KeeperDriver>, spares: Arc<Spares>) {
                 return;
             }
             Err(e) => {
+                drop(making);
                 tracing::warn!("cannot make the process driver's spare slot: {e}");
                 drop(d);
                 tokio::time::sleep(backoff).await;
