@@ -494,9 +494,10 @@ pub async fn health(socket: &Path, a: cli::OutputArgs) -> anyhow::Result<()> {
             }
             if let Some(s) = &h.process_spare {
                 outln!(
-                    "process spare: {} ({} launches took one)",
+                    "process spare: {} ({} launch{} took one)",
                     if s.ready { "ready" } else { "being made" },
-                    s.launches
+                    s.launches,
+                    if s.launches == 1 { "" } else { "es" }
                 );
             }
             for w in &h.warm {

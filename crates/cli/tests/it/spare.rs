@@ -258,4 +258,12 @@ fn a_spare_that_died_with_its_keeper_is_replaced() {
     let (line, _) = launched(&d, "a");
     assert_eq!(line, "who: ok");
     assert_eq!(spare_launches(&d), Some(1));
+    // As `health` prints it.
+    spare_ready(&d);
+    let out = d.cli(&["health"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l == "process spare: ready (1 launch took one)"),
+        "{text}"
+    );
 }
