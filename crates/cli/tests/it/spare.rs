@@ -263,7 +263,8 @@ fn a_spare_that_died_with_its_keeper_is_replaced() {
     let out = d.cli(&["health"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.lines().any(|l| l == "process spare: ready (1 launch took one)"),
+        text.lines()
+            .any(|l| l == "process spare: ready (1 launch took one)"),
         "{text}"
     );
 }
