@@ -124,19 +124,7 @@ fn main() -> anyhow::Result<()> {
         "{rounds} bursts each of {keys} new sessions, {concurrency} at a time, interleaved; \
          sandbox workload, default daemon configuration"
     );
-    println!();
-    println!("| burst | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|");
-    for s in [&off, &on] {
-        println!(
-            "| {} | {} | {} | {} |",
-            s.name,
-            ms(s.p50()),
-            ms(s.p99()),
-            ms(s.percentile(100.0))
-        );
-    }
-    println!();
+    table(&off, &on);
     println!(
         "with / without pools: p50 {}, p99 {}; warm slots used: {hits} of {} launches",
         ratio(on.p50(), off.p50()),
@@ -147,6 +135,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 type Client = bulkhead_api::BulkheadClient<tonic::transport::Channel>;
+
+/// The two kinds of burst, as a markdown table between blank lines.
+fn table(off: &Samples, on: &Samples) {
+    println!();
+    println!("| burst | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|");
+    for s in [off, on] {
+        println!(
+            "| {} | {} | {} | {} |",
+            s.name,
+            ms(s.p50()),
+            ms(s.p99()),
+            ms(s.percentile(100.0))
+        );
+    }
+    println!();
+}
 
 /// `--process-spare`: the same bursts of a process workload (no `warm:`) through the
 /// keeper, alternating between a daemon that keeps the keeper's spare (the default) and
@@ -208,19 +213,7 @@ fn process_spare(rounds: usize, keys: usize, concurrency: usize) -> anyhow::Resu
         "{rounds} bursts each of {keys} new sessions, {concurrency} at a time, interleaved; \
          process workload through the keeper, default daemon configuration otherwise"
     );
-    println!();
-    println!("| burst | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|");
-    for s in [&off, &on] {
-        println!(
-            "| {} | {} | {} | {} |",
-            s.name,
-            ms(s.p50()),
-            ms(s.p99()),
-            ms(s.percentile(100.0))
-        );
-    }
-    println!();
+    table(&off, &on);
     println!(
         "with / without the spare: p50 {}, p99 {}; launches that took the spare: {took_spare} of {}",
         ratio(on.p50(), off.p50()),

@@ -590,7 +590,10 @@ impl Metrics {
                 }
             })
             .collect();
-        let spare = sh.keeper.as_ref().map(|k| k.spare_stats());
+        let spare = sh
+            .keeper
+            .as_ref()
+            .map(|k| (k.spare_stats(), k.spare_memory()));
         self.encode_parts(&instances, spare)
     }
 
@@ -602,12 +605,12 @@ impl Metrics {
     fn encode_parts(
         &self,
         instances: &[InstanceSample],
-        spare: Option<SpareStats>,
+        spare: Option<(SpareStats, u64)>,
     ) -> Result<String, EncodeError> {
         let mut out = String::with_capacity(8 * 1024);
         encode_registry(&mut out, &self.inner.registry)?;
         encode_registry(&mut out, &self.snapshot(instances))?;
-        if let Some(s) = spare.filter(|s| s.on) {
+        if let Some(s) = spare.filter(|(s, _)| s.on) {
             encode_registry(&mut out, &spare_registry(s))?;
         }
         encode_registry(&mut out, &process_registry())?;
@@ -753,7 +756,7 @@ impl Metrics {
 }
 
 /// The keeper's spare slot (`bulkhead_driver::keeper::spare`), read at the scrape.
-fn spare_registry(s: SpareStats) -> Registry {
+fn spare_registry((s, bytes): (SpareStats, u64)) -> Registry {
     let mut reg = Registry::with_prefix(PREFIX);
     let ready = Gauge::<i64>::default();
     ready.set(i64::from(s.ready));
@@ -763,7 +766,7 @@ fn spare_registry(s: SpareStats) -> Registry {
         ready,
     );
     let memory = Gauge::<i64>::default();
-    memory.set(i64::try_from(s.memory).unwrap_or(i64::MAX));
+    memory.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     reg.register_with_unit(
         "process_spare_memory",
         "Memory the waiting spare slot holds (its share of the pages it maps)",

@@ -24,6 +24,22 @@ pub(crate) fn spare_ready(d: &Daemon) -> u64 {
     }
 }
 
+/// The daemon's process cgroup scope (`None`: tracked by process group here) and the
+/// cgroups in it.
+fn scope_cgroups(d: &Daemon) -> Option<(std::path::PathBuf, Vec<String>)> {
+    let h = d.json(&["health", "-o", "json"]);
+    let scope = std::path::PathBuf::from(h["process_tracking"].as_str()?.strip_prefix("cgroup ")?);
+    let cgroups = std::fs::read_dir(&scope)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((scope, cgroups))
+}
+
 fn spare_launches(d: &Daemon) -> Option<u64> {
     d.json(&["health", "-o", "json"])["process_spare"]["launches"].as_u64()
 }
@@ -181,25 +197,12 @@ fn the_spare_goes_with_the_daemon() {
     gone(first[0]);
     d.spawn();
     spare_ready(&d);
-    let h = d.json(&["health", "-o", "json"]);
-    if let Some(scope) = h["process_tracking"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("cgroup "))
-    {
-        let cgroups: Vec<String> = std::fs::read_dir(scope)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+    let scope = scope_cgroups(&d).map(|(scope, cgroups)| {
         assert_eq!(cgroups.len(), 1, "only the new spare's: {cgroups:?}");
-    }
+        scope
+    });
     let second = spares(d.keeper_pid());
     assert_eq!(second.len(), 1, "{second:?}");
-    let scope = h["process_tracking"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("cgroup "))
-        .map(std::path::PathBuf::from);
     // A clean shutdown (SIGTERM, then the wait for the daemon's exit).
     drop(d);
     gone(second[0]);
@@ -231,29 +234,14 @@ fn a_spare_that_died_with_its_keeper_is_replaced() {
         std::thread::sleep(Duration::from_millis(50));
     }
     spare_ready(&d);
-    let h = d.json(&["health", "-o", "json"]);
-    if let Some(scope) = h["process_tracking"]
-        .as_str()
-        .and_then(|t| t.strip_prefix("cgroup "))
-    {
-        // The dead spare's cgroup is gone (removed in the background: waited for).
-        let start = Instant::now();
-        loop {
-            let cgroups: Vec<String> = std::fs::read_dir(scope)
-                .unwrap()
-                .flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            if cgroups.len() == 1 {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the dead spare's cgroup is left: {cgroups:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    // The dead spare's cgroup is gone (removed in the background: waited for).
+    let start = Instant::now();
+    while let Some((_, cgroups)) = scope_cgroups(&d).filter(|(_, c)| c.len() != 1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the dead spare's cgroup is left: {cgroups:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
     let (line, _) = launched(&d, "a");
     assert_eq!(line, "who: ok");
@@ -267,4 +255,50 @@ fn a_spare_that_died_with_its_keeper_is_replaced() {
             .any(|l| l == "process spare: ready (1 launch took one)"),
         "{text}"
     );
+}
+
+/// The next launch's notify socket is bound ahead, while no launch is on its way: the
+/// launch's `NOTIFY_SOCKET` is the socket that waited in `<state>/notify`, and a new
+/// one is bound after it.
+#[test]
+fn the_next_notify_socket_is_bound_ahead() {
+    let m = "name: who\ncommand: [/bin/sh, -c, 'echo \"who: $NOTIFY_SOCKET\"; systemd-notify --pid=$$ --ready; exec sleep 1000']\nisolation: session\nreadiness: {notify: true, timeout: 30s}\n";
+    let d = Daemon::start(&[("who", m)]);
+    let waiting = || -> Vec<String> {
+        std::fs::read_dir(d.state.join("notify"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path().display().to_string())
+                    .filter(|p| p.ends_with(".sock"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let bound = |not: Option<&str>| -> String {
+        let start = Instant::now();
+        loop {
+            let w = waiting();
+            if let [one] = &w[..] {
+                if Some(one.as_str()) != not {
+                    return one.clone();
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{w:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let first = bound(None);
+    let (line, _) = launched(&d, "a");
+    assert_eq!(
+        line,
+        format!("who: {first}"),
+        "the launch took the socket bound ahead"
+    );
+    // The instance's own socket, and the next one bound ahead.
+    let start = Instant::now();
+    while waiting().len() != 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "{:?}", waiting());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(waiting().contains(&first), "{:?}", waiting());
 }

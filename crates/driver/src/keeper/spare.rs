@@ -126,12 +126,6 @@ impl Spares {
             *slot = Some(spare);
         }
     }
-
-    /// The waiting spare's memory (bytes), if one waits.
-    fn memory(&self) -> Option<u64> {
-        let pid = self.lock_slot().as_ref()?.pid;
-        Some(super::warm::pss(pid))
-    }
 }
 
 /// The waiting slot: see the module docs.
@@ -178,8 +172,6 @@ pub struct SpareStats {
     pub on: bool,
     /// One waits now.
     pub ready: bool,
-    /// Its memory (bytes), if one waits.
-    pub memory: u64,
     /// Launches that took one, and spares made, since the daemon started.
     pub taken: u64,
     pub made: u64,
@@ -232,13 +224,18 @@ impl KeeperDriver {
             .is_some_and(|s| s.live.as_ref().is_some_and(Live::alive))
     }
 
-    /// What the spare reports.
+    /// The waiting spare's memory (bytes; 0 when none waits): reads `/proc`, for the
+    /// metrics.
+    pub fn spare_memory(&self) -> u64 {
+        let pid = self.spares.lock_slot().as_ref().map(|s| s.pid);
+        pid.map_or(0, super::warm::pss)
+    }
+
+    /// What the spare reports (cheap: no `/proc` read).
     pub fn spare_stats(&self) -> SpareStats {
-        let memory = self.spares.memory();
         SpareStats {
             on: self.spares.on.load(Ordering::SeqCst),
-            ready: memory.is_some(),
-            memory: memory.unwrap_or(0),
+            ready: self.spare_ready(),
             taken: self.spares.taken.load(Ordering::SeqCst),
             made: self.spares.made.load(Ordering::SeqCst),
         }
